@@ -11,7 +11,9 @@ through `SafetensorsSource` one at a time and streamed out in row chunks (quant.
 
 In: `GGUFSource` presents a glm4moe GGUF (single or split) under the Hugging Face hub names the
 rest of localglm uses, unstacking expert tensors lazily (one expert's bytes per `get`) and
-dequantizing any type gguf-py can; `config_from_gguf` and `tokenizer_from_gguf` rebuild the
+dequantizing any type gguf-py can (or, `get_quant`, handing a Q8_0 tensor over as our q8 without
+dequantizing: the loader does so for Q8_0 experts and for Q8_0 tensors a recipe holds at 8 bits);
+`config_from_gguf` and `tokenizer_from_gguf` rebuild the
 ModelConfig and the tokenizer (byte-level BPE with GLM's split regex, special tokens, template),
 so `localglm.load("model.gguf")` runs the same code as for a safetensors checkpoint.
 """
@@ -33,6 +35,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
 
+from quant.formats import QuantSpec, QuantTensor
+from quant.gguf_packed import PACKED_SPECS, q8_0_to_quant
 from quant.gguf_reader import PLAIN_TYPES, SUPPORTED_TYPES, GGUFModelFiles, type_name
 from quant.gguf_writer import GGUFStreamWriter, fits_type
 
@@ -515,7 +519,8 @@ class GGUFSource:
     `model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight`; each `get` reads and dequantizes one
     expert's slice. F32/F16/BF16 tensors come back as read-only views of the mapped file when no
     dtype change is asked (clone before writing); quantized ones are dequantized to `dequant_dtype`
-    (or the dtype asked). `raw(name)` gives the stored bytes and `info(name).ggml_type` their type.
+    (or the dtype asked). `raw(name)` gives the stored bytes and `info(name).ggml_type` their type;
+    `get_quant` takes a Q8_0 tensor as a q8 QuantTensor without dequantizing (`packed_spec` says which).
     """
 
     def __init__(
@@ -593,6 +598,19 @@ class GGUFSource:
             # a read-only view of the mapped file, by design (see the class docstring)
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
             return torch.from_numpy(arr) if arr.size else torch.empty(0, dtype=torch.uint8)
+
+    def packed_spec(self, name: str) -> QuantSpec | None:
+        """The QuantSpec `name` is stored in already (a 2-D Q8_0 is q8), or None where it must be dequantized."""
+        info = self.info(name)
+        return PACKED_SPECS.get(info.ggml_type) if len(info.shape) == 2 else None
+
+    def get_quant(self, name: str, dtype: torch.dtype | None = None, expected_shape: tuple[int, ...] | None = None) -> QuantTensor:
+        """A Q8_0 tensor as a q8 QuantTensor, its blocks copied as they are (exact: quant.gguf_packed)."""
+        info = self.info(name)
+        check_expected_shape(info, expected_shape)
+        if self.packed_spec(name) is None:
+            raise CheckpointError(f"{info.file}: tensor {info.gguf_name} is {info.ggml_type} {list(info.shape)}; only 2-D Q8_0 is taken packed")
+        return q8_0_to_quant(self.raw(name), (info.shape[0], info.shape[1]), dtype or info.dtype)
 
     def release_pages(self) -> None:
         """Drop this process's hold on mapped pages read so far (see SafetensorsSource.release_pages)."""

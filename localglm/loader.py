@@ -160,7 +160,7 @@ def load(
         # Offloaded experts are read into host RAM; the backend moves them to the device itself.
         get_experts = (lambda n, s: source.get(n, dtype=dt, expected_shape=s)) if offload_opts.get("offload") else get
         experts = None
-        if quantized_dir or recipe is not None:
+        if quantized_dir or recipe is not None or ckpt is not None:  # a GGUF's Q8_0 experts stay packed
             experts = load_quantized_experts(config, source, recipe, dt, dev, layer_done, keep_blobs=bool(offload_opts))
         if experts is None:
             experts = load_in_memory_experts(config, get_experts, layer_done)

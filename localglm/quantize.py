@@ -29,9 +29,11 @@ import torch
 
 from quant.blob import ExpertBlobLayout, quantize_expert
 from quant.formats import QuantError, QuantSpec, QuantTensor
+from quant.gguf_packed import Q8_SPEC
 from quant.recipe import KEEP, Recipe
 
 from .errors import LocalGLMError
+from .gguf_glm4moe import GGUFSource
 from .quantized_source import FORMAT, MANIFEST, VERSION, QuantizedSource, blob_name, dtype_name, is_quantized_dir
 from .safetensors_io import INDEX_FILE_NAME, SINGLE_FILE_NAME, save_safetensors_sharded
 from .tensor_source import SafetensorsSource
@@ -71,11 +73,9 @@ def classify(name: str) -> tuple[str | None, int | None]:
 
 
 def fit_spec(spec: QuantSpec | None, shape: tuple[int, ...]) -> QuantSpec | None:
-    """The spec, or 8-bit where 2/4-bit groups do not divide K, or None for non-2-D tensors."""
-    if spec is None or len(shape) != 2:
+    """The spec, or None (kept in float) for non-2-D tensors and rows that do not split into its groups."""
+    if spec is None or len(shape) != 2 or shape[1] % spec.group:
         return None
-    if spec.group and shape[1] % spec.group:
-        return QuantSpec.for_bits(8)
     return spec
 
 
@@ -99,7 +99,21 @@ def _expert_layout(recipe: Recipe, layer: int, hidden: int, inter: int) -> Exper
     if bits == KEEP:
         return None
     spec = QuantSpec.for_bits(bits)
-    return ExpertBlobLayout(hidden, inter, fit_spec(spec, (2 * inter, hidden)), fit_spec(spec, (hidden, inter)))
+    gate_up, down = fit_spec(spec, (2 * inter, hidden)), fit_spec(spec, (hidden, inter))
+    if gate_up is None or down is None:
+        raise LocalGLMError(f"experts of layer {layer}: hidden {hidden} and expert width {inter} must be multiples of {spec.group} to quantize (use experts=16)")
+    return ExpertBlobLayout(hidden, inter, gate_up, down)
+
+
+def _packed_layout(source: Any, recipe: Recipe | None, layer: int, hidden: int, inter: int) -> ExpertBlobLayout | None:
+    """The q8 layout when `layer`'s routed experts are GGUF Q8_0 and are to be held at 8 bits (no
+    recipe, or one giving them q8): their blocks are then used as they are. None otherwise."""
+    from .models.glm4_moe import expert_tensor_names
+
+    if not isinstance(source, GGUFSource) or any(source.packed_spec(nm) != Q8_SPEC for nm in expert_tensor_names(layer, 0)):
+        return None
+    lay = ExpertBlobLayout(hidden, inter, Q8_SPEC, Q8_SPEC)
+    return lay if recipe is None or _expert_layout(recipe, layer, hidden, inter) == lay else None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -315,6 +329,8 @@ def quant_getter(
             return qt.to(dev)
         if recipe is not None:
             spec = fit_spec(recipe.spec_for(name, classify), shape)
+            if spec is not None and isinstance(source, GGUFSource) and source.packed_spec(name) == spec:
+                return source.get_quant(name, dtype, shape).to(dev)  # GGUF Q8_0 as stored: no requantizing
             if spec is not None:
                 t = source.get(name, expected_shape=shape)
                 return QuantTensor.quantize(t, spec, dtype=dtype).to(dev)
@@ -347,35 +363,44 @@ def load_quantized_experts(
     layer_done: Callable[[int], None] | None = None,
     keep_blobs: bool = False,
 ) -> Any:
-    """QuantizedExperts from a quantized directory's blobs, or by quantizing a float source per
-    expert with `recipe`. Returns None when the experts are not to be quantized (use the float path)."""
+    """QuantizedExperts from a quantized directory's blobs, from a GGUF's Q8_0 expert blocks as they
+    are (with no recipe, or one giving experts 8 bits), or by quantizing a float source per expert
+    with `recipe`. Returns None when the experts are not to be quantized (use the float path)."""
     from .experts import QuantizedExperts
     from .models.glm4_moe import expert_tensor_names
 
     h, inter, n = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
     layers = list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers))
     from_blobs = isinstance(source, QuantizedSource) and bool(source.layouts)
+    packed = {i: lay for i in layers if (lay := _packed_layout(source, recipe, i, h, inter)) is not None}
     if from_blobs:
         missing = [i for i in layers if i not in source.layouts]
         if missing:
             raise NotImplementedError(f"{source.root}: MoE layers {missing} keep float experts; mixing float and quantized expert layers is not supported yet")
+    elif recipe is None:
+        if not layers or len(packed) < len(layers):  # float (or mixed-type) GGUF experts: the float path
+            return None
     else:
-        if recipe is None or all(recipe.bits_for("experts", i) == KEEP for i in layers):
+        if all(recipe.bits_for("experts", i) == KEEP for i in layers):
             return None
         if any(recipe.bits_for("experts", i) == KEEP for i in layers):
             raise NotImplementedError("mixing float (16) and quantized expert layers is not supported yet")
     layouts: dict[int, ExpertBlobLayout] = {}
     blobs: dict[int, torch.Tensor] = {}
+    shapes = ((inter, h), (inter, h), (h, inter))
     for i in layers:
-        lay = source.layouts[i] if from_blobs else _expert_layout(recipe, i, h, inter)
+        lay = source.layouts[i] if from_blobs else packed[i] if i in packed else _expert_layout(recipe, i, h, inter)
         if (lay.hidden, lay.inter) != (h, inter):
             raise LocalGLMError(f"experts of layer {i}: blob layout is {lay.hidden}x{lay.inter}, config says {h}x{inter}")
         buf = torch.empty((n, lay.nbytes), dtype=torch.uint8)
         for e in range(n):
             if from_blobs:
                 buf[e].copy_(source.expert_blob(i, e))
+            elif i in packed:
+                g, u, d = (source.get_quant(nm, dtype, s) for nm, s in zip(expert_tensor_names(i, e), shapes))
+                buf[e].copy_(lay.pack(QuantTensor.cat_rows([g, u]), d))
             else:
-                g, u, d = (source.get(nm, expected_shape=s) for nm, s in zip(expert_tensor_names(i, e), ((inter, h), (inter, h), (h, inter))))
+                g, u, d = (source.get(nm, expected_shape=s) for nm, s in zip(expert_tensor_names(i, e), shapes))
                 buf[e].copy_(quantize_expert(lay, g, u, d))
         layouts[i] = lay
         blobs[i] = buf.to(dev)

@@ -33,7 +33,7 @@ from .tensor_source import SafetensorsSource, TensorInfo, check_expected_shape, 
 
 MANIFEST = "localglm_quant.json"
 FORMAT = "localglm-quant"
-VERSION = 1
+VERSION = 2  # 2: q8 in groups of 32 (rowf | data | gscale); 1 had per-row q8
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _EXPERT_PART = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
 
@@ -59,7 +59,10 @@ def read_manifest(root: Path) -> dict:
     if not isinstance(man, dict) or man.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a localglm quantized-checkpoint manifest")
     if man.get("version") != VERSION:
-        raise CheckpointError(f"{path}: format version {man.get('version')} is not supported (this localglm reads {VERSION})")
+        raise CheckpointError(
+            f"{path}: format version {man.get('version')} is not supported (this localglm reads {VERSION}); "
+            "re-run `localglm quantize` on the original checkpoint"
+        )
     return man
 
 

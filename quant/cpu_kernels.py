@@ -1,14 +1,17 @@
-"""CPU matmul kernels for QuantTensor: torch's packed int8 / int4 kernels, prepared once per tensor.
+"""CPU matmul kernels for QuantTensor (torch only), prepared once per tensor.
 
-- q8 -> `aten._weight_int8pack_mm(x, int8[N, K], scales[N])`: the int8 codes are used in place
-  (a view of the canonical buffer, no copy).
+- q8 -> torch's `aten._weight_int8pack_mm` takes one scale per row, our q8 has one per group of 32,
+  so this fallback dequantizes the weight once, at prepare time, to a dense tensor in the compute
+  dtype (2 bytes a weight for bf16) and multiplies in that dtype up to `DENSE_DIRECT_ROWS` rows, with
+  `localglm.layers.linear` beyond (bf16 batches in fp32 on CPUs without native bf16). The native
+  kernel (quant/native) reads the packed bytes instead.
 - q4 / q2 -> `aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_zeros[K/G, N, 2])`, whose
   convention is w = (q - 8) * scale + zero with q in [0, 16). Our w = s * c + m maps to
   q = c, zero = m + 8 s (q4) and q = c + 8, zero = m (q2: the 2-bit codes ride in the 4-bit
   kernel, so a q2 tensor costs 4 bits a weight in RAM once prepared; the file stays 2-bit).
 
 Measured on this 2-core AVX2 machine (no AVX512, no native bf16): a matrix-vector product through
-these kernels is ~4x faster than bf16 F.linear. The kernels run in bf16 (fp32 activations with more
+the int4 kernel is ~4x faster than bf16 F.linear. The kernels run in bf16 (fp32 activations with more
 than one row are cast to bf16, where the int kernels are many times faster than in fp32). For large
 batches (prefill) the weight is dequantized to fp32 once per call and multiplied by MKL's fp32 GEMM,
 which beats the int kernels from about `DEQUANT_MIN_ROWS` rows on.
@@ -17,45 +20,30 @@ which beats the int kernels from about `DEQUANT_MIN_ROWS` rows on.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from localglm.layers import linear
 
 from .formats import QuantTensor
 
 _INT4MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default  # .default: skips overload resolution per call
-_INT8MM = torch.ops.aten._weight_int8pack_mm.default
 DEQUANT_MIN_ROWS = 256  # int kernels in bf16 match dequant + fp32 GEMM up to ~64 rows (measured); beyond, dequant wins
+# Below this many rows the dense q8 weight is used in its own dtype; from here on `linear` upcasts bf16 to
+# fp32 per call (measured on a 4096x4096 bf16 weight, busy 2-core AVX2: 2 rows 8 ms direct vs 99 ms upcast, 128 rows 418 vs 160).
+DENSE_DIRECT_ROWS = 32
 
 
-class _Int8Kernel:
+class DenseKernel:
+    """q8 without a per-group int8 kernel in torch: the dense weight, built once (on the tensor's
+    device: the CUDA q8 path uses it too)."""
+
     def __init__(self, qt: QuantTensor) -> None:
-        self.qt = qt
-        self.q = qt.section("data").view(torch.int8)
-        if not self.q.is_contiguous():
-            self.q = self.q.contiguous()
-        self.scales32 = qt.section("rowf")[:, 0].float().contiguous()
-        self._scales: dict[torch.dtype, torch.Tensor] = {}
-
-    def scales(self, dtype: torch.dtype) -> torch.Tensor:
-        s = self._scales.get(dtype)
-        if s is None:
-            s = self._scales[dtype] = self.scales32.to(dtype)
-        return s
-
-    def dense(self) -> torch.Tensor:
-        return self.q.float() * self.scales32[:, None]
+        self.w = qt.dequantize(qt.dtype).contiguous()
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if bias is None and x.dim() == 2 and x.shape[0] == 1 and x.dtype is torch.bfloat16:  # decode fast path
-            return _INT8MM(x.contiguous(), self.q, self.scales(torch.bfloat16))
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if x2.shape[0] >= DEQUANT_MIN_ROWS and self.qt.buf.numel():
-            y = torch.nn.functional.linear(x2.float(), self.dense())
-        else:
-            xd = x2 if x2.dtype in (torch.bfloat16, torch.float16) or x2.shape[0] == 1 else x2.to(torch.bfloat16)
-            y = _INT8MM(xd.contiguous(), self.q, self.scales(xd.dtype))
-        if bias is not None:
-            y = y + bias.to(y.dtype)
-        return y.to(x.dtype).view(*shape[:-1], y.shape[-1])
+        xd, b = x.to(self.w.dtype), None if bias is None else bias.to(self.w.dtype)
+        few_rows = xd.numel() < DENSE_DIRECT_ROWS * xd.shape[-1]
+        return (F.linear(xd, self.w, b) if few_rows else linear(xd, self.w, b)).to(x.dtype)
 
 
 class _Int4Kernel:
@@ -97,5 +85,5 @@ class _Int4Kernel:
         return y.to(x.dtype).view(*shape[:-1], y.shape[-1])
 
 
-def prepare_cpu(qt: QuantTensor) -> _Int8Kernel | _Int4Kernel:
-    return _Int8Kernel(qt) if qt.spec.bits == 8 else _Int4Kernel(qt)
+def prepare_cpu(qt: QuantTensor) -> DenseKernel | _Int4Kernel:
+    return DenseKernel(qt) if qt.spec.bits == 8 else _Int4Kernel(qt)

@@ -6,8 +6,9 @@ written against torch's documented ops and checked only for import; run `benchma
   codes are packed high-nibble-first as uint8 [N, K/2] and converted once on the GPU with
   `aten._convert_weight_to_int4pack(packed, inner_k_tiles)`; scales_zeros [K/G, N, 2] bf16 with the
   same w = (q - 8) * scale + zero convention as the CPU kernel.
-- q8 -> `aten._weight_int8pack_mm` where this torch build has it for CUDA, else the weight is
-  dequantized to bf16 once and multiplied with cuBLAS (2x the memory of int8, still correct).
+- q8 -> torch has no int8 kernel with per-group scales (`_weight_int8pack_mm` takes one per row), so
+  the weight is dequantized once to the compute dtype and multiplied with cuBLAS (cpu_kernels'
+  DenseKernel, which runs on any device; 2x the memory of int8 for bf16, still correct).
 - bitsandbytes (`LOCALGLM_CUDA_KERNEL=bnb`, if installed): q4/q2 tensors are dequantized once and
   re-quantized to bitsandbytes NF4 (group 64), q8 to LLM.int8 weights; an alternative to compare
   against tinygemm. Which one wins is NOT measured yet (no GPU in this session).
@@ -18,8 +19,8 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 
+from .cpu_kernels import DenseKernel
 from .formats import QuantTensor
 
 
@@ -51,25 +52,6 @@ class _TinyGemm4:
         return y.to(x.dtype).view(*shape[:-1], y.shape[-1])
 
 
-class _Int8Cuda:
-    def __init__(self, qt: QuantTensor) -> None:
-        self.q = qt.section("data").view(torch.int8).contiguous()
-        self.s = qt.section("rowf")[:, 0].float().contiguous()
-        self.dense: torch.Tensor | None = None
-        try:
-            torch.ops.aten._weight_int8pack_mm(torch.zeros(1, qt.shape[1], dtype=torch.bfloat16, device=qt.device), self.q, self.s.to(torch.bfloat16))
-        except (RuntimeError, NotImplementedError):
-            self.dense = (self.q.float() * self.s[:, None]).to(torch.bfloat16)
-
-    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        y = F.linear(x2, self.dense) if self.dense is not None else torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.q, self.s.to(torch.bfloat16))
-        if bias is not None:
-            y = y + bias.to(y.dtype)
-        return y.to(x.dtype).view(*shape[:-1], y.shape[-1])
-
-
 class _Bnb:
     def __init__(self, qt: QuantTensor) -> None:
         import bitsandbytes as bnb  # optional
@@ -95,4 +77,4 @@ class _Bnb:
 def prepare_cuda(qt: QuantTensor) -> object:
     if os.environ.get("LOCALGLM_CUDA_KERNEL", "").lower() == "bnb":
         return _Bnb(qt)
-    return _Int8Cuda(qt) if qt.spec.bits == 8 else _TinyGemm4(qt)
+    return DenseKernel(qt) if qt.spec.bits == 8 else _TinyGemm4(qt)

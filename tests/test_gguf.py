@@ -17,12 +17,15 @@ import localglm
 from localglm import gguf_glm4moe
 from localglm.cli import main
 from localglm.errors import CheckpointError
+from localglm.experts import InMemoryExperts, QuantizedExperts
 from localglm.gguf_glm4moe import GGUFSource, export_gguf
 from localglm.safetensors_io import save_safetensors_sharded
 from localglm.tensor_source import SafetensorsSource
 from localglm.tiny import TinySpec, make_tiny
 from localglm.tiny_tokenizer import corpus_text
+from quant.formats import QuantSpec, QuantTensor
 from quant.gguf_reader import GGUFModelFiles
+from quant.recipe import Recipe
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 QTYPE = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16, "q8_0": QT.Q8_0, "q4_0": QT.Q4_0}
@@ -293,10 +296,75 @@ def test_load_quantized_gguf_equals_its_rounded_weights(
 
         save_safetensors_sharded(weights(), rounded)
     m = localglm.load(exports[kind], dtype="float32")
-    a, b = m.logits(IDS), localglm.load(rounded, dtype="float32").logits(IDS)
+    ref = localglm.load(rounded, dtype="float32")
+    if kind == "q8_0":
+        # Q8_0 experts are held packed (test_q8_0_experts_are_kept_packed checks their values exactly) and run
+        # through the q8 kernels, which may round activations: give the reference the same experts, so the
+        # logits compare everything else.
+        assert isinstance(m.net.experts, QuantizedExperts)
+        ref.net.experts = m.net.experts
+    a, b = m.logits(IDS), ref.logits(IDS)
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
     if kind in ("f16", "bf16"):  # close to the unrounded model too
         assert torch.nn.functional.cosine_similarity(a, reference.logits(IDS), dim=-1).min() > 0.999
+
+
+def _gguf_values(files: GGUFModelFiles, gguf_tensor: str, index: int | None = None) -> torch.Tensor:
+    """What gguf-py's own dequantizer makes of a stored tensor (or of expert `index` of a stacked one)."""
+    t = files.tensors[gguf_tensor]
+    shape = t.shape[1:] if index is not None else t.shape
+    raw = files.raw(gguf_tensor, index).reshape(shape[0], -1)
+    return torch.from_numpy(gguf.quants.dequantize(raw, t.ggml_type).astype(np.float32))
+
+
+def test_q8_0_experts_are_kept_packed(exports: dict[str, Path], tiny_fp32_dir: Path) -> None:
+    """A Q8_0 GGUF's routed experts become q8 blobs from the stored blocks: values equal Q8_0's exactly."""
+    from localglm.config import ModelConfig
+    from localglm.quantize import load_quantized_experts
+
+    cfg = ModelConfig.from_file(tiny_fp32_dir)
+    files = GGUFModelFiles(exports["q8_0"])
+    with GGUFSource(files) as src:
+        qe = load_quantized_experts(cfg, src, None, torch.float32, torch.device("cpu"), keep_blobs=True)
+        assert isinstance(qe, QuantizedExperts)
+        inter = cfg.moe_intermediate_size
+        for layer in range(cfg.first_k_dense_replace, cfg.num_hidden_layers):
+            lay = qe.layouts[layer]
+            assert lay.gate_up == lay.down == QuantSpec.for_bits(8)
+            for e in (0, 5, cfg.n_routed_experts - 1):
+                gu, dn = lay.unpack(qe.blobs[layer][e], torch.float32)
+                got = {"gate": gu.dequantize()[:inter], "up": gu.dequantize()[inter:], "down": dn.dequantize()}
+                for part, w in got.items():
+                    want = _gguf_values(files, f"blk.{layer}.ffn_{part}_exps.weight", e)
+                    assert torch.equal(w.view(torch.int32), want.view(torch.int32)), (layer, e, part)
+        # experts asked at another width are re-quantized from the values; a float file keeps float experts
+        q4 = load_quantized_experts(cfg, src, Recipe.from_options({"experts": 4}), torch.float32, torch.device("cpu"))
+        assert q4.layouts[1].gate_up == QuantSpec.for_bits(4)
+    with GGUFSource(exports["f16"]) as src:
+        assert load_quantized_experts(cfg, src, None, torch.float32, torch.device("cpu")) is None
+
+
+def test_q8_0_gguf_loads_packed_and_generates(exports: dict[str, Path]) -> None:
+    m = localglm.load(exports["q8_0"])
+    assert isinstance(m.net.experts, QuantizedExperts)
+    assert isinstance(m.net.w.layers[0].attn.qkv_weight, torch.Tensor)  # no recipe: the rest as before (dequantized)
+    text = m.generate_text("hello", max_new_tokens=4, temperature=0, ignore_eos=True)
+    assert isinstance(text, str)
+    assert isinstance(localglm.load(exports["q8_0"], experts_bits=16).net.experts, InMemoryExperts)
+    assert isinstance(localglm.load(exports["f16"]).net.experts, InMemoryExperts)
+
+
+def test_q8_0_tensors_held_at_8_bits_are_not_requantized(exports: dict[str, Path]) -> None:
+    """With a recipe, a Q8_0 tensor whose class gets 8 bits is taken packed: its values stay Q8_0's exactly."""
+    m = localglm.load(exports["q8_0"], dtype="float32", experts_bits=8)
+    assert isinstance(m.net.experts, QuantizedExperts)
+    qkv, o = m.net.w.layers[0].attn.qkv_weight, m.net.w.layers[0].attn.o_weight
+    assert isinstance(qkv, QuantTensor) and isinstance(o, QuantTensor)
+    files = GGUFModelFiles(exports["q8_0"])
+    want = torch.cat([_gguf_values(files, f"blk.0.attn_{p}.weight") for p in ("q", "k", "v")])
+    assert torch.equal(qkv.dequantize(torch.float32), want)
+    assert torch.equal(o.dequantize(torch.float32), _gguf_values(files, "blk.0.attn_output.weight"))
+    files.close()
 
 
 def test_split_gguf_loads(tiny_fp32_dir: Path, reference: localglm.Model, tmp_path: Path) -> None:

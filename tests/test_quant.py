@@ -27,7 +27,7 @@ def _weights(kind: str, n: int = 256, k: int = 512) -> torch.Tensor:
 
 
 # Upper bounds on ||W - deq(Q(W))|| / ||W||; measured values sit ~10-20% below.
-BOUNDS = {("gauss", 8): 0.009, ("gauss", 4): 0.08, ("gauss", 2): 0.32, ("heavy", 8): 0.04, ("heavy", 4): 0.11, ("heavy", 2): 0.42}
+BOUNDS = {("gauss", 8): 0.0055, ("gauss", 4): 0.08, ("gauss", 2): 0.32, ("heavy", 8): 0.0105, ("heavy", 4): 0.11, ("heavy", 2): 0.42}
 
 
 def _rtn_error(w: torch.Tensor, bits: int, g: int = 32) -> float:
@@ -54,7 +54,8 @@ def test_round_trip_error_bounds(kind: str, bits: int) -> None:
 def test_bits_per_weight_count_scales() -> None:
     assert QuantSpec.for_bits(4).bits_per_weight((4096, 1024)) == pytest.approx(4 + 16 / 32 + 64 / 1024)
     assert QuantSpec.for_bits(2).bits_per_weight((4096, 1024)) == pytest.approx(2 + 16 / 32 + 64 / 1024)
-    assert QuantSpec.for_bits(8).bits_per_weight((4096, 1024)) == pytest.approx(8 + 32 / 1024)
+    assert QuantSpec.for_bits(8).bits_per_weight((4096, 1024)) == pytest.approx(8 + 16 / 32 + 32 / 1024)
+    assert QuantSpec.parse("q8g64").bits_per_weight((4096, 1024)) == pytest.approx(8 + 16 / 64 + 32 / 1024)
     # at or under llama.cpp's Q4_K (4.5 + its Q6_K share in Q4_K_M) and Q2_K (2.625) at GLM widths
     assert QuantSpec.for_bits(2).bits_per_weight((1408, 4096)) < 2.625
 
@@ -80,12 +81,11 @@ def test_pack_unpack_and_layout_invariants(bits: int) -> None:
 
 
 def test_cat_rows_equals_quantizing_the_concatenation() -> None:
-    a, b = torch.randn(40, 64), torch.randn(24, 64)
-    for bits in (2, 4, 8):
-        spec = QuantSpec.for_bits(bits)
+    a, b = torch.randn(40, 128), torch.randn(24, 128)
+    for spec in map(QuantSpec.parse, ("q2", "q4", "q8", "q8g64")):
         cat = torch.cat([QuantTensor.quantize(a, spec), QuantTensor.quantize(b, spec)], 0)  # via __torch_function__
         whole = QuantTensor.quantize(torch.cat([a, b]), spec)
-        assert isinstance(cat, QuantTensor) and cat.shape == (64, 64)
+        assert isinstance(cat, QuantTensor) and cat.shape == (64, 128)
         assert torch.equal(cat.dequantize(torch.float32), whole.dequantize(torch.float32))
 
 
@@ -100,17 +100,97 @@ def test_cpu_kernel_matches_dequantized_matmul(bits: int, rows: int, dtype: torc
     ref = x.float() @ qt.dequantize(torch.float32).T + bias
     y = F.linear(x, qt, bias)  # dispatches to qt.matmul
     assert y.dtype == dtype and y.shape == (rows, 96)
-    tol = 1e-4 if dtype == torch.float32 and rows == 1 and bits == 8 else 2e-2  # the int4 kernel runs bf16 activations
-    assert float((y.float() - ref).norm() / ref.norm()) < tol
+    # activations are rounded: to int8 blocks (native kernel; exact oracle in test_native_kernels) or bf16 (torch's)
+    assert float((y.float() - ref).norm() / ref.norm()) < 2e-2
 
 
-def test_embedding_lookup() -> None:
+@pytest.mark.parametrize("name", ["q8", "q4"])
+def test_embedding_lookup(name: str) -> None:
     w = torch.randn(50, 64)
-    qt = QuantTensor.quantize(w, QuantSpec.for_bits(8), dtype=torch.float32)
+    qt = QuantTensor.quantize(w, QuantSpec.parse(name), dtype=torch.float32)
     ids = torch.tensor([[3, 7, 49]])
     out = F.embedding(ids, qt)
     assert out.shape == (1, 3, 64)
-    assert torch.allclose(out[0], qt.dequantize(torch.float32)[ids[0]])
+    assert torch.equal(out[0], qt.dequantize(torch.float32)[ids[0]])
+
+
+def test_q8_spec_is_grouped() -> None:
+    assert QuantSpec.for_bits(8) == QuantSpec(8, 32) == QuantSpec.parse("q8") and QuantSpec(8, 32).name == "q8"
+    assert QuantSpec.parse("q8g128") == QuantSpec(8, 128) and QuantSpec(8, 128).name == "q8g128"
+    for bad in ((8, 0), (8, 16), (4, 0)):
+        with pytest.raises(QuantError, match="group"):
+            QuantSpec(*bad)
+    with pytest.raises(QuantError, match="per-row"):
+        QuantSpec.parse("q8g0")
+    with pytest.raises(QuantError, match="multiple of the group size 32"):
+        QuantTensor.quantize(torch.randn(4, 48), QuantSpec.for_bits(8))
+
+
+@pytest.mark.parametrize("name", ["q8", "q8g64"])
+def test_q8_layout_is_the_contract(name: str) -> None:
+    """rowf fp32 [N, 1] | data int8 [N, K] | gscale fp16 [N, K/G]; w = rowf * gscale * data."""
+    spec = QuantSpec.parse(name)
+    n, k, g = 6, 256, spec.group
+    lay = layout(spec, (n, k))
+    assert list(lay) == ["rowf", "data", "gscale"]
+    assert lay["rowf"] == (0, 4 * n) and lay["data"] == (4 * n, n * k) and lay["gscale"] == (4 * n + n * k, 2 * n * k // g)
+    w = _weights("heavy", n, k)
+    w[2, :g] = 0  # an all-zero group
+    qt = QuantTensor.quantize(w, spec, dtype=torch.float32)
+    buf = qt.buf
+    rowf = buf[: 4 * n].view(torch.float32).view(n, 1)
+    data = buf[4 * n : 4 * n + n * k].view(torch.int8).view(n, k)
+    gscale = buf[4 * n + n * k : 4 * n + n * k + 2 * n * k // g].view(torch.float16).view(n, k // g)
+    assert torch.equal(qt.section("rowf"), rowf) and torch.equal(qt.codes(), data) and torch.equal(qt.section("gscale"), gscale)
+    assert int(data.abs().max()) <= 127 and int(data.min()) >= -127
+    assert float(gscale.min()) > 0 and float(gscale.max()) == 1.0  # relative to the row's largest scale
+    want = (rowf * gscale.float().repeat_interleave(g, 1)) * data.float()
+    assert torch.equal(qt.dequantize(torch.float32), want)
+    assert torch.equal(qt.dequantize(torch.float32)[2, :g], torch.zeros(g))
+    s, m = qt.group_params()
+    assert s.shape == m.shape == (n, k // g) and not m.any() and torch.equal(s, rowf * gscale.float())
+    sub = qt.rows(torch.tensor([4, 1]))
+    assert torch.equal(sub.dequantize(torch.float32), qt.dequantize(torch.float32)[[4, 1]])
+
+
+def _q8_0_reference(w: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's Q8_0 round trip: per block of 32, d = fp16(amax / 127), q = round(w / d)."""
+    n, k = w.shape
+    wb = w.view(n, k // 32, 32)
+    d = (wb.abs().amax(-1, keepdim=True) / 127).half().float()
+    q = torch.where(d > 0, torch.round(wb / torch.where(d > 0, d, torch.ones_like(d))), torch.zeros_like(wb))
+    return (q.clamp(-127, 127) * d).view(n, k)
+
+
+@pytest.mark.parametrize("kind,max_ratio", [("gauss", 0.9), ("heavy", 0.97)])
+def test_q8_has_lower_weight_error_than_q8_0(kind: str, max_ratio: float) -> None:
+    """The searched group scales beat Q8_0's amax/127 (measured 0.82 and 0.92 of its squared error)."""
+    w = _weights(kind, 512, 1024)
+    mse = float((QuantTensor.quantize(w, QuantSpec.for_bits(8)).dequantize(torch.float32) - w).pow(2).mean())
+    ref = float((_q8_0_reference(w) - w).pow(2).mean())
+    assert mse < max_ratio * ref, (mse, ref)
+
+
+def test_gguf_q8_0_blocks_are_taken_exactly() -> None:
+    """A GGUF Q8_0 tensor becomes q8 (rowf 1, gscale = d) without dequantizing: bit-exact values."""
+    import gguf
+    import numpy as np
+
+    from quant.gguf_packed import q8_0_to_quant
+
+    w = _weights("heavy", 24, 96).numpy()
+    w[5, 32:64] = 0
+    raw = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
+    raw.flags.writeable = False  # as the memory-mapped file gives them
+    want = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q8_0).astype(np.float32))
+    for given in (raw.reshape(-1), torch.from_numpy(raw.copy()).reshape(-1)):
+        qt = q8_0_to_quant(given, (24, 96), torch.float32)
+        assert qt.spec == QuantSpec.for_bits(8)
+        got = qt.dequantize(torch.float32)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))  # bit for bit, signs of zeros too
+        assert torch.equal(qt.section("rowf"), torch.ones(24, 1))
+    with pytest.raises(QuantError, match="bytes"):
+        q8_0_to_quant(raw.reshape(-1)[:-34], (24, 96))
 
 
 def test_unsupported_torch_op_is_a_clear_error() -> None:
@@ -136,7 +216,8 @@ def test_expert_blob_layout_and_forward() -> None:
     a, b = (x @ wgu.T).chunk(2, -1)
     ref = (F.silu(a) * b) @ wdn.T
     for y in (expert_forward(lay, blob, x), PreparedExpert(lay, blob, torch.float32)(x)):
-        assert float((y - ref).norm() / ref.norm()) < 2e-2
+        # x and the SiLU product are each rounded to int8 blocks by the native kernel (exact oracle: test_native_kernels)
+        assert float((y - ref).norm() / ref.norm()) < 5e-2
     # and the blob is close to the float expert
     a, b = (x @ torch.cat([gate, up]).T).chunk(2, -1)
     full = (F.silu(a) * b) @ down.T

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from localglm.cli import main
 from localglm.errors import LocalGLMError
 from localglm.experts import QuantizedExperts
 from localglm.quantize import partial_dir, quantize_checkpoint
-from localglm.quantized_source import MANIFEST, QuantizedSource, blob_name
+from localglm.quantized_source import MANIFEST, VERSION, QuantizedSource, blob_name
 from localglm.tiny import TinySpec, make_tiny
 from quant.formats import QuantTensor
 from quant.recipe import Recipe
@@ -90,6 +91,16 @@ def test_on_the_fly_matches_directory_and_save_quantized(src: Path, q4: Path, tm
     assert (saved / MANIFEST).stat().st_mtime_ns == stamp
     localglm.load(src, experts_bits=8, save_quantized=saved)  # another recipe: redone
     assert json.loads((saved / MANIFEST).read_text())["recipe"]["bits"]["experts"] == 8
+
+
+def test_older_format_version_says_to_requantize(q4: Path, tmp_path: Path) -> None:
+    old = tmp_path / "old"
+    shutil.copytree(q4, old)
+    man = json.loads((old / MANIFEST).read_text())
+    man["version"] = VERSION - 1  # version 1 had per-row q8
+    (old / MANIFEST).write_text(json.dumps(man))
+    with pytest.raises(LocalGLMError, match=r"format version 1 is not supported .*re-run `localglm quantize`"):
+        localglm.load(old)
 
 
 def test_interrupted_quantize_leaves_nothing_loadable_and_rerun_succeeds(src: Path, tmp_path: Path) -> None:
