@@ -13,6 +13,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from quant.native import NATIVE_MAX_ROWS
+
 from .layers import linear
 
 
@@ -42,34 +44,34 @@ def combine_experts(
     x: torch.Tensor,
     expert_ids: torch.Tensor,
     expert_weights: torch.Tensor,
-    compute: Callable[[int, int, torch.Tensor], torch.Tensor],
+    compute: Callable[[int, torch.Tensor], torch.Tensor],
     used: list[int] | None = None,
     counts: list[int] | None = None,
     order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The weighted sum over each token's chosen experts, every backend's one dispatch loop.
 
-    `compute(i, e, xs)` runs expert e (the i-th used one) on the rows xs. Decode (one token) skips
+    `compute(e, xs)` runs expert e on the rows xs. Decode (one token) skips
     the gather/scatter; batches are grouped by expert so each used expert runs once. A caller that
     already grouped (to issue copies first) passes its `used, counts, order`.
     """
     n, k = expert_ids.shape
-    out = torch.zeros_like(x)
-    if n == 1:
-        for i, (e, wt) in enumerate(zip(expert_ids[0].tolist(), expert_weights[0].tolist())):
-            out += compute(i, e, x) * wt
-        return out
+    out = torch.zeros(x.shape, dtype=torch.float32 if x.device.type == "cpu" else x.dtype, device=x.device)
+    if n == 1:  # in expert order, summed in fp32 on the CPU: the native MoE kernel's numbers exactly
+        for e, wt in sorted(zip(expert_ids[0].tolist(), expert_weights[0].tolist())):
+            out += compute(e, x) * wt
+        return out.to(x.dtype)
     if used is None or counts is None or order is None:
         used, counts, order = group_by_expert(expert_ids)
     flat_w = expert_weights.reshape(-1)
     start = 0
-    for i, (e, cnt) in enumerate(zip(used, counts)):
+    for e, cnt in zip(used, counts):
         pairs = order[start : start + cnt]
         start += cnt
         tokens = pairs // k
-        y = compute(i, e, x[tokens]) * flat_w[pairs, None]
-        out.index_add_(0, tokens, y.to(x.dtype))
-    return out
+        y = compute(e, x[tokens]) * flat_w[pairs, None]
+        out.index_add_(0, tokens, y.to(out.dtype))
+    return out.to(x.dtype)
 
 
 class InMemoryExperts:
@@ -91,7 +93,7 @@ class InMemoryExperts:
         return linear(F.silu(gate) * up, self.down[layer][e])
 
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
-        return combine_experts(x, expert_ids, expert_weights, lambda _i, e, xs: self._expert(layer, e, xs))
+        return combine_experts(x, expert_ids, expert_weights, lambda e, xs: self._expert(layer, e, xs))
 
     @property
     def nbytes(self) -> int:
@@ -102,33 +104,61 @@ class QuantizedExperts:
     """Routed experts as quantized blobs (quant.blob): one contiguous uint8 blob per expert.
 
     Per layer, `blobs[layer]` is a uint8 [E, blob_bytes] tensor (row e = expert e's blob, the unit
-    an offloading backend moves), and `prepared[layer][e]` the expert with its CPU/CUDA kernels built
-    (torch's packed int4 / int8 kernels on the CPU). Same grouping by expert as InMemoryExperts.
+    an offloading backend moves). On the CPU a whole layer runs in one call of the native kernel
+    (quant/native.py: every chosen expert, grouped by expert, straight from the blobs). Without it
+    (no C compiler, CUDA blobs, shapes it does not take) each expert runs through
+    `PreparedExpert` (torch's packed int4 / int8 kernels), grouped by expert as InMemoryExperts.
     """
 
     def __init__(self, layouts: dict, blobs: dict[int, torch.Tensor], dtype: torch.dtype, keep_blobs: bool = True) -> None:
         from quant.blob import PreparedExpert
+        from quant.native import NativeExpert, native_lib
 
         self.layouts = layouts
         self.dtype = dtype
+        self.blobs = blobs
+        self.native = native_lib()
         self.prepared: dict[int, list] = {}
+        self._native_layers: dict[int, tuple] = {}
         for layer, buf in blobs.items():
-            self.prepared[layer] = [PreparedExpert(layouts[layer], buf[e], dtype) for e in range(buf.shape[0])]
-        # The CPU kernels keep their own packed copy; the canonical blobs are only needed to move or save experts.
-        self.blobs = blobs if keep_blobs else {}
-        if not keep_blobs:
+            experts = self.prepared[layer] = [PreparedExpert(layouts[layer], buf[e], dtype) for e in range(buf.shape[0])]
+            if experts and all(isinstance(pe._run, NativeExpert) for pe in experts):
+                # one ctypes array per part over every expert: a whole layer in one native call
+                gu = (type(experts[0]._run.gu[0]) * len(experts))(*(pe._run.gu[0] for pe in experts))
+                dn = (type(gu[0]) * len(experts))(*(pe._run.dn[0] for pe in experts))
+                self._native_layers[layer] = (gu, dn, layouts[layer].inter)
+        if not keep_blobs and not self._native_layers:
+            # The torch kernels keep their own packed copy; the canonical blobs are only needed to move or save experts.
+            self.blobs = {}
             for experts in self.prepared.values():
                 for pe in experts:
                     pe.gate_up.prepare(drop_buffer=True)
                     pe.down.prepare(drop_buffer=True)
                     pe.blob = None
 
+    @property
+    def kernel(self) -> str:
+        """Which kernels run the experts (for stats and `inspect`)."""
+        from quant.native import native_status
+
+        if len(self._native_layers) == len(self.prepared):
+            return native_status()
+        return "torch kernels" if not self._native_layers else f"{native_status()}, torch kernels for some layers"
+
     def hint(self, layer: int, x: torch.Tensor) -> None:
         return None
 
+    def stats_snapshot(self) -> dict[str, str]:
+        return {"kernels": self.kernel}
+
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
+        native = self._native_layers.get(layer)
+        if native is not None and x.shape[0] <= NATIVE_MAX_ROWS:
+            gu, dn, inter = native
+            y = self.native.moe(gu, dn, inter, x.float().contiguous(), expert_ids.to(torch.int64).contiguous(), expert_weights.float().contiguous())
+            return y.to(x.dtype)
         experts = self.prepared[layer]
-        return combine_experts(x, expert_ids, expert_weights, lambda _i, e, xs: experts[e](xs))
+        return combine_experts(x, expert_ids, expert_weights, lambda e, xs: experts[e](xs))
 
     @property
     def nbytes(self) -> int:

@@ -223,9 +223,9 @@ class OffloadedExperts:
         self.cache.pin(keys)  # in use by this call: never a victim until it is done
         # Pass 1 issues every copy (one per expert, on the transfer stream); pass 2 computes in the
         # same order and arithmetic as InMemoryExperts, waiting on each expert's copy only when needed.
-        slots = [self._resolve(layer, li, e, cnt, t) for e, cnt in zip(used, counts)]
+        slot_of = {e: self._resolve(layer, li, e, cnt, t) for e, cnt in zip(used, counts)}
         out = combine_experts(
-            x, expert_ids, expert_weights, lambda i, e, xs: self._compute(layer, e, slots[i], xs), used, counts, order
+            x, expert_ids, expert_weights, lambda e, xs: self._compute(layer, e, slot_of[e], xs), used, counts, order
         )
         self.cache.policy.access(np.unique(keys), t)
         self.cache.touch(keys, t)

@@ -80,18 +80,33 @@ def quantize_expert(lay: ExpertBlobLayout, gate: torch.Tensor, up: torch.Tensor,
 
 
 class PreparedExpert:
-    """An expert with its kernels built once for the blob's device; call it on x [T, H]."""
+    """An expert with its kernels built once for the blob's device; call it on x [T, H].
+
+    On the CPU with the native kernels built, the expert runs as `quant.native.NativeExpert` (the
+    same arithmetic as a whole MoE layer through the native kernel); elsewhere through each part's
+    `QuantTensor.matmul`, with the SiLU product in fp32 on the CPU."""
 
     def __init__(self, lay: ExpertBlobLayout, blob: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> None:
+        from .native import NativeExpert, NativeLib, native_lib
+
         self.layout = lay
         self.blob = blob
         self.gate_up, self.down = lay.unpack(blob, dtype)
-        self.gate_up.prepare()
-        self.down.prepare()
+        lib = native_lib() if blob.device.type == "cpu" else None
+        if lib is not None and NativeLib.supports(self.gate_up) and NativeLib.supports(self.down):
+            self._run = NativeExpert(lib, self.gate_up, self.down)
+        else:
+            self.gate_up.prepare()
+            self.down.prepare()
+            self._run = self._matmuls
+
+    def _matmuls(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float() if x.device.type == "cpu" else x
+        gate, up = self.gate_up.matmul(xf).chunk(2, dim=-1)
+        return self.down.matmul(F.silu(gate) * up).to(x.dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up.matmul(x).chunk(2, dim=-1)
-        return self.down.matmul(F.silu(gate) * up)
+        return self._run(x)
 
 
 def expert_forward(lay: ExpertBlobLayout, blob: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,8 @@
-"""CPU matmul kernels for QuantTensor (torch only), prepared once per tensor.
+"""CPU matmul kernels for QuantTensor, prepared once per tensor.
+
+`prepare_cpu` picks localglm's native kernel (quant/native.py: int8 dot products on the packed
+bytes, built with the machine's C compiler at first use) wherever it is available; the torch
+kernels below are the fallback when it cannot be built (no compiler, LOCALGLM_NATIVE=0):
 
 - q8 -> torch's `aten._weight_int8pack_mm` takes one scale per row, our q8 has one per group of 32,
   so this fallback dequantizes the weight once, at prepare time, to a dense tensor in the compute
@@ -18,6 +22,8 @@ which beats the int kernels from about `DEQUANT_MIN_ROWS` rows on.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -85,5 +91,11 @@ class _Int4Kernel:
         return y.to(x.dtype).view(*shape[:-1], y.shape[-1])
 
 
-def prepare_cpu(qt: QuantTensor) -> DenseKernel | _Int4Kernel:
+def prepare_cpu(qt: QuantTensor) -> Callable[..., torch.Tensor]:
+    """The native kernel where it is built and takes the tensor (quant/native.py), else torch's."""
+    from .native import NativeLib, NativeLinear, native_lib
+
+    lib = native_lib()
+    if lib is not None and NativeLib.supports(qt):
+        return NativeLinear(lib, qt)
     return DenseKernel(qt) if qt.spec.bits == 8 else _Int4Kernel(qt)

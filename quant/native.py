@@ -1,0 +1,213 @@
+"""The native CPU kernels (quant/native/qkernels.c): built with the machine's C compiler at first use,
+cached, and called through ctypes.
+
+Why built here and not shipped: `-march=native` picks the user's vector units (AVX2, F16C...), and
+a plain C file needs no torch headers (compiles in about a second). Without a C compiler, or with
+LOCALGLM_NATIVE=0, `native_lib()` returns None and quant/cpu_kernels.py keeps torch's kernels; the
+reason is in `native_status()` (shown by `localglm inspect` / the stats snapshot).
+
+    lib = native_lib()
+    if lib: y = lib.linear(qt, x)                       # x [T, K] float32 -> [T, N]
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .formats import QuantTensor
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native") / "qkernels.c"
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11", "-fno-math-errno")
+BLOCK = 32  # activation block of the kernels: K of every native tensor is a multiple of it
+
+
+class _QTensor(ctypes.Structure):
+    _fields_ = [
+        ("rowf", ctypes.c_void_p),
+        ("data", ctypes.c_void_p),
+        ("gs", ctypes.c_void_p),
+        ("gm", ctypes.c_void_p),
+        ("bits", ctypes.c_int32),
+        ("group", ctypes.c_int32),
+        ("n", ctypes.c_int32),
+        ("k", ctypes.c_int32),
+    ]
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "localglm" / "native"
+
+
+def _compiler() -> str | None:
+    for cc in (os.environ.get("LOCALGLM_CC"), os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cc and shutil.which(cc):
+            return cc
+    return None
+
+
+def _build(cc: str) -> Path:
+    """Compile qkernels.c into the cache (once per source, compiler and flags); returns the .so path."""
+    src = SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    key = hashlib.sha256(src + repr((version, CFLAGS, sys.platform)).encode()).hexdigest()[:16]
+    out = cache_dir() / f"qkernels-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        res = subprocess.run([cc, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
+        os.replace(tmp, out)  # atomic: a concurrent build or a crash never leaves a half-written library
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+class NativeLib:
+    """The loaded kernels with typed entry points taking torch tensors."""
+
+    def __init__(self, path: Path) -> None:
+        import torch  # noqa: F401  (torch's OpenMP runtime must be loaded first: the library shares it)
+
+        self.path = path
+        self._lib = ctypes.CDLL(str(path))
+        p, i = ctypes.c_void_p, ctypes.c_int
+        self._lib.lg_linear.argtypes = [ctypes.POINTER(_QTensor), i, p, p, p, i]
+        self._lib.lg_linear.restype = i
+        self._lib.lg_moe.argtypes = [i, i, i, p, i, p, p, ctypes.POINTER(_QTensor), ctypes.POINTER(_QTensor), i, p, i]
+        self._lib.lg_moe.restype = i
+        self._lib.lg_dequant.argtypes = [ctypes.POINTER(_QTensor), p, i]
+        self._lib.lg_dequant.restype = None
+        self.avx2 = bool(self._lib.lg_has_avx2())
+
+    @staticmethod
+    def supports(qt: QuantTensor) -> bool:
+        """Whether the kernels take this tensor (CPU, a live buffer, K a multiple of the block)."""
+        return qt.device.type == "cpu" and qt.buf.numel() > 0 and qt.shape[1] % BLOCK == 0 and qt.spec.group % BLOCK == 0 and qt.spec.group > 0
+
+    @staticmethod
+    def describe(qt: QuantTensor) -> _QTensor:
+        """The C view of a QuantTensor (pointers into its buffer: keep qt alive while it is used)."""
+        n, k = qt.shape
+        if qt.spec.bits == 8:
+            gs, gm = qt.section("gscale").data_ptr(), None
+        else:
+            gs, gm = qt.section("scode").data_ptr(), qt.section("mcode").data_ptr()
+        return _QTensor(qt.section("rowf").data_ptr(), qt.section("data").data_ptr(), gs, gm, qt.spec.bits, qt.spec.group, n, k)
+
+    def linear(self, desc: _QTensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, K] float32 contiguous -> x @ W.T (+ bias) [T, N] float32."""
+        t = x.shape[0]
+        y = torch.empty(t, desc.n, dtype=torch.float32)
+        b = None if bias is None else bias.float().contiguous()
+        rc = self._lib.lg_linear(ctypes.byref(desc), t, x.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(), torch.get_num_threads())
+        if rc:
+            raise MemoryError("native linear kernel: out of memory")
+        return y
+
+    def dequantize(self, desc: _QTensor) -> torch.Tensor:
+        """The whole weight as fp32 [N, K] (for big batches, multiplied by a float GEMM)."""
+        out = torch.empty(desc.n, desc.k, dtype=torch.float32)
+        self._lib.lg_dequant(ctypes.byref(desc), out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def moe(self, gate_up: ctypes.Array, down: ctypes.Array, inter: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """One MoE layer's routed experts; x [T, H] float32, ids int64 / weights float32 [T, k] contiguous."""
+        t, h = x.shape
+        out = torch.empty(t, h, dtype=torch.float32)
+        rc = self._lib.lg_moe(t, h, inter, x.data_ptr(), ids.shape[1], ids.data_ptr(), weights.data_ptr(), gate_up, down, len(gate_up), out.data_ptr(), torch.get_num_threads())
+        if rc == -2:
+            raise IndexError(f"expert id outside [0, {len(gate_up)})")
+        if rc:
+            raise MemoryError("native MoE kernel: out of memory")
+        return out
+
+
+NATIVE_MAX_ROWS = 32  # above this many rows a dequantized fp32 GEMM (MKL) beats per-row integer dots (measured)
+
+
+class NativeLinear:
+    """A quantized linear layer through the native kernel (decode, small batches), with the weight
+    dequantized to fp32 per call for big batches (prefill), where MKL's GEMM wins."""
+
+    def __init__(self, lib: NativeLib, qt: QuantTensor) -> None:
+        self.lib, self.qt = lib, qt
+        self.desc = lib.describe(qt)
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.shape[0] <= NATIVE_MAX_ROWS:
+            y = self.lib.linear(self.desc, x2.float().contiguous(), bias)
+        else:
+            y = torch.nn.functional.linear(x2.float(), self.lib.dequantize(self.desc), None if bias is None else bias.float())
+        return y.to(x.dtype).view(*shape[:-1], y.shape[-1])
+
+
+class NativeExpert:
+    """One routed expert (gate_up [2I, H], down [H, I]) through the native kernels: the MoE kernel
+    with a single expert, so an expert computed alone (an offloaded one) gets exactly the numbers it
+    gets inside `NativeLib.moe`; big batches go through dequantize + fp32 GEMM, as NativeLinear."""
+
+    def __init__(self, lib: NativeLib, gate_up: QuantTensor, down: QuantTensor) -> None:
+        self.lib = lib
+        self.gate_up, self.down = gate_up, down
+        self.gu = (_QTensor * 1)(lib.describe(gate_up))
+        self.dn = (_QTensor * 1)(lib.describe(down))
+        self.inter = down.shape[1]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float().contiguous()
+        if x.shape[0] > NATIVE_MAX_ROWS:
+            gate, up = torch.nn.functional.linear(xf, self.lib.dequantize(self.gu[0])).chunk(2, dim=-1)
+            y = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, self.lib.dequantize(self.dn[0]))
+        else:
+            ones = torch.ones(x.shape[0], 1)
+            y = self.lib.moe(self.gu, self.dn, self.inter, xf, torch.zeros(x.shape[0], 1, dtype=torch.int64), ones)
+        return y.to(x.dtype)
+
+
+@functools.cache
+def _load() -> tuple[NativeLib | None, str]:
+    """Build and load once per process (the library is immutable once loaded); logs why not."""
+    if os.environ.get("LOCALGLM_NATIVE", "1") == "0":
+        return None, "torch kernels (native ones disabled by LOCALGLM_NATIVE=0)"
+    cc = _compiler()
+    if cc is None:
+        why = "torch kernels (no C compiler found to build the native ones; set CC)"
+    else:
+        try:
+            lib = NativeLib(_build(cc))
+            return lib, f"native kernels ({'AVX2' if lib.avx2 else 'portable C'})"
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            why = f"torch kernels (native ones failed to build: {e})"
+    log.warning("localglm: quantized weights use %s", why)
+    return None, why
+
+
+def native_lib() -> NativeLib | None:
+    """The native kernels, built on first use; None when they cannot be (see native_status)."""
+    return _load()[0]
+
+
+def native_status() -> str:
+    """One line: which CPU kernels quantized weights use, and why."""
+    return _load()[1]

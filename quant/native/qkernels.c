@@ -1,0 +1,334 @@
+/* localglm's native CPU kernels for quantized weights (q2 / q4 / q8, see quant/formats.py).
+ *
+ * Why native: a decode step through torch costs ~1000 small ops and torch's int4 CPU kernel is
+ * compute-bound on AVX2. Here activations are quantized to int8 in blocks of 32 (as llama.cpp's
+ * q8 dot products do), weight codes are multiplied as integers (AVX2 maddubs), and one call runs a
+ * whole MoE layer: every chosen expert's gate/up, SiLU, down and the weighted sum.
+ *
+ * Weight layouts (quant/formats.py is the reference; w = weight, c = code):
+ *   q2/q4: rowf fp32 [N,2] (s_max, m_max), codes little-end first in bytes, scode uint8 [N,K/G],
+ *          mcode int8 [N,K/G]; w = s_max * 2^((scode-255)/16) * c + mcode * m_max / 127.
+ *   q8:    rowf fp32 [N,1], codes int8, gscale fp16 [N,K/G]; w = rowf * gscale * c.
+ * Activation blocks are stored permuted to match how codes come out of a byte: element e of a
+ * block sits at (e % per) * (32 / per) + e / per, per = codes per byte.
+ *
+ * Built at first use by quant/native.py with the machine's C compiler (-O3 -march=native -fopenmp);
+ * a portable scalar path is used where AVX2 is not available. Threads: OpenMP, torch's runtime
+ * (same libgomp soname), count passed per call.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#define QB 32 /* activation / code block */
+
+typedef struct {
+    const float *rowf;
+    const uint8_t *data;
+    const uint8_t *gs; /* q2/q4: scale codes; q8: fp16 group scales */
+    const int8_t *gm;  /* q2/q4: offset codes; q8: unused */
+    int32_t bits, group, n, k;
+} lg_qtensor;
+
+static float scale_lut[256];
+
+__attribute__((constructor)) static void init_lut(void) {
+    for (int i = 0; i < 256; i++) scale_lut[i] = exp2f((float)(i - 255) / 16.0f);
+}
+
+static inline float half_to_float(uint16_t h) {
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, f;
+    if (exp == 0) {
+        if (mant == 0) {
+            f = sign;
+        } else { /* subnormal: normalise */
+            exp = 127 - 15 + 1;
+            while (!(mant & 0x400)) { mant <<= 1; exp--; }
+            f = sign | (exp << 23) | ((mant & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        f = sign | 0x7f800000u | (mant << 13);
+    } else {
+        f = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+    }
+    float out;
+    memcpy(&out, &f, 4);
+    return out;
+#endif
+}
+
+int lg_has_avx2(void) {
+#ifdef __AVX2__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* One row of activations -> int8 blocks (permuted for `bits`), block scales d and sums s of the rounded values. */
+static void quantize_row(const float *x, int k, int bits, int8_t *q, float *d, float *s) {
+    const int per = 8 / bits, nb = QB / per;
+    for (int b = 0; b < k / QB; b++) {
+        const float *xb = x + (size_t)b * QB;
+        float amax = 0.0f;
+        for (int i = 0; i < QB; i++) {
+            float a = fabsf(xb[i]);
+            amax = a > amax ? a : amax;
+        }
+        const float dd = amax / 127.0f, id = dd > 0.0f ? 1.0f / dd : 0.0f;
+        d[b] = dd;
+        int8_t *qb = q + (size_t)b * QB;
+        int32_t qsum = 0;
+        for (int e = 0; e < QB; e++) {
+            const int8_t v = (int8_t)lrintf(xb[e] * id);
+            qb[(e % per) * nb + e / per] = v;
+            qsum += v;
+        }
+        s[b] = dd * (float)qsum; /* the rounded block's sum: offsets then see the same x as the codes */
+    }
+}
+
+#ifdef __AVX2__
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* 32 codes of block b as unsigned bytes in the permuted order. */
+static inline __m256i codes_q4(const uint8_t *p) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)p), m = _mm_set1_epi8(0x0f);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+}
+
+static inline __m256i codes_q2(const uint8_t *p) {
+    const __m128i v = _mm_loadl_epi64((const __m128i *)p), m = _mm_set1_epi8(0x03);
+    const __m128i lo = _mm_unpacklo_epi64(v, _mm_srli_epi16(v, 2));
+    const __m128i hi = _mm_unpacklo_epi64(_mm_srli_epi16(v, 4), _mm_srli_epi16(v, 6));
+    return _mm256_set_m128i(_mm_and_si128(hi, m), _mm_and_si128(lo, m));
+}
+
+static inline __m256i dot_u8s8(__m256i w, __m256i x) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
+}
+#endif
+
+/* dot(row n of w, one quantized activation row) for q2 / q4: sum_g s_g * sum(c x) + m_g * sum(x), x rounded. */
+static float dot_lowbit(const lg_qtensor *w, int n, const int8_t *xq, const float *xd, const float *xs) {
+    const int K = w->k, G = w->group, ng = K / G, bpg = G / QB, bits = w->bits;
+    const size_t row_bytes = (size_t)K * bits / 8, blk_bytes = QB * bits / 8;
+    const uint8_t *row = w->data + (size_t)n * row_bytes;
+    const uint8_t *sc = w->gs + (size_t)n * ng;
+    const int8_t *mc = w->gm + (size_t)n * ng;
+    const float s0 = w->rowf[2 * (size_t)n], m0 = w->rowf[2 * (size_t)n + 1] / 127.0f;
+    float macc = 0.0f;
+#ifdef __AVX2__
+    __m256 acc = _mm256_setzero_ps();
+    for (int g = 0; g < ng; g++) {
+        const float sg = s0 * scale_lut[sc[g]], mg = m0 * (float)mc[g];
+        for (int j = 0; j < bpg; j++) {
+            const int b = g * bpg + j;
+            const uint8_t *p = row + (size_t)b * blk_bytes;
+            const __m256i cv = bits == 4 ? codes_q4(p) : codes_q2(p);
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)b * QB));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(cv, xv)), _mm256_set1_ps(sg * xd[b]), acc);
+            macc += mg * xs[b];
+        }
+    }
+    return hsum256(acc) + macc;
+#else
+    const int per = 8 / bits, nb = QB / per, mask = (1 << bits) - 1;
+    float acc = 0.0f;
+    for (int g = 0; g < ng; g++) {
+        const float sg = s0 * scale_lut[sc[g]], mg = m0 * (float)mc[g];
+        for (int j = 0; j < bpg; j++) {
+            const int b = g * bpg + j;
+            const uint8_t *p = row + (size_t)b * blk_bytes;
+            const int8_t *xb = xq + (size_t)b * QB;
+            int32_t isum = 0;
+            for (int e = 0; e < QB; e++) isum += ((p[e / per] >> (bits * (e % per))) & mask) * xb[(e % per) * nb + e / per];
+            acc += sg * xd[b] * (float)isum;
+            macc += mg * xs[b];
+        }
+    }
+    return acc + macc;
+#endif
+}
+
+static float dot_q8(const lg_qtensor *w, int n, const int8_t *xq, const float *xd) {
+    const int K = w->k, G = w->group, ng = K / G, bpg = G / QB;
+    const int8_t *row = (const int8_t *)w->data + (size_t)n * K;
+    const uint16_t *gsc = (const uint16_t *)w->gs + (size_t)n * ng;
+    const float r = w->rowf[n];
+#ifdef __AVX2__
+    __m256 acc = _mm256_setzero_ps();
+    for (int g = 0; g < ng; g++) {
+        const float sg = r * half_to_float(gsc[g]);
+        for (int j = 0; j < bpg; j++) {
+            const int b = g * bpg + j;
+            const __m256i wv = _mm256_loadu_si256((const __m256i *)(row + (size_t)b * QB));
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)b * QB));
+            const __m256i i32 = dot_u8s8(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), _mm256_set1_ps(sg * xd[b]), acc);
+        }
+    }
+    return hsum256(acc);
+#else
+    float acc = 0.0f;
+    for (int g = 0; g < ng; g++) {
+        const float sg = r * half_to_float(gsc[g]);
+        for (int j = 0; j < bpg; j++) {
+            const int b = g * bpg + j;
+            int32_t isum = 0;
+            for (int e = 0; e < QB; e++) isum += (int32_t)row[(size_t)b * QB + e] * xq[(size_t)b * QB + e];
+            acc += sg * xd[b] * (float)isum;
+        }
+    }
+    return acc;
+#endif
+}
+
+static inline float dot_row(const lg_qtensor *w, int n, const int8_t *xq, const float *xd, const float *xs) {
+    return w->bits == 8 ? dot_q8(w, n, xq, xd) : dot_lowbit(w, n, xq, xd, xs);
+}
+
+typedef struct {
+    int8_t *q;
+    float *d, *s;
+} qact;
+
+static int qact_alloc(qact *a, size_t rows, int k) {
+    a->q = malloc(rows * (size_t)k);
+    a->d = malloc(rows * (size_t)(k / QB) * sizeof(float));
+    a->s = malloc(rows * (size_t)(k / QB) * sizeof(float));
+    return a->q && a->d && a->s;
+}
+
+static void qact_free(qact *a) {
+    free(a->q);
+    free(a->d);
+    free(a->s);
+}
+
+#define QROW(a, r, k) ((a)->q + (size_t)(r) * (k)), ((a)->d + (size_t)(r) * ((k) / QB)), ((a)->s + (size_t)(r) * ((k) / QB))
+
+/* y[t, n] = x[t] . w[n] (+ bias[n]) for t < T: a quantized linear layer. Returns 0, or -1 when out of memory. */
+int lg_linear(const lg_qtensor *w, int T, const float *x, const float *bias, float *y, int nth) {
+    const int K = w->k, N = w->n;
+    qact a;
+    if (!qact_alloc(&a, T, K)) {
+        qact_free(&a);
+        return -1;
+    }
+    for (int t = 0; t < T; t++) quantize_row(x + (size_t)t * K, K, w->bits, QROW(&a, t, K));
+    const int par = nth > 1 && (size_t)N * K * T >= (1u << 16);
+#pragma omp parallel for num_threads(nth) schedule(static) if (par)
+    for (int n = 0; n < N; n++) {
+        const float b = bias ? bias[n] : 0.0f;
+        for (int t = 0; t < T; t++) y[(size_t)t * N + n] = dot_row(w, n, QROW(&a, t, K)) + b;
+    }
+    qact_free(&a);
+    return 0;
+}
+
+static inline float silu(float v) { return v / (1.0f + expf(-v)); }
+
+/* One MoE layer's routed experts: out[t] = sum_j wts[t,j] * down_e(silu(gate_e(x_t)) * up_e(x_t)),
+ * e = ids[t,j]. gate_up[e] is [2I, H] (gate rows then up rows), down[e] is [H, I], all experts of a
+ * layer in the same format. Pairs are grouped by expert so each weight row is read once per call.
+ * Returns 0, -1 when out of memory, -2 for an expert id outside [0, E). */
+int lg_moe(int T, int H, int I, const float *x, int k, const int64_t *ids, const float *wts,
+           const lg_qtensor *gate_up, const lg_qtensor *down, int E, float *out, int nth) {
+    const int P = T * k, I2 = 2 * I;
+    for (int p = 0; p < P; p++)
+        if (ids[p] < 0 || ids[p] >= E) return -2;
+    int *cnt = calloc((size_t)E + 1, sizeof(int)), *order = malloc((size_t)P * sizeof(int));
+    int *seg_e = malloc((size_t)P * sizeof(int)), *seg_start = malloc(((size_t)P + 1) * sizeof(int));
+    float *h1 = malloc((size_t)P * I2 * sizeof(float));
+    qact xa, ha;
+    const int ok = cnt && order && seg_e && seg_start && h1 && qact_alloc(&xa, T, H) && qact_alloc(&ha, P, I);
+    if (!ok) {
+        free(cnt); free(order); free(seg_e); free(seg_start); free(h1);
+        qact_free(&xa); qact_free(&ha);
+        return -1;
+    }
+    /* counting sort of the (token, slot) pairs by expert */
+    for (int p = 0; p < P; p++) cnt[ids[p] + 1]++;
+    for (int e = 0; e < E; e++) cnt[e + 1] += cnt[e];
+    int S = 0;
+    for (int e = 0; e < E; e++)
+        if (cnt[e + 1] > cnt[e]) { seg_e[S] = e; seg_start[S++] = cnt[e]; }
+    seg_start[S] = P;
+    for (int p = 0; p < P; p++) order[cnt[ids[p]]++] = p;
+
+    const int gbits = gate_up[seg_e[0]].bits, dbits = down[seg_e[0]].bits;
+    const int par = nth > 1 && (size_t)P * I * H >= (1u << 15);
+#pragma omp parallel num_threads(nth) if (par)
+    {
+#pragma omp for schedule(static)
+        for (int t = 0; t < T; t++) quantize_row(x + (size_t)t * H, H, gbits, QROW(&xa, t, H));
+#pragma omp for schedule(static)
+        for (int n = 0; n < I2; n++)
+            for (int s = 0; s < S; s++) {
+                const lg_qtensor *w = &gate_up[seg_e[s]];
+                for (int i = seg_start[s]; i < seg_start[s + 1]; i++) {
+                    const int t = order[i] / k;
+                    h1[(size_t)i * I2 + n] = dot_row(w, n, QROW(&xa, t, H));
+                }
+            }
+#pragma omp for schedule(static)
+        for (int i = 0; i < P; i++) {
+            float *h = h1 + (size_t)i * I2;
+            for (int j = 0; j < I; j++) h[j] = silu(h[j]) * h[I + j];
+            quantize_row(h, I, dbits, QROW(&ha, i, I));
+        }
+#pragma omp for schedule(static)
+        for (int n = 0; n < H; n++) {
+            for (int t = 0; t < T; t++) out[(size_t)t * H + n] = 0.0f;
+            for (int s = 0; s < S; s++) {
+                const lg_qtensor *w = &down[seg_e[s]];
+                for (int i = seg_start[s]; i < seg_start[s + 1]; i++) {
+                    const int p = order[i], t = p / k;
+                    out[(size_t)t * H + n] += wts[p] * dot_row(w, n, QROW(&ha, i, I));
+                }
+            }
+        }
+    }
+    free(cnt); free(order); free(seg_e); free(seg_start); free(h1);
+    qact_free(&xa); qact_free(&ha);
+    return 0;
+}
+
+/* Rows [0, N) of w as fp32 [N, K]: prefill multiplies big batches with a float GEMM instead. */
+void lg_dequant(const lg_qtensor *w, float *out, int nth) {
+    const int K = w->k, G = w->group, ng = K / G, bits = w->bits, N = w->n;
+    const int par = nth > 1 && (size_t)N * K >= (1u << 16);
+#pragma omp parallel for num_threads(nth) schedule(static) if (par)
+    for (int n = 0; n < N; n++) {
+        float *o = out + (size_t)n * K;
+        if (bits == 8) {
+            const int8_t *row = (const int8_t *)w->data + (size_t)n * K;
+            const uint16_t *gsc = (const uint16_t *)w->gs + (size_t)n * ng;
+            for (int g = 0; g < ng; g++) {
+                const float sg = w->rowf[n] * half_to_float(gsc[g]);
+                for (int i = g * G; i < (g + 1) * G; i++) o[i] = sg * (float)row[i];
+            }
+        } else {
+            const int per = 8 / bits, mask = (1 << bits) - 1;
+            const uint8_t *row = w->data + (size_t)n * K * bits / 8;
+            const float s0 = w->rowf[2 * (size_t)n], m0 = w->rowf[2 * (size_t)n + 1] / 127.0f;
+            for (int g = 0; g < ng; g++) {
+                const float sg = s0 * scale_lut[w->gs[(size_t)n * ng + g]], mg = m0 * (float)w->gm[(size_t)n * ng + g];
+                for (int i = g * G; i < (g + 1) * G; i++) o[i] = sg * (float)((row[i / per] >> (bits * (i % per))) & mask) + mg;
+            }
+        }
+    }
+}
