@@ -132,6 +132,38 @@ def ensure_model(path: Path) -> Path:
     return make_tiny(path, TinySpec(**BENCH_SPEC))
 
 
+def is_fresh(made: Path, model: Path) -> bool:
+    """Whether `made` (a file or directory derived from `model`) exists and is newer than the model's weights.
+
+    Derived files are cached by name; a model rewritten in place (the packaged default model is retrained
+    from time to time) must not be benchmarked through a GGUF or quantization of its old weights."""
+    if not made.exists():
+        return False
+    sources = [p for p in model.iterdir() if p.suffix == ".safetensors" or p.name == "config.json"] if model.is_dir() else [model]
+    return made.stat().st_mtime >= max(p.stat().st_mtime for p in sources)
+
+
+def code_stamp(*parts: str | Path) -> str:
+    """A hash of strings (flags) and of files' contents (the code that makes a derived file)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for part in parts:
+        h.update(part.read_bytes() if isinstance(part, Path) and part.is_file() else str(part).encode())
+    return h.hexdigest()
+
+
+def is_current(made: Path, model: Path, stamp: str) -> bool:
+    """`made` is newer than `model` and was made by the code `stamp` describes (saved beside it as NAME.stamp):
+    the exporter and the quantizer change under active development, and a cache must not outlive them."""
+    stamp_file = made.with_name(made.name + ".stamp")
+    return is_fresh(made, model) and stamp_file.is_file() and stamp_file.read_text() == stamp
+
+
+def write_stamp(made: Path, stamp: str) -> None:
+    made.with_name(made.name + ".stamp").write_text(stamp)
+
+
 def ensure_gguf(model: Path, kind: str = "bf16") -> Path | None:
     from localglm.default_model import DEFAULT_MODEL_DIR
 
@@ -139,28 +171,83 @@ def ensure_gguf(model: Path, kind: str = "bf16") -> Path | None:
     folder = DEFAULT_DIR.parent if model.resolve() == DEFAULT_MODEL_DIR.resolve() else model.parent
     folder.mkdir(parents=True, exist_ok=True)
     gguf = folder / f"{model.name}-{kind}.gguf"
-    if gguf.is_file():
+    pkg = DEFAULT_MODEL_DIR.parents[1]  # the localglm package
+    stamp = code_stamp(kind, pkg / "gguf_glm4moe.py", pkg / "commands" / "export_gguf.py")
+    if is_current(gguf, model, stamp):
         return gguf
-    r = subprocess.run([sys.executable, "-m", "localglm", "export-gguf", str(model), str(gguf), "--type", kind], capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "localglm", "export-gguf", str(model), str(gguf), "--type", kind, "-q", "--overwrite"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         print(f"llama.cpp skipped: export-gguf failed: {r.stderr.strip()[-300:]}", file=sys.stderr)
         return None
+    write_stamp(gguf, stamp)
     return gguf
 
 
+MODULES = {"localglm": "localglm", "transformers": "transformers", "llama.cpp": "llama_cpp"}
+
+
 def available(engine: str) -> bool:
-    module = {"localglm": "localglm", "transformers": "transformers", "llama.cpp": "llama_cpp"}[engine]
-    return subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True).returncode == 0
+    return subprocess.run([sys.executable, "-c", f"import {MODULES[engine]}"], capture_output=True).returncode == 0
 
 
-def run_engine(engine: str, target: Path, args: argparse.Namespace) -> dict | None:
-    cmd = [sys.executable, __file__, "--worker", engine, "--target", str(target), "--prompt-tokens", str(args.prompt_tokens),
-           "--new-tokens", str(args.new_tokens), "--threads", str(args.threads), "--vocab", str(args.vocab)]  # fmt: skip
+def run_worker(engine: str, target: Path, prompt_tokens: int, new_tokens: int, threads: int, vocab: int) -> dict | None:
+    """One engine on one model (a directory, or a GGUF for llama.cpp) in a fresh subprocess: its result dict."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", engine, "--target", str(target), "--prompt-tokens",
+           str(prompt_tokens), "--new-tokens", str(new_tokens), "--threads", str(threads), "--vocab", str(vocab)]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         print(f"{engine} failed:\n{r.stderr[-2000:]}", file=sys.stderr)
         return None
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+SPEED_KEYS = ("load_s", "prompt_tok_s", "decode_tok_s", "ttft_s", "peak_rss_bytes")
+
+
+def median_result(runs: list[dict]) -> dict:
+    """Several runs of one worker: the median of each figure, the first run's tokens, the decode tok/s range."""
+    import statistics
+
+    res = dict(runs[0])
+    for k in SPEED_KEYS:
+        res[k] = statistics.median(r[k] for r in runs)
+    res["runs"] = len(runs)
+    res["decode_range"] = (min(r["decode_tok_s"] for r in runs), max(r["decode_tok_s"] for r in runs))
+    return res
+
+
+def run_workers(jobs: list[tuple[str, str, Path]], prompt_tokens: int, new_tokens: int, threads: int, vocab: int,
+                repeat: int = 1) -> dict[str, dict | None]:  # fmt: skip
+    """(key, engine, target) jobs, each run `repeat` times round-robin (a load that drifts during the run hits
+    every job alike): key -> median result, or None if every run of it failed."""
+    runs: dict[str, list[dict]] = {key: [] for key, _, _ in jobs}
+    for _ in range(max(1, repeat)):
+        for key, engine, target in jobs:
+            res = run_worker(engine, target, prompt_tokens, new_tokens, threads, vocab)
+            if res:
+                runs[key].append(res)
+    return {key: median_result(r) if r else None for key, r in runs.items()}
+
+
+def measure_model(model: Path, engines: list[str], threads: int, prompt_tokens: int, new_tokens: int,
+                  repeat: int = 1) -> list[tuple[str, dict | str]]:  # fmt: skip
+    """Every engine on one model: (engine, result dict) or (engine, why there is none: "not installed", ...)."""
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    status: dict[str, str] = {}
+    jobs = []
+    for engine in engines:
+        if not available(engine):
+            print(f"{engine}: not installed, skipped", file=sys.stderr)
+            status[engine] = "not installed"
+            continue
+        target = ensure_gguf(model) if engine == "llama.cpp" else model
+        if target is None:
+            status[engine] = "GGUF export failed"
+            continue
+        jobs.append((engine, engine, target))
+    res = run_workers(jobs, prompt_tokens, new_tokens, threads, vocab, repeat)
+    return [(e, status[e] if e in status else (res[e] or "failed")) for e in engines]
 
 
 def main() -> int:
@@ -172,6 +259,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=1, help="runs per engine, interleaved; the table shows medians")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--target", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--vocab", type=int, default=4096, help=argparse.SUPPRESS)
@@ -191,27 +279,21 @@ def main() -> int:
 
 def bench_model(model: Path, args: argparse.Namespace) -> None:
     """Run every engine on one model and print its table."""
-    args.vocab = json.loads((model / "config.json").read_text())["vocab_size"]
-    rows = []
-    for engine in args.engines.split(","):
-        if not available(engine):
-            print(f"{engine}: not installed, skipped", file=sys.stderr)
-            continue
-        target = ensure_gguf(model) if engine == "llama.cpp" else model
-        if target is None:
-            continue
-        res = run_engine(engine, target, args)
-        if res:
-            rows.append((engine, res))
+    measured = measure_model(model, args.engines.split(","), args.threads, args.prompt_tokens, args.new_tokens, args.repeat)
+    rows = [(e, r) for e, r in measured if isinstance(r, dict)]
     base = dict(rows).get("localglm")
     print(f"\n{date.today()}  {platform.processor() or platform.machine()}  threads={args.threads}  "
           f"prompt={args.prompt_tokens}  new={args.new_tokens}  model={model.name}\n")  # fmt: skip
     print("| engine | prefill tok/s | decode tok/s | TTFT s | peak RSS GiB | load s | same greedy tokens as localglm |")
     print("|---|---:|---:|---:|---:|---:|---|")
     for engine, r in rows:
-        same = "-" if base is None or engine == "localglm" else f"{sum(a == b for a, b in zip(r['tokens'], base['tokens']))}/{len(base['tokens'])}"
+        same = "-" if base is None or engine == "localglm" else same_tokens(r, base)
         print(f"| {engine} | {r['prompt_tok_s']:.1f} | {r['decode_tok_s']:.2f} | {r['ttft_s']:.3f} | "
               f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['load_s']:.1f} | {same} |")  # fmt: skip
+
+
+def same_tokens(r: dict, base: dict) -> str:
+    return f"{sum(a == b for a, b in zip(r['tokens'], base['tokens']))}/{len(base['tokens'])}"
 
 
 if __name__ == "__main__":

@@ -183,7 +183,12 @@ def main() -> int:
     ap.add_argument("--out", default="/tmp/bench_offload")
     ap.add_argument("--profile-tokens", type=int, default=150)
     ap.add_argument("--eval-tokens", type=int, default=300)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.synthetic:
         synthetic(args)
         return 0
@@ -194,7 +199,7 @@ def main() -> int:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     prompt_a = (stdlib / "random.py").read_text()[:1500]
     prompt_b = (stdlib / "collections" / "__init__.py").read_text()[2000:3500]
-    results: dict = {"model": args.model}
+    results: dict = {"model": args.model, "profile_tokens": args.profile_tokens, "eval_tokens": args.eval_tokens}
 
     t0 = time.time()
     model = load(args.model)
@@ -223,6 +228,7 @@ def main() -> int:
     rec.close()
     trace = rec.trace
     print(f"eval run: {trace.tokens} tokens in {time.time() - t0:.0f}s", flush=True)
+    results.update(trace_tokens=trace.tokens, n_experts=trace.n_experts, top_k=trace.top_k, moe_layers=len(trace.moe_layers), expert_bytes=trace.expert_bytes)
     decode_only = [c for c in trace.calls if len(c.experts) == 1]
     results["prediction"] = {
         name: {"precision": c.precision, "recall": c.recall} for name, c in scored.counts.items()
@@ -247,6 +253,7 @@ def main() -> int:
     for hl in (8, 32, 128, 512):
         rows = compare(trace, fractions, ["lfu"], half_life=hl)
         print(f"lfu half-life {hl:4d}: " + "  ".join(f"{100 * r['lfu'].hit_rate:5.1f}%" for r in rows))
+        results.setdefault("lfu_half_life", {})[str(hl)] = [r["lfu"].hit_rate for r in rows]
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\nwrote {out}/results.json")
     return 0

@@ -1,12 +1,14 @@
 """Quantized models: bits/weight, file size, KL vs the bf16 model, CPU prefill/decode tok/s -- localglm's
 q2/q4/q8 recipes beside llama.cpp's Q2_K / Q4_K_M / Q8_0 made from the same weights.
 
-    python benchmarks/bench_quant.py --model /work/bench/glm09b --work /tmp/qbench
+    python benchmarks/bench_quant.py --model ~/.cache/localglm-bench/glm09b-bf16 --work /tmp/qbench
+    python benchmarks/bench_quant.py --model default --work /tmp/qbench   # the packaged default model
     python benchmarks/bench_quant.py --only kl          # skip the speed runs
 
-Every measurement runs in its own subprocess. KL is mean KL(bf16 localglm || quantized) over the next-
-token distributions of fixed pseudo-random token windows (the benchmark model has random weights, so
-text perplexity would mean nothing). llama.cpp's GGUFs come from `localglm export-gguf --type bf16` and
+Every measurement runs in its own subprocess. KL is mean KL(reference || quantized) over the next-token
+distributions of fixed pseudo-random token windows, the reference being localglm on the checkpoint as stored
+(bf16; the packaged default model is FP8). The benchmark model has random weights, so text perplexity would
+mean nothing. llama.cpp's GGUFs come from `localglm export-gguf --type bf16` and
 llama.cpp's own quantizer (`llama_cpp.llama_model_quantize`). Speed uses benchmarks/bench_generate.py's
 workers (same prompt ids, greedy, 2 threads by default).
 """
@@ -23,6 +25,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_generate import DEFAULT_DIR, PACKAGED, code_stamp, ensure_gguf, ensure_model, is_current, is_fresh, run_workers, write_stamp  # noqa: E402
+
 # name -> localglm quantize flags
 OURS = {
     "q8": ["--experts", "8"],
@@ -32,6 +38,8 @@ OURS = {
     "q2-all": ["--experts", "2", "--attn", "4", "--shared", "4", "--dense", "4", "--embed", "4"],
 }
 LLAMA = {"Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K"}
+# Each localglm level's llama.cpp counterpart (the -all recipes are the matched-size comparisons).
+PEER = {"bf16": "bf16", "q8": "Q8_0", "q4": "Q4_K_M", "q4-all": "Q4_K_M", "q2": "Q2_K", "q2-all": "Q2_K"}
 
 
 def windows(n_tokens: int, ctx: int, vocab: int) -> list[list[int]]:
@@ -101,22 +109,40 @@ def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return r
 
 
-def make_ours(model: Path, work: Path, name: str) -> Path:
+def quantizer_stamp(name: str) -> str:
+    """The recipe and the quantizer's sources: a quantization cached from other code is remade."""
+    import localglm
+    import quant
+
+    pkg = Path(localglm.__file__).parent
+    files = [*sorted(Path(quant.__file__).parent.rglob("*.py")), pkg / "quantize.py", pkg / "quantized_source.py", pkg / "commands" / "quantize.py"]
+    return code_stamp(" ".join(OURS[name]), *files)
+
+
+def make_ours(model: Path, work: Path, name: str) -> Path | None:
     out = work / f"{model.name}-{name}"
-    if not (out / "localglm_quant.json").is_file():
-        run([sys.executable, "-m", "localglm", "quantize", str(model), str(out), *OURS[name], "-q", "--overwrite"])
+    stamp = quantizer_stamp(name)
+    if not is_current(out, model, stamp) or not (out / "localglm_quant.json").is_file():
+        r = run([sys.executable, "-m", "localglm", "quantize", str(model), str(out), *OURS[name], "-q", "--overwrite"])
+        if r.returncode != 0:
+            return None
+        write_stamp(out, stamp)
     return out
 
 
+def make_llama_bf16(model: Path, work: Path) -> Path | None:
+    """The bf16 GGUF bench_generate.py uses too (one export per model, next to it or in the bench cache)."""
+    return ensure_gguf(model, "bf16")
+
+
 def make_llama(model: Path, work: Path, name: str) -> Path | None:
+    """llama.cpp's quantizer (through llama-cpp-python's bundled libllama: no `llama-quantize` binary needed)."""
     out = work / f"{model.name}-{name}.gguf"
-    if out.is_file():
+    bf16 = make_llama_bf16(model, work)
+    if bf16 is None:
+        return None
+    if is_fresh(out, bf16):
         return out
-    bf16 = work / f"{model.name}-bf16.gguf"
-    if not bf16.is_file():
-        r = run([sys.executable, "-m", "localglm", "export-gguf", str(model), str(bf16), "--type", "bf16", "-q", "--overwrite"])
-        if r.returncode != 0:
-            return None
     import llama_cpp
 
     p = llama_cpp.llama_model_quantize_default_params()
@@ -132,9 +158,141 @@ def size_of(target: Path) -> int:
     return sum(p.stat().st_size for p in target.iterdir() if p.suffix == ".safetensors")
 
 
+def llama_cpp_installed() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+def measure(model: Path, work: Path, ours: list[str], llama: list[str], only: str = "all", threads: int = 2,
+            kl_tokens: int = 512, kl_ctx: int = 128, prompt_tokens: int = 128, new_tokens: int = 64,
+            repeat: int = 1) -> tuple[list[dict], int]:  # fmt: skip
+    """Make the quantized models (cached in `work`, remade when older than `model` or made by other quantizer
+    code; llama.cpp's bf16 GGUF is bench_generate.ensure_gguf's), measure them.
+
+    Returns (rows, parameter count). A row: label, engine, level, peer (the llama.cpp row it is compared
+    with, for localglm rows), bytes, bpw, kl / kl_own / top1 / top1_own, prefill / decode (tok/s) / ttft (s)
+    / rss (bytes) / load_s (medians of `repeat` interleaved runs), or status (why figures are missing). The
+    first row is the reference: localglm on the checkpoint as stored (bf16; the packaged model is FP8)."""
+    work.mkdir(parents=True, exist_ok=True)
+    config = json.loads((model / "config.json").read_text())
+    ref_level = (config.get("quantization_config") or {}).get("quant_method") or "bf16"
+    targets: list[tuple[str, Path | None]] = [(f"localglm {ref_level}", model)]
+    for name in ours:
+        targets.append((f"localglm {name}", make_ours(model, work, name)))
+    have_llama = bool(llama) and llama_cpp_installed()
+    if llama and not have_llama:
+        print("llama.cpp: llama-cpp-python not installed, skipped", file=sys.stderr)
+    if llama:
+        targets.append(("llama.cpp bf16", make_llama_bf16(model, work) if have_llama else None))
+        for name in llama:
+            targets.append((f"llama.cpp {name}", make_llama(model, work, name) if have_llama else None))
+    from localglm.tensor_source import SafetensorsSource
+
+    with SafetensorsSource(model) as src:  # every stored weight (the MTP layer included, as in the GGUFs)
+        n_params = sum(src.info(n).numel for n in src.names())
+
+    # Reference logits are made afresh every run (they depend on the engines' code, not only on the weights),
+    # named per model (a shared --work must not mix models).
+    wins_path = work / f"kl_windows-{model.name}.json"
+    wins_path.write_text(json.dumps(windows(kl_tokens, kl_ctx, config["vocab_size"])))
+    ref_path = work / f"kl_ref-{model.name}.pt"
+    llama_ref = work / f"kl_ref_llama_bf16-{model.name}.pt"
+    me = [sys.executable, str(Path(__file__).resolve()), "--worker", "--wins", str(wins_path), "--threads", str(threads)]
+    if only in ("kl", "all"):
+        for path in (ref_path, llama_ref):
+            path.unlink(missing_ok=True)
+        run([*me, "--target", str(model), "--save", str(ref_path)])
+        llama_bf16 = dict(targets).get("llama.cpp bf16")
+        if llama_bf16 is not None:
+            run([*me, "--target", str(llama_bf16), "--save", str(llama_ref)])
+    rows = []
+    for label, target in targets:
+        engine, name = label.split(" ", 1)
+        row: dict = {"label": label, "engine": engine, "level": name}
+        if engine == "localglm" and llama and (name == ref_level or PEER.get(name) in llama):
+            row["peer"] = f"llama.cpp {PEER.get(name, 'bf16')}"
+        if target is None:
+            row["status"] = "not installed" if engine == "llama.cpp" and not have_llama else "failed"
+            rows.append(row)
+            continue
+        row.update(bytes=size_of(target), bpw=8 * size_of(target) / n_params)
+        if only in ("kl", "all") and target != model:
+            refs = f"{ref_path},{llama_ref}" if engine == "llama.cpp" and llama_ref.is_file() else f"{ref_path},{ref_path}"
+            r = run([*me, "--target", str(target), "--ref", refs]) if ref_path.is_file() else None
+            if r is not None and r.returncode == 0:
+                row.update(json.loads(r.stdout.strip().splitlines()[-1]))
+            else:
+                row["status"] = "KL failed" if ref_path.is_file() else "KL failed (reference run failed)"
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    if only in ("speed", "all"):  # after every KL run, all targets round-robin `repeat` times
+        jobs = [(label, label.split(" ", 1)[0], target) for label, target in targets if target is not None]
+        speed = run_workers(jobs, prompt_tokens, new_tokens, threads, config["vocab_size"], repeat)
+        for row in rows:
+            res = speed.get(row["label"])
+            if res:
+                row.update(prefill=res["prompt_tok_s"], decode=res["decode_tok_s"], ttft=res["ttft_s"], rss=res["peak_rss_bytes"],
+                           load_s=res["load_s"], runs=res["runs"], decode_range=res["decode_range"])  # fmt: skip
+            elif "bytes" in row:
+                row["status"] = "; ".join(filter(None, [row.get("status"), "speed run failed"]))
+    return rows, n_params
+
+
+def _f(r: dict, k: str, fmt: str) -> str:
+    return (fmt % r[k]) if k in r else "-"
+
+
+def table(rows: list[dict]) -> str:
+    """One row per model: its figures (a row without any says why in the file-size column)."""
+    ref = rows[0]["label"] if rows else "localglm"
+    spread = any(r.get("runs", 1) > 1 for r in rows)
+    out = [f"| model | bits/weight (file) | file MiB | KL vs {ref} | KL vs own bf16 | top-1 agree | prefill tok/s | decode tok/s | TTFT s | peak RSS GiB |"
+           + (" decode min-max (runs) |" if spread else ""), "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if spread else "")]  # fmt: skip
+    for r in rows:
+        if "bytes" not in r:
+            out.append(f"| {r['label']} | {r.get('status', '-')} | | | | | | | | |" + (" |" if spread else ""))
+            continue
+        rss = "%.2f" % (r["rss"] / 2**30) if "rss" in r else "-"
+        label = f"{r['label']} ({r['status']})" if r.get("status") else r["label"]
+        line = (f"| {label} | {r['bpw']:.2f} | {r['bytes'] / 2**20:.1f} | {_f(r, 'kl', '%.3g')} | {_f(r, 'kl_own', '%.3g')} | "
+                f"{_f(r, 'top1', '%.3f')} | {_f(r, 'prefill', '%.1f')} | {_f(r, 'decode', '%.2f')} | {_f(r, 'ttft', '%.3f')} | {rss} |")  # fmt: skip
+        if spread:
+            line += f" {r['decode_range'][0]:.2f}-{r['decode_range'][1]:.2f} ({r['runs']}) |" if "decode_range" in r else " - |"
+        out.append(line)
+    return "\n".join(out)
+
+
+RATIO_KEYS = [("bytes", "file size"), ("kl", "KL vs reference"), ("prefill", "prefill tok/s"), ("decode", "decode tok/s"),
+              ("ttft", "TTFT"), ("rss", "peak RSS")]  # fmt: skip
+
+
+def ratio_table(rows: list[dict]) -> str:
+    """Each localglm level beside its llama.cpp peer: ours / theirs for every figure both rows have."""
+    by_label = {r["label"]: r for r in rows}
+    out = ["| ours vs llama.cpp (ours / theirs) | " + " | ".join(h for _, h in RATIO_KEYS) + " |",
+           "|---|" + "---:|" * len(RATIO_KEYS)]  # fmt: skip
+    for r in rows:
+        if r["engine"] != "localglm" or not r.get("peer"):
+            continue
+        peer = by_label.get(r["peer"], {})
+        cells = []
+        for k, _ in RATIO_KEYS:
+            if k in r and k in peer and peer[k]:
+                cells.append(f"{r[k] / peer[k]:.2f}x")
+            else:
+                cells.append(peer.get("status") or r.get("status") or "-")
+        out.append(f"| {r['level']} vs {r['peer'].split(' ', 1)[1]} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=Path("/work/bench/glm09b"))
+    ap.add_argument("--model", type=Path, default=DEFAULT_DIR,
+                    help=f"HF-layout model dir, or '{PACKAGED}' for the packaged default model (default: {DEFAULT_DIR}, made if missing)")  # fmt: skip
     ap.add_argument("--work", type=Path, default=Path("/tmp/qbench"))
     ap.add_argument("--ours", default=",".join(OURS))
     ap.add_argument("--llama", default=",".join(LLAMA))
@@ -144,6 +302,7 @@ def main() -> int:
     ap.add_argument("--kl-ctx", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=1, help="speed runs per model, interleaved; the table shows medians")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--target", help=argparse.SUPPRESS)
     ap.add_argument("--wins", help=argparse.SUPPRESS)
@@ -153,65 +312,15 @@ def main() -> int:
     if args.worker:
         return worker(args)
 
-    args.work.mkdir(parents=True, exist_ok=True)
-    config = json.loads((args.model / "config.json").read_text())
-    targets: list[tuple[str, Path]] = [("localglm bf16", args.model)]
-    for name in filter(None, args.ours.split(",")):
-        targets.append((f"localglm {name}", make_ours(args.model, args.work, name)))
-    if args.llama:
-        try:
-            import llama_cpp  # noqa: F401
-
-            targets.append(("llama.cpp bf16", args.work / f"{args.model.name}-bf16.gguf"))
-            for name in filter(None, args.llama.split(",")):
-                g = make_llama(args.model, args.work, name)
-                if g is not None:
-                    targets.append((f"llama.cpp {name}", g))
-        except ImportError:
-            print("llama.cpp: llama-cpp-python not installed, skipped", file=sys.stderr)
-    from localglm.tensor_source import SafetensorsSource
-
-    with SafetensorsSource(args.model) as src:  # every stored weight (the MTP layer included, as in the GGUFs)
-        n_params = sum(src.info(n).numel for n in src.names())
-
-    wins_path = args.work / "kl_windows.json"
-    wins_path.write_text(json.dumps(windows(args.kl_tokens, args.kl_ctx, config["vocab_size"])))
-    ref_path = args.work / "kl_ref.pt"
-    me = [sys.executable, __file__, "--worker", "--wins", str(wins_path), "--threads", str(args.threads)]
-    rows = []
-    llama_ref = args.work / "kl_ref_llama_bf16.pt"
-    if args.only in ("kl", "all"):
-        if not ref_path.is_file():
-            run([*me, "--target", str(args.model), "--save", str(ref_path)])
-        llama_bf16 = dict(targets).get("llama.cpp bf16")
-        if llama_bf16 is not None and not llama_ref.is_file():
-            run([*me, "--target", str(llama_bf16), "--save", str(llama_ref)])
-    for label, target in targets:
-        row = {"label": label, "bytes": size_of(target), "bpw": 8 * size_of(target) / n_params}
-        if args.only in ("kl", "all") and label != "localglm bf16":
-            refs = f"{ref_path},{llama_ref}" if label.startswith("llama.cpp") and llama_ref.is_file() else f"{ref_path},{ref_path}"
-            r = run([*me, "--target", str(target), "--ref", refs])
-            if r.returncode == 0:
-                row.update(json.loads(r.stdout.strip().splitlines()[-1]))
-        if args.only in ("speed", "all"):
-            engine = "llama.cpp" if str(target).endswith(".gguf") else "localglm"
-            r = run([sys.executable, str(HERE / "bench_generate.py"), "--worker", engine, "--target", str(target),
-                     "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
-                     "--threads", str(args.threads), "--vocab", str(config["vocab_size"])])  # fmt: skip
-            if r.returncode == 0:
-                res = json.loads(r.stdout.strip().splitlines()[-1])
-                row.update(prefill=res["prompt_tok_s"], decode=res["decode_tok_s"], rss=res["peak_rss_bytes"], load_s=res["load_s"])
-        rows.append(row)
-        print(json.dumps(row), file=sys.stderr, flush=True)
-
-    print(f"\n{time.strftime('%Y-%m-%d')}  model={args.model.name} ({n_params / 1e6:.0f}M params)  threads={args.threads}  "
+    model = ensure_model(args.model)
+    rows, n_params = measure(model, args.work, [n for n in args.ours.split(",") if n], [n for n in args.llama.split(",") if n],
+                             args.only, args.threads, args.kl_tokens, args.kl_ctx, args.prompt_tokens, args.new_tokens, args.repeat)  # fmt: skip
+    print(f"\n{time.strftime('%Y-%m-%d')}  model={model.name} ({n_params / 1e6:.0f}M params)  threads={args.threads}  "
           f"KL over {args.kl_tokens} tokens (windows of {args.kl_ctx}); speed: prompt {args.prompt_tokens}, new {args.new_tokens}\n")  # fmt: skip
-    print("| model | bits/weight (file) | file MiB | KL vs localglm bf16 | KL vs own bf16 | top-1 agree | prefill tok/s | decode tok/s | peak RSS GiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        f = lambda k, fmt: (fmt % r[k]) if k in r else "-"  # noqa: E731
-        print(f"| {r['label']} | {r['bpw']:.2f} | {r['bytes'] / 2**20:.0f} | {f('kl', '%.5f')} | {f('kl_own', '%.5f')} | {f('top1', '%.3f')} | "
-              f"{f('prefill', '%.1f')} | {f('decode', '%.1f')} | {(r['rss'] / 2**30) if 'rss' in r else float('nan'):.2f} |")  # fmt: skip
+    print(table(rows))
+    if any(r.get("peer") for r in rows):
+        print()
+        print(ratio_table(rows))
     return 0
 
 
