@@ -15,7 +15,8 @@ dequantizing any type gguf-py can (or, `get_quant`, handing a Q8_0 tensor over a
 dequantizing: the loader does so for Q8_0 experts and for Q8_0 tensors a recipe holds at 8 bits);
 `config_from_gguf` and `tokenizer_from_gguf` rebuild the
 ModelConfig and the tokenizer (byte-level BPE with GLM's split regex, special tokens, template),
-so `localglm.load("model.gguf")` runs the same code as for a safetensors checkpoint.
+so `localglm.load("model.gguf")` runs the same code as for a safetensors checkpoint; `localglm quantize
+FILE.gguf` writes the same as files (`hf_config_from_gguf` -> config.json, `Tokenizer.save`).
 """
 
 from __future__ import annotations
@@ -376,6 +377,11 @@ def _f32(value: Any) -> float:
 
 def config_from_gguf(files: GGUFModelFiles) -> ModelConfig:
     """ModelConfig from glm4moe GGUF metadata (llama.cpp's defaults where a key is optional)."""
+    return ModelConfig.from_dict(hf_config_from_gguf(files), source=f"{files.where} (GGUF metadata)")
+
+
+def hf_config_from_gguf(files: GGUFModelFiles) -> dict[str, Any]:
+    """The Hugging Face config.json (as a dict) that glm4moe GGUF metadata describes; `config_from_gguf` parses it."""
     check_architecture(files)
     meta, where = files.metadata, str(files.where)
     p = f"{ARCH}."
@@ -409,7 +415,8 @@ def config_from_gguf(files: GGUFModelFiles) -> ModelConfig:
     attn = files.tensors.get("blk.0.attn_q.weight")
     dtype_of = {QT.F32: "float32", QT.F16: "float16", QT.BF16: "bfloat16"}
     ids = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
-    raw = {
+    return {
+        "architectures": ["Glm4MoeForCausalLM"],
         "model_type": "glm4_moe",
         "vocab_size": files.tensors["token_embd.weight"].shape[0],
         "hidden_size": hidden,
@@ -439,7 +446,6 @@ def config_from_gguf(files: GGUFModelFiles) -> ModelConfig:
         "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
         "torch_dtype": dtype_of.get(attn.ggml_type if attn else embd_type, "bfloat16"),
     }
-    return ModelConfig.from_dict(raw, source=f"{where} (GGUF metadata)")
 
 
 def tokenizer_from_gguf(files: GGUFModelFiles) -> Tokenizer:

@@ -8,6 +8,12 @@ a hidden sibling directory `.OUT.partial`; the manifest goes in last, then confi
 directory is renamed to OUT. An interrupted run leaves OUT absent (or the old OUT untouched) and a
 partial directory that no loader accepts; re-running removes it and starts over.
 
+SRC may also be a glm4moe GGUF (one file or a split set): its tensors are mapped and read one at a
+time (a stacked expert tensor one expert slice at a time, the three slices of an expert together),
+dequantized through gguf's dequantizers where the recipe quantizes them (Q8_0 held at q8 is taken
+as stored), and config.json, the tokenizer and the chat template are written from its metadata
+exactly as `localglm.load("x.gguf")` builds them.
+
 For `localglm.load(path, experts_bits=4, ...)`, `quant_getter` and `load_quantized_experts` do the
 same per tensor while loading (nothing unquantized is held beyond one tensor / one expert).
 """
@@ -15,6 +21,7 @@ same per tensor while loading (nothing unquantized is held beyond one tensor / o
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import resource
@@ -33,7 +40,7 @@ from quant.gguf_packed import Q8_SPEC
 from quant.recipe import KEEP, Recipe
 
 from .errors import LocalGLMError
-from .gguf_glm4moe import GGUFSource
+from .gguf_glm4moe import GGUFSource, is_gguf_path
 from .quantized_source import FORMAT, MANIFEST, VERSION, QuantizedSource, blob_name, dtype_name, is_quantized_dir
 from .safetensors_io import INDEX_FILE_NAME, SINGLE_FILE_NAME, save_safetensors_sharded
 from .tensor_source import SafetensorsSource
@@ -105,6 +112,16 @@ def _expert_layout(recipe: Recipe, layer: int, hidden: int, inter: int) -> Exper
     return ExpertBlobLayout(hidden, inter, gate_up, down)
 
 
+def _float_for_quant(source: Any, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Tensor `name` to be quantized: a GGUF quantized type dequantized to float32 (its exact values, not
+    rounded to the checkpoint's dtype on the way), anything else as stored."""
+    if isinstance(source, GGUFSource):
+        info = source.info(name)
+        if info.stored_dtype != info.dtype:
+            return source.get(name, dtype=torch.float32, expected_shape=shape)
+    return source.get(name, expected_shape=shape)
+
+
 def _packed_layout(source: Any, recipe: Recipe | None, layer: int, hidden: int, inter: int) -> ExpertBlobLayout | None:
     """The q8 layout when `layer`'s routed experts are GGUF Q8_0 and are to be held at 8 bits (no
     recipe, or one giving them q8): their blocks are then used as they are. None otherwise."""
@@ -140,10 +157,92 @@ class QuantizeResult:
 # (done bytes, total bytes, current tensor name) -> None
 Progress = Callable[[int, int, str], None]
 _AUX_SKIP = {INDEX_FILE_NAME, SINGLE_FILE_NAME, MANIFEST, "config.json"}
+_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # config torch_dtype
 
 
 def partial_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
+
+
+@dataclass
+class _Input:
+    """What the pipeline needs from SRC: the tensors (in reading order) and how to write config/tokenizer."""
+
+    source: Any  # SafetensorsSource or GGUFSource
+    names: list[str]
+    config: dict[str, Any]  # the config.json to write
+    about: dict[str, Any]  # the manifest's "source"
+    write_aux: Callable[[Path], None]  # tokenizer, chat template, generation config, ... into the partial dir
+
+
+def _open_hf(src: Path) -> _Input:
+    try:
+        config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LocalGLMError(f"{src / 'config.json'}: cannot read ({exc.__class__.__name__})") from None
+    source = SafetensorsSource(src)
+    files = {f: i for i, f in enumerate(source.files)}
+    names = sorted(source.names(), key=lambda n: (files.get(source.info(n).file, 0), source.info(n).offsets[0]))
+
+    def write_aux(tmp: Path) -> None:
+        for f in src.iterdir():
+            if f.is_file() and f.name not in _AUX_SKIP and not f.name.endswith(".safetensors"):
+                shutil.copy2(f, tmp / f.name)
+
+    return _Input(source, names, config, {"path": str(src), "dtype": str(config.get("torch_dtype", ""))}, write_aux)
+
+
+def _open_gguf(src: Path) -> _Input:
+    """A glm4moe GGUF (one file or a split set): config and tokenizer from its metadata, as `localglm.load`
+    builds them (errors are the GGUF loader's: one line naming the file), so they fail before anything is written."""
+    import gguf
+
+    from .config import ModelConfig
+    from .gguf_glm4moe import GGUFModelFiles, hf_config_from_gguf, tokenizer_from_gguf
+
+    files = GGUFModelFiles(src)
+    try:
+        config = hf_config_from_gguf(files)
+        ModelConfig.from_dict(config, source=f"{files.where} (GGUF metadata)")
+        tokenizer = tokenizer_from_gguf(files)
+        # Tensors of GGUF quantized types come back in float32 when they are to be quantized (the exact values)
+        # and in the checkpoint's dtype (what the GGUF loader computes in by default) when they are kept in float.
+        source = GGUFSource(files, dequant_dtype=_DTYPE[config["torch_dtype"]])
+    except BaseException:
+        files.close()
+        raise
+    pos = {f.path: i for i, f in enumerate(files.files)}
+
+    def where(gguf_name: str) -> tuple[int, int]:
+        t = files.tensors[gguf_name]
+        return pos[t.file], t.offset
+
+    stacks: dict[str, tuple[int, int]] = {}  # layer -> where its stacked expert tensors begin
+    for name in source.names():
+        m = _EXPERT.fullmatch(name)
+        if m:
+            at = where(source.info(name).gguf_name)
+            stacks[m[1]] = min(stacks.get(m[1], at), at)
+
+    def order(name: str) -> tuple[int, int, int, int]:
+        # File order, except that the three slices of one expert (from three stacked tensors) come together,
+        # so that one expert at a time is in flight.
+        m = _EXPERT.fullmatch(name)
+        if m:
+            return (*stacks[m[1]], int(m[2]), ("gate", "up", "down").index(m[3]))
+        return (*where(source.info(name).gguf_name), 0, 0)
+
+    ftype = files.metadata.get("general.file_type")
+    try:
+        ftype_name = gguf.LlamaFileType(ftype).name
+    except ValueError:
+        ftype_name = str(ftype)
+    about = {"path": str(src), "format": "gguf", "file_type": ftype_name, "parts": len(files.files), "dtype": config["torch_dtype"]}
+
+    def write_aux(tmp: Path) -> None:
+        tokenizer.save(tmp)  # tokenizer.json, tokenizer_config.json, chat_template.jinja
+
+    return _Input(source, sorted(source.names(), key=order), config, about, write_aux)
 
 
 def quantize_checkpoint(
@@ -156,39 +255,52 @@ def quantize_checkpoint(
     progress: Progress | None = None,
     report: bool = False,
 ) -> QuantizeResult:
-    """Quantize the Hugging Face checkpoint at SRC into a localglm quantized directory OUT."""
+    """Quantize the checkpoint at SRC into a localglm quantized directory OUT.
+
+    SRC is a Hugging Face model directory or a glm4moe GGUF file (any part of a split set). From a GGUF,
+    config.json, the tokenizer files and the chat template are written from its metadata; its tensors are
+    dequantized one at a time (routed experts one expert slice at a time) with gguf's dequantizers, except
+    Q8_0 tensors (and Q8_0 experts) the recipe holds at 8 bits, which are taken as stored.
+    """
     src, out = Path(src).expanduser(), Path(out).expanduser()
     recipe = recipe or Recipe()
     t0 = time.perf_counter()
     if not src.exists():
         raise LocalGLMError(f"{src}: no such file or directory")
-    if src.suffix == ".gguf" or src.is_file():
-        raise NotImplementedError(f"{src}: quantizing from GGUF is not implemented yet; run the GGUF directly (localglm generate FILE.gguf)")
-    if is_quantized_dir(src):
-        raise LocalGLMError(f"{src} is already a localglm quantized checkpoint; quantize the original Hugging Face checkpoint")
-    if not (src / "config.json").is_file():
-        raise LocalGLMError(f"{src}: no config.json (expected a Hugging Face model directory)")
+    from_gguf = is_gguf_path(src)
+    if not from_gguf:
+        if not src.is_dir():
+            raise LocalGLMError(f"{src}: expected a Hugging Face model directory or a .gguf file")
+        if is_quantized_dir(src):
+            raise LocalGLMError(f"{src} is already a localglm quantized checkpoint; quantize the original Hugging Face checkpoint")
+        if not (src / "config.json").is_file():
+            raise LocalGLMError(f"{src}: no config.json (expected a Hugging Face model directory)")
     if out.resolve() == src.resolve():
         raise LocalGLMError("OUT must differ from SRC")
     if out.exists() and not overwrite:
         raise LocalGLMError(f"{out} exists; pass --overwrite to replace it")
     if out.exists() and not (is_quantized_dir(out) or (out.is_dir() and not any(out.iterdir()))):
         raise LocalGLMError(f"{out} exists and is not a localglm quantized checkpoint; refusing to replace it")
+    inp = _open_gguf(src) if from_gguf else _open_hf(src)  # a bad SRC fails here, before anything is written
+    with inp.source:
+        return _quantize(inp, src, out, recipe, t0, max_shard_bytes, progress, report)
+
+
+def _quantize(
+    inp: _Input, src: Path, out: Path, recipe: Recipe, t0: float, max_shard_bytes: int, progress: Progress | None, report: bool
+) -> QuantizeResult:
     tmp = partial_dir(out)
     if tmp.exists():
         shutil.rmtree(tmp)  # an earlier run was interrupted: start over
     tmp.mkdir(parents=True)
 
-    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    source = SafetensorsSource(src)
-    files = {f: i for i, f in enumerate(source.files)}
-    names = sorted(source.names(), key=lambda n: (files.get(source.info(n).file, 0), source.info(n).offsets[0]))
+    source, names = inp.source, inp.names
     total = sum(source.info(n).nbytes for n in names)
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
         "recipe": recipe.to_json(),
-        "source": {"path": str(src), "dtype": str(config.get("torch_dtype", ""))},
+        "source": inp.about,
         "tensors": {},
         "experts": {"layouts": {}, "count": {}, "dtype": "bfloat16"},
     }
@@ -197,54 +309,85 @@ def quantize_checkpoint(
     stored: dict[str, list[int]] = {}  # class -> [bytes, params]
     n_params = 0
 
-    def account(cls: str, w: torch.Tensor, deq: Callable[[], torch.Tensor] | None, nbytes: int) -> None:
+    def account(cls: str, numel: int, nbytes: int, pair: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+        """Count `numel` weights stored in `nbytes`; with `report`, pair() = (source values, stored values)."""
         s = stored.setdefault(cls, [0, 0])
         s[0] += nbytes
-        s[1] += w.numel()
-        if report and deq is not None:
+        s[1] += numel
+        if report and pair is not None:
+            w, d = pair()
             wf = w.float()
-            err2[cls] = err2.get(cls, 0.0) + float((deq().float() - wf).pow(2).sum())
+            err2[cls] = err2.get(cls, 0.0) + float((d.float() - wf).pow(2).sum())
             ref2[cls] = ref2.get(cls, 0.0) + float(wf.pow(2).sum())
+
+    def same(qt: QuantTensor) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        """A tensor taken as stored (GGUF Q8_0 as q8): its values are the source's exactly."""
+
+        def pair() -> tuple[torch.Tensor, torch.Tensor]:
+            d = qt.dequantize(torch.float32)
+            return d, d
+
+        return pair
+
+    is_gguf = isinstance(source, GGUFSource)
+    packed_layouts: dict[int, ExpertBlobLayout | None] = {}
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         nonlocal n_params
         done = since_release = 0
-        pending: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        pending: dict[tuple[int, int], dict[str, Any]] = {}
         for name in names:
             info = source.info(name)
-            t = source.get(name)
-            n_params += t.numel()
+            shape = tuple(info.shape)
+            n_params += math.prod(shape)
             cls, layer = classify(name)
             m = _EXPERT.fullmatch(name)
             lay = None
             if m:
-                inter, hidden = (t.shape if m.group(3) != "down" else t.shape[::-1])
-                lay = _expert_layout(recipe, int(m.group(1)), hidden, inter)
+                inter, hidden = (shape if m.group(3) != "down" else shape[::-1])
+                i = int(m.group(1))
+                if i not in packed_layouts:  # GGUF Q8_0 experts the recipe holds at q8: their blocks as they are
+                    packed_layouts[i] = _packed_layout(source, recipe, i, hidden, inter)
+                lay = packed_layouts[i] or _expert_layout(recipe, i, hidden, inter)
             if m and lay is not None:
                 key = (int(m.group(1)), int(m.group(2)))
+                packed = packed_layouts[key[0]] is not None
                 parts = pending.setdefault(key, {})
-                parts[m.group(3)] = t
+                parts[m.group(3)] = source.get_quant(name, expected_shape=shape) if packed else _float_for_quant(source, name)
                 if len(parts) == 3:
                     del pending[key]
-                    blob = quantize_expert(lay, parts["gate"], parts["up"], parts["down"])
+                    if packed:
+                        gu_q = QuantTensor.cat_rows([parts["gate"], parts["up"]])
+                        blob = lay.pack(gu_q, parts["down"])
+                    else:
+                        blob = quantize_expert(lay, parts["gate"], parts["up"], parts["down"])
                     manifest["experts"]["layouts"][str(key[0])] = lay.to_json()
                     cnt = manifest["experts"]["count"]
                     cnt[str(key[0])] = max(cnt.get(str(key[0]), 0), key[1] + 1)
-                    manifest["experts"]["dtype"] = dtype_name(t.dtype) if t.dtype.is_floating_point else "bfloat16"
+                    manifest["experts"]["dtype"] = dtype_name(info.dtype) if info.dtype.is_floating_point else "bfloat16"
                     gu, dn = lay.unpack(blob, torch.float32)
-                    w_gu = torch.cat([parts["gate"], parts["up"]], 0) if report else parts["gate"].expand(2, -1, -1)
-                    account("experts", w_gu, gu.dequantize, gu.nbytes)
-                    account("experts", parts["down"], dn.dequantize, dn.nbytes)
+                    if packed:
+                        account("experts", 2 * inter * hidden, gu.nbytes, same(gu))
+                        account("experts", inter * hidden, dn.nbytes, same(dn))
+                    else:
+                        account("experts", 2 * inter * hidden, gu.nbytes, lambda: (torch.cat([parts["gate"], parts["up"]], 0), gu.dequantize()))
+                        account("experts", inter * hidden, dn.nbytes, lambda: (parts["down"], dn.dequantize()))
                     yield blob_name(*key), blob
             else:
-                spec = fit_spec(recipe.spec_for(name, classify), tuple(t.shape))
+                spec = fit_spec(recipe.spec_for(name, classify), shape)
                 if spec is not None:
-                    qt = QuantTensor.quantize(t, spec)
-                    manifest["tensors"][name] = {"spec": spec.name, "shape": list(t.shape), "dtype": dtype_name(t.dtype)}
-                    account(cls or "other", t, qt.dequantize, qt.nbytes)
+                    manifest["tensors"][name] = {"spec": spec.name, "shape": list(shape), "dtype": dtype_name(info.dtype)}
+                    if is_gguf and source.packed_spec(name) == spec:  # GGUF Q8_0 held at q8: taken as stored
+                        qt = source.get_quant(name, expected_shape=shape)
+                        account(cls or "other", math.prod(shape), qt.nbytes, same(qt))
+                    else:
+                        t = _float_for_quant(source, name)
+                        qt = QuantTensor.quantize(t, spec)
+                        account(cls or "other", t.numel(), qt.nbytes, lambda: (t, qt.dequantize()))
                     yield name, qt.buf
                 else:
-                    account(cls or "other", t, None, t.numel() * t.element_size())
+                    t = source.get(name)  # kept in float: as stored (a GGUF quantized type: in the checkpoint's dtype)
+                    account(cls or "other", t.numel(), t.numel() * t.element_size())
                     yield name, t
             done += info.nbytes
             since_release += info.nbytes
@@ -257,17 +400,18 @@ def quantize_checkpoint(
             (layer, e), parts = next(iter(pending.items()))
             raise LocalGLMError(f"{src}: expert {e} of layer {layer} lacks {', '.join(sorted({'gate', 'up', 'down'} - set(parts)))}")
 
-    with source:
-        written = save_safetensors_sharded(tensors(), tmp, max_shard_bytes, metadata={"localglm": FORMAT})
-    for f in src.iterdir():  # tokenizer, chat template, generation config, ...
-        if f.is_file() and f.name not in _AUX_SKIP and not f.name.endswith(".safetensors"):
-            shutil.copy2(f, tmp / f.name)
+    save_safetensors_sharded(tensors(), tmp, max_shard_bytes, metadata={"localglm": FORMAT})
+    inp.write_aux(tmp)  # tokenizer, chat template, generation config, ...
     manifest["stats"] = {
         "class_bits_per_weight": {c: 8 * b / max(1, n) for c, (b, n) in stored.items()},
         "class_relative_error": {c: (err2[c] / ref2[c]) ** 0.5 for c in err2 if ref2.get(c)},
     }
     _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    shutil.copy2(src / "config.json", tmp / "config.json")  # last: without it nothing loads the directory
+    # config.json last: without it nothing loads the directory
+    if is_gguf:
+        _write_atomic(tmp / "config.json", json.dumps(inp.config, indent=2) + "\n")
+    else:
+        shutil.copy2(src / "config.json", tmp / "config.json")
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -332,7 +476,7 @@ def quant_getter(
             if spec is not None and isinstance(source, GGUFSource) and source.packed_spec(name) == spec:
                 return source.get_quant(name, dtype, shape).to(dev)  # GGUF Q8_0 as stored: no requantizing
             if spec is not None:
-                t = source.get(name, expected_shape=shape)
+                t = _float_for_quant(source, name, shape)
                 return QuantTensor.quantize(t, spec, dtype=dtype).to(dev)
         return plain(name, shape)
 
@@ -400,7 +544,7 @@ def load_quantized_experts(
                 g, u, d = (source.get_quant(nm, dtype, s) for nm, s in zip(expert_tensor_names(i, e), shapes))
                 buf[e].copy_(lay.pack(QuantTensor.cat_rows([g, u]), d))
             else:
-                g, u, d = (source.get(nm, expected_shape=s) for nm, s in zip(expert_tensor_names(i, e), shapes))
+                g, u, d = (_float_for_quant(source, nm, s) for nm, s in zip(expert_tensor_names(i, e), shapes))
                 buf[e].copy_(quantize_expert(lay, g, u, d))
         layouts[i] = lay
         blobs[i] = buf.to(dev)

@@ -132,6 +132,26 @@ class Tokenizer:
             return cls(backend, config=config, chat_templates=templates, source=f"{folder} (override template)")
         return cls(backend, config=config, chat_templates=templates, source=str(folder))
 
+    def save(self, folder: str | Path) -> list[Path]:
+        """Write tokenizer.json, tokenizer_config.json and the chat template(s) (chat_template.jinja,
+        additional_chat_templates/NAME.jinja) into `folder`, so that `from_dir(folder)` gives this tokenizer back."""
+        folder = Path(folder)
+        written = [folder / TOKENIZER_FILE, folder / CONFIG_FILE]
+        try:
+            self._backend.save(str(written[0]), pretty=True)
+            config = {k: v for k, v in self._config.items() if k != "chat_template"}  # the template files say it
+            written[1].write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            for name, text in self._template_sources.items():
+                if not name or name.startswith(".") or any(c in name for c in "/\\:"):
+                    raise TokenizerError(f"{self.source}: chat template name {name!r} cannot be a file name")
+                path = folder / TEMPLATE_FILE if name == "default" else folder / TEMPLATE_DIR / f"{name}.jinja"
+                path.parent.mkdir(exist_ok=True)
+                path.write_text(text, encoding="utf-8")
+                written.append(path)
+        except OSError as exc:
+            raise TokenizerError(f"{folder}: cannot write the tokenizer ({exc.strerror or exc})") from None
+        return written
+
     @staticmethod
     def _read_text(path: Path) -> str:
         try:

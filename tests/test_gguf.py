@@ -16,9 +16,12 @@ from gguf import GGMLQuantizationType as QT
 import localglm
 from localglm import gguf_glm4moe
 from localglm.cli import main
-from localglm.errors import CheckpointError
+from localglm.config import ModelConfig
+from localglm.errors import CheckpointError, LocalGLMError
 from localglm.experts import InMemoryExperts, QuantizedExperts
 from localglm.gguf_glm4moe import GGUFSource, export_gguf
+from localglm.quantize import partial_dir, quantize_checkpoint
+from localglm.quantized_source import MANIFEST, QuantizedSource
 from localglm.safetensors_io import save_safetensors_sharded
 from localglm.tensor_source import SafetensorsSource
 from localglm.tiny import TinySpec, make_tiny
@@ -277,14 +280,10 @@ def test_load_f32_gguf_gives_the_same_model(exports: dict[str, Path], reference:
     assert events[-1].token_ids == ref_events[-1].token_ids
 
 
-@pytest.mark.parametrize("kind", ("f16", "bf16", "q8_0", "q4_0"))
-def test_load_quantized_gguf_equals_its_rounded_weights(
-    kind: str, exports: dict[str, Path], tiny_fp32_dir: Path, reference: localglm.Model, tmp_path: Path
-) -> None:
-    """Logits from the GGUF equal those of a safetensors checkpoint holding the same rounded weights."""
-    rounded = tmp_path / "rounded"
-    shutil.copytree(tiny_fp32_dir, rounded, ignore=shutil.ignore_patterns("model*"))
-    with SafetensorsSource(tiny_fp32_dir) as hub:
+def _rounded_checkpoint(src: Path, out: Path, kind: str) -> Path:
+    """A safetensors copy of `src` (float32) whose weights are what an export as `kind` stores, read back."""
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("model*"))
+    with SafetensorsSource(src) as hub:
         def weights():
             for name in hub.names():
                 w = hub.get(name).clone()
@@ -294,7 +293,16 @@ def test_load_quantized_gguf_equals_its_rounded_weights(
                     qt = QT.Q8_0
                 yield name, _round(w, qt)
 
-        save_safetensors_sharded(weights(), rounded)
+        save_safetensors_sharded(weights(), out)
+    return out
+
+
+@pytest.mark.parametrize("kind", ("f16", "bf16", "q8_0", "q4_0"))
+def test_load_quantized_gguf_equals_its_rounded_weights(
+    kind: str, exports: dict[str, Path], tiny_fp32_dir: Path, reference: localglm.Model, tmp_path: Path
+) -> None:
+    """Logits from the GGUF equal those of a safetensors checkpoint holding the same rounded weights."""
+    rounded = _rounded_checkpoint(tiny_fp32_dir, tmp_path / "rounded", kind)
     m = localglm.load(exports[kind], dtype="float32")
     ref = localglm.load(rounded, dtype="float32")
     if kind == "q8_0":
@@ -409,8 +417,7 @@ def test_truncated_gguf(exports: dict[str, Path], tmp_path: Path) -> None:
     assert "needs bytes up to" in msg
 
 
-def test_gguf_of_another_architecture(tmp_path: Path) -> None:
-    p = tmp_path / "llama.gguf"
+def _llama_gguf(p: Path) -> Path:
     w = gguf.GGUFWriter(p, "llama")
     w.add_block_count(1)
     w.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
@@ -418,7 +425,11 @@ def test_gguf_of_another_architecture(tmp_path: Path) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    _one_line_error(p, "architecture 'llama'")
+    return p
+
+
+def test_gguf_of_another_architecture(tmp_path: Path) -> None:
+    _one_line_error(_llama_gguf(tmp_path / "llama.gguf"), "architecture 'llama'")
 
 
 def test_missing_split_part(tiny_fp32_dir: Path, tmp_path: Path) -> None:
@@ -453,3 +464,150 @@ def test_gguf_source_is_a_tensor_source(exports: dict[str, Path]) -> None:
         assert src.get(name).dtype == torch.float16 and name in src and "nope" not in src
         assert info.nbytes == 32 * 64 // 32 * 34  # one expert's Q8_0 blocks
         src.release_pages()
+
+
+# --------------------------------------------------------------------------------------------
+# localglm quantize FILE.gguf
+# --------------------------------------------------------------------------------------------
+
+Q4 = Recipe.from_options({"experts": 4})
+
+
+@pytest.fixture(scope="module")
+def hf_q4(tiny_fp32_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The checkpoint itself quantized with Q4: what quantizing its GGUFs is compared with."""
+    return quantize_checkpoint(tiny_fp32_dir, tmp_path_factory.mktemp("hfq4") / "q4", Q4).out
+
+
+def _stored(d: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a quantized directory as stored (float ones in float32, to compare values across dtypes)."""
+    with SafetensorsSource(d) as s:
+        return {n: (t.float() if t.is_floating_point() else t.clone()) for n in s.names() for t in [s.get(n)]}
+
+
+def _assert_same_stored(a: Path, b: Path) -> None:
+    sa, sb = _stored(a), _stored(b)
+    assert set(sa) == set(sb)
+    for name, t in sa.items():
+        assert torch.equal(t, sb[name]), name
+
+
+def test_quantize_f32_gguf_equals_quantizing_the_checkpoint(
+    exports: dict[str, Path], tiny_fp32_dir: Path, hf_q4: Path, reference: localglm.Model, tmp_path: Path, one_thread: None
+) -> None:
+    """An F32 GGUF holds the checkpoint's values: quantizing it stores exactly what quantizing the checkpoint does,
+    with config, tokenizer and chat template written from the GGUF metadata."""
+    seen: list[tuple[int, int, str]] = []
+    res = quantize_checkpoint(exports["f32"], tmp_path / "q", Q4, progress=lambda d, t, n: seen.append((d, t, n)))
+    out = res.out
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["chat_template.jinja", "config.json", MANIFEST, "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    )
+    with SafetensorsSource(out) as s, SafetensorsSource(hf_q4) as h:
+        assert s.names() == h.names()
+        for name in h.names():
+            a, b = s.get(name), h.get(name)
+            assert a.dtype == b.dtype and torch.equal(a, b), name
+    man = json.loads((out / MANIFEST).read_text())
+    assert man["source"] == {"path": str(exports["f32"]), "format": "gguf", "file_type": "ALL_F32", "parts": 1, "dtype": "float32"}
+    hman = json.loads((hf_q4 / MANIFEST).read_text())
+    assert man["recipe"] == hman["recipe"] and man["tensors"] == hman["tensors"] and man["experts"] == hman["experts"]
+    assert ModelConfig.from_file(out) == ModelConfig.from_file(tiny_fp32_dir)
+    # progress: bytes of the GGUF's tensors; the three slices of each expert one after another
+    files = GGUFModelFiles(exports["f32"])
+    total = sum(t.nbytes for t in files.tensors.values())
+    files.close()
+    assert res.source_bytes == total and all(t == total for _, t, _ in seen) and seen[-1][0] == total
+    assert [d for d, _, _ in seen] == sorted(d for d, _, _ in seen)
+    experts = [n for _, _, n in seen if ".mlp.experts." in n]
+    for i in range(0, len(experts), 3):
+        assert [n.rsplit(".", 2)[1] for n in experts[i : i + 3]] == ["gate_proj", "up_proj", "down_proj"], experts[i]
+        assert len({n.rsplit(".", 2)[0] for n in experts[i : i + 3]}) == 1
+    # the model: the same logits; the tokenizer and template: the GGUF's, which are the original's
+    m = localglm.load(out)
+    assert torch.equal(m.logits(IDS), localglm.load(hf_q4).logits(IDS))
+    t0, t1 = reference.tokenizer, m.tokenizer
+    text = corpus_text(60_000) + " héllo wörld 中文 🚀 <|user|>x[gMASK]<sop><think>"
+    assert t1.encode(text) == t0.encode(text)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    assert t1.apply_chat_template(msgs) == t0.apply_chat_template(msgs) and t1.chat_template == t0.chat_template
+    assert t1.stop_token_ids == t0.stop_token_ids and t1.special_tokens_map == t0.special_tokens_map
+    assert t1.special_token_ids == t0.special_token_ids and t1.format == t0.format
+    assert isinstance(m.generate_text("hello", max_new_tokens=4, temperature=0, ignore_eos=True), str)
+
+
+@pytest.mark.parametrize("kind", ("f16", "bf16"))
+def test_quantize_f16_gguf_equals_quantizing_its_rounded_weights(
+    kind: str, exports: dict[str, Path], tiny_fp32_dir: Path, hf_q4: Path, tmp_path: Path, one_thread: None
+) -> None:
+    """From an F16/BF16 GGUF: every stored value equals quantizing the checkpoint rounded to that type
+    (float tensors stay in the GGUF's type), so the logits are the same; close to the unrounded model's."""
+    out = quantize_checkpoint(exports[kind], tmp_path / "q", Q4).out
+    rounded = quantize_checkpoint(_rounded_checkpoint(tiny_fp32_dir, tmp_path / "rounded", kind), tmp_path / "rq", Q4).out
+    _assert_same_stored(out, rounded)
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == {"f16": "float16", "bf16": "bfloat16"}[kind]
+    a = localglm.load(out, dtype="float32").logits(IDS)
+    assert torch.equal(a, localglm.load(rounded, dtype="float32").logits(IDS))
+    assert torch.nn.functional.cosine_similarity(a, localglm.load(hf_q4).logits(IDS), dim=-1).min() > 0.99
+
+
+def test_quantize_q8_0_gguf_takes_q8_0_packed(exports: dict[str, Path], hf_q4: Path, tmp_path: Path, one_thread: None) -> None:
+    """Q8_0 tensors the recipe holds at q8 are stored as the GGUF has them (values exact); 4-bit experts are
+    quantized from the dequantized Q8_0 values, as quantizing while loading the GGUF does."""
+    gg = exports["q8_0"]
+    out = quantize_checkpoint(gg, tmp_path / "q4", Q4).out
+    man = json.loads((out / MANIFEST).read_text())
+    assert man["source"]["file_type"] == "MOSTLY_Q8_0" and man["experts"]["layouts"]["1"]["gate_up"] == "q4"
+    assert man["tensors"]["model.layers.0.self_attn.q_proj.weight"]["spec"] == "q8"
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"  # as localglm.load(gguf) computes
+    files = GGUFModelFiles(gg)
+    with QuantizedSource(out) as qs:
+        for hub, name in (("model.layers.0.self_attn.q_proj.weight", "blk.0.attn_q.weight"), ("lm_head.weight", "output.weight"),
+                          ("model.embed_tokens.weight", "token_embd.weight"), ("model.layers.0.mlp.down_proj.weight", "blk.0.ffn_down.weight")):  # fmt: skip
+            assert torch.equal(qs.get_quant(hub).dequantize(torch.float32), _gguf_values(files, name)), hub
+    m = localglm.load(out, dtype="float32")
+    assert torch.equal(m.logits(IDS), localglm.load(gg, dtype="float32", experts_bits=4).logits(IDS))
+    assert torch.nn.functional.cosine_similarity(m.logits(IDS), localglm.load(hf_q4, dtype="float32").logits(IDS), dim=-1).min() > 0.99
+    assert isinstance(localglm.load(out).generate_text("hello", max_new_tokens=4, temperature=0, ignore_eos=True), str)
+    # experts at 8 bits: Q8_0 expert blocks become the blobs as they are; nothing differs from the GGUF
+    res = quantize_checkpoint(gg, tmp_path / "q8", Recipe.from_options({"experts": 8}), report=True)
+    assert set(res.class_error) >= {"experts", "attn", "embed", "lm_head"} and not any(res.class_error.values())
+    with QuantizedSource(res.out) as qs:
+        lay = qs.expert_layout(2)
+        gu, dn = lay.unpack(qs.expert_blob(2, 5), torch.float32)
+        want = torch.cat([_gguf_values(files, f"blk.2.ffn_{p}_exps.weight", 5) for p in ("gate", "up")])
+        assert torch.equal(gu.dequantize(), want) and torch.equal(dn.dequantize(), _gguf_values(files, "blk.2.ffn_down_exps.weight", 5))
+    files.close()
+    # quantize-while-loading with save_quantized works from a GGUF too
+    saved = tmp_path / "saved"
+    assert localglm.load(gg, experts_bits=4, save_quantized=saved).path == saved
+    assert json.loads((saved / MANIFEST).read_text())["source"]["path"] == str(gg)
+
+
+def test_quantize_split_gguf(tiny_fp32_dir: Path, hf_q4: Path, tmp_path: Path, one_thread: None) -> None:
+    parts = export_gguf(tiny_fp32_dir, tmp_path / "split.gguf", "f32", split_max_size=300_000)
+    assert len(parts) >= 3
+    out = quantize_checkpoint(parts[0], tmp_path / "q", Q4).out
+    assert json.loads((out / MANIFEST).read_text())["source"]["parts"] == len(parts)
+    _assert_same_stored(out, hf_q4)
+    assert (out / "tokenizer.json").is_file() and (out / "chat_template.jinja").is_file()
+
+
+def test_quantize_bad_gguf_gives_one_line_errors_and_writes_nothing(
+    exports: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = exports["q8_0"].read_bytes()
+    (tmp_path / "tail.gguf").write_bytes(data[:-1000])  # tensor data cut short
+    (tmp_path / "head.gguf").write_bytes(data[:5000])  # inside the token list
+    _llama_gguf(tmp_path / "llama.gguf")
+    for name, match in (("tail.gguf", "truncated GGUF (tensor output.weight"), ("head.gguf", "truncated"), ("llama.gguf", "architecture 'llama'")):
+        src, out = tmp_path / name, tmp_path / "out"
+        with pytest.raises(LocalGLMError) as exc:
+            quantize_checkpoint(src, out, Q4)
+        msg = str(exc.value)
+        assert "\n" not in msg and str(src) in msg and match in msg, msg
+        assert not out.exists() and not partial_dir(out).exists()
+        assert main(["quantize", str(src), str(out), "-q"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("localglm: error:") and match in err and "\n" not in err
+        assert not out.exists() and not partial_dir(out).exists()

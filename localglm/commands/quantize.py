@@ -2,6 +2,7 @@
 
     localglm quantize ~/models/GLM-4.5-Air ~/models/GLM-4.5-Air-q4 --experts 4 --attn 8
     localglm quantize SRC OUT --experts 2 --layers 0-3:experts=4 --report
+    localglm quantize GLM-4.5-Air-Q4_K_M-00001-of-00002.gguf ~/models/air-q4 --experts 4
     localglm generate ~/models/GLM-4.5-Air --experts 4 --save-quantized ~/models/air-q4 -p "Hi"
 """
 
@@ -14,10 +15,12 @@ from typing import Any
 from ..errors import LocalGLMError
 
 DESCRIPTION = """\
-Quantize a GLM-4.x MoE checkpoint (Hugging Face layout) into a localglm quantized directory:
-routed experts as one contiguous blob each, other weights per the recipe, a manifest, config,
-tokenizer and template copied. Streams shard by shard (peak memory about one output shard plus the
-tensors in flight). An interrupted run leaves OUT absent; re-running starts over cleanly.
+Quantize a GLM-4.x MoE checkpoint (Hugging Face layout, or a glm4moe GGUF file) into a localglm
+quantized directory: routed experts as one contiguous blob each, other weights per the recipe, a
+manifest, config, tokenizer and template copied (from a GGUF: written from its metadata). Streams
+shard by shard (peak memory about one output shard plus the tensors in flight). GGUF K-/I-quants are
+dequantized tensor by tensor (experts one at a time) and re-quantized; Q8_0 held at 8 bits is taken
+as stored. An interrupted run leaves OUT absent; re-running starts over cleanly.
 """
 EPILOG = """\
 bits: 2, 4, 8, or 16 (= keep the checkpoint's float weights). Formats: q8 = int8, groups of 32, fp16 scales (8.53 bpw),
@@ -72,7 +75,7 @@ def register(sub: Any) -> None:
         "quantize", help="quantize a checkpoint to 2/4/8-bit (localglm format)", description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    p.add_argument("src", help="Hugging Face model directory")
+    p.add_argument("src", help="Hugging Face model directory, or a .gguf file (of a split set: any part)")
     p.add_argument("out", help="output directory")
     add_recipe_options(p)
     p.add_argument("--max-shard-size", default="256M", help="output shard size (default 256M)")
