@@ -155,8 +155,7 @@ class QuantizedExperts:
         native = self._native_layers.get(layer)
         if native is not None and x.shape[0] <= NATIVE_MAX_ROWS:
             gu, dn, inter = native
-            y = self.native.moe(gu, dn, inter, x.float().contiguous(), expert_ids.to(torch.int64).contiguous(), expert_weights.float().contiguous())
-            return y.to(x.dtype)
+            return self.native.moe(gu, dn, inter, x, expert_ids, expert_weights).to(x.dtype)
         experts = self.prepared[layer]
         return combine_experts(x, expert_ids, expert_weights, lambda e, xs: experts[e](xs))
 

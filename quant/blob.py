@@ -84,7 +84,8 @@ class PreparedExpert:
 
     On the CPU with the native kernels built, the expert runs as `quant.native.NativeExpert` (the
     same arithmetic as a whole MoE layer through the native kernel); elsewhere through each part's
-    `QuantTensor.matmul`, with the SiLU product in fp32 on the CPU."""
+    `QuantTensor.matmul`. On the CPU the result is fp32 (callers sum a token's experts in fp32, as
+    the MoE kernel does), elsewhere x's dtype."""
 
     def __init__(self, lay: ExpertBlobLayout, blob: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> None:
         from .native import NativeExpert, NativeLib, native_lib
@@ -103,7 +104,7 @@ class PreparedExpert:
     def _matmuls(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float() if x.device.type == "cpu" else x
         gate, up = self.gate_up.matmul(xf).chunk(2, dim=-1)
-        return self.down.matmul(F.silu(gate) * up).to(x.dtype)
+        return self.down.matmul(F.silu(gate) * up)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self._run(x)

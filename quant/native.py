@@ -90,9 +90,9 @@ class NativeLib:
         self.path = path
         self._lib = ctypes.CDLL(str(path))
         p, i = ctypes.c_void_p, ctypes.c_int
-        self._lib.lg_linear.argtypes = [ctypes.POINTER(_QTensor), i, p, p, p, i]
+        self._lib.lg_linear.argtypes = [ctypes.POINTER(_QTensor), i, p, i, p, p, i, i]
         self._lib.lg_linear.restype = i
-        self._lib.lg_moe.argtypes = [i, i, i, p, i, p, p, ctypes.POINTER(_QTensor), ctypes.POINTER(_QTensor), i, p, i]
+        self._lib.lg_moe.argtypes = [i, i, i, p, i, i, p, p, ctypes.POINTER(_QTensor), ctypes.POINTER(_QTensor), i, p, i]
         self._lib.lg_moe.restype = i
         self._lib.lg_dequant.argtypes = [ctypes.POINTER(_QTensor), p, i]
         self._lib.lg_dequant.restype = None
@@ -114,11 +114,11 @@ class NativeLib:
         return _QTensor(qt.section("rowf").data_ptr(), qt.section("data").data_ptr(), gs, gm, qt.spec.bits, qt.spec.group, n, k)
 
     def linear(self, desc: _QTensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x [T, K] float32 contiguous -> x @ W.T (+ bias) [T, N] float32."""
-        t = x.shape[0]
-        y = torch.empty(t, desc.n, dtype=torch.float32)
-        b = None if bias is None else bias.float().contiguous()
-        rc = self._lib.lg_linear(ctypes.byref(desc), t, x.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(), torch.get_num_threads())
+        """x [T, K] (fp32 or bf16; others computed in fp32) -> x @ W.T (+ fp32 bias) [T, N], x's dtype."""
+        x = _io(x)
+        y = torch.empty(x.shape[0], desc.n, dtype=x.dtype)
+        code = _DTYPES[x.dtype]
+        rc = self._lib.lg_linear(ctypes.byref(desc), x.shape[0], x.data_ptr(), code, None if bias is None else bias.data_ptr(), y.data_ptr(), code, torch.get_num_threads())
         if rc:
             raise MemoryError("native linear kernel: out of memory")
         return y
@@ -130,15 +130,28 @@ class NativeLib:
         return out
 
     def moe(self, gate_up: ctypes.Array, down: ctypes.Array, inter: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """One MoE layer's routed experts; x [T, H] float32, ids int64 / weights float32 [T, k] contiguous."""
+        """One MoE layer's routed experts: x [T, H] (fp32 or bf16), ids int64 / weights fp32 [T, k] -> [T, H] in x's dtype."""
+        x = _io(x)
+        ids = ids.to(torch.int64).contiguous()
+        weights = weights.to(torch.float32).contiguous()
         t, h = x.shape
-        out = torch.empty(t, h, dtype=torch.float32)
-        rc = self._lib.lg_moe(t, h, inter, x.data_ptr(), ids.shape[1], ids.data_ptr(), weights.data_ptr(), gate_up, down, len(gate_up), out.data_ptr(), torch.get_num_threads())
+        out = torch.empty(t, h, dtype=x.dtype)
+        rc = self._lib.lg_moe(t, h, inter, x.data_ptr(), _DTYPES[x.dtype], ids.shape[1], ids.data_ptr(), weights.data_ptr(), gate_up, down, len(gate_up), out.data_ptr(), torch.get_num_threads())
         if rc == -2:
             raise IndexError(f"expert id outside [0, {len(gate_up)})")
         if rc:
             raise MemoryError("native MoE kernel: out of memory")
         return out
+
+
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernels read and write these directly
+
+
+def _io(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernels take it: fp32 or bf16, contiguous, on the CPU."""
+    if x.dtype not in _DTYPES:
+        x = x.float()
+    return x if x.is_contiguous() else x.contiguous()
 
 
 NATIVE_MAX_ROWS = 32  # above this many rows a dequantized fp32 GEMM (MKL) beats per-row integer dots (measured)
@@ -151,14 +164,21 @@ class NativeLinear:
     def __init__(self, lib: NativeLib, qt: QuantTensor) -> None:
         self.lib, self.qt = lib, qt
         self.desc = lib.describe(qt)
+        self._bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (the caller's bias, its fp32 copy)
+
+    def _fp32_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        if self._bias is None or self._bias[0] is not bias:
+            self._bias = (bias, bias.float().contiguous())
+        return self._bias[1]
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        b = None if bias is None else self._fp32_bias(bias)
         if x2.shape[0] <= NATIVE_MAX_ROWS:
-            y = self.lib.linear(self.desc, x2.float().contiguous(), bias)
+            y = self.lib.linear(self.desc, x2, b)
         else:
-            y = torch.nn.functional.linear(x2.float(), self.lib.dequantize(self.desc), None if bias is None else bias.float())
+            y = torch.nn.functional.linear(x2.float(), self.lib.dequantize(self.desc), b)
         return y.to(x.dtype).view(*shape[:-1], y.shape[-1])
 
 
@@ -175,14 +195,13 @@ class NativeExpert:
         self.inter = down.shape[1]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float().contiguous()
         if x.shape[0] > NATIVE_MAX_ROWS:
-            gate, up = torch.nn.functional.linear(xf, self.lib.dequantize(self.gu[0])).chunk(2, dim=-1)
+            gate, up = torch.nn.functional.linear(x.float(), self.lib.dequantize(self.gu[0])).chunk(2, dim=-1)
             y = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, self.lib.dequantize(self.dn[0]))
-        else:
+        else:  # fp32 out: the caller sums experts in fp32, as the MoE kernel does inside
             ones = torch.ones(x.shape[0], 1)
-            y = self.lib.moe(self.gu, self.dn, self.inter, xf, torch.zeros(x.shape[0], 1, dtype=torch.int64), ones)
-        return y.to(x.dtype)
+            y = self.lib.moe(self.gu, self.dn, self.inter, x.float(), torch.zeros(x.shape[0], 1, dtype=torch.int64), ones)
+        return y
 
 
 @functools.cache

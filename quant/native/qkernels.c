@@ -64,6 +64,36 @@ static inline float half_to_float(uint16_t h) {
 #endif
 }
 
+/* Activations and results are fp32 (dtype 0) or bf16 (dtype 1, converted here as torch does:
+ * round to nearest even), so the caller needs no conversion ops around a call. */
+static inline float bf16_to_float(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static void load_row(const void *src, int dtype, size_t offset, int k, float *dst) {
+    if (dtype == 1) {
+        const uint16_t *h = (const uint16_t *)src + offset;
+        for (int i = 0; i < k; i++) dst[i] = bf16_to_float(h[i]);
+    } else {
+        memcpy(dst, (const float *)src + offset, (size_t)k * sizeof(float));
+    }
+}
+
+static inline void store(void *dst, int dtype, size_t i, float v) {
+    if (dtype == 1) ((uint16_t *)dst)[i] = float_to_bf16(v);
+    else ((float *)dst)[i] = v;
+}
+
 int lg_has_avx2(void) {
 #ifdef __AVX2__
     return 1;
@@ -220,21 +250,28 @@ static void qact_free(qact *a) {
 
 #define QROW(a, r, k) ((a)->q + (size_t)(r) * (k)), ((a)->d + (size_t)(r) * ((k) / QB)), ((a)->s + (size_t)(r) * ((k) / QB))
 
-/* y[t, n] = x[t] . w[n] (+ bias[n]) for t < T: a quantized linear layer. Returns 0, or -1 when out of memory. */
-int lg_linear(const lg_qtensor *w, int T, const float *x, const float *bias, float *y, int nth) {
+/* y[t, n] = x[t] . w[n] (+ bias[n]) for t < T: a quantized linear layer; x and y of dtype 0 (fp32)
+ * or 1 (bf16), bias fp32. Returns 0, or -1 when out of memory. */
+int lg_linear(const lg_qtensor *w, int T, const void *x, int x_dtype, const float *bias, void *y, int y_dtype, int nth) {
     const int K = w->k, N = w->n;
     qact a;
-    if (!qact_alloc(&a, T, K)) {
+    float *row = malloc((size_t)K * sizeof(float));
+    if (!row || !qact_alloc(&a, T, K)) {
+        free(row);
         qact_free(&a);
         return -1;
     }
-    for (int t = 0; t < T; t++) quantize_row(x + (size_t)t * K, K, w->bits, QROW(&a, t, K));
+    for (int t = 0; t < T; t++) {
+        load_row(x, x_dtype, (size_t)t * K, K, row);
+        quantize_row(row, K, w->bits, QROW(&a, t, K));
+    }
     const int par = nth > 1 && (size_t)N * K * T >= (1u << 16);
 #pragma omp parallel for num_threads(nth) schedule(static) if (par)
     for (int n = 0; n < N; n++) {
         const float b = bias ? bias[n] : 0.0f;
-        for (int t = 0; t < T; t++) y[(size_t)t * N + n] = dot_row(w, n, QROW(&a, t, K)) + b;
+        for (int t = 0; t < T; t++) store(y, y_dtype, (size_t)t * N + n, dot_row(w, n, QROW(&a, t, K)) + b);
     }
+    free(row);
     qact_free(&a);
     return 0;
 }
@@ -243,20 +280,22 @@ static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
 /* One MoE layer's routed experts: out[t] = sum_j wts[t,j] * down_e(silu(gate_e(x_t)) * up_e(x_t)),
  * e = ids[t,j]. gate_up[e] is [2I, H] (gate rows then up rows), down[e] is [H, I], all experts of a
- * layer in the same format. Pairs are grouped by expert so each weight row is read once per call.
- * Returns 0, -1 when out of memory, -2 for an expert id outside [0, E). */
-int lg_moe(int T, int H, int I, const float *x, int k, const int64_t *ids, const float *wts,
-           const lg_qtensor *gate_up, const lg_qtensor *down, int E, float *out, int nth) {
+ * layer in the same format. Pairs are grouped by expert so each weight row is read once per call;
+ * the sum over a token's experts runs in fp32, in expert order. x and out share `dtype` (0 fp32,
+ * 1 bf16). Returns 0, -1 when out of memory, -2 for an expert id outside [0, E). */
+int lg_moe(int T, int H, int I, const void *x, int dtype, int k, const int64_t *ids, const float *wts,
+           const lg_qtensor *gate_up, const lg_qtensor *down, int E, void *out, int nth) {
     const int P = T * k, I2 = 2 * I;
     for (int p = 0; p < P; p++)
         if (ids[p] < 0 || ids[p] >= E) return -2;
     int *cnt = calloc((size_t)E + 1, sizeof(int)), *order = malloc((size_t)P * sizeof(int));
     int *seg_e = malloc((size_t)P * sizeof(int)), *seg_start = malloc(((size_t)P + 1) * sizeof(int));
-    float *h1 = malloc((size_t)P * I2 * sizeof(float));
+    float *h1 = malloc((size_t)P * I2 * sizeof(float)), *y = malloc((size_t)P * H * sizeof(float));
+    float *xf = malloc((size_t)T * H * sizeof(float));
     qact xa, ha;
-    const int ok = cnt && order && seg_e && seg_start && h1 && qact_alloc(&xa, T, H) && qact_alloc(&ha, P, I);
+    const int ok = cnt && order && seg_e && seg_start && h1 && y && xf && qact_alloc(&xa, T, H) && qact_alloc(&ha, P, I);
     if (!ok) {
-        free(cnt); free(order); free(seg_e); free(seg_start); free(h1);
+        free(cnt); free(order); free(seg_e); free(seg_start); free(h1); free(y); free(xf);
         qact_free(&xa); qact_free(&ha);
         return -1;
     }
@@ -271,19 +310,23 @@ int lg_moe(int T, int H, int I, const float *x, int k, const int64_t *ids, const
 
     const int gbits = gate_up[seg_e[0]].bits, dbits = down[seg_e[0]].bits;
     const int par = nth > 1 && (size_t)P * I * H >= (1u << 15);
+    /* Work items are (expert, row) in expert-major order, so each thread streams whole runs of one
+     * expert's rows (codes and scales sequentially: what the hardware prefetchers follow). */
+    const long gate_items = (long)S * I2, down_items = (long)S * H;
 #pragma omp parallel num_threads(nth) if (par)
     {
 #pragma omp for schedule(static)
-        for (int t = 0; t < T; t++) quantize_row(x + (size_t)t * H, H, gbits, QROW(&xa, t, H));
+        for (int t = 0; t < T; t++) {
+            load_row(x, dtype, (size_t)t * H, H, xf + (size_t)t * H);
+            quantize_row(xf + (size_t)t * H, H, gbits, QROW(&xa, t, H));
+        }
 #pragma omp for schedule(static)
-        for (int n = 0; n < I2; n++)
-            for (int s = 0; s < S; s++) {
-                const lg_qtensor *w = &gate_up[seg_e[s]];
-                for (int i = seg_start[s]; i < seg_start[s + 1]; i++) {
-                    const int t = order[i] / k;
-                    h1[(size_t)i * I2 + n] = dot_row(w, n, QROW(&xa, t, H));
-                }
-            }
+        for (long it = 0; it < gate_items; it++) {
+            const int s = (int)(it / I2), n = (int)(it % I2);
+            const lg_qtensor *w = &gate_up[seg_e[s]];
+            for (int i = seg_start[s]; i < seg_start[s + 1]; i++)
+                h1[(size_t)i * I2 + n] = dot_row(w, n, QROW(&xa, order[i] / k, H));
+        }
 #pragma omp for schedule(static)
         for (int i = 0; i < P; i++) {
             float *h = h1 + (size_t)i * I2;
@@ -291,18 +334,26 @@ int lg_moe(int T, int H, int I, const float *x, int k, const int64_t *ids, const
             quantize_row(h, I, dbits, QROW(&ha, i, I));
         }
 #pragma omp for schedule(static)
-        for (int n = 0; n < H; n++) {
-            for (int t = 0; t < T; t++) out[(size_t)t * H + n] = 0.0f;
-            for (int s = 0; s < S; s++) {
-                const lg_qtensor *w = &down[seg_e[s]];
-                for (int i = seg_start[s]; i < seg_start[s + 1]; i++) {
-                    const int p = order[i], t = p / k;
-                    out[(size_t)t * H + n] += wts[p] * dot_row(w, n, QROW(&ha, i, I));
-                }
+        for (long it = 0; it < down_items; it++) {
+            const int s = (int)(it / H), n = (int)(it % H);
+            const lg_qtensor *w = &down[seg_e[s]];
+            for (int i = seg_start[s]; i < seg_start[s + 1]; i++) y[(size_t)i * H + n] = dot_row(w, n, QROW(&ha, i, I));
+        }
+        /* out[t] = sum of its pairs' outputs, in expert order (pair i runs in sorted order) */
+#pragma omp for schedule(static)
+        for (int t = 0; t < T; t++) {
+            float *o = xf + (size_t)t * H; /* x is quantized already: its float row is the accumulator */
+            for (int n = 0; n < H; n++) o[n] = 0.0f;
+            for (int i = 0; i < P; i++) {
+                const int p = order[i];
+                if (p / k != t) continue;
+                const float wt = wts[p], *yi = y + (size_t)i * H;
+                for (int n = 0; n < H; n++) o[n] += wt * yi[n];
             }
+            for (int n = 0; n < H; n++) store(out, dtype, (size_t)t * H + n, o[n]);
         }
     }
-    free(cnt); free(order); free(seg_e); free(seg_start); free(h1);
+    free(cnt); free(order); free(seg_e); free(seg_start); free(h1); free(y); free(xf);
     qact_free(&xa); qact_free(&ha);
     return 0;
 }
