@@ -17,6 +17,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -59,19 +60,30 @@ def _compiler() -> str | None:
     return None
 
 
-def _build(cc: str) -> Path:
-    """Compile qkernels.c into the cache (once per source, compiler and flags); returns the .so path."""
+def _cpu_identity() -> str:
+    """What -march=native depends on: a cached library built on another CPU must not be reused."""
+    try:
+        info = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return platform.processor() or platform.machine()
+    lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+    return "\n".join(sorted(set(lines)))
+
+
+def build(cc: str, flags: tuple[str, ...] = CFLAGS, directory: Path | None = None) -> Path:
+    """Compile qkernels.c (once per source, compiler, flags and CPU) into `directory` (default: the
+    user cache); returns the library's path."""
     src = SOURCE.read_bytes()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha256(src + repr((version, CFLAGS, sys.platform)).encode()).hexdigest()[:16]
-    out = cache_dir() / f"qkernels-{key}.so"
+    key = hashlib.sha256(src + repr((version, flags, sys.platform, _cpu_identity())).encode()).hexdigest()[:16]
+    out = (directory or cache_dir()) / f"qkernels-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        res = subprocess.run([cc, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
+        res = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"{cc} failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
         os.replace(tmp, out)  # atomic: a concurrent build or a crash never leaves a half-written library
@@ -214,7 +226,7 @@ def _load() -> tuple[NativeLib | None, str]:
         why = "torch kernels (no C compiler found to build the native ones; set CC)"
     else:
         try:
-            lib = NativeLib(_build(cc))
+            lib = NativeLib(build(cc))
             return lib, f"native kernels ({'AVX2' if lib.avx2 else 'portable C'})"
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             why = f"torch kernels (native ones failed to build: {e})"

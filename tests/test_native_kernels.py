@@ -5,16 +5,29 @@ shows up as a large error, not as noise."""
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from quant.blob import ExpertBlobLayout, quantize_expert
 from quant.formats import QuantSpec, QuantTensor
-from quant.native import native_lib, native_status
+from quant.native import CFLAGS, NativeLib, _compiler, build, native_lib, native_status
 
-lib = native_lib()
-pytestmark = pytest.mark.skipif(lib is None, reason=f"native kernels not built: {native_status()}")
+pytestmark = pytest.mark.skipif(native_lib() is None, reason=f"native kernels not built: {native_status()}")
+
+# The portable C path (what a CPU without AVX2 runs), built without -march=native.
+PORTABLE_FLAGS = tuple(f for f in CFLAGS if not f.startswith("-march")) + ("-mno-avx2",) * (platform.machine() in ("x86_64", "AMD64"))
+
+
+@pytest.fixture(scope="module", params=["native", "portable"])
+def lib(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> NativeLib:
+    if request.param == "native":
+        return native_lib()
+    built = NativeLib(build(_compiler(), PORTABLE_FLAGS, tmp_path_factory.mktemp("portable")))
+    assert not built.avx2
+    return built
 
 SPECS = ["q2", "q4", "q8", "q4g64", "q8g128"]
 
@@ -42,7 +55,7 @@ def spec(name: str) -> QuantSpec:
 
 @pytest.mark.parametrize("name", SPECS)
 @pytest.mark.parametrize("tokens", [1, 3])
-def test_linear_matches_oracle(name: str, tokens: int) -> None:
+def test_linear_matches_oracle(lib: NativeLib, name: str, tokens: int) -> None:
     torch.manual_seed(0)
     w = torch.distributions.StudentT(4.0).sample((96, 256)) * 0.02  # heavy tails: wide scale range
     qt = QuantTensor.quantize(w, spec(name), torch.float32)
@@ -58,7 +71,7 @@ def test_linear_matches_oracle(name: str, tokens: int) -> None:
     assert float((y - exact).norm() / exact.norm()) < 0.02
 
 
-def test_zero_activation_block() -> None:
+def test_zero_activation_block(lib: NativeLib) -> None:
     qt = QuantTensor.quantize(torch.randn(32, 64), QuantSpec.for_bits(4), torch.float32)
     x = torch.zeros(1, 64)
     x[0, 40] = 3.0  # first block all zeros: scale 0 must not produce NaN
@@ -80,7 +93,7 @@ def oracle_moe(lay: ExpertBlobLayout, blobs: torch.Tensor, x: torch.Tensor, ids:
 
 @pytest.mark.parametrize("names", [("q4", "q4"), ("q2", "q4"), ("q8", "q8"), ("q4", "q8")])
 @pytest.mark.parametrize("tokens", [1, 6])
-def test_moe_layer_matches_oracle(names: tuple[str, str], tokens: int) -> None:
+def test_moe_layer_matches_oracle(lib: NativeLib, names: tuple[str, str], tokens: int) -> None:
     torch.manual_seed(1)
     hidden, inter, n_exp, k = 128, 64, 8, 3
     lay = ExpertBlobLayout(hidden, inter, spec(names[0]), spec(names[1]))
@@ -105,8 +118,16 @@ def test_moe_layer_matches_oracle(names: tuple[str, str], tokens: int) -> None:
 
 
 @pytest.mark.parametrize("name", SPECS)
-def test_dequantize_is_exact(name: str) -> None:
+def test_dequantize_is_exact(lib: NativeLib, name: str) -> None:
     qt = QuantTensor.quantize(torch.randn(40, 128), spec(name), torch.float32)
     if not lib.supports(qt):
         pytest.skip(f"{name} not taken by the native kernels yet")
     assert torch.allclose(lib.dequantize(lib.describe(qt)), qt.dequantize(torch.float32), rtol=1e-6, atol=1e-6)
+
+
+def test_bf16_in_and_out_round_as_torch_does(lib: NativeLib) -> None:
+    qt = QuantTensor.quantize(torch.randn(64, 128), QuantSpec.for_bits(4), torch.bfloat16)
+    x = torch.randn(2, 128).bfloat16()
+    y = lib.linear(lib.describe(qt), x)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, lib.linear(lib.describe(qt), x.float()).bfloat16())

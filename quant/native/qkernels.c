@@ -151,32 +151,51 @@ static inline __m256i dot_u8s8(__m256i w, __m256i x) {
 }
 #endif
 
+#ifdef __AVX2__
+/* The AVX2 body, inlined with a constant `bits`; blocks two at a time into two accumulators so
+ * consecutive FMAs do not wait on each other. */
+static inline __attribute__((always_inline)) float dot_lowbit_avx2(const uint8_t *row, const uint8_t *sc, const int8_t *mc, float s0, float m0,
+                                                                    int nblocks, int bpg, const int8_t *xq, const float *xd, const float *xs, const int bits) {
+    const size_t blk_bytes = QB * bits / 8;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    float macc0 = 0.0f, macc1 = 0.0f;
+    int b = 0;
+    for (; b + 1 < nblocks; b += 2) {
+        const int g0 = b / bpg, g1 = (b + 1) / bpg;
+        const __m256i c0 = bits == 4 ? codes_q4(row + b * blk_bytes) : codes_q2(row + b * blk_bytes);
+        const __m256i c1 = bits == 4 ? codes_q4(row + (b + 1) * blk_bytes) : codes_q2(row + (b + 1) * blk_bytes);
+        const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + (size_t)b * QB));
+        const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + (size_t)(b + 1) * QB));
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(c0, x0)), _mm256_set1_ps(s0 * scale_lut[sc[g0]] * xd[b]), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(c1, x1)), _mm256_set1_ps(s0 * scale_lut[sc[g1]] * xd[b + 1]), acc1);
+        macc0 += (float)mc[g0] * xs[b];
+        macc1 += (float)mc[g1] * xs[b + 1];
+    }
+    if (b < nblocks) {
+        const int g = b / bpg;
+        const __m256i c = bits == 4 ? codes_q4(row + b * blk_bytes) : codes_q2(row + b * blk_bytes);
+        const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (size_t)b * QB));
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(c, x)), _mm256_set1_ps(s0 * scale_lut[sc[g]] * xd[b]), acc0);
+        macc0 += (float)mc[g] * xs[b];
+    }
+    return hsum256(_mm256_add_ps(acc0, acc1)) + m0 * (macc0 + macc1);
+}
+#endif
+
 /* dot(row n of w, one quantized activation row) for q2 / q4: sum_g s_g * sum(c x) + m_g * sum(x), x rounded. */
 static float dot_lowbit(const lg_qtensor *w, int n, const int8_t *xq, const float *xd, const float *xs) {
     const int K = w->k, G = w->group, ng = K / G, bpg = G / QB, bits = w->bits;
-    const size_t row_bytes = (size_t)K * bits / 8, blk_bytes = QB * bits / 8;
-    const uint8_t *row = w->data + (size_t)n * row_bytes;
+    const uint8_t *row = w->data + (size_t)n * ((size_t)K * bits / 8);
     const uint8_t *sc = w->gs + (size_t)n * ng;
     const int8_t *mc = w->gm + (size_t)n * ng;
     const float s0 = w->rowf[2 * (size_t)n], m0 = w->rowf[2 * (size_t)n + 1] / 127.0f;
-    float macc = 0.0f;
 #ifdef __AVX2__
-    __m256 acc = _mm256_setzero_ps();
-    for (int g = 0; g < ng; g++) {
-        const float sg = s0 * scale_lut[sc[g]], mg = m0 * (float)mc[g];
-        for (int j = 0; j < bpg; j++) {
-            const int b = g * bpg + j;
-            const uint8_t *p = row + (size_t)b * blk_bytes;
-            const __m256i cv = bits == 4 ? codes_q4(p) : codes_q2(p);
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)b * QB));
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(cv, xv)), _mm256_set1_ps(sg * xd[b]), acc);
-            macc += mg * xs[b];
-        }
-    }
-    return hsum256(acc) + macc;
+    return bits == 4 ? dot_lowbit_avx2(row, sc, mc, s0, m0, K / QB, bpg, xq, xd, xs, 4)
+                     : dot_lowbit_avx2(row, sc, mc, s0, m0, K / QB, bpg, xq, xd, xs, 2);
 #else
     const int per = 8 / bits, nb = QB / per, mask = (1 << bits) - 1;
-    float acc = 0.0f;
+    const size_t blk_bytes = QB * bits / 8;
+    float acc = 0.0f, macc = 0.0f;
     for (int g = 0; g < ng; g++) {
         const float sg = s0 * scale_lut[sc[g]], mg = m0 * (float)mc[g];
         for (int j = 0; j < bpg; j++) {
@@ -254,7 +273,7 @@ static void qact_free(qact *a) {
  * or 1 (bf16), bias fp32. Returns 0, or -1 when out of memory. */
 int lg_linear(const lg_qtensor *w, int T, const void *x, int x_dtype, const float *bias, void *y, int y_dtype, int nth) {
     const int K = w->k, N = w->n;
-    qact a;
+    qact a = {0};
     float *row = malloc((size_t)K * sizeof(float));
     if (!row || !qact_alloc(&a, T, K)) {
         free(row);
@@ -292,7 +311,7 @@ int lg_moe(int T, int H, int I, const void *x, int dtype, int k, const int64_t *
     int *seg_e = malloc((size_t)P * sizeof(int)), *seg_start = malloc(((size_t)P + 1) * sizeof(int));
     float *h1 = malloc((size_t)P * I2 * sizeof(float)), *y = malloc((size_t)P * H * sizeof(float));
     float *xf = malloc((size_t)T * H * sizeof(float));
-    qact xa, ha;
+    qact xa = {0}, ha = {0};
     const int ok = cnt && order && seg_e && seg_start && h1 && y && xf && qact_alloc(&xa, T, H) && qact_alloc(&ha, P, I);
     if (!ok) {
         free(cnt); free(order); free(seg_e); free(seg_start); free(h1); free(y); free(xf);
