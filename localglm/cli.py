@@ -155,7 +155,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr)
         keys = ("prompt_tokens", "prompt_tok_s", "decode_tokens", "decode_tok_s", "ttft_s", "peak_rss_bytes")
         d = stats.to_dict()
-        print(json.dumps({k: d[k] for k in keys} | {"finish_reason": done.finish_reason}))
+        extra = {"backend": d["backend"]} if d["backend"] else {}  # expert kernels / offload counters
+        print(json.dumps({k: d[k] for k in keys} | {"finish_reason": done.finish_reason} | extra, default=str))
     else:
         print(line)
     return 0

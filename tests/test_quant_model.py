@@ -162,3 +162,11 @@ def test_cli_quantize_eval_and_generate_flags(src: Path, tmp_path: Path, capsys:
     saved = tmp_path / "gen"
     rc = main(["generate", str(src), "--experts", "4", "--save-quantized", str(saved), "-p", "hi", "-n", "3", "-q", "--ignore-eos"])
     assert rc == 0 and (saved / MANIFEST).is_file()
+
+
+def test_generate_reports_the_expert_kernels(src: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from quant.native import native_status
+
+    assert main(["generate", str(src), "-p", "hi", "--max-new-tokens", "3", "--experts", "4", "--stats-json"]) == 0
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert stats["backend"]["kernels"] == native_status()
