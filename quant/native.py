@@ -106,6 +106,8 @@ class NativeLib:
         self._lib.lg_linear.restype = i
         self._lib.lg_moe.argtypes = [i, i, i, p, i, i, p, p, ctypes.POINTER(_QTensor), ctypes.POINTER(_QTensor), i, p, i]
         self._lib.lg_moe.restype = i
+        self._lib.lg_rms_norm.argtypes = [p, i, i, i, p, ctypes.c_float, p]
+        self._lib.lg_rms_norm.restype = None
         self._lib.lg_dequant.argtypes = [ctypes.POINTER(_QTensor), p, i]
         self._lib.lg_dequant.restype = None
         self.avx2 = bool(self._lib.lg_has_avx2())
@@ -134,6 +136,17 @@ class NativeLib:
         if rc:
             raise MemoryError("native linear kernel: out of memory")
         return y
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+        """RMSNorm over the last dim (see layers.rms_norm for the math), or None for inputs the
+        kernel does not take (non-contiguous, other dtypes, weight of another dtype or shape)."""
+        code = _DTYPES.get(x.dtype)
+        n = x.shape[-1]
+        if code is None or weight.dtype != x.dtype or weight.shape != (n,) or not (x.is_contiguous() and weight.is_contiguous()) or x.device.type != "cpu":
+            return None
+        out = torch.empty_like(x)
+        self._lib.lg_rms_norm(x.data_ptr(), code, x.numel() // n, n, weight.data_ptr(), eps, out.data_ptr())
+        return out
 
     def dequantize(self, desc: _QTensor) -> torch.Tensor:
         """The whole weight as fp32 [N, K] (for big batches, multiplied by a float GEMM)."""

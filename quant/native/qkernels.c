@@ -402,3 +402,27 @@ void lg_dequant(const lg_qtensor *w, float *out, int nth) {
         }
     }
 }
+
+/* RMSNorm of `rows` rows of n values, as transformers computes it: in fp32, cast back to the
+ * input dtype, then times the weight (in that dtype: the product rounded once). One call instead
+ * of a handful of torch ops per norm, which is what a decode step on the CPU is made of. */
+void lg_rms_norm(const void *x, int dtype, int rows, int n, const void *weight, float eps, void *out) {
+    for (int r = 0; r < rows; r++) {
+        const size_t off = (size_t)r * n;
+        double ss = 0.0;
+        for (int i = 0; i < n; i++) {
+            const float v = dtype == 1 ? bf16_to_float(((const uint16_t *)x)[off + i]) : ((const float *)x)[off + i];
+            ss += (double)v * v;
+        }
+        const float inv = 1.0f / sqrtf((float)(ss / n) + eps);
+        for (int i = 0; i < n; i++) {
+            if (dtype == 1) {
+                const float v = bf16_to_float(((const uint16_t *)x)[off + i]);
+                const float y = bf16_to_float(float_to_bf16(v * inv));
+                ((uint16_t *)out)[off + i] = float_to_bf16(bf16_to_float(((const uint16_t *)weight)[i]) * y);
+            } else {
+                ((float *)out)[off + i] = ((const float *)weight)[i] * (((const float *)x)[off + i] * inv);
+            }
+        }
+    }
+}
