@@ -108,6 +108,9 @@ class NativeLib:
         self._lib.lg_moe.restype = i
         self._lib.lg_rms_norm.argtypes = [p, i, i, i, p, ctypes.c_float, p]
         self._lib.lg_rms_norm.restype = None
+        lg = ctypes.c_long
+        self._lib.lg_decode_attention.argtypes = [p, p, p, i, i, i, i, i, lg, lg, ctypes.c_float, p, i]
+        self._lib.lg_decode_attention.restype = i
         self._lib.lg_dequant.argtypes = [ctypes.POINTER(_QTensor), p, i]
         self._lib.lg_dequant.restype = None
         self.avx2 = bool(self._lib.lg_has_avx2())
@@ -146,6 +149,22 @@ class NativeLib:
             return None
         out = torch.empty_like(x)
         self._lib.lg_rms_norm(x.data_ptr(), code, x.numel() // n, n, weight.data_ptr(), eps, out.data_ptr())
+        return out
+
+    def decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor | None:
+        """One query token against the cache: q [1, heads, 1, hd], k/v [1, kv_heads, T, hd] (views
+        into the cache: rows contiguous, any head/position strides) -> [1, heads, 1, hd]; None for
+        inputs the kernel does not take (batch > 1, mixed or other dtypes, other layouts)."""
+        code = _DTYPES.get(q.dtype)
+        if (code is None or q.shape[0] != 1 or k.dtype != q.dtype or v.dtype != q.dtype or not q.is_contiguous()
+                or k.stride() != v.stride() or k.stride(-1) != 1 or k.device.type != "cpu"):
+            return None
+        _, heads, _, hd = q.shape
+        out = torch.empty_like(q)
+        rc = self._lib.lg_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), code, heads, k.shape[1], k.shape[2], hd,
+                                           k.stride(1), k.stride(2), scale, out.data_ptr(), torch.get_num_threads())
+        if rc:
+            raise MemoryError("native attention kernel: out of memory")
         return out
 
     def dequantize(self, desc: _QTensor) -> torch.Tensor:

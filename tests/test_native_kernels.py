@@ -131,3 +131,42 @@ def test_bf16_in_and_out_round_as_torch_does(lib: NativeLib) -> None:
     y = lib.linear(lib.describe(qt), x)
     assert y.dtype == torch.bfloat16
     assert torch.equal(y, lib.linear(lib.describe(qt), x.float()).bfloat16())
+
+
+def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_the_torch_formula(lib: NativeLib, dtype: torch.dtype) -> None:
+    x, w = (torch.randn(3, 4, 96) * 5).to(dtype), torch.randn(96).to(dtype)
+    y = lib.rms_norm(x, w, 1e-5)
+    ref = torch_rms_norm(x, w, 1e-5)
+    assert y.dtype == dtype and y.shape == x.shape
+    if dtype == torch.bfloat16:
+        assert torch.equal(y, ref)  # fp32 inside, then the same two roundings
+    else:
+        assert torch.allclose(y, ref, rtol=1e-6, atol=1e-6)
+    assert lib.rms_norm(x.transpose(0, 1), w, 1e-5) is None  # not contiguous: the caller's torch path
+
+
+def torch_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    _, heads, _, hd = q.shape
+    qg = q.float().view(1, k.shape[1], heads // k.shape[1], hd)
+    probs = torch.softmax(torch.matmul(qg, k.float().transpose(-1, -2)) * scale, dim=-1)
+    return torch.matmul(probs, v.float()).view(1, heads, 1, hd).to(q.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,length", [(8, 2, 1), (8, 2, 37), (4, 4, 300)])
+def test_decode_attention_matches_torch(lib: NativeLib, dtype: torch.dtype, heads: int, kv_heads: int, length: int) -> None:
+    cache_k = torch.randn(2, 1, kv_heads, 400, 64).to(dtype)  # [layers, batch, kv heads, max tokens, hd], as KVCache
+    cache_v = torch.randn(2, 1, kv_heads, 400, 64).to(dtype)
+    q = torch.randn(1, heads, 1, 64).to(dtype)
+    k, v = cache_k[1, :, :, :length], cache_v[1, :, :, :length]
+    out = lib.decode_attention(q, k, v, 0.125)
+    ref = torch_decode_attention(q, k, v, 0.125)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert out.shape == q.shape and torch.allclose(out.float(), ref.float(), rtol=tol, atol=tol)
+    assert lib.decode_attention(q.expand(2, -1, -1, -1), k, v, 0.125) is None  # batch > 1: torch's path

@@ -426,3 +426,47 @@ void lg_rms_norm(const void *x, int dtype, int rows, int n, const void *weight, 
         }
     }
 }
+
+static inline float load_val(const void *p, int dtype, size_t i) {
+    return dtype == 1 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* One query token against the KV cache, per head: scores = q.k * scale (fp32), softmax (fp32),
+ * out = sum p v -- what layers._decode_attention does with torch ops on CPUs without native bf16.
+ * q [heads, hd] contiguous; k, v: kv head g, position t at g * stride_head + t * stride_pos;
+ * out [heads, hd] contiguous; all of `dtype`. Returns 0, or -1 when out of memory. */
+int lg_decode_attention(const void *q, const void *k, const void *v, int dtype, int heads, int kv_heads, int len, int hd,
+                        long stride_head, long stride_pos, float scale, void *out, int nth) {
+    const int group = heads / kv_heads;
+    float *buf = malloc(sizeof(float) * (size_t)heads * ((size_t)len + 2 * (size_t)hd));
+    if (!buf) return -1;
+    const int par = nth > 1 && (long)heads * len * hd >= (1L << 16);
+#pragma omp parallel for num_threads(nth) schedule(static) if (par)
+    for (int h = 0; h < heads; h++) {
+        float *sc = buf + (size_t)h * ((size_t)len + 2 * (size_t)hd), *qf = sc + len, *acc = qf + hd;
+        const size_t base = (size_t)(h / group) * (size_t)stride_head;
+        for (int i = 0; i < hd; i++) qf[i] = load_val(q, dtype, (size_t)h * hd + i);
+        float mx = -INFINITY;
+        for (int t = 0; t < len; t++) {
+            float s = 0.0f;
+            const size_t row = base + (size_t)t * (size_t)stride_pos;
+            for (int i = 0; i < hd; i++) s += qf[i] * load_val(k, dtype, row + i);
+            sc[t] = s * scale;
+            mx = sc[t] > mx ? sc[t] : mx;
+        }
+        float sum = 0.0f;
+        for (int t = 0; t < len; t++) {
+            sc[t] = expf(sc[t] - mx);
+            sum += sc[t];
+        }
+        for (int i = 0; i < hd; i++) acc[i] = 0.0f;
+        for (int t = 0; t < len; t++) {
+            const float p = sc[t] / sum;
+            const size_t row = base + (size_t)t * (size_t)stride_pos;
+            for (int i = 0; i < hd; i++) acc[i] += p * load_val(v, dtype, row + i);
+        }
+        for (int i = 0; i < hd; i++) store(out, dtype, (size_t)h * hd + i, acc[i]);
+    }
+    free(buf);
+    return 0;
+}
