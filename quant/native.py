@@ -108,6 +108,8 @@ class NativeLib:
         self._lib.lg_moe.restype = i
         self._lib.lg_rms_norm.argtypes = [p, i, i, i, p, ctypes.c_float, p]
         self._lib.lg_rms_norm.restype = None
+        self._lib.lg_rope.argtypes = [p, i, i, i, i, p, p, p]
+        self._lib.lg_rope.restype = None
         lg = ctypes.c_long
         self._lib.lg_decode_attention.argtypes = [p, p, p, i, i, i, i, i, lg, lg, ctypes.c_float, p, i]
         self._lib.lg_decode_attention.restype = i
@@ -149,6 +151,18 @@ class NativeLib:
             return None
         out = torch.empty_like(x)
         self._lib.lg_rms_norm(x.data_ptr(), code, x.numel() // n, n, weight.data_ptr(), eps, out.data_ptr())
+        return out
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+        """Rotary embedding of x [..., hd] at one position (cos/sin [1, rot]: see layers.apply_rope);
+        None for inputs the kernel does not take."""
+        code = _DTYPES.get(x.dtype)
+        if (code is None or cos.dtype != x.dtype or sin.dtype != x.dtype or cos.dim() != 2 or cos.shape[0] != 1
+                or not (x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()) or x.device.type != "cpu"):
+            return None
+        hd = x.shape[-1]
+        out = torch.empty_like(x)
+        self._lib.lg_rope(x.data_ptr(), code, x.numel() // hd, hd, cos.shape[1], cos.data_ptr(), sin.data_ptr(), out.data_ptr())
         return out
 
     def decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor | None:

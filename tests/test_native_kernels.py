@@ -170,3 +170,15 @@ def test_decode_attention_matches_torch(lib: NativeLib, dtype: torch.dtype, head
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert out.shape == q.shape and torch.allclose(out.float(), ref.float(), rtol=tol, atol=tol)
     assert lib.decode_attention(q.expand(2, -1, -1, -1), k, v, 0.125) is None  # batch > 1: torch's path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rot", [32, 64])
+def test_rope_matches_torch(lib: NativeLib, dtype: torch.dtype, rot: int) -> None:
+    from localglm.layers import Rotary, _rotate_half
+
+    x = torch.randn(1, 6, 1, 64).to(dtype)
+    cos, sin = Rotary(rot, 10000.0).cos_sin(torch.tensor([17]), dtype)
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    ref = torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
+    assert torch.equal(lib.rope(x, cos, sin), ref)  # same roundings, element by element

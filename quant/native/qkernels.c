@@ -470,3 +470,26 @@ int lg_decode_attention(const void *q, const void *k, const void *v, int dtype, 
     free(buf);
     return 0;
 }
+
+/* Rotary embedding of `rows` rows of hd values (one position): the first `rot` dims rotate, halves
+ * paired (x * cos + rotate_half(x) * sin), the rest pass through; each product and the sum rounded
+ * to `dtype` as torch's elementwise ops do. */
+void lg_rope(const void *x, int dtype, int rows, int hd, int rot, const void *cos, const void *sin, void *out) {
+    const int half = rot / 2;
+    for (int r = 0; r < rows; r++) {
+        const size_t off = (size_t)r * hd;
+        for (int i = 0; i < hd; i++) {
+            float y = load_val(x, dtype, off + i);
+            if (i < rot) {
+                const float rh = i < half ? -load_val(x, dtype, off + i + half) : load_val(x, dtype, off + i - half);
+                float a = y * load_val(cos, dtype, i), b = rh * load_val(sin, dtype, i);
+                if (dtype == 1) {
+                    a = bf16_to_float(float_to_bf16(a));
+                    b = bf16_to_float(float_to_bf16(b));
+                }
+                y = a + b;
+            }
+            store(out, dtype, off + i, y);
+        }
+    }
+}
