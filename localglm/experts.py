@@ -112,7 +112,7 @@ class QuantizedExperts:
 
     def __init__(self, layouts: dict, blobs: dict[int, torch.Tensor], dtype: torch.dtype, keep_blobs: bool = True) -> None:
         from quant.blob import PreparedExpert
-        from quant.native import NativeExpert, native_lib
+        from quant.native import native_lib
 
         self.layouts = layouts
         self.dtype = dtype
@@ -122,10 +122,10 @@ class QuantizedExperts:
         self._native_layers: dict[int, tuple] = {}
         for layer, buf in blobs.items():
             experts = self.prepared[layer] = [PreparedExpert(layouts[layer], buf[e], dtype) for e in range(buf.shape[0])]
-            if experts and all(isinstance(pe._run, NativeExpert) for pe in experts):
-                # one ctypes array per part over every expert: a whole layer in one native call
-                gu = (type(experts[0]._run.gu[0]) * len(experts))(*(pe._run.gu[0] for pe in experts))
-                dn = (type(gu[0]) * len(experts))(*(pe._run.dn[0] for pe in experts))
+            if experts and all(pe.native is not None for pe in experts):
+                # one ctypes table per part over every expert: a whole layer in one native call
+                gu = (type(experts[0].native.gu) * len(experts))(*(pe.native.gu for pe in experts))
+                dn = (type(gu[0]) * len(experts))(*(pe.native.dn for pe in experts))
                 self._native_layers[layer] = (gu, dn, layouts[layer].inter)
         if not keep_blobs and not self._native_layers:
             # The torch kernels keep their own packed copy; the canonical blobs are only needed to move or save experts.

@@ -49,7 +49,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(dtype)
 
 
+@cache
 def _native():  # noqa: ANN202  (quant.native.NativeLib | None; imported late: quant imports this module)
+    """The native CPU kernels, looked up once (a hot path: ~50 norms and 24 RoPE calls a token)."""
     from quant.native import native_lib
 
     return native_lib()

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .formats import QuantError, QuantSpec, QuantTensor, layout_nbytes
+from .native import NativeExpert, NativeLib, native_lib
 
 
 @dataclass(frozen=True)
@@ -88,26 +89,23 @@ class PreparedExpert:
     the MoE kernel does), elsewhere x's dtype."""
 
     def __init__(self, lay: ExpertBlobLayout, blob: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> None:
-        from .native import NativeExpert, NativeLib, native_lib
-
         self.layout = lay
         self.blob = blob
         self.gate_up, self.down = lay.unpack(blob, dtype)
         lib = native_lib() if blob.device.type == "cpu" else None
+        self.native: NativeExpert | None = None  # set where the native kernels take both parts
         if lib is not None and NativeLib.supports(self.gate_up) and NativeLib.supports(self.down):
-            self._run = NativeExpert(lib, self.gate_up, self.down)
+            self.native = NativeExpert(lib, self.gate_up, self.down)
         else:
             self.gate_up.prepare()
             self.down.prepare()
-            self._run = self._matmuls
 
-    def _matmuls(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native is not None:
+            return self.native(x)
         xf = x.float() if x.device.type == "cpu" else x
         gate, up = self.gate_up.matmul(xf).chunk(2, dim=-1)
         return self.down.matmul(F.silu(gate) * up)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run(x)
 
 
 def expert_forward(lay: ExpertBlobLayout, blob: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -4,10 +4,13 @@ cached, and called through ctypes.
 Why built here and not shipped: `-march=native` picks the user's vector units (AVX2, F16C...), and
 a plain C file needs no torch headers (compiles in about a second). Without a C compiler, or with
 LOCALGLM_NATIVE=0, `native_lib()` returns None and quant/cpu_kernels.py keeps torch's kernels; the
-reason is in `native_status()` (shown by `localglm inspect` / the stats snapshot).
+reason is in `native_status()` (shown in `generate --stats-json` under `backend.kernels`). The same
+library also holds the per-token layer ops the model code calls on the CPU (RMSNorm, RoPE, decode
+attention: see localglm/layers.py).
 
     lib = native_lib()
-    if lib: y = lib.linear(qt, x)                       # x [T, K] float32 -> [T, N]
+    if lib is not None and NativeLib.supports(qt):
+        y = NativeLinear(lib, qt)(x)                    # x [..., K] -> [..., N]: what QuantTensor.matmul uses
 """
 
 from __future__ import annotations
@@ -243,23 +246,29 @@ class NativeLinear:
 class NativeExpert:
     """One routed expert (gate_up [2I, H], down [H, I]) through the native kernels: the MoE kernel
     with a single expert, so an expert computed alone (an offloaded one) gets exactly the numbers it
-    gets inside `NativeLib.moe`; big batches go through dequantize + fp32 GEMM, as NativeLinear."""
+    gets inside `NativeLib.moe`. Big batches go through each part's NativeLinear (dequantize + GEMM)."""
 
     def __init__(self, lib: NativeLib, gate_up: QuantTensor, down: QuantTensor) -> None:
         self.lib = lib
         self.gate_up, self.down = gate_up, down
-        self.gu = (_QTensor * 1)(lib.describe(gate_up))
-        self.dn = (_QTensor * 1)(lib.describe(down))
-        self.inter = down.shape[1]
+        self.gu = lib.describe(gate_up)
+        self.dn = lib.describe(down)
+        self._one = ((_QTensor * 1)(self.gu), (_QTensor * 1)(self.dn))  # the MoE kernel's expert tables, E = 1
+        self._route: tuple[torch.Tensor, torch.Tensor] = (torch.zeros(1, 1, dtype=torch.int64), torch.ones(1, 1))
+
+    def _routing(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row to expert 0 with weight 1 (kept: this runs per offloaded expert and token)."""
+        if self._route[0].shape[0] < rows:
+            self._route = (torch.zeros(rows, 1, dtype=torch.int64), torch.ones(rows, 1))
+        return self._route[0][:rows], self._route[1][:rows]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> [T, H] in fp32: the caller sums experts in fp32, as the MoE kernel does inside."""
         if x.shape[0] > NATIVE_MAX_ROWS:
-            gate, up = torch.nn.functional.linear(x.float(), self.lib.dequantize(self.gu[0])).chunk(2, dim=-1)
-            y = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, self.lib.dequantize(self.dn[0]))
-        else:  # fp32 out: the caller sums experts in fp32, as the MoE kernel does inside
-            ones = torch.ones(x.shape[0], 1)
-            y = self.lib.moe(self.gu, self.dn, self.inter, x.float(), torch.zeros(x.shape[0], 1, dtype=torch.int64), ones)
-        return y
+            gate, up = self.gate_up.matmul(x.float()).chunk(2, dim=-1)
+            return self.down.matmul(torch.nn.functional.silu(gate) * up)
+        ids, weights = self._routing(x.shape[0])
+        return self.lib.moe(*self._one, self.down.shape[1], x.float(), ids, weights)
 
 
 @functools.cache
@@ -276,7 +285,7 @@ def _load() -> tuple[NativeLib | None, str]:
             return lib, f"native kernels ({'AVX2' if lib.avx2 else 'portable C'})"
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             why = f"torch kernels (native ones failed to build: {e})"
-    log.warning("localglm: quantized weights use %s", why)
+    log.warning("localglm: CPU kernels: %s", why)
     return None, why
 
 
