@@ -80,6 +80,10 @@ static inline uint16_t float_to_bf16(float f) {
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+static inline float load_val(const void *p, int dtype, size_t i) {
+    return dtype == 1 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
 static void load_row(const void *src, int dtype, size_t offset, int k, float *dst) {
     if (dtype == 1) {
         const uint16_t *h = (const uint16_t *)src + offset;
@@ -305,6 +309,7 @@ static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 int lg_moe(int T, int H, int I, const void *x, int dtype, int k, const int64_t *ids, const float *wts,
            const lg_qtensor *gate_up, const lg_qtensor *down, int E, void *out, int nth) {
     const int P = T * k, I2 = 2 * I;
+    if (P == 0) return 0;
     for (int p = 0; p < P; p++)
         if (ids[p] < 0 || ids[p] >= E) return -2;
     int *cnt = calloc((size_t)E + 1, sizeof(int)), *order = malloc((size_t)P * sizeof(int));
@@ -411,7 +416,7 @@ void lg_rms_norm(const void *x, int dtype, int rows, int n, const void *weight, 
         const size_t off = (size_t)r * n;
         double ss = 0.0;
         for (int i = 0; i < n; i++) {
-            const float v = dtype == 1 ? bf16_to_float(((const uint16_t *)x)[off + i]) : ((const float *)x)[off + i];
+            const float v = load_val(x, dtype, off + i);
             ss += (double)v * v;
         }
         const float inv = 1.0f / sqrtf((float)(ss / n) + eps);
@@ -425,10 +430,6 @@ void lg_rms_norm(const void *x, int dtype, int rows, int n, const void *weight, 
             }
         }
     }
-}
-
-static inline float load_val(const void *p, int dtype, size_t i) {
-    return dtype == 1 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
 /* One query token against the KV cache, per head: scores = q.k * scale (fp32), softmax (fp32),
