@@ -51,6 +51,32 @@ class _QTensor(ctypes.Structure):
     ]
 
 
+class LgMat(ctypes.Structure):
+    """A weight matrix for the fused decode layer: quantized (kind 0) or dense bf16 (1) / fp32 (2)."""
+
+    _fields_ = [
+        ("kind", ctypes.c_int32),
+        ("n", ctypes.c_int32),
+        ("k", ctypes.c_int32),
+        ("w", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("q", _QTensor),
+    ]
+
+
+class LgLayer(ctypes.Structure):
+    """One decoder layer as `lg_decode_layer` reads it (see qkernels.c)."""
+
+    _fields_ = [
+        *((name, ctypes.c_int32) for name in ("hidden", "heads", "kv_heads", "hd", "rot", "dtype")),
+        ("eps", ctypes.c_float),
+        *((name, ctypes.c_int32) for name in ("moe", "has_mlp", "n_experts", "top_k", "n_group", "topk_group", "norm_topk")),
+        ("scaling", ctypes.c_float),
+        *((name, ctypes.c_void_p) for name in ("input_norm", "post_norm", "q_norm", "k_norm", "router_w", "router_bias")),
+        *((name, LgMat) for name in ("qkv", "o", "gate_up", "down")),
+    ]
+
+
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "localglm" / "native"
@@ -116,6 +142,10 @@ class NativeLib:
         lg = ctypes.c_long
         self._lib.lg_decode_attention.argtypes = [p, p, p, i, i, i, i, i, lg, lg, ctypes.c_float, p, i]
         self._lib.lg_decode_attention.restype = i
+        self._lib.lg_decode_layer.argtypes = [ctypes.POINTER(LgLayer), p, p, p, p, p, p, p, lg, lg, i, p, p, p, p, i]
+        self._lib.lg_decode_layer.restype = i
+        self._lib.lg_residual_add.argtypes = [p, p, p, i, i]
+        self._lib.lg_residual_add.restype = None
         self._lib.lg_dequant.argtypes = [ctypes.POINTER(_QTensor), p, i]
         self._lib.lg_dequant.restype = None
         self.avx2 = bool(self._lib.lg_has_avx2())
@@ -183,6 +213,39 @@ class NativeLib:
         if rc:
             raise MemoryError("native attention kernel: out of memory")
         return out
+
+    @classmethod
+    def describe_matrix(cls, w: torch.Tensor | QuantTensor, dtype: torch.dtype, bias: torch.Tensor | None = None) -> LgMat | None:
+        """The fused decode layer's view of a weight (kept alive by the caller, with the bias, which
+        must be fp32), or None when the kernels do not take it: a dense weight of another dtype or
+        layout, a quantized one they do not support."""
+        if isinstance(w, QuantTensor):
+            if not cls.supports(w):
+                return None
+            return LgMat(0, w.shape[0], w.shape[1], None, None if bias is None else bias.data_ptr(), cls.describe(w))
+        if (not isinstance(w, torch.Tensor) or w.dim() != 2 or w.dtype != dtype or dtype not in _DTYPES
+                or not w.is_contiguous() or w.device.type != "cpu"):
+            return None
+        return LgMat(2 if dtype == torch.float32 else 1, w.shape[0], w.shape[1], w.data_ptr(), None if bias is None else bias.data_ptr())
+
+    def decode_layer(self, layer: LgLayer, x: torch.Tensor, add: tuple[torch.Tensor, torch.Tensor | None] | None,
+                     cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int,
+                     h_out: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor, mlp_out: torch.Tensor | None, threads: int) -> None:
+        """One token through one layer (qkernels.c `lg_decode_layer`): x updated in place; the
+        caller has checked every shape and dtype (localglm/fused_decode.py)."""
+        a = b = None
+        if add is not None:
+            a, b = add[0].data_ptr(), None if add[1] is None else add[1].data_ptr()
+        rc = self._lib.lg_decode_layer(ctypes.byref(layer), x.data_ptr(), a, b, cos.data_ptr(), sin.data_ptr(),
+                                       k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), pos,
+                                       h_out.data_ptr(), ids.data_ptr(), wts.data_ptr(),
+                                       None if mlp_out is None else mlp_out.data_ptr(), threads)
+        if rc:
+            raise MemoryError("native decode layer: out of memory")
+
+    def residual_add(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None) -> None:
+        """x += a + b in place, rounded as `x + (a + b)` in x's dtype (all contiguous, one dtype)."""
+        self._lib.lg_residual_add(x.data_ptr(), a.data_ptr(), None if b is None else b.data_ptr(), _DTYPES[x.dtype], x.numel())
 
     def dequantize(self, desc: _QTensor) -> torch.Tensor:
         """The whole weight as fp32 [N, K] (for big batches, multiplied by a float GEMM)."""

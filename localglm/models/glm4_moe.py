@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..experts import ExpertBackend, InMemoryExperts
+from ..fused_decode import FusedDecoder
 from ..kv_cache import KVCache
 from ..layers import AttentionShape, AttentionWeights, MLPWeights, Rotary, attention, linear, rms_norm, swiglu
 from ..router import RouterSpec, RouterWeights, route
@@ -138,6 +139,9 @@ class Glm4MoeModel:
             norm_topk_prob=cfg.norm_topk_prob,
             scaling=cfg.routed_scaling_factor,
         )
+        # Decode on the CPU through one native call per layer (fused_decode.py); False forces the torch ops.
+        self.fused_decode = True
+        self._fused: FusedDecoder | None | bool = False  # False: not built yet
 
     def new_cache(self, max_tokens: int, batch: int = 1) -> KVCache:
         c = self.cfg
@@ -155,6 +159,10 @@ class Glm4MoeModel:
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
         """Final-normed hidden states [B, T, H] for input_ids at positions start..start+T-1."""
         cfg = self.cfg
+        if self.fused_decode and cache is not None and input_ids.shape == (1, 1):
+            fused = self._fused_decoder()
+            if fused is not None and fused.takes(input_ids, cache):
+                return fused.hidden_states(input_ids, cache, start)
         x = F.embedding(input_ids, self.w.embed)
         positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
@@ -168,6 +176,12 @@ class Glm4MoeModel:
                 self.experts.hint(i, h)
                 x = x + self._moe(i, lw, h)
         return rms_norm(x, self.w.final_norm, cfg.rms_norm_eps)
+
+    def _fused_decoder(self) -> FusedDecoder | None:
+        """Built at the first decoded token (the weights are final by then), None where it cannot be."""
+        if self._fused is False:
+            self._fused = FusedDecoder.build(self)
+        return self._fused  # type: ignore[return-value]
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(hidden, self.w.lm_head)

@@ -408,45 +408,77 @@ void lg_dequant(const lg_qtensor *w, float *out, int nth) {
     }
 }
 
-/* RMSNorm of `rows` rows of n values, as transformers computes it: in fp32, cast back to the
- * input dtype, then times the weight (in that dtype: the product rounded once). One call instead
- * of a handful of torch ops per norm, which is what a decode step on the CPU is made of. */
-void lg_rms_norm(const void *x, int dtype, int rows, int n, const void *weight, float eps, void *out) {
-    for (int r = 0; r < rows; r++) {
-        const size_t off = (size_t)r * n;
-        double ss = 0.0;
-        for (int i = 0; i < n; i++) {
-            const float v = load_val(x, dtype, off + i);
-            ss += (double)v * v;
-        }
-        const float inv = 1.0f / sqrtf((float)(ss / n) + eps);
-        for (int i = 0; i < n; i++) {
-            if (dtype == 1) {
-                const float v = bf16_to_float(((const uint16_t *)x)[off + i]);
-                const float y = bf16_to_float(float_to_bf16(v * inv));
-                ((uint16_t *)out)[off + i] = float_to_bf16(bf16_to_float(((const uint16_t *)weight)[i]) * y);
-            } else {
-                ((float *)out)[off + i] = ((const float *)weight)[i] * (((const float *)x)[off + i] * inv);
-            }
-        }
+/* ---- per-token layer ops ------------------------------------------------------------------------
+ * The helpers work on float rows that hold values already rounded to the model dtype, so the fused
+ * decode layer below and the single ops (called from localglm/layers.py) give the same numbers. */
+
+static inline float rnd(float v, int dtype) { return dtype == 1 ? bf16_to_float(float_to_bf16(v)) : v; }
+
+/* RMSNorm as transformers computes it: in fp32, cast back to the dtype, then times the weight (in
+ * that dtype: the product rounded once). */
+static void norm_row(const float *x, int n, const void *weight, int dtype, float eps, float *out) {
+    double ss = 0.0;
+    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    const float inv = 1.0f / sqrtf((float)(ss / n) + eps);
+    for (int i = 0; i < n; i++) {
+        if (dtype == 1) out[i] = rnd(bf16_to_float(((const uint16_t *)weight)[i]) * rnd(x[i] * inv, 1), 1);
+        else out[i] = ((const float *)weight)[i] * (x[i] * inv);
     }
 }
 
+/* One call instead of a handful of torch ops per norm, which is what a decode step on the CPU is made of. */
+void lg_rms_norm(const void *x, int dtype, int rows, int n, const void *weight, float eps, void *out) {
+    float *buf = malloc(2 * (size_t)n * sizeof(float));
+    if (!buf) return; /* n is a hidden size: a failure here is the process's, not ours to report */
+    for (int r = 0; r < rows; r++) {
+        const size_t off = (size_t)r * n;
+        load_row(x, dtype, off, n, buf);
+        norm_row(buf, n, weight, dtype, eps, buf + n);
+        for (int i = 0; i < n; i++) store(out, dtype, off + i, buf[n + i]);
+    }
+    free(buf);
+}
+
+/* Rotary embedding of one row in place (one position): the first `rot` dims rotate, halves paired
+ * (x * cos + rotate_half(x) * sin), the rest pass through; each product and the sum rounded to
+ * `dtype` as torch's elementwise ops do. `tmp` holds rot floats. */
+static void rope_row(float *x, int rot, const void *cos, const void *sin, int dtype, float *tmp) {
+    const int half = rot / 2;
+    memcpy(tmp, x, (size_t)rot * sizeof(float));
+    for (int i = 0; i < rot; i++) {
+        const float rh = i < half ? -tmp[i + half] : tmp[i - half];
+        const float a = rnd(tmp[i] * load_val(cos, dtype, i), dtype), b = rnd(rh * load_val(sin, dtype, i), dtype);
+        x[i] = rnd(a + b, dtype);
+    }
+}
+
+void lg_rope(const void *x, int dtype, int rows, int hd, int rot, const void *cos, const void *sin, void *out) {
+    float *buf = malloc(((size_t)hd + (size_t)rot) * sizeof(float));
+    if (!buf) return;
+    for (int r = 0; r < rows; r++) {
+        const size_t off = (size_t)r * hd;
+        load_row(x, dtype, off, hd, buf);
+        rope_row(buf, rot, cos, sin, dtype, buf + hd);
+        for (int i = 0; i < hd; i++) store(out, dtype, off + i, buf[i]);
+    }
+    free(buf);
+}
+
 /* One query token against the KV cache, per head: scores = q.k * scale (fp32), softmax (fp32),
- * out = sum p v -- what layers._decode_attention does with torch ops on CPUs without native bf16.
- * q [heads, hd] contiguous; k, v: kv head g, position t at g * stride_head + t * stride_pos;
- * out [heads, hd] contiguous; all of `dtype`. Returns 0, or -1 when out of memory. */
-int lg_decode_attention(const void *q, const void *k, const void *v, int dtype, int heads, int kv_heads, int len, int hd,
-                        long stride_head, long stride_pos, float scale, void *out, int nth) {
+ * out = sum p v (rounded to dtype) -- what layers._decode_attention does with torch ops on CPUs
+ * without native bf16. q [heads, hd] floats; k, v of `dtype`: kv head g, position t at
+ * g * stride_head + t * stride_pos; out [heads, hd] floats. Returns 0, or -1 when out of memory. */
+static int attend(const float *q, const void *k, const void *v, int dtype, int heads, int kv_heads, int len, int hd,
+                  long stride_head, long stride_pos, float scale, float *out, int nth) {
     const int group = heads / kv_heads;
-    float *buf = malloc(sizeof(float) * (size_t)heads * ((size_t)len + 2 * (size_t)hd));
+    float *buf = malloc(sizeof(float) * (size_t)heads * (size_t)len);
     if (!buf) return -1;
     const int par = nth > 1 && (long)heads * len * hd >= (1L << 16);
 #pragma omp parallel for num_threads(nth) schedule(static) if (par)
     for (int h = 0; h < heads; h++) {
-        float *sc = buf + (size_t)h * ((size_t)len + 2 * (size_t)hd), *qf = sc + len, *acc = qf + hd;
+        float *sc = buf + (size_t)h * (size_t)len, *acc = out + (size_t)h * hd;
+        const float *qf = q + (size_t)h * hd;
         const size_t base = (size_t)(h / group) * (size_t)stride_head;
-        for (int i = 0; i < hd; i++) qf[i] = load_val(q, dtype, (size_t)h * hd + i);
         float mx = -INFINITY;
         for (int t = 0; t < len; t++) {
             float s = 0.0f;
@@ -466,31 +498,236 @@ int lg_decode_attention(const void *q, const void *k, const void *v, int dtype, 
             const size_t row = base + (size_t)t * (size_t)stride_pos;
             for (int i = 0; i < hd; i++) acc[i] += p * load_val(v, dtype, row + i);
         }
-        for (int i = 0; i < hd; i++) store(out, dtype, (size_t)h * hd + i, acc[i]);
+        for (int i = 0; i < hd; i++) acc[i] = rnd(acc[i], dtype);
     }
     free(buf);
     return 0;
 }
 
-/* Rotary embedding of `rows` rows of hd values (one position): the first `rot` dims rotate, halves
- * paired (x * cos + rotate_half(x) * sin), the rest pass through; each product and the sum rounded
- * to `dtype` as torch's elementwise ops do. */
-void lg_rope(const void *x, int dtype, int rows, int hd, int rot, const void *cos, const void *sin, void *out) {
-    const int half = rot / 2;
-    for (int r = 0; r < rows; r++) {
-        const size_t off = (size_t)r * hd;
-        for (int i = 0; i < hd; i++) {
-            float y = load_val(x, dtype, off + i);
-            if (i < rot) {
-                const float rh = i < half ? -load_val(x, dtype, off + i + half) : load_val(x, dtype, off + i - half);
-                float a = y * load_val(cos, dtype, i), b = rh * load_val(sin, dtype, i);
-                if (dtype == 1) {
-                    a = bf16_to_float(float_to_bf16(a));
-                    b = bf16_to_float(float_to_bf16(b));
-                }
-                y = a + b;
+int lg_decode_attention(const void *q, const void *k, const void *v, int dtype, int heads, int kv_heads, int len, int hd,
+                        long stride_head, long stride_pos, float scale, void *out, int nth) {
+    const size_t n = (size_t)heads * hd;
+    float *buf = malloc(2 * n * sizeof(float));
+    if (!buf) return -1;
+    load_row(q, dtype, 0, (int)n, buf);
+    const int rc = attend(buf, k, v, dtype, heads, kv_heads, len, hd, stride_head, stride_pos, scale, buf + n, nth);
+    if (rc == 0)
+        for (size_t i = 0; i < n; i++) store(out, dtype, i, buf[n + i]);
+    free(buf);
+    return rc;
+}
+
+/* ---- the fused decode layer ----------------------------------------------------------------------
+ * One token through one decoder layer (pre-norm attention, then a dense SwiGLU MLP or the MoE's
+ * router and shared experts) in one call, because a decode step through torch is ~60 small ops per
+ * layer at ~6 us each: on the CPU that overhead, not the arithmetic, was most of a token. The math
+ * and its rounding points are localglm/layers.py's and router.py's; quantized products are exactly
+ * lg_linear's. Routed experts stay with the caller's ExpertBackend (in RAM, offloaded, quantized),
+ * whose output the next call adds to the residual stream. */
+
+typedef struct {
+    int32_t kind; /* 0 quantized (q), 1 bf16 dense, 2 fp32 dense */
+    int32_t n, k;
+    const void *w;     /* dense: [n, k] row-major */
+    const float *bias; /* fp32 [n] or NULL */
+    lg_qtensor q;
+} lg_mat;
+
+typedef struct {
+    int32_t hidden, heads, kv_heads, hd, rot, dtype;
+    float eps;
+    int32_t moe;     /* 1: router (+ shared experts); 0: dense MLP */
+    int32_t has_mlp; /* the dense MLP, or the shared experts of a MoE layer */
+    int32_t n_experts, top_k, n_group, topk_group, norm_topk;
+    float scaling;
+    const void *input_norm, *post_norm, *q_norm, *k_norm; /* dtype; q/k norm NULL when absent */
+    const float *router_w, *router_bias;                   /* fp32 [E, hidden], [E] */
+    lg_mat qkv, o, gate_up, down;
+} lg_layer;
+
+static float dot_dense(const lg_mat *m, int n, const float *x) {
+    const int K = m->k;
+    float s = 0.0f;
+    int i = 0;
+    if (m->kind == 1) {
+        const uint16_t *r = (const uint16_t *)m->w + (size_t)n * K;
+#ifdef __AVX2__
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        for (; i + 16 <= K; i += 16) {
+            const __m256 w0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(r + i))), 16));
+            const __m256 w1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(r + i + 8))), 16));
+            a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + i), a0);
+            a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + i + 8), a1);
+        }
+        s = hsum256(_mm256_add_ps(a0, a1));
+#endif
+        for (; i < K; i++) s += bf16_to_float(r[i]) * x[i];
+    } else {
+        const float *r = (const float *)m->w + (size_t)n * K;
+#ifdef __AVX2__
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        for (; i + 16 <= K; i += 16) {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(r + i), _mm256_loadu_ps(x + i), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(r + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+        }
+        s = hsum256(_mm256_add_ps(a0, a1));
+#endif
+        for (; i < K; i++) s += r[i] * x[i];
+    }
+    return s;
+}
+
+/* y = m . x (+ bias), each value rounded to dtype. `xa` has room for one quantized row of m->k. */
+static void matvec(const lg_mat *m, const float *x, int dtype, qact *xa, float *y, int nth) {
+    const int N = m->n, K = m->k;
+    if (m->kind == 0) quantize_row(x, K, m->q.bits, QROW(xa, 0, K));
+    const int par = nth > 1 && (size_t)N * K >= (1u << 16);
+#pragma omp parallel for num_threads(nth) schedule(static) if (par)
+    for (int n = 0; n < N; n++) {
+        const float v = m->kind == 0 ? dot_row(&m->q, n, QROW(xa, 0, K)) : dot_dense(m, n, x);
+        y[n] = rnd(v + (m->bias ? m->bias[n] : 0.0f), dtype);
+    }
+}
+
+/* SwiGLU: down(silu(gate(h)) * up(h)), gate_up fused [2I, H]; rounded where torch rounds. */
+static void mlp_vec(const lg_layer *L, const float *h, qact *xa, float *g, float *out, int nth) {
+    const int I = L->down.k, dt = L->dtype;
+    matvec(&L->gate_up, h, dt, xa, g, nth);
+    for (int j = 0; j < I; j++) g[j] = rnd(rnd(silu(g[j]), dt) * g[I + j], dt);
+    matvec(&L->down, g, dt, xa, out, nth);
+}
+
+/* GLM's sigmoid router (localglm/router.py): choose by score + correction bias within the best
+ * topk_group groups (a group scores the sum of its two best), weight by the unbiased scores. Ties go
+ * to the lower index. `sc` holds 2E floats. */
+static void route_vec(const lg_layer *L, const float *h, float *sc, int64_t *ids, float *wts, int nth) {
+    const int E = L->n_experts, H = L->hidden, k = L->top_k;
+    float *choice = sc + E;
+    const int par = nth > 1 && (size_t)E * H >= (1u << 16);
+#pragma omp parallel for num_threads(nth) schedule(static) if (par)
+    for (int e = 0; e < E; e++) {
+        const lg_mat row = {2, E, H, L->router_w, NULL, {0}};
+        sc[e] = 1.0f / (1.0f + expf(-dot_dense(&row, e, h)));
+        choice[e] = sc[e] + L->router_bias[e];
+    }
+    if (L->n_group > 1) {
+        const int G = L->n_group, per = E / G;
+        float gscore[G];
+        int keep[G];
+        for (int g = 0; g < G; g++) {
+            float b1 = -INFINITY, b2 = -INFINITY;
+            for (int e = g * per; e < (g + 1) * per; e++) {
+                const float c = choice[e];
+                if (c > b1) { b2 = b1; b1 = c; } else if (c > b2) b2 = c;
             }
-            store(out, dtype, off + i, y);
+            gscore[g] = per > 1 ? b1 + b2 : b1;
+            keep[g] = 0;
+        }
+        for (int j = 0; j < L->topk_group && j < G; j++) {
+            int best = -1;
+            for (int g = 0; g < G; g++)
+                if (!keep[g] && (best < 0 || gscore[g] > gscore[best])) best = g;
+            keep[best] = 1;
+        }
+        for (int e = 0; e < E; e++)
+            if (!keep[e / per]) choice[e] = -INFINITY;
+    }
+    unsigned char taken[E];
+    memset(taken, 0, (size_t)E);
+    float sum = 0.0f;
+    for (int j = 0; j < k; j++) {
+        int best = -1;
+        for (int e = 0; e < E; e++)
+            if (!taken[e] && (best < 0 || choice[e] > choice[best])) best = e;
+        taken[best] = 1;
+        ids[j] = best;
+        wts[j] = sc[best];
+        sum += wts[j];
+    }
+    for (int j = 0; j < k; j++) wts[j] = (L->norm_topk ? wts[j] / (sum + 1e-20f) : wts[j]) * L->scaling;
+}
+
+/* x = x + (a + b), or x + a without b: the residual add of a MoE layer's routed and shared outputs,
+ * rounded as torch rounds `x + (routed + shared)`. All of `dtype`, n values. */
+void lg_residual_add(void *x, const void *a, const void *b, int dtype, int n) {
+    for (int i = 0; i < n; i++) {
+        const float add = b ? rnd(load_val(a, dtype, i) + load_val(b, dtype, i), dtype) : load_val(a, dtype, i);
+        store(x, dtype, i, load_val(x, dtype, i) + add);
+    }
+}
+
+/* One token through layer L at position `pos`. x [hidden] (dtype) is the residual stream, updated
+ * in place; add_a / add_b (or NULL) are the previous MoE layer's routed and shared outputs, added
+ * first. cos / sin [rot] (dtype) are this position's rotary table. k_cache / v_cache point at this
+ * layer's cache (kv head g, position t at g * stride_head + t * stride_pos, dtype); this token's
+ * k and v are written at pos. A dense layer finishes its MLP here; a MoE layer writes the
+ * post-attention normed hidden state h_out (dtype), the routing (ids int64 / wts fp32 [top_k]) and,
+ * with shared experts, their output mlp_out (dtype), and leaves the routed experts to the caller.
+ * Returns 0, or -1 when out of memory. */
+int lg_decode_layer(const lg_layer *L, void *x, const void *add_a, const void *add_b, const void *cos, const void *sin,
+                    void *k_cache, void *v_cache, long stride_head, long stride_pos, int pos,
+                    void *h_out, int64_t *ids, float *wts, void *mlp_out, int nth) {
+    const int H = L->hidden, hd = L->hd, dt = L->dtype, nq = L->heads * hd, nkv = L->kv_heads * hd;
+    const int inter2 = L->has_mlp ? L->gate_up.n : 0, E = L->moe ? L->n_experts : 0;
+    int kmax = H > nq ? H : nq;
+    if (L->has_mlp && L->down.k > kmax) kmax = L->down.k;
+    const size_t nf = (size_t)H * 4 + (size_t)nq * 2 + (size_t)nkv * 2 + (size_t)inter2 + 2 * (size_t)E + (size_t)hd;
+    float *buf = malloc(nf * sizeof(float));
+    qact xa = {0};
+    if (!buf || !qact_alloc(&xa, 1, (kmax + QB - 1) / QB * QB)) {
+        free(buf);
+        qact_free(&xa);
+        return -1;
+    }
+    float *xf = buf, *hn = xf + H, *o = hn + H, *mo = o + H, *qkv = mo + H, *att = qkv + nq + 2 * nkv;
+    float *g = att + nq, *sc = g + inter2, *tmp = sc + 2 * E;
+    load_row(x, dt, 0, H, xf);
+    if (add_a) {
+        for (int i = 0; i < H; i++) {
+            const float add = add_b ? rnd(load_val(add_a, dt, i) + load_val(add_b, dt, i), dt) : load_val(add_a, dt, i);
+            xf[i] = rnd(xf[i] + add, dt);
         }
     }
+    /* attention */
+    norm_row(xf, H, L->input_norm, dt, L->eps, hn);
+    matvec(&L->qkv, hn, dt, &xa, qkv, nth);
+    float *q = qkv, *k = qkv + nq, *v = k + nkv;
+    for (int r = 0; r < L->heads + L->kv_heads; r++) {
+        float *row = qkv + (size_t)r * hd;
+        const void *nw = r < L->heads ? L->q_norm : L->k_norm;
+        if (nw) {
+            memcpy(tmp, row, (size_t)hd * sizeof(float));
+            norm_row(tmp, hd, nw, dt, L->eps, row);
+        }
+        if (L->rot > 0) rope_row(row, L->rot, cos, sin, dt, tmp);
+    }
+    for (int gk = 0; gk < L->kv_heads; gk++) {
+        const size_t at = (size_t)gk * (size_t)stride_head + (size_t)pos * (size_t)stride_pos;
+        for (int i = 0; i < hd; i++) {
+            store(k_cache, dt, at + i, k[(size_t)gk * hd + i]);
+            store(v_cache, dt, at + i, v[(size_t)gk * hd + i]);
+        }
+    }
+    int rc = attend(q, k_cache, v_cache, dt, L->heads, L->kv_heads, pos + 1, hd, stride_head, stride_pos, (float)(1.0 / sqrt((double)hd)), att, nth);
+    if (rc == 0) {
+        matvec(&L->o, att, dt, &xa, o, nth);
+        for (int i = 0; i < H; i++) xf[i] = rnd(xf[i] + o[i], dt);
+        /* feed-forward */
+        norm_row(xf, H, L->post_norm, dt, L->eps, hn);
+        if (!L->moe) {
+            mlp_vec(L, hn, &xa, g, mo, nth);
+            for (int i = 0; i < H; i++) xf[i] = rnd(xf[i] + mo[i], dt);
+        } else {
+            for (int i = 0; i < H; i++) store(h_out, dt, i, hn[i]);
+            route_vec(L, hn, sc, ids, wts, nth);
+            if (L->has_mlp) {
+                mlp_vec(L, hn, &xa, g, mo, nth);
+                for (int i = 0; i < H; i++) store(mlp_out, dt, i, mo[i]);
+            }
+        }
+        for (int i = 0; i < H; i++) store(x, dt, i, xf[i]);
+    }
+    free(buf);
+    qact_free(&xa);
+    return rc;
 }

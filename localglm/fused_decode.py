@@ -1,0 +1,145 @@
+"""Decode on the CPU with one native call per layer (quant/native/qkernels.c `lg_decode_layer`).
+
+Why: through torch a decoded token is ~60 small ops per layer at ~6 us each, which on the CPU cost
+more than the arithmetic of a small or quantized model. The fused call runs norm, q/k/v, q/k norm,
+RoPE, the cache write, attention, o_proj, the residual, the post-attention norm and then the dense
+MLP, or the MoE router and shared experts, with the rounding points of layers.py. Routed experts
+still go through the model's ExpertBackend (in RAM, quantized, offloaded), so every backend keeps
+its own placement, statistics and prefetch; their output is added at the start of the next call.
+
+`FusedDecoder.build` returns None where the kernels do not take the model (no C compiler, a GPU,
+dtypes other than fp32/bf16, weights in a layout the kernel does not read); the model then decodes
+through the torch ops, as prefill always does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from quant.native import LgLayer, LgMat, NativeLib, native_lib
+
+from .kv_cache import KVCache
+from .layers import rms_norm
+
+if TYPE_CHECKING:
+    from .models.glm4_moe import Glm4MoeModel, LayerWeights
+
+
+@dataclass
+class _FusedLayer:
+    """A layer's C description and everything its pointers point into (kept alive here)."""
+
+    desc: LgLayer
+    keep: list[object]
+    moe: bool
+    has_mlp: bool
+
+
+def _fp32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().float().contiguous()
+
+
+class FusedDecoder:
+    """One-token forward through the fused native layers: `hidden_states` as Glm4MoeModel's."""
+
+    def __init__(self, model: Glm4MoeModel, lib: NativeLib, layers: list[_FusedLayer]) -> None:
+        self.model = model
+        self.lib = lib
+        self.layers = layers
+
+    @classmethod
+    def build(cls, model: Glm4MoeModel) -> FusedDecoder | None:
+        """The fused decoder for this model, or None where the native kernels do not take it."""
+        if model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        lib = native_lib()
+        if lib is None:
+            return None
+        layers = []
+        for lw in model.w.layers:
+            layer = cls._describe(model, lw)
+            if layer is None:
+                return None
+            layers.append(layer)
+        return cls(model, lib, layers)
+
+    @staticmethod
+    def _describe(model: Glm4MoeModel, lw: LayerWeights) -> _FusedLayer | None:
+        cfg, dtype = model.cfg, model.dtype
+        keep: list[object] = []
+
+        def mat(w: object, bias: torch.Tensor | None = None) -> LgMat | None:
+            b = _fp32(bias)
+            keep.extend((w, b))
+            return NativeLib.describe_matrix(w, dtype, b)  # type: ignore[arg-type]
+
+        def vec(t: torch.Tensor | None, want: torch.dtype) -> int | None:
+            if t is None:
+                return None
+            t = t.detach().to(want).contiguous()
+            keep.append(t)
+            return t.data_ptr()
+
+        a = lw.attn
+        mlp = lw.dense_mlp if lw.dense_mlp is not None else lw.shared
+        mats = [mat(a.qkv_weight, a.qkv_bias), mat(a.o_weight)]
+        if mlp is not None:
+            mats += [mat(mlp.gate_up), mat(mlp.down)]
+        if any(m is None for m in mats):
+            return None
+        for t in (lw.input_norm, lw.post_attention_norm, a.q_norm, a.k_norm):
+            if t is not None and (not isinstance(t, torch.Tensor) or t.dtype != dtype or t.device.type != "cpu"):
+                return None
+        moe = lw.router is not None
+        desc = LgLayer(
+            hidden=cfg.hidden_size, heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads, hd=cfg.head_dim,
+            rot=cfg.rotary_dim, dtype=0 if dtype == torch.float32 else 1, eps=cfg.rms_norm_eps,
+            moe=int(moe), has_mlp=int(mlp is not None),
+            n_experts=cfg.n_routed_experts if moe else 0, top_k=cfg.num_experts_per_tok,
+            n_group=cfg.n_group, topk_group=cfg.topk_group, norm_topk=int(cfg.norm_topk_prob),
+            scaling=cfg.routed_scaling_factor,
+            input_norm=vec(lw.input_norm, dtype), post_norm=vec(lw.post_attention_norm, dtype),
+            q_norm=vec(a.q_norm, dtype), k_norm=vec(a.k_norm, dtype),
+            router_w=vec(lw.router.weight, torch.float32) if moe else None,
+            router_bias=vec(lw.router.correction_bias, torch.float32) if moe else None,
+            qkv=mats[0], o=mats[1], gate_up=mats[2] if mlp is not None else LgMat(), down=mats[3] if mlp is not None else LgMat(),
+        )  # fmt: skip
+        return _FusedLayer(desc, keep, moe, mlp is not None)
+
+    def takes(self, input_ids: torch.Tensor, cache: KVCache | None) -> bool:
+        """Whether this call is one the fused path runs: one token of one sequence, a CPU cache of the model dtype."""
+        return (
+            cache is not None
+            and input_ids.shape == (1, 1)
+            and cache.k.shape[1] == 1
+            and cache.k.dtype == self.model.dtype
+            and cache.k.device.type == "cpu"
+        )
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+        """Final-normed hidden state [1, 1, H] of one token at position `start`, its k/v written to the cache."""
+        m, cfg = self.model, self.model.cfg
+        if start + 1 > cache.max_tokens:
+            raise ValueError(f"KV cache overflow: position {start + 1} > context {cache.max_tokens}")
+        x = F.embedding(input_ids, m.w.embed).reshape(cfg.hidden_size).to(m.dtype).contiguous()
+        cos, sin = m.rotary.cos_sin(torch.tensor([start]), m.dtype)
+        threads, k, hidden = torch.get_num_threads(), cfg.num_experts_per_tok, cfg.hidden_size
+        add: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        for i, layer in enumerate(self.layers):
+            h = torch.empty(1, 1, hidden, dtype=m.dtype)
+            ids = torch.empty(1, k, dtype=torch.int64)
+            wts = torch.empty(1, k, dtype=torch.float32)
+            shared = torch.empty(hidden, dtype=m.dtype) if layer.moe and layer.has_mlp else None
+            self.lib.decode_layer(layer.desc, x, add, cos, sin, cache.k[i, 0], cache.v[i, 0], start, h, ids, wts, shared, threads)
+            add = None
+            if layer.moe:
+                m.experts.hint(i, h)
+                routed = m.experts.forward(i, h.view(1, hidden), ids, wts)
+                add = (routed.reshape(hidden).to(m.dtype).contiguous(), shared)
+        if add is not None:
+            self.lib.residual_add(x, *add)
+        return rms_norm(x.view(1, 1, hidden), m.w.final_norm, cfg.rms_norm_eps)

@@ -1,0 +1,101 @@
+"""The fused native decode layer (localglm/fused_decode.py) against the torch ops it replaces.
+
+Both paths round at the same points. Quantized products run through the same native kernel either
+way, so a quantized model's logits and KV cache must be bit-identical; dense bf16 / fp32 products
+sum in another order than torch's GEMV, so those agree to the dtype's rounding (a bf16 value can
+land one ulp apart).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import localglm
+from localglm.fused_decode import FusedDecoder
+from localglm.tiny import TinySpec, make_tiny
+from quant.native import native_lib
+
+pytestmark = pytest.mark.skipif(native_lib() is None, reason="no C compiler: the native kernels cannot be built")
+
+PROMPT = [1, 5, 9, 33, 7, 100, 3, 200, 17, 42]
+SHAPES = {
+    "default": {},
+    "no-bias-no-qknorm-full-rope": dict(attention_bias=False, use_qk_norm=False, partial_rotary_factor=1.0),
+    "groups": dict(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4),
+    "no-shared-all-moe": dict(n_shared_experts=0, first_k_dense_replace=0, norm_topk_prob=False),
+    "two-shared-gqa4": dict(n_shared_experts=2, num_attention_heads=8, num_key_value_heads=2, head_dim=32),
+}
+
+
+def _decode(net: object, fused: bool, prompt: list[int], prefill: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits of each decoded position, and the cache's k / v, decoding prompt[prefill:] one token at a time."""
+    net.fused_decode = fused
+    ids = torch.tensor([prompt])
+    cache = net.new_cache(64)
+    out = []
+    with torch.inference_mode():
+        net.hidden_states(ids[:, :prefill], cache, 0)
+        for p in range(prefill, len(prompt)):
+            out.append(net.lm_head(net.hidden_states(ids[:, p : p + 1], cache, p)[0, -1]).float())
+    return torch.stack(out), cache.k.clone(), cache.v.clone()
+
+
+def _model(tmp_path: Path, name: str, **spec: object) -> Path:
+    return make_tiny(tmp_path / name, TinySpec(**spec))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bf16_fused_decode_matches_the_torch_ops(tmp_path: Path, shape: str) -> None:
+    net = localglm.load(str(_model(tmp_path, shape, **SHAPES[shape]))).net
+    assert net._fused_decoder() is not None
+    (a, ka, va), (b, kb, vb) = _decode(net, True, PROMPT), _decode(net, False, PROMPT)
+    assert (a - b).abs().max() <= 0.02 * b.abs().max()
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    for x, y in ((ka, kb), (va, vb)):  # one bf16 ulp at most
+        assert torch.allclose(x.float(), y.float(), rtol=2**-7, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [dict(experts_bits=4), dict(experts_bits=2, attn_bits=4, shared_bits=4, dense_bits=4)])
+def test_quantized_fused_decode_is_bit_identical(tmp_path: Path, bits: dict) -> None:
+    spec = dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=64, head_dim=32)
+    net = localglm.load(str(_model(tmp_path, "q", **spec)), **bits).net
+    fused = net._fused_decoder()
+    assert fused is not None and any(layer.desc.qkv.kind == 0 for layer in fused.layers)  # quantized attention read packed
+    a, b = _decode(net, True, PROMPT), _decode(net, False, PROMPT)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_fp32_fused_decode_matches_to_rounding(tmp_path: Path) -> None:
+    net = localglm.load(str(_model(tmp_path, "f32", dtype="float32", **SHAPES["groups"]))).net
+    (a, ka, va), (b, kb, vb) = _decode(net, True, PROMPT), _decode(net, False, PROMPT)
+    scale = b.abs().max()
+    assert (a - b).abs().max() <= 1e-5 * scale
+    assert (ka - kb).abs().max() <= 1e-5 and (va - vb).abs().max() <= 1e-5
+    assert not torch.equal(a, torch.zeros_like(a))
+
+
+def test_greedy_generation_is_the_same_through_either_path(tmp_path: Path) -> None:
+    model = localglm.load(str(_model(tmp_path, "gen")))
+    texts = []
+    for fused in (True, False):
+        model.net.fused_decode = fused
+        texts.append(list(model.stream_tokens(PROMPT, max_new_tokens=24, sampling=localglm.SamplingParams(temperature=0), reuse_prefix=False)))
+    assert texts[0] == texts[1] and len(texts[0]) == 24
+
+
+def test_unsupported_models_keep_the_torch_path(tmp_path: Path) -> None:
+    net = localglm.load(str(_model(tmp_path, "f16", dtype="float16")), dtype="float16").net
+    assert FusedDecoder.build(net) is None
+    logits, _, _ = _decode(net, True, PROMPT)
+    assert torch.isfinite(logits).all()
+
+
+def test_fused_decode_refuses_a_full_cache(tmp_path: Path) -> None:
+    net = localglm.load(str(_model(tmp_path, "full"))).net
+    cache = net.new_cache(4)
+    with torch.inference_mode(), pytest.raises(ValueError, match="KV cache overflow"):
+        net.hidden_states(torch.tensor([[3]]), cache, 4)
