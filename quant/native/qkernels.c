@@ -507,41 +507,68 @@ void lg_rope(const void *x, int dtype, int rows, int hd, int rot, const void *co
     free(buf);
 }
 
-/* One query token against the KV cache, per head: scores = q.k * scale (fp32), softmax (fp32),
- * out = sum p v (rounded to dtype) -- what layers._decode_attention does with torch ops on CPUs
- * without native bf16. q [heads, hd] floats; k, v of `dtype`: kv head g, position t at
- * g * stride_head + t * stride_pos; out [heads, hd] floats. Returns 0, or -1 when out of memory. */
+static inline float dotf(const float *a, const float *b, int n) {
+    float s = 0.0f;
+    int i = 0;
+#ifdef __AVX2__
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), a1);
+    }
+    s = hsum256(_mm256_add_ps(a0, a1));
+#endif
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* One query token against the KV cache: scores = q.k * scale (fp32), softmax (fp32), out = sum p v
+ * (rounded to dtype) -- what layers._decode_attention does with torch ops. q [heads, hd] floats;
+ * k, v of `dtype`: kv head g, position t at g * stride_head + t * stride_pos; out [heads, hd]
+ * floats. Each cached k / v row is converted once and used by every query head of its group
+ * (GQA); work is split by (kv head, slice of its query heads) so every thread has some even when
+ * there are fewer kv heads than threads. Returns 0, or -1 when out of memory. */
 static int attend(const float *q, const void *k, const void *v, int dtype, int heads, int kv_heads, int len, int hd,
                   long stride_head, long stride_pos, float scale, float *out, int nth) {
     const int group = heads / kv_heads;
-    float *buf = malloc(sizeof(float) * (size_t)heads * (size_t)len);
+    int split = nth / kv_heads;
+    split = split < 1 ? 1 : split > group ? group : split;
+    const int chunk = (group + split - 1) / split, items = kv_heads * split;
+    const size_t per_item = (size_t)chunk * (size_t)len + (size_t)hd;
+    float *buf = malloc(sizeof(float) * per_item * (size_t)items);
     if (!buf) return -1;
-    const int par = nth > 1 && (long)heads * len * hd >= (1L << 16);
+    const int par = nth > 1 && (long)heads * len * hd >= (1L << 15);
 #pragma omp parallel for num_threads(nth) schedule(static) if (par)
-    for (int h = 0; h < heads; h++) {
-        float *sc = buf + (size_t)h * (size_t)len, *acc = out + (size_t)h * hd;
-        const float *qf = q + (size_t)h * hd;
-        const size_t base = (size_t)(h / group) * (size_t)stride_head;
-        float mx = -INFINITY;
+    for (int it = 0; it < items; it++) {
+        const int g = it / split, h0 = g * group + (it % split) * chunk;
+        const int h1 = h0 + chunk < (g + 1) * group ? h0 + chunk : (g + 1) * group;
+        float *sc = buf + (size_t)it * per_item, *row = sc + (size_t)chunk * (size_t)len;
+        const size_t base = (size_t)g * (size_t)stride_head;
         for (int t = 0; t < len; t++) {
-            float s = 0.0f;
-            const size_t row = base + (size_t)t * (size_t)stride_pos;
-            for (int i = 0; i < hd; i++) s += qf[i] * load_val(k, dtype, row + i);
-            sc[t] = s * scale;
-            mx = sc[t] > mx ? sc[t] : mx;
+            load_row(k, dtype, base + (size_t)t * (size_t)stride_pos, hd, row);
+            for (int h = h0; h < h1; h++) sc[(size_t)(h - h0) * len + t] = dotf(q + (size_t)h * hd, row, hd) * scale;
         }
-        float sum = 0.0f;
+        for (int h = h0; h < h1; h++) {
+            float *s = sc + (size_t)(h - h0) * len, mx = -INFINITY, sum = 0.0f;
+            for (int t = 0; t < len; t++) mx = s[t] > mx ? s[t] : mx;
+            for (int t = 0; t < len; t++) {
+                s[t] = expf(s[t] - mx);
+                sum += s[t];
+            }
+            for (int t = 0; t < len; t++) s[t] = s[t] / sum;
+            float *acc = out + (size_t)h * hd;
+            for (int i = 0; i < hd; i++) acc[i] = 0.0f;
+        }
         for (int t = 0; t < len; t++) {
-            sc[t] = expf(sc[t] - mx);
-            sum += sc[t];
+            load_row(v, dtype, base + (size_t)t * (size_t)stride_pos, hd, row);
+            for (int h = h0; h < h1; h++) {
+                const float p = sc[(size_t)(h - h0) * len + t];
+                float *acc = out + (size_t)h * hd;
+                for (int i = 0; i < hd; i++) acc[i] += p * row[i];
+            }
         }
-        for (int i = 0; i < hd; i++) acc[i] = 0.0f;
-        for (int t = 0; t < len; t++) {
-            const float p = sc[t] / sum;
-            const size_t row = base + (size_t)t * (size_t)stride_pos;
-            for (int i = 0; i < hd; i++) acc[i] += p * load_val(v, dtype, row + i);
-        }
-        for (int i = 0; i < hd; i++) acc[i] = rnd(acc[i], dtype);
+        for (int h = h0; h < h1; h++)
+            for (int i = 0; i < hd; i++) out[(size_t)h * hd + i] = rnd(out[(size_t)h * hd + i], dtype);
     }
     free(buf);
     return 0;
@@ -606,16 +633,7 @@ static float dot_dense(const lg_mat *m, int n, const float *x) {
 #endif
         for (; i < K; i++) s += bf16_to_float(r[i]) * x[i];
     } else {
-        const float *r = (const float *)m->w + (size_t)n * K;
-#ifdef __AVX2__
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        for (; i + 16 <= K; i += 16) {
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(r + i), _mm256_loadu_ps(x + i), a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(r + i + 8), _mm256_loadu_ps(x + i + 8), a1);
-        }
-        s = hsum256(_mm256_add_ps(a0, a1));
-#endif
-        for (; i < K; i++) s += r[i] * x[i];
+        s = dotf((const float *)m->w + (size_t)n * K, x, K);
     }
     return s;
 }
