@@ -137,17 +137,18 @@ static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* 32 codes of block b as unsigned bytes in the permuted order. */
+/* 32 codes of block b as unsigned bytes in the permuted order: the block's bytes broadcast to every
+ * lane, each lane shifted by its own count (one vpsrlvq), then masked -- three instructions. q4: low
+ * nibbles in the low 128 bits, high in the high; q2: 64-bit lane j holds bits 2j..2j+1 of each byte. */
 static inline __m256i codes_q4(const uint8_t *p) {
-    const __m128i v = _mm_loadu_si128((const __m128i *)p), m = _mm_set1_epi8(0x0f);
-    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+    const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_set_epi64x(4, 4, 0, 0)), _mm256_set1_epi8(0x0f));
 }
 
 static inline __m256i codes_q2(const uint8_t *p) {
-    const __m128i v = _mm_loadl_epi64((const __m128i *)p), m = _mm_set1_epi8(0x03);
-    const __m128i lo = _mm_unpacklo_epi64(v, _mm_srli_epi16(v, 2));
-    const __m128i hi = _mm_unpacklo_epi64(_mm_srli_epi16(v, 4), _mm_srli_epi16(v, 6));
-    return _mm256_set_m128i(_mm_and_si128(hi, m), _mm_and_si128(lo, m));
+    int64_t b;
+    memcpy(&b, p, 8);
+    return _mm256_and_si256(_mm256_srlv_epi64(_mm256_set1_epi64x(b), _mm256_set_epi64x(6, 4, 2, 0)), _mm256_set1_epi8(0x03));
 }
 
 static inline __m256i dot_u8s8(__m256i w, __m256i x) {
