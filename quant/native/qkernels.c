@@ -176,13 +176,17 @@ static inline __attribute__((always_inline)) float dot_lowbit_avx2(const uint8_t
             const __m256 d = _mm256_mul_ps(_mm256_mul_ps(s0v, _mm256_i32gather_ps(scale_lut, scv, 4)), _mm256_loadu_ps(xd + b));
             const __m256 mcv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(mc + b))));
             macc = _mm256_fmadd_ps(mcv, _mm256_loadu_ps(xs + b), macc);
+            /* blocks pairwise: two 32-lane integer dots summed per 128-bit half (hadd), one convert,
+             * one FMA against their two scales -- half the float work per block */
             for (int j = 0; j < 8; j += 2) {
                 const __m256i c0 = bits == 4 ? codes_q4(row + (b + j) * blk_bytes) : codes_q2(row + (b + j) * blk_bytes);
                 const __m256i c1 = bits == 4 ? codes_q4(row + (b + j + 1) * blk_bytes) : codes_q2(row + (b + j + 1) * blk_bytes);
                 const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + (size_t)(b + j) * QB));
                 const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + (size_t)(b + j + 1) * QB));
-                acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(c0, x0)), _mm256_permutevar8x32_ps(d, _mm256_set1_epi32(j)), acc0);
-                acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(c1, x1)), _mm256_permutevar8x32_ps(d, _mm256_set1_epi32(j + 1)), acc1);
+                const __m256i p = _mm256_hadd_epi32(dot_u8s8(c0, x0), dot_u8s8(c1, x1)); /* [b0 b0 b1 b1 | b0 b0 b1 b1] */
+                const __m256 dd = _mm256_permutevar8x32_ps(d, _mm256_setr_epi32(j, j, j + 1, j + 1, j, j, j + 1, j + 1));
+                if (j & 2) acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dd, acc1);
+                else acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dd, acc0);
             }
         }
         macc0 = hsum256(macc);
@@ -253,15 +257,16 @@ static float dot_q8(const lg_qtensor *w, int n, const int8_t *xq, const float *x
         const __m256 rv = _mm256_set1_ps(r);
         for (; g + 8 <= ng; g += 8) {
             const __m256 d = _mm256_mul_ps(_mm256_mul_ps(rv, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gsc + g)))), _mm256_loadu_ps(xd + g));
-            for (int j = 0; j < 8; j += 2) {
+            for (int j = 0; j < 8; j += 2) { /* blocks pairwise, as in dot_lowbit_avx2 */
                 const __m256i w0 = _mm256_loadu_si256((const __m256i *)(row + (size_t)(g + j) * QB));
                 const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + (size_t)(g + j) * QB));
                 const __m256i w1 = _mm256_loadu_si256((const __m256i *)(row + (size_t)(g + j + 1) * QB));
                 const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + (size_t)(g + j + 1) * QB));
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(x0, w0))),
-                                      _mm256_permutevar8x32_ps(d, _mm256_set1_epi32(j)), acc);
-                acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(_mm256_sign_epi8(w1, w1), _mm256_sign_epi8(x1, w1))),
-                                       _mm256_permutevar8x32_ps(d, _mm256_set1_epi32(j + 1)), acc1);
+                const __m256i p = _mm256_hadd_epi32(dot_u8s8(_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(x0, w0)),
+                                                    dot_u8s8(_mm256_sign_epi8(w1, w1), _mm256_sign_epi8(x1, w1)));
+                const __m256 dd = _mm256_permutevar8x32_ps(d, _mm256_setr_epi32(j, j, j + 1, j + 1, j, j, j + 1, j + 1));
+                if (j & 2) acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dd, acc1);
+                else acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dd, acc);
             }
         }
         acc = _mm256_add_ps(acc, acc1);
