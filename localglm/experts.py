@@ -148,6 +148,12 @@ class QuantizedExperts:
     def hint(self, layer: int, x: torch.Tensor) -> None:
         return None
 
+    def native_tables(self, layer: int) -> tuple | None:
+        """The layer's expert tables as the native MoE kernel takes them (gate_up, down, inter),
+        or None where the layer runs through torch kernels: the fused decoder then runs the
+        routed experts inside its per-layer call (localglm/fused_decode.py)."""
+        return self._native_layers.get(layer)
+
     def stats_snapshot(self) -> dict[str, str]:
         return {"kernels": self.kernel}
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from quant.native import LgLayer, LgMat, NativeLib, native_lib
 
+from .experts import QuantizedExperts
 from .kv_cache import KVCache
 from .layers import rms_norm
 
@@ -128,15 +129,20 @@ class FusedDecoder:
         x = F.embedding(input_ids, m.w.embed).reshape(cfg.hidden_size).to(m.dtype).contiguous()
         cos, sin = m.rotary.cos_sin(torch.tensor([start]), m.dtype)
         threads, k, hidden = torch.get_num_threads(), cfg.num_experts_per_tok, cfg.hidden_size
+        # Quantized experts in RAM run inside the layer call; any other backend (a wrapper such as
+        # the tracer included) gets its hint and forward calls as in the torch path.
+        tables = m.experts.native_tables if type(m.experts) is QuantizedExperts else None
         add: tuple[torch.Tensor, torch.Tensor | None] | None = None
         for i, layer in enumerate(self.layers):
             h = torch.empty(1, 1, hidden, dtype=m.dtype)
             ids = torch.empty(1, k, dtype=torch.int64)
             wts = torch.empty(1, k, dtype=torch.float32)
             shared = torch.empty(hidden, dtype=m.dtype) if layer.moe and layer.has_mlp else None
-            self.lib.decode_layer(layer.desc, x, add, cos, sin, cache.k[i, 0], cache.v[i, 0], start, h, ids, wts, shared, threads)
+            native = tables(i) if tables is not None and layer.moe else None
+            routed = torch.empty(hidden, dtype=m.dtype) if native is not None else None
+            self.lib.decode_layer(layer.desc, x, add, cos, sin, cache.k[i, 0], cache.v[i, 0], start, h, ids, wts, shared, threads, native, routed)
             add = None
-            if layer.moe:
+            if layer.moe and native is None:
                 m.experts.hint(i, h)
                 routed = m.experts.forward(i, h.view(1, hidden), ids, wts)
                 add = (routed.reshape(hidden).to(m.dtype).contiguous(), shared)

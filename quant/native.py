@@ -142,7 +142,7 @@ class NativeLib:
         lg = ctypes.c_long
         self._lib.lg_decode_attention.argtypes = [p, p, p, i, i, i, i, i, lg, lg, ctypes.c_float, p, i]
         self._lib.lg_decode_attention.restype = i
-        self._lib.lg_decode_layer.argtypes = [ctypes.POINTER(LgLayer), p, p, p, p, p, p, p, lg, lg, i, p, p, p, p, i]
+        self._lib.lg_decode_layer.argtypes = [ctypes.POINTER(LgLayer), p, p, p, p, p, p, p, lg, lg, i, p, p, p, p, p, p, i, p, i]
         self._lib.lg_decode_layer.restype = i
         self._lib.lg_residual_add.argtypes = [p, p, p, i, i]
         self._lib.lg_residual_add.restype = None
@@ -230,16 +230,21 @@ class NativeLib:
 
     def decode_layer(self, layer: LgLayer, x: torch.Tensor, add: tuple[torch.Tensor, torch.Tensor | None] | None,
                      cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int,
-                     h_out: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor, mlp_out: torch.Tensor | None, threads: int) -> None:
+                     h_out: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor, mlp_out: torch.Tensor | None, threads: int,
+                     experts: tuple[ctypes.Array, ctypes.Array, int] | None = None, routed_out: torch.Tensor | None = None) -> None:
         """One token through one layer (qkernels.c `lg_decode_layer`): x updated in place; the
-        caller has checked every shape and dtype (localglm/fused_decode.py)."""
+        caller has checked every shape and dtype (localglm/fused_decode.py). With `experts` (the
+        layer's quantized expert tables, as `moe` takes them) the routed experts run in the same
+        call, into `routed_out`, and x comes back with the whole layer added."""
         a = b = None
         if add is not None:
             a, b = add[0].data_ptr(), None if add[1] is None else add[1].data_ptr()
         rc = self._lib.lg_decode_layer(ctypes.byref(layer), x.data_ptr(), a, b, cos.data_ptr(), sin.data_ptr(),
                                        k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), pos,
                                        h_out.data_ptr(), ids.data_ptr(), wts.data_ptr(),
-                                       None if mlp_out is None else mlp_out.data_ptr(), threads)
+                                       None if mlp_out is None else mlp_out.data_ptr(),
+                                       *(experts if experts is not None else (None, None, 0)),
+                                       None if routed_out is None else routed_out.data_ptr(), threads)
         if rc:
             raise MemoryError("native decode layer: out of memory")
 

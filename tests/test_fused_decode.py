@@ -99,3 +99,17 @@ def test_fused_decode_refuses_a_full_cache(tmp_path: Path) -> None:
     cache = net.new_cache(4)
     with torch.inference_mode(), pytest.raises(ValueError, match="KV cache overflow"):
         net.hidden_states(torch.tensor([[3]]), cache, 4)
+
+
+def test_a_wrapped_backend_still_sees_every_decoded_layer(tmp_path: Path) -> None:
+    """Quantized experts run inside the layer call only when the backend is QuantizedExperts itself:
+    a wrapper (the routing tracer here) keeps getting its forward call for every MoE layer."""
+    from offload.trace import attach_tracer
+
+    spec = dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=64, head_dim=32)
+    model = localglm.load(str(_model(tmp_path, "traced", **spec)), experts_bits=4)
+    rec = attach_tracer(model)
+    steps = 6
+    list(model.stream_tokens(PROMPT, max_new_tokens=steps, sampling=localglm.SamplingParams(temperature=0), reuse_prefix=False))
+    moe_layers = len(rec.trace.moe_layers)
+    assert len(rec.trace.calls) == moe_layers * steps  # the prefill call, then steps - 1 decoded tokens

@@ -729,11 +729,14 @@ void lg_residual_add(void *x, const void *a, const void *b, int dtype, int n) {
  * layer's cache (kv head g, position t at g * stride_head + t * stride_pos, dtype); this token's
  * k and v are written at pos. A dense layer finishes its MLP here; a MoE layer writes the
  * post-attention normed hidden state h_out (dtype), the routing (ids int64 / wts fp32 [top_k]) and,
- * with shared experts, their output mlp_out (dtype), and leaves the routed experts to the caller.
+ * with shared experts, their output mlp_out (dtype), and leaves the routed experts to the caller --
+ * unless it passes them as quantized tables (exp_gate_up / exp_down [n_experts], lg_moe's), then
+ * they run here too (into routed_out, dtype) and x comes back with the whole layer added.
  * Returns 0, or -1 when out of memory. */
 int lg_decode_layer(const lg_layer *L, void *x, const void *add_a, const void *add_b, const void *cos, const void *sin,
                     void *k_cache, void *v_cache, long stride_head, long stride_pos, int pos,
-                    void *h_out, int64_t *ids, float *wts, void *mlp_out, int nth) {
+                    void *h_out, int64_t *ids, float *wts, void *mlp_out,
+                    const lg_qtensor *exp_gate_up, const lg_qtensor *exp_down, int exp_inter, void *routed_out, int nth) {
     const int H = L->hidden, hd = L->hd, dt = L->dtype, nq = L->heads * hd, nkv = L->kv_heads * hd;
     const int inter2 = L->has_mlp ? L->gate_up.n : 0, E = L->moe ? L->n_experts : 0;
     int kmax = H > nq ? H : nq;
@@ -790,6 +793,13 @@ int lg_decode_layer(const lg_layer *L, void *x, const void *add_a, const void *a
             if (L->has_mlp) {
                 mlp_vec(L, hn, &xa, g, mo, nth);
                 for (int i = 0; i < H; i++) store(mlp_out, dt, i, mo[i]);
+            }
+            if (exp_gate_up) {
+                rc = lg_moe(1, H, exp_inter, h_out, dt, L->top_k, ids, wts, exp_gate_up, exp_down, L->n_experts, routed_out, nth);
+                for (int i = 0; i < H && rc == 0; i++) {
+                    const float r = load_val(routed_out, dt, i);
+                    xf[i] = rnd(xf[i] + (L->has_mlp ? rnd(r + mo[i], dt) : r), dt);
+                }
             }
         }
         for (int i = 0; i < H; i++) store(x, dt, i, xf[i]);
