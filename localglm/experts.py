@@ -159,7 +159,9 @@ class QuantizedExperts:
 
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
         native = self._native_layers.get(layer)
-        if native is not None and x.shape[0] <= NATIVE_MAX_ROWS:
+        # One native call for the layer while no expert has more tokens than the native kernel takes
+        # (each expert alone would then run natively too: the same numbers either way).
+        if native is not None and (x.shape[0] <= NATIVE_MAX_ROWS or int(torch.bincount(expert_ids.reshape(-1)).max()) <= NATIVE_MAX_ROWS):
             gu, dn, inter = native
             return self.native.moe(gu, dn, inter, x, expert_ids, expert_weights).to(x.dtype)
         experts = self.prepared[layer]

@@ -71,6 +71,25 @@ def test_linear_matches_oracle(lib: NativeLib, name: str, tokens: int) -> None:
     assert float((y - exact).norm() / exact.norm()) < 0.02
 
 
+@pytest.mark.parametrize("name", SPECS)
+@pytest.mark.parametrize("k", [256, 352, 384])  # 11 and 12 blocks: the tails after the eight-block steps run too
+def test_a_token_gets_the_same_numbers_in_any_tile(lib: NativeLib, name: str, k: int) -> None:
+    """Tokens are multiplied four at a time; each token's result must not depend on its tile
+    (offloaded experts, computed alone, must equal the same experts in a whole-layer call)."""
+    torch.manual_seed(1)
+    if k % spec(name).group:
+        pytest.skip(f"K={k} is not a multiple of {name}'s group")
+    qt = QuantTensor.quantize(torch.randn(40, k) * 0.02, spec(name), torch.float32)
+    if not lib.supports(qt):
+        pytest.skip(f"{name} not taken by the native kernels yet")
+    desc = lib.describe(qt)
+    x = torch.randn(7, k)  # tiles of 4 and 3
+    together = lib.linear(desc, x)
+    alone = torch.cat([lib.linear(desc, x[t : t + 1]) for t in range(7)])
+    pairs = torch.cat([lib.linear(desc, x[t : t + 2]) for t in range(0, 6, 2)] + [lib.linear(desc, x[6:])])
+    assert torch.equal(together, alone) and torch.equal(together, pairs)
+
+
 def test_zero_activation_block(lib: NativeLib) -> None:
     qt = QuantTensor.quantize(torch.randn(32, 64), QuantSpec.for_bits(4), torch.float32)
     x = torch.zeros(1, 64)

@@ -156,74 +156,145 @@ static inline __m256i dot_u8s8(__m256i w, __m256i x) {
 }
 #endif
 
+/* Up to NT_MAX activation rows (tokens) against one weight row at a time: a weight block's codes
+ * and scales are unpacked once and used by every token of the tile, which is where batches
+ * (prefill, an expert chosen by several tokens) gain. Each token's arithmetic is the same
+ * sequence of operations whatever the tile size, so a token's result does not depend on which
+ * other tokens shared its tile. */
+#define NT_MAX 4
+
+typedef struct {
+    const int8_t *q[NT_MAX];
+    const float *d[NT_MAX], *s[NT_MAX];
+} qrows;
+
 #ifdef __AVX2__
-/* The AVX2 body, inlined with a constant `bits`; blocks two at a time into two accumulators so
- * consecutive FMAs do not wait on each other. */
-static inline __attribute__((always_inline)) float dot_lowbit_avx2(const uint8_t *row, const uint8_t *sc, const int8_t *mc, float s0, float m0,
-                                                                    int nblocks, int bpg, const int8_t *xq, const float *xd, const float *xs, const int bits) {
+/* The AVX2 body, inlined with constant `bits` and `nt`. One scale per block (the default group of
+ * 32): eight blocks' scales at once (a gather from the log-scale table, times the activation
+ * scales), broadcast by lane permutes; blocks pairwise, their integer dots summed per 128-bit half
+ * (hadd) before one convert and FMA; the offsets' sum as one vector FMA per eight blocks. */
+static inline __attribute__((always_inline)) void lowbit_tile_avx2(const uint8_t *row, const uint8_t *sc, const int8_t *mc, float s0, float m0,
+                                                                    int nblocks, int bpg, const qrows *x, const int nt, const int bits, float *out) {
     const size_t blk_bytes = QB * bits / 8;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    float macc0 = 0.0f, macc1 = 0.0f;
+    __m256 acc0[NT_MAX], acc1[NT_MAX];
+    float macc0[NT_MAX], macc1[NT_MAX];
+    for (int t = 0; t < nt; t++) {
+        acc0[t] = acc1[t] = _mm256_setzero_ps();
+        macc0[t] = macc1[t] = 0.0f;
+    }
     int b = 0;
     if (bpg == 1) {
-        /* One scale per block (the default group of 32): eight blocks' scales at once (a gather from
-         * the log-scale table, times the activation scales), each then broadcast by a lane permute,
-         * and the offsets' sum as one vector FMA: about a third fewer instructions per block. */
         const __m256 s0v = _mm256_set1_ps(s0);
-        __m256 macc = _mm256_setzero_ps();
+        __m256 macc[NT_MAX];
+        for (int t = 0; t < nt; t++) macc[t] = _mm256_setzero_ps();
         for (; b + 8 <= nblocks; b += 8) {
             const __m256i scv = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sc + b)));
-            const __m256 d = _mm256_mul_ps(_mm256_mul_ps(s0v, _mm256_i32gather_ps(scale_lut, scv, 4)), _mm256_loadu_ps(xd + b));
+            const __m256 ws = _mm256_mul_ps(s0v, _mm256_i32gather_ps(scale_lut, scv, 4));
             const __m256 mcv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(mc + b))));
-            macc = _mm256_fmadd_ps(mcv, _mm256_loadu_ps(xs + b), macc);
-            /* blocks pairwise: two 32-lane integer dots summed per 128-bit half (hadd), one convert,
-             * one FMA against their two scales -- half the float work per block */
+            __m256 d[NT_MAX];
+            for (int t = 0; t < nt; t++) {
+                d[t] = _mm256_mul_ps(ws, _mm256_loadu_ps(x->d[t] + b));
+                macc[t] = _mm256_fmadd_ps(mcv, _mm256_loadu_ps(x->s[t] + b), macc[t]);
+            }
             for (int j = 0; j < 8; j += 2) {
                 const __m256i c0 = bits == 4 ? codes_q4(row + (b + j) * blk_bytes) : codes_q2(row + (b + j) * blk_bytes);
                 const __m256i c1 = bits == 4 ? codes_q4(row + (b + j + 1) * blk_bytes) : codes_q2(row + (b + j + 1) * blk_bytes);
-                const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + (size_t)(b + j) * QB));
-                const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + (size_t)(b + j + 1) * QB));
-                const __m256i p = _mm256_hadd_epi32(dot_u8s8(c0, x0), dot_u8s8(c1, x1)); /* [b0 b0 b1 b1 | b0 b0 b1 b1] */
-                const __m256 dd = _mm256_permutevar8x32_ps(d, _mm256_setr_epi32(j, j, j + 1, j + 1, j, j, j + 1, j + 1));
-                if (j & 2) acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dd, acc1);
-                else acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dd, acc0);
+                const __m256i idx = _mm256_setr_epi32(j, j, j + 1, j + 1, j, j, j + 1, j + 1);
+                for (int t = 0; t < nt; t++) {
+                    const __m256i x0 = _mm256_loadu_si256((const __m256i *)(x->q[t] + (size_t)(b + j) * QB));
+                    const __m256i x1 = _mm256_loadu_si256((const __m256i *)(x->q[t] + (size_t)(b + j + 1) * QB));
+                    const __m256i p = _mm256_hadd_epi32(dot_u8s8(c0, x0), dot_u8s8(c1, x1)); /* [b0 b0 b1 b1 | b0 b0 b1 b1] */
+                    const __m256 dd = _mm256_permutevar8x32_ps(d[t], idx);
+                    if (j & 2) acc1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dd, acc1[t]);
+                    else acc0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dd, acc0[t]);
+                }
             }
         }
-        macc0 = hsum256(macc);
+        for (int t = 0; t < nt; t++) macc0[t] = hsum256(macc[t]);
     }
     for (; b + 1 < nblocks; b += 2) {
         const int g0 = b / bpg, g1 = (b + 1) / bpg;
         const __m256i c0 = bits == 4 ? codes_q4(row + b * blk_bytes) : codes_q2(row + b * blk_bytes);
         const __m256i c1 = bits == 4 ? codes_q4(row + (b + 1) * blk_bytes) : codes_q2(row + (b + 1) * blk_bytes);
-        const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + (size_t)b * QB));
-        const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + (size_t)(b + 1) * QB));
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(c0, x0)), _mm256_set1_ps(s0 * scale_lut[sc[g0]] * xd[b]), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(c1, x1)), _mm256_set1_ps(s0 * scale_lut[sc[g1]] * xd[b + 1]), acc1);
-        macc0 += (float)mc[g0] * xs[b];
-        macc1 += (float)mc[g1] * xs[b + 1];
+        const float w0 = s0 * scale_lut[sc[g0]], w1 = s0 * scale_lut[sc[g1]];
+        for (int t = 0; t < nt; t++) {
+            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(x->q[t] + (size_t)b * QB));
+            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(x->q[t] + (size_t)(b + 1) * QB));
+            acc0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(c0, x0)), _mm256_set1_ps(w0 * x->d[t][b]), acc0[t]);
+            acc1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(c1, x1)), _mm256_set1_ps(w1 * x->d[t][b + 1]), acc1[t]);
+            macc0[t] += (float)mc[g0] * x->s[t][b];
+            macc1[t] += (float)mc[g1] * x->s[t][b + 1];
+        }
     }
     if (b < nblocks) {
         const int g = b / bpg;
         const __m256i c = bits == 4 ? codes_q4(row + b * blk_bytes) : codes_q2(row + b * blk_bytes);
-        const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (size_t)b * QB));
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(c, x)), _mm256_set1_ps(s0 * scale_lut[sc[g]] * xd[b]), acc0);
-        macc0 += (float)mc[g] * xs[b];
+        const float w0 = s0 * scale_lut[sc[g]];
+        for (int t = 0; t < nt; t++) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(x->q[t] + (size_t)b * QB));
+            acc0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(c, xv)), _mm256_set1_ps(w0 * x->d[t][b]), acc0[t]);
+            macc0[t] += (float)mc[g] * x->s[t][b];
+        }
     }
-    return hsum256(_mm256_add_ps(acc0, acc1)) + m0 * (macc0 + macc1);
+    for (int t = 0; t < nt; t++) out[t] = hsum256(_mm256_add_ps(acc0[t], acc1[t])) + m0 * (macc0[t] + macc1[t]);
+}
+
+/* q8 the same way: fp16 group scales eight at a time (F16C), blocks pairwise. */
+static inline __attribute__((always_inline)) void q8_tile_avx2(const int8_t *row, const uint16_t *gsc, float r, int ng, int bpg,
+                                                                const qrows *x, const int nt, float *out) {
+    __m256 acc[NT_MAX], acc1[NT_MAX];
+    for (int t = 0; t < nt; t++) acc[t] = acc1[t] = _mm256_setzero_ps();
+    int g = 0;
+#ifdef __F16C__
+    if (bpg == 1) {
+        const __m256 rv = _mm256_set1_ps(r);
+        for (; g + 8 <= ng; g += 8) {
+            const __m256 ws = _mm256_mul_ps(rv, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gsc + g))));
+            __m256 d[NT_MAX];
+            for (int t = 0; t < nt; t++) d[t] = _mm256_mul_ps(ws, _mm256_loadu_ps(x->d[t] + g));
+            for (int j = 0; j < 8; j += 2) {
+                const __m256i w0 = _mm256_loadu_si256((const __m256i *)(row + (size_t)(g + j) * QB));
+                const __m256i w1 = _mm256_loadu_si256((const __m256i *)(row + (size_t)(g + j + 1) * QB));
+                const __m256i a0 = _mm256_sign_epi8(w0, w0), a1 = _mm256_sign_epi8(w1, w1);
+                const __m256i idx = _mm256_setr_epi32(j, j, j + 1, j + 1, j, j, j + 1, j + 1);
+                for (int t = 0; t < nt; t++) {
+                    const __m256i x0 = _mm256_loadu_si256((const __m256i *)(x->q[t] + (size_t)(g + j) * QB));
+                    const __m256i x1 = _mm256_loadu_si256((const __m256i *)(x->q[t] + (size_t)(g + j + 1) * QB));
+                    const __m256i p = _mm256_hadd_epi32(dot_u8s8(a0, _mm256_sign_epi8(x0, w0)), dot_u8s8(a1, _mm256_sign_epi8(x1, w1)));
+                    const __m256 dd = _mm256_permutevar8x32_ps(d[t], idx);
+                    if (j & 2) acc1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dd, acc1[t]);
+                    else acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dd, acc[t]);
+                }
+            }
+        }
+    }
+#endif
+    for (int t = 0; t < nt; t++) acc[t] = _mm256_add_ps(acc[t], acc1[t]);
+    for (; g < ng; g++) {
+        const float sg = r * half_to_float(gsc[g]);
+        for (int j = 0; j < bpg; j++) {
+            const int b = g * bpg + j;
+            const __m256i wv = _mm256_loadu_si256((const __m256i *)(row + (size_t)b * QB));
+            const __m256i av = _mm256_sign_epi8(wv, wv);
+            for (int t = 0; t < nt; t++) {
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(x->q[t] + (size_t)b * QB));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(av, _mm256_sign_epi8(xv, wv))), _mm256_set1_ps(sg * x->d[t][b]), acc[t]);
+            }
+        }
+    }
+    for (int t = 0; t < nt; t++) out[t] = hsum256(acc[t]);
 }
 #endif
 
-/* dot(row n of w, one quantized activation row) for q2 / q4: sum_g s_g * sum(c x) + m_g * sum(x), x rounded. */
-static float dot_lowbit(const lg_qtensor *w, int n, const int8_t *xq, const float *xd, const float *xs) {
+#ifndef __AVX2__
+/* The portable path. dot(row n of w, one quantized activation row) for q2 / q4:
+ * sum_g s_g * sum(c x) + m_g * sum(x), x rounded. */
+static float dot_lowbit_scalar(const lg_qtensor *w, int n, const int8_t *xq, const float *xd, const float *xs) {
     const int K = w->k, G = w->group, ng = K / G, bpg = G / QB, bits = w->bits;
     const uint8_t *row = w->data + (size_t)n * ((size_t)K * bits / 8);
     const uint8_t *sc = w->gs + (size_t)n * ng;
     const int8_t *mc = w->gm + (size_t)n * ng;
     const float s0 = w->rowf[2 * (size_t)n], m0 = w->rowf[2 * (size_t)n + 1] / 127.0f;
-#ifdef __AVX2__
-    return bits == 4 ? dot_lowbit_avx2(row, sc, mc, s0, m0, K / QB, bpg, xq, xd, xs, 4)
-                     : dot_lowbit_avx2(row, sc, mc, s0, m0, K / QB, bpg, xq, xd, xs, 2);
-#else
     const int per = 8 / bits, nb = QB / per, mask = (1 << bits) - 1;
     const size_t blk_bytes = QB * bits / 8;
     float acc = 0.0f, macc = 0.0f;
@@ -240,50 +311,13 @@ static float dot_lowbit(const lg_qtensor *w, int n, const int8_t *xq, const floa
         }
     }
     return acc + macc;
-#endif
 }
 
-static float dot_q8(const lg_qtensor *w, int n, const int8_t *xq, const float *xd) {
+static float dot_q8_scalar(const lg_qtensor *w, int n, const int8_t *xq, const float *xd) {
     const int K = w->k, G = w->group, ng = K / G, bpg = G / QB;
     const int8_t *row = (const int8_t *)w->data + (size_t)n * K;
     const uint16_t *gsc = (const uint16_t *)w->gs + (size_t)n * ng;
     const float r = w->rowf[n];
-#ifdef __AVX2__
-    __m256 acc = _mm256_setzero_ps();
-    int g = 0;
-#ifdef __F16C__
-    if (bpg == 1) { /* as in dot_lowbit_avx2: eight block scales at once, broadcast by lane permutes */
-        __m256 acc1 = _mm256_setzero_ps();
-        const __m256 rv = _mm256_set1_ps(r);
-        for (; g + 8 <= ng; g += 8) {
-            const __m256 d = _mm256_mul_ps(_mm256_mul_ps(rv, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gsc + g)))), _mm256_loadu_ps(xd + g));
-            for (int j = 0; j < 8; j += 2) { /* blocks pairwise, as in dot_lowbit_avx2 */
-                const __m256i w0 = _mm256_loadu_si256((const __m256i *)(row + (size_t)(g + j) * QB));
-                const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + (size_t)(g + j) * QB));
-                const __m256i w1 = _mm256_loadu_si256((const __m256i *)(row + (size_t)(g + j + 1) * QB));
-                const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + (size_t)(g + j + 1) * QB));
-                const __m256i p = _mm256_hadd_epi32(dot_u8s8(_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(x0, w0)),
-                                                    dot_u8s8(_mm256_sign_epi8(w1, w1), _mm256_sign_epi8(x1, w1)));
-                const __m256 dd = _mm256_permutevar8x32_ps(d, _mm256_setr_epi32(j, j, j + 1, j + 1, j, j, j + 1, j + 1));
-                if (j & 2) acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dd, acc1);
-                else acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dd, acc);
-            }
-        }
-        acc = _mm256_add_ps(acc, acc1);
-    }
-#endif
-    for (; g < ng; g++) {
-        const float sg = r * half_to_float(gsc[g]);
-        for (int j = 0; j < bpg; j++) {
-            const int b = g * bpg + j;
-            const __m256i wv = _mm256_loadu_si256((const __m256i *)(row + (size_t)b * QB));
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)b * QB));
-            const __m256i i32 = dot_u8s8(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), _mm256_set1_ps(sg * xd[b]), acc);
-        }
-    }
-    return hsum256(acc);
-#else
     float acc = 0.0f;
     for (int g = 0; g < ng; g++) {
         const float sg = r * half_to_float(gsc[g]);
@@ -295,11 +329,45 @@ static float dot_q8(const lg_qtensor *w, int n, const int8_t *xq, const float *x
         }
     }
     return acc;
+}
+#endif
+
+#ifdef __AVX2__
+#define TILE_CASES(F, ...) \
+    switch (nt) { case 1: F(__VA_ARGS__, 1); break; case 2: F(__VA_ARGS__, 2); break; case 3: F(__VA_ARGS__, 3); break; default: F(__VA_ARGS__, 4); }
+#endif
+
+/* out[t] = dot(row n of w, activation row t) for the nt <= NT_MAX rows of x. */
+static void dot_rows(const lg_qtensor *w, int n, int nt, const qrows *x, float *out) {
+    const int K = w->k, G = w->group, ng = K / G, bpg = G / QB;
+#ifdef __AVX2__
+    if (w->bits == 8) {
+        const int8_t *row = (const int8_t *)w->data + (size_t)n * K;
+        const uint16_t *gsc = (const uint16_t *)w->gs + (size_t)n * ng;
+#define Q8_TILE(nt_) q8_tile_avx2(row, gsc, w->rowf[n], ng, bpg, x, nt_, out)
+#define Q8_CALL(dummy, nt_) Q8_TILE(nt_)
+        TILE_CASES(Q8_CALL, 0)
+    } else {
+        const uint8_t *row = w->data + (size_t)n * ((size_t)K * w->bits / 8);
+        const uint8_t *sc = w->gs + (size_t)n * ng;
+        const int8_t *mc = w->gm + (size_t)n * ng;
+        const float s0 = w->rowf[2 * (size_t)n], m0 = w->rowf[2 * (size_t)n + 1] / 127.0f;
+#define LB_CALL(bits_, nt_) lowbit_tile_avx2(row, sc, mc, s0, m0, K / QB, bpg, x, nt_, bits_, out)
+        if (w->bits == 4) { TILE_CASES(LB_CALL, 4) }
+        else { TILE_CASES(LB_CALL, 2) }
+    }
+#else
+    (void)ng; (void)bpg;
+    for (int t = 0; t < nt; t++)
+        out[t] = w->bits == 8 ? dot_q8_scalar(w, n, x->q[t], x->d[t]) : dot_lowbit_scalar(w, n, x->q[t], x->d[t], x->s[t]);
 #endif
 }
 
 static inline float dot_row(const lg_qtensor *w, int n, const int8_t *xq, const float *xd, const float *xs) {
-    return w->bits == 8 ? dot_q8(w, n, xq, xd) : dot_lowbit(w, n, xq, xd, xs);
+    const qrows x = {{xq}, {xd}, {xs}};
+    float out;
+    dot_rows(w, n, 1, &x, &out);
+    return out;
 }
 
 typedef struct {
@@ -322,6 +390,13 @@ static void qact_free(qact *a) {
 
 #define QROW(a, r, k) ((a)->q + (size_t)(r) * (k)), ((a)->d + (size_t)(r) * ((k) / QB)), ((a)->s + (size_t)(r) * ((k) / QB))
 
+/* Point tile slot j at activation row r of a (rows of k values). */
+static inline void tile_set(qrows *x, int j, const qact *a, size_t r, int k) {
+    x->q[j] = a->q + r * (size_t)k;
+    x->d[j] = a->d + r * (size_t)(k / QB);
+    x->s[j] = a->s + r * (size_t)(k / QB);
+}
+
 /* y[t, n] = x[t] . w[n] (+ bias[n]) for t < T: a quantized linear layer; x and y of dtype 0 (fp32)
  * or 1 (bf16), bias fp32. Returns 0, or -1 when out of memory. */
 int lg_linear(const lg_qtensor *w, int T, const void *x, int x_dtype, const float *bias, void *y, int y_dtype, int nth) {
@@ -341,7 +416,14 @@ int lg_linear(const lg_qtensor *w, int T, const void *x, int x_dtype, const floa
 #pragma omp parallel for num_threads(nth) schedule(static) if (par)
     for (int n = 0; n < N; n++) {
         const float b = bias ? bias[n] : 0.0f;
-        for (int t = 0; t < T; t++) store(y, y_dtype, (size_t)t * N + n, dot_row(w, n, QROW(&a, t, K)) + b);
+        for (int t0 = 0; t0 < T; t0 += NT_MAX) {
+            const int nt = T - t0 < NT_MAX ? T - t0 : NT_MAX;
+            qrows xr;
+            float o[NT_MAX];
+            for (int j = 0; j < nt; j++) tile_set(&xr, j, &a, (size_t)(t0 + j), K);
+            dot_rows(w, n, nt, &xr, o);
+            for (int j = 0; j < nt; j++) store(y, y_dtype, (size_t)(t0 + j) * N + n, o[j] + b);
+        }
     }
     free(row);
     qact_free(&a);
@@ -397,8 +479,14 @@ int lg_moe(int T, int H, int I, const void *x, int dtype, int k, const int64_t *
         for (long it = 0; it < gate_items; it++) {
             const int s = (int)(it / I2), n = (int)(it % I2);
             const lg_qtensor *w = &gate_up[seg_e[s]];
-            for (int i = seg_start[s]; i < seg_start[s + 1]; i++)
-                h1[(size_t)i * I2 + n] = dot_row(w, n, QROW(&xa, order[i] / k, H));
+            for (int i0 = seg_start[s]; i0 < seg_start[s + 1]; i0 += NT_MAX) { /* the expert's tokens, NT_MAX at a time */
+                const int nt = seg_start[s + 1] - i0 < NT_MAX ? seg_start[s + 1] - i0 : NT_MAX;
+                qrows xr;
+                float o[NT_MAX];
+                for (int j = 0; j < nt; j++) tile_set(&xr, j, &xa, (size_t)(order[i0 + j] / k), H);
+                dot_rows(w, n, nt, &xr, o);
+                for (int j = 0; j < nt; j++) h1[(size_t)(i0 + j) * I2 + n] = o[j];
+            }
         }
 #pragma omp for schedule(static)
         for (int i = 0; i < P; i++) {
@@ -410,7 +498,14 @@ int lg_moe(int T, int H, int I, const void *x, int dtype, int k, const int64_t *
         for (long it = 0; it < down_items; it++) {
             const int s = (int)(it / H), n = (int)(it % H);
             const lg_qtensor *w = &down[seg_e[s]];
-            for (int i = seg_start[s]; i < seg_start[s + 1]; i++) y[(size_t)i * H + n] = dot_row(w, n, QROW(&ha, i, I));
+            for (int i0 = seg_start[s]; i0 < seg_start[s + 1]; i0 += NT_MAX) {
+                const int nt = seg_start[s + 1] - i0 < NT_MAX ? seg_start[s + 1] - i0 : NT_MAX;
+                qrows xr;
+                float o[NT_MAX];
+                for (int j = 0; j < nt; j++) tile_set(&xr, j, &ha, (size_t)(i0 + j), I);
+                dot_rows(w, n, nt, &xr, o);
+                for (int j = 0; j < nt; j++) y[(size_t)(i0 + j) * H + n] = o[j];
+            }
         }
         /* out[t] = sum of its pairs' outputs, in expert order (pair i runs in sorted order) */
 #pragma omp for schedule(static)
