@@ -51,6 +51,21 @@ class FusedDecoder:
         self.model = model
         self.lib = lib
         self.layers = layers
+        self._descs = (LgLayer * len(layers))(*(layer.desc for layer in layers))  # for the one-call-per-token path
+        self._tables: tuple[object, tuple | None] | None = None  # (backend, its expert tables) last seen
+
+    def _all_tables(self) -> tuple | None:
+        """`decode_layers`' expert tables when every MoE layer's experts are quantized in RAM
+        (QuantizedExperts itself, not a wrapper: a wrapper must see each call), else None."""
+        experts = self.model.experts
+        if self._tables is None or self._tables[0] is not experts:
+            per_layer = None
+            if type(experts) is QuantizedExperts:
+                per_layer = [experts.native_tables(i) if layer.moe else None for i, layer in enumerate(self.layers)]
+                if any(layer.moe and t is None for layer, t in zip(self.layers, per_layer)):
+                    per_layer = None
+            self._tables = (experts, None if per_layer is None else NativeLib.expert_tables(per_layer))
+        return self._tables[1]
 
     @classmethod
     def build(cls, model: Glm4MoeModel) -> FusedDecoder | None:
@@ -129,6 +144,10 @@ class FusedDecoder:
         x = F.embedding(input_ids, m.w.embed).reshape(cfg.hidden_size).to(m.dtype).contiguous()
         cos, sin = m.rotary.cos_sin(torch.tensor([start]), m.dtype)
         threads, k, hidden = torch.get_num_threads(), cfg.num_experts_per_tok, cfg.hidden_size
+        everything = self._all_tables()
+        if everything is not None:  # the whole token in one native call
+            self.lib.decode_layers(self._descs, x, cos, sin, cache.k[:, 0], cache.v[:, 0], start, everything, threads)
+            return rms_norm(x.view(1, 1, hidden), m.w.final_norm, cfg.rms_norm_eps)
         # Quantized experts in RAM run inside the layer call; any other backend (a wrapper such as
         # the tracer included) gets its hint and forward calls as in the torch path.
         tables = m.experts.native_tables if type(m.experts) is QuantizedExperts else None

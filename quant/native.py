@@ -144,6 +144,9 @@ class NativeLib:
         self._lib.lg_decode_attention.restype = i
         self._lib.lg_decode_layer.argtypes = [ctypes.POINTER(LgLayer), p, p, p, p, p, p, p, lg, lg, i, p, p, p, p, p, p, i, p, i]
         self._lib.lg_decode_layer.restype = i
+        pp = ctypes.POINTER(ctypes.POINTER(_QTensor))
+        self._lib.lg_decode_layers.argtypes = [ctypes.POINTER(LgLayer), i, p, p, p, p, p, lg, lg, lg, i, pp, pp, ctypes.POINTER(ctypes.c_int), i]
+        self._lib.lg_decode_layers.restype = i
         self._lib.lg_residual_add.argtypes = [p, p, p, i, i]
         self._lib.lg_residual_add.restype = None
         self._lib.lg_dequant.argtypes = [ctypes.POINTER(_QTensor), p, i]
@@ -247,6 +250,26 @@ class NativeLib:
                                        None if routed_out is None else routed_out.data_ptr(), threads)
         if rc:
             raise MemoryError("native decode layer: out of memory")
+
+    def decode_layers(self, layers: ctypes.Array, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, pos: int, experts: tuple[ctypes.Array, ctypes.Array, ctypes.Array], threads: int) -> None:
+        """Every layer of one token in one call (qkernels.c `lg_decode_layers`), for models whose
+        routed experts are all quantized in RAM. k_cache / v_cache [layers, kv_heads, T, hd] (one
+        sequence); experts: per layer the gate_up / down tables (NULL for dense layers) and inter."""
+        rc = self._lib.lg_decode_layers(layers, len(layers), x.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
+                                        v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), pos, *experts, threads)
+        if rc:
+            raise MemoryError("native decode layers: out of memory")
+
+    @staticmethod
+    def expert_tables(per_layer: list[tuple[ctypes.Array, ctypes.Array, int] | None]) -> tuple[ctypes.Array, ctypes.Array, ctypes.Array]:
+        """`decode_layers`' expert arguments from each layer's (gate_up, down, inter) tables or None."""
+        ptr = ctypes.POINTER(_QTensor)
+        n = len(per_layer)
+        gu = (ptr * n)(*(ctypes.cast(t[0], ptr) if t else ptr() for t in per_layer))
+        dn = (ptr * n)(*(ctypes.cast(t[1], ptr) if t else ptr() for t in per_layer))
+        inter = (ctypes.c_int * n)(*(t[2] if t else 0 for t in per_layer))
+        return gu, dn, inter
 
     def residual_add(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None) -> None:
         """x += a + b in place, rounded as `x + (a + b)` in x's dtype (all contiguous, one dtype)."""

@@ -903,3 +903,31 @@ int lg_decode_layer(const lg_layer *L, void *x, const void *add_a, const void *a
     qact_free(&xa);
     return rc;
 }
+
+/* Every layer of one token in one call (layers[0..n)), for a model whose routed experts all sit in
+ * RAM as quantized tables (exp_gate_up[i] / exp_down[i] / exp_inter[i] for layer i; NULL for a
+ * dense layer): no return to the caller between layers. Layer i's cache is at k_base / v_base +
+ * i * stride_layer. Returns 0, or -1 when out of memory. */
+int lg_decode_layers(const lg_layer *layers, int n, void *x, const void *cos, const void *sin, void *k_base, void *v_base,
+                     long stride_layer, long stride_head, long stride_pos, int pos,
+                     const lg_qtensor *const *exp_gate_up, const lg_qtensor *const *exp_down, const int *exp_inter, int nth) {
+    int H = 0, kmax = 0, es = 2;
+    for (int i = 0; i < n; i++) {
+        H = layers[i].hidden > H ? layers[i].hidden : H;
+        kmax = layers[i].top_k > kmax ? layers[i].top_k : kmax;
+        es = layers[i].dtype == 1 ? 2 : 4;
+    }
+    char *buf = malloc((size_t)H * es * 3 + (size_t)kmax * (sizeof(int64_t) + sizeof(float)));
+    if (!buf) return -1;
+    void *h = buf, *shared = buf + (size_t)H * es, *routed = buf + 2 * (size_t)H * es;
+    int64_t *ids = (int64_t *)(buf + 3 * (size_t)H * es);
+    float *wts = (float *)(ids + kmax);
+    int rc = 0;
+    for (int i = 0; i < n && rc == 0; i++) {
+        const size_t off = (size_t)i * (size_t)stride_layer * (size_t)es;
+        rc = lg_decode_layer(&layers[i], x, NULL, NULL, cos, sin, (char *)k_base + off, (char *)v_base + off, stride_head, stride_pos, pos,
+                             h, ids, wts, shared, exp_gate_up[i], exp_down[i], exp_inter[i], routed, nth);
+    }
+    free(buf);
+    return rc;
+}
