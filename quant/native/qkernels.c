@@ -87,7 +87,12 @@ static inline float load_val(const void *p, int dtype, size_t i) {
 static void load_row(const void *src, int dtype, size_t offset, int k, float *dst) {
     if (dtype == 1) {
         const uint16_t *h = (const uint16_t *)src + offset;
-        for (int i = 0; i < k; i++) dst[i] = bf16_to_float(h[i]);
+        int i = 0;
+#ifdef __AVX2__
+        for (; i + 8 <= k; i += 8)
+            _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(h + i))), 16)));
+#endif
+        for (; i < k; i++) dst[i] = bf16_to_float(h[i]);
     } else {
         memcpy(dst, (const float *)src + offset, (size_t)k * sizeof(float));
     }
@@ -623,19 +628,94 @@ static inline float dotf(const float *a, const float *b, int n) {
     return s;
 }
 
+#define AB 8 /* cache positions per attention block */
+
+#ifdef __AVX2__
+/* e^x for eight floats (Cephes' expf: range reduction by ln 2, degree-5 polynomial; within 2 ulp
+ * of expf over the softmax's range x <= 0, and 0 below -87). libm's expf, one value at a time,
+ * was most of a long-context attention call. */
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-88.3762626647949f));
+    __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+#endif
+
+/* s[t] = exp(s[t] - mx) for t < n; returns their sum (in lane order, then the tail). */
+static float exp_shift_sum(float *s, int n, float mx) {
+    int t = 0;
+    float sum = 0.0f;
+#ifdef __AVX2__
+    __m256 acc = _mm256_setzero_ps();
+    const __m256 m = _mm256_set1_ps(mx);
+    for (; t + 8 <= n; t += 8) {
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), m));
+        _mm256_storeu_ps(s + t, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    sum = hsum256(acc);
+#endif
+    for (; t < n; t++) {
+        s[t] = expf(s[t] - mx);
+        sum += s[t];
+    }
+    return sum;
+}
+
+#ifdef __AVX2__
+/* The sums of eight vectors' lanes, as one vector (lane j = sum of v[j]). */
+static inline __m256 hsum8x8(const __m256 *v) {
+    const __m256 a = _mm256_hadd_ps(v[0], v[1]), b = _mm256_hadd_ps(v[2], v[3]);
+    const __m256 c = _mm256_hadd_ps(v[4], v[5]), d = _mm256_hadd_ps(v[6], v[7]);
+    const __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d); /* [0 1 2 3 | 0 1 2 3], [4 5 6 7 | 4 5 6 7] */
+    const __m256 lo = _mm256_permute2f128_ps(ab, cd, 0x20), hi = _mm256_permute2f128_ps(ab, cd, 0x31);
+    return _mm256_add_ps(lo, hi);
+}
+#endif
+
+/* scores s[j] = q . rows[j] for AB rows of hd floats (rows contiguous). */
+static inline void dot_block(const float *q, const float *rows, int hd, float *s) {
+#ifdef __AVX2__
+    if (hd % 8 == 0) {
+        __m256 acc[AB];
+        for (int j = 0; j < AB; j++) acc[j] = _mm256_setzero_ps();
+        for (int i = 0; i < hd; i += 8) {
+            const __m256 qv = _mm256_loadu_ps(q + i);
+            for (int j = 0; j < AB; j++) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows + (size_t)j * hd + i), acc[j]);
+        }
+        _mm256_storeu_ps(s, hsum8x8(acc));
+        return;
+    }
+#endif
+    for (int j = 0; j < AB; j++) s[j] = dotf(q, rows + (size_t)j * hd, hd);
+}
+
 /* One query token against the KV cache: scores = q.k * scale (fp32), softmax (fp32), out = sum p v
  * (rounded to dtype) -- what layers._decode_attention does with torch ops. q [heads, hd] floats;
  * k, v of `dtype`: kv head g, position t at g * stride_head + t * stride_pos; out [heads, hd]
- * floats. Each cached k / v row is converted once and used by every query head of its group
- * (GQA); work is split by (kv head, slice of its query heads) so every thread has some even when
- * there are fewer kv heads than threads. Returns 0, or -1 when out of memory. */
+ * floats. Cached rows are converted to float AB at a time and used by every query head of their
+ * group (GQA): q.k for AB positions at once (one horizontal reduction per block, not per dot), and
+ * p v accumulated per head over the block's rows. Work is split by (kv head, slice of its query
+ * heads) so every thread has some even with fewer kv heads than threads. Returns 0, or -1 when out
+ * of memory. */
 static int attend(const float *q, const void *k, const void *v, int dtype, int heads, int kv_heads, int len, int hd,
                   long stride_head, long stride_pos, float scale, float *out, int nth) {
     const int group = heads / kv_heads;
     int split = nth / kv_heads;
     split = split < 1 ? 1 : split > group ? group : split;
     const int chunk = (group + split - 1) / split, items = kv_heads * split;
-    const size_t per_item = (size_t)chunk * (size_t)len + (size_t)hd;
+    const int padded = (len + AB - 1) / AB * AB;
+    const size_t per_item = (size_t)chunk * (size_t)padded + (size_t)AB * (size_t)hd;
     float *buf = malloc(sizeof(float) * per_item * (size_t)items);
     if (!buf) return -1;
     const int par = nth > 1 && (long)heads * len * hd >= (1L << 15);
@@ -643,29 +723,47 @@ static int attend(const float *q, const void *k, const void *v, int dtype, int h
     for (int it = 0; it < items; it++) {
         const int g = it / split, h0 = g * group + (it % split) * chunk;
         const int h1 = h0 + chunk < (g + 1) * group ? h0 + chunk : (g + 1) * group;
-        float *sc = buf + (size_t)it * per_item, *row = sc + (size_t)chunk * (size_t)len;
+        float *sc = buf + (size_t)it * per_item, *rows = sc + (size_t)chunk * (size_t)padded;
         const size_t base = (size_t)g * (size_t)stride_head;
-        for (int t = 0; t < len; t++) {
-            load_row(k, dtype, base + (size_t)t * (size_t)stride_pos, hd, row);
-            for (int h = h0; h < h1; h++) sc[(size_t)(h - h0) * len + t] = dotf(q + (size_t)h * hd, row, hd) * scale;
+        for (int t0 = 0; t0 < len; t0 += AB) {
+            const int nb = len - t0 < AB ? len - t0 : AB;
+            for (int j = 0; j < AB; j++) {
+                if (j < nb) load_row(k, dtype, base + (size_t)(t0 + j) * (size_t)stride_pos, hd, rows + (size_t)j * hd);
+                else memset(rows + (size_t)j * hd, 0, (size_t)hd * sizeof(float));
+            }
+            for (int h = h0; h < h1; h++) {
+                float *s = sc + (size_t)(h - h0) * padded + t0;
+                dot_block(q + (size_t)h * hd, rows, hd, s);
+                for (int j = 0; j < nb; j++) s[j] *= scale;
+            }
         }
         for (int h = h0; h < h1; h++) {
-            float *s = sc + (size_t)(h - h0) * len, mx = -INFINITY, sum = 0.0f;
+            float *s = sc + (size_t)(h - h0) * padded, mx = -INFINITY;
             for (int t = 0; t < len; t++) mx = s[t] > mx ? s[t] : mx;
-            for (int t = 0; t < len; t++) {
-                s[t] = expf(s[t] - mx);
-                sum += s[t];
-            }
-            for (int t = 0; t < len; t++) s[t] = s[t] / sum;
+            const float inv = 1.0f / exp_shift_sum(s, len, mx);
+            for (int t = 0; t < len; t++) s[t] *= inv;
             float *acc = out + (size_t)h * hd;
             for (int i = 0; i < hd; i++) acc[i] = 0.0f;
         }
-        for (int t = 0; t < len; t++) {
-            load_row(v, dtype, base + (size_t)t * (size_t)stride_pos, hd, row);
+        for (int t0 = 0; t0 < len; t0 += AB) {
+            const int nb = len - t0 < AB ? len - t0 : AB;
+            for (int j = 0; j < nb; j++) load_row(v, dtype, base + (size_t)(t0 + j) * (size_t)stride_pos, hd, rows + (size_t)j * hd);
             for (int h = h0; h < h1; h++) {
-                const float p = sc[(size_t)(h - h0) * len + t];
+                const float *p = sc + (size_t)(h - h0) * padded + t0;
                 float *acc = out + (size_t)h * hd;
-                for (int i = 0; i < hd; i++) acc[i] += p * row[i];
+                int i = 0;
+#ifdef __AVX2__
+                for (; i + 8 <= hd; i += 8) {
+                    __m256 a = _mm256_loadu_ps(acc + i);
+                    for (int j = 0; j < nb; j++) a = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(rows + (size_t)j * hd + i), a);
+                    _mm256_storeu_ps(acc + i, a);
+                }
+#endif
+                for (; i < hd; i++) {
+                    float a = acc[i];
+                    for (int j = 0; j < nb; j++) a += p[j] * rows[(size_t)j * hd + i];
+                    acc[i] = a;
+                }
             }
         }
         for (int h = h0; h < h1; h++)
