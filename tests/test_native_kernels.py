@@ -180,14 +180,16 @@ def torch_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads,length,scale", [(8, 2, 1, 0.125), (8, 2, 37, 0.125), (4, 4, 300, 0.125), (8, 2, 300, 3.0)])
 def test_decode_attention_matches_torch(lib: NativeLib, dtype: torch.dtype, heads: int, kv_heads: int, length: int, scale: float) -> None:
-    """scale 3.0: peaked softmaxes, scores ~100 apart (the vector exp's clamp at -88 in play)."""
+    """scale 3.0: peaked softmaxes, scores ~100 apart (the vector exp's clamp at -88 in play); a
+    score's float rounding (~1e-6 of |score|) then moves the output by ~|score| times that."""
+    torch.manual_seed(heads * 1000 + length)
     cache_k = torch.randn(2, 1, kv_heads, 400, 64).to(dtype)  # [layers, batch, kv heads, max tokens, hd], as KVCache
     cache_v = torch.randn(2, 1, kv_heads, 400, 64).to(dtype)
     q = torch.randn(1, heads, 1, 64).to(dtype)
     k, v = cache_k[1, :, :, :length], cache_v[1, :, :, :length]
     out = lib.decode_attention(q, k, v, scale)
     ref = torch_decode_attention(q, k, v, scale)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    tol = (1e-5 if scale < 1 else 2e-4) if dtype == torch.float32 else 1e-2
     assert out.shape == q.shape and torch.allclose(out.float(), ref.float(), rtol=tol, atol=tol)
     assert lib.decode_attention(q.expand(2, -1, -1, -1), k, v, 0.125) is None  # batch > 1: torch's path
 
