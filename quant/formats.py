@@ -414,6 +414,14 @@ class QuantTensor:
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of W, dequantized (an embedding table lookup)."""
         flat = ids.reshape(-1)
+        if self.spec.bits == 8 and flat.numel() <= 16 and self.device.type == "cpu":
+            # A decoded token: the native kernels dequantize the row in place (the same fp32 math
+            # as dequantize() for q8) instead of copying it out through a dozen torch ops.
+            from .native import native_lib
+
+            lib = native_lib()
+            if lib is not None and lib.supports(self):
+                return lib.dequantize_rows(self, flat).to(self.dtype).view(*ids.shape, self.shape[1])
         sub = self.rows(flat)
         return sub.dequantize(self.dtype).view(*ids.shape, self.shape[1])
 

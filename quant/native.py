@@ -281,6 +281,24 @@ class NativeLib:
         self._lib.lg_dequant(ctypes.byref(desc), out.data_ptr(), torch.get_num_threads())
         return out
 
+    def dequantize_rows(self, qt: QuantTensor, rows: torch.Tensor) -> torch.Tensor:
+        """Rows `rows` of qt as fp32 [len(rows), K], each dequantized where it lies (few rows:
+        one call per row)."""
+        n, k = qt.shape
+        ng = k // qt.spec.group
+        desc = self.describe(qt)
+        out = torch.empty(len(rows), k, dtype=torch.float32)
+        rowf = 4 if qt.spec.bits == 8 else 8
+        code = k * qt.spec.bits // 8
+        scale = 2 * ng if qt.spec.bits == 8 else ng
+        for i, r in enumerate(rows.tolist()):
+            if not 0 <= r < n:
+                raise IndexError(f"row {r} outside [0, {n})")
+            one = _QTensor(desc.rowf + r * rowf, desc.data + r * code, desc.gs + r * scale, None if desc.gm is None else desc.gm + r * ng,
+                           desc.bits, desc.group, 1, k)
+            self._lib.lg_dequant(ctypes.byref(one), out[i].data_ptr(), 1)
+        return out
+
     def moe(self, gate_up: ctypes.Array, down: ctypes.Array, inter: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """One MoE layer's routed experts: x [T, H] (fp32 or bf16), ids int64 / weights fp32 [T, k] -> [T, H] in x's dtype."""
         x = _io(x)

@@ -204,3 +204,12 @@ def test_rope_matches_torch(lib: NativeLib, dtype: torch.dtype, rot: int) -> Non
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     ref = torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
     assert torch.equal(lib.rope(x, cos, sin), ref)  # same roundings, element by element
+
+
+def test_q8_embedding_rows_are_the_dequantized_rows() -> None:
+    """A decoded token's embedding row comes from the native kernels: the same numbers as dequantize()."""
+    qt = QuantTensor.quantize(torch.randn(50, 128), QuantSpec.for_bits(8), torch.bfloat16)
+    ids = torch.tensor([[3, 49, 0, 3]])
+    assert torch.equal(qt.embedding(ids), qt.dequantize()[ids])
+    with pytest.raises(IndexError):
+        qt.embedding(torch.tensor([[50]]))
