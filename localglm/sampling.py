@@ -91,12 +91,27 @@ class Sampler:
             kth = torch.topk(logits, p.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
+        idx = None  # with top-p, probs holds the candidates only, most probable first, and idx their ids
         if p.top_p < 1.0:
-            sorted_probs, idx = torch.sort(probs, descending=True)
-            cum = torch.cumsum(sorted_probs, dim=-1)
-            drop = (cum - sorted_probs) > p.top_p  # keep the smallest set whose mass reaches top_p
-            sorted_probs[drop] = 0.0
-            probs = torch.zeros_like(probs).scatter_(0, idx, sorted_probs)
-        if p.min_p > 0.0:
+            probs, idx = _top_mass(probs, p.top_p)
+            cum = torch.cumsum(probs, dim=-1)
+            probs[(cum - probs) > p.top_p] = 0.0  # keep the smallest set whose mass reaches top_p
+        if p.min_p > 0.0:  # the most probable token is among the candidates: the same threshold either way
             probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        choice = int(torch.multinomial(probs, 1, generator=self.generator))
+        return choice if idx is None else int(idx[choice])
+
+
+def _top_mass(probs: torch.Tensor, mass: float, first: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """The most probable tokens, in descending order, until their total passes `mass`.
+
+    A partial top-k instead of sorting the whole vocabulary (GLM's has 151k entries: a full sort
+    per token costs milliseconds); it grows until the kept mass exceeds `mass`, so every token left
+    out would have been dropped by top-p anyway.
+    """
+    n, k = probs.numel(), min(first, probs.numel())
+    while True:
+        top, idx = torch.topk(probs, k)
+        if k == n or float(top.sum()) > mass:
+            return top, idx
+        k = min(n, k * 8)

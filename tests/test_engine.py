@@ -147,6 +147,24 @@ def test_sampling_filters() -> None:
     assert s(logits, torch.tensor([0])) == 1
 
 
+@pytest.mark.parametrize("vocab,scale,top_p,min_p", [(50, 0.7, 0.8, 0.0), (50, 0.7, 0.8, 0.3), (5000, 0.3, 0.9, 0.0)])
+def test_top_p_and_min_p_sample_the_renormalised_distribution(vocab: int, scale: float, top_p: float, min_p: float) -> None:
+    """Frequencies against the exact filtered distribution (sort, keep the smallest set reaching
+    top_p, drop under min_p x max). 5000 flat logits: thousands of candidates, so the partial
+    top-k has to grow past its first guess."""
+    torch.manual_seed(vocab)
+    logits = torch.randn(vocab) * scale
+    probs = torch.softmax(logits, 0)
+    srt, order = probs.sort(descending=True)
+    keep = ((srt.cumsum(0) - srt) <= top_p) & (srt >= min_p * srt[0])
+    want = torch.zeros(vocab)
+    want[order[keep]] = srt[keep] / srt[keep].sum()
+    s, n = Sampler(SamplingParams(temperature=1.0, top_p=top_p, min_p=min_p, seed=5)), 20000
+    got = torch.bincount(torch.tensor([s(logits) for _ in range(n)]), minlength=vocab).float() / n
+    assert got[~(want > 0)].sum() == 0  # nothing outside the filtered set
+    assert (got - want).abs().max() < 0.01 and int(keep.sum()) > (256 if vocab > 256 else 2)
+
+
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(min_p=1.5), dict(repetition_penalty=0), dict(top_k=-1)])
 def test_bad_sampling_params(bad: dict) -> None:
     with pytest.raises(localglm.LocalGLMError):
