@@ -156,8 +156,15 @@ static inline __m256i codes_q2(const uint8_t *p) {
     return _mm256_and_si256(_mm256_srlv_epi64(_mm256_set1_epi64x(b), _mm256_set_epi64x(6, 4, 2, 0)), _mm256_set1_epi8(0x03));
 }
 
+/* Sums of four u8 x s8 products per int32 lane. With AVX512-VNNI (Zen 4, Ice Lake and later) one
+ * vpdpbusd; otherwise maddubs (pairs to int16) + madd (to int32). The same integers either way: the
+ * pairs never saturate int16 here (codes <= 15, or |w| <= 127 against |x| <= 127 for q8). */
 static inline __m256i dot_u8s8(__m256i w, __m256i x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x);
+#else
     return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
+#endif
 }
 #endif
 
