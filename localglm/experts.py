@@ -74,6 +74,22 @@ def combine_experts(
     return out.to(x.dtype)
 
 
+def expert_swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """One dense expert: down(silu(gate(x)) * up(x)), gate_up [2I, H] fused, x [N, H].
+
+    A decoded token (one row, on the CPU) goes through the native kernel; everything else through
+    torch. InMemoryExperts and the offloading backend's float codec both call this, and the fused
+    decode computes the same numbers, so an expert gives the same result wherever it runs.
+    """
+    if x.shape[0] == 1 and x.device.type == "cpu":
+        lib = _native()
+        y = lib.dense_expert(gate_up, down, x) if lib is not None else None
+        if y is not None:
+            return y
+    gate, up = linear(x, gate_up).chunk(2, dim=-1)
+    return linear(F.silu(gate) * up, down)
+
+
 class InMemoryExperts:
     """All routed experts of every MoE layer as stacked tensors in one device's memory.
 
@@ -84,13 +100,21 @@ class InMemoryExperts:
     def __init__(self, gate_up: dict[int, torch.Tensor], down: dict[int, torch.Tensor]) -> None:
         self.gate_up = gate_up
         self.down = down
+        self._fused: dict[int, tuple] = {}  # layer -> (LgExperts, the LgMat tables it points into)
 
     def hint(self, layer: int, x: torch.Tensor) -> None:  # everything is resident already
         return None
 
     def _expert(self, layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(x, self.gate_up[layer][e]).chunk(2, dim=-1)
-        return linear(F.silu(gate) * up, self.down[layer][e])
+        return expert_swiglu(x, self.gate_up[layer][e], self.down[layer][e])
+
+    def fused_experts(self, layer: int) -> object | None:
+        """The layer's experts as the fused decode takes them (quant.native.LgExperts), or None
+        where the native kernels do not take these tensors."""
+        got = self._fused.get(layer)
+        if got is None:
+            got = self._fused[layer] = _dense_tables(self.gate_up[layer], self.down[layer])
+        return got[0] if got else None
 
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
         return combine_experts(x, expert_ids, expert_weights, lambda e, xs: self._expert(layer, e, xs))
@@ -148,11 +172,17 @@ class QuantizedExperts:
     def hint(self, layer: int, x: torch.Tensor) -> None:
         return None
 
-    def native_tables(self, layer: int) -> tuple | None:
-        """The layer's expert tables as the native MoE kernel takes them (gate_up, down, inter),
-        or None where the layer runs through torch kernels: the fused decoder then runs the
-        routed experts inside its per-layer call (localglm/fused_decode.py)."""
-        return self._native_layers.get(layer)
+    def fused_experts(self, layer: int) -> object | None:
+        """The layer's experts as the fused decode takes them (quant.native.LgExperts), or None
+        where the layer runs through torch kernels."""
+        tables = self._native_layers.get(layer)
+        if tables is None:
+            return None
+        if len(tables) == 3:  # built once, beside the tables it points into
+            from quant.native import NativeLib
+
+            tables = self._native_layers[layer] = (*tables, NativeLib.quantized_experts(tables))
+        return tables[3]
 
     def stats_snapshot(self) -> dict[str, str]:
         return {"kernels": self.kernel}
@@ -162,7 +192,7 @@ class QuantizedExperts:
         # One native call for the layer while no expert has more tokens than the native kernel takes
         # (each expert alone would then run natively too: the same numbers either way).
         if native is not None and (x.shape[0] <= NATIVE_MAX_ROWS or int(torch.bincount(expert_ids.reshape(-1)).max()) <= NATIVE_MAX_ROWS):
-            gu, dn, inter = native
+            gu, dn, inter = native[:3]
             return self.native.moe(gu, dn, inter, x, expert_ids, expert_weights).to(x.dtype)
         experts = self.prepared[layer]
         return combine_experts(x, expert_ids, expert_weights, lambda e, xs: experts[e](xs))
@@ -170,3 +200,22 @@ class QuantizedExperts:
     @property
     def nbytes(self) -> int:
         return sum(b.numel() for b in self.blobs.values())
+
+
+def _native():  # noqa: ANN202  (quant.native.NativeLib | None)
+    from .layers import _native as lib
+
+    return lib()
+
+
+def _dense_tables(gate_up: torch.Tensor, down: torch.Tensor) -> tuple | None:
+    """(LgExperts, its LgMat tables) over stacked dense experts gate_up [E, 2I, H], down [E, H, I]."""
+    lib = _native()
+    if lib is None or gate_up.device.type != "cpu":
+        return None
+    gu = [lib.describe_matrix(gate_up[e], gate_up.dtype) for e in range(gate_up.shape[0])]
+    dn = [lib.describe_matrix(down[e], down.dtype) for e in range(down.shape[0])]
+    if any(m is None for m in gu + dn):
+        return None
+    gu_t, dn_t = (type(gu[0]) * len(gu))(*gu), (type(dn[0]) * len(dn))(*dn)
+    return lib.dense_experts(gu_t, dn_t, down.shape[2]), gu_t, dn_t

@@ -14,15 +14,16 @@ through the torch ops, as prefill always does.
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from quant.native import LgLayer, LgMat, NativeLib, native_lib
+from quant.native import LgExperts, LgLayer, LgMat, NativeLib, native_lib
 
-from .experts import QuantizedExperts
+from .experts import InMemoryExperts, QuantizedExperts
 from .kv_cache import KVCache
 from .layers import rms_norm
 
@@ -62,17 +63,18 @@ class FusedDecoder:
             self._rope = self.model.rotary.cos_sin(torch.arange(max_tokens), self.model.dtype)
         return self._rope[0][pos : pos + 1], self._rope[1][pos : pos + 1]
 
-    def _all_tables(self) -> tuple | None:
-        """`decode_layers`' expert tables when every MoE layer's experts are quantized in RAM
-        (QuantizedExperts itself, not a wrapper: a wrapper must see each call), else None."""
+    def _all_tables(self) -> ctypes.Array | None:
+        """`decode_layers`' experts when every MoE layer's experts sit in RAM in a form the kernels
+        take (QuantizedExperts or InMemoryExperts itself, not a wrapper: a wrapper must see each
+        call), else None."""
         experts = self.model.experts
         if self._tables is None or self._tables[0] is not experts:
             per_layer = None
-            if type(experts) is QuantizedExperts:
-                per_layer = [experts.native_tables(i) if layer.moe else None for i, layer in enumerate(self.layers)]
-                if any(layer.moe and t is None for layer, t in zip(self.layers, per_layer)):
+            if type(experts) in (QuantizedExperts, InMemoryExperts):
+                per_layer = [experts.fused_experts(i) if layer.moe else LgExperts() for i, layer in enumerate(self.layers)]
+                if any(t is None for t in per_layer):
                     per_layer = None
-            self._tables = (experts, None if per_layer is None else NativeLib.expert_tables(per_layer))
+            self._tables = (experts, None if per_layer is None else (LgExperts * len(per_layer))(*per_layer))
         return self._tables[1]
 
     @classmethod
@@ -156,9 +158,9 @@ class FusedDecoder:
         if everything is not None:  # the whole token in one native call
             self.lib.decode_layers(self._descs, x, cos, sin, cache.k[:, 0], cache.v[:, 0], start, everything, threads)
             return rms_norm(x.view(1, 1, hidden), m.w.final_norm, cfg.rms_norm_eps)
-        # Quantized experts in RAM run inside the layer call; any other backend (a wrapper such as
+        # Experts in RAM run inside the layer call; any other backend (a wrapper such as
         # the tracer included) gets its hint and forward calls as in the torch path.
-        tables = m.experts.native_tables if type(m.experts) is QuantizedExperts else None
+        tables = m.experts.fused_experts if type(m.experts) in (QuantizedExperts, InMemoryExperts) else None
         add: tuple[torch.Tensor, torch.Tensor | None] | None = None
         for i, layer in enumerate(self.layers):
             h = torch.empty(1, 1, hidden, dtype=m.dtype)

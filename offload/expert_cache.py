@@ -15,9 +15,8 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from localglm.layers import linear
+from localglm.experts import expert_swiglu
 
 from .policies import Policy
 
@@ -47,10 +46,9 @@ class Bf16Codec:
         return gu, dn
 
     def forward(self, blob: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        # The same math and kernels as InMemoryExperts._expert, so results are bit-identical.
+        # The same function as InMemoryExperts._expert (and the fused decode's numbers), so results are bit-identical.
         gu, dn = self.weights(blob)
-        gate, up = linear(x, gu).chunk(2, dim=-1)
-        return linear(F.silu(gate) * up, dn)
+        return expert_swiglu(x, gu, dn)
 
 
 class QuantCodec:

@@ -34,7 +34,9 @@ from .formats import QuantTensor
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native") / "qkernels.c"
-CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11", "-fno-math-errno")
+# -ffp-contract=off: a product and a sum stay two roundings (no fused multiply-add the C source does
+# not ask for), as in torch's elementwise ops: experts summed here equal experts summed by torch.
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11", "-fno-math-errno", "-ffp-contract=off")
 BLOCK = 32  # activation block of the kernels: K of every native tensor is a multiple of it
 
 
@@ -61,6 +63,19 @@ class LgMat(ctypes.Structure):
         ("w", ctypes.c_void_p),
         ("bias", ctypes.c_void_p),
         ("q", _QTensor),
+    ]
+
+
+class LgExperts(ctypes.Structure):
+    """A MoE layer's routed experts for the fused decode (qkernels.c `lg_experts`): quantized tables
+    (lg_moe's) or dense ones (an LgMat per expert); all NULL: the caller runs them."""
+
+    _fields_ = [
+        ("q_gate_up", ctypes.POINTER(_QTensor)),
+        ("q_down", ctypes.POINTER(_QTensor)),
+        ("d_gate_up", ctypes.POINTER(LgMat)),
+        ("d_down", ctypes.POINTER(LgMat)),
+        ("inter", ctypes.c_int32),
     ]
 
 
@@ -142,10 +157,12 @@ class NativeLib:
         lg = ctypes.c_long
         self._lib.lg_decode_attention.argtypes = [p, p, p, i, i, i, i, i, lg, lg, ctypes.c_float, p, i]
         self._lib.lg_decode_attention.restype = i
-        self._lib.lg_decode_layer.argtypes = [ctypes.POINTER(LgLayer), p, p, p, p, p, p, p, lg, lg, i, p, p, p, p, p, p, i, p, i]
+        ex = ctypes.POINTER(LgExperts)
+        self._lib.lg_decode_layer.argtypes = [ctypes.POINTER(LgLayer), p, p, p, p, p, p, p, lg, lg, i, p, p, p, p, ex, p, i]
         self._lib.lg_decode_layer.restype = i
-        pp = ctypes.POINTER(ctypes.POINTER(_QTensor))
-        self._lib.lg_decode_layers.argtypes = [ctypes.POINTER(LgLayer), i, p, p, p, p, p, lg, lg, lg, i, pp, pp, ctypes.POINTER(ctypes.c_int), i]
+        self._lib.lg_decode_layers.argtypes = [ctypes.POINTER(LgLayer), i, p, p, p, p, p, lg, lg, lg, i, ex, i]
+        self._lib.lg_dense_expert.argtypes = [ctypes.POINTER(LgMat), ctypes.POINTER(LgMat), i, p, i, p, i]
+        self._lib.lg_dense_expert.restype = i
         self._lib.lg_decode_layers.restype = i
         self._lib.lg_residual_add.argtypes = [p, p, p, i, i]
         self._lib.lg_residual_add.restype = None
@@ -234,11 +251,11 @@ class NativeLib:
     def decode_layer(self, layer: LgLayer, x: torch.Tensor, add: tuple[torch.Tensor, torch.Tensor | None] | None,
                      cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int,
                      h_out: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor, mlp_out: torch.Tensor | None, threads: int,
-                     experts: tuple[ctypes.Array, ctypes.Array, int] | None = None, routed_out: torch.Tensor | None = None) -> None:
+                     experts: LgExperts | None = None, routed_out: torch.Tensor | None = None) -> None:
         """One token through one layer (qkernels.c `lg_decode_layer`): x updated in place; the
         caller has checked every shape and dtype (localglm/fused_decode.py). With `experts` (the
-        layer's quantized expert tables, as `moe` takes them) the routed experts run in the same
-        call, into `routed_out`, and x comes back with the whole layer added."""
+        layer's expert tables) the routed experts run in the same call, into `routed_out`, and x
+        comes back with the whole layer added."""
         a = b = None
         if add is not None:
             a, b = add[0].data_ptr(), None if add[1] is None else add[1].data_ptr()
@@ -246,30 +263,43 @@ class NativeLib:
                                        k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), pos,
                                        h_out.data_ptr(), ids.data_ptr(), wts.data_ptr(),
                                        None if mlp_out is None else mlp_out.data_ptr(),
-                                       *(experts if experts is not None else (None, None, 0)),
+                                       None if experts is None else ctypes.byref(experts),
                                        None if routed_out is None else routed_out.data_ptr(), threads)
         if rc:
             raise MemoryError("native decode layer: out of memory")
 
     def decode_layers(self, layers: ctypes.Array, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                      v_cache: torch.Tensor, pos: int, experts: tuple[ctypes.Array, ctypes.Array, ctypes.Array], threads: int) -> None:
+                      v_cache: torch.Tensor, pos: int, experts: ctypes.Array, threads: int) -> None:
         """Every layer of one token in one call (qkernels.c `lg_decode_layers`), for models whose
-        routed experts are all quantized in RAM. k_cache / v_cache [layers, kv_heads, T, hd] (one
-        sequence); experts: per layer the gate_up / down tables (NULL for dense layers) and inter."""
+        routed experts all sit in RAM. k_cache / v_cache [layers, kv_heads, T, hd] (one sequence);
+        experts: an LgExperts per layer (empty for dense layers)."""
         rc = self._lib.lg_decode_layers(layers, len(layers), x.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
-                                        v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), pos, *experts, threads)
+                                        v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), pos, experts, threads)
         if rc:
             raise MemoryError("native decode layers: out of memory")
 
     @staticmethod
-    def expert_tables(per_layer: list[tuple[ctypes.Array, ctypes.Array, int] | None]) -> tuple[ctypes.Array, ctypes.Array, ctypes.Array]:
-        """`decode_layers`' expert arguments from each layer's (gate_up, down, inter) tables or None."""
+    def quantized_experts(tables: tuple[ctypes.Array, ctypes.Array, int]) -> LgExperts:
+        """A layer's LgExperts from its quantized (gate_up, down, inter) tables (kept alive by the caller)."""
         ptr = ctypes.POINTER(_QTensor)
-        n = len(per_layer)
-        gu = (ptr * n)(*(ctypes.cast(t[0], ptr) if t else ptr() for t in per_layer))
-        dn = (ptr * n)(*(ctypes.cast(t[1], ptr) if t else ptr() for t in per_layer))
-        inter = (ctypes.c_int * n)(*(t[2] if t else 0 for t in per_layer))
-        return gu, dn, inter
+        return LgExperts(ctypes.cast(tables[0], ptr), ctypes.cast(tables[1], ptr), None, None, tables[2])
+
+    @staticmethod
+    def dense_experts(gate_up: ctypes.Array, down: ctypes.Array, inter: int) -> LgExperts:
+        """A layer's LgExperts from an LgMat per expert for gate_up [2I, H] and down [H, I] (kept alive by the caller)."""
+        ptr = ctypes.POINTER(LgMat)
+        return LgExperts(None, None, ctypes.cast(gate_up, ptr), ctypes.cast(down, ptr), inter)
+
+    def dense_expert(self, gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        """One dense expert on x [T, H]: down(silu(gate(x)) * up(x)) in x's dtype, rounded as the torch
+        ops round; None where the kernel does not take these tensors."""
+        gu, dn = self.describe_matrix(gate_up, x.dtype), self.describe_matrix(down, x.dtype)
+        if gu is None or dn is None or x.dim() != 2 or not x.is_contiguous() or x.device.type != "cpu":
+            return None
+        y = torch.empty(x.shape[0], dn.n, dtype=x.dtype)
+        if self._lib.lg_dense_expert(ctypes.byref(gu), ctypes.byref(dn), x.shape[0], x.data_ptr(), _DTYPES[x.dtype], y.data_ptr(), torch.get_num_threads()):
+            raise MemoryError("native dense expert: out of memory")
+        return y
 
     def residual_add(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None) -> None:
         """x += a + b in place, rounded as `x + (a + b)` in x's dtype (all contiguous, one dtype)."""

@@ -113,3 +113,23 @@ def test_a_wrapped_backend_still_sees_every_decoded_layer(tmp_path: Path) -> Non
     list(model.stream_tokens(PROMPT, max_new_tokens=steps, sampling=localglm.SamplingParams(temperature=0), reuse_prefix=False))
     moe_layers = len(rec.trace.moe_layers)
     assert len(rec.trace.calls) == moe_layers * steps  # the prefill call, then steps - 1 decoded tokens
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_experts_in_ram_give_the_same_numbers_inside_the_token_call_and_through_the_backend(tmp_path: Path, dtype: str) -> None:
+    """Float experts in RAM run inside the one-call-per-token decode; behind a wrapper they go
+    through the backend (expert_swiglu per expert, combine_experts' fp32 sum) -- the offloading
+    backend's path too. Both must give the same logits bit for bit."""
+    from offload.trace import TraceRecorder, TracingExperts
+
+    net = localglm.load(str(_model(tmp_path, "dense", **SHAPES["groups"])), dtype=dtype).net
+    fused = net._fused_decoder()
+    assert fused is not None and fused._all_tables() is not None  # the whole token in one call
+    inside = _decode(net, True, PROMPT)
+    cfg = net.cfg
+    moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+    net.experts = TracingExperts(net.experts, TraceRecorder(cfg.n_routed_experts, cfg.num_experts_per_tok, moe_layers))
+    assert fused._all_tables() is None  # a wrapper: per layer, through hint / forward
+    through = _decode(net, True, PROMPT)
+    for a, b in zip(inside, through):
+        assert torch.equal(a, b)

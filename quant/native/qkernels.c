@@ -821,6 +821,14 @@ typedef struct {
     lg_mat qkv, o, gate_up, down;
 } lg_layer;
 
+/* A MoE layer's routed experts for the fused decode: quantized tables (lg_moe's) or dense ones
+ * (lg_mat per expert), n_experts of each. All NULL: the caller runs the experts. */
+typedef struct {
+    const lg_qtensor *q_gate_up, *q_down;
+    const lg_mat *d_gate_up, *d_down;
+    int32_t inter;
+} lg_experts;
+
 static float dot_dense(const lg_mat *m, int n, const float *x) {
     const int K = m->k;
     float s = 0.0f;
@@ -856,12 +864,34 @@ static void matvec(const lg_mat *m, const float *x, int dtype, qact *xa, float *
     }
 }
 
-/* SwiGLU: down(silu(gate(h)) * up(h)), gate_up fused [2I, H]; rounded where torch rounds. */
-static void mlp_vec(const lg_layer *L, const float *h, qact *xa, float *g, float *out, int nth) {
-    const int I = L->down.k, dt = L->dtype;
-    matvec(&L->gate_up, h, dt, xa, g, nth);
+/* SwiGLU: down(silu(gate(h)) * up(h)), gate_up fused [2I, H]; rounded where torch rounds. g holds 2I floats. */
+static void swiglu_vec(const lg_mat *gate_up, const lg_mat *down, int dt, const float *h, qact *xa, float *g, float *out, int nth) {
+    const int I = down->k;
+    matvec(gate_up, h, dt, xa, g, nth);
     for (int j = 0; j < I; j++) g[j] = rnd(rnd(silu(g[j]), dt) * g[I + j], dt);
-    matvec(&L->down, g, dt, xa, out, nth);
+    matvec(down, g, dt, xa, out, nth);
+}
+
+static void mlp_vec(const lg_layer *L, const float *h, qact *xa, float *g, float *out, int nth) {
+    swiglu_vec(&L->gate_up, &L->down, L->dtype, h, xa, g, out, nth);
+}
+
+/* One dense (bf16 / fp32) expert on T tokens: y = down(silu(gate(x)) * up(x)) in x's dtype, rounded
+ * as the torch ops round -- what localglm.experts.expert_swiglu computes for an expert in RAM and the
+ * offloaded one alike. Returns 0, or -1 when out of memory. */
+int lg_dense_expert(const lg_mat *gate_up, const lg_mat *down, int T, const void *x, int dtype, void *y, int nth) {
+    const int H = gate_up->k, I = down->k;
+    float *buf = malloc(((size_t)H * 2 + 2 * (size_t)I) * sizeof(float));
+    if (!buf) return -1;
+    float *xf = buf, *o = xf + H, *g = o + H;
+    qact xa = {0}; /* dense products do not quantize activations */
+    for (int t = 0; t < T; t++) {
+        load_row(x, dtype, (size_t)t * H, H, xf);
+        swiglu_vec(gate_up, down, dtype, xf, &xa, g, o, nth);
+        for (int i = 0; i < H; i++) store(y, dtype, (size_t)t * H + i, o[i]);
+    }
+    free(buf);
+    return 0;
 }
 
 /* GLM's sigmoid router (localglm/router.py): choose by score + correction bias within the best
@@ -930,18 +960,20 @@ void lg_residual_add(void *x, const void *a, const void *b, int dtype, int n) {
  * k and v are written at pos. A dense layer finishes its MLP here; a MoE layer writes the
  * post-attention normed hidden state h_out (dtype), the routing (ids int64 / wts fp32 [top_k]) and,
  * with shared experts, their output mlp_out (dtype), and leaves the routed experts to the caller --
- * unless it passes them as quantized tables (exp_gate_up / exp_down [n_experts], lg_moe's), then
- * they run here too (into routed_out, dtype) and x comes back with the whole layer added.
- * Returns 0, or -1 when out of memory. */
+ * unless it passes them in `ex` (quantized or dense tables), then they run here too (into
+ * routed_out, dtype) and x comes back with the whole layer added. Dense experts are summed as
+ * localglm.experts.combine_experts sums one token's: in fp32, in expert order, each product
+ * rounded to the dtype first. Returns 0, or -1 when out of memory. */
 int lg_decode_layer(const lg_layer *L, void *x, const void *add_a, const void *add_b, const void *cos, const void *sin,
                     void *k_cache, void *v_cache, long stride_head, long stride_pos, int pos,
-                    void *h_out, int64_t *ids, float *wts, void *mlp_out,
-                    const lg_qtensor *exp_gate_up, const lg_qtensor *exp_down, int exp_inter, void *routed_out, int nth) {
+                    void *h_out, int64_t *ids, float *wts, void *mlp_out, const lg_experts *ex, void *routed_out, int nth) {
     const int H = L->hidden, hd = L->hd, dt = L->dtype, nq = L->heads * hd, nkv = L->kv_heads * hd;
-    const int inter2 = L->has_mlp ? L->gate_up.n : 0, E = L->moe ? L->n_experts : 0;
+    const int dense_ex = L->moe && ex && ex->d_gate_up, E = L->moe ? L->n_experts : 0;
+    int inter2 = L->has_mlp ? L->gate_up.n : 0;
+    if (dense_ex && 2 * ex->inter > inter2) inter2 = 2 * ex->inter;
     int kmax = H > nq ? H : nq;
     if (L->has_mlp && L->down.k > kmax) kmax = L->down.k;
-    const size_t nf = (size_t)H * 4 + (size_t)nq * 2 + (size_t)nkv * 2 + (size_t)inter2 + 2 * (size_t)E + (size_t)hd;
+    const size_t nf = (size_t)H * 5 + (size_t)nq * 2 + (size_t)nkv * 2 + (size_t)inter2 + 2 * (size_t)E + (size_t)hd;
     float *buf = malloc(nf * sizeof(float));
     qact xa = {0};
     if (!buf || !qact_alloc(&xa, 1, (kmax + QB - 1) / QB * QB)) {
@@ -950,7 +982,7 @@ int lg_decode_layer(const lg_layer *L, void *x, const void *add_a, const void *a
         return -1;
     }
     float *xf = buf, *hn = xf + H, *o = hn + H, *mo = o + H, *qkv = mo + H, *att = qkv + nq + 2 * nkv;
-    float *g = att + nq, *sc = g + inter2, *tmp = sc + 2 * E;
+    float *g = att + nq, *sc = g + inter2, *tmp = sc + 2 * E, *ye = tmp + hd; /* ye: one routed expert's output */
     load_row(x, dt, 0, H, xf);
     if (add_a) {
         for (int i = 0; i < H; i++) {
@@ -994,8 +1026,25 @@ int lg_decode_layer(const lg_layer *L, void *x, const void *add_a, const void *a
                 mlp_vec(L, hn, &xa, g, mo, nth);
                 for (int i = 0; i < H; i++) store(mlp_out, dt, i, mo[i]);
             }
-            if (exp_gate_up) {
-                rc = lg_moe(1, H, exp_inter, h_out, dt, L->top_k, ids, wts, exp_gate_up, exp_down, L->n_experts, routed_out, nth);
+            if (dense_ex) {
+                const int kk = L->top_k;
+                int ord[kk];
+                for (int j = 0; j < kk; j++) ord[j] = j;
+                for (int a = 1; a < kk; a++) /* the chosen experts in id order (insertion sort: k is small) */
+                    for (int b = a; b > 0 && ids[ord[b]] < ids[ord[b - 1]]; b--) { const int t = ord[b]; ord[b] = ord[b - 1]; ord[b - 1] = t; }
+                float *acc = o; /* o is free again: the routed sum */
+                for (int i = 0; i < H; i++) acc[i] = 0.0f;
+                for (int j = 0; j < kk; j++) {
+                    const int e = (int)ids[ord[j]];
+                    const float w = wts[ord[j]];
+                    swiglu_vec(&ex->d_gate_up[e], &ex->d_down[e], dt, hn, &xa, g, ye, nth);
+                    for (int i = 0; i < H; i++) acc[i] += rnd(ye[i] * w, dt);
+                }
+                for (int i = 0; i < H; i++) store(routed_out, dt, i, acc[i]);
+            } else if (ex && ex->q_gate_up) {
+                rc = lg_moe(1, H, ex->inter, h_out, dt, L->top_k, ids, wts, ex->q_gate_up, ex->q_down, L->n_experts, routed_out, nth);
+            }
+            if (ex && (ex->d_gate_up || ex->q_gate_up)) {
                 for (int i = 0; i < H && rc == 0; i++) {
                     const float r = load_val(routed_out, dt, i);
                     xf[i] = rnd(xf[i] + (L->has_mlp ? rnd(r + mo[i], dt) : r), dt);
@@ -1010,12 +1059,11 @@ int lg_decode_layer(const lg_layer *L, void *x, const void *add_a, const void *a
 }
 
 /* Every layer of one token in one call (layers[0..n)), for a model whose routed experts all sit in
- * RAM as quantized tables (exp_gate_up[i] / exp_down[i] / exp_inter[i] for layer i; NULL for a
- * dense layer): no return to the caller between layers. Layer i's cache is at k_base / v_base +
+ * RAM (experts[i]: layer i's tables, all NULL for a dense layer): no return to the caller between layers. Layer i's cache is at k_base / v_base +
  * i * stride_layer. Returns 0, or -1 when out of memory. */
 int lg_decode_layers(const lg_layer *layers, int n, void *x, const void *cos, const void *sin, void *k_base, void *v_base,
                      long stride_layer, long stride_head, long stride_pos, int pos,
-                     const lg_qtensor *const *exp_gate_up, const lg_qtensor *const *exp_down, const int *exp_inter, int nth) {
+                     const lg_experts *experts, int nth) {
     int H = 0, kmax = 0, es = 2;
     for (int i = 0; i < n; i++) {
         H = layers[i].hidden > H ? layers[i].hidden : H;
@@ -1031,7 +1079,7 @@ int lg_decode_layers(const lg_layer *layers, int n, void *x, const void *cos, co
     for (int i = 0; i < n && rc == 0; i++) {
         const size_t off = (size_t)i * (size_t)stride_layer * (size_t)es;
         rc = lg_decode_layer(&layers[i], x, NULL, NULL, cos, sin, (char *)k_base + off, (char *)v_base + off, stride_head, stride_pos, pos,
-                             h, ids, wts, shared, exp_gate_up[i], exp_down[i], exp_inter[i], routed, nth);
+                             h, ids, wts, shared, &experts[i], routed, nth);
     }
     free(buf);
     return rc;
