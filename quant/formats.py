@@ -32,6 +32,18 @@ SUPPORTED_BITS = (2, 4, 8)
 GROUP = 32  # default group size along K (torch's int4 CPU kernel takes 32..256; Q8_0's block is 32)
 GROUPS = (32, 64, 128, 256)
 _LOG_STEPS = 16.0  # scale codes per octave
+
+
+def _scale_table() -> torch.Tensor:
+    """What scale code c means, 2^((c - 255) / 16), as fp32 [256]: with v = c + 1 = 16 e + f,
+    2^(f / 16) (from double, rounded once) times the exact power 2^(e - 16). The native kernels
+    (quant/native/qkernels.c, init_lut) build the same floats, so both read a tensor alike."""
+    frac = torch.tensor([2.0 ** (f / 16) for f in range(16)], dtype=torch.float64).float()
+    v = torch.arange(1, 257)
+    return torch.ldexp(frac[v & 15], (v >> 4) - 16)
+
+
+_SCALES = _scale_table()
 _ALIGN = 64
 
 
@@ -238,7 +250,7 @@ def _code_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     """Per-group scales s [N, ng] -> (log code, row max [N], coded scales [N, ng])."""
     s_max = s.amax(1, keepdim=True).clamp_min(1e-30)
     scode = torch.clamp(torch.round(255 + _LOG_STEPS * torch.log2(s.clamp_min(1e-38) / s_max)), 0, 255)
-    s_q = s_max * torch.exp2((scode - 255) / _LOG_STEPS)
+    s_q = s_max * _SCALES.to(s.device)[scode.long()]
     return scode, s_max.squeeze(1), s_q
 
 
@@ -348,7 +360,7 @@ class QuantTensor:
         if self.spec.bits == 8:
             s = rowf * self.section("gscale").float()
             return s.to(dtype), torch.zeros_like(s, dtype=dtype)
-        s = rowf[:, :1] * torch.exp2((self.section("scode").float() - 255) / _LOG_STEPS)
+        s = rowf[:, :1] * _SCALES.to(rowf.device)[self.section("scode").long()]
         m = self.section("mcode").float() * (rowf[:, 1:2] / 127)
         return s.to(dtype), m.to(dtype)
 
@@ -414,9 +426,9 @@ class QuantTensor:
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of W, dequantized (an embedding table lookup)."""
         flat = ids.reshape(-1)
-        if self.spec.bits == 8 and flat.numel() <= 16 and self.device.type == "cpu":
+        if flat.numel() <= 16 and self.device.type == "cpu":
             # A decoded token: the native kernels dequantize the row in place (the same fp32 math
-            # as dequantize() for q8) instead of copying it out through a dozen torch ops.
+            # as dequantize()) instead of copying it out through a dozen torch ops.
             from .native import native_lib
 
             lib = native_lib()

@@ -206,9 +206,14 @@ def test_rope_matches_torch(lib: NativeLib, dtype: torch.dtype, rot: int) -> Non
     assert torch.equal(lib.rope(x, cos, sin), ref)  # same roundings, element by element
 
 
-def test_q8_embedding_rows_are_the_dequantized_rows() -> None:
-    """A decoded token's embedding row comes from the native kernels: the same numbers as dequantize()."""
-    qt = QuantTensor.quantize(torch.randn(50, 128), QuantSpec.for_bits(8), torch.bfloat16)
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_native_dequantize_and_embedding_rows_equal_dequantize(bits: int) -> None:
+    """The C scale table and quant.formats' are the same floats, so the native dequantize (prefill's
+    GEMM path, a decoded token's embedding row) equals QuantTensor.dequantize() bit for bit."""
+    torch.manual_seed(bits)
+    qt = QuantTensor.quantize(torch.distributions.StudentT(4.0).sample((50, 128)), QuantSpec.for_bits(bits), torch.bfloat16)
+    lib = native_lib()
+    assert torch.equal(lib.dequantize(lib.describe(qt)), qt.dequantize(torch.float32))
     ids = torch.tensor([[3, 49, 0, 3]])
     assert torch.equal(qt.embedding(ids), qt.dequantize()[ids])
     with pytest.raises(IndexError):

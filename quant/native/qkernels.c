@@ -41,7 +41,7 @@ typedef struct {
 static float scale_lut[256], scale_frac[16];
 
 __attribute__((constructor)) static void init_lut(void) {
-    for (int f = 0; f < 16; f++) scale_frac[f] = exp2f((float)f / 16.0f);
+    for (int f = 0; f < 16; f++) scale_frac[f] = (float)exp2((double)f / 16.0); /* quant/formats.py _scale_table: the same floats */
     for (int c = 0; c < 256; c++) scale_lut[c] = ldexpf(scale_frac[(c + 1) & 15], ((c + 1) >> 4) - 16);
 }
 
