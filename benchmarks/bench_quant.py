@@ -34,12 +34,13 @@ OURS = {
     "q8": ["--experts", "8"],
     "q4": ["--experts", "4"],
     "q4-all": ["--experts", "4", "--attn", "4", "--shared", "4", "--dense", "4", "--embed", "4"],
+    "q4-attn4": ["--experts", "4", "--attn", "4"],  # attention at 4 bits, shared/dense/embed/lm_head at 8
     "q2": ["--experts", "2"],
     "q2-all": ["--experts", "2", "--attn", "4", "--shared", "4", "--dense", "4", "--embed", "4"],
 }
 LLAMA = {"Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K"}
 # Each localglm level's llama.cpp counterpart (the -all recipes are the matched-size comparisons).
-PEER = {"bf16": "bf16", "q8": "Q8_0", "q4": "Q4_K_M", "q4-all": "Q4_K_M", "q2": "Q2_K", "q2-all": "Q2_K"}
+PEER = {"bf16": "bf16", "q8": "Q8_0", "q4": "Q4_K_M", "q4-all": "Q4_K_M", "q4-attn4": "Q4_K_M", "q2": "Q2_K", "q2-all": "Q2_K"}
 
 
 def windows(n_tokens: int, ctx: int, vocab: int) -> list[list[int]]:
