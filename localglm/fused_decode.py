@@ -4,8 +4,10 @@ Why: through torch a decoded token is ~60 small ops per layer at ~6 us each, whi
 more than the arithmetic of a small or quantized model. The fused call runs norm, q/k/v, q/k norm,
 RoPE, the cache write, attention, o_proj, the residual, the post-attention norm and then the dense
 MLP, or the MoE router and shared experts, with the rounding points of layers.py. Routed experts
-still go through the model's ExpertBackend (in RAM, quantized, offloaded), so every backend keeps
-its own placement, statistics and prefetch; their output is added at the start of the next call.
+in RAM (QuantizedExperts, InMemoryExperts) run inside the same call, and then the whole token is
+one call (`lg_decode_layers`); any other backend (offloaded, or wrapped, e.g. by the tracer) gets
+its `hint` / `forward` calls per layer as in the torch path, so it keeps its own placement,
+statistics and prefetch, and its output is added at the start of the next layer's call.
 
 `FusedDecoder.build` returns None where the kernels do not take the model (no C compiler, a GPU,
 dtypes other than fp32/bf16, weights in a layout the kernel does not read); the model then decodes
