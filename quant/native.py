@@ -161,13 +161,15 @@ class NativeLib:
         self._lib.lg_decode_layer.argtypes = [ctypes.POINTER(LgLayer), p, p, p, p, p, p, p, lg, lg, i, p, p, p, p, ex, p, i]
         self._lib.lg_decode_layer.restype = i
         self._lib.lg_decode_layers.argtypes = [ctypes.POINTER(LgLayer), i, p, p, p, p, p, lg, lg, lg, i, ex, i]
+        self._lib.lg_decode_layers.restype = i
         self._lib.lg_dense_expert.argtypes = [ctypes.POINTER(LgMat), ctypes.POINTER(LgMat), i, p, i, p, i]
         self._lib.lg_dense_expert.restype = i
-        self._lib.lg_decode_layers.restype = i
         self._lib.lg_residual_add.argtypes = [p, p, p, i, i]
         self._lib.lg_residual_add.restype = None
         self._lib.lg_dequant.argtypes = [ctypes.POINTER(_QTensor), p, i]
         self._lib.lg_dequant.restype = None
+        self._lib.lg_dequant_rows.argtypes = [ctypes.POINTER(_QTensor), p, i, p]
+        self._lib.lg_dequant_rows.restype = None
         self.avx2 = bool(self._lib.lg_has_avx2())
 
     @staticmethod
@@ -312,21 +314,12 @@ class NativeLib:
         return out
 
     def dequantize_rows(self, qt: QuantTensor, rows: torch.Tensor) -> torch.Tensor:
-        """Rows `rows` of qt as fp32 [len(rows), K], each dequantized where it lies (few rows:
-        one call per row)."""
-        n, k = qt.shape
-        ng = k // qt.spec.group
-        desc = self.describe(qt)
-        out = torch.empty(len(rows), k, dtype=torch.float32)
-        rowf = 4 if qt.spec.bits == 8 else 8
-        code = k * qt.spec.bits // 8
-        scale = 2 * ng if qt.spec.bits == 8 else ng
-        for i, r in enumerate(rows.tolist()):
-            if not 0 <= r < n:
-                raise IndexError(f"row {r} outside [0, {n})")
-            one = _QTensor(desc.rowf + r * rowf, desc.data + r * code, desc.gs + r * scale, None if desc.gm is None else desc.gm + r * ng,
-                           desc.bits, desc.group, 1, k)
-            self._lib.lg_dequant(ctypes.byref(one), out[i].data_ptr(), 1)
+        """Rows `rows` of qt as fp32 [len(rows), K], dequantized where they lie (an embedding lookup)."""
+        rows = rows.to(torch.int64).contiguous()
+        if rows.numel() and not (0 <= int(rows.min()) and int(rows.max()) < qt.shape[0]):
+            raise IndexError(f"row index outside [0, {qt.shape[0]})")
+        out = torch.empty(rows.numel(), qt.shape[1], dtype=torch.float32)
+        self._lib.lg_dequant_rows(ctypes.byref(self.describe(qt)), rows.data_ptr(), rows.numel(), out.data_ptr())
         return out
 
     def moe(self, gate_up: ctypes.Array, down: ctypes.Array, inter: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

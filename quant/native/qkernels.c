@@ -425,6 +425,21 @@ static inline void tile_set(qrows *x, int j, const qact *a, size_t r, int k) {
     x->s[j] = a->s + r * (size_t)(k / QB);
 }
 
+/* out[i * stride + n] = dot(row n of w, activation row r(i)) for pairs i in [first, last), tokens
+ * NT_MAX at a time; r(i) = order[i] / k with an order (the gate projection reads the pair's
+ * token), else i (the down projection reads the pair's own row). */
+static void dot_pairs(const lg_qtensor *w, int n, const qact *a, int kdim, int first, int last, const int *order, int k,
+                      float *out, size_t stride) {
+    for (int i0 = first; i0 < last; i0 += NT_MAX) {
+        const int nt = last - i0 < NT_MAX ? last - i0 : NT_MAX;
+        qrows xr;
+        float o[NT_MAX];
+        for (int j = 0; j < nt; j++) tile_set(&xr, j, a, (size_t)(order ? order[i0 + j] / k : i0 + j), kdim);
+        dot_rows(w, n, nt, &xr, o);
+        for (int j = 0; j < nt; j++) out[(size_t)(i0 + j) * stride + n] = o[j];
+    }
+}
+
 /* y[t, n] = x[t] . w[n] (+ bias[n]) for t < T: a quantized linear layer; x and y of dtype 0 (fp32)
  * or 1 (bf16), bias fp32. Returns 0, or -1 when out of memory. */
 int lg_linear(const lg_qtensor *w, int T, const void *x, int x_dtype, const float *bias, void *y, int y_dtype, int nth) {
@@ -506,15 +521,7 @@ int lg_moe(int T, int H, int I, const void *x, int dtype, int k, const int64_t *
 #pragma omp for schedule(static)
         for (long it = 0; it < gate_items; it++) {
             const int s = (int)(it / I2), n = (int)(it % I2);
-            const lg_qtensor *w = &gate_up[seg_e[s]];
-            for (int i0 = seg_start[s]; i0 < seg_start[s + 1]; i0 += NT_MAX) { /* the expert's tokens, NT_MAX at a time */
-                const int nt = seg_start[s + 1] - i0 < NT_MAX ? seg_start[s + 1] - i0 : NT_MAX;
-                qrows xr;
-                float o[NT_MAX];
-                for (int j = 0; j < nt; j++) tile_set(&xr, j, &xa, (size_t)(order[i0 + j] / k), H);
-                dot_rows(w, n, nt, &xr, o);
-                for (int j = 0; j < nt; j++) h1[(size_t)(i0 + j) * I2 + n] = o[j];
-            }
+            dot_pairs(&gate_up[seg_e[s]], n, &xa, H, seg_start[s], seg_start[s + 1], order, k, h1, I2);
         }
 #pragma omp for schedule(static)
         for (int i = 0; i < P; i++) {
@@ -525,15 +532,7 @@ int lg_moe(int T, int H, int I, const void *x, int dtype, int k, const int64_t *
 #pragma omp for schedule(static)
         for (long it = 0; it < down_items; it++) {
             const int s = (int)(it / H), n = (int)(it % H);
-            const lg_qtensor *w = &down[seg_e[s]];
-            for (int i0 = seg_start[s]; i0 < seg_start[s + 1]; i0 += NT_MAX) {
-                const int nt = seg_start[s + 1] - i0 < NT_MAX ? seg_start[s + 1] - i0 : NT_MAX;
-                qrows xr;
-                float o[NT_MAX];
-                for (int j = 0; j < nt; j++) tile_set(&xr, j, &ha, (size_t)(i0 + j), I);
-                dot_rows(w, n, nt, &xr, o);
-                for (int j = 0; j < nt; j++) y[(size_t)(i0 + j) * H + n] = o[j];
-            }
+            dot_pairs(&down[seg_e[s]], n, &ha, I, seg_start[s], seg_start[s + 1], NULL, 1, y, H);
         }
         /* out[t] = sum of its pairs' outputs, in expert order (pair i runs in sorted order) */
 #pragma omp for schedule(static)
@@ -555,29 +554,36 @@ int lg_moe(int T, int H, int I, const void *x, int dtype, int k, const int64_t *
 }
 
 /* Rows [0, N) of w as fp32 [N, K]: prefill multiplies big batches with a float GEMM instead. */
-void lg_dequant(const lg_qtensor *w, float *out, int nth) {
-    const int K = w->k, G = w->group, ng = K / G, bits = w->bits, N = w->n;
-    const int par = nth > 1 && (size_t)N * K >= (1u << 16);
-#pragma omp parallel for num_threads(nth) schedule(static) if (par)
-    for (int n = 0; n < N; n++) {
-        float *o = out + (size_t)n * K;
-        if (bits == 8) {
-            const int8_t *row = (const int8_t *)w->data + (size_t)n * K;
-            const uint16_t *gsc = (const uint16_t *)w->gs + (size_t)n * ng;
-            for (int g = 0; g < ng; g++) {
-                const float sg = w->rowf[n] * half_to_float(gsc[g]);
-                for (int i = g * G; i < (g + 1) * G; i++) o[i] = sg * (float)row[i];
-            }
-        } else {
-            const int per = 8 / bits, mask = (1 << bits) - 1;
-            const uint8_t *row = w->data + (size_t)n * K * bits / 8;
-            const float s0 = w->rowf[2 * (size_t)n], m0 = w->rowf[2 * (size_t)n + 1] / 127.0f;
-            for (int g = 0; g < ng; g++) {
-                const float sg = s0 * scale_lut[w->gs[(size_t)n * ng + g]], mg = m0 * (float)w->gm[(size_t)n * ng + g];
-                for (int i = g * G; i < (g + 1) * G; i++) o[i] = sg * (float)((row[i / per] >> (bits * (i % per))) & mask) + mg;
-            }
+static void dequant_row(const lg_qtensor *w, int n, float *o) {
+    const int K = w->k, G = w->group, ng = K / G, bits = w->bits;
+    if (bits == 8) {
+        const int8_t *row = (const int8_t *)w->data + (size_t)n * K;
+        const uint16_t *gsc = (const uint16_t *)w->gs + (size_t)n * ng;
+        for (int g = 0; g < ng; g++) {
+            const float sg = w->rowf[n] * half_to_float(gsc[g]);
+            for (int i = g * G; i < (g + 1) * G; i++) o[i] = sg * (float)row[i];
+        }
+    } else {
+        const int per = 8 / bits, mask = (1 << bits) - 1;
+        const uint8_t *row = w->data + (size_t)n * K * bits / 8;
+        const float s0 = w->rowf[2 * (size_t)n], m0 = w->rowf[2 * (size_t)n + 1] / 127.0f;
+        for (int g = 0; g < ng; g++) {
+            const float sg = s0 * scale_lut[w->gs[(size_t)n * ng + g]], mg = m0 * (float)w->gm[(size_t)n * ng + g];
+            for (int i = g * G; i < (g + 1) * G; i++) o[i] = sg * (float)((row[i / per] >> (bits * (i % per))) & mask) + mg;
         }
     }
+}
+
+void lg_dequant(const lg_qtensor *w, float *out, int nth) {
+    const int par = nth > 1 && (size_t)w->n * w->k >= (1u << 16);
+#pragma omp parallel for num_threads(nth) schedule(static) if (par)
+    for (int n = 0; n < w->n; n++) dequant_row(w, n, out + (size_t)n * w->k);
+}
+
+/* Rows rows[0..m) of w as fp32 [m, K] (an embedding lookup for a decoded token); the caller has
+ * checked 0 <= rows[i] < N. */
+void lg_dequant_rows(const lg_qtensor *w, const int64_t *rows, int m, float *out) {
+    for (int i = 0; i < m; i++) dequant_row(w, (int)rows[i], out + (size_t)i * w->k);
 }
 
 /* ---- per-token layer ops ------------------------------------------------------------------------
@@ -919,8 +925,7 @@ static void route_vec(const lg_layer *L, const float *h, float *sc, int64_t *ids
     const int par = nth > 1 && (size_t)E * H >= (1u << 16);
 #pragma omp parallel for num_threads(nth) schedule(static) if (par)
     for (int e = 0; e < E; e++) {
-        const lg_mat row = {2, E, H, L->router_w, NULL, {0}};
-        sc[e] = 1.0f / (1.0f + expf(-dot_dense(&row, e, h)));
+        sc[e] = 1.0f / (1.0f + expf(-dotf(L->router_w + (size_t)e * H, h, H)));
         choice[e] = sc[e] + L->router_bias[e];
     }
     if (L->n_group > 1) {
@@ -962,11 +967,12 @@ static void route_vec(const lg_layer *L, const float *h, float *sc, int64_t *ids
 
 /* x = x + (a + b), or x + a without b: the residual add of a MoE layer's routed and shared outputs,
  * rounded as torch rounds `x + (routed + shared)`. All of `dtype`, n values. */
+static inline float moe_output(const void *routed, const void *shared, int dtype, size_t i) {
+    return shared ? rnd(load_val(routed, dtype, i) + load_val(shared, dtype, i), dtype) : load_val(routed, dtype, i);
+}
+
 void lg_residual_add(void *x, const void *a, const void *b, int dtype, int n) {
-    for (int i = 0; i < n; i++) {
-        const float add = b ? rnd(load_val(a, dtype, i) + load_val(b, dtype, i), dtype) : load_val(a, dtype, i);
-        store(x, dtype, i, load_val(x, dtype, i) + add);
-    }
+    for (int i = 0; i < n; i++) store(x, dtype, i, load_val(x, dtype, i) + moe_output(a, b, dtype, i));
 }
 
 /* One token through layer L at position `pos`. x [hidden] (dtype) is the residual stream, updated
@@ -1000,12 +1006,8 @@ int lg_decode_layer(const lg_layer *L, void *x, const void *add_a, const void *a
     float *xf = buf, *hn = xf + H, *o = hn + H, *mo = o + H, *qkv = mo + H, *att = qkv + nq + 2 * nkv;
     float *g = att + nq, *sc = g + inter2, *tmp = sc + 2 * E, *ye = tmp + hd; /* ye: one routed expert's output */
     load_row(x, dt, 0, H, xf);
-    if (add_a) {
-        for (int i = 0; i < H; i++) {
-            const float add = add_b ? rnd(load_val(add_a, dt, i) + load_val(add_b, dt, i), dt) : load_val(add_a, dt, i);
-            xf[i] = rnd(xf[i] + add, dt);
-        }
-    }
+    if (add_a)
+        for (int i = 0; i < H; i++) xf[i] = rnd(xf[i] + moe_output(add_a, add_b, dt, i), dt);
     /* attention */
     norm_row(xf, H, L->input_norm, dt, L->eps, hn);
     matvec(&L->qkv, hn, dt, &xa, qkv, nth);
