@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from quant.native import NATIVE_MAX_ROWS
 
-from .layers import linear
+from .layers import _native, linear
 
 
 class ExpertBackend(Protocol):
@@ -100,7 +100,7 @@ class InMemoryExperts:
     def __init__(self, gate_up: dict[int, torch.Tensor], down: dict[int, torch.Tensor]) -> None:
         self.gate_up = gate_up
         self.down = down
-        self._fused: dict[int, tuple] = {}  # layer -> (LgExperts, the LgMat tables it points into)
+        self._fused: dict[int, tuple | None] = {}  # layer -> (LgExperts, the LgMat tables it points into)
 
     def hint(self, layer: int, x: torch.Tensor) -> None:  # everything is resident already
         return None
@@ -111,9 +111,9 @@ class InMemoryExperts:
     def fused_experts(self, layer: int) -> object | None:
         """The layer's experts as the fused decode takes them (quant.native.LgExperts), or None
         where the native kernels do not take these tensors."""
-        got = self._fused.get(layer)
-        if got is None:
-            got = self._fused[layer] = _dense_tables(self.gate_up[layer], self.down[layer])
+        if layer not in self._fused:  # built once (None too: the kernels do not take these tensors)
+            self._fused[layer] = _dense_tables(self.gate_up[layer], self.down[layer])
+        got = self._fused[layer]
         return got[0] if got else None
 
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
@@ -136,7 +136,7 @@ class QuantizedExperts:
 
     def __init__(self, layouts: dict, blobs: dict[int, torch.Tensor], dtype: torch.dtype, keep_blobs: bool = True) -> None:
         from quant.blob import PreparedExpert
-        from quant.native import native_lib
+        from quant.native import NativeLib, native_lib
 
         self.layouts = layouts
         self.dtype = dtype
@@ -144,6 +144,7 @@ class QuantizedExperts:
         self.native = native_lib()
         self.prepared: dict[int, list] = {}
         self._native_layers: dict[int, tuple] = {}
+        self._fused: dict[int, object] = {}  # layer -> quant.native.LgExperts over _native_layers' tables
         for layer, buf in blobs.items():
             experts = self.prepared[layer] = [PreparedExpert(layouts[layer], buf[e], dtype) for e in range(buf.shape[0])]
             if experts and all(pe.native is not None for pe in experts):
@@ -151,6 +152,7 @@ class QuantizedExperts:
                 gu = (type(experts[0].native.gu) * len(experts))(*(pe.native.gu for pe in experts))
                 dn = (type(gu[0]) * len(experts))(*(pe.native.dn for pe in experts))
                 self._native_layers[layer] = (gu, dn, layouts[layer].inter)
+                self._fused[layer] = NativeLib.quantized_experts(self._native_layers[layer])
         if not keep_blobs and not self._native_layers:
             # The torch kernels keep their own packed copy; the canonical blobs are only needed to move or save experts.
             self.blobs = {}
@@ -175,14 +177,7 @@ class QuantizedExperts:
     def fused_experts(self, layer: int) -> object | None:
         """The layer's experts as the fused decode takes them (quant.native.LgExperts), or None
         where the layer runs through torch kernels."""
-        tables = self._native_layers.get(layer)
-        if tables is None:
-            return None
-        if len(tables) == 3:  # built once, beside the tables it points into
-            from quant.native import NativeLib
-
-            tables = self._native_layers[layer] = (*tables, NativeLib.quantized_experts(tables))
-        return tables[3]
+        return self._fused.get(layer)
 
     def stats_snapshot(self) -> dict[str, str]:
         return {"kernels": self.kernel}
@@ -192,7 +187,7 @@ class QuantizedExperts:
         # One native call for the layer while no expert has more tokens than the native kernel takes
         # (each expert alone would then run natively too: the same numbers either way).
         if native is not None and (x.shape[0] <= NATIVE_MAX_ROWS or int(torch.bincount(expert_ids.reshape(-1)).max()) <= NATIVE_MAX_ROWS):
-            gu, dn, inter = native[:3]
+            gu, dn, inter = native
             return self.native.moe(gu, dn, inter, x, expert_ids, expert_weights).to(x.dtype)
         experts = self.prepared[layer]
         return combine_experts(x, expert_ids, expert_weights, lambda e, xs: experts[e](xs))
@@ -200,12 +195,6 @@ class QuantizedExperts:
     @property
     def nbytes(self) -> int:
         return sum(b.numel() for b in self.blobs.values())
-
-
-def _native():  # noqa: ANN202  (quant.native.NativeLib | None)
-    from .layers import _native as lib
-
-    return lib()
 
 
 def _dense_tables(gate_up: torch.Tensor, down: torch.Tensor) -> tuple | None:

@@ -55,7 +55,7 @@ class FusedDecoder:
         self.lib = lib
         self.layers = layers
         self._descs = (LgLayer * len(layers))(*(layer.desc for layer in layers))  # for the one-call-per-token path
-        self._tables: tuple[object, tuple | None] | None = None  # (backend, its expert tables) last seen
+        self._tables: tuple | None = None  # (backend, its experts per layer, the whole-token array) last seen
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos / sin of every cache position
 
     def _cos_sin(self, pos: int, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,19 +65,19 @@ class FusedDecoder:
             self._rope = self.model.rotary.cos_sin(torch.arange(max_tokens), self.model.dtype)
         return self._rope[0][pos : pos + 1], self._rope[1][pos : pos + 1]
 
-    def _all_tables(self) -> ctypes.Array | None:
-        """`decode_layers`' experts when every MoE layer's experts sit in RAM in a form the kernels
-        take (QuantizedExperts or InMemoryExperts itself, not a wrapper: a wrapper must see each
-        call), else None."""
+    def _experts_in_ram(self) -> tuple[list[LgExperts | None], ctypes.Array | None]:
+        """Per layer, the routed experts the native call runs itself (QuantizedExperts or
+        InMemoryExperts, not a wrapper: a wrapper must see each call; None where the backend runs
+        them), and, when that is every MoE layer, `decode_layers`' array of them. Looked up once
+        per backend object."""
         experts = self.model.experts
         if self._tables is None or self._tables[0] is not experts:
-            per_layer = None
-            if type(experts) in (QuantizedExperts, InMemoryExperts):
-                per_layer = [experts.fused_experts(i) if layer.moe else LgExperts() for i, layer in enumerate(self.layers)]
-                if any(t is None for t in per_layer):
-                    per_layer = None
-            self._tables = (experts, None if per_layer is None else (LgExperts * len(per_layer))(*per_layer))
-        return self._tables[1]
+            inside = type(experts) in (QuantizedExperts, InMemoryExperts)
+            per_layer = [experts.fused_experts(i) if inside and layer.moe else None for i, layer in enumerate(self.layers)]
+            every = all(t is not None for t, layer in zip(per_layer, self.layers) if layer.moe)
+            whole = (LgExperts * len(per_layer))(*(t if t is not None else LgExperts() for t in per_layer)) if every else None
+            self._tables = (experts, per_layer, whole)
+        return self._tables[1], self._tables[2]
 
     @classmethod
     def build(cls, model: Glm4MoeModel) -> FusedDecoder | None:
@@ -156,20 +156,19 @@ class FusedDecoder:
         x = F.embedding(input_ids, m.w.embed).reshape(cfg.hidden_size).to(m.dtype).contiguous()
         cos, sin = self._cos_sin(start, cache.max_tokens)
         threads, k, hidden = torch.get_num_threads(), cfg.num_experts_per_tok, cfg.hidden_size
-        everything = self._all_tables()
-        if everything is not None:  # the whole token in one native call
-            self.lib.decode_layers(self._descs, x, cos, sin, cache.k[:, 0], cache.v[:, 0], start, everything, threads)
+        per_layer, whole = self._experts_in_ram()
+        if whole is not None:  # the whole token in one native call
+            self.lib.decode_layers(self._descs, x, cos, sin, cache.k[:, 0], cache.v[:, 0], start, whole, threads)
             return rms_norm(x.view(1, 1, hidden), m.w.final_norm, cfg.rms_norm_eps)
         # Experts in RAM run inside the layer call; any other backend (a wrapper such as
         # the tracer included) gets its hint and forward calls as in the torch path.
-        tables = m.experts.fused_experts if type(m.experts) in (QuantizedExperts, InMemoryExperts) else None
         add: tuple[torch.Tensor, torch.Tensor | None] | None = None
         for i, layer in enumerate(self.layers):
             h = torch.empty(1, 1, hidden, dtype=m.dtype)
             ids = torch.empty(1, k, dtype=torch.int64)
             wts = torch.empty(1, k, dtype=torch.float32)
             shared = torch.empty(hidden, dtype=m.dtype) if layer.moe and layer.has_mlp else None
-            native = tables(i) if tables is not None and layer.moe else None
+            native = per_layer[i]
             routed = torch.empty(hidden, dtype=m.dtype) if native is not None else None
             self.lib.decode_layer(layer.desc, x, add, cos, sin, cache.k[i, 0], cache.v[i, 0], start, h, ids, wts, shared, threads, native, routed)
             add = None
