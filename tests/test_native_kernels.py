@@ -21,10 +21,28 @@ pytestmark = pytest.mark.skipif(native_lib() is None, reason=f"native kernels no
 PORTABLE_FLAGS = tuple(f for f in CFLAGS if not f.startswith("-march")) + ("-mno-avx2",) * (platform.machine() in ("x86_64", "AMD64"))
 
 
-@pytest.fixture(scope="module", params=["native", "portable"])
+# Plain AVX2 (Haswell: FMA and F16C, no AVX-512): where -march=native picks VNNI, this still builds and
+# checks the maddubs + madd path that AVX2-only CPUs run.
+AVX2_FLAGS = tuple(f for f in CFLAGS if not f.startswith("-march")) + ("-march=haswell",)
+
+
+def _cpu_has_avx2() -> bool:
+    try:
+        return " avx2" in open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module", params=["native", "avx2", "portable"])
 def lib(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> NativeLib:
     if request.param == "native":
         return native_lib()
+    if request.param == "avx2":
+        if platform.machine() not in ("x86_64", "AMD64") or not _cpu_has_avx2():
+            pytest.skip("the plain AVX2 build needs an x86 CPU with AVX2")
+        built = NativeLib(build(_compiler(), AVX2_FLAGS, tmp_path_factory.mktemp("avx2")))
+        assert built.avx2
+        return built
     built = NativeLib(build(_compiler(), PORTABLE_FLAGS, tmp_path_factory.mktemp("portable")))
     assert not built.avx2
     return built
