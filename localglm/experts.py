@@ -24,7 +24,8 @@ class ExpertBackend(Protocol):
         ...
 
     def hint(self, layer: int, x: torch.Tensor) -> None:
-        """The hidden state entering `layer`, so a backend can prefetch for the layers ahead."""
+        """The residual stream entering MoE layer `layer` (before its attention), called before the
+        layer runs, so a backend can predict and prefetch its experts and those of the layers ahead."""
         ...
 
 

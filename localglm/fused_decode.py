@@ -170,10 +170,14 @@ class FusedDecoder:
             shared = torch.empty(hidden, dtype=m.dtype) if layer.moe and layer.has_mlp else None
             native = per_layer[i]
             routed = torch.empty(hidden, dtype=m.dtype) if native is not None else None
+            if layer.moe and native is None:  # the backend gets the layer's input before it runs
+                if add is not None:
+                    self.lib.residual_add(x, *add)
+                    add = None
+                m.experts.hint(i, x.view(1, 1, hidden).clone())  # x changes in place below
             self.lib.decode_layer(layer.desc, x, add, cos, sin, cache.k[i, 0], cache.v[i, 0], start, h, ids, wts, shared, threads, native, routed)
             add = None
             if layer.moe and native is None:
-                m.experts.hint(i, h)
                 routed = m.experts.forward(i, h.view(1, hidden), ids, wts)
                 add = (routed.reshape(hidden).to(m.dtype).contiguous(), shared)
         if add is not None:

@@ -23,11 +23,11 @@ class RouterSpec:
     scaling: float = 1.0
 
 
-def route(x: torch.Tensor, w: RouterWeights, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Choose experts for tokens x [N, hidden].
+def choice_scores(x: torch.Tensor, w: RouterWeights, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router's sigmoid scores [N, E] and its choice scores (biased; -inf outside the kept groups).
 
-    Returns (expert ids [N, k] int64, weights [N, k] fp32). The bias only steers the choice; the
-    weights are the unbiased sigmoid scores of the chosen experts, renormalised and scaled.
+    The top-k of the choice scores is the routing; shared with the prefetch predictor, which takes
+    more than k of them.
     """
     scores = F.linear(x.float(), w.weight).sigmoid()
     choice = scores + w.correction_bias
@@ -38,6 +38,16 @@ def route(x: torch.Tensor, w: RouterWeights, spec: RouterSpec) -> tuple[torch.Te
         keep = torch.topk(group_scores, k=spec.topk_group, dim=-1, sorted=False)[1]
         group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
         choice = choice.masked_fill(~group_mask.repeat_interleave(e // spec.n_group, dim=1), float("-inf"))
+    return scores, choice
+
+
+def route(x: torch.Tensor, w: RouterWeights, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose experts for tokens x [N, hidden].
+
+    Returns (expert ids [N, k] int64, weights [N, k] fp32). The bias only steers the choice; the
+    weights are the unbiased sigmoid scores of the chosen experts, renormalised and scaled.
+    """
+    scores, choice = choice_scores(x, w, spec)
     ids = torch.topk(choice, k=spec.top_k, dim=-1, sorted=False)[1]
     weights = scores.gather(1, ids)
     if spec.norm_topk_prob:

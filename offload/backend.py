@@ -2,8 +2,9 @@
 
 Per MoE call: the call's experts are pinned; each is a hit (computed from its device slot), or a
 miss that the cost model sends either to the device (copied into a slot, evicting the policy's
-victim) or to the CPU (computed from the host blob). `hint` predicts the next layer's experts by
-applying its router to the current hidden state and prefetches them into free or cold slots.
+victim) or to the CPU (computed from the host blob). `hint` gets the hidden state entering each MoE
+layer, predicts that layer's and the next one's experts by applying their routers to it, and
+prefetches them into free or cold slots.
 Router statistics are counted online, seed the stat policy and the initial cache contents, and
 are saved to a profile beside the model.
 
@@ -20,7 +21,6 @@ import torch
 
 from localglm.errors import LocalGLMError
 from localglm.experts import InMemoryExperts, combine_experts, group_by_expert
-from localglm.router import route
 
 from .cost_model import Bandwidths, CostModel
 from .device import CudaDevice, SimulatedDevice
@@ -85,56 +85,48 @@ class OffloadedExperts:
         self._tok = 0.0
         self._step_tokens = 0
         self._saved_tokens = self.stats.tokens
-        self._routers: dict[int, Any] = {}
         self._prepared_slot: dict[int, tuple[int, Any]] = {}
         self._prepared_host: dict[tuple[int, int], Any] = {}
-        self._router_spec = None
         if preload and self.stats.tokens and n_slots > 0:
             for key in self.stats.hottest(n_slots):
                 li, e = divmod(key, n_experts)
                 self.cache.insert(key, self.host[self.moe_layers[li]][e], 0.0)
             device.synchronize()
 
-    # ---- wiring ----------------------------------------------------------------------------
-    def attach_routers(self, net: Any) -> None:
-        """Give the backend the model's routers (for exact current-layer routing in `hint`)."""
-        self._routers = {i: lw.router for i, lw in enumerate(net.w.layers) if lw.router is not None}
-        self._router_spec = net.router_spec
-
     # ---- ExpertBackend ---------------------------------------------------------------------
     def _clock(self, li: int) -> float:
         return self._tok + li / max(1, len(self.moe_layers))
 
     def hint(self, layer: int, x: torch.Tensor) -> None:
+        """x: the residual stream entering MoE layer `layer`. Predict it and the layers after it;
+        prefetch the predictions, nearest layer first, into free slots or over cold victims."""
         if self.predictor is None or layer not in self.index:
             return
         preds = self.predictor.predict(layer, x)
-        self.predictor.expect(preds)
+        self.predictor.expect(preds, layer)
         if self.recorder is not None:
             for target, experts in preds.items():
                 self.recorder.predicted(target, experts)
         if not self.prefetch:
             return
-        li = self.index[layer]
-        if layer in self._routers:  # the experts this layer is about to use must stay
-            ids, _ = route(x.reshape(-1, x.shape[-1]), self._routers[layer], self._router_spec)
-            self.cache.pin(np.unique(ids.cpu().numpy()) + li * self.n_experts)
-        t = self._clock(li)
-        for target, experts in preds.items():
-            tli = self.index[target]
-            keys = experts.astype(np.int64) + tli * self.n_experts
-            limit = max(self.top_k, min(len(keys), self.cache.n_slots // 4))
-            protect = np.zeros(self.n_keys, dtype=bool)
+        t = self._clock(self.index[layer])
+        protect = np.zeros(self.n_keys, dtype=bool)
+        wanted = []
+        for target in sorted(preds):
+            experts = preds[target]
+            keys = experts.astype(np.int64) + self.index[target] * self.n_experts
             protect[keys] = True
-            for key, e in list(zip(keys.tolist(), experts.tolist()))[:limit]:
+            limit = max(self.top_k, min(len(keys), self.cache.n_slots // 4))
+            wanted.append((target, list(zip(keys.tolist(), experts.tolist()))[:limit]))
+        for target, pairs in wanted:
+            for key, e in pairs:
                 if self.cache.cached[key]:
                     continue
                 if self.cache.insert(key, self.host[target][e], t, protect, min_idle=PREFETCH_MIN_IDLE) is None:
-                    break
+                    return
                 self._fresh[key] = True
                 self.counters.prefetched += 1
                 self.counters.bytes_moved += self.codecs[target].nbytes
-        self.cache.unpin_all()
 
     def _resolve(self, layer: int, li: int, e: int, tokens: int, t: float) -> int | None:
         """Where expert e runs: its device slot (hit, or a miss copied in now) or None (the CPU)."""
@@ -414,5 +406,4 @@ def apply_offload(model: Any, root: str | Path, ctx: int, **opts: Any) -> None:
         miss=opts.get("miss") or "cost", flops_per_token=2 * 3 * cfg.hidden_size * cfg.moe_intermediate_size,
         recorder=recorder,
     )  # fmt: skip
-    backend.attach_routers(net)
     net.experts = backend

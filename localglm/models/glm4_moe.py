@@ -167,13 +167,14 @@ class Glm4MoeModel:
         positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         for i, lw in enumerate(self.w.layers):
+            if lw.dense_mlp is None:
+                self.experts.hint(i, x)  # the layer's input: a backend may start copies for it now
             h = rms_norm(x, lw.input_norm, cfg.rms_norm_eps)
             x = x + attention(h, lw.attn, self.attn_shape, cos, sin, cache, i, start)
             h = rms_norm(x, lw.post_attention_norm, cfg.rms_norm_eps)
             if lw.dense_mlp is not None:
                 x = x + swiglu(h, lw.dense_mlp)
             else:
-                self.experts.hint(i, h)
                 x = x + self._moe(i, lw, h)
         return rms_norm(x, self.w.final_norm, cfg.rms_norm_eps)
 
