@@ -28,36 +28,44 @@ sys.path.insert(0, str(ROOT))
 
 
 from localglm.loader import load  # noqa: E402
-from offload.prefetch import PredictionCounts, predictor_for  # noqa: E402
+from offload.prefetch import predictor_for  # noqa: E402
 from offload.router_stats import RouterStats  # noqa: E402
 from offload.simulator import compare, format_table  # noqa: E402
 from offload.trace import attach_tracer  # noqa: E402
 
 
 class ScoredVariants:
-    """Wraps the traced backend's hint to score extra predictor variants on the same hidden states."""
+    """Wraps the traced backend's hint and forward to score extra predictors on the same hidden states."""
 
     def __init__(self, backend, variants: dict) -> None:
-        self.backend = backend
         self.variants = variants
-        self.counts = {name: PredictionCounts() for name in variants}
-        self.pending: dict[str, dict[int, set[int]]] = {name: {} for name in variants}
         self._hint, self._forward = backend.hint, backend.forward
         backend.hint, backend.forward = self.hint, self.forward
 
     def hint(self, layer, x):
-        for name, p in self.variants.items():
-            for target, experts in p.predict(layer, x).items():
-                self.pending[name][target] = set(int(e) for e in experts)
+        for p in self.variants.values():
+            p.expect(p.predict(layer, x), layer)
         return self._hint(layer, x)
 
     def forward(self, layer, x, ids, w):
-        actual = set(ids.reshape(-1).tolist())
-        for name in self.variants:
-            pred = self.pending[name].pop(layer, None)
-            if pred is not None:
-                self.counts[name].add(pred, actual)
+        for p in self.variants.values():
+            p.observe(layer, ids)
         return self._forward(layer, x, ids, w)
+
+
+def recall_by_layer(calls, pooled: bool = False):
+    """Recall of the predictions recorded with each call: per layer, or pooled over the calls."""
+    hit: dict[int, int] = {}
+    used: dict[int, int] = {}
+    for c in calls:
+        if c.predicted is None:
+            continue
+        actual = set(c.experts.reshape(-1).tolist())
+        hit[c.layer] = hit.get(c.layer, 0) + len(actual & set(c.predicted.tolist()))
+        used[c.layer] = used.get(c.layer, 0) + len(actual)
+    if pooled:
+        return sum(hit.values()) / max(1, sum(used.values()))
+    return {layer: hit[layer] / used[layer] for layer in sorted(used) if used[layer]}
 
 
 def stats_from_trace(trace) -> RouterStats:
@@ -212,17 +220,15 @@ def main() -> int:
 
     model = load(args.model)
     net = model.net
-    rec = attach_tracer(model, out / "trace_eval.jsonl")  # records the norm-corrected predictor
-    plain = predictor_for(net)
-    plain.norms = None
-    variants = {
-        "next router, norm-corrected (k)": predictor_for(net),
-        "next router, plain (k)": plain,
-        "norm-corrected, k+2": predictor_for(net, extra=2),
-        "norm-corrected, k+4": predictor_for(net, extra=4),
-        "norm-corrected + co-occurrence stats (k)": predictor_for(net, profile, stat_weight=0.5),
+    rec = attach_tracer(model, out / "trace_eval.jsonl")  # records the default predictor's guesses
+    variants = {  # name -> (predictor, which of its counts)
+        "next layer (k)": (predictor_for(net, stat_weight=0.0, depth=1), 1),
+        "next layer + co-occurrence stats (k, default)": (predictor_for(net, profile), 1),
+        "next layer, k+2": (predictor_for(net, extra=2, depth=1, stat_weight=0.0), 1),
+        "next layer, k+4": (predictor_for(net, extra=4, depth=1, stat_weight=0.0), 1),
+        "two layers ahead (k)": (predictor_for(net, depth=2, stat_weight=0.0), 2),
     }
-    scored = ScoredVariants(net.experts, variants)
+    ScoredVariants(net.experts, {name: p for name, (p, _) in variants.items()})
     t0 = time.time()
     model.generate_text(prompt_b, max_new_tokens=args.eval_tokens, temperature=0.7, seed=2, ignore_eos=True)
     rec.close()
@@ -230,11 +236,18 @@ def main() -> int:
     print(f"eval run: {trace.tokens} tokens in {time.time() - t0:.0f}s", flush=True)
     results.update(trace_tokens=trace.tokens, n_experts=trace.n_experts, top_k=trace.top_k, moe_layers=len(trace.moe_layers), expert_bytes=trace.expert_bytes)
     decode_only = [c for c in trace.calls if len(c.experts) == 1]
-    results["prediction"] = {
-        name: {"precision": c.precision, "recall": c.recall} for name, c in scored.counts.items()
-    }
-    for name, c in scored.counts.items():
-        print(f"prediction {name:<44} precision {100 * c.precision:5.1f}%  recall {100 * c.recall:5.1f}%")
+    results["prediction"] = {}
+    for name, (p, ahead) in variants.items():
+        c = p.counts_ahead[ahead]
+        results["prediction"][name] = {"precision": c.precision, "recall": c.recall}
+        print(f"prediction {name:<46} precision {100 * c.precision:5.1f}%  recall {100 * c.recall:5.1f}%")
+    per_layer = recall_by_layer(decode_only)
+    results["prediction_recall_by_layer"] = per_layer
+    later = [c for c in decode_only if c.layer != trace.moe_layers[0]]
+    results["prediction_recall_after_first_moe_layer"] = recall_by_layer(later, pooled=True)
+    print("recorded predictions (default predictor), decode recall by MoE layer: "
+          + "  ".join(f"{layer}: {100 * r:.1f}%" for layer, r in per_layer.items())
+          + f"; MoE layer to MoE layer (all but the first): {100 * results['prediction_recall_after_first_moe_layer']:.1f}%")
 
     fractions = [0.1, 0.2, 0.3, 0.4, 0.5]
     policies = ["lru", "lfu", "stat"]
@@ -242,12 +255,13 @@ def main() -> int:
 
     for label, tr in (("all (prefill + decode)", trace), ("decode only", Trace(trace.n_experts, trace.top_k, trace.moe_layers, trace.expert_bytes, trace.model, decode_only))):
         for prefetch in (False, True):
-            rows = compare(tr, fractions, policies, prefetch=prefetch, rates=profile.rates(), rate_tokens=profile.tokens)
+            pols = policies if prefetch else policies + ["step-oracle"]
+            rows = compare(tr, fractions, pols, prefetch=prefetch, rates=profile.rates(), rate_tokens=profile.tokens)
             key = f"{label}, {'prefetch' if prefetch else 'demand'}"
             print(f"\n== {key}")
-            print(format_table(rows, policies, tr.expert_bytes))
+            print(format_table(rows, pols, tr.expert_bytes))
             results[key] = [
-                {"fraction": r["fraction"], "capacity": r["capacity"], **{p: {"hit_rate": r[p].hit_rate, "bytes": r[p].bytes_moved} for p in policies + ["belady"]}}
+                {"fraction": r["fraction"], "capacity": r["capacity"], **{p: {"hit_rate": r[p].hit_rate, "bytes": r[p].bytes_moved} for p in pols + ["belady"]}}
                 for r in rows
             ]
     for hl in (8, 32, 128, 512):

@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 POLICY_NAMES = ("lru", "lfu", "stat")
+BOUND_NAMES = ("belady", "step-oracle")  # need the future: references, never the cache's policy
 
 
 class Policy:
@@ -130,6 +131,24 @@ class Belady(Policy):
         return -self.next_use
 
 
+class StepOracle(LFUDecay):
+    """A bound, not a policy: LFU with decay that also knows which experts the rest of the current
+    step (this token's later layers) will use, and keeps them.
+
+    The most any router-guided online policy could learn from predicting this token's layers; it
+    still cannot know the next token's routing, which is where Belady's lead comes from.
+    """
+
+    name = "step-oracle"
+
+    def __init__(self, n_keys: int, half_life: float = 64.0) -> None:
+        super().__init__(n_keys, half_life)
+        self.soon = np.zeros(n_keys, dtype=bool)  # set by the simulator before each access group
+
+    def score(self, t: float) -> np.ndarray:
+        return np.where(self.soon, np.inf, super().score(t))
+
+
 def make_policy(name: str, n_keys: int, rates: np.ndarray | None = None, tokens: float = 0.0, half_life: float = 64.0) -> Policy:
     name = name.lower()
     if name == "lru":
@@ -143,4 +162,6 @@ def make_policy(name: str, n_keys: int, rates: np.ndarray | None = None, tokens:
         return p
     if name == "belady":
         return Belady(n_keys)
+    if name == StepOracle.name:
+        return StepOracle(n_keys, half_life)
     raise ValueError(f"unknown cache policy {name!r}: use one of {', '.join(POLICY_NAMES)}")

@@ -68,6 +68,26 @@ def test_belady_is_never_beaten_on_random_traces() -> None:
     assert capacity_for(tr, 0.5) == 24
 
 
+def test_step_oracle_keeps_what_the_rest_of_the_token_uses() -> None:
+    """Two MoE layers, top-1, two slots (keys: layer-1 expert e is e, layer-2 expert e is 4 + e).
+    Step 2's layer 1 misses on expert 3: LFU evicts the once-used key 6, the oracle knows layer 2
+    needs it later in the step and evicts the twice-used key 0 instead (as Belady does)."""
+    tr = Trace(4, 1, [1, 2], expert_bytes=1)
+    for s, (a, b) in enumerate([(0, 1), (0, 2), (3, 2)]):
+        tr.calls += [TraceCall(s, 1, np.array([[a]])), TraceCall(s, 2, np.array([[b]]))]
+    assert simulate(tr, 2, "lfu").hits == 1
+    assert simulate(tr, 2, "step-oracle").hits == 2 == simulate(tr, 2, "belady").hits
+    rng = np.random.default_rng(1)
+    tr = Trace(16, 2, [1, 2, 3])
+    for s in range(300):
+        for layer in (1, 2, 3):
+            tr.calls.append(TraceCall(s, layer, rng.choice(16, size=(1, 2), replace=False)))
+    for cap in (4, 12, 24):
+        assert simulate(tr, cap, "step-oracle").hits <= simulate(tr, cap, "belady").hits
+    with pytest.raises(ValueError, match="demand-paging bound"):
+        simulate(tr, 4, "step-oracle", prefetch=True)
+
+
 def test_policies_never_pick_pinned_and_decay() -> None:
     cached = np.array([True, True, True, False])
     pinned = np.array([True, False, False, False])
@@ -132,10 +152,14 @@ def test_simulate_cli(tmp_path, capsys) -> None:
     assert main(["simulate", str(tmp_path / "t.jsonl"), "--sizes", "0.3", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["rows"][0]["belady"]["misses"] == 7
+    assert main(["simulate", str(tmp_path / "t.jsonl"), "--sizes", "0.3", "--step-oracle", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["rows"][0]["step-oracle"]["misses"] == d["rows"][0]["lfu"]["misses"]  # one layer: nothing later in a step
+    assert main(["simulate", str(tmp_path / "t.jsonl"), "--step-oracle", "--prefetch"]) == 2
     assert main(["simulate", str(tmp_path / "t.jsonl"), "--sizes", "2"]) == 2
     assert main(["simulate", str(tmp_path / "t.jsonl"), "--policies", "fifo"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 2 and "localglm: error:" in err
+    assert err.count("\n") == 3 and "localglm: error:" in err
 
 
 def test_prefetch_guard_keeps_the_working_set() -> None:

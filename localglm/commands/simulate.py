@@ -44,6 +44,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     has_pred = any(c.predicted is not None for c in trace.calls)
     if args.prefetch and not has_pred:
         raise LocalGLMError(f"{args.trace}: --prefetch needs predictions in the trace (record with prediction on)")
+    if args.step_oracle:
+        if args.prefetch:
+            raise LocalGLMError("--step-oracle is a demand-paging bound: run it without --prefetch")
+        policies.append("step-oracle")
     rows = compare(trace, fractions, policies, prefetch=args.prefetch, rates=rates, rate_tokens=rate_tokens, half_life=args.half_life)
     if args.json:
         out = [{"fraction": r["fraction"], "capacity": r["capacity"], **{p: r[p].to_dict() for p in policies + ["belady"]}} for r in rows]
@@ -109,6 +113,11 @@ def register(sub: Any) -> None:
     s.add_argument("--stats", default=None, help="router statistics profile (.npz) to seed the stat policy")
     s.add_argument("--half-life", type=float, default=64.0, help="LFU decay half-life in tokens (default 64)")
     s.add_argument("--prefetch", action="store_true", help="prefetch the predictions recorded in the trace")
+    s.add_argument(
+        "--step-oracle", action="store_true",
+        help="also replay a bound: LFU that knows the rest of each token's routing (what predicting this token's "
+        "later layers could give a demand policy at most; it cannot know the next token's, as Belady does)",
+    )  # fmt: skip
     s.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     s.set_defaults(func=cmd_simulate)
 
