@@ -26,7 +26,7 @@ from .cost_model import Bandwidths, CostModel
 from .device import CudaDevice, SimulatedDevice
 from .expert_cache import Bf16Codec, ExpertCache, ExpertCodec
 from .metrics import OffloadCounters
-from .policies import StatGuided, make_policy
+from .policies import HALF_LIFE, StatGuided, make_policy
 from .prefetch import NextLayerPredictor, predictor_for
 from .router_stats import RouterStats, profile_path
 from .trace import TraceRecorder
@@ -56,7 +56,7 @@ class OffloadedExperts:
         miss: str = "cost",
         flops_per_token: float = 0.0,
         recorder: TraceRecorder | None = None,
-        half_life: float = 64.0,
+        half_life: float = HALF_LIFE,
     ) -> None:
         if miss not in MISS_MODES:
             raise LocalGLMError(f"offload miss mode {miss!r}: use one of {', '.join(MISS_MODES)}")

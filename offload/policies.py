@@ -13,7 +13,11 @@ import math
 import numpy as np
 
 POLICY_NAMES = ("lru", "lfu", "stat")
-BOUND_NAMES = ("belady", "step-oracle")  # need the future: references, never the cache's policy
+BOUND_NAMES = ("belady", "step-oracle")
+# Defaults measured on five traces of the default model (benchmarks/bench_offload.py, 10-50% cache):
+# a 16-32 token half-life beat 64 at every size, and a quarter-weight prior beat none and full.
+HALF_LIFE = 32.0
+PRIOR_WEIGHT = 0.25  # need the future: references, never the cache's policy
 
 
 class Policy:
@@ -66,7 +70,7 @@ class LFUDecay(Policy):
 
     name = "lfu"
 
-    def __init__(self, n_keys: int, half_life: float = 64.0) -> None:
+    def __init__(self, n_keys: int, half_life: float = HALF_LIFE) -> None:
         super().__init__(n_keys)
         self.lam = math.log(2) / half_life
         self.count = np.zeros(n_keys)
@@ -85,12 +89,14 @@ class StatGuided(LFUDecay):
 
     score = decayed count + weight * rate / lambda, where `rate` is the key's long-run uses per
     token from the router statistics (saved profile plus this run). rate / lambda is what the
-    decayed count of a key used at that steady rate converges to, so `weight` 1 gives equal say.
+    decayed count of a key used at that steady rate converges to, so `weight` 1 gives equal say;
+    the default gives the long-run rate a quarter of it (what measured best: routing drifts with
+    the text, so the recent counts know more).
     """
 
     name = "stat"
 
-    def __init__(self, n_keys: int, rates: np.ndarray | None = None, half_life: float = 64.0, weight: float = 1.0) -> None:
+    def __init__(self, n_keys: int, rates: np.ndarray | None = None, half_life: float = HALF_LIFE, weight: float = PRIOR_WEIGHT) -> None:
         super().__init__(n_keys, half_life)
         self.weight = weight
         self.rates = np.zeros(n_keys) if rates is None else np.asarray(rates, dtype=np.float64).reshape(-1)
@@ -141,7 +147,7 @@ class StepOracle(LFUDecay):
 
     name = "step-oracle"
 
-    def __init__(self, n_keys: int, half_life: float = 64.0) -> None:
+    def __init__(self, n_keys: int, half_life: float = HALF_LIFE) -> None:
         super().__init__(n_keys, half_life)
         self.soon = np.zeros(n_keys, dtype=bool)  # set by the simulator before each access group
 
@@ -149,7 +155,7 @@ class StepOracle(LFUDecay):
         return np.where(self.soon, np.inf, super().score(t))
 
 
-def make_policy(name: str, n_keys: int, rates: np.ndarray | None = None, tokens: float = 0.0, half_life: float = 64.0) -> Policy:
+def make_policy(name: str, n_keys: int, rates: np.ndarray | None = None, tokens: float = 0.0, half_life: float = HALF_LIFE) -> Policy:
     name = name.lower()
     if name == "lru":
         return LRU(n_keys)

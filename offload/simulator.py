@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .policies import BOUND_NAMES, Belady, Policy, StepOracle, make_policy
+from .policies import BOUND_NAMES, HALF_LIFE, Belady, Policy, StepOracle, make_policy
 from .trace import Trace
 
 
@@ -119,7 +119,7 @@ def simulate(
     prefetch: bool = False,
     rates: np.ndarray | None = None,
     rate_tokens: float = 0.0,
-    half_life: float = 64.0,
+    half_life: float = HALF_LIFE,
     expert_bytes: int | None = None,
     gs: list[Group] | None = None,
     prefetch_min_idle: float | None = None,
@@ -205,7 +205,7 @@ def compare(
     prefetch: bool = False,
     rates: np.ndarray | None = None,
     rate_tokens: float = 0.0,
-    half_life: float = 64.0,
+    half_life: float = HALF_LIFE,
 ) -> list[dict]:
     """One row per cache size: each policy's result and Belady's (always demand paging)."""
     gs = groups(trace)

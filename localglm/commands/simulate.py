@@ -100,6 +100,8 @@ def cmd_record_trace(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
+    from offload.policies import HALF_LIFE
+
     from ..cli import add_engine_options, add_sampling_options
 
     s = sub.add_parser(
@@ -111,7 +113,7 @@ def register(sub: Any) -> None:
     s.add_argument("--sizes", default=DEFAULT_FRACTIONS, help=f"cache sizes as fractions of all experts (default {DEFAULT_FRACTIONS})")
     s.add_argument("--policies", default="lru,lfu,stat", help="comma-separated: lru, lfu (with decay), stat (router statistics)")
     s.add_argument("--stats", default=None, help="router statistics profile (.npz) to seed the stat policy")
-    s.add_argument("--half-life", type=float, default=64.0, help="LFU decay half-life in tokens (default 64)")
+    s.add_argument("--half-life", type=float, default=HALF_LIFE, help=f"LFU decay half-life in tokens (default {HALF_LIFE:g})")
     s.add_argument("--prefetch", action="store_true", help="prefetch the predictions recorded in the trace")
     s.add_argument(
         "--step-oracle", action="store_true",
