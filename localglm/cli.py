@@ -24,11 +24,51 @@ EXTRA_COMMANDS: tuple[str, ...] = ("tui.command", "localglm.server.command", "lo
 
 # ---- shared option groups --------------------------------------------------------------------
 def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """Device, dtype, context and threads, then the quantize-while-loading and offloading groups:
+    every command that loads a model takes them all (read back by `load_options`)."""
+    from .commands.quantize import add_recipe_options
+
     g = p.add_argument_group("engine")
-    g.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cpu; cuda with --offload cuda)")
     g.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the checkpoint's)")
     g.add_argument("--ctx", type=int, default=None, help="context size in tokens (default: min(4096, model max))")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    q = add_recipe_options(p, title="quantize while loading (bits per tensor class; default: as stored)")
+    q.add_argument("--save-quantized", default=None, metavar="OUT", help="with --experts etc.: write the quantized model to OUT and load it from there")
+    o = p.add_argument_group("expert offloading (plan the budgets first: `localglm plan MODEL`)")
+    o.add_argument(
+        "--offload", choices=("cuda", "sim"), default=None,
+        help="dense weights, shared experts and the KV cache on the GPU, routed experts in RAM behind a GPU expert "
+        "cache with router-guided prefetch ('cuda'; implies --device cuda), or on a simulated device ('sim')",
+    )  # fmt: skip
+    o.add_argument("--gpu-mem", default=None, metavar="SIZE", help="VRAM budget, e.g. 24GiB (default: free VRAM minus a margin)")
+    o.add_argument("--cpu-mem", default=None, metavar="SIZE", help="RAM budget for the routed experts (default: available RAM minus a margin)")
+    o.add_argument("--cache-policy", default=None, choices=("lru", "lfu", "stat"), help="expert-cache eviction (default stat: router statistics)")
+    o.add_argument("--no-prefetch", action="store_true", help="copy experts only when a layer asks for them")
+    o.add_argument("--trace", default=None, metavar="PATH", help="record every MoE layer's routing to PATH (.jsonl, for `localglm simulate`)")
+
+
+def device_for(args: argparse.Namespace) -> str:
+    """--device, defaulting to cuda when --offload cuda asks for the GPU."""
+    return args.device or ("cuda" if getattr(args, "offload", None) == "cuda" else "cpu")
+
+
+def load_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The quantization and offloading flags as `localglm.load` options."""
+    from .commands.quantize import load_options as quant_options
+
+    opts = quant_options(args)
+    offload = getattr(args, "offload", None)
+    given = {k: getattr(args, k, None) for k in ("gpu_mem", "cpu_mem", "cache_policy")}
+    if offload:
+        opts.update(offload=offload, prefetch=not getattr(args, "no_prefetch", False), **{k: v for k, v in given.items() if v is not None})
+    else:
+        flags = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None] + (["--no-prefetch"] if getattr(args, "no_prefetch", False) else [])
+        if flags:
+            raise LocalGLMError(f"{', '.join(flags)}: these flags need --offload cuda (or sim)")
+    if getattr(args, "trace", None):
+        opts["trace"] = args.trace
+    return opts
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -100,9 +140,7 @@ def open_model(args: argparse.Namespace) -> Any:
             from .default_model import default_model_path
 
             model = default_model_path()
-        # load_options: extra `localglm.load` options that other command modules' flags add (e.g. --experts 4)
-        extra = getattr(args, "load_options", {})
-        return load(model, device=args.device, dtype=args.dtype, ctx=args.ctx, progress=progress, **extra)
+        return load(model, device=device_for(args), dtype=args.dtype, ctx=args.ctx, progress=progress, **load_options(args))
     finally:
         close()
 

@@ -67,3 +67,35 @@ def test_make_tiny_and_generate_as_a_subprocess(tmp_path: Path) -> None:
     assert STATS_KEYS <= set(json.loads(r.stdout.strip().splitlines()[-1]))
     r = run("--help")
     assert r.returncode == 0 and "generate" in r.stdout and "make-tiny" in r.stdout
+
+
+def test_every_model_command_takes_the_offload_and_quantize_flags(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """generate offloads to the simulated device with the same greedy text; chat and serve parse the
+    same flags into the same load options; budget flags without --offload are refused in one line."""
+    from localglm.cli import build_parser, load_options
+    from offload.trace import Trace
+
+    base = ["-p", "def f(", "-n", "6", "--temperature", "0", "--ignore-eos", "--stats-json", "-q"]
+    assert main(["generate", str(tiny_dir), *base]) == 0
+    plain = capsys.readouterr().out.rstrip("\n").splitlines()
+    trace = tmp_path / "run.jsonl"
+    args = ["--offload", "sim", "--gpu-mem", "64MiB", "--cache-policy", "lru", "--trace", str(trace)]
+    assert main(["generate", str(tiny_dir), *base, *args]) == 0
+    offloaded = capsys.readouterr().out.rstrip("\n").splitlines()
+    assert offloaded[:-1] == plain[:-1]  # the text
+    backend = json.loads(offloaded[-1])["backend"]
+    assert backend["offload"] == "sim" and backend["policy"] == "lru"
+    assert Trace.load(trace).calls  # the backend recorded the run
+    parser = build_parser()
+    for cmd in ("chat", "serve", "record-trace"):
+        extra = ["-o", str(tmp_path / "t.jsonl")] if cmd == "record-trace" else []
+        ns = parser.parse_args([cmd, str(tiny_dir), *extra, "--offload", "sim", "--gpu-mem", "64MiB", "--experts", "4"])
+        opts = load_options(ns)
+        assert opts["offload"] == "sim" and opts["gpu_mem"] == "64MiB" and opts["experts_bits"] == "4" and opts["prefetch"]
+    from tui.command import options_from_args
+
+    chat = options_from_args(parser.parse_args(["chat", str(tiny_dir), "--offload", "cuda", "--no-prefetch"]))
+    assert chat.device == "cuda" and chat.load_options == {"offload": "cuda", "prefetch": False}
+    assert main(["generate", str(tiny_dir), *base, "--gpu-mem", "24GiB"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--gpu-mem: these flags need --offload" in err

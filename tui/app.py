@@ -69,6 +69,7 @@ class ChatOptions:
     system: str = ""
     thinking: bool = True
     max_new_tokens: int | None = None  # None: up to the context limit
+    load_options: dict[str, Any] = field(default_factory=dict)  # quantization / offloading (cli.load_options)
 
     @property
     def model_label(self) -> str:
@@ -107,7 +108,7 @@ def default_loader(options: ChatOptions) -> Loader:
             import torch
 
             torch.set_num_threads(options.threads)
-        return load(path, device=options.device, dtype=options.dtype, ctx=options.ctx, progress=progress)
+        return load(path, device=options.device, dtype=options.dtype, ctx=options.ctx, progress=progress, **options.load_options)
 
     return load_model
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from localglm.cli import add_engine_options, add_sampling_options, sampling_overrides
+from localglm.cli import add_engine_options, add_sampling_options, device_for, load_options, sampling_overrides
 from localglm.errors import LocalGLMError
 
 DESCRIPTION = """\
@@ -53,7 +53,8 @@ def options_from_args(args: argparse.Namespace) -> Any:
         raise LocalGLMError(f"--ctx must be at least 2, got {args.ctx}")
     return ChatOptions(
         model_path=args.model,
-        device=args.device,
+        device=device_for(args),
+        load_options=load_options(args),
         dtype=args.dtype,
         ctx=args.ctx,
         threads=args.threads,

@@ -1,4 +1,4 @@
-"""`localglm quantize SRC OUT`, and the quantize-while-loading flags of `localglm generate`.
+"""`localglm quantize SRC OUT`, and the quantize-while-loading flags of the commands that run a model.
 
     localglm quantize ~/models/GLM-4.5-Air ~/models/GLM-4.5-Air-q4 --experts 4 --attn 8
     localglm quantize SRC OUT --experts 2 --layers 0-3:experts=4 --report
@@ -40,11 +40,13 @@ CLASS_FLAGS = (
 )
 
 
-def add_recipe_options(p: argparse.ArgumentParser, defaults_none: bool = True) -> None:
-    g = p.add_argument_group("quantization recipe (bits per tensor class)")
+def add_recipe_options(p: argparse.ArgumentParser, title: str = "quantization recipe (bits per tensor class)") -> Any:
+    """--experts/--attn/... and --layers, in an argument group of their own (returned)."""
+    g = p.add_argument_group(title)
     for flag, what in CLASS_FLAGS:
         g.add_argument(f"--{flag}", dest=f"q_{flag.replace('-', '_')}", metavar="BITS", default=None, help=f"bits for {what}")
     g.add_argument("--layers", dest="q_layers", action="append", default=None, metavar="A-B:CLASS=BITS", help="per-layer-range override (repeatable)")
+    return g
 
 
 def recipe_bits(args: argparse.Namespace) -> dict[str, Any]:
@@ -84,7 +86,6 @@ def register(sub: Any) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_quantize)
-    _extend_generate(sub)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -125,26 +126,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- `localglm generate` flags ------------------------------------------------------------------
-def _extend_generate(sub: Any) -> None:
-    """Add --experts/--attn/.../--save-quantized to `generate` (quantize while loading)."""
-    g = sub.choices.get("generate")
-    if g is None or getattr(g, "_localglm_quant", False):
-        return
-    g._localglm_quant = True
-    add_recipe_options(g)
-    g.add_argument("--save-quantized", default=None, metavar="OUT", help="with --experts etc.: write the quantized model to OUT and load it from there")
-    inner = g.get_default("func")
-
-    def func(args: argparse.Namespace) -> int:
-        args.load_options = {**getattr(args, "load_options", {}), **load_options(args)}  # read by cli.open_model
-        return inner(args)
-
-    g.set_defaults(func=func)
-
-
+# ---- the quantize-while-loading flags of every model-running command (cli.add_engine_options) ----
 def load_options(args: argparse.Namespace) -> dict[str, Any]:
-    """generate's quantization flags -> localglm.load options."""
+    """The quantization flags -> localglm.load options."""
     opts: dict[str, Any] = {f"{k}_bits": v for k, v in recipe_bits(args).items() if v is not None}
     if getattr(args, "q_layers", None):
         opts["quant_layers"] = args.q_layers

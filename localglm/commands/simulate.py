@@ -69,16 +69,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_record_trace(args: argparse.Namespace) -> int:
     from offload.trace import attach_tracer
 
-    from ..cli import sampling_overrides
+    from ..cli import device_for, load_options, sampling_overrides
     from ..loader import load
 
     if args.prompt is None and args.prompt_file is None:
         raise LocalGLMError("record-trace: give a prompt with -p TEXT or --prompt-file PATH")
+    if args.trace:
+        raise LocalGLMError("record-trace writes its trace to -o/--out; --trace is for the other commands")
     prompt = args.prompt if args.prompt is not None else open(args.prompt_file, encoding="utf-8").read()
-    opts: dict[str, Any] = {}
+    opts: dict[str, Any] = load_options(args)
     if args.offload:
-        opts = dict(offload=args.offload, gpu_mem=args.gpu_mem, cpu_mem=args.cpu_mem, cache_policy=args.cache_policy, trace=args.out)
-    model = load(args.model, device=args.device, dtype=args.dtype, ctx=args.ctx, **opts)
+        opts["trace"] = args.out  # the offloading backend records, its predictions included
+    model = load(args.model, device=device_for(args), dtype=args.dtype, ctx=args.ctx, **opts)
     rec = model.net.experts.recorder if args.offload else attach_tracer(model, args.out, predict=not args.no_predict)
     kwargs: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, ignore_eos=True, **sampling_overrides(args))
     text = model.generate_text(prompt, **kwargs)
@@ -131,10 +133,6 @@ def register(sub: Any) -> None:
     r.add_argument("-n", "--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)")
     r.add_argument("--no-predict", action="store_true", help="do not record next-layer predictions")
     r.add_argument("-q", "--quiet", action="store_true", help="(accepted for symmetry with generate; loading shows no bar here)")
-    r.add_argument("--offload", choices=("sim", "cuda"), default=None, help="run with offloaded experts (simulated device or CUDA)")
-    r.add_argument("--gpu-mem", default=None, help="with --offload: device memory budget, e.g. 24GiB")
-    r.add_argument("--cpu-mem", default=None, help="with --offload: host memory budget")
-    r.add_argument("--cache-policy", default="stat", choices=("lru", "lfu", "stat"), help="with --offload (default stat)")
     add_sampling_options(r)
     add_engine_options(r)
     r.set_defaults(func=cmd_record_trace)
