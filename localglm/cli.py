@@ -33,6 +33,12 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the checkpoint's)")
     g.add_argument("--ctx", type=int, default=None, help="context size in tokens (default: min(4096, model max))")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument(
+        "--mmap", action=argparse.BooleanOptionalAction, default=None,
+        help="a localglm quantized model's routed experts stay in their memory-mapped files (nothing copied; the OS "
+        "keeps the used ones in RAM, so a model bigger than RAM runs) or are copied into RAM; default: mapped when "
+        "offloading or when they exceed the available RAM",
+    )  # fmt: skip
     q = add_recipe_options(p, title="quantize while loading (bits per tensor class; default: as stored)")
     q.add_argument("--save-quantized", default=None, metavar="OUT", help="with --experts etc.: write the quantized model to OUT and load it from there")
     o = p.add_argument_group("expert offloading (plan the budgets first: `localglm plan MODEL`)")
@@ -68,6 +74,8 @@ def load_options(args: argparse.Namespace) -> dict[str, Any]:
             raise LocalGLMError(f"{', '.join(flags)}: these flags need --offload cuda (or sim)")
     if getattr(args, "trace", None):
         opts["trace"] = args.trace
+    if getattr(args, "mmap", None) is not None:
+        opts["mmap"] = args.mmap
     return opts
 
 

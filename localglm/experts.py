@@ -129,7 +129,9 @@ class QuantizedExperts:
     """Routed experts as quantized blobs (quant.blob): one contiguous uint8 blob per expert.
 
     Per layer, `blobs[layer]` is a uint8 [E, blob_bytes] tensor (row e = expert e's blob, the unit
-    an offloading backend moves). On the CPU a whole layer runs in one call of the native kernel
+    an offloading backend moves), or a list of E uint8 [blob_bytes] views of a memory-mapped
+    quantized directory (`load(..., mmap=True)`: the experts are never copied, so a model bigger
+    than RAM runs from the OS page cache). On the CPU a whole layer runs in one call of the native kernel
     (quant/native.py: every chosen expert, grouped by expert, straight from the blobs). Without it
     (no C compiler, CUDA blobs, shapes it does not take) each expert runs through
     `PreparedExpert` (torch's packed int4 / int8 kernels), grouped by expert as InMemoryExperts.
@@ -147,7 +149,7 @@ class QuantizedExperts:
         self._native_layers: dict[int, tuple] = {}
         self._fused: dict[int, object] = {}  # layer -> quant.native.LgExperts over _native_layers' tables
         for layer, buf in blobs.items():
-            experts = self.prepared[layer] = [PreparedExpert(layouts[layer], buf[e], dtype) for e in range(buf.shape[0])]
+            experts = self.prepared[layer] = [PreparedExpert(layouts[layer], buf[e], dtype) for e in range(len(buf))]
             if experts and all(pe.native is not None for pe in experts):
                 # one ctypes table per part over every expert: a whole layer in one native call
                 gu = (type(experts[0].native.gu) * len(experts))(*(pe.native.gu for pe in experts))
@@ -194,8 +196,13 @@ class QuantizedExperts:
         return combine_experts(x, expert_ids, expert_weights, lambda e, xs: experts[e](xs))
 
     @property
+    def mapped(self) -> bool:
+        """Whether the blobs are views of the mapped files (not copies in RAM)."""
+        return any(isinstance(b, list) for b in self.blobs.values())
+
+    @property
     def nbytes(self) -> int:
-        return sum(b.numel() for b in self.blobs.values())
+        return sum(sum(x.numel() for x in b) if isinstance(b, list) else b.numel() for b in self.blobs.values())
 
 
 def _dense_tables(gate_up: torch.Tensor, down: torch.Tensor) -> tuple | None:

@@ -65,6 +65,13 @@ def parse_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def _available_ram() -> int:
+    """RAM the experts may take before it is better to leave them mapped (available minus the planner's margin)."""
+    from offload.planner import default_cpu_mem
+
+    return default_cpu_mem()
+
+
 def load(
     path: str | Path,
     device: str | torch.device = "cpu",
@@ -76,7 +83,10 @@ def load(
 ) -> Model:
     """Load a GLM checkpoint directory (Hugging Face layout) and return a `Model`.
 
-    `ctx` is the KV-cache size in tokens (default min(4096, the model's maximum)).
+    `ctx` is the KV-cache size in tokens (default min(4096, the model's maximum)). `mmap` (a
+    localglm quantized directory): True leaves the routed experts in their mapped files (nothing
+    copied; the OS pages them in as used, so a model bigger than RAM runs), False copies them into
+    RAM, None (default) maps them when offloading or when they exceed the available RAM.
     """
     # Expert offloading / routing traces (offload/): gpu_mem, cpu_mem, offload="sim"|"cuda", trace=PATH, ...
     from offload.backend import OFFLOAD_OPTIONS
@@ -91,6 +101,9 @@ def load(
 
     quant_opts = {k: options.pop(k) for k in list(options) if k in QUANT_OPTIONS}
     recipe = recipe_from_options(quant_opts)
+    mmap = options.pop("mmap", None)  # a quantized directory's experts: True mapped, False copied, None auto
+    if mmap not in (None, True, False):
+        raise LocalGLMError(f"mmap={mmap!r}: use True, False or None (auto)")
     if options:
         raise LocalGLMError(f"load: unknown option(s) {', '.join(sorted(options))}")
     root = Path(path).expanduser()
@@ -114,8 +127,17 @@ def load(
         raise LocalGLMError(f"ctx must be at least 2 tokens, got {ctx}")
 
     quantized_dir = ckpt is None and is_quantized_dir(root)
+    if mmap and not (quantized_dir and recipe is None):
+        raise LocalGLMError(
+            f"{root}: mmap keeps routed experts in their files as stored, which needs a localglm quantized directory "
+            f"loaded as it is (make one with `localglm quantize {root} OUT`)"
+        )
+    # Offloaded experts live in host RAM (the backend moves them to the device itself).
+    expert_dev = torch.device("cpu") if offload_opts.get("offload") else dev
     if quantized_dir:
         source = QuantizedSource(root)
+        if mmap is None and expert_dev.type == "cpu":
+            mmap = bool(offload_opts.get("offload")) or source.expert_bytes() > _available_ram()
     else:
         source = ckpt.source() if ckpt else SafetensorsSource(root, quantization_config=config.quantization_config)
     n_dense = config.num_hidden_layers
@@ -161,7 +183,7 @@ def load(
         get_experts = (lambda n, s: source.get(n, dtype=dt, expected_shape=s)) if offload_opts.get("offload") else get
         experts = None
         if quantized_dir or recipe is not None or ckpt is not None:  # a GGUF's Q8_0 experts stay packed
-            experts = load_quantized_experts(config, source, recipe, dt, dev, layer_done, keep_blobs=bool(offload_opts))
+            experts = load_quantized_experts(config, source, recipe, dt, expert_dev, layer_done, keep_blobs=bool(offload_opts), mapped=bool(mmap))
         if experts is None:
             experts = load_in_memory_experts(config, get_experts, layer_done)
     net = Glm4MoeModel(config, weights, experts, dev)

@@ -506,10 +506,14 @@ def load_quantized_experts(
     dev: torch.device,
     layer_done: Callable[[int], None] | None = None,
     keep_blobs: bool = False,
+    mapped: bool = False,
 ) -> Any:
     """QuantizedExperts from a quantized directory's blobs, from a GGUF's Q8_0 expert blocks as they
     are (with no recipe, or one giving experts 8 bits), or by quantizing a float source per expert
-    with `recipe`. Returns None when the experts are not to be quantized (use the float path)."""
+    with `recipe`. Returns None when the experts are not to be quantized (use the float path).
+
+    `mapped` (a quantized directory on the CPU only): each expert stays a read-only view of its
+    mapped shard, nothing is copied, and the OS page cache decides which experts sit in RAM."""
     from .experts import QuantizedExperts
     from .models.glm4_moe import expert_tensor_names
 
@@ -532,10 +536,17 @@ def load_quantized_experts(
     layouts: dict[int, ExpertBlobLayout] = {}
     blobs: dict[int, torch.Tensor] = {}
     shapes = ((inter, h), (inter, h), (h, inter))
+    mapped = mapped and from_blobs and dev.type == "cpu"
     for i in layers:
         lay = source.layouts[i] if from_blobs else packed[i] if i in packed else _expert_layout(recipe, i, h, inter)
         if (lay.hidden, lay.inter) != (h, inter):
             raise LocalGLMError(f"experts of layer {i}: blob layout is {lay.hidden}x{lay.inter}, config says {h}x{inter}")
+        if mapped:
+            layouts[i] = lay
+            blobs[i] = [source.expert_blob(i, e) for e in range(n)]  # type: ignore[assignment]
+            if layer_done:
+                layer_done(i)
+            continue
         buf = torch.empty((n, lay.nbytes), dtype=torch.uint8)
         for e in range(n):
             if from_blobs:

@@ -144,6 +144,10 @@ class QuantizedSource:
     def expert_layout(self, layer: int) -> ExpertBlobLayout:
         return self.layouts[layer]
 
+    def expert_bytes(self) -> int:
+        """Bytes of every routed expert's blob together."""
+        return sum(lay.nbytes * self.n_experts.get(layer, 0) for layer, lay in self.layouts.items())
+
     def expert_blob(self, layer: int, expert: int) -> torch.Tensor:
         """uint8 [nbytes]: a read-only view of the mapped file (clone or copy_ it out to keep it)."""
         return self.st.get(blob_name(layer, expert))

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from localglm.errors import LocalGLMError
+from localglm.model_info import human_bytes
 from localglm.experts import InMemoryExperts, combine_experts, group_by_expert
 
 from .cost_model import Bandwidths, CostModel
@@ -82,6 +83,7 @@ class OffloadedExperts:
         self.counters = OffloadCounters()
         self._last = OffloadCounters()
         self._fresh = np.zeros(self.n_keys, dtype=bool)
+        self.experts_mapped = 0  # host experts left in their memory-mapped files (set by apply_offload)
         self._tok = 0.0
         self._step_tokens = 0
         self._saved_tokens = self.stats.tokens
@@ -254,6 +256,7 @@ class OffloadedExperts:
             cache_slots=self.cache.n_slots,
             experts_total=self.n_keys,
             resident=len(self.cache.slot_of),
+            experts_mapped=self.experts_mapped,
             evictions=self.cache.evictions,
             prefetch_precision=round(pc.precision, 4) if pc else None,
             prefetch_recall=round(pc.recall, 4) if pc else None,
@@ -324,6 +327,33 @@ OFFLOAD_OPTIONS = (
 )  # fmt: skip
 
 
+def host_from_mapped(blobs: dict[int, list[torch.Tensor]], stats: RouterStats, n_in_ram: int, device: Any) -> dict[int, list[torch.Tensor]]:
+    """Per layer, a list of E expert blobs: the `n_in_ram` hottest (by the saved statistics; without
+    them spread evenly over the layers) copied into the device's (pinned) host buffers, the others
+    left as views of the mapped files, which the OS pages in when they are used."""
+    layers = sorted(blobs)
+    n_experts = len(blobs[layers[0]])
+    counts = stats.counts.reshape(-1)  # zeros without a profile: then expert order spreads them over layers
+    keys = sorted(range(len(layers) * n_experts), key=lambda k: (-counts[k], k % n_experts, k // n_experts))[:n_in_ram]
+    chosen: dict[int, list[int]] = {}
+    for key in keys:
+        li, e = divmod(key, n_experts)
+        chosen.setdefault(li, []).append(e)
+    host: dict[int, list[torch.Tensor]] = {}
+    for li, layer in enumerate(layers):
+        views = blobs[layer]
+        mine = chosen.get(li, [])
+        row: list[torch.Tensor] = list(views)
+        if mine:
+            nbytes = views[0].numel()
+            buf = device.host_buffer(len(mine) * nbytes).view(len(mine), nbytes)
+            for j, e in enumerate(mine):
+                buf[j].copy_(views[e])
+                row[e] = buf[j]
+        host[layer] = row
+    return host
+
+
 def apply_offload(model: Any, root: str | Path, ctx: int, **opts: Any) -> None:
     """Replace a loaded Model's in-memory experts with OffloadedExperts (and/or a trace recorder).
 
@@ -376,15 +406,25 @@ def apply_offload(model: Any, root: str | Path, ctx: int, **opts: Any) -> None:
     moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
     stats_path = opts.get("stats_path") or profile_path(root)
     stats = RouterStats.load_or_new(stats_path, moe_layers, cfg.n_routed_experts, cfg.num_experts_per_tok)
+    mapped = quantized and net.experts.mapped
+    if plan.experts_on_disk and not mapped:
+        raise LocalGLMError(
+            f"--cpu-mem {human_bytes(plan.cpu_budget)} holds {plan.experts_in_ram} of {plan.n_experts_total} routed experts; "
+            f"leaving the rest memory-mapped on disk needs a localglm quantized directory (`localglm quantize {root} OUT`), "
+            f"or give more --cpu-mem"
+        )
     if quantized:
         from .expert_cache import QuantCodec
 
         qe = net.experts
         codec = {layer: QuantCodec(qe.layouts[layer], qe.dtype) for layer in qe.blobs}
-        host = {}
-        for layer, buf in qe.blobs.items():  # into (pinned) host buffers; the device copies come from there
-            host[layer] = device.host_buffer(buf.numel()).view(buf.shape)
-            host[layer].copy_(buf)
+        if mapped:  # the plan's share of experts (hottest first) into host RAM, the rest stay mapped
+            host = host_from_mapped(qe.blobs, stats, plan.experts_in_ram, device)
+        else:
+            host = {}
+            for layer, buf in qe.blobs.items():  # into (pinned) host buffers; the device copies come from there
+                host[layer] = device.host_buffer(buf.numel()).view(buf.shape)
+                host[layer].copy_(buf)
         qe.blobs.clear()
     else:
         codec, host = pack_in_memory(net.experts, device)
@@ -406,4 +446,5 @@ def apply_offload(model: Any, root: str | Path, ctx: int, **opts: Any) -> None:
         miss=opts.get("miss") or "cost", flops_per_token=2 * 3 * cfg.hidden_size * cfg.moe_intermediate_size,
         recorder=recorder,
     )  # fmt: skip
+    backend.experts_mapped = len(moe_layers) * cfg.n_routed_experts - plan.experts_in_ram if mapped else 0
     net.experts = backend

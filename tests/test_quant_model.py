@@ -170,3 +170,71 @@ def test_generate_reports_the_expert_kernels(src: Path, capsys: pytest.CaptureFi
     assert main(["generate", str(src), "-p", "hi", "--max-new-tokens", "3", "--experts", "4", "--stats-json"]) == 0
     stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert stats["backend"]["kernels"] == native_status()
+
+
+def _mapped_file(address: int) -> Path | None:
+    """The file mapped at `address` in this process (Linux /proc/self/maps), None for anonymous memory."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        if lo <= address < hi:
+            return Path(parts[5]).resolve() if len(parts) == 6 and parts[5].startswith("/") else None
+    return None
+
+
+def test_mapped_experts_are_views_of_the_files_and_give_the_same_numbers(q4: Path, src: Path) -> None:
+    """mmap=True leaves every expert blob a read-only view of its shard (nothing copied) and the
+    logits stay bit for bit those of the copied experts; only a quantized directory can be mapped."""
+    copied = localglm.load(q4, mmap=False)
+    mapped = localglm.load(q4, mmap=True)
+    qe = mapped.net.experts
+    assert qe.mapped and not copied.net.experts.mapped
+    assert qe.nbytes == copied.net.experts.nbytes
+    for views in qe.blobs.values():
+        assert isinstance(views, list)
+        assert {_mapped_file(v.data_ptr()).parent for v in views} == {q4.resolve()}  # in the shards' mappings
+    assert _mapped_file(next(iter(copied.net.experts.blobs.values())).data_ptr()) is None
+    assert torch.equal(mapped.logits(IDS), copied.logits(IDS))
+    text = dict(max_new_tokens=6, temperature=0, ignore_eos=True)
+    assert mapped.generate_text("def f(", **text) == copied.generate_text("def f(", **text)
+    with pytest.raises(LocalGLMError, match="needs a localglm quantized directory"):
+        localglm.load(src, mmap=True)
+
+
+def test_offloading_maps_what_cpu_mem_cannot_hold(q4: Path, src: Path, tmp_path: Path) -> None:
+    """A --cpu-mem too small for every expert: the plan's share goes to host RAM, the rest stays in the
+    mapped files, and the tokens are those of the in-memory run. A float checkpoint cannot do that and
+    says so in one line."""
+    ref = localglm.load(q4)
+    text = dict(max_new_tokens=6, temperature=0, ignore_eos=True)
+    want = ref.generate_text("def f(", **text)
+    blob = max(lay.nbytes for lay in ref.net.experts.layouts.values())
+    k = ref.config.num_experts_per_tok
+    cpu_mem = 2 * k * blob + 5 * blob  # staging + five experts
+    m = localglm.load(q4, offload="sim", gpu_mem="4MiB", cpu_mem=cpu_mem, stats_path=tmp_path / "s.npz")
+    be = m.net.experts
+    total = len(be.moe_layers) * be.n_experts
+    assert be.experts_mapped == total - 5
+    assert m.generate_text("def f(", **text) == want
+    assert m.last_stats.backend["experts_mapped"] == total - 5
+    with pytest.raises(LocalGLMError, match="memory-mapped on disk needs a localglm quantized directory"):
+        c = ref.config
+        fp32 = 3 * c.hidden_size * c.moe_intermediate_size * 4
+        localglm.load(src, offload="sim", gpu_mem="4MiB", cpu_mem=2 * k * fp32 + 5 * fp32, stats_path=tmp_path / "f.npz")
+
+
+def test_the_hottest_experts_go_to_host_ram_and_the_rest_stay_mapped() -> None:
+    from offload.backend import host_from_mapped
+    from offload.device import SimulatedDevice
+    from offload.router_stats import RouterStats
+
+    views = {layer: [torch.full((16,), 10 * layer + e, dtype=torch.uint8) for e in range(4)] for layer in (1, 2)}
+    stats = RouterStats([1, 2], 4, 1)
+    stats.update(2, torch.tensor([[3], [3], [3], [1]]))  # layer 2: expert 3 hottest, then 1
+    stats.update(1, torch.tensor([[0], [0]]))
+    host = host_from_mapped(views, stats, 3, SimulatedDevice(1 << 20))
+    copied = {(layer, e) for layer in host for e in range(4) if host[layer][e] is not views[layer][e]}
+    assert copied == {(2, 3), (1, 0), (2, 1)}
+    assert all(torch.equal(host[layer][e], views[layer][e]) for layer in host for e in range(4))
+    spread = host_from_mapped(views, RouterStats([1, 2], 4, 1), 3, SimulatedDevice(1 << 20))  # no profile: even
+    assert {(layer, e) for layer in spread for e in range(4) if spread[layer][e] is not views[layer][e]} == {(1, 0), (2, 0), (1, 1)}
