@@ -39,13 +39,18 @@ class ScoredVariants:
 
     def __init__(self, backend, variants: dict) -> None:
         self.variants = variants
-        self._hint, self._forward = backend.hint, backend.forward
-        backend.hint, backend.forward = self.hint, self.forward
+        self._hint, self._forward, self._attended = backend.hint, backend.forward, backend.attended
+        backend.hint, backend.forward, backend.attended = self.hint, self.forward, self.attended
 
     def hint(self, layer, x):
         for p in self.variants.values():
             p.expect(p.predict(layer, x), layer)
         return self._hint(layer, x)
+
+    def attended(self, layer, x):
+        for p in self.variants.values():
+            p.attended(layer, x)
+        return self._attended(layer, x)
 
     def forward(self, layer, x, ids, w):
         for p in self.variants.values():
@@ -222,8 +227,9 @@ def main() -> int:
     net = model.net
     rec = attach_tracer(model, out / "trace_eval.jsonl")  # records the default predictor's guesses
     variants = {  # name -> (predictor, which of its counts)
-        "next layer (k)": (predictor_for(net, stat_weight=0.0, depth=1), 1),
-        "next layer + co-occurrence stats (k, default)": (predictor_for(net, profile), 1),
+        "next layer, its input only (k)": (predictor_for(net, stat_weight=0.0, depth=1, carry_attention=False), 1),
+        "next layer + last token's attention (k)": (predictor_for(net, stat_weight=0.0, depth=1), 1),
+        "next layer + attention + co-occurrence stats (k, default)": (predictor_for(net, profile), 1),
         "next layer, k+2": (predictor_for(net, extra=2, depth=1, stat_weight=0.0), 1),
         "next layer, k+4": (predictor_for(net, extra=4, depth=1, stat_weight=0.0), 1),
         "two layers ahead (k)": (predictor_for(net, depth=2, stat_weight=0.0), 2),

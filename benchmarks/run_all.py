@@ -262,28 +262,38 @@ def section_offload(rep: Report, model: Path, args: argparse.Namespace, s: dict)
         raise RuntimeError(f"bench_offload failed: {r.stderr.strip()[-1500:]}")
     res = json.loads((out / "results.json").read_text())
     policies = ["lru", "lfu", "stat"]
-    lines = ["| trace, paging | cache (share of experts, slots) | " + " | ".join(f"{p} hit" for p in policies) + " | Belady hit | best / Belady |",
-             "|---|---|" + "---:|" * (len(policies) + 2)]  # fmt: skip
+    lines = ["| trace, paging | cache (share of experts, slots) | " + " | ".join(f"{p} hit" for p in policies)
+             + " | step-oracle hit (bound) | Belady hit | best / Belady | bytes moved, best / Belady |",
+             "|---|---|" + "---:|" * (len(policies) + 4)]  # fmt: skip
     for key, rows in res.items():
         if not (isinstance(rows, list) and rows and "belady" in rows[0]):
             continue
         for row in rows:
-            best = max(row[p]["hit_rate"] for p in policies)
-            opt = row["belady"]["hit_rate"]
+            best = max(policies, key=lambda p: row[p]["hit_rate"])
+            opt = row["belady"]
+            oracle = f"{100 * row['step-oracle']['hit_rate']:.1f}%" if "step-oracle" in row else "-"
             lines.append(f"| {key} | {100 * row['fraction']:.0f}% ({row['capacity']}) | " + " | ".join(f"{100 * row[p]['hit_rate']:.1f}%" for p in policies)
-                         + f" | {100 * opt:.1f}% | " + (f"{100 * best / opt:.0f}%" if opt else "-") + " |")  # fmt: skip
-    pred = ["| next-layer predictor | precision | recall |", "|---|---:|---:|"]
+                         + f" | {oracle} | {100 * opt['hit_rate']:.1f}% | " + (f"{100 * row[best]['hit_rate'] / opt['hit_rate']:.0f}%" if opt["hit_rate"] else "-")
+                         + f" | {row[best]['bytes'] / opt['bytes']:.2f}x |" if opt["bytes"] else " | - |")  # fmt: skip
+    pred = ["| predictor | precision | recall |", "|---|---:|---:|"]
     for name, c in res["prediction"].items():
         pred.append(f"| {name} | {100 * c['precision']:.1f}% | {100 * c['recall']:.1f}% |")
+    per_layer = ", ".join(f"layer {layer}: {100 * r:.1f}%" for layer, r in res.get("prediction_recall_by_layer", {}).items())
     rep.add(f"### Expert offloading: {model.name}\n\n"
             f"Routing traced while generating: a profile run of {s['profile_tokens']} new tokens (prompt A) seeds the `stat` "
             f"policy; the eval run (prompt B, {s['eval_tokens']} new tokens at temperature 0.7: {res.get('trace_tokens', '?')} "
             f"traced tokens with the prompt) is "
             f"replayed by the cache simulator at 10-50% of the {res.get('moe_layers', '?')} x {res.get('n_experts', '?')} routed experts. "
-            f"Belady (the optimum, demand paging) is the peer: with prefetch an online policy can pass it. "
+            f"Belady (the optimum, demand paging) is the peer: with prefetch an online policy can pass it. The step-oracle is a "
+            f"bound, not a policy: LFU that knows the rest of each token's routing, the most a demand policy could gain from "
+            f"predicting this token's layers. "
             f"Load average {load0} before, {load_avg()} after ({time.time() - t0:.0f} s). Same as `{cmd_line(*cmd)}`.\n\n"
-            + "\n".join(lines) + "\n\nNext-layer expert prediction on the eval run (layer l+1's router applied to layer l's input):\n\n"
-            + "\n".join(pred))  # fmt: skip
+            + "\n".join(lines) + "\n\nExpert prediction on the eval run (each MoE layer's router applied to the residual stream "
+            "entering it, i.e. the previous layer's output; 'two layers ahead': the next MoE layer's router on the same state):\n\n"
+            + "\n".join(pred)
+            + (f"\n\nRecorded predictions of the default predictor, decode recall by MoE layer: {per_layer}; "
+               f"MoE layer to MoE layer (all but the first, which is predicted from a dense layer's output): "
+               f"{100 * res['prediction_recall_after_first_moe_layer']:.1f}%." if per_layer else ""))  # fmt: skip
 
 
 # ---- main -----------------------------------------------------------------------------------------

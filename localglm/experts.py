@@ -28,6 +28,11 @@ class ExpertBackend(Protocol):
         layer runs, so a backend can predict and prefetch its experts and those of the layers ahead."""
         ...
 
+    def attended(self, layer: int, x: torch.Tensor) -> None:
+        """The residual stream after `layer`'s attention (before its norm and MoE): what attention
+        added, which a predictor carries over to the next token's guess for this layer."""
+        ...
+
 
 def group_by_expert(expert_ids: torch.Tensor) -> tuple[list[int], list[int], torch.Tensor]:
     """Sort the (token, slot) pairs by expert.
@@ -106,6 +111,9 @@ class InMemoryExperts:
     def hint(self, layer: int, x: torch.Tensor) -> None:  # everything is resident already
         return None
 
+    def attended(self, layer: int, x: torch.Tensor) -> None:
+        return None
+
     def _expert(self, layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
         return expert_swiglu(x, self.gate_up[layer][e], self.down[layer][e])
 
@@ -175,6 +183,9 @@ class QuantizedExperts:
         return "torch kernels" if not self._native_layers else f"{native_status()}, torch kernels for some layers"
 
     def hint(self, layer: int, x: torch.Tensor) -> None:
+        return None
+
+    def attended(self, layer: int, x: torch.Tensor) -> None:
         return None
 
     def fused_experts(self, layer: int) -> object | None:

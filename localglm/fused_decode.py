@@ -178,6 +178,7 @@ class FusedDecoder:
             self.lib.decode_layer(layer.desc, x, add, cos, sin, cache.k[i, 0], cache.v[i, 0], start, h, ids, wts, shared, threads, native, routed)
             add = None
             if layer.moe and native is None:
+                m.experts.attended(i, x.view(1, 1, hidden).clone())  # x: the layer's input plus its attention
                 routed = m.experts.forward(i, h.view(1, hidden), ids, wts)
                 add = (routed.reshape(hidden).to(m.dtype).contiguous(), shared)
         if add is not None:

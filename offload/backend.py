@@ -130,6 +130,10 @@ class OffloadedExperts:
                 self.counters.prefetched += 1
                 self.counters.bytes_moved += self.codecs[target].nbytes
 
+    def attended(self, layer: int, x: torch.Tensor) -> None:
+        if self.predictor is not None:
+            self.predictor.attended(layer, x)
+
     def _resolve(self, layer: int, li: int, e: int, tokens: int, t: float) -> int | None:
         """Where expert e runs: its device slot (hit, or a miss copied in now) or None (the CPU)."""
         key = li * self.n_experts + e

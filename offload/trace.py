@@ -157,6 +157,11 @@ class TracingExperts:
                 self.recorder.predicted(target, experts)
         self.inner.hint(layer, x)
 
+    def attended(self, layer: int, x: torch.Tensor) -> None:
+        if self.predictor is not None:
+            self.predictor.attended(layer, x)
+        self.inner.attended(layer, x)
+
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
         self.recorder.record(layer, expert_ids)
         return self.inner.forward(layer, x, expert_ids, expert_weights)

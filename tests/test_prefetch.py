@@ -40,6 +40,31 @@ def test_a_layer_predicted_from_its_input_is_its_routing_when_attention_adds_not
             assert experts.tolist() == sorted(set(ids.reshape(-1).tolist()))
 
 
+def test_decode_guesses_carry_the_last_tokens_attention_over(tmp_path: Path) -> None:
+    """After `attended`, a one-token guess for the layer is the routing of its input plus what the
+    layer's attention added to the previous token: exact when attention adds the same again."""
+    net = _net(tmp_path, "flat")
+    pred = predictor_for(net, stat_weight=0.0, depth=1)
+    layer = pred.layers[1]
+    lw, h = net.w.layers[layer], net.cfg.hidden_size
+    added = torch.randn(h) * 4
+
+    def routing(x: torch.Tensor) -> list[int]:
+        ids, _ = route(rms_norm(x, lw.post_attention_norm, net.cfg.rms_norm_eps), lw.router, net.router_spec)
+        return sorted(set(ids.reshape(-1).tolist()))
+
+    first, second = torch.randn(1, h), torch.randn(1, h)
+    assert pred.predict(layer, first)[layer].tolist() == routing(first)  # nothing to carry yet
+    pred.attended(layer, first + added)
+    assert pred.predict(layer, second)[layer].tolist() == routing(second + added)
+    batch = torch.randn(5, h)  # prefill: no carry
+    assert pred.predict(layer, batch)[layer].tolist() == routing(batch)
+    off = predictor_for(net, stat_weight=0.0, depth=1, carry_attention=False)
+    off.predict(layer, first)
+    off.attended(layer, first + added)
+    assert off.predict(layer, second)[layer].tolist() == routing(second)
+
+
 def test_extra_predictions_never_name_an_expert_of_a_masked_group(tmp_path: Path) -> None:
     net = _net(tmp_path, "groups")
     pred = predictor_for(net, extra=12, depth=1, stat_weight=0.0)  # k + 12 = all 16, but only 2 of 4 groups allowed
@@ -91,10 +116,14 @@ def test_backends_are_hinted_with_each_moe_layers_input_on_both_decode_paths(tmp
     cfg = net.cfg
     moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
     seen: dict[bool, list[tuple[int, torch.Tensor]]] = {True: [], False: []}
+    after: dict[bool, list[tuple[int, torch.Tensor]]] = {True: [], False: []}
 
     class Hinted(TracingExperts):
         def hint(self, layer: int, x: torch.Tensor) -> None:
             seen[net.fused_decode].append((layer, x.detach().reshape(-1).clone()))
+
+        def attended(self, layer: int, x: torch.Tensor) -> None:
+            after[net.fused_decode].append((layer, x.detach().reshape(-1).clone()))
 
     net.experts = Hinted(net.experts, TraceRecorder(cfg.n_routed_experts, cfg.num_experts_per_tok, moe_layers))
     assert net._fused_decoder() is not None
@@ -105,11 +134,14 @@ def test_backends_are_hinted_with_each_moe_layers_input_on_both_decode_paths(tmp
         with torch.inference_mode():
             net.hidden_states(prompt[:, :3], cache, 0)
             seen[fused].clear()  # compare the decoded tokens
+            after[fused].clear()
             for p in (3, 4):
                 net.hidden_states(prompt[:, p : p + 1], cache, p)
     assert [layer for layer, _ in seen[True]] == moe_layers * 2
-    for (la, a), (lb, b) in zip(seen[True], seen[False]):
+    assert [layer for layer, _ in after[True]] == moe_layers * 2
+    for (la, a), (lb, b) in zip(seen[True] + after[True], seen[False] + after[False]):
         assert la == lb and torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(after[True][0][1], seen[True][0][1])  # attention did add something
     # and it is the layer's input: the first MoE layer's hint is what the dense layer before it outputs
     net.fused_decode = False
     with torch.inference_mode():

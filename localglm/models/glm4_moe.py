@@ -175,6 +175,7 @@ class Glm4MoeModel:
             if lw.dense_mlp is not None:
                 x = x + swiglu(h, lw.dense_mlp)
             else:
+                self.experts.attended(i, x)
                 x = x + self._moe(i, lw, h)
         return rms_norm(x, self.w.final_norm, cfg.rms_norm_eps)
 
