@@ -7,6 +7,7 @@ the tokenizer and chat template that ship with the checkpoint.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,7 @@ def load(
     # Quantization (quant/, localglm/quantize.py): experts_bits=4, attn_bits=8, ..., save_quantized=DIR
     from quant.recipe import Recipe
 
-    from .quantize import QUANT_OPTIONS, load_quantized_experts, prepare_quantized, quant_getter, quantize_checkpoint, recipe_from_options
+    from .quantize import QUANT_OPTIONS, gguf_expert_recipe, load_quantized_experts, prepare_quantized, quant_getter, quantize_checkpoint, recipe_from_options
     from .quantize import matches as quant_matches
     from .quantized_source import QuantizedSource, is_quantized_dir
 
@@ -140,6 +141,11 @@ def load(
             mmap = bool(offload_opts.get("offload")) or source.expert_bytes() > _available_ram()
     else:
         source = ckpt.source() if ckpt else SafetensorsSource(root, quantization_config=config.quantization_config)
+    if ckpt is not None and recipe is None:  # K-quant experts that RAM cannot hold as floats: re-quantize them
+        auto = gguf_expert_recipe(source, config, dt, _available_ram())
+        if auto is not None:
+            recipe, why = auto
+            warnings.warn(why, stacklevel=2)
     n_dense = config.num_hidden_layers
     loaded = 0
 

@@ -133,6 +133,38 @@ def _packed_layout(source: Any, recipe: Recipe | None, layer: int, hidden: int, 
     return lay if recipe is None or _expert_layout(recipe, layer, hidden, inter) == lay else None
 
 
+# GGUF tensor types -> the localglm bits that hold them without losing much more (K-quants and the
+# like are dequantized on load; at 8 bits anything above 4.5 bits per weight).
+_GGUF_BITS = (("Q8", 8), ("Q6", 8), ("Q5", 8), ("Q4", 4), ("IQ4", 4), ("MXFP4", 4), ("Q3", 2), ("Q2", 2), ("IQ3", 2), ("IQ2", 2), ("IQ1", 2), ("TQ", 2))
+
+
+def gguf_expert_recipe(source: GGUFSource, cfg: Any, dtype: torch.dtype, available: int) -> tuple[Recipe, str] | None:
+    """For a GGUF whose routed experts are stored in a type kept only by dequantizing (K-/I-quants,
+    Q4_0, ...): when dequantized they would not fit in `available` bytes of RAM, the recipe that
+    re-quantizes just the experts to the nearest localglm bits while loading, and why (one line).
+    None when they fit, or are float or Q8_0 (taken as stored)."""
+    from .models.glm4_moe import expert_tensor_names
+
+    layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+    if not layers or _packed_layout(source, None, layers[0], cfg.hidden_size, cfg.moe_intermediate_size) is not None:
+        return None
+    stored = source.info(expert_tensor_names(layers[0], 0)[0])
+    kind = stored.ggml_type.upper()
+    bits = next((b for prefix, b in _GGUF_BITS if kind.startswith(prefix)), None)
+    if bits is None:  # F32 / F16 / BF16: the experts are float as stored
+        return None
+    need = len(layers) * cfg.n_routed_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size * torch.tensor([], dtype=dtype).element_size()
+    if need <= available:
+        return None
+    keep = {cls: KEEP for cls in ("shared", "dense", "attn", "embed", "lm_head")}
+    why = (
+        f"{stored.file}: the routed experts ({kind}) dequantized would take {need / 2**30:.1f} GiB, more than the "
+        f"{available / 2**30:.1f} GiB of RAM available; re-quantizing them to localglm q{bits} while loading "
+        f"(experts_bits=16 / --experts 16 dequantizes anyway; `localglm quantize` does it once)"
+    )
+    return Recipe.from_options({"experts": bits, **keep}), why
+
+
 # ------------------------------------------------------------------------------------------------
 # The streaming pipeline
 # ------------------------------------------------------------------------------------------------

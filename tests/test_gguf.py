@@ -611,3 +611,27 @@ def test_quantize_bad_gguf_gives_one_line_errors_and_writes_nothing(
         err = capsys.readouterr().err.strip()
         assert err.startswith("localglm: error:") and match in err and "\n" not in err
         assert not out.exists() and not partial_dir(out).exists()
+
+
+def test_k_quant_experts_that_ram_cannot_hold_as_floats_are_requantized(exports: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GGUF whose experts would only fit dequantized in more RAM than there is (a Q4_K_M GLM-4.5-Air
+    is ~200 GB in bf16) loads with just its experts re-quantized to the nearest localglm bits, and says
+    so; with room, or when asked for floats, or for float files, nothing changes."""
+    import localglm.loader as loader
+
+    exact = localglm.load(exports["q4_0"], dtype="float32")
+    assert not isinstance(exact.net.experts, QuantizedExperts)
+    monkeypatch.setattr(loader, "_available_ram", lambda: 1 << 10)
+    with pytest.warns(UserWarning, match=r"routed experts \(Q4_0\) dequantized would take .* re-quantizing them to localglm q4"):
+        m = localglm.load(exports["q4_0"], dtype="float32")
+    qe = m.net.experts
+    assert isinstance(qe, QuantizedExperts) and {lay.gate_up.bits for lay in qe.layouts.values()} == {4}
+    assert type(m.net.w.layers[0].attn.qkv_weight) is torch.Tensor  # only the experts: the rest as stored
+    a, b = m.logits(IDS).log_softmax(-1), exact.logits(IDS).log_softmax(-1)
+    assert float((b.exp() * (b - a)).sum(-1).mean()) < 0.05
+    assert not isinstance(localglm.load(exports["q4_0"], dtype="float32", experts_bits=16).net.experts, QuantizedExperts)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not isinstance(localglm.load(exports["f32"]).net.experts, QuantizedExperts)
