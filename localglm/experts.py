@@ -25,7 +25,9 @@ class ExpertBackend(Protocol):
 
     def hint(self, layer: int, x: torch.Tensor) -> None:
         """The residual stream entering MoE layer `layer` (before its attention), called before the
-        layer runs, so a backend can predict and prefetch its experts and those of the layers ahead."""
+        layer runs, so a backend can predict and prefetch its experts and those of the layers ahead.
+        x (here and in `attended`) is only valid during the call: the fused decoder updates it in
+        place afterwards, so a backend that keeps it must copy it."""
         ...
 
     def attended(self, layer: int, x: torch.Tensor) -> None:
@@ -145,7 +147,7 @@ class QuantizedExperts:
     `PreparedExpert` (torch's packed int4 / int8 kernels), grouped by expert as InMemoryExperts.
     """
 
-    def __init__(self, layouts: dict, blobs: dict[int, torch.Tensor], dtype: torch.dtype, keep_blobs: bool = True) -> None:
+    def __init__(self, layouts: dict, blobs: dict[int, torch.Tensor | list[torch.Tensor]], dtype: torch.dtype, keep_blobs: bool = True) -> None:
         from quant.blob import PreparedExpert
         from quant.native import NativeLib, native_lib
 

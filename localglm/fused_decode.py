@@ -174,11 +174,11 @@ class FusedDecoder:
                 if add is not None:
                     self.lib.residual_add(x, *add)
                     add = None
-                m.experts.hint(i, x.view(1, 1, hidden).clone())  # x changes in place below
+                m.experts.hint(i, x.view(1, 1, hidden))
             self.lib.decode_layer(layer.desc, x, add, cos, sin, cache.k[i, 0], cache.v[i, 0], start, h, ids, wts, shared, threads, native, routed)
             add = None
             if layer.moe and native is None:
-                m.experts.attended(i, x.view(1, 1, hidden).clone())  # x: the layer's input plus its attention
+                m.experts.attended(i, x.view(1, 1, hidden))  # x: the layer's input plus its attention
                 routed = m.experts.forward(i, h.view(1, hidden), ids, wts)
                 add = (routed.reshape(hidden).to(m.dtype).contiguous(), shared)
         if add is not None:

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from localglm.errors import LocalGLMError
-from localglm.model_info import human_bytes
 from localglm.experts import InMemoryExperts, combine_experts, group_by_expert
+from localglm.model_info import human_bytes
 
 from .cost_model import Bandwidths, CostModel
 from .device import CudaDevice, SimulatedDevice

@@ -97,7 +97,7 @@ class NextLayerPredictor:
         if layer not in self.routers:
             return {}
         flat = x.reshape(-1, x.shape[-1])
-        self._input[layer] = flat[-1].float().clone()
+        self._input[layer] = flat[-1].to(torch.float32, copy=True)  # x may change after the call
         sample = None
         if len(flat) > self.max_tokens:
             sample = torch.linspace(0, len(flat) - 1, self.max_tokens).long()
