@@ -19,7 +19,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import LocalGLMError
-from .kv_cache import KVCache
+from .layers.kv_cache import KVCache
 from .models.glm4_moe import Glm4MoeModel
 from .sampling import Sampler, SamplingParams
 from .stats import GenerationStats, peak_rss_bytes

@@ -546,7 +546,7 @@ def load_quantized_experts(
 
     `mapped` (a quantized directory on the CPU only): each expert stays a read-only view of its
     mapped shard, nothing is copied, and the OS page cache decides which experts sit in RAM."""
-    from .experts import QuantizedExperts
+    from .layers.experts import QuantizedExperts
     from .models.glm4_moe import expert_tensor_names
 
     h, inter, n = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts

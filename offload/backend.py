@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from localglm.errors import LocalGLMError
-from localglm.experts import InMemoryExperts, combine_experts, group_by_expert
+from localglm.layers.experts import InMemoryExperts, combine_experts, group_by_expert
 from localglm.model_info import human_bytes
 
 from .cost_model import Bandwidths, CostModel
@@ -383,7 +383,7 @@ def apply_offload(model: Any, root: str | Path, ctx: int, **opts: Any) -> None:
         raise LocalGLMError(f"offload={kind!r}: use 'sim' (simulated device) or 'cuda'")
     if kind == "cuda" and net.device.type != "cuda":
         raise LocalGLMError("offload='cuda' keeps the dense weights on the GPU: load with device='cuda'")
-    from localglm.experts import QuantizedExperts
+    from localglm.layers.experts import QuantizedExperts
 
     quantized = isinstance(net.experts, QuantizedExperts)
     if quantized and not net.experts.blobs:

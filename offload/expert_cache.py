@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from localglm.experts import expert_swiglu
+from localglm.layers.experts import expert_swiglu
 
 from .policies import Policy
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from localglm.layers import rms_norm
-from localglm.router import RouterSpec, RouterWeights, choice_scores
+from localglm.layers.norm import rms_norm
+from localglm.layers.router import RouterSpec, RouterWeights, choice_scores
 
 from .router_stats import RouterStats
 

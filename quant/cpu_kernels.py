@@ -7,7 +7,7 @@ kernels below are the fallback when it cannot be built (no compiler, LOCALGLM_NA
 - q8 -> torch's `aten._weight_int8pack_mm` takes one scale per row, our q8 has one per group of 32,
   so this fallback dequantizes the weight once, at prepare time, to a dense tensor in the compute
   dtype (2 bytes a weight for bf16) and multiplies in that dtype up to `DENSE_DIRECT_ROWS` rows, with
-  `localglm.layers.linear` beyond (bf16 batches in fp32 on CPUs without native bf16). The native
+  `dense_linear` beyond (bf16 batches in fp32 on CPUs without native bf16). The native
   kernel (quant/native) reads the packed bytes instead.
 - q4 / q2 -> `aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_zeros[K/G, N, 2])`, whose
   convention is w = (q - 8) * scale + zero with q in [0, 16). Our w = s * c + m maps to
@@ -24,11 +24,10 @@ which beats the int kernels from about `DEQUANT_MIN_ROWS` rows on.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cache
 
 import torch
 import torch.nn.functional as F
-
-from localglm.layers import linear
 
 from .formats import QuantTensor
 
@@ -37,6 +36,23 @@ DEQUANT_MIN_ROWS = 256  # int kernels in bf16 match dequant + fp32 GEMM up to ~6
 # Below this many rows the dense q8 weight is used in its own dtype; from here on `linear` upcasts bf16 to
 # fp32 per call (measured on a 4096x4096 bf16 weight, busy 2-core AVX2: 2 rows 8 ms direct vs 99 ms upcast, 128 rows 418 vs 160).
 DENSE_DIRECT_ROWS = 32
+
+
+@cache
+def cpu_bf16_gemm_is_slow() -> bool:
+    """True on CPUs without native bf16 (no AVX512-BF16 / AMX), where bf16 GEMM runs ~7x below fp32."""
+    return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def dense_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, but batched bf16 on such CPUs upcasts to fp32 per call (weights stay bf16 in RAM).
+
+    A matrix-vector product is memory-bound and stays in bf16; a matrix-matrix product (prefill,
+    experts hit by several tokens) is compute-bound, where the upcast costs far less than it saves.
+    """
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() > x.shape[-1] and cpu_bf16_gemm_is_slow():
+        return F.linear(x.float(), w.float(), None if b is None else b.float()).to(x.dtype)
+    return F.linear(x, w, b)
 
 
 class DenseKernel:
@@ -49,7 +65,7 @@ class DenseKernel:
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         xd, b = x.to(self.w.dtype), None if bias is None else bias.to(self.w.dtype)
         few_rows = xd.numel() < DENSE_DIRECT_ROWS * xd.shape[-1]
-        return (F.linear(xd, self.w, b) if few_rows else linear(xd, self.w, b)).to(x.dtype)
+        return (F.linear(xd, self.w, b) if few_rows else dense_linear(xd, self.w, b)).to(x.dtype)
 
 
 class _Int4Kernel:

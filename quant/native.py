@@ -6,7 +6,7 @@ a plain C file needs no torch headers (compiles in about a second). Without a C 
 LOCALGLM_NATIVE=0, `native_lib()` returns None and quant/cpu_kernels.py keeps torch's kernels; the
 reason is in `native_status()` (shown in `generate --stats-json` under `backend.kernels`). The same
 library also holds the per-token layer ops the model code calls on the CPU (RMSNorm, RoPE, decode
-attention: see localglm/layers.py).
+attention: see localglm/layers/).
 
     lib = native_lib()
     if lib is not None and NativeLib.supports(qt):

@@ -18,7 +18,7 @@ from localglm import gguf_glm4moe
 from localglm.cli import main
 from localglm.config import ModelConfig
 from localglm.errors import CheckpointError, LocalGLMError
-from localglm.experts import InMemoryExperts, QuantizedExperts
+from localglm.layers.experts import InMemoryExperts, QuantizedExperts
 from localglm.gguf_glm4moe import GGUFSource, export_gguf
 from localglm.quantize import partial_dir, quantize_checkpoint
 from localglm.quantized_source import MANIFEST, QuantizedSource

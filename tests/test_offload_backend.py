@@ -177,7 +177,7 @@ def test_record_trace_cli_with_offload(tiny, tmp_path, capsys) -> None:
 def test_quantized_blobs_plug_in() -> None:
     # quant/ experts are blobs too: the cache moves them with one copy each and computes them from
     # the blob; wherever an expert runs (device slot or host RAM), the result is the same.
-    from localglm.experts import InMemoryExperts
+    from localglm.layers.experts import InMemoryExperts
     from offload.backend import quantize_in_memory
     from quant.blob import expert_forward
 

@@ -10,7 +10,7 @@ import torch
 
 import localglm
 from localglm.layers import rms_norm
-from localglm.router import route
+from localglm.layers.router import route
 from localglm.tiny import TinySpec, make_tiny
 from offload.prefetch import predictor_for
 from offload.router_stats import RouterStats
@@ -75,7 +75,7 @@ def test_extra_predictions_never_name_an_expert_of_a_masked_group(tmp_path: Path
 
 def test_counts_score_the_latest_prediction_and_each_distance() -> None:
     from offload.prefetch import NextLayerPredictor
-    from localglm.router import RouterSpec, RouterWeights
+    from localglm.layers.router import RouterSpec, RouterWeights
 
     routers = {i: RouterWeights(torch.zeros(4, 8), torch.zeros(4)) for i in (1, 2)}
     pred = NextLayerPredictor(routers, {i: torch.ones(8) for i in routers}, RouterSpec(top_k=2), 1e-5)

@@ -12,7 +12,7 @@ import torch
 import localglm
 from localglm.cli import main
 from localglm.errors import LocalGLMError
-from localglm.experts import QuantizedExperts
+from localglm.layers.experts import QuantizedExperts
 from localglm.quantize import partial_dir, quantize_checkpoint
 from localglm.quantized_source import MANIFEST, VERSION, QuantizedSource, blob_name
 from localglm.tiny import TinySpec, make_tiny

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from ..experts import ExpertBackend, InMemoryExperts
+from ..layers.experts import ExpertBackend, InMemoryExperts
 from ..fused_decode import FusedDecoder
-from ..kv_cache import KVCache
+from ..layers.kv_cache import KVCache
 from ..layers import AttentionShape, AttentionWeights, MLPWeights, Rotary, attention, linear, rms_norm, swiglu
-from ..router import RouterSpec, RouterWeights, route
+from ..layers.router import RouterSpec, RouterWeights, route
 
 # get(name, shape) -> tensor in the model dtype on the model device
 TensorGetter = Callable[[str, tuple[int, ...]], torch.Tensor]

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from quant.native import NATIVE_MAX_ROWS
 
-from .layers import _native, linear
+from .linear import linear
+from .native import native
 
 
 class ExpertBackend(Protocol):
@@ -90,7 +91,7 @@ def expert_swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) ->
     decode computes the same numbers, so an expert gives the same result wherever it runs.
     """
     if x.shape[0] == 1 and x.device.type == "cpu":
-        lib = _native()
+        lib = native()
         y = lib.dense_expert(gate_up, down, x) if lib is not None else None
         if y is not None:
             return y
@@ -220,7 +221,7 @@ class QuantizedExperts:
 
 def _dense_tables(gate_up: torch.Tensor, down: torch.Tensor) -> tuple | None:
     """(LgExperts, its LgMat tables) over stacked dense experts gate_up [E, 2I, H], down [E, H, I]."""
-    lib = _native()
+    lib = native()
     if lib is None or gate_up.device.type != "cpu":
         return None
     gu = [lib.describe_matrix(gate_up[e], gate_up.dtype) for e in range(gate_up.shape[0])]
