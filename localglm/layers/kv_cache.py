@@ -1,8 +1,8 @@
-"""A preallocated key/value cache for one sequence (batch 1 in generation, any batch in tests).
+"""Preallocated attention caches for one sequence (batch 1 in generation, any batch in tests).
 
-Allocated once at the context size so decode never reallocates, and remembers which tokens it
+Allocated once at the context size so decode never reallocates. Each remembers which tokens it
 holds so the engine can reuse the longest common prefix of the next prompt (agents resend the
-whole conversation every turn).
+whole conversation every turn): that bookkeeping is `TokenCache`, shared by every cache layout.
 """
 
 from __future__ import annotations
@@ -10,22 +10,14 @@ from __future__ import annotations
 import torch
 
 
-class KVCache:
-    def __init__(
-        self,
-        layers: int,
-        kv_heads: int,
-        head_dim: int,
-        max_tokens: int,
-        dtype: torch.dtype,
-        device: torch.device | str = "cpu",
-        batch: int = 1,
-    ) -> None:
-        shape = (layers, batch, kv_heads, max_tokens, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+class TokenCache:
+    """The token bookkeeping every cache layout shares: which token ids are stored, in order."""
+
+    max_tokens: int
+
+    def __init__(self, max_tokens: int) -> None:
         self.max_tokens = max_tokens
-        self.tokens: list[int] = []  # the token ids whose k/v are stored, in order
+        self.tokens: list[int] = []  # the token ids whose keys/values are stored, in order
 
     @property
     def length(self) -> int:
@@ -33,16 +25,12 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        raise NotImplementedError
 
-    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k/v [B, kv_heads, T, hd] at positions start.. and return views of 0..start+T."""
-        end = start + k.shape[2]
+    def check_room(self, end: int) -> None:
+        """Raise the one overflow error every layout gives when position `end` does not fit."""
         if end > self.max_tokens:
             raise ValueError(f"KV cache overflow: position {end} > context {self.max_tokens}")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def common_prefix(self, tokens: list[int]) -> int:
         """How many leading tokens of `tokens` are already cached."""
@@ -56,3 +44,34 @@ class KVCache:
     def truncate(self, n: int) -> None:
         """Forget everything after the first n tokens (their slots are simply overwritten later)."""
         del self.tokens[n:]
+
+
+class KVCache(TokenCache):
+    """Keys and values per kv head (grouped-query attention): [layers, batch, kv_heads, T, head_dim] each."""
+
+    def __init__(
+        self,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+        max_tokens: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        batch: int = 1,
+    ) -> None:
+        super().__init__(max_tokens)
+        shape = (layers, batch, kv_heads, max_tokens, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v [B, kv_heads, T, hd] at positions start.. and return views of 0..start+T."""
+        end = start + k.shape[2]
+        self.check_room(end)
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
