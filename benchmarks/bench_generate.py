@@ -126,7 +126,8 @@ def ensure_model(path: Path) -> Path:
         return default_model_path()
     if (path / "config.json").is_file():
         return path
-    from localglm.tiny import TinySpec, make_tiny
+    from localglm.models.glm4_moe.tiny import TinySpec
+    from localglm.tiny import make_tiny
 
     print(f"writing the benchmark model to {path} ...", file=sys.stderr)
     return make_tiny(path, TinySpec(**BENCH_SPEC))

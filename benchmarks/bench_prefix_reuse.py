@@ -31,7 +31,8 @@ import torch
 import localglm
 from localglm.server import ServerSettings, create_app
 from localglm.server.testing import ScriptedOutput, ServerThread
-from localglm.tiny import TinySpec, make_tiny
+from localglm.models.glm4_moe.tiny import TinySpec
+from localglm.tiny import make_tiny
 
 TOOLS = [
     {

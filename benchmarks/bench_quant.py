@@ -191,7 +191,7 @@ def measure(model: Path, work: Path, ours: list[str], llama: list[str], only: st
         targets.append(("llama.cpp bf16", make_llama_bf16(model, work) if have_llama else None))
         for name in llama:
             targets.append((f"llama.cpp {name}", make_llama(model, work, name) if have_llama else None))
-    from localglm.tensor_source import SafetensorsSource
+    from localglm.checkpoint.source import SafetensorsSource
 
     with SafetensorsSource(model) as src:  # every stored weight (the MTP layer included, as in the GGUFs)
         n_params = sum(src.info(n).numel for n in src.names())

@@ -122,7 +122,7 @@ def busy_warning(threads: int) -> list[str]:
 
 
 def count_params(model: Path) -> int:
-    from localglm.tensor_source import SafetensorsSource
+    from localglm.checkpoint.source import SafetensorsSource
 
     with SafetensorsSource(model) as src:
         return sum(src.info(n).numel for n in src.names())

@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from localglm.loader import load  # noqa: E402
-from localglm.safetensors_io import save_safetensors_sharded  # noqa: E402
-from localglm.tiny import TinySpec, make_tiny  # noqa: E402
+from localglm.checkpoint.safetensors import save_safetensors_sharded  # noqa: E402
+from localglm.models.glm4_moe.tiny import TinySpec
+from localglm.tiny import make_tiny  # noqa: E402
 from localglm.tiny_tokenizer import corpus_text  # noqa: E402
 
 SPEC = dict(

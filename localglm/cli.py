@@ -218,9 +218,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
-    from .tiny import TinySpec, make_tiny
+    from .models import ARCHITECTURES
+    from .tiny import make_tiny
 
-    spec = TinySpec(**{k: getattr(args, k) for k in TinySpec.field_names()})
+    spec_cls = ARCHITECTURES[args.arch].tiny.spec
+    own = set(spec_cls.field_names())
+    given = {k: v for k, v in vars(args).items() if k.startswith("tiny_") and v is not None}
+    foreign = sorted("--" + k[len("tiny_") :].replace("_", "-") for k in given if k[len("tiny_") :] not in own)
+    if foreign:
+        raise LocalGLMError(f"make-tiny --arch {args.arch}: {', '.join(foreign)} belong to another architecture")
+    spec = spec_cls(**{k[len("tiny_") :]: v for k, v in given.items()})
     out = make_tiny(args.out, spec, overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
@@ -237,10 +244,12 @@ def _bool(v: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .models import ARCHITECTURES
 
     parser = argparse.ArgumentParser(
         prog="localglm",
-        description="Run GLM-family mixture-of-experts models (GLM-4.5, 4.5-Air, 4.6, 4.7) on your own machine.",
+        description="Run GLM-family mixture-of-experts models on your own machine: "
+        + "; ".join(a.title for a in ARCHITECTURES.values()) + ".",
         epilog=EPILOG,
     )
     parser.add_argument("--version", action="version", version=f"localglm {__version__}")
@@ -263,20 +272,27 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--ctx", type=int, default=4096, help="context size for the KV-cache estimate (default 4096)")
     i.set_defaults(func=cmd_inspect)
 
-    from .tiny import TinySpec
+    from .models import ARCHITECTURES
 
     t = sub.add_parser(
         "make-tiny",
-        help="write a random GLM-4.x checkpoint for tests and benchmarks",
-        description="Writes sharded safetensors + index, config.json, a BPE tokenizer with GLM's special tokens and the chat template.",
+        help="write a random GLM checkpoint (any supported architecture) for tests and benchmarks",
+        description="Writes sharded safetensors + index, config.json, a BPE tokenizer with GLM's special tokens and the chat template. "
+        "Every shape knob of the chosen architecture is a flag; unset ones take the architecture's small defaults.",
     )
     t.add_argument("out", help="output directory")
     t.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    for name, default in TinySpec().__dict__.items():
-        flag = "--" + name.replace("_", "-")
-        kind = type(default) if default is not None else int
+    t.add_argument("--arch", choices=list(ARCHITECTURES), default="glm4_moe", help="model_type to write (default: glm4_moe)")
+    knobs: dict[str, dict[str, object]] = {}  # flag -> {arch: default}
+    for arch in ARCHITECTURES.values():
+        for name, default in arch.tiny.spec().__dict__.items():
+            knobs.setdefault(name, {})[arch.model_type] = default
+    for name, defaults in knobs.items():
+        first = next(iter(defaults.values()))
+        kind = type(first) if first is not None else int
         conv = _bool if kind is bool else kind
-        t.add_argument(flag, dest=name, type=conv, default=default, help=f"(default: {default})")
+        shown = ", ".join(f"{a}: {d}" for a, d in defaults.items()) if len(set(map(str, defaults.values()))) > 1 or len(defaults) < len(ARCHITECTURES) else str(first)
+        t.add_argument("--" + name.replace("_", "-"), dest="tiny_" + name, type=conv, default=None, help=f"(default: {shown})")
     t.set_defaults(func=cmd_make_tiny)
 
     import importlib

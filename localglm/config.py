@@ -1,9 +1,11 @@
-"""Model configuration parsed from a Hugging Face `config.json`.
+"""Model configuration parsed from a Hugging Face `config.json`: what every GLM architecture shares.
 
-One frozen dataclass holds every architecture knob the runner needs, whatever spelling the
-checkpoint used (transformers 5's `rope_parameters` dict or the legacy top-level `rope_theta` /
-`partial_rotary_factor` keys). Anything we cannot run is refused here, with one line that names
-the field, so later code never meets a half-understood config.
+`ModelConfig` holds the fields of the GLM MoE family that the generic code (loader, engine,
+planner, prefetcher, quantizer) reads: vocabulary, widths, the MoE layout, RoPE base, special ids.
+Each architecture (localglm/models/<arch>/config.py) subclasses it with its attention fields.
+`ModelConfig.from_dict` / `from_file` on the base class pick the architecture from `model_type`
+through the registry; anything we cannot run is refused here, with one line that names the field,
+so later code never meets a half-understood config.
 """
 
 from __future__ import annotations
@@ -15,24 +17,15 @@ from typing import Any
 
 from .errors import ConfigError
 
-SUPPORTED_MODEL_TYPES = ("glm4_moe",)
-KNOWN_UNSUPPORTED = {
-    "glm4_moe_lite": "GLM-4.7-Flash (MLA attention)",
-    "glm_moe_dsa": "GLM-5.x (MLA + DSA indexer)",
-}
 
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """Architecture of a glm4_moe model (GLM-4.5, 4.5-Air, 4.6, 4.7)."""
+    """The fields every GLM mixture-of-experts architecture shares (subclassed per architecture)."""
 
     vocab_size: int
     hidden_size: int
     intermediate_size: int
     num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
     moe_intermediate_size: int
     n_routed_experts: int
     num_experts_per_tok: int
@@ -46,29 +39,26 @@ class ModelConfig:
     rope_theta: float = 1_000_000.0
     partial_rotary_factor: float = 0.5
     max_position_embeddings: int = 131072
-    attention_bias: bool = False
-    use_qk_norm: bool = False
     num_nextn_predict_layers: int = 0
     tie_word_embeddings: bool = False
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     torch_dtype: str = "bfloat16"
-    model_type: str = "glm4_moe"
+    model_type: str = ""
     quantization_config: dict[str, Any] | None = field(default=None, compare=False)
 
     # ---- derived sizes -------------------------------------------------------------------
-    @property
-    def rotary_dim(self) -> int:
-        """Rotated dims per head (GLM rotates only the first half, NeoX-style)."""
-        return int(self.head_dim * self.partial_rotary_factor)
-
     @property
     def num_moe_layers(self) -> int:
         return max(0, self.num_hidden_layers - self.first_k_dense_replace)
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer >= self.first_k_dense_replace
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
 
     @property
     def shared_intermediate_size(self) -> int:
@@ -82,62 +72,33 @@ class ModelConfig:
     # ---- parsing --------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
-        """Validate and normalise a config dict; `source` names the file in error messages."""
-        model_type = raw.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            what = KNOWN_UNSUPPORTED.get(str(model_type))
-            extra = f" ({what}) is not supported yet" if what else " is not supported"
-            raise ConfigError(
-                f"{source}: model_type {model_type!r}{extra}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
-        cfg = _Reader(raw, source)
-        hidden = cfg.int("hidden_size")
-        heads = cfg.int("num_attention_heads")
-        head_dim = cfg.int("head_dim", None) or (hidden // heads)
-        rope_theta, partial = _rope(raw, source)
-        act = raw.get("hidden_act", "silu")
-        if act != "silu":
-            raise ConfigError(f"{source}: hidden_act {act!r} is not supported (GLM uses 'silu')")
-        out = cls(
-            vocab_size=cfg.int("vocab_size"),
-            hidden_size=hidden,
-            intermediate_size=cfg.int("intermediate_size"),
-            num_hidden_layers=cfg.int("num_hidden_layers"),
-            num_attention_heads=heads,
-            num_key_value_heads=cfg.int("num_key_value_heads", heads),
-            head_dim=head_dim,
-            moe_intermediate_size=cfg.int("moe_intermediate_size"),
-            n_routed_experts=cfg.int("n_routed_experts"),
-            num_experts_per_tok=cfg.int("num_experts_per_tok"),
-            n_shared_experts=cfg.int("n_shared_experts", 1),
-            first_k_dense_replace=cfg.int("first_k_dense_replace", 1),
-            routed_scaling_factor=cfg.float("routed_scaling_factor", 1.0),
-            n_group=cfg.int("n_group", 1) or 1,
-            topk_group=cfg.int("topk_group", 1) or 1,
-            norm_topk_prob=cfg.bool("norm_topk_prob", True),
-            rms_norm_eps=cfg.float("rms_norm_eps", 1e-5),
-            rope_theta=rope_theta,
-            partial_rotary_factor=partial,
-            max_position_embeddings=cfg.int("max_position_embeddings", 131072),
-            attention_bias=cfg.bool("attention_bias", False),
-            use_qk_norm=cfg.bool("use_qk_norm", False),
-            num_nextn_predict_layers=cfg.int("num_nextn_predict_layers", 0),
-            tie_word_embeddings=cfg.bool("tie_word_embeddings", False),
-            eos_token_ids=_id_list(raw.get("eos_token_id"), source, "eos_token_id"),
-            pad_token_id=cfg.int("pad_token_id", None),
-            bos_token_id=cfg.int("bos_token_id", None),
-            torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
-            quantization_config=raw.get("quantization_config"),
-        )
-        out._check(source)
+        """Validate and normalise a config dict; `source` names the file in error messages.
+
+        On `ModelConfig` itself the architecture comes from `model_type` (the registry); on an
+        architecture's subclass the dict is parsed as that architecture."""
+        if cls is ModelConfig:
+            from .models import arch_for_model_type
+
+            return arch_for_model_type(raw.get("model_type"), source).config.from_dict(raw, source)
+        if raw.get("model_type") != cls.model_type_name():
+            raise ConfigError(f"{source}: model_type {raw.get('model_type')!r} is not {cls.model_type_name()!r}")
+        reader = ConfigReader(raw, source)
+        out = cls(**common_fields(reader, cls), **cls.own_fields(reader))
+        out.check(source)
         return out
 
-    def _check(self, source: str) -> None:
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(
-                f"{source}: num_attention_heads {self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads {self.num_key_value_heads}"
-            )
+    @classmethod
+    def model_type_name(cls) -> str:
+        """The `model_type` this class parses (the dataclass default of its `model_type` field)."""
+        return cls.__dataclass_fields__["model_type"].default
+
+    @classmethod
+    def own_fields(cls, reader: ConfigReader) -> dict[str, Any]:
+        """The architecture's own fields (attention shape, ...), read from config.json."""
+        raise NotImplementedError(f"{cls.__name__} must read its own config fields")
+
+    def check(self, source: str) -> None:
+        """Cross-field checks; architectures extend this with their own."""
         if self.n_routed_experts % self.n_group:
             raise ConfigError(f"{source}: n_routed_experts {self.n_routed_experts} not divisible by n_group {self.n_group}")
         if not 1 <= self.topk_group <= self.n_group:
@@ -146,8 +107,8 @@ class ModelConfig:
             raise ConfigError(f"{source}: n_group {self.n_group} leaves fewer than 2 experts per group")
         if not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
             raise ConfigError(f"{source}: num_experts_per_tok {self.num_experts_per_tok} out of range")
-        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
-            raise ConfigError(f"{source}: partial_rotary_factor {self.partial_rotary_factor} gives an invalid rotary dim")
+        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
+            raise ConfigError(f"{source}: first_k_dense_replace {self.first_k_dense_replace} out of range")
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
@@ -166,7 +127,60 @@ class ModelConfig:
         return cls.from_dict(raw, str(p))
 
 
-class _Reader:
+def common_fields(cfg: ConfigReader, cls: type[ModelConfig]) -> dict[str, Any]:
+    """The shared fields of `ModelConfig` from config.json (both RoPE spellings; the defaults are
+    the architecture class's, e.g. its partial rotary factor)."""
+    raw, source = cfg.raw, cfg.source
+    rope_theta, partial = read_rope(raw, source, cls.__dataclass_fields__["partial_rotary_factor"].default)
+    act = raw.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"{source}: hidden_act {act!r} is not supported (GLM uses 'silu')")
+    layers = cfg.int("num_hidden_layers")
+    return dict(
+        vocab_size=cfg.int("vocab_size"),
+        hidden_size=cfg.int("hidden_size"),
+        intermediate_size=cfg.int("intermediate_size"),
+        num_hidden_layers=layers,
+        moe_intermediate_size=cfg.int("moe_intermediate_size"),
+        n_routed_experts=cfg.int("n_routed_experts"),
+        num_experts_per_tok=cfg.int("num_experts_per_tok"),
+        n_shared_experts=cfg.int("n_shared_experts", 1),
+        first_k_dense_replace=leading_dense_layers(cfg, layers),
+        routed_scaling_factor=cfg.float("routed_scaling_factor", 1.0),
+        n_group=cfg.int("n_group", 1) or 1,
+        topk_group=cfg.int("topk_group", 1) or 1,
+        norm_topk_prob=cfg.bool("norm_topk_prob", True),
+        rms_norm_eps=cfg.float("rms_norm_eps", 1e-5),
+        rope_theta=rope_theta,
+        partial_rotary_factor=partial,
+        max_position_embeddings=cfg.int("max_position_embeddings", 131072),
+        num_nextn_predict_layers=cfg.int("num_nextn_predict_layers", 0),
+        tie_word_embeddings=cfg.bool("tie_word_embeddings", False),
+        eos_token_ids=_id_list(raw.get("eos_token_id"), source, "eos_token_id"),
+        pad_token_id=cfg.int("pad_token_id", None),
+        bos_token_id=cfg.int("bos_token_id", None),
+        torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
+        model_type=str(raw.get("model_type")),
+        quantization_config=raw.get("quantization_config"),
+    )
+
+
+def leading_dense_layers(cfg: ConfigReader, layers: int) -> int:
+    """How many leading layers use a dense MLP: `mlp_layer_types` (transformers' per-layer list,
+    "dense"/"sparse"), else `first_k_dense_replace`, else 1. Only dense layers first and MoE layers
+    after them is a layout we (and llama.cpp's `leading_dense_block_count`) can run."""
+    types = cfg.raw.get("mlp_layer_types")
+    if types is None:
+        return cfg.int("first_k_dense_replace", 1)
+    if not isinstance(types, list) or len(types) != layers or any(t not in ("dense", "sparse") for t in types):
+        raise ConfigError(f"{cfg.source}: field 'mlp_layer_types' must list 'dense' or 'sparse' for each of the {layers} layers")
+    k = types.index("sparse") if "sparse" in types else layers
+    if "dense" in types[k:]:
+        raise NotImplementedError(f"{cfg.source}: mlp_layer_types puts a dense layer after a MoE layer; only leading dense layers are supported")
+    return k
+
+
+class ConfigReader:
     """Typed field access with errors that name the file and the field."""
 
     _MISSING = object()
@@ -190,6 +204,12 @@ class _Reader:
             raise ConfigError(f"{self.source}: field {key!r} must be an integer, got {v!r}")
         return v
 
+    def positive_int(self, key: str, default: Any = _MISSING) -> Any:
+        v = self.int(key, default)
+        if v is not None and v <= 0:
+            raise ConfigError(f"{self.source}: field {key!r} must be positive, got {v!r}")
+        return v
+
     def float(self, key: str, default: Any = _MISSING) -> float:
         v = self._get(key, default)
         if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -203,16 +223,22 @@ class _Reader:
         return v
 
 
-def _rope(raw: dict[str, Any], source: str) -> tuple[float, float]:
-    """RoPE base and partial factor from `rope_parameters` (transformers 5) or legacy keys."""
+def rope_parameters(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """`rope_parameters` (transformers 5) or the legacy `rope_scaling` dict, {} when neither is set."""
     params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     if not isinstance(params, dict):
         raise ConfigError(f"{source}: field 'rope_parameters' must be an object")
+    return params
+
+
+def read_rope(raw: dict[str, Any], source: str, default_partial: float = 0.5) -> tuple[float, float]:
+    """RoPE base and partial factor from `rope_parameters` (transformers 5) or legacy keys."""
+    params = rope_parameters(raw, source)
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ("default", None):
         raise NotImplementedError(f"{source}: rope_type {rope_type!r} (only 'default' RoPE is implemented)")
     theta = params.get("rope_theta", raw.get("rope_theta", 1_000_000.0))
-    partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 0.5))
+    partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor", default_partial))
     for key, v in (("rope_theta", theta), ("partial_rotary_factor", partial)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
             raise ConfigError(f"{source}: field {key!r} must be a positive number, got {v!r}")

@@ -19,8 +19,8 @@ import torch
 
 from .config import ModelConfig
 from .errors import LocalGLMError
-from .layers.kv_cache import KVCache
-from .models.glm4_moe import Glm4MoeModel
+from .layers.kv_cache import TokenCache
+from .models.arch import DecoderModel
 from .sampling import Sampler, SamplingParams
 from .stats import GenerationStats, peak_rss_bytes
 from .stream_parser import ChatStreamParser, ContentDelta
@@ -50,7 +50,7 @@ class Model:
         self,
         path: Path,
         config: ModelConfig,
-        net: Glm4MoeModel,
+        net: DecoderModel,
         tokenizer: Tokenizer | None,
         *,
         ctx: int,
@@ -62,7 +62,7 @@ class Model:
         self.tokenizer = tokenizer
         self.ctx = ctx
         self.default_sampling = sampling
-        self._cache: KVCache | None = None
+        self._cache: TokenCache | None = None
         self._lock = threading.Lock()
         self.last_stats: GenerationStats | None = None
 
@@ -104,14 +104,14 @@ class Model:
         return ids
 
     # ---- token loop ------------------------------------------------------------------------
-    def _cache_for(self, prompt_len: int) -> KVCache:
+    def _cache_for(self, prompt_len: int) -> TokenCache:
         if prompt_len >= self.ctx:
             raise LocalGLMError(f"prompt is {prompt_len} tokens, the context is {self.ctx}: raise --ctx or shorten it")
         if self._cache is None:
             self._cache = self.net.new_cache(self.ctx)
         return self._cache
 
-    def _prefill(self, cache: KVCache, tokens: list[int], reuse_prefix: bool, stats: GenerationStats) -> torch.Tensor:
+    def _prefill(self, cache: TokenCache, tokens: list[int], reuse_prefix: bool, stats: GenerationStats) -> torch.Tensor:
         """Run the uncached part of the prompt through the model; return the last position's logits."""
         keep = cache.common_prefix(tokens) if reuse_prefix else 0
         keep = min(keep, len(tokens) - 1)  # always recompute at least the last token for its logits

@@ -17,10 +17,12 @@ import torch
 from .config import ModelConfig
 from .engine import Model
 from .errors import LocalGLMError
-from .gguf_glm4moe import GGUFCheckpoint, is_gguf_path
-from .models.glm4_moe import Glm4MoeModel, load_dense_weights, load_in_memory_experts
+from .checkpoint.gguf import GGUFCheckpoint, is_gguf_path
+from .models import arch_of
+from .models.arch import WeightReader
+from .models.moe_decoder import load_in_memory_experts
 from .sampling import SamplingParams
-from .tensor_source import SafetensorsSource
+from .checkpoint.source import SafetensorsSource
 from .tokenizer import Tokenizer
 
 DEFAULT_CTX = 4096
@@ -98,7 +100,7 @@ def load(
 
     from .quantize import QUANT_OPTIONS, gguf_expert_recipe, load_quantized_experts, prepare_quantized, quant_getter, quantize_checkpoint, recipe_from_options
     from .quantize import matches as quant_matches
-    from .quantized_source import QuantizedSource, is_quantized_dir
+    from .checkpoint.quantized_dir import QuantizedSource, is_quantized_dir
 
     quant_opts = {k: options.pop(k) for k in list(options) if k in QUANT_OPTIONS}
     recipe = recipe_from_options(quant_opts)
@@ -160,7 +162,7 @@ def load(
         return read(name, shape, dt)
 
     if quantized_dir or recipe is not None:
-        get = quant_getter(source, recipe, get, dev, dt)  # noqa: F811 -- QuantTensors for quantized classes
+        get = quant_getter(source, recipe, get, dev, dt, arch_of(config).schema.classify)  # noqa: F811 -- QuantTensors for quantized classes
 
     def get_fp32(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         return read(name, shape, torch.float32)
@@ -174,7 +176,8 @@ def load(
         return t
 
     with source:
-        weights = load_dense_weights(config, tick_dense, get_fp32, source.__contains__)
+        arch = arch_of(config)
+        weights = arch.model.load_weights(config, WeightReader(tick_dense, get_fp32, source.__contains__))
         if quantized_dir or recipe is not None:
             prepare_quantized(weights)
         source.release_pages()
@@ -192,7 +195,7 @@ def load(
             experts = load_quantized_experts(config, source, recipe, dt, expert_dev, layer_done, keep_blobs=bool(offload_opts), mapped=bool(mmap))
         if experts is None:
             experts = load_in_memory_experts(config, get_experts, layer_done)
-    net = Glm4MoeModel(config, weights, experts, dev)
+    net = arch.model.build(config, weights, experts, dev)
     if ckpt:
         tokenizer = ckpt.tokenizer()
     else:

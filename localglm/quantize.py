@@ -37,13 +37,16 @@ import torch
 from quant.blob import ExpertBlobLayout, quantize_expert
 from quant.formats import QuantError, QuantSpec, QuantTensor
 from quant.gguf_packed import Q8_SPEC
-from quant.recipe import KEEP, Recipe
+from quant.recipe import KEEP, Classifier, Recipe
 
 from .errors import LocalGLMError
-from .gguf_glm4moe import GGUFSource, is_gguf_path
-from .quantized_source import FORMAT, MANIFEST, VERSION, QuantizedSource, blob_name, dtype_name, is_quantized_dir
-from .safetensors_io import INDEX_FILE_NAME, SINGLE_FILE_NAME, save_safetensors_sharded
-from .tensor_source import SafetensorsSource
+from .models import arch_for_model_type
+
+from .models.moe_decoder import expert_tensor_names
+from .checkpoint.gguf import GGUFSource, is_gguf_path
+from .checkpoint.quantized_dir import FORMAT, MANIFEST, VERSION, QuantizedSource, blob_name, dtype_name, is_quantized_dir
+from .checkpoint.safetensors import INDEX_FILE_NAME, SINGLE_FILE_NAME, save_safetensors_sharded
+from .checkpoint.source import SafetensorsSource
 
 DEFAULT_SHARD_BYTES = 256 * 2**20
 RELEASE_EVERY = 128 * 2**20
@@ -52,31 +55,7 @@ RELEASE_EVERY = 128 * 2**20
 BITS_OPTIONS = {f"{c}_bits": c for c in ("experts", "shared", "dense", "attn", "embed", "lm_head", "router")}
 QUANT_OPTIONS = (*BITS_OPTIONS, "quant_layers", "recipe", "save_quantized")
 
-_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
-
-
-def classify(name: str) -> tuple[str | None, int | None]:
-    """A GLM hub tensor name -> (recipe class or None = never quantized, layer or None)."""
-    if name == "model.embed_tokens.weight":
-        return "embed", None
-    if name == "lm_head.weight":
-        return "lm_head", None
-    m = _LAYER.fullmatch(name)
-    if not m or not name.endswith(".weight"):
-        return None, None
-    layer, rest = int(m.group(1)), m.group(2)
-    if re.fullmatch(r"self_attn\.[qkvo]_proj\.weight", rest):
-        return "attn", layer
-    if re.fullmatch(r"mlp\.experts\.\d+\.(gate|up|down)_proj\.weight", rest):
-        return "experts", layer
-    if re.fullmatch(r"mlp\.shared_experts\.(gate|up|down)_proj\.weight", rest):
-        return "shared", layer
-    if re.fullmatch(r"mlp\.(gate|up|down)_proj\.weight", rest):
-        return "dense", layer
-    if rest == "mlp.gate.weight":
-        return "router", layer
-    return None, layer
 
 
 def fit_spec(spec: QuantSpec | None, shape: tuple[int, ...]) -> QuantSpec | None:
@@ -125,8 +104,6 @@ def _float_for_quant(source: Any, name: str, shape: tuple[int, ...] | None = Non
 def _packed_layout(source: Any, recipe: Recipe | None, layer: int, hidden: int, inter: int) -> ExpertBlobLayout | None:
     """The q8 layout when `layer`'s routed experts are GGUF Q8_0 and are to be held at 8 bits (no
     recipe, or one giving them q8): their blocks are then used as they are. None otherwise."""
-    from .models.glm4_moe import expert_tensor_names
-
     if not isinstance(source, GGUFSource) or any(source.packed_spec(nm) != Q8_SPEC for nm in expert_tensor_names(layer, 0)):
         return None
     lay = ExpertBlobLayout(hidden, inter, Q8_SPEC, Q8_SPEC)
@@ -143,8 +120,6 @@ def gguf_expert_recipe(source: GGUFSource, cfg: Any, dtype: torch.dtype, availab
     Q4_0, ...): when dequantized they would not fit in `available` bytes of RAM, the recipe that
     re-quantizes just the experts to the nearest localglm bits while loading, and why (one line).
     None when they fit, or are float or Q8_0 (taken as stored)."""
-    from .models.glm4_moe import expert_tensor_names
-
     layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
     if not layers or _packed_layout(source, None, layers[0], cfg.hidden_size, cfg.moe_intermediate_size) is not None:
         return None
@@ -206,6 +181,11 @@ class _Input:
     about: dict[str, Any]  # the manifest's "source"
     write_aux: Callable[[Path], None]  # tokenizer, chat template, generation config, ... into the partial dir
 
+    @property
+    def classify(self) -> Classifier:
+        """The architecture's tensor classes (its schema), by the config's model_type."""
+        return arch_for_model_type(self.config.get("model_type"), "config.json").schema.classify
+
 
 def _open_hf(src: Path) -> _Input:
     try:
@@ -230,7 +210,7 @@ def _open_gguf(src: Path) -> _Input:
     import gguf
 
     from .config import ModelConfig
-    from .gguf_glm4moe import GGUFModelFiles, hf_config_from_gguf, tokenizer_from_gguf
+    from .checkpoint.gguf import GGUFModelFiles, hf_config_from_gguf, tokenizer_from_gguf
 
     files = GGUFModelFiles(src)
     try:
@@ -372,7 +352,7 @@ def _quantize(
             info = source.info(name)
             shape = tuple(info.shape)
             n_params += math.prod(shape)
-            cls, layer = classify(name)
+            cls, layer = inp.classify(name)
             m = _EXPERT.fullmatch(name)
             lay = None
             if m:
@@ -406,7 +386,7 @@ def _quantize(
                         account("experts", inter * hidden, dn.nbytes, lambda: (parts["down"], dn.dequantize()))
                     yield blob_name(*key), blob
             else:
-                spec = fit_spec(recipe.spec_for(name, classify), shape)
+                spec = fit_spec(recipe.spec_for(name, inp.classify), shape)
                 if spec is not None:
                     manifest["tensors"][name] = {"spec": spec.name, "shape": list(shape), "dtype": dtype_name(info.dtype)}
                     if is_gguf and source.packed_spec(name) == spec:  # GGUF Q8_0 held at q8: taken as stored
@@ -462,7 +442,7 @@ def _quantize(
 
 def matches(out: str | Path, src: str | Path, recipe: Recipe) -> bool:
     """True when OUT is a complete quantized checkpoint made from SRC with this recipe (reuse it)."""
-    from .quantized_source import read_manifest
+    from .checkpoint.quantized_dir import read_manifest
 
     out = Path(out).expanduser()
     if not is_quantized_dir(out):
@@ -494,6 +474,7 @@ def quant_getter(
     plain: Callable[[str, tuple[int, ...]], torch.Tensor],
     dev: torch.device,
     dtype: torch.dtype,
+    classify: Classifier,
 ) -> Callable[[str, tuple[int, ...]], Any]:
     """A loader `get(name, shape)` that returns QuantTensors for the recipe's (or the file's) quantized tensors."""
 
@@ -547,8 +528,6 @@ def load_quantized_experts(
     `mapped` (a quantized directory on the CPU only): each expert stays a read-only view of its
     mapped shard, nothing is copied, and the OS page cache decides which experts sit in RAM."""
     from .layers.experts import QuantizedExperts
-    from .models.glm4_moe import expert_tensor_names
-
     h, inter, n = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
     layers = list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers))
     from_blobs = isinstance(source, QuantizedSource) and bool(source.layouts)

@@ -1,8 +1,10 @@
-"""`localglm make-tiny`: write a random GLM-4.x checkpoint in the real hub layout.
+"""`localglm make-tiny`: write a random GLM checkpoint of any registered architecture in the real hub layout.
 
 No weights can be downloaded here, so tests and benchmarks build their own checkpoints: sharded
 safetensors with an index, config.json in GLM's own spelling, a small BPE tokenizer with GLM's
-special tokens, and the GLM chat template. Every shape knob is a field of `TinySpec`.
+special tokens, and the GLM chat template. Every shape knob is a field of the architecture's spec
+(a `TinySpecBase` subclass in localglm/models/<arch>/tiny.py); what every GLM shares (the MoE
+layout, norms, embeddings, the MTP block's extra tensors, the FP8 layout) is written here once.
 """
 
 from __future__ import annotations
@@ -11,28 +13,28 @@ import json
 import math
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 
+from .checkpoint.safetensors import quantize_fp8_blockwise, save_safetensors_sharded
 from .errors import LocalGLMError
-from .safetensors_io import quantize_fp8_blockwise, save_safetensors_sharded
 from .tiny_tokenizer import build_tiny_tokenizer
 
 
 @dataclass
-class TinySpec:
-    """Shapes and switches of a random glm4_moe checkpoint (defaults: a few-MB test model)."""
+class TinySpecBase:
+    """Shape knobs every GLM MoE architecture has (defaults: a few-MB test model)."""
+
+    model_type: ClassVar[str] = ""
 
     vocab_size: int = 512
     hidden_size: int = 64
     intermediate_size: int = 128
     num_hidden_layers: int = 3
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    head_dim: int = 16
     moe_intermediate_size: int = 32
     n_routed_experts: int = 8
     num_experts_per_tok: int = 2
@@ -42,11 +44,8 @@ class TinySpec:
     n_group: int = 1
     topk_group: int = 1
     norm_topk_prob: bool = True
-    partial_rotary_factor: float = 0.5
     rope_theta: float = 1_000_000.0
     rope_style: str = "legacy"  # "legacy" (top-level keys, like GLM's hub configs) or "parameters"
-    attention_bias: bool = True
-    use_qk_norm: bool = True
     num_nextn_predict_layers: int = 1
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-5
@@ -68,17 +67,20 @@ class TinySpec:
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 
+    def rope_keys(self) -> dict[str, float]:
+        """The RoPE fields of config.json (partial_rotary_factor where the spec has one)."""
+        return {"rope_theta": self.rope_theta}
 
-def _config_json(spec: TinySpec, special: dict[str, int]) -> dict:
+
+def base_config_json(spec: TinySpecBase, special: dict[str, int], hf_architecture: str) -> dict[str, Any]:
+    """config.json fields every GLM MoE architecture writes, in GLM's own spelling."""
     eos = [special["<|endoftext|>"], special["<|user|>"], special["<|observation|>"]]
-    cfg = {
-        "architectures": ["Glm4MoeForCausalLM"],
-        "model_type": "glm4_moe",
-        "attention_bias": spec.attention_bias,
+    cfg: dict[str, Any] = {
+        "architectures": [hf_architecture],
+        "model_type": spec.model_type,
         "attention_dropout": 0.0,
         "pad_token_id": special["<|endoftext|>"],
         "eos_token_id": eos,
-        "head_dim": spec.head_dim,
         "hidden_act": "silu",
         "hidden_size": spec.hidden_size,
         "initializer_range": 0.02,
@@ -89,10 +91,8 @@ def _config_json(spec: TinySpec, special: dict[str, int]) -> dict:
         "n_routed_experts": spec.n_routed_experts,
         "n_shared_experts": spec.n_shared_experts,
         "norm_topk_prob": spec.norm_topk_prob,
-        "num_attention_heads": spec.num_attention_heads,
         "num_experts_per_tok": spec.num_experts_per_tok,
         "num_hidden_layers": spec.num_hidden_layers,
-        "num_key_value_heads": spec.num_key_value_heads,
         "num_nextn_predict_layers": spec.num_nextn_predict_layers,
         "first_k_dense_replace": spec.first_k_dense_replace,
         "rms_norm_eps": spec.rms_norm_eps,
@@ -101,10 +101,9 @@ def _config_json(spec: TinySpec, special: dict[str, int]) -> dict:
         "topk_group": spec.topk_group,
         "torch_dtype": "bfloat16" if spec.dtype == "fp8" else spec.dtype,
         "use_cache": True,
-        "use_qk_norm": spec.use_qk_norm,
         "vocab_size": spec.vocab_size,
     }
-    rope = {"rope_theta": spec.rope_theta, "partial_rotary_factor": spec.partial_rotary_factor}
+    rope = spec.rope_keys()
     if spec.rope_style == "legacy":
         cfg.update(rope)
     else:
@@ -119,64 +118,77 @@ def _config_json(spec: TinySpec, special: dict[str, int]) -> dict:
     return cfg
 
 
-def _tensors(spec: TinySpec) -> Iterator[tuple[str, torch.Tensor]]:
-    """Random weights in hub names, one layer at a time (a big spec never sits whole in RAM)."""
-    g = torch.Generator().manual_seed(spec.seed)
-    s = spec
-    h, hd = s.hidden_size, s.head_dim
-    store = torch.float32 if s.dtype in ("float32", "fp8") else getattr(torch, s.dtype)
+class RandomWeights:
+    """Seeded random weights of the spec's storage dtype (fan-in scaled, so activations stay O(1))."""
 
-    def lin(out: int, inp: int) -> torch.Tensor:
-        return (torch.randn(out, inp, generator=g) * (s.init_scale / math.sqrt(inp))).to(store)
+    def __init__(self, spec: TinySpecBase) -> None:
+        self.g = torch.Generator().manual_seed(spec.seed)
+        self.spec = spec
+        self.store = torch.float32 if spec.dtype in ("float32", "fp8") else getattr(torch, spec.dtype)
 
-    def vec(n: int, base: float = 0.0, std: float = 0.1) -> torch.Tensor:
-        return (base + std * torch.randn(n, generator=g)).to(store)
+    def lin(self, out: int, inp: int) -> torch.Tensor:
+        return (torch.randn(out, inp, generator=self.g) * (self.spec.init_scale / math.sqrt(inp))).to(self.store)
 
-    def mlp(prefix: str, inter: int) -> Iterator[tuple[str, torch.Tensor]]:
-        yield f"{prefix}.gate_proj.weight", lin(inter, h)
-        yield f"{prefix}.up_proj.weight", lin(inter, h)
-        yield f"{prefix}.down_proj.weight", lin(h, inter)
+    def vec(self, n: int, base: float = 0.0, std: float = 0.1) -> torch.Tensor:
+        return (base + std * torch.randn(n, generator=self.g)).to(self.store)
+
+    def mlp(self, prefix: str, inter: int) -> Iterator[tuple[str, torch.Tensor]]:
+        h = self.spec.hidden_size
+        yield f"{prefix}.gate_proj.weight", self.lin(inter, h)
+        yield f"{prefix}.up_proj.weight", self.lin(inter, h)
+        yield f"{prefix}.down_proj.weight", self.lin(h, inter)
+
+
+# attention(r, layer prefix "model.layers.i") -> that layer's attention tensors
+AttentionTensors = Callable[[RandomWeights, str], Iterator[tuple[str, torch.Tensor]]]
+
+
+def moe_tensors(spec: TinySpecBase, attention: AttentionTensors) -> Iterator[tuple[str, torch.Tensor]]:
+    """Random weights in hub names, one layer at a time (a big spec never sits whole in RAM):
+    the architecture gives each layer's attention tensors, the rest is the shared MoE decoder."""
+    r = RandomWeights(spec)
+    s, h = spec, spec.hidden_size
 
     def block(i: int) -> Iterator[tuple[str, torch.Tensor]]:
         p = f"model.layers.{i}"
-        a = f"{p}.self_attn"
-        q, kv = s.num_attention_heads * hd, s.num_key_value_heads * hd
-        yield f"{p}.input_layernorm.weight", vec(h, 1.0)
-        yield f"{p}.post_attention_layernorm.weight", vec(h, 1.0)
-        for name, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
-            yield f"{a}.{name}.weight", lin(rows, h)
-            if s.attention_bias:
-                yield f"{a}.{name}.bias", vec(rows)
-        yield f"{a}.o_proj.weight", lin(h, q)
-        if s.use_qk_norm:
-            yield f"{a}.q_norm.weight", vec(hd, 1.0)
-            yield f"{a}.k_norm.weight", vec(hd, 1.0)
+        yield f"{p}.input_layernorm.weight", r.vec(h, 1.0)
+        yield f"{p}.post_attention_layernorm.weight", r.vec(h, 1.0)
+        yield from attention(r, p)
         if i < s.first_k_dense_replace:
-            yield from mlp(f"{p}.mlp", s.intermediate_size)
+            yield from r.mlp(f"{p}.mlp", s.intermediate_size)
             return
-        yield f"{p}.mlp.gate.weight", lin(s.n_routed_experts, h)
-        yield f"{p}.mlp.gate.e_score_correction_bias", (0.05 * torch.randn(s.n_routed_experts, generator=g))
+        yield f"{p}.mlp.gate.weight", r.lin(s.n_routed_experts, h)
+        yield f"{p}.mlp.gate.e_score_correction_bias", (0.05 * torch.randn(s.n_routed_experts, generator=r.g))
         for e in range(s.n_routed_experts):
-            yield from mlp(f"{p}.mlp.experts.{e}", s.moe_intermediate_size)
+            yield from r.mlp(f"{p}.mlp.experts.{e}", s.moe_intermediate_size)
         if s.n_shared_experts:
-            yield from mlp(f"{p}.mlp.shared_experts", s.moe_intermediate_size * s.n_shared_experts)
+            yield from r.mlp(f"{p}.mlp.shared_experts", s.moe_intermediate_size * s.n_shared_experts)
 
-    yield "model.embed_tokens.weight", (torch.randn(s.vocab_size, h, generator=g)).to(store)
+    yield "model.embed_tokens.weight", (torch.randn(s.vocab_size, h, generator=r.g)).to(r.store)
     for i in range(s.num_hidden_layers):
         yield from block(i)
     for j in range(s.num_nextn_predict_layers):  # MTP layers, in GLM's layout; the runner ignores them
         i = s.num_hidden_layers + j
         p = f"model.layers.{i}"
-        yield f"{p}.enorm.weight", vec(h, 1.0)
-        yield f"{p}.hnorm.weight", vec(h, 1.0)
-        yield f"{p}.eh_proj.weight", lin(h, 2 * h)
-        yield f"{p}.shared_head.norm.weight", vec(h, 1.0)
+        yield f"{p}.enorm.weight", r.vec(h, 1.0)
+        yield f"{p}.hnorm.weight", r.vec(h, 1.0)
+        yield f"{p}.eh_proj.weight", r.lin(h, 2 * h)
+        yield f"{p}.shared_head.norm.weight", r.vec(h, 1.0)
         yield from block(i)
-    yield "model.norm.weight", vec(h, 1.0)
-    yield "lm_head.weight", lin(s.vocab_size, h)
+    yield "model.norm.weight", r.vec(h, 1.0)
+    yield "lm_head.weight", r.lin(s.vocab_size, h)
 
 
-def _fp8_layout(tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+def moe_param_estimate(spec: TinySpecBase, attention_per_layer: int) -> int:
+    """About how many parameters the spec's checkpoint holds (for the shard size)."""
+    s, h = spec, spec.hidden_size
+    dense = 3 * h * s.intermediate_size
+    moe = 3 * h * s.moe_intermediate_size * (s.n_routed_experts + s.n_shared_experts) + s.n_routed_experts * h
+    layers = s.num_hidden_layers + s.num_nextn_predict_layers
+    return 2 * s.vocab_size * h + layers * attention_per_layer + s.first_k_dense_replace * dense + (layers - s.first_k_dense_replace) * moe
+
+
+def fp8_layout(tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
     """GLM-4.5-FP8 layout: 2-D projection weights in e4m3 with `weight_scale_inv` block scales."""
     for name, t in tensors:
         fp8_able = t.dim() == 2 and name.endswith("_proj.weight") and "eh_proj" not in name
@@ -190,20 +202,13 @@ def _fp8_layout(tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[s
             yield name, t.to(torch.bfloat16)
 
 
-def _estimate_bytes(spec: TinySpec) -> int:
-    s = spec
-    h = s.hidden_size
-    attn = h * s.head_dim * (2 * s.num_attention_heads + 2 * s.num_key_value_heads)
-    dense = 3 * h * s.intermediate_size
-    moe = 3 * h * s.moe_intermediate_size * (s.n_routed_experts + s.n_shared_experts) + s.n_routed_experts * h
-    layers = s.num_hidden_layers + s.num_nextn_predict_layers
-    params = 2 * s.vocab_size * h + layers * attn + s.first_k_dense_replace * dense + (layers - s.first_k_dense_replace) * moe
-    return params * (4 if s.dtype == "float32" else 2)
+def make_tiny(out: str | Path, spec: TinySpecBase | None = None, *, overwrite: bool = False) -> Path:
+    """Write a random checkpoint of the spec's architecture (default: glm4_moe's default spec) to
+    `out` (built in a temporary directory, then renamed)."""
+    from .models import ARCHITECTURES, arch_for_model_type
 
-
-def make_tiny(out: str | Path, spec: TinySpec | None = None, *, overwrite: bool = False) -> Path:
-    """Write a random checkpoint to `out` (built in a temporary directory, then renamed)."""
-    spec = spec or TinySpec()
+    arch = arch_for_model_type(spec.model_type, "make-tiny") if spec is not None else ARCHITECTURES["glm4_moe"]
+    spec = spec or arch.tiny.spec()
     out = Path(out).expanduser()
     occupied = (out.is_dir() and any(out.iterdir())) or out.is_file()
     if occupied and not overwrite:
@@ -212,15 +217,16 @@ def make_tiny(out: str | Path, spec: TinySpec | None = None, *, overwrite: bool 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         special = build_tiny_tokenizer(tmp, vocab_size=spec.vocab_size, style=spec.chat_style)
-        cfg = _config_json(spec, special)
+        cfg = arch.tiny.config_json(spec, special)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         gen = {"_from_model_config": True, "eos_token_id": cfg["eos_token_id"], "pad_token_id": cfg["pad_token_id"], "temperature": 0.6, "top_p": 0.95, "do_sample": True}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        (tmp / "localglm_tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
-        tensors = _tensors(spec)
+        (tmp / "localglm_tiny_spec.json").write_text(json.dumps({"model_type": spec.model_type, **asdict(spec)}, indent=2) + "\n")
+        tensors = arch.tiny.tensors(spec)
         if spec.dtype == "fp8":
-            tensors = _fp8_layout(tensors)
-        shard = spec.max_shard_bytes or max(1, _estimate_bytes(spec) // 3 + 1)
+            tensors = fp8_layout(tensors)
+        bytes_per = 4 if spec.dtype == "float32" else 2
+        shard = spec.max_shard_bytes or max(1, arch.tiny.estimate_params(spec) * bytes_per // 3 + 1)
         save_safetensors_sharded(tensors, tmp, max_shard_bytes=shard, metadata={"format": "pt"})
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()

@@ -168,9 +168,10 @@ class NextLayerPredictor:
 def predictor_for(
     net, stats: RouterStats | None = None, extra: int = 0, depth: int = 2, stat_weight: float = 0.1, carry_attention: bool = True
 ) -> NextLayerPredictor:
-    """A predictor over a Glm4MoeModel's routers."""
-    routers = {i: lw.router for i, lw in enumerate(net.w.layers) if lw.router is not None}
-    norms = {i: net.w.layers[i].post_attention_norm for i in routers}
+    """A predictor over a model's MoE routers (`net.moe_routers()`: post-attention norm and router per layer)."""
+    pairs = net.moe_routers()
+    routers = {i: router for i, (_, router) in pairs.items()}
+    norms = {i: norm for i, (norm, _) in pairs.items()}
     return NextLayerPredictor(
         routers, norms, net.router_spec, net.cfg.rms_norm_eps, stats, extra=extra, depth=depth, stat_weight=stat_weight,
         carry_attention=carry_attention,

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from localglm.tiny import TinySpec, make_tiny
+from localglm.models.glm4_moe.tiny import TinySpec
+from localglm.tiny import make_tiny
 
 
 @pytest.fixture(scope="session")

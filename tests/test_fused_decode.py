@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import localglm
-from localglm.fused_decode import FusedDecoder
-from localglm.tiny import TinySpec, make_tiny
+from localglm.models.glm4_moe.fused_decode import FusedDecoder
+from localglm.models.glm4_moe.tiny import TinySpec
+from localglm.tiny import make_tiny
 from quant.native import native_lib
 
 pytestmark = pytest.mark.skipif(native_lib() is None, reason="no C compiler: the native kernels cannot be built")

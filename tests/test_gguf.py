@@ -14,20 +14,21 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 import localglm
-from localglm import gguf_glm4moe
+from localglm.checkpoint import gguf as gguf_glm4moe
 from localglm.cli import main
 from localglm.config import ModelConfig
 from localglm.errors import CheckpointError, LocalGLMError
 from localglm.layers.experts import InMemoryExperts, QuantizedExperts
-from localglm.gguf_glm4moe import GGUFSource, export_gguf
+from localglm.checkpoint.gguf import GGUFSource, export_gguf
 from localglm.quantize import partial_dir, quantize_checkpoint
-from localglm.quantized_source import MANIFEST, QuantizedSource
-from localglm.safetensors_io import save_safetensors_sharded
-from localglm.tensor_source import SafetensorsSource
-from localglm.tiny import TinySpec, make_tiny
+from localglm.checkpoint.quantized_dir import MANIFEST, QuantizedSource
+from localglm.checkpoint.safetensors import save_safetensors_sharded
+from localglm.checkpoint.source import SafetensorsSource
+from localglm.models.glm4_moe.tiny import TinySpec
+from localglm.tiny import make_tiny
 from localglm.tiny_tokenizer import corpus_text
 from quant.formats import QuantSpec, QuantTensor
-from quant.gguf_reader import GGUFModelFiles
+from localglm.checkpoint.gguf_file import GGUFModelFiles
 from quant.recipe import Recipe
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
@@ -454,7 +455,7 @@ def test_unsupported_tensor_type(exports: dict[str, Path], tmp_path: Path) -> No
 
 
 def test_gguf_source_is_a_tensor_source(exports: dict[str, Path]) -> None:
-    from localglm.tensor_source import TensorSource
+    from localglm.checkpoint.source import TensorSource
 
     with GGUFSource(exports["q8_0"], dequant_dtype=torch.float16) as src:
         assert isinstance(src, TensorSource)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import localglm
-from localglm.gguf_glm4moe import export_gguf
+from localglm.checkpoint.gguf import export_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -85,7 +85,8 @@ def test_we_load_what_llama_quantize_writes(ftype: tuple[str, int], tmp_path: Pa
     """K-quants from llama.cpp's own quantizer: our dequantized model agrees with llama.cpp on the same file."""
     import ctypes
 
-    from localglm.tiny import TinySpec, make_tiny
+    from localglm.models.glm4_moe.tiny import TinySpec
+    from localglm.tiny import make_tiny
 
     src = make_tiny(tmp_path / "src", TinySpec(dtype="float32", hidden_size=256, head_dim=64, moe_intermediate_size=256,
                                                intermediate_size=512))  # fmt: skip  (rows of 256 = one K-quant block)

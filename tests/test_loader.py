@@ -11,9 +11,10 @@ import torch
 
 import localglm
 from localglm.errors import CheckpointError, ConfigError, LocalGLMError
-from localglm.safetensors_io import save_safetensors_sharded
-from localglm.tensor_source import SafetensorsSource
-from localglm.tiny import TinySpec, make_tiny
+from localglm.checkpoint.safetensors import save_safetensors_sharded
+from localglm.checkpoint.source import SafetensorsSource
+from localglm.models.glm4_moe.tiny import TinySpec
+from localglm.tiny import make_tiny
 
 IDS = torch.tensor([[5, 17, 200, 3, 99, 42, 7]])
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import localglm
-from localglm.tiny import TinySpec, make_tiny
+from localglm.models.glm4_moe.tiny import TinySpec
+from localglm.tiny import make_tiny
 
 transformers = pytest.importorskip("transformers")
 

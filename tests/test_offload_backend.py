@@ -8,7 +8,8 @@ import torch
 
 from localglm.errors import LocalGLMError
 from localglm.loader import load
-from localglm.tiny import TinySpec, make_tiny
+from localglm.models.glm4_moe.tiny import TinySpec
+from localglm.tiny import make_tiny
 from offload.backend import OffloadedExperts
 from offload.device import BudgetExceeded, CudaDevice, SimulatedDevice
 from offload.expert_cache import ExpertCache

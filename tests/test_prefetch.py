@@ -11,7 +11,8 @@ import torch
 import localglm
 from localglm.layers import rms_norm
 from localglm.layers.router import route
-from localglm.tiny import TinySpec, make_tiny
+from localglm.models.glm4_moe.tiny import TinySpec
+from localglm.tiny import make_tiny
 from offload.prefetch import predictor_for
 from offload.router_stats import RouterStats
 

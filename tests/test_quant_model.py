@@ -14,8 +14,9 @@ from localglm.cli import main
 from localglm.errors import LocalGLMError
 from localglm.layers.experts import QuantizedExperts
 from localglm.quantize import partial_dir, quantize_checkpoint
-from localglm.quantized_source import MANIFEST, VERSION, QuantizedSource, blob_name
-from localglm.tiny import TinySpec, make_tiny
+from localglm.checkpoint.quantized_dir import MANIFEST, VERSION, QuantizedSource, blob_name
+from localglm.models.glm4_moe.tiny import TinySpec
+from localglm.tiny import make_tiny
 from quant.formats import QuantTensor
 from quant.recipe import Recipe
 
@@ -60,7 +61,7 @@ def test_quantized_dir_layout(q4: Path, src: Path) -> None:
         assert blob.shape == (lay.nbytes,) and blob.dtype == torch.uint8  # one contiguous blob per expert
         assert blob_name(1, 3) in qs.st
         # the TensorSource view: float tensors under hub names, close to the originals
-        with localglm.tensor_source.SafetensorsSource(src) as ss:
+        with localglm.checkpoint.source.SafetensorsSource(src) as ss:
             for name in ("model.layers.1.mlp.experts.3.up_proj.weight", "model.layers.0.self_attn.q_proj.weight"):
                 w, d = ss.get(name), qs.get(name)
                 assert d.shape == w.shape and float((d - w).norm() / w.norm()) < 0.1

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from localglm.errors import CheckpointError
-from localglm.safetensors_io import quantize_fp8_blockwise, save_safetensors_sharded
-from localglm.tensor_source import SafetensorsSource, TensorSource
+from localglm.checkpoint.safetensors import quantize_fp8_blockwise, save_safetensors_sharded
+from localglm.checkpoint.source import SafetensorsSource, TensorSource
 
 FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
 

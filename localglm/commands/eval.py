@@ -40,9 +40,12 @@ def register(sub: Any) -> None:
 
 def weight_errors(model_dir: Path, ref_dir: Path) -> dict[str, float]:
     """Per-class relative Frobenius error of a quantized directory's tensors against the reference's."""
-    from ..quantize import classify
-    from ..quantized_source import QuantizedSource
-    from ..tensor_source import SafetensorsSource
+    from ..checkpoint.quantized_dir import QuantizedSource
+    from ..checkpoint.source import SafetensorsSource
+    from ..config import ModelConfig
+    from ..models import arch_of
+
+    classify = arch_of(ModelConfig.from_file(ref_dir)).schema.classify
 
     err2: dict[str, float] = {}
     ref2: dict[str, float] = {}
@@ -98,7 +101,7 @@ def score(model: Any, ref: Any, ids: list[int], ctx: int) -> dict[str, float]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..loader import load
-    from ..quantized_source import is_quantized_dir
+    from ..checkpoint.quantized_dir import is_quantized_dir
     from .quantize import load_options
 
     if args.threads:

@@ -30,7 +30,7 @@ def parse_size(text: str) -> int:
 
 
 def register(sub: Any) -> None:
-    from ..gguf_glm4moe import OUT_TYPES
+    from ..checkpoint.gguf import OUT_TYPES
 
     p = sub.add_parser(
         "export-gguf",
@@ -50,7 +50,7 @@ def register(sub: Any) -> None:
 
 
 def cmd_export_gguf(args: argparse.Namespace) -> int:
-    from ..gguf_glm4moe import export_gguf
+    from ..checkpoint.gguf import export_gguf
 
     split = parse_size(args.split_max_size) if args.split_max_size else 0
     if args.quiet:

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from ..safetensors_io import save_safetensors_sharded
-from ..tiny import TinySpec, _config_json, _fp8_layout
+from ..checkpoint.safetensors import save_safetensors_sharded
+from ..models.glm4_moe.tiny import TINY, TinySpec
+from ..tiny import fp8_layout
 from ..tiny_tokenizer import GLM_SPECIAL_TOKENS, build_tiny_tokenizer
 from .corpus import Corpus, build_corpus
 
@@ -124,7 +125,7 @@ def encode_docs(tokenizer_dir: Path, docs: list[str]) -> list[list[int]]:
 def hf_config(cfg: TrainConfig, special: dict[str, int]):
     from transformers import Glm4MoeConfig
 
-    d = _config_json(cfg.spec("float32"), special)
+    d = TINY.config_json(cfg.spec("float32"), special)
     d.pop("torch_dtype", None)
     rope = {"rope_type": "default", "rope_theta": d.pop("rope_theta"), "partial_rotary_factor": d.pop("partial_rotary_factor")}
     d["rope_parameters"] = rope
@@ -214,14 +215,14 @@ def save_checkpoint(model: torch.nn.Module, cfg: TrainConfig, tok_dir: Path, out
             shutil.copy2(tok_dir / f, tmp / f)
         special = json.loads((tok_dir / "special_ids.json").read_text())
         spec = cfg.spec(weights)
-        conf = _config_json(spec, special)
+        conf = TINY.config_json(spec, special)
         (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
         gen = {"eos_token_id": conf["eos_token_id"], "pad_token_id": conf["pad_token_id"], "temperature": 0.6, "top_p": 0.95, "do_sample": True}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         (tmp / "localglm_training.json").write_text(json.dumps({"train_config": asdict(cfg), **meta}, indent=2) + "\n")
         tensors = hub_tensors(model, cfg)
         if weights == "fp8":
-            tensors = _fp8_layout(tensors)
+            tensors = fp8_layout(tensors)
         elif weights in ("bfloat16", "float32"):
             dt = getattr(torch, weights)
             tensors = ((n, t if "e_score_correction_bias" in n else t.to(dt)) for n, t in tensors)

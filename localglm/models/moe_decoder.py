@@ -1,8 +1,12 @@
-"""GLM-4.5 / 4.5-Air / 4.6 / 4.7 (`glm4_moe`): weights and forward pass.
+"""The GLM MoE decoder every architecture of the family shares, around its own attention.
 
 Pre-norm decoder: h += attn(input_norm(h)); h += mlp(post_attention_norm(h)); final norm; lm_head.
 Layers below `first_k_dense_replace` use a dense SwiGLU MLP, the rest a MoE (sigmoid router,
-routed experts through an ExpertBackend, plus shared experts). The MTP layer at index
+routed experts through an ExpertBackend, plus shared experts). GLM-4.x (GQA), GLM-4.7-Flash (MLA)
+and GLM-5 (MLA + DSA) differ only in the attention block, so an architecture subclasses
+`MoeDecoder` with its attention and its cache, and reads its attention weights with
+`load_decoder_weights(..., attention=...)`; everything else (norms, FFN, router, experts, the
+layer loop, the fused-decode hook) is written here once. The MTP layer at index
 `num_hidden_layers` is not loaded.
 """
 
@@ -10,33 +14,33 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..layers.experts import ExpertBackend, InMemoryExperts
-from ..fused_decode import FusedDecoder
-from ..layers.kv_cache import KVCache
-from ..layers import AttentionShape, AttentionWeights, MLPWeights, Rotary, attention, linear, rms_norm, swiglu
+from ..layers.kv_cache import TokenCache
+from ..layers.linear import linear
+from ..layers.mlp import MLPWeights, swiglu
+from ..layers.norm import rms_norm
 from ..layers.router import RouterSpec, RouterWeights, route
-
-# get(name, shape) -> tensor in the model dtype on the model device
-TensorGetter = Callable[[str, tuple[int, ...]], torch.Tensor]
+from .arch import TensorGetter, WeightReader
 
 
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor
     post_attention_norm: torch.Tensor
-    attn: AttentionWeights
+    attn: Any  # the architecture's attention weights
     dense_mlp: MLPWeights | None  # layers < first_k_dense_replace
     router: RouterWeights | None  # MoE layers
     shared: MLPWeights | None  # MoE layers with n_shared_experts > 0
 
 
 @dataclass
-class Glm4MoeWeights:
+class DecoderWeights:
     embed: torch.Tensor
     layers: list[LayerWeights]
     final_norm: torch.Tensor
@@ -44,61 +48,50 @@ class Glm4MoeWeights:
 
 
 def expert_tensor_names(layer: int, expert: int) -> tuple[str, str, str]:
-    """Hub names of one routed expert's gate, up and down projections."""
+    """Hub names of one routed expert's gate, up and down projections (the same in every GLM)."""
     p = f"model.layers.{layer}.mlp.experts.{expert}"
     return f"{p}.gate_proj.weight", f"{p}.up_proj.weight", f"{p}.down_proj.weight"
 
 
-def load_dense_weights(cfg: ModelConfig, get: TensorGetter, get_fp32: TensorGetter, has: Callable[[str], bool]) -> Glm4MoeWeights:
-    """Everything except the routed experts, read through `get` (the caller picks dtype/device)."""
-    h, hd = cfg.hidden_size, cfg.head_dim
-    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+def load_mlp(get: TensorGetter, prefix: str, hidden: int, inter: int) -> MLPWeights:
+    """A SwiGLU MLP under `prefix` with gate and up fused into one matrix."""
+    gate = get(f"{prefix}.gate_proj.weight", (inter, hidden))
+    up = get(f"{prefix}.up_proj.weight", (inter, hidden))
+    return MLPWeights(torch.cat([gate, up], 0), get(f"{prefix}.down_proj.weight", (hidden, inter)))
 
-    def mlp(prefix: str, inter: int) -> MLPWeights:
-        gate = get(f"{prefix}.gate_proj.weight", (inter, h))
-        up = get(f"{prefix}.up_proj.weight", (inter, h))
-        return MLPWeights(torch.cat([gate, up], 0), get(f"{prefix}.down_proj.weight", (h, inter)))
 
+def load_decoder_weights(cfg: ModelConfig, r: WeightReader, attention: Callable[[int], Any]) -> DecoderWeights:
+    """Everything except the routed experts; `attention(layer)` reads that layer's attention weights."""
+    h = cfg.hidden_size
     layers = []
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}"
-        a = f"{p}.self_attn"
-        qkv_w = torch.cat([get(f"{a}.q_proj.weight", (q, h)), get(f"{a}.k_proj.weight", (kv, h)), get(f"{a}.v_proj.weight", (kv, h))], 0)
-        qkv_b = None
-        if cfg.attention_bias:
-            qkv_b = torch.cat([get(f"{a}.q_proj.bias", (q,)), get(f"{a}.k_proj.bias", (kv,)), get(f"{a}.v_proj.bias", (kv,))], 0)
-        attn = AttentionWeights(
-            qkv_weight=qkv_w,
-            qkv_bias=qkv_b,
-            o_weight=get(f"{a}.o_proj.weight", (h, q)),
-            q_norm=get(f"{a}.q_norm.weight", (hd,)) if cfg.use_qk_norm else None,
-            k_norm=get(f"{a}.k_norm.weight", (hd,)) if cfg.use_qk_norm else None,
-        )
+        attn = attention(i)
         dense = router = shared = None
         if cfg.is_moe_layer(i):
             bias_name = f"{p}.mlp.gate.e_score_correction_bias"
-            bias = get_fp32(bias_name, (cfg.n_routed_experts,)) if has(bias_name) else None
+            bias = r.get_fp32(bias_name, (cfg.n_routed_experts,)) if r.has(bias_name) else None
             router = RouterWeights(
-                weight=get_fp32(f"{p}.mlp.gate.weight", (cfg.n_routed_experts, h)),
+                weight=r.get_fp32(f"{p}.mlp.gate.weight", (cfg.n_routed_experts, h)),
                 correction_bias=bias if bias is not None else torch.zeros(cfg.n_routed_experts),
             )
             if cfg.n_shared_experts > 0:
-                shared = mlp(f"{p}.mlp.shared_experts", cfg.shared_intermediate_size)
+                shared = load_mlp(r.get, f"{p}.mlp.shared_experts", h, cfg.shared_intermediate_size)
         else:
-            dense = mlp(f"{p}.mlp", cfg.intermediate_size)
+            dense = load_mlp(r.get, f"{p}.mlp", h, cfg.intermediate_size)
         layers.append(
             LayerWeights(
-                input_norm=get(f"{p}.input_layernorm.weight", (h,)),
-                post_attention_norm=get(f"{p}.post_attention_layernorm.weight", (h,)),
+                input_norm=r.get(f"{p}.input_layernorm.weight", (h,)),
+                post_attention_norm=r.get(f"{p}.post_attention_layernorm.weight", (h,)),
                 attn=attn,
                 dense_mlp=dense,
                 router=router,
                 shared=shared,
             )
         )
-    embed = get("model.embed_tokens.weight", (cfg.vocab_size, h))
-    lm_head = embed if cfg.tie_word_embeddings and not has("lm_head.weight") else get("lm_head.weight", (cfg.vocab_size, h))
-    return Glm4MoeWeights(embed=embed, layers=layers, final_norm=get("model.norm.weight", (h,)), lm_head=lm_head)
+    embed = r.get("model.embed_tokens.weight", (cfg.vocab_size, h))
+    lm_head = embed if cfg.tie_word_embeddings and not r.has("lm_head.weight") else r.get("lm_head.weight", (cfg.vocab_size, h))
+    return DecoderWeights(embed=embed, layers=layers, final_norm=r.get("model.norm.weight", (h,)), lm_head=lm_head)
 
 
 def load_in_memory_experts(cfg: ModelConfig, get: TensorGetter, progress: Callable[[int], None] | None = None) -> InMemoryExperts:
@@ -106,7 +99,7 @@ def load_in_memory_experts(cfg: ModelConfig, get: TensorGetter, progress: Callab
     h, inter, n = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
     gate_up: dict[int, torch.Tensor] = {}
     down: dict[int, torch.Tensor] = {}
-    for i in range(cfg.first_k_dense_replace, cfg.num_hidden_layers):
+    for i in cfg.moe_layers:
         first = get(expert_tensor_names(i, 0)[0], (inter, h))
         gu = torch.empty((n, 2 * inter, h), dtype=first.dtype, device=first.device)
         dn = torch.empty((n, h, inter), dtype=first.dtype, device=first.device)
@@ -121,17 +114,18 @@ def load_in_memory_experts(cfg: ModelConfig, get: TensorGetter, progress: Callab
     return InMemoryExperts(gate_up, down)
 
 
-class Glm4MoeModel:
-    """The forward pass. Stateless apart from its weights; the KV cache is passed in."""
+class MoeDecoder:
+    """The forward pass. Stateless apart from its weights; the cache is passed in.
 
-    def __init__(self, cfg: ModelConfig, weights: Glm4MoeWeights, experts: ExpertBackend, device: torch.device) -> None:
+    Subclasses give the attention (`attention`), the cache layout (`new_cache`), the rotary tables
+    (`rope`), and may give a native one-token path (`build_fused_decoder`)."""
+
+    def __init__(self, cfg: ModelConfig, weights: DecoderWeights, experts: ExpertBackend, device: torch.device) -> None:
         self.cfg = cfg
         self.w = weights
         self.experts = experts
         self.device = device
         self.dtype = weights.embed.dtype
-        self.rotary = Rotary(cfg.rotary_dim, cfg.rope_theta, device)
-        self.attn_shape = AttentionShape(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps)
         self.router_spec = RouterSpec(
             top_k=cfg.num_experts_per_tok,
             n_group=cfg.n_group,
@@ -139,14 +133,26 @@ class Glm4MoeModel:
             norm_topk_prob=cfg.norm_topk_prob,
             scaling=cfg.routed_scaling_factor,
         )
-        # Decode on the CPU through one native call per layer (fused_decode.py); False forces the torch ops.
+        # Decode on the CPU through native calls where the architecture has them; False forces the torch ops.
         self.fused_decode = True
-        self._fused: FusedDecoder | None | bool = False  # False: not built yet
+        self._fused: Any = False  # False: not built yet; None: the native path does not take this model
 
-    def new_cache(self, max_tokens: int, batch: int = 1) -> KVCache:
-        c = self.cfg
-        return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, max_tokens, self.dtype, self.device, batch)
+    # ---- the architecture's part ---------------------------------------------------------------
+    def new_cache(self, max_tokens: int, batch: int = 1) -> TokenCache:
+        raise NotImplementedError
 
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos / sin tables [T, rot] for these positions."""
+        raise NotImplementedError
+
+    def attention(self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: TokenCache | None, start: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def build_fused_decoder(self) -> Any:
+        """The native one-token decoder for this model, or None (the torch ops then decode)."""
+        return None
+
+    # ---- shared ---------------------------------------------------------------------------------
     def _moe(self, layer: int, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
@@ -156,7 +162,7 @@ class Glm4MoeModel:
             out = out + swiglu(flat, lw.shared)
         return out.view(shape)
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, cache: TokenCache | None = None, start: int = 0) -> torch.Tensor:
         """Final-normed hidden states [B, T, H] for input_ids at positions start..start+T-1."""
         cfg = self.cfg
         if self.fused_decode and cache is not None and input_ids.shape == (1, 1):
@@ -165,12 +171,12 @@ class Glm4MoeModel:
                 return fused.hidden_states(input_ids, cache, start)
         x = F.embedding(input_ids, self.w.embed)
         positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
-        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        cos, sin = self.rope(positions, x.dtype)
         for i, lw in enumerate(self.w.layers):
             if lw.dense_mlp is None:
                 self.experts.hint(i, x)  # the layer's input: a backend may start copies for it now
             h = rms_norm(x, lw.input_norm, cfg.rms_norm_eps)
-            x = x + attention(h, lw.attn, self.attn_shape, cos, sin, cache, i, start)
+            x = x + self.attention(i, h, cos, sin, cache, start)
             h = rms_norm(x, lw.post_attention_norm, cfg.rms_norm_eps)
             if lw.dense_mlp is not None:
                 x = x + swiglu(h, lw.dense_mlp)
@@ -179,11 +185,15 @@ class Glm4MoeModel:
                 x = x + self._moe(i, lw, h)
         return rms_norm(x, self.w.final_norm, cfg.rms_norm_eps)
 
-    def _fused_decoder(self) -> FusedDecoder | None:
+    def _fused_decoder(self) -> Any:
         """Built at the first decoded token (the weights are final by then), None where it cannot be."""
         if self._fused is False:
-            self._fused = FusedDecoder.build(self)
-        return self._fused  # type: ignore[return-value]
+            self._fused = self.build_fused_decoder()
+        return self._fused
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(hidden, self.w.lm_head)
+
+    def moe_routers(self) -> dict[int, tuple[torch.Tensor, RouterWeights]]:
+        """Per MoE layer, its post-attention norm weight and router: what expert prediction applies."""
+        return {i: (lw.post_attention_norm, lw.router) for i, lw in enumerate(self.w.layers) if lw.router is not None}

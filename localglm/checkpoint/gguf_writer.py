@@ -24,7 +24,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 from gguf import quants as gguf_quants
 
-from .gguf_reader import SPLIT_NAME, tensor_nbytes
+from .gguf_file import SPLIT_NAME, tensor_nbytes
 
 F32, F16, BF16 = GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16
 # Types this writer can produce (the gguf package quantizes these in numpy).

@@ -28,8 +28,8 @@ from quant.blob import ExpertBlobLayout
 from quant.formats import QuantSpec, QuantTensor
 from quant.recipe import Recipe
 
-from .errors import CheckpointError
-from .tensor_source import SafetensorsSource, TensorInfo, check_expected_shape, missing_tensor_error
+from ..errors import CheckpointError
+from .source import SafetensorsSource, TensorInfo, check_expected_shape, missing_tensor_error
 
 MANIFEST = "localglm_quant.json"
 FORMAT = "localglm-quant"

@@ -29,9 +29,9 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-from localglm.errors import CheckpointError
+from ..errors import CheckpointError
 
-from .mmap_util import FileMaps, view
+from .mmap import FileMaps, view
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32

@@ -1,22 +1,22 @@
-"""GLM-4.x MoE <-> GGUF (llama.cpp's `glm4moe` architecture): names, metadata, tokenizer, both directions.
+"""GLM checkpoints <-> GGUF (llama.cpp's files): tensors, metadata, tokenizer, both directions.
 
-Out: `export_gguf` writes what llama.cpp's `convert_hf_to_gguf.py` (class Glm4MoeModel) writes for
-the same checkpoint: the same tensor names (through gguf-py's own name map for GLM4_MOE), routed
-experts stacked per layer as `[E, out, in]`, the same per-tensor types (norms, biases, routers and
-`exp_probs_b.bias` in F32; everything else in the chosen type, F16 where rows do not fit the
-quantization blocks), the same `glm4moe.*` hyperparameters and the tokenizer as `_set_vocab_glm`
-sets it (gpt2 BPE, pre `glm4`, bos `[gMASK]`, eot `<|user|>`, unk `<|endoftext|>`, eom
-`<|observation|>`, eos/pad from tokenizer_config.json, merges, chat template). Tensors are read
-through `SafetensorsSource` one at a time and streamed out in row chunks (quant.gguf_writer).
+Out: `export_gguf` writes what llama.cpp's `convert_hf_to_gguf.py` writes for the same checkpoint:
+the architecture's GGUF tensor names and metadata keys (its schema, localglm/models/<arch>/gguf.py),
+routed experts stacked per layer as `[E, out, in]`, the same per-tensor types (norms, biases,
+routers and `exp_probs_b.bias` in F32; everything else in the chosen type, F16 where rows do not
+fit the quantization blocks) and the tokenizer as `_set_vocab_glm` sets it (gpt2 BPE, pre `glm4`,
+bos `[gMASK]`, eot `<|user|>`, unk `<|endoftext|>`, eom `<|observation|>`, eos/pad from
+tokenizer_config.json, merges, chat template). Tensors are read through `SafetensorsSource` one at
+a time and streamed out in row chunks (gguf_writer.py).
 
-In: `GGUFSource` presents a glm4moe GGUF (single or split) under the Hugging Face hub names the
-rest of localglm uses, unstacking expert tensors lazily (one expert's bytes per `get`) and
-dequantizing any type gguf-py can (or, `get_quant`, handing a Q8_0 tensor over as our q8 without
-dequantizing: the loader does so for Q8_0 experts and for Q8_0 tensors a recipe holds at 8 bits);
-`config_from_gguf` and `tokenizer_from_gguf` rebuild the
-ModelConfig and the tokenizer (byte-level BPE with GLM's split regex, special tokens, template),
-so `localglm.load("model.gguf")` runs the same code as for a safetensors checkpoint; `localglm quantize
-FILE.gguf` writes the same as files (`hf_config_from_gguf` -> config.json, `Tokenizer.save`).
+In: `GGUFSource` presents a GGUF (single or split) of any registered architecture under the Hugging
+Face hub names the rest of localglm uses, unstacking expert tensors lazily (one expert's bytes per
+`get`) and dequantizing any type gguf-py can (or, `get_quant`, handing a Q8_0 tensor over as our q8
+without dequantizing: the loader does so for Q8_0 experts and for Q8_0 tensors a recipe holds at 8
+bits); `config_from_gguf` and `tokenizer_from_gguf` rebuild the ModelConfig and the tokenizer
+(byte-level BPE with GLM's split regex, special tokens, template), so `localglm.load("model.gguf")`
+runs the same code as for a safetensors checkpoint; `localglm quantize FILE.gguf` writes the same as
+files (`hf_config_from_gguf` -> config.json, `Tokenizer.save`).
 """
 
 from __future__ import annotations
@@ -26,28 +26,28 @@ import re
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import gguf
-import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
 
 from quant.formats import QuantSpec, QuantTensor
 from quant.gguf_packed import PACKED_SPECS, q8_0_to_quant
-from quant.gguf_reader import PLAIN_TYPES, SUPPORTED_TYPES, GGUFModelFiles, type_name
-from quant.gguf_writer import GGUFStreamWriter, fits_type
 
-from .config import ModelConfig
-from .errors import CheckpointError, ConfigError, LocalGLMError, TokenizerError
-from .tensor_source import SafetensorsSource, TensorInfo, check_expected_shape, missing_tensor_error
-from .tiny_tokenizer import GLM_SPLIT_PATTERN
-from .tokenizer import Tokenizer
+from ..config import ModelConfig
+from ..errors import CheckpointError, LocalGLMError, TokenizerError
+from ..models import arch_for_gguf, arch_of
+from ..models.arch import Arch, GGUFSchema
+from ..models.moe_gguf import GGUFMetadata
+from ..tiny_tokenizer import GLM_SPLIT_PATTERN
+from ..tokenizer import Tokenizer
+from .gguf_file import PLAIN_TYPES, SUPPORTED_TYPES, GGUFModelFiles, type_name
+from .gguf_writer import GGUFStreamWriter, fits_type
+from .source import SafetensorsSource, TensorInfo, check_expected_shape, missing_tensor_error
 
-ARCH = "glm4moe"
 OUT_TYPES: dict[str, tuple[QT, gguf.LlamaFileType]] = {
     "f32": (QT.F32, gguf.LlamaFileType.ALL_F32),
     "f16": (QT.F16, gguf.LlamaFileType.MOSTLY_F16),
@@ -57,7 +57,6 @@ OUT_TYPES: dict[str, tuple[QT, gguf.LlamaFileType]] = {
 }
 # Pre-tokenizer names llama.cpp maps to GLM's split regex (LLAMA_VOCAB_PRE_TYPE_CHATGLM4).
 GLM_PRE_NAMES = ("glm4", "chatglm-bpe", "glm5")
-KNOWN_ARCHS = {"glm-dsa": "GLM-5.x (MLA + DSA)", "deepseek2": "MLA models such as GLM-4.7-Flash", "glm4": "dense GLM-4"}
 CHUNK_ELEMENTS = 1 << 22  # rows per streamed chunk are chosen so a float32 chunk stays near 16 MB
 
 _EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
@@ -67,55 +66,6 @@ _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 # --------------------------------------------------------------------------------------------
 # Names
 # --------------------------------------------------------------------------------------------
-
-
-@lru_cache(maxsize=8)
-def _name_map(n_blocks: int) -> gguf.TensorNameMap:
-    return gguf.get_tensor_name_map(gguf.MODEL_ARCH.GLM4_MOE, n_blocks)
-
-
-def gguf_name(hub: str, n_blocks: int) -> tuple[str, int | None]:
-    """(GGUF tensor name, expert index or None) of a hub tensor name, as the converter maps it."""
-    m = _EXPERT_RE.match(hub)
-    base, index = hub, None
-    if m:
-        base, index = f"model.layers.{m[1]}.mlp.experts.{m[3]}_proj.weight", int(m[2])
-    elif hub.endswith("e_score_correction_bias"):
-        base = hub.replace("e_score_correction_bias", "e_score_correction.bias")
-    if base == "model.embed_tokens.weight":
-        return "token_embd.weight", None
-    new = _name_map(n_blocks).get_name(base, try_suffixes=(".weight", ".bias"))
-    if new is None:
-        raise CheckpointError(f"tensor {hub}: no glm4moe GGUF name for it (llama.cpp's converter would refuse it too)")
-    return new, index
-
-
-def hub_name_candidates(n_blocks: int, n_layers: int, n_experts: int) -> Iterator[str]:
-    """Every hub tensor name a glm4_moe checkpoint of this shape may hold (a superset)."""
-    yield "model.embed_tokens.weight"
-    yield "model.norm.weight"
-    yield "lm_head.weight"
-    for i in range(n_blocks):
-        p = f"model.layers.{i}"
-        yield f"{p}.input_layernorm.weight"
-        yield f"{p}.post_attention_layernorm.weight"
-        for proj in ("q_proj", "k_proj", "v_proj"):
-            yield f"{p}.self_attn.{proj}.weight"
-            yield f"{p}.self_attn.{proj}.bias"
-        yield f"{p}.self_attn.o_proj.weight"
-        yield f"{p}.self_attn.q_norm.weight"
-        yield f"{p}.self_attn.k_norm.weight"
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            yield f"{p}.mlp.{proj}.weight"
-            yield f"{p}.mlp.shared_experts.{proj}.weight"
-        yield f"{p}.mlp.gate.weight"
-        yield f"{p}.mlp.gate.e_score_correction_bias"
-        for e in range(n_experts):
-            for proj in ("gate_proj", "up_proj", "down_proj"):
-                yield f"{p}.mlp.experts.{e}.{proj}.weight"
-        if i >= n_layers:
-            for extra in ("eh_proj", "enorm", "hnorm", "shared_head.norm", "shared_head.head", "embed_tokens"):
-                yield f"{p}.{extra}.weight"
 
 
 def tensor_type(name: str, shape: tuple[int, ...], want: QT) -> QT:
@@ -148,7 +98,7 @@ class _Group:
     parts: list[str]
 
 
-def _plan_groups(names: list[str], cfg: ModelConfig, n_blocks: int, mtp: bool) -> list[_Group]:
+def _plan_groups(names: list[str], cfg: ModelConfig, schema: GGUFSchema, n_blocks: int, mtp: bool) -> list[_Group]:
     groups: dict[str, _Group] = {}
     experts: dict[str, dict[int, str]] = {}
     for hub in names:
@@ -157,7 +107,7 @@ def _plan_groups(names: list[str], cfg: ModelConfig, n_blocks: int, mtp: bool) -
             continue  # an MTP layer, dropped
         if m and int(m[1]) >= n_blocks:
             raise CheckpointError(f"tensor {hub}: layer {m[1]} is beyond the {n_blocks} blocks config.json describes")
-        new, index = gguf_name(hub, n_blocks)
+        new, index = schema.gguf_name(hub, n_blocks)
         if index is None:
             if new in groups:
                 raise CheckpointError(f"tensors {groups[new].parts[0]} and {hub} both map to {new}")
@@ -265,33 +215,6 @@ def _add_tokenizer(w: gguf.GGUFWriter, src: Path, vocab_size: int) -> None:
     special.add_to_gguf(w, quiet=True)
 
 
-def _add_hparams(w: gguf.GGUFWriter, cfg: ModelConfig, n_blocks: int, n_mtp: int, ftype: gguf.LlamaFileType) -> None:
-    w.add_block_count(n_blocks)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_expert_used_count(cfg.num_experts_per_tok)
-    w.add_expert_group_count(cfg.n_group)
-    w.add_expert_group_used_count(cfg.topk_group)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
-    w.add_file_type(ftype)
-    w.add_rope_dimension_count(cfg.rotary_dim)
-    w.add_expert_count(cfg.n_routed_experts)
-    w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
-    w.add_expert_shared_count(cfg.n_shared_experts)
-    w.add_leading_dense_block_count(cfg.first_k_dense_replace)
-    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
-    w.add_expert_weights_scale(cfg.routed_scaling_factor)
-    w.add_expert_weights_norm(cfg.norm_topk_prob)
-    if n_mtp:
-        w.add_nextn_predict_layers(n_mtp)
-
-
 def export_gguf(
     src: str | Path,
     out: str | Path,
@@ -302,7 +225,8 @@ def export_gguf(
     overwrite: bool = False,
     progress: ExportProgress | None = None,
 ) -> list[Path]:
-    """Write the glm4_moe checkpoint at `src` (HF layout) as a llama.cpp glm4moe GGUF; returns the file(s).
+    """Write the checkpoint at `src` (HF layout) as llama.cpp's converter would (its architecture's GGUF
+    names and keys); returns the file(s).
 
     `mtp=False` drops the MTP layer(s) (block_count = layers, no nextn key), like the converter's
     --no-mtp. `split_max_size` > 0 splits into `OUT-0000i-of-0000N.gguf` parts of about that many bytes.
@@ -316,11 +240,12 @@ def export_gguf(
         raise LocalGLMError(f"{out}: the output name must end in .gguf")
     want, ftype = OUT_TYPES[out_type]
     cfg = ModelConfig.from_file(src)
+    schema = arch_of(cfg).gguf
     n_mtp = cfg.num_nextn_predict_layers if mtp else 0
     n_blocks = cfg.num_hidden_layers + n_mtp
     with SafetensorsSource(src, quantization_config=cfg.quantization_config, dequant_dtype=torch.float32) as source:
-        groups = _plan_groups(source.names(), cfg, n_blocks, mtp)
-        writer = GGUFStreamWriter(out, ARCH, split_max_size=split_max_size)
+        groups = _plan_groups(source.names(), cfg, schema, n_blocks, mtp)
+        writer = GGUFStreamWriter(out, schema.arch, split_max_size=split_max_size)
         for g in groups:
             first = source.info(g.parts[0])
             shape = (len(g.parts), *first.shape) if len(g.parts) > 1 or _EXPERT_RE.match(g.parts[0]) else first.shape
@@ -338,7 +263,7 @@ def export_gguf(
         total, shared, expert, n_exp = writer.parameter_counts()
         if total > 0:
             w.add_size_label(gguf.size_label(total, shared, expert, n_exp))
-        _add_hparams(w, cfg, n_blocks, n_mtp, ftype)
+        schema.add_hparams(w, cfg, n_blocks, n_mtp, ftype)
         _add_tokenizer(w, src, cfg.vocab_size)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -350,102 +275,19 @@ def export_gguf(
 # --------------------------------------------------------------------------------------------
 
 
-def check_architecture(files: GGUFModelFiles) -> None:
-    arch = files.metadata.get("general.architecture")
-    if arch != ARCH:
-        what = KNOWN_ARCHS.get(str(arch))
-        extra = f" ({what})" if what else ""
-        raise CheckpointError(
-            f"{files.where}: GGUF architecture {arch!r}{extra} is not supported; localglm runs {ARCH!r} "
-            "(GLM-4.5, 4.5-Air, 4.6, 4.7)"
-        )
-
-
-def _uniform(value: Any, key: str, where: str) -> Any:
-    """A per-layer array key must hold one value for every layer (we do not run per-layer shapes)."""
-    if isinstance(value, list):
-        if not value or any(v != value[0] for v in value):
-            raise ConfigError(f"{where}: GGUF metadata {key} varies per layer ({value[:4]}...), which is not supported")
-        return value[0]
-    return value
-
-
-def _f32(value: Any) -> float:
-    """A float32 metadata value as the shortest decimal that rounds to it (1e-05, not 9.99999974e-06)."""
-    return float(repr(np.float32(value)).removeprefix("np.float32(").removesuffix(")"))
+def arch_of_gguf(files: GGUFModelFiles) -> Arch:
+    """The registry's architecture for the file's `general.architecture` (one-line error otherwise)."""
+    return arch_for_gguf(files.metadata.get("general.architecture"), str(files.where))
 
 
 def config_from_gguf(files: GGUFModelFiles) -> ModelConfig:
-    """ModelConfig from glm4moe GGUF metadata (llama.cpp's defaults where a key is optional)."""
+    """The ModelConfig GGUF metadata describes (llama.cpp's defaults where a key is optional)."""
     return ModelConfig.from_dict(hf_config_from_gguf(files), source=f"{files.where} (GGUF metadata)")
 
 
 def hf_config_from_gguf(files: GGUFModelFiles) -> dict[str, Any]:
-    """The Hugging Face config.json (as a dict) that glm4moe GGUF metadata describes; `config_from_gguf` parses it."""
-    check_architecture(files)
-    meta, where = files.metadata, str(files.where)
-    p = f"{ARCH}."
-
-    def req(key: str) -> Any:
-        if p + key not in meta:
-            raise ConfigError(f"{where}: GGUF metadata {p + key} is missing")
-        return _uniform(meta[p + key], p + key, where)
-
-    def opt(key: str, default: Any) -> Any:
-        return _uniform(meta.get(p + key, default), p + key, where)
-
-    if "token_embd.weight" not in files.tensors:
-        raise CheckpointError(f"{where}: tensor token_embd.weight is missing")
-    n_blocks = req("block_count")
-    n_mtp = opt("nextn_predict_layers", 0)
-    hidden = req("embedding_length")
-    heads = req("attention.head_count")
-    head_dim = opt("attention.key_length", hidden // heads if heads else 0)
-    if opt("attention.value_length", head_dim) != head_dim:
-        raise ConfigError(f"{where}: GGUF metadata {p}attention.value_length differs from key_length")
-    rot = opt("rope.dimension_count", head_dim)
-    scaling = opt("rope.scaling.type", "none")
-    if scaling not in ("none", None):
-        raise ConfigError(f"{where}: GGUF metadata {p}rope.scaling.type {scaling!r} is not supported (only plain RoPE)")
-    gating = opt("expert_gating_func", int(gguf.ExpertGatingFuncType.SIGMOID))
-    if gating not in (0, int(gguf.ExpertGatingFuncType.SIGMOID)):
-        raise ConfigError(f"{where}: GGUF metadata {p}expert_gating_func {gating} is not sigmoid (2), which GLM uses")
-    moe_inter = req("expert_feed_forward_length")
-    embd_type = files.tensors["token_embd.weight"].ggml_type
-    attn = files.tensors.get("blk.0.attn_q.weight")
-    dtype_of = {QT.F32: "float32", QT.F16: "float16", QT.BF16: "bfloat16"}
-    ids = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
-    return {
-        "architectures": ["Glm4MoeForCausalLM"],
-        "model_type": "glm4_moe",
-        "vocab_size": files.tensors["token_embd.weight"].shape[0],
-        "hidden_size": hidden,
-        "intermediate_size": opt("feed_forward_length", moe_inter),
-        "num_hidden_layers": n_blocks - n_mtp,
-        "num_attention_heads": heads,
-        "num_key_value_heads": opt("attention.head_count_kv", heads),
-        "head_dim": head_dim,
-        "moe_intermediate_size": moe_inter,
-        "n_routed_experts": req("expert_count"),
-        "num_experts_per_tok": req("expert_used_count"),
-        "n_shared_experts": opt("expert_shared_count", 0),
-        "first_k_dense_replace": opt("leading_dense_block_count", 0),
-        "routed_scaling_factor": _f32(opt("expert_weights_scale", 1.0)) or 1.0,
-        "n_group": opt("expert_group_count", 1) or 1,
-        "topk_group": opt("expert_group_used_count", 1) or 1,
-        "norm_topk_prob": bool(opt("expert_weights_norm", False)),
-        "rms_norm_eps": _f32(req("attention.layer_norm_rms_epsilon")),
-        "rope_theta": _f32(opt("rope.freq_base", 10000.0)),
-        "partial_rotary_factor": rot / head_dim if head_dim else 0.0,
-        "max_position_embeddings": req("context_length"),
-        "attention_bias": "blk.0.attn_q.bias" in files.tensors,
-        "use_qk_norm": "blk.0.attn_q_norm.weight" in files.tensors,
-        "num_nextn_predict_layers": n_mtp,
-        "tie_word_embeddings": "output.weight" not in files.tensors,
-        "eos_token_id": list(dict.fromkeys(i for i in ids if isinstance(i, int))),
-        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
-        "torch_dtype": dtype_of.get(attn.ggml_type if attn else embd_type, "bfloat16"),
-    }
+    """The Hugging Face config.json (as a dict) that GGUF metadata describes; `config_from_gguf` parses it."""
+    return arch_of_gguf(files).gguf.hf_config(files)
 
 
 def tokenizer_from_gguf(files: GGUFModelFiles) -> Tokenizer:
@@ -533,17 +375,18 @@ class GGUFSource:
         self, path: str | Path | GGUFModelFiles, *, dequant_dtype: torch.dtype = torch.bfloat16
     ) -> None:
         self.files = path if isinstance(path, GGUFModelFiles) else GGUFModelFiles(path)
-        check_architecture(self.files)
+        self.arch = arch_of_gguf(self.files)
+        schema = self.arch.gguf
         self.dequant_dtype = dequant_dtype
-        meta = self.files.metadata
-        n_blocks = meta.get(f"{ARCH}.block_count")
+        meta = GGUFMetadata(self.files, schema.arch)
+        n_blocks = meta.opt("block_count", None)
         if not isinstance(n_blocks, int) or n_blocks <= 0:
-            raise CheckpointError(f"{self.files.where}: GGUF metadata {ARCH}.block_count is missing or invalid")
-        n_layers = n_blocks - int(meta.get(f"{ARCH}.nextn_predict_layers", 0) or 0)
-        n_experts = int(_uniform(meta.get(f"{ARCH}.expert_count", 0), f"{ARCH}.expert_count", str(self.files.where)) or 0)
+            raise CheckpointError(f"{self.files.where}: GGUF metadata {schema.arch}.block_count is missing or invalid")
+        n_layers = n_blocks - int(meta.opt("nextn_predict_layers", 0) or 0)
+        n_experts = int(meta.opt("expert_count", 0) or 0)
         self._infos: dict[str, GGUFTensorInfo] = {}
-        for hub in hub_name_candidates(n_blocks, n_layers, n_experts):
-            new, index = gguf_name(hub, n_blocks)
+        for hub in self.arch.schema.hub_names(n_blocks, n_layers, n_experts):
+            new, index = schema.gguf_name(hub, n_blocks)
             t = self.files.tensors.get(new)
             if t is None:
                 continue

@@ -25,12 +25,13 @@ import torch.nn.functional as F
 
 from quant.native import LgExperts, LgLayer, LgMat, NativeLib, native_lib
 
-from .layers.experts import InMemoryExperts, QuantizedExperts
-from .layers.kv_cache import KVCache
-from .layers.norm import rms_norm
+from ...layers.experts import InMemoryExperts, QuantizedExperts
+from ...layers.kv_cache import KVCache
+from ...layers.norm import rms_norm
 
 if TYPE_CHECKING:
-    from .models.glm4_moe import Glm4MoeModel, LayerWeights
+    from ..moe_decoder import LayerWeights
+    from .model import Glm4MoeModel
 
 
 @dataclass

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from localglm.errors import CheckpointError
+from ..errors import CheckpointError
 
 SINGLE_FILE_NAME = "model.safetensors"
 INDEX_FILE_NAME = "model.safetensors.index.json"

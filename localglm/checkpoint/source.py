@@ -20,8 +20,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from localglm.errors import CheckpointError, ConfigError
-from localglm.safetensors_io import (
+from ..errors import CheckpointError, ConfigError
+from .safetensors import (
     DEFAULT_FP8_BLOCK,
     FP8_DTYPES,
     INDEX_FILE_NAME,
@@ -33,7 +33,7 @@ from localglm.safetensors_io import (
     scale_layout,
     shape_str,
 )
-from quant.mmap_util import FileMaps, view
+from .mmap import FileMaps, view
 
 SCALE_SUFFIXES = ("_scale_inv", "_scale")  # also covers `.input_scale`, `.k_scale`, `.v_scale`
 
@@ -438,7 +438,7 @@ class SafetensorsSource:
         if entry.nbytes == 0:
             return torch.empty(entry.shape, dtype=entry.dtype)
         try:
-            # the file's one mapping, shared by every tensor from it (see quant.mmap_util: never rewrite it while open)
+            # the file's one mapping, shared by every tensor from it (see localglm.checkpoint.mmap: never rewrite it while open)
             mapped = self._maps.get(entry.file)
         except (OSError, ValueError) as exc:  # deleted or emptied since open
             raise CheckpointError(f"tensor {entry.name} in {entry.file}: cannot map the file ({exc})") from exc
