@@ -1,8 +1,9 @@
 """`localglm.load`: from a checkpoint path to a ready `Model`.
 
-Resolves the path, parses config.json, opens the weights lazily (memory-mapped), reads the
-always-used tensors and the routed experts onto the chosen device in the chosen dtype, and loads
-the tokenizer and chat template that ship with the checkpoint.
+Resolves the path, parses config.json (the architecture comes from the registry), opens the weights
+lazily (memory-mapped), reads the always-used tensors and the routed experts onto the chosen device
+in the chosen dtype, builds the expert backend, then the model around it, and loads the tokenizer
+and chat template that ship with the checkpoint.
 """
 
 from __future__ import annotations
@@ -14,15 +15,17 @@ from typing import Any
 
 import torch
 
+from .checkpoint.gguf import GGUFCheckpoint, is_gguf_path
+from .checkpoint.source import SafetensorsSource
 from .config import ModelConfig
 from .engine import Model
 from .errors import LocalGLMError
-from .checkpoint.gguf import GGUFCheckpoint, is_gguf_path
+from .layers.experts import ExpertBackend
 from .models import arch_of
-from .models.arch import WeightReader
+from .models.arch import Arch, WeightReader
 from .models.moe_decoder import load_in_memory_experts
+from .options import LoadOptions, OffloadOptions
 from .sampling import SamplingParams
-from .checkpoint.source import SafetensorsSource
 from .tokenizer import Tokenizer
 
 DEFAULT_CTX = 4096
@@ -82,38 +85,39 @@ def load(
     *,
     ctx: int | None = None,
     progress: Progress | None = None,
-    **options: Any,
+    options: LoadOptions | None = None,
+    **kwargs: Any,
 ) -> Model:
-    """Load a GLM checkpoint directory (Hugging Face layout) and return a `Model`.
+    """Load a GLM checkpoint (Hugging Face directory, localglm quantized directory or GGUF file) and
+    return a `Model`.
 
-    `ctx` is the KV-cache size in tokens (default min(4096, the model's maximum)). `mmap` (a
-    localglm quantized directory): True leaves the routed experts in their mapped files (nothing
-    copied; the OS pages them in as used, so a model bigger than RAM runs), False copies them into
-    RAM, None (default) maps them when offloading or when they exceed the available RAM.
+    `ctx` is the KV-cache size in tokens (default min(4096, the model's maximum)). The other
+    options come as a `LoadOptions` or as keywords (localglm/options.py): quantize while loading
+    (`experts_bits=4`, `attn_bits=8`, ..., `save_quantized=DIR`), offloading (`offload="cuda"|"sim"`,
+    `gpu_mem`, `cpu_mem`, `cache_policy`, `prefetch`, `trace`, ...), and `mmap` (a localglm quantized
+    directory: True leaves the routed experts in their mapped files (nothing copied; the OS pages them
+    in as used, so a model bigger than RAM runs), False copies them into RAM, None (default) maps
+    them when offloading or when they exceed the available RAM).
+
+    This is the composition root: it reads the config, the always-used weights and the routed
+    experts, builds the expert backend the options ask for (in RAM, quantized, offloaded behind a
+    device cache, traced), and only then the architecture's model around it.
     """
-    # Expert offloading / routing traces (offload/): gpu_mem, cpu_mem, offload="sim"|"cuda", trace=PATH, ...
-    from offload.backend import OFFLOAD_OPTIONS
-
-    offload_opts = {k: options.pop(k) for k in list(options) if k in OFFLOAD_OPTIONS}
-    # Quantization (quant/, localglm/quantize.py): experts_bits=4, attn_bits=8, ..., save_quantized=DIR
     from quant.recipe import Recipe
 
-    from .quantize import QUANT_OPTIONS, gguf_expert_recipe, load_quantized_experts, prepare_quantized, quant_getter, quantize_checkpoint, recipe_from_options
-    from .quantize import matches as quant_matches
     from .checkpoint.quantized_dir import QuantizedSource, is_quantized_dir
+    from .quantize import gguf_expert_recipe, load_quantized_experts, prepare_quantized, quant_getter, quantize_checkpoint
+    from .quantize import matches as quant_matches
 
-    quant_opts = {k: options.pop(k) for k in list(options) if k in QUANT_OPTIONS}
-    recipe = recipe_from_options(quant_opts)
-    mmap = options.pop("mmap", None)  # a quantized directory's experts: True mapped, False copied, None auto
-    if mmap not in (None, True, False):
-        raise LocalGLMError(f"mmap={mmap!r}: use True, False or None (auto)")
-    if options:
-        raise LocalGLMError(f"load: unknown option(s) {', '.join(sorted(options))}")
+    if options is not None and kwargs:
+        raise LocalGLMError(f"load: give options= or keyword options ({', '.join(sorted(kwargs))}), not both")
+    opts = options or LoadOptions.from_kwargs(**kwargs)
+    recipe, offload, mmap = opts.quant.recipe, opts.offload, opts.mmap
     root = Path(path).expanduser()
     if not root.exists():
         raise LocalGLMError(f"{root}: no such file or directory")
-    if quant_opts.get("save_quantized"):  # quantize to a directory once, then load that (next start is fast)
-        saved = Path(quant_opts["save_quantized"]).expanduser()
+    if opts.quant.save_to is not None:  # quantize to a directory once, then load that (next start is fast)
+        saved = opts.quant.save_to
         if not quant_matches(saved, root, recipe or Recipe()):
             quantize_checkpoint(root, saved, recipe, overwrite=True)
         root = saved
@@ -123,6 +127,7 @@ def load(
     if ckpt is None and not root.is_dir():
         raise LocalGLMError(f"{root}: expected a model directory (config.json + *.safetensors) or a .gguf file")
     config = ckpt.config if ckpt else ModelConfig.from_file(root)
+    arch = arch_of(config)
     dev = parse_device(device)
     dt = parse_dtype(dtype, config)
     ctx = ctx or min(DEFAULT_CTX, config.max_position_embeddings)
@@ -136,11 +141,11 @@ def load(
             f"loaded as it is (make one with `localglm quantize {root} OUT`)"
         )
     # Offloaded experts live in host RAM (the backend moves them to the device itself).
-    expert_dev = torch.device("cpu") if offload_opts.get("offload") else dev
+    expert_dev = torch.device("cpu") if offload.offloaded else dev
     if quantized_dir:
         source = QuantizedSource(root)
         if mmap is None and expert_dev.type == "cpu":
-            mmap = bool(offload_opts.get("offload")) or source.expert_bytes() > _available_ram()
+            mmap = offload.offloaded or source.expert_bytes() > _available_ram()
     else:
         source = ckpt.source() if ckpt else SafetensorsSource(root, quantization_config=config.quantization_config)
     if ckpt is not None and recipe is None:  # K-quant experts that RAM cannot hold as floats: re-quantize them
@@ -162,7 +167,7 @@ def load(
         return read(name, shape, dt)
 
     if quantized_dir or recipe is not None:
-        get = quant_getter(source, recipe, get, dev, dt, arch_of(config).schema.classify)  # noqa: F811 -- QuantTensors for quantized classes
+        get = quant_getter(source, recipe, get, dev, dt, arch.schema.classify)  # noqa: F811 -- QuantTensors for quantized classes
 
     def get_fp32(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         return read(name, shape, torch.float32)
@@ -176,7 +181,6 @@ def load(
         return t
 
     with source:
-        arch = arch_of(config)
         weights = arch.model.load_weights(config, WeightReader(tick_dense, get_fp32, source.__contains__))
         if quantized_dir or recipe is not None:
             prepare_quantized(weights)
@@ -189,20 +193,32 @@ def load(
                 progress("experts", i - config.first_k_dense_replace + 1, moe_total)
 
         # Offloaded experts are read into host RAM; the backend moves them to the device itself.
-        get_experts = (lambda n, s: source.get(n, dtype=dt, expected_shape=s)) if offload_opts.get("offload") else get
+        get_experts = (lambda n, s: source.get(n, dtype=dt, expected_shape=s)) if offload.offloaded else get
         experts = None
         if quantized_dir or recipe is not None or ckpt is not None:  # a GGUF's Q8_0 experts stay packed
-            experts = load_quantized_experts(config, source, recipe, dt, expert_dev, layer_done, keep_blobs=bool(offload_opts), mapped=bool(mmap))
+            experts = load_quantized_experts(config, source, recipe, dt, expert_dev, layer_done, keep_blobs=offload.offloaded, mapped=bool(mmap))
         if experts is None:
             experts = load_in_memory_experts(config, get_experts, layer_done)
+    experts = _expert_backend(config, arch, weights, experts, dev, dt, root, ctx, offload)
     net = arch.model.build(config, weights, experts, dev)
     if ckpt:
         tokenizer = ckpt.tokenizer()
     else:
         tokenizer = Tokenizer.from_dir(root) if (root / "tokenizer.json").is_file() else None
-    model = Model(root, config, net, tokenizer, ctx=ctx, sampling=SamplingParams.from_generation_config(root))
-    if offload_opts:
-        from offload.backend import apply_offload
+    return Model(root, config, net, tokenizer, ctx=ctx, sampling=SamplingParams.from_generation_config(root))
 
-        apply_offload(model, root, ctx, **offload_opts)
-    return model
+
+def _expert_backend(
+    cfg: ModelConfig, arch: Arch, weights: Any, experts: ExpertBackend, dev: torch.device, dt: torch.dtype, root: Path, ctx: int, opts: OffloadOptions
+) -> ExpertBackend:
+    """The backend the model is built with: the loaded experts as they are, behind the offloading
+    cache (the placement plan sizes it), and/or behind a routing tracer."""
+    if opts.offloaded:
+        from offload.backend import build_offloaded_experts
+
+        return build_offloaded_experts(cfg, experts, arch.model.routing(cfg, weights), dev, dt, root, ctx, opts)
+    if opts.trace is not None:
+        from offload.trace import tracing_experts
+
+        return tracing_experts(experts, cfg, arch.model.routing(cfg, weights), dt, str(root), opts.trace)
+    return experts

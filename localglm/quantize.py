@@ -27,7 +27,7 @@ import re
 import resource
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from quant.blob import ExpertBlobLayout, quantize_expert
-from quant.formats import QuantError, QuantSpec, QuantTensor
+from quant.formats import QuantSpec, QuantTensor
 from quant.gguf_packed import Q8_SPEC
 from quant.recipe import KEEP, Classifier, Recipe
 
@@ -51,10 +51,6 @@ from .checkpoint.source import SafetensorsSource
 DEFAULT_SHARD_BYTES = 256 * 2**20
 RELEASE_EVERY = 128 * 2**20
 
-# load() options owned by quantization; the *_bits ones map to recipe classes.
-BITS_OPTIONS = {f"{c}_bits": c for c in ("experts", "shared", "dense", "attn", "embed", "lm_head", "router")}
-QUANT_OPTIONS = (*BITS_OPTIONS, "quant_layers", "recipe", "save_quantized")
-
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
 
 
@@ -63,21 +59,6 @@ def fit_spec(spec: QuantSpec | None, shape: tuple[int, ...]) -> QuantSpec | None
     if spec is None or len(shape) != 2 or shape[1] % spec.group:
         return None
     return spec
-
-
-def recipe_from_options(opts: Mapping[str, Any]) -> Recipe | None:
-    """load() options -> a Recipe, or None when no quantization option was given."""
-    if opts.get("recipe") is not None:
-        r = opts["recipe"]
-        return r if isinstance(r, Recipe) else Recipe.from_json(r)
-    bits = {BITS_OPTIONS[k]: v for k, v in opts.items() if k in BITS_OPTIONS and v is not None}
-    layers = opts.get("quant_layers") or []
-    if not bits and not layers:
-        return None
-    try:
-        return Recipe.from_options(bits, [layers] if isinstance(layers, str) else list(layers))
-    except QuantError as exc:
-        raise LocalGLMError(str(exc)) from None
 
 
 def _expert_layout(recipe: Recipe, layer: int, hidden: int, inter: int) -> ExpertBlobLayout | None:

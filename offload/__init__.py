@@ -7,7 +7,7 @@
 - policies.py     LRU, LFU with decay, router-statistics guided, Belady (offline optimum)
 - router_stats.py per-layer use and next-layer co-occurrence, saved beside the model
 - prefetch.py     next-layer prediction from the next router applied to the current hidden state
-- backend.py      OffloadedExperts (the ExpertBackend) and `apply_offload` used by localglm.load
+- backend.py      OffloadedExperts (the ExpertBackend) and `build_offloaded_experts`, which localglm.load calls
 - trace.py        routing traces (record, save, load); simulator.py replays them (`localglm simulate`)
 - metrics.py      counters for GenerationStats.backend
 """

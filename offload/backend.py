@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from localglm.errors import LocalGLMError
+from localglm.options import MISS_MODES, OffloadOptions
 from localglm.layers.experts import InMemoryExperts, combine_experts, group_by_expert
 from localglm.model_info import human_bytes
 
@@ -32,7 +33,7 @@ from .prefetch import NextLayerPredictor, predictor_for
 from .router_stats import RouterStats, profile_path
 from .trace import TraceRecorder
 
-MISS_MODES = ("cost", "copy", "cpu")
+
 HOST_PREPARED_MAX = 256  # quantized experts run on the CPU whose prepared kernels are kept (LRU)
 PREFETCH_MIN_IDLE: float | None = None  # tokens; e.g. 1.0 stops prefetch evicting the last token's experts (measured: it hurts)
 
@@ -83,7 +84,7 @@ class OffloadedExperts:
         self.counters = OffloadCounters()
         self._last = OffloadCounters()
         self._fresh = np.zeros(self.n_keys, dtype=bool)
-        self.experts_mapped = 0  # host experts left in their memory-mapped files (set by apply_offload)
+        self.experts_mapped = 0  # host experts left in their memory-mapped files (set by build_offloaded_experts)
         self._tok = 0.0
         self._step_tokens = 0
         self._saved_tokens = self.stats.tokens
@@ -326,11 +327,6 @@ def quantize_in_memory(experts: InMemoryExperts, device: Any, bits: int, release
     return codec, host
 
 
-OFFLOAD_OPTIONS = (
-    "offload", "gpu_mem", "cpu_mem", "trace", "cache_policy", "cache_slots", "prefetch", "prefetch_extra", "stats_path", "miss", "bandwidths",
-)  # fmt: skip
-
-
 def host_from_mapped(blobs: dict[int, list[torch.Tensor]], stats: RouterStats, n_in_ram: int, device: Any) -> dict[int, list[torch.Tensor]]:
     """Per layer, a list of E expert blobs: the `n_in_ram` hottest (by the saved statistics; without
     them spread evenly over the layers) copied into the device's (pinned) host buffers, the others
@@ -358,59 +354,45 @@ def host_from_mapped(blobs: dict[int, list[torch.Tensor]], stats: RouterStats, n
     return host
 
 
-def apply_offload(model: Any, root: str | Path, ctx: int, **opts: Any) -> None:
-    """Replace a loaded Model's in-memory experts with OffloadedExperts (and/or a trace recorder).
-
-    Options: offload "sim" | "cuda" | None, gpu_mem (device budget, bytes or '24GiB'), cpu_mem,
-    trace PATH, cache_policy lru|lfu|stat, cache_slots (override the planner), prefetch (bool),
-    prefetch_extra (predict top-(k + extra) per token: more recall, less precision), stats_path
-    (default: beside the model), miss cost|copy|cpu, bandwidths (Bandwidths).
-    """
-    from .planner import make_plan, parse_size
-    from .trace import attach_tracer
-
-    unknown = set(opts) - set(OFFLOAD_OPTIONS)
-    if unknown:
-        raise LocalGLMError(f"load: unknown option(s) {', '.join(sorted(unknown))}")
-    net, cfg = model.net, model.config
-    kind = opts.get("offload")
-    trace = opts.get("trace")
-    if kind is None:
-        if trace:
-            attach_tracer(model, trace)
-        return
-    if kind not in ("sim", "cuda"):
-        raise LocalGLMError(f"offload={kind!r}: use 'sim' (simulated device) or 'cuda'")
-    if kind == "cuda" and net.device.type != "cuda":
-        raise LocalGLMError("offload='cuda' keeps the dense weights on the GPU: load with device='cuda'")
+def build_offloaded_experts(
+    cfg: Any, experts: Any, routing: Any, model_device: torch.device, dtype: torch.dtype, root: str | Path, ctx: int, opts: OffloadOptions
+) -> OffloadedExperts:
+    """The offloading ExpertBackend for a model being built: experts (InMemoryExperts, or
+    QuantizedExperts with their blobs kept) move into (pinned) host buffers, or stay mapped where
+    the plan leaves them on disk; the device expert cache gets the plan's slots; `routing` (the
+    model's MoE routers: models.moe_decoder.MoeRouting) drives the prefetch predictions."""
     from localglm.layers.experts import QuantizedExperts
 
-    quantized = isinstance(net.experts, QuantizedExperts)
-    if quantized and not net.experts.blobs:
+    from .planner import make_plan
+
+    kind = opts.kind
+    if kind == "cuda" and model_device.type != "cuda":
+        raise LocalGLMError("offload='cuda' keeps the dense weights on the GPU: load with device='cuda'")
+    quantized = isinstance(experts, QuantizedExperts)
+    if quantized and not experts.blobs:
         raise LocalGLMError("offload of quantized experts needs their blobs kept (load with keep_blobs)")
-    if not quantized and not isinstance(net.experts, InMemoryExperts):
+    if not quantized and not isinstance(experts, InMemoryExperts):
         raise LocalGLMError("offload needs the model's experts loaded in memory first")
-    bw = opts.get("bandwidths") or Bandwidths()
-    gpu_mem = parse_size(opts.get("gpu_mem"), "gpu_mem")
+    bw = opts.bandwidths or Bandwidths()
+    gpu_mem = opts.gpu_mem
     if kind == "sim" and gpu_mem is None:
         raise LocalGLMError("offload='sim' needs gpu_mem (the simulated device's budget, e.g. gpu_mem='2MiB')")
     if kind == "cuda" and gpu_mem is None:
         from .planner import default_gpu_mem
 
-        gpu_mem = default_gpu_mem() + torch.cuda.memory_allocated(net.device)  # dense weights are loaded already
-    bits = torch.tensor([], dtype=net.dtype).element_size() * 8
+        gpu_mem = default_gpu_mem() + torch.cuda.memory_allocated(model_device)  # dense weights are loaded already
+    bits = torch.tensor([], dtype=dtype).element_size() * 8
     expert_bits = bits
     if quantized:  # size the plan with the real blobs
-        expert_bits = max(lay.nbytes for lay in net.experts.layouts.values()) * 8 / (3 * cfg.hidden_size * cfg.moe_intermediate_size)
-    plan = make_plan(cfg, gpu_mem, opts.get("cpu_mem"), ctx, experts=expert_bits, bandwidths=bw, other_bits=bits)
+        expert_bits = max(lay.nbytes for lay in experts.layouts.values()) * 8 / (3 * cfg.hidden_size * cfg.moe_intermediate_size)
+    plan = make_plan(cfg, gpu_mem, opts.cpu_mem, ctx, experts=expert_bits, bandwidths=bw, other_bits=bits)
     device = SimulatedDevice(plan.gpu_budget, bw) if kind == "sim" else CudaDevice(plan.gpu_budget, bandwidths=bw)
     device.reserve(sum(i.bytes for i in plan.items if i.where == "GPU" and not i.what.startswith("expert cache")), "dense weights, KV cache, workspace")
-    slots = opts.get("cache_slots")
-    slots = plan.cache_slots if slots is None else int(slots)
-    moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
-    stats_path = opts.get("stats_path") or profile_path(root)
+    slots = plan.cache_slots if opts.cache_slots is None else opts.cache_slots
+    moe_layers = cfg.moe_layers
+    stats_path = opts.stats_path or profile_path(root)
     stats = RouterStats.load_or_new(stats_path, moe_layers, cfg.n_routed_experts, cfg.num_experts_per_tok)
-    mapped = quantized and net.experts.mapped
+    mapped = quantized and experts.mapped
     if plan.experts_on_disk and not mapped:
         raise LocalGLMError(
             f"--cpu-mem {human_bytes(plan.cpu_budget)} holds {plan.experts_in_ram} of {plan.n_experts_total} routed experts; "
@@ -420,35 +402,34 @@ def apply_offload(model: Any, root: str | Path, ctx: int, **opts: Any) -> None:
     if quantized:
         from .expert_cache import QuantCodec
 
-        qe = net.experts
-        codec = {layer: QuantCodec(qe.layouts[layer], qe.dtype) for layer in qe.blobs}
+        codec: Any = {layer: QuantCodec(experts.layouts[layer], experts.dtype) for layer in experts.blobs}
         if mapped:  # the plan's share of experts (hottest first) into host RAM, the rest stay mapped
-            host = host_from_mapped(qe.blobs, stats, plan.experts_in_ram, device)
+            host = host_from_mapped(experts.blobs, stats, plan.experts_in_ram, device)
         else:
             host = {}
-            for layer, buf in qe.blobs.items():  # into (pinned) host buffers; the device copies come from there
+            for layer, buf in experts.blobs.items():  # into (pinned) host buffers; the device copies come from there
                 host[layer] = device.host_buffer(buf.numel()).view(buf.shape)
                 host[layer].copy_(buf)
-        qe.blobs.clear()
+        experts.blobs.clear()
     else:
-        codec, host = pack_in_memory(net.experts, device)
+        codec, host = pack_in_memory(experts, device)
     blob_bytes = max(c.nbytes for c in codec.values()) if isinstance(codec, dict) else codec.nbytes
     # Quantized kernels on CUDA keep a converted copy of each resident expert (quant/ prepares the
     # tiled int4 layout once per blob): charge it to the budget as one more blob per slot.
     per_slot = blob_bytes * (2 if quantized and kind == "cuda" else 1)
-    if opts.get("cache_slots") is None:  # the plan estimated the blob size; fill the budget with real blobs
+    if opts.cache_slots is None:  # the plan estimated the blob size; fill the budget with real blobs
         slots = min(len(moe_layers) * cfg.n_routed_experts, (device.budget.capacity - device.budget.used) // per_slot)
     if per_slot > blob_bytes:
         device.reserve(slots * (per_slot - blob_bytes), "prepared kernel copies")
     recorder = None
-    if trace:
-        recorder = TraceRecorder(cfg.n_routed_experts, cfg.num_experts_per_tok, moe_layers, blob_bytes, str(root), trace)
+    if opts.trace:
+        recorder = TraceRecorder(cfg.n_routed_experts, cfg.num_experts_per_tok, moe_layers, blob_bytes, str(root), opts.trace)
     backend = OffloadedExperts(
         moe_layers, cfg.n_routed_experts, cfg.num_experts_per_tok, codec, host, device, slots,
-        policy=opts.get("cache_policy") or "stat", stats=stats, stats_path=stats_path,
-        predictor=predictor_for(net, stats, extra=int(opts.get("prefetch_extra") or 0)), prefetch=bool(opts.get("prefetch", True)),
-        miss=opts.get("miss") or "cost", flops_per_token=2 * 3 * cfg.hidden_size * cfg.moe_intermediate_size,
+        policy=opts.cache_policy, stats=stats, stats_path=stats_path,
+        predictor=predictor_for(routing, stats, extra=opts.prefetch_extra), prefetch=opts.prefetch,
+        miss=opts.miss, flops_per_token=2 * 3 * cfg.hidden_size * cfg.moe_intermediate_size,
         recorder=recorder,
     )  # fmt: skip
     backend.experts_mapped = len(moe_layers) * cfg.n_routed_experts - plan.experts_in_ram if mapped else 0
-    net.experts = backend
+    return backend

@@ -177,13 +177,21 @@ class TracingExperts:
         return getattr(self.inner, name)
 
 
-def attach_tracer(model: Any, path: str | Path | None = None, predict: bool = True) -> TraceRecorder:
-    """Wrap a loaded Model's expert backend so every MoE call is recorded (streamed to `path`)."""
+def tracing_experts(
+    experts: Any, cfg: Any, routing: Any, dtype: torch.dtype, model: str = "", path: str | Path | None = None, predict: bool = True
+) -> TracingExperts:
+    """`experts` wrapped so every MoE call is recorded (streamed to `path`), with the default
+    predictor's guesses (from `routing`, the model's MoE routers) unless `predict` is False."""
     from .prefetch import predictor_for
 
-    net, cfg = model.net, model.config
-    moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
-    expert_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size * torch.tensor([], dtype=net.dtype).element_size()
-    rec = TraceRecorder(cfg.n_routed_experts, cfg.num_experts_per_tok, moe_layers, expert_bytes, str(getattr(model, "path", "")), path)
-    net.experts = TracingExperts(net.experts, rec, predictor_for(net) if predict else None)
-    return rec
+    expert_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size * torch.tensor([], dtype=dtype).element_size()
+    rec = TraceRecorder(cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_layers, expert_bytes, model, path)
+    return TracingExperts(experts, rec, predictor_for(routing) if predict else None)
+
+
+def attach_tracer(model: Any, path: str | Path | None = None, predict: bool = True) -> TraceRecorder:
+    """Wrap an already loaded Model's expert backend in a tracer (for tests and benchmarks that
+    trace a model they hold; `localglm.load(..., trace=PATH)` builds the tracer in at load)."""
+    net = model.net
+    net.experts = tracing_experts(net.experts, model.config, net, net.dtype, str(getattr(model, "path", "")), path, predict)
+    return net.experts.recorder

@@ -112,6 +112,10 @@ class ModelBuilder(Protocol):
 
     def build(self, cfg: ModelConfig, weights: Any, experts: ExpertBackend, device: torch.device) -> DecoderModel: ...
 
+    def routing(self, cfg: ModelConfig, weights: Any) -> Any:
+        """The MoE routers (moe_decoder.MoeRouting) expert prediction applies, before the model exists."""
+        ...
+
 
 class ArchError(TypeError):
     """An architecture entry is incomplete (a programming error, raised at import)."""

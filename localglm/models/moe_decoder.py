@@ -114,25 +114,41 @@ def load_in_memory_experts(cfg: ModelConfig, get: TensorGetter, progress: Callab
     return InMemoryExperts(gate_up, down)
 
 
-class MoeDecoder:
+def router_spec_of(cfg: ModelConfig) -> RouterSpec:
+    return RouterSpec(
+        top_k=cfg.num_experts_per_tok,
+        n_group=cfg.n_group,
+        topk_group=cfg.topk_group,
+        norm_topk_prob=cfg.norm_topk_prob,
+        scaling=cfg.routed_scaling_factor,
+    )
+
+
+class MoeRouting:
+    """What expert prediction needs of a model, available before the model is built: each MoE
+    layer's post-attention norm and router, the routing rule, the norm eps (offload.prefetch)."""
+
+    def __init__(self, cfg: ModelConfig, weights: DecoderWeights) -> None:
+        self.cfg = cfg
+        self.w = weights
+        self.router_spec = router_spec_of(cfg)
+
+    def moe_routers(self) -> dict[int, tuple[torch.Tensor, RouterWeights]]:
+        """Per MoE layer, its post-attention norm weight and router: what expert prediction applies."""
+        return {i: (lw.post_attention_norm, lw.router) for i, lw in enumerate(self.w.layers) if lw.router is not None}
+
+
+class MoeDecoder(MoeRouting):
     """The forward pass. Stateless apart from its weights; the cache is passed in.
 
     Subclasses give the attention (`attention`), the cache layout (`new_cache`), the rotary tables
     (`rope`), and may give a native one-token path (`build_fused_decoder`)."""
 
     def __init__(self, cfg: ModelConfig, weights: DecoderWeights, experts: ExpertBackend, device: torch.device) -> None:
-        self.cfg = cfg
-        self.w = weights
+        super().__init__(cfg, weights)
         self.experts = experts
         self.device = device
         self.dtype = weights.embed.dtype
-        self.router_spec = RouterSpec(
-            top_k=cfg.num_experts_per_tok,
-            n_group=cfg.n_group,
-            topk_group=cfg.topk_group,
-            norm_topk_prob=cfg.norm_topk_prob,
-            scaling=cfg.routed_scaling_factor,
-        )
         # Decode on the CPU through native calls where the architecture has them; False forces the torch ops.
         self.fused_decode = True
         self._fused: Any = False  # False: not built yet; None: the native path does not take this model
@@ -193,7 +209,3 @@ class MoeDecoder:
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(hidden, self.w.lm_head)
-
-    def moe_routers(self) -> dict[int, tuple[torch.Tensor, RouterWeights]]:
-        """Per MoE layer, its post-attention norm weight and router: what expert prediction applies."""
-        return {i: (lw.post_attention_norm, lw.router) for i, lw in enumerate(self.w.layers) if lw.router is not None}

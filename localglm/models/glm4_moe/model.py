@@ -15,7 +15,7 @@ from ...layers.experts import ExpertBackend
 from ...layers.kv_cache import KVCache, TokenCache
 from ...layers.rope import Rotary
 from ..arch import WeightReader
-from ..moe_decoder import DecoderWeights, MoeDecoder, load_decoder_weights
+from ..moe_decoder import DecoderWeights, MoeDecoder, MoeRouting, load_decoder_weights
 from .config import Glm4MoeConfig
 
 
@@ -72,3 +72,6 @@ class Glm4MoeBuilder:
 
     def build(self, cfg: Glm4MoeConfig, weights: DecoderWeights, experts: ExpertBackend, device: torch.device) -> Glm4MoeModel:
         return Glm4MoeModel(cfg, weights, experts, device)
+
+    def routing(self, cfg: Glm4MoeConfig, weights: DecoderWeights) -> MoeRouting:
+        return MoeRouting(cfg, weights)
