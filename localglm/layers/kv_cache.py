@@ -75,3 +75,41 @@ class KVCache(TokenCache):
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class LatentCache(TokenCache):
+    """Multi-head latent attention's cache: per layer and token one row, the normalized latent
+    (kv_lora_rank) then the roped shared key (qk_rope_head_dim): [layers, batch, T, kv_lora + rope].
+
+    Heads share the row, so GLM-4.7-Flash stores (512 + 64) values a token a layer instead of
+    20 heads x (256 + 256) expanded keys/values: ~18x smaller than a per-head cache.
+    """
+
+    def __init__(
+        self,
+        layers: int,
+        kv_lora_rank: int,
+        rope_dim: int,
+        max_tokens: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        batch: int = 1,
+    ) -> None:
+        super().__init__(max_tokens)
+        self.kv_lora_rank = kv_lora_rank
+        self.kv = torch.zeros((layers, batch, max_tokens, kv_lora_rank + rope_dim), dtype=dtype, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+    def write(self, layer: int, start: int, latent: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store latent [B, T, kv_lora] and k_rope [B, T, rope] at positions start.. and return
+        views of both for positions 0..start+T."""
+        end = start + latent.shape[1]
+        self.check_room(end)
+        r = self.kv_lora_rank
+        self.kv[layer, :, start:end, :r] = latent
+        self.kv[layer, :, start:end, r:] = k_rope
+        rows = self.kv[layer, :, :end]
+        return rows[..., :r], rows[..., r:]

@@ -38,3 +38,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     out = x_rot * cos + _rotate_half(x_rot) * sin
     return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
+
+
+def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate all of x's last dim [..., T, rot] in interleaved pairs (2i, 2i+1), as MLA checkpoints
+    (DeepSeek, GLM-4.7-Flash, GLM-5) lay out their rope dims.
+
+    cos/sin come in `Rotary.cos_sin`'s `cat(freqs, freqs)` layout [T, rot]; pair i uses column i.
+    The result is de-interleaved (every pair's first output, then every pair's second), exactly as
+    transformers' `apply_rotary_pos_emb_interleave` returns it, op for op, so queries and keys
+    agree bit for bit with it; a dot product of two such outputs is the same as of interleaved ones.
+    """
+    half = cos.shape[-1] // 2
+    cos, sin = cos[..., :half], sin[..., :half]
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

@@ -1,0 +1,220 @@
+"""Multi-head latent attention (MLA: GLM-4.7-Flash `glm4_moe_lite`, GLM-5 `glm_moe_dsa`).
+
+Keys and values are not cached per head: every token keeps one normalized latent (kv_lora_rank)
+and one roped key shared by all heads (qk_rope_head_dim), and `kv_b` expands the latent into each
+head's k_nope and v. Two exact rearrangements of the same attention:
+
+- expanded (prefill): apply kv_b to every latent and run ordinary attention, as transformers'
+  `Glm4MoeLiteAttention` does, with its operation order, so the tests hold us to it in fp32;
+- absorbed (decode): fold kv_b into the query and the output instead (W_UK, W_UV per head), so a
+  token reads only the cached latents and never expands the context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from .kv_cache import LatentCache
+from .linear import linear
+from .norm import rms_norm
+from .rope import apply_rope, apply_rope_interleaved
+
+if TYPE_CHECKING:
+    from quant.formats import QuantTensor
+
+    Weight = torch.Tensor | QuantTensor
+
+# Calls of at most this many new tokens, with a cache, take the absorbed form by default.
+# Per cached token the expanded form first runs kv_b over the latent, heads*(nope+v)*kv_lora MACs
+# (4.6M for GLM-4.7-Flash) per call, and materializes per-head keys/values for the whole context
+# (~20 KB a token in bf16); the absorbed form costs heads*(2*kv_lora+rope) MACs (22K) per cached
+# token per query and materializes nothing. Counting MACs alone, absorbed wins up to chunks of
+# kv_lora*(nope+v) / (2*kv_lora - nope - v) ~ 400 tokens, but it rounds differently from
+# transformers, and prefill chunks (512 in the engine) are where we reproduce transformers. So:
+# one decoded token, or a few speculative/MTP draft tokens, absorbed; prefill chunks, expanded.
+ABSORB_MAX_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class MLAShape:
+    """MLA dimensions, plus the numbers transformers derives from the config.
+
+    `scale` is the caller's: transformers uses qk_head_dim**-0.5, times mscale**2 only for
+    non-default rope types (`yarn_apply_mscale`). `latent_eps` is the eps of q_a_layernorm and
+    kv_a_layernorm, which transformers builds with its RMSNorm default 1e-6, not rms_norm_eps.
+    """
+
+    heads: int
+    q_lora_rank: int | None  # None: one q_proj straight from the hidden state
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    scale: float
+    latent_eps: float
+    rope_interleave: bool
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclass
+class MLAWeights:
+    """One layer's MLA weights; each matrix a dense tensor or a QuantTensor (multiplied through
+    `linear`). Only q_a_proj, kv_a_proj_with_mqa and o_proj carry biases (`attention_bias`)."""
+
+    q_b: Weight  # [heads*(nope+rope), q_lora_rank], or q_proj [heads*(nope+rope), hidden]
+    kv_a: Weight  # kv_a_proj_with_mqa [kv_lora + rope, hidden]
+    kv_a_norm: torch.Tensor  # [kv_lora]
+    kv_b: Weight  # [heads*(nope+v), kv_lora]
+    o: Weight  # [hidden, heads*v]
+    q_a: Weight | None = None  # [q_lora_rank, hidden]; None without q_lora_rank
+    q_a_norm: torch.Tensor | None = None  # [q_lora_rank]
+    q_a_bias: torch.Tensor | None = None
+    kv_a_bias: torch.Tensor | None = None
+    o_bias: torch.Tensor | None = None
+    _absorbed: tuple[torch.dtype, torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def absorbed(self, shape: MLAShape, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b split per head: W_UK [heads, nope, kv_lora] and W_UV [heads, v, kv_lora], dense in
+        `dtype`; built on first use and kept. A dense kv_b of that dtype is viewed, not copied; a
+        QuantTensor is dequantized once (heads*(nope+v)*kv_lora values: 9 MB a layer for
+        GLM-4.7-Flash in bf16), since the fold needs per-head slices the packed kernels lack."""
+        if self._absorbed is None or self._absorbed[0] != dtype:
+            kv_b = self.kv_b if isinstance(self.kv_b, torch.Tensor) else self.kv_b.dequantize(dtype)
+            per_head = kv_b.to(dtype).view(shape.heads, shape.qk_nope_head_dim + shape.v_head_dim, shape.kv_lora_rank)
+            w_uk, w_uv = per_head.split([shape.qk_nope_head_dim, shape.v_head_dim], dim=1)
+            self._absorbed = (dtype, w_uk, w_uv)
+        return self._absorbed[1], self._absorbed[2]
+
+
+def mla_attention(
+    x: torch.Tensor,
+    w: MLAWeights,
+    shape: MLAShape,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache: LatentCache | None = None,
+    layer: int = 0,
+    start: int = 0,
+    allowed: torch.Tensor | None = None,
+    absorbed: bool | None = None,
+) -> torch.Tensor:
+    """Causal MLA over x [B, T, hidden] at positions start..start+T-1 -> [B, T, hidden].
+
+    With a cache, the new tokens' latents and rope keys are written at those positions and
+    attention reads every cached position before them; without one, the call is a self-contained
+    full forward (start 0). cos/sin are [T, qk_rope_head_dim] for these positions.
+
+    `allowed` restricts which key positions each query may read, on top of causality (DSA's top-k
+    selection): a bool mask [B, T, keys] (True: may read) or integer key positions [B, T, k].
+    Every query must keep at least one key. `absorbed` picks the form; None picks the absorbed one
+    for calls of at most ABSORB_MAX_TOKENS tokens with a cache, the expanded one otherwise.
+    """
+    bsz, seqlen, _ = x.shape
+    nope, rope = shape.qk_nope_head_dim, shape.qk_rope_head_dim
+    if w.q_a is None:
+        q = linear(x, w.q_b)
+    else:
+        q = linear(rms_norm(linear(x, w.q_a, w.q_a_bias), w.q_a_norm, shape.latent_eps), w.q_b)
+    q = q.view(bsz, seqlen, shape.heads, shape.qk_head_dim).transpose(1, 2)
+    q_nope, q_rope = q.split([nope, rope], dim=-1)
+
+    compressed = linear(x, w.kv_a, w.kv_a_bias)
+    latent, k_rope = compressed.split([shape.kv_lora_rank, rope], dim=-1)
+    latent = rms_norm(latent, w.kv_a_norm, shape.latent_eps)
+    k_rope = k_rope.view(bsz, 1, seqlen, rope)  # one key shared by every head
+    rotate = apply_rope_interleaved if shape.rope_interleave else apply_rope
+    q_rope, k_rope = rotate(q_rope, cos, sin), rotate(k_rope, cos, sin)
+    k_rope = k_rope.view(bsz, seqlen, rope)
+    if cache is not None:
+        latent, k_rope = cache.write(layer, start, latent, k_rope)
+
+    mask = _key_mask(bsz, seqlen, latent.shape[1], allowed, x.device)
+    if absorbed is None:
+        absorbed = cache is not None and seqlen <= ABSORB_MAX_TOKENS
+    form = _absorbed_attention if absorbed else _expanded_attention
+    out = form(q_nope, q_rope, latent, k_rope, w, shape, mask)
+    return linear(out.transpose(1, 2).reshape(bsz, seqlen, shape.heads * shape.v_head_dim), w.o, w.o_bias)
+
+
+def _key_mask(bsz: int, seqlen: int, total: int, allowed: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """Which keys each query reads, [T, keys] or [B, T, keys], or None for plain causal from
+    position 0 over exactly the new tokens. The queries are always the last T of the keys."""
+    if allowed is None and total == seqlen:
+        return None
+    qpos = torch.arange(total - seqlen, total, device=device)[:, None]
+    mask = torch.arange(total, device=device)[None, :] <= qpos
+    if allowed is None:
+        return mask
+    if allowed.dtype != torch.bool:  # key positions -> mask
+        allowed = torch.zeros(bsz, seqlen, total, dtype=torch.bool, device=device).scatter_(-1, allowed.long(), True)
+    return mask & allowed
+
+
+def _expanded_attention(
+    q_nope: torch.Tensor,
+    q_rope: torch.Tensor,
+    latent: torch.Tensor,
+    k_rope: torch.Tensor,
+    w: MLAWeights,
+    shape: MLAShape,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """kv_b over every latent, then ordinary attention with head dims nope+rope (keys) and v;
+    transformers' `expand_kv` + attention. Returns [B, heads, T, v]."""
+    bsz, total, _ = latent.shape
+    kv = linear(latent, w.kv_b).view(bsz, total, shape.heads, -1).transpose(1, 2)
+    k_nope, v = kv.split([shape.qk_nope_head_dim, shape.v_head_dim], dim=-1)
+    k = torch.cat((k_nope, k_rope[:, None].expand(-1, shape.heads, -1, -1)), dim=-1)
+    q = torch.cat((q_nope, q_rope), dim=-1)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=shape.scale)
+    mask = mask[:, None] if mask.dim() == 3 else mask  # [B, 1, T, keys]: the same for every head
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=shape.scale)
+
+
+def _absorbed_attention(
+    q_nope: torch.Tensor,
+    q_rope: torch.Tensor,
+    latent: torch.Tensor,
+    k_rope: torch.Tensor,
+    w: MLAWeights,
+    shape: MLAShape,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """kv_b folded into the query and the output: attention runs in the latent space, reading the
+    cached rows (latent, rope key) once for all heads. Returns [B, heads, T, v].
+
+    Per head h, query t and key s, with fp32 accumulation in every product (torch's bf16 matmuls
+    accumulate in fp32 and round once) and dtype the compute dtype (rounding to it is a no-op in
+    fp32). A native kernel should round exactly here:
+      1. q_lat[h,t]  = round_dtype(q_nope[h,t] @ W_UK[h])                   [kv_lora]
+      2. score[h,t,s] = fp32(q_lat[h,t] . latent[s] + q_rope[h,t] . k_rope[s]) * scale,
+         -inf where the mask forbids s (causal, `allowed`)
+      3. p[h,t,:]    = softmax(score[h,t,:]) in fp32, never rounded
+      4. o_lat[h,t]  = round_dtype(sum_s p[h,t,s] * latent[s])               [kv_lora]
+      5. out[h,t]    = round_dtype(o_lat[h,t] @ W_UV[h].T)                    [v]
+    Steps 2-4 read the cache in fp32 (bf16 widens exactly), so the scores are not rounded to bf16
+    as transformers' eager bf16 path rounds them: the same math, one rounding fewer.
+    """
+    bsz, heads, seqlen, _ = q_nope.shape
+    total = latent.shape[1]
+    w_uk, w_uv = w.absorbed(shape, q_nope.dtype)
+    q_lat = torch.matmul(q_nope, w_uk)  # [B, H, T, kv_lora]
+    lat, kr = latent.float(), k_rope.float()  # [B, S, kv_lora], [B, S, rope]; no copy in fp32
+    scores = torch.bmm(q_lat.float().reshape(bsz, heads * seqlen, -1), lat.transpose(1, 2))
+    scores = scores.baddbmm_(q_rope.float().reshape(bsz, heads * seqlen, -1), kr.transpose(1, 2))
+    scores = scores.view(bsz, heads, seqlen, total) * shape.scale
+    if mask is None and seqlen > 1:
+        mask = torch.ones(seqlen, total, dtype=torch.bool, device=scores.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~(mask[:, None] if mask.dim() == 3 else mask), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).view(bsz, heads * seqlen, total)
+    out_lat = torch.bmm(probs, lat).to(q_nope.dtype).view(bsz, heads, seqlen, -1)
+    return torch.matmul(out_lat, w_uv.transpose(1, 2))  # [B, H, T, v]

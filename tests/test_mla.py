@@ -1,0 +1,254 @@
+"""MLA attention (layers/mla.py) against transformers' Glm4MoeLiteAttention, and its two forms
+(expanded prefill, absorbed decode) against each other, through the LatentCache."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from transformers import Glm4MoeLiteConfig
+from transformers.models.glm4_moe_lite.modeling_glm4_moe_lite import (
+    Glm4MoeLiteAttention,
+    Glm4MoeLiteRotaryEmbedding,
+    apply_rotary_pos_emb_interleave,
+)
+
+from localglm.layers.kv_cache import LatentCache
+from localglm.layers.mla import MLAShape, MLAWeights, mla_attention
+from localglm.layers.rope import Rotary, apply_rope, apply_rope_interleaved
+from quant.formats import QuantSpec, QuantTensor
+
+HIDDEN, HEADS, KV_LORA, NOPE, ROPE, V = 64, 4, 32, 16, 8, 12
+THETA = 10000.0
+
+
+def _config(q_lora: int | None, bias: bool, interleave: bool) -> Glm4MoeLiteConfig:
+    return Glm4MoeLiteConfig(
+        hidden_size=HIDDEN,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        q_lora_rank=q_lora,
+        kv_lora_rank=KV_LORA,
+        qk_nope_head_dim=NOPE,
+        qk_rope_head_dim=ROPE,
+        v_head_dim=V,
+        attention_bias=bias,
+        rope_interleave=interleave,
+        rope_parameters={"rope_type": "default", "rope_theta": THETA},
+        rms_norm_eps=1e-5,  # deliberately not the latent norms' 1e-6
+        attn_implementation="eager",
+    )
+
+
+def _reference(
+    q_lora: int | None = 24, bias: bool = True, interleave: bool = True
+) -> tuple[Glm4MoeLiteAttention, MLAWeights, MLAShape]:
+    """transformers' attention with random weights, and the same weights as ours."""
+    torch.manual_seed(0)
+    cfg = _config(q_lora, bias, interleave)
+    ref = Glm4MoeLiteAttention(cfg, layer_idx=0).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "layernorm" in name:
+                torch.nn.init.normal_(p, mean=1.0, std=0.2)  # not all ones, so a dropped norm weight shows
+            else:
+                torch.nn.init.normal_(p, std=0.5 / p.shape[-1] ** 0.5 if p.dim() == 2 else 0.1)
+    d = {name: p.detach().clone() for name, p in ref.named_parameters()}
+    w = MLAWeights(
+        q_b=d["q_b_proj.weight"] if q_lora else d["q_proj.weight"],
+        kv_a=d["kv_a_proj_with_mqa.weight"],
+        kv_a_norm=d["kv_a_layernorm.weight"],
+        kv_b=d["kv_b_proj.weight"],
+        o=d["o_proj.weight"],
+        q_a=d.get("q_a_proj.weight"),
+        q_a_norm=d.get("q_a_layernorm.weight"),
+        q_a_bias=d.get("q_a_proj.bias"),
+        kv_a_bias=d.get("kv_a_proj_with_mqa.bias"),
+        o_bias=d.get("o_proj.bias"),
+    )
+    assert (w.kv_a_bias is not None) == bias and (w.o_bias is not None) == bias
+    assert (w.q_a_bias is not None) == (bias and q_lora is not None)
+    assert "q_b_proj.bias" not in d and "q_proj.bias" not in d and "kv_b_proj.bias" not in d
+    eps = ref.kv_a_layernorm.variance_epsilon
+    shape = MLAShape(HEADS, q_lora, KV_LORA, NOPE, ROPE, V, scale=ref.scaling, latent_eps=eps, rope_interleave=interleave)
+    return ref, w, shape
+
+
+def _rope(start: int, n: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    return Rotary(ROPE, THETA).cos_sin(torch.arange(start, start + n), dtype)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def _run_reference(ref: Glm4MoeLiteAttention, x: torch.Tensor) -> torch.Tensor:
+    bsz, n, _ = x.shape
+    pos = torch.arange(n)[None].expand(bsz, -1)
+    cos, sin = Glm4MoeLiteRotaryEmbedding(ref.config)(x, pos)
+    mask = torch.full((n, n), float("-inf")).triu(1)[None, None].expand(bsz, 1, n, n)
+    with torch.no_grad():
+        return ref(x, (cos, sin), mask)[0]
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("q_lora", [24, None])
+def test_matches_transformers(q_lora: int | None, bias: bool, interleave: bool) -> None:
+    ref, w, shape = _reference(q_lora, bias, interleave)
+    assert shape.latent_eps == 1e-6 and shape.scale == (NOPE + ROPE) ** -0.5
+    torch.manual_seed(1)
+    x = torch.randn(2, 9, HIDDEN)
+    want = _run_reference(ref, x)
+    cos, sin = _rope(0, 9)
+    assert _rel(mla_attention(x, w, shape, cos, sin), want) < 1e-6
+    cache = LatentCache(1, KV_LORA, ROPE, 16, torch.float32, batch=2)
+    assert _rel(mla_attention(x, w, shape, cos, sin, cache), want) < 1e-6  # 9 tokens: expanded
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_latent_norms_use_their_own_eps(bias: bool) -> None:
+    """transformers builds q_a/kv_a_layernorm with eps 1e-6 whatever rms_norm_eps says (1e-5 here);
+    small inputs make the difference visible, so passing rms_norm_eps instead would fail."""
+    ref, w, shape = _reference(bias=bias)
+    torch.manual_seed(1)
+    x = torch.randn(1, 9, HIDDEN) * 0.05
+    want = _run_reference(ref, x)
+    cos, sin = _rope(0, 9)
+    assert _rel(mla_attention(x, w, shape, cos, sin), want) < 1e-6
+    assert _rel(mla_attention(x, w, replace(shape, latent_eps=1e-5), cos, sin), want) > 1e-4
+
+
+def test_rotary_tables_match_transformers() -> None:
+    """transformers' rope dim is head_dim -> qk_rope_head_dim (partial_rotary_factor 1.0)."""
+    ref, _, _ = _reference()
+    pos = torch.arange(11)
+    cos, sin = Glm4MoeLiteRotaryEmbedding(ref.config)(torch.zeros(1), pos[None])
+    ours = _rope(0, 11)
+    assert cos.shape == (1, 11, ROPE)
+    assert torch.equal(cos[0], ours[0]) and torch.equal(sin[0], ours[1])
+
+
+def test_interleaved_rope_is_transformers_and_neox_on_deinterleaved_dims() -> None:
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, 5, ROPE), torch.randn(2, 1, 5, ROPE)
+    cos, sin = _rope(7, 5)
+    want_q, want_k = apply_rotary_pos_emb_interleave(q, k, cos[None], sin[None])
+    assert torch.equal(apply_rope_interleaved(q, cos, sin), want_q)
+    assert torch.equal(apply_rope_interleaved(k, cos, sin), want_k)
+    perm = torch.cat((torch.arange(0, ROPE, 2), torch.arange(1, ROPE, 2)))  # pairs (2i, 2i+1) -> halves
+    assert torch.equal(apply_rope(q[..., perm], cos, sin), want_q)
+
+
+def _prefilled(w: MLAWeights, shape: MLAShape, n: int, seed: int = 2) -> tuple[LatentCache, torch.Tensor]:
+    torch.manual_seed(seed)
+    x = torch.randn(1, n, HIDDEN)
+    cache = LatentCache(2, KV_LORA, ROPE, 32, torch.float32)
+    mla_attention(x, w, shape, *_rope(0, n), cache, layer=1)
+    return cache, x
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_absorbed_equals_expanded(interleave: bool) -> None:
+    _, w, shape = _reference(interleave=interleave)
+    cache, _ = _prefilled(w, shape, 12)
+    torch.manual_seed(3)
+    for start, n in [(0, 1), (3, 1), (12, 1), (12, 4), (20, 1)]:  # one token, and a speculative chunk
+        x = torch.randn(1, n, HIDDEN)
+        cos, sin = _rope(start, n)
+        a = mla_attention(x, w, shape, cos, sin, cache, 1, start, absorbed=True)
+        b = mla_attention(x, w, shape, cos, sin, cache, 1, start, absorbed=False)  # rewrites the same rows
+        assert _rel(a, b) < 1e-6, (start, n)
+    # and without a cache, on a multi-token causal forward
+    x = torch.randn(2, 6, HIDDEN)
+    cos, sin = _rope(0, 6)
+    assert _rel(mla_attention(x, w, shape, cos, sin, absorbed=True), mla_attention(x, w, shape, cos, sin)) < 1e-6
+
+
+@pytest.mark.parametrize("q_lora", [24, None])
+def test_incremental_decode_and_chunked_prefill(q_lora: int | None) -> None:
+    ref, w, shape = _reference(q_lora, bias=True)
+    torch.manual_seed(4)
+    n, k = 14, 5
+    x = torch.randn(1, n, HIDDEN)
+    full = mla_attention(x, w, shape, *_rope(0, n))
+    assert _rel(full, _run_reference(ref, x)) < 1e-6
+
+    cache = LatentCache(1, KV_LORA, ROPE, n, torch.float32)
+    steps = [mla_attention(x[:, :k], w, shape, *_rope(0, k), cache)]
+    for t in range(k, n):  # one token at a time: the absorbed form (default for T=1 with a cache)
+        steps.append(mla_attention(x[:, t : t + 1], w, shape, *_rope(t, 1), cache, start=t))
+    assert _rel(torch.cat(steps, dim=1), full) < 1e-6
+
+    cache = LatentCache(1, KV_LORA, ROPE, n, torch.float32)
+    a = mla_attention(x[:, :k], w, shape, *_rope(0, k), cache, absorbed=False)
+    b = mla_attention(x[:, k:], w, shape, *_rope(k, n - k), cache, start=k, absorbed=False)
+    assert _rel(torch.cat((a, b), dim=1), full) < 1e-6
+
+
+def test_allowed_keys_restrict_attention() -> None:
+    """DSA's selection: integer positions and the equivalent mask agree, in both forms, and differ
+    from dense attention; allowing everything is dense attention."""
+    _, w, shape = _reference()
+    cache, _ = _prefilled(w, shape, 10)
+    torch.manual_seed(5)
+    x = torch.randn(1, 2, HIDDEN)
+    cos, sin = _rope(10, 2)
+    idx = torch.tensor([[[0, 3, 7, 10], [1, 3, 11, 9]]])  # each query keeps 4 of its 11 or 12 keys
+    mask = torch.zeros(1, 2, 12, dtype=torch.bool).scatter_(-1, idx, True)
+    outs = [mla_attention(x, w, shape, cos, sin, cache, 1, 10, allowed=a, absorbed=f) for a in (idx, mask) for f in (True, False)]
+    for o in outs[1:]:
+        assert _rel(o, outs[0]) < 1e-6
+    dense = mla_attention(x, w, shape, cos, sin, cache, 1, 10)
+    assert _rel(outs[0], dense) > 1e-2
+    everything = torch.ones(1, 2, 12, dtype=torch.bool)  # causality still applies on top
+    assert _rel(mla_attention(x, w, shape, cos, sin, cache, 1, 10, allowed=everything), dense) < 1e-6
+
+
+def test_bf16_close_to_fp32() -> None:
+    _, w, shape = _reference()
+    cache32, x = _prefilled(w, shape, 12)
+    w16 = MLAWeights(**{k: None if v is None else v.bfloat16() for k, v in vars(w).items() if not k.startswith("_")})
+    cache16 = LatentCache(2, KV_LORA, ROPE, 32, torch.bfloat16)
+    prefill = mla_attention(x.bfloat16(), w16, shape, *_rope(0, 12, torch.bfloat16), cache16, layer=1)
+    assert prefill.dtype == torch.bfloat16 and cache16.kv.dtype == torch.bfloat16
+    assert _rel(prefill, mla_attention(x, w, shape, *_rope(0, 12))) < 1.5e-2
+    torch.manual_seed(6)
+    xt = torch.randn(1, 1, HIDDEN)
+    want = mla_attention(xt, w, shape, *_rope(12, 1), cache32, 1, 12)
+    for absorbed in (True, False):
+        got = mla_attention(xt.bfloat16(), w16, shape, *_rope(12, 1, torch.bfloat16), cache16, 1, 12, absorbed=absorbed)
+        assert got.dtype == torch.bfloat16 and _rel(got, want) < 1.5e-2
+
+
+def test_quantized_kv_b_absorbed_once() -> None:
+    """A QuantTensor kv_b: the absorbed form dequantizes it once into W_UK/W_UV and then equals the
+    expanded form over the dequantized weight; the expanded form multiplies it packed (the native
+    kernel quantizes activations to 8 bits, hence only a loose bound there)."""
+    _, w, shape = _reference()
+    qt = QuantTensor.quantize(w.kv_b, QuantSpec(8, 32), torch.float32)
+    w.kv_b = qt
+    cache, _ = _prefilled(w, shape, 8)
+    wuk, wuv = w.absorbed(shape, torch.float32)
+    dense = qt.dequantize(torch.float32).view(HEADS, NOPE + V, KV_LORA)
+    assert torch.equal(wuk, dense[:, :NOPE]) and torch.equal(wuv, dense[:, NOPE:])
+    assert w.absorbed(shape, torch.float32)[0] is wuk  # built once
+    torch.manual_seed(7)
+    x = torch.randn(1, 1, HIDDEN)
+    cos, sin = _rope(8, 1)
+    a = mla_attention(x, w, shape, cos, sin, cache, 1, 8, absorbed=True)
+    packed = mla_attention(x, w, shape, cos, sin, cache, 1, 8, absorbed=False)
+    w.kv_b = dense.reshape(HEADS * (NOPE + V), KV_LORA)
+    assert _rel(a, mla_attention(x, w, shape, cos, sin, cache, 1, 8, absorbed=False)) < 1e-6
+    assert _rel(a, packed) < 2e-2
+
+
+def test_latent_cache_size_and_overflow() -> None:
+    cache = LatentCache(3, 512, 64, 10, torch.bfloat16)
+    assert cache.nbytes == 3 * 10 * (512 + 64) * 2  # GLM-4.7-Flash: 1152 bytes a token a layer
+    small = LatentCache(1, KV_LORA, ROPE, 4, torch.float32)
+    lat, kr = small.write(0, 0, torch.ones(1, 3, KV_LORA), torch.full((1, 3, ROPE), 2.0))
+    assert lat.shape == (1, 3, KV_LORA) and kr.shape == (1, 3, ROPE) and kr.eq(2).all()
+    with pytest.raises(ValueError, match="KV cache overflow: position 5 > context 4"):
+        small.write(0, 3, torch.ones(1, 2, KV_LORA), torch.ones(1, 2, ROPE))
