@@ -1,12 +1,24 @@
-"""The native CPU kernels (quant/native/qkernels.c): built with the machine's C compiler at first use,
+"""The native CPU kernels for quantized weights: built with the machine's C compiler at first use,
 cached, and called through ctypes.
 
 Why built here and not shipped: `-march=native` picks the user's vector units (AVX2, F16C...), and
 a plain C file needs no torch headers (compiles in about a second). Without a C compiler, or with
 LOCALGLM_NATIVE=0, `native_lib()` returns None and quant/cpu_kernels.py keeps torch's kernels; the
-reason is in `native_status()` (shown in `generate --stats-json` under `backend.kernels`). The same
-library also holds the per-token layer ops the model code calls on the CPU (RMSNorm, RoPE, decode
-attention: see localglm/layers/).
+reason is in `native_status()` (shown in `generate --stats-json` under `backend.kernels`).
+
+The C files, and why two libraries:
+
+    quant/native/qkernels.c                 formats and kernels: activation quantization, q2/q4/q8 dot
+                                            products, lg_linear, lg_moe, lg_dequant*, dense matrices
+                                            (lg_mat: lg_matvec, lg_swiglu_vec, lg_dense_expert)
+    quant/native/lg_kernels.h               their interface: the structs (lg_qtensor, lg_mat, qact),
+                                            the inline conversions both libraries use, the entry points
+    localglm/layers/native/layer_ops.c      per-token layer ops: RMSNorm, RoPE, decode attention, router
+    localglm/models/native/decode_layer.c   the fused GLM MoE decoder layer
+
+quant knows formats and kernels, nothing of models, so this module builds the first library from
+quant's files alone (`build`). The model side's two files form a second library, linked against
+this one and loaded by localglm/layers/native.py, which reuses `build` to compile it.
 
     lib = native_lib()
     if lib is not None and NativeLib.supports(qt):
@@ -34,6 +46,7 @@ from .formats import QuantTensor
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native") / "qkernels.c"
+HEADER = SOURCE.with_name("lg_kernels.h")  # what the model side's library includes to call these kernels
 # -ffp-contract=off: a product and a sum stay two roundings (no fused multiply-add the C source does
 # not ask for), as in torch's elementwise ops: experts summed here equal experts summed by torch.
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11", "-fno-math-errno", "-ffp-contract=off")
@@ -41,6 +54,8 @@ BLOCK = 32  # activation block of the kernels: K of every native tensor is a mul
 
 
 class _QTensor(ctypes.Structure):
+    """A quantized weight as the kernels read it (lg_kernels.h `lg_qtensor`): pointers into a QuantTensor's buffer."""
+
     _fields_ = [
         ("rowf", ctypes.c_void_p),
         ("data", ctypes.c_void_p),
@@ -54,7 +69,7 @@ class _QTensor(ctypes.Structure):
 
 
 class LgMat(ctypes.Structure):
-    """A weight matrix for the fused decode layer: quantized (kind 0) or dense bf16 (1) / fp32 (2)."""
+    """A weight matrix (lg_kernels.h `lg_mat`): quantized (kind 0) or dense bf16 (1) / fp32 (2)."""
 
     _fields_ = [
         ("kind", ctypes.c_int32),
@@ -66,30 +81,26 @@ class LgMat(ctypes.Structure):
     ]
 
 
-class LgExperts(ctypes.Structure):
-    """A MoE layer's routed experts for the fused decode (qkernels.c `lg_experts`): quantized tables
-    (lg_moe's) or dense ones (an LgMat per expert); all NULL: the caller runs them."""
-
-    _fields_ = [
-        ("q_gate_up", ctypes.POINTER(_QTensor)),
-        ("q_down", ctypes.POINTER(_QTensor)),
-        ("d_gate_up", ctypes.POINTER(LgMat)),
-        ("d_down", ctypes.POINTER(LgMat)),
-        ("inter", ctypes.c_int32),
-    ]
+_STRUCTS = (("lg_qtensor", _QTensor), ("lg_mat", LgMat))  # in lg_quant_sizeof's order
 
 
-class LgLayer(ctypes.Structure):
-    """One decoder layer as `lg_decode_layer` reads it (see qkernels.c)."""
+class StructLayoutError(Exception):
+    """A ctypes struct whose size is not its C struct's: the two went out of step. A programming
+    error, not a build problem, so it is raised rather than falling back to torch's kernels."""
 
-    _fields_ = [
-        *((name, ctypes.c_int32) for name in ("hidden", "heads", "kv_heads", "hd", "rot", "dtype")),
-        ("eps", ctypes.c_float),
-        *((name, ctypes.c_int32) for name in ("moe", "has_mlp", "n_experts", "top_k", "n_group", "topk_group", "norm_topk")),
-        ("scaling", ctypes.c_float),
-        *((name, ctypes.c_void_p) for name in ("input_norm", "post_norm", "q_norm", "k_norm", "router_w", "router_bias")),
-        *((name, LgMat) for name in ("qkv", "o", "gate_up", "down")),
-    ]
+
+def check_struct_sizes(lib: ctypes.CDLL, symbol: str, structs: tuple[tuple[str, type[ctypes.Structure]], ...]) -> None:
+    """Compare the library's `symbol(i)` (sizeof of the i-th C struct it shares with ctypes, 0 past
+    the last) with ctypes.sizeof of structs[i] = (C name, ctypes class); raise StructLayoutError
+    naming the first that differs."""
+    sizeof = getattr(lib, symbol)
+    sizeof.argtypes, sizeof.restype = [ctypes.c_int], ctypes.c_size_t
+    for i, (c_name, struct) in enumerate(structs):
+        if sizeof(i) != ctypes.sizeof(struct):
+            raise StructLayoutError(f"ctypes {struct.__name__} is {ctypes.sizeof(struct)} bytes, C {c_name} {sizeof(i)} ({symbol}): "
+                                    "the ctypes mirror and the C struct went out of step")
+    if sizeof(len(structs)):
+        raise StructLayoutError(f"{symbol} answers for more structs than {', '.join(s.__name__ for _, s in structs)}: a ctypes mirror is missing")
 
 
 def cache_dir() -> Path:
@@ -114,22 +125,28 @@ def _cpu_identity() -> str:
     return "\n".join(sorted(set(lines)))
 
 
-def build(cc: str, flags: tuple[str, ...] = CFLAGS, directory: Path | None = None) -> Path:
-    """Compile qkernels.c (once per source, compiler, flags and CPU) into `directory` (default: the
-    user cache); returns the library's path."""
-    src = SOURCE.read_bytes()
+def build(cc: str, flags: tuple[str, ...] = CFLAGS, directory: Path | None = None, *, name: str = "qkernels",
+          sources: tuple[Path, ...] = (SOURCE,), depends: tuple[Path, ...] = (HEADER,), extra: tuple[str, ...] = ()) -> Path:
+    """Compile `sources` (default: quant's kernels) into `directory` (default: the user cache) as
+    `name`-KEY.so, KEY a hash of the sources, `depends` (headers, a library linked against), the
+    compiler, flags, `extra` (include dirs, link arguments: after the sources) and CPU, so each
+    combination is built once. The library's SONAME is its file name: a library linked against it
+    records exactly this build. Returns the library's path."""
+    src = b"".join(p.read_bytes() for p in (*sources, *depends))
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha256(src + repr((version, flags, sys.platform, _cpu_identity())).encode()).hexdigest()[:16]
-    out = (directory or cache_dir()) / f"qkernels-{key}.so"
+    key = hashlib.sha256(src + repr((version, flags, extra, sys.platform, _cpu_identity())).encode()).hexdigest()[:16]
+    out = (directory or cache_dir()) / f"{name}-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        res = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
+        cmd = [cc, *flags, f"-Wl,-soname,{out.name}", "-o", tmp, *map(str, sources), *extra, "-lm"]
+        res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
+            lines = res.stderr.strip().splitlines()
+            raise RuntimeError(f"{cc} failed: {next((ln for ln in lines if 'error' in ln), lines[-1]) if lines else res.returncode}")
         os.replace(tmp, out)  # atomic: a concurrent build or a crash never leaves a half-written library
     finally:
         if os.path.exists(tmp):
@@ -145,27 +162,14 @@ class NativeLib:
 
         self.path = path
         self._lib = ctypes.CDLL(str(path))
+        check_struct_sizes(self._lib, "lg_quant_sizeof", _STRUCTS)
         p, i = ctypes.c_void_p, ctypes.c_int
         self._lib.lg_linear.argtypes = [ctypes.POINTER(_QTensor), i, p, i, p, p, i, i]
         self._lib.lg_linear.restype = i
         self._lib.lg_moe.argtypes = [i, i, i, p, i, i, p, p, ctypes.POINTER(_QTensor), ctypes.POINTER(_QTensor), i, p, i]
         self._lib.lg_moe.restype = i
-        self._lib.lg_rms_norm.argtypes = [p, i, i, i, p, ctypes.c_float, p]
-        self._lib.lg_rms_norm.restype = None
-        self._lib.lg_rope.argtypes = [p, i, i, i, i, p, p, p]
-        self._lib.lg_rope.restype = None
-        lg = ctypes.c_long
-        self._lib.lg_decode_attention.argtypes = [p, p, p, i, i, i, i, i, lg, lg, ctypes.c_float, p, i]
-        self._lib.lg_decode_attention.restype = i
-        ex = ctypes.POINTER(LgExperts)
-        self._lib.lg_decode_layer.argtypes = [ctypes.POINTER(LgLayer), p, p, p, p, p, p, p, lg, lg, i, p, p, p, p, ex, p, i]
-        self._lib.lg_decode_layer.restype = i
-        self._lib.lg_decode_layers.argtypes = [ctypes.POINTER(LgLayer), i, p, p, p, p, p, lg, lg, lg, i, ex, i]
-        self._lib.lg_decode_layers.restype = i
         self._lib.lg_dense_expert.argtypes = [ctypes.POINTER(LgMat), ctypes.POINTER(LgMat), i, p, i, p, i]
         self._lib.lg_dense_expert.restype = i
-        self._lib.lg_residual_add.argtypes = [p, p, p, i, i]
-        self._lib.lg_residual_add.restype = None
         self._lib.lg_dequant.argtypes = [ctypes.POINTER(_QTensor), p, i]
         self._lib.lg_dequant.restype = None
         self._lib.lg_dequant_rows.argtypes = [ctypes.POINTER(_QTensor), p, i, p]
@@ -191,106 +195,26 @@ class NativeLib:
         """x [T, K] (fp32 or bf16; others computed in fp32) -> x @ W.T (+ fp32 bias) [T, N], x's dtype."""
         x = _io(x)
         y = torch.empty(x.shape[0], desc.n, dtype=x.dtype)
-        code = _DTYPES[x.dtype]
+        code = DTYPES[x.dtype]
         rc = self._lib.lg_linear(ctypes.byref(desc), x.shape[0], x.data_ptr(), code, None if bias is None else bias.data_ptr(), y.data_ptr(), code, torch.get_num_threads())
         if rc:
             raise MemoryError("native linear kernel: out of memory")
         return y
 
-    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-        """RMSNorm over the last dim (see layers.rms_norm for the math), or None for inputs the
-        kernel does not take (non-contiguous, other dtypes, weight of another dtype or shape)."""
-        code = _DTYPES.get(x.dtype)
-        n = x.shape[-1]
-        if code is None or weight.dtype != x.dtype or weight.shape != (n,) or not (x.is_contiguous() and weight.is_contiguous()) or x.device.type != "cpu":
-            return None
-        out = torch.empty_like(x)
-        self._lib.lg_rms_norm(x.data_ptr(), code, x.numel() // n, n, weight.data_ptr(), eps, out.data_ptr())
-        return out
-
-    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
-        """Rotary embedding of x [..., hd] at one position (cos/sin [1, rot]: see layers.apply_rope);
-        None for inputs the kernel does not take."""
-        code = _DTYPES.get(x.dtype)
-        if (code is None or cos.dtype != x.dtype or sin.dtype != x.dtype or cos.dim() != 2 or cos.shape[0] != 1
-                or not (x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()) or x.device.type != "cpu"):
-            return None
-        hd = x.shape[-1]
-        out = torch.empty_like(x)
-        self._lib.lg_rope(x.data_ptr(), code, x.numel() // hd, hd, cos.shape[1], cos.data_ptr(), sin.data_ptr(), out.data_ptr())
-        return out
-
-    def decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor | None:
-        """One query token against the cache: q [1, heads, 1, hd], k/v [1, kv_heads, T, hd] (views
-        into the cache: rows contiguous, any head/position strides) -> [1, heads, 1, hd]; None for
-        inputs the kernel does not take (batch > 1, mixed or other dtypes, other layouts)."""
-        code = _DTYPES.get(q.dtype)
-        if (code is None or q.shape[0] != 1 or k.dtype != q.dtype or v.dtype != q.dtype or not q.is_contiguous()
-                or k.stride() != v.stride() or k.stride(-1) != 1 or k.device.type != "cpu"):
-            return None
-        _, heads, _, hd = q.shape
-        out = torch.empty_like(q)
-        rc = self._lib.lg_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), code, heads, k.shape[1], k.shape[2], hd,
-                                           k.stride(1), k.stride(2), scale, out.data_ptr(), torch.get_num_threads())
-        if rc:
-            raise MemoryError("native attention kernel: out of memory")
-        return out
-
     @classmethod
     def describe_matrix(cls, w: torch.Tensor | QuantTensor, dtype: torch.dtype, bias: torch.Tensor | None = None) -> LgMat | None:
-        """The fused decode layer's view of a weight (kept alive by the caller, with the bias, which
-        must be fp32), or None when the kernels do not take it: a dense weight of another dtype or
-        layout, a quantized one they do not support."""
+        """The C view of a weight, quantized or dense, for lg_dense_expert and the model side's fused
+        decode (kept alive by the caller, with the bias, which must be fp32), or None when the
+        kernels do not take it: a dense weight of another dtype or layout, a quantized one they do
+        not support."""
         if isinstance(w, QuantTensor):
             if not cls.supports(w):
                 return None
             return LgMat(0, w.shape[0], w.shape[1], None, None if bias is None else bias.data_ptr(), cls.describe(w))
-        if (not isinstance(w, torch.Tensor) or w.dim() != 2 or w.dtype != dtype or dtype not in _DTYPES
+        if (not isinstance(w, torch.Tensor) or w.dim() != 2 or w.dtype != dtype or dtype not in DTYPES
                 or not w.is_contiguous() or w.device.type != "cpu"):
             return None
         return LgMat(2 if dtype == torch.float32 else 1, w.shape[0], w.shape[1], w.data_ptr(), None if bias is None else bias.data_ptr())
-
-    def decode_layer(self, layer: LgLayer, x: torch.Tensor, add: tuple[torch.Tensor, torch.Tensor | None] | None,
-                     cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int,
-                     h_out: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor, mlp_out: torch.Tensor | None, threads: int,
-                     experts: LgExperts | None = None, routed_out: torch.Tensor | None = None) -> None:
-        """One token through one layer (qkernels.c `lg_decode_layer`): x updated in place; the
-        caller has checked every shape and dtype (localglm/fused_decode.py). With `experts` (the
-        layer's expert tables) the routed experts run in the same call, into `routed_out`, and x
-        comes back with the whole layer added."""
-        a = b = None
-        if add is not None:
-            a, b = add[0].data_ptr(), None if add[1] is None else add[1].data_ptr()
-        rc = self._lib.lg_decode_layer(ctypes.byref(layer), x.data_ptr(), a, b, cos.data_ptr(), sin.data_ptr(),
-                                       k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), pos,
-                                       h_out.data_ptr(), ids.data_ptr(), wts.data_ptr(),
-                                       None if mlp_out is None else mlp_out.data_ptr(),
-                                       None if experts is None else ctypes.byref(experts),
-                                       None if routed_out is None else routed_out.data_ptr(), threads)
-        if rc:
-            raise MemoryError("native decode layer: out of memory")
-
-    def decode_layers(self, layers: ctypes.Array, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                      v_cache: torch.Tensor, pos: int, experts: ctypes.Array, threads: int) -> None:
-        """Every layer of one token in one call (qkernels.c `lg_decode_layers`), for models whose
-        routed experts all sit in RAM. k_cache / v_cache [layers, kv_heads, T, hd] (one sequence);
-        experts: an LgExperts per layer (empty for dense layers)."""
-        rc = self._lib.lg_decode_layers(layers, len(layers), x.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
-                                        v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), pos, experts, threads)
-        if rc:
-            raise MemoryError("native decode layers: out of memory")
-
-    @staticmethod
-    def quantized_experts(tables: tuple[ctypes.Array, ctypes.Array, int]) -> LgExperts:
-        """A layer's LgExperts from its quantized (gate_up, down, inter) tables (kept alive by the caller)."""
-        ptr = ctypes.POINTER(_QTensor)
-        return LgExperts(ctypes.cast(tables[0], ptr), ctypes.cast(tables[1], ptr), None, None, tables[2])
-
-    @staticmethod
-    def dense_experts(gate_up: ctypes.Array, down: ctypes.Array, inter: int) -> LgExperts:
-        """A layer's LgExperts from an LgMat per expert for gate_up [2I, H] and down [H, I] (kept alive by the caller)."""
-        ptr = ctypes.POINTER(LgMat)
-        return LgExperts(None, None, ctypes.cast(gate_up, ptr), ctypes.cast(down, ptr), inter)
 
     def dense_expert(self, gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
         """One dense expert on x [T, H]: down(silu(gate(x)) * up(x)) in x's dtype, rounded as the torch
@@ -299,13 +223,9 @@ class NativeLib:
         if gu is None or dn is None or x.dim() != 2 or not x.is_contiguous() or x.device.type != "cpu":
             return None
         y = torch.empty(x.shape[0], dn.n, dtype=x.dtype)
-        if self._lib.lg_dense_expert(ctypes.byref(gu), ctypes.byref(dn), x.shape[0], x.data_ptr(), _DTYPES[x.dtype], y.data_ptr(), torch.get_num_threads()):
+        if self._lib.lg_dense_expert(ctypes.byref(gu), ctypes.byref(dn), x.shape[0], x.data_ptr(), DTYPES[x.dtype], y.data_ptr(), torch.get_num_threads()):
             raise MemoryError("native dense expert: out of memory")
         return y
-
-    def residual_add(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None) -> None:
-        """x += a + b in place, rounded as `x + (a + b)` in x's dtype (all contiguous, one dtype)."""
-        self._lib.lg_residual_add(x.data_ptr(), a.data_ptr(), None if b is None else b.data_ptr(), _DTYPES[x.dtype], x.numel())
 
     def dequantize(self, desc: _QTensor) -> torch.Tensor:
         """The whole weight as fp32 [N, K] (for big batches, multiplied by a float GEMM)."""
@@ -329,7 +249,7 @@ class NativeLib:
         weights = weights.to(torch.float32).contiguous()
         t, h = x.shape
         out = torch.empty(t, h, dtype=x.dtype)
-        rc = self._lib.lg_moe(t, h, inter, x.data_ptr(), _DTYPES[x.dtype], ids.shape[1], ids.data_ptr(), weights.data_ptr(), gate_up, down, len(gate_up), out.data_ptr(), torch.get_num_threads())
+        rc = self._lib.lg_moe(t, h, inter, x.data_ptr(), DTYPES[x.dtype], ids.shape[1], ids.data_ptr(), weights.data_ptr(), gate_up, down, len(gate_up), out.data_ptr(), torch.get_num_threads())
         if rc == -2:
             raise IndexError(f"expert id outside [0, {len(gate_up)})")
         if rc:
@@ -337,12 +257,12 @@ class NativeLib:
         return out
 
 
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernels read and write these directly
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernels read and write these directly (lg_kernels.h's dtype codes)
 
 
 def _io(x: torch.Tensor) -> torch.Tensor:
     """x as the kernels take it: fp32 or bf16, contiguous, on the CPU."""
-    if x.dtype not in _DTYPES:
+    if x.dtype not in DTYPES:
         x = x.float()
     return x if x.is_contiguous() else x.contiguous()
 

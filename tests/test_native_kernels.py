@@ -1,16 +1,22 @@
-"""The native CPU kernels (quant/native/qkernels.c) against a torch oracle that does the same math:
+"""The native CPU kernels (quant/native/qkernels.c; the model side's layer ops and decoder layer in
+localglm/layers/native/, localglm/models/native/) against a torch oracle that does the same math:
 activations rounded to int8 in blocks of 32 (scale amax/127, round half to even), weights
 dequantized exactly (codes and offsets both meet the rounded activations). Agreement is then float rounding only, so a wrong code order, scale or offset
 shows up as a large error, not as noise."""
 
 from __future__ import annotations
 
+import ctypes
 import platform
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import localglm.layers.native as layers_native
+import quant.native as quant_native
+from localglm.layers.native import LayerLib, build_layers, native
 from quant.blob import ExpertBlobLayout, quantize_expert
 from quant.formats import QuantSpec, QuantTensor
 from quant.native import CFLAGS, NativeLib, _compiler, build, native_lib, native_status
@@ -46,6 +52,15 @@ def lib(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     built = NativeLib(build(_compiler(), PORTABLE_FLAGS, tmp_path_factory.mktemp("portable")))
     assert not built.avx2
     return built
+
+
+@pytest.fixture(scope="module")
+def layer_lib(lib: NativeLib) -> LayerLib:
+    """The model side's library (layer ops, decode layer), built with `lib`'s flags and linked against it."""
+    if lib is native_lib():
+        return native()
+    return LayerLib(build_layers(_compiler(), lib.path, AVX2_FLAGS if lib.avx2 else PORTABLE_FLAGS), lib)
+
 
 SPECS = ["q2", "q4", "q8", "q4g64", "q8g128"]
 
@@ -176,16 +191,16 @@ def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rms_norm_matches_the_torch_formula(lib: NativeLib, dtype: torch.dtype) -> None:
+def test_rms_norm_matches_the_torch_formula(layer_lib: LayerLib, dtype: torch.dtype) -> None:
     x, w = (torch.randn(3, 4, 96) * 5).to(dtype), torch.randn(96).to(dtype)
-    y = lib.rms_norm(x, w, 1e-5)
+    y = layer_lib.rms_norm(x, w, 1e-5)
     ref = torch_rms_norm(x, w, 1e-5)
     assert y.dtype == dtype and y.shape == x.shape
     if dtype == torch.bfloat16:
         assert torch.equal(y, ref)  # fp32 inside, then the same two roundings
     else:
         assert torch.allclose(y, ref, rtol=1e-6, atol=1e-6)
-    assert lib.rms_norm(x.transpose(0, 1), w, 1e-5) is None  # not contiguous: the caller's torch path
+    assert layer_lib.rms_norm(x.transpose(0, 1), w, 1e-5) is None  # not contiguous: the caller's torch path
 
 
 def torch_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -197,7 +212,7 @@ def torch_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads,length,scale", [(8, 2, 1, 0.125), (8, 2, 37, 0.125), (4, 4, 300, 0.125), (8, 2, 300, 3.0)])
-def test_decode_attention_matches_torch(lib: NativeLib, dtype: torch.dtype, heads: int, kv_heads: int, length: int, scale: float) -> None:
+def test_decode_attention_matches_torch(layer_lib: LayerLib, dtype: torch.dtype, heads: int, kv_heads: int, length: int, scale: float) -> None:
     """scale 3.0: peaked softmaxes, scores ~100 apart (the vector exp's clamp at -88 in play); a
     score's float rounding (~1e-6 of |score|) then moves the output by ~|score| times that."""
     torch.manual_seed(heads * 1000 + length)
@@ -205,23 +220,23 @@ def test_decode_attention_matches_torch(lib: NativeLib, dtype: torch.dtype, head
     cache_v = torch.randn(2, 1, kv_heads, 400, 64).to(dtype)
     q = torch.randn(1, heads, 1, 64).to(dtype)
     k, v = cache_k[1, :, :, :length], cache_v[1, :, :, :length]
-    out = lib.decode_attention(q, k, v, scale)
+    out = layer_lib.decode_attention(q, k, v, scale)
     ref = torch_decode_attention(q, k, v, scale)
     tol = (1e-5 if scale < 1 else 2e-4) if dtype == torch.float32 else 1e-2
     assert out.shape == q.shape and torch.allclose(out.float(), ref.float(), rtol=tol, atol=tol)
-    assert lib.decode_attention(q.expand(2, -1, -1, -1), k, v, 0.125) is None  # batch > 1: torch's path
+    assert layer_lib.decode_attention(q.expand(2, -1, -1, -1), k, v, 0.125) is None  # batch > 1: torch's path
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rot", [32, 64])
-def test_rope_matches_torch(lib: NativeLib, dtype: torch.dtype, rot: int) -> None:
+def test_rope_matches_torch(layer_lib: LayerLib, dtype: torch.dtype, rot: int) -> None:
     from localglm.layers import Rotary, _rotate_half
 
     x = torch.randn(1, 6, 1, 64).to(dtype)
     cos, sin = Rotary(rot, 10000.0).cos_sin(torch.tensor([17]), dtype)
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     ref = torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
-    assert torch.equal(lib.rope(x, cos, sin), ref)  # same roundings, element by element
+    assert torch.equal(layer_lib.rope(x, cos, sin), ref)  # same roundings, element by element
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -236,3 +251,59 @@ def test_native_dequantize_and_embedding_rows_equal_dequantize(bits: int) -> Non
     assert torch.equal(qt.embedding(ids), qt.dequantize()[ids])
     with pytest.raises(IndexError):
         qt.embedding(torch.tensor([[50]]))
+
+
+def test_the_decoder_layer_of_each_build_matches_the_torch_ops(layer_lib: LayerLib, tmp_path: Path) -> None:
+    """lg_decode_layers (and through it every layer op and the quant kernels it calls) in this build:
+    a tiny model with quantized attention and experts decoded by it and by the torch ops."""
+    import localglm
+    from localglm.models.glm4_moe.tiny import TinySpec
+    from localglm.tiny import make_tiny
+
+    spec = TinySpec(hidden_size=128, intermediate_size=256, moe_intermediate_size=64, head_dim=32)
+    net = localglm.load(str(make_tiny(tmp_path / "tiny", spec)), experts_bits=4, attn_bits=4).net
+    fused = net._fused_decoder()
+    assert fused is not None and fused._experts_in_ram()[1] is not None  # the whole token in one call
+    fused.lib = layer_lib
+    prompt = [1, 5, 9, 33, 7, 100, 3, 200]
+    logits = []
+    for on in (True, False):
+        net.fused_decode = on
+        cache = net.new_cache(16)
+        with torch.inference_mode():
+            net.hidden_states(torch.tensor([prompt[:4]]), cache, 0)
+            logits.append(torch.stack([net.lm_head(net.hidden_states(torch.tensor([[t]]), cache, p)[0, -1]).float() for p, t in enumerate(prompt[4:], 4)]))
+    assert (logits[0] - logits[1]).abs().max() <= 0.02 * logits[1].abs().max()
+
+
+def test_a_struct_out_of_step_with_its_c_struct_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each library answers sizeof for the structs ctypes mirrors; a mirror that lost a field (or a C
+    struct that gained one) is a programming error, named at load, not a crash in a kernel."""
+
+    class LgMat(ctypes.Structure):
+        _fields_ = quant_native.LgMat._fields_[:-1]
+
+    class LgLayer(ctypes.Structure):
+        _fields_ = layers_native.LgLayer._fields_[:-1]
+
+    quant, layers = native_lib(), native()
+    monkeypatch.setattr(quant_native, "_STRUCTS", (("lg_qtensor", quant_native._QTensor), ("lg_mat", LgMat)))
+    with pytest.raises(quant_native.StructLayoutError, match=r"ctypes LgMat is \d+ bytes, C lg_mat"):
+        NativeLib(quant.path)
+    monkeypatch.setattr(layers_native, "_STRUCTS", (("lg_layer", LgLayer), ("lg_experts", layers_native.LgExperts)))
+    with pytest.raises(quant_native.StructLayoutError, match=r"ctypes LgLayer is \d+ bytes, C lg_layer"):
+        LayerLib(layers.path, quant)
+    monkeypatch.setattr(layers_native, "_STRUCTS", (("lg_layer", layers_native.LgLayer),))  # lg_experts left unchecked
+    with pytest.raises(quant_native.StructLayoutError, match="a ctypes mirror is missing"):
+        LayerLib(layers.path, quant)
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="reads /proc/self/maps")
+def test_the_layer_library_uses_the_quant_build_it_was_linked_against() -> None:
+    """The model side's library records quant's build by SONAME (its file name) and finds it beside
+    itself ($ORIGIN): the quant kernels it calls are the very library native_lib() loaded."""
+    quant, layers = native_lib(), native()
+    assert layers.path.parent == quant.path.parent
+    maps = {line.split()[-1] for line in open("/proc/self/maps") if line.rstrip().endswith(".so")}
+    assert str(layers.path) in maps
+    assert {p for p in maps if p.startswith(str(quant.path.parent)) and "qkernels-" in p} == {str(quant.path)}

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from quant.native import NATIVE_MAX_ROWS
 
 from .linear import linear
-from .native import native
+from .native import LayerLib, native
 
 
 class ExpertBackend(Protocol):
@@ -121,7 +121,7 @@ class InMemoryExperts:
         return expert_swiglu(x, self.gate_up[layer][e], self.down[layer][e])
 
     def fused_experts(self, layer: int) -> object | None:
-        """The layer's experts as the fused decode takes them (quant.native.LgExperts), or None
+        """The layer's experts as the fused decode takes them (layers.native.LgExperts), or None
         where the native kernels do not take these tensors."""
         if layer not in self._fused:  # built once (None too: the kernels do not take these tensors)
             self._fused[layer] = _dense_tables(self.gate_up[layer], self.down[layer])
@@ -150,7 +150,7 @@ class QuantizedExperts:
 
     def __init__(self, layouts: dict, blobs: dict[int, torch.Tensor | list[torch.Tensor]], dtype: torch.dtype, keep_blobs: bool = True) -> None:
         from quant.blob import PreparedExpert
-        from quant.native import NativeLib, native_lib
+        from quant.native import native_lib
 
         self.layouts = layouts
         self.dtype = dtype
@@ -158,7 +158,7 @@ class QuantizedExperts:
         self.native = native_lib()
         self.prepared: dict[int, list] = {}
         self._native_layers: dict[int, tuple] = {}
-        self._fused: dict[int, object] = {}  # layer -> quant.native.LgExperts over _native_layers' tables
+        self._fused: dict[int, object] = {}  # layer -> layers.native.LgExperts over _native_layers' tables
         for layer, buf in blobs.items():
             experts = self.prepared[layer] = [PreparedExpert(layouts[layer], buf[e], dtype) for e in range(len(buf))]
             if experts and all(pe.native is not None for pe in experts):
@@ -166,7 +166,7 @@ class QuantizedExperts:
                 gu = (type(experts[0].native.gu) * len(experts))(*(pe.native.gu for pe in experts))
                 dn = (type(gu[0]) * len(experts))(*(pe.native.dn for pe in experts))
                 self._native_layers[layer] = (gu, dn, layouts[layer].inter)
-                self._fused[layer] = NativeLib.quantized_experts(self._native_layers[layer])
+                self._fused[layer] = LayerLib.quantized_experts(self._native_layers[layer])
         if not keep_blobs and not self._native_layers:
             # The torch kernels keep their own packed copy; the canonical blobs are only needed to move or save experts.
             self.blobs = {}
@@ -192,7 +192,7 @@ class QuantizedExperts:
         return None
 
     def fused_experts(self, layer: int) -> object | None:
-        """The layer's experts as the fused decode takes them (quant.native.LgExperts), or None
+        """The layer's experts as the fused decode takes them (layers.native.LgExperts), or None
         where the layer runs through torch kernels."""
         return self._fused.get(layer)
 

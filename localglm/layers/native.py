@@ -1,13 +1,217 @@
-"""The native CPU kernels as the layers see them: looked up once, None where they cannot be built."""
+"""The model side's native CPU library: per-token layer ops and the fused decoder layer, built at
+first use beside quant's kernels and called through ctypes.
+
+    localglm/layers/native/layer_ops.c      RMSNorm, RoPE, decode attention, the GLM router, the
+                                            residual add (alone: layers/norm.py, rope.py, attention.py)
+    localglm/layers/native/layer_ops.h      what the two files share: lg_layer, lg_experts (mirrored
+                                            here by LgLayer, LgExperts), the ops' prototypes
+    localglm/models/native/decode_layer.c   lg_decode_layer / lg_decode_layers: one token through a
+                                            layer / every layer in one call (models/glm4_moe/fused_decode.py)
+
+Why a library of its own: quant/ knows formats and kernels, nothing of models, so the GLM layer's C
+lives here and calls quant's kernels (lg_matvec, lg_swiglu_vec, lg_moe) through
+quant/native/lg_kernels.h, the header both libraries compile against with the same flags.
+
+How it finds quant's library: quant's .so has its file name (qkernels-KEY.so) as SONAME, and this
+one is linked against that file by path, so it records exactly that build as a dependency; it is
+built into the same directory and carries `-Wl,-rpath,$ORIGIN`, so the dynamic loader finds the
+dependency beside it whatever loads first. `native()` loads quant's first (quant.native.native_lib)
+and the loader, matching the SONAME, reuses that copy: one copy of quant's code and tables in the
+process. The build key covers quant's .so itself, so a rebuilt quant library means a relinked one
+here. `-Wl,-z,defs` makes an entry point missing on quant's side a build error, not a load error.
+
+`native()` returns None where either library cannot be built (no C compiler, LOCALGLM_NATIVE=0):
+the layers then run their torch ops.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import logging
+import subprocess
 from functools import cache
+from pathlib import Path
 
-from quant.native import NativeLib, native_lib
+import torch
+
+from quant.formats import QuantTensor
+from quant.native import CFLAGS, DTYPES, HEADER, LgMat, NativeLib, _compiler, _QTensor, build, check_struct_sizes, native_lib
+
+log = logging.getLogger(__name__)
+
+_PACKAGE = Path(__file__).parent.parent
+LAYER_OPS = _PACKAGE / "layers" / "native" / "layer_ops.c"
+SOURCES = (LAYER_OPS, _PACKAGE / "models" / "native" / "decode_layer.c")
+HEADERS = (LAYER_OPS.with_suffix(".h"), HEADER)
+
+
+class LgExperts(ctypes.Structure):
+    """A MoE layer's routed experts for the fused decode (layer_ops.h `lg_experts`): quantized tables
+    (lg_moe's) or dense ones (an LgMat per expert); all NULL: the caller runs them."""
+
+    _fields_ = [
+        ("q_gate_up", ctypes.POINTER(_QTensor)),
+        ("q_down", ctypes.POINTER(_QTensor)),
+        ("d_gate_up", ctypes.POINTER(LgMat)),
+        ("d_down", ctypes.POINTER(LgMat)),
+        ("inter", ctypes.c_int32),
+    ]
+
+
+class LgLayer(ctypes.Structure):
+    """One decoder layer as `lg_decode_layer` reads it (layer_ops.h `lg_layer`)."""
+
+    _fields_ = [
+        *((name, ctypes.c_int32) for name in ("hidden", "heads", "kv_heads", "hd", "rot", "dtype")),
+        ("eps", ctypes.c_float),
+        *((name, ctypes.c_int32) for name in ("moe", "has_mlp", "n_experts", "top_k", "n_group", "topk_group", "norm_topk")),
+        ("scaling", ctypes.c_float),
+        *((name, ctypes.c_void_p) for name in ("input_norm", "post_norm", "q_norm", "k_norm", "router_w", "router_bias")),
+        *((name, LgMat) for name in ("qkv", "o", "gate_up", "down")),
+    ]
+
+
+_STRUCTS = (("lg_layer", LgLayer), ("lg_experts", LgExperts))  # in lg_layers_sizeof's order
+
+
+def build_layers(cc: str, quant: Path, flags: tuple[str, ...] = CFLAGS) -> Path:
+    """Compile the model side's library against quant's built library `quant` (same flags), into
+    quant's directory; returns its path (cached like quant's, see quant.native.build)."""
+    includes = tuple(f"-I{h.parent}" for h in HEADERS)
+    return build(cc, flags, quant.parent, name="lglayers", sources=SOURCES, depends=(*HEADERS, quant),
+                 extra=(*includes, str(quant), "-Wl,-rpath,$ORIGIN", "-Wl,-z,defs"))
+
+
+class LayerLib:
+    """The loaded model-side library with typed entry points taking torch tensors; the quant-format
+    methods the layer code needs (describe_matrix, dense_expert) are quant's NativeLib's, reached
+    through this object so callers keep one."""
+
+    def __init__(self, path: Path, quant: NativeLib) -> None:
+        self.path = path
+        self.quant = quant
+        self._lib = ctypes.CDLL(str(path))
+        check_struct_sizes(self._lib, "lg_layers_sizeof", _STRUCTS)
+        p, i, lg = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+        self._lib.lg_rms_norm.argtypes = [p, i, i, i, p, ctypes.c_float, p]
+        self._lib.lg_rms_norm.restype = None
+        self._lib.lg_rope.argtypes = [p, i, i, i, i, p, p, p]
+        self._lib.lg_rope.restype = None
+        self._lib.lg_decode_attention.argtypes = [p, p, p, i, i, i, i, i, lg, lg, ctypes.c_float, p, i]
+        self._lib.lg_decode_attention.restype = i
+        ex = ctypes.POINTER(LgExperts)
+        self._lib.lg_decode_layer.argtypes = [ctypes.POINTER(LgLayer), p, p, p, p, p, p, p, lg, lg, i, p, p, p, p, ex, p, i]
+        self._lib.lg_decode_layer.restype = i
+        self._lib.lg_decode_layers.argtypes = [ctypes.POINTER(LgLayer), i, p, p, p, p, p, lg, lg, lg, i, ex, i]
+        self._lib.lg_decode_layers.restype = i
+        self._lib.lg_residual_add.argtypes = [p, p, p, i, i]
+        self._lib.lg_residual_add.restype = None
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+        """RMSNorm over the last dim (see layers.rms_norm for the math), or None for inputs the
+        kernel does not take (non-contiguous, other dtypes, weight of another dtype or shape)."""
+        code = DTYPES.get(x.dtype)
+        n = x.shape[-1]
+        if code is None or weight.dtype != x.dtype or weight.shape != (n,) or not (x.is_contiguous() and weight.is_contiguous()) or x.device.type != "cpu":
+            return None
+        out = torch.empty_like(x)
+        self._lib.lg_rms_norm(x.data_ptr(), code, x.numel() // n, n, weight.data_ptr(), eps, out.data_ptr())
+        return out
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+        """Rotary embedding of x [..., hd] at one position (cos/sin [1, rot]: see layers.apply_rope);
+        None for inputs the kernel does not take."""
+        code = DTYPES.get(x.dtype)
+        if (code is None or cos.dtype != x.dtype or sin.dtype != x.dtype or cos.dim() != 2 or cos.shape[0] != 1
+                or not (x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()) or x.device.type != "cpu"):
+            return None
+        hd = x.shape[-1]
+        out = torch.empty_like(x)
+        self._lib.lg_rope(x.data_ptr(), code, x.numel() // hd, hd, cos.shape[1], cos.data_ptr(), sin.data_ptr(), out.data_ptr())
+        return out
+
+    def decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor | None:
+        """One query token against the cache: q [1, heads, 1, hd], k/v [1, kv_heads, T, hd] (views
+        into the cache: rows contiguous, any head/position strides) -> [1, heads, 1, hd]; None for
+        inputs the kernel does not take (batch > 1, mixed or other dtypes, other layouts)."""
+        code = DTYPES.get(q.dtype)
+        if (code is None or q.shape[0] != 1 or k.dtype != q.dtype or v.dtype != q.dtype or not q.is_contiguous()
+                or k.stride() != v.stride() or k.stride(-1) != 1 or k.device.type != "cpu"):
+            return None
+        _, heads, _, hd = q.shape
+        out = torch.empty_like(q)
+        rc = self._lib.lg_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), code, heads, k.shape[1], k.shape[2], hd,
+                                           k.stride(1), k.stride(2), scale, out.data_ptr(), torch.get_num_threads())
+        if rc:
+            raise MemoryError("native attention kernel: out of memory")
+        return out
+
+    def residual_add(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None) -> None:
+        """x += a + b in place, rounded as `x + (a + b)` in x's dtype (all contiguous, one dtype)."""
+        self._lib.lg_residual_add(x.data_ptr(), a.data_ptr(), None if b is None else b.data_ptr(), DTYPES[x.dtype], x.numel())
+
+    def decode_layer(self, layer: LgLayer, x: torch.Tensor, add: tuple[torch.Tensor, torch.Tensor | None] | None,
+                     cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int,
+                     h_out: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor, mlp_out: torch.Tensor | None, threads: int,
+                     experts: LgExperts | None = None, routed_out: torch.Tensor | None = None) -> None:
+        """One token through one layer (decode_layer.c `lg_decode_layer`): x updated in place; the
+        caller has checked every shape and dtype (models/glm4_moe/fused_decode.py). With `experts`
+        (the layer's expert tables) the routed experts run in the same call, into `routed_out`, and
+        x comes back with the whole layer added."""
+        a = b = None
+        if add is not None:
+            a, b = add[0].data_ptr(), None if add[1] is None else add[1].data_ptr()
+        rc = self._lib.lg_decode_layer(ctypes.byref(layer), x.data_ptr(), a, b, cos.data_ptr(), sin.data_ptr(),
+                                       k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), pos,
+                                       h_out.data_ptr(), ids.data_ptr(), wts.data_ptr(),
+                                       None if mlp_out is None else mlp_out.data_ptr(),
+                                       None if experts is None else ctypes.byref(experts),
+                                       None if routed_out is None else routed_out.data_ptr(), threads)
+        if rc:
+            raise MemoryError("native decode layer: out of memory")
+
+    def decode_layers(self, layers: ctypes.Array, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, pos: int, experts: ctypes.Array, threads: int) -> None:
+        """Every layer of one token in one call (decode_layer.c `lg_decode_layers`), for models whose
+        routed experts all sit in RAM. k_cache / v_cache [layers, kv_heads, T, hd] (one sequence);
+        experts: an LgExperts per layer (empty for dense layers)."""
+        rc = self._lib.lg_decode_layers(layers, len(layers), x.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
+                                        v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), pos, experts, threads)
+        if rc:
+            raise MemoryError("native decode layers: out of memory")
+
+    @staticmethod
+    def quantized_experts(tables: tuple[ctypes.Array, ctypes.Array, int]) -> LgExperts:
+        """A layer's LgExperts from its quantized (gate_up, down, inter) tables (kept alive by the caller)."""
+        ptr = ctypes.POINTER(_QTensor)
+        return LgExperts(ctypes.cast(tables[0], ptr), ctypes.cast(tables[1], ptr), None, None, tables[2])
+
+    @staticmethod
+    def dense_experts(gate_up: ctypes.Array, down: ctypes.Array, inter: int) -> LgExperts:
+        """A layer's LgExperts from an LgMat per expert for gate_up [2I, H] and down [H, I] (kept alive by the caller)."""
+        ptr = ctypes.POINTER(LgMat)
+        return LgExperts(None, None, ctypes.cast(gate_up, ptr), ctypes.cast(down, ptr), inter)
+
+    @staticmethod
+    def describe_matrix(w: torch.Tensor | QuantTensor, dtype: torch.dtype, bias: torch.Tensor | None = None) -> LgMat | None:
+        """quant's C view of a weight (NativeLib.describe_matrix), for LgLayer and LgExperts."""
+        return NativeLib.describe_matrix(w, dtype, bias)
+
+    def dense_expert(self, gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        """One dense expert on x [T, H] through quant's kernel (NativeLib.dense_expert)."""
+        return self.quant.dense_expert(gate_up, down, x)
 
 
 @cache
-def native() -> NativeLib | None:
-    """The native CPU kernels, looked up once (a hot path: ~50 norms and 24 RoPE calls a token)."""
-    return native_lib()
+def native() -> LayerLib | None:
+    """The model side's library, built and loaded once per process (a hot path: ~50 norms and 24
+    RoPE calls a token); None, with a warning logged, where it or quant's cannot be built."""
+    quant = native_lib()
+    cc = _compiler()
+    if quant is None or cc is None:  # quant.native has said why
+        return None
+    try:
+        return LayerLib(build_layers(cc, quant.path), quant)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        log.warning("localglm: native layer ops failed to build (%s); the layers run torch ops", e)
+        return None

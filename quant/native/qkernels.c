@@ -15,24 +15,13 @@
  * Built at first use by quant/native.py with the machine's C compiler (-O3 -march=native -fopenmp);
  * a portable scalar path is used where AVX2 is not available. Threads: OpenMP, torch's runtime
  * (same libgomp soname), count passed per call.
+ *
+ * This file holds formats and kernels only, nothing of models: the per-token layer ops (norm, RoPE,
+ * attention, router) and the fused decoder layer are the model side's (localglm/layers/native/,
+ * localglm/models/native/), built into a second library that links against this one and calls the
+ * entry points lg_kernels.h declares (lg_matvec, lg_swiglu_vec, lg_moe, lg_qact_*).
  */
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#ifdef __AVX2__
-#include <immintrin.h>
-#endif
-
-#define QB 32 /* activation / code block */
-
-typedef struct {
-    const float *rowf;
-    const uint8_t *data;
-    const uint8_t *gs; /* q2/q4: scale codes; q8: fp16 group scales */
-    const int8_t *gm;  /* q2/q4: offset codes; q8: unused */
-    int32_t bits, group, n, k;
-} lg_qtensor;
+#include "lg_kernels.h"
 
 /* The q2/q4 scale code c means 2^((c - 255) / 16). With v = c + 1 = 16 e + f that is
  * 2^(e - 16) * 2^(f / 16): the table is built that way (the power of two is exact), so the vector
@@ -69,51 +58,22 @@ static inline float half_to_float(uint16_t h) {
 #endif
 }
 
-/* Activations and results are fp32 (dtype 0) or bf16 (dtype 1, converted here as torch does:
- * round to nearest even), so the caller needs no conversion ops around a call. */
-static inline float bf16_to_float(uint16_t h) {
-    const uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN */
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-static inline float load_val(const void *p, int dtype, size_t i) {
-    return dtype == 1 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-static void load_row(const void *src, int dtype, size_t offset, int k, float *dst) {
-    if (dtype == 1) {
-        const uint16_t *h = (const uint16_t *)src + offset;
-        int i = 0;
-#ifdef __AVX2__
-        for (; i + 8 <= k; i += 8)
-            _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(h + i))), 16)));
-#endif
-        for (; i < k; i++) dst[i] = bf16_to_float(h[i]);
-    } else {
-        memcpy(dst, (const float *)src + offset, (size_t)k * sizeof(float));
-    }
-}
-
-static inline void store(void *dst, int dtype, size_t i, float v) {
-    if (dtype == 1) ((uint16_t *)dst)[i] = float_to_bf16(v);
-    else ((float *)dst)[i] = v;
-}
-
 int lg_has_avx2(void) {
 #ifdef __AVX2__
     return 1;
 #else
     return 0;
 #endif
+}
+
+/* sizeof of the structs ctypes mirrors (quant/native.py compares them at load): 0 lg_qtensor,
+ * 1 lg_mat; 0 past the end. */
+size_t lg_quant_sizeof(int which) {
+    switch (which) {
+    case 0: return sizeof(lg_qtensor);
+    case 1: return sizeof(lg_mat);
+    default: return 0;
+    }
 }
 
 /* One row of activations -> int8 blocks (permuted for `bits`), block scales d and sums s of the rounded values. */
@@ -140,13 +100,6 @@ static void quantize_row(const float *x, int k, int bits, int8_t *q, float *d, f
 }
 
 #ifdef __AVX2__
-static inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 /* 32 codes of block b as unsigned bytes in the permuted order: the block's bytes broadcast to every
  * lane, each lane shifted by its own count (one vpsrlvq), then masked -- three instructions. q4: low
  * nibbles in the low 128 bits, high in the high; q2: 64-bit lane j holds bits 2j..2j+1 of each byte. */
@@ -398,19 +351,14 @@ static inline float dot_row(const lg_qtensor *w, int n, const int8_t *xq, const 
     return out;
 }
 
-typedef struct {
-    int8_t *q;
-    float *d, *s;
-} qact;
-
-static int qact_alloc(qact *a, size_t rows, int k) {
+int lg_qact_alloc(qact *a, size_t rows, int k) {
     a->q = malloc(rows * (size_t)k);
     a->d = malloc(rows * (size_t)(k / QB) * sizeof(float));
     a->s = malloc(rows * (size_t)(k / QB) * sizeof(float));
     return a->q && a->d && a->s;
 }
 
-static void qact_free(qact *a) {
+void lg_qact_free(qact *a) {
     free(a->q);
     free(a->d);
     free(a->s);
@@ -446,9 +394,9 @@ int lg_linear(const lg_qtensor *w, int T, const void *x, int x_dtype, const floa
     const int K = w->k, N = w->n;
     qact a = {0};
     float *row = malloc((size_t)K * sizeof(float));
-    if (!row || !qact_alloc(&a, T, K)) {
+    if (!row || !lg_qact_alloc(&a, T, K)) {
         free(row);
-        qact_free(&a);
+        lg_qact_free(&a);
         return -1;
     }
     for (int t = 0; t < T; t++) {
@@ -469,7 +417,7 @@ int lg_linear(const lg_qtensor *w, int T, const void *x, int x_dtype, const floa
         }
     }
     free(row);
-    qact_free(&a);
+    lg_qact_free(&a);
     return 0;
 }
 
@@ -491,10 +439,10 @@ int lg_moe(int T, int H, int I, const void *x, int dtype, int k, const int64_t *
     float *h1 = malloc((size_t)P * I2 * sizeof(float)), *y = malloc((size_t)P * H * sizeof(float));
     float *xf = malloc((size_t)T * H * sizeof(float));
     qact xa = {0}, ha = {0};
-    const int ok = cnt && order && seg_e && seg_start && h1 && y && xf && qact_alloc(&xa, T, H) && qact_alloc(&ha, P, I);
+    const int ok = cnt && order && seg_e && seg_start && h1 && y && xf && lg_qact_alloc(&xa, T, H) && lg_qact_alloc(&ha, P, I);
     if (!ok) {
         free(cnt); free(order); free(seg_e); free(seg_start); free(h1); free(y); free(xf);
-        qact_free(&xa); qact_free(&ha);
+        lg_qact_free(&xa); lg_qact_free(&ha);
         return -1;
     }
     /* counting sort of the (token, slot) pairs by expert */
@@ -549,7 +497,7 @@ int lg_moe(int T, int H, int I, const void *x, int dtype, int k, const int64_t *
         }
     }
     free(cnt); free(order); free(seg_e); free(seg_start); free(h1); free(y); free(xf);
-    qact_free(&xa); qact_free(&ha);
+    lg_qact_free(&xa); lg_qact_free(&ha);
     return 0;
 }
 
@@ -586,271 +534,7 @@ void lg_dequant_rows(const lg_qtensor *w, const int64_t *rows, int m, float *out
     for (int i = 0; i < m; i++) dequant_row(w, (int)rows[i], out + (size_t)i * w->k);
 }
 
-/* ---- per-token layer ops ------------------------------------------------------------------------
- * The helpers work on float rows that hold values already rounded to the model dtype, so the fused
- * decode layer below and the single ops (called from localglm/layers.py) give the same numbers. */
-
-static inline float rnd(float v, int dtype) { return dtype == 1 ? bf16_to_float(float_to_bf16(v)) : v; }
-
-/* RMSNorm as transformers computes it: in fp32, cast back to the dtype, then times the weight (in
- * that dtype: the product rounded once). */
-static void norm_row(const float *x, int n, const void *weight, int dtype, float eps, float *out) {
-    double ss = 0.0;
-    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
-    const float inv = 1.0f / sqrtf((float)(ss / n) + eps);
-    for (int i = 0; i < n; i++) {
-        if (dtype == 1) out[i] = rnd(bf16_to_float(((const uint16_t *)weight)[i]) * rnd(x[i] * inv, 1), 1);
-        else out[i] = ((const float *)weight)[i] * (x[i] * inv);
-    }
-}
-
-/* One call instead of a handful of torch ops per norm, which is what a decode step on the CPU is made of. */
-void lg_rms_norm(const void *x, int dtype, int rows, int n, const void *weight, float eps, void *out) {
-    float *buf = malloc(2 * (size_t)n * sizeof(float));
-    if (!buf) return; /* n is a hidden size: a failure here is the process's, not ours to report */
-    for (int r = 0; r < rows; r++) {
-        const size_t off = (size_t)r * n;
-        load_row(x, dtype, off, n, buf);
-        norm_row(buf, n, weight, dtype, eps, buf + n);
-        for (int i = 0; i < n; i++) store(out, dtype, off + i, buf[n + i]);
-    }
-    free(buf);
-}
-
-/* Rotary embedding of one row in place (one position): the first `rot` dims rotate, halves paired
- * (x * cos + rotate_half(x) * sin), the rest pass through; each product and the sum rounded to
- * `dtype` as torch's elementwise ops do. `tmp` holds rot floats. */
-static void rope_row(float *x, int rot, const void *cos, const void *sin, int dtype, float *tmp) {
-    const int half = rot / 2;
-    memcpy(tmp, x, (size_t)rot * sizeof(float));
-    for (int i = 0; i < rot; i++) {
-        const float rh = i < half ? -tmp[i + half] : tmp[i - half];
-        const float a = rnd(tmp[i] * load_val(cos, dtype, i), dtype), b = rnd(rh * load_val(sin, dtype, i), dtype);
-        x[i] = rnd(a + b, dtype);
-    }
-}
-
-void lg_rope(const void *x, int dtype, int rows, int hd, int rot, const void *cos, const void *sin, void *out) {
-    float *buf = malloc(((size_t)hd + (size_t)rot) * sizeof(float));
-    if (!buf) return;
-    for (int r = 0; r < rows; r++) {
-        const size_t off = (size_t)r * hd;
-        load_row(x, dtype, off, hd, buf);
-        rope_row(buf, rot, cos, sin, dtype, buf + hd);
-        for (int i = 0; i < hd; i++) store(out, dtype, off + i, buf[i]);
-    }
-    free(buf);
-}
-
-static inline float dotf(const float *a, const float *b, int n) {
-    float s = 0.0f;
-    int i = 0;
-#ifdef __AVX2__
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    for (; i + 16 <= n; i += 16) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), a1);
-    }
-    s = hsum256(_mm256_add_ps(a0, a1));
-#endif
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
-#define AB 8 /* cache positions per attention block */
-
-#ifdef __AVX2__
-/* e^x for eight floats (Cephes' expf: range reduction by ln 2, degree-5 polynomial; within 2 ulp
- * of expf over the softmax's range x <= 0, and 0 below -87). libm's expf, one value at a time,
- * was most of a long-context attention call. */
-static inline __m256 exp256(__m256 x) {
-    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-88.3762626647949f));
-    __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-#endif
-
-/* s[t] = exp(s[t] - mx) for t < n; returns their sum (in lane order, then the tail). */
-static float exp_shift_sum(float *s, int n, float mx) {
-    int t = 0;
-    float sum = 0.0f;
-#ifdef __AVX2__
-    __m256 acc = _mm256_setzero_ps();
-    const __m256 m = _mm256_set1_ps(mx);
-    for (; t + 8 <= n; t += 8) {
-        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), m));
-        _mm256_storeu_ps(s + t, e);
-        acc = _mm256_add_ps(acc, e);
-    }
-    sum = hsum256(acc);
-#endif
-    for (; t < n; t++) {
-        s[t] = expf(s[t] - mx);
-        sum += s[t];
-    }
-    return sum;
-}
-
-#ifdef __AVX2__
-/* The sums of eight vectors' lanes, as one vector (lane j = sum of v[j]). */
-static inline __m256 hsum8x8(const __m256 *v) {
-    const __m256 a = _mm256_hadd_ps(v[0], v[1]), b = _mm256_hadd_ps(v[2], v[3]);
-    const __m256 c = _mm256_hadd_ps(v[4], v[5]), d = _mm256_hadd_ps(v[6], v[7]);
-    const __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d); /* [0 1 2 3 | 0 1 2 3], [4 5 6 7 | 4 5 6 7] */
-    const __m256 lo = _mm256_permute2f128_ps(ab, cd, 0x20), hi = _mm256_permute2f128_ps(ab, cd, 0x31);
-    return _mm256_add_ps(lo, hi);
-}
-#endif
-
-/* scores s[j] = q . rows[j] for AB rows of hd floats (rows contiguous). */
-static inline void dot_block(const float *q, const float *rows, int hd, float *s) {
-#ifdef __AVX2__
-    if (hd % 8 == 0) {
-        __m256 acc[AB];
-        for (int j = 0; j < AB; j++) acc[j] = _mm256_setzero_ps();
-        for (int i = 0; i < hd; i += 8) {
-            const __m256 qv = _mm256_loadu_ps(q + i);
-            for (int j = 0; j < AB; j++) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows + (size_t)j * hd + i), acc[j]);
-        }
-        _mm256_storeu_ps(s, hsum8x8(acc));
-        return;
-    }
-#endif
-    for (int j = 0; j < AB; j++) s[j] = dotf(q, rows + (size_t)j * hd, hd);
-}
-
-/* One query token against the KV cache: scores = q.k * scale (fp32), softmax (fp32), out = sum p v
- * (rounded to dtype) -- what layers._decode_attention does with torch ops. q [heads, hd] floats;
- * k, v of `dtype`: kv head g, position t at g * stride_head + t * stride_pos; out [heads, hd]
- * floats. Cached rows are converted to float AB at a time and used by every query head of their
- * group (GQA): q.k for AB positions at once (one horizontal reduction per block, not per dot), and
- * p v accumulated per head over the block's rows. Work is split by (kv head, slice of its query
- * heads) so every thread has some even with fewer kv heads than threads. Returns 0, or -1 when out
- * of memory. */
-static int attend(const float *q, const void *k, const void *v, int dtype, int heads, int kv_heads, int len, int hd,
-                  long stride_head, long stride_pos, float scale, float *out, int nth) {
-    const int group = heads / kv_heads;
-    int split = nth / kv_heads;
-    split = split < 1 ? 1 : split > group ? group : split;
-    const int chunk = (group + split - 1) / split, items = kv_heads * split;
-    const int padded = (len + AB - 1) / AB * AB;
-    const size_t per_item = (size_t)chunk * (size_t)padded + (size_t)AB * (size_t)hd;
-    float *buf = malloc(sizeof(float) * per_item * (size_t)items);
-    if (!buf) return -1;
-    const int par = nth > 1 && (long)heads * len * hd >= (1L << 15);
-#pragma omp parallel for num_threads(nth) schedule(static) if (par)
-    for (int it = 0; it < items; it++) {
-        const int g = it / split, h0 = g * group + (it % split) * chunk;
-        const int h1 = h0 + chunk < (g + 1) * group ? h0 + chunk : (g + 1) * group;
-        float *sc = buf + (size_t)it * per_item, *rows = sc + (size_t)chunk * (size_t)padded;
-        const size_t base = (size_t)g * (size_t)stride_head;
-        for (int t0 = 0; t0 < len; t0 += AB) {
-            const int nb = len - t0 < AB ? len - t0 : AB;
-            for (int j = 0; j < AB; j++) {
-                if (j < nb) load_row(k, dtype, base + (size_t)(t0 + j) * (size_t)stride_pos, hd, rows + (size_t)j * hd);
-                else memset(rows + (size_t)j * hd, 0, (size_t)hd * sizeof(float));
-            }
-            for (int h = h0; h < h1; h++) {
-                float *s = sc + (size_t)(h - h0) * padded + t0;
-                dot_block(q + (size_t)h * hd, rows, hd, s);
-                for (int j = 0; j < nb; j++) s[j] *= scale;
-            }
-        }
-        for (int h = h0; h < h1; h++) {
-            float *s = sc + (size_t)(h - h0) * padded, mx = -INFINITY;
-            for (int t = 0; t < len; t++) mx = s[t] > mx ? s[t] : mx;
-            const float inv = 1.0f / exp_shift_sum(s, len, mx);
-            for (int t = 0; t < len; t++) s[t] *= inv;
-            float *acc = out + (size_t)h * hd;
-            for (int i = 0; i < hd; i++) acc[i] = 0.0f;
-        }
-        for (int t0 = 0; t0 < len; t0 += AB) {
-            const int nb = len - t0 < AB ? len - t0 : AB;
-            for (int j = 0; j < nb; j++) load_row(v, dtype, base + (size_t)(t0 + j) * (size_t)stride_pos, hd, rows + (size_t)j * hd);
-            for (int h = h0; h < h1; h++) {
-                const float *p = sc + (size_t)(h - h0) * padded + t0;
-                float *acc = out + (size_t)h * hd;
-                int i = 0;
-#ifdef __AVX2__
-                for (; i + 8 <= hd; i += 8) {
-                    __m256 a = _mm256_loadu_ps(acc + i);
-                    for (int j = 0; j < nb; j++) a = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(rows + (size_t)j * hd + i), a);
-                    _mm256_storeu_ps(acc + i, a);
-                }
-#endif
-                for (; i < hd; i++) {
-                    float a = acc[i];
-                    for (int j = 0; j < nb; j++) a += p[j] * rows[(size_t)j * hd + i];
-                    acc[i] = a;
-                }
-            }
-        }
-        for (int h = h0; h < h1; h++)
-            for (int i = 0; i < hd; i++) out[(size_t)h * hd + i] = rnd(out[(size_t)h * hd + i], dtype);
-    }
-    free(buf);
-    return 0;
-}
-
-int lg_decode_attention(const void *q, const void *k, const void *v, int dtype, int heads, int kv_heads, int len, int hd,
-                        long stride_head, long stride_pos, float scale, void *out, int nth) {
-    const size_t n = (size_t)heads * hd;
-    float *buf = malloc(2 * n * sizeof(float));
-    if (!buf) return -1;
-    load_row(q, dtype, 0, (int)n, buf);
-    const int rc = attend(buf, k, v, dtype, heads, kv_heads, len, hd, stride_head, stride_pos, scale, buf + n, nth);
-    if (rc == 0)
-        for (size_t i = 0; i < n; i++) store(out, dtype, i, buf[n + i]);
-    free(buf);
-    return rc;
-}
-
-/* ---- the fused decode layer ----------------------------------------------------------------------
- * One token through one decoder layer (pre-norm attention, then a dense SwiGLU MLP or the MoE's
- * router and shared experts) in one call, because a decode step through torch is ~60 small ops per
- * layer at ~6 us each: on the CPU that overhead, not the arithmetic, was most of a token. The math
- * and its rounding points are localglm/layers.py's and router.py's; quantized products are exactly
- * lg_linear's. Routed experts stay with the caller's ExpertBackend (in RAM, offloaded, quantized),
- * whose output the next call adds to the residual stream. */
-
-typedef struct {
-    int32_t kind; /* 0 quantized (q), 1 bf16 dense, 2 fp32 dense */
-    int32_t n, k;
-    const void *w;     /* dense: [n, k] row-major */
-    const float *bias; /* fp32 [n] or NULL */
-    lg_qtensor q;
-} lg_mat;
-
-typedef struct {
-    int32_t hidden, heads, kv_heads, hd, rot, dtype;
-    float eps;
-    int32_t moe;     /* 1: router (+ shared experts); 0: dense MLP */
-    int32_t has_mlp; /* the dense MLP, or the shared experts of a MoE layer */
-    int32_t n_experts, top_k, n_group, topk_group, norm_topk;
-    float scaling;
-    const void *input_norm, *post_norm, *q_norm, *k_norm; /* dtype; q/k norm NULL when absent */
-    const float *router_w, *router_bias;                   /* fp32 [E, hidden], [E] */
-    lg_mat qkv, o, gate_up, down;
-} lg_layer;
-
-/* A MoE layer's routed experts for the fused decode: quantized tables (lg_moe's) or dense ones
- * (lg_mat per expert), n_experts of each. All NULL: the caller runs the experts. */
-typedef struct {
-    const lg_qtensor *q_gate_up, *q_down;
-    const lg_mat *d_gate_up, *d_down;
-    int32_t inter;
-} lg_experts;
-
+/* Row n of a dense (bf16 / fp32) matrix against x. */
 static float dot_dense(const lg_mat *m, int n, const float *x) {
     const int K = m->k;
     float s = 0.0f;
@@ -875,7 +559,7 @@ static float dot_dense(const lg_mat *m, int n, const float *x) {
 }
 
 /* y = m . x (+ bias), each value rounded to dtype. `xa` has room for one quantized row of m->k. */
-static void matvec(const lg_mat *m, const float *x, int dtype, qact *xa, float *y, int nth) {
+void lg_matvec(const lg_mat *m, const float *x, int dtype, qact *xa, float *y, int nth) {
     const int N = m->n, K = m->k;
     if (m->kind == 0) quantize_row(x, K, m->q.bits, QROW(xa, 0, K));
     const int par = nth > 1 && (size_t)N * K >= (1u << 16);
@@ -887,19 +571,15 @@ static void matvec(const lg_mat *m, const float *x, int dtype, qact *xa, float *
 }
 
 /* SwiGLU: down(silu(gate(h)) * up(h)), gate_up fused [2I, H]; rounded where torch rounds. g holds 2I floats. */
-static void swiglu_vec(const lg_mat *gate_up, const lg_mat *down, int dt, const float *h, qact *xa, float *g, float *out, int nth) {
+void lg_swiglu_vec(const lg_mat *gate_up, const lg_mat *down, int dt, const float *h, qact *xa, float *g, float *out, int nth) {
     const int I = down->k;
-    matvec(gate_up, h, dt, xa, g, nth);
+    lg_matvec(gate_up, h, dt, xa, g, nth);
     for (int j = 0; j < I; j++) g[j] = rnd(rnd(silu(g[j]), dt) * g[I + j], dt);
-    matvec(down, g, dt, xa, out, nth);
-}
-
-static void mlp_vec(const lg_layer *L, const float *h, qact *xa, float *g, float *out, int nth) {
-    swiglu_vec(&L->gate_up, &L->down, L->dtype, h, xa, g, out, nth);
+    lg_matvec(down, g, dt, xa, out, nth);
 }
 
 /* One dense (bf16 / fp32) expert on T tokens: y = down(silu(gate(x)) * up(x)) in x's dtype, rounded
- * as the torch ops round -- what localglm.experts.expert_swiglu computes for an expert in RAM and the
+ * as the torch ops round -- what localglm.layers.experts.expert_swiglu computes for an expert in RAM and the
  * offloaded one alike. Returns 0, or -1 when out of memory. */
 int lg_dense_expert(const lg_mat *gate_up, const lg_mat *down, int T, const void *x, int dtype, void *y, int nth) {
     const int H = gate_up->k, I = down->k;
@@ -909,196 +589,9 @@ int lg_dense_expert(const lg_mat *gate_up, const lg_mat *down, int T, const void
     qact xa = {0}; /* dense products do not quantize activations */
     for (int t = 0; t < T; t++) {
         load_row(x, dtype, (size_t)t * H, H, xf);
-        swiglu_vec(gate_up, down, dtype, xf, &xa, g, o, nth);
+        lg_swiglu_vec(gate_up, down, dtype, xf, &xa, g, o, nth);
         for (int i = 0; i < H; i++) store(y, dtype, (size_t)t * H + i, o[i]);
     }
     free(buf);
     return 0;
-}
-
-/* GLM's sigmoid router (localglm/router.py): choose by score + correction bias within the best
- * topk_group groups (a group scores the sum of its two best), weight by the unbiased scores. Ties go
- * to the lower index. `sc` holds 2E floats. */
-static void route_vec(const lg_layer *L, const float *h, float *sc, int64_t *ids, float *wts, int nth) {
-    const int E = L->n_experts, H = L->hidden, k = L->top_k;
-    float *choice = sc + E;
-    const int par = nth > 1 && (size_t)E * H >= (1u << 16);
-#pragma omp parallel for num_threads(nth) schedule(static) if (par)
-    for (int e = 0; e < E; e++) {
-        sc[e] = 1.0f / (1.0f + expf(-dotf(L->router_w + (size_t)e * H, h, H)));
-        choice[e] = sc[e] + L->router_bias[e];
-    }
-    if (L->n_group > 1) {
-        const int G = L->n_group, per = E / G;
-        float gscore[G];
-        int keep[G];
-        for (int g = 0; g < G; g++) {
-            float b1 = -INFINITY, b2 = -INFINITY;
-            for (int e = g * per; e < (g + 1) * per; e++) {
-                const float c = choice[e];
-                if (c > b1) { b2 = b1; b1 = c; } else if (c > b2) b2 = c;
-            }
-            gscore[g] = per > 1 ? b1 + b2 : b1;
-            keep[g] = 0;
-        }
-        for (int j = 0; j < L->topk_group && j < G; j++) {
-            int best = -1;
-            for (int g = 0; g < G; g++)
-                if (!keep[g] && (best < 0 || gscore[g] > gscore[best])) best = g;
-            keep[best] = 1;
-        }
-        for (int e = 0; e < E; e++)
-            if (!keep[e / per]) choice[e] = -INFINITY;
-    }
-    unsigned char taken[E];
-    memset(taken, 0, (size_t)E);
-    float sum = 0.0f;
-    for (int j = 0; j < k; j++) {
-        int best = -1;
-        for (int e = 0; e < E; e++)
-            if (!taken[e] && (best < 0 || choice[e] > choice[best])) best = e;
-        taken[best] = 1;
-        ids[j] = best;
-        wts[j] = sc[best];
-        sum += wts[j];
-    }
-    for (int j = 0; j < k; j++) wts[j] = (L->norm_topk ? wts[j] / (sum + 1e-20f) : wts[j]) * L->scaling;
-}
-
-/* x = x + (a + b), or x + a without b: the residual add of a MoE layer's routed and shared outputs,
- * rounded as torch rounds `x + (routed + shared)`. All of `dtype`, n values. */
-static inline float moe_output(const void *routed, const void *shared, int dtype, size_t i) {
-    return shared ? rnd(load_val(routed, dtype, i) + load_val(shared, dtype, i), dtype) : load_val(routed, dtype, i);
-}
-
-void lg_residual_add(void *x, const void *a, const void *b, int dtype, int n) {
-    for (int i = 0; i < n; i++) store(x, dtype, i, load_val(x, dtype, i) + moe_output(a, b, dtype, i));
-}
-
-/* One token through layer L at position `pos`. x [hidden] (dtype) is the residual stream, updated
- * in place; add_a / add_b (or NULL) are the previous MoE layer's routed and shared outputs, added
- * first. cos / sin [rot] (dtype) are this position's rotary table. k_cache / v_cache point at this
- * layer's cache (kv head g, position t at g * stride_head + t * stride_pos, dtype); this token's
- * k and v are written at pos. A dense layer finishes its MLP here; a MoE layer writes the
- * post-attention normed hidden state h_out (dtype), the routing (ids int64 / wts fp32 [top_k]) and,
- * with shared experts, their output mlp_out (dtype), and leaves the routed experts to the caller --
- * unless it passes them in `ex` (quantized or dense tables), then they run here too (into
- * routed_out, dtype) and x comes back with the whole layer added. Dense experts are summed as
- * localglm.experts.combine_experts sums one token's: in fp32, in expert order, each product
- * rounded to the dtype first. Returns 0, or -1 when out of memory. */
-int lg_decode_layer(const lg_layer *L, void *x, const void *add_a, const void *add_b, const void *cos, const void *sin,
-                    void *k_cache, void *v_cache, long stride_head, long stride_pos, int pos,
-                    void *h_out, int64_t *ids, float *wts, void *mlp_out, const lg_experts *ex, void *routed_out, int nth) {
-    const int H = L->hidden, hd = L->hd, dt = L->dtype, nq = L->heads * hd, nkv = L->kv_heads * hd;
-    const int dense_ex = L->moe && ex && ex->d_gate_up, E = L->moe ? L->n_experts : 0;
-    int inter2 = L->has_mlp ? L->gate_up.n : 0;
-    if (dense_ex && 2 * ex->inter > inter2) inter2 = 2 * ex->inter;
-    int kmax = H > nq ? H : nq;
-    if (L->has_mlp && L->down.k > kmax) kmax = L->down.k;
-    const size_t nf = (size_t)H * 5 + (size_t)nq * 2 + (size_t)nkv * 2 + (size_t)inter2 + 2 * (size_t)E + (size_t)hd;
-    float *buf = malloc(nf * sizeof(float));
-    qact xa = {0};
-    if (!buf || !qact_alloc(&xa, 1, (kmax + QB - 1) / QB * QB)) {
-        free(buf);
-        qact_free(&xa);
-        return -1;
-    }
-    float *xf = buf, *hn = xf + H, *o = hn + H, *mo = o + H, *qkv = mo + H, *att = qkv + nq + 2 * nkv;
-    float *g = att + nq, *sc = g + inter2, *tmp = sc + 2 * E, *ye = tmp + hd; /* ye: one routed expert's output */
-    load_row(x, dt, 0, H, xf);
-    if (add_a)
-        for (int i = 0; i < H; i++) xf[i] = rnd(xf[i] + moe_output(add_a, add_b, dt, i), dt);
-    /* attention */
-    norm_row(xf, H, L->input_norm, dt, L->eps, hn);
-    matvec(&L->qkv, hn, dt, &xa, qkv, nth);
-    float *q = qkv, *k = qkv + nq, *v = k + nkv;
-    for (int r = 0; r < L->heads + L->kv_heads; r++) {
-        float *row = qkv + (size_t)r * hd;
-        const void *nw = r < L->heads ? L->q_norm : L->k_norm;
-        if (nw) {
-            memcpy(tmp, row, (size_t)hd * sizeof(float));
-            norm_row(tmp, hd, nw, dt, L->eps, row);
-        }
-        if (L->rot > 0) rope_row(row, L->rot, cos, sin, dt, tmp);
-    }
-    for (int gk = 0; gk < L->kv_heads; gk++) {
-        const size_t at = (size_t)gk * (size_t)stride_head + (size_t)pos * (size_t)stride_pos;
-        for (int i = 0; i < hd; i++) {
-            store(k_cache, dt, at + i, k[(size_t)gk * hd + i]);
-            store(v_cache, dt, at + i, v[(size_t)gk * hd + i]);
-        }
-    }
-    int rc = attend(q, k_cache, v_cache, dt, L->heads, L->kv_heads, pos + 1, hd, stride_head, stride_pos, (float)(1.0 / sqrt((double)hd)), att, nth);
-    if (rc == 0) {
-        matvec(&L->o, att, dt, &xa, o, nth);
-        for (int i = 0; i < H; i++) xf[i] = rnd(xf[i] + o[i], dt);
-        /* feed-forward */
-        norm_row(xf, H, L->post_norm, dt, L->eps, hn);
-        if (!L->moe) {
-            mlp_vec(L, hn, &xa, g, mo, nth);
-            for (int i = 0; i < H; i++) xf[i] = rnd(xf[i] + mo[i], dt);
-        } else {
-            for (int i = 0; i < H; i++) store(h_out, dt, i, hn[i]);
-            route_vec(L, hn, sc, ids, wts, nth);
-            if (L->has_mlp) {
-                mlp_vec(L, hn, &xa, g, mo, nth);
-                for (int i = 0; i < H; i++) store(mlp_out, dt, i, mo[i]);
-            }
-            if (dense_ex) {
-                const int kk = L->top_k;
-                int ord[kk];
-                for (int j = 0; j < kk; j++) ord[j] = j;
-                for (int a = 1; a < kk; a++) /* the chosen experts in id order (insertion sort: k is small) */
-                    for (int b = a; b > 0 && ids[ord[b]] < ids[ord[b - 1]]; b--) { const int t = ord[b]; ord[b] = ord[b - 1]; ord[b - 1] = t; }
-                float *acc = o; /* o is free again: the routed sum */
-                for (int i = 0; i < H; i++) acc[i] = 0.0f;
-                for (int j = 0; j < kk; j++) {
-                    const int e = (int)ids[ord[j]];
-                    const float w = wts[ord[j]];
-                    swiglu_vec(&ex->d_gate_up[e], &ex->d_down[e], dt, hn, &xa, g, ye, nth);
-                    for (int i = 0; i < H; i++) acc[i] += rnd(ye[i] * w, dt);
-                }
-                for (int i = 0; i < H; i++) store(routed_out, dt, i, acc[i]);
-            } else if (ex && ex->q_gate_up) {
-                rc = lg_moe(1, H, ex->inter, h_out, dt, L->top_k, ids, wts, ex->q_gate_up, ex->q_down, L->n_experts, routed_out, nth);
-            }
-            if (ex && (ex->d_gate_up || ex->q_gate_up)) {
-                for (int i = 0; i < H && rc == 0; i++) {
-                    const float r = load_val(routed_out, dt, i);
-                    xf[i] = rnd(xf[i] + (L->has_mlp ? rnd(r + mo[i], dt) : r), dt);
-                }
-            }
-        }
-        for (int i = 0; i < H; i++) store(x, dt, i, xf[i]);
-    }
-    free(buf);
-    qact_free(&xa);
-    return rc;
-}
-
-/* Every layer of one token in one call (layers[0..n)), for a model whose routed experts all sit in
- * RAM (experts[i]: layer i's tables, all NULL for a dense layer): no return to the caller between layers. Layer i's cache is at k_base / v_base +
- * i * stride_layer. Returns 0, or -1 when out of memory. */
-int lg_decode_layers(const lg_layer *layers, int n, void *x, const void *cos, const void *sin, void *k_base, void *v_base,
-                     long stride_layer, long stride_head, long stride_pos, int pos,
-                     const lg_experts *experts, int nth) {
-    int H = 0, kmax = 0, es = 2;
-    for (int i = 0; i < n; i++) {
-        H = layers[i].hidden > H ? layers[i].hidden : H;
-        kmax = layers[i].top_k > kmax ? layers[i].top_k : kmax;
-        es = layers[i].dtype == 1 ? 2 : 4;
-    }
-    char *buf = malloc((size_t)H * es * 3 + (size_t)kmax * (sizeof(int64_t) + sizeof(float)));
-    if (!buf) return -1;
-    void *h = buf, *shared = buf + (size_t)H * es, *routed = buf + 2 * (size_t)H * es;
-    int64_t *ids = (int64_t *)(buf + 3 * (size_t)H * es);
-    float *wts = (float *)(ids + kmax);
-    int rc = 0;
-    for (int i = 0; i < n && rc == 0; i++) {
-        const size_t off = (size_t)i * (size_t)stride_layer * (size_t)es;
-        rc = lg_decode_layer(&layers[i], x, NULL, NULL, cos, sin, (char *)k_base + off, (char *)v_base + off, stride_head, stride_pos, pos,
-                             h, ids, wts, shared, &experts[i], routed, nth);
-    }
-    free(buf);
-    return rc;
 }

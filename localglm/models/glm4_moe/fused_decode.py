@@ -1,4 +1,4 @@
-"""Decode on the CPU with one native call per layer (quant/native/qkernels.c `lg_decode_layer`).
+"""Decode on the CPU with one native call per layer (localglm/models/native/decode_layer.c `lg_decode_layer`).
 
 Why: through torch a decoded token is ~60 small ops per layer at ~6 us each, which on the CPU cost
 more than the arithmetic of a small or quantized model. The fused call runs norm, q/k/v, q/k norm,
@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from quant.native import LgExperts, LgLayer, LgMat, NativeLib, native_lib
+from quant.native import LgMat
 
 from ...layers.experts import InMemoryExperts, QuantizedExperts
 from ...layers.kv_cache import KVCache
+from ...layers.native import LayerLib, LgExperts, LgLayer, native
 from ...layers.norm import rms_norm
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ def _fp32(t: torch.Tensor | None) -> torch.Tensor | None:
 class FusedDecoder:
     """One-token forward through the fused native layers: `hidden_states` as Glm4MoeModel's."""
 
-    def __init__(self, model: Glm4MoeModel, lib: NativeLib, layers: list[_FusedLayer]) -> None:
+    def __init__(self, model: Glm4MoeModel, lib: LayerLib, layers: list[_FusedLayer]) -> None:
         self.model = model
         self.lib = lib
         self.layers = layers
@@ -85,7 +86,7 @@ class FusedDecoder:
         """The fused decoder for this model, or None where the native kernels do not take it."""
         if model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16):
             return None
-        lib = native_lib()
+        lib = native()
         if lib is None:
             return None
         layers = []
@@ -104,7 +105,7 @@ class FusedDecoder:
         def mat(w: object, bias: torch.Tensor | None = None) -> LgMat | None:
             b = _fp32(bias)
             keep.extend((w, b))
-            return NativeLib.describe_matrix(w, dtype, b)  # type: ignore[arg-type]
+            return LayerLib.describe_matrix(w, dtype, b)  # type: ignore[arg-type]
 
         def vec(t: torch.Tensor | None, want: torch.dtype) -> int | None:
             if t is None:

@@ -1,0 +1,286 @@
+/* Per-token layer ops of CPU decoding: RMSNorm, RoPE, decode attention (grouped-query), the GLM
+ * router and the residual add of a MoE layer's outputs.
+ *
+ * Each runs alone (one ctypes call instead of a handful of torch ops: localglm/layers/norm.py,
+ * rope.py, attention.py) and inside the fused decoder layer (localglm/models/native/decode_layer.c).
+ * The row helpers work on float rows that hold values already rounded to the model dtype, so both
+ * give the same numbers; their math and rounding points are localglm/layers/'s torch ops'.
+ *
+ * Model-side code: built with decode_layer.c into the library localglm/layers/native.py loads,
+ * linked against quant's kernels (quant/native/lg_kernels.h for the shared structs and helpers).
+ */
+#include "layer_ops.h"
+
+/* sizeof of the structs ctypes mirrors (localglm/layers/native.py compares them at load):
+ * 0 lg_layer, 1 lg_experts; 0 past the end. */
+size_t lg_layers_sizeof(int which) {
+    switch (which) {
+    case 0: return sizeof(lg_layer);
+    case 1: return sizeof(lg_experts);
+    default: return 0;
+    }
+}
+
+/* RMSNorm as transformers computes it: in fp32, cast back to the dtype, then times the weight (in
+ * that dtype: the product rounded once). */
+void lg_norm_row(const float *x, int n, const void *weight, int dtype, float eps, float *out) {
+    double ss = 0.0;
+    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    const float inv = 1.0f / sqrtf((float)(ss / n) + eps);
+    for (int i = 0; i < n; i++) {
+        if (dtype == 1) out[i] = rnd(bf16_to_float(((const uint16_t *)weight)[i]) * rnd(x[i] * inv, 1), 1);
+        else out[i] = ((const float *)weight)[i] * (x[i] * inv);
+    }
+}
+
+/* One call instead of a handful of torch ops per norm, which is what a decode step on the CPU is made of. */
+void lg_rms_norm(const void *x, int dtype, int rows, int n, const void *weight, float eps, void *out) {
+    float *buf = malloc(2 * (size_t)n * sizeof(float));
+    if (!buf) return; /* n is a hidden size: a failure here is the process's, not ours to report */
+    for (int r = 0; r < rows; r++) {
+        const size_t off = (size_t)r * n;
+        load_row(x, dtype, off, n, buf);
+        lg_norm_row(buf, n, weight, dtype, eps, buf + n);
+        for (int i = 0; i < n; i++) store(out, dtype, off + i, buf[n + i]);
+    }
+    free(buf);
+}
+
+/* Rotary embedding of one row in place (one position): the first `rot` dims rotate, halves paired
+ * (x * cos + rotate_half(x) * sin), the rest pass through; each product and the sum rounded to
+ * `dtype` as torch's elementwise ops do. `tmp` holds rot floats. */
+void lg_rope_row(float *x, int rot, const void *cos, const void *sin, int dtype, float *tmp) {
+    const int half = rot / 2;
+    memcpy(tmp, x, (size_t)rot * sizeof(float));
+    for (int i = 0; i < rot; i++) {
+        const float rh = i < half ? -tmp[i + half] : tmp[i - half];
+        const float a = rnd(tmp[i] * load_val(cos, dtype, i), dtype), b = rnd(rh * load_val(sin, dtype, i), dtype);
+        x[i] = rnd(a + b, dtype);
+    }
+}
+
+void lg_rope(const void *x, int dtype, int rows, int hd, int rot, const void *cos, const void *sin, void *out) {
+    float *buf = malloc(((size_t)hd + (size_t)rot) * sizeof(float));
+    if (!buf) return;
+    for (int r = 0; r < rows; r++) {
+        const size_t off = (size_t)r * hd;
+        load_row(x, dtype, off, hd, buf);
+        lg_rope_row(buf, rot, cos, sin, dtype, buf + hd);
+        for (int i = 0; i < hd; i++) store(out, dtype, off + i, buf[i]);
+    }
+    free(buf);
+}
+
+#define AB 8 /* cache positions per attention block */
+
+#ifdef __AVX2__
+/* e^x for eight floats (Cephes' expf: range reduction by ln 2, degree-5 polynomial; within 2 ulp
+ * of expf over the softmax's range x <= 0, and 0 below -87). libm's expf, one value at a time,
+ * was most of a long-context attention call. */
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-88.3762626647949f));
+    __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+#endif
+
+/* s[t] = exp(s[t] - mx) for t < n; returns their sum (in lane order, then the tail). */
+static float exp_shift_sum(float *s, int n, float mx) {
+    int t = 0;
+    float sum = 0.0f;
+#ifdef __AVX2__
+    __m256 acc = _mm256_setzero_ps();
+    const __m256 m = _mm256_set1_ps(mx);
+    for (; t + 8 <= n; t += 8) {
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), m));
+        _mm256_storeu_ps(s + t, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    sum = hsum256(acc);
+#endif
+    for (; t < n; t++) {
+        s[t] = expf(s[t] - mx);
+        sum += s[t];
+    }
+    return sum;
+}
+
+#ifdef __AVX2__
+/* The sums of eight vectors' lanes, as one vector (lane j = sum of v[j]). */
+static inline __m256 hsum8x8(const __m256 *v) {
+    const __m256 a = _mm256_hadd_ps(v[0], v[1]), b = _mm256_hadd_ps(v[2], v[3]);
+    const __m256 c = _mm256_hadd_ps(v[4], v[5]), d = _mm256_hadd_ps(v[6], v[7]);
+    const __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d); /* [0 1 2 3 | 0 1 2 3], [4 5 6 7 | 4 5 6 7] */
+    const __m256 lo = _mm256_permute2f128_ps(ab, cd, 0x20), hi = _mm256_permute2f128_ps(ab, cd, 0x31);
+    return _mm256_add_ps(lo, hi);
+}
+#endif
+
+/* scores s[j] = q . rows[j] for AB rows of hd floats (rows contiguous). */
+static inline void dot_block(const float *q, const float *rows, int hd, float *s) {
+#ifdef __AVX2__
+    if (hd % 8 == 0) {
+        __m256 acc[AB];
+        for (int j = 0; j < AB; j++) acc[j] = _mm256_setzero_ps();
+        for (int i = 0; i < hd; i += 8) {
+            const __m256 qv = _mm256_loadu_ps(q + i);
+            for (int j = 0; j < AB; j++) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows + (size_t)j * hd + i), acc[j]);
+        }
+        _mm256_storeu_ps(s, hsum8x8(acc));
+        return;
+    }
+#endif
+    for (int j = 0; j < AB; j++) s[j] = dotf(q, rows + (size_t)j * hd, hd);
+}
+
+/* One query token against the KV cache: scores = q.k * scale (fp32), softmax (fp32), out = sum p v
+ * (rounded to dtype) -- what localglm/layers/attention.py does with torch ops. q [heads, hd] floats;
+ * k, v of `dtype`: kv head g, position t at g * stride_head + t * stride_pos; out [heads, hd]
+ * floats. Cached rows are converted to float AB at a time and used by every query head of their
+ * group (GQA): q.k for AB positions at once (one horizontal reduction per block, not per dot), and
+ * p v accumulated per head over the block's rows. Work is split by (kv head, slice of its query
+ * heads) so every thread has some even with fewer kv heads than threads. Returns 0, or -1 when out
+ * of memory. */
+int lg_attend(const float *q, const void *k, const void *v, int dtype, int heads, int kv_heads, int len, int hd,
+              long stride_head, long stride_pos, float scale, float *out, int nth) {
+    const int group = heads / kv_heads;
+    int split = nth / kv_heads;
+    split = split < 1 ? 1 : split > group ? group : split;
+    const int chunk = (group + split - 1) / split, items = kv_heads * split;
+    const int padded = (len + AB - 1) / AB * AB;
+    const size_t per_item = (size_t)chunk * (size_t)padded + (size_t)AB * (size_t)hd;
+    float *buf = malloc(sizeof(float) * per_item * (size_t)items);
+    if (!buf) return -1;
+    const int par = nth > 1 && (long)heads * len * hd >= (1L << 15);
+#pragma omp parallel for num_threads(nth) schedule(static) if (par)
+    for (int it = 0; it < items; it++) {
+        const int g = it / split, h0 = g * group + (it % split) * chunk;
+        const int h1 = h0 + chunk < (g + 1) * group ? h0 + chunk : (g + 1) * group;
+        float *sc = buf + (size_t)it * per_item, *rows = sc + (size_t)chunk * (size_t)padded;
+        const size_t base = (size_t)g * (size_t)stride_head;
+        for (int t0 = 0; t0 < len; t0 += AB) {
+            const int nb = len - t0 < AB ? len - t0 : AB;
+            for (int j = 0; j < AB; j++) {
+                if (j < nb) load_row(k, dtype, base + (size_t)(t0 + j) * (size_t)stride_pos, hd, rows + (size_t)j * hd);
+                else memset(rows + (size_t)j * hd, 0, (size_t)hd * sizeof(float));
+            }
+            for (int h = h0; h < h1; h++) {
+                float *s = sc + (size_t)(h - h0) * padded + t0;
+                dot_block(q + (size_t)h * hd, rows, hd, s);
+                for (int j = 0; j < nb; j++) s[j] *= scale;
+            }
+        }
+        for (int h = h0; h < h1; h++) {
+            float *s = sc + (size_t)(h - h0) * padded, mx = -INFINITY;
+            for (int t = 0; t < len; t++) mx = s[t] > mx ? s[t] : mx;
+            const float inv = 1.0f / exp_shift_sum(s, len, mx);
+            for (int t = 0; t < len; t++) s[t] *= inv;
+            float *acc = out + (size_t)h * hd;
+            for (int i = 0; i < hd; i++) acc[i] = 0.0f;
+        }
+        for (int t0 = 0; t0 < len; t0 += AB) {
+            const int nb = len - t0 < AB ? len - t0 : AB;
+            for (int j = 0; j < nb; j++) load_row(v, dtype, base + (size_t)(t0 + j) * (size_t)stride_pos, hd, rows + (size_t)j * hd);
+            for (int h = h0; h < h1; h++) {
+                const float *p = sc + (size_t)(h - h0) * padded + t0;
+                float *acc = out + (size_t)h * hd;
+                int i = 0;
+#ifdef __AVX2__
+                for (; i + 8 <= hd; i += 8) {
+                    __m256 a = _mm256_loadu_ps(acc + i);
+                    for (int j = 0; j < nb; j++) a = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(rows + (size_t)j * hd + i), a);
+                    _mm256_storeu_ps(acc + i, a);
+                }
+#endif
+                for (; i < hd; i++) {
+                    float a = acc[i];
+                    for (int j = 0; j < nb; j++) a += p[j] * rows[(size_t)j * hd + i];
+                    acc[i] = a;
+                }
+            }
+        }
+        for (int h = h0; h < h1; h++)
+            for (int i = 0; i < hd; i++) out[(size_t)h * hd + i] = rnd(out[(size_t)h * hd + i], dtype);
+    }
+    free(buf);
+    return 0;
+}
+
+/* lg_attend on a q of `dtype`, out of `dtype`: the single op localglm/layers/attention.py calls. */
+int lg_decode_attention(const void *q, const void *k, const void *v, int dtype, int heads, int kv_heads, int len, int hd,
+                        long stride_head, long stride_pos, float scale, void *out, int nth) {
+    const size_t n = (size_t)heads * hd;
+    float *buf = malloc(2 * n * sizeof(float));
+    if (!buf) return -1;
+    load_row(q, dtype, 0, (int)n, buf);
+    const int rc = lg_attend(buf, k, v, dtype, heads, kv_heads, len, hd, stride_head, stride_pos, scale, buf + n, nth);
+    if (rc == 0)
+        for (size_t i = 0; i < n; i++) store(out, dtype, i, buf[n + i]);
+    free(buf);
+    return rc;
+}
+
+/* GLM's sigmoid router (localglm/layers/router.py): choose by score + correction bias within the best
+ * topk_group groups (a group scores the sum of its two best), weight by the unbiased scores. Ties go
+ * to the lower index. `sc` holds 2E floats. */
+void lg_route(const lg_layer *L, const float *h, float *sc, int64_t *ids, float *wts, int nth) {
+    const int E = L->n_experts, H = L->hidden, k = L->top_k;
+    float *choice = sc + E;
+    const int par = nth > 1 && (size_t)E * H >= (1u << 16);
+#pragma omp parallel for num_threads(nth) schedule(static) if (par)
+    for (int e = 0; e < E; e++) {
+        sc[e] = 1.0f / (1.0f + expf(-dotf(L->router_w + (size_t)e * H, h, H)));
+        choice[e] = sc[e] + L->router_bias[e];
+    }
+    if (L->n_group > 1) {
+        const int G = L->n_group, per = E / G;
+        float gscore[G];
+        int keep[G];
+        for (int g = 0; g < G; g++) {
+            float b1 = -INFINITY, b2 = -INFINITY;
+            for (int e = g * per; e < (g + 1) * per; e++) {
+                const float c = choice[e];
+                if (c > b1) { b2 = b1; b1 = c; } else if (c > b2) b2 = c;
+            }
+            gscore[g] = per > 1 ? b1 + b2 : b1;
+            keep[g] = 0;
+        }
+        for (int j = 0; j < L->topk_group && j < G; j++) {
+            int best = -1;
+            for (int g = 0; g < G; g++)
+                if (!keep[g] && (best < 0 || gscore[g] > gscore[best])) best = g;
+            keep[best] = 1;
+        }
+        for (int e = 0; e < E; e++)
+            if (!keep[e / per]) choice[e] = -INFINITY;
+    }
+    unsigned char taken[E];
+    memset(taken, 0, (size_t)E);
+    float sum = 0.0f;
+    for (int j = 0; j < k; j++) {
+        int best = -1;
+        for (int e = 0; e < E; e++)
+            if (!taken[e] && (best < 0 || choice[e] > choice[best])) best = e;
+        taken[best] = 1;
+        ids[j] = best;
+        wts[j] = sc[best];
+        sum += wts[j];
+    }
+    for (int j = 0; j < k; j++) wts[j] = (L->norm_topk ? wts[j] / (sum + 1e-20f) : wts[j]) * L->scaling;
+}
+
+/* x = x + (a + b), or x + a without b: the residual add of a MoE layer's routed and shared outputs,
+ * rounded as torch rounds `x + (routed + shared)`. All of `dtype`, n values. */
+void lg_residual_add(void *x, const void *a, const void *b, int dtype, int n) {
+    for (int i = 0; i < n; i++) store(x, dtype, i, load_val(x, dtype, i) + moe_output(a, b, dtype, i));
+}

@@ -1,0 +1,135 @@
+/* The C interface of quant's kernels (qkernels.c), shared with the model side's library.
+ *
+ * Two shared libraries are built at first use: quant's (qkernels.c alone: formats and kernels,
+ * nothing of models; quant/native.py) and the model side's (localglm/layers/native/layer_ops.c and
+ * localglm/models/native/decode_layer.c: per-token layer ops and the decoder layer, linked against
+ * quant's; localglm/layers/native.py). This header is what the second includes to call the first:
+ * the structs both read, the small conversions both inline, and the quant entry points the decoder
+ * layer calls. Both are compiled with the same flags, so an inline helper gives the same numbers in
+ * either library.
+ *
+ * The structs are mirrored by ctypes (quant/native.py: _QTensor, LgMat); lg_quant_sizeof lets the
+ * loader check that the two agree.
+ */
+#ifndef LG_KERNELS_H
+#define LG_KERNELS_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#define QB 32 /* activation / code block */
+
+/* A quantized weight [n, k] (layouts: qkernels.c's header comment). */
+typedef struct {
+    const float *rowf;
+    const uint8_t *data;
+    const uint8_t *gs; /* q2/q4: scale codes; q8: fp16 group scales */
+    const int8_t *gm;  /* q2/q4: offset codes; q8: unused */
+    int32_t bits, group, n, k;
+} lg_qtensor;
+
+/* A weight matrix of the fused decode: quantized, or dense bf16 / fp32 read as stored. */
+typedef struct {
+    int32_t kind; /* 0 quantized (q), 1 bf16 dense, 2 fp32 dense */
+    int32_t n, k;
+    const void *w;     /* dense: [n, k] row-major */
+    const float *bias; /* fp32 [n] or NULL */
+    lg_qtensor q;
+} lg_mat;
+
+/* Rows of activations quantized to int8 blocks (lg_qact_alloc): codes q, block scales d, block sums s. */
+typedef struct {
+    int8_t *q;
+    float *d, *s;
+} qact;
+
+/* Activations and results are fp32 (dtype 0) or bf16 (dtype 1, converted here as torch does:
+ * round to nearest even), so the caller needs no conversion ops around a call. */
+static inline float bf16_to_float(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float load_val(const void *p, int dtype, size_t i) {
+    return dtype == 1 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void load_row(const void *src, int dtype, size_t offset, int k, float *dst) {
+    if (dtype == 1) {
+        const uint16_t *h = (const uint16_t *)src + offset;
+        int i = 0;
+#ifdef __AVX2__
+        for (; i + 8 <= k; i += 8)
+            _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(h + i))), 16)));
+#endif
+        for (; i < k; i++) dst[i] = bf16_to_float(h[i]);
+    } else {
+        memcpy(dst, (const float *)src + offset, (size_t)k * sizeof(float));
+    }
+}
+
+static inline void store(void *dst, int dtype, size_t i, float v) {
+    if (dtype == 1) ((uint16_t *)dst)[i] = float_to_bf16(v);
+    else ((float *)dst)[i] = v;
+}
+
+/* v rounded to the dtype: float rows that hold model-dtype values round where torch's ops round. */
+static inline float rnd(float v, int dtype) { return dtype == 1 ? bf16_to_float(float_to_bf16(v)) : v; }
+
+#ifdef __AVX2__
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+/* a . b over n floats (two vector accumulators, then the tail). */
+static inline float dotf(const float *a, const float *b, int n) {
+    float s = 0.0f;
+    int i = 0;
+#ifdef __AVX2__
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), a1);
+    }
+    s = hsum256(_mm256_add_ps(a0, a1));
+#endif
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* ---- quant entry points the model side calls (defined in qkernels.c) ---- */
+
+/* Room for `rows` quantized rows of k values (k a multiple of QB); returns 0 when out of memory. */
+int lg_qact_alloc(qact *a, size_t rows, int k);
+void lg_qact_free(qact *a);
+
+/* y = m . x (+ bias), each value rounded to dtype; `xa` has room for one quantized row of m->k. */
+void lg_matvec(const lg_mat *m, const float *x, int dtype, qact *xa, float *y, int nth);
+
+/* SwiGLU: out = down(silu(gate(h)) * up(h)), gate_up fused [2I, H]; g holds 2I floats. */
+void lg_swiglu_vec(const lg_mat *gate_up, const lg_mat *down, int dtype, const float *h, qact *xa, float *g, float *out, int nth);
+
+/* A MoE layer's routed experts over T tokens (quantized expert tables; see qkernels.c). */
+int lg_moe(int T, int H, int I, const void *x, int dtype, int k, const int64_t *ids, const float *wts,
+           const lg_qtensor *gate_up, const lg_qtensor *down, int E, void *out, int nth);
+
+#endif
