@@ -14,100 +14,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .commands.flags import add_engine_options, add_model_run_options, add_sampling_options, device_for, load_options, sampling_overrides
 from .errors import LocalGLMError
 
 EPILOG = "Run `localglm COMMAND --help` for a command's options."
 
 # Modules that add a subcommand: each defines `register(sub: argparse._SubParsersAction) -> None`.
 EXTRA_COMMANDS: tuple[str, ...] = ("tui.command", "localglm.server.command", "localglm.commands.export_gguf", "localglm.commands.simulate", "localglm.commands.plan", "localglm.commands.quantize", "localglm.commands.eval")
-
-
-# ---- shared option groups --------------------------------------------------------------------
-def add_engine_options(p: argparse.ArgumentParser) -> None:
-    """Device, dtype, context and threads, then the quantize-while-loading and offloading groups:
-    every command that loads a model takes them all (read back by `load_options`)."""
-    from .commands.quantize import add_recipe_options
-
-    g = p.add_argument_group("engine")
-    g.add_argument("--device", default=None, help="cpu or cuda (default: cpu; cuda with --offload cuda)")
-    g.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the checkpoint's)")
-    g.add_argument("--ctx", type=int, default=None, help="context size in tokens (default: min(4096, model max))")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    g.add_argument(
-        "--mmap", action=argparse.BooleanOptionalAction, default=None,
-        help="a localglm quantized model's routed experts stay in their memory-mapped files (nothing copied; the OS "
-        "keeps the used ones in RAM, so a model bigger than RAM runs) or are copied into RAM; default: mapped when "
-        "offloading or when they exceed the available RAM",
-    )  # fmt: skip
-    q = add_recipe_options(p, title="quantize while loading (bits per tensor class; default: as stored)")
-    q.add_argument("--save-quantized", default=None, metavar="OUT", help="with --experts etc.: write the quantized model to OUT and load it from there")
-    o = p.add_argument_group("expert offloading (plan the budgets first: `localglm plan MODEL`)")
-    o.add_argument(
-        "--offload", choices=("cuda", "sim"), default=None,
-        help="dense weights, shared experts and the KV cache on the GPU, routed experts in RAM behind a GPU expert "
-        "cache with router-guided prefetch ('cuda'; implies --device cuda), or on a simulated device ('sim')",
-    )  # fmt: skip
-    o.add_argument("--gpu-mem", default=None, metavar="SIZE", help="VRAM budget, e.g. 24GiB (default: free VRAM minus a margin)")
-    o.add_argument("--cpu-mem", default=None, metavar="SIZE", help="RAM budget for the routed experts (default: available RAM minus a margin)")
-    o.add_argument("--cache-policy", default=None, choices=("lru", "lfu", "stat"), help="expert-cache eviction (default stat: router statistics)")
-    o.add_argument("--no-prefetch", action="store_true", help="copy experts only when a layer asks for them")
-    o.add_argument("--trace", default=None, metavar="PATH", help="record every MoE layer's routing to PATH (.jsonl, for `localglm simulate`)")
-
-
-def device_for(args: argparse.Namespace) -> str:
-    """--device, defaulting to cuda when --offload cuda asks for the GPU."""
-    return args.device or ("cuda" if getattr(args, "offload", None) == "cuda" else "cpu")
-
-
-def load_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The quantization and offloading flags as `localglm.load` options."""
-    from .commands.quantize import load_options as quant_options
-
-    opts = quant_options(args)
-    offload = getattr(args, "offload", None)
-    given = {k: getattr(args, k, None) for k in ("gpu_mem", "cpu_mem", "cache_policy")}
-    if offload:
-        opts.update(offload=offload, prefetch=not getattr(args, "no_prefetch", False), **{k: v for k, v in given.items() if v is not None})
-    else:
-        flags = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None] + (["--no-prefetch"] if getattr(args, "no_prefetch", False) else [])
-        if flags:
-            raise LocalGLMError(f"{', '.join(flags)}: these flags need --offload cuda (or sim)")
-    if getattr(args, "trace", None):
-        opts["trace"] = args.trace
-    if getattr(args, "mmap", None) is not None:
-        opts["mmap"] = args.mmap
-    return opts
-
-
-def add_sampling_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling (defaults: the checkpoint's generation_config.json)")
-    g.add_argument("--temperature", "--temp", type=float, default=None, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0 = off)")
-    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (1 = off)")
-    g.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top probability")
-    g.add_argument("--repetition-penalty", "--repeat-penalty", type=float, default=None, help="1 = off")
-    g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
-
-
-def add_model_run_options(
-    p: argparse.ArgumentParser, func: Callable[[argparse.Namespace], int], *, quiet_help: str = "no progress bar while loading"
-) -> None:
-    """What every command that loads and runs a model ends with: -q/--quiet, the sampling and engine groups, and `func`."""
-    p.add_argument("-q", "--quiet", action="store_true", help=quiet_help)
-    add_sampling_options(p)
-    add_engine_options(p)
-    p.set_defaults(func=func)
-
-
-def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "min_p": args.min_p,
-        "repetition_penalty": args.repetition_penalty,
-        "seed": args.seed,
-    }
 
 
 def load_progress(quiet: bool) -> tuple[Callable[[str, int, int], None] | None, Callable[[], None]]:

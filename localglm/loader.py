@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from quant.recipe import KEEP, Recipe
+
 from .checkpoint.gguf import GGUFCheckpoint, is_gguf_path
 from .checkpoint.source import SafetensorsSource
 from .config import ModelConfig
@@ -103,8 +105,6 @@ def load(
     experts, builds the expert backend the options ask for (in RAM, quantized, offloaded behind a
     device cache, traced), and only then the architecture's model around it.
     """
-    from quant.recipe import Recipe
-
     from .checkpoint.quantized_dir import QuantizedSource, is_quantized_dir
     from .quantize import gguf_expert_recipe, load_quantized_experts, prepare_quantized, quant_getter, quantize_checkpoint
     from .quantize import matches as quant_matches
@@ -153,6 +153,9 @@ def load(
         if auto is not None:
             recipe, why = auto
             warnings.warn(why, stacklevel=2)
+    dense_bits: dict[str, int] | None = None
+    if offload.offloaded:  # the plan sizes the device: it may choose the always-used weights' precision
+        recipe, dense_bits = _planned_recipe(config, source, recipe, opts.quant.given, quantized_dir, dt, ctx, offload)
     n_dense = config.num_hidden_layers
     loaded = 0
 
@@ -199,7 +202,7 @@ def load(
             experts = load_quantized_experts(config, source, recipe, dt, expert_dev, layer_done, keep_blobs=offload.offloaded, mapped=bool(mmap))
         if experts is None:
             experts = load_in_memory_experts(config, get_experts, layer_done)
-    experts = _expert_backend(config, arch, weights, experts, dev, dt, root, ctx, offload)
+    experts = _expert_backend(config, arch, weights, experts, dev, dt, root, ctx, offload, dense_bits)
     net = arch.model.build(config, weights, experts, dev)
     if ckpt:
         tokenizer = ckpt.tokenizer()
@@ -208,15 +211,48 @@ def load(
     return Model(root, config, net, tokenizer, ctx=ctx, sampling=SamplingParams.from_generation_config(root))
 
 
+def _planned_recipe(
+    cfg: ModelConfig, source: Any, recipe: Recipe | None, given: frozenset[str], quantized_dir: bool, dt: torch.dtype, ctx: int, opts: OffloadOptions
+) -> tuple[Recipe | None, dict[str, int]]:
+    """The recipe to load an offloaded model with, and the always-used weights' bits (class -> bits,
+    16 = the compute dtype): what the user gave or the checkpoint stores is kept; the other classes get
+    the planner's choice (the most precise that fits the device budget next to the KV cache and a
+    minimal expert cache), on the simulated device only when no recipe was given at all. A budget
+    nothing fits is the planner's one-line error."""
+    from offload.planner import DENSE_CLASSES, default_gpu_mem, make_plan, precision_note
+
+    if quantized_dir and recipe is None:  # a quantized directory's classes are as its manifest says
+        fixed = {c: source.recipe.bits[c] for c in DENSE_CLASSES}
+        expert_bits: float = max(lay.nbytes for lay in source.layouts.values()) * 8 / (3 * cfg.hidden_size * cfg.moe_intermediate_size) if source.layouts else 16
+    else:
+        # On a real GPU the classes the user left unset are the planner's; the simulated device keeps the
+        # recipe's defaults (its budgets are toy numbers for exercising the cache, not a card to fit).
+        keep = given if opts.kind == "cuda" else set(DENSE_CLASSES)
+        fixed = {c: recipe.bits[c] for c in DENSE_CLASSES if c in keep} if recipe is not None else {}
+        expert_bits = recipe.bits["experts"] if recipe is not None else KEEP
+    float_bits = torch.tensor([], dtype=dt).element_size() * 8
+    gpu = opts.gpu_mem if opts.gpu_mem is not None or opts.kind == "sim" else default_gpu_mem()
+    if gpu is None:  # sim without a budget: the backend's error names it
+        return recipe, {c: 16 for c in DENSE_CLASSES}
+    plan = make_plan(cfg, gpu, opts.cpu_mem, ctx, expert_bits if expert_bits != KEEP else float(float_bits), opts.bandwidths, fixed=fixed, float_bits=float_bits)
+    if recipe is None and all(plan.dense_bits[c] == KEEP for c in DENSE_CLASSES):
+        return None, plan.dense_bits
+    if plan.chosen:
+        warnings.warn(f"offloading: always-used weights at {precision_note(plan.dense_bits, plan.chosen)}", stacklevel=3)
+    base = recipe.bits if recipe is not None else {"experts": KEEP}
+    return Recipe(dict(base) | plan.dense_bits, list(recipe.overrides) if recipe is not None else []), plan.dense_bits
+
+
 def _expert_backend(
-    cfg: ModelConfig, arch: Arch, weights: Any, experts: ExpertBackend, dev: torch.device, dt: torch.dtype, root: Path, ctx: int, opts: OffloadOptions
+    cfg: ModelConfig, arch: Arch, weights: Any, experts: ExpertBackend, dev: torch.device, dt: torch.dtype, root: Path, ctx: int,
+    opts: OffloadOptions, dense_bits: dict[str, int] | None,
 ) -> ExpertBackend:
     """The backend the model is built with: the loaded experts as they are, behind the offloading
     cache (the placement plan sizes it), and/or behind a routing tracer."""
     if opts.offloaded:
         from offload.backend import build_offloaded_experts
 
-        return build_offloaded_experts(cfg, experts, arch.model.routing(cfg, weights), dev, dt, root, ctx, opts)
+        return build_offloaded_experts(cfg, experts, arch.model.routing(cfg, weights), dev, dt, root, ctx, opts, dense_bits)
     if opts.trace is not None:
         from offload.trace import tracing_experts
 

@@ -5,7 +5,10 @@ Used by `localglm inspect`, and by the placement planner to size tiers before an
 
 from __future__ import annotations
 
+import re
+
 from .config import ModelConfig
+from .errors import LocalGLMError
 from .models import arch_of
 from .models.param_counts import ParamCounts
 
@@ -26,6 +29,22 @@ def memory_bytes(counts: ParamCounts, expert_bits: float, other_bits: float = 16
 def kv_cache_bytes(cfg: ModelConfig, tokens: int, bytes_per_value: int = 2) -> int:
     """The KV cache (in the architecture's own layout) for `tokens` tokens."""
     return arch_of(cfg).sizes.kv_bytes_per_token(cfg, bytes_per_value) * tokens
+
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)(b?)\s*$", re.I)
+
+
+def parse_size(text: str | int | float | None, what: str = "size") -> int | None:
+    """'24GiB', '24G', '24GB' (GB = 10^9, GiB and bare G = 2^30), '512MiB', or a byte count."""
+    if text is None or isinstance(text, (int, float)):
+        return None if text is None else int(text)
+    m = _SIZE.match(str(text))
+    if not m:
+        raise LocalGLMError(f"{what}: cannot read {text!r} as a size (use e.g. 24GiB, 512MiB or a byte count)")
+    num, unit, i, b = float(m.group(1)), m.group(2).lower(), m.group(3), m.group(4)
+    power = " kmgt".index(unit) if unit else 0
+    base = 1000 if (b and not i) else 1024
+    return int(num * base**power)
 
 
 def human_count(n: float) -> str:

@@ -24,10 +24,12 @@ OFFLOAD_KINDS = ("sim", "cuda")
 
 @dataclass(frozen=True)
 class QuantOptions:
-    """Quantize while loading: `recipe` (None: load as stored), optionally saved to `save_to` once."""
+    """Quantize while loading: `recipe` (None: load as stored), optionally saved to `save_to` once.
+    `given`: the classes whose bits the user chose (a plan may choose the others' when offloading)."""
 
     recipe: Recipe | None = None
     save_to: Path | None = None
+    given: frozenset[str] = frozenset()
 
     @classmethod
     def from_kwargs(cls, kw: dict[str, Any]) -> QuantOptions:
@@ -36,6 +38,7 @@ class QuantOptions:
         bits = {c: kw.pop(f"{c}_bits") for c in CLASSES if f"{c}_bits" in kw}
         layers = kw.pop("quant_layers", None) or []
         save = kw.pop("save_quantized", None)
+        given = frozenset(CLASSES) if recipe is not None else frozenset(c for c, v in bits.items() if v is not None)
         if recipe is not None and not isinstance(recipe, Recipe):
             recipe = Recipe.from_json(recipe)
         elif recipe is None and ({k: v for k, v in bits.items() if v is not None} or layers):
@@ -45,7 +48,7 @@ class QuantOptions:
                 raise LocalGLMError(str(exc)) from None
         if save and recipe is None:
             recipe = Recipe()
-        return cls(recipe, Path(save).expanduser() if save else None)
+        return cls(recipe, Path(save).expanduser() if save else None, given)
 
 
 @dataclass(frozen=True)

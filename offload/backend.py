@@ -355,15 +355,18 @@ def host_from_mapped(blobs: dict[int, list[torch.Tensor]], stats: RouterStats, n
 
 
 def build_offloaded_experts(
-    cfg: Any, experts: Any, routing: Any, model_device: torch.device, dtype: torch.dtype, root: str | Path, ctx: int, opts: OffloadOptions
+    cfg: Any, experts: Any, routing: Any, model_device: torch.device, dtype: torch.dtype, root: str | Path, ctx: int, opts: OffloadOptions,
+    dense_bits: dict[str, int] | None = None,
 ) -> OffloadedExperts:
     """The offloading ExpertBackend for a model being built: experts (InMemoryExperts, or
     QuantizedExperts with their blobs kept) move into (pinned) host buffers, or stay mapped where
     the plan leaves them on disk; the device expert cache gets the plan's slots; `routing` (the
-    model's MoE routers: models.moe_decoder.MoeRouting) drives the prefetch predictions."""
+    model's MoE routers: models.moe_decoder.MoeRouting) drives the prefetch predictions.
+    `dense_bits`: the precision the always-used weights were loaded at (recipe class -> bits; 16 =
+    in the compute dtype), which the plan reserves on the device."""
     from localglm.layers.experts import QuantizedExperts
 
-    from .planner import make_plan
+    from .planner import DENSE_CLASSES, make_plan
 
     kind = opts.kind
     if kind == "cuda" and model_device.type != "cuda":
@@ -385,7 +388,8 @@ def build_offloaded_experts(
     expert_bits = bits
     if quantized:  # size the plan with the real blobs
         expert_bits = max(lay.nbytes for lay in experts.layouts.values()) * 8 / (3 * cfg.hidden_size * cfg.moe_intermediate_size)
-    plan = make_plan(cfg, gpu_mem, opts.cpu_mem, ctx, experts=expert_bits, bandwidths=bw, other_bits=bits)
+    fixed = dict(dense_bits or {}) | {c: 16 for c in DENSE_CLASSES if c not in (dense_bits or {})}
+    plan = make_plan(cfg, gpu_mem, opts.cpu_mem, ctx, experts=expert_bits, bandwidths=bw, fixed=fixed, float_bits=bits)
     device = SimulatedDevice(plan.gpu_budget, bw) if kind == "sim" else CudaDevice(plan.gpu_budget, bandwidths=bw)
     device.reserve(sum(i.bytes for i in plan.items if i.where == "GPU" and not i.what.startswith("expert cache")), "dense weights, KV cache, workspace")
     slots = plan.cache_slots if opts.cache_slots is None else opts.cache_slots

@@ -6,22 +6,27 @@ Always-used parts (embeddings, attention, norms, routers, shared experts, dense 
 KV cache, a workspace) go on the GPU; the rest of the GPU budget becomes expert-cache slots; the
 routed experts live in (pinned) host RAM as far as it holds them, the rest stays mapped on disk.
 With no GPU budget the plan is CPU-only: everything always-used in RAM, experts in RAM or on disk.
+
+The precision of the always-used weights is the planner's choice where the user gave none: the most
+precise of bf16, q8 and q4 with which the plan fits (the user's per-class bits are kept as given).
+A GLM-4.6 in bf16 needs ~34 GiB of always-used weights; at q8 it fits one 24 GiB card with room
+for the expert cache.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 
 from localglm.config import ModelConfig
 from localglm.errors import LocalGLMError
-from localglm.model_info import count_params, human_bytes, kv_cache_bytes
+from localglm.model_info import count_params, human_bytes, kv_cache_bytes, parse_size
 
 from .cost_model import Bandwidths, CostModel
 
-# Bits per weight for `--experts N` (scales included; see quant/ and GLM_REFERENCE.md).
-EXPERT_BITS = {2: 2.625, 3: 3.4375, 4: 4.5, 5: 5.5, 6: 6.5625, 8: 8.5, 16: 16.0}
+# The recipe classes of the always-used weights, and the levels the planner tries for them, most precise first.
+DENSE_CLASSES = ("attn", "shared", "dense", "embed", "lm_head")
+DENSE_LEVELS = (16, 8, 4)
 GPU_MARGIN = 512 << 20  # left free for the CUDA context and allocator slack by the defaults
 CPU_MARGIN = 4 << 30
 PREFILL_CHUNK = 512
@@ -31,22 +36,6 @@ PREFILL_CHUNK = 512
 # Prefetch of predicted experts raised it to 61-80% at 10-50% there but is not counted here, so the
 # tok/s below is a conservative estimate. Replace with a curve from your own traces when you have them.
 HIT_CURVE = ((0.0, 0.0), (0.1, 0.09), (0.2, 0.195), (0.3, 0.306), (0.4, 0.409), (0.5, 0.506), (1.0, 1.0))
-
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)(b?)\s*$", re.I)
-
-
-def parse_size(text: str | int | float | None, what: str = "size") -> int | None:
-    """'24GiB', '24G', '24GB' (GB = 10^9, GiB and bare G = 2^30), '512MiB', or a byte count."""
-    if text is None or isinstance(text, (int, float)):
-        return None if text is None else int(text)
-    m = _SIZE.match(str(text))
-    if not m:
-        raise LocalGLMError(f"{what}: cannot read {text!r} as a size (use e.g. 24GiB, 512MiB or a byte count)")
-    num, unit, i, b = float(m.group(1)), m.group(2).lower(), m.group(3), m.group(4)
-    power = " kmgt".index(unit) if unit else 0
-    base = 1000 if (b and not i) else 1024
-    return int(num * base**power)
-
 
 def interpolate_hit_rate(fraction: float, curve=HIT_CURVE) -> float:
     f = min(1.0, max(0.0, fraction))
@@ -99,6 +88,8 @@ class Plan:
     prefill_tok_s: float
     bandwidths: Bandwidths
     items: list[PlanItem] = field(default_factory=list)
+    dense_bits: dict[str, int] = field(default_factory=dict)  # recipe class -> bits (16 = as stored)
+    chosen: list[str] = field(default_factory=list)  # the classes whose bits the planner chose
 
     @property
     def cpu_only(self) -> bool:
@@ -125,6 +116,8 @@ class Plan:
             )
         else:
             rows.append(f"CPU-only plan: {self.n_experts_total} routed experts of {human_bytes(self.expert_bytes)} ({self.expert_bits:g} bits/weight)")
+        if self.dense_bits:
+            rows.append("always-used weights: " + precision_note(self.dense_bits, self.chosen))
         b = self.bandwidths
         rows.append(
             f"predicted: decode {self.decode_tok_s:.1f} tok/s, prefill {self.prefill_tok_s:.0f} tok/s "
@@ -135,6 +128,30 @@ class Plan:
         return "\n".join(rows)
 
 
+def bits_per_weight(bits: int | float, k: int) -> float:
+    """Stored bits per weight of a localglm format (int 2, 4, 8: q2 / q4 / q8 with their scales, rows
+    of k values) or of a float (16), or `bits` itself when it is a (float) bits-per-weight figure."""
+    if isinstance(bits, int) and bits in (2, 4, 8):
+        from quant.formats import QuantSpec
+
+        spec = QuantSpec.for_bits(int(bits))
+        return spec.bits_per_weight((1, max(spec.group, k - k % spec.group)))
+    return float(bits)
+
+
+def precision_note(bits: dict[str, int], chosen: list[str]) -> str:
+    """'attn q8, shared q8, ... (chosen to fit; --attn etc. override)' for a plan's table."""
+    name = {16: "bf16", 8: "q8", 4: "q4", 2: "q2"}
+    parts = ", ".join(f"{c} {name.get(b, b)}" for c, b in bits.items())
+    if not chosen:
+        return parts + " (as given)"
+    return parts + f" (the planner chose {', '.join(chosen)}: the most precise that fits; --{' --'.join(c.replace('_', '-') for c in chosen)} override)"
+
+
+class BudgetTooSmall(LocalGLMError):
+    """No placement fits the budgets (one line, with the minimum that would work)."""
+
+
 def make_plan(
     cfg: ModelConfig,
     gpu_mem: int | str | None = None,
@@ -142,10 +159,16 @@ def make_plan(
     ctx: int = 4096,
     experts: int | float = 4,
     bandwidths: Bandwidths | None = None,
-    other_bits: float = 16.0,
     model: str = "",
+    fixed: dict[str, int] | None = None,
+    float_bits: float = 16.0,
 ) -> Plan:
-    """Plan a placement; raises LocalGLMError (one line, with the minimum that would work) if none fits."""
+    """Plan a placement; raises LocalGLMError (one line, with the minimum that would work) if none fits.
+
+    `experts`: routed-expert bits (2, 4, 8: localglm's formats; 16: bf16) or a bits-per-weight figure.
+    `fixed`: recipe class -> bits the user chose for always-used weights; the other classes of
+    DENSE_CLASSES get the most precise level of DENSE_LEVELS that fits. 16 means kept in float, at
+    `float_bits` per weight (the compute dtype's: 32 for an fp32 model)."""
     gpu = parse_size(gpu_mem, "--gpu-mem")
     cpu = parse_size(cpu_mem, "--cpu-mem")
     gpu = default_gpu_mem() if gpu is None else gpu
@@ -154,26 +177,48 @@ def make_plan(
         raise LocalGLMError("memory budgets must not be negative")
     if ctx < 1:
         raise LocalGLMError(f"--ctx must be at least 1, got {ctx}")
-    bits = EXPERT_BITS.get(int(experts), float(experts)) if float(experts).is_integer() else float(experts)
-    if not 1 <= bits <= 32:
-        raise LocalGLMError(f"--experts: {experts} bits per weight is not a format (use 2, 3, 4, 5, 6, 8 or 16)")
-    bw = bandwidths or Bandwidths()
+    if not 1 <= float(experts) <= 32:
+        raise LocalGLMError(f"--experts: {experts} bits is not a format (use 2, 4, 8 or 16)")
+    given = dict(fixed or {})
+    free = [c for c in DENSE_CLASSES if c not in given]
+    error: BudgetTooSmall | None = None
+    for level in DENSE_LEVELS if free else (None,):
+        dense_bits = {c: given.get(c, level) for c in DENSE_CLASSES}
+        try:
+            plan = _plan(cfg, gpu, cpu, ctx, experts, bandwidths or Bandwidths(), dense_bits, float_bits, model)
+        except BudgetTooSmall as exc:
+            error = exc
+            continue
+        plan.chosen = [c for c in free if dense_bits[c] != 16]
+        return plan
+    assert error is not None
+    raise error
+
+
+def _plan(
+    cfg: ModelConfig, gpu: int, cpu: int, ctx: int, experts: float, bw: Bandwidths, dense_bits: dict[str, int], float_bits: float, model: str
+) -> Plan:
     c = count_params(cfg)
-    ob = other_bits / 8
     h, inter = cfg.hidden_size, cfg.moe_intermediate_size
+    bits = (2 * bits_per_weight(experts, h) + bits_per_weight(experts, inter)) / 3  # gate_up's rows are h long, down's inter
     expert_bytes = int(3 * h * inter * bits / 8)
     n_total = cfg.num_moe_layers * cfg.n_routed_experts
     kv = kv_cache_bytes(cfg, ctx)
     workspace = PREFILL_CHUNK * (cfg.vocab_size + 4 * h + 2 * max(cfg.intermediate_size, inter * cfg.num_experts_per_tok)) * 4
     main_dev = "RAM" if gpu <= 0 else "GPU"
+
+    def size(params: int, cls: str) -> int:
+        bits = dense_bits[cls]
+        return int(params * (float_bits if bits == 16 else bits_per_weight(bits, h)) / 8)
+
     items = [
-        PlanItem("embeddings", main_dev, int(c.embed * ob)),
-        PlanItem(f"attention ({cfg.num_hidden_layers} layers)", main_dev, int(c.attention * ob)),
-        PlanItem("norms", main_dev, int(c.norms * ob)),
+        PlanItem("embeddings", main_dev, size(c.embed, "embed")),
+        PlanItem(f"attention ({cfg.num_hidden_layers} layers)", main_dev, size(c.attention, "attn")),
+        PlanItem("norms", main_dev, int(c.norms * float_bits / 8)),
         PlanItem(f"routers ({cfg.num_moe_layers} MoE layers, fp32)", main_dev, c.router * 4),
-        PlanItem("shared experts", main_dev, int(c.shared_experts * ob)),
-        PlanItem(f"dense MLP layers ({cfg.first_k_dense_replace})", main_dev, int(c.dense_mlp * ob)),
-        PlanItem("lm_head", main_dev, int(c.lm_head * ob)),
+        PlanItem("shared experts", main_dev, size(c.shared_experts, "shared")),
+        PlanItem(f"dense MLP layers ({cfg.first_k_dense_replace})", main_dev, size(c.dense_mlp, "dense")),
+        PlanItem("lm_head", main_dev, size(c.lm_head, "lm_head")),
         PlanItem(f"KV cache ({ctx} tokens, bf16)", main_dev, kv),
         PlanItem("workspace (activations, logits)", main_dev, workspace),
     ]
@@ -185,7 +230,7 @@ def make_plan(
         min_slots = 2 * k  # one layer's experts in use plus the next layer's arriving
         need = fixed + min_slots * expert_bytes
         if gpu < need:
-            raise LocalGLMError(
+            raise BudgetTooSmall(
                 f"--gpu-mem {human_bytes(gpu)} is too small for this model at ctx {ctx}: needs at least {human_bytes(need)} "
                 f"(always-used weights + KV cache + workspace {human_bytes(fixed)}, {min_slots} expert slots {human_bytes(min_slots * expert_bytes)}); "
                 f"lower --ctx, or use --gpu-mem 0 for CPU-only"
@@ -201,7 +246,7 @@ def make_plan(
     min_cpu = cpu_fixed + (0 if gpu > 0 else k * expert_bytes)
     if cpu < min_cpu:
         what = "staging buffers" if gpu > 0 else "always-used weights + KV cache + workspace + one token's experts"
-        raise LocalGLMError(
+        raise BudgetTooSmall(
             f"--cpu-mem {human_bytes(cpu)} is too small: needs at least {human_bytes(min_cpu)} ({what}); "
             f"the rest of the experts can stay memory-mapped on disk"
         )
@@ -241,4 +286,5 @@ def make_plan(
         n_experts_total=n_total, cache_slots=int(slots), experts_in_ram=int(in_ram), experts_on_disk=int(on_disk),
         hit_rate=hit, decode_tok_s=1.0 / decode_s if decode_s > 0 else 0.0,
         prefill_tok_s=PREFILL_CHUNK / prefill_s if prefill_s > 0 else 0.0, bandwidths=bw, items=items,
+        dense_bits={k: int(v) for k, v in dense_bits.items()},
     )  # fmt: skip

@@ -21,7 +21,7 @@ from ..errors import LocalGLMError
 
 
 def register(sub: Any) -> None:
-    from .quantize import add_recipe_options
+    from .flags import add_recipe_options
 
     p = sub.add_parser("eval", help="quality report: weight error, perplexity, KL vs a reference", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -102,7 +102,7 @@ def score(model: Any, ref: Any, ids: list[int], ctx: int) -> dict[str, float]:
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..loader import load
     from ..checkpoint.quantized_dir import is_quantized_dir
-    from .quantize import load_options
+    from .flags import quant_load_options as load_options
 
     if args.threads:
         torch.set_num_threads(args.threads)

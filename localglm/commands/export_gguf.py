@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import re
 from typing import Any
 
-from ..errors import LocalGLMError
+from .flags import size_flag
 
 DESCRIPTION = """\
 Write the GLM-4.x MoE checkpoint SRC (Hugging Face layout) as a GGUF that llama.cpp loads (arch glm4moe),
@@ -17,17 +16,6 @@ EPILOG = """\
 types: f32, f16, bf16, q8_0 (as convert_hf_to_gguf.py --outtype), q4_0 (every weight Q4_0 except the
 output head, Q8_0; as llama-quantize Q4_0 would, save that it uses Q6_K for the head).
 """
-
-_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]?)B?$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """'500M', '2G', '1.5G' or a byte count -> bytes."""
-    m = _SIZE.match(text.strip())
-    if not m:
-        raise LocalGLMError(f"--split-max-size {text!r}: expected a size such as 500M or 2G")
-    return int(float(m[1]) * 1024 ** "BKMGT".index((m[2] or "B").upper()))
-
 
 def register(sub: Any) -> None:
     from ..checkpoint.gguf import OUT_TYPES
@@ -52,7 +40,7 @@ def register(sub: Any) -> None:
 def cmd_export_gguf(args: argparse.Namespace) -> int:
     from ..checkpoint.gguf import export_gguf
 
-    split = parse_size(args.split_max_size) if args.split_max_size else 0
+    split = size_flag(args.split_max_size, "--split-max-size") if args.split_max_size else 0
     if args.quiet:
         paths = export_gguf(args.src, args.out, args.out_type, mtp=not args.no_mtp, split_max_size=split, overwrite=args.overwrite)
     else:

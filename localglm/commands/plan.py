@@ -1,4 +1,9 @@
-"""`localglm plan MODEL`: the placement plan from config.json alone (no weights needed)."""
+"""`localglm plan MODEL`: the placement plan from config.json alone (no weights needed).
+
+It takes the recipe flags of `quantize` and `generate` (`--experts 4`, `--attn 8`, ...): the bits a
+flag gives are kept; the always-used classes left unset get the most precise of bf16 / q8 / q4 that
+fits the GPU budget, and the plan says which it chose.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,12 @@ from dataclasses import asdict
 from typing import Any
 
 from ..errors import LocalGLMError
+from .flags import add_recipe_options, build_recipe, recipe_bits
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from offload.cost_model import Bandwidths, measure_bandwidths
-    from offload.planner import make_plan
+    from offload.planner import DENSE_CLASSES, make_plan
 
     from ..config import ModelConfig
 
@@ -26,10 +32,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         bw = measure_bandwidths("cuda" if args.gpu_mem != "0" else "cpu")
     else:
         bw = Bandwidths()
-    plan = make_plan(cfg, args.gpu_mem, args.cpu_mem, args.ctx, args.experts, bw, model=str(args.model))
+    recipe = build_recipe(args)  # validates the flags; the given classes are kept as given
+    given = {c for c, v in recipe_bits(args).items() if v is not None}
+    if args.q_layers:
+        raise LocalGLMError("plan: --layers overrides are not planned per layer; give class bits (--experts, --attn, ...)")
+    fixed = {c: recipe.bits[c] for c in DENSE_CLASSES if c in given}
+    plan = make_plan(cfg, args.gpu_mem, args.cpu_mem, args.ctx, recipe.bits["experts"], bw, model=str(args.model), fixed=fixed)
     if args.json:
-        d = asdict(plan)
-        print(json.dumps(d))
+        print(json.dumps(asdict(plan)))
     else:
         print(plan.table())
     return 0
@@ -39,13 +49,16 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "plan",
         help="show where each part of a model would live for given GPU/RAM budgets, and the predicted tok/s",
-        description="Reads config.json only. Sizes accept GiB/GB/MiB suffixes; --gpu-mem 0 plans a CPU-only run.",
+        description="Reads config.json only. Sizes accept GiB/GB/MiB suffixes; --gpu-mem 0 plans a CPU-only run. "
+        "Recipe flags as for quantize/generate: --experts BITS is the routed experts' format (default 4); the "
+        "always-used classes (--attn, --shared, --dense, --embed, --lm-head) not given get the most precise of "
+        "bf16, q8 and q4 that fits.",
     )
     p.add_argument("model", help="model directory or config.json")
     p.add_argument("--gpu-mem", default=None, help="VRAM budget (default: free VRAM minus 512 MiB; 0 without a GPU)")
     p.add_argument("--cpu-mem", default=None, help="RAM budget (default: available RAM minus 4 GiB)")
     p.add_argument("--ctx", type=int, default=4096, help="context size for the KV cache (default 4096)")
-    p.add_argument("--experts", type=float, default=4, help="routed-expert precision in bits: 2, 3, 4, 5, 6, 8 or 16 (default 4)")
+    add_recipe_options(p, title="precision (bits per tensor class, as for quantize and generate)")
     p.add_argument("--bandwidths", default=None, help="JSON file of measured bandwidths (see offload.cost_model.Bandwidths)")
     p.add_argument("--measure", action="store_true", help="measure RAM/CPU (and GPU) bandwidths here first")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")

@@ -1,4 +1,4 @@
-"""`localglm quantize SRC OUT`, and the quantize-while-loading flags of the commands that run a model.
+"""`localglm quantize SRC OUT`: write a localglm quantized directory (recipe flags: commands/flags.py).
 
     localglm quantize ~/models/GLM-4.5-Air ~/models/GLM-4.5-Air-q4 --experts 4 --attn 8
     localglm quantize SRC OUT --experts 2 --layers 0-3:experts=4 --report
@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import Any
 
-from ..errors import LocalGLMError
+from .flags import add_recipe_options, build_recipe, size_flag
 
 DESCRIPTION = """\
 Quantize a GLM-4.x MoE checkpoint (Hugging Face layout, or a glm4moe GGUF file) into a localglm
@@ -28,49 +28,6 @@ q4 / q2 = 4 / 2-bit codes, groups of 32, least-squares fitted scale + offset, 8-
 defaults: --experts 4 --shared 8 --dense 8 --attn 8 --embed 8 --lm-head 8 --router 16.
 --layers FIRST-LAST:CLASS=BITS[,CLASS=BITS] overrides a layer range (repeatable), e.g. --layers 0-2:experts=8.
 """
-
-CLASS_FLAGS = (
-    ("experts", "routed experts"),
-    ("shared", "shared experts"),
-    ("dense", "dense FFN layers"),
-    ("attn", "attention projections"),
-    ("embed", "token embeddings"),
-    ("lm-head", "output projection"),
-    ("router", "MoE router (16 only)"),
-)
-
-
-def add_recipe_options(p: argparse.ArgumentParser, title: str = "quantization recipe (bits per tensor class)") -> Any:
-    """--experts/--attn/... and --layers, in an argument group of their own (returned)."""
-    g = p.add_argument_group(title)
-    for flag, what in CLASS_FLAGS:
-        g.add_argument(f"--{flag}", dest=f"q_{flag.replace('-', '_')}", metavar="BITS", default=None, help=f"bits for {what}")
-    g.add_argument("--layers", dest="q_layers", action="append", default=None, metavar="A-B:CLASS=BITS", help="per-layer-range override (repeatable)")
-    return g
-
-
-def recipe_bits(args: argparse.Namespace) -> dict[str, Any]:
-    return {flag.replace("-", "_"): getattr(args, f"q_{flag.replace('-', '_')}", None) for flag, _ in CLASS_FLAGS}
-
-
-def build_recipe(args: argparse.Namespace) -> Any:
-    from quant.formats import QuantError
-    from quant.recipe import Recipe
-
-    try:
-        return Recipe.from_options(recipe_bits(args), args.q_layers or [])
-    except QuantError as exc:
-        raise LocalGLMError(str(exc)) from None
-
-
-def parse_size(text: str) -> int:
-    import re
-
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
-    if not m:
-        raise LocalGLMError(f"size {text!r}: expected e.g. 256M or 2G")
-    return int(float(m[1]) * 1024 ** "BKMGT".index((m[2] or "B").upper()))
-
 
 def register(sub: Any) -> None:
     p = sub.add_parser(
@@ -96,7 +53,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
     recipe = build_recipe(args)
-    shard = parse_size(args.max_shard_size)
+    shard = size_flag(args.max_shard_size, "--max-shard-size")
     if args.quiet:
         res = quantize_checkpoint(args.src, args.out, recipe, max_shard_bytes=shard, overwrite=args.overwrite, report=args.report)
     else:
@@ -124,19 +81,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         err = f"  relative error {res.class_error[cls]:.4f}" if cls in res.class_error else ""
         print(f"  {cls:<8} {bpw:6.2f} bits/weight{err}")
     return 0
-
-
-# ---- the quantize-while-loading flags of every model-running command (cli.add_engine_options) ----
-def load_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The quantization flags -> localglm.load options."""
-    opts: dict[str, Any] = {f"{k}_bits": v for k, v in recipe_bits(args).items() if v is not None}
-    if getattr(args, "q_layers", None):
-        opts["quant_layers"] = args.q_layers
-    if getattr(args, "save_quantized", None):
-        if not opts:
-            opts["experts_bits"] = 4
-        opts["save_quantized"] = args.save_quantized
-    return opts
 
 
 if __name__ == "__main__":  # pragma: no cover

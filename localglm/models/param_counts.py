@@ -30,8 +30,9 @@ class ParamCounts:
 
     @property
     def active(self) -> int:
-        """Parameters used for one token, embeddings and lm_head included (as model cards count them)."""
-        return self.always_used + self.routed_active
+        """Parameters a token computes with, embeddings and lm_head excluded, as GLM's model cards count
+        them (GLM-4.5: 32B of 355B, GLM-4.5-Air: 12B of 106B)."""
+        return self.always_used - self.embed - self.lm_head + self.routed_active
 
     @property
     def routed_share(self) -> float:

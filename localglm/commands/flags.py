@@ -1,0 +1,149 @@
+"""The command-line flags shared by several commands, one home: the recipe flags (`--experts BITS`
+... mean the same in `quantize`, `plan`, `eval` and every command that runs a model), the engine,
+quantize-while-loading and offloading groups, sampling, and sizes. Each group comes with the function
+that reads it back into `localglm.load` keywords, so a flag has one meaning from the parser to the kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import LocalGLMError
+from ..model_info import parse_size
+
+CLASS_FLAGS = (
+    ("experts", "routed experts"),
+    ("shared", "shared experts"),
+    ("dense", "dense FFN layers"),
+    ("attn", "attention projections"),
+    ("embed", "token embeddings"),
+    ("lm-head", "output projection"),
+    ("router", "MoE router (16 only)"),
+)
+
+
+def add_recipe_options(p: argparse.ArgumentParser, title: str = "quantization recipe (bits per tensor class)") -> Any:
+    """--experts/--attn/... and --layers, in an argument group of their own (returned)."""
+    g = p.add_argument_group(title)
+    for flag, what in CLASS_FLAGS:
+        g.add_argument(f"--{flag}", dest=f"q_{flag.replace('-', '_')}", metavar="BITS", default=None, help=f"bits for {what}")
+    g.add_argument("--layers", dest="q_layers", action="append", default=None, metavar="A-B:CLASS=BITS", help="per-layer-range override (repeatable)")
+    return g
+
+
+def recipe_bits(args: argparse.Namespace) -> dict[str, Any]:
+    return {flag.replace("-", "_"): getattr(args, f"q_{flag.replace('-', '_')}", None) for flag, _ in CLASS_FLAGS}
+
+
+def build_recipe(args: argparse.Namespace) -> Any:
+    from quant.formats import QuantError
+    from quant.recipe import Recipe
+
+    try:
+        return Recipe.from_options(recipe_bits(args), args.q_layers or [])
+    except QuantError as exc:
+        raise LocalGLMError(str(exc)) from None
+
+
+def quant_load_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The quantization flags -> localglm.load options."""
+    opts: dict[str, Any] = {f"{k}_bits": v for k, v in recipe_bits(args).items() if v is not None}
+    if getattr(args, "q_layers", None):
+        opts["quant_layers"] = args.q_layers
+    if getattr(args, "save_quantized", None):
+        if not opts:
+            opts["experts_bits"] = 4
+        opts["save_quantized"] = args.save_quantized
+    return opts
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """Device, dtype, context and threads, then the quantize-while-loading and offloading groups:
+    every command that loads a model takes them all (read back by `load_options`)."""
+    g = p.add_argument_group("engine")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cpu; cuda with --offload cuda)")
+    g.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the checkpoint's)")
+    g.add_argument("--ctx", type=int, default=None, help="context size in tokens (default: min(4096, model max))")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument(
+        "--mmap", action=argparse.BooleanOptionalAction, default=None,
+        help="a localglm quantized model's routed experts stay in their memory-mapped files (nothing copied; the OS "
+        "keeps the used ones in RAM, so a model bigger than RAM runs) or are copied into RAM; default: mapped when "
+        "offloading or when they exceed the available RAM",
+    )  # fmt: skip
+    q = add_recipe_options(p, title="quantize while loading (bits per tensor class; default: as stored)")
+    q.add_argument("--save-quantized", default=None, metavar="OUT", help="with --experts etc.: write the quantized model to OUT and load it from there")
+    o = p.add_argument_group("expert offloading (plan the budgets first: `localglm plan MODEL`)")
+    o.add_argument(
+        "--offload", choices=("cuda", "sim"), default=None,
+        help="dense weights, shared experts and the KV cache on the GPU, routed experts in RAM behind a GPU expert "
+        "cache with router-guided prefetch ('cuda'; implies --device cuda), or on a simulated device ('sim')",
+    )  # fmt: skip
+    o.add_argument("--gpu-mem", default=None, metavar="SIZE", help="VRAM budget, e.g. 24GiB (default: free VRAM minus a margin)")
+    o.add_argument("--cpu-mem", default=None, metavar="SIZE", help="RAM budget for the routed experts (default: available RAM minus a margin)")
+    o.add_argument("--cache-policy", default=None, choices=("lru", "lfu", "stat"), help="expert-cache eviction (default stat: router statistics)")
+    o.add_argument("--no-prefetch", action="store_true", help="copy experts only when a layer asks for them")
+    o.add_argument("--trace", default=None, metavar="PATH", help="record every MoE layer's routing to PATH (.jsonl, for `localglm simulate`)")
+
+
+def device_for(args: argparse.Namespace) -> str:
+    """--device, defaulting to cuda when --offload cuda asks for the GPU."""
+    return args.device or ("cuda" if getattr(args, "offload", None) == "cuda" else "cpu")
+
+
+def load_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The quantization and offloading flags as `localglm.load` options."""
+    opts = quant_load_options(args)
+    offload = getattr(args, "offload", None)
+    given = {k: getattr(args, k, None) for k in ("gpu_mem", "cpu_mem", "cache_policy")}
+    if offload:
+        opts.update(offload=offload, prefetch=not getattr(args, "no_prefetch", False), **{k: v for k, v in given.items() if v is not None})
+    else:
+        flags = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None] + (["--no-prefetch"] if getattr(args, "no_prefetch", False) else [])
+        if flags:
+            raise LocalGLMError(f"{', '.join(flags)}: these flags need --offload cuda (or sim)")
+    if getattr(args, "trace", None):
+        opts["trace"] = args.trace
+    if getattr(args, "mmap", None) is not None:
+        opts["mmap"] = args.mmap
+    return opts
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (defaults: the checkpoint's generation_config.json)")
+    g.add_argument("--temperature", "--temp", type=float, default=None, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (1 = off)")
+    g.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top probability")
+    g.add_argument("--repetition-penalty", "--repeat-penalty", type=float, default=None, help="1 = off")
+    g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+
+
+def add_model_run_options(
+    p: argparse.ArgumentParser, func: Callable[[argparse.Namespace], int], *, quiet_help: str = "no progress bar while loading"
+) -> None:
+    """What every command that loads and runs a model ends with: -q/--quiet, the sampling and engine groups, and `func`."""
+    p.add_argument("-q", "--quiet", action="store_true", help=quiet_help)
+    add_sampling_options(p)
+    add_engine_options(p)
+    p.set_defaults(func=func)
+
+
+def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+    }
+
+
+def size_flag(text: str, flag: str) -> int:
+    """A size flag's value in bytes ('256M', '2GiB', '1.5G', a byte count), one-line error naming the flag."""
+    n = parse_size(text, flag)
+    assert n is not None
+    return n
