@@ -41,7 +41,7 @@ from ..config import ModelConfig
 from ..errors import CheckpointError, LocalGLMError, TokenizerError
 from ..models import arch_for_gguf, arch_of
 from ..models.arch import Arch, GGUFSchema
-from ..models.moe_gguf import GGUFMetadata
+from ..models.moe_gguf import GGUFMetadata, JoinedTensor, SplitPart
 from ..tiny_tokenizer import GLM_SPLIT_PATTERN
 from ..tokenizer import Tokenizer
 from .gguf_file import PLAIN_TYPES, SUPPORTED_TYPES, GGUFModelFiles, type_name
@@ -96,6 +96,7 @@ class _Group:
 
     gguf: str
     parts: list[str]
+    split: SplitPart | None = None  # the part of its one hub tensor this output is (e.g. MLA's attn_k_b)
 
 
 def _plan_groups(names: list[str], cfg: ModelConfig, schema: GGUFSchema, n_blocks: int, mtp: bool) -> list[_Group]:
@@ -107,6 +108,11 @@ def _plan_groups(names: list[str], cfg: ModelConfig, schema: GGUFSchema, n_block
             continue  # an MTP layer, dropped
         if m and int(m[1]) >= n_blocks:
             raise CheckpointError(f"tensor {hub}: layer {m[1]} is beyond the {n_blocks} blocks config.json describes")
+        split = schema.split(hub, cfg, n_blocks)
+        if split is not None:
+            for part in split:
+                groups[part.gguf] = _Group(part.gguf, [hub], part)
+            continue
         new, index = schema.gguf_name(hub, n_blocks)
         if index is None:
             if new in groups:
@@ -130,11 +136,11 @@ def _plan_groups(names: list[str], cfg: ModelConfig, schema: GGUFSchema, n_block
     return sorted(groups.values(), key=order)
 
 
-def _row_chunks(source: SafetensorsSource, names: list[str]) -> Callable[[], Iterator[torch.Tensor]]:
+def _row_chunks(source: SafetensorsSource, names: list[str], split: SplitPart | None = None) -> Callable[[], Iterator[torch.Tensor]]:
     def produce() -> Iterator[torch.Tensor]:
         for name in names:
             source.release_pages()  # pages earlier tensors touched need not stay in this process's RSS
-            t = source.get(name)
+            t = source.get(name) if split is None else split.take(source.get(name))
             if t.dim() <= 1:
                 yield t.reshape(1, -1) if t.dim() == 1 else t.reshape(1, 1)
                 continue
@@ -249,10 +255,12 @@ def export_gguf(
         for g in groups:
             first = source.info(g.parts[0])
             shape = (len(g.parts), *first.shape) if len(g.parts) > 1 or _EXPERT_RE.match(g.parts[0]) else first.shape
+            if g.split is not None:
+                shape = g.split.shape
             for part in g.parts[1:]:
                 if source.info(part).shape != first.shape:
                     raise CheckpointError(f"tensor {part} has shape {source.info(part).shape}, {g.parts[0]} has {first.shape}")
-            writer.add_tensor(g.gguf, tuple(shape), tensor_type(g.gguf, tuple(shape), want), _row_chunks(source, g.parts))
+            writer.add_tensor(g.gguf, tuple(shape), tensor_type(g.gguf, tuple(shape), want), _row_chunks(source, g.parts, g.split))
         finals = writer.final_paths()
         existing = [p for p in finals if p.exists()]
         if existing and not overwrite:
@@ -358,6 +366,7 @@ class GGUFTensorInfo(TensorInfo):
     ggml_type: str = "F32"
     gguf_name: str = ""
     index: int | None = None
+    joined: JoinedTensor | None = None  # a hub tensor the file holds as several tensors (e.g. MLA's kv_b)
 
 
 class GGUFSource:
@@ -386,15 +395,18 @@ class GGUFSource:
         n_experts = int(meta.opt("expert_count", 0) or 0)
         self._infos: dict[str, GGUFTensorInfo] = {}
         for hub in self.arch.schema.hub_names(n_blocks, n_layers, n_experts):
-            new, index = schema.gguf_name(hub, n_blocks)
-            t = self.files.tensors.get(new)
-            if t is None:
+            joined = schema.joined(hub, self.files, n_blocks)
+            if joined is not None:
+                parts = [self._readable(p) for p in joined.parts]
+                self._infos[hub] = GGUFTensorInfo(
+                    name=hub, shape=joined.shape, dtype=dequant_dtype, file=parts[0].file, offsets=(parts[0].offset, parts[0].offset),
+                    stored_dtype=torch.uint8, ggml_type=parts[0].type_name, gguf_name=joined.parts[0], joined=joined,
+                )  # fmt: skip
                 continue
-            if t.ggml_type not in SUPPORTED_TYPES:
-                raise CheckpointError(
-                    f"{t.file}: tensor {new} is stored as {t.type_name}, which localglm cannot read "
-                    f"(supported: {', '.join(sorted(type_name(x) for x in SUPPORTED_TYPES))})"
-                )
+            new, index = schema.gguf_name(hub, n_blocks)
+            if new not in self.files.tensors:
+                continue
+            t = self._readable(new)
             shape = t.shape
             begin, nbytes = t.offset, t.nbytes
             if index is not None:
@@ -417,6 +429,16 @@ class GGUFSource:
             )
         self._infos = dict(sorted(self._infos.items()))
 
+    def _readable(self, gguf_name: str) -> Any:
+        """The file's tensor `gguf_name`, refused in one line when its type is one we cannot read."""
+        t = self.files.tensors[gguf_name]
+        if t.ggml_type not in SUPPORTED_TYPES:
+            raise CheckpointError(
+                f"{t.file}: tensor {gguf_name} is stored as {t.type_name}, which localglm cannot read "
+                f"(supported: {', '.join(sorted(type_name(x) for x in SUPPORTED_TYPES))})"
+            )
+        return t
+
     def names(self) -> list[str]:
         return list(self._infos)
 
@@ -437,11 +459,16 @@ class GGUFSource:
     ) -> torch.Tensor:
         info = self.info(name)
         check_expected_shape(info, expected_shape)
+        if info.joined is not None:
+            parts = [self.files.tensor(p, dtype=torch.float32) for p in info.joined.parts]
+            return info.joined.join(parts).to(dtype or info.dtype)
         return self.files.tensor(info.gguf_name, dtype=dtype or info.dtype, index=info.index)
 
     def raw(self, name: str) -> torch.Tensor:
         """The stored bytes of `name` (one expert's slice for experts), as a read-only uint8 tensor."""
         info = self.info(name)
+        if info.joined is not None:
+            raise CheckpointError(f"tensor {name} is {len(info.joined.parts)} tensors in {info.file} ({', '.join(info.joined.parts)}); read it with get()")
         arr = self.files.raw(info.gguf_name, info.index)
         with warnings.catch_warnings():
             # a read-only view of the mapped file, by design (see the class docstring)
@@ -451,7 +478,7 @@ class GGUFSource:
     def packed_spec(self, name: str) -> QuantSpec | None:
         """The QuantSpec `name` is stored in already (a 2-D Q8_0 is q8), or None where it must be dequantized."""
         info = self.info(name)
-        return PACKED_SPECS.get(info.ggml_type) if len(info.shape) == 2 else None
+        return PACKED_SPECS.get(info.ggml_type) if len(info.shape) == 2 and info.joined is None else None
 
     def get_quant(self, name: str, dtype: torch.dtype | None = None, expected_shape: tuple[int, ...] | None = None) -> QuantTensor:
         """A Q8_0 tensor as a q8 QuantTensor, its blocks copied as they are (exact: quant.gguf_packed)."""

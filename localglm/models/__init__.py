@@ -9,15 +9,13 @@ from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
 from .arch import Arch
 from .glm4_moe import ARCH as GLM4_MOE
+from .glm4_moe_lite import ARCH as GLM4_MOE_LITE
 
-ARCHITECTURES: dict[str, Arch] = {a.model_type: a for a in (GLM4_MOE,)}
+ARCHITECTURES: dict[str, Arch] = {a.model_type: a for a in (GLM4_MOE, GLM4_MOE_LITE)}
 
 # Known GLM architectures not runnable yet: named in the refusal so the user knows why.
-NOT_YET = {
-    "glm4_moe_lite": "GLM-4.7-Flash (MLA attention)",
-    "glm_moe_dsa": "GLM-5.x (MLA + DSA indexer)",
-}
-NOT_YET_GGUF = {"glm-dsa": "GLM-5.x (MLA + DSA)", "deepseek2": "MLA models such as GLM-4.7-Flash", "glm4": "dense GLM-4"}
+NOT_YET = {"glm_moe_dsa": "GLM-5.x (MLA + DSA indexer)"}
+NOT_YET_GGUF = {"glm-dsa": "GLM-5.x (MLA + DSA)", "glm4": "dense GLM-4"}
 
 
 def _supported() -> str:

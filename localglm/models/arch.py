@@ -90,6 +90,14 @@ class GGUFSchema(Protocol):
 
     def add_hparams(self, writer: Any, cfg: ModelConfig, n_blocks: int, n_mtp: int, ftype: Any) -> None: ...
 
+    def split(self, hub: str, cfg: ModelConfig, n_blocks: int) -> Any:
+        """The GGUF tensors a hub tensor becomes (moe_gguf.SplitPart list), None when it maps to one."""
+        ...
+
+    def joined(self, hub: str, files: Any, n_blocks: int) -> Any:
+        """How a hub tensor is rebuilt from several GGUF tensors (moe_gguf.JoinedTensor), None when it maps to one."""
+        ...
+
 
 @runtime_checkable
 class TinyMaker(Protocol):

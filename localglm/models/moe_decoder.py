@@ -209,3 +209,22 @@ class MoeDecoder(MoeRouting):
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(hidden, self.w.lm_head)
+
+
+class MoeBuilder:
+    """The registry's `model` piece for a GLM MoE architecture: set `model_class` and read one layer's
+    attention in `load_attention`; the rest of the weights and the routing are the shared decoder's."""
+
+    model_class: type[MoeDecoder] = MoeDecoder
+
+    def load_attention(self, cfg: Any, reader: WeightReader, layer: int) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must read its attention weights")
+
+    def load_weights(self, cfg: ModelConfig, reader: WeightReader) -> DecoderWeights:
+        return load_decoder_weights(cfg, reader, lambda i: self.load_attention(cfg, reader, i))
+
+    def build(self, cfg: ModelConfig, weights: DecoderWeights, experts: ExpertBackend, device: torch.device) -> MoeDecoder:
+        return self.model_class(cfg, weights, experts, device)
+
+    def routing(self, cfg: ModelConfig, weights: DecoderWeights) -> MoeRouting:
+        return MoeRouting(cfg, weights)

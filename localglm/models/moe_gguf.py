@@ -9,6 +9,8 @@ attention keys (`add_attention_hparams`, `attention_config`) and the dtype probe
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -20,6 +22,35 @@ from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
 
 _EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+# The MTP block's own tensors -> gguf-py's NEXTN tensor kinds (gguf 0.19 maps them for glm4moe only)
+_NEXTN_RE = re.compile(r"^model\.layers\.(\d+)\.(eh_proj|enorm|hnorm|embed_tokens|shared_head\.norm|shared_head\.head)\.weight$")
+_NEXTN = {
+    "eh_proj": gguf.MODEL_TENSOR.NEXTN_EH_PROJ,
+    "enorm": gguf.MODEL_TENSOR.NEXTN_ENORM,
+    "hnorm": gguf.MODEL_TENSOR.NEXTN_HNORM,
+    "embed_tokens": gguf.MODEL_TENSOR.NEXTN_EMBED_TOKENS,
+    "shared_head.norm": gguf.MODEL_TENSOR.NEXTN_SHARED_HEAD_NORM,
+    "shared_head.head": gguf.MODEL_TENSOR.NEXTN_SHARED_HEAD_HEAD,
+}
+
+
+@dataclass(frozen=True)
+class SplitPart:
+    """One GGUF tensor that the converter makes from part of a hub tensor (export)."""
+
+    gguf: str
+    shape: tuple[int, ...]  # numpy order
+    take: Callable[[Any], Any]  # the hub tensor -> this part (a torch tensor, C order)
+
+
+@dataclass(frozen=True)
+class JoinedTensor:
+    """A hub tensor that a GGUF holds as several tensors (import): their names, the hub shape, and
+    how to put them back together (torch tensors in -> the hub tensor out)."""
+
+    parts: tuple[str, ...]
+    shape: tuple[int, ...]
+    join: Callable[[list[Any]], Any]
 
 
 def metadata_float(value: Any) -> float:
@@ -75,10 +106,21 @@ class MoeGGUFSchema:
             base = hub.replace("e_score_correction_bias", "e_score_correction.bias")
         if base == "model.embed_tokens.weight":
             return "token_embd.weight", None
+        nextn = _NEXTN_RE.match(hub)
+        if nextn:
+            return gguf.TENSOR_NAMES[_NEXTN[nextn[2]]].format(bid=int(nextn[1])) + ".weight", None
         new = self._name_map(self.model_arch, n_blocks).get_name(base, try_suffixes=(".weight", ".bias"))
         if new is None:
             raise CheckpointError(f"tensor {hub}: no {self.arch} GGUF name for it (llama.cpp's converter would refuse it too)")
         return new, index
+
+    def split(self, hub: str, cfg: Any, n_blocks: int) -> list[SplitPart] | None:
+        """The GGUF tensors a hub tensor becomes when the converter transforms it (None: one, as is)."""
+        return None
+
+    def joined(self, hub: str, files: Any, n_blocks: int) -> JoinedTensor | None:
+        """How a hub tensor is rebuilt from several GGUF tensors (None: it maps to one)."""
+        return None
 
     # ---- export ---------------------------------------------------------------------------------
     def add_hparams(self, w: gguf.GGUFWriter, cfg: ModelConfig, n_blocks: int, n_mtp: int, ftype: gguf.LlamaFileType) -> None:

@@ -15,7 +15,7 @@ from ...layers.experts import ExpertBackend
 from ...layers.kv_cache import KVCache, TokenCache
 from ...layers.rope import Rotary
 from ..arch import WeightReader
-from ..moe_decoder import DecoderWeights, MoeDecoder, MoeRouting, load_decoder_weights
+from ..moe_decoder import DecoderWeights, MoeBuilder, MoeDecoder
 from .config import Glm4MoeConfig
 
 
@@ -64,14 +64,10 @@ class Glm4MoeModel(MoeDecoder):
         return FusedDecoder.build(self)
 
 
-class Glm4MoeBuilder:
+class Glm4MoeBuilder(MoeBuilder):
     """Reads glm4_moe weights and builds its forward pass (the registry's `model` piece)."""
 
-    def load_weights(self, cfg: Glm4MoeConfig, reader: WeightReader) -> DecoderWeights:
-        return load_decoder_weights(cfg, reader, lambda i: load_attention(cfg, reader, i))
+    model_class = Glm4MoeModel
 
-    def build(self, cfg: Glm4MoeConfig, weights: DecoderWeights, experts: ExpertBackend, device: torch.device) -> Glm4MoeModel:
-        return Glm4MoeModel(cfg, weights, experts, device)
-
-    def routing(self, cfg: Glm4MoeConfig, weights: DecoderWeights) -> MoeRouting:
-        return MoeRouting(cfg, weights)
+    def load_attention(self, cfg: Glm4MoeConfig, reader: WeightReader, layer: int) -> AttentionWeights:
+        return load_attention(cfg, reader, layer)
