@@ -112,10 +112,10 @@ class Plan:
         if not self.cpu_only:
             rows.append(
                 f"expert cache: {self.cache_slots} of {self.n_experts_total} routed experts ({pct:.1f}%) on the GPU, "
-                f"{human_bytes(self.expert_bytes)} each at {self.expert_bits:g} bits/weight; est. hit rate {100 * self.hit_rate:.0f}%"
+                f"{human_bytes(self.expert_bytes)} each at {self.expert_bits:.3g} bits/weight; est. hit rate {100 * self.hit_rate:.0f}%"
             )
         else:
-            rows.append(f"CPU-only plan: {self.n_experts_total} routed experts of {human_bytes(self.expert_bytes)} ({self.expert_bits:g} bits/weight)")
+            rows.append(f"CPU-only plan: {self.n_experts_total} routed experts of {human_bytes(self.expert_bytes)} ({self.expert_bits:.3g} bits/weight)")
         if self.dense_bits:
             rows.append("always-used weights: " + precision_note(self.dense_bits, self.chosen))
         b = self.bandwidths

@@ -1,0 +1,78 @@
+"""The published configs of every supported GLM: parsed, counted as the model cards count them, and
+planned onto the card the product is for (24 GiB of GPU, 256 GiB of RAM, 4-bit experts)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from localglm.cli import main
+from localglm.config import ModelConfig
+from localglm.errors import LocalGLMError
+from localglm.model_info import count_params, parse_size
+from offload.planner import make_plan
+
+CONFIGS = json.loads((Path(__file__).parent / "data" / "real_configs.json").read_text())
+# Published totals (model cards): total and active parameters, in billions.
+PUBLISHED = {"GLM-4.5": (355, 32), "GLM-4.5-Air": (106, 12), "GLM-4.6": (355, 32), "GLM-4.7": (355, 32), "GLM-4.7-Flash": (30, 3)}
+
+
+@pytest.fixture(params=list(CONFIGS))
+def real(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, Path]:
+    (tmp_path / "config.json").write_text(json.dumps(CONFIGS[request.param]))
+    return request.param, tmp_path
+
+
+def test_parameter_counts_match_the_model_cards(real: tuple[str, Path]) -> None:
+    name, path = real
+    c = count_params(ModelConfig.from_file(path))
+    total, active = PUBLISHED[name]
+    assert abs(c.total / 1e9 - total) <= 0.02 * total, c.total
+    # GLM-4.7-Flash is published as "30B-A3B": its 3.26B active (embeddings excluded) is the one above 2%.
+    assert abs(c.active / 1e9 - active) <= (0.1 if name == "GLM-4.7-Flash" else 0.02) * active, c.active
+
+
+def test_every_glm_plans_onto_24_gib_and_256_gib_at_4_bit_experts(real: tuple[str, Path], capsys: pytest.CaptureFixture) -> None:
+    name, path = real
+    plan = make_plan(ModelConfig.from_file(path), "24GiB", "256GiB", ctx=4096, experts=4)
+    assert plan.used("GPU") <= plan.gpu_budget and plan.experts_on_disk == 0
+    assert plan.cache_slots >= 2 * CONFIGS[name]["num_experts_per_tok"]
+    assert plan.decode_tok_s > 1 and plan.prefill_tok_s > 1
+    wheres = {i.what.split(" (")[0]: i.where for i in plan.items}
+    assert wheres["attention"] == wheres["shared experts"] == "GPU"
+    if name.startswith(("GLM-4.5", "GLM-4.6", "GLM-4.7")) and name not in ("GLM-4.5-Air", "GLM-4.7-Flash"):
+        # 355B: ~34 GiB of always-used weights in bf16; the planner takes q8 for them and says so
+        assert plan.dense_bits["attn"] == 8 and "attn" in plan.chosen
+    else:
+        assert plan.dense_bits["attn"] == 16 and not plan.chosen  # bf16 fits: the most precise
+    assert main(["plan", str(path), "--gpu-mem", "24GiB", "--cpu-mem", "256GiB", "--experts", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "predicted: decode" in out and "always-used weights:" in out
+
+
+def test_the_users_class_bits_are_kept_and_too_small_a_budget_names_its_minimum(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(CONFIGS["GLM-4.6"]))
+    cfg = ModelConfig.from_file(tmp_path)
+    plan = make_plan(cfg, "24GiB", "256GiB", experts=4, fixed={"embed": 4, "lm_head": 8})
+    assert plan.dense_bits["embed"] == 4 and plan.dense_bits["lm_head"] == 8 and plan.dense_bits["attn"] == 8
+    assert "embed" not in plan.chosen
+    with pytest.raises(LocalGLMError) as exc:
+        make_plan(cfg, "8GiB", "256GiB", experts=4)
+    msg = str(exc.value)
+    assert "\n" not in msg and "needs at least" in msg
+    need = parse_size(msg.split("needs at least ")[1].split(" (")[0].replace(" ", ""))
+    assert make_plan(cfg, need + (64 << 20), "256GiB", experts=4).dense_bits["attn"] == 4  # the stated minimum works
+    assert main(["plan", str(tmp_path), "--gpu-mem", "24GiB", "--cpu-mem", "256GiB", "--attn", "4", "--experts", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "attn q4" in out
+    assert main(["plan", str(tmp_path), "--gpu-mem", "24GiB", "--experts", "3"]) == 2
+    assert "bits must be one of 2, 4, 8 or 16" in capsys.readouterr().err
+
+
+def test_inspect_prints_each_real_config(real: tuple[str, Path], capsys: pytest.CaptureFixture) -> None:
+    name, path = real
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert CONFIGS[name]["model_type"] in out and "parameters total" in out and "KV cache" in out
