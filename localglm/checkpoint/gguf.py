@@ -27,7 +27,6 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import gguf
@@ -46,7 +45,7 @@ from ..tiny_tokenizer import GLM_SPLIT_PATTERN
 from ..tokenizer import Tokenizer
 from .gguf_file import PLAIN_TYPES, SUPPORTED_TYPES, GGUFModelFiles, type_name
 from .gguf_writer import GGUFStreamWriter, fits_type
-from .source import SafetensorsSource, TensorInfo, check_expected_shape, missing_tensor_error
+from .source import MappedSource, SafetensorsSource, TensorInfo, check_expected_shape
 
 OUT_TYPES: dict[str, tuple[QT, gguf.LlamaFileType]] = {
     "f32": (QT.F32, gguf.LlamaFileType.ALL_F32),
@@ -369,7 +368,7 @@ class GGUFTensorInfo(TensorInfo):
     joined: JoinedTensor | None = None  # a hub tensor the file holds as several tensors (e.g. MLA's kv_b)
 
 
-class GGUFSource:
+class GGUFSource(MappedSource):
     """A glm4moe GGUF (single file or split set) as a TensorSource under hub tensor names.
 
     Stacked expert tensors `blk.N.ffn_{gate,up,down}_exps` appear as
@@ -383,7 +382,8 @@ class GGUFSource:
     def __init__(
         self, path: str | Path | GGUFModelFiles, *, dequant_dtype: torch.dtype = torch.bfloat16
     ) -> None:
-        self.files = path if isinstance(path, GGUFModelFiles) else GGUFModelFiles(path)
+        self.files = self._mapped = path if isinstance(path, GGUFModelFiles) else GGUFModelFiles(path)
+        self._where = self.files.where
         self.arch = arch_of_gguf(self.files)
         schema = self.arch.gguf
         self.dequant_dtype = dequant_dtype
@@ -439,21 +439,6 @@ class GGUFSource:
             )
         return t
 
-    def names(self) -> list[str]:
-        return list(self._infos)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._infos
-
-    def __len__(self) -> int:
-        return len(self._infos)
-
-    def info(self, name: str) -> GGUFTensorInfo:
-        info = self._infos.get(name)
-        if info is None:
-            raise missing_tensor_error(name, self._infos, self.files.where)
-        return info
-
     def get(
         self, name: str, dtype: torch.dtype | None = None, expected_shape: tuple[int, ...] | None = None
     ) -> torch.Tensor:
@@ -487,19 +472,6 @@ class GGUFSource:
         if self.packed_spec(name) is None:
             raise CheckpointError(f"{info.file}: tensor {info.gguf_name} is {info.ggml_type} {list(info.shape)}; only 2-D Q8_0 is taken packed")
         return q8_0_to_quant(self.raw(name), (info.shape[0], info.shape[1]), dtype or info.dtype)
-
-    def release_pages(self) -> None:
-        """Drop this process's hold on mapped pages read so far (see SafetensorsSource.release_pages)."""
-        self.files.release_pages()
-
-    def close(self) -> None:
-        self.files.close()
-
-    def __enter__(self) -> GGUFSource:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"GGUFSource({str(self.files.where)!r}, {len(self._infos)} tensors, {len(self.files.files)} files)"

@@ -21,7 +21,6 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -31,7 +30,7 @@ from gguf import quants as gguf_quants
 
 from ..errors import CheckpointError
 
-from .mmap import FileMaps, view
+from .mmap import FileMaps, Mapped, view
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -242,7 +241,7 @@ def split_part_paths(path: Path) -> list[Path] | None:
     return [path.with_name(SPLIT_NAME.format(stem=m["stem"], no=i, count=count)) for i in range(1, count + 1)]
 
 
-class GGUFModelFiles:
+class GGUFModelFiles(Mapped):
     """One GGUF checkpoint: a single file or every part of a split set, as one tensor table.
 
     `metadata` is the first part's (the others carry only the split keys). Tensor data is mapped
@@ -286,7 +285,7 @@ class GGUFModelFiles:
             raise CheckpointError(
                 f"{self.where}: split.tensors.count says {expected} tensors, the {len(files)} parts hold {len(self.tensors)}"
             )
-        self._maps = FileMaps(f"{self.where}: GGUF")
+        self._maps = self._mapped = FileMaps(f"{self.where}: GGUF")
 
     # -- raw access ---------------------------------------------------------------------------
 
@@ -337,26 +336,6 @@ class GGUFModelFiles:
         values = gguf_quants.dequantize(raw.reshape(-1, shape[-1] // block * size), t.ggml_type)
         out = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)
         return out if dtype is None or dtype == torch.float32 else out.to(dtype)
-
-    # -- lifetime -----------------------------------------------------------------------------
-
-    def release_pages(self) -> None:
-        """Drop this process's hold on mapped pages read so far (they stay in the OS page cache).
-
-        Every touched page of a file mapping counts in RSS until released; the mappings are
-        read-only and file-backed, so a tensor still viewing them faults its pages back in.
-        """
-        self._maps.release_pages()
-
-    def close(self) -> None:
-        """Drop the mappings; tensors already returned keep theirs alive until freed."""
-        self._maps.close()
-
-    def __enter__(self) -> GGUFModelFiles:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"GGUFModelFiles({str(self.where)!r}, {len(self.tensors)} tensors, {len(self.files)} files)"

@@ -13,6 +13,8 @@ import mmap
 import threading
 import warnings
 from pathlib import Path
+from types import TracebackType
+from typing import Any
 
 import torch
 
@@ -58,6 +60,32 @@ class FileMaps:
         with self._lock:
             self._closed = True
             self._maps.clear()
+
+
+class Mapped:
+    """The lifetime every checkpoint reader shares: `release_pages`, `close` and `with`, delegated to
+    `_mapped` (its FileMaps, or the reader it wraps)."""
+
+    _mapped: Any  # has release_pages() and close()
+
+    def release_pages(self) -> None:
+        """Drop this process's hold on mapped pages read so far; they stay in the OS page cache.
+
+        Loading copies weights out of the mapping, and every touched page of a file mapping counts in
+        RSS until released, so without this a load peaks at twice the model size. The mappings are
+        read-only and file-backed, so a tensor still viewing them simply faults its pages back in.
+        """
+        self._mapped.release_pages()
+
+    def close(self) -> None:
+        """Drop the mappings. Tensors already returned keep their file mapped until they are freed."""
+        self._mapped.close()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
 
 
 def view(mapped: mmap.mmap, dtype: torch.dtype, count: int, offset: int) -> torch.Tensor:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from types import TracebackType
 
 import torch
 
@@ -29,7 +28,7 @@ from quant.formats import QuantSpec, QuantTensor
 from quant.recipe import Recipe
 
 from ..errors import CheckpointError
-from .source import SafetensorsSource, TensorInfo, check_expected_shape, missing_tensor_error
+from .source import MappedSource, SafetensorsSource, TensorInfo, check_expected_shape
 
 MANIFEST = "localglm_quant.json"
 FORMAT = "localglm-quant"
@@ -66,14 +65,15 @@ def read_manifest(root: Path) -> dict:
     return man
 
 
-class QuantizedSource:
+class QuantizedSource(MappedSource):
     """TensorSource over a localglm quantized directory (see the module docstring)."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
         self.recipe = Recipe.from_json(self.manifest.get("recipe", {}))
-        self.st = SafetensorsSource(self.root, quantization_config={})
+        self.st = self._mapped = SafetensorsSource(self.root, quantization_config={})
+        self._where = self.root
         self.quant = {name: (QuantSpec.parse(d["spec"]), tuple(d["shape"]), _DTYPES[d["dtype"]]) for name, d in self.manifest.get("tensors", {}).items()}
         self.layouts = {int(k): ExpertBlobLayout.from_json(v) for k, v in self.manifest.get("experts", {}).get("layouts", {}).items()}
         self.expert_dtype = _DTYPES[self.manifest.get("experts", {}).get("dtype", "bfloat16")]
@@ -101,20 +101,9 @@ class QuantizedSource:
                 for part, shape in (("gate", (lay.inter, lay.hidden)), ("up", (lay.inter, lay.hidden)), ("down", (lay.hidden, lay.inter))):
                     n = f"model.layers.{layer}.mlp.experts.{e}.{part}_proj.weight"
                     self._infos[n] = TensorInfo(n, shape, self.expert_dtype, bi.file, bi.offsets, torch.uint8)
+        self._infos = dict(sorted(self._infos.items()))
 
     # -- TensorSource ----------------------------------------------------------------------
-    def names(self) -> list[str]:
-        return sorted(self._infos)
-
-    def info(self, name: str) -> TensorInfo:
-        info = self._infos.get(name)
-        if info is None:
-            raise missing_tensor_error(name, self._infos, self.root)
-        return info
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._infos
-
     def is_quantized(self, name: str) -> bool:
         return name in self.quant
 
@@ -151,15 +140,3 @@ class QuantizedSource:
     def expert_blob(self, layer: int, expert: int) -> torch.Tensor:
         """uint8 [nbytes]: a read-only view of the mapped file (clone or copy_ it out to keep it)."""
         return self.st.get(blob_name(layer, expert))
-
-    def release_pages(self) -> None:
-        self.st.release_pages()
-
-    def close(self) -> None:
-        self.st.close()
-
-    def __enter__(self) -> QuantizedSource:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()

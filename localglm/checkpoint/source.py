@@ -33,7 +33,7 @@ from .safetensors import (
     scale_layout,
     shape_str,
 )
-from .mmap import FileMaps, view
+from .mmap import FileMaps, Mapped, view
 
 SCALE_SUFFIXES = ("_scale_inv", "_scale")  # also covers `.input_scale`, `.k_scale`, `.v_scale`
 
@@ -97,6 +97,29 @@ def check_expected_shape(info: TensorInfo, expected_shape: Sequence[int] | None)
         raise CheckpointError(
             f"tensor {info.name} in {info.file} has shape {shape_str(info.shape)}, expected {shape_str(expected_shape)}"
         )
+
+
+class MappedSource(Mapped):
+    """A TensorSource over memory-mapped files: the name table (`_infos`, filled by the subclass) and
+    its one-line error for a missing name (`_where` names the checkpoint), written once for every format."""
+
+    _infos: dict[str, TensorInfo]
+    _where: Path | str
+
+    def names(self) -> list[str]:
+        return list(self._infos)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._infos
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def info(self, name: str) -> TensorInfo:
+        info = self._infos.get(name)
+        if info is None:
+            raise missing_tensor_error(name, self._infos, self._where)
+        return info
 
 
 _MAX_FUZZY_CANDIDATES = 2000  # difflib over all ~45k expert names of GLM-4.5 takes seconds
@@ -304,7 +327,7 @@ class _Scaled:
     layout: ScaleLayout
 
 
-class SafetensorsSource:
+class SafetensorsSource(MappedSource):
     """A Hugging Face safetensors checkpoint: one file, an indexed set of shards, or a directory of files.
 
     Opening parses every header (and the index) and validates it, so a truncated download or a bad
@@ -336,7 +359,8 @@ class SafetensorsSource:
             for name in sorted(self._entries)
             if not (quantized and name.endswith(SCALE_SUFFIXES))
         }
-        self._maps = FileMaps(f"{self._layout.where}: TensorSource")
+        self._maps = self._mapped = FileMaps(f"{self._layout.where}: TensorSource")
+        self._where = self._layout.where
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -378,18 +402,9 @@ class SafetensorsSource:
         """The weight files backing this checkpoint, in index (or sorted) order."""
         return list(self._layout.files)
 
-    def names(self) -> list[str]:
-        return list(self._infos)
-
     def raw_names(self) -> list[str]:
         """Every stored tensor, scale tensors included."""
         return sorted(self._entries)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._infos
-
-    def __len__(self) -> int:
-        return len(self._infos)
 
     def info(self, name: str) -> TensorInfo:
         info = self._infos.get(name)
@@ -451,29 +466,6 @@ class SafetensorsSource:
         else:  # misaligned data (not written by safetensors): copy into an aligned buffer
             flat = view(mapped, torch.uint8, entry.nbytes, entry.begin).clone().view(entry.dtype)
         return flat.reshape(entry.shape)
-
-    # -- lifetime --------------------------------------------------------------------------
-
-    def release_pages(self) -> None:
-        """Drop this process's hold on mapped pages read so far; they stay in the OS page cache.
-
-        Loading copies weights out of the mapping, and every touched page of a file mapping counts in
-        RSS until released, so without this a load peaks at twice the model size. The mappings are
-        read-only and file-backed, so a tensor still viewing them simply faults its pages back in.
-        """
-        self._maps.release_pages()
-
-    def close(self) -> None:
-        """Drop the mappings. Tensors already returned keep their file mapped until they are freed."""
-        self._maps.close()
-
-    def __enter__(self) -> SafetensorsSource:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"SafetensorsSource({str(self._layout.where)!r}, {len(self._infos)} tensors, {len(self._layout.files)} files)"
