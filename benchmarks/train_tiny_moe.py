@@ -26,7 +26,7 @@ from localglm.loader import load  # noqa: E402
 from localglm.checkpoint.safetensors import save_safetensors_sharded  # noqa: E402
 from localglm.models.glm4_moe.tiny import TinySpec
 from localglm.tiny import make_tiny  # noqa: E402
-from localglm.tiny_tokenizer import corpus_text  # noqa: E402
+from localglm.chat.tiny_tokenizer import corpus_text  # noqa: E402
 
 SPEC = dict(
     vocab_size=1024, hidden_size=96, intermediate_size=192, num_hidden_layers=7, num_attention_heads=4,

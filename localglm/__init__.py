@@ -12,7 +12,7 @@ from .errors import CheckpointError, ConfigError, LocalGLMError, TokenizerError
 from .loader import load
 from .sampling import SamplingParams
 from .stats import GenerationStats
-from .stream_parser import ContentDelta, ThinkingDelta, ToolCall, ToolCallArgsDelta, ToolCallEnd, ToolCallStart
+from .chat.stream_parser import ContentDelta, ThinkingDelta, ToolCall, ToolCallArgsDelta, ToolCallEnd, ToolCallStart
 
 __version__ = "0.1.0"
 

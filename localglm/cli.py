@@ -69,7 +69,7 @@ def open_model(args: argparse.Namespace) -> Any:
 # ---- commands ----------------------------------------------------------------------------------
 def cmd_generate(args: argparse.Namespace) -> int:
     from .engine import Done
-    from .stream_parser import ContentDelta, ThinkingDelta, ToolCallEnd
+    from .chat.stream_parser import ContentDelta, ThinkingDelta, ToolCallEnd
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if prompt is None:

@@ -23,8 +23,8 @@ from .layers.kv_cache import TokenCache
 from .models.arch import DecoderModel
 from .sampling import Sampler, SamplingParams
 from .stats import GenerationStats, peak_rss_bytes
-from .stream_parser import ChatStreamParser, ContentDelta
-from .tokenizer import IncrementalDecoder, Tokenizer
+from .chat.stream_parser import ChatStreamParser, ContentDelta
+from .chat.tokenizer import IncrementalDecoder, Tokenizer
 
 PREFILL_CHUNK = 512
 

@@ -28,7 +28,7 @@ from .models.arch import Arch, WeightReader
 from .models.moe_decoder import load_in_memory_experts
 from .options import LoadOptions, OffloadOptions
 from .sampling import SamplingParams
-from .tokenizer import Tokenizer
+from .chat.tokenizer import Tokenizer
 
 DEFAULT_CTX = 4096
 _DTYPES = {

@@ -22,7 +22,7 @@ import torch
 
 from .checkpoint.safetensors import quantize_fp8_blockwise, save_safetensors_sharded
 from .errors import LocalGLMError
-from .tiny_tokenizer import build_tiny_tokenizer
+from .chat.tiny_tokenizer import build_tiny_tokenizer
 
 
 @dataclass

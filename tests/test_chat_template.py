@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from localglm.chat_template import ChatTemplate, builtin_template, render_chat_template
+from localglm.chat.template import ChatTemplate, builtin_template, render_chat_template
 from localglm.errors import TokenizerError
-from localglm.tiny_tokenizer import build_tiny_tokenizer
-from localglm.tokenizer import Tokenizer
+from localglm.chat.tiny_tokenizer import build_tiny_tokenizer
+from localglm.chat.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -10,7 +10,7 @@ import pytest
 import localglm
 from localglm.default_model import DEFAULT_MODEL_DIR, default_model_path
 from localglm.engine import Done
-from localglm.stream_parser import STOP_TAGS, ContentDelta, parse_complete
+from localglm.chat.stream_parser import STOP_TAGS, ContentDelta, parse_complete
 
 SPECIAL_MARKERS = ("<|", "[gMASK]", "<sop>", "<think>", "</think>", "<tool_call>")
 

@@ -11,7 +11,7 @@ import torch
 import localglm
 from localglm.engine import StopStrings
 from localglm.sampling import Sampler, SamplingParams
-from localglm.stream_parser import ContentDelta
+from localglm.chat.stream_parser import ContentDelta
 
 GREEDY = SamplingParams(temperature=0)
 

@@ -26,7 +26,7 @@ from localglm.checkpoint.safetensors import save_safetensors_sharded
 from localglm.checkpoint.source import SafetensorsSource
 from localglm.models.glm4_moe.tiny import TinySpec
 from localglm.tiny import make_tiny
-from localglm.tiny_tokenizer import corpus_text
+from localglm.chat.tiny_tokenizer import corpus_text
 from quant.formats import QuantSpec, QuantTensor
 from localglm.checkpoint.gguf_file import GGUFModelFiles
 from quant.recipe import Recipe

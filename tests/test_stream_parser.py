@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from localglm.chat_template import builtin_template, render_chat_template
-from localglm.stream_parser import (
+from localglm.chat.template import builtin_template, render_chat_template
+from localglm.chat.stream_parser import (
     ChatStreamParser,
     ContentDelta,
     Event,

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from localglm.errors import TokenizerError
-from localglm.tiny_tokenizer import GLM_SPECIAL_TOKENS, build_tiny_tokenizer
-from localglm.tokenizer import IncrementalDecoder, Tokenizer
+from localglm.chat.tiny_tokenizer import GLM_SPECIAL_TOKENS, build_tiny_tokenizer
+from localglm.chat.tokenizer import IncrementalDecoder, Tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -82,7 +82,7 @@ def test_tiny_tokenizer_is_deterministic_and_complete(tmp_path: Path) -> None:
 
 
 def test_tiny_tokenizer_styles_write_their_template(tok_dirs: dict[str, Path]) -> None:
-    from localglm.chat_template import builtin_template
+    from localglm.chat.template import builtin_template
 
     for style, d in tok_dirs.items():
         assert (d / "chat_template.jinja").read_text() == builtin_template(style)

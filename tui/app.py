@@ -340,7 +340,7 @@ class ChatScreen(Screen):
     def _generate(self, req: GenRequest) -> None:
         """Runs in a thread: stream the model's events back to the UI as messages."""
         from localglm.engine import Done
-        from localglm.stream_parser import ContentDelta, ThinkingDelta, ToolCallEnd
+        from localglm.chat.stream_parser import ContentDelta, ThinkingDelta, ToolCallEnd
 
         app = self.chat_app
         model = self.model

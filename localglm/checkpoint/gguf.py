@@ -41,8 +41,8 @@ from ..errors import CheckpointError, LocalGLMError, TokenizerError
 from ..models import arch_for_gguf, arch_of
 from ..models.arch import Arch, GGUFSchema
 from ..models.moe_gguf import GGUFMetadata, JoinedTensor, SplitPart
-from ..tiny_tokenizer import GLM_SPLIT_PATTERN
-from ..tokenizer import Tokenizer
+from ..chat.tiny_tokenizer import GLM_SPLIT_PATTERN
+from ..chat.tokenizer import Tokenizer
 from .gguf_file import PLAIN_TYPES, SUPPORTED_TYPES, GGUFModelFiles, type_name
 from .gguf_writer import GGUFStreamWriter, fits_type
 from .source import MappedSource, SafetensorsSource, TensorInfo, check_expected_shape

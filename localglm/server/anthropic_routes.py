@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 
 from ..engine import Done
 from ..errors import LocalGLMError
-from ..stream_parser import ContentDelta, ThinkingDelta, ToolCallArgsDelta, ToolCallEnd, ToolCallStart
+from ..chat.stream_parser import ContentDelta, ThinkingDelta, ToolCallArgsDelta, ToolCallEnd, ToolCallStart
 from .chat import (
     Finish,
     GenRequest,

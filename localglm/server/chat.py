@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 
 from ..engine import Done
 from ..errors import LocalGLMError
-from ..stream_parser import ContentDelta, ThinkingDelta, ToolCall, ToolCallArgsDelta, ToolCallEnd, ToolCallStart
+from ..chat.stream_parser import ContentDelta, ThinkingDelta, ToolCall, ToolCallArgsDelta, ToolCallEnd, ToolCallStart
 from . import validation
 from .errors import APIError, bad_request
 from .sse import until_disconnect

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..engine import Done
-from ..stream_parser import ContentDelta, ThinkingDelta, ToolCallArgsDelta, ToolCallStart
+from ..chat.stream_parser import ContentDelta, ThinkingDelta, ToolCallArgsDelta, ToolCallStart
 from .chat import Finish, GenRequest, Reply, content_text, json_reply, model_name, request_body, start_job, stream_job
 from .errors import APIError, bad_request
 from .sse import EventStreamResponse, sse_data

@@ -29,7 +29,7 @@ import torch
 from ..checkpoint.safetensors import save_safetensors_sharded
 from ..models.glm4_moe.tiny import TINY, TinySpec
 from ..tiny import fp8_layout
-from ..tiny_tokenizer import GLM_SPECIAL_TOKENS, build_tiny_tokenizer
+from ..chat.tiny_tokenizer import GLM_SPECIAL_TOKENS, build_tiny_tokenizer
 from .corpus import Corpus, build_corpus
 
 

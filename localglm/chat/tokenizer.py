@@ -17,8 +17,8 @@ from typing import Any
 
 import tokenizers
 
-from .chat_template import BUILTIN_TEMPLATES, ChatTemplate, builtin_template, detect_format, parse_string_tool_arguments
-from .errors import TokenizerError
+from .template import BUILTIN_TEMPLATES, ChatTemplate, builtin_template, detect_format, parse_string_tool_arguments
+from ..errors import TokenizerError
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .chat_template import builtin_template
-from .errors import TokenizerError
+from .template import builtin_template
+from ..errors import TokenizerError
 
 # GLM-4.5's special tokens, in its vocabulary order (ids 151329.. in the real tokenizer).
 GLM_SPECIAL_TOKENS = (

@@ -25,7 +25,7 @@ import jinja2.nodes
 import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .errors import TokenizerError
+from ..errors import TokenizerError
 
 Message = dict[str, Any]
 
@@ -41,7 +41,7 @@ def builtin_template(style: str) -> str:
     """Source of one of the templates shipped with localglm ("glm45" or "glm47")."""
     if style not in BUILTIN_TEMPLATES:
         raise TokenizerError(f"unknown chat template style {style!r}: expected one of {', '.join(BUILTIN_TEMPLATES)}")
-    return resources.files("localglm").joinpath("templates", f"{style}.jinja").read_text(encoding="utf-8")
+    return resources.files("localglm.chat").joinpath("templates", f"{style}.jinja").read_text(encoding="utf-8")
 
 
 class _GenerationTag(jinja2.ext.Extension):
