@@ -211,3 +211,21 @@ def test_inspect_plan_and_make_tiny_commands(tmp_path: Path, capsys: pytest.Capt
     assert "MLA, 4 heads: q_proj, kv_lora 16" in capsys.readouterr().out
     assert main(["plan", str(out), "--gpu-mem", "1GiB", "--cpu-mem", "1GiB"]) == 0
     assert "predicted: decode" in capsys.readouterr().out
+
+
+def test_serve_answers_a_tool_call_with_the_official_client(lite_dir: Path) -> None:
+    """The server is the engine's: a scripted GLM-4.7 tool call comes back through the OpenAI client."""
+    openai = pytest.importorskip("openai")
+    from localglm.server import ServerSettings, create_app
+    from localglm.server.testing import ScriptedOutput, ServerThread
+
+    model = localglm.load(lite_dir)
+    scripts = ScriptedOutput(model)
+    scripts.add("call", "<think>look</think><tool_call>read_file<arg_key>path</arg_key><arg_value>a.py</arg_value></tool_call>")
+    app = create_app(model, ServerSettings(model_name="flash"), logits_processor_hook=scripts)
+    tool = {"type": "function", "function": {"name": "read_file", "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}}
+    with ServerThread(app) as srv:
+        client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x")
+        r = client.chat.completions.create(model="flash", messages=[{"role": "user", "content": "SCRIPT:call"}], tools=[tool], max_tokens=60)
+    call = r.choices[0].message.tool_calls[0]
+    assert call.function.name == "read_file" and json.loads(call.function.arguments) == {"path": "a.py"}
