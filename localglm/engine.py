@@ -8,6 +8,7 @@ events: thinking, content and tool-call deltas from the chat stream parser, then
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +32,22 @@ PREFILL_CHUNK = 512
 # (ids generated so far in this request, next-token logits [vocab]) -> logits to sample from.
 # Constrained decoding, grammars and tests that force a model's output all plug in here.
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
+
+
+class PromptTooLong(LocalGLMError):
+    """The prompt does not fit the context; `exact` is False when `tokens` is a lower bound from its length."""
+
+    def __init__(self, tokens: int, ctx: int, *, exact: bool = True) -> None:
+        self.tokens, self.ctx, self.exact = tokens, ctx, exact
+        super().__init__(f"prompt is {'' if exact else 'at least '}{tokens} tokens, the context is {ctx}: raise --ctx or shorten it")
+
+
+@dataclass(frozen=True)
+class EncodedChat:
+    """A conversation rendered by the chat template and tokenized (`Model.encode_chat`)."""
+
+    text: str
+    ids: list[int]
 
 
 @dataclass
@@ -97,6 +114,41 @@ class Model:
             list(messages), tools=tools, add_generation_prompt=True, enable_thinking=enable_thinking
         )
 
+    def check_length(self, chars: int) -> None:
+        """Refuse a prompt of `chars` characters that cannot fit the context, before tokenizing it.
+
+        Each token covers at most `tokenizer.max_token_chars` characters, so the prompt has at
+        least chars / max_token_chars tokens; a tokenizer without that bound lets everything pass.
+        """
+        bound = self.tokenizer.max_token_chars if self.tokenizer is not None else None
+        if bound and chars > (self.ctx - 1) * bound:
+            raise PromptTooLong(math.ceil(chars / bound), self.ctx, exact=False)
+
+    def encode_chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        tools: list[dict] | None = None,
+        enable_thinking: bool | None = None,
+        parse_special_tokens: bool = False,
+        fit: bool = True,
+    ) -> EncodedChat:
+        """Render and tokenize a conversation. Special-token text in user, system and tool content
+        stays text unless `parse_special_tokens` (see `Tokenizer.render_prompt`). With `fit`, a prompt
+        whose length alone shows it cannot fit the context raises PromptTooLong before tokenizing."""
+        tok = self._need_tokenizer()
+        prompt = tok.render_prompt(list(messages), tools, True, enable_thinking, parse_special_tokens=parse_special_tokens)
+        if fit:
+            self.check_length(len(prompt.text))
+        return EncodedChat(prompt.text, tok.encode_prompt(prompt))
+
+    def encode_text(self, text: str, *, fit: bool = True) -> list[int]:
+        """Token ids of a raw prompt (special tokens in it parsed: the caller writes the whole prompt)."""
+        tok = self._need_tokenizer()
+        if fit:
+            self.check_length(len(text))
+        return tok.encode(text)
+
     def stop_token_ids(self) -> set[int]:
         ids = set(self.config.eos_token_ids)
         if not ids and self.tokenizer is not None:
@@ -106,7 +158,7 @@ class Model:
     # ---- token loop ------------------------------------------------------------------------
     def _cache_for(self, prompt_len: int) -> TokenCache:
         if prompt_len >= self.ctx:
-            raise LocalGLMError(f"prompt is {prompt_len} tokens, the context is {self.ctx}: raise --ctx or shorten it")
+            raise PromptTooLong(prompt_len, self.ctx)
         if self._cache is None:
             self._cache = self.net.new_cache(self.ctx)
         return self._cache
@@ -182,6 +234,7 @@ class Model:
         prompt: str | None = None,
         *,
         messages: Sequence[dict[str, Any]] | None = None,
+        chat: EncodedChat | None = None,
         input_ids: Sequence[int] | None = None,
         max_new_tokens: int = 512,
         sampling: SamplingParams | None = None,
@@ -192,33 +245,35 @@ class Model:
         cancel: threading.Event | None = None,
         reuse_prefix: bool = True,
         logits_processor: LogitsProcessor | None = None,
+        parse_special_tokens: bool = False,
         **sampling_overrides: Any,
     ) -> Iterator[Any]:
-        """Stream events for one of: a raw `prompt`, chat `messages`, or raw `input_ids`.
+        """Stream events for one of: a raw `prompt`, chat `messages` (or the same already encoded
+        by `encode_chat`, as `chat`), or raw `input_ids`.
 
-        With `messages`, the output is split into ThinkingDelta / ContentDelta / ToolCall* events;
-        otherwise every piece of text is a ContentDelta. The last event is always `Done`.
+        With `messages` or `chat`, the output is split into ThinkingDelta / ContentDelta / ToolCall*
+        events; otherwise every piece of text is a ContentDelta. The last event is always `Done`.
+        `parse_special_tokens` lets special-token text in message content become special tokens.
         """
-        if sum(x is not None for x in (prompt, messages, input_ids)) != 1:
-            raise LocalGLMError("generate: give exactly one of prompt, messages or input_ids")
+        if sum(x is not None for x in (prompt, messages, chat, input_ids)) != 1:
+            raise LocalGLMError("generate: give exactly one of prompt, messages, chat or input_ids")
         if max_new_tokens < 1:
             raise LocalGLMError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         params = (sampling or self.default_sampling).updated(**sampling_overrides)
-        start_in_thinking = False
-        chat = messages is not None
-        if chat:
-            text = self.render_chat(messages, tools=tools, enable_thinking=enable_thinking)
-            start_in_thinking = text.rstrip().endswith("<think>")
-            ids = self._need_tokenizer().encode(text)
+        if messages is not None:
+            chat = self.encode_chat(messages, tools=tools, enable_thinking=enable_thinking, parse_special_tokens=parse_special_tokens)
+        if chat is not None:
+            ids = chat.ids
         elif prompt is not None:
-            ids = self._need_tokenizer().encode(prompt)
+            ids = self.encode_text(prompt)
         else:
             ids = list(input_ids)
+        start_in_thinking = chat is not None and chat.text.rstrip().endswith("<think>")
         if not self._lock.acquire(blocking=False):
             raise LocalGLMError("this model is already generating; one generation at a time")
         try:
             yield from self._generate_locked(
-                ids, chat, start_in_thinking, tools, max_new_tokens, params, stop, ignore_eos, cancel, reuse_prefix, logits_processor
+                ids, chat is not None, start_in_thinking, tools, max_new_tokens, params, stop, ignore_eos, cancel, reuse_prefix, logits_processor
             )
         finally:
             self._lock.release()

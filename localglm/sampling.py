@@ -6,12 +6,22 @@ Applied in llama.cpp's and transformers' usual order: penalty, temperature, top-
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
 
 from .errors import LocalGLMError
+
+# Temperatures below this sample as greedy (vLLM's threshold): dividing logits by 1e-45 overflows
+# to inf, and softmax of inf is NaN, while any temperature this small is argmax in all but name.
+GREEDY_BELOW = 1e-5
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+
+
+class NonFiniteLogitsError(LocalGLMError):
+    """The model produced NaN or +inf logits (or a logits processor masked every token)."""
 
 
 @dataclass(frozen=True)
@@ -25,11 +35,12 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         checks = (
-            ("temperature", self.temperature >= 0),
+            ("temperature", math.isfinite(self.temperature) and self.temperature >= 0),
             ("top_k", self.top_k >= 0),
             ("top_p", 0 < self.top_p <= 1),
             ("min_p", 0 <= self.min_p < 1),
-            ("repetition_penalty", self.repetition_penalty > 0),
+            ("repetition_penalty", math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0),
+            ("seed", self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]),
         )
         for name, ok in checks:
             if not ok:
@@ -37,7 +48,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Argmax sampling: temperature 0, or one so small that dividing by it would overflow."""
+        return self.temperature < GREEDY_BELOW
 
     def updated(self, **overrides: object) -> SamplingParams:
         """A copy with the given fields replaced, ignoring None values (unset CLI flags)."""
@@ -79,6 +91,7 @@ class Sampler:
         """Pick one token from logits [vocab]; `history` holds the ids seen so far (for the penalty)."""
         p = self.params
         logits = logits.float()
+        top = check_finite(logits)
         if p.repetition_penalty != 1.0 and history is not None and history.numel():
             seen = torch.unique(history)
             vals = logits[seen]
@@ -86,7 +99,9 @@ class Sampler:
             logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         if p.greedy:
             return int(torch.argmax(logits))
-        logits = logits / p.temperature
+        if p.repetition_penalty != 1.0:
+            top = float(logits.max())
+        logits = (logits - top) / p.temperature  # shifted first, so a small temperature cannot overflow to inf
         if p.top_k and p.top_k < logits.numel():
             kth = torch.topk(logits, p.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -100,6 +115,24 @@ class Sampler:
             probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
         choice = int(torch.multinomial(probs, 1, generator=self.generator))
         return choice if idx is None else int(idx[choice])
+
+
+def check_finite(logits: torch.Tensor) -> float:
+    """The largest logit; refuses logits no token can be sampled from: NaN or +inf anywhere, or
+    every token at -inf.
+
+    -inf alone is legitimate (a logits processor masking tokens). One max() covers all three
+    cases, since torch's max propagates NaN.
+    """
+    top = float(logits.max())
+    if math.isfinite(top):
+        return top
+    if top == float("-inf"):
+        raise NonFiniteLogitsError("every token's logit is -inf: the logits processor left nothing to sample")
+    raise NonFiniteLogitsError(
+        f"the model produced {'NaN' if math.isnan(top) else 'infinite'} logits: the weights or the config are "
+        "broken (NaN or inf weights, a negative rms_norm_eps, a NaN rope base), not the prompt"
+    )
 
 
 def _top_mass(probs: torch.Tensor, mass: float, first: int = 256) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,13 +4,20 @@ We load the same three files transformers 5 reads (tokenizer.json, tokenizer_con
 chat_template.jinja, which wins over the config's template) and give the same ids and the same
 rendered prompt, without importing transformers. GLM templates write `[gMASK]<sop>` as text, so
 `encode` never adds a BOS: the special tokens in the text become their single ids.
+
+Chat prompts differ from transformers on purpose in one way: `render_prompt` encodes the text of
+user, system and tool messages (and tool schemas) without parsing special tokens, so a user, or a
+web page an agent read, cannot forge turns by typing `<|assistant|>`; only the template's own
+markup becomes special tokens. `parse_special_tokens=True` restores transformers' behaviour.
 """
 
 from __future__ import annotations
 
 import codecs
 import json
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -56,6 +63,88 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, Mapping) and isinstance(value.get("content"), str):
         return value["content"]
     return None
+
+
+# Above this many characters, text is encoded through `encode_batch`, which releases the GIL (plain
+# `encode` holds it for the whole call: seconds for a few MB, with every other thread stalled).
+_GIL_FREE_CHARS = 16384
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def replace_surrogates(text: str) -> str:
+    """`text` with lone UTF-16 surrogates as U+FFFD.
+
+    JSON may escape them (`"\\ud800"`, e.g. an emoji cut in half by a UTF-16 truncation) and Python
+    keeps undecodable argv bytes as them; Rust strings cannot hold them, so the tokenizer would fail.
+    """
+    return text if text.isascii() or not _SURROGATE.search(text) else _SURROGATE.sub("\ufffd", text)
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A rendered conversation: the text the model reads, and how to encode it.
+
+    `parts` are plain-text pieces (encoded without parsing special tokens) and the ids of the
+    template's markup special tokens between them; None means `text` is encoded parsing every
+    special token in it (transformers' way, `parse_special_tokens=True`).
+    """
+
+    text: str
+    parts: tuple[str | int, ...] | None = None
+
+
+class _ContentEscaper:
+    """Swaps special-token text in untrusted strings for placeholders, and back after rendering.
+
+    The template sees a placeholder where content spelled a special token, or ended with the start
+    of one (so that two strings the template joins cannot form one); every special token left in
+    the rendered text is then the template's markup. Placeholders are ASCII (they survive `tojson`
+    whatever its options), made of characters no special token contains (no special token can
+    overlap one) and of a nonce found nowhere in the input or the template.
+    """
+
+    def __init__(self, specials: Sequence[str], haystack: str) -> None:
+        used = set("".join(specials))
+        free = [c for c in "QZXJVWYKHGFqzxjvwykhgf~^" if c not in used] or ["\x1a"]
+        k = 0
+        while f"{free[0]}{k}{free[0]}" in haystack:
+            k += 1
+        self.nonce = f"{free[0]}{k}{free[0]}"
+        self.table: list[str] = []
+        self._whole = re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)))
+        self._prefixes = {t[:n] for t in specials for n in range(1, len(t))}
+        self._longest = max(map(len, specials)) - 1
+        self._placeholder = re.compile(re.escape(self.nonce) + r"(\d+)" + re.escape(self.nonce))
+
+    def _hide(self, text: str) -> str:
+        self.table.append(text)
+        return f"{self.nonce}{len(self.table) - 1}{self.nonce}"
+
+    def escape(self, text: str) -> str:
+        out = self._whole.sub(lambda m: self._hide(m.group(0)), text)
+        for n in range(min(self._longest, len(out)), 0, -1):
+            if out[-n:] in self._prefixes:
+                return out[:-n] + self._hide(out[-n:])
+        return out
+
+    def escape_all(self, value: Any, *, keep: frozenset[str] = frozenset()) -> Any:
+        """`value` with every string in it (dict keys included) escaped, except the values of `keep` keys."""
+        if isinstance(value, str):
+            return self.escape(value)
+        if isinstance(value, Mapping):
+            return {self.escape_all(k): (v if k in keep else self.escape_all(v)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.escape_all(v) for v in value]
+        return value
+
+    def restore(self, text: str) -> str:
+        out = self._placeholder.sub(lambda m: self.table[int(m.group(1))], text)
+        if self.nonce in out:
+            raise TokenizerError(
+                "the chat template changed escaped message text; encode with parse_special_tokens=True "
+                "(serve --parse-special-tokens) to use it"
+            )
+        return out
 
 
 def _read_json(path: Path) -> Any:
@@ -193,8 +282,53 @@ class Tokenizer:
         return self._backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; no BOS/EOS added (chat templates write those as text)."""
-        return self._backend.encode(text, add_special_tokens=False).ids
+        """Token ids of `text`, special tokens in it parsed; no BOS/EOS added (chat templates write
+        those as text). Lone surrogates are encoded as U+FFFD."""
+        return _encode_all(self._backend, [replace_surrogates(text)])[0]
+
+    @cached_property
+    def _plain_backend(self) -> tokenizers.Tokenizer:
+        """A copy of the backend that encodes special-token text as ordinary text."""
+        plain = tokenizers.Tokenizer.from_str(self._backend.to_str())
+        plain.encode_special_tokens = True
+        return plain
+
+    @cached_property
+    def _special_matcher(self) -> tuple[re.Pattern[str], tuple[int, ...]] | None:
+        """A pattern finding special tokens in text as the backend does (longest first, with their
+        lstrip/rstrip/single_word flags; group i+1 is the token with id ids[i]), or None when there are none."""
+        tokens = sorted(
+            ((i, t) for i, t in self._backend.get_added_tokens_decoder().items() if t.special),
+            key=lambda it: len(it[1].content),
+            reverse=True,
+        )
+        if not tokens:
+            return None
+        forms = []
+        for _, t in tokens:
+            form = re.escape(t.content)
+            if t.single_word:
+                form = rf"(?<!\w){form}(?!\w)"
+            forms.append("(" + (r"\s*" if t.lstrip else "") + form + (r"\s*" if t.rstrip else "") + ")")
+        # The lookahead lets the regex engine skip ahead to a possible first character: without it,
+        # every position of a 3 MB prompt tries every token (seconds instead of milliseconds).
+        firsts = {t.content[0] for _, t in tokens} | (set(" \t\r\n") if any(t.lstrip for _, t in tokens) else set())
+        lookahead = "(?=[" + "".join(re.escape(c) for c in sorted(firsts)) + "])"
+        return re.compile(lookahead + "(?:" + "|".join(forms) + ")"), tuple(i for i, _ in tokens)
+
+    @cached_property
+    def max_token_chars(self) -> int | None:
+        """At most this many characters of text become one token, or None when no such bound holds.
+
+        Byte-level BPE without a normalizer turns each byte into one vocabulary character, so a
+        token never covers more characters than its vocabulary string is long; this lets a prompt
+        of more than ctx * max_token_chars characters be refused before it is tokenized.
+        """
+        if not self.is_byte_level or self._backend.normalizer is not None:
+            return None
+        if json.loads(self._backend.to_str()).get("model", {}).get("type") != "BPE":
+            return None
+        return max(len(t) for t in self._backend.get_vocab(with_added_tokens=True))
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`, as transformers' `decode` gives it."""
@@ -300,6 +434,60 @@ class Tokenizer:
             **kw,
         )
 
+    def render_prompt(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict] | None = None,
+        add_generation_prompt: bool = True,
+        enable_thinking: bool | None = None,
+        *,
+        parse_special_tokens: bool = False,
+        template_name: str | None = None,
+        **kw: Any,
+    ) -> ChatPrompt:
+        """The prompt for `messages`, ready for `encode_prompt`.
+
+        By default the text of every message but the assistant's (the model's own turns, whose
+        think tags the template reads) and of `tools` is taken literally: special-token text in it
+        stays text. It is rendered with that text hidden behind placeholders, so every special token
+        in the output is the template's markup; the placeholders are then put back as plain text.
+        """
+        args = (add_generation_prompt, enable_thinking)
+        matcher = self._special_matcher
+        if parse_special_tokens or matcher is None:
+            return ChatPrompt(self.apply_chat_template(messages, tools, *args, template_name=template_name, **kw))
+        pattern, ids = matcher
+        source = self._template(tools, template_name).source
+        haystack = source + json.dumps([messages, tools], ensure_ascii=False, default=str)
+        esc = _ContentEscaper(list(self.special_token_ids), haystack)
+        hidden = [
+            m if not isinstance(m, Mapping) or m.get("role") == "assistant" else esc.escape_all(m, keep=frozenset({"role"}))
+            for m in messages
+        ]
+        hidden_tools = esc.escape_all(tools) if tools is not None else None
+        rendered = self.apply_chat_template(hidden, hidden_tools, *args, template_name=template_name, **kw)
+        parts: list[str | int] = []
+        at = 0
+        for m in pattern.finditer(rendered):
+            parts += [replace_surrogates(esc.restore(rendered[at : m.start()])), ids[m.lastindex - 1]]
+            at = m.end()
+        parts.append(replace_surrogates(esc.restore(rendered[at:])))
+        return ChatPrompt(esc.restore(rendered), tuple(p for p in parts if p != ""))
+
+    def encode_prompt(self, prompt: ChatPrompt) -> list[int]:
+        """Token ids of a rendered prompt (see `ChatPrompt`)."""
+        if prompt.parts is None:
+            return self.encode(prompt.text)
+        texts = [p for p in prompt.parts if isinstance(p, str)]
+        encoded = iter(_encode_all(self._plain_backend, texts))
+        ids: list[int] = []
+        for part in prompt.parts:
+            if isinstance(part, str):
+                ids.extend(next(encoded))
+            else:
+                ids.append(part)
+        return ids
+
     @cached_property
     def format(self) -> str:
         """Chat format family: "glm47" (generation opens with <think>, calls without newlines) or "glm45"."""
@@ -307,6 +495,14 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.source!r}, vocab_size={self.vocab_size})"
+
+
+def _encode_all(backend: tokenizers.Tokenizer, texts: list[str]) -> list[list[int]]:
+    """Ids of each text, no special tokens added; long inputs go through `encode_batch`, which
+    releases the GIL, so a server's event loop keeps running while a big prompt is tokenized."""
+    if len(texts) == 1 and len(texts[0]) < _GIL_FREE_CHARS:
+        return [backend.encode(texts[0], add_special_tokens=False).ids]
+    return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
 
 
 class IncrementalDecoder:

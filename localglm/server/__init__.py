@@ -3,10 +3,12 @@
     from localglm.server import create_app, ServerSettings
     app = create_app(localglm.load(path), ServerSettings(model_name="glm"))  # any ASGI server runs it
 
-Layout: `app` (routes, API key, error shapes), `openai_routes`, `anthropic_routes`, `chat` (the
-request both APIs normalize to, queueing, reply filtering), `worker` (the bounded FIFO queue and
-the one thread that owns the model), `sse` (streaming and disconnects), `metrics`, `validation`,
-`errors`, `command` (the CLI subcommand).
+Layout: `app` (routes, Host and API-key checks, error shapes), `openai_routes`, `anthropic_routes`,
+`chat` (the request both APIs normalize to, queueing, reply filtering), `body` (reading the JSON
+body: content type, size cap, deadline), `worker` (the bounded FIFO queue and the one thread that
+owns the model), `sse` (streaming and disconnects), `http` (uvicorn with header deadlines, an idle
+connection cap and a shutdown that ends streams cleanly; any ASGI server runs the app, but only
+this adds those), `metrics`, `validation`, `errors`, `command` (the CLI subcommand).
 """
 
 from .app import create_app

@@ -17,22 +17,21 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..engine import Done
-from ..errors import LocalGLMError
 from ..chat.stream_parser import ContentDelta, ThinkingDelta, ToolCallArgsDelta, ToolCallEnd, ToolCallStart
 from .chat import (
     Finish,
     GenRequest,
     Reply,
+    admit,
     content_parts,
     content_text,
-    count_prompt_tokens,
     json_reply,
     model_name,
+    prepare,
     request_body,
     start_job,
     stream_job,
@@ -336,16 +335,10 @@ def _stream(state: ServerState, job: Job, reply: Reply, ident: str, model: str) 
 
 
 async def count_tokens(request: Request) -> Response:
+    """The prompt's token count, tokenized like a generation (so bounded by the queue), but a prompt
+    longer than the context is still counted: that is the point of counting."""
     state, body = await request_body(request)
     req, _ = parse_request(body, for_count=True)
-    await prepare_count(state, req)
+    with admit(state):
+        await prepare(state, req, fit=False)
     return JSONResponse({"input_tokens": req.prompt_tokens})
-
-
-async def prepare_count(state: ServerState, req: GenRequest) -> None:
-    """Like `chat.prepare`, but a prompt longer than the context is still counted (that is the point of counting)."""
-    try:
-        req.prompt_tokens = await run_in_threadpool(count_prompt_tokens, state, req)
-    except LocalGLMError as exc:
-        raise bad_request(str(exc)) from None
-

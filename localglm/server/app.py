@@ -1,19 +1,30 @@
-"""The ASGI app: routes, API-key check, error shapes, request counting, engine worker lifetime.
+"""The ASGI app: routes, Host and API-key checks, error shapes, request counting, engine worker lifetime.
 
 Starlette and uvicorn do the HTTP: request parsing, keep-alive, chunked streaming, the ASGI
 disconnect message our cancellation relies on, and graceful shutdown. They are small, widely
 deployed and far more robust against real clients than an HTTP server of our own would be; the
-model-facing logic (queue, streaming events, the two APIs) stays ours.
+model-facing logic (queue, streaming events, the two APIs) stays ours. `localglm.server.http`
+runs the app under uvicorn with the connection limits uvicorn lacks.
+
+The Host check defends against DNS rebinding: a web page whose name the attacker re-points at
+127.0.0.1 reaches this server with its own name in Host. Browsers send the name they connected to,
+so accepting localhost names and IP literals (a page cannot make the browser send those for its own
+origin) plus the names the user allows (--allow-host) keeps such pages out, on any bind address.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import hmac
+import ipaddress
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -23,7 +34,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..engine import Model
 from . import anthropic_routes, openai_routes
-from .errors import APIError, error_body
+from .body import BODY_BYTES_KEY
+from .errors import CLOSE, APIError, error_body
 from .metrics import Metrics
 from .state import LogitsProcessorHook, ServerSettings, ServerState
 from .worker import EngineWorker
@@ -43,19 +55,60 @@ def _endpoint_label(path: str) -> str:
     return path if path in KNOWN_ENDPOINTS else "other"
 
 
+TRIM_AFTER_BYTES = 1 << 20  # after a request body this big, give freed memory back to the OS
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None where there is none (musl, macOS, Windows).
+
+    Parsing and tokenizing a big prompt allocates hundreds of MB in many small blocks; glibc keeps
+    them after they are freed (RSS stayed ~5 GB after one 50 MB body), malloc_trim returns them.
+    """
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def host_name(header: str) -> str:
+    """The name in a Host header: port dropped, IPv6 brackets removed, lowercase, no trailing dot."""
+    header = header.strip()
+    if header.startswith("["):
+        return header[1 : header.find("]")].lower() if "]" in header else header.lower()
+    return header.rsplit(":", 1)[0].lower().rstrip(".")
+
+
+def host_allowed(header: str | None, allowed: frozenset[str]) -> bool:
+    """Whether a request with this Host header may be served (see the module docstring)."""
+    if not header:  # HTTP/1.0 without Host: not a browser
+        return True
+    name = host_name(header)
+    if name == "localhost" or name.endswith(".localhost") or "*" in allowed or name in allowed:
+        return True
+    try:
+        ipaddress.ip_address(name.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
 class GuardMiddleware:
-    """Checks the API key (Bearer or x-api-key) and counts every response by endpoint and status."""
+    """Checks the Host header and the API key (Bearer or x-api-key), counts every response by endpoint
+    and status, answers an unexpected error with one logged 500 (keeping the connection), and gives
+    memory back after big requests."""
 
     def __init__(self, app: ASGIApp, state: ServerState) -> None:
         self.app = app
         self.state = state
+        self.allowed_hosts = frozenset(host_name(h) if h != "*" else h for h in state.settings.allowed_hosts)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
-        status = 500
+        status = 0
 
         async def counting_send(message: Message) -> None:
             nonlocal status
@@ -64,23 +117,46 @@ class GuardMiddleware:
             await send(message)
 
         try:
-            key = self.state.settings.api_key
-            if key and path not in PUBLIC_PATHS and not self._authorized(scope, key):
-                err = APIError(401, "invalid or missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'")
-                await JSONResponse(error_body(err, path), status_code=401)(scope, receive, counting_send)
+            err = self._refusal(scope, path)
+            if err is not None:
+                await JSONResponse(error_body(err, path), status_code=err.status, headers=err.headers)(scope, receive, counting_send)
                 return
             await self.app(scope, receive, counting_send)
+            trim = _malloc_trim()
+            if trim is not None and scope.get("state", {}).get(BODY_BYTES_KEY, 0) >= TRIM_AFTER_BYTES:
+                await anyio.to_thread.run_sync(trim, 0)
+        except Exception as exc:  # a bug: one log entry; a JSON 500 if nothing was sent yet
+            log.exception("%s %s failed", scope.get("method"), path, exc_info=exc)
+            if status == 0:
+                err = APIError(500, f"internal error: {type(exc).__name__}: {exc}")
+                await JSONResponse(error_body(err, path), status_code=500)(scope, receive, counting_send)
         finally:
-            self.state.metrics.count_request(_endpoint_label(path), status)
+            self.state.metrics.count_request(_endpoint_label(path), status or 500)
 
-    @staticmethod
-    def _authorized(scope: Scope, key: str) -> bool:
+    def _refusal(self, scope: Scope, path: str) -> APIError | None:
+        """The 403 / 401 a request gets before it reaches a route, if any."""
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        given = headers.get("x-api-key")
-        auth = headers.get("authorization", "")
-        if given is None and auth[:7].lower() == "bearer ":
-            given = auth[7:].strip()
-        return given is not None and hmac.compare_digest(given.encode(), key.encode())
+        host = headers.get("host")
+        if not host_allowed(host, self.allowed_hosts):
+            name = host_name(host or "")
+            return APIError(
+                403,
+                f"Host {name!r} is not allowed (DNS-rebinding protection): connect through localhost or an IP "
+                f"address, or restart the server with --allow-host {name}",
+                headers=CLOSE,
+            )
+        key = self.state.settings.api_key
+        if key and path not in PUBLIC_PATHS and not _authorized(headers, key):
+            return APIError(401, "invalid or missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'")
+        return None
+
+
+def _authorized(headers: dict[str, str], key: str) -> bool:
+    given = headers.get("x-api-key")
+    auth = headers.get("authorization", "")
+    if given is None and auth[:7].lower() == "bearer ":
+        given = auth[7:].strip()
+    return given is not None and hmac.compare_digest(given.encode(), key.encode())
 
 
 async def health(request: Request) -> Response:
@@ -131,12 +207,6 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(error_body(err, request.url.path), status_code=exc.status_code, headers=exc.headers)
 
 
-async def _server_error(request: Request, exc: Exception) -> Response:
-    log.exception("request failed", exc_info=exc)
-    err = APIError(500, f"internal error: {type(exc).__name__}: {exc}")
-    return JSONResponse(error_body(err, request.url.path), status_code=500)
-
-
 def create_app(
     model: Model,
     settings: ServerSettings | None = None,
@@ -159,6 +229,7 @@ def create_app(
         try:
             yield
         finally:
+            state.begin_shutdown()
             worker.stop()
 
     routes = [
@@ -172,7 +243,7 @@ def create_app(
         Route("/v1/messages", anthropic_routes.messages, methods=["POST"]),
         Route("/v1/messages/count_tokens", anthropic_routes.count_tokens, methods=["POST"]),
     ]
-    handlers: dict[Any, Any] = {APIError: _api_error, HTTPException: _http_error, Exception: _server_error}
+    handlers: dict[Any, Any] = {APIError: _api_error, HTTPException: _http_error}
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
     app.state.server = state
     app.add_middleware(GuardMiddleware, state=state)

@@ -1,19 +1,19 @@
 """What the OpenAI and Anthropic routes share: a normalized request, queueing, and the reply.
 
 Each route parses its API's JSON into a `GenRequest` (GLM chat messages in the OpenAI shape the
-chat template reads, tools in OpenAI function form), then `start_job` renders and tokenizes the
-prompt off the event loop, refuses one that does not fit the context (400), and queues the job
-(503 when the queue is full). `Reply` filters and accumulates the engine's events: it drops tool
-calls when tool_choice is "none" (and all but the first when parallel calls are off), and turns
-the engine's finish reason into stop / length / tool_calls / stop_sequence. `json_reply` and
-`stream_job` carry a job to its response (whole, or as server-sent events), cancelling it when
-the client goes away; `content_parts` and `content_text` read message content in both APIs.
+chat template reads, tools in OpenAI function form), then `start_job` takes a place in the queue
+(503 when it is full), renders and tokenizes the prompt off the event loop (one prompt at a time),
+refuses one that does not fit the context (400, from its length alone when it is far too long),
+and queues the job with the prompt's ids, so the engine does not tokenize it again. `Reply`
+filters and accumulates the engine's events: it drops tool calls when tool_choice is "none" (and
+all but the first when parallel calls are off), and turns the engine's finish reason into stop /
+length / tool_calls / stop_sequence. `json_reply` and `stream_job` carry a job to its response
+(whole, or as server-sent events), cancelling it when the client goes away; `content_parts` and `content_text` read message content in both APIs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,15 +22,16 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..engine import Done
-from ..errors import LocalGLMError
 from ..chat.stream_parser import ContentDelta, ThinkingDelta, ToolCall, ToolCallArgsDelta, ToolCallEnd, ToolCallStart
+from ..engine import Done, EncodedChat, PromptTooLong
+from ..errors import LocalGLMError
 from . import validation
+from .body import read_json
 from .errors import APIError, bad_request
 from .sse import until_disconnect
 from .state import ServerState
-from .validation import body_object, describe, expect, join
-from .worker import HEARTBEAT, Job, JobError, QueueFull
+from .validation import describe, expect, join
+from .worker import HEARTBEAT, Admission, Job, JobError, QueueFull, ShuttingDown
 
 # GLM's role tags written as plain text (not as their special-token ids, which stop generation by
 # id) also end the assistant turn: the parser never shows them, and these stop strings make the
@@ -54,34 +55,18 @@ class GenRequest:
     sampling: dict[str, Any] = field(default_factory=dict)
     stop: list[str] = field(default_factory=list)  # the client's stop strings
     prompt_tokens: int = 0
+    encoded: EncodedChat | list[int] | None = None  # the tokenized prompt (chat, or raw), set by `prepare`
 
     @property
     def chat(self) -> bool:
         return self.messages is not None
 
 
-async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise APIError(413, f"request body is {int(declared)} bytes, the limit is {max_bytes}")
-    body = await request.body()
-    if len(body) > max_bytes:
-        raise APIError(413, f"request body is {len(body)} bytes, the limit is {max_bytes}")
-    if not body.strip():
-        raise bad_request("request body is empty: expected a JSON object")
-    try:
-        data = json.loads(body)
-    except UnicodeDecodeError:
-        raise bad_request("request body is not UTF-8 text") from None
-    except json.JSONDecodeError as exc:
-        raise bad_request(f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    return body_object(data)
-
-
 async def request_body(request: Request) -> tuple[ServerState, dict[str, Any]]:
-    """The server's state and the request's JSON object (413 / 400 raised here)."""
+    """The server's state and the request's JSON object (415 / 413 / 408 / 400 raised here)."""
     state: ServerState = request.app.state.server
-    return state, await read_json(request, state.settings.max_body_bytes)
+    settings = state.settings
+    return state, await read_json(request, settings.body_limit(state.model.ctx), settings.body_timeout_s)
 
 
 def model_name(state: ServerState, body: dict[str, Any]) -> str:
@@ -125,21 +110,41 @@ def enable_thinking_for(state: ServerState, req: GenRequest) -> bool | None:
     return req.enable_thinking if req.enable_thinking is not None else state.settings.enable_thinking
 
 
-def count_prompt_tokens(state: ServerState, req: GenRequest) -> int:
-    """Render (chat) and tokenize the prompt exactly as the engine will; LocalGLMError for bad input."""
+def encode_prompt(state: ServerState, req: GenRequest, *, fit: bool = True) -> int:
+    """Render (chat) and tokenize the prompt exactly as the engine will, keep the result in
+    `req.encoded`, and return its length; LocalGLMError for bad input. With `fit`, a prompt whose
+    length alone shows it cannot fit the context raises PromptTooLong before it is tokenized."""
     model = state.model
     if req.input_ids is not None:
         vocab = model.config.vocab_size
         if any(t < 0 or t >= vocab for t in req.input_ids):
             raise LocalGLMError(f"prompt: token ids must be in the vocabulary (0..{vocab - 1})")
+        req.encoded = list(req.input_ids)
         return len(req.input_ids)
-    if req.messages is not None:
-        text = model.render_chat(req.messages, tools=template_tools(req), enable_thinking=enable_thinking_for(state, req))
-    else:
-        text = req.prompt or ""
-    if model.tokenizer is None:
-        raise LocalGLMError(f"{model.path}: no tokenizer.json, so text prompts cannot be encoded")
-    return len(model.tokenizer.encode(text))
+    with state.tokenize_lock:
+        if req.messages is not None:
+            chat = model.encode_chat(
+                req.messages,
+                tools=template_tools(req),
+                enable_thinking=enable_thinking_for(state, req),
+                parse_special_tokens=state.settings.parse_special_tokens,
+                fit=fit,
+            )
+            req.encoded = chat
+            return len(chat.ids)
+        req.encoded = model.encode_text(req.prompt or "", fit=fit)
+        return len(req.encoded)
+
+
+def context_error(tokens: int, ctx: int, chat: bool, *, at_least: bool = False) -> APIError:
+    """The clients' context-overflow error (code context_length_exceeded)."""
+    return APIError(
+        400,
+        f"the prompt is {'at least ' if at_least else ''}{tokens} tokens but the context is {ctx} tokens: shorten the "
+        f"conversation or restart the server with a larger --ctx",
+        param="messages" if chat else "prompt",
+        code="context_length_exceeded",
+    )
 
 
 def template_tools(req: GenRequest) -> list[dict[str, Any]] | None:
@@ -151,27 +156,45 @@ def template_tools(req: GenRequest) -> list[dict[str, Any]] | None:
     return req.tools
 
 
-async def prepare(state: ServerState, req: GenRequest) -> None:
-    """Tokenize, check the context and the sampling parameters: every input error is a 400 before queueing."""
+async def prepare(state: ServerState, req: GenRequest, *, fit: bool = True) -> None:
+    """Tokenize, check the context and the sampling parameters: every input error is a 400 before queueing.
+
+    Without `fit` (count_tokens), a prompt longer than the context is still counted."""
     try:
         state.sampling.updated(**req.sampling)
-        n = await run_in_threadpool(count_prompt_tokens, state, req)
+        n = await run_in_threadpool(encode_prompt, state, req, fit=fit)
+    except PromptTooLong as exc:
+        raise context_error(exc.tokens, exc.ctx, req.chat, at_least=not exc.exact) from None
     except LocalGLMError as exc:
         raise bad_request(str(exc)) from None
     ctx = state.model.ctx
     if n == 0:
         raise bad_request("the prompt is empty", "prompt" if not req.chat else "messages")
-    if n >= ctx:
-        raise APIError(
-            400,
-            f"the prompt is {n} tokens but the context is {ctx} tokens: shorten the conversation or restart "
-            f"the server with a larger --ctx",
-            param="messages" if req.chat else "prompt",
-            code="context_length_exceeded",
-        )
+    if fit and n >= ctx:
+        raise context_error(n, ctx, req.chat)
     if req.max_tokens is not None and req.max_tokens < 1:
         raise bad_request("max_tokens must be at least 1", "max_tokens")
     req.prompt_tokens = n
+
+
+def admit(state: ServerState) -> Admission:
+    """A place in the engine's queue, or the 503 the clients retry later."""
+    try:
+        return state.worker.admit()
+    except QueueFull as exc:
+        state.metrics.count_rejected()
+        raise APIError(
+            503,
+            f"the server is busy: {state.worker.max_waiting} requests are already waiting (--queue-size); retry later",
+            code="queue_full",
+            headers={"Retry-After": str(exc.retry_after_s)},
+        ) from None
+    except ShuttingDown:
+        raise shutting_down() from None
+
+
+def shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down", code="server_shutting_down", headers={"Retry-After": "5"})
 
 
 def generate_kwargs(state: ServerState, req: GenRequest) -> dict[str, Any]:
@@ -181,17 +204,11 @@ def generate_kwargs(state: ServerState, req: GenRequest) -> dict[str, Any]:
         reuse_prefix=state.settings.reuse_prefix,
         **{k: v for k, v in req.sampling.items() if v is not None},
     )
-    if req.messages is not None:
-        kwargs.update(
-            messages=req.messages,
-            tools=template_tools(req),
-            enable_thinking=enable_thinking_for(state, req),
-            stop=[*req.stop, *ROLE_STOP_STRINGS],
-        )
-    elif req.input_ids is not None:
-        kwargs.update(input_ids=req.input_ids, stop=list(req.stop))
+    if isinstance(req.encoded, EncodedChat):
+        kwargs.update(chat=req.encoded, tools=template_tools(req), stop=[*req.stop, *ROLE_STOP_STRINGS])
     else:
-        kwargs.update(prompt=req.prompt, stop=list(req.stop))
+        assert req.encoded is not None, "prepare() first"
+        kwargs.update(input_ids=req.encoded, stop=list(req.stop))
     if state.hook is not None:
         processor = state.hook(req.endpoint, req.raw)
         if processor is not None:
@@ -204,23 +221,18 @@ async def start_job(state: ServerState, req: GenRequest) -> tuple[Job, Reply]:
 
     Returns the job and the `Reply` that will filter and collect its events.
     """
-    await prepare(state, req)
     state.worker.start()
-    try:
-        job = state.worker.submit(req.endpoint, generate_kwargs(state, req), asyncio.get_running_loop())
-    except QueueFull as exc:
-        state.metrics.count_rejected()
-        raise APIError(
-            503,
-            f"the server is busy: {state.worker.max_waiting} requests are already waiting (--queue-size); retry later",
-            code="queue_full",
-            headers={"Retry-After": str(exc.retry_after_s)},
-        ) from None
+    with admit(state) as admission:
+        await prepare(state, req)
+        try:
+            job = admission.submit(req.endpoint, generate_kwargs(state, req), asyncio.get_running_loop())
+        except ShuttingDown:
+            raise shutting_down() from None
     return job, Reply(state, req)
 
 
 def job_error(err: JobError) -> APIError:
-    return APIError(400 if err.user_error else 500, err.message)
+    return APIError(err.status, err.message, code=err.code)
 
 
 @dataclass

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import socket
 import sys
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from ..errors import LocalGLMError
+
+API_KEY_ENV = "LOCALGLM_API_KEY"
 
 
 def register(sub: Any) -> None:
@@ -27,11 +32,31 @@ def register(sub: Any) -> None:
     p.add_argument("model", nargs="?", default=None, help="model directory (default: the packaged default model)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
-    p.add_argument("--api-key", default=None, help="require this key (Authorization: Bearer KEY or x-api-key: KEY)")
+    p.add_argument(
+        "--api-key", default=None,
+        help=f"require this key (Authorization: Bearer KEY or x-api-key: KEY); other users see it in `ps`, so prefer "
+        f"--api-key-file or the {API_KEY_ENV} environment variable",
+    )  # fmt: skip
+    p.add_argument("--api-key-file", default=None, metavar="PATH", help="require the key on the first line of PATH")
     p.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: the model directory's name)")
     p.add_argument("--queue-size", type=int, default=16, help="requests that may wait while one runs; more get 503 (default 16)")
     p.add_argument("--no-think", action="store_true", help="turn thinking off by default (a request may still turn it on)")
     p.add_argument("--no-prefix-reuse", action="store_true", help="recompute every prompt from scratch (for comparisons)")
+    p.add_argument(
+        "--parse-special-tokens", action="store_true",
+        help="let special-token text in user, system and tool messages (e.g. '<|assistant|>') become special tokens, "
+        "as transformers does; by default it stays text, so message content cannot forge turns",
+    )  # fmt: skip
+    g = p.add_argument_group("limits (what one client may cost)")
+    g.add_argument("--max-body", default=None, metavar="SIZE", help="request body cap, e.g. 16MiB (default: 4 MiB, or 16 bytes per --ctx token if more)")
+    g.add_argument("--body-timeout", type=float, default=30.0, metavar="S", help="a request body must arrive within S seconds (default 30)")
+    g.add_argument("--header-timeout", type=float, default=10.0, metavar="S", help="request headers must arrive within S seconds (default 10)")
+    g.add_argument("--max-connections", type=int, default=128, metavar="N", help="requests beyond N open connections get 503 (default 128)")
+    g.add_argument(
+        "--allow-host", action="append", default=[], metavar="NAME",
+        help="also accept requests whose Host header is NAME (repeatable; '*' accepts any). Localhost names and IP "
+        "addresses are always accepted; other names are refused against DNS rebinding",
+    )  # fmt: skip
     add_model_run_options(p, cmd_serve, quiet_help="no progress bar while loading, no access log")
 
 
@@ -42,39 +67,92 @@ def _check_args(args: argparse.Namespace) -> None:
         raise LocalGLMError(f"--queue-size must be at least 0, got {args.queue_size}")
     if args.api_key is not None and not args.api_key.strip():
         raise LocalGLMError("--api-key must not be empty")
+    for flag in ("body_timeout", "header_timeout"):
+        value = getattr(args, flag)
+        if not value > 0 or value == float("inf"):
+            raise LocalGLMError(f"--{flag.replace('_', '-')} must be a positive number of seconds, got {value}")
+    if args.max_connections < 1:
+        raise LocalGLMError(f"--max-connections must be at least 1, got {args.max_connections}")
+
+
+def api_key(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> str | None:
+    """The key to require: --api-key, else the first line of --api-key-file, else $LOCALGLM_API_KEY."""
+    if args.api_key is not None and args.api_key_file is not None:
+        raise LocalGLMError("give --api-key or --api-key-file, not both")
+    if args.api_key is not None:
+        return args.api_key.strip()
+    if args.api_key_file is not None:
+        path = Path(args.api_key_file)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise LocalGLMError(f"--api-key-file {path}: cannot read it ({getattr(exc, 'strerror', None) or type(exc).__name__})") from None
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise LocalGLMError(f"--api-key-file {path}: the first line is empty")
+        return key
+    key = environ.get(API_KEY_ENV, "").strip()
+    return key or None
+
+
+def _max_body(args: argparse.Namespace) -> int | None:
+    if args.max_body is None:
+        return None
+    from ..commands.flags import size_flag
+
+    size = size_flag(args.max_body, "--max-body")
+    if size < 1024:
+        raise LocalGLMError(f"--max-body must be at least 1KiB, got {args.max_body}")
+    return size
+
+
+def _allowed_hosts(args: argparse.Namespace) -> tuple[str, ...]:
+    """--allow-host names, plus --host when it is a name (a server bound to a name is reached by it)."""
+    bound = [] if _is_ip(args.host) else [args.host]
+    return tuple(dict.fromkeys([*args.allow_host, *bound]))
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return host == "localhost" or (_is_ip(host) and ipaddress.ip_address(host).is_loopback)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from ..cli import open_model, sampling_overrides
     from ..default_model import default_model_path
     from .app import create_app
+    from .http import build_server
     from .state import ServerSettings
 
     _check_args(args)
+    key = api_key(args)
+    max_body = _max_body(args)
     if args.model is None:
         args.model = str(default_model_path())
     model = open_model(args)
     settings = ServerSettings(
         model_name=args.model_name or model.path.name,
-        api_key=args.api_key,
+        api_key=key,
         queue_size=args.queue_size,
         enable_thinking=False if args.no_think else None,
         reuse_prefix=not args.no_prefix_reuse,
         sampling=model.default_sampling.updated(**sampling_overrides(args)),
+        max_body_bytes=max_body,
+        body_timeout_s=args.body_timeout,
+        header_timeout_s=args.header_timeout,
+        max_connections=args.max_connections,
+        allowed_hosts=_allowed_hosts(args),
+        parse_special_tokens=args.parse_special_tokens,
     )
     app = create_app(model, settings)
-    if not _is_loopback(args.host) and not args.api_key:
+    if not _is_loopback(args.host) and not key:
         print(f"localglm: warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
     base = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
     print(
@@ -84,7 +162,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"  health:    {base}/health   metrics: {base}/metrics",
         file=sys.stderr,
     )
-    config = uvicorn.Config(
+    server = build_server(
         app,
         host=args.host,
         port=args.port,
@@ -93,7 +171,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=5,
     )
     sock = _listen(args.host, args.port)
-    server = uvicorn.Server(config)
     try:
         server.run(sockets=[sock])
     finally:

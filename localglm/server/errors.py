@@ -14,12 +14,17 @@ from typing import Any
 _TYPES: dict[int, tuple[str, str]] = {
     400: ("invalid_request_error", "invalid_request_error"),
     401: ("authentication_error", "authentication_error"),
+    403: ("permission_error", "permission_error"),
     404: ("not_found_error", "not_found_error"),
     405: ("invalid_request_error", "invalid_request_error"),
+    408: ("invalid_request_error", "invalid_request_error"),
     413: ("invalid_request_error", "request_too_large"),
+    415: ("invalid_request_error", "invalid_request_error"),
+    422: ("server_error", "api_error"),  # the model produced NaN: the server's fault, but not worth a retry
     500: ("server_error", "api_error"),
     503: ("server_error", "overloaded_error"),
 }
+CLOSE = {"connection": "close"}  # for answers given before the request body was read to its end
 
 
 class APIError(Exception):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +18,10 @@ from .worker import EngineWorker
 LogitsProcessorHook = Callable[[str, dict[str, Any]], LogitsProcessor | None]
 
 
+MIN_BODY_BYTES = 4 * 2**20
+BODY_BYTES_PER_TOKEN = 16  # JSON of a long conversation: ~4 characters per token, escapes and structure
+
+
 @dataclass
 class ServerSettings:
     model_name: str = "localglm"
@@ -26,7 +31,22 @@ class ServerSettings:
     reuse_prefix: bool = True
     sampling: SamplingParams | None = None  # defaults for requests (None: the checkpoint's generation_config)
     heartbeat_s: float = 10.0  # keep-alive on quiet streams (queued or prefilling)
-    max_body_bytes: int = 64 * 2**20
+    # What a request may cost before it reaches the queue (a body is JSON parsed in memory, then tokenized).
+    max_body_bytes: int | None = None  # None: `body_limit(ctx)`
+    body_timeout_s: float = 30.0  # the whole body must arrive within this (408 and the connection closed)
+    # Connection limits, applied by `localglm.server.http` (uvicorn has no header deadline).
+    header_timeout_s: float = 10.0  # a request head must arrive within this after connecting or the last reply
+    keep_alive_s: int = 5  # idle time before a kept-alive connection is closed (uvicorn's timeout_keep_alive)
+    max_idle_connections: int = 32  # connections waiting for a request head; the longest waiting is closed first
+    max_connections: int = 128  # beyond this, requests are answered 503 (uvicorn's limit_concurrency)
+    # DNS-rebinding protection: besides localhost names and IP literals, the Host header may only name these
+    # ("*": any). `localglm serve --host NAME` adds NAME.
+    allowed_hosts: tuple[str, ...] = ()
+    parse_special_tokens: bool = False  # True: special-token text in message content becomes special tokens
+
+    def body_limit(self, ctx: int) -> int:
+        """The request body cap: `max_body_bytes`, or by default 4 MiB or 16 bytes per context token if more."""
+        return self.max_body_bytes if self.max_body_bytes is not None else max(MIN_BODY_BYTES, BODY_BYTES_PER_TOKEN * ctx)
 
 
 @dataclass
@@ -37,6 +57,14 @@ class ServerState:
     metrics: Metrics
     hook: LogitsProcessorHook | None = None
     started_at: float = field(default_factory=time.time)
+    # One prompt is tokenized at a time: tokenizing takes a few hundred bytes per token, so parallel
+    # big prompts multiply the peak memory, and they would share the same cores anyway.
+    tokenize_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def begin_shutdown(self) -> None:
+        """Called when the server starts shutting down: every queued or running job ends with an error
+        its client sees (a final SSE error event, or a 503), before the connections are closed."""
+        self.worker.shutdown()
 
     @property
     def sampling(self) -> SamplingParams:

@@ -1,7 +1,8 @@
 """Helpers for tests and benchmarks: a real server in a thread, and forced ("scripted") model output.
 
-`ServerThread` runs uvicorn on a free loopback port in a background thread (the real HTTP stack,
-so the official clients can talk to it). `ScriptedOutput` is a `logits_processor_hook` for
+`ServerThread` runs the app on a free loopback port in a background thread, built as `localglm
+serve` builds it (`http.build_server`: the real HTTP stack and connection limits, so the official
+clients can talk to it). `ScriptedOutput` is a `logits_processor_hook` for
 `create_app`: a request whose text contains `SCRIPT:<name>` makes the model emit exactly that
 script's tokens, so the parser, tool-call and thinking paths run end to end through a real model.
 """
@@ -17,9 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import uvicorn
 
 from ..engine import LogitsProcessor, Model
+from .http import build_server
 
 _MARKER = re.compile(r"SCRIPT:([A-Za-z0-9_\-]+)")
 
@@ -32,8 +33,7 @@ class ServerThread:
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, 0))
         self.host, self.port = self._sock.getsockname()[:2]
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(config)
+        self.server = build_server(app, timeout_graceful_shutdown=2)
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True)
 
     @property

@@ -2,10 +2,12 @@
 
 A `Model` runs one generation at a time, so every request becomes a `Job` in a FIFO queue of at
 most `max_waiting` waiting jobs (the running one not counted; a full queue is answered 503 by the
-routes). The worker thread takes jobs in order, runs `model.generate(...)` and hands each event to
+routes). A request takes its place (an `Admission`) before its prompt is tokenized, so no more than
+`max_waiting + 1` requests are ever tokenizing, waiting or running. The worker thread takes jobs in order, runs `model.generate(...)` and hands each event to
 the request's asyncio queue through `loop.call_soon_threadsafe`, so the event loop never blocks on
 the model. Cancelling a job (client gone) removes it from the queue if it is still waiting, or sets
-the engine's cancel event, which stops generation within one token.
+the engine's cancel event, which stops generation within one token. `shutdown` ends every job
+with a final error, so streams can tell their clients before the server closes the connections.
 """
 
 from __future__ import annotations
@@ -19,13 +21,18 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine import Done
+from ..engine import Done, PromptTooLong
 from ..errors import LocalGLMError
+from ..sampling import NonFiniteLogitsError
 
 log = logging.getLogger("localglm.server")
 
 
 HEARTBEAT = object()  # yielded by Job.items when nothing happened for a while (queued, or a long prefill)
+
+
+class ShuttingDown(Exception):
+    """The server is shutting down and takes no new jobs."""
 
 
 class QueueFull(Exception):
@@ -38,10 +45,26 @@ class QueueFull(Exception):
 
 @dataclass
 class JobError:
-    """The generation failed: `user_error` for a LocalGLMError (bad input), else a bug."""
+    """The generation ended without a `Done`: the HTTP status and error code that say why."""
 
     message: str
-    user_error: bool
+    status: int  # 400 bad input, 422 the model produced NaN, 499 cancelled, 500 a bug, 503 shutting down
+    code: str | None = None
+
+    @classmethod
+    def from_exception(cls, exc: Exception) -> JobError:
+        if isinstance(exc, NonFiniteLogitsError):
+            # Not 500: the official clients retry 5xx, and this fails the same way every time.
+            return cls(str(exc), 422, "non_finite_logits")
+        if isinstance(exc, PromptTooLong):
+            return cls(str(exc), 400, "context_length_exceeded")
+        if isinstance(exc, LocalGLMError):
+            return cls(str(exc), 400)
+        return cls(f"internal error: {type(exc).__name__}: {exc}", 500)
+
+
+CANCELLED = JobError("cancelled", 499)
+SHUTTING_DOWN = JobError("the server is shutting down: this reply was cut short; retry on the next server", 503, "server_shutting_down")
 
 
 @dataclass(eq=False)  # identity equality: the queue removes this very job
@@ -77,6 +100,29 @@ class Job:
                 return
 
 
+class Admission:
+    """One request's place in the queue: `submit` turns it into a job, `close` gives it back unused."""
+
+    def __init__(self, worker: EngineWorker) -> None:
+        self._worker: EngineWorker | None = worker
+
+    def submit(self, endpoint: str, kwargs: dict[str, Any], loop: asyncio.AbstractEventLoop) -> Job:
+        worker, self._worker = self._worker, None
+        assert worker is not None, "admission already used"
+        return worker._submit(endpoint, kwargs, loop)
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker._release()
+            self._worker = None
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class EngineWorker:
     """Runs queued jobs one at a time on the model, in FIFO order."""
 
@@ -95,6 +141,7 @@ class EngineWorker:
         self._waiting: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
         self._running: Job | None = None
+        self._admitted = 0  # admissions not yet submitted (their prompts are being tokenized)
         self._stopping = False
         self._avg_job_s = 5.0
         self._thread = threading.Thread(target=self._run, name="localglm-engine", daemon=True)
@@ -104,15 +151,19 @@ class EngineWorker:
         if not self._thread.is_alive():
             self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Cancel everything and end the thread."""
+    def shutdown(self) -> None:
+        """Refuse new jobs and end every queued or running one with SHUTTING_DOWN (then cancel it)."""
         with self._cv:
             self._stopping = True
-            for job in self._waiting:
-                job.cancel.set()
-            if self._running is not None:
-                self._running.cancel.set()
+            jobs = [*self._waiting, *([self._running] if self._running is not None else [])]
             self._cv.notify_all()
+        for job in jobs:
+            job._put(SHUTTING_DOWN)
+            job.cancel.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel everything and end the thread."""
+        self.shutdown()
         if self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -126,20 +177,34 @@ class EngineWorker:
         with self._cv:
             return self._running is not None
 
-    def submit(self, endpoint: str, kwargs: dict[str, Any], loop: asyncio.AbstractEventLoop) -> Job:
-        """Queue a generation; raises QueueFull when `max_waiting` jobs already wait."""
-        job = Job(endpoint=endpoint, kwargs=kwargs, loop=loop)
+    def admit(self) -> Admission:
+        """A place in the queue, taken before the request's prompt is tokenized; raises QueueFull
+        (or ShuttingDown) when `max_waiting` requests already wait. Close it when done."""
         with self._cv:
             if self._stopping:
-                raise QueueFull(retry_after_s=5)
-            # A job is either waiting or running (the thread moves it under this lock): room for
-            # one running job plus max_waiting waiting ones, so --queue-size 0 still serves one at a time.
-            in_system = len(self._waiting) + (self._running is not None)
+                raise ShuttingDown()
+            # A request is admitted, waiting or running (moves happen under this lock): room for one
+            # running plus max_waiting others, so --queue-size 0 still serves one at a time.
+            in_system = self._admitted + len(self._waiting) + (self._running is not None)
             if in_system >= self.max_waiting + 1:
                 raise QueueFull(retry_after_s=max(1, min(60, round(in_system * self._avg_job_s))))
+            self._admitted += 1
+        return Admission(self)
+
+    def _submit(self, endpoint: str, kwargs: dict[str, Any], loop: asyncio.AbstractEventLoop) -> Job:
+        job = Job(endpoint=endpoint, kwargs=kwargs, loop=loop)
+        with self._cv:
+            self._admitted -= 1
+            if self._stopping:
+                raise ShuttingDown()
             self._waiting.append(job)
             self._cv.notify()
         return job
+
+    def _release(self) -> None:
+        with self._cv:
+            self._admitted -= 1
+
 
     def cancel(self, job: Job) -> None:
         """The client is gone: drop the job if it waits, stop it if it runs."""
@@ -149,7 +214,7 @@ class EngineWorker:
                 self._waiting.remove(job)
             except ValueError:
                 return
-        job._put(JobError("cancelled", user_error=True))
+        job._put(CANCELLED)
         if self._on_finish is not None:
             self._on_finish(job, None)
 
@@ -176,18 +241,18 @@ class EngineWorker:
         gen = None
         try:
             if job.cancel.is_set():
-                job._put(JobError("cancelled", user_error=True))
+                job._put(CANCELLED)
                 return
             gen = self.model.generate(cancel=job.cancel, **job.kwargs)
             for event in gen:
                 if isinstance(event, Done):
                     done = event
                 job._put(event)
-        except LocalGLMError as exc:
-            job._put(JobError(str(exc), user_error=True))
-        except Exception as exc:  # a bug: keep serving, tell the client and the log
-            log.exception("generation failed")
-            job._put(JobError(f"internal error: {type(exc).__name__}: {exc}", user_error=False))
+        except Exception as exc:  # a bug (500, logged) or bad input / a broken model (4xx): keep serving
+            error = JobError.from_exception(exc)
+            if error.status == 500:
+                log.exception("generation failed")
+            job._put(error)
         finally:
             if gen is not None:
                 gen.close()
