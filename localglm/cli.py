@@ -1,7 +1,7 @@
 """The `localglm` command line: generate, inspect, make-tiny, and the commands of other modules.
 
-User mistakes end as one line on stderr (`localglm: error: ...`) and exit status 2; only bugs
-show a traceback. Commands that live with their feature (chat, serve, quantize, ...) are modules
+User mistakes end as one line on stderr (`localglm: error: ...`) and exit status 2; so do the
+environment's refusals (a full or read-only disk: an OSError). Only bugs show a traceback. Commands that live with their feature (chat, serve, quantize, ...) are modules
 listed in EXTRA_COMMANDS, each with `register(subparsers)` adding its parser and `func` default.
 """
 
@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
+import warnings
+from collections.abc import Sequence
 from typing import Any
 
-from .commands.flags import add_engine_options, add_model_run_options, add_sampling_options, device_for, load_options, sampling_overrides
+from .commands.flags import add_engine_options, add_model_run_options, add_sampling_options, device_for, load_options, sampling_overrides, set_threads
+from .commands.progress import progress
 from .errors import LocalGLMError
 
 EPILOG = "Run `localglm COMMAND --help` for a command's options."
@@ -23,47 +24,41 @@ EPILOG = "Run `localglm COMMAND --help` for a command's options."
 EXTRA_COMMANDS: tuple[str, ...] = ("tui.command", "localglm.server.command", "localglm.commands.export_gguf", "localglm.commands.simulate", "localglm.commands.plan", "localglm.commands.quantize", "localglm.commands.eval")
 
 
-def load_progress(quiet: bool) -> tuple[Callable[[str, int, int], None] | None, Callable[[], None]]:
-    """A progress callback for `localglm.load` drawing a bar on stderr, and its closer."""
-    if quiet:
-        return None, lambda: None
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(
-        TextColumn("loading {task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=Console(stderr=True), transient=True,
-    )
-    tasks: dict[str, Any] = {}
-    bar.start()
-
-    def update(stage: str, done: int, total: int) -> None:
-        if stage not in tasks:
-            tasks[stage] = bar.add_task(stage, total=total)
-        bar.update(tasks[stage], completed=done)
-
-    return update, bar.stop
-
-
 def open_model(args: argparse.Namespace) -> Any:
-    import torch
-
+    """Load the model the command's flags describe, with load progress on stderr unless -q."""
     from .loader import load
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise LocalGLMError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    progress, close = load_progress(getattr(args, "quiet", False))
-    try:
-        model = getattr(args, "model", None)
-        if model is None:  # no MODEL given: the default model shipped inside the package
-            from .default_model import default_model_path
+    set_threads(args.threads)
+    opts = load_options(args)
+    model = getattr(args, "model", None)
+    if model is None:  # no MODEL given: the default model shipped inside the package
+        from .default_model import default_model_path
 
-            model = default_model_path()
-        return load(model, device=device_for(args), dtype=args.dtype, ctx=args.ctx, progress=progress, **load_options(args))
-    finally:
-        close()
+        model = default_model_path()
+    with progress("loading", quiet=getattr(args, "quiet", False)) as update:
+        tick = (lambda stage, done, total: update(done, total, stage)) if update else None
+        return load(model, device=device_for(args), dtype=args.dtype, ctx=args.ctx, progress=tick, **opts)
+
+
+def valid_text(value: str, what: str) -> str:
+    """A command-line string with its undecodable bytes (which Python keeps as lone surrogates) as
+    U+FFFD, with a warning: the tokenizer cannot take them as they are."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        print(f"localglm: warning: {what} is not valid UTF-8; invalid bytes were replaced with U+FFFD", file=sys.stderr)
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return value
+
+
+def read_stdin_text() -> str:
+    """All of stdin as UTF-8 text, invalid bytes as U+FFFD (with a warning)."""
+    raw = sys.stdin.buffer.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        print("localglm: warning: stdin is not valid UTF-8; invalid bytes were replaced with U+FFFD", file=sys.stderr)
+        return raw.decode("utf-8", "replace")
 
 
 # ---- commands ----------------------------------------------------------------------------------
@@ -71,15 +66,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .engine import Done
     from .chat.stream_parser import ContentDelta, ThinkingDelta, ToolCallEnd
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_stdin_text() if args.prompt == "-" else args.prompt
     if prompt is None:
         raise LocalGLMError("generate: give a prompt with -p TEXT (or -p - to read stdin)")
+    prompt = valid_text(prompt, "the prompt")
+    args.system = valid_text(args.system, "--system") if args.system is not None else None
+    args.stop = [valid_text(s, "--stop") for s in args.stop] if args.stop else args.stop
     if args.max_new_tokens < 1:
         raise LocalGLMError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    sampling = sampling_overrides(args)  # a bad flag fails before the model loads
     model = open_model(args)
-    kwargs: dict[str, Any] = dict(
-        max_new_tokens=args.max_new_tokens, stop=args.stop or (), ignore_eos=args.ignore_eos, **sampling_overrides(args)
-    )
+    kwargs: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, stop=args.stop or (), ignore_eos=args.ignore_eos, **sampling)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
         events = model.generate(messages=messages, enable_thinking=not args.no_think, **kwargs)
@@ -88,45 +85,58 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = sys.stdout
     in_thinking = False
     done = None
+    last = "\n"  # the last character written: the completion ends with exactly one newline
+
+    def write(text: str) -> None:
+        nonlocal last
+        if text:
+            out.write(text)
+            last = text[-1]
+
     for ev in events:
         if isinstance(ev, ThinkingDelta):
             if not in_thinking:
-                out.write("<think>")
+                write("<think>")
                 in_thinking = True
-            out.write(ev.text)
+            write(ev.text)
         elif isinstance(ev, ContentDelta):
             if in_thinking:
-                out.write("</think>\n")
+                write("</think>\n")
                 in_thinking = False
-            out.write(ev.text)
+            write(ev.text)
         elif isinstance(ev, ToolCallEnd):
-            out.write(f"\n[tool call] {ev.call.name} {ev.call.arguments_json}\n")
+            write(("" if last == "\n" else "\n") + f"[tool call] {ev.call.name} {ev.call.arguments_json}\n")
         elif isinstance(ev, Done):
             done = ev
         out.flush()
     if in_thinking:
-        out.write("</think>")
-    out.write("\n")
+        write("</think>")
+    if last != "\n":
+        write("\n")
+    out.flush()
     assert done is not None
     stats = done.stats
-    line = f"[{done.finish_reason}] {stats.summary_line()}"
+    # The stats line is about the run, not part of the completion: stderr, so `> out.txt` holds only the text.
+    print(f"[{done.finish_reason}] {stats.summary_line()}", file=sys.stderr)
     if args.stats_json:
-        print(line, file=sys.stderr)
         keys = ("prompt_tokens", "prompt_tok_s", "decode_tokens", "decode_tok_s", "ttft_s", "peak_rss_bytes")
         d = stats.to_dict()
         extra = {"backend": d["backend"]} if d["backend"] else {}  # expert kernels / offload counters
         print(json.dumps({k: d[k] for k in keys} | {"finish_reason": done.finish_reason} | extra, default=str))
-    else:
-        print(line)
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .config import ModelConfig
-    from .model_info import describe
+    from .model_info import check_ctx, default_ctx, describe, human_bytes, read_checkpoint
 
-    cfg = ModelConfig.from_file(args.model)
-    print(describe(cfg, ctx=args.ctx))
+    info = read_checkpoint(args.model)
+    ctx = args.ctx if args.ctx is not None else default_ctx(info.config)
+    check_ctx(info.config, ctx, str(args.model))
+    print(describe(info.config, ctx=ctx))
+    if info.stored is not None:
+        print(f"stored            {info.stored.label}")
+    if info.disk_bytes:
+        print(f"on disk           {human_bytes(info.disk_bytes)} ({info.kind})")
     return 0
 
 
@@ -180,9 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stats-json", action="store_true", help="print the stats as one JSON object on the last line of stdout")
     add_model_run_options(g, cmd_generate)
 
-    i = sub.add_parser("inspect", help="show architecture, parameter counts and memory needs", description="Reads config.json only; no weights are loaded.")
-    i.add_argument("model", help="model directory or config.json")
-    i.add_argument("--ctx", type=int, default=4096, help="context size for the KV-cache estimate (default 4096)")
+    i = sub.add_parser(
+        "inspect", help="show architecture, parameter counts and memory needs",
+        description="Reads config.json (of a Hugging Face or localglm quantized directory) or a GGUF's metadata, and the "
+        "headers of the weight files for the precision they are stored in; no weights are loaded.",
+    )  # fmt: skip
+    i.add_argument("model", help="model directory, config.json, or .gguf file")
+    i.add_argument("--ctx", type=int, default=None, help="context size for the KV-cache estimate (default: as generate, min(4096, model max))")
     i.set_defaults(func=cmd_inspect)
 
     from .models import ARCHITECTURES
@@ -215,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: str | None = None) -> None:
+    """Show a warning as `localglm: warning: ...` on one line (Python's default adds the source file and line)."""
+    print(f"localglm: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -222,15 +241,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return args.func(args)
     except (LocalGLMError, NotImplementedError) as exc:
         print(f"localglm: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\nlocalglm: interrupted", file=sys.stderr)
+        print(("\n" if sys.stderr.isatty() else "") + "localglm: interrupted", file=sys.stderr)  # a terminal may be mid-line
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:  # the environment said no (full or read-only disk, permissions): not a bug
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"localglm: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

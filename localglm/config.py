@@ -11,11 +11,36 @@ so later code never meets a half-understood config.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, LocalGLMError
+
+# The largest width, count or length a config may give: no GLM comes near it, and torch sizes past it
+# overflow the int32 indexing of some kernels long before any memory could hold them.
+MAX_SIZE = 2**31 - 1
+# routed_scaling_factor: GLM uses 1.0-2.5; past this the routed experts' output swamps the residual stream.
+MAX_ROUTED_SCALE = 1000.0
+
+
+def load_json(path: Path, error: type[LocalGLMError] = ConfigError, bad: str = "not valid JSON") -> Any:
+    """Parse a JSON file; an unreadable, non-UTF-8, malformed or absurdly nested one is one line naming it
+    (`bad` says what it is not, e.g. "malformed index JSON").
+
+    Why one place: every metadata file (config, index, manifest, generation config) can be garbage, and
+    json's RecursionError on a 100k-deep array is not a JSONDecodeError."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise error(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: {bad} (not UTF-8 text: {exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: {bad} ({exc})") from None
+    except RecursionError:
+        raise error(f"{path}: {bad} (nested too deeply)") from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,6 +124,10 @@ class ModelConfig:
 
     def check(self, source: str) -> None:
         """Cross-field checks; architectures extend this with their own."""
+        for key, ids in (("eos_token_id", self.eos_token_ids), ("pad_token_id", (self.pad_token_id,)), ("bos_token_id", (self.bos_token_id,))):
+            bad = [i for i in ids if i is not None and not 0 <= i < self.vocab_size]
+            if bad:
+                raise ConfigError(f"{source}: field {key!r} holds {bad[0]}, outside the vocabulary (0..{self.vocab_size - 1})")
         if self.n_routed_experts % self.n_group:
             raise ConfigError(f"{source}: n_routed_experts {self.n_routed_experts} not divisible by n_group {self.n_group}")
         if not 1 <= self.topk_group <= self.n_group:
@@ -118,10 +147,7 @@ class ModelConfig:
             p = p / "config.json"
         if not p.is_file():
             raise ConfigError(f"{p}: not found (a model directory needs config.json)")
-        try:
-            raw = json.loads(p.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{p}: not valid JSON ({exc})") from None
+        raw = load_json(p)
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: expected a JSON object")
         return cls.from_dict(raw, str(p))
@@ -135,43 +161,43 @@ def common_fields(cfg: ConfigReader, cls: type[ModelConfig]) -> dict[str, Any]:
     act = raw.get("hidden_act", "silu")
     if act != "silu":
         raise ConfigError(f"{source}: hidden_act {act!r} is not supported (GLM uses 'silu')")
-    layers = cfg.int("num_hidden_layers")
+    layers = cfg.positive_int("num_hidden_layers")
     return dict(
-        vocab_size=cfg.int("vocab_size"),
-        hidden_size=cfg.int("hidden_size"),
-        intermediate_size=cfg.int("intermediate_size"),
+        vocab_size=cfg.positive_int("vocab_size"),
+        hidden_size=cfg.positive_int("hidden_size"),
+        intermediate_size=cfg.positive_int("intermediate_size"),
         num_hidden_layers=layers,
-        moe_intermediate_size=cfg.int("moe_intermediate_size"),
-        n_routed_experts=cfg.int("n_routed_experts"),
-        num_experts_per_tok=cfg.int("num_experts_per_tok"),
-        n_shared_experts=cfg.int("n_shared_experts", 1),
-        first_k_dense_replace=leading_dense_layers(cfg, layers),
-        routed_scaling_factor=cfg.float("routed_scaling_factor", 1.0),
-        n_group=cfg.int("n_group", 1) or 1,
-        topk_group=cfg.int("topk_group", 1) or 1,
+        moe_intermediate_size=cfg.positive_int("moe_intermediate_size"),
+        n_routed_experts=cfg.positive_int("n_routed_experts"),
+        num_experts_per_tok=cfg.positive_int("num_experts_per_tok"),
+        n_shared_experts=cfg.count("n_shared_experts", 1),
+        first_k_dense_replace=leading_dense_layers(cfg, layers, cls.__dataclass_fields__["first_k_dense_replace"].default),
+        routed_scaling_factor=cfg.float("routed_scaling_factor", 1.0, above=0.0, at_most=MAX_ROUTED_SCALE),
+        n_group=cfg.positive_int("n_group", 1),
+        topk_group=cfg.positive_int("topk_group", 1),
         norm_topk_prob=cfg.bool("norm_topk_prob", True),
-        rms_norm_eps=cfg.float("rms_norm_eps", 1e-5),
+        rms_norm_eps=cfg.float("rms_norm_eps", 1e-5, above=0.0, below=1.0),
         rope_theta=rope_theta,
         partial_rotary_factor=partial,
-        max_position_embeddings=cfg.int("max_position_embeddings", 131072),
-        num_nextn_predict_layers=cfg.int("num_nextn_predict_layers", 0),
+        max_position_embeddings=cfg.positive_int("max_position_embeddings", 131072),
+        num_nextn_predict_layers=cfg.count("num_nextn_predict_layers", 0),
         tie_word_embeddings=cfg.bool("tie_word_embeddings", False),
         eos_token_ids=_id_list(raw.get("eos_token_id"), source, "eos_token_id"),
-        pad_token_id=cfg.int("pad_token_id", None),
-        bos_token_id=cfg.int("bos_token_id", None),
+        pad_token_id=cfg.count("pad_token_id", None),
+        bos_token_id=cfg.count("bos_token_id", None),
         torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
         model_type=str(raw.get("model_type")),
         quantization_config=raw.get("quantization_config"),
     )
 
 
-def leading_dense_layers(cfg: ConfigReader, layers: int) -> int:
+def leading_dense_layers(cfg: ConfigReader, layers: int, default: int = 1) -> int:
     """How many leading layers use a dense MLP: `mlp_layer_types` (transformers' per-layer list,
-    "dense"/"sparse"), else `first_k_dense_replace`, else 1. Only dense layers first and MoE layers
-    after them is a layout we (and llama.cpp's `leading_dense_block_count`) can run."""
+    "dense"/"sparse"), else `first_k_dense_replace`, else the architecture's default. Only dense layers
+    first and MoE layers after them is a layout we (and llama.cpp's `leading_dense_block_count`) can run."""
     types = cfg.raw.get("mlp_layer_types")
     if types is None:
-        return cfg.int("first_k_dense_replace", 1)
+        return cfg.count("first_k_dense_replace", default)
     if not isinstance(types, list) or len(types) != layers or any(t not in ("dense", "sparse") for t in types):
         raise ConfigError(f"{cfg.source}: field 'mlp_layer_types' must list 'dense' or 'sparse' for each of the {layers} layers")
     k = types.index("sparse") if "sparse" in types else layers
@@ -205,15 +231,29 @@ class ConfigReader:
         return v
 
     def positive_int(self, key: str, default: Any = _MISSING) -> Any:
+        """A width, count or length: 1 to MAX_SIZE."""
         v = self.int(key, default)
-        if v is not None and v <= 0:
-            raise ConfigError(f"{self.source}: field {key!r} must be positive, got {v!r}")
+        if v is not None and not 0 < v <= MAX_SIZE:
+            raise ConfigError(f"{self.source}: field {key!r} must be positive (at most {MAX_SIZE}), got {v!r}")
         return v
 
-    def float(self, key: str, default: Any = _MISSING) -> float:
+    def count(self, key: str, default: Any = _MISSING) -> Any:
+        """A count that may be zero (shared experts, dense layers, MTP layers) or a token id: 0 to MAX_SIZE."""
+        v = self.int(key, default)
+        if v is not None and not 0 <= v <= MAX_SIZE:
+            raise ConfigError(f"{self.source}: field {key!r} must be 0 or more (at most {MAX_SIZE}), got {v!r}")
+        return v
+
+    def float(
+        self, key: str, default: Any = _MISSING, *, above: float = -math.inf, below: float = math.inf, at_most: float = math.inf
+    ) -> float:
+        """A finite number, optionally in (above, below) and at most `at_most` (NaN and infinities are refused)."""
         v = self._get(key, default)
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ConfigError(f"{self.source}: field {key!r} must be a number, got {v!r}")
+        if not (math.isfinite(v) and above < v < below and v <= at_most):
+            bounds = [f"above {above:g}"] * (above > -math.inf) + [f"below {below:g}"] * (below < math.inf) + [f"at most {at_most:g}"] * (at_most < math.inf)
+            raise ConfigError(f"{self.source}: field {key!r} must be a finite number{' ' + ' and '.join(bounds) if bounds else ''}, got {v!r}")
         return float(v)
 
     def bool(self, key: str, default: Any = _MISSING) -> bool:
@@ -239,9 +279,10 @@ def read_rope(raw: dict[str, Any], source: str, default_partial: float = 0.5) ->
         raise NotImplementedError(f"{source}: rope_type {rope_type!r} (only 'default' RoPE is implemented)")
     theta = params.get("rope_theta", raw.get("rope_theta", 1_000_000.0))
     partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor", default_partial))
-    for key, v in (("rope_theta", theta), ("partial_rotary_factor", partial)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-            raise ConfigError(f"{source}: field {key!r} must be a positive number, got {v!r}")
+    for key, v, top in (("rope_theta", theta, math.inf), ("partial_rotary_factor", partial, 1.0)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and 0 < v <= top):
+            limit = "" if top == math.inf else f" at most {top:g}"
+            raise ConfigError(f"{source}: field {key!r} must be a finite positive number{limit}, got {v!r}")
     return float(theta), float(partial)
 
 
@@ -249,6 +290,6 @@ def _id_list(value: Any, source: str, key: str) -> tuple[int, ...]:
     if value is None:
         return ()
     items = value if isinstance(value, list) else [value]
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
-        raise ConfigError(f"{source}: field {key!r} must be an integer or a list of integers")
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= MAX_SIZE for i in items):
+        raise ConfigError(f"{source}: field {key!r} must be a token id (0 or more) or a list of them, got {value!r}")
     return tuple(items)

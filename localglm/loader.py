@@ -19,10 +19,11 @@ from quant.recipe import KEEP, Recipe
 
 from .checkpoint.gguf import GGUFCheckpoint, is_gguf_path
 from .checkpoint.source import SafetensorsSource
-from .config import ModelConfig
+from .config import ModelConfig, load_json
 from .engine import Model
 from .errors import LocalGLMError
 from .layers.experts import ExpertBackend
+from .model_info import DEFAULT_CTX, check_ctx, default_ctx, human_bytes
 from .models import arch_of
 from .models.arch import Arch, WeightReader
 from .models.moe_decoder import load_in_memory_experts
@@ -30,7 +31,7 @@ from .options import LoadOptions, OffloadOptions
 from .sampling import SamplingParams
 from .chat.tokenizer import Tokenizer
 
-DEFAULT_CTX = 4096
+__all__ = ["DEFAULT_CTX", "load", "parse_device", "parse_dtype"]
 _DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
@@ -93,7 +94,9 @@ def load(
     """Load a GLM checkpoint (Hugging Face directory, localglm quantized directory or GGUF file) and
     return a `Model`.
 
-    `ctx` is the KV-cache size in tokens (default min(4096, the model's maximum)). The other
+    `ctx` is the KV-cache size in tokens (default min(4096, the model's maximum); more than the
+    model's max_position_embeddings, or more than the memory available for the cache, is refused
+    before anything is allocated). The other
     options come as a `LoadOptions` or as keywords (localglm/options.py): quantize while loading
     (`experts_bits=4`, `attn_bits=8`, ..., `save_quantized=DIR`), offloading (`offload="cuda"|"sim"`,
     `gpu_mem`, `cpu_mem`, `cache_policy`, `prefetch`, `trace`, ...), and `mmap` (a localglm quantized
@@ -130,9 +133,9 @@ def load(
     arch = arch_of(config)
     dev = parse_device(device)
     dt = parse_dtype(dtype, config)
-    ctx = ctx or min(DEFAULT_CTX, config.max_position_embeddings)
-    if ctx < 2:
-        raise LocalGLMError(f"ctx must be at least 2 tokens, got {ctx}")
+    ctx = ctx or default_ctx(config)
+    check_ctx(config, ctx, str(root))
+    _check_kv_budget(config, ctx, dev, dt)
 
     quantized_dir = ckpt is None and is_quantized_dir(root)
     if mmap and not (quantized_dir and recipe is None):
@@ -143,7 +146,7 @@ def load(
     # Offloaded experts live in host RAM (the backend moves them to the device itself).
     expert_dev = torch.device("cpu") if offload.offloaded else dev
     if quantized_dir:
-        source = QuantizedSource(root)
+        source = QuantizedSource(root, verify=opts.verify)
         if mmap is None and expert_dev.type == "cpu":
             mmap = offload.offloaded or source.expert_bytes() > _available_ram()
     else:
@@ -208,7 +211,63 @@ def load(
         tokenizer = ckpt.tokenizer()
     else:
         tokenizer = Tokenizer.from_dir(root) if (root / "tokenizer.json").is_file() else None
-    return Model(root, config, net, tokenizer, ctx=ctx, sampling=SamplingParams.from_generation_config(root))
+    return Model(root, config, net, tokenizer, ctx=ctx, sampling=_sampling_defaults(root))
+
+
+def _check_kv_budget(cfg: ModelConfig, ctx: int, dev: torch.device, dt: torch.dtype) -> None:
+    """Refuse a context whose KV cache alone is more than the memory available for it, before the first
+    generation tries to allocate it (`--ctx 1000000000` asks a GLM-4.5-Air for 192 GB)."""
+    per_token = arch_of(cfg).sizes.kv_bytes_per_token(cfg, torch.tensor([], dtype=dt).element_size())
+    need = per_token * ctx
+    if dev.type == "cuda":
+        free, where = torch.cuda.mem_get_info(dev)[0], "free GPU memory"
+    else:
+        from offload.planner import available_ram
+
+        free, where = available_ram(), "available RAM"
+    if need > free:
+        fit = free // max(1, per_token)
+        raise LocalGLMError(
+            f"--ctx {ctx} needs {human_bytes(need)} of KV cache, more than the {human_bytes(free)} of {where}; "
+            + (f"lower --ctx (about {fit} tokens fit)" if fit >= 2 else "there is no memory for any context")
+        )
+
+
+def _sampling_defaults(root: Path) -> SamplingParams:
+    """The checkpoint's generation_config.json sampling defaults; the built-in ones, with a one-line
+    warning, when that file is garbage (a broken optional file should not stop a model from loading)."""
+    path = root / "generation_config.json"
+    if not path.is_file():
+        return SamplingParams()
+    try:
+        raw = load_json(path)
+    except LocalGLMError as exc:
+        raw, problem = None, str(exc).removeprefix(f"{path}: ")
+    else:
+        problem = _generation_config_problem(raw)
+    if problem:
+        warnings.warn(f"{path}: {problem}; using the default sampling settings", stacklevel=3)
+        return SamplingParams()
+    return SamplingParams.from_generation_config(root)
+
+
+def _generation_config_problem(raw: Any) -> str:
+    """What is wrong with a parsed generation_config.json for sampling ('' when nothing)."""
+    if not isinstance(raw, dict):
+        return "not a JSON object"
+    if "do_sample" in raw and not isinstance(raw["do_sample"], bool):
+        return f"field 'do_sample' must be true or false, got {raw['do_sample']!r}"
+    for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"):
+        value = raw.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"field {name!r} must be a number, got {value!r}"
+        try:
+            SamplingParams().updated(**{name: value})
+        except LocalGLMError:
+            return f"field {name!r} is out of range, got {value!r}"
+    return ""
 
 
 def _planned_recipe(

@@ -1,19 +1,47 @@
-"""Parameter counts and memory footprints computed from config.json alone (no weights read).
+"""Parameter counts and memory footprints from a checkpoint's description alone (no weights read).
 
-Used by `localglm inspect`, and by the placement planner to size tiers before anything loads.
+Used by `localglm inspect` and `localglm plan`, and by the placement planner to size tiers before
+anything loads. `read_checkpoint` takes any input the loader takes (a Hugging Face directory, a
+localglm quantized directory, a GGUF file) and reports the config and, for the last two, what
+precision the weights are actually stored in, so plans use the real bits.
 """
 
 from __future__ import annotations
 
+import math
 import re
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from .config import ModelConfig
 from .errors import LocalGLMError
 from .models import arch_of
 from .models.param_counts import ParamCounts
 
-# Bits per weight of whole formats, scales included (see quant/ and GLM_REFERENCE.md).
+# Bits per weight of whole formats, scales included: bf16; fp8 with one fp32 scale per 128x128 block;
+# llama.cpp's Q8_0 (8.5) and Q4_K/Q2_K-class formats; localglm's q8/q4/q2 are within 0.1 bit of these.
 PRECISIONS: dict[str, float] = {"bf16": 16.0, "fp8": 8.0 + 32 / (128 * 128), "8-bit": 8.5, "4-bit": 4.5, "2-bit": 2.625}
+# The context `generate`, `chat`, `serve` and `plan` use when --ctx is not given: this, or the model's maximum if smaller.
+DEFAULT_CTX = 4096
+
+
+def default_ctx(cfg: ModelConfig) -> int:
+    """The context used when none is given: min(DEFAULT_CTX, the model's max_position_embeddings)."""
+    return min(DEFAULT_CTX, cfg.max_position_embeddings)
+
+
+def check_ctx(cfg: ModelConfig, ctx: int, where: str = "the model") -> None:
+    """Refuse a context below 2 tokens or above max_position_embeddings.
+
+    Why refuse rather than warn: localglm implements plain RoPE only (no YaRN or other scaling), so
+    positions past the trained maximum are out of distribution and the output degrades silently."""
+    if ctx < 2:
+        raise LocalGLMError(f"--ctx must be at least 2 tokens, got {ctx}")
+    if ctx > cfg.max_position_embeddings:
+        raise LocalGLMError(
+            f"--ctx {ctx} is above {where}'s max_position_embeddings {cfg.max_position_embeddings} (the context it was "
+            "trained for; localglm implements no RoPE scaling to go past it)"
+        )
 
 
 def count_params(cfg: ModelConfig) -> ParamCounts:
@@ -54,11 +82,12 @@ def human_count(n: float) -> str:
     return str(int(n))
 
 
-def human_bytes(n: float) -> str:
+def human_bytes(n: float, up: bool = False) -> str:
+    """'1.23 GiB'; `up` rounds up instead of to nearest, for minimums (a stated minimum must be enough)."""
     for unit, div in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= div:
-            return f"{n / div:.2f} {unit}"
-    return f"{int(n)} B"
+            return f"{(math.ceil(n / div * 100) / 100 if up else n / div):.2f} {unit}"
+    return f"{math.ceil(n) if up else int(n)} B"
 
 
 def describe(cfg: ModelConfig, ctx: int = 4096) -> str:
@@ -85,3 +114,71 @@ def describe(cfg: ModelConfig, ctx: int = 4096) -> str:
         lines.append(f"  {name:<8}        {human_bytes(memory_bytes(c, bits)):>12}   (everything at {name}: {human_bytes(c.total * bits / 8)})")
     lines.append(f"KV cache          {human_bytes(kv_cache_bytes(cfg, ctx))} for {ctx} tokens in bf16")
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class StoredPrecision:
+    """What a quantized directory or a GGUF actually holds: the routed experts' bits per weight (scales
+    included) and, where the checkpoint fixes them, the always-used classes' bits (16 = float)."""
+
+    expert_bits: float
+    class_bits: dict[str, int] = field(default_factory=dict)
+    label: str = ""  # e.g. "experts q2 (2.56 bits/weight), attn q8, ..." or "experts Q4_K (4.50 bits/weight)"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A checkpoint as `inspect` and `plan` see it: config, format, stored precision, bytes on disk."""
+
+    config: ModelConfig
+    kind: str  # "safetensors" | "quantized" | "gguf"
+    disk_bytes: int
+    stored: StoredPrecision | None = None
+
+
+def read_checkpoint(path: str | Path) -> CheckpointInfo:
+    """Config and stored precision of a Hugging Face directory (or its config.json), a localglm quantized
+    directory, or a GGUF file (any part of a split set); weights are not read, only headers."""
+    from .checkpoint.gguf import is_gguf_path
+    from .checkpoint.quantized_dir import is_quantized_dir
+
+    p = Path(path).expanduser()
+    if is_gguf_path(p):
+        return _gguf_info(p)
+    if p.is_dir() and is_quantized_dir(p):
+        return _quantized_info(p)
+    cfg = ModelConfig.from_file(p)
+    root = p if p.is_dir() else p.parent
+    return CheckpointInfo(cfg, "safetensors", sum(f.stat().st_size for f in root.glob("*.safetensors") if f.is_file()))
+
+
+def _quantized_info(root: Path) -> CheckpointInfo:
+    from offload.planner import DENSE_CLASSES
+
+    from .checkpoint.quantized_dir import QuantizedSource
+
+    cfg = ModelConfig.from_file(root)
+    with QuantizedSource(root, verify=False) as q:  # headers and manifest only; loading checks the CRCs
+        weights = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+        count = sum(q.n_experts.get(layer, 0) for layer in q.layouts)
+        expert_bits = 8 * q.expert_bytes() / (count * weights) if count else 16.0
+        formats = sorted({spec.name for lay in q.layouts.values() for spec in (lay.gate_up, lay.down)}) or ["bf16"]
+        bits = {c: q.recipe.bits[c] for c in DENSE_CLASSES}
+        files = q.st.files
+    names = {16: "bf16", 8: "q8", 4: "q4", 2: "q2"}
+    label = f"experts {'/'.join(formats)} ({expert_bits:.2f} bits/weight), " + ", ".join(f"{c} {names.get(b, b)}" for c, b in bits.items())
+    return CheckpointInfo(cfg, "quantized", sum(f.stat().st_size for f in files), StoredPrecision(expert_bits, bits, label))
+
+
+def _gguf_info(path: Path) -> CheckpointInfo:
+    from .checkpoint.gguf import config_from_gguf
+    from .checkpoint.gguf_file import GGUFModelFiles
+
+    with GGUFModelFiles(path) as files:
+        cfg = config_from_gguf(files)
+        experts = [t for name, t in files.tensors.items() if re.search(r"\.ffn_(gate|up|down)_exps\.weight$", name)]
+        n = sum(math.prod(t.shape) for t in experts)
+        expert_bits = 8 * sum(t.nbytes for t in experts) / n if n else 16.0
+        kinds = "/".join(sorted({t.type_name for t in experts})) or "none"
+        disk = sum(f.path.stat().st_size for f in files.files)
+    return CheckpointInfo(cfg, "gguf", disk, StoredPrecision(expert_bits, {}, f"GGUF, experts {kinds} ({expert_bits:.2f} bits/weight)"))

@@ -106,12 +106,14 @@ class OffloadOptions:
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """Everything beyond device, dtype and context: quantization, offloading, and `mmap` (a quantized
-    directory's experts: True stay in their mapped files, False copied into RAM, None automatic)."""
+    """Everything beyond device, dtype and context: quantization, offloading, `mmap` (a quantized
+    directory's experts: True stay in their mapped files, False copied into RAM, None automatic) and
+    `verify` (check a quantized directory's shards against the manifest's CRC-32s first)."""
 
     quant: QuantOptions = field(default_factory=QuantOptions)
     offload: OffloadOptions = field(default_factory=OffloadOptions)
     mmap: bool | None = None
+    verify: bool = True
 
     @classmethod
     def from_kwargs(cls, **kw: Any) -> LoadOptions:
@@ -121,6 +123,9 @@ class LoadOptions:
         mmap = kw.pop("mmap", None)
         if mmap not in (None, True, False):
             raise LocalGLMError(f"mmap={mmap!r}: use True, False or None (auto)")
+        verify = kw.pop("verify", True)
+        if verify not in (True, False):
+            raise LocalGLMError(f"verify={verify!r}: use True or False")
         if kw:
             raise LocalGLMError(f"load: unknown option(s) {', '.join(sorted(kw))}")
-        return cls(quant, offload, mmap)
+        return cls(quant, offload, mmap, verify)

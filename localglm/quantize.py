@@ -5,8 +5,10 @@ shard, memory-mapped, pages released as it goes), quantizes each by its class (q
 packs every routed expert into one contiguous blob, and writes shards as they fill: peak memory is
 about one output shard plus the tensors in flight, never the checkpoint. Everything is written in
 a hidden sibling directory `.OUT.partial`; the manifest goes in last, then config.json, then the
-directory is renamed to OUT. An interrupted run leaves OUT absent (or the old OUT untouched) and a
-partial directory that no loader accepts; re-running removes it and starts over.
+directory is renamed to OUT. A failed or interrupted run leaves OUT absent (or the old OUT untouched)
+and removes the partial directory; one left by a killed process (no loader accepts it) is removed by
+the next run. `overwrite` replaces only an earlier quantize's output, and only when OUT holds nothing
+else (the manifest lists what quantize wrote) and does not contain SRC: nothing else is ever deleted.
 
 SRC may also be a glm4moe GGUF (one file or a split set): its tensors are mapped and read one at a
 time (a stacked expert tensor one expert slice at a time, the three slices of an expert together),
@@ -39,14 +41,16 @@ from quant.formats import QuantSpec, QuantTensor
 from quant.gguf_packed import Q8_SPEC
 from quant.recipe import KEEP, Classifier, Recipe
 
+from .config import ModelConfig, load_json
 from .errors import LocalGLMError
 from .models import arch_for_model_type
 
 from .models.moe_decoder import expert_tensor_names
 from .checkpoint.gguf import GGUFSource, is_gguf_path
-from .checkpoint.quantized_dir import FORMAT, MANIFEST, VERSION, QuantizedSource, blob_name, dtype_name, is_quantized_dir
-from .checkpoint.safetensors import INDEX_FILE_NAME, SINGLE_FILE_NAME, save_safetensors_sharded
+from .checkpoint.quantized_dir import FORMAT, MANIFEST, VERSION, QuantizedSource, blob_name, dtype_name, file_records, is_quantized_dir, read_manifest
+from .checkpoint.safetensors import INDEX_FILE_NAME, SHARD_NAME_RE, SINGLE_FILE_NAME, save_safetensors_sharded
 from .checkpoint.source import SafetensorsSource
+from .checkpoint.writing import publish_dir, writing
 
 DEFAULT_SHARD_BYTES = 256 * 2**20
 RELEASE_EVERY = 128 * 2**20
@@ -169,10 +173,8 @@ class _Input:
 
 
 def _open_hf(src: Path) -> _Input:
-    try:
-        config = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LocalGLMError(f"{src / 'config.json'}: cannot read ({exc.__class__.__name__})") from None
+    ModelConfig.from_file(src)  # a config no model can have is refused here, before anything is written
+    config = load_json(src / "config.json")
     source = SafetensorsSource(src)
     files = {f: i for i, f in enumerate(source.files)}
     names = sorted(source.names(), key=lambda n: (files.get(source.info(n).file, 0), source.info(n).offsets[0]))
@@ -270,13 +272,59 @@ def quantize_checkpoint(
             raise LocalGLMError(f"{src}: no config.json (expected a Hugging Face model directory)")
     if out.resolve() == src.resolve():
         raise LocalGLMError("OUT must differ from SRC")
+    if src.resolve().is_relative_to(out.resolve()):
+        raise LocalGLMError(f"{out} contains the source {src}; write OUT somewhere else (it is never replaced)")
+    if max_shard_bytes <= 0:
+        raise LocalGLMError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     if out.exists() and not overwrite:
         raise LocalGLMError(f"{out} exists; pass --overwrite to replace it")
-    if out.exists() and not (is_quantized_dir(out) or (out.is_dir() and not any(out.iterdir()))):
-        raise LocalGLMError(f"{out} exists and is not a localglm quantized checkpoint; refusing to replace it")
+    if out.exists():
+        _check_replaceable(out)
     inp = _open_gguf(src) if from_gguf else _open_hf(src)  # a bad SRC fails here, before anything is written
     with inp.source:
         return _quantize(inp, src, out, recipe, t0, max_shard_bytes, progress, report)
+
+
+# What an earlier localglm quantize wrote besides its weights, for outputs whose manifest predates "files".
+_AUX_NAMES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json"}
+
+
+def _written_by_quantize(out: Path) -> set[str]:
+    """The names in OUT that an earlier `quantize` wrote: the manifest's "files" (and the manifest and
+    config.json, written after it); for an older manifest, the weight files, the usual tokenizer files and
+    whatever its source directory holds under the same name (the aux files were copied from there)."""
+    man = read_manifest(out)
+    files = man.get("files")
+    if isinstance(files, dict):
+        return {MANIFEST, "config.json", *files}
+    names = {MANIFEST, "config.json", INDEX_FILE_NAME, SINGLE_FILE_NAME, *_AUX_NAMES}
+    names |= {p.name for p in out.iterdir() if SHARD_NAME_RE.match(p.name)}
+    src = Path(str((man.get("source") or {}).get("path", "")))
+    if str(src) and src.is_dir():
+        names |= {p.name for p in src.iterdir() if p.is_file()}
+    return names
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse to replace OUT unless it is empty or an earlier quantize output holding nothing else."""
+    if not out.is_dir():
+        raise LocalGLMError(f"{out} exists and is not a directory; refusing to replace it")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    if not is_quantized_dir(out):
+        raise LocalGLMError(f"{out} exists and is not a localglm quantized checkpoint; refusing to replace it")
+    try:
+        owned = _written_by_quantize(out)
+    except LocalGLMError as exc:
+        raise LocalGLMError(f"{out}: cannot tell what an earlier quantize wrote there ({exc}); refusing to replace it") from None
+    foreign = [e for e in entries if e not in owned or (out / e).is_dir()]
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise LocalGLMError(
+            f"{out} also holds {', '.join(foreign[:3])}{more}, which quantize did not write; --overwrite replaces only "
+            "an earlier quantize output: move those out first, or choose another OUT"
+        )
 
 
 def _quantize(
@@ -284,9 +332,15 @@ def _quantize(
 ) -> QuantizeResult:
     tmp = partial_dir(out)
     if tmp.exists():
-        shutil.rmtree(tmp)  # an earlier run was interrupted: start over
-    tmp.mkdir(parents=True)
+        shutil.rmtree(tmp)  # an earlier run was killed: start over
+    with writing(out, tmp):
+        tmp.mkdir(parents=True)
+        return _write_quantized(inp, src, out, tmp, recipe, t0, max_shard_bytes, progress, report)
 
+
+def _write_quantized(
+    inp: _Input, src: Path, out: Path, tmp: Path, recipe: Recipe, t0: float, max_shard_bytes: int, progress: Progress | None, report: bool
+) -> QuantizeResult:
     source, names = inp.source, inp.names
     total = sum(source.info(n).nbytes for n in names)
     manifest: dict[str, Any] = {
@@ -395,6 +449,8 @@ def _quantize(
 
     save_safetensors_sharded(tensors(), tmp, max_shard_bytes, metadata={"localglm": FORMAT})
     inp.write_aux(tmp)  # tokenizer, chat template, generation config, ...
+    # every file written so far, with its CRC-32: loading checks the weights, --overwrite replaces only these
+    manifest["files"] = file_records(tmp, [p.name for p in tmp.iterdir() if p.is_file() and p.name not in (MANIFEST, "config.json")])
     manifest["stats"] = {
         "class_bits_per_weight": {c: 8 * b / max(1, n) for c, (b, n) in stored.items()},
         "class_relative_error": {c: (err2[c] / ref2[c]) ** 0.5 for c in err2 if ref2.get(c)},
@@ -405,9 +461,7 @@ def _quantize(
         _write_atomic(tmp / "config.json", json.dumps(inp.config, indent=2) + "\n")
     else:
         shutil.copy2(src / "config.json", tmp / "config.json")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    publish_dir(tmp, out)
     out_bytes = sum(p.stat().st_size for p in out.iterdir() if p.name.endswith(".safetensors"))
     return QuantizeResult(
         out=out,

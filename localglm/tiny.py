@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
@@ -21,8 +20,9 @@ from typing import Any, ClassVar
 import torch
 
 from .checkpoint.safetensors import quantize_fp8_blockwise, save_safetensors_sharded
+from .checkpoint.writing import publish_dir, writing
 from .errors import LocalGLMError
-from .chat.tiny_tokenizer import build_tiny_tokenizer
+from .chat.tiny_tokenizer import BYTE_ALPHABET, GLM_SPECIAL_TOKENS, build_tiny_tokenizer
 
 
 @dataclass
@@ -62,6 +62,20 @@ class TinySpecBase:
             raise LocalGLMError(f"make-tiny: rope_style {self.rope_style!r} is not 'legacy' or 'parameters'")
         if self.chat_style not in ("glm45", "glm47"):
             raise LocalGLMError(f"make-tiny: chat_style {self.chat_style!r} is not 'glm45' or 'glm47'")
+        if not 0 <= self.seed < 2**64:
+            raise LocalGLMError(f"make-tiny: seed {self.seed} must be from 0 to {2**64 - 1}")
+        if self.max_shard_bytes is not None and self.max_shard_bytes <= 0:
+            raise LocalGLMError(f"make-tiny: max_shard_bytes {self.max_shard_bytes} must be positive")
+        if not (math.isfinite(self.init_scale) and self.init_scale > 0):
+            raise LocalGLMError(f"make-tiny: init_scale {self.init_scale} must be a finite positive number")
+        minimum = BYTE_ALPHABET + len(GLM_SPECIAL_TOKENS) + 1
+        if self.vocab_size < minimum:
+            raise LocalGLMError(f"make-tiny: vocab_size {self.vocab_size} must be at least {minimum} (256 bytes + GLM's special tokens + 1)")
+
+    def special_ids(self) -> dict[str, int]:
+        """Where the tiny tokenizer puts GLM's special tokens: the top of the vocabulary, in order."""
+        first = self.vocab_size - len(GLM_SPECIAL_TOKENS)
+        return {t: first + i for i, t in enumerate(GLM_SPECIAL_TOKENS)}
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -191,7 +205,7 @@ def moe_param_estimate(spec: TinySpecBase, attention_per_layer: int) -> int:
 def fp8_layout(tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
     """GLM-4.5-FP8 layout: 2-D projection weights in e4m3 with `weight_scale_inv` block scales."""
     for name, t in tensors:
-        fp8_able = t.dim() == 2 and name.endswith("_proj.weight") and "eh_proj" not in name
+        fp8_able = t.dim() == 2 and name.endswith("_proj.weight") and "eh_proj" not in name and "weights_proj" not in name
         if fp8_able:
             w8, scale = quantize_fp8_blockwise(t.float())
             yield name, w8
@@ -204,34 +218,39 @@ def fp8_layout(tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[st
 
 def make_tiny(out: str | Path, spec: TinySpecBase | None = None, *, overwrite: bool = False) -> Path:
     """Write a random checkpoint of the spec's architecture (default: glm4_moe's default spec) to
-    `out` (built in a temporary directory, then renamed)."""
+    `out` (built in a temporary directory, then renamed). The config it would write is parsed first, so a
+    spec no model can have (a negative width, more experts per token than experts) is refused before
+    anything is written, and an existing `out` is kept."""
+    from .config import ModelConfig
     from .models import ARCHITECTURES, arch_for_model_type
 
     arch = arch_for_model_type(spec.model_type, "make-tiny") if spec is not None else ARCHITECTURES["glm4_moe"]
     spec = spec or arch.tiny.spec()
+    ModelConfig.from_dict(arch.tiny.config_json(spec, spec.special_ids()), "make-tiny")
     out = Path(out).expanduser()
     occupied = (out.is_dir() and any(out.iterdir())) or out.is_file()
     if occupied and not overwrite:
         raise LocalGLMError(f"{out}: already exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        special = build_tiny_tokenizer(tmp, vocab_size=spec.vocab_size, style=spec.chat_style)
-        cfg = arch.tiny.config_json(spec, special)
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        gen = {"_from_model_config": True, "eos_token_id": cfg["eos_token_id"], "pad_token_id": cfg["pad_token_id"], "temperature": 0.6, "top_p": 0.95, "do_sample": True}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        (tmp / "localglm_tiny_spec.json").write_text(json.dumps({"model_type": spec.model_type, **asdict(spec)}, indent=2) + "\n")
-        tensors = arch.tiny.tensors(spec)
-        if spec.dtype == "fp8":
-            tensors = fp8_layout(tensors)
-        bytes_per = 4 if spec.dtype == "float32" else 2
-        shard = spec.max_shard_bytes or max(1, arch.tiny.estimate_params(spec) * bytes_per // 3 + 1)
-        save_safetensors_sharded(tensors, tmp, max_shard_bytes=shard, metadata={"format": "pt"})
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        with writing(out, tmp):
+            _write_tiny(arch, spec, tmp)
+            publish_dir(tmp, out)
     return out
+
+
+def _write_tiny(arch: Any, spec: TinySpecBase, tmp: Path) -> None:
+    """Every file of the tiny checkpoint, into the temporary directory `tmp`."""
+    special = build_tiny_tokenizer(tmp, vocab_size=spec.vocab_size, style=spec.chat_style)
+    cfg = arch.tiny.config_json(spec, special)
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    gen = {"_from_model_config": True, "eos_token_id": cfg["eos_token_id"], "pad_token_id": cfg["pad_token_id"], "temperature": 0.6, "top_p": 0.95, "do_sample": True}
+    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    (tmp / "localglm_tiny_spec.json").write_text(json.dumps({"model_type": spec.model_type, **asdict(spec)}, indent=2) + "\n")
+    tensors = arch.tiny.tensors(spec)
+    if spec.dtype == "fp8":
+        tensors = fp8_layout(tensors)
+    bytes_per = 4 if spec.dtype == "float32" else 2
+    shard = spec.max_shard_bytes or max(1, arch.tiny.estimate_params(spec) * bytes_per // 3 + 1)
+    save_safetensors_sharded(tensors, tmp, max_shard_bytes=shard, metadata={"format": "pt"})

@@ -54,14 +54,18 @@ def default_gpu_mem() -> int:
     return max(0, free - GPU_MARGIN)
 
 
-def default_cpu_mem() -> int:
+def available_ram() -> int:
+    """RAM the OS could give this process now (MemAvailable; all of RAM where /proc/meminfo is missing)."""
     try:
         with open("/proc/meminfo") as f:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
-        avail = info.get("MemAvailable", info.get("MemFree", 0))
+        return info.get("MemAvailable", info.get("MemFree", 0))
     except OSError:
-        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return max(0, avail - CPU_MARGIN)
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def default_cpu_mem() -> int:
+    return max(0, available_ram() - CPU_MARGIN)
 
 
 @dataclass
@@ -231,7 +235,7 @@ def _plan(
         need = fixed + min_slots * expert_bytes
         if gpu < need:
             raise BudgetTooSmall(
-                f"--gpu-mem {human_bytes(gpu)} is too small for this model at ctx {ctx}: needs at least {human_bytes(need)} "
+                f"--gpu-mem {human_bytes(gpu)} is too small for this model at --ctx {ctx}: needs at least {human_bytes(need, up=True)} "
                 f"(always-used weights + KV cache + workspace {human_bytes(fixed)}, {min_slots} expert slots {human_bytes(min_slots * expert_bytes)}); "
                 f"lower --ctx, or use --gpu-mem 0 for CPU-only"
             )
@@ -247,7 +251,7 @@ def _plan(
     if cpu < min_cpu:
         what = "staging buffers" if gpu > 0 else "always-used weights + KV cache + workspace + one token's experts"
         raise BudgetTooSmall(
-            f"--cpu-mem {human_bytes(cpu)} is too small: needs at least {human_bytes(min_cpu)} ({what}); "
+            f"--cpu-mem {human_bytes(cpu)} is too small: needs at least {human_bytes(min_cpu, up=True)} ({what}); "
             f"the rest of the experts can stay memory-mapped on disk"
         )
     in_ram = min(n_total, (cpu - cpu_fixed) // expert_bytes)

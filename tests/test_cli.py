@@ -26,8 +26,10 @@ def test_generate_stats_json_is_last_stdout_line(tiny_dir: Path, capsys: pytest.
 def test_generate_chat_prints_text_then_stats_line(tiny_dir: Path, capsys: pytest.CaptureFixture) -> None:
     rc = main(["generate", str(tiny_dir), "-p", "hello", "--chat", "--no-think", "-n", "4", "--seed", "1", "-q"])
     assert rc == 0
-    last = capsys.readouterr().out.rstrip("\n").splitlines()[-1]
+    captured = capsys.readouterr()
+    last = captured.err.rstrip("\n").splitlines()[-1]  # the stats line is on stderr: stdout is only the reply
     assert "prompt:" in last and "decode:" in last and "ttft:" in last and "peak RSS" in last
+    assert "prompt:" not in captured.out
 
 
 def test_inspect_prints_counts(tiny_dir: Path, capsys: pytest.CaptureFixture) -> None:
@@ -42,7 +44,7 @@ def test_inspect_prints_counts(tiny_dir: Path, capsys: pytest.CaptureFixture) ->
     [
         (["generate", "/no/such/model", "-p", "x", "-q"], "/no/such/model"),
         (["generate", "{tiny}", "-q"], "-p"),
-        (["generate", "{tiny}", "-p", "x", "--top-p", "7", "-q"], "top_p"),
+        (["generate", "{tiny}", "-p", "x", "--top-p", "7", "-q"], "--top-p 7"),
         (["generate", "{tiny}", "-p", "x", "-n", "0", "-q"], "max-new-tokens"),
         (["inspect", "/no/such/model"], "config.json"),
         (["make-tiny", "{tiny}"], "already exists"),

@@ -76,5 +76,5 @@ def test_cli_generate_defaults_to_packaged_model(capsys) -> None:
     from localglm.cli import main
 
     assert main(["generate", "-p", "import os\n", "-n", "4", "--temperature", "0", "-q"]) == 0
-    out = capsys.readouterr().out
-    assert out.strip().splitlines()[-1].startswith("[")
+    err = capsys.readouterr().err  # the stats line goes to stderr; stdout holds only the completion
+    assert err.strip().splitlines()[-1].startswith("[")

@@ -121,11 +121,13 @@ def test_interrupted_quantize_leaves_nothing_loadable_and_rerun_succeeds(src: Pa
         quantize_checkpoint(src, out, Recipe(), progress=progress, max_shard_bytes=50_000)
     assert not out.exists()
     part = partial_dir(out)
-    assert part.exists() and not (part / MANIFEST).exists() and not (part / "config.json").exists()
-    with pytest.raises(LocalGLMError):
-        localglm.load(part)
+    assert not part.exists()  # a failed run removes its partial output
     with pytest.raises(LocalGLMError):
         localglm.load(out)
+    part.mkdir()  # what a killed run leaves: no manifest, no config, nothing loadable
+    (part / "model.safetensors").write_bytes(b"\0" * 64)
+    with pytest.raises(LocalGLMError):
+        localglm.load(part)
     quantize_checkpoint(src, out, Recipe())  # re-run: starts over cleanly
     assert not part.exists() and (out / MANIFEST).is_file()
     localglm.load(out).logits(IDS)

@@ -8,6 +8,7 @@ aborts a load at the next layer), so the process exits within a token.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from localglm.errors import LocalGLMError
 from .metrics import LiveRate, MemoryProbe, probe_memory
 from .screens import ConversationsScreen, ErrorScreen, LoadingScreen, SystemPromptScreen
 from .store import Conversation, ConversationStore
-from .widgets import NOTES, AssistantMessage, ChatInput, ExpertPanel, StatsPanel, SystemBanner, UserMessage
+from .widgets import NOTES, AssistantMessage, ChatInput, ExpertPanel, KeysPanel, StatsPanel, SystemBanner, UserMessage
 
 # (stage, done, total) -> None, as `localglm.load` calls it
 ProgressFn = Callable[[str, int, int], None]
@@ -40,7 +41,7 @@ HINT_PATH = (
     "Press q to quit."
 )
 HINT_DEFAULT = (
-    "No default model is installed with localglm yet, so name one:\n"
+    "The default model that ships inside localglm is missing from this install, so name a model:\n"
     "    localglm chat PATH/TO/MODEL\n"
     "A model directory holds config.json, the *.safetensors weights and tokenizer.json.\n\n"
     "Press q to quit."
@@ -98,16 +99,12 @@ def default_loader(options: ChatOptions) -> Loader:
     """The real loader: the default model when no path is given, `--threads`, then `localglm.load`."""
 
     def load_model(progress: ProgressFn) -> Any:
+        from localglm.commands.flags import set_threads
         from localglm.default_model import default_model_path
         from localglm.loader import load
 
         path = options.model_path if options.model_path is not None else default_model_path()
-        if options.threads is not None:
-            if options.threads < 1:
-                raise LocalGLMError(f"--threads must be at least 1, got {options.threads}")
-            import torch
-
-            torch.set_num_threads(options.threads)
+        set_threads(options.threads)
         return load(path, device=options.device, dtype=options.dtype, ctx=options.ctx, progress=progress, **options.load_options)
 
     return load_model
@@ -136,6 +133,14 @@ class GenStarted(Message):
     def __init__(self, gen_id: int, prompt_tokens: int | None) -> None:
         super().__init__()
         self.gen_id, self.prompt_tokens = gen_id, prompt_tokens
+
+
+class GenPrefilled(Message):
+    """The prompt has been processed: the model is about to sample its first token."""
+
+    def __init__(self, gen_id: int, seconds: float) -> None:
+        super().__init__()
+        self.gen_id, self.seconds = gen_id, seconds
 
 
 class GenDelta(Message):
@@ -354,12 +359,21 @@ class ChatScreen(Screen):
             content: list[str] = []
             calls: list[dict[str, Any]] = []
             done = None
+            started = time.perf_counter()
+            user_processor = app.logits_processor
+
+            def processor(generated: list[int], logits: Any) -> Any:
+                """The engine calls this before sampling each token: the first call means prefill is over."""
+                if not generated:
+                    post(GenPrefilled(req.id, time.perf_counter() - started))
+                return user_processor(generated, logits) if user_processor is not None else logits
+
             for ev in model.generate(
                 messages=req.messages,
                 enable_thinking=req.thinking,
                 max_new_tokens=req.max_new_tokens,
                 cancel=req.cancel,
-                logits_processor=app.logits_processor,
+                logits_processor=processor,
                 **app.options.sampling,
             ):
                 if isinstance(ev, ThinkingDelta):
@@ -388,6 +402,10 @@ class ChatScreen(Screen):
     def on_gen_started(self, message: GenStarted) -> None:
         if self.request and message.gen_id == self.request.id:
             self.stats_panel.start_live(message.prompt_tokens)
+
+    def on_gen_prefilled(self, message: GenPrefilled) -> None:
+        if self.request and message.gen_id == self.request.id:
+            self.stats_panel.show_prefill(message.seconds)
 
     async def on_gen_delta(self, message: GenDelta) -> None:
         req = self.request
@@ -583,10 +601,12 @@ class ChatScreen(Screen):
         self.set_class(visible, "-sidebar-off")
 
     def action_toggle_keys(self) -> None:
-        if self.app.screen.query("HelpPanel"):
-            self.app.action_hide_help_panel()
+        """F1: the keys panel with the chat's own keys first (see KeysPanel); F1 again hides it."""
+        panels = self.app.screen.query("HelpPanel")
+        if panels:
+            panels.remove()
         else:
-            self.app.action_show_help_panel()
+            self.app.screen.mount(KeysPanel())
 
 
 def _tool_call_markdown(call: dict[str, Any]) -> str:

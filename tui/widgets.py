@@ -1,4 +1,4 @@
-"""The chat's widgets: the input box, the messages (with streaming Markdown), the stats panels."""
+"""The chat's widgets: the input box, the messages (with streaming Markdown), the stats panels, the F1 keys panel."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ from typing import Any
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
-from textual.app import ComposeResult
+from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.events import Click, Key
 from textual.message import Message
-from textual.widgets import Collapsible, Markdown, Static, TextArea
+from textual.screen import Screen
+from textual.widgets import Collapsible, HelpPanel, KeyPanel, Markdown, Static, TextArea
 from textual.widgets.markdown import MarkdownFence, MarkdownStream
 
 from .metrics import (
@@ -40,6 +41,8 @@ NOTES = {
 # ---- input -------------------------------------------------------------------------------------------
 class ChatInput(TextArea):
     """Multi-line prompt box: Enter sends, Shift+Enter (or Ctrl+J, Alt+Enter) starts a new line."""
+
+    HELP = "The prompt box: **Enter** sends, **Shift+Enter** or **Ctrl+J** starts a new line."
 
     DEFAULT_CSS = """
     ChatInput {
@@ -291,12 +294,24 @@ class StatsPanel(Static):
         self.state = "prefill"
         self.redraw()
 
+    def show_prefill(self, seconds: float) -> None:
+        """The prompt has been processed (the first token is being sampled): show its speed and the time to
+        the first token now, not when the reply ends. An estimate until then: a reused prefix counts as
+        processed here, and the exact figures from the finished run replace these."""
+        self.ttft_s = seconds
+        if self.prompt_tokens and seconds > 0:
+            self.prefill_tok_s = self.prompt_tokens / seconds
+        if self.state != "stopping":
+            self.state = "decoding"
+        self.redraw()
+
     def show_live(self, rate: LiveRate) -> None:
-        self.ttft_s = rate.ttft_s
+        if self.ttft_s is None:
+            self.ttft_s = rate.ttft_s
         self.decode_tok_s = rate.decode_tok_s
         self.decode_tokens = rate.tokens
         if self.state != "stopping":
-            self.state = "decoding" if rate.tokens else "prefill"
+            self.state = "decoding" if rate.tokens or self.prefill_tok_s is not None else "prefill"
         self.redraw()
 
     def show_memory(self, memory: MemoryInfo) -> None:
@@ -412,3 +427,58 @@ class ExpertPanel(Static):
             parts.append(heat_strip(rows, self.STRIP_WIDTH))
         self.update(Group(*parts))
         self.display = True
+
+
+# ---- F1: keys ---------------------------------------------------------------------------------------------
+class ChatKeysTable(Static):
+    """The keys of the focused widget's chain in three groups: the chat's own (Enter, and what the chat
+    screen, the app and the prompt box declare themselves), then general ones (focus, copy), then the
+    editing keys the prompt box inherits from TextArea.
+
+    Why not Textual's table: it lists the focused widget first, and a TextArea has some 35 editing
+    keys, which pushed the chat's own keys below row 45 where nobody looks."""
+
+    DEFAULT_CSS = """
+    ChatKeysTable { width: auto; height: auto; }
+    """
+
+    def render(self) -> Table:
+        groups: dict[str, dict[tuple[int, str], list[Binding]]] = {"chat": {}, "general": {}, "editing the prompt": {}}
+        for active in self.screen.active_bindings.values():
+            node, binding = active.node, active.binding
+            if binding.system:
+                continue
+            declared = type(node).__dict__.get("BINDINGS", [])  # what the node's own class adds, not what it inherits
+            if any(getattr(b, "action", None) == binding.action for b in declared):
+                group = "chat"
+            else:
+                group = "general" if isinstance(node, (Screen, App)) else "editing the prompt"
+            groups[group].setdefault((id(node), binding.action), []).append(binding)
+        table = Table.grid(padding=(0, 1))
+        table.add_column(justify="right", style="bold")
+        table.add_column()
+        table.add_row("", Text("chat", style="underline"))
+        table.add_row("enter", "Send the message")
+        for title, group in groups.items():
+            if title != "chat" and group:
+                table.add_row("", "")
+                table.add_row("", Text(title, style="underline"))
+            for bindings in group.values():
+                keys = " ".join(dict.fromkeys(self.app.get_key_display(b) for b in bindings))
+                table.add_row(keys, bindings[0].description or bindings[0].action)
+        return table
+
+
+class ChatKeyPanel(KeyPanel):
+    """Textual's key panel (refreshed when bindings change), showing `ChatKeysTable`."""
+
+    def compose(self) -> ComposeResult:
+        yield ChatKeysTable()
+
+
+class KeysPanel(HelpPanel):
+    """What F1 shows: the focused widget's help, then every key with the chat's own first."""
+
+    def compose(self) -> ComposeResult:
+        yield Markdown(id="widget-help")
+        yield ChatKeyPanel(id="keys-help")

@@ -61,6 +61,7 @@ _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?
 _NP_SCALAR = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
 _STRING, _ARRAY = 8, 9
 _MAX_DIMS = 8
+_MAX_NESTING = 8
 
 
 def type_name(t: int | GGMLQuantizationType) -> str:
@@ -129,7 +130,7 @@ class _Cursor:
         except UnicodeDecodeError:
             raise CheckpointError(f"{self.path}: corrupt GGUF ({what} at byte {self.pos - n} is not UTF-8)") from None
 
-    def value(self, vtype: int, what: str) -> Any:
+    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
         if vtype in _SCALAR:
             return self.scalar(vtype, what)
         if vtype == _STRING:
@@ -147,7 +148,9 @@ class _Cursor:
                 self.need(count * 8, what)  # each string needs at least its length field
                 return [self.string(f"{what}[{i}]") for i in range(count)]
             if etype == _ARRAY:
-                return [self.value(_ARRAY, f"{what}[{i}]") for i in range(count)]
+                if depth >= _MAX_NESTING:  # llama.cpp reads no nested arrays at all; a deep nest is an attack on the stack
+                    raise CheckpointError(f"{self.path}: corrupt GGUF ({what} nests arrays more than {_MAX_NESTING} deep)")
+                return [self.value(_ARRAY, f"{what}[{i}]", depth + 1) for i in range(count)]
             raise CheckpointError(f"{self.path}: corrupt GGUF ({what} has unknown element type {etype})")
         raise CheckpointError(f"{self.path}: corrupt GGUF ({what} has unknown value type {vtype})")
 

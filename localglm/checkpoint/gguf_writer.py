@@ -141,7 +141,10 @@ class GGUFStreamWriter:
             for tmp, final in zip(tmp_paths, finals, strict=True):
                 os.replace(tmp, final)
         except BaseException:
-            self.meta.close()
+            try:
+                self.meta.close()
+            except OSError:
+                pass  # flushing onto the full disk fails again; the parts are removed below either way
             for tmp in tmp_paths:
                 Path(tmp).unlink(missing_ok=True)
             raise

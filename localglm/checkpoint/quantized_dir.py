@@ -2,7 +2,9 @@
 
 Directory: config.json, tokenizer/template files, safetensors shards (+ index), and the manifest
 `localglm_quant.json`, which is written last: a directory without it is not a quantized checkpoint
-(an interrupted run leaves none). In the shards:
+(an interrupted run leaves none). The manifest's "files" lists every file quantize wrote with its size
+and CRC-32; opening checks the weight files against it (a bit flipped on disk or in a copy names the
+file instead of loading wrong weights) and `quantize --overwrite` replaces only those files. In the shards:
 
 - plain tensors (norms, biases, router, anything the recipe kept) under their hub names;
 - each quantized non-expert weight under its hub name as one uint8 tensor (quant.formats layout);
@@ -17,24 +19,32 @@ gate/up/down are cut from its blob), so any reader works. Loaders that want the 
 
 from __future__ import annotations
 
-import json
+import mmap
+import os
 import re
+import zlib
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
 from quant.blob import ExpertBlobLayout
-from quant.formats import QuantSpec, QuantTensor
+from quant.formats import QuantError, QuantSpec, QuantTensor
 from quant.recipe import Recipe
 
+from ..config import load_json
 from ..errors import CheckpointError
-from .source import MappedSource, SafetensorsSource, TensorInfo, check_expected_shape
+from .source import MappedSource, SafetensorsSource, TensorInfo, check_expected_shape, inside_name
 
 MANIFEST = "localglm_quant.json"
 FORMAT = "localglm-quant"
 VERSION = 2  # 2: q8 in groups of 32 (rowf | data | gscale); 1 had per-row q8
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _EXPERT_PART = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
+CHECK_CHUNK = 16 << 20  # bytes read per step while checksumming
+T = TypeVar("T")
 
 
 def blob_name(layer: int, expert: int) -> str:
@@ -51,10 +61,7 @@ def is_quantized_dir(path: str | Path) -> bool:
 
 def read_manifest(root: Path) -> dict:
     path = root / MANIFEST
-    try:
-        man = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: unreadable manifest ({exc})") from exc
+    man = load_json(path, CheckpointError, "unreadable manifest")
     if not isinstance(man, dict) or man.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a localglm quantized-checkpoint manifest")
     if man.get("version") != VERSION:
@@ -65,19 +72,104 @@ def read_manifest(root: Path) -> dict:
     return man
 
 
-class QuantizedSource(MappedSource):
-    """TensorSource over a localglm quantized directory (see the module docstring)."""
+def file_crc32(path: Path) -> str:
+    """CRC-32 of a file as 8 hex digits, over a read-only mapping in chunks (no copy; zlib releases the GIL,
+    so files checksum in parallel).
 
-    def __init__(self, root: str | Path) -> None:
+    Why CRC-32: it catches every flipped bit and every burst shorter than 32 bits, which is what disks and
+    copies do, at 3.4 GB/s per core here (SHA-256: 1.4 GB/s); it is not meant to resist tampering."""
+    crc = 0
+    with path.open("rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return f"{crc:08x}"
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            if hasattr(mmap, "MADV_SEQUENTIAL"):
+                mapped.madvise(mmap.MADV_SEQUENTIAL)
+            with memoryview(mapped) as view:
+                for begin in range(0, len(view), CHECK_CHUNK):
+                    crc = zlib.crc32(view[begin : begin + CHECK_CHUNK], crc)
+    return f"{crc:08x}"
+
+
+def _parallel(fn: Callable[[Path], T], paths: Iterable[Path]) -> list[T]:
+    paths = list(paths)
+    if len(paths) <= 1:
+        return [fn(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=max(1, min(len(paths), os.cpu_count() or 1, 8))) as pool:
+        return list(pool.map(fn, paths))
+
+
+def file_records(root: Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The manifest's "files": name -> {"bytes", "crc32"} for the files `quantize` wrote into `root`."""
+    names = sorted(names)
+    crcs = _parallel(file_crc32, [root / n for n in names])
+    return {n: {"bytes": (root / n).stat().st_size, "crc32": c} for n, c in zip(names, crcs)}
+
+
+def is_weight_file(name: str) -> bool:
+    return name.endswith((".safetensors", ".safetensors.index.json"))
+
+
+def verify_files(root: Path, manifest: dict) -> None:
+    """Check the weight files against the manifest's sizes and CRC-32s; one line naming the first damaged file.
+
+    Manifests written before checksums (no "files") are not checked. Only weight files are: a user may
+    edit the copied chat template or tokenizer config on purpose."""
+    records = manifest.get("files") or {}
+    path = root / MANIFEST
+    if not isinstance(records, dict):
+        raise CheckpointError(f"{path}: malformed manifest: 'files' must be an object")
+    checked: dict[str, dict[str, Any]] = {}
+    for name, rec in records.items():
+        if not (isinstance(name, str) and inside_name(name) and isinstance(rec, dict)):
+            raise CheckpointError(f"{path}: malformed manifest: file entry {name!r} (a name inside the directory, with bytes and crc32)")
+        if is_weight_file(name):
+            checked[name] = rec
+    for name, rec in checked.items():
+        f = root / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing or not a file, but {MANIFEST} lists it")
+        if f.stat().st_size != rec.get("bytes"):
+            raise CheckpointError(f"{f}: damaged: {f.stat().st_size} bytes, {MANIFEST} says {rec.get('bytes')} (copy it again, or re-run `localglm quantize`)")
+    names = list(checked)
+    for name, got in zip(names, _parallel(file_crc32, [root / n for n in names])):
+        if got != checked[name].get("crc32"):
+            raise CheckpointError(
+                f"{root / name}: damaged: CRC-32 {got}, {MANIFEST} says {checked[name].get('crc32')} (copy it again, or re-run `localglm quantize`)"
+            )
+
+
+def _field(path: Path, what: str, read: Callable[[], T]) -> T:
+    """Read one part of the manifest; a wrong type or value there is one line naming the part."""
+    try:
+        return read()
+    except (KeyError, TypeError, ValueError, AttributeError, QuantError) as exc:  # QuantError: a spec like "q7"
+        detail = f"unknown {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise CheckpointError(f"{path}: malformed manifest: {what} ({detail})") from None
+
+
+class QuantizedSource(MappedSource):
+    """TensorSource over a localglm quantized directory (see the module docstring).
+
+    `verify` first checks the weight files' CRC-32s against the manifest: one read of every shard, on
+    threads (about 0.25 s per GB from the page cache on two cores; the disk's read speed otherwise)."""
+
+    def __init__(self, root: str | Path, *, verify: bool = True) -> None:
         self.root = Path(root)
-        self.manifest = read_manifest(self.root)
-        self.recipe = Recipe.from_json(self.manifest.get("recipe", {}))
+        self.manifest = man = read_manifest(self.root)
+        path = self.root / MANIFEST
+        if verify:
+            verify_files(self.root, man)
+        self.recipe = _field(path, "recipe", lambda: Recipe.from_json(man.get("recipe", {})))
         self.st = self._mapped = SafetensorsSource(self.root, quantization_config={})
         self._where = self.root
-        self.quant = {name: (QuantSpec.parse(d["spec"]), tuple(d["shape"]), _DTYPES[d["dtype"]]) for name, d in self.manifest.get("tensors", {}).items()}
-        self.layouts = {int(k): ExpertBlobLayout.from_json(v) for k, v in self.manifest.get("experts", {}).get("layouts", {}).items()}
-        self.expert_dtype = _DTYPES[self.manifest.get("experts", {}).get("dtype", "bfloat16")]
-        self.n_experts = {int(k): int(v) for k, v in self.manifest.get("experts", {}).get("count", {}).items()}
+        experts = _field(path, "experts", lambda: dict(man.get("experts", {})))
+        self.quant = _field(path, "tensors", lambda: {
+            name: (QuantSpec.parse(d["spec"]), tuple(int(x) for x in d["shape"]), _DTYPES[d["dtype"]]) for name, d in man.get("tensors", {}).items()
+        })  # fmt: skip
+        self.layouts = _field(path, "experts.layouts", lambda: {int(k): ExpertBlobLayout.from_json(v) for k, v in experts.get("layouts", {}).items()})
+        self.expert_dtype = _field(path, "experts.dtype", lambda: _DTYPES[experts.get("dtype", "bfloat16")])
+        self.n_experts = _field(path, "experts.count", lambda: {int(k): int(v) for k, v in experts.get("count", {}).items()})
         for name in self.quant:
             if name not in self.st:
                 raise CheckpointError(f"{self.root}: manifest lists quantized tensor {name} but no shard holds it")

@@ -130,6 +130,15 @@ def _parse_entry(path: Path, name: str, raw: object, data_start: int) -> HeaderE
     return HeaderEntry(name, path, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
 
 
+def _check_no_overlap(path: Path, entries: Mapping[str, HeaderEntry]) -> None:
+    """Refuse tensors whose data ranges overlap, as the safetensors library does: writing one through a
+    shared mapping (or quantizing it) would silently change the other."""
+    spans = sorted((e.begin, e.end, e.name) for e in entries.values() if e.end > e.begin)
+    for (_, end, name), (begin, _, other) in zip(spans, spans[1:]):
+        if begin < end:
+            raise CheckpointError(f"tensor {other} in {path}: its data_offsets overlap those of tensor {name} (a corrupt or crafted header)")
+
+
 def read_safetensors_header(path: Path, context: str = "") -> SafetensorsHeader:
     """Parse and validate the header of one safetensors file, reading only the header bytes.
 
@@ -155,6 +164,8 @@ def read_safetensors_header(path: Path, context: str = "") -> SafetensorsHeader:
         header = json.loads(raw_header.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _header_fail(path, f"header unreadable: not valid JSON ({exc})", context) from exc
+    except RecursionError:
+        raise _header_fail(path, "header unreadable: JSON nested too deeply", context) from None
     if not isinstance(header, dict):
         raise _header_fail(path, "header unreadable: JSON is not an object", context)
 
@@ -171,6 +182,7 @@ def read_safetensors_header(path: Path, context: str = "") -> SafetensorsHeader:
             f"tensor {first.name} in {path}: data ends at byte {first.end} but the file has {file_size} bytes "
             f"(truncated file; {len(past_end)} tensor(s) affected)"
         )
+    _check_no_overlap(path, entries)
     return SafetensorsHeader(path, file_size, data_start, entries, {str(k): str(v) for k, v in metadata.items()})
 
 

@@ -10,16 +10,16 @@ dequantized on `get`, so callers see plain weights and never the scale tensors.
 from __future__ import annotations
 
 import difflib
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from ..config import load_json
 from ..errors import CheckpointError, ConfigError
 from .safetensors import (
     DEFAULT_FP8_BLOCK,
@@ -218,10 +218,7 @@ def _read_quantization_config(config_path: Path) -> Mapping[str, Any] | None:
     """config.json's quantization_config (or legacy compression_config), if the file exists."""
     if not config_path.is_file():
         return None
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{config_path}: malformed JSON ({exc})") from exc
+    config = load_json(config_path)
     if not isinstance(config, dict):
         raise ConfigError(f"{config_path}: top level is not a JSON object")
     return config.get("quantization_config") or config.get("compression_config")
@@ -254,11 +251,16 @@ class _Layout:
         return f" (per {self.where.name} it holds {holders})" if holders else ""
 
 
+def inside_name(name: str) -> bool:
+    """Whether a file name from a checkpoint's own metadata (an index, a manifest) stays inside its
+    directory: relative, with no `..` part. Checked lexically, not by resolving, because the Hugging Face
+    cache keeps shards as symlinks into a blob store outside the snapshot directory."""
+    p = PurePosixPath(name.replace("\\", "/"))
+    return bool(p.parts) and not p.is_absolute() and ".." not in p.parts and ":" not in p.parts[0]
+
+
 def _read_index(index: Path) -> _Layout:
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{index}: malformed index JSON ({exc})") from exc
+    data = load_json(index, CheckpointError, "malformed index JSON")
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
@@ -266,6 +268,9 @@ def _read_index(index: Path) -> _Layout:
         raise CheckpointError(f"{index}: malformed index: 'weight_map' must map tensor names to shard file names")
     if not weight_map:
         raise CheckpointError(f"{index}: malformed index: 'weight_map' lists no tensors")
+    outside = sorted(shard for shard in set(weight_map.values()) if not inside_name(shard))
+    if outside:
+        raise CheckpointError(f"{index}: shard path {outside[0]!r} leaves the model directory; refusing to read it")
     shard_paths = {shard: index.parent / shard for shard in set(weight_map.values())}
     resolved = {name: shard_paths[shard] for name, shard in weight_map.items()}
     holders: dict[Path, list[str]] = {}
@@ -274,7 +279,8 @@ def _read_index(index: Path) -> _Layout:
     layout = _Layout(index, tuple(holders), resolved, holders)
     for file in layout.files:
         if not file.is_file():
-            raise CheckpointError(f"{index}: shard {file} is missing (it should hold {layout.holder_text(file)})")
+            what = "is not a file" if file.exists() else "is missing"
+            raise CheckpointError(f"{index}: shard {file} {what} (it should hold {layout.holder_text(file)})")
     return layout
 
 

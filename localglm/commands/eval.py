@@ -33,7 +33,7 @@ def register(sub: Any) -> None:
     p.add_argument("--max-tokens", type=int, default=2048, help="score at most this many tokens (default 2048)")
     p.add_argument("--no-weights", action="store_true", help="skip the per-class weight error")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (at most the cores)")
     add_recipe_options(p)
     p.set_defaults(func=cmd_eval)
 
@@ -72,7 +72,10 @@ def token_ids(args: argparse.Namespace, model: Any) -> list[int]:
         rng = random.Random(1234)
         vocab = model.config.vocab_size
         return [rng.randrange(0, max(1, vocab - 64)) for _ in range(n)]
-    text = Path(args.text).read_text(encoding="utf-8")
+    try:
+        text = Path(args.text).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LocalGLMError(f"--text {args.text}: cannot read it as UTF-8 text ({getattr(exc, 'strerror', None) or exc})") from None
     ids = model.tokenizer.encode(text)
     return list(ids)[: args.max_tokens]
 
@@ -103,15 +106,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..loader import load
     from ..checkpoint.quantized_dir import is_quantized_dir
     from .flags import quant_load_options as load_options
+    from .flags import set_threads
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.ctx < 2:
         raise LocalGLMError(f"--ctx must be at least 2, got {args.ctx}")
+    if args.text is not None and not args.random_tokens and not Path(args.text).is_file():
+        raise LocalGLMError(f"--text {args.text}: no such file")  # before loading two models
     opts = load_options(args)
     opts.pop("save_quantized", None)
     model = load(args.model, **opts)
     ref = load(args.ref, dtype=model.dtype)
+    if model.config.vocab_size != ref.config.vocab_size:
+        raise LocalGLMError(
+            f"--ref {args.ref}: its vocabulary has {ref.config.vocab_size} tokens, {args.model}'s has {model.config.vocab_size}; "
+            "KL and perplexity compare models over one vocabulary"
+        )
     ids = token_ids(args, ref)
     res: dict[str, Any] = score(model, ref, ids, args.ctx)
     if not args.no_weights and is_quantized_dir(args.model):

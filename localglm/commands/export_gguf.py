@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from .flags import size_flag
+from .progress import progress
 
 DESCRIPTION = """\
 Write the GLM-4.x MoE checkpoint SRC (Hugging Face layout) as a GGUF that llama.cpp loads (arch glm4moe),
@@ -41,33 +42,9 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
     from ..checkpoint.gguf import export_gguf
 
     split = size_flag(args.split_max_size, "--split-max-size") if args.split_max_size else 0
-    if args.quiet:
-        paths = export_gguf(args.src, args.out, args.out_type, mtp=not args.no_mtp, split_max_size=split, overwrite=args.overwrite)
-    else:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )  # fmt: skip
-
-        bar = Progress(
-            TextColumn("export {task.description:<32.32}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-            TimeRemainingColumn(), console=Console(stderr=True), transient=True,
-        )  # fmt: skip
-        task = bar.add_task("", total=None)
-
-        def update(done: int, total: int, name: str) -> None:
-            bar.update(task, completed=done, total=total, description=name)
-
-        with bar:
-            paths = export_gguf(
-                args.src, args.out, args.out_type, mtp=not args.no_mtp, split_max_size=split,
-                overwrite=args.overwrite, progress=update,
-            )  # fmt: skip
+    with progress("exporting", quiet=args.quiet, in_bytes=True) as update:
+        tick = (lambda done, total, name: update(done, total, "")) if update else None
+        paths = export_gguf(args.src, args.out, args.out_type, mtp=not args.no_mtp, split_max_size=split, overwrite=args.overwrite, progress=tick)
     for path in paths:
         print(f"wrote {path}")
     return 0

@@ -7,6 +7,8 @@ that reads it back into `localglm.load` keywords, so a flag has one meaning from
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +23,7 @@ CLASS_FLAGS = (
     ("embed", "token embeddings"),
     ("lm-head", "output projection"),
     ("router", "MoE router (16 only)"),
+    ("indexer", "sparse-attention indexer, GLM-5 (default 16)"),
 )
 
 
@@ -34,7 +37,15 @@ def add_recipe_options(p: argparse.ArgumentParser, title: str = "quantization re
 
 
 def recipe_bits(args: argparse.Namespace) -> dict[str, Any]:
-    return {flag.replace("-", "_"): getattr(args, f"q_{flag.replace('-', '_')}", None) for flag, _ in CLASS_FLAGS}
+    """The class flags as given, after checking each is a format every command knows (2, 4, 8 or 16)."""
+    from quant.recipe import ALLOWED_BITS
+
+    bits = {flag.replace("-", "_"): getattr(args, f"q_{flag.replace('-', '_')}", None) for flag, _ in CLASS_FLAGS}
+    allowed = ", ".join(map(str, ALLOWED_BITS[:-1])) + f" or {ALLOWED_BITS[-1]}"
+    for cls, value in bits.items():
+        if value is not None and str(value) not in {str(b) for b in ALLOWED_BITS}:
+            raise LocalGLMError(f"--{cls.replace('_', '-')} {value}: bits must be one of {allowed} (16 keeps the checkpoint's float weights)")
+    return bits
 
 
 def build_recipe(args: argparse.Namespace) -> Any:
@@ -66,7 +77,8 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu or cuda (default: cpu; cuda with --offload cuda)")
     g.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the checkpoint's)")
     g.add_argument("--ctx", type=int, default=None, help="context size in tokens (default: min(4096, model max))")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice; at most the cores)")
+    g.add_argument("--no-verify", action="store_true", help="skip checking a localglm quantized model's shards against their CRC-32s (a full read)")
     g.add_argument(
         "--mmap", action=argparse.BooleanOptionalAction, default=None,
         help="a localglm quantized model's routed experts stay in their memory-mapped files (nothing copied; the OS "
@@ -98,6 +110,11 @@ def load_options(args: argparse.Namespace) -> dict[str, Any]:
     opts = quant_load_options(args)
     offload = getattr(args, "offload", None)
     given = {k: getattr(args, k, None) for k in ("gpu_mem", "cpu_mem", "cache_policy")}
+    for k in ("gpu_mem", "cpu_mem"):  # read here so that a bad size names its flag
+        if given[k] is not None:
+            size_flag(given[k], f"--{k.replace('_', '-')}")
+    if offload == "sim" and given["gpu_mem"] is None:
+        raise LocalGLMError("--offload sim needs --gpu-mem SIZE, the simulated device's budget (`localglm plan MODEL --gpu-mem SIZE` shows what fits)")
     if offload:
         opts.update(offload=offload, prefetch=not getattr(args, "no_prefetch", False), **{k: v for k, v in given.items() if v is not None})
     else:
@@ -108,7 +125,32 @@ def load_options(args: argparse.Namespace) -> dict[str, Any]:
         opts["trace"] = args.trace
     if getattr(args, "mmap", None) is not None:
         opts["mmap"] = args.mmap
+    if getattr(args, "no_verify", False):
+        opts["verify"] = False
     return opts
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def set_threads(n: int | None) -> None:
+    """--threads: at least 1, and at most the usable cores (torch.set_num_threads(1000000) starts that many
+    threads and segfaults on the first matmul; more threads than cores only slow the kernels down)."""
+    if n is None:
+        return
+    import torch
+
+    if n < 1:
+        raise LocalGLMError(f"--threads must be at least 1, got {n}")
+    cores = usable_cores()
+    if n > cores:
+        print(f"localglm: --threads {n} is more than the {cores} usable cores; using {cores}", file=sys.stderr)
+    torch.set_num_threads(min(n, cores))
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -131,19 +173,36 @@ def add_model_run_options(
     p.set_defaults(func=func)
 
 
+# What each sampling flag accepts, for the error that names the flag (the checks are SamplingParams').
+SAMPLING_RANGES = {
+    "temperature": "0 or more; 0 is greedy",
+    "top_k": "0 or more; 0 is off",
+    "top_p": "above 0, at most 1",
+    "min_p": "0 or more, below 1",
+    "repetition_penalty": "above 0; 1 is off",
+    "seed": "an integer from -2**63 to 2**64-1",
+}
+
+
 def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "min_p": args.min_p,
-        "repetition_penalty": args.repetition_penalty,
-        "seed": args.seed,
-    }
+    """The sampling flags that were given, each checked here so that a bad value names its flag."""
+    from ..sampling import SamplingParams
+
+    given = {name: getattr(args, name) for name in SAMPLING_RANGES}
+    for name, value in given.items():
+        if value is None:
+            continue
+        try:
+            SamplingParams().updated(**{name: value})
+        except (LocalGLMError, ValueError, OverflowError):
+            raise LocalGLMError(f"--{name.replace('_', '-')} {value}: out of range ({SAMPLING_RANGES[name]})") from None
+    return given
 
 
-def size_flag(text: str, flag: str) -> int:
+def size_flag(text: str, flag: str, *, positive: bool = False) -> int:
     """A size flag's value in bytes ('256M', '2GiB', '1.5G', a byte count), one-line error naming the flag."""
     n = parse_size(text, flag)
     assert n is not None
+    if positive and n <= 0:
+        raise LocalGLMError(f"{flag} {text}: must be more than 0 bytes")
     return n

@@ -1,8 +1,11 @@
-"""`localglm plan MODEL`: the placement plan from config.json alone (no weights needed).
+"""`localglm plan MODEL`: the placement plan from a checkpoint's description alone (no weights read).
 
-It takes the recipe flags of `quantize` and `generate` (`--experts 4`, `--attn 8`, ...): the bits a
-flag gives are kept; the always-used classes left unset get the most precise of bf16 / q8 / q4 that
-fits the GPU budget, and the plan says which it chose.
+MODEL is anything `generate` takes: a Hugging Face directory (config.json), a localglm quantized
+directory (planned at the bits its manifest says it holds) or a GGUF (its metadata, and its experts at
+the bits per weight they are stored in). It takes the recipe flags of `quantize` and `generate`
+(`--experts 4`, `--attn 8`, ...): the bits a flag gives are kept; the always-used classes left unset
+get the most precise of bf16 / q8 / q4 that fits the GPU budget, and the plan says which it chose.
+The default context is generate's: min(4096, the model's max_position_embeddings).
 """
 
 from __future__ import annotations
@@ -20,9 +23,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from offload.cost_model import Bandwidths, measure_bandwidths
     from offload.planner import DENSE_CLASSES, make_plan
 
-    from ..config import ModelConfig
+    from ..model_info import check_ctx, default_ctx, read_checkpoint
 
-    cfg = ModelConfig.from_file(args.model)
+    info = read_checkpoint(args.model)
+    cfg = info.config
+    ctx = args.ctx if args.ctx is not None else default_ctx(cfg)  # what generate, chat and serve would use
+    check_ctx(cfg, ctx, str(args.model))
     if args.bandwidths:
         try:
             bw = Bandwidths.load(args.bandwidths)
@@ -37,7 +43,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.q_layers:
         raise LocalGLMError("plan: --layers overrides are not planned per layer; give class bits (--experts, --attn, ...)")
     fixed = {c: recipe.bits[c] for c in DENSE_CLASSES if c in given}
-    plan = make_plan(cfg, args.gpu_mem, args.cpu_mem, args.ctx, recipe.bits["experts"], bw, model=str(args.model), fixed=fixed)
+    experts: float = recipe.bits["experts"]
+    if info.kind == "quantized":  # its bits are what it holds: the recipe flags are for float checkpoints
+        if given:
+            flags = ", ".join(f"--{c.replace('_', '-')}" for c in sorted(given))
+            raise LocalGLMError(f"plan: {args.model} is a localglm quantized checkpoint ({info.stored.label}); {flags} apply to float checkpoints")
+        experts, fixed = info.stored.expert_bits, dict(info.stored.class_bits)
+    elif info.kind == "gguf" and "experts" not in given:  # the experts as the GGUF stores them
+        experts = info.stored.expert_bits
+    plan = make_plan(cfg, args.gpu_mem, args.cpu_mem, ctx, experts, bw, model=str(args.model), fixed=fixed)
     if args.json:
         print(json.dumps(asdict(plan)))
     else:
@@ -49,15 +63,16 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "plan",
         help="show where each part of a model would live for given GPU/RAM budgets, and the predicted tok/s",
-        description="Reads config.json only. Sizes accept GiB/GB/MiB suffixes; --gpu-mem 0 plans a CPU-only run. "
-        "Recipe flags as for quantize/generate: --experts BITS is the routed experts' format (default 4); the "
-        "always-used classes (--attn, --shared, --dense, --embed, --lm-head) not given get the most precise of "
-        "bf16, q8 and q4 that fits.",
+        description="Reads config.json (or a GGUF's metadata) and the weight files' headers only. Sizes accept GiB/GB/MiB "
+        "suffixes; --gpu-mem 0 plans a CPU-only run. Recipe flags as for quantize/generate: --experts BITS is the routed "
+        "experts' format (default 4; a GGUF's as stored); the always-used classes (--attn, --shared, --dense, --embed, "
+        "--lm-head) not given get the most precise of bf16, q8 and q4 that fits. A localglm quantized directory is "
+        "planned at the bits it holds.",
     )
-    p.add_argument("model", help="model directory or config.json")
+    p.add_argument("model", help="model directory, config.json, localglm quantized directory, or .gguf file")
     p.add_argument("--gpu-mem", default=None, help="VRAM budget (default: free VRAM minus 512 MiB; 0 without a GPU)")
     p.add_argument("--cpu-mem", default=None, help="RAM budget (default: available RAM minus 4 GiB)")
-    p.add_argument("--ctx", type=int, default=4096, help="context size for the KV cache (default 4096)")
+    p.add_argument("--ctx", type=int, default=None, help="context size for the KV cache (default: as generate, min(4096, model max))")
     add_recipe_options(p, title="precision (bits per tensor class, as for quantize and generate)")
     p.add_argument("--bandwidths", default=None, help="JSON file of measured bandwidths (see offload.cost_model.Bandwidths)")
     p.add_argument("--measure", action="store_true", help="measure RAM/CPU (and GPU) bandwidths here first")

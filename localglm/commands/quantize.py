@@ -12,7 +12,8 @@ import argparse
 import sys
 from typing import Any
 
-from .flags import add_recipe_options, build_recipe, size_flag
+from .flags import add_recipe_options, build_recipe, set_threads, size_flag
+from .progress import progress
 
 DESCRIPTION = """\
 Quantize a GLM-4.x MoE checkpoint (Hugging Face layout, or a glm4moe GGUF file) into a localglm
@@ -20,12 +21,14 @@ quantized directory: routed experts as one contiguous blob each, other weights p
 manifest, config, tokenizer and template copied (from a GGUF: written from its metadata). Streams
 shard by shard (peak memory about one output shard plus the tensors in flight). GGUF K-/I-quants are
 dequantized tensor by tensor (experts one at a time) and re-quantized; Q8_0 held at 8 bits is taken
-as stored. An interrupted run leaves OUT absent; re-running starts over cleanly.
+as stored. A failed or interrupted run leaves OUT as it was and removes its partial output.
+--overwrite replaces only an earlier quantize output (the files its manifest lists): OUT must hold
+nothing else and must not contain SRC. The manifest records each shard's CRC-32; loading checks them.
 """
 EPILOG = """\
 bits: 2, 4, 8, or 16 (= keep the checkpoint's float weights). Formats: q8 = int8, groups of 32, fp16 scales (8.53 bpw),
 q4 / q2 = 4 / 2-bit codes, groups of 32, least-squares fitted scale + offset, 8-bit coded (4.56 / 2.56 bpw).
-defaults: --experts 4 --shared 8 --dense 8 --attn 8 --embed 8 --lm-head 8 --router 16.
+defaults: --experts 4 --shared 8 --dense 8 --attn 8 --embed 8 --lm-head 8 --router 16 --indexer 16.
 --layers FIRST-LAST:CLASS=BITS[,CLASS=BITS] overrides a layer range (repeatable), e.g. --layers 0-2:experts=8.
 """
 
@@ -38,42 +41,22 @@ def register(sub: Any) -> None:
     p.add_argument("out", help="output directory")
     add_recipe_options(p)
     p.add_argument("--max-shard-size", default="256M", help="output shard size (default 256M)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it is a localglm quantized checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it is an earlier quantize output holding nothing else")
     p.add_argument("--report", action="store_true", help="print per-class relative weight error")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (at most the cores)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_quantize)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    import torch
-
     from ..quantize import quantize_checkpoint
 
-    if args.threads is not None:
-        torch.set_num_threads(max(1, args.threads))
+    set_threads(args.threads)
     recipe = build_recipe(args)
-    shard = size_flag(args.max_shard_size, "--max-shard-size")
-    if args.quiet:
-        res = quantize_checkpoint(args.src, args.out, recipe, max_shard_bytes=shard, overwrite=args.overwrite, report=args.report)
-    else:
-        from rich.console import Console
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        bar = Progress(
-            TextColumn("quantizing"), BarColumn(), DownloadColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=Console(stderr=True), transient=True,
-        )  # fmt: skip
-        task = None
-
-        def progress(done: int, total: int, name: str) -> None:
-            nonlocal task
-            if task is None:
-                task = bar.add_task("q", total=total)
-            bar.update(task, completed=done)
-
-        with bar:
-            res = quantize_checkpoint(args.src, args.out, recipe, max_shard_bytes=shard, overwrite=args.overwrite, progress=progress, report=args.report)
+    shard = size_flag(args.max_shard_size, "--max-shard-size", positive=True)
+    with progress("quantizing", quiet=args.quiet, in_bytes=True) as update:
+        tick = (lambda done, total, name: update(done, total, "")) if update else None
+        res = quantize_checkpoint(args.src, args.out, recipe, max_shard_bytes=shard, overwrite=args.overwrite, progress=tick, report=args.report)
     print(f"wrote {res.out}: {res.out_bytes / 2**20:.1f} MiB from {res.source_bytes / 2**20:.1f} MiB "
           f"({res.bits_per_weight:.2f} bits/weight overall) in {res.seconds:.1f} s, peak RSS {res.peak_rss_bytes / 2**20:.0f} MiB")  # fmt: skip
     print(f"recipe: {recipe.describe()}")

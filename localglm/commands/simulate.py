@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from ..errors import LocalGLMError
@@ -69,20 +70,33 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_record_trace(args: argparse.Namespace) -> int:
     from offload.trace import attach_tracer
 
+    from ..checkpoint.writing import writing
     from ..cli import device_for, load_options, sampling_overrides
     from ..loader import load
+    from .flags import set_threads
 
     if args.prompt is None and args.prompt_file is None:
         raise LocalGLMError("record-trace: give a prompt with -p TEXT or --prompt-file PATH")
     if args.trace:
         raise LocalGLMError("record-trace writes its trace to -o/--out; --trace is for the other commands")
-    prompt = args.prompt if args.prompt is not None else open(args.prompt_file, encoding="utf-8").read()
+    try:
+        prompt = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LocalGLMError(f"--prompt-file {args.prompt_file}: cannot read it as UTF-8 text ({getattr(exc, 'strerror', None) or exc})") from None
+    out = Path(args.out)
+    existed = out.exists()
+    with writing(out):  # a read-only or missing directory fails here, not after the model has loaded
+        open(out, "a").close()
+    if not existed:
+        out.unlink()
+    set_threads(args.threads)
+    sampling = sampling_overrides(args)
     opts: dict[str, Any] = load_options(args)
     if args.offload:
         opts["trace"] = args.out  # the offloading backend records, its predictions included
     model = load(args.model, device=device_for(args), dtype=args.dtype, ctx=args.ctx, **opts)
     rec = model.net.experts.recorder if args.offload else attach_tracer(model, args.out, predict=not args.no_predict)
-    kwargs: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, ignore_eos=True, **sampling_overrides(args))
+    kwargs: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, ignore_eos=True, **sampling)
     text = model.generate_text(prompt, **kwargs)
     rec.close()
     tr = rec.trace

@@ -1,0 +1,318 @@
+"""The command line under misuse: nothing the user did not ask to delete is lost, read-only and full
+disks end in one line with nothing half-written left behind, absurd flags are refused or capped
+before anything is allocated, and the flags mean the same in every command."""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from localglm.quantize import quantize_checkpoint
+from quant.recipe import Recipe
+from tests.probes import leftovers, run_cli, snapshot
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+MANIFEST = "localglm_quant.json"
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return quantize_checkpoint(tiny_dir, tmp_path_factory.mktemp("q") / "q2", Recipe.from_options({"experts": 2})).out
+
+
+# ---- quantize --overwrite: only what a previous quantize wrote ------------------------------------------------
+def test_overwrite_never_deletes_the_source_inside_out(tiny_dir: Path, tmp_path: Path) -> None:
+    """`quantize DIR/src DIR --overwrite` with DIR an earlier quantized output: DIR/src must survive."""
+    out = quantize_checkpoint(tiny_dir, tmp_path / "q", Recipe()).out
+    src = shutil.copytree(tiny_dir, out / "src")
+    before = snapshot(src)
+    o = run_cli("quantize", src, out, "--overwrite", "-q")
+    assert src.is_dir() and snapshot(src) == before, "data lost: the source was deleted"
+    assert o.kind == "clean" and "src" in o.err, o.why()
+
+
+def test_overwrite_keeps_files_quantize_did_not_write(tiny_dir: Path, tmp_path: Path) -> None:
+    out = quantize_checkpoint(tiny_dir, tmp_path / "q", Recipe()).out
+    (out / "notes.txt").write_text("my notes")
+    (out / "runs").mkdir()
+    (out / "runs" / "log.txt").write_text("x")
+    o = run_cli("quantize", tiny_dir, out, "--overwrite", "--experts", "8", "-q")
+    assert (out / "notes.txt").read_text() == "my notes" and (out / "runs" / "log.txt").is_file(), "data lost: unrelated files deleted"
+    assert o.kind == "clean" and "notes.txt" in o.err, o.why()
+
+
+def test_overwrite_replaces_a_previous_output(tiny_dir: Path, tmp_path: Path) -> None:
+    out = quantize_checkpoint(tiny_dir, tmp_path / "q", Recipe()).out
+    o = run_cli("quantize", tiny_dir, out, "--overwrite", "--experts", "8", "-q")
+    assert o.kind == "ok", o.why()
+    assert json.loads((out / MANIFEST).read_text())["recipe"]["bits"]["experts"] == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no partial or old directory left
+
+
+# ---- read-only and full disks ---------------------------------------------------------------------------
+def _enospc(*_: Any, **__: Any) -> None:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _half_then_full(path: str, *_: Any, **__: Any) -> None:
+    Path(path).write_bytes(b"\0" * 100)  # a disk fills up mid-file
+    _enospc()
+
+
+@pytest.fixture
+def readonly(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """readonly(root): creating anything under root fails with EROFS, as on a read-only mount (tests run as root,
+    so chmod would not stop them)."""
+
+    def arm(root: Path) -> None:
+        root = Path(root).resolve()
+        real_mkdir, real_open, real_os_open = os.mkdir, builtins.open, os.open
+
+        def inside(p: Any) -> bool:
+            try:
+                return Path(os.fsdecode(p)).resolve().is_relative_to(root)
+            except (TypeError, ValueError):
+                return False
+
+        def refuse(p: Any) -> None:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(p))
+
+        def mkdir(p: Any, *a: Any, **k: Any) -> None:
+            refuse(p) if inside(p) else real_mkdir(p, *a, **k)
+
+        def open_(p: Any, mode: str = "r", *a: Any, **k: Any) -> Any:
+            if isinstance(p, (str, os.PathLike)) and any(c in mode for c in "wax+") and inside(p):
+                refuse(p)
+            return real_open(p, mode, *a, **k)
+
+        def os_open(p: Any, flags: int, *a: Any, **k: Any) -> int:
+            if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and inside(p):
+                refuse(p)
+            return real_os_open(p, flags, *a, **k)
+
+        monkeypatch.setattr(os, "mkdir", mkdir)
+        monkeypatch.setattr(builtins, "open", open_)
+        monkeypatch.setattr(os, "open", os_open)
+
+    return arm
+
+
+def _one_line_and_nothing_left(o: Any, parent: Path, before: set[str], *needles: str) -> None:
+    assert o.kind == "clean" and all(n in o.err for n in needles), o.why()
+    left = leftovers(parent, before)
+    assert not left, f"half-written: {left}"
+
+
+def test_quantize_on_a_full_disk(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda t, path, **k: _half_then_full(path))
+    o = run_cli("quantize", tiny_dir, tmp_path / "q", "-q")
+    _one_line_and_nothing_left(o, tmp_path, set(), "No space left")
+
+
+def test_quantize_into_a_read_only_directory(tiny_dir: Path, tmp_path: Path, readonly: Any) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    readonly(ro)
+    o = run_cli("quantize", tiny_dir, ro / "q", "-q")
+    _one_line_and_nothing_left(o, ro, set(), "Read-only")
+
+
+def test_export_gguf_on_a_full_disk(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from localglm.checkpoint import gguf_writer
+
+    monkeypatch.setattr(gguf_writer, "_pad", _enospc)
+    o = run_cli("export-gguf", tiny_dir, tmp_path / "m.gguf", "-q")
+    _one_line_and_nothing_left(o, tmp_path, set(), "No space left")
+
+
+def test_export_gguf_into_a_read_only_directory(tiny_dir: Path, tmp_path: Path, readonly: Any) -> None:
+    readonly(tmp_path)
+    o = run_cli("export-gguf", tiny_dir, tmp_path / "m.gguf", "-q")
+    _one_line_and_nothing_left(o, tmp_path, set(), "Read-only")
+
+
+def test_make_tiny_on_a_full_disk_and_read_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, readonly: Any) -> None:
+    import safetensors.torch
+
+    with monkeypatch.context() as m:
+        m.setattr(safetensors.torch, "save_file", lambda t, path, **k: _half_then_full(path))
+        o = run_cli("make-tiny", tmp_path / "m")
+    _one_line_and_nothing_left(o, tmp_path, set(), "No space left")
+    readonly(tmp_path)
+    o = run_cli("make-tiny", tmp_path / "m")
+    _one_line_and_nothing_left(o, tmp_path, set(), "Read-only")
+
+
+def test_save_quantized_on_a_full_disk(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda t, path, **k: _half_then_full(path))
+    o = run_cli("generate", tiny_dir, "-p", "x", "-n", "1", "-q", "--save-quantized", tmp_path / "q")
+    _one_line_and_nothing_left(o, tmp_path, set(), "No space left")
+
+
+def test_record_trace_to_a_read_only_or_full_disk(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, readonly: Any) -> None:
+    from offload import trace
+
+    with monkeypatch.context() as m:
+        m.setattr(trace.TraceRecorder, "record", lambda self, *a: _enospc())
+        o = run_cli("record-trace", tiny_dir, "-o", tmp_path / "t.jsonl", "-p", "x", "-n", "2", "-q")
+    assert o.kind == "clean" and "No space left" in o.err, o.why()
+    (tmp_path / "ro").mkdir()
+    readonly(tmp_path / "ro")
+    o = run_cli("record-trace", tiny_dir, "-o", tmp_path / "ro" / "t.jsonl", "-p", "x", "-n", "2", "-q")
+    assert o.kind == "clean" and "t.jsonl" in o.err, o.why()
+
+
+# ---- absurd flags ---------------------------------------------------------------------------------------------
+def test_threads_are_capped_at_the_cores(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.set_num_threads(1000000) segfaults on the first matmul: never pass more than the cores."""
+    asked: list[int] = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (asked.append(n), real(min(n, 2)))[1])
+    cores = os.cpu_count() or 1
+    for argv in (["generate", tiny_dir, "-p", "x", "-n", "1", "-q"], ["quantize", tiny_dir, tmp_path / "q", "-q"]):
+        asked.clear()
+        o = run_cli(*argv, "--threads", "1000000")
+        assert all(n <= cores for n in asked), f"crash: torch.set_num_threads({max(asked)}) segfaults"
+        assert o.kind == "ok", o.why()
+    o = run_cli("generate", tiny_dir, "-p", "x", "-n", "1", "-q", "--threads", "0")
+    assert o.kind == "clean" and "--threads" in o.err, o.why()
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["generate", "{tiny}", "-p", "x", "-n", "1", "-q", "--seed", str(2**70)], "--seed"),
+        (["generate", "{tiny}", "-p", "x", "-n", "1", "-q", "--ctx", "1000000000"], "--ctx"),
+        (["quantize", "{tiny}", "{tmp}/q", "-q", "--max-shard-size", "0"], "--max-shard-size"),
+        (["quantize", "{tiny}", "{tmp}/q", "-q", "--max-shard-size", "-5M"], "--max-shard-size"),
+        (["eval", "{tiny}", "--ref", "{tiny}", "--text", "{tmp}/missing.txt"], "missing.txt"),
+        (["make-tiny", "{tmp}/m", "--hidden-size", "-5"], "hidden_size"),
+        (["make-tiny", "{tmp}/m", "--num-experts-per-tok", "50"], "num_experts_per_tok"),
+        (["make-tiny", "{tmp}/m", "--vocab-size", "10"], "vocab_size"),
+        (["make-tiny", "{tmp}/m", "--num-hidden-layers", "0"], "num_hidden_layers"),
+        (["plan", "{tiny}", "--experts", "7", "--gpu-mem", "0", "--cpu-mem", "1GiB"], "--experts"),
+        (["plan", "{tiny}", "--ctx", "0", "--gpu-mem", "0", "--cpu-mem", "1GiB"], "--ctx"),
+        (["generate", "{tiny}", "-p", "x", "-n", "1", "-q", "--offload", "sim"], "--gpu-mem"),
+        (["generate", "{tiny}", "-p", "x", "-n", "1", "-q", "--offload", "sim", "--gpu-mem", "lots"], "--gpu-mem"),
+    ],
+)
+def test_absurd_flags_are_one_line(argv: list[str], needle: str, tiny_dir: Path, tmp_path: Path) -> None:
+    before = set(os.listdir(tmp_path))
+    o = run_cli(*(a.replace("{tiny}", str(tiny_dir)).replace("{tmp}", str(tmp_path)) for a in argv))
+    assert o.kind == "clean" and needle in o.err, o.why()
+    assert "gpu_mem=" not in o.err and "'2MiB'" not in o.err  # CLI syntax, not Python's
+    assert not leftovers(tmp_path, before), f"half-written: {leftovers(tmp_path, before)}"
+
+
+def test_ctx_above_the_models_maximum_is_refused(tiny_dir: Path) -> None:
+    """No RoPE scaling is implemented, so positions past max_position_embeddings (2048 here) are refused."""
+    for argv in (["generate", tiny_dir, "-p", "x", "-n", "1", "-q", "--ctx", "4096"], ["plan", tiny_dir, "--ctx", "4096", "--gpu-mem", "0", "--cpu-mem", "1GiB"]):
+        o = run_cli(*argv)
+        assert o.kind == "clean" and "max_position_embeddings" in o.err and "2048" in o.err, o.why()
+
+
+def test_ctx_beyond_memory_is_refused_before_allocating(tmp_path: Path) -> None:
+    o = run_cli("make-tiny", tmp_path / "m", "--max-position-embeddings", str(2**31 - 1))
+    assert o.kind == "ok", o.why()
+    o = run_cli("generate", tmp_path / "m", "-p", "x", "-n", "1", "-q", "--ctx", "1000000000")
+    assert o.kind == "clean" and "KV cache" in o.err and "--ctx" in o.err, o.why()
+
+
+def test_eval_against_another_vocabulary(tiny_dir: Path, tmp_path: Path) -> None:
+    o = run_cli("make-tiny", tmp_path / "other", "--vocab-size", "600")
+    assert o.kind == "ok", o.why()
+    o = run_cli("eval", tiny_dir, "--ref", tmp_path / "other", "--random-tokens", "16", "--ctx", "8", "--no-weights")
+    assert o.kind == "clean" and "vocab" in o.err, o.why()
+
+
+def test_make_tiny_refusal_keeps_an_existing_output(tiny_dir: Path, tmp_path: Path) -> None:
+    out = shutil.copytree(tiny_dir, tmp_path / "m")
+    before = snapshot(out)
+    o = run_cli("make-tiny", out, "--overwrite", "--num-experts-per-tok", "50")
+    assert o.kind == "clean" and snapshot(out) == before, o.why()
+
+
+# ---- one vocabulary: inspect and plan on every input; plan's ctx is generate's ------------------------------------
+def test_inspect_and_plan_read_a_gguf(tiny_dir: Path, tmp_path: Path) -> None:
+    from localglm.checkpoint.gguf import export_gguf
+
+    f = export_gguf(tiny_dir, tmp_path / "m.gguf", "q8_0")[0]
+    o = run_cli("inspect", f)
+    assert o.kind == "ok" and "parameters total" in o.out and "Q8_0" in o.out, o.why()
+    o = run_cli("plan", f, "--gpu-mem", "0", "--cpu-mem", "1GiB", "--json")
+    assert o.kind == "ok", o.why()
+    assert abs(json.loads(o.out)["expert_bits"] - 8.5) < 0.01  # Q8_0's 8.5 bits per weight, as stored
+
+
+def test_plan_uses_a_quantized_directorys_stored_bits(quantized: Path) -> None:
+    o = run_cli("plan", quantized, "--gpu-mem", "0", "--cpu-mem", "1GiB", "--json")
+    assert o.kind == "ok", o.why()
+    plan = json.loads(o.out)
+    stored = json.loads((quantized / MANIFEST).read_text())["stats"]["class_bits_per_weight"]["experts"]  # q2 on tiny rows
+    assert abs(plan["expert_bits"] - stored) < 0.01, f"accepted: planned {plan['expert_bits']} bits for experts stored at {stored:.2f}"
+    assert plan["dense_bits"]["attn"] == 8  # q8 as stored, not bf16
+    o = run_cli("plan", quantized, "--gpu-mem", "0", "--cpu-mem", "1GiB", "--experts", "4")
+    assert o.kind == "clean" and "--experts" in o.err, o.why()
+    o = run_cli("inspect", quantized)
+    assert o.kind == "ok" and "q2" in o.out, o.why()
+
+
+def test_export_gguf_from_a_quantized_directory_names_the_float_checkpoint(quantized: Path, tiny_dir: Path, tmp_path: Path) -> None:
+    o = run_cli("export-gguf", quantized, tmp_path / "m.gguf", "-q")
+    assert o.kind == "clean" and "export from the float checkpoint" in o.err and str(tiny_dir) in o.err, o.why()
+    assert not list(tmp_path.iterdir())
+
+
+def test_plan_defaults_to_generates_context(tiny_dir: Path) -> None:
+    import localglm
+
+    o = run_cli("plan", tiny_dir, "--gpu-mem", "0", "--cpu-mem", "1GiB", "--json")
+    assert o.kind == "ok", o.why()
+    assert json.loads(o.out)["ctx"] == localglm.load(tiny_dir).ctx
+
+
+# ---- output discipline -------------------------------------------------------------------------------------------
+def test_generate_stats_line_goes_to_stderr(tiny_dir: Path) -> None:
+    o = run_cli("generate", tiny_dir, "-p", "def f(", "-n", "4", "--temperature", "0", "--ignore-eos", "-q")
+    assert o.kind == "ok", o.why()
+    assert "decode:" not in o.out and "decode:" in o.err
+    assert not o.out.startswith("\n") and "\n\n" not in o.out
+    o = run_cli("generate", tiny_dir, "-p", "def f(", "-n", "4", "--temperature", "0", "--ignore-eos", "-q", "--stats-json")
+    assert json.loads(o.out.strip().splitlines()[-1])["decode_tokens"] == 4 and "decode:" in o.err
+
+
+def test_long_commands_report_progress_lines_when_not_on_a_tty(tiny_dir: Path, tmp_path: Path) -> None:
+    o = run_cli("quantize", tiny_dir, tmp_path / "q")
+    assert o.kind == "ok", o.why()
+    lines = [line for line in o.err.splitlines() if line.strip()]
+    assert lines and all("\x1b" not in line and "\r" not in line for line in lines)
+    assert any("quantiz" in line and "%" in line for line in lines), o.err
+    o = run_cli("export-gguf", tiny_dir, tmp_path / "m.gguf")
+    assert o.kind == "ok" and any("%" in line for line in o.err.splitlines()), o.err
+    o = run_cli("generate", tiny_dir, "-p", "x", "-n", "1")
+    assert o.kind == "ok" and "\n\n" not in o.err and any("load" in line for line in o.err.splitlines()), o.err
+
+
+def test_the_readme_model_table_comes_from_plan() -> None:
+    """benchmarks/model_table.py: one row per runnable published config and expert width, from `localglm plan`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("model_table", Path(__file__).parent.parent / "benchmarks" / "model_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = [line for line in mod.table().splitlines() if line.startswith("| GLM-4.5-Air |")]
+    assert [r.split(" | ")[1] for r in rows] == ["2", "4", "8"]
+    disk = [float(r.split(" | ")[2]) for r in rows]
+    assert disk[0] < disk[1] < disk[2]
