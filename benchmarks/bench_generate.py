@@ -3,10 +3,14 @@
     python benchmarks/bench_generate.py                   # the ~0.9B GLM-shaped random model, bf16, 2 threads,
                                                           # then the packaged default model (fp8 weights)
     python benchmarks/bench_generate.py --model DIR --engines localglm,transformers
+    python benchmarks/bench_generate.py --model ~/.cache/localglm-bench/flash-bf16   # GLM-4.7-Flash widths
 
 Every engine runs in its own subprocess (so peak RSS is its own) on the same prompt token ids,
 greedy, ignoring end-of-turn tokens. llama.cpp (the optional `llama-cpp-python` extra) runs a GGUF
-exported from the same weights by `localglm export-gguf`. Figures are only comparable within one run.
+of the same weights: written by llama.cpp's own converter when `--llama-converter PATH` (or
+LOCALGLM_LLAMA_CONVERTER) names its convert_hf_to_gguf.py, else by `localglm export-gguf` (the same
+tensors and keys; tests/test_glm4_moe_lite.py checks them against the converter's). A model
+directory named in BENCH_MODELS is made when missing. Figures are only comparable within one run.
 """
 
 from __future__ import annotations
@@ -26,7 +30,26 @@ BENCH_SPEC = dict(
     num_key_value_heads=2, head_dim=128, moe_intermediate_size=352, n_routed_experts=64, num_experts_per_tok=8,
     first_k_dense_replace=1, max_shard_bytes=500_000_000,
 )  # fmt: skip
-DEFAULT_DIR = Path(os.environ.get("LOCALGLM_BENCH_DIR", Path.home() / ".cache" / "localglm-bench")) / "glm09b-bf16"
+# GLM-4.7-Flash's real widths (hidden 2048, 20 MLA heads, 64 experts top-4 of width 1536); 4 layers (1 dense) and the
+# 4K vocabulary the tiny tokenizer trains, so the per-layer work is the real model's and the file stays a few GB.
+FLASH_SPEC = dict(
+    vocab_size=4096, hidden_size=2048, intermediate_size=10240, num_hidden_layers=4, num_attention_heads=20, q_lora_rank=768,
+    kv_lora_rank=512, qk_nope_head_dim=192, qk_rope_head_dim=64, v_head_dim=256, moe_intermediate_size=1536, n_routed_experts=64,
+    num_experts_per_tok=4, first_k_dense_replace=1, routed_scaling_factor=1.8, num_nextn_predict_layers=0, max_shard_bytes=500_000_000,
+)  # fmt: skip
+# GLM-5's head dimensions (MLA kv_lora 512 + rope 64, qk_nope 192, v 256; indexer 32 heads x 128, top-2048), scaled
+# down elsewhere to ~1B parameters: hidden 2048, 16 heads, q_lora 1024, 8 layers (1 dense) with GLM-5.2-style
+# IndexShare (full, full, full, then shared x3, full, shared), 32 experts top-8 of width 512.
+GLM5_SPEC = dict(
+    vocab_size=4096, hidden_size=2048, intermediate_size=8192, num_hidden_layers=8, num_attention_heads=16, q_lora_rank=1024,
+    kv_lora_rank=512, qk_nope_head_dim=192, qk_rope_head_dim=64, v_head_dim=256, moe_intermediate_size=512, n_routed_experts=32,
+    num_experts_per_tok=8, first_k_dense_replace=1, routed_scaling_factor=2.5, index_n_heads=32, index_head_dim=128,
+    index_topk=2048, indexer_pattern="FFFSSSFS", num_nextn_predict_layers=0, max_shard_bytes=500_000_000,
+)  # fmt: skip
+# directory name -> (model_type, spec): what `ensure_model` writes when the directory is missing
+BENCH_MODELS = {"glm09b-bf16": ("glm4_moe", BENCH_SPEC), "flash-bf16": ("glm4_moe_lite", FLASH_SPEC), "glm5-1b-bf16": ("glm_moe_dsa", GLM5_SPEC)}
+BENCH_ROOT = Path(os.environ.get("LOCALGLM_BENCH_DIR", Path.home() / ".cache" / "localglm-bench"))
+DEFAULT_DIR = BENCH_ROOT / "glm09b-bf16"
 PACKAGED = "default"  # --model default: the trained model shipped in localglm/data/default_model
 
 
@@ -126,11 +149,14 @@ def ensure_model(path: Path) -> Path:
         return default_model_path()
     if (path / "config.json").is_file():
         return path
-    from localglm.models.glm4_moe.tiny import TinySpec
+    if path.name not in BENCH_MODELS:
+        raise SystemExit(f"{path}: no config.json, and not one of the benchmark models made on demand ({', '.join(BENCH_MODELS)})")
+    from localglm.models import ARCHITECTURES
     from localglm.tiny import make_tiny
 
+    model_type, spec = BENCH_MODELS[path.name]
     print(f"writing the benchmark model to {path} ...", file=sys.stderr)
-    return make_tiny(path, TinySpec(**BENCH_SPEC))
+    return make_tiny(path, ARCHITECTURES[model_type].tiny.spec(**spec))
 
 
 def is_fresh(made: Path, model: Path) -> bool:
@@ -165,24 +191,56 @@ def write_stamp(made: Path, stamp: str) -> None:
     made.with_name(made.name + ".stamp").write_text(stamp)
 
 
+def llama_converter() -> Path | None:
+    """llama.cpp's convert_hf_to_gguf.py, when LOCALGLM_LLAMA_CONVERTER (or --llama-converter) names it."""
+    path = os.environ.get("LOCALGLM_LLAMA_CONVERTER")
+    return Path(path).expanduser() if path else None
+
+
+# Runs llama.cpp's converter on a benchmark checkpoint. Its tokenizer check identifies a pre-tokenizer by
+# hashing a known text's token ids; a random checkpoint's small BPE has GLM's split regex but not GLM's vocabulary,
+# so the check is answered "glm4", the name it gives GLM's real tokenizers. Everything else is the converter's own.
+_CONVERT = (
+    "import runpy, sys; conv = sys.argv[1]; root = conv.rsplit('/', 1)[0]; sys.path[:0] = [root, root + '/gguf-py']; "
+    "import conversion.base as b; b.TextModel.get_vocab_base_pre = lambda self, tok: 'glm4'; "
+    "sys.argv = sys.argv[1:]; runpy.run_path(conv, run_name='__main__')"
+)
+
+
 def ensure_gguf(model: Path, kind: str = "bf16") -> Path | None:
+    """The model as a GGUF of `kind` for llama.cpp: llama.cpp's converter's output when it is configured
+    (llama_converter), else localglm's export (written to match it); cached beside the model."""
     from localglm.default_model import DEFAULT_MODEL_DIR
 
     # Never write next to the packaged model (inside the installed package): use the bench cache.
     folder = DEFAULT_DIR.parent if model.resolve() == DEFAULT_MODEL_DIR.resolve() else model.parent
     folder.mkdir(parents=True, exist_ok=True)
-    gguf = folder / f"{model.name}-{kind}.gguf"
+    converter = llama_converter()
+    gguf = folder / f"{model.name}-{kind}{'-conv' if converter else ''}.gguf"
     pkg = DEFAULT_MODEL_DIR.parents[1]  # the localglm package
-    stamp = code_stamp(kind, pkg / "gguf_glm4moe.py", pkg / "commands" / "export_gguf.py")
+    stamp = code_stamp(kind, converter or "", pkg / "checkpoint" / "gguf.py", pkg / "commands" / "export_gguf.py")
     if is_current(gguf, model, stamp):
         return gguf
-    cmd = [sys.executable, "-m", "localglm", "export-gguf", str(model), str(gguf), "--type", kind, "-q", "--overwrite"]
+    if converter:
+        cmd = [sys.executable, "-c", _CONVERT, str(converter), str(model), "--outfile", str(gguf), "--outtype", kind]
+    else:
+        cmd = [sys.executable, "-m", "localglm", "export-gguf", str(model), str(gguf), "--type", kind, "-q", "--overwrite"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
-        print(f"llama.cpp skipped: export-gguf failed: {r.stderr.strip()[-300:]}", file=sys.stderr)
+        print(f"llama.cpp skipped: making its GGUF failed: {r.stderr.strip()[-300:]}", file=sys.stderr)
         return None
     write_stamp(gguf, stamp)
     return gguf
+
+
+def add_converter_option(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--llama-converter", type=Path, default=None, metavar="PATH",
+                    help="llama.cpp's convert_hf_to_gguf.py: llama.cpp's GGUFs are made by it (default: localglm export-gguf)")  # fmt: skip
+
+
+def use_converter(args: argparse.Namespace) -> None:
+    if args.llama_converter is not None:
+        os.environ["LOCALGLM_LLAMA_CONVERTER"] = str(args.llama_converter)
 
 
 MODULES = {"localglm": "localglm", "transformers": "transformers", "llama.cpp": "llama_cpp"}
@@ -261,10 +319,12 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=1, help="runs per engine, interleaved; the table shows medians")
+    add_converter_option(ap)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--target", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--vocab", type=int, default=4096, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    use_converter(args)
 
     if args.worker:
         ids = prompt_ids(args.prompt_tokens, args.vocab)

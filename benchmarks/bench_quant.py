@@ -8,8 +8,8 @@ q2/q4/q8 recipes beside llama.cpp's Q2_K / Q4_K_M / Q8_0 made from the same weig
 Every measurement runs in its own subprocess. KL is mean KL(reference || quantized) over the next-token
 distributions of fixed pseudo-random token windows, the reference being localglm on the checkpoint as stored
 (bf16; the packaged default model is FP8). The benchmark model has random weights, so text perplexity would
-mean nothing. llama.cpp's GGUFs come from `localglm export-gguf --type bf16` and
-llama.cpp's own quantizer (`llama_cpp.llama_model_quantize`). Speed uses benchmarks/bench_generate.py's
+mean nothing. llama.cpp's GGUFs come from its own converter (`--llama-converter PATH`) or `localglm
+export-gguf --type bf16`, then llama.cpp's own quantizer (`llama_cpp.llama_model_quantize`). Speed uses benchmarks/bench_generate.py's
 workers (same prompt ids, greedy, 2 threads by default).
 """
 
@@ -27,7 +27,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_generate import DEFAULT_DIR, PACKAGED, code_stamp, ensure_gguf, ensure_model, is_current, is_fresh, run_workers, write_stamp  # noqa: E402
+from bench_generate import (  # noqa: E402
+    DEFAULT_DIR, PACKAGED, add_converter_option, code_stamp, ensure_gguf, ensure_model, is_current, is_fresh, run_workers, use_converter, write_stamp,
+)  # fmt: skip
 
 # name -> localglm quantize flags
 OURS = {
@@ -304,12 +306,14 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=1, help="speed runs per model, interleaved; the table shows medians")
+    add_converter_option(ap)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--target", help=argparse.SUPPRESS)
     ap.add_argument("--wins", help=argparse.SUPPRESS)
     ap.add_argument("--ref", help=argparse.SUPPRESS)
     ap.add_argument("--save", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    use_converter(args)
     if args.worker:
         return worker(args)
 

@@ -9,6 +9,7 @@ A recipe maps tensor *classes* to bits (2, 4, 8, or 16 = keep the checkpoint's f
     embed     token embeddings                                        default 8
     lm_head   output projection                                       default 8
     router    MoE router (computed in fp32; only 16 is accepted)      default 16
+    indexer   sparse-attention indexer projections (GLM-5's DSA)      default 16
 
 Per-layer overrides: `LayerOverride(first, last, cls, bits)` (inclusive) such as "0-2:experts=8".
 Norms, biases and the router's correction bias are never quantized. The classifier takes the
@@ -24,9 +25,11 @@ from dataclasses import dataclass, field
 
 from .formats import QuantError, QuantSpec
 
-CLASSES = ("experts", "shared", "dense", "attn", "embed", "lm_head", "router")
+CLASSES = ("experts", "shared", "dense", "attn", "embed", "lm_head", "router", "indexer")
 KEEP = 16
-DEFAULT_BITS: dict[str, int] = {"experts": 4, "shared": 8, "dense": 8, "attn": 8, "embed": 8, "lm_head": 8, "router": KEEP}
+# The indexer stays precise by default: it picks which tokens attention sees, and a token it misses is lost
+# to every head, while its projections are ~1% of a layer's always-used weights.
+DEFAULT_BITS: dict[str, int] = {"experts": 4, "shared": 8, "dense": 8, "attn": 8, "embed": 8, "lm_head": 8, "router": KEEP, "indexer": KEEP}
 ALLOWED_BITS = (2, 4, 8, KEEP)
 
 # name -> (class or None for never-quantized, layer index or None)

@@ -45,7 +45,7 @@ def test_defaults_head_dim_and_partial_factor() -> None:
 
 @pytest.mark.parametrize(
     ("model_type", "named"),
-    [("glm_moe_dsa", "GLM-5"), ("llama", "'llama'"), (None, "None")],
+    [("llama", "'llama'"), (None, "None")],
 )
 def test_other_model_types_are_refused_by_name(model_type: str | None, named: str) -> None:
     with pytest.raises(ConfigError) as exc:

@@ -16,7 +16,10 @@ from offload.planner import make_plan
 
 CONFIGS = json.loads((Path(__file__).parent / "data" / "real_configs.json").read_text())
 # Published totals (model cards): total and active parameters, in billions.
-PUBLISHED = {"GLM-4.5": (355, 32), "GLM-4.5-Air": (106, 12), "GLM-4.6": (355, 32), "GLM-4.7": (355, 32), "GLM-4.7-Flash": (30, 3)}
+PUBLISHED = {
+    "GLM-4.5": (355, 32), "GLM-4.5-Air": (106, 12), "GLM-4.6": (355, 32), "GLM-4.7": (355, 32), "GLM-4.7-Flash": (30, 3),
+    "GLM-5": (744, 40), "GLM-5.1": (744, 40), "GLM-5.2": (744, 40),
+}  # fmt: skip
 
 
 @pytest.fixture(params=list(CONFIGS))
@@ -36,18 +39,19 @@ def test_parameter_counts_match_the_model_cards(real: tuple[str, Path]) -> None:
 
 def test_every_glm_plans_onto_24_gib_and_256_gib_at_4_bit_experts(real: tuple[str, Path], capsys: pytest.CaptureFixture) -> None:
     name, path = real
-    plan = make_plan(ModelConfig.from_file(path), "24GiB", "256GiB", ctx=4096, experts=4)
+    bits = 2 if name.startswith("GLM-5") else 4  # GLM-5.x's published consumer path: 2-bit experts
+    plan = make_plan(ModelConfig.from_file(path), "24GiB", "256GiB", ctx=4096, experts=bits)
     assert plan.used("GPU") <= plan.gpu_budget and plan.experts_on_disk == 0
     assert plan.cache_slots >= 2 * CONFIGS[name]["num_experts_per_tok"]
     assert plan.decode_tok_s > 1 and plan.prefill_tok_s > 1
     wheres = {i.what.split(" (")[0]: i.where for i in plan.items}
     assert wheres["attention"] == wheres["shared experts"] == "GPU"
-    if name.startswith(("GLM-4.5", "GLM-4.6", "GLM-4.7")) and name not in ("GLM-4.5-Air", "GLM-4.7-Flash"):
-        # 355B: ~34 GiB of always-used weights in bf16; the planner takes q8 for them and says so
+    if name in ("GLM-4.5", "GLM-4.6", "GLM-4.7") or name.startswith("GLM-5"):
+        # 355B / 744B: 34 / 39 GiB of always-used weights in bf16; the planner takes q8 for them and says so
         assert plan.dense_bits["attn"] == 8 and "attn" in plan.chosen
     else:
         assert plan.dense_bits["attn"] == 16 and not plan.chosen  # bf16 fits: the most precise
-    assert main(["plan", str(path), "--gpu-mem", "24GiB", "--cpu-mem", "256GiB", "--experts", "4"]) == 0
+    assert main(["plan", str(path), "--gpu-mem", "24GiB", "--cpu-mem", "256GiB", "--experts", str(bits)]) == 0
     out = capsys.readouterr().out
     assert "predicted: decode" in out and "always-used weights:" in out
 

@@ -14,7 +14,7 @@ from localglm.models.glm4_moe import ARCH as GLM4_MOE
 
 
 def test_each_architecture_is_complete_and_found_by_its_names() -> None:
-    assert set(ARCHITECTURES) >= {"glm4_moe", "glm4_moe_lite"}
+    assert set(ARCHITECTURES) >= {"glm4_moe", "glm4_moe_lite", "glm_moe_dsa"}
     for arch in ARCHITECTURES.values():
         assert arch_for_model_type(arch.model_type) is arch
         assert arch_for_gguf(arch.gguf.arch, "x.gguf") is arch
@@ -44,7 +44,8 @@ def test_a_config_of_another_model_type_is_refused() -> None:
 
 def test_unknown_and_not_yet_supported_names_are_one_line_errors() -> None:
     with pytest.raises(ConfigError) as exc:
-        arch_for_model_type("glm_moe_dsa", "x/config.json")
-    assert "GLM-5" in str(exc.value) and "not supported yet" in str(exc.value) and "glm4_moe_lite" in str(exc.value)
+        arch_for_model_type("deepseek_v3", "x/config.json")
+    msg = str(exc.value)
+    assert "x/config.json" in msg and "'deepseek_v3' is not supported" in msg and "glm_moe_dsa (GLM-5, 5.1, 5.2)" in msg
     with pytest.raises(CheckpointError, match="'llama' is not supported; localglm runs 'glm4moe'"):
         arch_for_gguf("llama", "m.gguf")

@@ -37,7 +37,7 @@ from quant.formats import QuantSpec, QuantTensor
 from quant.gguf_packed import PACKED_SPECS, q8_0_to_quant
 
 from ..config import ModelConfig
-from ..errors import CheckpointError, LocalGLMError, TokenizerError
+from ..errors import CheckpointError, ConfigError, LocalGLMError, TokenizerError
 from ..models import arch_for_gguf, arch_of
 from ..models.arch import Arch, GGUFSchema
 from ..models.moe_gguf import GGUFMetadata, JoinedTensor, SplitPart
@@ -46,6 +46,7 @@ from ..chat.tokenizer import Tokenizer
 from .gguf_file import PLAIN_TYPES, SUPPORTED_TYPES, GGUFModelFiles, type_name
 from .gguf_writer import GGUFStreamWriter, fits_type
 from .source import MappedSource, SafetensorsSource, TensorInfo, check_expected_shape
+from .writing import writing
 
 OUT_TYPES: dict[str, tuple[QT, gguf.LlamaFileType]] = {
     "f32": (QT.F32, gguf.LlamaFileType.ALL_F32),
@@ -71,7 +72,7 @@ def tensor_type(name: str, shape: tuple[int, ...], want: QT) -> QT:
     """The GGUF type of tensor `name`: what convert_hf_to_gguf.py picks, plus llama-quantize's output rule."""
     if len(shape) <= 1 or name.endswith("_norm.weight"):
         return QT.F32
-    if not name.endswith(".weight") or name.endswith("ffn_gate_inp.weight"):
+    if not name.endswith(".weight") or name.endswith(("ffn_gate_inp.weight", "indexer.proj.weight")):  # routers stay F32
         return QT.F32
     if want == QT.Q4_0 and name == "output.weight":
         want = QT.Q8_0  # llama-quantize keeps the output head at higher precision (Q6_K there; gguf-py cannot write Q6_K)
@@ -241,6 +242,11 @@ def export_gguf(
         raise LocalGLMError(f"export-gguf: type {out_type!r} is not one of {', '.join(OUT_TYPES)}")
     if not src.is_dir():
         raise CheckpointError(f"{src}: expected a model directory (config.json + *.safetensors)")
+    from .quantized_dir import is_quantized_dir, read_manifest
+
+    if is_quantized_dir(src):
+        made_from = str((read_manifest(src).get("source") or {}).get("path") or "the original checkpoint")
+        raise LocalGLMError(f"{src} is a localglm quantized checkpoint; export from the float checkpoint it was made from ({made_from})")
     if out.suffix != ".gguf":
         raise LocalGLMError(f"{out}: the output name must end in .gguf")
     want, ftype = OUT_TYPES[out_type]
@@ -273,8 +279,9 @@ def export_gguf(
         schema.add_hparams(w, cfg, n_blocks, n_mtp, ftype)
         _add_tokenizer(w, src, cfg.vocab_size)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        return writer.write(progress)
+        with writing(out):  # a full or read-only disk: one line, the temporary parts removed by write()
+            out.parent.mkdir(parents=True, exist_ok=True)
+            return writer.write(progress)
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,8 +300,15 @@ def config_from_gguf(files: GGUFModelFiles) -> ModelConfig:
 
 
 def hf_config_from_gguf(files: GGUFModelFiles) -> dict[str, Any]:
-    """The Hugging Face config.json (as a dict) that GGUF metadata describes; `config_from_gguf` parses it."""
-    return arch_of_gguf(files).gguf.hf_config(files)
+    """The Hugging Face config.json (as a dict) that GGUF metadata describes; `config_from_gguf` parses it.
+
+    Metadata of the wrong type or an impossible value (a string block count, zero heads) fails while the
+    schema derives fields from it; that is the file's fault, so it is one line naming the file."""
+    schema = arch_of_gguf(files).gguf
+    try:
+        return schema.hf_config(files)
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError, ArithmeticError) as exc:
+        raise ConfigError(f"{files.where}: GGUF metadata ({schema.arch}.*) describes no model localglm can run ({exc})") from None
 
 
 def tokenizer_from_gguf(files: GGUFModelFiles) -> Tokenizer:

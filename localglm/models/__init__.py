@@ -10,12 +10,13 @@ from ..errors import CheckpointError, ConfigError
 from .arch import Arch
 from .glm4_moe import ARCH as GLM4_MOE
 from .glm4_moe_lite import ARCH as GLM4_MOE_LITE
+from .glm_moe_dsa import ARCH as GLM_MOE_DSA
 
-ARCHITECTURES: dict[str, Arch] = {a.model_type: a for a in (GLM4_MOE, GLM4_MOE_LITE)}
+ARCHITECTURES: dict[str, Arch] = {a.model_type: a for a in (GLM4_MOE, GLM4_MOE_LITE, GLM_MOE_DSA)}
 
 # Known GLM architectures not runnable yet: named in the refusal so the user knows why.
-NOT_YET = {"glm_moe_dsa": "GLM-5.x (MLA + DSA indexer)"}
-NOT_YET_GGUF = {"glm-dsa": "GLM-5.x (MLA + DSA)", "glm4": "dense GLM-4"}
+NOT_YET: dict[str, str] = {}
+NOT_YET_GGUF = {"glm4": "dense GLM-4"}
 
 
 def _supported() -> str:

@@ -161,7 +161,11 @@ class MoeDecoder(MoeRouting):
         """cos / sin tables [T, rot] for these positions."""
         raise NotImplementedError
 
-    def attention(self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: TokenCache | None, start: int) -> torch.Tensor:
+    def attention(
+        self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: TokenCache | None, start: int, step: dict[str, Any]
+    ) -> torch.Tensor:
+        """Layer `layer`'s attention over the normed input h. `step` lives for one forward call: what a
+        layer leaves there the later layers of the same call read (GLM-5.2's shared top-k)."""
         raise NotImplementedError
 
     def build_fused_decoder(self) -> Any:
@@ -188,11 +192,12 @@ class MoeDecoder(MoeRouting):
         x = F.embedding(input_ids, self.w.embed)
         positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
         cos, sin = self.rope(positions, x.dtype)
+        step: dict[str, Any] = {}
         for i, lw in enumerate(self.w.layers):
             if lw.dense_mlp is None:
                 self.experts.hint(i, x)  # the layer's input: a backend may start copies for it now
             h = rms_norm(x, lw.input_norm, cfg.rms_norm_eps)
-            x = x + self.attention(i, h, cos, sin, cache, start)
+            x = x + self.attention(i, h, cos, sin, cache, start, step)
             h = rms_norm(x, lw.post_attention_norm, cfg.rms_norm_eps)
             if lw.dense_mlp is not None:
                 x = x + swiglu(h, lw.dense_mlp)

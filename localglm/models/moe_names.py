@@ -23,10 +23,12 @@ MTP_TENSORS = ("eh_proj", "enorm", "hnorm", "shared_head.norm", "shared_head.hea
 @dataclass(frozen=True)
 class MoeTensorSchema:
     """Names and classes: `attention` are the projection names under `self_attn` (quantized as "attn"),
-    `attention_extra` every other tensor name under `self_attn` a checkpoint may hold."""
+    `attention_extra` every other tensor name under `self_attn` a checkpoint may hold, and
+    `attention_classes` the recipe class of those that are weights of their own class (GLM-5's indexer)."""
 
     attention: tuple[str, ...]
     attention_extra: tuple[str, ...] = ()
+    attention_classes: tuple[tuple[str, str | None], ...] = ()  # other weights under self_attn -> recipe class (None: never)
 
     def classify(self, name: str) -> tuple[str | None, int | None]:
         """A hub tensor name -> (recipe class or None = never quantized, layer or None)."""
@@ -38,8 +40,13 @@ class MoeTensorSchema:
         if not m or not name.endswith(".weight"):
             return None, None
         layer, rest = int(m.group(1)), m.group(2)
-        if rest.startswith("self_attn.") and rest[len("self_attn.") : -len(".weight")] in self.attention:
-            return "attn", layer
+        if rest.startswith("self_attn."):
+            sub = rest[len("self_attn.") : -len(".weight")]
+            if sub in self.attention:
+                return "attn", layer
+            for name, cls in self.attention_classes:
+                if sub == name:
+                    return cls, layer
         if _EXPERT.fullmatch(rest):
             return "experts", layer
         if _SHARED.fullmatch(rest):

@@ -39,15 +39,16 @@ class ParamCounts:
         return self.routed_experts / self.total if self.total else 0.0
 
 
-def moe_param_counts(cfg: ModelConfig, attention_per_layer: int) -> ParamCounts:
+def moe_param_counts(cfg: ModelConfig, attention_per_layer: int, attention_extra: int = 0) -> ParamCounts:
     """The counts of a GLM MoE decoder whose attention has `attention_per_layer` parameters per layer
-    (norms and biases included): everything but attention is the same in every architecture."""
+    (norms and biases included), plus `attention_extra` on some layers only (GLM-5's indexers):
+    everything but attention is the same in every architecture."""
     expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
     h, moe_layers = cfg.hidden_size, cfg.num_moe_layers
     return ParamCounts(
         embed=cfg.vocab_size * h,
         lm_head=0 if cfg.tie_word_embeddings else cfg.vocab_size * h,
-        attention=cfg.num_hidden_layers * attention_per_layer,
+        attention=cfg.num_hidden_layers * attention_per_layer + attention_extra,
         dense_mlp=cfg.first_k_dense_replace * 3 * h * cfg.intermediate_size,
         router=moe_layers * (cfg.n_routed_experts * h + cfg.n_routed_experts),
         shared_experts=moe_layers * 3 * h * cfg.shared_intermediate_size,

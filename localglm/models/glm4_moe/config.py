@@ -27,11 +27,11 @@ class Glm4MoeConfig(ModelConfig):
 
     @classmethod
     def own_fields(cls, cfg: ConfigReader) -> dict[str, Any]:
-        heads = cfg.int("num_attention_heads")
+        heads = cfg.positive_int("num_attention_heads")
         return dict(
             num_attention_heads=heads,
-            num_key_value_heads=cfg.int("num_key_value_heads", heads),
-            head_dim=cfg.int("head_dim", None) or (cfg.int("hidden_size") // heads),
+            num_key_value_heads=cfg.positive_int("num_key_value_heads", heads),
+            head_dim=cfg.positive_int("head_dim", None) or (cfg.positive_int("hidden_size") // heads),
             attention_bias=cfg.bool("attention_bias", False),
             use_qk_norm=cfg.bool("use_qk_norm", False),
         )

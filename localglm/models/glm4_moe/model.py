@@ -55,7 +55,9 @@ class Glm4MoeModel(MoeDecoder):
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rotary.cos_sin(positions, dtype)
 
-    def attention(self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: TokenCache | None, start: int) -> torch.Tensor:
+    def attention(
+        self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: TokenCache | None, start: int, step: dict[str, Any]
+    ) -> torch.Tensor:
         return attention(h, self.w.layers[layer].attn, self.attn_shape, cos, sin, cache, layer, start)  # type: ignore[arg-type]
 
     def build_fused_decoder(self) -> Any:

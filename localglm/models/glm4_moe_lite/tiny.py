@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ...tiny import RandomWeights, TinySpecBase, base_config_json, moe_param_estimate, moe_tensors
+from ...tiny import AttentionTensors, RandomWeights, TinySpecBase, base_config_json, moe_param_estimate, moe_tensors
 
 
 @dataclass
@@ -30,9 +30,10 @@ class TinySpec(TinySpecBase):
 
 class Glm4MoeLiteTiny:
     spec = TinySpec
+    hf_architecture = "Glm4MoeLiteForCausalLM"
 
     def config_json(self, spec: TinySpec, special: dict[str, int]) -> dict[str, Any]:
-        cfg = base_config_json(spec, special, "Glm4MoeLiteForCausalLM")
+        cfg = base_config_json(spec, special, self.hf_architecture)
         cfg.update(
             attention_bias=spec.attention_bias,
             num_attention_heads=spec.num_attention_heads,
@@ -51,6 +52,10 @@ class Glm4MoeLiteTiny:
         return dict(sorted(cfg.items()))
 
     def tensors(self, spec: TinySpec) -> Iterator[tuple[str, torch.Tensor]]:
+        return moe_tensors(spec, self.attention_tensors(spec))
+
+    def attention_tensors(self, spec: TinySpec) -> AttentionTensors:
+        """The MLA tensors of one layer (`model.layers.i` prefix in, hub names out)."""
         h, heads = spec.hidden_size, spec.num_attention_heads
         q_out = heads * (spec.qk_nope_head_dim + spec.qk_rope_head_dim)
 
@@ -74,7 +79,7 @@ class Glm4MoeLiteTiny:
             if spec.attention_bias:
                 yield f"{a}.o_proj.bias", r.vec(h)
 
-        return moe_tensors(spec, attention)
+        return attention
 
     def estimate_params(self, spec: TinySpec) -> int:
         h, heads = spec.hidden_size, spec.num_attention_heads

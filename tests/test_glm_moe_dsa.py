@@ -1,0 +1,210 @@
+"""GLM-5.x (`glm_moe_dsa`: MLA + DeepSeek sparse attention + IndexShare) against transformers'
+GlmMoeDsaForCausalLM, with the indexer's top-k below the sequence so the selection matters."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import localglm
+from localglm.cli import main
+from localglm.layers.dsa import DsaCache
+from localglm.models.glm_moe_dsa.tiny import TinySpec
+from localglm.tiny import make_tiny
+
+transformers = pytest.importorskip("transformers")
+DATA = Path(__file__).parent / "data"
+
+VARIANTS = {
+    "all-full": TinySpec(dtype="float32", index_topk=5),
+    "shared-layers": TinySpec(dtype="float32", num_hidden_layers=4, indexer_pattern="FSFS", index_topk=6, seed=3),
+    "wide-index": TinySpec(
+        dtype="float32", num_hidden_layers=4, first_k_dense_replace=2, indexer_pattern="FSSF", index_n_heads=6, index_head_dim=24,
+        index_topk=7, kv_lora_rank=48, qk_nope_head_dim=24, qk_rope_head_dim=16, v_head_dim=20, attention_bias=True, seed=5,
+    ),
+}  # fmt: skip
+
+
+def _close(ours: torch.Tensor, ref: torch.Tensor, tol: float = 1e-4) -> None:
+    scale = ref.abs().max().item()
+    err = (ours - ref).abs().max().item()
+    assert err <= tol * scale, f"max abs error {err:.3g} > {tol} x logit scale {scale:.3g}"
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    path = make_tiny(tmp_path_factory.mktemp(request.param) / "m", VARIANTS[request.param])
+    hf = transformers.GlmMoeDsaForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    return localglm.load(path, dtype="float32"), hf
+
+
+@pytest.fixture(scope="module")
+def dsa_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny(tmp_path_factory.mktemp("dsa") / "m", TinySpec(num_hidden_layers=4, indexer_pattern="FSFS"))
+
+
+def test_config_derives_indexer_types_as_transformers_does() -> None:
+    from localglm.config import ModelConfig
+
+    raw = json.loads((DATA / "real_configs.json").read_text())["GLM-5.2"]
+    cfg = ModelConfig.from_dict(raw)
+    ref = transformers.GlmMoeDsaConfig(**{k: v for k, v in raw.items() if k not in ("architectures", "model_type", "transformers_version", "dtype")})
+    assert list(cfg.indexer_types) == ref.indexer_types and cfg.indexer_types.count("shared") == 57
+    assert cfg.first_k_dense_replace == 3 and cfg.rope_theta == 8e6 and cfg.max_position_embeddings == 1_048_576
+
+
+def test_logits_match_transformers_with_sparse_selection(pair) -> None:
+    ours, hf = pair
+    ids = torch.randint(0, ours.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits.float()
+    _close(ours.logits(ids), ref)
+    # the selection matters: the same model with the indexer's top-k above the sequence (dense) differs
+    dense = localglm.load(ours.path, dtype="float32")
+    dense.net.index_shape = dataclasses.replace(dense.net.index_shape, topk=1000)
+    assert (dense.logits(ids) - ref).abs().max() > 1e-2 * ref.abs().max()
+
+
+def test_greedy_generation_matches_transformers(pair) -> None:
+    ours, hf = pair
+    prompt = torch.randint(0, ours.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = hf.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
+    got = list(ours.stream_tokens(prompt[0].tolist(), max_new_tokens=16, sampling=localglm.SamplingParams(temperature=0)))
+    assert got == ref[0, 9:].tolist()
+
+
+def test_cached_decode_selects_as_the_full_forward_does(pair) -> None:
+    """Decode past index_topk reads the indexer-key cache of the full layers and the top-k latent rows."""
+    ours, _ = pair
+    net = ours.net
+    ids = torch.randint(0, ours.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(2))
+    full = ours.logits(ids)[0]
+    with torch.inference_mode():
+        cache = net.new_cache(32)
+        assert isinstance(cache, DsaCache) and cache.index_keys.shape[0] == len(ours.config.index_layers)
+        steps = [net.lm_head(net.hidden_states(ids[:, :3], cache, 0))[0]]
+        for t in range(3, 16):
+            steps.append(net.lm_head(net.hidden_states(ids[:, t : t + 1], cache, t))[0])
+        cache2 = net.new_cache(32)
+        a = net.lm_head(net.hidden_states(ids[:, :10], cache2, 0))[0]
+        b = net.lm_head(net.hidden_states(ids[:, 10:], cache2, 10))[0]
+    _close(torch.cat(steps).float(), full)
+    _close(torch.cat([a, b]).float(), full)
+
+
+def test_within_index_topk_attention_is_dense_exactly(dsa_dir: Path) -> None:
+    """Nothing is scored while the context fits the top-k: the result is the dense model's."""
+    m = localglm.load(dsa_dir, dtype="float32")
+    ids = torch.randint(0, m.config.vocab_size, (1, m.config.index_topk), generator=torch.Generator().manual_seed(4))
+    sparse = m.logits(ids)
+    m.net.index_shape = dataclasses.replace(m.net.index_shape, topk=10_000)
+    assert torch.equal(m.logits(ids), sparse)
+
+
+def test_the_cache_holds_latents_and_the_full_layers_indexer_keys(dsa_dir: Path) -> None:
+    from localglm.model_info import kv_cache_bytes
+
+    m = localglm.load(dsa_dir)
+    cfg = m.config
+    per_token = (cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + len(cfg.index_layers) * cfg.index_head_dim) * 2
+    assert m.net.new_cache(64).nbytes == kv_cache_bytes(cfg, 64) == 64 * per_token
+
+
+def test_quantize_keeps_the_indexer_and_router_precise(dsa_dir: Path, tmp_path: Path) -> None:
+    from localglm.checkpoint.quantized_dir import MANIFEST
+
+    out = tmp_path / "q"
+    assert main(["quantize", str(dsa_dir), str(out), "--experts", "4", "-q"]) == 0
+    quantized = set(json.loads((out / MANIFEST).read_text())["tensors"])
+    assert "model.layers.1.self_attn.kv_b_proj.weight" in quantized
+    assert not any(".indexer." in n for n in quantized) and "model.layers.1.mlp.gate.weight" not in quantized
+    ref, q = localglm.load(dsa_dir, dtype="float32"), localglm.load(out, dtype="float32")
+    ids = torch.randint(0, ref.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(5))
+    lr, lq = ref.logits(ids).log_softmax(-1), q.logits(ids).log_softmax(-1)
+    assert float((lr.exp() * (lr - lq)).sum(-1).mean()) < 0.05
+    q8 = tmp_path / "q8"
+    assert main(["quantize", str(dsa_dir), str(q8), "--experts", "4", "--indexer", "8", "-q"]) == 0
+    assert "model.layers.0.self_attn.indexer.wq_b.weight" in json.loads((q8 / MANIFEST).read_text())["tensors"]
+
+
+def test_gguf_export_reads_back_exactly(dsa_dir: Path, tmp_path: Path) -> None:
+    from localglm.checkpoint.gguf import GGUFSource, export_gguf
+
+    f = export_gguf(dsa_dir, tmp_path / "m.gguf", "f32")[0]
+    with GGUFSource(f) as src:
+        assert src.arch.model_type == "glm_moe_dsa"
+        assert src.files.metadata["glm-dsa.attention.indexer.types"] == [True, False, True, False]
+        assert "model.layers.2.self_attn.indexer.weights_proj.weight" in src
+        assert "model.layers.1.self_attn.indexer.weights_proj.weight" not in src  # a shared layer has no indexer
+    a, b = localglm.load(f, dtype="float32"), localglm.load(dsa_dir, dtype="float32")
+    assert a.config == dataclasses.replace(b.config, torch_dtype="float32")
+    ids = torch.randint(0, a.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a.logits(ids), b.logits(ids))
+
+
+def test_offload_sim_trace_and_make_tiny(dsa_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    greedy = localglm.SamplingParams(temperature=0)
+    prompt = list(range(5, 30))
+    plain = list(localglm.load(dsa_dir).stream_tokens(prompt, max_new_tokens=6, sampling=greedy))
+    m = localglm.load(dsa_dir, offload="sim", gpu_mem="8MiB", trace=tmp_path / "t.jsonl", stats_path=tmp_path / "s.npz")
+    assert list(m.stream_tokens(prompt, max_new_tokens=6, sampling=greedy)) == plain
+    out = tmp_path / "tiny"
+    assert main(["make-tiny", str(out), "--arch", "glm_moe_dsa", "--indexer-pattern", "FSS", "--index-topk", "4"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["indexer_types"] == ["full", "shared", "shared"] and cfg["index_topk"] == 4
+    assert main(["inspect", str(out)]) == 0
+    assert "DSA indexer 4 heads x 16, top-4, on 1 of 3 layers (2 share its selection)" in capsys.readouterr().out
+
+
+# llama.cpp's glm-dsa graph needs index_head_dim a power of two >= 64 (its Hadamard transform); with
+# few indexer heads, keys whose every head's ReLU is 0 tie, and llama.cpp breaks those ties otherwise
+# than torch.topk: 16 heads make exact ties vanishingly rare.
+LLAMA_SPEC = dict(num_hidden_layers=4, indexer_pattern="FSFS", index_head_dim=64, index_n_heads=16, index_topk=6)
+
+
+@pytest.mark.parametrize("kind", ["bf16", "q8_0"])
+def test_reads_the_gguf_llama_cpps_converter_writes(tmp_path: Path, kind: str) -> None:
+    """tests/data/glm_moe_dsa_llamacpp_*.gguf: llama.cpp's convert_hf_to_gguf.py (0c1e57098) on this
+    make-tiny checkpoint (tests/data/README.md): indexer tensors, indexer.types, kv_b split per head."""
+    spec = TinySpec(dtype="bfloat16", qk_nope_head_dim=32, kv_lora_rank=32, v_head_dim=32, seed=13, **LLAMA_SPEC)
+    ours = localglm.load(make_tiny(tmp_path / "m", spec), dtype="float32")
+    theirs = localglm.load(DATA / f"glm_moe_dsa_llamacpp_{kind}.gguf", dtype="float32")
+    assert theirs.config == ours.config
+    ids = torch.randint(0, ours.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(7))
+    if kind == "bf16":
+        assert torch.equal(theirs.logits(ids), ours.logits(ids))
+    else:
+        lr, lq = ours.logits(ids).log_softmax(-1), theirs.logits(ids).log_softmax(-1)
+        assert float((lr.exp() * (lr - lq)).sum(-1).mean()) < 0.01
+
+
+def test_llama_cpp_reads_our_export_with_the_same_selection(tmp_path: Path) -> None:
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import numpy as np
+
+    from localglm.checkpoint.gguf import export_gguf
+
+    src = make_tiny(tmp_path / "m", TinySpec(dtype="float32", seed=11, **LLAMA_SPEC))
+    f = export_gguf(src, tmp_path / "m.gguf", "f32")[0]
+    ours = localglm.load(src, dtype="float32")
+    ids = torch.randint(0, ours.config.vocab_size, (1, 14), generator=torch.Generator().manual_seed(1))
+    llm = llama_cpp.Llama(model_path=str(f), n_ctx=64, logits_all=True, verbose=False, n_threads=1, type_k=0, type_v=0)  # f32 KV
+    llm.eval(ids[0].tolist())
+    _close(torch.tensor(np.array(llm.scores[:14])), ours.logits(ids)[0], 1e-4)  # 14 tokens past index_topk 6
+
+
+def test_fp8_hub_layout_and_chat(tmp_path: Path) -> None:
+    """GLM-5.x ships FP8 block-scaled weights (the indexer's weights_proj stays bf16); chat opens <think>."""
+    fp8 = localglm.load(make_tiny(tmp_path / "fp8", TinySpec(dtype="fp8", num_hidden_layers=3, indexer_pattern="FSF")), dtype="float32")
+    ref = localglm.load(make_tiny(tmp_path / "f32", TinySpec(dtype="float32", num_hidden_layers=3, indexer_pattern="FSF")), dtype="float32")
+    ids = torch.randint(0, ref.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(8))
+    lr, lq = ref.logits(ids).log_softmax(-1), fp8.logits(ids).log_softmax(-1)
+    assert float((lr.exp() * (lr - lq)).sum(-1).mean()) < 0.05
+    assert fp8.render_chat([{"role": "user", "content": "hi"}]).rstrip().endswith("<think>")
+    done = list(fp8.generate(messages=[{"role": "user", "content": "hi"}], max_new_tokens=4, temperature=0, ignore_eos=True))[-1]
+    assert isinstance(done, localglm.Done) and done.stats.decode_tokens == 4
