@@ -7,7 +7,11 @@ head's k_nope and v. Two exact rearrangements of the same attention:
 - expanded (prefill): apply kv_b to every latent and run ordinary attention, as transformers'
   `Glm4MoeLiteAttention` does, with its operation order, so the tests hold us to it in fp32;
 - absorbed (decode): fold kv_b into the query and the output instead (W_UK, W_UV per head), so a
-  token reads only the cached latents and never expands the context.
+  token reads only the cached latents and never expands the context. One decoded token on the CPU
+  runs it through the fused decoder's own native core (mla_attention.c), as layers/attention.py
+  does for GQA: the fold, the attention and the unfold are fp32 sums, and torch's bmm orders them
+  otherwise, which now and then rounds to another bf16 value; one kernel makes the torch decode
+  and the fused decode the same bits. Other calls (prefill chunks, batches, a GPU) run torch's.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch.nn.functional as F
 
 from .kv_cache import LatentCache
 from .linear import linear
+from .native import native
 from .norm import rms_norm
 from .rope import apply_rope, apply_rope_interleaved
 
@@ -93,6 +98,11 @@ class MLAWeights:
         return self._absorbed[1], self._absorbed[2]
 
 
+def query_latent(x: torch.Tensor, w: MLAWeights, shape: MLAShape) -> torch.Tensor:
+    """q_a_layernorm(q_a_proj(x)): the compressed query (needs q_lora_rank)."""
+    return rms_norm(linear(x, w.q_a, w.q_a_bias), w.q_a_norm, shape.latent_eps)
+
+
 def mla_attention(
     x: torch.Tensor,
     w: MLAWeights,
@@ -104,6 +114,7 @@ def mla_attention(
     start: int = 0,
     allowed: torch.Tensor | None = None,
     absorbed: bool | None = None,
+    q_resid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal MLA over x [B, T, hidden] at positions start..start+T-1 -> [B, T, hidden].
 
@@ -115,13 +126,15 @@ def mla_attention(
     selection): a bool mask [B, T, keys] (True: may read) or integer key positions [B, T, k].
     Every query must keep at least one key. `absorbed` picks the form; None picks the absorbed one
     for calls of at most ABSORB_MAX_TOKENS tokens with a cache, the expanded one otherwise.
+    `q_resid`: the query latent q_a_layernorm(q_a_proj(x)) when the caller computed it already (DSA's
+    indexer reads it too: `query_latent`).
     """
     bsz, seqlen, _ = x.shape
     nope, rope = shape.qk_nope_head_dim, shape.qk_rope_head_dim
     if w.q_a is None:
         q = linear(x, w.q_b)
     else:
-        q = linear(rms_norm(linear(x, w.q_a, w.q_a_bias), w.q_a_norm, shape.latent_eps), w.q_b)
+        q = linear(q_resid if q_resid is not None else query_latent(x, w, shape), w.q_b)
     q = q.view(bsz, seqlen, shape.heads, shape.qk_head_dim).transpose(1, 2)
     q_nope, q_rope = q.split([nope, rope], dim=-1)
 
@@ -135,12 +148,36 @@ def mla_attention(
     if cache is not None:
         latent, k_rope = cache.write(layer, start, latent, k_rope)
 
-    mask = _key_mask(bsz, seqlen, latent.shape[1], allowed, x.device)
     if absorbed is None:
         absorbed = cache is not None and seqlen <= ABSORB_MAX_TOKENS
-    form = _absorbed_attention if absorbed else _expanded_attention
-    out = form(q_nope, q_rope, latent, k_rope, w, shape, mask)
+    out = _native_absorbed(q_nope, q_rope, latent, k_rope, w, shape, allowed) if absorbed and seqlen == 1 else None
+    if out is None:
+        form = _absorbed_attention if absorbed else _expanded_attention
+        out = form(q_nope, q_rope, latent, k_rope, w, shape, _key_mask(bsz, seqlen, latent.shape[1], allowed, x.device))
     return linear(out.transpose(1, 2).reshape(bsz, seqlen, shape.heads * shape.v_head_dim), w.o, w.o_bias)
+
+
+def _native_absorbed(
+    q_nope: torch.Tensor,
+    q_rope: torch.Tensor,
+    latent: torch.Tensor,
+    k_rope: torch.Tensor,
+    w: MLAWeights,
+    shape: MLAShape,
+    allowed: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """The absorbed form of one query token through the fused decoder's native core
+    (`LayerLib.mla_decode_attention`), so this path and the fused one agree bit for bit; [1, heads,
+    1, v], or None where the kernel does not take the inputs (a GPU, a batch, rows not cached as
+    latent | rope key: then the torch form runs)."""
+    lib = native() if q_nope.device.type == "cpu" and q_nope.shape[0] == 1 else None
+    if lib is None:
+        return None
+    positions = None
+    if allowed is not None:  # DSA's selection: the key positions themselves, or a mask of them
+        positions = allowed.reshape(-1).nonzero().flatten() if allowed.dtype == torch.bool else allowed
+    w_uk, w_uv = w.absorbed(shape, q_nope.dtype)
+    return lib.mla_decode_attention(q_nope, q_rope, latent, k_rope, w_uk, w_uv, shape.scale, positions)
 
 
 def _key_mask(bsz: int, seqlen: int, total: int, allowed: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

@@ -3,10 +3,15 @@ first use beside quant's kernels and called through ctypes.
 
     localglm/layers/native/layer_ops.c      RMSNorm, RoPE, decode attention, the GLM router, the
                                             residual add (alone: layers/norm.py, rope.py, attention.py)
-    localglm/layers/native/layer_ops.h      what the two files share: lg_layer, lg_experts (mirrored
-                                            here by LgLayer, LgExperts), the ops' prototypes
+    localglm/layers/native/layer_ops.h      what the files share: lg_layer, lg_mla, lg_dsa, lg_experts
+                                            (mirrored here by LgLayer, LgMla, LgDsa, LgExperts), the
+                                            ops' prototypes
     localglm/models/native/decode_layer.c   lg_decode_layer / lg_decode_layers: one token through a
-                                            layer / every layer in one call (models/glm4_moe/fused_decode.py)
+                                            layer / every layer in one call (models/fused_decode.py)
+    localglm/models/native/mla_attention.c  the layer's multi-head latent attention (glm4_moe_lite,
+                                            glm_moe_dsa), alone for layers/mla.py's decode
+    localglm/models/native/dsa_indexer.c    GLM-5's sparse-attention indexer: key, scores, top-k
+                                            (glm_moe_dsa), alone for layers/dsa.py's decode
 
 Why a library of its own: quant/ knows formats and kernels, nothing of models, so the GLM layer's C
 lives here and calls quant's kernels (lg_matvec, lg_swiglu_vec, lg_moe) through
@@ -41,7 +46,7 @@ log = logging.getLogger(__name__)
 
 _PACKAGE = Path(__file__).parent.parent
 LAYER_OPS = _PACKAGE / "layers" / "native" / "layer_ops.c"
-SOURCES = (LAYER_OPS, _PACKAGE / "models" / "native" / "decode_layer.c")
+SOURCES = (LAYER_OPS, *(_PACKAGE / "models" / "native" / f"{name}.c" for name in ("decode_layer", "mla_attention", "dsa_indexer")))
 HEADERS = (LAYER_OPS.with_suffix(".h"), HEADER)
 
 
@@ -58,8 +63,37 @@ class LgExperts(ctypes.Structure):
     ]
 
 
+ATTN_GQA, ATTN_MLA, ATTN_DSA = 0, 1, 2  # LgLayer.attn_kind (layer_ops.h LG_ATTN_*)
+
+
+class LgMla(ctypes.Structure):
+    """A layer's multi-head latent attention (layer_ops.h `lg_mla`): shapes, latent norms, W_UK / W_UV
+    (head h at h * head_stride values) and the q_a, q_b (or q_proj), kv_a projections."""
+
+    _fields_ = [
+        *((name, ctypes.c_int32) for name in ("q_lora", "kv_lora", "nope", "rope", "v", "interleave")),
+        *((name, ctypes.c_float) for name in ("latent_eps", "scale")),
+        *((name, ctypes.c_void_p) for name in ("q_a_norm", "kv_a_norm", "w_uk", "w_uv")),
+        ("head_stride", ctypes.c_int64),
+        *((name, LgMat) for name in ("q_a", "q_b", "kv_a")),
+    ]
+
+
+class LgDsa(ctypes.Structure):
+    """A full layer's DSA indexer (layer_ops.h `lg_dsa`): shapes, the key LayerNorm's weight and bias
+    (model dtype), wq_b and wk (dense or quantized), weights_proj (fp32 dense)."""
+
+    _fields_ = [
+        *((name, ctypes.c_int32) for name in ("heads", "head_dim", "rope", "topk")),
+        *((name, ctypes.c_void_p) for name in ("k_norm", "k_norm_bias")),
+        *((name, LgMat) for name in ("wq_b", "wk", "weights_proj")),
+    ]
+
+
 class LgLayer(ctypes.Structure):
-    """One decoder layer as `lg_decode_layer` reads it (layer_ops.h `lg_layer`)."""
+    """One decoder layer as `lg_decode_layer` reads it (layer_ops.h `lg_layer`); `attn_kind` picks
+    the attention, GQA from the q/k/v fields, MLA from `mla`, DSA from `mla` and `dsa` (NULL on a
+    shared layer)."""
 
     _fields_ = [
         *((name, ctypes.c_int32) for name in ("hidden", "heads", "kv_heads", "hd", "rot", "dtype")),
@@ -68,10 +102,13 @@ class LgLayer(ctypes.Structure):
         ("scaling", ctypes.c_float),
         *((name, ctypes.c_void_p) for name in ("input_norm", "post_norm", "q_norm", "k_norm", "router_w", "router_bias")),
         *((name, LgMat) for name in ("qkv", "o", "gate_up", "down")),
+        ("attn_kind", ctypes.c_int32),
+        ("mla", ctypes.POINTER(LgMla)),
+        ("dsa", ctypes.POINTER(LgDsa)),
     ]
 
 
-_STRUCTS = (("lg_layer", LgLayer), ("lg_experts", LgExperts))  # in lg_layers_sizeof's order
+_STRUCTS = (("lg_layer", LgLayer), ("lg_experts", LgExperts), ("lg_mla", LgMla), ("lg_dsa", LgDsa))  # in lg_layers_sizeof's order
 
 
 def build_layers(cc: str, quant: Path, flags: tuple[str, ...] = CFLAGS) -> Path:
@@ -99,10 +136,17 @@ class LayerLib:
         self._lib.lg_rope.restype = None
         self._lib.lg_decode_attention.argtypes = [p, p, p, i, i, i, i, i, lg, lg, ctypes.c_float, p, i]
         self._lib.lg_decode_attention.restype = i
+        self._lib.lg_mla_decode_attention.argtypes = [p, lg, p, lg, i, i, i, i, i, i, p, p, lg, ctypes.c_float, p, lg, i, p, p, i]
+        self._lib.lg_mla_decode_attention.restype = i
+        dsa = ctypes.POINTER(LgDsa)
+        self._lib.lg_dsa_index_key.argtypes = [dsa, p, i, p, p, p, i]
+        self._lib.lg_dsa_index_key.restype = i
+        self._lib.lg_dsa_topk.argtypes = [dsa, p, p, i, p, p, p, i, p, i]
+        self._lib.lg_dsa_topk.restype = i
         ex = ctypes.POINTER(LgExperts)
-        self._lib.lg_decode_layer.argtypes = [ctypes.POINTER(LgLayer), p, p, p, p, p, p, p, lg, lg, i, p, p, p, p, ex, p, i]
+        self._lib.lg_decode_layer.argtypes = [ctypes.POINTER(LgLayer), p, p, p, p, p, p, p, lg, lg, i, p, p, p, p, p, p, ex, p, i]
         self._lib.lg_decode_layer.restype = i
-        self._lib.lg_decode_layers.argtypes = [ctypes.POINTER(LgLayer), i, p, p, p, p, p, lg, lg, lg, i, ex, i]
+        self._lib.lg_decode_layers.argtypes = [ctypes.POINTER(LgLayer), i, p, p, p, p, p, lg, lg, lg, i, p, lg, p, ex, i]
         self._lib.lg_decode_layers.restype = i
         self._lib.lg_residual_add.argtypes = [p, p, p, i, i]
         self._lib.lg_residual_add.restype = None
@@ -146,23 +190,88 @@ class LayerLib:
             raise MemoryError("native attention kernel: out of memory")
         return out
 
+    def mla_decode_attention(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor, w_uk: torch.Tensor,
+                             w_uv: torch.Tensor, scale: float, positions: torch.Tensor | None = None) -> torch.Tensor | None:
+        """MLA's absorbed attention of one query token (mla_attention.c `lg_mla_decode_attention`: the
+        fused layer's own core, so layers/mla.py's decode gives its bits). q_nope [1, heads, 1, nope],
+        q_rope [1, heads, 1, rope] (roped); the cached rows as latent [1, T, kv_lora] and k_rope
+        [1, T, rope], views of one row latent | rope key a position; W_UK [heads, nope, kv_lora] and
+        W_UV [heads, v, kv_lora] with one head stride (MLAWeights.absorbed). `positions` (integers,
+        read in their order) restricts the rows to those. -> [1, heads, 1, v], before o_proj; None for
+        inputs the kernel does not take (batch > 1, mixed or other dtypes, other layouts)."""
+        code = DTYPES.get(q_nope.dtype)
+        lat = latent.shape[-1]
+        if (code is None or q_nope.shape[0] != 1 or q_nope.shape[2] != 1 or any(t.dtype != q_nope.dtype for t in (q_rope, latent, k_rope, w_uk, w_uv))
+                or any(t.device.type != "cpu" for t in (q_nope, q_rope, latent, w_uk)) or q_nope.stride(-1) != 1 or q_rope.stride(-1) != 1
+                or latent.stride(-1) != 1 or k_rope.stride() != latent.stride() or k_rope.data_ptr() != latent.data_ptr() + lat * latent.element_size()
+                or w_uk.stride() != w_uv.stride() or w_uk.stride()[1:] != (lat, 1)):
+            return None
+        heads, nope, rope, v = q_nope.shape[1], q_nope.shape[-1], q_rope.shape[-1], w_uv.shape[1]
+        if positions is not None:
+            positions = positions.reshape(-1).to(torch.int32).contiguous()
+        out = torch.empty(1, heads, 1, v, dtype=q_nope.dtype)
+        rc = self._lib.lg_mla_decode_attention(q_nope.data_ptr(), q_nope.stride(1), q_rope.data_ptr(), q_rope.stride(1), code, heads, lat, nope,
+                                               rope, v, w_uk.data_ptr(), w_uv.data_ptr(), w_uk.stride(0), scale, latent.data_ptr(), latent.stride(1),
+                                               latent.shape[1] if positions is None else positions.numel(),
+                                               None if positions is None else positions.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        if rc:
+            raise MemoryError("native MLA attention: out of memory")
+        return out
+
+    @staticmethod
+    def _takes_token(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+        """Whether x is one token [1, 1, n] and cos / sin its rotary rows [1, rot], all contiguous CPU tensors of one kernel dtype."""
+        return (x.dtype in DTYPES and x.shape[:2] == (1, 1) and x.device.type == "cpu" and x.is_contiguous() and cos.dim() == 2 and cos.shape[0] == 1
+                and all(t.dtype == x.dtype and t.is_contiguous() for t in (cos, sin)))
+
+    def dsa_index_key(self, desc: LgDsa, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+        """The DSA indexer's key [1, 1, head_dim] of one token x [1, 1, hidden] (the input-normed hidden
+        state; dsa_indexer.c `lg_dsa_index_key`, the fused layer's own); None for inputs the kernel does not take."""
+        if not self._takes_token(x, cos, sin):
+            return None
+        out = torch.empty(1, 1, desc.head_dim, dtype=x.dtype)
+        if self._lib.lg_dsa_index_key(ctypes.byref(desc), x.data_ptr(), DTYPES[x.dtype], cos.data_ptr(), sin.data_ptr(), out.data_ptr(),
+                                      torch.get_num_threads()):
+            raise MemoryError("native DSA indexer: out of memory")
+        return out
+
+    def dsa_topk(self, desc: LgDsa, x: torch.Tensor, q_resid: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> torch.Tensor | None:
+        """The DSA indexer's top-k for one token (dsa_indexer.c `lg_dsa_topk`, the fused layer's own):
+        x [1, 1, hidden], its query latent q_resid [1, 1, q_lora], the cached indexer keys [1, T, D]
+        -> key positions [1, 1, k] (int32, ascending), chosen as torch.topk chooses; None for inputs
+        the kernel does not take."""
+        if (not self._takes_token(x, cos, sin) or q_resid.dtype != x.dtype or not q_resid.is_contiguous() or keys.dtype != x.dtype
+                or keys.shape[0] != 1 or keys.stride()[1:] != (desc.head_dim, 1) or keys.device.type != "cpu"):
+            return None
+        sel = torch.empty(1 + min(desc.topk, keys.shape[1]), dtype=torch.int32)
+        if self._lib.lg_dsa_topk(ctypes.byref(desc), x.data_ptr(), q_resid.data_ptr(), DTYPES[x.dtype], cos.data_ptr(), sin.data_ptr(),
+                                 keys.data_ptr(), keys.shape[1], sel.data_ptr(), torch.get_num_threads()):
+            raise MemoryError("native DSA indexer: out of memory")
+        return sel[1 : 1 + int(sel[0])].view(1, 1, -1)
+
     def residual_add(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None) -> None:
         """x += a + b in place, rounded as `x + (a + b)` in x's dtype (all contiguous, one dtype)."""
         self._lib.lg_residual_add(x.data_ptr(), a.data_ptr(), None if b is None else b.data_ptr(), DTYPES[x.dtype], x.numel())
 
     def decode_layer(self, layer: LgLayer, x: torch.Tensor, add: tuple[torch.Tensor, torch.Tensor | None] | None,
-                     cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int,
+                     cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None, pos: int,
                      h_out: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor, mlp_out: torch.Tensor | None, threads: int,
-                     experts: LgExperts | None = None, routed_out: torch.Tensor | None = None) -> None:
+                     experts: LgExperts | None = None, routed_out: torch.Tensor | None = None,
+                     index_keys: torch.Tensor | None = None, selection: torch.Tensor | None = None) -> None:
         """One token through one layer (decode_layer.c `lg_decode_layer`): x updated in place; the
-        caller has checked every shape and dtype (models/glm4_moe/fused_decode.py). With `experts`
-        (the layer's expert tables) the routed experts run in the same call, into `routed_out`, and
-        x comes back with the whole layer added."""
+        caller has checked every shape and dtype (models/fused_decode.py). k_cache / v_cache: the
+        layer's cache as [kv_heads, T, row] (MLA: k_cache [1, T, latent + rope], v_cache None). With
+        `experts` (the layer's expert tables) the routed experts run in the same call, into
+        `routed_out`, and x comes back with the whole layer added. DSA: `selection` (int32 [1 + top-k],
+        kept by the caller across the layers of a token) carries a full layer's pick to the shared
+        layers after it; `index_keys` [T, index_head_dim] is a full layer's indexer-key cache."""
         a = b = None
         if add is not None:
             a, b = add[0].data_ptr(), None if add[1] is None else add[1].data_ptr()
-        rc = self._lib.lg_decode_layer(ctypes.byref(layer), x.data_ptr(), a, b, cos.data_ptr(), sin.data_ptr(),
-                                       k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), pos,
+        rc = self._lib.lg_decode_layer(ctypes.byref(layer), x.data_ptr(), a, b, cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
+                                       None if v_cache is None else v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), pos,
+                                       None if index_keys is None else index_keys.data_ptr(), None if selection is None else selection.data_ptr(),
                                        h_out.data_ptr(), ids.data_ptr(), wts.data_ptr(),
                                        None if mlp_out is None else mlp_out.data_ptr(),
                                        None if experts is None else ctypes.byref(experts),
@@ -171,12 +280,18 @@ class LayerLib:
             raise MemoryError("native decode layer: out of memory")
 
     def decode_layers(self, layers: ctypes.Array, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                      v_cache: torch.Tensor, pos: int, experts: ctypes.Array, threads: int) -> None:
+                      v_cache: torch.Tensor | None, pos: int, experts: ctypes.Array, threads: int,
+                      index_keys: torch.Tensor | None = None, selection: torch.Tensor | None = None) -> None:
         """Every layer of one token in one call (decode_layer.c `lg_decode_layers`), for models whose
-        routed experts all sit in RAM. k_cache / v_cache [layers, kv_heads, T, hd] (one sequence);
-        experts: an LgExperts per layer (empty for dense layers)."""
+        routed experts all sit in RAM. k_cache / v_cache [layers, kv_heads, T, row] (one sequence;
+        v_cache None for MLA); experts: an LgExperts per layer (empty for dense layers). DSA:
+        index_keys [full layers, T, index_head_dim] (DsaCache's slots, the full layers in order) and
+        the `selection` buffer as in decode_layer."""
         rc = self._lib.lg_decode_layers(layers, len(layers), x.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
-                                        v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), pos, experts, threads)
+                                        None if v_cache is None else v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1),
+                                        k_cache.stride(2), pos, None if index_keys is None else index_keys.data_ptr(),
+                                        0 if index_keys is None else index_keys.stride(0), None if selection is None else selection.data_ptr(),
+                                        experts, threads)
         if rc:
             raise MemoryError("native decode layers: out of memory")
 

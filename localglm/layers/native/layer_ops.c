@@ -1,22 +1,25 @@
-/* Per-token layer ops of CPU decoding: RMSNorm, RoPE, decode attention (grouped-query), the GLM
- * router and the residual add of a MoE layer's outputs.
+/* Per-token layer ops of CPU decoding: RMSNorm, RoPE (NeoX or interleaved), decode attention
+ * (grouped-query, or MLA's over latent rows), the GLM router and the residual add of a MoE layer's outputs.
  *
  * Each runs alone (one ctypes call instead of a handful of torch ops: localglm/layers/norm.py,
  * rope.py, attention.py) and inside the fused decoder layer (localglm/models/native/decode_layer.c).
  * The row helpers work on float rows that hold values already rounded to the model dtype, so both
  * give the same numbers; their math and rounding points are localglm/layers/'s torch ops'.
  *
- * Model-side code: built with decode_layer.c into the library localglm/layers/native.py loads,
- * linked against quant's kernels (quant/native/lg_kernels.h for the shared structs and helpers).
+ * Model-side code: built with decode_layer.c and mla_attention.c into the library
+ * localglm/layers/native.py loads, linked against quant's kernels (quant/native/lg_kernels.h for
+ * the shared structs and helpers).
  */
 #include "layer_ops.h"
 
 /* sizeof of the structs ctypes mirrors (localglm/layers/native.py compares them at load):
- * 0 lg_layer, 1 lg_experts; 0 past the end. */
+ * 0 lg_layer, 1 lg_experts, 2 lg_mla, 3 lg_dsa; 0 past the end. */
 size_t lg_layers_sizeof(int which) {
     switch (which) {
     case 0: return sizeof(lg_layer);
     case 1: return sizeof(lg_experts);
+    case 2: return sizeof(lg_mla);
+    case 3: return sizeof(lg_dsa);
     default: return 0;
     }
 }
@@ -46,17 +49,25 @@ void lg_rms_norm(const void *x, int dtype, int rows, int n, const void *weight, 
     free(buf);
 }
 
-/* Rotary embedding of one row in place (one position): the first `rot` dims rotate, halves paired
- * (x * cos + rotate_half(x) * sin), the rest pass through; each product and the sum rounded to
- * `dtype` as torch's elementwise ops do. `tmp` holds rot floats. */
-void lg_rope_row(float *x, int rot, const void *cos, const void *sin, int dtype, float *tmp) {
+/* Rotary embedding of one row (one position) from x into out: the first `rot` dims rotate, each
+ * product and the sum rounded to `dtype` as torch's elementwise ops do. Pair i is (x[i], x[i+half])
+ * (NeoX: x * cos + rotate_half(x) * sin) or, interleaved, (x[2i], x[2i+1]) with the result
+ * de-interleaved (layers/rope.py apply_rope_interleaved: its cos/sin column i for pair i). Either
+ * way out[i] = a*cos - b*sin and out[i+half] = b*cos + a*sin (rotate_half's negation is exact). */
+void lg_rope_into(const float *x, float *out, int rot, const void *cos, const void *sin, int dtype, int interleaved) {
     const int half = rot / 2;
-    memcpy(tmp, x, (size_t)rot * sizeof(float));
-    for (int i = 0; i < rot; i++) {
-        const float rh = i < half ? -tmp[i + half] : tmp[i - half];
-        const float a = rnd(tmp[i] * load_val(cos, dtype, i), dtype), b = rnd(rh * load_val(sin, dtype, i), dtype);
-        x[i] = rnd(a + b, dtype);
+    for (int i = 0; i < half; i++) {
+        const float a = interleaved ? x[2 * i] : x[i], b = interleaved ? x[2 * i + 1] : x[i + half];
+        const int j = interleaved ? i : i + half; /* the table column of the second output */
+        out[i] = rnd(rnd(a * load_val(cos, dtype, i), dtype) - rnd(b * load_val(sin, dtype, i), dtype), dtype);
+        out[i + half] = rnd(rnd(b * load_val(cos, dtype, j), dtype) + rnd(a * load_val(sin, dtype, j), dtype), dtype);
     }
+}
+
+/* Rotary embedding of one row in place (halves paired), the rest of the row passing through. `tmp` holds rot floats. */
+void lg_rope_row(float *x, int rot, const void *cos, const void *sin, int dtype, float *tmp) {
+    memcpy(tmp, x, (size_t)rot * sizeof(float));
+    lg_rope_into(tmp, x, rot, cos, sin, dtype, 0);
 }
 
 void lg_rope(const void *x, int dtype, int rows, int hd, int rot, const void *cos, const void *sin, void *out) {
@@ -70,8 +81,6 @@ void lg_rope(const void *x, int dtype, int rows, int hd, int rot, const void *co
     }
     free(buf);
 }
-
-#define AB 8 /* cache positions per attention block */
 
 #ifdef __AVX2__
 /* e^x for eight floats (Cephes' expf: range reduction by ln 2, degree-5 polynomial; within 2 ulp
@@ -115,53 +124,28 @@ static float exp_shift_sum(float *s, int n, float mx) {
     return sum;
 }
 
-#ifdef __AVX2__
-/* The sums of eight vectors' lanes, as one vector (lane j = sum of v[j]). */
-static inline __m256 hsum8x8(const __m256 *v) {
-    const __m256 a = _mm256_hadd_ps(v[0], v[1]), b = _mm256_hadd_ps(v[2], v[3]);
-    const __m256 c = _mm256_hadd_ps(v[4], v[5]), d = _mm256_hadd_ps(v[6], v[7]);
-    const __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d); /* [0 1 2 3 | 0 1 2 3], [4 5 6 7 | 4 5 6 7] */
-    const __m256 lo = _mm256_permute2f128_ps(ab, cd, 0x20), hi = _mm256_permute2f128_ps(ab, cd, 0x31);
-    return _mm256_add_ps(lo, hi);
-}
-#endif
-
-/* scores s[j] = q . rows[j] for AB rows of hd floats (rows contiguous). */
-static inline void dot_block(const float *q, const float *rows, int hd, float *s) {
-#ifdef __AVX2__
-    if (hd % 8 == 0) {
-        __m256 acc[AB];
-        for (int j = 0; j < AB; j++) acc[j] = _mm256_setzero_ps();
-        for (int i = 0; i < hd; i += 8) {
-            const __m256 qv = _mm256_loadu_ps(q + i);
-            for (int j = 0; j < AB; j++) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows + (size_t)j * hd + i), acc[j]);
-        }
-        _mm256_storeu_ps(s, hsum8x8(acc));
-        return;
-    }
-#endif
-    for (int j = 0; j < AB; j++) s[j] = dotf(q, rows + (size_t)j * hd, hd);
-}
-
 /* One query token against the KV cache: scores = q.k * scale (fp32), softmax (fp32), out = sum p v
- * (rounded to dtype) -- what localglm/layers/attention.py does with torch ops. q [heads, hd] floats;
- * k, v of `dtype`: kv head g, position t at g * stride_head + t * stride_pos; out [heads, hd]
- * floats. Cached rows are converted to float AB at a time and used by every query head of their
- * group (GQA): q.k for AB positions at once (one horizontal reduction per block, not per dot), and
+ * (rounded to dtype) -- what localglm/layers/attention.py does with torch ops. q [heads, hk] floats;
+ * k, v of `dtype`: kv head g, position t at g * stride_head + t * stride_pos, keys of hk values and
+ * values of hv (MLA reads its latent rows as both: keys latent|rope key, values the latent, hv < hk);
+ * out [heads, hv] floats. The positions read are 0..len-1, or idx[0..len) (DSA's top-k: sparse
+ * attention reads only those rows, in that order; a position masked out of torch's form adds an
+ * exact 0 to its sums, so the math is the same). Cached rows are converted to float AB at a time
+ * and used by every query head of their group (GQA): q.k for AB positions at once (dot_block), and
  * p v accumulated per head over the block's rows. Work is split by (kv head, slice of its query
  * heads) so every thread has some even with fewer kv heads than threads. Returns 0, or -1 when out
  * of memory. */
-int lg_attend(const float *q, const void *k, const void *v, int dtype, int heads, int kv_heads, int len, int hd,
-              long stride_head, long stride_pos, float scale, float *out, int nth) {
+int lg_attend(const float *q, const void *k, const void *v, int dtype, int heads, int kv_heads, int len, const int32_t *idx,
+              int hk, int hv, long stride_head, long stride_pos, float scale, float *out, int nth) {
     const int group = heads / kv_heads;
     int split = nth / kv_heads;
     split = split < 1 ? 1 : split > group ? group : split;
     const int chunk = (group + split - 1) / split, items = kv_heads * split;
     const int padded = (len + AB - 1) / AB * AB;
-    const size_t per_item = (size_t)chunk * (size_t)padded + (size_t)AB * (size_t)hd;
+    const size_t per_item = (size_t)chunk * (size_t)padded + (size_t)AB * (size_t)(hk > hv ? hk : hv);
     float *buf = malloc(sizeof(float) * per_item * (size_t)items);
     if (!buf) return -1;
-    const int par = nth > 1 && (long)heads * len * hd >= (1L << 15);
+    const int par = nth > 1 && (long)heads * len * hk >= (1L << 15);
 #pragma omp parallel for num_threads(nth) schedule(static) if (par)
     for (int it = 0; it < items; it++) {
         const int g = it / split, h0 = g * group + (it % split) * chunk;
@@ -171,12 +155,12 @@ int lg_attend(const float *q, const void *k, const void *v, int dtype, int heads
         for (int t0 = 0; t0 < len; t0 += AB) {
             const int nb = len - t0 < AB ? len - t0 : AB;
             for (int j = 0; j < AB; j++) {
-                if (j < nb) load_row(k, dtype, base + (size_t)(t0 + j) * (size_t)stride_pos, hd, rows + (size_t)j * hd);
-                else memset(rows + (size_t)j * hd, 0, (size_t)hd * sizeof(float));
+                if (j < nb) load_row(k, dtype, base + (size_t)(idx ? idx[t0 + j] : t0 + j) * (size_t)stride_pos, hk, rows + (size_t)j * hk);
+                else memset(rows + (size_t)j * hk, 0, (size_t)hk * sizeof(float));
             }
             for (int h = h0; h < h1; h++) {
                 float *s = sc + (size_t)(h - h0) * padded + t0;
-                dot_block(q + (size_t)h * hd, rows, hd, s);
+                dot_block(q + (size_t)h * hk, rows, hk, s);
                 for (int j = 0; j < nb; j++) s[j] *= scale;
             }
         }
@@ -185,32 +169,32 @@ int lg_attend(const float *q, const void *k, const void *v, int dtype, int heads
             for (int t = 0; t < len; t++) mx = s[t] > mx ? s[t] : mx;
             const float inv = 1.0f / exp_shift_sum(s, len, mx);
             for (int t = 0; t < len; t++) s[t] *= inv;
-            float *acc = out + (size_t)h * hd;
-            for (int i = 0; i < hd; i++) acc[i] = 0.0f;
+            float *acc = out + (size_t)h * hv;
+            for (int i = 0; i < hv; i++) acc[i] = 0.0f;
         }
         for (int t0 = 0; t0 < len; t0 += AB) {
             const int nb = len - t0 < AB ? len - t0 : AB;
-            for (int j = 0; j < nb; j++) load_row(v, dtype, base + (size_t)(t0 + j) * (size_t)stride_pos, hd, rows + (size_t)j * hd);
+            for (int j = 0; j < nb; j++) load_row(v, dtype, base + (size_t)(idx ? idx[t0 + j] : t0 + j) * (size_t)stride_pos, hv, rows + (size_t)j * hv);
             for (int h = h0; h < h1; h++) {
                 const float *p = sc + (size_t)(h - h0) * padded + t0;
-                float *acc = out + (size_t)h * hd;
+                float *acc = out + (size_t)h * hv;
                 int i = 0;
 #ifdef __AVX2__
-                for (; i + 8 <= hd; i += 8) {
+                for (; i + 8 <= hv; i += 8) {
                     __m256 a = _mm256_loadu_ps(acc + i);
-                    for (int j = 0; j < nb; j++) a = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(rows + (size_t)j * hd + i), a);
+                    for (int j = 0; j < nb; j++) a = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(rows + (size_t)j * hv + i), a);
                     _mm256_storeu_ps(acc + i, a);
                 }
 #endif
-                for (; i < hd; i++) {
+                for (; i < hv; i++) {
                     float a = acc[i];
-                    for (int j = 0; j < nb; j++) a += p[j] * rows[(size_t)j * hd + i];
+                    for (int j = 0; j < nb; j++) a += p[j] * rows[(size_t)j * hv + i];
                     acc[i] = a;
                 }
             }
         }
         for (int h = h0; h < h1; h++)
-            for (int i = 0; i < hd; i++) out[(size_t)h * hd + i] = rnd(out[(size_t)h * hd + i], dtype);
+            for (int i = 0; i < hv; i++) out[(size_t)h * hv + i] = rnd(out[(size_t)h * hv + i], dtype);
     }
     free(buf);
     return 0;
@@ -223,7 +207,7 @@ int lg_decode_attention(const void *q, const void *k, const void *v, int dtype, 
     float *buf = malloc(2 * n * sizeof(float));
     if (!buf) return -1;
     load_row(q, dtype, 0, (int)n, buf);
-    const int rc = lg_attend(buf, k, v, dtype, heads, kv_heads, len, hd, stride_head, stride_pos, scale, buf + n, nth);
+    const int rc = lg_attend(buf, k, v, dtype, heads, kv_heads, len, NULL, hd, hd, stride_head, stride_pos, scale, buf + n, nth);
     if (rc == 0)
         for (size_t i = 0; i < n; i++) store(out, dtype, i, buf[n + i]);
     free(buf);

@@ -80,11 +80,15 @@ class Glm4MoeLiteModel(MoeDecoder):
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rotary.cos_sin(positions, dtype)
 
-    def attention(self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: TokenCache | None, start: int) -> torch.Tensor:
+    def attention(
+        self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: TokenCache | None, start: int, step: dict[str, Any]
+    ) -> torch.Tensor:
         return mla_attention(h, self.w.layers[layer].attn, self.mla_shape, cos, sin, cache, layer, start)  # type: ignore[arg-type]
 
     def build_fused_decoder(self) -> Any:
-        return None  # the native MLA decode layer comes with localglm/models/native (torch ops until then)
+        from .fused_decode import FusedDecoder
+
+        return FusedDecoder.build(self)
 
 
 class Glm4MoeLiteBuilder(MoeBuilder):

@@ -1,0 +1,232 @@
+"""Decode on the CPU with one native call per layer (localglm/models/native/decode_layer.c `lg_decode_layer`).
+
+Why: through torch a decoded token is ~60 small ops per layer at ~6 us each, which on the CPU cost
+more than the arithmetic of a small or quantized model. The fused call runs the input norm, the
+attention (projections, RoPE, the cache write, attention over the cache, o_proj), the residual, the
+post-attention norm and then the dense MLP, or the MoE router and shared experts, with the rounding
+points of the torch layers. Routed experts in RAM (QuantizedExperts, InMemoryExperts) run inside
+the same call, and then the whole token is one call (`lg_decode_layers`); any other backend
+(offloaded, or wrapped, e.g. by the tracer) gets its `hint` / `attended` / `forward` calls per layer
+as in the torch path, so it keeps its own placement, statistics and prefetch, and its output is
+added at the start of the next layer's call.
+
+This driver is every GLM MoE architecture's, as the C decoder skeleton is: an architecture
+subclasses FusedDecoder with what its attention is (glm4_moe/fused_decode.py: grouped-query
+attention over a KVCache; glm4_moe_lite/fused_decode.py: multi-head latent attention over a
+LatentCache; glm_moe_dsa/fused_decode.py: MLA over the top-k of its sparse-attention indexer, over a
+DsaCache), i.e. the attention fields of each layer's LgLayer and the cache the native layer reads.
+DSA's layers pass their pick on through a selection buffer this driver keeps for the token, in
+the whole-token call and between the per-layer calls alike.
+
+`FusedDecoder.build` returns None where the kernels do not take the model (no C compiler, a GPU,
+dtypes other than fp32/bf16, weights in a layout the kernel does not read); the model then decodes
+through the torch ops, as prefill always does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from quant.native import LgMat
+
+from ..layers.experts import InMemoryExperts, QuantizedExperts
+from ..layers.kv_cache import TokenCache
+from ..layers.native import LayerLib, LgExperts, LgLayer, native
+from ..layers.norm import rms_norm
+
+if TYPE_CHECKING:
+    from .moe_decoder import LayerWeights, MoeDecoder
+
+
+class Pinned:
+    """The C views of one layer's tensors, and everything they point into, kept alive together."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.keep: list[object] = []
+
+    def mat(self, w: object, bias: torch.Tensor | None = None) -> LgMat | None:
+        """A weight (dense or quantized) and its bias as an LgMat, or None where the kernels do not take it."""
+        b = None if bias is None else bias.detach().float().contiguous()
+        self.keep.extend((w, b))
+        return LayerLib.describe_matrix(w, self.dtype, b)  # type: ignore[arg-type]
+
+    def vec(self, t: torch.Tensor | None, want: torch.dtype | None = None) -> int | None:
+        """A vector's address as `want` (the model dtype by default); None for an absent one."""
+        if t is None:
+            return None
+        t = t.detach().to(want or self.dtype).contiguous()
+        self.keep.append(t)
+        return t.data_ptr()
+
+    def takes_norms(self, *weights: torch.Tensor | None) -> bool:
+        """Whether these norm weights (None: absent) are CPU tensors of the model dtype, as the kernel rounds them."""
+        return all(t is None or (isinstance(t, torch.Tensor) and t.dtype == self.dtype and t.device.type == "cpu") for t in weights)
+
+
+@dataclass
+class _FusedLayer:
+    """A layer's C description and everything its pointers point into (kept alive here)."""
+
+    desc: LgLayer
+    keep: list[object]
+    moe: bool
+    has_mlp: bool
+
+
+class FusedDecoder:
+    """One-token forward through the fused native layers: `hidden_states` as MoeDecoder's. An
+    architecture's subclass says what its attention is (`cache_type`, `_attention`, `_cache`)."""
+
+    cache_type: ClassVar[type[TokenCache]]  # the cache the native attention reads
+
+    def __init__(self, model: MoeDecoder, lib: LayerLib, layers: list[_FusedLayer]) -> None:
+        self.model = model
+        self.lib = lib
+        self.layers = layers
+        self._descs = (LgLayer * len(layers))(*(layer.desc for layer in layers))  # for the one-call-per-token path
+        self._tables: tuple | None = None  # (backend, its experts per layer, the whole-token array) last seen
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos / sin of every cache position
+        self._index_slot: list[int | None] = []  # a DSA full layer's slot in the indexer-key cache: the full layers in order
+        for layer in layers:
+            self._index_slot.append(sum(slot is not None for slot in self._index_slot) if layer.desc.dsa else None)
+
+    # ---- the architecture's part ----------------------------------------------------------------
+    @classmethod
+    def _attention(cls, model: Any, attn: Any, pin: Pinned) -> dict[str, Any] | None:
+        """The attention fields of a layer's LgLayer (attn_kind, heads, rot, o, and the kind's own),
+        their tensors pinned in `pin`; None where the kernel does not take these weights."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _cache(cache: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The cache as the native attention reads it: k and v [layers, batch, kv_heads, T, row]
+        (views), v None where one tensor holds both."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _index_keys(cache: Any) -> torch.Tensor | None:
+        """DSA's indexer-key cache as the native layer reads it, [full layers, T, index_head_dim] of
+        the one sequence (a view); None for attention without an indexer."""
+        return None
+
+    def _selection(self, cache: Any) -> torch.Tensor | None:
+        """DSA: the buffer (int32, layer_ops.h `lg_selection`) through which a full layer's pick
+        reaches the shared layers after it, with room for a pick from this cache; None for
+        attention without one."""
+        return None
+
+    # ---- shared ---------------------------------------------------------------------------------
+    def _cos_sin(self, pos: int, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This position's rotary table rows [1, rot]: the model's own table (`MoeDecoder.rope`),
+        computed once for the whole cache instead of ~6 ops per token."""
+        if self._rope is None or self._rope[0].shape[0] < max_tokens:
+            self._rope = self.model.rope(torch.arange(max_tokens), self.model.dtype)
+        return self._rope[0][pos : pos + 1], self._rope[1][pos : pos + 1]
+
+    def _experts_in_ram(self) -> tuple[list[LgExperts | None], ctypes.Array | None]:
+        """Per layer, the routed experts the native call runs itself (QuantizedExperts or
+        InMemoryExperts, not a wrapper: a wrapper must see each call; None where the backend runs
+        them), and, when that is every MoE layer, `decode_layers`' array of them. Looked up once
+        per backend object."""
+        experts = self.model.experts
+        if self._tables is None or self._tables[0] is not experts:
+            inside = type(experts) in (QuantizedExperts, InMemoryExperts)
+            per_layer = [experts.fused_experts(i) if inside and layer.moe else None for i, layer in enumerate(self.layers)]
+            every = all(t is not None for t, layer in zip(per_layer, self.layers) if layer.moe)
+            whole = (LgExperts * len(per_layer))(*(t if t is not None else LgExperts() for t in per_layer)) if every else None
+            self._tables = (experts, per_layer, whole)
+        return self._tables[1], self._tables[2]
+
+    @classmethod
+    def build(cls, model: MoeDecoder) -> FusedDecoder | None:
+        """The fused decoder for this model, or None where the native kernels do not take it."""
+        if model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        lib = native()
+        if lib is None:
+            return None
+        layers = []
+        for lw in model.w.layers:
+            layer = cls._describe(model, lw)
+            if layer is None:
+                return None
+            layers.append(layer)
+        return cls(model, lib, layers)
+
+    @classmethod
+    def _describe(cls, model: MoeDecoder, lw: LayerWeights) -> _FusedLayer | None:
+        cfg, dtype = model.cfg, model.dtype
+        pin = Pinned(dtype)
+        attn = cls._attention(model, lw.attn, pin)
+        mlp = lw.dense_mlp if lw.dense_mlp is not None else lw.shared
+        mats = [pin.mat(mlp.gate_up), pin.mat(mlp.down)] if mlp is not None else [LgMat(), LgMat()]
+        if attn is None or any(m is None for m in mats) or not pin.takes_norms(lw.input_norm, lw.post_attention_norm):
+            return None
+        moe = lw.router is not None
+        desc = LgLayer(
+            hidden=cfg.hidden_size, dtype=0 if dtype == torch.float32 else 1, eps=cfg.rms_norm_eps,
+            moe=int(moe), has_mlp=int(mlp is not None),
+            n_experts=cfg.n_routed_experts if moe else 0, top_k=cfg.num_experts_per_tok,
+            n_group=cfg.n_group, topk_group=cfg.topk_group, norm_topk=int(cfg.norm_topk_prob),
+            scaling=cfg.routed_scaling_factor,
+            input_norm=pin.vec(lw.input_norm), post_norm=pin.vec(lw.post_attention_norm),
+            router_w=pin.vec(lw.router.weight, torch.float32) if moe else None,
+            router_bias=pin.vec(lw.router.correction_bias, torch.float32) if moe else None,
+            gate_up=mats[0], down=mats[1], **attn,
+        )  # fmt: skip
+        return _FusedLayer(desc, pin.keep, moe, mlp is not None)
+
+    def takes(self, input_ids: torch.Tensor, cache: TokenCache | None) -> bool:
+        """Whether this call is one the fused path runs: one token of one sequence, a CPU cache of
+        the attention's type and the model dtype."""
+        if not isinstance(cache, self.cache_type) or input_ids.shape != (1, 1):
+            return False
+        k, _ = self._cache(cache)
+        return k.shape[1] == 1 and k.dtype == self.model.dtype and k.device.type == "cpu"
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: TokenCache, start: int) -> torch.Tensor:
+        """Final-normed hidden state [1, 1, H] of one token at position `start`, its keys written to the cache."""
+        m, cfg = self.model, self.model.cfg
+        cache.check_room(start + 1)
+        x = F.embedding(input_ids, m.w.embed).reshape(cfg.hidden_size).to(m.dtype).contiguous()
+        cos, sin = self._cos_sin(start, cache.max_tokens)
+        k_all, v_all = self._cache(cache)
+        kc, vc = k_all[:, 0], None if v_all is None else v_all[:, 0]
+        threads, k, hidden = torch.get_num_threads(), cfg.num_experts_per_tok, cfg.hidden_size
+        index_keys, sel = self._index_keys(cache), self._selection(cache)
+        per_layer, whole = self._experts_in_ram()
+        if whole is not None:  # the whole token in one native call
+            self.lib.decode_layers(self._descs, x, cos, sin, kc, vc, start, whole, threads, index_keys, sel)
+            return rms_norm(x.view(1, 1, hidden), m.w.final_norm, cfg.rms_norm_eps)
+        # Experts in RAM run inside the layer call; any other backend (a wrapper such as
+        # the tracer included) gets its hint and forward calls as in the torch path.
+        add: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        for i, layer in enumerate(self.layers):
+            h = torch.empty(1, 1, hidden, dtype=m.dtype)
+            ids = torch.empty(1, k, dtype=torch.int64)
+            wts = torch.empty(1, k, dtype=torch.float32)
+            shared = torch.empty(hidden, dtype=m.dtype) if layer.moe and layer.has_mlp else None
+            tables = per_layer[i]
+            routed = torch.empty(hidden, dtype=m.dtype) if tables is not None else None
+            if layer.moe and tables is None:  # the backend gets the layer's input before it runs
+                if add is not None:
+                    self.lib.residual_add(x, *add)
+                    add = None
+                m.experts.hint(i, x.view(1, 1, hidden))
+            slot = self._index_slot[i]
+            self.lib.decode_layer(layer.desc, x, add, cos, sin, kc[i], None if vc is None else vc[i], start, h, ids, wts, shared,
+                                  threads, tables, routed, None if slot is None else index_keys[slot], sel)
+            add = None
+            if layer.moe and tables is None:
+                m.experts.attended(i, x.view(1, 1, hidden))  # x: the layer's input plus its attention
+                routed = m.experts.forward(i, h.view(1, hidden), ids, wts)
+                add = (routed.reshape(hidden).to(m.dtype).contiguous(), shared)
+        if add is not None:
+            self.lib.residual_add(x, *add)
+        return rms_norm(x.view(1, 1, hidden), m.w.final_norm, cfg.rms_norm_eps)

@@ -1,0 +1,183 @@
+/* Multi-head latent attention of one decoded token: glm4_moe_lite's (GLM-4.7-Flash) over every cached
+ * row, glm_moe_dsa's (GLM-5) over its indexer's top-k rows (dsa_indexer.c). For the fused decoder
+ * layer (decode_layer.c picks it by the layer's attn_kind) and, as lg_mla_decode_attention, for the
+ * absorbed form of localglm/layers/mla.py's torch decode path.
+ *
+ * The math is localglm/layers/mla.py's absorbed form, rounded where its `_absorbed_attention`
+ * docstring says a native kernel must round: kv_b is folded into the query (W_UK) and the output
+ * (W_UV), so a token reads each cached row (normed latent | roped shared key) once and never expands
+ * the context. The attention itself is lg_attend's with one kv head: keys are the whole row against
+ * [q_lat | q_rope], values its latent part -- exactly steps 2-4 of that docstring (fp32 scores times
+ * the scale, fp32 softmax, the latent sum rounded to the dtype).
+ *
+ * Why torch's decode path calls this file too: the fold, the attention and the unfold are fp32 sums,
+ * and torch's bmm adds them up in another order; both round to the dtype at the same points, but a
+ * sum that straddles a rounding boundary lands one bf16 ulp apart (on a model with hidden 256 and
+ * 250 tokens of context, 20 of 256 outputs of one layer did). One core (`absorbed`) for both paths
+ * makes the fused and the torch decode the same bits by construction, as lg_attend does for GQA.
+ *
+ * Work per token and layer: heads * (nope + v) * kv_lora multiply-adds for the fold and unfold
+ * (dense kv_b of the dtype, read once), and heads * (2 kv_lora + rope) per position attended.
+ */
+#include "layer_ops.h"
+
+#ifdef __AVX2__
+/* Eight values of a dtype row as floats. */
+static inline __m256 load8(const void *w, int dt, size_t i) {
+    if (dt == 1) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i))), 16));
+    return _mm256_loadu_ps((const float *)w + i);
+}
+#endif
+
+#define VM_ROWS 16 /* rows a pass of vec_mat streams (contiguous memory); 16 x 64 columns measured best here */
+
+/* out[c] = sum_n a[n] * W[n][c] (c < width), summed over n in order in fp32: a vector times a
+ * matrix of `rows` rows of `width` values of the dtype at w + off -- q_nope[h] . W_UK[h]. Passes of
+ * VM_ROWS rows read memory in order (a column-at-a-time walk over all rows was a third slower,
+ * bandwidth-bound on a model whose weights do not fit in cache); each column's sum continues from
+ * the last pass, so the order of the sum is the same. */
+static void vec_mat(const float *a, const void *w, int dt, size_t off, int rows, int width, float *out) {
+    for (int c = 0; c < width; c++) out[c] = 0.0f;
+    for (int n0 = 0; n0 < rows; n0 += VM_ROWS) {
+        const int n1 = n0 + VM_ROWS < rows ? n0 + VM_ROWS : rows;
+        int c = 0;
+#ifdef __AVX2__
+        for (; c + 64 <= width; c += 64) {
+            __m256 s[8];
+            for (int j = 0; j < 8; j++) s[j] = _mm256_loadu_ps(out + c + 8 * j);
+            for (int n = n0; n < n1; n++) {
+                const __m256 an = _mm256_set1_ps(a[n]);
+                const size_t at = off + (size_t)n * width + c;
+                for (int j = 0; j < 8; j++) s[j] = _mm256_fmadd_ps(an, load8(w, dt, at + 8 * (size_t)j), s[j]);
+            }
+            for (int j = 0; j < 8; j++) _mm256_storeu_ps(out + c + 8 * j, s[j]);
+        }
+        for (; c + 8 <= width; c += 8) {
+            __m256 s = _mm256_loadu_ps(out + c);
+            for (int n = n0; n < n1; n++) s = _mm256_fmadd_ps(_mm256_set1_ps(a[n]), load8(w, dt, off + (size_t)n * width + c), s);
+            _mm256_storeu_ps(out + c, s);
+        }
+#endif
+        for (; c < width; c++) {
+            float s = out[c];
+            for (int n = n0; n < n1; n++) s += a[n] * load_val(w, dt, off + (size_t)n * width + c);
+            out[c] = s;
+        }
+    }
+}
+
+/* Floats of scratch `absorbed` takes: the latent-space queries [heads, row] and their attention outputs [heads, kv_lora]. */
+static size_t absorbed_scratch(const lg_mla *M, int heads) {
+    return (size_t)heads * ((size_t)M->kv_lora + (size_t)M->rope) + (size_t)heads * (size_t)M->kv_lora;
+}
+
+/* Steps 1-5 of mla.py's `_absorbed_attention` for one token: q [heads, nope + rope] (floats of dtype
+ * values, the rope part roped) against `len` cached rows (latent | rope key at rows + t *
+ * stride_pos; t = 0..len-1, or idx[0..len)) -> out [heads, v] floats of dtype values: per head
+ * q_lat = q_nope . W_UK (rounded), attention of [q_lat | q_rope] (lg_attend), o_lat (rounded) .
+ * W_UV^T (rounded). Returns 0, or -1 when out of memory. */
+static int absorbed(const lg_mla *M, int heads, int dt, const float *q, const void *rows, long stride_pos, int len, const int32_t *idx,
+                    float *scratch, float *out, int nth) {
+    const int lat = M->kv_lora, rope = M->rope, qk = M->nope + rope, row = lat + rope;
+    float *ql = scratch, *olat = ql + (size_t)heads * row;
+    const size_t es = dt == 1 ? 2 : 4;
+    const int par = nth > 1 && (size_t)heads * (size_t)(M->nope + M->v) * (size_t)lat >= (1u << 16);
+#pragma omp parallel for num_threads(nth) schedule(static) if (par)
+    for (int h = 0; h < heads; h++) { /* the query in latent space: [q_nope . W_UK (rounded) | q_rope] */
+        float *qh = ql + (size_t)h * row;
+        vec_mat(q + (size_t)h * qk, M->w_uk, dt, (size_t)h * (size_t)M->head_stride, M->nope, lat, qh);
+        for (int i = 0; i < lat; i++) qh[i] = rnd(qh[i], dt);
+        memcpy(qh + lat, q + (size_t)h * qk + M->nope, (size_t)rope * sizeof(float));
+    }
+    const int rc = lg_attend(ql, rows, rows, dt, heads, 1, len, idx, row, lat, 0, stride_pos, M->scale, olat, nth);
+    if (rc) return rc;
+#pragma omp parallel for num_threads(nth) schedule(static) if (par)
+    for (int h = 0; h < heads; h++) { /* out[h] = W_UV[h] . o_lat[h]: a dense [v, kv_lora] matrix-vector product, rounded */
+        const lg_mat uv = {.kind = dt == 1 ? 1 : 2, .n = M->v, .k = lat, .w = (const char *)M->w_uv + (size_t)h * (size_t)M->head_stride * es};
+        lg_matvec(&uv, olat + (size_t)h * lat, dt, NULL, out + (size_t)h * M->v, 1);
+    }
+    return 0;
+}
+
+/* Floats of scratch: q_a's output, q [heads, nope + rope], this token's row, a roped key, the
+ * values [heads, v], and `absorbed`'s. */
+size_t lg_mla_scratch(const lg_layer *L) {
+    const lg_mla *M = L->mla;
+    const size_t heads = (size_t)L->heads, row = (size_t)M->kv_lora + (size_t)M->rope;
+    return (size_t)M->q_lora + heads * ((size_t)M->nope + (size_t)M->rope) + row + (size_t)M->rope + heads * (size_t)M->v +
+           absorbed_scratch(M, L->heads);
+}
+
+/* One token at `pos` through layer L's MLA: hn (the input-normed hidden state, floats of dtype
+ * values) -> q = q_b(norm(q_a(hn))) or q_proj(hn), split per head into nope | rope (roped); the row
+ * kv_a(hn) -> norm(latent) | roped key, written to rows at pos * stride_pos; `absorbed` over rows
+ * 0..pos -- or, on a DSA layer, over `sel`'s positions, which a full layer first picks (its indexer
+ * key written to index_keys at pos * head_dim); o_proj into o [hidden]. `xa` has room for one
+ * quantized row of hidden, q_lora and heads * v. Returns 0, or -1 when out of memory. */
+int lg_mla_attention(const lg_layer *L, const float *hn, const void *cos, const void *sin, void *rows, long stride_pos, int pos,
+                     void *index_keys, lg_selection *sel, qact *xa, float *scratch, float *o, int nth) {
+    const lg_mla *M = L->mla;
+    const int dt = L->dtype, heads = L->heads, lat = M->kv_lora, rope = M->rope, qk = M->nope + rope, row = lat + rope;
+    float *qa = scratch, *q = qa + M->q_lora, *kv = q + (size_t)heads * qk, *kr = kv + row, *ov = kr + rope;
+    float *core = ov + (size_t)heads * M->v;
+    if (M->q_lora) {
+        lg_matvec(&M->q_a, hn, dt, xa, qa, nth);
+        lg_norm_row(qa, M->q_lora, M->q_a_norm, dt, M->latent_eps, qa); /* in place: each value is read before it is written */
+        lg_matvec(&M->q_b, qa, dt, xa, q, nth);
+    } else {
+        lg_matvec(&M->q_b, hn, dt, xa, q, nth);
+    }
+    for (int h = 0; h < heads; h++) {
+        float *qr = q + (size_t)h * qk + M->nope;
+        lg_rope_into(qr, kr, rope, cos, sin, dt, M->interleave);
+        memcpy(qr, kr, (size_t)rope * sizeof(float));
+    }
+    lg_matvec(&M->kv_a, hn, dt, xa, kv, nth);
+    lg_norm_row(kv, lat, M->kv_a_norm, dt, M->latent_eps, kv);
+    lg_rope_into(kv + lat, kr, rope, cos, sin, dt, M->interleave);
+    memcpy(kv + lat, kr, (size_t)rope * sizeof(float));
+    const size_t at = (size_t)pos * (size_t)stride_pos;
+    for (int i = 0; i < row; i++) store(rows, dt, at + i, kv[i]);
+
+    int len = pos + 1, rc = 0;
+    const int32_t *idx = NULL;
+    if (L->attn_kind == LG_ATTN_DSA) {
+        const lg_dsa *D = L->dsa;
+        if (D) { /* a full layer: its indexer key into the cache; a pick only once the context outgrows the top-k */
+            lg_dsa_key(D, hn, dt, cos, sin, xa, (char *)index_keys + (size_t)pos * (size_t)D->head_dim * (dt == 1 ? 2 : 4), nth);
+            if (pos + 1 > D->topk) rc = lg_dsa_select(D, hn, qa, dt, cos, sin, index_keys, pos + 1, xa, sel, nth);
+            else sel->n = 0;
+            if (rc) return rc;
+        }
+        if (sel->n > 0) {
+            len = sel->n;
+            idx = sel->pos;
+        }
+    }
+    rc = absorbed(M, heads, dt, q, rows, stride_pos, len, idx, core, ov, nth);
+    if (rc == 0) lg_matvec(&L->o, ov, dt, xa, o, nth);
+    return rc;
+}
+
+/* mla.py's absorbed form of one token, for its torch decode path: the fused layer's own core.
+ * q_nope / q_rope (roped) of dtype, head h's at h * nope_stride / h * rope_stride; W_UK, W_UV and
+ * head_stride as lg_mla's; `len` cached rows (latent | rope key at rows + t * stride_pos; t =
+ * 0..len-1, or idx[0..len)) -> out [heads, v] of dtype, before o_proj. Returns 0, or -1 when out of memory. */
+int lg_mla_decode_attention(const void *q_nope, long nope_stride, const void *q_rope, long rope_stride, int dtype, int heads, int kv_lora,
+                            int nope, int rope, int v, const void *w_uk, const void *w_uv, long head_stride, float scale,
+                            const void *rows, long stride_pos, int len, const int32_t *idx, void *out, int nth) {
+    const lg_mla M = {.kv_lora = kv_lora, .nope = nope, .rope = rope, .v = v, .scale = scale, .w_uk = w_uk, .w_uv = w_uv, .head_stride = head_stride};
+    const size_t qk = (size_t)nope + (size_t)rope, nv = (size_t)heads * (size_t)v;
+    float *buf = malloc(((size_t)heads * qk + nv + absorbed_scratch(&M, heads)) * sizeof(float));
+    if (!buf) return -1;
+    float *q = buf, *ov = q + (size_t)heads * qk;
+    for (int h = 0; h < heads; h++) {
+        load_row(q_nope, dtype, (size_t)h * (size_t)nope_stride, nope, q + (size_t)h * qk);
+        load_row(q_rope, dtype, (size_t)h * (size_t)rope_stride, rope, q + (size_t)h * qk + nope);
+    }
+    const int rc = absorbed(&M, heads, dtype, q, rows, stride_pos, len, idx, ov + nv, ov, nth);
+    if (rc == 0)
+        for (size_t i = 0; i < nv; i++) store(out, dtype, i, ov[i]);
+    free(buf);
+    return rc;
+}
