@@ -23,6 +23,7 @@ from .config import ModelConfig, load_json
 from .engine import Model
 from .errors import LocalGLMError
 from .layers.experts import ExpertBackend
+from .layers.kv_cache import HostRows
 from .model_info import DEFAULT_CTX, check_ctx, default_ctx, human_bytes
 from .models import arch_of
 from .models.arch import Arch, WeightReader
@@ -135,7 +136,8 @@ def load(
     dt = parse_dtype(dtype, config)
     ctx = ctx or default_ctx(config)
     check_ctx(config, ctx, str(root))
-    _check_kv_budget(config, ctx, dev, dt)
+    if not offload.offloaded:  # offloading plans the KV cache with everything else (and may keep it in RAM)
+        _check_kv_budget(config, ctx, dev, dt)
 
     quantized_dir = ckpt is None and is_quantized_dir(root)
     if mmap and not (quantized_dir and recipe is None):
@@ -206,12 +208,22 @@ def load(
         if experts is None:
             experts = load_in_memory_experts(config, get_experts, layer_done)
     experts = _expert_backend(config, arch, weights, experts, dev, dt, root, ctx, offload, dense_bits)
-    net = arch.model.build(config, weights, experts, dev)
+    net = arch.model.build(config, weights, experts, dev, _kv_host(experts))
     if ckpt:
         tokenizer = ckpt.tokenizer()
     else:
         tokenizer = Tokenizer.from_dir(root) if (root / "tokenizer.json").is_file() else None
     return Model(root, config, net, tokenizer, ctx=ctx, sampling=_sampling_defaults(root))
+
+
+def _kv_host(experts: ExpertBackend) -> HostRows | None:
+    """Where the plan put the KV cache: its latent rows in host RAM, brought over through the offload
+    device (pinned on CUDA), when the plan chose so (GLM-5's DSA at long context); else None."""
+    plan = getattr(experts, "plan", None)
+    if plan is None or not plan.kv_in_ram:
+        return None
+    device = experts.device  # type: ignore[attr-defined]
+    return HostRows(fetch=device.fetch, pin=device.kind == "cuda")
 
 
 def _check_kv_budget(cfg: ModelConfig, ctx: int, dev: torch.device, dt: torch.dtype) -> None:

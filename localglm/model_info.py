@@ -16,7 +16,7 @@ from pathlib import Path
 from .config import ModelConfig
 from .errors import LocalGLMError
 from .models import arch_of
-from .models.param_counts import ParamCounts
+from .models.param_counts import HostableKV, ParamCounts
 
 # Bits per weight of whole formats, scales included: bf16; fp8 with one fp32 scale per 128x128 block;
 # llama.cpp's Q8_0 (8.5) and Q4_K/Q2_K-class formats; localglm's q8/q4/q2 are within 0.1 bit of these.
@@ -57,6 +57,11 @@ def memory_bytes(counts: ParamCounts, expert_bits: float, other_bits: float = 16
 def kv_cache_bytes(cfg: ModelConfig, tokens: int, bytes_per_value: int = 2) -> int:
     """The KV cache (in the architecture's own layout) for `tokens` tokens."""
     return arch_of(cfg).sizes.kv_bytes_per_token(cfg, bytes_per_value) * tokens
+
+
+def hostable_kv(cfg: ModelConfig, bytes_per_value: int = 2) -> HostableKV | None:
+    """The part of the KV cache that may live in host RAM (its architecture's; None for most)."""
+    return arch_of(cfg).sizes.hostable_kv(cfg, bytes_per_value)
 
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)(b?)\s*$", re.I)

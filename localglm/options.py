@@ -67,6 +67,7 @@ class OffloadOptions:
     miss: str = "cost"  # where a missed expert runs: cost model, always copy, always the CPU
     bandwidths: Any = None  # offload.cost_model.Bandwidths (None: assumed)
     trace: Path | None = None  # record every MoE call's routing here (.jsonl)
+    kv: str = "auto"  # the KV cache's place with a device: "gpu", "ram" (DSA's latent rows), "auto" (the plan's)
 
     @property
     def offloaded(self) -> bool:
@@ -75,8 +76,8 @@ class OffloadOptions:
     @classmethod
     def from_kwargs(cls, kw: dict[str, Any]) -> OffloadOptions:
         """Pops the offloading keywords from kw: offload, gpu_mem, cpu_mem, cache_policy, cache_slots,
-        prefetch, prefetch_extra, stats_path, miss, bandwidths, trace."""
-        from offload.planner import parse_size
+        prefetch, prefetch_extra, stats_path, miss, bandwidths, trace, kv."""
+        from offload.planner import KV_PLACES, parse_size
 
         kind = kw.pop("offload", None)
         if kind not in (None, *OFFLOAD_KINDS):
@@ -89,6 +90,9 @@ class OffloadOptions:
             raise LocalGLMError(f"offload miss mode {miss!r}: use one of {', '.join(MISS_MODES)}")
         slots = kw.pop("cache_slots", None)
         stats, trace = kw.pop("stats_path", None), kw.pop("trace", None)
+        kv = kw.pop("kv", None) or "auto"
+        if kv not in KV_PLACES:
+            raise LocalGLMError(f"kv={kv!r}: use one of {', '.join(KV_PLACES)}")
         return cls(
             kind=kind,
             gpu_mem=parse_size(kw.pop("gpu_mem", None), "gpu_mem"),
@@ -101,6 +105,7 @@ class OffloadOptions:
             miss=miss,
             bandwidths=kw.pop("bandwidths", None),
             trace=Path(trace) if trace else None,
+            kv=kv,
         )
 
 

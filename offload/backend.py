@@ -69,6 +69,7 @@ class OffloadedExperts:
         self.codec = self.codecs[self.moe_layers[0]]
         self.blob_bytes = max(c.nbytes for c in self.codecs.values())
         self.host, self.device = host, device
+        self.plan: Any = None  # the placement plan that sized this cache (planner.Plan; set by build_offloaded_experts)
         self.n_keys = len(self.moe_layers) * n_experts
         self.stats = stats or RouterStats(self.moe_layers, n_experts, top_k)
         self.stats_path = Path(stats_path) if stats_path else None
@@ -389,7 +390,7 @@ def build_offloaded_experts(
     if quantized:  # size the plan with the real blobs
         expert_bits = max(lay.nbytes for lay in experts.layouts.values()) * 8 / (3 * cfg.hidden_size * cfg.moe_intermediate_size)
     fixed = dict(dense_bits or {}) | {c: 16 for c in DENSE_CLASSES if c not in (dense_bits or {})}
-    plan = make_plan(cfg, gpu_mem, opts.cpu_mem, ctx, experts=expert_bits, bandwidths=bw, fixed=fixed, float_bits=bits)
+    plan = make_plan(cfg, gpu_mem, opts.cpu_mem, ctx, experts=expert_bits, bandwidths=bw, fixed=fixed, float_bits=bits, kv=opts.kv)
     device = SimulatedDevice(plan.gpu_budget, bw) if kind == "sim" else CudaDevice(plan.gpu_budget, bandwidths=bw)
     device.reserve(sum(i.bytes for i in plan.items if i.where == "GPU" and not i.what.startswith("expert cache")), "dense weights, KV cache, workspace")
     slots = plan.cache_slots if opts.cache_slots is None else opts.cache_slots
@@ -436,4 +437,5 @@ def build_offloaded_experts(
         recorder=recorder,
     )  # fmt: skip
     backend.experts_mapped = len(moe_layers) * cfg.n_routed_experts - plan.experts_in_ram if mapped else 0
+    backend.plan = plan  # the loader reads where the plan put the KV cache
     return backend

@@ -103,6 +103,13 @@ class SimulatedDevice:
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    def fetch(self, src: torch.Tensor) -> torch.Tensor:
+        """A host tensor brought to the device now (KV rows kept in RAM): a real copy on the copy stream,
+        counted and waited for; transient, so not charged to the budget (the plan's workspace holds it)."""
+        dst = torch.empty_like(src)
+        self.wait(self.copy_async(dst, src))
+        return dst
+
     def elapsed_s(self) -> float:
         return self.now_s
 
@@ -171,6 +178,13 @@ class CudaDevice:
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.torch_device, non_blocking=True)
+
+    def fetch(self, src: torch.Tensor) -> torch.Tensor:
+        """A host tensor brought to the device (KV rows kept in RAM), on the copy stream; the compute
+        stream waits for it on the GPU. A gathered selection is pageable memory, so the copy stages it."""
+        dst = torch.empty(src.shape, dtype=src.dtype, device=self.torch_device)
+        self.wait(self.copy_async(dst, src))
+        return dst
 
     def elapsed_s(self) -> float:
         return 0.0

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from localglm.config import ModelConfig
 from localglm.errors import LocalGLMError
-from localglm.model_info import count_params, human_bytes, kv_cache_bytes, parse_size
+from localglm.model_info import count_params, hostable_kv, human_bytes, kv_cache_bytes, parse_size
 
 from .cost_model import Bandwidths, CostModel
 
@@ -30,6 +30,7 @@ DENSE_LEVELS = (16, 8, 4)
 GPU_MARGIN = 512 << 20  # left free for the CUDA context and allocator slack by the defaults
 CPU_MARGIN = 4 << 30
 PREFILL_CHUNK = 512
+KV_PLACES = ("auto", "gpu", "ram")
 # Hit rate of the device cache holding a fraction f of all experts, demand paging. Measured with
 # `localglm simulate` on traces of a trained tiny model (benchmarks/bench_offload.py): routing that
 # the load-balancing bias keeps even gives about f (LFU/stat policies; Belady reaches ~3x at 10%).
@@ -94,6 +95,8 @@ class Plan:
     items: list[PlanItem] = field(default_factory=list)
     dense_bits: dict[str, int] = field(default_factory=dict)  # recipe class -> bits (16 = as stored)
     chosen: list[str] = field(default_factory=list)  # the classes whose bits the planner chose
+    kv_in_ram: bool = False  # the KV cache's hostable part (DSA's latent rows) lives in pinned RAM
+    kv_gather_bytes: int = 0  # with kv_in_ram: bytes gathered to the GPU per decoded token
 
     @property
     def cpu_only(self) -> bool:
@@ -120,6 +123,11 @@ class Plan:
             )
         else:
             rows.append(f"CPU-only plan: {self.n_experts_total} routed experts of {human_bytes(self.expert_bytes)} ({self.expert_bits:.3g} bits/weight)")
+        if self.kv_in_ram:
+            rows.append(
+                f"KV cache: latent rows in pinned RAM, indexer keys on the GPU; each decoded token gathers its top-k rows "
+                f"({human_bytes(self.kv_gather_bytes)} over PCIe), which left {self.cache_slots} expert slots on the GPU"
+            )
         if self.dense_bits:
             rows.append("always-used weights: " + precision_note(self.dense_bits, self.chosen))
         b = self.bandwidths
@@ -166,13 +174,17 @@ def make_plan(
     model: str = "",
     fixed: dict[str, int] | None = None,
     float_bits: float = 16.0,
+    kv: str = "auto",
 ) -> Plan:
     """Plan a placement; raises LocalGLMError (one line, with the minimum that would work) if none fits.
 
     `experts`: routed-expert bits (2, 4, 8: localglm's formats; 16: bf16) or a bits-per-weight figure.
     `fixed`: recipe class -> bits the user chose for always-used weights; the other classes of
     DENSE_CLASSES get the most precise level of DENSE_LEVELS that fits. 16 means kept in float, at
-    `float_bits` per weight (the compute dtype's: 32 for an fp32 model)."""
+    `float_bits` per weight (the compute dtype's: 32 for an fp32 model).
+    `kv`: where the KV cache lives with a GPU: "gpu"; "ram" (only for attention that reads a selection
+    of rows per token, GLM-5's DSA: the latent rows in pinned RAM, each step's top-k gathered to the
+    GPU, the indexer keys on the GPU); "auto" plans both and keeps the faster that fits."""
     gpu = parse_size(gpu_mem, "--gpu-mem")
     cpu = parse_size(cpu_mem, "--cpu-mem")
     gpu = default_gpu_mem() if gpu is None else gpu
@@ -185,14 +197,25 @@ def make_plan(
         raise LocalGLMError(f"--experts: {experts} bits is not a format (use 2, 4, 8 or 16)")
     given = dict(fixed or {})
     free = [c for c in DENSE_CLASSES if c not in given]
+    if kv not in KV_PLACES:
+        raise LocalGLMError(f"--kv {kv!r}: use one of {', '.join(KV_PLACES)}")
+    hostable = hostable_kv(cfg) if gpu > 0 else None
+    if kv == "ram" and hostable is None:
+        why = "a CPU-only plan keeps it in RAM already" if gpu <= 0 else "its attention reads every cached row each token"
+        raise LocalGLMError(f"--kv ram: this model's KV cache cannot be kept in RAM apart from the GPU ({why}); use --kv auto")
+    places = [False, True] if hostable is not None and kv == "auto" else [kv == "ram"]
     error: BudgetTooSmall | None = None
     for level in DENSE_LEVELS if free else (None,):
         dense_bits = {c: given.get(c, level) for c in DENSE_CLASSES}
-        try:
-            plan = _plan(cfg, gpu, cpu, ctx, experts, bandwidths or Bandwidths(), dense_bits, float_bits, model)
-        except BudgetTooSmall as exc:
-            error = exc
+        fits: list[Plan] = []
+        for kv_in_ram in places:
+            try:
+                fits.append(_plan(cfg, gpu, cpu, ctx, experts, bandwidths or Bandwidths(), dense_bits, float_bits, model, kv_in_ram))
+            except BudgetTooSmall as exc:
+                error = exc
+        if not fits:
             continue
+        plan = max(fits, key=lambda p: p.decode_tok_s)  # where the KV cache lives: the faster placement that fits
         plan.chosen = [c for c in free if dense_bits[c] != 16]
         return plan
     assert error is not None
@@ -200,7 +223,8 @@ def make_plan(
 
 
 def _plan(
-    cfg: ModelConfig, gpu: int, cpu: int, ctx: int, experts: float, bw: Bandwidths, dense_bits: dict[str, int], float_bits: float, model: str
+    cfg: ModelConfig, gpu: int, cpu: int, ctx: int, experts: float, bw: Bandwidths, dense_bits: dict[str, int], float_bits: float, model: str,
+    kv_in_ram: bool = False,
 ) -> Plan:
     c = count_params(cfg)
     h, inter = cfg.hidden_size, cfg.moe_intermediate_size
@@ -210,6 +234,15 @@ def _plan(
     kv = kv_cache_bytes(cfg, ctx)
     workspace = PREFILL_CHUNK * (cfg.vocab_size + 4 * h + 2 * max(cfg.intermediate_size, inter * cfg.num_experts_per_tok)) * 4
     main_dev = "RAM" if gpu <= 0 else "GPU"
+    hostable = hostable_kv(cfg)
+    # Per decoded token, the KV bytes attention reads: with a selection (DSA), the indexer keys and the
+    # top-k rows; otherwise about half the cache on average over a generation.
+    kv_read = kv - hostable.bytes_per_token * ctx + hostable.gather_bytes(ctx) if hostable else kv // 2
+    kv_host = gather = 0
+    if kv_in_ram:
+        assert hostable is not None and gpu > 0
+        kv_host, gather = hostable.bytes_per_token * ctx, hostable.gather_bytes(ctx)
+        workspace += ctx * hostable.row_bytes  # a prefill chunk reads one layer's rows at a time, brought whole
 
     def size(params: int, cls: str) -> int:
         bits = dense_bits[cls]
@@ -223,10 +256,14 @@ def _plan(
         PlanItem("shared experts", main_dev, size(c.shared_experts, "shared")),
         PlanItem(f"dense MLP layers ({cfg.first_k_dense_replace})", main_dev, size(c.dense_mlp, "dense")),
         PlanItem("lm_head", main_dev, size(c.lm_head, "lm_head")),
-        PlanItem(f"KV cache ({ctx} tokens, bf16)", main_dev, kv),
+        PlanItem(f"KV cache ({ctx} tokens, bf16)", main_dev, kv)
+        if not kv_in_ram
+        else PlanItem(f"KV cache: indexer keys ({ctx} tokens)", "GPU", kv - kv_host),
         PlanItem("workspace (activations, logits)", main_dev, workspace),
     ]
     fixed = sum(i.bytes for i in items)
+    if kv_in_ram:
+        items.append(PlanItem(f"KV cache: latent rows ({ctx} tokens)", "RAM (pinned)", kv_host))
     k = cfg.num_experts_per_tok
     slots = 0
     cpu_fixed = 0
@@ -242,14 +279,14 @@ def _plan(
         slots = min(n_total, (gpu - fixed) // expert_bytes)
         items.append(PlanItem(f"expert cache ({slots} slots)", "GPU", slots * expert_bytes))
         staging = 2 * k * expert_bytes  # pinned staging for experts read from disk
-        cpu_fixed = staging
+        cpu_fixed = staging + kv_host
         ram_where = "RAM (pinned)"
     else:
         cpu_fixed = fixed
         ram_where = "RAM"
     min_cpu = cpu_fixed + (0 if gpu > 0 else k * expert_bytes)
     if cpu < min_cpu:
-        what = "staging buffers" if gpu > 0 else "always-used weights + KV cache + workspace + one token's experts"
+        what = ("staging buffers" + (" and the KV cache's latent rows" if kv_host else "")) if gpu > 0 else "always-used weights + KV cache + workspace + one token's experts"
         raise BudgetTooSmall(
             f"--cpu-mem {human_bytes(cpu)} is too small: needs at least {human_bytes(min_cpu, up=True)} ({what}); "
             f"the rest of the experts can stay memory-mapped on disk"
@@ -257,7 +294,7 @@ def _plan(
     in_ram = min(n_total, (cpu - cpu_fixed) // expert_bytes)
     on_disk = n_total - in_ram
     if gpu > 0:
-        items.append(PlanItem("expert staging (2 layers' experts)", "RAM (pinned)", cpu_fixed))
+        items.append(PlanItem("expert staging (2 layers' experts)", "RAM (pinned)", cpu_fixed - kv_host))
     items.append(PlanItem(f"routed experts ({in_ram} of {n_total})", ram_where, in_ram * expert_bytes))
     if on_disk:
         items.append(PlanItem(f"routed experts ({on_disk} coldest)", "disk (mmap)", on_disk * expert_bytes))
@@ -265,13 +302,13 @@ def _plan(
     flops = 2 * 3 * h * inter
     cm = CostModel(bw, expert_bytes, flops)
     disk_share = on_disk / n_total if n_total else 0.0  # assume misses land on disk in proportion (pessimistic)
-    dense_bytes = fixed - workspace - kv + kv // 2  # weights read per token, plus about half the KV cache
+    dense_bytes = fixed - workspace - (kv - kv_host) + kv_read - gather  # weights and KV read from device memory per token
     active_other = c.always_used - c.embed  # FLOPs: every always-used weight but the embedding lookup
     per_layer_k = cfg.num_moe_layers * k
     if gpu > 0:
         hit = interpolate_hit_rate(slots / n_total) if n_total else 1.0
         miss = (1 - disk_share) * cm.miss_s(1) + disk_share * cm.miss_s(1, on_disk=True)
-        decode_s = dense_bytes / bw.gpu_mem + per_layer_k * (hit * cm.gpu_s(1) + (1 - hit) * miss)
+        decode_s = dense_bytes / bw.gpu_mem + gather / bw.h2d + per_layer_k * (hit * cm.gpu_s(1) + (1 - hit) * miss)
         # Prefill: each layer streams every expert it needs (about all of them at 512 tokens) unless cached.
         t = PREFILL_CHUNK
         tok_per_expert = max(1, t * k // cfg.n_routed_experts)
@@ -290,5 +327,5 @@ def _plan(
         n_experts_total=n_total, cache_slots=int(slots), experts_in_ram=int(in_ram), experts_on_disk=int(on_disk),
         hit_rate=hit, decode_tok_s=1.0 / decode_s if decode_s > 0 else 0.0,
         prefill_tok_s=PREFILL_CHUNK / prefill_s if prefill_s > 0 else 0.0, bandwidths=bw, items=items,
-        dense_bits={k: int(v) for k, v in dense_bits.items()},
+        dense_bits={k: int(v) for k, v in dense_bits.items()}, kv_in_ram=kv_in_ram, kv_gather_bytes=gather,
     )  # fmt: skip

@@ -161,6 +161,30 @@ def test_offload_sim_trace_and_make_tiny(dsa_dir: Path, tmp_path: Path, capsys: 
     assert "DSA indexer 4 heads x 16, top-4, on 1 of 3 layers (2 share its selection)" in capsys.readouterr().out
 
 
+def test_latent_rows_in_ram_on_a_device_too_small_for_the_cache(dsa_dir: Path) -> None:
+    """Issue 14 item 3 on the simulated device: at a budget where the whole cache does not fit, the plan keeps
+    the latent rows in RAM; decode gathers only the top-k rows a step, and the tokens are the plain run's."""
+    from localglm.model_info import hostable_kv
+
+    greedy, prompt, new = localglm.SamplingParams(temperature=0), [(i * 7) % 200 + 3 for i in range(40)], 8
+    plain = list(localglm.load(dsa_dir, ctx=2048).stream_tokens(prompt, max_new_tokens=new, sampling=greedy))
+    with pytest.raises(localglm.LocalGLMError, match="too small for this model at --ctx 2048"):
+        localglm.load(dsa_dir, offload="sim", gpu_mem="2.6MiB", ctx=2048, kv="gpu")
+    small = localglm.load(dsa_dir, offload="sim", gpu_mem="2.6MiB", ctx=2048)  # auto: the rows go to RAM
+    assert small.net.experts.plan.kv_in_ram
+    moved = {}
+    for kv in ("gpu", "ram"):  # a budget where both fit at the same precision: the same tokens, fewer bytes on the device
+        m = localglm.load(dsa_dir, offload="sim", gpu_mem="8MiB", ctx=2048, kv=kv)
+        device, before = m.net.experts.device, m.net.experts.device.bytes_h2d
+        assert list(m.stream_tokens(prompt, max_new_tokens=new, sampling=greedy)) == plain
+        moved[kv] = device.bytes_h2d - before
+    cfg = small.config
+    host = hostable_kv(cfg)
+    assert host is not None and host.rows_read == cfg.index_topk
+    # prefill brings each layer's 40 rows once; each of the 7 decoded steps past the top-k brings top-k rows a layer
+    assert moved["ram"] - moved["gpu"] == cfg.num_hidden_layers * host.row_bytes * (len(prompt) + (new - 1) * cfg.index_topk)
+
+
 # llama.cpp's glm-dsa graph needs index_head_dim a power of two >= 64 (its Hadamard transform); with
 # few indexer heads, keys whose every head's ReLU is 0 tie, and llama.cpp breaks those ties otherwise
 # than torch.topk: 16 heads make exact ties vanishingly rare.

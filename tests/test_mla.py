@@ -248,7 +248,8 @@ def test_latent_cache_size_and_overflow() -> None:
     cache = LatentCache(3, 512, 64, 10, torch.bfloat16)
     assert cache.nbytes == 3 * 10 * (512 + 64) * 2  # GLM-4.7-Flash: 1152 bytes a token a layer
     small = LatentCache(1, KV_LORA, ROPE, 4, torch.float32)
-    lat, kr = small.write(0, 0, torch.ones(1, 3, KV_LORA), torch.full((1, 3, ROPE), 2.0))
-    assert lat.shape == (1, 3, KV_LORA) and kr.shape == (1, 3, ROPE) and kr.eq(2).all()
+    small.write(0, 0, torch.ones(1, 3, KV_LORA), torch.full((1, 3, ROPE), 2.0))
+    lat, kr, allowed = small.read(0, 3)
+    assert allowed is None and lat.shape == (1, 3, KV_LORA) and kr.shape == (1, 3, ROPE) and kr.eq(2).all()
     with pytest.raises(ValueError, match="KV cache overflow: position 5 > context 4"):
         small.write(0, 3, torch.ones(1, 2, KV_LORA), torch.ones(1, 2, ROPE))

@@ -80,3 +80,33 @@ def test_inspect_prints_each_real_config(real: tuple[str, Path], capsys: pytest.
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
     assert CONFIGS[name]["model_type"] in out and "parameters total" in out and "KV cache" in out
+
+
+@pytest.mark.parametrize("name", ["GLM-5.1", "GLM-5.2"])
+def test_glm5_at_131k_keeps_the_latent_rows_in_pinned_ram(name: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """At 131k tokens GLM-5.x's latent rows (~11 GiB) and a q8 model do not share a 24 GiB card: the plan puts
+    the rows in pinned RAM, keeps the indexer keys on the GPU, and prices each token's top-k gather."""
+    (tmp_path / "config.json").write_text(json.dumps(CONFIGS[name]))
+    cfg = ModelConfig.from_file(tmp_path)
+    plan = make_plan(cfg, "24GiB", "256GiB", ctx=131072, experts=2)
+    assert plan.kv_in_ram and plan.used("GPU") <= plan.gpu_budget and plan.decode_tok_s > 1
+    wheres = {i.what: i.where for i in plan.items}
+    assert wheres["KV cache: latent rows (131072 tokens)"] == "RAM (pinned)" and wheres["KV cache: indexer keys (131072 tokens)"] == "GPU"
+    rows = cfg.num_hidden_layers * cfg.index_topk * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2
+    assert plan.kv_gather_bytes == rows  # 78 layers x 2048 rows x 1152 bytes a token
+    with_kv_on_gpu = None
+    try:
+        with_kv_on_gpu = make_plan(cfg, "24GiB", "256GiB", ctx=131072, experts=2, kv="gpu")
+    except LocalGLMError:
+        pass  # GLM-5.1: the whole cache does not fit beside q4 weights either
+    if with_kv_on_gpu is not None:  # GLM-5.2's shared layers make its keys small: it fits, at q4 instead of q8
+        assert with_kv_on_gpu.dense_bits["attn"] < plan.dense_bits["attn"]
+    assert main(["plan", str(tmp_path), "--gpu-mem", "24GiB", "--cpu-mem", "256GiB", "--experts", "2", "--ctx", "131072"]) == 0
+    assert "latent rows in pinned RAM, indexer keys on the GPU" in capsys.readouterr().out
+    assert main(["plan", str(tmp_path), "--gpu-mem", "24GiB", "--ctx", "4096", "--kv", "ram"]) == 0
+
+
+def test_kv_in_ram_is_refused_where_attention_reads_every_row(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(CONFIGS["GLM-4.5-Air"]))
+    assert main(["plan", str(tmp_path), "--gpu-mem", "24GiB", "--cpu-mem", "256GiB", "--kv", "ram"]) == 2
+    assert "--kv ram" in capsys.readouterr().err

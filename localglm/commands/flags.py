@@ -95,6 +95,11 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     o.add_argument("--gpu-mem", default=None, metavar="SIZE", help="VRAM budget, e.g. 24GiB (default: free VRAM minus a margin)")
     o.add_argument("--cpu-mem", default=None, metavar="SIZE", help="RAM budget for the routed experts (default: available RAM minus a margin)")
+    o.add_argument(
+        "--kv", default=None, choices=("auto", "gpu", "ram"),
+        help="where the KV cache lives: on the GPU, or (GLM-5's sparse attention only) its latent rows in pinned RAM with "
+        "each token's top-k gathered to the GPU; default auto: the plan's faster choice that fits (`localglm plan` shows it)",
+    )  # fmt: skip
     o.add_argument("--cache-policy", default=None, choices=("lru", "lfu", "stat"), help="expert-cache eviction (default stat: router statistics)")
     o.add_argument("--no-prefetch", action="store_true", help="copy experts only when a layer asks for them")
     o.add_argument("--trace", default=None, metavar="PATH", help="record every MoE layer's routing to PATH (.jsonl, for `localglm simulate`)")
@@ -109,7 +114,7 @@ def load_options(args: argparse.Namespace) -> dict[str, Any]:
     """The quantization and offloading flags as `localglm.load` options."""
     opts = quant_load_options(args)
     offload = getattr(args, "offload", None)
-    given = {k: getattr(args, k, None) for k in ("gpu_mem", "cpu_mem", "cache_policy")}
+    given = {k: getattr(args, k, None) for k in ("gpu_mem", "cpu_mem", "cache_policy", "kv")}
     for k in ("gpu_mem", "cpu_mem"):  # read here so that a bad size names its flag
         if given[k] is not None:
             size_flag(given[k], f"--{k.replace('_', '-')}")

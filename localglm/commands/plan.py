@@ -51,7 +51,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         experts, fixed = info.stored.expert_bits, dict(info.stored.class_bits)
     elif info.kind == "gguf" and "experts" not in given:  # the experts as the GGUF stores them
         experts = info.stored.expert_bits
-    plan = make_plan(cfg, args.gpu_mem, args.cpu_mem, ctx, experts, bw, model=str(args.model), fixed=fixed)
+    plan = make_plan(cfg, args.gpu_mem, args.cpu_mem, ctx, experts, bw, model=str(args.model), fixed=fixed, kv=args.kv)
     if args.json:
         print(json.dumps(asdict(plan)))
     else:
@@ -73,6 +73,12 @@ def register(sub: Any) -> None:
     p.add_argument("--gpu-mem", default=None, help="VRAM budget (default: free VRAM minus 512 MiB; 0 without a GPU)")
     p.add_argument("--cpu-mem", default=None, help="RAM budget (default: available RAM minus 4 GiB)")
     p.add_argument("--ctx", type=int, default=None, help="context size for the KV cache (default: as generate, min(4096, model max))")
+    p.add_argument(
+        "--kv", default="auto", choices=("auto", "gpu", "ram"),
+        help="where the KV cache lives with a GPU: 'gpu', or 'ram' (GLM-5.x's sparse attention only: the latent rows in "
+        "pinned RAM, each token's top-k gathered to the GPU, the indexer keys on the GPU); default auto: both are planned "
+        "and the faster that fits is kept",
+    )  # fmt: skip
     add_recipe_options(p, title="precision (bits per tensor class, as for quantize and generate)")
     p.add_argument("--bandwidths", default=None, help="JSON file of measured bandwidths (see offload.cost_model.Bandwidths)")
     p.add_argument("--measure", action="store_true", help="measure RAM/CPU (and GPU) bandwidths here first")

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .kv_cache import LatentCache
+from .kv_cache import HostRows, LatentCache
 from .linear import linear
 from .native import LayerLib, LgDsa, native
 from .rope import apply_rope_interleaved
@@ -85,7 +85,8 @@ class IndexerWeights:
 
 class DsaCache(LatentCache):
     """MLA's latent cache plus the indexer's keys, on the layers that run an indexer only:
-    `index_keys` [full layers, batch, T, index_head_dim]."""
+    `index_keys` [full layers, batch, T, index_head_dim]. With `host` the latent rows live in host RAM
+    and only each step's top-k are brought over; the keys stay on the device, where all are scored."""
 
     def __init__(
         self,
@@ -98,8 +99,9 @@ class DsaCache(LatentCache):
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
         batch: int = 1,
+        host: HostRows | None = None,
     ) -> None:
-        super().__init__(layers, kv_lora_rank, rope_dim, max_tokens, dtype, device, batch)
+        super().__init__(layers, kv_lora_rank, rope_dim, max_tokens, dtype, device, batch, host)
         self.index_slot = {layer: i for i, layer in enumerate(index_layers)}
         self.index_keys = torch.zeros((len(index_layers), batch, max_tokens, index_head_dim), dtype=dtype, device=device)
 

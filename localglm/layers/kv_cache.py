@@ -7,6 +7,9 @@ whole conversation every turn): that bookkeeping is `TokenCache`, shared by ever
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 
@@ -77,12 +80,24 @@ class KVCache(TokenCache):
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+@dataclass(frozen=True)
+class HostRows:
+    """A LatentCache kept in host RAM apart from the compute device: `fetch` brings rows there (the
+    offload device's copy stream, which counts the bytes), `pin` page-locks the host copy for fast
+    copies. Worth it only where a decoded token reads a selection of rows (GLM-5's DSA top-k): its
+    bulk then needs no VRAM and each step moves k rows a layer, not the context."""
+
+    fetch: Callable[[torch.Tensor], torch.Tensor]
+    pin: bool = False
+
+
 class LatentCache(TokenCache):
     """Multi-head latent attention's cache: per layer and token one row, the normalized latent
     (kv_lora_rank) then the roped shared key (qk_rope_head_dim): [layers, batch, T, kv_lora + rope].
 
     Heads share the row, so GLM-4.7-Flash stores (512 + 64) values a token a layer instead of
-    20 heads x (256 + 256) expanded keys/values: ~18x smaller than a per-head cache.
+    20 heads x (256 + 256) expanded keys/values: ~18x smaller than a per-head cache. With `host`
+    the rows live in host RAM and `read` brings the ones attention needs to `device`.
     """
 
     def __init__(
@@ -94,22 +109,42 @@ class LatentCache(TokenCache):
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
         batch: int = 1,
+        host: HostRows | None = None,
     ) -> None:
         super().__init__(max_tokens)
         self.kv_lora_rank = kv_lora_rank
-        self.kv = torch.zeros((layers, batch, max_tokens, kv_lora_rank + rope_dim), dtype=dtype, device=device)
+        self.host = host
+        shape = (layers, batch, max_tokens, kv_lora_rank + rope_dim)
+        if host is None:
+            self.kv = torch.zeros(shape, dtype=dtype, device=device)
+        else:
+            self.kv = torch.zeros(shape, dtype=dtype, pin_memory=host.pin)
 
     @property
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
 
-    def write(self, layer: int, start: int, latent: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store latent [B, T, kv_lora] and k_rope [B, T, rope] at positions start.. and return
-        views of both for positions 0..start+T."""
+    def write(self, layer: int, start: int, latent: torch.Tensor, k_rope: torch.Tensor) -> None:
+        """Store latent [B, T, kv_lora] and k_rope [B, T, rope] at positions start.. (into host RAM
+        with `host`); `read` gives them back for attention."""
         end = start + latent.shape[1]
         self.check_room(end)
         r = self.kv_lora_rank
         self.kv[layer, :, start:end, :r] = latent
         self.kv[layer, :, start:end, r:] = k_rope
+
+    def read(self, layer: int, end: int, allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(latent, rope key) rows of positions 0..end for attention, and `allowed` (MLA's key
+        selection) as it applies to them. In host RAM, one query's selected positions are gathered
+        alone and `allowed` renumbered to index the gathered rows; anything else (no selection, a
+        mask, a prefill chunk, whose selection need not be causal) brings the layer's rows whole."""
         rows = self.kv[layer, :, :end]
-        return rows[..., :r], rows[..., r:]
+        if self.host is not None:
+            if allowed is not None and allowed.dtype != torch.bool and allowed.shape[1] == 1:
+                picked = torch.unique(allowed.cpu())  # ascending
+                if picked.numel() < end:
+                    rows = rows.index_select(1, picked)
+                    allowed = torch.searchsorted(picked.to(allowed.device), allowed)
+            rows = self.host.fetch(rows.contiguous())
+        r = self.kv_lora_rank
+        return rows[..., :r], rows[..., r:], allowed

@@ -146,7 +146,8 @@ def mla_attention(
     q_rope, k_rope = rotate(q_rope, cos, sin), rotate(k_rope, cos, sin)
     k_rope = k_rope.view(bsz, seqlen, rope)
     if cache is not None:
-        latent, k_rope = cache.write(layer, start, latent, k_rope)
+        cache.write(layer, start, latent, k_rope)
+        latent, k_rope, allowed = cache.read(layer, start + seqlen, allowed)
 
     if absorbed is None:
         absorbed = cache is not None and seqlen <= ABSORB_MAX_TOKENS

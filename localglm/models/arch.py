@@ -20,8 +20,9 @@ from ..config import ModelConfig
 
 if TYPE_CHECKING:
     from ..layers.experts import ExpertBackend
-    from ..layers.kv_cache import TokenCache
+    from ..layers.kv_cache import HostRows, TokenCache
     from ..model_info import ParamCounts
+    from .param_counts import HostableKV
 
 # get(name, shape) -> tensor (or QuantTensor) in the model dtype on the model device
 TensorGetter = Callable[[str, tuple[int, ...]], Any]
@@ -75,6 +76,11 @@ class SizeFormulas(Protocol):
 
     def kv_bytes_per_token(self, cfg: ModelConfig, bytes_per_value: int = 2) -> int: ...
 
+    def hostable_kv(self, cfg: ModelConfig, bytes_per_value: int = 2) -> HostableKV | None:
+        """The part of the KV cache that can live in host RAM with only selected rows gathered to the
+        GPU per token (param_counts.HostableKV); None where attention reads every row."""
+        ...
+
     def describe_attention(self, cfg: ModelConfig) -> str: ...
 
 
@@ -118,7 +124,9 @@ class ModelBuilder(Protocol):
 
     def load_weights(self, cfg: ModelConfig, reader: WeightReader) -> Any: ...
 
-    def build(self, cfg: ModelConfig, weights: Any, experts: ExpertBackend, device: torch.device) -> DecoderModel: ...
+    def build(
+        self, cfg: ModelConfig, weights: Any, experts: ExpertBackend, device: torch.device, kv_host: HostRows | None = None
+    ) -> DecoderModel: ...
 
     def routing(self, cfg: ModelConfig, weights: Any) -> Any:
         """The MoE routers (moe_decoder.MoeRouting) expert prediction applies, before the model exists."""

@@ -185,8 +185,8 @@ class FusedDecoder:
     def takes(self, input_ids: torch.Tensor, cache: TokenCache | None) -> bool:
         """Whether this call is one the fused path runs: one token of one sequence, a CPU cache of
         the attention's type and the model dtype."""
-        if not isinstance(cache, self.cache_type) or input_ids.shape != (1, 1):
-            return False
+        if not isinstance(cache, self.cache_type) or input_ids.shape != (1, 1) or getattr(cache, "host", None) is not None:
+            return False  # rows kept apart in host RAM are brought over by `read`, which the kernel does not do
         k, _ = self._cache(cache)
         return k.shape[1] == 1 and k.dtype == self.model.dtype and k.device.type == "cpu"
 

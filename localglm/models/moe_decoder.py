@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..layers.experts import ExpertBackend, InMemoryExperts
-from ..layers.kv_cache import TokenCache
+from ..layers.kv_cache import HostRows, TokenCache
 from ..layers.linear import linear
 from ..layers.mlp import MLPWeights, swiglu
 from ..layers.norm import rms_norm
@@ -144,10 +144,13 @@ class MoeDecoder(MoeRouting):
     Subclasses give the attention (`attention`), the cache layout (`new_cache`), the rotary tables
     (`rope`), and may give a native one-token path (`build_fused_decoder`)."""
 
-    def __init__(self, cfg: ModelConfig, weights: DecoderWeights, experts: ExpertBackend, device: torch.device) -> None:
+    def __init__(
+        self, cfg: ModelConfig, weights: DecoderWeights, experts: ExpertBackend, device: torch.device, kv_host: HostRows | None = None
+    ) -> None:
         super().__init__(cfg, weights)
         self.experts = experts
         self.device = device
+        self.kv_host = kv_host  # the latent cache's rows in host RAM (the plan's choice for DSA at long context)
         self.dtype = weights.embed.dtype
         # Decode on the CPU through native calls where the architecture has them; False forces the torch ops.
         self.fused_decode = True
@@ -228,8 +231,10 @@ class MoeBuilder:
     def load_weights(self, cfg: ModelConfig, reader: WeightReader) -> DecoderWeights:
         return load_decoder_weights(cfg, reader, lambda i: self.load_attention(cfg, reader, i))
 
-    def build(self, cfg: ModelConfig, weights: DecoderWeights, experts: ExpertBackend, device: torch.device) -> MoeDecoder:
-        return self.model_class(cfg, weights, experts, device)
+    def build(
+        self, cfg: ModelConfig, weights: DecoderWeights, experts: ExpertBackend, device: torch.device, kv_host: HostRows | None = None
+    ) -> MoeDecoder:
+        return self.model_class(cfg, weights, experts, device, kv_host)
 
     def routing(self, cfg: ModelConfig, weights: DecoderWeights) -> MoeRouting:
         return MoeRouting(cfg, weights)

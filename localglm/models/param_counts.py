@@ -39,6 +39,25 @@ class ParamCounts:
         return self.routed_experts / self.total if self.total else 0.0
 
 
+@dataclass(frozen=True)
+class HostableKV:
+    """The part of a KV cache that may live in (pinned) host RAM: a decoded token reads only a
+    selection of its rows (DSA's top-k), which are gathered to the GPU each step, so the cache's bulk
+    needs no VRAM. GLM-5.x at 131k tokens: ~11 GiB of latent rows kept off a 24 GiB card."""
+
+    row_bytes: int  # one token's row in one layer
+    layers: int
+    rows_read: int  # the most rows a decoded token reads per layer (index_topk)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.row_bytes * self.layers
+
+    def gather_bytes(self, ctx: int) -> int:
+        """Bytes moved to the GPU per decoded token at context `ctx` (every layer's selected rows)."""
+        return self.layers * min(self.rows_read, ctx) * self.row_bytes
+
+
 def moe_param_counts(cfg: ModelConfig, attention_per_layer: int, attention_extra: int = 0) -> ParamCounts:
     """The counts of a GLM MoE decoder whose attention has `attention_per_layer` parameters per layer
     (norms and biases included), plus `attention_extra` on some layers only (GLM-5's indexers):

@@ -12,7 +12,7 @@ import torch
 
 from ...layers.attention import AttentionShape, AttentionWeights, attention
 from ...layers.experts import ExpertBackend
-from ...layers.kv_cache import KVCache, TokenCache
+from ...layers.kv_cache import HostRows, KVCache, TokenCache
 from ...layers.rope import Rotary
 from ..arch import WeightReader
 from ..moe_decoder import DecoderWeights, MoeBuilder, MoeDecoder
@@ -43,8 +43,10 @@ class Glm4MoeModel(MoeDecoder):
 
     cfg: Glm4MoeConfig
 
-    def __init__(self, cfg: Glm4MoeConfig, weights: DecoderWeights, experts: ExpertBackend, device: torch.device) -> None:
-        super().__init__(cfg, weights, experts, device)
+    def __init__(
+        self, cfg: Glm4MoeConfig, weights: DecoderWeights, experts: ExpertBackend, device: torch.device, kv_host: HostRows | None = None
+    ) -> None:
+        super().__init__(cfg, weights, experts, device, kv_host)
         self.rotary = Rotary(cfg.rotary_dim, cfg.rope_theta, device)
         self.attn_shape = AttentionShape(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps)
 

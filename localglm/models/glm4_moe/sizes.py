@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..param_counts import ParamCounts, moe_param_counts
+from ..param_counts import HostableKV, ParamCounts, moe_param_counts
 from .config import Glm4MoeConfig
 
 
@@ -20,6 +20,10 @@ class Glm4MoeSizes:
     def kv_bytes_per_token(self, cfg: Glm4MoeConfig, bytes_per_value: int = 2) -> int:
         """Keys and values of every kv head of every layer."""
         return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * bytes_per_value
+
+    def hostable_kv(self, cfg: Glm4MoeConfig, bytes_per_value: int = 2) -> HostableKV | None:
+        """None: dense attention reads every cached row each token, so the cache stays beside it."""
+        return None
 
     def describe_attention(self, cfg: Glm4MoeConfig) -> str:
         return (

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ...layers.experts import ExpertBackend
-from ...layers.kv_cache import LatentCache, TokenCache
+from ...layers.kv_cache import HostRows, LatentCache, TokenCache
 from ...layers.mla import MLAShape, MLAWeights, mla_attention
 from ...layers.rope import Rotary
 from ..arch import WeightReader
@@ -68,14 +68,16 @@ class Glm4MoeLiteModel(MoeDecoder):
 
     cfg: Glm4MoeLiteConfig
 
-    def __init__(self, cfg: Glm4MoeLiteConfig, weights: DecoderWeights, experts: ExpertBackend, device: torch.device) -> None:
-        super().__init__(cfg, weights, experts, device)
+    def __init__(
+        self, cfg: Glm4MoeLiteConfig, weights: DecoderWeights, experts: ExpertBackend, device: torch.device, kv_host: HostRows | None = None
+    ) -> None:
+        super().__init__(cfg, weights, experts, device, kv_host)
         self.rotary = Rotary(cfg.rotary_dim, cfg.rope_theta, device)
         self.mla_shape = mla_shape(cfg)
 
     def new_cache(self, max_tokens: int, batch: int = 1) -> LatentCache:
         c = self.cfg
-        return LatentCache(c.num_hidden_layers, c.kv_lora_rank, c.qk_rope_head_dim, max_tokens, self.dtype, self.device, batch)
+        return LatentCache(c.num_hidden_layers, c.kv_lora_rank, c.qk_rope_head_dim, max_tokens, self.dtype, self.device, batch, self.kv_host)
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rotary.cos_sin(positions, dtype)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..param_counts import ParamCounts, moe_param_counts
+from ..param_counts import HostableKV, ParamCounts, moe_param_counts
 from .config import Glm4MoeLiteConfig
 
 
@@ -28,6 +28,10 @@ class Glm4MoeLiteSizes:
     def kv_bytes_per_token(self, cfg: Glm4MoeLiteConfig, bytes_per_value: int = 2) -> int:
         """The absorbed MLA cache: the normalized latent and the rope key, per layer (not per head)."""
         return cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * bytes_per_value
+
+    def hostable_kv(self, cfg: Glm4MoeLiteConfig, bytes_per_value: int = 2) -> HostableKV | None:
+        """None: dense attention reads every cached row each token, so the cache stays beside it."""
+        return None
 
     def describe_attention(self, cfg: Glm4MoeLiteConfig) -> str:
         q = f"q_lora {cfg.q_lora_rank}" if cfg.q_lora_rank else "q_proj"

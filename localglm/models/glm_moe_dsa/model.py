@@ -16,7 +16,7 @@ import torch
 
 from ...layers.dsa import DsaCache, IndexerShape, IndexerWeights, indexer_keys, select_tokens
 from ...layers.experts import ExpertBackend
-from ...layers.kv_cache import TokenCache
+from ...layers.kv_cache import HostRows, TokenCache
 from ...layers.mla import MLAWeights, mla_attention, query_latent
 from ..arch import WeightReader
 from ..glm4_moe_lite.model import Glm4MoeLiteModel
@@ -51,14 +51,17 @@ class GlmMoeDsaModel(Glm4MoeLiteModel):
 
     cfg: GlmMoeDsaConfig
 
-    def __init__(self, cfg: GlmMoeDsaConfig, weights: DecoderWeights, experts: ExpertBackend, device: torch.device) -> None:
-        super().__init__(cfg, weights, experts, device)
+    def __init__(
+        self, cfg: GlmMoeDsaConfig, weights: DecoderWeights, experts: ExpertBackend, device: torch.device, kv_host: HostRows | None = None
+    ) -> None:
+        super().__init__(cfg, weights, experts, device, kv_host)
         self.index_shape = IndexerShape(cfg.index_n_heads, cfg.index_head_dim, cfg.qk_rope_head_dim, cfg.index_topk)
 
     def new_cache(self, max_tokens: int, batch: int = 1) -> DsaCache:
         c = self.cfg
         return DsaCache(
-            c.num_hidden_layers, c.kv_lora_rank, c.qk_rope_head_dim, c.index_layers, c.index_head_dim, max_tokens, self.dtype, self.device, batch
+            c.num_hidden_layers, c.kv_lora_rank, c.qk_rope_head_dim, c.index_layers, c.index_head_dim, max_tokens, self.dtype, self.device, batch,
+            self.kv_host,
         )
 
     def attention(

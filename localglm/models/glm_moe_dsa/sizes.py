@@ -4,7 +4,7 @@ cache per token plus the indexer's keys on the full layers."""
 from __future__ import annotations
 
 from ..glm4_moe_lite.sizes import Glm4MoeLiteSizes, mla_params
-from ..param_counts import ParamCounts, moe_param_counts
+from ..param_counts import HostableKV, ParamCounts, moe_param_counts
 from .config import GlmMoeDsaConfig
 
 
@@ -21,6 +21,12 @@ class GlmMoeDsaSizes(Glm4MoeLiteSizes):
     def kv_bytes_per_token(self, cfg: GlmMoeDsaConfig, bytes_per_value: int = 2) -> int:
         latent = super().kv_bytes_per_token(cfg, bytes_per_value)
         return latent + len(cfg.index_layers) * cfg.index_head_dim * bytes_per_value
+
+    def hostable_kv(self, cfg: GlmMoeDsaConfig, bytes_per_value: int = 2) -> HostableKV | None:
+        """The latent rows: past index_topk tokens a decoded token attends to only its top-k rows of each
+        layer, so they can stay in pinned RAM and be gathered per step; the indexer keys stay on the GPU,
+        where every one of them is scored."""
+        return HostableKV((cfg.kv_lora_rank + cfg.qk_rope_head_dim) * bytes_per_value, cfg.num_hidden_layers, cfg.index_topk)
 
     def describe_attention(self, cfg: GlmMoeDsaConfig) -> str:
         full = len(cfg.index_layers)
