@@ -23,9 +23,8 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 import jinja2.utils
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
 from ..errors import TokenizerError
+from .template_box import BoxedEnvironment, RenderLimits, RenderTimeout, TemplateLimitError, join_boxed, time_box
 
 Message = dict[str, Any]
 
@@ -34,7 +33,10 @@ REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 BUILTIN_TEMPLATES = ("glm45", "glm47")
 
 # Exceptions a template (or the data it was given) can raise while rendering.
-_RENDER_ERRORS = (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError)
+_RENDER_ERRORS = (
+    jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError,
+    RecursionError, MemoryError, TemplateLimitError,
+)  # fmt: skip
 
 
 def builtin_template(style: str) -> str:
@@ -107,16 +109,18 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-def _make_environment() -> ImmutableSandboxedEnvironment:
-    """A fresh environment configured exactly like transformers' chat-template environment."""
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+def _make_environment(limits: RenderLimits) -> BoxedEnvironment:
+    """A fresh environment configured exactly like transformers' chat-template environment, inside the
+    time and memory box (template_box.py)."""
+    env = BoxedEnvironment(
+        limits, trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     env.globals["dict"] = _TemplateDict()
     env.globals["namespace"] = _TemplateNamespace
+    env.box_filters()
     return env
 
 
@@ -204,15 +208,18 @@ def parse_string_tool_arguments(messages: list[Message]) -> list[Message]:
 class ChatTemplate:
     """One chat template, compiled once, rendered many times."""
 
-    def __init__(self, source: str, name: str = "chat template") -> None:
+    def __init__(self, source: str, name: str = "chat template", limits: RenderLimits = RenderLimits()) -> None:
         self.source = source
         self.name = name
+        self.limits = limits
         try:
-            self._compiled = _make_environment().from_string(source)
+            self._compiled = _make_environment(limits).from_string(source)
         except jinja2.TemplateSyntaxError as exc:
             raise TokenizerError(
                 f"{name}: Jinja syntax error at line {exc.lineno}: {_one_line(exc.message or '')}"
             ) from None
+        except RecursionError:
+            raise TokenizerError(f"{name}: the template is nested too deeply to compile") from None
 
     def render(
         self,
@@ -249,13 +256,21 @@ class ChatTemplate:
             extra["enable_thinking"] = enable_thinking
         variables = plain_template_data({**(special_tokens or {}), **extra})
         try:
-            return self._compiled.render(
-                messages=chat,
-                tools=plain_template_data(tools),
-                documents=None,
-                add_generation_prompt=add_generation_prompt,
-                **variables,
-            )
+            with time_box(self.limits.seconds):
+                pieces = self._compiled.generate(
+                    messages=chat,
+                    tools=plain_template_data(tools),
+                    documents=None,
+                    add_generation_prompt=add_generation_prompt,
+                    **variables,
+                )
+                return join_boxed(pieces, self.limits)
+        except RenderTimeout:
+            raise TokenizerError(
+                f"{self.name}: rendering took longer than {self.limits.seconds:g} s: the template loops too long"
+            ) from None
+        except RecursionError:
+            raise TokenizerError(f"{self.name}: rendering failed: the template recurses too deeply") from None
         except _RENDER_ERRORS as exc:
             raise TokenizerError(f"{self.name}: rendering failed: {_one_line(str(exc)) or type(exc).__name__}") from exc
 
