@@ -8,7 +8,8 @@
 For each model: generation speed (benchmarks/bench_generate.py: localglm, transformers, llama.cpp, each in its
 own subprocess), quantization (benchmarks/bench_quant.py: our q8/q4/q2 beside llama.cpp's Q8_0/Q4_K_M/Q2_K
 made from the same weights: size, KL vs bf16, speed), and for the packaged default model the offload
-benchmark (benchmarks/bench_offload.py: cache simulator beside Belady, next-layer prediction). Ratios
+benchmark (benchmarks/bench_offload.py: cache simulator beside Belady, next-layer prediction) and the
+busy-machine row (benchmarks/bench_busy.py: decode with 1 and the default threads beside a CPU-bound process). Ratios
 (ours / llama.cpp, best policy / Belady) are between figures measured in this run, minutes apart.
 
 llama.cpp is the optional `llama-cpp-python` extra: without it its cells say "not installed" and the run goes
@@ -39,11 +40,12 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+import bench_busy as bb  # noqa: E402
 import bench_generate as bg  # noqa: E402
 import bench_quant as bq  # noqa: E402
 
 ENGINES = ["localglm", "transformers", "llama.cpp"]
-SECTIONS = ["generate", "quant", "offload"]
+SECTIONS = ["generate", "quant", "offload", "busy"]
 # (full, quick) settings
 SETTINGS = {
     False: dict(prompt_tokens=128, new_tokens=64, kl_tokens=512, kl_ctx=128, ours=list(bq.OURS), profile_tokens=150, eval_tokens=300, repeat=3),
@@ -296,6 +298,19 @@ def section_offload(rep: Report, model: Path, args: argparse.Namespace, s: dict)
                f"{100 * res['prediction_recall_after_first_moe_layer']:.1f}%." if per_layer else ""))  # fmt: skip
 
 
+def section_busy(rep: Report, model: Path, args: argparse.Namespace, s: dict) -> None:
+    """The busy-machine row: decode with 1 thread and the default threads, as is and beside a CPU-bound neighbour."""
+    t0 = time.time()
+    res = bb.measure(model, 1, s["repeat"], s["prompt_tokens"], s["new_tokens"])
+    cmd = cmd_line("python", "benchmarks/bench_busy.py", "--model", model, "--neighbours", 1, "--repeat", s["repeat"],
+                   "--prompt-tokens", s["prompt_tokens"], "--new-tokens", s["new_tokens"])  # fmt: skip
+    rep.add(f"### Decode on a busy machine: {model.name}\n\n"
+            f"Each run its own process, {s['repeat']} run(s) per row, interleaved (medians); the busy rows run beside one "
+            f"CPU-bound neighbour process (a python busy loop). The peer is our 1-thread run in the same phase: target "
+            f"default / 1 thread >= 1.0. The last row of each phase shows the collapse the fix removes (OpenMP threads "
+            f"spinning between loops). {time.time() - t0:.0f} s. Same as `{cmd}`.\n\n" + bb.table(res))  # fmt: skip
+
+
 # ---- main -----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -309,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=None,
                     help="speed runs per engine and model, interleaved, medians reported (default 3; 1 with --quick)")  # fmt: skip
     ap.add_argument("--engines", default=",".join(ENGINES), help="engines to run (llama.cpp also gates the quantization peers)")
-    ap.add_argument("--sections", default=",".join(SECTIONS), help="which of generate,quant,offload to run")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"which of {','.join(SECTIONS)} to run")
     ap.add_argument("--work", type=Path, default=bg.DEFAULT_DIR.parent / "suite",
                     help="cache for GGUFs, quantized models and traces (default: %(default)s)")  # fmt: skip
     args = ap.parse_args(argv)
@@ -343,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         jobs = {"generate": lambda: section_generate(rep, model, engines, args, s),
                 "quant": lambda: section_quant(rep, model, engines, args, s),
-                "offload": lambda: section_offload(rep, model, args, s) if is_packaged(model) else None}  # fmt: skip
+                "offload": lambda: section_offload(rep, model, args, s) if is_packaged(model) else None,
+                "busy": lambda: section_busy(rep, model, args, s) if is_packaged(model) else None}  # fmt: skip
         for name in sections:
             try:
                 jobs[name]()

@@ -77,7 +77,7 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu or cuda (default: cpu; cuda with --offload cuda)")
     g.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the checkpoint's)")
     g.add_argument("--ctx", type=int, default=None, help="context size in tokens (default: min(4096, model max))")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice; at most the cores)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: the physical cores other processes leave free, measured at start; at most the cores)")
     g.add_argument("--no-verify", action="store_true", help="skip checking a localglm quantized model's shards against their CRC-32s (a full read)")
     g.add_argument(
         "--mmap", action=argparse.BooleanOptionalAction, default=None,
@@ -145,11 +145,15 @@ def usable_cores() -> int:
 
 def set_threads(n: int | None) -> None:
     """--threads: at least 1, and at most the usable cores (torch.set_num_threads(1000000) starts that many
-    threads and segfaults on the first matmul; more threads than cores only slow the kernels down)."""
-    if n is None:
-        return
+    threads and segfaults on the first matmul; more threads than cores only slow the kernels down).
+    Not given: the physical cores other processes leave free now (localglm.threads.default_threads)."""
     import torch
 
+    if n is None:
+        from ..threads import default_threads
+
+        torch.set_num_threads(default_threads())
+        return
     if n < 1:
         raise LocalGLMError(f"--threads must be at least 1, got {n}")
     cores = usable_cores()

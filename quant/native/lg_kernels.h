@@ -25,6 +25,16 @@
 
 #define QB 32 /* activation / code block */
 
+/* The parallel loops' work split: schedule(dynamic, lg_chunk(items, nth)), chunks of about
+ * 1/(8 nth) of the items claimed as threads come free. With schedule(static) each thread owned a
+ * fixed 1/nth, so on a busy machine the thread sharing its core with another process held every
+ * other thread at the loop's end; now the threads that run take its chunks. Every item's result
+ * is computed by one thread alone, whichever it is, so results do not depend on the split. */
+static inline int lg_chunk(long items, int nth) {
+    const long c = items / (8L * (nth > 1 ? nth : 1));
+    return c < 1 ? 1 : c > (1L << 30) ? (1 << 30) : (int)c;
+}
+
 /* A quantized weight [n, k] (layouts: qkernels.c's header comment). */
 typedef struct {
     const float *rowf;

@@ -14,7 +14,8 @@
  *
  * Built at first use by quant/native.py with the machine's C compiler (-O3 -march=native -fopenmp);
  * a portable scalar path is used where AVX2 is not available. Threads: OpenMP, torch's runtime
- * (same libgomp soname), count passed per call.
+ * (same libgomp soname), count passed per call; loops split dynamically (lg_kernels.h lg_chunk),
+ * and idle threads block instead of spinning (localglm/threads.py sets the runtime's wait policy).
  *
  * This file holds formats and kernels only, nothing of models: the per-token layer ops (norm, RoPE,
  * attention, router) and the fused decoder layer are the model side's (localglm/layers/native/,
@@ -404,7 +405,7 @@ int lg_linear(const lg_qtensor *w, int T, const void *x, int x_dtype, const floa
         quantize_row(row, K, w->bits, QROW(&a, t, K));
     }
     const int par = nth > 1 && (size_t)N * K * T >= (1u << 16);
-#pragma omp parallel for num_threads(nth) schedule(static) if (par)
+#pragma omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(N, nth)) if (par)
     for (int n = 0; n < N; n++) {
         const float b = bias ? bias[n] : 0.0f;
         for (int t0 = 0; t0 < T; t0 += NT_MAX) {
@@ -461,29 +462,29 @@ int lg_moe(int T, int H, int I, const void *x, int dtype, int k, const int64_t *
     const long gate_items = (long)S * I2, down_items = (long)S * H;
 #pragma omp parallel num_threads(nth) if (par)
     {
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, lg_chunk(T, nth))
         for (int t = 0; t < T; t++) {
             load_row(x, dtype, (size_t)t * H, H, xf + (size_t)t * H);
             quantize_row(xf + (size_t)t * H, H, gbits, QROW(&xa, t, H));
         }
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, lg_chunk(gate_items, nth))
         for (long it = 0; it < gate_items; it++) {
             const int s = (int)(it / I2), n = (int)(it % I2);
             dot_pairs(&gate_up[seg_e[s]], n, &xa, H, seg_start[s], seg_start[s + 1], order, k, h1, I2);
         }
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, lg_chunk(P, nth))
         for (int i = 0; i < P; i++) {
             float *h = h1 + (size_t)i * I2;
             for (int j = 0; j < I; j++) h[j] = silu(h[j]) * h[I + j];
             quantize_row(h, I, dbits, QROW(&ha, i, I));
         }
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, lg_chunk(down_items, nth))
         for (long it = 0; it < down_items; it++) {
             const int s = (int)(it / H), n = (int)(it % H);
             dot_pairs(&down[seg_e[s]], n, &ha, I, seg_start[s], seg_start[s + 1], NULL, 1, y, H);
         }
         /* out[t] = sum of its pairs' outputs, in expert order (pair i runs in sorted order) */
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, lg_chunk(T, nth))
         for (int t = 0; t < T; t++) {
             float *o = xf + (size_t)t * H; /* x is quantized already: its float row is the accumulator */
             for (int n = 0; n < H; n++) o[n] = 0.0f;
@@ -524,7 +525,7 @@ static void dequant_row(const lg_qtensor *w, int n, float *o) {
 
 void lg_dequant(const lg_qtensor *w, float *out, int nth) {
     const int par = nth > 1 && (size_t)w->n * w->k >= (1u << 16);
-#pragma omp parallel for num_threads(nth) schedule(static) if (par)
+#pragma omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(w->n, nth)) if (par)
     for (int n = 0; n < w->n; n++) dequant_row(w, n, out + (size_t)n * w->k);
 }
 
@@ -563,7 +564,7 @@ void lg_matvec(const lg_mat *m, const float *x, int dtype, qact *xa, float *y, i
     const int N = m->n, K = m->k;
     if (m->kind == 0) quantize_row(x, K, m->q.bits, QROW(xa, 0, K));
     const int par = nth > 1 && (size_t)N * K >= (1u << 16);
-#pragma omp parallel for num_threads(nth) schedule(static) if (par)
+#pragma omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(N, nth)) if (par)
     for (int n = 0; n < N; n++) {
         const float v = m->kind == 0 ? dot_row(&m->q, n, QROW(xa, 0, K)) : dot_dense(m, n, x);
         y[n] = rnd(v + (m->bias ? m->bias[n] : 0.0f), dtype);

@@ -146,7 +146,7 @@ int lg_attend(const float *q, const void *k, const void *v, int dtype, int heads
     float *buf = malloc(sizeof(float) * per_item * (size_t)items);
     if (!buf) return -1;
     const int par = nth > 1 && (long)heads * len * hk >= (1L << 15);
-#pragma omp parallel for num_threads(nth) schedule(static) if (par)
+#pragma omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(items, nth)) if (par)
     for (int it = 0; it < items; it++) {
         const int g = it / split, h0 = g * group + (it % split) * chunk;
         const int h1 = h0 + chunk < (g + 1) * group ? h0 + chunk : (g + 1) * group;
@@ -221,7 +221,7 @@ void lg_route(const lg_layer *L, const float *h, float *sc, int64_t *ids, float 
     const int E = L->n_experts, H = L->hidden, k = L->top_k;
     float *choice = sc + E;
     const int par = nth > 1 && (size_t)E * H >= (1u << 16);
-#pragma omp parallel for num_threads(nth) schedule(static) if (par)
+#pragma omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(E, nth)) if (par)
     for (int e = 0; e < E; e++) {
         sc[e] = 1.0f / (1.0f + expf(-dotf(L->router_w + (size_t)e * H, h, H)));
         choice[e] = sc[e] + L->router_bias[e];

@@ -193,7 +193,7 @@ int lg_dsa_select(const lg_dsa *D, const float *hn, const float *q_res, int dt, 
 
     const int blocks = (len + AB - 1) / AB;
     const int par = nth > 1 && (long)len * H * d >= (1L << 15);
-#pragma omp parallel for num_threads(nth) schedule(static) if (par)
+#pragma omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(blocks, nth)) if (par)
     for (int b = 0; b < blocks; b++) {
         const int t0 = b * AB, nb = len - t0 < AB ? len - t0 : AB;
         float rows[AB * d], dots[AB], acc[AB];

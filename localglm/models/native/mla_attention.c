@@ -82,7 +82,7 @@ static int absorbed(const lg_mla *M, int heads, int dt, const float *q, const vo
     float *ql = scratch, *olat = ql + (size_t)heads * row;
     const size_t es = dt == 1 ? 2 : 4;
     const int par = nth > 1 && (size_t)heads * (size_t)(M->nope + M->v) * (size_t)lat >= (1u << 16);
-#pragma omp parallel for num_threads(nth) schedule(static) if (par)
+#pragma omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(heads, nth)) if (par)
     for (int h = 0; h < heads; h++) { /* the query in latent space: [q_nope . W_UK (rounded) | q_rope] */
         float *qh = ql + (size_t)h * row;
         vec_mat(q + (size_t)h * qk, M->w_uk, dt, (size_t)h * (size_t)M->head_stride, M->nope, lat, qh);
@@ -91,7 +91,7 @@ static int absorbed(const lg_mla *M, int heads, int dt, const float *q, const vo
     }
     const int rc = lg_attend(ql, rows, rows, dt, heads, 1, len, idx, row, lat, 0, stride_pos, M->scale, olat, nth);
     if (rc) return rc;
-#pragma omp parallel for num_threads(nth) schedule(static) if (par)
+#pragma omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(heads, nth)) if (par)
     for (int h = 0; h < heads; h++) { /* out[h] = W_UV[h] . o_lat[h]: a dense [v, kv_lora] matrix-vector product, rounded */
         const lg_mat uv = {.kind = dt == 1 ? 1 : 2, .n = M->v, .k = lat, .w = (const char *)M->w_uv + (size_t)h * (size_t)M->head_stride * es};
         lg_matvec(&uv, olat + (size_t)h * lat, dt, NULL, out + (size_t)h * M->v, 1);
