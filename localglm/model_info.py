@@ -144,8 +144,7 @@ class CheckpointInfo:
 def read_checkpoint(path: str | Path) -> CheckpointInfo:
     """Config and stored precision of a Hugging Face directory (or its config.json), a localglm quantized
     directory, or a GGUF file (any part of a split set); weights are not read, only headers."""
-    from .checkpoint.gguf import is_gguf_path
-    from .checkpoint.quantized_dir import is_quantized_dir
+    from .checkpoint.kinds import is_gguf_path, is_quantized_dir
 
     p = Path(path).expanduser()
     if is_gguf_path(p):

@@ -15,14 +15,14 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-
-from .checkpoint.safetensors import quantize_fp8_blockwise, save_safetensors_sharded
 from .checkpoint.writing import publish_dir, writing
 from .errors import LocalGLMError
 from .chat.tiny_tokenizer import BYTE_ALPHABET, GLM_SPECIAL_TOKENS, build_tiny_tokenizer
+
+if TYPE_CHECKING:  # torch is imported where weights are made: the specs (make-tiny's flags) need none
+    import torch
 
 
 @dataclass
@@ -136,14 +136,20 @@ class RandomWeights:
     """Seeded random weights of the spec's storage dtype (fan-in scaled, so activations stay O(1))."""
 
     def __init__(self, spec: TinySpecBase) -> None:
+        import torch
+
         self.g = torch.Generator().manual_seed(spec.seed)
         self.spec = spec
         self.store = torch.float32 if spec.dtype in ("float32", "fp8") else getattr(torch, spec.dtype)
 
     def lin(self, out: int, inp: int) -> torch.Tensor:
+        import torch
+
         return (torch.randn(out, inp, generator=self.g) * (self.spec.init_scale / math.sqrt(inp))).to(self.store)
 
     def vec(self, n: int, base: float = 0.0, std: float = 0.1) -> torch.Tensor:
+        import torch
+
         return (base + std * torch.randn(n, generator=self.g)).to(self.store)
 
     def mlp(self, prefix: str, inter: int) -> Iterator[tuple[str, torch.Tensor]]:
@@ -154,12 +160,14 @@ class RandomWeights:
 
 
 # attention(r, layer prefix "model.layers.i") -> that layer's attention tensors
-AttentionTensors = Callable[[RandomWeights, str], Iterator[tuple[str, torch.Tensor]]]
+AttentionTensors = Callable[[RandomWeights, str], Iterator[tuple[str, "torch.Tensor"]]]
 
 
 def moe_tensors(spec: TinySpecBase, attention: AttentionTensors) -> Iterator[tuple[str, torch.Tensor]]:
     """Random weights in hub names, one layer at a time (a big spec never sits whole in RAM):
     the architecture gives each layer's attention tensors, the rest is the shared MoE decoder."""
+    import torch
+
     r = RandomWeights(spec)
     s, h = spec, spec.hidden_size
 
@@ -204,6 +212,10 @@ def moe_param_estimate(spec: TinySpecBase, attention_per_layer: int) -> int:
 
 def fp8_layout(tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
     """GLM-4.5-FP8 layout: 2-D projection weights in e4m3 with `weight_scale_inv` block scales."""
+    import torch
+
+    from .checkpoint.safetensors import quantize_fp8_blockwise
+
     for name, t in tensors:
         fp8_able = t.dim() == 2 and name.endswith("_proj.weight") and "eh_proj" not in name and "weights_proj" not in name
         if fp8_able:
@@ -242,6 +254,8 @@ def make_tiny(out: str | Path, spec: TinySpecBase | None = None, *, overwrite: b
 
 def _write_tiny(arch: Any, spec: TinySpecBase, tmp: Path) -> None:
     """Every file of the tiny checkpoint, into the temporary directory `tmp`."""
+    from .checkpoint.safetensors import save_safetensors_sharded
+
     special = build_tiny_tokenizer(tmp, vocab_size=spec.vocab_size, style=spec.chat_style)
     cfg = arch.tiny.config_json(spec, special)
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

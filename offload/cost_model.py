@@ -15,8 +15,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 
 @dataclass
 class Bandwidths:
@@ -52,6 +50,8 @@ def _best_time(fn, repeat: int = 5) -> float:
 def measure_bandwidths(device: str = "cpu", nbytes: int = 64 << 20, base: Bandwidths | None = None) -> Bandwidths:
     """Measure RAM copy bandwidth and CPU matmul throughput (and, on CUDA, host-to-device and
     device bandwidth) with short microbenchmarks; unmeasured fields keep `base`'s values."""
+    import torch  # here, not at import: `localglm plan` reads sizes and prices without torch
+
     bw = Bandwidths(**{k: v for k, v in asdict(base or Bandwidths()).items() if k != "measured"})
     src = torch.empty(nbytes, dtype=torch.uint8)
     src.fill_(1)

@@ -8,11 +8,14 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from localglm.errors import LocalGLMError
+
+if TYPE_CHECKING:
+    import torch  # annotations only: `localglm simulate --stats` reads a profile without torch
 
 PROFILE_NAME = "localglm_router_stats.npz"
 
@@ -45,7 +48,7 @@ class RouterStats:
         self._prev: tuple[int, np.ndarray] | None = None
 
     def update(self, layer: int, expert_ids: torch.Tensor | np.ndarray) -> None:
-        ids = expert_ids.detach().cpu().numpy() if isinstance(expert_ids, torch.Tensor) else np.asarray(expert_ids)
+        ids = expert_ids.detach().cpu().numpy() if hasattr(expert_ids, "detach") else np.asarray(expert_ids)  # a torch tensor
         ids = ids.reshape(-1, ids.shape[-1]).astype(np.int64)
         li = self.index[layer]
         np.add.at(self.counts[li], ids.reshape(-1), 1.0)

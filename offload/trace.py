@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
-import torch
 
 from localglm.errors import LocalGLMError
+
+if TYPE_CHECKING:
+    import torch  # annotations only: `localglm simulate` replays a trace without torch
 
 FORMAT = "localglm-trace"
 
@@ -122,7 +124,7 @@ class TraceRecorder:
         if layer <= self._last_layer:
             self.step += 1
         self._last_layer = layer
-        ids = expert_ids.detach().cpu().numpy() if isinstance(expert_ids, torch.Tensor) else np.asarray(expert_ids)
+        ids = expert_ids.detach().cpu().numpy() if hasattr(expert_ids, "detach") else np.asarray(expert_ids)  # a torch tensor
         call = TraceCall(self.step, layer, ids.astype(np.int64).reshape(-1, self.trace.top_k), self._pred.pop(layer, None))
         self.trace.calls.append(call)
         if self.path is not None:  # stream to disk so a killed run still leaves its trace
@@ -182,6 +184,8 @@ def tracing_experts(
 ) -> TracingExperts:
     """`experts` wrapped so every MoE call is recorded (streamed to `path`), with the default
     predictor's guesses (from `routing`, the model's MoE routers) unless `predict` is False."""
+    import torch
+
     from .prefetch import predictor_for
 
     expert_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size * torch.tensor([], dtype=dtype).element_size()

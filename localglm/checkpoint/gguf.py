@@ -44,17 +44,12 @@ from ..models.moe_gguf import GGUFMetadata, JoinedTensor, SplitPart
 from ..chat.tiny_tokenizer import GLM_SPLIT_PATTERN
 from ..chat.tokenizer import Tokenizer
 from .gguf_file import PLAIN_TYPES, SUPPORTED_TYPES, GGUFModelFiles, type_name
+from .gguf_out_types import OUT_TYPES
 from .gguf_writer import GGUFStreamWriter, fits_type
+from .kinds import is_gguf_path
 from .source import MappedSource, SafetensorsSource, TensorInfo, check_expected_shape
 from .writing import writing
 
-OUT_TYPES: dict[str, tuple[QT, gguf.LlamaFileType]] = {
-    "f32": (QT.F32, gguf.LlamaFileType.ALL_F32),
-    "f16": (QT.F16, gguf.LlamaFileType.MOSTLY_F16),
-    "bf16": (QT.BF16, gguf.LlamaFileType.MOSTLY_BF16),
-    "q8_0": (QT.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
-    "q4_0": (QT.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
-}
 # Pre-tokenizer names llama.cpp maps to GLM's split regex (LLAMA_VOCAB_PRE_TYPE_CHATGLM4).
 GLM_PRE_NAMES = ("glm4", "chatglm-bpe", "glm5")
 CHUNK_ELEMENTS = 1 << 22  # rows per streamed chunk are chosen so a float32 chunk stays near 16 MB
@@ -489,10 +484,6 @@ class GGUFSource(MappedSource):
 
     def __repr__(self) -> str:
         return f"GGUFSource({str(self.files.where)!r}, {len(self._infos)} tensors, {len(self.files.files)} files)"
-
-
-def is_gguf_path(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() == ".gguf"
 
 
 class GGUFCheckpoint:

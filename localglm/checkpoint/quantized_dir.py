@@ -36,9 +36,9 @@ from quant.recipe import Recipe
 
 from ..config import load_json
 from ..errors import CheckpointError
+from .kinds import MANIFEST, is_quantized_dir
 from .source import MappedSource, SafetensorsSource, TensorInfo, check_expected_shape, inside_name
 
-MANIFEST = "localglm_quant.json"
 FORMAT = "localglm-quant"
 VERSION = 2  # 2: q8 in groups of 32 (rowf | data | gscale); 1 had per-row q8
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -53,10 +53,6 @@ def blob_name(layer: int, expert: int) -> str:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
-
-
-def is_quantized_dir(path: str | Path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
 
 
 def read_manifest(root: Path) -> dict:

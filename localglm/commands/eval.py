@@ -15,8 +15,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..errors import LocalGLMError
 
 
@@ -40,6 +38,8 @@ def register(sub: Any) -> None:
 
 def weight_errors(model_dir: Path, ref_dir: Path) -> dict[str, float]:
     """Per-class relative Frobenius error of a quantized directory's tensors against the reference's."""
+    import torch
+
     from ..checkpoint.quantized_dir import QuantizedSource
     from ..checkpoint.source import SafetensorsSource
     from ..config import ModelConfig
@@ -80,9 +80,17 @@ def token_ids(args: argparse.Namespace, model: Any) -> list[int]:
     return list(ids)[: args.max_tokens]
 
 
-@torch.inference_mode()
 def score(model: Any, ref: Any, ids: list[int], ctx: int) -> dict[str, float]:
     """Perplexity of both models and mean KL(ref || model) over windows of `ctx` tokens."""
+    import torch
+
+    with torch.inference_mode():
+        return _score(model, ref, ids, ctx)
+
+
+def _score(model: Any, ref: Any, ids: list[int], ctx: int) -> dict[str, float]:
+    import torch
+
     nll_m = nll_r = kl = 0.0
     count = 0
     for start in range(0, len(ids) - 1, ctx):

@@ -19,7 +19,7 @@ output head, Q8_0; as llama-quantize Q4_0 would, save that it uses Q6_K for the 
 """
 
 def register(sub: Any) -> None:
-    from ..checkpoint.gguf import OUT_TYPES
+    from ..checkpoint.gguf_out_types import OUT_TYPES
 
     p = sub.add_parser(
         "export-gguf",

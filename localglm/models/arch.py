@@ -10,15 +10,17 @@ import with one line naming the piece, not later in the middle of a load.
 
 from __future__ import annotations
 
+import functools
+import importlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import torch
-
 from ..config import ModelConfig
 
 if TYPE_CHECKING:
+    import torch  # annotations only: the registry imports without torch (`localglm --help` starts fast)
+
     from ..layers.experts import ExpertBackend
     from ..layers.kv_cache import HostRows, TokenCache
     from ..model_info import ParamCounts
@@ -131,6 +133,30 @@ class ModelBuilder(Protocol):
     def routing(self, cfg: ModelConfig, weights: Any) -> Any:
         """The MoE routers (moe_decoder.MoeRouting) expert prediction applies, before the model exists."""
         ...
+
+
+class LazyBuilder:
+    """An architecture's ModelBuilder, imported on first use: its module imports torch and the
+    layers, which the registry's other users (`--help`, `plan`, `inspect`) never need."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self._where = (module, name)
+
+    @functools.cached_property
+    def _builder(self) -> ModelBuilder:
+        module, name = self._where
+        return getattr(importlib.import_module(module), name)()
+
+    def load_weights(self, cfg: ModelConfig, reader: WeightReader) -> Any:
+        return self._builder.load_weights(cfg, reader)
+
+    def build(
+        self, cfg: ModelConfig, weights: Any, experts: ExpertBackend, device: torch.device, kv_host: HostRows | None = None
+    ) -> DecoderModel:
+        return self._builder.build(cfg, weights, experts, device, kv_host)
+
+    def routing(self, cfg: ModelConfig, weights: Any) -> Any:
+        return self._builder.routing(cfg, weights)
 
 
 class ArchError(TypeError):

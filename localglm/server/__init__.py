@@ -11,7 +11,20 @@ connection cap and a shutdown that ends streams cleanly; any ASGI server runs th
 this adds those), `metrics`, `validation`, `errors`, `command` (the CLI subcommand).
 """
 
-from .app import create_app
-from .state import ServerSettings
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .app import create_app
+    from .state import ServerSettings
 
 __all__ = ["create_app", "ServerSettings"]
+_LAZY = {"create_app": ".app", "ServerSettings": ".state"}  # imported on use: `localglm --help` registers `serve` without torch
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name], __name__), name)

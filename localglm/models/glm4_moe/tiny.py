@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ...tiny import RandomWeights, TinySpecBase, base_config_json, moe_param_estimate, moe_tensors
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass

@@ -1,9 +1,8 @@
 """GLM-4.7-Flash (`glm4_moe_lite`): the MoE decoder with multi-head latent attention (MLA)."""
 
-from ..arch import Arch
+from ..arch import Arch, LazyBuilder
 from .config import Glm4MoeLiteConfig
 from .gguf import GGUF
-from .model import Glm4MoeLiteBuilder
 from .schema import SCHEMA
 from .sizes import Glm4MoeLiteSizes
 from .tiny import TINY
@@ -13,7 +12,7 @@ ARCH = Arch(
     title="GLM-4.7-Flash",
     hf_architecture="Glm4MoeLiteForCausalLM",
     config=Glm4MoeLiteConfig,
-    model=Glm4MoeLiteBuilder(),
+    model=LazyBuilder(f"{__name__}.model", "Glm4MoeLiteBuilder"),  # imports torch: on first use
     schema=SCHEMA,
     sizes=Glm4MoeLiteSizes(),
     gguf=GGUF,

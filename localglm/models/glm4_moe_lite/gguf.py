@@ -15,14 +15,16 @@ Glm4MoeLiteModel, a DeepseekV2Model), as llama.cpp 0c1e57098 (llama-cpp-python 0
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gguf
-import torch
 
 from ...errors import ConfigError
 from ..moe_gguf import GGUFMetadata, JoinedTensor, MoeGGUFSchema, SplitPart
 from .config import Glm4MoeLiteConfig
+
+if TYPE_CHECKING:
+    import torch
 
 _KV_B = re.compile(r"^model\.layers\.(\d+)\.self_attn\.kv_b_proj\.weight$")
 
@@ -95,6 +97,8 @@ class Glm4MoeLiteGGUF(MoeGGUFSchema):
         v = v_b.shape[1]
 
         def join(parts: list[torch.Tensor]) -> torch.Tensor:
+            import torch  # not at import: the registry loads without torch
+
             k, vv = parts
             return torch.cat([k.transpose(1, 2), vv], dim=1).reshape(h * (nope + v), lora)
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ...tiny import RandomWeights, moe_tensors
 from ..glm4_moe_lite.tiny import Glm4MoeLiteTiny
 from ..glm4_moe_lite.tiny import TinySpec as MlaSpec
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
