@@ -355,6 +355,37 @@ def host_from_mapped(blobs: dict[int, list[torch.Tensor]], stats: RouterStats, n
     return host
 
 
+def device_for_plan(kind: str, plan: Any, bw: Bandwidths) -> SimulatedDevice | CudaDevice:
+    """The offload device ("sim" or "cuda") with the plan's GPU budget, the always-used weights, KV
+    cache and workspace already charged to it (what is left is the expert cache's)."""
+    device = SimulatedDevice(plan.gpu_budget, bw) if kind == "sim" else CudaDevice(plan.gpu_budget, bandwidths=bw)
+    device.reserve(sum(i.bytes for i in plan.items if i.where == "GPU" and not i.what.startswith("expert cache")), "dense weights, KV cache, workspace")
+    return device
+
+
+def prepared_expert_bytes(codec: Any, device: Any) -> int:
+    """Device bytes the kernels prepared for one resident quantized expert keep beside its blob (CUDA
+    converts the blob once into tinygemm's tiles, or a dense weight for q8); 0 on the simulated device,
+    whose experts run from the blob itself."""
+    if device.kind != "cuda":
+        return 0
+    from quant.cuda_kernels import prepared_nbytes
+
+    lay = codec.layout
+    return sum(prepared_nbytes(spec, shape, codec.dtype, device.torch_device) for _, _, shape, spec in lay.parts.values())
+
+
+def size_expert_cache(device: Any, n_keys: int, blob_bytes: int, prepared_bytes: int, slots: int | None = None) -> int:
+    """The expert cache's slot count: `slots` if given, else as many as the device's free budget holds
+    at blob + prepared kernel bytes each (at most one per expert); the prepared copies are reserved."""
+    per_slot = blob_bytes + prepared_bytes
+    if slots is None:
+        slots = max(0, min(n_keys, (device.budget.capacity - device.budget.used) // per_slot))
+    if prepared_bytes:
+        device.reserve(slots * prepared_bytes, "prepared kernel copies")
+    return slots
+
+
 def build_offloaded_experts(
     cfg: Any, experts: Any, routing: Any, model_device: torch.device, dtype: torch.dtype, root: str | Path, ctx: int, opts: OffloadOptions,
     dense_bits: dict[str, int] | None = None,
@@ -391,9 +422,7 @@ def build_offloaded_experts(
         expert_bits = max(lay.nbytes for lay in experts.layouts.values()) * 8 / (3 * cfg.hidden_size * cfg.moe_intermediate_size)
     fixed = dict(dense_bits or {}) | {c: 16 for c in DENSE_CLASSES if c not in (dense_bits or {})}
     plan = make_plan(cfg, gpu_mem, opts.cpu_mem, ctx, experts=expert_bits, bandwidths=bw, fixed=fixed, float_bits=bits, kv=opts.kv)
-    device = SimulatedDevice(plan.gpu_budget, bw) if kind == "sim" else CudaDevice(plan.gpu_budget, bandwidths=bw)
-    device.reserve(sum(i.bytes for i in plan.items if i.where == "GPU" and not i.what.startswith("expert cache")), "dense weights, KV cache, workspace")
-    slots = plan.cache_slots if opts.cache_slots is None else opts.cache_slots
+    device = device_for_plan(kind, plan, bw)
     moe_layers = cfg.moe_layers
     stats_path = opts.stats_path or profile_path(root)
     stats = RouterStats.load_or_new(stats_path, moe_layers, cfg.n_routed_experts, cfg.num_experts_per_tok)
@@ -419,13 +448,8 @@ def build_offloaded_experts(
     else:
         codec, host = pack_in_memory(experts, device)
     blob_bytes = max(c.nbytes for c in codec.values()) if isinstance(codec, dict) else codec.nbytes
-    # Quantized kernels on CUDA keep a converted copy of each resident expert (quant/ prepares the
-    # tiled int4 layout once per blob): charge it to the budget as one more blob per slot.
-    per_slot = blob_bytes * (2 if quantized and kind == "cuda" else 1)
-    if opts.cache_slots is None:  # the plan estimated the blob size; fill the budget with real blobs
-        slots = min(len(moe_layers) * cfg.n_routed_experts, (device.budget.capacity - device.budget.used) // per_slot)
-    if per_slot > blob_bytes:
-        device.reserve(slots * (per_slot - blob_bytes), "prepared kernel copies")
+    prepared = max(prepared_expert_bytes(c, device) for c in codec.values()) if quantized else 0
+    slots = size_expert_cache(device, len(moe_layers) * cfg.n_routed_experts, blob_bytes, prepared, opts.cache_slots)
     recorder = None
     if opts.trace:
         recorder = TraceRecorder(cfg.n_routed_experts, cfg.num_experts_per_tok, moe_layers, blob_bytes, str(root), opts.trace)

@@ -117,7 +117,8 @@ class SimulatedDevice:
 class CudaDevice:
     """Real CUDA: a dedicated copy stream, pinned host buffers, events; copies overlap compute.
 
-    Not exercised in CI (no GPU there); gated on torch.cuda.is_available().
+    Not exercised in CI (no GPU there); gated on torch.cuda.is_available(). Reviewed, not yet run on
+    a GPU: benchmarks/gpu_check.py runs it (and tests/test_gpu_check.py's `cuda` tests) when one is lent.
     """
 
     kind = "cuda"
@@ -133,6 +134,7 @@ class CudaDevice:
         self.bytes_h2d = 0
         self.copies = 0
         self.now_s = 0.0
+        self._registered: list[torch.Tensor] = []  # host buffers page-locked by host_buffer
 
     def alloc(self, nbytes: int, what: str = "buffer") -> torch.Tensor:
         self.budget.charge(nbytes, what)
@@ -142,7 +144,33 @@ class CudaDevice:
         self.budget.charge(nbytes, what)
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        """Page-locked host memory of exactly `nbytes`. Not `pin_memory=True`: torch's pinned allocator
+        rounds every block up to a power of two, so a 1.26 GB layer of GLM-4.5-Air experts would pin
+        2 GiB (58 GB of experts -> 92 GiB). A plain allocation is registered with cudaHostRegister
+        instead, kept (and unregistered) by this device; if registering fails, the rounded pinned
+        allocator is the fallback."""
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes == 0:
+            return buf
+        buf.zero_()  # fault the pages in on all threads: registering faults them one by one otherwise
+        err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)
+        if int(getattr(err, "value", err)) != 0:
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        self._registered.append(buf)
+        return buf
+
+    def close(self) -> None:
+        """Unregister the host buffers (after the GPU is done with them); they stay valid, pageable."""
+        if self._registered:
+            torch.cuda.synchronize(self.torch_device)
+        while self._registered:
+            torch.cuda.cudart().cudaHostUnregister(self._registered.pop().data_ptr())
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the driver unpins at process exit anyway
+            pass
 
     def record_use(self) -> torch.cuda.Event:
         """An event after the kernels queued so far that read a slot (its next copy waits on it)."""

@@ -1,27 +1,36 @@
-"""CUDA matmul kernels for QuantTensor. NOT RUN in this repository's CI machine (no GPU there):
-written against torch's documented ops and checked only for import; run `benchmarks/bench_quant.py
---device cuda` and `pytest tests/test_quant.py -k cuda` on a GPU machine before trusting them.
+"""CUDA matmul kernels for QuantTensor. Reviewed line by line, NOT yet run on a GPU (no session has
+had one): `python benchmarks/gpu_check.py --out DIR` runs them, with the `cuda`-marked tests, the
+first time a GPU is lent.
 
-- q4 / q2 -> torch's tinygemm `aten._weight_int4pack_mm(x_bf16, packed, group, scales_zeros)` (sm80+):
-  codes are packed high-nibble-first as uint8 [N, K/2] and converted once on the GPU with
+- q4 / q2 -> torch's tinygemm `aten._weight_int4pack_mm(x_bf16, packed, group, scales_zeros)` (sm80+,
+  a CUDA 12+ build): codes are packed high-nibble-first as uint8 [N, K/2] (even k in the high nibble,
+  torchao's convention for the CUDA op since torch 2.5) and converted once on the GPU with
   `aten._convert_weight_to_int4pack(packed, inner_k_tiles)`; scales_zeros [K/G, N, 2] bf16 with the
-  same w = (q - 8) * scale + zero convention as the CPU kernel.
+  same w = (q - 8) * scale + zero convention as the CPU kernel. tinygemm takes N % 8 == 0 and
+  K % 32 == 0 only; other shapes, and GPUs older than sm80, use the dense kernel below.
 - q8 -> torch has no int8 kernel with per-group scales (`_weight_int8pack_mm` takes one per row), so
   the weight is dequantized once to the compute dtype and multiplied with cuBLAS (cpu_kernels'
   DenseKernel, which runs on any device; 2x the memory of int8 for bf16, still correct).
 - bitsandbytes (`LOCALGLM_CUDA_KERNEL=bnb`, if installed): q4/q2 tensors are dequantized once and
   re-quantized to bitsandbytes NF4 (group 64), q8 to LLM.int8 weights; an alternative to compare
-  against tinygemm. Which one wins is NOT measured yet (no GPU in this session).
+  against tinygemm (benchmarks/gpu_check.py's bnb part measures both).
+
+`prepared_nbytes` says how much device memory a prepared kernel keeps beside the canonical buffer, so
+the offload backend can charge each expert-cache slot its real size.
 """
 
 from __future__ import annotations
 
 import os
+from functools import cache
 
 import torch
 
 from .cpu_kernels import DenseKernel
-from .formats import QuantTensor
+from .formats import QuantSpec, QuantTensor
+
+TINYGEMM_N = 8  # tinygemm's N tile
+TINYGEMM_K = 32  # the smallest K it packs (2 inner k-tiles of 16)
 
 
 def _inner_k_tiles(k: int) -> int:
@@ -29,6 +38,29 @@ def _inner_k_tiles(k: int) -> int:
         if k % (t * 16) == 0:
             return t
     raise ValueError(f"K={k} is not a multiple of 32; tinygemm cannot take it")
+
+
+@cache
+def _has_tinygemm(index: int) -> bool:
+    """tinygemm's kernels are built for sm80+ only (they raise 'not available for build' elsewhere)."""
+    return torch.cuda.get_device_capability(index) >= (8, 0)
+
+
+def uses_tinygemm(spec: QuantSpec, shape: tuple[int, int], device: torch.device | None = None) -> bool:
+    """Whether a q2/q4 tensor of this shape runs through tinygemm (else the dense kernel)."""
+    n, k = shape
+    if spec.bits == 8 or n % TINYGEMM_N or k % TINYGEMM_K:
+        return False
+    return device is None or _has_tinygemm(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def prepared_nbytes(spec: QuantSpec, shape: tuple[int, int], dtype: torch.dtype, device: torch.device | None = None) -> int:
+    """Device bytes a prepared kernel keeps for one tensor (beside its canonical buffer): tinygemm's
+    int4 tiles (K/2 bytes a row) plus bf16 scale/zero pairs (4 bytes a group), or the dense weight."""
+    n, k = shape
+    if uses_tinygemm(spec, shape, device):
+        return n * k // 2 + 4 * n * (k // spec.group)
+    return n * k * torch.tensor([], dtype=dtype).element_size()
 
 
 class _TinyGemm4:
@@ -75,6 +107,8 @@ class _Bnb:
 
 
 def prepare_cuda(qt: QuantTensor) -> object:
-    if os.environ.get("LOCALGLM_CUDA_KERNEL", "").lower() == "bnb":
-        return _Bnb(qt)
-    return DenseKernel(qt) if qt.spec.bits == 8 else _TinyGemm4(qt)
+    """The kernel for a CUDA QuantTensor, built on the tensor's GPU (whatever the current device)."""
+    with torch.cuda.device(qt.device):
+        if os.environ.get("LOCALGLM_CUDA_KERNEL", "").lower() == "bnb":
+            return _Bnb(qt)
+        return _TinyGemm4(qt) if uses_tinygemm(qt.spec, tuple(qt.shape), qt.device) else DenseKernel(qt)

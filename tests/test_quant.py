@@ -247,6 +247,7 @@ def test_recipe_overrides_and_json() -> None:
     assert Recipe.from_json(r.to_json()).to_json() == r.to_json()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_cuda_kernel_matches_dequantized_matmul(bits: int) -> None:

@@ -1,0 +1,192 @@
+"""benchmarks/gpu_check.py: its CPU rehearsal end to end, the pieces it builds on, and the `cuda` tests it runs.
+
+The `cuda`-marked tests skip without a GPU; `python benchmarks/gpu_check.py --out DIR` runs them
+(`pytest -m cuda`) the day a GPU is lent. This module imports only torch and the project at the top,
+so it collects on the device machine (no gguf / textual / transformers needed there).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from quant.blob import ExpertBlobLayout, PreparedExpert
+from quant.cuda_kernels import prepared_nbytes, uses_tinygemm
+from quant.formats import QuantSpec, QuantTensor
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _gpu_check():
+    """benchmarks/gpu_check.py as a module (registered first: its dataclasses look their module up)."""
+    if "gpu_check" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["gpu_check"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["gpu_check"]
+
+
+# ---- the rehearsal ------------------------------------------------------------------------------
+def test_rehearsal_writes_both_reports(tmp_path: Path) -> None:
+    """The whole check on the CPU (simulated device, small shapes): every part runs or is skipped for a
+    stated reason, the offloaded greedy tokens equal the CPU's bit for bit, and the reports agree."""
+    out = tmp_path / "gc"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--rehearse", "--out", str(out)], capture_output=True, text=True, timeout=240)
+    report = json.loads((out / "gpu_check.json").read_text())
+    parts = report["parts"]
+    assert set(parts) == {"env", "cuda_tests", "exactness", "air_bench", "bnb"}
+    assert {p: v["status"] for p, v in parts.items() if v["status"] not in ("ok", "skipped")} == {}, proc.stderr[-3000:]
+    assert proc.returncode == 0
+    ex = parts["exactness"]
+    assert ex["runs"] == 5 and ex["tokens_equal_cpu"] == 5 and ex["offload_bit_exact"] == 5
+    models = {s["model"] for s in ex["steps"]}
+    assert any("glm_moe_dsa" in m for m in models) and any("glm4_moe_lite" in m for m in models)
+    for s in ex["steps"]:
+        for key in ("offload_copy", "offload_cost"):
+            assert s[key]["budget_ok"] and 0 < s[key]["cache_slots"] < s["experts_total"]
+        assert s["offload_copy"]["copied"] > 0  # the cache missed: the copy path ran
+    air = {s["step"]: s for s in parts["air_bench"]["steps"]}
+    runs = [air[name] for name, *_ in _gpu_check().AIR_CONFIGS]
+    assert all(r["status"] == "ok" for r in runs)
+    assert all(0 < r["cache_fraction"] < 1 and r["bytes_per_token"] > 0 and r["bound_tok_s"] > 0 for r in runs[:2])
+    assert runs[2]["cpu_experts_per_token"] > 0  # the cost model sent cold experts to the CPU
+    assert runs[0]["prefetched"] == 0 and runs[1]["prefetched"] > 0
+    md = (out / "gpu_check.md").read_text()
+    assert "REHEARSAL" in md and "| LRU, GPU-only |" in md and "random GLM-5 (glm_moe_dsa) | q4 | yes | yes | yes |" in md
+
+
+def test_failed_part_is_recorded_and_the_rest_kept(tmp_path: Path) -> None:
+    gc = _gpu_check()
+    report = {
+        "rehearsal": True, "started_utc": "now", "prefill_tokens": 64,
+        "parts": {
+            "env": {"status": "ok", "wall_s": 1.0},
+            "exactness": {"status": "timeout", "wall_s": 30.0, "steps": [
+                {"step": "m q4", "status": "error", "model": "m", "bits": 4, "error": "RuntimeError: boom"}]},
+            "air_bench": {"status": "ok", "wall_s": 2.0, "steps": [{"step": "bandwidths", "status": "ok"}]},
+        },
+    }  # fmt: skip
+    md = gc.render_md(report)
+    assert "| exactness | timeout | 30.0 |" in md and "| m | q4 | error: RuntimeError: boom |" in md and "| air_bench | ok |" in md
+
+
+def test_random_expert_blobs_are_valid_packed_experts() -> None:
+    """Random bytes straight into the blob format decode to finite weights of about 1/sqrt(K)."""
+    gc = _gpu_check()
+    spec = QuantSpec.for_bits(4)
+    lay = ExpertBlobLayout(128, 64, spec, spec)
+    host = torch.empty(3, lay.nbytes, dtype=torch.uint8)
+    gc.random_expert_blobs(lay, 3, host, "cpu", seed=1)
+    gu, dn = lay.unpack(host[2], torch.float32)
+    for qt, k in ((gu, 128), (dn, 64)):
+        w = qt.dequantize(torch.float32)
+        assert torch.isfinite(w).all() and 0.5 < float(w.std()) * math.sqrt(k) < 3
+    y = PreparedExpert(lay, host[0], torch.float32)(torch.randn(2, 128))
+    assert y.shape == (2, 128) and torch.isfinite(y).all()
+    assert not torch.equal(host[0], host[1])
+
+
+def test_decode_bound_overlaps_copies_with_gpu_work() -> None:
+    from offload.cost_model import Bandwidths, CostModel
+
+    gc = _gpu_check()
+    bw = Bandwidths(h2d=10e9, gpu_mem=100e9, ram=50e9, cpu_flops=1e12, latency_s=0.0)
+    cost = CostModel(bw, 10**6, 0.0)
+    # 1 GB over H2D = 0.1 s; GPU reads 1 GB dense + 10 experts = 0.0101 s: the copy bounds it
+    b = gc.decode_bound({"bytes": 1e9, "gpu_experts": 10, "cpu_experts": 0}, 10**6, 10**9, bw, cost)
+    assert b["bound_tok_s"] == pytest.approx(10.0)
+    # 500 experts on the CPU at 1 MB / 50 GB/s = 0.01 s, in the GPU's path
+    b = gc.decode_bound({"bytes": 0, "gpu_experts": 0, "cpu_experts": 500}, 10**6, 10**9, bw, cost)
+    assert b["bound_tok_s"] == pytest.approx(1 / (0.01 + 0.01))
+
+
+# ---- CUDA kernel accounting (runs anywhere) -------------------------------------------------------
+def test_prepared_bytes_per_format() -> None:
+    """What a prepared CUDA kernel keeps: tinygemm tiles + bf16 scale/zero pairs for q2/q4 (q2 costs
+    4 bits a weight once prepared), the dense weight for q8 and for shapes tinygemm cannot take."""
+    n, k = 256, 512
+    assert prepared_nbytes(QuantSpec.for_bits(4), (n, k), torch.bfloat16) == n * k // 2 + 4 * n * (k // 32)
+    assert prepared_nbytes(QuantSpec.for_bits(2), (n, k), torch.bfloat16) == n * k // 2 + 4 * n * (k // 32)
+    assert prepared_nbytes(QuantSpec.for_bits(8), (n, k), torch.bfloat16) == 2 * n * k
+    assert prepared_nbytes(QuantSpec.for_bits(8), (n, k), torch.float32) == 4 * n * k
+    assert not uses_tinygemm(QuantSpec.for_bits(4), (12, k))  # N not a multiple of 8
+    assert uses_tinygemm(QuantSpec.for_bits(4), (n, k)) and not uses_tinygemm(QuantSpec.for_bits(8), (n, k))
+
+
+# ---- on a GPU -------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_host_buffer_is_pinned_exact_and_copies() -> None:
+    """Registered (not power-of-two rounded) pinned memory; a copy on the copy stream lands intact once waited for."""
+    from offload.device import CudaDevice
+
+    dev = CudaDevice(1 << 30)
+    n = (3 << 20) + 123
+    host = dev.host_buffer(n)
+    assert host.numel() == n and host.is_pinned()
+    host.copy_(torch.randint(0, 256, (n,), dtype=torch.uint8))
+    dst = dev.alloc(n, "test")
+    ev = dev.copy_async(dst, host)
+    dev.wait(ev)
+    assert torch.equal(dst.cpu(), host)
+    dev.close()
+    assert not host.is_pinned() and host.numel() == n
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_cuda_prepared_kernel_fits_its_accounting(bits: int) -> None:
+    n, k = 512, 1024
+    qt = QuantTensor.quantize(torch.randn(n, k), QuantSpec.for_bits(bits), torch.bfloat16).to("cuda")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    qt.prepare()
+    torch.cuda.synchronize()
+    kept = torch.cuda.memory_allocated() - before
+    assert kept <= prepared_nbytes(qt.spec, (n, k), torch.bfloat16, qt.device) + (64 << 10)
+    x = torch.randn(3, k, device="cuda", dtype=torch.bfloat16)
+    ref = x.float() @ qt.dequantize(torch.float32).T
+    assert float((qt.matmul(x).float() - ref).norm() / ref.norm()) < 2e-2
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_odd_shapes_fall_back_to_the_dense_kernel() -> None:
+    qt = QuantTensor.quantize(torch.randn(12, 64), QuantSpec.for_bits(4), torch.bfloat16).to("cuda")  # N % 8 != 0
+    x = torch.randn(2, 64, device="cuda", dtype=torch.bfloat16)
+    ref = x.float() @ qt.dequantize(torch.float32).T
+    assert float((qt.matmul(x).float() - ref).norm() / ref.norm()) < 2e-2
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("bits", [None, 4])
+def test_cuda_offload_equals_resident_experts(tiny_dir: Path, tmp_path: Path, bits: int | None) -> None:
+    """Every miss copied into a small device cache (copy stream, events, slot reuse, prefetch): logits
+    bit for bit those of the same experts resident on the GPU, unquantized (bf16 codec) and q4 (tinygemm)."""
+    import localglm
+
+    kw = {} if bits is None else {"experts_bits": bits}
+    ids = torch.tensor([[5, 17, 42, 99, 7, 300, 12, 64, 3, 250, 31, 8]])
+    resident = localglm.load(tiny_dir, device="cuda", **kw)
+    ref = resident.logits(ids)
+    off = localglm.load(tiny_dir, device="cuda", offload="cuda", gpu_mem="8GiB", cache_slots=6, miss="copy", stats_path=tmp_path / "s.json", **kw)
+    assert torch.equal(off.logits(ids), ref)
+    from localglm.sampling import SamplingParams
+
+    greedy = SamplingParams(temperature=0.0)
+    assert list(off.stream_tokens(ids[0].tolist(), max_new_tokens=8, sampling=greedy)) == list(
+        resident.stream_tokens(ids[0].tolist(), max_new_tokens=8, sampling=greedy)
+    )
+    snap = off.net.experts.stats_snapshot()
+    assert snap["copied"] > 0 and snap["cache_slots"] == 6 and snap["device_bytes_peak"] <= snap["device_bytes_budget"]
