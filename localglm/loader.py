@@ -174,8 +174,10 @@ def load(
     def get(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         return read(name, shape, dt)
 
-    if quantized_dir or recipe is not None:
-        get = quant_getter(source, recipe, get, dev, dt, arch.schema.classify)  # noqa: F811 -- QuantTensors for quantized classes
+    # QuantTensors for quantized classes, and a GGUF's K-quant (etc.) tensors as stored (quantize.quant_getter)
+    takes_quant = quantized_dir or recipe is not None or ckpt is not None
+    if takes_quant:
+        get = quant_getter(source, recipe, get, dev, dt, arch.schema.classify)  # noqa: F811
 
     def get_fp32(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         return read(name, shape, torch.float32)
@@ -190,7 +192,7 @@ def load(
 
     with source:
         weights = arch.model.load_weights(config, WeightReader(tick_dense, get_fp32, source.__contains__))
-        if quantized_dir or recipe is not None:
+        if takes_quant:
             prepare_quantized(weights)
         source.release_pages()
         moe_total = config.num_moe_layers

@@ -29,6 +29,7 @@ import re
 import resource
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ import torch
 
 from quant.blob import ExpertBlobLayout, quantize_expert
 from quant.formats import QuantSpec, QuantTensor
-from quant.gguf_packed import Q8_SPEC
+from quant.gguf_packed import PACKED_SPECS
 from quant.recipe import KEEP, Classifier, Recipe
 
 from .config import ModelConfig, load_json
@@ -87,11 +88,13 @@ def _float_for_quant(source: Any, name: str, shape: tuple[int, ...] | None = Non
 
 
 def _packed_layout(source: Any, recipe: Recipe | None, layer: int, hidden: int, inter: int) -> ExpertBlobLayout | None:
-    """The q8 layout when `layer`'s routed experts are GGUF Q8_0 and are to be held at 8 bits (no
-    recipe, or one giving them q8): their blocks are then used as they are. None otherwise."""
-    if not isinstance(source, GGUFSource) or any(source.packed_spec(nm) != Q8_SPEC for nm in expert_tensor_names(layer, 0)):
+    """The layout of `layer`'s routed experts as a GGUF stores them, when its types are taken as
+    stored (Q8_0 as q8; K-quants, Q4_0, Q5_0, IQ4_XS as their blocks: quant.kquants; gate and up of one
+    type) and no recipe asks otherwise (none, or one giving them exactly this layout). None otherwise."""
+    specs = [source.packed_spec(nm) for nm in expert_tensor_names(layer, 0)] if isinstance(source, GGUFSource) else [None]
+    if any(sp is None for sp in specs) or specs[0] != specs[1]:
         return None
-    lay = ExpertBlobLayout(hidden, inter, Q8_SPEC, Q8_SPEC)
+    lay = ExpertBlobLayout(hidden, inter, specs[0], specs[2])
     return lay if recipe is None or _expert_layout(recipe, layer, hidden, inter) == lay else None
 
 
@@ -100,17 +103,44 @@ def _packed_layout(source: Any, recipe: Recipe | None, layer: int, hidden: int, 
 _GGUF_BITS = (("Q8", 8), ("Q6", 8), ("Q5", 8), ("Q4", 4), ("IQ4", 4), ("MXFP4", 4), ("Q3", 2), ("Q2", 2), ("IQ3", 2), ("IQ2", 2), ("IQ1", 2), ("TQ", 2))
 
 
+def _gguf_bits(kind: str) -> int | None:
+    """The localglm bits nearest a GGUF type (None for float types)."""
+    return next((b for prefix, b in _GGUF_BITS if kind.upper().startswith(prefix)), None)
+
+
+def _requantized_layouts(source: GGUFSource, layers: list[int], hidden: int, inter: int) -> dict[int, ExpertBlobLayout]:
+    """Layouts for MoE layers whose routed experts are not taken as stored while other layers are
+    (a type localglm does not run, or gate and up of different types): re-quantized to the nearest
+    localglm bits, with one warning naming the layers and their types."""
+    out: dict[int, ExpertBlobLayout] = {}
+    why: dict[str, list[int]] = {}
+    for i in layers:
+        kinds = [source.info(nm).ggml_type.upper() for nm in expert_tensor_names(i, 0)]
+        bits = max((_gguf_bits(k) or 8) for k in kinds)
+        lay = _expert_layout(Recipe.from_options({"experts": bits}), i, hidden, inter)
+        assert lay is not None
+        out[i] = lay
+        why.setdefault(f"{'/'.join(dict.fromkeys(kinds))} -> q{bits}", []).append(i)
+    warnings.warn(
+        f"{source.files.where}: routed experts of some layers are in types localglm does not run as stored "
+        f"(it does {', '.join(PACKED_SPECS)}, gate and up of one type); re-quantizing them while loading: "
+        + "; ".join(f"layers {','.join(map(str, ls))}: {k}" for k, ls in why.items()),
+        stacklevel=3,
+    )
+    return out
+
+
 def gguf_expert_recipe(source: GGUFSource, cfg: Any, dtype: torch.dtype, available: int) -> tuple[Recipe, str] | None:
     """For a GGUF whose routed experts are stored in a type kept only by dequantizing (K-/I-quants,
     Q4_0, ...): when dequantized they would not fit in `available` bytes of RAM, the recipe that
     re-quantizes just the experts to the nearest localglm bits while loading, and why (one line).
     None when they fit, or are float or Q8_0 (taken as stored)."""
     layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
-    if not layers or _packed_layout(source, None, layers[0], cfg.hidden_size, cfg.moe_intermediate_size) is not None:
-        return None
+    if not layers or any(_packed_layout(source, None, i, cfg.hidden_size, cfg.moe_intermediate_size) is not None for i in layers):
+        return None  # some layers are taken as stored: load_quantized_experts re-quantizes only the others
     stored = source.info(expert_tensor_names(layers[0], 0)[0])
     kind = stored.ggml_type.upper()
-    bits = next((b for prefix, b in _GGUF_BITS if kind.startswith(prefix)), None)
+    bits = _gguf_bits(kind)
     if bits is None:  # F32 / F16 / BF16: the experts are float as stored
         return None
     need = len(layers) * cfg.n_routed_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size * torch.tensor([], dtype=dtype).element_size()
@@ -118,7 +148,8 @@ def gguf_expert_recipe(source: GGUFSource, cfg: Any, dtype: torch.dtype, availab
         return None
     keep = {cls: KEEP for cls in ("shared", "dense", "attn", "embed", "lm_head")}
     why = (
-        f"{stored.file}: the routed experts ({kind}) dequantized would take {need / 2**30:.1f} GiB, more than the "
+        f"{stored.file}: localglm does not run {kind} as stored (it does {', '.join(PACKED_SPECS)}), and the routed experts "
+        f"dequantized would take {need / 2**30:.1f} GiB, more than the "
         f"{available / 2**30:.1f} GiB of RAM available; re-quantizing them to localglm q{bits} while loading "
         f"(experts_bits=16 / --experts 16 dequantizes anyway; `localglm quantize` does it once)"
     )
@@ -519,6 +550,10 @@ def quant_getter(
             if tuple(qt.shape) != tuple(shape):
                 raise LocalGLMError(f"tensor {name} in {source.root} has shape {list(qt.shape)}, expected {list(shape)}")
             return qt.to(dev)
+        if recipe is None and isinstance(source, GGUFSource):
+            stored = source.packed_spec(name)
+            if stored is not None and stored.raw_blocks:  # K-quants etc.: their blocks as stored, no dense copy
+                return source.get_quant(name, dtype, shape).to(dev)
         if recipe is not None:
             spec = fit_spec(recipe.spec_for(name, classify), shape)
             if spec is not None and isinstance(source, GGUFSource) and source.packed_spec(name) == spec:
@@ -567,13 +602,16 @@ def load_quantized_experts(
     layers = list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers))
     from_blobs = isinstance(source, QuantizedSource) and bool(source.layouts)
     packed = {i: lay for i in layers if (lay := _packed_layout(source, recipe, i, h, inter)) is not None}
+    requant: dict[int, ExpertBlobLayout] = {}  # layers re-quantized beside layers taken as stored
     if from_blobs:
         missing = [i for i in layers if i not in source.layouts]
         if missing:
             raise NotImplementedError(f"{source.root}: MoE layers {missing} keep float experts; mixing float and quantized expert layers is not supported yet")
     elif recipe is None:
-        if not layers or len(packed) < len(layers):  # float (or mixed-type) GGUF experts: the float path
+        if not layers or not packed:  # float GGUF experts: the float path
             return None
+        if len(packed) < len(layers):  # some layers in types not run as stored: those re-quantized
+            requant = _requantized_layouts(source, [i for i in layers if i not in packed], h, inter)
     else:
         if all(recipe.bits_for("experts", i) == KEEP for i in layers):
             return None
@@ -584,7 +622,7 @@ def load_quantized_experts(
     shapes = ((inter, h), (inter, h), (h, inter))
     mapped = mapped and from_blobs and dev.type == "cpu"
     for i in layers:
-        lay = source.layouts[i] if from_blobs else packed[i] if i in packed else _expert_layout(recipe, i, h, inter)
+        lay = source.layouts[i] if from_blobs else packed[i] if i in packed else requant.get(i) or _expert_layout(recipe, i, h, inter)
         if (lay.hidden, lay.inter) != (h, inter):
             raise LocalGLMError(f"experts of layer {i}: blob layout is {lay.hidden}x{lay.inter}, config says {h}x{inter}")
         if mapped:

@@ -24,7 +24,7 @@ and be moved with one copy. Nothing here knows about models.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -61,6 +61,8 @@ class QuantSpec:
 
     bits: int
     group: int = GROUP
+    # True for GGUF block types held as stored (quant.kquants.GGMLSpec): one section, the blocks.
+    raw_blocks: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -82,7 +84,12 @@ class QuantSpec:
 
     @classmethod
     def parse(cls, name: str) -> QuantSpec:
-        """'q4', 'q8g64', ... (the names `name` gives); a bad width or group says which."""
+        """'q4', 'q8g64', ... (the names `name` gives; 'q4_k', 'iq4_xs', ...: a GGUF block type held as
+        stored, quant.kquants); a bad width or group says which."""
+        if "_" in name:
+            from .kquants import GGMLSpec
+
+            return GGMLSpec.of(name)
         bits, _, group = name[1:].partition("g")
         if not name.startswith("q") or not bits.isdigit() or not (group.isdigit() or not group):
             raise QuantError(f"unknown quant spec {name!r} (expected q2, q4 or q8, with an optional group as in q8g64)")
@@ -98,6 +105,14 @@ class QuantSpec:
 
     def bits_per_weight(self, shape: tuple[int, int]) -> float:
         return 8.0 * layout_nbytes(self, shape, aligned=False) / (shape[0] * shape[1])
+
+    def section_sizes(self, shape: tuple[int, int]) -> dict[str, int]:
+        """Section name -> byte length, in buffer order (see `layout`)."""
+        n, k = shape
+        ng = n * (k // self.group)
+        if self.bits == 8:
+            return {"rowf": n * 4, "data": n * k, "gscale": 2 * ng}
+        return {"rowf": n * 8, "data": n * k * self.bits // 8, "scode": ng, "mcode": ng}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -115,15 +130,9 @@ def layout(spec: QuantSpec, shape: tuple[int, int]) -> dict[str, tuple[int, int]
     q2/q4: rowf (fp32 [N, 2]: largest group scale, largest |offset|) | data (codes packed little-end
     first: element k of a row sits in byte k*b//8 at bit (k*b) % 8) | scode (uint8 [N, K/G]) | mcode (int8 [N, K/G]).
     """
-    n, k = shape
-    ng = n * (k // spec.group)
-    if spec.bits == 8:
-        sizes = {"rowf": n * 4, "data": n * k, "gscale": 2 * ng}
-    else:
-        sizes = {"rowf": n * 8, "data": n * k * spec.bits // 8, "scode": ng, "mcode": ng}
     out: dict[str, tuple[int, int]] = {}
     pos = 0
-    for key, size in sizes.items():
+    for key, size in spec.section_sizes(shape).items():
         out[key] = (pos, size)
         pos += size
     return out
@@ -349,6 +358,7 @@ class QuantTensor:
 
     def codes(self) -> torch.Tensor:
         """Unpacked codes [N, K]: int8 values for q8, uint8 in [0, 2**bits) for q2/q4."""
+        self._no_blocks("codes")
         data = self.section("data")
         if self.spec.bits == 8:
             return data.view(torch.int8)
@@ -356,6 +366,7 @@ class QuantTensor:
 
     def group_params(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-group (s, m) [N, K/G] with w = s * c + m (q8: s = rowf * gscale, m = 0)."""
+        self._no_blocks("group_params")
         rowf = self.section("rowf").float()
         if self.spec.bits == 8:
             s = rowf * self.section("gscale").float()
@@ -367,12 +378,20 @@ class QuantTensor:
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         dtype = dtype or self.dtype
         n, k = self.shape
+        if self.spec.raw_blocks:
+            from .kquants import dequantize
+
+            return dequantize(self.section("data"), self.spec, (n, k)).to(dtype)  # type: ignore[arg-type]
         g = self.spec.group
         s, m = self.group_params()
         w = self.codes().float().view(n, k // g, g) * s.unsqueeze(-1)
         if self.spec.bits != 8:  # q8 has no offsets (and -0.0 stays -0.0, bit-exact with Q8_0)
             w = w + m.unsqueeze(-1)
         return w.view(n, k).to(dtype)
+
+    def _no_blocks(self, what: str) -> None:
+        if self.spec.raw_blocks:
+            raise QuantError(f"{what}: a {self.spec.name} tensor is GGUF blocks (sub-block scales), not codes and group scales")
 
     # -- properties ------------------------------------------------------------------------
     @property
@@ -463,8 +482,12 @@ class QuantTensor:
         if func is torch.cat:
             tensors = args[0]
             dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-            if dim != 0 or not all(isinstance(t, QuantTensor) for t in tensors):
-                raise QuantError("a QuantTensor can only be concatenated with QuantTensors along dim 0")
+            from .stack import QuantStack
+
+            if dim != 0 or not all(isinstance(t, (QuantTensor, QuantStack, torch.Tensor)) for t in tensors):
+                raise QuantError("a QuantTensor can only be concatenated with 2-D weights along dim 0")
+            if len({t.spec if isinstance(t, QuantTensor) else None for t in tensors}) > 1:
+                return QuantStack(list(tensors))  # formats differ (a GGUF mix): each part multiplied as stored
             return cls.cat_rows(list(tensors))
         if func is F.linear:
             x, w = args[0], args[1]
@@ -478,6 +501,10 @@ class QuantTensor:
 
 def prepare(qt: QuantTensor) -> Any:
     """The kernel for qt's device: a callable (x, bias) -> y."""
+    if qt.spec.raw_blocks:
+        from .kquants import prepare_ggml
+
+        return prepare_ggml(qt)
     if qt.device.type == "cuda":
         from .cuda_kernels import prepare_cuda
 

@@ -179,6 +179,8 @@ class NativeLib:
     @staticmethod
     def supports(qt: QuantTensor) -> bool:
         """Whether the kernels take this tensor (CPU, a live buffer, K a multiple of the block)."""
+        if qt.spec.raw_blocks:  # GGUF blocks held as stored: their own kernels (quant/kquants.py)
+            return False
         return qt.device.type == "cpu" and qt.buf.numel() > 0 and qt.shape[1] % BLOCK == 0 and qt.spec.group % BLOCK == 0 and qt.spec.group > 0
 
     @staticmethod

@@ -614,16 +614,24 @@ def test_quantize_bad_gguf_gives_one_line_errors_and_writes_nothing(
         assert not out.exists() and not partial_dir(out).exists()
 
 
-def test_k_quant_experts_that_ram_cannot_hold_as_floats_are_requantized(exports: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    """A GGUF whose experts would only fit dequantized in more RAM than there is (a Q4_K_M GLM-4.5-Air
-    is ~200 GB in bf16) loads with just its experts re-quantized to the nearest localglm bits, and says
-    so; with room, or when asked for floats, or for float files, nothing changes."""
+def test_experts_in_types_not_run_as_stored_that_ram_cannot_hold_as_floats_are_requantized(
+    exports: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GGUF whose experts are in a type localglm does not run as stored (here Q4_0, hidden from
+    quant.gguf_packed to stand for one) and would only fit dequantized in more RAM than there is loads
+    with just its experts re-quantized to the nearest localglm bits, and says so, naming the type; with
+    room, or when asked for floats, or for float files, nothing changes. Q4_0 itself runs as stored
+    (tests/test_kquants.py)."""
     import localglm.loader as loader
+    from quant.gguf_packed import PACKED_SPECS
 
+    stored = localglm.load(exports["q4_0"], dtype="float32").net.experts
+    assert isinstance(stored, QuantizedExperts) and {lay.gate_up.name for lay in stored.layouts.values()} == {"q4_0"}
+    monkeypatch.delitem(PACKED_SPECS, "Q4_0")
     exact = localglm.load(exports["q4_0"], dtype="float32")
     assert not isinstance(exact.net.experts, QuantizedExperts)
     monkeypatch.setattr(loader, "_available_ram", lambda: 1 << 10)
-    with pytest.warns(UserWarning, match=r"routed experts \(Q4_0\) dequantized would take .* re-quantizing them to localglm q4"):
+    with pytest.warns(UserWarning, match=r"does not run Q4_0 as stored .* dequantized would take .* re-quantizing them to localglm q4"):
         m = localglm.load(exports["q4_0"], dtype="float32")
     qe = m.net.experts
     assert isinstance(qe, QuantizedExperts) and {lay.gate_up.bits for lay in qe.layouts.values()} == {4}

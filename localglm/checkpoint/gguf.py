@@ -34,7 +34,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from quant.formats import QuantSpec, QuantTensor
-from quant.gguf_packed import PACKED_SPECS, q8_0_to_quant
+from quant.gguf_packed import PACKED_SPECS, gguf_to_quant
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError, LocalGLMError, TokenizerError
@@ -385,7 +385,8 @@ class GGUFSource(MappedSource):
     expert's slice. F32/F16/BF16 tensors come back as read-only views of the mapped file when no
     dtype change is asked (clone before writing); quantized ones are dequantized to `dequant_dtype`
     (or the dtype asked). `raw(name)` gives the stored bytes and `info(name).ggml_type` their type;
-    `get_quant` takes a Q8_0 tensor as a q8 QuantTensor without dequantizing (`packed_spec` says which).
+    `get_quant` takes a Q8_0 tensor as a q8 QuantTensor, a K-quant / Q4_0 / Q5_0 / IQ4_XS tensor as its
+    blocks (quant.kquants), without dequantizing (`packed_spec` says which).
     """
 
     def __init__(
@@ -470,17 +471,21 @@ class GGUFSource(MappedSource):
             return torch.from_numpy(arr) if arr.size else torch.empty(0, dtype=torch.uint8)
 
     def packed_spec(self, name: str) -> QuantSpec | None:
-        """The QuantSpec `name` is stored in already (a 2-D Q8_0 is q8), or None where it must be dequantized."""
+        """The QuantSpec `name` is stored in already (a 2-D Q8_0 is q8; Q2_K..Q6_K, Q4_0, Q5_0, IQ4_XS
+        are held as their blocks: quant.kquants), or None where it must be dequantized."""
         info = self.info(name)
         return PACKED_SPECS.get(info.ggml_type) if len(info.shape) == 2 and info.joined is None else None
 
     def get_quant(self, name: str, dtype: torch.dtype | None = None, expected_shape: tuple[int, ...] | None = None) -> QuantTensor:
-        """A Q8_0 tensor as a q8 QuantTensor, its blocks copied as they are (exact: quant.gguf_packed)."""
+        """A tensor of a type `packed_spec` knows as a QuantTensor, its blocks copied as they are (exact: quant.gguf_packed)."""
         info = self.info(name)
         check_expected_shape(info, expected_shape)
         if self.packed_spec(name) is None:
-            raise CheckpointError(f"{info.file}: tensor {info.gguf_name} is {info.ggml_type} {list(info.shape)}; only 2-D Q8_0 is taken packed")
-        return q8_0_to_quant(self.raw(name), (info.shape[0], info.shape[1]), dtype or info.dtype)
+            raise CheckpointError(
+                f"{info.file}: tensor {info.gguf_name} is {info.ggml_type} {list(info.shape)}; only 2-D tensors of "
+                f"{', '.join(PACKED_SPECS)} are taken as stored"
+            )
+        return gguf_to_quant(self.raw(name), info.ggml_type, (info.shape[0], info.shape[1]), dtype or info.dtype)
 
     def __repr__(self) -> str:
         return f"GGUFSource({str(self.files.where)!r}, {len(self._infos)} tensors, {len(self.files.files)} files)"

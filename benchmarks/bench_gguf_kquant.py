@@ -1,0 +1,137 @@
+"""Decode speed of a GGUF K-quant mix run as stored: localglm beside llama.cpp on the same file.
+
+    python benchmarks/bench_gguf_kquant.py                      # 2 threads, the mix below on random weights
+    python benchmarks/bench_gguf_kquant.py --threads 1 --new 32
+    python benchmarks/bench_gguf_kquant.py --make-fixture tests/data/glm4_moe_kquant_mix.gguf
+
+The file is made the way the published dynamic GLM quants are: random GLM-shaped weights exported to
+F32 by `localglm export-gguf`, then llama.cpp's own quantizer (`llama_cpp.llama_model_quantize`,
+llama-cpp-python's bundled libllama) with per-tensor type overrides (`--tensor-type` in
+llama-quantize): routed experts Q2_K gate/up with Q3_K down, IQ4_XS / Q4_K in the next layer,
+attention Q4_K/Q5_K/Q6_K/Q5_0, shared experts Q4_0, output Q6_K (MIX). Every engine runs in its own
+subprocess (bench_generate's workers) on the same prompt, greedy. Figures compare only within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_generate import BENCH_ROOT, available, run_worker  # noqa: E402
+
+# GGML type ids (ggml.h)
+GGML = {"Q4_0": 2, "Q5_0": 6, "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ4_XS": 23}
+# tensor-name regex -> type, first match wins (llama-quantize --tensor-type): a dynamic mix like the published GLM ones
+MIX = (
+    (r"blk\.1\.ffn_(gate|up)_exps", "Q2_K"), (r"blk\.1\.ffn_down_exps", "Q3_K"),
+    (r"ffn_(gate|up)_exps", "IQ4_XS"), (r"ffn_down_exps", "Q4_K"),
+    (r"_shexp", "Q4_0"), (r"attn_q\.", "Q4_K"), (r"attn_k\.", "Q5_0"), (r"attn_v\.", "Q6_K"),
+    (r"attn_output", "Q5_K"), (r"blk\.0\.ffn_", "Q5_K"), (r"token_embd", "Q4_K"), (r"output\.weight", "Q6_K"),
+)  # fmt: skip
+# A small model whose every row is a whole number of K-quant blocks (256): the test fixture.
+FIXTURE_SPEC = dict(
+    dtype="float32", vocab_size=512, hidden_size=256, head_dim=64, num_attention_heads=4, num_key_value_heads=2,
+    intermediate_size=512, moe_intermediate_size=256, n_routed_experts=4, num_experts_per_tok=2, num_hidden_layers=3, seed=11,
+)  # fmt: skip
+# The benchmark model: GLM-4.5-Air's per-layer widths (hidden 4096, 96/8 heads x 128, experts 1408 wide, top-8),
+# 4 layers (1 dense, dense width 10944) with 32 experts and a 4K vocabulary, random weights.
+BENCH_SPEC = dict(
+    dtype="bfloat16", vocab_size=4096, hidden_size=4096, head_dim=128, num_attention_heads=96, num_key_value_heads=8,
+    intermediate_size=10944, moe_intermediate_size=1408, n_routed_experts=32, num_experts_per_tok=8, num_hidden_layers=4,
+    num_nextn_predict_layers=0, max_shard_bytes=500_000_000,
+)  # fmt: skip
+
+
+def llama_quantize(src: Path, out: Path, mix: tuple[tuple[str, str], ...] = MIX, base: int = 10, threads: int = 2) -> Path:
+    """llama.cpp's quantizer on `src` (F32/BF16 GGUF): base ftype (10 = Q2_K) with per-tensor overrides."""
+    import llama_cpp
+
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype, p.nthread = base, threads
+    over = (llama_cpp.llama_model_tensor_override * (len(mix) + 1))()
+    for i, (pattern, kind) in enumerate(mix):
+        over[i].pattern, over[i].type = pattern.encode(), GGML[kind]
+    over[len(mix)].pattern = None
+    p.tt_overrides = ctypes.cast(over, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(p)) != 0:
+        raise SystemExit(f"llama.cpp's quantizer failed on {src}")
+    return out
+
+
+def make_mix(out: Path, spec: dict, work: Path) -> Path:
+    """Random weights of `spec` (glm4_moe) -> F32/BF16 GGUF (localglm export-gguf) -> the MIX by llama.cpp."""
+    from localglm.checkpoint.gguf import export_gguf
+    from localglm.models.glm4_moe.tiny import TinySpec
+    from localglm.tiny import make_tiny
+
+    model = work / "model"
+    if not (model / "config.json").is_file():
+        make_tiny(model, TinySpec(**spec), overwrite=True)
+    flat = work / "flat.gguf"
+    if not flat.is_file():
+        export_gguf(model, flat, "f32" if spec["dtype"] == "float32" else "bf16", mtp=False)
+    return llama_quantize(flat, out)
+
+
+def types_of(path: Path) -> dict[str, int]:
+    import gguf
+
+    kinds: dict[str, int] = {}
+    for t in gguf.GGUFReader(path).tensors:
+        kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + 1
+    return kinds
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=32, help="prompt tokens (default 32)")
+    ap.add_argument("--new", type=int, default=24, help="new tokens (default 24)")
+    ap.add_argument("--make-fixture", type=Path, default=None, metavar="OUT", help="write the small test fixture and stop")
+    args = ap.parse_args()
+    if args.make_fixture is not None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out = make_mix(args.make_fixture, FIXTURE_SPEC, Path(tmp))
+        print(f"{out}: {out.stat().st_size} bytes, {types_of(out)}")
+        return 0
+    if not available("llama.cpp"):
+        raise SystemExit("llama-cpp-python is needed (pip install -e '.[bench]')")
+    work = BENCH_ROOT / "air-kquant-mix"
+    gguf_path = work / "air-mix.gguf"
+    if not gguf_path.is_file():
+        print(f"writing {gguf_path} (random weights, llama.cpp's quantizer) ...", file=sys.stderr)
+        make_mix(gguf_path, BENCH_SPEC, work)
+    load = os.getloadavg()
+    from localglm.models.glm4_moe.tiny import TinySpec
+
+    vocab = TinySpec(**BENCH_SPEC).vocab_size
+    rows = {}
+    for engine in ("localglm", "llama.cpp"):
+        rows[engine] = run_worker(engine, gguf_path, args.prompt, args.new, args.threads, vocab)
+    size = gguf_path.stat().st_size
+    print(f"\nGGUF K-quant mix as stored: {gguf_path.name} ({size / 2**20:.0f} MiB, {types_of(gguf_path)})")
+    print(f"threads {args.threads}, prompt {args.prompt}, new {args.new}, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n")
+    print(f"| engine | decode tok/s | prefill tok/s | load s |\n|---|---:|---:|---:|")
+    for engine, r in rows.items():
+        if r is None:
+            print(f"| {engine} | failed | | |")
+        else:
+            print(f"| {engine} | {r['decode_tok_s']:.2f} | {r['prompt_tok_s']:.1f} | {r['load_s']:.1f} |")
+    ours, theirs = rows["localglm"], rows["llama.cpp"]
+    if ours and theirs:
+        print(f"\nours / llama.cpp: decode {ours['decode_tok_s'] / theirs['decode_tok_s']:.2f}x, prefill {ours['prompt_tok_s'] / theirs['prompt_tok_s']:.2f}x;"
+              f" same greedy tokens: {sum(a == b for a, b in zip(ours['tokens'], theirs['tokens']))}/{len(ours['tokens'])}")
+    print(json.dumps({"load_avg": load, "rows": {k: {x: y for x, y in (v or {}).items() if x != "tokens"} for k, v in rows.items()}}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

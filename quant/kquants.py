@@ -1,0 +1,307 @@
+"""llama.cpp's K-quant and legacy block formats held as stored: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q4_0,
+Q5_0 and IQ4_XS (Q8_0 becomes our q8 losslessly: quant/gguf_packed.py).
+
+Why as stored: the published GGUF mixes (one of these types per tensor) would otherwise be
+dequantized to bf16 (4-8x the RAM) or re-quantized (a second loss). A tensor of one of these types is
+a `QuantTensor` whose spec is a `GGMLSpec` and whose buffer has a single section, `data`: the
+tensor's blocks exactly as the file stores them, row-major ([N, K / block] blocks, so rows can be
+selected and concatenated like any section, and an expert blob is still one copy).
+
+Every type here decodes a block into small integer codes q, one fp32 scale per sub-block and, for
+the asymmetric types, one fp32 offset per sub-block:  w = scale[sub] * q  (- offset[sub]).
+scale and offset are the fp16 super-block factors (converted exactly) times the integer sub-block
+codes, one fp32 product each -- the same operations, in the same order, as `gguf.quants` (numpy) and
+llama.cpp's dequantize_row_*, so `dequantize` here is bit-exact with both (tests/test_kquants.py).
+
+Kernels (`prepare_ggml`): on the CPU the native C kernel (quant/native/kquants.c: decodes each block
+once and multiplies its codes with fp32 activations, so it agrees with dequantize + fp32 matmul to
+fp32 rounding); elsewhere (no C compiler, CUDA) the torch fallback dequantizes a bounded chunk of
+rows per call and multiplies it -- on a GPU this is the documented fallback: the blocks stay packed
+in device memory and are expanded chunk by chunk on each call, never kept dense.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .formats import QuantError, QuantSpec
+
+log = logging.getLogger(__name__)
+
+QK_K = 256
+
+
+@dataclass(frozen=True)
+class GGMLType:
+    """One block format: weights per block, bytes per block, nominal bits, and its id in kquants.c."""
+
+    name: str
+    block: int
+    nbytes: int
+    bits: int
+    cid: int
+
+
+# The types held as stored (sizes as gguf.GGML_QUANT_SIZES; cid = kquants.c's `enum kq_type`).
+GGML_TYPES: dict[str, GGMLType] = {
+    t.name: t
+    for t in (
+        GGMLType("Q4_0", 32, 18, 4, 0),
+        GGMLType("Q5_0", 32, 22, 5, 1),
+        GGMLType("Q2_K", QK_K, 84, 2, 2),
+        GGMLType("Q3_K", QK_K, 110, 3, 3),
+        GGMLType("Q4_K", QK_K, 144, 4, 4),
+        GGMLType("Q5_K", QK_K, 176, 5, 5),
+        GGMLType("Q6_K", QK_K, 210, 6, 6),
+        GGMLType("IQ4_XS", QK_K, 136, 4, 7),
+    )
+}
+IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # llama.cpp kvalues_iq4nl
+
+
+@dataclass(frozen=True)
+class GGMLSpec(QuantSpec):
+    """A QuantSpec for a GGUF block type held as stored: `ggml` names the type; bits and group are
+    the type's nominal bits and block size (for display and shape checks only)."""
+
+    ggml: str = field(default="Q4_K")
+    raw_blocks = True  # a class attribute (not a field): formats.QuantTensor reads the buffer as blocks
+
+    @classmethod
+    def of(cls, ggml: str) -> GGMLSpec:
+        t = GGML_TYPES.get(ggml.upper())
+        if t is None:
+            raise QuantError(f"GGUF type {ggml} is not held as stored (held: {', '.join(GGML_TYPES)})")
+        return cls(t.bits, t.block, t.name)
+
+    def __post_init__(self) -> None:
+        t = GGML_TYPES.get(self.ggml)
+        if t is None or (self.bits, self.group) != (t.bits, t.block):
+            raise QuantError(f"bad GGUF spec {self.ggml} (bits {self.bits}, block {self.group})")
+
+    @property
+    def type(self) -> GGMLType:
+        return GGML_TYPES[self.ggml]
+
+    @property
+    def name(self) -> str:
+        return self.ggml.lower()
+
+    def check_shape(self, shape: tuple[int, ...]) -> None:
+        if len(shape) != 2:
+            raise QuantError(f"only 2-D weights are held as {self.ggml}, got shape {list(shape)}")
+        if shape[1] % self.group:
+            raise QuantError(f"{self.ggml} rows of {shape[1]} weights do not split into blocks of {self.group}")
+
+    def row_bytes(self, k: int) -> int:
+        return k // self.group * self.type.nbytes
+
+    def section_sizes(self, shape: tuple[int, int]) -> dict[str, int]:
+        return {"data": shape[0] * self.row_bytes(shape[1])}
+
+
+# ------------------------------------------------------------------------------------------------
+# Decoding blocks with torch: codes, per-sub-block scales and offsets
+# ------------------------------------------------------------------------------------------------
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """Two bytes per block (little-endian fp16) -> fp32 [nb, 1], exactly."""
+    return b.contiguous().view(torch.float16).float()
+
+
+def _bits(b: torch.Tensor, shifts: list[int], mask: int, view: tuple[int, ...], out: tuple[int, ...]) -> torch.Tensor:
+    """(b viewed as `view`, with a new axis before the last) >> each of `shifts`, & mask, as `out`."""
+    s = torch.tensor(shifts, dtype=torch.uint8, device=b.device).view(1, 1, -1, 1)
+    return ((b.reshape(view).unsqueeze(2) >> s) & mask).reshape(out)
+
+
+def _scale_min_k4(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K: 12 bytes -> eight 6-bit scales and eight 6-bit mins (get_scale_min_k4)."""
+    d, m, md = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = torch.cat([d & 63, (md & 15) | ((d >> 2) & 48)], 1)
+    mn = torch.cat([m & 63, (md >> 4) | ((m >> 2) & 48)], 1)
+    return sc, mn
+
+
+def decode_blocks(blocks: torch.Tensor, ggml: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """uint8 blocks [nb, nbytes] -> (codes float [nb, subs, sub], scale fp32 [nb, subs, 1], offset
+    fp32 [nb, subs, 1] or None), with w = scale * codes (- offset)."""
+    nb = blocks.shape[0]
+    b = blocks
+    if ggml == "Q4_0":
+        q = _bits(b[:, 2:18], [0, 4], 15, (nb, 1, 16), (nb, 1, 32)).float() - 8
+        return q, _f16(b[:, 0:2]).view(nb, 1, 1), None
+    if ggml == "Q5_0":
+        lo = _bits(b[:, 6:22], [0, 4], 15, (nb, 1, 16), (nb, 32))
+        hi = _bits(b[:, 2:6], list(range(8)), 1, (nb, 4, 1), (nb, 4, 8, 1))  # bit j of the LE uint32 = element j
+        q = (lo | (hi.reshape(nb, 32) << 4)).float() - 16
+        return q.view(nb, 1, 32), _f16(b[:, 0:2]).view(nb, 1, 1), None
+    if ggml == "Q2_K":
+        scales, d, dmin = b[:, 0:16], _f16(b[:, 80:82]), _f16(b[:, 82:84])
+        q = _bits(b[:, 16:80], [0, 2, 4, 6], 3, (nb, 2, 32), (nb, 16, 16)).float()
+        return q, (d * (scales & 15).float()).unsqueeze(-1), (dmin * (scales >> 4).float()).unsqueeze(-1)
+    if ggml == "Q3_K":
+        hmask, qs, s, d = b[:, 0:32], b[:, 32:96], b[:, 96:108], _f16(b[:, 108:110])
+        lo = _bits(s[:, 0:8], [0, 4], 15, (nb, 1, 8), (nb, 16))
+        hi = _bits(s[:, 8:12], [0, 2, 4, 6], 3, (nb, 1, 4), (nb, 16))
+        sc = (lo | (hi << 4)).float() - 32
+        ql = _bits(qs, [0, 2, 4, 6], 3, (nb, 2, 32), (nb, 16, 16)).float()
+        qh = _bits(hmask, list(range(8)), 1, (nb, 1, 32), (nb, 16, 16)).float()
+        return ql - 4 * (1 - qh), (d * sc).unsqueeze(-1), None
+    if ggml in ("Q4_K", "Q5_K"):
+        d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+        sc, mn = _scale_min_k4(b[:, 4:16])
+        qs = b[:, 16:144] if ggml == "Q4_K" else b[:, 48:176]
+        q = _bits(qs, [0, 4], 15, (nb, 4, 32), (nb, 8, 32))
+        if ggml == "Q5_K":
+            q = q | (_bits(b[:, 16:48], list(range(8)), 1, (nb, 1, 32), (nb, 8, 32)) << 4)
+        return q.float(), (d * sc.float()).unsqueeze(-1), (dmin * mn.float()).unsqueeze(-1)
+    if ggml == "Q6_K":
+        ql = _bits(b[:, 0:128], [0, 4], 15, (nb, 2, 64), (nb, 8, 32))
+        qh = _bits(b[:, 128:192], [0, 2, 4, 6], 3, (nb, 2, 32), (nb, 8, 32))
+        q = ((ql | (qh << 4)).float() - 32).view(nb, 16, 16)
+        sc = b[:, 192:208].contiguous().view(torch.int8).float()
+        return q, (_f16(b[:, 208:210]) * sc).unsqueeze(-1), None
+    if ggml == "IQ4_XS":
+        d = _f16(b[:, 0:2])
+        sh = b[:, 2:4].to(torch.int32)
+        sh = ((sh[:, :1] | (sh[:, 1:2] << 8)) >> torch.arange(0, 16, 2, device=b.device, dtype=torch.int32)) & 3
+        sl = _bits(b[:, 4:8], [0, 4], 15, (nb, 4, 1), (nb, 8))
+        sc = (sl.to(torch.int32) | (sh << 4)).float() - 32
+        idx = _bits(b[:, 8:136], [0, 4], 15, (nb, 8, 16), (nb, 8, 32)).long()
+        q = torch.tensor(IQ4_VALUES, dtype=torch.float32, device=b.device)[idx]
+        return q, (d * sc).unsqueeze(-1), None
+    raise QuantError(f"GGUF type {ggml} is not held as stored (held: {', '.join(GGML_TYPES)})")
+
+
+def dequantize_blocks(blocks: torch.Tensor, ggml: str) -> torch.Tensor:
+    """uint8 blocks [nb, nbytes] -> fp32 weights [nb, block], bit-exact with gguf.quants.dequantize."""
+    q, scale, offset = decode_blocks(blocks, ggml)
+    w = scale * q
+    if offset is not None:
+        w = w - offset
+    return w.reshape(blocks.shape[0], -1)
+
+
+def dequantize(data: torch.Tensor, spec: GGMLSpec, shape: tuple[int, int]) -> torch.Tensor:
+    """A tensor's blocks (uint8 [N, row bytes] or flat) -> fp32 [N, K]."""
+    n, k = shape
+    t = spec.type
+    return dequantize_blocks(data.reshape(n * (k // t.block), t.nbytes), spec.ggml).view(n, k)
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels
+# ------------------------------------------------------------------------------------------------
+
+SOURCE = Path(__file__).with_name("native") / "kquants.c"
+# Up to this many rows (tokens) the native kernel multiplies the blocks directly; beyond, the weight is
+# dequantized once per call (native, threaded) and multiplied by torch's fp32 GEMM, which wins there.
+NATIVE_MAX_ROWS = 16
+CHUNK_ELEMENTS = 1 << 22  # the torch fallback expands at most this many weights (16 MB of fp32) at a time
+
+
+class KQuantLib:
+    """quant/native/kquants.c loaded: `matmul` (x [T, K] fp32 -> [T, N]) and `dequantize`."""
+
+    def __init__(self, path: Path) -> None:
+        self._lib = ctypes.CDLL(str(path))
+        p, i = ctypes.c_void_p, ctypes.c_int
+        self._lib.kq_matmul.argtypes = [i, p, i, i, p, i, p, i]
+        self._lib.kq_matmul.restype = i
+        self._lib.kq_dequant.argtypes = [i, p, i, i, p, i]
+        self._lib.kq_dequant.restype = i
+
+    def matmul(self, spec: GGMLSpec, data: torch.Tensor, shape: tuple[int, int], x: torch.Tensor) -> torch.Tensor:
+        n, k = shape
+        x = x.float().contiguous()
+        y = torch.empty(x.shape[0], n, dtype=torch.float32)
+        rc = self._lib.kq_matmul(spec.type.cid, data.data_ptr(), n, k, x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
+        if rc:
+            raise QuantError(f"native {spec.ggml} kernel refused [{n}, {k}] x {x.shape[0]} rows (code {rc})")
+        return y
+
+    def dequantize(self, spec: GGMLSpec, data: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        n, k = shape
+        out = torch.empty(n, k, dtype=torch.float32)
+        if self._lib.kq_dequant(spec.type.cid, data.data_ptr(), n, k, out.data_ptr(), torch.get_num_threads()):
+            raise QuantError(f"native {spec.ggml} dequantize refused [{n}, {k}]")
+        return out
+
+
+@functools.cache
+def kquant_lib() -> KQuantLib | None:
+    """The native K-quant kernels, built once per process with quant.native's builder (same compiler,
+    flags and cache); None, logged, when there is no compiler, LOCALGLM_NATIVE=0 or the build fails."""
+    from .native import _compiler, build, native_lib
+
+    if native_lib() is None:  # disabled, or no working compiler: quant.native has said why
+        return None
+    cc = _compiler()
+    try:
+        return KQuantLib(build(cc, name="kquants", sources=(SOURCE,), depends=())) if cc else None
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        log.warning("localglm: K-quant kernels: torch fallback (native build failed: %s)", e)
+        return None
+
+
+class GGMLKernel:
+    """x @ W.T for a GGMLSpec tensor: native on the CPU where built, else the torch fallback."""
+
+    def __init__(self, qt: object, lib: KQuantLib | None) -> None:
+        # The blocks themselves (a view: no copy), kept here so `prepare(drop_buffer=True)` may drop the
+        # tensor's buffer reference: the kernel multiplies the stored blocks, it has no form of its own.
+        self.spec: GGMLSpec = qt.spec  # type: ignore[attr-defined]
+        self.shape = (int(qt.shape[0]), int(qt.shape[1]))  # type: ignore[attr-defined]
+        self.data = qt.section("data")  # type: ignore[attr-defined]
+        self.lib = lib
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        spec, shape, data = self.spec, self.shape, self.data
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, shape[1])
+        if self.lib is not None and data.device.type == "cpu":
+            if x2.shape[0] <= NATIVE_MAX_ROWS:
+                y = self.lib.matmul(spec, data, shape, x2)
+            else:
+                y = F.linear(x2.float(), self.lib.dequantize(spec, data, shape))
+        else:
+            y = torch_matmul(spec, data, shape, x2)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return y.to(x.dtype).view(*lead, shape[0])
+
+
+def torch_matmul(spec: GGMLSpec, data: torch.Tensor, shape: tuple[int, int], x: torch.Tensor) -> torch.Tensor:
+    """The torch fallback: x [T, K] @ W.T in fp32, W dequantized CHUNK_ELEMENTS weights at a time (so
+    a dense copy of the whole weight never exists), on data's device."""
+    n, k = shape
+    rows = max(1, CHUNK_ELEMENTS // k)
+    data = data.reshape(n, -1)
+    xf = x.to(device=data.device, dtype=torch.float32)
+    parts = [F.linear(xf, dequantize(data[r : r + rows], spec, (min(rows, n - r), k))) for r in range(0, n, rows)]
+    return torch.cat(parts, -1)
+
+
+def prepare_ggml(qt: object) -> Callable[..., torch.Tensor]:
+    """The kernel for a GGMLSpec QuantTensor on its device (quant.formats.prepare calls this)."""
+    lib = kquant_lib() if qt.device.type == "cpu" else None  # type: ignore[attr-defined]
+    return GGMLKernel(qt, lib)
+
+
+def kernel_status() -> str:
+    """One line: which kernels run GGUF blocks held as stored."""
+    return "native C (quant/native/kquants.c)" if kquant_lib() is not None else "torch fallback (dequantize per chunk)"
+
+
+__all__ = ["GGML_TYPES", "GGMLSpec", "GGMLType", "decode_blocks", "dequantize", "dequantize_blocks", "prepare_ggml", "kquant_lib", "torch_matmul"]

@@ -1,0 +1,260 @@
+"""GGUF K-quant and legacy blocks held as stored (quant/kquants.py, quant/native/kquants.c).
+
+Oracles: `gguf.quants.dequantize` (gguf-py's reference, the same arithmetic as llama.cpp's
+dequantize_row_*) for the blocks, bit for bit; dequantize + fp32 matmul for the kernels (fp32
+rounding); the gguf-reference-dequantized model for a whole llama.cpp-quantized file; llama.cpp
+itself for its logits when llama-cpp-python is installed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import localglm
+from quant import kquants
+from quant.blob import ExpertBlobLayout, PreparedExpert
+from quant.formats import QuantError, QuantSpec, QuantTensor
+from quant.gguf_packed import gguf_to_quant
+from quant.kquants import GGML_TYPES, GGMLSpec, dequantize_blocks, kquant_lib, torch_matmul
+from quant.recipe import CLASSES
+from quant.stack import QuantStack
+
+DATA = Path(__file__).parent / "data"
+MIX = DATA / "glm4_moe_kquant_mix.gguf"
+TOKENS = [5, 17, 200, 3, 99, 42, 7, 478, 480, 300, 11, 250, 64]
+# byte offsets of each type's fp16 super-block factors (d, and dmin where there is one)
+F16_AT = {"Q4_0": [0], "Q5_0": [0], "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_XS": [0]}
+TYPES = list(GGML_TYPES)
+
+
+def random_blocks(name: str, n_blocks: int, seed: int = 0) -> np.ndarray:
+    """Valid blocks: random bytes (every code, scale and mask pattern) with finite, sane fp16 factors."""
+    rng = np.random.default_rng(seed)
+    t = GGML_TYPES[name]
+    b = rng.integers(0, 256, (n_blocks, t.nbytes), dtype=np.uint8)
+    for o in F16_AT[name]:
+        b[:, o : o + 2] = (rng.standard_normal(n_blocks) * 0.02).astype(np.float16).view(np.uint8).reshape(n_blocks, 2)
+    return b
+
+
+def reference(b: np.ndarray, name: str) -> np.ndarray:
+    return gguf.quants.dequantize(b, getattr(gguf.GGMLQuantizationType, name)).reshape(b.shape[0], -1)
+
+
+def tensor_of(name: str, n: int, k: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> QuantTensor:
+    t = GGML_TYPES[name]
+    raw = random_blocks(name, n * k // t.block, seed)
+    return gguf_to_quant(raw.reshape(-1), name, (n, k), dtype)
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and np.array_equal(a.astype(np.float32).view(np.uint32), b.astype(np.float32).view(np.uint32))
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_torch_dequantize_is_bit_exact_with_gguf(name: str) -> None:
+    b = random_blocks(name, 96)
+    assert same_bits(dequantize_blocks(torch.from_numpy(b), name).numpy(), reference(b, name))
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q5_0"])
+def test_blocks_from_gguf_quantizer_round_trip(name: str) -> None:
+    """gguf-py can write these two: its blocks of real weights, read back bit for bit."""
+    w = np.random.default_rng(1).standard_normal((8, 256)).astype(np.float32)
+    qt_ = getattr(gguf.GGMLQuantizationType, name)
+    raw = gguf.quants.quantize(w, qt_)
+    qt = gguf_to_quant(raw.reshape(-1), name, (8, 256))
+    assert same_bits(qt.dequantize(torch.float32).numpy(), gguf.quants.dequantize(raw, qt_))
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_native_dequantize_is_bit_exact_with_gguf(name: str) -> None:
+    lib = kquant_lib()
+    if lib is None:
+        pytest.skip("no C compiler: the native kernels are not built")
+    b = random_blocks(name, 64, seed=2)
+    t = GGML_TYPES[name]
+    n = 4
+    out = lib.dequantize(GGMLSpec.of(name), torch.from_numpy(b), (n, 64 // n * t.block))
+    assert same_bits(out.numpy().reshape(64, -1), reference(b, name))
+
+
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_native_matmul_matches_torch_fallback(name: str, rows: int) -> None:
+    lib = kquant_lib()
+    if lib is None:
+        pytest.skip("no C compiler: the native kernels are not built")
+    qt = tensor_of(name, 40, 512, seed=3)
+    x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows))
+    want = torch_matmul(qt.spec, qt.section("data"), (40, 512), x)
+    got = lib.matmul(qt.spec, qt.section("data"), (40, 512), x)
+    scale = float(x.abs().sum(-1).max() * qt.dequantize(torch.float32).abs().max())
+    assert float((got - want).abs().max()) <= 1e-6 * scale  # fp32 rounding: different summation order only
+    assert torch.allclose(want, F.linear(x, qt.dequantize(torch.float32)), rtol=0, atol=1e-6 * scale)
+
+
+def test_matmul_dispatch_native_gemm_and_torch_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """QuantTensor.matmul: native for few rows, dequantize + GEMM for many, the torch fallback (chunked,
+    several chunks here) without the native library: all the same product."""
+    qt = tensor_of("Q4_K", 48, 512, seed=4)
+    dense = qt.dequantize(torch.float32)
+    for rows in (2, kquants.NATIVE_MAX_ROWS + 5):
+        x = torch.randn(rows, 512)
+        want = F.linear(x, dense)
+        assert float((qt.matmul(x) - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    monkeypatch.setattr(kquants, "CHUNK_ELEMENTS", 512 * 10)
+    monkeypatch.setattr(kquants, "kquant_lib", lambda: None)
+    fallback = tensor_of("Q4_K", 48, 512, seed=4)
+    x = torch.randn(3, 512)
+    b = torch.randn(48)
+    want = F.linear(x, dense, b)
+    assert float((fallback.matmul(x, b) - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
+def test_spec_names_layouts_and_rows() -> None:
+    spec = GGMLSpec.of("q6_k")
+    assert spec.name == "q6_k" and QuantSpec.parse("q6_k") == spec and QuantSpec.parse("iq4_xs") == GGMLSpec.of("IQ4_XS")
+    assert spec != QuantSpec(4, 256) and GGMLSpec.of("Q4_K") != GGMLSpec.of("IQ4_XS")
+    with pytest.raises(QuantError, match="IQ2_XXS is not held as stored"):
+        GGMLSpec.of("IQ2_XXS")
+    with pytest.raises(QuantError, match="blocks of 256"):
+        QuantTensor(spec, (2, 100), torch.zeros(1000, dtype=torch.uint8))
+    qt = tensor_of("Q3_K", 12, 512, seed=5)
+    assert qt.nbytes >= 12 * 2 * 110 and qt.bits_per_weight == pytest.approx(110 * 8 / 256)
+    dense = qt.dequantize(torch.float32)
+    idx = torch.tensor([7, 0, 11])
+    assert torch.equal(qt.rows(idx).dequantize(torch.float32), dense[idx])
+    both = QuantTensor.cat_rows([qt, qt.rows(idx)])
+    assert torch.equal(both.dequantize(torch.float32), torch.cat([dense, dense[idx]]))
+    assert torch.equal(F.embedding(torch.tensor([[3, 5]]), qt), dense[[3, 5]].unsqueeze(0))
+    with pytest.raises(QuantError, match="GGUF blocks"):
+        qt.codes()
+
+
+def test_mixed_types_stack_like_one_matrix() -> None:
+    """q/k/v fused with torch.cat from three types (a Q4_K_M attention) multiply as the dense stack."""
+    q, k, v = tensor_of("Q4_K", 16, 256, 6), tensor_of("Q5_0", 8, 256, 7), tensor_of("Q6_K", 8, 256, 8)
+    fused = torch.cat([q, k, v], 0)
+    assert isinstance(fused, QuantStack) and tuple(fused.shape) == (32, 256)
+    dense = torch.cat([t.dequantize(torch.float32) for t in (q, k, v)])
+    x, b = torch.randn(3, 256), torch.randn(32)
+    assert torch.equal(fused.dequantize(torch.float32), dense)
+    want = F.linear(x, dense, b)
+    assert float((F.linear(x, fused, b) - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    same = torch.cat([q, q], 0)
+    assert isinstance(same, QuantTensor)  # one type: one tensor, as before
+
+
+def test_expert_blob_holds_blocks_as_stored() -> None:
+    """One blob per expert: gate_up Q2_K and down Q3_K packed byte for byte, unpacked as views, run by
+    PreparedExpert (CPU) the same as the dense expert."""
+    h, inter = 256, 256
+    lay = ExpertBlobLayout(h, inter, GGMLSpec.of("Q2_K"), GGMLSpec.of("Q3_K"))
+    assert ExpertBlobLayout.from_json(lay.to_json()) == lay
+    gate, up, down = tensor_of("Q2_K", inter, h, 9), tensor_of("Q2_K", inter, h, 10), tensor_of("Q3_K", h, inter, 11)
+    blob = lay.pack(QuantTensor.cat_rows([gate, up]), down)
+    assert blob.numel() == lay.nbytes
+    gu, dn = lay.unpack(blob, torch.float32)
+    assert torch.equal(gu.section("data").reshape(-1)[: gate.section("data").numel()], gate.section("data").reshape(-1))
+    x = torch.randn(3, h)
+    g, u = F.linear(x, gate.dequantize(torch.float32)), F.linear(x, up.dequantize(torch.float32))
+    want = F.linear(F.silu(g) * u, down.dequantize(torch.float32))
+    got = PreparedExpert(lay, blob, torch.float32)(x)
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
+# ---- a whole file from llama.cpp's quantizer -------------------------------------------------------
+
+
+def _float_reference(path: Path) -> np.ndarray:
+    """Our model on the same file with every tensor dequantized by gguf-py (kept in fp32)."""
+    ref = localglm.load(path, dtype="float32", **{f"{c}_bits": 16 for c in CLASSES})
+    return ref.logits(torch.tensor([TOKENS]))[0].numpy()
+
+
+def test_llama_cpp_mix_loads_as_stored_and_matches_reference_dequantization() -> None:
+    """tests/data/glm4_moe_kquant_mix.gguf (llama.cpp's quantizer, a dynamic mix: see tests/data/README.md):
+    every 2-D weight stays in its blocks (no re-quantization, no warning, no dense copy) and the logits
+    equal those of the gguf-dequantized weights to fp32 rounding."""
+    kinds = {t.tensor_type.name for t in gguf.GGUFReader(MIX).tensors}
+    assert set(GGML_TYPES) <= kinds  # every held type is in the file
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "re-quantizing" warning
+        m = localglm.load(MIX, dtype="float32")
+    experts = m.net.experts
+    specs = {lay.gate_up.ggml for lay in experts.layouts.values()} | {lay.down.ggml for lay in experts.layouts.values()}
+    assert specs == {"Q2_K", "Q3_K", "IQ4_XS", "Q4_K"}
+    layer = m.net.w.layers[1]
+    assert isinstance(layer.attn.qkv_weight, QuantStack) and isinstance(layer.shared.gate_up, QuantTensor)
+    assert isinstance(m.net.w.embed, QuantTensor) and isinstance(m.net.w.lm_head, QuantTensor)
+    ours = m.logits(torch.tensor([TOKENS]))[0].numpy()
+    ref = _float_reference(MIX)
+    assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_torch_fallback_runs_the_mix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kquants, "kquant_lib", lambda: None)
+    ours = localglm.load(MIX, dtype="float32").logits(torch.tensor([TOKENS]))[0].numpy()
+    ref = _float_reference(MIX)
+    assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_offload_moves_stored_blocks(tmp_path: Path) -> None:
+    """Offloaded (simulated device): experts move as their stored-block blobs and give the same logits."""
+    m = localglm.load(MIX, dtype="float32", offload="sim", gpu_mem="64MiB", ctx=64, stats_path=tmp_path / "s.npz")
+    layouts = {layer: codec.layout for layer, codec in m.net.experts.codecs.items()}
+    assert {(lay.gate_up.name, lay.down.name) for lay in layouts.values()} == {("q2_k", "q3_k"), ("iq4_xs", "q4_k")}
+    ours = m.logits(torch.tensor([TOKENS]))[0].numpy()
+    ref = localglm.load(MIX, dtype="float32").logits(torch.tensor([TOKENS]))[0].numpy()
+    assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_types_not_held_are_requantized_per_layer_with_a_warning_naming_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer whose experts are in a type not run as stored (here IQ4_XS, made so by hiding it) is
+    re-quantized to the nearest localglm bits, named in one warning; the other layers stay as stored."""
+    from quant.gguf_packed import PACKED_SPECS
+
+    monkeypatch.delitem(PACKED_SPECS, "IQ4_XS")
+    with pytest.warns(UserWarning, match=r"layers 2: IQ4_XS/Q4_K -> q4") as caught:
+        m = localglm.load(MIX, dtype="float32")
+    assert "Q2_K" in str(caught[0].message) and "IQ4_XS," not in str(caught[0].message)  # the held list omits it
+    layouts = m.net.experts.layouts
+    assert layouts[1].gate_up == GGMLSpec.of("Q2_K") and layouts[2].gate_up == QuantSpec.for_bits(4)
+    ours = m.logits(torch.tensor([TOKENS]))[0].numpy()
+    ref = _float_reference(MIX)
+    cos = (ours * ref).sum(-1) / np.linalg.norm(ours, axis=-1) / np.linalg.norm(ref, axis=-1)
+    assert cos.min() > 0.99  # one layer re-quantized from IQ4_XS to q4: close, not equal
+
+
+def test_llama_cpp_agrees_on_the_mix() -> None:
+    """llama.cpp on the same file: it also quantizes activations (Q8_K) for its products, so logits
+    agree closely, not exactly (the tiny random model's router can flip a near-tie)."""
+    pytest.importorskip("llama_cpp")
+    from test_gguf_llama_cpp import _llama_logits
+
+    theirs = _llama_logits(MIX, TOKENS)
+    mine = localglm.load(MIX, dtype="float32").logits(torch.tensor([TOKENS]))[0].numpy()
+    cos = (theirs * mine).sum(-1) / np.linalg.norm(theirs, axis=-1) / np.linalg.norm(mine, axis=-1)
+    assert np.median(cos) > 0.999 and (cos > 0.99).mean() >= 0.75, cos
+    assert (theirs.argmax(-1) == mine.argmax(-1)).mean() >= 0.75
+
+
+def test_stack_takes_dense_parts() -> None:
+    """A part the file keeps in float (or dequantizes) stacks with quantized ones, in either order."""
+    q = tensor_of("Q4_K", 16, 256, 12)
+    v = torch.randn(8, 256)
+    for parts in ([q, v], [v, q]):
+        fused = torch.cat(parts, 0)
+        dense = torch.cat([p.dequantize(torch.float32) if isinstance(p, QuantTensor) else p for p in parts])
+        assert isinstance(fused, QuantStack) and torch.equal(fused.dequantize(torch.float32), dense)
+        x = torch.randn(2, 256)
+        want = F.linear(x, dense)
+        assert float((fused.matmul(x) - want).abs().max()) <= 1e-5 * float(want.abs().max())
