@@ -1,4 +1,4 @@
-"""offload: routed experts placed across GPU / RAM / disk, cached and prefetched (see DESIGN.md).
+"""offload: routed experts placed across GPU / RAM / disk, cached and prefetched (README.md, "Expert offloading").
 
 - planner.py      placement plan from config.json + budgets (`localglm plan`)
 - cost_model.py   measured/assumed bandwidths; copy-to-device vs compute-on-CPU per miss; tok/s estimate

@@ -18,7 +18,8 @@ from pathlib import Path
 
 @dataclass
 class Bandwidths:
-    """Bytes/s and FLOP/s. Defaults: a PCIe 4.0 desktop with dual-channel DDR5 (GLM_REFERENCE.md)."""
+    """Bytes/s and FLOP/s. Defaults: a PCIe 4.0 desktop with dual-channel DDR5 (assumed, not measured;
+    `localglm plan --measure` measures this machine's)."""
 
     h2d: float = 25e9  # pinned host -> device copies
     gpu_mem: float = 900e9  # the GPU reading its own memory

@@ -216,6 +216,21 @@ def test_absurd_flags_are_one_line(argv: list[str], needle: str, tiny_dir: Path,
     assert not leftovers(tmp_path, before), f"half-written: {leftovers(tmp_path, before)}"
 
 
+@pytest.mark.parametrize("name", ["GLM-4.5-Air", "GLM-4.7-Flash", "GLM-4.5"])
+def test_the_minimum_a_plan_error_states_works(name: str, tmp_path: Path) -> None:
+    """"needs at least X" is rounded up, so X as printed works (it used to be rounded to nearest, and
+    `--cpu-mem 5.01GiB` was then refused as needing at least 5.01 GiB)."""
+    cfg = json.loads((Path(__file__).parent / "data" / "real_configs.json").read_text())[name]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    for flag, budgets in (("--gpu-mem", ["4MiB", "512GiB"]), ("--cpu-mem", ["0", "1GiB"])):
+        o = run_cli("plan", tmp_path, "--gpu-mem", budgets[0], "--cpu-mem", budgets[1])
+        assert o.kind == "clean" and f"{flag} " in o.err and "needs at least " in o.err, o.why()
+        need = o.err.split("needs at least ")[1].split(" (")[0].replace(" ", "")
+        budgets[flag == "--cpu-mem"] = need
+        o = run_cli("plan", tmp_path, "--gpu-mem", budgets[0], "--cpu-mem", budgets[1])
+        assert o.kind == "ok", f"suggested {flag} {need}, which is refused: " + o.why()
+
+
 def test_ctx_above_the_models_maximum_is_refused(tiny_dir: Path) -> None:
     """No RoPE scaling is implemented, so positions past max_position_embeddings (2048 here) are refused."""
     for argv in (["generate", tiny_dir, "-p", "x", "-n", "1", "-q", "--ctx", "4096"], ["plan", tiny_dir, "--ctx", "4096", "--gpu-mem", "0", "--cpu-mem", "1GiB"]):
@@ -312,7 +327,12 @@ def test_the_readme_model_table_comes_from_plan() -> None:
     spec = importlib.util.spec_from_file_location("model_table", Path(__file__).parent.parent / "benchmarks" / "model_table.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    rows = [line for line in mod.table().splitlines() if line.startswith("| GLM-4.5-Air |")]
+    table = mod.table()
+    rows = [line for line in table.splitlines() if line.startswith("| GLM-4.5-Air |")]
     assert [r.split(" | ")[1] for r in rows] == ["2", "4", "8"]
     disk = [float(r.split(" | ")[2]) for r in rows]
     assert disk[0] < disk[1] < disk[2]
+    assert "Not yet runnable" not in table  # every published GLM (GLM-5.x included) is runnable and listed
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    block = "\n".join(line for line in table.splitlines() if line.startswith("|"))
+    assert block in readme, "README's model table has drifted from `localglm plan`: run python benchmarks/model_table.py and paste it"

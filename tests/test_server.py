@@ -323,7 +323,7 @@ def test_tool_choice_none_emits_no_tools(env: Env) -> None:
     assert named.usage.prompt_tokens == env.prompt_tokens(msgs, tools=TOOLS[:1])
 
 
-# ---- the failures coding agents hit on peers' GLM backends (GLM_REFERENCE.md) ------------------------
+# ---- the failures coding agents hit on peers' GLM backends ------------------------------------------
 def test_xml_tool_calls_are_parsed_not_shown_as_text(env: Env) -> None:
     env.scripts.add("xml", "Let me look." + READ_CALL_45, end="<|observation|>")
     r = env.openai().chat.completions.create(model="m", messages=user("SCRIPT:xml"), tools=TOOLS)

@@ -2,5 +2,5 @@
 
     python -m localglm.training.train --out localglm/data/default_model
 
-See `localglm/training/README_SECTION.md` for the exact command and the numbers of the shipped model.
+README.md ("The default model") gives the exact command and the numbers of the shipped model.
 """
