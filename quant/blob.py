@@ -13,6 +13,7 @@ bytes, and `ExpertBlobLayout.unpack` gives zero-copy QuantTensor views of a blob
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import torch
@@ -73,10 +74,10 @@ class ExpertBlobLayout:
         return cls(int(d["hidden"]), int(d["inter"]), QuantSpec.parse(d["gate_up"]), QuantSpec.parse(d["down"]))
 
 
-def quantize_expert(lay: ExpertBlobLayout, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """Float gate [I, H], up [I, H], down [H, I] -> the expert's blob."""
-    gu = QuantTensor.quantize(torch.cat([gate, up], 0), lay.gate_up)
-    dn = QuantTensor.quantize(down, lay.down)
+def quantize_expert(lay: ExpertBlobLayout, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, pool: Executor | None = None) -> torch.Tensor:
+    """Float gate [I, H], up [I, H], down [H, I] -> the expert's blob (chunks on `pool`'s threads: QuantTensor.quantize)."""
+    gu = QuantTensor.quantize(torch.cat([gate, up], 0), lay.gate_up, pool=pool)
+    dn = QuantTensor.quantize(down, lay.down, pool=pool)
     return lay.pack(gu, dn)
 
 

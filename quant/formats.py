@@ -23,6 +23,7 @@ and be moved with one copy. Nothing here knows about models.
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -182,15 +183,22 @@ _RATIOS_8 = tuple(1.0 + i / 100 for i in range(11))
 _STARTS = {2: (1.0, 0.85, 0.7, 0.55), 4: (1.0, 0.9, 0.8)}
 _ITERS = {2: 6, 4: 3}
 _FP16_TINY = 2.0**-24  # the smallest positive fp16: a group scale never codes to 0
+POOL_CHUNKS = 4  # QuantTensor.quantize on a thread pool cuts a tensor into at least this many chunks
+
+
+# The quantizers below are memory-bound passes over the weights: each result is computed in place
+# where torch allows (the same float operations, in the same order, as the out-of-place form: the
+# codes do not depend on it), which saves an allocation and a page-in per operation.
 
 
 def _round8(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """Symmetric 8-bit codes of w for scales s (broadcast), as floats in [-127, 127]."""
-    return torch.clamp(torch.round(w / s), -127, 127)
+    return torch.div(w, s).round_().clamp_(-127, 127)
 
 
 def _sq_err(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    return (q * s - w).pow(2).sum(-1, keepdim=True)
+    """sum over the group of (q * s - w)^2, [..., 1]."""
+    return torch.mul(q, s).sub_(w).pow_(2).sum(-1, keepdim=True)
 
 
 def _quant8(w: torch.Tensor, group: int) -> dict[str, torch.Tensor]:
@@ -201,24 +209,29 @@ def _quant8(w: torch.Tensor, group: int) -> dict[str, torch.Tensor]:
     wg = w.view(n, k // group, group)
     amax = wg.abs().amax(-1, keepdim=True).clamp_min(1e-30)
     cand = amax * (torch.tensor(_RATIOS_8, dtype=w.dtype, device=w.device) / 127.0)  # [N, ng, C]
-    q = _round8(wg.unsqueeze(-2), cand.unsqueeze(-1))  # [N, ng, C, G]
-    err = _sq_err(wg.unsqueeze(-2), q, cand.unsqueeze(-1)).squeeze(-1)
-    s = cand.gather(-1, err.argmin(-1, keepdim=True))  # [N, ng, 1]
+    s, err = cand[..., :1], _sq_err(wg, _round8(wg, cand[..., :1]), cand[..., :1])  # [N, ng, 1]
+    for i in range(1, cand.shape[-1]):  # one candidate at a time (cache-sized temporaries); ties keep the first
+        si = cand[..., i : i + 1]
+        ei = _sq_err(wg, _round8(wg, si), si)
+        better = (ei < err) | (ei.isnan() & ~err.isnan())  # argmin's choice: the first least, a NaN before all
+        s, err = torch.where(better, si, s), torch.where(better, ei, err)
     q = _round8(wg, s)
-    s_ls = (q * wg).sum(-1, keepdim=True) / (q * q).sum(-1, keepdim=True).clamp_min(1e-30)
+    s_ls = torch.mul(q, wg).sum(-1, keepdim=True) / torch.mul(q, q).sum(-1, keepdim=True).clamp_min(1e-30)
     s_ls = torch.where(s_ls > 0, s_ls, s)
-    s = torch.where(_sq_err(wg, _round8(wg, s_ls), s_ls) < _sq_err(wg, q, s), s_ls, s).squeeze(-1)
+    s = torch.where(_sq_err(wg, _round8(wg, s_ls), s_ls) < err, s_ls, s).squeeze(-1)  # err: s's own error
     rowf = s.amax(1, keepdim=True)
     gscale = (s / rowf).clamp_min(_FP16_TINY).to(torch.float16)
     q = _round8(wg, (rowf * gscale.float()).unsqueeze(-1)).view(n, k)
     return {"rowf": rowf, "data": q.to(torch.int8).view(torch.uint8), "gscale": gscale}
 
 
-def _ls_fit(w: torch.Tensor, c: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Least-squares (s, m) per group for fixed codes; keeps the old pair where degenerate."""
+def _ls_fit(w: torch.Tensor, c: torch.Tensor, s: torch.Tensor, m: torch.Tensor, sw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares (s, m) per group for fixed codes (sw: w's group sums); keeps the old pair where degenerate."""
     g = w.shape[-1]
-    sc, sw = c.sum(-1, keepdim=True), w.sum(-1, keepdim=True)
-    scc, scw = (c * c).sum(-1, keepdim=True), (c * w).sum(-1, keepdim=True)
+    sc = c.sum(-1, keepdim=True)
+    t = torch.mul(c, c)
+    scc = t.sum(-1, keepdim=True)
+    scw = torch.mul(c, w, out=t).sum(-1, keepdim=True)
     det = g * scc - sc * sc
     ok = det > 0.5
     s_new = (g * scw - sc * sw) / torch.where(ok, det, torch.ones_like(det))
@@ -229,7 +242,7 @@ def _ls_fit(w: torch.Tensor, c: torch.Tensor, s: torch.Tensor, m: torch.Tensor) 
 
 
 def _assign(w: torch.Tensor, s: torch.Tensor, m: torch.Tensor, qmax: int) -> torch.Tensor:
-    return torch.clamp(torch.round((w - m) / s), 0, qmax)
+    return torch.sub(w, m).div_(s).round_().clamp_(0, qmax)
 
 
 def _fit_groups(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -237,15 +250,16 @@ def _fit_groups(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor,
     qmax = (1 << bits) - 1
     lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
     mid, half = (lo + hi) / 2, ((hi - lo) / 2).clamp_min(1e-30)
+    sw = w.sum(-1, keepdim=True)
     best = None
     for shrink in _STARTS[bits]:
         m = mid - half * shrink
         s = 2 * half * shrink / qmax
         for _ in range(_ITERS[bits]):
             c = _assign(w, s, m, qmax)
-            s, m = _ls_fit(w, c, s, m)
+            s, m = _ls_fit(w, c, s, m, sw)
         c = _assign(w, s, m, qmax)
-        err = (c * s + m - w).pow(2).sum(-1, keepdim=True)
+        err = torch.mul(c, s).add_(m).sub_(w).pow_(2).sum(-1, keepdim=True)
         if best is None:
             best = [err, c, s, m]
         else:
@@ -274,7 +288,8 @@ def _quant_grouped(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
     # Refit the offsets for the coded scales, then code them, then re-pick the codes: each step can
     # only lower the error for the parameters already fixed.
     for _ in range(2):
-        m = (wg - s_q * c).mean(-1, keepdim=True)
+        t = torch.mul(s_q, c)
+        m = torch.sub(wg, t, out=t).mean(-1, keepdim=True)
         c = _assign(wg, s_q, m, qmax)
     m = m.squeeze(-1)
     m_max = m.abs().amax(1, keepdim=True).clamp_min(1e-30)
@@ -316,17 +331,25 @@ class QuantTensor:
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
-    def quantize(cls, w: torch.Tensor, spec: QuantSpec, dtype: torch.dtype | None = None, chunk_rows: int | None = None) -> QuantTensor:
+    def quantize(
+        cls, w: torch.Tensor, spec: QuantSpec, dtype: torch.dtype | None = None, chunk_rows: int | None = None, pool: Executor | None = None
+    ) -> QuantTensor:
+        """w [N, K] quantized to `spec`, in chunks of rows (~1 MB of fp32 each: bounded temporary
+        memory, cache-friendly). Rows are quantized independently, so the chunks may run on `pool`'s
+        threads (at least POOL_CHUNKS of them, to share the work out) with the same result."""
         spec.check_shape(tuple(w.shape))
         n, k = w.shape
-        chunk_rows = chunk_rows or max(1, (1 << 18) // k)  # ~1 MB of fp32 at a time: cache-friendly
-        parts: dict[str, list[torch.Tensor]] = {}
-        for r in range(0, n, chunk_rows):  # bounded temporary memory on big matrices
+        if chunk_rows is None:
+            chunks = -(-n * k // (1 << 18))
+            chunk_rows = -(-n // max(chunks, POOL_CHUNKS if pool is not None else 1))
+
+        def one(r: int) -> dict[str, torch.Tensor]:
             wf = w[r : r + chunk_rows].float()
-            sec = _quant8(wf, spec.group) if spec.bits == 8 else _quant_grouped(wf, spec)
-            for key, v in sec.items():
-                parts.setdefault(key, []).append(v)
-        sections = {key: torch.cat(v, 0) for key, v in parts.items()}
+            return _quant8(wf, spec.group) if spec.bits == 8 else _quant_grouped(wf, spec)
+
+        starts = range(0, n, chunk_rows)
+        parts = list(pool.map(one, starts)) if pool is not None else [one(r) for r in starts]
+        sections = {key: torch.cat([sec[key] for sec in parts], 0) for key in parts[0]}
         return cls.from_sections(spec, (n, k), sections, dtype or (w.dtype if w.dtype.is_floating_point and w.dtype != torch.float64 else torch.float32))
 
     @classmethod
