@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,6 +27,9 @@ from .sampling import Sampler, SamplingParams
 from .stats import GenerationStats, peak_rss_bytes
 from .chat.stream_parser import ChatStreamParser, ContentDelta
 from .chat.tokenizer import IncrementalDecoder, Tokenizer
+
+if TYPE_CHECKING:
+    from .grammar import GrammarVocab
 
 PREFILL_CHUNK = 512
 
@@ -90,6 +94,36 @@ class Model:
     @property
     def dtype(self) -> torch.dtype:
         return self.net.dtype
+
+    # ---- constrained decoding (localglm/grammar) ----------------------------------------------
+    @cached_property
+    def grammar_vocab(self) -> GrammarVocab:
+        """The vocabulary as the grammar engine sees it (built on first use, ~0.1-1 s)."""
+        from .grammar import GrammarVocab
+
+        return GrammarVocab(self._need_tokenizer(), self.config.vocab_size, self.stop_token_ids())
+
+    def constrained(
+        self,
+        *,
+        prompt_text: str | None,
+        response_format: Mapping[str, Any] | None = None,
+        thinking_budget: int | None = None,
+        max_new_tokens: int | None = None,
+        **tools: Any,
+    ) -> LogitsProcessor | None:
+        """The logits processor for an OpenAI-style `response_format`, a thinking budget and tools
+        (grammar.build.request_processor's tool arguments); None when none of them constrains."""
+        from .grammar import parse_response_format
+        from .grammar.build import request_processor
+
+        schema = parse_response_format(response_format)
+        if schema is None and thinking_budget is None and not tools.get("tools"):
+            return None
+        return request_processor(
+            self.grammar_vocab, prompt_text=prompt_text, json_schema=schema, thinking_budget=thinking_budget,
+            max_new_tokens=max_new_tokens, **tools,
+        )  # fmt: skip
 
     # ---- math ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -202,6 +236,7 @@ class Model:
         stats.prompt_tokens = len(tokens)
         history = torch.tensor(tokens, dtype=torch.long, device=self.device)
         generated: list[int] = []
+        on_token = getattr(logits_processor, "on_token", None)
         t0 = time.perf_counter()
         with torch.inference_mode():
             logits = self._prefill(cache, tokens, reuse_prefix, stats)
@@ -212,6 +247,8 @@ class Model:
                     logits = logits_processor(generated, logits)
                 tok = sampler(logits, history if sampling.repetition_penalty != 1.0 else None)
                 generated.append(tok)
+                if on_token is not None:
+                    on_token(generated)  # a grammar starts the next mask during the forward pass
                 now = time.perf_counter()
                 if step == 0:
                     stats.prompt_s = stats.ttft_s = now - t0
@@ -246,6 +283,9 @@ class Model:
         reuse_prefix: bool = True,
         logits_processor: LogitsProcessor | None = None,
         parse_special_tokens: bool = False,
+        response_format: Mapping[str, Any] | None = None,
+        thinking_budget: int | None = None,
+        tool_grammar: bool = True,
         **sampling_overrides: Any,
     ) -> Iterator[Any]:
         """Stream events for one of: a raw `prompt`, chat `messages` (or the same already encoded
@@ -254,6 +294,9 @@ class Model:
         With `messages` or `chat`, the output is split into ThinkingDelta / ContentDelta / ToolCall*
         events; otherwise every piece of text is a ContentDelta. The last event is always `Done`.
         `parse_special_tokens` lets special-token text in message content become special tokens.
+        `response_format` ({"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema":
+        ...}}) holds the output to JSON; `thinking_budget` closes the thinking block after that many
+        tokens; with `tools` and `tool_grammar`, tool calls are held to GLM's format (localglm/grammar).
         """
         if sum(x is not None for x in (prompt, messages, chat, input_ids)) != 1:
             raise LocalGLMError("generate: give exactly one of prompt, messages, chat or input_ids")
@@ -269,6 +312,14 @@ class Model:
         else:
             ids = list(input_ids)
         start_in_thinking = chat is not None and chat.text.rstrip().endswith("<think>")
+        if response_format is not None or thinking_budget is not None or (tools and tool_grammar):
+            from .grammar import chain
+
+            grammar = self.constrained(
+                prompt_text=chat.text if chat is not None else None, response_format=response_format,
+                thinking_budget=thinking_budget, max_new_tokens=max_new_tokens, tools=tools if tool_grammar else None,
+            )  # fmt: skip
+            logits_processor = chain(logits_processor, grammar)
         if not self._lock.acquire(blocking=False):
             raise LocalGLMError("this model is already generating; one generation at a time")
         try:

@@ -1,0 +1,61 @@
+"""One request's logits processor: its grammar (JSON, tool calls) and thinking budget, from plain facts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .budget import ThinkingBudget, chain
+from .processor import GrammarProcessor
+from .spec import GrammarError, OutputSpec, ToolGrammar, output_grammar
+from .vocab import GrammarVocab
+
+LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
+
+
+def thinking_mode(prompt_text: str | None, vocab: GrammarVocab) -> str:
+    """How the output may think: "open" (the prompt ends in `<think>`), "none" (a raw prompt, thinking
+    turned off: the prompt ends in `</think>`, or a tokenizer without the tags), else "optional"."""
+    if prompt_text is None or vocab.token_id("<think>") is None or vocab.token_id("</think>") is None:
+        return "none"
+    tail = prompt_text.rstrip()
+    if tail.endswith("</think>"):
+        return "none"
+    return "open" if tail.endswith("<think>") else "optional"
+
+
+def request_processor(
+    vocab: GrammarVocab,
+    *,
+    prompt_text: str | None,
+    json_schema: Mapping[str, Any] | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    tool_mode: str = "auto",
+    tool_name: str | None = None,
+    single_tool_call: bool = False,
+    tool_grammar: bool = True,
+    thinking_budget: int | None = None,
+    max_new_tokens: int | None = None,
+) -> LogitsProcessor | None:
+    """The processor enforcing what a request asks (None when it asks nothing that needs one).
+
+    `prompt_text` is the rendered chat prompt (None for raw prompts: no thinking block, no tools).
+    Tools are held to GLM's format only with `tool_grammar` (the server's --no-tool-grammar turns it
+    off), except that tool_choice "required" / named can only be enforced by the grammar.
+    """
+    mode = thinking_mode(prompt_text, vocab)
+    tg = None
+    if tools and prompt_text is not None and (tool_grammar or tool_mode in ("required", "named")):
+        tg = ToolGrammar(tools, tool_mode, tool_name, single_tool_call)
+    spec = OutputSpec(thinking=mode, json_schema=json_schema, tools=tg)
+    grammar = output_grammar(spec)
+    processor = GrammarProcessor(vocab, grammar, max_new_tokens=max_new_tokens) if grammar is not None else None
+    budget = None
+    if thinking_budget is not None and mode != "none":
+        open_id, close_id = vocab.token_id("<think>"), vocab.token_id("</think>")
+        if open_id is None or close_id is None:
+            raise GrammarError("thinking budget: this tokenizer has no <think> / </think> tokens")
+        budget = ThinkingBudget(thinking_budget, open_id, close_id, start_in_thinking=mode == "open")
+    return chain(processor, budget)

@@ -1,0 +1,171 @@
+"""A grammar as the engine's logits processor: llguidance's token mask applied to each step's logits.
+
+The processor is called with the ids generated so far, in any order the caller likes (speculative
+decoding verifies drafted positions, then rolls back): it brings llguidance's matcher to that history
+by rolling back to the common prefix and consuming the rest. `on_token` (called by the engine right
+after sampling) starts computing the next mask on a helper thread while the model runs its forward
+pass (llguidance releases the GIL), so the mask is usually ready when the logits are. `allows` and
+`veto` check drafted tokens against the grammar without computing a mask.
+
+Closure: with `max_new_tokens` known, from CLOSE_WINDOW tokens before the end the processor measures
+how many tokens a greedy closing policy (end-of-sequence if allowed; else a token that only closes:
+`"`, `]`, `}` or a closing GLM tag; else the shortest allowed token) needs to finish, and switches
+to that policy while the tokens left are still about twice that, so a reply that would have been cut by max_tokens ends
+as valid output instead. It is best effort: a schema whose smallest valid document is longer than the
+tokens left still ends at max_tokens, unfinished, with finish_reason "length".
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from ..errors import LocalGLMError
+from .spec import GrammarError
+from .vocab import GrammarVocab, _llguidance
+
+CLOSE_WINDOW = 96  # closure is considered over the last this many tokens of max_new_tokens
+# Closing starts while the tokens left are at most twice the closure's length plus this: one sampled
+# token can lengthen the closure a lot (a new array item with required keys), so leave room for one.
+CLOSE_SLACK = 8
+_SHIFTS = torch.arange(32, dtype=torch.int32)
+_NEG_INF = float("-inf")
+
+
+class GrammarProcessor:
+    """Logits processor holding generation to a Lark grammar (see spec.output_grammar)."""
+
+    def __init__(self, vocab: GrammarVocab, grammar: str, *, max_new_tokens: int | None = None, prefetch: bool = True) -> None:
+        llg = _llguidance()
+        self.vocab = vocab
+        self.grammar = grammar
+        self.matcher = llg.LLMatcher(vocab.ll, grammar, log_level=0)
+        if self.matcher.is_error():
+            raise GrammarError(f"grammar: {self.matcher.get_error().strip().splitlines()[0]}")
+        self.max_new_tokens = max_new_tokens
+        self.consumed: list[int] = []  # the history the matcher is at
+        self.dead: tuple[int, int] | None = None  # (position, token) of a token the grammar refused
+        self.closing = False
+        self._bits = torch.empty(vocab.words, dtype=torch.int32)
+        self._pending: Future[torch.Tensor] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._prefetch = prefetch
+
+    # ---- matcher state ----------------------------------------------------------------------------
+    def _sync(self, history: Sequence[int]) -> None:
+        """Bring the matcher to `history` (rollback to the common prefix, then consume the rest)."""
+        self._wait()
+        have = self.consumed
+        n = min(len(have), len(history))
+        keep = 0
+        while keep < n and have[keep] == history[keep]:
+            keep += 1
+        if keep < len(have):
+            if not self.matcher.rollback(len(have) - keep):
+                raise LocalGLMError(f"grammar: rollback failed: {self.matcher.get_error()}")
+            del have[keep:]
+        if self.dead is not None:
+            pos, tok = self.dead
+            if pos != len(have) or pos >= len(history) or history[pos] != tok:
+                self.dead = None
+        if self.dead is None and len(history) > len(have):
+            new = [int(t) for t in history[len(have) :]]
+            took = self.matcher.try_consume_tokens(new)
+            if self.matcher.is_error():
+                raise LocalGLMError(f"grammar: {self.matcher.get_error()}")
+            have.extend(new[:took])
+            if took < len(new):
+                self.dead = (len(have), new[took])
+
+    def _compute(self) -> torch.Tensor:
+        """The allowed-token mask [vocab] (bool) at the matcher's state."""
+        bits = self._bits
+        self.matcher.unsafe_compute_mask_ptr(bits.data_ptr(), bits.numel() * 4)
+        return ((bits.view(-1, 1) >> _SHIFTS) & 1).view(-1)[: self.vocab.vocab_size].bool()
+
+    def _wait(self) -> torch.Tensor | None:
+        pending, self._pending = self._pending, None
+        return pending.result() if pending is not None else None
+
+    def allowed(self, history: Sequence[int]) -> torch.Tensor:
+        """Bool mask [vocab] of the tokens the grammar allows after `history`."""
+        if self._pending is not None and list(history) == self.consumed and self.dead is None:
+            ready = self._wait()
+            assert ready is not None
+            return ready
+        self._sync(history)
+        if self.dead is not None:  # a refused (drafted) token: only ending is left, and it is discarded anyway
+            mask = torch.zeros(self.vocab.vocab_size, dtype=torch.bool)
+            mask[self.vocab.stop_ids] = True
+            return mask
+        return self._compute()
+
+    # ---- the engine's seams -----------------------------------------------------------------------
+    def __call__(self, history: list[int], logits: torch.Tensor) -> torch.Tensor:
+        mask = self.allowed(history)
+        if self.max_new_tokens is not None and self.dead is None:
+            left = self.max_new_tokens - len(history)
+            if not self.closing and left <= CLOSE_WINDOW:
+                self.closing = 2 * self._closure_length(left) + CLOSE_SLACK >= left
+            if self.closing:
+                only = torch.zeros_like(mask)
+                only[self._closer(mask)] = True
+                mask = only
+        return logits.masked_fill(~mask.to(logits.device), _NEG_INF)
+
+    def on_token(self, history: list[int]) -> None:
+        """The engine sampled history[-1]: start the next mask while the model computes the logits."""
+        if not self._prefetch:
+            return
+        self._sync(history)
+        if self.dead is not None or self.matcher.is_stopped():
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="localglm-grammar")
+            weakref.finalize(self, self._executor.shutdown, wait=False)
+        self._pending = self._executor.submit(self._compute)
+
+    def allows(self, history: Sequence[int], tokens: Sequence[int]) -> int:
+        """How many of `tokens` (e.g. drafted ones), in order, the grammar accepts after `history`."""
+        self._sync(history)
+        if self.dead is not None:
+            return 0
+        return int(self.matcher.validate_tokens([int(t) for t in tokens]))
+
+    def veto(self, history: list[int], token: int) -> bool:
+        """speculative.DraftVeto: True when the grammar refuses `token` after `history`."""
+        return self.allows(history, [token]) == 0
+
+    @property
+    def accepting(self) -> bool:
+        """Whether the output so far is complete (the grammar would let it end here)."""
+        return self.dead is None and self.matcher.is_accepting()
+
+    # ---- closure ----------------------------------------------------------------------------------
+    def _closer(self, mask: torch.Tensor) -> int:
+        """The greedy closing policy's token among the allowed ones."""
+        stops = [t for t in self.vocab.stop_ids if bool(mask[t])]
+        if stops:
+            return stops[0]
+        lengths = self.vocab.token_lengths
+        closing = mask & self.vocab.closing
+        if bool(closing.any()):
+            return int(torch.where(closing, lengths, -1).argmax())
+        return int(torch.where(mask, lengths, torch.iinfo(torch.int32).max).argmin())
+
+    def _closure_length(self, limit: int) -> int:
+        """Tokens the closing policy needs before end-of-sequence is allowed (limit + 1: more than limit)."""
+        m = self.matcher.deep_copy()
+        bits = torch.empty_like(self._bits)
+        stops = self.vocab.stop_ids
+        for n in range(limit + 1):
+            m.unsafe_compute_mask_ptr(bits.data_ptr(), bits.numel() * 4)
+            mask = ((bits.view(-1, 1) >> _SHIFTS) & 1).view(-1)[: self.vocab.vocab_size].bool()
+            if any(bool(mask[t]) for t in stops):
+                return n
+            if not bool(mask.any()) or not m.consume_token(self._closer(mask)):
+                break
+        return limit + 1

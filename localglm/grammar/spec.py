@@ -1,0 +1,182 @@
+"""What a request constrains, written as one llguidance Lark grammar over the whole assistant output.
+
+The output is: an optional thinking block (open already when the prompt ends in `<think>`), then
+the body: JSON for `response_format`, free text and/or tool calls in GLM's XML format
+(`<tool_call>name<arg_key>k</arg_key><arg_value>v</arg_value></tool_call>`, newlines between the
+parts optional: GLM-4.5 writes them, GLM-4.7 does not). Tool names come from the request's tools;
+each tool's arguments follow its schema's `properties` in their declared order (required ones
+always, optional ones maybe), string values raw (as the chat template writes them), others as JSON
+valid for the property's schema. Free text may not spell out a GLM tag (`<tool_call>` typed as
+plain characters would still be parsed as a call by the stream parser), so a call can only begin
+with the real tag.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..chat.stream_parser import _is_string_schema
+from ..errors import LocalGLMError
+
+# GLM's tags and role markers, as text: free text and raw string values never spell one out.
+_TAGS = r"<\/?(think|tool_call|arg_key|arg_value|tool_response)>|<\|[a-z_]+\|>"
+_FREE = r"/(?s:.*)/ & ~/(?s:.*(" + _TAGS + r").*)/"
+THINK_MODES = ("none", "optional", "open")  # no thinking block; the model may open one; the prompt opened it
+
+
+class GrammarError(LocalGLMError):
+    """A response_format or tool schema the grammar engine cannot use; `param` names the field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def parse_response_format(fmt: Any, path: str = "response_format") -> dict[str, Any] | None:
+    """The JSON schema a response_format asks for (json_object: any object); None for text."""
+    if fmt is None:
+        return None
+    if not isinstance(fmt, Mapping):
+        raise GrammarError(f"{path}: expected a JSON object", path)
+    kind = fmt.get("type")
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, Mapping):
+            raise GrammarError(f"{path}.json_schema: expected an object holding 'schema'", f"{path}.json_schema")
+        schema = spec.get("schema", {})
+        if isinstance(schema, bool) or not isinstance(schema, Mapping):
+            raise GrammarError(f"{path}.json_schema.schema: expected a JSON schema object", f"{path}.json_schema.schema")
+        if "strict" in spec and not isinstance(spec["strict"], bool):
+            raise GrammarError(f"{path}.json_schema.strict: expected true or false", f"{path}.json_schema.strict")
+        return dict(schema)  # strict or not, the schema is enforced
+    raise GrammarError(f"{path}.type: {kind!r} is not one of text, json_object, json_schema", f"{path}.type")
+
+
+@dataclass(frozen=True)
+class ToolGrammar:
+    """The request's tools (OpenAI function form) and what tool_choice demands of them."""
+
+    tools: Sequence[Mapping[str, Any]]
+    mode: str = "auto"  # auto | none | required | named
+    name: str | None = None  # the named tool
+    single: bool = False  # at most one call (parallel_tool_calls false)
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    thinking: str = "none"  # one of THINK_MODES
+    json_schema: Mapping[str, Any] | None = None
+    tools: ToolGrammar | None = None
+
+    @property
+    def constrains(self) -> bool:
+        """Whether anything here needs a grammar (free text with thinking does not)."""
+        return self.json_schema is not None or self.tools is not None
+
+
+def _lit(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
+# JSON as json.dumps writes it (", " and ": "), no other whitespace: a model cannot pad forever.
+_JSON_FORMAT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def _json_rule(schema: Any, defs: Mapping[str, Any]) -> str:
+    """A `%json` rule for `schema`, with the root's `$defs` / `definitions` so `$ref`s resolve."""
+    sub = dict(schema) if isinstance(schema, Mapping) else {}
+    for key in ("$defs", "definitions"):
+        if key in defs and key not in sub:
+            sub[key] = defs[key]
+    sub["x-guidance"] = _JSON_FORMAT
+    return "%json " + json.dumps(sub, ensure_ascii=False)
+
+
+class _Writer:
+    """Accumulates Lark rules with fresh names."""
+
+    def __init__(self) -> None:
+        self.rules: list[str] = []
+        self.n = 0
+
+    def rule(self, body: str) -> str:
+        self.n += 1
+        name = f"r{self.n}"
+        self.rules.append(f"{name}: {body}")
+        return name
+
+
+def _function(fn: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
+    f = fn.get("function", fn)
+    params = f.get("parameters")
+    return str(f.get("name", "")), params if isinstance(params, Mapping) else {}
+
+
+def _value(w: _Writer, schema: Any, root: Mapping[str, Any]) -> str:
+    if _is_string_schema(schema):
+        enum = schema.get("enum") if isinstance(schema, Mapping) else None
+        if isinstance(enum, list) and enum:
+            return w.rule(" | ".join(_lit(v) for v in enum))
+        return "STR"
+    return w.rule(_json_rule(schema, root))
+
+
+def _call(w: _Writer, tool: Mapping[str, Any]) -> str:
+    name, params = _function(tool)
+    props = params.get("properties")
+    parts = [_lit(name)]
+    if isinstance(props, Mapping) and props:
+        required = set(params.get("required") or ())
+        for key, schema in props.items():
+            arg = f'NL? <arg_key> {_lit(str(key))} </arg_key> NL? <arg_value> {_value(w, schema, params)} </arg_value>'
+            parts.append(f"({arg})" if key in required else f"({arg})?")
+    elif params.get("additionalProperties", True) is not False:
+        parts.append("(NL? <arg_key> KEY </arg_key> NL? <arg_value> STR </arg_value>)*")
+    return w.rule(" ".join(parts))
+
+
+def output_grammar(spec: OutputSpec) -> str | None:
+    """The Lark grammar for `spec`, or None when it constrains nothing."""
+    if not spec.constrains:
+        return None
+    w = _Writer()
+    alts: list[str] = []
+    tg = spec.tools
+    calls = None
+    if tg is not None and tg.mode != "none":
+        chosen = [t for t in tg.tools if tg.mode != "named" or _function(t)[0] == tg.name]
+        if not chosen:
+            raise GrammarError(f"tool_choice: no tool named {tg.name!r} in tools", "tool_choice")
+        one = w.rule(f"<tool_call> ({' | '.join(_call(w, t) for t in chosen)}) NL? </tool_call>")
+        calls = w.rule(f"{one} WS?" if tg.single else f"{one} (WS? {one})* WS?")
+    if spec.json_schema is not None:
+        alts.append(w.rule(_json_rule(spec.json_schema, spec.json_schema)))
+        if calls is not None and tg is not None and tg.mode == "auto":
+            alts.append(f"FREE? {calls}")
+    elif calls is not None:
+        alts.append(calls if tg is not None and tg.mode in ("required", "named") else f"FREE? ({calls})?")
+    else:  # tool_choice none, no JSON: text only (no call can be opened)
+        alts.append("FREE?")
+    if calls is not None and tg is not None and tg.mode in ("required", "named") and spec.json_schema is not None:
+        alts = [calls]  # a forced call wins over the JSON body (OpenAI: the call is the reply)
+    think = {
+        "none": "",
+        "optional": "WS? (<think> STR </think> WS?)?",
+        "open": "STR </think> WS?",
+    }[spec.thinking]
+    head = [f"start: {think} body", f"body: {' | '.join(alts)}"]
+    lexemes = [
+        f"FREE: {_FREE.replace('.*)/ &', '.+)/ &', 1)}",
+        f"STR: {_FREE}",
+        r"WS: /[ \t\r\n]{1,4}/",
+        r"NL: /\n/",
+        r"KEY: /[A-Za-z0-9_.\-]+/",
+    ]
+    return "\n".join(head + w.rules + lexemes) + "\n"

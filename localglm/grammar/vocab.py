@@ -1,0 +1,66 @@
+"""The model's vocabulary as llguidance sees it, built once per loaded model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from functools import cached_property
+
+import torch
+
+from ..chat.tokenizer import Tokenizer
+from ..errors import LocalGLMError
+
+# Characters that only ever close what JSON (or a GLM argument value) has open: a token made of
+# these and whitespace moves toward the end of the output (closure when tokens run low).
+CLOSING_CHARS = frozenset(b'"]} \n')
+CLOSING_TAGS = ("</think>", "</arg_key>", "</arg_value>", "</tool_call>")
+
+
+def _llguidance():  # noqa: ANN202 - the module
+    try:
+        import llguidance
+    except ImportError as exc:  # a broken install: it is a declared dependency
+        raise LocalGLMError("constrained decoding needs the llguidance package: pip install llguidance") from exc
+    return llguidance
+
+
+class GrammarVocab:
+    """llguidance's tokenizer for one model (the tokenizer.json the engine encodes with, the model's
+    vocabulary size, its stop ids as end-of-sequence), plus per-token facts closure needs."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, stop_ids: Iterable[int]) -> None:
+        llg = _llguidance()
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.stop_ids = sorted(set(stop_ids))
+        if not self.stop_ids:
+            raise LocalGLMError("constrained decoding needs the model's end-of-sequence ids (eos_token_id)")
+        self.ll = llg.LLTokenizer(tokenizer._backend.to_str(), n_vocab=vocab_size, eos_token=self.stop_ids)
+        self.words = (vocab_size + 31) // 32  # int32 words of a bitmask
+
+    def token_id(self, text: str) -> int | None:
+        return self.tokenizer.token_to_id(text)
+
+    @cached_property
+    def token_lengths(self) -> torch.Tensor:
+        """Bytes per token (special tokens count as long, so closure never picks one by length)."""
+        out = torch.empty(self.vocab_size, dtype=torch.int32)
+        for i in range(self.vocab_size):
+            out[i] = 1000 if self.ll.is_special_token(i) else len(self.ll.decode_bytes([i]))
+        return out
+
+    @cached_property
+    def closing(self) -> torch.Tensor:
+        """Tokens that only close: GLM's closing tags, and tokens made of closing characters (with at
+        least one of `"`, `]`, `}`), as a bool mask."""
+        out = torch.zeros(self.vocab_size, dtype=torch.bool)
+        for tag in CLOSING_TAGS:
+            tag_id = self.token_id(tag)
+            if tag_id is not None and tag_id < self.vocab_size:
+                out[tag_id] = True
+        for i in range(self.vocab_size):
+            if self.ll.is_special_token(i):
+                continue
+            raw = self.ll.decode_bytes([i])
+            out[i] = bool(raw) and set(raw) <= CLOSING_CHARS and bool(set(raw) & set(b'"]}'))
+        return out

@@ -1,0 +1,298 @@
+"""Constrained decoding (localglm/grammar): JSON schemas, GLM tool calls, drafted tokens, closure, thinking budgets.
+
+Output comes from the tiny random model at temperature 1: nothing but the grammar makes it valid,
+so every check here fails without it. `Push` is a soft forcer (a large bias toward scripted tokens,
+not a hard mask), so a grammar can still refuse what it pushes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import torch
+
+import localglm
+from localglm.engine import Done, EncodedChat, Model
+from localglm.chat.stream_parser import ParsedMessage
+from localglm.grammar import GrammarError, GrammarProcessor, OutputSpec, ToolGrammar, output_grammar, parse_response_format
+from localglm.grammar.build import request_processor
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Agents' real tool schemas (trimmed descriptions): nested arrays of objects, enums, optional fields.
+AGENT_TOOLS = [
+    {"type": "function", "function": {"name": "edit_file", "parameters": {
+        "type": "object",
+        "properties": {
+            "path": {"type": "string"},
+            "edits": {"type": "array", "maxItems": 3, "items": {
+                "type": "object",
+                "properties": {"old_string": {"type": "string", "maxLength": 12}, "new_string": {"type": "string", "maxLength": 12},
+                               "replace_all": {"type": "boolean"}},
+                "required": ["old_string", "new_string"], "additionalProperties": False}},
+        },
+        "required": ["path", "edits"]}}},
+    {"type": "function", "function": {"name": "todo_write", "parameters": {
+        "type": "object",
+        "properties": {"todos": {"type": "array", "maxItems": 2, "items": {
+            "type": "object",
+            "properties": {"content": {"type": "string", "maxLength": 10},
+                           "status": {"type": "string", "enum": ["pending", "in_progress", "completed"]},
+                           "priority": {"type": "string", "enum": ["high", "medium", "low"]}},
+            "required": ["content", "status"], "additionalProperties": False}}},
+        "required": ["todos"]}}},
+    {"type": "function", "function": {"name": "bash", "parameters": {
+        "type": "object",
+        "properties": {"command": {"type": "string"}, "timeout": {"type": "integer", "minimum": 1, "maximum": 600000}},
+        "required": ["command"]}}},
+    {"type": "function", "function": {"name": "list_dir", "parameters": {"type": "object", "properties": {}}}},
+]  # fmt: skip
+
+SCHEMAS: list[dict[str, Any]] = [
+    {"type": "object"},
+    {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 20}}, "required": ["answer"], "additionalProperties": False},
+    {"type": "object", "properties": {"n": {"type": "integer", "minimum": -5, "maximum": 5}, "x": {"type": "number"}}, "required": ["n", "x"]},
+    {"type": "object", "properties": {"ok": {"type": "boolean"}, "kind": {"enum": ["a", "b", 3, None]}}, "required": ["ok", "kind"]},
+    {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string", "maxLength": 5}, "minItems": 1, "maxItems": 4}},
+     "required": ["tags"], "additionalProperties": False},
+    {"type": "object", "properties": {"user": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+     "age": {"type": "integer", "minimum": 0, "maximum": 130}}, "required": ["name", "age"], "additionalProperties": False}},
+     "required": ["user"], "additionalProperties": False},
+    {"$defs": {"pt": {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}}, "required": ["x", "y"],
+     "additionalProperties": False}}, "type": "object", "properties": {"points": {"type": "array", "items": {"$ref": "#/$defs/pt"},
+     "maxItems": 3}}, "required": ["points"], "additionalProperties": False},
+    {"type": "object", "properties": {"v": {"anyOf": [{"type": "string", "maxLength": 4}, {"type": "integer"}, {"type": "null"}]}}, "required": ["v"]},
+    {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 2, "maxItems": 5},
+    *[t["function"]["parameters"] for t in AGENT_TOOLS],
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dir: Path) -> Model:
+    return localglm.load(tiny_dir, ctx=2048)
+
+
+class Push:
+    """Adds a large bias to the scripted tokens in turn (then to `<|endoftext|>`): a model that wants
+    to write them, which a grammar can still stop."""
+
+    def __init__(self, ids: list[int], end: int) -> None:
+        self.ids, self.end = ids, end
+
+    def __call__(self, history: list[int], logits: torch.Tensor) -> torch.Tensor:
+        tok = self.ids[len(history)] if len(history) < len(self.ids) else self.end
+        out = logits.clone()
+        out[tok] += 1000.0
+        return out
+
+
+def run(model: Model, **kwargs: Any) -> tuple[Done, ParsedMessage]:
+    events = list(model.generate(temperature=1.0, **kwargs))
+    done = events[-1]
+    assert isinstance(done, Done)
+    return done, ParsedMessage.from_events(events[:-1])
+
+
+@pytest.mark.parametrize("index", range(len(SCHEMAS)))
+def test_schema_output_parses_and_validates(model: Model, index: int) -> None:
+    schema = SCHEMAS[index]
+    fmt = {"type": "json_schema", "json_schema": {"name": "out", "strict": True, "schema": schema}}
+    for seed in range(3):
+        done, msg = run(model, messages=[{"role": "user", "content": "answer in JSON"}], enable_thinking=False,
+                        max_new_tokens=200, seed=seed, response_format=fmt)  # fmt: skip
+        assert done.finish_reason == "stop", (seed, done.text)
+        jsonschema.validate(json.loads(msg.content), schema)
+
+
+def test_json_object_mode_on_raw_prompt(model: Model) -> None:
+    for seed in range(3):
+        done, _ = run(model, prompt="JSON:", max_new_tokens=120, seed=seed, response_format={"type": "json_object"})
+        assert done.finish_reason == "stop"
+        assert isinstance(json.loads(done.text), dict)
+
+
+def test_without_the_grammar_the_random_model_is_not_json(model: Model) -> None:
+    """The oracle for the tests above: the same requests unconstrained do not give JSON."""
+    done, _ = run(model, prompt="JSON:", max_new_tokens=40, seed=0)
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(done.text)
+
+
+def test_closure_finishes_json_when_tokens_run_low(model: Model) -> None:
+    """An unbounded schema (strings of any length) still closes within max_tokens."""
+    schema = {"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "array", "items": {"type": "string"}}},
+              "required": ["a", "b"]}  # fmt: skip
+    for max_new in (20, 30, 50):
+        done, _ = run(model, prompt="x", max_new_tokens=max_new, seed=1,
+                      response_format={"type": "json_schema", "json_schema": {"schema": schema}})  # fmt: skip
+        assert done.finish_reason == "stop", (max_new, done.text)
+        assert len(done.token_ids) < max_new
+        jsonschema.validate(json.loads(done.text), schema)
+
+
+def test_too_few_tokens_to_finish_ends_with_length(model: Model) -> None:
+    schema = {"type": "object", "properties": {"long_property_name_one": {"type": "string"}}, "required": ["long_property_name_one"]}
+    done, _ = run(model, prompt="x", max_new_tokens=3, seed=0, response_format={"type": "json_schema", "json_schema": {"schema": schema}})
+    assert done.finish_reason == "length"
+    assert done.text.startswith("{")
+
+
+def test_bad_response_formats_name_the_field() -> None:
+    with pytest.raises(GrammarError, match=r"response_format\.type: 'xml'"):
+        parse_response_format({"type": "xml"})
+    with pytest.raises(GrammarError, match=r"response_format\.json_schema"):
+        parse_response_format({"type": "json_schema"})
+    assert parse_response_format({"type": "text"}) is None
+
+
+def test_unsupported_schema_is_a_grammar_error(model: Model) -> None:
+    with pytest.raises(GrammarError, match="grammar"):
+        model.constrained(prompt_text=None, response_format={"type": "json_schema", "json_schema": {"schema": {"type": "frobnicate"}}})
+
+
+# ---- tool calls -----------------------------------------------------------------------------------
+def tool_events(model: Model, mode: str, seed: int, *, name: str | None = None, push: str | None = None, **kw: Any) -> tuple[Done, ParsedMessage]:
+    chat = model.encode_chat([{"role": "user", "content": "do it"}], tools=AGENT_TOOLS, enable_thinking=False)
+    proc = request_processor(model.grammar_vocab, prompt_text=chat.text, tools=AGENT_TOOLS, tool_mode=mode, tool_name=name,
+                             max_new_tokens=kw.get("max_new_tokens", 300))  # fmt: skip
+    procs = []
+    if push is not None:
+        procs.append(Push(model.tokenizer.encode(push), model.tokenizer.token_to_id("<|endoftext|>")))
+    from localglm.grammar import chain
+
+    return run(model, chat=chat, tools=AGENT_TOOLS, tool_grammar=False, seed=seed, max_new_tokens=kw.get("max_new_tokens", 300),
+               logits_processor=chain(*procs, proc))  # fmt: skip
+
+
+def check_call(call: Any) -> None:
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in AGENT_TOOLS}
+    assert call.name in schemas
+    jsonschema.validate(call.arguments, schemas[call.name])
+
+
+def test_required_forces_a_valid_call(model: Model) -> None:
+    for seed in range(4):
+        done, msg = tool_events(model, "required", seed)
+        assert done.finish_reason == "stop", done.text
+        assert msg.tool_calls, done.text
+        assert msg.content.strip() == ""
+        for call in msg.tool_calls:
+            check_call(call)
+
+
+def test_named_forces_that_tool(model: Model) -> None:
+    for seed in range(3):
+        _, msg = tool_events(model, "named", seed, name="todo_write")
+        assert [c.name for c in msg.tool_calls][:1] == ["todo_write"]
+        for call in msg.tool_calls:
+            check_call(call)
+
+
+def test_forced_malformed_calls_are_prevented(model: Model) -> None:
+    """A model pushing the breakages peers mis-parse: a missing <arg_value>, a missing <arg_key>,
+    an unknown key, a wrongly typed value, an unknown tool. The grammar keeps every call valid."""
+    broken = [
+        "<tool_call>bash\n<arg_key>command</arg_key>\nls -la</arg_value>\n</tool_call>",
+        "<tool_call>bash\ncommand</arg_key>\n<arg_value>ls</arg_value>\n</tool_call>",
+        "<tool_call>bash\n<arg_key>cmd</arg_key>\n<arg_value>ls</arg_value>\n</tool_call>",
+        "<tool_call>bash\n<arg_key>command</arg_key>\n<arg_value>ls</arg_value>\n<arg_key>timeout</arg_key>\n<arg_value>soon</arg_value>\n</tool_call>",
+        "<tool_call>rm_rf\n<arg_key>path</arg_key>\n<arg_value>/</arg_value>\n</tool_call>",
+    ]
+    for i, text in enumerate(broken):
+        done, msg = tool_events(model, "auto", i, push=text)
+        for call in msg.tool_calls:
+            check_call(call)
+        assert "arg_key" not in msg.content and "arg_value" not in msg.content, done.text
+
+
+def test_pushed_well_formed_call_goes_through(model: Model) -> None:
+    """The grammar lets a valid call through token for token (the push is what comes out)."""
+    text = "<tool_call>bash\n<arg_key>command</arg_key>\n<arg_value>ls -la</arg_value>\n</tool_call>"
+    done, msg = tool_events(model, "auto", 0, push=text)
+    assert done.text == text
+    assert [(c.name, c.arguments) for c in msg.tool_calls] == [("bash", {"command": "ls -la"})]
+
+
+def test_tool_choice_none_forbids_calls(model: Model) -> None:
+    done, msg = tool_events(model, "none", 0, push="<tool_call>bash\n<arg_key>command</arg_key>\n<arg_value>ls</arg_value>\n</tool_call>")
+    assert msg.tool_calls == []
+    assert "<tool_call>" not in done.text
+
+
+def test_tool_grammar_text() -> None:
+    """The grammar for one tool under tool_choice required, single call: the name, then the required
+    string argument (raw text) and the optional integer (as JSON with its bounds), in schema order."""
+    spec = OutputSpec("none", None, ToolGrammar(AGENT_TOOLS[2:3], "required", single=True))
+    rules = output_grammar(spec).splitlines()
+    assert rules[:6] == [
+        "start:  body",
+        "body: r4",
+        'r1: %json {"type": "integer", "minimum": 1, "maximum": 600000, "x-guidance": {"whitespace_flexible": false, '
+        '"item_separator": ", ", "key_separator": ": "}}',
+        'r2: "bash" (NL? <arg_key> "command" </arg_key> NL? <arg_value> STR </arg_value>) '
+        '(NL? <arg_key> "timeout" </arg_key> NL? <arg_value> r1 </arg_value>)?',
+        "r3: <tool_call> (r2) NL? </tool_call>",
+        "r4: r3 WS?",
+    ]
+
+
+# ---- drafted tokens, rollback, prefetch -------------------------------------------------------------
+def test_drafts_are_checked_and_history_can_move_back(model: Model) -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    vocab = model.grammar_vocab
+    proc = request_processor(vocab, prompt_text=None, json_schema=schema)
+    assert isinstance(proc, GrammarProcessor)
+    good = model.tokenizer.encode('{"n": 12}')
+    bad = model.tokenizer.encode('{"m": 1}')
+    assert proc.allows([], good) == len(good)
+    assert bad[:2] == good[:2]  # '{' '"', then the wrong key
+    assert proc.allows([], bad) == 2
+    assert proc.veto(good[:2], bad[2]) and not proc.veto(good[:2], good[2])
+    logits = torch.zeros(vocab.vocab_size)
+    fresh = [GrammarProcessor(vocab, proc.grammar)(good[:k], logits) for k in range(len(good) + 1)]
+    # out of order (as speculative verification calls it), through prefetch, and after a refused draft
+    for k in [3, 1, 4, 0, 2, len(good), 1]:
+        assert torch.equal(proc(good[:k], logits), fresh[k]), k
+    proc.on_token(good[:2])
+    assert torch.equal(proc(good[:2], logits), fresh[2])
+    assert proc.allows(good[:2], bad[2:]) == 0
+    assert torch.equal(proc(bad[:3], logits).isfinite(), torch.isin(torch.arange(vocab.vocab_size), torch.tensor(vocab.stop_ids)))
+    assert torch.equal(proc(good[:3], logits), fresh[3])
+
+
+def test_grammar_with_prefix_reuse_gives_the_same_output(model: Model) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"schema": SCHEMAS[5]}}
+    msgs = [{"role": "user", "content": "a user record please, in JSON"}]
+    first, _ = run(model, messages=msgs, enable_thinking=False, max_new_tokens=100, seed=7, response_format=fmt, reuse_prefix=False)
+    again, _ = run(model, messages=msgs, enable_thinking=False, max_new_tokens=100, seed=7, response_format=fmt, reuse_prefix=True)
+    assert again.stats.cached_prompt_tokens > 0
+    assert again.token_ids == first.token_ids
+    jsonschema.validate(json.loads(again.text), SCHEMAS[5])
+
+
+# ---- thinking budget ------------------------------------------------------------------------------
+def test_thinking_budget_closes_the_block(model: Model) -> None:
+    """A model that would think forever (pushed to write "a" and never `</think>`) stops at the budget,
+    whether it opens `<think>` itself (GLM-4.5's template) or the prompt opened it (GLM-4.7's)."""
+    a = model.tokenizer.encode("a")[0]
+    open_id, close = model.tokenizer.token_to_id("<think>"), model.tokenizer.token_to_id("</think>")
+    base = model.encode_chat([{"role": "user", "content": "hi"}], enable_thinking=True)
+    assert not base.text.rstrip().endswith("<think>")
+    prompt_opened = EncodedChat(base.text + "<think>", [*base.ids, open_id])
+    for chat, script in ((base, [open_id] + [a] * 100), (prompt_opened, [a] * 100)):
+        for budget in (0, 5, 17):
+            events = list(model.generate(chat=chat, max_new_tokens=budget + 8, temperature=1.0, seed=0,
+                                         logits_processor=Push(script, a), thinking_budget=budget))  # fmt: skip
+            done = events[-1]
+            msg = ParsedMessage.from_events(events[:-1])
+            start = 0 if chat is prompt_opened else 1
+            assert done.token_ids.index(close) == start + budget, done.text
+            assert msg.thinking == "a" * budget
+            assert msg.content.startswith("a")  # the answer goes on after </think>
+    # without a budget the same model never closes it
+    done = list(model.generate(chat=prompt_opened, max_new_tokens=30, temperature=1.0, seed=0, logits_processor=Push([a] * 100, a)))[-1]
+    assert close not in done.token_ids
