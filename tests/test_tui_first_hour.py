@@ -41,6 +41,7 @@ def test_f1_lists_the_chats_own_keys_first(tmp_path: Path, model: localglm.Model
     for what in ("Send the message", "New line", "Regenerate", "New", "Thinking", "System", "Chats", "Copy code", "Stats", "Keys", "Quit"):
         assert what in chat, (what, chat)
     assert rows.index("general") < rows.index("editing the prompt")
+    assert rows.index("Quit") < 20  # all of the chat's own keys are on the first screen, not below row 45
     assert len(rows) - rows.index("editing the prompt") > 20  # the editing keys are still listed, after the chat's
 
 
