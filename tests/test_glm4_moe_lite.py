@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import localglm
+from tests.oracle import assert_cached_decode_matches, assert_close, assert_greedy_matches, kl_divergence
 from localglm.cli import main
 from localglm.layers.kv_cache import LatentCache
 from localglm.models.glm4_moe_lite.tiny import TinySpec
@@ -30,15 +31,6 @@ VARIANTS = {
 }  # fmt: skip
 
 
-def _kl(ref: torch.Tensor, q: torch.Tensor) -> float:
-    lr, lq = ref.log_softmax(-1), q.log_softmax(-1)
-    return float((lr.exp() * (lr - lq)).sum(-1).mean())
-
-
-def _close(ours: torch.Tensor, ref: torch.Tensor, tol: float = 1e-4) -> None:
-    scale = ref.abs().max().item()
-    err = (ours - ref).abs().max().item()
-    assert err <= tol * scale, f"max abs error {err:.3g} > {tol} x logit scale {scale:.3g}"
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -58,35 +50,17 @@ def test_logits_match_transformers(pair) -> None:
     ids = torch.randint(0, ours.config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = hf(ids).logits.float()
-    _close(ours.logits(ids), ref)
+    assert_close(ours.logits(ids), ref)
 
 
 def test_greedy_generation_matches_transformers(pair) -> None:
     ours, hf = pair
-    prompt = torch.randint(0, ours.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        ref = hf.generate(prompt, max_new_tokens=24, min_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
-    got = list(ours.stream_tokens(prompt[0].tolist(), max_new_tokens=24, sampling=localglm.SamplingParams(temperature=0)))
-    assert got == ref[0, 9:].tolist()
+    assert_greedy_matches(ours, hf, 9, 24)
 
 
 def test_latent_cache_decode_and_chunked_prefill_equal_the_full_forward(pair) -> None:
     """Decode reads only the latent cache (the absorbed form); chunked prefill masks by position."""
-    ours, _ = pair
-    net = ours.net
-    ids = torch.randint(0, ours.config.vocab_size, (1, 14), generator=torch.Generator().manual_seed(2))
-    full = ours.logits(ids)[0]
-    with torch.inference_mode():
-        cache = net.new_cache(32)
-        assert isinstance(cache, LatentCache)
-        steps = [net.lm_head(net.hidden_states(ids[:, :5], cache, 0))[0]]
-        for t in range(5, 14):
-            steps.append(net.lm_head(net.hidden_states(ids[:, t : t + 1], cache, t))[0])
-        cache2 = net.new_cache(32)
-        a = net.lm_head(net.hidden_states(ids[:, :9], cache2, 0))[0]
-        b = net.lm_head(net.hidden_states(ids[:, 9:], cache2, 9))[0]
-    _close(torch.cat(steps).float(), full)
-    _close(torch.cat([a, b]).float(), full)
+    assert_cached_decode_matches(pair[0], n=14, prefill=5, split=9, cache_type=LatentCache)
 
 
 def test_the_cache_holds_only_the_latent_and_the_rope_key(lite_dir: Path) -> None:
@@ -128,9 +102,9 @@ def test_quantize_keeps_norms_and_router_and_quantizes_the_mla_projections(lite_
     q = localglm.load(out, dtype="float32")
     otf = localglm.load(lite_dir, dtype="float32", experts_bits=4, attn_bits=8)
     ids = torch.randint(0, ref.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(5))
-    kl = _kl(ref.logits(ids), q.logits(ids))
+    kl = kl_divergence(ref.logits(ids), q.logits(ids))
     assert kl < 0.05, kl  # the glm4_moe q4 bound (test_quant_model)
-    _close(otf.logits(ids), q.logits(ids), 1e-3)  # quantizing while loading = loading the quantized directory
+    assert_close(otf.logits(ids), q.logits(ids), 1e-3)  # quantizing while loading = loading the quantized directory
 
 
 def test_gguf_export_reads_back_exactly(lite_dir: Path, tmp_path: Path) -> None:
@@ -159,7 +133,7 @@ def test_reads_the_gguf_llama_cpps_converter_writes(tmp_path: Path, kind: str) -
     if kind == "bf16":  # the same bf16 weights: the same numbers
         assert torch.equal(theirs.logits(ids), ours.logits(ids))
     else:  # Q8_0 blocks taken as they are (experts) or dequantized; llama.cpp's own KL on this file is 0.053
-        assert _kl(ours.logits(ids), theirs.logits(ids)) < 0.04
+        assert kl_divergence(ours.logits(ids), theirs.logits(ids)) < 0.04
     assert theirs.tokenizer.encode("def f(x): return x") == ours.tokenizer.encode("def f(x): return x")
 
 
@@ -174,7 +148,7 @@ def test_llama_cpp_reads_our_export(lite_dir: Path, tmp_path: Path) -> None:
     ids = torch.randint(0, ours.config.vocab_size, (1, 13), generator=torch.Generator().manual_seed(1))
     llm = llama_cpp.Llama(model_path=str(f), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
     llm.eval(ids[0].tolist())
-    _close(torch.tensor(np.array(llm.scores[:13])), ours.logits(ids)[0], 2e-3)  # llama.cpp's f16 KV cache
+    assert_close(torch.tensor(np.array(llm.scores[:13])), ours.logits(ids)[0], 2e-3)  # llama.cpp's f16 KV cache
 
 
 def test_offload_sim_gives_the_same_tokens(lite_dir: Path, tmp_path: Path) -> None:

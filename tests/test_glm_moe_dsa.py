@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import localglm
+from tests.oracle import assert_cached_decode_matches, assert_close, assert_greedy_matches
 from localglm.cli import main
 from localglm.layers.dsa import DsaCache
 from localglm.models.glm_moe_dsa.tiny import TinySpec
@@ -28,11 +29,6 @@ VARIANTS = {
     ),
 }  # fmt: skip
 
-
-def _close(ours: torch.Tensor, ref: torch.Tensor, tol: float = 1e-4) -> None:
-    scale = ref.abs().max().item()
-    err = (ours - ref).abs().max().item()
-    assert err <= tol * scale, f"max abs error {err:.3g} > {tol} x logit scale {scale:.3g}"
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -62,7 +58,7 @@ def test_logits_match_transformers_with_sparse_selection(pair) -> None:
     ids = torch.randint(0, ours.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = hf(ids).logits.float()
-    _close(ours.logits(ids), ref)
+    assert_close(ours.logits(ids), ref)
     # the selection matters: the same model with the indexer's top-k above the sequence (dense) differs
     dense = localglm.load(ours.path, dtype="float32")
     dense.net.index_shape = dataclasses.replace(dense.net.index_shape, topk=1000)
@@ -71,30 +67,14 @@ def test_logits_match_transformers_with_sparse_selection(pair) -> None:
 
 def test_greedy_generation_matches_transformers(pair) -> None:
     ours, hf = pair
-    prompt = torch.randint(0, ours.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        ref = hf.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
-    got = list(ours.stream_tokens(prompt[0].tolist(), max_new_tokens=16, sampling=localglm.SamplingParams(temperature=0)))
-    assert got == ref[0, 9:].tolist()
+    assert_greedy_matches(ours, hf, 9, 16)
 
 
 def test_cached_decode_selects_as_the_full_forward_does(pair) -> None:
     """Decode past index_topk reads the indexer-key cache of the full layers and the top-k latent rows."""
-    ours, _ = pair
-    net = ours.net
-    ids = torch.randint(0, ours.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(2))
-    full = ours.logits(ids)[0]
-    with torch.inference_mode():
-        cache = net.new_cache(32)
-        assert isinstance(cache, DsaCache) and cache.index_keys.shape[0] == len(ours.config.index_layers)
-        steps = [net.lm_head(net.hidden_states(ids[:, :3], cache, 0))[0]]
-        for t in range(3, 16):
-            steps.append(net.lm_head(net.hidden_states(ids[:, t : t + 1], cache, t))[0])
-        cache2 = net.new_cache(32)
-        a = net.lm_head(net.hidden_states(ids[:, :10], cache2, 0))[0]
-        b = net.lm_head(net.hidden_states(ids[:, 10:], cache2, 10))[0]
-    _close(torch.cat(steps).float(), full)
-    _close(torch.cat([a, b]).float(), full)
+    ours = pair[0]
+    cache = assert_cached_decode_matches(ours, n=16, prefill=3, split=10, cache_type=DsaCache)
+    assert cache.index_keys.shape[0] == len(ours.config.index_layers)
 
 
 def test_within_index_topk_attention_is_dense_exactly(dsa_dir: Path) -> None:
@@ -219,7 +199,7 @@ def test_llama_cpp_reads_our_export_with_the_same_selection(tmp_path: Path) -> N
     ids = torch.randint(0, ours.config.vocab_size, (1, 14), generator=torch.Generator().manual_seed(1))
     llm = llama_cpp.Llama(model_path=str(f), n_ctx=64, logits_all=True, verbose=False, n_threads=1, type_k=0, type_v=0)  # f32 KV
     llm.eval(ids[0].tolist())
-    _close(torch.tensor(np.array(llm.scores[:14])), ours.logits(ids)[0], 1e-4)  # 14 tokens past index_topk 6
+    assert_close(torch.tensor(np.array(llm.scores[:14])), ours.logits(ids)[0], 1e-4)  # 14 tokens past index_topk 6
 
 
 def test_fp8_hub_layout_and_chat(tmp_path: Path) -> None:
