@@ -43,7 +43,7 @@ FIXTURE_SPEC = dict(
 BENCH_SPEC = dict(
     dtype="bfloat16", vocab_size=4096, hidden_size=4096, head_dim=128, num_attention_heads=96, num_key_value_heads=8,
     intermediate_size=10944, moe_intermediate_size=1408, n_routed_experts=32, num_experts_per_tok=8, num_hidden_layers=4,
-    num_nextn_predict_layers=0, max_shard_bytes=500_000_000,
+    num_nextn_predict_layers=0, use_qk_norm=False, max_shard_bytes=500_000_000,
 )  # fmt: skip
 
 
@@ -64,8 +64,11 @@ def llama_quantize(src: Path, out: Path, mix: tuple[tuple[str, str], ...] = MIX,
     return out
 
 
-def make_mix(out: Path, spec: dict, work: Path) -> Path:
-    """Random weights of `spec` (glm4_moe) -> F32/BF16 GGUF (localglm export-gguf) -> the MIX by llama.cpp."""
+def make_mix(out: Path, spec: dict, work: Path, keep: bool = True) -> Path:
+    """Random weights of `spec` (glm4_moe) -> F32/BF16 GGUF (localglm export-gguf) -> the MIX by llama.cpp;
+    without `keep` the random checkpoint and the float GGUF are removed afterwards (GBs at Air widths)."""
+    import shutil
+
     from localglm.checkpoint.gguf import export_gguf
     from localglm.models.glm4_moe.tiny import TinySpec
     from localglm.tiny import make_tiny
@@ -76,7 +79,11 @@ def make_mix(out: Path, spec: dict, work: Path) -> Path:
     flat = work / "flat.gguf"
     if not flat.is_file():
         export_gguf(model, flat, "f32" if spec["dtype"] == "float32" else "bf16", mtp=False)
-    return llama_quantize(flat, out)
+    llama_quantize(flat, out)
+    if not keep:
+        shutil.rmtree(model)
+        flat.unlink()
+    return out
 
 
 def types_of(path: Path) -> dict[str, int]:
@@ -108,7 +115,7 @@ def main() -> int:
     gguf_path = work / "air-mix.gguf"
     if not gguf_path.is_file():
         print(f"writing {gguf_path} (random weights, llama.cpp's quantizer) ...", file=sys.stderr)
-        make_mix(gguf_path, BENCH_SPEC, work)
+        make_mix(gguf_path, BENCH_SPEC, work, keep=False)
     load = os.getloadavg()
     from localglm.models.glm4_moe.tiny import TinySpec
 

@@ -1,5 +1,7 @@
 """llama.cpp's K-quant and legacy block formats held as stored: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q4_0,
-Q5_0 and IQ4_XS (Q8_0 becomes our q8 losslessly: quant/gguf_packed.py).
+Q4_1, Q5_0, Q5_1, IQ4_NL and IQ4_XS (Q8_0 becomes our q8 losslessly: quant/gguf_packed.py). The block-32
+types matter beside the K-quants: llama.cpp falls back to them for rows that are not whole 256-weight
+blocks (GLM-4.5-Air's 1408-wide experts' down projections, for one).
 
 Why as stored: the published GGUF mixes (one of these types per tensor) would otherwise be
 dequantized to bf16 (4-8x the RAM) or re-quantized (a second loss). A tensor of one of these types is
@@ -63,6 +65,9 @@ GGML_TYPES: dict[str, GGMLType] = {
         GGMLType("Q5_K", QK_K, 176, 5, 5),
         GGMLType("Q6_K", QK_K, 210, 6, 6),
         GGMLType("IQ4_XS", QK_K, 136, 4, 7),
+        GGMLType("Q4_1", 32, 20, 4, 8),
+        GGMLType("Q5_1", 32, 24, 5, 9),
+        GGMLType("IQ4_NL", 32, 18, 4, 10),
     )
 }
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # llama.cpp kvalues_iq4nl
@@ -135,17 +140,27 @@ def _scale_min_k4(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def decode_blocks(blocks: torch.Tensor, ggml: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """uint8 blocks [nb, nbytes] -> (codes float [nb, subs, sub], scale fp32 [nb, subs, 1], offset
-    fp32 [nb, subs, 1] or None), with w = scale * codes (- offset)."""
+    fp32 [nb, subs, 1] or None), with w = scale * codes (- offset). (Q4_1 / Q5_1 add their fp16 m: the offset
+    is -m, and x - (-m) is x + m exactly.)"""
     nb = blocks.shape[0]
     b = blocks
     if ggml == "Q4_0":
         q = _bits(b[:, 2:18], [0, 4], 15, (nb, 1, 16), (nb, 1, 32)).float() - 8
         return q, _f16(b[:, 0:2]).view(nb, 1, 1), None
-    if ggml == "Q5_0":
-        lo = _bits(b[:, 6:22], [0, 4], 15, (nb, 1, 16), (nb, 32))
-        hi = _bits(b[:, 2:6], list(range(8)), 1, (nb, 4, 1), (nb, 4, 8, 1))  # bit j of the LE uint32 = element j
-        q = (lo | (hi.reshape(nb, 32) << 4)).float() - 16
-        return q.view(nb, 1, 32), _f16(b[:, 0:2]).view(nb, 1, 1), None
+    if ggml in ("Q5_0", "Q5_1"):
+        o = 0 if ggml == "Q5_0" else 2  # Q5_1: d, m, then as Q5_0
+        lo = _bits(b[:, 6 + o : 22 + o], [0, 4], 15, (nb, 1, 16), (nb, 32))
+        hi = _bits(b[:, 2 + o : 6 + o], list(range(8)), 1, (nb, 4, 1), (nb, 4, 8, 1))  # bit j of the LE uint32 = element j
+        q = (lo | (hi.reshape(nb, 32) << 4)).float()
+        if ggml == "Q5_0":
+            return (q - 16).view(nb, 1, 32), _f16(b[:, 0:2]).view(nb, 1, 1), None
+        return q.view(nb, 1, 32), _f16(b[:, 0:2]).view(nb, 1, 1), -_f16(b[:, 2:4]).view(nb, 1, 1)
+    if ggml == "Q4_1":
+        q = _bits(b[:, 4:20], [0, 4], 15, (nb, 1, 16), (nb, 1, 32)).float()
+        return q, _f16(b[:, 0:2]).view(nb, 1, 1), -_f16(b[:, 2:4]).view(nb, 1, 1)
+    if ggml == "IQ4_NL":
+        idx = _bits(b[:, 2:18], [0, 4], 15, (nb, 1, 16), (nb, 1, 32)).long()
+        return torch.tensor(IQ4_VALUES, dtype=torch.float32, device=b.device)[idx], _f16(b[:, 0:2]).view(nb, 1, 1), None
     if ggml == "Q2_K":
         scales, d, dmin = b[:, 0:16], _f16(b[:, 80:82]), _f16(b[:, 82:84])
         q = _bits(b[:, 16:80], [0, 2, 4, 6], 3, (nb, 2, 32), (nb, 16, 16)).float()

@@ -2,7 +2,8 @@
  * notes and the torch reference these kernels must agree with).
  *
  * Every block decodes into int8 codes q (one per weight), an fp32 scale per sub-block and, for
- * Q2_K / Q4_K / Q5_K, an fp32 offset per sub-block: w = scale * q - offset. The scales are computed
+ * Q2_K / Q4_K / Q5_K, an fp32 offset per sub-block: w = scale * q - offset (Q4_1 / Q5_1 add their m:
+ * the offset is -m, and x - (-m) == x + m exactly). The scales are computed
  * exactly as gguf.quants / llama.cpp compute them (fp16 -> fp32, times the sub-block's integer
  * scale: one fp32 product), so `kq_dequant` is bit-exact with them. `kq_matmul` multiplies the codes
  * with fp32 activations (no activation quantization): it agrees with dequantize + fp32 matmul to
@@ -22,7 +23,7 @@
 #define QK_K 256
 #define KQ_MAX_ROWS 64 /* tokens per kq_matmul call (accumulators live on the stack) */
 
-enum kq_type { KQ_Q4_0, KQ_Q5_0, KQ_Q2_K, KQ_Q3_K, KQ_Q4_K, KQ_Q5_K, KQ_Q6_K, KQ_IQ4_XS, KQ_NTYPES };
+enum kq_type { KQ_Q4_0, KQ_Q5_0, KQ_Q2_K, KQ_Q3_K, KQ_Q4_K, KQ_Q5_K, KQ_Q6_K, KQ_IQ4_XS, KQ_Q4_1, KQ_Q5_1, KQ_IQ4_NL, KQ_NTYPES };
 
 typedef struct {
     int block, nbytes, sub, has_offset;
@@ -32,6 +33,7 @@ typedef struct {
 static const kq_info INFO[KQ_NTYPES] = {
     {32, 18, 32, 0}, {32, 22, 32, 0}, {QK_K, 84, 16, 1}, {QK_K, 110, 16, 0},
     {QK_K, 144, 32, 1}, {QK_K, 176, 32, 1}, {QK_K, 210, 16, 0}, {QK_K, 136, 32, 0},
+    {32, 20, 32, 1}, {32, 24, 32, 1}, {32, 18, 32, 0},
 };
 
 static const int8_t IQ4_VALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
@@ -60,12 +62,32 @@ static void decode(int type, const uint8_t *b, int8_t *q, float *sc, float *mn) 
         sc[0] = f16(b);
         break;
     }
-    case KQ_Q5_0: {
+    case KQ_Q5_0:
+    case KQ_Q5_1: {
+        const int o = type == KQ_Q5_1 ? 2 : 0, zero = type == KQ_Q5_1 ? 0 : 16;
         uint32_t qh;
-        memcpy(&qh, b + 2, 4);
+        memcpy(&qh, b + 2 + o, 4);
         for (int j = 0; j < 16; j++) {
-            q[j] = (int8_t)(((b[6 + j] & 15) | (((qh >> j) & 1) << 4)) - 16);
-            q[j + 16] = (int8_t)(((b[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
+            q[j] = (int8_t)(((b[6 + o + j] & 15) | (((qh >> j) & 1) << 4)) - zero);
+            q[j + 16] = (int8_t)(((b[6 + o + j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - zero);
+        }
+        sc[0] = f16(b);
+        if (o) mn[0] = -f16(b + 2);
+        break;
+    }
+    case KQ_Q4_1: {
+        for (int j = 0; j < 16; j++) {
+            q[j] = (int8_t)(b[4 + j] & 15);
+            q[j + 16] = (int8_t)(b[4 + j] >> 4);
+        }
+        sc[0] = f16(b);
+        mn[0] = -f16(b + 2);
+        break;
+    }
+    case KQ_IQ4_NL: {
+        for (int j = 0; j < 16; j++) {
+            q[j] = IQ4_VALUES[b[2 + j] & 15];
+            q[j + 16] = IQ4_VALUES[b[2 + j] >> 4];
         }
         sc[0] = f16(b);
         break;
