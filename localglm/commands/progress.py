@@ -44,7 +44,9 @@ class LineProgress:
         amount = (f"{human_bytes(done)} of {human_bytes(total)}" if self.in_bytes else f"{done} of {total}") if total else str(done)
         pct = f"{100 * done / total:3.0f}% " if total else ""
         name = f"{self.label} {stage}".rstrip()
-        print(f"{name}: {pct}({amount}, {now - self.start:.1f} s)", file=self.stream, flush=True)
+        elapsed = now - self.start
+        eta = f", about {elapsed * (total - done) / done:.0f} s left" if total and 0 < done < total else ""  # at the rate so far
+        print(f"{name}: {pct}({amount}, {elapsed:.1f} s{eta})", file=self.stream, flush=True)
 
 
 def _rich_bar(label: str, in_bytes: bool) -> tuple[Update, Callable[[], None]]:
