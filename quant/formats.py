@@ -355,7 +355,8 @@ class QuantTensor:
     @classmethod
     def from_sections(cls, spec: QuantSpec, shape: tuple[int, int], sections: dict[str, torch.Tensor], dtype: torch.dtype) -> QuantTensor:
         lay = layout(spec, shape)
-        buf = torch.zeros(layout_nbytes(spec, shape), dtype=torch.uint8)
+        device = next(iter(sections.values())).device  # rows() / cat_rows() of a CUDA tensor stay on its GPU
+        buf = torch.zeros(layout_nbytes(spec, shape), dtype=torch.uint8, device=device)
         for key, (off, size) in lay.items():
             src = sections[key].contiguous().view(torch.uint8).reshape(-1)
             if src.numel() != size:

@@ -190,3 +190,16 @@ def test_cuda_offload_equals_resident_experts(tiny_dir: Path, tmp_path: Path, bi
     )
     snap = off.net.experts.stats_snapshot()
     assert snap["copied"] > 0 and snap["cache_slots"] == 6 and snap["device_bytes_peak"] <= snap["device_bytes_budget"]
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cuda_quantized_embedding_and_rows_stay_on_the_gpu(bits: int) -> None:
+    """A quantized embedding table (the planner's q8/q4 always-used weights) looks rows up on its GPU."""
+    qt = QuantTensor.quantize(torch.randn(64, 96), QuantSpec.for_bits(bits), torch.bfloat16).to("cuda")
+    ids = torch.tensor([[3, 0, 63]], device="cuda")
+    emb = torch.nn.functional.embedding(ids, qt)
+    assert emb.device.type == "cuda" and emb.shape == (1, 3, 96)
+    assert torch.equal(emb[0], qt.dequantize(torch.bfloat16)[ids[0]])
+    assert qt.rows(ids[0]).device.type == "cuda"
