@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,11 @@ class ModelConfig:
     @property
     def shared_intermediate_size(self) -> int:
         return self.moe_intermediate_size * self.n_shared_experts
+
+    def mtp_block_config(self) -> ModelConfig:
+        """The config of the MTP block seen as a one-layer model of this architecture (layer 0 = the
+        block at `num_hidden_layers`): always a MoE layer. Architectures with per-layer fields extend it."""
+        return replace(self, num_hidden_layers=1, first_k_dense_replace=0, num_nextn_predict_layers=0)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -23,7 +23,9 @@ from .config import ModelConfig
 from .errors import LocalGLMError
 from .layers.kv_cache import TokenCache
 from .models.arch import DecoderModel
+from .models.mtp import MtpHead
 from .sampling import Sampler, SamplingParams
+from .speculative import Speculation
 from .stats import GenerationStats, peak_rss_bytes
 from .chat.stream_parser import ChatStreamParser, ContentDelta
 from .chat.tokenizer import IncrementalDecoder, Tokenizer
@@ -76,6 +78,7 @@ class Model:
         *,
         ctx: int,
         sampling: SamplingParams,
+        mtp: MtpHead | None = None,
     ) -> None:
         self.path = path
         self.config = config
@@ -86,6 +89,8 @@ class Model:
         self._cache: TokenCache | None = None
         self._lock = threading.Lock()
         self.last_stats: GenerationStats | None = None
+        # Speculative decoding with the checkpoint's MTP head (speculative.py); None without one.
+        self.speculation = Speculation(net, mtp) if mtp is not None else None
 
     @property
     def device(self) -> torch.device:
@@ -234,6 +239,14 @@ class Model:
         cache = self._cache_for(len(tokens))
         sampler = Sampler(sampling, self.device)
         stats.prompt_tokens = len(tokens)
+        if self.speculation is not None and self.speculation.max_draft > 0:
+            with torch.inference_mode():
+                yield from self.speculation.stream(
+                    cache, tokens, ctx=self.ctx, max_new_tokens=max_new_tokens, sampling=sampling, sampler=sampler, stop_ids=stop_ids,
+                    cancel=cancel, reuse_prefix=reuse_prefix, stats=stats, logits_processor=logits_processor,
+                    veto=getattr(logits_processor, "veto", None),  # a grammar refuses drafts outright
+                )  # fmt: skip
+            return
         history = torch.tensor(tokens, dtype=torch.long, device=self.device)
         generated: list[int] = []
         on_token = getattr(logits_processor, "on_token", None)

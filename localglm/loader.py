@@ -177,7 +177,7 @@ def load(
     # QuantTensors for quantized classes, and a GGUF's K-quant (etc.) tensors as stored (quantize.quant_getter)
     takes_quant = quantized_dir or recipe is not None or ckpt is not None
     if takes_quant:
-        get = quant_getter(source, recipe, get, dev, dt, arch.schema.classify)  # noqa: F811
+        get = quant_getter(source, recipe, get, dev, dt, arch.schema.classifier(config.num_hidden_layers))  # noqa: F811
 
     def get_fp32(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         return read(name, shape, torch.float32)
@@ -209,13 +209,50 @@ def load(
             experts = load_quantized_experts(config, source, recipe, dt, expert_dev, layer_done, keep_blobs=offload.offloaded, mapped=bool(mmap))
         if experts is None:
             experts = load_in_memory_experts(config, get_experts, layer_done)
+        mtp = _load_mtp(arch, config, weights, source, WeightReader(get, get_fp32, source.__contains__), recipe, dt, dev, bool(takes_quant), opts, root)
     experts = _expert_backend(config, arch, weights, experts, dev, dt, root, ctx, offload, dense_bits)
     net = arch.model.build(config, weights, experts, dev, _kv_host(experts))
     if ckpt:
         tokenizer = ckpt.tokenizer()
     else:
         tokenizer = Tokenizer.from_dir(root) if (root / "tokenizer.json").is_file() else None
-    return Model(root, config, net, tokenizer, ctx=ctx, sampling=_sampling_defaults(root))
+    return Model(root, config, net, tokenizer, ctx=ctx, sampling=_sampling_defaults(root), mtp=mtp)
+
+
+def _load_mtp(
+    arch: Arch, cfg: ModelConfig, weights: Any, source: Any, reader: WeightReader, recipe: Recipe | None, dt: torch.dtype,
+    dev: torch.device, quantized: bool, opts: LoadOptions, root: Path,
+) -> Any:
+    """The MTP draft head (models/mtp.py) when asked for (`mtp=True`), or by default where the checkpoint
+    has one, unless a real GPU's budget was planned without it; None otherwise. Its routed experts are
+    quantized blobs or GGUF blocks as stored where the main ones are (the recipe's "mtp" class, 8 bits
+    by default), else floats, on the compute device."""
+    from .checkpoint.quantized_dir import QuantizedSource
+    from .models.mtp import LayerOffset, has_mtp_weights, load_mtp_head
+    from .quantize import load_quantized_experts, prepare_quantized
+
+    if opts.mtp is False or (opts.mtp is None and opts.offload.kind == "cuda"):
+        return None
+    if not has_mtp_weights(cfg, source.__contains__):
+        if opts.mtp:
+            raise LocalGLMError(
+                f"{root}: no MTP block to draft with (num_nextn_predict_layers is {cfg.num_nextn_predict_layers}"
+                + (", and its tensors are missing: converted with --no-mtp?)" if cfg.num_nextn_predict_layers else ")")
+            )
+        return None
+
+    def experts(block_cfg: ModelConfig, block: int, block_reader: WeightReader) -> Any:
+        float_in_dir = isinstance(source, QuantizedSource) and bool(source.layouts) and block not in source.layouts
+        if quantized and not float_in_dir:
+            q = load_quantized_experts(cfg, source, recipe, dt, dev, layers=[block], cls="mtp")
+            if q is not None:
+                return LayerOffset(q, block)
+        return load_in_memory_experts(block_cfg, block_reader.get)
+
+    head = load_mtp_head(arch, cfg, reader, weights, experts, dev)
+    if quantized:
+        prepare_quantized(head.w)
+    return head
 
 
 def _kv_host(experts: ExpertBackend) -> HostRows | None:

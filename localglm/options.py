@@ -113,12 +113,15 @@ class OffloadOptions:
 class LoadOptions:
     """Everything beyond device, dtype and context: quantization, offloading, `mmap` (a quantized
     directory's experts: True stay in their mapped files, False copied into RAM, None automatic) and
-    `verify` (check a quantized directory's shards against the manifest's CRC-32s first)."""
+    `verify` (check a quantized directory's shards against the manifest's CRC-32s first) and `mtp`
+    (load the MTP draft block for speculative decoding: True, False, None = where the checkpoint
+    has one and the device budget is not a planned GPU's)."""
 
     quant: QuantOptions = field(default_factory=QuantOptions)
     offload: OffloadOptions = field(default_factory=OffloadOptions)
     mmap: bool | None = None
     verify: bool = True
+    mtp: bool | None = None
 
     @classmethod
     def from_kwargs(cls, **kw: Any) -> LoadOptions:
@@ -131,6 +134,9 @@ class LoadOptions:
         verify = kw.pop("verify", True)
         if verify not in (True, False):
             raise LocalGLMError(f"verify={verify!r}: use True or False")
+        mtp = kw.pop("mtp", None)
+        if mtp not in (None, True, False):
+            raise LocalGLMError(f"mtp={mtp!r}: use True, False or None (auto)")
         if kw:
             raise LocalGLMError(f"load: unknown option(s) {', '.join(sorted(kw))}")
-        return cls(quant, offload, mmap, verify)
+        return cls(quant, offload, mmap, verify, mtp)

@@ -68,8 +68,9 @@ def fit_spec(spec: QuantSpec | None, shape: tuple[int, ...]) -> QuantSpec | None
     return spec
 
 
-def _expert_layout(recipe: Recipe, layer: int, hidden: int, inter: int) -> ExpertBlobLayout | None:
-    bits = recipe.bits_for("experts", layer)
+def _expert_layout(recipe: Recipe, layer: int, hidden: int, inter: int, cls: str = "experts") -> ExpertBlobLayout | None:
+    """The blob layout of `layer`'s routed experts (`cls` "mtp" for an MTP block's), None when kept in float."""
+    bits = recipe.bits_for(cls, layer)
     if bits == KEEP:
         return None
     spec = QuantSpec.for_bits(bits)
@@ -89,7 +90,7 @@ def _float_for_quant(source: Any, name: str, shape: tuple[int, ...] | None = Non
     return source.get(name, expected_shape=shape)
 
 
-def _packed_layout(source: Any, recipe: Recipe | None, layer: int, hidden: int, inter: int) -> ExpertBlobLayout | None:
+def _packed_layout(source: Any, recipe: Recipe | None, layer: int, hidden: int, inter: int, cls: str = "experts") -> ExpertBlobLayout | None:
     """The layout of `layer`'s routed experts as a GGUF stores them, when its types are taken as
     stored (Q8_0 as q8; K-quants, Q4_0, Q5_0, IQ4_XS as their blocks: quant.kquants; gate and up of one
     type) and no recipe asks otherwise (none, or one giving them exactly this layout). None otherwise."""
@@ -97,7 +98,7 @@ def _packed_layout(source: Any, recipe: Recipe | None, layer: int, hidden: int, 
     if any(sp is None for sp in specs) or specs[0] != specs[1]:
         return None
     lay = ExpertBlobLayout(hidden, inter, specs[0], specs[2])
-    return lay if recipe is None or _expert_layout(recipe, layer, hidden, inter) == lay else None
+    return lay if recipe is None or _expert_layout(recipe, layer, hidden, inter, cls) == lay else None
 
 
 # GGUF tensor types -> the localglm bits that hold them without losing much more (K-quants and the
@@ -201,8 +202,9 @@ class _Input:
 
     @property
     def classify(self) -> Classifier:
-        """The architecture's tensor classes (its schema), by the config's model_type."""
-        return arch_for_model_type(self.config.get("model_type"), "config.json").schema.classify
+        """The architecture's tensor classes (its schema), by the config's model_type; the MTP blocks' are "mtp"."""
+        schema = arch_for_model_type(self.config.get("model_type"), "config.json").schema
+        return schema.classifier(int(self.config.get("num_hidden_layers", 0)))
 
 
 def _open_hf(src: Path) -> _Input:
@@ -446,8 +448,8 @@ def _write_quantized(
                 inter, hidden = (shape if m.group(3) != "down" else shape[::-1])
                 i = int(m.group(1))
                 if i not in packed_layouts:  # GGUF Q8_0 experts the recipe holds at q8: their blocks as they are
-                    packed_layouts[i] = _packed_layout(source, recipe, i, hidden, inter)
-                lay = packed_layouts[i] or _expert_layout(recipe, i, hidden, inter)
+                    packed_layouts[i] = _packed_layout(source, recipe, i, hidden, inter, cls or "experts")
+                lay = packed_layouts[i] or _expert_layout(recipe, i, hidden, inter, cls or "experts")
             if m and lay is not None:
                 key = (int(m.group(1)), int(m.group(2)))
                 packed = packed_layouts[key[0]] is not None
@@ -611,18 +613,21 @@ def load_quantized_experts(
     layer_done: Callable[[int], None] | None = None,
     keep_blobs: bool = False,
     mapped: bool = False,
+    layers: list[int] | None = None,
+    cls: str = "experts",
 ) -> Any:
     """QuantizedExperts from a quantized directory's blobs, from a GGUF's Q8_0 expert blocks as they
     are (with no recipe, or one giving experts 8 bits), or by quantizing a float source per expert
     with `recipe`. Returns None when the experts are not to be quantized (use the float path).
 
     `mapped` (a quantized directory on the CPU only): each expert stays a read-only view of its
-    mapped shard, nothing is copied, and the OS page cache decides which experts sit in RAM."""
+    mapped shard, nothing is copied, and the OS page cache decides which experts sit in RAM.
+    `layers` (default: the MoE layers) and their recipe class `cls`: an MTP block's are ([N], "mtp")."""
     from .layers.experts import QuantizedExperts
     h, inter, n = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
-    layers = list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers))
+    layers = list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers)) if layers is None else layers
     from_blobs = isinstance(source, QuantizedSource) and bool(source.layouts)
-    packed = {i: lay for i in layers if (lay := _packed_layout(source, recipe, i, h, inter)) is not None}
+    packed = {i: lay for i in layers if (lay := _packed_layout(source, recipe, i, h, inter, cls)) is not None}
     requant: dict[int, ExpertBlobLayout] = {}  # layers re-quantized beside layers taken as stored
     if from_blobs:
         missing = [i for i in layers if i not in source.layouts]
@@ -634,16 +639,16 @@ def load_quantized_experts(
         if len(packed) < len(layers):  # some layers in types not run as stored: those re-quantized
             requant = _requantized_layouts(source, [i for i in layers if i not in packed], h, inter)
     else:
-        if all(recipe.bits_for("experts", i) == KEEP for i in layers):
+        if all(recipe.bits_for(cls, i) == KEEP for i in layers):
             return None
-        if any(recipe.bits_for("experts", i) == KEEP for i in layers):
+        if any(recipe.bits_for(cls, i) == KEEP for i in layers):
             raise NotImplementedError("mixing float (16) and quantized expert layers is not supported yet")
     layouts: dict[int, ExpertBlobLayout] = {}
     blobs: dict[int, torch.Tensor] = {}
     shapes = ((inter, h), (inter, h), (h, inter))
     mapped = mapped and from_blobs and dev.type == "cpu"
     for i in layers:
-        lay = source.layouts[i] if from_blobs else packed[i] if i in packed else requant.get(i) or _expert_layout(recipe, i, h, inter)
+        lay = source.layouts[i] if from_blobs else packed[i] if i in packed else requant.get(i) or _expert_layout(recipe, i, h, inter, cls)
         if (lay.hidden, lay.inter) != (h, inter):
             raise LocalGLMError(f"experts of layer {i}: blob layout is {lay.hidden}x{lay.inter}, config says {h}x{inter}")
         if mapped:

@@ -89,6 +89,35 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, history: torch.Tensor | None = None) -> int:
         """Pick one token from logits [vocab]; `history` holds the ids seen so far (for the penalty)."""
+        logits, top = self._penalized(logits, history)
+        if self.params.greedy:
+            return int(torch.argmax(logits))
+        probs, idx = self._candidates(logits, top)
+        choice = int(torch.multinomial(probs, 1, generator=self.generator))
+        return choice if idx is None else int(idx[choice])
+
+    def distribution(self, logits: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
+        """The distribution `__call__` samples from, over the whole vocabulary (float32, sums to 1;
+        one-hot at the argmax when greedy): what speculative sampling compares draft and target by."""
+        logits, top = self._penalized(logits, history)
+        out = torch.zeros_like(logits)
+        if self.params.greedy:
+            out[int(torch.argmax(logits))] = 1.0
+            return out
+        probs, idx = self._candidates(logits, top)
+        probs = probs / probs.sum()
+        return out.copy_(probs) if idx is None else out.index_copy_(0, idx, probs)
+
+    def sample(self, probs: torch.Tensor) -> int:
+        """One token from an unnormalized distribution over the vocabulary, with this sampler's RNG."""
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def uniform(self) -> float:
+        """One uniform draw in [0, 1) from this sampler's RNG (speculative sampling's accept test)."""
+        return float(torch.rand(1, generator=self.generator, device=self.generator.device))
+
+    def _penalized(self, logits: torch.Tensor, history: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+        """float32 logits after the repetition penalty, and their largest value before it."""
         p = self.params
         logits = logits.float()
         top = check_finite(logits)
@@ -97,8 +126,12 @@ class Sampler:
             vals = logits[seen]
             logits = logits.clone()
             logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-        if p.greedy:
-            return int(torch.argmax(logits))
+        return logits, top
+
+    def _candidates(self, logits: torch.Tensor, top: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Temperature, top-k, top-p and min-p: the probabilities to sample from, and their token ids
+        when top-p keeps only some (None: probs covers the whole vocabulary)."""
+        p = self.params
         if p.repetition_penalty != 1.0:
             top = float(logits.max())
         logits = (logits - top) / p.temperature  # shifted first, so a small temperature cannot overflow to inf
@@ -113,8 +146,7 @@ class Sampler:
             probs[(cum - probs) > p.top_p] = 0.0  # keep the smallest set whose mass reaches top_p
         if p.min_p > 0.0:  # the most probable token is among the candidates: the same threshold either way
             probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-        choice = int(torch.multinomial(probs, 1, generator=self.generator))
-        return choice if idx is None else int(idx[choice])
+        return probs, idx
 
 
 def check_finite(logits: torch.Tensor) -> float:

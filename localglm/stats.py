@@ -25,6 +25,11 @@ class GenerationStats:
     peak_rss_bytes: int = 0
     finish_reason: str = ""
     backend: dict[str, Any] = field(default_factory=dict)  # expert backend counters (offload issue)
+    # Speculative decoding with the MTP head (localglm/speculative.py); zeros without it.
+    draft_tokens: int = 0  # tokens the MTP head drafted
+    accepted_tokens: int = 0  # of those, accepted by the main model
+    acceptance_length: float = 0.0  # mean tokens per verification step (accepted drafts + the model's own)
+    draft_depths: dict[int, int] = field(default_factory=dict)  # chosen depth -> steps
 
     @property
     def prompt_tok_s(self) -> float:
@@ -52,6 +57,8 @@ class GenerationStats:
             f"ttft: {self.ttft_s * 1000:.0f} ms | peak RSS: {gib:.2f} GiB"
         )
         b = self.backend
+        if self.draft_tokens or self.draft_depths:
+            line += f" | mtp: {self.accepted_tokens}/{self.draft_tokens} drafts accepted, {self.acceptance_length:.2f} tok/step"
         if "hit_rate" in b:  # offloaded experts: the device cache at work
             line += (
                 f" | experts: {100 * b['hit_rate']:.1f}% hits, {b.get('bytes_per_token', 0) / 2**20:.1f} MiB/tok moved"

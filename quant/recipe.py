@@ -10,6 +10,9 @@ A recipe maps tensor *classes* to bits (2, 4, 8, or 16 = keep the checkpoint's f
     lm_head   output projection                                       default 8
     router    MoE router (computed in fp32; only 16 is accepted)      default 16
     indexer   sparse-attention indexer projections (GLM-5's DSA)      default 16
+    mtp       the MTP (next-n prediction) block: every weight of it   default 8
+              but its router and indexer (an int4 draft head is reported to
+              collapse speculative acceptance to a few percent)
 
 Per-layer overrides: `LayerOverride(first, last, cls, bits)` (inclusive) such as "0-2:experts=8".
 Norms, biases and the router's correction bias are never quantized. The classifier takes the
@@ -25,11 +28,11 @@ from dataclasses import dataclass, field
 
 from .formats import QuantError, QuantSpec
 
-CLASSES = ("experts", "shared", "dense", "attn", "embed", "lm_head", "router", "indexer")
+CLASSES = ("experts", "shared", "dense", "attn", "embed", "lm_head", "router", "indexer", "mtp")
 KEEP = 16
 # The indexer stays precise by default: it picks which tokens attention sees, and a token it misses is lost
 # to every head, while its projections are ~1% of a layer's always-used weights.
-DEFAULT_BITS: dict[str, int] = {"experts": 4, "shared": 8, "dense": 8, "attn": 8, "embed": 8, "lm_head": 8, "router": KEEP, "indexer": KEEP}
+DEFAULT_BITS: dict[str, int] = {"experts": 4, "shared": 8, "dense": 8, "attn": 8, "embed": 8, "lm_head": 8, "router": KEEP, "indexer": KEEP, "mtp": 8}
 ALLOWED_BITS = (2, 4, 8, KEEP)
 
 # name -> (class or None for never-quantized, layer index or None)

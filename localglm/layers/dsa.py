@@ -34,6 +34,9 @@ from .linear import linear
 from .native import LayerLib, LgDsa, native
 from .rope import apply_rope_interleaved
 
+# Up to this many queries (a speculative verification of drafted tokens, not a prefill chunk) select their
+# keys one query at a time through the one-token kernel, so that each picks what decoding it alone would.
+FEW_QUERIES = 16
 INDEX_KEY_NORM_EPS = 1e-6  # transformers' nn.LayerNorm(index_head_dim, eps=1e-6)
 
 
@@ -173,4 +176,15 @@ def select_tokens(
     picked = kernel[0].dsa_topk(kernel[1], x, q_resid, keys, cos, sin) if kernel is not None else None
     if picked is not None:
         return picked
-    return select_topk(index_scores(x, q_resid, keys, w, shape, cos, sin), start, shape.topk)
+    rows = select_topk(index_scores(x, q_resid, keys, w, shape, cos, sin), start, shape.topk)
+    one = _kernel(x[:, :1], w, shape) if x.shape[0] == 1 and 1 < x.shape[1] <= FEW_QUERIES else None
+    if one is not None:  # a speculative verification: each query picks as its one-token decode would
+        for t in range(x.shape[1]):
+            end = start + t + 1
+            if end <= shape.topk:
+                continue  # every earlier key fits: the causal top-k above is exact
+            row = one[0].dsa_topk(one[1], x[:, t : t + 1], q_resid[:, t : t + 1], keys[:, :end], cos[t : t + 1], sin[t : t + 1])
+            if row is None:
+                break
+            rows[:, t] = row[:, 0]
+    return rows

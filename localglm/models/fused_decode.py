@@ -192,6 +192,11 @@ class FusedDecoder:
 
     def hidden_states(self, input_ids: torch.Tensor, cache: TokenCache, start: int) -> torch.Tensor:
         """Final-normed hidden state [1, 1, H] of one token at position `start`, its keys written to the cache."""
+        m = self.model
+        return rms_norm(self.residual(input_ids, cache, start), m.w.final_norm, m.cfg.rms_norm_eps)
+
+    def residual(self, input_ids: torch.Tensor, cache: TokenCache, start: int) -> torch.Tensor:
+        """The residual stream [1, 1, H] after the last layer, before the final norm (what an MTP head reads)."""
         m, cfg = self.model, self.model.cfg
         cache.check_room(start + 1)
         x = F.embedding(input_ids, m.w.embed).reshape(cfg.hidden_size).to(m.dtype).contiguous()
@@ -203,7 +208,7 @@ class FusedDecoder:
         per_layer, whole = self._experts_in_ram()
         if whole is not None:  # the whole token in one native call
             self.lib.decode_layers(self._descs, x, cos, sin, kc, vc, start, whole, threads, index_keys, sel)
-            return rms_norm(x.view(1, 1, hidden), m.w.final_norm, cfg.rms_norm_eps)
+            return x.view(1, 1, hidden)
         # Experts in RAM run inside the layer call; any other backend (a wrapper such as
         # the tracer included) gets its hint and forward calls as in the torch path.
         add: tuple[torch.Tensor, torch.Tensor | None] | None = None
@@ -229,4 +234,4 @@ class FusedDecoder:
                 add = (routed.reshape(hidden).to(m.dtype).contiguous(), shared)
         if add is not None:
             self.lib.residual_add(x, *add)
-        return rms_norm(x.view(1, 1, hidden), m.w.final_norm, cfg.rms_norm_eps)
+        return x.view(1, 1, hidden)

@@ -7,7 +7,7 @@ and GLM-5 (MLA + DSA) differ only in the attention block, so an architecture sub
 `MoeDecoder` with its attention and its cache, and reads its attention weights with
 `load_decoder_weights(..., attention=...)`; everything else (norms, FFN, router, experts, the
 layer loop, the fused-decode hook) is written here once. The MTP layer at index
-`num_hidden_layers` is not loaded.
+`num_hidden_layers` is a one-layer decoder of the same class (models/mtp.py).
 """
 
 from __future__ import annotations
@@ -187,13 +187,21 @@ class MoeDecoder(MoeRouting):
 
     def hidden_states(self, input_ids: torch.Tensor, cache: TokenCache | None = None, start: int = 0) -> torch.Tensor:
         """Final-normed hidden states [B, T, H] for input_ids at positions start..start+T-1."""
-        cfg = self.cfg
+        return rms_norm(self.residual(input_ids, cache, start), self.w.final_norm, self.cfg.rms_norm_eps)
+
+    def residual(self, input_ids: torch.Tensor, cache: TokenCache | None = None, start: int = 0) -> torch.Tensor:
+        """The residual stream [B, T, H] after the last layer, before the final norm: what the MTP
+        head (models/mtp.py) reads beside the next token."""
         if self.fused_decode and cache is not None and input_ids.shape == (1, 1):
             fused = self._fused_decoder()
             if fused is not None and fused.takes(input_ids, cache):
-                return fused.hidden_states(input_ids, cache, start)
-        x = F.embedding(input_ids, self.w.embed)
-        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+                return fused.residual(input_ids, cache, start)
+        return self.run_layers(F.embedding(input_ids, self.w.embed), cache, start)
+
+    def run_layers(self, x: torch.Tensor, cache: TokenCache | None, start: int) -> torch.Tensor:
+        """Every layer over the input stream x [B, T, H] at positions start..; the stream after the last."""
+        cfg = self.cfg
+        positions = torch.arange(start, start + x.shape[1], device=x.device)
         cos, sin = self.rope(positions, x.dtype)
         step: dict[str, Any] = {}
         for i, lw in enumerate(self.w.layers):
@@ -207,7 +215,7 @@ class MoeDecoder(MoeRouting):
             else:
                 self.experts.attended(i, x)
                 x = x + self._moe(i, lw, h)
-        return rms_norm(x, self.w.final_norm, cfg.rms_norm_eps)
+        return x
 
     def _fused_decoder(self) -> Any:
         """Built at the first decoded token (the weights are final by then), None where it cannot be."""

@@ -9,7 +9,7 @@ attention projections (quantized as the recipe's "attn" class) and of its other 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 
@@ -18,6 +18,9 @@ _EXPERT = re.compile(r"mlp\.experts\.\d+\.(gate|up|down)_proj\.weight")
 _SHARED = re.compile(r"mlp\.shared_experts\.(gate|up|down)_proj\.weight")
 _DENSE = re.compile(r"mlp\.(gate|up|down)_proj\.weight")
 MTP_TENSORS = ("eh_proj", "enorm", "hnorm", "shared_head.norm", "shared_head.head", "embed_tokens")
+_MTP_OWN_WEIGHTS = {f"{t}.weight" for t in ("eh_proj", "shared_head.head", "embed_tokens")}
+# Classes an MTP block keeps as their own: precision-critical and tiny (computed in fp32 / kept in float).
+_MTP_KEEPS = ("router", "indexer")
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,21 @@ class MoeTensorSchema:
         if rest == "mlp.gate.weight":
             return "router", layer
         return None, layer
+
+    def classifier(self, n_layers: int) -> Callable[[str], tuple[str | None, int | None]]:
+        """`classify` for a checkpoint of `n_layers` decoder layers: the blocks from `n_layers` on are
+        MTP blocks, whose weights are all the recipe's "mtp" class (default 8 bits: a 4-bit draft head
+        loses most of its acceptance), except the router and the indexer, which keep their own class."""
+
+        def classify(name: str) -> tuple[str | None, int | None]:
+            cls, layer = self.classify(name)
+            if layer is None or layer < n_layers or cls in _MTP_KEEPS:
+                return cls, layer
+            if cls is not None or name.split(".", 3)[3] in _MTP_OWN_WEIGHTS:
+                return "mtp", layer
+            return None, layer
+
+        return classify
 
     def hub_names(self, n_blocks: int, n_layers: int, n_experts: int) -> Iterator[str]:
         """Every hub tensor name a checkpoint of this shape may hold: `n_blocks` blocks, of which those

@@ -3,7 +3,7 @@ indexer, and GLM-5.2's IndexShare (layers marked "shared" reuse the previous "fu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ...config import ConfigReader
@@ -52,6 +52,10 @@ class GlmMoeDsaConfig(Glm4MoeLiteConfig):
     def index_layers(self) -> list[int]:
         """The layers that run their own indexer (and keep its keys)."""
         return [i for i, t in enumerate(self.indexer_types) if t == "full"]
+
+    def mtp_block_config(self) -> GlmMoeDsaConfig:
+        """The MTP block runs its own indexer (a "full" layer)."""
+        return replace(super().mtp_block_config(), indexer_types=("full",))
 
     @classmethod
     def own_fields(cls, cfg: ConfigReader) -> dict[str, Any]:

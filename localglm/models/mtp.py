@@ -1,0 +1,162 @@
+"""GLM's MTP (multi-token prediction, "next-n") block as a draft head, for every architecture.
+
+Every GLM checkpoint ships `num_nextn_predict_layers` (1) extra blocks at `model.layers.{N}`, N =
+num_hidden_layers. Given the main model's residual stream h_i at position i (after its last layer,
+before the final norm) and the token t_{i+1}, the block computes, as llama.cpp's glm4-moe MTP graph does:
+
+    x = eh_proj(cat(enorm(embed(t_{i+1})), hnorm(h_i)))      # embedding first, then the hidden
+    x = one full decoder layer of the architecture (own KV cache, MoE with shared expert), at position i
+    logits(t_{i+2}) = shared_head.head(shared_head.norm(x))   # the main lm_head when head is absent
+
+Chained drafting feeds the block's own output stream back as the next h (how it was trained to be
+chained by vLLM's and llama.cpp's proposers).
+
+The block is built as a one-layer model of the same architecture (`cfg.mtp_block_config()`), read by
+the architecture's own weight reader through a renaming reader (layer 0 -> N, model.norm ->
+shared_head.norm, lm_head -> shared_head.head, embed_tokens -> the block's or the main model's), so
+GQA, MLA and MLA + DSA get MTP from this one file. Its routed experts are a backend of their own
+(the block's, at 8 bits by default: the recipe class "mtp"), seen by the block as layer 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from ..layers.experts import ExpertBackend
+from ..layers.kv_cache import TokenCache
+from ..layers.linear import linear
+from ..layers.norm import rms_norm
+from .arch import Arch, WeightReader
+from .moe_decoder import DecoderWeights, MoeDecoder
+
+# The block's own tensors beside its decoder layer (moe_names.MTP_TENSORS lists the optional ones too).
+REQUIRED = ("eh_proj", "enorm", "hnorm", "shared_head.norm")
+
+
+def mtp_block(cfg: ModelConfig) -> int | None:
+    """The layer index of the (first) MTP block, None when the config declares none."""
+    return cfg.num_hidden_layers if cfg.num_nextn_predict_layers > 0 else None
+
+
+def has_mtp_weights(cfg: ModelConfig, has: Callable[[str], bool]) -> bool:
+    """Whether a checkpoint holds the MTP block's own tensors (GGUFs converted with --no-mtp do not)."""
+    block = mtp_block(cfg)
+    return block is not None and all(has(f"model.layers.{block}.{t}.weight") for t in REQUIRED)
+
+
+class LayerOffset:
+    """An expert backend seen under other layer numbers: the MTP block runs as layer 0 of its own
+    one-layer model, while its experts are stored (and quantized, and counted) as layer N."""
+
+    def __init__(self, inner: ExpertBackend, offset: int) -> None:
+        self.inner, self.offset = inner, offset
+
+    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
+        return self.inner.forward(layer + self.offset, x, expert_ids, expert_weights)
+
+    def hint(self, layer: int, x: torch.Tensor) -> None:
+        self.inner.hint(layer + self.offset, x)
+
+    def attended(self, layer: int, x: torch.Tensor) -> None:
+        self.inner.attended(layer + self.offset, x)
+
+
+def block_reader(reader: WeightReader, block: int, main: DecoderWeights) -> WeightReader:
+    """`reader` renamed so that a one-layer model's names read the MTP block at `block`: layer 0 is the
+    block's decoder layer, `model.norm` its shared_head.norm, `lm_head` its shared_head.head (else the
+    main lm_head) and `model.embed_tokens` its own embedding (else the main one, not read twice)."""
+    p = f"model.layers.{block}"
+    own = {
+        "model.norm.weight": f"{p}.shared_head.norm.weight",
+        "lm_head.weight": f"{p}.shared_head.head.weight",
+        "model.embed_tokens.weight": f"{p}.embed_tokens.weight",
+    }
+    shared = {"lm_head.weight": main.lm_head, "model.embed_tokens.weight": main.embed}
+
+    def rename(name: str) -> str:
+        if name.startswith("model.layers.0."):
+            return p + name[len("model.layers.0") :]
+        return own.get(name, name)
+
+    def getter(inner: Callable[[str, tuple[int, ...]], Any]) -> Callable[[str, tuple[int, ...]], Any]:
+        def get(name: str, shape: tuple[int, ...]) -> Any:
+            if name in shared and not reader.has(own[name]):
+                return shared[name]
+            return inner(rename(name), shape)
+
+        return get
+
+    return WeightReader(getter(reader.get), getter(reader.get_fp32), lambda name: name in shared or reader.has(rename(name)))
+
+
+@dataclass
+class MtpWeights:
+    eh_proj: Any  # [H, 2H] (a QuantTensor at the recipe's "mtp" bits)
+    enorm: torch.Tensor
+    hnorm: torch.Tensor
+    decoder: DecoderWeights  # the one-layer model: embed, [block layer], shared_head.norm, head
+
+
+class MtpHead:
+    """The MTP block, ready to draft: `forward` runs it over (previous stream, next token) pairs and
+    returns its own output stream; `logits` turns that stream into next-next-token logits."""
+
+    def __init__(self, block: MoeDecoder, weights: MtpWeights, layer: int) -> None:
+        self.block = block  # a one-layer model of the main architecture
+        self.w = weights
+        self.layer = layer  # N: where the block sits in the checkpoint
+        self.cfg = block.cfg
+
+    def new_cache(self, max_tokens: int) -> TokenCache:
+        return self.block.new_cache(max_tokens)
+
+    def forward(self, prev: torch.Tensor, next_ids: torch.Tensor, cache: TokenCache | None, start: int) -> torch.Tensor:
+        """prev [1, T, H]: the streams at positions start..start+T-1 (the main model's residual, or this
+        block's own output when chaining); next_ids [1, T]: the token after each. -> output streams [1, T, H]."""
+        eps = self.cfg.rms_norm_eps
+        e = rms_norm(F.embedding(next_ids, self.block.w.embed), self.w.enorm, eps)
+        h = rms_norm(prev.to(e.dtype), self.w.hnorm, eps)
+        x = linear(torch.cat([e, h], dim=-1), self.w.eh_proj)
+        return self.block.run_layers(x, cache, start)
+
+    def logits(self, stream: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of the token after next from output streams [..., H]."""
+        normed = rms_norm(stream, self.block.w.final_norm, self.cfg.rms_norm_eps)
+        return self.block.lm_head(normed).float()
+
+
+def load_mtp_head(
+    arch: Arch,
+    cfg: ModelConfig,
+    reader: WeightReader,
+    main: DecoderWeights,
+    experts: Callable[[ModelConfig, int, WeightReader], ExpertBackend],
+    device: torch.device,
+) -> MtpHead:
+    """Read the MTP block at layer N and build its head. `experts(block_cfg, N, block_reader)` loads the
+    block's routed experts (the loader's choice: quantized blobs, GGUF Q8_0 as stored, or floats) as the
+    one-layer model's layer 0 (`LayerOffset` shows experts stored as layer N so)."""
+    block = mtp_block(cfg)
+    if block is None:
+        raise ValueError("the config declares no MTP block (num_nextn_predict_layers is 0)")
+    h = cfg.hidden_size
+    sub_cfg = cfg.mtp_block_config()
+    r = block_reader(reader, block, main)
+    p = f"model.layers.{block}"
+    weights = MtpWeights(
+        eh_proj=reader.get(f"{p}.eh_proj.weight", (h, 2 * h)),
+        enorm=reader.get(f"{p}.enorm.weight", (h,)),
+        hnorm=reader.get(f"{p}.hnorm.weight", (h,)),
+        decoder=arch.model.load_weights(sub_cfg, r),
+    )
+    model = arch.model.build(sub_cfg, weights.decoder, experts(sub_cfg, block, r), device)
+    if not isinstance(model, MoeDecoder):
+        raise NotImplementedError(f"MTP drafting needs a MoeDecoder-based architecture; {arch.model_type} builds {type(model).__name__}")
+    model.fused_decode = False  # the block's input is a stream, not token ids: the torch path runs it
+    return MtpHead(model, weights, block)

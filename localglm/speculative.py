@@ -1,0 +1,388 @@
+"""Speculative decoding with the checkpoint's own MTP block (models/mtp.py) as the drafter.
+
+Each step drafts k tokens with the MTP block chained, verifies them in one forward of the main model
+over k + 1 tokens (every routed expert runs once for all the tokens sent to it: layers/experts.py
+groups them), keeps the longest accepted prefix plus one token of the main model's own, and rolls
+both KV caches back to what was accepted (`TokenCache.truncate`: rows past the length are simply
+overwritten later, so rollback is free for the GQA, latent and DSA caches alike).
+
+- Greedy: a draft is accepted when it is the main model's argmax, so the output is token for token
+  the one decoding without speculation gives (up to the float rounding of a k + 1-token forward
+  against a one-token one).
+- Temperature > 0: speculative sampling (Leviathan et al., Chen et al.): draft d ~ q, accepted with
+  probability min(1, p(d) / q(d)), else the token is drawn from norm(max(0, p - q)); after k accepted
+  drafts one more token is drawn from p. p and q are the distributions the sampler would draw from
+  (penalty, temperature, top-k/p, min-p applied), so the output is distributed as without speculation.
+- A logits processor (constrained decoding) is applied to the draft logits and to each verified
+  position's logits with the ids before it, so a grammar shapes the drafts and vetoes what it forbids:
+  a forbidden draft has p(d) = 0 and is rejected. `DraftVeto` is the cheaper seam for a checker that
+  can refuse a drafted token outright: drafting stops before it.
+
+The MTP cache mirrors the main one: entry j holds the block's keys for (h_j, t_{j+1}), so it is valid
+for as long as tokens 0..j+1 are; it holds one entry per main-cache token once caught up. Entries
+not yet computed (after a depth-0 step) wait as (stream, token) pairs and are computed in the next
+draft's first, batched block call.
+
+The depth is chosen per step by `DepthPolicy` from the measured acceptance and the price of the extra
+experts a wider verification reads (offload/cost_model.py's price of a miss where experts are offloaded).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .layers.kv_cache import TokenCache
+from .layers.norm import rms_norm
+from .models.mtp import MtpHead
+from .sampling import Sampler, SamplingParams
+from .stats import GenerationStats
+
+PREFILL_CHUNK = 512
+# (ids generated so far, logits [vocab]) -> logits: the engine's LogitsProcessor.
+LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
+# (ids generated so far, drafted token) -> True to refuse it: drafting stops before it (grammars).
+DraftVeto = Callable[[list[int], int], bool]
+
+DEFAULT_DRAFT = 3  # the most drafted tokens a step (--draft)
+EXPERT_OVERLAP = 0.2  # share of a drafted token's experts another token of the step also uses (10-30% measured on GLM)
+EXPLORE_EVERY = 16  # after this many depth-0 steps, draft one token to keep measuring acceptance
+
+
+@dataclass
+class SpecCounters:
+    """What speculation did in one generation (GenerationStats' draft_tokens, accepted_tokens, ...)."""
+
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    steps: int = 0  # verification forwards (depth 0 included)
+    depths: Counter[int] = field(default_factory=Counter)
+
+    def record(self, depth: int, accepted: int) -> None:
+        self.steps += 1
+        self.draft_tokens += depth
+        self.accepted_tokens += accepted
+        self.depths[depth] += 1
+
+    def into(self, stats: GenerationStats) -> None:
+        stats.draft_tokens = self.draft_tokens
+        stats.accepted_tokens = self.accepted_tokens
+        stats.acceptance_length = round((self.accepted_tokens + self.steps) / self.steps, 4) if self.steps else 0.0
+        stats.draft_depths = {int(k): v for k, v in sorted(self.depths.items())}
+
+
+@dataclass
+class StepCosts:
+    """The price of one main forward over T tokens and of one MTP block call, in expert-reads (the
+    bytes of one routed expert). `fixed`: the always-used weights a forward reads; `layers`: MoE
+    layers; `top_k`, `n_experts`; `price`: what reading one more expert costs relative to a resident
+    one (1 in RAM; offloaded: hits at 1, misses at the cost model's miss/hit ratio); `draft`: one block call."""
+
+    fixed: float
+    layers: int
+    top_k: int
+    n_experts: int
+    draft: float
+    price: Callable[[], float] = lambda: 1.0
+    overlap: float = EXPERT_OVERLAP
+
+    def unique_experts(self, tokens: int) -> float:
+        """Experts a layer reads for `tokens` tokens: each token after the first brings (1 - overlap) new ones."""
+        return min(float(self.n_experts), self.top_k * (1 + (tokens - 1) * (1 - self.overlap)))
+
+    def verify(self, tokens: int) -> float:
+        return self.fixed + self.layers * self.unique_experts(tokens) * self.price()
+
+    @classmethod
+    def of(cls, net: Any, head: MtpHead) -> StepCosts:
+        """From the model's config (and its expert backend's cost model where experts are offloaded)."""
+        cfg = net.cfg
+        h, inter, k = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
+        expert = 3.0 * h * inter
+        attn_mlp = 4.0 * h * h + 3.0 * h * max(inter * cfg.n_shared_experts, 1)  # per layer, roughly: attention + shared
+        dense = cfg.first_k_dense_replace * 3.0 * h * cfg.intermediate_size
+        head_params = float(cfg.vocab_size * h)
+        fixed = (cfg.num_hidden_layers * attn_mlp + dense + head_params) / expert
+        draft = (attn_mlp + 2.0 * h * h + head_params) / expert + k  # one layer, eh_proj, head, its k experts
+        return cls(fixed=fixed, layers=len(cfg.moe_layers), top_k=k, n_experts=cfg.n_routed_experts, draft=draft, price=_expert_price(net.experts))
+
+
+def _expert_price(experts: Any) -> Callable[[], float]:
+    """An offloaded backend's price of one more expert read, relative to a resident one: a hit costs 1,
+    a miss the cost model's miss/hit ratio, weighted by the measured hit rate. 1 for experts in memory."""
+    cost = getattr(experts, "cost", None)
+    counters = getattr(experts, "counters", None)
+    if cost is None or counters is None or not hasattr(cost, "miss_s"):
+        return lambda: 1.0
+    ratio = cost.miss_s(1) / max(cost.gpu_s(1), 1e-12)
+
+    def price() -> float:
+        uses = getattr(counters, "hits", 0) + getattr(counters, "misses", 0)
+        hit = getattr(counters, "hits", 0) / uses if uses else 0.5
+        return hit + (1 - hit) * ratio
+
+    return price
+
+
+@dataclass
+class DepthPolicy:
+    """Chooses each step's draft depth k in 0..max_depth: the k that maximizes expected tokens per step
+    sum_{i<=k} a^i over the step's price (verifying k + 1 tokens plus k draft calls), with `a` the
+    measured per-token acceptance (decayed counts from a prior of one hit in two). `fixed`: always max."""
+
+    max_depth: int
+    costs: StepCosts | None = None
+    fixed: bool = False
+    decay: float = 0.97
+    hits: float = 1.0
+    tries: float = 2.0
+    zero_run: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.hits / self.tries if self.tries else 0.0
+
+    def choose(self, budget: int) -> int:
+        cap = max(0, min(self.max_depth, budget))
+        if self.fixed or self.costs is None or cap == 0:
+            return cap
+        a, c = self.acceptance, self.costs
+        best, best_rate, expected = 0, 1.0 / c.verify(1), 1.0
+        for k in range(1, cap + 1):
+            expected += a**k
+            rate = expected / (c.verify(k + 1) + k * c.draft)
+            if rate > best_rate:
+                best, best_rate = k, rate
+        if best == 0:
+            self.zero_run += 1
+            if self.zero_run >= EXPLORE_EVERY:  # keep measuring: acceptance may have risen
+                self.zero_run = 0
+                return 1
+        else:
+            self.zero_run = 0
+        return best
+
+    def reset(self) -> None:
+        """Back to the prior: a seeded generation must not depend on what earlier ones measured."""
+        self.hits, self.tries, self.zero_run = 1.0, 2.0, 0
+
+    def observe(self, depth: int, accepted: int) -> None:
+        if depth == 0:
+            return
+        tried = min(accepted + 1, depth)  # the drafts looked at: every accepted one and the first rejected
+        self.hits = self.hits * self.decay + accepted
+        self.tries = self.tries * self.decay + tried
+
+
+def accept_or_resample(p: torch.Tensor, q: torch.Tensor, draft: int, sampler: Sampler) -> tuple[int, bool]:
+    """Speculative sampling's step: the draft (drawn from q) is kept with probability min(1, p/q), else
+    a token is drawn from norm(max(0, p - q)); the result is distributed as p. -> (token, kept)."""
+    qd, pd = float(q[draft]), float(p[draft])
+    if qd > 0 and sampler.uniform() * qd < pd:
+        return draft, True
+    residual = (p - q).clamp_min(0)
+    return sampler.sample(residual if float(residual.sum()) > 0 else p), False
+
+
+class Speculation:
+    """A model's MTP head, its KV cache and its depth policy, across generations (the engine holds one)."""
+
+    def __init__(self, net: Any, head: MtpHead, max_draft: int = DEFAULT_DRAFT, *, adaptive: bool = True) -> None:
+        self.net = net
+        self.head = head
+        self.cache: TokenCache | None = None
+        self.first_token: int | None = None  # the token 0 the MTP cache's entries were computed after
+        self.pend_h: torch.Tensor | None = None  # main-model streams of the positions past the MTP cache's entries
+        self.policy = DepthPolicy(max_draft, StepCosts.of(net, head), fixed=not adaptive)
+
+    @property
+    def max_draft(self) -> int:
+        return self.policy.max_depth
+
+    def set_draft(self, n: int, adaptive: bool | None = None) -> None:
+        if n < 0:
+            raise ValueError(f"draft must be 0 or more, got {n}")
+        self.policy.max_depth = n
+        if adaptive is not None:
+            self.policy.fixed = not adaptive
+
+    def _norm(self, stream: torch.Tensor) -> torch.Tensor:
+        return rms_norm(stream, self.net.w.final_norm, self.net.cfg.rms_norm_eps)
+
+    def _mtp_cache(self, max_tokens: int) -> TokenCache:
+        if self.cache is None or self.cache.max_tokens != max_tokens:
+            self.cache = self.head.new_cache(max_tokens)
+        return self.cache
+
+    def stream(
+        self,
+        cache: TokenCache,
+        tokens: list[int],
+        *,
+        ctx: int,
+        max_new_tokens: int,
+        sampling: SamplingParams,
+        sampler: Sampler,
+        stop_ids: set[int] | frozenset[int],
+        cancel: threading.Event | None,
+        reuse_prefix: bool,
+        stats: GenerationStats,
+        logits_processor: LogitsProcessor | None = None,
+        veto: DraftVeto | None = None,
+    ) -> Iterator[int]:
+        """The engine's token loop with speculation: yields sampled ids (a stop id too, then ends)."""
+        net, device = self.net, self.net.device
+        mcache = self._mtp_cache(cache.max_tokens)
+        counters = SpecCounters()
+        if sampling.seed is not None:  # the seed reproduces the whole generation: depths included
+            self.policy.reset()
+        t0 = time.perf_counter()
+        clock = {"decode": t0}
+        # Prefix reuse. MTP entry j holds (h_j, t_{j+1}): valid while tokens 0..j+1 are. Past the valid
+        # entries the block needs the main model's streams: the pending ones kept from the last
+        # generation (valid while tokens 0..j are), then the recomputed ones.
+        keep = min(cache.common_prefix(tokens) if reuse_prefix else 0, len(tokens) - 1)
+        if keep == 0 or tokens[0] != self.first_token:
+            mcache.truncate(0)
+            self.pend_h = None
+        self.first_token = tokens[0]
+        valid = min(mcache.common_prefix(tokens[1:]), keep)
+        kept = self.pend_h if valid == mcache.length and self.pend_h is not None else None
+        mcache.truncate(valid)
+        keep = min(keep, valid + (kept.shape[1] if kept is not None else 0))
+        cache.truncate(keep)
+        stats.cached_prompt_tokens = keep
+        streams = [] if kept is None else [kept[:, : keep - valid]]
+        for start in range(keep, len(tokens), PREFILL_CHUNK):
+            chunk = tokens[start : start + PREFILL_CHUNK]
+            streams.append(net.residual(torch.tensor([chunk], dtype=torch.long, device=device), cache, start))
+            cache.tokens.extend(chunk)
+        pend_h = self.pend_h = torch.cat(streams, dim=1)  # streams of the positions the MTP cache lacks
+        pend_t = tokens[valid + 1 :]  # the token after each (the last one comes from sampling)
+        logits = net.lm_head(self._norm(pend_h[0, -1])).float()
+        penalize = sampling.repetition_penalty != 1.0
+        generated: list[int] = []
+
+        def history(extra: Sequence[int] = ()) -> torch.Tensor | None:
+            return torch.tensor(tokens + generated + list(extra), dtype=torch.long, device=device) if penalize else None
+
+        def target(ids: list[int], lg: torch.Tensor) -> torch.Tensor:
+            return logits_processor(generated + ids, lg) if logits_processor is not None else lg
+
+        def out(tok: int) -> bool:
+            """Account one generated token; True when the loop must end after yielding it."""
+            generated.append(tok)
+            now = time.perf_counter()
+            if len(generated) == 1:
+                stats.prompt_s = stats.ttft_s = now - t0
+                clock["decode"] = now
+            else:
+                stats.decode_s = now - clock["decode"]
+            stats.decode_tokens = len(generated)
+            counters.into(stats)
+            position = len(tokens) + len(generated) - 1  # where the plain loop would have sampled it
+            return tok in stop_ids or position + 1 >= ctx or len(generated) == max_new_tokens
+
+        first = sampler(target([], logits), history())
+        end = out(first)
+        yield first
+        if end:
+            return
+        pend_t.append(first)
+        while True:
+            if cancel is not None and cancel.is_set():
+                return
+            length = cache.length  # positions 0..length-1 cached; generated[-1] is pending at `length`
+            budget = min(max_new_tokens - len(generated) - 1, ctx - length - 2)
+            depth = self.policy.choose(budget)
+            drafts, qs = self._draft(mcache, pend_h, pend_t, depth, sampling, sampler, target, history, veto, generated) if depth else ([], [])
+            if depth:
+                pend_h, pend_t = pend_h[:, :0], []
+                self.pend_h = pend_h
+            k = len(drafts)
+            ids = [generated[-1], *drafts]
+            streams = net.residual(torch.tensor([ids], dtype=torch.long, device=device), cache, length)
+            cache.tokens.extend(ids)
+            all_logits = net.lm_head(self._norm(streams[0])).float()
+            new: list[int] = []
+            for j in range(k + 1):
+                lg = target(drafts[:j], all_logits[j])
+                if j == k:  # every draft accepted: one more token of the main model's own
+                    new.append(sampler(lg, history(drafts[:j])))
+                    break
+                d = drafts[j]
+                if sampling.greedy:
+                    tok = sampler(lg, history(drafts[:j]))
+                    if tok == d:
+                        new.append(d)
+                        continue
+                    new.append(tok)
+                    break
+                tok, ok = accept_or_resample(sampler.distribution(lg, history(drafts[:j])), qs[j], d, sampler)
+                new.append(tok)
+                if not ok:
+                    break
+            accepted = len(new) - 1
+            cache.truncate(length + accepted + 1)  # t_L and the accepted drafts; new[-1] is pending
+            if mcache.length > length:
+                mcache.truncate(length)  # drafted entries: recomputed from the main model's streams next step
+            pend_h = self.pend_h = torch.cat([pend_h, streams[:, : accepted + 1]], dim=1)
+            pend_t = pend_t + new
+            counters.record(k, accepted)
+            self.policy.observe(k, accepted)
+            for tok in new:
+                if cancel is not None and cancel.is_set():
+                    return
+                end = out(tok)
+                yield tok
+                if end:
+                    return
+
+    def _draft(
+        self,
+        mcache: TokenCache,
+        pend_h: torch.Tensor,
+        pend_t: list[int],
+        depth: int,
+        sampling: SamplingParams,
+        sampler: Sampler,
+        target: Callable[[list[int], torch.Tensor], torch.Tensor],
+        history: Callable[[Sequence[int]], torch.Tensor | None],
+        veto: DraftVeto | None,
+        generated: list[int],
+    ) -> tuple[list[int], list[torch.Tensor]]:
+        """Catch the MTP cache up on the pending (stream, token) pairs, then draft up to `depth` tokens,
+        chaining the block's own output stream. Returns the drafts and, sampling, their distributions q."""
+        head, device = self.head, pend_h.device
+        start = mcache.length
+        g = None
+        for i in range(0, len(pend_t), PREFILL_CHUNK):
+            ids = torch.tensor([pend_t[i : i + PREFILL_CHUNK]], dtype=torch.long, device=device)
+            g = head.forward(pend_h[:, i : i + PREFILL_CHUNK], ids, mcache, start + i)
+            mcache.tokens.extend(pend_t[i : i + PREFILL_CHUNK])
+        assert g is not None
+        g = g[:, -1:]
+        drafts: list[int] = []
+        qs: list[torch.Tensor] = []
+        for j in range(depth):
+            lg = target(drafts, head.logits(g[0, -1]))
+            if sampling.greedy:
+                d = sampler(lg, history(drafts))
+            else:
+                q = sampler.distribution(lg, history(drafts))
+                d = sampler.sample(q)
+                qs.append(q)
+            if veto is not None and veto(generated + drafts, d):
+                qs = qs[: len(drafts)]
+                break
+            drafts.append(d)
+            if j + 1 < depth:
+                g = head.forward(g, torch.tensor([[d]], dtype=torch.long, device=device), mcache, mcache.length)
+                mcache.tokens.append(d)
+        return drafts, qs

@@ -1,0 +1,394 @@
+"""The MTP draft head (models/mtp.py) and speculative decoding (speculative.py).
+
+- The head's math against transformers: the MTP block's decoder layer run as a one-layer
+  transformers model of the same architecture, fed the eh_proj input, for GQA, MLA and MLA + DSA.
+- Loading from HF, localglm-quantized (the block at 8 bits by default) and GGUF checkpoints.
+- Greedy speculation gives the tokens plain decoding gives: random heads (every draft rejected) and an
+  oracle drafter (a wrong draft every few tokens: partial acceptance and rollback), with prefix reuse,
+  stop strings and tool calls.
+- Speculative sampling: chi-square of the accept/resample step against the target on a tiny vocabulary,
+  and of whole generations' first two tokens against the exact joint distribution.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import localglm
+from localglm.checkpoint.safetensors import save_safetensors_sharded
+from localglm.checkpoint.source import SafetensorsSource
+from localglm.layers.linear import linear
+from localglm.layers.norm import rms_norm
+from localglm.models.glm4_moe.tiny import TinySpec as Glm4Spec
+from localglm.models.glm4_moe_lite.tiny import TinySpec as LiteSpec
+from localglm.models.glm_moe_dsa.tiny import TinySpec as DsaSpec
+from localglm.sampling import Sampler, SamplingParams
+from localglm.speculative import Speculation, accept_or_resample
+from localglm.stats import GenerationStats
+from localglm.tiny import make_tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+GREEDY = SamplingParams(temperature=0)
+SPECS = {
+    "glm4_moe": Glm4Spec(dtype="float32"),
+    "glm4_moe_lite": LiteSpec(dtype="float32"),
+    "glm_moe_dsa": DsaSpec(dtype="float32", index_topk=6),  # prompts longer than the top-k: selection active
+}
+HF_CLASSES = {"glm4_moe": "Glm4MoeForCausalLM", "glm4_moe_lite": "Glm4MoeLiteForCausalLM", "glm_moe_dsa": "GlmMoeDsaForCausalLM"}
+
+
+@pytest.fixture(scope="module", params=list(SPECS))
+def arch_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    return request.param, make_tiny(tmp_path_factory.mktemp(request.param) / "m", SPECS[request.param])
+
+
+@pytest.fixture(scope="module")
+def glm4(tmp_path_factory: pytest.TempPathFactory) -> localglm.Model:
+    return localglm.load(make_tiny(tmp_path_factory.mktemp("glm4") / "m", SPECS["glm4_moe"]))
+
+
+def _plain(model: localglm.Model, ids: list[int], n: int, **kw: Any) -> list[int]:
+    """Tokens without speculation (draft 0 runs the engine's own loop)."""
+    spec = model.speculation
+    assert spec is not None
+    saved = spec.max_draft
+    spec.set_draft(0)
+    try:
+        return list(model.stream_tokens(ids, max_new_tokens=n, sampling=kw.pop("sampling", GREEDY), **kw))
+    finally:
+        spec.set_draft(saved)
+
+
+def _speculative(model: localglm.Model, ids: list[int], n: int, draft: int, stats: GenerationStats | None = None, **kw: Any) -> list[int]:
+    assert model.speculation is not None
+    model.speculation.set_draft(draft, adaptive=False)
+    return list(model.stream_tokens(ids, max_new_tokens=n, sampling=kw.pop("sampling", GREEDY), stats=stats, **kw))
+
+
+# ---- the head's math ------------------------------------------------------------------------------
+
+
+def _one_layer_reference(src: Path, out: Path, block: int) -> Path:
+    """The MTP block's decoder layer as a one-layer checkpoint of the same architecture (transformers'
+    names), with shared_head.norm as its final norm and the main embedding and lm_head."""
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(num_hidden_layers=1, first_k_dense_replace=0, num_nextn_predict_layers=0)
+    if "indexer_types" in cfg:
+        cfg["indexer_types"] = ["full"]
+    if "mlp_layer_types" in cfg:
+        cfg["mlp_layer_types"] = ["sparse"]
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(cfg))
+    p = f"model.layers.{block}."
+    own = {f"{p}{t}.weight" for t in ("eh_proj", "enorm", "hnorm", "shared_head.norm")}
+    tensors: dict[str, torch.Tensor] = {}
+    with SafetensorsSource(src) as s:
+        for name in s.names():
+            if name in own:
+                continue
+            if name.startswith(p):
+                tensors["model.layers.0." + name[len(p) :]] = s.get(name).clone()
+            elif not name.startswith("model.layers."):
+                tensors[name] = s.get(name).clone()
+        tensors["model.norm.weight"] = s.get(f"{p}shared_head.norm.weight").clone()
+    save_safetensors_sharded(iter(tensors.items()), out, max_shard_bytes=1 << 30, metadata={"format": "pt"})
+    return out
+
+
+def test_head_matches_transformers_one_layer_model(arch_dir: tuple[str, Path], tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    arch, path = arch_dir
+    model = localglm.load(path, dtype="float32")
+    head = model.speculation.head
+    assert head.layer == model.config.num_hidden_layers
+    ref_dir = _one_layer_reference(path, tmp_path / "ref", head.layer)
+    hf = getattr(transformers, HF_CLASSES[arch]).from_pretrained(ref_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 14), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        h = model.net.residual(ids[:, :-1])  # the main model's streams before its final norm
+        # the block's input, as the issue and llama.cpp's graph define it
+        eps = model.config.rms_norm_eps
+        e = rms_norm(torch.nn.functional.embedding(ids[:, 1:], model.net.w.embed), head.w.enorm, eps)
+        x = linear(torch.cat([e, rms_norm(h, head.w.hnorm, eps)], -1), head.w.eh_proj)
+        ref = hf(inputs_embeds=x).logits.float()[0]
+        # ours: one batched call, then the same positions chained one at a time through the block's cache
+        ours = head.logits(head.forward(h, ids[:, 1:], None, 0))[0]
+        cache = head.new_cache(32)
+        steps = [head.logits(head.forward(h[:, :6], ids[:, 1:7], cache, 0))[0]]
+        for t in range(6, 13):
+            steps.append(head.logits(head.forward(h[:, t : t + 1], ids[:, t + 1 : t + 2], cache, t))[0])
+    scale = ref.abs().max().item()
+    assert (ours - ref).abs().max().item() <= 1e-4 * scale
+    assert (torch.cat(steps) - ref).abs().max().item() <= 1e-4 * scale
+
+
+# ---- loading --------------------------------------------------------------------------------------
+
+
+def test_load_options(tmp_path: Path, glm4: localglm.Model) -> None:
+    path = glm4.path
+    assert localglm.load(path, mtp=False).speculation is None
+    none = make_tiny(tmp_path / "none", Glm4Spec(num_nextn_predict_layers=0))
+    assert localglm.load(none).speculation is None
+    with pytest.raises(localglm.LocalGLMError, match="no MTP block"):
+        localglm.load(none, mtp=True)
+    with pytest.raises(localglm.LocalGLMError, match="mtp="):
+        localglm.load(path, mtp="yes")
+
+
+def test_quantized_dir_keeps_the_block_at_8_bits(tmp_path: Path, glm4: localglm.Model) -> None:
+    from localglm.quantize import quantize_checkpoint
+
+    out = tmp_path / "q"
+    quantize_checkpoint(glm4.path, out, None)  # the default recipe: experts 4 bits, mtp 8
+    from localglm.checkpoint.quantized_dir import read_manifest
+
+    man = read_manifest(out)
+    n = glm4.config.num_hidden_layers
+    assert man["recipe"]["bits"]["mtp"] == 8
+    assert man["tensors"][f"model.layers.{n}.eh_proj.weight"]["spec"].startswith("q8")
+    assert man["tensors"][f"model.layers.{n}.self_attn.q_proj.weight"]["spec"].startswith("q8")
+    assert man["experts"]["layouts"][str(n)]["gate_up"].startswith("q8")
+    assert man["experts"]["layouts"]["1"]["gate_up"].startswith("q4")
+    q = localglm.load(out)
+    assert q.speculation is not None
+    prompt = list(range(20, 45))
+    assert _speculative(q, prompt, 12, 2) == _plain(q, prompt, 12)
+
+
+def test_gguf_round_trip_keeps_the_block(tmp_path: Path, glm4: localglm.Model) -> None:
+    from localglm.checkpoint.gguf import export_gguf
+
+    g = localglm.load(export_gguf(glm4.path, tmp_path / "m.gguf", "f32", mtp=True)[0], dtype="float32")
+    assert g.speculation is not None
+    ids = torch.randint(0, glm4.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        a, b = glm4.speculation.head, g.speculation.head
+        h = glm4.net.residual(ids[:, :-1])
+        la, lb = a.logits(a.forward(h, ids[:, 1:], None, 0)), b.logits(b.forward(h, ids[:, 1:], None, 0))
+    assert torch.allclose(la, lb, atol=1e-5)
+    assert localglm.load(export_gguf(glm4.path, tmp_path / "nomtp.gguf", "f32", mtp=False)[0]).speculation is None
+
+
+# ---- greedy: the plain tokens ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("draft", [1, 3])
+def test_greedy_random_head_matches_plain(arch_dir: tuple[str, Path], draft: int) -> None:
+    _, path = arch_dir
+    model = localglm.load(path)
+    g = torch.Generator().manual_seed(7)
+    for length, new in ((3, 9), (17, 20), (40, 6)):
+        prompt = torch.randint(0, 400, (length,), generator=g).tolist()
+        stats = GenerationStats()
+        assert _speculative(model, prompt, new, draft, stats, reuse_prefix=False) == _plain(model, prompt, new, reuse_prefix=False)
+        assert stats.draft_tokens > 0 and stats.acceptance_length >= 1.0
+
+
+def _oracle(model: localglm.Model, reference: list[int], wrong_every: int) -> None:
+    """Make the drafter propose the reference continuation, with every `wrong_every`-th token wrong:
+    the block still runs (its cache is kept as in real use), only its proposals are replaced."""
+    spec = model.speculation
+    real = Speculation._draft
+
+    def draft(self: Speculation, mcache, pend_h, pend_t, depth, sampling, sampler, target, history, veto, generated):  # type: ignore[no-untyped-def]
+        drafts, qs = real(self, mcache, pend_h, pend_t, depth, sampling, sampler, target, history, veto, generated)
+        at = len(generated)
+        good = reference[at : at + len(drafts)]
+        return [t if (at + i + 1) % wrong_every else (t + 1) % model.config.vocab_size for i, t in enumerate(good)], qs
+
+    spec._draft = draft.__get__(spec)  # type: ignore[method-assign]
+
+
+def test_greedy_partial_acceptance_and_rollback(arch_dir: tuple[str, Path]) -> None:
+    _, path = arch_dir
+    model = localglm.load(path)
+    prompt = list(range(30, 52))
+    ref = _plain(model, prompt, 40, reuse_prefix=False)
+    _oracle(model, ref, wrong_every=5)
+    for draft in (1, 2, 4):
+        stats = GenerationStats()
+        assert _speculative(model, prompt, 40, draft, stats, reuse_prefix=False) == ref
+        assert stats.accepted_tokens > 0 and stats.accepted_tokens < stats.draft_tokens
+        assert stats.acceptance_length > 1.0
+    _check_mtp_cache(model)
+    # prefix reuse: the next turn resends prompt + answer + more; its caches (main and MTP) are reused
+    turn2 = prompt + ref[:25] + [7, 8, 9]
+    fresh = _plain(model, turn2, 15, reuse_prefix=False)
+    _oracle(model, ref[:0] + fresh, wrong_every=4)
+    stats = GenerationStats()
+    assert _speculative(model, turn2, 15, 3, stats) == fresh
+    assert stats.cached_prompt_tokens >= len(prompt)
+    _check_mtp_cache(model)
+
+
+def test_mtp_cache_rollback_dsa_without_selection(tmp_path: Path) -> None:
+    """GLM-5's cache rolled back (DSA's top-k breaks exact score ties by the call's shape, so compared
+    below the top-k, where attention is dense, exactly)."""
+    model = localglm.load(make_tiny(tmp_path / "m", DsaSpec(dtype="float32", index_topk=600)))
+    prompt = list(range(30, 52))
+    ref = _plain(model, prompt, 30, reuse_prefix=False)
+    _oracle(model, ref, wrong_every=3)
+    assert _speculative(model, prompt, 30, 3) == ref
+    _check_mtp_cache(model)
+
+
+def _check_mtp_cache(model: localglm.Model) -> None:
+    """After rollbacks, the MTP cache holds exactly the entries a fresh run over the accepted tokens
+    computes: the next block call reads the same keys either way."""
+    spec, main = model.speculation, model._cache
+    mcache, head = spec.cache, spec.head
+    n = mcache.length
+    if 0 < getattr(model.config, "index_topk", 0) <= n:
+        return  # exact ties in DSA's top-k go by the call's shape: test_mtp_cache_rollback_dsa_without_selection
+    tokens = main.tokens[: n + 1] + [5]  # any token after the last cached one will do
+    assert n >= 1 and mcache.tokens == tokens[1 : n + 1] and len(main.tokens) > n
+    with torch.inference_mode():
+        h = model.net.residual(torch.tensor([tokens]))
+        fresh = head.new_cache(mcache.max_tokens)
+        for t in range(n):  # one entry at a time, as decoding writes them (GLM-5's top-k breaks exact ties per call)
+            head.forward(h[:, t : t + 1], torch.tensor([tokens[t + 1 : t + 2]]), fresh, t)
+        nxt = torch.tensor([[tokens[n + 1]]])
+        ours, ref = head.forward(h[:, n : n + 1], nxt, mcache, n), head.forward(h[:, n : n + 1], nxt, fresh, n)
+    mcache.truncate(n)
+    assert (ours - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
+def test_greedy_with_stop_strings_and_tool_calls(glm4: localglm.Model) -> None:
+    tok = glm4.tokenizer
+    script = tok.encode("<think>look it up</think><tool_call>lookup\n<arg_key>name</arg_key>\n<arg_value>os.path</arg_value>\n</tool_call>")
+
+    def force(generated: list[int], logits: torch.Tensor) -> torch.Tensor:
+        out = logits.clone()
+        out[script[len(generated)] if len(generated) < len(script) else glm4.config.eos_token_ids[0]] += 1e4
+        return out
+
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {"name": {"type": "string"}}}}}]
+    msgs = [{"role": "user", "content": "what is os.path?"}]
+    runs = []
+    for draft in (0, 3):
+        glm4.speculation.set_draft(draft, adaptive=False)
+        events = list(glm4.generate(messages=msgs, tools=tools, logits_processor=force, max_new_tokens=60, sampling=GREEDY))
+        runs.append(events)
+    plain, spec = runs
+    calls = [e.call for e in spec if type(e).__name__ == "ToolCallEnd"]
+    assert calls and calls[0].name == "lookup" and calls[0].arguments == {"name": "os.path"}
+    def shown(events: list) -> list:
+        call = lambda e: getattr(e, "call", None)  # noqa: E731
+        return [(type(e).__name__, getattr(e, "text", None), getattr(e, "name", None), getattr(call(e), "arguments", None)) for e in events[:-1]]
+
+    assert shown(spec) == shown(plain)
+    done = spec[-1]
+    assert done.text == plain[-1].text and done.finish_reason == plain[-1].finish_reason == "stop"
+    assert done.stats.acceptance_length > 2  # forced tokens are what the head drafts (the processor shapes drafts)
+    # stop strings: cut where plain decoding cuts
+    glm4.speculation.set_draft(0)
+    text = glm4.generate_text("hello there", max_new_tokens=30, sampling=GREEDY, ignore_eos=True)
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    outs = []
+    for draft in (0, 2):
+        glm4.speculation.set_draft(draft, adaptive=False)
+        events = list(glm4.generate("hello there", max_new_tokens=30, sampling=GREEDY, ignore_eos=True, stop=[stop]))
+        outs.append((events[-1].text, events[-1].finish_reason))
+    assert outs[0] == outs[1] and outs[0][1] == "stop_string"
+
+
+# ---- sampling: the target's distribution ----------------------------------------------------------
+
+CHI2_999 = {2: 13.82, 4: 18.47, 8: 26.12}  # chi-square quantiles at 0.999
+
+
+def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    keep = expected > 0
+    assert counts[~keep].sum() == 0, "a token of probability 0 was sampled"
+    return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+
+
+def test_accept_or_resample_gives_the_target_distribution() -> None:
+    p = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05, 0.0])
+    q = torch.tensor([0.1, 0.1, 0.3, 0.2, 0.0, 0.3])  # q puts mass where p has none, and misses p's token 4
+    sampler = Sampler(SamplingParams(temperature=1.0, seed=11))
+    counts = torch.zeros(6)
+    accepted = 0
+    n = 20000
+    for _ in range(n):
+        d = sampler.sample(q)
+        tok, ok = accept_or_resample(p, q, d, sampler)
+        counts[tok] += 1
+        accepted += ok
+    assert _chi2(counts, p) < CHI2_999[4]
+    # acceptance = sum min(p, q) = 0.1 + 0.1 + 0.15 + 0.1 = 0.45
+    assert abs(accepted / n - 0.45) < 0.02
+
+
+def test_speculative_sampling_matches_exact_joint_distribution(glm4: localglm.Model) -> None:
+    """The first two generated tokens (the second comes out of a verification step) over many seeded
+    generations, against the exact joint distribution with top-k 3 (nine outcomes)."""
+    params = SamplingParams(temperature=1.0, top_k=3)
+    prompt = list(range(60, 75))
+    with torch.inference_mode():
+        first = Sampler(params).distribution(glm4.logits(torch.tensor([prompt]))[0, -1])
+        joint = {}
+        for a in first.nonzero().flatten().tolist():
+            second = Sampler(params).distribution(glm4.logits(torch.tensor([prompt + [a]]))[0, -1])
+            for b in second.nonzero().flatten().tolist():
+                joint[(a, b)] = float(first[a] * second[b])
+    cells = sorted(joint)
+    expected = torch.tensor([joint[c] for c in cells])
+
+    def run(n: int) -> torch.Tensor:
+        counts = torch.zeros(len(cells))
+        stats = GenerationStats()
+        glm4.speculation.set_draft(1, adaptive=False)
+        for seed in range(n):
+            out = list(glm4.stream_tokens(prompt, max_new_tokens=3, sampling=params.updated(seed=seed), stats=stats))
+            counts[cells.index(tuple(out[:2]))] += 1  # the second token comes out of a verification of one draft
+            assert stats.draft_tokens == 1
+        return counts
+
+    assert _chi2(run(400), expected) < CHI2_999[8]  # the random head: drafts mostly rejected, resampled
+    # a drafter close to the target (its logits at a quarter of the temperature): drafts often accepted
+    spec = glm4.speculation
+    real = Speculation._draft
+
+    def near(self, mcache, pend_h, pend_t, depth, sampling, sampler, target, history, veto, generated):  # type: ignore[no-untyped-def]
+        real(self, mcache, pend_h, pend_t, depth, sampling, sampler, target, history, veto, generated)
+        q = sampler.distribution(glm4.logits(torch.tensor([prompt + generated]))[0, -1] * 4.0)
+        return [sampler.sample(q)], [q]
+
+    spec._draft = near.__get__(spec)  # type: ignore[method-assign]
+    try:
+        counts = run(400)
+    finally:
+        del spec._draft
+    assert _chi2(counts, expected) < CHI2_999[8]
+
+
+# ---- depth ----------------------------------------------------------------------------------------
+
+
+def test_depth_policy_prices_experts() -> None:
+    from localglm.speculative import DepthPolicy, StepCosts
+
+    # GLM-4.5-Air-like: verifying two tokens costs ~1.4x one; a draft call a few percent
+    costs = StepCosts(fixed=370.0, layers=45, top_k=8, n_experts=128, draft=50.0)
+    good = DepthPolicy(4, costs, hits=90, tries=100)
+    assert good.choose(10) >= 2
+    assert good.choose(1) == 1  # the budget caps it
+    bad = DepthPolicy(4, costs, hits=5, tries=100)
+    assert bad.choose(10) == 0
+    # offloaded experts priced 20x a resident read: extra experts do not pay at the same acceptance
+    dear = DepthPolicy(4, StepCosts(fixed=370.0, layers=45, top_k=8, n_experts=128, draft=50.0, price=lambda: 20.0), hits=60, tries=100)
+    cheap = DepthPolicy(4, costs, hits=60, tries=100)
+    assert dear.choose(10) < cheap.choose(10)
+    # acceptance is measured: rejections lower it, and depth 0 still explores now and then
+    for _ in range(40):
+        bad.observe(1, 0)
+    assert bad.acceptance < 0.05
+    assert 1 in [bad.choose(10) for _ in range(20)]
