@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from localglm.config import ModelConfig
 from localglm.errors import LocalGLMError
@@ -47,6 +48,10 @@ def interpolate_hit_rate(fraction: float, curve=HIT_CURVE) -> float:
 
 
 def default_gpu_mem() -> int:
+    """Free GPU memory less a margin; 0 without a CUDA GPU (without NVIDIA's driver loaded, known
+    without importing torch: `plan` starts fast on CPU-only machines)."""
+    if not Path("/proc/driver/nvidia").exists() and Path("/proc").is_dir():
+        return 0
     import torch
 
     if not torch.cuda.is_available():
@@ -144,7 +149,7 @@ def bits_per_weight(bits: int | float, k: int) -> float:
     """Stored bits per weight of a localglm format (int 2, 4, 8: q2 / q4 / q8 with their scales, rows
     of k values) or of a float (16), or `bits` itself when it is a (float) bits-per-weight figure."""
     if isinstance(bits, int) and bits in (2, 4, 8):
-        from quant.formats import QuantSpec
+        from quant.spec import QuantSpec
 
         spec = QuantSpec.for_bits(int(bits))
         return spec.bits_per_weight((1, max(spec.group, k - k % spec.group)))

@@ -26,7 +26,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from .formats import QuantError, QuantSpec
+from .spec import QuantError, QuantSpec
 
 CLASSES = ("experts", "shared", "dense", "attn", "embed", "lm_head", "router", "indexer", "mtp")
 KEEP = 16

@@ -58,6 +58,12 @@ def test_inspect_a_checkpoint_directory_without_torch(tiny_dir: Path) -> None:
     assert run_cli("inspect", str(tiny_dir / "config.json")) == {"rc": 0, "torch": False}
 
 
+def test_plan_a_checkpoint_directory_without_torch(tiny_dir: Path) -> None:
+    """Sizes and the placement need no torch; only a machine with NVIDIA's driver asks torch for its GPU's memory."""
+    assert run_cli("plan", str(tiny_dir)) == {"rc": 0, "torch": False}
+    assert run_cli("plan", str(tiny_dir), "--gpu-mem", "8G", "--experts", "2") == {"rc": 0, "torch": False}
+
+
 def test_simulate_a_trace_without_torch(trace_file: Path) -> None:
     assert run_cli("simulate", str(trace_file), "--json") == {"rc": 0, "torch": False}
 

@@ -49,7 +49,7 @@ def recipe_bits(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_recipe(args: argparse.Namespace) -> Any:
-    from quant.formats import QuantError
+    from quant.spec import QuantError
     from quant.recipe import Recipe
 
     try:
