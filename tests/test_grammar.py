@@ -1,8 +1,8 @@
 """Constrained decoding (localglm/grammar): JSON schemas, GLM tool calls, drafted tokens, closure, thinking budgets.
 
 Output comes from the tiny random model at temperature 1: nothing but the grammar makes it valid,
-so every check here fails without it. `Push` is a soft forcer (a large bias toward scripted tokens,
-not a hard mask), so a grammar can still refuse what it pushes.
+so every check here fails without it. `Push` (server/testing.py) is a soft forcer: a large bias
+toward scripted tokens, not a hard mask, so a grammar can still refuse what it pushes.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from localglm.engine import Done, EncodedChat, Model
 from localglm.chat.stream_parser import ParsedMessage
 from localglm.grammar import GrammarError, GrammarProcessor, OutputSpec, ToolGrammar, output_grammar, parse_response_format
 from localglm.grammar.build import request_processor
+from localglm.server.testing import Push
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -74,20 +75,6 @@ SCHEMAS: list[dict[str, Any]] = [
 @pytest.fixture(scope="module")
 def model(tiny_dir: Path) -> Model:
     return localglm.load(tiny_dir, ctx=2048)
-
-
-class Push:
-    """Adds a large bias to the scripted tokens in turn (then to `<|endoftext|>`): a model that wants
-    to write them, which a grammar can still stop."""
-
-    def __init__(self, ids: list[int], end: int) -> None:
-        self.ids, self.end = ids, end
-
-    def __call__(self, history: list[int], logits: torch.Tensor) -> torch.Tensor:
-        tok = self.ids[len(history)] if len(history) < len(self.ids) else self.end
-        out = logits.clone()
-        out[tok] += 1000.0
-        return out
 
 
 def run(model: Model, **kwargs: Any) -> tuple[Done, ParsedMessage]:

@@ -6,9 +6,13 @@ checkpoint's template renders, and the engine's events back into `thinking`, `te
 blocks. Streams follow Anthropic's event sequence: message_start, then per block
 content_block_start / content_block_delta (thinking_delta, text_delta, input_json_delta) /
 content_block_stop, then message_delta (stop_reason end_turn, tool_use, max_tokens or
-stop_sequence, and the final usage) and message_stop. No empty block is ever sent: an empty
+stop_sequence, model_context_window_exceeded when the context, not max_tokens, ended it, and the
+final usage) and message_stop. No empty block is ever sent: an empty
 `<think></think>` produces no thinking block. Thinking follows `thinking: {type: ...}` when the
-request has it, else the server's default (--no-think).
+request has it, else the server's default (--no-think); `thinking.budget_tokens` bounds the thinking
+block (`</think>` is forced at the budget). tool_choice any / tool / none is enforced while decoding,
+and `output_format: {type: "json_schema", schema}` (Anthropic's structured outputs) holds the text
+to JSON (localglm/grammar).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from .chat import (
     start_job,
     stream_job,
 )
+from ..grammar import GrammarError, parse_response_format
 from .errors import bad_request
 from .sse import EventStreamResponse, sse_event
 from .state import ServerState
@@ -44,6 +49,11 @@ from .worker import Job
 
 STOP_REASONS = {"stop": "end_turn", "tool_calls": "tool_use", "length": "max_tokens", "stop_sequence": "stop_sequence"}
 IMAGE_PLACEHOLDER = "[image omitted: this model reads text only]"
+
+
+def stop_reason(fin: Finish) -> str:
+    """Anthropic's stop_reason; `model_context_window_exceeded` when the context ended the reply."""
+    return "model_context_window_exceeded" if fin.context else STOP_REASONS[fin.reason]
 
 
 def _tool_use_id(call_id: str) -> str:
@@ -193,8 +203,32 @@ def parse_thinking(body: dict[str, Any]) -> bool | None:
     kind = field(thinking, "type", "string", path="thinking", required=True)
     if kind not in ("enabled", "disabled", "adaptive", "between_tools"):
         raise bad_request(f"thinking.type: {kind!r} is not one of enabled, disabled, adaptive", "thinking.type")
-    field(thinking, "budget_tokens", "integer", path="thinking", minimum=0)  # accepted, not enforced
     return kind != "disabled"
+
+
+def parse_thinking_budget(body: dict[str, Any]) -> int | None:
+    """`thinking.budget_tokens` when thinking is on (the thinking block ends there)."""
+    thinking = field(body, "thinking", "object")
+    if thinking is None or thinking.get("type") == "disabled":
+        return None
+    return field(thinking, "budget_tokens", "integer", path="thinking", minimum=0)
+
+
+def parse_output_format(body: dict[str, Any]) -> dict[str, Any] | None:
+    """Anthropic's structured outputs (`output_format: {type: "json_schema", schema}`) in OpenAI's shape."""
+    fmt = field(body, "output_format", "object")
+    if fmt is None:
+        return None
+    kind = field(fmt, "type", "string", path="output_format", required=True)
+    if kind != "json_schema":
+        raise bad_request(f"output_format.type: {kind!r} is not 'json_schema'", "output_format.type")
+    schema = field(fmt, "schema", "object", path="output_format", required=True)
+    converted = {"type": "json_schema", "json_schema": {"schema": schema}}
+    try:
+        parse_response_format(converted, "output_format")
+    except GrammarError as exc:
+        raise bad_request(str(exc), exc.param) from None
+    return converted
 
 
 def parse_request(body: dict[str, Any], *, for_count: bool = False) -> tuple[GenRequest, bool]:
@@ -204,6 +238,8 @@ def parse_request(body: dict[str, Any], *, for_count: bool = False) -> tuple[Gen
     req.tools = parse_tools(body)
     req.tool_mode, req.tool_name, req.single_tool_call = parse_tool_choice(body, req.tools)
     req.enable_thinking = parse_thinking(body)
+    req.thinking_budget = parse_thinking_budget(body)
+    req.response_format = parse_output_format(body)
     if for_count:
         return req, False
     req.max_tokens = field(body, "max_tokens", "integer", required=True, minimum=1)
@@ -258,7 +294,7 @@ def _message(reply: Reply, ident: str, model: str) -> dict[str, Any]:
         "role": "assistant",
         "model": model,
         "content": content,
-        "stop_reason": STOP_REASONS[fin.reason],
+        "stop_reason": stop_reason(fin),
         "stop_sequence": fin.stop_sequence,
         "usage": _usage(reply),
     }
@@ -311,7 +347,7 @@ def _stream(state: ServerState, job: Job, reply: Reply, ident: str, model: str) 
                 "message_delta",
                 {
                     "type": "message_delta",
-                    "delta": {"stop_reason": STOP_REASONS[fin.reason], "stop_sequence": fin.stop_sequence},
+                    "delta": {"stop_reason": stop_reason(fin), "stop_sequence": fin.stop_sequence},
                     "usage": _usage(reply),
                 },
             )

@@ -4,7 +4,9 @@ Each route parses its API's JSON into a `GenRequest` (GLM chat messages in the O
 chat template reads, tools in OpenAI function form), then `start_job` takes a place in the queue
 (503 when it is full), renders and tokenizes the prompt off the event loop (one prompt at a time),
 refuses one that does not fit the context (400, from its length alone when it is far too long),
-and queues the job with the prompt's ids, so the engine does not tokenize it again. `Reply`
+and queues the job with the prompt's ids, so the engine does not tokenize it again. There too the
+request's constraints become one logits processor (localglm/grammar: response_format JSON, tool
+calls held to GLM's format and to tool_choice, the thinking budget), so a bad schema is a 400. `Reply`
 filters and accumulates the engine's events: it drops tool calls when tool_choice is "none" (and
 all but the first when parallel calls are off), and turns the engine's finish reason into stop /
 length / tool_calls / stop_sequence. `json_reply` and `stream_job` carry a job to its response
@@ -23,8 +25,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..chat.stream_parser import ContentDelta, ThinkingDelta, ToolCall, ToolCallArgsDelta, ToolCallEnd, ToolCallStart
-from ..engine import Done, EncodedChat, PromptTooLong
+from ..engine import Done, EncodedChat, LogitsProcessor, PromptTooLong
 from ..errors import LocalGLMError
+from ..grammar import GrammarError, chain
 from . import validation
 from .body import read_json
 from .errors import APIError, bad_request
@@ -56,6 +59,9 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)  # the client's stop strings
     prompt_tokens: int = 0
     encoded: EncodedChat | list[int] | None = None  # the tokenized prompt (chat, or raw), set by `prepare`
+    response_format: dict[str, Any] | None = None  # OpenAI's shape: {"type": "json_object" | "json_schema", ...}
+    thinking_budget: int | None = None  # thinking tokens before `</think>` is forced
+    constraint: LogitsProcessor | None = None  # the grammar / budget processor, set by `prepare`
 
     @property
     def chat(self) -> bool:
@@ -136,15 +142,23 @@ def encode_prompt(state: ServerState, req: GenRequest, *, fit: bool = True) -> i
         return len(req.encoded)
 
 
-def context_error(tokens: int, ctx: int, chat: bool, *, at_least: bool = False) -> APIError:
-    """The clients' context-overflow error (code context_length_exceeded)."""
-    return APIError(
-        400,
-        f"the prompt is {'at least ' if at_least else ''}{tokens} tokens but the context is {ctx} tokens: shorten the "
-        f"conversation or restart the server with a larger --ctx",
-        param="messages" if chat else "prompt",
-        code="context_length_exceeded",
-    )
+def context_error(tokens: int, ctx: int, req: GenRequest, *, at_least: bool = False) -> APIError:
+    """The context-overflow error in the words each API's clients recognise (code context_length_exceeded).
+
+    OpenAI route: OpenAI's own sentence, "This model's maximum context length is M tokens. However, your
+    messages resulted in N tokens", which litellm (ExceptionCheckers.is_error_str_context_window_exceeded
+    in litellm_core_utils/exception_mapping_utils.py) maps to ContextWindowExceededError, so aider trims
+    its history. Anthropic route: Anthropic's "prompt is too long: N tokens > M maximum", which agents that
+    compact on overflow look for.
+    """
+    n = f"{'at least ' if at_least else ''}{tokens}"
+    hint = "shorten the conversation or restart the server with a larger --ctx"
+    if req.endpoint.startswith("/v1/messages"):
+        message = f"prompt is too long: {n} tokens > {ctx} maximum ({hint})"
+    else:
+        what = "messages" if req.chat else "prompt"
+        message = f"This model's maximum context length is {ctx} tokens. However, your {what} resulted in {n} tokens: {hint}."
+    return APIError(400, message, param="messages" if req.chat else "prompt", code="context_length_exceeded")
 
 
 def template_tools(req: GenRequest) -> list[dict[str, Any]] | None:
@@ -164,17 +178,50 @@ async def prepare(state: ServerState, req: GenRequest, *, fit: bool = True) -> N
         state.sampling.updated(**req.sampling)
         n = await run_in_threadpool(encode_prompt, state, req, fit=fit)
     except PromptTooLong as exc:
-        raise context_error(exc.tokens, exc.ctx, req.chat, at_least=not exc.exact) from None
+        raise context_error(exc.tokens, exc.ctx, req, at_least=not exc.exact) from None
     except LocalGLMError as exc:
         raise bad_request(str(exc)) from None
     ctx = state.model.ctx
     if n == 0:
         raise bad_request("the prompt is empty", "prompt" if not req.chat else "messages")
     if fit and n >= ctx:
-        raise context_error(n, ctx, req.chat)
+        raise context_error(n, ctx, req)
     if req.max_tokens is not None and req.max_tokens < 1:
         raise bad_request("max_tokens must be at least 1", "max_tokens")
     req.prompt_tokens = n
+    if fit:
+        try:
+            req.constraint = await run_in_threadpool(build_constraint, state, req)
+        except GrammarError as exc:
+            raise bad_request(str(exc), exc.param or ("response_format" if req.response_format else "tools")) from None
+        except LocalGLMError as exc:
+            raise bad_request(str(exc)) from None
+
+
+def max_new_tokens(state: ServerState, req: GenRequest) -> int:
+    """max_tokens, or up to the end of the context. A max_tokens beyond the context is accepted and the
+    reply ends with the context (as llama-server does; `Reply.finish` says the context ended it)."""
+    room = max(1, state.model.ctx - req.prompt_tokens)
+    return min(req.max_tokens, room) if req.max_tokens else room
+
+
+def build_constraint(state: ServerState, req: GenRequest) -> LogitsProcessor | None:
+    """The request's grammar and thinking budget as one logits processor (None: nothing to enforce)."""
+    chat = isinstance(req.encoded, EncodedChat)
+    tools = req.tools if chat else None
+    if req.response_format is None and req.thinking_budget is None and not tools:
+        return None
+    return state.model.constrained(
+        prompt_text=req.encoded.text if isinstance(req.encoded, EncodedChat) else None,
+        response_format=req.response_format,
+        thinking_budget=req.thinking_budget,
+        max_new_tokens=max_new_tokens(state, req),
+        tools=tools,
+        tool_mode=req.tool_mode,
+        tool_name=req.tool_name,
+        single_tool_call=req.single_tool_call,
+        tool_grammar=state.settings.tool_grammar,
+    )
 
 
 def admit(state: ServerState) -> Admission:
@@ -199,20 +246,21 @@ def shutting_down() -> APIError:
 
 def generate_kwargs(state: ServerState, req: GenRequest) -> dict[str, Any]:
     kwargs: dict[str, Any] = dict(
-        max_new_tokens=req.max_tokens or max(1, state.model.ctx - req.prompt_tokens),
+        max_new_tokens=max_new_tokens(state, req),
         sampling=state.sampling,
         reuse_prefix=state.settings.reuse_prefix,
         **{k: v for k, v in req.sampling.items() if v is not None},
     )
     if isinstance(req.encoded, EncodedChat):
-        kwargs.update(chat=req.encoded, tools=template_tools(req), stop=[*req.stop, *ROLE_STOP_STRINGS])
+        # the server builds the tool grammar itself (`build_constraint`: it knows tool_choice)
+        kwargs.update(chat=req.encoded, tools=template_tools(req), stop=[*req.stop, *ROLE_STOP_STRINGS], tool_grammar=False)
     else:
         assert req.encoded is not None, "prepare() first"
         kwargs.update(input_ids=req.encoded, stop=list(req.stop))
-    if state.hook is not None:
-        processor = state.hook(req.endpoint, req.raw)
-        if processor is not None:
-            kwargs["logits_processor"] = processor
+    # The test hook's processor runs after the grammar: a scripted (forced) output wins over it.
+    processor = chain(req.constraint, state.hook(req.endpoint, req.raw) if state.hook is not None else None)
+    if processor is not None:
+        kwargs["logits_processor"] = processor
     return kwargs
 
 
@@ -239,6 +287,7 @@ def job_error(err: JobError) -> APIError:
 class Finish:
     reason: str  # stop | length | tool_calls | stop_sequence
     stop_sequence: str | None = None
+    context: bool = False  # "length" because the context is full (not max_tokens)
 
 
 class Reply:
@@ -287,7 +336,8 @@ class Reply:
         done = self.done
         assert done is not None
         if done.finish_reason == "length":
-            return Finish("length")
+            s = done.stats
+            return Finish("length", context=s is not None and s.prompt_tokens + s.decode_tokens >= self.state.model.ctx)
         if done.finish_reason == "stop_string":
             matched = self._matched_stop(done)
             if matched is not None:

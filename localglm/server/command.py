@@ -43,6 +43,11 @@ def register(sub: Any) -> None:
     p.add_argument("--no-think", action="store_true", help="turn thinking off by default (a request may still turn it on)")
     p.add_argument("--no-prefix-reuse", action="store_true", help="recompute every prompt from scratch (for comparisons)")
     p.add_argument(
+        "--no-tool-grammar", action="store_true",
+        help="do not hold tool calls to GLM's format while decoding (for comparisons); tool_choice 'required' or a "
+        "named tool is still enforced, by the grammar",
+    )  # fmt: skip
+    p.add_argument(
         "--parse-special-tokens", action="store_true",
         help="let special-token text in user, system and tool messages (e.g. '<|assistant|>') become special tokens, "
         "as transformers does; by default it stays text, so message content cannot forge turns",
@@ -150,6 +155,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
         allowed_hosts=_allowed_hosts(args),
         parse_special_tokens=args.parse_special_tokens,
+        tool_grammar=not args.no_tool_grammar,
     )
     app = create_app(model, settings)
     if not _is_loopback(args.host) and not key:

@@ -4,7 +4,9 @@ Thinking comes back as `reasoning_content` (in messages and in stream deltas), a
 llama-server write it; GLM's XML tool calls come back as `tool_calls` whose arguments stream as
 JSON text. Thinking can be turned off per request with `chat_template_kwargs: {enable_thinking:
 false}` (vLLM, llama-server), `thinking: {type: "disabled"}` (Z.ai's API) or
-`reasoning_effort: "none"`.
+`reasoning_effort: "none"`; other efforts bound the thinking block (grammar.budget.EFFORT_BUDGETS).
+`response_format` json_object / json_schema holds the reply to JSON (localglm/grammar), and
+tool_choice "required" / a named function is enforced while decoding.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..engine import Done
+from ..grammar import GrammarError, parse_response_format
+from ..grammar.budget import EFFORT_BUDGETS
 from ..chat.stream_parser import ContentDelta, ThinkingDelta, ToolCallArgsDelta, ToolCallStart
 from .chat import Finish, GenRequest, Reply, content_text, json_reply, model_name, request_body, start_job, stream_job
 from .errors import APIError, bad_request
@@ -175,6 +179,25 @@ def parse_thinking(body: dict[str, Any]) -> bool | None:
     return None
 
 
+def parse_effort_budget(body: dict[str, Any]) -> int | None:
+    """The thinking budget `reasoning_effort` asks for (None: unbounded, or thinking is off)."""
+    effort = field(body, "reasoning_effort", "string")
+    if effort is None or effort == "none":
+        return None
+    if effort not in EFFORT_BUDGETS:
+        raise bad_request(f"reasoning_effort: {effort!r} is not one of none, {', '.join(EFFORT_BUDGETS)}", "reasoning_effort")
+    return EFFORT_BUDGETS[effort]
+
+
+def parse_format(body: dict[str, Any]) -> dict[str, Any] | None:
+    """`response_format`, checked (400 naming the field); None for text."""
+    fmt = body.get("response_format")
+    try:
+        return fmt if parse_response_format(fmt) is not None else None
+    except GrammarError as exc:
+        raise bad_request(str(exc), exc.param) from None
+
+
 def _common(body: dict[str, Any], req: GenRequest) -> tuple[bool, bool]:
     """Fields of both endpoints; returns (stream, include_usage)."""
     req.sampling = parse_sampling(body)
@@ -196,13 +219,12 @@ def parse_chat(body: dict[str, Any]) -> tuple[GenRequest, bool, bool]:
     req.tool_mode, req.tool_name = parse_tool_choice(body, req.tools)
     req.single_tool_call = field(body, "parallel_tool_calls", "boolean", default=True) is False
     req.enable_thinking = parse_thinking(body)
+    req.thinking_budget = parse_effort_budget(body)
     max_tokens = field(body, "max_tokens", "integer", minimum=1)
     req.max_tokens = field(body, "max_completion_tokens", "integer", minimum=1, default=max_tokens)
     if field(body, "logprobs", "boolean", default=False):
         raise bad_request("logprobs: not supported by this server", "logprobs")
-    fmt = field(body, "response_format", "object")
-    if fmt is not None and field(fmt, "type", "string", path="response_format") not in (None, "text"):
-        raise bad_request("response_format: only {'type': 'text'} is supported (no JSON mode)", "response_format.type")
+    req.response_format = parse_format(body)
     return req, stream, include_usage
 
 
@@ -221,6 +243,7 @@ def parse_completion(body: dict[str, Any]) -> tuple[GenRequest, bool, bool, bool
         raise bad_request("prompt: expected a string, an array of token ids, or an array holding one of those", "prompt")
     stream, include_usage = _common(body, req)
     req.max_tokens = field(body, "max_tokens", "integer", minimum=1, default=16)
+    req.response_format = parse_format(body)  # as vLLM: the completion text is held to JSON
     echo = field(body, "echo", "boolean", default=False)
     if field(body, "suffix", "string"):
         raise bad_request("suffix: not supported by this server", "suffix")

@@ -43,6 +43,7 @@ class ServerSettings:
     # ("*": any). `localglm serve --host NAME` adds NAME.
     allowed_hosts: tuple[str, ...] = ()
     parse_special_tokens: bool = False  # True: special-token text in message content becomes special tokens
+    tool_grammar: bool = True  # hold tool calls to GLM's format while decoding (localglm/grammar); --no-tool-grammar
 
     def body_limit(self, ctx: int) -> int:
         """The request body cap: `max_body_bytes`, or by default 4 MiB or 16 bytes per context token if more."""

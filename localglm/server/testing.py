@@ -5,6 +5,7 @@ serve` builds it (`http.build_server`: the real HTTP stack and connection limits
 clients can talk to it). `ScriptedOutput` is a `logits_processor_hook` for
 `create_app`: a request whose text contains `SCRIPT:<name>` makes the model emit exactly that
 script's tokens, so the parser, tool-call and thinking paths run end to end through a real model.
+`Push` is the soft version (a bias, not a mask) that constrained-decoding tests fight the grammar with.
 """
 
 from __future__ import annotations
@@ -105,6 +106,20 @@ class ScriptedOutput:
         if script is None:
             return None
         return _forcer(script, self.eos)
+
+
+class Push:
+    """A soft forcer: a large bias toward `ids` in turn, then toward `end` (a model that wants to write
+    them); unlike a script's hard mask, a grammar applied with it can still refuse what it pushes."""
+
+    def __init__(self, ids: list[int], end: int, bias: float = 1000.0) -> None:
+        self.ids, self.end, self.bias = ids, end, bias
+
+    def __call__(self, history: list[int], logits: torch.Tensor) -> torch.Tensor:
+        tok = self.ids[len(history)] if len(history) < len(self.ids) else self.end
+        out = logits.clone()
+        out[tok] += self.bias
+        return out
 
 
 def _forcer(script: Script, eos: int) -> LogitsProcessor:
