@@ -823,7 +823,7 @@ def render_md(report: dict[str, Any]) -> str:
             f"{AIR}-shaped benchmark: {sh.get('num_hidden_layers')} layers, {sh.get('n_routed_experts')} experts top-{sh.get('num_experts_per_tok')}, "
             f"hidden {sh.get('hidden_size')}, moe_inter {sh.get('moe_intermediate_size')}, 4-bit experts ({_f((ab.get('expert_bytes') or 0) / 1e6, 2)} MB each, "
             f"{_f((ab.get('host_expert_bytes') or 0) / 1e9, 2)} GB generated in {_f(ab.get('generate_experts_s'))} s); measured H2D {_f(bw.get('h2d', 0) / 1e9)} GB/s, "
-            f"device memory {_f(bw.get('gpu_mem', 0) / 1e9)} GB/s, RAM {_f(bw.get('ram', 0) / 1e9)} GB/s ({', '.join(bw.get('measured', [])) or 'assumed'} measured).",
+            f"device memory {_f(bw.get('gpu_mem', 0) / 1e9)} GB/s, RAM {_f(bw.get('ram', 0) / 1e9)} GB/s ({', '.join(bw.get('measured', [])) + ' measured' if bw.get('measured') else 'assumed'}).",
             "",
             "| configuration | cache | prefill tok/s (%d) | decode tok/s | decode bound tok/s | of bound | hit rate | MB/token H2D | CPU experts/token | peak VRAM |"
             % (report.get("prefill_tokens") or (64 if report["rehearsal"] else 512)),
