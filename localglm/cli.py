@@ -12,6 +12,7 @@ import json
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from .commands.flags import add_engine_options, add_model_run_options, add_sampling_options, device_for, load_options, sampling_overrides, set_threads
@@ -62,6 +63,33 @@ def read_stdin_text() -> str:
 
 
 # ---- commands ----------------------------------------------------------------------------------
+def json_response_format(args: argparse.Namespace) -> dict[str, Any] | None:
+    """--json / --json-schema FILE as an OpenAI response_format (the schema file is read and checked here)."""
+    if args.json_schema is None:
+        return {"type": "json_object"} if args.json else None
+    path = Path(args.json_schema)
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise LocalGLMError(f"--json-schema: cannot read {path}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LocalGLMError(f"--json-schema: {path} is not a JSON file ({exc})") from None
+    if not isinstance(schema, dict):
+        raise LocalGLMError(f"--json-schema: {path} must hold a JSON schema object")
+    return {"type": "json_schema", "json_schema": {"name": path.stem, "schema": schema}}
+
+
+def _name_schema_file(events: Any, args: argparse.Namespace) -> Any:
+    """`events`, with a schema the grammar engine refuses reported against --json-schema's file
+    (it is compiled when generation starts, before any output)."""
+    from .grammar import GrammarError
+
+    try:
+        yield from events
+    except GrammarError as exc:
+        raise LocalGLMError(f"--json-schema {args.json_schema}: {exc}") from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .engine import Done
     from .chat.stream_parser import ContentDelta, ThinkingDelta, ToolCallEnd
@@ -75,13 +103,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise LocalGLMError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     sampling = sampling_overrides(args)  # a bad flag fails before the model loads
+    response_format = json_response_format(args)
     model = open_model(args)
     kwargs: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, stop=args.stop or (), ignore_eos=args.ignore_eos, **sampling)
+    if response_format is not None:
+        kwargs["response_format"] = response_format
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
         events = model.generate(messages=messages, enable_thinking=not args.no_think, **kwargs)
     else:
         events = model.generate(prompt, **kwargs)
+    events = _name_schema_file(events, args)
     out = sys.stdout
     in_thinking = False
     done = None
@@ -188,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop string (repeatable); not included in the output")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-turn tokens")
     g.add_argument("--stats-json", action="store_true", help="print the stats as one JSON object on the last line of stdout")
+    g.add_argument("--json", action="store_true", help="constrain the output to one JSON object (after the thinking block, with --chat)")
+    g.add_argument("--json-schema", default=None, metavar="FILE", help="constrain the output to JSON valid for the JSON schema in FILE")
     add_model_run_options(g, cmd_generate)
 
     i = sub.add_parser(

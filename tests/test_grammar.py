@@ -283,3 +283,36 @@ def test_thinking_budget_closes_the_block(model: Model) -> None:
     # without a budget the same model never closes it
     done = list(model.generate(chat=prompt_opened, max_new_tokens=30, temperature=1.0, seed=0, logits_processor=Push([a] * 100, a)))[-1]
     assert close not in done.token_ids
+
+
+# ---- CLI ------------------------------------------------------------------------------------------
+def test_cli_json_schema(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from localglm.cli import main
+
+    schema = SCHEMAS[5]
+    path = tmp_path / "user.json"
+    path.write_text(json.dumps(schema))
+    for extra in (["--chat", "--no-think"], []):
+        rc = main(["generate", str(tiny_dir), "-p", "a user", *extra, "--json-schema", str(path), "-n", "120", "--seed", "2",
+                   "--temperature", "1", "-q", "--threads", "1"])  # fmt: skip
+        out = capsys.readouterr().out
+        assert rc == 0
+        jsonschema.validate(json.loads(out.splitlines()[0]), schema)
+    assert main(["generate", str(tiny_dir), "-p", "x", "--json", "-n", "60", "--seed", "0", "-q", "--threads", "1"]) == 0
+    assert isinstance(json.loads(capsys.readouterr().out.splitlines()[0]), dict)
+
+
+def test_cli_json_schema_errors_name_the_file(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from localglm.cli import main
+
+    bad = tmp_path / "bad.json"
+    cases = [(tmp_path / "missing.json", "cannot read"), (bad, "is not a JSON file"), (bad, "failed to compile JSON schema")]
+    for i, (path, words) in enumerate(cases):
+        if i == 1:
+            bad.write_text("{")
+        if i == 2:
+            bad.write_text('{"type": "frobnicate"}')
+        assert main(["generate", str(tiny_dir), "-p", "x", "--json-schema", str(path), "-q", "--threads", "1"]) != 0
+        err = capsys.readouterr()
+        assert str(path) in err.err and words in err.err and "Traceback" not in err.err
+        assert err.out == ""
