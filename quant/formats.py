@@ -24,6 +24,7 @@ and be moved with one copy. Nothing here knows about models.
 from __future__ import annotations
 
 from concurrent.futures import Executor
+from functools import cache
 from typing import Any
 
 import torch
@@ -44,6 +45,13 @@ def _scale_table() -> torch.Tensor:
 
 
 _SCALES = _scale_table()
+
+
+@cache
+def _scales_on(device: torch.device) -> torch.Tensor:
+    """The scale table on `device`, copied there once: a per-call copy from pageable memory would make
+    the host wait for the GPU's queue each time a CUDA kernel is prepared (every expert-cache miss)."""
+    return _SCALES if device.type == "cpu" else _SCALES.to(device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -175,7 +183,7 @@ def _code_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     """Per-group scales s [N, ng] -> (log code, row max [N], coded scales [N, ng])."""
     s_max = s.amax(1, keepdim=True).clamp_min(1e-30)
     scode = torch.clamp(torch.round(255 + _LOG_STEPS * torch.log2(s.clamp_min(1e-38) / s_max)), 0, 255)
-    s_q = s_max * _SCALES.to(s.device)[scode.long()]
+    s_q = s_max * _scales_on(s.device)[scode.long()]
     return scode, s_max.squeeze(1), s_q
 
 
@@ -297,7 +305,7 @@ class QuantTensor:
         if self.spec.bits == 8:
             s = rowf * self.section("gscale").float()
             return s.to(dtype), torch.zeros_like(s, dtype=dtype)
-        s = rowf[:, :1] * _SCALES.to(rowf.device)[self.section("scode").long()]
+        s = rowf[:, :1] * _scales_on(rowf.device)[self.section("scode").long()]
         m = self.section("mcode").float() * (rowf[:, 1:2] / 127)
         return s.to(dtype), m.to(dtype)
 
