@@ -7,8 +7,8 @@ Two causes of the collapse seen beside a compile job (issue 15: 9.2 tok/s with 2
   threads spin ~300,000 times between parallel loops before sleeping, so they never sleep during a
   decode: each of them looks CPU-bound to the scheduler, which then runs the thread a loop is waiting
   for only after the neighbour's full time slice, at every one of the hundreds of loops of a token.
-  `configure_waiting` sets GOMP_SPINCOUNT (spin about a microsecond, then block on a futex) before
-  the runtime loads; it must run before torch is imported, so `localglm/__init__.py` calls it first
+  `configure_waiting` loads the runtime with GOMP_SPINCOUNT set (spin about a microsecond, then
+  block on a futex); it must run before torch is imported, so `localglm/__init__.py` calls it first
   thing. A user's own OMP_WAIT_POLICY / GOMP_SPINCOUNT are kept.
 - Too many threads. The default count is the free physical cores (`default_threads`), measured when
   the command starts; the native loops also split their work dynamically (quant/native/lg_kernels.h
@@ -32,12 +32,44 @@ SAMPLE_S = 0.1  # how long `measure_load` watches the CPUs
 def configure_waiting(environ: MutableMapping[str, str] | None = None) -> bool:
     """Make OpenMP threads spin briefly and then block, unless the user chose a wait policy. Returns
     whether it had effect: False when the user set one, or when torch (and with it the OpenMP
-    runtime, which reads its settings once when loaded) was imported before localglm."""
+    runtime, which reads its settings once, when loaded) was imported before localglm.
+
+    On the process's own environment it loads torch's OpenMP runtime right away, with the setting,
+    and then takes the setting out again: processes this one starts (a benchmark's llama.cpp, also
+    built on libgomp) keep the user's environment."""
     env = os.environ if environ is None else environ
     if "OMP_WAIT_POLICY" in env or "GOMP_SPINCOUNT" in env:
         return False
+    if environ is not None:
+        env["GOMP_SPINCOUNT"] = SPIN_COUNT
+        return True
+    if "torch" in sys.modules:
+        return False
     env["GOMP_SPINCOUNT"] = SPIN_COUNT
-    return environ is not None or "torch" not in sys.modules
+    if _load_torch_openmp():
+        del env["GOMP_SPINCOUNT"]  # read already; where the runtime was not found, torch's load reads it
+    return True
+
+
+def _load_torch_openmp() -> bool:
+    """Load the OpenMP runtime torch ships (torch/lib/libgomp.so.1) without importing torch; torch's
+    libraries then use this copy (same soname). False where there is none (another build of torch)."""
+    import ctypes
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("torch")
+    except (ImportError, ValueError):
+        return False
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        lib = os.path.join(folder, "lib", "libgomp.so.1")
+        if os.path.isfile(lib):
+            try:
+                ctypes.CDLL(lib)
+            except OSError:
+                return False
+            return True
+    return False
 
 
 @dataclass(frozen=True)
