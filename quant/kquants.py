@@ -15,9 +15,11 @@ scale and offset are the fp16 super-block factors (converted exactly) times the 
 codes, one fp32 product each -- the same operations, in the same order, as `gguf.quants` (numpy) and
 llama.cpp's dequantize_row_*, so `dequantize` here is bit-exact with both (tests/test_kquants.py).
 
-Kernels (`prepare_ggml`): on the CPU the native C kernel (quant/native/kquants.c: decodes each block
-once and multiplies its codes with fp32 activations, so it agrees with dequantize + fp32 matmul to
-fp32 rounding); elsewhere (no C compiler, CUDA) the torch fallback dequantizes a bounded chunk of
+Kernels (`prepare_ggml`): on the CPU the native C kernels (quant/native/kquants.c): for a few rows
+(decode) the codes times activations rounded to int8 per 32, as llama.cpp multiplies (equal to
+`int8_grid(x) @ W.T` to fp32 rounding), for more rows the weight dequantized (bit-exact) and
+multiplied by torch's fp32 GEMM; `KQuantLib.matmul(..., int8=False)` is the fp32-activation kernel
+(equal to dequantize + fp32 matmul to fp32 rounding). Elsewhere (no C compiler, CUDA) the torch fallback dequantizes a bounded chunk of
 rows per call and multiplies it -- on a GPU this is the documented fallback: the blocks stay packed
 in device memory and are expanded chunk by chunk on each call, never kept dense.
 """
@@ -220,9 +222,10 @@ def dequantize(data: torch.Tensor, spec: GGMLSpec, shape: tuple[int, int]) -> to
 # ------------------------------------------------------------------------------------------------
 
 SOURCE = Path(__file__).with_name("native") / "kquants.c"
-# Up to this many rows (tokens) the native kernel multiplies the blocks directly; beyond, the weight is
-# dequantized once per call (native, threaded) and multiplied by torch's fp32 GEMM, which wins there.
-NATIVE_MAX_ROWS = 16
+# Up to this many rows (tokens: decode, a draft's few) the native kernel multiplies the blocks with int8
+# activations (kquants.c kq_matmul_q8, llama.cpp's approach); beyond, the weight is dequantized once per
+# call (native, threaded, exact) and multiplied by torch's fp32 GEMM, which wins there.
+NATIVE_MAX_ROWS = 8  # kquants.c KQ_Q8_ROWS
 CHUNK_ELEMENTS = 1 << 22  # the torch fallback expands at most this many weights (16 MB of fp32) at a time
 
 
@@ -232,16 +235,20 @@ class KQuantLib:
     def __init__(self, path: Path) -> None:
         self._lib = ctypes.CDLL(str(path))
         p, i = ctypes.c_void_p, ctypes.c_int
-        self._lib.kq_matmul.argtypes = [i, p, i, i, p, i, p, i]
-        self._lib.kq_matmul.restype = i
+        for fn in (self._lib.kq_matmul, self._lib.kq_matmul_q8):
+            fn.argtypes = [i, p, i, i, p, i, p, i]
+            fn.restype = i
         self._lib.kq_dequant.argtypes = [i, p, i, i, p, i]
         self._lib.kq_dequant.restype = i
 
-    def matmul(self, spec: GGMLSpec, data: torch.Tensor, shape: tuple[int, int], x: torch.Tensor) -> torch.Tensor:
+    def matmul(self, spec: GGMLSpec, data: torch.Tensor, shape: tuple[int, int], x: torch.Tensor, int8: bool = False) -> torch.Tensor:
+        """x [T, K] @ W.T in fp32: with fp32 activations (exact to fp32 rounding), or `int8` (activations
+        rounded to int8 per 32, as llama.cpp does: ~5x faster on AVX2; equals `int8_grid(x) @ W.T`)."""
         n, k = shape
         x = x.float().contiguous()
         y = torch.empty(x.shape[0], n, dtype=torch.float32)
-        rc = self._lib.kq_matmul(spec.type.cid, data.data_ptr(), n, k, x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
+        fn = self._lib.kq_matmul_q8 if int8 else self._lib.kq_matmul
+        rc = fn(spec.type.cid, data.data_ptr(), n, k, x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
         if rc:
             raise QuantError(f"native {spec.ggml} kernel refused [{n}, {k}] x {x.shape[0]} rows (code {rc})")
         return y
@@ -258,13 +265,13 @@ class KQuantLib:
 def kquant_lib() -> KQuantLib | None:
     """The native K-quant kernels, built once per process with quant.native's builder (same compiler,
     flags and cache); None, logged, when there is no compiler, LOCALGLM_NATIVE=0 or the build fails."""
-    from .native import _compiler, build, native_lib
+    from .native import HEADER, _compiler, build, native_lib
 
     if native_lib() is None:  # disabled, or no working compiler: quant.native has said why
         return None
     cc = _compiler()
     try:
-        return KQuantLib(build(cc, name="kquants", sources=(SOURCE,), depends=())) if cc else None
+        return KQuantLib(build(cc, name="kquants", sources=(SOURCE,), depends=(HEADER,))) if cc else None
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         log.warning("localglm: K-quant kernels: torch fallback (native build failed: %s)", e)
         return None
@@ -287,7 +294,7 @@ class GGMLKernel:
         x2 = x.reshape(-1, shape[1])
         if self.lib is not None and data.device.type == "cpu":
             if x2.shape[0] <= NATIVE_MAX_ROWS:
-                y = self.lib.matmul(spec, data, shape, x2)
+                y = self.lib.matmul(spec, data, shape, x2, int8=True)
             else:
                 y = F.linear(x2.float(), self.lib.dequantize(spec, data, shape))
         else:
@@ -295,6 +302,15 @@ class GGMLKernel:
         if bias is not None:
             y = y + bias.to(y.dtype)
         return y.to(x.dtype).view(*lead, shape[0])
+
+
+def int8_grid(x: torch.Tensor) -> torch.Tensor:
+    """x [T, K] (K a multiple of 32) rounded to the int8 grid kq_matmul_q8 multiplies with: per 32 values
+    d = amax / 127, q = round-half-even(x / d) -- the same fp32 operations as kquants.c quant_act."""
+    xb = x.float().reshape(x.shape[0], -1, 32)
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    return (torch.round(xb * inv) * d).reshape(x.shape)
 
 
 def torch_matmul(spec: GGMLSpec, data: torch.Tensor, shape: tuple[int, int], x: torch.Tensor) -> torch.Tensor:
@@ -319,4 +335,4 @@ def kernel_status() -> str:
     return "native C (quant/native/kquants.c)" if kquant_lib() is not None else "torch fallback (dequantize per chunk)"
 
 
-__all__ = ["GGML_TYPES", "GGMLSpec", "GGMLType", "decode_blocks", "dequantize", "dequantize_blocks", "prepare_ggml", "kquant_lib", "torch_matmul"]
+__all__ = ["GGML_TYPES", "GGMLSpec", "GGMLType", "decode_blocks", "dequantize", "dequantize_blocks", "int8_grid", "prepare_ggml", "kquant_lib", "torch_matmul"]
