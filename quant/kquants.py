@@ -225,7 +225,7 @@ SOURCE = Path(__file__).with_name("native") / "kquants.c"
 # Up to this many rows (tokens: decode, a draft's few) the native kernel multiplies the blocks with int8
 # activations (kquants.c kq_matmul_q8, llama.cpp's approach); beyond, the weight is dequantized once per
 # call (native, threaded, exact) and multiplied by torch's fp32 GEMM, which wins there.
-NATIVE_MAX_ROWS = 8  # kquants.c KQ_Q8_ROWS
+NATIVE_MAX_ROWS = 64  # kquants.c KQ_MAX_ROWS
 CHUNK_ELEMENTS = 1 << 22  # the torch fallback expands at most this many weights (16 MB of fp32) at a time
 
 

@@ -19,7 +19,7 @@
 
 #define QK_K 256
 #define KQ_MAX_ROWS 64 /* tokens per kq_matmul call (accumulators live on the stack) */
-#define KQ_Q8_ROWS 8   /* tokens per kq_matmul_q8 call (vector accumulators) */
+#define KQ_Q8_ROWS 8   /* tokens per row_q8 pass (vector accumulators) */
 
 enum kq_type { KQ_Q4_0, KQ_Q5_0, KQ_Q2_K, KQ_Q3_K, KQ_Q4_K, KQ_Q5_K, KQ_Q6_K, KQ_IQ4_XS, KQ_Q4_1, KQ_Q5_1, KQ_IQ4_NL, KQ_NTYPES };
 
@@ -411,14 +411,16 @@ static inline __attribute__((always_inline)) void row_q8(const int type, const u
         _Pragma("omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(n, nth))") for (int r = 0; r < n; r++) \
             if (T == 1) /* one token (decode): T a constant, the accumulator a register */                             \
                 row_q8(TYPE, w + (size_t)r * row_bytes, k, xq, dx, xsum, 1, y + r, (size_t)n);                       \
-            else                                                                                                     \
-                row_q8(TYPE, w + (size_t)r * row_bytes, k, xq, dx, xsum, T, y + r, (size_t)n);                       \
+            else /* tokens KQ_Q8_ROWS at a time, the row's blocks staying in L1 between them */                      \
+                for (int t0 = 0; t0 < T; t0 += KQ_Q8_ROWS)                                                          \
+                    row_q8(TYPE, w + (size_t)r * row_bytes, k, xq + (size_t)t0 * k, dx + (size_t)t0 * k32,           \
+                           xsum + (size_t)t0 * ks, T - t0 < KQ_Q8_ROWS ? T - t0 : KQ_Q8_ROWS, y + (size_t)t0 * n + r, (size_t)n); \
         break;
 
-/* y[t, r] = sum_k W[r, k] xq[t, k] dx for T <= KQ_Q8_ROWS tokens: the decode-time product with int8
+/* y[t, r] = sum_k W[r, k] xq[t, k] dx for T <= KQ_MAX_ROWS tokens: the decode-time product with int8
  * activations (see above). Returns 0, -1 for a bad type / shape / token count, -2 when out of memory. */
 int kq_matmul_q8(int type, const uint8_t *w, int n, int k, const float *x, int T, float *y, int nth) {
-    if (!valid(type, n, k) || T < 1 || T > KQ_Q8_ROWS) return -1;
+    if (!valid(type, n, k) || T < 1 || T > KQ_MAX_ROWS) return -1;
     const size_t row_bytes = (size_t)(k / INFO[type].block) * INFO[type].nbytes;
     const int k32 = k / 32, ks = k / INFO[type].sub;
     int8_t *xq = malloc((size_t)T * k);
