@@ -154,6 +154,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         keys = ("prompt_tokens", "prompt_tok_s", "decode_tokens", "decode_tok_s", "ttft_s", "peak_rss_bytes")
         d = stats.to_dict()
         extra = {"backend": d["backend"]} if d["backend"] else {}  # expert kernels / offload counters
+        if d["draft_depths"]:  # speculative decoding with the MTP head: drafted, accepted, depths chosen
+            extra |= {k: d[k] for k in ("draft_tokens", "accepted_tokens", "acceptance_length", "draft_depths")}
         print(json.dumps({k: d[k] for k in keys} | {"finish_reason": done.finish_reason} | extra, default=str))
     return 0
 

@@ -25,7 +25,7 @@ from .layers.kv_cache import TokenCache
 from .models.arch import DecoderModel
 from .models.mtp import MtpHead
 from .sampling import Sampler, SamplingParams
-from .speculative import Speculation
+from .speculative import DEFAULT_DRAFT, Speculation
 from .stats import GenerationStats, peak_rss_bytes
 from .chat.stream_parser import ChatStreamParser, ContentDelta
 from .chat.tokenizer import IncrementalDecoder, Tokenizer
@@ -79,6 +79,7 @@ class Model:
         ctx: int,
         sampling: SamplingParams,
         mtp: MtpHead | None = None,
+        draft: int = DEFAULT_DRAFT,
     ) -> None:
         self.path = path
         self.config = config
@@ -90,7 +91,7 @@ class Model:
         self._lock = threading.Lock()
         self.last_stats: GenerationStats | None = None
         # Speculative decoding with the checkpoint's MTP head (speculative.py); None without one.
-        self.speculation = Speculation(net, mtp) if mtp is not None else None
+        self.speculation = Speculation(net, mtp, draft) if mtp is not None else None
 
     @property
     def device(self) -> torch.device:
@@ -247,6 +248,8 @@ class Model:
                     veto=getattr(logits_processor, "veto", None),  # a grammar refuses drafts outright
                 )  # fmt: skip
             return
+        if self.speculation is not None:
+            self.speculation.forget()  # this run changes the cache behind the MTP block's back
         history = torch.tensor(tokens, dtype=torch.long, device=self.device)
         generated: list[int] = []
         on_token = getattr(logits_processor, "on_token", None)

@@ -18,6 +18,7 @@ from quant.recipe import CLASSES, Recipe
 from .errors import LocalGLMError
 
 CACHE_POLICIES = ("lru", "lfu", "stat")
+MAX_DRAFT = 16  # drafted tokens a step: beyond this a verification is a prefill chunk (layers/dsa.FEW_QUERIES)
 MISS_MODES = ("cost", "copy", "cpu")
 OFFLOAD_KINDS = ("sim", "cuda")
 
@@ -115,13 +116,15 @@ class LoadOptions:
     directory's experts: True stay in their mapped files, False copied into RAM, None automatic) and
     `verify` (check a quantized directory's shards against the manifest's CRC-32s first) and `mtp`
     (load the MTP draft block for speculative decoding: True, False, None = where the checkpoint
-    has one and the device budget is not a planned GPU's)."""
+    has one and the device budget is not a planned GPU's) and `draft` (the most tokens it drafts a
+    step; the depth policy chooses 0..draft each step; 0 turns speculation off)."""
 
     quant: QuantOptions = field(default_factory=QuantOptions)
     offload: OffloadOptions = field(default_factory=OffloadOptions)
     mmap: bool | None = None
     verify: bool = True
     mtp: bool | None = None
+    draft: int = 3  # speculative.DEFAULT_DRAFT
 
     @classmethod
     def from_kwargs(cls, **kw: Any) -> LoadOptions:
@@ -137,6 +140,11 @@ class LoadOptions:
         mtp = kw.pop("mtp", None)
         if mtp not in (None, True, False):
             raise LocalGLMError(f"mtp={mtp!r}: use True, False or None (auto)")
+        draft = kw.pop("draft", None)
+        if draft is None:
+            draft = cls.draft
+        if isinstance(draft, bool) or not isinstance(draft, int) or not 0 <= draft <= MAX_DRAFT:
+            raise LocalGLMError(f"draft={draft!r}: the most drafted tokens a step, 0 (no speculation) to {MAX_DRAFT}")
         if kw:
             raise LocalGLMError(f"load: unknown option(s) {', '.join(sorted(kw))}")
-        return cls(quant, offload, mmap, verify, mtp)
+        return cls(quant, offload, mmap, verify, mtp, draft)

@@ -190,6 +190,47 @@ def accept_or_resample(p: torch.Tensor, q: torch.Tensor, draft: int, sampler: Sa
     return sampler.sample(residual if float(residual.sum()) > 0 else p), False
 
 
+STREAM_WINDOW = 64  # streams kept for positions the MTP cache already holds: a re-rendered last turn reuses them
+
+
+class StreamLog:
+    """The main model's residual streams of positions start..end-1, as the chunks they came in (appending
+    is O(1); a long run of depth-0 steps is not copied over and over): what the MTP block reads."""
+
+    def __init__(self) -> None:
+        self.chunks: list[torch.Tensor] = []
+        self.start = 0
+
+    @property
+    def end(self) -> int:
+        return self.start + sum(c.shape[1] for c in self.chunks)
+
+    def reset(self, start: int) -> None:
+        self.chunks, self.start = [], start
+
+    def append(self, streams: torch.Tensor) -> None:
+        self.chunks.append(streams)
+
+    def last(self) -> torch.Tensor:
+        return self.chunks[-1][0, -1]
+
+    def since(self, pos: int) -> torch.Tensor:
+        """Streams of positions pos..end-1 [1, n, H] (the chunks joined once)."""
+        if len(self.chunks) > 1:
+            self.chunks = [torch.cat(self.chunks, dim=1)]
+        return self.chunks[0][:, pos - self.start :]
+
+    def truncate(self, end: int) -> None:
+        """Forget positions from `end` on."""
+        if end < self.end:
+            self.chunks = [self.since(self.start)[:, : end - self.start]]
+
+    def forget_before(self, pos: int) -> None:
+        if pos > self.start:
+            self.chunks = [self.since(pos)]
+            self.start = pos
+
+
 class Speculation:
     """A model's MTP head, its KV cache and its depth policy, across generations (the engine holds one)."""
 
@@ -198,7 +239,7 @@ class Speculation:
         self.head = head
         self.cache: TokenCache | None = None
         self.first_token: int | None = None  # the token 0 the MTP cache's entries were computed after
-        self.pend_h: torch.Tensor | None = None  # main-model streams of the positions past the MTP cache's entries
+        self.log = StreamLog()  # the main model's recent streams: past the MTP cache's entries, and a few before
         self.policy = DepthPolicy(max_draft, StepCosts.of(net, head), fixed=not adaptive)
 
     @property
@@ -211,6 +252,13 @@ class Speculation:
         self.policy.max_depth = n
         if adaptive is not None:
             self.policy.fixed = not adaptive
+
+    def forget(self) -> None:
+        """Drop the MTP cache's entries and the kept streams (the main cache is about to change without them)."""
+        if self.cache is not None:
+            self.cache.truncate(0)
+        self.log.reset(0)
+        self.first_token = None
 
     def _norm(self, stream: torch.Tensor) -> torch.Tensor:
         return rms_norm(stream, self.net.w.final_norm, self.net.cfg.rms_norm_eps)
@@ -250,22 +298,22 @@ class Speculation:
         keep = min(cache.common_prefix(tokens) if reuse_prefix else 0, len(tokens) - 1)
         if keep == 0 or tokens[0] != self.first_token:
             mcache.truncate(0)
-            self.pend_h = None
         self.first_token = tokens[0]
         valid = min(mcache.common_prefix(tokens[1:]), keep)
-        kept = self.pend_h if valid == mcache.length and self.pend_h is not None else None
         mcache.truncate(valid)
-        keep = min(keep, valid + (kept.shape[1] if kept is not None else 0))
+        log = self.log
+        if not log.start <= valid <= log.end:
+            log.reset(valid)
+        keep = min(keep, log.end)  # the block needs streams from `valid` on: kept ones, then recomputed
+        log.truncate(keep)
         cache.truncate(keep)
         stats.cached_prompt_tokens = keep
-        streams = [] if kept is None else [kept[:, : keep - valid]]
         for start in range(keep, len(tokens), PREFILL_CHUNK):
             chunk = tokens[start : start + PREFILL_CHUNK]
-            streams.append(net.residual(torch.tensor([chunk], dtype=torch.long, device=device), cache, start))
+            log.append(net.residual(torch.tensor([chunk], dtype=torch.long, device=device), cache, start))
             cache.tokens.extend(chunk)
-        pend_h = self.pend_h = torch.cat(streams, dim=1)  # streams of the positions the MTP cache lacks
-        pend_t = tokens[valid + 1 :]  # the token after each (the last one comes from sampling)
-        logits = net.lm_head(self._norm(pend_h[0, -1])).float()
+        pend_t = tokens[valid + 1 :]  # the token after each pending stream (the last one comes from sampling)
+        logits = net.lm_head(self._norm(log.last())).float()
         penalize = sampling.repetition_penalty != 1.0
         generated: list[int] = []
 
@@ -301,10 +349,13 @@ class Speculation:
             length = cache.length  # positions 0..length-1 cached; generated[-1] is pending at `length`
             budget = min(max_new_tokens - len(generated) - 1, ctx - length - 2)
             depth = self.policy.choose(budget)
-            drafts, qs = self._draft(mcache, pend_h, pend_t, depth, sampling, sampler, target, history, veto, generated) if depth else ([], [])
+            drafts: list[int] = []
+            qs: list[torch.Tensor] = []
             if depth:
-                pend_h, pend_t = pend_h[:, :0], []
-                self.pend_h = pend_h
+                pend_h = log.since(mcache.length)
+                drafts, qs = self._draft(mcache, pend_h, pend_t, depth, sampling, sampler, target, history, veto, generated)
+                pend_t = []
+                log.forget_before(length - STREAM_WINDOW)
             k = len(drafts)
             ids = [generated[-1], *drafts]
             streams = net.residual(torch.tensor([ids], dtype=torch.long, device=device), cache, length)
@@ -332,8 +383,8 @@ class Speculation:
             cache.truncate(length + accepted + 1)  # t_L and the accepted drafts; new[-1] is pending
             if mcache.length > length:
                 mcache.truncate(length)  # drafted entries: recomputed from the main model's streams next step
-            pend_h = self.pend_h = torch.cat([pend_h, streams[:, : accepted + 1]], dim=1)
-            pend_t = pend_t + new
+            log.append(streams[:, : accepted + 1])
+            pend_t.extend(new)
             counters.record(k, accepted)
             self.policy.observe(k, accepted)
             for tok in new:

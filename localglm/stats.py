@@ -58,7 +58,8 @@ class GenerationStats:
         )
         b = self.backend
         if self.draft_tokens or self.draft_depths:
-            line += f" | mtp: {self.accepted_tokens}/{self.draft_tokens} drafts accepted, {self.acceptance_length:.2f} tok/step"
+            depths = ",".join(f"{k}x{v}" for k, v in sorted(self.draft_depths.items()))
+            line += f" | mtp: {self.accepted_tokens}/{self.draft_tokens} drafts accepted, {self.acceptance_length:.2f} tok/step, depths {depths}"
         if "hit_rate" in b:  # offloaded experts: the device cache at work
             line += (
                 f" | experts: {100 * b['hit_rate']:.1f}% hits, {b.get('bytes_per_token', 0) / 2**20:.1f} MiB/tok moved"

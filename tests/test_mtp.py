@@ -210,6 +210,8 @@ def test_greedy_partial_acceptance_and_rollback(arch_dir: tuple[str, Path]) -> N
     model = localglm.load(path)
     prompt = list(range(30, 52))
     ref = _plain(model, prompt, 40, reuse_prefix=False)
+    turn2 = prompt + ref[:25] + [7, 8, 9]  # the next turn resends prompt + answer + more
+    fresh = _plain(model, turn2, 15, reuse_prefix=False)
     _oracle(model, ref, wrong_every=5)
     for draft in (1, 2, 4):
         stats = GenerationStats()
@@ -217,13 +219,11 @@ def test_greedy_partial_acceptance_and_rollback(arch_dir: tuple[str, Path]) -> N
         assert stats.accepted_tokens > 0 and stats.accepted_tokens < stats.draft_tokens
         assert stats.acceptance_length > 1.0
     _check_mtp_cache(model)
-    # prefix reuse: the next turn resends prompt + answer + more; its caches (main and MTP) are reused
-    turn2 = prompt + ref[:25] + [7, 8, 9]
-    fresh = _plain(model, turn2, 15, reuse_prefix=False)
-    _oracle(model, ref[:0] + fresh, wrong_every=4)
+    # prefix reuse: the caches (main and MTP) and the kept streams of the last turn are reused
+    _oracle(model, fresh, wrong_every=4)
     stats = GenerationStats()
     assert _speculative(model, turn2, 15, 3, stats) == fresh
-    assert stats.cached_prompt_tokens >= len(prompt)
+    assert stats.cached_prompt_tokens == len(prompt) + 25  # all the common prefix: no stream recomputed for the block
     _check_mtp_cache(model)
 
 
@@ -392,3 +392,65 @@ def test_depth_policy_prices_experts() -> None:
         bad.observe(1, 0)
     assert bad.acceptance < 0.05
     assert 1 in [bad.choose(10) for _ in range(20)]
+
+
+# ---- interfaces -----------------------------------------------------------------------------------
+
+
+def _spec_stats() -> GenerationStats:
+    return GenerationStats(
+        prompt_tokens=10, decode_tokens=9, finish_reason="length", draft_tokens=8, accepted_tokens=5, acceptance_length=2.25, draft_depths={0: 1, 2: 3}
+    )
+
+
+def test_cli_flags_and_stats_json(glm4: localglm.Model, capsys: pytest.CaptureFixture) -> None:
+    from localglm.cli import main
+
+    base = ["generate", str(glm4.path), "-p", "def f(", "-n", "8", "--temperature", "0", "--ignore-eos", "--stats-json", "-q", "--threads", "1"]
+    assert main(base + ["--draft", "2"]) == 0
+    out = capsys.readouterr()
+    stats = json.loads(out.out.strip().splitlines()[-1])
+    assert stats["draft_tokens"] <= sum(int(d) * n for d, n in stats["draft_depths"].items())  # a veto may stop a draft early
+    assert sum(stats["draft_depths"].values()) >= 1 and 1.0 <= stats["acceptance_length"] <= 3.0
+    assert 0 <= stats["accepted_tokens"] <= stats["draft_tokens"]
+    assert "mtp:" in out.err
+    assert main(base + ["--no-mtp"]) == 0
+    assert "draft_tokens" not in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(base + ["--draft", "17"]) == 2  # a usage error
+    assert "--draft 17" in capsys.readouterr().err
+
+
+def test_server_metrics_count_drafts() -> None:
+    from types import SimpleNamespace
+
+    from localglm.engine import Done
+    from localglm.server.metrics import Metrics
+
+    m = Metrics("glm", 128)
+    job = SimpleNamespace(cancel=SimpleNamespace(is_set=lambda: False), started_at=None, enqueued_at=0.0)
+    for _ in range(2):
+        m.on_finish(job, Done(finish_reason="length", stats=_spec_stats()))  # type: ignore[arg-type]
+    text = m.render(SimpleNamespace(waiting=0, max_waiting=4, busy=False))  # type: ignore[arg-type]
+    assert "localglm_draft_tokens_total 16" in text and "localglm_accepted_tokens_total 10" in text
+    assert "localglm_acceptance_length 2.25" in text  # (10 accepted + 8 steps) / 8 steps
+    assert 'localglm_draft_steps_total{depth="2"} 6' in text
+
+
+def test_chat_stats_panel_shows_drafts() -> None:
+    from rich.console import Console
+
+    from tui.widgets import StatsPanel
+
+    shown: list[Any] = []
+    panel = StatsPanel(ctx_limit=100)
+    panel.update = shown.append  # type: ignore[method-assign]  # what the panel would display
+
+    def text() -> str:
+        console = Console(width=60, record=True)
+        console.print(shown[-1])
+        return console.export_text()
+
+    panel.show_final(_spec_stats())
+    assert "5/8 accepted" in text() and "2.25 tok" in text()
+    panel.show_final(GenerationStats(prompt_tokens=3, decode_tokens=2, finish_reason="stop"))
+    assert "accepted" not in text() and "decode" in text()

@@ -268,6 +268,7 @@ class StatsPanel(Static):
         self.prompt_tokens: int | None = None
         self.cached_tokens = 0
         self.decode_tokens: int | None = None
+        self.mtp: tuple[int, int, float] | None = None  # speculative decoding: (drafted, accepted, tokens per step)
         self.memory: MemoryInfo | None = None
         self.state = "idle"
 
@@ -283,6 +284,7 @@ class StatsPanel(Static):
         self.prompt_tokens = stats.prompt_tokens
         self.cached_tokens = stats.cached_prompt_tokens
         self.decode_tokens = stats.decode_tokens
+        self.mtp = (stats.draft_tokens, stats.accepted_tokens, stats.acceptance_length) if stats.draft_depths else None
         self.state = STATES.get(stats.finish_reason, stats.finish_reason or "idle")
         self.redraw()
 
@@ -323,6 +325,7 @@ class StatsPanel(Static):
         self.prefill_tok_s = self.decode_tok_s = self.ttft_s = None
         self.prompt_tokens = self.decode_tokens = None
         self.cached_tokens = 0
+        self.mtp = None
         self.state = "idle"
         self.redraw()
 
@@ -346,6 +349,10 @@ class StatsPanel(Static):
         speed.add_row("decode", fmt_rate(self.decode_tok_s))
         speed.add_row("first token", fmt_seconds(self.ttft_s))
         speed.add_row("generated", "—" if self.decode_tokens is None else f"{self.decode_tokens} tok")
+        if self.mtp is not None:  # the MTP head drafted: how many it got right, tokens per verification
+            drafted, accepted, per_step = self.mtp
+            speed.add_row("drafts", f"{accepted}/{drafted} accepted")
+            speed.add_row("per step", f"{per_step:.2f} tok")
 
         context = grid()
         context.add_row(Text("context", style="bold"), "")

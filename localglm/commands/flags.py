@@ -103,6 +103,17 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     o.add_argument("--cache-policy", default=None, choices=("lru", "lfu", "stat"), help="expert-cache eviction (default stat: router statistics)")
     o.add_argument("--no-prefetch", action="store_true", help="copy experts only when a layer asks for them")
     o.add_argument("--trace", default=None, metavar="PATH", help="record every MoE layer's routing to PATH (.jsonl, for `localglm simulate`)")
+    s = p.add_argument_group("speculative decoding (the checkpoint's own MTP layer drafts, the model verifies)")
+    s.add_argument(
+        "--mtp", action=argparse.BooleanOptionalAction, default=None,
+        help="draft with the checkpoint's MTP (next-n prediction) layer; default: on where the checkpoint has one "
+        "(not with --offload cuda, whose plan leaves it out), and each step drafts only as deep as it pays",
+    )  # fmt: skip
+    s.add_argument(
+        "--draft", type=int, default=None, metavar="N",
+        help="the most tokens drafted a step (default 3; each step picks 0..N from the measured acceptance and the "
+        "price of the extra experts a wider verification reads; 0 turns speculation off)",
+    )  # fmt: skip
 
 
 def device_for(args: argparse.Namespace) -> str:
@@ -132,6 +143,14 @@ def load_options(args: argparse.Namespace) -> dict[str, Any]:
         opts["mmap"] = args.mmap
     if getattr(args, "no_verify", False):
         opts["verify"] = False
+    from ..options import MAX_DRAFT
+
+    draft = getattr(args, "draft", None)
+    if draft is not None and not 0 <= draft <= MAX_DRAFT:
+        raise LocalGLMError(f"--draft {draft}: the most drafted tokens a step is 0 (no speculation) to {MAX_DRAFT}")
+    for key in ("mtp", "draft"):
+        if getattr(args, key, None) is not None:
+            opts[key] = getattr(args, key)
     return opts
 
 

@@ -44,6 +44,9 @@ class Metrics:
         self.prompt_tokens = 0
         self.cached_prompt_tokens = 0
         self.generated_tokens = 0
+        self.draft_tokens = 0  # speculative decoding with the MTP head
+        self.accepted_tokens = 0
+        self.draft_depths: Counter[int] = Counter()
         self.ttft_sum = 0.0
         self.queue_wait_sum = 0.0
         self.generations = 0
@@ -74,6 +77,9 @@ class Metrics:
             self.prompt_tokens += s.prompt_tokens
             self.cached_prompt_tokens += s.cached_prompt_tokens
             self.generated_tokens += s.decode_tokens
+            self.draft_tokens += s.draft_tokens
+            self.accepted_tokens += s.accepted_tokens
+            self.draft_depths.update(s.draft_depths)
             self.ttft_sum += s.ttft_s
             if job.started_at is not None:
                 self.queue_wait_sum += job.started_at - job.enqueued_at
@@ -112,6 +118,18 @@ class Metrics:
                 "Prompt tokens reused from the KV cache (prefix reuse) instead of recomputed.", [({}, self.cached_prompt_tokens)],
             )
             metric("generated_tokens_total", "counter", "Generated tokens.", [({}, self.generated_tokens)])
+            if self.draft_depths:
+                metric("draft_tokens_total", "counter", "Tokens the MTP head drafted (speculative decoding).", [({}, self.draft_tokens)])
+                metric("accepted_tokens_total", "counter", "Drafted tokens the model accepted.", [({}, self.accepted_tokens)])
+                steps = sum(self.draft_depths.values())
+                metric(
+                    "acceptance_length", "gauge", "Mean tokens per verification step (accepted drafts + the model's own), all generations.",
+                    [({}, (self.accepted_tokens + steps) / steps)],
+                )
+                metric(
+                    "draft_steps_total", "counter", "Verification steps by the draft depth chosen.",
+                    [({"depth": str(d)}, n) for d, n in sorted(self.draft_depths.items())],
+                )
             metric("time_to_first_token_seconds_sum", "counter", "Sum of time to first token.", [({}, self.ttft_sum)])
             metric("queue_wait_seconds_sum", "counter", "Sum of time requests waited in the queue.", [({}, self.queue_wait_sum)])
             last = self.last
