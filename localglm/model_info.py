@@ -175,7 +175,7 @@ def _quantized_info(root: Path) -> CheckpointInfo:
 
 
 def _gguf_info(path: Path) -> CheckpointInfo:
-    from .checkpoint.gguf import config_from_gguf
+    from .checkpoint.gguf_config import config_from_gguf
     from .checkpoint.gguf_file import GGUFModelFiles
 
     with GGUFModelFiles(path) as files:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+DATA = Path(__file__).parent / "data"
+
 # Runs localglm's main() on argv, then prints one JSON line: the exit status and whether torch was imported.
 PROBE = """
 import json, sys
@@ -62,6 +64,13 @@ def test_plan_a_checkpoint_directory_without_torch(tiny_dir: Path) -> None:
     """Sizes and the placement need no torch; only a machine with NVIDIA's driver asks torch for its GPU's memory."""
     assert run_cli("plan", str(tiny_dir)) == {"rc": 0, "torch": False}
     assert run_cli("plan", str(tiny_dir), "--gpu-mem", "8G", "--experts", "2") == {"rc": 0, "torch": False}
+
+
+@pytest.mark.parametrize("command", ["inspect", "plan"])
+@pytest.mark.parametrize("gguf", ["glm4_moe_lite_llamacpp_bf16.gguf", "glm_moe_dsa_llamacpp_q8_0.gguf"])
+def test_inspect_and_plan_a_gguf_without_torch(command: str, gguf: str) -> None:
+    """A GGUF's header through the gguf package (numpy), not torch (files written by llama.cpp's converter)."""
+    assert run_cli(command, str(DATA / gguf)) == {"rc": 0, "torch": False}
 
 
 def test_simulate_a_trace_without_torch(trace_file: Path) -> None:

@@ -37,16 +37,17 @@ from quant.formats import QuantSpec, QuantTensor
 from quant.gguf_packed import PACKED_SPECS, gguf_to_quant
 
 from ..config import ModelConfig
-from ..errors import CheckpointError, ConfigError, LocalGLMError, TokenizerError
-from ..models import arch_for_gguf, arch_of
-from ..models.arch import Arch, GGUFSchema
+from ..errors import CheckpointError, LocalGLMError, TokenizerError
+from ..models import arch_of
+from ..models.arch import GGUFSchema
 from ..models.moe_gguf import GGUFMetadata, JoinedTensor, SplitPart
 from ..chat.tiny_tokenizer import GLM_SPLIT_PATTERN
 from ..chat.tokenizer import Tokenizer
 from .gguf_file import PLAIN_TYPES, SUPPORTED_TYPES, GGUFModelFiles, type_name
+from .gguf_config import arch_of_gguf, config_from_gguf, hf_config_from_gguf  # noqa: F401  (re-exported)
 from .gguf_out_types import OUT_TYPES
 from .gguf_writer import GGUFStreamWriter, fits_type
-from .kinds import is_gguf_path
+from .kinds import is_gguf_path  # noqa: F401  (re-exported: the loader and quantize ask here)
 from .source import MappedSource, SafetensorsSource, TensorInfo, check_expected_shape
 from .writing import writing
 
@@ -282,28 +283,6 @@ def export_gguf(
 # --------------------------------------------------------------------------------------------
 # Import: config, tokenizer, tensors
 # --------------------------------------------------------------------------------------------
-
-
-def arch_of_gguf(files: GGUFModelFiles) -> Arch:
-    """The registry's architecture for the file's `general.architecture` (one-line error otherwise)."""
-    return arch_for_gguf(files.metadata.get("general.architecture"), str(files.where))
-
-
-def config_from_gguf(files: GGUFModelFiles) -> ModelConfig:
-    """The ModelConfig GGUF metadata describes (llama.cpp's defaults where a key is optional)."""
-    return ModelConfig.from_dict(hf_config_from_gguf(files), source=f"{files.where} (GGUF metadata)")
-
-
-def hf_config_from_gguf(files: GGUFModelFiles) -> dict[str, Any]:
-    """The Hugging Face config.json (as a dict) that GGUF metadata describes; `config_from_gguf` parses it.
-
-    Metadata of the wrong type or an impossible value (a string block count, zero heads) fails while the
-    schema derives fields from it; that is the file's fault, so it is one line naming the file."""
-    schema = arch_of_gguf(files).gguf
-    try:
-        return schema.hf_config(files)
-    except (TypeError, ValueError, ZeroDivisionError, OverflowError, ArithmeticError) as exc:
-        raise ConfigError(f"{files.where}: GGUF metadata ({schema.arch}.*) describes no model localglm can run ({exc})") from None
 
 
 def tokenizer_from_gguf(files: GGUFModelFiles) -> Tokenizer:

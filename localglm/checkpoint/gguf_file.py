@@ -14,6 +14,7 @@ types goes through `gguf.quants.dequantize` (numpy).
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import re
@@ -21,10 +22,9 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
@@ -32,17 +32,33 @@ from ..errors import CheckpointError
 
 from .mmap import FileMaps, Mapped, view
 
+if TYPE_CHECKING:
+    import torch  # imported where tensors are read: metadata alone (inspect, plan) needs none
+
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 SPLIT_NAME = "{stem}-{no:05d}-of-{count:05d}.gguf"
 
-# Stored types returned without dequantization, and the torch dtype they are.
-PLAIN_TYPES: dict[GGMLQuantizationType, torch.dtype] = {
-    GGMLQuantizationType.F32: torch.float32,
-    GGMLQuantizationType.F16: torch.float16,
-    GGMLQuantizationType.BF16: torch.bfloat16,
-}
+# Stored types returned without dequantization, and the torch dtype they are (`PLAIN_TYPES`, made on first use).
+_PLAIN_NAMES = {GGMLQuantizationType.F32: "float32", GGMLQuantizationType.F16: "float16", GGMLQuantizationType.BF16: "bfloat16"}
+
+
+@functools.cache
+def plain_types() -> dict[GGMLQuantizationType, torch.dtype]:
+    """{ggml type: torch dtype} of the stored types read without dequantization."""
+    import torch
+
+    return {t: getattr(torch, n) for t, n in _PLAIN_NAMES.items()}
+
+
+def __getattr__(name: str) -> Any:
+    """PLAIN_TYPES, as the module always offered it, built on first use (it needs torch)."""
+    if name != "PLAIN_TYPES":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return plain_types()
+
+
 # Types `gguf.quants.dequantize` handles (checked against gguf 0.19).
 DEQUANT_TYPES: frozenset[GGMLQuantizationType] = frozenset(
     getattr(GGMLQuantizationType, n)
@@ -54,7 +70,7 @@ DEQUANT_TYPES: frozenset[GGMLQuantizationType] = frozenset(
     )
     if hasattr(GGMLQuantizationType, n)
 )  # fmt: skip
-SUPPORTED_TYPES: frozenset[GGMLQuantizationType] = frozenset(PLAIN_TYPES) | DEQUANT_TYPES
+SUPPORTED_TYPES: frozenset[GGMLQuantizationType] = frozenset(_PLAIN_NAMES) | DEQUANT_TYPES
 
 # GGUF metadata value types (gguf spec).
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -321,9 +337,11 @@ class GGUFModelFiles(Mapped):
 
         `dtype` None means the stored dtype for F32/F16/BF16 (a zero-copy view) and float32 otherwise.
         """
+        import torch
+
         t, mapped, begin, nbytes = self._span(name, index)
         shape = t.shape[1:] if index is not None else t.shape
-        plain = PLAIN_TYPES.get(t.ggml_type)
+        plain = plain_types().get(t.ggml_type)
         if plain is not None:
             if nbytes == 0:
                 return torch.empty(shape, dtype=dtype or plain)

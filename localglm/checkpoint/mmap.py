@@ -14,9 +14,10 @@ import threading
 import warnings
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch  # imported by `view`: reading a GGUF's metadata (inspect, plan) needs none
 
 
 class FileMaps:
@@ -93,6 +94,8 @@ def view(mapped: mmap.mmap, dtype: torch.dtype, count: int, offset: int) -> torc
 
     The view is read-only by design; torch's warning that the buffer is not writable is silenced.
     """
+    import torch
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
         return torch.frombuffer(mapped, dtype=dtype, count=count, offset=offset)
