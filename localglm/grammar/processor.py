@@ -21,6 +21,7 @@ import weakref
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from ..errors import LocalGLMError
@@ -31,7 +32,6 @@ CLOSE_WINDOW = 96  # closure is considered over the last this many tokens of max
 # Closing starts while the tokens left are at most twice the closure's length plus this: one sampled
 # token can lengthen the closure a lot (a new array item with required keys), so leave room for one.
 CLOSE_SLACK = 8
-_SHIFTS = torch.arange(32, dtype=torch.int32)
 _NEG_INF = float("-inf")
 
 
@@ -49,8 +49,8 @@ class GrammarProcessor:
         self.consumed: list[int] = []  # the history the matcher is at
         self.dead: tuple[int, int] | None = None  # (position, token) of a token the grammar refused
         self.closing = False
-        self._bits = torch.empty(vocab.words, dtype=torch.int32)
-        self._pending: Future[torch.Tensor] | None = None
+        self._bits = np.empty(vocab.words, dtype=np.int32)
+        self._pending: Future[np.ndarray] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._prefetch = prefetch
 
@@ -80,25 +80,29 @@ class GrammarProcessor:
             if took < len(new):
                 self.dead = (len(have), new[took])
 
-    def _compute(self) -> torch.Tensor:
-        """The allowed-token mask [vocab] (bool) at the matcher's state."""
-        bits = self._bits
-        self.matcher.unsafe_compute_mask_ptr(bits.data_ptr(), bits.numel() * 4)
-        return ((bits.view(-1, 1) >> _SHIFTS) & 1).view(-1)[: self.vocab.vocab_size].bool()
+    def _compute(self, matcher: object | None = None) -> np.ndarray:
+        """The allowed-token mask [vocab] (numpy bool) at the matcher's state.
 
-    def _wait(self) -> torch.Tensor | None:
+        numpy, not torch: torch splits a 151k-element operation across its intra-op threads, and on a
+        busy machine one late thread makes the operation take milliseconds (measured: 50 ms at load 5
+        on 2 cores); these few single-threaded passes take tens of microseconds."""
+        bits = np.empty_like(self._bits) if matcher is not None else self._bits
+        (matcher or self.matcher).unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
+        return np.unpackbits(bits.view(np.uint8), bitorder="little")[: self.vocab.vocab_size].view(np.bool_)
+
+    def _wait(self) -> np.ndarray | None:
         pending, self._pending = self._pending, None
         return pending.result() if pending is not None else None
 
-    def allowed(self, history: Sequence[int]) -> torch.Tensor:
-        """Bool mask [vocab] of the tokens the grammar allows after `history`."""
+    def allowed(self, history: Sequence[int]) -> np.ndarray:
+        """Bool mask [vocab] (numpy) of the tokens the grammar allows after `history`."""
         if self._pending is not None and list(history) == self.consumed and self.dead is None:
             ready = self._wait()
             assert ready is not None
             return ready
         self._sync(history)
         if self.dead is not None:  # a refused (drafted) token: only ending is left, and it is discarded anyway
-            mask = torch.zeros(self.vocab.vocab_size, dtype=torch.bool)
+            mask = np.zeros(self.vocab.vocab_size, dtype=np.bool_)
             mask[self.vocab.stop_ids] = True
             return mask
         return self._compute()
@@ -111,10 +115,10 @@ class GrammarProcessor:
             if not self.closing and left <= CLOSE_WINDOW:
                 self.closing = 2 * self._closure_length(left) + CLOSE_SLACK >= left
             if self.closing:
-                only = torch.zeros_like(mask)
+                only = np.zeros_like(mask)
                 only[self._closer(mask)] = True
                 mask = only
-        return logits.masked_fill(~mask.to(logits.device), _NEG_INF)
+        return apply_mask(logits, mask)
 
     def on_token(self, history: list[int]) -> None:
         """The engine sampled history[-1]: start the next mask while the model computes the logits."""
@@ -145,27 +149,38 @@ class GrammarProcessor:
         return self.dead is None and self.matcher.is_accepting()
 
     # ---- closure ----------------------------------------------------------------------------------
-    def _closer(self, mask: torch.Tensor) -> int:
+    def _closer(self, mask: np.ndarray) -> int:
         """The greedy closing policy's token among the allowed ones."""
-        stops = [t for t in self.vocab.stop_ids if bool(mask[t])]
+        stops = [t for t in self.vocab.stop_ids if mask[t]]
         if stops:
             return stops[0]
         lengths = self.vocab.token_lengths
         closing = mask & self.vocab.closing
-        if bool(closing.any()):
-            return int(torch.where(closing, lengths, -1).argmax())
-        return int(torch.where(mask, lengths, torch.iinfo(torch.int32).max).argmin())
+        if closing.any():
+            return int(np.where(closing, lengths, -1).argmax())
+        return int(np.where(mask, lengths, np.iinfo(np.int32).max).argmin())
 
     def _closure_length(self, limit: int) -> int:
         """Tokens the closing policy needs before end-of-sequence is allowed (limit + 1: more than limit)."""
         m = self.matcher.deep_copy()
-        bits = torch.empty_like(self._bits)
         stops = self.vocab.stop_ids
         for n in range(limit + 1):
-            m.unsafe_compute_mask_ptr(bits.data_ptr(), bits.numel() * 4)
-            mask = ((bits.view(-1, 1) >> _SHIFTS) & 1).view(-1)[: self.vocab.vocab_size].bool()
-            if any(bool(mask[t]) for t in stops):
+            mask = self._compute(m)
+            if any(mask[t] for t in stops):
                 return n
-            if not bool(mask.any()) or not m.consume_token(self._closer(mask)):
+            if not mask.any() or not m.consume_token(self._closer(mask)):
                 break
         return limit + 1
+
+
+def apply_mask(logits: torch.Tensor, mask: np.ndarray) -> torch.Tensor:
+    """`logits` with the tokens `mask` refuses at -inf (a new tensor; numpy on the CPU, see `_compute`:
+    16-bit floats are handled as their bit patterns, so no torch conversion runs either)."""
+    if logits.device.type == "cpu" and logits.dim() == 1:
+        if logits.dtype == torch.float32:
+            return torch.from_numpy(np.where(mask, logits.numpy(), np.float32(_NEG_INF)))
+        if logits.dtype in (torch.bfloat16, torch.float16):
+            neg_inf = torch.tensor(_NEG_INF, dtype=logits.dtype).view(torch.int16).item()
+            bits = np.where(mask, logits.view(torch.int16).numpy(), np.int16(neg_inf))
+            return torch.from_numpy(bits).view(logits.dtype)
+    return logits.masked_fill(~torch.from_numpy(mask).to(logits.device), _NEG_INF)

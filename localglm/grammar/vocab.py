@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from functools import cached_property
 
-import torch
+import numpy as np
 
 from ..chat.tokenizer import Tokenizer
 from ..errors import LocalGLMError
@@ -42,18 +42,18 @@ class GrammarVocab:
         return self.tokenizer.token_to_id(text)
 
     @cached_property
-    def token_lengths(self) -> torch.Tensor:
+    def token_lengths(self) -> np.ndarray:
         """Bytes per token (special tokens count as long, so closure never picks one by length)."""
-        out = torch.empty(self.vocab_size, dtype=torch.int32)
+        out = np.empty(self.vocab_size, dtype=np.int32)
         for i in range(self.vocab_size):
             out[i] = 1000 if self.ll.is_special_token(i) else len(self.ll.decode_bytes([i]))
         return out
 
     @cached_property
-    def closing(self) -> torch.Tensor:
+    def closing(self) -> np.ndarray:
         """Tokens that only close: GLM's closing tags, and tokens made of closing characters (with at
         least one of `"`, `]`, `}`), as a bool mask."""
-        out = torch.zeros(self.vocab_size, dtype=torch.bool)
+        out = np.zeros(self.vocab_size, dtype=np.bool_)
         for tag in CLOSING_TAGS:
             tag_id = self.token_id(tag)
             if tag_id is not None and tag_id < self.vocab_size:
