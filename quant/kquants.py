@@ -225,7 +225,10 @@ SOURCE = Path(__file__).with_name("native") / "kquants.c"
 # Up to this many rows (tokens: decode, a draft's few) the native kernel multiplies the blocks with int8
 # activations (kquants.c kq_matmul_q8, llama.cpp's approach); beyond, the weight is dequantized once per
 # call (native, threaded, exact) and multiplied by torch's fp32 GEMM, which wins there.
-NATIVE_MAX_ROWS = 64  # kquants.c KQ_MAX_ROWS
+# (Measured on a 2-core AVX2 machine, 4096 x 4096 Q4_K: the int8 kernel at 64 rows takes about a
+# quarter of dequantize + GEMM; dequantizing costs about as much as ~150 rows through the kernel.)
+NATIVE_MAX_ROWS = 256
+KERNEL_ROWS = 64  # rows per kq_matmul_q8 call (kquants.c KQ_MAX_ROWS)
 CHUNK_ELEMENTS = 1 << 22  # the torch fallback expands at most this many weights (16 MB of fp32) at a time
 
 
@@ -293,8 +296,11 @@ class GGMLKernel:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, shape[1])
         if self.lib is not None and data.device.type == "cpu":
-            if x2.shape[0] <= NATIVE_MAX_ROWS:
+            rows = x2.shape[0]
+            if rows <= KERNEL_ROWS:
                 y = self.lib.matmul(spec, data, shape, x2, int8=True)
+            elif rows <= NATIVE_MAX_ROWS:
+                y = torch.cat([self.lib.matmul(spec, data, shape, x2[r : r + KERNEL_ROWS], int8=True) for r in range(0, rows, KERNEL_ROWS)])
             else:
                 y = F.linear(x2.float(), self.lib.dequantize(spec, data, shape))
         else:

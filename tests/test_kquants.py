@@ -54,6 +54,7 @@ def lib(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 def exact_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every product through dequantize + fp32 GEMM (no int8 activations): structure tests compare exactly."""
     monkeypatch.setattr(kquants, "NATIVE_MAX_ROWS", 0)
+    monkeypatch.setattr(kquants, "KERNEL_ROWS", 0)
 
 
 def random_blocks(name: str, n_blocks: int, seed: int = 0) -> np.ndarray:
@@ -127,7 +128,7 @@ def test_matmul_dispatch_native_gemm_and_torch_agree(monkeypatch: pytest.MonkeyP
     several chunks here) without the native library: all the same product."""
     qt = tensor_of("Q4_K", 48, 512, seed=4)
     dense = qt.dequantize(torch.float32)
-    for rows in (2, kquants.NATIVE_MAX_ROWS + 5):
+    for rows in (2, kquants.KERNEL_ROWS + 9, kquants.NATIVE_MAX_ROWS + 5):
         x = torch.randn(rows, 512)
         want = F.linear(int8_grid(x) if rows <= kquants.NATIVE_MAX_ROWS else x, dense)
         assert float((qt.matmul(x) - want).abs().max()) <= 1e-5 * float(want.abs().max())
@@ -221,6 +222,7 @@ def test_llama_cpp_mix_loads_as_stored_and_matches_reference_dequantization(monk
     fast = m.logits(torch.tensor([TOKENS]))[0].numpy()
     assert np.abs(fast - ref).max() <= 2e-2 * np.abs(ref).max() and (fast.argmax(-1) == ref.argmax(-1)).all()
     monkeypatch.setattr(kquants, "NATIVE_MAX_ROWS", 0)  # every product through dequantize + fp32 GEMM
+    monkeypatch.setattr(kquants, "KERNEL_ROWS", 0)
     ours = m.logits(torch.tensor([TOKENS]))[0].numpy()
     assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max()
 
