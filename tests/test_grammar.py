@@ -219,7 +219,7 @@ def test_tool_grammar_text() -> None:
         "start:  body",
         "body: r4",
         'r1: %json {"type": "integer", "minimum": 1, "maximum": 600000, "x-guidance": {"whitespace_flexible": false, '
-        '"item_separator": ", ", "key_separator": ": "}}',
+        '"item_separator": ", ", "key_separator": ": ", "lenient": true}}',
         'r2: "bash" (NL? <arg_key> "command" </arg_key> NL? <arg_value> STR </arg_value>) '
         '(NL? <arg_key> "timeout" </arg_key> NL? <arg_value> r1 </arg_value>)?',
         "r3: <tool_call> (r2) NL? </tool_call>",
@@ -316,3 +316,19 @@ def test_cli_json_schema_errors_name_the_file(tiny_dir: Path, tmp_path: Path, ca
         err = capsys.readouterr()
         assert str(path) in err.err and words in err.err and "Traceback" not in err.err
         assert err.out == ""
+
+
+def test_tool_schemas_the_engine_cannot_compile_still_get_a_held_call(model: Model) -> None:
+    """Clients' tool schemas are not ours to refuse: unimplemented keywords are ignored, and a regex the
+    engine cannot compile (look-ahead) falls back to values typed only by their declared type."""
+    tools = [{"type": "function", "function": {"name": "grep", "parameters": {"type": "object", "properties": {
+        "globs": {"type": "array", "items": {"type": "string", "pattern": "^(?!/).*$"}},
+        "opts": {"type": "object", "propertyNames": {"pattern": "^[a-z]+$"}}}, "required": ["globs", "opts"]}}}]  # fmt: skip
+    chat = model.encode_chat([{"role": "user", "content": "find"}], tools=tools, enable_thinking=False)
+    proc = request_processor(model.grammar_vocab, prompt_text=chat.text, tools=tools, tool_mode="required", max_new_tokens=120)
+    for seed in range(2):
+        done, msg = run(model, chat=chat, tools=tools, tool_grammar=False, seed=seed, max_new_tokens=120, logits_processor=proc)
+        (call, *_) = msg.tool_calls
+        assert call.name == "grep" and isinstance(call.arguments["globs"], list) and isinstance(call.arguments["opts"], dict)
+    with pytest.raises(GrammarError, match="failed to compile JSON schema"):  # a response_format is refused (400)
+        model.constrained(prompt_text=None, response_format={"type": "json_schema", "json_schema": {"schema": tools[0]["function"]["parameters"]}})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -13,6 +14,11 @@ from .spec import GrammarError, OutputSpec, ToolGrammar, output_grammar
 from .vocab import GrammarVocab
 
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
+
+
+def _compile(vocab: GrammarVocab, spec: OutputSpec, max_new_tokens: int | None) -> GrammarProcessor | None:
+    grammar = output_grammar(spec)
+    return GrammarProcessor(vocab, grammar, max_new_tokens=max_new_tokens) if grammar is not None else None
 
 
 def thinking_mode(prompt_text: str | None, vocab: GrammarVocab) -> str:
@@ -50,8 +56,13 @@ def request_processor(
     if tools and prompt_text is not None and (tool_grammar or tool_mode in ("required", "named")):
         tg = ToolGrammar(tools, tool_mode, tool_name, single_tool_call)
     spec = OutputSpec(thinking=mode, json_schema=json_schema, tools=tg)
-    grammar = output_grammar(spec)
-    processor = GrammarProcessor(vocab, grammar, max_new_tokens=max_new_tokens) if grammar is not None else None
+    try:
+        processor = _compile(vocab, spec, max_new_tokens)
+    except GrammarError:
+        if tg is None:
+            raise
+        # a tool schema the engine cannot compile: keep the call's structure, type the values loosely
+        processor = _compile(vocab, replace(spec, tools=replace(tg, loose=True)), max_new_tokens)
     budget = None
     if thinking_budget is not None and mode != "none":
         open_id, close_id = vocab.token_id("<think>"), vocab.token_id("</think>")

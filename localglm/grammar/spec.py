@@ -67,6 +67,10 @@ class ToolGrammar:
     mode: str = "auto"  # auto | none | required | named
     name: str | None = None  # the named tool
     single: bool = False  # at most one call (parallel_tool_calls false)
+    # Argument values only as JSON of the property's declared type: the fallback when a tool's schema
+    # holds something the grammar engine cannot compile (a look-ahead regex); clients' tool schemas are
+    # not ours to refuse.
+    loose: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,14 +93,21 @@ def _lit(text: str) -> str:
 _JSON_FORMAT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
-def _json_rule(schema: Any, defs: Mapping[str, Any]) -> str:
-    """A `%json` rule for `schema`, with the root's `$defs` / `definitions` so `$ref`s resolve."""
+def _json_rule(schema: Any, defs: Mapping[str, Any], *, lenient: bool = False) -> str:
+    """A `%json` rule for `schema`, with the root's `$defs` / `definitions` so `$ref`s resolve.
+    `lenient` (tool arguments) ignores keywords llguidance does not implement instead of refusing."""
     sub = dict(schema) if isinstance(schema, Mapping) else {}
     for key in ("$defs", "definitions"):
         if key in defs and key not in sub:
             sub[key] = defs[key]
-    sub["x-guidance"] = _JSON_FORMAT
+    sub["x-guidance"] = {**_JSON_FORMAT, "lenient": True} if lenient else _JSON_FORMAT
     return "%json " + json.dumps(sub, ensure_ascii=False)
+
+
+def _loose(schema: Any) -> dict[str, Any]:
+    """Only the declared type of `schema` (any JSON when it declares none)."""
+    kind = schema.get("type") if isinstance(schema, Mapping) else None
+    return {"type": kind} if isinstance(kind, (str, list)) else {}
 
 
 class _Writer:
@@ -119,23 +130,23 @@ def _function(fn: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
     return str(f.get("name", "")), params if isinstance(params, Mapping) else {}
 
 
-def _value(w: _Writer, schema: Any, root: Mapping[str, Any]) -> str:
+def _value(w: _Writer, schema: Any, root: Mapping[str, Any], loose: bool) -> str:
     if _is_string_schema(schema):
         enum = schema.get("enum") if isinstance(schema, Mapping) else None
         if isinstance(enum, list) and enum:
             return w.rule(" | ".join(_lit(v) for v in enum))
         return "STR"
-    return w.rule(_json_rule(schema, root))
+    return w.rule(_json_rule(_loose(schema), {}) if loose else _json_rule(schema, root, lenient=True))
 
 
-def _call(w: _Writer, tool: Mapping[str, Any]) -> str:
+def _call(w: _Writer, tool: Mapping[str, Any], loose: bool) -> str:
     name, params = _function(tool)
     props = params.get("properties")
     parts = [_lit(name)]
     if isinstance(props, Mapping) and props:
         required = set(params.get("required") or ())
         for key, schema in props.items():
-            arg = f'NL? <arg_key> {_lit(str(key))} </arg_key> NL? <arg_value> {_value(w, schema, params)} </arg_value>'
+            arg = f'NL? <arg_key> {_lit(str(key))} </arg_key> NL? <arg_value> {_value(w, schema, params, loose)} </arg_value>'
             parts.append(f"({arg})" if key in required else f"({arg})?")
     elif params.get("additionalProperties", True) is not False:
         parts.append("(NL? <arg_key> KEY </arg_key> NL? <arg_value> STR </arg_value>)*")
@@ -154,7 +165,7 @@ def output_grammar(spec: OutputSpec) -> str | None:
         chosen = [t for t in tg.tools if tg.mode != "named" or _function(t)[0] == tg.name]
         if not chosen:
             raise GrammarError(f"tool_choice: no tool named {tg.name!r} in tools", "tool_choice")
-        one = w.rule(f"<tool_call> ({' | '.join(_call(w, t) for t in chosen)}) NL? </tool_call>")
+        one = w.rule(f"<tool_call> ({' | '.join(_call(w, t, tg.loose) for t in chosen)}) NL? </tool_call>")
         calls = w.rule(f"{one} WS?" if tg.single else f"{one} (WS? {one})* WS?")
     if spec.json_schema is not None:
         alts.append(w.rule(_json_rule(spec.json_schema, spec.json_schema)))
