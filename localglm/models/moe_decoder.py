@@ -71,10 +71,9 @@ def load_decoder_weights(cfg: ModelConfig, r: WeightReader, attention: Callable[
         if cfg.is_moe_layer(i):
             bias_name = f"{p}.mlp.gate.e_score_correction_bias"
             bias = r.get_fp32(bias_name, (cfg.n_routed_experts,)) if r.has(bias_name) else None
-            router = RouterWeights(
-                weight=r.get_fp32(f"{p}.mlp.gate.weight", (cfg.n_routed_experts, h)),
-                correction_bias=bias if bias is not None else torch.zeros(cfg.n_routed_experts),
-            )
+            weight = r.get_fp32(f"{p}.mlp.gate.weight", (cfg.n_routed_experts, h))
+            zeros = torch.zeros(cfg.n_routed_experts, device=weight.device)  # on the router's device (a GPU model has no CPU tensors)
+            router = RouterWeights(weight=weight, correction_bias=bias if bias is not None else zeros)
             if cfg.n_shared_experts > 0:
                 shared = load_mlp(r.get, f"{p}.mlp.shared_experts", h, cfg.shared_intermediate_size)
         else:
