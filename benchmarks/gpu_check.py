@@ -822,6 +822,9 @@ def render_md(report: dict[str, Any]) -> str:
                 f"| {s.get('model')} | q{s.get('bits')} | {cell('offload_copy_vs_cpu')} | {cell('offload_cost_vs_cpu')} | "
                 f"{cell('offload_copy_vs_resident', 'bit_exact')} | {cell('gpu_vs_cpu')} | {_f(peak / GiB if peak else None, 2)}{' GiB' if peak else ''} |"
             )
+    if "runs" in ex:
+        lines += ["", f"Offloaded greedy tokens equal to the CPU's (both miss paths) in {ex['tokens_equal_cpu']} of {ex['runs']} runs; "
+                  f"offloaded experts bit-exact against the same experts resident in {ex['offload_bit_exact']} of {ex['runs']}."]
     ab = p.get("air_bench", {})
     if _steps(ab) or "generate_experts_s" in ab:
         sh = ab.get("shape", {})
