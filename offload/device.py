@@ -211,7 +211,9 @@ class CudaDevice:
         """A host tensor brought to the device (KV rows kept in RAM), on the copy stream; the compute
         stream waits for it on the GPU. A gathered selection is pageable memory, so the copy stages it."""
         dst = torch.empty(src.shape, dtype=src.dtype, device=self.torch_device)
-        self.wait(self.copy_async(dst, src))
+        # dst's memory comes from the compute stream's pool: kernels queued there may still read a tensor
+        # freed into it, so the copy stream waits for them before writing (record_use: an event after them).
+        self.wait(self.copy_async(dst, src, after=self.record_use()))
         return dst
 
     def elapsed_s(self) -> float:

@@ -204,3 +204,20 @@ def test_cuda_quantized_embedding_and_rows_stay_on_the_gpu(bits: int) -> None:
     assert emb.device.type == "cuda" and emb.shape == (1, 3, 96)
     assert torch.equal(emb[0], qt.dequantize(torch.bfloat16)[ids[0]])
     assert qt.rows(ids[0]).device.type == "cuda"
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_fetch_waits_for_queued_compute() -> None:
+    """fetch (the DSA cache's host rows) writes into memory the compute stream may just have freed: the
+    copy waits for queued kernels, and the rows arrive intact."""
+    from offload.device import CudaDevice
+
+    dev = CudaDevice(1 << 30)
+    for _ in range(3):
+        a = torch.randn(2048, 2048, device="cuda")
+        b = a @ a  # queued work reading a
+        del a  # its block may be handed to fetch's dst at once
+        src = torch.randn(2048, 2048)
+        got = dev.fetch(src)
+        assert torch.equal(got.cpu(), src) and torch.isfinite(b).all()
