@@ -876,6 +876,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     ap.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)  # the child process's one part
     args = ap.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        ap.error(f"--out {args.out}: exists and is not a folder")
     t = Target(rehearse=args.rehearse, bnb_on_cpu=args.bnb_on_cpu)
     if args.part:
         run_part(args.part, t, args.out)
