@@ -12,11 +12,22 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .config import ModelConfig
 from .errors import LocalGLMError
-from .models import arch_of
-from .models.param_counts import HostableKV, ParamCounts
+
+if TYPE_CHECKING:
+    from .models.arch import Arch
+    from .models.param_counts import HostableKV, ParamCounts
+
+
+def arch_of(cfg: ModelConfig) -> Arch:
+    """The registry's entry for cfg, imported on first use: parse_size and human_bytes, which every
+    command's flags use, need no registry (`localglm --version` and `--help` start faster)."""
+    from .models import arch_of as lookup
+
+    return lookup(cfg)
 
 # Bits per weight of whole formats, scales included: bf16; fp8 with one fp32 scale per 128x128 block;
 # llama.cpp's Q8_0 (8.5) and Q4_K/Q2_K-class formats; localglm's q8/q4/q2 are within 0.1 bit of these.
