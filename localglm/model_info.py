@@ -138,7 +138,7 @@ class StoredPrecision:
     included) and, where the checkpoint fixes them, the always-used classes' bits (16 = float)."""
 
     expert_bits: float
-    class_bits: dict[str, int] = field(default_factory=dict)
+    class_bits: dict[str, float] = field(default_factory=dict)
     label: str = ""  # e.g. "experts q2 (2.56 bits/weight), attn q8, ..." or "experts Q4_K (4.50 bits/weight)"
 
 
@@ -196,4 +196,47 @@ def _gguf_info(path: Path) -> CheckpointInfo:
         expert_bits = 8 * sum(t.nbytes for t in experts) / n if n else 16.0
         kinds = "/".join(sorted({t.type_name for t in experts})) or "none"
         disk = sum(f.path.stat().st_size for f in files.files)
-    return CheckpointInfo(cfg, "gguf", disk, StoredPrecision(expert_bits, {}, f"GGUF, experts {kinds} ({expert_bits:.2f} bits/weight)"))
+        held = _gguf_held_class_bits(files, cfg)
+    label = f"GGUF, experts {kinds} ({expert_bits:.2f} bits/weight)" + "".join(f", {c} {b:.2f}" for c, b in held.items())
+    return CheckpointInfo(cfg, "gguf", disk, StoredPrecision(expert_bits, held, label))
+
+
+# The GGUF types loading keeps as their stored blocks (quant.kquants.GGML_TYPES; a test keeps the two equal).
+# Named here so that `inspect` and `plan` on a GGUF need no torch.
+GGUF_HELD_TYPES = frozenset({"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS"})
+
+
+def _gguf_held_class_bits(files: Any, cfg: ModelConfig) -> dict[str, float]:
+    """Bits per weight of each always-used class whose tensors a GGUF load keeps as stored (K-quants,
+    Q4_0, Q5_0, IQ4_XS: their blocks, no float copy). Classes with any tensor that loading dequantizes
+    to the compute dtype (F16/BF16/F32, Q8_0 without a recipe, other types, tensors joined from parts
+    such as MLA's kv_b) are left out: the planner prices those as floats or at the precision it chooses.
+    Mirrors checkpoint/gguf.py's GGUFSource name mapping, from the header alone."""
+    from offload.planner import DENSE_CLASSES
+
+    arch = arch_of(cfg)
+    n_layers = cfg.num_hidden_layers
+    n_blocks = n_layers + cfg.num_nextn_predict_layers
+    bits: dict[str, int] = {}
+    count: dict[str, int] = {}
+    floats: set[str] = set()
+    for hub in arch.schema.hub_names(n_blocks, n_layers, cfg.n_routed_experts):
+        cls, layer = arch.schema.classify(hub)
+        if cls not in DENSE_CLASSES or (layer is not None and layer >= n_layers):
+            continue
+        if arch.gguf.joined(hub, files, n_blocks) is not None:
+            floats.add(cls)
+            continue
+        try:
+            name, index = arch.gguf.gguf_name(hub, n_blocks)
+        except LocalGLMError:
+            continue
+        t = files.tensors.get(name)
+        if t is None:
+            continue
+        if index is not None or len(t.shape) != 2 or t.type_name not in GGUF_HELD_TYPES:
+            floats.add(cls)
+            continue
+        bits[cls] = bits.get(cls, 0) + 8 * t.nbytes
+        count[cls] = count.get(cls, 0) + math.prod(t.shape)
+    return {c: bits[c] / count[c] for c in DENSE_CLASSES if c in bits and c not in floats}

@@ -98,7 +98,7 @@ class Plan:
     prefill_tok_s: float
     bandwidths: Bandwidths
     items: list[PlanItem] = field(default_factory=list)
-    dense_bits: dict[str, int] = field(default_factory=dict)  # recipe class -> bits (16 = as stored)
+    dense_bits: dict[str, float] = field(default_factory=dict)  # recipe class -> bits (16 = float; a fraction: a GGUF type's)
     chosen: list[str] = field(default_factory=list)  # the classes whose bits the planner chose
     kv_in_ram: bool = False  # the KV cache's hostable part (DSA's latent rows) lives in pinned RAM
     kv_gather_bytes: int = 0  # with kv_in_ram: bytes gathered to the GPU per decoded token
@@ -156,12 +156,12 @@ def bits_per_weight(bits: int | float, k: int) -> float:
     return float(bits)
 
 
-def precision_note(bits: dict[str, int], chosen: list[str]) -> str:
+def precision_note(bits: dict[str, float], chosen: list[str]) -> str:
     """'attn q8, shared q8, ... (chosen to fit; --attn etc. override)' for a plan's table."""
     name = {16: "bf16", 8: "q8", 4: "q4", 2: "q2"}
-    parts = ", ".join(f"{c} {name.get(b, b)}" for c, b in bits.items())
+    parts = ", ".join(f"{c} {name.get(b, b) if float(b).is_integer() else f'{b:.2f} bits/weight'}" for c, b in bits.items())
     if not chosen:
-        return parts + " (as given)"
+        return parts + (" (as given)" if all(float(b).is_integer() for b in bits.values()) else " (as given or stored)")
     return parts + f" (the planner chose {', '.join(chosen)}: the most precise that fits; --{' --'.join(c.replace('_', '-') for c in chosen)} override)"
 
 
@@ -177,7 +177,7 @@ def make_plan(
     experts: int | float = 4,
     bandwidths: Bandwidths | None = None,
     model: str = "",
-    fixed: dict[str, int] | None = None,
+    fixed: dict[str, float] | None = None,
     float_bits: float = 16.0,
     kv: str = "auto",
 ) -> Plan:
@@ -228,7 +228,7 @@ def make_plan(
 
 
 def _plan(
-    cfg: ModelConfig, gpu: int, cpu: int, ctx: int, experts: float, bw: Bandwidths, dense_bits: dict[str, int], float_bits: float, model: str,
+    cfg: ModelConfig, gpu: int, cpu: int, ctx: int, experts: float, bw: Bandwidths, dense_bits: dict[str, float], float_bits: float, model: str,
     kv_in_ram: bool = False,
 ) -> Plan:
     c = count_params(cfg)
@@ -332,5 +332,5 @@ def _plan(
         n_experts_total=n_total, cache_slots=int(slots), experts_in_ram=int(in_ram), experts_on_disk=int(on_disk),
         hit_rate=hit, decode_tok_s=1.0 / decode_s if decode_s > 0 else 0.0,
         prefill_tok_s=PREFILL_CHUNK / prefill_s if prefill_s > 0 else 0.0, bandwidths=bw, items=items,
-        dense_bits={k: int(v) for k, v in dense_bits.items()}, kv_in_ram=kv_in_ram, kv_gather_bytes=gather,
+        dense_bits={k: int(v) if float(v).is_integer() else round(float(v), 4) for k, v in dense_bits.items()}, kv_in_ram=kv_in_ram, kv_gather_bytes=gather,
     )  # fmt: skip

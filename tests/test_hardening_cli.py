@@ -271,6 +271,44 @@ def test_inspect_and_plan_read_a_gguf(tiny_dir: Path, tmp_path: Path) -> None:
     assert abs(json.loads(o.out)["expert_bits"] - 8.5) < 0.01  # Q8_0's 8.5 bits per weight, as stored
 
 
+def test_plan_reads_the_always_used_bits_a_gguf_keeps_as_stored(tiny_dir: Path, tmp_path: Path) -> None:
+    """A GGUF loads its K-quant / Q4_0 weights as stored (no float copy): plan prices them at their stored
+    bits, not bf16, and agrees with what loading actually holds. Q8_0 and float tensors are dequantized
+    without a recipe, so those classes stay the planner's to choose."""
+    import localglm
+    from localglm.checkpoint.gguf import export_gguf
+    from quant.formats import QuantTensor
+
+    f = export_gguf(tiny_dir, tmp_path / "m.gguf", "q4_0")[0]  # every weight Q4_0 but lm_head (Q8_0)
+    o = run_cli("plan", f, "--gpu-mem", "0", "--cpu-mem", "1GiB", "--json")
+    assert o.kind == "ok", o.why()
+    plan = json.loads(o.out)
+    assert plan["dense_bits"] == {"attn": 4.5, "shared": 4.5, "dense": 4.5, "embed": 4.5, "lm_head": 16}, plan["dense_bits"]
+    planned = {i["what"].split(" (")[0]: i["bytes"] for i in plan["items"]}
+    model = localglm.load(f)
+    layers = model.net.w.layers
+    attn = [w for layer in layers for w in (layer.attn.qkv_weight, layer.attn.o_weight)]
+    assert all(isinstance(w, QuantTensor) for w in attn) and isinstance(model.net.w.embed, QuantTensor)
+    held = sum(w.buf.numel() for w in attn)
+    assert abs(planned["attention"] - held) / held < 0.05, (planned["attention"], held)  # q/k/v biases beside the blocks
+    assert planned["embeddings"] == model.net.w.embed.buf.numel()
+    o = run_cli("plan", tests_data() / "glm4_moe_kquant_mix.gguf", "--gpu-mem", "0", "--cpu-mem", "1GiB", "--attn", "8")
+    assert o.kind == "ok" and "attn q8" in o.out and "lm_head 6.56 bits/weight" in o.out, o.why() + o.out
+    o = run_cli("inspect", tests_data() / "glm4_moe_kquant_mix.gguf")
+    assert o.kind == "ok" and "lm_head 6.56" in o.out and "Q2_K" in o.out, o.why()
+
+
+def tests_data() -> Path:
+    return Path(__file__).parent / "data"
+
+
+def test_inspects_held_types_are_the_loaders() -> None:
+    from localglm.model_info import GGUF_HELD_TYPES
+    from quant.kquants import GGML_TYPES
+
+    assert set(GGML_TYPES) == GGUF_HELD_TYPES
+
+
 def test_plan_uses_a_quantized_directorys_stored_bits(quantized: Path) -> None:
     o = run_cli("plan", quantized, "--gpu-mem", "0", "--cpu-mem", "1GiB", "--json")
     assert o.kind == "ok", o.why()

@@ -1,10 +1,11 @@
 """`localglm plan MODEL`: the placement plan from a checkpoint's description alone (no weights read).
 
 MODEL is anything `generate` takes: a Hugging Face directory (config.json), a localglm quantized
-directory (planned at the bits its manifest says it holds) or a GGUF (its metadata, and its experts at
-the bits per weight they are stored in). It takes the recipe flags of `quantize` and `generate`
-(`--experts 4`, `--attn 8`, ...): the bits a flag gives are kept; the always-used classes left unset
-get the most precise of bf16 / q8 / q4 that fits the GPU budget, and the plan says which it chose.
+directory (planned at the bits its manifest says it holds) or a GGUF (its metadata; its experts, and
+the always-used weights loading keeps as stored, at the bits per weight they are stored in). It takes
+the recipe flags of `quantize` and `generate` (`--experts 4`, `--attn 8`, ...): the bits a flag gives
+are kept; the always-used classes left unset get the most precise of bf16 / q8 / q4 that fits the GPU
+budget, and the plan says which it chose.
 The default context is generate's: min(4096, the model's max_position_embeddings).
 """
 
@@ -49,8 +50,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
             flags = ", ".join(f"--{c.replace('_', '-')}" for c in sorted(given))
             raise LocalGLMError(f"plan: {args.model} is a localglm quantized checkpoint ({info.stored.label}); {flags} apply to float checkpoints")
         experts, fixed = info.stored.expert_bits, dict(info.stored.class_bits)
-    elif info.kind == "gguf" and "experts" not in given:  # the experts as the GGUF stores them
-        experts = info.stored.expert_bits
+    elif info.kind == "gguf":  # what loading the GGUF keeps as stored, for the classes no flag sets
+        if "experts" not in given:
+            experts = info.stored.expert_bits
+        fixed |= {c: b for c, b in info.stored.class_bits.items() if c not in given}
     plan = make_plan(cfg, args.gpu_mem, args.cpu_mem, ctx, experts, bw, model=str(args.model), fixed=fixed, kv=args.kv)
     if args.json:
         print(json.dumps(asdict(plan)))
