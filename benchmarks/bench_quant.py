@@ -104,6 +104,57 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- quantizer speed ------------------------------------------------------------------------------
+LLAMA_QUANTIZE = """
+import ctypes, sys, llama_cpp
+p = llama_cpp.llama_model_quantize_default_params()
+p.ftype = getattr(llama_cpp, sys.argv[3])
+p.nthread = int(sys.argv[4])
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))
+"""
+
+
+def quantize_times(model: Path, work: Path, threads: int, repeat: int = 1, ours: str = "q4", llama: str = "Q4_K_M") -> list[dict]:
+    """Wall time of `localglm quantize` (from the safetensors) and of llama.cpp's quantizer (from its bf16
+    GGUF, made beforehand and not timed: llama.cpp's own path needs that conversion first), each a fresh
+    process on `threads` threads, interleaved `repeat` times; rows: quantizer, seconds (median), range, MB/s
+    of the model's safetensors."""
+    work.mkdir(parents=True, exist_ok=True)
+    src_mb = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 1e6
+    jobs = [(f"localglm quantize {' '.join(OURS[ours])}", [sys.executable, "-m", "localglm", "quantize", str(model), str(work / "time-ours"),
+             *OURS[ours], "--threads", str(threads), "-q", "--overwrite"])]  # fmt: skip
+    bf16 = make_llama_bf16(model, work) if llama_cpp_installed() else None
+    if bf16 is not None:
+        jobs.append((f"llama.cpp quantize {llama}", [sys.executable, "-c", LLAMA_QUANTIZE, str(bf16), str(work / "time-llama.gguf"), LLAMA[llama], str(threads)]))
+    times: dict[str, list[float]] = {label: [] for label, _ in jobs}
+    for _ in range(repeat):
+        for label, cmd in jobs:
+            t0 = time.perf_counter()
+            r = run(cmd)
+            if r.returncode == 0:
+                times[label].append(time.perf_counter() - t0)
+    rows = []
+    for label, ts in times.items():
+        ts.sort()
+        rows.append({"quantizer": label, "threads": threads, "s": ts[len(ts) // 2] if ts else None, "range": (ts[0], ts[-1]) if ts else None, "mb_s": src_mb / ts[len(ts) // 2] if ts else None})
+    if bf16 is None:
+        rows.append({"quantizer": "llama.cpp", "threads": threads, "s": None, "range": None, "mb_s": None, "status": "not installed"})
+    return rows
+
+
+def time_table(rows: list[dict]) -> str:
+    lines = ["| quantizer | threads | seconds (median) | min-max | MB/s of bf16 | llama.cpp time / ours |", "|---|---:|---:|---:|---:|---:|"]
+    ours = rows[0]["s"]
+    peer = next((r["s"] for r in rows[1:] if r["s"]), None)
+    for r in rows:
+        if r["s"] is None:
+            lines.append(f"| {r['quantizer']} | {r['threads']} | {r.get('status', 'failed')} | - | - | - |")
+            continue
+        ratio = f"{peer / ours:.2f}x" if r is rows[0] and peer and ours else ""
+        lines.append(f"| {r['quantizer']} | {r['threads']} | {r['s']:.1f} | {r['range'][0]:.1f}-{r['range'][1]:.1f} | {r['mb_s']:.0f} | {ratio} |")
+    return "\n".join(lines)
+
+
 # ---- driver ---------------------------------------------------------------------------------------
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     r = subprocess.run(cmd, capture_output=True, text=True, **kw)
@@ -299,7 +350,8 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/qbench"))
     ap.add_argument("--ours", default=",".join(OURS))
     ap.add_argument("--llama", default=",".join(LLAMA))
-    ap.add_argument("--only", choices=["kl", "speed", "all"], default="all")
+    ap.add_argument("--only", choices=["kl", "speed", "time", "all"], default="all",
+                    help="time: only the quantizers' own speed, ours (--experts 4) against llama.cpp's (Q4_K_M)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--kl-tokens", type=int, default=512)
     ap.add_argument("--kl-ctx", type=int, default=128)
@@ -318,6 +370,11 @@ def main() -> int:
         return worker(args)
 
     model = ensure_model(args.model)
+    if args.only == "time":
+        print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        print(time_table(quantize_times(model, args.work, args.threads, args.repeat)))
+        print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        return 0
     rows, n_params = measure(model, args.work, [n for n in args.ours.split(",") if n], [n for n in args.llama.split(",") if n],
                              args.only, args.threads, args.kl_tokens, args.kl_ctx, args.prompt_tokens, args.new_tokens, args.repeat)  # fmt: skip
     print(f"\n{time.strftime('%Y-%m-%d')}  model={model.name} ({n_params / 1e6:.0f}M params)  threads={args.threads}  "

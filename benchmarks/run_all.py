@@ -247,6 +247,11 @@ def section_quant(rep: Report, model: Path, engines: list[str], args: argparse.N
     if llama:
         text += ("\n\nEach of our levels beside its llama.cpp counterpart, ours / theirs (below 1 is better for size, KL, "
                  "TTFT and RSS; above 1 is better for tok/s):\n\n" + bq.ratio_table(rows))  # fmt: skip
+        times = bq.quantize_times(model, work, args.threads, s["repeat"])
+        text += (f"\n\nThe quantizers' own speed, each a fresh process on {args.threads} threads, {s['repeat']} run(s) "
+                 f"interleaved (medians; llama.cpp from its bf16 GGUF, whose conversion is not timed). Same as "
+                 f"`{cmd_line('python', 'benchmarks/bench_quant.py', '--model', model, '--work', work, '--only', 'time', '--threads', args.threads, '--repeat', s['repeat'])}`:"
+                 f"\n\n" + bq.time_table(times))  # fmt: skip
     else:
         text += "\n\nllama.cpp not selected (--engines): no ratios."
     rep.add(text)
