@@ -10,7 +10,7 @@ pass (llguidance releases the GIL), so the mask is usually ready when the logits
 Closure: with `max_new_tokens` known, from CLOSE_WINDOW tokens before the end the processor measures
 how many tokens a greedy closing policy (end-of-sequence if allowed; else a token that only closes:
 `"`, `]`, `}` or a closing GLM tag; else the shortest allowed token) needs to finish, and switches
-to that policy while the tokens left are still about twice that, so a reply that would have been cut by max_tokens ends
+to that policy for every step where the tokens left are at most about twice that, so a reply that would have been cut by max_tokens ends
 as valid output instead. It is best effort: a schema whose smallest valid document is longer than the
 tokens left still ends at max_tokens, unfinished, with finish_reason "length".
 """
@@ -48,7 +48,6 @@ class GrammarProcessor:
         self.max_new_tokens = max_new_tokens
         self.consumed: list[int] = []  # the history the matcher is at
         self.dead: tuple[int, int] | None = None  # (position, token) of a token the grammar refused
-        self.closing = False
         self._bits = np.empty(vocab.words, dtype=np.int32)
         self._pending: Future[np.ndarray] | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -112,9 +111,9 @@ class GrammarProcessor:
         mask = self.allowed(history)
         if self.max_new_tokens is not None and self.dead is None:
             left = self.max_new_tokens - len(history)
-            if not self.closing and left <= CLOSE_WINDOW:
-                self.closing = 2 * self._closure_length(left) + CLOSE_SLACK >= left
-            if self.closing:
+            # a function of the history alone (no state carried between calls), so speculative
+            # verification, which calls in any order, sees what the plain loop sees
+            if left <= CLOSE_WINDOW and 2 * self._closure_length(left) + CLOSE_SLACK >= left:
                 only = np.zeros_like(mask)
                 only[self._closer(mask)] = True
                 mask = only
