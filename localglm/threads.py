@@ -52,9 +52,11 @@ def configure_waiting(environ: MutableMapping[str, str] | None = None) -> bool:
 
 
 def _load_torch_openmp() -> bool:
-    """Load the OpenMP runtime torch ships (torch/lib/libgomp.so.1) without importing torch; torch's
-    libraries then use this copy (same soname). False where there is none (another build of torch)."""
+    """Load the OpenMP runtime torch ships (torch/lib/libgomp.so.1, or auditwheel's torch.libs/libgomp-*.so*)
+    without importing torch; torch's libraries then use this copy (same soname). False where there
+    is none (a build of torch on another runtime)."""
     import ctypes
+    import glob
     import importlib.util
 
     try:
@@ -62,12 +64,11 @@ def _load_torch_openmp() -> bool:
     except (ImportError, ValueError):
         return False
     for folder in (spec.submodule_search_locations or []) if spec else []:
-        lib = os.path.join(folder, "lib", "libgomp.so.1")
-        if os.path.isfile(lib):
+        for lib in sorted(glob.glob(os.path.join(folder, "lib", "libgomp*.so*")) + glob.glob(os.path.join(folder + ".libs", "libgomp*.so*"))):
             try:
                 ctypes.CDLL(lib)
             except OSError:
-                return False
+                continue
             return True
     return False
 
