@@ -4,7 +4,7 @@ On a lent GPU machine (no internet; its python3 has torch, transformers, safeten
 numpy, jinja2, psutil but not gguf or pytest), from the repository root:
 
     bash benchmarks/gpu_wheels.sh          # here, once: gguf + pytest wheels unpacked into .wheels/site
-    # then on the device (the device tool: carry=[".wheels"]):
+    # then on the device (the device tool: carry=[".wheels"], timeout_s=590; the time boxes sum to 510 s):
     python3 benchmarks/gpu_check.py --out $OUT
 
 Nothing needs installing there: this script puts the repository and .wheels/site on sys.path (and on
