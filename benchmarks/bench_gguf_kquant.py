@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import BENCH_ROOT, available, run_worker  # noqa: E402
+from bench_generate import BENCH_ROOT, available  # noqa: E402
 
 # GGML type ids (ggml.h)
 GGML = {"Q4_0": 2, "Q5_0": 6, "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ4_XS": 23}
@@ -95,11 +95,51 @@ def types_of(path: Path) -> dict[str, int]:
     return kinds
 
 
+def ensure_bench_mix() -> Path:
+    """The Air-width K-quant mix, made once (random weights, llama.cpp's quantizer) under the bench cache."""
+    work = BENCH_ROOT / "air-kquant-mix"
+    path = work / "air-mix.gguf"
+    if not path.is_file():
+        print(f"writing {path} (random weights, llama.cpp's quantizer) ...", file=sys.stderr)
+        make_mix(path, BENCH_SPEC, work, keep=False)
+    return path
+
+
+def measure(threads: int, prompt: int, new: int, repeat: int = 1) -> dict:
+    """Ours and llama.cpp on the mix, each in its own subprocess, interleaved `repeat` times (medians)."""
+    from bench_generate import run_workers
+
+    from localglm.models.glm4_moe.tiny import TinySpec
+
+    path = ensure_bench_mix()
+    load = os.getloadavg()
+    jobs = [(engine, engine, path) for engine in ("localglm", "llama.cpp")]
+    rows = run_workers(jobs, prompt, new, threads, TinySpec(**BENCH_SPEC).vocab_size, repeat)
+    return {"path": str(path), "mib": path.stat().st_size / 2**20, "types": types_of(path), "threads": threads,
+            "prompt": prompt, "new": new, "load_avg": load, "rows": rows}  # fmt: skip
+
+
+def table(res: dict) -> str:
+    """The markdown table of `measure`'s result, ratios ours / llama.cpp and the load average."""
+    load = res["load_avg"]
+    lines = [f"GGUF K-quant mix as stored: {Path(res['path']).name} ({res['mib']:.0f} MiB; tensor types {res['types']}); "
+             f"{res['threads']} threads, prompt {res['prompt']}, new {res['new']}, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
+             "", "| engine | decode tok/s | prefill tok/s | load s |", "|---|---:|---:|---:|"]  # fmt: skip
+    for engine, r in res["rows"].items():
+        lines.append(f"| {engine} | failed | | |" if r is None else f"| {engine} | {r['decode_tok_s']:.2f} | {r['prompt_tok_s']:.1f} | {r['load_s']:.1f} |")
+    ours, theirs = res["rows"]["localglm"], res["rows"]["llama.cpp"]
+    if ours and theirs:
+        lines += ["", f"ours / llama.cpp: decode {ours['decode_tok_s'] / theirs['decode_tok_s']:.2f}x, "
+                      f"prefill {ours['prompt_tok_s'] / theirs['prompt_tok_s']:.2f}x"]  # fmt: skip
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens (default 32)")
     ap.add_argument("--new", type=int, default=24, help="new tokens (default 24)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per engine, interleaved, medians reported (default 1)")
     ap.add_argument("--make-fixture", type=Path, default=None, metavar="OUT", help="write the small test fixture and stop")
     args = ap.parse_args()
     if args.make_fixture is not None:
@@ -111,32 +151,9 @@ def main() -> int:
         return 0
     if not available("llama.cpp"):
         raise SystemExit("llama-cpp-python is needed (pip install -e '.[bench]')")
-    work = BENCH_ROOT / "air-kquant-mix"
-    gguf_path = work / "air-mix.gguf"
-    if not gguf_path.is_file():
-        print(f"writing {gguf_path} (random weights, llama.cpp's quantizer) ...", file=sys.stderr)
-        make_mix(gguf_path, BENCH_SPEC, work, keep=False)
-    load = os.getloadavg()
-    from localglm.models.glm4_moe.tiny import TinySpec
-
-    vocab = TinySpec(**BENCH_SPEC).vocab_size
-    rows = {}
-    for engine in ("localglm", "llama.cpp"):
-        rows[engine] = run_worker(engine, gguf_path, args.prompt, args.new, args.threads, vocab)
-    size = gguf_path.stat().st_size
-    print(f"\nGGUF K-quant mix as stored: {gguf_path.name} ({size / 2**20:.0f} MiB, {types_of(gguf_path)})")
-    print(f"threads {args.threads}, prompt {args.prompt}, new {args.new}, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n")
-    print(f"| engine | decode tok/s | prefill tok/s | load s |\n|---|---:|---:|---:|")
-    for engine, r in rows.items():
-        if r is None:
-            print(f"| {engine} | failed | | |")
-        else:
-            print(f"| {engine} | {r['decode_tok_s']:.2f} | {r['prompt_tok_s']:.1f} | {r['load_s']:.1f} |")
-    ours, theirs = rows["localglm"], rows["llama.cpp"]
-    if ours and theirs:
-        print(f"\nours / llama.cpp: decode {ours['decode_tok_s'] / theirs['decode_tok_s']:.2f}x, prefill {ours['prompt_tok_s'] / theirs['prompt_tok_s']:.2f}x;"
-              f" same greedy tokens: {sum(a == b for a, b in zip(ours['tokens'], theirs['tokens']))}/{len(ours['tokens'])}")
-    print(json.dumps({"load_avg": load, "rows": {k: {x: y for x, y in (v or {}).items() if x != "tokens"} for k, v in rows.items()}}))
+    res = measure(args.threads, args.prompt, args.new, args.repeat)
+    print(table(res))
+    print(json.dumps({k: v for k, v in res.items() if k != "rows"} | {"rows": {k: {x: y for x, y in (v or {}).items() if x != "tokens"} for k, v in res["rows"].items()}}))
     return 0
 
 

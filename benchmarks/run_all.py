@@ -9,7 +9,8 @@ For each model: generation speed (benchmarks/bench_generate.py: localglm, transf
 own subprocess), quantization (benchmarks/bench_quant.py: our q8/q4/q2 beside llama.cpp's Q8_0/Q4_K_M/Q2_K
 made from the same weights: size, KL vs bf16, speed), and for the packaged default model the offload
 benchmark (benchmarks/bench_offload.py: cache simulator beside Belady, next-layer prediction) and the
-busy-machine row (benchmarks/bench_busy.py: decode with 1 and the default threads beside a CPU-bound process). Ratios
+busy-machine row (benchmarks/bench_busy.py: decode with 1 and the default threads beside a CPU-bound process), and once
+the GGUF-as-stored row (benchmarks/bench_gguf_kquant.py: a K-quant mix by llama.cpp's quantizer at Air widths). Ratios
 (ours / llama.cpp, best policy / Belady) are between figures measured in this run, minutes apart.
 
 llama.cpp is the optional `llama-cpp-python` extra: without it its cells say "not installed" and the run goes
@@ -42,10 +43,11 @@ sys.path.insert(0, str(HERE))
 
 import bench_busy as bb  # noqa: E402
 import bench_generate as bg  # noqa: E402
+import bench_gguf_kquant as bk  # noqa: E402
 import bench_quant as bq  # noqa: E402
 
 ENGINES = ["localglm", "transformers", "llama.cpp"]
-SECTIONS = ["generate", "quant", "offload", "busy"]
+SECTIONS = ["generate", "quant", "offload", "busy", "gguf"]
 # (full, quick) settings
 SETTINGS = {
     False: dict(prompt_tokens=128, new_tokens=64, kl_tokens=512, kl_ctx=128, ours=list(bq.OURS), profile_tokens=150, eval_tokens=300, repeat=3),
@@ -316,6 +318,16 @@ def section_busy(rep: Report, model: Path, args: argparse.Namespace, s: dict) ->
             f"spinning between loops). {time.time() - t0:.0f} s. Same as `{cmd}`.\n\n" + bb.table(res))  # fmt: skip
 
 
+def section_gguf(rep: Report, args: argparse.Namespace, s: dict) -> None:
+    """The GGUF-as-stored row: a K-quant mix made by llama.cpp's quantizer on Air-width random weights, ours beside llama.cpp."""
+    t0 = time.time()
+    res = bk.measure(args.threads, s["prompt_tokens"], s["new_tokens"], s["repeat"])
+    cmd = cmd_line("python", "benchmarks/bench_gguf_kquant.py", "--threads", args.threads, "--prompt", s["prompt_tokens"],
+                   "--new", s["new_tokens"], "--repeat", s["repeat"])  # fmt: skip
+    rep.add(f"### GGUF K-quant mix run as stored (GLM-4.5-Air widths)\n\nEach engine its own process, {s['repeat']} run(s), "
+            f"interleaved (medians). {time.time() - t0:.0f} s. Same as `{cmd}`.\n\n" + bk.table(res))  # fmt: skip
+
+
 # ---- main -----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -364,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         jobs = {"generate": lambda: section_generate(rep, model, engines, args, s),
                 "quant": lambda: section_quant(rep, model, engines, args, s),
                 "offload": lambda: section_offload(rep, model, args, s) if is_packaged(model) else None,
-                "busy": lambda: section_busy(rep, model, args, s) if is_packaged(model) else None}  # fmt: skip
+                "busy": lambda: section_busy(rep, model, args, s) if is_packaged(model) else None,
+                "gguf": lambda: section_gguf(rep, args, s) if arg is models[0] and "llama.cpp" in engines else None}  # fmt: skip
         for name in sections:
             try:
                 jobs[name]()
