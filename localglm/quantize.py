@@ -573,9 +573,11 @@ def quant_getter(
             if tuple(qt.shape) != tuple(shape):
                 raise LocalGLMError(f"tensor {name} in {source.root} has shape {list(qt.shape)}, expected {list(shape)}")
             return qt.to(dev)
-        if recipe is None and isinstance(source, GGUFSource):
+        if recipe is None and isinstance(source, GGUFSource) and not _EXPERT.fullmatch(name):
+            # K-quants etc.: their blocks as stored, no dense copy (routed experts are load_quantized_experts'
+            # to take as stored; one asked for here is for the float expert path, which needs it dense)
             stored = source.packed_spec(name)
-            if stored is not None and stored.raw_blocks:  # K-quants etc.: their blocks as stored, no dense copy
+            if stored is not None and stored.raw_blocks:
                 return source.get_quant(name, dtype, shape).to(dev)
         if recipe is not None:
             spec = fit_spec(recipe.spec_for(name, classify), shape)

@@ -285,3 +285,18 @@ def test_stack_takes_dense_parts(exact_kernels: None) -> None:
         x = torch.randn(2, 256)
         want = F.linear(x, dense)
         assert float((fused.matmul(x) - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
+def test_experts_not_taken_as_stored_load_as_floats_beside_stored_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No MoE layer's experts in held types (hidden here), RAM to spare: the experts load as floats (the
+    float expert path gets dense tensors, a Q4_K down projection included) while attention stays as stored."""
+    from quant.gguf_packed import PACKED_SPECS
+
+    for t in ("Q2_K", "Q3_K", "IQ4_XS"):
+        monkeypatch.delitem(PACKED_SPECS, t)
+    m = localglm.load(MIX, dtype="float32")
+    assert type(m.net.experts).__name__ == "InMemoryExperts"
+    assert isinstance(m.net.w.layers[1].attn.qkv_weight, QuantStack)
+    ref = _float_reference(MIX)
+    ours = m.logits(torch.tensor([TOKENS]))[0].numpy()
+    assert np.abs(ours - ref).max() <= 2e-2 * np.abs(ref).max() and (ours.argmax(-1) == ref.argmax(-1)).all()
