@@ -338,7 +338,7 @@ def prepare_ggml(qt: object) -> Callable[..., torch.Tensor]:
 
 def kernel_status() -> str:
     """One line: which kernels run GGUF blocks held as stored."""
-    return "native C (quant/native/kquants.c)" if kquant_lib() is not None else "torch fallback (dequantize per chunk)"
+    return "native K-quant kernels (int8 activations)" if kquant_lib() is not None else "torch fallback (dequantized per chunk)"
 
 
 __all__ = ["GGML_TYPES", "GGMLSpec", "GGMLType", "decode_blocks", "dequantize", "dequantize_blocks", "int8_grid", "prepare_ggml", "kquant_lib", "torch_matmul"]

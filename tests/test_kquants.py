@@ -215,6 +215,7 @@ def test_llama_cpp_mix_loads_as_stored_and_matches_reference_dequantization(monk
     experts = m.net.experts
     specs = {lay.gate_up.ggml for lay in experts.layouts.values()} | {lay.down.ggml for lay in experts.layouts.values()}
     assert specs == {"Q2_K", "Q3_K", "IQ4_XS", "Q4_K"}
+    assert experts.kernel.startswith("GGUF blocks as stored: native K-quant kernels")  # what --stats shows
     layer = m.net.w.layers[1]
     assert isinstance(layer.attn.qkv_weight, QuantStack) and isinstance(layer.shared.gate_up, QuantTensor)
     assert isinstance(m.net.w.embed, QuantTensor) and isinstance(m.net.w.lm_head, QuantTensor)

@@ -179,10 +179,16 @@ class QuantizedExperts:
     @property
     def kernel(self) -> str:
         """Which kernels run the experts (for stats and `inspect`)."""
+        from quant.kquants import kernel_status
         from quant.native import native_status
 
+        stored = [i for i, lay in self.layouts.items() if lay.gate_up.raw_blocks or lay.down.raw_blocks]  # GGUF blocks
         if len(self._native_layers) == len(self.prepared):
             return native_status()
+        if stored:
+            rest = len(self.prepared) - len(stored) - len(self._native_layers)
+            others = [native_status()] * bool(self._native_layers) + ["torch kernels"] * (rest > 0)
+            return ", ".join([f"GGUF blocks as stored: {kernel_status()}", *others])
         return "torch kernels" if not self._native_layers else f"{native_status()}, torch kernels for some layers"
 
     def hint(self, layer: int, x: torch.Tensor) -> None:
