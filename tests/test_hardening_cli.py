@@ -292,13 +292,13 @@ def test_plan_reads_the_always_used_bits_a_gguf_keeps_as_stored(tiny_dir: Path, 
     held = sum(w.buf.numel() for w in attn)
     assert abs(planned["attention"] - held) / held < 0.05, (planned["attention"], held)  # q/k/v biases beside the blocks
     assert planned["embeddings"] == model.net.w.embed.buf.numel()
-    o = run_cli("plan", tests_data() / "glm4_moe_kquant_mix.gguf", "--gpu-mem", "0", "--cpu-mem", "1GiB", "--attn", "8")
+    o = run_cli("plan", _data_dir() / "glm4_moe_kquant_mix.gguf", "--gpu-mem", "0", "--cpu-mem", "1GiB", "--attn", "8")
     assert o.kind == "ok" and "attn q8" in o.out and "lm_head 6.56 bits/weight" in o.out, o.why() + o.out
-    o = run_cli("inspect", tests_data() / "glm4_moe_kquant_mix.gguf")
+    o = run_cli("inspect", _data_dir() / "glm4_moe_kquant_mix.gguf")
     assert o.kind == "ok" and "lm_head 6.56" in o.out and "Q2_K" in o.out, o.why()
 
 
-def tests_data() -> Path:
+def _data_dir() -> Path:
     return Path(__file__).parent / "data"
 
 
