@@ -234,23 +234,31 @@ int kq_matmul(int type, const uint8_t *w, int n, int k, const float *x, int T, f
     return 0;
 }
 
+/* One row of W dequantized; inlined per type (kq_dequant's switch) so the sub-block size is a constant. */
+static inline __attribute__((always_inline)) void dequant_row(const int type, const uint8_t *row, int k, float *o) {
+    const kq_info in = INFO[type];
+    int8_t q[QK_K];
+    float sc[16], mn[16];
+    for (int b = 0; b < k / in.block; b++, o += in.block) {
+        decode(type, row + (size_t)b * in.nbytes, q, sc, mn);
+        for (int s = 0; s < in.block / in.sub; s++)
+            for (int i = s * in.sub; i < (s + 1) * in.sub; i++) o[i] = in.has_offset ? sc[s] * (float)q[i] - mn[s] : sc[s] * (float)q[i];
+    }
+}
+
+#define DEQUANT_OF(TYPE)                                                                                             \
+    case TYPE:                                                                                                       \
+        _Pragma("omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(n, nth))") for (int r = 0; r < n; r++) \
+            dequant_row(TYPE, w + (size_t)r * row_bytes, k, out + (size_t)r * k);                                    \
+        break;
+
 /* out[n, k] = W dequantized (fp32), bit-exact with gguf.quants.dequantize. 0, or -1 for a bad type / shape. */
 int kq_dequant(int type, const uint8_t *w, int n, int k, float *out, int nth) {
     if (!valid(type, n, k)) return -1;
-    const kq_info in = INFO[type];
-    const int nb = k / in.block;
-#pragma omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(n, nth))
-    for (int r = 0; r < n; r++) {
-        int8_t q[QK_K];
-        float sc[16], mn[16];
-        for (int b = 0; b < nb; b++) {
-            decode(type, w + ((size_t)r * nb + b) * in.nbytes, q, sc, mn);
-            float *o = out + (size_t)r * k + (size_t)b * in.block;
-            for (int i = 0; i < in.block; i++) {
-                const int s = i / in.sub;
-                o[i] = in.has_offset ? sc[s] * (float)q[i] - mn[s] : sc[s] * (float)q[i];
-            }
-        }
+    const size_t row_bytes = (size_t)(k / INFO[type].block) * INFO[type].nbytes;
+    switch (type) {
+        DEQUANT_OF(KQ_Q4_0) DEQUANT_OF(KQ_Q5_0) DEQUANT_OF(KQ_Q2_K) DEQUANT_OF(KQ_Q3_K) DEQUANT_OF(KQ_Q4_K) DEQUANT_OF(KQ_Q5_K)
+        DEQUANT_OF(KQ_Q6_K) DEQUANT_OF(KQ_IQ4_XS) DEQUANT_OF(KQ_Q4_1) DEQUANT_OF(KQ_Q5_1) DEQUANT_OF(KQ_IQ4_NL)
     }
     return 0;
 }
