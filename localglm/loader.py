@@ -262,7 +262,7 @@ def _kv_host(experts: ExpertBackend) -> HostRows | None:
     if plan is None or not plan.kv_in_ram:
         return None
     device = experts.device  # type: ignore[attr-defined]
-    return HostRows(fetch=device.fetch, pin=device.kind == "cuda")
+    return HostRows(fetch=device.fetch, host_buffer=device.host_buffer)
 
 
 def _check_kv_budget(cfg: ModelConfig, ctx: int, dev: torch.device, dt: torch.dtype) -> None:

@@ -7,6 +7,7 @@ whole conversation every turn): that bookkeeping is `TokenCache`, shared by ever
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -83,12 +84,14 @@ class KVCache(TokenCache):
 @dataclass(frozen=True)
 class HostRows:
     """A LatentCache kept in host RAM apart from the compute device: `fetch` brings rows there (the
-    offload device's copy stream, which counts the bytes), `pin` page-locks the host copy for fast
-    copies. Worth it only where a decoded token reads a selection of rows (GLM-5's DSA top-k): its
-    bulk then needs no VRAM and each step moves k rows a layer, not the context."""
+    offload device's copy stream, which counts the bytes), `host_buffer(nbytes)` gives the host
+    memory (the offload device's: page-locked at its exact size on CUDA, where torch's pinned
+    allocator would round 94 GB of GLM-5.2 rows at 1M tokens up to 128 GiB). Worth it only where a
+    decoded token reads a selection of rows (GLM-5's DSA top-k): its bulk then needs no VRAM and each
+    step moves k rows a layer, not the context."""
 
     fetch: Callable[[torch.Tensor], torch.Tensor]
-    pin: bool = False
+    host_buffer: Callable[[int], torch.Tensor] | None = None  # None: ordinary (pageable) memory
 
 
 class LatentCache(TokenCache):
@@ -117,8 +120,12 @@ class LatentCache(TokenCache):
         shape = (layers, batch, max_tokens, kv_lora_rank + rope_dim)
         if host is None:
             self.kv = torch.zeros(shape, dtype=dtype, device=device)
+        elif host.host_buffer is None:
+            self.kv = torch.zeros(shape, dtype=dtype)
         else:
-            self.kv = torch.zeros(shape, dtype=dtype, pin_memory=host.pin)
+            nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+            self.kv = host.host_buffer(nbytes).view(dtype).view(shape)
+            self.kv.zero_()
 
     @property
     def nbytes(self) -> int:
