@@ -56,8 +56,11 @@ def uses_tinygemm(spec: QuantSpec, shape: tuple[int, int], device: torch.device 
 
 def prepared_nbytes(spec: QuantSpec, shape: tuple[int, int], dtype: torch.dtype, device: torch.device | None = None) -> int:
     """Device bytes a prepared kernel keeps for one tensor (beside its canonical buffer): tinygemm's
-    int4 tiles (K/2 bytes a row) plus bf16 scale/zero pairs (4 bytes a group), or the dense weight."""
+    int4 tiles (K/2 bytes a row) plus bf16 scale/zero pairs (4 bytes a group), or the dense weight. GGUF
+    blocks held as stored keep nothing (quant.kquants' torch fallback expands a bounded chunk per call)."""
     n, k = shape
+    if spec.raw_blocks:
+        return 0
     if uses_tinygemm(spec, shape, device):
         return n * k // 2 + 4 * n * (k // spec.group)
     return n * k * torch.tensor([], dtype=dtype).element_size()

@@ -301,3 +301,12 @@ def test_experts_not_taken_as_stored_load_as_floats_beside_stored_attention(monk
     ref = _float_reference(MIX)
     ours = m.logits(torch.tensor([TOKENS]))[0].numpy()
     assert np.abs(ours - ref).max() <= 2e-2 * np.abs(ref).max() and (ours.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_offload_charges_no_prepared_copy_for_stored_blocks() -> None:
+    """The GPU path multiplies the blocks as stored (dequantized chunk by chunk on the device), so an
+    expert-cache slot costs its blob alone."""
+    from quant.cuda_kernels import prepared_nbytes
+
+    assert prepared_nbytes(GGMLSpec.of("Q4_K"), (2816, 4096), torch.bfloat16) == 0
+    assert prepared_nbytes(QuantSpec.for_bits(8), (64, 64), torch.bfloat16) == 64 * 64 * 2  # unchanged for ours
