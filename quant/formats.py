@@ -420,7 +420,7 @@ class QuantTensor:
 
             if dim != 0 or not all(isinstance(t, (QuantTensor, QuantStack, torch.Tensor)) for t in tensors):
                 raise QuantError("a QuantTensor can only be concatenated with 2-D weights along dim 0")
-            if len({t.spec if isinstance(t, QuantTensor) else None for t in tensors}) > 1:
+            if not all(isinstance(t, QuantTensor) for t in tensors) or len({t.spec for t in tensors}) > 1:
                 return QuantStack(list(tensors))  # formats differ (a GGUF mix): each part multiplied as stored
             return cls.cat_rows(list(tensors))
         if func is F.linear:

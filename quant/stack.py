@@ -77,16 +77,5 @@ class QuantStack:
 
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        import torch.nn.functional as F
-
-        kwargs = kwargs or {}
-        if func is torch.cat:
-            tensors = args[0]
-            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-            if dim != 0 or not all(isinstance(t, (QuantTensor, QuantStack, torch.Tensor)) for t in tensors):
-                raise QuantError("quantized rows can only be concatenated with 2-D weights along dim 0")
-            return QuantStack(list(tensors))
-        if func is F.linear:
-            b = args[2] if len(args) > 2 else kwargs.get("bias")
-            return args[1].matmul(args[0], b)
-        raise QuantError(f"{getattr(func, '__name__', func)} is not supported on a QuantStack (dequantize() it first)")
+        """torch.cat and F.linear as for a QuantTensor (whose handler builds stacks and calls `matmul`)."""
+        return QuantTensor.__torch_function__(func, types, args, kwargs)
