@@ -134,7 +134,13 @@ def _expert_price(experts: Any) -> Callable[[], float]:
 class DepthPolicy:
     """Chooses each step's draft depth k in 0..max_depth: the k that maximizes expected tokens per step
     sum_{i<=k} a^i over the step's price (verifying k + 1 tokens plus k draft calls), with `a` the
-    measured per-token acceptance (decayed counts from a prior of one hit in two). `fixed`: always max."""
+    measured per-token acceptance (decayed counts from a prior of one hit in two). `fixed`: always max.
+
+    The price of a depth is the cost model's (StepCosts, in expert reads) until steps of that depth have
+    been timed; then the measured seconds (`observe_time`: what the model's weights cost to read is not
+    all a step costs on a CPU, where one decoded token runs through one fused native call and a
+    multi-token verification through torch's ops). Depths not timed yet are priced by the model, scaled
+    by depth 0's measured time. Without timings (a seeded generation) the choice is the model's alone."""
 
     max_depth: int
     costs: StepCosts | None = None
@@ -143,6 +149,7 @@ class DepthPolicy:
     hits: float = 1.0
     tries: float = 2.0
     zero_run: int = 0
+    seconds: dict[int, float] = field(default_factory=dict)  # depth -> decayed mean step time
 
     @property
     def acceptance(self) -> float:
@@ -153,10 +160,10 @@ class DepthPolicy:
         if self.fixed or self.costs is None or cap == 0:
             return cap
         a, c = self.acceptance, self.costs
-        best, best_rate, expected = 0, 1.0 / c.verify(1), 1.0
+        best, best_rate, expected = 0, 1.0 / self.price(0), 1.0
         for k in range(1, cap + 1):
             expected += a**k
-            rate = expected / (c.verify(k + 1) + k * c.draft)
+            rate = expected / self.price(k)
             if rate > best_rate:
                 best, best_rate = k, rate
         if best == 0:
@@ -168,9 +175,26 @@ class DepthPolicy:
             self.zero_run = 0
         return best
 
+    def price(self, k: int) -> float:
+        """A step of depth k: measured seconds where timed, else the cost model's price (scaled to
+        seconds by depth 0's timing when there is one)."""
+        assert self.costs is not None
+        c = self.costs
+        model = c.verify(k + 1) + k * c.draft
+        if k in self.seconds:
+            return self.seconds[k]
+        if 0 in self.seconds:
+            return self.seconds[0] * model / c.verify(1)
+        return model
+
+    def observe_time(self, depth: int, seconds: float) -> None:
+        old = self.seconds.get(depth)
+        self.seconds[depth] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
     def reset(self) -> None:
         """Back to the prior: a seeded generation must not depend on what earlier ones measured."""
         self.hits, self.tries, self.zero_run = 1.0, 2.0, 0
+        self.seconds = {}
 
     def observe(self, depth: int, accepted: int) -> None:
         if depth == 0:
@@ -346,6 +370,7 @@ class Speculation:
         while True:
             if cancel is not None and cancel.is_set():
                 return
+            step_t0 = time.perf_counter()
             length = cache.length  # positions 0..length-1 cached; generated[-1] is pending at `length`
             budget = min(max_new_tokens - len(generated) - 1, ctx - length - 2)
             depth = self.policy.choose(budget)
@@ -387,6 +412,8 @@ class Speculation:
             pend_t.extend(new)
             counters.record(k, accepted)
             self.policy.observe(k, accepted)
+            if sampling.seed is None:  # a seeded generation's depths come from the cost model alone (reproducible)
+                self.policy.observe_time(k, time.perf_counter() - step_t0)
             for tok in new:
                 if cancel is not None and cancel.is_set():
                     return

@@ -387,6 +387,15 @@ def test_depth_policy_prices_experts() -> None:
     dear = DepthPolicy(4, StepCosts(fixed=370.0, layers=45, top_k=8, n_experts=128, draft=50.0, price=lambda: 20.0), hits=60, tries=100)
     cheap = DepthPolicy(4, costs, hits=60, tries=100)
     assert dear.choose(10) < cheap.choose(10)
+    # measured step times replace the model's price: a verification timed at 5x a plain step does not pay
+    timed = DepthPolicy(4, costs, hits=90, tries=100)
+    timed.observe_time(0, 0.01)
+    assert timed.choose(10) >= 2  # untimed depths: the model's price scaled by depth 0's time
+    for k in range(1, 5):
+        timed.observe_time(k, 0.05)
+    assert timed.choose(10) == 0
+    timed.reset()
+    assert timed.seconds == {} and timed.choose(10) == DepthPolicy(4, costs).choose(10)  # the prior again
     # acceptance is measured: rejections lower it, and depth 0 still explores now and then
     for _ in range(40):
         bad.observe(1, 0)
