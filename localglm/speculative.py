@@ -52,7 +52,8 @@ DraftVeto = Callable[[list[int], int], bool]
 
 DEFAULT_DRAFT = 3  # the most drafted tokens a step (--draft)
 EXPERT_OVERLAP = 0.2  # share of a drafted token's experts another token of the step also uses (10-30% measured on GLM)
-EXPLORE_EVERY = 16  # after this many depth-0 steps, draft one token to keep measuring acceptance
+EXPLORE_EVERY = 16  # after this many depth-0 steps, draft one token to keep measuring acceptance ...
+EXPLORE_MAX = 256  # ... doubling up to this while it keeps not paying
 
 
 @dataclass
@@ -150,6 +151,7 @@ class DepthPolicy:
     tries: float = 2.0
     zero_run: int = 0
     seconds: dict[int, float] = field(default_factory=dict)  # depth -> decayed mean step time
+    explore_every: int = EXPLORE_EVERY
 
     @property
     def acceptance(self) -> float:
@@ -167,12 +169,19 @@ class DepthPolicy:
             if rate > best_rate:
                 best, best_rate = k, rate
         if best == 0:
+            # Keep measuring now and then (acceptance may have risen), where a perfect acceptance would pay at all.
+            # Timed (not a seeded run): only where a perfect acceptance could pay, and backing off.
             self.zero_run += 1
-            if self.zero_run >= EXPLORE_EVERY:  # keep measuring: acceptance may have risen
+            timed = bool(self.seconds)
+            could_pay = not timed or any((k + 1) / self.price(k) > best_rate for k in range(1, cap + 1))
+            if could_pay and self.zero_run >= self.explore_every:
                 self.zero_run = 0
+                if timed:
+                    self.explore_every = min(2 * self.explore_every, EXPLORE_MAX)  # while it keeps not paying
                 return 1
         else:
             self.zero_run = 0
+            self.explore_every = EXPLORE_EVERY
         return best
 
     def price(self, k: int) -> float:
@@ -194,7 +203,7 @@ class DepthPolicy:
     def reset(self) -> None:
         """Back to the prior: a seeded generation must not depend on what earlier ones measured."""
         self.hits, self.tries, self.zero_run = 1.0, 2.0, 0
-        self.seconds = {}
+        self.seconds, self.explore_every = {}, EXPLORE_EVERY
 
     def observe(self, depth: int, accepted: int) -> None:
         if depth == 0:

@@ -394,13 +394,18 @@ def test_depth_policy_prices_experts() -> None:
     for k in range(1, 5):
         timed.observe_time(k, 0.05)
     assert timed.choose(10) == 0
+    assert all(timed.choose(10) == 0 for _ in range(100))  # 5 tokens can never pay 5x: no exploring either
     timed.reset()
     assert timed.seconds == {} and timed.choose(10) == DepthPolicy(4, costs).choose(10)  # the prior again
     # acceptance is measured: rejections lower it, and depth 0 still explores now and then
     for _ in range(40):
         bad.observe(1, 0)
     assert bad.acceptance < 0.05
-    assert 1 in [bad.choose(10) for _ in range(20)]
+    untimed = [bad.choose(10) for _ in range(32)]
+    assert [i for i, k in enumerate(untimed) if k] == [14, 30]  # untimed (seeded runs): every 16, no backoff (one chosen above)
+    bad.observe_time(0, 0.01)
+    picks = [bad.choose(10) for _ in range(16 + 32 + 64)]
+    assert [i for i, k in enumerate(picks) if k] == [14, 46, 110]  # timed: after 16, 32, 64 depth-0 steps
 
 
 # ---- interfaces -----------------------------------------------------------------------------------
