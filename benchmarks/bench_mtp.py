@@ -1,0 +1,192 @@
+"""Speculative decoding with the MTP head: decode tok/s with and without speculation, acceptance length
+and the depths chosen, on a random GLM-shaped model.
+
+    python benchmarks/bench_mtp.py                  # glm4_moe, 8 layers, hidden 512, 32 experts top-4, fp32
+    python benchmarks/bench_mtp.py --steps 300      # first distil the MTP head on the model's own output
+
+A random MTP head drafts what no model would say (acceptance ~0: the floor, where the depth policy
+should settle on depth 0). Two ways to non-trivial acceptance, both labelled in the table:
+- "oracle a=0.8": the block runs as in real use (its cost counted), but its proposals are replaced by
+  the main model's own greedy continuation with every fifth token wrong: the engine's verification and
+  rollback at a known acceptance, i.e. what a head that good buys on this machine (greedy only).
+- `--steps N`: Adam steps distilling the block (eh_proj, attention, shared expert) on the main model's
+  greedy continuations of random prompts, so that from (h_i, t_{i+1}) it predicts the model's t_{i+2}, as
+  GLM trains it on data; slow on 2 busy cores, and a random model's continuations are hard to predict
+  from little data, so held-out acceptance stays low.
+Figures are decode tok/s on this machine: compare them within one run only, beside the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import localglm  # noqa: E402
+from localglm.layers import attention as attention_mod  # noqa: E402
+from localglm.layers import experts as experts_mod  # noqa: E402
+from localglm.layers import norm as norm_mod  # noqa: E402
+from localglm.layers import rope as rope_mod  # noqa: E402
+from localglm.layers import router as router_mod  # noqa: E402
+from localglm.models.glm4_moe.tiny import TinySpec  # noqa: E402
+from localglm.sampling import SamplingParams  # noqa: E402
+from localglm.stats import GenerationStats  # noqa: E402
+from localglm.tiny import make_tiny  # noqa: E402
+
+SPEC = dict(
+    vocab_size=1024, hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+    head_dim=64, moe_intermediate_size=256, n_routed_experts=32, num_experts_per_tok=4, first_k_dense_replace=1, dtype="float32",
+)  # fmt: skip
+
+
+def teacher_data(model: localglm.Model, n: int, prompt_len: int, new: int, seed: int) -> torch.Tensor:
+    """Prompts of random ids, each continued greedily by the main model: [n, prompt_len + new]."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    model.speculation.set_draft(0)
+    for _ in range(n):
+        prompt = torch.randint(0, model.config.vocab_size - 32, (prompt_len,), generator=g).tolist()
+        out = list(model.stream_tokens(prompt, max_new_tokens=new, sampling=SamplingParams(temperature=0), reuse_prefix=False))
+        rows.append(prompt + out)
+    return torch.tensor(rows)
+
+
+def distil(model: localglm.Model, data: torch.Tensor, steps: int, lr: float, skip: int) -> list[float]:
+    """Train the MTP block to predict t_{i+2} from (h_i, t_{i+1}) on the continuation part of each row."""
+    head = model.speculation.head
+    layer = head.block.w.layers[0]
+    params = [head.w.eh_proj, layer.attn.qkv_weight, layer.attn.o_weight, layer.shared.gate_up, layer.shared.down]
+    if any(not isinstance(p, torch.Tensor) for p in params):
+        raise SystemExit("bench_mtp: distilling needs float weights (load without quantizing)")
+    with torch.no_grad():
+        h = model.net.residual(data[:, :-2])  # the main model's streams, the block's input
+    for p in params:
+        p.requires_grad_(True)
+    # The native CPU kernels (norms, RoPE, router) have no backward: torch's ops while training.
+    patched = [(m, m.native) for m in (norm_mod, rope_mod, router_mod, attention_mod, experts_mod) if hasattr(m, "native")]
+    for m, _ in patched:
+        m.native = lambda: None
+    opt = torch.optim.Adam(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        logits = head.logits(head.forward(h, data[:, 1:-1], None, 0))
+        target = data[:, 2:]
+        loss = torch.nn.functional.cross_entropy(logits[:, skip:].reshape(-1, logits.shape[-1]), target[:, skip:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    for p in params:
+        p.requires_grad_(False)
+    for m, fn in patched:
+        m.native = fn
+    return losses
+
+
+def run(model: localglm.Model, prompts: list[list[int]], new: int, draft: int, adaptive: bool, sampling: SamplingParams) -> tuple[float, GenerationStats]:
+    """Decode tok/s over all prompts (decode time summed) and the last run's stats, with drafting `draft`."""
+    model.speculation.set_draft(draft, adaptive=adaptive)
+    tokens, seconds = 0, 0.0
+    total = GenerationStats()
+    for p in prompts:
+        stats = GenerationStats()
+        list(model.stream_tokens(p, max_new_tokens=new, sampling=sampling, reuse_prefix=False, stats=stats))  # unseeded: a seed pins the untimed depth choice
+        tokens += stats.decode_tokens - 1
+        seconds += stats.decode_s
+        total.draft_tokens += stats.draft_tokens
+        total.accepted_tokens += stats.accepted_tokens
+        for d, n in stats.draft_depths.items():
+            total.draft_depths[d] = total.draft_depths.get(d, 0) + n
+    steps = sum(total.draft_depths.values())
+    total.acceptance_length = (total.accepted_tokens + steps) / steps if steps else 0.0
+    return tokens / seconds if seconds else 0.0, total
+
+
+def oracle(model: localglm.Model, prompts: list[list[int]], references: list[list[int]], wrong_every: int = 5) -> None:
+    """Replace the block's proposals by the greedy reference of the prompt being decoded, every
+    `wrong_every`-th token wrong (the block still runs: its cost and its cache are as in real use)."""
+    spec = model.speculation
+    real = type(spec)._draft
+    by_prompt = {tuple(p): r for p, r in zip(prompts, references)}
+    current: dict[str, list[int]] = {}
+
+    def draft(self, mcache, pend_h, pend_t, depth, sampling, sampler, target, history, veto, generated):  # type: ignore[no-untyped-def]
+        drafts, qs = real(self, mcache, pend_h, pend_t, depth, sampling, sampler, target, history, veto, generated)
+        ref, at = current["ref"], len(generated)
+        good = ref[at : at + len(drafts)]
+        return [t if (at + i + 1) % wrong_every else (t + 1) % model.config.vocab_size for i, t in enumerate(good)], qs
+
+    original = model.stream_tokens
+
+    def stream_tokens(ids, **kw):  # type: ignore[no-untyped-def]
+        current["ref"] = by_prompt[tuple(ids)]
+        return original(ids, **kw)
+
+    spec._draft = draft.__get__(spec)  # type: ignore[method-assign]
+    model.stream_tokens = stream_tokens  # type: ignore[method-assign]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=None, help="a checkpoint with an MTP block (default: make the random one)")
+    ap.add_argument("--steps", type=int, default=0, help="distillation steps for the MTP head (0: leave it random)")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--train-rows", type=int, default=24)
+    ap.add_argument("--prompts", type=int, default=4, help="held-out prompts per setting")
+    ap.add_argument("--new", type=int, default=64, help="tokens generated per prompt")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    path = args.model
+    if path is None:
+        path = Path(tempfile.mkdtemp(prefix="bench-mtp-")) / "m"
+        make_tiny(path, TinySpec(**SPEC))
+    model = localglm.load(path, ctx=1024)
+    if model.speculation is None:
+        raise SystemExit(f"{path}: no MTP block")
+    t0 = time.perf_counter()
+    data = teacher_data(model, args.train_rows, 16, 96, seed=1)
+    losses = distil(model, data, args.steps, args.lr, skip=14) if args.steps else []
+    trained = time.perf_counter() - t0
+    g = torch.Generator().manual_seed(99)
+    prompts = [torch.randint(0, model.config.vocab_size - 32, (16,), generator=g).tolist() for _ in range(args.prompts)]
+    print(f"model: {path} ({model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}, "
+          f"{model.config.n_routed_experts} experts top-{model.config.num_experts_per_tok}, fp32), {args.threads} threads")  # fmt: skip
+    if losses:
+        print(f"MTP head distilled on {args.train_rows} greedy continuations: {args.steps} steps, loss {losses[0]:.2f} -> {losses[-1]:.2f} ({trained:.0f} s)")
+    else:
+        print("MTP head as made (random): acceptance is the floor")
+    print(f"load average before: {os.getloadavg()[0]:.2f}")
+    print(f"{'sampling':<10} {'drafter':<13} {'draft':<8} {'decode tok/s':>12} {'vs plain':>9} {'accepted/drafted':>17} {'tok/step':>9}  depths")
+    greedy, warm = SamplingParams(temperature=0), SamplingParams(temperature=0.7)
+    model.speculation.set_draft(0)
+    references = [list(model.stream_tokens(p, max_new_tokens=args.new, sampling=greedy, reuse_prefix=False)) for p in prompts]
+    settings = [("greedy", greedy, "head", d, a) for d, a in ((1, False), (2, False), (3, False), (3, True))]
+    settings += [("greedy", greedy, "oracle a=0.8", d, a) for d, a in ((1, False), (2, False), (3, False), (4, False), (4, True))]
+    settings += [("t=0.7", warm, "head", d, a) for d, a in ((2, False), (3, True))]
+    base: dict[str, float] = {}
+    for name, sampling, drafter, draft, adaptive in [("greedy", greedy, "-", 0, False), ("t=0.7", warm, "-", 0, False), *settings]:
+        if drafter.startswith("oracle"):
+            oracle(model, prompts, references)
+        speed, st = run(model, prompts, args.new, draft, adaptive, sampling)
+        model.speculation.__dict__.pop("_draft", None)
+        model.__dict__.pop("stream_tokens", None)
+        base.setdefault(name, speed)
+        depths = ",".join(f"{d}x{n}" for d, n in sorted(st.draft_depths.items())) or "-"
+        acc = f"{st.accepted_tokens}/{st.draft_tokens}" if draft else "-"
+        per = f"{st.acceptance_length:.2f}" if draft else "1.00"
+        label = "plain" if not draft else f"{'<=' if adaptive else ''}{draft}"
+        print(f"{name:<10} {drafter:<13} {label:<8} {speed:>12.1f} {speed / base[name]:>8.2f}x {acc:>17} {per:>9}  {depths}")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
