@@ -186,6 +186,7 @@ def test_threads_are_capped_at_the_cores(tiny_dir: Path, tmp_path: Path, monkeyp
         o = run_cli(*argv, "--threads", "1000000")
         assert all(n <= cores for n in asked), f"crash: torch.set_num_threads({max(asked)}) segfaults"
         assert o.kind == "ok", o.why()
+        assert f"localglm: warning: --threads 1000000 is more than the {cores} usable cores" in o.err, o.why()
     o = run_cli("generate", tiny_dir, "-p", "x", "-n", "1", "-q", "--threads", "0")
     assert o.kind == "clean" and "--threads" in o.err, o.why()
 

@@ -177,7 +177,7 @@ def set_threads(n: int | None) -> None:
         raise LocalGLMError(f"--threads must be at least 1, got {n}")
     cores = usable_cores()
     if n > cores:
-        print(f"localglm: --threads {n} is more than the {cores} usable cores; using {cores}", file=sys.stderr)
+        print(f"localglm: warning: --threads {n} is more than the {cores} usable cores; using {cores}", file=sys.stderr)
     torch.set_num_threads(min(n, cores))
 
 
