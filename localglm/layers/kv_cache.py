@@ -117,6 +117,7 @@ class LatentCache(TokenCache):
         super().__init__(max_tokens)
         self.kv_lora_rank = kv_lora_rank
         self.host = host
+        self._last_plan: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (selection, picked, renumbered)
         shape = (layers, batch, max_tokens, kv_lora_rank + rope_dim)
         if host is None:
             self.kv = torch.zeros(shape, dtype=dtype, device=device)
@@ -148,10 +149,18 @@ class LatentCache(TokenCache):
         rows = self.kv[layer, :, :end]
         if self.host is not None:
             if allowed is not None and allowed.dtype != torch.bool and allowed.shape[1] == 1:
-                picked = torch.unique(allowed.cpu())  # ascending
+                picked, renumbered = self._gather_plan(allowed)
                 if picked.numel() < end:
-                    rows = rows.index_select(1, picked)
-                    allowed = torch.searchsorted(picked.to(allowed.device), allowed)
+                    rows, allowed = rows.index_select(1, picked), renumbered
             rows = self.host.fetch(rows.contiguous())
         r = self.kv_lora_rank
         return rows[..., :r], rows[..., r:], allowed
+
+    def _gather_plan(self, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The host positions to gather for a selection, ascending, and the selection renumbered to
+        index them. GLM-5.2's shared layers pass the same selection tensor as the full layer before
+        them: it is worked out (a device-to-host copy, a sort) once, not once a layer."""
+        if self._last_plan is None or self._last_plan[0] is not allowed:
+            picked = torch.unique(allowed.cpu())  # ascending
+            self._last_plan = (allowed, picked, torch.searchsorted(picked.to(allowed.device), allowed))
+        return self._last_plan[1], self._last_plan[2]
