@@ -83,6 +83,79 @@ def test_float32_checkpoint_matches_transformers(run) -> None:
     assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
 
 
+def _training_model(path: Path) -> torch.nn.Module:
+    """The training module (transformers + our MTP block) holding the checkpoint at `path`."""
+    from localglm.training.train import build_model
+    from localglm.training.warm_start import load_into, special_ids
+
+    model = build_model(TINY, special_ids(path / "tokenizer.json"))
+    assert load_into(model, path) == []  # every tensor, the MTP block's included, came from the checkpoint
+    return model.eval()
+
+
+def test_mtp_block_is_saved_in_the_hub_layout(run) -> None:
+    _, model_dir, _ = run
+    cfg = json.loads((model_dir / "config.json").read_text())
+    assert cfg["num_nextn_predict_layers"] == 1
+    from safetensors import safe_open
+
+    names = set()
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            names.update(st.keys())
+    n = TINY.num_hidden_layers
+    for t in ("eh_proj.weight", "enorm.weight", "hnorm.weight", "shared_head.norm.weight", "self_attn.q_proj.weight",
+              "mlp.gate.e_score_correction_bias", "mlp.experts.7.down_proj.weight_scale_inv", "mlp.shared_experts.up_proj.weight"):  # fmt: skip
+        assert f"model.layers.{n}.{t}" in names, t
+    assert not any(name.startswith(f"model.layers.{n + 1}.") for name in names)
+
+
+@pytest.mark.parametrize("kind", ["float32", "fp8"])
+def test_runtime_mtp_logits_equal_the_training_modules(run, kind: str) -> None:
+    """What localglm's draft head computes is what the training loss trained (the concat order, the
+    pre-norm hidden state, positions, the shared lm_head), on the float32 and the packaged FP8 files."""
+    from localglm.training.mtp import PreNormHidden, mtp_logits
+
+    _, model_dir, work = run
+    path = work / "checkpoint-float32" if kind == "float32" else model_dir
+    trained = _training_model(path)
+    ids = torch.randint(0, TINY.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
+    capture = PreNormHidden(trained)
+    with torch.no_grad():
+        trained(ids[:, :-1])
+        ref = mtp_logits(trained, capture.value, ids[:, 1:])[0].float()
+    capture.close()
+    ours_model = localglm.load(path, dtype="float32", mtp=True)
+    head = ours_model.speculation.head
+    with torch.inference_mode():
+        h = ours_model.net.residual(ids[:, :-1])
+        ours = head.logits(head.forward(h, ids[:, 1:], None, 0))[0]
+    assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_init_from_continues_a_checkpoint_and_adds_the_mtp_block(tmp_path: Path) -> None:
+    from localglm.training.warm_start import read_hub_weights
+
+    kw = dict(corpus=_tiny_corpus(), save_every=1000, eval_windows=1, log=lambda _m: None)
+    base = TrainConfig(**{**TINY.__dict__, "steps": 3, "mtp_layers": 0})
+    train(base, tmp_path / "base", tmp_path / "wbase", **kw)
+    assert json.loads((tmp_path / "base" / "config.json").read_text())["num_nextn_predict_layers"] == 0
+    cont = TrainConfig(**{**TINY.__dict__, "steps": 1, "lr": 0.0, "warmup": 1})  # lr 0: the weights stay as loaded
+    summary = train(cont, tmp_path / "cont", tmp_path / "wcont", init_from=tmp_path / "base", **kw)
+    assert (tmp_path / "cont" / "tokenizer.json").read_bytes() == (tmp_path / "base" / "tokenizer.json").read_bytes()
+    # the packaged (fp8 / bf16) files it started from, dequantized, against what it saved after a step at lr 0
+    before, after = read_hub_weights(tmp_path / "base"), read_hub_weights(tmp_path / "wcont" / "checkpoint-float32")
+    n = TINY.num_hidden_layers
+    for name, t in before.items():  # the main model continues from the checkpoint (the router biases keep balancing)
+        if "e_score_correction_bias" not in name:
+            assert torch.equal(after[name], t), name
+    # the new block starts as a copy of the last main layer
+    assert torch.equal(after[f"model.layers.{n}.self_attn.q_proj.weight"], before[f"model.layers.{n - 1}.self_attn.q_proj.weight"])
+    assert torch.equal(after[f"model.layers.{n}.mlp.experts.3.up_proj.weight"], before[f"model.layers.{n - 1}.mlp.experts.3.up_proj.weight"])
+    assert torch.equal(after[f"model.layers.{n}.shared_head.norm.weight"], before["model.norm.weight"])
+    assert summary["mtp_loss_history"] and summary["loss_history"][0] < math.log(TINY.vocab_size)
+
+
 def test_training_is_seeded(tmp_path: Path) -> None:
     cfg = TrainConfig(**{**TINY.__dict__, "steps": 2})
     kw = dict(corpus=_tiny_corpus(), save_every=1000, eval_windows=1, log=lambda _m: None)

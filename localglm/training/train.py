@@ -9,6 +9,11 @@ the forward pass never changes it), and write the checkpoint in the hub layout (
 names, sharded safetensors, config.json in GLM's spelling, tokenizer, chat template) every
 `--save-every` steps, so a run cut short still leaves a usable model. Seeded: the same command on
 the same Python and torch gives the same weights.
+
+With `mtp_layers` 1 (the default) the model also trains GLM's MTP block (`mtp.py`): the loss is
+CE(next token) + mtp_weight * CE(token after next, through the block). `--init-from DIR` continues an
+earlier checkpoint (FP8 or float, `warm_start.py`) with its tokenizer; a block it lacks starts as a
+copy of the last main layer.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from ..models.glm4_moe.tiny import TINY, TinySpec
 from ..tiny import fp8_layout
 from ..chat.tiny_tokenizer import GLM_SPECIAL_TOKENS, build_tiny_tokenizer
 from .corpus import Corpus, build_corpus
+from .mtp import PreNormHidden, attach_mtp, init_from_last_layer, main_and_mtp_loss, mtp_block_of
+from .warm_start import TOKENIZER_FILES, load_into, special_ids
 
 
 # Outside the package, so the float32 checkpoint never ends up in a wheel.
@@ -70,6 +77,8 @@ class TrainConfig:
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     bias_rate: float = 2e-2  # GLM/DeepSeek-V3 style balancing: bias += rate * sign(mean load - load)
+    mtp_layers: int = 1  # GLM's MTP block (0: none; GLM checkpoints have 1)
+    mtp_weight: float = 0.3  # loss = CE_main + mtp_weight * CE_mtp (DeepSeek-V3's 0.3)
     seed: int = 0
     # output
     weights: str = "fp8"  # fp8 (GLM-4.5-FP8 block-scaled layout) | bfloat16
@@ -78,7 +87,7 @@ class TrainConfig:
         """The checkpoint's shape as a TinySpec, so config.json is spelled exactly as make-tiny spells it."""
         names = {f.name for f in fields(TinySpec)}
         kw = {k: v for k, v in asdict(self).items() if k in names}
-        return TinySpec(**kw, num_nextn_predict_layers=0, dtype=weights or self.weights, use_qk_norm=True)
+        return TinySpec(**kw, num_nextn_predict_layers=self.mtp_layers, dtype=weights or self.weights, use_qk_norm=True)
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -138,6 +147,10 @@ def build_model(cfg: TrainConfig, special: dict[str, int]) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
     model = Glm4MoeForCausalLM(hf_config(cfg, special))
     # Scaled init for the residual outputs (GPT-2 style), so deeper stacks start near the identity.
+    if cfg.mtp_layers not in (0, 1):
+        raise ValueError(f"mtp_layers {cfg.mtp_layers}: GLM checkpoints have 0 or 1 MTP block")
+    if cfg.mtp_layers:
+        attach_mtp(model)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj")) or name.endswith("down_proj.weight"):
@@ -263,8 +276,16 @@ def eval_loss(model: torch.nn.Module, docs: list[list[int]], seq_len: int, max_w
     return total / (n * seq_len)
 
 
-def prepare(cfg: TrainConfig, work: Path, corpus: Corpus, log) -> tuple[Path, dict[str, int]]:
+def prepare(cfg: TrainConfig, work: Path, corpus: Corpus, log, init_from: Path | None = None) -> tuple[Path, dict[str, int]]:
     tok_dir = work / "tokenizer"
+    if init_from is not None:
+        tok_dir.mkdir(parents=True, exist_ok=True)
+        for f in TOKENIZER_FILES:
+            shutil.copy2(Path(init_from) / f, tok_dir / f)
+        special = special_ids(tok_dir / "tokenizer.json")
+        (tok_dir / "special_ids.json").write_text(json.dumps(special, indent=2) + "\n")
+        log(f"tokenizer and chat template: {init_from}'s")
+        return tok_dir, special
     special = build_tiny_tokenizer(tok_dir, vocab_size=cfg.vocab_size, corpus=corpus.tokenizer_lines(cfg.tokenizer_chars))
     (tok_dir / "special_ids.json").write_text(json.dumps(special, indent=2) + "\n")
     log(f"tokenizer: {cfg.vocab_size} tokens ({len(GLM_SPECIAL_TOKENS)} special) in {tok_dir}")
@@ -272,7 +293,8 @@ def prepare(cfg: TrainConfig, work: Path, corpus: Corpus, log) -> tuple[Path, di
 
 
 def train(cfg: TrainConfig, out: Path, work: Path, *, corpus: Corpus | None = None, save_every: int = 100,
-          threads: int | None = None, max_minutes: float | None = None, eval_windows: int = 64, log=print) -> dict:  # fmt: skip
+          threads: int | None = None, max_minutes: float | None = None, eval_windows: int = 64, log=print,
+          init_from: Path | None = None) -> dict:  # fmt: skip
     """Run the whole pipeline; returns a summary dict (losses, timings, parameter counts)."""
     t_start = time.time()
     if threads:
@@ -283,7 +305,7 @@ def train(cfg: TrainConfig, out: Path, work: Path, *, corpus: Corpus | None = No
     corpus = corpus or build_corpus(max_code_chars=cfg.max_code_chars)
     log(f"corpus: {len(corpus.train_chat)} chat pairs + {len(corpus.train_code)} code files (train), "
         f"{len(corpus.heldout_chat)} + {len(corpus.heldout_code)} held out")  # fmt: skip
-    tok_dir, special = prepare(cfg, work, corpus, log)
+    tok_dir, special = prepare(cfg, work, corpus, log, init_from)
     eot = special["<|endoftext|>"]
     chat = encode_docs(tok_dir, corpus.train_chat)
     code = [t for d in encode_docs(tok_dir, corpus.train_code) for t in [*d, eot]]
@@ -292,11 +314,19 @@ def train(cfg: TrainConfig, out: Path, work: Path, *, corpus: Corpus | None = No
     log(f"tokens: chat {sum(map(len, chat))}, code {len(code)}, held-out chat {sum(map(len, held_chat))}, code {sum(map(len, held_code))}")
     batches = Batches(chat, code, cfg, eot)
     model = build_model(cfg, special)
-    n_params = sum(p.numel() for p in model.parameters())
+    if init_from is not None:
+        fresh = load_into(model, init_from)
+        if fresh and mtp_block_of(model) is not None:
+            init_from_last_layer(model)
+        log(f"weights: {init_from} ({len(fresh)} new tensors{', the MTP block a copy of the last layer' if fresh else ''})")
+    block = mtp_block_of(model)
+    mtp_params = sum(p.numel() for p in block.parameters()) if block is not None else 0
+    n_params = sum(p.numel() for p in model.parameters()) - mtp_params  # the main model's
     per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
     n_moe = cfg.num_hidden_layers - cfg.first_k_dense_replace
     active = n_params - cfg.vocab_size * cfg.hidden_size - n_moe * per_expert * (cfg.n_routed_experts - cfg.num_experts_per_tok)
-    log(f"model: {n_params / 1e6:.2f}M parameters, {active / 1e6:.2f}M active per token (embedding excluded)")
+    log(f"model: {n_params / 1e6:.2f}M parameters, {active / 1e6:.2f}M active per token (embedding excluded)"
+        + (f", MTP block {mtp_params / 1e6:.2f}M" if mtp_params else ""))
     opt = torch.optim.AdamW(
         [
             {"params": [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n], "weight_decay": cfg.weight_decay},
@@ -305,7 +335,8 @@ def train(cfg: TrainConfig, out: Path, work: Path, *, corpus: Corpus | None = No
         lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
     )  # fmt: skip
     meter = LoadMeter(model)
-    history = []
+    capture = PreNormHidden(model)
+    history, mtp_history = [], []
     t0 = time.time()
     tokens_per_step = cfg.batch_size * cfg.seq_len
     model.train()
@@ -314,24 +345,29 @@ def train(cfg: TrainConfig, out: Path, work: Path, *, corpus: Corpus | None = No
             group["lr"] = lr_at(step, cfg)
         rows = batches.next()
         meter.reset()
-        logits = model(rows[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten())
+        loss, mtp_loss = main_and_mtp_loss(model, rows, capture)
+        total = loss if mtp_loss is None else loss + cfg.mtp_weight * mtp_loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         imbalance = update_bias(model, meter, cfg.bias_rate)
         history.append(loss.item())
+        if mtp_loss is not None:
+            mtp_history.append(mtp_loss.item())
         done = step + 1
         if done % 10 == 0 or done == cfg.steps:
             el = time.time() - t0
-            log(f"step {done}/{cfg.steps} loss {sum(history[-10:]) / len(history[-10:]):.3f} lr {lr_at(step, cfg):.2e} "
+            mtp_note = f" mtp {sum(mtp_history[-10:]) / len(mtp_history[-10:]):.3f}" if mtp_history else ""
+            log(f"step {done}/{cfg.steps} loss {sum(history[-10:]) / len(history[-10:]):.3f}{mtp_note} lr {lr_at(step, cfg):.2e} "
                 f"max/mean expert load {imbalance:.2f} {done * tokens_per_step / el:.0f} tok/s {el / 60:.1f} min")  # fmt: skip
         out_of_time = max_minutes is not None and time.time() - t0 > 60 * max_minutes
         if done % save_every == 0 or done == cfg.steps or out_of_time:
             held = eval_loss(model, held_chat, cfg.seq_len, min(8, eval_windows))
             meta = {"steps_done": done, "train_loss_last10": sum(history[-10:]) / len(history[-10:]), "heldout_chat_loss": held,
-                    "train_seconds": time.time() - t0, "parameters": n_params, "active_parameters": active}  # fmt: skip
+                    "mtp_loss_last10": sum(mtp_history[-10:]) / len(mtp_history[-10:]) if mtp_history else None,
+                    "init_from": str(init_from) if init_from is not None else None,
+                    "train_seconds": time.time() - t0, "parameters": n_params, "active_parameters": active, "mtp_parameters": mtp_params}  # fmt: skip
             save_checkpoint(model, cfg, tok_dir, out, cfg.weights, meta)
             save_checkpoint(model, cfg, tok_dir, work / "checkpoint-float32", "float32", meta)
             log(f"saved step {done} to {out} (held-out chat loss {held:.3f}, ppl {math.exp(held):.2f})")
@@ -339,6 +375,7 @@ def train(cfg: TrainConfig, out: Path, work: Path, *, corpus: Corpus | None = No
             log(f"--max-minutes {max_minutes} reached: stopped after step {done} of {cfg.steps}")
             break
     meter.close()
+    capture.close()
     train_s = time.time() - t0
     held_chat_loss = eval_loss(model, held_chat, cfg.seq_len, eval_windows)
     held_code_loss = eval_loss(model, held_code, cfg.seq_len, eval_windows)
@@ -346,6 +383,7 @@ def train(cfg: TrainConfig, out: Path, work: Path, *, corpus: Corpus | None = No
         "steps": len(history), "train_seconds": train_s, "total_seconds": time.time() - t_start, "tokens_seen": len(history) * tokens_per_step,
         "parameters": n_params, "active_parameters": active, "first_loss": history[0], "last_loss": sum(history[-10:]) / len(history[-10:]),
         "heldout_chat_ppl": math.exp(held_chat_loss), "heldout_code_ppl": math.exp(held_code_loss), "loss_history": history,
+        "mtp_loss_history": mtp_history,
     }  # fmt: skip
     (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log(f"done: {train_s / 60:.1f} min training, held-out ppl chat {summary['heldout_chat_ppl']:.2f} code {summary['heldout_code_ppl']:.2f}")
@@ -358,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=None, help=f"tokenizer, float32 checkpoint and summary (default: {DEFAULT_WORK})")
     ap.add_argument("--save-every", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="continue this checkpoint's weights (hub layout, FP8 or float) with its tokenizer and chat template")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this much training time; not reproducible")
     for f in fields(TrainConfig):
         ap.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default), default=f.default, help=f"(default: {f.default})")
@@ -368,7 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-    train(cfg, args.out, work, save_every=args.save_every, threads=args.threads, max_minutes=args.max_minutes, log=log)
+    if args.init_from is not None and not (args.init_from / "config.json").is_file():
+        ap.error(f"--init-from {args.init_from}: no config.json there")
+    train(cfg, args.out, work, save_every=args.save_every, threads=args.threads, max_minutes=args.max_minutes, log=log,
+          init_from=args.init_from)  # fmt: skip
     return 0
 
 

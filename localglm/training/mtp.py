@@ -1,0 +1,139 @@
+"""GLM's MTP (next-n) block for training: the module, its next-next-token loss and its initialisation.
+
+The block is trained as GLM-4.5 and DeepSeek-V3 train it, and as `localglm/models/mtp.py` runs it:
+for position i, with h_i the main model's last hidden state before the final norm,
+
+    x = eh_proj(cat(enorm(embed(t_{i+1})), hnorm(h_i)))     # embedding first, then the hidden
+    x = one full Glm4Moe decoder layer (attention + MoE with shared expert), causal, at position i
+    logits(t_{i+2}) = lm_head(shared_head.norm(x))           # the main model's embedding and lm_head
+
+and the loss is CE_main + mtp_weight * CE_mtp. `MtpBlock` is a transformers decoder layer with the
+block's own tensors added, appended to `model.model.layers` as layer N = num_hidden_layers: its
+state-dict names are the hub names (`model.layers.N.eh_proj.weight`, `...shared_head.norm.weight`,
+`...mlp.gate.e_score_correction_bias`), its router is balanced by the same bias updates as the
+main layers', and transformers' own forward never runs it (it stops at num_hidden_layers).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _decoder_layer_class():
+    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeDecoderLayer
+
+    return Glm4MoeDecoderLayer
+
+
+def _rms_norm(hidden: int, eps: float) -> torch.nn.Module:
+    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeRMSNorm
+
+    return Glm4MoeRMSNorm(hidden, eps=eps)
+
+
+class SharedHead(torch.nn.Module):
+    """`shared_head.norm` (GLM's checkpoints name it so; the head itself is the main lm_head)."""
+
+    def __init__(self, hidden: int, eps: float) -> None:
+        super().__init__()
+        self.norm = _rms_norm(hidden, eps)
+
+
+def make_mtp_block(config) -> torch.nn.Module:
+    """A Glm4Moe decoder layer at index num_hidden_layers plus eh_proj, enorm, hnorm and shared_head."""
+    base = _decoder_layer_class()
+
+    class MtpBlock(base):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            super().__init__(config, config.num_hidden_layers)
+            h, eps = config.hidden_size, config.rms_norm_eps
+            self.enorm = _rms_norm(h, eps)
+            self.hnorm = _rms_norm(h, eps)
+            self.eh_proj = torch.nn.Linear(2 * h, h, bias=False)
+            self.shared_head = SharedHead(h, eps)
+
+    return MtpBlock()
+
+
+def attach_mtp(model: torch.nn.Module) -> torch.nn.Module:
+    """Append one MTP block to `model.model.layers` (a Glm4MoeForCausalLM) and return it."""
+    block = make_mtp_block(model.config)
+    model.model.layers.append(block)
+    return block
+
+
+def mtp_block_of(model: torch.nn.Module) -> torch.nn.Module | None:
+    layers = model.model.layers
+    n = model.config.num_hidden_layers
+    return layers[n] if len(layers) > n else None
+
+
+def init_from_last_layer(model: torch.nn.Module) -> None:
+    """Warm start for a block added to a trained model: its decoder layer is a copy of the last main
+    layer (attention, experts, router and its bias), shared_head.norm a copy of the final norm, the
+    two input norms ones, and eh_proj = [I | I] / sqrt(2) (the sum of the two unit-RMS inputs)."""
+    block = mtp_block_of(model)
+    if block is None:
+        raise ValueError("the model has no MTP block to initialise")
+    last = model.model.layers[model.config.num_hidden_layers - 1]
+    if type(last.mlp) is not type(block.mlp):
+        raise ValueError("the last main layer is dense: its weights do not fit the MTP block's MoE layer")
+    own = block.state_dict()
+    with torch.no_grad():
+        for name, t in last.state_dict().items():
+            own[name].copy_(t)
+        block.shared_head.norm.weight.copy_(model.model.norm.weight)
+        block.enorm.weight.fill_(1.0)
+        block.hnorm.weight.fill_(1.0)
+        h = model.config.hidden_size
+        eye = torch.eye(h) / math.sqrt(2)
+        block.eh_proj.weight.copy_(torch.cat([eye, eye], dim=1))
+
+
+class PreNormHidden:
+    """Captures the main model's last hidden state before the final norm (the norm's input)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.value: torch.Tensor | None = None
+        self.handle = model.model.norm.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        self.value = args[0]
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+def mtp_logits(model: torch.nn.Module, hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+    """The block's logits for t_{i+2}: hidden [B, T, H] = h_0..h_{T-1} (pre-norm), next_ids [B, T] =
+    t_1..t_T. Positions 0..T-1, causal attention within the window."""
+    from transformers.masking_utils import create_causal_mask
+
+    block = mtp_block_of(model)
+    if block is None:
+        raise ValueError("the model has no MTP block")
+    inner = model.model
+    e = block.enorm(inner.embed_tokens(next_ids))
+    h = block.hnorm(hidden)
+    x = block.eh_proj(torch.cat([e, h], dim=-1))
+    pos = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+    mask = create_causal_mask(config=model.config, inputs_embeds=x, attention_mask=None, cache=None, position_ids=pos)
+    x = block(x, attention_mask=mask, position_ids=pos, position_embeddings=inner.rotary_emb(x, pos))
+    return model.lm_head(block.shared_head.norm(x))
+
+
+def main_and_mtp_loss(model: torch.nn.Module, rows: torch.Tensor, capture: PreNormHidden) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(CE of the main model on rows[:, 1:], CE of the MTP block on rows[:, 2:]) for token rows [B, T+1]."""
+    logits = model(rows[:, :-1]).logits
+    main = F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten())
+    if mtp_block_of(model) is None:
+        return main, None
+    hidden = capture.value
+    assert hidden is not None
+    t = rows.shape[1] - 1
+    m_logits = mtp_logits(model, hidden[:, : t - 1], rows[:, 1:t])
+    mtp = F.cross_entropy(m_logits.flatten(0, 1).float(), rows[:, 2:].flatten())
+    return main, mtp
