@@ -118,10 +118,10 @@ def oracle(model: localglm.Model, prompts: list[list[int]], references: list[lis
     current: dict[str, list[int]] = {}
 
     def draft(self, mcache, pend_h, pend_t, depth, sampling, sampler, target, history, veto, generated):  # type: ignore[no-untyped-def]
-        drafts, qs = real(self, mcache, pend_h, pend_t, depth, sampling, sampler, target, history, veto, generated)
+        drafts, qs, guide = real(self, mcache, pend_h, pend_t, depth, sampling, sampler, target, history, veto, generated)
         ref, at = current["ref"], len(generated)
         good = ref[at : at + len(drafts)]
-        return [t if (at + i + 1) % wrong_every else (t + 1) % model.config.vocab_size for i, t in enumerate(good)], qs
+        return [t if (at + i + 1) % wrong_every else (t + 1) % model.config.vocab_size for i, t in enumerate(good)], qs, guide
 
     original = model.stream_tokens
 

@@ -387,9 +387,12 @@ class Speculation:
             qs: list[torch.Tensor] = []
             if depth:
                 pend_h = log.since(mcache.length)
-                drafts, qs = self._draft(mcache, pend_h, pend_t, depth, sampling, sampler, target, history, veto, generated)
+                drafts, qs, guide = self._draft(mcache, pend_h, pend_t, depth, sampling, sampler, target, history, veto, generated)
                 pend_t = []
                 log.forget_before(length - STREAM_WINDOW)
+                guess = getattr(net.experts, "guess", None)  # an offloaded backend prefetches the drafts' experts
+                if guess is not None and drafts:
+                    guess(guide[: len(drafts)])
             k = len(drafts)
             ids = [generated[-1], *drafts]
             streams = net.residual(torch.tensor([ids], dtype=torch.long, device=device), cache, length)
@@ -443,9 +446,11 @@ class Speculation:
         history: Callable[[Sequence[int]], torch.Tensor | None],
         veto: DraftVeto | None,
         generated: list[int],
-    ) -> tuple[list[int], list[torch.Tensor]]:
+    ) -> tuple[list[int], list[torch.Tensor], torch.Tensor]:
         """Catch the MTP cache up on the pending (stream, token) pairs, then draft up to `depth` tokens,
-        chaining the block's own output stream. Returns the drafts and, sampling, their distributions q."""
+        chaining the block's own output stream. Returns the drafts, sampling their distributions q, and
+        the block's output streams [depth, H] (row j: its stand-in for the main model's last-layer stream
+        of the verification's token j; the offload prefetcher's guess)."""
         head, device = self.head, pend_h.device
         start = mcache.length
         g = None
@@ -457,6 +462,7 @@ class Speculation:
         g = g[:, -1:]
         drafts: list[int] = []
         qs: list[torch.Tensor] = []
+        guide = [g[0, -1]]
         for j in range(depth):
             lg = target(drafts, head.logits(g[0, -1]))
             if sampling.greedy:
@@ -472,4 +478,5 @@ class Speculation:
             if j + 1 < depth:
                 g = head.forward(g, torch.tensor([[d]], dtype=torch.long, device=device), mcache, mcache.length)
                 mcache.tokens.append(d)
-        return drafts, qs
+                guide.append(g[0, -1])
+        return drafts, qs, torch.stack(guide)

@@ -29,12 +29,13 @@ from .device import CudaDevice, SimulatedDevice
 from .expert_cache import Bf16Codec, ExpertCache, ExpertCodec
 from .metrics import OffloadCounters
 from .policies import HALF_LIFE, StatGuided, make_policy
-from .prefetch import NextLayerPredictor, predictor_for
+from .prefetch import NextLayerPredictor, PredictionCounts, predictor_for
 from .router_stats import RouterStats, profile_path
 from .trace import TraceRecorder
 
 
 HOST_PREPARED_MAX = 256  # quantized experts run on the CPU whose prepared kernels are kept (LRU)
+GUESS_MIN_PRECISION = 0.5  # a layer's speculation guesses are prefetched while at least this share of them was used
 PREFETCH_MIN_IDLE: float | None = None  # tokens; e.g. 1.0 stops prefetch evicting the last token's experts (measured: it hurts)
 
 
@@ -113,7 +114,25 @@ class OffloadedExperts:
                 self.recorder.predicted(target, experts)
         if not self.prefetch:
             return
-        t = self._clock(self.index[layer])
+        self._prefetch(preds, self._clock(self.index[layer]))
+
+    def guess(self, streams: torch.Tensor) -> None:
+        """Speculation's guesses before a verification: `streams` [n, H] stand in for the drafted tokens'
+        residual streams (the MTP block's outputs); every layer's router is applied to them
+        (NextLayerPredictor.guess) and the guesses of the layers where they have been right at least
+        GUESS_MIN_PRECISION of the time are prefetched, nearest layer first, so their copies overlap the
+        verification's first layers instead of waiting for the one-layer-ahead hint."""
+        if self.predictor is None:
+            return
+        preds = self.predictor.guess(streams)
+        self.predictor.expect_guess(preds)
+        if self.prefetch:
+            good = {layer: e for layer, e in preds.items() if self.predictor.guess_precision(layer) >= GUESS_MIN_PRECISION}
+            self._prefetch(good, self._clock(0))
+
+    def _prefetch(self, preds: dict[int, np.ndarray], t: float) -> None:
+        """Copy predicted experts into free slots or over cold victims, nearest layer first; the
+        predictions of every target are protected from each other's evictions."""
         protect = np.zeros(self.n_keys, dtype=bool)
         wanted = []
         for target in sorted(preds):
@@ -254,6 +273,9 @@ class OffloadedExperts:
         if self.recorder is not None:
             self.recorder.flush()
         pc = self.predictor.counts if self.predictor is not None else None
+        guessed = PredictionCounts()
+        for g in (self.predictor.counts_guess.values() if self.predictor is not None else ()):
+            guessed.tp, guessed.fp, guessed.fn = guessed.tp + g.tp, guessed.fp + g.fp, guessed.fn + g.fn
         budget = self.device.budget
         d = c.summary()
         d.update(
@@ -266,6 +288,8 @@ class OffloadedExperts:
             evictions=self.cache.evictions,
             prefetch_precision=round(pc.precision, 4) if pc else None,
             prefetch_recall=round(pc.recall, 4) if pc else None,
+            guess_precision=round(guessed.precision, 4) if guessed.tp + guessed.fp else None,
+            guess_recall=round(guessed.recall, 4) if guessed.tp + guessed.fn else None,
             device_bytes_used=budget.used,
             device_bytes_budget=budget.capacity,
             device_bytes_peak=budget.peak,

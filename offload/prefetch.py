@@ -49,6 +49,9 @@ class PredictionCounts:
         return self.tp / (self.tp + self.fn) if self.tp + self.fn else 0.0
 
 
+GUESS = 0  # _Pending.ahead of a `guess` (from a stand-in stream, not a layer's input)
+
+
 @dataclass
 class _Pending:
     experts: set[int]
@@ -76,6 +79,7 @@ class NextLayerPredictor:
     max_tokens: int = 64  # prefill batches: the union saturates; predict from a sample
     counts: PredictionCounts = field(default_factory=PredictionCounts)
     counts_ahead: dict[int, PredictionCounts] = field(default_factory=dict)
+    counts_guess: dict[int, PredictionCounts] = field(default_factory=dict)  # per layer: `guess`'s predictions
 
     carry_attention: bool = True
 
@@ -124,6 +128,31 @@ class NextLayerPredictor:
             out[target] = np.unique(top[val.isfinite()].cpu().numpy())  # never a masked group's expert
         return out
 
+    def guess(self, streams: torch.Tensor) -> dict[int, np.ndarray]:
+        """Every MoE layer's experts for tokens not yet run, from a stand-in for their residual stream
+        (speculation: the MTP block's output streams of the drafted tokens, which approximate the main
+        model's last-layer streams): each layer's norm and router applied to it, top-k per token, the
+        union over tokens. Far from the last layers the stand-in is worse; `guess_precision` says per
+        layer how often these guesses were right."""
+        flat = streams.reshape(-1, streams.shape[-1]).float()
+        out: dict[int, np.ndarray] = {}
+        for target in self.layers:
+            h = rms_norm(flat, self.norms[target].float(), self.eps)
+            choice = choice_scores(h, self.routers[target], self.spec)[1]
+            val, top = torch.topk(choice, k=min(self.spec.top_k, choice.shape[-1]), dim=-1)
+            out[target] = np.unique(top[val.isfinite()].cpu().numpy())
+        return out
+
+    def expect_guess(self, predictions: dict[int, np.ndarray]) -> None:
+        """Remember `guess`'s predictions, scored apart from the layer-ahead ones when their layer runs."""
+        for target, experts in predictions.items():
+            self._pending.setdefault(target, []).append(_Pending({int(e) for e in experts}, GUESS))
+
+    def guess_precision(self, layer: int) -> float:
+        """Share of `guess`'s experts for this layer that the layer then used (1 of 2 before any)."""
+        c = self.counts_guess.get(layer)
+        return (c.tp + 1) / (c.tp + c.fp + 2) if c is not None else 0.5
+
     def _prior(self, target: int, n_tokens: int, sample: torch.Tensor | None, guessed: dict[int, np.ndarray]) -> np.ndarray | None:
         """P(expert at `target` | the previous MoE layer's choice), per (sampled) token, from the
         statistics: its actual choice when it ran this step, else the one just predicted for it."""
@@ -161,8 +190,11 @@ class NextLayerPredictor:
             return
         actual = set(ids.reshape(-1).tolist())
         for p in pend:
-            self.counts_ahead.setdefault(p.ahead, PredictionCounts()).add(p.experts, actual)
-        self.counts.add(min(pend, key=lambda p: p.ahead).experts, actual)
+            into = self.counts_guess.setdefault(layer, PredictionCounts()) if p.ahead == GUESS else self.counts_ahead.setdefault(p.ahead, PredictionCounts())
+            into.add(p.experts, actual)
+        ahead = [p for p in pend if p.ahead != GUESS]
+        if ahead:
+            self.counts.add(min(ahead, key=lambda p: p.ahead).experts, actual)
 
 
 def predictor_for(

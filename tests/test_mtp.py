@@ -197,10 +197,10 @@ def _oracle(model: localglm.Model, reference: list[int], wrong_every: int) -> No
     real = Speculation._draft
 
     def draft(self: Speculation, mcache, pend_h, pend_t, depth, sampling, sampler, target, history, veto, generated):  # type: ignore[no-untyped-def]
-        drafts, qs = real(self, mcache, pend_h, pend_t, depth, sampling, sampler, target, history, veto, generated)
+        drafts, qs, guide = real(self, mcache, pend_h, pend_t, depth, sampling, sampler, target, history, veto, generated)
         at = len(generated)
         good = reference[at : at + len(drafts)]
-        return [t if (at + i + 1) % wrong_every else (t + 1) % model.config.vocab_size for i, t in enumerate(good)], qs
+        return [t if (at + i + 1) % wrong_every else (t + 1) % model.config.vocab_size for i, t in enumerate(good)], qs, guide
 
     spec._draft = draft.__get__(spec)  # type: ignore[method-assign]
 
@@ -225,6 +225,46 @@ def test_greedy_partial_acceptance_and_rollback(arch_dir: tuple[str, Path]) -> N
     assert _speculative(model, turn2, 15, 3, stats) == fresh
     assert stats.cached_prompt_tokens == len(prompt) + 25  # all the common prefix: no stream recomputed for the block
     _check_mtp_cache(model)
+
+
+def test_offloaded_speculation_prefetches_the_drafts_guessed_experts(tmp_path: Path) -> None:
+    """Offloaded experts (simulated device, a cache of a few experts): the MTP block's output streams go to
+    the prefetcher as guesses for every layer before each verification. The tokens stay plain decoding's,
+    the guesses are scored against what each layer then used, and where a layer's guesses have been
+    right they are copied in (prefetched) before the verification asks for them."""
+    path = make_tiny(tmp_path / "m", SPECS["glm4_moe"])
+    opts: dict[str, Any] = dict(offload="sim", gpu_mem="2800KiB", ctx=128, dtype="float32", stats_path=tmp_path / "s.npz")
+    model = localglm.load(path, **opts)
+    backend = model.net.experts
+    prompt = list(range(30, 52))
+    ref = _plain(model, prompt, 30, reuse_prefix=False)
+    guessed = []
+    real = backend.guess
+    backend.guess = lambda streams: (guessed.append(streams.shape), real(streams))[1]  # type: ignore[method-assign]
+    _oracle(model, ref, wrong_every=5)
+    before = backend.counters.copy()
+    assert _speculative(model, prompt, 30, 3, reuse_prefix=False) == ref
+    pred = backend.predictor
+    assert guessed and all(shape[0] <= 3 and shape[1] == model.config.hidden_size for shape in guessed)
+    scored = {layer: c for layer, c in pred.counts_guess.items() if c.tp + c.fp}
+    assert set(scored) == set(backend.moe_layers)  # every MoE layer's guesses met the layer's actual routing
+    snap = backend.stats_snapshot()
+    assert 0 < snap["guess_precision"] <= 1 and 0 < snap["guess_recall"] <= 1
+    # every layer trusted (precision floor 0): more prefetched than with guesses never taken
+    import offload.backend as ob
+
+    def run(floor: float) -> int:
+        m = localglm.load(path, **opts)
+        _oracle(m, ref, wrong_every=5)
+        ob_floor, ob.GUESS_MIN_PRECISION = ob.GUESS_MIN_PRECISION, floor
+        try:
+            assert _speculative(m, prompt, 30, 3, reuse_prefix=False) == ref
+        finally:
+            ob.GUESS_MIN_PRECISION = ob_floor
+        return m.net.experts.counters.prefetched
+
+    assert run(0.0) > run(2.0)
+    assert backend.counters.tokens > before.tokens
 
 
 def test_mtp_cache_rollback_dsa_without_selection(tmp_path: Path) -> None:
@@ -358,9 +398,9 @@ def test_speculative_sampling_matches_exact_joint_distribution(glm4: localglm.Mo
     real = Speculation._draft
 
     def near(self, mcache, pend_h, pend_t, depth, sampling, sampler, target, history, veto, generated):  # type: ignore[no-untyped-def]
-        real(self, mcache, pend_h, pend_t, depth, sampling, sampler, target, history, veto, generated)
+        guide = real(self, mcache, pend_h, pend_t, depth, sampling, sampler, target, history, veto, generated)[2]
         q = sampler.distribution(glm4.logits(torch.tensor([prompt + generated]))[0, -1] * 4.0)
-        return [sampler.sample(q)], [q]
+        return [sampler.sample(q)], [q], guide[:1]
 
     spec._draft = near.__get__(spec)  # type: ignore[method-assign]
     try:
