@@ -4,6 +4,7 @@
                                                           # then the packaged default model (fp8 weights)
     python benchmarks/bench_generate.py --model DIR --engines localglm,transformers
     python benchmarks/bench_generate.py --model ~/.cache/localglm-bench/flash-bf16   # GLM-4.7-Flash widths
+    python benchmarks/bench_generate.py --model default --mtp --draft 3   # + localglm drafting with the MTP layer
 
 Every engine runs in its own subprocess (so peak RSS is its own) on the same prompt token ids,
 greedy, ignoring end-of-turn tokens. llama.cpp (the optional `llama-cpp-python` extra) runs a GGUF
@@ -51,6 +52,7 @@ BENCH_MODELS = {"glm09b-bf16": ("glm4_moe", BENCH_SPEC), "flash-bf16": ("glm4_mo
 BENCH_ROOT = Path(os.environ.get("LOCALGLM_BENCH_DIR", Path.home() / ".cache" / "localglm-bench"))
 DEFAULT_DIR = BENCH_ROOT / "glm09b-bf16"
 PACKAGED = "default"  # --model default: the trained model shipped in localglm/data/default_model
+DEFAULT_DRAFT = 3  # --draft: localglm.speculative.DEFAULT_DRAFT (not imported: this orchestrator stays torch-free)
 
 
 def prompt_ids(n: int, vocab: int) -> list[int]:
@@ -68,18 +70,27 @@ def peak_rss() -> int:
 
 
 # ---- workers (one engine each, in a subprocess) -----------------------------------------------
-def run_localglm(model: Path, ids: list[int], new: int, threads: int) -> dict:
+def run_localglm(model: Path, ids: list[int], new: int, threads: int, draft: int | None = None) -> dict:
+    """localglm without speculation; with `draft` (the `localglm+mtp` engine), speculative decoding with
+    the checkpoint's MTP layer drafting up to that many tokens a step, depth chosen per step (as --mtp does)."""
     import torch
 
     import localglm
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    m = localglm.load(model)
+    m = localglm.load(model, mtp=draft is not None)
     load_s = time.perf_counter() - t0
+    if draft is not None:
+        if m.speculation is None:
+            raise SystemExit(f"{model}: no MTP layer to draft with")
+        m.speculation.set_draft(draft)
     stats = localglm.GenerationStats()
     out = list(m.stream_tokens(ids, max_new_tokens=new, sampling=localglm.SamplingParams(temperature=0), stats=stats))
-    return dict(load_s=load_s, prompt_tok_s=stats.prompt_tok_s, decode_tok_s=stats.decode_tok_s, ttft_s=stats.ttft_s, tokens=out)
+    res = dict(load_s=load_s, prompt_tok_s=stats.prompt_tok_s, decode_tok_s=stats.decode_tok_s, ttft_s=stats.ttft_s, tokens=out)
+    if draft is not None:
+        res.update(acceptance_length=stats.acceptance_length, draft_depths=stats.draft_depths)
+    return res
 
 
 def run_transformers(model: Path, ids: list[int], new: int, threads: int) -> dict:
@@ -139,6 +150,7 @@ def run_llama_cpp(gguf: Path, ids: list[int], new: int, threads: int) -> dict:
 
 
 WORKERS = {"localglm": run_localglm, "transformers": run_transformers, "llama.cpp": run_llama_cpp}
+MTP_ENGINE = "localglm+mtp"  # localglm with speculative decoding by the MTP layer (--mtp; depth up to --draft)
 
 
 # ---- driver -------------------------------------------------------------------------------------
@@ -243,17 +255,17 @@ def use_converter(args: argparse.Namespace) -> None:
         os.environ["LOCALGLM_LLAMA_CONVERTER"] = str(args.llama_converter)
 
 
-MODULES = {"localglm": "localglm", "transformers": "transformers", "llama.cpp": "llama_cpp"}
+MODULES = {"localglm": "localglm", MTP_ENGINE: "localglm", "transformers": "transformers", "llama.cpp": "llama_cpp"}
 
 
 def available(engine: str) -> bool:
     return subprocess.run([sys.executable, "-c", f"import {MODULES[engine]}"], capture_output=True).returncode == 0
 
 
-def run_worker(engine: str, target: Path, prompt_tokens: int, new_tokens: int, threads: int, vocab: int) -> dict | None:
+def run_worker(engine: str, target: Path, prompt_tokens: int, new_tokens: int, threads: int, vocab: int, draft: int = DEFAULT_DRAFT) -> dict | None:
     """One engine on one model (a directory, or a GGUF for llama.cpp) in a fresh subprocess: its result dict."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", engine, "--target", str(target), "--prompt-tokens",
-           str(prompt_tokens), "--new-tokens", str(new_tokens), "--threads", str(threads), "--vocab", str(vocab)]  # fmt: skip
+           str(prompt_tokens), "--new-tokens", str(new_tokens), "--threads", str(threads), "--vocab", str(vocab), "--draft", str(draft)]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         print(f"{engine} failed:\n{r.stderr[-2000:]}", file=sys.stderr)
@@ -277,20 +289,20 @@ def median_result(runs: list[dict]) -> dict:
 
 
 def run_workers(jobs: list[tuple[str, str, Path]], prompt_tokens: int, new_tokens: int, threads: int, vocab: int,
-                repeat: int = 1) -> dict[str, dict | None]:  # fmt: skip
+                repeat: int = 1, draft: int = DEFAULT_DRAFT) -> dict[str, dict | None]:  # fmt: skip
     """(key, engine, target) jobs, each run `repeat` times round-robin (a load that drifts during the run hits
     every job alike): key -> median result, or None if every run of it failed."""
     runs: dict[str, list[dict]] = {key: [] for key, _, _ in jobs}
     for _ in range(max(1, repeat)):
         for key, engine, target in jobs:
-            res = run_worker(engine, target, prompt_tokens, new_tokens, threads, vocab)
+            res = run_worker(engine, target, prompt_tokens, new_tokens, threads, vocab, draft)
             if res:
                 runs[key].append(res)
     return {key: median_result(r) if r else None for key, r in runs.items()}
 
 
 def measure_model(model: Path, engines: list[str], threads: int, prompt_tokens: int, new_tokens: int,
-                  repeat: int = 1) -> list[tuple[str, dict | str]]:  # fmt: skip
+                  repeat: int = 1, draft: int = DEFAULT_DRAFT) -> list[tuple[str, dict | str]]:  # fmt: skip
     """Every engine on one model: (engine, result dict) or (engine, why there is none: "not installed", ...)."""
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     status: dict[str, str] = {}
@@ -305,7 +317,7 @@ def measure_model(model: Path, engines: list[str], threads: int, prompt_tokens: 
             status[engine] = "GGUF export failed"
             continue
         jobs.append((engine, engine, target))
-    res = run_workers(jobs, prompt_tokens, new_tokens, threads, vocab, repeat)
+    res = run_workers(jobs, prompt_tokens, new_tokens, threads, vocab, repeat, draft)
     return [(e, status[e] if e in status else (res[e] or "failed")) for e in engines]
 
 
@@ -319,6 +331,9 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=1, help="runs per engine, interleaved; the table shows medians")
+    ap.add_argument("--mtp", action=argparse.BooleanOptionalAction, default=False,
+                    help=f"also run localglm with speculative decoding by the model's MTP layer (engine '{MTP_ENGINE}')")
+    ap.add_argument("--draft", type=int, default=DEFAULT_DRAFT, help="with --mtp: the most tokens drafted a step (default: %(default)s)")
     add_converter_option(ap)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--target", type=Path, help=argparse.SUPPRESS)
@@ -328,7 +343,10 @@ def main() -> int:
 
     if args.worker:
         ids = prompt_ids(args.prompt_tokens, args.vocab)
-        res = WORKERS[args.worker](args.target, ids, args.new_tokens, args.threads)
+        if args.worker == MTP_ENGINE:
+            res = run_localglm(args.target, ids, args.new_tokens, args.threads, draft=args.draft)
+        else:
+            res = WORKERS[args.worker](args.target, ids, args.new_tokens, args.threads)
         res["peak_rss_bytes"] = peak_rss()
         print(json.dumps(res))
         return 0
@@ -340,7 +358,10 @@ def main() -> int:
 
 def bench_model(model: Path, args: argparse.Namespace) -> None:
     """Run every engine on one model and print its table."""
-    measured = measure_model(model, args.engines.split(","), args.threads, args.prompt_tokens, args.new_tokens, args.repeat)
+    engines = args.engines.split(",")
+    if args.mtp and MTP_ENGINE not in engines:
+        engines.insert(engines.index("localglm") + 1 if "localglm" in engines else 0, MTP_ENGINE)
+    measured = measure_model(model, engines, args.threads, args.prompt_tokens, args.new_tokens, args.repeat, args.draft)
     rows = [(e, r) for e, r in measured if isinstance(r, dict)]
     base = dict(rows).get("localglm")
     print(f"\n{date.today()}  {platform.processor() or platform.machine()}  threads={args.threads}  "
@@ -349,6 +370,8 @@ def bench_model(model: Path, args: argparse.Namespace) -> None:
     print("|---|---:|---:|---:|---:|---:|---|")
     for engine, r in rows:
         same = "-" if base is None or engine == "localglm" else same_tokens(r, base)
+        if "acceptance_length" in r:
+            engine = f"{engine} (acceptance {r['acceptance_length']:.2f}, depths {r['draft_depths']})"
         print(f"| {engine} | {r['prompt_tok_s']:.1f} | {r['decode_tok_s']:.2f} | {r['ttft_s']:.3f} | "
               f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['load_s']:.1f} | {same} |")  # fmt: skip
 
