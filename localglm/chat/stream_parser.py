@@ -143,7 +143,7 @@ def _parse_json_value(raw: str) -> Any:
         return raw
 
 
-def _is_string_schema(schema: Any) -> bool:
+def is_string_schema(schema: Any) -> bool:
     """True when a parameter schema only admits strings (and maybe null)."""
     if not isinstance(schema, Mapping):
         return False
@@ -159,7 +159,7 @@ def _is_string_schema(schema: Any) -> bool:
         options = schema.get(combo)
         if isinstance(options, list) and options:
             real = [o for o in options if not (isinstance(o, Mapping) and o.get("type") == "null")]
-            return bool(real) and all(_is_string_schema(o) for o in real)
+            return bool(real) and all(is_string_schema(o) for o in real)
     return False
 
 
@@ -365,7 +365,7 @@ class ChatStreamParser:
 
     def _is_string_param(self, key: str) -> bool:
         schema = self._schemas.get(self._call.name or "", {}).get(key)
-        return _is_string_schema(schema)
+        return is_string_schema(schema)
 
     def _write_key(self, key: str) -> None:
         call = self._call

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..chat.stream_parser import _is_string_schema
+from ..chat.stream_parser import is_string_schema
 from ..errors import LocalGLMError
 
 # GLM's tags and role markers, as text: free text and raw string values never spell one out.
@@ -131,7 +131,7 @@ def _function(fn: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
 
 
 def _value(w: _Writer, schema: Any, root: Mapping[str, Any], loose: bool) -> str:
-    if _is_string_schema(schema):
+    if is_string_schema(schema):
         enum = schema.get("enum") if isinstance(schema, Mapping) else None
         if isinstance(enum, list) and enum:
             return w.rule(" | ".join(_lit(v) for v in enum))

@@ -69,6 +69,11 @@ class TensorSchema(Protocol):
         and `n_experts` routed experts may hold, a superset of what one holds."""
         ...
 
+    def classifier(self, n_layers: int) -> Callable[[str], tuple[str | None, int | None]]:
+        """`classify` for a model of `n_layers` main layers: blocks from there on are MTP blocks
+        (their tensors get the recipe's "mtp" class), which `classify` alone cannot tell."""
+        ...
+
 
 @runtime_checkable
 class SizeFormulas(Protocol):
