@@ -153,6 +153,10 @@ def test_init_from_continues_a_checkpoint_and_adds_the_mtp_block(tmp_path: Path)
     assert torch.equal(after[f"model.layers.{n}.self_attn.q_proj.weight"], before[f"model.layers.{n - 1}.self_attn.q_proj.weight"])
     assert torch.equal(after[f"model.layers.{n}.mlp.experts.3.up_proj.weight"], before[f"model.layers.{n - 1}.mlp.experts.3.up_proj.weight"])
     assert torch.equal(after[f"model.layers.{n}.shared_head.norm.weight"], before["model.norm.weight"])
+    # ... whose residual branches start at zero and eh_proj = [0 | I]: its first draft is the main model's next-token guess
+    assert not after[f"model.layers.{n}.self_attn.o_proj.weight"].any() and not after[f"model.layers.{n}.mlp.experts.3.down_proj.weight"].any()
+    h = TINY.hidden_size
+    assert torch.equal(after[f"model.layers.{n}.eh_proj.weight"], torch.cat([torch.zeros(h, h), torch.eye(h)], 1))
     assert summary["mtp_loss_history"] and summary["loss_history"][0] < math.log(TINY.vocab_size)
 
 

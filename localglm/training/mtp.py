@@ -16,8 +16,6 @@ main layers', and transformers' own forward never runs it (it stops at num_hidde
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -73,8 +71,11 @@ def mtp_block_of(model: torch.nn.Module) -> torch.nn.Module | None:
 
 def init_from_last_layer(model: torch.nn.Module) -> None:
     """Warm start for a block added to a trained model: its decoder layer is a copy of the last main
-    layer (attention, experts, router and its bias), shared_head.norm a copy of the final norm, the
-    two input norms ones, and eh_proj = [I | I] / sqrt(2) (the sum of the two unit-RMS inputs)."""
+    layer (attention, experts, router and its bias) with its residual-branch outputs (o_proj, the
+    experts' and the shared expert's down_proj) zeroed, shared_head.norm a copy of the final norm, the
+    input norms ones and eh_proj = [0 | I]. So the new block starts as the identity on hnorm(h_i) and
+    its first draft is the main model's own next-token distribution (a finite loss to learn from, where
+    a copied layer on a stream of another scale starts far worse than uniform)."""
     block = mtp_block_of(model)
     if block is None:
         raise ValueError("the model has no MTP block to initialise")
@@ -89,8 +90,10 @@ def init_from_last_layer(model: torch.nn.Module) -> None:
         block.enorm.weight.fill_(1.0)
         block.hnorm.weight.fill_(1.0)
         h = model.config.hidden_size
-        eye = torch.eye(h) / math.sqrt(2)
-        block.eh_proj.weight.copy_(torch.cat([eye, eye], dim=1))
+        block.eh_proj.weight.copy_(torch.cat([torch.zeros(h, h), torch.eye(h)], dim=1))
+        block.self_attn.o_proj.weight.zero_()
+        block.mlp.experts.down_proj.zero_()
+        block.mlp.shared_experts.down_proj.weight.zero_()
 
 
 class PreNormHidden:
