@@ -6,7 +6,9 @@ Two kinds of documents, both deterministic for a given Python installation:
   returns ..."), the assistant answers with the function in a ```python fence. Rendered with the
   GLM-4.5 chat template as a finished turn, i.e. `<|assistant|>\\n<think></think>\\n...` followed by
   `<|user|>`, the token GLM emits to end its turn;
-* plain code: whole source files.
+* plain code: whole source files;
+* with `agent_share` > 0, synthetic agent conversations added to the train chat documents
+  (`agent_corpus.py`: `<think>` reasoning, tool calls answered by `<tool_response>` turns).
 
 Files are split into train / held-out by a hash of their path (about 1 in 20 held out), so the
 held-out perplexity is measured on modules the model never saw.
@@ -146,9 +148,11 @@ class Corpus:
         return out
 
 
-def build_corpus(root: Path | None = None, max_code_chars: int | None = None) -> Corpus:
-    """Read the stdlib once and split it into chat and code documents, train and held-out."""
+def build_corpus(root: Path | None = None, max_code_chars: int | None = None, agent_share: float = 0.0, seed: int = 0) -> Corpus:
+    """Read the stdlib once and split it into chat and code documents, train and held-out; then add
+    `agent_share` * (train chat pairs) synthetic agent conversations to the train chat documents."""
     corpus = Corpus([], [], [], [], [])
+    train_examples: list[Example] = []
     code_chars = 0
     for rel, path in source_files(root):
         try:
@@ -158,10 +162,18 @@ def build_corpus(root: Path | None = None, max_code_chars: int | None = None) ->
         held = is_heldout(rel)
         examples = functions_in(rel, text)
         (corpus.heldout_chat if held else corpus.train_chat).extend(chat_text(e) for e in examples)
+        if not held:
+            train_examples.extend(examples)
         if held:
             corpus.heldout_examples.extend(examples)
             corpus.heldout_code.append(f"# {rel}\n{text}")
         elif max_code_chars is None or code_chars < max_code_chars:
             corpus.train_code.append(f"# {rel}\n{text}")
             code_chars += len(text)
+    if agent_share > 0:
+        from .agent_corpus import agent_docs
+
+        n = round(agent_share * len(corpus.train_chat))
+        corpus.train_chat.extend(agent_docs(train_examples, is_heldout, Path(root or stdlib_dir()), seed=seed,
+                                            n_think=round(0.4 * n), n_docstring=round(0.4 * n), n_list=round(0.1 * n), n_no_call=round(0.1 * n)))  # fmt: skip
     return corpus

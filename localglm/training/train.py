@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -67,6 +68,7 @@ class TrainConfig:
     seq_len: int = 256
     batch_size: int = 4
     chat_share: float = 0.75  # fraction of the sequences that start at a chat pair (the rest: plain code)
+    agent_share: float = 0.1  # synthetic thinking / tool-call conversations added, per train chat pair
     max_code_chars: int = 6_000_000
     tokenizer_chars: int = 4_000_000
     # optimisation
@@ -302,7 +304,7 @@ def train(cfg: TrainConfig, out: Path, work: Path, *, corpus: Corpus | None = No
     torch.manual_seed(cfg.seed)
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    corpus = corpus or build_corpus(max_code_chars=cfg.max_code_chars)
+    corpus = corpus or build_corpus(max_code_chars=cfg.max_code_chars, agent_share=cfg.agent_share, seed=cfg.seed)
     log(f"corpus: {len(corpus.train_chat)} chat pairs + {len(corpus.train_code)} code files (train), "
         f"{len(corpus.heldout_chat)} + {len(corpus.heldout_code)} held out")  # fmt: skip
     tok_dir, special = prepare(cfg, work, corpus, log, init_from)
@@ -337,7 +339,7 @@ def train(cfg: TrainConfig, out: Path, work: Path, *, corpus: Corpus | None = No
     meter = LoadMeter(model)
     capture = PreNormHidden(model)
     history, mtp_history = [], []
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     tokens_per_step = cfg.batch_size * cfg.seq_len
     model.train()
     for step in range(cfg.steps):
@@ -360,14 +362,15 @@ def train(cfg: TrainConfig, out: Path, work: Path, *, corpus: Corpus | None = No
             el = time.time() - t0
             mtp_note = f" mtp {sum(mtp_history[-10:]) / len(mtp_history[-10:]):.3f}" if mtp_history else ""
             log(f"step {done}/{cfg.steps} loss {sum(history[-10:]) / len(history[-10:]):.3f}{mtp_note} lr {lr_at(step, cfg):.2e} "
-                f"max/mean expert load {imbalance:.2f} {done * tokens_per_step / el:.0f} tok/s {el / 60:.1f} min")  # fmt: skip
+                f"max/mean expert load {imbalance:.2f} {done * tokens_per_step / el:.0f} tok/s {el / 60:.1f} min "
+                f"(cpu {(time.process_time() - cpu0) / 60:.1f} min, load {os.getloadavg()[0]:.1f})")  # fmt: skip
         out_of_time = max_minutes is not None and time.time() - t0 > 60 * max_minutes
         if done % save_every == 0 or done == cfg.steps or out_of_time:
             held = eval_loss(model, held_chat, cfg.seq_len, min(8, eval_windows))
             meta = {"steps_done": done, "train_loss_last10": sum(history[-10:]) / len(history[-10:]), "heldout_chat_loss": held,
                     "mtp_loss_last10": sum(mtp_history[-10:]) / len(mtp_history[-10:]) if mtp_history else None,
                     "init_from": str(init_from) if init_from is not None else None,
-                    "train_seconds": time.time() - t0, "parameters": n_params, "active_parameters": active, "mtp_parameters": mtp_params}  # fmt: skip
+                    "train_seconds": time.time() - t0, "train_cpu_seconds": time.process_time() - cpu0, "parameters": n_params, "active_parameters": active, "mtp_parameters": mtp_params}  # fmt: skip
             save_checkpoint(model, cfg, tok_dir, out, cfg.weights, meta)
             save_checkpoint(model, cfg, tok_dir, work / "checkpoint-float32", "float32", meta)
             log(f"saved step {done} to {out} (held-out chat loss {held:.3f}, ppl {math.exp(held):.2f})")
@@ -380,7 +383,7 @@ def train(cfg: TrainConfig, out: Path, work: Path, *, corpus: Corpus | None = No
     held_chat_loss = eval_loss(model, held_chat, cfg.seq_len, eval_windows)
     held_code_loss = eval_loss(model, held_code, cfg.seq_len, eval_windows)
     summary = {
-        "steps": len(history), "train_seconds": train_s, "total_seconds": time.time() - t_start, "tokens_seen": len(history) * tokens_per_step,
+        "steps": len(history), "train_seconds": train_s, "train_cpu_seconds": time.process_time() - cpu0, "total_seconds": time.time() - t_start, "tokens_seen": len(history) * tokens_per_step,
         "parameters": n_params, "active_parameters": active, "first_loss": history[0], "last_loss": sum(history[-10:]) / len(history[-10:]),
         "heldout_chat_ppl": math.exp(held_chat_loss), "heldout_code_ppl": math.exp(held_code_loss), "loss_history": history,
         "mtp_loss_history": mtp_history,
