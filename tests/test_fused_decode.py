@@ -32,8 +32,10 @@ SHAPES = {
 
 
 def _decode(net: object, fused: bool, prompt: list[int], prefill: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits of each decoded position, and the cache's k / v, decoding prompt[prefill:] one token at a time."""
-    net.fused_decode = fused
+    """Logits of each decoded position, and the cache's k / v, decoding prompt[prefill:] one token at a
+    time. The prompt goes through the torch ops either way: these tests compare the one-token paths
+    from the same cache (multi-token forwards: tests/test_fused_prefill.py)."""
+    net.fused_decode, net.fused_prefill = fused, False
     ids = torch.tensor([prompt])
     cache = net.new_cache(64)
     out = []

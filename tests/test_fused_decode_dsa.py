@@ -56,8 +56,10 @@ def _fused(net: Any) -> FusedDecoder:
 
 
 def _decode(net: Any, fused: bool, prompt: list[int] = PROMPT, prefill: int = PREFILL) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits of each decoded position, the latent cache and the indexer-key cache, decoding prompt[prefill:] one token at a time."""
-    net.fused_decode = fused
+    """Logits of each decoded position, the latent cache and the indexer-key cache, decoding prompt[prefill:] one token at a time.
+    The prompt goes through the torch ops either way: these tests compare the one-token paths from
+    the same cache (multi-token forwards: tests/test_fused_prefill.py)."""
+    net.fused_decode, net.fused_prefill = fused, False
     ids, cache = torch.tensor([prompt]), net.new_cache(32)
     with torch.inference_mode():
         net.hidden_states(ids[:, :prefill], cache, 0)

@@ -43,8 +43,10 @@ SHAPES = {
 
 
 def _decode(net: Any, fused: bool, prefill: int = 4, prompt: list[int] = PROMPT) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of each decoded position and the latent cache, decoding prompt[prefill:] one token at a time."""
-    net.fused_decode = fused
+    """Logits of each decoded position and the latent cache, decoding prompt[prefill:] one token at a time.
+    The prompt goes through the torch ops either way: these tests compare the one-token paths from
+    the same cache (multi-token forwards: tests/test_fused_prefill.py)."""
+    net.fused_decode, net.fused_prefill = fused, False
     ids, cache = torch.tensor([prompt]), net.new_cache(max(64, len(prompt)))
     with torch.inference_mode():
         net.hidden_states(ids[:, :prefill], cache, 0)
@@ -182,7 +184,8 @@ def test_fused_decode_takes_only_its_cache(tmp_path: Path) -> None:
     assert fused.takes(one, net.new_cache(8))
     assert not fused.takes(one, KVCache(3, 1, 8, 8, net.dtype))  # a GQA cache
     assert not fused.takes(one, net.new_cache(8, batch=2))
-    assert not fused.takes(torch.tensor([[3, 4]]), net.new_cache(8))
+    assert fused.takes(torch.tensor([[3, 4]]), net.new_cache(8))  # consecutive tokens of one sequence (tests/test_fused_prefill.py)
+    assert not fused.takes(torch.tensor([[3], [4]]), net.new_cache(8, batch=2))  # two sequences
 
 
 def test_fused_decode_refuses_a_full_cache(tmp_path: Path) -> None:

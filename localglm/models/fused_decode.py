@@ -1,26 +1,34 @@
-"""Decode on the CPU with one native call per layer (localglm/models/native/decode_layer.c `lg_decode_layer`).
+"""Decode and prefill on the CPU with one native call per layer (localglm/models/native/decode_layer.c `lg_decode_layer`).
 
 Why: through torch a decoded token is ~60 small ops per layer at ~6 us each, which on the CPU cost
 more than the arithmetic of a small or quantized model. The fused call runs the input norm, the
 attention (projections, RoPE, the cache write, attention over the cache, o_proj), the residual, the
 post-attention norm and then the dense MLP, or the MoE router and shared experts, with the rounding
 points of the torch layers. Routed experts in RAM (QuantizedExperts, InMemoryExperts) run inside
-the same call, and then the whole token is one call (`lg_decode_layers`); any other backend
+the same call, and then the whole forward is one call (`lg_decode_layers`); any other backend
 (offloaded, or wrapped, e.g. by the tracer) gets its `hint` / `attended` / `forward` calls per layer
 as in the torch path, so it keeps its own placement, statistics and prefetch, and its output is
 added at the start of the next layer's call.
+
+A call takes T consecutive tokens of one sequence (a prompt chunk, a speculative verification of
+k drafts, or one decoded token): each token gets exactly the arithmetic of a one-token call, token t
+writing its cache row and attending up to itself, while quantized weights are read once for several
+tokens and each routed expert runs once for the tokens routed to it. So a prompt or a verification
+through here is bit-identical to decoding its tokens one by one (tests/test_fused_prefill.py), and
+greedy speculation is plain decoding. The torch layers keep prefill where this path does not take
+the model (`MoeDecoder.fused_prefill` False forces them).
 
 This driver is every GLM MoE architecture's, as the C decoder skeleton is: an architecture
 subclasses FusedDecoder with what its attention is (glm4_moe/fused_decode.py: grouped-query
 attention over a KVCache; glm4_moe_lite/fused_decode.py: multi-head latent attention over a
 LatentCache; glm_moe_dsa/fused_decode.py: MLA over the top-k of its sparse-attention indexer, over a
 DsaCache), i.e. the attention fields of each layer's LgLayer and the cache the native layer reads.
-DSA's layers pass their pick on through a selection buffer this driver keeps for the token, in
-the whole-token call and between the per-layer calls alike.
+DSA's layers pass each token's pick on through a selection buffer this driver keeps for the call,
+in the whole-forward call and between the per-layer calls alike.
 
 `FusedDecoder.build` returns None where the kernels do not take the model (no C compiler, a GPU,
-dtypes other than fp32/bf16, weights in a layout the kernel does not read); the model then decodes
-through the torch ops, as prefill always does.
+dtypes other than fp32/bf16, weights in a layout the kernel does not read); the model then runs
+through the torch ops.
 """
 
 from __future__ import annotations
@@ -80,7 +88,7 @@ class _FusedLayer:
 
 
 class FusedDecoder:
-    """One-token forward through the fused native layers: `hidden_states` as MoeDecoder's. An
+    """The forward of one sequence's tokens through the fused native layers: `hidden_states` as MoeDecoder's. An
     architecture's subclass says what its attention is (`cache_type`, `_attention`, `_cache`)."""
 
     cache_type: ClassVar[type[TokenCache]]  # the cache the native attention reads
@@ -89,7 +97,7 @@ class FusedDecoder:
         self.model = model
         self.lib = lib
         self.layers = layers
-        self._descs = (LgLayer * len(layers))(*(layer.desc for layer in layers))  # for the one-call-per-token path
+        self._descs = (LgLayer * len(layers))(*(layer.desc for layer in layers))  # for the one-call-per-forward path
         self._tables: tuple | None = None  # (backend, its experts per layer, the whole-token array) last seen
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos / sin of every cache position
         self._index_slot: list[int | None] = []  # a DSA full layer's slot in the indexer-key cache: the full layers in order
@@ -115,19 +123,19 @@ class FusedDecoder:
         the one sequence (a view); None for attention without an indexer."""
         return None
 
-    def _selection(self, cache: Any) -> torch.Tensor | None:
-        """DSA: the buffer (int32, layer_ops.h `lg_selection`) through which a full layer's pick
-        reaches the shared layers after it, with room for a pick from this cache; None for
-        attention without one."""
+    def _selection(self, cache: Any, tokens: int) -> torch.Tensor | None:
+        """DSA: the buffer (int32 [tokens, room], a layer_ops.h `lg_selection` per token) through
+        which each token's full-layer pick reaches the shared layers after it, with room for a pick
+        from this cache; None for attention without one."""
         return None
 
     # ---- shared ---------------------------------------------------------------------------------
-    def _cos_sin(self, pos: int, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This position's rotary table rows [1, rot]: the model's own table (`MoeDecoder.rope`),
-        computed once for the whole cache instead of ~6 ops per token."""
+    def _cos_sin(self, pos: int, n: int, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary table rows [n, rot] of positions pos..pos+n-1: the model's own table
+        (`MoeDecoder.rope`), computed once for the whole cache instead of ~6 ops per token."""
         if self._rope is None or self._rope[0].shape[0] < max_tokens:
             self._rope = self.model.rope(torch.arange(max_tokens), self.model.dtype)
-        return self._rope[0][pos : pos + 1], self._rope[1][pos : pos + 1]
+        return self._rope[0][pos : pos + n], self._rope[1][pos : pos + n]
 
     def _experts_in_ram(self) -> tuple[list[LgExperts | None], ctypes.Array | None]:
         """Per layer, the routed experts the native call runs itself (QuantizedExperts or
@@ -183,55 +191,60 @@ class FusedDecoder:
         return _FusedLayer(desc, pin.keep, moe, mlp is not None)
 
     def takes(self, input_ids: torch.Tensor, cache: TokenCache | None) -> bool:
-        """Whether this call is one the fused path runs: one token of one sequence, a CPU cache of
-        the attention's type and the model dtype."""
-        if not isinstance(cache, self.cache_type) or input_ids.shape != (1, 1) or getattr(cache, "host", None) is not None:
+        """Whether this call is one the fused path runs: consecutive tokens of one sequence
+        (input_ids [1, T]), a CPU cache of the attention's type and the model dtype."""
+        if not isinstance(cache, self.cache_type) or input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
+            return False
+        if getattr(cache, "host", None) is not None:
             return False  # rows kept apart in host RAM are brought over by `read`, which the kernel does not do
         k, _ = self._cache(cache)
         return k.shape[1] == 1 and k.dtype == self.model.dtype and k.device.type == "cpu"
 
     def hidden_states(self, input_ids: torch.Tensor, cache: TokenCache, start: int) -> torch.Tensor:
-        """Final-normed hidden state [1, 1, H] of one token at position `start`, its keys written to the cache."""
+        """Final-normed hidden states [1, T, H] of the tokens at positions start.., their keys written to the cache."""
         m = self.model
         return rms_norm(self.residual(input_ids, cache, start), m.w.final_norm, m.cfg.rms_norm_eps)
 
     def residual(self, input_ids: torch.Tensor, cache: TokenCache, start: int) -> torch.Tensor:
-        """The residual stream [1, 1, H] after the last layer, before the final norm (what an MTP head reads)."""
+        """The residual stream [1, T, H] after the last layer, before the final norm (what an MTP head
+        reads), of the T = input_ids.shape[1] tokens at positions start..start+T-1: each token's
+        numbers are those of T one-token calls, token t attending up to itself."""
         m, cfg = self.model, self.model.cfg
-        cache.check_room(start + 1)
-        x = F.embedding(input_ids, m.w.embed).reshape(cfg.hidden_size).to(m.dtype).contiguous()
-        cos, sin = self._cos_sin(start, cache.max_tokens)
+        T = input_ids.shape[1]
+        cache.check_room(start + T)
+        x = F.embedding(input_ids, m.w.embed).reshape(T, cfg.hidden_size).to(m.dtype).contiguous()
+        cos, sin = self._cos_sin(start, T, cache.max_tokens)
         k_all, v_all = self._cache(cache)
         kc, vc = k_all[:, 0], None if v_all is None else v_all[:, 0]
         threads, k, hidden = torch.get_num_threads(), cfg.num_experts_per_tok, cfg.hidden_size
-        index_keys, sel = self._index_keys(cache), self._selection(cache)
+        index_keys, sel = self._index_keys(cache), self._selection(cache, T)
         per_layer, whole = self._experts_in_ram()
-        if whole is not None:  # the whole token in one native call
+        if whole is not None:  # every layer of the tokens in one native call
             self.lib.decode_layers(self._descs, x, cos, sin, kc, vc, start, whole, threads, index_keys, sel)
-            return x.view(1, 1, hidden)
+            return x.view(1, T, hidden)
         # Experts in RAM run inside the layer call; any other backend (a wrapper such as
         # the tracer included) gets its hint and forward calls as in the torch path.
         add: tuple[torch.Tensor, torch.Tensor | None] | None = None
         for i, layer in enumerate(self.layers):
-            h = torch.empty(1, 1, hidden, dtype=m.dtype)
-            ids = torch.empty(1, k, dtype=torch.int64)
-            wts = torch.empty(1, k, dtype=torch.float32)
-            shared = torch.empty(hidden, dtype=m.dtype) if layer.moe and layer.has_mlp else None
+            h = torch.empty(T, hidden, dtype=m.dtype)
+            ids = torch.empty(T, k, dtype=torch.int64)
+            wts = torch.empty(T, k, dtype=torch.float32)
+            shared = torch.empty(T, hidden, dtype=m.dtype) if layer.moe and layer.has_mlp else None
             tables = per_layer[i]
-            routed = torch.empty(hidden, dtype=m.dtype) if tables is not None else None
+            routed = torch.empty(T, hidden, dtype=m.dtype) if tables is not None else None
             if layer.moe and tables is None:  # the backend gets the layer's input before it runs
                 if add is not None:
                     self.lib.residual_add(x, *add)
                     add = None
-                m.experts.hint(i, x.view(1, 1, hidden))
+                m.experts.hint(i, x.view(1, T, hidden))
             slot = self._index_slot[i]
             self.lib.decode_layer(layer.desc, x, add, cos, sin, kc[i], None if vc is None else vc[i], start, h, ids, wts, shared,
                                   threads, tables, routed, None if slot is None else index_keys[slot], sel)
             add = None
             if layer.moe and tables is None:
-                m.experts.attended(i, x.view(1, 1, hidden))  # x: the layer's input plus its attention
-                routed = m.experts.forward(i, h.view(1, hidden), ids, wts)
-                add = (routed.reshape(hidden).to(m.dtype).contiguous(), shared)
+                m.experts.attended(i, x.view(1, T, hidden))  # x: the layer's input plus its attention
+                routed = m.experts.forward(i, h, ids, wts)
+                add = (routed.reshape(T, hidden).to(m.dtype).contiguous(), shared)
         if add is not None:
             self.lib.residual_add(x, *add)
-        return x.view(1, 1, hidden)
+        return x.view(1, T, hidden)

@@ -141,7 +141,7 @@ class MoeDecoder(MoeRouting):
     """The forward pass. Stateless apart from its weights; the cache is passed in.
 
     Subclasses give the attention (`attention`), the cache layout (`new_cache`), the rotary tables
-    (`rope`), and may give a native one-token path (`build_fused_decoder`)."""
+    (`rope`), and may give a native CPU path (`build_fused_decoder`)."""
 
     def __init__(
         self, cfg: ModelConfig, weights: DecoderWeights, experts: ExpertBackend, device: torch.device, kv_host: HostRows | None = None
@@ -153,6 +153,9 @@ class MoeDecoder(MoeRouting):
         self.dtype = weights.embed.dtype
         # Decode on the CPU through native calls where the architecture has them; False forces the torch ops.
         self.fused_decode = True
+        # Forwards of several tokens (prompt chunks, speculative verification) through the same native
+        # calls, each token's numbers those of a one-token step; False runs them through the torch ops.
+        self.fused_prefill = True
         self._fused: Any = False  # False: not built yet; None: the native path does not take this model
 
     # ---- the architecture's part ---------------------------------------------------------------
@@ -171,7 +174,7 @@ class MoeDecoder(MoeRouting):
         raise NotImplementedError
 
     def build_fused_decoder(self) -> Any:
-        """The native one-token decoder for this model, or None (the torch ops then decode)."""
+        """The native decoder for this model (one token, or several of one sequence), or None (the torch ops then run)."""
         return None
 
     # ---- shared ---------------------------------------------------------------------------------
@@ -191,7 +194,8 @@ class MoeDecoder(MoeRouting):
     def residual(self, input_ids: torch.Tensor, cache: TokenCache | None = None, start: int = 0) -> torch.Tensor:
         """The residual stream [B, T, H] after the last layer, before the final norm: what the MTP
         head (models/mtp.py) reads beside the next token."""
-        if self.fused_decode and cache is not None and input_ids.shape == (1, 1):
+        native = self.fused_prefill if input_ids.shape[-1] > 1 else self.fused_decode
+        if native and cache is not None and input_ids.dim() == 2 and input_ids.shape[0] == 1:
             fused = self._fused_decoder()
             if fused is not None and fused.takes(input_ids, cache):
                 return fused.residual(input_ids, cache, start)

@@ -39,7 +39,7 @@ class FusedDecoder(lite.FusedDecoder):
     def __init__(self, model: GlmMoeDsaModel, lib: LayerLib, layers: list[_FusedLayer]) -> None:
         super().__init__(model, lib, layers)
         self.index_shape = model.index_shape  # the shapes and top-k the layers were described with
-        self._sel = torch.zeros(1, dtype=torch.int32)
+        self._sel = torch.zeros(0, 0, dtype=torch.int32)
 
     @classmethod
     def _attention(cls, model: GlmMoeDsaModel, attn: DsaAttentionWeights, pin: Pinned) -> dict[str, Any] | None:
@@ -58,12 +58,12 @@ class FusedDecoder(lite.FusedDecoder):
     def _index_keys(cache: DsaCache) -> torch.Tensor:
         return cache.index_keys[:, 0]
 
-    def _selection(self, cache: DsaCache) -> torch.Tensor:
-        # a count, then at most min(top-k, context) positions: a top-k set above any context (dense) costs nothing
+    def _selection(self, cache: DsaCache, tokens: int) -> torch.Tensor:
+        # per token a count, then at most min(top-k, context) positions: a top-k set above any context (dense) costs nothing
         n = 1 + min(self.index_shape.topk, cache.max_tokens)
-        if self._sel.numel() < n:
-            self._sel = torch.zeros(n, dtype=torch.int32)
-        return self._sel
+        if self._sel.shape[0] < tokens or self._sel.shape[1] != n:
+            self._sel = torch.zeros(tokens, n, dtype=torch.int32)
+        return self._sel[:tokens]
 
     def takes(self, input_ids: torch.Tensor, cache: Any) -> bool:
         """As the driver's, and only while the model's indexer shape is the one the layers were

@@ -1,9 +1,17 @@
-/* The fused GLM MoE decoder layer: one token through one decoder layer (pre-norm attention, then a
- * dense SwiGLU MLP or the MoE's router, shared experts and, where they sit in RAM, routed experts)
- * in one call, and every layer of a token in one call. Why: a decode step through torch is ~60
- * small ops per layer at ~6 us each; on the CPU that overhead, not the arithmetic, was most of a
- * token. The math and its rounding points are localglm/layers/'s torch ops' (norm, rope,
- * attention, router, mlp, experts); quantized products are exactly quant's lg_linear's.
+/* The fused GLM MoE decoder layer: T consecutive tokens of one sequence through one decoder layer
+ * (pre-norm attention, then a dense SwiGLU MLP or the MoE's router, shared experts and, where they
+ * sit in RAM, routed experts) in one call, and every layer of those tokens in one call. Why: a
+ * decode step through torch is ~60 small ops per layer at ~6 us each; on the CPU that overhead, not
+ * the arithmetic, was most of a token -- and of a prompt chunk or a speculative verification (T > 1).
+ *
+ * T tokens give each token exactly the one-token call's arithmetic (the same per-row activation
+ * quantization, the same sums in the same order), so a T-token forward is bit-identical to T
+ * one-token steps: token t writes its cache row at pos + t and attends [0, pos + t], one token after
+ * the other inside the call, while the projections read each quantized weight row once for up to
+ * four tokens (quant's lg_linear tiles, whose per-token result does not depend on the tile) and the
+ * routed experts run once for all the tokens routed to them (lg_moe). The math and its rounding
+ * points are localglm/layers/'s torch ops' (norm, rope, attention, router, mlp, experts);
+ * quantized products are exactly quant's lg_linear's.
  *
  * The layer is the decoder skeleton shared by GLM's MoE models; the attention is a separate
  * function it calls, chosen by the layer's attn_kind: glm4_moe's grouped-query attention (here),
@@ -11,31 +19,53 @@
  * top-k its sparse-attention indexer picks (mla_attention.c with dsa_indexer.c). Built with
  * localglm/layers/native/layer_ops.c (the per-token ops it calls, the structs in layer_ops.h) into
  * the library localglm/layers/native.py loads, linked against quant's kernels (lg_matvec,
- * lg_swiglu_vec, lg_moe: quant/native/lg_kernels.h).
+ * lg_swiglu_vec, lg_moe: quant/native/lg_kernels.h; lg_linear, declared below).
  */
 #include "layer_ops.h"
 
-/* The layer's SwiGLU MLP: the dense MLP, or a MoE layer's shared experts. */
-static void mlp_vec(const lg_layer *L, const float *h, qact *xa, float *g, float *out, int nth) {
-    lg_swiglu_vec(&L->gate_up, &L->down, L->dtype, h, xa, g, out, nth);
+/* lg_linear (quant/native/qkernels.c): y[t] = w . x[t] (+ bias) for T rows, each row's arithmetic
+ * lg_matvec's (the row quantized alike, the dot in the same order whichever tile it sits in). */
+int lg_linear(const lg_qtensor *w, int T, const void *x, int x_dtype, const float *bias, void *y, int y_dtype, int nth);
+
+/* y[t] = m . x[t] for T rows (x [T, m->k], y [T, m->n] floats), each row exactly lg_matvec's: one
+ * row through lg_matvec itself; more through lg_linear (a quantized weight row read once for every
+ * tile of tokens) and rounded as lg_matvec rounds; dense weights row by row. `xa` has room for one
+ * quantized row of m->k. Returns 0, or -1 when out of memory. */
+static int rows_matvec(const lg_mat *m, int T, const float *x, int dt, qact *xa, float *y, int nth) {
+    if (T == 1 || m->kind != 0) {
+        for (int t = 0; t < T; t++) lg_matvec(m, x + (size_t)t * m->k, dt, xa, y + (size_t)t * m->n, nth);
+        return 0;
+    }
+    if (lg_linear(&m->q, T, x, 0, m->bias, y, 0, nth)) return -1;
+    for (size_t i = 0; i < (size_t)T * m->n; i++) y[i] = rnd(y[i], dt);
+    return 0;
 }
 
-/* Floats of scratch gqa_attention takes: q, k, v, the attention output, one head. */
-static size_t gqa_scratch(const lg_layer *L) {
-    const size_t nq = (size_t)L->heads * L->hd, nkv = (size_t)L->kv_heads * L->hd;
-    return nq * 2 + nkv * 2 + (size_t)L->hd;
+static inline float silu(float v) { return v / (1.0f + expf(-v)); } /* qkernels.c's, for lg_swiglu_vec's bits */
+
+/* SwiGLU of T rows h [T, H] into out [T, H]: each row lg_swiglu_vec's numbers. g holds T * 3I
+ * floats (gate | up, then the products). Returns 0, or -1 when out of memory. */
+static int rows_swiglu(const lg_mat *gate_up, const lg_mat *down, int T, const float *h, int dt, qact *xa, float *g, float *out, int nth) {
+    if (T == 1) {
+        lg_swiglu_vec(gate_up, down, dt, h, xa, g, out, nth);
+        return 0;
+    }
+    const int I = down->k;
+    float *a = g + (size_t)T * 2 * I;
+    if (rows_matvec(gate_up, T, h, dt, xa, g, nth)) return -1;
+    for (int t = 0; t < T; t++)
+        for (int j = 0; j < I; j++) a[(size_t)t * I + j] = rnd(rnd(silu(g[(size_t)t * 2 * I + j]), dt) * g[(size_t)t * 2 * I + I + j], dt);
+    return rows_matvec(down, T, a, dt, xa, out, nth);
 }
 
-/* glm4_moe's grouped-query attention for one token at `pos`: hn (the input-normed hidden state,
- * floats of dtype values) -> q/k/v, q/k norm, RoPE, this token's k and v written to the cache,
- * attention over positions [0, pos], o_proj into o [hidden] (not yet added to the residual).
- * `xa` has room for one quantized row of hidden and of heads * hd. Returns 0, or -1 when out of memory. */
-static int gqa_attention(const lg_layer *L, const float *hn, const void *cos, const void *sin, void *k_cache, void *v_cache,
-                         long stride_head, long stride_pos, int pos, qact *xa, float *scratch, float *o, int nth) {
+/* glm4_moe's grouped-query attention of one token at `pos` after its projection: qkv (this token's
+ * q | k | v row, floats of dtype values) gets its q/k norm and RoPE in place, its k and v are written
+ * to the cache at pos, and its heads attend to positions [0, pos] into att [heads * hd]. `tmp`
+ * holds hd floats. Returns 0, or -1 when out of memory. */
+static int gqa_token(const lg_layer *L, float *qkv, const void *cos, const void *sin, void *k_cache, void *v_cache, long stride_head,
+                     long stride_pos, int pos, float *tmp, float *att, int nth) {
     const int hd = L->hd, dt = L->dtype, nq = L->heads * hd, nkv = L->kv_heads * hd;
-    float *qkv = scratch, *att = qkv + nq + 2 * nkv, *tmp = att + nq;
-    lg_matvec(&L->qkv, hn, dt, xa, qkv, nth);
-    float *q = qkv, *k = qkv + nq, *v = k + nkv;
+    const float *k = qkv + nq, *v = k + nkv;
     for (int r = 0; r < L->heads + L->kv_heads; r++) {
         float *row = qkv + (size_t)r * hd;
         const void *nw = r < L->heads ? L->q_norm : L->k_norm;
@@ -52,46 +82,98 @@ static int gqa_attention(const lg_layer *L, const float *hn, const void *cos, co
             store(v_cache, dt, at + i, v[(size_t)gk * hd + i]);
         }
     }
-    const int rc = lg_attend(q, k_cache, v_cache, dt, L->heads, L->kv_heads, pos + 1, NULL, hd, hd, stride_head, stride_pos, (float)(1.0 / sqrt((double)hd)), att, nth);
-    if (rc == 0) lg_matvec(&L->o, att, dt, xa, o, nth);
-    return rc;
+    return lg_attend(qkv, k_cache, v_cache, dt, L->heads, L->kv_heads, pos + 1, NULL, hd, hd, stride_head, stride_pos, (float)(1.0 / sqrt((double)hd)), att, nth);
 }
 
-/* The layer's attention on the normed hidden state hn, into o [hidden]; `scratch` holds attn_scratch(L) floats. */
-static int attention(const lg_layer *L, const float *hn, const void *cos, const void *sin, void *k_cache, void *v_cache,
-                     long stride_head, long stride_pos, int pos, void *index_keys, lg_selection *sel, qact *xa, float *scratch, float *o,
-                     int nth) {
-    if (L->attn_kind != LG_ATTN_GQA) return lg_mla_attention(L, hn, cos, sin, k_cache, stride_pos, pos, index_keys, sel, xa, scratch, o, nth);
-    return gqa_attention(L, hn, cos, sin, k_cache, v_cache, stride_head, stride_pos, pos, xa, scratch, o, nth);
+/* Where the T tokens' rotary rows and DSA selections are: token t's cos / sin at cos + t * rot_stride
+ * values, its selection at sel + t * sel_stride int32s. */
+typedef struct {
+    const void *cos, *sin;
+    long rot_stride;
+    lg_selection *sel;
+    long sel_stride;
+} token_rows;
+
+static inline const void *row_at(const void *base, int dt, long stride, int t) { return (const char *)base + (size_t)t * (size_t)stride * (dt == 1 ? 2 : 4); }
+static inline lg_selection *sel_at(const token_rows *R, int t) { return R->sel ? (lg_selection *)((int32_t *)R->sel + (size_t)t * (size_t)R->sel_stride) : NULL; }
+
+/* Floats of scratch `attention` takes for T tokens. */
+static size_t attn_scratch(const lg_layer *L, int T) {
+    if (L->attn_kind != LG_ATTN_GQA) return lg_mla_scratch(L);
+    return (size_t)T * ((size_t)(L->heads + 2 * L->kv_heads) * L->hd + (size_t)L->heads * L->hd) + (size_t)L->hd;
 }
 
-static size_t attn_scratch(const lg_layer *L) { return L->attn_kind != LG_ATTN_GQA ? lg_mla_scratch(L) : gqa_scratch(L); }
-
-/* One token through layer L at position `pos`. x [hidden] (dtype) is the residual stream, updated
- * in place; add_a / add_b (or NULL) are the previous MoE layer's routed and shared outputs, added
- * first. cos / sin [rot] (dtype) are this position's rotary table. k_cache / v_cache point at this
- * layer's cache (kv head g, position t at g * stride_head + t * stride_pos, dtype); this token's
- * k and v are written at pos. MLA's cache is one row a position, k_cache (latent | rope key at
- * t * stride_pos); v_cache is NULL. A DSA layer also takes `sel`, the top-k shared by the layers of
- * one token (a full layer writes it, the shared ones after it read it), and a full one its
- * indexer-key cache index_keys ([T, index_head_dim], dtype; NULL otherwise). A dense layer finishes its MLP here; a MoE layer writes the
- * post-attention normed hidden state h_out (dtype), the routing (ids int64 / wts fp32 [top_k]) and,
- * with shared experts, their output mlp_out (dtype), and leaves the routed experts to the caller --
- * unless it passes them in `ex` (quantized or dense tables), then they run here too (into
- * routed_out, dtype) and x comes back with the whole layer added. Dense experts are summed as
- * localglm.layers.experts.combine_experts sums one token's: in fp32, in expert order, each product
- * rounded to the dtype first. Returns 0, or -1 when out of memory. */
-int lg_decode_layer(const lg_layer *L, void *x, const void *add_a, const void *add_b, const void *cos, const void *sin,
-                    void *k_cache, void *v_cache, long stride_head, long stride_pos, int pos, void *index_keys, lg_selection *sel,
-                    void *h_out, int64_t *ids, float *wts, void *mlp_out, const lg_experts *ex, void *routed_out, int nth) {
+/* The layer's attention of T tokens at pos.. on their normed hidden states hn [T, hidden], into
+ * o [T, hidden], token after token (each attends up to itself). GQA projects q/k/v and o for every
+ * token at once; MLA and DSA run the one-token function per token (a DSA full layer's pick lands in
+ * that token's selection). `scratch` holds attn_scratch(L, T) floats. Returns 0, or -1 when out of memory. */
+static int attention(const lg_layer *L, int T, const float *hn, const token_rows *R, void *k_cache, void *v_cache, long stride_head,
+                     long stride_pos, int pos, void *index_keys, qact *xa, float *scratch, float *o, int nth) {
     const int H = L->hidden, dt = L->dtype;
+    if (L->attn_kind != LG_ATTN_GQA) {
+        for (int t = 0; t < T; t++) {
+            const int rc = lg_mla_attention(L, hn + (size_t)t * H, row_at(R->cos, dt, R->rot_stride, t), row_at(R->sin, dt, R->rot_stride, t), k_cache,
+                                            stride_pos, pos + t, index_keys, sel_at(R, t), xa, scratch, o + (size_t)t * H, nth);
+            if (rc) return rc;
+        }
+        return 0;
+    }
+    const int nq = L->heads * L->hd, row = nq + 2 * L->kv_heads * L->hd;
+    float *qkv = scratch, *att = qkv + (size_t)T * row, *tmp = att + (size_t)T * nq;
+    if (rows_matvec(&L->qkv, T, hn, dt, xa, qkv, nth)) return -1;
+    for (int t = 0; t < T; t++) {
+        const int rc = gqa_token(L, qkv + (size_t)t * row, row_at(R->cos, dt, R->rot_stride, t), row_at(R->sin, dt, R->rot_stride, t), k_cache, v_cache,
+                                 stride_head, stride_pos, pos + t, tmp, att + (size_t)t * nq, nth);
+        if (rc) return rc;
+    }
+    return rows_matvec(&L->o, T, att, dt, xa, o, nth);
+}
+
+/* Dense experts of one token in RAM: the chosen experts in id order, each product rounded to the
+ * dtype and summed in fp32 (localglm.layers.experts.combine_experts' order) into routed [H] (dtype). */
+static void dense_experts(const lg_layer *L, const lg_experts *ex, const float *hn, const int64_t *ids, const float *wts, qact *xa, float *g,
+                          float *ye, float *acc, void *routed, int nth) {
+    const int H = L->hidden, dt = L->dtype, kk = L->top_k;
+    int ord[kk];
+    for (int j = 0; j < kk; j++) ord[j] = j;
+    for (int a = 1; a < kk; a++) /* insertion sort: k is small */
+        for (int b = a; b > 0 && ids[ord[b]] < ids[ord[b - 1]]; b--) { const int t = ord[b]; ord[b] = ord[b - 1]; ord[b - 1] = t; }
+    for (int i = 0; i < H; i++) acc[i] = 0.0f;
+    for (int j = 0; j < kk; j++) {
+        const int e = (int)ids[ord[j]];
+        const float w = wts[ord[j]];
+        lg_swiglu_vec(&ex->d_gate_up[e], &ex->d_down[e], dt, hn, xa, g, ye, nth);
+        for (int i = 0; i < H; i++) acc[i] += rnd(ye[i] * w, dt);
+    }
+    for (int i = 0; i < H; i++) store(routed, dt, i, acc[i]);
+}
+
+/* T consecutive tokens through layer L at positions pos..pos+T-1. x [T, hidden] (dtype) is the
+ * residual stream, updated in place; add_a / add_b ([T, hidden] or NULL) are the previous MoE
+ * layer's routed and shared outputs, added first. Token t's rotary rows and (DSA) selection are
+ * R's. k_cache / v_cache point at this layer's cache (kv head g, position p at g * stride_head +
+ * p * stride_pos, dtype); token t's k and v are written at pos + t before it attends [0, pos + t].
+ * MLA's cache is one row a position, k_cache (latent | rope key at p * stride_pos); v_cache is
+ * NULL. A DSA layer's selection is shared by the layers of one token (a full layer writes it, the
+ * shared ones after it read it), and a full one writes its indexer keys to index_keys ([pos, D],
+ * dtype; NULL otherwise). A dense layer finishes its MLP here; a MoE layer writes the
+ * post-attention normed hidden states h_out [T, hidden] (dtype), the routing (ids int64 / wts fp32
+ * [T, top_k]) and, with shared experts, their output mlp_out [T, hidden] (dtype), and leaves the
+ * routed experts to the caller -- unless it passes them in `ex` (quantized or dense tables), then
+ * they run here too (into routed_out [T, hidden], dtype) and x comes back with the whole layer
+ * added. Every token's numbers are those of the same call with T = 1. Returns 0, or -1 when out of memory. */
+static int forward_layer(const lg_layer *L, int T, void *x, const void *add_a, const void *add_b, const token_rows *R, void *k_cache, void *v_cache,
+                         long stride_head, long stride_pos, int pos, void *index_keys, void *h_out, int64_t *ids, float *wts, void *mlp_out,
+                         const lg_experts *ex, void *routed_out, int nth) {
+    const int H = L->hidden, dt = L->dtype, kk = L->top_k;
     const int dense_ex = L->moe && ex && ex->d_gate_up, E = L->moe ? L->n_experts : 0;
     int inter2 = L->has_mlp ? L->gate_up.n : 0;
     if (dense_ex && 2 * ex->inter > inter2) inter2 = 2 * ex->inter;
     int kmax = H > L->o.k ? H : L->o.k; /* the widest quantized input: hidden, o_proj's, MLA's q_b's or the MLP's down */
     if (L->attn_kind != LG_ATTN_GQA && L->mla->q_b.k > kmax) kmax = L->mla->q_b.k; /* DSA's wq_b reads the same q latent */
     if (L->has_mlp && L->down.k > kmax) kmax = L->down.k;
-    const size_t nf = (size_t)H * 5 + (size_t)inter2 + 2 * (size_t)E + attn_scratch(L);
+    const size_t TH = (size_t)T * H;
+    const size_t nf = TH * 4 + (size_t)H * 2 + (size_t)T * (size_t)inter2 * 3 / 2 + (size_t)inter2 + 2 * (size_t)E + attn_scratch(L, T);
     float *buf = malloc(nf * sizeof(float));
     qact xa = {0};
     if (!buf || !lg_qact_alloc(&xa, 1, (kmax + QB - 1) / QB * QB)) {
@@ -99,85 +181,90 @@ int lg_decode_layer(const lg_layer *L, void *x, const void *add_a, const void *a
         lg_qact_free(&xa);
         return -1;
     }
-    float *xf = buf, *hn = xf + H, *o = hn + H, *mo = o + H, *ye = mo + H; /* ye: one routed expert's output */
-    float *g = ye + H, *sc = g + inter2, *att_scratch = sc + 2 * E;
-    load_row(x, dt, 0, H, xf);
-    if (add_a)
-        for (int i = 0; i < H; i++) xf[i] = rnd(xf[i] + moe_output(add_a, add_b, dt, i), dt);
-    lg_norm_row(xf, H, L->input_norm, dt, L->eps, hn);
-    int rc = attention(L, hn, cos, sin, k_cache, v_cache, stride_head, stride_pos, pos, index_keys, sel, &xa, att_scratch, o, nth);
+    float *xf = buf, *hn = xf + TH, *o = hn + TH, *mo = o + TH, *ye = mo + TH, *acc = ye + H; /* ye, acc: one token's routed experts */
+    float *g = acc + H, *sc = g + (size_t)T * (size_t)inter2 * 3 / 2 + (size_t)inter2, *att_scratch = sc + 2 * E;
+    for (int t = 0; t < T; t++) {
+        float *xt = xf + (size_t)t * H;
+        load_row(x, dt, (size_t)t * H, H, xt);
+        if (add_a)
+            for (int i = 0; i < H; i++) xt[i] = rnd(xt[i] + moe_output(add_a, add_b, dt, (size_t)t * H + i), dt);
+        lg_norm_row(xt, H, L->input_norm, dt, L->eps, hn + (size_t)t * H);
+    }
+    int rc = attention(L, T, hn, R, k_cache, v_cache, stride_head, stride_pos, pos, index_keys, &xa, att_scratch, o, nth);
     if (rc == 0) {
-        for (int i = 0; i < H; i++) xf[i] = rnd(xf[i] + o[i], dt);
+        for (size_t i = 0; i < TH; i++) xf[i] = rnd(xf[i] + o[i], dt);
         /* feed-forward */
-        lg_norm_row(xf, H, L->post_norm, dt, L->eps, hn);
+        for (int t = 0; t < T; t++) lg_norm_row(xf + (size_t)t * H, H, L->post_norm, dt, L->eps, hn + (size_t)t * H);
         if (!L->moe) {
-            mlp_vec(L, hn, &xa, g, mo, nth);
-            for (int i = 0; i < H; i++) xf[i] = rnd(xf[i] + mo[i], dt);
+            rc = rows_swiglu(&L->gate_up, &L->down, T, hn, dt, &xa, g, mo, nth);
+            for (size_t i = 0; i < TH && rc == 0; i++) xf[i] = rnd(xf[i] + mo[i], dt);
         } else {
-            for (int i = 0; i < H; i++) store(h_out, dt, i, hn[i]);
-            lg_route(L, hn, sc, ids, wts, nth);
+            for (size_t i = 0; i < TH; i++) store(h_out, dt, i, hn[i]);
+            for (int t = 0; t < T; t++) lg_route(L, hn + (size_t)t * H, sc, ids + (size_t)t * kk, wts + (size_t)t * kk, nth);
             if (L->has_mlp) {
-                mlp_vec(L, hn, &xa, g, mo, nth);
-                for (int i = 0; i < H; i++) store(mlp_out, dt, i, mo[i]);
+                rc = rows_swiglu(&L->gate_up, &L->down, T, hn, dt, &xa, g, mo, nth);
+                for (size_t i = 0; i < TH && rc == 0; i++) store(mlp_out, dt, i, mo[i]);
             }
-            if (dense_ex) {
-                const int kk = L->top_k;
-                int ord[kk];
-                for (int j = 0; j < kk; j++) ord[j] = j;
-                for (int a = 1; a < kk; a++) /* the chosen experts in id order (insertion sort: k is small) */
-                    for (int b = a; b > 0 && ids[ord[b]] < ids[ord[b - 1]]; b--) { const int t = ord[b]; ord[b] = ord[b - 1]; ord[b - 1] = t; }
-                float *acc = o; /* o is free again: the routed sum */
-                for (int i = 0; i < H; i++) acc[i] = 0.0f;
-                for (int j = 0; j < kk; j++) {
-                    const int e = (int)ids[ord[j]];
-                    const float w = wts[ord[j]];
-                    lg_swiglu_vec(&ex->d_gate_up[e], &ex->d_down[e], dt, hn, &xa, g, ye, nth);
-                    for (int i = 0; i < H; i++) acc[i] += rnd(ye[i] * w, dt);
-                }
-                for (int i = 0; i < H; i++) store(routed_out, dt, i, acc[i]);
-            } else if (ex && ex->q_gate_up) {
-                rc = lg_moe(1, H, ex->inter, h_out, dt, L->top_k, ids, wts, ex->q_gate_up, ex->q_down, L->n_experts, routed_out, nth);
+            if (rc == 0 && dense_ex) {
+                for (int t = 0; t < T; t++)
+                    dense_experts(L, ex, hn + (size_t)t * H, ids + (size_t)t * kk, wts + (size_t)t * kk, &xa, g, ye, acc,
+                                  (char *)routed_out + (size_t)t * H * (dt == 1 ? 2 : 4), nth);
+            } else if (rc == 0 && ex && ex->q_gate_up) {
+                rc = lg_moe(T, H, ex->inter, h_out, dt, kk, ids, wts, ex->q_gate_up, ex->q_down, L->n_experts, routed_out, nth);
             }
             if (ex && (ex->d_gate_up || ex->q_gate_up)) {
-                for (int i = 0; i < H && rc == 0; i++) {
+                for (size_t i = 0; i < TH && rc == 0; i++) {
                     const float r = load_val(routed_out, dt, i);
                     xf[i] = rnd(xf[i] + (L->has_mlp ? rnd(r + mo[i], dt) : r), dt);
                 }
             }
         }
-        for (int i = 0; i < H; i++) store(x, dt, i, xf[i]);
+        for (size_t i = 0; i < TH && rc == 0; i++) store(x, dt, i, xf[i]);
     }
     free(buf);
     lg_qact_free(&xa);
     return rc;
 }
 
-/* Every layer of one token in one call (layers[0..n)), for a model whose routed experts all sit in
+/* T tokens through one layer (forward_layer): cos / sin rows rot_stride values apart, DSA's
+ * selections sel_stride int32s apart (each with room for a count and the top-k). For a backend
+ * that runs the routed experts itself between the layers. */
+int lg_decode_layer(const lg_layer *L, int T, void *x, const void *add_a, const void *add_b, const void *cos, const void *sin, long rot_stride,
+                    void *k_cache, void *v_cache, long stride_head, long stride_pos, int pos, void *index_keys, lg_selection *sel, long sel_stride,
+                    void *h_out, int64_t *ids, float *wts, void *mlp_out, const lg_experts *ex, void *routed_out, int nth) {
+    const token_rows R = {cos, sin, rot_stride, sel, sel_stride};
+    return forward_layer(L, T, x, add_a, add_b, &R, k_cache, v_cache, stride_head, stride_pos, pos, index_keys, h_out, ids, wts, mlp_out, ex,
+                         routed_out, nth);
+}
+
+/* Every layer of T tokens in one call (layers[0..n)), for a model whose routed experts all sit in
  * RAM (experts[i]: layer i's tables, all NULL for a dense layer): no return to the caller between
  * layers. Layer i's cache is at k_base / v_base + i * stride_layer (v_base NULL for MLA). DSA's
  * indexer keys: the j-th full layer's at index_base + j * index_stride (DsaCache's slots are the
- * full layers in order); `sel` carries each full layer's pick to the shared layers after it.
- * Returns 0, or -1 when out of memory. */
-int lg_decode_layers(const lg_layer *layers, int n, void *x, const void *cos, const void *sin, void *k_base, void *v_base,
-                     long stride_layer, long stride_head, long stride_pos, int pos, void *index_base, long index_stride,
-                     lg_selection *sel, const lg_experts *experts, int nth) {
+ * full layers in order); each token's selection carries a full layer's pick to the shared layers
+ * after it. Returns 0, or -1 when out of memory. */
+int lg_decode_layers(const lg_layer *layers, int n, int T, void *x, const void *cos, const void *sin, long rot_stride, void *k_base, void *v_base,
+                     long stride_layer, long stride_head, long stride_pos, int pos, void *index_base, long index_stride, lg_selection *sel,
+                     long sel_stride, const lg_experts *experts, int nth) {
     int H = 0, kmax = 0, es = 2;
     for (int i = 0; i < n; i++) {
         H = layers[i].hidden > H ? layers[i].hidden : H;
         kmax = layers[i].top_k > kmax ? layers[i].top_k : kmax;
         es = layers[i].dtype == 1 ? 2 : 4;
     }
-    char *buf = malloc((size_t)H * es * 3 + (size_t)kmax * (sizeof(int64_t) + sizeof(float)));
+    const size_t TH = (size_t)T * H;
+    char *buf = malloc(TH * es * 3 + (size_t)T * kmax * (sizeof(int64_t) + sizeof(float)));
     if (!buf) return -1;
-    void *h = buf, *shared = buf + (size_t)H * es, *routed = buf + 2 * (size_t)H * es;
-    int64_t *ids = (int64_t *)(buf + 3 * (size_t)H * es);
-    float *wts = (float *)(ids + kmax);
+    void *h = buf, *shared = buf + TH * es, *routed = buf + 2 * TH * es;
+    int64_t *ids = (int64_t *)(buf + 3 * TH * es);
+    float *wts = (float *)(ids + (size_t)T * kmax);
+    const token_rows R = {cos, sin, rot_stride, sel, sel_stride};
     int rc = 0, slot = 0;
     for (int i = 0; i < n && rc == 0; i++) {
         const size_t off = (size_t)i * (size_t)stride_layer * (size_t)es;
         void *keys = layers[i].dsa ? (char *)index_base + (size_t)slot++ * (size_t)index_stride * (size_t)es : NULL;
-        rc = lg_decode_layer(&layers[i], x, NULL, NULL, cos, sin, (char *)k_base + off, v_base ? (char *)v_base + off : NULL, stride_head, stride_pos, pos,
-                             keys, sel, h, ids, wts, shared, &experts[i], routed, nth);
+        rc = forward_layer(&layers[i], T, x, NULL, NULL, &R, (char *)k_base + off, v_base ? (char *)v_base + off : NULL, stride_head, stride_pos, pos,
+                           keys, h, ids, wts, shared, &experts[i], routed, nth);
     }
     free(buf);
     return rc;

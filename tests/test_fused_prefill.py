@@ -1,0 +1,147 @@
+"""The fused native forward of several tokens (prompt chunks, speculative verification) against the
+same tokens decoded one at a time by the fused path (localglm/models/fused_decode.py,
+localglm/models/native/decode_layer.c with T > 1).
+
+Each token of a T-token call gets exactly the arithmetic of a one-token call (activations quantized
+per row alike, the same sums in the same order; token t writes its cache row and attends up to
+itself), so the logits and every cache are asserted bit-identical, not close -- for dense and
+quantized weights and experts, GQA, MLA and DSA (past its top-k), in one call for the whole model
+and per layer through an expert backend.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import localglm
+from localglm.tiny import make_tiny
+from quant.native import native_lib
+
+pytestmark = pytest.mark.skipif(native_lib() is None, reason="no C compiler: the native kernels cannot be built")
+
+PROMPT = torch.randint(0, 500, (27,), generator=torch.Generator().manual_seed(7)).tolist()
+CHUNKS = (5, 1, 9, 4, 8)  # prompt chunks of several sizes, a one-token one among them (sum: len(PROMPT))
+
+
+def _caches(cache: Any) -> list[torch.Tensor]:
+    return [t.clone() for t in (getattr(cache, name, None) for name in ("k", "v", "kv", "index_keys")) if isinstance(t, torch.Tensor)]
+
+
+def _logits(net: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """Each position's logits as a decode step computes them: lm_head on one hidden vector (a
+    float lm_head over several rows is a GEMM, whose sums torch orders otherwise than its GEMV's)."""
+    return torch.stack([net.lm_head(h).float() for h in hidden[0]])
+
+
+def _one_at_a_time(net: Any, prompt: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits of every position and the caches, the prompt decoded one token per call."""
+    ids, cache = torch.tensor([prompt]), net.new_cache(32)
+    with torch.inference_mode():
+        logits = [_logits(net, net.hidden_states(ids[:, p : p + 1], cache, p)) for p in range(len(prompt))]
+    return torch.cat(logits), _caches(cache)
+
+
+def _chunked(net: Any, prompt: list[int], chunks: tuple[int, ...] = CHUNKS) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The same through calls of several tokens, which must not reach the torch layers."""
+
+    def torch_layers(*_: object) -> None:
+        raise AssertionError("a multi-token forward ran the torch ops")
+
+    ids, cache, logits, start = torch.tensor([prompt]), net.new_cache(32), [], 0
+    net.run_layers = torch_layers
+    try:
+        with torch.inference_mode():
+            for n in chunks:
+                logits.append(_logits(net, net.hidden_states(ids[:, start : start + n], cache, start)))
+                start += n
+    finally:
+        del net.run_layers
+    assert start == len(prompt)
+    return torch.cat(logits), _caches(cache)
+
+
+def _assert_same(net: Any) -> None:
+    assert net._fused_decoder() is not None
+    (a, ca), (b, cb) = _one_at_a_time(net, PROMPT), _chunked(net, PROMPT)
+    assert torch.equal(a, b)
+    assert len(ca) == len(cb) > 0 and all(torch.equal(x, y) for x, y in zip(ca, cb))
+    assert a.abs().max() > 0
+
+
+def _load(tmp_path: Path, arch: str, load: dict, **spec: Any) -> Any:
+    from importlib import import_module
+
+    tiny = import_module(f"localglm.models.{arch}.tiny").TinySpec
+    return localglm.load(str(make_tiny(tmp_path / arch, tiny(**spec))), **load).net
+
+
+GLM4 = dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=64, head_dim=32, n_routed_experts=16, n_group=4, topk_group=2,
+            num_experts_per_tok=4)  # fmt: skip
+CASES = {
+    "glm4_moe-bf16": ("glm4_moe", {}, GLM4),
+    "glm4_moe-fp32": ("glm4_moe", dict(dtype="float32"), dict(GLM4, dtype="float32")),
+    "glm4_moe-q4": ("glm4_moe", dict(experts_bits=4, attn_bits=4), GLM4),
+    "glm4_moe-q8-q2": ("glm4_moe", dict(experts_bits=2, attn_bits=8, shared_bits=8, dense_bits=8), GLM4),
+    "glm4_moe_lite-bf16": ("glm4_moe_lite", {}, {}),
+    "glm4_moe_lite-q4": ("glm4_moe_lite", dict(experts_bits=4, attn_bits=8), dict(q_lora_rank=0, attention_bias=True, seed=1)),
+    "glm_moe_dsa-bf16": ("glm_moe_dsa", {}, dict(num_hidden_layers=4, indexer_pattern="FSFS", index_topk=6, seed=3)),
+    "glm_moe_dsa-q4": ("glm_moe_dsa", dict(experts_bits=4, attn_bits=8, indexer_bits=8), dict(num_hidden_layers=4, indexer_pattern="FSSF", index_topk=7)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_multi_token_forward_is_bit_identical_to_one_token_steps(tmp_path: Path, case: str) -> None:
+    arch, load, spec = CASES[case]
+    net = _load(tmp_path, arch, load, **spec)
+    assert net._fused_decoder()._experts_in_ram()[1] is not None  # experts in RAM: every layer of the tokens in one call
+    _assert_same(net)
+
+
+@pytest.mark.parametrize("load", [dict(dtype="float32"), dict(experts_bits=4)], ids=["fp32-dense", "q4"])
+def test_per_layer_calls_through_an_expert_backend(tmp_path: Path, load: dict) -> None:
+    """Behind a wrapper (the routing tracer: what an offloading backend gets) the experts run in the
+    backend between the layer calls, for all the tokens of the call at once, and the backend sees
+    every token of every MoE layer. Quantized experts give the same bits (lg_moe's per-token sums do
+    not depend on the batch); dense ones in a backend multiply several tokens with torch's GEMM
+    (layers/experts.py expert_swiglu, combine_experts), whose sums are ordered and rounded otherwise:
+    equal to fp32 rounding (in bf16 a random tiny model amplifies those ulps to ~20% of its logits)."""
+    from offload.trace import TraceRecorder, TracingExperts
+
+    net = _load(tmp_path, "glm4_moe", load, **GLM4, **({"dtype": "float32"} if "dtype" in load else {}))
+    cfg = net.cfg
+    moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+    rec = TraceRecorder(cfg.n_routed_experts, cfg.num_experts_per_tok, moe_layers)
+    net.experts = TracingExperts(net.experts, rec)
+    assert net._fused_decoder()._experts_in_ram()[1] is None
+    if "experts_bits" in load:
+        _assert_same(net)
+    else:
+        (a, _), (b, _) = _one_at_a_time(net, PROMPT), _chunked(net, PROMPT)
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max() and not torch.equal(a, torch.zeros_like(a))
+    assert sum(len(call.experts) for call in rec.trace.calls) == 2 * len(PROMPT) * len(moe_layers)
+
+
+def test_dsa_picks_per_token_past_its_top_k(tmp_path: Path) -> None:
+    """Inside one call every token picks its own top-k among the positions up to it (the indexer's
+    selection per token), and the shared layers after a full one attend to that token's pick."""
+    net = _load(tmp_path, "glm_moe_dsa", {}, num_hidden_layers=4, indexer_pattern="FSSF", index_topk=4, seed=5)
+    (a, _), (b, _) = _one_at_a_time(net, PROMPT), _chunked(net, PROMPT, (len(PROMPT),))
+    assert torch.equal(a, b)
+
+
+def test_torch_prefill_stays_where_asked(tmp_path: Path) -> None:
+    """fused_prefill=False keeps several-token forwards on the torch ops (one-token decode still native)."""
+    net = _load(tmp_path, "glm4_moe", {}, **GLM4)
+    net.fused_prefill = False
+    calls = []
+    run_layers = net.run_layers
+    net.run_layers = lambda *a: calls.append(a[0].shape[1]) or run_layers(*a)
+    cache = net.new_cache(16)
+    with torch.inference_mode():
+        net.hidden_states(torch.tensor([PROMPT[:6]]), cache, 0)
+        net.hidden_states(torch.tensor([PROMPT[6:7]]), cache, 6)
+    assert calls == [6]
