@@ -10,7 +10,8 @@ own subprocess), quantization (benchmarks/bench_quant.py: our q8/q4/q2 beside ll
 made from the same weights: size, KL vs bf16, speed), and for the packaged default model the offload
 benchmark (benchmarks/bench_offload.py: cache simulator beside Belady, next-layer prediction) and the
 busy-machine row (benchmarks/bench_busy.py: decode with 1 and the default threads beside a CPU-bound process), and once
-the GGUF-as-stored row (benchmarks/bench_gguf_kquant.py: a K-quant mix by llama.cpp's quantizer at Air widths). Ratios
+the GGUF-as-stored row (benchmarks/bench_gguf_kquant.py: a K-quant mix by llama.cpp's quantizer at Air widths) and the Air-width
+rows (benchmarks/bench_air_widths.py: our q4 / q2 beside llama.cpp's Q4_K_M / Q2_K of the same Air-width weights). Ratios
 (ours / llama.cpp, best policy / Belady) are between figures measured in this run, minutes apart.
 
 llama.cpp is the optional `llama-cpp-python` extra: without it its cells say "not installed" and the run goes
@@ -41,13 +42,14 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+import bench_air_widths as ba  # noqa: E402
 import bench_busy as bb  # noqa: E402
 import bench_generate as bg  # noqa: E402
 import bench_gguf_kquant as bk  # noqa: E402
 import bench_quant as bq  # noqa: E402
 
 ENGINES = ["localglm", "transformers", "llama.cpp"]
-SECTIONS = ["generate", "quant", "offload", "busy", "gguf"]
+SECTIONS = ["generate", "quant", "offload", "busy", "gguf", "air"]
 # (full, quick) settings
 SETTINGS = {
     False: dict(prompt_tokens=128, new_tokens=64, kl_tokens=512, kl_ctx=128, ours=list(bq.OURS), profile_tokens=150, eval_tokens=300, repeat=3),
@@ -328,6 +330,18 @@ def section_gguf(rep: Report, args: argparse.Namespace, s: dict) -> None:
             f"interleaved (medians). {time.time() - t0:.0f} s. Same as `{cmd}`.\n\n" + bk.table(res))  # fmt: skip
 
 
+def section_air(rep: Report, args: argparse.Namespace, s: dict) -> None:
+    """The Air-width rows: our q4 / q2 (and the all-4-bit recipes, equal size) beside llama.cpp's Q4_K_M / Q2_K on the
+    same random GLM-4.5-Air-width weights: decode, 128-token prefill, KL."""
+    kl_tokens, kl_ctx = (s["kl_tokens"] // 4, s["kl_ctx"] // 2)
+    res = ba.measure(args.threads, s["prompt_tokens"], s["new_tokens"] // 2, s["repeat"], ba.PAIRS + ba.EQUAL_SIZE, kl_tokens, kl_ctx)
+    pairs = ",".join(f"{o}:{t}" for o, t in ba.PAIRS + ba.EQUAL_SIZE)
+    cmd = cmd_line("python", "benchmarks/bench_air_widths.py", "--threads", args.threads, "--prompt", s["prompt_tokens"], "--new",
+                   s["new_tokens"] // 2, "--repeat", s["repeat"], "--kl-tokens", kl_tokens, "--kl-ctx", kl_ctx, "--pairs", pairs)  # fmt: skip
+    rep.add("### Air-width rows: q4 / q2 beside llama.cpp's Q4_K_M / Q2_K (GLM-4.5-Air widths)\n\n"
+            f"Same as `{cmd}`.\n\n" + ba.table(res))  # fmt: skip
+
+
 # ---- main -----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -377,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
                 "quant": lambda: section_quant(rep, model, engines, args, s),
                 "offload": lambda: section_offload(rep, model, args, s) if is_packaged(model) else None,
                 "busy": lambda: section_busy(rep, model, args, s) if is_packaged(model) else None,
-                "gguf": lambda: section_gguf(rep, args, s) if arg is models[0] and "llama.cpp" in engines else None}  # fmt: skip
+                "gguf": lambda: section_gguf(rep, args, s) if arg is models[0] and "llama.cpp" in engines else None,
+                "air": lambda: section_air(rep, args, s) if arg is models[0] else None}  # fmt: skip
         for name in sections:
             try:
                 jobs[name]()

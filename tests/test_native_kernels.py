@@ -123,6 +123,41 @@ def test_a_token_gets_the_same_numbers_in_any_tile(lib: NativeLib, name: str, k:
     assert torch.equal(together, alone) and torch.equal(together, pairs)
 
 
+@pytest.mark.parametrize("name", SPECS)
+def test_a_batch_over_several_token_blocks_equals_its_rows_alone(lib: NativeLib, name: str) -> None:
+    """The batched path: lg_linear takes tokens in blocks (~128 KiB of quantized rows, 60 tokens at
+    K = 2080) and weight rows in steps of 64 blocks; 66 tokens and K = 65 or more blocks cross both
+    boundaries and leave odd tails. Every row equals that row computed alone, bit for bit, and the
+    torch oracle within the usual tolerance."""
+    torch.manual_seed(3)
+    group = spec(name).group
+    k = -(-2080 // group) * group
+    qt = QuantTensor.quantize(torch.randn(24, k) * 0.02, spec(name), torch.float32)
+    if not lib.supports(qt):
+        pytest.skip(f"{name} not taken by the native kernels yet")
+    desc = lib.describe(qt)
+    x = torch.randn(66, k)
+    together = lib.linear(desc, x)
+    alone = torch.cat([lib.linear(desc, x[t : t + 1]) for t in range(x.shape[0])])
+    assert torch.equal(together, alone)
+    ref = oracle_linear(qt, x)
+    assert torch.allclose(together, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max())), float((together - ref).abs().max())
+
+
+@pytest.mark.parametrize("name", ["q2", "q4", "q8"])
+def test_activation_ties_round_half_to_even(lib: NativeLib, name: str) -> None:
+    """Activations on exact halves (the block's scale is 1): rounded to even, as torch.round and
+    lrintf do, by the vector quantizer as by the scalar one. A tie rounded away from zero moves the
+    result by a whole weight, far outside the tolerance."""
+    torch.manual_seed(4)
+    qt = QuantTensor.quantize(torch.randn(8, 64), spec(name), torch.float32)
+    halves = torch.arange(-15.5, 15.5, 1.0)  # 31 ties
+    x = torch.cat([torch.tensor([127.0]), halves, torch.tensor([-127.0]), -halves]).view(1, 64)
+    y = lib.linear(lib.describe(qt), x)
+    ref = oracle_linear(qt, x)
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max())), float((y - ref).abs().max())
+
+
 def test_zero_activation_block(lib: NativeLib) -> None:
     qt = QuantTensor.quantize(torch.randn(32, 64), QuantSpec.for_bits(4), torch.float32)
     x = torch.zeros(1, 64)

@@ -77,10 +77,46 @@ size_t lg_quant_sizeof(int which) {
     }
 }
 
-/* One row of activations -> int8 blocks (permuted for `bits`), block scales d and sums s of the rounded values. */
+/* One row of activations -> int8 blocks (permuted for `bits`), block scales d and sums s of the rounded
+ * values. The AVX2 path gives the same bytes and floats as the scalar one: the same amax, the same
+ * product x * (1 / d) rounded to nearest even (cvtps_epi32 under the default rounding mode, as
+ * lrintf), the same integer sum; only the permutation is done by byte shuffles. */
 static void quantize_row(const float *x, int k, int bits, int8_t *q, float *d, float *s) {
     const int per = 8 / bits, nb = QB / per;
-    for (int b = 0; b < k / QB; b++) {
+    int b = 0;
+#ifdef __AVX2__
+    /* The bytes of packs_epi32 + packs_epi16 come in dwords (0 4 1 5 2 6 3 7) of element order; then
+     * within 128-bit lanes bytes are grouped by e % per, and dwords put each group's two halves together. */
+    const __m256i unpack = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const __m256i grp4 = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    const __m256i grp2 = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15, 0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m256i join4 = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7), join2 = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (; b < k / QB; b++) {
+        const float *xb = x + (size_t)b * QB;
+        const __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8), v2 = _mm256_loadu_ps(xb + 16), v3 = _mm256_loadu_ps(xb + 24);
+        __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v0, absmask), _mm256_and_ps(v1, absmask)),
+                                 _mm256_max_ps(_mm256_and_ps(v2, absmask), _mm256_and_ps(v3, absmask)));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float amax = _mm_cvtss_f32(m4), dd = amax / 127.0f, id = dd > 0.0f ? 1.0f / dd : 0.0f;
+        const __m256 idv = _mm256_set1_ps(id);
+        const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, idv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, idv));
+        const __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, idv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, idv));
+        const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+        __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3)), unpack);
+        if (per == 2) bytes = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(bytes, grp4), join4);
+        else if (per == 4) bytes = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(bytes, grp2), join2);
+        _mm256_storeu_si256((__m256i *)(q + (size_t)b * QB), bytes);
+        d[b] = dd;
+        s[b] = dd * (float)_mm_cvtsi128_si32(s4);
+    }
+#endif
+    for (; b < k / QB; b++) {
         const float *xb = x + (size_t)b * QB;
         float amax = 0.0f;
         for (int i = 0; i < QB; i++) {
@@ -139,11 +175,13 @@ static inline __m256i dot_u8s8(__m256i w, __m256i x) {
 #endif
 
 /* Up to NT_MAX activation rows (tokens) against one weight row at a time: a weight block's codes
- * and scales are unpacked once and used by every token of the tile, which is where batches
- * (prefill, an expert chosen by several tokens) gain. Each token's arithmetic is the same
- * sequence of operations whatever the tile size, so a token's result does not depend on which
- * other tokens shared its tile. */
+ * are unpacked once and used by every token of the tile, which is where batches (prefill, an
+ * expert chosen by several tokens) gain. Each token's arithmetic is the same sequence of
+ * operations whatever the tile size, so a token's result does not depend on which other tokens
+ * shared its tile. */
 #define NT_MAX 4
+/* Blocks per step of a tile: the step's combined scales (NT_MAX x KCH floats) sit in L1. */
+#define KCH 64
 
 typedef struct {
     const int8_t *q[NT_MAX];
@@ -151,120 +189,109 @@ typedef struct {
 } qrows;
 
 #ifdef __AVX2__
-/* The AVX2 body, inlined with constant `bits` and `nt`. One scale per block (the default group of
- * 32): eight blocks' scales at once (a gather from the log-scale table, times the activation
- * scales), broadcast by lane permutes; blocks pairwise, their integer dots summed per 128-bit half
- * (hadd) before one convert and FMA; the offsets' sum as one vector FMA per eight blocks. */
+/* The AVX2 tiles. Per step of KCH blocks, each block's weight scale times each token's activation
+ * scale is computed first, vectorised (dts: one float per block and token, read back by broadcast
+ * loads); the inner loop is then integer dots only, one convert and one FMA per block and token,
+ * into two accumulators per token (even and odd blocks). Sixteen vector registers hold the tile:
+ * 2 x NT_MAX accumulators, two blocks' codes and temporaries, so nothing spills in the hot loop
+ * (the previous tile kept per-token scale vectors live across the loop and spilled on AVX2). */
 static inline __attribute__((always_inline)) void lowbit_tile_avx2(const uint8_t *row, const uint8_t *sc, const int8_t *mc, float s0, float m0,
                                                                     int nblocks, int bpg, const qrows *x, const int nt, const int bits, float *out) {
     const size_t blk_bytes = QB * bits / 8;
-    __m256 acc0[NT_MAX], acc1[NT_MAX];
-    float macc0[NT_MAX], macc1[NT_MAX];
+    __m256 a0[NT_MAX], a1[NT_MAX], mv[NT_MAX];
+    float ms[NT_MAX], ws[KCH], dts[NT_MAX][KCH];
     for (int t = 0; t < nt; t++) {
-        acc0[t] = acc1[t] = _mm256_setzero_ps();
-        macc0[t] = macc1[t] = 0.0f;
+        a0[t] = a1[t] = mv[t] = _mm256_setzero_ps();
+        ms[t] = 0.0f;
     }
-    int b = 0;
-    if (bpg == 1) {
-        const __m256 s0v = _mm256_set1_ps(s0);
-        __m256 macc[NT_MAX];
-        for (int t = 0; t < nt; t++) macc[t] = _mm256_setzero_ps();
-        for (; b + 8 <= nblocks; b += 8) {
-            const __m256i scv = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sc + b)));
-            const __m256 ws = _mm256_mul_ps(s0v, scale8(scv));
-            const __m256 mcv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(mc + b))));
-            __m256 d[NT_MAX];
-            for (int t = 0; t < nt; t++) {
-                d[t] = _mm256_mul_ps(ws, _mm256_loadu_ps(x->d[t] + b));
-                macc[t] = _mm256_fmadd_ps(mcv, _mm256_loadu_ps(x->s[t] + b), macc[t]);
-            }
-            for (int j = 0; j < 8; j += 2) {
-                const __m256i c0 = bits == 4 ? codes_q4(row + (b + j) * blk_bytes) : codes_q2(row + (b + j) * blk_bytes);
-                const __m256i c1 = bits == 4 ? codes_q4(row + (b + j + 1) * blk_bytes) : codes_q2(row + (b + j + 1) * blk_bytes);
-                const __m256i idx = _mm256_setr_epi32(j, j, j + 1, j + 1, j, j, j + 1, j + 1);
+    for (int c0 = 0; c0 < nblocks; c0 += KCH) {
+        const int nb = nblocks - c0 < KCH ? nblocks - c0 : KCH;
+        int j = 0;
+        if (bpg == 1) {
+            const __m256 s0v = _mm256_set1_ps(s0);
+            for (; j + 8 <= nb; j += 8) {
+                const __m256 w = _mm256_mul_ps(s0v, scale8(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sc + c0 + j)))));
+                const __m256 m = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(mc + c0 + j))));
                 for (int t = 0; t < nt; t++) {
-                    const __m256i x0 = _mm256_loadu_si256((const __m256i *)(x->q[t] + (size_t)(b + j) * QB));
-                    const __m256i x1 = _mm256_loadu_si256((const __m256i *)(x->q[t] + (size_t)(b + j + 1) * QB));
-                    const __m256i p = _mm256_hadd_epi32(dot_u8s8(c0, x0), dot_u8s8(c1, x1)); /* [b0 b0 b1 b1 | b0 b0 b1 b1] */
-                    const __m256 dd = _mm256_permutevar8x32_ps(d[t], idx);
-                    if (j & 2) acc1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dd, acc1[t]);
-                    else acc0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dd, acc0[t]);
+                    _mm256_storeu_ps(dts[t] + j, _mm256_mul_ps(w, _mm256_loadu_ps(x->d[t] + c0 + j)));
+                    mv[t] = _mm256_fmadd_ps(m, _mm256_loadu_ps(x->s[t] + c0 + j), mv[t]);
                 }
             }
         }
-        for (int t = 0; t < nt; t++) macc0[t] = hsum256(macc[t]);
-    }
-    for (; b + 1 < nblocks; b += 2) {
-        const int g0 = b / bpg, g1 = (b + 1) / bpg;
-        const __m256i c0 = bits == 4 ? codes_q4(row + b * blk_bytes) : codes_q2(row + b * blk_bytes);
-        const __m256i c1 = bits == 4 ? codes_q4(row + (b + 1) * blk_bytes) : codes_q2(row + (b + 1) * blk_bytes);
-        const float w0 = s0 * scale_lut[sc[g0]], w1 = s0 * scale_lut[sc[g1]];
-        for (int t = 0; t < nt; t++) {
-            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(x->q[t] + (size_t)b * QB));
-            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(x->q[t] + (size_t)(b + 1) * QB));
-            acc0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(c0, x0)), _mm256_set1_ps(w0 * x->d[t][b]), acc0[t]);
-            acc1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(c1, x1)), _mm256_set1_ps(w1 * x->d[t][b + 1]), acc1[t]);
-            macc0[t] += (float)mc[g0] * x->s[t][b];
-            macc1[t] += (float)mc[g1] * x->s[t][b + 1];
+        for (int jj = j; jj < nb; jj++) ws[jj] = s0 * scale_lut[sc[(c0 + jj) / bpg]];
+        for (int t = 0; t < nt; t++)
+            for (int jj = j; jj < nb; jj++) {
+                dts[t][jj] = ws[jj] * x->d[t][c0 + jj];
+                ms[t] += (float)mc[(c0 + jj) / bpg] * x->s[t][c0 + jj];
+            }
+        const uint8_t *r = row + (size_t)c0 * blk_bytes;
+        for (j = 0; j + 1 < nb; j += 2) {
+            const __m256i k0 = bits == 4 ? codes_q4(r + j * blk_bytes) : codes_q2(r + j * blk_bytes);
+            const __m256i k1 = bits == 4 ? codes_q4(r + (j + 1) * blk_bytes) : codes_q2(r + (j + 1) * blk_bytes);
+            for (int t = 0; t < nt; t++) {
+                const int8_t *xq = x->q[t] + (size_t)(c0 + j) * QB;
+                const __m256i p0 = dot_u8s8(k0, _mm256_loadu_si256((const __m256i *)xq));
+                const __m256i p1 = dot_u8s8(k1, _mm256_loadu_si256((const __m256i *)(xq + QB)));
+                a0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(dts[t] + j), a0[t]);
+                a1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_broadcast_ss(dts[t] + j + 1), a1[t]);
+            }
+        }
+        if (j < nb) {
+            const __m256i k0 = bits == 4 ? codes_q4(r + j * blk_bytes) : codes_q2(r + j * blk_bytes);
+            for (int t = 0; t < nt; t++) {
+                const __m256i p0 = dot_u8s8(k0, _mm256_loadu_si256((const __m256i *)(x->q[t] + (size_t)(c0 + j) * QB)));
+                a0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(dts[t] + j), a0[t]);
+            }
         }
     }
-    if (b < nblocks) {
-        const int g = b / bpg;
-        const __m256i c = bits == 4 ? codes_q4(row + b * blk_bytes) : codes_q2(row + b * blk_bytes);
-        const float w0 = s0 * scale_lut[sc[g]];
-        for (int t = 0; t < nt; t++) {
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)(x->q[t] + (size_t)b * QB));
-            acc0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(c, xv)), _mm256_set1_ps(w0 * x->d[t][b]), acc0[t]);
-            macc0[t] += (float)mc[g] * x->s[t][b];
-        }
-    }
-    for (int t = 0; t < nt; t++) out[t] = hsum256(_mm256_add_ps(acc0[t], acc1[t])) + m0 * (macc0[t] + macc1[t]);
+    for (int t = 0; t < nt; t++) out[t] = hsum256(_mm256_add_ps(a0[t], a1[t])) + m0 * (hsum256(mv[t]) + ms[t]);
 }
 
-/* q8 the same way: fp16 group scales eight at a time (F16C), blocks pairwise. */
-static inline __attribute__((always_inline)) void q8_tile_avx2(const int8_t *row, const uint16_t *gsc, float r, int ng, int bpg,
+/* q8 the same way (fp16 group scales eight at a time with F16C); |w| rides in the unsigned operand,
+ * its sign moves onto the activation (sign_epi8), as llama.cpp's q8 dots do. */
+static inline __attribute__((always_inline)) void q8_tile_avx2(const int8_t *row, const uint16_t *gsc, float r, int nblocks, int bpg,
                                                                 const qrows *x, const int nt, float *out) {
-    __m256 acc[NT_MAX], acc1[NT_MAX];
-    for (int t = 0; t < nt; t++) acc[t] = acc1[t] = _mm256_setzero_ps();
-    int g = 0;
+    __m256 a0[NT_MAX], a1[NT_MAX];
+    float ws[KCH], dts[NT_MAX][KCH];
+    for (int t = 0; t < nt; t++) a0[t] = a1[t] = _mm256_setzero_ps();
+    for (int c0 = 0; c0 < nblocks; c0 += KCH) {
+        const int nb = nblocks - c0 < KCH ? nblocks - c0 : KCH;
+        int j = 0;
 #ifdef __F16C__
-    if (bpg == 1) {
-        const __m256 rv = _mm256_set1_ps(r);
-        for (; g + 8 <= ng; g += 8) {
-            const __m256 ws = _mm256_mul_ps(rv, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gsc + g))));
-            __m256 d[NT_MAX];
-            for (int t = 0; t < nt; t++) d[t] = _mm256_mul_ps(ws, _mm256_loadu_ps(x->d[t] + g));
-            for (int j = 0; j < 8; j += 2) {
-                const __m256i w0 = _mm256_loadu_si256((const __m256i *)(row + (size_t)(g + j) * QB));
-                const __m256i w1 = _mm256_loadu_si256((const __m256i *)(row + (size_t)(g + j + 1) * QB));
-                const __m256i a0 = _mm256_sign_epi8(w0, w0), a1 = _mm256_sign_epi8(w1, w1);
-                const __m256i idx = _mm256_setr_epi32(j, j, j + 1, j + 1, j, j, j + 1, j + 1);
-                for (int t = 0; t < nt; t++) {
-                    const __m256i x0 = _mm256_loadu_si256((const __m256i *)(x->q[t] + (size_t)(g + j) * QB));
-                    const __m256i x1 = _mm256_loadu_si256((const __m256i *)(x->q[t] + (size_t)(g + j + 1) * QB));
-                    const __m256i p = _mm256_hadd_epi32(dot_u8s8(a0, _mm256_sign_epi8(x0, w0)), dot_u8s8(a1, _mm256_sign_epi8(x1, w1)));
-                    const __m256 dd = _mm256_permutevar8x32_ps(d[t], idx);
-                    if (j & 2) acc1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dd, acc1[t]);
-                    else acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dd, acc[t]);
-                }
+        if (bpg == 1) {
+            const __m256 rv = _mm256_set1_ps(r);
+            for (; j + 8 <= nb; j += 8) {
+                const __m256 w = _mm256_mul_ps(rv, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gsc + c0 + j))));
+                for (int t = 0; t < nt; t++) _mm256_storeu_ps(dts[t] + j, _mm256_mul_ps(w, _mm256_loadu_ps(x->d[t] + c0 + j)));
             }
         }
-    }
 #endif
-    for (int t = 0; t < nt; t++) acc[t] = _mm256_add_ps(acc[t], acc1[t]);
-    for (; g < ng; g++) {
-        const float sg = r * half_to_float(gsc[g]);
-        for (int j = 0; j < bpg; j++) {
-            const int b = g * bpg + j;
-            const __m256i wv = _mm256_loadu_si256((const __m256i *)(row + (size_t)b * QB));
-            const __m256i av = _mm256_sign_epi8(wv, wv);
+        for (int jj = j; jj < nb; jj++) ws[jj] = r * half_to_float(gsc[(c0 + jj) / bpg]);
+        for (int t = 0; t < nt; t++)
+            for (int jj = j; jj < nb; jj++) dts[t][jj] = ws[jj] * x->d[t][c0 + jj];
+        const int8_t *rw = row + (size_t)c0 * QB;
+        for (j = 0; j + 1 < nb; j += 2) {
+            const __m256i w0 = _mm256_loadu_si256((const __m256i *)(rw + (size_t)j * QB));
+            const __m256i w1 = _mm256_loadu_si256((const __m256i *)(rw + (size_t)(j + 1) * QB));
+            const __m256i u0 = _mm256_sign_epi8(w0, w0), u1 = _mm256_sign_epi8(w1, w1);
             for (int t = 0; t < nt; t++) {
-                const __m256i xv = _mm256_loadu_si256((const __m256i *)(x->q[t] + (size_t)b * QB));
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(av, _mm256_sign_epi8(xv, wv))), _mm256_set1_ps(sg * x->d[t][b]), acc[t]);
+                const int8_t *xq = x->q[t] + (size_t)(c0 + j) * QB;
+                const __m256i p0 = dot_u8s8(u0, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)xq), w0));
+                const __m256i p1 = dot_u8s8(u1, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xq + QB)), w1));
+                a0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(dts[t] + j), a0[t]);
+                a1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_broadcast_ss(dts[t] + j + 1), a1[t]);
+            }
+        }
+        if (j < nb) {
+            const __m256i w0 = _mm256_loadu_si256((const __m256i *)(rw + (size_t)j * QB));
+            const __m256i u0 = _mm256_sign_epi8(w0, w0);
+            for (int t = 0; t < nt; t++) {
+                const __m256i p0 = dot_u8s8(u0, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x->q[t] + (size_t)(c0 + j) * QB)), w0));
+                a0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(dts[t] + j), a0[t]);
             }
         }
     }
-    for (int t = 0; t < nt; t++) out[t] = hsum256(acc[t]);
+    for (int t = 0; t < nt; t++) out[t] = hsum256(_mm256_add_ps(a0[t], a1[t]));
 }
 #endif
 
@@ -326,7 +353,7 @@ static void dot_rows(const lg_qtensor *w, int n, int nt, const qrows *x, float *
     if (w->bits == 8) {
         const int8_t *row = (const int8_t *)w->data + (size_t)n * K;
         const uint16_t *gsc = (const uint16_t *)w->gs + (size_t)n * ng;
-#define Q8_TILE(nt_) q8_tile_avx2(row, gsc, w->rowf[n], ng, bpg, x, nt_, out)
+#define Q8_TILE(nt_) q8_tile_avx2(row, gsc, w->rowf[n], K / QB, bpg, x, nt_, out)
 #define Q8_CALL(dummy, nt_) Q8_TILE(nt_)
         TILE_CASES(Q8_CALL, 0)
     } else {
@@ -389,35 +416,54 @@ static void dot_pairs(const lg_qtensor *w, int n, const qact *a, int kdim, int f
     }
 }
 
+/* Tokens per pass over the weight in lg_linear: their quantized rows (~128 KiB) stay in L2 while
+ * every weight row meets them, instead of all T rows streaming through the cache for each row. */
+static inline int token_block(int k) {
+    const int tb = (int)((128u << 10) / (unsigned)(k > 0 ? k : 1)) & ~(NT_MAX - 1);
+    return tb < NT_MAX ? NT_MAX : tb;
+}
+
 /* y[t, n] = x[t] . w[n] (+ bias[n]) for t < T: a quantized linear layer; x and y of dtype 0 (fp32)
- * or 1 (bf16), bias fp32. Returns 0, or -1 when out of memory. */
+ * or 1 (bf16), bias fp32. Rows are quantized in parallel, then the work items are (token block,
+ * weight row), token-block-major, each running its block's tokens NT_MAX at a time through the
+ * tile; a token's result is the same whatever the blocking. Returns 0, or -1 when out of memory. */
 int lg_linear(const lg_qtensor *w, int T, const void *x, int x_dtype, const float *bias, void *y, int y_dtype, int nth) {
-    const int K = w->k, N = w->n;
+    const int K = w->k, N = w->n, TB = token_block(K), nblk = (T + TB - 1) / TB;
     qact a = {0};
-    float *row = malloc((size_t)K * sizeof(float));
-    if (!row || !lg_qact_alloc(&a, T, K)) {
-        free(row);
+    float *xf = x_dtype == 0 ? NULL : malloc((size_t)T * K * sizeof(float));
+    if ((x_dtype != 0 && !xf) || !lg_qact_alloc(&a, T, K)) {
+        free(xf);
         lg_qact_free(&a);
         return -1;
     }
-    for (int t = 0; t < T; t++) {
-        load_row(x, x_dtype, (size_t)t * K, K, row);
-        quantize_row(row, K, w->bits, QROW(&a, t, K));
-    }
     const int par = nth > 1 && (size_t)N * K * T >= (1u << 16);
-#pragma omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(N, nth)) if (par)
-    for (int n = 0; n < N; n++) {
-        const float b = bias ? bias[n] : 0.0f;
-        for (int t0 = 0; t0 < T; t0 += NT_MAX) {
-            const int nt = T - t0 < NT_MAX ? T - t0 : NT_MAX;
-            qrows xr;
-            float o[NT_MAX];
-            for (int j = 0; j < nt; j++) tile_set(&xr, j, &a, (size_t)(t0 + j), K);
-            dot_rows(w, n, nt, &xr, o);
-            for (int j = 0; j < nt; j++) store(y, y_dtype, (size_t)(t0 + j) * N + n, o[j] + b);
+    const long items = (long)nblk * N;
+#pragma omp parallel num_threads(nth) if (par)
+    {
+#pragma omp for schedule(dynamic, lg_chunk(T, nth))
+        for (int t = 0; t < T; t++) {
+            const float *row = (const float *)x + (size_t)t * K;
+            if (xf) {
+                load_row(x, x_dtype, (size_t)t * K, K, xf + (size_t)t * K);
+                row = xf + (size_t)t * K;
+            }
+            quantize_row(row, K, w->bits, QROW(&a, t, K));
+        }
+#pragma omp for schedule(dynamic, lg_chunk(items, nth))
+        for (long it = 0; it < items; it++) {
+            const int n = (int)(it % N), t1 = (int)(it / N) * TB, t2 = t1 + TB < T ? t1 + TB : T;
+            const float b = bias ? bias[n] : 0.0f;
+            for (int t0 = t1; t0 < t2; t0 += NT_MAX) {
+                const int nt = t2 - t0 < NT_MAX ? t2 - t0 : NT_MAX;
+                qrows xr;
+                float o[NT_MAX];
+                for (int j = 0; j < nt; j++) tile_set(&xr, j, &a, (size_t)(t0 + j), K);
+                dot_rows(w, n, nt, &xr, o);
+                for (int j = 0; j < nt; j++) store(y, y_dtype, (size_t)(t0 + j) * N + n, o[j] + b);
+            }
         }
     }
-    free(row);
+    free(xf);
     lg_qact_free(&a);
     return 0;
 }
