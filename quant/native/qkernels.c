@@ -191,19 +191,55 @@ typedef struct {
 #ifdef __AVX2__
 /* The AVX2 tiles. Per step of KCH blocks, each block's weight scale times each token's activation
  * scale is computed first, vectorised (dts: one float per block and token, read back by broadcast
- * loads); the inner loop is then integer dots only, one convert and one FMA per block and token,
- * into two accumulators per token (even and odd blocks). Sixteen vector registers hold the tile:
- * 2 x NT_MAX accumulators, two blocks' codes and temporaries, so nothing spills in the hot loop
- * (the previous tile kept per-token scale vectors live across the loop and spilled on AVX2). */
+ * loads); the step's integer loop is then dots, one convert and one FMA per block and token, into
+ * two accumulators per token (even and odd blocks). The accumulators live in memory between steps
+ * and in registers within one (the *_step functions load and store them): held in registers across
+ * the scale computation, the compiler spilled them inside the integer loop, a store per FMA. */
+typedef struct {
+    float v[2][NT_MAX][8];
+} tile_acc;
+
+static inline __attribute__((always_inline)) void lowbit_step(const uint8_t *r, int nb, const int8_t *const *xq, const float (*dts)[KCH],
+                                                               const int nt, const int bits, tile_acc *acc) {
+    const size_t blk_bytes = QB * bits / 8;
+    __m256 a0[NT_MAX], a1[NT_MAX];
+    for (int t = 0; t < nt; t++) {
+        a0[t] = _mm256_loadu_ps(acc->v[0][t]);
+        a1[t] = _mm256_loadu_ps(acc->v[1][t]);
+    }
+    int j = 0;
+    for (; j + 1 < nb; j += 2) {
+        const __m256i k0 = bits == 4 ? codes_q4(r + j * blk_bytes) : codes_q2(r + j * blk_bytes);
+        const __m256i k1 = bits == 4 ? codes_q4(r + (j + 1) * blk_bytes) : codes_q2(r + (j + 1) * blk_bytes);
+        for (int t = 0; t < nt; t++) {
+            const int8_t *q = xq[t] + (size_t)j * QB;
+            const __m256i p0 = dot_u8s8(k0, _mm256_loadu_si256((const __m256i *)q));
+            const __m256i p1 = dot_u8s8(k1, _mm256_loadu_si256((const __m256i *)(q + QB)));
+            a0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(dts[t] + j), a0[t]);
+            a1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_broadcast_ss(dts[t] + j + 1), a1[t]);
+        }
+    }
+    if (j < nb) {
+        const __m256i k0 = bits == 4 ? codes_q4(r + j * blk_bytes) : codes_q2(r + j * blk_bytes);
+        for (int t = 0; t < nt; t++) {
+            const __m256i p0 = dot_u8s8(k0, _mm256_loadu_si256((const __m256i *)(xq[t] + (size_t)j * QB)));
+            a0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(dts[t] + j), a0[t]);
+        }
+    }
+    for (int t = 0; t < nt; t++) {
+        _mm256_storeu_ps(acc->v[0][t], a0[t]);
+        _mm256_storeu_ps(acc->v[1][t], a1[t]);
+    }
+}
+
 static inline __attribute__((always_inline)) void lowbit_tile_avx2(const uint8_t *row, const uint8_t *sc, const int8_t *mc, float s0, float m0,
                                                                     int nblocks, int bpg, const qrows *x, const int nt, const int bits, float *out) {
     const size_t blk_bytes = QB * bits / 8;
-    __m256 a0[NT_MAX], a1[NT_MAX], mv[NT_MAX];
-    float ms[NT_MAX], ws[KCH], dts[NT_MAX][KCH];
-    for (int t = 0; t < nt; t++) {
-        a0[t] = a1[t] = mv[t] = _mm256_setzero_ps();
-        ms[t] = 0.0f;
-    }
+    tile_acc acc;
+    float mv[NT_MAX][8], ms[NT_MAX], ws[KCH], dts[NT_MAX][KCH];
+    memset(&acc, 0, sizeof acc);
+    memset(mv, 0, sizeof mv);
+    for (int t = 0; t < nt; t++) ms[t] = 0.0f;
     for (int c0 = 0; c0 < nblocks; c0 += KCH) {
         const int nb = nblocks - c0 < KCH ? nblocks - c0 : KCH;
         int j = 0;
@@ -214,7 +250,7 @@ static inline __attribute__((always_inline)) void lowbit_tile_avx2(const uint8_t
                 const __m256 m = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(mc + c0 + j))));
                 for (int t = 0; t < nt; t++) {
                     _mm256_storeu_ps(dts[t] + j, _mm256_mul_ps(w, _mm256_loadu_ps(x->d[t] + c0 + j)));
-                    mv[t] = _mm256_fmadd_ps(m, _mm256_loadu_ps(x->s[t] + c0 + j), mv[t]);
+                    _mm256_storeu_ps(mv[t], _mm256_fmadd_ps(m, _mm256_loadu_ps(x->s[t] + c0 + j), _mm256_loadu_ps(mv[t])));
                 }
             }
         }
@@ -224,36 +260,55 @@ static inline __attribute__((always_inline)) void lowbit_tile_avx2(const uint8_t
                 dts[t][jj] = ws[jj] * x->d[t][c0 + jj];
                 ms[t] += (float)mc[(c0 + jj) / bpg] * x->s[t][c0 + jj];
             }
-        const uint8_t *r = row + (size_t)c0 * blk_bytes;
-        for (j = 0; j + 1 < nb; j += 2) {
-            const __m256i k0 = bits == 4 ? codes_q4(r + j * blk_bytes) : codes_q2(r + j * blk_bytes);
-            const __m256i k1 = bits == 4 ? codes_q4(r + (j + 1) * blk_bytes) : codes_q2(r + (j + 1) * blk_bytes);
-            for (int t = 0; t < nt; t++) {
-                const int8_t *xq = x->q[t] + (size_t)(c0 + j) * QB;
-                const __m256i p0 = dot_u8s8(k0, _mm256_loadu_si256((const __m256i *)xq));
-                const __m256i p1 = dot_u8s8(k1, _mm256_loadu_si256((const __m256i *)(xq + QB)));
-                a0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(dts[t] + j), a0[t]);
-                a1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_broadcast_ss(dts[t] + j + 1), a1[t]);
-            }
-        }
-        if (j < nb) {
-            const __m256i k0 = bits == 4 ? codes_q4(r + j * blk_bytes) : codes_q2(r + j * blk_bytes);
-            for (int t = 0; t < nt; t++) {
-                const __m256i p0 = dot_u8s8(k0, _mm256_loadu_si256((const __m256i *)(x->q[t] + (size_t)(c0 + j) * QB)));
-                a0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(dts[t] + j), a0[t]);
-            }
+        const int8_t *xq[NT_MAX];
+        for (int t = 0; t < nt; t++) xq[t] = x->q[t] + (size_t)c0 * QB;
+        lowbit_step(row + (size_t)c0 * blk_bytes, nb, xq, (const float(*)[KCH])dts, nt, bits, &acc);
+    }
+    for (int t = 0; t < nt; t++)
+        out[t] = hsum256(_mm256_add_ps(_mm256_loadu_ps(acc.v[0][t]), _mm256_loadu_ps(acc.v[1][t]))) + m0 * (hsum256(_mm256_loadu_ps(mv[t])) + ms[t]);
+}
+
+static inline __attribute__((always_inline)) void q8_step(const int8_t *rw, int nb, const int8_t *const *xq, const float (*dts)[KCH], const int nt,
+                                                           tile_acc *acc) {
+    __m256 a0[NT_MAX], a1[NT_MAX];
+    for (int t = 0; t < nt; t++) {
+        a0[t] = _mm256_loadu_ps(acc->v[0][t]);
+        a1[t] = _mm256_loadu_ps(acc->v[1][t]);
+    }
+    int j = 0;
+    for (; j + 1 < nb; j += 2) {
+        const __m256i w0 = _mm256_loadu_si256((const __m256i *)(rw + (size_t)j * QB));
+        const __m256i w1 = _mm256_loadu_si256((const __m256i *)(rw + (size_t)(j + 1) * QB));
+        const __m256i u0 = _mm256_sign_epi8(w0, w0), u1 = _mm256_sign_epi8(w1, w1);
+        for (int t = 0; t < nt; t++) {
+            const int8_t *q = xq[t] + (size_t)j * QB;
+            const __m256i p0 = dot_u8s8(u0, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)q), w0));
+            const __m256i p1 = dot_u8s8(u1, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(q + QB)), w1));
+            a0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(dts[t] + j), a0[t]);
+            a1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_broadcast_ss(dts[t] + j + 1), a1[t]);
         }
     }
-    for (int t = 0; t < nt; t++) out[t] = hsum256(_mm256_add_ps(a0[t], a1[t])) + m0 * (hsum256(mv[t]) + ms[t]);
+    if (j < nb) {
+        const __m256i w0 = _mm256_loadu_si256((const __m256i *)(rw + (size_t)j * QB));
+        const __m256i u0 = _mm256_sign_epi8(w0, w0);
+        for (int t = 0; t < nt; t++) {
+            const __m256i p0 = dot_u8s8(u0, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xq[t] + (size_t)j * QB)), w0));
+            a0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(dts[t] + j), a0[t]);
+        }
+    }
+    for (int t = 0; t < nt; t++) {
+        _mm256_storeu_ps(acc->v[0][t], a0[t]);
+        _mm256_storeu_ps(acc->v[1][t], a1[t]);
+    }
 }
 
 /* q8 the same way (fp16 group scales eight at a time with F16C); |w| rides in the unsigned operand,
  * its sign moves onto the activation (sign_epi8), as llama.cpp's q8 dots do. */
 static inline __attribute__((always_inline)) void q8_tile_avx2(const int8_t *row, const uint16_t *gsc, float r, int nblocks, int bpg,
                                                                 const qrows *x, const int nt, float *out) {
-    __m256 a0[NT_MAX], a1[NT_MAX];
+    tile_acc acc;
     float ws[KCH], dts[NT_MAX][KCH];
-    for (int t = 0; t < nt; t++) a0[t] = a1[t] = _mm256_setzero_ps();
+    memset(&acc, 0, sizeof acc);
     for (int c0 = 0; c0 < nblocks; c0 += KCH) {
         const int nb = nblocks - c0 < KCH ? nblocks - c0 : KCH;
         int j = 0;
@@ -269,29 +324,11 @@ static inline __attribute__((always_inline)) void q8_tile_avx2(const int8_t *row
         for (int jj = j; jj < nb; jj++) ws[jj] = r * half_to_float(gsc[(c0 + jj) / bpg]);
         for (int t = 0; t < nt; t++)
             for (int jj = j; jj < nb; jj++) dts[t][jj] = ws[jj] * x->d[t][c0 + jj];
-        const int8_t *rw = row + (size_t)c0 * QB;
-        for (j = 0; j + 1 < nb; j += 2) {
-            const __m256i w0 = _mm256_loadu_si256((const __m256i *)(rw + (size_t)j * QB));
-            const __m256i w1 = _mm256_loadu_si256((const __m256i *)(rw + (size_t)(j + 1) * QB));
-            const __m256i u0 = _mm256_sign_epi8(w0, w0), u1 = _mm256_sign_epi8(w1, w1);
-            for (int t = 0; t < nt; t++) {
-                const int8_t *xq = x->q[t] + (size_t)(c0 + j) * QB;
-                const __m256i p0 = dot_u8s8(u0, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)xq), w0));
-                const __m256i p1 = dot_u8s8(u1, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xq + QB)), w1));
-                a0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(dts[t] + j), a0[t]);
-                a1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_broadcast_ss(dts[t] + j + 1), a1[t]);
-            }
-        }
-        if (j < nb) {
-            const __m256i w0 = _mm256_loadu_si256((const __m256i *)(rw + (size_t)j * QB));
-            const __m256i u0 = _mm256_sign_epi8(w0, w0);
-            for (int t = 0; t < nt; t++) {
-                const __m256i p0 = dot_u8s8(u0, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x->q[t] + (size_t)(c0 + j) * QB)), w0));
-                a0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(dts[t] + j), a0[t]);
-            }
-        }
+        const int8_t *xq[NT_MAX];
+        for (int t = 0; t < nt; t++) xq[t] = x->q[t] + (size_t)c0 * QB;
+        q8_step(row + (size_t)c0 * QB, nb, xq, (const float(*)[KCH])dts, nt, &acc);
     }
-    for (int t = 0; t < nt; t++) out[t] = hsum256(_mm256_add_ps(a0[t], a1[t]));
+    for (int t = 0; t < nt; t++) out[t] = hsum256(_mm256_add_ps(_mm256_loadu_ps(acc.v[0][t]), _mm256_loadu_ps(acc.v[1][t])));
 }
 #endif
 
