@@ -152,8 +152,7 @@ def main() -> int:
     if model.speculation is None:
         raise SystemExit(f"{path}: no MTP block")
     t0 = time.perf_counter()
-    data = teacher_data(model, args.train_rows, 16, 96, seed=1)
-    losses = distil(model, data, args.steps, args.lr, skip=14) if args.steps else []
+    losses = distil(model, teacher_data(model, args.train_rows, 16, 96, seed=1), args.steps, args.lr, skip=14) if args.steps else []
     trained = time.perf_counter() - t0
     g = torch.Generator().manual_seed(99)
     prompts = [torch.randint(0, model.config.vocab_size - 32, (16,), generator=g).tolist() for _ in range(args.prompts)]

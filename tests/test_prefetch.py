@@ -144,7 +144,7 @@ def test_backends_are_hinted_with_each_moe_layers_input_on_both_decode_paths(tmp
         assert la == lb and torch.allclose(a, b, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(after[True][0][1], seen[True][0][1])  # attention did add something
     # and it is the layer's input: the first MoE layer's hint is what the dense layer before it outputs
-    net.fused_decode = False
+    net.fused_decode = net.fused_prefill = False  # the torch ops (the fused decoder holds the uncut layers)
     with torch.inference_mode():
         seen[False].clear()
         net.hidden_states(prompt, net.new_cache(8), 0)

@@ -27,17 +27,91 @@
  * lg_matvec's (the row quantized alike, the dot in the same order whichever tile it sits in). */
 int lg_linear(const lg_qtensor *w, int T, const void *x, int x_dtype, const float *bias, void *y, int y_dtype, int nth);
 
+#define DT 4 /* tokens a dense weight row is read for at once */
+
+#ifdef __AVX2__
+/* out[t] = row n of the dense matrix m . x[t] for nt <= DT rows: quant's dot_dense (qkernels.c),
+ * i.e. dotf's order (two 8-lane accumulators over 16 values, their sum reduced, then the tail in
+ * order), for every token from one read of the weight row. Inlined with a constant nt (dense_tile),
+ * so the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void dense_tile_nt(const lg_mat *m, int n, const float *const *x, float *out, const int nt) {
+    const int K = m->k;
+    __m256 a0[DT], a1[DT];
+    for (int t = 0; t < nt; t++) a0[t] = a1[t] = _mm256_setzero_ps();
+    int i = 0;
+    if (m->kind == 1) {
+        const uint16_t *r = (const uint16_t *)m->w + (size_t)n * K;
+        for (; i + 16 <= K; i += 16) {
+            const __m256 w0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(r + i))), 16));
+            const __m256 w1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(r + i + 8))), 16));
+            for (int t = 0; t < nt; t++) {
+                a0[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x[t] + i), a0[t]);
+                a1[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x[t] + i + 8), a1[t]);
+            }
+        }
+        for (int t = 0; t < nt; t++) {
+            float s = hsum256(_mm256_add_ps(a0[t], a1[t]));
+            for (int j = i; j < K; j++) s += bf16_to_float(r[j]) * x[t][j];
+            out[t] = s;
+        }
+    } else {
+        const float *r = (const float *)m->w + (size_t)n * K;
+        for (; i + 16 <= K; i += 16) {
+            const __m256 w0 = _mm256_loadu_ps(r + i), w1 = _mm256_loadu_ps(r + i + 8);
+            for (int t = 0; t < nt; t++) {
+                a0[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x[t] + i), a0[t]);
+                a1[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x[t] + i + 8), a1[t]);
+            }
+        }
+        for (int t = 0; t < nt; t++) {
+            float s = hsum256(_mm256_add_ps(a0[t], a1[t]));
+            for (int j = i; j < K; j++) s += r[j] * x[t][j];
+            out[t] = s;
+        }
+    }
+}
+
+static void dense_tile(const lg_mat *m, int n, int nt, const float *const *x, float *out) {
+    switch (nt) {
+    case 1: dense_tile_nt(m, n, x, out, 1); break;
+    case 2: dense_tile_nt(m, n, x, out, 2); break;
+    case 3: dense_tile_nt(m, n, x, out, 3); break;
+    default: dense_tile_nt(m, n, x, out, DT);
+    }
+}
+#endif
+
 /* y[t] = m . x[t] for T rows (x [T, m->k], y [T, m->n] floats), each row exactly lg_matvec's: one
  * row through lg_matvec itself; more through lg_linear (a quantized weight row read once for every
- * tile of tokens) and rounded as lg_matvec rounds; dense weights row by row. `xa` has room for one
+ * tile of tokens) and rounded as lg_matvec rounds, or, dense, through dense_tile (each weight row
+ * read once for DT tokens; the portable build runs lg_matvec row by row). `xa` has room for one
  * quantized row of m->k. Returns 0, or -1 when out of memory. */
 static int rows_matvec(const lg_mat *m, int T, const float *x, int dt, qact *xa, float *y, int nth) {
-    if (T == 1 || m->kind != 0) {
-        for (int t = 0; t < T; t++) lg_matvec(m, x + (size_t)t * m->k, dt, xa, y + (size_t)t * m->n, nth);
+    const int N = m->n, K = m->k;
+    if (T > 1 && m->kind == 0) {
+        if (lg_linear(&m->q, T, x, 0, m->bias, y, 0, nth)) return -1;
+        for (size_t i = 0; i < (size_t)T * N; i++) y[i] = rnd(y[i], dt);
         return 0;
     }
-    if (lg_linear(&m->q, T, x, 0, m->bias, y, 0, nth)) return -1;
-    for (size_t i = 0; i < (size_t)T * m->n; i++) y[i] = rnd(y[i], dt);
+#ifdef __AVX2__
+    if (T > 1) {
+        const int par = nth > 1 && (size_t)N * K * T >= (1u << 16);
+#pragma omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(N, nth)) if (par)
+        for (int n = 0; n < N; n++) {
+            const float b = m->bias ? m->bias[n] : 0.0f;
+            for (int t0 = 0; t0 < T; t0 += DT) {
+                const int nt = T - t0 < DT ? T - t0 : DT;
+                const float *xs[DT];
+                float o[DT];
+                for (int j = 0; j < nt; j++) xs[j] = x + (size_t)(t0 + j) * K;
+                dense_tile(m, n, nt, xs, o);
+                for (int j = 0; j < nt; j++) y[(size_t)(t0 + j) * N + n] = rnd(o[j] + b, dt);
+            }
+        }
+        return 0;
+    }
+#endif
+    for (int t = 0; t < T; t++) lg_matvec(m, x + (size_t)t * K, dt, xa, y + (size_t)t * N, nth);
     return 0;
 }
 
@@ -129,23 +203,33 @@ static int attention(const lg_layer *L, int T, const float *hn, const token_rows
     return rows_matvec(&L->o, T, att, dt, xa, o, nth);
 }
 
-/* Dense experts of one token in RAM: the chosen experts in id order, each product rounded to the
- * dtype and summed in fp32 (localglm.layers.experts.combine_experts' order) into routed [H] (dtype). */
-static void dense_experts(const lg_layer *L, const lg_experts *ex, const float *hn, const int64_t *ids, const float *wts, qact *xa, float *g,
-                          float *ye, float *acc, void *routed, int nth) {
+/* Dense experts in RAM for T tokens into routed [T, H] (dtype): each expert once, for all the tokens
+ * that chose it (rows_swiglu), in id order; so each token's products, rounded to the dtype, are
+ * summed in fp32 in the order of its experts' ids -- localglm.layers.experts.combine_experts' order
+ * for one token, and the one-token call's. xs, ye, acc hold T * H floats, g rows_swiglu's T * 3I.
+ * Returns 0, or -1 when out of memory. */
+static int dense_experts(const lg_layer *L, const lg_experts *ex, int T, const float *hn, const int64_t *ids, const float *wts, qact *xa,
+                         float *xs, float *g, float *ye, float *acc, void *routed, int nth) {
     const int H = L->hidden, dt = L->dtype, kk = L->top_k;
-    int ord[kk];
-    for (int j = 0; j < kk; j++) ord[j] = j;
-    for (int a = 1; a < kk; a++) /* insertion sort: k is small */
-        for (int b = a; b > 0 && ids[ord[b]] < ids[ord[b - 1]]; b--) { const int t = ord[b]; ord[b] = ord[b - 1]; ord[b - 1] = t; }
-    for (int i = 0; i < H; i++) acc[i] = 0.0f;
-    for (int j = 0; j < kk; j++) {
-        const int e = (int)ids[ord[j]];
-        const float w = wts[ord[j]];
-        lg_swiglu_vec(&ex->d_gate_up[e], &ex->d_down[e], dt, hn, xa, g, ye, nth);
-        for (int i = 0; i < H; i++) acc[i] += rnd(ye[i] * w, dt);
+    int tok[T];
+    float w[T];
+    for (size_t i = 0; i < (size_t)T * H; i++) acc[i] = 0.0f;
+    for (int e = 0; e < L->n_experts; e++) {
+        int n = 0;
+        for (int t = 0; t < T; t++)
+            for (int j = 0; j < kk; j++)
+                if (ids[(size_t)t * kk + j] == e) {
+                    tok[n] = t;
+                    w[n++] = wts[(size_t)t * kk + j];
+                }
+        if (n == 0) continue;
+        for (int j = 0; j < n; j++) memcpy(xs + (size_t)j * H, hn + (size_t)tok[j] * H, (size_t)H * sizeof(float));
+        if (rows_swiglu(&ex->d_gate_up[e], &ex->d_down[e], n, xs, dt, xa, g, ye, nth)) return -1;
+        for (int j = 0; j < n; j++)
+            for (int i = 0; i < H; i++) acc[(size_t)tok[j] * H + i] += rnd(ye[(size_t)j * H + i] * w[j], dt);
     }
-    for (int i = 0; i < H; i++) store(routed, dt, i, acc[i]);
+    for (size_t i = 0; i < (size_t)T * H; i++) store(routed, dt, i, acc[i]);
+    return 0;
 }
 
 /* T consecutive tokens through layer L at positions pos..pos+T-1. x [T, hidden] (dtype) is the
@@ -173,7 +257,7 @@ static int forward_layer(const lg_layer *L, int T, void *x, const void *add_a, c
     if (L->attn_kind != LG_ATTN_GQA && L->mla->q_b.k > kmax) kmax = L->mla->q_b.k; /* DSA's wq_b reads the same q latent */
     if (L->has_mlp && L->down.k > kmax) kmax = L->down.k;
     const size_t TH = (size_t)T * H;
-    const size_t nf = TH * 4 + (size_t)H * 2 + (size_t)T * (size_t)inter2 * 3 / 2 + (size_t)inter2 + 2 * (size_t)E + attn_scratch(L, T);
+    const size_t nf = TH * 6 + (size_t)T * (size_t)inter2 * 3 / 2 + (size_t)inter2 + 2 * (size_t)E + attn_scratch(L, T);
     float *buf = malloc(nf * sizeof(float));
     qact xa = {0};
     if (!buf || !lg_qact_alloc(&xa, 1, (kmax + QB - 1) / QB * QB)) {
@@ -181,8 +265,8 @@ static int forward_layer(const lg_layer *L, int T, void *x, const void *add_a, c
         lg_qact_free(&xa);
         return -1;
     }
-    float *xf = buf, *hn = xf + TH, *o = hn + TH, *mo = o + TH, *ye = mo + TH, *acc = ye + H; /* ye, acc: one token's routed experts */
-    float *g = acc + H, *sc = g + (size_t)T * (size_t)inter2 * 3 / 2 + (size_t)inter2, *att_scratch = sc + 2 * E;
+    float *xf = buf, *hn = xf + TH, *o = hn + TH, *mo = o + TH, *ye = mo + TH, *acc = ye + TH; /* ye, acc: dense routed experts' */
+    float *g = acc + TH, *sc = g + (size_t)T * (size_t)inter2 * 3 / 2 + (size_t)inter2, *att_scratch = sc + 2 * E;
     for (int t = 0; t < T; t++) {
         float *xt = xf + (size_t)t * H;
         load_row(x, dt, (size_t)t * H, H, xt);
@@ -206,9 +290,7 @@ static int forward_layer(const lg_layer *L, int T, void *x, const void *add_a, c
                 for (size_t i = 0; i < TH && rc == 0; i++) store(mlp_out, dt, i, mo[i]);
             }
             if (rc == 0 && dense_ex) {
-                for (int t = 0; t < T; t++)
-                    dense_experts(L, ex, hn + (size_t)t * H, ids + (size_t)t * kk, wts + (size_t)t * kk, &xa, g, ye, acc,
-                                  (char *)routed_out + (size_t)t * H * (dt == 1 ? 2 : 4), nth);
+                rc = dense_experts(L, ex, T, hn, ids, wts, &xa, o, g, ye, acc, routed_out, nth); /* o is free again: the experts' inputs */
             } else if (rc == 0 && ex && ex->q_gate_up) {
                 rc = lg_moe(T, H, ex->inter, h_out, dt, kk, ids, wts, ex->q_gate_up, ex->q_down, L->n_experts, routed_out, nth);
             }
