@@ -142,6 +142,8 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=4, help="held-out prompts per setting")
     ap.add_argument("--new", type=int, default=64, help="tokens generated per prompt")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--torch-multi-token", action="store_true",
+                    help="verification and prompts through the torch ops, as before the native multi-token forward (the peer)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     path = args.model
@@ -151,13 +153,15 @@ def main() -> int:
     model = localglm.load(path, ctx=1024)
     if model.speculation is None:
         raise SystemExit(f"{path}: no MTP block")
+    model.net.fused_prefill = not args.torch_multi_token
     t0 = time.perf_counter()
     losses = distil(model, teacher_data(model, args.train_rows, 16, 96, seed=1), args.steps, args.lr, skip=14) if args.steps else []
     trained = time.perf_counter() - t0
     g = torch.Generator().manual_seed(99)
     prompts = [torch.randint(0, model.config.vocab_size - 32, (16,), generator=g).tolist() for _ in range(args.prompts)]
     print(f"model: {path} ({model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}, "
-          f"{model.config.n_routed_experts} experts top-{model.config.num_experts_per_tok}, fp32), {args.threads} threads")  # fmt: skip
+          f"{model.config.n_routed_experts} experts top-{model.config.num_experts_per_tok}, fp32), {args.threads} threads, "
+          f"multi-token forwards through {'the torch ops' if args.torch_multi_token else 'the native layers'}")  # fmt: skip
     if losses:
         print(f"MTP head distilled on {args.train_rows} greedy continuations: {args.steps} steps, loss {losses[0]:.2f} -> {losses[-1]:.2f} ({trained:.0f} s)")
     else:

@@ -193,9 +193,17 @@ class FusedDecoder:
     def takes(self, input_ids: torch.Tensor, cache: TokenCache | None) -> bool:
         """Whether this call is one the fused path runs: consecutive tokens of one sequence
         (input_ids [1, T]), a CPU cache of the attention's type and the model dtype."""
-        if not isinstance(cache, self.cache_type) or input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
-            return False
-        if getattr(cache, "host", None) is not None:
+        return input_ids.dim() == 2 and input_ids.shape[0] == 1 and input_ids.shape[1] >= 1 and self._takes_cache(cache)
+
+    def takes_stream(self, x: torch.Tensor, cache: TokenCache | None) -> bool:
+        """Whether `forward_stream` runs this input stream x [1, T, H] (an MTP block's: the model
+        dtype on the CPU) over this cache."""
+        m = self.model
+        return (x.dim() == 3 and x.shape[0] == 1 and x.shape[1] >= 1 and x.shape[2] == m.cfg.hidden_size and x.dtype == m.dtype
+                and x.device.type == "cpu" and self._takes_cache(cache))
+
+    def _takes_cache(self, cache: TokenCache | None) -> bool:
+        if not isinstance(cache, self.cache_type) or getattr(cache, "host", None) is not None:
             return False  # rows kept apart in host RAM are brought over by `read`, which the kernel does not do
         k, _ = self._cache(cache)
         return k.shape[1] == 1 and k.dtype == self.model.dtype and k.device.type == "cpu"
@@ -209,10 +217,16 @@ class FusedDecoder:
         """The residual stream [1, T, H] after the last layer, before the final norm (what an MTP head
         reads), of the T = input_ids.shape[1] tokens at positions start..start+T-1: each token's
         numbers are those of T one-token calls, token t attending up to itself."""
+        m = self.model
+        return self.forward_stream(F.embedding(input_ids, m.w.embed), cache, start)
+
+    def forward_stream(self, x: torch.Tensor, cache: TokenCache, start: int) -> torch.Tensor:
+        """Every layer over the input stream x [1, T, H] at positions start..start+T-1 (`residual`'s
+        embedded tokens, or an MTP block's eh_proj output); the stream after the last layer, [1, T, H]."""
         m, cfg = self.model, self.model.cfg
-        T = input_ids.shape[1]
+        T = x.shape[1]
         cache.check_room(start + T)
-        x = F.embedding(input_ids, m.w.embed).reshape(T, cfg.hidden_size).to(m.dtype).contiguous()
+        x = x.reshape(T, cfg.hidden_size).to(m.dtype, copy=True).contiguous()  # a copy: the native layers update it in place
         cos, sin = self._cos_sin(start, T, cache.max_tokens)
         k_all, v_all = self._cache(cache)
         kc, vc = k_all[:, 0], None if v_all is None else v_all[:, 0]

@@ -202,7 +202,13 @@ class MoeDecoder(MoeRouting):
         return self.run_layers(F.embedding(input_ids, self.w.embed), cache, start)
 
     def run_layers(self, x: torch.Tensor, cache: TokenCache | None, start: int) -> torch.Tensor:
-        """Every layer over the input stream x [B, T, H] at positions start..; the stream after the last."""
+        """Every layer over the input stream x [B, T, H] at positions start..; the stream after the last.
+        One sequence's stream on the CPU (an MTP block's drafts and verification) runs through the
+        native layers where they take the model, as `residual`'s tokens do."""
+        if cache is not None and (self.fused_prefill if x.shape[1] > 1 else self.fused_decode):
+            fused = self._fused_decoder()
+            if fused is not None and fused.takes_stream(x, cache):
+                return fused.forward_stream(x, cache, start)
         cfg = self.cfg
         positions = torch.arange(start, start + x.shape[1], device=x.device)
         cos, sin = self.rope(positions, x.dtype)

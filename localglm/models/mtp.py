@@ -158,5 +158,5 @@ def load_mtp_head(
     model = arch.model.build(sub_cfg, weights.decoder, experts(sub_cfg, block, r), device)
     if not isinstance(model, MoeDecoder):
         raise NotImplementedError(f"MTP drafting needs a MoeDecoder-based architecture; {arch.model_type} builds {type(model).__name__}")
-    model.fused_decode = False  # the block's input is a stream, not token ids: the torch path runs it
+    # the block's input is a stream, not token ids: MoeDecoder.run_layers hands it to the native layers (fused_decode.forward_stream)
     return MtpHead(model, weights, block)
