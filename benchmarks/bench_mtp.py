@@ -143,7 +143,7 @@ def main() -> int:
     ap.add_argument("--new", type=int, default=64, help="tokens generated per prompt")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--torch-multi-token", action="store_true",
-                    help="verification and prompts through the torch ops, as before the native multi-token forward (the peer)")
+                    help="verification, prompts and the MTP block through the torch ops, as before the native multi-token forward (the peer)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     path = args.model
@@ -153,7 +153,9 @@ def main() -> int:
     model = localglm.load(path, ctx=1024)
     if model.speculation is None:
         raise SystemExit(f"{path}: no MTP block")
-    model.net.fused_prefill = not args.torch_multi_token
+    if args.torch_multi_token:  # the peer: as before the native multi-token forward
+        block = model.speculation.head.block
+        model.net.fused_prefill = block.fused_prefill = block.fused_decode = False
     t0 = time.perf_counter()
     losses = distil(model, teacher_data(model, args.train_rows, 16, 96, seed=1), args.steps, args.lr, skip=14) if args.steps else []
     trained = time.perf_counter() - t0
