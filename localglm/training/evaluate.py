@@ -5,6 +5,10 @@
 
 Everything runs through `localglm.load` (our runtime), on the held-out stdlib files of `corpus.py`.
 
+`--acceptance` measures the MTP draft head (a checkpoint with `num_nextn_predict_layers` 1): greedy
+chat replies to held-out requests at fixed draft depths 1..N, tokens drafted and accepted, and the
+acceptance length (mean tokens per verification step, the accepted drafts plus the model's own token).
+
 Routing traces (`--traces FILE.jsonl`) are written in the offload package's format
 (`offload/trace.py`: a header line, then one `{"s": step, "l": layer, "e": [[ids]]}` record per
 MoE-layer call, plus `"p"` records with the next-layer predictor's guesses). Each held-out document
@@ -110,6 +114,29 @@ def routing_stats(experts: np.ndarray, n_experts: int, doc_starts: np.ndarray | 
     return out
 
 
+def acceptance(model: Any, requests: list[str], depths: list[int], max_new_tokens: int = 96) -> dict[int, dict[str, float]]:
+    """Greedy chat replies to `requests` drafting exactly d tokens a step (d in `depths`, no adaptive
+    choice): drafted, accepted, accepted / drafted and acceptance length over all the replies."""
+    from ..engine import Done
+
+    spec = model.speculation
+    if spec is None:
+        raise ValueError(f"{model.path}: no MTP head to measure (num_nextn_predict_layers 0, or its tensors are missing)")
+    out = {}
+    for d in depths:
+        spec.set_draft(d, adaptive=False)
+        drafted = accepted = steps = tokens = 0
+        for req in requests:
+            done = [e for e in model.generate(messages=[{"role": "user", "content": req}], max_new_tokens=max_new_tokens, temperature=0)
+                    if isinstance(e, Done)][-1]  # fmt: skip
+            st = done.stats
+            drafted, accepted, tokens = drafted + st.draft_tokens, accepted + st.accepted_tokens, tokens + len(done.token_ids)
+            steps += sum(st.draft_depths.values())
+        out[d] = {"draft_tokens": drafted, "accepted_tokens": accepted, "accept_rate": accepted / max(1, drafted),
+                  "acceptance_length": (accepted + steps) / max(1, steps), "steps": steps, "tokens": tokens}  # fmt: skip
+    return out
+
+
 def compare_with_transformers(path: Path, ids: torch.Tensor) -> float:
     """Max |logit difference| / max |logit| between localglm and transformers on a float32 checkpoint."""
     import transformers
@@ -132,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--traces", type=Path, default=None, help="write routing traces here (offload/trace.py JSONL format)")
     ap.add_argument("--tokens", type=int, default=4096, help="held-out tokens per measurement (default 4096)")
     ap.add_argument("--trace-tokens", type=int, default=1536, help="held-out tokens of each kind (chat, code) to trace (default 1536)")
+    ap.add_argument("--acceptance", type=int, default=0, metavar="N",
+                    help="also measure the MTP head: greedy replies to held-out requests at draft depths 1..N")
+    ap.add_argument("--acceptance-requests", type=int, default=8, help="held-out requests for --acceptance (default 8)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
@@ -152,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         results["ppl"]["packaged fp8 weights, float32 compute"] = {"chat": perplexity(f32, chat), "code": perplexity(f32, code)}
         ids = torch.tensor([chat[0][:64], chat[1][:64]]) if min(len(chat[0]), len(chat[1])) >= 64 else torch.tensor([chat[0][:16]])
         results["transformers_rel_max_err"] = compare_with_transformers(args.reference, ids)
+    if args.acceptance:
+        mtp_model = localglm.load(args.model, mtp=True)
+        requests = [e.request for e in corpus.heldout_examples[: args.acceptance_requests]]
+        results["mtp_acceptance"] = acceptance(mtp_model, requests, list(range(1, args.acceptance + 1)))
     print(json.dumps(results, indent=2), flush=True)
     if args.traces:
         n = args.trace_tokens
