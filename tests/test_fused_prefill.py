@@ -134,18 +134,22 @@ def test_dsa_picks_per_token_past_its_top_k(tmp_path: Path) -> None:
     assert torch.equal(a, b)
 
 
-def test_torch_prefill_stays_where_asked(tmp_path: Path) -> None:
-    """fused_prefill=False keeps several-token forwards on the torch ops (one-token decode still native)."""
+def test_torch_prefill_stays_where_asked_and_for_long_chunks(tmp_path: Path) -> None:
+    """fused_prefill=False keeps several-token forwards on the torch ops (one-token decode still
+    native); chunks above fused_prefill_max tokens go there too (torch's GEMMs win on long ones)."""
     net = _load(tmp_path, "glm4_moe", {}, **GLM4)
-    net.fused_prefill = False
     calls = []
     run_layers = net.run_layers
     net.run_layers = lambda *a: calls.append(a[0].shape[1]) or run_layers(*a)
-    cache = net.new_cache(16)
+    cache = net.new_cache(32)
     with torch.inference_mode():
+        net.fused_prefill = False
         net.hidden_states(torch.tensor([PROMPT[:6]]), cache, 0)
         net.hidden_states(torch.tensor([PROMPT[6:7]]), cache, 6)
-    assert calls == [6]
+        net.fused_prefill, net.fused_prefill_max = True, 8
+        net.hidden_states(torch.tensor([PROMPT[7:15]]), cache, 7)  # native
+        net.hidden_states(torch.tensor([PROMPT[15:24]]), cache, 15)  # 9 > 8 tokens: torch
+    assert calls == [6, 9]
 
 
 def test_an_mtp_blocks_stream_runs_natively_with_the_same_bits(tmp_path: Path) -> None:

@@ -16,7 +16,8 @@ writing its cache row and attending up to itself, while quantized weights are re
 tokens and each routed expert runs once for the tokens routed to it. So a prompt or a verification
 through here is bit-identical to decoding its tokens one by one (tests/test_fused_prefill.py), and
 greedy speculation is plain decoding. The torch layers keep prefill where this path does not take
-the model (`MoeDecoder.fused_prefill` False forces them).
+the model, and for chunks above `MoeDecoder.fused_prefill_max` tokens, where their GEMMs are faster
+(`fused_prefill` False sends every multi-token forward there).
 
 This driver is every GLM MoE architecture's, as the C decoder skeleton is: an architecture
 subclasses FusedDecoder with what its attention is (glm4_moe/fused_decode.py: grouped-query

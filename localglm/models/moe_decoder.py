@@ -137,6 +137,13 @@ class MoeRouting:
         return {i: (lw.post_attention_norm, lw.router) for i, lw in enumerate(self.w.layers) if lw.router is not None}
 
 
+def native_forward(model: MoeDecoder, tokens: int) -> bool:
+    """Whether a forward of this many tokens should try the fused native layers (MoeDecoder's flags)."""
+    if tokens == 1:
+        return model.fused_decode
+    return model.fused_prefill and tokens <= model.fused_prefill_max
+
+
 class MoeDecoder(MoeRouting):
     """The forward pass. Stateless apart from its weights; the cache is passed in.
 
@@ -156,6 +163,10 @@ class MoeDecoder(MoeRouting):
         # Forwards of several tokens (prompt chunks, speculative verification) through the same native
         # calls, each token's numbers those of a one-token step; False runs them through the torch ops.
         self.fused_prefill = True
+        # ... up to this many tokens a call: the native layers loop tokens over attention and read a
+        # weight row for 4 tokens at a time, which beats torch's ops up to ~128 tokens and loses to its
+        # GEMMs beyond (default model, 1-2 threads: 1.3-12x at 8-128 tokens, 0.64x at 256).
+        self.fused_prefill_max = 128
         self._fused: Any = False  # False: not built yet; None: the native path does not take this model
 
     # ---- the architecture's part ---------------------------------------------------------------
@@ -194,8 +205,7 @@ class MoeDecoder(MoeRouting):
     def residual(self, input_ids: torch.Tensor, cache: TokenCache | None = None, start: int = 0) -> torch.Tensor:
         """The residual stream [B, T, H] after the last layer, before the final norm: what the MTP
         head (models/mtp.py) reads beside the next token."""
-        native = self.fused_prefill if input_ids.shape[-1] > 1 else self.fused_decode
-        if native and cache is not None and input_ids.dim() == 2 and input_ids.shape[0] == 1:
+        if native_forward(self, input_ids.shape[-1]) and cache is not None and input_ids.dim() == 2 and input_ids.shape[0] == 1:
             fused = self._fused_decoder()
             if fused is not None and fused.takes(input_ids, cache):
                 return fused.residual(input_ids, cache, start)
@@ -205,7 +215,7 @@ class MoeDecoder(MoeRouting):
         """Every layer over the input stream x [B, T, H] at positions start..; the stream after the last.
         One sequence's stream on the CPU (an MTP block's drafts and verification) runs through the
         native layers where they take the model, as `residual`'s tokens do."""
-        if cache is not None and (self.fused_prefill if x.shape[1] > 1 else self.fused_decode):
+        if cache is not None and native_forward(self, x.shape[1]):
             fused = self._fused_decoder()
             if fused is not None and fused.takes_stream(x, cache):
                 return fused.forward_stream(x, cache, start)
