@@ -37,9 +37,10 @@ def test_packaged_files_are_complete_and_small() -> None:
     assert path == DEFAULT_MODEL_DIR
     names = {p.name for p in path.iterdir()}
     assert {"config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"} <= names
-    assert sum(p.stat().st_size for p in path.iterdir() if p.is_file()) <= 20 * 2**20
+    assert sum(p.stat().st_size for p in path.iterdir() if p.is_file()) <= 25_000_000  # issue 16's budget, MTP block included
     cfg = json.loads((path / "config.json").read_text())
     assert cfg["model_type"] == "glm4_moe" and cfg["n_routed_experts"] >= 16 and cfg["n_shared_experts"] == 1
+    assert cfg["num_nextn_predict_layers"] == 1
 
 
 def test_generates_plain_text(model) -> None:
@@ -78,3 +79,32 @@ def test_cli_generate_defaults_to_packaged_model(capsys) -> None:
     assert main(["generate", "-p", "import os\n", "-n", "4", "--temperature", "0", "-q"]) == 0
     err = capsys.readouterr().err  # the stats line goes to stderr; stdout holds only the completion
     assert err.strip().splitlines()[-1].startswith("[")
+
+
+def test_mtp_head_drafts_tokens_the_model_accepts(model) -> None:
+    """The packaged MTP layer was trained (a next-next-token loss): at a fixed depth its greedy drafts
+    are mostly accepted, and speculation leaves the greedy reply unchanged."""
+    spec = model.speculation
+    assert spec is not None and spec.head.layer == model.config.num_hidden_layers
+    messages = [{"role": "user", "content": "Write a function that returns the sum of a list of numbers."}]
+    saved = spec.policy.max_depth, spec.policy.fixed
+    try:
+        spec.set_draft(0, adaptive=False)
+        plain = [e for e in model.generate(messages=messages, max_new_tokens=48, temperature=0)][-1]
+        spec.set_draft(2, adaptive=False)
+        drafted = [e for e in model.generate(messages=messages, max_new_tokens=48, temperature=0)][-1]
+    finally:
+        spec.policy.max_depth, spec.policy.fixed = saved
+    assert drafted.token_ids == plain.token_ids
+    st = drafted.stats
+    assert st.draft_tokens >= 20 and st.accepted_tokens >= 0.4 * st.draft_tokens, (st.draft_tokens, st.accepted_tokens)
+    assert st.acceptance_length > 1.5
+
+
+def test_thinks_before_answering_when_asked_to_reason(model) -> None:
+    messages = [{"role": "user", "content": "Think step by step. Write a function that checks whether a string is a palindrome."}]
+    done = [e for e in model.generate(messages=messages, max_new_tokens=300, temperature=0)][-1]
+    parsed = parse_complete(done.text)
+    assert done.text.startswith("\n<think>The user wants a function that"), done.text[:80]
+    assert len(parsed.thinking.split()) >= 10 and "```python" in parsed.content and "def " in parsed.content
+
