@@ -98,8 +98,15 @@ LG_HIDDEN void lg_rope_into(const float *x, float *out, int rot, const void *cos
 LG_HIDDEN int lg_attend(const float *q, const void *k, const void *v, int dtype, int heads, int kv_heads, int len, const int32_t *idx,
                         int hk, int hv, long stride_head, long stride_pos, float scale, float *out, int nth);
 
-/* Floats of scratch lg_mla_attention takes for layer L. */
+/* Floats of scratch lg_mla_attention takes for layer L, and of the part lg_mla_token takes. */
 LG_HIDDEN size_t lg_mla_scratch(const lg_layer *L);
+LG_HIDDEN size_t lg_mla_token_scratch(const lg_layer *L);
+
+/* MLA of one token after its projections (mla_attention.c; qa = norm(q_a(hn)), q = q_b(qa) or
+ * q_proj(hn), kv = kv_a(hn), each row as lg_matvec gives it): RoPE, the latent norm, the row written
+ * at pos, DSA's pick on a full layer, the absorbed attention into ov [heads * v], before o_proj. */
+LG_HIDDEN int lg_mla_token(const lg_layer *L, const float *hn, const float *qa, float *q, float *kv, const void *cos, const void *sin, void *rows,
+                           long stride_pos, int pos, void *index_keys, lg_selection *sel, qact *xa, float *scratch, float *ov, int nth);
 
 /* Multi-head latent attention of one token at `pos` (mla_attention.c): hn -> o [hidden], this
  * token's latent row written to `rows` (position t at t * stride_pos). A DSA layer attends to

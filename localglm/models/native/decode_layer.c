@@ -171,26 +171,43 @@ typedef struct {
 static inline const void *row_at(const void *base, int dt, long stride, int t) { return (const char *)base + (size_t)t * (size_t)stride * (dt == 1 ? 2 : 4); }
 static inline lg_selection *sel_at(const token_rows *R, int t) { return R->sel ? (lg_selection *)((int32_t *)R->sel + (size_t)t * (size_t)R->sel_stride) : NULL; }
 
+/* Floats of MLA's projections of one token: qa [q_lora], q [heads, nope + rope], the row [latent + rope], ov [heads, v]. */
+static size_t mla_rows(const lg_layer *L) {
+    const lg_mla *M = L->mla;
+    return (size_t)M->q_lora + (size_t)L->heads * (size_t)(M->nope + M->rope) + (size_t)(M->kv_lora + M->rope) + (size_t)L->heads * M->v;
+}
+
 /* Floats of scratch `attention` takes for T tokens. */
 static size_t attn_scratch(const lg_layer *L, int T) {
-    if (L->attn_kind != LG_ATTN_GQA) return lg_mla_scratch(L);
+    if (L->attn_kind != LG_ATTN_GQA) return T == 1 ? lg_mla_scratch(L) : (size_t)T * mla_rows(L) + lg_mla_token_scratch(L);
     return (size_t)T * ((size_t)(L->heads + 2 * L->kv_heads) * L->hd + (size_t)L->heads * L->hd) + (size_t)L->hd;
 }
 
 /* The layer's attention of T tokens at pos.. on their normed hidden states hn [T, hidden], into
- * o [T, hidden], token after token (each attends up to itself). GQA projects q/k/v and o for every
- * token at once; MLA and DSA run the one-token function per token (a DSA full layer's pick lands in
- * that token's selection). `scratch` holds attn_scratch(L, T) floats. Returns 0, or -1 when out of memory. */
+ * o [T, hidden], token after token (each attends up to itself), the projections (GQA's q/k/v and o,
+ * MLA's q_a, q_b, kv_a and o) for every token at once; a DSA full layer's pick lands in that
+ * token's selection. `scratch` holds attn_scratch(L, T) floats. Returns 0, or -1 when out of memory. */
 static int attention(const lg_layer *L, int T, const float *hn, const token_rows *R, void *k_cache, void *v_cache, long stride_head,
                      long stride_pos, int pos, void *index_keys, qact *xa, float *scratch, float *o, int nth) {
     const int H = L->hidden, dt = L->dtype;
-    if (L->attn_kind != LG_ATTN_GQA) {
+    if (L->attn_kind != LG_ATTN_GQA && T == 1)
+        return lg_mla_attention(L, hn, R->cos, R->sin, k_cache, stride_pos, pos, index_keys, sel_at(R, 0), xa, scratch, o, nth);
+    if (L->attn_kind != LG_ATTN_GQA) { /* the projections for every token at once, then token after token */
+        const lg_mla *M = L->mla;
+        const int qn = L->heads * (M->nope + M->rope), row = M->kv_lora + M->rope, vn = L->heads * M->v;
+        float *qa = scratch, *q = qa + (size_t)T * M->q_lora, *kv = q + (size_t)T * qn, *ov = kv + (size_t)T * row, *rest = ov + (size_t)T * vn;
+        if (M->q_lora) {
+            if (rows_matvec(&M->q_a, T, hn, dt, xa, qa, nth)) return -1;
+            for (int t = 0; t < T; t++) lg_norm_row(qa + (size_t)t * M->q_lora, M->q_lora, M->q_a_norm, dt, M->latent_eps, qa + (size_t)t * M->q_lora);
+        }
+        if (rows_matvec(&M->q_b, T, M->q_lora ? qa : hn, dt, xa, q, nth) || rows_matvec(&M->kv_a, T, hn, dt, xa, kv, nth)) return -1;
         for (int t = 0; t < T; t++) {
-            const int rc = lg_mla_attention(L, hn + (size_t)t * H, row_at(R->cos, dt, R->rot_stride, t), row_at(R->sin, dt, R->rot_stride, t), k_cache,
-                                            stride_pos, pos + t, index_keys, sel_at(R, t), xa, scratch, o + (size_t)t * H, nth);
+            const int rc = lg_mla_token(L, hn + (size_t)t * H, qa + (size_t)t * M->q_lora, q + (size_t)t * qn, kv + (size_t)t * row,
+                                        row_at(R->cos, dt, R->rot_stride, t), row_at(R->sin, dt, R->rot_stride, t), k_cache, stride_pos, pos + t,
+                                        index_keys, sel_at(R, t), xa, rest, ov + (size_t)t * vn, nth);
             if (rc) return rc;
         }
-        return 0;
+        return rows_matvec(&L->o, T, ov, dt, xa, o, nth);
     }
     const int nq = L->heads * L->hd, row = nq + 2 * L->kv_heads * L->hd;
     float *qkv = scratch, *att = qkv + (size_t)T * row, *tmp = att + (size_t)T * nq;

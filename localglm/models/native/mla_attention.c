@@ -99,27 +99,11 @@ static int absorbed(const lg_mla *M, int heads, int dt, const float *q, const vo
     return 0;
 }
 
-/* Floats of scratch: q_a's output, q [heads, nope + rope], this token's row, a roped key, the
- * values [heads, v], and `absorbed`'s. */
-size_t lg_mla_scratch(const lg_layer *L) {
+/* The projections of one token: qa = norm(q_a(hn)) [q_lora] (unused without q_lora), q =
+ * q_b(qa) or q_proj(hn) [heads, nope + rope] (not yet roped), kv = kv_a(hn) [latent + rope] (raw). */
+static void mla_project(const lg_layer *L, const float *hn, qact *xa, float *qa, float *q, float *kv, int nth) {
     const lg_mla *M = L->mla;
-    const size_t heads = (size_t)L->heads, row = (size_t)M->kv_lora + (size_t)M->rope;
-    return (size_t)M->q_lora + heads * ((size_t)M->nope + (size_t)M->rope) + row + (size_t)M->rope + heads * (size_t)M->v +
-           absorbed_scratch(M, L->heads);
-}
-
-/* One token at `pos` through layer L's MLA: hn (the input-normed hidden state, floats of dtype
- * values) -> q = q_b(norm(q_a(hn))) or q_proj(hn), split per head into nope | rope (roped); the row
- * kv_a(hn) -> norm(latent) | roped key, written to rows at pos * stride_pos; `absorbed` over rows
- * 0..pos -- or, on a DSA layer, over `sel`'s positions, which a full layer first picks (its indexer
- * key written to index_keys at pos * head_dim); o_proj into o [hidden]. `xa` has room for one
- * quantized row of hidden, q_lora and heads * v. Returns 0, or -1 when out of memory. */
-int lg_mla_attention(const lg_layer *L, const float *hn, const void *cos, const void *sin, void *rows, long stride_pos, int pos,
-                     void *index_keys, lg_selection *sel, qact *xa, float *scratch, float *o, int nth) {
-    const lg_mla *M = L->mla;
-    const int dt = L->dtype, heads = L->heads, lat = M->kv_lora, rope = M->rope, qk = M->nope + rope, row = lat + rope;
-    float *qa = scratch, *q = qa + M->q_lora, *kv = q + (size_t)heads * qk, *kr = kv + row, *ov = kr + rope;
-    float *core = ov + (size_t)heads * M->v;
+    const int dt = L->dtype;
     if (M->q_lora) {
         lg_matvec(&M->q_a, hn, dt, xa, qa, nth);
         lg_norm_row(qa, M->q_lora, M->q_a_norm, dt, M->latent_eps, qa); /* in place: each value is read before it is written */
@@ -127,12 +111,25 @@ int lg_mla_attention(const lg_layer *L, const float *hn, const void *cos, const 
     } else {
         lg_matvec(&M->q_b, hn, dt, xa, q, nth);
     }
+    lg_matvec(&M->kv_a, hn, dt, xa, kv, nth);
+}
+
+/* One token at `pos` through layer L's MLA after its projections (mla_project's qa, q, kv, each
+ * row's numbers whoever computed them): q's rope parts roped per head; the row norm(latent) |
+ * roped key written to rows at pos * stride_pos; `absorbed` over rows 0..pos -- or, on a DSA layer,
+ * over `sel`'s positions, which a full layer first picks (its indexer key written to index_keys at
+ * pos * head_dim) -- into ov [heads * v], before o_proj. q and kv are changed in place; `scratch`
+ * holds lg_mla_scratch(L) floats. Returns 0, or -1 when out of memory. */
+int lg_mla_token(const lg_layer *L, const float *hn, const float *qa, float *q, float *kv, const void *cos, const void *sin, void *rows,
+                 long stride_pos, int pos, void *index_keys, lg_selection *sel, qact *xa, float *scratch, float *ov, int nth) {
+    const lg_mla *M = L->mla;
+    const int dt = L->dtype, heads = L->heads, lat = M->kv_lora, rope = M->rope, qk = M->nope + rope, row = lat + rope;
+    float *kr = scratch, *core = kr + rope;
     for (int h = 0; h < heads; h++) {
         float *qr = q + (size_t)h * qk + M->nope;
         lg_rope_into(qr, kr, rope, cos, sin, dt, M->interleave);
         memcpy(qr, kr, (size_t)rope * sizeof(float));
     }
-    lg_matvec(&M->kv_a, hn, dt, xa, kv, nth);
     lg_norm_row(kv, lat, M->kv_a_norm, dt, M->latent_eps, kv);
     lg_rope_into(kv + lat, kr, rope, cos, sin, dt, M->interleave);
     memcpy(kv + lat, kr, (size_t)rope * sizeof(float));
@@ -154,8 +151,30 @@ int lg_mla_attention(const lg_layer *L, const float *hn, const void *cos, const 
             idx = sel->pos;
         }
     }
-    rc = absorbed(M, heads, dt, q, rows, stride_pos, len, idx, core, ov, nth);
-    if (rc == 0) lg_matvec(&L->o, ov, dt, xa, o, nth);
+    return absorbed(M, heads, dt, q, rows, stride_pos, len, idx, core, ov, nth);
+}
+
+/* Floats of scratch: q_a's output, q [heads, nope + rope], this token's row, the values [heads, v],
+ * and lg_mla_token's (a roped key and `absorbed`'s). */
+size_t lg_mla_scratch(const lg_layer *L) {
+    const lg_mla *M = L->mla;
+    const size_t heads = (size_t)L->heads, row = (size_t)M->kv_lora + (size_t)M->rope;
+    return (size_t)M->q_lora + heads * ((size_t)M->nope + (size_t)M->rope) + row + heads * (size_t)M->v + lg_mla_token_scratch(L);
+}
+
+size_t lg_mla_token_scratch(const lg_layer *L) { return (size_t)L->mla->rope + absorbed_scratch(L->mla, L->heads); }
+
+/* One token at `pos` through layer L's MLA: hn (the input-normed hidden state, floats of dtype
+ * values) -> mla_project, lg_mla_token, o_proj into o [hidden]. `xa` has room for one quantized row
+ * of hidden, q_lora and heads * v. Returns 0, or -1 when out of memory. */
+int lg_mla_attention(const lg_layer *L, const float *hn, const void *cos, const void *sin, void *rows, long stride_pos, int pos,
+                     void *index_keys, lg_selection *sel, qact *xa, float *scratch, float *o, int nth) {
+    const lg_mla *M = L->mla;
+    const int heads = L->heads, qk = M->nope + M->rope, row = M->kv_lora + M->rope;
+    float *qa = scratch, *q = qa + M->q_lora, *kv = q + (size_t)heads * qk, *ov = kv + row, *rest = ov + (size_t)heads * M->v;
+    mla_project(L, hn, xa, qa, q, kv, nth);
+    const int rc = lg_mla_token(L, hn, qa, q, kv, cos, sin, rows, stride_pos, pos, index_keys, sel, xa, rest, ov, nth);
+    if (rc == 0) lg_matvec(&L->o, ov, L->dtype, xa, o, nth);
     return rc;
 }
 
