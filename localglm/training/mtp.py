@@ -53,7 +53,24 @@ def make_mtp_block(config) -> torch.nn.Module:
             self.eh_proj = torch.nn.Linear(2 * h, h, bias=False)
             self.shared_head = SharedHead(h, eps)
 
-    return MtpBlock()
+    block = MtpBlock()
+    init_block_weights(block, config.initializer_range)
+    return block
+
+
+def init_block_weights(block: torch.nn.Module, std: float) -> None:
+    """Initialise every tensor of a new block explicitly (norms 1, biases and the router's correction bias
+    0, matrices N(0, std)) from torch's seeded generator. Modules built after a transformers
+    `from_pretrained` in the same process may otherwise keep the uninitialised memory its no-init
+    loading context leaves behind (seen as NaN losses)."""
+    with torch.no_grad():
+        for name, t in [*block.named_parameters(), *block.named_buffers()]:
+            if "e_score_correction_bias" in name or (t.ndim == 1 and name.endswith(".bias")):
+                t.zero_()
+            elif t.ndim == 1:
+                t.fill_(1.0)
+            else:
+                t.normal_(0.0, std)
 
 
 def attach_mtp(model: torch.nn.Module) -> torch.nn.Module:
