@@ -138,6 +138,10 @@ void lg_matvec(const lg_mat *m, const float *x, int dtype, qact *xa, float *y, i
 /* SwiGLU: out = down(silu(gate(h)) * up(h)), gate_up fused [2I, H]; g holds 2I floats. */
 void lg_swiglu_vec(const lg_mat *gate_up, const lg_mat *down, int dtype, const float *h, qact *xa, float *g, float *out, int nth);
 
+/* y[t] = w . x[t] (+ bias) for T rows, each row's arithmetic
+ * lg_matvec's (the row quantized alike, the dot in the same order whichever tile it sits in). */
+int lg_linear(const lg_qtensor *w, int T, const void *x, int x_dtype, const float *bias, void *y, int y_dtype, int nth);
+
 /* A MoE layer's routed experts over T tokens (quantized expert tables; see qkernels.c). */
 int lg_moe(int T, int H, int I, const void *x, int dtype, int k, const int64_t *ids, const float *wts,
            const lg_qtensor *gate_up, const lg_qtensor *down, int E, void *out, int nth);

@@ -19,13 +19,9 @@
  * top-k its sparse-attention indexer picks (mla_attention.c with dsa_indexer.c). Built with
  * localglm/layers/native/layer_ops.c (the per-token ops it calls, the structs in layer_ops.h) into
  * the library localglm/layers/native.py loads, linked against quant's kernels (lg_matvec,
- * lg_swiglu_vec, lg_moe: quant/native/lg_kernels.h; lg_linear, declared below).
+ * lg_swiglu_vec, lg_moe, lg_linear: quant/native/lg_kernels.h).
  */
 #include "layer_ops.h"
-
-/* lg_linear (quant/native/qkernels.c): y[t] = w . x[t] (+ bias) for T rows, each row's arithmetic
- * lg_matvec's (the row quantized alike, the dot in the same order whichever tile it sits in). */
-int lg_linear(const lg_qtensor *w, int T, const void *x, int x_dtype, const float *bias, void *y, int y_dtype, int nth);
 
 #define DT 4 /* tokens a dense weight row is read for at once */
 
