@@ -46,6 +46,18 @@ SPEC = dict(
 )  # fmt: skip
 
 
+CHAT_PROMPTS = [  # --model with a tokenizer: requests like the default model's held-out ones
+    "Write a function that returns the sum of a list of numbers.",
+    "Write a function that checks whether a string is a palindrome.",
+    "How do I read a JSON file in Python?",
+    "Sort a list of dictionaries by a key.",
+    "Write a function that counts the words in a text file.",
+    "Return the n-th Fibonacci number.",
+    "Parse a date string in ISO format.",
+    "Remove duplicate items from a list, keeping the order.",
+]
+
+
 def teacher_data(model: localglm.Model, n: int, prompt_len: int, new: int, seed: int) -> torch.Tensor:
     """Prompts of random ids, each continued greedily by the main model: [n, prompt_len + new]."""
     g = torch.Generator().manual_seed(seed)
@@ -160,11 +172,16 @@ def main() -> int:
     losses = distil(model, teacher_data(model, args.train_rows, 16, 96, seed=1), args.steps, args.lr, skip=14) if args.steps else []
     trained = time.perf_counter() - t0
     g = torch.Generator().manual_seed(99)
-    prompts = [torch.randint(0, model.config.vocab_size - 32, (16,), generator=g).tolist() for _ in range(args.prompts)]
+    if model.tokenizer is not None and args.model is not None:  # a trained model: chat requests, as users send them
+        prompts = [model.encode_chat([{"role": "user", "content": text}]).ids for text in CHAT_PROMPTS[: args.prompts]]
+    else:
+        prompts = [torch.randint(0, model.config.vocab_size - 32, (16,), generator=g).tolist() for _ in range(args.prompts)]
     print(f"model: {path} ({model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}, "
-          f"{model.config.n_routed_experts} experts top-{model.config.num_experts_per_tok}, fp32), {args.threads} threads, "
+          f"{model.config.n_routed_experts} experts top-{model.config.num_experts_per_tok}, {str(model.dtype).removeprefix('torch.')}), {args.threads} threads, "
           f"multi-token forwards through {'the torch ops' if args.torch_multi_token else 'the native layers'}")  # fmt: skip
-    if losses:
+    if args.model is not None:
+        print(f"MTP head as in the checkpoint; {len(prompts)} chat requests" if model.tokenizer is not None else "MTP head as in the checkpoint")
+    elif losses:
         print(f"MTP head distilled on {args.train_rows} greedy continuations: {args.steps} steps, loss {losses[0]:.2f} -> {losses[-1]:.2f} ({trained:.0f} s)")
     else:
         print("MTP head as made (random): acceptance is the floor")

@@ -12,9 +12,10 @@ taken after the first token):
   prefetched and the share of them used, and the simulated device time per output token;
 - with MTP: the acceptance length (tokens per verification), the depths chosen, and the precision/recall of
   the MTP guesses (the block's output streams put through every layer's router before each verification:
-  OffloadedExperts.guess), with the guesses prefetched ("guess") or only scored ("no guess").
+  OffloadedExperts.guess), prefetched for the layers whose guesses were at least that precise so far, or only
+  scored ("no guess").
 
-Rows: no speculation; MTP at a fixed depth with and without guesses; MTP with the depth policy choosing
+Rows: no speculation; MTP at a fixed depth with guesses taken at two precision floors and without; MTP with the depth policy choosing
 (it prices the extra experts a wider verification reads with the cost model's miss price).
 """
 
@@ -114,8 +115,9 @@ def main() -> int:
     for frac in (float(f) for f in args.fractions.split(",")):
         slots = max(1, round(frac * n_keys))
         reference = None
-        rows = [("plain", None, False, floor), (f"MTP depth {args.draft}, guess", args.draft, False, floor),
-                (f"MTP depth {args.draft}, no guess", args.draft, False, 2.0), ("MTP auto depth, guess", args.draft, True, floor)]  # fmt: skip
+        rows = [("plain", None, False, floor), (f"MTP depth {args.draft}, guesses of layers >= 0.5 precise", args.draft, False, 0.5),
+                (f"MTP depth {args.draft}, default (>= {floor})", args.draft, False, floor), (f"MTP depth {args.draft}, no guess", args.draft, False, 2.0),
+                ("MTP auto depth, default", args.draft, True, floor)]  # fmt: skip
         for name, draft, adaptive, guess_floor in rows:
             # a fresh router profile per row: every row starts from the same (empty) statistics
             model = localglm.load(path, offload="sim", gpu_mem="64GiB", cache_slots=slots, stats_path=Path(work) / f"{frac}-{name}.npz")

@@ -35,7 +35,7 @@ from .trace import TraceRecorder
 
 
 HOST_PREPARED_MAX = 256  # quantized experts run on the CPU whose prepared kernels are kept (LRU)
-GUESS_MIN_PRECISION = 0.5  # a layer's speculation guesses are prefetched while at least this share of them was used
+GUESS_MIN_PRECISION = 0.9  # a layer's speculation guesses are prefetched while at least this share of them was used (at 0.5 they moved 50% more bytes on the default model: bench_mtp_offload.py)
 PREFETCH_MIN_IDLE: float | None = None  # tokens; e.g. 1.0 stops prefetch evicting the last token's experts (measured: it hurts)
 
 

@@ -227,13 +227,15 @@ def test_greedy_partial_acceptance_and_rollback(arch_dir: tuple[str, Path]) -> N
     _check_mtp_cache(model)
 
 
-def test_offloaded_speculation_prefetches_the_drafts_guessed_experts(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_offloaded_speculation_prefetches_the_drafts_guessed_experts(tmp_path: Path, dtype: str) -> None:
     """Offloaded experts (simulated device, a cache of a few experts): the MTP block's output streams go to
     the prefetcher as guesses for every layer before each verification. The tokens stay plain decoding's,
     the guesses are scored against what each layer then used, and where a layer's guesses have been
     right they are copied in (prefetched) before the verification asks for them."""
-    path = make_tiny(tmp_path / "m", SPECS["glm4_moe"])
-    opts: dict[str, Any] = dict(offload="sim", gpu_mem="2800KiB", ctx=128, dtype="float32", stats_path=tmp_path / "s.npz")
+    path = make_tiny(tmp_path / "m", Glm4Spec(dtype=dtype))
+    # bf16: the verification's expert calls (several rows) give the one-row numbers (layers/experts.py EXACT_ROWS)
+    opts: dict[str, Any] = dict(offload="sim", gpu_mem="64MiB", cache_slots=6, ctx=128, dtype=dtype, stats_path=tmp_path / "s.npz")
     model = localglm.load(path, **opts)
     backend = model.net.experts
     prompt = list(range(30, 52))

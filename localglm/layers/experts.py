@@ -37,6 +37,9 @@ class ExpertBackend(Protocol):
         ...
 
 
+EXACT_ROWS = 16  # rows of one expert call computed as decoded tokens are (expert_swiglu): a verification's tokens
+
+
 def group_by_expert(expert_ids: torch.Tensor) -> tuple[list[int], list[int], torch.Tensor]:
     """Sort the (token, slot) pairs by expert.
 
@@ -79,6 +82,8 @@ def combine_experts(
         start += cnt
         tokens = pairs // k
         y = compute(e, x[tokens]) * flat_w[pairs, None]
+        if x.device.type == "cpu":  # each product rounded to the dtype, as the one-token sum above rounds it
+            y = y.to(x.dtype)
         out.index_add_(0, tokens, y.to(out.dtype))
     return out.to(x.dtype)
 
@@ -86,15 +91,16 @@ def combine_experts(
 def expert_swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """One dense expert: down(silu(gate(x)) * up(x)), gate_up [2I, H] fused, x [N, H].
 
-    A decoded token (one row, on the CPU) goes through the native kernel; everything else through
-    torch. InMemoryExperts and the offloading backend's float codec both call this, and the fused
+    A decoded token (one row, on the CPU) goes through the native kernel, and so do up to EXACT_ROWS
+    rows, one at a time (a speculative verification's few tokens then get a decoded token's numbers
+    exactly, so greedy speculation is plain decoding); more rows (prompts) through torch's GEMM. InMemoryExperts and the offloading backend's float codec both call this, and the fused
     decode computes the same numbers, so an expert gives the same result wherever it runs.
     """
-    if x.shape[0] == 1 and x.device.type == "cpu":
+    if x.shape[0] <= EXACT_ROWS and x.device.type == "cpu":
         lib = native()
-        y = lib.dense_expert(gate_up, down, x) if lib is not None else None
-        if y is not None:
-            return y
+        rows = [lib.dense_expert(gate_up, down, x[i : i + 1].contiguous()) for i in range(x.shape[0])] if lib is not None else [None]
+        if all(y is not None for y in rows):
+            return rows[0] if len(rows) == 1 else torch.cat(rows)  # type: ignore[arg-type]
     gate, up = linear(x, gate_up).chunk(2, dim=-1)
     return linear(F.silu(gate) * up, down)
 
