@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_quant as bq  # noqa: E402
-from bench_generate import BENCH_ROOT, available, run_workers  # noqa: E402
+from bench_generate import BENCH_ROOT, available, fill_speed, run_workers  # noqa: E402
 from bench_gguf_kquant import BENCH_SPEC  # noqa: E402
 
 WORK = BENCH_ROOT / "air-widths"
@@ -61,10 +61,7 @@ def measure(threads: int = 2, prompt: int = 128, new: int = 32, repeat: int = 1,
     load1 = os.getloadavg()
     speed = run_workers(jobs, prompt, new, threads, BENCH_SPEC["vocab_size"], repeat)
     for row in rows:
-        res = speed.get(row["label"])
-        if res:
-            row.update(prefill=res["prompt_tok_s"], decode=res["decode_tok_s"], ttft=res["ttft_s"], rss=res["peak_rss_bytes"],
-                       load_s=res["load_s"], runs=res["runs"], decode_range=res["decode_range"])  # fmt: skip
+        fill_speed(row, speed.get(row["label"]))
     return {"rows": rows, "n_params": n_params, "threads": threads, "prompt": prompt, "new": new, "repeat": repeat,
             "kl_tokens": kl_tokens, "kl_ctx": kl_ctx, "load_start": load0, "load_speed": load1, "load_end": os.getloadavg(),
             "seconds": time.time() - t0}  # fmt: skip

@@ -301,6 +301,15 @@ def run_workers(jobs: list[tuple[str, str, Path]], prompt_tokens: int, new_token
     return {key: median_result(r) if r else None for key, r in runs.items()}
 
 
+def fill_speed(row: dict, res: dict | None) -> bool:
+    """Copy one worker's median figures (run_workers) into a results row; False where it has none."""
+    if not res:
+        return False
+    row.update(prefill=res["prompt_tok_s"], decode=res["decode_tok_s"], ttft=res["ttft_s"], rss=res["peak_rss_bytes"],
+               load_s=res["load_s"], runs=res["runs"], decode_range=res["decode_range"])  # fmt: skip
+    return True
+
+
 def measure_model(model: Path, engines: list[str], threads: int, prompt_tokens: int, new_tokens: int,
                   repeat: int = 1, draft: int = DEFAULT_DRAFT) -> list[tuple[str, dict | str]]:  # fmt: skip
     """Every engine on one model: (engine, result dict) or (engine, why there is none: "not installed", ...)."""

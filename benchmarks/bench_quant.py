@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_generate import (  # noqa: E402
-    DEFAULT_DIR, PACKAGED, add_converter_option, code_stamp, ensure_gguf, ensure_model, is_current, is_fresh, run_workers, use_converter, write_stamp,
+    DEFAULT_DIR, PACKAGED, add_converter_option, code_stamp, ensure_gguf, ensure_model, fill_speed, is_current, is_fresh, run_workers, use_converter, write_stamp,
 )  # fmt: skip
 
 # name -> localglm quantize flags
@@ -287,11 +287,7 @@ def measure(model: Path, work: Path, ours: list[str], llama: list[str], only: st
         jobs = [(label, label.split(" ", 1)[0], target) for label, target in targets if target is not None]
         speed = run_workers(jobs, prompt_tokens, new_tokens, threads, config["vocab_size"], repeat)
         for row in rows:
-            res = speed.get(row["label"])
-            if res:
-                row.update(prefill=res["prompt_tok_s"], decode=res["decode_tok_s"], ttft=res["ttft_s"], rss=res["peak_rss_bytes"],
-                           load_s=res["load_s"], runs=res["runs"], decode_range=res["decode_range"])  # fmt: skip
-            elif "bytes" in row:
+            if not fill_speed(row, speed.get(row["label"])) and "bytes" in row:
                 row["status"] = "; ".join(filter(None, [row.get("status"), "speed run failed"]))
     return rows, n_params
 

@@ -199,14 +199,26 @@ typedef struct {
     float v[2][NT_MAX][8];
 } tile_acc;
 
-static inline __attribute__((always_inline)) void lowbit_step(const uint8_t *r, int nb, const int8_t *const *xq, const float (*dts)[KCH],
-                                                               const int nt, const int bits, tile_acc *acc) {
-    const size_t blk_bytes = QB * bits / 8;
-    __m256 a0[NT_MAX], a1[NT_MAX];
+/* A step's accumulators: into registers at its start, back to memory at its end. */
+static inline __attribute__((always_inline)) void acc_load(const tile_acc *acc, const int nt, __m256 *a0, __m256 *a1) {
     for (int t = 0; t < nt; t++) {
         a0[t] = _mm256_loadu_ps(acc->v[0][t]);
         a1[t] = _mm256_loadu_ps(acc->v[1][t]);
     }
+}
+
+static inline __attribute__((always_inline)) void acc_store(tile_acc *acc, const int nt, const __m256 *a0, const __m256 *a1) {
+    for (int t = 0; t < nt; t++) {
+        _mm256_storeu_ps(acc->v[0][t], a0[t]);
+        _mm256_storeu_ps(acc->v[1][t], a1[t]);
+    }
+}
+
+static inline __attribute__((always_inline)) void lowbit_step(const uint8_t *r, int nb, const int8_t *const *xq, const float (*dts)[KCH],
+                                                               const int nt, const int bits, tile_acc *acc) {
+    const size_t blk_bytes = QB * bits / 8;
+    __m256 a0[NT_MAX], a1[NT_MAX];
+    acc_load(acc, nt, a0, a1);
     int j = 0;
     for (; j + 1 < nb; j += 2) {
         const __m256i k0 = bits == 4 ? codes_q4(r + j * blk_bytes) : codes_q2(r + j * blk_bytes);
@@ -226,10 +238,7 @@ static inline __attribute__((always_inline)) void lowbit_step(const uint8_t *r, 
             a0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(dts[t] + j), a0[t]);
         }
     }
-    for (int t = 0; t < nt; t++) {
-        _mm256_storeu_ps(acc->v[0][t], a0[t]);
-        _mm256_storeu_ps(acc->v[1][t], a1[t]);
-    }
+    acc_store(acc, nt, a0, a1);
 }
 
 static inline __attribute__((always_inline)) void lowbit_tile_avx2(const uint8_t *row, const uint8_t *sc, const int8_t *mc, float s0, float m0,
@@ -271,10 +280,7 @@ static inline __attribute__((always_inline)) void lowbit_tile_avx2(const uint8_t
 static inline __attribute__((always_inline)) void q8_step(const int8_t *rw, int nb, const int8_t *const *xq, const float (*dts)[KCH], const int nt,
                                                            tile_acc *acc) {
     __m256 a0[NT_MAX], a1[NT_MAX];
-    for (int t = 0; t < nt; t++) {
-        a0[t] = _mm256_loadu_ps(acc->v[0][t]);
-        a1[t] = _mm256_loadu_ps(acc->v[1][t]);
-    }
+    acc_load(acc, nt, a0, a1);
     int j = 0;
     for (; j + 1 < nb; j += 2) {
         const __m256i w0 = _mm256_loadu_si256((const __m256i *)(rw + (size_t)j * QB));
@@ -296,10 +302,7 @@ static inline __attribute__((always_inline)) void q8_step(const int8_t *rw, int 
             a0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(dts[t] + j), a0[t]);
         }
     }
-    for (int t = 0; t < nt; t++) {
-        _mm256_storeu_ps(acc->v[0][t], a0[t]);
-        _mm256_storeu_ps(acc->v[1][t], a1[t]);
-    }
+    acc_store(acc, nt, a0, a1);
 }
 
 /* q8 the same way (fp16 group scales eight at a time with F16C); |w| rides in the unsigned operand,
