@@ -91,16 +91,17 @@ def combine_experts(
 def expert_swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """One dense expert: down(silu(gate(x)) * up(x)), gate_up [2I, H] fused, x [N, H].
 
-    A decoded token (one row, on the CPU) goes through the native kernel, and so do up to EXACT_ROWS
-    rows, one at a time (a speculative verification's few tokens then get a decoded token's numbers
-    exactly, so greedy speculation is plain decoding); more rows (prompts) through torch's GEMM. InMemoryExperts and the offloading backend's float codec both call this, and the fused
+    Up to EXACT_ROWS rows on the CPU (a decoded token, a speculative verification's few tokens) go
+    through the native kernel, which takes its rows one by one: each row gets a decoded token's
+    numbers exactly, so greedy speculation is plain decoding. More rows (prompts) go through torch's
+    GEMM. InMemoryExperts and the offloading backend's float codec both call this, and the fused
     decode computes the same numbers, so an expert gives the same result wherever it runs.
     """
     if x.shape[0] <= EXACT_ROWS and x.device.type == "cpu":
         lib = native()
-        rows = [lib.dense_expert(gate_up, down, x[i : i + 1].contiguous()) for i in range(x.shape[0])] if lib is not None else [None]
-        if all(y is not None for y in rows):
-            return rows[0] if len(rows) == 1 else torch.cat(rows)  # type: ignore[arg-type]
+        y = lib.dense_expert(gate_up, down, x.contiguous()) if lib is not None else None
+        if y is not None:
+            return y
     gate, up = linear(x, gate_up).chunk(2, dim=-1)
     return linear(F.silu(gate) * up, down)
 
