@@ -296,16 +296,6 @@ class Speculation:
     def _norm(self, stream: torch.Tensor) -> torch.Tensor:
         return rms_norm(stream, self.net.w.final_norm, self.net.cfg.rms_norm_eps)
 
-    def _row_logits(self, streams: torch.Tensor) -> torch.Tensor:
-        """fp32 logits [T, vocab] of the verified positions' streams [T, H], each row through the
-        lm_head alone as a plain decode step computes it: a float lm_head over several rows is a
-        GEMM that orders its sums otherwise than the one-row product, and with the main model's
-        multi-token forward giving each token a one-token step's bits (models/fused_decode.py),
-        greedy speculation then picks exactly the tokens plain decoding picks. The lm_head is read
-        once per verified token (at most max_draft + 1)."""
-        normed = self._norm(streams)
-        return torch.stack([self.net.lm_head(h) for h in normed]).float()
-
     def _mtp_cache(self, max_tokens: int) -> TokenCache:
         if self.cache is None or self.cache.max_tokens != max_tokens:
             self.cache = self.head.new_cache(max_tokens)
@@ -407,7 +397,7 @@ class Speculation:
             ids = [generated[-1], *drafts]
             streams = net.residual(torch.tensor([ids], dtype=torch.long, device=device), cache, length)
             cache.tokens.extend(ids)
-            all_logits = self._row_logits(streams[0])
+            all_logits = net.lm_head(self._norm(streams[0])).float()  # each row a decode step's (MoeDecoder.lm_head)
             new: list[int] = []
             for j in range(k + 1):
                 lg = target(drafts[:j], all_logits[j])

@@ -122,6 +122,24 @@ def test_per_layer_calls_through_an_expert_backend(tmp_path: Path, load: dict) -
     assert sum(len(call.experts) for call in rec.trace.calls) == 2 * len(PROMPT) * len(moe_layers)
 
 
+@pytest.mark.parametrize("load", [dict(dtype="float32"), dict(dtype="bfloat16"), dict(lm_head_bits=8)], ids=["fp32", "bf16", "q8"])
+def test_lm_head_rows_do_not_depend_on_how_many(tmp_path: Path, load: dict) -> None:
+    """The lm_head of a few rows (MoeDecoder.lm_head: the native product) gives each row the numbers of
+    that row alone, so a verification's logits are decode steps' bit for bit; within rounding of torch's
+    product of the same weights."""
+    from localglm.layers.linear import linear
+
+    net = _load(tmp_path, "glm4_moe", load, **GLM4, **({"dtype": load["dtype"]} if "dtype" in load else {}))
+    hidden = torch.randn(7, net.cfg.hidden_size).to(net.dtype)
+    together = net.lm_head(hidden)
+    alone = torch.stack([net.lm_head(h) for h in hidden])
+    assert net._fused_decoder().lm_head(hidden) is not None  # the native path took it
+    assert together.dtype == net.dtype and together.shape == (7, net.cfg.vocab_size)
+    assert torch.equal(together, alone)
+    ref = linear(hidden, net.w.lm_head).float()
+    assert (together.float() - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
 def test_dsa_picks_per_token_past_its_top_k(tmp_path: Path) -> None:
     """Inside one call every token picks its own top-k among the positions up to it (the indexer's
     selection per token), and the shared layers after a full one attend to that token's pick."""

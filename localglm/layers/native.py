@@ -150,6 +150,8 @@ class LayerLib:
         self._lib.lg_decode_layers.restype = i
         self._lib.lg_residual_add.argtypes = [p, p, p, i, i]
         self._lib.lg_residual_add.restype = None
+        self._lib.lg_rows_linear.argtypes = [ctypes.POINTER(LgMat), i, p, i, p, i]
+        self._lib.lg_rows_linear.restype = i
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
         """RMSNorm over the last dim (see layers.rms_norm for the math), or None for inputs the
@@ -253,6 +255,15 @@ class LayerLib:
     def residual_add(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None) -> None:
         """x += a + b in place, rounded as `x + (a + b)` in x's dtype (all contiguous, one dtype)."""
         self._lib.lg_residual_add(x.data_ptr(), a.data_ptr(), None if b is None else b.data_ptr(), DTYPES[x.dtype], x.numel())
+
+    def rows_linear(self, mat: LgMat, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """mat . x for the rows of x [T, K] (fp32), each row's numbers lg_matvec's whatever T (decode_layer.c
+        `lg_rows_linear`): fp32 [T, N] holding values rounded to `dtype`."""
+        x = x.float().contiguous()
+        y = torch.empty(x.shape[0], mat.n, dtype=torch.float32)
+        if self._lib.lg_rows_linear(ctypes.byref(mat), x.shape[0], x.data_ptr(), DTYPES[dtype], y.data_ptr(), torch.get_num_threads()):
+            raise MemoryError("native linear: out of memory")
+        return y
 
     def decode_layer(self, layer: LgLayer, x: torch.Tensor, add: tuple[torch.Tensor, torch.Tensor | None] | None,
                      cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None, pos: int,

@@ -243,6 +243,15 @@ class MoeDecoder(MoeRouting):
         return self._fused
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of normed hidden states [..., H]. A few rows on the CPU (a decode step, a speculative
+        verification) go through the fused decoder's native product, whose rows do not depend on how
+        many there are; more (a perplexity over a whole text) through torch's GEMM."""
+        rows = hidden.numel() // hidden.shape[-1]
+        if rows <= self.fused_prefill_max and hidden.device.type == "cpu":
+            fused = self._fused_decoder()
+            logits = fused.lm_head(hidden) if fused is not None else None
+            if logits is not None:
+                return logits
         return linear(hidden, self.w.lm_head)
 
 

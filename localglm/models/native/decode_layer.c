@@ -111,6 +111,17 @@ static int rows_matvec(const lg_mat *m, int T, const float *x, int dt, qact *xa,
     return 0;
 }
 
+/* y = m . x for T rows of floats (x [T, m->k], y [T, m->n]), each row exactly lg_matvec's, whatever T:
+ * rows_matvec for a caller outside the layer (the lm_head: a speculative verification's logits are
+ * then a decode step's bit for bit). Returns 0, or -1 when out of memory. */
+int lg_rows_linear(const lg_mat *m, int T, const float *x, int dt, float *y, int nth) {
+    qact xa = {0};
+    if (m->kind == 0 && !lg_qact_alloc(&xa, 1, (m->k + QB - 1) / QB * QB)) return -1;
+    const int rc = rows_matvec(m, T, x, dt, &xa, y, nth);
+    lg_qact_free(&xa);
+    return rc;
+}
+
 static inline float silu(float v) { return v / (1.0f + expf(-v)); } /* qkernels.c's, for lg_swiglu_vec's bits */
 
 /* SwiGLU of T rows h [T, H] into out [T, H]: each row lg_swiglu_vec's numbers. g holds T * 3I
