@@ -13,13 +13,18 @@ should settle on depth 0). Two ways to non-trivial acceptance, both labelled in 
   greedy continuations of random prompts, so that from (h_i, t_{i+1}) it predicts the model's t_{i+2}, as
   GLM trains it on data; slow on 2 busy cores, and a random model's continuations are hard to predict
   from little data, so held-out acceptance stays low.
+`--llama-cpp`: the peer, llama.cpp's own kernels drafting with the same MTP block (llama_mtp_peer.py, in
+its own subprocess, on the model's GGUF and the same prompt ids): its plain greedy decode and greedy MTP
+speculation at draft 1/2/3, checked token for token against its own plain output.
 Figures are decode tok/s on this machine: compare them within one run only, beside the load average.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -145,6 +150,53 @@ def oracle(model: localglm.Model, prompts: list[list[int]], references: list[lis
     model.stream_tokens = stream_tokens  # type: ignore[method-assign]
 
 
+def llama_cpp_rows(path: Path, prompts: list[list[int]], new: int, threads: int, ours: list[list[int]]) -> None:
+    """The peer's rows (llama_mtp_peer.py in a subprocess, on the model's bf16 GGUF with its MTP block): as
+    llama.cpp hands the block its hidden states (after the final norms), then with the norms' weights
+    undone (the streams GLM's MTP, and localglm, take)."""
+    from bench_generate import available, ensure_gguf
+
+    if not available("llama.cpp"):
+        print("llama.cpp: skipped (llama_cpp is not installed)")
+        return
+    gguf = ensure_gguf(path, "bf16")
+    if gguf is None:
+        print("llama.cpp: skipped (its GGUF could not be made)")
+        return
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(prompts, f)
+    peer = Path(__file__).with_name("llama_mtp_peer.py")
+    results = []
+    try:
+        for raw in (True, False):
+            cmd = [sys.executable, str(peer), "--gguf", str(gguf), "--ids", f.name, "--new", str(new), "--threads", str(threads), "--drafts", "1,2,3"]
+            r = subprocess.run(cmd + (["--raw-h"] if raw else []), capture_output=True, text=True)
+            if r.returncode != 0:
+                print(f"llama.cpp failed:\n{r.stderr[-1500:]}")
+                return
+            results.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    finally:
+        os.unlink(f.name)
+    for res in results:
+        plain = res["plain"]
+        drafter = "llama.cpp raw" if res["raw_h"] else "llama.cpp"
+        rows = [(plain, "plain")] + [(row, str(row["draft"])) for row in res["spec"]]
+        for row, label in rows:
+            speed = row["tok_s"]
+            acc = f"{row['accepted']}/{row['drafted']}" if row["draft"] else "-"
+            depths = ",".join(f"{d}x{n}" for d, n in sorted((int(d), n) for d, n in row["depths"].items())) or "-"
+            print(f"{'greedy':<10} {drafter:<13} {label:<8} {speed:>12.1f} {speed / plain['tok_s']:>8.2f}x {acc:>17} {row['per_step']:>9.2f}  {depths}")
+    same = [f"{row['same_as_plain']}/{res['prompts']}" for res in results for row in res["spec"]]
+    theirs = results[0]["tokens"]
+    agree = sum(a == b for a, b in zip(theirs, ours))
+    prefix = sum(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(theirs, ours))
+    print(f"llama.cpp {results[0]['llama_cpp']}: speculative output == its own plain greedy output on {', '.join(same)} prompts "
+          f"(raw draft 1/2/3, then draft 1/2/3); its plain greedy output == ours on {agree}/{len(ours)} prompts "
+          f"(the same up to the first difference: {prefix} of {sum(map(len, ours))} tokens; bf16 rounding tips near-ties)")  # fmt: skip
+    print("llama.cpp raw: its MTP block gets the hidden states after output_norm / shared_head.norm (as this llama.cpp build "
+          "hands them); llama.cpp: those norms' weights undone, the streams GLM's MTP takes (RMSNorm ignores their scale)")  # fmt: skip
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=None, help="a checkpoint with an MTP block (default: make the random one)")
@@ -156,6 +208,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--torch-multi-token", action="store_true",
                     help="verification, prompts and the MTP block through the torch ops, as before the native multi-token forward (the peer)")
+    ap.add_argument("--llama-cpp", action="store_true",
+                    help="also llama.cpp's kernels drafting with the same MTP block (llama_mtp_peer.py): plain and draft 1/2/3, greedy")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     path = args.model
@@ -206,6 +260,8 @@ def main() -> int:
         per = f"{st.acceptance_length:.2f}" if draft else "1.00"
         label = "plain" if not draft else f"{'<=' if adaptive else ''}{draft}"
         print(f"{name:<10} {drafter:<13} {label:<8} {speed:>12.1f} {speed / base[name]:>8.2f}x {acc:>17} {per:>9}  {depths}")
+    if args.llama_cpp:
+        llama_cpp_rows(path, prompts, args.new, args.threads, references)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     return 0
 
