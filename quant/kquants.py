@@ -15,10 +15,11 @@ scale and offset are the fp16 super-block factors (converted exactly) times the 
 codes, one fp32 product each -- the same operations, in the same order, as `gguf.quants` (numpy) and
 llama.cpp's dequantize_row_*, so `dequantize` here is bit-exact with both (tests/test_kquants.py).
 
-Kernels (`prepare_ggml`): on the CPU the native C kernels (quant/native/kquants.c): for a few rows
-(decode) the codes times activations rounded to int8 per 32, as llama.cpp multiplies (equal to
-`int8_grid(x) @ W.T` to fp32 rounding), for more rows the weight dequantized (bit-exact) and
-multiplied by torch's fp32 GEMM; `KQuantLib.matmul(..., int8=False)` is the fp32-activation kernel
+Kernels (`prepare_ggml`): on the CPU the native C kernels (quant/native/kquants.c): for any number of
+rows (decode, prefill) the codes times activations rounded to int8 per 256 (K types) or 32, as
+llama.cpp multiplies (equal to `int8_grid(x, act_block(spec)) @ W.T` to fp32 rounding), integer
+sums over each block, tokens 4 at a time per weight row, each token's result bit-identical whatever
+the number of rows; `KQuantLib.matmul(..., int8=False)` is the fp32-activation kernel
 (equal to dequantize + fp32 matmul to fp32 rounding). Elsewhere (no C compiler, CUDA) the torch fallback dequantizes a bounded chunk of
 rows per call and multiplies it -- on a GPU this is the documented fallback: the blocks stay packed
 in device memory and are expanded chunk by chunk on each call, never kept dense.
@@ -222,13 +223,11 @@ def dequantize(data: torch.Tensor, spec: GGMLSpec, shape: tuple[int, int]) -> to
 # ------------------------------------------------------------------------------------------------
 
 SOURCE = Path(__file__).with_name("native") / "kquants.c"
-# Up to this many rows (tokens: decode, a draft's few) the native kernel multiplies the blocks with int8
-# activations (kquants.c kq_matmul_q8, llama.cpp's approach); beyond, the weight is dequantized once per
-# call (native, threaded, exact) and multiplied by torch's fp32 GEMM, which wins there.
-# (Measured on a 2-core AVX2 machine, 4096 x 4096 Q4_K: the int8 kernel at 64 rows takes about a
-# quarter of dequantize + GEMM; dequantizing costs about as much as ~150 rows through the kernel.)
-NATIVE_MAX_ROWS = 256
-KERNEL_ROWS = 64  # rows per kq_matmul_q8 call (kquants.c KQ_MAX_ROWS)
+# Up to this many rows (tokens) per call the native kernel multiplies the blocks with int8 activations
+# (kquants.c kq_matmul_q8, llama.cpp's approach: integer sums over each block, tokens 4 at a time per
+# weight row); a token's result is then the same whatever the number of tokens beside it. The default
+# takes every row count; tests set it to 0 to multiply through dequantize + fp32 GEMM (exact products).
+NATIVE_MAX_ROWS = 1 << 62
 CHUNK_ELEMENTS = 1 << 22  # the torch fallback expands at most this many weights (16 MB of fp32) at a time
 
 
@@ -246,7 +245,8 @@ class KQuantLib:
 
     def matmul(self, spec: GGMLSpec, data: torch.Tensor, shape: tuple[int, int], x: torch.Tensor, int8: bool = False) -> torch.Tensor:
         """x [T, K] @ W.T in fp32: with fp32 activations (exact to fp32 rounding), or `int8` (activations
-        rounded to int8 per 32, as llama.cpp does: ~5x faster on AVX2; equals `int8_grid(x) @ W.T`)."""
+        rounded to int8 per act_block values, as llama.cpp does: several times faster on AVX2; equals
+        `int8_grid(x, act_block(spec)) @ W.T` to fp32 rounding, each token's row bit-identical whatever T)."""
         n, k = shape
         x = x.float().contiguous()
         y = torch.empty(x.shape[0], n, dtype=torch.float32)
@@ -296,11 +296,8 @@ class GGMLKernel:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, shape[1])
         if self.lib is not None and data.device.type == "cpu":
-            rows = x2.shape[0]
-            if rows <= KERNEL_ROWS:
+            if x2.shape[0] <= NATIVE_MAX_ROWS:
                 y = self.lib.matmul(spec, data, shape, x2, int8=True)
-            elif rows <= NATIVE_MAX_ROWS:
-                y = torch.cat([self.lib.matmul(spec, data, shape, x2[r : r + KERNEL_ROWS], int8=True) for r in range(0, rows, KERNEL_ROWS)])
             else:
                 y = F.linear(x2.float(), self.lib.dequantize(spec, data, shape))
         else:
@@ -310,10 +307,17 @@ class GGMLKernel:
         return y.to(x.dtype).view(*lead, shape[0])
 
 
-def int8_grid(x: torch.Tensor) -> torch.Tensor:
-    """x [T, K] (K a multiple of 32) rounded to the int8 grid kq_matmul_q8 multiplies with: per 32 values
-    d = amax / 127, q = round-half-even(x / d) -- the same fp32 operations as kquants.c quant_act."""
-    xb = x.float().reshape(x.shape[0], -1, 32)
+def act_block(spec: GGMLSpec) -> int:
+    """Values per activation scale in kq_matmul_q8: 256 for the K-quant types (llama.cpp's Q8_K), 32 for
+    the 32-weight types (Q8_0)."""
+    return QK_K if spec.type.block == QK_K else 32
+
+
+def int8_grid(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """x [T, K] (K a multiple of `block`) rounded to the int8 grid kq_matmul_q8 multiplies with: per
+    `block` values (act_block) d = amax / 127, q = round-half-even(x * (1 / d)) -- the same fp32
+    operations as kquants.c quant_act."""
+    xb = x.float().reshape(x.shape[0], -1, block)
     d = xb.abs().amax(-1, keepdim=True) / 127
     inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
     return (torch.round(xb * inv) * d).reshape(x.shape)
@@ -341,4 +345,4 @@ def kernel_status() -> str:
     return "native K-quant kernels (int8 activations)" if kquant_lib() is not None else "torch fallback (dequantized per chunk)"
 
 
-__all__ = ["GGML_TYPES", "GGMLSpec", "GGMLType", "decode_blocks", "dequantize", "dequantize_blocks", "int8_grid", "prepare_ggml", "kquant_lib", "torch_matmul"]
+__all__ = ["GGML_TYPES", "GGMLSpec", "GGMLType", "decode_blocks", "dequantize", "dequantize_blocks", "int8_grid", "act_block", "prepare_ggml", "kquant_lib", "torch_matmul"]

@@ -308,7 +308,6 @@ def test_load_quantized_gguf_equals_its_rounded_weights(
     # Q4_0 runs as stored (quant.kquants); its int8-activation kernel is checked in test_kquants: here every
     # product goes through the exact dequantize + fp32 GEMM path, so the logits compare the weights alone.
     monkeypatch.setattr(kquants, "NATIVE_MAX_ROWS", 0)
-    monkeypatch.setattr(kquants, "KERNEL_ROWS", 0)
     rounded = _rounded_checkpoint(tiny_fp32_dir, tmp_path / "rounded", kind)
     m = localglm.load(exports[kind], dtype="float32")
     ref = localglm.load(rounded, dtype="float32")

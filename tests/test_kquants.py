@@ -22,7 +22,7 @@ from quant import kquants
 from quant.blob import ExpertBlobLayout, PreparedExpert
 from quant.formats import QuantError, QuantSpec, QuantTensor
 from quant.gguf_packed import gguf_to_quant
-from quant.kquants import GGML_TYPES, GGMLSpec, dequantize_blocks, int8_grid, kquant_lib, torch_matmul
+from quant.kquants import GGML_TYPES, GGMLSpec, act_block, dequantize_blocks, int8_grid, kquant_lib, torch_matmul
 from quant.recipe import CLASSES
 from quant.stack import QuantStack
 
@@ -54,7 +54,6 @@ def lib(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 def exact_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every product through dequantize + fp32 GEMM (no int8 activations): structure tests compare exactly."""
     monkeypatch.setattr(kquants, "NATIVE_MAX_ROWS", 0)
-    monkeypatch.setattr(kquants, "KERNEL_ROWS", 0)
 
 
 def random_blocks(name: str, n_blocks: int, seed: int = 0) -> np.ndarray:
@@ -116,22 +115,46 @@ def test_native_matmul_matches_torch_fallback(name: str, rows: int, lib: kquants
     scale = float(x.abs().sum(-1).max() * qt.dequantize(torch.float32).abs().max())
     assert float((got - want).abs().max()) <= 1e-6 * scale  # fp32 rounding: different summation order only
     assert torch.allclose(want, F.linear(x, qt.dequantize(torch.float32)), rtol=0, atol=1e-6 * scale)
-    # the decode kernel: integer products with x rounded to int8 per 32 -- exactly the torch product on that grid
-    xg = int8_grid(x)
+    # the int8 kernel: integer products with x rounded to int8 per 256 (K types) or 32 -- the torch product on that grid
+    xg = int8_grid(x, act_block(qt.spec))
     assert not torch.equal(xg, x)
     fast = lib.matmul(qt.spec, qt.section("data"), (40, 512), x, int8=True)
     assert float((fast - torch_matmul(qt.spec, qt.section("data"), (40, 512), xg)).abs().max()) <= 1e-6 * scale
 
 
+@pytest.mark.parametrize("name", TYPES)
+def test_int8_kernel_token_results_do_not_depend_on_token_count(name: str, lib: kquants.KQuantLib) -> None:
+    """Tokens run 4 at a time per weight row (codes unpacked once for the tile), the rest one by one, and
+    in passes of a few tokens for long inputs: each token's row must be bit-identical however many
+    tokens share the call. K = 352 / 2816 leaves a tail of blocks for the 32-weight types' 8-block steps."""
+    k = 2816 if GGML_TYPES[name].block == 256 else 352
+    qt = tensor_of(name, 24, k, seed=7)
+    spec, data = qt.spec, qt.section("data")
+    x = torch.randn(70, k, generator=torch.Generator().manual_seed(8)) * torch.rand(70, 1) * 3
+    x[5] = 0  # an all-zero token: scale 0
+    together = lib.matmul(spec, data, (24, k), x, int8=True)
+    alone = torch.cat([lib.matmul(spec, data, (24, k), x[t : t + 1], int8=True) for t in range(70)])
+    assert torch.equal(together, alone)
+    for lo, hi in ((3, 10), (1, 6), (64, 70)):  # other tile / tail splits
+        assert torch.equal(lib.matmul(spec, data, (24, k), x[lo:hi], int8=True), together[lo:hi])
+    assert torch.equal(together[5], torch.zeros(24))
+    want = torch_matmul(spec, data, (24, k), int8_grid(x, act_block(spec)))
+    scale = float(x.abs().sum(-1).max() * qt.dequantize(torch.float32).abs().max())
+    assert float((together - want).abs().max()) <= 1e-6 * scale
+
+
 def test_matmul_dispatch_native_gemm_and_torch_agree(monkeypatch: pytest.MonkeyPatch) -> None:
-    """QuantTensor.matmul: native for few rows, dequantize + GEMM for many, the torch fallback (chunked,
-    several chunks here) without the native library: all the same product."""
+    """QuantTensor.matmul: the int8 kernel for any row count (dequantize + GEMM past NATIVE_MAX_ROWS), the
+    torch fallback (chunked, several chunks here) without the native library: all the same product."""
     qt = tensor_of("Q4_K", 48, 512, seed=4)
     dense = qt.dequantize(torch.float32)
-    for rows in (2, kquants.KERNEL_ROWS + 9, kquants.NATIVE_MAX_ROWS + 5):
+    for rows in (2, 73, 300):
         x = torch.randn(rows, 512)
-        want = F.linear(int8_grid(x) if rows <= kquants.NATIVE_MAX_ROWS else x, dense)
+        want = F.linear(int8_grid(x, 256), dense)
         assert float((qt.matmul(x) - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    monkeypatch.setattr(kquants, "NATIVE_MAX_ROWS", 4)
+    x = torch.randn(5, 512)
+    assert float((qt.matmul(x) - F.linear(x, dense)).abs().max()) <= 1e-5 * float(F.linear(x, dense).abs().max())
     monkeypatch.setattr(kquants, "CHUNK_ELEMENTS", 512 * 10)
     monkeypatch.setattr(kquants, "kquant_lib", lambda: None)
     fallback = tensor_of("Q4_K", 48, 512, seed=4)
@@ -206,7 +229,8 @@ def test_llama_cpp_mix_loads_as_stored_and_matches_reference_dequantization(monk
     """tests/data/glm4_moe_kquant_mix.gguf (llama.cpp's quantizer, a dynamic mix: see tests/data/README.md):
     every 2-D weight stays in its blocks (no re-quantization, no warning, no dense copy) and, with fp32
     activations everywhere, the logits equal those of the gguf-dequantized weights to fp32 rounding; with
-    the default int8-activation decode kernel they stay within its rounding."""
+    the default int8-activation kernel (activations rounded per 256 for the K types, as llama.cpp's Q8_K)
+    they stay within that rounding: llama.cpp's own logits on this file are 2.9e-2 of the largest away."""
     kinds = {t.tensor_type.name for t in gguf.GGUFReader(MIX).tensors}
     assert set(GGML_TYPES) - {"Q4_1", "Q5_1", "IQ4_NL"} <= kinds  # every held type but three is in the file
     with warnings.catch_warnings():
@@ -221,9 +245,8 @@ def test_llama_cpp_mix_loads_as_stored_and_matches_reference_dequantization(monk
     assert isinstance(m.net.w.embed, QuantTensor) and isinstance(m.net.w.lm_head, QuantTensor)
     ref = _float_reference(MIX)
     fast = m.logits(torch.tensor([TOKENS]))[0].numpy()
-    assert np.abs(fast - ref).max() <= 2e-2 * np.abs(ref).max() and (fast.argmax(-1) == ref.argmax(-1)).all()
+    assert np.abs(fast - ref).max() <= 4e-2 * np.abs(ref).max() and (fast.argmax(-1) == ref.argmax(-1)).all()
     monkeypatch.setattr(kquants, "NATIVE_MAX_ROWS", 0)  # every product through dequantize + fp32 GEMM
-    monkeypatch.setattr(kquants, "KERNEL_ROWS", 0)
     ours = m.logits(torch.tensor([TOKENS]))[0].numpy()
     assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max()
 
@@ -300,7 +323,7 @@ def test_experts_not_taken_as_stored_load_as_floats_beside_stored_attention(monk
     assert isinstance(m.net.w.layers[1].attn.qkv_weight, QuantStack)
     ref = _float_reference(MIX)
     ours = m.logits(torch.tensor([TOKENS]))[0].numpy()
-    assert np.abs(ours - ref).max() <= 2e-2 * np.abs(ref).max() and (ours.argmax(-1) == ref.argmax(-1)).all()
+    assert np.abs(ours - ref).max() <= 4e-2 * np.abs(ref).max() and (ours.argmax(-1) == ref.argmax(-1)).all()  # int8 grid: see above
 
 
 def test_offload_charges_no_prepared_copy_for_stored_blocks() -> None:

@@ -7,7 +7,8 @@
  * exactly as gguf.quants / llama.cpp compute them (fp16 -> fp32, times the sub-block's integer
  * scale: one fp32 product), so `kq_dequant` is bit-exact with them. `kq_matmul` multiplies the codes
  * with fp32 activations (no activation quantization): it agrees with dequantize + fp32 matmul to
- * fp32 rounding. Each block is decoded once per call and used for every token.
+ * fp32 rounding. Each block is decoded once per call and used for every token. `kq_matmul_q8`
+ * multiplies them with int8 activations (the section below says how), the kernel the models run.
  *
  * Built by quant/kquants.py with quant/native.py's builder and flags (-O3 -march=native -fopenmp
  * -ffp-contract=off); AVX2 (+FMA) where the compiler targets it, portable C otherwise.
@@ -19,7 +20,6 @@
 
 #define QK_K 256
 #define KQ_MAX_ROWS 64 /* tokens per kq_matmul call (accumulators live on the stack) */
-#define KQ_Q8_ROWS 8   /* tokens per row_q8 pass (vector accumulators) */
 
 enum kq_type { KQ_Q4_0, KQ_Q5_0, KQ_Q2_K, KQ_Q3_K, KQ_Q4_K, KQ_Q5_K, KQ_Q6_K, KQ_IQ4_XS, KQ_Q4_1, KQ_Q5_1, KQ_IQ4_NL, KQ_NTYPES };
 
@@ -263,34 +263,82 @@ int kq_dequant(int type, const uint8_t *w, int n, int k, float *out, int nth) {
     return 0;
 }
 
-/* ---- decode with int8 activations: codes times int8 x as integers (llama.cpp's vec_dot approach) ----
- * The activations are quantized per 32 (d = amax / 127, q = round-half-even(x / d), as
- * qkernels.c's quantize_row); a block's 32-code chunk is multiplied with them as int8 (AVX2 maddubs),
- * each 16 codes' integer sum scaled by its sub-block scale times d. So kq_matmul_q8 equals
- * (x rounded to its int8 grid) @ W.T to fp32 rounding, not x @ W.T: the activation rounding is the
- * price of a ~5x faster product (what llama.cpp pays too). */
+/* ---- int8 activations: codes times int8 x as integers (llama.cpp's vec_dot approach) ----
+ * The activations are rounded to int8 per block of `act_block` values, as llama.cpp's Q8_K / Q8_0
+ * do: 256 for the K-quant types (one scale per super-block, so a super-block's code products and
+ * integer sub-block scales are summed as integers and converted to float once per token), 32 for
+ * the 32-weight types. Per block dx = amax / 127, xq = round-half-even(x * (1 / dx)), and the
+ * integer sums of xq per 16 (K types: their offsets and the Q3_K / Q6_K code bias) or per 32. So
+ * kq_matmul_q8 equals (x rounded to that grid) @ W.T to fp32 rounding (quant/kquants.py int8_grid):
+ * the activation rounding is the price of the integer product (what llama.cpp pays too).
+ *
+ * Tokens run KQ_TILE at a time per weight row: each block's codes are unpacked once and multiplied
+ * with every token of the tile (the row stays in L1 between tiles). A token's own operations -- its
+ * integer sums, its float accumulator and their order -- are the same alone, in a tile or in the
+ * one-at-a-time tail, so its result is bit-identical whatever the number of tokens in the call. */
 
-/* x [k] -> int8 xq, per 32 the scale dx, per `sub` (16 or 32) values the scaled sum xs of the codes. */
-static void quant_act(const float *x, int k, int sub, int8_t *xq, float *dx, float *xs) {
-    for (int b = 0; b < k / 32; b++) {
-        const float *xb = x + (size_t)b * 32;
+#define KQ_TILE 4
+
+static inline int act_block(int type) { return INFO[type].block == QK_K ? QK_K : 32; }
+static inline int act_sum(int type) { return INFO[type].block == QK_K ? 16 : 32; } /* values per integer sum */
+
+/* x [k] -> int8 xq, per qa values the scale dx, per ss values the integer sum xs of the codes. */
+static void quant_act(const float *x, int k, int qa, int ss, int8_t *xq, float *dx, int16_t *xs) {
+    for (int b = 0; b < k / qa; b++) {
+        const float *xb = x + (size_t)b * qa;
         float amax = 0.0f;
-        for (int i = 0; i < 32; i++) amax = fabsf(xb[i]) > amax ? fabsf(xb[i]) : amax;
+        for (int i = 0; i < qa; i++) amax = fabsf(xb[i]) > amax ? fabsf(xb[i]) : amax;
         const float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
-        int s0 = 0, s1 = 0;
-        for (int i = 0; i < 32; i++) {
-            const int8_t v = (int8_t)lrintf(xb[i] * id);
-            xq[(size_t)b * 32 + i] = v;
-            if (i < 16) s0 += v;
-            else s1 += v;
+        for (int i = 0; i < qa; i += ss) {
+            int s = 0;
+            for (int j = i; j < i + ss; j++) {
+                const int8_t v = (int8_t)lrintf(xb[j] * id);
+                xq[(size_t)b * qa + j] = v;
+                s += v;
+            }
+            xs[((size_t)b * qa + i) / ss] = (int16_t)s;
         }
         dx[b] = d;
-        if (sub == 16) {
-            xs[2 * b] = d * (float)s0;
-            xs[2 * b + 1] = d * (float)s1;
-        } else {
-            xs[b] = d * (float)(s0 + s1);
+    }
+}
+
+/* A K-quant block's integer sub-block scales isc[16] and offsets imn[16] (the 8-sub-block types
+ * repeat each entry twice, so both line up with the activations' sums per 16) and its fp16 factors
+ * d (times isc) and dmin (times imn): w = d * isc * q - dmin * imn, the same integers decode() scales. */
+static inline __attribute__((always_inline)) void kscales(int type, const uint8_t *b, int16_t *isc, int16_t *imn, float *d, float *dmin) {
+    switch (type) {
+    case KQ_Q2_K:
+        for (int s = 0; s < 16; s++) isc[s] = (int16_t)(b[s] & 15), imn[s] = (int16_t)(b[s] >> 4);
+        *d = f16(b + 80), *dmin = f16(b + 82);
+        break;
+    case KQ_Q3_K: {
+        const uint8_t *s = b + 96;
+        for (int i = 0; i < 16; i++) {
+            const int lo = i < 8 ? s[i] & 15 : s[i - 8] >> 4, hi = (s[8 + (i & 3)] >> (2 * (i >> 2))) & 3;
+            isc[i] = (int16_t)((lo | (hi << 4)) - 32);
         }
+        *d = f16(b + 108);
+        break;
+    }
+    case KQ_Q4_K:
+    case KQ_Q5_K: {
+        const uint8_t *s = b + 4;
+        for (int j = 0; j < 8; j++) {
+            isc[2 * j] = isc[2 * j + 1] = (int16_t)(j < 4 ? s[j] & 63 : (s[j + 4] & 15) | ((s[j - 4] >> 2) & 48));
+            imn[2 * j] = imn[2 * j + 1] = (int16_t)(j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | ((s[j] >> 2) & 48));
+        }
+        *d = f16(b), *dmin = f16(b + 2);
+        break;
+    }
+    case KQ_Q6_K:
+        for (int s = 0; s < 16; s++) isc[s] = (int16_t)(int8_t)b[192 + s];
+        *d = f16(b + 208);
+        break;
+    default: { /* KQ_IQ4_XS */
+        const unsigned sh = (unsigned)b[2] | ((unsigned)b[3] << 8);
+        for (int j = 0; j < 8; j++) isc[2 * j] = isc[2 * j + 1] = (int16_t)((((b[4 + (j >> 1)] >> (4 * (j & 1))) & 15) | (((sh >> (2 * j)) & 3) << 4)) - 32);
+        *d = f16(b);
+    }
     }
 }
 
@@ -317,131 +365,274 @@ static inline __m256i shr_mask(__m256i v, int s, int mask) {
 
 static inline __m256i ld(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
 
-/* Codes of chunk j (weights 32j..32j+31) of block b as signed bytes, the same values decode() writes. */
+/* Codes of chunk j (weights 32j..32j+31) of block b as bytes: unsigned (the stored code, before
+ * any bias: Q3_K's -4 where the high bit is clear and Q6_K's -32 come back through the activation
+ * sums, Q4_0's -8 and Q5_0's -16 too), signed for the IQ4 types (their table values). */
 static inline __m256i codes32(int type, const uint8_t *b, int j) {
     const __m256i iq4 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4_VALUES)), b16 = _mm256_set1_epi8(16);
     switch (type) {
-    case KQ_Q4_0: return _mm256_sub_epi8(nib32(b + 2), _mm256_set1_epi8(8));
+    case KQ_Q4_0: return nib32(b + 2);
     case KQ_Q4_1: return nib32(b + 4);
     case KQ_IQ4_NL: return _mm256_shuffle_epi8(iq4, nib32(b + 2));
-    case KQ_Q5_0: return _mm256_sub_epi8(_mm256_or_si256(nib32(b + 6), _mm256_and_si256(bits32(b + 2), b16)), b16);
+    case KQ_Q5_0: return _mm256_or_si256(nib32(b + 6), _mm256_and_si256(bits32(b + 2), b16));
     case KQ_Q5_1: return _mm256_or_si256(nib32(b + 8), _mm256_and_si256(bits32(b + 4), b16));
     case KQ_Q2_K: return shr_mask(ld(b + 16 + (j >> 2) * 32), 2 * (j & 3), 3);
-    case KQ_Q3_K: {
-        const __m256i ql = shr_mask(ld(b + 32 + (j >> 2) * 32), 2 * (j & 3), 3), hb = shr_mask(ld(b), j, 1);
-        return _mm256_sub_epi8(ql, _mm256_slli_epi16(_mm256_xor_si256(hb, _mm256_set1_epi8(1)), 2));
-    }
+    case KQ_Q3_K: return _mm256_or_si256(shr_mask(ld(b + 32 + (j >> 2) * 32), 2 * (j & 3), 3), _mm256_slli_epi16(shr_mask(ld(b), j, 1), 2));
     case KQ_Q4_K: return shr_mask(ld(b + 16 + (j >> 1) * 32), 4 * (j & 1), 15);
     case KQ_Q5_K: return _mm256_or_si256(shr_mask(ld(b + 48 + (j >> 1) * 32), 4 * (j & 1), 15), _mm256_slli_epi16(shr_mask(ld(b + 16), j, 1), 4));
     case KQ_Q6_K: {
         const int h = j >> 2, jj = j & 3;
         const __m256i lo = shr_mask(ld(b + h * 64 + (jj & 1) * 32), 4 * (jj >> 1), 15), hi = shr_mask(ld(b + 128 + h * 32), 2 * jj, 3);
-        return _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), _mm256_set1_epi8(32));
+        return _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
     }
     default: return _mm256_shuffle_epi8(iq4, nib32(b + 8 + j * 16)); /* KQ_IQ4_XS */
     }
 }
 
-/* int32 x8 of codes . activations: lanes 0-3 hold weights 0..15 of the chunk, lanes 4-7 weights 16..31 */
-static inline __m256 dot32(__m256i v, const int8_t *xq) {
-    const __m256i a = _mm256_loadu_si256((const __m256i *)xq);
-    const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(v, v), _mm256_sign_epi8(a, v));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+/* 8 vectors of int32 -> one: lane i holds the sum of p[i]'s lanes. */
+static inline __m256i sum8x8(const __m256i *p) {
+    const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+    const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
 }
-#endif
 
-/* One weight row against T int8-quantized activation rows: y[t] for t < T. Always inlined into a
- * per-type loop (kq_matmul_q8's switch), so `type` is a constant there and decode()'s and
- * codes32()'s switches fold away. */
-static inline __attribute__((always_inline)) void row_q8(const int type, const uint8_t *row, int k, const int8_t *xq, const float *dx,
-                                                         const float *xsum, int T, float *y, size_t ystride) {
+/* kscales() as vectors (16 int16 each), the common types without a scalar loop: Q4_K / Q5_K's 6-bit
+ * scales and mins unpacked as llama.cpp does (32-bit masks), Q2_K's nibbles, Q6_K's bytes. */
+static inline __attribute__((always_inline)) void kscales_v(int type, const uint8_t *b, __m256i *sc, __m256i *mn, float *d, float *dmin) {
+    if (type == KQ_Q4_K || type == KQ_Q5_K) {
+        uint32_t u[4];
+        memcpy(u, b + 4, 12);
+        u[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
+        const uint32_t m03 = u[1] & 0x3f3f3f3f;
+        u[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
+        u[2] = m03;
+        u[0] &= 0x3f3f3f3f;
+        const __m128i v = _mm_loadu_si128((const __m128i *)u); /* bytes: 8 scales, 8 mins */
+        *sc = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(v, v)), *mn = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(v, v));
+        *d = f16(b), *dmin = f16(b + 2);
+    } else if (type == KQ_Q2_K) {
+        const __m128i v = _mm_loadu_si128((const __m128i *)b), m = _mm_set1_epi8(15);
+        *sc = _mm256_cvtepu8_epi16(_mm_and_si128(v, m)), *mn = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), m));
+        *d = f16(b + 80), *dmin = f16(b + 82);
+    } else if (type == KQ_IQ4_XS) { /* 8 x (4 low bits from b[4..7], 2 high from b[2..3]) - 32, one byte each */
+        uint32_t lo;
+        memcpy(&lo, b + 4, 4);
+        uint64_t l = (lo & 0xffffu) | ((uint64_t)(lo >> 16) << 32), h = (uint64_t)b[2] | ((uint64_t)b[3] << 32);
+        l = (l | (l << 8)) & 0x00ff00ff00ff00ffULL, l = (l | (l << 4)) & 0x0f0f0f0f0f0f0f0fULL;
+        h = (h | (h << 12)) & 0x000f000f000f000fULL, h = (h | (h << 6)) & 0x0303030303030303ULL;
+        const __m128i v = _mm_cvtsi64_si128((long long)(l | (h << 4)));
+        *sc = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(v, v)), _mm256_set1_epi16(32));
+        *d = f16(b);
+    } else if (type == KQ_Q6_K) {
+        *sc = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192)));
+        *d = f16(b + 208);
+    } else {
+        int16_t isc[16], imn[16];
+        kscales(type, b, isc, imn, d, dmin);
+        *sc = _mm256_loadu_si256((const __m256i *)isc);
+    }
+}
+
+/* Chunk c's scales from kscales_v's 16: sub-block 2c in the low 8 int16, 2c + 1 in the high 8. */
+static inline __m256i chunk_scales(__m256i lo8, __m256i hi8, int c) {
+    const __m256i pick = _mm256_add_epi8(_mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3),
+                                         _mm256_set1_epi8((char)(4 * (c & 3))));
+    return _mm256_shuffle_epi8(c < 4 ? lo8 : hi8, pick);
+}
+
+/* One K-quant weight row (nb blocks) against NT tokens' int8 activations (token t at xq + t * k, its
+ * block scales at dx + t * nb, sums per 16 at xs + t * k / 16): y[t * ystride]. Per block and token,
+ * the codes times activations and sub-block scales are summed as int32 (maddubs, madd), then one
+ * fma per 8 lanes in float. */
+static inline __attribute__((always_inline)) void rowk(const int type, const int NT, const uint8_t *row, int nb, int k, const int8_t *xq,
+                                                       const float *dx, const int16_t *xs, float *y, size_t ystride) {
     const kq_info in = INFO[type];
-    const int nb = k / in.block, nc = in.block / 32, k32 = k / 32, subs = in.block / in.sub;
-    float sc[16], mn[16], off[KQ_MAX_ROWS];
-#ifdef __AVX2__
-    __m256 acc[KQ_Q8_ROWS];
-    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps(), off[t] = 0.0f;
-#else
-    float acc[KQ_Q8_ROWS];
-    int8_t q[QK_K];
-    for (int t = 0; t < T; t++) acc[t] = off[t] = 0.0f;
-#endif
+    const int is_iq4 = type == KQ_IQ4_XS, bias_shift = type == KQ_Q3_K ? 2 : type == KQ_Q6_K ? 5 : 0;
+    __m256 acc[KQ_TILE];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const uint8_t *blk = row + (size_t)b * in.nbytes;
-#ifdef __AVX2__
-        decode(type, blk, NULL, sc, mn);
-        for (int c = 0; c < nc; c++) {
-            const __m256i v = codes32(type, blk, c);
-            const float lo = in.sub == 16 ? sc[2 * c] : sc[c], hi = in.sub == 16 ? sc[2 * c + 1] : sc[c];
-            for (int t = 0; t < T; t++) {
-                const float d = dx[(size_t)t * k32 + (size_t)b * nc + c];
-                const __m256 s = _mm256_set_m128(_mm_set1_ps(hi * d), _mm_set1_ps(lo * d));
-                acc[t] = _mm256_fmadd_ps(dot32(v, xq + (size_t)t * k + (size_t)b * in.block + c * 32), s, acc[t]);
+        __m256i sc16, mn16 = _mm256_setzero_si256();
+        float d, dmin = 0.0f;
+        kscales_v(type, blk, &sc16, &mn16, &d, &dmin);
+        const __m256i sc_lo = _mm256_permute2x128_si256(sc16, sc16, 0x00), sc_hi = _mm256_permute2x128_si256(sc16, sc16, 0x11);
+        __m256i sumi[KQ_TILE];
+        for (int t = 0; t < NT; t++) sumi[t] = _mm256_setzero_si256();
+        for (int c = 0; c < 8; c++) {
+            const __m256i v = codes32(type, blk, c), av = is_iq4 ? _mm256_sign_epi8(v, v) : v;
+            const __m256i sc = chunk_scales(sc_lo, sc_hi, c);
+            for (int t = 0; t < NT; t++) {
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)t * k + (size_t)b * QK_K + c * 32));
+                const __m256i p = _mm256_maddubs_epi16(av, is_iq4 ? _mm256_sign_epi8(xv, v) : xv);
+                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(p, sc));
             }
         }
-#else
-        decode(type, blk, q, sc, mn);
-        for (int t = 0; t < T; t++) {
-            const int8_t *xb = xq + (size_t)t * k + (size_t)b * in.block;
-            const float *db = dx + (size_t)t * k32 + (size_t)b * nc;
-            for (int h = 0; h < in.block / 16; h++) {
-                int32_t is = 0;
-                for (int i = 0; i < 16; i++) is += (int32_t)q[h * 16 + i] * xb[h * 16 + i];
-                acc[t] += sc[in.sub == 16 ? h : h / 2] * db[h / 2] * (float)is;
+        if (bias_shift) { /* codes were stored + 4 (Q3_K) / + 32 (Q6_K): subtract scale * bias * sum(x) */
+            for (int t = 0; t < NT; t++) {
+                const __m256i s = _mm256_loadu_si256((const __m256i *)(xs + (size_t)t * (k / 16) + (size_t)b * 16));
+                sumi[t] = _mm256_sub_epi32(sumi[t], _mm256_slli_epi32(_mm256_madd_epi16(sc16, s), bias_shift));
             }
         }
-#endif
-        if (in.has_offset) /* xs: per token and sub-block, the activations' scaled sum */
-            for (int t = 0; t < T; t++) {
-                const float *xs = xsum + (size_t)t * (k / in.sub) + (size_t)b * subs;
-                float o = 0.0f;
-#ifdef __AVX2__
-                if (subs % 8 == 0) {
-                    __m256 ov = _mm256_setzero_ps();
-                    for (int s = 0; s < subs; s += 8) ov = _mm256_fmadd_ps(_mm256_loadu_ps(mn + s), _mm256_loadu_ps(xs + s), ov);
-                    o = hsum256(ov);
-                } else
-#endif
-                    for (int s = 0; s < subs; s++) o += mn[s] * xs[s];
-                off[t] += o;
+        for (int t = 0; t < NT; t++) {
+            const float dt = dx[(size_t)t * nb + b];
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[t]), _mm256_set1_ps(d * dt), acc[t]);
+            if (in.has_offset) {
+                const __m256i s = _mm256_loadu_si256((const __m256i *)(xs + (size_t)t * (k / 16) + (size_t)b * 16));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(mn16, s)), _mm256_set1_ps(-(dmin * dt)), acc[t]);
             }
+        }
     }
-    for (int t = 0; t < T; t++)
-#ifdef __AVX2__
-        y[(size_t)t * ystride] = hsum256(acc[t]) - off[t];
-#else
-        y[(size_t)t * ystride] = acc[t] - off[t];
-#endif
+    for (int t = 0; t < NT; t++) y[(size_t)t * ystride] = hsum256(acc[t]);
 }
 
-#define ROWS_OF(TYPE)                                                                                                \
+/* One row of a 32-weight type (nb blocks) against NT tokens (token t at xq + t * k, scales dx + t * nb,
+ * sums per 32 xs + t * nb). Blocks go 8 at a time: each block's codes times activations summed as
+ * int32, the 8 sums gathered in one vector (sum8x8), converted and scaled by the 8 blocks' d * dx in
+ * one fma. xq must have 256 readable bytes past its last token (the tail group's unused blocks read
+ * there, times codes 0). */
+static inline __attribute__((always_inline)) void row32(const int type, const int NT, const uint8_t *row, int nb, int k, const int8_t *xq,
+                                                        const float *dx, const int16_t *xs, float *y, size_t ystride) {
+    const kq_info in = INFO[type];
+    const int is_iq4 = type == KQ_IQ4_NL, bias_shift = type == KQ_Q4_0 ? 3 : type == KQ_Q5_0 ? 4 : 0;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[KQ_TILE];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    for (int g = 0; g < nb; g += 8) {
+        const int G = nb - g < 8 ? nb - g : 8;
+        float dw[8] = {0}, mw[8] = {0};
+        __m256i v[8], av[8];
+        for (int i = 0; i < 8; i++) {
+            if (i < G) {
+                const uint8_t *blk = row + (size_t)(g + i) * in.nbytes;
+                dw[i] = f16(blk);
+                if (in.has_offset) mw[i] = f16(blk + 2);
+                v[i] = codes32(type, blk, 0);
+            } else {
+                v[i] = _mm256_setzero_si256();
+            }
+            av[i] = is_iq4 ? _mm256_sign_epi8(v[i], v[i]) : v[i];
+        }
+        const __m256 dwv = _mm256_loadu_ps(dw), mwv = _mm256_loadu_ps(mw);
+        for (int t = 0; t < NT; t++) {
+            const int8_t *xt = xq + (size_t)t * k + (size_t)g * 32;
+            const float *dxt = dx + (size_t)t * nb + g;
+            const int16_t *st = xs + (size_t)t * nb + g;
+            float dpad[8] = {0};
+            int16_t spad[8] = {0};
+            if (G < 8) { /* the tail group: the missing blocks' scales and sums are 0, whatever lies beyond */
+                memcpy(dpad, dxt, sizeof(float) * G), memcpy(spad, st, sizeof(int16_t) * G);
+                dxt = dpad, st = spad;
+            }
+            __m256i p[8];
+            for (int i = 0; i < 8; i++) {
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xt + i * 32));
+                p[i] = _mm256_madd_epi16(_mm256_maddubs_epi16(av[i], is_iq4 ? _mm256_sign_epi8(xv, v[i]) : xv), ones);
+            }
+            __m256i s = sum8x8(p);
+            const __m256i xsum = _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)st));
+            if (bias_shift) s = _mm256_sub_epi32(s, _mm256_slli_epi32(xsum, bias_shift)); /* codes stored + 8 / + 16 */
+            const __m256 dxv = _mm256_loadu_ps(dxt);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dwv, dxv), acc[t]);
+            if (in.has_offset) acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(xsum), _mm256_mul_ps(mwv, dxv), acc[t]); /* + m * sum(x) */
+        }
+    }
+    for (int t = 0; t < NT; t++) y[(size_t)t * ystride] = hsum256(acc[t]);
+}
+#else
+/* The portable path: per block and token the integer sums exactly as above, then the same float
+ * steps per block (K types: d * dx * isum - dmin * dx * msum; 32-weight types: d * dx * isum + m * dx * sum). */
+static inline __attribute__((always_inline)) void rowk(const int type, const int NT, const uint8_t *row, int nb, int k, const int8_t *xq,
+                                                       const float *dx, const int16_t *xs, float *y, size_t ystride) {
+    const kq_info in = INFO[type];
+    float acc[KQ_TILE], sc[16], mn[16];
+    int8_t q[QK_K];
+    for (int t = 0; t < NT; t++) acc[t] = 0.0f;
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = row + (size_t)b * in.nbytes;
+        int16_t isc[16], imn[16];
+        float d, dmin = 0.0f;
+        kscales(type, blk, isc, imn, &d, &dmin);
+        decode(type, blk, q, sc, mn); /* signed codes: no bias to take back */
+        for (int t = 0; t < NT; t++) {
+            const int8_t *xb = xq + (size_t)t * k + (size_t)b * QK_K;
+            const int16_t *sb = xs + (size_t)t * (k / 16) + (size_t)b * 16;
+            int32_t isum = 0, msum = 0;
+            for (int h = 0; h < 16; h++) {
+                int32_t s = 0;
+                for (int i = 0; i < 16; i++) s += (int32_t)q[h * 16 + i] * xb[h * 16 + i];
+                isum += isc[h] * s;
+                if (in.has_offset) msum += imn[h] * sb[h];
+            }
+            const float dt = dx[(size_t)t * nb + b];
+            acc[t] += d * dt * (float)isum;
+            if (in.has_offset) acc[t] -= dmin * dt * (float)msum;
+        }
+    }
+    for (int t = 0; t < NT; t++) y[(size_t)t * ystride] = acc[t];
+}
+
+static inline __attribute__((always_inline)) void row32(const int type, const int NT, const uint8_t *row, int nb, int k, const int8_t *xq,
+                                                        const float *dx, const int16_t *xs, float *y, size_t ystride) {
+    const kq_info in = INFO[type];
+    float acc[KQ_TILE], sc[1], mn[1];
+    int8_t q[32];
+    for (int t = 0; t < NT; t++) acc[t] = 0.0f;
+    for (int b = 0; b < nb; b++) {
+        decode(type, row + (size_t)b * in.nbytes, q, sc, mn);
+        for (int t = 0; t < NT; t++) {
+            const int8_t *xb = xq + (size_t)t * k + (size_t)b * 32;
+            int32_t isum = 0;
+            for (int i = 0; i < 32; i++) isum += (int32_t)q[i] * xb[i];
+            const float dt = dx[(size_t)t * nb + b];
+            acc[t] += sc[0] * dt * (float)isum;
+            if (in.has_offset) acc[t] -= mn[0] * dt * (float)xs[(size_t)t * nb + b];
+        }
+    }
+    for (int t = 0; t < NT; t++) y[(size_t)t * ystride] = acc[t];
+}
+#endif
+
+/* Every row against tokens [t0, t1): KQ_TILE tokens at a time, the rest one by one. */
+#define TILED(ROW, TYPE)                                                                                             \
     case TYPE:                                                                                                       \
-        _Pragma("omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(n, nth))") for (int r = 0; r < n; r++) \
-            if (T == 1) /* one token (decode): T a constant, the accumulator a register */                             \
-                row_q8(TYPE, w + (size_t)r * row_bytes, k, xq, dx, xsum, 1, y + r, (size_t)n);                       \
-            else /* tokens KQ_Q8_ROWS at a time, the row's blocks staying in L1 between them */                      \
-                for (int t0 = 0; t0 < T; t0 += KQ_Q8_ROWS)                                                          \
-                    row_q8(TYPE, w + (size_t)r * row_bytes, k, xq + (size_t)t0 * k, dx + (size_t)t0 * k32,           \
-                           xsum + (size_t)t0 * ks, T - t0 < KQ_Q8_ROWS ? T - t0 : KQ_Q8_ROWS, y + (size_t)t0 * n + r, (size_t)n); \
+        _Pragma("omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(n, nth))") for (int r = 0; r < n; r++) { \
+            const uint8_t *row = w + (size_t)r * row_bytes;                                                          \
+            int t = t0;                                                                                              \
+            for (; t + KQ_TILE <= t1; t += KQ_TILE)                                                                  \
+                ROW(TYPE, KQ_TILE, row, nb, k, xq + (size_t)t * k, dx + (size_t)t * nb, xs + (size_t)t * ns, y + (size_t)t * n + r, (size_t)n); \
+            for (; t < t1; t++)                                                                                      \
+                ROW(TYPE, 1, row, nb, k, xq + (size_t)t * k, dx + (size_t)t * nb, xs + (size_t)t * ns, y + (size_t)t * n + r, (size_t)n); \
+        }                                                                                                            \
         break;
 
-/* y[t, r] = sum_k W[r, k] xq[t, k] dx for T <= KQ_MAX_ROWS tokens: the decode-time product with int8
+/* Tokens per pass over the weight: their int8 activations (KQ_PASS_BYTES in all) stay in L2 while every
+ * row goes by; the weight is read once per pass. */
+#define KQ_PASS_BYTES (192 * 1024)
+
+/* y[t, r] = sum_k W[r, k] xq[t, k] dx for any number of tokens T >= 1: the product with int8
  * activations (see above). Returns 0, -1 for a bad type / shape / token count, -2 when out of memory. */
 int kq_matmul_q8(int type, const uint8_t *w, int n, int k, const float *x, int T, float *y, int nth) {
-    if (!valid(type, n, k) || T < 1 || T > KQ_MAX_ROWS) return -1;
+    if (!valid(type, n, k) || T < 1) return -1;
     const size_t row_bytes = (size_t)(k / INFO[type].block) * INFO[type].nbytes;
-    const int k32 = k / 32, ks = k / INFO[type].sub;
-    int8_t *xq = malloc((size_t)T * k);
-    float *dx = malloc(sizeof(float) * (size_t)T * k32), *xsum = malloc(sizeof(float) * (size_t)T * ks);
-    if (!xq || !dx || !xsum) {
-        free(xq), free(dx), free(xsum);
+    const int qa = act_block(type), ss = act_sum(type), nb = k / qa, ns = k / ss;
+    int8_t *xq = malloc((size_t)T * k + QK_K); /* + the tail group's reads past the last token (row32) */
+    float *dx = malloc(sizeof(float) * (size_t)T * nb);
+    int16_t *xs = malloc(sizeof(int16_t) * (size_t)T * ns);
+    if (!xq || !dx || !xs) {
+        free(xq), free(dx), free(xs);
         return -2;
     }
-    for (int t = 0; t < T; t++) quant_act(x + (size_t)t * k, k, INFO[type].sub, xq + (size_t)t * k, dx + (size_t)t * k32, xsum + (size_t)t * ks);
-    switch (type) {
-        ROWS_OF(KQ_Q4_0) ROWS_OF(KQ_Q5_0) ROWS_OF(KQ_Q2_K) ROWS_OF(KQ_Q3_K) ROWS_OF(KQ_Q4_K) ROWS_OF(KQ_Q5_K)
-        ROWS_OF(KQ_Q6_K) ROWS_OF(KQ_IQ4_XS) ROWS_OF(KQ_Q4_1) ROWS_OF(KQ_Q5_1) ROWS_OF(KQ_IQ4_NL)
+    memset(xq + (size_t)T * k, 0, QK_K);
+#pragma omp parallel for num_threads(nth) schedule(static) if (T > 1)
+    for (int t = 0; t < T; t++) quant_act(x + (size_t)t * k, k, qa, ss, xq + (size_t)t * k, dx + (size_t)t * nb, xs + (size_t)t * ns);
+    const int pass = k * KQ_TILE >= KQ_PASS_BYTES ? KQ_TILE : KQ_PASS_BYTES / k / KQ_TILE * KQ_TILE;
+    for (int t0 = 0; t0 < T; t0 += pass) {
+        const int t1 = T - t0 < pass ? T : t0 + pass;
+        switch (type) {
+                TILED(row32, KQ_Q4_0) TILED(row32, KQ_Q5_0) TILED(row32, KQ_Q4_1) TILED(row32, KQ_Q5_1) TILED(row32, KQ_IQ4_NL)
+            TILED(rowk, KQ_Q2_K) TILED(rowk, KQ_Q3_K) TILED(rowk, KQ_Q4_K) TILED(rowk, KQ_Q5_K) TILED(rowk, KQ_Q6_K) TILED(rowk, KQ_IQ4_XS)
+        }
     }
-    free(xq), free(dx), free(xsum);
+    free(xq), free(dx), free(xs);
     return 0;
 }
