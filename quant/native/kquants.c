@@ -490,48 +490,58 @@ static inline __attribute__((always_inline)) void rowk(const int type, const int
  * int32, the 8 sums gathered in one vector (sum8x8), converted and scaled by the 8 blocks' d * dx in
  * one fma. xq must have 256 readable bytes past its last token (the tail group's unused blocks read
  * there, times codes 0). */
+/* The fp16 at `at` of up to 8 blocks `stride` bytes apart as 8 floats (0 past `count`): packed into
+ * integer registers and converted together (8 scalar stores and a vector load would stall). */
+static inline __m256 f16x8(const uint8_t *p, size_t stride, int at, int count) {
+    uint64_t h[2] = {0, 0};
+    for (int i = 0; i < count; i++) {
+        uint16_t v;
+        memcpy(&v, p + (size_t)i * stride + at, 2);
+        h[i >> 2] |= (uint64_t)v << (16 * (i & 3));
+    }
+    return _mm256_cvtph_ps(_mm_set_epi64x((long long)h[1], (long long)h[0]));
+}
+
+/* One row of a 32-weight type (nb blocks) against NT tokens (token t at xq + t * k, scales dx + t * nb,
+ * sums per 32 xs + t * nb). Blocks go 8 at a time: each block's codes times activations summed as
+ * int32, the 8 sums gathered in one vector (sum8x8), converted and scaled by the 8 blocks' d * dx in
+ * one fma. xq and xs must be readable 256 bytes / 8 sums past the last token (the tail group's unused
+ * blocks read there: times codes 0, or masked off). */
 static inline __attribute__((always_inline)) void row32(const int type, const int NT, const uint8_t *row, int nb, int k, const int8_t *xq,
                                                         const float *dx, const int16_t *xs, float *y, size_t ystride) {
     const kq_info in = INFO[type];
     const int is_iq4 = type == KQ_IQ4_NL, bias_shift = type == KQ_Q4_0 ? 3 : type == KQ_Q5_0 ? 4 : 0;
-    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i ones = _mm256_set1_epi16(1), lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     __m256 acc[KQ_TILE];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     for (int g = 0; g < nb; g += 8) {
         const int G = nb - g < 8 ? nb - g : 8;
-        float dw[8] = {0}, mw[8] = {0};
+        const uint8_t *blk0 = row + (size_t)g * in.nbytes;
+        const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(G), lane); /* lanes of existing blocks */
+        const __m256 dwv = f16x8(blk0, in.nbytes, 0, G), mwv = in.has_offset ? f16x8(blk0, in.nbytes, 2, G) : _mm256_setzero_ps();
         __m256i v[8], av[8];
         for (int i = 0; i < 8; i++) {
-            if (i < G) {
-                const uint8_t *blk = row + (size_t)(g + i) * in.nbytes;
-                dw[i] = f16(blk);
-                if (in.has_offset) mw[i] = f16(blk + 2);
-                v[i] = codes32(type, blk, 0);
-            } else {
-                v[i] = _mm256_setzero_si256();
-            }
+            v[i] = i < G ? codes32(type, blk0 + (size_t)i * in.nbytes, 0) : _mm256_setzero_si256();
             av[i] = is_iq4 ? _mm256_sign_epi8(v[i], v[i]) : v[i];
         }
-        const __m256 dwv = _mm256_loadu_ps(dw), mwv = _mm256_loadu_ps(mw);
         for (int t = 0; t < NT; t++) {
             const int8_t *xt = xq + (size_t)t * k + (size_t)g * 32;
-            const float *dxt = dx + (size_t)t * nb + g;
-            const int16_t *st = xs + (size_t)t * nb + g;
-            float dpad[8] = {0};
-            int16_t spad[8] = {0};
-            if (G < 8) { /* the tail group: the missing blocks' scales and sums are 0, whatever lies beyond */
-                memcpy(dpad, dxt, sizeof(float) * G), memcpy(spad, st, sizeof(int16_t) * G);
-                dxt = dpad, st = spad;
-            }
-            __m256i p[8];
+            __m256i p[8], s;
             for (int i = 0; i < 8; i++) {
                 const __m256i xv = _mm256_loadu_si256((const __m256i *)(xt + i * 32));
-                p[i] = _mm256_madd_epi16(_mm256_maddubs_epi16(av[i], is_iq4 ? _mm256_sign_epi8(xv, v[i]) : xv), ones);
+                p[i] = _mm256_maddubs_epi16(av[i], is_iq4 ? _mm256_sign_epi8(xv, v[i]) : xv);
             }
-            __m256i s = sum8x8(p);
-            const __m256i xsum = _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)st));
+            if (is_iq4) { /* pair sums up to 2 * 127 * 127: widen at once */
+                for (int i = 0; i < 8; i++) p[i] = _mm256_madd_epi16(p[i], ones);
+                s = sum8x8(p);
+            } else { /* unsigned codes < 32: sums of 8 products stay within int16, so add pairs twice before widening */
+                const __m256i a = _mm256_madd_epi16(_mm256_hadd_epi16(_mm256_hadd_epi16(p[0], p[1]), _mm256_hadd_epi16(p[2], p[3])), ones);
+                const __m256i b = _mm256_madd_epi16(_mm256_hadd_epi16(_mm256_hadd_epi16(p[4], p[5]), _mm256_hadd_epi16(p[6], p[7])), ones);
+                s = _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+            }
+            const __m256i xsum = _mm256_and_si256(live, _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)(xs + (size_t)t * nb + g))));
             if (bias_shift) s = _mm256_sub_epi32(s, _mm256_slli_epi32(xsum, bias_shift)); /* codes stored + 8 / + 16 */
-            const __m256 dxv = _mm256_loadu_ps(dxt);
+            const __m256 dxv = _mm256_maskload_ps(dx + (size_t)t * nb + g, live);
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dwv, dxv), acc[t]);
             if (in.has_offset) acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(xsum), _mm256_mul_ps(mwv, dxv), acc[t]); /* + m * sum(x) */
         }
@@ -615,14 +625,14 @@ int kq_matmul_q8(int type, const uint8_t *w, int n, int k, const float *x, int T
     if (!valid(type, n, k) || T < 1) return -1;
     const size_t row_bytes = (size_t)(k / INFO[type].block) * INFO[type].nbytes;
     const int qa = act_block(type), ss = act_sum(type), nb = k / qa, ns = k / ss;
-    int8_t *xq = malloc((size_t)T * k + QK_K); /* + the tail group's reads past the last token (row32) */
+    int8_t *xq = malloc((size_t)T * k + QK_K); /* + the tail group's reads past the last token (row32; xs too) */
     float *dx = malloc(sizeof(float) * (size_t)T * nb);
-    int16_t *xs = malloc(sizeof(int16_t) * (size_t)T * ns);
+    int16_t *xs = malloc(sizeof(int16_t) * ((size_t)T * ns + 8));
     if (!xq || !dx || !xs) {
         free(xq), free(dx), free(xs);
         return -2;
     }
-    memset(xq + (size_t)T * k, 0, QK_K);
+    memset(xq + (size_t)T * k, 0, QK_K), memset(xs + (size_t)T * ns, 0, sizeof(int16_t) * 8);
 #pragma omp parallel for num_threads(nth) schedule(static) if (T > 1)
     for (int t = 0; t < T; t++) quant_act(x + (size_t)t * k, k, qa, ss, xq + (size_t)t * k, dx + (size_t)t * nb, xs + (size_t)t * ns);
     const int pass = k * KQ_TILE >= KQ_PASS_BYTES ? KQ_TILE : KQ_PASS_BYTES / k / KQ_TILE * KQ_TILE;
