@@ -190,9 +190,13 @@ def llama_cpp_rows(path: Path, prompts: list[list[int]], new: int, threads: int,
     theirs = results[0]["tokens"]
     agree = sum(a == b for a, b in zip(theirs, ours))
     prefix = sum(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(theirs, ours))
+    print(f"llama.cpp rows: each setting's fastest of {results[0]['rounds']} rounds taken in turn (ours: one pass)")
     print(f"llama.cpp {results[0]['llama_cpp']}: speculative output == its own plain greedy output on {', '.join(same)} prompts "
           f"(raw draft 1/2/3, then draft 1/2/3); its plain greedy output == ours on {agree}/{len(ours)} prompts "
           f"(the same up to the first difference: {prefix} of {sum(map(len, ours))} tokens; bf16 rounding tips near-ties)")  # fmt: skip
+    for row in [results[-1]["plain"], *results[-1]["spec"]]:
+        calls = ", ".join(f"{k} {ms:.2f}" for k, ms in row["ms_per_call"].items())
+        print(f"llama.cpp {'plain' if not row['draft'] else 'draft ' + str(row['draft'])}: ms per decode by context and batch rows: {calls}")
     print("llama.cpp raw: its MTP block gets the hidden states after output_norm / shared_head.norm (as this llama.cpp build "
           "hands them); llama.cpp: those norms' weights undone, the streams GLM's MTP takes (RMSNorm ignores their scale)")  # fmt: skip
 

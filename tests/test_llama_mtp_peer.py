@@ -112,3 +112,13 @@ def test_prenorm_direction_gives_the_stream_back_to_a_norm(peer) -> None:  # typ
     handed = rms_norm(h, w_final)  # what llama.cpp hands over: the stream after the final norm
     assert np.allclose(rms_norm(peer.prenorm_direction(handed, w_final), w_next), rms_norm(h, w_next), atol=1e-4)
     assert not np.allclose(rms_norm(handed, w_next), rms_norm(h, w_next), atol=1e-2)
+
+
+def test_measure_reports_every_depth_against_plain(peer) -> None:  # type: ignore[no-untyped-def]
+    prompts = [[5, 11, 2, 40, 9], [1, 2, 3], [7, 7, 7, 7, 7, 7, 7, 7, 7, 7]]
+    result = peer.measure(StandIn(3), prompts, 12, [1, 2, 4], rounds=2)
+    assert result["tokens"] == [peer.greedy_plain(StandIn(3), p, 12, peer.Run(0)) for p in prompts]
+    assert [row["draft"] for row in [result["plain"], *result["spec"]]] == [0, 1, 2, 4]
+    for row in result["spec"]:
+        assert row["same_as_plain"] == len(prompts) and row["decode_tokens"] == 3 * 11
+        assert row["per_step"] == (row["accepted"] + row["steps"]) / row["steps"] > 1  # the third draft of a step is wrong
