@@ -189,3 +189,26 @@ def test_an_mtp_blocks_stream_runs_natively_with_the_same_bits(tmp_path: Path) -
     with torch.inference_mode():
         ref = head.forward(prev, nxt, head.new_cache(32), 0)
     assert (ref.float() - one.float()).abs().max() <= 0.05 * ref.float().abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dense_tiles_give_every_row_the_one_row_numbers(dtype: torch.dtype) -> None:
+    """decode_layer.c's dense tiles (several weight rows x up to four tokens, bf16 widened by shift
+    and mask) against lg_matvec's one-row dots, on shapes that leave every remainder: a K tail past
+    the 16-value blocks, a row count no tile divides, token counts that end in a partial tile. The
+    products come back unrounded (fp32 out), so a changed summation order shows."""
+    from localglm.layers.native import LayerLib, native
+
+    lib = native()
+    assert lib is not None
+    g = torch.Generator().manual_seed(5)
+    for n, k in ((13, 40), (7, 256), (33, 128)):
+        w = torch.randn(n, k, generator=g).to(dtype)
+        bias = torch.randn(n, generator=g)
+        mat = LayerLib.describe_matrix(w, dtype, bias)
+        x = torch.randn(9, k, generator=g).to(dtype).float()
+        alone = torch.cat([lib.rows_linear(mat, x[t : t + 1], torch.float32) for t in range(9)])  # T = 1: lg_matvec
+        for T in range(2, 10):
+            assert torch.equal(lib.rows_linear(mat, x[:T], torch.float32), alone[:T]), (n, k, T)
+        ref = (x.double() @ w.double().T + bias.double()).float()
+        assert (alone - ref).abs().max() <= 2e-2 * ref.abs().max()

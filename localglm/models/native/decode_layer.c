@@ -23,65 +23,152 @@
  */
 #include "layer_ops.h"
 
-#define DT 4 /* tokens a dense weight row is read for at once */
-
 #ifdef __AVX2__
-/* out[t] = row n of the dense matrix m . x[t] for nt <= DT rows: quant's dot_dense (qkernels.c),
- * i.e. dotf's order (two 8-lane accumulators over 16 values, their sum reduced, then the tail in
- * order), for every token from one read of the weight row. Inlined with a constant nt (dense_tile),
- * so the accumulators stay in registers. */
-static inline __attribute__((always_inline)) void dense_tile_nt(const lg_mat *m, int n, const float *const *x, float *out, const int nt) {
-    const int K = m->k;
-    __m256 a0[DT], a1[DT];
-    for (int t = 0; t < nt; t++) a0[t] = a1[t] = _mm256_setzero_ps();
-    int i = 0;
-    if (m->kind == 1) {
-        const uint16_t *r = (const uint16_t *)m->w + (size_t)n * K;
-        for (; i + 16 <= K; i += 16) {
-            const __m256 w0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(r + i))), 16));
-            const __m256 w1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(r + i + 8))), 16));
-            for (int t = 0; t < nt; t++) {
-                a0[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x[t] + i), a0[t]);
-                a1[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x[t] + i + 8), a1[t]);
+/* The dense (bf16 / fp32) product of several tokens: a tile of R weight rows x nt tokens, every
+ * (row, token) dot in its own registers, so one weight load serves nt tokens and one activation load
+ * R rows, and 2 R nt independent FMA chains fill the pipes (one row against one token is two chains:
+ * bound by the FMA latency, not by reading the weight, at these sizes). Each dot keeps quant's
+ * dot_dense order (dotf's: lane j of accumulator a0 sums the values 16 b + j in order, a1 the values
+ * 16 b + 8 + j, then hsum256(a0 + a1), then the tail in order), so a token's numbers do not depend
+ * on the tile it sits in or on how many tokens the call has.
+ *
+ * bf16 rows are read 16 values at a time and widened by a shift (the even values) and a mask (the odd
+ * ones) instead of two zero-extensions: the even accumulator's lane j then holds the chain of FMAs
+ * dotf's a0 / a1 lane 2j mod 8 holds, the odd one lane 2j + 1's; and hsum256(a0 + a1) =
+ * hsum256(even) + hsum256(odd) exactly (with P_j = even_j + even_j+4 and Q_j = odd_j + odd_j+4, both
+ * are ((P0 + P2) + (P1 + P3)) + ((Q0 + Q2) + (Q1 + Q3))). The activations are laid out alike: each
+ * 16-value block as its 8 even values, then its 8 odd ones (split_halves). */
+#define RMAX 4 /* weight rows of a tile */
+#define TMAX 4 /* tokens of a tile */
+/* Keeps a loaded vector in a register: GCC otherwise folds the load into each instruction that uses
+ * it, reading the same 32 bytes once per use; the loads, not the FMAs, then bound the tile. */
+#define IN_REG(v) __asm__("" : "+x"(v))
+
+/* x rows [T, K] -> xs [T, K]: each whole 16-value block as its even values, then its odd ones; the tail as is. */
+static void split_halves(const float *x, int T, int K, float *xs) {
+    for (int t = 0; t < T; t++) {
+        const float *a = x + (size_t)t * K;
+        float *b = xs + (size_t)t * K;
+        int i = 0;
+        for (; i + 16 <= K; i += 16)
+            for (int j = 0; j < 8; j++) {
+                b[i + j] = a[i + 2 * j];
+                b[i + 8 + j] = a[i + 2 * j + 1];
             }
-        }
-        for (int t = 0; t < nt; t++) {
-            float s = hsum256(_mm256_add_ps(a0[t], a1[t]));
-            for (int j = i; j < K; j++) s += bf16_to_float(r[j]) * x[t][j];
-            out[t] = s;
-        }
-    } else {
-        const float *r = (const float *)m->w + (size_t)n * K;
-        for (; i + 16 <= K; i += 16) {
-            const __m256 w0 = _mm256_loadu_ps(r + i), w1 = _mm256_loadu_ps(r + i + 8);
-            for (int t = 0; t < nt; t++) {
-                a0[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x[t] + i), a0[t]);
-                a1[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x[t] + i + 8), a1[t]);
-            }
-        }
-        for (int t = 0; t < nt; t++) {
-            float s = hsum256(_mm256_add_ps(a0[t], a1[t]));
-            for (int j = i; j < K; j++) s += r[j] * x[t][j];
-            out[t] = s;
-        }
+        for (; i < K; i++) b[i] = a[i];
     }
 }
 
-static void dense_tile(const lg_mat *m, int n, int nt, const float *const *x, float *out) {
-    switch (nt) {
-    case 1: dense_tile_nt(m, n, x, out, 1); break;
-    case 2: dense_tile_nt(m, n, x, out, 2); break;
-    case 3: dense_tile_nt(m, n, x, out, 3); break;
-    default: dense_tile_nt(m, n, x, out, DT);
+/* The tail (values from..K-1, in order) of a tile's dots, after their vector part s[t * RMAX + r]. */
+static __attribute__((noinline)) void tile_tail(const lg_mat *m, int n, int R, const float *x, int nt, int from, float *s) {
+    const int K = m->k;
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < nt; t++) {
+            const size_t row = (size_t)(n + r) * K;
+            for (int j = from; j < K; j++)
+                s[t * RMAX + r] += (m->kind == 1 ? bf16_to_float(((const uint16_t *)m->w)[row + j]) : ((const float *)m->w)[row + j]) * x[(size_t)t * K + j];
+        }
+}
+
+/* s[t * RMAX + r] = row n + r of m . token t (x: nt rows K apart; bf16: split_halves' layout), for
+ * constant R <= RMAX and nt <= TMAX (inlined, so the accumulators stay in registers). */
+static inline __attribute__((always_inline)) void dense_tile(const lg_mat *m, int n, const int R, const float *x, const int nt, float *s) {
+    const int K = m->k, K16 = K & ~15;
+    __m256 ae[RMAX][TMAX], ao[RMAX][TMAX];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < nt; t++) ae[r][t] = ao[r][t] = _mm256_setzero_ps();
+    if (m->kind == 1) {
+        const uint16_t *w = (const uint16_t *)m->w + (size_t)n * K;
+        const __m256i odd = _mm256_set1_epi32((int)0xffff0000u);
+        for (int i = 0; i < K16; i += 16) {
+            __m256 xe[TMAX], xo[TMAX];
+            for (int t = 0; t < nt; t++) {
+                xe[t] = _mm256_loadu_ps(x + (size_t)t * K + i);
+                xo[t] = _mm256_loadu_ps(x + (size_t)t * K + i + 8);
+                if (R > 1) {
+                    IN_REG(xe[t]);
+                    IN_REG(xo[t]);
+                }
+            }
+            for (int r = 0; r < R; r++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(w + (size_t)r * K + i));
+                IN_REG(v);
+                const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), wo = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
+                for (int t = 0; t < nt; t++) {
+                    ae[r][t] = _mm256_fmadd_ps(we, xe[t], ae[r][t]);
+                    ao[r][t] = _mm256_fmadd_ps(wo, xo[t], ao[r][t]);
+                }
+            }
+        }
+        for (int r = 0; r < R; r++)
+            for (int t = 0; t < nt; t++) s[t * RMAX + r] = hsum256(ae[r][t]) + hsum256(ao[r][t]);
+    } else {
+        const float *w = (const float *)m->w + (size_t)n * K;
+        for (int i = 0; i < K16; i += 16) {
+            __m256 x0[TMAX], x1[TMAX];
+            for (int t = 0; t < nt; t++) {
+                x0[t] = _mm256_loadu_ps(x + (size_t)t * K + i);
+                x1[t] = _mm256_loadu_ps(x + (size_t)t * K + i + 8);
+                if (R > 1) {
+                    IN_REG(x0[t]);
+                    IN_REG(x1[t]);
+                }
+            }
+            for (int r = 0; r < R; r++) {
+                const __m256 w0 = _mm256_loadu_ps(w + (size_t)r * K + i), w1 = _mm256_loadu_ps(w + (size_t)r * K + i + 8);
+                for (int t = 0; t < nt; t++) {
+                    ae[r][t] = _mm256_fmadd_ps(w0, x0[t], ae[r][t]);
+                    ao[r][t] = _mm256_fmadd_ps(w1, x1[t], ao[r][t]);
+                }
+            }
+        }
+        for (int r = 0; r < R; r++)
+            for (int t = 0; t < nt; t++) s[t * RMAX + r] = hsum256(_mm256_add_ps(ae[r][t], ao[r][t]));
+    }
+    if (K16 < K) tile_tail(m, n, R, x, nt, K16, s);
+}
+
+/* A tile's weight rows by its tokens (measured on an AVX2 EPYC, bf16 rows of 256 in L2 and in L3):
+ * one token 4 rows (8 chains), two 2 rows, three or four 1 row (x from memory). */
+static inline int tile_rows(int nt) { return nt == 1 ? 4 : nt == 2 ? 2 : 1; }
+
+/* dense_tile with R (tile_rows(nt), or 1) and nt known at compile time. */
+static void dense_tile_of(const lg_mat *m, int n, int R, const float *x, int nt, float *s) {
+    if (R == 1) {
+        switch (nt) {
+        case 1: dense_tile(m, n, 1, x, 1, s); break;
+        case 2: dense_tile(m, n, 1, x, 2, s); break;
+        case 3: dense_tile(m, n, 1, x, 3, s); break;
+        default: dense_tile(m, n, 1, x, TMAX, s);
+        }
+    } else if (nt == 1) {
+        dense_tile(m, n, 4, x, 1, s);
+    } else {
+        dense_tile(m, n, 2, x, 2, s);
+    }
+}
+
+/* Weight rows n..n+R-1 (R = tile_rows(nt); fewer at the end, one at a time) against the nt tokens at
+ * x (rows K apart) into y (rows N apart), with the bias, rounded to dt. */
+static void dense_rows(const lg_mat *m, int n, const float *x, int nt, int dt, float *y) {
+    const int N = m->n, R = tile_rows(nt), rows = n + R <= N ? R : N - n;
+    float s[RMAX * TMAX];
+    if (rows == R) dense_tile_of(m, n, R, x, nt, s);
+    else
+        for (int r = 0; r < rows; r++) dense_tile_of(m, n + r, 1, x, nt, s + r);
+    for (int r = 0; r < rows; r++) {
+        const float b = m->bias ? m->bias[n + r] : 0.0f;
+        for (int t = 0; t < nt; t++) y[(size_t)t * N + n + r] = rnd(s[t * RMAX + r] + b, dt);
     }
 }
 #endif
 
 /* y[t] = m . x[t] for T rows (x [T, m->k], y [T, m->n] floats), each row exactly lg_matvec's: one
- * row through lg_matvec itself; more through lg_linear (a quantized weight row read once for every
- * tile of tokens) and rounded as lg_matvec rounds, or, dense, through dense_tile (each weight row
- * read once for DT tokens; the portable build runs lg_matvec row by row). `xa` has room for one
- * quantized row of m->k. Returns 0, or -1 when out of memory. */
+ * row through lg_matvec itself (in a decode step the weights come from L3 or RAM, and its one
+ * sequential stream was as fast as dense_rows' 4-row tiles there); more through lg_linear (a
+ * quantized weight row read once for every tile of tokens) rounded as lg_matvec rounds, or, dense,
+ * through dense_rows (tiles of weight rows x tokens; the portable build runs lg_matvec row by row).
+ * `xa` has room for one quantized row of m->k. Returns 0, or -1 when out of memory. */
 static int rows_matvec(const lg_mat *m, int T, const float *x, int dt, qact *xa, float *y, int nth) {
     const int N = m->n, K = m->k;
     if (T > 1 && m->kind == 0) {
@@ -91,19 +178,19 @@ static int rows_matvec(const lg_mat *m, int T, const float *x, int dt, qact *xa,
     }
 #ifdef __AVX2__
     if (T > 1) {
-        const int par = nth > 1 && (size_t)N * K * T >= (1u << 16);
-#pragma omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(N, nth)) if (par)
-        for (int n = 0; n < N; n++) {
-            const float b = m->bias ? m->bias[n] : 0.0f;
-            for (int t0 = 0; t0 < T; t0 += DT) {
-                const int nt = T - t0 < DT ? T - t0 : DT;
-                const float *xs[DT];
-                float o[DT];
-                for (int j = 0; j < nt; j++) xs[j] = x + (size_t)(t0 + j) * K;
-                dense_tile(m, n, nt, xs, o);
-                for (int j = 0; j < nt; j++) y[(size_t)(t0 + j) * N + n] = rnd(o[j] + b, dt);
-            }
+        float *xs = NULL;
+        if (m->kind == 1) {
+            if (!(xs = malloc((size_t)T * K * sizeof(float)))) return -1;
+            split_halves(x, T, K, xs);
         }
+        const float *xr = xs ? xs : x;
+        for (int t0 = 0; t0 < T; t0 += TMAX) {
+            const int nt = T - t0 < TMAX ? T - t0 : TMAX, R = tile_rows(nt), blocks = (N + R - 1) / R;
+            const int par = nth > 1 && (size_t)N * K * nt >= (1u << 16);
+#pragma omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(blocks, nth)) if (par)
+            for (int b = 0; b < blocks; b++) dense_rows(m, b * R, xr + (size_t)t0 * K, nt, dt, y + (size_t)t0 * N);
+        }
+        free(xs);
         return 0;
     }
 #endif
