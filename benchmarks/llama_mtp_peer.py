@@ -334,6 +334,9 @@ def main() -> int:
     import llama_cpp
 
     _QUIET = llama_cpp.llama_log_callback(_quiet)
+    for path in (args.gguf, args.ids):
+        if not path.is_file():
+            raise SystemExit(f"llama_mtp_peer: error: {path}: no such file")
     prompts = json.loads(args.ids.read_text())
     drafts = [int(d) for d in args.drafts.split(",")]
     n_ctx = max(len(p) for p in prompts) + args.new + max(drafts) + 8
