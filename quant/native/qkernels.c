@@ -172,6 +172,26 @@ static inline __m256i dot_u8s8(__m256i w, __m256i x) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
 #endif
 }
+
+/* Four blocks' low-bit dots in one vector: lane i of each 128-bit half holds block i's sum over
+ * that half's 16 codes (so blocks j..j+3 meet the scales [d_j .. d_j+3] twice over, one convert
+ * and one FMA per four blocks instead of per block). maddubs, then the int16 pairs are summed
+ * within each block by two rounds of hadd (q4: |pair| <= 2 * 15 * 127, four pairs <= 15240, no
+ * int16 overflow; q2 less) and widened by one madd: five multiplies per four blocks instead of
+ * eight. With VNNI, dpbusd then hadd of the int32 lanes: the same integers. Exact either way. */
+static inline __m256i dot4_u8s8(__m256i k0, __m256i k1, __m256i k2, __m256i k3, const int8_t *q) {
+    const __m256i x0 = _mm256_loadu_si256((const __m256i *)q), x1 = _mm256_loadu_si256((const __m256i *)(q + QB));
+    const __m256i x2 = _mm256_loadu_si256((const __m256i *)(q + 2 * QB)), x3 = _mm256_loadu_si256((const __m256i *)(q + 3 * QB));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    const __m256i z = _mm256_setzero_si256();
+    return _mm256_hadd_epi32(_mm256_hadd_epi32(_mm256_dpbusd_epi32(z, k0, x0), _mm256_dpbusd_epi32(z, k1, x1)),
+                             _mm256_hadd_epi32(_mm256_dpbusd_epi32(z, k2, x2), _mm256_dpbusd_epi32(z, k3, x3)));
+#else
+    const __m256i h01 = _mm256_hadd_epi16(_mm256_maddubs_epi16(k0, x0), _mm256_maddubs_epi16(k1, x1));
+    const __m256i h23 = _mm256_hadd_epi16(_mm256_maddubs_epi16(k2, x2), _mm256_maddubs_epi16(k3, x3));
+    return _mm256_madd_epi16(_mm256_hadd_epi16(h01, h23), _mm256_set1_epi16(1));
+#endif
+}
 #endif
 
 /* Up to NT_MAX activation rows (tokens) against one weight row at a time: a weight block's codes
@@ -190,9 +210,10 @@ typedef struct {
 
 #ifdef __AVX2__
 /* The AVX2 tiles. Per step of KCH blocks, each block's weight scale times each token's activation
- * scale is computed first, vectorised (dts: one float per block and token, read back by broadcast
- * loads); the step's integer loop is then dots, one convert and one FMA per block and token, into
- * two accumulators per token (even and odd blocks). The accumulators live in memory between steps
+ * scale is computed first, vectorised (dts: one float per block and token, read back four at a
+ * time); the step's integer loop then takes blocks four at a time (dot4_u8s8, q8_quad: one convert
+ * and one FMA per four blocks and token) into two accumulators per token (even and odd quads; the
+ * blocks past the last quad one by one into the second). The accumulators live in memory between steps
  * and in registers within one (the *_step functions load and store them): held in registers across
  * the scale computation, the compiler spilled them inside the integer loop, a store per FMA. */
 typedef struct {
@@ -214,60 +235,89 @@ static inline __attribute__((always_inline)) void acc_store(tile_acc *acc, const
     }
 }
 
+static inline __attribute__((always_inline)) __m256i codes_lb(const uint8_t *p, const int bits) { return bits == 4 ? codes_q4(p) : codes_q2(p); }
+
+/* acc[t] += blocks j..j+3 of every token of the tile (dot4_u8s8), each scaled by its dts. */
+static inline __attribute__((always_inline)) void lowbit_quad(const uint8_t *p, size_t blk_bytes, int j, const int8_t *const *xq,
+                                                               const float (*dts)[KCH], const int nt, const int bits, __m256 *acc) {
+    const __m256i k0 = codes_lb(p, bits), k1 = codes_lb(p + blk_bytes, bits), k2 = codes_lb(p + 2 * blk_bytes, bits), k3 = codes_lb(p + 3 * blk_bytes, bits);
+    for (int t = 0; t < nt; t++)
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4_u8s8(k0, k1, k2, k3, xq[t] + (size_t)j * QB)), _mm256_broadcast_ps((const __m128 *)(dts[t] + j)), acc[t]);
+}
+
+/* Blocks four at a time, quads alternating between the two accumulators; blocks past the last
+ * whole quad one at a time into the second. The same sequence for every token whatever nt is. */
 static inline __attribute__((always_inline)) void lowbit_step(const uint8_t *r, int nb, const int8_t *const *xq, const float (*dts)[KCH],
                                                                const int nt, const int bits, tile_acc *acc) {
     const size_t blk_bytes = QB * bits / 8;
     __m256 a0[NT_MAX], a1[NT_MAX];
     acc_load(acc, nt, a0, a1);
     int j = 0;
-    for (; j + 1 < nb; j += 2) {
-        const __m256i k0 = bits == 4 ? codes_q4(r + j * blk_bytes) : codes_q2(r + j * blk_bytes);
-        const __m256i k1 = bits == 4 ? codes_q4(r + (j + 1) * blk_bytes) : codes_q2(r + (j + 1) * blk_bytes);
-        for (int t = 0; t < nt; t++) {
-            const int8_t *q = xq[t] + (size_t)j * QB;
-            const __m256i p0 = dot_u8s8(k0, _mm256_loadu_si256((const __m256i *)q));
-            const __m256i p1 = dot_u8s8(k1, _mm256_loadu_si256((const __m256i *)(q + QB)));
-            a0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(dts[t] + j), a0[t]);
-            a1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_broadcast_ss(dts[t] + j + 1), a1[t]);
-        }
+    for (; j + 8 <= nb; j += 8) {
+        lowbit_quad(r + j * blk_bytes, blk_bytes, j, xq, dts, nt, bits, a0);
+        lowbit_quad(r + (j + 4) * blk_bytes, blk_bytes, j + 4, xq, dts, nt, bits, a1);
     }
-    if (j < nb) {
-        const __m256i k0 = bits == 4 ? codes_q4(r + j * blk_bytes) : codes_q2(r + j * blk_bytes);
+    if (j + 4 <= nb) {
+        lowbit_quad(r + j * blk_bytes, blk_bytes, j, xq, dts, nt, bits, a0);
+        j += 4;
+    }
+    for (; j < nb; j++) {
+        const __m256i k0 = codes_lb(r + j * blk_bytes, bits);
         for (int t = 0; t < nt; t++) {
             const __m256i p0 = dot_u8s8(k0, _mm256_loadu_si256((const __m256i *)(xq[t] + (size_t)j * QB)));
-            a0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(dts[t] + j), a0[t]);
+            a1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(dts[t] + j), a1[t]);
         }
     }
     acc_store(acc, nt, a0, a1);
 }
 
-static inline __attribute__((always_inline)) void lowbit_tile_avx2(const uint8_t *row, const uint8_t *sc, const int8_t *mc, float s0, float m0,
-                                                                    int nblocks, int bpg, const qrows *x, const int nt, const int bits, float *out) {
+/* A q2/q4 row's group parameters for every block b, as floats: ws[b] = s0 * 2^((scode - 255) / 16),
+ * mw[b] = mcode. Computed once per row and read by every tile of tokens that meets the row (the
+ * scale decode per tile was a fifth of a prefill tile's time). scale8 gives scale_lut's floats, so
+ * the vector and scalar parts agree. */
+static void lowbit_scales(const lg_qtensor *w, int n, float *ws, float *mw) {
+    const int nblocks = w->k / QB, ng = w->k / w->group, gshift = __builtin_ctz((unsigned)(w->group / QB));
+    const uint8_t *sc = w->gs + (size_t)n * ng;
+    const int8_t *mc = w->gm + (size_t)n * ng;
+    const float s0 = w->rowf[2 * (size_t)n];
+    int j = 0;
+    if (gshift == 0) {
+        const __m256 s0v = _mm256_set1_ps(s0);
+        for (; j + 8 <= nblocks; j += 8) {
+            _mm256_storeu_ps(ws + j, _mm256_mul_ps(s0v, scale8(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sc + j))))));
+            _mm256_storeu_ps(mw + j, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(mc + j)))));
+        }
+    }
+    for (; j < nblocks; j++) {
+        ws[j] = s0 * scale_lut[sc[j >> gshift]];
+        mw[j] = (float)mc[j >> gshift];
+    }
+}
+
+/* The row's dot with nt tokens: per step, each block's scale times each token's (dts) and the
+ * offsets' sum (mv, ms), then the integer loop. ws / mw: lowbit_scales of the row. */
+static inline __attribute__((always_inline)) void lowbit_tile_avx2(const uint8_t *row, const float *ws, const float *mw, float m0, int nblocks,
+                                                                    const qrows *x, const int nt, const int bits, float *out) {
     const size_t blk_bytes = QB * bits / 8;
     tile_acc acc;
-    float mv[NT_MAX][8], ms[NT_MAX], ws[KCH], dts[NT_MAX][KCH];
+    float mv[NT_MAX][8], ms[NT_MAX], dts[NT_MAX][KCH];
     memset(&acc, 0, sizeof acc);
     memset(mv, 0, sizeof mv);
     for (int t = 0; t < nt; t++) ms[t] = 0.0f;
     for (int c0 = 0; c0 < nblocks; c0 += KCH) {
         const int nb = nblocks - c0 < KCH ? nblocks - c0 : KCH;
         int j = 0;
-        if (bpg == 1) {
-            const __m256 s0v = _mm256_set1_ps(s0);
-            for (; j + 8 <= nb; j += 8) {
-                const __m256 w = _mm256_mul_ps(s0v, scale8(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sc + c0 + j)))));
-                const __m256 m = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(mc + c0 + j))));
-                for (int t = 0; t < nt; t++) {
-                    _mm256_storeu_ps(dts[t] + j, _mm256_mul_ps(w, _mm256_loadu_ps(x->d[t] + c0 + j)));
-                    _mm256_storeu_ps(mv[t], _mm256_fmadd_ps(m, _mm256_loadu_ps(x->s[t] + c0 + j), _mm256_loadu_ps(mv[t])));
-                }
+        for (; j + 8 <= nb; j += 8) {
+            const __m256 w = _mm256_loadu_ps(ws + c0 + j), m = _mm256_loadu_ps(mw + c0 + j);
+            for (int t = 0; t < nt; t++) {
+                _mm256_storeu_ps(dts[t] + j, _mm256_mul_ps(w, _mm256_loadu_ps(x->d[t] + c0 + j)));
+                _mm256_storeu_ps(mv[t], _mm256_fmadd_ps(m, _mm256_loadu_ps(x->s[t] + c0 + j), _mm256_loadu_ps(mv[t])));
             }
         }
-        for (int jj = j; jj < nb; jj++) ws[jj] = s0 * scale_lut[sc[(c0 + jj) / bpg]];
         for (int t = 0; t < nt; t++)
             for (int jj = j; jj < nb; jj++) {
-                dts[t][jj] = ws[jj] * x->d[t][c0 + jj];
-                ms[t] += (float)mc[(c0 + jj) / bpg] * x->s[t][c0 + jj];
+                dts[t][jj] = ws[c0 + jj] * x->d[t][c0 + jj];
+                ms[t] += mw[c0 + jj] * x->s[t][c0 + jj];
             }
         const int8_t *xq[NT_MAX];
         for (int t = 0; t < nt; t++) xq[t] = x->q[t] + (size_t)c0 * QB;
@@ -277,37 +327,49 @@ static inline __attribute__((always_inline)) void lowbit_tile_avx2(const uint8_t
         out[t] = hsum256(_mm256_add_ps(_mm256_loadu_ps(acc.v[0][t]), _mm256_loadu_ps(acc.v[1][t]))) + m0 * (hsum256(_mm256_loadu_ps(mv[t])) + ms[t]);
 }
 
+/* One q8 block's dot: |w| in the unsigned operand, w's sign moved onto the activations. */
+static inline __m256i q8_dot(__m256i w, const int8_t *q) {
+    return dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)q), w));
+}
+
+/* acc[t] += blocks j..j+3 of every token of the tile: four blocks' int32 sums in one vector by two
+ * rounds of hadd (the lowbit quads' lane order; q8's int16 pairs leave no room to add them
+ * earlier), one convert and one FMA. */
+static inline __attribute__((always_inline)) void q8_quad(const int8_t *rw, int j, const int8_t *const *xq, const float (*dts)[KCH], const int nt, __m256 *acc) {
+    const __m256i w0 = _mm256_loadu_si256((const __m256i *)(rw + (size_t)j * QB)), w1 = _mm256_loadu_si256((const __m256i *)(rw + (size_t)(j + 1) * QB));
+    const __m256i w2 = _mm256_loadu_si256((const __m256i *)(rw + (size_t)(j + 2) * QB)), w3 = _mm256_loadu_si256((const __m256i *)(rw + (size_t)(j + 3) * QB));
+    for (int t = 0; t < nt; t++) {
+        const int8_t *q = xq[t] + (size_t)j * QB;
+        const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(q8_dot(w0, q), q8_dot(w1, q + QB)), _mm256_hadd_epi32(q8_dot(w2, q + 2 * QB), q8_dot(w3, q + 3 * QB)));
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_broadcast_ps((const __m128 *)(dts[t] + j)), acc[t]);
+    }
+}
+
+/* Quads alternating between the accumulators, the blocks past them one by one (lowbit_step's order). */
 static inline __attribute__((always_inline)) void q8_step(const int8_t *rw, int nb, const int8_t *const *xq, const float (*dts)[KCH], const int nt,
                                                            tile_acc *acc) {
     __m256 a0[NT_MAX], a1[NT_MAX];
     acc_load(acc, nt, a0, a1);
     int j = 0;
-    for (; j + 1 < nb; j += 2) {
-        const __m256i w0 = _mm256_loadu_si256((const __m256i *)(rw + (size_t)j * QB));
-        const __m256i w1 = _mm256_loadu_si256((const __m256i *)(rw + (size_t)(j + 1) * QB));
-        const __m256i u0 = _mm256_sign_epi8(w0, w0), u1 = _mm256_sign_epi8(w1, w1);
-        for (int t = 0; t < nt; t++) {
-            const int8_t *q = xq[t] + (size_t)j * QB;
-            const __m256i p0 = dot_u8s8(u0, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)q), w0));
-            const __m256i p1 = dot_u8s8(u1, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(q + QB)), w1));
-            a0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(dts[t] + j), a0[t]);
-            a1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_broadcast_ss(dts[t] + j + 1), a1[t]);
-        }
+    for (; j + 8 <= nb; j += 8) {
+        q8_quad(rw, j, xq, dts, nt, a0);
+        q8_quad(rw, j + 4, xq, dts, nt, a1);
     }
-    if (j < nb) {
+    if (j + 4 <= nb) {
+        q8_quad(rw, j, xq, dts, nt, a0);
+        j += 4;
+    }
+    for (; j < nb; j++) {
         const __m256i w0 = _mm256_loadu_si256((const __m256i *)(rw + (size_t)j * QB));
-        const __m256i u0 = _mm256_sign_epi8(w0, w0);
-        for (int t = 0; t < nt; t++) {
-            const __m256i p0 = dot_u8s8(u0, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xq[t] + (size_t)j * QB)), w0));
-            a0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(dts[t] + j), a0[t]);
-        }
+        for (int t = 0; t < nt; t++)
+            a1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_dot(w0, xq[t] + (size_t)j * QB)), _mm256_broadcast_ss(dts[t] + j), a1[t]);
     }
     acc_store(acc, nt, a0, a1);
 }
 
 /* q8 the same way (fp16 group scales eight at a time with F16C); |w| rides in the unsigned operand,
  * its sign moves onto the activation (sign_epi8), as llama.cpp's q8 dots do. */
-static inline __attribute__((always_inline)) void q8_tile_avx2(const int8_t *row, const uint16_t *gsc, float r, int nblocks, int bpg,
+static inline __attribute__((always_inline)) void q8_tile_avx2(const int8_t *row, const uint16_t *gsc, float r, int nblocks, int gshift,
                                                                 const qrows *x, const int nt, float *out) {
     tile_acc acc;
     float ws[KCH], dts[NT_MAX][KCH];
@@ -316,7 +378,7 @@ static inline __attribute__((always_inline)) void q8_tile_avx2(const int8_t *row
         const int nb = nblocks - c0 < KCH ? nblocks - c0 : KCH;
         int j = 0;
 #ifdef __F16C__
-        if (bpg == 1) {
+        if (gshift == 0) {
             const __m256 rv = _mm256_set1_ps(r);
             for (; j + 8 <= nb; j += 8) {
                 const __m256 w = _mm256_mul_ps(rv, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gsc + c0 + j))));
@@ -324,7 +386,7 @@ static inline __attribute__((always_inline)) void q8_tile_avx2(const int8_t *row
             }
         }
 #endif
-        for (int jj = j; jj < nb; jj++) ws[jj] = r * half_to_float(gsc[(c0 + jj) / bpg]);
+        for (int jj = j; jj < nb; jj++) ws[jj] = r * half_to_float(gsc[(c0 + jj) >> gshift]);
         for (int t = 0; t < nt; t++)
             for (int jj = j; jj < nb; jj++) dts[t][jj] = ws[jj] * x->d[t][c0 + jj];
         const int8_t *xq[NT_MAX];
@@ -386,27 +448,41 @@ static float dot_q8_scalar(const lg_qtensor *w, int n, const int8_t *xq, const f
     switch (nt) { case 1: F(__VA_ARGS__, 1); break; case 2: F(__VA_ARGS__, 2); break; case 3: F(__VA_ARGS__, 3); break; default: F(__VA_ARGS__, 4); }
 #endif
 
-/* out[t] = dot(row n of w, activation row t) for the nt <= NT_MAX rows of x. */
-static void dot_rows(const lg_qtensor *w, int n, int nt, const qrows *x, float *out) {
-    const int K = w->k, G = w->group, ng = K / G, bpg = G / QB;
+/* Scratch for a row's expanded block parameters (row_prep): 2 floats per block of k. */
+#define ROW_SCRATCH(k) (2 * ((k) / QB))
+
+/* What dot_rows needs of row n before its tiles, into rs (ROW_SCRATCH(w->k) floats): q2/q4's block
+ * scales and offsets (lowbit_scales); nothing for q8 or the portable path. Once per row, however
+ * many tiles of tokens follow. */
+static inline void row_prep(const lg_qtensor *w, int n, float *rs) {
+#ifdef __AVX2__
+    if (w->bits != 8) lowbit_scales(w, n, rs, rs + w->k / QB);
+#else
+    (void)w; (void)n; (void)rs;
+#endif
+}
+
+/* out[t] = dot(row n of w, activation row t) for the nt <= NT_MAX rows of x; rs: row_prep of row n.
+ * q8 tiles take gshift = log2(blocks per group) (groups are 32 to 256 weights, powers of two): a
+ * block's group by a shift, not a division per block. */
+static void dot_rows(const lg_qtensor *w, int n, int nt, const qrows *x, const float *rs, float *out) {
+    const int K = w->k, G = w->group, ng = K / G, bpg = G / QB, gshift = __builtin_ctz((unsigned)bpg);
 #ifdef __AVX2__
     if (w->bits == 8) {
         const int8_t *row = (const int8_t *)w->data + (size_t)n * K;
         const uint16_t *gsc = (const uint16_t *)w->gs + (size_t)n * ng;
-#define Q8_TILE(nt_) q8_tile_avx2(row, gsc, w->rowf[n], K / QB, bpg, x, nt_, out)
+#define Q8_TILE(nt_) q8_tile_avx2(row, gsc, w->rowf[n], K / QB, gshift, x, nt_, out)
 #define Q8_CALL(dummy, nt_) Q8_TILE(nt_)
         TILE_CASES(Q8_CALL, 0)
     } else {
         const uint8_t *row = w->data + (size_t)n * ((size_t)K * w->bits / 8);
-        const uint8_t *sc = w->gs + (size_t)n * ng;
-        const int8_t *mc = w->gm + (size_t)n * ng;
-        const float s0 = w->rowf[2 * (size_t)n], m0 = w->rowf[2 * (size_t)n + 1] / 127.0f;
-#define LB_CALL(bits_, nt_) lowbit_tile_avx2(row, sc, mc, s0, m0, K / QB, bpg, x, nt_, bits_, out)
+        const float m0 = w->rowf[2 * (size_t)n + 1] / 127.0f;
+#define LB_CALL(bits_, nt_) lowbit_tile_avx2(row, rs, rs + K / QB, m0, K / QB, x, nt_, bits_, out)
         if (w->bits == 4) { TILE_CASES(LB_CALL, 4) }
         else { TILE_CASES(LB_CALL, 2) }
     }
 #else
-    (void)ng; (void)bpg;
+    (void)ng; (void)bpg; (void)gshift; (void)rs;
     for (int t = 0; t < nt; t++)
         out[t] = w->bits == 8 ? dot_q8_scalar(w, n, x->q[t], x->d[t]) : dot_lowbit_scalar(w, n, x->q[t], x->d[t], x->s[t]);
 #endif
@@ -414,8 +490,9 @@ static void dot_rows(const lg_qtensor *w, int n, int nt, const qrows *x, float *
 
 static inline float dot_row(const lg_qtensor *w, int n, const int8_t *xq, const float *xd, const float *xs) {
     const qrows x = {{xq}, {xd}, {xs}};
-    float out;
-    dot_rows(w, n, 1, &x, &out);
+    float out, rs[ROW_SCRATCH(w->k)];
+    row_prep(w, n, rs);
+    dot_rows(w, n, 1, &x, rs, &out);
     return out;
 }
 
@@ -443,23 +520,26 @@ static inline void tile_set(qrows *x, int j, const qact *a, size_t r, int k) {
 
 /* out[i * stride + n] = dot(row n of w, activation row r(i)) for pairs i in [first, last), tokens
  * NT_MAX at a time; r(i) = order[i] / k with an order (the gate projection reads the pair's
- * token), else i (the down projection reads the pair's own row). */
+ * token), else i (the down projection reads the pair's own row). rs: ROW_SCRATCH(kdim) floats. */
 static void dot_pairs(const lg_qtensor *w, int n, const qact *a, int kdim, int first, int last, const int *order, int k,
-                      float *out, size_t stride) {
+                      float *rs, float *out, size_t stride) {
+    row_prep(w, n, rs);
     for (int i0 = first; i0 < last; i0 += NT_MAX) {
         const int nt = last - i0 < NT_MAX ? last - i0 : NT_MAX;
         qrows xr;
         float o[NT_MAX];
         for (int j = 0; j < nt; j++) tile_set(&xr, j, a, (size_t)(order ? order[i0 + j] / k : i0 + j), kdim);
-        dot_rows(w, n, nt, &xr, o);
+        dot_rows(w, n, nt, &xr, rs, o);
         for (int j = 0; j < nt; j++) out[(size_t)(i0 + j) * stride + n] = o[j];
     }
 }
 
-/* Tokens per pass over the weight in lg_linear: their quantized rows (~128 KiB) stay in L2 while
- * every weight row meets them, instead of all T rows streaming through the cache for each row. */
+/* Tokens per pass over the weight in lg_linear: their quantized rows (~256 KiB) stay in L2 while
+ * every weight row meets them, instead of all T rows streaming through the cache for each row.
+ * (128 KiB made wide rows, K = 12288, pass over the weight from memory every 8 tokens: 7-13%
+ * slower there; 256 KiB still fits a 512 KiB L2 with the weight rows passing through.) */
 static inline int token_block(int k) {
-    const int tb = (int)((128u << 10) / (unsigned)(k > 0 ? k : 1)) & ~(NT_MAX - 1);
+    const int tb = (int)((256u << 10) / (unsigned)(k > 0 ? k : 1)) & ~(NT_MAX - 1);
     return tb < NT_MAX ? NT_MAX : tb;
 }
 
@@ -489,16 +569,18 @@ int lg_linear(const lg_qtensor *w, int T, const void *x, int x_dtype, const floa
             }
             quantize_row(row, K, w->bits, QROW(&a, t, K));
         }
+        float rs[ROW_SCRATCH(K)];
 #pragma omp for schedule(dynamic, lg_chunk(items, nth))
         for (long it = 0; it < items; it++) {
             const int n = (int)(it % N), t1 = (int)(it / N) * TB, t2 = t1 + TB < T ? t1 + TB : T;
             const float b = bias ? bias[n] : 0.0f;
+            row_prep(w, n, rs);
             for (int t0 = t1; t0 < t2; t0 += NT_MAX) {
                 const int nt = t2 - t0 < NT_MAX ? t2 - t0 : NT_MAX;
                 qrows xr;
                 float o[NT_MAX];
                 for (int j = 0; j < nt; j++) tile_set(&xr, j, &a, (size_t)(t0 + j), K);
-                dot_rows(w, n, nt, &xr, o);
+                dot_rows(w, n, nt, &xr, rs, o);
                 for (int j = 0; j < nt; j++) store(y, y_dtype, (size_t)(t0 + j) * N + n, o[j] + b);
             }
         }
@@ -548,6 +630,7 @@ int lg_moe(int T, int H, int I, const void *x, int dtype, int k, const int64_t *
     const long gate_items = (long)S * I2, down_items = (long)S * H;
 #pragma omp parallel num_threads(nth) if (par)
     {
+        float rs[ROW_SCRATCH(H > I ? H : I)];
 #pragma omp for schedule(dynamic, lg_chunk(T, nth))
         for (int t = 0; t < T; t++) {
             load_row(x, dtype, (size_t)t * H, H, xf + (size_t)t * H);
@@ -556,7 +639,7 @@ int lg_moe(int T, int H, int I, const void *x, int dtype, int k, const int64_t *
 #pragma omp for schedule(dynamic, lg_chunk(gate_items, nth))
         for (long it = 0; it < gate_items; it++) {
             const int s = (int)(it / I2), n = (int)(it % I2);
-            dot_pairs(&gate_up[seg_e[s]], n, &xa, H, seg_start[s], seg_start[s + 1], order, k, h1, I2);
+            dot_pairs(&gate_up[seg_e[s]], n, &xa, H, seg_start[s], seg_start[s + 1], order, k, rs, h1, I2);
         }
 #pragma omp for schedule(dynamic, lg_chunk(P, nth))
         for (int i = 0; i < P; i++) {
@@ -567,7 +650,7 @@ int lg_moe(int T, int H, int I, const void *x, int dtype, int k, const int64_t *
 #pragma omp for schedule(dynamic, lg_chunk(down_items, nth))
         for (long it = 0; it < down_items; it++) {
             const int s = (int)(it / H), n = (int)(it % H);
-            dot_pairs(&down[seg_e[s]], n, &ha, I, seg_start[s], seg_start[s + 1], NULL, 1, y, H);
+            dot_pairs(&down[seg_e[s]], n, &ha, I, seg_start[s], seg_start[s + 1], NULL, 1, rs, y, H);
         }
         /* out[t] = sum of its pairs' outputs, in expert order (pair i runs in sorted order) */
 #pragma omp for schedule(dynamic, lg_chunk(T, nth))
