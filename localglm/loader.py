@@ -227,6 +227,7 @@ def _load_mtp(
     has one, unless a real GPU's budget was planned without it; None otherwise. Its routed experts are
     quantized blobs or GGUF blocks as stored where the main ones are (the recipe's "mtp" class, 8 bits
     by default), else floats, on the compute device."""
+    from . import draft_vocab
     from .checkpoint.quantized_dir import QuantizedSource
     from .models.mtp import LayerOffset, has_mtp_weights, load_mtp_head
     from .quantize import load_quantized_experts, prepare_quantized
@@ -252,6 +253,7 @@ def _load_mtp(
     head = load_mtp_head(arch, cfg, reader, weights, experts, dev)
     if quantized:
         prepare_quantized(head.w)
+    head.set_vocab(draft_vocab.choose(root, cfg.vocab_size, opts.draft_vocab))
     return head
 
 

@@ -117,7 +117,9 @@ class LoadOptions:
     `verify` (check a quantized directory's shards against the manifest's CRC-32s first) and `mtp`
     (load the MTP draft block for speculative decoding: True, False, None = where the checkpoint
     has one and the device budget is not a planned GPU's) and `draft` (the most tokens it drafts a
-    step; the depth policy chooses 0..draft each step; 0 turns speculation off)."""
+    step; the depth policy chooses 0..draft each step; 0 turns speculation off) and `draft_vocab`
+    (the drafter scores only the N most frequent tokens of the checkpoint's draft_vocab.json:
+    draft_vocab.py; None: its default where the file exists, else the whole head; 0: the whole head)."""
 
     quant: QuantOptions = field(default_factory=QuantOptions)
     offload: OffloadOptions = field(default_factory=OffloadOptions)
@@ -125,6 +127,7 @@ class LoadOptions:
     verify: bool = True
     mtp: bool | None = None
     draft: int = 3  # speculative.DEFAULT_DRAFT
+    draft_vocab: int | None = None
 
     @classmethod
     def from_kwargs(cls, **kw: Any) -> LoadOptions:
@@ -145,6 +148,9 @@ class LoadOptions:
             draft = cls.draft
         if isinstance(draft, bool) or not isinstance(draft, int) or not 0 <= draft <= MAX_DRAFT:
             raise LocalGLMError(f"draft={draft!r}: the most drafted tokens a step, 0 (no speculation) to {MAX_DRAFT}")
+        draft_vocab = kw.pop("draft_vocab", None)
+        if draft_vocab is not None and (isinstance(draft_vocab, bool) or not isinstance(draft_vocab, int) or draft_vocab < 0):
+            raise LocalGLMError(f"draft_vocab={draft_vocab!r}: the most frequent tokens the drafter scores, 0 (the whole head) or more")
         if kw:
             raise LocalGLMError(f"load: unknown option(s) {', '.join(sorted(kw))}")
-        return cls(quant, offload, mmap, verify, mtp, draft)
+        return cls(quant, offload, mmap, verify, mtp, draft, draft_vocab)

@@ -13,6 +13,10 @@ overwritten later, so rollback is free for the GQA, latent and DSA caches alike)
   probability min(1, p(d) / q(d)), else the token is drawn from norm(max(0, p - q)); after k accepted
   drafts one more token is drawn from p. p and q are the distributions the sampler would draw from
   (penalty, temperature, top-k/p, min-p applied), so the output is distributed as without speculation.
+- The drafter may score only the checkpoint's most frequent tokens (draft_vocab.py, FR-Spec): its q is
+  zero elsewhere, which the accept/resample step above handles as it is (a token outside is never
+  proposed, and the residual there is p); where a logits processor forbids every one of them, that
+  draft uses the whole head.
 - A logits processor (constrained decoding) is applied to the draft logits and to each verified
   position's logits with the ids before it, so a grammar shapes the drafts and vetoes what it forbids:
   a forbidden draft has p(d) = 0 and is rejected. `DraftVeto` is the cheaper seam for a checker that
@@ -109,8 +113,9 @@ class StepCosts:
         attn_mlp = 4.0 * h * h + 3.0 * h * max(inter * cfg.n_shared_experts, 1)  # per layer, roughly: attention + shared
         dense = cfg.first_k_dense_replace * 3.0 * h * cfg.intermediate_size
         head_params = float(cfg.vocab_size * h)
+        draft_head = float((cfg.vocab_size if head.vocab is None else len(head.vocab)) * h)  # a draft vocabulary's rows only
         fixed = (cfg.num_hidden_layers * attn_mlp + dense + head_params) / expert
-        draft = (attn_mlp + 2.0 * h * h + head_params) / expert + k  # one layer, eh_proj, head, its k experts
+        draft = (attn_mlp + 2.0 * h * h + draft_head) / expert + k  # one layer, eh_proj, head, its k experts
         return cls(fixed=fixed, layers=len(cfg.moe_layers), top_k=k, n_experts=cfg.n_routed_experts, draft=draft, price=_expert_price(net.experts))
 
 
@@ -465,6 +470,8 @@ class Speculation:
         guide = [g[0, -1]]
         for j in range(depth):
             lg = target(drafts, head.logits(g[0, -1]))
+            if head.vocab is not None and float(lg.max()) == float("-inf"):  # the processor forbade every token of the draft vocabulary
+                lg = target(drafts, head.logits(g[0, -1], full=True))
             if sampling.greedy:
                 d = sampler(lg, history(drafts))
             else:

@@ -114,6 +114,12 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
         help="the most tokens drafted a step (default 3; each step picks 0..N from the measured acceptance and the "
         "price of the extra experts a wider verification reads; 0 turns speculation off)",
     )  # fmt: skip
+    s.add_argument(
+        "--draft-vocab", type=int, default=None, metavar="N",
+        help="the drafter scores only the N most frequent tokens (the checkpoint's draft_vocab.json; the verification "
+        "keeps the whole vocabulary, so output is unchanged); default 2048 where the file exists, else the whole head; "
+        "0: the whole head. Make the file: python -m localglm.training.draft_vocab MODEL --text FILE...",
+    )  # fmt: skip
 
 
 def device_for(args: argparse.Namespace) -> str:
@@ -148,7 +154,9 @@ def load_options(args: argparse.Namespace) -> dict[str, Any]:
     draft = getattr(args, "draft", None)
     if draft is not None and not 0 <= draft <= MAX_DRAFT:
         raise LocalGLMError(f"--draft {draft}: the most drafted tokens a step is 0 (no speculation) to {MAX_DRAFT}")
-    for key in ("mtp", "draft"):
+    if getattr(args, "draft_vocab", None) is not None and args.draft_vocab < 0:
+        raise LocalGLMError(f"--draft-vocab {args.draft_vocab}: the most frequent tokens the drafter scores, 0 (the whole head) or more")
+    for key in ("mtp", "draft", "draft_vocab"):
         if getattr(args, key, None) is not None:
             opts[key] = getattr(args, key)
     return opts

@@ -20,7 +20,7 @@ GQA, MLA and MLA + DSA get MTP from this one file. Its routed experts are a back
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ from ..config import ModelConfig
 from ..layers.experts import ExpertBackend
 from ..layers.kv_cache import TokenCache
 from ..layers.linear import linear
+from ..layers.native import LayerLib, native
 from ..layers.norm import rms_norm
 from .arch import Arch, WeightReader
 from .moe_decoder import DecoderWeights, MoeDecoder
@@ -112,6 +113,20 @@ class MtpHead:
         self.w = weights
         self.layer = layer  # N: where the block sits in the checkpoint
         self.cfg = block.cfg
+        self.vocab: torch.Tensor | None = None  # the token ids `logits` scores (draft_vocab.py); None: all
+        self._sub: tuple[Any, Any] | None = None  # (the head's rows of `vocab`, their C view or None)
+
+    def set_vocab(self, ids: Sequence[int] | None) -> None:
+        """Score only these token ids when drafting (FR-Spec: draft_vocab.py), the rest at -inf; None:
+        the whole head. A quantized head (its rows not separable here) keeps the whole head."""
+        head = self.block.w.lm_head
+        if ids is None or not isinstance(head, torch.Tensor):
+            self.vocab, self._sub = None, None
+            return
+        self.vocab = torch.tensor(sorted(set(ids)), dtype=torch.long, device=head.device)
+        rows = head[self.vocab].contiguous()
+        lib = native() if rows.device.type == "cpu" else None
+        self._sub = (rows, None if lib is None else LayerLib.describe_matrix(rows, self.block.dtype))
 
     def new_cache(self, max_tokens: int) -> TokenCache:
         return self.block.new_cache(max_tokens)
@@ -125,10 +140,20 @@ class MtpHead:
         x = linear(torch.cat([e, h], dim=-1), self.w.eh_proj)
         return self.block.run_layers(x, cache, start)
 
-    def logits(self, stream: torch.Tensor) -> torch.Tensor:
-        """Float32 logits of the token after next from output streams [..., H]."""
+    def logits(self, stream: torch.Tensor, full: bool = False) -> torch.Tensor:
+        """Float32 logits [..., vocab_size] of the token after next from output streams [..., H]: the
+        head's, or with a draft vocabulary (`set_vocab`, unless `full`) its rows' alone -- each the
+        number the whole head gives it (the same native one-row products) -- and -inf elsewhere."""
         normed = rms_norm(stream, self.block.w.final_norm, self.cfg.rms_norm_eps)
-        return self.block.lm_head(normed).float()
+        if self.vocab is None or self._sub is None or full:
+            return self.block.lm_head(normed).float()
+        rows, mat = self._sub
+        x = normed.reshape(-1, normed.shape[-1])
+        lib = native() if mat is not None and x.device.type == "cpu" else None
+        sub = lib.rows_linear(mat, x, self.block.dtype) if lib is not None else linear(x, rows).float()
+        out = torch.full((x.shape[0], self.cfg.vocab_size), float("-inf"), dtype=torch.float32, device=x.device)
+        out[:, self.vocab] = sub
+        return out.reshape(*normed.shape[:-1], self.cfg.vocab_size)
 
 
 def load_mtp_head(
