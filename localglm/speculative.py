@@ -45,7 +45,7 @@ import torch
 from .layers.kv_cache import TokenCache
 from .layers.norm import rms_norm
 from .models.mtp import MtpHead
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, check_finite
 from .stats import GenerationStats
 
 PREFILL_CHUNK = 512
@@ -404,7 +404,13 @@ class Speculation:
             cache.tokens.extend(ids)
             all_logits = net.lm_head(self._norm(streams[0])).float()  # each row a decode step's (MoeDecoder.lm_head)
             new: list[int] = []
-            for j in range(k + 1):
+            if sampling.greedy and logits_processor is None and not penalize:  # the rows' argmaxes at once, as the sampler takes each
+                check_finite(all_logits)
+                for tok, d in zip(all_logits.argmax(dim=-1).tolist(), [*drafts, None]):
+                    new.append(tok)
+                    if tok != d:
+                        break
+            for j in range(k + 1 if not new else 0):
                 lg = target(drafts[:j], all_logits[j])
                 if j == k:  # every draft accepted: one more token of the main model's own
                     new.append(sampler(lg, history(drafts[:j])))

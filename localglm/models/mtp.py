@@ -115,6 +115,19 @@ class MtpHead:
         self.cfg = block.cfg
         self.vocab: torch.Tensor | None = None  # the token ids `logits` scores (draft_vocab.py); None: all
         self._sub: tuple[Any, Any] | None = None  # (the head's rows of `vocab`, their C view or None)
+        self._eh: tuple[Any] | None = None  # eh_proj's C view (None inside: the kernels do not take it), made at first use
+
+    def _product(self, w: Any, mat: Any, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] . w^T in the model dtype: a few rows on the CPU through the native one-row products
+        (`mat`, w's C view: a draft call is one or a few rows, where torch's bf16 GEMV cost 3-4x as
+        much), else torch's linear."""
+        rows = x.numel() // x.shape[-1]
+        grad = torch.is_grad_enabled() and (x.requires_grad or bool(getattr(w, "requires_grad", False)))  # training: torch's, which has a backward
+        lib = native() if mat is not None and not grad and x.device.type == "cpu" and rows <= self.block.fused_prefill_max else None
+        if lib is None:
+            return linear(x, w)
+        y = lib.rows_linear(mat, x.reshape(rows, x.shape[-1]), self.block.dtype).to(self.block.dtype)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def set_vocab(self, ids: Sequence[int] | None) -> None:
         """Score only these token ids when drafting (FR-Spec: draft_vocab.py), the rest at -inf; None:
@@ -137,7 +150,10 @@ class MtpHead:
         eps = self.cfg.rms_norm_eps
         e = rms_norm(F.embedding(next_ids, self.block.w.embed), self.w.enorm, eps)
         h = rms_norm(prev.to(e.dtype), self.w.hnorm, eps)
-        x = linear(torch.cat([e, h], dim=-1), self.w.eh_proj)
+        if self._eh is None:
+            lib = native() if e.device.type == "cpu" else None
+            self._eh = (None if lib is None else LayerLib.describe_matrix(self.w.eh_proj, self.block.dtype),)
+        x = self._product(self.w.eh_proj, self._eh[0], torch.cat([e, h], dim=-1))
         return self.block.run_layers(x, cache, start)
 
     def logits(self, stream: torch.Tensor, full: bool = False) -> torch.Tensor:
@@ -149,8 +165,7 @@ class MtpHead:
             return self.block.lm_head(normed).float()
         rows, mat = self._sub
         x = normed.reshape(-1, normed.shape[-1])
-        lib = native() if mat is not None and x.device.type == "cpu" else None
-        sub = lib.rows_linear(mat, x, self.block.dtype) if lib is not None else linear(x, rows).float()
+        sub = self._product(rows, mat, x).float()
         out = torch.full((x.shape[0], self.cfg.vocab_size), float("-inf"), dtype=torch.float32, device=x.device)
         out[:, self.vocab] = sub
         return out.reshape(*normed.shape[:-1], self.cfg.vocab_size)
