@@ -498,6 +498,11 @@ static inline __attribute__((always_inline)) void rowk(const int type, const int
 /* The fp16 at `at` of up to 8 blocks `stride` bytes apart as 8 floats (0 past `count`): packed into
  * integer registers and converted together (8 scalar stores and a vector load would stall). */
 static inline __m256 f16x8(const uint8_t *p, size_t stride, int at, int count) {
+#ifndef __F16C__
+    float f[8] = {0};
+    for (int i = 0; i < count; i++) f[i] = f16(p + (size_t)i * stride + at);
+    return _mm256_loadu_ps(f);
+#else
     uint64_t h[2] = {0, 0};
     for (int i = 0; i < count; i++) {
         uint16_t v;
@@ -505,6 +510,7 @@ static inline __m256 f16x8(const uint8_t *p, size_t stride, int at, int count) {
         h[i >> 2] |= (uint64_t)v << (16 * (i & 3));
     }
     return _mm256_cvtph_ps(_mm_set_epi64x((long long)h[1], (long long)h[0]));
+#endif
 }
 
 /* One row of a 32-weight type (nb blocks) against NT tokens (token t at xq + t * k, scales dx + t * nb,
