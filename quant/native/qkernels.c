@@ -237,35 +237,59 @@ static inline __attribute__((always_inline)) void acc_store(tile_acc *acc, const
 
 static inline __attribute__((always_inline)) __m256i codes_lb(const uint8_t *p, const int bits) { return bits == 4 ? codes_q4(p) : codes_q2(p); }
 
-/* acc[t] += blocks j..j+3 of every token of the tile (dot4_u8s8), each scaled by its dts. */
-static inline __attribute__((always_inline)) void lowbit_quad(const uint8_t *p, size_t blk_bytes, int j, const int8_t *const *xq,
-                                                               const float (*dts)[KCH], const int nt, const int bits, __m256 *acc) {
-    const __m256i k0 = codes_lb(p, bits), k1 = codes_lb(p + blk_bytes, bits), k2 = codes_lb(p + 2 * blk_bytes, bits), k3 = codes_lb(p + 3 * blk_bytes, bits);
-    for (int t = 0; t < nt; t++)
-        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4_u8s8(k0, k1, k2, k3, xq[t] + (size_t)j * QB)), _mm256_broadcast_ps((const __m128 *)(dts[t] + j)), acc[t]);
+/* Codes of four blocks at p: unpacked here (p: the packed row) or loaded (cu: the row unpacked). */
+#define QUAD_CODES(k, p, cu, bb, bits)                                                                         \
+    const __m256i k##0 = cu ? _mm256_loadu_si256((const __m256i *)(cu)) : codes_lb(p, bits);                   \
+    const __m256i k##1 = cu ? _mm256_loadu_si256((const __m256i *)(cu + QB)) : codes_lb(p + bb, bits);         \
+    const __m256i k##2 = cu ? _mm256_loadu_si256((const __m256i *)(cu + 2 * QB)) : codes_lb(p + 2 * bb, bits); \
+    const __m256i k##3 = cu ? _mm256_loadu_si256((const __m256i *)(cu + 3 * QB)) : codes_lb(p + 3 * bb, bits)
+
+/* acc[t] += blocks j..j+3 of every token of the tile (dot4_u8s8), each block's sum times its weight
+ * scale times the token's activation scale (ws[b] * d_t[b], formed here four at a time). Codes
+ * from the packed row p, unpacked once for the tile (a single tile: decode), or from cu, the row
+ * unpacked once for all its tiles (lowbit_scales; then loaded per token, which keeps the
+ * accumulators in registers). The same integers and floats either way. */
+static inline __attribute__((always_inline)) void lowbit_quad(const uint8_t *p, const uint8_t *cu, const float *ws, int j, const int8_t *const *xq,
+                                                               const float *const *xd, const int nt, const int bits, __m256 *acc) {
+    const size_t bb = QB * bits / 8;
+    const __m256 w4 = _mm256_broadcast_ps((const __m128 *)(ws + j));
+    if (cu) {
+        for (int t = 0; t < nt; t++) {
+            QUAD_CODES(k, p, cu, bb, bits);
+            const __m256 d4 = _mm256_mul_ps(w4, _mm256_broadcast_ps((const __m128 *)(xd[t] + j)));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4_u8s8(k0, k1, k2, k3, xq[t] + (size_t)j * QB)), d4, acc[t]);
+        }
+    } else {
+        QUAD_CODES(k, p, (const uint8_t *)NULL, bb, bits);
+        for (int t = 0; t < nt; t++) {
+            const __m256 d4 = _mm256_mul_ps(w4, _mm256_broadcast_ps((const __m128 *)(xd[t] + j)));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4_u8s8(k0, k1, k2, k3, xq[t] + (size_t)j * QB)), d4, acc[t]);
+        }
+    }
 }
 
 /* Blocks four at a time, quads alternating between the two accumulators; blocks past the last
- * whole quad one at a time into the second. The same sequence for every token whatever nt is. */
-static inline __attribute__((always_inline)) void lowbit_step(const uint8_t *r, int nb, const int8_t *const *xq, const float (*dts)[KCH],
-                                                               const int nt, const int bits, tile_acc *acc) {
-    const size_t blk_bytes = QB * bits / 8;
+ * whole quad one at a time into the second. The same sequence for every token whatever nt is.
+ * r, cu, ws, xq, xd: at the step's first block. */
+static inline __attribute__((always_inline)) void lowbit_step(const uint8_t *r, const uint8_t *cu, const float *ws, int nb, const int8_t *const *xq,
+                                                               const float *const *xd, const int nt, const int bits, tile_acc *acc) {
+    const size_t bb = QB * bits / 8;
     __m256 a0[NT_MAX], a1[NT_MAX];
     acc_load(acc, nt, a0, a1);
     int j = 0;
     for (; j + 8 <= nb; j += 8) {
-        lowbit_quad(r + j * blk_bytes, blk_bytes, j, xq, dts, nt, bits, a0);
-        lowbit_quad(r + (j + 4) * blk_bytes, blk_bytes, j + 4, xq, dts, nt, bits, a1);
+        lowbit_quad(r + j * bb, cu ? cu + j * QB : NULL, ws, j, xq, xd, nt, bits, a0);
+        lowbit_quad(r + (j + 4) * bb, cu ? cu + (j + 4) * QB : NULL, ws, j + 4, xq, xd, nt, bits, a1);
     }
     if (j + 4 <= nb) {
-        lowbit_quad(r + j * blk_bytes, blk_bytes, j, xq, dts, nt, bits, a0);
+        lowbit_quad(r + j * bb, cu ? cu + j * QB : NULL, ws, j, xq, xd, nt, bits, a0);
         j += 4;
     }
     for (; j < nb; j++) {
-        const __m256i k0 = codes_lb(r + j * blk_bytes, bits);
+        const __m256i k0 = codes_lb(r + j * bb, bits);
         for (int t = 0; t < nt; t++) {
             const __m256i p0 = dot_u8s8(k0, _mm256_loadu_si256((const __m256i *)(xq[t] + (size_t)j * QB)));
-            a1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(dts[t] + j), a1[t]);
+            a1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(ws[j] * xd[t][j]), a1[t]);
         }
     }
     acc_store(acc, nt, a0, a1);
@@ -274,8 +298,9 @@ static inline __attribute__((always_inline)) void lowbit_step(const uint8_t *r, 
 /* A q2/q4 row's group parameters for every block b, as floats: ws[b] = s0 * 2^((scode - 255) / 16),
  * mw[b] = mcode. Computed once per row and read by every tile of tokens that meets the row (the
  * scale decode per tile was a fifth of a prefill tile's time). scale8 gives scale_lut's floats, so
- * the vector and scalar parts agree. */
-static void lowbit_scales(const lg_qtensor *w, int n, float *ws, float *mw) {
+ * the vector and scalar parts agree. With cu, the row's codes unpacked too (QB bytes per block),
+ * for rows that several tiles meet. */
+static void lowbit_scales(const lg_qtensor *w, int n, float *ws, float *mw, uint8_t *cu) {
     const int nblocks = w->k / QB, ng = w->k / w->group, gshift = __builtin_ctz((unsigned)(w->group / QB));
     const uint8_t *sc = w->gs + (size_t)n * ng;
     const int8_t *mc = w->gm + (size_t)n * ng;
@@ -292,15 +317,20 @@ static void lowbit_scales(const lg_qtensor *w, int n, float *ws, float *mw) {
         ws[j] = s0 * scale_lut[sc[j >> gshift]];
         mw[j] = (float)mc[j >> gshift];
     }
+    if (cu) {
+        const size_t bb = QB * w->bits / 8;
+        const uint8_t *row = w->data + (size_t)n * nblocks * bb;
+        for (int b = 0; b < nblocks; b++) _mm256_storeu_si256((__m256i *)(cu + (size_t)b * QB), codes_lb(row + b * bb, w->bits));
+    }
 }
 
 /* The row's dot with nt tokens: per step, each block's scale times each token's (dts) and the
  * offsets' sum (mv, ms), then the integer loop. ws / mw: lowbit_scales of the row. */
-static inline __attribute__((always_inline)) void lowbit_tile_avx2(const uint8_t *row, const float *ws, const float *mw, float m0, int nblocks,
-                                                                    const qrows *x, const int nt, const int bits, float *out) {
+static inline __attribute__((always_inline)) void lowbit_tile_avx2(const uint8_t *row, const uint8_t *cu, const float *ws, const float *mw, float m0,
+                                                                    int nblocks, const qrows *x, const int nt, const int bits, float *out) {
     const size_t blk_bytes = QB * bits / 8;
     tile_acc acc;
-    float mv[NT_MAX][8], ms[NT_MAX], dts[NT_MAX][KCH];
+    float mv[NT_MAX][8], ms[NT_MAX];
     memset(&acc, 0, sizeof acc);
     memset(mv, 0, sizeof mv);
     for (int t = 0; t < nt; t++) ms[t] = 0.0f;
@@ -308,20 +338,18 @@ static inline __attribute__((always_inline)) void lowbit_tile_avx2(const uint8_t
         const int nb = nblocks - c0 < KCH ? nblocks - c0 : KCH;
         int j = 0;
         for (; j + 8 <= nb; j += 8) {
-            const __m256 w = _mm256_loadu_ps(ws + c0 + j), m = _mm256_loadu_ps(mw + c0 + j);
-            for (int t = 0; t < nt; t++) {
-                _mm256_storeu_ps(dts[t] + j, _mm256_mul_ps(w, _mm256_loadu_ps(x->d[t] + c0 + j)));
-                _mm256_storeu_ps(mv[t], _mm256_fmadd_ps(m, _mm256_loadu_ps(x->s[t] + c0 + j), _mm256_loadu_ps(mv[t])));
-            }
+            const __m256 m = _mm256_loadu_ps(mw + c0 + j);
+            for (int t = 0; t < nt; t++) _mm256_storeu_ps(mv[t], _mm256_fmadd_ps(m, _mm256_loadu_ps(x->s[t] + c0 + j), _mm256_loadu_ps(mv[t])));
         }
         for (int t = 0; t < nt; t++)
-            for (int jj = j; jj < nb; jj++) {
-                dts[t][jj] = ws[c0 + jj] * x->d[t][c0 + jj];
-                ms[t] += mw[c0 + jj] * x->s[t][c0 + jj];
-            }
+            for (int jj = j; jj < nb; jj++) ms[t] += mw[c0 + jj] * x->s[t][c0 + jj];
         const int8_t *xq[NT_MAX];
-        for (int t = 0; t < nt; t++) xq[t] = x->q[t] + (size_t)c0 * QB;
-        lowbit_step(row + (size_t)c0 * blk_bytes, nb, xq, (const float(*)[KCH])dts, nt, bits, &acc);
+        const float *xd[NT_MAX];
+        for (int t = 0; t < nt; t++) {
+            xq[t] = x->q[t] + (size_t)c0 * QB;
+            xd[t] = x->d[t] + c0;
+        }
+        lowbit_step(row + (size_t)c0 * blk_bytes, cu ? cu + (size_t)c0 * QB : NULL, ws + c0, nb, xq, xd, nt, bits, &acc);
     }
     for (int t = 0; t < nt; t++)
         out[t] = hsum256(_mm256_add_ps(_mm256_loadu_ps(acc.v[0][t]), _mm256_loadu_ps(acc.v[1][t]))) + m0 * (hsum256(_mm256_loadu_ps(mv[t])) + ms[t]);
@@ -448,24 +476,32 @@ static float dot_q8_scalar(const lg_qtensor *w, int n, const int8_t *xq, const f
     switch (nt) { case 1: F(__VA_ARGS__, 1); break; case 2: F(__VA_ARGS__, 2); break; case 3: F(__VA_ARGS__, 3); break; default: F(__VA_ARGS__, 4); }
 #endif
 
-/* Scratch for a row's expanded block parameters (row_prep): 2 floats per block of k. */
-#define ROW_SCRATCH(k) (2 * ((k) / QB))
+/* Scratch for a row's expanded block parameters (row_prep), in floats: 2 per block of k, then the
+ * unpacked codes (k bytes). */
+#define ROW_SCRATCH(k) (2 * ((k) / QB) + (k) / 4)
 
 /* What dot_rows needs of row n before its tiles, into rs (ROW_SCRATCH(w->k) floats): q2/q4's block
- * scales and offsets (lowbit_scales); nothing for q8 or the portable path. Once per row, however
- * many tiles of tokens follow. */
-static inline void row_prep(const lg_qtensor *w, int n, float *rs) {
+ * scales and offsets (lowbit_scales), and where `tiles` > 1 tiles will meet the row its unpacked
+ * codes, whose address it returns (NULL otherwise: one tile unpacks as it goes, cheaper there);
+ * nothing for q8 or the portable path. Once per row, however many tiles of tokens follow. */
+static inline const uint8_t *row_prep(const lg_qtensor *w, int n, float *rs, int tiles) {
 #ifdef __AVX2__
-    if (w->bits != 8) lowbit_scales(w, n, rs, rs + w->k / QB);
+    if (w->bits != 8) {
+        uint8_t *cu = tiles > 1 ? (uint8_t *)(rs + 2 * (w->k / QB)) : NULL;
+        lowbit_scales(w, n, rs, rs + w->k / QB, cu);
+        return cu;
+    }
 #else
-    (void)w; (void)n; (void)rs;
+    (void)rs; (void)tiles;
 #endif
+    (void)w; (void)n;
+    return NULL;
 }
 
-/* out[t] = dot(row n of w, activation row t) for the nt <= NT_MAX rows of x; rs: row_prep of row n.
+/* out[t] = dot(row n of w, activation row t) for the nt <= NT_MAX rows of x; rs, cu: row_prep of row n.
  * q8 tiles take gshift = log2(blocks per group) (groups are 32 to 256 weights, powers of two): a
  * block's group by a shift, not a division per block. */
-static void dot_rows(const lg_qtensor *w, int n, int nt, const qrows *x, const float *rs, float *out) {
+static void dot_rows(const lg_qtensor *w, int n, int nt, const qrows *x, const float *rs, const uint8_t *cu, float *out) {
     const int K = w->k, G = w->group, ng = K / G, bpg = G / QB, gshift = __builtin_ctz((unsigned)bpg);
 #ifdef __AVX2__
     if (w->bits == 8) {
@@ -477,12 +513,12 @@ static void dot_rows(const lg_qtensor *w, int n, int nt, const qrows *x, const f
     } else {
         const uint8_t *row = w->data + (size_t)n * ((size_t)K * w->bits / 8);
         const float m0 = w->rowf[2 * (size_t)n + 1] / 127.0f;
-#define LB_CALL(bits_, nt_) lowbit_tile_avx2(row, rs, rs + K / QB, m0, K / QB, x, nt_, bits_, out)
+#define LB_CALL(bits_, nt_) lowbit_tile_avx2(row, cu, rs, rs + K / QB, m0, K / QB, x, nt_, bits_, out)
         if (w->bits == 4) { TILE_CASES(LB_CALL, 4) }
         else { TILE_CASES(LB_CALL, 2) }
     }
 #else
-    (void)ng; (void)bpg; (void)gshift; (void)rs;
+    (void)ng; (void)bpg; (void)gshift; (void)rs; (void)cu;
     for (int t = 0; t < nt; t++)
         out[t] = w->bits == 8 ? dot_q8_scalar(w, n, x->q[t], x->d[t]) : dot_lowbit_scalar(w, n, x->q[t], x->d[t], x->s[t]);
 #endif
@@ -491,8 +527,7 @@ static void dot_rows(const lg_qtensor *w, int n, int nt, const qrows *x, const f
 static inline float dot_row(const lg_qtensor *w, int n, const int8_t *xq, const float *xd, const float *xs) {
     const qrows x = {{xq}, {xd}, {xs}};
     float out, rs[ROW_SCRATCH(w->k)];
-    row_prep(w, n, rs);
-    dot_rows(w, n, 1, &x, rs, &out);
+    dot_rows(w, n, 1, &x, rs, row_prep(w, n, rs, 1), &out);
     return out;
 }
 
@@ -523,13 +558,13 @@ static inline void tile_set(qrows *x, int j, const qact *a, size_t r, int k) {
  * token), else i (the down projection reads the pair's own row). rs: ROW_SCRATCH(kdim) floats. */
 static void dot_pairs(const lg_qtensor *w, int n, const qact *a, int kdim, int first, int last, const int *order, int k,
                       float *rs, float *out, size_t stride) {
-    row_prep(w, n, rs);
+    const uint8_t *cu = row_prep(w, n, rs, (last - first + NT_MAX - 1) / NT_MAX);
     for (int i0 = first; i0 < last; i0 += NT_MAX) {
         const int nt = last - i0 < NT_MAX ? last - i0 : NT_MAX;
         qrows xr;
         float o[NT_MAX];
         for (int j = 0; j < nt; j++) tile_set(&xr, j, a, (size_t)(order ? order[i0 + j] / k : i0 + j), kdim);
-        dot_rows(w, n, nt, &xr, rs, o);
+        dot_rows(w, n, nt, &xr, rs, cu, o);
         for (int j = 0; j < nt; j++) out[(size_t)(i0 + j) * stride + n] = o[j];
     }
 }
@@ -574,13 +609,13 @@ int lg_linear(const lg_qtensor *w, int T, const void *x, int x_dtype, const floa
         for (long it = 0; it < items; it++) {
             const int n = (int)(it % N), t1 = (int)(it / N) * TB, t2 = t1 + TB < T ? t1 + TB : T;
             const float b = bias ? bias[n] : 0.0f;
-            row_prep(w, n, rs);
+            const uint8_t *cu = row_prep(w, n, rs, (t2 - t1 + NT_MAX - 1) / NT_MAX);
             for (int t0 = t1; t0 < t2; t0 += NT_MAX) {
                 const int nt = t2 - t0 < NT_MAX ? t2 - t0 : NT_MAX;
                 qrows xr;
                 float o[NT_MAX];
                 for (int j = 0; j < nt; j++) tile_set(&xr, j, &a, (size_t)(t0 + j), K);
-                dot_rows(w, n, nt, &xr, rs, o);
+                dot_rows(w, n, nt, &xr, rs, cu, o);
                 for (int j = 0; j < nt; j++) store(y, y_dtype, (size_t)(t0 + j) * N + n, o[j] + b);
             }
         }
