@@ -490,11 +490,78 @@ static inline __attribute__((always_inline)) void rowk(const int type, const int
     for (int t = 0; t < NT; t++) y[(size_t)t * ystride] = hsum256(acc[t]);
 }
 
-/* One row of a 32-weight type (nb blocks) against NT tokens (token t at xq + t * k, scales dx + t * nb,
- * sums per 32 xs + t * nb). Blocks go 8 at a time: each block's codes times activations summed as
- * int32, the 8 sums gathered in one vector (sum8x8), converted and scaled by the 8 blocks' d * dx in
- * one fma. xq must have 256 readable bytes past its last token (the tail group's unused blocks read
- * there, times codes 0). */
+/* A K-quant row unpacked once for many tiles of tokens (rowk_unpack): per chunk its codes and scale
+ * vector, per block the scales and offsets as vectors and d, dmin -- what rowk makes per block and tile. */
+typedef struct {
+    __m256i *codes, *sc, *sc16, *mn16; /* [nb * 8], [nb * 8], [nb], [nb] */
+    float *d, *dmin;                   /* [nb] */
+} kq_row;
+
+static kq_row *kq_row_alloc(int nb) {
+    const size_t vec = sizeof(__m256i) * (size_t)nb * 18, flt = sizeof(float) * (size_t)nb * 2;
+    kq_row *r = malloc(sizeof(kq_row));
+    void *buf = r ? aligned_alloc(32, (vec + flt + 31) / 32 * 32) : NULL;
+    if (!buf) {
+        free(r);
+        return NULL;
+    }
+    r->codes = buf, r->sc = r->codes + (size_t)nb * 8, r->sc16 = r->sc + (size_t)nb * 8, r->mn16 = r->sc16 + nb;
+    r->d = (float *)(r->mn16 + nb), r->dmin = r->d + nb;
+    return r;
+}
+
+static void kq_row_free(kq_row *r) {
+    if (r) free(r->codes), free(r);
+}
+
+static inline __attribute__((always_inline)) void rowk_unpack(const int type, const uint8_t *row, int nb, kq_row *u) {
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = row + (size_t)b * INFO[type].nbytes;
+        __m256i sc16, mn16 = _mm256_setzero_si256();
+        float d, dmin = 0.0f;
+        kscales_v(type, blk, &sc16, &mn16, &d, &dmin);
+        const __m256i sc_lo = _mm256_permute2x128_si256(sc16, sc16, 0x00), sc_hi = _mm256_permute2x128_si256(sc16, sc16, 0x11);
+        for (int c = 0; c < 8; c++) u->codes[b * 8 + c] = codes32(type, blk, c), u->sc[b * 8 + c] = chunk_scales(sc_lo, sc_hi, c);
+        u->sc16[b] = sc16, u->mn16[b] = mn16, u->d[b] = d, u->dmin[b] = dmin;
+    }
+}
+
+/* rowk on an unpacked row: the same operations per token, in the same order. */
+static inline __attribute__((always_inline)) void rowk_unpacked(const int type, const int NT, const kq_row *u, int nb, int k, const int8_t *xq,
+                                                                const float *dx, const int16_t *xs, float *y, size_t ystride) {
+    const kq_info in = INFO[type];
+    const int is_iq4 = type == KQ_IQ4_XS, bias_shift = type == KQ_Q3_K ? 2 : type == KQ_Q6_K ? 5 : 0;
+    __m256 acc[KQ_TILE];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        __m256i sumi[KQ_TILE];
+        for (int t = 0; t < NT; t++) sumi[t] = _mm256_setzero_si256();
+        for (int c = 0; c < 8; c++) {
+            const __m256i v = u->codes[b * 8 + c], av = is_iq4 ? _mm256_sign_epi8(v, v) : v, sc = u->sc[b * 8 + c];
+            for (int t = 0; t < NT; t++) {
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)t * k + (size_t)b * QK_K + c * 32));
+                const __m256i p = _mm256_maddubs_epi16(av, is_iq4 ? _mm256_sign_epi8(xv, v) : xv);
+                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(p, sc));
+            }
+        }
+        if (bias_shift)
+            for (int t = 0; t < NT; t++) {
+                const __m256i s = _mm256_loadu_si256((const __m256i *)(xs + (size_t)t * (k / 16) + (size_t)b * 16));
+                sumi[t] = _mm256_sub_epi32(sumi[t], _mm256_slli_epi32(_mm256_madd_epi16(u->sc16[b], s), bias_shift));
+            }
+        const float d = u->d[b], dmin = u->dmin[b];
+        for (int t = 0; t < NT; t++) {
+            const float dt = dx[(size_t)t * nb + b];
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[t]), _mm256_set1_ps(d * dt), acc[t]);
+            if (in.has_offset) {
+                const __m256i s = _mm256_loadu_si256((const __m256i *)(xs + (size_t)t * (k / 16) + (size_t)b * 16));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(u->mn16[b], s)), _mm256_set1_ps(-(dmin * dt)), acc[t]);
+            }
+        }
+    }
+    for (int t = 0; t < NT; t++) y[(size_t)t * ystride] = hsum256(acc[t]);
+}
+
 /* The fp16 at `at` of up to 8 blocks `stride` bytes apart as 8 floats (0 past `count`): packed into
  * integer registers and converted together (8 scalar stores and a vector load would stall). */
 static inline __m256 f16x8(const uint8_t *p, size_t stride, int at, int count) {
@@ -626,6 +693,33 @@ static inline __attribute__((always_inline)) void row32(const int type, const in
         }                                                                                                            \
         break;
 
+#ifdef __AVX2__
+/* TILED for a K-quant type: where a pass holds two tiles or more, each thread unpacks its row once
+ * (rowk_unpack) and every tile reads it (rowk_unpacked); the one-by-one rest, and any thread whose
+ * buffer could not be had, run rowk: the same numbers. */
+#define TILED_K(TYPE)                                                                                                \
+    case TYPE:                                                                                                       \
+        _Pragma("omp parallel num_threads(nth)") {                                                                   \
+            kq_row *u = t1 - t0 >= 2 * TILE_K(TYPE) ? kq_row_alloc(nb) : NULL;                                      \
+            _Pragma("omp for schedule(dynamic, lg_chunk(n, nth))") for (int r = 0; r < n; r++) {                    \
+                const uint8_t *row = w + (size_t)r * row_bytes;                                                      \
+                int t = t0;                                                                                          \
+                if (u) rowk_unpack(TYPE, row, nb, u);                                                                \
+                for (; t + TILE_K(TYPE) <= t1; t += TILE_K(TYPE))                                                    \
+                    if (u)                                                                                           \
+                        rowk_unpacked(TYPE, TILE_K(TYPE), u, nb, k, xq + (size_t)t * k, dx + (size_t)t * nb, xs + (size_t)t * ns, y + (size_t)t * n + r, (size_t)n); \
+                    else                                                                                             \
+                        rowk(TYPE, TILE_K(TYPE), row, nb, k, xq + (size_t)t * k, dx + (size_t)t * nb, xs + (size_t)t * ns, y + (size_t)t * n + r, (size_t)n); \
+                for (; t < t1; t++)                                                                                  \
+                    rowk(TYPE, 1, row, nb, k, xq + (size_t)t * k, dx + (size_t)t * nb, xs + (size_t)t * ns, y + (size_t)t * n + r, (size_t)n); \
+            }                                                                                                        \
+            kq_row_free(u);                                                                                          \
+        }                                                                                                            \
+        break;
+#else
+#define TILED_K(TYPE) TILED(rowk, TYPE, TILE_K(TYPE))
+#endif
+
 /* Tokens per pass over the weight: their int8 activations (KQ_PASS_BYTES in all) stay in L2 while every
  * row goes by; the weight is read once per pass. */
 #define KQ_PASS_BYTES (192 * 1024)
@@ -651,7 +745,7 @@ int kq_matmul_q8(int type, const uint8_t *w, int n, int k, const float *x, int T
         const int t1 = T - t0 < pass ? T : t0 + pass;
         switch (type) {
                 TILED(row32, KQ_Q4_0, TILE_32) TILED(row32, KQ_Q5_0, TILE_32) TILED(row32, KQ_Q4_1, TILE_32) TILED(row32, KQ_Q5_1, TILE_32) TILED(row32, KQ_IQ4_NL, TILE_32)
-            TILED(rowk, KQ_Q2_K, TILE_K(KQ_Q2_K)) TILED(rowk, KQ_Q3_K, TILE_K(KQ_Q3_K)) TILED(rowk, KQ_Q4_K, TILE_K(KQ_Q4_K)) TILED(rowk, KQ_Q5_K, TILE_K(KQ_Q5_K)) TILED(rowk, KQ_Q6_K, TILE_K(KQ_Q6_K)) TILED(rowk, KQ_IQ4_XS, TILE_K(KQ_IQ4_XS))
+            TILED_K(KQ_Q2_K) TILED_K(KQ_Q3_K) TILED_K(KQ_Q4_K) TILED_K(KQ_Q5_K) TILED_K(KQ_Q6_K) TILED_K(KQ_IQ4_XS)
         }
     }
     free(xq), free(dx), free(xs);
