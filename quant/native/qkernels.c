@@ -200,7 +200,7 @@ static inline __m256i dot4_u8s8(__m256i k0, __m256i k1, __m256i k2, __m256i k3, 
  * operations whatever the tile size, so a token's result does not depend on which other tokens
  * shared its tile. */
 #define NT_MAX 4
-/* Blocks per step of a tile: the step's combined scales (NT_MAX x KCH floats) sit in L1. */
+/* Blocks per step of a q2/q4 tile: the offsets' sums (mv) for a step, then its integer loop. */
 #define KCH 64
 
 typedef struct {
@@ -209,13 +209,13 @@ typedef struct {
 } qrows;
 
 #ifdef __AVX2__
-/* The AVX2 tiles. Per step of KCH blocks, each block's weight scale times each token's activation
- * scale is computed first, vectorised (dts: one float per block and token, read back four at a
- * time); the step's integer loop then takes blocks four at a time (dot4_u8s8, q8_quad: one convert
- * and one FMA per four blocks and token) into two accumulators per token (even and odd quads; the
- * blocks past the last quad one by one into the second). The accumulators live in memory between steps
- * and in registers within one (the *_step functions load and store them): held in registers across
- * the scale computation, the compiler spilled them inside the integer loop, a store per FMA. */
+/* The AVX2 tiles. A row's block scales are floats already (row_prep: once per row, not per tile);
+ * the integer loop takes blocks four at a time (dot4_u8s8, q8_quad: one convert and one FMA per
+ * four blocks and token, by ws[b] * d_t[b] formed four at a time) into two accumulators per token
+ * (even and odd quads; the blocks past the last quad one by one into the second). q2/q4 go in
+ * steps of KCH blocks (the offsets' sums first, vectorised); their accumulators live in memory
+ * between steps and in registers within one (the *_step functions load and store them): held in
+ * registers across the offsets' loop, the compiler spilled them inside the integer loop. */
 typedef struct {
     float v[2][NT_MAX][8];
 } tile_acc;
@@ -362,66 +362,59 @@ static inline __m256i q8_dot(__m256i w, const int8_t *q) {
 
 /* acc[t] += blocks j..j+3 of every token of the tile: four blocks' int32 sums in one vector by two
  * rounds of hadd (the lowbit quads' lane order; q8's int16 pairs leave no room to add them
- * earlier), one convert and one FMA. */
-static inline __attribute__((always_inline)) void q8_quad(const int8_t *rw, int j, const int8_t *const *xq, const float (*dts)[KCH], const int nt, __m256 *acc) {
+ * earlier), one convert and one FMA by ws[b] * d_t[b] formed here. */
+static inline __attribute__((always_inline)) void q8_quad(const int8_t *rw, const float *ws, int j, const int8_t *const *xq, const float *const *xd,
+                                                           const int nt, __m256 *acc) {
     const __m256i w0 = _mm256_loadu_si256((const __m256i *)(rw + (size_t)j * QB)), w1 = _mm256_loadu_si256((const __m256i *)(rw + (size_t)(j + 1) * QB));
     const __m256i w2 = _mm256_loadu_si256((const __m256i *)(rw + (size_t)(j + 2) * QB)), w3 = _mm256_loadu_si256((const __m256i *)(rw + (size_t)(j + 3) * QB));
+    const __m256 w4 = _mm256_broadcast_ps((const __m128 *)(ws + j));
     for (int t = 0; t < nt; t++) {
         const int8_t *q = xq[t] + (size_t)j * QB;
         const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(q8_dot(w0, q), q8_dot(w1, q + QB)), _mm256_hadd_epi32(q8_dot(w2, q + 2 * QB), q8_dot(w3, q + 3 * QB)));
-        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_broadcast_ps((const __m128 *)(dts[t] + j)), acc[t]);
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(w4, _mm256_broadcast_ps((const __m128 *)(xd[t] + j))), acc[t]);
     }
 }
 
-/* Quads alternating between the accumulators, the blocks past them one by one (lowbit_step's order). */
-static inline __attribute__((always_inline)) void q8_step(const int8_t *rw, int nb, const int8_t *const *xq, const float (*dts)[KCH], const int nt,
-                                                           tile_acc *acc) {
+/* q8: |w| rides in the unsigned operand, its sign moves onto the activation (sign_epi8), as
+ * llama.cpp's q8 dots do. The whole row in one pass, accumulators in registers: quads alternating
+ * between them, the blocks past the last quad one by one into the second (lowbit_step's order).
+ * ws: q8_scales of the row. */
+static inline __attribute__((always_inline)) void q8_tile_avx2(const int8_t *rw, const float *ws, int nb, const qrows *x, const int nt, float *out) {
     __m256 a0[NT_MAX], a1[NT_MAX];
-    acc_load(acc, nt, a0, a1);
+    for (int t = 0; t < nt; t++) a0[t] = a1[t] = _mm256_setzero_ps();
+    const int8_t *const *xq = x->q;
+    const float *const *xd = x->d;
     int j = 0;
     for (; j + 8 <= nb; j += 8) {
-        q8_quad(rw, j, xq, dts, nt, a0);
-        q8_quad(rw, j + 4, xq, dts, nt, a1);
+        q8_quad(rw, ws, j, xq, xd, nt, a0);
+        q8_quad(rw, ws, j + 4, xq, xd, nt, a1);
     }
     if (j + 4 <= nb) {
-        q8_quad(rw, j, xq, dts, nt, a0);
+        q8_quad(rw, ws, j, xq, xd, nt, a0);
         j += 4;
     }
     for (; j < nb; j++) {
         const __m256i w0 = _mm256_loadu_si256((const __m256i *)(rw + (size_t)j * QB));
         for (int t = 0; t < nt; t++)
-            a1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_dot(w0, xq[t] + (size_t)j * QB)), _mm256_broadcast_ss(dts[t] + j), a1[t]);
+            a1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_dot(w0, xq[t] + (size_t)j * QB)), _mm256_set1_ps(ws[j] * xd[t][j]), a1[t]);
     }
-    acc_store(acc, nt, a0, a1);
+    for (int t = 0; t < nt; t++) out[t] = hsum256(_mm256_add_ps(a0[t], a1[t]));
 }
 
-/* q8 the same way (fp16 group scales eight at a time with F16C); |w| rides in the unsigned operand,
- * its sign moves onto the activation (sign_epi8), as llama.cpp's q8 dots do. */
-static inline __attribute__((always_inline)) void q8_tile_avx2(const int8_t *row, const uint16_t *gsc, float r, int nblocks, int gshift,
-                                                                const qrows *x, const int nt, float *out) {
-    tile_acc acc;
-    float ws[KCH], dts[NT_MAX][KCH];
-    memset(&acc, 0, sizeof acc);
-    for (int c0 = 0; c0 < nblocks; c0 += KCH) {
-        const int nb = nblocks - c0 < KCH ? nblocks - c0 : KCH;
-        int j = 0;
+/* A q8 row's scale for every block b as a float: ws[b] = rowf * gscale (fp16, eight at a time with
+ * F16C; the same floats as half_to_float). Once per row, as lowbit_scales. */
+static void q8_scales(const lg_qtensor *w, int n, float *ws) {
+    const int nblocks = w->k / QB, ng = w->k / w->group, gshift = __builtin_ctz((unsigned)(w->group / QB));
+    const uint16_t *gsc = (const uint16_t *)w->gs + (size_t)n * ng;
+    const float r = w->rowf[n];
+    int j = 0;
 #ifdef __F16C__
-        if (gshift == 0) {
-            const __m256 rv = _mm256_set1_ps(r);
-            for (; j + 8 <= nb; j += 8) {
-                const __m256 w = _mm256_mul_ps(rv, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gsc + c0 + j))));
-                for (int t = 0; t < nt; t++) _mm256_storeu_ps(dts[t] + j, _mm256_mul_ps(w, _mm256_loadu_ps(x->d[t] + c0 + j)));
-            }
-        }
-#endif
-        for (int jj = j; jj < nb; jj++) ws[jj] = r * half_to_float(gsc[(c0 + jj) >> gshift]);
-        for (int t = 0; t < nt; t++)
-            for (int jj = j; jj < nb; jj++) dts[t][jj] = ws[jj] * x->d[t][c0 + jj];
-        const int8_t *xq[NT_MAX];
-        for (int t = 0; t < nt; t++) xq[t] = x->q[t] + (size_t)c0 * QB;
-        q8_step(row + (size_t)c0 * QB, nb, xq, (const float(*)[KCH])dts, nt, &acc);
+    if (gshift == 0) {
+        const __m256 rv = _mm256_set1_ps(r);
+        for (; j + 8 <= nblocks; j += 8) _mm256_storeu_ps(ws + j, _mm256_mul_ps(rv, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gsc + j)))));
     }
-    for (int t = 0; t < nt; t++) out[t] = hsum256(_mm256_add_ps(_mm256_loadu_ps(acc.v[0][t]), _mm256_loadu_ps(acc.v[1][t])));
+#endif
+    for (; j < nblocks; j++) ws[j] = r * half_to_float(gsc[j >> gshift]);
 }
 #endif
 
@@ -483,7 +476,7 @@ static float dot_q8_scalar(const lg_qtensor *w, int n, const int8_t *xq, const f
 /* What dot_rows needs of row n before its tiles, into rs (ROW_SCRATCH(w->k) floats): q2/q4's block
  * scales and offsets (lowbit_scales), and where `tiles` > 1 tiles will meet the row its unpacked
  * codes, whose address it returns (NULL otherwise: one tile unpacks as it goes, cheaper there);
- * nothing for q8 or the portable path. Once per row, however many tiles of tokens follow. */
+ * q8's block scales (q8_scales); nothing on the portable path. Once per row, however many tiles of tokens follow. */
 static inline const uint8_t *row_prep(const lg_qtensor *w, int n, float *rs, int tiles) {
 #ifdef __AVX2__
     if (w->bits != 8) {
@@ -491,6 +484,7 @@ static inline const uint8_t *row_prep(const lg_qtensor *w, int n, float *rs, int
         lowbit_scales(w, n, rs, rs + w->k / QB, cu);
         return cu;
     }
+    q8_scales(w, n, rs);
 #else
     (void)rs; (void)tiles;
 #endif
@@ -499,16 +493,15 @@ static inline const uint8_t *row_prep(const lg_qtensor *w, int n, float *rs, int
 }
 
 /* out[t] = dot(row n of w, activation row t) for the nt <= NT_MAX rows of x; rs, cu: row_prep of row n.
- * q8 tiles take gshift = log2(blocks per group) (groups are 32 to 256 weights, powers of two): a
- * block's group by a shift, not a division per block. */
+ * (Block scales are expanded per block by row_prep, a block's group found by a shift: groups are
+ * 32 to 256 weights, powers of two; a division per block cost the 1408-wide expert rows a quarter
+ * of their time.) */
 static void dot_rows(const lg_qtensor *w, int n, int nt, const qrows *x, const float *rs, const uint8_t *cu, float *out) {
-    const int K = w->k, G = w->group, ng = K / G, bpg = G / QB, gshift = __builtin_ctz((unsigned)bpg);
+    const int K = w->k;
 #ifdef __AVX2__
     if (w->bits == 8) {
         const int8_t *row = (const int8_t *)w->data + (size_t)n * K;
-        const uint16_t *gsc = (const uint16_t *)w->gs + (size_t)n * ng;
-#define Q8_TILE(nt_) q8_tile_avx2(row, gsc, w->rowf[n], K / QB, gshift, x, nt_, out)
-#define Q8_CALL(dummy, nt_) Q8_TILE(nt_)
+#define Q8_CALL(dummy, nt_) q8_tile_avx2(row, rs, K / QB, x, nt_, out)
         TILE_CASES(Q8_CALL, 0)
     } else {
         const uint8_t *row = w->data + (size_t)n * ((size_t)K * w->bits / 8);
@@ -518,7 +511,7 @@ static void dot_rows(const lg_qtensor *w, int n, int nt, const qrows *x, const f
         else { TILE_CASES(LB_CALL, 2) }
     }
 #else
-    (void)ng; (void)bpg; (void)gshift; (void)rs; (void)cu;
+    (void)rs; (void)cu; (void)K;
     for (int t = 0; t < nt; t++)
         out[t] = w->bits == 8 ? dot_q8_scalar(w, n, x->q[t], x->d[t]) : dot_lowbit_scalar(w, n, x->q[t], x->d[t], x->s[t]);
 #endif
