@@ -585,44 +585,97 @@ static inline __m256 f16x8(const uint8_t *p, size_t stride, int at, int count) {
  * int32, the 8 sums gathered in one vector (sum8x8), converted and scaled by the 8 blocks' d * dx in
  * one fma. xq and xs must be readable 256 bytes / 8 sums past the last token (the tail group's unused
  * blocks read there: times codes 0, or masked off). */
+/* NT tokens over one group of 8 blocks of a 32-weight row, from the group's codes v (av: what maddubs
+ * takes), fp16 scales dwv / mwv and existing lanes `live`: each block's codes times activations summed
+ * as int32, the 8 sums gathered in one vector, converted and scaled by the 8 blocks' d * dx in one fma. */
+static inline __attribute__((always_inline)) void group32(const int type, const int NT, const __m256i *v, const __m256i *av, __m256 dwv, __m256 mwv,
+                                                          __m256i live, int g, int nb, int k, const int8_t *xq, const float *dx, const int16_t *xs,
+                                                          __m256 *acc) {
+    const int is_iq4 = type == KQ_IQ4_NL, bias_shift = type == KQ_Q4_0 ? 3 : type == KQ_Q5_0 ? 4 : 0;
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int t = 0; t < NT; t++) {
+        const int8_t *xt = xq + (size_t)t * k + (size_t)g * 32;
+        __m256i p[8], s;
+        for (int i = 0; i < 8; i++) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xt + i * 32));
+            p[i] = _mm256_maddubs_epi16(av[i], is_iq4 ? _mm256_sign_epi8(xv, v[i]) : xv);
+        }
+        if (is_iq4) { /* pair sums up to 2 * 127 * 127: widen at once */
+            for (int i = 0; i < 8; i++) p[i] = _mm256_madd_epi16(p[i], ones);
+            s = sum8x8(p);
+        } else { /* unsigned codes < 32: sums of 8 products stay within int16, so add pairs twice before widening */
+            const __m256i a = _mm256_madd_epi16(_mm256_hadd_epi16(_mm256_hadd_epi16(p[0], p[1]), _mm256_hadd_epi16(p[2], p[3])), ones);
+            const __m256i b = _mm256_madd_epi16(_mm256_hadd_epi16(_mm256_hadd_epi16(p[4], p[5]), _mm256_hadd_epi16(p[6], p[7])), ones);
+            s = _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+        }
+        const __m256i xsum = _mm256_and_si256(live, _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)(xs + (size_t)t * nb + g))));
+        if (bias_shift) s = _mm256_sub_epi32(s, _mm256_slli_epi32(xsum, bias_shift)); /* codes stored + 8 / + 16 */
+        const __m256 dxv = _mm256_maskload_ps(dx + (size_t)t * nb + g, live);
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dwv, dxv), acc[t]);
+        if (INFO[type].has_offset) acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(xsum), _mm256_mul_ps(mwv, dxv), acc[t]); /* + m * sum(x) */
+    }
+}
+
+static inline __m256i live_lanes(int G) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(G), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+
+/* One group's codes (zero past the row's last block) and fp16 scales. */
+static inline __attribute__((always_inline)) void group32_unpack(const int type, const uint8_t *blk0, int G, __m256i *v, __m256 *dwv, __m256 *mwv) {
+    const kq_info in = INFO[type];
+    *dwv = f16x8(blk0, in.nbytes, 0, G), *mwv = in.has_offset ? f16x8(blk0, in.nbytes, 2, G) : _mm256_setzero_ps();
+    for (int i = 0; i < 8; i++) v[i] = i < G ? codes32(type, blk0 + (size_t)i * in.nbytes, 0) : _mm256_setzero_si256();
+}
+
+/* One row of a 32-weight type (nb blocks) against NT tokens (token t at xq + t * k, scales dx + t * nb,
+ * sums per 32 xs + t * nb), 8 blocks at a time. xq and xs must be readable 256 bytes / 8 sums past the
+ * last token (the tail group's unused blocks read there: times codes 0, or masked off). */
 static inline __attribute__((always_inline)) void row32(const int type, const int NT, const uint8_t *row, int nb, int k, const int8_t *xq,
                                                         const float *dx, const int16_t *xs, float *y, size_t ystride) {
-    const kq_info in = INFO[type];
-    const int is_iq4 = type == KQ_IQ4_NL, bias_shift = type == KQ_Q4_0 ? 3 : type == KQ_Q5_0 ? 4 : 0;
-    const __m256i ones = _mm256_set1_epi16(1), lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     __m256 acc[KQ_TILE];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     for (int g = 0; g < nb; g += 8) {
         const int G = nb - g < 8 ? nb - g : 8;
-        const uint8_t *blk0 = row + (size_t)g * in.nbytes;
-        const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(G), lane); /* lanes of existing blocks */
-        const __m256 dwv = f16x8(blk0, in.nbytes, 0, G), mwv = in.has_offset ? f16x8(blk0, in.nbytes, 2, G) : _mm256_setzero_ps();
         __m256i v[8], av[8];
-        for (int i = 0; i < 8; i++) {
-            v[i] = i < G ? codes32(type, blk0 + (size_t)i * in.nbytes, 0) : _mm256_setzero_si256();
-            av[i] = is_iq4 ? _mm256_sign_epi8(v[i], v[i]) : v[i];
-        }
-        for (int t = 0; t < NT; t++) {
-            const int8_t *xt = xq + (size_t)t * k + (size_t)g * 32;
-            __m256i p[8], s;
-            for (int i = 0; i < 8; i++) {
-                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xt + i * 32));
-                p[i] = _mm256_maddubs_epi16(av[i], is_iq4 ? _mm256_sign_epi8(xv, v[i]) : xv);
-            }
-            if (is_iq4) { /* pair sums up to 2 * 127 * 127: widen at once */
-                for (int i = 0; i < 8; i++) p[i] = _mm256_madd_epi16(p[i], ones);
-                s = sum8x8(p);
-            } else { /* unsigned codes < 32: sums of 8 products stay within int16, so add pairs twice before widening */
-                const __m256i a = _mm256_madd_epi16(_mm256_hadd_epi16(_mm256_hadd_epi16(p[0], p[1]), _mm256_hadd_epi16(p[2], p[3])), ones);
-                const __m256i b = _mm256_madd_epi16(_mm256_hadd_epi16(_mm256_hadd_epi16(p[4], p[5]), _mm256_hadd_epi16(p[6], p[7])), ones);
-                s = _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
-            }
-            const __m256i xsum = _mm256_and_si256(live, _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)(xs + (size_t)t * nb + g))));
-            if (bias_shift) s = _mm256_sub_epi32(s, _mm256_slli_epi32(xsum, bias_shift)); /* codes stored + 8 / + 16 */
-            const __m256 dxv = _mm256_maskload_ps(dx + (size_t)t * nb + g, live);
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dwv, dxv), acc[t]);
-            if (in.has_offset) acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(xsum), _mm256_mul_ps(mwv, dxv), acc[t]); /* + m * sum(x) */
-        }
+        __m256 dwv, mwv;
+        group32_unpack(type, row + (size_t)g * INFO[type].nbytes, G, v, &dwv, &mwv);
+        for (int i = 0; i < 8; i++) av[i] = type == KQ_IQ4_NL ? _mm256_sign_epi8(v[i], v[i]) : v[i];
+        group32(type, NT, v, av, dwv, mwv, live_lanes(G), g, nb, k, xq, dx, xs, acc);
+    }
+    for (int t = 0; t < NT; t++) y[(size_t)t * ystride] = hsum256(acc[t]);
+}
+
+/* A 32-weight row unpacked once for many tiles of tokens: per group of 8 blocks the codes (8 vectors)
+ * and the fp16 scales as floats. */
+typedef struct {
+    __m256i *codes; /* [ng * 8] */
+    __m256 *dw, *mw; /* [ng] */
+} kq_row32;
+
+static kq_row32 *kq_row32_alloc(int nb) {
+    const size_t ng = (size_t)(nb + 7) / 8;
+    kq_row32 *r = malloc(sizeof(kq_row32));
+    void *buf = r ? aligned_alloc(32, sizeof(__m256i) * ng * 10) : NULL;
+    if (!buf) {
+        free(r);
+        return NULL;
+    }
+    r->codes = buf, r->dw = (__m256 *)(r->codes + ng * 8), r->mw = r->dw + ng;
+    return r;
+}
+
+static void kq_row32_free(kq_row32 *r) {
+    if (r) free(r->codes), free(r);
+}
+
+/* row32 on an unpacked row (kq_row32): the same operations per token, in the same order. */
+static inline __attribute__((always_inline)) void row32_unpacked(const int type, const int NT, const kq_row32 *u, int nb, int k, const int8_t *xq,
+                                                                 const float *dx, const int16_t *xs, float *y, size_t ystride) {
+    __m256 acc[KQ_TILE];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    for (int g = 0; g < nb; g += 8) {
+        const __m256i *v = u->codes + g;
+        __m256i av[8];
+        for (int i = 0; i < 8; i++) av[i] = type == KQ_IQ4_NL ? _mm256_sign_epi8(v[i], v[i]) : v[i];
+        group32(type, NT, v, av, u->dw[g / 8], u->mw[g / 8], live_lanes(nb - g < 8 ? nb - g : 8), g, nb, k, xq, dx, xs, acc);
     }
     for (int t = 0; t < NT; t++) y[(size_t)t * ystride] = hsum256(acc[t]);
 }
@@ -720,6 +773,34 @@ static inline __attribute__((always_inline)) void row32(const int type, const in
 #define TILED_K(TYPE) TILED(rowk, TYPE, TILE_K(TYPE))
 #endif
 
+#ifdef __AVX2__
+/* TILED for a 32-weight type: as TILED_K, the row unpacked once per thread (kq_row32) where a pass
+ * holds two tiles or more. */
+#define TILED_32(TYPE)                                                                                               \
+    case TYPE:                                                                                                       \
+        _Pragma("omp parallel num_threads(nth)") {                                                                   \
+            kq_row32 *u = t1 - t0 >= 2 * TILE_32 ? kq_row32_alloc(nb) : NULL;                                       \
+            _Pragma("omp for schedule(dynamic, lg_chunk(n, nth))") for (int r = 0; r < n; r++) {                    \
+                const uint8_t *row = w + (size_t)r * row_bytes;                                                      \
+                int t = t0;                                                                                          \
+                if (u)                                                                                               \
+                    for (int g = 0; g < nb; g += 8)                                                                  \
+                        group32_unpack(TYPE, row + (size_t)g * INFO[TYPE].nbytes, nb - g < 8 ? nb - g : 8, u->codes + g, u->dw + g / 8, u->mw + g / 8); \
+                for (; t + TILE_32 <= t1; t += TILE_32)                                                              \
+                    if (u)                                                                                           \
+                        row32_unpacked(TYPE, TILE_32, u, nb, k, xq + (size_t)t * k, dx + (size_t)t * nb, xs + (size_t)t * ns, y + (size_t)t * n + r, (size_t)n); \
+                    else                                                                                             \
+                        row32(TYPE, TILE_32, row, nb, k, xq + (size_t)t * k, dx + (size_t)t * nb, xs + (size_t)t * ns, y + (size_t)t * n + r, (size_t)n); \
+                for (; t < t1; t++)                                                                                  \
+                    row32(TYPE, 1, row, nb, k, xq + (size_t)t * k, dx + (size_t)t * nb, xs + (size_t)t * ns, y + (size_t)t * n + r, (size_t)n); \
+            }                                                                                                        \
+            kq_row32_free(u);                                                                                        \
+        }                                                                                                            \
+        break;
+#else
+#define TILED_32(TYPE) TILED(row32, TYPE, TILE_32)
+#endif
+
 /* Tokens per pass over the weight: their int8 activations (KQ_PASS_BYTES in all) stay in L2 while every
  * row goes by; the weight is read once per pass. */
 #define KQ_PASS_BYTES (192 * 1024)
@@ -744,7 +825,7 @@ int kq_matmul_q8(int type, const uint8_t *w, int n, int k, const float *x, int T
     for (int t0 = 0; t0 < T; t0 += pass) {
         const int t1 = T - t0 < pass ? T : t0 + pass;
         switch (type) {
-                TILED(row32, KQ_Q4_0, TILE_32) TILED(row32, KQ_Q5_0, TILE_32) TILED(row32, KQ_Q4_1, TILE_32) TILED(row32, KQ_Q5_1, TILE_32) TILED(row32, KQ_IQ4_NL, TILE_32)
+                TILED_32(KQ_Q4_0) TILED_32(KQ_Q5_0) TILED_32(KQ_Q4_1) TILED_32(KQ_Q5_1) TILED_32(KQ_IQ4_NL)
             TILED_K(KQ_Q2_K) TILED_K(KQ_Q3_K) TILED_K(KQ_Q4_K) TILED_K(KQ_Q5_K) TILED_K(KQ_Q6_K) TILED_K(KQ_IQ4_XS)
         }
     }
