@@ -445,121 +445,88 @@ static inline __m256i chunk_scales(__m256i lo8, __m256i hi8, int c) {
     return _mm256_shuffle_epi8(c < 4 ? lo8 : hi8, pick);
 }
 
-/* One K-quant weight row (nb blocks) against NT tokens' int8 activations (token t at xq + t * k, its
- * block scales at dx + t * nb, sums per 16 at xs + t * k / 16): y[t * ystride]. Per block and token,
- * the codes times activations and sub-block scales are summed as int32 (maddubs, madd), then one
- * fma per 8 lanes in float. */
+/* A K-quant block unpacked: per chunk its codes and scale vector (chunk_scales), the scales and offsets
+ * as vectors (kscales_v) and d, dmin. */
+typedef struct {
+    __m256i codes[8], sc[8], sc16, mn16;
+    float d, dmin, pad_[6];
+} kq_block;
+
+static inline __attribute__((always_inline)) void kblock_unpack(const int type, const uint8_t *blk, kq_block *u) {
+    u->mn16 = _mm256_setzero_si256(), u->dmin = 0.0f;
+    kscales_v(type, blk, &u->sc16, &u->mn16, &u->d, &u->dmin);
+    const __m256i sc_lo = _mm256_permute2x128_si256(u->sc16, u->sc16, 0x00), sc_hi = _mm256_permute2x128_si256(u->sc16, u->sc16, 0x11);
+    for (int c = 0; c < 8; c++) u->codes[c] = codes32(type, blk, c), u->sc[c] = chunk_scales(sc_lo, sc_hi, c);
+}
+
+/* NT tokens' step over block b (token t's activations at xq + t * k, block scales dx + t * nb, sums per 16
+ * xs + t * k / 16): the codes times activations and sub-block scales summed as int32 (maddubs, madd),
+ * then one fma per 8 lanes into acc[t]. The block comes unpacked (u), or packed (blk, u NULL: unpacked
+ * as it goes; always inlined, so the choice folds away): the same operations per token either way. */
+static inline __attribute__((always_inline)) void kblock_tokens(const int type, const int NT, const uint8_t *blk, const kq_block *u, int b, int nb,
+                                                                int k, const int8_t *xq, const float *dx, const int16_t *xs, __m256 *acc) {
+    const int is_iq4 = type == KQ_IQ4_XS, bias_shift = type == KQ_Q3_K ? 2 : type == KQ_Q6_K ? 5 : 0;
+    __m256i sc16, mn16 = _mm256_setzero_si256(), sc_lo = _mm256_setzero_si256(), sc_hi = sc_lo;
+    float d, dmin = 0.0f;
+    if (u) {
+        sc16 = u->sc16, mn16 = u->mn16, d = u->d, dmin = u->dmin;
+    } else {
+        kscales_v(type, blk, &sc16, &mn16, &d, &dmin);
+        sc_lo = _mm256_permute2x128_si256(sc16, sc16, 0x00), sc_hi = _mm256_permute2x128_si256(sc16, sc16, 0x11);
+    }
+    __m256i sumi[KQ_TILE];
+    for (int t = 0; t < NT; t++) sumi[t] = _mm256_setzero_si256();
+    for (int c = 0; c < 8; c++) {
+        const __m256i v = u ? u->codes[c] : codes32(type, blk, c), av = is_iq4 ? _mm256_sign_epi8(v, v) : v;
+        const __m256i sc = u ? u->sc[c] : chunk_scales(sc_lo, sc_hi, c);
+        for (int t = 0; t < NT; t++) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)t * k + (size_t)b * QK_K + c * 32));
+            const __m256i p = _mm256_maddubs_epi16(av, is_iq4 ? _mm256_sign_epi8(xv, v) : xv);
+            sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(p, sc));
+        }
+    }
+    if (bias_shift) /* codes were stored + 4 (Q3_K) / + 32 (Q6_K): subtract scale * bias * sum(x) */
+        for (int t = 0; t < NT; t++) {
+            const __m256i s = _mm256_loadu_si256((const __m256i *)(xs + (size_t)t * (k / 16) + (size_t)b * 16));
+            sumi[t] = _mm256_sub_epi32(sumi[t], _mm256_slli_epi32(_mm256_madd_epi16(sc16, s), bias_shift));
+        }
+    for (int t = 0; t < NT; t++) {
+        const float dt = dx[(size_t)t * nb + b];
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[t]), _mm256_set1_ps(d * dt), acc[t]);
+        if (INFO[type].has_offset) {
+            const __m256i s = _mm256_loadu_si256((const __m256i *)(xs + (size_t)t * (k / 16) + (size_t)b * 16));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(mn16, s)), _mm256_set1_ps(-(dmin * dt)), acc[t]);
+        }
+    }
+}
+
+/* One K-quant weight row (nb blocks) against NT tokens: y[t * ystride]. `unpacked` (kq_row_alloc's
+ * blocks, filled by rowk_unpack) when the row was unpacked for many tiles, else NULL: the blocks are
+ * unpacked as they go. The same operations per token either way. */
+static inline __attribute__((always_inline)) void rowk_any(const int type, const int NT, const uint8_t *row, const kq_block *unpacked, int nb, int k,
+                                                           const int8_t *xq, const float *dx, const int16_t *xs, float *y, size_t ystride) {
+    __m256 acc[KQ_TILE];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++)
+        kblock_tokens(type, NT, unpacked ? NULL : row + (size_t)b * INFO[type].nbytes, unpacked ? unpacked + b : NULL, b, nb, k, xq, dx, xs, acc);
+    for (int t = 0; t < NT; t++) y[(size_t)t * ystride] = hsum256(acc[t]);
+}
+
 static inline __attribute__((always_inline)) void rowk(const int type, const int NT, const uint8_t *row, int nb, int k, const int8_t *xq,
                                                        const float *dx, const int16_t *xs, float *y, size_t ystride) {
-    const kq_info in = INFO[type];
-    const int is_iq4 = type == KQ_IQ4_XS, bias_shift = type == KQ_Q3_K ? 2 : type == KQ_Q6_K ? 5 : 0;
-    __m256 acc[KQ_TILE];
-    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *blk = row + (size_t)b * in.nbytes;
-        __m256i sc16, mn16 = _mm256_setzero_si256();
-        float d, dmin = 0.0f;
-        kscales_v(type, blk, &sc16, &mn16, &d, &dmin);
-        const __m256i sc_lo = _mm256_permute2x128_si256(sc16, sc16, 0x00), sc_hi = _mm256_permute2x128_si256(sc16, sc16, 0x11);
-        __m256i sumi[KQ_TILE];
-        for (int t = 0; t < NT; t++) sumi[t] = _mm256_setzero_si256();
-        for (int c = 0; c < 8; c++) {
-            const __m256i v = codes32(type, blk, c), av = is_iq4 ? _mm256_sign_epi8(v, v) : v;
-            const __m256i sc = chunk_scales(sc_lo, sc_hi, c);
-            for (int t = 0; t < NT; t++) {
-                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)t * k + (size_t)b * QK_K + c * 32));
-                const __m256i p = _mm256_maddubs_epi16(av, is_iq4 ? _mm256_sign_epi8(xv, v) : xv);
-                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(p, sc));
-            }
-        }
-        if (bias_shift) { /* codes were stored + 4 (Q3_K) / + 32 (Q6_K): subtract scale * bias * sum(x) */
-            for (int t = 0; t < NT; t++) {
-                const __m256i s = _mm256_loadu_si256((const __m256i *)(xs + (size_t)t * (k / 16) + (size_t)b * 16));
-                sumi[t] = _mm256_sub_epi32(sumi[t], _mm256_slli_epi32(_mm256_madd_epi16(sc16, s), bias_shift));
-            }
-        }
-        for (int t = 0; t < NT; t++) {
-            const float dt = dx[(size_t)t * nb + b];
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[t]), _mm256_set1_ps(d * dt), acc[t]);
-            if (in.has_offset) {
-                const __m256i s = _mm256_loadu_si256((const __m256i *)(xs + (size_t)t * (k / 16) + (size_t)b * 16));
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(mn16, s)), _mm256_set1_ps(-(dmin * dt)), acc[t]);
-            }
-        }
-    }
-    for (int t = 0; t < NT; t++) y[(size_t)t * ystride] = hsum256(acc[t]);
+    rowk_any(type, NT, row, NULL, nb, k, xq, dx, xs, y, ystride);
 }
 
-/* A K-quant row unpacked once for many tiles of tokens (rowk_unpack): per chunk its codes and scale
- * vector, per block the scales and offsets as vectors and d, dmin -- what rowk makes per block and tile. */
-typedef struct {
-    __m256i *codes, *sc, *sc16, *mn16; /* [nb * 8], [nb * 8], [nb], [nb] */
-    float *d, *dmin;                   /* [nb] */
-} kq_row;
+/* A K-quant row unpacked once for many tiles of tokens: [nb] blocks (aligned for the vectors). */
+static kq_block *kq_row_alloc(int nb) { return aligned_alloc(32, sizeof(kq_block) * (size_t)nb); }
 
-static kq_row *kq_row_alloc(int nb) {
-    const size_t vec = sizeof(__m256i) * (size_t)nb * 18, flt = sizeof(float) * (size_t)nb * 2;
-    kq_row *r = malloc(sizeof(kq_row));
-    void *buf = r ? aligned_alloc(32, (vec + flt + 31) / 32 * 32) : NULL;
-    if (!buf) {
-        free(r);
-        return NULL;
-    }
-    r->codes = buf, r->sc = r->codes + (size_t)nb * 8, r->sc16 = r->sc + (size_t)nb * 8, r->mn16 = r->sc16 + nb;
-    r->d = (float *)(r->mn16 + nb), r->dmin = r->d + nb;
-    return r;
+static inline __attribute__((always_inline)) void rowk_unpack(const int type, const uint8_t *row, int nb, kq_block *u) {
+    for (int b = 0; b < nb; b++) kblock_unpack(type, row + (size_t)b * INFO[type].nbytes, u + b);
 }
 
-static void kq_row_free(kq_row *r) {
-    if (r) free(r->codes), free(r);
-}
-
-static inline __attribute__((always_inline)) void rowk_unpack(const int type, const uint8_t *row, int nb, kq_row *u) {
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *blk = row + (size_t)b * INFO[type].nbytes;
-        __m256i sc16, mn16 = _mm256_setzero_si256();
-        float d, dmin = 0.0f;
-        kscales_v(type, blk, &sc16, &mn16, &d, &dmin);
-        const __m256i sc_lo = _mm256_permute2x128_si256(sc16, sc16, 0x00), sc_hi = _mm256_permute2x128_si256(sc16, sc16, 0x11);
-        for (int c = 0; c < 8; c++) u->codes[b * 8 + c] = codes32(type, blk, c), u->sc[b * 8 + c] = chunk_scales(sc_lo, sc_hi, c);
-        u->sc16[b] = sc16, u->mn16[b] = mn16, u->d[b] = d, u->dmin[b] = dmin;
-    }
-}
-
-/* rowk on an unpacked row: the same operations per token, in the same order. */
-static inline __attribute__((always_inline)) void rowk_unpacked(const int type, const int NT, const kq_row *u, int nb, int k, const int8_t *xq,
+static inline __attribute__((always_inline)) void rowk_unpacked(const int type, const int NT, const kq_block *u, int nb, int k, const int8_t *xq,
                                                                 const float *dx, const int16_t *xs, float *y, size_t ystride) {
-    const kq_info in = INFO[type];
-    const int is_iq4 = type == KQ_IQ4_XS, bias_shift = type == KQ_Q3_K ? 2 : type == KQ_Q6_K ? 5 : 0;
-    __m256 acc[KQ_TILE];
-    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
-    for (int b = 0; b < nb; b++) {
-        __m256i sumi[KQ_TILE];
-        for (int t = 0; t < NT; t++) sumi[t] = _mm256_setzero_si256();
-        for (int c = 0; c < 8; c++) {
-            const __m256i v = u->codes[b * 8 + c], av = is_iq4 ? _mm256_sign_epi8(v, v) : v, sc = u->sc[b * 8 + c];
-            for (int t = 0; t < NT; t++) {
-                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)t * k + (size_t)b * QK_K + c * 32));
-                const __m256i p = _mm256_maddubs_epi16(av, is_iq4 ? _mm256_sign_epi8(xv, v) : xv);
-                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(p, sc));
-            }
-        }
-        if (bias_shift)
-            for (int t = 0; t < NT; t++) {
-                const __m256i s = _mm256_loadu_si256((const __m256i *)(xs + (size_t)t * (k / 16) + (size_t)b * 16));
-                sumi[t] = _mm256_sub_epi32(sumi[t], _mm256_slli_epi32(_mm256_madd_epi16(u->sc16[b], s), bias_shift));
-            }
-        const float d = u->d[b], dmin = u->dmin[b];
-        for (int t = 0; t < NT; t++) {
-            const float dt = dx[(size_t)t * nb + b];
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[t]), _mm256_set1_ps(d * dt), acc[t]);
-            if (in.has_offset) {
-                const __m256i s = _mm256_loadu_si256((const __m256i *)(xs + (size_t)t * (k / 16) + (size_t)b * 16));
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(u->mn16[b], s)), _mm256_set1_ps(-(dmin * dt)), acc[t]);
-            }
-        }
-    }
-    for (int t = 0; t < NT; t++) y[(size_t)t * ystride] = hsum256(acc[t]);
+    rowk_any(type, NT, NULL, u, nb, k, xq, dx, xs, y, ystride);
 }
 
 /* The fp16 at `at` of up to 8 blocks `stride` bytes apart as 8 floats (0 past `count`): packed into
@@ -646,36 +613,26 @@ static inline __attribute__((always_inline)) void row32(const int type, const in
 /* A 32-weight row unpacked once for many tiles of tokens: per group of 8 blocks the codes (8 vectors)
  * and the fp16 scales as floats. */
 typedef struct {
-    __m256i *codes; /* [ng * 8] */
-    __m256 *dw, *mw; /* [ng] */
-} kq_row32;
+    __m256i codes[8];
+    __m256 dw, mw;
+} kq_group;
 
-static kq_row32 *kq_row32_alloc(int nb) {
-    const size_t ng = (size_t)(nb + 7) / 8;
-    kq_row32 *r = malloc(sizeof(kq_row32));
-    void *buf = r ? aligned_alloc(32, sizeof(__m256i) * ng * 10) : NULL;
-    if (!buf) {
-        free(r);
-        return NULL;
-    }
-    r->codes = buf, r->dw = (__m256 *)(r->codes + ng * 8), r->mw = r->dw + ng;
-    return r;
+static kq_group *kq_row32_alloc(int nb) { return aligned_alloc(32, sizeof(kq_group) * (size_t)((nb + 7) / 8)); }
+
+static inline __attribute__((always_inline)) void row32_unpack(const int type, const uint8_t *row, int nb, kq_group *u) {
+    for (int g = 0; g < nb; g += 8) group32_unpack(type, row + (size_t)g * INFO[type].nbytes, nb - g < 8 ? nb - g : 8, u[g / 8].codes, &u[g / 8].dw, &u[g / 8].mw);
 }
 
-static void kq_row32_free(kq_row32 *r) {
-    if (r) free(r->codes), free(r);
-}
-
-/* row32 on an unpacked row (kq_row32): the same operations per token, in the same order. */
-static inline __attribute__((always_inline)) void row32_unpacked(const int type, const int NT, const kq_row32 *u, int nb, int k, const int8_t *xq,
+/* row32 on an unpacked row (kq_row32_alloc, row32_unpack): the same operations per token, in the same order. */
+static inline __attribute__((always_inline)) void row32_unpacked(const int type, const int NT, const kq_group *u, int nb, int k, const int8_t *xq,
                                                                  const float *dx, const int16_t *xs, float *y, size_t ystride) {
     __m256 acc[KQ_TILE];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     for (int g = 0; g < nb; g += 8) {
-        const __m256i *v = u->codes + g;
+        const __m256i *v = u[g / 8].codes;
         __m256i av[8];
         for (int i = 0; i < 8; i++) av[i] = type == KQ_IQ4_NL ? _mm256_sign_epi8(v[i], v[i]) : v[i];
-        group32(type, NT, v, av, u->dw[g / 8], u->mw[g / 8], live_lanes(nb - g < 8 ? nb - g : 8), g, nb, k, xq, dx, xs, acc);
+        group32(type, NT, v, av, u[g / 8].dw, u[g / 8].mw, live_lanes(nb - g < 8 ? nb - g : 8), g, nb, k, xq, dx, xs, acc);
     }
     for (int t = 0; t < NT; t++) y[(size_t)t * ystride] = hsum256(acc[t]);
 }
@@ -747,57 +704,32 @@ static inline __attribute__((always_inline)) void row32(const int type, const in
         break;
 
 #ifdef __AVX2__
-/* TILED for a K-quant type: where a pass holds two tiles or more, each thread unpacks its row once
- * (rowk_unpack) and every tile reads it (rowk_unpacked); the one-by-one rest, and any thread whose
- * buffer could not be had, run rowk: the same numbers. */
-#define TILED_K(TYPE)                                                                                                \
+/* TILED where a pass holds two tiles or more: each thread unpacks its row once (ALLOC'd buffer, UNPACK)
+ * and every tile reads it (UROW); the one-by-one rest, and a thread whose buffer could not be had, run
+ * ROW on the packed row: the same numbers. */
+#define TILED_U(TYPE, TILE, ROW, UROW, ALLOC, UNPACK)                                                                \
     case TYPE:                                                                                                       \
         _Pragma("omp parallel num_threads(nth)") {                                                                   \
-            kq_row *u = t1 - t0 >= 2 * TILE_K(TYPE) ? kq_row_alloc(nb) : NULL;                                      \
+            void *u = t1 - t0 >= 2 * (TILE) ? ALLOC(nb) : NULL;                                                      \
             _Pragma("omp for schedule(dynamic, lg_chunk(n, nth))") for (int r = 0; r < n; r++) {                    \
                 const uint8_t *row = w + (size_t)r * row_bytes;                                                      \
                 int t = t0;                                                                                          \
-                if (u) rowk_unpack(TYPE, row, nb, u);                                                                \
-                for (; t + TILE_K(TYPE) <= t1; t += TILE_K(TYPE))                                                    \
+                if (u) UNPACK(TYPE, row, nb, u);                                                                     \
+                for (; t + (TILE) <= t1; t += (TILE))                                                                \
                     if (u)                                                                                           \
-                        rowk_unpacked(TYPE, TILE_K(TYPE), u, nb, k, xq + (size_t)t * k, dx + (size_t)t * nb, xs + (size_t)t * ns, y + (size_t)t * n + r, (size_t)n); \
+                        UROW(TYPE, (TILE), u, nb, k, xq + (size_t)t * k, dx + (size_t)t * nb, xs + (size_t)t * ns, y + (size_t)t * n + r, (size_t)n); \
                     else                                                                                             \
-                        rowk(TYPE, TILE_K(TYPE), row, nb, k, xq + (size_t)t * k, dx + (size_t)t * nb, xs + (size_t)t * ns, y + (size_t)t * n + r, (size_t)n); \
+                        ROW(TYPE, (TILE), row, nb, k, xq + (size_t)t * k, dx + (size_t)t * nb, xs + (size_t)t * ns, y + (size_t)t * n + r, (size_t)n); \
                 for (; t < t1; t++)                                                                                  \
-                    rowk(TYPE, 1, row, nb, k, xq + (size_t)t * k, dx + (size_t)t * nb, xs + (size_t)t * ns, y + (size_t)t * n + r, (size_t)n); \
+                    ROW(TYPE, 1, row, nb, k, xq + (size_t)t * k, dx + (size_t)t * nb, xs + (size_t)t * ns, y + (size_t)t * n + r, (size_t)n); \
             }                                                                                                        \
-            kq_row_free(u);                                                                                          \
+            free(u);                                                                                                 \
         }                                                                                                            \
         break;
+#define TILED_K(TYPE) TILED_U(TYPE, TILE_K(TYPE), rowk, rowk_unpacked, kq_row_alloc, rowk_unpack)
+#define TILED_32(TYPE) TILED_U(TYPE, TILE_32, row32, row32_unpacked, kq_row32_alloc, row32_unpack)
 #else
 #define TILED_K(TYPE) TILED(rowk, TYPE, TILE_K(TYPE))
-#endif
-
-#ifdef __AVX2__
-/* TILED for a 32-weight type: as TILED_K, the row unpacked once per thread (kq_row32) where a pass
- * holds two tiles or more. */
-#define TILED_32(TYPE)                                                                                               \
-    case TYPE:                                                                                                       \
-        _Pragma("omp parallel num_threads(nth)") {                                                                   \
-            kq_row32 *u = t1 - t0 >= 2 * TILE_32 ? kq_row32_alloc(nb) : NULL;                                       \
-            _Pragma("omp for schedule(dynamic, lg_chunk(n, nth))") for (int r = 0; r < n; r++) {                    \
-                const uint8_t *row = w + (size_t)r * row_bytes;                                                      \
-                int t = t0;                                                                                          \
-                if (u)                                                                                               \
-                    for (int g = 0; g < nb; g += 8)                                                                  \
-                        group32_unpack(TYPE, row + (size_t)g * INFO[TYPE].nbytes, nb - g < 8 ? nb - g : 8, u->codes + g, u->dw + g / 8, u->mw + g / 8); \
-                for (; t + TILE_32 <= t1; t += TILE_32)                                                              \
-                    if (u)                                                                                           \
-                        row32_unpacked(TYPE, TILE_32, u, nb, k, xq + (size_t)t * k, dx + (size_t)t * nb, xs + (size_t)t * ns, y + (size_t)t * n + r, (size_t)n); \
-                    else                                                                                             \
-                        row32(TYPE, TILE_32, row, nb, k, xq + (size_t)t * k, dx + (size_t)t * nb, xs + (size_t)t * ns, y + (size_t)t * n + r, (size_t)n); \
-                for (; t < t1; t++)                                                                                  \
-                    row32(TYPE, 1, row, nb, k, xq + (size_t)t * k, dx + (size_t)t * nb, xs + (size_t)t * ns, y + (size_t)t * n + r, (size_t)n); \
-            }                                                                                                        \
-            kq_row32_free(u);                                                                                        \
-        }                                                                                                            \
-        break;
-#else
 #define TILED_32(TYPE) TILED(row32, TYPE, TILE_32)
 #endif
 
