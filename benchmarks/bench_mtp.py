@@ -107,23 +107,26 @@ def distil(model: localglm.Model, data: torch.Tensor, steps: int, lr: float, ski
     return losses
 
 
-def run(model: localglm.Model, prompts: list[list[int]], new: int, draft: int, adaptive: bool, sampling: SamplingParams) -> tuple[float, GenerationStats]:
-    """Decode tok/s over all prompts (decode time summed) and the last run's stats, with drafting `draft`."""
+def run(model: localglm.Model, prompts: list[list[int]], new: int, draft: int, adaptive: bool, sampling: SamplingParams) -> tuple[float, GenerationStats, float]:
+    """Decode tok/s over all prompts (decode time summed), their stats summed, with drafting `draft`,
+    and generated tokens per second of this process's CPU time over the whole requests (prompt included:
+    on a shared CPU the time other processes take from this one does not count)."""
     model.speculation.set_draft(draft, adaptive=adaptive)
-    tokens, seconds = 0, 0.0
+    tokens, seconds, generated, cpu0 = 0, 0.0, 0, time.process_time()
     total = GenerationStats()
     for p in prompts:
         stats = GenerationStats()
         list(model.stream_tokens(p, max_new_tokens=new, sampling=sampling, reuse_prefix=False, stats=stats))  # unseeded: a seed pins the untimed depth choice
         tokens += stats.decode_tokens - 1
         seconds += stats.decode_s
+        generated += stats.decode_tokens
         total.draft_tokens += stats.draft_tokens
         total.accepted_tokens += stats.accepted_tokens
         for d, n in stats.draft_depths.items():
             total.draft_depths[d] = total.draft_depths.get(d, 0) + n
     steps = sum(total.draft_depths.values())
     total.acceptance_length = (total.accepted_tokens + steps) / steps if steps else 0.0
-    return tokens / seconds if seconds else 0.0, total
+    return tokens / seconds if seconds else 0.0, total, generated / max(time.process_time() - cpu0, 1e-9)
 
 
 def oracle(model: localglm.Model, prompts: list[list[int]], references: list[list[int]], wrong_every: int = 5) -> None:
@@ -212,6 +215,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--torch-multi-token", action="store_true",
                     help="verification, prompts and the MTP block through the torch ops, as before the native multi-token forward (the peer)")
+    ap.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                    help="the drafter scores the N most frequent tokens (load's draft_vocab; default: the checkpoint's default, 0: the whole head)")
+    ap.add_argument("--repeat", type=int, default=1, metavar="N",
+                    help="run each setting N times and keep its fastest (on a shared CPU, other processes only ever slow a run)")
     ap.add_argument("--llama-cpp", action="store_true",
                     help="also llama.cpp's kernels drafting with the same MTP block (llama_mtp_peer.py): plain and draft 1/2/3, greedy")
     args = ap.parse_args()
@@ -220,7 +227,7 @@ def main() -> int:
     if path is None:
         path = Path(tempfile.mkdtemp(prefix="bench-mtp-")) / "m"
         make_tiny(path, TinySpec(**SPEC))
-    model = localglm.load(path, ctx=1024)
+    model = localglm.load(path, ctx=1024, **({} if args.draft_vocab is None else {"draft_vocab": args.draft_vocab}))
     if model.speculation is None:
         raise SystemExit(f"{path}: no MTP block")
     if args.torch_multi_token:  # the peer: as before the native multi-token forward
@@ -243,8 +250,11 @@ def main() -> int:
         print(f"MTP head distilled on {args.train_rows} greedy continuations: {args.steps} steps, loss {losses[0]:.2f} -> {losses[-1]:.2f} ({trained:.0f} s)")
     else:
         print("MTP head as made (random): acceptance is the floor")
+    vocab = getattr(model.speculation.head, "vocab", None)
+    print(f"drafter's vocabulary: {'the whole head' if vocab is None else f'{len(vocab)} most frequent tokens'}"
+          + (f"; each setting the fastest of {args.repeat} runs" if args.repeat > 1 else ""))
     print(f"load average before: {os.getloadavg()[0]:.2f}")
-    print(f"{'sampling':<10} {'drafter':<13} {'draft':<8} {'decode tok/s':>12} {'vs plain':>9} {'accepted/drafted':>17} {'tok/step':>9}  depths")
+    print(f"{'sampling':<10} {'drafter':<13} {'draft':<8} {'decode tok/s':>12} {'vs plain':>9} {'tok/CPU-s':>10} {'vs plain':>9} {'accepted/drafted':>17} {'tok/step':>9}  depths")
     greedy, warm = SamplingParams(temperature=0), SamplingParams(temperature=0.7)
     model.speculation.set_draft(0)
     references = [list(model.stream_tokens(p, max_new_tokens=args.new, sampling=greedy, reuse_prefix=False)) for p in prompts]
@@ -255,15 +265,17 @@ def main() -> int:
     for name, sampling, drafter, draft, adaptive in [("greedy", greedy, "-", 0, False), ("t=0.7", warm, "-", 0, False), *settings]:
         if drafter.startswith("oracle"):
             oracle(model, prompts, references)
-        speed, st = run(model, prompts, args.new, draft, adaptive, sampling)
+        runs = [run(model, prompts, args.new, draft, adaptive, sampling) for _ in range(max(1, args.repeat))]
+        speed, st, cpu = max(r[0] for r in runs), runs[-1][1], max(r[2] for r in runs)
         model.speculation.__dict__.pop("_draft", None)
         model.__dict__.pop("stream_tokens", None)
         base.setdefault(name, speed)
+        base.setdefault(name + " cpu", cpu)
         depths = ",".join(f"{d}x{n}" for d, n in sorted(st.draft_depths.items())) or "-"
         acc = f"{st.accepted_tokens}/{st.draft_tokens}" if draft else "-"
         per = f"{st.acceptance_length:.2f}" if draft else "1.00"
         label = "plain" if not draft else f"{'<=' if adaptive else ''}{draft}"
-        print(f"{name:<10} {drafter:<13} {label:<8} {speed:>12.1f} {speed / base[name]:>8.2f}x {acc:>17} {per:>9}  {depths}")
+        print(f"{name:<10} {drafter:<13} {label:<8} {speed:>12.1f} {speed / base[name]:>8.2f}x {cpu:>10.1f} {cpu / base[name + ' cpu']:>8.2f}x {acc:>17} {per:>9}  {depths}")
     if args.llama_cpp:
         llama_cpp_rows(path, prompts, args.new, args.threads, references)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
