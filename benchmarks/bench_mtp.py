@@ -153,7 +153,7 @@ def oracle(model: localglm.Model, prompts: list[list[int]], references: list[lis
     model.stream_tokens = stream_tokens  # type: ignore[method-assign]
 
 
-def llama_cpp_rows(path: Path, prompts: list[list[int]], new: int, threads: int, ours: list[list[int]]) -> None:
+def llama_cpp_rows(path: Path, prompts: list[list[int]], new: int, threads: int, repeat: int, ours: list[list[int]]) -> None:
     """The peer's rows (llama_mtp_peer.py in a subprocess, on the model's bf16 GGUF with its MTP block): as
     llama.cpp hands the block its hidden states (after the final norms), then with the norms' weights
     undone (the streams GLM's MTP, and localglm, take)."""
@@ -172,7 +172,8 @@ def llama_cpp_rows(path: Path, prompts: list[list[int]], new: int, threads: int,
     results = []
     try:
         for raw in (True, False):
-            cmd = [sys.executable, str(peer), "--gguf", str(gguf), "--ids", f.name, "--new", str(new), "--threads", str(threads), "--drafts", "1,2,3"]
+            cmd = [sys.executable, str(peer), "--gguf", str(gguf), "--ids", f.name, "--new", str(new), "--threads", str(threads),
+                   "--drafts", "1,2,3", "--rounds", str(repeat)]  # fmt: skip
             r = subprocess.run(cmd + (["--raw-h"] if raw else []), capture_output=True, text=True)
             if r.returncode != 0:
                 print(f"llama.cpp failed:\n{r.stderr[-1500:]}")
@@ -185,15 +186,17 @@ def llama_cpp_rows(path: Path, prompts: list[list[int]], new: int, threads: int,
         drafter = "llama.cpp raw" if res["raw_h"] else "llama.cpp"
         rows = [(plain, "plain")] + [(row, str(row["draft"])) for row in res["spec"]]
         for row, label in rows:
-            speed = row["tok_s"]
+            speed, cpu = row["tok_s"], row["tok_cpu_s"]
             acc = f"{row['accepted']}/{row['drafted']}" if row["draft"] else "-"
             depths = ",".join(f"{d}x{n}" for d, n in sorted((int(d), n) for d, n in row["depths"].items())) or "-"
-            print(f"{'greedy':<10} {drafter:<13} {label:<8} {speed:>12.1f} {speed / plain['tok_s']:>8.2f}x {acc:>17} {row['per_step']:>9.2f}  {depths}")
+            print(f"{'greedy':<10} {drafter:<13} {label:<8} {speed:>12.1f} {speed / plain['tok_s']:>8.2f}x {cpu:>10.1f} "
+                  f"{cpu / plain['tok_cpu_s']:>8.2f}x {acc:>17} {row['per_step']:>9.2f}  {depths}")  # fmt: skip
     same = [f"{row['same_as_plain']}/{res['prompts']}" for res in results for row in res["spec"]]
     theirs = results[0]["tokens"]
     agree = sum(a == b for a, b in zip(theirs, ours))
     prefix = sum(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(theirs, ours))
-    print(f"llama.cpp rows: each setting's fastest of {results[0]['rounds']} rounds taken in turn (ours: one pass)")
+    if repeat > 1:
+        print(f"llama.cpp rows: each setting's fastest of {repeat} rounds, the settings taken in turn")
     print(f"llama.cpp {results[0]['llama_cpp']}: speculative output == its own plain greedy output on {', '.join(same)} prompts "
           f"(raw draft 1/2/3, then draft 1/2/3); its plain greedy output == ours on {agree}/{len(ours)} prompts "
           f"(the same up to the first difference: {prefix} of {sum(map(len, ours))} tokens; bf16 rounding tips near-ties)")  # fmt: skip
@@ -277,7 +280,7 @@ def main() -> int:
         label = "plain" if not draft else f"{'<=' if adaptive else ''}{draft}"
         print(f"{name:<10} {drafter:<13} {label:<8} {speed:>12.1f} {speed / base[name]:>8.2f}x {cpu:>10.1f} {cpu / base[name + ' cpu']:>8.2f}x {acc:>17} {per:>9}  {depths}")
     if args.llama_cpp:
-        llama_cpp_rows(path, prompts, args.new, args.threads, references)
+        llama_cpp_rows(path, prompts, args.new, args.threads, max(1, args.repeat), references)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     return 0
 

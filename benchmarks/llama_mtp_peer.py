@@ -278,7 +278,8 @@ def _norm_weights(gguf: Path) -> tuple[np.ndarray, np.ndarray]:
 def measure(backend: MtpBackend, prompts: list[list[int]], new: int, drafts: Sequence[int], rounds: int = 1,
             set_nextn: Callable[[bool], None] = lambda on: None) -> dict[str, Any]:  # fmt: skip
     """Plain greedy, then speculation at each depth, over the same prompts, `rounds` times in turn: each
-    setting's fastest round (the one least slowed by other processes), as a dict."""
+    setting's fastest round (the one least slowed by other processes; wall and CPU figures each their
+    best), as a dict."""
     calls: dict[str, list[float]] = getattr(backend, "calls", {})
 
     def ms_per_call() -> dict[str, float]:
@@ -293,28 +294,34 @@ def measure(backend: MtpBackend, prompts: list[list[int]], new: int, drafts: Seq
         else:
             greedy_speculative(backend, prompt, n, run.draft, run)
 
-    def one(depth: int) -> tuple[Run, dict[str, float]]:
+    def one(depth: int) -> tuple[Run, dict[str, float], float]:
+        """A run of every prompt: its Run, ms per decode, and generated tokens per second of this process's
+        CPU time over the whole requests (prompts included: time other processes take does not count)."""
         set_nextn(depth > 0)
         decode(prompts[0][:8], 8, Run(depth))  # warm-up: graphs allocated outside the timing
         ms_per_call()
-        run = Run(depth)
+        run, cpu0 = Run(depth), time.process_time()
         for p in prompts:
             decode(p, new, run)
-        return run, ms_per_call()
+        cpu = time.process_time() - cpu0
+        return run, ms_per_call(), sum(map(len, run.tokens)) / max(cpu, 1e-9)
 
     best: dict[int, tuple[Run, dict[str, float]]] = {}
+    best_cpu: dict[int, float] = {}
     for _ in range(rounds):
         for depth in (0, *drafts):
-            run, ms = one(depth)
+            run, ms, cpu = one(depth)
             if depth in best and run.tokens != best[depth][0].tokens:
                 raise RuntimeError(f"draft {depth}: a round's output differs from the first round's")
             if depth not in best or run.decode_s < best[depth][0].decode_s:
                 best[depth] = (run, ms)
+            best_cpu[depth] = max(best_cpu.get(depth, 0.0), cpu)
     plain = best[0][0]
 
     def row(r: Run, ms: dict[str, float]) -> dict[str, Any]:
         same = sum(a == b for a, b in zip(r.tokens, plain.tokens))
-        return {k: v for k, v in asdict(r).items() if k != "tokens"} | {"tok_s": r.tok_s, "per_step": r.per_step, "same_as_plain": same, "ms_per_call": ms}
+        figures = {"tok_s": r.tok_s, "tok_cpu_s": best_cpu[r.draft], "per_step": r.per_step, "same_as_plain": same, "ms_per_call": ms}
+        return {k: v for k, v in asdict(r).items() if k != "tokens"} | figures
 
     rows = [row(*best[d]) for d in (0, *drafts)]
     return {"plain": rows[0], "tokens": plain.tokens, "spec": rows[1:], "prompts": len(prompts), "rounds": rounds}
