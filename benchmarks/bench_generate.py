@@ -70,6 +70,12 @@ def peak_rss() -> int:
 
 
 # ---- workers (one engine each, in a subprocess) -----------------------------------------------
+def cpu_speeds(prompt: int, prompt_cpu_s: float, decoded: int, decode_cpu_s: float) -> dict:
+    """Tokens per second of this process's CPU time (all its threads): on a machine other jobs share, wall
+    time counts their turns too, CPU time far less (what they do to the caches remains)."""
+    return dict(prompt_cpu_tok_s=prompt / max(prompt_cpu_s, 1e-9), decode_cpu_tok_s=decoded / max(decode_cpu_s, 1e-9))
+
+
 def run_localglm(model: Path, ids: list[int], new: int, threads: int, draft: int | None = None) -> dict:
     """localglm without speculation; with `draft` (the `localglm+mtp` engine), speculative decoding with
     the checkpoint's MTP layer drafting up to that many tokens a step, depth chosen per step (as --mtp does)."""
@@ -86,8 +92,13 @@ def run_localglm(model: Path, ids: list[int], new: int, threads: int, draft: int
             raise SystemExit(f"{model}: no MTP layer to draft with")
         m.speculation.set_draft(draft)
     stats = localglm.GenerationStats()
-    out = list(m.stream_tokens(ids, max_new_tokens=new, sampling=localglm.SamplingParams(temperature=0), stats=stats))
-    res = dict(load_s=load_s, prompt_tok_s=stats.prompt_tok_s, decode_tok_s=stats.decode_tok_s, ttft_s=stats.ttft_s, tokens=out)
+    out: list[int] = []
+    c0 = first = time.process_time()
+    for tok in m.stream_tokens(ids, max_new_tokens=new, sampling=localglm.SamplingParams(temperature=0), stats=stats):
+        first = first if out else time.process_time()
+        out.append(tok)
+    res = dict(load_s=load_s, prompt_tok_s=stats.prompt_tok_s, decode_tok_s=stats.decode_tok_s, ttft_s=stats.ttft_s, tokens=out,
+               **cpu_speeds(len(ids), first - c0, len(out) - 1, time.process_time() - first))  # fmt: skip
     if draft is not None:
         res.update(acceptance_length=stats.acceptance_length, draft_depths=stats.draft_depths)
     return res
@@ -135,10 +146,10 @@ def run_llama_cpp(gguf: Path, ids: list[int], new: int, threads: int) -> dict:
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=len(ids) + new + 8, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
     load_s = time.perf_counter() - t0
     out: list[int] = []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     llm.eval(ids)
     tok = int(_llama_last_logits(llm).argmax())
-    ttft = time.perf_counter() - t0
+    ttft, c1 = time.perf_counter() - t0, time.process_time()
     out.append(tok)
     t1 = time.perf_counter()
     for _ in range(new - 1):
@@ -146,7 +157,8 @@ def run_llama_cpp(gguf: Path, ids: list[int], new: int, threads: int) -> dict:
         tok = int(_llama_last_logits(llm).argmax())
         out.append(tok)
     decode_s = time.perf_counter() - t1
-    return dict(load_s=load_s, prompt_tok_s=len(ids) / ttft, decode_tok_s=(new - 1) / decode_s, ttft_s=ttft, tokens=out)
+    return dict(load_s=load_s, prompt_tok_s=len(ids) / ttft, decode_tok_s=(new - 1) / decode_s, ttft_s=ttft, tokens=out,
+                **cpu_speeds(len(ids), c1 - c0, new - 1, time.process_time() - c1))  # fmt: skip
 
 
 WORKERS = {"localglm": run_localglm, "transformers": run_transformers, "llama.cpp": run_llama_cpp}
@@ -273,7 +285,7 @@ def run_worker(engine: str, target: Path, prompt_tokens: int, new_tokens: int, t
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-SPEED_KEYS = ("load_s", "prompt_tok_s", "decode_tok_s", "ttft_s", "peak_rss_bytes")
+SPEED_KEYS = ("load_s", "prompt_tok_s", "decode_tok_s", "ttft_s", "peak_rss_bytes", "prompt_cpu_tok_s", "decode_cpu_tok_s")
 
 
 def median_result(runs: list[dict]) -> dict:
@@ -282,7 +294,8 @@ def median_result(runs: list[dict]) -> dict:
 
     res = dict(runs[0])
     for k in SPEED_KEYS:
-        res[k] = statistics.median(r[k] for r in runs)
+        if all(k in r for r in runs):  # the CPU-time figures: localglm and llama.cpp workers only
+            res[k] = statistics.median(r[k] for r in runs)
     res["runs"] = len(runs)
     res["decode_range"] = (min(r["decode_tok_s"] for r in runs), max(r["decode_tok_s"] for r in runs))
     return res
