@@ -106,3 +106,4 @@ def test_bad_tables_and_options_are_one_line_errors(tmp_path: Path, tiny_dir: Pa
     with pytest.raises(LocalGLMError, match="token ids in 0"):
         localglm.load(bare)
     assert count_main([str(bare)]) == 2  # not a model localglm trained, and no --text
+    assert count_main([str(bare / "config.json"), "--text", str(bare / "config.json")]) == 2  # not a directory

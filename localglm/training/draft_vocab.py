@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text", type=Path, nargs="+", default=None, metavar="FILE", help="count these files (default: the training corpus of a model localglm trained)")
     args = ap.parse_args(argv)
     try:
+        if not args.model.is_dir():
+            raise LocalGLMError(f"{args.model}: not a checkpoint directory (draft_vocab.json sits in one; a GGUF file drafts with the whole head)")
         counts, source = text_counts(args.model, args.text) if args.text else corpus_counts(args.model)
         if not counts:
             raise LocalGLMError("no tokens counted: the text is empty")
