@@ -218,6 +218,11 @@ class DepthPolicy:
         self.tries = self.tries * self.decay + tried
 
 
+def _unprocessed(ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+    """The draft target without a logits processor: the logits as they are."""
+    return logits
+
+
 def accept_or_resample(p: torch.Tensor, q: torch.Tensor, draft: int, sampler: Sampler) -> tuple[int, bool]:
     """Speculative sampling's step: the draft (drawn from q) is kept with probability min(1, p/q), else
     a token is drawn from norm(max(0, p - q)); the result is distributed as p. -> (token, kept)."""
@@ -392,7 +397,7 @@ class Speculation:
             qs: list[torch.Tensor] = []
             if depth:
                 pend_h = log.since(mcache.length)
-                drafts, qs, guide = self._draft(mcache, pend_h, pend_t, depth, sampling, sampler, target, history, veto, generated)
+                drafts, qs, guide = self._draft(mcache, pend_h, pend_t, depth, sampling, sampler, target if logits_processor is not None else None, history, veto, generated)
                 pend_t = []
                 log.forget_before(length - STREAM_WINDOW)
                 guess = getattr(net.experts, "guess", None)  # an offloaded backend prefetches the drafts' experts
@@ -453,7 +458,7 @@ class Speculation:
         depth: int,
         sampling: SamplingParams,
         sampler: Sampler,
-        target: Callable[[list[int], torch.Tensor], torch.Tensor],
+        target: Callable[[list[int], torch.Tensor], torch.Tensor] | None,
         history: Callable[[Sequence[int]], torch.Tensor | None],
         veto: DraftVeto | None,
         generated: list[int],
@@ -461,7 +466,8 @@ class Speculation:
         """Catch the MTP cache up on the pending (stream, token) pairs, then draft up to `depth` tokens,
         chaining the block's own output stream. Returns the drafts, sampling their distributions q, and
         the block's output streams [depth, H] (row j: its stand-in for the main model's last-layer stream
-        of the verification's token j; the offload prefetcher's guess)."""
+        of the verification's token j; the offload prefetcher's guess). `target` applies the logits
+        processor (None: there is none; greedy without a penalty then takes the head's argmax directly)."""
         head, device = self.head, pend_h.device
         start = mcache.length
         g = None
@@ -474,16 +480,22 @@ class Speculation:
         drafts: list[int] = []
         qs: list[torch.Tensor] = []
         guide = [g[0, -1]]
+        argmax_only = sampling.greedy and target is None and history(()) is None  # no processor, no penalty
+        if target is None:
+            target = _unprocessed
         for j in range(depth):
-            lg = target(drafts, head.logits(g[0, -1]))
-            if head.vocab is not None and float(lg.max()) == float("-inf"):  # the processor forbade every token of the draft vocabulary
-                lg = target(drafts, head.logits(g[0, -1], full=True))
-            if sampling.greedy:
-                d = sampler(lg, history(drafts))
+            if argmax_only:  # the sampler's pick without forming the vocabulary-wide row
+                d = head.greedy(g[0, -1])
             else:
-                q = sampler.distribution(lg, history(drafts))
-                d = sampler.sample(q)
-                qs.append(q)
+                lg = target(drafts, head.logits(g[0, -1]))
+                if head.vocab is not None and float(lg.max()) == float("-inf"):  # the processor forbade every token of the draft vocabulary
+                    lg = target(drafts, head.logits(g[0, -1], full=True))
+                if sampling.greedy:
+                    d = sampler(lg, history(drafts))
+                else:
+                    q = sampler.distribution(lg, history(drafts))
+                    d = sampler.sample(q)
+                    qs.append(q)
             if veto is not None and veto(generated + drafts, d):
                 qs = qs[: len(drafts)]
                 break

@@ -59,6 +59,8 @@ def test_subset_logits_are_the_heads_rows(tiny_dir: Path) -> None:
     inside[head.vocab] = True
     assert torch.equal(sub[:, inside], full[:, inside])
     assert torch.isneginf(sub[:, ~inside]).all()
+    for row in x:  # the greedy drafter's pick, from the subset's scores alone: the argmax of the row
+        assert head.greedy(row) == int(head.logits(row).argmax())
     assert model.config.vocab_size <= draft_vocab.DEFAULT_SIZE
     assert localglm.load(tiny_dir).speculation.head.vocab is None  # the default size covers this whole vocabulary
     assert localglm.load(tiny_dir, draft_vocab=0).speculation.head.vocab is None

@@ -33,6 +33,7 @@ from ..layers.kv_cache import TokenCache
 from ..layers.linear import linear
 from ..layers.native import LayerLib, native
 from ..layers.norm import rms_norm
+from ..sampling import check_finite
 from .arch import Arch, WeightReader
 from .moe_decoder import DecoderWeights, MoeDecoder
 
@@ -155,6 +156,18 @@ class MtpHead:
             self._eh = (None if lib is None else LayerLib.describe_matrix(self.w.eh_proj, self.block.dtype),)
         x = self._product(self.w.eh_proj, self._eh[0], torch.cat([e, h], dim=-1))
         return self.block.run_layers(x, cache, start)
+
+    def greedy(self, stream: torch.Tensor) -> int:
+        """argmax of `logits(stream)` for one stream [H] (ties to the lowest id, as torch.argmax of the
+        whole row), from the draft vocabulary's scores alone: no vocabulary-wide row is formed."""
+        if self.vocab is None or self._sub is None:
+            lg = self.logits(stream)
+            check_finite(lg)
+            return int(lg.argmax())
+        normed = rms_norm(stream, self.block.w.final_norm, self.cfg.rms_norm_eps)
+        sub = self._product(self._sub[0], self._sub[1], normed.reshape(1, -1))[0].float()
+        check_finite(sub)
+        return int(self.vocab[int(sub.argmax())])  # vocab ascending: the first maximum is the lowest id
 
     def logits(self, stream: torch.Tensor, full: bool = False) -> torch.Tensor:
         """Float32 logits [..., vocab_size] of the token after next from output streams [..., H]: the
