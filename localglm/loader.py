@@ -253,7 +253,8 @@ def _load_mtp(
     head = load_mtp_head(arch, cfg, reader, weights, experts, dev)
     if quantized:
         prepare_quantized(head.w)
-    head.set_vocab(draft_vocab.choose(root, cfg.vocab_size, opts.draft_vocab))
+    vocab = draft_vocab.choose(root, cfg.vocab_size, opts.draft_vocab)
+    head.set_vocab(vocab if head.rows_separable or opts.draft_vocab is not None else None)  # by default a quantized head drafts whole
     return head
 
 

@@ -107,5 +107,8 @@ def test_bad_tables_and_options_are_one_line_errors(tmp_path: Path, tiny_dir: Pa
     (bare / draft_vocab.FILE).write_text(json.dumps({"ids": [1, 2, 10**7]}))
     with pytest.raises(LocalGLMError, match="token ids in 0"):
         localglm.load(bare)
+    assert localglm.load(tiny_dir, lm_head_bits=8).speculation.head.vocab is None  # a quantized head drafts whole by default ...
+    with pytest.raises(NotImplementedError, match="quantized lm_head"):
+        localglm.load(tiny_dir, lm_head_bits=8, draft_vocab=16)  # ... and says so when a subset is asked for
     assert count_main([str(bare)]) == 2  # not a model localglm trained, and no --text
     assert count_main([str(bare / "config.json"), "--text", str(bare / "config.json")]) == 2  # not a directory

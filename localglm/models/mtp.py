@@ -130,13 +130,21 @@ class MtpHead:
         y = lib.rows_linear(mat, x.reshape(rows, x.shape[-1]), self.block.dtype).to(self.block.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
+    @property
+    def rows_separable(self) -> bool:
+        """Whether a draft vocabulary can take the head's rows apart: a float head, not a quantized one."""
+        return isinstance(self.block.w.lm_head, torch.Tensor)
+
     def set_vocab(self, ids: Sequence[int] | None) -> None:
         """Score only these token ids when drafting (FR-Spec: draft_vocab.py), the rest at -inf; None:
-        the whole head. A quantized head (its rows not separable here) keeps the whole head."""
+        the whole head."""
         head = self.block.w.lm_head
-        if ids is None or not isinstance(head, torch.Tensor):
+        if ids is None:
             self.vocab, self._sub = None, None
             return
+        if not self.rows_separable:
+            raise NotImplementedError("a draft vocabulary over a quantized lm_head (lm_head_bits) is not implemented: "
+                                      "draft with the whole head (draft_vocab=0, --draft-vocab 0)")  # fmt: skip
         self.vocab = torch.tensor(sorted(set(ids)), dtype=torch.long, device=head.device)
         rows = head[self.vocab].contiguous()
         lib = native() if rows.device.type == "cpu" else None
