@@ -238,6 +238,12 @@ static inline __attribute__((always_inline)) void acc_store(tile_acc *acc, const
 
 static inline __attribute__((always_inline)) __m256i codes_lb(const uint8_t *p, const int bits) { return bits == 4 ? codes_q4(p) : codes_q2(p); }
 
+/* Weight bytes ahead of the quad being read that it asks the cache for: a one-token product streams
+ * the weight from memory, and the hardware prefetcher alone left a single thread at ~6.5 GB/s (q8,
+ * 14336 x 4096, 1 token: 6.5 -> 9 GB/s with it). Past a row's end it fetches the next row, which
+ * follows in memory; a prefetch never faults. */
+#define PREFETCH_AHEAD 1024
+
 /* Codes of four blocks at p: unpacked here (p: the packed row) or loaded (cu: the row unpacked). */
 #define QUAD_CODES(k, p, cu, bb, bits)                                                                         \
     const __m256i k##0 = cu ? _mm256_loadu_si256((const __m256i *)(cu)) : codes_lb(p, bits);                   \
@@ -261,6 +267,7 @@ static inline __attribute__((always_inline)) void lowbit_quad(const uint8_t *p, 
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4_u8s8(k0, k1, k2, k3, xq[t] + (size_t)j * QB)), d4, acc[t]);
         }
     } else {
+        _mm_prefetch((const char *)(p + PREFETCH_AHEAD), _MM_HINT_T0);
         QUAD_CODES(k, p, (const uint8_t *)NULL, bb, bits);
         for (int t = 0; t < nt; t++) {
             const __m256 d4 = _mm256_mul_ps(w4, _mm256_broadcast_ps((const __m128 *)(xd[t] + j)));
@@ -369,6 +376,8 @@ static inline __attribute__((always_inline)) void q8_quad(const int8_t *rw, cons
     const __m256i w0 = _mm256_loadu_si256((const __m256i *)(rw + (size_t)j * QB)), w1 = _mm256_loadu_si256((const __m256i *)(rw + (size_t)(j + 1) * QB));
     const __m256i w2 = _mm256_loadu_si256((const __m256i *)(rw + (size_t)(j + 2) * QB)), w3 = _mm256_loadu_si256((const __m256i *)(rw + (size_t)(j + 3) * QB));
     const __m256 w4 = _mm256_broadcast_ps((const __m128 *)(ws + j));
+    _mm_prefetch((const char *)(rw + (size_t)j * QB + PREFETCH_AHEAD), _MM_HINT_T0);
+    _mm_prefetch((const char *)(rw + (size_t)j * QB + PREFETCH_AHEAD + 64), _MM_HINT_T0);
     for (int t = 0; t < nt; t++) {
         const int8_t *q = xq[t] + (size_t)j * QB;
         const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(q8_dot(w0, q), q8_dot(w1, q + QB)), _mm256_hadd_epi32(q8_dot(w2, q + 2 * QB), q8_dot(w3, q + 3 * QB)));
