@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--acceptance", type=int, default=0, metavar="N",
                     help="also measure the MTP head: greedy replies to held-out requests at draft depths 1..N")
     ap.add_argument("--acceptance-requests", type=int, default=8, help="held-out requests for --acceptance (default 8)")
+    ap.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                    help="with --acceptance: the drafter scores the N most frequent tokens (default: load's, 2048 where "
+                    "the checkpoint ships draft_vocab.json; 0: the whole head)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         ids = torch.tensor([chat[0][:64], chat[1][:64]]) if min(len(chat[0]), len(chat[1])) >= 64 else torch.tensor([chat[0][:16]])
         results["transformers_rel_max_err"] = compare_with_transformers(args.reference, ids)
     if args.acceptance:
-        mtp_model = localglm.load(args.model, mtp=True)
+        mtp_model = localglm.load(args.model, mtp=True, draft_vocab=args.draft_vocab)
         requests = [e.request for e in corpus.heldout_examples[: args.acceptance_requests]]
         results["mtp_acceptance"] = acceptance(mtp_model, requests, list(range(1, args.acceptance + 1)))
     print(json.dumps(results, indent=2), flush=True)
