@@ -363,6 +363,52 @@ static inline __attribute__((always_inline)) void lowbit_tile_avx2(const uint8_t
         out[t] = hsum256(_mm256_add_ps(_mm256_loadu_ps(acc.v[0][t]), _mm256_loadu_ps(acc.v[1][t]))) + m0 * (hsum256(_mm256_loadu_ps(mv[t])) + ms[t]);
 }
 
+/* One token against one q2/q4 row of group-32 blocks (decode), everything in registers: the
+ * block scales decoded eight at a time as they are needed (no row_prep pass through memory, no
+ * accumulators stored between steps). The same floats as lowbit_tile_avx2 with nt = 1: the same
+ * products ws[b] * d[b] (here eight in one multiply, then each half broadcast to both lanes of its
+ * quad), quads of blocks alternating between the two accumulators from the row's start (a step of
+ * KCH blocks is a multiple of eight, so its quads fall the same), the offsets' FMA over whole
+ * eights and the tail's products summed one by one, and the same final sums. */
+static inline __attribute__((always_inline)) float lowbit_row1_avx2(const uint8_t *row, const uint8_t *sc, const int8_t *mc, float s0, float m0,
+                                                                     int nblocks, const int8_t *xq, const float *xd, const float *xs, const int bits) {
+    const size_t bb = QB * bits / 8;
+    const __m256 s0v = _mm256_set1_ps(s0);
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), mv = _mm256_setzero_ps();
+    int j = 0;
+    for (; j + 8 <= nblocks; j += 8) {
+        const uint8_t *p = row + (size_t)j * bb;
+        _mm_prefetch((const char *)(p + PREFETCH_AHEAD), _MM_HINT_T0);
+        if (bits == 4) _mm_prefetch((const char *)(p + 4 * bb + PREFETCH_AHEAD), _MM_HINT_T0);
+        const __m256 ws8 = _mm256_mul_ps(s0v, scale8(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sc + j)))));
+        const __m256 mw8 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(mc + j))));
+        mv = _mm256_fmadd_ps(mw8, _mm256_loadu_ps(xs + j), mv);
+        const __m256 d8 = _mm256_mul_ps(ws8, _mm256_loadu_ps(xd + j));
+        const int8_t *q = xq + (size_t)j * QB;
+        QUAD_CODES(k, p, (const uint8_t *)NULL, bb, bits);
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4_u8s8(k0, k1, k2, k3, q)), _mm256_permute2f128_ps(d8, d8, 0x00), a0);
+        QUAD_CODES(h, p + 4 * bb, (const uint8_t *)NULL, bb, bits);
+        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4_u8s8(h0, h1, h2, h3, q + 4 * QB)), _mm256_permute2f128_ps(d8, d8, 0x11), a1);
+    }
+    float ms = 0.0f, ws[8];
+    for (int b = j; b < nblocks; b++) {
+        ws[b - j] = s0 * scale_lut[sc[b]];
+        ms += (float)mc[b] * xs[b];
+    }
+    if (j + 4 <= nblocks) {
+        const uint8_t *p = row + (size_t)j * bb;
+        QUAD_CODES(k, p, (const uint8_t *)NULL, bb, bits);
+        const __m256 d4 = _mm256_mul_ps(_mm256_broadcast_ps((const __m128 *)ws), _mm256_broadcast_ps((const __m128 *)(xd + j)));
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4_u8s8(k0, k1, k2, k3, xq + (size_t)j * QB)), d4, a0);
+        j += 4;
+    }
+    for (int b = j; b < nblocks; b++) {
+        const __m256i p0 = dot_u8s8(codes_lb(row + b * bb, bits), _mm256_loadu_si256((const __m256i *)(xq + (size_t)b * QB)));
+        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(ws[b - (nblocks & ~7)] * xd[b]), a1);
+    }
+    return hsum256(_mm256_add_ps(a0, a1)) + m0 * (hsum256(mv) + ms);
+}
+
 /* One q8 block's dot: |w| in the unsigned operand, w's sign moved onto the activations. */
 static inline __m256i q8_dot(__m256i w, const int8_t *q) {
     return dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)q), w));
@@ -483,20 +529,24 @@ static float dot_q8_scalar(const lg_qtensor *w, int n, const int8_t *xq, const f
  * unpacked codes (k bytes). */
 #define ROW_SCRATCH(k) (2 * ((k) / QB) + (k) / 4)
 
-/* What dot_rows needs of row n before its tiles, into rs (ROW_SCRATCH(w->k) floats): q2/q4's block
- * scales and offsets (lowbit_scales), and where `tiles` > 1 tiles will meet the row its unpacked
- * codes, whose address it returns (NULL otherwise: one tile unpacks as it goes, cheaper there);
- * q8's block scales (q8_scales); nothing on the portable path. Once per row, however many tiles of tokens follow. */
-static inline const uint8_t *row_prep(const lg_qtensor *w, int n, float *rs, int tiles) {
+/* What dot_rows needs of row n before the `tokens` tokens meet it, into rs (ROW_SCRATCH(w->k)
+ * floats): q2/q4's block scales and offsets (lowbit_scales), and where more than one tile will meet
+ * the row its unpacked codes, whose address it returns (NULL otherwise: one tile unpacks as it
+ * goes, cheaper there); nothing for a single token of a group-32 q2/q4 row (lowbit_row1_avx2
+ * decodes its scales in registers); q8's block scales (q8_scales); nothing on the portable path.
+ * Once per row, however many tiles of tokens follow. */
+static inline const uint8_t *row_prep(const lg_qtensor *w, int n, float *rs, int tokens) {
+    const int tiles = (tokens + NT_MAX - 1) / NT_MAX;
 #ifdef __AVX2__
     if (w->bits != 8) {
+        if (tokens == 1 && w->group == QB) return NULL; /* one token: lowbit_row1_avx2 decodes the scales as it goes */
         uint8_t *cu = tiles > 1 ? (uint8_t *)(rs + 2 * (w->k / QB)) : NULL;
         lowbit_scales(w, n, rs, rs + w->k / QB, cu);
         return cu;
     }
     q8_scales(w, n, rs);
 #else
-    (void)rs; (void)tiles;
+    (void)rs; (void)tiles; (void)tokens;
 #endif
     (void)w; (void)n;
     return NULL;
@@ -516,6 +566,12 @@ static void dot_rows(const lg_qtensor *w, int n, int nt, const qrows *x, const f
     } else {
         const uint8_t *row = w->data + (size_t)n * ((size_t)K * w->bits / 8);
         const float m0 = w->rowf[2 * (size_t)n + 1] / 127.0f;
+        if (nt == 1 && !cu && w->group == QB) {
+            const size_t ng = (size_t)(K / QB);
+            if (w->bits == 4) out[0] = lowbit_row1_avx2(row, w->gs + n * ng, w->gm + n * ng, w->rowf[2 * (size_t)n], m0, K / QB, x->q[0], x->d[0], x->s[0], 4);
+            else out[0] = lowbit_row1_avx2(row, w->gs + n * ng, w->gm + n * ng, w->rowf[2 * (size_t)n], m0, K / QB, x->q[0], x->d[0], x->s[0], 2);
+            return;
+        }
 #define LB_CALL(bits_, nt_) lowbit_tile_avx2(row, cu, rs, rs + K / QB, m0, K / QB, x, nt_, bits_, out)
         if (w->bits == 4) { TILE_CASES(LB_CALL, 4) }
         else { TILE_CASES(LB_CALL, 2) }
@@ -574,7 +630,7 @@ static inline int row_chunk(int k, int T) {
 static void dot_pairs(const lg_qtensor *w, int n1, int n2, const qact *a, int kdim, int first, int last, const int *order, int k,
                       float *rs, size_t rsz, float *out, size_t stride) {
     const uint8_t *cu[ROW_CHUNK_MAX];
-    for (int n = n1; n < n2; n++) cu[n - n1] = row_prep(w, n, rs + (size_t)(n - n1) * rsz, (last - first + NT_MAX - 1) / NT_MAX);
+    for (int n = n1; n < n2; n++) cu[n - n1] = row_prep(w, n, rs + (size_t)(n - n1) * rsz, last - first);
     for (int i0 = first; i0 < last; i0 += NT_MAX) {
         const int nt = last - i0 < NT_MAX ? last - i0 : NT_MAX;
         qrows xr;
@@ -636,7 +692,7 @@ int lg_linear(const lg_qtensor *w, int T, const void *x, int x_dtype, const floa
 #pragma omp for schedule(dynamic, lg_chunk(items, nth))
         for (long it = 0; it < items; it++) {
             const int n1 = (int)(it % nrc) * R, n2 = n1 + R < N ? n1 + R : N, t1 = (int)(it / nrc) * TB, t2 = t1 + TB < T ? t1 + TB : T;
-            for (int n = n1; n < n2; n++) cu[n - n1] = row_prep(w, n, rs + (size_t)(n - n1) * rsz, (t2 - t1 + NT_MAX - 1) / NT_MAX);
+            for (int n = n1; n < n2; n++) cu[n - n1] = row_prep(w, n, rs + (size_t)(n - n1) * rsz, t2 - t1);
             for (int t0 = t1; t0 < t2; t0 += NT_MAX) {
                 const int nt = t2 - t0 < NT_MAX ? t2 - t0 : NT_MAX;
                 qrows xr;
