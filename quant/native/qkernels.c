@@ -203,6 +203,8 @@ static inline __m256i dot4_u8s8(__m256i k0, __m256i k1, __m256i k2, __m256i k3, 
 #define NT_MAX 4
 /* Blocks per step of a q2/q4 tile: the offsets' sums (mv) for a step, then its integer loop. */
 #define KCH 64
+/* Rows at once for a single token (lowbit_rows1_avx2): independent accumulator chains. */
+#define NR_MAX 2
 
 typedef struct {
     const int8_t *q[NT_MAX];
@@ -363,50 +365,67 @@ static inline __attribute__((always_inline)) void lowbit_tile_avx2(const uint8_t
         out[t] = hsum256(_mm256_add_ps(_mm256_loadu_ps(acc.v[0][t]), _mm256_loadu_ps(acc.v[1][t]))) + m0 * (hsum256(_mm256_loadu_ps(mv[t])) + ms[t]);
 }
 
-/* One token against one q2/q4 row of group-32 blocks (decode), everything in registers: the
+/* One token against nr consecutive q2/q4 rows of group-32 blocks (decode), everything in registers
+ * (nr rows interleaved: independent accumulator chains, the activations loaded once for all): the
  * block scales decoded eight at a time as they are needed (no row_prep pass through memory, no
  * accumulators stored between steps). The same floats as lowbit_tile_avx2 with nt = 1: the same
  * products ws[b] * d[b] (here eight in one multiply, then each half broadcast to both lanes of its
  * quad), quads of blocks alternating between the two accumulators from the row's start (a step of
  * KCH blocks is a multiple of eight, so its quads fall the same), the offsets' FMA over whole
  * eights and the tail's products summed one by one, and the same final sums. */
-static inline __attribute__((always_inline)) float lowbit_row1_avx2(const uint8_t *row, const uint8_t *sc, const int8_t *mc, float s0, float m0,
-                                                                     int nblocks, const int8_t *xq, const float *xd, const float *xs, const int bits) {
-    const size_t bb = QB * bits / 8;
-    const __m256 s0v = _mm256_set1_ps(s0);
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), mv = _mm256_setzero_ps();
+static inline __attribute__((always_inline)) void lowbit_rows1_avx2(const lg_qtensor *w, int n, const int nr, const int8_t *xq, const float *xd,
+                                                                     const float *xs, const int bits, float *out) {
+    const int nblocks = w->k / QB;
+    const size_t bb = QB * bits / 8, rb = (size_t)nblocks * bb;
+    const uint8_t *row = w->data + (size_t)n * rb, *sc = w->gs + (size_t)n * nblocks;
+    const int8_t *mc = w->gm + (size_t)n * nblocks;
+    __m256 s0v[NR_MAX], a0[NR_MAX], a1[NR_MAX], mv[NR_MAX];
+    for (int r = 0; r < nr; r++) {
+        s0v[r] = _mm256_set1_ps(w->rowf[2 * ((size_t)n + r)]);
+        a0[r] = a1[r] = mv[r] = _mm256_setzero_ps();
+    }
     int j = 0;
     for (; j + 8 <= nblocks; j += 8) {
-        const uint8_t *p = row + (size_t)j * bb;
-        _mm_prefetch((const char *)(p + PREFETCH_AHEAD), _MM_HINT_T0);
-        if (bits == 4) _mm_prefetch((const char *)(p + 4 * bb + PREFETCH_AHEAD), _MM_HINT_T0);
-        const __m256 ws8 = _mm256_mul_ps(s0v, scale8(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sc + j)))));
-        const __m256 mw8 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(mc + j))));
-        mv = _mm256_fmadd_ps(mw8, _mm256_loadu_ps(xs + j), mv);
-        const __m256 d8 = _mm256_mul_ps(ws8, _mm256_loadu_ps(xd + j));
+        const __m256 xs8 = _mm256_loadu_ps(xs + j), xd8 = _mm256_loadu_ps(xd + j);
         const int8_t *q = xq + (size_t)j * QB;
-        QUAD_CODES(k, p, (const uint8_t *)NULL, bb, bits);
-        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4_u8s8(k0, k1, k2, k3, q)), _mm256_permute2f128_ps(d8, d8, 0x00), a0);
-        QUAD_CODES(h, p + 4 * bb, (const uint8_t *)NULL, bb, bits);
-        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4_u8s8(h0, h1, h2, h3, q + 4 * QB)), _mm256_permute2f128_ps(d8, d8, 0x11), a1);
+        for (int r = 0; r < nr; r++) {
+            const uint8_t *p = row + r * rb + (size_t)j * bb;
+            /* past the row's end: the same place in the next group of nr rows, which this call's successor reads */
+            const uint8_t *pf = p + PREFETCH_AHEAD + ((size_t)j * bb + PREFETCH_AHEAD >= rb ? (size_t)(nr - 1) * rb : 0);
+            _mm_prefetch((const char *)pf, _MM_HINT_T0);
+            if (bits == 4) _mm_prefetch((const char *)(pf + 4 * bb), _MM_HINT_T0);
+            const __m256 ws8 = _mm256_mul_ps(s0v[r], scale8(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sc + r * nblocks + j)))));
+            const __m256 mw8 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(mc + r * nblocks + j))));
+            mv[r] = _mm256_fmadd_ps(mw8, xs8, mv[r]);
+            const __m256 d8 = _mm256_mul_ps(ws8, xd8);
+            QUAD_CODES(k, p, (const uint8_t *)NULL, bb, bits);
+            a0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4_u8s8(k0, k1, k2, k3, q)), _mm256_permute2f128_ps(d8, d8, 0x00), a0[r]);
+            QUAD_CODES(h, p + 4 * bb, (const uint8_t *)NULL, bb, bits);
+            a1[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4_u8s8(h0, h1, h2, h3, q + 4 * QB)), _mm256_permute2f128_ps(d8, d8, 0x11), a1[r]);
+        }
     }
-    float ms = 0.0f, ws[8];
-    for (int b = j; b < nblocks; b++) {
-        ws[b - j] = s0 * scale_lut[sc[b]];
-        ms += (float)mc[b] * xs[b];
+    for (int r = 0; r < nr; r++) {
+        const uint8_t *rw = row + r * rb;
+        const float m0 = w->rowf[2 * ((size_t)n + r) + 1] / 127.0f, s0 = w->rowf[2 * ((size_t)n + r)];
+        float ms = 0.0f, ws[8];
+        int jj = j;
+        for (int b = jj; b < nblocks; b++) {
+            ws[b - jj] = s0 * scale_lut[sc[r * nblocks + b]];
+            ms += (float)mc[r * nblocks + b] * xs[b];
+        }
+        if (jj + 4 <= nblocks) {
+            const uint8_t *p = rw + (size_t)jj * bb;
+            QUAD_CODES(k, p, (const uint8_t *)NULL, bb, bits);
+            const __m256 d4 = _mm256_mul_ps(_mm256_broadcast_ps((const __m128 *)ws), _mm256_broadcast_ps((const __m128 *)(xd + jj)));
+            a0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4_u8s8(k0, k1, k2, k3, xq + (size_t)jj * QB)), d4, a0[r]);
+            jj += 4;
+        }
+        for (int b = jj; b < nblocks; b++) {
+            const __m256i p0 = dot_u8s8(codes_lb(rw + b * bb, bits), _mm256_loadu_si256((const __m256i *)(xq + (size_t)b * QB)));
+            a1[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(ws[b - j] * xd[b]), a1[r]);
+        }
+        out[r] = hsum256(_mm256_add_ps(a0[r], a1[r])) + m0 * (hsum256(mv[r]) + ms);
     }
-    if (j + 4 <= nblocks) {
-        const uint8_t *p = row + (size_t)j * bb;
-        QUAD_CODES(k, p, (const uint8_t *)NULL, bb, bits);
-        const __m256 d4 = _mm256_mul_ps(_mm256_broadcast_ps((const __m128 *)ws), _mm256_broadcast_ps((const __m128 *)(xd + j)));
-        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4_u8s8(k0, k1, k2, k3, xq + (size_t)j * QB)), d4, a0);
-        j += 4;
-    }
-    for (int b = j; b < nblocks; b++) {
-        const __m256i p0 = dot_u8s8(codes_lb(row + b * bb, bits), _mm256_loadu_si256((const __m256i *)(xq + (size_t)b * QB)));
-        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(ws[b - (nblocks & ~7)] * xd[b]), a1);
-    }
-    return hsum256(_mm256_add_ps(a0, a1)) + m0 * (hsum256(mv) + ms);
 }
 
 /* One q8 block's dot: |w| in the unsigned operand, w's sign moved onto the activations. */
@@ -532,14 +551,14 @@ static float dot_q8_scalar(const lg_qtensor *w, int n, const int8_t *xq, const f
 /* What dot_rows needs of row n before the `tokens` tokens meet it, into rs (ROW_SCRATCH(w->k)
  * floats): q2/q4's block scales and offsets (lowbit_scales), and where more than one tile will meet
  * the row its unpacked codes, whose address it returns (NULL otherwise: one tile unpacks as it
- * goes, cheaper there); nothing for a single token of a group-32 q2/q4 row (lowbit_row1_avx2
+ * goes, cheaper there); nothing for a single token of a group-32 q2/q4 row (lowbit_rows1_avx2
  * decodes its scales in registers); q8's block scales (q8_scales); nothing on the portable path.
  * Once per row, however many tiles of tokens follow. */
 static inline const uint8_t *row_prep(const lg_qtensor *w, int n, float *rs, int tokens) {
     const int tiles = (tokens + NT_MAX - 1) / NT_MAX;
 #ifdef __AVX2__
     if (w->bits != 8) {
-        if (tokens == 1 && w->group == QB) return NULL; /* one token: lowbit_row1_avx2 decodes the scales as it goes */
+        if (tokens == 1 && w->group == QB) return NULL; /* one token: lowbit_rows1_avx2 decodes the scales as it goes */
         uint8_t *cu = tiles > 1 ? (uint8_t *)(rs + 2 * (w->k / QB)) : NULL;
         lowbit_scales(w, n, rs, rs + w->k / QB, cu);
         return cu;
@@ -567,9 +586,8 @@ static void dot_rows(const lg_qtensor *w, int n, int nt, const qrows *x, const f
         const uint8_t *row = w->data + (size_t)n * ((size_t)K * w->bits / 8);
         const float m0 = w->rowf[2 * (size_t)n + 1] / 127.0f;
         if (nt == 1 && !cu && w->group == QB) {
-            const size_t ng = (size_t)(K / QB);
-            if (w->bits == 4) out[0] = lowbit_row1_avx2(row, w->gs + n * ng, w->gm + n * ng, w->rowf[2 * (size_t)n], m0, K / QB, x->q[0], x->d[0], x->s[0], 4);
-            else out[0] = lowbit_row1_avx2(row, w->gs + n * ng, w->gm + n * ng, w->rowf[2 * (size_t)n], m0, K / QB, x->q[0], x->d[0], x->s[0], 2);
+            if (w->bits == 4) lowbit_rows1_avx2(w, n, 1, x->q[0], x->d[0], x->s[0], 4, out);
+            else lowbit_rows1_avx2(w, n, 1, x->q[0], x->d[0], x->s[0], 2, out);
             return;
         }
 #define LB_CALL(bits_, nt_) lowbit_tile_avx2(row, cu, rs, rs + K / QB, m0, K / QB, x, nt_, bits_, out)
@@ -612,13 +630,39 @@ static inline void tile_set(qrows *x, int j, const qact *a, size_t r, int k) {
     x->s[j] = a->s + r * (size_t)(k / QB);
 }
 
+/* out[n - n1] = dot(row n of w, one token) for n in [n1, n2) by lowbit_rows1_avx2, two rows at a
+ * time where a row's codes are at most 1 KiB (q4 K <= 2048, q2 K <= 4096: 2-row interleave gave
+ * +10-30% there, and was 5-7% slower on q4 rows of K = 4096 streamed from memory, which go one at
+ * a time). Returns 0, doing nothing, where that kernel does not apply (q8, groups other than 32,
+ * no AVX2): the caller takes the tile path. The same floats as the tiles either way. */
+static inline __attribute__((always_inline)) int rows_1tok(const lg_qtensor *w, int n1, int n2, const int8_t *q, const float *d, const float *sv, float *out) {
+#ifdef __AVX2__
+    if (w->bits == 8 || w->group != QB) return 0;
+    const int pair = (size_t)w->k * w->bits / 8 <= 1024;
+    int n = n1;
+    if (w->bits == 4) {
+        if (pair)
+            for (; n + 2 <= n2; n += 2) lowbit_rows1_avx2(w, n, 2, q, d, sv, 4, out + (n - n1));
+        for (; n < n2; n++) lowbit_rows1_avx2(w, n, 1, q, d, sv, 4, out + (n - n1));
+    } else {
+        if (pair)
+            for (; n + 2 <= n2; n += 2) lowbit_rows1_avx2(w, n, 2, q, d, sv, 2, out + (n - n1));
+        for (; n < n2; n++) lowbit_rows1_avx2(w, n, 1, q, d, sv, 2, out + (n - n1));
+    }
+    return 1;
+#else
+    (void)w; (void)n1; (void)n2; (void)q; (void)d; (void)sv; (void)out;
+    return 0;
+#endif
+}
+
 /* Weight rows per work item of lg_linear and lg_moe: each token tile meets the item's rows in
  * turn, so its activations stay in L1 and the rows' prepared scales and codes (row_prep, ~64 KiB
  * for them all) in L2, instead of every tile's activations streaming from L2 for each row (q4,
  * 128 tokens: K = 4096 +4-8%, K = 1408 +13%). One row for a single tile (decode): nothing to reuse. */
 #define ROW_CHUNK_MAX 16
 static inline int row_chunk(int k, int T) {
-    if (T <= NT_MAX) return 1;
+    if (T <= NT_MAX) return T == 1 ? NR_MAX : 1;
     const int r = (int)((64u << 10) / (unsigned)(ROW_SCRATCH(k) * sizeof(float)));
     return r < 1 ? 1 : r > ROW_CHUNK_MAX ? ROW_CHUNK_MAX : r;
 }
@@ -630,6 +674,11 @@ static inline int row_chunk(int k, int T) {
 static void dot_pairs(const lg_qtensor *w, int n1, int n2, const qact *a, int kdim, int first, int last, const int *order, int k,
                       float *rs, size_t rsz, float *out, size_t stride) {
     const uint8_t *cu[ROW_CHUNK_MAX];
+    float o1[ROW_CHUNK_MAX];
+    if (last - first == 1 && rows_1tok(w, n1, n2, QROW(a, order ? order[first] / k : first, kdim), o1)) {
+        for (int n = n1; n < n2; n++) out[(size_t)first * stride + n] = o1[n - n1];
+        return;
+    }
     for (int n = n1; n < n2; n++) cu[n - n1] = row_prep(w, n, rs + (size_t)(n - n1) * rsz, last - first);
     for (int i0 = first; i0 < last; i0 += NT_MAX) {
         const int nt = last - i0 < NT_MAX ? last - i0 : NT_MAX;
@@ -689,9 +738,14 @@ int lg_linear(const lg_qtensor *w, int T, const void *x, int x_dtype, const floa
         }
         float *rs = scratch + (size_t)(par ? omp_get_thread_num() : 0) * R * rsz;
         const uint8_t *cu[ROW_CHUNK_MAX];
+        float o1[ROW_CHUNK_MAX];
 #pragma omp for schedule(dynamic, lg_chunk(items, nth))
         for (long it = 0; it < items; it++) {
             const int n1 = (int)(it % nrc) * R, n2 = n1 + R < N ? n1 + R : N, t1 = (int)(it / nrc) * TB, t2 = t1 + TB < T ? t1 + TB : T;
+            if (t2 - t1 == 1 && rows_1tok(w, n1, n2, QROW(&a, t1, K), o1)) {
+                for (int n = n1; n < n2; n++) store(y, y_dtype, (size_t)t1 * N + n, o1[n - n1] + (bias ? bias[n] : 0.0f));
+                continue;
+            }
             for (int n = n1; n < n2; n++) cu[n - n1] = row_prep(w, n, rs + (size_t)(n - n1) * rsz, t2 - t1);
             for (int t0 = t1; t0 < t2; t0 += NT_MAX) {
                 const int nt = t2 - t0 < NT_MAX ? t2 - t0 : NT_MAX;
