@@ -294,7 +294,7 @@ class ChatScreen(Screen):
             if m["role"] == "user":
                 widgets.append(UserMessage(m["content"]))
             else:
-                content = m["content"] + "".join(_tool_call_markdown(c) for c in m.get("tool_calls", ()))
+                content = m["content"] + "".join(tool_call_markdown(c) for c in m.get("tool_calls", ()))
                 widgets.append(AssistantMessage(m.get("reasoning_content", ""), content, NOTES.get(m.get("finish_reason", ""), "")))
         self.query_one("#welcome").display = not widgets
         if widgets:
@@ -385,7 +385,7 @@ class ChatScreen(Screen):
                 elif isinstance(ev, ToolCallEnd):
                     call = {"name": ev.call.name, "arguments": dict(ev.call.arguments)}
                     calls.append(call)
-                    post(GenDelta(req.id, "tool", _tool_call_markdown(call)))
+                    post(GenDelta(req.id, "tool", tool_call_markdown(call)))
                 elif isinstance(ev, Done):
                     done = ev
             # The loop has ended, so the generator has released the model: the next request may start.
@@ -609,7 +609,8 @@ class ChatScreen(Screen):
             self.app.screen.mount(KeysPanel())
 
 
-def _tool_call_markdown(call: dict[str, Any]) -> str:
+def tool_call_markdown(call: dict[str, Any]) -> str:
+    """A tool call as the reply view shows it, after the reply's text (streamed and restored alike)."""
     import json
 
     return f"\n\n**tool call** `{call['name']}`\n```json\n{json.dumps(call.get('arguments', {}), ensure_ascii=False, indent=2)}\n```\n"
