@@ -634,7 +634,8 @@ static inline void tile_set(qrows *x, int j, const qact *a, size_t r, int k) {
  * time where a row's codes are at most 1 KiB (q4 K <= 2048, q2 K <= 4096: 2-row interleave gave
  * +10-30% there, and was 5-7% slower on q4 rows of K = 4096 streamed from memory, which go one at
  * a time). Returns 0, doing nothing, where that kernel does not apply (q8, groups other than 32,
- * no AVX2): the caller takes the tile path. The same floats as the tiles either way. */
+ * no AVX2): the caller takes the tile path; n1 == n2 asks only that. The same floats as the tiles
+ * either way. */
 static inline __attribute__((always_inline)) int rows_1tok(const lg_qtensor *w, int n1, int n2, const int8_t *q, const float *d, const float *sv, float *out) {
 #ifdef __AVX2__
     if (w->bits == 8 || w->group != QB) return 0;
@@ -920,6 +921,17 @@ void lg_matvec(const lg_mat *m, const float *x, int dtype, qact *xa, float *y, i
     const int N = m->n, K = m->k;
     if (m->kind == 0) quantize_row(x, K, m->q.bits, QROW(xa, 0, K));
     const int par = nth > 1 && (size_t)N * K >= (1u << 16);
+    if (m->kind == 0 && rows_1tok(&m->q, 0, 0, QROW(xa, 0, K), NULL)) { /* q2/q4 rows that rows_1tok takes: two at a time where it pairs them */
+        const int NP = (N + NR_MAX - 1) / NR_MAX;
+#pragma omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(NP, nth)) if (par)
+        for (int i = 0; i < NP; i++) {
+            const int n1 = i * NR_MAX, n2 = n1 + NR_MAX < N ? n1 + NR_MAX : N;
+            float o[NR_MAX];
+            rows_1tok(&m->q, n1, n2, QROW(xa, 0, K), o);
+            for (int n = n1; n < n2; n++) y[n] = rnd(o[n - n1] + (m->bias ? m->bias[n] : 0.0f), dtype);
+        }
+        return;
+    }
 #pragma omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(N, nth)) if (par)
     for (int n = 0; n < N; n++) {
         const float v = m->kind == 0 ? dot_row(&m->q, n, QROW(xa, 0, K)) : dot_dense(m, n, x);
