@@ -137,9 +137,9 @@ def oracle(model: localglm.Model, prompts: list[list[int]], references: list[lis
     by_prompt = {tuple(p): r for p, r in zip(prompts, references)}
     current: dict[str, list[int]] = {}
 
-    def draft(self, mcache, pend_h, pend_t, depth, sampling, sampler, target, history, veto, generated):  # type: ignore[no-untyped-def]
-        drafts, qs, guide = real(self, mcache, pend_h, pend_t, depth, sampling, sampler, target, history, veto, generated)
-        ref, at = current["ref"], len(generated)
+    def draft(self, *args):  # type: ignore[no-untyped-def]
+        drafts, qs, guide = real(self, *args)
+        ref, at = current["ref"], len(args[-1])  # the last argument: the tokens generated so far
         good = ref[at : at + len(drafts)]
         return [t if (at + i + 1) % wrong_every else (t + 1) % model.config.vocab_size for i, t in enumerate(good)], qs, guide
 

@@ -218,11 +218,6 @@ class DepthPolicy:
         self.tries = self.tries * self.decay + tried
 
 
-def _unprocessed(ids: list[int], logits: torch.Tensor) -> torch.Tensor:
-    """The draft target without a logits processor: the logits as they are."""
-    return logits
-
-
 def accept_or_resample(p: torch.Tensor, q: torch.Tensor, draft: int, sampler: Sampler) -> tuple[int, bool]:
     """Speculative sampling's step: the draft (drawn from q) is kept with probability min(1, p/q), else
     a token is drawn from norm(max(0, p - q)); the result is distributed as p. -> (token, kept)."""
@@ -366,6 +361,8 @@ class Speculation:
         def target(ids: list[int], lg: torch.Tensor) -> torch.Tensor:
             return logits_processor(generated + ids, lg) if logits_processor is not None else lg
 
+        argmax_only = sampling.greedy and logits_processor is None and not penalize  # the sampler's pick is the row's argmax
+
         def out(tok: int) -> bool:
             """Account one generated token; True when the loop must end after yielding it."""
             generated.append(tok)
@@ -397,7 +394,7 @@ class Speculation:
             qs: list[torch.Tensor] = []
             if depth:
                 pend_h = log.since(mcache.length)
-                drafts, qs, guide = self._draft(mcache, pend_h, pend_t, depth, sampling, sampler, target if logits_processor is not None else None, history, veto, generated)
+                drafts, qs, guide = self._draft(mcache, pend_h, pend_t, depth, sampling, sampler, target, argmax_only, history, veto, generated)
                 pend_t = []
                 log.forget_before(length - STREAM_WINDOW)
                 guess = getattr(net.experts, "guess", None)  # an offloaded backend prefetches the drafts' experts
@@ -409,7 +406,7 @@ class Speculation:
             cache.tokens.extend(ids)
             all_logits = net.lm_head(self._norm(streams[0])).float()  # each row a decode step's (MoeDecoder.lm_head)
             new: list[int] = []
-            if sampling.greedy and logits_processor is None and not penalize:  # the rows' argmaxes at once, as the sampler takes each
+            if argmax_only:  # the rows' argmaxes at once, as the sampler takes each
                 check_finite(all_logits)
                 for tok, d in zip(all_logits.argmax(dim=-1).tolist(), [*drafts, None]):
                     new.append(tok)
@@ -458,7 +455,8 @@ class Speculation:
         depth: int,
         sampling: SamplingParams,
         sampler: Sampler,
-        target: Callable[[list[int], torch.Tensor], torch.Tensor] | None,
+        target: Callable[[list[int], torch.Tensor], torch.Tensor],
+        argmax_only: bool,
         history: Callable[[Sequence[int]], torch.Tensor | None],
         veto: DraftVeto | None,
         generated: list[int],
@@ -467,7 +465,7 @@ class Speculation:
         chaining the block's own output stream. Returns the drafts, sampling their distributions q, and
         the block's output streams [depth, H] (row j: its stand-in for the main model's last-layer stream
         of the verification's token j; the offload prefetcher's guess). `target` applies the logits
-        processor (None: there is none; greedy without a penalty then takes the head's argmax directly)."""
+        processor; `argmax_only` (greedy, no processor, no penalty) takes the head's argmax directly."""
         head, device = self.head, pend_h.device
         start = mcache.length
         g = None
@@ -480,9 +478,6 @@ class Speculation:
         drafts: list[int] = []
         qs: list[torch.Tensor] = []
         guide = [g[0, -1]]
-        argmax_only = sampling.greedy and target is None and history(()) is None  # no processor, no penalty
-        if target is None:
-            target = _unprocessed
         for j in range(depth):
             if argmax_only:  # the sampler's pick without forming the vocabulary-wide row
                 d = head.greedy(g[0, -1])

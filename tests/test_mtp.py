@@ -196,9 +196,9 @@ def _oracle(model: localglm.Model, reference: list[int], wrong_every: int) -> No
     spec = model.speculation
     real = Speculation._draft
 
-    def draft(self: Speculation, mcache, pend_h, pend_t, depth, sampling, sampler, target, history, veto, generated):  # type: ignore[no-untyped-def]
-        drafts, qs, guide = real(self, mcache, pend_h, pend_t, depth, sampling, sampler, target, history, veto, generated)
-        at = len(generated)
+    def draft(self: Speculation, *args):  # type: ignore[no-untyped-def]
+        drafts, qs, guide = real(self, *args)
+        at = len(args[-1])  # the last argument: the tokens generated so far
         good = reference[at : at + len(drafts)]
         return [t if (at + i + 1) % wrong_every else (t + 1) % model.config.vocab_size for i, t in enumerate(good)], qs, guide
 
@@ -399,8 +399,9 @@ def test_speculative_sampling_matches_exact_joint_distribution(glm4: localglm.Mo
     spec = glm4.speculation
     real = Speculation._draft
 
-    def near(self, mcache, pend_h, pend_t, depth, sampling, sampler, target, history, veto, generated):  # type: ignore[no-untyped-def]
-        guide = real(self, mcache, pend_h, pend_t, depth, sampling, sampler, target, history, veto, generated)[2]
+    def near(self, *args):  # type: ignore[no-untyped-def]
+        sampler, generated = args[5], args[-1]
+        guide = real(self, *args)[2]
         q = sampler.distribution(glm4.logits(torch.tensor([prompt + generated]))[0, -1] * 4.0)
         return [sampler.sample(q)], [q], guide[:1]
 

@@ -42,6 +42,8 @@ import torch
 from quant.formats import QuantTensor
 from quant.native import CFLAGS, DTYPES, HEADER, LgMat, NativeLib, _compiler, _QTensor, build, check_struct_sizes, native_lib
 
+from .linear import linear
+
 log = logging.getLogger(__name__)
 
 _PACKAGE = Path(__file__).parent.parent
@@ -346,3 +348,33 @@ def native() -> LayerLib | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         log.warning("localglm: native layer ops failed to build (%s); the layers run torch ops", e)
         return None
+
+
+class RowsProduct:
+    """x . w^T for a weight used a few rows at a time (an lm_head, an MTP block's eh_proj and its draft
+    vocabulary's rows): up to `max_rows` rows (the call's) on the CPU through the native one-row products
+    (`LayerLib.rows_linear`: each row's numbers do not depend on how many rows there are, so a
+    speculative verification's logits are a decode step's bit for bit, and the weight is read once
+    per 4 rows; torch's bf16 GEMV costs 3-4x as much for one row); more rows, another device, a
+    weight the kernels do not take, or a product that needs a gradient (training) go through torch's
+    linear. The C view is made at first use."""
+
+    def __init__(self, w: torch.Tensor | QuantTensor, dtype: torch.dtype) -> None:
+        self.w, self.dtype = w, dtype
+        self._mat: LgMat | None | bool = False  # False: not described yet; None: the kernels do not take w
+
+    @property
+    def in_kernels(self) -> bool:
+        """Whether the native products have taken w (known after the first call on the CPU)."""
+        return isinstance(self._mat, LgMat)
+
+    def __call__(self, x: torch.Tensor, max_rows: int) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        grad = torch.is_grad_enabled() and (x.requires_grad or bool(getattr(self.w, "requires_grad", False)))
+        lib = native() if x.device.type == "cpu" and rows <= max_rows and not grad else None
+        if lib is not None and self._mat is False:
+            self._mat = LayerLib.describe_matrix(self.w, self.dtype)
+        if lib is None or not isinstance(self._mat, LgMat):
+            return linear(x, self.w)
+        y = lib.rows_linear(self._mat, x.reshape(rows, x.shape[-1]), self.dtype).to(self.dtype)
+        return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -102,7 +102,6 @@ class FusedDecoder:
         self._tables: tuple | None = None  # (backend, its experts per layer, the whole-token array) last seen
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos / sin of every cache position
         self._index_slot: list[int | None] = []  # a DSA full layer's slot in the indexer-key cache: the full layers in order
-        self._head: tuple[LgMat | None, Pinned] | None = None  # the lm_head's C view (None inside: the kernels do not take it)
         for layer in layers:
             self._index_slot.append(sum(slot is not None for slot in self._index_slot) if layer.desc.dsa else None)
 
@@ -209,21 +208,6 @@ class FusedDecoder:
             return False  # rows kept apart in host RAM are brought over by `read`, which the kernel does not do
         k, _ = self._cache(cache)
         return k.shape[1] == 1 and k.dtype == self.model.dtype and k.device.type == "cpu"
-
-    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """Logits [..., vocab] (model dtype) of normed hidden states [..., H] through the native kernels,
-        each row's numbers a one-row product's whatever the row count, so a speculative verification's
-        logits are a decode step's bit for bit while the weight is read once per 4 rows; None where the
-        kernels do not take the lm_head."""
-        m = self.model
-        if self._head is None:
-            pin = Pinned(m.dtype)
-            self._head = (pin.mat(m.w.lm_head), pin)
-        mat = self._head[0]
-        if mat is None or hidden.device.type != "cpu":
-            return None
-        y = self.lib.rows_linear(mat, hidden.reshape(-1, hidden.shape[-1]), m.dtype).to(m.dtype)
-        return y.reshape(*hidden.shape[:-1], y.shape[-1])
 
     def hidden_states(self, input_ids: torch.Tensor, cache: TokenCache, start: int) -> torch.Tensor:
         """Final-normed hidden states [1, T, H] of the tokens at positions start.., their keys written to the cache."""

@@ -23,6 +23,7 @@ from ..config import ModelConfig
 from ..layers.experts import ExpertBackend, InMemoryExperts
 from ..layers.kv_cache import HostRows, TokenCache
 from ..layers.linear import linear
+from ..layers.native import RowsProduct
 from ..layers.mlp import MLPWeights, swiglu
 from ..layers.norm import rms_norm
 from ..layers.router import RouterSpec, RouterWeights, route
@@ -168,6 +169,7 @@ class MoeDecoder(MoeRouting):
         # GEMMs beyond (default model, 1-2 threads: 1.3-12x at 8-128 tokens, 0.64x at 256).
         self.fused_prefill_max = 128
         self._fused: Any = False  # False: not built yet; None: the native path does not take this model
+        self._head: RowsProduct | None = None  # the lm_head's few-row product, made at first use
 
     # ---- the architecture's part ---------------------------------------------------------------
     def new_cache(self, max_tokens: int, batch: int = 1) -> TokenCache:
@@ -243,15 +245,14 @@ class MoeDecoder(MoeRouting):
         return self._fused
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits of normed hidden states [..., H]. A few rows on the CPU (a decode step, a speculative
-        verification) go through the fused decoder's native product, whose rows do not depend on how
-        many there are; more (a perplexity over a whole text) through torch's GEMM."""
-        rows = hidden.numel() // hidden.shape[-1]
-        if rows <= self.fused_prefill_max and hidden.device.type == "cpu":
-            fused = self._fused_decoder()
-            logits = fused.lm_head(hidden) if fused is not None else None
-            if logits is not None:
-                return logits
+        """Logits of normed hidden states [..., H]. Where the native layers take the model, a few rows on
+        the CPU (a decode step, a speculative verification) go through the native one-row products,
+        whose rows do not depend on how many there are (layers.native.RowsProduct); more (a perplexity
+        over a whole text) through torch's GEMM."""
+        if hidden.device.type == "cpu" and self._fused_decoder() is not None:
+            if self._head is None or self._head.w is not self.w.lm_head:
+                self._head = RowsProduct(self.w.lm_head, self.dtype)
+            return self._head(hidden, self.fused_prefill_max)
         return linear(hidden, self.w.lm_head)
 
 

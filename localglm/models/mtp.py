@@ -31,7 +31,7 @@ from ..config import ModelConfig
 from ..layers.experts import ExpertBackend
 from ..layers.kv_cache import TokenCache
 from ..layers.linear import linear
-from ..layers.native import LayerLib, native
+from ..layers.native import RowsProduct
 from ..layers.norm import rms_norm
 from ..sampling import check_finite
 from .arch import Arch, WeightReader
@@ -115,20 +115,8 @@ class MtpHead:
         self.layer = layer  # N: where the block sits in the checkpoint
         self.cfg = block.cfg
         self.vocab: torch.Tensor | None = None  # the token ids `logits` scores (draft_vocab.py); None: all
-        self._sub: tuple[Any, Any] | None = None  # (the head's rows of `vocab`, their C view or None)
-        self._eh: tuple[Any] | None = None  # eh_proj's C view (None inside: the kernels do not take it), made at first use
-
-    def _product(self, w: Any, mat: Any, x: torch.Tensor) -> torch.Tensor:
-        """x [..., K] . w^T in the model dtype: a few rows on the CPU through the native one-row products
-        (`mat`, w's C view: a draft call is one or a few rows, where torch's bf16 GEMV cost 3-4x as
-        much), else torch's linear."""
-        rows = x.numel() // x.shape[-1]
-        grad = torch.is_grad_enabled() and (x.requires_grad or bool(getattr(w, "requires_grad", False)))  # training: torch's, which has a backward
-        lib = native() if mat is not None and not grad and x.device.type == "cpu" and rows <= self.block.fused_prefill_max else None
-        if lib is None:
-            return linear(x, w)
-        y = lib.rows_linear(mat, x.reshape(rows, x.shape[-1]), self.block.dtype).to(self.block.dtype)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        self._sub: RowsProduct | None = None  # the head's rows of `vocab`
+        self._eh: RowsProduct | None = None  # eh_proj (a draft is one row or a few), made at first use
 
     @property
     def rows_separable(self) -> bool:
@@ -146,9 +134,7 @@ class MtpHead:
             raise NotImplementedError("a draft vocabulary over a quantized lm_head (lm_head_bits) is not implemented: "
                                       "draft with the whole head (draft_vocab=0, --draft-vocab 0)")  # fmt: skip
         self.vocab = torch.tensor(sorted(set(ids)), dtype=torch.long, device=head.device)
-        rows = head[self.vocab].contiguous()
-        lib = native() if rows.device.type == "cpu" else None
-        self._sub = (rows, None if lib is None else LayerLib.describe_matrix(rows, self.block.dtype))
+        self._sub = RowsProduct(head[self.vocab].contiguous(), self.block.dtype)
 
     def new_cache(self, max_tokens: int) -> TokenCache:
         return self.block.new_cache(max_tokens)
@@ -159,37 +145,39 @@ class MtpHead:
         eps = self.cfg.rms_norm_eps
         e = rms_norm(F.embedding(next_ids, self.block.w.embed), self.w.enorm, eps)
         h = rms_norm(prev.to(e.dtype), self.w.hnorm, eps)
-        if self._eh is None:
-            lib = native() if e.device.type == "cpu" else None
-            self._eh = (None if lib is None else LayerLib.describe_matrix(self.w.eh_proj, self.block.dtype),)
-        x = self._product(self.w.eh_proj, self._eh[0], torch.cat([e, h], dim=-1))
+        if self._eh is None or self._eh.w is not self.w.eh_proj:
+            self._eh = RowsProduct(self.w.eh_proj, self.block.dtype)
+        x = self._eh(torch.cat([e, h], dim=-1), self.block.fused_prefill_max)
         return self.block.run_layers(x, cache, start)
+
+    def _vocab_scores(self, stream: torch.Tensor) -> torch.Tensor:
+        """Float32 scores [rows, len(vocab)] of the draft vocabulary's tokens for streams [..., H]: each
+        the number the whole head gives it (the same one-row products)."""
+        assert self._sub is not None
+        normed = rms_norm(stream, self.block.w.final_norm, self.cfg.rms_norm_eps)
+        return self._sub(normed.reshape(-1, normed.shape[-1]), self.block.fused_prefill_max).float()
 
     def greedy(self, stream: torch.Tensor) -> int:
         """argmax of `logits(stream)` for one stream [H] (ties to the lowest id, as torch.argmax of the
         whole row), from the draft vocabulary's scores alone: no vocabulary-wide row is formed."""
-        if self.vocab is None or self._sub is None:
+        if self._sub is None:
             lg = self.logits(stream)
             check_finite(lg)
             return int(lg.argmax())
-        normed = rms_norm(stream, self.block.w.final_norm, self.cfg.rms_norm_eps)
-        sub = self._product(self._sub[0], self._sub[1], normed.reshape(1, -1))[0].float()
+        sub = self._vocab_scores(stream)[0]
         check_finite(sub)
+        assert self.vocab is not None
         return int(self.vocab[int(sub.argmax())])  # vocab ascending: the first maximum is the lowest id
 
     def logits(self, stream: torch.Tensor, full: bool = False) -> torch.Tensor:
         """Float32 logits [..., vocab_size] of the token after next from output streams [..., H]: the
-        head's, or with a draft vocabulary (`set_vocab`, unless `full`) its rows' alone -- each the
-        number the whole head gives it (the same native one-row products) -- and -inf elsewhere."""
-        normed = rms_norm(stream, self.block.w.final_norm, self.cfg.rms_norm_eps)
-        if self.vocab is None or self._sub is None or full:
-            return self.block.lm_head(normed).float()
-        rows, mat = self._sub
-        x = normed.reshape(-1, normed.shape[-1])
-        sub = self._product(rows, mat, x).float()
-        out = torch.full((x.shape[0], self.cfg.vocab_size), float("-inf"), dtype=torch.float32, device=x.device)
+        head's, or with a draft vocabulary (`set_vocab`, unless `full`) its rows' alone and -inf elsewhere."""
+        if self._sub is None or full:
+            return self.block.lm_head(rms_norm(stream, self.block.w.final_norm, self.cfg.rms_norm_eps)).float()
+        sub = self._vocab_scores(stream)
+        out = torch.full((sub.shape[0], self.cfg.vocab_size), float("-inf"), dtype=torch.float32, device=sub.device)
         out[:, self.vocab] = sub
-        return out.reshape(*normed.shape[:-1], self.cfg.vocab_size)
+        return out.reshape(*stream.shape[:-1], self.cfg.vocab_size)
 
 
 def load_mtp_head(
