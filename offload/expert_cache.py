@@ -4,13 +4,16 @@ An expert is a byte blob plus a compute function (`ExpertCodec`): the bf16 codec
 [2I, H] and down [H, I] back to back; a quantized codec (quant/) packs its packed weights and
 scales the same way. Moving an expert is one copy of its blob; computing it needs only the blob.
 
-The cache is one device allocation of `n_slots * blob_bytes` (so the budget is checked once and
-can never be exceeded later), a key -> slot map, and an eviction policy. Keys in use by the
-running layer are pinned and can never be chosen as victims.
+The cache is one device allocation (so the budget is checked once and can never be exceeded
+later), a key -> slot map, and an eviction policy. Keys in use by the running layer are pinned and
+can never be chosen as victims. Where layers' blobs differ in size (an MTP block kept at 8 bits beside
+4-bit experts), the slots come in size classes (`SlotClass`): a key only ever takes, and evicts, a slot
+of its own class, so a few wide experts do not make every slot wide.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -71,12 +74,44 @@ class QuantCodec:
         return PreparedExpert(self.layout, blob, self.dtype)
 
 
+@dataclass(frozen=True)
+class SlotClass:
+    """`n_slots` slots of `blob_bytes` each, for the keys whose class index this is."""
+
+    n_slots: int
+    blob_bytes: int
+
+
 class ExpertCache:
-    def __init__(self, device: Any, n_slots: int, blob_bytes: int, n_keys: int, policy: Policy) -> None:
+    """`n_slots` slots of `blob_bytes` for all keys; or, with `classes` and `key_class` (per key, an
+    index into `classes`), one region per class, each key cached only in its own class's slots."""
+
+    def __init__(
+        self, device: Any, n_slots: int, blob_bytes: int, n_keys: int, policy: Policy,
+        classes: list[SlotClass] | None = None, key_class: np.ndarray | None = None,
+    ) -> None:  # fmt: skip
+        if classes is None:
+            classes, key_class = [SlotClass(int(n_slots), blob_bytes)], None
+        elif key_class is None or len(key_class) != n_keys:
+            raise ValueError("slot classes need a class index for every key")
         self.device = device
-        self.n_slots = int(n_slots)
-        self.blob_bytes = blob_bytes
-        self.buffer = device.alloc(self.n_slots * blob_bytes, "expert cache") if n_slots > 0 else None
+        self.classes = list(classes)
+        self.n_slots = sum(c.n_slots for c in self.classes)
+        self.blob_bytes = max(c.blob_bytes for c in self.classes)  # the widest slot
+        self.key_class = np.zeros(n_keys, dtype=np.int64) if key_class is None else np.asarray(key_class, dtype=np.int64)
+        self._of_class = [self.key_class == i for i in range(len(self.classes))]  # key masks, for victims
+        self.slot_class = np.zeros(max(1, self.n_slots), dtype=np.int64)
+        self.slot_start = np.zeros(max(1, self.n_slots), dtype=np.int64)  # byte offset of each slot
+        self.slot_bytes = np.zeros(max(1, self.n_slots), dtype=np.int64)
+        self.free_of: list[list[int]] = []  # per class, its free slots (popped from the end: lowest first)
+        slot = offset = 0
+        for ci, c in enumerate(self.classes):
+            first = slot
+            for _ in range(c.n_slots):
+                self.slot_class[slot], self.slot_start[slot], self.slot_bytes[slot] = ci, offset, c.blob_bytes
+                slot, offset = slot + 1, offset + c.blob_bytes
+            self.free_of.append(list(range(slot - 1, first - 1, -1)))
+        self.buffer = device.alloc(offset, "expert cache") if self.n_slots > 0 else None
         self.policy = policy
         self.slot_of: dict[int, int] = {}
         self.key_of = np.full(max(1, self.n_slots), -1, dtype=np.int64)
@@ -85,12 +120,21 @@ class ExpertCache:
         self.ready: dict[int, Any] = {}  # slot -> copy event
         self.last_use: dict[int, Any] = {}  # slot -> event after its last compute (CUDA)
         self.version = np.zeros(max(1, self.n_slots), dtype=np.int64)  # bumped whenever a slot is refilled
-        self.free = list(range(self.n_slots - 1, -1, -1))
         self.evictions = 0
         self.last_t = np.full(n_keys, -np.inf)  # when each key was last used (for prefetch's guard)
 
+    @property
+    def free(self) -> list[int]:
+        """Every free slot, of any class."""
+        return [s for f in self.free_of for s in f]
+
+    def has_free(self, key: int) -> bool:
+        """Whether a slot of `key`'s class is free (a copy in would evict nothing)."""
+        return bool(self.free_of[int(self.key_class[key])])
+
     def slot_tensor(self, slot: int) -> torch.Tensor:
-        return self.buffer[slot * self.blob_bytes : (slot + 1) * self.blob_bytes]
+        start = int(self.slot_start[slot])
+        return self.buffer[start : start + int(self.slot_bytes[slot])]
 
     def lookup(self, key: int) -> int | None:
         return self.slot_of.get(key)
@@ -104,12 +148,13 @@ class ExpertCache:
     def unpin_all(self) -> None:
         self.pinned[:] = False
 
-    def _take_slot(self, t: float, protect: np.ndarray | None, min_idle: float | None = None) -> int | None:
-        if self.free:
-            return self.free.pop()
-        if self.n_slots == 0:
+    def _take_slot(self, cls: int, t: float, protect: np.ndarray | None, min_idle: float | None = None) -> int | None:
+        if self.free_of[cls]:
+            return self.free_of[cls].pop()
+        if self.classes[cls].n_slots == 0:
             return None
-        victim = self.policy.victim(self.cached, self.pinned, t, protect)
+        cached = self.cached if len(self.classes) == 1 else self.cached & self._of_class[cls]
+        victim = self.policy.victim(cached, self.pinned, t, protect)
         if victim < 0:
             return None
         if min_idle is not None and t - self.last_t[victim] < min_idle:
@@ -124,11 +169,11 @@ class ExpertCache:
     def insert(self, key: int, src: torch.Tensor, t: float, protect: np.ndarray | None = None, min_idle: float | None = None) -> int | None:
         """Copy `src` (the host blob) into a slot; None if every slot holds a pinned expert (or, with
         `min_idle`, if the victim was used less than that many tokens ago)."""
-        slot = self._take_slot(t, protect, min_idle)
+        slot = self._take_slot(int(self.key_class[key]), t, protect, min_idle)
         if slot is None:
             return None
         self.version[slot] += 1
-        dst = self.slot_tensor(slot)[: src.numel()]  # layers may differ in blob size; slots fit the largest
+        dst = self.slot_tensor(slot)[: src.numel()]  # layers of one class may differ in blob size; its slots fit the largest
         self.ready[slot] = self.device.copy_async(dst, src, after=self.last_use.pop(slot, None))
         self.slot_of[key] = slot
         self.key_of[slot] = key

@@ -82,9 +82,12 @@ class NextLayerPredictor:
     counts_guess: dict[int, PredictionCounts] = field(default_factory=dict)  # per layer: `guess`'s predictions
 
     carry_attention: bool = True
+    # Layers predicted from their own input alone, outside the chain of layers ahead and `guess`: an
+    # MTP block's MoE layer, whose input (eh_proj of a token and a stream) no main layer's input resembles.
+    solo: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
-        self.layers = sorted(self.routers)
+        self.layers = sorted(r for r in self.routers if r not in self.solo)  # the main chain, in order
         self._pending: dict[int, list[_Pending]] = {}
         self._seen: dict[int, np.ndarray] = {}  # layer -> its last call's expert ids [N, k]
         self._input: dict[int, torch.Tensor] = {}  # layer -> the last token's input (fp32 [H])
@@ -106,12 +109,16 @@ class NextLayerPredictor:
         if len(flat) > self.max_tokens:
             sample = torch.linspace(0, len(flat) - 1, self.max_tokens).long()
             flat = flat[sample]
-        pos = self.layers.index(layer)
+        if layer in self.solo:
+            targets = [layer]
+        else:
+            pos = self.layers.index(layer)
+            targets = self.layers[pos : pos + self.depth]
         k = self.spec.top_k + self.extra
         out: dict[int, np.ndarray] = {}
         n_tokens = len(x.reshape(-1, x.shape[-1]))
         guessed: dict[int, np.ndarray] = {}  # target -> its predicted top-k per token, the next target's condition
-        for target in self.layers[pos : pos + self.depth]:
+        for target in targets:
             xt = flat.float()
             carry = self._attn.get(target) if self.carry_attention and target == layer and len(flat) == 1 else None
             if carry is not None:  # attention's output moves slowly from token to token: add the last one's
@@ -156,6 +163,8 @@ class NextLayerPredictor:
     def _prior(self, target: int, n_tokens: int, sample: torch.Tensor | None, guessed: dict[int, np.ndarray]) -> np.ndarray | None:
         """P(expert at `target` | the previous MoE layer's choice), per (sampled) token, from the
         statistics: its actual choice when it ran this step, else the one just predicted for it."""
+        if target in self.solo:
+            return None
         pos = self.layers.index(target)
         if self.stats is None or self.stat_weight <= 0 or pos == 0 or not self.stats.tokens:
             return None
@@ -177,9 +186,10 @@ class NextLayerPredictor:
         """
         if not predictions:
             return
-        src = self.layers.index(min(predictions) if layer is None else layer)
+        first = min(predictions) if layer is None else layer
+        src = None if first in self.solo else self.layers.index(first)
         for target, experts in predictions.items():
-            ahead = self.layers.index(target) - src + 1
+            ahead = 1 if src is None or target in self.solo else self.layers.index(target) - src + 1
             self._pending.setdefault(target, []).append(_Pending({int(e) for e in experts}, ahead))
 
     def observe(self, layer: int, expert_ids: torch.Tensor) -> None:
@@ -198,13 +208,15 @@ class NextLayerPredictor:
 
 
 def predictor_for(
-    net, stats: RouterStats | None = None, extra: int = 0, depth: int = 2, stat_weight: float = 0.1, carry_attention: bool = True
+    net, stats: RouterStats | None = None, extra: int = 0, depth: int = 2, stat_weight: float = 0.1, carry_attention: bool = True,
+    solo: dict[int, tuple[torch.Tensor, RouterWeights]] | None = None,
 ) -> NextLayerPredictor:
-    """A predictor over a model's MoE routers (`net.moe_routers()`: post-attention norm and router per layer)."""
-    pairs = net.moe_routers()
+    """A predictor over a model's MoE routers (`net.moe_routers()`: post-attention norm and router per
+    layer), and `solo` ones (layer -> norm and router: an MTP block's) predicted from their own input only."""
+    pairs = net.moe_routers() | (solo or {})
     routers = {i: router for i, (_, router) in pairs.items()}
     norms = {i: norm for i, (norm, _) in pairs.items()}
     return NextLayerPredictor(
         routers, norms, net.router_spec, net.cfg.rms_norm_eps, stats, extra=extra, depth=depth, stat_weight=stat_weight,
-        carry_attention=carry_attention,
+        carry_attention=carry_attention, solo=frozenset(solo or ()),
     )

@@ -132,8 +132,22 @@ class RouterStats:
         if path is not None and Path(path).is_file():
             try:
                 st = cls.load(path)
+                if st.n_experts == n_experts and st.moe_layers != list(moe_layers) and set(st.moe_layers) & set(moe_layers):
+                    return st.restricted(moe_layers)  # saved with or without the MTP block's layer: keep the common ones
                 st._check(moe_layers, n_experts, "load")
                 return st
             except LocalGLMError:
                 pass  # a stale or foreign profile: start afresh rather than fail the load
         return cls(moe_layers, n_experts, top_k)
+
+    def restricted(self, moe_layers: list[int]) -> RouterStats:
+        """These statistics over other layers: the rows of layers both have kept (and the co-occurrences
+        of pairs consecutive in both), the others empty."""
+        out = RouterStats(moe_layers, self.n_experts, self.top_k)
+        out.tokens = self.tokens
+        for layer, li in out.index.items():
+            if layer in self.index:
+                out.counts[li] = self.counts[self.index[layer]]
+                if li > 0 and self.index.get(out.moe_layers[li - 1]) == self.index[layer] - 1:
+                    out.cooc[li - 1] = self.cooc[self.index[layer] - 1]
+        return out
