@@ -74,6 +74,20 @@ def default_cpu_mem() -> int:
     return max(0, available_ram() - CPU_MARGIN)
 
 
+@dataclass(frozen=True)
+class MtpPlacement:
+    """An MTP (next-n) block planned beside the model (models/mtp.py): the bits of its always-used weights
+    (16: the compute dtype; the recipe class "mtp", 8 by default) and of its routed experts, and whether
+    it holds its own embedding / head (else it reads the main model's). Its always-used weights and KV
+    cache go on the GPU; its routed experts are one more MoE layer of the offloaded backend: in host RAM,
+    streamed through the expert cache (slots of their own size where it differs from the main experts')."""
+
+    bits: float = 8
+    expert_bits: float = 8
+    own_embed: bool = False
+    own_head: bool = False
+
+
 @dataclass
 class PlanItem:
     what: str
@@ -102,6 +116,11 @@ class Plan:
     chosen: list[str] = field(default_factory=list)  # the classes whose bits the planner chose
     kv_in_ram: bool = False  # the KV cache's hostable part (DSA's latent rows) lives in pinned RAM
     kv_gather_bytes: int = 0  # with kv_in_ram: bytes gathered to the GPU per decoded token
+    mtp_layer: int | None = None  # the MTP block's layer when it was planned (its experts are in n_experts_total)
+    mtp_bytes: int = 0  # its always-used weights and KV cache on the device
+    mtp_expert_bytes: int = 0  # one of its routed experts
+    mtp_cache_slots: int = 0  # expert-cache slots of its own size (0 where they are the main experts' size: in cache_slots)
+    mtp_left_out: str = ""  # why a block speculation would have used by default was left out of this plan
 
     @property
     def cpu_only(self) -> bool:
@@ -120,10 +139,11 @@ class Plan:
         rows.append(f"RAM   {human_bytes(self.used('RAM')):>12} of {human_bytes(self.cpu_budget)}")
         if self.experts_on_disk:
             rows.append(f"disk  {human_bytes(self.used('disk')):>12} memory-mapped ({self.experts_on_disk} experts)")
-        pct = 100 * self.cache_slots / self.n_experts_total if self.n_experts_total else 0
+        slots = self.cache_slots + self.mtp_cache_slots
+        pct = 100 * slots / self.n_experts_total if self.n_experts_total else 0
         if not self.cpu_only:
             rows.append(
-                f"expert cache: {self.cache_slots} of {self.n_experts_total} routed experts ({pct:.1f}%) on the GPU, "
+                f"expert cache: {slots} of {self.n_experts_total} routed experts ({pct:.1f}%) on the GPU, "
                 f"{human_bytes(self.expert_bytes)} each at {self.expert_bits:.3g} bits/weight; est. hit rate {100 * self.hit_rate:.0f}%"
             )
         else:
@@ -135,6 +155,16 @@ class Plan:
             )
         if self.dense_bits:
             rows.append("always-used weights: " + precision_note(self.dense_bits, self.chosen))
+        if self.mtp_layer is not None:
+            slots = f"{self.mtp_cache_slots} slots of their own" if self.mtp_cache_slots else "sharing its slots"
+            rows.append(
+                f"MTP block (layer {self.mtp_layer}, speculative drafts): {human_bytes(self.mtp_bytes)} of always-used weights and KV cache "
+                + ("in RAM" if self.cpu_only else "on the GPU")
+                + f"; its routed experts ({human_bytes(self.mtp_expert_bytes)} each) are counted with the others"
+                + ("" if self.cpu_only else f" and go through the expert cache ({slots}); --no-mtp leaves it out")
+            )
+        if self.mtp_left_out:
+            rows.append(f"MTP block left out (no speculative drafts): {self.mtp_left_out}")
         b = self.bandwidths
         rows.append(
             f"predicted: decode {self.decode_tok_s:.1f} tok/s, prefill {self.prefill_tok_s:.0f} tok/s "
@@ -169,6 +199,25 @@ class BudgetTooSmall(LocalGLMError):
     """No placement fits the budgets (one line, with the minimum that would work)."""
 
 
+def plan_with_mtp(cfg: ModelConfig, *args: object, mtp: MtpPlacement | None, required: bool, **kw: object) -> Plan:
+    """`make_plan(cfg, *args, **kw)` with an MTP block. Asked for (`required`: --mtp), it is placed or the
+    plan fails with what it needs. By default (speculation on where the checkpoint has the block) it is
+    placed only where it fits beside the model with the always-used weights at the precision they would
+    have without it; else the plan leaves it out and says why (`Plan.mtp_left_out`)."""
+    if mtp is None or required:
+        return make_plan(cfg, *args, mtp=mtp, **kw)  # type: ignore[arg-type]
+    without = make_plan(cfg, *args, **kw)  # type: ignore[arg-type]
+    try:
+        plan = make_plan(cfg, *args, mtp=mtp, **kw)  # type: ignore[arg-type]
+    except BudgetTooSmall:
+        without.mtp_left_out = f"it does not fit beside the model in --gpu-mem {human_bytes(without.gpu_budget)} (--mtp: what it needs)"
+        return without
+    if plan.dense_bits != without.dense_bits:
+        without.mtp_left_out = "it fits only with the always-used weights at a lower precision (--mtp places it so)"
+        return without
+    return plan
+
+
 def make_plan(
     cfg: ModelConfig,
     gpu_mem: int | str | None = None,
@@ -180,6 +229,7 @@ def make_plan(
     fixed: dict[str, float] | None = None,
     float_bits: float = 16.0,
     kv: str = "auto",
+    mtp: MtpPlacement | None = None,
 ) -> Plan:
     """Plan a placement; raises LocalGLMError (one line, with the minimum that would work) if none fits.
 
@@ -189,7 +239,9 @@ def make_plan(
     `float_bits` per weight (the compute dtype's: 32 for an fp32 model).
     `kv`: where the KV cache lives with a GPU: "gpu"; "ram" (only for attention that reads a selection
     of rows per token, GLM-5's DSA: the latent rows in pinned RAM, each step's top-k gathered to the
-    GPU, the indexer keys on the GPU); "auto" plans both and keeps the faster that fits."""
+    GPU, the indexer keys on the GPU); "auto" plans both and keeps the faster that fits.
+    `mtp`: an MTP block to place too (its always-used weights and KV cache beside the model's, its
+    routed experts with theirs); None where the config has none or speculation is off."""
     gpu = parse_size(gpu_mem, "--gpu-mem")
     cpu = parse_size(cpu_mem, "--cpu-mem")
     gpu = default_gpu_mem() if gpu is None else gpu
@@ -215,7 +267,7 @@ def make_plan(
         fits: list[Plan] = []
         for kv_in_ram in places:
             try:
-                fits.append(_plan(cfg, gpu, cpu, ctx, experts, bandwidths or Bandwidths(), dense_bits, float_bits, model, kv_in_ram))
+                fits.append(_plan(cfg, gpu, cpu, ctx, experts, bandwidths or Bandwidths(), dense_bits, float_bits, model, kv_in_ram, mtp))
             except BudgetTooSmall as exc:
                 error = exc
         if not fits:
@@ -230,11 +282,12 @@ def make_plan(
 def _plan(
     cfg: ModelConfig, gpu: int, cpu: int, ctx: int, experts: float, bw: Bandwidths, dense_bits: dict[str, float], float_bits: float, model: str,
     kv_in_ram: bool = False,
+    mtp: MtpPlacement | None = None,
 ) -> Plan:
     c = count_params(cfg)
     h, inter = cfg.hidden_size, cfg.moe_intermediate_size
-    bits = (2 * bits_per_weight(experts, h) + bits_per_weight(experts, inter)) / 3  # gate_up's rows are h long, down's inter
-    expert_bytes = int(3 * h * inter * bits / 8)
+    bits = _expert_bits(h, inter, experts)
+    expert_bytes = _expert_bytes(h, inter, experts)
     n_total = cfg.num_moe_layers * cfg.n_routed_experts
     kv = kv_cache_bytes(cfg, ctx)
     workspace = PREFILL_CHUNK * (cfg.vocab_size + 4 * h + 2 * max(cfg.intermediate_size, inter * cfg.num_experts_per_tok)) * 4
@@ -267,42 +320,69 @@ def _plan(
         PlanItem("workspace (activations, logits)", main_dev, workspace),
     ]
     fixed = sum(i.bytes for i in items)
+    block = cfg.num_hidden_layers if mtp is not None and cfg.num_nextn_predict_layers > 0 else None
+    n_mtp = cfg.n_routed_experts if block is not None else 0
+    mtp_bytes = mtp_expert = 0
+    if block is not None:
+        assert mtp is not None
+        mtp_weights, mtp_kv = _mtp_dense_bytes(cfg, mtp, float_bits), kv_cache_bytes(cfg.mtp_block_config(), ctx)
+        items.append(PlanItem(f"MTP block (layer {block}, {_bits_name(mtp.bits)})", main_dev, mtp_weights))
+        items.append(PlanItem(f"MTP block KV cache ({ctx} tokens, bf16)", main_dev, mtp_kv))
+        mtp_bytes = mtp_weights + mtp_kv
+        mtp_expert = _expert_bytes(h, inter, mtp.expert_bits)
+    n_main = n_total
+    n_total += n_mtp
+    wide = max(expert_bytes, mtp_expert)  # RAM is counted at the wider of the two sizes
     if kv_in_ram:
         items.append(PlanItem(f"KV cache: latent rows ({ctx} tokens)", "RAM (pinned)", kv_host))
     k = cfg.num_experts_per_tok
-    slots = 0
+    slots = mtp_slots = 0
     cpu_fixed = 0
+    own_size = bool(n_mtp) and mtp_expert != expert_bytes  # the block's experts need slots of their own size
     if gpu > 0:
         min_slots = 2 * k  # one layer's experts in use plus the next layer's arriving
-        need = fixed + min_slots * expert_bytes
+        min_mtp = k if own_size else 0  # one draft token's experts
+        need = fixed + mtp_bytes + min_slots * expert_bytes + min_mtp * mtp_expert
         if gpu < need:
             raise BudgetTooSmall(
-                f"--gpu-mem {human_bytes(gpu)} is too small for this model at --ctx {ctx}: needs at least {human_bytes(need, up=True)} "
-                f"(always-used weights + KV cache + workspace {human_bytes(fixed)}, {min_slots} expert slots {human_bytes(min_slots * expert_bytes)}); "
-                f"lower --ctx, or use --gpu-mem 0 for CPU-only"
+                f"--gpu-mem {human_bytes(gpu)} is too small for this model at --ctx {ctx}"
+                + (" with its MTP block" if n_mtp else "")
+                + f": needs at least {human_bytes(need, up=True)} "
+                f"(always-used weights + KV cache + workspace {human_bytes(fixed)}, "
+                + (f"MTP block {human_bytes(mtp_bytes)}, " if n_mtp else "")
+                + f"{min_slots + min_mtp} expert slots {human_bytes(need - fixed - mtp_bytes)}); "
+                f"lower --ctx, " + ("or --no-mtp, " if n_mtp else "") + "or use --gpu-mem 0 for CPU-only"
             )
-        slots = min(n_total, (gpu - fixed) // expert_bytes)
+        if own_size:
+            slots, mtp_slots = split_slots(gpu - fixed - mtp_bytes, n_main, expert_bytes, n_mtp, mtp_expert, k)
+        else:
+            slots = min(n_total, (gpu - fixed - mtp_bytes) // expert_bytes)
         items.append(PlanItem(f"expert cache ({slots} slots)", "GPU", slots * expert_bytes))
-        staging = 2 * k * expert_bytes  # pinned staging for experts read from disk
+        if mtp_slots:
+            items.append(PlanItem(f"MTP expert cache ({mtp_slots} slots)", "GPU", mtp_slots * mtp_expert))
+        staging = 2 * k * wide  # pinned staging for experts read from disk
         cpu_fixed = staging + kv_host
         ram_where = "RAM (pinned)"
     else:
-        cpu_fixed = fixed
+        cpu_fixed = fixed + mtp_bytes
         ram_where = "RAM"
-    min_cpu = cpu_fixed + (0 if gpu > 0 else k * expert_bytes)
+    min_cpu = cpu_fixed + (0 if gpu > 0 else k * wide)
     if cpu < min_cpu:
         what = ("staging buffers" + (" and the KV cache's latent rows" if kv_host else "")) if gpu > 0 else "always-used weights + KV cache + workspace + one token's experts"
         raise BudgetTooSmall(
             f"--cpu-mem {human_bytes(cpu)} is too small: needs at least {human_bytes(min_cpu, up=True)} ({what}); "
             f"the rest of the experts can stay memory-mapped on disk"
         )
-    in_ram = min(n_total, (cpu - cpu_fixed) // expert_bytes)
+    in_ram = min(n_total, (cpu - cpu_fixed) // wide)
     on_disk = n_total - in_ram
+    all_bytes = n_main * expert_bytes + n_mtp * mtp_expert
+    ram_bytes = all_bytes if not on_disk else in_ram * wide
     if gpu > 0:
         items.append(PlanItem("expert staging (2 layers' experts)", "RAM (pinned)", cpu_fixed - kv_host))
-    items.append(PlanItem(f"routed experts ({in_ram} of {n_total})", ram_where, in_ram * expert_bytes))
+    mtp_note = f", {n_mtp} MTP" if n_mtp else ""
+    items.append(PlanItem(f"routed experts ({in_ram} of {n_total}{mtp_note})", ram_where, ram_bytes))
     if on_disk:
-        items.append(PlanItem(f"routed experts ({on_disk} coldest)", "disk (mmap)", on_disk * expert_bytes))
+        items.append(PlanItem(f"routed experts ({on_disk} coldest)", "disk (mmap)", all_bytes - ram_bytes))
 
     flops = 2 * 3 * h * inter
     cm = CostModel(bw, expert_bytes, flops)
@@ -311,26 +391,59 @@ def _plan(
     active_other = c.always_used - c.embed  # FLOPs: every always-used weight but the embedding lookup
     per_layer_k = cfg.num_moe_layers * k
     if gpu > 0:
-        hit = interpolate_hit_rate(slots / n_total) if n_total else 1.0
+        hit = interpolate_hit_rate(slots / (n_main if mtp_slots else n_total)) if n_total else 1.0
         miss = (1 - disk_share) * cm.miss_s(1) + disk_share * cm.miss_s(1, on_disk=True)
         decode_s = dense_bytes / bw.gpu_mem + gather / bw.h2d + per_layer_k * (hit * cm.gpu_s(1) + (1 - hit) * miss)
         # Prefill: each layer streams every expert it needs (about all of them at 512 tokens) unless cached.
         t = PREFILL_CHUNK
         tok_per_expert = max(1, t * k // cfg.n_routed_experts)
-        hit_pf = slots / n_total if n_total else 1.0
-        stream = (1 - hit_pf) * n_total * (cm.copy_s() + disk_share * expert_bytes / bw.disk)
-        compute = n_total * cm.gpu_s(tok_per_expert) + 2 * active_other * t / bw.gpu_flops
+        hit_pf = min(1.0, slots / n_main) if n_main else 1.0
+        stream = (1 - hit_pf) * n_main * (cm.copy_s() + disk_share * expert_bytes / bw.disk)
+        compute = n_main * cm.gpu_s(tok_per_expert) + 2 * active_other * t / bw.gpu_flops
         prefill_s = max(stream, compute)
     else:
         hit = 0.0
         decode_s = dense_bytes / bw.ram + per_layer_k * ((1 - disk_share) * cm.cpu_s(1) + disk_share * cm.cpu_s(1, on_disk=True))
         t = PREFILL_CHUNK
         tok_per_expert = max(1, t * k // cfg.n_routed_experts)
-        prefill_s = n_total * cm.cpu_s(tok_per_expert, on_disk=disk_share > 0.5) + 2 * active_other * t / bw.cpu_flops
+        prefill_s = n_main * cm.cpu_s(tok_per_expert, on_disk=disk_share > 0.5) + 2 * active_other * t / bw.cpu_flops
     return Plan(
         model=model, gpu_budget=gpu, cpu_budget=cpu, ctx=ctx, expert_bits=bits, expert_bytes=expert_bytes,
         n_experts_total=n_total, cache_slots=int(slots), experts_in_ram=int(in_ram), experts_on_disk=int(on_disk),
         hit_rate=hit, decode_tok_s=1.0 / decode_s if decode_s > 0 else 0.0,
         prefill_tok_s=PREFILL_CHUNK / prefill_s if prefill_s > 0 else 0.0, bandwidths=bw, items=items,
         dense_bits={k: int(v) if float(v).is_integer() else round(float(v), 4) for k, v in dense_bits.items()}, kv_in_ram=kv_in_ram, kv_gather_bytes=gather,
+        mtp_layer=block, mtp_bytes=mtp_bytes, mtp_expert_bytes=mtp_expert, mtp_cache_slots=int(mtp_slots),
     )  # fmt: skip
+
+
+def _expert_bits(h: int, inter: int, experts: float) -> float:
+    """Stored bits per weight of one routed expert: gate_up's rows are h long, down's inter."""
+    return (2 * bits_per_weight(experts, h) + bits_per_weight(experts, inter)) / 3
+
+
+def _expert_bytes(h: int, inter: int, experts: float) -> int:
+    return int(3 * h * inter * _expert_bits(h, inter, experts) / 8)
+
+
+def _bits_name(bits: float) -> str:
+    return {16: "bf16", 8: "q8", 4: "q4", 2: "q2"}.get(bits, f"{bits:.3g} bits/weight")  # type: ignore[call-overload]
+
+
+def _mtp_dense_bytes(cfg: ModelConfig, mtp: MtpPlacement, float_bits: float) -> int:
+    """The MTP block's always-used weights: eh_proj, enorm/hnorm, its decoder layer's attention, norms,
+    router (fp32) and shared expert, and its own embedding / head where it has them."""
+    c = count_params(cfg.mtp_block_config())
+    h = cfg.hidden_size
+    per = float_bits if mtp.bits == 16 else bits_per_weight(mtp.bits, h)
+    params = 2 * h * h + c.attention + c.shared_experts + (c.embed if mtp.own_embed else 0) + (c.embed if mtp.own_head else 0)
+    return int(params * per / 8 + (c.norms + 2 * h) * float_bits / 8 + c.router * 4)
+
+
+def split_slots(budget: int, n_main: int, main_bytes: int, n_mtp: int, mtp_bytes: int, top_k: int) -> tuple[int, int]:
+    """Expert-cache slots for the main experts and for an MTP block's of another size, from `budget`
+    bytes: the same share of each where it can (the block reads its k experts once per drafted token,
+    about what one main layer reads), the block at least `top_k` (one draft's experts)."""
+    share = budget / max(1, n_main * main_bytes + n_mtp * mtp_bytes)
+    mtp = min(n_mtp, max(top_k, int(share * n_mtp)))
+    return max(0, min(n_main, (budget - mtp * mtp_bytes) // main_bytes)), mtp

@@ -7,6 +7,9 @@ the recipe flags of `quantize` and `generate` (`--experts 4`, `--attn 8`, ...): 
 are kept; the always-used classes left unset get the most precise of bf16 / q8 / q4 that fits the GPU
 budget, and the plan says which it chose.
 The default context is generate's: min(4096, the model's max_position_embeddings).
+Where the config declares an MTP block (speculative drafts, on by default as in generate; --no-mtp
+leaves it out), the plan places its always-used weights and KV cache beside the model's and counts
+its routed experts with the others (they go through the same expert cache).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from ..errors import LocalGLMError
@@ -22,7 +26,7 @@ from .flags import add_recipe_options, build_recipe, recipe_bits
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from offload.cost_model import Bandwidths, measure_bandwidths
-    from offload.planner import DENSE_CLASSES, make_plan
+    from offload.planner import DENSE_CLASSES, plan_with_mtp
 
     from ..model_info import check_ctx, default_ctx, read_checkpoint
 
@@ -54,12 +58,47 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if "experts" not in given:
             experts = info.stored.expert_bits
         fixed |= {c: b for c, b in info.stored.class_bits.items() if c not in given}
-    plan = make_plan(cfg, args.gpu_mem, args.cpu_mem, ctx, experts, bw, model=str(args.model), fixed=fixed, kv=args.kv)
+    mtp = _mtp_placement(args, info, recipe.bits["mtp"], recipe.bits["mtp"] if "experts" in given or info.kind == "safetensors" else None)
+    plan = plan_with_mtp(cfg, args.gpu_mem, args.cpu_mem, ctx, experts, bw, model=str(args.model), fixed=fixed, kv=args.kv, mtp=mtp, required=bool(args.mtp))
     if args.json:
         print(json.dumps(asdict(plan)))
     else:
         print(plan.table())
     return 0
+
+
+def _mtp_placement(args: argparse.Namespace, info: Any, bits: float, expert_bits: float | None) -> Any:
+    """The MTP block to plan (planner.MtpPlacement), None where the config has none or --no-mtp: at the
+    recipe's "mtp" bits (8 by default; a quantized directory's as stored), its experts at those bits
+    (a GGUF's: its experts' as stored), with its own embedding / head where a Hugging Face index or a
+    quantized directory names them (else the main model's, as GGUF files have it)."""
+    from quant.recipe import KEEP
+
+    from offload.planner import MtpPlacement
+
+    cfg = info.config
+    if args.mtp is False or cfg.num_nextn_predict_layers <= 0:
+        return None
+    prefix = f"model.layers.{cfg.num_hidden_layers}"
+    names: set[str] = set()
+    root = Path(args.model).expanduser()
+    root = root if root.is_dir() else root.parent
+    if info.kind == "quantized":
+        from ..checkpoint.quantized_dir import QuantizedSource
+
+        with QuantizedSource(root, verify=False) as q:
+            bits = q.recipe.bits["mtp"]
+            lay = q.layouts.get(cfg.num_hidden_layers)
+            expert_bits = lay.nbytes * 8 / (3 * cfg.hidden_size * cfg.moe_intermediate_size) if lay is not None else 16.0
+            names = {n for n in (f"{prefix}.embed_tokens.weight", f"{prefix}.shared_head.head.weight") if n in q}
+    elif info.kind == "safetensors" and (root / "model.safetensors.index.json").is_file():
+        try:
+            names = set(json.loads((root / "model.safetensors.index.json").read_text()).get("weight_map", {}))
+        except (OSError, ValueError, AttributeError):
+            names = set()  # an unreadable index: loading reports it; plan with the main model's embedding and head
+    bits = 16 if bits == KEEP else bits
+    own = (f"{prefix}.embed_tokens.weight" in names, f"{prefix}.shared_head.head.weight" in names)
+    return MtpPlacement(bits, float(expert_bits if expert_bits is not None else info.stored.expert_bits), *own)
 
 
 def register(sub: Any) -> None:
@@ -85,5 +124,9 @@ def register(sub: Any) -> None:
     add_recipe_options(p, title="precision (bits per tensor class, as for quantize and generate)")
     p.add_argument("--bandwidths", default=None, help="JSON file of measured bandwidths (see offload.cost_model.Bandwidths)")
     p.add_argument("--measure", action="store_true", help="measure RAM/CPU (and GPU) bandwidths here first")
+    p.add_argument(
+        "--mtp", action=argparse.BooleanOptionalAction, default=None,
+        help="place the MTP block (speculative drafts) too; default: where the config declares one, as generate loads it",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
