@@ -87,7 +87,8 @@ class StepCosts:
     """The price of one main forward over T tokens and of one MTP block call, in expert-reads (the
     bytes of one routed expert). `fixed`: the always-used weights a forward reads; `layers`: MoE
     layers; `top_k`, `n_experts`; `price`: what reading one more expert costs relative to a resident
-    one (1 in RAM; offloaded: hits at 1, misses at the cost model's miss/hit ratio); `draft`: one block call."""
+    one (1 in RAM; offloaded: hits at 1, misses at the cost model's miss/hit ratio); `draft`: one block call's
+    always-used weights, and `draft_experts` its routed experts, priced as the main ones (offloaded with them)."""
 
     fixed: float
     layers: int
@@ -96,6 +97,7 @@ class StepCosts:
     draft: float
     price: Callable[[], float] = lambda: 1.0
     overlap: float = EXPERT_OVERLAP
+    draft_experts: int = 0
 
     def unique_experts(self, tokens: int) -> float:
         """Experts a layer reads for `tokens` tokens: each token after the first brings (1 - overlap) new ones."""
@@ -115,8 +117,8 @@ class StepCosts:
         head_params = float(cfg.vocab_size * h)
         draft_head = float((cfg.vocab_size if head.vocab is None else len(head.vocab)) * h)  # a draft vocabulary's rows only
         fixed = (cfg.num_hidden_layers * attn_mlp + dense + head_params) / expert
-        draft = (attn_mlp + 2.0 * h * h + draft_head) / expert + k  # one layer, eh_proj, head, its k experts
-        return cls(fixed=fixed, layers=len(cfg.moe_layers), top_k=k, n_experts=cfg.n_routed_experts, draft=draft, price=_expert_price(net.experts))
+        draft = (attn_mlp + 2.0 * h * h + draft_head) / expert  # one layer, eh_proj, head; and its k experts
+        return cls(fixed=fixed, layers=len(cfg.moe_layers), top_k=k, n_experts=cfg.n_routed_experts, draft=draft, price=_expert_price(net.experts), draft_experts=k)
 
 
 def _expert_price(experts: Any) -> Callable[[], float]:
@@ -194,7 +196,7 @@ class DepthPolicy:
         seconds by depth 0's timing when there is one)."""
         assert self.costs is not None
         c = self.costs
-        model = c.verify(k + 1) + k * c.draft
+        model = c.verify(k + 1) + k * (c.draft + c.draft_experts * c.price())
         if k in self.seconds:
             return self.seconds[k]
         if 0 in self.seconds:
@@ -468,6 +470,10 @@ class Speculation:
         processor; `argmax_only` (greedy, no processor, no penalty) takes the head's argmax directly."""
         head, device = self.head, pend_h.device
         start = mcache.length
+        if argmax_only:
+            native = self._draft_native(mcache, pend_h, pend_t, depth, veto, generated)
+            if native is not None:
+                return native
         g = None
         for i in range(0, len(pend_t), PREFILL_CHUNK):
             ids = torch.tensor([pend_t[i : i + PREFILL_CHUNK]], dtype=torch.long, device=device)
@@ -500,3 +506,33 @@ class Speculation:
                 mcache.tokens.append(d)
                 guide.append(g[0, -1])
         return drafts, qs, torch.stack(guide)
+
+    def _draft_native(
+        self, mcache: TokenCache, pend_h: torch.Tensor, pend_t: list[int], depth: int, veto: DraftVeto | None, generated: list[int]
+    ) -> tuple[list[int], list[torch.Tensor], torch.Tensor] | None:
+        """`_draft`'s greedy case in one native call (MtpHead.draft_greedy: the catch-up's last up to
+        `fused_prefill_max` pairs and every draft; earlier pairs through MtpHead.forward first), with
+        the same drafts and streams; None where the native step does not take the call (nothing done).
+        A veto looks at the drafts afterwards: those from the refused one on are dropped (their
+        cache entries go with the verification's rollback, as a rejected draft's do)."""
+        head, start = self.head, mcache.length
+        cut = max(0, len(pend_t) - head.block.fused_prefill_max)
+        fused = head.fused()
+        if fused is None or not fused.takes(mcache, len(pend_t) - cut):
+            return None
+        for i in range(0, cut, PREFILL_CHUNK):  # a long catch-up (after many depth-0 steps): all but its last pairs
+            n = min(PREFILL_CHUNK, cut - i)
+            head.forward(pend_h[:, i : i + n], torch.tensor([pend_t[i : i + n]], dtype=torch.long, device=pend_h.device), mcache, start + i)
+            mcache.tokens.extend(pend_t[i : i + n])
+        out = head.draft_greedy(pend_h[0, cut:], pend_t[cut:], mcache, start + cut, depth)
+        assert out is not None  # `takes` said so
+        drafts, streams = out
+        mcache.tokens.extend(pend_t[cut:])
+        mcache.tokens.extend(drafts[: depth - 1])
+        T = len(pend_t) - cut
+        if veto is not None:
+            for j, d in enumerate(drafts):
+                if veto(generated + drafts[:j], d):
+                    drafts = drafts[:j]
+                    break
+        return drafts, [], streams[T - 1 : T - 1 + depth]

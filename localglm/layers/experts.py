@@ -243,3 +243,25 @@ def _dense_tables(gate_up: torch.Tensor, down: torch.Tensor) -> tuple | None:
         return None
     gu_t, dn_t = (type(gu[0]) * len(gu))(*gu), (type(dn[0]) * len(dn))(*dn)
     return lib.dense_experts(gu_t, dn_t, down.shape[2]), gu_t, dn_t
+
+
+class LayerOffset:
+    """An expert backend seen under other layer numbers: the MTP block runs as layer 0 of its own
+    one-layer model, while its experts are stored (and quantized, and counted) as layer N."""
+
+    def __init__(self, inner: ExpertBackend, offset: int) -> None:
+        self.inner, self.offset = inner, offset
+
+    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
+        return self.inner.forward(layer + self.offset, x, expert_ids, expert_weights)
+
+    def hint(self, layer: int, x: torch.Tensor) -> None:
+        self.inner.hint(layer + self.offset, x)
+
+    def attended(self, layer: int, x: torch.Tensor) -> None:
+        self.inner.attended(layer + self.offset, x)
+
+    def in_ram(self) -> tuple[InMemoryExperts | QuantizedExperts, int] | None:
+        """(the renamed backend, the offset) where it holds its experts in RAM itself (no wrapper that
+        must see each call, such as an offload cache): the fused decode then runs them inside its call."""
+        return (self.inner, self.offset) if type(self.inner) in (InMemoryExperts, QuantizedExperts) else None

@@ -12,6 +12,8 @@ first use beside quant's kernels and called through ctypes.
                                             glm_moe_dsa), alone for layers/mla.py's decode
     localglm/models/native/dsa_indexer.c    GLM-5's sparse-attention indexer: key, scores, top-k
                                             (glm_moe_dsa), alone for layers/dsa.py's decode
+    localglm/models/native/mtp_draft.c      lg_mtp_draft: an MTP block's forward and greedy drafts
+                                            in one call (models/fused_mtp.py)
 
 Why a library of its own: quant/ knows formats and kernels, nothing of models, so the GLM layer's C
 lives here and calls quant's kernels (lg_matvec, lg_swiglu_vec, lg_moe) through
@@ -48,7 +50,7 @@ log = logging.getLogger(__name__)
 
 _PACKAGE = Path(__file__).parent.parent
 LAYER_OPS = _PACKAGE / "layers" / "native" / "layer_ops.c"
-SOURCES = (LAYER_OPS, *(_PACKAGE / "models" / "native" / f"{name}.c" for name in ("decode_layer", "mla_attention", "dsa_indexer")))
+SOURCES = (LAYER_OPS, *(_PACKAGE / "models" / "native" / f"{name}.c" for name in ("decode_layer", "mla_attention", "dsa_indexer", "mtp_draft")))
 HEADERS = (LAYER_OPS.with_suffix(".h"), HEADER)
 
 
@@ -113,6 +115,39 @@ class LgLayer(ctypes.Structure):
 _STRUCTS = (("lg_layer", LgLayer), ("lg_experts", LgExperts), ("lg_mla", LgMla), ("lg_dsa", LgDsa))  # in lg_layers_sizeof's order
 
 
+class LgMtp(ctypes.Structure):
+    """An MTP block's own tensors and its drafting head (mtp_draft.c `lg_mtp`): embedding, enorm,
+    hnorm, shared_head.norm (model dtype), eh_proj, the head's scored rows and their token ids (NULL:
+    row r is token r)."""
+
+    _fields_ = [
+        *((name, ctypes.c_int32) for name in ("hidden", "dtype")),
+        ("eps", ctypes.c_float),
+        *((name, ctypes.c_void_p) for name in ("embed", "enorm", "hnorm", "head_norm")),
+        *((name, LgMat) for name in ("eh", "head")),
+        ("vocab", ctypes.c_void_p),
+    ]
+
+
+class LgMtpBlock(ctypes.Structure):
+    """The block's decoder layers and cache as lg_decode_layers reads them (mtp_draft.c `lg_mtp_block`):
+    cos / sin are position 0's rotary rows."""
+
+    _fields_ = [
+        ("layers", ctypes.POINTER(LgLayer)),
+        ("n", ctypes.c_int32),
+        ("experts", ctypes.POINTER(LgExperts)),
+        *((name, ctypes.c_void_p) for name in ("cos", "sin")),
+        ("rot_stride", ctypes.c_long),
+        *((name, ctypes.c_void_p) for name in ("k_base", "v_base")),
+        *((name, ctypes.c_long) for name in ("stride_layer", "stride_head", "stride_pos")),
+        ("index_base", ctypes.c_void_p),
+        ("index_stride", ctypes.c_long),
+        ("sel", ctypes.c_void_p),
+        ("sel_stride", ctypes.c_long),
+    ]
+
+
 def build_layers(cc: str, quant: Path, flags: tuple[str, ...] = CFLAGS) -> Path:
     """Compile the model side's library against quant's built library `quant` (same flags), into
     quant's directory; returns its path (cached like quant's, see quant.native.build)."""
@@ -131,6 +166,7 @@ class LayerLib:
         self.quant = quant
         self._lib = ctypes.CDLL(str(path))
         check_struct_sizes(self._lib, "lg_layers_sizeof", _STRUCTS)
+        check_struct_sizes(self._lib, "lg_mtp_sizeof", (("lg_mtp", LgMtp), ("lg_mtp_block", LgMtpBlock)))
         p, i, lg = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
         self._lib.lg_rms_norm.argtypes = [p, i, i, i, p, ctypes.c_float, p]
         self._lib.lg_rms_norm.restype = None
@@ -154,6 +190,8 @@ class LayerLib:
         self._lib.lg_residual_add.restype = None
         self._lib.lg_rows_linear.argtypes = [ctypes.POINTER(LgMat), i, p, i, p, i]
         self._lib.lg_rows_linear.restype = i
+        self._lib.lg_mtp_draft.argtypes = [ctypes.POINTER(LgMtp), ctypes.POINTER(LgMtpBlock), i, p, p, i, i, p, p, ctypes.POINTER(ctypes.c_int), i]
+        self._lib.lg_mtp_draft.restype = i
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
         """RMSNorm over the last dim (see layers.rms_norm for the math), or None for inputs the
@@ -313,6 +351,20 @@ class LayerLib:
         if rc:
             raise MemoryError("native decode layers: out of memory")
 
+    def mtp_draft(self, mtp: LgMtp, block: LgMtpBlock, prev: torch.Tensor, next_ids: torch.Tensor, pos: int, depth: int,
+                  drafts: torch.Tensor, streams: torch.Tensor) -> tuple[int, int]:
+        """An MTP block over T (stream, token) pairs at pos.., then `depth` greedy drafts chained on its
+        own stream (mtp_draft.c `lg_mtp_draft`): prev [T, hidden] (model dtype, may be `streams`),
+        next_ids int64 [T], drafts int64 [depth], streams [T + max(depth - 1, 0), hidden] (the catch-up's
+        output streams, then each chained call's). -> (0, or -2 where a draft's scores were not finite,
+        drafts made)."""
+        made = ctypes.c_int(0)
+        rc = self._lib.lg_mtp_draft(ctypes.byref(mtp), ctypes.byref(block), prev.shape[0], prev.data_ptr(), next_ids.data_ptr(), pos, depth,
+                                    drafts.data_ptr(), streams.data_ptr(), ctypes.byref(made), torch.get_num_threads())
+        if rc == -1:
+            raise MemoryError("native MTP draft: out of memory")
+        return rc, made.value
+
     @staticmethod
     def quantized_experts(tables: tuple[ctypes.Array, ctypes.Array, int]) -> LgExperts:
         """A layer's LgExperts from its quantized (gate_up, down, inter) tables (kept alive by the caller)."""
@@ -368,13 +420,18 @@ class RowsProduct:
         """Whether the native products have taken w (known after the first call on the CPU)."""
         return isinstance(self._mat, LgMat)
 
+    def matrix(self) -> LgMat | None:
+        """The C view of w (made at first use), None where the kernels do not take it."""
+        if self._mat is False:
+            self._mat = LayerLib.describe_matrix(self.w, self.dtype)
+        return self._mat if isinstance(self._mat, LgMat) else None
+
     def __call__(self, x: torch.Tensor, max_rows: int) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         grad = torch.is_grad_enabled() and (x.requires_grad or bool(getattr(self.w, "requires_grad", False)))
         lib = native() if x.device.type == "cpu" and rows <= max_rows and not grad else None
-        if lib is not None and self._mat is False:
-            self._mat = LayerLib.describe_matrix(self.w, self.dtype)
-        if lib is None or not isinstance(self._mat, LgMat):
+        mat = self.matrix() if lib is not None else None
+        if lib is None or mat is None:
             return linear(x, self.w)
-        y = lib.rows_linear(self._mat, x.reshape(rows, x.shape[-1]), self.dtype).to(self.dtype)
+        y = lib.rows_linear(mat, x.reshape(rows, x.shape[-1]), self.dtype).to(self.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])

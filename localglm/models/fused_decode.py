@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from quant.native import LgMat
 
-from ..layers.experts import InMemoryExperts, QuantizedExperts
+from ..layers.experts import InMemoryExperts, LayerOffset, QuantizedExperts
 from ..layers.kv_cache import TokenCache
 from ..layers.native import LayerLib, LgExperts, LgLayer, native
 from ..layers.norm import rms_norm
@@ -99,7 +99,7 @@ class FusedDecoder:
         self.lib = lib
         self.layers = layers
         self._descs = (LgLayer * len(layers))(*(layer.desc for layer in layers))  # for the one-call-per-forward path
-        self._tables: tuple | None = None  # (backend, its experts per layer, the whole-token array) last seen
+        self._tables: tuple | None = None  # (backend, its experts per layer, the whole-token array, a LayerOffset's inner) last seen
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos / sin of every cache position
         self._index_slot: list[int | None] = []  # a DSA full layer's slot in the indexer-key cache: the full layers in order
         for layer in layers:
@@ -144,12 +144,16 @@ class FusedDecoder:
         them), and, when that is every MoE layer, `decode_layers`' array of them. Looked up once
         per backend object."""
         experts = self.model.experts
-        if self._tables is None or self._tables[0] is not experts:
-            inside = type(experts) in (QuantizedExperts, InMemoryExperts)
-            per_layer = [experts.fused_experts(i) if inside and layer.moe else None for i, layer in enumerate(self.layers)]
+        inner_now = experts.inner if type(experts) is LayerOffset else None  # the loader may swap a LayerOffset's backend (offloading)
+        if self._tables is None or self._tables[0] is not experts or self._tables[3] is not inner_now:
+            # an MTP block's experts are its backend's layer N (LayerOffset): in RAM, they run inside too
+            renamed = experts.in_ram() if type(experts) is LayerOffset else None
+            inner, offset = renamed if renamed is not None else (experts, 0)
+            inside = type(inner) in (QuantizedExperts, InMemoryExperts)
+            per_layer = [inner.fused_experts(i + offset) if inside and layer.moe else None for i, layer in enumerate(self.layers)]
             every = all(t is not None for t, layer in zip(per_layer, self.layers) if layer.moe)
             whole = (LgExperts * len(per_layer))(*(t if t is not None else LgExperts() for t in per_layer)) if every else None
-            self._tables = (experts, per_layer, whole)
+            self._tables = (experts, per_layer, whole, inner_now)
         return self._tables[1], self._tables[2]
 
     @classmethod

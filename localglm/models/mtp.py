@@ -28,13 +28,14 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from ..layers.experts import ExpertBackend
+from ..layers.experts import ExpertBackend, LayerOffset
 from ..layers.kv_cache import TokenCache
 from ..layers.linear import linear
 from ..layers.native import RowsProduct
 from ..layers.norm import rms_norm
 from ..sampling import check_finite
 from .arch import Arch, WeightReader
+from .fused_mtp import FusedMtp
 from .moe_decoder import DecoderWeights, MoeDecoder
 
 # The block's own tensors beside its decoder layer (moe_names.MTP_TENSORS lists the optional ones too).
@@ -50,23 +51,6 @@ def has_mtp_weights(cfg: ModelConfig, has: Callable[[str], bool]) -> bool:
     """Whether a checkpoint holds the MTP block's own tensors (GGUFs converted with --no-mtp do not)."""
     block = mtp_block(cfg)
     return block is not None and all(has(f"model.layers.{block}.{t}.weight") for t in REQUIRED)
-
-
-class LayerOffset:
-    """An expert backend seen under other layer numbers: the MTP block runs as layer 0 of its own
-    one-layer model, while its experts are stored (and quantized, and counted) as layer N."""
-
-    def __init__(self, inner: ExpertBackend, offset: int) -> None:
-        self.inner, self.offset = inner, offset
-
-    def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
-        return self.inner.forward(layer + self.offset, x, expert_ids, expert_weights)
-
-    def hint(self, layer: int, x: torch.Tensor) -> None:
-        self.inner.hint(layer + self.offset, x)
-
-    def attended(self, layer: int, x: torch.Tensor) -> None:
-        self.inner.attended(layer + self.offset, x)
 
 
 def block_reader(reader: WeightReader, block: int, main: DecoderWeights) -> WeightReader:
@@ -117,6 +101,7 @@ class MtpHead:
         self.vocab: torch.Tensor | None = None  # the token ids `logits` scores (draft_vocab.py); None: all
         self._sub: RowsProduct | None = None  # the head's rows of `vocab`
         self._eh: RowsProduct | None = None  # eh_proj (a draft is one row or a few), made at first use
+        self._fused: FusedMtp | None | bool = False  # the native draft step (fused_mtp.py); False: not built yet
 
     @property
     def rows_separable(self) -> bool:
@@ -127,6 +112,7 @@ class MtpHead:
         """Score only these token ids when drafting (FR-Spec: draft_vocab.py), the rest at -inf; None:
         the whole head."""
         head = self.block.w.lm_head
+        self._fused = False  # its head rows change
         if ids is None:
             self.vocab, self._sub = None, None
             return
@@ -139,9 +125,30 @@ class MtpHead:
     def new_cache(self, max_tokens: int) -> TokenCache:
         return self.block.new_cache(max_tokens)
 
+    def fused(self) -> FusedMtp | None:
+        """The native draft step (models/fused_mtp.py), built at first use and again when the weights or
+        the draft vocabulary change; None where the kernels do not take the block."""
+        if self._fused is False or (self._fused is not None and not self._fused.current()):
+            self._fused = FusedMtp.build(self)
+        return self._fused
+
+    def draft_greedy(self, prev: torch.Tensor, next_ids: list[int], cache: TokenCache, start: int, depth: int) -> tuple[list[int], torch.Tensor] | None:
+        """`forward` over the pairs (prev [T, H], next_ids) at start.., then `depth` drafts, each
+        `greedy` of the last stream, chained through `forward` (cache entries after the pairs'), in one
+        native call. -> (drafts, streams [T + max(depth - 1, 0), H]: the pairs' outputs, then each
+        chained call's); None where the native path does not take it (then use forward and greedy)."""
+        if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (prev, self.w.eh_proj)):
+            return None
+        fused = self.fused()
+        return None if fused is None else fused.run(prev, next_ids, cache, start, depth)
+
     def forward(self, prev: torch.Tensor, next_ids: torch.Tensor, cache: TokenCache | None, start: int) -> torch.Tensor:
         """prev [1, T, H]: the streams at positions start..start+T-1 (the main model's residual, or this
         block's own output when chaining); next_ids [1, T]: the token after each. -> output streams [1, T, H]."""
+        if cache is not None and prev.dim() == 3 and prev.shape[0] == 1 and next_ids.shape[0] == 1:
+            out = self.draft_greedy(prev[0], next_ids[0].tolist(), cache, start, 0)
+            if out is not None:
+                return out[1].unsqueeze(0)
         eps = self.cfg.rms_norm_eps
         e = rms_norm(F.embedding(next_ids, self.block.w.embed), self.w.enorm, eps)
         h = rms_norm(prev.to(e.dtype), self.w.hnorm, eps)
