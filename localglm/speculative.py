@@ -470,6 +470,10 @@ class Speculation:
         processor; `argmax_only` (greedy, no processor, no penalty) takes the head's argmax directly."""
         head, device = self.head, pend_h.device
         start = mcache.length
+        if argmax_only:
+            native = self._draft_native(mcache, pend_h, pend_t, depth, veto, generated)
+            if native is not None:
+                return native
         g = None
         for i in range(0, len(pend_t), PREFILL_CHUNK):
             ids = torch.tensor([pend_t[i : i + PREFILL_CHUNK]], dtype=torch.long, device=device)
@@ -502,3 +506,33 @@ class Speculation:
                 mcache.tokens.append(d)
                 guide.append(g[0, -1])
         return drafts, qs, torch.stack(guide)
+
+    def _draft_native(
+        self, mcache: TokenCache, pend_h: torch.Tensor, pend_t: list[int], depth: int, veto: DraftVeto | None, generated: list[int]
+    ) -> tuple[list[int], list[torch.Tensor], torch.Tensor] | None:
+        """`_draft`'s greedy case in one native call (MtpHead.draft_greedy: the catch-up's last up to
+        `fused_prefill_max` pairs and every draft; earlier pairs through MtpHead.forward first), with
+        the same drafts and streams; None where the native step does not take the call (nothing done).
+        A veto looks at the drafts afterwards: those from the refused one on are dropped (their
+        cache entries go with the verification's rollback, as a rejected draft's do)."""
+        head, start = self.head, mcache.length
+        cut = max(0, len(pend_t) - head.block.fused_prefill_max)
+        fused = head.fused()
+        if fused is None or not fused.takes(mcache, len(pend_t) - cut):
+            return None
+        for i in range(0, cut, PREFILL_CHUNK):  # a long catch-up (after many depth-0 steps): all but its last pairs
+            n = min(PREFILL_CHUNK, cut - i)
+            head.forward(pend_h[:, i : i + n], torch.tensor([pend_t[i : i + n]], dtype=torch.long, device=pend_h.device), mcache, start + i)
+            mcache.tokens.extend(pend_t[i : i + n])
+        out = head.draft_greedy(pend_h[0, cut:], pend_t[cut:], mcache, start + cut, depth)
+        assert out is not None  # `takes` said so
+        drafts, streams = out
+        mcache.tokens.extend(pend_t[cut:])
+        mcache.tokens.extend(drafts[: depth - 1])
+        T = len(pend_t) - cut
+        if veto is not None:
+            for j, d in enumerate(drafts):
+                if veto(generated + drafts[:j], d):
+                    drafts = drafts[:j]
+                    break
+        return drafts, [], streams[T - 1 : T - 1 + depth]
