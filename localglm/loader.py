@@ -159,8 +159,9 @@ def load(
             recipe, why = auto
             warnings.warn(why, stacklevel=2)
     dense_bits: dict[str, int] | None = None
-    if offload.offloaded:  # the plan sizes the device: it may choose the always-used weights' precision
-        recipe, dense_bits = _planned_recipe(config, source, recipe, opts.quant.given, quantized_dir, dt, ctx, offload)
+    mtp_on = _wants_mtp(config, source, opts, root)
+    if offload.offloaded:  # the plan sizes the device: it may choose the always-used weights' precision (and leave MTP out)
+        recipe, dense_bits, mtp_on = _planned_recipe(config, source, recipe, opts.quant.given, quantized_dir, dt, ctx, offload, mtp_on, opts.mtp is None)
     n_dense = config.num_hidden_layers
     loaded = 0
 
@@ -209,8 +210,9 @@ def load(
             experts = load_quantized_experts(config, source, recipe, dt, expert_dev, layer_done, keep_blobs=offload.offloaded, mapped=bool(mmap))
         if experts is None:
             experts = load_in_memory_experts(config, get_experts, layer_done)
-        mtp = _load_mtp(arch, config, weights, source, WeightReader(get, get_fp32, source.__contains__), recipe, dt, dev, bool(takes_quant), opts, root)
-    experts = _expert_backend(config, arch, weights, experts, dev, dt, root, ctx, offload, dense_bits)
+        mtp = _load_mtp(arch, config, weights, source, WeightReader(get, get_fp32, source.__contains__), recipe, dt, dev, bool(takes_quant), opts, root, bool(mmap)) if mtp_on else None
+        mtp_place = _mtp_placement(config, source, recipe, quantized_dir, dt) if mtp is not None and offload.offloaded else None
+    experts = _expert_backend(config, arch, weights, experts, dev, dt, root, ctx, offload, dense_bits, mtp, mtp_place)
     net = arch.model.build(config, weights, experts, dev, _kv_host(experts))
     if ckpt:
         tokenizer = ckpt.tokenizer()
@@ -221,34 +223,32 @@ def load(
 
 def _load_mtp(
     arch: Arch, cfg: ModelConfig, weights: Any, source: Any, reader: WeightReader, recipe: Recipe | None, dt: torch.dtype,
-    dev: torch.device, quantized: bool, opts: LoadOptions, root: Path,
+    dev: torch.device, quantized: bool, opts: LoadOptions, root: Path, mapped: bool = False,
 ) -> Any:
-    """The MTP draft head (models/mtp.py) when asked for (`mtp=True`), or by default where the checkpoint
-    has one, unless a real GPU's budget was planned without it; None otherwise. Its routed experts are
-    quantized blobs or GGUF blocks as stored where the main ones are (the recipe's "mtp" class, 8 bits
-    by default), else floats, on the compute device."""
+    """The MTP draft head (models/mtp.py). Its routed experts are quantized blobs or GGUF blocks as
+    stored where the main ones are (the recipe's "mtp" class, 8 bits by default), else floats: on the
+    compute device, or when offloading in host RAM as layer N (mapped where the main ones are), for
+    `_expert_backend` to put behind the offload cache with the main experts."""
     from . import draft_vocab
     from .checkpoint.quantized_dir import QuantizedSource
-    from .models.mtp import LayerOffset, has_mtp_weights, load_mtp_head
+    from .layers.experts import InMemoryExperts, LayerOffset
+    from .models.mtp import block_reader, load_mtp_head
     from .quantize import load_quantized_experts, prepare_quantized
 
-    if opts.mtp is False or (opts.mtp is None and opts.offload.kind == "cuda"):
-        return None
-    if not has_mtp_weights(cfg, source.__contains__):
-        if opts.mtp:
-            raise LocalGLMError(
-                f"{root}: no MTP block to draft with (num_nextn_predict_layers is {cfg.num_nextn_predict_layers}"
-                + (", and its tensors are missing: converted with --no-mtp?)" if cfg.num_nextn_predict_layers else ")")
-            )
-        return None
+    offloaded = opts.offload.offloaded
 
-    def experts(block_cfg: ModelConfig, block: int, block_reader: WeightReader) -> Any:
+    def experts(block_cfg: ModelConfig, block: int, r: WeightReader) -> Any:
         float_in_dir = isinstance(source, QuantizedSource) and bool(source.layouts) and block not in source.layouts
         if quantized and not float_in_dir:
-            q = load_quantized_experts(cfg, source, recipe, dt, dev, layers=[block], cls="mtp")
+            edev = torch.device("cpu") if offloaded else dev
+            q = load_quantized_experts(cfg, source, recipe, dt, edev, layers=[block], cls="mtp", keep_blobs=offloaded, mapped=mapped)
             if q is not None:
                 return LayerOffset(q, block)
-        return load_in_memory_experts(block_cfg, block_reader.get)
+        if not offloaded:
+            return load_in_memory_experts(block_cfg, r.get)
+        host = (lambda n, s: source.get(n, dtype=dt, expected_shape=s))  # noqa: E731
+        got = load_in_memory_experts(block_cfg, block_reader(WeightReader(host, host, source.__contains__), block, weights).get)
+        return LayerOffset(InMemoryExperts({block: got.gate_up[0]}, {block: got.down[0]}), block)
 
     head = load_mtp_head(arch, cfg, reader, weights, experts, dev)
     if quantized:
@@ -256,6 +256,41 @@ def _load_mtp(
     vocab = draft_vocab.choose(root, cfg.vocab_size, opts.draft_vocab)
     head.set_vocab(vocab if head.rows_separable or opts.draft_vocab is not None else None)  # by default a quantized head drafts whole
     return head
+
+
+def _wants_mtp(cfg: ModelConfig, source: Any, opts: LoadOptions, root: Path) -> bool:
+    """Whether to load the MTP draft head: asked for (`mtp=True`: a checkpoint without one is an error),
+    or by default where the checkpoint has one (an offload plan may still leave it out: `_planned_recipe`)."""
+    from .models.mtp import has_mtp_weights
+
+    if opts.mtp is False:
+        return False
+    if not has_mtp_weights(cfg, source.__contains__):
+        if opts.mtp:
+            raise LocalGLMError(
+                f"{root}: no MTP block to draft with (num_nextn_predict_layers is {cfg.num_nextn_predict_layers}"
+                + (", and its tensors are missing: converted with --no-mtp?)" if cfg.num_nextn_predict_layers else ")")
+            )
+        return False
+    return True
+
+
+def _mtp_placement(cfg: ModelConfig, source: Any, recipe: Recipe | None, quantized_dir: bool, dt: torch.dtype) -> Any:
+    """What the offload plan places for the MTP block (planner.MtpPlacement): its always-used weights'
+    bits and its routed experts' (the recipe's or the directory's "mtp" class; floats without either),
+    and whether it holds its own embedding and head."""
+    from offload.planner import MtpPlacement
+
+    block = cfg.num_hidden_layers
+    float_bits = torch.tensor([], dtype=dt).element_size() * 8
+    held = source.recipe if quantized_dir and recipe is None else recipe
+    bits = held.bits["mtp"] if held is not None and held.bits["mtp"] != KEEP else 16
+    if quantized_dir and recipe is None and block in source.layouts:
+        expert_bits = source.layouts[block].nbytes * 8 / (3 * cfg.hidden_size * cfg.moe_intermediate_size)
+    else:
+        expert_bits = float(bits if bits != 16 else float_bits)
+    p = f"model.layers.{block}"
+    return MtpPlacement(bits, expert_bits, source.__contains__(f"{p}.embed_tokens.weight"), source.__contains__(f"{p}.shared_head.head.weight"))
 
 
 def _kv_host(experts: ExpertBackend) -> HostRows | None:
@@ -325,18 +360,22 @@ def _generation_config_problem(raw: Any) -> str:
 
 
 def _planned_recipe(
-    cfg: ModelConfig, source: Any, recipe: Recipe | None, given: frozenset[str], quantized_dir: bool, dt: torch.dtype, ctx: int, opts: OffloadOptions
-) -> tuple[Recipe | None, dict[str, int]]:
-    """The recipe to load an offloaded model with, and the always-used weights' bits (class -> bits,
-    16 = the compute dtype): what the user gave or the checkpoint stores is kept; the other classes get
-    the planner's choice (the most precise that fits the device budget next to the KV cache and a
-    minimal expert cache), on the simulated device only when no recipe was given at all. A budget
-    nothing fits is the planner's one-line error."""
-    from offload.planner import DENSE_CLASSES, default_gpu_mem, make_plan, precision_note
+    cfg: ModelConfig, source: Any, recipe: Recipe | None, given: frozenset[str], quantized_dir: bool, dt: torch.dtype, ctx: int, opts: OffloadOptions,
+    mtp: bool = False, mtp_optional: bool = True,
+) -> tuple[Recipe | None, dict[str, int], bool]:
+    """The recipe to load an offloaded model with, the always-used weights' bits (class -> bits,
+    16 = the compute dtype) and whether the MTP block is loaded: what the user gave or the checkpoint
+    stores is kept; the other classes get the planner's choice (the most precise that fits the device
+    budget next to the KV cache, the MTP block where `mtp`, and a minimal expert cache), on the
+    simulated device only when no recipe was given at all. A budget nothing fits is the planner's
+    one-line error; one that fits only without the MTP block leaves it out with a warning where it
+    was not asked for (`mtp_optional`)."""
+    from offload.planner import DENSE_CLASSES, default_gpu_mem, plan_with_mtp, precision_note
 
     if quantized_dir and recipe is None:  # a quantized directory's classes are as its manifest says
         fixed = {c: source.recipe.bits[c] for c in DENSE_CLASSES}
-        expert_bits: float = max(lay.nbytes for lay in source.layouts.values()) * 8 / (3 * cfg.hidden_size * cfg.moe_intermediate_size) if source.layouts else 16
+        main = [lay.nbytes for layer, lay in source.layouts.items() if layer < cfg.num_hidden_layers]  # not the MTP block's (8 bits)
+        expert_bits: float = max(main) * 8 / (3 * cfg.hidden_size * cfg.moe_intermediate_size) if main else 16
     else:
         # On a real GPU the classes the user left unset are the planner's; the simulated device keeps the
         # recipe's defaults (its budgets are toy numbers for exercising the cache, not a card to fit).
@@ -346,26 +385,40 @@ def _planned_recipe(
     float_bits = torch.tensor([], dtype=dt).element_size() * 8
     gpu = opts.gpu_mem if opts.gpu_mem is not None or opts.kind == "sim" else default_gpu_mem()
     if gpu is None:  # sim without a budget: the backend's error names it
-        return recipe, {c: 16 for c in DENSE_CLASSES}
-    plan = make_plan(cfg, gpu, opts.cpu_mem, ctx, expert_bits if expert_bits != KEEP else float(float_bits), opts.bandwidths, fixed=fixed, float_bits=float_bits)
+        return recipe, {c: 16 for c in DENSE_CLASSES}, mtp
+    bits = expert_bits if expert_bits != KEEP else float(float_bits)
+    place = _mtp_placement(cfg, source, recipe, quantized_dir, dt) if mtp else None
+    plan = plan_with_mtp(cfg, gpu, opts.cpu_mem, ctx, bits, opts.bandwidths, fixed=fixed, float_bits=float_bits, mtp=place, required=not mtp_optional)
+    if plan.mtp_left_out:
+        warnings.warn(f"offloading: speculative drafts (MTP) off: {plan.mtp_left_out}", stacklevel=3)
+    mtp = plan.mtp_layer is not None
     if recipe is None and all(plan.dense_bits[c] == KEEP for c in DENSE_CLASSES):
-        return None, plan.dense_bits
+        return None, plan.dense_bits, mtp
     if plan.chosen:
         warnings.warn(f"offloading: always-used weights at {precision_note(plan.dense_bits, plan.chosen)}", stacklevel=3)
     base = recipe.bits if recipe is not None else {"experts": KEEP}
-    return Recipe(dict(base) | plan.dense_bits, list(recipe.overrides) if recipe is not None else []), plan.dense_bits
+    return Recipe(dict(base) | plan.dense_bits, list(recipe.overrides) if recipe is not None else []), plan.dense_bits, mtp
 
 
 def _expert_backend(
     cfg: ModelConfig, arch: Arch, weights: Any, experts: ExpertBackend, dev: torch.device, dt: torch.dtype, root: Path, ctx: int,
-    opts: OffloadOptions, dense_bits: dict[str, int] | None,
+    opts: OffloadOptions, dense_bits: dict[str, int] | None, mtp: Any = None, mtp_place: Any = None,
 ) -> ExpertBackend:
     """The backend the model is built with: the loaded experts as they are, behind the offloading
-    cache (the placement plan sizes it), and/or behind a routing tracer."""
+    cache (the placement plan sizes it), and/or behind a routing tracer. Offloaded, an MTP head's
+    experts (loaded in host RAM as layer N) join the backend as one more MoE layer, and the head then
+    runs them through it (`mtp_place`: its planner.MtpPlacement)."""
     if opts.offloaded:
-        from offload.backend import build_offloaded_experts
+        from offload.backend import MtpExperts, build_offloaded_experts
 
-        return build_offloaded_experts(cfg, experts, arch.model.routing(cfg, weights), dev, dt, root, ctx, opts, dense_bits)
+        extra = None
+        if mtp is not None:
+            p = mtp_place
+            extra = MtpExperts(mtp.layer, mtp.block.experts.inner, mtp.block, p.bits, p.own_embed, p.own_head)
+        backend = build_offloaded_experts(cfg, experts, arch.model.routing(cfg, weights), dev, dt, root, ctx, opts, dense_bits, extra)
+        if mtp is not None:
+            mtp.block.experts.inner = backend  # the LayerOffset _load_mtp made: the block's layer 0 is the backend's layer N
+        return backend
     if opts.trace is not None:
         from offload.trace import tracing_experts
 

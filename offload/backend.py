@@ -13,6 +13,7 @@ Outputs equal InMemoryExperts' bit for bit: the same kernels on the same bytes i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from localglm.model_info import human_bytes
 
 from .cost_model import Bandwidths, CostModel
 from .device import CudaDevice, SimulatedDevice
-from .expert_cache import Bf16Codec, ExpertCache, ExpertCodec
+from .expert_cache import Bf16Codec, ExpertCache, ExpertCodec, SlotClass
 from .metrics import OffloadCounters
 from .policies import HALF_LIFE, StatGuided, make_policy
 from .prefetch import NextLayerPredictor, PredictionCounts, predictor_for
@@ -48,7 +49,7 @@ class OffloadedExperts:
         codec: ExpertCodec | dict[int, ExpertCodec],  # one for all layers, or per layer
         host: dict[int, torch.Tensor],  # layer -> [E, codec.nbytes] uint8 (pinned on CUDA)
         device: Any,
-        n_slots: int,
+        n_slots: int | list[tuple[list[int], int]],  # a count, or (layers, count) per slot size class
         *,
         policy: str = "stat",
         stats: RouterStats | None = None,
@@ -68,7 +69,8 @@ class OffloadedExperts:
         self.n_experts, self.top_k = n_experts, top_k
         self.codecs = dict(codec) if isinstance(codec, dict) else {layer: codec for layer in self.moe_layers}
         self.codec = self.codecs[self.moe_layers[0]]
-        self.blob_bytes = max(c.nbytes for c in self.codecs.values())
+        groups = n_slots if isinstance(n_slots, list) else [(self.moe_layers, int(n_slots))]
+        self.blob_bytes = max(self.codecs[layer].nbytes for layer in groups[0][0])  # the first class's (the main experts')
         self.host, self.device = host, device
         self.plan: Any = None  # the placement plan that sized this cache (planner.Plan; set by build_offloaded_experts)
         self.n_keys = len(self.moe_layers) * n_experts
@@ -77,7 +79,13 @@ class OffloadedExperts:
         pol = make_policy(policy, self.n_keys, half_life=half_life)
         if isinstance(pol, StatGuided) and self.stats.tokens:
             pol.set_prior(self.stats.rates(), self.stats.tokens)
-        self.cache = ExpertCache(device, n_slots, self.blob_bytes, self.n_keys, pol)
+        classes = [SlotClass(count, max(self.codecs[layer].nbytes for layer in layers)) for layers, count in groups]
+        key_class = np.zeros(self.n_keys, dtype=np.int64)
+        for ci, (layers, _) in enumerate(groups):
+            for layer in layers:
+                key_class[self.index[layer] * n_experts : (self.index[layer] + 1) * n_experts] = ci
+        self.cache = ExpertCache(device, 0, 0, self.n_keys, pol, classes, key_class)
+        n_slots = self.cache.n_slots
         self.cost = CostModel(device.bw, self.blob_bytes, flops_per_token)
         self.predictor = predictor
         self.prefetch = prefetch and predictor is not None and n_slots > 0
@@ -93,9 +101,10 @@ class OffloadedExperts:
         self._prepared_slot: dict[int, tuple[int, Any]] = {}
         self._prepared_host: dict[tuple[int, int], Any] = {}
         if preload and self.stats.tokens and n_slots > 0:
-            for key in self.stats.hottest(n_slots):
-                li, e = divmod(key, n_experts)
-                self.cache.insert(key, self.host[self.moe_layers[li]][e], 0.0)
+            for key in self.stats.hottest(self.n_keys):
+                if self.cache.has_free(key):  # each size class filled with its own hottest
+                    li, e = divmod(key, n_experts)
+                    self.cache.insert(key, self.host[self.moe_layers[li]][e], 0.0)
             device.synchronize()
 
     # ---- ExpertBackend ---------------------------------------------------------------------
@@ -171,7 +180,7 @@ class OffloadedExperts:
         c.misses += 1
         go = self.miss
         if go == "cost":
-            if self.cache.free:  # a free slot: the copy evicts nothing and will serve later uses
+            if self.cache.has_free(key):  # a free slot: the copy evicts nothing and will serve later uses
                 go = "copy"
             else:
                 # Tokens a newly cached expert survives, roughly: slots / experts entering per token.
@@ -410,19 +419,103 @@ def size_expert_cache(device: Any, n_keys: int, blob_bytes: int, prepared_bytes:
     return slots
 
 
+@dataclass
+class MtpExperts:
+    """An MTP block's routed experts, offloaded as one more MoE layer of the backend (router statistics,
+    prefetch from its own input, cache slots, counters): the loader's, from models/mtp.py's block."""
+
+    layer: int  # where the block sits (num_hidden_layers)
+    experts: Any  # InMemoryExperts or QuantizedExperts (blobs kept) holding `layer` alone, in host RAM
+    routing: Any  # the block's one-layer model (MoeRouting): its MoE layer 0 is `layer`
+    bits: float = 16  # its always-used weights' bits as loaded (16: the compute dtype)
+    own_embed: bool = False  # it reads its own embedding / head rather than the main model's
+    own_head: bool = False
+
+
+def _expert_bits(experts: Any, layers: list[int], cfg: Any, dtype: torch.dtype) -> float:
+    """Stored bits per weight of these layers' routed experts (the widest layer's blobs, or the dtype's)."""
+    from localglm.layers.experts import QuantizedExperts
+
+    if isinstance(experts, QuantizedExperts):
+        return max(experts.layouts[layer].nbytes for layer in layers) * 8 / (3 * cfg.hidden_size * cfg.moe_intermediate_size)
+    return float(torch.tensor([], dtype=dtype).element_size() * 8)
+
+
+def _merge_mtp(experts: Any, mtp: MtpExperts) -> Any:
+    """The MTP block's experts merged into the main ones where they are held alike (both float, or both
+    quantized and both mapped or both copied): then one packing serves both. Else the block's experts,
+    to pack on their own (None when merged)."""
+    from localglm.layers.experts import QuantizedExperts
+
+    other, layer = mtp.experts, mtp.layer
+    if isinstance(experts, QuantizedExperts) and isinstance(other, QuantizedExperts) and experts.mapped == other.mapped:
+        experts.blobs[layer], experts.layouts[layer] = other.blobs.pop(layer), other.layouts[layer]
+        return None
+    if isinstance(experts, InMemoryExperts) and isinstance(other, InMemoryExperts):
+        experts.gate_up[layer], experts.down[layer] = other.gate_up.pop(layer), other.down.pop(layer)
+        return None
+    return other
+
+
+def _pack(experts: Any, device: Any) -> tuple[dict[int, Any], dict[int, Any]]:
+    """Per layer, the codec and the host blobs of copied (not mapped) experts, in the device's (pinned) buffers."""
+    from localglm.layers.experts import QuantizedExperts
+
+    from .expert_cache import QuantCodec
+
+    if not isinstance(experts, QuantizedExperts):
+        codec, host = pack_in_memory(experts, device)
+        return {layer: codec for layer in host}, host
+    codecs, host = {}, {}
+    for layer, buf in list(experts.blobs.items()):  # into (pinned) host buffers; the device copies come from there
+        codecs[layer] = QuantCodec(experts.layouts[layer], experts.dtype)
+        host[layer] = device.host_buffer(buf.numel()).view(buf.shape)
+        host[layer].copy_(buf)
+    experts.blobs.clear()
+    return codecs, host
+
+
+def _slot_groups(
+    device: Any, codecs: dict[int, Any], main: list[int], mtp_layer: int | None, n_experts: int, top_k: int, slots: int | None
+) -> int | list[tuple[list[int], int]]:
+    """The expert cache's slots: one count where every layer's blobs fit one size (`size_expert_cache`),
+    else the main layers' and the MTP block's each in their own size (planner.split_slots: the same share
+    of each, the block at least top_k), given `slots` split the same way. Prepared kernel copies reserved."""
+    from .planner import split_slots
+
+    main_bytes = max(codecs[layer].nbytes for layer in main)
+    n_keys = (len(main) + (mtp_layer is not None)) * n_experts
+    prep = {layer: prepared_expert_bytes(c, device) if hasattr(c, "prepare") else 0 for layer, c in codecs.items()}
+    main_prep = max(prep[layer] for layer in main)
+    if mtp_layer is None or codecs[mtp_layer].nbytes == main_bytes:
+        return size_expert_cache(device, n_keys, main_bytes, max(prep.values()), slots)
+    mtp_bytes, mtp_prep = codecs[mtp_layer].nbytes, prep[mtp_layer]
+    if slots is None:
+        free = device.budget.capacity - device.budget.used
+        n_main, n_mtp = split_slots(free, len(main) * n_experts, main_bytes + main_prep, n_experts, mtp_bytes + mtp_prep, top_k)
+    else:
+        n_mtp = min(n_experts, max(min(top_k, slots), round(slots * n_experts / n_keys)))
+        n_main = max(0, slots - n_mtp)
+    if main_prep or mtp_prep:
+        device.reserve(n_main * main_prep + n_mtp * mtp_prep, "prepared kernel copies")
+    return [(main, n_main), ([mtp_layer], n_mtp)]
+
+
 def build_offloaded_experts(
     cfg: Any, experts: Any, routing: Any, model_device: torch.device, dtype: torch.dtype, root: str | Path, ctx: int, opts: OffloadOptions,
-    dense_bits: dict[str, int] | None = None,
+    dense_bits: dict[str, int] | None = None, mtp: MtpExperts | None = None,
 ) -> OffloadedExperts:
     """The offloading ExpertBackend for a model being built: experts (InMemoryExperts, or
     QuantizedExperts with their blobs kept) move into (pinned) host buffers, or stay mapped where
     the plan leaves them on disk; the device expert cache gets the plan's slots; `routing` (the
     model's MoE routers: models.moe_decoder.MoeRouting) drives the prefetch predictions.
     `dense_bits`: the precision the always-used weights were loaded at (recipe class -> bits; 16 =
-    in the compute dtype), which the plan reserves on the device."""
+    in the compute dtype), which the plan reserves on the device. `mtp`: an MTP block's experts, which
+    become one more MoE layer here (the plan reserves the block's always-used weights too); the block
+    then runs its experts through this backend (models/mtp.py's LayerOffset)."""
     from localglm.layers.experts import QuantizedExperts
 
-    from .planner import DENSE_CLASSES, make_plan
+    from .planner import DENSE_CLASSES, MtpPlacement, make_plan
 
     kind = opts.kind
     if kind == "cuda" and model_device.type != "cuda":
@@ -441,13 +534,16 @@ def build_offloaded_experts(
 
         gpu_mem = default_gpu_mem() + torch.cuda.memory_allocated(model_device)  # dense weights are loaded already
     bits = torch.tensor([], dtype=dtype).element_size() * 8
-    expert_bits = bits
-    if quantized:  # size the plan with the real blobs
-        expert_bits = max(lay.nbytes for lay in experts.layouts.values()) * 8 / (3 * cfg.hidden_size * cfg.moe_intermediate_size)
+    main_layers = list(cfg.moe_layers)
+    expert_bits = _expert_bits(experts, main_layers, cfg, dtype)  # size the plan with the real blobs
+    placement = None
+    if mtp is not None:
+        mtp_bits = _expert_bits(mtp.experts, [mtp.layer], cfg, dtype)
+        placement = MtpPlacement(bits=mtp.bits, expert_bits=mtp_bits, own_embed=mtp.own_embed, own_head=mtp.own_head)
     fixed = dict(dense_bits or {}) | {c: 16 for c in DENSE_CLASSES if c not in (dense_bits or {})}
-    plan = make_plan(cfg, gpu_mem, opts.cpu_mem, ctx, experts=expert_bits, bandwidths=bw, fixed=fixed, float_bits=bits, kv=opts.kv)
+    plan = make_plan(cfg, gpu_mem, opts.cpu_mem, ctx, experts=expert_bits, bandwidths=bw, fixed=fixed, float_bits=bits, kv=opts.kv, mtp=placement)
     device = device_for_plan(kind, plan, bw)
-    moe_layers = cfg.moe_layers
+    moe_layers = main_layers + ([mtp.layer] if mtp is not None else [])
     stats_path = opts.stats_path or profile_path(root)
     stats = RouterStats.load_or_new(stats_path, moe_layers, cfg.n_routed_experts, cfg.num_experts_per_tok)
     mapped = quantized and experts.mapped
@@ -457,30 +553,27 @@ def build_offloaded_experts(
             f"leaving the rest memory-mapped on disk needs a localglm quantized directory (`localglm quantize {root} OUT`), "
             f"or give more --cpu-mem"
         )
-    if quantized:
+    apart = _merge_mtp(experts, mtp) if mtp is not None else None
+    if mapped:  # the plan's share of experts (hottest first) into host RAM, the rest stay mapped
         from .expert_cache import QuantCodec
 
-        codec: Any = {layer: QuantCodec(experts.layouts[layer], experts.dtype) for layer in experts.blobs}
-        if mapped:  # the plan's share of experts (hottest first) into host RAM, the rest stay mapped
-            host = host_from_mapped(experts.blobs, stats, plan.experts_in_ram, device)
-        else:
-            host = {}
-            for layer, buf in experts.blobs.items():  # into (pinned) host buffers; the device copies come from there
-                host[layer] = device.host_buffer(buf.numel()).view(buf.shape)
-                host[layer].copy_(buf)
+        codec: dict[int, Any] = {layer: QuantCodec(experts.layouts[layer], experts.dtype) for layer in experts.blobs}
+        host: dict[int, Any] = host_from_mapped(experts.blobs, stats, plan.experts_in_ram, device)
         experts.blobs.clear()
     else:
-        codec, host = pack_in_memory(experts, device)
-    blob_bytes = max(c.nbytes for c in codec.values()) if isinstance(codec, dict) else codec.nbytes
-    prepared = max(prepared_expert_bytes(c, device) for c in codec.values()) if quantized else 0
-    slots = size_expert_cache(device, len(moe_layers) * cfg.n_routed_experts, blob_bytes, prepared, opts.cache_slots)
+        codec, host = _pack(experts, device)
+    if apart is not None:  # the block's experts held otherwise than the main ones (float beside quantized)
+        more_codec, more_host = _pack(apart, device)
+        codec, host = codec | more_codec, host | more_host
+    slots = _slot_groups(device, codec, main_layers, mtp.layer if mtp is not None else None, cfg.n_routed_experts, cfg.num_experts_per_tok, opts.cache_slots)
     recorder = None
     if opts.trace:
-        recorder = TraceRecorder(cfg.n_routed_experts, cfg.num_experts_per_tok, moe_layers, blob_bytes, str(root), opts.trace)
+        recorder = TraceRecorder(cfg.n_routed_experts, cfg.num_experts_per_tok, moe_layers, max(c.nbytes for c in codec.values()), str(root), opts.trace)
+    solo = {mtp.layer: mtp.routing.moe_routers()[0]} if mtp is not None else None
     backend = OffloadedExperts(
         moe_layers, cfg.n_routed_experts, cfg.num_experts_per_tok, codec, host, device, slots,
         policy=opts.cache_policy, stats=stats, stats_path=stats_path,
-        predictor=predictor_for(routing, stats, extra=opts.prefetch_extra), prefetch=opts.prefetch,
+        predictor=predictor_for(routing, stats, extra=opts.prefetch_extra, solo=solo), prefetch=opts.prefetch,
         miss=opts.miss, flops_per_token=2 * 3 * cfg.hidden_size * cfg.moe_intermediate_size,
         recorder=recorder,
     )  # fmt: skip

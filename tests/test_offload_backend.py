@@ -64,7 +64,7 @@ def test_same_tokens_and_logits_as_in_memory(tiny, tmp_path, references, dtype, 
     b = m.last_stats.backend
     assert b["hits"] + b["misses"] > 0 and 0 <= b["hit_rate"] <= 1
     assert b["device_bytes_peak"] <= b["device_bytes_budget"]
-    assert set(b["layer_heat"]) == {1, 2, 3} and len(b["layer_heat"][1]) == 16
+    assert set(b["layer_heat"]) == {1, 2, 3, 4} and len(b["layer_heat"][1]) == 16  # 4: the MTP block's layer
     if miss == "cpu":
         assert b["copied"] == 0 and b["cpu_computed"] == b["misses"]
     if miss == "copy":
@@ -147,7 +147,7 @@ def test_trace_option_records_offloaded_run(tiny, tmp_path) -> None:
     m.generate_text(PROMPT, max_new_tokens=5, temperature=0, ignore_eos=True)
     m.net.experts.recorder.close()
     tr = Trace.load(tmp_path / "run.jsonl")
-    assert tr.moe_layers == [1, 2, 3] and tr.n_experts == 16 and tr.top_k == 4
+    assert tr.moe_layers == [1, 2, 3, 4] and tr.n_experts == 16 and tr.top_k == 4  # 4: the MTP block's layer, offloaded with the others
     assert tr.calls[0].experts.shape[0] > 1  # the prefill call
     assert any(c.predicted is not None for c in tr.calls)
     plain = load(tiny, trace=tmp_path / "plain.jsonl", dtype="float32")  # tracing works without offloading too

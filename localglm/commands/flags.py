@@ -107,7 +107,8 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--mtp", action=argparse.BooleanOptionalAction, default=None,
         help="draft with the checkpoint's MTP (next-n prediction) layer; default: on where the checkpoint has one "
-        "(not with --offload cuda, whose plan leaves it out), and each step drafts only as deep as it pays",
+        "(offloaded: where the plan fits it beside the model, its experts through the same expert cache; `localglm plan` "
+        "shows it), and each step drafts only as deep as it pays",
     )  # fmt: skip
     s.add_argument(
         "--draft", type=int, default=None, metavar="N",
