@@ -105,8 +105,9 @@ def test_linear_matches_oracle(lib: NativeLib, name: str, tokens: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "name,k",  # K = 352 and 384: 11 and 12 blocks, so the tails after the eight-block steps run too (352 only where the group divides it)
-    [(n, k) for n in SPECS for k in (256, 352, 384) if k % QuantSpec.parse(n).group == 0],
+    "name,k",  # K = 96 to 416: 3 to 13 blocks, so every kind of partial eight after the eight-block steps runs too, with rows
+    # shorter than one eight (96, 224) among them (each K only where the group divides it)
+    [(n, k) for n in SPECS for k in (96, 224, 256, 352, 384, 416) if k % QuantSpec.parse(n).group == 0],
 )
 def test_a_token_gets_the_same_numbers_in_any_tile(lib: NativeLib, name: str, k: int) -> None:
     """Tokens are multiplied four at a time; each token's result must not depend on its tile
@@ -121,6 +122,8 @@ def test_a_token_gets_the_same_numbers_in_any_tile(lib: NativeLib, name: str, k:
     alone = torch.cat([lib.linear(desc, x[t : t + 1]) for t in range(7)])
     pairs = torch.cat([lib.linear(desc, x[t : t + 2]) for t in range(0, 6, 2)] + [lib.linear(desc, x[6:])])
     assert torch.equal(together, alone) and torch.equal(together, pairs)
+    ref = oracle_linear(qt, x)
+    assert torch.allclose(together, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max())), float((together - ref).abs().max())
 
 
 @pytest.mark.parametrize("name", SPECS)

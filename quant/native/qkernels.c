@@ -180,9 +180,7 @@ static inline __m256i dot_u8s8(__m256i w, __m256i x) {
  * within each block by two rounds of hadd (q4: |pair| <= 2 * 15 * 127, four pairs <= 15240, no
  * int16 overflow; q2 less) and widened by one madd: five multiplies per four blocks instead of
  * eight. With VNNI, dpbusd then hadd of the int32 lanes: the same integers. Exact either way. */
-static inline __m256i dot4_u8s8(__m256i k0, __m256i k1, __m256i k2, __m256i k3, const int8_t *q) {
-    const __m256i x0 = _mm256_loadu_si256((const __m256i *)q), x1 = _mm256_loadu_si256((const __m256i *)(q + QB));
-    const __m256i x2 = _mm256_loadu_si256((const __m256i *)(q + 2 * QB)), x3 = _mm256_loadu_si256((const __m256i *)(q + 3 * QB));
+static inline __m256i dot4_vec(__m256i k0, __m256i k1, __m256i k2, __m256i k3, __m256i x0, __m256i x1, __m256i x2, __m256i x3) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
     const __m256i z = _mm256_setzero_si256();
     return _mm256_hadd_epi32(_mm256_hadd_epi32(_mm256_dpbusd_epi32(z, k0, x0), _mm256_dpbusd_epi32(z, k1, x1)),
@@ -192,6 +190,44 @@ static inline __m256i dot4_u8s8(__m256i k0, __m256i k1, __m256i k2, __m256i k3, 
     const __m256i h23 = _mm256_hadd_epi16(_mm256_maddubs_epi16(k2, x2), _mm256_maddubs_epi16(k3, x3));
     return _mm256_madd_epi16(_mm256_hadd_epi16(h01, h23), _mm256_set1_epi16(1));
 #endif
+}
+
+/* dot4_vec against the activation blocks at q, of which only the first c (1..4) are read: the
+ * missing blocks' codes are zero (k1..k3 given so), so any activation bytes do there (block 0's). */
+static inline __attribute__((always_inline)) __m256i dot4_u8s8(__m256i k0, __m256i k1, __m256i k2, __m256i k3, const int8_t *q, const int c) {
+    const __m256i x0 = _mm256_loadu_si256((const __m256i *)q);
+    const __m256i x1 = c > 1 ? _mm256_loadu_si256((const __m256i *)(q + QB)) : x0;
+    const __m256i x2 = c > 2 ? _mm256_loadu_si256((const __m256i *)(q + 2 * QB)) : x0;
+    const __m256i x3 = c > 3 ? _mm256_loadu_si256((const __m256i *)(q + 3 * QB)) : x0;
+    return dot4_vec(k0, k1, k2, k3, x0, x1, x2, x3);
+}
+
+/* Lane masks for the first n (0..8) floats: maskload reads nothing past them (a tail's scales never
+ * read past the end of their array, and the lanes left out are zero). */
+static const int32_t lane_mask_tab[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+static inline __m256 load_first8(const float *p, int n) { return _mm256_maskload_ps(p, _mm256_loadu_si256((const __m256i *)(lane_mask_tab + 8 - n))); }
+static inline __m128 load_first4(const float *p, int n) { return _mm_maskload_ps(p, _mm_loadu_si128((const __m128i *)(lane_mask_tab + 8 - n))); }
+
+/* Bytes p[j..nb) (1..7 of them) in the low bytes of a vector, zeros above, reading nothing outside
+ * p[0..nb): the eight bytes that end at nb, shifted down, where the row has eight. */
+static inline __m128i tail_bytes(const void *pv, int j, int nb) {
+    const uint8_t *p = (const uint8_t *)pv;
+    uint64_t v = 0;
+    if (nb >= 8) {
+        memcpy(&v, p + nb - 8, 8);
+        v >>= 8 * (8 - (nb - j));
+    } else {
+        for (int i = nb - 1; i >= j; i--) v = v << 8 | p[i];
+    }
+    return _mm_cvtsi64_si128((long long)v);
+}
+
+/* Sums of four vectors' lanes, one float each, in a fixed order per vector (pairs, then pairs of
+ * pairs, then the halves), whatever the other three are: the tile and one-token epilogues pack
+ * their sums differently and get the same floats. */
+static inline __m128 hsum4(__m256 v0, __m256 v1, __m256 v2, __m256 v3) {
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(v0, v1), _mm256_hadd_ps(v2, v3));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 #endif
 
@@ -203,8 +239,12 @@ static inline __m256i dot4_u8s8(__m256i k0, __m256i k1, __m256i k2, __m256i k3, 
 #define NT_MAX 4
 /* Blocks per step of a q2/q4 tile: the offsets' sums (mv) for a step, then its integer loop. */
 #define KCH 64
-/* Rows at once for a single token (lowbit_rows1_avx2): independent accumulator chains. */
-#define NR_MAX 2
+/* Weight rows per work item for a single token (lg_matvec, and row_chunk for lg_moe's and
+ * lg_linear's decode): the rows go one at a time (lowbit_rows1_avx2); this only sets how much work
+ * a thread takes at once. */
+#ifndef ROWS_1TOK
+#define ROWS_1TOK 16
+#endif
 
 typedef struct {
     const int8_t *q[NT_MAX];
@@ -215,7 +255,8 @@ typedef struct {
 /* The AVX2 tiles. A row's block scales are floats already (row_prep: once per row, not per tile);
  * the integer loop takes blocks four at a time (dot4_u8s8, q8_quad: one convert and one FMA per
  * four blocks and token, by ws[b] * d_t[b] formed four at a time) into two accumulators per token
- * (even and odd quads; the blocks past the last quad one by one into the second). q2/q4 go in
+ * (even and odd quads; q2/q4's partial eight at a row's end as zero-padded quads, q8's blocks
+ * past the last quad one by one into the second). q2/q4 go in
  * steps of KCH blocks (the offsets' sums first, vectorised); their accumulators live in memory
  * between steps and in registers within one (the *_step functions load and store them): held in
  * registers across the offsets' loop, the compiler spilled them inside the integer loop. */
@@ -246,41 +287,46 @@ static inline __attribute__((always_inline)) __m256i codes_lb(const uint8_t *p, 
  * follows in memory; a prefetch never faults. */
 #define PREFETCH_AHEAD 1024
 
-/* Codes of four blocks at p: unpacked here (p: the packed row) or loaded (cu: the row unpacked). */
-#define QUAD_CODES(k, p, cu, bb, bits)                                                                         \
-    const __m256i k##0 = cu ? _mm256_loadu_si256((const __m256i *)(cu)) : codes_lb(p, bits);                   \
-    const __m256i k##1 = cu ? _mm256_loadu_si256((const __m256i *)(cu + QB)) : codes_lb(p + bb, bits);         \
-    const __m256i k##2 = cu ? _mm256_loadu_si256((const __m256i *)(cu + 2 * QB)) : codes_lb(p + 2 * bb, bits); \
-    const __m256i k##3 = cu ? _mm256_loadu_si256((const __m256i *)(cu + 3 * QB)) : codes_lb(p + 3 * bb, bits)
+/* Codes of the first c (1..4) of four blocks at p, zeros for the rest: unpacked here (p: the
+ * packed row) or loaded (cu: the row unpacked). Nothing past the c blocks is read. */
+#define QUAD_CODES(k, p, cu, bb, bits, c)                                                                                                   \
+    const __m256i k##0 = cu ? _mm256_loadu_si256((const __m256i *)(cu)) : codes_lb(p, bits);                                              \
+    const __m256i k##1 = c < 2 ? _mm256_setzero_si256() : cu ? _mm256_loadu_si256((const __m256i *)(cu + QB)) : codes_lb(p + bb, bits);         \
+    const __m256i k##2 = c < 3 ? _mm256_setzero_si256() : cu ? _mm256_loadu_si256((const __m256i *)(cu + 2 * QB)) : codes_lb(p + 2 * bb, bits); \
+    const __m256i k##3 = c < 4 ? _mm256_setzero_si256() : cu ? _mm256_loadu_si256((const __m256i *)(cu + 3 * QB)) : codes_lb(p + 3 * bb, bits)
 
-/* acc[t] += blocks j..j+3 of every token of the tile (dot4_u8s8), each block's sum times its weight
- * scale times the token's activation scale (ws[b] * d_t[b], formed here four at a time). Codes
- * from the packed row p, unpacked once for the tile (a single tile: decode), or from cu, the row
- * unpacked once for all its tiles (lowbit_scales; then loaded per token, which keeps the
- * accumulators in registers). The same integers and floats either way. */
-static inline __attribute__((always_inline)) void lowbit_quad(const uint8_t *p, const uint8_t *cu, const float *ws, int j, const int8_t *const *xq,
+/* acc[t] += blocks j..j+c-1 (c = 1..4: a row's last quad may be partial, its missing blocks zero
+ * codes and zero scales, which adds exactly nothing) of every token of the tile (dot4_u8s8), each
+ * block's sum times its weight scale times the token's activation scale (ws[b] * d_t[b], formed
+ * here four at a time). Codes from the packed row p, unpacked once for the tile (a single tile:
+ * decode), or from cu, the row unpacked once for all its tiles (lowbit_scales; then loaded per
+ * token, which keeps the accumulators in registers). The same integers and floats either way. */
+static inline __attribute__((always_inline)) void lowbit_quad(const uint8_t *p, const uint8_t *cu, const float *ws, int j, const int c, const int8_t *const *xq,
                                                                const float *const *xd, const int nt, const int bits, __m256 *acc) {
     const size_t bb = QB * bits / 8;
-    const __m256 w4 = _mm256_broadcast_ps((const __m128 *)(ws + j));
+#define QUAD_SCALE(v, c) (c == 4 ? _mm256_broadcast_ps((const __m128 *)(v)) : _mm256_set_m128(load_first4(v, c), load_first4(v, c)))
+    const __m256 w4 = QUAD_SCALE(ws + j, c);
     if (cu) {
         for (int t = 0; t < nt; t++) {
-            QUAD_CODES(k, p, cu, bb, bits);
-            const __m256 d4 = _mm256_mul_ps(w4, _mm256_broadcast_ps((const __m128 *)(xd[t] + j)));
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4_u8s8(k0, k1, k2, k3, xq[t] + (size_t)j * QB)), d4, acc[t]);
+            QUAD_CODES(k, p, cu, bb, bits, c);
+            const __m256 d4 = _mm256_mul_ps(w4, QUAD_SCALE(xd[t] + j, c));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4_u8s8(k0, k1, k2, k3, xq[t] + (size_t)j * QB, c)), d4, acc[t]);
         }
     } else {
         _mm_prefetch((const char *)(p + PREFETCH_AHEAD), _MM_HINT_T0);
-        QUAD_CODES(k, p, (const uint8_t *)NULL, bb, bits);
+        QUAD_CODES(k, p, (const uint8_t *)NULL, bb, bits, c);
         for (int t = 0; t < nt; t++) {
-            const __m256 d4 = _mm256_mul_ps(w4, _mm256_broadcast_ps((const __m128 *)(xd[t] + j)));
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4_u8s8(k0, k1, k2, k3, xq[t] + (size_t)j * QB)), d4, acc[t]);
+            const __m256 d4 = _mm256_mul_ps(w4, QUAD_SCALE(xd[t] + j, c));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4_u8s8(k0, k1, k2, k3, xq[t] + (size_t)j * QB, c)), d4, acc[t]);
         }
     }
+#undef QUAD_SCALE
 }
 
-/* Blocks four at a time, quads alternating between the two accumulators; blocks past the last
- * whole quad one at a time into the second. The same sequence for every token whatever nt is.
- * r, cu, ws, xq, xd: at the step's first block. */
+/* Blocks eight at a time, the first quad of each eight into the first accumulator, the second
+ * into the second; a step's last eight may be partial (1..7 blocks: its quads partial or the
+ * second absent). The same sequence for every token whatever nt is. r, cu, ws, xq, xd: at the
+ * step's first block. */
 static inline __attribute__((always_inline)) void lowbit_step(const uint8_t *r, const uint8_t *cu, const float *ws, int nb, const int8_t *const *xq,
                                                                const float *const *xd, const int nt, const int bits, tile_acc *acc) {
     const size_t bb = QB * bits / 8;
@@ -288,18 +334,25 @@ static inline __attribute__((always_inline)) void lowbit_step(const uint8_t *r, 
     acc_load(acc, nt, a0, a1);
     int j = 0;
     for (; j + 8 <= nb; j += 8) {
-        lowbit_quad(r + j * bb, cu ? cu + j * QB : NULL, ws, j, xq, xd, nt, bits, a0);
-        lowbit_quad(r + (j + 4) * bb, cu ? cu + (j + 4) * QB : NULL, ws, j + 4, xq, xd, nt, bits, a1);
+        lowbit_quad(r + j * bb, cu ? cu + j * QB : NULL, ws, j, 4, xq, xd, nt, bits, a0);
+        lowbit_quad(r + (j + 4) * bb, cu ? cu + (j + 4) * QB : NULL, ws, j + 4, 4, xq, xd, nt, bits, a1);
     }
-    if (j + 4 <= nb) {
-        lowbit_quad(r + j * bb, cu ? cu + j * QB : NULL, ws, j, xq, xd, nt, bits, a0);
-        j += 4;
-    }
-    for (; j < nb; j++) {
-        const __m256i k0 = codes_lb(r + j * bb, bits);
-        for (int t = 0; t < nt; t++) {
-            const __m256i p0 = dot_u8s8(k0, _mm256_loadu_si256((const __m256i *)(xq[t] + (size_t)j * QB)));
-            a1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(ws[j] * xd[t][j]), a1[t]);
+    const int tl = nb - j;
+    if (tl > 0) {
+        const uint8_t *p = r + j * bb, *c = cu ? cu + j * QB : NULL;
+        switch (tl < 4 ? tl : 4) {
+        case 1: lowbit_quad(p, c, ws, j, 1, xq, xd, nt, bits, a0); break;
+        case 2: lowbit_quad(p, c, ws, j, 2, xq, xd, nt, bits, a0); break;
+        case 3: lowbit_quad(p, c, ws, j, 3, xq, xd, nt, bits, a0); break;
+        default: lowbit_quad(p, c, ws, j, 4, xq, xd, nt, bits, a0);
+        }
+        p += 4 * bb;
+        c = cu ? c + 4 * QB : NULL;
+        switch (tl - 4) {
+        case 1: lowbit_quad(p, c, ws, j + 4, 1, xq, xd, nt, bits, a1); break;
+        case 2: lowbit_quad(p, c, ws, j + 4, 2, xq, xd, nt, bits, a1); break;
+        case 3: lowbit_quad(p, c, ws, j + 4, 3, xq, xd, nt, bits, a1); break;
+        default: break;
         }
     }
     acc_store(acc, nt, a0, a1);
@@ -335,24 +388,27 @@ static void lowbit_scales(const lg_qtensor *w, int n, float *ws, float *mw, uint
 }
 
 /* The row's dot with nt tokens: per step, each block's scale times each token's (dts) and the
- * offsets' sum (mv, ms), then the integer loop. ws / mw: lowbit_scales of the row. */
+ * offsets' sum (mv: eight lanes, a partial eight's missing lanes zero), then the integer loop; at
+ * the end the lanes summed by hsum4 (the accumulators' and the offsets' sums of two tokens at a
+ * time). ws / mw: lowbit_scales of the row. */
 static inline __attribute__((always_inline)) void lowbit_tile_avx2(const uint8_t *row, const uint8_t *cu, const float *ws, const float *mw, float m0,
                                                                     int nblocks, const qrows *x, const int nt, const int bits, float *out) {
     const size_t blk_bytes = QB * bits / 8;
     tile_acc acc;
-    float mv[NT_MAX][8], ms[NT_MAX];
+    __m256 mv[NT_MAX];
     memset(&acc, 0, sizeof acc);
-    memset(mv, 0, sizeof mv);
-    for (int t = 0; t < nt; t++) ms[t] = 0.0f;
+    for (int t = 0; t < nt; t++) mv[t] = _mm256_setzero_ps();
     for (int c0 = 0; c0 < nblocks; c0 += KCH) {
         const int nb = nblocks - c0 < KCH ? nblocks - c0 : KCH;
         int j = 0;
         for (; j + 8 <= nb; j += 8) {
             const __m256 m = _mm256_loadu_ps(mw + c0 + j);
-            for (int t = 0; t < nt; t++) _mm256_storeu_ps(mv[t], _mm256_fmadd_ps(m, _mm256_loadu_ps(x->s[t] + c0 + j), _mm256_loadu_ps(mv[t])));
+            for (int t = 0; t < nt; t++) mv[t] = _mm256_fmadd_ps(m, _mm256_loadu_ps(x->s[t] + c0 + j), mv[t]);
         }
-        for (int t = 0; t < nt; t++)
-            for (int jj = j; jj < nb; jj++) ms[t] += mw[c0 + jj] * x->s[t][c0 + jj];
+        if (j < nb) {
+            const __m256 m = load_first8(mw + c0 + j, nb - j);
+            for (int t = 0; t < nt; t++) mv[t] = _mm256_fmadd_ps(m, load_first8(x->s[t] + c0 + j, nb - j), mv[t]);
+        }
         const int8_t *xq[NT_MAX];
         const float *xd[NT_MAX];
         for (int t = 0; t < nt; t++) {
@@ -361,71 +417,67 @@ static inline __attribute__((always_inline)) void lowbit_tile_avx2(const uint8_t
         }
         lowbit_step(row + (size_t)c0 * blk_bytes, cu ? cu + (size_t)c0 * QB : NULL, ws + c0, nb, xq, xd, nt, bits, &acc);
     }
-    for (int t = 0; t < nt; t++)
-        out[t] = hsum256(_mm256_add_ps(_mm256_loadu_ps(acc.v[0][t]), _mm256_loadu_ps(acc.v[1][t]))) + m0 * (hsum256(_mm256_loadu_ps(mv[t])) + ms[t]);
+    for (int t = 0; t < nt; t += 2) {
+        const __m256 s0 = _mm256_add_ps(_mm256_loadu_ps(acc.v[0][t]), _mm256_loadu_ps(acc.v[1][t]));
+        const __m256 s1 = t + 1 < nt ? _mm256_add_ps(_mm256_loadu_ps(acc.v[0][t + 1]), _mm256_loadu_ps(acc.v[1][t + 1])) : s0;
+        float h[4];
+        _mm_storeu_ps(h, hsum4(s0, mv[t], s1, t + 1 < nt ? mv[t + 1] : mv[t]));
+        out[t] = h[0] + m0 * h[1];
+        if (t + 1 < nt) out[t + 1] = h[2] + m0 * h[3];
+    }
 }
 
-/* One token against nr consecutive q2/q4 rows of group-32 blocks (decode), everything in registers
- * (nr rows interleaved: independent accumulator chains, the activations loaded once for all): the
- * block scales decoded eight at a time as they are needed (no row_prep pass through memory, no
- * accumulators stored between steps). The same floats as lowbit_tile_avx2 with nt = 1: the same
- * products ws[b] * d[b] (here eight in one multiply, then each half broadcast to both lanes of its
- * quad), quads of blocks alternating between the two accumulators from the row's start (a step of
- * KCH blocks is a multiple of eight, so its quads fall the same), the offsets' FMA over whole
- * eights and the tail's products summed one by one, and the same final sums. */
-static inline __attribute__((always_inline)) void lowbit_rows1_avx2(const lg_qtensor *w, int n, const int nr, const int8_t *xq, const float *xd,
-                                                                     const float *xs, const int bits, float *out) {
-    const int nblocks = w->k / QB;
-    const size_t bb = QB * bits / 8, rb = (size_t)nblocks * bb;
-    const uint8_t *row = w->data + (size_t)n * rb, *sc = w->gs + (size_t)n * nblocks;
-    const int8_t *mc = w->gm + (size_t)n * nblocks;
-    __m256 s0v[NR_MAX], a0[NR_MAX], a1[NR_MAX], mv[NR_MAX];
-    for (int r = 0; r < nr; r++) {
-        s0v[r] = _mm256_set1_ps(w->rowf[2 * ((size_t)n + r)]);
-        a0[r] = a1[r] = mv[r] = _mm256_setzero_ps();
+/* One eight of a one-token row (lowbit_rows1_avx2): c = 1..8 blocks from j, the rest as zeros.
+ * sc8 / mc8: the eight's scale and offset codes; xs8, xd8: the token's sums and scales (zero past
+ * c). The same products as lowbit_tile_avx2's: ws[b] * d[b] eight in one multiply, then each half
+ * broadcast to both lanes of its quad. */
+static inline __attribute__((always_inline)) void rows1_eight(const uint8_t *p, __m128i sc8, __m128i mc8, __m256 s0v, __m256 xs8, __m256 xd8, const int8_t *q,
+                                                               const int c, const int bits, __m256 *a0, __m256 *a1, __m256 *mv) {
+    const size_t bb = QB * bits / 8;
+    const __m256 ws8 = _mm256_mul_ps(s0v, scale8(_mm256_cvtepu8_epi32(sc8)));
+    *mv = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(mc8)), xs8, *mv);
+    const __m256 d8 = _mm256_mul_ps(ws8, xd8);
+    const int c0 = c < 4 ? c : 4;
+    QUAD_CODES(k, p, (const uint8_t *)NULL, bb, bits, c0);
+    *a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4_u8s8(k0, k1, k2, k3, q, c0)), _mm256_permute2f128_ps(d8, d8, 0x00), *a0);
+    if (c > 4) {
+        QUAD_CODES(h, p + 4 * bb, (const uint8_t *)NULL, bb, bits, c - 4);
+        *a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4_u8s8(h0, h1, h2, h3, q + 4 * QB, c - 4)), _mm256_permute2f128_ps(d8, d8, 0x11), *a1);
     }
+}
+
+/* One token against one q2/q4 row of group-32 blocks (decode), everything in registers: the block
+ * scales decoded eight at a time as they are needed (no row_prep pass through memory, no
+ * accumulators stored between steps). The same floats as lowbit_tile_avx2 with nt = 1: the same
+ * products ws[b] * d[b], eights of blocks from the row's start (a step of KCH blocks is a multiple
+ * of eight, so its eights fall the same), the last one partial with zeros past the row's end (its
+ * codes read without passing it: tail_bytes), the offsets' FMA over the same eights, and the same
+ * final sums (hsum4). (Rows interleaved two or four at a time were no faster once the tail and the
+ * sums were vectorised: the compiler kept their accumulators in memory.) */
+static inline __attribute__((always_inline)) float lowbit_rows1_avx2(const lg_qtensor *w, int n, const int8_t *xq, const float *xd, const float *xs,
+                                                                      const int bits) {
+    const int nblocks = w->k / QB;
+    const size_t bb = QB * bits / 8;
+    const uint8_t *row = w->data + (size_t)n * nblocks * bb, *sc = w->gs + (size_t)n * nblocks;
+    const int8_t *mc = w->gm + (size_t)n * nblocks;
+    const __m256 s0v = _mm256_set1_ps(w->rowf[2 * (size_t)n]);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, mv = a0;
     int j = 0;
     for (; j + 8 <= nblocks; j += 8) {
-        const __m256 xs8 = _mm256_loadu_ps(xs + j), xd8 = _mm256_loadu_ps(xd + j);
-        const int8_t *q = xq + (size_t)j * QB;
-        for (int r = 0; r < nr; r++) {
-            const uint8_t *p = row + r * rb + (size_t)j * bb;
-            /* past the row's end: the same place in the next group of nr rows, which this call's successor reads */
-            const uint8_t *pf = p + PREFETCH_AHEAD + ((size_t)j * bb + PREFETCH_AHEAD >= rb ? (size_t)(nr - 1) * rb : 0);
-            _mm_prefetch((const char *)pf, _MM_HINT_T0);
-            if (bits == 4) _mm_prefetch((const char *)(pf + 4 * bb), _MM_HINT_T0);
-            const __m256 ws8 = _mm256_mul_ps(s0v[r], scale8(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sc + r * nblocks + j)))));
-            const __m256 mw8 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(mc + r * nblocks + j))));
-            mv[r] = _mm256_fmadd_ps(mw8, xs8, mv[r]);
-            const __m256 d8 = _mm256_mul_ps(ws8, xd8);
-            QUAD_CODES(k, p, (const uint8_t *)NULL, bb, bits);
-            a0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4_u8s8(k0, k1, k2, k3, q)), _mm256_permute2f128_ps(d8, d8, 0x00), a0[r]);
-            QUAD_CODES(h, p + 4 * bb, (const uint8_t *)NULL, bb, bits);
-            a1[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4_u8s8(h0, h1, h2, h3, q + 4 * QB)), _mm256_permute2f128_ps(d8, d8, 0x11), a1[r]);
-        }
+        const uint8_t *p = row + (size_t)j * bb;
+        _mm_prefetch((const char *)(p + PREFETCH_AHEAD), _MM_HINT_T0); /* past the row's end: the next row's, which follows */
+        if (bits == 4) _mm_prefetch((const char *)(p + PREFETCH_AHEAD + 4 * bb), _MM_HINT_T0);
+        rows1_eight(p, _mm_loadl_epi64((const __m128i *)(sc + j)), _mm_loadl_epi64((const __m128i *)(mc + j)), s0v, _mm256_loadu_ps(xs + j),
+                    _mm256_loadu_ps(xd + j), xq + (size_t)j * QB, 8, bits, &a0, &a1, &mv);
     }
-    for (int r = 0; r < nr; r++) {
-        const uint8_t *rw = row + r * rb;
-        const float m0 = w->rowf[2 * ((size_t)n + r) + 1] / 127.0f, s0 = w->rowf[2 * ((size_t)n + r)];
-        float ms = 0.0f, ws[8];
-        int jj = j;
-        for (int b = jj; b < nblocks; b++) {
-            ws[b - jj] = s0 * scale_lut[sc[r * nblocks + b]];
-            ms += (float)mc[r * nblocks + b] * xs[b];
-        }
-        if (jj + 4 <= nblocks) {
-            const uint8_t *p = rw + (size_t)jj * bb;
-            QUAD_CODES(k, p, (const uint8_t *)NULL, bb, bits);
-            const __m256 d4 = _mm256_mul_ps(_mm256_broadcast_ps((const __m128 *)ws), _mm256_broadcast_ps((const __m128 *)(xd + jj)));
-            a0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4_u8s8(k0, k1, k2, k3, xq + (size_t)jj * QB)), d4, a0[r]);
-            jj += 4;
-        }
-        for (int b = jj; b < nblocks; b++) {
-            const __m256i p0 = dot_u8s8(codes_lb(rw + b * bb, bits), _mm256_loadu_si256((const __m256i *)(xq + (size_t)b * QB)));
-            a1[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(ws[b - j] * xd[b]), a1[r]);
-        }
-        out[r] = hsum256(_mm256_add_ps(a0[r], a1[r])) + m0 * (hsum256(mv[r]) + ms);
-    }
+    const int tl = nblocks - j;
+    if (tl > 0)
+        rows1_eight(row + (size_t)j * bb, tail_bytes(sc, j, nblocks), tail_bytes(mc, j, nblocks), s0v, load_first8(xs + j, tl), load_first8(xd + j, tl),
+                    xq + (size_t)j * QB, tl, bits, &a0, &a1, &mv);
+    float h[4];
+    const __m256 acc = _mm256_add_ps(a0, a1);
+    _mm_storeu_ps(h, hsum4(acc, mv, acc, mv));
+    return h[0] + w->rowf[2 * (size_t)n + 1] / 127.0f * h[1];
 }
 
 /* One q8 block's dot: |w| in the unsigned operand, w's sign moved onto the activations. */
@@ -586,8 +638,7 @@ static void dot_rows(const lg_qtensor *w, int n, int nt, const qrows *x, const f
         const uint8_t *row = w->data + (size_t)n * ((size_t)K * w->bits / 8);
         const float m0 = w->rowf[2 * (size_t)n + 1] / 127.0f;
         if (nt == 1 && !cu && w->group == QB) {
-            if (w->bits == 4) lowbit_rows1_avx2(w, n, 1, x->q[0], x->d[0], x->s[0], 4, out);
-            else lowbit_rows1_avx2(w, n, 1, x->q[0], x->d[0], x->s[0], 2, out);
+            out[0] = w->bits == 4 ? lowbit_rows1_avx2(w, n, x->q[0], x->d[0], x->s[0], 4) : lowbit_rows1_avx2(w, n, x->q[0], x->d[0], x->s[0], 2);
             return;
         }
 #define LB_CALL(bits_, nt_) lowbit_tile_avx2(row, cu, rs, rs + K / QB, m0, K / QB, x, nt_, bits_, out)
@@ -630,26 +681,16 @@ static inline void tile_set(qrows *x, int j, const qact *a, size_t r, int k) {
     x->s[j] = a->s + r * (size_t)(k / QB);
 }
 
-/* out[n - n1] = dot(row n of w, one token) for n in [n1, n2) by lowbit_rows1_avx2, two rows at a
- * time where a row's codes are at most 1 KiB (q4 K <= 2048, q2 K <= 4096: 2-row interleave gave
- * +10-30% there, and was 5-7% slower on q4 rows of K = 4096 streamed from memory, which go one at
- * a time). Returns 0, doing nothing, where that kernel does not apply (q8, groups other than 32,
- * no AVX2): the caller takes the tile path; n1 == n2 asks only that. The same floats as the tiles
- * either way. */
+/* out[n - n1] = dot(row n of w, one token) for n in [n1, n2) by lowbit_rows1_avx2. Returns 0,
+ * doing nothing, where that kernel does not apply (q8, groups other than 32, no AVX2): the caller
+ * takes the tile path; n1 == n2 asks only that. The same floats as the tiles either way. */
 static inline __attribute__((always_inline)) int rows_1tok(const lg_qtensor *w, int n1, int n2, const int8_t *q, const float *d, const float *sv, float *out) {
 #ifdef __AVX2__
     if (w->bits == 8 || w->group != QB) return 0;
-    const int pair = (size_t)w->k * w->bits / 8 <= 1024;
-    int n = n1;
-    if (w->bits == 4) {
-        if (pair)
-            for (; n + 2 <= n2; n += 2) lowbit_rows1_avx2(w, n, 2, q, d, sv, 4, out + (n - n1));
-        for (; n < n2; n++) lowbit_rows1_avx2(w, n, 1, q, d, sv, 4, out + (n - n1));
-    } else {
-        if (pair)
-            for (; n + 2 <= n2; n += 2) lowbit_rows1_avx2(w, n, 2, q, d, sv, 2, out + (n - n1));
-        for (; n < n2; n++) lowbit_rows1_avx2(w, n, 1, q, d, sv, 2, out + (n - n1));
-    }
+    if (w->bits == 4)
+        for (int n = n1; n < n2; n++) out[n - n1] = lowbit_rows1_avx2(w, n, q, d, sv, 4);
+    else
+        for (int n = n1; n < n2; n++) out[n - n1] = lowbit_rows1_avx2(w, n, q, d, sv, 2);
     return 1;
 #else
     (void)w; (void)n1; (void)n2; (void)q; (void)d; (void)sv; (void)out;
@@ -660,10 +701,12 @@ static inline __attribute__((always_inline)) int rows_1tok(const lg_qtensor *w, 
 /* Weight rows per work item of lg_linear and lg_moe: each token tile meets the item's rows in
  * turn, so its activations stay in L1 and the rows' prepared scales and codes (row_prep, ~64 KiB
  * for them all) in L2, instead of every tile's activations streaming from L2 for each row (q4,
- * 128 tokens: K = 4096 +4-8%, K = 1408 +13%). One row for a single tile (decode): nothing to reuse. */
+ * 128 tokens: K = 4096 +4-8%, K = 1408 +13%). One row for a tile of 2-4 tokens; ROWS_1TOK for a
+ * single token (decode: nothing to reuse, but 2-row items cost K = 352 rows ~10% in their calls). */
 #define ROW_CHUNK_MAX 16
+_Static_assert(ROWS_1TOK <= ROW_CHUNK_MAX, "dot_pairs and lg_linear hold a work item's one-token outputs in ROW_CHUNK_MAX floats");
 static inline int row_chunk(int k, int T) {
-    if (T <= NT_MAX) return T == 1 ? NR_MAX : 1;
+    if (T <= NT_MAX) return T == 1 ? ROWS_1TOK : 1;
     const int r = (int)((64u << 10) / (unsigned)(ROW_SCRATCH(k) * sizeof(float)));
     return r < 1 ? 1 : r > ROW_CHUNK_MAX ? ROW_CHUNK_MAX : r;
 }
@@ -921,12 +964,12 @@ void lg_matvec(const lg_mat *m, const float *x, int dtype, qact *xa, float *y, i
     const int N = m->n, K = m->k;
     if (m->kind == 0) quantize_row(x, K, m->q.bits, QROW(xa, 0, K));
     const int par = nth > 1 && (size_t)N * K >= (1u << 16);
-    if (m->kind == 0 && rows_1tok(&m->q, 0, 0, QROW(xa, 0, K), NULL)) { /* q2/q4 rows that rows_1tok takes: two at a time where it pairs them */
-        const int NP = (N + NR_MAX - 1) / NR_MAX;
+    if (m->kind == 0 && rows_1tok(&m->q, 0, 0, QROW(xa, 0, K), NULL)) { /* q2/q4 rows that rows_1tok takes, ROWS_1TOK a work item */
+        const int NP = (N + ROWS_1TOK - 1) / ROWS_1TOK;
 #pragma omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(NP, nth)) if (par)
         for (int i = 0; i < NP; i++) {
-            const int n1 = i * NR_MAX, n2 = n1 + NR_MAX < N ? n1 + NR_MAX : N;
-            float o[NR_MAX];
+            const int n1 = i * ROWS_1TOK, n2 = n1 + ROWS_1TOK < N ? n1 + ROWS_1TOK : N;
+            float o[ROWS_1TOK];
             rows_1tok(&m->q, n1, n2, QROW(xa, 0, K), o);
             for (int n = n1; n < n2; n++) y[n] = rnd(o[n - n1] + (m->bias ? m->bias[n] : 0.0f), dtype);
         }
