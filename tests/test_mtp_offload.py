@@ -26,6 +26,7 @@ import localglm
 from localglm.cli import main
 from localglm.config import ModelConfig
 from localglm.errors import LocalGLMError
+from localglm.layers.experts import combine_experts
 from localglm.models.glm4_moe.tiny import TinySpec
 from localglm.sampling import SamplingParams
 from localglm.tiny import make_tiny
@@ -103,8 +104,10 @@ def test_offloaded_mtp_experts_go_through_the_cache(tiny: Path, tmp_path: Path) 
     assert block in snap["layer_hit_rate"] and block in snap["layer_heat"]
 
 
-def test_wider_mtp_experts_get_slots_of_their_own(tiny: Path, tmp_path: Path) -> None:
-    model = _load(tiny, tmp_path, experts_bits=4, cache_slots=10)  # main experts q4, the block's q8 (the recipe's "mtp" class)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_wider_mtp_experts_get_slots_of_their_own(tiny: Path, tmp_path: Path, dtype: str) -> None:
+    """bf16: a verification's quantized expert products are rounded as a decoded token's are (combine_experts)."""
+    model = _load(tiny, tmp_path, experts_bits=4, cache_slots=10, dtype=dtype)  # main experts q4, the block's q8 (the recipe's "mtp" class)
     cfg, backend = model.config, model.net.experts
     block = cfg.num_hidden_layers
     main_bytes, mtp_bytes = backend.codecs[cfg.moe_layers[0]].nbytes, backend.codecs[block].nbytes
@@ -227,3 +230,45 @@ def test_loader_leaves_out_or_refuses_a_block_that_does_not_fit(tiny: Path, tmp_
         warnings.simplefilter("error")
         model = _load(tiny, tmp_path, **(opts | {"gpu_mem": "64MiB"}))
     assert model.speculation is not None and model.net.experts.moe_layers[-1] == cfg.num_hidden_layers
+
+
+def test_a_verification_sums_quantized_experts_as_decoding_does() -> None:
+    """Offloaded quantized experts return fp32 rows on the CPU (quant.blob.PreparedExpert): a batch's
+    weighted products are summed unrounded, as one token's are, so a bf16 verification gives each token
+    the numbers plain decoding gives it (the default model quantized to q4 differed at token 59 before)."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 32).to(torch.bfloat16)
+    scale, bias = torch.randn(4, 32), torch.randn(4, 32)
+
+    def compute(e: int, xs: torch.Tensor) -> torch.Tensor:  # row by row, fp32 out
+        return xs.float() * scale[e] + bias[e]
+
+    ids = torch.tensor([[0, 1], [1, 2], [2, 3], [3, 0], [0, 2], [1, 3]])
+    weights = torch.rand(6, 2)
+    batch = combine_experts(x, ids, weights, compute)
+    for i in range(len(x)):
+        assert torch.equal(batch[i], combine_experts(x[i : i + 1], ids[i : i + 1], weights[i : i + 1], compute)[0])
+
+
+def test_mapped_quantized_dir_with_the_block(tiny: Path, tmp_path: Path) -> None:
+    """A localglm quantized directory (experts q4, the block's q8) offloaded with a --cpu-mem that holds only
+    a few experts: the hottest that fit (by bytes) are copied to host RAM, the others, the block's among
+    them, stay mapped and are read from the files into the device cache; greedy speculation is plain decoding."""
+    from localglm.quantize import quantize_checkpoint
+
+    q = tmp_path / "q"
+    quantize_checkpoint(tiny, q, None)
+    cfg = ModelConfig.from_file(q)
+    probe = _load(q, tmp_path / "probe")
+    main_bytes, mtp_bytes = probe.net.experts.codecs[cfg.moe_layers[0]].nbytes, probe.net.experts.codecs[cfg.num_hidden_layers].nbytes
+    assert mtp_bytes > main_bytes
+    room = 3 * main_bytes + mtp_bytes
+    model = _load(q, tmp_path, cpu_mem=2 * cfg.num_experts_per_tok * main_bytes + room, stats_path=tmp_path / "m.npz")  # staging + room
+    be = model.net.experts
+    assert be.plan.expert_ram_bytes == room
+    # equal heat (no profile yet): the smaller q4 blobs first, as many as fit (room // main_bytes); the rest, the block's among them, stay mapped
+    assert be.experts_mapped == len(be.moe_layers) * cfg.n_routed_experts - room // main_bytes
+    plain = _tokens(model, 0)
+    copies = _record_copies(be)
+    assert _tokens(model, 3) == plain
+    assert any(k // cfg.n_routed_experts == be.index[cfg.num_hidden_layers] for k in copies)

@@ -81,9 +81,10 @@ def combine_experts(
         pairs = order[start : start + cnt]
         start += cnt
         tokens = pairs // k
-        y = compute(e, x[tokens]) * flat_w[pairs, None]
-        if x.device.type == "cpu":  # each product rounded to the dtype, as the one-token sum above rounds it
-            y = y.to(x.dtype)
+        r = compute(e, x[tokens])
+        y = r * flat_w[pairs, None]
+        if x.device.type == "cpu":  # each product rounded to the expert's output dtype, as the one-token sum above rounds it
+            y = y.to(r.dtype)  # (x's for a float expert; fp32 for a quantized one, which PreparedExpert returns on the CPU)
         out.index_add_(0, tokens, y.to(out.dtype))
     return out.to(x.dtype)
 
