@@ -361,14 +361,28 @@ def quantize_in_memory(experts: InMemoryExperts, device: Any, bits: int, release
     return codec, host
 
 
-def host_from_mapped(blobs: dict[int, list[torch.Tensor]], stats: RouterStats, n_in_ram: int, device: Any) -> dict[int, list[torch.Tensor]]:
+def host_from_mapped(
+    blobs: dict[int, list[torch.Tensor]], stats: RouterStats, n_in_ram: int, device: Any, budget: int | None = None
+) -> dict[int, list[torch.Tensor]]:
     """Per layer, a list of E expert blobs: the `n_in_ram` hottest (by the saved statistics; without
-    them spread evenly over the layers) copied into the device's (pinned) host buffers, the others
-    left as views of the mapped files, which the OS pages in when they are used."""
+    them spread evenly over the layers), or with `budget` the hottest that fit in that many bytes
+    (layers' blobs may differ in size: an MTP block's), copied into the device's (pinned) host buffers,
+    the others left as views of the mapped files, which the OS pages in when they are used."""
     layers = sorted(blobs)
     n_experts = len(blobs[layers[0]])
     counts = stats.counts.reshape(-1)  # zeros without a profile: then expert order spreads them over layers
-    keys = sorted(range(len(layers) * n_experts), key=lambda k: (-counts[k], k % n_experts, k // n_experts))[:n_in_ram]
+    size = [blobs[layer][0].numel() for layer in layers]
+    # hottest first; at equal heat the smaller blobs (more experts fit), then spread over the layers
+    keys = sorted(range(len(layers) * n_experts), key=lambda k: (-counts[k], size[k // n_experts], k % n_experts, k // n_experts))
+    if budget is None:
+        keys = keys[:n_in_ram]
+    else:
+        taken, room = [], budget
+        for key in keys:
+            if size[key // n_experts] <= room:
+                taken.append(key)
+                room -= size[key // n_experts]
+        keys = taken
     chosen: dict[int, list[int]] = {}
     for key in keys:
         li, e = divmod(key, n_experts)
@@ -554,11 +568,13 @@ def build_offloaded_experts(
             f"or give more --cpu-mem"
         )
     apart = _merge_mtp(experts, mtp) if mtp is not None else None
+    n_mapped = 0  # experts left in their mapped files
     if mapped:  # the plan's share of experts (hottest first) into host RAM, the rest stay mapped
         from .expert_cache import QuantCodec
 
         codec: dict[int, Any] = {layer: QuantCodec(experts.layouts[layer], experts.dtype) for layer in experts.blobs}
-        host: dict[int, Any] = host_from_mapped(experts.blobs, stats, plan.experts_in_ram, device)
+        host: dict[int, Any] = host_from_mapped(experts.blobs, stats, plan.experts_in_ram, device, plan.expert_ram_bytes)
+        n_mapped = sum(v is view for layer, row in host.items() for v, view in zip(row, experts.blobs[layer]))
         experts.blobs.clear()
     else:
         codec, host = _pack(experts, device)
@@ -577,6 +593,6 @@ def build_offloaded_experts(
         miss=opts.miss, flops_per_token=2 * 3 * cfg.hidden_size * cfg.moe_intermediate_size,
         recorder=recorder,
     )  # fmt: skip
-    backend.experts_mapped = len(moe_layers) * cfg.n_routed_experts - plan.experts_in_ram if mapped else 0
+    backend.experts_mapped = n_mapped
     backend.plan = plan  # the loader reads where the plan put the KV cache
     return backend

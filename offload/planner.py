@@ -121,6 +121,7 @@ class Plan:
     mtp_expert_bytes: int = 0  # one of its routed experts
     mtp_cache_slots: int = 0  # expert-cache slots of its own size (0 where they are the main experts' size: in cache_slots)
     mtp_left_out: str = ""  # why a block speculation would have used by default was left out of this plan
+    expert_ram_bytes: int = 0  # host RAM for routed experts (the hottest that fit go there, the rest stay mapped)
 
     @property
     def cpu_only(self) -> bool:
@@ -332,7 +333,6 @@ def _plan(
         mtp_expert = _expert_bytes(h, inter, mtp.expert_bits)
     n_main = n_total
     n_total += n_mtp
-    wide = max(expert_bytes, mtp_expert)  # RAM is counted at the wider of the two sizes
     if kv_in_ram:
         items.append(PlanItem(f"KV cache: latent rows ({ctx} tokens)", "RAM (pinned)", kv_host))
     k = cfg.num_experts_per_tok
@@ -360,23 +360,24 @@ def _plan(
         items.append(PlanItem(f"expert cache ({slots} slots)", "GPU", slots * expert_bytes))
         if mtp_slots:
             items.append(PlanItem(f"MTP expert cache ({mtp_slots} slots)", "GPU", mtp_slots * mtp_expert))
-        staging = 2 * k * wide  # pinned staging for experts read from disk
+        staging = 2 * k * expert_bytes  # pinned staging for experts read from disk
         cpu_fixed = staging + kv_host
         ram_where = "RAM (pinned)"
     else:
         cpu_fixed = fixed + mtp_bytes
         ram_where = "RAM"
-    min_cpu = cpu_fixed + (0 if gpu > 0 else k * wide)
+    min_cpu = cpu_fixed + (0 if gpu > 0 else k * max(expert_bytes, mtp_expert))
     if cpu < min_cpu:
         what = ("staging buffers" + (" and the KV cache's latent rows" if kv_host else "")) if gpu > 0 else "always-used weights + KV cache + workspace + one token's experts"
         raise BudgetTooSmall(
             f"--cpu-mem {human_bytes(cpu)} is too small: needs at least {human_bytes(min_cpu, up=True)} ({what}); "
             f"the rest of the experts can stay memory-mapped on disk"
         )
-    in_ram = min(n_total, (cpu - cpu_fixed) // wide)
-    on_disk = n_total - in_ram
+    # Host RAM takes the hottest experts that fit (by bytes: the MTP block's may be wider); counted here at the main size.
     all_bytes = n_main * expert_bytes + n_mtp * mtp_expert
-    ram_bytes = all_bytes if not on_disk else in_ram * wide
+    in_ram = n_total if all_bytes <= cpu - cpu_fixed else min(n_total, (cpu - cpu_fixed) // expert_bytes)
+    on_disk = n_total - in_ram
+    ram_bytes = all_bytes if not on_disk else in_ram * expert_bytes
     if gpu > 0:
         items.append(PlanItem("expert staging (2 layers' experts)", "RAM (pinned)", cpu_fixed - kv_host))
     mtp_note = f", {n_mtp} MTP" if n_mtp else ""
@@ -413,7 +414,7 @@ def _plan(
         hit_rate=hit, decode_tok_s=1.0 / decode_s if decode_s > 0 else 0.0,
         prefill_tok_s=PREFILL_CHUNK / prefill_s if prefill_s > 0 else 0.0, bandwidths=bw, items=items,
         dense_bits={k: int(v) if float(v).is_integer() else round(float(v), 4) for k, v in dense_bits.items()}, kv_in_ram=kv_in_ram, kv_gather_bytes=gather,
-        mtp_layer=block, mtp_bytes=mtp_bytes, mtp_expert_bytes=mtp_expert, mtp_cache_slots=int(mtp_slots),
+        mtp_layer=block, mtp_bytes=mtp_bytes, mtp_expert_bytes=mtp_expert, mtp_cache_slots=int(mtp_slots), expert_ram_bytes=cpu - cpu_fixed,
     )  # fmt: skip
 
 
