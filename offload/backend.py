@@ -95,6 +95,7 @@ class OffloadedExperts:
         self._last = OffloadCounters()
         self._fresh = np.zeros(self.n_keys, dtype=bool)
         self.experts_mapped = 0  # host experts left in their memory-mapped files (set by build_offloaded_experts)
+        self.mtp_layer: int | None = None  # the MTP block's MoE layer, when it is one of these (set by build_offloaded_experts)
         self._tok = 0.0
         self._step_tokens = 0
         self._saved_tokens = self.stats.tokens
@@ -294,6 +295,8 @@ class OffloadedExperts:
             experts_total=self.n_keys,
             resident=len(self.cache.slot_of),
             experts_mapped=self.experts_mapped,
+            mtp_layer=self.mtp_layer,
+            slot_sizes=[[c.n_slots, c.blob_bytes] for c in self.cache.classes],  # [slots, bytes each] per size class
             evictions=self.cache.evictions,
             prefetch_precision=round(pc.precision, 4) if pc else None,
             prefetch_recall=round(pc.recall, 4) if pc else None,
@@ -594,5 +597,6 @@ def build_offloaded_experts(
         recorder=recorder,
     )  # fmt: skip
     backend.experts_mapped = n_mapped
+    backend.mtp_layer = mtp.layer if mtp is not None else None
     backend.plan = plan  # the loader reads where the plan put the KV cache
     return backend

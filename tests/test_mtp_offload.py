@@ -101,7 +101,8 @@ def test_offloaded_mtp_experts_go_through_the_cache(tiny: Path, tmp_path: Path) 
     assert (block, [block]) in predicted  # the block's input predicts its own experts, and only them
     assert all(block not in targets for layer, targets in predicted if layer != block)
     snap = backend.stats_snapshot()
-    assert block in snap["layer_hit_rate"] and block in snap["layer_heat"]
+    assert block in snap["layer_hit_rate"] and block in snap["layer_heat"] and snap["mtp_layer"] == block
+    assert snap["slot_sizes"] == [[8, backend.codecs[block].nbytes]]  # one size: the block's experts share the slots
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -115,6 +116,7 @@ def test_wider_mtp_experts_get_slots_of_their_own(tiny: Path, tmp_path: Path, dt
     cache = backend.cache
     assert [(c.blob_bytes) for c in cache.classes] == [main_bytes, mtp_bytes]
     assert cache.classes[1].n_slots >= cfg.num_experts_per_tok and cache.n_slots == 10
+    assert backend.stats_snapshot()["slot_sizes"] == [[c.n_slots, c.blob_bytes] for c in cache.classes]
     plain = _tokens(model, 0)
     copies = _record_copies(backend)
     assert _tokens(model, 3) == plain
