@@ -3,6 +3,7 @@
     python benchmarks/bench_gguf_kquant.py                      # 2 threads, the mix below on random weights
     python benchmarks/bench_gguf_kquant.py --threads 1 --new 32
     python benchmarks/bench_gguf_kquant.py --make-fixture tests/data/glm4_moe_kquant_mix.gguf
+    python benchmarks/bench_gguf_kquant.py --kernels            # one-token products per type, beside llama.cpp's
 
 The file is made the way the published dynamic GLM quants are: random GLM-shaped weights exported to
 F32 by `localglm export-gguf`, then llama.cpp's own quantizer (`llama_cpp.llama_model_quantize`,
@@ -10,6 +11,13 @@ llama-cpp-python's bundled libllama) with per-tensor type overrides (`--tensor-t
 llama-quantize): routed experts Q2_K gate/up with Q3_K down, IQ4_XS / Q4_K in the next layer,
 attention Q4_K/Q5_K/Q6_K/Q5_0, shared experts Q4_0, output Q6_K (MIX). Every engine runs in its own
 subprocess (bench_generate's workers) on the same prompt, greedy. Figures compare only within one run.
+
+--kernels: each type's one-token product (decode) alone, ours (quant/kquants.py kq_matmul_q8) beside
+llama.cpp's mul_mat of the same blocks (benchmarks/ggml_peer.py: repacked where its CPU backend repacks),
+at the mix's shapes and GLM-4.5-Air's expert shapes; each weight copied until ~96 MiB are cycled
+through, so rows stream from memory as in decode; CPU time, rounds interleaved, the best round. The last
+column compares the two results; a repacked weight's result read back through this ctypes setup is not
+valid (NaNs: its repacked layout is timed, its output is not checked), so those rows show n/a.
 """
 
 from __future__ import annotations
@@ -137,12 +145,78 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+# (type, rows, row length): the mix's one-token products and Air's expert shapes (1408 wide) in other types
+KERNEL_CASES = (
+    ("Q4_K", 12288, 4096), ("Q4_K", 1408, 4096), ("Q5_K", 4096, 12288), ("Q5_K", 10944, 4096), ("Q6_K", 1024, 4096),
+    ("Q6_K", 4096, 4096), ("Q2_K", 1408, 4096), ("Q3_K", 1408, 4096), ("IQ4_XS", 1408, 4096), ("Q5_0", 4096, 1408),
+    ("Q4_0", 1408, 4096), ("Q4_0", 4096, 1408), ("Q5_1", 4096, 10944),
+)  # fmt: skip
+
+
+def measure_kernels(cases: tuple[tuple[str, int, int], ...] = KERNEL_CASES, seconds: float = 1.5, rounds: int = 3, stream_bytes: int = 96 << 20) -> list[dict]:
+    """Per case: ours and llama.cpp's seconds per one-token product (best of `rounds` interleaved rounds of
+    CPU time), the bytes read, and the largest difference between the two results relative to their scale."""
+    import math
+    import time
+
+    import numpy as np
+    import torch
+
+    from ggml_peer import Ggml, MulMat
+
+    from quant.kquants import GGML_TYPES, GGMLSpec, kquant_lib
+
+    lib = kquant_lib()
+    if lib is None:
+        raise SystemExit("the native K-quant kernels did not build (see the log above)")
+    g, rng, rows = Ggml(), np.random.default_rng(0), []
+    for kind, n, k in cases:
+        q = g.quantize(kind, rng.standard_normal((n, k), dtype=np.float32))
+        copies = max(1, math.ceil(stream_bytes / q.nbytes))
+        ours_w = [torch.from_numpy(q.copy()) for _ in range(copies)]
+        peer = MulMat(g, kind, q, n, k, copies)
+        x = rng.standard_normal(k, dtype=np.float32)
+        peer.set_x(x)
+        xt, y, cid = torch.from_numpy(x), torch.empty(n), GGML_TYPES[kind].cid
+        spec = GGMLSpec.of(kind)
+
+        def ours(c: int) -> None:
+            lib._lib.kq_matmul_q8(cid, ours_w[c].data_ptr(), n, k, xt.data_ptr(), 1, y.data_ptr(), 1)
+
+        peer.run(0)
+        want, got = peer.result(0), lib.matmul(spec, ours_w[0], (n, k), xt.view(1, k), int8=True)[0].numpy()
+        best = {"ours": math.inf, "llama.cpp": math.inf}
+        for _ in range(rounds):
+            for name, f in (("ours", ours), ("llama.cpp", peer.run)):
+                reps, c0 = 0, time.process_time()
+                while time.process_time() - c0 < seconds / rounds:
+                    f(reps % copies)
+                    reps += 1
+                best[name] = min(best[name], (time.process_time() - c0) / reps)
+        peer.close()
+        rows.append(dict(type=kind, n=n, k=k, bytes=q.nbytes, ours_s=best["ours"], llama_s=best["llama.cpp"], repacked=peer.repacked,
+                         rel_diff=float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))))  # fmt: skip
+    return rows
+
+
+def kernel_table(rows: list[dict]) -> str:
+    load = os.getloadavg()
+    lines = [f"One-token products per type, 1 thread, CPU time, best of interleaved rounds; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
+             "", "| type | rows x width | MiB | ours ms | GB/s | llama.cpp ms | GB/s | ours / llama.cpp (speed) | results differ by |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        peer = "llama.cpp repacked" if r["repacked"] else "llama.cpp"
+        lines.append(f"| {r['type']} | {r['n']} x {r['k']} | {r['bytes'] / 2**20:.1f} | {r['ours_s'] * 1e3:.3f} | {r['bytes'] / r['ours_s'] / 1e9:.1f} | "
+                     f"{r['llama_s'] * 1e3:.3f} ({peer}) | {r['bytes'] / r['llama_s'] / 1e9:.1f} | {r['llama_s'] / r['ours_s']:.2f}x | {'n/a' if r['repacked'] else format(r['rel_diff'], '.1e')} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens (default 32)")
     ap.add_argument("--new", type=int, default=24, help="new tokens (default 24)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per engine, interleaved, medians reported (default 1)")
+    ap.add_argument("--kernels", action="store_true", help="per-type one-token products beside llama.cpp's instead of the model run")
     ap.add_argument("--make-fixture", type=Path, default=None, metavar="OUT", help="write the small test fixture and stop")
     args = ap.parse_args()
     if args.make_fixture is not None:
@@ -154,6 +228,9 @@ def main() -> int:
         return 0
     if not available("llama.cpp"):
         raise SystemExit("llama-cpp-python is needed (pip install -e '.[bench]')")
+    if args.kernels:
+        print(kernel_table(measure_kernels()))
+        return 0
     res = measure(args.threads, args.prompt, args.new, args.repeat)
     print(table(res))
     print(json.dumps({k: v for k, v in res.items() if k != "rows"} | {"rows": {k: {x: y for x, y in (v or {}).items() if x != "tokens"} for k, v in res["rows"].items()}}))
