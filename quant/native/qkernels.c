@@ -480,53 +480,113 @@ static inline __attribute__((always_inline)) float lowbit_rows1_avx2(const lg_qt
     return h[0] + w->rowf[2 * (size_t)n + 1] / 127.0f * h[1];
 }
 
-/* One q8 block's dot: |w| in the unsigned operand, w's sign moved onto the activations. */
-static inline __m256i q8_dot(__m256i w, const int8_t *q) {
-    return dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)q), w));
+/* One q8 block's dot: |w| (aw) in the unsigned operand, w's sign moved onto the activations. */
+static inline __m256i q8_dot(__m256i aw, __m256i w, const int8_t *q) {
+    return dot_u8s8(aw, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)q), w));
 }
 
-/* acc[t] += blocks j..j+3 of every token of the tile: four blocks' int32 sums in one vector by two
- * rounds of hadd (the lowbit quads' lane order; q8's int16 pairs leave no room to add them
- * earlier), one convert and one FMA by ws[b] * d_t[b] formed here. */
-static inline __attribute__((always_inline)) void q8_quad(const int8_t *rw, const float *ws, int j, const int8_t *const *xq, const float *const *xd,
-                                                           const int nt, __m256 *acc) {
-    const __m256i w0 = _mm256_loadu_si256((const __m256i *)(rw + (size_t)j * QB)), w1 = _mm256_loadu_si256((const __m256i *)(rw + (size_t)(j + 1) * QB));
-    const __m256i w2 = _mm256_loadu_si256((const __m256i *)(rw + (size_t)(j + 2) * QB)), w3 = _mm256_loadu_si256((const __m256i *)(rw + (size_t)(j + 3) * QB));
-    const __m256 w4 = _mm256_broadcast_ps((const __m128 *)(ws + j));
+/* The codes of blocks j..j+c-1 of a q8 row (c = 1..4, zeros past c, nothing past them read) and their
+ * absolute values, once for all the tokens that meet them. */
+#define Q8_QUAD_CODES(rw, j, c)                                                                                        \
+    const __m256i w0 = _mm256_loadu_si256((const __m256i *)((rw) + (size_t)(j) * QB));                                 \
+    const __m256i w1 = c > 1 ? _mm256_loadu_si256((const __m256i *)((rw) + (size_t)((j) + 1) * QB)) : _mm256_setzero_si256(); \
+    const __m256i w2 = c > 2 ? _mm256_loadu_si256((const __m256i *)((rw) + (size_t)((j) + 2) * QB)) : _mm256_setzero_si256(); \
+    const __m256i w3 = c > 3 ? _mm256_loadu_si256((const __m256i *)((rw) + (size_t)((j) + 3) * QB)) : _mm256_setzero_si256(); \
+    const __m256i aw0 = _mm256_sign_epi8(w0, w0), aw1 = _mm256_sign_epi8(w1, w1), aw2 = _mm256_sign_epi8(w2, w2), aw3 = _mm256_sign_epi8(w3, w3)
+
+/* Four q8 blocks' int32 sums against the activations at q in one vector by two rounds of hadd (the
+ * lowbit quads' lane order; q8's int16 pairs leave no room to add them earlier). Past c the codes
+ * are zero, so any activation bytes do there: block 0's. */
+#define Q8_SUM4(q, c)                                                                                                    \
+    _mm256_hadd_epi32(_mm256_hadd_epi32(q8_dot(aw0, w0, q), q8_dot(aw1, w1, c > 1 ? (q) + QB : (q))),                     \
+                      _mm256_hadd_epi32(q8_dot(aw2, w2, c > 2 ? (q) + 2 * QB : (q)), q8_dot(aw3, w3, c > 3 ? (q) + 3 * QB : (q))))
+
+/* acc[t] += blocks j..j+c-1 (c = 1..4; missing blocks zero codes and zero scales, exactly nothing)
+ * of every token of the tile: one convert and one FMA per four blocks and token, by ws[b] * d_t[b]
+ * formed here. */
+static inline __attribute__((always_inline)) void q8_quad(const int8_t *rw, const float *ws, int j, const int c, const int8_t *const *xq,
+                                                           const float *const *xd, const int nt, __m256 *acc) {
+    Q8_QUAD_CODES(rw, j, c);
+    const __m256 w4 = c == 4 ? _mm256_broadcast_ps((const __m128 *)(ws + j)) : _mm256_set_m128(load_first4(ws + j, c), load_first4(ws + j, c));
     _mm_prefetch((const char *)(rw + (size_t)j * QB + PREFETCH_AHEAD), _MM_HINT_T0);
     _mm_prefetch((const char *)(rw + (size_t)j * QB + PREFETCH_AHEAD + 64), _MM_HINT_T0);
     for (int t = 0; t < nt; t++) {
         const int8_t *q = xq[t] + (size_t)j * QB;
-        const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(q8_dot(w0, q), q8_dot(w1, q + QB)), _mm256_hadd_epi32(q8_dot(w2, q + 2 * QB), q8_dot(w3, q + 3 * QB)));
-        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(w4, _mm256_broadcast_ps((const __m128 *)(xd[t] + j))), acc[t]);
+        const __m256 d4 = c == 4 ? _mm256_broadcast_ps((const __m128 *)(xd[t] + j)) : _mm256_set_m128(load_first4(xd[t] + j, c), load_first4(xd[t] + j, c));
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(Q8_SUM4(q, c)), _mm256_mul_ps(w4, d4), acc[t]);
     }
 }
 
 /* q8: |w| rides in the unsigned operand, its sign moves onto the activation (sign_epi8), as
- * llama.cpp's q8 dots do. The whole row in one pass, accumulators in registers: quads alternating
- * between them, the blocks past the last quad one by one into the second (lowbit_step's order).
- * ws: q8_scales of the row. */
+ * llama.cpp's q8 dots do. The whole row in one pass, blocks four at a time, the last quad
+ * zero-padded, one accumulator per token in registers (two per token, as the q2/q4 tiles keep,
+ * were spilled at four tokens). ws: q8_scales of the row. */
 static inline __attribute__((always_inline)) void q8_tile_avx2(const int8_t *rw, const float *ws, int nb, const qrows *x, const int nt, float *out) {
-    __m256 a0[NT_MAX], a1[NT_MAX];
-    for (int t = 0; t < nt; t++) a0[t] = a1[t] = _mm256_setzero_ps();
+    __m256 a[NT_MAX];
+    for (int t = 0; t < nt; t++) a[t] = _mm256_setzero_ps();
     const int8_t *const *xq = x->q;
     const float *const *xd = x->d;
     int j = 0;
-    for (; j + 8 <= nb; j += 8) {
-        q8_quad(rw, ws, j, xq, xd, nt, a0);
-        q8_quad(rw, ws, j + 4, xq, xd, nt, a1);
+    for (; j + 4 <= nb; j += 4) q8_quad(rw, ws, j, 4, xq, xd, nt, a);
+    switch (nb - j) {
+    case 1: q8_quad(rw, ws, j, 1, xq, xd, nt, a); break;
+    case 2: q8_quad(rw, ws, j, 2, xq, xd, nt, a); break;
+    case 3: q8_quad(rw, ws, j, 3, xq, xd, nt, a); break;
+    default: break;
     }
-    if (j + 4 <= nb) {
-        q8_quad(rw, ws, j, xq, xd, nt, a0);
-        j += 4;
-    }
-    for (; j < nb; j++) {
-        const __m256i w0 = _mm256_loadu_si256((const __m256i *)(rw + (size_t)j * QB));
-        for (int t = 0; t < nt; t++)
-            a1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_dot(w0, xq[t] + (size_t)j * QB)), _mm256_set1_ps(ws[j] * xd[t][j]), a1[t]);
-    }
-    for (int t = 0; t < nt; t++) out[t] = hsum256(_mm256_add_ps(a0[t], a1[t]));
+    for (int t = 0; t < nt; t++) out[t] = hsum256(a[t]);
 }
+
+#ifdef __F16C__
+/* One token's quad for q8_rows1_avx2: acc += blocks j..j+c-1 times d4 (their ws[b] * d[b]). */
+static inline __attribute__((always_inline)) __m256 q8_quad1(const int8_t *rw, int j, const int c, const int8_t *xq, __m256 d4, __m256 acc) {
+    Q8_QUAD_CODES(rw, j, c);
+    const int8_t *q = xq + (size_t)j * QB;
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(Q8_SUM4(q, c)), d4, acc);
+}
+
+/* One token against one q8 row of group-32 blocks (decode): q8_tile_avx2's floats with nt = 1 (the
+ * same products ws[b] * d[b], here eight in one multiply and each half broadcast to its quad; the
+ * same quads into one accumulator, the last zero-padded), the block scales converted eight at a
+ * time in registers instead of by q8_scales' pass through memory (the tail's as q8_scales does
+ * them: the same floats). */
+static inline __attribute__((always_inline)) float q8_rows1_avx2(const lg_qtensor *w, int n, const int8_t *xq, const float *xd) {
+    const int nb = w->k / QB;
+    const int8_t *rw = (const int8_t *)w->data + (size_t)n * w->k;
+    const uint16_t *gsc = (const uint16_t *)w->gs + (size_t)n * nb;
+    const float r = w->rowf[n];
+    const __m256 rv = _mm256_set1_ps(r);
+    __m256 acc = _mm256_setzero_ps();
+    int j = 0;
+    for (; j + 8 <= nb; j += 8) {
+        _mm_prefetch((const char *)(rw + (size_t)j * QB + PREFETCH_AHEAD), _MM_HINT_T0);
+        _mm_prefetch((const char *)(rw + (size_t)j * QB + PREFETCH_AHEAD + 64), _MM_HINT_T0);
+        _mm_prefetch((const char *)(rw + (size_t)j * QB + PREFETCH_AHEAD + 128), _MM_HINT_T0);
+        _mm_prefetch((const char *)(rw + (size_t)j * QB + PREFETCH_AHEAD + 192), _MM_HINT_T0);
+        const __m256 d8 = _mm256_mul_ps(_mm256_mul_ps(rv, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gsc + j)))), _mm256_loadu_ps(xd + j));
+        acc = q8_quad1(rw, j, 4, xq, _mm256_permute2f128_ps(d8, d8, 0x00), acc);
+        acc = q8_quad1(rw, j + 4, 4, xq, _mm256_permute2f128_ps(d8, d8, 0x11), acc);
+    }
+    const int c = nb - j;
+    if (c > 0) {
+        float ws[8] = {0};
+        for (int b = 0; b < c; b++) ws[b] = r * half_to_float(gsc[j + b]);
+        const __m256 d8 = _mm256_mul_ps(_mm256_loadu_ps(ws), load_first8(xd + j, c));
+        const __m256 lo = _mm256_permute2f128_ps(d8, d8, 0x00), hi = _mm256_permute2f128_ps(d8, d8, 0x11);
+        switch (c) {
+        case 1: acc = q8_quad1(rw, j, 1, xq, lo, acc); break;
+        case 2: acc = q8_quad1(rw, j, 2, xq, lo, acc); break;
+        case 3: acc = q8_quad1(rw, j, 3, xq, lo, acc); break;
+        default:
+            acc = q8_quad1(rw, j, 4, xq, lo, acc);
+            if (c == 5) acc = q8_quad1(rw, j + 4, 1, xq, hi, acc);
+            else if (c == 6) acc = q8_quad1(rw, j + 4, 2, xq, hi, acc);
+            else if (c == 7) acc = q8_quad1(rw, j + 4, 3, xq, hi, acc);
+        }
+    }
+    return hsum256(acc);
+}
+#endif
 
 /* A q8 row's scale for every block b as a float: ws[b] = rowf * gscale (fp16, eight at a time with
  * F16C; the same floats as half_to_float). Once per row, as lowbit_scales. */
@@ -681,12 +741,20 @@ static inline void tile_set(qrows *x, int j, const qact *a, size_t r, int k) {
     x->s[j] = a->s + r * (size_t)(k / QB);
 }
 
-/* out[n - n1] = dot(row n of w, one token) for n in [n1, n2) by lowbit_rows1_avx2. Returns 0,
- * doing nothing, where that kernel does not apply (q8, groups other than 32, no AVX2): the caller
+/* out[n - n1] = dot(row n of w, one token) for n in [n1, n2) by lowbit_rows1_avx2 or q8_rows1_avx2.
+ * Returns 0, doing nothing, where they do not apply (groups other than 32, no AVX2): the caller
  * takes the tile path; n1 == n2 asks only that. The same floats as the tiles either way. */
 static inline __attribute__((always_inline)) int rows_1tok(const lg_qtensor *w, int n1, int n2, const int8_t *q, const float *d, const float *sv, float *out) {
 #ifdef __AVX2__
-    if (w->bits == 8 || w->group != QB) return 0;
+    if (w->group != QB) return 0;
+    if (w->bits == 8) {
+#ifdef __F16C__
+        for (int n = n1; n < n2; n++) out[n - n1] = q8_rows1_avx2(w, n, q, d);
+        return 1;
+#else
+        return 0;
+#endif
+    }
     if (w->bits == 4)
         for (int n = n1; n < n2; n++) out[n - n1] = lowbit_rows1_avx2(w, n, q, d, sv, 4);
     else
