@@ -148,7 +148,9 @@ class DepthPolicy:
     been timed; then the measured seconds (`observe_time`: what the model's weights cost to read is not
     all a step costs on a CPU, where one decoded token runs through one fused native call and a
     multi-token verification through torch's ops). Depths not timed yet are priced by the model, scaled
-    by depth 0's measured time. Without timings (a seeded generation) the choice is the model's alone."""
+    by the nearest timed depth's measured time. Steps are timed in the generating thread's CPU time
+    (time.thread_time), so a busy machine's preemptions do not tip the choice. Without timings (a
+    seeded generation) the choice is the model's alone."""
 
     max_depth: int
     costs: StepCosts | None = None
@@ -192,16 +194,22 @@ class DepthPolicy:
         return best
 
     def price(self, k: int) -> float:
-        """A step of depth k: measured seconds where timed, else the cost model's price (scaled to
-        seconds by depth 0's timing when there is one)."""
-        assert self.costs is not None
-        c = self.costs
-        model = c.verify(k + 1) + k * (c.draft + c.draft_experts * c.price())
+        """A step of depth k: measured seconds where timed, else the cost model's price, scaled to
+        seconds by the timed depth nearest k (the deeper one on a tie): where a multi-token step
+        costs more than the model says (a small model, compute-bound on the CPU), a timed depth 1
+        carries that to depths 2 and 3 instead of their being priced from depth 0's time."""
         if k in self.seconds:
             return self.seconds[k]
-        if 0 in self.seconds:
-            return self.seconds[0] * model / c.verify(1)
-        return model
+        if self.seconds:
+            anchor = min(self.seconds, key=lambda j: (abs(j - k), -j))
+            return self.seconds[anchor] * self._model(k) / self._model(anchor)
+        return self._model(k)
+
+    def _model(self, k: int) -> float:
+        """The cost model's price of a depth-k step, in expert reads."""
+        c = self.costs
+        assert c is not None
+        return c.verify(k + 1) + k * (c.draft + c.draft_experts * c.price())
 
     def observe_time(self, depth: int, seconds: float) -> None:
         old = self.seconds.get(depth)
@@ -235,40 +243,52 @@ STREAM_WINDOW = 64  # streams kept for positions the MTP cache already holds: a 
 
 class StreamLog:
     """The main model's residual streams of positions start..end-1, as the chunks they came in (appending
-    is O(1); a long run of depth-0 steps is not copied over and over): what the MTP block reads."""
+    is O(1); a long run of depth-0 steps is not copied over and over): what the MTP block reads. A step
+    touches only the chunks at the end (`since`) and the start (`forget_before`), never the whole window."""
 
     def __init__(self) -> None:
         self.chunks: list[torch.Tensor] = []
         self.start = 0
-
-    @property
-    def end(self) -> int:
-        return self.start + sum(c.shape[1] for c in self.chunks)
+        self.end = 0
 
     def reset(self, start: int) -> None:
-        self.chunks, self.start = [], start
+        self.chunks, self.start, self.end = [], start, start
 
     def append(self, streams: torch.Tensor) -> None:
         self.chunks.append(streams)
+        self.end += streams.shape[1]
 
     def last(self) -> torch.Tensor:
         return self.chunks[-1][0, -1]
 
     def since(self, pos: int) -> torch.Tensor:
-        """Streams of positions pos..end-1 [1, n, H] (the chunks joined once)."""
-        if len(self.chunks) > 1:
-            self.chunks = [torch.cat(self.chunks, dim=1)]
-        return self.chunks[0][:, pos - self.start :]
+        """Streams of positions pos..end-1 [1, n, H]: the chunks from the one holding pos on, joined once."""
+        at, first = self.end, len(self.chunks)
+        while first > 0 and at > pos:
+            first -= 1
+            at -= self.chunks[first].shape[1]
+        if first + 1 < len(self.chunks):
+            self.chunks[first:] = [torch.cat(self.chunks[first:], dim=1)]
+        return self.chunks[first][:, pos - at :]
 
     def truncate(self, end: int) -> None:
         """Forget positions from `end` on."""
         if end < self.end:
             self.chunks = [self.since(self.start)[:, : end - self.start]]
+            self.end = end
 
     def forget_before(self, pos: int) -> None:
-        if pos > self.start:
-            self.chunks = [self.since(pos)]
-            self.start = pos
+        """Forget positions before pos: whole chunks dropped, the first one kept sliced (no copy)."""
+        while self.chunks and pos > self.start:
+            n = self.chunks[0].shape[1]
+            if pos - self.start < n:
+                self.chunks[0] = self.chunks[0][:, pos - self.start :]
+                self.start = pos
+                return
+            self.chunks.pop(0)
+            self.start += n
+        if not self.chunks:
+            self.start = self.end = max(self.start, pos)
 
 
 class Speculation:
@@ -388,7 +408,7 @@ class Speculation:
         while True:
             if cancel is not None and cancel.is_set():
                 return
-            step_t0 = time.perf_counter()
+            step_t0 = time.thread_time()  # the depth policy's clock: this thread's CPU time, blind to other processes' load
             length = cache.length  # positions 0..length-1 cached; generated[-1] is pending at `length`
             budget = min(max_new_tokens - len(generated) - 1, ctx - length - 2)
             depth = self.policy.choose(budget)
@@ -440,7 +460,7 @@ class Speculation:
             counters.record(k, accepted)
             self.policy.observe(k, accepted)
             if sampling.seed is None:  # a seeded generation's depths come from the cost model alone (reproducible)
-                self.policy.observe_time(k, time.perf_counter() - step_t0)
+                self.policy.observe_time(k, time.thread_time() - step_t0)
             for tok in new:
                 if cancel is not None and cancel.is_set():
                     return
@@ -518,14 +538,16 @@ class Speculation:
         head, start = self.head, mcache.length
         cut = max(0, len(pend_t) - head.block.fused_prefill_max)
         fused = head.fused()
-        if fused is None or not fused.takes(mcache, len(pend_t) - cut):
+        if fused is None or (cut and not fused.takes(mcache, len(pend_t) - cut)):  # (no cut: draft_greedy says so, before doing anything)
             return None
         for i in range(0, cut, PREFILL_CHUNK):  # a long catch-up (after many depth-0 steps): all but its last pairs
             n = min(PREFILL_CHUNK, cut - i)
             head.forward(pend_h[:, i : i + n], torch.tensor([pend_t[i : i + n]], dtype=torch.long, device=pend_h.device), mcache, start + i)
             mcache.tokens.extend(pend_t[i : i + n])
         out = head.draft_greedy(pend_h[0, cut:], pend_t[cut:], mcache, start + cut, depth)
-        assert out is not None  # `takes` said so
+        if out is None:
+            assert not cut  # `takes` said it would
+            return None
         drafts, streams = out
         mcache.tokens.extend(pend_t[cut:])
         mcache.tokens.extend(drafts[: depth - 1])

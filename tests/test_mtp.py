@@ -451,6 +451,22 @@ def test_depth_policy_prices_experts() -> None:
     assert [i for i, k in enumerate(picks) if k] == [14, 46, 110]  # timed: after 16, 32, 64 depth-0 steps
 
 
+def test_depth_policy_prices_untimed_depths_from_the_nearest_timed_one() -> None:
+    """On a compute-bound model a verification of k + 1 tokens costs more than the expert-read model says:
+    once depth 1 is timed at 3x a plain step, depths 2 and 3 are priced from it (not from depth 0), so a
+    middling acceptance drafts nothing; from depth 0's time alone the model would have drafted."""
+    from localglm.speculative import DepthPolicy, StepCosts
+
+    costs = StepCosts(fixed=49.0, layers=5, top_k=2, n_experts=16, draft=10.0, draft_experts=2)  # the default model's shape
+    policy = DepthPolicy(3, costs, hits=60, tries=100)
+    policy.observe_time(0, 0.001)
+    assert policy.choose(10) >= 1  # the model: a depth-1 step ~1.4x a plain one
+    policy.observe_time(1, 0.003)
+    assert policy.price(2) == pytest.approx(0.003 * policy._model(2) / policy._model(1))
+    assert policy.price(3) == pytest.approx(0.003 * policy._model(3) / policy._model(1))
+    assert policy.choose(10) == 0
+
+
 # ---- interfaces -----------------------------------------------------------------------------------
 
 

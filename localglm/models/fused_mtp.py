@@ -109,10 +109,11 @@ class FusedMtp:
         streams [T + max(depth - 1, 0), H]: the pairs' output streams, then each chained call's); None
         where the native path does not take the call (the caller runs MtpHead's Python path)."""
         T, block = len(next_ids), self.head.block
-        if prev.device.type != "cpu" or prev.shape != (T, block.cfg.hidden_size) or not self.takes(cache, T):
+        if prev.device.type != "cpu" or prev.shape != (T, block.cfg.hidden_size) or T < 1 or not native_forward(block, T):
             return None
         view = self._block_view(cache, T)
-        assert view is not None
+        if view is None:
+            return None
         cache.check_room(start + T + max(depth - 1, 0))
         prev = prev.to(block.dtype).contiguous()
         ids = torch.tensor(next_ids, dtype=torch.int64)
