@@ -371,3 +371,36 @@ def test_grammar_with_speculative_decoding(tiny_fp32_dir: Path) -> None:
     assert fast.token_ids == plain.token_ids
     assert fast.stats.draft_tokens > 0
     jsonschema.validate(json.loads(fast.text), SCHEMAS[6])
+
+
+def test_closure_refuses_a_token_that_opens_more_than_the_tokens_left_close(model: Model) -> None:
+    """After `}` in an array of objects with required keys, `,` lengthens the closure from 2-3 tokens to
+    ~17 (seen in the server: a forced call cut by max_tokens mid-item). With too few tokens left for
+    one more item, `,` is refused and `]` allowed; with enough, both are allowed."""
+    item = {"type": "object", "properties": {"text": {"type": "string", "maxLength": 8}, "status": {"enum": ["pending", "done"]}},
+            "required": ["text", "status"], "additionalProperties": False}  # fmt: skip
+    schema = {"type": "object", "properties": {"items": {"type": "array", "items": item, "maxItems": 4}}, "required": ["items"],
+              "additionalProperties": False}  # fmt: skip
+    tok = model.tokenizer
+    history = tok.encode('{"items": [{"text": "a", "status": "done"}')
+    comma, close = tok.encode(","), tok.encode("]")
+    assert len(comma) == len(close) == 1
+    logits = torch.zeros(model.config.vocab_size)
+
+    def allowed(left: int) -> tuple[bool, bool]:
+        proc = request_processor(model.grammar_vocab, prompt_text=None, json_schema=schema, max_new_tokens=len(history) + left)
+        out = proc(history, logits.clone())
+        return bool(out[comma[0]] > float("-inf")), bool(out[close[0]] > float("-inf"))
+
+    assert allowed(200) == (True, True)
+    closure = request_processor(model.grammar_vocab, prompt_text=None, json_schema=schema, max_new_tokens=len(history) + 20)
+    closure._sync(history)
+    short = closure._closure_length(90)
+    m = closure.matcher.deep_copy()
+    assert m.consume_token(comma[0])
+    after_comma = closure._closure_length(90, m)
+    assert after_comma > 2 * short + 8  # the jump the forcing rule alone did not cover
+    left = after_comma + 1  # enough to close now, not enough after `,` (its closure plus the end token)
+    assert 2 * short + 8 < left  # not yet in the forced-closing steps
+    assert allowed(left) == (False, True)
+    assert allowed(after_comma + 3) == (True, True)

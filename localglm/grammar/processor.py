@@ -11,8 +11,11 @@ Closure: with `max_new_tokens` known, from CLOSE_WINDOW tokens before the end th
 how many tokens a greedy closing policy (end-of-sequence if allowed; else a token that only closes:
 `"`, `]`, `}` or a closing GLM tag; else the shortest allowed token) needs to finish, and switches
 to that policy for every step where the tokens left are at most about twice that, so a reply that would have been cut by max_tokens ends
-as valid output instead. It is best effort: a schema whose smallest valid document is longer than the
-tokens left still ends at max_tokens, unfinished, with finish_reason "length".
+as valid output instead. Before that point, a token that would open more than the tokens left can
+close (a `,` starting one more array item with required keys: one token can lengthen the closure from
+3 to 17) is refused: over the window, each allowed token that may open something (vocab.opening, a
+few per step) is looked ahead through. It is best effort: a schema whose smallest valid document is
+longer than the tokens left still ends at max_tokens, unfinished, with finish_reason "length".
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ CLOSE_WINDOW = 96  # closure is considered over the last this many tokens of max
 # Closing starts while the tokens left are at most twice the closure's length plus this: one sampled
 # token can lengthen the closure a lot (a new array item with required keys), so leave room for one.
 CLOSE_SLACK = 8
+MAX_LOOKAHEAD = 32  # allowed opening tokens looked ahead through per step (more: mid free text, where none is risky)
 _NEG_INF = float("-inf")
 
 
@@ -113,10 +117,8 @@ class GrammarProcessor:
             left = self.max_new_tokens - len(history)
             # a function of the history alone (no state carried between calls), so speculative
             # verification, which calls in any order, sees what the plain loop sees
-            if left <= CLOSE_WINDOW and 2 * self._closure_length(left) + CLOSE_SLACK >= left:
-                only = np.zeros_like(mask)
-                only[self._closer(mask)] = True
-                mask = only
+            if left <= CLOSE_WINDOW:
+                mask = self._within(mask, left)
         return apply_mask(logits, mask)
 
     def on_token(self, history: list[int]) -> None:
@@ -148,6 +150,27 @@ class GrammarProcessor:
         return self.dead is None and self.matcher.is_accepting()
 
     # ---- closure ----------------------------------------------------------------------------------
+    def _within(self, mask: np.ndarray, left: int) -> np.ndarray:
+        """`mask` narrowed so the output can still close in the `left` tokens left (this one included):
+        the closing policy's token alone once the closure needs about half of them, else the allowed
+        tokens less those after which the closure would not fit in the tokens then left."""
+        if 2 * self._closure_length(left) + CLOSE_SLACK >= left:
+            only = np.zeros_like(mask)
+            only[self._closer(mask)] = True
+            return only
+        risky = np.flatnonzero(mask & self.vocab.opening)
+        if not len(risky) or len(risky) > MAX_LOOKAHEAD:
+            return mask
+        out = mask.copy()
+        for t in risky:
+            m = self.matcher.deep_copy()
+            # after t, left - 1 tokens remain: the closure and the end-of-sequence token must fit
+            if not m.consume_token(int(t)) or self._closure_length(left - 2, m) > left - 2:
+                out[t] = False
+        if not out.any():
+            out[self._closer(mask)] = True
+        return out
+
     def _closer(self, mask: np.ndarray) -> int:
         """The greedy closing policy's token among the allowed ones."""
         stops = [t for t in self.vocab.stop_ids if mask[t]]
@@ -159,9 +182,10 @@ class GrammarProcessor:
             return int(np.where(closing, lengths, -1).argmax())
         return int(np.where(mask, lengths, np.iinfo(np.int32).max).argmin())
 
-    def _closure_length(self, limit: int) -> int:
-        """Tokens the closing policy needs before end-of-sequence is allowed (limit + 1: more than limit)."""
-        m = self.matcher.deep_copy()
+    def _closure_length(self, limit: int, matcher: object | None = None) -> int:
+        """Tokens the closing policy needs before end-of-sequence is allowed, from the matcher's state or
+        `matcher`'s (which it advances); limit + 1: more than limit."""
+        m = matcher if matcher is not None else self.matcher.deep_copy()
         stops = self.vocab.stop_ids
         for n in range(limit + 1):
             mask = self._compute(m)

@@ -14,6 +14,9 @@ from ..errors import LocalGLMError
 # these and whitespace moves toward the end of the output (closure when tokens run low).
 CLOSING_CHARS = frozenset(b'"]} \n')
 CLOSING_TAGS = ("</think>", "</arg_key>", "</arg_value>", "</tool_call>")
+# Bytes with which a token may open something that needs many tokens to close (a new array item or
+# object member, a nested value, a GLM tag): near max_tokens, closure checks these tokens one by one.
+OPENING_CHARS = frozenset(b",{[:<")
 
 
 def _llguidance():  # noqa: ANN202 - the module
@@ -40,6 +43,15 @@ class GrammarVocab:
 
     def token_id(self, text: str) -> int | None:
         return self.tokenizer.token_to_id(text)
+
+    @cached_property
+    def opening(self) -> np.ndarray:
+        """Tokens that may lengthen what is left to close (special tokens, or text with one of
+        OPENING_CHARS), as a bool mask: the only ones closure has to look ahead through."""
+        out = np.zeros(self.vocab_size, dtype=np.bool_)
+        for i in range(self.vocab_size):
+            out[i] = self.ll.is_special_token(i) or bool(set(self.ll.decode_bytes([i])) & OPENING_CHARS)
+        return out
 
     @cached_property
     def token_lengths(self) -> np.ndarray:
