@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import kquants
 from .formats import QuantError, QuantSpec, QuantTensor, layout_nbytes
-from .native import NativeExpert, NativeLib, native_lib
+from .native import LgMat, NativeExpert, NativeLib, native_lib
 
 
 @dataclass(frozen=True)
@@ -95,15 +96,26 @@ class PreparedExpert:
         self.gate_up, self.down = lay.unpack(blob, dtype)
         lib = native_lib() if blob.device.type == "cpu" else None
         self.native: NativeExpert | None = None  # set where the native kernels take both parts
+        # GGUF blocks as stored (a part or both): the C views lg_dense_expert multiplies in fp32, the
+        # expert's numbers in the fused decode too (its LgExperts tables are these)
+        self.mats: tuple[LgMat, LgMat] | None = None
+        self._lib = lib
         if lib is not None and NativeLib.supports(self.gate_up) and NativeLib.supports(self.down):
             self.native = NativeExpert(lib, self.gate_up, self.down)
-        else:
-            self.gate_up.prepare()
-            self.down.prepare()
+            return
+        if lib is not None:
+            gu, dn = NativeLib.describe_matrix(self.gate_up, torch.float32), NativeLib.describe_matrix(self.down, torch.float32)
+            if gu is not None and dn is not None:
+                self.mats = (gu, dn)
+                return
+        self.gate_up.prepare()
+        self.down.prepare()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.native is not None:
             return self.native(x)
+        if self.mats is not None and self._lib is not None and x.shape[0] <= kquants.NATIVE_MAX_ROWS:
+            return self._lib.expert(*self.mats, x.float().contiguous())
         xf = x.float() if x.device.type == "cpu" else x
         gate, up = self.gate_up.matmul(xf).chunk(2, dim=-1)
         return self.down.matmul(F.silu(gate) * up)

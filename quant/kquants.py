@@ -23,14 +23,16 @@ the number of rows; `KQuantLib.matmul(..., int8=False)` is the fp32-activation k
 (equal to dequantize + fp32 matmul to fp32 rounding). Elsewhere (no C compiler, CUDA) the torch fallback dequantizes a bounded chunk of
 rows per call and multiplies it -- on a GPU this is the documented fallback: the blocks stay packed
 in device memory and are expanded chunk by chunk on each call, never kept dense.
+
+The fused decode (localglm/models/fused_decode.py) takes these tensors too: quant.native describes one
+as an lg_mat of kind GGML (a stack of them, quant/stack.py, as kind STACK), and its lg_matvec and
+lg_mat_rows call kq_matmul_q8 -- the same product, the same rounding, as GGMLKernel below.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +42,6 @@ import torch.nn.functional as F
 
 from .formats import QuantError, QuantSpec
 
-log = logging.getLogger(__name__)
 
 QK_K = 256
 
@@ -222,7 +223,7 @@ def dequantize(data: torch.Tensor, spec: GGMLSpec, shape: tuple[int, int]) -> to
 # Kernels
 # ------------------------------------------------------------------------------------------------
 
-SOURCE = Path(__file__).with_name("native") / "kquants.c"
+SOURCE = Path(__file__).with_name("native") / "kquants.c"  # built into quant.native's library
 # Up to this many rows (tokens) per call the native kernel multiplies the blocks with int8 activations
 # (kquants.c kq_matmul_q8, llama.cpp's approach: integer sums over each block, tokens 4 at a time per
 # weight row); a token's result is then the same whatever the number of tokens beside it. The default
@@ -266,18 +267,13 @@ class KQuantLib:
 
 @functools.cache
 def kquant_lib() -> KQuantLib | None:
-    """The native K-quant kernels, built once per process with quant.native's builder (same compiler,
-    flags and cache); None, logged, when there is no compiler, LOCALGLM_NATIVE=0 or the build fails."""
-    from .native import HEADER, _compiler, build, native_lib
+    """The native K-quant kernels: kquants.c is built into quant's library (quant.native, which the
+    fused decode's lg_matvec calls it from), so one build serves both; None where that library is
+    not built (no compiler, LOCALGLM_NATIVE=0: quant.native has logged why)."""
+    from .native import native_lib
 
-    if native_lib() is None:  # disabled, or no working compiler: quant.native has said why
-        return None
-    cc = _compiler()
-    try:
-        return KQuantLib(build(cc, name="kquants", sources=(SOURCE,), depends=(HEADER,))) if cc else None
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        log.warning("localglm: K-quant kernels: torch fallback (native build failed: %s)", e)
-        return None
+    lib = native_lib()
+    return KQuantLib(lib.path) if lib is not None else None
 
 
 class GGMLKernel:

@@ -46,6 +46,7 @@ from .formats import QuantTensor
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native") / "qkernels.c"
+KQ_SOURCE = SOURCE.with_name("kquants.c")  # GGUF blocks as stored (quant/kquants.py): in the same library, lg_matvec calls them
 HEADER = SOURCE.with_name("lg_kernels.h")  # what the model side's library includes to call these kernels
 # -ffp-contract=off: a product and a sum stay two roundings (no fused multiply-add the C source does
 # not ask for), as in torch's elementwise ops: experts summed here equal experts summed by torch.
@@ -69,16 +70,22 @@ class _QTensor(ctypes.Structure):
 
 
 class LgMat(ctypes.Structure):
-    """A weight matrix (lg_kernels.h `lg_mat`): quantized (kind 0) or dense bf16 (1) / fp32 (2)."""
+    """A weight matrix (lg_kernels.h `lg_mat`): quantized (kind 0), dense bf16 (1) / fp32 (2), GGUF
+    blocks as stored (3, `sub` the kquants.c type), or a stack of parts along the rows (4, `sub` parts
+    at `w`)."""
 
     _fields_ = [
         ("kind", ctypes.c_int32),
         ("n", ctypes.c_int32),
         ("k", ctypes.c_int32),
+        ("sub", ctypes.c_int32),
         ("w", ctypes.c_void_p),
         ("bias", ctypes.c_void_p),
         ("q", _QTensor),
     ]
+
+
+MAT_Q, MAT_BF16, MAT_F32, MAT_GGML, MAT_STACK = range(5)  # LgMat.kind (lg_kernels.h LG_MAT_*)
 
 
 _STRUCTS = (("lg_qtensor", _QTensor), ("lg_mat", LgMat))  # in lg_quant_sizeof's order
@@ -126,7 +133,7 @@ def _cpu_identity() -> str:
 
 
 def build(cc: str, flags: tuple[str, ...] = CFLAGS, directory: Path | None = None, *, name: str = "qkernels",
-          sources: tuple[Path, ...] = (SOURCE,), depends: tuple[Path, ...] = (HEADER,), extra: tuple[str, ...] = ()) -> Path:
+          sources: tuple[Path, ...] = (SOURCE, KQ_SOURCE), depends: tuple[Path, ...] = (HEADER,), extra: tuple[str, ...] = ()) -> Path:
     """Compile `sources` (default: quant's kernels) into `directory` (default: the user cache) as
     `name`-KEY.so, KEY a hash of the sources, `depends` (headers, a library linked against), the
     compiler, flags, `extra` (include dirs, link arguments: after the sources) and CPU, so each
@@ -209,14 +216,49 @@ class NativeLib:
         decode (kept alive by the caller, with the bias, which must be fp32), or None when the
         kernels do not take it: a dense weight of another dtype or layout, a quantized one they do
         not support."""
+        from .stack import QuantStack
+
+        b = None if bias is None else bias.data_ptr()
+        if isinstance(w, QuantStack):
+            return cls._describe_stack(w, dtype, bias)
         if isinstance(w, QuantTensor):
+            if w.spec.raw_blocks:
+                return cls._describe_blocks(w, b)
             if not cls.supports(w):
                 return None
-            return LgMat(0, w.shape[0], w.shape[1], None, None if bias is None else bias.data_ptr(), cls.describe(w))
+            return LgMat(MAT_Q, w.shape[0], w.shape[1], 0, None, b, cls.describe(w))
         if (not isinstance(w, torch.Tensor) or w.dim() != 2 or w.dtype != dtype or dtype not in DTYPES
                 or not w.is_contiguous() or w.device.type != "cpu"):
             return None
-        return LgMat(2 if dtype == torch.float32 else 1, w.shape[0], w.shape[1], w.data_ptr(), None if bias is None else bias.data_ptr())
+        return LgMat(MAT_F32 if dtype == torch.float32 else MAT_BF16, w.shape[0], w.shape[1], 0, w.data_ptr(), b)
+
+    @staticmethod
+    def _describe_blocks(qt: QuantTensor, bias: int | None) -> LgMat | None:
+        """GGUF blocks as stored (kind 3): the kquants.c type and the blocks; None off the CPU, or where
+        quant.kquants runs no native K-quant kernels (its torch fallback then multiplies them)."""
+        from . import kquants
+
+        if kquants.kquant_lib() is None or qt.device.type != "cpu" or qt.buf.numel() == 0 or qt.shape[1] % qt.spec.type.block:  # type: ignore[attr-defined]
+            return None
+        return LgMat(MAT_GGML, qt.shape[0], qt.shape[1], qt.spec.type.cid, qt.section("data").data_ptr(), bias)  # type: ignore[attr-defined]
+
+    @classmethod
+    def _describe_stack(cls, st: object, dtype: torch.dtype, bias: torch.Tensor | None) -> LgMat | None:
+        """A QuantStack (kind 4) of quantized or GGUF parts, each part with its rows of the bias; None
+        where a part is dense (its torch GEMM's sums are not lg_matvec's) or not taken. The parts'
+        array is kept alive by the returned LgMat (ctypes keeps what a pointer field was given)."""
+        parts, row = [], 0
+        for p in st.parts:  # type: ignore[attr-defined]
+            pb = None if bias is None else bias[row : row + p.shape[0]]
+            m = cls.describe_matrix(p, dtype, pb) if isinstance(p, QuantTensor) else None
+            if m is None:
+                return None
+            parts.append(m)
+            row += p.shape[0]
+        table = (LgMat * len(parts))(*parts)
+        mat = LgMat(MAT_STACK, int(st.shape[0]), int(st.shape[1]), len(parts), ctypes.addressof(table), None)  # type: ignore[attr-defined]
+        mat._parts = table  # type: ignore[attr-defined]  # the C view points into it
+        return mat
 
     def dense_expert(self, gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
         """One dense expert on x [T, H]: down(silu(gate(x)) * up(x)) in x's dtype, rounded as the torch
@@ -224,9 +266,14 @@ class NativeLib:
         gu, dn = self.describe_matrix(gate_up, x.dtype), self.describe_matrix(down, x.dtype)
         if gu is None or dn is None or x.dim() != 2 or not x.is_contiguous() or x.device.type != "cpu":
             return None
-        y = torch.empty(x.shape[0], dn.n, dtype=x.dtype)
-        if self._lib.lg_dense_expert(ctypes.byref(gu), ctypes.byref(dn), x.shape[0], x.data_ptr(), DTYPES[x.dtype], y.data_ptr(), torch.get_num_threads()):
-            raise MemoryError("native dense expert: out of memory")
+        return self.expert(gu, dn, x)
+
+    def expert(self, gate_up: LgMat, down: LgMat, x: torch.Tensor) -> torch.Tensor:
+        """down(silu(gate(x)) * up(x)) of described weights on x [T, H] (fp32 or bf16, contiguous, CPU), in
+        x's dtype, rounded to it where the torch ops round (lg_dense_expert)."""
+        y = torch.empty(x.shape[0], down.n, dtype=x.dtype)
+        if self._lib.lg_dense_expert(ctypes.byref(gate_up), ctypes.byref(down), x.shape[0], x.data_ptr(), DTYPES[x.dtype], y.data_ptr(), torch.get_num_threads()):
+            raise MemoryError("native expert: out of memory")
         return y
 
     def dequantize(self, desc: _QTensor) -> torch.Tensor:

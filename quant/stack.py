@@ -53,9 +53,14 @@ class QuantStack:
         return f"QuantStack({', '.join(f'{n} {list(p.shape)}' for n, p in zip(names, self.parts))})"
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        ys = [p.matmul(x) if isinstance(p, QuantTensor) else dense_linear(x.to(p.dtype), p).to(x.dtype) for p in self.parts]
-        y = torch.cat(ys, -1)
-        return y if bias is None else y + bias.to(y.dtype)
+        """x @ W.T (+ bias) in x's dtype: each part's product gets its rows of the bias before its one
+        rounding to x's dtype, as one QuantTensor's does (and the fused decode's stacks: lg_mat_rows)."""
+        ys, row = [], 0
+        for p in self.parts:
+            b = None if bias is None else bias[row : row + p.shape[0]]
+            row += p.shape[0]
+            ys.append(p.matmul(x, b) if isinstance(p, QuantTensor) else dense_linear(x.to(p.dtype), p, None if b is None else b.to(p.dtype)).to(x.dtype))
+        return torch.cat(ys, -1)
 
     def prepare(self, drop_buffer: bool = False) -> QuantStack:
         for p in self.parts:

@@ -136,3 +136,37 @@ def test_experts_in_ram_give_the_same_numbers_inside_the_token_call_and_through_
     through = _decode(net, True, PROMPT)
     for a, b in zip(inside, through):
         assert torch.equal(a, b)
+
+
+KQUANT_MIX = Path(__file__).parent / "data" / "glm4_moe_kquant_mix.gguf"  # llama.cpp's quantizer: Q2_K..Q6_K, IQ4_XS, Q4_0, Q5_0 per tensor
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_gguf_blocks_as_stored_decode_fused_bit_identical_to_the_torch_layers(dtype: str) -> None:
+    """A GGUF K-quant mix runs in the fused decode as stored: q/k/v of three types as one stack, the
+    dense and shared MLPs and the lm_head as GGUF blocks, the routed experts (Q2_K / Q3_K, IQ4_XS / Q4_K)
+    inside the token's one call -- the same kq_matmul_q8 products, rounded where the torch layers round
+    (GGMLKernel, QuantStack's per-part bias, PreparedExpert in fp32), so in bf16 logits and cache are
+    bit-identical (fp32: to rounding, as for any fp32 model); and behind a wrapper the experts run through
+    the backend with the same numbers."""
+    from offload.trace import TraceRecorder, TracingExperts
+    from quant.native import MAT_GGML, MAT_STACK
+
+    net = localglm.load(str(KQUANT_MIX), dtype=dtype).net
+    fused = net._fused_decoder()
+    assert fused is not None and fused._experts_in_ram()[1] is not None  # the whole token in one call
+    assert {layer.desc.qkv.kind for layer in fused.layers} == {MAT_STACK} and {layer.desc.gate_up.kind for layer in fused.layers} == {MAT_GGML}
+    prompt = [5, 17, 200, 3, 99, 42, 7, 478, 480, 300, 11, 250, 64, 9]
+    inside, torch_layers = _decode(net, True, prompt), _decode(net, False, prompt)
+    cfg = net.cfg
+    moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+    net.experts = TracingExperts(net.experts, TraceRecorder(cfg.n_routed_experts, cfg.num_experts_per_tok, moe_layers))
+    assert fused._experts_in_ram()[1] is None
+    through = _decode(net, True, prompt)
+    for a, b, c in zip(inside, torch_layers, through):
+        assert torch.equal(a, c)
+        if dtype == "bfloat16":
+            assert torch.equal(a, b)
+        else:  # fp32 attention sums in another order than torch's (test_fp32_fused_decode_matches_to_rounding)
+            assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+    assert inside[0].abs().max() > 0

@@ -212,3 +212,12 @@ def test_dense_tiles_give_every_row_the_one_row_numbers(dtype: torch.dtype) -> N
             assert torch.equal(lib.rows_linear(mat, x[:T], torch.float32), alone[:T]), (n, k, T)
         ref = (x.double() @ w.double().T + bias.double()).float()
         assert (alone - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
+def test_gguf_blocks_as_stored_multi_token_forward_is_bit_identical_to_one_token_steps() -> None:
+    """A GGUF K-quant mix (llama.cpp's quantizer; tests/data/README.md): its blocks, its q/k/v stack and
+    its experts in one call for several tokens, each token's numbers a one-token call's (kq_matmul_q8's
+    per-token results do not depend on the token count)."""
+    net = localglm.load(str(Path(__file__).parent / "data" / "glm4_moe_kquant_mix.gguf")).net
+    assert net._fused_decoder()._experts_in_ram()[1] is not None
+    _assert_same(net)

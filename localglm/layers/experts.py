@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from quant.native import NATIVE_MAX_ROWS
+from quant.native import NATIVE_MAX_ROWS, LgMat
 
 from .linear import linear
 from .native import LayerLib, native
@@ -166,7 +166,8 @@ class QuantizedExperts:
         self.native = native_lib()
         self.prepared: dict[int, list] = {}
         self._native_layers: dict[int, tuple] = {}
-        self._fused: dict[int, object] = {}  # layer -> layers.native.LgExperts over _native_layers' tables
+        self._fused: dict[int, object] = {}  # layer -> layers.native.LgExperts over _native_layers' (or GGUF blocks') tables
+        self._block_tables: dict[int, tuple] = {}  # layer -> the GGUF-block experts' LgMat tables (_fused's point into them)
         for layer, buf in blobs.items():
             experts = self.prepared[layer] = [PreparedExpert(layouts[layer], buf[e], dtype) for e in range(len(buf))]
             if experts and all(pe.native is not None for pe in experts):
@@ -175,7 +176,12 @@ class QuantizedExperts:
                 dn = (type(gu[0]) * len(experts))(*(pe.native.dn for pe in experts))
                 self._native_layers[layer] = (gu, dn, layouts[layer].inter)
                 self._fused[layer] = LayerLib.quantized_experts(self._native_layers[layer])
-        if not keep_blobs and not self._native_layers:
+            elif experts and all(pe.mats is not None for pe in experts):
+                # GGUF blocks as stored: the fused decode runs them inside its layer call, in fp32 as PreparedExpert does
+                gu, dn = ((LgMat * len(experts))(*(pe.mats[i] for pe in experts)) for i in (0, 1))
+                self._block_tables[layer] = (gu, dn)
+                self._fused[layer] = LayerLib.dense_experts(gu, dn, layouts[layer].inter, fp32=True)
+        if not keep_blobs and not self._native_layers and not self._block_tables:
             # The torch kernels keep their own packed copy; the canonical blobs are only needed to move or save experts.
             self.blobs = {}
             for experts in self.prepared.values():

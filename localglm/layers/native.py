@@ -64,6 +64,7 @@ class LgExperts(ctypes.Structure):
         ("d_gate_up", ctypes.POINTER(LgMat)),
         ("d_down", ctypes.POINTER(LgMat)),
         ("inter", ctypes.c_int32),
+        ("fp32", ctypes.c_int32),
     ]
 
 
@@ -372,10 +373,12 @@ class LayerLib:
         return LgExperts(ctypes.cast(tables[0], ptr), ctypes.cast(tables[1], ptr), None, None, tables[2])
 
     @staticmethod
-    def dense_experts(gate_up: ctypes.Array, down: ctypes.Array, inter: int) -> LgExperts:
-        """A layer's LgExperts from an LgMat per expert for gate_up [2I, H] and down [H, I] (kept alive by the caller)."""
+    def dense_experts(gate_up: ctypes.Array, down: ctypes.Array, inter: int, fp32: bool = False) -> LgExperts:
+        """A layer's LgExperts from an LgMat per expert for gate_up [2I, H] and down [H, I] (kept alive by
+        the caller). fp32: the experts compute in fp32 (GGUF blocks: PreparedExpert's numbers), else in
+        the model dtype (dense experts: expert_swiglu's)."""
         ptr = ctypes.POINTER(LgMat)
-        return LgExperts(None, None, ctypes.cast(gate_up, ptr), ctypes.cast(down, ptr), inter)
+        return LgExperts(None, None, ctypes.cast(gate_up, ptr), ctypes.cast(down, ptr), inter, int(fp32))
 
     @staticmethod
     def describe_matrix(w: torch.Tensor | QuantTensor, dtype: torch.dtype, bias: torch.Tensor | None = None) -> LgMat | None:

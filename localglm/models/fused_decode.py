@@ -62,8 +62,9 @@ class Pinned:
     def mat(self, w: object, bias: torch.Tensor | None = None) -> LgMat | None:
         """A weight (dense or quantized) and its bias as an LgMat, or None where the kernels do not take it."""
         b = None if bias is None else bias.detach().float().contiguous()
-        self.keep.extend((w, b))
-        return LayerLib.describe_matrix(w, self.dtype, b)  # type: ignore[arg-type]
+        mat = LayerLib.describe_matrix(w, self.dtype, b)  # type: ignore[arg-type]
+        self.keep.extend((w, b, mat))  # mat too: a stack's parts live in a table it holds
+        return mat
 
     def vec(self, t: torch.Tensor | None, want: torch.dtype | None = None) -> int | None:
         """A vector's address as `want` (the model dtype by default); None for an absent one."""

@@ -248,8 +248,8 @@ class MoeDecoder(MoeRouting):
         """Logits of normed hidden states [..., H]. Where the native layers take the model, a few rows on
         the CPU (a decode step, a speculative verification) go through the native one-row products,
         whose rows do not depend on how many there are (layers.native.RowsProduct); more (a perplexity
-        over a whole text) through torch's GEMM."""
-        if hidden.device.type == "cpu" and self._fused_decoder() is not None:
+        over a whole text) through torch's GEMM; and so do all rows where `fused_decode` is off."""
+        if hidden.device.type == "cpu" and self.fused_decode and self._fused_decoder() is not None:
             if self._head is None or self._head.w is not self.w.lm_head:
                 self._head = RowsProduct(self.w.lm_head, self.dtype)
             return self._head(hidden, self.fused_prefill_max)

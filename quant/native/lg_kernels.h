@@ -44,12 +44,16 @@ typedef struct {
     int32_t bits, group, n, k;
 } lg_qtensor;
 
-/* A weight matrix of the fused decode: quantized, or dense bf16 / fp32 read as stored. */
-typedef struct {
-    int32_t kind; /* 0 quantized (q), 1 bf16 dense, 2 fp32 dense */
+/* A weight matrix of the fused decode: quantized, dense bf16 / fp32 read as stored, a GGUF tensor's
+ * blocks as stored (kquants.c's types), or a stack of such parts along the rows (a GGUF mix stores
+ * q / k / v, or gate / up, in different types: quant/stack.py's QuantStack). */
+enum { LG_MAT_Q = 0, LG_MAT_BF16 = 1, LG_MAT_F32 = 2, LG_MAT_GGML = 3, LG_MAT_STACK = 4 };
+typedef struct lg_mat {
+    int32_t kind; /* LG_MAT_* */
     int32_t n, k;
-    const void *w;     /* dense: [n, k] row-major */
-    const float *bias; /* fp32 [n] or NULL */
+    int32_t sub;       /* LG_MAT_GGML: kquants.c's enum kq_type; LG_MAT_STACK: the number of parts */
+    const void *w;     /* dense: [n, k] row-major; GGML: the blocks, row-major; STACK: const lg_mat[sub], rows in order */
+    const float *bias; /* fp32 [n] or NULL (a stack's parts carry their own rows of it) */
     lg_qtensor q;
 } lg_mat;
 
@@ -134,6 +138,15 @@ void lg_qact_free(qact *a);
 
 /* y = m . x (+ bias), each value rounded to dtype; `xa` has room for one quantized row of m->k. */
 void lg_matvec(const lg_mat *m, const float *x, int dtype, qact *xa, float *y, int nth);
+
+/* y[t] = m . x[t] (+ bias), each value rounded to dtype, for T rows of floats x [T, m->k] -> y [T, m->n]:
+ * GGML blocks through kq_matmul_q8 (each row's numbers the same whatever T), a stack part by part,
+ * the other kinds row by row through lg_matvec. `xa` as lg_matvec's (a stack's quantized parts use it).
+ * Returns 0, or -1 when out of memory or a kernel refuses the shape. */
+int lg_mat_rows(const lg_mat *m, int T, const float *x, int dtype, qact *xa, float *y, int nth);
+
+/* The GGML product (kquants.c): y[t, r] = W[r] . x[t] in fp32 with x rounded to int8 blocks as llama.cpp does. */
+int kq_matmul_q8(int type, const uint8_t *w, int n, int k, const float *x, int T, float *y, int nth);
 
 /* SwiGLU: out = down(silu(gate(h)) * up(h)), gate_up fused [2I, H]; g holds 2I floats. */
 void lg_swiglu_vec(const lg_mat *gate_up, const lg_mat *down, int dtype, const float *h, qact *xa, float *g, float *out, int nth);

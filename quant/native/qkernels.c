@@ -1027,9 +1027,20 @@ static float dot_dense(const lg_mat *m, int n, const float *x) {
     return s;
 }
 
+/* GGML blocks and stacks (lg_mat_rows), one row; NaNs where it fails (out of memory: lg_matvec
+ * returns nothing, and NaN logits are seen where a zeroed row would pass unnoticed). */
+static void matvec_parts(const lg_mat *m, const float *x, int dtype, qact *xa, float *y, int nth) {
+    if (lg_mat_rows(m, 1, x, dtype, xa, y, nth))
+        for (int n = 0; n < m->n; n++) y[n] = NAN;
+}
+
 /* y = m . x (+ bias), each value rounded to dtype. `xa` has room for one quantized row of m->k. */
 void lg_matvec(const lg_mat *m, const float *x, int dtype, qact *xa, float *y, int nth) {
     const int N = m->n, K = m->k;
+    if (m->kind >= LG_MAT_GGML) {
+        matvec_parts(m, x, dtype, xa, y, nth);
+        return;
+    }
     if (m->kind == 0) quantize_row(x, K, m->q.bits, QROW(xa, 0, K));
     const int par = nth > 1 && (size_t)N * K >= (1u << 16);
     if (m->kind == 0 && rows_1tok(&m->q, 0, 0, QROW(xa, 0, K), NULL)) { /* q2/q4 rows that rows_1tok takes, ROWS_1TOK a work item */
@@ -1050,6 +1061,38 @@ void lg_matvec(const lg_mat *m, const float *x, int dtype, qact *xa, float *y, i
     }
 }
 
+int lg_mat_rows(const lg_mat *m, int T, const float *x, int dt, qact *xa, float *y, int nth) {
+    const int N = m->n, K = m->k;
+    if (m->kind == LG_MAT_GGML) {
+        /* the torch path's GGMLKernel: the fp32 product, + the fp32 bias, then one rounding to the dtype */
+        if (kq_matmul_q8(m->sub, m->w, N, K, x, T, y, nth)) return -1;
+        for (int t = 0; t < T; t++)
+            for (int n = 0; n < N; n++) {
+                float *v = y + (size_t)t * N + n;
+                *v = rnd(m->bias ? *v + m->bias[n] : *v, dt);
+            }
+        return 0;
+    }
+    if (m->kind == LG_MAT_STACK) { /* quant/stack.py's QuantStack: each part's rows, concatenated */
+        const lg_mat *parts = (const lg_mat *)m->w;
+        int widest = 0;
+        for (int p = 0; p < m->sub; p++) widest = parts[p].n > widest ? parts[p].n : widest;
+        float *tmp = T > 1 ? malloc((size_t)T * widest * sizeof(float)) : NULL;
+        if (T > 1 && !tmp) return -1;
+        int off = 0, rc = 0;
+        for (int p = 0; p < m->sub && rc == 0; p++) {
+            const int np = parts[p].n;
+            rc = lg_mat_rows(&parts[p], T, x, dt, xa, T > 1 ? tmp : y + off, nth);
+            for (int t = 0; t < T && T > 1 && rc == 0; t++) memcpy(y + (size_t)t * N + off, tmp + (size_t)t * np, (size_t)np * sizeof(float));
+            off += np;
+        }
+        free(tmp);
+        return rc;
+    }
+    for (int t = 0; t < T; t++) lg_matvec(m, x + (size_t)t * K, dt, xa, y + (size_t)t * N, nth);
+    return 0;
+}
+
 /* SwiGLU: down(silu(gate(h)) * up(h)), gate_up fused [2I, H]; rounded where torch rounds. g holds 2I floats. */
 void lg_swiglu_vec(const lg_mat *gate_up, const lg_mat *down, int dt, const float *h, qact *xa, float *g, float *out, int nth) {
     const int I = down->k;
@@ -1058,20 +1101,34 @@ void lg_swiglu_vec(const lg_mat *gate_up, const lg_mat *down, int dt, const floa
     lg_matvec(down, g, dt, xa, out, nth);
 }
 
-/* One dense (bf16 / fp32) expert on T tokens: y = down(silu(gate(x)) * up(x)) in x's dtype, rounded
- * as the torch ops round -- what localglm.layers.experts.expert_swiglu computes for an expert in RAM and the
- * offloaded one alike. Returns 0, or -1 when out of memory. */
+/* One expert of lg_mat weights on T tokens: y = down(silu(gate(x)) * up(x)) in x's dtype, rounded as
+ * the torch ops round -- what localglm.layers.experts.expert_swiglu computes for a dense expert in RAM
+ * and the offloaded one alike, and (dtype fp32) what quant/blob.py's PreparedExpert computes for GGUF
+ * blocks. Tokens go EXPERT_ROWS at a time through lg_mat_rows (GGML blocks read once for them all), each
+ * token's numbers lg_swiglu_vec's. Returns 0, or -1 when out of memory or a kernel refuses the shape. */
+#define EXPERT_ROWS 64
 int lg_dense_expert(const lg_mat *gate_up, const lg_mat *down, int T, const void *x, int dtype, void *y, int nth) {
-    const int H = gate_up->k, I = down->k;
-    float *buf = malloc(((size_t)H * 2 + 2 * (size_t)I) * sizeof(float));
-    if (!buf) return -1;
-    float *xf = buf, *o = xf + H, *g = o + H;
-    qact xa = {0}; /* dense products do not quantize activations */
-    for (int t = 0; t < T; t++) {
-        load_row(x, dtype, (size_t)t * H, H, xf);
-        lg_swiglu_vec(gate_up, down, dtype, xf, &xa, g, o, nth);
-        for (int i = 0; i < H; i++) store(y, dtype, (size_t)t * H + i, o[i]);
+    const int H = gate_up->k, I = down->k, C = T < EXPERT_ROWS ? T : EXPERT_ROWS;
+    float *buf = malloc((size_t)C * ((size_t)H * 2 + 3 * (size_t)I) * sizeof(float));
+    qact xa = {0};
+    const int kq = (H > I ? H : I) + QB - 1; /* a quantized part (alone or in a stack) quantizes one row of its input */
+    if (!buf || !lg_qact_alloc(&xa, 1, kq / QB * QB)) {
+        free(buf);
+        lg_qact_free(&xa);
+        return -1;
+    }
+    float *xf = buf, *o = xf + (size_t)C * H, *g = o + (size_t)C * H, *a = g + (size_t)C * 2 * I;
+    int rc = 0;
+    for (int t0 = 0; t0 < T && rc == 0; t0 += C) {
+        const int c = T - t0 < C ? T - t0 : C;
+        for (int t = 0; t < c; t++) load_row(x, dtype, (size_t)(t0 + t) * H, H, xf + (size_t)t * H);
+        rc = lg_mat_rows(gate_up, c, xf, dtype, &xa, g, nth);
+        for (int t = 0; t < c && rc == 0; t++)
+            for (int j = 0; j < I; j++) a[(size_t)t * I + j] = rnd(rnd(silu(g[(size_t)t * 2 * I + j]), dtype) * g[(size_t)t * 2 * I + I + j], dtype);
+        if (rc == 0) rc = lg_mat_rows(down, c, a, dtype, &xa, o, nth);
+        for (size_t i = 0; i < (size_t)c * H && rc == 0; i++) store(y, dtype, (size_t)t0 * H + i, o[i]);
     }
     free(buf);
-    return 0;
+    lg_qact_free(&xa);
+    return rc;
 }

@@ -74,12 +74,15 @@ typedef struct {
     const lg_dsa *dsa; /* DSA: the indexer of a full layer; NULL on a shared layer and for other kinds */
 } lg_layer;
 
-/* A MoE layer's routed experts for the fused decode: quantized tables (lg_moe's) or dense ones
- * (lg_mat per expert), n_experts of each. All NULL: the caller runs the experts. */
+/* A MoE layer's routed experts for the fused decode: quantized tables (lg_moe's) or lg_mat ones
+ * (one per expert: dense, or GGUF blocks as stored), n_experts of each. All NULL: the caller runs
+ * the experts. fp32: the d_ tables' experts compute in fp32 and their weighted outputs are summed
+ * unrounded (GGUF blocks: quant/blob.py PreparedExpert's numbers); else in the model dtype
+ * (dense experts: expert_swiglu's). */
 typedef struct {
     const lg_qtensor *q_gate_up, *q_down;
     const lg_mat *d_gate_up, *d_down;
-    int32_t inter;
+    int32_t inter, fp32;
 } lg_experts;
 
 /* RMSNorm of one float row (values already of the dtype) into out, rounded as transformers rounds. */

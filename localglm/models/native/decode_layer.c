@@ -171,6 +171,7 @@ static void dense_rows(const lg_mat *m, int n, const float *x, int nt, int dt, f
  * `xa` has room for one quantized row of m->k. Returns 0, or -1 when out of memory. */
 static int rows_matvec(const lg_mat *m, int T, const float *x, int dt, qact *xa, float *y, int nth) {
     const int N = m->n, K = m->k;
+    if (m->kind >= LG_MAT_GGML) return lg_mat_rows(m, T, x, dt, xa, y, nth); /* GGUF blocks read once for the T rows */
     if (T > 1 && m->kind == 0) {
         if (lg_linear(&m->q, T, x, 0, m->bias, y, 0, nth)) return -1;
         for (size_t i = 0; i < (size_t)T * N; i++) y[i] = rnd(y[i], dt);
@@ -203,7 +204,7 @@ static int rows_matvec(const lg_mat *m, int T, const float *x, int dt, qact *xa,
  * then a decode step's bit for bit). Returns 0, or -1 when out of memory. */
 int lg_rows_linear(const lg_mat *m, int T, const float *x, int dt, float *y, int nth) {
     qact xa = {0};
-    if (m->kind == 0 && !lg_qact_alloc(&xa, 1, (m->k + QB - 1) / QB * QB)) return -1;
+    if ((m->kind == LG_MAT_Q || m->kind == LG_MAT_STACK) && !lg_qact_alloc(&xa, 1, (m->k + QB - 1) / QB * QB)) return -1;
     const int rc = rows_matvec(m, T, x, dt, &xa, y, nth);
     lg_qact_free(&xa);
     return rc;
@@ -314,14 +315,15 @@ static int attention(const lg_layer *L, int T, const float *hn, const token_rows
     return rows_matvec(&L->o, T, att, dt, xa, o, nth);
 }
 
-/* Dense experts in RAM for T tokens into routed [T, H] (dtype): each expert once, for all the tokens
- * that chose it (rows_swiglu), in id order; so each token's products, rounded to the dtype, are
- * summed in fp32 in the order of its experts' ids -- localglm.layers.experts.combine_experts' order
- * for one token, and the one-token call's. xs, ye, acc hold T * H floats, g rows_swiglu's T * 3I.
+/* Experts of lg_mat tables (dense in RAM, or GGUF blocks) for T tokens into routed [T, H] (dtype): each
+ * expert once, for all the tokens that chose it (rows_swiglu), in id order; so each token's products,
+ * rounded to the experts' dtype (the model's, or fp32 with ex->fp32), are summed in fp32 in the order
+ * of its experts' ids -- localglm.layers.experts.combine_experts' order for one token, and the
+ * one-token call's. xs, ye, acc hold T * H floats, g rows_swiglu's T * 3I.
  * Returns 0, or -1 when out of memory. */
 static int dense_experts(const lg_layer *L, const lg_experts *ex, int T, const float *hn, const int64_t *ids, const float *wts, qact *xa,
                          float *xs, float *g, float *ye, float *acc, void *routed, int nth) {
-    const int H = L->hidden, dt = L->dtype, kk = L->top_k;
+    const int H = L->hidden, dt = L->dtype, kk = L->top_k, de = ex->fp32 ? 0 : dt; /* de: the experts' own dtype */
     int tok[T];
     float w[T];
     for (size_t i = 0; i < (size_t)T * H; i++) acc[i] = 0.0f;
@@ -335,9 +337,9 @@ static int dense_experts(const lg_layer *L, const lg_experts *ex, int T, const f
                 }
         if (n == 0) continue;
         for (int j = 0; j < n; j++) memcpy(xs + (size_t)j * H, hn + (size_t)tok[j] * H, (size_t)H * sizeof(float));
-        if (rows_swiglu(&ex->d_gate_up[e], &ex->d_down[e], n, xs, dt, xa, g, ye, nth)) return -1;
+        if (rows_swiglu(&ex->d_gate_up[e], &ex->d_down[e], n, xs, de, xa, g, ye, nth)) return -1;
         for (int j = 0; j < n; j++)
-            for (int i = 0; i < H; i++) acc[(size_t)tok[j] * H + i] += rnd(ye[(size_t)j * H + i] * w[j], dt);
+            for (int i = 0; i < H; i++) acc[(size_t)tok[j] * H + i] += rnd(ye[(size_t)j * H + i] * w[j], de);
     }
     for (size_t i = 0; i < (size_t)T * H; i++) store(routed, dt, i, acc[i]);
     return 0;
@@ -367,6 +369,7 @@ static int forward_layer(const lg_layer *L, int T, void *x, const void *add_a, c
     int kmax = H > L->o.k ? H : L->o.k; /* the widest quantized input: hidden, o_proj's, MLA's q_b's or the MLP's down */
     if (L->attn_kind != LG_ATTN_GQA && L->mla->q_b.k > kmax) kmax = L->mla->q_b.k; /* DSA's wq_b reads the same q latent */
     if (L->has_mlp && L->down.k > kmax) kmax = L->down.k;
+    if (dense_ex && ex->inter > kmax) kmax = ex->inter; /* an expert's down (quantized, or a stack's quantized part) */
     const size_t TH = (size_t)T * H;
     const size_t nf = TH * 6 + (size_t)T * (size_t)inter2 * 3 / 2 + (size_t)inter2 + 2 * (size_t)E + attn_scratch(L, T);
     float *buf = malloc(nf * sizeof(float));
