@@ -4,6 +4,7 @@
     python benchmarks/bench_gguf_kquant.py --threads 1 --new 32
     python benchmarks/bench_gguf_kquant.py --make-fixture tests/data/glm4_moe_kquant_mix.gguf
     python benchmarks/bench_gguf_kquant.py --kernels            # one-token products per type, beside llama.cpp's
+    python benchmarks/bench_gguf_kquant.py --kernels --tokens 64  # the same with a prompt's 64 tokens
 
 The file is made the way the published dynamic GLM quants are: random GLM-shaped weights exported to
 F32 by `localglm export-gguf`, then llama.cpp's own quantizer (`llama_cpp.llama_model_quantize`,
@@ -153,9 +154,11 @@ KERNEL_CASES = (
 )  # fmt: skip
 
 
-def measure_kernels(cases: tuple[tuple[str, int, int], ...] = KERNEL_CASES, seconds: float = 1.5, rounds: int = 3, stream_bytes: int = 96 << 20) -> list[dict]:
-    """Per case: ours and llama.cpp's seconds per one-token product (best of `rounds` interleaved rounds of
-    CPU time), the bytes read, and the largest difference between the two results relative to their scale."""
+def measure_kernels(cases: tuple[tuple[str, int, int], ...] = KERNEL_CASES, seconds: float = 1.5, rounds: int = 3, stream_bytes: int = 96 << 20,
+                    tokens: int = 1) -> list[dict]:
+    """Per case: ours and llama.cpp's seconds per product with `tokens` tokens (1: decode; more: a prompt's;
+    best of `rounds` interleaved rounds of CPU time), the bytes read, and the largest difference between
+    the two results relative to their scale."""
     import math
     import time
 
@@ -172,19 +175,19 @@ def measure_kernels(cases: tuple[tuple[str, int, int], ...] = KERNEL_CASES, seco
     g, rng, rows = Ggml(), np.random.default_rng(0), []
     for kind, n, k in cases:
         q = g.quantize(kind, rng.standard_normal((n, k), dtype=np.float32))
-        copies = max(1, math.ceil(stream_bytes / q.nbytes))
+        copies = max(1, math.ceil(stream_bytes / q.nbytes)) if tokens == 1 else 1  # a prompt's product reuses the weight from cache anyway
         ours_w = [torch.from_numpy(q.copy()) for _ in range(copies)]
-        peer = MulMat(g, kind, q, n, k, copies)
-        x = rng.standard_normal(k, dtype=np.float32)
+        peer = MulMat(g, kind, q, n, k, copies, tokens=tokens)
+        x = rng.standard_normal((tokens, k), dtype=np.float32)
         peer.set_x(x)
-        xt, y, cid = torch.from_numpy(x), torch.empty(n), GGML_TYPES[kind].cid
+        xt, y, cid = torch.from_numpy(x), torch.empty(tokens, n), GGML_TYPES[kind].cid
         spec = GGMLSpec.of(kind)
 
         def ours(c: int) -> None:
-            lib._lib.kq_matmul_q8(cid, ours_w[c].data_ptr(), n, k, xt.data_ptr(), 1, y.data_ptr(), 1)
+            lib._lib.kq_matmul_q8(cid, ours_w[c].data_ptr(), n, k, xt.data_ptr(), tokens, y.data_ptr(), 1)
 
         peer.run(0)
-        want, got = peer.result(0), lib.matmul(spec, ours_w[0], (n, k), xt.view(1, k), int8=True)[0].numpy()
+        want, got = peer.result(0), lib.matmul(spec, ours_w[0], (n, k), xt, int8=True).numpy()
         best = {"ours": math.inf, "llama.cpp": math.inf}
         for _ in range(rounds):
             for name, f in (("ours", ours), ("llama.cpp", peer.run)):
@@ -194,19 +197,23 @@ def measure_kernels(cases: tuple[tuple[str, int, int], ...] = KERNEL_CASES, seco
                     reps += 1
                 best[name] = min(best[name], (time.process_time() - c0) / reps)
         peer.close()
-        rows.append(dict(type=kind, n=n, k=k, bytes=q.nbytes, ours_s=best["ours"], llama_s=best["llama.cpp"], repacked=peer.repacked,
+        rows.append(dict(type=kind, n=n, k=k, tokens=tokens, bytes=q.nbytes, ours_s=best["ours"], llama_s=best["llama.cpp"], repacked=peer.repacked,
                          rel_diff=float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))))  # fmt: skip
     return rows
 
 
 def kernel_table(rows: list[dict]) -> str:
     load = os.getloadavg()
-    lines = [f"One-token products per type, 1 thread, CPU time, best of interleaved rounds; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
-             "", "| type | rows x width | MiB | ours ms | GB/s | llama.cpp ms | GB/s | ours / llama.cpp (speed) | results differ by |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    tokens = rows[0]["tokens"] if rows else 1
+    what = "One-token products" if tokens == 1 else f"Products with {tokens} tokens"
+    rate = "GB/s" if tokens == 1 else "G mult-adds/s"
+    lines = [f"{what} per type, 1 thread, CPU time, best of interleaved rounds; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
+             "", f"| type | rows x width | MiB | ours ms | {rate} | llama.cpp ms | {rate} | ours / llama.cpp (speed) | results differ by |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in rows:
         peer = "llama.cpp repacked" if r["repacked"] else "llama.cpp"
-        lines.append(f"| {r['type']} | {r['n']} x {r['k']} | {r['bytes'] / 2**20:.1f} | {r['ours_s'] * 1e3:.3f} | {r['bytes'] / r['ours_s'] / 1e9:.1f} | "
-                     f"{r['llama_s'] * 1e3:.3f} ({peer}) | {r['bytes'] / r['llama_s'] / 1e9:.1f} | {r['llama_s'] / r['ours_s']:.2f}x | {'n/a' if r['repacked'] else format(r['rel_diff'], '.1e')} |")  # fmt: skip
+        work = r["bytes"] if tokens == 1 else r["n"] * r["k"] * tokens
+        lines.append(f"| {r['type']} | {r['n']} x {r['k']} | {r['bytes'] / 2**20:.1f} | {r['ours_s'] * 1e3:.3f} | {work / r['ours_s'] / 1e9:.1f} | "
+                     f"{r['llama_s'] * 1e3:.3f} ({peer}) | {work / r['llama_s'] / 1e9:.1f} | {r['llama_s'] / r['ours_s']:.2f}x | {'n/a' if r['repacked'] else format(r['rel_diff'], '.1e')} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -217,6 +224,7 @@ def main() -> int:
     ap.add_argument("--new", type=int, default=24, help="new tokens (default 24)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per engine, interleaved, medians reported (default 1)")
     ap.add_argument("--kernels", action="store_true", help="per-type one-token products beside llama.cpp's instead of the model run")
+    ap.add_argument("--tokens", type=int, default=1, help="with --kernels: tokens per product (default 1, decode; e.g. 64 for a prompt's)")
     ap.add_argument("--make-fixture", type=Path, default=None, metavar="OUT", help="write the small test fixture and stop")
     args = ap.parse_args()
     if args.make_fixture is not None:
@@ -229,7 +237,7 @@ def main() -> int:
     if not available("llama.cpp"):
         raise SystemExit("llama-cpp-python is needed (pip install -e '.[bench]')")
     if args.kernels:
-        print(kernel_table(measure_kernels()))
+        print(kernel_table(measure_kernels(tokens=max(1, args.tokens))))
         return 0
     res = measure(args.threads, args.prompt, args.new, args.repeat)
     print(table(res))

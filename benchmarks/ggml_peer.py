@@ -4,7 +4,7 @@ libraries llama-cpp-python bundles): the peer for per-type kernel figures (bench
 The weight is placed as llama.cpp's model loader places it on this CPU: in the CPU "repack" buffer type
 for the types its CPU backend repacks into interleaved rows (ggml_repack_get_optimal_repack_type: on
 AVX2 Q4_0, Q4_K and IQ4_NL with rows a multiple of 8), else a plain CPU buffer (vec_dot per row). A
-call is one graph: mul_mat of the weight by one fp32 token (its activations quantized to Q8_K / Q8_0
+call is one graph: mul_mat of the weight by one fp32 token, or several (a prompt's: `tokens`) (its activations quantized to Q8_K / Q8_0
 inside, as in a model), 1 thread unless told. Quantized blocks come from ggml's own quantizer.
 """
 
@@ -71,13 +71,13 @@ class Ggml:
 class MulMat:
     """`copies` weights [n, k] holding the blocks `q`, each multiplied by one token in its own graph."""
 
-    def __init__(self, g: Ggml, kind: str, q: np.ndarray, n: int, k: int, copies: int, threads: int = 1) -> None:
+    def __init__(self, g: Ggml, kind: str, q: np.ndarray, n: int, k: int, copies: int, threads: int = 1, tokens: int = 1) -> None:
         self.g = g
         self.backend = g.cpu_init()
         g.set_threads(self.backend, threads)
-        self.ctx = g.init(_InitParams(16 << 20, None, False))
+        self.ctx = g.init(_InitParams((16 << 20) + 8 * tokens * (n + k) * copies, None, False))
         self.wctx = g.init(_InitParams(1 << 20, None, True))
-        self.x = g.new_2d(self.ctx, 0, k, 1)  # GGML_TYPE_F32
+        self.x = g.new_2d(self.ctx, 0, k, tokens)  # GGML_TYPE_F32, `tokens` rows
         ws = [g.new_2d(self.wctx, GGML_TYPE[kind], k, n) for _ in range(copies)]
         self.repacked = kind in REPACKED_AVX2 and n % 8 == 0
         self.buffer = g.alloc_tensors(self.wctx, g.repack_buffer_type() if self.repacked else g.cpu_buffer_type())
@@ -88,7 +88,7 @@ class MulMat:
         for node in self.out:
             self.graphs.append(g.new_graph(self.ctx))
             g.expand(self.graphs[-1], node)
-        self.n = n
+        self.n, self.tokens = n, tokens
 
     def set_x(self, x: np.ndarray) -> None:
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -98,7 +98,7 @@ class MulMat:
         self.g.graph_compute(self.backend, self.graphs[c])
 
     def result(self, c: int) -> np.ndarray:
-        return np.ctypeslib.as_array(ctypes.cast(self.g.get_data(self.out[c]), ctypes.POINTER(ctypes.c_float)), (self.n,)).copy()
+        return np.ctypeslib.as_array(ctypes.cast(self.g.get_data(self.out[c]), ctypes.POINTER(ctypes.c_float)), (self.tokens, self.n)).copy()
 
     def close(self) -> None:
         self.g.backend_free(self.backend)

@@ -9,8 +9,10 @@ reason is in `native_status()` (shown in `generate --stats-json` under `backend.
 The C files, and why two libraries:
 
     quant/native/qkernels.c                 formats and kernels: activation quantization, q2/q4/q8 dot
-                                            products, lg_linear, lg_moe, lg_dequant*, dense matrices
-                                            (lg_mat: lg_matvec, lg_swiglu_vec, lg_dense_expert)
+                                            products, lg_linear, lg_moe, lg_dequant*, any lg_mat (dense,
+                                            quantized, GGUF blocks, stacks: lg_matvec, lg_mat_rows,
+                                            lg_swiglu_vec, lg_dense_expert)
+    quant/native/kquants.c                  GGUF blocks as stored (quant/kquants.py): kq_matmul_q8 ...
     quant/native/lg_kernels.h               their interface: the structs (lg_qtensor, lg_mat, qact),
                                             the inline conversions both libraries use, the entry points
     localglm/layers/native/layer_ops.c      per-token layer ops: RMSNorm, RoPE, decode attention, router

@@ -508,6 +508,18 @@ static inline __attribute__((always_inline)) void kblock_unpack(const int type, 
     for (int c = 0; c < 8; c++) u->codes[c] = codes32(type, blk, c), u->sc[c] = chunk_scales(sc_lo, sc_hi, c);
 }
 
+/* acc + madd(p, s): one vpdpwssd where AVX512-VNNI (with VL) or AVX-VNNI has it, else madd then add --
+ * the same int32 lanes either way (both wrap alike). */
+static inline __m256i madd_acc(__m256i acc, __m256i p, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpwssd_epi32(acc, p, s);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpwssd_avx_epi32(acc, p, s);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, s));
+#endif
+}
+
 /* NT tokens' step over block b (token t's activations at xq + t * k, block scales dx + t * nb, sums per 16
  * xs + t * k / 16): the codes times activations and sub-block scales summed as int32 (maddubs, madd),
  * then one fma per 8 lanes into acc[t]. The block comes unpacked (u), or packed (blk, u NULL: unpacked
@@ -531,7 +543,7 @@ static inline __attribute__((always_inline)) void kblock_tokens(const int type, 
         for (int t = 0; t < NT; t++) {
             const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (size_t)t * k + (size_t)b * QK_K + c * 32));
             const __m256i p = _mm256_maddubs_epi16(av, is_iq4 ? _mm256_sign_epi8(xv, v) : xv);
-            sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(p, sc));
+            sumi[t] = madd_acc(sumi[t], p, sc);
         }
     }
     if (bias_shift) /* codes were stored + 4 (Q3_K) / + 32 (Q6_K): subtract scale * bias * sum(x) */

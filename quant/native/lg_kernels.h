@@ -1,6 +1,6 @@
-/* The C interface of quant's kernels (qkernels.c), shared with the model side's library.
+/* The C interface of quant's kernels (qkernels.c, kquants.c), shared with the model side's library.
  *
- * Two shared libraries are built at first use: quant's (qkernels.c alone: formats and kernels,
+ * Two shared libraries are built at first use: quant's (qkernels.c and kquants.c: formats and kernels,
  * nothing of models; quant/native.py) and the model side's (localglm/layers/native/layer_ops.c and
  * localglm/models/native/decode_layer.c: per-token layer ops and the decoder layer, linked against
  * quant's; localglm/layers/native.py). This header is what the second includes to call the first:
@@ -130,7 +130,7 @@ static inline float dotf(const float *a, const float *b, int n) {
     return s;
 }
 
-/* ---- quant entry points the model side calls (defined in qkernels.c) ---- */
+/* ---- quant entry points the model side calls (defined in qkernels.c; kq_matmul_q8 in kquants.c) ---- */
 
 /* Room for `rows` quantized rows of k values (k a multiple of QB); returns 0 when out of memory. */
 int lg_qact_alloc(qact *a, size_t rows, int k);
