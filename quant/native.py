@@ -39,9 +39,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .formats import QuantTensor
 
@@ -183,6 +185,8 @@ class NativeLib:
         self._lib.lg_dequant.restype = None
         self._lib.lg_dequant_rows.argtypes = [ctypes.POINTER(_QTensor), p, i, p]
         self._lib.lg_dequant_rows.restype = None
+        self._lib.lg_dequant_bf16.argtypes = [ctypes.POINTER(_QTensor), i, i, p, i]
+        self._lib.lg_dequant_bf16.restype = None
         self.avx2 = bool(self._lib.lg_has_avx2())
 
     @staticmethod
@@ -284,6 +288,12 @@ class NativeLib:
         self._lib.lg_dequant(ctypes.byref(desc), out.data_ptr(), torch.get_num_threads())
         return out
 
+    def dequantize_bf16(self, desc: _QTensor, n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows [n0, n1) of the weight as bf16 into out (bf16, contiguous, at least (n1 - n0) * K values):
+        dequantize's floats rounded to nearest even, as .to(torch.bfloat16) rounds them."""
+        self._lib.lg_dequant_bf16(ctypes.byref(desc), n0, n1, out.data_ptr(), torch.get_num_threads())
+        return out[: (n1 - n0) * desc.k].view(n1 - n0, desc.k)
+
     def dequantize_rows(self, qt: QuantTensor, rows: torch.Tensor) -> torch.Tensor:
         """Rows `rows` of qt as fp32 [len(rows), K], dequantized where they lie (an embedding lookup)."""
         rows = rows.to(torch.int64).contiguous()
@@ -323,6 +333,38 @@ def _io(x: torch.Tensor) -> torch.Tensor:
 # 32 / 64 / 128 rows against 5.6 / 6.7 / 8.9 ms; q8 equal at 128; GEMM ahead from 256).
 NATIVE_MAX_ROWS = 128
 
+# On CPUs with a native bf16 GEMM (AVX512-BF16, AMX: torch's oneDNN reaches ~100 G multiply-adds/s a
+# core on Zen 4 against 30-50 for the int8 tiles), bf16 activations of at least this many rows (a prompt
+# chunk) go through it instead: the weight dequantized to bf16 BF16_TILE_ROWS rows at a time (the
+# tile stays in cache; no dense copy of the weight), each tile multiplied by torch. Zen 4, 1 thread,
+# G multiply-adds/s, int8 tiles / this route (its dequantization included), 4096 x 4096: q8 30 / 62
+# at 48 rows, 35 / 83 at 128; q4 41 / 60 and 46 / 86; q2 33 / 53 and 38 / 78 (at 32 rows q4 / q2 about
+# even). llama.cpp takes its K-quants in prompts the same way (its tiled bf16 mul_mat).
+BF16_GEMM_ROWS = 48
+BF16_TILE_ROWS = 256
+
+
+def bf16_gemm_rows() -> int | None:
+    """The row count from which bf16 prompts take the dequantize-to-bf16 GEMM, or None on CPUs whose
+    bf16 GEMM is slow (no AVX512-BF16 / AMX: quant.cpu_kernels.cpu_bf16_gemm_is_slow)."""
+    from .cpu_kernels import cpu_bf16_gemm_is_slow
+
+    return None if cpu_bf16_gemm_is_slow() else BF16_GEMM_ROWS
+
+
+def bf16_tiled_linear(x: torch.Tensor, n: int, k: int, dequant_tile: Callable[[int, int, torch.Tensor], torch.Tensor],
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, K] bf16 @ W.T (+ bias) -> [T, N] bf16, W given a tile of rows at a time by dequant_tile(n0,
+    n1, buffer) as bf16 [n1 - n0, K] (written into the reused buffer): torch's bf16 GEMM per tile."""
+    y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
+    rows = max(1, min(n, BF16_TILE_ROWS))
+    buf = torch.empty(rows * k, dtype=torch.bfloat16)
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        w = dequant_tile(n0, n1, buf)
+        y[:, n0:n1] = F.linear(x, w, None if bias is None else bias[n0:n1].to(torch.bfloat16))
+    return y
+
 
 class NativeLinear:
     """A quantized linear layer through the native kernel (decode, small batches), with the weight
@@ -342,7 +384,11 @@ class NativeLinear:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         b = None if bias is None else self._fp32_bias(bias)
-        if x2.shape[0] <= NATIVE_MAX_ROWS:
+        bf16_from = bf16_gemm_rows() if x2.dtype == torch.bfloat16 else None
+        if bf16_from is not None and x2.shape[0] >= bf16_from:
+            n, k = self.desc.n, self.desc.k
+            y = bf16_tiled_linear(x2.contiguous(), n, k, lambda n0, n1, buf: self.lib.dequantize_bf16(self.desc, n0, n1, buf), bias)
+        elif x2.shape[0] <= NATIVE_MAX_ROWS:
             y = self.lib.linear(self.desc, x2, b)
         else:
             y = torch.nn.functional.linear(x2.float(), self.lib.dequantize(self.desc), b)

@@ -345,3 +345,68 @@ def test_the_layer_library_uses_the_quant_build_it_was_linked_against() -> None:
     maps = {line.split()[-1] for line in open("/proc/self/maps") if line.rstrip().endswith(".so")}
     assert str(layers.path) in maps
     assert {p for p in maps if p.startswith(str(quant.path.parent)) and "qkernels-" in p} == {str(quant.path)}
+
+
+@pytest.mark.parametrize("name", SPECS)
+@pytest.mark.parametrize("k", [128, 384])
+def test_bf16_dequantized_rows_are_dequantize_rounded_to_bf16(lib: NativeLib, name: str, k: int) -> None:
+    """lg_dequant_bf16 (the prompt's bf16 GEMM tiles): every build gives dequantize()'s floats rounded to
+    nearest even, bit for bit, for any row range."""
+    qt = QuantTensor.quantize(torch.randn(40, k), spec(name), torch.bfloat16)
+    if not lib.supports(qt):
+        pytest.skip(f"{name} not taken by the native kernels yet")
+    want = qt.dequantize(torch.float32).to(torch.bfloat16)
+    buf = torch.empty(40 * k, dtype=torch.bfloat16)
+    assert torch.equal(lib.dequantize_bf16(lib.describe(qt), 0, 40, buf), want)
+    assert torch.equal(lib.dequantize_bf16(lib.describe(qt), 7, 23, buf), want[7:23])
+
+
+def test_prompt_rows_take_the_bf16_gemm_where_the_cpu_has_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NativeLinear: bf16 activations of at least bf16_gemm_rows() rows go through torch's bf16 GEMM on
+    tiles of the weight dequantized to bf16 (the tiles joined exactly: the product of the whole bf16
+    weight to its rounding); fewer rows, fp32 rows, or a CPU without a fast bf16 GEMM keep the int8 tiles."""
+    lib = native_lib()
+    qt = QuantTensor.quantize(torch.randn(600, 256), QuantSpec.for_bits(4), torch.bfloat16)  # 600 rows: tiles of 256, 256, 88
+    bias = torch.randn(600)
+    tiles: list[tuple[int, int]] = []
+    real = NativeLib.dequantize_bf16
+
+    def counting(self: NativeLib, desc: object, n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
+        tiles.append((n0, n1))
+        return real(self, desc, n0, n1, out)
+
+    monkeypatch.setattr(NativeLib, "dequantize_bf16", counting)
+    monkeypatch.setattr(quant_native, "bf16_gemm_rows", lambda: 6)
+    lin = quant_native.NativeLinear(lib, qt)
+    x = torch.randn(8, 256).bfloat16()
+    y = lin(x, bias)
+    assert tiles == [(0, 256), (256, 512), (512, 600)] and y.dtype == torch.bfloat16
+    w = qt.dequantize(torch.float32).to(torch.bfloat16).float()
+    ref = F.linear(x.float(), w, bias.bfloat16().float())
+    assert float((y.float() - ref).abs().max()) <= 2**-7 * float(ref.abs().max())
+    tiles.clear()
+    lin(x[:5], bias), lin(x.float(), bias)  # below the rows, and fp32: the int8 tiles
+    monkeypatch.setattr(quant_native, "bf16_gemm_rows", lambda: None)
+    lin(x, bias)
+    assert tiles == []
+
+
+def test_fused_prefill_hands_long_chunks_to_the_bf16_gemm_on_wide_bf16_models(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """MoeDecoder: where the CPU has a bf16 GEMM, a bf16 model at least BF16_PREFILL_MIN_HIDDEN wide
+    sends prompt chunks above bf16_gemm_rows() tokens to the torch layers (whose products use it);
+    narrower, fp32, or without the GEMM, the fused layers keep chunks up to 128 tokens."""
+    import localglm
+    import localglm.models.moe_decoder as moe_decoder
+    from localglm.models.glm4_moe.tiny import TinySpec
+    from localglm.tiny import make_tiny
+
+    path = make_tiny(tmp_path / "m", TinySpec())
+    monkeypatch.setattr(moe_decoder, "BF16_PREFILL_MIN_HIDDEN", 64)
+    monkeypatch.setattr(moe_decoder, "bf16_gemm_rows", lambda: 48)
+    assert localglm.load(str(path)).net.fused_prefill_max == 48
+    assert localglm.load(str(path), dtype="float32").net.fused_prefill_max == 128
+    monkeypatch.setattr(moe_decoder, "BF16_PREFILL_MIN_HIDDEN", 1 << 20)
+    assert localglm.load(str(path)).net.fused_prefill_max == 128
+    monkeypatch.setattr(moe_decoder, "BF16_PREFILL_MIN_HIDDEN", 64)
+    monkeypatch.setattr(moe_decoder, "bf16_gemm_rows", lambda: None)
+    assert localglm.load(str(path)).net.fused_prefill_max == 128

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from quant.native import bf16_gemm_rows
+
 from ..config import ModelConfig
 from ..layers.experts import ExpertBackend, InMemoryExperts
 from ..layers.kv_cache import HostRows, TokenCache
@@ -138,6 +140,12 @@ class MoeRouting:
         return {i: (lw.post_attention_norm, lw.router) for i, lw in enumerate(self.w.layers) if lw.router is not None}
 
 
+# The narrowest model whose prompt chunks above quant.native.BF16_GEMM_ROWS tokens leave the fused layers
+# for the bf16 GEMM where the CPU has one: at smaller widths the torch ops' per-call cost outweighs it
+# (the packaged 256-wide model's fused prefill is 1.3-12x the torch layers' at 8-128 tokens).
+BF16_PREFILL_MIN_HIDDEN = 2048
+
+
 def native_forward(model: MoeDecoder, tokens: int) -> bool:
     """Whether a forward of this many tokens should try the fused native layers (MoeDecoder's flags)."""
     if tokens == 1:
@@ -168,6 +176,11 @@ class MoeDecoder(MoeRouting):
         # weight row for 4 tokens at a time, which beats torch's ops up to ~128 tokens and loses to its
         # GEMMs beyond (default model, 1-2 threads: 1.3-12x at 8-128 tokens, 0.64x at 256).
         self.fused_prefill_max = 128
+        rows = bf16_gemm_rows()
+        if rows is not None and self.dtype == torch.bfloat16 and device.type == "cpu" and cfg.hidden_size >= BF16_PREFILL_MIN_HIDDEN:
+            # A CPU with a native bf16 GEMM (AVX512-BF16, AMX) at real widths: longer chunks go to the torch
+            # layers, whose products run through it (quant.native.bf16_tiled_linear: ~2x the int8 tiles there)
+            self.fused_prefill_max = rows
         self._fused: Any = False  # False: not built yet; None: the native path does not take this model
         self._head: RowsProduct | None = None  # the lm_head's few-row product, made at first use
 
