@@ -141,9 +141,11 @@ class MoeRouting:
 
 
 # The narrowest model whose prompt chunks above quant.native.BF16_GEMM_ROWS tokens leave the fused layers
-# for the bf16 GEMM where the CPU has one: at smaller widths the torch ops' per-call cost outweighs it
-# (the packaged 256-wide model's fused prefill is 1.3-12x the torch layers' at 8-128 tokens).
-BF16_PREFILL_MIN_HIDDEN = 2048
+# for the bf16 GEMM where the CPU has one: at smaller widths the torch ops' per-call cost eats the gain.
+# Zen 4, 1 thread, 128-token prompt, CPU s fused -> torch layers with the bf16 GEMM: the ~0.9B model
+# (1024 wide) q2 0.74 -> 0.59, q4 0.77 -> 0.65, q8 0.74 -> 0.61; GLM-4.5-Air widths (4096) q4 3.2 -> 2.3-2.7;
+# the packaged 256-wide model 0.024 either way.
+BF16_PREFILL_MIN_HIDDEN = 1024
 
 
 def native_forward(model: MoeDecoder, tokens: int) -> bool:
