@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .formats import QuantError, QuantSpec
+from .native import bf16_gemm_rows, bf16_tiled_linear
 
 
 QK_K = 256
@@ -243,6 +244,8 @@ class KQuantLib:
             fn.restype = i
         self._lib.kq_dequant.argtypes = [i, p, i, i, p, i]
         self._lib.kq_dequant.restype = i
+        self._lib.kq_dequant_bf16.argtypes = [i, p, i, i, i, i, p, i]
+        self._lib.kq_dequant_bf16.restype = i
 
     def matmul(self, spec: GGMLSpec, data: torch.Tensor, shape: tuple[int, int], x: torch.Tensor, int8: bool = False) -> torch.Tensor:
         """x [T, K] @ W.T in fp32: with fp32 activations (exact to fp32 rounding), or `int8` (activations
@@ -256,6 +259,14 @@ class KQuantLib:
         if rc:
             raise QuantError(f"native {spec.ggml} kernel refused [{n}, {k}] x {x.shape[0]} rows (code {rc})")
         return y
+
+    def dequantize_bf16(self, spec: GGMLSpec, data: torch.Tensor, shape: tuple[int, int], n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows [n0, n1) as bf16 [n1 - n0, K] in out's first values (quant.native.bf16_tiled_linear's tile):
+        `dequantize`'s floats rounded to nearest even."""
+        n, k = shape
+        if self._lib.kq_dequant_bf16(spec.type.cid, data.data_ptr(), n, k, n0, n1, out.data_ptr(), torch.get_num_threads()):
+            raise QuantError(f"native {spec.ggml} dequantize refused rows [{n0}, {n1}) of [{n}, {k}]")
+        return out[: (n1 - n0) * k].view(n1 - n0, k)
 
     def dequantize(self, spec: GGMLSpec, data: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
         n, k = shape
@@ -291,6 +302,11 @@ class GGMLKernel:
         spec, shape, data = self.spec, self.shape, self.data
         lead = x.shape[:-1]
         x2 = x.reshape(-1, shape[1])
+        bf16_from = bf16_gemm_rows() if x2.dtype == torch.bfloat16 else None
+        if self.lib is not None and data.device.type == "cpu" and bf16_from is not None and x2.shape[0] >= bf16_from:
+            lib = self.lib  # a prompt chunk on a CPU with a native bf16 GEMM: the blocks to bf16 a tile at a time
+            y = bf16_tiled_linear(x2.contiguous(), shape[0], shape[1], lambda n0, n1, buf: lib.dequantize_bf16(spec, data, shape, n0, n1, buf), bias)
+            return y.view(*lead, shape[0])
         if self.lib is not None and data.device.type == "cpu":
             if x2.shape[0] <= NATIVE_MAX_ROWS:
                 y = self.lib.matmul(spec, data, shape, x2, int8=True)

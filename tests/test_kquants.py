@@ -106,6 +106,38 @@ def test_native_dequantize_is_bit_exact_with_gguf(name: str, lib: kquants.KQuant
 
 
 @pytest.mark.parametrize("name", TYPES)
+def test_native_bf16_rows_are_the_reference_rounded_to_bf16(name: str, lib: kquants.KQuantLib) -> None:
+    """kq_dequant_bf16 (a prompt's bf16 GEMM tile): rows [n0, n1) of the gguf reference, rounded to nearest even."""
+    b = random_blocks(name, 64, seed=3)
+    t, n = GGML_TYPES[name], 8
+    k = 64 // n * t.block
+    buf = torch.empty(n * k, dtype=torch.bfloat16)
+    got = lib.dequantize_bf16(GGMLSpec.of(name), torch.from_numpy(b), (n, k), 2, 7, buf)
+    want = torch.from_numpy(reference(b, name).reshape(n, k)[2:7].astype(np.float32)).to(torch.bfloat16)
+    assert torch.equal(got, want)
+
+
+def test_gguf_prompt_rows_take_the_bf16_gemm_where_the_cpu_has_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GGMLKernel: bf16 rows from bf16_gemm_rows() on go through bf16 tiles of the blocks and torch's GEMM
+    (the product of the reference weight rounded to bf16, to bf16 rounding); fewer rows keep the int8 kernel."""
+    if kquant_lib() is None:
+        pytest.skip("no C compiler: the native kernels are not built")
+    qt = tensor_of("Q4_K", 300, 512, seed=4, dtype=torch.bfloat16)
+    monkeypatch.setattr(kquants, "bf16_gemm_rows", lambda: 6)
+    calls: list[tuple[int, int]] = []
+    real = kquants.KQuantLib.dequantize_bf16
+    monkeypatch.setattr(kquants.KQuantLib, "dequantize_bf16", lambda self, spec, data, shape, n0, n1, out: calls.append((n0, n1)) or real(self, spec, data, shape, n0, n1, out))
+    x = torch.randn(8, 512).bfloat16()
+    y = qt.matmul(x)
+    assert calls == [(0, 256), (256, 300)] and y.dtype == torch.bfloat16
+    ref = F.linear(x.float(), qt.dequantize(torch.float32).to(torch.bfloat16).float())
+    assert float((y.float() - ref).abs().max()) <= 2**-7 * float(ref.abs().max())
+    calls.clear()
+    qt.matmul(x[:5])
+    assert calls == []
+
+
+@pytest.mark.parametrize("name", TYPES)
 @pytest.mark.parametrize("rows", [1, 3, 19])
 def test_native_matmul_matches_torch_fallback(name: str, rows: int, lib: kquants.KQuantLib) -> None:
     qt = tensor_of(name, 40, 512, seed=3)

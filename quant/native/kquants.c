@@ -263,6 +263,35 @@ int kq_dequant(int type, const uint8_t *w, int n, int k, float *out, int nth) {
     return 0;
 }
 
+/* Rows [n0, n1) of W as bf16 into out [(n1 - n0), k]: kq_dequant's floats rounded to nearest even (a prompt's
+ * bf16 GEMM tile: quant/native.py bf16_tiled_linear). 0, or -1 for a bad type / shape / range. */
+#define DEQUANT_BF16_OF(TYPE)                                                                                        \
+    case TYPE:                                                                                                       \
+        _Pragma("omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(n1 - n0, nth))") for (int r = n0; r < n1; r++) { \
+            float *tmp = malloc((size_t)k * sizeof(float));                                                          \
+            uint16_t *o = out + (size_t)(r - n0) * k;                                                                \
+            if (!tmp) { /* out of memory: NaNs, seen, not a silently wrong product */                                \
+                for (int i = 0; i < k; i++) o[i] = 0x7fc0;                                                           \
+                continue;                                                                                            \
+            }                                                                                                        \
+            dequant_row(TYPE, w + (size_t)r * row_bytes, k, tmp);                                                    \
+            row_to_bf16(tmp, k, o);                                                                                  \
+            free(tmp);                                                                                               \
+        }                                                                                                            \
+        break;
+
+int kq_dequant_bf16(int type, const uint8_t *w, int n, int k, int n0, int n1, uint16_t *out, int nth) {
+    if (!valid(type, n, k) || n0 < 0 || n1 > n || n0 > n1) return -1;
+    const size_t row_bytes = (size_t)(k / INFO[type].block) * INFO[type].nbytes;
+    if ((size_t)(n1 - n0) * k < (1u << 16)) nth = 1;
+    switch (type) {
+        DEQUANT_BF16_OF(KQ_Q4_0) DEQUANT_BF16_OF(KQ_Q5_0) DEQUANT_BF16_OF(KQ_Q2_K) DEQUANT_BF16_OF(KQ_Q3_K) DEQUANT_BF16_OF(KQ_Q4_K)
+        DEQUANT_BF16_OF(KQ_Q5_K) DEQUANT_BF16_OF(KQ_Q6_K) DEQUANT_BF16_OF(KQ_IQ4_XS) DEQUANT_BF16_OF(KQ_Q4_1) DEQUANT_BF16_OF(KQ_Q5_1)
+        DEQUANT_BF16_OF(KQ_IQ4_NL)
+    }
+    return 0;
+}
+
 /* ---- int8 activations: codes times int8 x as integers (llama.cpp's vec_dot approach) ----
  * The activations are rounded to int8 per block of `act_block` values, as llama.cpp's Q8_K / Q8_0
  * do: 256 for the K-quant types (one scale per super-block, so a super-block's code products and

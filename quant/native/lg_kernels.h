@@ -83,6 +83,24 @@ static inline float load_val(const void *p, int dtype, size_t i) {
     return dtype == 1 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
+#ifdef __AVX2__
+/* Eight floats to bf16 at o, rounded to nearest even as float_to_bf16 (finite values: weights). */
+static inline void store_bf16x8(uint16_t *o, __m256 f) {
+    const __m256i u = _mm256_castps_si256(f);
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))), 16);
+    _mm_storeu_si128((__m128i *)o, _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08)));
+}
+#endif
+
+/* k floats of finite weights to bf16 (round to nearest even). */
+static inline void row_to_bf16(const float *x, int k, uint16_t *o) {
+    int i = 0;
+#ifdef __AVX2__
+    for (; i + 8 <= k; i += 8) store_bf16x8(o + i, _mm256_loadu_ps(x + i));
+#endif
+    for (; i < k; i++) o[i] = float_to_bf16(x[i]);
+}
+
 static inline void load_row(const void *src, int dtype, size_t offset, int k, float *dst) {
     if (dtype == 1) {
         const uint16_t *h = (const uint16_t *)src + offset;

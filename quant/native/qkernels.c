@@ -1003,12 +1003,6 @@ void lg_dequant(const lg_qtensor *w, float *out, int nth) {
  * about twice the int8 tiles' rate there. Vectorised: the same products and sums as dequant_row
  * (-ffp-contract=off keeps them two roundings), eight weights at a time. */
 #ifdef __AVX2__
-static inline void store_bf16x8(uint16_t *o, __m256 f) {
-    const __m256i u = _mm256_castps_si256(f);
-    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))), 16);
-    _mm_storeu_si128((__m128i *)o, _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08)));
-}
-
 /* The 32 codes of a q2/q4 block in natural order (element i: byte i / per, bits (i % per) * bits). */
 static inline void block_codes(const uint8_t *p, int bits, __m128i *lo16, __m128i *hi16) {
     if (bits == 4) {
@@ -1062,7 +1056,7 @@ static void dequant_row_bf16(const lg_qtensor *w, int n, uint16_t *o, float *tmp
         return;
     }
     dequant_row(w, n, tmp);
-    for (int i = 0; i < K; i++) o[i] = float_to_bf16(tmp[i]);
+    row_to_bf16(tmp, K, o);
 }
 
 void lg_dequant_bf16(const lg_qtensor *w, int n0, int n1, uint16_t *out, int nth) {
