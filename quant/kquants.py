@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .formats import QuantError, QuantSpec
-from .native import bf16_gemm_rows, bf16_tiled_linear
+from .native import MAT_GGML, LgMat, bf16_gemm_rows, bf16_tiled_linear
 
 
 QK_K = 256
@@ -117,6 +117,14 @@ class GGMLSpec(QuantSpec):
 
     def section_sizes(self, shape: tuple[int, int]) -> dict[str, int]:
         return {"data": shape[0] * self.row_bytes(shape[1])}
+
+    def lg_mat(self, qt: object, bias: int | None) -> LgMat | None:
+        """The C view of a tensor of this type for the fused decode (quant.native.describe_matrix asks the
+        spec: an LgMat of kind GGML, `bias` an fp32 address or None), or None where no native K-quant
+        kernels run it (kquant_lib() None, not on the CPU, rows not whole blocks)."""
+        if kquant_lib() is None or qt.device.type != "cpu" or qt.buf.numel() == 0 or qt.shape[1] % self.type.block:  # type: ignore[attr-defined]
+            return None
+        return LgMat(MAT_GGML, qt.shape[0], qt.shape[1], self.type.cid, qt.section("data").data_ptr(), bias)  # type: ignore[attr-defined]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -228,8 +228,8 @@ class NativeLib:
         if isinstance(w, QuantStack):
             return cls._describe_stack(w, dtype, bias)
         if isinstance(w, QuantTensor):
-            if w.spec.raw_blocks:
-                return cls._describe_blocks(w, b)
+            if w.spec.raw_blocks:  # GGUF blocks as stored: their spec (quant.kquants.GGMLSpec) gives the view
+                return w.spec.lg_mat(w, b)  # type: ignore[attr-defined]
             if not cls.supports(w):
                 return None
             return LgMat(MAT_Q, w.shape[0], w.shape[1], 0, None, b, cls.describe(w))
@@ -237,16 +237,6 @@ class NativeLib:
                 or not w.is_contiguous() or w.device.type != "cpu"):
             return None
         return LgMat(MAT_F32 if dtype == torch.float32 else MAT_BF16, w.shape[0], w.shape[1], 0, w.data_ptr(), b)
-
-    @staticmethod
-    def _describe_blocks(qt: QuantTensor, bias: int | None) -> LgMat | None:
-        """GGUF blocks as stored (kind 3): the kquants.c type and the blocks; None off the CPU, or where
-        quant.kquants runs no native K-quant kernels (its torch fallback then multiplies them)."""
-        from . import kquants
-
-        if kquants.kquant_lib() is None or qt.device.type != "cpu" or qt.buf.numel() == 0 or qt.shape[1] % qt.spec.type.block:  # type: ignore[attr-defined]
-            return None
-        return LgMat(MAT_GGML, qt.shape[0], qt.shape[1], qt.spec.type.cid, qt.section("data").data_ptr(), bias)  # type: ignore[attr-defined]
 
     @classmethod
     def _describe_stack(cls, st: object, dtype: torch.dtype, bias: torch.Tensor | None) -> LgMat | None:
