@@ -66,9 +66,13 @@ static inline __attribute__((always_inline)) void decode(int type, const uint8_t
         const int o = type == KQ_Q5_1 ? 2 : 0, zero = type == KQ_Q5_1 ? 0 : 16;
         uint32_t qh;
         memcpy(&qh, b + 2 + o, 4);
-        if (q) for (int j = 0; j < 16; j++) {
-            q[j] = (int8_t)(((b[6 + o + j] & 15) | (((qh >> j) & 1) << 4)) - zero);
-            q[j + 16] = (int8_t)(((b[6 + o + j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - zero);
+        if (q) {
+            uint8_t hb[32]; /* the fifth bits, one byte each (bit j of qh for code j) */
+            for (int j = 0; j < 32; j++) hb[j] = (uint8_t)(((qh >> j) & 1) << 4);
+            for (int j = 0; j < 16; j++) {
+                q[j] = (int8_t)(((b[6 + o + j] & 15) | hb[j]) - zero);
+                q[j + 16] = (int8_t)(((b[6 + o + j] >> 4) | hb[j + 16]) - zero);
+            }
         }
         sc[0] = f16(b);
         if (o) mn[0] = -f16(b + 2);
@@ -134,8 +138,9 @@ static inline __attribute__((always_inline)) void decode(int type, const uint8_t
                 q[c * 64 + l] = (int8_t)(qs[c * 32 + l] & 15);
                 q[c * 64 + 32 + l] = (int8_t)(qs[c * 32 + l] >> 4);
             }
-        if (q && type == KQ_Q5_K)
-            for (int i = 0; i < QK_K; i++) q[i] = (int8_t)(q[i] | (((qh[i & 31] >> (i >> 5)) & 1) << 4));
+        if (q && type == KQ_Q5_K) /* the fifth bit of code 32 c + l is bit c of qh[l]: a constant shift per c, so the loop vectorises */
+            for (int c = 0; c < 8; c++)
+                for (int l = 0; l < 32; l++) q[c * 32 + l] = (int8_t)(q[c * 32 + l] | (((qh[l] >> c) & 1) << 4));
         break;
     }
     case KQ_Q6_K: {
