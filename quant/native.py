@@ -327,10 +327,10 @@ NATIVE_MAX_ROWS = 128
 # core on Zen 4 against 30-50 for the int8 tiles), bf16 activations of at least this many rows (a prompt
 # chunk) go through it instead: the weight dequantized to bf16 BF16_TILE_ROWS rows at a time (the
 # tile stays in cache; no dense copy of the weight), each tile multiplied by torch. Zen 4, 1 thread,
-# G multiply-adds/s, int8 tiles / this route (its dequantization included), 4096 x 4096: q8 30 / 62
-# at 48 rows, 35 / 83 at 128; q4 41 / 60 and 46 / 86; q2 33 / 53 and 38 / 78 (at 32 rows q4 / q2 about
-# even). llama.cpp takes its K-quants in prompts the same way (its tiled bf16 mul_mat).
-BF16_GEMM_ROWS = 48
+# G multiply-adds/s, int8 tiles / this route (its dequantization included), 4096 x 4096: q8 40 / 41 at
+# 16 rows, 43 / 59 at 32, 35 / 83 at 128; q4 39 / 35, 43 / 54, 46 / 86; q2 39 / 27, 33 / 51, 38 / 78 (even
+# at about 24 rows). llama.cpp takes its K-quants in prompts the same way (its tiled bf16 mul_mat).
+BF16_GEMM_ROWS = 32
 BF16_TILE_ROWS = 256
 
 
