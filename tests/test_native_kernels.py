@@ -393,7 +393,7 @@ def test_prompt_rows_take_the_bf16_gemm_where_the_cpu_has_one(monkeypatch: pytes
 
 def test_fused_prefill_hands_long_chunks_to_the_bf16_gemm_on_wide_bf16_models(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """MoeDecoder: where the CPU has a bf16 GEMM, a bf16 model at least BF16_PREFILL_MIN_HIDDEN wide
-    sends prompt chunks above bf16_gemm_rows() tokens to the torch layers (whose products use it);
+    sends prompt chunks of bf16_gemm_rows() tokens or more to the torch layers (whose products use it);
     narrower, fp32, or without the GEMM, the fused layers keep chunks up to 128 tokens."""
     import localglm
     import localglm.models.moe_decoder as moe_decoder
@@ -403,7 +403,7 @@ def test_fused_prefill_hands_long_chunks_to_the_bf16_gemm_on_wide_bf16_models(mo
     path = make_tiny(tmp_path / "m", TinySpec())
     monkeypatch.setattr(moe_decoder, "BF16_PREFILL_MIN_HIDDEN", 64)
     monkeypatch.setattr(moe_decoder, "bf16_gemm_rows", lambda: 48)
-    assert localglm.load(str(path)).net.fused_prefill_max == 48
+    assert localglm.load(str(path)).net.fused_prefill_max == 47  # chunks of 48 tokens or more: the torch layers
     assert localglm.load(str(path), dtype="float32").net.fused_prefill_max == 128
     monkeypatch.setattr(moe_decoder, "BF16_PREFILL_MIN_HIDDEN", 1 << 20)
     assert localglm.load(str(path)).net.fused_prefill_max == 128

@@ -140,7 +140,7 @@ class MoeRouting:
         return {i: (lw.post_attention_norm, lw.router) for i, lw in enumerate(self.w.layers) if lw.router is not None}
 
 
-# The narrowest model whose prompt chunks above quant.native.BF16_GEMM_ROWS tokens leave the fused layers
+# The narrowest model whose prompt chunks of quant.native.BF16_GEMM_ROWS tokens or more leave the fused layers
 # for the bf16 GEMM where the CPU has one: at smaller widths the torch ops' per-call cost eats the gain.
 # Zen 4, 1 thread, 128-token prompt, CPU s fused -> torch layers with the bf16 GEMM: the ~0.9B model
 # (1024 wide) q2 0.74 -> 0.59, q4 0.77 -> 0.65, q8 0.74 -> 0.61; GLM-4.5-Air widths (4096) q4 3.2 -> 2.3-2.7;
@@ -182,7 +182,8 @@ class MoeDecoder(MoeRouting):
         if rows is not None and self.dtype == torch.bfloat16 and device.type == "cpu" and cfg.hidden_size >= BF16_PREFILL_MIN_HIDDEN:
             # A CPU with a native bf16 GEMM (AVX512-BF16, AMX) at real widths: longer chunks go to the torch
             # layers, whose products run through it (quant.native.bf16_tiled_linear: ~2x the int8 tiles there)
-            self.fused_prefill_max = rows
+            # from the same row count on
+            self.fused_prefill_max = rows - 1
         self._fused: Any = False  # False: not built yet; None: the native path does not take this model
         self._head: RowsProduct | None = None  # the lm_head's few-row product, made at first use
 
