@@ -405,7 +405,12 @@ class NativeExpert:
         return self._route[0][:rows], self._route[1][:rows]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, H] -> [T, H] in fp32: the caller sums experts in fp32, as the MoE kernel does inside."""
+        """x [T, H] -> [T, H] in fp32: the caller sums experts in fp32, as the MoE kernel does inside. bf16
+        rows from bf16_gemm_rows() on (a prompt's tokens that chose this expert) go through the bf16 GEMM."""
+        rows = bf16_gemm_rows() if x.dtype == torch.bfloat16 else None
+        if rows is not None and x.shape[0] >= rows:
+            gate, up = self.gate_up.matmul(x).float().chunk(2, dim=-1)
+            return self.down.matmul((torch.nn.functional.silu(gate) * up).to(torch.bfloat16)).float()
         if x.shape[0] > NATIVE_MAX_ROWS:
             gate, up = self.gate_up.matmul(x.float()).chunk(2, dim=-1)
             return self.down.matmul(torch.nn.functional.silu(gate) * up)

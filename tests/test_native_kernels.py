@@ -410,3 +410,33 @@ def test_fused_prefill_hands_long_chunks_to_the_bf16_gemm_on_wide_bf16_models(mo
     monkeypatch.setattr(moe_decoder, "BF16_PREFILL_MIN_HIDDEN", 64)
     monkeypatch.setattr(moe_decoder, "bf16_gemm_rows", lambda: None)
     assert localglm.load(str(path)).net.fused_prefill_max == 128
+
+
+def test_prompt_experts_chosen_by_many_tokens_take_the_bf16_gemm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """QuantizedExperts on a bf16 prompt where the CPU has a bf16 GEMM: experts chosen by bf16_gemm_rows()
+    tokens or more go through it (NativeExpert), the others through the int8 MoE kernel one at a time --
+    the layer's output close to the whole-layer kernel's (bf16 rounding), and with the route off equal to it."""
+    import localglm.layers.experts as experts_mod
+    from localglm.layers.experts import QuantizedExperts
+
+    lib = native_lib()
+    torch.manual_seed(2)
+    hidden, inter, n_exp = 128, 64, 4
+    lay = ExpertBlobLayout(hidden, inter, QuantSpec.for_bits(4), QuantSpec.for_bits(4))
+    blobs = torch.stack([quantize_expert(lay, torch.randn(inter, hidden) * 0.1, torch.randn(inter, hidden) * 0.1, torch.randn(hidden, inter) * 0.1)
+                         for _ in range(n_exp)])  # fmt: skip
+    experts = QuantizedExperts({0: lay}, {0: blobs}, torch.bfloat16)
+    x = torch.randn(12, hidden).bfloat16()
+    ids = torch.tensor([[0, 1]] * 10 + [[2, 3]] * 2)  # experts 0 and 1: 10 tokens each; 2 and 3: 2 each
+    wts = torch.rand(12, 2)
+    whole = lib.moe(*experts._native_layers[0], x, ids, wts).bfloat16()
+    calls: list[int] = []
+    real = quant_native.NativeLinear.__call__
+    monkeypatch.setattr(quant_native.NativeLinear, "__call__", lambda self, x_, bias=None: calls.append(x_.shape[0]) or real(self, x_, bias))
+    monkeypatch.setattr(quant_native, "bf16_gemm_rows", lambda: 8)
+    monkeypatch.setattr(experts_mod, "bf16_gemm_rows", lambda: 8)
+    split = experts.forward(0, x, ids, wts)
+    assert calls == [10, 10, 10, 10]  # gate_up and down of experts 0 and 1 through NativeLinear's bf16 route
+    assert float((split.float() - whole.float()).norm() / whole.float().norm()) < 2e-2
+    monkeypatch.setattr(experts_mod, "bf16_gemm_rows", lambda: None)
+    assert torch.equal(experts.forward(0, x, ids, wts), whole)
