@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .formats import QuantError, QuantSpec
-from .native import MAT_GGML, LgMat, bf16_gemm_rows, bf16_tiled_linear
+from .native import MAT_GGML, LgMat, bf16_gemm_takes, bf16_tiled_linear
 
 
 QK_K = 256
@@ -310,8 +310,7 @@ class GGMLKernel:
         spec, shape, data = self.spec, self.shape, self.data
         lead = x.shape[:-1]
         x2 = x.reshape(-1, shape[1])
-        bf16_from = bf16_gemm_rows() if x2.dtype == torch.bfloat16 else None
-        if self.lib is not None and data.device.type == "cpu" and bf16_from is not None and x2.shape[0] >= bf16_from:
+        if self.lib is not None and data.device.type == "cpu" and bf16_gemm_takes(x2.dtype, x2.shape[0]):
             lib = self.lib  # a prompt chunk on a CPU with a native bf16 GEMM: the blocks to bf16 a tile at a time
             y = bf16_tiled_linear(x2.contiguous(), shape[0], shape[1], lambda n0, n1, buf: lib.dequantize_bf16(spec, data, shape, n0, n1, buf), bias)
             return y.view(*lead, shape[0])

@@ -342,6 +342,13 @@ def bf16_gemm_rows() -> int | None:
     return None if cpu_bf16_gemm_is_slow() else BF16_GEMM_ROWS
 
 
+def bf16_gemm_takes(dtype: torch.dtype, rows: int) -> bool:
+    """Whether `rows` activations of `dtype` (a prompt chunk, an expert's tokens) go through the bf16 GEMM:
+    bf16, on a CPU that has it, bf16_gemm_rows() rows or more."""
+    least = bf16_gemm_rows() if dtype == torch.bfloat16 else None
+    return least is not None and rows >= least
+
+
 def bf16_tiled_linear(x: torch.Tensor, n: int, k: int, dequant_tile: Callable[[int, int, torch.Tensor], torch.Tensor],
                       bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, K] bf16 @ W.T (+ bias) -> [T, N] bf16, W given a tile of rows at a time by dequant_tile(n0,
@@ -374,8 +381,7 @@ class NativeLinear:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         b = None if bias is None else self._fp32_bias(bias)
-        bf16_from = bf16_gemm_rows() if x2.dtype == torch.bfloat16 else None
-        if bf16_from is not None and x2.shape[0] >= bf16_from:
+        if bf16_gemm_takes(x2.dtype, x2.shape[0]):
             n, k = self.desc.n, self.desc.k
             y = bf16_tiled_linear(x2.contiguous(), n, k, lambda n0, n1, buf: self.lib.dequantize_bf16(self.desc, n0, n1, buf), bias)
         elif x2.shape[0] <= NATIVE_MAX_ROWS:
@@ -407,8 +413,7 @@ class NativeExpert:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> [T, H] in fp32: the caller sums experts in fp32, as the MoE kernel does inside. bf16
         rows from bf16_gemm_rows() on (a prompt's tokens that chose this expert) go through the bf16 GEMM."""
-        rows = bf16_gemm_rows() if x.dtype == torch.bfloat16 else None
-        if rows is not None and x.shape[0] >= rows:
+        if bf16_gemm_takes(x.dtype, x.shape[0]):
             gate, up = self.gate_up.matmul(x).float().chunk(2, dim=-1)
             return self.down.matmul((torch.nn.functional.silu(gate) * up).to(torch.bfloat16)).float()
         if x.shape[0] > NATIVE_MAX_ROWS:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import localglm
 from quant import kquants
+from quant import native as quant_native
 from quant.blob import ExpertBlobLayout, PreparedExpert
 from quant.formats import QuantError, QuantSpec, QuantTensor
 from quant.gguf_packed import gguf_to_quant
@@ -123,7 +124,7 @@ def test_gguf_prompt_rows_take_the_bf16_gemm_where_the_cpu_has_one(monkeypatch: 
     if kquant_lib() is None:
         pytest.skip("no C compiler: the native kernels are not built")
     qt = tensor_of("Q4_K", 300, 512, seed=4, dtype=torch.bfloat16)
-    monkeypatch.setattr(kquants, "bf16_gemm_rows", lambda: 6)
+    monkeypatch.setattr(quant_native, "bf16_gemm_rows", lambda: 6)
     calls: list[tuple[int, int]] = []
     real = kquants.KQuantLib.dequantize_bf16
     monkeypatch.setattr(kquants.KQuantLib, "dequantize_bf16", lambda self, spec, data, shape, n0, n1, out: calls.append((n0, n1)) or real(self, spec, data, shape, n0, n1, out))

@@ -434,9 +434,8 @@ def test_prompt_experts_chosen_by_many_tokens_take_the_bf16_gemm(monkeypatch: py
     real = quant_native.NativeLinear.__call__
     monkeypatch.setattr(quant_native.NativeLinear, "__call__", lambda self, x_, bias=None: calls.append(x_.shape[0]) or real(self, x_, bias))
     monkeypatch.setattr(quant_native, "bf16_gemm_rows", lambda: 8)
-    monkeypatch.setattr(experts_mod, "bf16_gemm_rows", lambda: 8)
     split = experts.forward(0, x, ids, wts)
     assert calls == [10, 10, 10, 10]  # gate_up and down of experts 0 and 1 through NativeLinear's bf16 route
     assert float((split.float() - whole.float()).norm() / whole.float().norm()) < 2e-2
-    monkeypatch.setattr(experts_mod, "bf16_gemm_rows", lambda: None)
+    monkeypatch.setattr(quant_native, "bf16_gemm_rows", lambda: None)
     assert torch.equal(experts.forward(0, x, ids, wts), whole)

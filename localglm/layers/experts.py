@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from quant.native import NATIVE_MAX_ROWS, LgMat, bf16_gemm_rows
+from quant.native import NATIVE_MAX_ROWS, LgMat, bf16_gemm_takes
 
 from .linear import linear
 from .native import LayerLib, native
@@ -221,10 +221,10 @@ class QuantizedExperts:
 
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
         native = self._native_layers.get(layer)
-        rows = bf16_gemm_rows() if x.dtype == torch.bfloat16 else None
-        if native is not None and rows is not None and x.shape[0] >= rows:
-            # A prompt on a CPU with a native bf16 GEMM: experts that rows tokens or more chose take it
-            # (NativeExpert), the others the int8 kernel one expert at a time (the MoE kernel's numbers)
+        if native is not None and bf16_gemm_takes(x.dtype, x.shape[0]) and bf16_gemm_takes(x.dtype, int(torch.bincount(expert_ids.reshape(-1)).max())):
+            # A prompt on a CPU with a native bf16 GEMM, an expert chosen by enough of its tokens for it:
+            # those experts take it (NativeExpert), the others the int8 kernel one expert at a time (the
+            # MoE kernel's numbers); with no such expert, the whole layer stays in one call below
             experts = self.prepared[layer]
             return combine_experts(x, expert_ids, expert_weights, lambda e, xs: experts[e](xs))
         # One native call for the layer while no expert has more tokens than the native kernel takes
