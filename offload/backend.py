@@ -2,7 +2,10 @@
 
 Per MoE call: the call's experts are pinned; each is a hit (computed from its device slot), or a
 miss that the cost model sends either to the device (copied into a slot, evicting the policy's
-victim) or to the CPU (computed from the host blob). `hint` gets the hidden state entering each MoE
+victim) or to the CPU (computed from the host blob). A call with more experts than its class has
+slots (a prompt chunk) runs in waves: a copy that found every slot pinned is retried when its turn
+to compute comes, after the call's experts computed before it were unpinned, so `miss="copy"`
+never computes on the CPU (the same numbers as the experts resident on the device). `hint` gets the hidden state entering each MoE
 layer, predicts that layer's and the next one's experts by applying their routers to it, and
 prefetches them into free or cold slots.
 Router statistics are counted online, seed the stat policy and the initial cache contents, and
@@ -101,6 +104,7 @@ class OffloadedExperts:
         self._saved_tokens = self.stats.tokens
         self._prepared_slot: dict[int, tuple[int, Any]] = {}
         self._prepared_host: dict[tuple[int, int], Any] = {}
+        self._deferred: dict[int, float] = {}  # this call's experts whose copy waits for a slot (expert -> clock)
         if preload and self.stats.tokens and n_slots > 0:
             for key in self.stats.hottest(self.n_keys):
                 if self.cache.has_free(key):  # each size class filled with its own hottest
@@ -189,13 +193,22 @@ class OffloadedExperts:
                 reuse = float(self.stats.counts.flat[key]) / self.stats.tokens * residency if self.stats.tokens else 0.0
                 go = self.cost.decide(tokens, reuse)
         if go == "copy" and self.cache.n_slots > 0:
-            slot = self.cache.insert(key, self.host[layer][e], t)  # async: overlaps earlier experts' compute
-            if slot is not None:
-                c.copied += 1
-                c.bytes_moved += self.codecs[layer].nbytes
+            slot = self._copy_in(layer, key, e, t)  # async: overlaps earlier experts' compute
+            if slot is None:  # every slot of its class holds one of this call's experts: next wave
+                self._deferred[e] = t
+        return slot
+
+    def _copy_in(self, layer: int, key: int, e: int, t: float) -> int | None:
+        slot = self.cache.insert(key, self.host[layer][e], t)
+        if slot is not None:
+            self.counters.copied += 1
+            self.counters.bytes_moved += self.codecs[layer].nbytes
         return slot
 
     def _compute(self, layer: int, e: int, slot: int | None, xs: torch.Tensor) -> torch.Tensor:
+        key = self.index[layer] * self.n_experts + e
+        if slot is None and e in self._deferred:  # the call's experts computed so far are unpinned now
+            slot = self._copy_in(layer, key, e, self._deferred.pop(e))
         if slot is not None:
             self.cache.wait(slot)
             self.device.compute(self.cost.gpu_s(len(xs)))
@@ -227,6 +240,7 @@ class OffloadedExperts:
             y = fn(blob, xs)
         if slot is not None:
             self.cache.used(slot)
+        self.cache.unpin([key])  # queued: a later copy into its slot waits for this compute (cache.used)
         return y
 
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
@@ -249,6 +263,7 @@ class OffloadedExperts:
         else:
             used, counts, order = group_by_expert(expert_ids)
         keys = np.asarray(used, dtype=np.int64) + li * self.n_experts
+        self._deferred.clear()
         self.cache.pin(keys)  # in use by this call: never a victim until it is done
         # Pass 1 issues every copy (one per expert, on the transfer stream); pass 2 computes in the
         # same order and arithmetic as InMemoryExperts, waiting on each expert's copy only when needed.

@@ -145,6 +145,9 @@ class ExpertCache:
     def touch(self, keys: np.ndarray, t: float) -> None:
         self.last_t[keys] = t
 
+    def unpin(self, keys: np.ndarray | list[int]) -> None:
+        self.pinned[np.asarray(keys, dtype=np.int64)] = False
+
     def unpin_all(self) -> None:
         self.pinned[:] = False
 
