@@ -84,6 +84,7 @@ class Target:
 
     rehearse: bool
     bnb_on_cpu: bool = False  # the rehearsal's bitsandbytes comparison takes minutes on a CPU: only when asked
+    profile: bool = False  # air_bench: cProfile each configuration's decode loop (the top functions go in the JSON)
 
     @property
     def device(self) -> str:  # where a model without offload runs, and where offloaded models keep their dense weights
@@ -295,12 +296,38 @@ def _compare(ref: dict[str, Any], got: dict[str, Any]) -> dict[str, Any]:
     there (a near-tie flips on rounding alone). Logit difference over the reference's sequence."""
     a, b = ref["tokens"], got["tokens"]
     out: dict[str, Any] = {"tokens_equal": a == b}
+    upto = None  # logits compared where both runs saw the same tokens: up to and including the first divergence
     if a != b:
         i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y) if any(x != y for x, y in zip(a, b)) else min(len(a), len(b))
         out.update(first_divergence=i, ref_margin_there=ref["margins"][i] if i < len(ref["margins"]) else None)
-    d = (got["logits"] - ref["logits"]).abs()
+        upto = i + 1
+    d = (got["logits"][:upto] - ref["logits"][:upto]).abs()
     out.update(max_abs_logit_diff=float(d.max()), bit_exact=bool(d.max() == 0))
     return out
+
+
+ORACLE_ENV = {"LOCALGLM_NATIVE": "0", "LOCALGLM_CPU_KERNEL": "dense"}  # quant/cpu_kernels.py: every weight dequantized, fp32 math
+
+
+def _oracle_run(path: Path, prompt: list[int], n: int, out: Path) -> dict[str, Any]:
+    """The same greedy run on the CPU with every quantized weight dequantized to float32 (no int8
+    activations, no bf16 tiles): the exact math of the stored weights, in a child process because the
+    native kernels are chosen once per process."""
+    import torch
+
+    code = (
+        "import sys, torch; sys.path.insert(0, sys.argv[1]); import gpu_check as g; "
+        "r = g._run_model(g.Path(sys.argv[2]), [int(v) for v in sys.argv[4].split(',')], int(sys.argv[3]), device='cpu'); "
+        "torch.save({k: r[k] for k in ('tokens', 'logits', 'margins')}, sys.argv[5])"
+    )
+    env = dict(os.environ, **ORACLE_ENV, PYTHONPATH=_child_pythonpath())
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(Path(__file__).resolve().parent), str(path), str(n), ",".join(map(str, prompt)), str(out)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"oracle run failed: {(proc.stderr or proc.stdout)[-600:]}")
+    return torch.load(out)
 
 
 def _run_model(path: Path, prompt: list[int], n: int, **load_kw: Any) -> dict[str, Any]:
@@ -343,9 +370,12 @@ def part_exactness(t: Target, res: PartResult) -> None:
                     qdir = tmp / f"m{mi}-q{bits}"  # quantized once by the first load, then loaded as stored by the others
                     cpu = _run_model(path, prompt, t.new_tokens, device="cpu", experts_bits=bits, save_quantized=qdir)
                     rec["tokens_cpu"] = cpu["tokens"]
+                    oracle = _oracle_run(qdir, prompt, t.new_tokens, tmp / f"oracle-{mi}-{bits}.pt")
+                    rec["cpu_vs_oracle"] = _compare(oracle, cpu)  # the CPU kernels' own rounding (int8 activations)
                     gpu = cpu if t.rehearse else _run_model(qdir, prompt, t.new_tokens, device="cuda")
                     if not t.rehearse:
                         rec["gpu_vs_cpu"] = _compare(cpu, gpu)
+                        rec["gpu_vs_oracle"] = _compare(oracle, gpu)
                     for miss in ("copy", "cost"):
                         off = _run_model(
                             qdir, prompt, t.new_tokens, device=t.device, offload=t.offload, gpu_mem=gpu_mem,
@@ -365,6 +395,7 @@ def part_exactness(t: Target, res: PartResult) -> None:
         runs=len(steps),
         tokens_equal_cpu=sum(all(s.get(k, {}).get("tokens_equal", False) for k in ("offload_copy_vs_cpu", "offload_cost_vs_cpu")) for s in steps),
         offload_bit_exact=sum(s.get("offload_copy_vs_resident", {}).get("bit_exact", False) for s in steps),
+        gpu_equal_oracle=sum(s.get("gpu_vs_oracle", {}).get("tokens_equal", False) for s in steps) if not t.rehearse else None,
         **_vram_peak(t),
     )
 
@@ -478,6 +509,28 @@ def decode_bound(per_tok: dict[str, float], blob_bytes: int, dense_read: int, bw
     return {"bound_tok_s": 1.0 / t if t > 0 else 0.0, "t_h2d_s": t_h2d, "t_gpu_s": t_gpu, "t_cpu_s": t_cpu}
 
 
+@contextmanager
+def _profiled(on: bool, rec: dict[str, Any], top: int = 45) -> Iterator[None]:
+    """With `on`: cProfile the block; its top functions by own time and by cumulative time go in rec."""
+    if not on:
+        yield
+        return
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        yield
+    finally:
+        prof.disable()
+        for key, order in (("profile_tottime", "tottime"), ("profile_cumtime", "cumulative")):
+            buf = io.StringIO()
+            pstats.Stats(prof, stream=buf).sort_stats(order).print_stats(top)
+            rec[key] = buf.getvalue().splitlines()
+
+
 def part_air_bench(t: Target, res: PartResult) -> None:
     import torch
 
@@ -570,10 +623,11 @@ def part_air_bench(t: Target, res: PartResult) -> None:
                 backend.stats_snapshot()  # start the decode delta here
                 _sync(t.device)
                 t0, sim0 = time.perf_counter(), device.elapsed_s()
-                for tok in decode_ids[2:]:
-                    net.lm_head(net.hidden_states(torch.tensor([[tok]], device=t.device), cache, cache.length)[0, -1]).argmax().item()
-                    cache.tokens.append(tok)
-                _sync(t.device)
+                with _profiled(t.profile, rec):
+                    for tok in decode_ids[2:]:
+                        net.lm_head(net.hidden_states(torch.tensor([[tok]], device=t.device), cache, cache.length)[0, -1]).argmax().item()
+                        cache.tokens.append(tok)
+                    _sync(t.device)
                 dec_s = time.perf_counter() - t0
                 sim_s = device.elapsed_s() - sim0
             last = backend.stats_snapshot()["last"]
@@ -739,6 +793,7 @@ def run_all(t: Target, out: Path, parts: tuple[str, ...]) -> dict[str, Any]:
     for part in parts:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--part", part, "--out", str(out)] + (["--rehearse"] if t.rehearse else [])
         cmd += ["--bnb-on-cpu"] if t.bnb_on_cpu else []
+        cmd += ["--profile"] if t.profile else []
         t0 = time.perf_counter()
         print(f"gpu_check: {part} (time box {t.box(part)} s) ...", file=sys.stderr, flush=True)
         try:
@@ -800,13 +855,17 @@ def render_md(report: dict[str, Any]) -> str:
     if _steps(ex):
         lines += [
             "", "Exactness: greedy tokens of the offloaded model against the CPU's (float32; experts at qN, the other weights at the recipe's defaults; a cache of a quarter of the experts, at least a layer's):", "",
-            "| model | experts | offload, copy misses = CPU | offload, cost model = CPU | offload = resident (bit-exact) | GPU = CPU | peak VRAM |",
-            "|---|---|---|---|---|---|---:|",
+            "| model | experts | offload, copy misses = CPU | offload, cost model = CPU | offload = resident (bit-exact) | GPU = CPU | GPU = fp32 oracle (max logit diff) | CPU = fp32 oracle (max logit diff) | peak VRAM |",
+            "|---|---|---|---|---|---|---|---|---:|",
         ]  # fmt: skip
         for s in _steps(ex):
             if s.get("status") != "ok" and "offload_copy_vs_cpu" not in s:
-                lines.append(f"| {s.get('model', s['step'])} | q{s.get('bits', '?')} | error: {s.get('error', '')[:100]} | | | | |")
+                lines.append(f"| {s.get('model', s['step'])} | q{s.get('bits', '?')} | error: {s.get('error', '')[:100]} | | | | | | |")
                 continue
+
+            def diff(key: str) -> str:
+                c = s.get(key)
+                return "-" if not c else f"{cell(key)} ({c['max_abs_logit_diff']:.2g})"
 
             def cell(key: str, field: str = "tokens_equal") -> str:
                 c = s.get(key)
@@ -820,11 +879,16 @@ def render_md(report: dict[str, Any]) -> str:
             peak = s.get("peak_allocated")
             lines.append(
                 f"| {s.get('model')} | q{s.get('bits')} | {cell('offload_copy_vs_cpu')} | {cell('offload_cost_vs_cpu')} | "
-                f"{cell('offload_copy_vs_resident', 'bit_exact')} | {cell('gpu_vs_cpu')} | {_f(peak / GiB if peak else None, 2)}{' GiB' if peak else ''} |"
+                f"{cell('offload_copy_vs_resident', 'bit_exact')} | {cell('gpu_vs_cpu')} | {diff('gpu_vs_oracle')} | {diff('cpu_vs_oracle')} | "
+                f"{_f(peak / GiB if peak else None, 2)}{' GiB' if peak else ''} |"
             )
     if "runs" in ex:
         lines += ["", f"Offloaded greedy tokens equal to the CPU's (both miss paths) in {ex['tokens_equal_cpu']} of {ex['runs']} runs; "
-                  f"offloaded experts bit-exact against the same experts resident in {ex['offload_bit_exact']} of {ex['runs']}."]
+                  f"offloaded experts bit-exact against the same experts resident in {ex['offload_bit_exact']} of {ex['runs']}; "
+                  f"GPU tokens equal to the fp32 oracle's in {ex.get('gpu_equal_oracle') if ex.get('gpu_equal_oracle') is not None else '- (rehearsal)'} of {ex['runs']}.",
+                  "The fp32 oracle is the CPU with every weight dequantized to float32 (`LOCALGLM_NATIVE=0 LOCALGLM_CPU_KERNEL=dense`). "
+                  "The CPU's native kernels quantize activations to int8 as llama.cpp's do, so on random models with near-tied "
+                  "logits their greedy tokens may part from the exact math's; logit differences are over the tokens both runs saw."]
     ab = p.get("air_bench", {})
     if _steps(ab) or "generate_experts_s" in ab:
         sh = ab.get("shape", {})
@@ -873,12 +937,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, type=Path, help="folder for gpu_check.md, gpu_check.json and parts/")
     ap.add_argument("--rehearse", action="store_true", help="the same parts on the CPU: simulated offload device, small shapes (<1 min)")
     ap.add_argument("--bnb-on-cpu", action="store_true", help="with --rehearse: also compare bitsandbytes on the CPU (minutes)")
+    ap.add_argument("--profile", action="store_true", help="air_bench: profile each decode loop with cProfile (top functions in parts/air_bench.json)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     ap.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)  # the child process's one part
     args = ap.parse_args(argv)
     if args.out.exists() and not args.out.is_dir():
         ap.error(f"--out {args.out}: exists and is not a folder")
-    t = Target(rehearse=args.rehearse, bnb_on_cpu=args.bnb_on_cpu)
+    t = Target(rehearse=args.rehearse, bnb_on_cpu=args.bnb_on_cpu, profile=args.profile)
     if args.part:
         run_part(args.part, t, args.out)
         return 0

@@ -2,7 +2,9 @@
 
 `prepare_cpu` picks localglm's native kernel (quant/native.py: int8 dot products on the packed
 bytes, built with the machine's C compiler at first use) wherever it is available; the torch
-kernels below are the fallback when it cannot be built (no compiler, LOCALGLM_NATIVE=0):
+kernels below are the fallback when it cannot be built (no compiler, LOCALGLM_NATIVE=0).
+`LOCALGLM_NATIVE=0 LOCALGLM_CPU_KERNEL=dense` makes every tensor a DenseKernel: in float32 the exact
+math of the dequantized weights, the oracle benchmarks/gpu_check.py holds the GPU to.
 
 - q8 -> torch's `aten._weight_int8pack_mm` takes one scale per row, our q8 has one per group of 32,
   so this fallback dequantizes the weight once, at prepare time, to a dense tensor in the compute
@@ -22,6 +24,8 @@ which beats the int kernels from about `DEQUANT_MIN_ROWS` rows on.
 """
 
 from __future__ import annotations
+
+import os
 
 from collections.abc import Callable
 from functools import cache
@@ -114,4 +118,6 @@ def prepare_cpu(qt: QuantTensor) -> Callable[..., torch.Tensor]:
     lib = native_lib()
     if lib is not None and NativeLib.supports(qt):
         return NativeLinear(lib, qt)
-    return DenseKernel(qt) if qt.spec.bits == 8 else _Int4Kernel(qt)
+    if qt.spec.bits == 8 or os.environ.get("LOCALGLM_CPU_KERNEL", "").lower() == "dense":
+        return DenseKernel(qt)
+    return _Int4Kernel(qt)

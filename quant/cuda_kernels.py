@@ -1,13 +1,12 @@
-"""CUDA matmul kernels for QuantTensor. Reviewed line by line, NOT yet run on a GPU (no session has
-had one): `python benchmarks/gpu_check.py --out DIR` runs them, with the `cuda`-marked tests, the
-first time a GPU is lent.
+"""CUDA matmul kernels for QuantTensor. First run on a GPU (an H200) on 2026-12-04 by
+`python benchmarks/gpu_check.py --out DIR` (BENCHMARKS.md, "GPU check").
 
-- q4 / q2 -> torch's tinygemm `aten._weight_int4pack_mm(x_bf16, packed, group, scales_zeros)` (sm80+,
+- q4 / q2 in a bf16 model -> torch's tinygemm `aten._weight_int4pack_mm(x_bf16, packed, group, scales_zeros)` (sm80+,
   a CUDA 12+ build): codes are packed high-nibble-first as uint8 [N, K/2] (even k in the high nibble,
   torchao's convention for the CUDA op since torch 2.5) and converted once on the GPU with
   `aten._convert_weight_to_int4pack(packed, inner_k_tiles)`; scales_zeros [K/G, N, 2] bf16 with the
   same w = (q - 8) * scale + zero convention as the CPU kernel. tinygemm takes N % 8 == 0 and
-  K % 32 == 0 only; other shapes, and GPUs older than sm80, use the dense kernel below.
+  K % 32 == 0 only; other shapes, other dtypes and GPUs older than sm80 use the dense kernel below.
 - q8 -> torch has no int8 kernel with per-group scales (`_weight_int8pack_mm` takes one per row), so
   the weight is dequantized once to the compute dtype and multiplied with cuBLAS (cpu_kernels'
   DenseKernel, which runs on any device; 2x the memory of int8 for bf16, still correct).
@@ -46,10 +45,12 @@ def _has_tinygemm(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (8, 0)
 
 
-def uses_tinygemm(spec: QuantSpec, shape: tuple[int, int], device: torch.device | None = None) -> bool:
-    """Whether a q2/q4 tensor of this shape runs through tinygemm (else the dense kernel)."""
+def uses_tinygemm(spec: QuantSpec, shape: tuple[int, int], device: torch.device | None = None, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether a q2/q4 tensor of this shape runs through tinygemm (else the dense kernel). Only for a
+    bf16 model: tinygemm rounds activations, scales and zeros to bf16, so a float32 (or float16) model
+    takes the dense kernel in its own dtype (float32 on the GPU then gives the CPU's greedy tokens)."""
     n, k = shape
-    if spec.bits == 8 or n % TINYGEMM_N or k % TINYGEMM_K:
+    if spec.bits == 8 or dtype != torch.bfloat16 or n % TINYGEMM_N or k % TINYGEMM_K:
         return False
     return device is None or _has_tinygemm(device.index if device.index is not None else torch.cuda.current_device())
 
@@ -61,7 +62,7 @@ def prepared_nbytes(spec: QuantSpec, shape: tuple[int, int], dtype: torch.dtype,
     n, k = shape
     if spec.raw_blocks:
         return 0
-    if uses_tinygemm(spec, shape, device):
+    if uses_tinygemm(spec, shape, device, dtype):
         return n * k // 2 + 4 * n * (k // spec.group)
     return n * k * torch.tensor([], dtype=dtype).element_size()
 
@@ -114,4 +115,4 @@ def prepare_cuda(qt: QuantTensor) -> object:
     with torch.cuda.device(qt.device):
         if os.environ.get("LOCALGLM_CUDA_KERNEL", "").lower() == "bnb":
             return _Bnb(qt)
-        return _TinyGemm4(qt) if uses_tinygemm(qt.spec, tuple(qt.shape), qt.device) else DenseKernel(qt)
+        return _TinyGemm4(qt) if uses_tinygemm(qt.spec, tuple(qt.shape), qt.device, qt.dtype) else DenseKernel(qt)

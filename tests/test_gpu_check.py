@@ -54,6 +54,11 @@ def test_rehearsal_writes_both_reports(tmp_path: Path) -> None:
         for key in ("offload_copy", "offload_cost"):
             assert s[key]["budget_ok"] and 0 < s[key]["cache_slots"] < s["experts_total"]
         assert s["offload_copy"]["copied"] > 0  # the cache missed: the copy path ran
+        assert s["offload_copy"]["cpu_computed"] == 0  # miss=copy: prompt chunks wider than the cache ran in waves
+        # the fp32 oracle (every weight dequantized) ran beside the CPU's kernels: their difference is recorded
+        assert 0 < s["cpu_vs_oracle"]["max_abs_logit_diff"] < 5
+    q8 = next(s for s in ex["steps"] if s["bits"] == 8)
+    assert q8["cpu_vs_oracle"]["tokens_equal"]  # the trained model's q8 margins stand above the int8 activations' rounding
     air = {s["step"]: s for s in parts["air_bench"]["steps"]}
     runs = [air[name] for name, *_ in _gpu_check().AIR_CONFIGS]
     assert all(r["status"] == "ok" for r in runs)
@@ -110,6 +115,22 @@ def test_decode_bound_overlaps_copies_with_gpu_work() -> None:
 
 
 # ---- CUDA kernel accounting (runs anywhere) -------------------------------------------------------
+def test_dense_cpu_kernel_is_the_fp32_oracle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LOCALGLM_CPU_KERNEL=dense (with the native kernels off): q2/q4 also multiply by their dequantized
+    float32 weight, exactly, instead of rounding activations to bf16 in torch's int4 kernel."""
+    import quant.native
+    from quant.cpu_kernels import DenseKernel, prepare_cpu
+
+    monkeypatch.setattr(quant.native, "native_lib", lambda: None)
+    qt = QuantTensor.quantize(torch.randn(64, 128), QuantSpec.for_bits(4), torch.float32)
+    x = torch.randn(3, 128)
+    assert not isinstance(prepare_cpu(qt), DenseKernel)
+    monkeypatch.setenv("LOCALGLM_CPU_KERNEL", "dense")
+    kernel = prepare_cpu(qt)
+    assert isinstance(kernel, DenseKernel)
+    assert torch.equal(kernel(x), torch.nn.functional.linear(x, qt.dequantize(torch.float32)))
+
+
 def test_prepared_bytes_per_format() -> None:
     """What a prepared CUDA kernel keeps: tinygemm tiles + bf16 scale/zero pairs for q2/q4 (q2 costs
     4 bits a weight once prepared), the dense weight for q8 and for shapes tinygemm cannot take."""
@@ -120,6 +141,10 @@ def test_prepared_bytes_per_format() -> None:
     assert prepared_nbytes(QuantSpec.for_bits(8), (n, k), torch.float32) == 4 * n * k
     assert not uses_tinygemm(QuantSpec.for_bits(4), (12, k))  # N not a multiple of 8
     assert uses_tinygemm(QuantSpec.for_bits(4), (n, k)) and not uses_tinygemm(QuantSpec.for_bits(8), (n, k))
+    # tinygemm rounds to bf16: a float32 / float16 model keeps its own precision through the dense kernel
+    assert not uses_tinygemm(QuantSpec.for_bits(4), (n, k), dtype=torch.float32)
+    assert not uses_tinygemm(QuantSpec.for_bits(2), (n, k), dtype=torch.float16)
+    assert prepared_nbytes(QuantSpec.for_bits(4), (n, k), torch.float32) == 4 * n * k
 
 
 # ---- on a GPU -------------------------------------------------------------------------------------
