@@ -363,6 +363,14 @@ def bf16_tiled_linear(x: torch.Tensor, n: int, k: int, dequant_tile: Callable[[i
     return y
 
 
+def bf16_expert(gate_up: Callable[[torch.Tensor], torch.Tensor], down: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) in fp32 for bf16 rows that take the bf16 GEMM (bf16_gemm_takes): both
+    products through it, SiLU in fp32, its input to down rounded to bf16. One expert's prompt tokens, for
+    our formats (NativeExpert) and GGUF blocks (quant.blob.PreparedExpert) alike."""
+    gate, up = gate_up(x).float().chunk(2, dim=-1)
+    return down((torch.nn.functional.silu(gate) * up).to(torch.bfloat16)).float()
+
+
 class NativeLinear:
     """A quantized linear layer through the native kernel (decode, small batches), with the weight
     dequantized to fp32 per call for big batches (prefill), where MKL's GEMM wins."""
@@ -414,8 +422,7 @@ class NativeExpert:
         """x [T, H] -> [T, H] in fp32: the caller sums experts in fp32, as the MoE kernel does inside. bf16
         rows from bf16_gemm_rows() on (a prompt's tokens that chose this expert) go through the bf16 GEMM."""
         if bf16_gemm_takes(x.dtype, x.shape[0]):
-            gate, up = self.gate_up.matmul(x).float().chunk(2, dim=-1)
-            return self.down.matmul((torch.nn.functional.silu(gate) * up).to(torch.bfloat16)).float()
+            return bf16_expert(self.gate_up.matmul, self.down.matmul, x)
         if x.shape[0] > NATIVE_MAX_ROWS:
             gate, up = self.gate_up.matmul(x.float()).chunk(2, dim=-1)
             return self.down.matmul(torch.nn.functional.silu(gate) * up)

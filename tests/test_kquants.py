@@ -249,6 +249,33 @@ def test_expert_blob_holds_blocks_as_stored(exact_kernels: None) -> None:
     assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
 
 
+def test_gguf_expert_prompt_rows_take_the_bf16_gemm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GGUF expert (PreparedExpert over blocks as stored) given bf16_gemm_rows() bf16 rows or more: both
+    products from bf16 tiles of its blocks through torch's GEMM, close to the fp32 int8 path (bf16
+    rounding); fewer rows, and one-token steps, keep the fp32 native expert."""
+    if kquant_lib() is None:
+        pytest.skip("no C compiler: the native kernels are not built")
+    h, inter = 256, 256
+    lay = ExpertBlobLayout(h, inter, GGMLSpec.of("Q4_K"), GGMLSpec.of("Q6_K"))
+    gate, up, down = tensor_of("Q4_K", inter, h, 5), tensor_of("Q4_K", inter, h, 6), tensor_of("Q6_K", h, inter, 7)
+    pe = PreparedExpert(lay, lay.pack(QuantTensor.cat_rows([gate, up]), down), torch.bfloat16)
+    assert pe.mats is not None
+    monkeypatch.setattr(quant_native, "bf16_gemm_rows", lambda: 6)
+    tiles: list[tuple[int, int]] = []
+    real = kquants.KQuantLib.dequantize_bf16
+    monkeypatch.setattr(kquants.KQuantLib, "dequantize_bf16", lambda self, spec, data, shape, n0, n1, out: tiles.append((n0, n1)) or real(self, spec, data, shape, n0, n1, out))
+    x = torch.randn(8, h).bfloat16()
+    got = pe(x)
+    assert tiles == [(0, 256), (256, 512), (0, 256)] and got.dtype == torch.float32  # gate_up's two tiles, down's one
+    gu_bf16, dn_bf16 = (t.dequantize(torch.float32).to(torch.bfloat16) for t in (QuantTensor.cat_rows([gate, up]), down))
+    dense = quant_native.bf16_expert(lambda v: F.linear(v, gu_bf16), lambda v: F.linear(v, dn_bf16), x)  # the same route, dense weights
+    assert float((got - dense).norm() / dense.norm()) < 1e-2
+    want = pe._lib.expert(*pe.mats, x.float().contiguous())  # the fp32 int8 expert: bf16 rounding apart
+    assert float((got - want).norm() / want.norm()) < 5e-2
+    tiles.clear()
+    assert torch.equal(pe(x[:5]), pe._lib.expert(*pe.mats, x[:5].float().contiguous())) and tiles == []
+
+
 # ---- a whole file from llama.cpp's quantizer -------------------------------------------------------
 
 
