@@ -374,8 +374,13 @@ def _planned_recipe(
 
     if quantized_dir and recipe is None:  # a quantized directory's classes are as its manifest says
         fixed = {c: source.recipe.bits[c] for c in DENSE_CLASSES}
-        main = [lay.nbytes for layer, lay in source.layouts.items() if layer < cfg.num_hidden_layers]  # not the MTP block's (8 bits)
-        expert_bits: float = max(main) * 8 / (3 * cfg.hidden_size * cfg.moe_intermediate_size) if main else 16
+        main = [lay for layer, lay in source.layouts.items() if layer < cfg.num_hidden_layers]  # not the MTP block's (8 bits)
+        formats = {(lay.gate_up, lay.down) for lay in main}
+        one = next(iter(formats)) if len(formats) == 1 else None
+        if one is not None and one[0] == one[1] and not one[0].raw_blocks:  # one of localglm's formats: the planner knows its GPU kernel
+            expert_bits: float = one[0].bits
+        else:  # GGUF blocks or a mix: their stored bits per weight
+            expert_bits = max(lay.nbytes for lay in main) * 8 / (3 * cfg.hidden_size * cfg.moe_intermediate_size) if main else 16
     else:
         # On a real GPU the classes the user left unset are the planner's; the simulated device keeps the
         # recipe's defaults (its budgets are toy numbers for exercising the cache, not a card to fit).

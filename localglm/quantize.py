@@ -591,9 +591,14 @@ def quant_getter(
     return get
 
 
+LOOKUP_FIELDS = frozenset({"embed"})  # weight fields whose rows are looked up, never multiplied
+
+
 def prepare_quantized(obj: Any) -> None:
     """Build the kernels of every QuantTensor in the model's weight dataclasses (after q/k/v and
-    gate/up are fused, so each fused matrix is converted once, at load rather than on the first token)."""
+    gate/up are fused, so each fused matrix is converted once, at load rather than on the first token).
+    Embedding tables are skipped: their rows are dequantized where they lie, and on a GPU a kernel
+    would be a second copy of the table (tinygemm's tiles, or a dense one for q8)."""
     import dataclasses
 
     if isinstance(obj, QuantTensor):
@@ -603,7 +608,8 @@ def prepare_quantized(obj: Any) -> None:
             prepare_quantized(v)
     elif dataclasses.is_dataclass(obj):
         for f in dataclasses.fields(obj):
-            prepare_quantized(getattr(obj, f.name))
+            if f.name not in LOOKUP_FIELDS:
+                prepare_quantized(getattr(obj, f.name))
 
 
 def load_quantized_experts(

@@ -430,14 +430,20 @@ def device_for_plan(kind: str, plan: Any, bw: Bandwidths) -> SimulatedDevice | C
 
 def prepared_expert_bytes(codec: Any, device: Any) -> int:
     """Device bytes the kernels prepared for one resident quantized expert keep beside its blob (CUDA
-    converts the blob once into tinygemm's tiles, or a dense weight for q8); 0 on the simulated device,
-    whose experts run from the blob itself."""
-    if device.kind != "cuda":
+    converts the blob once into tinygemm's tiles, or a dense weight for q8). The simulated device is
+    charged what an sm80+ GPU would hold (its experts run from the blob): its cache has the slots the
+    planner and a CUDA device give the same budget."""
+    lay = getattr(codec, "layout", None)
+    if lay is None:  # unquantized (bf16) experts run from the blob itself
         return 0
-    from quant.cuda_kernels import prepared_nbytes
+    if device.kind == "cuda":
+        from quant.cuda_kernels import prepared_nbytes
 
-    lay = codec.layout
-    return sum(prepared_nbytes(spec, shape, codec.dtype, device.torch_device) for _, _, shape, spec in lay.parts.values())
+        return sum(prepared_nbytes(spec, shape, codec.dtype, device.torch_device) for _, _, shape, spec in lay.parts.values())
+    from quant.spec import cuda_prepared_nbytes
+
+    size = torch.tensor([], dtype=codec.dtype).element_size()
+    return sum(cuda_prepared_nbytes(spec, shape, size) for _, _, shape, spec in lay.parts.values())
 
 
 def size_expert_cache(device: Any, n_keys: int, blob_bytes: int, prepared_bytes: int, slots: int | None = None) -> int:

@@ -9,8 +9,11 @@ With no GPU budget the plan is CPU-only: everything always-used in RAM, experts 
 
 The precision of the always-used weights is the planner's choice where the user gave none: the most
 precise of bf16, q8 and q4 with which the plan fits (the user's per-class bits are kept as given).
-A GLM-4.6 in bf16 needs ~34 GiB of always-used weights; at q8 it fits one 24 GiB card with room
-for the expert cache.
+GPU bytes are counted as localglm's CUDA kernels hold them (quant.spec.cuda_prepared_nbytes): a q2/q4
+matrix keeps tinygemm's int4 copy beside its bytes, a q8 one a dense copy in the compute dtype (so on
+a GPU q8 costs more than bf16 and is never the choice), and an expert-cache slot holds the blob and
+its kernel copy. A GLM-4.6 in bf16 needs ~34 GiB of always-used weights; at q4 it fits one 24 GiB card
+with room for the expert cache.
 """
 
 from __future__ import annotations
@@ -120,6 +123,7 @@ class Plan:
     mtp_bytes: int = 0  # its always-used weights and KV cache on the device
     mtp_expert_bytes: int = 0  # one of its routed experts
     mtp_cache_slots: int = 0  # expert-cache slots of its own size (0 where they are the main experts' size: in cache_slots)
+    slot_bytes: int = 0  # GPU bytes of one expert-cache slot: the blob and the CUDA kernels' copy of it
     mtp_left_out: str = ""  # why a block speculation would have used by default was left out of this plan
     expert_ram_bytes: int = 0  # host RAM for routed experts (the hottest that fit go there, the rest stay mapped)
 
@@ -185,6 +189,18 @@ def bits_per_weight(bits: int | float, k: int) -> float:
         spec = QuantSpec.for_bits(int(bits))
         return spec.bits_per_weight((1, max(spec.group, k - k % spec.group)))
     return float(bits)
+
+
+def cuda_copy_bytes(bits: int | float, shapes: list[tuple[int, int]], float_bits: float) -> int:
+    """GPU bytes localglm's CUDA kernels keep beside the stored form of weights of these shapes at `bits`
+    (quant.spec.cuda_prepared_nbytes: tinygemm's int4 tiles for q2/q4 in a bf16 model, a dense copy
+    in the compute dtype for q8); 0 for floats and for bits-per-weight figures (GGUF blocks)."""
+    if not (isinstance(bits, int) and bits in (2, 4, 8)):
+        return 0
+    from quant.spec import QuantSpec, cuda_prepared_nbytes
+
+    spec = QuantSpec.for_bits(bits)
+    return sum(cuda_prepared_nbytes(spec, shape, max(1, int(float_bits) // 8)) for shape in shapes)
 
 
 def precision_note(bits: dict[str, float], chosen: list[str]) -> str:
@@ -289,6 +305,9 @@ def _plan(
     h, inter = cfg.hidden_size, cfg.moe_intermediate_size
     bits = _expert_bits(h, inter, experts)
     expert_bytes = _expert_bytes(h, inter, experts)
+    expert_shapes = [(2 * inter, h), (h, inter)]
+    # a GPU cache slot holds the blob (what moves) and the kernels' copy made from it (quant.spec.cuda_prepared_nbytes)
+    slot_bytes = expert_bytes + (cuda_copy_bytes(experts, expert_shapes, float_bits) if gpu > 0 else 0)
     n_total = cfg.num_moe_layers * cfg.n_routed_experts
     kv = kv_cache_bytes(cfg, ctx)
     workspace = PREFILL_CHUNK * (cfg.vocab_size + 4 * h + 2 * max(cfg.intermediate_size, inter * cfg.num_experts_per_tok)) * 4
@@ -304,8 +323,13 @@ def _plan(
         workspace += ctx * hostable.row_bytes  # a prefill chunk reads one layer's rows at a time, brought whole
 
     def size(params: int, cls: str) -> int:
+        """Bytes of a class where it lives: on the GPU a quantized matrix's kernel copy too (not the
+        embedding's: rows are looked up, never multiplied); per weight as for rows of `h`."""
         bits = dense_bits[cls]
-        return int(params * (float_bits if bits == 16 else bits_per_weight(bits, h)) / 8)
+        stored = params * (float_bits if bits == 16 else bits_per_weight(bits, h)) / 8
+        if main_dev == "GPU" and cls != "embed":
+            stored += params * cuda_copy_bytes(bits, [(8, h)], float_bits) / (8 * h)
+        return int(stored)
 
     items = [
         PlanItem("embeddings", main_dev, size(c.embed, "embed")),
@@ -326,11 +350,12 @@ def _plan(
     mtp_bytes = mtp_expert = 0
     if block is not None:
         assert mtp is not None
-        mtp_weights, mtp_kv = _mtp_dense_bytes(cfg, mtp, float_bits), kv_cache_bytes(cfg.mtp_block_config(), ctx)
+        mtp_weights, mtp_kv = _mtp_dense_bytes(cfg, mtp, float_bits, on_gpu=gpu > 0), kv_cache_bytes(cfg.mtp_block_config(), ctx)
         items.append(PlanItem(f"MTP block (layer {block}, {_bits_name(mtp.bits)})", main_dev, mtp_weights))
         items.append(PlanItem(f"MTP block KV cache ({ctx} tokens, bf16)", main_dev, mtp_kv))
         mtp_bytes = mtp_weights + mtp_kv
         mtp_expert = _expert_bytes(h, inter, mtp.expert_bits)
+    mtp_slot = mtp_expert + (cuda_copy_bytes(mtp.expert_bits, expert_shapes, float_bits) if gpu > 0 and mtp is not None and block is not None else 0)
     n_main = n_total
     n_total += n_mtp
     if kv_in_ram:
@@ -342,7 +367,7 @@ def _plan(
     if gpu > 0:
         min_slots = 2 * k  # one layer's experts in use plus the next layer's arriving
         min_mtp = k if own_size else 0  # one draft token's experts
-        need = fixed + mtp_bytes + min_slots * expert_bytes + min_mtp * mtp_expert
+        need = fixed + mtp_bytes + min_slots * slot_bytes + min_mtp * mtp_slot
         if gpu < need:
             raise BudgetTooSmall(
                 f"--gpu-mem {human_bytes(gpu)} is too small for this model at --ctx {ctx}"
@@ -354,12 +379,12 @@ def _plan(
                 f"lower --ctx, " + ("or --no-mtp, " if n_mtp else "") + "or use --gpu-mem 0 for CPU-only"
             )
         if own_size:
-            slots, mtp_slots = split_slots(gpu - fixed - mtp_bytes, n_main, expert_bytes, n_mtp, mtp_expert, k)
+            slots, mtp_slots = split_slots(gpu - fixed - mtp_bytes, n_main, slot_bytes, n_mtp, mtp_slot, k)
         else:
-            slots = min(n_total, (gpu - fixed - mtp_bytes) // expert_bytes)
-        items.append(PlanItem(f"expert cache ({slots} slots)", "GPU", slots * expert_bytes))
+            slots = min(n_total, (gpu - fixed - mtp_bytes) // slot_bytes)
+        items.append(PlanItem(f"expert cache ({slots} slots)", "GPU", slots * slot_bytes))
         if mtp_slots:
-            items.append(PlanItem(f"MTP expert cache ({mtp_slots} slots)", "GPU", mtp_slots * mtp_expert))
+            items.append(PlanItem(f"MTP expert cache ({mtp_slots} slots)", "GPU", mtp_slots * mtp_slot))
         staging = 2 * k * expert_bytes  # pinned staging for experts read from disk
         cpu_fixed = staging + kv_host
         ram_where = "RAM (pinned)"
@@ -409,7 +434,7 @@ def _plan(
         tok_per_expert = max(1, t * k // cfg.n_routed_experts)
         prefill_s = n_main * cm.cpu_s(tok_per_expert, on_disk=disk_share > 0.5) + 2 * active_other * t / bw.cpu_flops
     return Plan(
-        model=model, gpu_budget=gpu, cpu_budget=cpu, ctx=ctx, expert_bits=bits, expert_bytes=expert_bytes,
+        model=model, gpu_budget=gpu, cpu_budget=cpu, ctx=ctx, expert_bits=bits, expert_bytes=expert_bytes, slot_bytes=slot_bytes if gpu > 0 else 0,
         n_experts_total=n_total, cache_slots=int(slots), experts_in_ram=int(in_ram), experts_on_disk=int(on_disk),
         hit_rate=hit, decode_tok_s=1.0 / decode_s if decode_s > 0 else 0.0,
         prefill_tok_s=PREFILL_CHUNK / prefill_s if prefill_s > 0 else 0.0, bandwidths=bw, items=items,
@@ -431,14 +456,17 @@ def _bits_name(bits: float) -> str:
     return {16: "bf16", 8: "q8", 4: "q4", 2: "q2"}.get(bits, f"{bits:.3g} bits/weight")  # type: ignore[call-overload]
 
 
-def _mtp_dense_bytes(cfg: ModelConfig, mtp: MtpPlacement, float_bits: float) -> int:
+def _mtp_dense_bytes(cfg: ModelConfig, mtp: MtpPlacement, float_bits: float, on_gpu: bool = False) -> int:
     """The MTP block's always-used weights: eh_proj, enorm/hnorm, its decoder layer's attention, norms,
-    router (fp32) and shared expert, and its own embedding / head where it has them."""
+    router (fp32) and shared expert, and its own embedding / head where it has them; on the GPU with the
+    CUDA kernels' copies of its quantized matrices (cuda_copy_bytes)."""
     c = count_params(cfg.mtp_block_config())
     h = cfg.hidden_size
     per = float_bits if mtp.bits == 16 else bits_per_weight(mtp.bits, h)
-    params = 2 * h * h + c.attention + c.shared_experts + (c.embed if mtp.own_embed else 0) + (c.embed if mtp.own_head else 0)
-    return int(params * per / 8 + (c.norms + 2 * h) * float_bits / 8 + c.router * 4)
+    multiplied = 2 * h * h + c.attention + c.shared_experts + (c.embed if mtp.own_head else 0)
+    params = multiplied + (c.embed if mtp.own_embed else 0)
+    copies = multiplied * cuda_copy_bytes(mtp.bits, [(8, h)], float_bits) / (8 * h) if on_gpu else 0
+    return int(params * per / 8 + copies + (c.norms + 2 * h) * float_bits / 8 + c.router * 4)
 
 
 def split_slots(budget: int, n_main: int, main_bytes: int, n_mtp: int, mtp_bytes: int, top_k: int) -> tuple[int, int]:

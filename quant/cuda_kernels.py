@@ -27,9 +27,7 @@ import torch
 
 from .cpu_kernels import DenseKernel
 from .formats import QuantSpec, QuantTensor
-
-TINYGEMM_N = 8  # tinygemm's N tile
-TINYGEMM_K = 32  # the smallest K it packs (2 inner k-tiles of 16)
+from .spec import cuda_prepared_nbytes, tinygemm_shape
 
 
 def _inner_k_tiles(k: int) -> int:
@@ -49,22 +47,16 @@ def uses_tinygemm(spec: QuantSpec, shape: tuple[int, int], device: torch.device 
     """Whether a q2/q4 tensor of this shape runs through tinygemm (else the dense kernel). Only for a
     bf16 model: tinygemm rounds activations, scales and zeros to bf16, so a float32 (or float16) model
     takes the dense kernel in its own dtype (float32 on the GPU then gives the CPU's greedy tokens)."""
-    n, k = shape
-    if spec.bits == 8 or dtype != torch.bfloat16 or n % TINYGEMM_N or k % TINYGEMM_K:
+    if dtype != torch.bfloat16 or not tinygemm_shape(spec, shape, 2):
         return False
     return device is None or _has_tinygemm(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def prepared_nbytes(spec: QuantSpec, shape: tuple[int, int], dtype: torch.dtype, device: torch.device | None = None) -> int:
-    """Device bytes a prepared kernel keeps for one tensor (beside its canonical buffer): tinygemm's
-    int4 tiles (K/2 bytes a row) plus bf16 scale/zero pairs (4 bytes a group), or the dense weight. GGUF
-    blocks held as stored keep nothing (quant.kquants' torch fallback expands a bounded chunk per call)."""
-    n, k = shape
-    if spec.raw_blocks:
-        return 0
-    if uses_tinygemm(spec, shape, device, dtype):
-        return n * k // 2 + 4 * n * (k // spec.group)
-    return n * k * torch.tensor([], dtype=dtype).element_size()
+    """How much device memory a prepared kernel keeps for one tensor beside its canonical buffer
+    (quant.spec.cuda_prepared_nbytes, on this device: tinygemm where its GPU has it)."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    return cuda_prepared_nbytes(spec, shape, size, tinygemm=uses_tinygemm(spec, shape, device, dtype))
 
 
 class _TinyGemm4:

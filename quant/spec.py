@@ -83,6 +83,34 @@ class QuantSpec:
 
 
 # ------------------------------------------------------------------------------------------------
+# What the CUDA kernels keep beside a tensor (torch-free: the planner sizes GPU memory with it)
+# ------------------------------------------------------------------------------------------------
+TINYGEMM_N = 8  # tinygemm's N tile
+TINYGEMM_K = 32  # the smallest K it packs (2 inner k-tiles of 16)
+
+
+def tinygemm_shape(spec: QuantSpec, shape: tuple[int, int], dtype_bytes: int) -> bool:
+    """Whether quant/cuda_kernels.py multiplies this tensor through tinygemm on an sm80+ GPU: q2/q4
+    in a bf16 model (2-byte compute dtype; a float16 one takes the dense kernel too, see
+    cuda_kernels.uses_tinygemm), N a multiple of 8 and K of 32."""
+    n, k = shape
+    return not spec.raw_blocks and spec.bits in (2, 4) and dtype_bytes == 2 and n % TINYGEMM_N == 0 and k % TINYGEMM_K == 0
+
+
+def cuda_prepared_nbytes(spec: QuantSpec, shape: tuple[int, int], dtype_bytes: int, tinygemm: bool = True) -> int:
+    """Device bytes the CUDA kernel of one tensor keeps beside its stored buffer: tinygemm's int4 tiles
+    (K/2 bytes a row, q2 included) plus bf16 scale/zero pairs (4 bytes a group), or the dense weight in
+    the compute dtype (q8, and shapes / dtypes / GPUs tinygemm does not take); nothing for GGUF blocks
+    (their kernel expands a bounded chunk per call)."""
+    n, k = shape
+    if spec.raw_blocks:
+        return 0
+    if tinygemm and tinygemm_shape(spec, shape, dtype_bytes):
+        return n * k // 2 + 4 * n * (k // spec.group)
+    return n * k * dtype_bytes
+
+
+# ------------------------------------------------------------------------------------------------
 # Layout of one quantized tensor in its uint8 buffer
 # ------------------------------------------------------------------------------------------------
 

@@ -168,11 +168,12 @@ def test_plan_places_the_block() -> None:
         assert plan.used("GPU") <= plan.gpu_budget
         assert "MTP block (layer 46" in plan.table()
     # one slot size: the block's experts share the cache, which shrank by the block's bytes
-    assert same.mtp_cache_slots == 0 and same.cache_slots == (without.gpu_budget - without.used("GPU") + without.cache_slots * without.expert_bytes - same.mtp_bytes) // same.expert_bytes
+    assert same.mtp_cache_slots == 0 and same.cache_slots == (without.gpu_budget - without.used("GPU") + without.cache_slots * without.slot_bytes - same.mtp_bytes) // same.slot_bytes
     # 8-bit experts beside 4-bit ones: slots of their own, about the same share of the block's experts as of the others'
     assert wide.mtp_cache_slots >= 8 and abs(wide.mtp_cache_slots / 128 - wide.cache_slots / without.n_experts_total) < 0.01
     own = make_plan(cfg, "24GiB", "128GiB", ctx=4096, experts=4, mtp=MtpPlacement(bits=8, expert_bits=4, own_embed=True, own_head=True))
-    assert own.mtp_bytes - same.mtp_bytes == pytest.approx(2 * 151552 * 4096 * 8.5 / 8, rel=0.01)  # its own embedding and head at q8
+    # its own embedding and head at q8 (8.5 bits), the head multiplied through a dense bf16 copy on the GPU (16 more)
+    assert own.mtp_bytes - same.mtp_bytes == pytest.approx(151552 * 4096 * (8.5 + 8.5 + 16) / 8, rel=0.01)
 
 
 def test_plan_refuses_a_block_that_does_not_fit() -> None:
@@ -192,8 +193,11 @@ def test_plan_refuses_a_block_that_does_not_fit() -> None:
     # by default (not asked for) the plan leaves it out and says why
     plan = plan_with_mtp(cfg, need_without, "128GiB", experts=4, fixed=fixed, mtp=place, required=False)
     assert plan.mtp_layer is None and "does not fit" in plan.mtp_left_out and "MTP block left out" in plan.table()
-    # nor does it lower the always-used weights' precision to fit the block
-    loose = plan_with_mtp(cfg, need_without + (200 << 20), "128GiB", experts=4, mtp=place, required=False)
+    # nor does it lower the always-used weights' precision to fit the block (a budget bf16 just fits without it)
+    with pytest.raises(BudgetTooSmall) as info:
+        make_plan(cfg, "1GiB", "128GiB", experts=4, fixed=dict.fromkeys(fixed, 16))
+    need16 = parse_size(re.search(r"needs at least ([0-9.]+ \w+)", str(info.value)).group(1).replace(" ", ""))
+    loose = plan_with_mtp(cfg, need16 + (200 << 20), "128GiB", experts=4, mtp=place, required=False)
     assert loose.mtp_layer is None and "lower precision" in loose.mtp_left_out
 
 
