@@ -257,3 +257,18 @@ def test_cuda_kernel_matches_dequantized_matmul(bits: int) -> None:
     ref = x.float() @ qt.dequantize(torch.float32).T
     y = qt.matmul(x)
     assert float((y.float() - ref).norm() / ref.norm()) < 2e-2
+
+
+def test_load_prepares_multiplied_matrices_but_not_the_embedding_table(tmp_path) -> None:
+    """prepare_quantized builds kernels for the matrices a forward multiplies, not for the embedding table
+    (its rows are looked up; on a GPU a kernel would be a second copy of the table, which the planner
+    does not count), unless it is also the tied lm_head."""
+    import localglm
+    from localglm.models.glm4_moe.tiny import TinySpec
+    from localglm.tiny import make_tiny
+
+    m = localglm.load(make_tiny(tmp_path / "m", TinySpec()), experts_bits=4, embed_bits=8, lm_head_bits=8, attn_bits=8, dtype="float32")
+    w = m.net.w
+    assert isinstance(w.embed, QuantTensor) and w.embed._kernel is None
+    assert isinstance(w.lm_head, QuantTensor) and w.lm_head._kernel is not None
+    assert m.logits(torch.tensor([[3, 5, 7]])).shape[-1] == w.embed.shape[0]  # lookups work without a kernel
