@@ -191,6 +191,22 @@ def bits_per_weight(bits: int | float, k: int) -> float:
     return float(bits)
 
 
+# The host's share of a GPU step, measured on the first GPU run (H200 host, GLM-4.5-Air's shape, cProfile of
+# the decode loop; BENCHMARKS.md "GPU check"): per layer (attention, norms, router, the next-layer
+# predictor's host syncs), per expert run from the cache (Python dispatch, its copy's wait and event), and
+# per expert copied in (building its tinygemm kernel). The layers' host syncs serialise them with the GPU's
+# work, so they add to the bandwidth model's time; they are what bounds the GPU path today (3-4% of the
+# PCIe bound measured), until a decode step runs as a CUDA graph.
+GPU_HOST_LAYER_S = 2.9e-3
+GPU_HOST_EXPERT_S = 0.26e-3  # 8 experts a layer: 2.9 ms of backend time less 0.8 ms of kernel builds
+GPU_HOST_PREPARE_S = 0.95e-3
+
+
+def gpu_host_s(layers: int, experts_run: float, experts_copied: float) -> float:
+    """Seconds of host-side work in one GPU step (GPU_HOST_* above)."""
+    return layers * GPU_HOST_LAYER_S + experts_run * GPU_HOST_EXPERT_S + experts_copied * GPU_HOST_PREPARE_S
+
+
 def cuda_copy_bytes(bits: int | float, shapes: list[tuple[int, int]], float_bits: float) -> int:
     """GPU bytes localglm's CUDA kernels keep beside the stored form of weights of these shapes at `bits`
     (quant.spec.cuda_prepared_nbytes: tinygemm's int4 tiles for q2/q4 in a bf16 model, a dense copy
@@ -420,13 +436,15 @@ def _plan(
         hit = interpolate_hit_rate(slots / (n_main if mtp_slots else n_total)) if n_total else 1.0
         miss = (1 - disk_share) * cm.miss_s(1) + disk_share * cm.miss_s(1, on_disk=True)
         decode_s = dense_bytes / bw.gpu_mem + gather / bw.h2d + per_layer_k * (hit * cm.gpu_s(1) + (1 - hit) * miss)
+        copies = cm.copy_s() + cm.gpu_s(1) <= cm.cpu_s(1)  # the cost model's miss path: copy in, or run on the CPU
+        decode_s += gpu_host_s(cfg.num_hidden_layers, per_layer_k, (1 - hit) * per_layer_k if copies else 0.0)
         # Prefill: each layer streams every expert it needs (about all of them at 512 tokens) unless cached.
         t = PREFILL_CHUNK
         tok_per_expert = max(1, t * k // cfg.n_routed_experts)
         hit_pf = min(1.0, slots / n_main) if n_main else 1.0
         stream = (1 - hit_pf) * n_main * (cm.copy_s() + disk_share * expert_bytes / bw.disk)
         compute = n_main * cm.gpu_s(tok_per_expert) + 2 * active_other * t / bw.gpu_flops
-        prefill_s = max(stream, compute)
+        prefill_s = max(stream, compute) + gpu_host_s(cfg.num_hidden_layers, n_main, (1 - hit_pf) * n_main)
     else:
         hit = 0.0
         decode_s = dense_bytes / bw.ram + per_layer_k * ((1 - disk_share) * cm.cpu_s(1) + disk_share * cm.cpu_s(1, on_disk=True))

@@ -133,3 +133,16 @@ def test_plan_counts_the_cuda_kernels_copies_as_the_backend_does(air_dir, expert
     cpu = {i.what: i.bytes for i in make_plan(cfg, 0, "256GiB", fixed={"attn": 8}).items}
     assert cpu[key] < attn16[key] // 1.8  # on the CPU q8 is only its stored bytes
     assert make_plan(cfg, "24GiB", "128GiB", experts=experts).dense_bits["attn"] != 8
+
+
+def test_gpu_prediction_counts_the_host_side_of_each_step(air_dir) -> None:
+    """The GPU path's host work (per layer, per expert run, per kernel built for a copied expert; measured on
+    the first GPU run) adds to the bandwidth model: the prediction never beats the host's own bound."""
+    from offload.planner import GPU_HOST_EXPERT_S, GPU_HOST_LAYER_S, gpu_host_s
+
+    cfg = ModelConfig.from_file(air_dir)
+    plan = make_plan(cfg, "24GiB", "128GiB", ctx=4096, experts=4)
+    per_token = cfg.num_hidden_layers * GPU_HOST_LAYER_S + cfg.num_moe_layers * cfg.num_experts_per_tok * GPU_HOST_EXPERT_S
+    assert gpu_host_s(cfg.num_hidden_layers, cfg.num_moe_layers * cfg.num_experts_per_tok, 0) == pytest.approx(per_token)
+    assert plan.decode_tok_s < 1 / per_token
+    assert make_plan(cfg, 0, "128GiB", ctx=4096, experts=4).decode_tok_s > 0  # the CPU-only plan has no such term
