@@ -562,14 +562,14 @@ def part_air_bench(t: Target, res: PartResult) -> None:
     ctx = t.prefill_tokens + t.decode_tokens + 16
     def plan_for(gpu_mem: int) -> Any:
         return make_plan(
-            cfg, gpu_mem, n_keys * lay.nbytes + (8 << 30), ctx, experts=lay.nbytes * 8 / (3 * cfg.hidden_size * cfg.moe_intermediate_size),
+            cfg, gpu_mem, n_keys * lay.nbytes + (8 << 30), ctx, experts=spec.bits,  # q4: the planner counts its kernel copies
             bandwidths=bw, fixed={c: 16 for c in DENSE_CLASSES}, float_bits=16,
         )  # fmt: skip
 
     plan = plan_for(GPU_MEM)
     if t.rehearse:  # a toy budget: the always-used part plus an eighth of the experts, so the cache misses as on the card
         fixed = sum(i.bytes for i in plan.items if i.where == "GPU" and not i.what.startswith("expert cache"))
-        plan = plan_for(fixed + max(2 * k, n_keys // 8) * lay.nbytes)
+        plan = plan_for(fixed + max(2 * k, n_keys // 8) * (plan.slot_bytes or lay.nbytes))  # a slot: blob + kernel copy
     res.set(plan_table=plan.table(), expert_bytes=lay.nbytes, experts_total=n_keys, vram=_cap_vram(t))
     # Host blobs: page-locked once (through one device kept alive for the part), shared by every configuration.
     host_dev = device_for_plan(t.offload, plan, bw)
