@@ -418,6 +418,12 @@ class NativeExpert:
             self._route = (torch.zeros(rows, 1, dtype=torch.int64), torch.ones(rows, 1))
         return self._route[0][:rows], self._route[1][:rows]
 
+    @staticmethod
+    def in_moe_kernel(rows: int, dtype: torch.dtype) -> bool:
+        """Whether `rows` activations of `dtype` run through the MoE kernel (not the bf16 GEMM, not a
+        dequantized GEMM): then several experts' rows may share one `NativeLib.moe` call, same numbers."""
+        return rows <= NATIVE_MAX_ROWS and not bf16_gemm_takes(dtype, rows)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> [T, H] in fp32: the caller sums experts in fp32, as the MoE kernel does inside. bf16
         rows from bf16_gemm_rows() on (a prompt's tokens that chose this expert) go through the bf16 GEMM."""

@@ -217,3 +217,27 @@ def test_offloading_a_quantized_model_gives_its_tokens(tiny, tmp_path) -> None:
     assert m.generate_text(PROMPT, max_new_tokens=N_NEW, temperature=0, ignore_eos=True) == want_text
     assert torch.equal(m.logits(ids), want)
     assert m.net.experts.counters.copied > 0
+
+
+def test_cpu_experts_of_a_call_run_in_one_native_call(tiny, tmp_path, monkeypatch) -> None:
+    """Experts a call computes on the CPU share one native MoE call (one row per token and expert), with
+    the numbers the per-expert path gives, bit for bit, in a prompt and in decoding."""
+    from quant.native import NativeLib, native_lib
+
+    if native_lib() is None:
+        pytest.skip("no C compiler: the native kernels are not built")
+    ids = torch.tensor([[5, 17, 42, 99, 7, 300, 12, 64, 3, 250, 31, 8]])
+    m = offloaded(tiny, tmp_path, miss="cpu", cache_slots=4, experts_bits=4)
+    calls: list[int] = []
+    real = NativeLib.moe
+    monkeypatch.setattr(NativeLib, "moe", lambda self, gu, dn, inter, x, i, w: calls.append(len(gu)) or real(self, gu, dn, inter, x, i, w))
+    batched = m.logits(ids)
+    text = m.generate_text(PROMPT, max_new_tokens=4, temperature=0, ignore_eos=True)
+    assert any(n > 1 for n in calls)  # several experts in one call
+    per_expert = offloaded(tiny, tmp_path, miss="cpu", cache_slots=4, experts_bits=4)
+    monkeypatch.setattr(OffloadedExperts, "_cpu_batch", lambda self, layer, rows: {})
+    calls.clear()
+    assert torch.equal(per_expert.logits(ids), batched)
+    assert per_expert.generate_text(PROMPT, max_new_tokens=4, temperature=0, ignore_eos=True) == text
+    assert calls and all(n == 1 for n in calls)
+    assert m.net.experts.counters.cpu_computed > 0
