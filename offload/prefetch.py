@@ -58,6 +58,15 @@ class _Pending:
     ahead: int  # 1: predicted from this layer's own input; 2: from the input of the MoE layer before it ...
 
 
+def _topk_on_host(scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """torch.topk of scores [N, E] as numpy (values float32, indices int64), in one device-to-host copy:
+    each copy waits for the GPU's queue, and the predictor runs once per MoE layer. Indices ride as
+    float32 (exact below 2**24 experts)."""
+    val, top = torch.topk(scores, k=k, dim=-1)
+    both = torch.stack([val.float(), top.float()]).cpu().numpy()
+    return both[0], both[1].astype(np.int64)
+
+
 @dataclass
 class NextLayerPredictor:
     """predict(layer, x) -> {MoE layer: predicted expert ids} for `layer` and the `depth - 1` after it.
@@ -130,9 +139,9 @@ class NextLayerPredictor:
             prior = self._prior(target, n_tokens, sample, guessed) if carry is None else None
             if prior is not None:
                 choice = choice + self.stat_weight * torch.from_numpy(prior).float().to(choice.device)
-            val, top = torch.topk(choice, k=min(k, choice.shape[-1]), dim=-1)
-            guessed[target] = top[:, : self.spec.top_k].cpu().numpy()
-            out[target] = np.unique(top[val.isfinite()].cpu().numpy())  # never a masked group's expert
+            val, top = _topk_on_host(choice, min(k, choice.shape[-1]))
+            guessed[target] = top[:, : self.spec.top_k]
+            out[target] = np.unique(top[np.isfinite(val)])  # never a masked group's expert
         return out
 
     def guess(self, streams: torch.Tensor) -> dict[int, np.ndarray]:
@@ -146,8 +155,8 @@ class NextLayerPredictor:
         for target in self.layers:
             h = rms_norm(flat, self.norms[target].float(), self.eps)
             choice = choice_scores(h, self.routers[target], self.spec)[1]
-            val, top = torch.topk(choice, k=min(self.spec.top_k, choice.shape[-1]), dim=-1)
-            out[target] = np.unique(top[val.isfinite()].cpu().numpy())
+            val, top = _topk_on_host(choice, min(self.spec.top_k, choice.shape[-1]))
+            out[target] = np.unique(top[np.isfinite(val)])
         return out
 
     def expect_guess(self, predictions: dict[int, np.ndarray]) -> None:
