@@ -495,6 +495,9 @@ AIR_CONFIGS = (  # (name, cache policy, prefetch, miss path)
     ("LRU, GPU-only", "lru", False, "copy"),
     ("stat + prefetch, GPU-only", "stat", True, "copy"),
     ("stat + prefetch, CPU for cold experts", "stat", True, "cost"),
+    # the llama.cpp / ktransformers split: nothing copied, so every routed expert runs on the CPU (one native
+    # call per layer), attention and the shared expert on the GPU
+    ("routed experts on the CPU", "stat", False, "cpu"),
 )
 
 

@@ -65,6 +65,7 @@ def test_rehearsal_writes_both_reports(tmp_path: Path) -> None:
     assert all(0 < r["cache_fraction"] < 1 and r["bytes_per_token"] > 0 and r["bound_tok_s"] > 0 for r in runs[:2])
     assert runs[2]["cpu_experts_per_token"] > 0  # the cost model sent cold experts to the CPU
     assert runs[0]["prefetched"] == 0 and runs[1]["prefetched"] > 0
+    assert runs[3]["bytes_per_token"] == 0 and runs[3]["cpu_experts_per_token"] == runs[3]["gpu_experts_per_token"] + runs[3]["cpu_experts_per_token"] > 0
     md = (out / "gpu_check.md").read_text()
     assert "REHEARSAL" in md and "| LRU, GPU-only |" in md and "random GLM-5 (glm_moe_dsa) | q4 | yes | yes | yes |" in md
 
