@@ -24,6 +24,7 @@ is recorded and the others still run; each writes its results as it goes):
               4-bit experts written straight into the packed blob format in pinned RAM (no bf16 pass):
               prefill tok/s (512 tokens), decode tok/s, hit rate, bytes/token, measured H2D GB/s and
               the decode bound those imply; LRU vs stat + prefetch; GPU-only vs CPU-for-cold-experts
+              vs every routed expert on the CPU (attention on the GPU: llama.cpp's -ot exps=CPU split)
   bnb         bitsandbytes NF4 / int8 against our q4 / q8 (logit KL on the default model, matvec speed),
               when the wheel is importable; recorded as skipped otherwise (and in the rehearsal unless
               --bnb-on-cpu: minutes on a CPU)
