@@ -2,12 +2,13 @@
 
 Per MoE call: the call's experts are pinned; each is a hit (computed from its device slot), or a
 miss that the cost model sends either to the device (copied into a slot, evicting the policy's
-victim) or to the CPU (computed from the host blob). A call with more experts than its class has
-slots (a prompt chunk) runs in waves: a copy that found every slot pinned is retried when its turn
-to compute comes, after the call's experts computed before it were unpinned, so `miss="copy"`
-never computes on the CPU (the same numbers as the experts resident on the device). `hint` gets the hidden state entering each MoE
-layer, predicts that layer's and the next one's experts by applying their routers to it, and
-prefetches them into free or cold slots.
+victim) or to the CPU (computed from the host blob; a call's CPU experts share one native call).
+A call with more experts than its class has slots (a prompt chunk) runs in waves: a copy that found
+every slot pinned is retried when its turn to compute comes, after the call's experts computed
+before it were unpinned, so `miss="copy"` never computes on the CPU (the same numbers as the
+experts resident on the device). `hint` gets the hidden state entering each MoE layer, predicts
+that layer's and the next one's experts by applying their routers to it, and prefetches them into
+free or cold slots.
 Router statistics are counted online, seed the stat policy and the initial cache contents, and
 are saved to a profile beside the model.
 
