@@ -217,11 +217,12 @@ class OffloadedExperts:
             self._prepared_host.pop(next(iter(self._prepared_host)))
         return pe
 
-    def _cpu_batch(self, layer: int, rows: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    def _cpu_batch(self, layer: int, rows: dict[int, torch.Tensor], device: torch.device) -> dict[int, torch.Tensor]:
         """The call's experts that run on the CPU (rows: expert -> its tokens' rows, on the CPU), all in one
         native MoE call with one row per (token, expert) and weight 1: each expert's rows exactly as its
         PreparedExpert returns them, without a Python round per expert (0.26 ms each on the H200 run's
-        host). {} where the native kernels do not take them all that way (the per-expert path then runs)."""
+        host), moved to `device` in one copy. {} where the native kernels do not take them all that way
+        (the per-expert path then runs)."""
         if len(rows) < 2 or not hasattr(self.codecs[layer], "prepare"):
             return {}
         order = sorted(rows)
@@ -235,7 +236,7 @@ class OffloadedExperts:
         sizes = [len(rows[e]) for e in order]
         ids = torch.repeat_interleave(torch.arange(len(order)), torch.tensor(sizes))[:, None]
         y = pes[0].native.lib.moe(gu, dn, pes[0].native.down.shape[1], torch.cat([rows[e].float() for e in order]), ids, torch.ones(len(ids), 1))
-        return dict(zip(order, y.split(sizes)))
+        return dict(zip(order, y.to(device).split(sizes)))
 
     def _compute(self, layer: int, e: int, slot: int | None, xs: torch.Tensor, ready: torch.Tensor | None = None) -> torch.Tensor:
         """Expert e on xs: from its device slot, else on the CPU (`ready`: its rows already computed there
@@ -302,7 +303,7 @@ class OffloadedExperts:
         # Pass 1 issues every copy (one per expert, on the transfer stream); pass 2 computes in the
         # same order and arithmetic as InMemoryExperts, waiting on each expert's copy only when needed.
         slot_of = {e: self._resolve(layer, li, e, cnt, t) for e, cnt in zip(used, counts)}
-        ready = self._cpu_batch(layer, self._cpu_rows(x, k, used, counts, order, slot_of))
+        ready = self._cpu_batch(layer, self._cpu_rows(x, k, used, counts, order, slot_of), x.device)
         out = combine_experts(
             x, expert_ids, expert_weights, lambda e, xs: self._compute(layer, e, slot_of[e], xs, ready.get(e)), used, counts, order
         )

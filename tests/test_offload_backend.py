@@ -235,7 +235,7 @@ def test_cpu_experts_of_a_call_run_in_one_native_call(tiny, tmp_path, monkeypatc
     text = m.generate_text(PROMPT, max_new_tokens=4, temperature=0, ignore_eos=True)
     assert any(n > 1 for n in calls)  # several experts in one call
     per_expert = offloaded(tiny, tmp_path, miss="cpu", cache_slots=4, experts_bits=4)
-    monkeypatch.setattr(OffloadedExperts, "_cpu_batch", lambda self, layer, rows: {})
+    monkeypatch.setattr(OffloadedExperts, "_cpu_batch", lambda self, layer, rows, device: {})
     calls.clear()
     assert torch.equal(per_expert.logits(ids), batched)
     assert per_expert.generate_text(PROMPT, max_new_tokens=4, temperature=0, ignore_eos=True) == text
