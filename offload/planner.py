@@ -175,6 +175,7 @@ class Plan:
             f"predicted: decode {self.decode_tok_s:.1f} tok/s, prefill {self.prefill_tok_s:.0f} tok/s "
             f"(cost model; h2d {b.h2d / 1e9:.0f} GB/s, RAM {b.ram / 1e9:.0f} GB/s, CPU {b.cpu_flops / 1e12:.2f} TFLOP/s"
             + (", measured: " + ", ".join(b.measured) if b.measured else ", assumed")
+            + ("; with the GPU path's host time per layer and expert, as measured on an H200 run" if not self.cpu_only else "")
             + ")"
         )
         return "\n".join(rows)
