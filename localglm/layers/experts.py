@@ -221,7 +221,8 @@ class QuantizedExperts:
 
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
         native = self._native_layers.get(layer)
-        if native is not None and bf16_gemm_takes(x.dtype, x.shape[0]) and bf16_gemm_takes(x.dtype, int(torch.bincount(expert_ids.reshape(-1)).max())):
+        busiest = int(torch.bincount(expert_ids.reshape(-1)).max()) if native is not None and x.shape[0] > 1 else 1
+        if native is not None and bf16_gemm_takes(x.dtype, x.shape[0]) and bf16_gemm_takes(x.dtype, busiest):
             # A prompt on a CPU with a native bf16 GEMM, an expert chosen by enough of its tokens for it:
             # those experts take it (NativeExpert), the others the int8 kernel one expert at a time (the
             # MoE kernel's numbers); with no such expert, the whole layer stays in one call below
@@ -229,7 +230,7 @@ class QuantizedExperts:
             return combine_experts(x, expert_ids, expert_weights, lambda e, xs: experts[e](xs))
         # One native call for the layer while no expert has more tokens than the native kernel takes
         # (each expert alone would then run natively too: the same numbers either way).
-        if native is not None and (x.shape[0] <= NATIVE_MAX_ROWS or int(torch.bincount(expert_ids.reshape(-1)).max()) <= NATIVE_MAX_ROWS):
+        if native is not None and (x.shape[0] <= NATIVE_MAX_ROWS or busiest <= NATIVE_MAX_ROWS):
             gu, dn, inter = native
             return self.native.moe(gu, dn, inter, x, expert_ids, expert_weights).to(x.dtype)
         experts = self.prepared[layer]
