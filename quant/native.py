@@ -330,7 +330,10 @@ NATIVE_MAX_ROWS = 128
 # G multiply-adds/s, int8 tiles / this route (its dequantization included), 4096 x 4096: q8 40 / 41 at
 # 16 rows, 43 / 59 at 32, 35 / 83 at 128; q4 39 / 35, 43 / 54, 46 / 86; q2 39 / 27, 33 / 51, 38 / 78 (even
 # at about 24 rows). llama.cpp takes its K-quants in prompts the same way (its tiled bf16 mul_mat).
-BF16_GEMM_ROWS = 32
+# With the AVX-512 tile dequantization (2026-12-05, a Xeon with AMX, same units) the route is ahead from
+# ~16-20 rows: q4 51 / 64 at 24 rows, q2 1408 x 4096 51 / 60, q8 49 / 60. It must stay above a speculative
+# verification's rows (localglm.options.MAX_DRAFT + 1): those keep the one-token steps' int8 arithmetic.
+BF16_GEMM_ROWS = 24
 BF16_TILE_ROWS = 256
 
 

@@ -391,6 +391,14 @@ def test_prompt_rows_take_the_bf16_gemm_where_the_cpu_has_one(monkeypatch: pytes
     assert tiles == []
 
 
+def test_speculative_verification_rows_stay_below_the_bf16_gemm() -> None:
+    """A verification of MAX_DRAFT drafted tokens plus one must keep the int8 kernels' arithmetic (greedy
+    speculation equals plain decoding bit for bit): the bf16 route starts above it."""
+    from localglm.options import MAX_DRAFT
+
+    assert quant_native.BF16_GEMM_ROWS > MAX_DRAFT + 1
+
+
 def test_fused_prefill_hands_long_chunks_to_the_bf16_gemm_on_wide_bf16_models(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """MoeDecoder: where the CPU has a bf16 GEMM, a bf16 model at least BF16_PREFILL_MIN_HIDDEN wide
     sends prompt chunks of bf16_gemm_rows() tokens or more to the torch layers (whose products use it);
