@@ -1019,61 +1019,55 @@ static inline void block_codes(const uint8_t *p, int bits, __m128i *lo16, __m128
 }
 #endif
 
+#ifdef __AVX2__
+/* One 32-weight block to bf16: q8 codes times s, or q2/q4 codes (lo, hi: 16 each) times s plus m. Sixteen
+ * weights a step where the CPU has AVX-512, eight otherwise: the same floats either way. */
+static inline void block8_bf16(uint16_t *o, float s, const int8_t *c) {
+#if defined(__AVX512F__)
+    const __m512 sg = _mm512_set1_ps(s);
+    store_bf16x32(o, _mm512_mul_ps(sg, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)c)))),
+                  _mm512_mul_ps(sg, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + 16))))));
+#else
+    const __m256 sg = _mm256_set1_ps(s);
+    for (int e = 0; e < QB; e += 8)
+        store_bf16x8(o + e, _mm256_mul_ps(sg, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(c + e))))));
+#endif
+}
+
+static inline void block_lowbit_bf16(uint16_t *o, float s, float m, const __m128i c[2]) {
+#if defined(__AVX512F__)
+    const __m512 sg = _mm512_set1_ps(s), mg = _mm512_set1_ps(m);
+    store_bf16x32(o, _mm512_add_ps(_mm512_mul_ps(sg, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c[0]))), mg),
+                  _mm512_add_ps(_mm512_mul_ps(sg, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c[1]))), mg));
+#else
+    const __m256 sg = _mm256_set1_ps(s), mg = _mm256_set1_ps(m);
+    for (int e = 0; e < QB; e += 8) {
+        const __m128i c8 = e & 8 ? _mm_srli_si128(c[e >> 4], 8) : c[e >> 4];
+        store_bf16x8(o + e, _mm256_add_ps(_mm256_mul_ps(sg, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c8))), mg));
+    }
+#endif
+}
+#endif
+
 static void dequant_row_bf16(const lg_qtensor *w, int n, uint16_t *o, float *tmp) {
     const int K = w->k;
-#if defined(__AVX512F__)
-    if (w->group % QB == 0) { /* the AVX2 path below, sixteen weights a step: the same floats */
-        const int G = w->group, ng = K / G, nb = K / QB, gshift = __builtin_ctz((unsigned)(G / QB));
-        if (w->bits == 8) {
-            const int8_t *row = (const int8_t *)w->data + (size_t)n * K;
-            const uint16_t *gsc = (const uint16_t *)w->gs + (size_t)n * ng;
-            for (int b = 0; b < nb; b++) {
-                const __m512 sg = _mm512_set1_ps(w->rowf[n] * half_to_float(gsc[b >> gshift]));
-                const int8_t *c = row + (size_t)b * QB;
-                store_bf16x32(o + (size_t)b * QB, _mm512_mul_ps(sg, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)c)))),
-                              _mm512_mul_ps(sg, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + 16))))));
-            }
-        } else {
-            const int bits = w->bits;
-            const uint8_t *row = w->data + (size_t)n * K * bits / 8;
-            const float s0 = w->rowf[2 * (size_t)n], m0 = w->rowf[2 * (size_t)n + 1] / 127.0f;
-            for (int b = 0; b < nb; b++) {
-                const int g = b >> gshift;
-                const __m512 sg = _mm512_set1_ps(s0 * scale_lut[w->gs[(size_t)n * ng + g]]), mg = _mm512_set1_ps(m0 * (float)w->gm[(size_t)n * ng + g]);
-                __m128i c[2];
-                block_codes(row + (size_t)b * QB * bits / 8, bits, &c[0], &c[1]);
-                const __m512 v0 = _mm512_add_ps(_mm512_mul_ps(sg, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c[0]))), mg);
-                const __m512 v1 = _mm512_add_ps(_mm512_mul_ps(sg, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c[1]))), mg);
-                store_bf16x32(o + (size_t)b * QB, v0, v1);
-            }
-        }
-        return;
-    }
-#elif defined(__AVX2__)
+#ifdef __AVX2__
     if (w->group % QB == 0) {
         const int G = w->group, ng = K / G, nb = K / QB, gshift = __builtin_ctz((unsigned)(G / QB));
         if (w->bits == 8) {
             const int8_t *row = (const int8_t *)w->data + (size_t)n * K;
             const uint16_t *gsc = (const uint16_t *)w->gs + (size_t)n * ng;
-            for (int b = 0; b < nb; b++) {
-                const __m256 sg = _mm256_set1_ps(w->rowf[n] * half_to_float(gsc[b >> gshift]));
-                for (int e = 0; e < QB; e += 8)
-                    store_bf16x8(o + (size_t)b * QB + e, _mm256_mul_ps(sg, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + (size_t)b * QB + e))))));
-            }
+            for (int b = 0; b < nb; b++)
+                block8_bf16(o + (size_t)b * QB, w->rowf[n] * half_to_float(gsc[b >> gshift]), row + (size_t)b * QB);
         } else {
             const int bits = w->bits;
             const uint8_t *row = w->data + (size_t)n * K * bits / 8;
             const float s0 = w->rowf[2 * (size_t)n], m0 = w->rowf[2 * (size_t)n + 1] / 127.0f;
             for (int b = 0; b < nb; b++) {
                 const int g = b >> gshift;
-                const __m256 sg = _mm256_set1_ps(s0 * scale_lut[w->gs[(size_t)n * ng + g]]), mg = _mm256_set1_ps(m0 * (float)w->gm[(size_t)n * ng + g]);
                 __m128i c[2];
                 block_codes(row + (size_t)b * QB * bits / 8, bits, &c[0], &c[1]);
-                for (int e = 0; e < QB; e += 8) {
-                    const __m128i c8 = e & 8 ? _mm_srli_si128(c[e >> 4], 8) : c[e >> 4];
-                    const __m256 v = _mm256_add_ps(_mm256_mul_ps(sg, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c8))), mg);
-                    store_bf16x8(o + (size_t)b * QB + e, v);
-                }
+                block_lowbit_bf16(o + (size_t)b * QB, s0 * scale_lut[w->gs[(size_t)n * ng + g]], m0 * (float)w->gm[(size_t)n * ng + g], c);
             }
         }
         return;
