@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -274,13 +275,26 @@ def available(engine: str) -> bool:
     return subprocess.run([sys.executable, "-c", f"import {MODULES[engine]}"], capture_output=True).returncode == 0
 
 
+def crash_reason(returncode: int) -> str:
+    """' (killed by SIGILL ...)' for a worker a signal ended, else ''. A llama.cpp built with GGML_NATIVE
+    on a CPU whose AMX it cannot use dies of SIGILL with nothing on stderr (README: installing the peer)."""
+    if returncode >= 0:
+        return ""
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        return f" (killed by signal {-returncode})"
+    hint = ": an instruction this CPU or VM refuses; see the README's note on building llama-cpp-python" if name == "SIGILL" else ""
+    return f" (killed by {name}{hint})"
+
+
 def run_worker(engine: str, target: Path, prompt_tokens: int, new_tokens: int, threads: int, vocab: int, draft: int = DEFAULT_DRAFT) -> dict | None:
     """One engine on one model (a directory, or a GGUF for llama.cpp) in a fresh subprocess: its result dict."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", engine, "--target", str(target), "--prompt-tokens",
            str(prompt_tokens), "--new-tokens", str(new_tokens), "--threads", str(threads), "--vocab", str(vocab), "--draft", str(draft)]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
-        print(f"{engine} failed:\n{r.stderr[-2000:]}", file=sys.stderr)
+        print(f"{engine} failed{crash_reason(r.returncode)}:\n{r.stderr[-2000:]}", file=sys.stderr)
         return None
     return json.loads(r.stdout.strip().splitlines()[-1])
 
