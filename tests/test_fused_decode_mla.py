@@ -106,7 +106,9 @@ def test_one_kernel_keeps_a_long_decode_identical(tmp_path: Path, monkeypatch: p
     assert a.shape[0] == 50 and torch.equal(a, b) and torch.equal(ka, kb)
     monkeypatch.setattr(mla, "_native_absorbed", lambda *args: None)  # the torch decode path with torch's bmm
     c, kc = _decode(net, False, 250, prompt)
-    assert not torch.equal(a, c) and not torch.equal(ka, kc)
+    # The logits differ on every CPU seen; the cache did too until a Xeon with AMX, whose oneDNN projections
+    # round the 50 cached latents alike either way (the cache holds projections, not the attention core's sums).
+    assert not torch.equal(a, c)
 
 
 @pytest.mark.parametrize("shape", ["default", "q_proj-bias-neox"])
