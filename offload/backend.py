@@ -221,12 +221,13 @@ class OffloadedExperts:
         """The call's experts that run on the CPU (rows: expert -> its tokens' rows, on the CPU), all in one
         native MoE call with one row per (token, expert) and weight 1: each expert's rows exactly as its
         PreparedExpert returns them, without a Python round per expert (0.26 ms each on the H200 run's
-        host), moved to `device` in one copy. {} where the native kernels do not take them all that way
-        (the per-expert path then runs)."""
-        if len(rows) < 2 or not hasattr(self.codecs[layer], "prepare"):
+        host), moved to `device` in one copy. Experts with more rows than the MoE kernel takes (a prompt's
+        busiest) are left out, as is everything where the native kernels are missing: the per-expert path
+        runs those."""
+        if not hasattr(self.codecs[layer], "prepare"):
             return {}
-        order = sorted(rows)
-        if not all(NativeExpert.in_moe_kernel(len(rows[e]), rows[e].dtype) for e in order):
+        order = sorted(e for e in rows if NativeExpert.in_moe_kernel(len(rows[e]), rows[e].dtype))  # the rest: a GEMM each
+        if len(order) < 2:
             return {}
         pes = [self._host_expert(layer, e) for e in order]
         if any(getattr(pe, "native", None) is None for pe in pes):

@@ -205,6 +205,12 @@ def test_moe_layer_matches_oracle(lib: NativeLib, names: tuple[str, str], tokens
     assert float((y - ref).norm() / ref.norm()) < 1e-3
     with pytest.raises(IndexError):
         lib.moe(gu, dn, inter, x, torch.full_like(ids, n_exp), wts)
+    with pytest.raises(IndexError):
+        lib.moe(gu, dn, inter, x, torch.full_like(ids, -2), wts)
+    # id -1 skips a pair (its expert computed elsewhere): exactly the sum without it
+    skip = ids == ids[0, 0]
+    assert torch.equal(lib.moe(gu, dn, inter, x, ids.masked_fill(skip, -1), wts), lib.moe(gu, dn, inter, x, ids, wts.masked_fill(skip, 0.0)))
+    assert torch.equal(lib.moe(gu, dn, inter, x, torch.full_like(ids, -1), wts), torch.zeros_like(x))
 
 
 @pytest.mark.parametrize("name", SPECS)
@@ -422,8 +428,9 @@ def test_fused_prefill_hands_long_chunks_to_the_bf16_gemm_on_wide_bf16_models(mo
 
 def test_prompt_experts_chosen_by_many_tokens_take_the_bf16_gemm(monkeypatch: pytest.MonkeyPatch) -> None:
     """QuantizedExperts on a bf16 prompt where the CPU has a bf16 GEMM: experts chosen by bf16_gemm_rows()
-    tokens or more go through it (NativeExpert), the others through the int8 MoE kernel one at a time --
-    the layer's output close to the whole-layer kernel's (bf16 rounding), and with the route off equal to it."""
+    tokens or more go through it (NativeExpert), the others through one int8 MoE kernel call that skips the
+    busy experts' pairs -- the layer's output close to the whole-layer kernel's (bf16 rounding), and with
+    the route off equal to it."""
     import localglm.layers.experts as experts_mod
     from localglm.layers.experts import QuantizedExperts
 
@@ -442,8 +449,12 @@ def test_prompt_experts_chosen_by_many_tokens_take_the_bf16_gemm(monkeypatch: py
     real = quant_native.NativeLinear.__call__
     monkeypatch.setattr(quant_native.NativeLinear, "__call__", lambda self, x_, bias=None: calls.append(x_.shape[0]) or real(self, x_, bias))
     monkeypatch.setattr(quant_native, "bf16_gemm_rows", lambda: 8)
+    moe_ids: list[torch.Tensor] = []
+    real_moe = type(lib).moe
+    monkeypatch.setattr(type(lib), "moe", lambda self, *a: moe_ids.append(a[4]) or real_moe(self, *a))
     split = experts.forward(0, x, ids, wts)
     assert calls == [10, 10, 10, 10]  # gate_up and down of experts 0 and 1 through NativeLinear's bf16 route
+    assert len(moe_ids) == 1 and torch.equal(moe_ids[0], ids.masked_fill(ids < 2, -1))  # experts 2 and 3 in one call
     assert float((split.float() - whole.float()).norm() / whole.float().norm()) < 2e-2
     monkeypatch.setattr(quant_native, "bf16_gemm_rows", lambda: None)
     assert torch.equal(experts.forward(0, x, ids, wts), whole)

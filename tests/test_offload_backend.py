@@ -241,3 +241,24 @@ def test_cpu_experts_of_a_call_run_in_one_native_call(tiny, tmp_path, monkeypatc
     assert per_expert.generate_text(PROMPT, max_new_tokens=4, temperature=0, ignore_eos=True) == text
     assert calls and all(n == 1 for n in calls)
     assert m.net.experts.counters.cpu_computed > 0
+
+
+def test_cpu_experts_too_busy_for_the_moe_kernel_leave_the_others_batched(tiny, tmp_path, monkeypatch) -> None:
+    """A prompt's busiest CPU experts (more rows than the MoE kernel takes) run by themselves through a
+    GEMM, while the call's other CPU experts still share one native MoE call: same numbers as per expert."""
+    import quant.native as quant_native
+    from quant.native import NativeLib, native_lib
+
+    if native_lib() is None:
+        pytest.skip("no C compiler: the native kernels are not built")
+    monkeypatch.setattr(quant_native, "NATIVE_MAX_ROWS", 2)
+    ids = torch.tensor([[5, 17, 42, 99, 7, 300, 12, 64, 3, 250, 31, 8]])
+    m = offloaded(tiny, tmp_path, miss="cpu", cache_slots=4, experts_bits=4)
+    calls: list[int] = []
+    real = NativeLib.moe
+    monkeypatch.setattr(NativeLib, "moe", lambda self, gu, dn, inter, x, i, w: calls.append(len(gu)) or real(self, gu, dn, inter, x, i, w))
+    batched = m.logits(ids)
+    assert any(n > 1 for n in calls)  # the experts with 1 or 2 rows in one call
+    per_expert = offloaded(tiny, tmp_path, miss="cpu", cache_slots=4, experts_bits=4)
+    monkeypatch.setattr(OffloadedExperts, "_cpu_batch", lambda self, layer, rows, device: {})
+    assert torch.equal(per_expert.logits(ids), batched)

@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from quant.native import NATIVE_MAX_ROWS, LgMat, bf16_gemm_takes
+from quant.native import LgMat, NativeExpert
 
 from .linear import linear
 from .native import LayerLib, native
@@ -87,6 +87,13 @@ def combine_experts(
             y = y.to(r.dtype)  # (x's for a float expert; fp32 for a quantized one, which PreparedExpert returns on the CPU)
         out.index_add_(0, tokens, y.to(out.dtype))
     return out.to(x.dtype)
+
+
+def experts_alone(expert_ids: torch.Tensor, dtype: torch.dtype) -> list[int]:
+    """The experts chosen by too many of these tokens for the native MoE kernel (NativeExpert.in_moe_kernel):
+    each of them runs by itself, through a GEMM, while the rest share one MoE kernel call."""
+    counts = torch.bincount(expert_ids.reshape(-1))
+    return [e for e in torch.nonzero(counts).flatten().tolist() if not NativeExpert.in_moe_kernel(int(counts[e]), dtype)]
 
 
 def expert_swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -221,20 +228,26 @@ class QuantizedExperts:
 
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
         native = self._native_layers.get(layer)
-        busiest = int(torch.bincount(expert_ids.reshape(-1)).max()) if native is not None and x.shape[0] > 1 else 1
-        if native is not None and bf16_gemm_takes(x.dtype, x.shape[0]) and bf16_gemm_takes(x.dtype, busiest):
-            # A prompt on a CPU with a native bf16 GEMM, an expert chosen by enough of its tokens for it:
-            # those experts take it (NativeExpert), the others the int8 kernel one expert at a time (the
-            # MoE kernel's numbers); with no such expert, the whole layer stays in one call below
-            experts = self.prepared[layer]
-            return combine_experts(x, expert_ids, expert_weights, lambda e, xs: experts[e](xs))
-        # One native call for the layer while no expert has more tokens than the native kernel takes
-        # (each expert alone would then run natively too: the same numbers either way).
-        if native is not None and (x.shape[0] <= NATIVE_MAX_ROWS or busiest <= NATIVE_MAX_ROWS):
-            gu, dn, inter = native
-            return self.native.moe(gu, dn, inter, x, expert_ids, expert_weights).to(x.dtype)
         experts = self.prepared[layer]
-        return combine_experts(x, expert_ids, expert_weights, lambda e, xs: experts[e](xs))
+        if native is None:
+            return combine_experts(x, expert_ids, expert_weights, lambda e, xs: experts[e](xs))
+        gu, dn, inter = native
+        alone = experts_alone(expert_ids, x.dtype) if x.shape[0] > 1 else []
+        if not alone:  # the whole layer in one native call
+            return self.native.moe(gu, dn, inter, x, expert_ids, expert_weights).to(x.dtype)
+        # A prompt whose busiest experts take the bf16 (or a dequantized) GEMM: those run one by one
+        # (NativeExpert), every other pair in one native call that skips theirs (id -1), in fp32. One
+        # call instead of a Python round per expert: with 64 small experts a layer that round was a
+        # third of a 128-token prefill.
+        skip = torch.isin(expert_ids, torch.tensor(alone, dtype=expert_ids.dtype))
+        if bool(skip.all()):
+            out = torch.zeros(x.shape, dtype=torch.float32)
+        else:
+            out = self.native.moe(gu, dn, inter, x.float(), expert_ids.masked_fill(skip, -1), expert_weights)
+        for e in alone:
+            tokens, slots = (expert_ids == e).nonzero(as_tuple=True)
+            out.index_add_(0, tokens, experts[e](x[tokens]).float() * expert_weights[tokens, slots, None].float())
+        return out.to(x.dtype)
 
     @property
     def mapped(self) -> bool:

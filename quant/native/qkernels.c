@@ -884,13 +884,22 @@ static inline float silu(float v) { return v / (1.0f + expf(-v)); }
  * e = ids[t,j]. gate_up[e] is [2I, H] (gate rows then up rows), down[e] is [H, I], all experts of a
  * layer in the same format. Pairs are grouped by expert so each weight row is read once per call;
  * the sum over a token's experts runs in fp32, in expert order. x and out share `dtype` (0 fp32,
- * 1 bf16). Returns 0, -1 when out of memory, -2 for an expert id outside [0, E). */
+ * 1 bf16). An id of -1 skips its pair (the caller computes it elsewhere: a prompt's busiest experts
+ * through the bf16 GEMM); a token whose pairs are all skipped gets zeros. Returns 0, -1 when out of
+ * memory, -2 for an expert id outside [0, E) other than -1. */
 int lg_moe(int T, int H, int I, const void *x, int dtype, int k, const int64_t *ids, const float *wts,
            const lg_qtensor *gate_up, const lg_qtensor *down, int E, void *out, int nth) {
-    const int P = T * k, I2 = 2 * I;
-    if (P == 0) return 0;
-    for (int p = 0; p < P; p++)
+    const int Pall = T * k, I2 = 2 * I;
+    int P = 0; /* the pairs computed here */
+    for (int p = 0; p < Pall; p++) {
+        if (ids[p] == -1) continue;
         if (ids[p] < 0 || ids[p] >= E) return -2;
+        P++;
+    }
+    if (P == 0) {
+        for (size_t i = 0; i < (size_t)T * H; i++) store(out, dtype, i, 0.0f);
+        return 0;
+    }
     int *cnt = calloc((size_t)E + 1, sizeof(int)), *order = malloc((size_t)P * sizeof(int));
     int *seg_e = malloc((size_t)P * sizeof(int)), *seg_start = malloc(((size_t)P + 1) * sizeof(int));
     float *h1 = malloc((size_t)P * I2 * sizeof(float)), *y = malloc((size_t)P * H * sizeof(float));
@@ -903,13 +912,14 @@ int lg_moe(int T, int H, int I, const void *x, int dtype, int k, const int64_t *
         return -1;
     }
     /* counting sort of the (token, slot) pairs by expert */
-    for (int p = 0; p < P; p++) cnt[ids[p] + 1]++;
+    for (int p = 0; p < Pall; p++) cnt[ids[p] + 1] += ids[p] >= 0;
     for (int e = 0; e < E; e++) cnt[e + 1] += cnt[e];
     int S = 0;
     for (int e = 0; e < E; e++)
         if (cnt[e + 1] > cnt[e]) { seg_e[S] = e; seg_start[S++] = cnt[e]; }
     seg_start[S] = P;
-    for (int p = 0; p < P; p++) order[cnt[ids[p]]++] = p;
+    for (int p = 0; p < Pall; p++)
+        if (ids[p] >= 0) order[cnt[ids[p]]++] = p;
 
     const int gbits = gate_up[seg_e[0]].bits, dbits = down[seg_e[0]].bits;
     const int par = nth > 1 && (size_t)P * I * H >= (1u << 15), nthr = par ? nth : 1;
