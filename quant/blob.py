@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from . import kquants
 from .formats import QuantError, QuantSpec, QuantTensor, layout_nbytes
-from .native import LgMat, NativeExpert, NativeLib, bf16_expert, bf16_gemm_takes, native_lib
+from .native import LgMat, NativeExpert, NativeLib, bf16_expert, bf16_expert_takes, native_lib
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ class PreparedExpert:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.native is not None:
             return self.native(x)
-        if self.mats is not None and bf16_gemm_takes(x.dtype, x.shape[0]):
+        if self.mats is not None and bf16_expert_takes(x.dtype, x.shape[0]):
             # a prompt's tokens that chose this expert, on a CPU with a native bf16 GEMM: the blocks to bf16 tiles
             return bf16_expert(self.gate_up.matmul, self.down.matmul, x)
         if self.mats is not None and self._lib is not None and x.shape[0] <= kquants.NATIVE_MAX_ROWS:

@@ -352,6 +352,15 @@ def bf16_gemm_takes(dtype: torch.dtype, rows: int) -> bool:
     return least is not None and rows >= least
 
 
+def bf16_expert_takes(dtype: torch.dtype, rows: int) -> bool:
+    """Whether an expert's `rows` tokens (bf16) go through the bf16 GEMM: from a third more rows than one
+    product needs, since an expert is two products, SiLU and a Python round where the MoE kernel takes
+    all of a layer's other experts in one call. Whole experts on the AMX Xeon, 1 thread, int8 / bf16 time:
+    0.72-0.94 at 24 rows, 0.84-1.17 at 32, 1.27-1.51 at 48 (1024 x 352 and 4096 x 1408, q2 / q4 / q8)."""
+    least = bf16_gemm_rows() if dtype == torch.bfloat16 else None
+    return least is not None and rows >= -(-least * 4 // 3)
+
+
 def bf16_tiled_linear(x: torch.Tensor, n: int, k: int, dequant_tile: Callable[[int, int, torch.Tensor], torch.Tensor],
                       bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, K] bf16 @ W.T (+ bias) -> [T, N] bf16, W given a tile of rows at a time by dequant_tile(n0,
@@ -367,7 +376,7 @@ def bf16_tiled_linear(x: torch.Tensor, n: int, k: int, dequant_tile: Callable[[i
 
 
 def bf16_expert(gate_up: Callable[[torch.Tensor], torch.Tensor], down: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """down(silu(gate(x)) * up(x)) in fp32 for bf16 rows that take the bf16 GEMM (bf16_gemm_takes): both
+    """down(silu(gate(x)) * up(x)) in fp32 for bf16 rows that take the bf16 GEMM (bf16_expert_takes): both
     products through it, SiLU in fp32, its input to down rounded to bf16. One expert's prompt tokens, for
     our formats (NativeExpert) and GGUF blocks (quant.blob.PreparedExpert) alike."""
     gate, up = gate_up(x).float().chunk(2, dim=-1)
@@ -425,12 +434,12 @@ class NativeExpert:
     def in_moe_kernel(rows: int, dtype: torch.dtype) -> bool:
         """Whether `rows` activations of `dtype` run through the MoE kernel (not the bf16 GEMM, not a
         dequantized GEMM): then several experts' rows may share one `NativeLib.moe` call, same numbers."""
-        return rows <= NATIVE_MAX_ROWS and not bf16_gemm_takes(dtype, rows)
+        return rows <= NATIVE_MAX_ROWS and not bf16_expert_takes(dtype, rows)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> [T, H] in fp32: the caller sums experts in fp32, as the MoE kernel does inside. bf16
-        rows from bf16_gemm_rows() on (a prompt's tokens that chose this expert) go through the bf16 GEMM."""
-        if bf16_gemm_takes(x.dtype, x.shape[0]):
+        rows from bf16_expert_takes on (a prompt's tokens that chose this expert) go through the bf16 GEMM."""
+        if bf16_expert_takes(x.dtype, x.shape[0]):
             return bf16_expert(self.gate_up.matmul, self.down.matmul, x)
         if x.shape[0] > NATIVE_MAX_ROWS:
             gate, up = self.gate_up.matmul(x.float()).chunk(2, dim=-1)

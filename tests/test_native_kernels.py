@@ -427,8 +427,8 @@ def test_fused_prefill_hands_long_chunks_to_the_bf16_gemm_on_wide_bf16_models(mo
 
 
 def test_prompt_experts_chosen_by_many_tokens_take_the_bf16_gemm(monkeypatch: pytest.MonkeyPatch) -> None:
-    """QuantizedExperts on a bf16 prompt where the CPU has a bf16 GEMM: experts chosen by bf16_gemm_rows()
-    tokens or more go through it (NativeExpert), the others through one int8 MoE kernel call that skips the
+    """QuantizedExperts on a bf16 prompt where the CPU has a bf16 GEMM: experts chosen by a third more tokens
+    than bf16_gemm_rows() go through it (NativeExpert), the others through one int8 MoE kernel call that skips the
     busy experts' pairs -- the layer's output close to the whole-layer kernel's (bf16 rounding), and with
     the route off equal to it."""
     import localglm.layers.experts as experts_mod
@@ -448,7 +448,9 @@ def test_prompt_experts_chosen_by_many_tokens_take_the_bf16_gemm(monkeypatch: py
     calls: list[int] = []
     real = quant_native.NativeLinear.__call__
     monkeypatch.setattr(quant_native.NativeLinear, "__call__", lambda self, x_, bias=None: calls.append(x_.shape[0]) or real(self, x_, bias))
-    monkeypatch.setattr(quant_native, "bf16_gemm_rows", lambda: 8)
+    monkeypatch.setattr(quant_native, "bf16_gemm_rows", lambda: 8)  # an expert needs a third more: 11 rows
+    assert torch.equal(experts.forward(0, x, ids, wts), whole) and not calls
+    monkeypatch.setattr(quant_native, "bf16_gemm_rows", lambda: 7)  # experts from 10 rows
     moe_ids: list[torch.Tensor] = []
     real_moe = type(lib).moe
     monkeypatch.setattr(type(lib), "moe", lambda self, *a: moe_ids.append(a[4]) or real_moe(self, *a))
