@@ -335,6 +335,7 @@ NATIVE_MAX_ROWS = 128
 # verification's rows (localglm.options.MAX_DRAFT + 1): those keep the one-token steps' int8 arithmetic.
 BF16_GEMM_ROWS = 24
 BF16_TILE_ROWS = 256
+BF16_ROW_BUCKET = 16  # bf16_tiled_linear's rows rounded up to a multiple of this (the GEMM's shapes repeat)
 
 
 def bf16_gemm_rows() -> int | None:
@@ -364,7 +365,13 @@ def bf16_expert_takes(dtype: torch.dtype, rows: int) -> bool:
 def bf16_tiled_linear(x: torch.Tensor, n: int, k: int, dequant_tile: Callable[[int, int, torch.Tensor], torch.Tensor],
                       bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, K] bf16 @ W.T (+ bias) -> [T, N] bf16, W given a tile of rows at a time by dequant_tile(n0,
-    n1, buffer) as bf16 [n1 - n0, K] (written into the reused buffer): torch's bf16 GEMM per tile."""
+    n1, buffer) as bf16 [n1 - n0, K] (written into the reused buffer): torch's bf16 GEMM per tile. The
+    rows are padded with zeros to a multiple of BF16_ROW_BUCKET: oneDNN JIT-compiles a kernel for each new
+    GEMM shape, 1-4 ms each (AMX Xeon) against 0.05-0.4 ms for a tile's product, and an expert's token
+    count is a new shape at almost every call of a first prompt; up to 15 more rows cost 5-15% of a product."""
+    t = x.shape[0]
+    if t % BF16_ROW_BUCKET:
+        x = torch.cat([x, x.new_zeros(BF16_ROW_BUCKET - t % BF16_ROW_BUCKET, x.shape[1])])
     y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
     rows = max(1, min(n, BF16_TILE_ROWS))
     buf = torch.empty(rows * k, dtype=torch.bfloat16)
@@ -372,7 +379,7 @@ def bf16_tiled_linear(x: torch.Tensor, n: int, k: int, dequant_tile: Callable[[i
         n1 = min(n, n0 + rows)
         w = dequant_tile(n0, n1, buf)
         y[:, n0:n1] = F.linear(x, w, None if bias is None else bias[n0:n1].to(torch.bfloat16))
-    return y
+    return y[:t]
 
 
 def bf16_expert(gate_up: Callable[[torch.Tensor], torch.Tensor], down: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:

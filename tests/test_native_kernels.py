@@ -391,6 +391,13 @@ def test_prompt_rows_take_the_bf16_gemm_where_the_cpu_has_one(monkeypatch: pytes
     ref = F.linear(x.float(), w, bias.bfloat16().float())
     assert float((y.float() - ref).abs().max()) <= 2**-7 * float(ref.abs().max())
     tiles.clear()
+    shapes: list[tuple[int, ...]] = []
+    real_linear = F.linear
+    monkeypatch.setattr(quant_native.F, "linear", lambda a, *r: shapes.append(tuple(a.shape)) or real_linear(a, *r))
+    y7 = lin(x[:7], bias)  # 7 rows padded to a multiple of BF16_ROW_BUCKET: the GEMM sees repeated shapes only
+    assert y7.shape == (7, 600) and shapes == [(quant_native.BF16_ROW_BUCKET, 256)] * 3
+    assert float((y7.float() - ref[:7]).abs().max()) <= 2**-7 * float(ref.abs().max())
+    tiles.clear()
     lin(x[:5], bias), lin(x.float(), bias)  # below the rows, and fp32: the int8 tiles
     monkeypatch.setattr(quant_native, "bf16_gemm_rows", lambda: None)
     lin(x, bias)
