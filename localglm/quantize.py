@@ -458,8 +458,7 @@ def _write_quantized(
                 if len(parts) == 3:
                     del pending[key]
                     if packed:
-                        gu_q = QuantTensor.cat_rows([parts["gate"], parts["up"]])
-                        blob = lay.pack(gu_q, parts["down"])
+                        blob = lay.pack([parts["gate"], parts["up"]], parts["down"])
                     else:
                         blob = quantize_expert(lay, parts["gate"], parts["up"], parts["down"], pool)
                     manifest["experts"]["layouts"][str(key[0])] = lay.to_json()
@@ -670,8 +669,8 @@ def load_quantized_experts(
             if from_blobs:
                 buf[e].copy_(source.expert_blob(i, e))
             elif i in packed:
-                g, u, d = (source.get_quant(nm, dtype, s) for nm, s in zip(expert_tensor_names(i, e), shapes))
-                buf[e].copy_(lay.pack(QuantTensor.cat_rows([g, u]), d))
+                g, u, d = (source.get_quant(nm, dtype, s, copy=False) for nm, s in zip(expert_tensor_names(i, e), shapes))
+                lay.pack([g, u], d, out=buf[e])
             else:
                 g, u, d = (_float_for_quant(source, nm, s) for nm, s in zip(expert_tensor_names(i, e), shapes))
                 buf[e].copy_(quantize_expert(lay, g, u, d))

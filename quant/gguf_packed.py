@@ -33,8 +33,11 @@ def _as_torch(raw: np.ndarray | torch.Tensor) -> torch.Tensor:
     return raw
 
 
-def gguf_to_quant(raw: np.ndarray | torch.Tensor, ggml_type: str, shape: tuple[int, int], dtype: torch.dtype = torch.bfloat16) -> QuantTensor:
-    """Raw bytes of a [N, K] tensor of a type in PACKED_SPECS (as the GGUF stores them) -> a QuantTensor (a copy)."""
+def gguf_to_quant(raw: np.ndarray | torch.Tensor, ggml_type: str, shape: tuple[int, int], dtype: torch.dtype = torch.bfloat16,
+                  copy: bool = True) -> QuantTensor:
+    """Raw bytes of a [N, K] tensor of a type in PACKED_SPECS (as the GGUF stores them) -> a QuantTensor:
+    a copy, or with copy=False for the block types a view of `raw` (read-only where raw is a mapped file:
+    for a caller that copies it on, such as ExpertBlobLayout.pack; Q8_0 is rearranged, so always a copy)."""
     spec = PACKED_SPECS.get(ggml_type)
     if spec is None:
         raise QuantError(f"GGUF type {ggml_type} is not taken as stored (taken: {', '.join(PACKED_SPECS)})")
@@ -45,7 +48,8 @@ def gguf_to_quant(raw: np.ndarray | torch.Tensor, ggml_type: str, shape: tuple[i
     need = shape[0] * spec.row_bytes(shape[1])
     if raw.dtype != torch.uint8 or raw.numel() != need:
         raise QuantError(f"{ggml_type} {list(shape)} needs {need} uint8 bytes, got {raw.dtype} {list(raw.shape)}")
-    return QuantTensor(spec, shape, raw.reshape(-1).clone(), dtype)
+    flat = raw.reshape(-1)
+    return QuantTensor(spec, shape, flat.clone() if copy else flat, dtype)
 
 
 def q8_0_to_quant(raw: np.ndarray | torch.Tensor, shape: tuple[int, int], dtype: torch.dtype = torch.bfloat16) -> QuantTensor:

@@ -249,6 +249,36 @@ def test_expert_blob_holds_blocks_as_stored(exact_kernels: None) -> None:
     assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
 
 
+def test_expert_blob_packs_gate_and_up_from_views_into_a_given_buffer() -> None:
+    """GGUF loading writes each expert from read-only views of the mapped file straight into its row of
+    the layer's buffer: the same bytes as packing the stacked copy, the padding zeroed (the buffer
+    held garbage), the source left unshared with the blob; our own specs stack through cat_rows."""
+    def ours(spec: QuantSpec, n: int, k: int, seed: int) -> QuantTensor:
+        return QuantTensor.quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(seed)), spec)
+
+    def gguf_blocks(spec: QuantSpec, n: int, k: int, seed: int) -> QuantTensor:
+        return tensor_of(spec.ggml, n, k, seed)  # type: ignore[attr-defined]
+
+    h = 256  # inter 96: parts that need padding to the 64-byte offsets (K-quant rows: whole 256-weight blocks)
+    for inter, gu_spec, dn_spec, make in ((256, GGMLSpec.of("Q4_K"), GGMLSpec.of("Q6_K"), gguf_blocks), (96, QuantSpec.for_bits(4), QuantSpec.for_bits(8), ours)):
+        lay = ExpertBlobLayout(h, inter, gu_spec, dn_spec)
+        gate, up, down = make(gu_spec, inter, h, 1), make(gu_spec, inter, h, 2), make(dn_spec, h, inter, 3)
+        want = lay.pack(QuantTensor.cat_rows([gate, up]), down)
+        views = [QuantTensor(t.spec, tuple(t.shape), t.buf.clone(), t.dtype) for t in (gate, up)]
+        buf = torch.full((2, lay.nbytes), 0xAB, dtype=torch.uint8)
+        got = lay.pack(views, down, out=buf[1])
+        assert got.data_ptr() == buf[1].data_ptr() and torch.equal(buf[1], want)
+        assert bool((buf[0] == 0xAB).all())  # the neighbouring row untouched
+        with pytest.raises(QuantError, match="layout needs uint8"):
+            lay.pack([gate, up], down, out=torch.empty(lay.nbytes - 1, dtype=torch.uint8))
+        with pytest.raises(QuantError, match="does not match the layout"):
+            lay.pack([gate], down)
+    raw = random_blocks("Q2_K", 4)
+    view = gguf_to_quant(raw.reshape(-1), "Q2_K", (4, 256), copy=False)
+    assert view.buf.data_ptr() == raw.ctypes.data  # no copy: pack copies on
+    assert gguf_to_quant(raw.reshape(-1), "Q2_K", (4, 256)).buf.data_ptr() != raw.ctypes.data
+
+
 def test_gguf_expert_prompt_rows_take_the_bf16_gemm(monkeypatch: pytest.MonkeyPatch) -> None:
     """A GGUF expert (PreparedExpert over blocks as stored) given bf16_gemm_rows() bf16 rows or more: both
     products from bf16 tiles of its blocks through torch's GEMM, close to the fp32 int8 path (bf16

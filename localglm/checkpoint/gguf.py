@@ -455,8 +455,10 @@ class GGUFSource(MappedSource):
         info = self.info(name)
         return PACKED_SPECS.get(info.ggml_type) if len(info.shape) == 2 and info.joined is None else None
 
-    def get_quant(self, name: str, dtype: torch.dtype | None = None, expected_shape: tuple[int, ...] | None = None) -> QuantTensor:
-        """A tensor of a type `packed_spec` knows as a QuantTensor, its blocks copied as they are (exact: quant.gguf_packed)."""
+    def get_quant(self, name: str, dtype: torch.dtype | None = None, expected_shape: tuple[int, ...] | None = None,
+                  copy: bool = True) -> QuantTensor:
+        """A tensor of a type `packed_spec` knows as a QuantTensor, its blocks copied as they are (exact:
+        quant.gguf_packed); copy=False leaves block types a read-only view of the mapped file."""
         info = self.info(name)
         check_expected_shape(info, expected_shape)
         if self.packed_spec(name) is None:
@@ -464,7 +466,7 @@ class GGUFSource(MappedSource):
                 f"{info.file}: tensor {info.gguf_name} is {info.ggml_type} {list(info.shape)}; only 2-D tensors of "
                 f"{', '.join(PACKED_SPECS)} are taken as stored"
             )
-        return gguf_to_quant(self.raw(name), info.ggml_type, (info.shape[0], info.shape[1]), dtype or info.dtype)
+        return gguf_to_quant(self.raw(name), info.ggml_type, (info.shape[0], info.shape[1]), dtype or info.dtype, copy=copy)
 
     def __repr__(self) -> str:
         return f"GGUFSource({str(self.files.where)!r}, {len(self._infos)} tensors, {len(self.files.files)} files)"
