@@ -325,8 +325,8 @@ NATIVE_MAX_ROWS = 128
 
 # On CPUs with a native bf16 GEMM (AVX512-BF16, AMX: torch's oneDNN reaches ~100 G multiply-adds/s a
 # core on Zen 4 against 30-50 for the int8 tiles), bf16 activations of at least this many rows (a prompt
-# chunk) go through it instead: the weight dequantized to bf16 BF16_TILE_ROWS rows at a time (the
-# tile stays in cache; no dense copy of the weight), each tile multiplied by torch. Zen 4, 1 thread,
+# chunk) go through it instead: the weight dequantized to bf16 a tile of rows at a time (the tile
+# stays in cache; no dense copy of the weight), each tile multiplied by torch. Zen 4, 1 thread,
 # G multiply-adds/s, int8 tiles / this route (its dequantization included), 4096 x 4096: q8 40 / 41 at
 # 16 rows, 43 / 59 at 32, 35 / 83 at 128; q4 39 / 35, 43 / 54, 46 / 86; q2 39 / 27, 33 / 51, 38 / 78 (even
 # at about 24 rows). llama.cpp takes its K-quants in prompts the same way (its tiled bf16 mul_mat).
@@ -334,7 +334,12 @@ NATIVE_MAX_ROWS = 128
 # ~16-20 rows: q4 51 / 64 at 24 rows, q2 1408 x 4096 51 / 60, q8 49 / 60. It must stay above a speculative
 # verification's rows (localglm.options.MAX_DRAFT + 1): those keep the one-token steps' int8 arithmetic.
 BF16_GEMM_ROWS = 24
+# A tile is BF16_TILE_BYTES of bf16 weight rows, at least BF16_TILE_ROWS rows: each tile is a Python
+# round (dequantize, GEMM, copy out) and a GEMM too small to split well across threads. AMX Xeon,
+# 128-token prompts, q2-all, tok/s at 256-row tiles -> 8 MiB: ~0.9B (K = 1024) 206 -> 225 on 1 thread,
+# 308 -> 362 on 2; Air widths (K = 4096) 78 -> 82 and 127 -> 150 (16 MiB: 76 and 145).
 BF16_TILE_ROWS = 256
+BF16_TILE_BYTES = 8 << 20
 BF16_ROW_BUCKET = 16  # bf16_tiled_linear's rows rounded up to a multiple of this (the GEMM's shapes repeat)
 
 
@@ -373,7 +378,7 @@ def bf16_tiled_linear(x: torch.Tensor, n: int, k: int, dequant_tile: Callable[[i
     if t % BF16_ROW_BUCKET:
         x = torch.cat([x, x.new_zeros(BF16_ROW_BUCKET - t % BF16_ROW_BUCKET, x.shape[1])])
     y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
-    rows = max(1, min(n, BF16_TILE_ROWS))
+    rows = max(1, min(n, max(BF16_TILE_ROWS, BF16_TILE_BYTES // (2 * max(1, k)))))
     buf = torch.empty(rows * k, dtype=torch.bfloat16)
     for n0 in range(0, n, rows):
         n1 = min(n, n0 + rows)

@@ -125,6 +125,7 @@ def test_gguf_prompt_rows_take_the_bf16_gemm_where_the_cpu_has_one(monkeypatch: 
         pytest.skip("no C compiler: the native kernels are not built")
     qt = tensor_of("Q4_K", 300, 512, seed=4, dtype=torch.bfloat16)
     monkeypatch.setattr(quant_native, "bf16_gemm_rows", lambda: 6)
+    monkeypatch.setattr(quant_native, "BF16_TILE_BYTES", 0)  # tiles of BF16_TILE_ROWS: the tiles joined
     calls: list[tuple[int, int]] = []
     real = kquants.KQuantLib.dequantize_bf16
     monkeypatch.setattr(kquants.KQuantLib, "dequantize_bf16", lambda self, spec, data, shape, n0, n1, out: calls.append((n0, n1)) or real(self, spec, data, shape, n0, n1, out))
@@ -291,6 +292,7 @@ def test_gguf_expert_prompt_rows_take_the_bf16_gemm(monkeypatch: pytest.MonkeyPa
     pe = PreparedExpert(lay, lay.pack(QuantTensor.cat_rows([gate, up]), down), torch.bfloat16)
     assert pe.mats is not None
     monkeypatch.setattr(quant_native, "bf16_gemm_rows", lambda: 6)
+    monkeypatch.setattr(quant_native, "BF16_TILE_BYTES", 0)  # tiles of BF16_TILE_ROWS: the tiles joined
     tiles: list[tuple[int, int]] = []
     real = kquants.KQuantLib.dequantize_bf16
     monkeypatch.setattr(kquants.KQuantLib, "dequantize_bf16", lambda self, spec, data, shape, n0, n1, out: tiles.append((n0, n1)) or real(self, spec, data, shape, n0, n1, out))

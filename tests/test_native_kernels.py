@@ -385,8 +385,12 @@ def test_prompt_rows_take_the_bf16_gemm_where_the_cpu_has_one(monkeypatch: pytes
     monkeypatch.setattr(quant_native, "bf16_gemm_rows", lambda: 6)
     lin = quant_native.NativeLinear(lib, qt)
     x = torch.randn(8, 256).bfloat16()
+    y_one_tile = lin(x, bias)
+    assert tiles == [(0, 600)]  # 600 x 256 bf16 is far below BF16_TILE_BYTES: one tile
+    tiles.clear()
+    monkeypatch.setattr(quant_native, "BF16_TILE_BYTES", 0)  # tiles of the least rows, BF16_TILE_ROWS
     y = lin(x, bias)
-    assert tiles == [(0, 256), (256, 512), (512, 600)] and y.dtype == torch.bfloat16
+    assert tiles == [(0, 256), (256, 512), (512, 600)] and y.dtype == torch.bfloat16 and torch.equal(y, y_one_tile)
     w = qt.dequantize(torch.float32).to(torch.bfloat16).float()
     ref = F.linear(x.float(), w, bias.bfloat16().float())
     assert float((y.float() - ref).abs().max()) <= 2**-7 * float(ref.abs().max())
