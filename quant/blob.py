@@ -55,7 +55,7 @@ class ExpertBlobLayout:
         """The blob of one expert, written into `out` (uint8 [nbytes], e.g. a row of a layer's buffer)
         or a new tensor. gate_up may be given as [gate, up]: GGUF block types (raw_blocks) are stacked
         by writing each part's bytes in turn, so a GGUF expert goes from the mapped file into its blob
-        with one copy (a 1.2 GB mix loaded in 2.5 s with three); other specs are stacked by cat_rows."""
+        with one copy (was four: clone, cat, pack, copy); other specs are stacked by cat_rows."""
         if out is None:
             out = torch.zeros(self.nbytes, dtype=torch.uint8)
         elif out.dtype != torch.uint8 or out.numel() != self.nbytes:
