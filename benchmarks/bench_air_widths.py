@@ -50,13 +50,14 @@ def measure(threads: int = 2, prompt: int = 128, new: int = 32, repeat: int = 1,
     """Make (cached) and measure every pair: sizes and KL through bench_quant.measure, then the speed runs of the
     quantized models only, all round-robin in one go. Returns rows in bench_quant's form plus the run's facts."""
     model = ensure_model(work)
-    ours, llama = [o for o, _ in pairs], [t for _, t in pairs] if available("llama.cpp") else []
+    # A llama.cpp type may pair with several of ours (q2 and q2-all beside Q2_K): measured once, listed once.
+    ours, llama = list(dict.fromkeys(o for o, _ in pairs)), list(dict.fromkeys(t for _, t in pairs)) if available("llama.cpp") else []
     load0 = os.getloadavg()
     t0 = time.time()
     rows, n_params = bq.measure(model, work, ours, llama, "kl" if kl_tokens else "sizes", threads, kl_tokens, kl_ctx)
     targets = {r["label"]: r for r in rows if "bytes" in r and r["level"] != "bf16"}
     paths = {label: (work / f"{model.name}-{label.split(' ', 1)[1]}{'.gguf' if label.startswith('llama') else ''}") for label in targets}
-    order = [lab for o, t in pairs for lab in (f"localglm {o}", f"llama.cpp {t}") if lab in targets]
+    order = list(dict.fromkeys(lab for o, t in pairs for lab in (f"localglm {o}", f"llama.cpp {t}") if lab in targets))
     jobs = [(label, label.split(" ", 1)[0], paths[label]) for label in order]
     load1 = os.getloadavg()
     speed = run_workers(jobs, prompt, new, threads, BENCH_SPEC["vocab_size"], repeat)

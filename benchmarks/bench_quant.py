@@ -37,7 +37,7 @@ OURS = {
     "q4": ["--experts", "4"],
     "q4-all": ["--experts", "4", "--attn", "4", "--shared", "4", "--dense", "4", "--embed", "4"],
     "q4-attn4": ["--experts", "4", "--attn", "4"],  # attention at 4 bits, shared/dense/embed/lm_head at 8
-    "q2": ["--experts", "2"],
+    "q2": ["--experts", "2"],  # attention at 4 bits too (quant.recipe.default_bits), shared/dense/embed/lm_head at 8
     "q2-all": ["--experts", "2", "--attn", "4", "--shared", "4", "--dense", "4", "--embed", "4"],
 }
 LLAMA = {"Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K"}

@@ -5,7 +5,7 @@ A recipe maps tensor *classes* to bits (2, 4, 8, or 16 = keep the checkpoint's f
     experts   routed experts (the bulk of a MoE checkpoint)          default 4
     shared    shared experts                                          default 8
     dense     dense FFN of the first layers                           default 8
-    attn      attention projections (q, k, v, o)                      default 8
+    attn      attention projections (q, k, v, o)                      default 8; 4 with 2-bit experts
     embed     token embeddings                                        default 8
     lm_head   output projection                                       default 8
     router    MoE router (computed in fp32; only 16 is accepted)      default 16
@@ -14,6 +14,7 @@ A recipe maps tensor *classes* to bits (2, 4, 8, or 16 = keep the checkpoint's f
               but its router and indexer (an int4 draft head is reported to
               collapse speculative acceptance to a few percent)
 
+With 2-bit routed experts attention defaults to 4 bits (`default_bits`); anything given explicitly wins.
 Per-layer overrides: `LayerOverride(first, last, cls, bits)` (inclusive) such as "0-2:experts=8".
 Norms, biases and the router's correction bias are never quantized. The classifier takes the
 caller's own function from tensor name to (class, layer) -- `quant` knows no model layouts.
@@ -34,6 +35,20 @@ KEEP = 16
 # to every head, while its projections are ~1% of a layer's always-used weights.
 DEFAULT_BITS: dict[str, int] = {"experts": 4, "shared": 8, "dense": 8, "attn": 8, "embed": 8, "lm_head": 8, "router": KEEP, "indexer": KEEP, "mtp": 8}
 ALLOWED_BITS = (2, 4, 8, KEEP)
+
+
+def default_bits(experts: int | None = None) -> dict[str, int]:
+    """The bits of every class not given, for a recipe whose routed experts get `experts` bits.
+
+    At 2-bit experts attention drops to 4 bits. Whoever picks 2 bits is short of memory, and a decoded token
+    reads every attention weight but only top-k experts: at GLM-4.5-Air's widths 8-bit attention was over half of
+    a 2-bit token's weight bytes (1.30x llama.cpp's Q2_K file). 4 bits: KL 0.068 against 0.057 at 8 (Q2_K 0.274)
+    for 0.82x the file, and decode 0.95x -> 1.25x llama.cpp's Q2_K (BENCHMARKS.md, Air widths).
+    """
+    bits = dict(DEFAULT_BITS)
+    if experts == 2:
+        bits["attn"] = 4
+    return bits
 
 # name -> (class or None for never-quantized, layer index or None)
 Classifier = Callable[[str], tuple[str | None, int | None]]
@@ -94,13 +109,13 @@ class Recipe:
     def __post_init__(self) -> None:
         for cls, b in list(self.bits.items()):
             self.bits[check_class(cls)] = check_bits(cls, b)
-        for cls in CLASSES:
-            self.bits.setdefault(cls, DEFAULT_BITS[cls])
+        for cls, b in default_bits(self.bits.get("experts")).items():
+            self.bits.setdefault(cls, b)
 
     @classmethod
     def from_options(cls, bits: Mapping[str, int | str | None] | None = None, overrides: list[str] | None = None) -> Recipe:
-        """Defaults, with the given class bits (None entries ignored) and 'A-B:cls=bits' overrides."""
-        chosen = dict(DEFAULT_BITS)
+        """Defaults (`default_bits`), with the given class bits (None entries ignored) and 'A-B:cls=bits' overrides."""
+        chosen: dict[str, int] = {}
         for k, v in (bits or {}).items():
             if v is not None:
                 chosen[check_class(k)] = check_bits(k, v)

@@ -316,7 +316,7 @@ def test_plan_uses_a_quantized_directorys_stored_bits(quantized: Path) -> None:
     plan = json.loads(o.out)
     stored = json.loads((quantized / MANIFEST).read_text())["stats"]["class_bits_per_weight"]["experts"]  # q2 on tiny rows
     assert abs(plan["expert_bits"] - stored) < 0.01, f"accepted: planned {plan['expert_bits']} bits for experts stored at {stored:.2f}"
-    assert plan["dense_bits"]["attn"] == 8  # q8 as stored, not bf16
+    assert plan["dense_bits"]["attn"] == 4  # q4 as stored (the 2-bit recipe's attention), not bf16
     o = run_cli("plan", quantized, "--gpu-mem", "0", "--cpu-mem", "1GiB", "--experts", "4")
     assert o.kind == "clean" and "--experts" in o.err, o.why()
     o = run_cli("inspect", quantized)

@@ -240,6 +240,15 @@ def test_bad_specs_and_recipes_are_one_line_errors() -> None:
         QuantTensor.quantize(torch.randn(4), QuantSpec.for_bits(8))
 
 
+def test_two_bit_experts_take_four_bit_attention_unless_told() -> None:
+    assert Recipe.from_options({"experts": 2}).bits["attn"] == 4 and Recipe({"experts": 2}).bits["attn"] == 4
+    assert Recipe.from_options({"experts": 2, "attn": 8}).bits["attn"] == 8  # given explicitly: kept
+    assert Recipe.from_options({"experts": 4}).bits["attn"] == 8 and Recipe().bits["attn"] == 8
+    assert Recipe.from_options({"experts": 2}).bits["shared"] == 8  # only attention follows the experts
+    # a recipe saved before the rule (every class written out) loads as it was made
+    assert Recipe.from_json({"bits": {**Recipe().bits, "experts": 2}}).bits["attn"] == 8
+
+
 def test_recipe_overrides_and_json() -> None:
     r = Recipe.from_options({"experts": 2, "attn": "bf16"}, ["0-2:experts=8", "5:experts=4,attn=8"])
     assert r.bits_for("experts", 1) == 8 and r.bits_for("experts", 3) == 2 and r.bits_for("experts", 5) == 4

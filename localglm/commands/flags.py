@@ -19,7 +19,7 @@ CLASS_FLAGS = (
     ("experts", "routed experts"),
     ("shared", "shared experts"),
     ("dense", "dense FFN layers"),
-    ("attn", "attention projections"),
+    ("attn", "attention projections (default 8; 4 with --experts 2)"),
     ("embed", "token embeddings"),
     ("lm-head", "output projection"),
     ("router", "MoE router (16 only)"),
