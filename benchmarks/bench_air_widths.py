@@ -1,13 +1,13 @@
-"""Air-width rows: localglm's q4 / q2 beside llama.cpp's Q4_K_M / Q2_K at GLM-4.5-Air's real per-layer widths.
+"""Air-width rows: localglm's q8 / q4 / q2 beside llama.cpp's Q8_0 / Q4_K_M / Q2_K at GLM-4.5-Air's real per-layer widths.
 
     python benchmarks/bench_air_widths.py                       # 2 threads, prompt 128, 32 new tokens, KL too
     python benchmarks/bench_air_widths.py --kl-tokens 0 --repeat 3
-    python benchmarks/bench_air_widths.py --pairs q4:Q4_K_M     # one pair only (default: q4, q2 and the equal-size q4-all, q2-all)
+    python benchmarks/bench_air_widths.py --pairs q4:Q4_K_M     # one pair only (default: q8, q4, q2 and the equal-size q4-all, q2-all)
 
 The model is bench_gguf_kquant's BENCH_SPEC: hidden 4096, 96 query / 8 KV heads x 128, experts 1408 wide, top-8 of
 32, a first dense layer 10944 wide, 4 layers, random weights made here (cached under the bench cache's
-`air-widths/`, never shipped; ~4.6 GB of bf16 plus its bf16 GGUF). Ours: `localglm quantize --experts 4` / `--experts
-2` (bench_quant's recipes). llama.cpp's: its own quantizer (llama-cpp-python's bundled libllama) on the bf16 GGUF of
+`air-widths/`, never shipped; ~4.6 GB of bf16 plus its bf16 GGUF). Ours: `localglm quantize --experts 8` / `4` / `2`
+(bench_quant's recipes). llama.cpp's: its own quantizer (llama-cpp-python's bundled libllama) on the bf16 GGUF of
 the same weights. Each engine runs in its own subprocess on the same prompt ids (bench_generate's workers),
 interleaved `--repeat` times (medians); decode and prefill tok/s and their ratios come from this one run. KL (mean
 next-token KL against localglm on the bf16 checkpoint, bench_quant's workers) is the quality check at equal bits.
@@ -27,9 +27,9 @@ from bench_generate import BENCH_ROOT, available, fill_speed, run_workers  # noq
 from bench_gguf_kquant import BENCH_SPEC  # noqa: E402
 
 WORK = BENCH_ROOT / "air-widths"
-PAIRS = (("q4", "Q4_K_M"), ("q2", "Q2_K"))  # ours, llama.cpp's (bench_quant's OURS / LLAMA names)
-# The equal-size comparisons: our default recipes keep attention, the dense layer and the shared expert at 8 bits
-# (a q4 file is ~1.2x the Q4_K_M one at these widths); the -all recipes put them at 4 bits too.
+PAIRS = (("q8", "Q8_0"), ("q4", "Q4_K_M"), ("q2", "Q2_K"))  # ours, llama.cpp's (bench_quant's OURS / LLAMA names)
+# The equal-size comparisons: our default recipes keep the dense layer and the shared expert (and, above 2-bit
+# experts, attention) at 8 bits (a q4 file is 1.07x the Q4_K_M one at these widths); the -all recipes put them at 4.
 EQUAL_SIZE = (("q4-all", "Q4_K_M"), ("q2-all", "Q2_K"))
 
 

@@ -11,7 +11,7 @@ made from the same weights: size, KL vs bf16, speed), and for the packaged defau
 benchmark (benchmarks/bench_offload.py: cache simulator beside Belady, next-layer prediction) and the
 busy-machine row (benchmarks/bench_busy.py: decode with 1 and the default threads beside a CPU-bound process), and once
 the GGUF-as-stored row (benchmarks/bench_gguf_kquant.py: a K-quant mix by llama.cpp's quantizer at Air widths) and the Air-width
-rows (benchmarks/bench_air_widths.py: our q4 / q2 beside llama.cpp's Q4_K_M / Q2_K of the same Air-width weights). Ratios
+rows (benchmarks/bench_air_widths.py: our q8 / q4 / q2 beside llama.cpp's Q8_0 / Q4_K_M / Q2_K of the same Air-width weights). Ratios
 (ours / llama.cpp, best policy / Belady) are between figures measured in this run, minutes apart.
 
 llama.cpp is the optional `llama-cpp-python` extra: without it its cells say "not installed" and the run goes
