@@ -3,6 +3,7 @@ and the depths chosen, on a random GLM-shaped model.
 
     python benchmarks/bench_mtp.py                  # glm4_moe, 8 layers, hidden 512, 32 experts top-4, fp32
     python benchmarks/bench_mtp.py --steps 300      # first distil the MTP head on the model's own output
+    python benchmarks/bench_mtp.py --air-widths --prompts 4 --new 48   # GLM-4.5-Air's widths, 4 layers + MTP, q4
 
 A random MTP head drafts what no model would say (acceptance ~0: the floor, where the depth policy
 should settle on depth 0). Two ways to non-trivial acceptance, both labelled in the table:
@@ -33,6 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import localglm  # noqa: E402
 from localglm.layers import attention as attention_mod  # noqa: E402
@@ -44,6 +46,26 @@ from localglm.models.glm4_moe.tiny import TinySpec  # noqa: E402
 from localglm.sampling import SamplingParams  # noqa: E402
 from localglm.stats import GenerationStats  # noqa: E402
 from localglm.tiny import make_tiny  # noqa: E402
+
+def air_width_model() -> Path:
+    """GLM-4.5-Air's per-layer widths (bench_gguf_kquant's BENCH_SPEC: 4 layers, 32 experts top-8) with an MTP
+    layer, random weights, quantized by `localglm quantize --experts 4`; both cached in the bench cache. Where a
+    token's weights stream from RAM, as a real GLM's do, a verification's extra tokens cost what their extra
+    experts cost, not a whole token each."""
+    import bench_quant as bq
+    from bench_generate import BENCH_ROOT
+    from bench_gguf_kquant import BENCH_SPEC
+
+    work = BENCH_ROOT / "air-widths-mtp"
+    bf16 = work / "air-mtp-bf16"
+    if not (bf16 / "config.json").is_file():
+        print(f"writing {bf16} (random GLM-4.5-Air-width weights with an MTP layer) ...", file=sys.stderr, flush=True)
+        make_tiny(bf16, TinySpec(**{**BENCH_SPEC, "num_nextn_predict_layers": 1}), overwrite=True)
+    out = bq.make_ours(bf16, work, "q4")
+    if out is None:
+        raise SystemExit(f"{bf16}: localglm quantize failed")
+    return out
+
 
 SPEC = dict(
     vocab_size=1024, hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
@@ -210,6 +232,7 @@ def llama_cpp_rows(path: Path, prompts: list[list[int]], new: int, threads: int,
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=None, help="a checkpoint with an MTP block (default: make the random one)")
+    ap.add_argument("--air-widths", action="store_true", help="GLM-4.5-Air's widths, 4 layers + MTP, q4 (made and cached; MTP head random)")
     ap.add_argument("--steps", type=int, default=0, help="distillation steps for the MTP head (0: leave it random)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--train-rows", type=int, default=24)
@@ -226,7 +249,7 @@ def main() -> int:
                     help="also llama.cpp's kernels drafting with the same MTP block (llama_mtp_peer.py): plain and draft 1/2/3, greedy")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    path = args.model
+    path = air_width_model() if args.air_widths else args.model
     if path is None:
         path = Path(tempfile.mkdtemp(prefix="bench-mtp-")) / "m"
         make_tiny(path, TinySpec(**SPEC))
