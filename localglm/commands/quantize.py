@@ -28,7 +28,8 @@ nothing else and must not contain SRC. The manifest records each shard's CRC-32;
 EPILOG = """\
 bits: 2, 4, 8, or 16 (= keep the checkpoint's float weights). Formats: q8 = int8, groups of 32, fp16 scales (8.53 bpw),
 q4 / q2 = 4 / 2-bit codes, groups of 32, least-squares fitted scale + offset, 8-bit coded (4.56 / 2.56 bpw).
-defaults: --experts 4 --shared 8 --dense 8 --attn 8 --embed 8 --lm-head 8 --router 16 --indexer 16.
+defaults: --experts 4 --shared 8 --dense 8 --attn 8 --embed 8 --lm-head 8 --router 16 --indexer 16;
+--experts 2 also makes --attn 4 unless --attn is given.
 --layers FIRST-LAST:CLASS=BITS[,CLASS=BITS] overrides a layer range (repeatable), e.g. --layers 0-2:experts=8.
 """
 
