@@ -47,11 +47,12 @@ from localglm.sampling import SamplingParams  # noqa: E402
 from localglm.stats import GenerationStats  # noqa: E402
 from localglm.tiny import make_tiny  # noqa: E402
 
+
 def air_width_model() -> Path:
     """GLM-4.5-Air's per-layer widths (bench_gguf_kquant's BENCH_SPEC: 4 layers, 32 experts top-8) with an MTP
-    layer, random weights, quantized by `localglm quantize --experts 4`; both cached in the bench cache. Where a
-    token's weights stream from RAM, as a real GLM's do, a verification's extra tokens cost what their extra
-    experts cost, not a whole token each."""
+    layer, random weights, quantized by `localglm quantize --experts 4`; both cached in the bench cache. The
+    default model's tokens are compute-bound; these stream their weights from RAM, as a real GLM's do (but the MTP
+    layer is one of five layers here, one of 47 in GLM-4.5-Air: a draft costs more than it would there)."""
     import bench_quant as bq
     from bench_generate import BENCH_ROOT
     from bench_gguf_kquant import BENCH_SPEC

@@ -50,6 +50,7 @@ def default_bits(experts: int | None = None) -> dict[str, int]:
         bits["attn"] = 4
     return bits
 
+
 # name -> (class or None for never-quantized, layer index or None)
 Classifier = Callable[[str], tuple[str | None, int | None]]
 
