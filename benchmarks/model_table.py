@@ -1,8 +1,8 @@
 """The README's "what each GLM needs" table, made by `localglm plan` itself so that it cannot drift.
 
 For every published config in tests/data/real_configs.json whose architecture localglm runs, and for
-routed experts at 2, 4 and 8 bits (the other weights at q8, as `localglm quantize` writes them by
-default), it runs `localglm plan --json` twice, at the default context (4096 tokens):
+routed experts at 2, 4 and 8 bits (the other weights at `localglm quantize`'s defaults for those bits:
+q8, and attention at q4 beside 2-bit experts), it runs `localglm plan --json` twice, at the default context (4096 tokens):
 
 - CPU only (`--gpu-mem 0`): RAM for everything, and the predicted decode tok/s;
 - one 24 GiB GPU: the least VRAM that runs at all (always-used weights, KV cache, workspace and the
@@ -35,7 +35,16 @@ from localglm.models import ARCHITECTURES  # noqa: E402
 
 CONFIGS = ROOT / "tests" / "data" / "real_configs.json"
 BITS = (2, 4, 8)
-REST = ["--attn", "8", "--shared", "8", "--dense", "8", "--embed", "8", "--lm-head", "8"]  # quantize's defaults
+REST_CLASSES = ("attn", "shared", "dense", "embed", "lm_head")
+
+
+def quantize_defaults(bits: int) -> list[str]:
+    """The recipe flags `localglm quantize --experts BITS` leaves at their defaults, spelled out for `plan`
+    (which would otherwise pick the always-used weights' precision itself)."""
+    from quant.recipe import default_bits
+
+    d = default_bits(bits)
+    return [f for c in REST_CLASSES for f in (f"--{c.replace('_', '-')}", str(d[c]))]
 GPU = "24GiB"
 NOT_WEIGHTS = ("KV cache", "workspace", "expert staging", "expert cache")
 
@@ -59,7 +68,7 @@ BITS_NAME = {16: "bf16", 8: "q8", 4: "q4", 2: "q2"}
 
 
 def row(name: str, model_dir: Path, bits: int) -> str:
-    cpu = plan(model_dir, "--gpu-mem", "0", "--experts", str(bits), *REST)
+    cpu = plan(model_dir, "--gpu-mem", "0", "--experts", str(bits), *quantize_defaults(bits))
     # On the GPU the planner picks the always-used precision: q8 there keeps a dense bf16 copy for its
     # CUDA kernel (more VRAM than bf16), so a card takes bf16 where it fits, else q4.
     gpu = plan(model_dir, "--gpu-mem", GPU, "--experts", str(bits))
