@@ -193,10 +193,11 @@ def test_an_mtp_blocks_stream_runs_natively_with_the_same_bits(tmp_path: Path) -
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_dense_tiles_give_every_row_the_one_row_numbers(dtype: torch.dtype) -> None:
-    """decode_layer.c's dense tiles (several weight rows x up to four tokens, bf16 widened by shift
-    and mask) against lg_matvec's one-row dots, on shapes that leave every remainder: a K tail past
-    the 16-value blocks, a row count no tile divides, token counts that end in a partial tile. The
-    products come back unrounded (fp32 out), so a changed summation order shows."""
+    """decode_layer.c's dense tiles (several weight rows x up to four tokens; AVX2: bf16 widened by shift
+    and mask, AVX-512: one 16-lane accumulator a dot) against lg_matvec's one-row dots, on shapes that
+    leave every remainder: a K tail past the 16-value blocks, a row count no tile divides, token counts
+    that end in a partial tile. The products come back unrounded (fp32 out), so a changed summation
+    order shows."""
     from localglm.layers.native import LayerLib, native
 
     lib = native()
