@@ -135,6 +135,7 @@ def run(model: localglm.Model, prompts: list[list[int]], new: int, draft: int, a
     and generated tokens per second of this process's CPU time over the whole requests (prompt included:
     on a shared CPU the time other processes take from this one does not count)."""
     model.speculation.set_draft(draft, adaptive=adaptive)
+    model.speculation.policy.reset()  # each run starts from the prior, not from what another setting measured
     tokens, seconds, generated, cpu0 = 0, 0.0, 0, time.process_time()
     total = GenerationStats()
     for p in prompts:
@@ -245,7 +246,7 @@ def main() -> int:
     ap.add_argument("--draft-vocab", type=int, default=None, metavar="N",
                     help="the drafter scores the N most frequent tokens (load's draft_vocab; default: the checkpoint's default, 0: the whole head)")
     ap.add_argument("--repeat", type=int, default=1, metavar="N",
-                    help="run each setting N times and keep its fastest (on a shared CPU, other processes only ever slow a run)")
+                    help="N rounds of every setting, each setting's fastest kept (on a shared CPU, other processes only ever slow a run)")
     ap.add_argument("--llama-cpp", action="store_true",
                     help="also llama.cpp's kernels drafting with the same MTP block (llama_mtp_peer.py): plain and draft 1/2/3, greedy")
     args = ap.parse_args()
@@ -279,7 +280,7 @@ def main() -> int:
         print("MTP head as made (random): acceptance is the floor")
     vocab = getattr(model.speculation.head, "vocab", None)
     print(f"drafter's vocabulary: {'the whole head' if vocab is None else f'{len(vocab)} most frequent tokens'}"
-          + (f"; each setting the fastest of {args.repeat} runs" if args.repeat > 1 else ""))
+          + (f"; each setting the fastest of {args.repeat} rounds" if args.repeat > 1 else ""))
     print(f"load average before: {os.getloadavg()[0]:.2f}")
     print(f"{'sampling':<10} {'drafter':<13} {'draft':<8} {'decode tok/s':>12} {'vs plain':>9} {'tok/CPU-s':>10} {'vs plain':>9} {'accepted/drafted':>17} {'tok/step':>9}  depths")
     greedy, warm = SamplingParams(temperature=0), SamplingParams(temperature=0.7)
@@ -289,13 +290,17 @@ def main() -> int:
     settings += [("greedy", greedy, "oracle a=0.8", d, a) for d, a in ((1, False), (2, False), (3, False), (4, False), (4, True))]
     settings += [("t=0.7", warm, "head", d, a) for d, a in ((2, False), (3, True))]
     base: dict[str, float] = {}
-    for name, sampling, drafter, draft, adaptive in [("greedy", greedy, "-", 0, False), ("t=0.7", warm, "-", 0, False), *settings]:
-        if drafter.startswith("oracle"):
-            oracle(model, prompts, references)
-        runs = [run(model, prompts, args.new, draft, adaptive, sampling) for _ in range(max(1, args.repeat))]
-        speed, st, cpu = max(r[0] for r in runs), runs[-1][1], max(r[2] for r in runs)
-        model.speculation.__dict__.pop("_draft", None)
-        model.__dict__.pop("stream_tokens", None)
+    settings = [("greedy", greedy, "-", 0, False), ("t=0.7", warm, "-", 0, False), *settings]
+    runs: dict[int, list[tuple[float, GenerationStats, float]]] = {i: [] for i in range(len(settings))}
+    for _ in range(max(1, args.repeat)):  # rounds, every setting once a round: a slow spell of the machine hits them all alike
+        for i, (_name, sampling, drafter, draft, adaptive) in enumerate(settings):
+            if drafter.startswith("oracle"):
+                oracle(model, prompts, references)
+            runs[i].append(run(model, prompts, args.new, draft, adaptive, sampling))
+            model.speculation.__dict__.pop("_draft", None)
+            model.__dict__.pop("stream_tokens", None)
+    for i, (name, sampling, drafter, draft, adaptive) in enumerate(settings):
+        speed, st, cpu = max(r[0] for r in runs[i]), runs[i][-1][1], max(r[2] for r in runs[i])
         base.setdefault(name, speed)
         base.setdefault(name + " cpu", cpu)
         depths = ",".join(f"{d}x{n}" for d, n in sorted(st.draft_depths.items())) or "-"

@@ -415,6 +415,12 @@ class Speculation:
             drafts: list[int] = []
             qs: list[torch.Tensor] = []
             if depth:
+                backlog = len(pend_t) - (self.policy.max_depth + 1)  # pairs left by depth-0 steps, past a drafting step's own
+                if backlog > 0:  # caught up outside the step's clock: a one-off price of starting to draft, not a depth's
+                    t_backlog = time.thread_time()
+                    self._catch_up(mcache, log.since(mcache.length)[:, :backlog], pend_t[:backlog])
+                    pend_t = pend_t[backlog:]
+                    step_t0 += time.thread_time() - t_backlog
                 pend_h = log.since(mcache.length)
                 drafts, qs, guide = self._draft(mcache, pend_h, pend_t, depth, sampling, sampler, target, argmax_only, history, veto, generated)
                 pend_t = []
@@ -489,18 +495,11 @@ class Speculation:
         of the verification's token j; the offload prefetcher's guess). `target` applies the logits
         processor; `argmax_only` (greedy, no processor, no penalty) takes the head's argmax directly."""
         head, device = self.head, pend_h.device
-        start = mcache.length
         if argmax_only:
             native = self._draft_native(mcache, pend_h, pend_t, depth, veto, generated)
             if native is not None:
                 return native
-        g = None
-        for i in range(0, len(pend_t), PREFILL_CHUNK):
-            ids = torch.tensor([pend_t[i : i + PREFILL_CHUNK]], dtype=torch.long, device=device)
-            g = head.forward(pend_h[:, i : i + PREFILL_CHUNK], ids, mcache, start + i)
-            mcache.tokens.extend(pend_t[i : i + PREFILL_CHUNK])
-        assert g is not None
-        g = g[:, -1:]
+        g = self._catch_up(mcache, pend_h, pend_t)[:, -1:]
         drafts: list[int] = []
         qs: list[torch.Tensor] = []
         guide = [g[0, -1]]
@@ -526,6 +525,17 @@ class Speculation:
                 mcache.tokens.append(d)
                 guide.append(g[0, -1])
         return drafts, qs, torch.stack(guide)
+
+    def _catch_up(self, mcache: TokenCache, pend_h: torch.Tensor, pend_t: list[int]) -> torch.Tensor:
+        """The block over pending (stream, token) pairs (pend_h [1, n, H], n >= 1), in prompt-sized chunks,
+        their entries appended to the MTP cache. -> the last chunk's output streams."""
+        start, g = mcache.length, None
+        for i in range(0, len(pend_t), PREFILL_CHUNK):
+            ids = torch.tensor([pend_t[i : i + PREFILL_CHUNK]], dtype=torch.long, device=pend_h.device)
+            g = self.head.forward(pend_h[:, i : i + PREFILL_CHUNK], ids, mcache, start + i)
+            mcache.tokens.extend(pend_t[i : i + PREFILL_CHUNK])
+        assert g is not None
+        return g
 
     def _draft_native(
         self, mcache: TokenCache, pend_h: torch.Tensor, pend_t: list[int], depth: int, veto: DraftVeto | None, generated: list[int]
