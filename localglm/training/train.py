@@ -26,7 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -220,6 +220,17 @@ def hub_tensors(model: torch.nn.Module, cfg: TrainConfig) -> Iterator[tuple[str,
             yield name, t
 
 
+def stored_tensors(tensors: Iterable[tuple[str, torch.Tensor]], weights: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Float tensors under hub names as the checkpoint stores them: `weights` fp8 (GLM-4.5-FP8's block-scaled
+    layout), bfloat16 or float32; the routers' correction biases stay float32."""
+    if weights == "fp8":
+        return fp8_layout(iter(tensors))
+    if weights in ("bfloat16", "float32"):
+        dt = getattr(torch, weights)
+        return ((n, t if "e_score_correction_bias" in n else t.to(dt)) for n, t in tensors)
+    raise ValueError(f"weights {weights!r}: expected fp8, bfloat16 or float32")
+
+
 def save_checkpoint(model: torch.nn.Module, cfg: TrainConfig, tok_dir: Path, out: Path, weights: str, meta: dict) -> Path:
     """Write the hub-layout checkpoint into `out` (built aside, then swapped in)."""
     out = Path(out)
@@ -235,15 +246,7 @@ def save_checkpoint(model: torch.nn.Module, cfg: TrainConfig, tok_dir: Path, out
         gen = {"eos_token_id": conf["eos_token_id"], "pad_token_id": conf["pad_token_id"], "temperature": 0.6, "top_p": 0.95, "do_sample": True}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         (tmp / "localglm_training.json").write_text(json.dumps({"train_config": asdict(cfg), **meta}, indent=2) + "\n")
-        tensors = hub_tensors(model, cfg)
-        if weights == "fp8":
-            tensors = fp8_layout(tensors)
-        elif weights in ("bfloat16", "float32"):
-            dt = getattr(torch, weights)
-            tensors = ((n, t if "e_score_correction_bias" in n else t.to(dt)) for n, t in tensors)
-        else:
-            raise ValueError(f"weights {weights!r}: expected fp8, bfloat16 or float32")
-        save_safetensors_sharded(tensors, tmp, max_shard_bytes=8_000_000, metadata={"format": "pt"})
+        save_safetensors_sharded(stored_tensors(hub_tensors(model, cfg), weights), tmp, max_shard_bytes=8_000_000, metadata={"format": "pt"})
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
