@@ -167,7 +167,7 @@ static void dense_rows(const lg_mat *m, int n, const float *x, int nt, int dt, f
 /* The dense tile with AVX-512's 32 registers: one zmm accumulator per (row, token) whose lane j sums
  * the values 16 b + j in order -- lanes 0-7 are dot_dense's a0, lanes 8-15 its a1 -- so the dot is
  * hsum256(low half + high half) and then the tail: dot_dense's numbers bit for bit, with the
- * activations in their natural order. Tiles of 8 rows x 1-2 tokens or 4 x 3-4 keep 8-16 independent
+ * activations in their natural order. Tiles of 8 rows x 1 token or 4 x 2-4 keep 8-16 independent
  * FMA chains, and one widened weight vector serves every token: at 3-4 tokens (a speculative
  * verification) the AVX2 tile (1 row, 8 chains of 8 lanes) waited on its FMA chains and its per-row
  * horizontal sums, not on the weights. */
@@ -209,7 +209,7 @@ static inline __attribute__((always_inline)) void dense_tile16(const lg_mat *m, 
 }
 
 /* Rows per tile by tokens: 8-16 accumulators. */
-static inline int tile16_rows(int nt) { return nt <= 2 ? 8 : 4; }
+static inline int tile16_rows(int nt) { return nt == 1 ? 8 : 4; }
 
 /* dense_tile16 with R and nt known at compile time (R the tile's, or 1 for the rows past the last whole tile). */
 static void dense_tile16_of(const lg_mat *m, int n, int R, const float *x, int nt, float *s) {
@@ -224,7 +224,7 @@ static void dense_tile16_of(const lg_mat *m, int n, int R, const float *x, int n
     }
     switch (nt) {
     case 1: dense_tile16(m, n, 8, x, 1, s); break;
-    case 2: dense_tile16(m, n, 8, x, 2, s); break;
+    case 2: dense_tile16(m, n, 4, x, 2, s); break;
     case 3: dense_tile16(m, n, 4, x, 3, s); break;
     default: dense_tile16(m, n, 4, x, TMAX, s);
     }
