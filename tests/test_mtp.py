@@ -467,6 +467,51 @@ def test_depth_policy_prices_untimed_depths_from_the_nearest_timed_one() -> None
     assert policy.choose(10) == 0
 
 
+def test_a_probes_catch_up_is_not_priced_as_its_depth(glm4: localglm.Model) -> None:
+    """After depth-0 steps the MTP block owes the pairs they left; a probe (or the first drafting step)
+    catches them up outside the step clock the depth policy prices depths with: that backlog is a one-off
+    price of starting to draft, and counted in the probe's time it made depth 1 look dear enough that
+    the adaptive depth never drafted again. Here the backlog's catch-up burns 50 ms of CPU: no timed
+    step sees it, and the tokens are plain decoding's."""
+    import inspect
+    import time
+
+    spec = glm4.speculation
+    assert spec is not None
+    prompt = list(range(40, 60))
+    ref = _plain(glm4, prompt, 30, reuse_prefix=False)
+    spec.set_draft(2, adaptive=True)
+    script = iter([0] * 8 + [1] + [0] * 5 + [2] * 100)
+    timed: list[tuple[int, float]] = []
+    backlogs: list[int] = []
+    real_observe, real_catch_up = spec.policy.observe_time, spec._catch_up
+
+    def catch_up(mcache, pend_h, pend_t):  # type: ignore[no-untyped-def]
+        out = real_catch_up(mcache, pend_h, pend_t)
+        if inspect.stack()[1].function == "stream":  # the backlog, not a draft's own pairs
+            backlogs.append(len(pend_t))
+            t0 = time.thread_time()
+            while time.thread_time() - t0 < 0.05:
+                pass
+        return out
+
+    spec.policy.choose = lambda budget: min(next(script), budget)  # type: ignore[method-assign]
+    spec.policy.observe_time = lambda depth, seconds: (timed.append((depth, seconds)), real_observe(depth, seconds))  # type: ignore[method-assign]
+    spec._catch_up = catch_up  # type: ignore[method-assign]
+    try:
+        out = list(glm4.stream_tokens(prompt, max_new_tokens=30, sampling=GREEDY, reuse_prefix=False))
+    finally:
+        for name in ("choose", "observe_time"):
+            spec.policy.__dict__.pop(name, None)
+        spec.__dict__.pop("_catch_up", None)
+        spec.policy.reset()
+    assert out == ref
+    # beyond a drafting step's own 3 pairs: the prompt's and 8 depth-0 steps' before the probe, then the
+    # probe's 1-2 new tokens' and 5 depth-0 steps' before depth 2
+    assert len(backlogs) == 2 and backlogs[0] == len(prompt) + 8 - 3 and backlogs[1] in (3, 4), backlogs
+    assert {d for d, _ in timed} == {0, 1, 2} and max(s for _, s in timed) < 0.05
+
+
 # ---- interfaces -----------------------------------------------------------------------------------
 
 
