@@ -32,7 +32,6 @@ import math
 import random
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -44,7 +43,7 @@ import torch.nn.functional as F
 
 from ..checkpoint.safetensors import save_safetensors_sharded
 from .mtp import PreNormHidden, mtp_block_of, mtp_logits
-from .train import TrainConfig, build_model, hub_tensors, stored_tensors
+from .train import TrainConfig, build_model, built_aside, hub_tensors, stored_tensors
 from .warm_start import load_into, special_ids
 
 Log = Callable[[str], None]
@@ -224,9 +223,7 @@ def write_back(src: Path, out: Path, prefix: str, block: dict[str, torch.Tensor]
         if tensors[name].shape != t.shape or tensors[name].dtype != t.dtype:
             raise ValueError(f"{src}: {name} is {tuple(tensors[name].shape)} {tensors[name].dtype}, the distilled {tuple(t.shape)} {t.dtype}")
     tensors.update(block)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with built_aside(out) as tmp:
         for f in src.iterdir():
             if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
                 shutil.copy2(f, tmp / f.name)
@@ -234,15 +231,6 @@ def write_back(src: Path, out: Path, prefix: str, block: dict[str, torch.Tensor]
         meta["mtp_distillation"] = record
         (tmp / "localglm_training.json").write_text(json.dumps(meta, indent=2) + "\n")
         save_safetensors_sharded(sorted(tensors.items()), tmp, max_shard_bytes=8_000_000, metadata={"format": "pt"})
-        tmp.chmod(0o755)  # mkdtemp's 0700 and the writer's temp files' 0600: a checkpoint is read by others too
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -231,12 +232,30 @@ def stored_tensors(tensors: Iterable[tuple[str, torch.Tensor]], weights: str) ->
     raise ValueError(f"weights {weights!r}: expected fp8, bfloat16 or float32")
 
 
-def save_checkpoint(model: torch.nn.Module, cfg: TrainConfig, tok_dir: Path, out: Path, weights: str, meta: dict) -> Path:
-    """Write the hub-layout checkpoint into `out` (built aside, then swapped in)."""
+@contextmanager
+def built_aside(out: Path) -> Iterator[Path]:
+    """A temporary folder beside `out` to write a checkpoint into: when the block succeeds it replaces `out`
+    (readable by all: mkdtemp's folder is 0700, the shard writer's files 0600), when it fails it is removed
+    and `out` is left as it was."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        yield tmp
+        tmp.chmod(0o755)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_checkpoint(model: torch.nn.Module, cfg: TrainConfig, tok_dir: Path, out: Path, weights: str, meta: dict) -> Path:
+    """Write the hub-layout checkpoint into `out` (built aside, then swapped in)."""
+    with built_aside(out) as tmp:
         for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
             shutil.copy2(tok_dir / f, tmp / f)
         special = json.loads((tok_dir / "special_ids.json").read_text())
@@ -247,13 +266,7 @@ def save_checkpoint(model: torch.nn.Module, cfg: TrainConfig, tok_dir: Path, out
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         (tmp / "localglm_training.json").write_text(json.dumps({"train_config": asdict(cfg), **meta}, indent=2) + "\n")
         save_safetensors_sharded(stored_tensors(hub_tensors(model, cfg), weights), tmp, max_shard_bytes=8_000_000, metadata={"format": "pt"})
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 # ---- loop ----------------------------------------------------------------------------------------
