@@ -171,6 +171,49 @@ static inline float dotf(const float *a, const float *b, int n) {
     return s;
 }
 
+#if defined(__AVX512F__)
+/* The dense (bf16 / fp32) product of R weight rows x nt tokens with AVX-512's 32 registers, for
+ * lg_matvec's one-token rows (qkernels.c) and the multi-token tiles (decode_layer.c): one zmm
+ * accumulator per (row, token) whose lane j sums the values 16 b + j in order -- lanes 0-7 are
+ * dotf's / dot_dense's a0, lanes 8-15 its a1 -- so the dot is hsum256(low half + high half), then the
+ * tail in order: dot_dense's numbers bit for bit, whatever R, nt or the tile a row sits in. Up to 8
+ * rows x 1 token or 4 x 2-4 keep 8-16 independent FMA chains, and one widened weight vector serves
+ * every token. s[t * TILE16_ROWS + r] = row n + r of m . token t (x: nt rows K apart); R and nt
+ * compile-time constants where inlined. */
+#define TILE16_ROWS 8
+#define TILE16_TOKENS 4
+static inline __attribute__((always_inline)) void dense_tile16(const lg_mat *m, int n, const int R, const float *x, const int nt, float *s) {
+    const int K = m->k, K16 = K & ~15;
+    __m512 acc[TILE16_ROWS][TILE16_TOKENS];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < nt; t++) acc[r][t] = _mm512_setzero_ps();
+    for (int i = 0; i < K16; i += 16) {
+        __m512 xv[TILE16_TOKENS];
+        for (int t = 0; t < nt; t++) xv[t] = _mm512_loadu_ps(x + (size_t)t * K + i);
+        for (int r = 0; r < R; r++) {
+            __m512 w;
+            if (m->kind == 1)
+                w = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)m->w + (size_t)(n + r) * K + i))), 16));
+            else
+                w = _mm512_loadu_ps((const float *)m->w + (size_t)(n + r) * K + i);
+            for (int t = 0; t < nt; t++) acc[r][t] = _mm512_fmadd_ps(w, xv[t], acc[r][t]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < nt; t++) {
+            const __m512 a = acc[r][t];
+            s[t * TILE16_ROWS + r] = hsum256(_mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1))));
+        }
+    if (K16 < K)
+        for (int r = 0; r < R; r++)
+            for (int t = 0; t < nt; t++) {
+                const size_t row = (size_t)(n + r) * K;
+                for (int j = K16; j < K; j++)
+                    s[t * TILE16_ROWS + r] += (m->kind == 1 ? bf16_to_float(((const uint16_t *)m->w)[row + j]) : ((const float *)m->w)[row + j]) * x[(size_t)t * K + j];
+            }
+}
+#endif
+
 /* ---- quant entry points the model side calls (defined in qkernels.c; kq_matmul_q8 in kquants.c) ---- */
 
 /* Room for `rows` quantized rows of k values (k a multiple of QB); returns 0 when out of memory. */

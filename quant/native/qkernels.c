@@ -1132,7 +1132,7 @@ static float dot_dense(const lg_mat *m, int n, const float *x) {
     return s;
 }
 
-#ifdef __AVX2__
+#if defined(__AVX2__) && !defined(__AVX512F__) /* AVX-512: lg_kernels.h's dense_tile16, eight rows */
 /* Rows n..n+3 of a bf16 matrix against x, each row's sum in dot_dense's order (two accumulators,
  * then hsum256 of their sum; decode_layer.c's dense tiles keep it too): four independent weight
  * streams and eight FMA chains, where one row at a time leaves a core waiting on one stream
@@ -1162,30 +1162,13 @@ static void dot_dense4(const lg_mat *m, int n, const float *x, float *s) {
 }
 #endif
 
-#ifdef __AVX512F__
-/* Rows n..n+7 of a bf16 matrix against x, each row's sum in dot_dense's order: one zmm accumulator a
- * row whose lane j sums the values 16 b + j (lanes 0-7 dot_dense's a0, 8-15 its a1), then
- * hsum256(low + high) and the tail. Eight weight streams in flight where dot_dense4 has four: a decoded
- * token's rows come from L3 or RAM, and more loads in flight is what a one-token product lacks. */
-static void dot_dense8(const lg_mat *m, int n, const float *x, float *s) {
-    const int K = m->k;
-    const uint16_t *r = (const uint16_t *)m->w + (size_t)n * K;
-    __m512 a[8];
-    for (int j = 0; j < 8; j++) a[j] = _mm512_setzero_ps();
-    int i = 0;
-    for (; i + 16 <= K; i += 16) {
-        const __m512 xv = _mm512_loadu_ps(x + i);
-        for (int j = 0; j < 8; j++) {
-            const __m512 w = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(r + (size_t)j * K + i))), 16));
-            a[j] = _mm512_fmadd_ps(w, xv, a[j]);
-        }
-    }
-    for (int j = 0; j < 8; j++) {
-        float v = hsum256(_mm256_add_ps(_mm512_castps512_ps256(a[j]), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[j]), 1))));
-        for (int t = i; t < K; t++) v += bf16_to_float(r[(size_t)j * K + t]) * x[t];
-        s[j] = v;
-    }
-}
+/* bf16 rows of one token: how many a work item takes, and the kernel that takes them. */
+#if defined(__AVX512F__)
+#define DENSE_1TOK_ROWS 8 /* eight weight streams in flight: a decoded token's rows come from L3 or RAM */
+#define dense_1tok(m, n, x, o) dense_tile16(m, n, 8, x, 1, o)
+#elif defined(__AVX2__)
+#define DENSE_1TOK_ROWS 4
+#define dense_1tok(m, n, x, o) dot_dense4(m, n, x, o)
 #endif
 
 /* GGML blocks and stacks (lg_mat_rows), one row; NaNs where it fails (out of memory: lg_matvec
@@ -1215,32 +1198,17 @@ void lg_matvec(const lg_mat *m, const float *x, int dtype, qact *xa, float *y, i
         }
         return;
     }
-#ifdef __AVX512F__
-    if (m->kind == 1) { /* bf16: eight rows a work item, dot_dense's numbers (dot_dense8) */
-        const int NP = (N + 7) / 8;
+#ifdef DENSE_1TOK_ROWS
+    if (m->kind == 1) { /* bf16: DENSE_1TOK_ROWS rows a work item, each row dot_dense's numbers */
+        const int NP = (N + DENSE_1TOK_ROWS - 1) / DENSE_1TOK_ROWS;
 #pragma omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(NP, nth)) if (par)
         for (int i = 0; i < NP; i++) {
-            const int n1 = i * 8;
-            float o[8];
-            if (n1 + 8 <= N) dot_dense8(m, n1, x, o);
+            const int n1 = i * DENSE_1TOK_ROWS;
+            float o[DENSE_1TOK_ROWS];
+            if (n1 + DENSE_1TOK_ROWS <= N) dense_1tok(m, n1, x, o);
             else
                 for (int n = n1; n < N; n++) o[n - n1] = dot_dense(m, n, x);
-            for (int n = n1; n < n1 + 8 && n < N; n++) y[n] = rnd(o[n - n1] + (m->bias ? m->bias[n] : 0.0f), dtype);
-        }
-        return;
-    }
-#endif
-#ifdef __AVX2__
-    if (m->kind == 1) { /* bf16: four rows a work item */
-        const int NP = (N + 3) / 4;
-#pragma omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(NP, nth)) if (par)
-        for (int i = 0; i < NP; i++) {
-            const int n1 = i * 4;
-            float o[4];
-            if (n1 + 4 <= N) dot_dense4(m, n1, x, o);
-            else
-                for (int n = n1; n < N; n++) o[n - n1] = dot_dense(m, n, x);
-            for (int n = n1; n < n1 + 4 && n < N; n++) y[n] = rnd(o[n - n1] + (m->bias ? m->bias[n] : 0.0f), dtype);
+            for (int n = n1; n < n1 + DENSE_1TOK_ROWS && n < N; n++) y[n] = rnd(o[n - n1] + (m->bias ? m->bias[n] : 0.0f), dtype);
         }
         return;
     }

@@ -147,9 +147,33 @@ static void dense_tile_of(const lg_mat *m, int n, int R, const float *x, int nt,
         dense_tile(m, n, 2, x, 2, s);
     }
 }
+#endif
 
+#ifdef __AVX512F__
+/* The AVX-512 tiles: lg_kernels.h's dense_tile16 (one zmm accumulator a dot, in dot_dense's lane order,
+ * so the activations stay in their natural order). At 3-4 tokens (a speculative verification) the AVX2
+ * tile above (1 row, 8 chains of 8 lanes) waited on its FMA chains and its per-row horizontal sums,
+ * not on the weights; 16 accumulators on 4 rows do not. */
+#define RMAX TILE16_ROWS
+#define TMAX TILE16_TOKENS
+
+static inline int tile_rows(int nt) { return nt == 1 ? 8 : 4; }
+
+/* dense_tile16 with R (tile_rows(nt), or 1) and nt known at compile time. */
+static void dense_tile_of(const lg_mat *m, int n, int R, const float *x, int nt, float *s) {
+    switch (nt) {
+    case 1: R == 1 ? dense_tile16(m, n, 1, x, 1, s) : dense_tile16(m, n, 8, x, 1, s); break;
+    case 2: R == 1 ? dense_tile16(m, n, 1, x, 2, s) : dense_tile16(m, n, 4, x, 2, s); break;
+    case 3: R == 1 ? dense_tile16(m, n, 1, x, 3, s) : dense_tile16(m, n, 4, x, 3, s); break;
+    default: R == 1 ? dense_tile16(m, n, 1, x, TMAX, s) : dense_tile16(m, n, 4, x, TMAX, s);
+    }
+}
+#endif
+
+#ifdef __AVX2__
 /* Weight rows n..n+R-1 (R = tile_rows(nt); fewer at the end, one at a time) against the nt tokens at
- * x (rows K apart) into y (rows N apart), with the bias, rounded to dt. */
+ * x (rows K apart; AVX2's bf16 tiles: split_halves' layout) into y (rows N apart), with the bias,
+ * rounded to dt. */
 static void dense_rows(const lg_mat *m, int n, const float *x, int nt, int dt, float *y) {
     const int N = m->n, R = tile_rows(nt), rows = n + R <= N ? R : N - n;
     float s[RMAX * TMAX];
@@ -163,94 +187,12 @@ static void dense_rows(const lg_mat *m, int n, const float *x, int nt, int dt, f
 }
 #endif
 
-#ifdef __AVX512F__
-/* The dense tile with AVX-512's 32 registers: one zmm accumulator per (row, token) whose lane j sums
- * the values 16 b + j in order -- lanes 0-7 are dot_dense's a0, lanes 8-15 its a1 -- so the dot is
- * hsum256(low half + high half) and then the tail: dot_dense's numbers bit for bit, with the
- * activations in their natural order. Tiles of 8 rows x 1 token or 4 x 2-4 keep 8-16 independent
- * FMA chains, and one widened weight vector serves every token: at 3-4 tokens (a speculative
- * verification) the AVX2 tile (1 row, 8 chains of 8 lanes) waited on its FMA chains and its per-row
- * horizontal sums, not on the weights. */
-#define R8MAX 8 /* weight rows of a tile */
-#ifndef TMAX
-#define TMAX 4 /* tokens of a tile */
-#endif
-static inline float hsum512_as_256(__m512 v) {
-    return hsum256(_mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
-}
-
-/* s[t * R8MAX + r] = row n + r of m . token t (x: nt rows K apart), for constant R <= R8MAX and nt <= TMAX. */
-static inline __attribute__((always_inline)) void dense_tile16(const lg_mat *m, int n, const int R, const float *x, const int nt, float *s) {
-    const int K = m->k, K16 = K & ~15;
-    __m512 acc[R8MAX][TMAX];
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < nt; t++) acc[r][t] = _mm512_setzero_ps();
-    for (int i = 0; i < K16; i += 16) {
-        __m512 xv[TMAX];
-        for (int t = 0; t < nt; t++) xv[t] = _mm512_loadu_ps(x + (size_t)t * K + i);
-        for (int r = 0; r < R; r++) {
-            __m512 w;
-            if (m->kind == 1)
-                w = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)m->w + (size_t)(n + r) * K + i))), 16));
-            else
-                w = _mm512_loadu_ps((const float *)m->w + (size_t)(n + r) * K + i);
-            for (int t = 0; t < nt; t++) acc[r][t] = _mm512_fmadd_ps(w, xv[t], acc[r][t]);
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < nt; t++) s[t * R8MAX + r] = hsum512_as_256(acc[r][t]);
-    if (K16 < K) /* the tail in order, as dot_dense's */
-        for (int r = 0; r < R; r++)
-            for (int t = 0; t < nt; t++) {
-                const size_t row = (size_t)(n + r) * K;
-                for (int j = K16; j < K; j++)
-                    s[t * R8MAX + r] += (m->kind == 1 ? bf16_to_float(((const uint16_t *)m->w)[row + j]) : ((const float *)m->w)[row + j]) * x[(size_t)t * K + j];
-            }
-}
-
-/* Rows per tile by tokens: 8-16 accumulators. */
-static inline int tile16_rows(int nt) { return nt == 1 ? 8 : 4; }
-
-/* dense_tile16 with R and nt known at compile time (R the tile's, or 1 for the rows past the last whole tile). */
-static void dense_tile16_of(const lg_mat *m, int n, int R, const float *x, int nt, float *s) {
-    if (R == 1) {
-        switch (nt) {
-        case 1: dense_tile16(m, n, 1, x, 1, s); break;
-        case 2: dense_tile16(m, n, 1, x, 2, s); break;
-        case 3: dense_tile16(m, n, 1, x, 3, s); break;
-        default: dense_tile16(m, n, 1, x, TMAX, s);
-        }
-        return;
-    }
-    switch (nt) {
-    case 1: dense_tile16(m, n, 8, x, 1, s); break;
-    case 2: dense_tile16(m, n, 4, x, 2, s); break;
-    case 3: dense_tile16(m, n, 4, x, 3, s); break;
-    default: dense_tile16(m, n, 4, x, TMAX, s);
-    }
-}
-
-/* Weight rows n.. (tile16_rows(nt); fewer at the end, one at a time) against the nt tokens at x
- * (natural order, rows K apart) into y (rows N apart), with the bias, rounded to dt. */
-static void dense_rows16(const lg_mat *m, int n, const float *x, int nt, int dt, float *y) {
-    const int N = m->n, R = tile16_rows(nt), rows = n + R <= N ? R : N - n;
-    float s[R8MAX * TMAX];
-    if (rows == R) dense_tile16_of(m, n, R, x, nt, s);
-    else
-        for (int r = 0; r < rows; r++) dense_tile16_of(m, n + r, 1, x, nt, s + r);
-    for (int r = 0; r < rows; r++) {
-        const float b = m->bias ? m->bias[n + r] : 0.0f;
-        for (int t = 0; t < nt; t++) y[(size_t)t * N + n + r] = rnd(s[t * R8MAX + r] + b, dt);
-    }
-}
-#endif
-
 /* y[t] = m . x[t] for T rows (x [T, m->k], y [T, m->n] floats), each row exactly lg_matvec's: one
  * row through lg_matvec itself (in a decode step the weights come from L3 or RAM, and its one
  * sequential stream was as fast as dense_rows' 4-row tiles there); more through lg_linear (a
  * quantized weight row read once for every tile of tokens) rounded as lg_matvec rounds, or, dense,
- * through dense_rows16 (AVX-512) or dense_rows (AVX2): tiles of weight rows x tokens; the portable
- * build runs lg_matvec row by row.
+ * through dense_rows (tiles of weight rows x tokens, AVX2 or AVX-512; the portable build runs
+ * lg_matvec row by row).
  * `xa` has room for one quantized row of m->k. Returns 0, or -1 when out of memory. */
 static int rows_matvec(const lg_mat *m, int T, const float *x, int dt, qact *xa, float *y, int nth) {
     const int N = m->n, K = m->k;
@@ -260,23 +202,15 @@ static int rows_matvec(const lg_mat *m, int T, const float *x, int dt, qact *xa,
         for (size_t i = 0; i < (size_t)T * N; i++) y[i] = rnd(y[i], dt);
         return 0;
     }
-#ifdef __AVX512F__
-    if (T > 1) {
-        for (int t0 = 0; t0 < T; t0 += TMAX) {
-            const int nt = T - t0 < TMAX ? T - t0 : TMAX, R = tile16_rows(nt), blocks = (N + R - 1) / R;
-            const int par = nth > 1 && (size_t)N * K * nt >= (1u << 16);
-#pragma omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(blocks, nth)) if (par)
-            for (int b = 0; b < blocks; b++) dense_rows16(m, b * R, x + (size_t)t0 * K, nt, dt, y + (size_t)t0 * N);
-        }
-        return 0;
-    }
-#elif defined(__AVX2__)
+#ifdef __AVX2__
     if (T > 1) {
         float *xs = NULL;
-        if (m->kind == 1) {
+#ifndef __AVX512F__
+        if (m->kind == 1) { /* the AVX2 tile's layout */
             if (!(xs = malloc((size_t)T * K * sizeof(float)))) return -1;
             split_halves(x, T, K, xs);
         }
+#endif
         const float *xr = xs ? xs : x;
         for (int t0 = 0; t0 < T; t0 += TMAX) {
             const int nt = T - t0 < TMAX ? T - t0 : TMAX, R = tile_rows(nt), blocks = (N + R - 1) / R;
