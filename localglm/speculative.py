@@ -550,10 +550,8 @@ class Speculation:
         fused = head.fused()
         if fused is None or (cut and not fused.takes(mcache, len(pend_t) - cut)):  # (no cut: draft_greedy says so, before doing anything)
             return None
-        for i in range(0, cut, PREFILL_CHUNK):  # a long catch-up (after many depth-0 steps): all but its last pairs
-            n = min(PREFILL_CHUNK, cut - i)
-            head.forward(pend_h[:, i : i + n], torch.tensor([pend_t[i : i + n]], dtype=torch.long, device=pend_h.device), mcache, start + i)
-            mcache.tokens.extend(pend_t[i : i + n])
+        if cut:  # a long catch-up (a prompt's pairs): all but its last pairs
+            self._catch_up(mcache, pend_h[:, :cut], pend_t[:cut])
         out = head.draft_greedy(pend_h[0, cut:], pend_t[cut:], mcache, start + cut, depth)
         if out is None:
             assert not cut  # `takes` said it would

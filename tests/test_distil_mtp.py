@@ -16,9 +16,9 @@ from localglm.training.distil_mtp import (
     batch_rows,
     distil,
     distil_block,
-    read_tensors,
     train_config_of,
 )
+from localglm.training.warm_start import read_stored_tensors
 
 pytest.importorskip("transformers")
 
@@ -85,7 +85,7 @@ def test_the_block_alone_learns_the_main_models_predictions(trained: Path) -> No
 def test_only_the_block_changes_on_disk_and_the_result_drafts(trained: Path, tmp_path: Path) -> None:
     out = tmp_path / "distilled"
     record = distil(trained, out, CFG, log=lambda _m: None, eval_requests=2, requests=REQUESTS)
-    old, new = read_tensors(trained), read_tensors(out)
+    old, new = read_stored_tensors(trained), read_stored_tensors(out)
     assert set(old) == set(new)
     block = f"model.layers.{TINY.num_hidden_layers}."
     changed = {n for n in old if not torch.equal(old[n], new[n])}

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from ..checkpoint.safetensors import save_safetensors_sharded
 from .mtp import PreNormHidden, mtp_block_of, mtp_logits
 from .train import TrainConfig, build_model, built_aside, hub_tensors, stored_tensors
-from .warm_start import load_into, special_ids
+from .warm_start import load_into, read_stored_tensors, special_ids
 
 Log = Callable[[str], None]
 
@@ -194,18 +194,6 @@ def block_tensors(model: torch.nn.Module, tcfg: TrainConfig) -> dict[str, torch.
     return dict(stored_tensors(ours, tcfg.weights))
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint's shards, as stored."""
-    from safetensors import safe_open
-
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(Path(path).glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as sf:
-            for name in sf.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                out[name] = sf.get_tensor(name)
-    return out
-
-
 def block_prefix(tcfg: TrainConfig) -> str:
     return f"model.layers.{tcfg.num_hidden_layers}."
 
@@ -215,7 +203,7 @@ def write_back(src: Path, out: Path, prefix: str, block: dict[str, torch.Tensor]
     and `record` added to its localglm_training.json under "mtp_distillation", into `out` (built aside,
     then swapped in)."""
     src, out = Path(src), Path(out)
-    tensors = read_tensors(src)
+    tensors = read_stored_tensors(src)
     old = {n for n in tensors if n.startswith(prefix)}
     if old != set(block):
         raise ValueError(f"{src}: the MTP block's tensors differ from the distilled ones ({sorted(old ^ set(block))[:3]})")
@@ -234,15 +222,20 @@ def write_back(src: Path, out: Path, prefix: str, block: dict[str, torch.Tensor]
     return out
 
 
-def heldout_acceptance(path: Path, n_requests: int, depths: list[int]) -> dict[int, dict[str, float]]:
-    """Greedy acceptance on the corpus' held-out requests (evaluate.py's measure)."""
+def heldout_requests(n: int) -> list[str]:
+    """The first n of the corpus' held-out requests (evaluate.py's acceptance set)."""
+    from .corpus import build_corpus
+
+    return [e.request for e in build_corpus(max_code_chars=0).heldout_examples[:n]] if n else []
+
+
+def heldout_acceptance(path: Path, requests: list[str]) -> dict[int, dict[str, float]]:
+    """Greedy acceptance drafting 1 and 3 tokens a step on `requests` (evaluate.py's measure)."""
     import localglm
 
-    from .corpus import build_corpus
     from .evaluate import acceptance
 
-    requests = [e.request for e in build_corpus(max_code_chars=0).heldout_examples[:n_requests]]
-    return acceptance(localglm.load(path, mtp=True), requests, depths)
+    return acceptance(localglm.load(path, mtp=True), requests, [1, 3])
 
 
 def distil(src: Path, out: Path, cfg: DistilConfig, *, log: Log = print, eval_requests: int = 24, requests: list[str] | None = None) -> dict[str, Any]:
@@ -261,13 +254,14 @@ def distil(src: Path, out: Path, cfg: DistilConfig, *, log: Log = print, eval_re
     special = special_ids(Path(src) / "tokenizer.json")
     model = build_model(tcfg, special)
     load_into(model, src)
-    before = heldout_acceptance(src, eval_requests, [1, 3]) if eval_requests else {}
+    held = heldout_requests(eval_requests)
+    before = heldout_acceptance(src, held) if held else {}
     run = distil_block(model, seqs, cfg, special["<|endoftext|>"], log)
     record = {"config": asdict(cfg), "requests_kept": len(requests), "reply_tokens": sum(len(s) - p for s, p in seqs), **run,
               "total_seconds": time.time() - t_start, "acceptance_before": before}  # fmt: skip
     write_back(src, out, block_prefix(tcfg), block_tensors(model, tcfg), record)
-    if eval_requests:
-        record["acceptance_after"] = heldout_acceptance(out, eval_requests, [1, 3])
+    if held:
+        record["acceptance_after"] = heldout_acceptance(out, held)
         meta_path = Path(out) / "localglm_training.json"
         meta = json.loads(meta_path.read_text())
         meta["mtp_distillation"] = {**record, "total_seconds": time.time() - t_start}

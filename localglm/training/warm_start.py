@@ -21,21 +21,27 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts\.)(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
-def read_hub_weights(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of the checkpoint at `path` as float32, fp8 weights dequantized, under hub names."""
+def read_stored_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint's shards at `path`, as stored (fp8 weights and their scales apart)."""
     from safetensors import safe_open
 
-    path = Path(path)
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(Path(path).glob("*.safetensors"))
     if not files:
-        raise ValueError(f"{path}: no *.safetensors files to start from")
-    conf = json.loads((path / "config.json").read_text())
-    block = (conf.get("quantization_config") or {}).get("weight_block_size", [128, 128])
+        raise ValueError(f"{path}: no *.safetensors files")
     raw: dict[str, torch.Tensor] = {}
     for f in files:
         with safe_open(str(f), framework="pt") as sf:
-            for name in sf.keys():
+            for name in sf.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 raw[name] = sf.get_tensor(name)
+    return raw
+
+
+def read_hub_weights(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of the checkpoint at `path` as float32, fp8 weights dequantized, under hub names."""
+    path = Path(path)
+    raw = read_stored_tensors(path)
+    conf = json.loads((path / "config.json").read_text())
+    block = (conf.get("quantization_config") or {}).get("weight_block_size", [128, 128])
     out = {}
     for name, t in raw.items():
         if name.endswith("weight_scale_inv"):
