@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native") / "qkernels.c"
 KQ_SOURCE = SOURCE.with_name("kquants.c")  # GGUF blocks as stored (quant/kquants.py): in the same library, lg_matvec calls them
+AMX_SOURCE = SOURCE.with_name("amx.c")  # bf16 products on AMX tiles where the CPU and kernel allow (lg_set_amx)
 HEADER = SOURCE.with_name("lg_kernels.h")  # what the model side's library includes to call these kernels
 # -ffp-contract=off: a product and a sum stay two roundings (no fused multiply-add the C source does
 # not ask for), as in torch's elementwise ops: experts summed here equal experts summed by torch.
@@ -137,7 +138,7 @@ def _cpu_identity() -> str:
 
 
 def build(cc: str, flags: tuple[str, ...] = CFLAGS, directory: Path | None = None, *, name: str = "qkernels",
-          sources: tuple[Path, ...] = (SOURCE, KQ_SOURCE), depends: tuple[Path, ...] = (HEADER,), extra: tuple[str, ...] = ()) -> Path:
+          sources: tuple[Path, ...] = (SOURCE, KQ_SOURCE, AMX_SOURCE), depends: tuple[Path, ...] = (HEADER,), extra: tuple[str, ...] = ()) -> Path:
     """Compile `sources` (default: quant's kernels) into `directory` (default: the user cache) as
     `name`-KEY.so, KEY a hash of the sources, `depends` (headers, a library linked against), the
     compiler, flags, `extra` (include dirs, link arguments: after the sources) and CPU, so each
@@ -188,6 +189,14 @@ class NativeLib:
         self._lib.lg_dequant_bf16.argtypes = [ctypes.POINTER(_QTensor), i, i, p, i]
         self._lib.lg_dequant_bf16.restype = None
         self.avx2 = bool(self._lib.lg_has_avx2())
+        self._lib.lg_set_amx.argtypes, self._lib.lg_set_amx.restype = [i], i
+        self.amx = self.set_amx(os.environ.get("LOCALGLM_AMX", "1") != "0")
+
+    def set_amx(self, on: bool) -> bool:
+        """Run bf16 products on AMX tiles (amx.c) where the CPU and the OS allow, or not (LOCALGLM_AMX=0 at
+        start-up). Process-wide, as a thread count is; returns whether the tiles are now used."""
+        self.amx = bool(self._lib.lg_set_amx(int(on)))
+        return self.amx
 
     @staticmethod
     def supports(qt: QuantTensor) -> bool:

@@ -102,6 +102,18 @@ def test_a_multi_token_forward_is_bit_identical_to_one_token_steps(tmp_path: Pat
     _assert_same(net)
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c.endswith("-bf16")])
+def test_without_amx_tiles_too(tmp_path: Path, case: str) -> None:
+    """The bf16 cases above on the vector path (AVX512-BF16 or AVX2) where the AMX tiles would run them."""
+    quant = native_lib()
+    was = quant.amx
+    try:
+        quant.set_amx(False)
+        test_a_multi_token_forward_is_bit_identical_to_one_token_steps(tmp_path, case)
+    finally:
+        quant.set_amx(was)
+
+
 @pytest.mark.parametrize("load", [dict(dtype="float32"), dict(dtype="bfloat16"), dict(experts_bits=4)], ids=["fp32-dense", "bf16-dense", "q4"])
 def test_per_layer_calls_through_an_expert_backend(tmp_path: Path, load: dict) -> None:
     """Behind a wrapper (the routing tracer: what an offloading backend gets) the experts run in the
@@ -213,6 +225,41 @@ def test_dense_tiles_give_every_row_the_one_row_numbers(dtype: torch.dtype) -> N
             assert torch.equal(lib.rows_linear(mat, x[:T], torch.float32), alone[:T]), (n, k, T)
         ref = (x.double() @ w.double().T + bias.double()).float()
         assert (alone - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
+@pytest.mark.parametrize("amx", [False, True], ids=["vector", "amx"])
+def test_bf16_products_give_every_token_the_one_token_numbers(amx: bool) -> None:
+    """A bf16 model's products (bf16 weights, bf16 activations): AVX512-BF16's vdpbf16ps tiles, or AMX
+    tiles (quant/native/amx.c) where the CPU and the OS allow them. Whatever the path, a token's numbers
+    must not depend on how many tokens share the call (1..20: past one 16-token tile pass) or on which
+    16-row block a row falls in (row counts that leave a remainder, a matrix cut at another row), and
+    K tails the tiles do not take go through the vector path for every T alike."""
+    from localglm.layers.native import LayerLib, native
+
+    lib, quant = native(), native_lib()
+    assert lib is not None and quant is not None
+    was = quant.amx
+    if amx and not quant.set_amx(True):
+        quant.set_amx(was)
+        pytest.skip("this CPU or kernel gives no AMX tiles")
+    try:
+        quant.set_amx(amx)
+        g = torch.Generator().manual_seed(7)
+        for n, k in ((8, 32), (37, 64), (67, 256), (16, 48), (300, 128)):
+            w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+            bias = torch.randn(n, generator=g)
+            mat = LayerLib.describe_matrix(w, torch.bfloat16, bias)
+            x = torch.randn(20, k, generator=g).to(torch.bfloat16).float()
+            alone = torch.cat([lib.rows_linear(mat, x[t : t + 1], torch.bfloat16) for t in range(20)])
+            for T in (2, 3, 4, 5, 16, 17, 20):
+                assert torch.equal(lib.rows_linear(mat, x[:T], torch.bfloat16), alone[:T]), (n, k, T)
+            if n > 16:  # rows 3.. as a matrix of their own: another 16-row split, the same numbers
+                cut = LayerLib.describe_matrix(w[3:].contiguous(), torch.bfloat16, bias[3:].contiguous())
+                assert torch.equal(lib.rows_linear(cut, x[:5], torch.bfloat16), alone[:5, 3:]), (n, k)
+            ref = (x.double() @ w.double().T + bias.double()).float()
+            assert (alone - ref).abs().max() <= 1e-2 * ref.abs().max()
+    finally:
+        quant.set_amx(was)
 
 
 def test_gguf_blocks_as_stored_multi_token_forward_is_bit_identical_to_one_token_steps() -> None:

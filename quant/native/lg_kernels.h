@@ -214,11 +214,57 @@ static inline __attribute__((always_inline)) void dense_tile16(const lg_mat *m, 
 }
 #endif
 
+#if defined(__AVX512BF16__)
+/* bf16 weight rows x bf16 activations with AVX512-BF16's vdpbf16ps, where the model computes in bf16
+ * (its activations are bf16 values, as torch's are): 32 exact products an instruction, no widening
+ * of the weights, half dense_tile16's FMA work. At 3-5 tokens (a speculative verification) the fp32
+ * tile is bound by the FMA port, not by reading the weights; this one is not. The same order for
+ * every R, nt and tile: lane j of a (row, token) accumulator sums the pairs 32 b + 2j + 1, 32 b + 2j
+ * in turn (the instruction's order, denormals flushed), then hsum256(low half + high half), then the
+ * tail in order -- so a token's numbers do not depend on how many tokens or rows share its tile.
+ * xb: nt rows of K bf16 values, K apart (rows_to_bf16). */
+#define LG_DPBF16 1
+static inline __attribute__((always_inline)) void dense_tile_bh(const lg_mat *m, int n, const int R, const uint16_t *xb, const int nt, float *s) {
+    const int K = m->k, K32 = K & ~31;
+    const uint16_t *W = (const uint16_t *)m->w + (size_t)n * K;
+    __m512 acc[TILE16_ROWS][TILE16_TOKENS];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < nt; t++) acc[r][t] = _mm512_setzero_ps();
+    for (int i = 0; i < K32; i += 32) {
+        __m512bh xv[TILE16_TOKENS];
+        for (int t = 0; t < nt; t++) xv[t] = (__m512bh)_mm512_loadu_si512((const void *)(xb + (size_t)t * K + i));
+        for (int r = 0; r < R; r++) {
+            const __m512bh w = (__m512bh)_mm512_loadu_si512((const void *)(W + (size_t)r * K + i));
+            for (int t = 0; t < nt; t++) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], w, xv[t]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < nt; t++) {
+            const __m512 a = acc[r][t];
+            float v = hsum256(_mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1))));
+            for (int j = K32; j < K; j++) v += bf16_to_float(W[(size_t)r * K + j]) * bf16_to_float(xb[(size_t)t * K + j]);
+            s[t * TILE16_ROWS + r] = v;
+        }
+}
+
+/* T rows of K floats (bf16 values) -> bf16, for dense_tile_bh. */
+static inline void rows_to_bf16(const float *x, int T, int K, uint16_t *xb) {
+    for (int t = 0; t < T; t++) row_to_bf16(x + (size_t)t * K, K, xb + (size_t)t * K);
+}
+#endif
+
 /* ---- quant entry points the model side calls (defined in qkernels.c; kq_matmul_q8 in kquants.c) ---- */
 
 /* Room for `rows` quantized rows of k values (k a multiple of QB); returns 0 when out of memory. */
 int lg_qact_alloc(qact *a, size_t rows, int k);
 void lg_qact_free(qact *a);
+
+/* The AMX tiles (amx.c): lg_set_amx turns them on (asking the kernel for the tile state) or off and
+ * says whether they are on; lg_amx_takes says whether a matrix goes through them (then always:
+ * lg_matvec, lg_mat_rows and the decoder's multi-token products); lg_amx_rows is the product. */
+int lg_set_amx(int want);
+int lg_amx_takes(const lg_mat *m, int dtype);
+int lg_amx_rows(const lg_mat *m, int T, const float *x, int dt, float *y, int nth);
 
 /* y = m . x (+ bias), each value rounded to dtype; `xa` has room for one quantized row of m->k. */
 void lg_matvec(const lg_mat *m, const float *x, int dtype, qact *xa, float *y, int nth);

@@ -1185,6 +1185,11 @@ void lg_matvec(const lg_mat *m, const float *x, int dtype, qact *xa, float *y, i
         matvec_parts(m, x, dtype, xa, y, nth);
         return;
     }
+    if (lg_amx_takes(m, dtype)) {
+        if (lg_amx_rows(m, 1, x, dtype, y, nth))
+            for (int n = 0; n < N; n++) y[n] = NAN;
+        return;
+    }
     if (m->kind == 0) quantize_row(x, K, m->q.bits, QROW(xa, 0, K));
     const int par = nth > 1 && (size_t)N * K >= (1u << 16);
     if (m->kind == 0 && rows_1tok(&m->q, 0, 0, QROW(xa, 0, K), NULL)) { /* q2/q4 rows that rows_1tok takes, ROWS_1TOK a work item */
@@ -1198,6 +1203,28 @@ void lg_matvec(const lg_mat *m, const float *x, int dtype, qact *xa, float *y, i
         }
         return;
     }
+#ifdef LG_DPBF16
+    if (m->kind == 1 && dtype == 1) { /* bf16 weights and activations: dense_tile_bh, eight rows a work item */
+        uint16_t xs[K <= 8192 ? K : 1], *xb = K <= 8192 ? xs : malloc((size_t)K * sizeof(uint16_t));
+        if (!xb) {
+            for (int n = 0; n < N; n++) y[n] = NAN;
+            return;
+        }
+        row_to_bf16(x, K, xb);
+        const int NP = (N + DENSE_1TOK_ROWS - 1) / DENSE_1TOK_ROWS;
+#pragma omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(NP, nth)) if (par)
+        for (int i = 0; i < NP; i++) {
+            const int n1 = i * DENSE_1TOK_ROWS;
+            float o[TILE16_ROWS * TILE16_TOKENS];
+            if (n1 + DENSE_1TOK_ROWS <= N) dense_tile_bh(m, n1, DENSE_1TOK_ROWS, xb, 1, o);
+            else
+                for (int n = n1; n < N; n++) dense_tile_bh(m, n, 1, xb, 1, o + (n - n1));
+            for (int n = n1; n < n1 + DENSE_1TOK_ROWS && n < N; n++) y[n] = rnd(o[n - n1] + (m->bias ? m->bias[n] : 0.0f), dtype);
+        }
+        if (xb != xs) free(xb);
+        return;
+    }
+#endif
 #ifdef DENSE_1TOK_ROWS
     if (m->kind == 1) { /* bf16: DENSE_1TOK_ROWS rows a work item, each row dot_dense's numbers */
         const int NP = (N + DENSE_1TOK_ROWS - 1) / DENSE_1TOK_ROWS;
@@ -1248,6 +1275,7 @@ int lg_mat_rows(const lg_mat *m, int T, const float *x, int dt, qact *xa, float 
         free(tmp);
         return rc;
     }
+    if (lg_amx_takes(m, dt)) return lg_amx_rows(m, T, x, dt, y, nth);
     for (int t = 0; t < T; t++) lg_matvec(m, x + (size_t)t * K, dt, xa, y + (size_t)t * N, nth);
     return 0;
 }

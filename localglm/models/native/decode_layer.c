@@ -132,8 +132,10 @@ static inline __attribute__((always_inline)) void dense_tile(const lg_mat *m, in
  * one token 4 rows (8 chains), two 2 rows, three or four 1 row (x from memory). */
 static inline int tile_rows(int nt) { return nt == 1 ? 4 : nt == 2 ? 2 : 1; }
 
-/* dense_tile with R (tile_rows(nt), or 1) and nt known at compile time. */
-static void dense_tile_of(const lg_mat *m, int n, int R, const float *x, int nt, float *s) {
+/* dense_tile with R (tile_rows(nt), or 1) and nt known at compile time (bh: AVX-512 only). */
+static void dense_tile_of(const lg_mat *m, int n, int R, const void *xv, int nt, int bh, float *s) {
+    const float *x = (const float *)xv;
+    (void)bh;
     if (R == 1) {
         switch (nt) {
         case 1: dense_tile(m, n, 1, x, 1, s); break;
@@ -159,27 +161,36 @@ static void dense_tile_of(const lg_mat *m, int n, int R, const float *x, int nt,
 
 static inline int tile_rows(int nt) { return nt == 1 ? 8 : 4; }
 
-/* dense_tile16 with R (tile_rows(nt), or 1) and nt known at compile time. */
-static void dense_tile_of(const lg_mat *m, int n, int R, const float *x, int nt, float *s) {
+/* A tile of R rows x nt tokens: dense_tile_bh on bf16 activations (bh), else dense_tile16. */
+#ifdef LG_DPBF16
+#define TILE(R, nt) (bh ? dense_tile_bh(m, n, R, (const uint16_t *)x, nt, s) : dense_tile16(m, n, R, (const float *)x, nt, s))
+#else
+#define TILE(R, nt) dense_tile16(m, n, R, (const float *)x, nt, s)
+#endif
+
+/* The tile with R (tile_rows(nt), or 1) and nt known at compile time. */
+static void dense_tile_of(const lg_mat *m, int n, int R, const void *x, int nt, int bh, float *s) {
+    (void)bh;
     switch (nt) {
-    case 1: R == 1 ? dense_tile16(m, n, 1, x, 1, s) : dense_tile16(m, n, 8, x, 1, s); break;
-    case 2: R == 1 ? dense_tile16(m, n, 1, x, 2, s) : dense_tile16(m, n, 4, x, 2, s); break;
-    case 3: R == 1 ? dense_tile16(m, n, 1, x, 3, s) : dense_tile16(m, n, 4, x, 3, s); break;
-    default: R == 1 ? dense_tile16(m, n, 1, x, TMAX, s) : dense_tile16(m, n, 4, x, TMAX, s);
+    case 1: R == 1 ? TILE(1, 1) : TILE(8, 1); break;
+    case 2: R == 1 ? TILE(1, 2) : TILE(4, 2); break;
+    case 3: R == 1 ? TILE(1, 3) : TILE(4, 3); break;
+    default: R == 1 ? TILE(1, TMAX) : TILE(4, TMAX);
     }
 }
+#undef TILE
 #endif
 
 #ifdef __AVX2__
 /* Weight rows n..n+R-1 (R = tile_rows(nt); fewer at the end, one at a time) against the nt tokens at
  * x (rows K apart; AVX2's bf16 tiles: split_halves' layout) into y (rows N apart), with the bias,
  * rounded to dt. */
-static void dense_rows(const lg_mat *m, int n, const float *x, int nt, int dt, float *y) {
+static void dense_rows(const lg_mat *m, int n, const void *x, int nt, int bh, int dt, float *y) {
     const int N = m->n, R = tile_rows(nt), rows = n + R <= N ? R : N - n;
     float s[RMAX * TMAX];
-    if (rows == R) dense_tile_of(m, n, R, x, nt, s);
+    if (rows == R) dense_tile_of(m, n, R, x, nt, bh, s);
     else
-        for (int r = 0; r < rows; r++) dense_tile_of(m, n + r, 1, x, nt, s + r);
+        for (int r = 0; r < rows; r++) dense_tile_of(m, n + r, 1, x, nt, bh, s + r);
     for (int r = 0; r < rows; r++) {
         const float b = m->bias ? m->bias[n + r] : 0.0f;
         for (int t = 0; t < nt; t++) y[(size_t)t * N + n + r] = rnd(s[t * RMAX + r] + b, dt);
@@ -197,6 +208,7 @@ static void dense_rows(const lg_mat *m, int n, const float *x, int nt, int dt, f
 static int rows_matvec(const lg_mat *m, int T, const float *x, int dt, qact *xa, float *y, int nth) {
     const int N = m->n, K = m->k;
     if (m->kind >= LG_MAT_GGML) return lg_mat_rows(m, T, x, dt, xa, y, nth); /* GGUF blocks read once for the T rows */
+    if (lg_amx_takes(m, dt)) return lg_amx_rows(m, T, x, dt, y, nth);           /* AMX tiles: T tokens for the price of one */
     if (T > 1 && m->kind == 0) {
         if (lg_linear(&m->q, T, x, 0, m->bias, y, 0, nth)) return -1;
         for (size_t i = 0; i < (size_t)T * N; i++) y[i] = rnd(y[i], dt);
@@ -204,19 +216,28 @@ static int rows_matvec(const lg_mat *m, int T, const float *x, int dt, qact *xa,
     }
 #ifdef __AVX2__
     if (T > 1) {
-        float *xs = NULL;
+        void *xs = NULL;
+        int bh = 0;
 #ifndef __AVX512F__
         if (m->kind == 1) { /* the AVX2 tile's layout */
             if (!(xs = malloc((size_t)T * K * sizeof(float)))) return -1;
             split_halves(x, T, K, xs);
         }
 #endif
-        const float *xr = xs ? xs : x;
+#ifdef LG_DPBF16
+        if (m->kind == 1 && dt == 1) { /* bf16 activations, as lg_matvec's one-token rows take them */
+            if (!(xs = malloc((size_t)T * K * sizeof(uint16_t)))) return -1;
+            rows_to_bf16(x, T, K, xs);
+            bh = 1;
+        }
+#endif
+        const char *xr = xs ? (const char *)xs : (const char *)x;
+        const size_t es = bh ? sizeof(uint16_t) : sizeof(float);
         for (int t0 = 0; t0 < T; t0 += TMAX) {
             const int nt = T - t0 < TMAX ? T - t0 : TMAX, R = tile_rows(nt), blocks = (N + R - 1) / R;
             const int par = nth > 1 && (size_t)N * K * nt >= (1u << 16);
 #pragma omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(blocks, nth)) if (par)
-            for (int b = 0; b < blocks; b++) dense_rows(m, b * R, xr + (size_t)t0 * K, nt, dt, y + (size_t)t0 * N);
+            for (int b = 0; b < blocks; b++) dense_rows(m, b * R, xr + (size_t)t0 * K * es, nt, bh, dt, y + (size_t)t0 * N);
         }
         free(xs);
         return 0;
