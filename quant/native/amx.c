@@ -100,15 +100,18 @@ static inline __m512 rnd16(__m512 v) {
 }
 
 /* A tile's sums (rows x nt, nt apart in `out`) into y with the bias, rounded to bf16 values (the
- * tiles take only bf16 activations, lg_amx_takes). One token: sixteen rows at a time. */
+ * tiles take only bf16 activations, lg_amx_takes): sixteen rows of a token at a time (several tokens:
+ * gathered nt apart), the rest one by one. */
 static void emit(const lg_mat *m, int n, int rows, int nt, const float *out, float *y) {
     int r = 0;
-    if (nt == 1)
-        for (; r + 16 <= rows; r += 16) {
-            __m512 v = _mm512_loadu_ps(out + r);
-            if (m->bias) v = _mm512_add_ps(v, _mm512_loadu_ps(m->bias + n + r));
-            _mm512_storeu_ps(y + n + r, rnd16(v));
+    const __m512i lanes = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(nt));
+    for (; r + 16 <= rows; r += 16) {
+        const __m512 b = m->bias ? _mm512_loadu_ps(m->bias + n + r) : _mm512_setzero_ps();
+        for (int t = 0; t < nt; t++) {
+            const __m512 v = nt == 1 ? _mm512_loadu_ps(out + r) : _mm512_i32gather_ps(lanes, out + (size_t)r * nt + t, 4);
+            _mm512_storeu_ps(y + (size_t)t * m->n + n + r, rnd16(_mm512_add_ps(v, b))); /* + 0 without a bias, as rnd(v + 0.0f) below */
         }
+    }
     for (; r < rows; r++) {
         const float b = m->bias ? m->bias[n + r] : 0.0f;
         for (int t = 0; t < nt; t++) y[(size_t)t * m->n + n + r] = rnd(out[r * nt + t] + b, 1);
