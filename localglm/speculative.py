@@ -58,6 +58,7 @@ DEFAULT_DRAFT = 3  # the most drafted tokens a step (--draft)
 EXPERT_OVERLAP = 0.2  # share of a drafted token's experts another token of the step also uses (10-30% measured on GLM)
 EXPLORE_EVERY = 16  # after this many depth-0 steps, draft one token to keep measuring acceptance ...
 EXPLORE_MAX = 256  # ... doubling up to this while it keeps not paying
+PROBE_STEPS = 4  # a probe drafts this many steps in a row: its first (cold) step is not timed, the others are
 
 
 @dataclass
@@ -150,7 +151,14 @@ class DepthPolicy:
     multi-token verification through torch's ops). Depths not timed yet are priced by the model, scaled
     by the nearest timed depth's measured time. Steps are timed in the generating thread's CPU time
     (time.thread_time), so a busy machine's preemptions do not tip the choice. Without timings (a
-    seeded generation) the choice is the model's alone."""
+    seeded generation) the choice is the model's alone.
+
+    A drafting step right after a depth-0 step (or a generation's first) is cold: the block's weights
+    have left the caches and it catches up the pairs the depth-0 steps left. That is a price of starting
+    to draft, not of drafting, and timed as a depth's price it kept depth 1 from ever looking worth it,
+    so the generating loop does not time it, and a probe drafts PROBE_STEPS steps in a row so that its
+    later steps are. One step timed far above a depth's mean (the machine's other tenants) moves
+    that mean by at most a doubling's share."""
 
     max_depth: int
     costs: StepCosts | None = None
@@ -161,6 +169,7 @@ class DepthPolicy:
     zero_run: int = 0
     seconds: dict[int, float] = field(default_factory=dict)  # depth -> decayed mean step time
     explore_every: int = EXPLORE_EVERY
+    probe_left: int = 0  # steps of the current probe still to draft
 
     @property
     def acceptance(self) -> float:
@@ -177,6 +186,9 @@ class DepthPolicy:
             rate = expected / self.price(k)
             if rate > best_rate:
                 best, best_rate = k, rate
+        if best == 0 and self.probe_left > 0:
+            self.probe_left -= 1
+            return 1
         if best == 0:
             # Keep measuring now and then (acceptance may have risen), where a perfect acceptance would pay at all.
             # Timed (not a seeded run): only where a perfect acceptance could pay, and backing off.
@@ -187,9 +199,10 @@ class DepthPolicy:
                 self.zero_run = 0
                 if timed:
                     self.explore_every = min(2 * self.explore_every, EXPLORE_MAX)  # while it keeps not paying
+                self.probe_left = PROBE_STEPS - 1
                 return 1
         else:
-            self.zero_run = 0
+            self.zero_run, self.probe_left = 0, 0
             self.explore_every = EXPLORE_EVERY
         return best
 
@@ -212,13 +225,15 @@ class DepthPolicy:
         return c.verify(k + 1) + k * (c.draft + c.draft_experts * c.price())
 
     def observe_time(self, depth: int, seconds: float) -> None:
+        """A warm step's time (the caller leaves cold ones out)."""
         old = self.seconds.get(depth)
-        self.seconds[depth] = seconds if old is None else 0.8 * old + 0.2 * seconds
+        self.seconds[depth] = seconds if old is None else 0.8 * old + 0.2 * min(seconds, 2.0 * old)
 
     def reset(self) -> None:
         """Back to the prior: a seeded generation must not depend on what earlier ones measured."""
         self.hits, self.tries, self.zero_run = 1.0, 2.0, 0
         self.seconds, self.explore_every = {}, EXPLORE_EVERY
+        self.probe_left = 0
 
     def observe(self, depth: int, accepted: int) -> None:
         if depth == 0:
@@ -348,6 +363,7 @@ class Speculation:
         net, device = self.net, self.net.device
         mcache = self._mtp_cache(cache.max_tokens)
         counters = SpecCounters()
+        last_k = 0  # the depth of the step before: a drafting step after a depth-0 one (or first) is cold, not timed
         if sampling.seed is not None:  # the seed reproduces the whole generation: depths included
             self.policy.reset()
         t0 = time.perf_counter()
@@ -465,8 +481,9 @@ class Speculation:
             pend_t.extend(new)
             counters.record(k, accepted)
             self.policy.observe(k, accepted)
-            if sampling.seed is None:  # a seeded generation's depths come from the cost model alone (reproducible)
+            if sampling.seed is None and not (k and not last_k):  # seeded: the cost model's depths alone (reproducible)
                 self.policy.observe_time(k, time.thread_time() - step_t0)
+            last_k = k
             for tok in new:
                 if cancel is not None and cancel.is_set():
                     return
