@@ -480,7 +480,8 @@ def _load() -> tuple[NativeLib | None, str]:
     else:
         try:
             lib = NativeLib(build(cc))
-            return lib, f"native kernels ({'AVX2' if lib.avx2 else 'portable C'})"
+            units = ("AVX2" if lib.avx2 else "portable C") + (", AMX bf16 tiles" if lib.amx else "")
+            return lib, f"native kernels ({units})"
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             why = f"torch kernels (native ones failed to build: {e})"
     log.warning("localglm: CPU kernels: %s", why)
