@@ -59,6 +59,8 @@ EXPERT_OVERLAP = 0.2  # share of a drafted token's experts another token of the 
 EXPLORE_EVERY = 16  # after this many depth-0 steps, draft one token to keep measuring acceptance ...
 EXPLORE_MAX = 256  # ... doubling up to this while it keeps not paying
 PROBE_STEPS = 4  # a probe drafts this many steps in a row: its first (cold) step is not timed, the others are
+ZERO_PROBE_EVERY = 64  # while drafting, time depth 0 again after this many drafting steps ...
+ZERO_PROBE_STEPS = 2  # ... for this many steps (and at once where it has never been timed)
 
 
 @dataclass
@@ -158,7 +160,12 @@ class DepthPolicy:
     to draft, not of drafting, and timed as a depth's price it kept depth 1 from ever looking worth it,
     so the generating loop does not time it, and a probe drafts PROBE_STEPS steps in a row so that its
     later steps are. One step timed far above a depth's mean (the machine's other tenants) moves
-    that mean by at most a doubling's share."""
+    that mean by at most a doubling's share.
+
+    Depth 0 is timed too, as soon as a drafting depth has been and then every ZERO_PROBE_EVERY drafting
+    steps: priced from a drafting depth's time by the model alone, a CPU whose multi-token steps cost
+    more than the model says (an AVX-512 EPYC without AMX: 3 tokens at 2.1x one) kept drafting at half
+    of plain decoding's speed, never having seen what a plain step costs."""
 
     max_depth: int
     costs: StepCosts | None = None
@@ -170,6 +177,8 @@ class DepthPolicy:
     seconds: dict[int, float] = field(default_factory=dict)  # depth -> decayed mean step time
     explore_every: int = EXPLORE_EVERY
     probe_left: int = 0  # steps of the current probe still to draft
+    since_zero: int = 0  # drafting steps chosen since the last depth-0 one
+    zero_left: int = 0  # depth-0 steps of the current re-timing still to take
 
     @property
     def acceptance(self) -> float:
@@ -204,7 +213,23 @@ class DepthPolicy:
         else:
             self.zero_run, self.probe_left = 0, 0
             self.explore_every = EXPLORE_EVERY
+            if self._retime_zero():
+                return 0
+            self.since_zero += 1
+            return best
+        self.since_zero = 0
         return best
+
+    def _retime_zero(self) -> bool:
+        """True where this drafting step should be a depth-0 one instead, to time depth 0: never timed
+        while a drafting depth is, or not for ZERO_PROBE_EVERY drafting steps. Untimed (seeded) runs never."""
+        if self.zero_left == 0 and self.seconds and (0 not in self.seconds or self.since_zero >= ZERO_PROBE_EVERY):
+            self.zero_left = ZERO_PROBE_STEPS
+        if self.zero_left == 0:
+            return False
+        self.zero_left -= 1
+        self.since_zero = 0
+        return True
 
     def price(self, k: int) -> float:
         """A step of depth k: measured seconds where timed, else the cost model's price, scaled to
@@ -233,7 +258,7 @@ class DepthPolicy:
         """Back to the prior: a seeded generation must not depend on what earlier ones measured."""
         self.hits, self.tries, self.zero_run = 1.0, 2.0, 0
         self.seconds, self.explore_every = {}, EXPLORE_EVERY
-        self.probe_left = 0
+        self.probe_left = self.since_zero = self.zero_left = 0
 
     def observe(self, depth: int, accepted: int) -> None:
         if depth == 0:

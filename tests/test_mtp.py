@@ -473,6 +473,31 @@ def test_depth_policy_prices_untimed_depths_from_the_nearest_timed_one() -> None
     assert policy.choose(10) == 0
 
 
+def test_depth_policy_times_depth_zero_too() -> None:
+    """Priced from a drafting depth's time by the model alone, depth 0 looked dearer than it is where
+    multi-token steps cost more than the model says (an AVX-512 EPYC: drafting at half of plain
+    decoding's speed). Once a drafting depth is timed the policy takes ZERO_PROBE_STEPS depth-0 steps
+    to time them, then compares; while drafting pays it re-times depth 0 every ZERO_PROBE_EVERY steps."""
+    from localglm.speculative import ZERO_PROBE_EVERY, ZERO_PROBE_STEPS, DepthPolicy, StepCosts
+
+    costs = StepCosts(fixed=49.0, layers=5, top_k=2, n_experts=16, draft=10.0, draft_experts=2)  # the default model's shape
+    slow = DepthPolicy(3, costs, hits=80, tries=100)
+    assert slow.choose(10) >= 1  # the model's choice: untimed, it drafts
+    slow.observe_time(2, 0.004)  # a depth-2 step timed: 4 ms
+    assert [slow.choose(10) for _ in range(ZERO_PROBE_STEPS)] == [0] * ZERO_PROBE_STEPS
+    slow.observe_time(0, 0.001)  # a plain step: 1 ms, so 2.6 tokens for 4 ms do not pay
+    assert all(slow.choose(10) == 0 for _ in range(10))
+    fast = DepthPolicy(3, costs, hits=80, tries=100)
+    fast.observe_time(2, 0.0015)
+    assert [fast.choose(10) for _ in range(ZERO_PROBE_STEPS)] == [0] * ZERO_PROBE_STEPS
+    fast.observe_time(0, 0.001)
+    picks = [fast.choose(10) for _ in range(2 * ZERO_PROBE_EVERY + 2 * ZERO_PROBE_STEPS)]
+    zeros = [i for i, k in enumerate(picks) if k == 0]
+    assert zeros == [ZERO_PROBE_EVERY + j for j in range(ZERO_PROBE_STEPS)] + [2 * ZERO_PROBE_EVERY + ZERO_PROBE_STEPS + j for j in range(ZERO_PROBE_STEPS)]
+    seeded = DepthPolicy(3, costs, hits=80, tries=100)  # never timed (a seeded run): the model's depths alone
+    assert all(seeded.choose(10) >= 1 for _ in range(2 * ZERO_PROBE_EVERY))
+
+
 def test_a_probes_catch_up_is_not_priced_as_its_depth(glm4: localglm.Model) -> None:
     """After depth-0 steps the MTP block owes the pairs they left; a probe (or the first drafting step)
     catches them up outside the step clock the depth policy prices depths with: that backlog is a one-off
