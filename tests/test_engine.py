@@ -165,6 +165,50 @@ def test_top_p_and_min_p_sample_the_renormalised_distribution(vocab: int, scale:
     assert (got - want).abs().max() < 0.01 and int(keep.sum()) > (256 if vocab > 256 else 2)
 
 
+@pytest.mark.parametrize("vocab,scale", [(300, 0.5), (8192, 0.2), (8192, 3.0), (151552, 0.3), (151552, 4.0)])
+@pytest.mark.parametrize("top_p", [0.5, 0.95, 0.999])
+def test_top_p_keeps_exactly_the_sorted_rule(vocab: int, scale: float, top_p: float) -> None:
+    """The top-p set without sorting the vocabulary (the first 256, else a histogram and the boundary
+    bin sorted) is the set the full sort keeps, token for token, with masked (-inf) tokens never in it."""
+    from localglm.sampling import _top_p
+
+    torch.manual_seed(vocab + int(scale * 10))
+    z = torch.randn(vocab) * scale
+    z[torch.randperm(vocab)[: vocab // 10]] = float("-inf")  # a top-k or a grammar's mask
+    z = z - z.max()
+    probs = torch.softmax(z, 0)
+    srt, order = probs.sort(descending=True)
+    want = set(order[(srt.double().cumsum(0) - srt.double()) <= top_p].tolist())
+    got_p, got_i = _top_p(probs, z, top_p)
+    assert set(got_i.tolist()) == want and torch.equal(got_p, probs[got_i])
+
+
+def test_top_p_keeps_or_drops_tied_tokens_together() -> None:
+    """bf16 logits tie often: a tie at the boundary stays or goes as a whole, the same in the listed set
+    (distribution) as in the rejection draw (__call__), whatever order a sort leaves the ties in."""
+    from localglm.sampling import _top_p
+
+    logits = torch.tensor([2.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, -1.0] * 40)  # 320 tokens, ties everywhere
+    z = logits - 2.0
+    probs = torch.softmax(z, 0)
+    for top_p in (0.05, 0.3, 0.6, 0.9):
+        above = torch.tensor([float(probs[probs > q].sum()) for q in probs])
+        want = set(torch.nonzero(above <= top_p).flatten().tolist())
+        assert set(_top_p(probs, z, top_p)[1].tolist()) == want
+        s = Sampler(SamplingParams(temperature=1.0, top_p=top_p, seed=7))
+        dist = s.distribution(logits)
+        assert set(torch.nonzero(dist).flatten().tolist()) == want
+        assert {s(logits) for _ in range(300)} <= want
+
+
+def test_sample_draws_in_proportion_and_never_a_zero() -> None:
+    s = Sampler(SamplingParams(temperature=1.0, seed=3))
+    probs = torch.tensor([0.0, 2.0, 0.0, 1.0, 1.0, 0.0])  # unnormalized
+    n = 20000
+    got = torch.bincount(torch.tensor([s.sample(probs) for _ in range(n)]), minlength=6).float() / n
+    assert got[probs == 0].sum() == 0 and (got - probs / probs.sum()).abs().max() < 0.015
+
+
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(min_p=1.5), dict(repetition_penalty=0), dict(top_k=-1)])
 def test_bad_sampling_params(bad: dict) -> None:
     with pytest.raises(localglm.LocalGLMError):
