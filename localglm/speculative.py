@@ -33,9 +33,10 @@ experts a wider verification reads (offload/cost_model.py's price of a miss wher
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,8 +59,10 @@ DEFAULT_DRAFT = 3  # the most drafted tokens a step (--draft)
 EXPERT_OVERLAP = 0.2  # share of a drafted token's experts another token of the step also uses (10-30% measured on GLM)
 EXPLORE_EVERY = 16  # after this many depth-0 steps, draft one token to keep measuring acceptance ...
 EXPLORE_MAX = 256  # ... doubling up to this while it keeps not paying
+TIMING_WINDOW = 9  # a depth's price: the median of its last this many timed steps
 PROBE_STEPS = 4  # a probe drafts this many steps in a row: its first (cold) step is not timed, the others are
-ZERO_PROBE_EVERY = 64  # while drafting, time depth 0 again after this many drafting steps ...
+ZERO_PROBE_EVERY = 64  # while drafting, time depth 0 again after at most this many drafting steps ...
+ZERO_PROBE_FIRST = 8  # ... 8 at first, doubling
 ZERO_PROBE_STEPS = 3  # ... for this many steps, the first not timed (and at once where it has never been timed)
 
 
@@ -161,11 +164,11 @@ class DepthPolicy:
     so the generating loop does not time it, and a probe drafts PROBE_STEPS steps in a row so that its
     later steps are. Likewise the first depth-0 step after drafting ones (the block's weights took the
     main model's place in the caches: on a 2-core EPYC such steps took 1.4 ms against 0.76 in a run of
-    them, and drafting looked cheaper than it was). One step timed far above a depth's mean (the machine's other tenants) moves
-    that mean by at most a doubling's share.
+    them, and drafting looked cheaper than it was). A depth's price is the median of its last
+    TIMING_WINDOW timed steps.
 
-    Depth 0 is timed too, as soon as a drafting depth has been and then every ZERO_PROBE_EVERY drafting
-    steps: priced from a drafting depth's time by the model alone, a CPU whose multi-token steps cost
+    Depth 0 is timed too, as soon as a drafting depth has been and then every 8, 16, ... ZERO_PROBE_EVERY
+    drafting steps: priced from a drafting depth's time by the model alone, a CPU whose multi-token steps cost
     more than the model says (an AVX-512 EPYC without AMX: 3 tokens at 2.1x one) kept drafting at half
     of plain decoding's speed, never having seen what a plain step costs."""
 
@@ -176,11 +179,13 @@ class DepthPolicy:
     hits: float = 1.0
     tries: float = 2.0
     zero_run: int = 0
-    seconds: dict[int, float] = field(default_factory=dict)  # depth -> decayed mean step time
+    seconds: dict[int, float] = field(default_factory=dict)  # depth -> median of its last TIMING_WINDOW step times
+    samples: dict[int, deque[float]] = field(default_factory=dict)  # depth -> its last step times
     explore_every: int = EXPLORE_EVERY
     probe_left: int = 0  # steps of the current probe still to draft
     since_zero: int = 0  # drafting steps chosen since the last depth-0 one
     zero_left: int = 0  # depth-0 steps of the current re-timing still to take
+    zero_every: int = ZERO_PROBE_FIRST  # drafting steps between depth-0 re-timings (doubling to ZERO_PROBE_EVERY)
 
     @property
     def acceptance(self) -> float:
@@ -224,9 +229,11 @@ class DepthPolicy:
 
     def _retime_zero(self) -> bool:
         """True where this drafting step should be a depth-0 one instead, to time depth 0: never timed
-        while a drafting depth is, or not for ZERO_PROBE_EVERY drafting steps. Untimed (seeded) runs never."""
-        if self.zero_left == 0 and self.seconds and (0 not in self.seconds or self.since_zero >= ZERO_PROBE_EVERY):
+        while a drafting depth is, or not for `zero_every` drafting steps. Untimed (seeded) runs never."""
+        if self.zero_left == 0 and self.seconds and (0 not in self.seconds or self.since_zero >= self.zero_every):
             self.zero_left = ZERO_PROBE_STEPS
+            if 0 in self.seconds:
+                self.zero_every = min(2 * self.zero_every, ZERO_PROBE_EVERY)
         if self.zero_left == 0:
             return False
         self.zero_left -= 1
@@ -252,14 +259,18 @@ class DepthPolicy:
         return c.verify(k + 1) + k * (c.draft + c.draft_experts * c.price())
 
     def observe_time(self, depth: int, seconds: float) -> None:
-        """A warm step's time (the caller leaves cold ones out)."""
-        old = self.seconds.get(depth)
-        self.seconds[depth] = seconds if old is None else 0.8 * old + 0.2 * min(seconds, 2.0 * old)
+        """A warm step's time (the caller leaves cold ones out). The depth's price is the median of its
+        last TIMING_WINDOW: one slow step (the machine's other tenants) does not move it, and a depth
+        timed only now and then (depth 0 while drafting pays) is not stuck with an old outlier."""
+        window = self.samples.setdefault(depth, deque(maxlen=TIMING_WINDOW))
+        window.append(seconds)
+        self.seconds[depth] = statistics.median(window)
 
     def reset(self) -> None:
         """Back to the prior: a seeded generation must not depend on what earlier ones measured."""
         self.hits, self.tries, self.zero_run = 1.0, 2.0, 0
-        self.seconds, self.explore_every = {}, EXPLORE_EVERY
+        self.seconds, self.samples, self.explore_every = {}, {}, EXPLORE_EVERY
+        self.zero_every = ZERO_PROBE_FIRST
         self.probe_left = self.since_zero = self.zero_left = 0
 
     def observe(self, depth: int, accepted: int) -> None:

@@ -477,8 +477,9 @@ def test_depth_policy_times_depth_zero_too() -> None:
     """Priced from a drafting depth's time by the model alone, depth 0 looked dearer than it is where
     multi-token steps cost more than the model says (an AVX-512 EPYC: drafting at half of plain
     decoding's speed). Once a drafting depth is timed the policy takes ZERO_PROBE_STEPS depth-0 steps
-    to time them, then compares; while drafting pays it re-times depth 0 every ZERO_PROBE_EVERY steps."""
-    from localglm.speculative import ZERO_PROBE_EVERY, ZERO_PROBE_STEPS, DepthPolicy, StepCosts
+    to time them, then compares; while drafting pays it re-times depth 0 after 8, 16, ... up to
+    ZERO_PROBE_EVERY drafting steps."""
+    from localglm.speculative import ZERO_PROBE_EVERY, ZERO_PROBE_FIRST, ZERO_PROBE_STEPS, DepthPolicy, StepCosts
 
     costs = StepCosts(fixed=49.0, layers=5, top_k=2, n_experts=16, draft=10.0, draft_experts=2)  # the default model's shape
     slow = DepthPolicy(3, costs, hits=80, tries=100)
@@ -491,9 +492,16 @@ def test_depth_policy_times_depth_zero_too() -> None:
     fast.observe_time(2, 0.0015)
     assert [fast.choose(10) for _ in range(ZERO_PROBE_STEPS)] == [0] * ZERO_PROBE_STEPS
     fast.observe_time(0, 0.001)
-    picks = [fast.choose(10) for _ in range(2 * ZERO_PROBE_EVERY + 2 * ZERO_PROBE_STEPS)]
-    zeros = [i for i, k in enumerate(picks) if k == 0]
-    assert zeros == [ZERO_PROBE_EVERY + j for j in range(ZERO_PROBE_STEPS)] + [2 * ZERO_PROBE_EVERY + ZERO_PROBE_STEPS + j for j in range(ZERO_PROBE_STEPS)]
+    picks = [fast.choose(10) for _ in range(400)]
+    want, at, every = [], 0, ZERO_PROBE_FIRST  # re-timed after 8, 16, 32, 64, 64... drafting steps
+    while at + every + ZERO_PROBE_STEPS <= len(picks):
+        want += [at + every + j for j in range(ZERO_PROBE_STEPS)]
+        at, every = at + every + ZERO_PROBE_STEPS, min(2 * every, ZERO_PROBE_EVERY)
+    assert [i for i, k in enumerate(picks) if k == 0] == want and len(want) >= 4 * ZERO_PROBE_STEPS
+    # a depth's price is the median of its last TIMING_WINDOW steps: one slow step does not move it
+    for t in (0.001, 0.001, 0.001, 0.009):
+        fast.observe_time(0, t)
+    assert fast.seconds[0] == pytest.approx(0.001)
     seeded = DepthPolicy(3, costs, hits=80, tries=100)  # never timed (a seeded run): the model's depths alone
     assert all(seeded.choose(10) >= 1 for _ in range(2 * ZERO_PROBE_EVERY))
 
