@@ -238,7 +238,7 @@ def _top_p(probs: torch.Tensor, z: torch.Tensor, mass: float) -> tuple[torch.Ten
     bins = (z * -BINS_PER_UNIT).clamp_(0, BINS - 1).long()  # monotone: a more probable token's bin is lower or the same
     weights = probs.double()
     cum = torch.bincount(bins, weights=weights, minlength=BINS).cumsum(0)
-    edge = min(int(torch.searchsorted(cum, torch.tensor([mass], dtype=torch.float64), right=True)), BINS - 1)
+    edge = min(int(torch.searchsorted(cum, torch.tensor([mass], dtype=torch.float64, device=cum.device), right=True)), BINS - 1)
     above = float(cum[edge - 1]) if edge else 0.0
     kept = torch.nonzero(bins < edge).flatten()
     inside = torch.nonzero(bins == edge).flatten()

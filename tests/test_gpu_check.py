@@ -151,6 +151,26 @@ def test_prepared_bytes_per_format() -> None:
 # ---- on a GPU -------------------------------------------------------------------------------------
 @pytest.mark.cuda
 @needs_cuda
+def test_cuda_sampling_on_gpu_logits() -> None:
+    """With offloaded experts the logits live on the GPU, and so does the sampler: its draws (rejection and
+    listed), top-p's histogram and the distribution speculative sampling takes all run on that device."""
+    from localglm.sampling import Sampler, SamplingParams, _top_p
+
+    torch.manual_seed(0)
+    for scale in (0.2, 4.0):  # flat (top-p through the histogram) and peaked (the first 256)
+        logits = (torch.randn(151552) * scale).cuda()
+        z = logits - logits.max()
+        probs = torch.softmax(z, 0)
+        p, idx = _top_p(probs, z, 0.9)
+        assert p.device.type == "cuda" and float(p.sum()) >= 0.9 - 1e-4
+        s = Sampler(SamplingParams(temperature=1.0, top_p=0.9, min_p=0.01, seed=1), "cuda")
+        dist = s.distribution(logits)
+        assert dist.device.type == "cuda" and abs(float(dist.sum()) - 1.0) < 1e-4
+        assert all(float(dist[s(logits)]) > 0 for _ in range(20))
+
+
+@pytest.mark.cuda
+@needs_cuda
 def test_cuda_host_buffer_is_pinned_exact_and_copies() -> None:
     """Registered (not power-of-two rounded) pinned memory; a copy on the copy stream lands intact once waited for."""
     from offload.device import CudaDevice
