@@ -222,8 +222,13 @@ static inline __attribute__((always_inline)) void dense_tile16(const lg_mat *m, 
  * every R, nt and tile: lane j of a (row, token) accumulator sums the pairs 32 b + 2j + 1, 32 b + 2j
  * in turn (the instruction's order, denormals flushed), then hsum256(low half + high half), then the
  * tail in order -- so a token's numbers do not depend on how many tokens or rows share its tile.
+ * Each weight line loaded asks for the same line PREFETCH_TILES tiles further down: the tiles walk the
+ * rows in order, and on a Zen 4 whose weights came from L3 or RAM the samples sat on the instructions
+ * after the loads; one process, tiles in random order, 10 rounds: a decode token's six layers and
+ * lm_head 0.73x the time, a 3-token verification's 0.71x (bits unchanged: a prefetch is only a hint).
  * xb: nt rows of K bf16 values, K apart (rows_to_bf16). */
 #define LG_DPBF16 1
+#define PREFETCH_TILES 2
 static inline __attribute__((always_inline)) void dense_tile_bh(const lg_mat *m, int n, const int R, const uint16_t *xb, const int nt, float *s) {
     const int K = m->k, K32 = K & ~31;
     const uint16_t *W = (const uint16_t *)m->w + (size_t)n * K;
@@ -235,6 +240,7 @@ static inline __attribute__((always_inline)) void dense_tile_bh(const lg_mat *m,
         for (int t = 0; t < nt; t++) xv[t] = (__m512bh)_mm512_loadu_si512((const void *)(xb + (size_t)t * K + i));
         for (int r = 0; r < R; r++) {
             const __m512bh w = (__m512bh)_mm512_loadu_si512((const void *)(W + (size_t)r * K + i));
+            _mm_prefetch((const char *)(W + (size_t)(PREFETCH_TILES * R + r) * K + i), _MM_HINT_T0);
             for (int t = 0; t < nt; t++) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], w, xv[t]);
         }
     }
