@@ -181,6 +181,12 @@ static inline float dotf(const float *a, const float *b, int n) {
  * every token. s[t * TILE16_ROWS + r] = row n + r of m . token t (x: nt rows K apart); R and nt
  * compile-time constants where inlined. */
 #define TILE16_ROWS 8
+/* Each weight line a tile loads asks for the line PREFETCH_TILES tiles of fp32 rows further down (twice
+ * as many bf16 rows: the same bytes ahead). The tiles walk the rows in order, and where the weights come
+ * from L3 or RAM the samples sat on the instructions after the loads. Zen 4, one process, runs in random
+ * order over 10 rounds: a 3-token verification's fp32 layers and lm_head 0.75x the time, its bf16 ones
+ * (dense_tile_bh) 0.71x, a decoded token's bf16 ones 0.73x. Bits unchanged: a prefetch is only a hint. */
+#define PREFETCH_TILES 1
 #define TILE16_TOKENS 4
 static inline __attribute__((always_inline)) void dense_tile16(const lg_mat *m, int n, const int R, const float *x, const int nt, float *s) {
     const int K = m->k, K16 = K & ~15;
@@ -192,10 +198,15 @@ static inline __attribute__((always_inline)) void dense_tile16(const lg_mat *m, 
         for (int t = 0; t < nt; t++) xv[t] = _mm512_loadu_ps(x + (size_t)t * K + i);
         for (int r = 0; r < R; r++) {
             __m512 w;
-            if (m->kind == 1)
-                w = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)m->w + (size_t)(n + r) * K + i))), 16));
-            else
-                w = _mm512_loadu_ps((const float *)m->w + (size_t)(n + r) * K + i);
+            if (m->kind == 1) {
+                const uint16_t *row = (const uint16_t *)m->w + (size_t)(n + r) * K + i;
+                w = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)row)), 16));
+                _mm_prefetch((const char *)(row + (size_t)2 * PREFETCH_TILES * R * K), _MM_HINT_T0);
+            } else {
+                const float *row = (const float *)m->w + (size_t)(n + r) * K + i;
+                w = _mm512_loadu_ps(row);
+                _mm_prefetch((const char *)(row + (size_t)PREFETCH_TILES * R * K), _MM_HINT_T0);
+            }
             for (int t = 0; t < nt; t++) acc[r][t] = _mm512_fmadd_ps(w, xv[t], acc[r][t]);
         }
     }
@@ -222,13 +233,8 @@ static inline __attribute__((always_inline)) void dense_tile16(const lg_mat *m, 
  * every R, nt and tile: lane j of a (row, token) accumulator sums the pairs 32 b + 2j + 1, 32 b + 2j
  * in turn (the instruction's order, denormals flushed), then hsum256(low half + high half), then the
  * tail in order -- so a token's numbers do not depend on how many tokens or rows share its tile.
- * Each weight line loaded asks for the same line PREFETCH_TILES tiles further down: the tiles walk the
- * rows in order, and on a Zen 4 whose weights came from L3 or RAM the samples sat on the instructions
- * after the loads; one process, tiles in random order, 10 rounds: a decode token's six layers and
- * lm_head 0.73x the time, a 3-token verification's 0.71x (bits unchanged: a prefetch is only a hint).
  * xb: nt rows of K bf16 values, K apart (rows_to_bf16). */
 #define LG_DPBF16 1
-#define PREFETCH_TILES 2
 static inline __attribute__((always_inline)) void dense_tile_bh(const lg_mat *m, int n, const int R, const uint16_t *xb, const int nt, float *s) {
     const int K = m->k, K32 = K & ~31;
     const uint16_t *W = (const uint16_t *)m->w + (size_t)n * K;
@@ -240,7 +246,7 @@ static inline __attribute__((always_inline)) void dense_tile_bh(const lg_mat *m,
         for (int t = 0; t < nt; t++) xv[t] = (__m512bh)_mm512_loadu_si512((const void *)(xb + (size_t)t * K + i));
         for (int r = 0; r < R; r++) {
             const __m512bh w = (__m512bh)_mm512_loadu_si512((const void *)(W + (size_t)r * K + i));
-            _mm_prefetch((const char *)(W + (size_t)(PREFETCH_TILES * R + r) * K + i), _MM_HINT_T0);
+            _mm_prefetch((const char *)(W + (size_t)(2 * PREFETCH_TILES * R + r) * K + i), _MM_HINT_T0); /* dense_tile16's note */
             for (int t = 0; t < nt; t++) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], w, xv[t]);
         }
     }
