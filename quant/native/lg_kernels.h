@@ -83,6 +83,16 @@ static inline float load_val(const void *p, int dtype, size_t i) {
     return dtype == 1 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
+/* Dense weight rows are read tile after tile in row order, and where they come from L3 or RAM a tile
+ * waits on its loads (perf: the samples on the instructions right after them; the quantized rows'
+ * kernels prefetch for the same reason). So each dense kernel asks for the line at the same column
+ * this many rows further down: about 4 KB ahead at width 256. Zen 4, one process, a runtime switch, runs
+ * in random order over 10 rounds: AVX2 build, a decoded token's six layers and lm_head 0.65x the time,
+ * a 3-token verification's 0.82x; the AVX-512 tiles (PREFETCH_TILES below) 0.73x and 0.71x. A prefetch
+ * is a hint: the numbers are unchanged. */
+#define PREFETCH_ROWS_BF16 8
+#define PREFETCH_ROWS_F32 4
+
 #ifdef __AVX2__
 /* Eight floats to bf16 at o, rounded to nearest even as float_to_bf16 (finite values: weights). */
 static inline void store_bf16x8(uint16_t *o, __m256 f) {
@@ -181,11 +191,8 @@ static inline float dotf(const float *a, const float *b, int n) {
  * every token. s[t * TILE16_ROWS + r] = row n + r of m . token t (x: nt rows K apart); R and nt
  * compile-time constants where inlined. */
 #define TILE16_ROWS 8
-/* Each weight line a tile loads asks for the line PREFETCH_TILES tiles of fp32 rows further down (twice
- * as many bf16 rows: the same bytes ahead). The tiles walk the rows in order, and where the weights come
- * from L3 or RAM the samples sat on the instructions after the loads. Zen 4, one process, runs in random
- * order over 10 rounds: a 3-token verification's fp32 layers and lm_head 0.75x the time, its bf16 ones
- * (dense_tile_bh) 0.71x, a decoded token's bf16 ones 0.73x. Bits unchanged: a prefetch is only a hint. */
+/* The AVX-512 tiles prefetch PREFETCH_TILES tiles of fp32 rows ahead (twice as many bf16 rows: the same
+ * bytes; PREFETCH_ROWS_BF16's note): a 3-token verification's fp32 products 0.75x the time. */
 #define PREFETCH_TILES 1
 #define TILE16_TOKENS 4
 static inline __attribute__((always_inline)) void dense_tile16(const lg_mat *m, int n, const int R, const float *x, const int nt, float *s) {
