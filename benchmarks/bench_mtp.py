@@ -23,6 +23,7 @@ Figures are decode tok/s on this machine: compare them within one run only, besi
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -44,6 +45,7 @@ from localglm.layers import rope as rope_mod  # noqa: E402
 from localglm.layers import router as router_mod  # noqa: E402
 from localglm.models.glm4_moe.tiny import TinySpec  # noqa: E402
 from localglm.sampling import SamplingParams  # noqa: E402
+from localglm.speculative import DepthPolicy  # noqa: E402
 from localglm.stats import GenerationStats  # noqa: E402
 from localglm.tiny import make_tiny  # noqa: E402
 
@@ -130,12 +132,26 @@ def distil(model: localglm.Model, data: torch.Tensor, steps: int, lr: float, ski
     return losses
 
 
-def run(model: localglm.Model, prompts: list[list[int]], new: int, draft: int, adaptive: bool, sampling: SamplingParams) -> tuple[float, GenerationStats, float]:
+def run(model: localglm.Model, prompts: list[list[int]], new: int, draft: int, adaptive: bool, sampling: SamplingParams,
+        kept: DepthPolicy | None = None) -> tuple[float, GenerationStats, float]:
     """Decode tok/s over all prompts (decode time summed), their stats summed, with drafting `draft`,
     and generated tokens per second of this process's CPU time over the whole requests (prompt included:
-    on a shared CPU the time other processes take from this one does not count)."""
-    model.speculation.set_draft(draft, adaptive=adaptive)
-    model.speculation.policy.reset()  # each run starts from the prior, not from what another setting measured
+    on a shared CPU the time other processes take from this one does not count). `kept`: a depth policy
+    this setting keeps from round to round, as a server keeps its model's (else one from the prior)."""
+    spec = model.speculation
+    shared = spec.policy
+    if kept is not None:
+        spec.policy = kept
+    spec.set_draft(draft, adaptive=adaptive)
+    if kept is None:
+        spec.policy.reset()  # each run starts from the prior, not from what another setting measured
+    try:
+        return _run(model, prompts, new, sampling)
+    finally:
+        spec.policy = shared
+
+
+def _run(model: localglm.Model, prompts: list[list[int]], new: int, sampling: SamplingParams) -> tuple[float, GenerationStats, float]:
     tokens, seconds, generated, cpu0 = 0, 0.0, 0, time.process_time()
     total = GenerationStats()
     for p in prompts:
@@ -289,6 +305,10 @@ def main() -> int:
     settings = [("greedy", greedy, "head", d, a) for d, a in ((1, False), (2, False), (3, False), (3, True))]
     settings += [("greedy", greedy, "oracle a=0.8", d, a) for d, a in ((1, False), (2, False), (3, False), (4, False), (4, True))]
     settings += [("t=0.7", warm, "head", d, a) for d, a in ((2, False), (3, True))]
+    settings += [(name, sp, "head, kept", 3, True) for name, sp in (("greedy", greedy), ("t=0.7", warm))]
+    kept = {name: copy.deepcopy(model.speculation.policy) for name in ("greedy", "t=0.7")}  # from the prior, then their own
+    for policy in kept.values():
+        policy.reset()
     base: dict[str, float] = {}
     settings = [("greedy", greedy, "-", 0, False), ("t=0.7", warm, "-", 0, False), *settings]
     runs: dict[int, list[tuple[float, GenerationStats, float]]] = {i: [] for i in range(len(settings))}
@@ -296,7 +316,7 @@ def main() -> int:
         for i, (_name, sampling, drafter, draft, adaptive) in enumerate(settings):
             if drafter.startswith("oracle"):
                 oracle(model, prompts, references)
-            runs[i].append(run(model, prompts, args.new, draft, adaptive, sampling))
+            runs[i].append(run(model, prompts, args.new, draft, adaptive, sampling, kept[_name] if drafter.endswith("kept") else None))
             model.speculation.__dict__.pop("_draft", None)
             model.__dict__.pop("stream_tokens", None)
     for i, (name, sampling, drafter, draft, adaptive) in enumerate(settings):

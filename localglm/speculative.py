@@ -63,7 +63,8 @@ TIMING_WINDOW = 9  # a depth's price: the median of its last this many timed ste
 PROBE_STEPS = 4  # a probe drafts this many steps in a row: its first (cold) step is not timed, the others are
 ZERO_PROBE_EVERY = 64  # while drafting, time depth 0 again after at most this many drafting steps ...
 ZERO_PROBE_FIRST = 8  # ... 8 at first, doubling
-ZERO_PROBE_STEPS = 3  # ... for this many steps, the first not timed (and at once where it has never been timed)
+ZERO_PROBE_STEPS = 8  # ... for this many steps, the first ZERO_COLD_STEPS not timed (and at once where it has never been timed)
+ZERO_COLD_STEPS = 4  # depth-0 steps after a drafting one that are not timed: the main model's weights coming back
 
 
 @dataclass
@@ -162,9 +163,10 @@ class DepthPolicy:
     have left the caches and it catches up the pairs the depth-0 steps left. That is a price of starting
     to draft, not of drafting, and timed as a depth's price it kept depth 1 from ever looking worth it,
     so the generating loop does not time it, and a probe drafts PROBE_STEPS steps in a row so that its
-    later steps are. Likewise the first depth-0 step after drafting ones (the block's weights took the
-    main model's place in the caches: on a 2-core EPYC such steps took 1.4 ms against 0.76 in a run of
-    them, and drafting looked cheaper than it was). A depth's price is the median of its last
+    later steps are. Likewise the first ZERO_COLD_STEPS depth-0 steps after drafting ones: the wider
+    steps' weights took the one-token working set's place in a shared L3 (on a 2-core EPYC one-token
+    steps after three-token ones took +20-30% for about five steps, in one process), and timed, they made
+    drafting look cheaper than it was. A depth's price is the median of its last
     TIMING_WINDOW timed steps.
 
     Depth 0 is timed too, as soon as a drafting depth has been and then every 8, 16, ... ZERO_PROBE_EVERY
@@ -402,6 +404,7 @@ class Speculation:
         mcache = self._mtp_cache(cache.max_tokens)
         counters = SpecCounters()
         last_k = 0  # the depth of the step before: a step that starts or stops drafting is cold, not timed
+        warm = 0  # steps in a row at the same drafting-ness (drafting or not) before this one
         if sampling.seed is not None:  # the seed reproduces the whole generation: depths included
             self.policy.reset()
         t0 = time.perf_counter()
@@ -519,7 +522,8 @@ class Speculation:
             pend_t.extend(new)
             counters.record(k, accepted)
             self.policy.observe(k, accepted)
-            if sampling.seed is None and bool(k) == bool(last_k):  # seeded: the cost model's depths alone (reproducible)
+            warm = warm + 1 if bool(k) == bool(last_k) else 0
+            if sampling.seed is None and warm >= (1 if k else ZERO_COLD_STEPS):  # seeded: the cost model's depths alone (reproducible)
                 self.policy.observe_time(k, time.thread_time() - step_t0)
             last_k = k
             for tok in new:
