@@ -83,15 +83,15 @@ static inline float load_val(const void *p, int dtype, size_t i) {
     return dtype == 1 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
-/* Dense weight rows are read tile after tile in row order, and where they come from L3 or RAM a tile
- * waits on its loads (perf: the samples on the instructions right after them; the quantized rows'
- * kernels prefetch for the same reason). So each dense kernel asks for the line at the same column
- * this many rows further down: about 4 KB ahead at width 256. Zen 4, one process, a runtime switch, runs
- * in random order over 10 rounds: AVX2 build, a decoded token's six layers and lm_head 0.65x the time,
- * a 3-token verification's 0.82x; the AVX-512 tiles (PREFETCH_TILES below) 0.73x and 0.71x. A prefetch
- * is a hint: the numbers are unchanged. */
-#define PREFETCH_ROWS_BF16 8
-#define PREFETCH_ROWS_F32 4
+/* Every dense (bf16 / fp32) weight kernel asks for the line DENSE_PREFETCH_BYTES past the one it loads, as
+ * the quantized rows do with PREFETCH_AHEAD: the kernels read the rows in order, and where the weights
+ * come from L3 or RAM the samples sat on the instructions right after the loads. Zen 4, one process, a
+ * runtime switch, runs in random order over 10 rounds, against no prefetch: a decoded token's six
+ * layers and lm_head / a 3-token verification, AVX-512 bf16 tiles 0.85x / 0.73x the time, fp32 rows
+ * 1.03x / 0.89x, an AVX2 build 0.67x / 0.93x (2 KB and 8 KB ahead gave the same within the noise). A
+ * prefetch is a hint: the numbers are unchanged, and it never faults past the end. */
+#define DENSE_PREFETCH_BYTES 4096
+#define PREFETCH_DENSE(p) _mm_prefetch((const char *)(p) + DENSE_PREFETCH_BYTES, _MM_HINT_T0)
 
 #ifdef __AVX2__
 /* Eight floats to bf16 at o, rounded to nearest even as float_to_bf16 (finite values: weights). */
@@ -191,9 +191,6 @@ static inline float dotf(const float *a, const float *b, int n) {
  * every token. s[t * TILE16_ROWS + r] = row n + r of m . token t (x: nt rows K apart); R and nt
  * compile-time constants where inlined. */
 #define TILE16_ROWS 8
-/* The AVX-512 tiles prefetch PREFETCH_TILES tiles of fp32 rows ahead (twice as many bf16 rows: the same
- * bytes; PREFETCH_ROWS_BF16's note): a 3-token verification's fp32 products 0.75x the time. */
-#define PREFETCH_TILES 1
 #define TILE16_TOKENS 4
 static inline __attribute__((always_inline)) void dense_tile16(const lg_mat *m, int n, const int R, const float *x, const int nt, float *s) {
     const int K = m->k, K16 = K & ~15;
@@ -208,11 +205,11 @@ static inline __attribute__((always_inline)) void dense_tile16(const lg_mat *m, 
             if (m->kind == 1) {
                 const uint16_t *row = (const uint16_t *)m->w + (size_t)(n + r) * K + i;
                 w = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)row)), 16));
-                _mm_prefetch((const char *)(row + (size_t)2 * PREFETCH_TILES * R * K), _MM_HINT_T0);
+                PREFETCH_DENSE(row);
             } else {
                 const float *row = (const float *)m->w + (size_t)(n + r) * K + i;
                 w = _mm512_loadu_ps(row);
-                _mm_prefetch((const char *)(row + (size_t)PREFETCH_TILES * R * K), _MM_HINT_T0);
+                PREFETCH_DENSE(row);
             }
             for (int t = 0; t < nt; t++) acc[r][t] = _mm512_fmadd_ps(w, xv[t], acc[r][t]);
         }
@@ -253,7 +250,7 @@ static inline __attribute__((always_inline)) void dense_tile_bh(const lg_mat *m,
         for (int t = 0; t < nt; t++) xv[t] = (__m512bh)_mm512_loadu_si512((const void *)(xb + (size_t)t * K + i));
         for (int r = 0; r < R; r++) {
             const __m512bh w = (__m512bh)_mm512_loadu_si512((const void *)(W + (size_t)r * K + i));
-            _mm_prefetch((const char *)(W + (size_t)(2 * PREFETCH_TILES * R + r) * K + i), _MM_HINT_T0); /* dense_tile16's note */
+            PREFETCH_DENSE(W + (size_t)r * K + i);
             for (int t = 0; t < nt; t++) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], w, xv[t]);
         }
     }

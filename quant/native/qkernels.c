@@ -1148,7 +1148,7 @@ static void dot_dense4(const lg_mat *m, int n, const float *x, float *s) {
         __asm__("" : "+x"(x0), "+x"(x1));
         for (int j = 0; j < 4; j++) {
             const uint16_t *rj = r + (size_t)j * K + i;
-            _mm_prefetch((const char *)(rj + (size_t)PREFETCH_ROWS_BF16 * K), _MM_HINT_T0);
+            PREFETCH_DENSE(rj);
             const __m256 w0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)rj)), 16));
             const __m256 w1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(rj + 8))), 16));
             a0[j] = _mm256_fmadd_ps(w0, x0, a0[j]);

@@ -92,7 +92,7 @@ static inline __attribute__((always_inline)) void dense_tile(const lg_mat *m, in
             }
             for (int r = 0; r < R; r++) {
                 __m256i v = _mm256_loadu_si256((const __m256i *)(w + (size_t)r * K + i));
-                _mm_prefetch((const char *)(w + (size_t)(r + PREFETCH_ROWS_BF16) * K + i), _MM_HINT_T0);
+                PREFETCH_DENSE(w + (size_t)r * K + i);
                 IN_REG(v);
                 const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), wo = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
                 for (int t = 0; t < nt; t++) {
@@ -117,7 +117,7 @@ static inline __attribute__((always_inline)) void dense_tile(const lg_mat *m, in
             }
             for (int r = 0; r < R; r++) {
                 const __m256 w0 = _mm256_loadu_ps(w + (size_t)r * K + i), w1 = _mm256_loadu_ps(w + (size_t)r * K + i + 8);
-                _mm_prefetch((const char *)(w + (size_t)(r + PREFETCH_ROWS_F32) * K + i), _MM_HINT_T0);
+                PREFETCH_DENSE(w + (size_t)r * K + i);
                 for (int t = 0; t < nt; t++) {
                     ae[r][t] = _mm256_fmadd_ps(w0, x0[t], ae[r][t]);
                     ao[r][t] = _mm256_fmadd_ps(w1, x1[t], ao[r][t]);
