@@ -638,6 +638,8 @@ def load_quantized_experts(
     requant: dict[int, ExpertBlobLayout] = {}  # layers re-quantized beside layers taken as stored
     if from_blobs:
         missing = [i for i in layers if i not in source.layouts]
+        if len(missing) == len(layers):  # these layers kept float (an MTP block's blob beside float main experts, or the reverse)
+            return None
         if missing:
             raise NotImplementedError(f"{source.root}: MoE layers {missing} keep float experts; mixing float and quantized expert layers is not supported yet")
     elif recipe is None:

@@ -549,7 +549,9 @@ def _merge_mtp(experts: Any, mtp: MtpExperts) -> Any:
 
 
 def _pack(experts: Any, device: Any) -> tuple[dict[int, Any], dict[int, Any]]:
-    """Per layer, the codec and the host blobs of copied (not mapped) experts, in the device's (pinned) buffers."""
+    """Per layer, the codec and the host blobs of the experts, in the device's (pinned) buffers: copied
+    ones as they are, mapped ones (a list of per-expert views of their shard: an MTP block's quantized
+    experts beside float main ones) read in whole."""
     from localglm.layers.experts import QuantizedExperts
 
     from .expert_cache import QuantCodec
@@ -560,8 +562,10 @@ def _pack(experts: Any, device: Any) -> tuple[dict[int, Any], dict[int, Any]]:
     codecs, host = {}, {}
     for layer, buf in list(experts.blobs.items()):  # into (pinned) host buffers; the device copies come from there
         codecs[layer] = QuantCodec(experts.layouts[layer], experts.dtype)
-        host[layer] = device.host_buffer(buf.numel()).view(buf.shape)
-        host[layer].copy_(buf)
+        rows = list(buf) if isinstance(buf, list) else buf
+        host[layer] = device.host_buffer(len(rows) * experts.layouts[layer].nbytes).view(len(rows), experts.layouts[layer].nbytes)
+        for e, row in enumerate(rows):
+            host[layer][e].copy_(row)
     experts.blobs.clear()
     return codecs, host
 

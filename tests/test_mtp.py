@@ -161,6 +161,25 @@ def test_quantized_dir_keeps_the_block_at_8_bits(tmp_path: Path, glm4: localglm.
     assert _speculative(q, prompt, 12, 2) == _plain(q, prompt, 12)
 
 
+@pytest.mark.parametrize("experts, mtp", [(16, 8), (4, 16)])
+def test_quantized_dir_with_float_experts_on_one_side(tmp_path: Path, glm4: localglm.Model, experts: int, mtp: int) -> None:
+    """Float main experts beside the block's quantized ones (`quantize --experts 16`: the block keeps its
+    default 8 bits), and the reverse: each side loads as stored, and speculation stays exact."""
+    from localglm.checkpoint.quantized_dir import read_manifest
+    from localglm.quantize import quantize_checkpoint
+    from quant.recipe import Recipe, default_bits
+
+    out = tmp_path / "q"
+    quantize_checkpoint(glm4.path, out, Recipe(bits={**default_bits(), "experts": experts, "mtp": mtp}))
+    layouts = read_manifest(out)["experts"]["layouts"]
+    n = glm4.config.num_hidden_layers
+    assert (str(n) in layouts, "1" in layouts) == (mtp != 16, experts != 16)
+    q = localglm.load(out)
+    assert q.speculation is not None
+    prompt = list(range(20, 45))
+    assert _speculative(q, prompt, 12, 2) == _plain(q, prompt, 12)
+
+
 def test_gguf_round_trip_keeps_the_block(tmp_path: Path, glm4: localglm.Model) -> None:
     from localglm.checkpoint.gguf import export_gguf
 

@@ -278,3 +278,20 @@ def test_mapped_quantized_dir_with_the_block(tiny: Path, tmp_path: Path) -> None
     copies = _record_copies(be)
     assert _tokens(model, 3) == plain
     assert any(k // cfg.n_routed_experts == be.index[cfg.num_hidden_layers] for k in copies)
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_float_main_experts_beside_the_quantized_block(tiny: Path, tmp_path: Path, mmap: bool) -> None:
+    """`quantize --experts 16` keeps the main experts float and the block's at 8 bits: offloaded, the
+    block's blobs (mapped views of its shard, or copies) are packed apart from the float ones, and
+    greedy speculation is plain decoding."""
+    from localglm.quantize import quantize_checkpoint
+    from quant.recipe import Recipe, default_bits
+
+    q = tmp_path / "q"
+    quantize_checkpoint(tiny, q, Recipe(bits={**default_bits(), "experts": 16}))
+    model = _load(q, tmp_path, mmap=mmap)
+    be, n = model.net.experts, model.config.num_hidden_layers
+    assert be.codecs[n].nbytes < be.codecs[model.config.moe_layers[0]].nbytes  # q8 beside float32
+    plain = _tokens(model, 0)
+    assert _tokens(model, 3) == plain
