@@ -25,7 +25,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -46,6 +48,7 @@ from localglm.layers import router as router_mod  # noqa: E402
 from localglm.models.glm4_moe.tiny import TinySpec  # noqa: E402
 from localglm.sampling import SamplingParams  # noqa: E402
 from localglm.speculative import DepthPolicy  # noqa: E402
+from localglm.speculative_prices import PriceMemory  # noqa: E402
 from localglm.stats import GenerationStats  # noqa: E402
 from localglm.tiny import make_tiny  # noqa: E402
 
@@ -133,11 +136,13 @@ def distil(model: localglm.Model, data: torch.Tensor, steps: int, lr: float, ski
 
 
 def run(model: localglm.Model, prompts: list[list[int]], new: int, draft: int, adaptive: bool, sampling: SamplingParams,
-        kept: DepthPolicy | None = None) -> tuple[float, GenerationStats, float]:
+        kept: DepthPolicy | None = None, memory: PriceMemory | None = None) -> tuple[float, GenerationStats, float]:
     """Decode tok/s over all prompts (decode time summed), their stats summed, with drafting `draft`,
     and generated tokens per second of this process's CPU time over the whole requests (prompt included:
     on a shared CPU the time other processes take from this one does not count). `kept`: a depth policy
-    this setting keeps from round to round, as a server keeps its model's (else one from the prior)."""
+    this setting keeps from round to round, as a server keeps its model's (else one from the prior).
+    `memory`: the run starts from the prices this setting's earlier rounds left there and leaves its
+    own, as a new process does with the prices file (speculative_prices.py); else none are kept."""
     spec = model.speculation
     shared = spec.policy
     if kept is not None:
@@ -145,10 +150,14 @@ def run(model: localglm.Model, prompts: list[list[int]], new: int, draft: int, a
     spec.set_draft(draft, adaptive=adaptive)
     if kept is None:
         spec.policy.reset()  # each run starts from the prior, not from what another setting measured
+    spec.memory = memory
+    if memory is not None:
+        memory.saved_at = -math.inf  # a new process: its first generation writes
     try:
         return _run(model, prompts, new, sampling)
     finally:
         spec.policy = shared
+        spec.memory = None
 
 
 def _run(model: localglm.Model, prompts: list[list[int]], new: int, sampling: SamplingParams) -> tuple[float, GenerationStats, float]:
@@ -306,17 +315,24 @@ def main() -> int:
     settings += [("greedy", greedy, "oracle a=0.8", d, a) for d, a in ((1, False), (2, False), (3, False), (4, False), (4, True))]
     settings += [("t=0.7", warm, "head", d, a) for d, a in ((2, False), (3, True))]
     settings += [(name, sp, "head, kept", 3, True) for name, sp in (("greedy", greedy), ("t=0.7", warm))]
+    settings += [(name, sp, "head, remembered", 3, True) for name, sp in (("greedy", greedy), ("t=0.7", warm))]
+    prices = Path(tempfile.mkdtemp(prefix="bench-mtp-prices-")) / "mtp_prices.json"
+    memories = {name: PriceMemory(prices, f"bench {name}") for name in ("greedy", "t=0.7")}  # empty at round 1: as fresh
     kept = {name: copy.deepcopy(model.speculation.policy) for name in ("greedy", "t=0.7")}  # from the prior, then their own
     for policy in kept.values():
         policy.reset()
     base: dict[str, float] = {}
     settings = [("greedy", greedy, "-", 0, False), ("t=0.7", warm, "-", 0, False), *settings]
     runs: dict[int, list[tuple[float, GenerationStats, float]]] = {i: [] for i in range(len(settings))}
+    order = random.Random(0)
     for _ in range(max(1, args.repeat)):  # rounds, every setting once a round: a slow spell of the machine hits them all alike
-        for i, (_name, sampling, drafter, draft, adaptive) in enumerate(settings):
+        turn = list(enumerate(settings))
+        order.shuffle(turn)  # in a new order each round: a setting's place (after which others, late in a drifting round) is no bias
+        for i, (_name, sampling, drafter, draft, adaptive) in turn:
             if drafter.startswith("oracle"):
                 oracle(model, prompts, references)
-            runs[i].append(run(model, prompts, args.new, draft, adaptive, sampling, kept[_name] if drafter.endswith("kept") else None))
+            runs[i].append(run(model, prompts, args.new, draft, adaptive, sampling, kept[_name] if drafter.endswith("kept") else None,
+                               memories[_name] if drafter.endswith("remembered") else None))
             model.speculation.__dict__.pop("_draft", None)
             model.__dict__.pop("stream_tokens", None)
     for i, (name, sampling, drafter, draft, adaptive) in enumerate(settings):

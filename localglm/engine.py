@@ -26,6 +26,7 @@ from .models.arch import DecoderModel
 from .models.mtp import MtpHead
 from .sampling import Sampler, SamplingParams
 from .speculative import DEFAULT_DRAFT, Speculation
+from .speculative_prices import PriceMemory
 from .stats import GenerationStats, peak_rss_bytes
 from .chat.stream_parser import ChatStreamParser, ContentDelta
 from .chat.tokenizer import IncrementalDecoder, Tokenizer
@@ -80,6 +81,7 @@ class Model:
         sampling: SamplingParams,
         mtp: MtpHead | None = None,
         draft: int = DEFAULT_DRAFT,
+        prices: PriceMemory | None = None,
     ) -> None:
         self.path = path
         self.config = config
@@ -91,7 +93,7 @@ class Model:
         self._lock = threading.Lock()
         self.last_stats: GenerationStats | None = None
         # Speculative decoding with the checkpoint's MTP head (speculative.py); None without one.
-        self.speculation = Speculation(net, mtp, draft) if mtp is not None else None
+        self.speculation = Speculation(net, mtp, draft, memory=prices) if mtp is not None else None
 
     @property
     def device(self) -> torch.device:

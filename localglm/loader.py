@@ -30,6 +30,7 @@ from .models.arch import Arch, WeightReader
 from .models.moe_decoder import load_in_memory_experts
 from .options import LoadOptions, OffloadOptions
 from .sampling import SamplingParams
+from .speculative_prices import price_memory
 from .chat.tokenizer import Tokenizer
 
 __all__ = ["DEFAULT_CTX", "load", "parse_device", "parse_dtype"]
@@ -218,7 +219,8 @@ def load(
         tokenizer = ckpt.tokenizer()
     else:
         tokenizer = Tokenizer.from_dir(root) if (root / "tokenizer.json").is_file() else None
-    return Model(root, config, net, tokenizer, ctx=ctx, sampling=_sampling_defaults(root), mtp=mtp, draft=opts.draft)
+    prices = price_memory(root, repr(config), dt, dev, _speed_options(opts)) if mtp is not None else None
+    return Model(root, config, net, tokenizer, ctx=ctx, sampling=_sampling_defaults(root), mtp=mtp, draft=opts.draft, prices=prices)
 
 
 def _load_mtp(
@@ -256,6 +258,16 @@ def _load_mtp(
     vocab = draft_vocab.choose(root, cfg.vocab_size, opts.draft_vocab)
     head.set_vocab(vocab if head.rows_separable or opts.draft_vocab is not None else None)  # by default a quantized head drafts whole
     return head
+
+
+def _speed_options(opts: LoadOptions) -> LoadOptions:
+    """The load options a decoding step's speed depends on (the speculative prices' setup): without
+    where files are written or whether shards were checked."""
+    import dataclasses
+
+    return dataclasses.replace(
+        opts, verify=True, quant=dataclasses.replace(opts.quant, save_to=None), offload=dataclasses.replace(opts.offload, stats_path=None, trace=None)
+    )
 
 
 def _wants_mtp(cfg: ModelConfig, source: Any, opts: LoadOptions, root: Path) -> bool:

@@ -47,6 +47,7 @@ from .layers.kv_cache import TokenCache
 from .layers.norm import rms_norm
 from .models.mtp import MtpHead
 from .sampling import Sampler, SamplingParams, check_finite
+from .speculative_prices import PriceMemory, Remembered
 from .stats import GenerationStats
 
 PREFILL_CHUNK = 512
@@ -65,6 +66,7 @@ ZERO_PROBE_EVERY = 64  # while drafting, time depth 0 again after at most this m
 ZERO_PROBE_FIRST = 8  # ... 8 at first, doubling
 ZERO_PROBE_STEPS = 8  # ... for this many steps, the first ZERO_COLD_STEPS not timed (and at once where it has never been timed)
 ZERO_COLD_STEPS = 4  # depth-0 steps after a drafting one that are not timed: the main model's weights coming back
+PRIOR_TRIES = 2.0  # a remembered acceptance weighs as this many tried drafts (the prior of one hit in two as much)
 
 
 @dataclass
@@ -172,7 +174,12 @@ class DepthPolicy:
     Depth 0 is timed too, as soon as a drafting depth has been and then every 8, 16, ... ZERO_PROBE_EVERY
     drafting steps: priced from a drafting depth's time by the model alone, a CPU whose multi-token steps cost
     more than the model says (an AVX-512 EPYC without AMX: 3 tokens at 2.1x one) kept drafting at half
-    of plain decoding's speed, never having seen what a plain step costs."""
+    of plain decoding's speed, never having seen what a plain step costs.
+
+    `prior`: the prices an earlier process measured on this setup (speculative_prices.py), read as
+    proportions: they stand in for the cost model under this process's timings, so the first steps
+    already draft where drafting paid then, and not where it did not. Probes still run (at the
+    remembered back-off) until this process has timed a drafting depth itself."""
 
     max_depth: int
     costs: StepCosts | None = None
@@ -188,6 +195,7 @@ class DepthPolicy:
     since_zero: int = 0  # drafting steps chosen since the last depth-0 one
     zero_left: int = 0  # depth-0 steps of the current re-timing still to take
     zero_every: int = ZERO_PROBE_FIRST  # drafting steps between depth-0 re-timings (doubling to ZERO_PROBE_EVERY)
+    prior: dict[int, float] = field(default_factory=dict)  # depth -> a step's price an earlier process measured (proportions)
 
     @property
     def acceptance(self) -> float:
@@ -211,11 +219,10 @@ class DepthPolicy:
             # Keep measuring now and then (acceptance may have risen), where a perfect acceptance would pay at all.
             # Timed (not a seeded run): only where a perfect acceptance could pay, and backing off.
             self.zero_run += 1
-            timed = bool(self.seconds)
-            could_pay = not timed or any((k + 1) / self.price(k) > best_rate for k in range(1, cap + 1))
+            could_pay = not self.seconds or any((k + 1) / self.price(k) > best_rate for k in range(1, cap + 1))
             if could_pay and self.zero_run >= self.explore_every:
                 self.zero_run = 0
-                if timed:
+                if self.seconds or self.prior:
                     self.explore_every = min(2 * self.explore_every, EXPLORE_MAX)  # while it keeps not paying
                 self.probe_left = PROBE_STEPS - 1
                 return 1
@@ -243,16 +250,16 @@ class DepthPolicy:
         return True
 
     def price(self, k: int) -> float:
-        """A step of depth k: measured seconds where timed, else the cost model's price, scaled to
-        seconds by the timed depth nearest k (the deeper one on a tie): where a multi-token step
-        costs more than the model says (a small model, compute-bound on the CPU), a timed depth 1
+        """A step of depth k: measured seconds where timed, else the remembered or cost model's price,
+        scaled to seconds by the timed depth nearest k (the deeper one on a tie): where a multi-token
+        step costs more than the model says (a small model, compute-bound on the CPU), a timed depth 1
         carries that to depths 2 and 3 instead of their being priced from depth 0's time."""
-        if k in self.seconds:
-            return self.seconds[k]
-        if self.seconds:
-            anchor = min(self.seconds, key=lambda j: (abs(j - k), -j))
-            return self.seconds[anchor] * self._model(k) / self._model(anchor)
-        return self._model(k)
+        return _scaled(self.seconds, k, self._reference)
+
+    def _reference(self, k: int) -> float:
+        """A depth's price before this process times it: the remembered prices' proportions, the cost
+        model's for depths they lack."""
+        return _scaled(self.prior, k, self._model)
 
     def _model(self, k: int) -> float:
         """The cost model's price of a depth-k step, in expert reads."""
@@ -271,9 +278,23 @@ class DepthPolicy:
     def reset(self) -> None:
         """Back to the prior: a seeded generation must not depend on what earlier ones measured."""
         self.hits, self.tries, self.zero_run = 1.0, 2.0, 0
-        self.seconds, self.samples, self.explore_every = {}, {}, EXPLORE_EVERY
+        self.seconds, self.samples, self.explore_every, self.prior = {}, {}, EXPLORE_EVERY, {}
         self.zero_every = ZERO_PROBE_FIRST
         self.probe_left = self.since_zero = self.zero_left = 0
+
+    def remember(self, r: Remembered) -> None:
+        """Start from what an earlier process measured on this setup (nothing timed here yet)."""
+        self.prior = dict(r.prices)
+        self.hits, self.tries = r.acceptance * PRIOR_TRIES, PRIOR_TRIES
+        self.explore_every = min(max(r.explore_every, EXPLORE_EVERY), EXPLORE_MAX)
+
+    def remembered(self) -> Remembered | None:
+        """What to keep for the next process: the prices of the depths timed here (and of those only
+        remembered, in this process's proportions); None where nothing was timed here."""
+        if not self.seconds:
+            return None
+        depths = sorted(set(self.seconds) | set(self.prior))
+        return Remembered({k: self.price(k) for k in depths}, round(self.acceptance, 6), self.explore_every)
 
     def observe(self, depth: int, accepted: int) -> None:
         if depth == 0:
@@ -281,6 +302,17 @@ class DepthPolicy:
         tried = min(accepted + 1, depth)  # the drafts looked at: every accepted one and the first rejected
         self.hits = self.hits * self.decay + accepted
         self.tries = self.tries * self.decay + tried
+
+
+def _scaled(table: dict[int, float], k: int, base: Callable[[int], float]) -> float:
+    """table[k] where it has k; else base(k) in the table's units, by the ratio at the depth nearest k
+    (the deeper one on a tie); base(k) for an empty table."""
+    if k in table:
+        return table[k]
+    if not table:
+        return base(k)
+    anchor = min(table, key=lambda j: (abs(j - k), -j))
+    return table[anchor] * base(k) / base(anchor)
 
 
 def accept_or_resample(p: torch.Tensor, q: torch.Tensor, draft: int, sampler: Sampler) -> tuple[int, bool]:
@@ -349,13 +381,16 @@ class StreamLog:
 class Speculation:
     """A model's MTP head, its KV cache and its depth policy, across generations (the engine holds one)."""
 
-    def __init__(self, net: Any, head: MtpHead, max_draft: int = DEFAULT_DRAFT, *, adaptive: bool = True) -> None:
+    def __init__(
+        self, net: Any, head: MtpHead, max_draft: int = DEFAULT_DRAFT, *, adaptive: bool = True, memory: PriceMemory | None = None
+    ) -> None:
         self.net = net
         self.head = head
         self.cache: TokenCache | None = None
         self.first_token: int | None = None  # the token 0 the MTP cache's entries were computed after
         self.log = StreamLog()  # the main model's recent streams: past the MTP cache's entries, and a few before
         self.policy = DepthPolicy(max_draft, StepCosts.of(net, head), fixed=not adaptive)
+        self.memory = memory  # the policy's prices kept across processes (speculative_prices.py); None: not kept
 
     @property
     def max_draft(self) -> int:
@@ -383,7 +418,26 @@ class Speculation:
             self.cache = self.head.new_cache(max_tokens)
         return self.cache
 
-    def stream(
+    def stream(self, cache: TokenCache, tokens: list[int], *, sampling: SamplingParams, **kw: Any) -> Iterator[int]:
+        """The engine's token loop with speculation (`_steps`): yields sampled ids (a stop id too, then
+        ends). Unseeded, the depth policy starts from the prices kept for this setup where it has measured
+        nothing yet, and what it measured is kept for the next process when the generation ends."""
+        policy, memory = self.policy, self.memory
+        if sampling.seed is not None:  # the seed reproduces the whole generation: depths included
+            policy.reset()
+        elif memory is not None and not policy.fixed and not policy.seconds and not policy.prior:
+            remembered = memory.load()
+            if remembered is not None:
+                policy.remember(remembered)
+        try:
+            yield from self._steps(cache, tokens, sampling=sampling, **kw)
+        finally:
+            if memory is not None and sampling.seed is None and not policy.fixed:
+                remembered = policy.remembered()
+                if remembered is not None:
+                    memory.save(remembered)
+
+    def _steps(
         self,
         cache: TokenCache,
         tokens: list[int],
@@ -399,14 +453,11 @@ class Speculation:
         logits_processor: LogitsProcessor | None = None,
         veto: DraftVeto | None = None,
     ) -> Iterator[int]:
-        """The engine's token loop with speculation: yields sampled ids (a stop id too, then ends)."""
         net, device = self.net, self.net.device
         mcache = self._mtp_cache(cache.max_tokens)
         counters = SpecCounters()
         last_k = 0  # the depth of the step before: a step that starts or stops drafting is cold, not timed
         warm = 0  # steps in a row at the same drafting-ness (drafting or not) before this one
-        if sampling.seed is not None:  # the seed reproduces the whole generation: depths included
-            self.policy.reset()
         t0 = time.perf_counter()
         clock = {"decode": t0}
         # Prefix reuse. MTP entry j holds (h_j, t_{j+1}): valid while tokens 0..j+1 are. Past the valid

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,10 @@ import torch
 
 from localglm.models.glm4_moe.tiny import TinySpec
 from localglm.tiny import make_tiny
+
+# The speculative depth policy's prices file (speculative_prices.py) off: one test's timings must not steer
+# another's depths, nor land in the user's cache. Its own tests name a file of theirs.
+os.environ["LOCALGLM_MTP_PRICES"] = "off"
 
 
 @pytest.fixture(scope="session")

@@ -546,7 +546,7 @@ def test_a_probes_catch_up_is_not_priced_as_its_depth(glm4: localglm.Model) -> N
 
     def catch_up(mcache, pend_h, pend_t):  # type: ignore[no-untyped-def]
         out = real_catch_up(mcache, pend_h, pend_t)
-        if inspect.stack()[1].function == "stream":  # the backlog, not a draft's own pairs
+        if inspect.stack()[1].function == "_steps":  # the backlog, not a draft's own pairs
             backlogs.append(len(pend_t))
             t0 = time.thread_time()
             while time.thread_time() - t0 < 0.05:
@@ -572,6 +572,109 @@ def test_a_probes_catch_up_is_not_priced_as_its_depth(glm4: localglm.Model) -> N
     # ZERO_COLD_STEPS (4) depth-0 steps of a run of them (the main model's weights coming back)
     depths = [d for d, _ in timed]
     assert depths[:7] == [0] * 6 + [2] and max(s for _, s in timed) < 0.05  # 8 - 3 + 5 - 4 depth-0 steps, the second depth-2 step
+
+
+def test_depth_policy_starts_from_remembered_prices() -> None:
+    """Prices an earlier process measured stand in for the cost model (as proportions): where they said a
+    drafting step costs 3 plain ones the first choice is depth 0 with probes at the remembered back-off,
+    where they said 1.2 it drafts at once; once this process times steps, its own seconds rule, and what it
+    leaves for the next process is its own prices (the remembered ones in its units)."""
+    from localglm.speculative import EXPLORE_EVERY, PRIOR_TRIES, DepthPolicy, StepCosts
+    from localglm.speculative_prices import Remembered
+
+    costs = StepCosts(fixed=49.0, layers=5, top_k=2, n_experts=16, draft=10.0, draft_experts=2)  # the default model's shape
+    assert DepthPolicy(3, costs).choose(10) >= 1  # the cost model alone drafts
+    dear = DepthPolicy(3, costs)
+    dear.remember(Remembered({0: 0.5, 1: 1.5, 2: 2.5, 3: 3.2}, acceptance=0.66, explore_every=128))
+    assert (dear.hits, dear.tries) == (pytest.approx(0.66 * PRIOR_TRIES), PRIOR_TRIES)
+    picks = [dear.choose(10) for _ in range(140)]
+    assert [i for i, k in enumerate(picks) if k] == [127, 128, 129, 130]  # one probe of PROBE_STEPS after 128 depth-0 steps
+    assert dear.remembered() is None  # nothing timed in this process: nothing to keep
+    cheap = DepthPolicy(3, costs)
+    cheap.remember(Remembered({0: 1.0, 1: 1.2}, acceptance=0.7, explore_every=EXPLORE_EVERY))
+    assert cheap.choose(10) >= 1
+    assert cheap.price(2) == pytest.approx(1.2 * cheap._model(2) / cheap._model(1))  # past the remembered depths: the model, scaled
+    cheap.observe_time(0, 0.002)  # this process's own seconds: depth 1 from depth 0's, by the remembered 1.2
+    assert cheap.price(1) == pytest.approx(0.0024)
+    cheap.observe_time(1, 0.007)
+    kept = cheap.remembered()
+    assert kept is not None and kept.prices == {0: 0.002, 1: 0.007}
+    assert cheap.choose(10) == 0
+    cheap.reset()
+    assert cheap.prior == {} and cheap.choose(10) == DepthPolicy(3, costs).choose(10)
+
+
+def test_prices_file_round_trip_and_bad_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One JSON file, an entry per setup and thread count, written whole (temporary file renamed), at most
+    every SAVE_EVERY_S; a missing, corrupt or unwritable file is no prices, never an error."""
+    from localglm.speculative_prices import ENV, SAVE_EVERY_S, PriceMemory, Remembered, default_path
+
+    monkeypatch.setenv(ENV, str(tmp_path / "p.json"))
+    assert default_path() == tmp_path / "p.json"
+    monkeypatch.setenv(ENV, "off")
+    assert default_path() is None
+    monkeypatch.delenv(ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert default_path() == tmp_path / "cache" / "localglm" / "mtp_prices.json"
+
+    path = tmp_path / "sub" / "mtp_prices.json"
+    a, b = PriceMemory(path, "model a"), PriceMemory(path, "model b")
+    assert a.load() is None
+    r = Remembered({0: 0.001, 2: 0.0031}, acceptance=0.6, explore_every=64)
+    assert a.save(r, now=100.0)
+    assert not a.save(Remembered({0: 1.0}, 0.1, 16), now=100.0 + SAVE_EVERY_S / 2)  # too soon: not written
+    assert a.load() == r and b.load() is None
+    assert b.save(Remembered({1: 0.002}, 0.5, 16), now=0.0)
+    assert a.load() == r and b.load() == Remembered({1: 0.002}, 0.5, 16)
+    assert [p.name for p in path.parent.iterdir()] == ["mtp_prices.json"]  # no temporary file left
+    torch.set_num_threads(torch.get_num_threads() + 1)
+    try:
+        assert a.load() is None  # another thread count: another entry
+    finally:
+        torch.set_num_threads(torch.get_num_threads() - 1)
+    entries = json.loads(path.read_text())["entries"]
+    entries[a.key()]["prices"] = {"0": "fast"}
+    path.write_text(json.dumps({"version": 1, "entries": entries}))
+    assert a.load() is None and b.load() is not None  # a bad entry: ignored
+    path.write_text("{not json")
+    assert a.load() is None
+    blocked = PriceMemory(tmp_path / "file" / "p.json", "x")
+    (tmp_path / "file").write_text("")  # a file where the folder would go
+    assert not blocked.save(r)
+
+
+def test_a_new_process_starts_from_the_last_ones_prices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """load() gives the model its setup's entry; an unseeded generation with the adaptive depth starts from
+    it and leaves what it timed; a seeded one neither reads nor writes; the same tokens either way."""
+    from localglm.speculative_prices import ENV, Remembered
+
+    monkeypatch.setenv(ENV, str(tmp_path / "prices.json"))
+    path = make_tiny(tmp_path / "m", SPECS["glm4_moe"])
+    model = localglm.load(path)
+    spec = model.speculation
+    assert spec is not None and spec.memory is not None and spec.memory.path == tmp_path / "prices.json"
+    prompt = list(range(20, 45))
+    plain = _plain(model, prompt, 24)
+    spec.set_draft(2, adaptive=True)
+    seeded = SamplingParams(temperature=0, seed=1)
+    assert list(model.stream_tokens(prompt, max_new_tokens=24, sampling=seeded, reuse_prefix=False)) == plain
+    assert not (tmp_path / "prices.json").exists()
+    assert list(model.stream_tokens(prompt, max_new_tokens=24, sampling=GREEDY, reuse_prefix=False)) == plain
+    kept = spec.memory.load()
+    assert kept is not None and kept == spec.policy.remembered()
+    # a new process (a fresh load): its policy starts from that entry
+    again = localglm.load(path)
+    assert again.speculation is not None and again.speculation.memory.key() == spec.memory.key()
+    again.speculation.set_draft(2, adaptive=True)
+    spec.memory.saved_at = float("-inf")
+    spec.memory.save(Remembered({0: 1.0, 1: 9.0, 2: 17.0}, acceptance=0.5, explore_every=256))  # drafting never paid
+    seen = []
+    real = again.speculation.policy.choose
+    again.speculation.policy.choose = lambda budget: seen.append(real(budget)) or seen[-1]  # type: ignore[method-assign]
+    assert list(again.stream_tokens(prompt, max_new_tokens=24, sampling=GREEDY, reuse_prefix=False)) == plain
+    assert again.speculation.policy.prior == {0: 1.0, 1: 9.0, 2: 17.0} and set(seen) == {0}
+    # another load option is another setup
+    assert localglm.load(path, draft=1).speculation.memory.key() != spec.memory.key()
 
 
 # ---- interfaces -----------------------------------------------------------------------------------
