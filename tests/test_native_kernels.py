@@ -106,12 +106,14 @@ def test_linear_matches_oracle(lib: NativeLib, name: str, tokens: int) -> None:
 
 @pytest.mark.parametrize(
     "name,k",  # K = 96 to 416: 3 to 13 blocks, so every kind of partial eight after the eight-block steps runs too, with rows
-    # shorter than one eight (96, 224) among them (each K only where the group divides it)
-    [(n, k) for n in SPECS for k in (96, 224, 256, 352, 384, 416) if k % QuantSpec.parse(n).group == 0],
+    # shorter than one eight (96, 224) among them (each K only where the group divides it); 1280: rows longer than
+    # qkernels.c's SMALL_K, whose 2-4 tokens go through the tile (shorter ones a token at a time, as 1 and 5+ do not)
+    [(n, k) for n in SPECS for k in (96, 224, 256, 352, 384, 416, 1280) if k % QuantSpec.parse(n).group == 0],
 )
 def test_a_token_gets_the_same_numbers_in_any_tile(lib: NativeLib, name: str, k: int) -> None:
     """Tokens are multiplied four at a time; each token's result must not depend on its tile
-    (offloaded experts, computed alone, must equal the same experts in a whole-layer call)."""
+    (offloaded experts, computed alone, must equal the same experts in a whole-layer call), nor on
+    whether 2-4 tokens went through a tile or one at a time."""
     torch.manual_seed(1)
     qt = QuantTensor.quantize(torch.randn(40, k) * 0.02, spec(name), torch.float32)
     if not lib.supports(qt):

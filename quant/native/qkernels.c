@@ -773,8 +773,25 @@ static inline __attribute__((always_inline)) int rows_1tok(const lg_qtensor *w, 
  * single token (decode: nothing to reuse, but 2-row items cost K = 352 rows ~10% in their calls). */
 #define ROW_CHUNK_MAX 16
 _Static_assert(ROWS_1TOK <= ROW_CHUNK_MAX, "dot_pairs and lg_linear hold a work item's one-token outputs in ROW_CHUNK_MAX floats");
-static inline int row_chunk(int k, int T) {
-    if (T <= NT_MAX) return T == 1 ? ROWS_1TOK : 1;
+
+/* Whether T tokens meet the rows through rows_1tok, one token at a time: a single token, and rows of
+ * at most SMALL_K weights meeting 2..NT_MAX tokens (over a work item's
+ * ROWS_1TOK rows, which stay in L1 for the next token) instead of in a tile: on short rows the
+ * tile's per-row preparation (row_prep) and per-token sums cost more than the codes it shares save.
+ * The same floats either way (rows_1tok gives the tile's numbers). Zen 4, 1 thread, one call of
+ * 2 / 3 / 4 tokens against one token's time, tile -> rows: 8192 x 256 q8 3.17x / 3.94x / 4.62x ->
+ * 1.79x / 2.56x / 3.28x (q4, q2 alike); 4096 x 512 q4 2.44x / 3.33x / 3.94x -> 1.83x / 2.61x / 3.38x;
+ * 2048 x 1024 q4 2.05x / 2.63x / 3.23x -> 1.80x / 2.58x / 3.35x; at K = 1536-5120 the tile is as fast
+ * or faster (4 tokens: up to 10%), so it keeps those. A verification step of the q4 default model
+ * (layers and lm_head): 2 tokens 2.33x -> 1.71x a one-token step, 4 tokens 3.69x -> 2.97x. */
+#define SMALL_K 1024
+static inline int by_token_rows(const lg_qtensor *w, int T) {
+    return (T == 1 || (T <= NT_MAX && w->k <= SMALL_K)) && rows_1tok(w, 0, 0, NULL, NULL, NULL, NULL);
+}
+
+static inline int row_chunk(const lg_qtensor *w, int k, int T) {
+    if (T == 1 || by_token_rows(w, T)) return ROWS_1TOK;
+    if (T <= NT_MAX) return 1;
     const int r = (int)((64u << 10) / (unsigned)(ROW_SCRATCH(k) * sizeof(float)));
     return r < 1 ? 1 : r > ROW_CHUNK_MAX ? ROW_CHUNK_MAX : r;
 }
@@ -787,8 +804,11 @@ static void dot_pairs(const lg_qtensor *w, int n1, int n2, const qact *a, int kd
                       float *rs, size_t rsz, float *out, size_t stride) {
     const uint8_t *cu[ROW_CHUNK_MAX];
     float o1[ROW_CHUNK_MAX];
-    if (last - first == 1 && rows_1tok(w, n1, n2, QROW(a, order ? order[first] / k : first, kdim), o1)) {
-        for (int n = n1; n < n2; n++) out[(size_t)first * stride + n] = o1[n - n1];
+    if (by_token_rows(w, last - first)) {
+        for (int i = first; i < last; i++) {
+            rows_1tok(w, n1, n2, QROW(a, order ? order[i] / k : i, kdim), o1);
+            for (int n = n1; n < n2; n++) out[(size_t)i * stride + n] = o1[n - n1];
+        }
         return;
     }
     for (int n = n1; n < n2; n++) cu[n - n1] = row_prep(w, n, rs + (size_t)(n - n1) * rsz, last - first);
@@ -828,7 +848,7 @@ int lg_linear(const lg_qtensor *w, int T, const void *x, int x_dtype, const floa
         return -1;
     }
     const int par = nth > 1 && (size_t)N * K * T >= (1u << 16);
-    const int R = row_chunk(K, T), nrc = (N + R - 1) / R, nthr = par ? nth : 1;
+    const int R = row_chunk(w, K, T), nrc = (N + R - 1) / R, nthr = par ? nth : 1;
     const size_t rsz = ROW_SCRATCH(K);
     float *scratch = malloc((size_t)nthr * R * rsz * sizeof(float));
     if (!scratch) {
@@ -854,8 +874,11 @@ int lg_linear(const lg_qtensor *w, int T, const void *x, int x_dtype, const floa
 #pragma omp for schedule(dynamic, lg_chunk(items, nth))
         for (long it = 0; it < items; it++) {
             const int n1 = (int)(it % nrc) * R, n2 = n1 + R < N ? n1 + R : N, t1 = (int)(it / nrc) * TB, t2 = t1 + TB < T ? t1 + TB : T;
-            if (t2 - t1 == 1 && rows_1tok(w, n1, n2, QROW(&a, t1, K), o1)) {
-                for (int n = n1; n < n2; n++) store(y, y_dtype, (size_t)t1 * N + n, o1[n - n1] + (bias ? bias[n] : 0.0f));
+            if (by_token_rows(w, t2 - t1)) {
+                for (int t = t1; t < t2; t++) {
+                    rows_1tok(w, n1, n2, QROW(&a, t, K), o1);
+                    for (int n = n1; n < n2; n++) store(y, y_dtype, (size_t)t * N + n, o1[n - n1] + (bias ? bias[n] : 0.0f));
+                }
                 continue;
             }
             for (int n = n1; n < n2; n++) cu[n - n1] = row_prep(w, n, rs + (size_t)(n - n1) * rsz, t2 - t1);
@@ -928,7 +951,7 @@ int lg_moe(int T, int H, int I, const void *x, int dtype, int k, const int64_t *
      * rows per chunk as lg_linear's (row_chunk) for the most tokens an expert has. */
     int most = 0;
     for (int s = 0; s < S; s++) most = seg_start[s + 1] - seg_start[s] > most ? seg_start[s + 1] - seg_start[s] : most;
-    const int Rg = row_chunk(H, most), Rd = row_chunk(I, most), ncg = (I2 + Rg - 1) / Rg, ncd = (H + Rd - 1) / Rd;
+    const int Rg = row_chunk(&gate_up[seg_e[0]], H, most), Rd = row_chunk(&down[seg_e[0]], I, most), ncg = (I2 + Rg - 1) / Rg, ncd = (H + Rd - 1) / Rd;
     const size_t rsz = ROW_SCRATCH(H > I ? H : I), rper = (size_t)(Rg > Rd ? Rg : Rd) * rsz;
     float *scratch = malloc((size_t)nthr * rper * sizeof(float));
     if (!scratch) {
