@@ -112,8 +112,9 @@ class StepCosts:
         """Experts a layer reads for `tokens` tokens: each token after the first brings (1 - overlap) new ones."""
         return min(float(self.n_experts), self.top_k * (1 + (tokens - 1) * (1 - self.overlap)))
 
-    def verify(self, tokens: int) -> float:
-        return self.fixed + self.layers * self.unique_experts(tokens) * self.price()
+    def verify(self, tokens: int, unit: float | None = None) -> float:
+        """One forward over `tokens` tokens; `unit`: price() already read."""
+        return self.fixed + self.layers * self.unique_experts(tokens) * (self.price() if unit is None else unit)
 
     @classmethod
     def of(cls, net: Any, head: MtpHead) -> StepCosts:
@@ -205,11 +206,11 @@ class DepthPolicy:
         cap = max(0, min(self.max_depth, budget))
         if self.fixed or self.costs is None or cap == 0:
             return cap
-        a, c = self.acceptance, self.costs
-        best, best_rate, expected = 0, 1.0 / self.price(0), 1.0
+        a, prices = self.acceptance, self._prices(cap)
+        best, best_rate, expected = 0, 1.0 / prices[0], 1.0
         for k in range(1, cap + 1):
             expected += a**k
-            rate = expected / self.price(k)
+            rate = expected / prices[k]
             if rate > best_rate:
                 best, best_rate = k, rate
         if best == 0 and self.probe_left > 0:
@@ -219,7 +220,7 @@ class DepthPolicy:
             # Keep measuring now and then (acceptance may have risen), where a perfect acceptance would pay at all.
             # Timed (not a seeded run): only where a perfect acceptance could pay, and backing off.
             self.zero_run += 1
-            could_pay = not self.seconds or any((k + 1) / self.price(k) > best_rate for k in range(1, cap + 1))
+            could_pay = not self.seconds or any((k + 1) / prices[k] > best_rate for k in range(1, cap + 1))
             if could_pay and self.zero_run >= self.explore_every:
                 self.zero_run = 0
                 if self.seconds or self.prior:
@@ -254,18 +255,23 @@ class DepthPolicy:
         scaled to seconds by the timed depth nearest k (the deeper one on a tie): where a multi-token
         step costs more than the model says (a small model, compute-bound on the CPU), a timed depth 1
         carries that to depths 2 and 3 instead of their being priced from depth 0's time."""
-        return _scaled(self.seconds, k, self._reference)
+        return self._prices(k)[k]
 
-    def _reference(self, k: int) -> float:
-        """A depth's price before this process times it: the remembered prices' proportions, the cost
-        model's for depths they lack."""
-        return _scaled(self.prior, k, self._model)
+    def _prices(self, cap: int) -> list[float]:
+        """price(k) for k = 0..cap at once (choose's: once a decoded token, so one pass): the cost model's,
+        then the remembered prices' proportions over it, then this process's seconds over that."""
+        top = max([cap, *self.seconds, *self.prior])
+        return _scaled(self.seconds, _scaled(self.prior, self._models(top)))[: cap + 1]
 
-    def _model(self, k: int) -> float:
-        """The cost model's price of a depth-k step, in expert reads."""
+    def _models(self, top: int) -> list[float]:
+        """The cost model's price of a depth-k step for k = 0..top, in expert reads."""
         c = self.costs
         assert c is not None
-        return c.verify(k + 1) + k * (c.draft + c.draft_experts * c.price())
+        unit = c.price()
+        return [c.verify(k + 1, unit) + k * (c.draft + c.draft_experts * unit) for k in range(top + 1)]
+
+    def _model(self, k: int) -> float:
+        return self._models(k)[k]
 
     def observe_time(self, depth: int, seconds: float) -> None:
         """A warm step's time (the caller leaves cold ones out). The depth's price is the median of its
@@ -304,15 +310,20 @@ class DepthPolicy:
         self.tries = self.tries * self.decay + tried
 
 
-def _scaled(table: dict[int, float], k: int, base: Callable[[int], float]) -> float:
-    """table[k] where it has k; else base(k) in the table's units, by the ratio at the depth nearest k
-    (the deeper one on a tie); base(k) for an empty table."""
-    if k in table:
-        return table[k]
+def _scaled(table: dict[int, float], base: list[float]) -> list[float]:
+    """Per depth k < len(base): table[k] where it has k, else base[k] in the table's units, by the ratio at
+    the table's depth nearest k (the deeper one on a tie); base itself for an empty table. (The table's
+    depths are all < len(base).)"""
     if not table:
-        return base(k)
-    anchor = min(table, key=lambda j: (abs(j - k), -j))
-    return table[anchor] * base(k) / base(anchor)
+        return base
+    out = []
+    for k, b in enumerate(base):
+        if k in table:
+            out.append(table[k])
+        else:
+            anchor = min(table, key=lambda j: (abs(j - k), -j))
+            out.append(table[anchor] * b / base[anchor])
+    return out
 
 
 def accept_or_resample(p: torch.Tensor, q: torch.Tensor, draft: int, sampler: Sampler) -> tuple[int, bool]:
