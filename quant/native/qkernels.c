@@ -1228,7 +1228,7 @@ void lg_matvec(const lg_mat *m, const float *x, int dtype, qact *xa, float *y, i
         return;
     }
 #ifdef LG_DPBF16
-    if (m->kind == 1 && dtype == 1) { /* bf16 weights and activations: dense_tile_bh, eight rows a work item */
+    if (m->kind == 1 && dtype == 1) { /* bf16 weights and activations: dense_tile_bh a row at a time (BH_ROWS), eight rows a work item */
         uint16_t xs[K <= 8192 ? K : 1], *xb = K <= 8192 ? xs : malloc((size_t)K * sizeof(uint16_t));
         if (!xb) {
             for (int n = 0; n < N; n++) y[n] = NAN;
@@ -1239,11 +1239,11 @@ void lg_matvec(const lg_mat *m, const float *x, int dtype, qact *xa, float *y, i
 #pragma omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(NP, nth)) if (par)
         for (int i = 0; i < NP; i++) {
             const int n1 = i * DENSE_1TOK_ROWS;
-            float o[TILE16_ROWS * TILE16_TOKENS];
-            if (n1 + DENSE_1TOK_ROWS <= N) dense_tile_bh(m, n1, DENSE_1TOK_ROWS, xb, 1, o);
-            else
-                for (int n = n1; n < N; n++) dense_tile_bh(m, n, 1, xb, 1, o + (n - n1));
-            for (int n = n1; n < n1 + DENSE_1TOK_ROWS && n < N; n++) y[n] = rnd(o[n - n1] + (m->bias ? m->bias[n] : 0.0f), dtype);
+            for (int n = n1; n < n1 + DENSE_1TOK_ROWS && n < N; n++) {
+                float o;
+                dense_tile_bh(m, n, BH_ROWS, xb, 1, &o);
+                y[n] = rnd(o + (m->bias ? m->bias[n] : 0.0f), dtype);
+            }
         }
         if (xb != xs) free(xb);
         return;

@@ -132,7 +132,10 @@ static inline __attribute__((always_inline)) void dense_tile(const lg_mat *m, in
 
 /* A tile's weight rows by its tokens (measured on an AVX2 EPYC, bf16 rows of 256 in L2 and in L3):
  * one token 4 rows (8 chains), two 2 rows, three or four 1 row (x from memory). */
-static inline int tile_rows(int nt) { return nt == 1 ? 4 : nt == 2 ? 2 : 1; }
+static inline int tile_rows(int nt, int bh) {
+    (void)bh;
+    return nt == 1 ? 4 : nt == 2 ? 2 : 1;
+}
 
 /* dense_tile with R (tile_rows(nt), or 1) and nt known at compile time (bh: AVX-512 only). */
 static void dense_tile_of(const lg_mat *m, int n, int R, const void *xv, int nt, int bh, float *s) {
@@ -161,7 +164,13 @@ static void dense_tile_of(const lg_mat *m, int n, int R, const void *xv, int nt,
 #define RMAX TILE16_ROWS
 #define TMAX TILE16_TOKENS
 
-static inline int tile_rows(int nt) { return nt == 1 ? 8 : 4; }
+static inline int tile_rows(int nt, int bh) {
+#ifdef LG_DPBF16
+    if (bh) return BH_ROWS; /* dense_tile_bh: a row at a time (lg_kernels.h) */
+#endif
+    (void)bh;
+    return nt == 1 ? 8 : 4;
+}
 
 /* A tile of R rows x nt tokens: dense_tile_bh on bf16 activations (bh), else dense_tile16. */
 #ifdef LG_DPBF16
@@ -188,7 +197,7 @@ static void dense_tile_of(const lg_mat *m, int n, int R, const void *x, int nt, 
  * x (rows K apart; AVX2's bf16 tiles: split_halves' layout) into y (rows N apart), with the bias,
  * rounded to dt. */
 static void dense_rows(const lg_mat *m, int n, const void *x, int nt, int bh, int dt, float *y) {
-    const int N = m->n, R = tile_rows(nt), rows = n + R <= N ? R : N - n;
+    const int N = m->n, R = tile_rows(nt, bh), rows = n + R <= N ? R : N - n;
     float s[RMAX * TMAX];
     if (rows == R) dense_tile_of(m, n, R, x, nt, bh, s);
     else
@@ -236,7 +245,7 @@ static int rows_matvec(const lg_mat *m, int T, const float *x, int dt, qact *xa,
         const char *xr = xs ? (const char *)xs : (const char *)x;
         const size_t es = bh ? sizeof(uint16_t) : sizeof(float);
         for (int t0 = 0; t0 < T; t0 += TMAX) {
-            const int nt = T - t0 < TMAX ? T - t0 : TMAX, R = tile_rows(nt), blocks = (N + R - 1) / R;
+            const int nt = T - t0 < TMAX ? T - t0 : TMAX, R = tile_rows(nt, bh), blocks = (N + R - 1) / R;
             const int par = nth > 1 && (size_t)N * K * nt >= (1u << 16);
 #pragma omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(blocks, nth)) if (par)
             for (int b = 0; b < blocks; b++) dense_rows(m, b * R, xr + (size_t)t0 * K * es, nt, bh, dt, y + (size_t)t0 * N);
