@@ -191,6 +191,15 @@ class NativeLib:
         self.avx2 = bool(self._lib.lg_has_avx2())
         self._lib.lg_set_amx.argtypes, self._lib.lg_set_amx.restype = [i], i
         self.amx = self.set_amx(os.environ.get("LOCALGLM_AMX", "1") != "0")
+        self._lib.lg_set_interleaved_rows.argtypes, self._lib.lg_set_interleaved_rows.restype = [i], i
+        self.interleaved_rows = self.set_interleaved_rows(None)
+
+    def set_interleaved_rows(self, on: bool | None) -> bool:
+        """A decoded token's dense (bf16 / fp32) rows several at a time, interleaved, or one after another
+        (None: the CPU's default, one after another on AMD: qkernels.c). The same numbers either way;
+        process-wide, as set_amx. Returns the setting."""
+        self.interleaved_rows = bool(self._lib.lg_set_interleaved_rows(-1 if on is None else int(on)))
+        return self.interleaved_rows
 
     def set_amx(self, on: bool) -> bool:
         """Run bf16 products on AMX tiles (amx.c) where the CPU and the OS allow, or not (LOCALGLM_AMX=0 at

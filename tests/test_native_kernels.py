@@ -473,3 +473,27 @@ def test_prompt_experts_chosen_by_many_tokens_take_the_bf16_gemm(monkeypatch: py
     assert float((split.float() - whole.float()).norm() / whole.float().norm()) < 2e-2
     monkeypatch.setattr(quant_native, "bf16_gemm_rows", lambda: None)
     assert torch.equal(experts.forward(0, x, ids, wts), whole)
+
+
+def test_a_decoded_tokens_bf16_rows_interleaved_or_one_after_another(lib: NativeLib, layer_lib: LayerLib) -> None:
+    """lg_matvec's bf16 rows for one token (fp32 activations), several interleaved (AVX2's dot_dense4,
+    AVX-512's dense_tile16) or one after another (what AMD CPUs get by default: set_interleaved_rows):
+    the same numbers, on row counts no block divides and K tails past the 16-value steps; the setting
+    is restored after."""
+    was = lib.set_interleaved_rows(None)
+    g = torch.Generator().manual_seed(9)
+    try:
+        for n, k in ((13, 40), (8, 256), (37, 1040)):
+            w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+            bias = torch.randn(n, generator=g)
+            mat = LayerLib.describe_matrix(w, torch.bfloat16, bias)  # fp32 out (below): unrounded, a changed order shows
+            x = torch.randn(1, k, generator=g)
+            got = {}
+            for on in (True, False):
+                assert lib.set_interleaved_rows(on) is on
+                got[on] = layer_lib.rows_linear(mat, x, torch.float32)
+            assert torch.equal(got[True], got[False]), (n, k)
+            ref = (x.double() @ w.double().T + bias.double()).float()
+            assert (got[True] - ref).abs().max() <= 1e-3 * ref.abs().max()
+    finally:
+        lib.set_interleaved_rows(was)
