@@ -216,20 +216,21 @@ class NativeLib:
 
     @staticmethod
     def describe(qt: QuantTensor) -> _QTensor:
-        """The C view of a QuantTensor (pointers into its buffer: keep qt alive while it is used). Kept on
-        qt for its buffer's address: a decoded token's embedding row asks for it every step (12 of its 37 us)."""
+        """The C view of a QuantTensor (pointers into its buffer: keep qt alive while it is used). Its
+        sections' addresses are kept on qt (plain ints, for its buffer's address: a copy or a new buffer
+        finds them again): a decoded token's embedding row asks for the view every step, and finding the
+        sections was 12 of its 37 us."""
         address = qt.buf.data_ptr()
-        kept = qt.__dict__.get("_c_view")
-        if kept is not None and kept[0] == address:
-            return kept[1]
+        kept = qt.__dict__.get("_section_addresses")
+        if kept is None or kept[0] != address:
+            if qt.spec.bits == 8:
+                gs, gm = qt.section("gscale").data_ptr(), None
+            else:
+                gs, gm = qt.section("scode").data_ptr(), qt.section("mcode").data_ptr()
+            kept = (address, qt.section("rowf").data_ptr(), qt.section("data").data_ptr(), gs, gm)
+            qt.__dict__["_section_addresses"] = kept
         n, k = qt.shape
-        if qt.spec.bits == 8:
-            gs, gm = qt.section("gscale").data_ptr(), None
-        else:
-            gs, gm = qt.section("scode").data_ptr(), qt.section("mcode").data_ptr()
-        view = _QTensor(qt.section("rowf").data_ptr(), qt.section("data").data_ptr(), gs, gm, qt.spec.bits, qt.spec.group, n, k)
-        qt.__dict__["_c_view"] = (address, view)
-        return view
+        return _QTensor(*kept[1:], qt.spec.bits, qt.spec.group, n, k)
 
     def linear(self, desc: _QTensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, K] (fp32 or bf16; others computed in fp32) -> x @ W.T (+ fp32 bias) [T, N], x's dtype."""
