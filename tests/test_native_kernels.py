@@ -497,3 +497,21 @@ def test_a_decoded_tokens_bf16_rows_interleaved_or_one_after_another(lib: Native
             assert (got[True] - ref).abs().max() <= 1e-3 * ref.abs().max()
     finally:
         lib.set_interleaved_rows(was)
+
+
+def test_a_described_tensor_still_pickles_and_copies_with_its_own_view(lib: NativeLib) -> None:
+    """describe() keeps a tensor's section addresses on it (a decoded token's embedding lookup asks every
+    step): plain ints, so the tensor still pickles and deep-copies, and a copy's view points at the copy's
+    own buffer, not the original's."""
+    import copy
+    import pickle
+
+    qt = QuantTensor.quantize(torch.randn(24, 128), spec("q4"), torch.float32)
+    if not lib.supports(qt):
+        pytest.skip("q4 not taken by the native kernels")
+    x = torch.randn(3, 128)
+    want = lib.linear(lib.describe(qt), x)
+    for other in (pickle.loads(pickle.dumps(qt)), copy.deepcopy(qt)):
+        view = lib.describe(other)
+        assert view.data == other.section("data").data_ptr() != qt.section("data").data_ptr()
+        assert torch.equal(lib.linear(view, x), want)
