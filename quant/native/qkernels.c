@@ -1205,7 +1205,10 @@ static void dot_dense4(const lg_mat *m, int n, const float *x, float *s) {
 static int interleaved_rows = 1;
 int lg_set_interleaved_rows(int on) {
 #if defined(__x86_64__) || defined(__i386__)
-    if (on < 0) on = !__builtin_cpu_is("amd");
+    if (on < 0) {
+        __builtin_cpu_init(); /* the CPU model table, whichever constructor ran first */
+        on = !__builtin_cpu_is("amd");
+    }
 #endif
     interleaved_rows = on != 0;
     return interleaved_rows;
