@@ -475,26 +475,30 @@ def test_prompt_experts_chosen_by_many_tokens_take_the_bf16_gemm(monkeypatch: py
     assert torch.equal(experts.forward(0, x, ids, wts), whole)
 
 
-def test_a_decoded_tokens_bf16_rows_interleaved_or_one_after_another(lib: NativeLib, layer_lib: LayerLib) -> None:
-    """lg_matvec's bf16 rows for one token (fp32 activations), several interleaved (AVX2's dot_dense4,
-    AVX-512's dense_tile16) or one after another (what AMD CPUs get by default: set_interleaved_rows):
-    the same numbers, on row counts no block divides and K tails past the 16-value steps; the setting
-    is restored after."""
+@pytest.mark.parametrize("out", [torch.float32, torch.bfloat16], ids=["fp32-out", "bf16-out"])
+def test_streamed_rows_interleaved_or_one_after_another(lib: NativeLib, layer_lib: LayerLib, out: torch.dtype) -> None:
+    """Dense bf16 rows that stream through once -- a decoded token's (lg_matvec: AVX2's dot_dense4, AVX-512's
+    dense_tile16 for fp32 outputs, dense_tile_bh for bf16 ones) and a verification's 2-4 tokens'
+    (decode_layer.c's tiles) -- read several at a time, interleaved, or one after another (what AMD CPUs
+    get by default: set_interleaved_rows): the same numbers, a token's the same alone or among others, on
+    row counts no block divides and K tails past the 16-value steps; the setting is restored after."""
     was = lib.set_interleaved_rows(None)
     g = torch.Generator().manual_seed(9)
     try:
         for n, k in ((13, 40), (8, 256), (37, 1040)):
             w = torch.randn(n, k, generator=g).to(torch.bfloat16)
             bias = torch.randn(n, generator=g)
-            mat = LayerLib.describe_matrix(w, torch.bfloat16, bias)  # fp32 out (below): unrounded, a changed order shows
-            x = torch.randn(1, k, generator=g)
+            mat = LayerLib.describe_matrix(w, torch.bfloat16, bias)
+            x = torch.randn(4, k, generator=g).to(torch.bfloat16).float()
             got = {}
             for on in (True, False):
                 assert lib.set_interleaved_rows(on) is on
-                got[on] = layer_lib.rows_linear(mat, x, torch.float32)
-            assert torch.equal(got[True], got[False]), (n, k)
-            ref = (x.double() @ w.double().T + bias.double()).float()
-            assert (got[True] - ref).abs().max() <= 1e-3 * ref.abs().max()
+                got[on] = [layer_lib.rows_linear(mat, x[:T], out) for T in (1, 2, 3, 4)]
+            for T in range(4):
+                assert torch.equal(got[True][T], got[False][T]), (n, k, T + 1)
+                assert torch.equal(got[False][T][:1], got[False][0]), (n, k, T + 1)  # token 0's numbers whatever T
+            ref = (x[:1].double() @ w.double().T + bias.double()).float()
+            assert (got[False][0].float() - ref).abs().max() <= 1e-2 * ref.abs().max()
     finally:
         lib.set_interleaved_rows(was)
 

@@ -83,9 +83,9 @@ static inline float load_val(const void *p, int dtype, size_t i) {
     return dtype == 1 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
-/* The dense (bf16 / fp32) weight kernels that read several rows at once ask for the line DENSE_PREFETCH_BYTES
- * past the one they load, as the quantized rows do with PREFETCH_AHEAD (dense_tile_bh reads one row at a
- * time, a single stream the hardware prefetcher follows alone: with the prefetch it was no faster): the kernels read the rows in order, and where the weights
+/* The dense (bf16 / fp32) weight kernels ask for the line DENSE_PREFETCH_BYTES past the one they load, as the
+ * quantized rows do with PREFETCH_AHEAD (but dense_tile_bh: on one row at a time, a single stream the
+ * hardware prefetcher follows alone, it was no faster): the kernels read the rows in order, and where the weights
  * come from L3 or RAM the samples sat on the instructions right after the loads. Zen 4, one process, a
  * runtime switch, runs in random order over 10 rounds, against no prefetch: a decoded token's six
  * layers and lm_head / a 3-token verification, AVX-512 bf16 tiles 0.85x / 0.73x the time, fp32 rows
@@ -240,14 +240,6 @@ static inline __attribute__((always_inline)) void dense_tile16(const lg_mat *m, 
  * tail in order -- so a token's numbers do not depend on how many tokens or rows share its tile.
  * xb: nt rows of K bf16 values, K apart (rows_to_bf16). */
 #define LG_DPBF16 1
-/* Rows a dense_tile_bh call takes: one. Its callers once gave it 8 rows x 1 token or 4 x 2-4 (independent
- * accumulator chains, several weight streams in flight); on a Zen 4 the interleaved rows read from L3 and
- * RAM far slower than one row after another. One process, a runtime switch, (variant, tokens) in random
- * order, 1 thread; a forward's layers and lm_head, 1 / 2 / 3 / 4 tokens against the old 1-token time:
- * default model 1.00 / 1.38 / 1.63 / 1.79x -> 0.66 / 0.95 / 1.27 / 1.50x, a ~0.9B (hidden 1024, 64
- * experts top-8) 1.00 / 1.43 / 1.77 / 2.08x -> 0.58 / 0.76 / 1.00 / 1.37x (2 threads, one token: 0.72x).
- * Same numbers: a row's sum does not depend on R. (Xeons with AMX take bf16 through amx.c instead.) */
-#define BH_ROWS 1
 static inline __attribute__((always_inline)) void dense_tile_bh(const lg_mat *m, int n, const int R, const uint16_t *xb, const int nt, float *s) {
     const int K = m->k, K32 = K & ~31;
     const uint16_t *W = (const uint16_t *)m->w + (size_t)n * K;
@@ -282,6 +274,10 @@ static inline void rows_to_bf16(const float *x, int T, int K, uint16_t *xb) {
 /* Room for `rows` quantized rows of k values (k a multiple of QB); returns 0 when out of memory. */
 int lg_qact_alloc(qact *a, size_t rows, int k);
 void lg_qact_free(qact *a);
+
+/* Whether dense rows that stream through once (a decoded token, a verification's few tokens) are read
+ * several at a time, interleaved, or one after another: qkernels.c lg_set_interleaved_rows. */
+int lg_interleaved_rows(void);
 
 /* The AMX tiles (amx.c): lg_set_amx turns them on (asking the kernel for the tile state) or off and
  * says whether they are on; lg_amx_takes says whether a matrix goes through them (then always:

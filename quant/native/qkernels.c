@@ -1195,14 +1195,19 @@ static void dot_dense4(const lg_mat *m, int n, const float *x, float *s) {
 #define dense_1tok(m, n, x, o) dot_dense4(m, n, x, o)
 #endif
 
-/* Whether a decoded token's dense rows go DENSE_1TOK_ROWS at a time, interleaved (dense_1tok), or one
- * after another (dot_dense: the same numbers). Interleaved streams keep more loads in flight on the Xeon
- * (one row at a time ~8 GB/s from RAM, AVX2); on AMD they stream at about half the speed: Zen 4, an AVX2
- * build of these libraries, 1 thread, one process switching at run time, the ~0.9B bf16 model's decoded
- * token 47.2 ms interleaved, 25.2 one row after another (the default model 0.60 / 0.55 ms; the
- * AVX512-BF16 kernel alike: lg_kernels.h BH_ROWS). lg_set_interleaved_rows(-1): the CPU's default (one
- * row after another on AMD), 0 / 1: off / on; returns the setting. Process-wide, as lg_set_amx. */
+/* Whether dense weight rows that stream through once -- a decoded token's (lg_matvec: DENSE_1TOK_ROWS at a
+ * time, dense_tile_bh / dense_1tok) and a verification's few tokens' (decode_layer.c's tiles) -- are read
+ * several at a time, interleaved, or one after another (the same numbers: a row's sum does not depend on
+ * how many rows share the call). Interleaved streams keep more loads in flight on the Xeon (one row at a
+ * time ~8 GB/s from RAM, AVX2). On AMD they stream at about half the speed. Zen 4, 1 thread, one process
+ * switching at run time, (setting, tokens) in random order; a forward's layers and lm_head, 1 / 2 / 3 / 4
+ * tokens against the interleaved one-token time: AVX512-BF16, the default model 1.00 / 1.38 / 1.63 / 1.79x
+ * -> 0.66 / 0.95 / 1.27 / 1.50x, a ~0.9B (hidden 1024, 64 experts top-8) 1.00 / 1.43 / 1.77 / 2.08x -> 0.58
+ * / 0.76 / 1.00 / 1.37x (2 threads, one token: 0.72x); an AVX2 build, the ~0.9B's decoded token 41.9 ->
+ * 18.8 ms. lg_set_interleaved_rows(-1): the CPU's default (one row after another on AMD), 0 / 1: off /
+ * on; returns the setting. Process-wide, as lg_set_amx. (Xeons with AMX take bf16 through amx.c.) */
 static int interleaved_rows = 1;
+int lg_interleaved_rows(void) { return interleaved_rows; }
 int lg_set_interleaved_rows(int on) {
 #if defined(__x86_64__) || defined(__i386__)
     if (on < 0) {
@@ -1247,7 +1252,7 @@ void lg_matvec(const lg_mat *m, const float *x, int dtype, qact *xa, float *y, i
         return;
     }
 #ifdef LG_DPBF16
-    if (m->kind == 1 && dtype == 1) { /* bf16 weights and activations: dense_tile_bh a row at a time (BH_ROWS), eight rows a work item */
+    if (m->kind == 1 && dtype == 1) { /* bf16 weights and activations: dense_tile_bh, eight rows a work item (interleaved_rows) */
         uint16_t xs[K <= 8192 ? K : 1], *xb = K <= 8192 ? xs : malloc((size_t)K * sizeof(uint16_t));
         if (!xb) {
             for (int n = 0; n < N; n++) y[n] = NAN;
@@ -1258,11 +1263,11 @@ void lg_matvec(const lg_mat *m, const float *x, int dtype, qact *xa, float *y, i
 #pragma omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(NP, nth)) if (par)
         for (int i = 0; i < NP; i++) {
             const int n1 = i * DENSE_1TOK_ROWS;
-            for (int n = n1; n < n1 + DENSE_1TOK_ROWS && n < N; n++) {
-                float o;
-                dense_tile_bh(m, n, BH_ROWS, xb, 1, &o);
-                y[n] = rnd(o + (m->bias ? m->bias[n] : 0.0f), dtype);
-            }
+            float o[TILE16_ROWS * TILE16_TOKENS];
+            if (n1 + DENSE_1TOK_ROWS <= N && interleaved_rows) dense_tile_bh(m, n1, DENSE_1TOK_ROWS, xb, 1, o);
+            else
+                for (int n = n1; n < n1 + DENSE_1TOK_ROWS && n < N; n++) dense_tile_bh(m, n, 1, xb, 1, o + (n - n1));
+            for (int n = n1; n < n1 + DENSE_1TOK_ROWS && n < N; n++) y[n] = rnd(o[n - n1] + (m->bias ? m->bias[n] : 0.0f), dtype);
         }
         if (xb != xs) free(xb);
         return;

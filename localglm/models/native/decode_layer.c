@@ -131,10 +131,10 @@ static inline __attribute__((always_inline)) void dense_tile(const lg_mat *m, in
 }
 
 /* A tile's weight rows by its tokens (measured on an AVX2 EPYC, bf16 rows of 256 in L2 and in L3):
- * one token 4 rows (8 chains), two 2 rows, three or four 1 row (x from memory). */
-static inline int tile_rows(int nt, int bh, int T) {
-    (void)bh;
-    (void)T;
+ * one token 4 rows (8 chains), two 2 rows, three or four 1 row (x from memory); one row where the call's
+ * T tokens stream the rows through once and lg_interleaved_rows() says one row after another. */
+static inline int tile_rows(int nt, int T) {
+    if (T <= TMAX && !lg_interleaved_rows()) return 1;
     return nt == 1 ? 4 : nt == 2 ? 2 : 1;
 }
 
@@ -165,17 +165,13 @@ static void dense_tile_of(const lg_mat *m, int n, int R, const void *xv, int nt,
 #define RMAX TILE16_ROWS
 #define TMAX TILE16_TOKENS
 
-/* Rows a tile takes for nt of a call's T tokens. bf16 rows that stream through once (T <= TMAX: a decoded
- * token, a verification) go one row after another (BH_ROWS, lg_kernels.h: interleaved rows streamed from L3
- * and RAM at about half the speed); a prompt's tiles read the rows again and again from the caches, and
- * there 4 rows' accumulator chains keep the FMA port busy (one process, a runtime switch, 30 rounds: a
- * 128-token prompt of the default model 6792 tok/s on 4-row tiles, 6162 one row at a time; ~0.9B even). */
-static inline int tile_rows(int nt, int bh, int T) {
-#ifdef LG_DPBF16
-    if (bh && T <= TMAX) return BH_ROWS;
-#endif
-    (void)bh;
-    (void)T;
+/* Rows a tile takes for nt of a call's T tokens. Rows that stream through once (T <= TMAX: a verification)
+ * follow lg_interleaved_rows() (qkernels.c: one row after another on AMD); a prompt's tiles read the rows
+ * again and again from the caches, and there 4 rows' accumulator chains keep the FMA port busy (one
+ * process, a runtime switch, 30 rounds: a 128-token prompt of the default model 6792 tok/s on 4-row tiles,
+ * 6162 one row at a time; ~0.9B even). */
+static inline int tile_rows(int nt, int T) {
+    if (T <= TMAX && !lg_interleaved_rows()) return 1;
     return nt == 1 ? 8 : 4;
 }
 
@@ -200,7 +196,7 @@ static void dense_tile_of(const lg_mat *m, int n, int R, const void *x, int nt, 
 #endif
 
 #ifdef __AVX2__
-/* Weight rows n..n+R-1 (R = tile_rows(nt, bh, T); fewer at the end, one at a time) against the nt tokens at
+/* Weight rows n..n+R-1 (R = tile_rows(nt, T); fewer at the end, one at a time) against the nt tokens at
  * x (rows K apart; AVX2's bf16 tiles: split_halves' layout) into y (rows N apart), with the bias,
  * rounded to dt. */
 static void dense_rows(const lg_mat *m, int n, const int R, const void *x, int nt, int bh, int dt, float *y) {
@@ -252,7 +248,7 @@ static int rows_matvec(const lg_mat *m, int T, const float *x, int dt, qact *xa,
         const char *xr = xs ? (const char *)xs : (const char *)x;
         const size_t es = bh ? sizeof(uint16_t) : sizeof(float);
         for (int t0 = 0; t0 < T; t0 += TMAX) {
-            const int nt = T - t0 < TMAX ? T - t0 : TMAX, R = tile_rows(nt, bh, T), blocks = (N + R - 1) / R;
+            const int nt = T - t0 < TMAX ? T - t0 : TMAX, R = tile_rows(nt, T), blocks = (N + R - 1) / R;
             const int par = nth > 1 && (size_t)N * K * nt >= (1u << 16);
 #pragma omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(blocks, nth)) if (par)
             for (int b = 0; b < blocks; b++) dense_rows(m, b * R, R, xr + (size_t)t0 * K * es, nt, bh, dt, y + (size_t)t0 * N);
