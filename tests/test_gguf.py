@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -457,6 +458,28 @@ def test_unsupported_tensor_type(exports: dict[str, Path], tmp_path: Path) -> No
     p.write_bytes(bytes(data))
     msg = _one_line_error(p, "stored as I32")
     assert "blk.1.ffn_down_exps.weight" in msg
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("tokenizer.ggml.tokens", lambda n: list(range(n))), ("tokenizer.ggml.merges", lambda n: [1, 2]), ("tokenizer.ggml.merges", lambda n: ["zzzq yyyq"]),
+     ("tokenizer.ggml.token_type", lambda n: 5), ("tokenizer.ggml.token_type", lambda n: ["a"] * n), ("tokenizer.chat_templates", lambda n: 5)],  # fmt: skip
+    ids=["tokens-ints", "merges-ints", "merge-of-unknown-tokens", "token-type-int", "token-type-str", "template-names-int"],
+)
+def test_malformed_tokenizer_metadata_is_one_line(exports: dict[str, Path], key: str, value: Callable[[int], object]) -> None:
+    """Tokenizer metadata of the wrong type, or merges of tokens the vocabulary lacks, used to escape as a
+    TypeError / AttributeError / the tokenizers library's bare Exception; a malformed list of template names
+    is ignored, like a non-string template."""
+    from localglm.errors import TokenizerError
+
+    with GGUFModelFiles(exports["f32"]) as files:
+        files.metadata[key] = value(len(files.metadata["tokenizer.ggml.tokens"]))
+        if key == "tokenizer.chat_templates":
+            assert gguf_glm4moe.tokenizer_from_gguf(files).chat_template
+            return
+        with pytest.raises(TokenizerError) as exc:
+            gguf_glm4moe.tokenizer_from_gguf(files)
+    assert "\n" not in str(exc.value) and exports["f32"].name in str(exc.value) and key.split(".")[-1] in str(exc.value)
 
 
 def test_gguf_source_is_a_tensor_source(exports: dict[str, Path]) -> None:

@@ -285,6 +285,11 @@ def export_gguf(
 # --------------------------------------------------------------------------------------------
 
 
+def _list_of(value: Any, kind: type) -> bool:
+    """Whether GGUF metadata `value` is a list of `kind` (metadata is typed by the file, not by its key)."""
+    return isinstance(value, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
+
+
 def tokenizer_from_gguf(files: GGUFModelFiles) -> Tokenizer:
     """The checkpoint's tokenizer rebuilt from GGUF tokens/merges: byte-level BPE, GLM split, specials, template."""
     import tokenizers
@@ -299,11 +304,13 @@ def tokenizer_from_gguf(files: GGUFModelFiles) -> Tokenizer:
         raise TokenizerError(f"{where}: tokenizer.ggml.pre {pre!r} is not GLM's ({', '.join(GLM_PRE_NAMES)})")
     tokens = meta.get("tokenizer.ggml.tokens")
     merges = meta.get("tokenizer.ggml.merges")
-    if not isinstance(tokens, list) or not tokens:
-        raise TokenizerError(f"{where}: GGUF metadata tokenizer.ggml.tokens is missing")
-    if not isinstance(merges, list):
-        raise TokenizerError(f"{where}: GGUF metadata tokenizer.ggml.merges is missing")
+    if not _list_of(tokens, str) or not tokens:
+        raise TokenizerError(f"{where}: GGUF metadata tokenizer.ggml.tokens is missing or not a list of strings")
+    if not _list_of(merges, str):
+        raise TokenizerError(f"{where}: GGUF metadata tokenizer.ggml.merges is missing or not a list of strings")
     types = meta.get("tokenizer.ggml.token_type") or [int(gguf.TokenType.NORMAL)] * len(tokens)
+    if not _list_of(types, int):
+        raise TokenizerError(f"{where}: GGUF metadata tokenizer.ggml.token_type is not a list of integers")
     if len(types) != len(tokens):
         raise TokenizerError(f"{where}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
     vocab: dict[str, int] = {}
@@ -316,7 +323,10 @@ def tokenizer_from_gguf(files: GGUFModelFiles) -> Tokenizer:
             raise TokenizerError(f"{where}: tokenizer.ggml.merges entry {m!r} is not 'A B'")
         pairs.append((m[:cut], m[cut + 1 :]))
     # llama.cpp sets ignore_merges for the glm4 pre-tokenizer: a piece that is itself a token is taken whole.
-    bpe = models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre != "chatglm-bpe", fuse_unk=False, byte_fallback=False)
+    try:
+        bpe = models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre != "chatglm-bpe", fuse_unk=False, byte_fallback=False)
+    except Exception as exc:  # the Rust side raises plain Exception, e.g. for a merge of a token not in the vocabulary
+        raise TokenizerError(f"{where}: tokenizer.ggml.tokens and merges make no BPE tokenizer ({' '.join(str(exc).split())[:200]})") from None
     backend = tokenizers.Tokenizer(bpe)
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -339,7 +349,8 @@ def tokenizer_from_gguf(files: GGUFModelFiles) -> Tokenizer:
     templates: dict[str, str] = {}
     if isinstance(meta.get("tokenizer.chat_template"), str):
         templates["default"] = meta["tokenizer.chat_template"]
-    for name in meta.get("tokenizer.chat_templates") or []:
+    names = meta.get("tokenizer.chat_templates")
+    for name in names if _list_of(names, str) else []:  # like a non-string template above, a malformed list is ignored
         text = meta.get(f"tokenizer.chat_template.{name}")
         if isinstance(text, str):
             templates[name] = text
