@@ -135,7 +135,7 @@ def load(
     arch = arch_of(config)
     dev = parse_device(device)
     dt = parse_dtype(dtype, config)
-    ctx = ctx or default_ctx(config)
+    ctx = ctx if ctx is not None else default_ctx(config)  # 0 is refused below, as everywhere, not read as 'default'
     check_ctx(config, ctx, str(root))
     if not offload.offloaded:  # offloading plans the KV cache with everything else (and may keep it in RAM)
         _check_kv_budget(config, ctx, dev, dt)

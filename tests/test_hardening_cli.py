@@ -196,6 +196,7 @@ def test_threads_are_capped_at_the_cores(tiny_dir: Path, tmp_path: Path, monkeyp
     [
         (["generate", "{tiny}", "-p", "x", "-n", "1", "-q", "--seed", str(2**70)], "--seed"),
         (["generate", "{tiny}", "-p", "x", "-n", "1", "-q", "--ctx", "1000000000"], "--ctx"),
+        (["generate", "{tiny}", "-p", "x", "-n", "1", "-q", "--ctx", "0"], "--ctx"),  # was read as "the default", as plan and inspect do not
         (["quantize", "{tiny}", "{tmp}/q", "-q", "--max-shard-size", "0"], "--max-shard-size"),
         (["quantize", "{tiny}", "{tmp}/q", "-q", "--max-shard-size", "-5M"], "--max-shard-size"),
         (["eval", "{tiny}", "--ref", "{tiny}", "--text", "{tmp}/missing.txt"], "missing.txt"),
