@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import torch  # annotations only: `localglm simulate` replays a trace without torch
 
 FORMAT = "localglm-trace"
+MAX_KEYS = 1 << 22  # MoE layers x experts a trace may hold: far above any GLM (GLM-5: 75 x 256), and arrays of that many fit in RAM
 
 
 @dataclass
@@ -77,32 +78,65 @@ class Trace:
         path = Path(path)
         if not path.is_file():
             raise LocalGLMError(f"{path}: no such trace file")
-        with path.open() as f:
-            try:
-                head = json.loads(f.readline())
-            except json.JSONDecodeError:
-                head = {}
-            if head.get("format") != FORMAT:
-                raise LocalGLMError(f"{path}: not a localglm routing trace (first line must be its header)")
-            tr = cls(head["n_experts"], head["top_k"], list(head["moe_layers"]), head.get("expert_bytes", 0), head.get("model", ""))
-            pending: dict[tuple[int, int], np.ndarray] = {}
-            for n, line in enumerate(f, start=2):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                    key = (int(rec["s"]), int(rec["l"]))
-                    if "p" in rec:
-                        pending[key] = np.asarray(rec["p"], dtype=np.int64)
-                    else:
-                        ids = np.asarray(rec["e"], dtype=np.int64).reshape(-1, tr.top_k) if rec["e"] else np.zeros((0, tr.top_k), np.int64)
-                        tr.calls.append(TraceCall(key[0], key[1], ids, pending.pop(key, None)))
-                except (KeyError, ValueError, TypeError, json.JSONDecodeError) as exc:
-                    raise LocalGLMError(f"{path}:{n}: bad trace record ({exc})") from None
+        try:
+            with path.open(encoding="utf-8") as f:
+                tr = cls._from_header(f.readline(), path)
+                pending: dict[tuple[int, int], np.ndarray] = {}
+                for n, line in enumerate(f, start=2):
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                        key = (int(rec["s"]), int(rec["l"]))
+                        if "p" in rec:
+                            pending[key] = tr._ids(rec["p"], 1)
+                        else:
+                            ids = tr._ids(rec["e"], 2) if rec["e"] else np.zeros((0, tr.top_k), np.int64)
+                            tr.calls.append(TraceCall(key[0], key[1], ids, pending.pop(key, None)))
+                    except (KeyError, ValueError, TypeError, OverflowError, json.JSONDecodeError) as exc:
+                        raise LocalGLMError(f"{path}:{n}: bad trace record ({exc})") from None
+        except UnicodeDecodeError:
+            raise LocalGLMError(f"{path}: not a localglm routing trace (not UTF-8 text)") from None
         bad = {c.layer for c in tr.calls} - set(tr.moe_layers)
         if bad:
             raise LocalGLMError(f"{path}: layers {sorted(bad)} are not in the header's moe_layers")
         return tr
+
+    @classmethod
+    def _from_header(cls, line: str, path: Path) -> Trace:
+        """The empty trace a header line describes, its fields checked (the simulator sizes arrays by them)."""
+        try:
+            head = json.loads(line)
+        except json.JSONDecodeError:
+            head = None
+        if not isinstance(head, dict) or head.get("format") != FORMAT:
+            raise LocalGLMError(f"{path}: not a localglm routing trace (first line must be its header)")
+
+        def field(key: str, ok: bool, want: str) -> None:
+            if not ok:
+                raise LocalGLMError(f"{path}: trace header field {key!r} must be {want}, got {head.get(key)!r}")
+
+        n_experts, top_k, layers, nbytes = head.get("n_experts"), head.get("top_k"), head.get("moe_layers"), head.get("expert_bytes", 0)
+        field("n_experts", _count(n_experts, 1), "a positive integer")
+        field("top_k", _count(top_k, 1) and top_k <= n_experts, f"an integer from 1 to n_experts ({n_experts})")
+        field("moe_layers", isinstance(layers, list) and all(_count(x, 0) for x in layers), "a list of layer numbers")
+        field("n_experts", len(layers) * n_experts <= MAX_KEYS, f"at most {MAX_KEYS // max(1, len(layers))} for {len(layers)} MoE layers")
+        field("expert_bytes", _count(nbytes, 0), "an integer, 0 or more")
+        return cls(n_experts, top_k, list(layers), nbytes, str(head.get("model", "")))
+
+    def _ids(self, value: Any, ndim: int) -> np.ndarray:
+        """A record's expert ids (rows of top_k for calls, a flat list for predictions), each an expert
+        of the header's (numpy would read a negative id as one counted from the end)."""
+        ids = np.asarray(value, dtype=np.int64)
+        ids = ids.reshape(-1, self.top_k) if ndim == 2 else ids
+        if ids.ndim != ndim or (ids.size and not (0 <= ids.min() and ids.max() < self.n_experts)):
+            raise ValueError(f"expert ids must be {'rows of top_k ' if ndim == 2 else 'a list of '}ids from 0 to {self.n_experts - 1}")
+        return ids
+
+
+def _count(v: Any, least: int) -> bool:
+    """Whether a header value is an integer (not a bool) of at least `least`."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
 
 
 class TraceRecorder:

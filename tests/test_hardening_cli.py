@@ -261,6 +261,27 @@ def test_make_tiny_refusal_keeps_an_existing_output(tiny_dir: Path, tmp_path: Pa
     assert o.kind == "clean" and snapshot(out) == before, o.why()
 
 
+_TRACE_HEAD = {"format": "localglm-trace", "version": 1, "n_experts": 8, "top_k": 2, "moe_layers": [1, 2]}
+
+
+@pytest.mark.parametrize(
+    ("lines", "needle"),
+    [([b"\xff\xfe"], "not UTF-8"), ([b"[1]"], "first line"), ([{**_TRACE_HEAD, "n_experts": 10**12}], "'n_experts'"),
+     ([{**_TRACE_HEAD, "moe_layers": 5}], "'moe_layers'"), ([{**_TRACE_HEAD, "expert_bytes": "x"}], "'expert_bytes'"),
+     ([_TRACE_HEAD, {"s": 0, "l": 1, "e": [[100, 200]]}], "t.jsonl:2"), ([_TRACE_HEAD, {"s": 0, "l": 1, "e": [[-1, 0]]}], "t.jsonl:2"),
+     ([_TRACE_HEAD, b'{"s": Infinity, "l": 1, "e": [[1, 2]]}'], "t.jsonl:2"), ([_TRACE_HEAD, {"s": 0, "l": 1, "e": [[1, 2]]}], "--half-life")],  # fmt: skip
+    ids=["not-utf8", "header-list", "huge-n-experts", "layers-int", "bytes-str", "id-too-big", "id-negative", "step-inf", "half-life-0"],
+)
+def test_simulate_refuses_a_broken_trace_in_one_line(lines: list[Any], needle: str, tmp_path: Path) -> None:
+    """A trace's header sizes the simulator's arrays and its ids index them: a wrong type, an absurd size, an id
+    outside the header's experts (a negative one counted from the end) or --half-life 0 used to escape as a
+    Python error (AttributeError, MemoryError, IndexError, ZeroDivisionError...)."""
+    f = tmp_path / "t.jsonl"
+    f.write_bytes(b"\n".join(x if isinstance(x, bytes) else json.dumps(x).encode() for x in lines) + b"\n")
+    o = run_cli("simulate", f, *(["--half-life", "0"] if needle == "--half-life" else []))
+    assert o.kind == "clean" and needle in o.err, o.why()
+
+
 # ---- one vocabulary: inspect and plan on every input; plan's ctx is generate's ------------------------------------
 def test_inspect_and_plan_read_a_gguf(tiny_dir: Path, tmp_path: Path) -> None:
     from localglm.checkpoint.gguf import export_gguf

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from offload.simulator import compare, format_table
     from offload.trace import Trace
 
+    if not (math.isfinite(args.half_life) and args.half_life > 0):  # LFU's decay rate is log(2) / half-life
+        raise LocalGLMError(f"--half-life {args.half_life:g}: must be a positive number of tokens")
     trace = Trace.load(args.trace)
     fractions = _fractions(args.sizes)
     policies = [p.strip().lower() for p in args.policies.split(",") if p.strip()]
