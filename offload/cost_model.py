@@ -11,8 +11,9 @@ the copy will be reused; with many tokens (prefill) the CPU becomes compute-boun
 from __future__ import annotations
 
 import json
+import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 
@@ -35,7 +36,20 @@ class Bandwidths:
 
     @classmethod
     def load(cls, path: str | Path) -> Bandwidths:
-        return cls(**json.loads(Path(path).read_text()))
+        """Bandwidths saved by `save`; ValueError when a field is not what the cost model divides by
+        (a positive finite number; latency_s may be 0) or `measured` is not a list of names."""
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(raw, dict):
+            raise ValueError("expected a JSON object of bandwidths")
+        bw = cls(**raw)
+        for f in fields(bw):
+            v = getattr(bw, f.name)
+            if f.name == "measured":
+                if not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+                    raise ValueError(f"'measured' must be a list of field names, got {v!r}")
+            elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (v == 0 and f.name != "latency_s"):
+                raise ValueError(f"{f.name!r} must be a positive number, got {v!r}")
+        return bw
 
 
 def _best_time(fn, repeat: int = 5) -> float:

@@ -8,7 +8,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +33,17 @@ def profile_path(model_root: str | Path) -> Path:
         return folder / PROFILE_NAME
     digest = hashlib.sha1(str(root).encode()).hexdigest()[:16]
     return user_cache_dir() / f"{root.name}-{digest}.npz"
+
+
+def _shape_of(meta: Any) -> tuple[list[int], int, int]:
+    """(moe_layers, n_experts, top_k) of a profile's metadata; ValueError when they are not that."""
+    if not isinstance(meta, dict):
+        raise ValueError("its metadata is not a JSON object")
+    layers, n_experts, top_k = meta["moe_layers"], meta["n_experts"], meta["top_k"]
+    ints = [n_experts, top_k, *layers] if isinstance(layers, list) else None
+    if ints is None or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints) or not 0 < top_k <= n_experts:
+        raise ValueError(f"moe_layers {layers!r}, n_experts {n_experts!r}, top_k {top_k!r} describe no MoE model")
+    return layers, n_experts, top_k
 
 
 class RouterStats:
@@ -116,14 +127,17 @@ class RouterStats:
         try:
             with np.load(path) as z:
                 meta = json.loads(str(z["meta"]))
-                st = cls(meta["moe_layers"], meta["n_experts"], meta["top_k"])
+                st = cls(*_shape_of(meta))
                 st.counts = z["counts"].astype(np.float64)
                 st.cooc = z["cooc"].astype(np.float64)
                 st.tokens = int(meta["tokens"])
         except FileNotFoundError:
             raise LocalGLMError(f"{path}: no router statistics profile there") from None
-        except (KeyError, ValueError, OSError) as exc:
+        except (KeyError, ValueError, TypeError, OSError) as exc:
             raise LocalGLMError(f"{path}: not a router statistics profile ({exc})") from None
+        n, e = len(st.moe_layers), st.n_experts
+        if st.counts.shape != (n, e) or st.cooc.shape != (max(0, n - 1), e, e) or st.tokens < 0:
+            raise LocalGLMError(f"{path}: not a router statistics profile (its arrays or token count are not those of {n} MoE layers x {e} experts)")
         return st
 
     @classmethod

@@ -282,6 +282,40 @@ def test_simulate_refuses_a_broken_trace_in_one_line(lines: list[Any], needle: s
     assert o.kind == "clean" and needle in o.err, o.why()
 
 
+@pytest.mark.parametrize(
+    ("meta", "counts"), [("[1]", (2, 8)), ('{"moe_layers": [1, 2], "n_experts": "x", "top_k": 2, "tokens": 1}', (2, 8)),
+                         ('{"moe_layers": [1, 2], "n_experts": 8, "top_k": 2, "tokens": 1}', (3, 5))],  # fmt: skip
+    ids=["meta-list", "n-experts-str", "counts-shape"],
+)
+def test_a_corrupt_router_stats_profile_is_ignored_or_one_line(meta: str, counts: tuple[int, int], tiny_dir: Path, tmp_path: Path) -> None:
+    """The profile offloading saves beside the model: one of the wrong shape or types used to escape RouterStats.load
+    as a TypeError / ValueError, so `generate --offload` crashed instead of starting afresh, and `simulate --stats`
+    printed a traceback."""
+    import numpy as np
+
+    from offload.router_stats import PROFILE_NAME
+
+    model = shutil.copytree(tiny_dir, tmp_path / "m", ignore=shutil.ignore_patterns(PROFILE_NAME))
+    np.savez(model / PROFILE_NAME, meta=np.array(meta), counts=np.zeros(counts), cooc=np.zeros((1, 8, 8)))
+    o = run_cli("generate", model, "-p", "x", "-n", "1", "-q", "--offload", "sim", "--gpu-mem", "1GiB", "--cache-policy", "stat")
+    assert o.kind == "ok", o.why()
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(json.dumps(_TRACE_HEAD) + "\n")
+    np.savez(tmp_path / "s.npz", meta=np.array(meta), counts=np.zeros(counts), cooc=np.zeros((1, 8, 8)))
+    o = run_cli("simulate", trace, "--stats", tmp_path / "s.npz", "--policies", "stat")
+    assert o.kind == "clean" and "s.npz" in o.err, o.why()
+
+
+@pytest.mark.parametrize("bw", [{"ram": 0}, {"ram": "x"}, {"h2d": -1}, {"measured": 5}, [1]], ids=["zero", "str", "negative", "measured-int", "list"])
+def test_plan_refuses_bandwidths_the_cost_model_cannot_divide_by(bw: Any, tiny_dir: Path, tmp_path: Path) -> None:
+    """A --bandwidths file with a zero or non-number rate raised ZeroDivisionError / TypeError inside the cost
+    model (and a negative one planned negative times)."""
+    f = tmp_path / "bw.json"
+    f.write_text(json.dumps(bw))
+    o = run_cli("plan", tiny_dir, "--bandwidths", f, "--gpu-mem", "1GiB", "--cpu-mem", "1GiB")
+    assert o.kind == "clean" and "--bandwidths" in o.err and "bw.json" in o.err, o.why()
+
+
 # ---- one vocabulary: inspect and plan on every input; plan's ctx is generate's ------------------------------------
 def test_inspect_and_plan_read_a_gguf(tiny_dir: Path, tmp_path: Path) -> None:
     from localglm.checkpoint.gguf import export_gguf
