@@ -18,7 +18,7 @@ import torch
 from quant.recipe import KEEP, Recipe
 
 from .checkpoint.gguf import GGUFCheckpoint, is_gguf_path
-from .checkpoint.source import SafetensorsSource
+from .checkpoint.source import SafetensorsSource, check_expected_shape
 from .config import ModelConfig, load_json
 from .engine import Model
 from .errors import LocalGLMError
@@ -221,6 +221,27 @@ def load(
         tokenizer = Tokenizer.from_dir(root) if (root / "tokenizer.json").is_file() else None
     prices = price_memory(root, repr(config), dt, dev, _speed_options(opts)) if mtp is not None else None
     return Model(root, config, net, tokenizer, ctx=ctx, sampling=_sampling_defaults(root), mtp=mtp, draft=opts.draft, prices=prices)
+
+
+def check_tensors(cfg: ModelConfig, source: Any) -> None:
+    """Raise the loader's one-line error for a tensor `load` would find missing or of the wrong shape in
+    `source`, reading nothing: a dry run of its reads (main weights, routed experts, and the MTP block
+    where the checkpoint holds one, as load reads it by default) onto the meta device. `quantize` streams
+    whatever tensors SRC holds, so without this a checkpoint lacking an expert or lm_head became an
+    output that failed only when loaded."""
+    from .models.mtp import has_mtp_weights, load_mtp_head
+
+    arch = arch_of(cfg)
+
+    def get(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        check_expected_shape(source.info(name), shape)
+        return torch.empty(shape, device="meta")
+
+    reader = WeightReader(get, get, source.__contains__)
+    weights = arch.model.load_weights(cfg, reader)
+    load_in_memory_experts(cfg, get)
+    if has_mtp_weights(cfg, source.__contains__):
+        load_mtp_head(arch, cfg, reader, weights, lambda block_cfg, block, r: load_in_memory_experts(block_cfg, r.get), torch.device("meta"))
 
 
 def _load_mtp(

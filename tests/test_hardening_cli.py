@@ -57,6 +57,20 @@ def test_overwrite_replaces_a_previous_output(tiny_dir: Path, tmp_path: Path) ->
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no partial or old directory left
 
 
+@pytest.mark.parametrize("dropped", ["model.layers.1.mlp.experts.3.", "model.layers.3.mlp.experts.3.", "lm_head.weight"], ids=["expert", "mtp-expert", "lm-head"])
+def test_quantize_refuses_a_source_loading_would_refuse(dropped: str, tiny_dir: Path, tmp_path: Path) -> None:
+    """A checkpoint lacking a whole routed expert (of a main layer or the MTP block) or lm_head was quantized
+    into a directory that every later command refused ("expert blob ... is missing"): quantize streams what
+    SRC holds. It now fails before writing, naming the tensor, as loading SRC does."""
+    src = shutil.copytree(tiny_dir, tmp_path / "src")
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if not k.startswith(dropped)}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    o = run_cli("quantize", src, tmp_path / "q", "-q")
+    assert o.kind == "clean" and dropped in o.err and "not found" in o.err, o.why()
+    assert sorted(os.listdir(tmp_path)) == ["src"], "half-written output"
+
+
 # ---- read-only and full disks ---------------------------------------------------------------------------
 def _enospc(*_: Any, **__: Any) -> None:
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
