@@ -487,6 +487,25 @@ def test_shutdown_ends_active_streams_with_a_final_error(model: localglm.Model) 
     assert events[-1] == "event: error" and "overloaded_error" in lines["anthropic"][-1]
 
 
+# ---- 8. hostile field values ----------------------------------------------------------------------
+def _assert_400(r: httpx.Response, text: str, param: str | None) -> None:
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert text in err["message"], err
+    if "param" in err:  # the OpenAI shape names the field
+        assert err["param"] == param, err
+
+
+def test_repetition_penalty_that_would_overflow_the_logits_is_400(env: Env) -> None:
+    """Before: 500 from the engine (10**30: "int too big to convert"; 1e-320: inf logits, IndexError)."""
+    with httpx.Client(base_url=env.url, timeout=30) as client:
+        for value in (10**30, 1e-320, 1e300):
+            r = client.post("/v1/chat/completions", json={"messages": user("hi"), "max_tokens": 2, "repetition_penalty": value})
+            _assert_400(r, "repetition_penalty", "repetition_penalty")
+        r = client.post("/v1/chat/completions", json={"messages": user("hi"), "max_tokens": 2, "repetition_penalty": 1.3})
+        assert r.status_code == 200, r.text
+
+
 # ---- helpers -------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def capture_logs(names: tuple[str, ...] = ("uvicorn.error", "localglm.server")) -> Iterator[list[logging.LogRecord]]:

@@ -33,6 +33,10 @@ from .validation import describe, expect, field, join, string_or_list
 from .worker import Job
 
 FINGERPRINT = "localglm"
+# The repetition penalty divides or multiplies float32 logits: at these bounds it already makes a seen
+# token certain or impossible, and beyond them it overflows the logits to inf (1e-320, a 500 in the
+# sampler) or is a number torch cannot take (10**30).
+REPETITION_PENALTY_RANGE = (1e-3, 1e3)
 
 
 # ---- request parsing -----------------------------------------------------------------------------
@@ -151,7 +155,9 @@ def parse_sampling(body: dict[str, Any]) -> dict[str, Any]:
         "top_p": field(body, "top_p", "number", above=0, maximum=1),
         "top_k": 0 if top_k == -1 else top_k,
         "min_p": field(body, "min_p", "number", minimum=0, maximum=0.999999),
-        "repetition_penalty": field(body, "repetition_penalty", "number", above=0),
+        "repetition_penalty": field(
+            body, "repetition_penalty", "number", minimum=REPETITION_PENALTY_RANGE[0], maximum=REPETITION_PENALTY_RANGE[1]
+        ),
         "seed": field(body, "seed", "integer", minimum=-(2**63), maximum=2**64 - 1),
     }
 
