@@ -214,6 +214,8 @@ def test_threads_are_capped_at_the_cores(tiny_dir: Path, tmp_path: Path, monkeyp
         (["quantize", "{tiny}", "{tmp}/q", "-q", "--max-shard-size", "0"], "--max-shard-size"),
         (["quantize", "{tiny}", "{tmp}/q", "-q", "--max-shard-size", "-5M"], "--max-shard-size"),
         (["eval", "{tiny}", "--ref", "{tiny}", "--text", "{tmp}/missing.txt"], "missing.txt"),
+        (["eval", "{tiny}", "--ref", "{tiny}", "--random-tokens", "3000", "--ctx", "2500", "--no-weights"], "max_position_embeddings"),
+        (["eval", "{tiny}", "--ref", "{tiny}", "--random-tokens", "16", "--max-tokens", "-1", "--no-weights"], "--max-tokens"),
         (["make-tiny", "{tmp}/m", "--hidden-size", "-5"], "hidden_size"),
         (["make-tiny", "{tmp}/m", "--num-experts-per-tok", "50"], "num_experts_per_tok"),
         (["make-tiny", "{tmp}/m", "--vocab-size", "10"], "vocab_size"),

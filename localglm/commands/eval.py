@@ -113,12 +113,15 @@ def _score(model: Any, ref: Any, ids: list[int], ctx: int) -> dict[str, float]:
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..loader import load
     from ..checkpoint.quantized_dir import is_quantized_dir
+    from ..model_info import check_ctx
     from .flags import quant_load_options as load_options
     from .flags import set_threads
 
     set_threads(args.threads)
     if args.ctx < 2:
         raise LocalGLMError(f"--ctx must be at least 2, got {args.ctx}")
+    if args.max_tokens < 2:  # a negative count sliced tokens off the end of --text instead
+        raise LocalGLMError(f"--max-tokens must be at least 2, got {args.max_tokens}")
     if args.text is not None and not args.random_tokens and not Path(args.text).is_file():
         raise LocalGLMError(f"--text {args.text}: no such file")  # before loading two models
     opts = load_options(args)
@@ -130,6 +133,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"--ref {args.ref}: its vocabulary has {ref.config.vocab_size} tokens, {args.model}'s has {model.config.vocab_size}; "
             "KL and perplexity compare models over one vocabulary"
         )
+    for cfg, where in ((model.config, args.model), (ref.config, args.ref)):
+        check_ctx(cfg, args.ctx, str(where))  # windows past max_position_embeddings would score untrained positions
     ids = token_ids(args, ref)
     res: dict[str, Any] = score(model, ref, ids, args.ctx)
     if not args.no_weights and is_quantized_dir(args.model):
