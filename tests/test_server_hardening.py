@@ -506,6 +506,18 @@ def test_repetition_penalty_that_would_overflow_the_logits_is_400(env: Env) -> N
         assert r.status_code == 200, r.text
 
 
+def test_integer_literal_past_pythons_digit_limit_is_400(env: Env) -> None:
+    """Before: 500 "Exceeds the limit (4300 digits) for integer string conversion" (int() refuses longer literals)."""
+    huge = "1" + "0" * 5000
+    with httpx.Client(base_url=env.url, timeout=30) as client:
+        r = client.post("/v1/chat/completions", **raw_json('{"messages": [{"role": "user", "content": "hi"}], "max_tokens": %s}' % huge))
+        _assert_400(r, "too many digits", None)
+        call = {"function": {"name": "f", "arguments": '{"n": %s}' % huge}}
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "assistant", "content": "", "tool_calls": [call]}]})
+        _assert_400(r, "too many digits", "messages[0].tool_calls[0].function.arguments")
+        assert client.get("/health").status_code == 200
+
+
 # ---- helpers -------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def capture_logs(names: tuple[str, ...] = ("uvicorn.error", "localglm.server")) -> Iterator[list[logging.LogRecord]]:

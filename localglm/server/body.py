@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
@@ -25,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
 from .errors import CLOSE, APIError, bad_request
-from .validation import body_object
+from .validation import body_object, load_json
 
 JSON_MEDIA_TYPE = "application/json"
 PARSE_IN_THREAD_BYTES = 1 << 20
@@ -89,14 +88,7 @@ def parse_json(body: bytes) -> Any:
     """The JSON value of `body`; a 400 naming the problem otherwise."""
     if not body.strip():
         raise bad_request("request body is empty: expected a JSON object")
-    try:
-        return json.loads(replace_lone_surrogates(body))
-    except UnicodeDecodeError:
-        raise bad_request("request body is not UTF-8 text") from None
-    except json.JSONDecodeError as exc:
-        raise bad_request(f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    except RecursionError:
-        raise bad_request("request body is nested too deeply") from None
+    return load_json(replace_lone_surrogates(body), "request body")
 
 
 async def read_json(request: Request, limit: int, timeout_s: float) -> dict[str, Any]:

@@ -11,7 +11,6 @@ tool_choice "required" / a named function is enforced while decoding.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -29,7 +28,7 @@ from .chat import Finish, GenRequest, Reply, content_text, json_reply, model_nam
 from .errors import APIError, bad_request
 from .sse import EventStreamResponse, sse_data
 from .state import ServerState
-from .validation import describe, expect, field, join, string_or_list
+from .validation import describe, expect, field, join, load_json, string_or_list
 from .worker import Job
 
 FINGERPRINT = "localglm"
@@ -61,10 +60,7 @@ def _tool_call(call: Any, path: str) -> dict[str, Any]:
     if args is None or (isinstance(args, str) and not args.strip()):
         parsed: Any = {}
     elif isinstance(args, str):
-        try:
-            parsed = json.loads(args)
-        except json.JSONDecodeError as exc:
-            raise bad_request(f"{apath}: not valid JSON ({exc.msg})", apath) from None
+        parsed = load_json(args, apath, apath)
     else:
         parsed = args
     if not isinstance(parsed, dict):

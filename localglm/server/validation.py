@@ -8,6 +8,7 @@ own documentation, and every failure becomes a 400 with `param` set to that fiel
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -122,3 +123,18 @@ def body_object(data: Any) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise bad_request(f"request body: expected a JSON object, got {describe(data)}")
     return data
+
+
+def load_json(text: str | bytes, where: str, param: str | None = None) -> Any:
+    """The JSON value of `text` (the request body, or a field holding JSON text); a 400 saying what
+    is wrong with `where` otherwise, never the parser's own exception (a 500)."""
+    try:
+        return json.loads(text)
+    except UnicodeDecodeError:
+        raise bad_request(f"{where} is not UTF-8 text", param) from None
+    except json.JSONDecodeError as exc:
+        raise bad_request(f"{where} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", param) from None
+    except ValueError:  # int() refuses literals longer than sys.get_int_max_str_digits() (4300 digits)
+        raise bad_request(f"{where} holds an integer with too many digits", param) from None
+    except RecursionError:
+        raise bad_request(f"{where} is nested too deeply", param) from None
