@@ -18,7 +18,7 @@ import torch
 from quant.recipe import KEEP, Recipe
 
 from .checkpoint.gguf import GGUFCheckpoint, is_gguf_path
-from .checkpoint.source import SafetensorsSource, check_expected_shape
+from .checkpoint.source import SafetensorsSource, check_expected_shape, check_float
 from .config import ModelConfig, load_json
 from .engine import Model
 from .errors import LocalGLMError
@@ -224,7 +224,7 @@ def load(
 
 
 def check_tensors(cfg: ModelConfig, source: Any) -> None:
-    """Raise the loader's one-line error for a tensor `load` would find missing or of the wrong shape in
+    """Raise the loader's one-line error for a tensor `load` would find missing, of the wrong shape or not float in
     `source`, reading nothing: a dry run of its reads (main weights, routed experts, and the MTP block
     where the checkpoint holds one, as load reads it by default) onto the meta device. `quantize` streams
     whatever tensors SRC holds, so without this a checkpoint lacking an expert or lm_head became an
@@ -235,6 +235,7 @@ def check_tensors(cfg: ModelConfig, source: Any) -> None:
 
     def get(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         check_expected_shape(source.info(name), shape)
+        check_float(source.info(name))
         return torch.empty(shape, device="meta")
 
     reader = WeightReader(get, get, source.__contains__)

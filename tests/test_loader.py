@@ -98,6 +98,25 @@ def test_wrong_shape_is_named(tiny_dir: Path, tmp_path: Path) -> None:
         localglm.load(d)
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.bool], ids=str)
+def test_integer_weights_are_refused(dtype: torch.dtype, tiny_dir: Path, tmp_path: Path) -> None:
+    """A weight stored as integers (here lm_head) was converted to the compute dtype without a word, giving a model
+    of garbage; load and quantize now name the tensor and its dtype (quantize before writing anything)."""
+    from localglm.quantize import quantize_checkpoint
+
+    d = _copy_model(tiny_dir, tmp_path / "m")
+    with SafetensorsSource(d) as src:
+        tensors = [(n, src.get(n).clone().to(dtype) if n == "lm_head.weight" else src.get(n).clone()) for n in src.names()]
+    for f in d.glob("model*"):
+        f.unlink()
+    save_safetensors_sharded(tensors, d, max_shard_bytes=200_000)
+    with pytest.raises(CheckpointError, match=rf"lm_head\.weight .* is stored as {dtype}, not a floating-point weight"):
+        localglm.load(d)
+    with pytest.raises(CheckpointError, match=r"lm_head\.weight .* not a floating-point weight"):
+        quantize_checkpoint(d, tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+
+
 def test_missing_shard_is_named(tiny_dir: Path, tmp_path: Path) -> None:
     d = _copy_model(tiny_dir, tmp_path / "m")
     (d / "model-00002-of-00004.safetensors").unlink()

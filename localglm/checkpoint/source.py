@@ -99,6 +99,13 @@ def check_expected_shape(info: TensorInfo, expected_shape: Sequence[int] | None)
         )
 
 
+def check_float(info: TensorInfo) -> None:
+    """Refuse a weight stored as integers or booleans: GLM checkpoints hold only floats (fp8 with scales
+    included), and converting such a tensor to the compute dtype gave a model of garbage without a word."""
+    if not info.dtype.is_floating_point:
+        raise CheckpointError(f"tensor {info.name} in {info.file} is stored as {info.dtype}, not a floating-point weight")
+
+
 class MappedSource(Mapped):
     """A TensorSource over memory-mapped files: the name table (`_infos`, filled by the subclass) and
     its one-line error for a missing name (`_where` names the checkpoint), written once for every format."""
@@ -446,6 +453,8 @@ class SafetensorsSource(MappedSource):
                 f"({' or '.join(name + s for s in self.scheme.scale_suffixes())}); use raw() for the raw bytes"
             )
         tensor = self._view(entry)
+        if dtype is not None and dtype.is_floating_point:
+            check_float(info)
         return tensor if dtype is None or dtype == tensor.dtype else tensor.to(dtype)
 
     def raw(self, name: str) -> torch.Tensor:
