@@ -506,6 +506,37 @@ def test_repetition_penalty_that_would_overflow_the_logits_is_400(env: Env) -> N
         assert r.status_code == 200, r.text
 
 
+def test_json_nested_past_what_the_server_can_render_is_400(env: Env) -> None:
+    """Before: 500 RecursionError, from rendering the prompt (nesting 600 deep parsed, but the template's
+    recursive conversion overflowed) or from parsing a tool call's arguments string (nesting 100,000 deep)."""
+    deep = json.loads('{"a":' * 600 + "1" + "}" * 600)
+    call = {"function": {"name": "f", "arguments": deep}}
+    bodies = {
+        "/v1/chat/completions": [
+            ({"messages": [{"role": "assistant", "content": "", "tool_calls": [call]}], "max_tokens": 2}, None),
+            ({"messages": user("hi"), "max_tokens": 2, "tools": [{"type": "function", "function": {"name": "f", "parameters": deep}}]}, None),
+            (
+                {"messages": [{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "[" * 100_000}}]}]},
+                "messages[0].tool_calls[0].function.arguments",
+            ),
+        ],
+        "/v1/messages": [
+            ({"messages": [{"role": "assistant", "content": [{"type": "tool_use", "name": "f", "input": deep}]}], "max_tokens": 2}, None),
+            ({"messages": user("hi"), "max_tokens": 2, "tools": [{"name": "f", "input_schema": deep}]}, None),
+        ],
+        "/v1/messages/count_tokens": [({"messages": user("hi"), "tools": [{"name": "f", "input_schema": deep}]}, None)],
+    }
+    with httpx.Client(base_url=env.url, timeout=30) as client:
+        for path, cases in bodies.items():
+            for body, param in cases:
+                r = client.post(path, **raw_json(json.dumps(body)))
+                _assert_400(r, "nested too deeply", param)
+        shallow = json.loads('{"a":' * 20 + "1" + "}" * 20)  # what a real nested schema reaches
+        r = client.post("/v1/chat/completions", json={"messages": user("hi"), "max_tokens": 2,
+                                                      "tools": [{"type": "function", "function": {"name": "f", "parameters": shallow}}]})  # fmt: skip
+        assert r.status_code == 200, r.text
+
+
 def test_integer_literal_past_pythons_digit_limit_is_400(env: Env) -> None:
     """Before: 500 "Exceeds the limit (4300 digits) for integer string conversion" (int() refuses longer literals)."""
     huge = "1" + "0" * 5000

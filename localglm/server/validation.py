@@ -125,11 +125,29 @@ def body_object(data: Any) -> dict[str, Any]:
     return data
 
 
+# Levels of arrays and objects a request's JSON may nest. Rendering the prompt and compiling schemas
+# recurse through tool arguments and schemas, and overflowed Python's recursion limit near 500 levels
+# (a 500); a real schema or tool call nests a few dozen at most.
+MAX_NESTING = 128
+
+
+def nesting_depth(value: Any) -> int:
+    """How many levels of arrays and objects `value` nests (0 for a scalar), found a level at a time
+    without recursing (a 4 MB body of small arrays takes ~0.1 s)."""
+    depth = 0
+    level = [value] if isinstance(value, (dict, list)) else []
+    while level:
+        depth += 1
+        level = [c for item in level for c in (item.values() if isinstance(item, dict) else item) if isinstance(c, (dict, list))]
+    return depth
+
+
 def load_json(text: str | bytes, where: str, param: str | None = None) -> Any:
-    """The JSON value of `text` (the request body, or a field holding JSON text); a 400 saying what
-    is wrong with `where` otherwise, never the parser's own exception (a 500)."""
+    """The JSON value of `text` (the request body, or a field holding JSON text), nested at most
+    MAX_NESTING levels; a 400 saying what is wrong with `where` otherwise, never the parser's own
+    exception (a 500)."""
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except UnicodeDecodeError:
         raise bad_request(f"{where} is not UTF-8 text", param) from None
     except json.JSONDecodeError as exc:
@@ -138,3 +156,6 @@ def load_json(text: str | bytes, where: str, param: str | None = None) -> Any:
         raise bad_request(f"{where} holds an integer with too many digits", param) from None
     except RecursionError:
         raise bad_request(f"{where} is nested too deeply", param) from None
+    if nesting_depth(value) > MAX_NESTING:
+        raise bad_request(f"{where} is nested too deeply (more than {MAX_NESTING} levels of arrays and objects)", param)
+    return value
