@@ -537,6 +537,14 @@ def test_json_nested_past_what_the_server_can_render_is_400(env: Env) -> None:
         assert r.status_code == 200, r.text
 
 
+def test_nan_and_infinity_are_named_in_the_error(env: Env) -> None:
+    """Before: "temperature: expected a number, got a number" (Python's parser reads NaN and Infinity)."""
+    with httpx.Client(base_url=env.url, timeout=30) as client:
+        for field_, literal, described in (("temperature", "NaN", "got NaN"), ("top_p", "-Infinity", "got an infinite number")):
+            r = client.post("/v1/chat/completions", **raw_json('{"messages": [{"role": "user", "content": "hi"}], "%s": %s}' % (field_, literal)))
+            _assert_400(r, f"{field_}: expected a number, {described}", field_)
+
+
 def test_integer_literal_past_pythons_digit_limit_is_400(env: Env) -> None:
     """Before: 500 "Exceeds the limit (4300 digits) for integer string conversion" (int() refuses longer literals)."""
     huge = "1" + "0" * 5000

@@ -55,6 +55,8 @@ def describe(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "a boolean"
+    if isinstance(value, float) and not math.isfinite(value):  # Python's parser reads NaN and Infinity
+        return "NaN" if math.isnan(value) else "an infinite number"
     if isinstance(value, (int, float)):
         return "a number"
     if isinstance(value, str):
