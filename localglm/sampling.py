@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -18,6 +19,21 @@ from .errors import LocalGLMError
 # to inf, and softmax of inf is NaN, while any temperature this small is argmax in all but name.
 GREEDY_BELOW = 1e-5
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+# The repetition penalty divides or multiplies float32 logits: at these bounds it already makes a seen
+# token certain or impossible, and beyond them it overflows the logits to inf (1e-320: NaN probabilities,
+# an IndexError drawing from them) or is a number torch cannot take (10**30). The server's request
+# validation uses the same bounds.
+REPETITION_PENALTY_RANGE = (1e-3, 1e3)
+# What each field accepts, in the words of the error that refuses it (the CLI's names the flag instead).
+RANGES = {
+    "temperature": "0 or more; 0 is greedy",
+    "top_k": "0 or more; 0 is off",
+    "top_p": "above 0, at most 1",
+    "min_p": "0 or more, below 1",
+    "repetition_penalty": f"{REPETITION_PENALTY_RANGE[0]:g} to {REPETITION_PENALTY_RANGE[1]:g}; 1 is off",
+    "seed": "an integer from -2**63 to 2**64-1",
+}
+_INTEGER_FIELDS = ("top_k", "seed")
 
 
 class NonFiniteLogitsError(LocalGLMError):
@@ -34,17 +50,33 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        for name in RANGES:
+            value = getattr(self, name)
+            if value is None and name == "seed":
+                continue
+            # bool is an int to Python but never a meant value; a float top_k or seed reaches torch as a
+            # TypeError mid-generation, and an int too big for a float (10**400) overflows math.isfinite.
+            integer = name in _INTEGER_FIELDS
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real):
+                kind = "an integer" if integer else "a number"
+                raise LocalGLMError(f"sampling: {name}={_shown(value)} is not {kind} ({RANGES[name]})")
+            try:
+                value = int(value) if integer else float(value)  # a float field as a float: torch cannot take 10**30
+            except OverflowError:
+                raise LocalGLMError(f"sampling: {name}={_shown(value)} is out of range ({RANGES[name]})") from None
+            object.__setattr__(self, name, value)
+        lo, hi = REPETITION_PENALTY_RANGE
         checks = (
             ("temperature", math.isfinite(self.temperature) and self.temperature >= 0),
             ("top_k", self.top_k >= 0),
             ("top_p", 0 < self.top_p <= 1),
             ("min_p", 0 <= self.min_p < 1),
-            ("repetition_penalty", math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0),
+            ("repetition_penalty", lo <= self.repetition_penalty <= hi),
             ("seed", self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]),
         )
         for name, ok in checks:
             if not ok:
-                raise LocalGLMError(f"sampling: {name}={getattr(self, name)!r} is out of range")
+                raise LocalGLMError(f"sampling: {name}={_shown(getattr(self, name))} is out of range ({RANGES[name]})")
 
     @property
     def greedy(self) -> bool:
@@ -74,6 +106,15 @@ class SamplingParams:
             return replace(base, **picked)
         except LocalGLMError:
             return base
+
+
+def _shown(value: object) -> str:
+    """`value` for an error message, short: an integer of 10**400 is not 400 digits (nor, past 4,300
+    digits, a ValueError from Python's int-to-string limit)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**21:
+        return f"about {'-' if value < 0 else ''}2**{abs(value).bit_length() - 1}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class Sampler:

@@ -209,10 +209,44 @@ def test_sample_draws_in_proportion_and_never_a_zero() -> None:
     assert got[probs == 0].sum() == 0 and (got - probs / probs.sum()).abs().max() < 0.015
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(min_p=1.5), dict(repetition_penalty=0), dict(top_k=-1)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(temperature=-1), dict(top_p=0), dict(min_p=1.5), dict(repetition_penalty=0), dict(top_k=-1),
+        # Before: accepted, then a traceback from the sampler. 1e-320 divided the seen tokens' logits to inf
+        # (IndexError drawing from NaN probabilities); 10**30 reached torch as an int it cannot convert.
+        dict(repetition_penalty=1e-320), dict(repetition_penalty=1e30), dict(repetition_penalty=10**30),
+        # OverflowError from math.isfinite inside __post_init__ (an int too big for a float).
+        dict(temperature=10**400), dict(repetition_penalty=10**400),
+        # TypeError from torch.topk / RuntimeError from manual_seed, mid-generation.
+        dict(top_k=1.5), dict(top_k=True), dict(seed=1.5), dict(seed=True), dict(temperature="1"), dict(top_p=True),
+    ],
+)
 def test_bad_sampling_params(bad: dict) -> None:
-    with pytest.raises(localglm.LocalGLMError):
+    (name,) = bad
+    with pytest.raises(localglm.LocalGLMError, match=f"^sampling: {name}=") as exc:
         SamplingParams(**bad)
+    assert "\n" not in str(exc.value) and len(str(exc.value)) < 200
+
+
+@pytest.mark.parametrize("penalty", [1e-3, 1e3])
+def test_repetition_penalty_at_its_bounds_samples(penalty: float) -> None:
+    """The bounds the server and the CLI share still sample: a seen token is made certain or impossible."""
+    logits = torch.tensor([30.0, 20.0, -30.0, 0.5])
+    history = torch.tensor([0, 2])
+    for temperature in (0.0, 1.0):
+        s = Sampler(SamplingParams(temperature=temperature, repetition_penalty=penalty, seed=1))
+        dist = s.distribution(logits, history)
+        assert torch.isfinite(dist).all() and abs(float(dist.sum()) - 1) < 1e-5
+        got = {s(logits, history) for _ in range(50)}
+        assert got == ({1} if penalty > 1 else {0})
+
+
+def test_integer_valued_sampling_params_are_numbers() -> None:
+    """JSON and Python callers pass 1 for 1.0: the float fields hold floats (torch cannot take 10**30 as an
+    int), the integer fields ints."""
+    p = SamplingParams(temperature=1, top_p=1, min_p=0, repetition_penalty=2, top_k=3, seed=4)
+    assert [type(getattr(p, n)) for n in ("temperature", "top_p", "min_p", "repetition_penalty", "top_k", "seed")] == [float] * 4 + [int] * 2
 
 
 def test_logits_processor_forces_output(model: localglm.Model) -> None:

@@ -209,6 +209,9 @@ def test_threads_are_capped_at_the_cores(tiny_dir: Path, tmp_path: Path, monkeyp
     ("argv", "needle"),
     [
         (["generate", "{tiny}", "-p", "x", "-n", "1", "-q", "--seed", str(2**70)], "--seed"),
+        # Before: a traceback from the sampler (1e-320 overflows the seen tokens' logits to inf), or 1e30 accepted.
+        (["generate", "{tiny}", "-p", "x", "-n", "2", "-q", "--temperature", "1", "--repetition-penalty", "1e-320"], "--repetition-penalty 1e-320: out of range (0.001 to 1000"),
+        (["generate", "{tiny}", "-p", "x", "-n", "2", "-q", "--temperature", "1", "--repeat-penalty", "1e30"], "--repetition-penalty"),
         (["generate", "{tiny}", "-p", "x", "-n", "1", "-q", "--ctx", "1000000000"], "--ctx"),
         (["generate", "{tiny}", "-p", "x", "-n", "1", "-q", "--ctx", "0"], "--ctx"),  # was read as "the default", as plan and inspect do not
         (["quantize", "{tiny}", "{tmp}/q", "-q", "--max-shard-size", "0"], "--max-shard-size"),

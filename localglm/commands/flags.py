@@ -210,29 +210,19 @@ def add_model_run_options(
     p.set_defaults(func=func)
 
 
-# What each sampling flag accepts, for the error that names the flag (the checks are SamplingParams').
-SAMPLING_RANGES = {
-    "temperature": "0 or more; 0 is greedy",
-    "top_k": "0 or more; 0 is off",
-    "top_p": "above 0, at most 1",
-    "min_p": "0 or more, below 1",
-    "repetition_penalty": "above 0; 1 is off",
-    "seed": "an integer from -2**63 to 2**64-1",
-}
-
-
 def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The sampling flags that were given, each checked here so that a bad value names its flag."""
-    from ..sampling import SamplingParams
+    """The sampling flags that were given, each checked here so that a bad value names its flag
+    (the checks, and the words for what each accepts, are SamplingParams')."""
+    from ..sampling import RANGES, SamplingParams
 
-    given = {name: getattr(args, name) for name in SAMPLING_RANGES}
+    given = {name: getattr(args, name) for name in RANGES}
     for name, value in given.items():
         if value is None:
             continue
         try:
             SamplingParams().updated(**{name: value})
         except (LocalGLMError, ValueError, OverflowError):
-            raise LocalGLMError(f"--{name.replace('_', '-')} {value}: out of range ({SAMPLING_RANGES[name]})") from None
+            raise LocalGLMError(f"--{name.replace('_', '-')} {value}: out of range ({RANGES[name]})") from None
     return given
 
 

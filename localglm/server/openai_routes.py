@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 from ..engine import Done
 from ..grammar import GrammarError, parse_response_format
 from ..grammar.budget import EFFORT_BUDGETS
+from ..sampling import REPETITION_PENALTY_RANGE  # SamplingParams' own bounds, so a 400 here and not a 500 there
 from ..chat.stream_parser import ContentDelta, ThinkingDelta, ToolCallArgsDelta, ToolCallStart
 from .chat import Finish, GenRequest, Reply, content_text, json_reply, model_name, request_body, start_job, stream_job
 from .errors import APIError, bad_request
@@ -32,10 +33,6 @@ from .validation import describe, expect, field, join, load_json, string_or_list
 from .worker import Job
 
 FINGERPRINT = "localglm"
-# The repetition penalty divides or multiplies float32 logits: at these bounds it already makes a seen
-# token certain or impossible, and beyond them it overflows the logits to inf (1e-320, a 500 in the
-# sampler) or is a number torch cannot take (10**30).
-REPETITION_PENALTY_RANGE = (1e-3, 1e3)
 
 
 # ---- request parsing -----------------------------------------------------------------------------
