@@ -95,6 +95,57 @@ def make_mix(out: Path, spec: dict, work: Path, keep: bool = True) -> Path:
     return out
 
 
+# The i-quant fixture (tests/data/glm4_moe_iquant_mix.gguf): every i-quant type in routed experts (gate/up,
+# down), shared experts, attention and the dense MLP, as the published IQ1/IQ2 GLM quants mix them.
+IQ_MIX = (
+    (r"blk\.1\.ffn_(gate|up)_exps", "IQ2_XXS"), (r"blk\.1\.ffn_down_exps", "IQ3_XXS"),
+    (r"blk\.2\.ffn_(gate|up)_exps", "IQ2_XS"), (r"blk\.2\.ffn_down_exps", "IQ3_S"),
+    (r"blk\.3\.ffn_(gate|up)_exps", "IQ1_S"), (r"blk\.3\.ffn_down_exps", "IQ2_S"),
+    (r"_shexp", "IQ1_M"), (r"attn_q\.", "IQ3_S"), (r"attn_k\.", "IQ2_S"), (r"attn_v\.", "IQ3_XXS"),
+    (r"attn_output", "IQ2_XS"), (r"blk\.0\.ffn_", "IQ3_XXS"), (r"token_embd", "Q4_K"), (r"output\.weight", "Q6_K"),
+)  # fmt: skip
+IQ_FIXTURE_SPEC = dict(FIXTURE_SPEC, num_hidden_layers=4, seed=12)
+
+
+def make_iq_mix(out: Path, spec: dict, work: Path) -> Path:
+    """Random weights of `spec` -> F32 GGUF (localglm export-gguf) -> a copy whose 2-D weights are in IQ_MIX's
+    types, quantized by llama.cpp's own code (ggml_peer.Ggml.quantize), the rest (metadata, norms, routers) as is."""
+    import re
+
+    import gguf
+    from ggml_peer import Ggml
+
+    g = Ggml()
+    from localglm.checkpoint.gguf import export_gguf
+    from localglm.models.glm4_moe.tiny import TinySpec
+    from localglm.tiny import make_tiny
+
+    model, flat = work / "model", work / "flat.gguf"
+    make_tiny(model, TinySpec(**spec), overwrite=True)
+    export_gguf(model, flat, "f32", mtp=False)
+    reader = gguf.GGUFReader(flat)
+    arch = str(reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
+    writer = gguf.GGUFWriter(out, arch)
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
+    for t in reader.tensors:
+        kind = next((k for pattern, k in IQ_MIX if re.search(pattern, t.name)), None) if t.name.endswith(".weight") and len(t.shape) >= 2 else None
+        data = t.data.reshape(tuple(int(d) for d in reversed(t.shape)))
+        if kind is None:
+            writer.add_tensor(t.name, data)
+        else:
+            blocks = g.quantize(kind, data.reshape(-1, data.shape[-1])).reshape(*data.shape[:-1], -1)
+            writer.add_tensor(t.name, blocks, raw_dtype=gguf.GGMLQuantizationType[kind])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
 def types_of(path: Path) -> dict[str, int]:
     import gguf
 
@@ -152,6 +203,8 @@ KERNEL_CASES = (
     ("Q6_K", 4096, 4096), ("Q2_K", 1408, 4096), ("Q3_K", 1408, 4096), ("IQ4_XS", 1408, 4096), ("Q5_0", 4096, 1408),
     ("Q4_0", 1408, 4096), ("Q4_0", 4096, 1408), ("Q5_1", 4096, 10944),
 )  # fmt: skip
+# --kernels --iq: the i-quants at GLM-5's routed-expert shapes (hidden 6144, expert width 2048)
+IQ_KERNEL_CASES = tuple((kind, n, k) for kind in ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M") for n, k in ((2048, 6144), (6144, 2048)))
 
 
 def measure_kernels(cases: tuple[tuple[str, int, int], ...] = KERNEL_CASES, seconds: float = 1.5, rounds: int = 3, stream_bytes: int = 96 << 20,
@@ -225,8 +278,17 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1, help="runs per engine, interleaved, medians reported (default 1)")
     ap.add_argument("--kernels", action="store_true", help="per-type one-token products beside llama.cpp's instead of the model run")
     ap.add_argument("--tokens", type=int, default=1, help="with --kernels: tokens per product (default 1, decode; e.g. 64 for a prompt's)")
+    ap.add_argument("--iq", action="store_true", help="with --kernels: the i-quant types (IQ1_S ... IQ3_S) at GLM-5's expert shapes")
     ap.add_argument("--make-fixture", type=Path, default=None, metavar="OUT", help="write the small test fixture and stop")
+    ap.add_argument("--make-iq-fixture", type=Path, default=None, metavar="OUT", help="write the small i-quant test fixture and stop")
     args = ap.parse_args()
+    if args.make_iq_fixture is not None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out = make_iq_mix(args.make_iq_fixture, IQ_FIXTURE_SPEC, Path(tmp))
+        print(f"{out}: {out.stat().st_size} bytes, {types_of(out)}")
+        return 0
     if args.make_fixture is not None:
         import tempfile
 
@@ -237,7 +299,7 @@ def main() -> int:
     if not available("llama.cpp"):
         raise SystemExit("llama-cpp-python is needed (pip install -e '.[bench]')")
     if args.kernels:
-        print(kernel_table(measure_kernels(tokens=max(1, args.tokens))))
+        print(kernel_table(measure_kernels(IQ_KERNEL_CASES if args.iq else KERNEL_CASES, tokens=max(1, args.tokens))))
         return 0
     res = measure(args.threads, args.prompt, args.new, args.repeat)
     print(table(res))

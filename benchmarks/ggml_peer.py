@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 
 # ggml type ids (ggml.h)
-GGML_TYPE = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ4_NL": 20, "IQ4_XS": 23}
+GGML_TYPE = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ2_XXS": 16, "IQ2_XS": 17,
+             "IQ3_XXS": 18, "IQ1_S": 19, "IQ4_NL": 20, "IQ3_S": 21, "IQ2_S": 22, "IQ4_XS": 23, "IQ1_M": 29}  # fmt: skip
+GRID_TYPES = {"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M"}  # ggml_quantize_init builds their tables first
 REPACKED_AVX2 = {"Q4_0", "Q4_K", "IQ4_NL"}  # llama.cpp ggml/src/ggml-cpu/repack.cpp, ggml_repack_get_optimal_repack_type
 
 
@@ -47,6 +49,7 @@ class Ggml:
         self.expand = fn(base, "ggml_build_forward_expand", None, p, p)
         self.get_data = fn(base, "ggml_get_data", p, p)
         self.quantize_chunk = fn(base, "ggml_quantize_chunk", sz, i, p, p, i64, i64, i64, p)
+        self.quantize_init = fn(base, "ggml_quantize_init", None, i)
         self.row_size = fn(base, "ggml_row_size", sz, i, i64)
         self.tensor_set = fn(base, "ggml_backend_tensor_set", None, p, p, sz, sz)
         self.buffer_free = fn(base, "ggml_backend_buffer_free", None, p)
@@ -60,11 +63,17 @@ class Ggml:
         fn(cpu, "ggml_cpu_init", None)()
 
     def quantize(self, kind: str, w: np.ndarray) -> np.ndarray:
-        """fp32 [n, k] -> ggml's blocks of `kind` (its reference quantizer, no importance matrix)."""
+        """fp32 [n, k] -> ggml's blocks of `kind` (its own quantizer). The i-quants get an importance matrix of
+        ones (every column alike): llama.cpp requires one below 3 bits (llama-quantize refuses IQ1/IQ2 without)."""
         n, k = w.shape
         w = np.ascontiguousarray(w, dtype=np.float32)
         out = np.empty(n * self.row_size(GGML_TYPE[kind], k), np.uint8)
-        self.quantize_chunk(GGML_TYPE[kind], w.ctypes.data, out.ctypes.data, 0, n, k, None)
+        imatrix = np.ones(k, np.float32) if kind in GRID_TYPES else None
+        if imatrix is not None:
+            self.quantize_init(GGML_TYPE[kind])
+        written = self.quantize_chunk(GGML_TYPE[kind], w.ctypes.data, out.ctypes.data, 0, n, k, None if imatrix is None else imatrix.ctypes.data)
+        if written != out.nbytes:
+            raise RuntimeError(f"ggml_quantize_chunk({kind}) wrote {written} bytes, expected {out.nbytes}")
         return out
 
 

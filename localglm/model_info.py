@@ -203,7 +203,8 @@ def _gguf_info(path: Path) -> CheckpointInfo:
 
 # The GGUF types loading keeps as their stored blocks (quant.kquants.GGML_TYPES; a test keeps the two equal).
 # Named here so that `inspect` and `plan` on a GGUF need no torch.
-GGUF_HELD_TYPES = frozenset({"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS"})
+GGUF_HELD_TYPES = frozenset({"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS",
+                             "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M"})
 
 
 def _gguf_held_class_bits(files: Any, cfg: ModelConfig) -> dict[str, float]:

@@ -92,7 +92,7 @@ def _float_for_quant(source: Any, name: str, shape: tuple[int, ...] | None = Non
 
 def _packed_layout(source: Any, recipe: Recipe | None, layer: int, hidden: int, inter: int, cls: str = "experts") -> ExpertBlobLayout | None:
     """The layout of `layer`'s routed experts as a GGUF stores them, when its types are taken as
-    stored (Q8_0 as q8; K-quants, Q4_0, Q5_0, IQ4_XS as their blocks: quant.kquants; gate and up of one
+    stored (Q8_0 as q8; K-quants, legacy types and i-quants as their blocks: quant.kquants; gate and up of one
     type) and no recipe asks otherwise (none, or one giving them exactly this layout). None otherwise."""
     specs = [source.packed_spec(nm) for nm in expert_tensor_names(layer, 0)] if isinstance(source, GGUFSource) else [None]
     if any(sp is None for sp in specs) or specs[0] != specs[1]:

@@ -4,7 +4,7 @@ llama.cpp's Q8_0 stores a row as blocks of 34 bytes: fp16 d, then 32 int8 q; w =
 q8 layout (group 32) with rowf = 1 and gscale = d bit for bit, so the conversion only moves bytes
 and `dequantize()` of the result equals `gguf.quants.dequantize` of the blocks exactly.
 
-The K-quant and legacy types of quant/kquants.py (Q2_K..Q6_K, Q4_0, Q5_0, IQ4_XS) are held as their
+The K-quant, legacy and i-quant types of quant/kquants.py (Q2_K..Q6_K, Q4_0..Q5_1, IQ1_S..IQ4_XS) are held as their
 blocks themselves (a QuantTensor with a GGMLSpec): `gguf_to_quant` copies the bytes and nothing else.
 """
 

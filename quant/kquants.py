@@ -1,5 +1,6 @@
-"""llama.cpp's K-quant and legacy block formats held as stored: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q4_0,
-Q4_1, Q5_0, Q5_1, IQ4_NL and IQ4_XS (Q8_0 becomes our q8 losslessly: quant/gguf_packed.py). The block-32
+"""llama.cpp's K-quant, legacy and i-quant block formats held as stored: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K,
+Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, IQ4_XS and the grid types IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS,
+IQ3_S (Q8_0 becomes our q8 losslessly: quant/gguf_packed.py). The block-32
 types matter beside the K-quants: llama.cpp falls back to them for rows that are not whole 256-weight
 blocks (GLM-4.5-Air's 1408-wide experts' down projections, for one).
 
@@ -73,6 +74,13 @@ GGML_TYPES: dict[str, GGMLType] = {
         GGMLType("Q4_1", 32, 20, 4, 8),
         GGMLType("Q5_1", 32, 24, 5, 9),
         GGMLType("IQ4_NL", 32, 18, 4, 10),
+        GGMLType("IQ2_XXS", QK_K, 66, 2, 11),
+        GGMLType("IQ2_XS", QK_K, 74, 2, 12),
+        GGMLType("IQ2_S", QK_K, 82, 2, 13),
+        GGMLType("IQ3_XXS", QK_K, 98, 3, 14),
+        GGMLType("IQ3_S", QK_K, 110, 3, 15),
+        GGMLType("IQ1_S", QK_K, 50, 1, 16),
+        GGMLType("IQ1_M", QK_K, 56, 1, 17),
     )
 }
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # llama.cpp kvalues_iq4nl
@@ -209,7 +217,96 @@ def decode_blocks(blocks: torch.Tensor, ggml: str) -> tuple[torch.Tensor, torch.
         idx = _bits(b[:, 8:136], [0, 4], 15, (nb, 8, 16), (nb, 8, 32)).long()
         q = torch.tensor(IQ4_VALUES, dtype=torch.float32, device=b.device)[idx]
         return q, (d * sc).unsqueeze(-1), None
+    if ggml in IQ_GRID_TYPES:
+        return _decode_iq(b, ggml)
     raise QuantError(f"GGUF type {ggml} is not held as stored (held: {', '.join(GGML_TYPES)})")
+
+
+# The i-quants: each weight a value of a fixed grid (quant/iq_tables.py) with a sign, times its sub-block's scale.
+IQ_GRID_TYPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M")
+
+
+@functools.cache
+def _iq_grid(name: str) -> torch.Tensor:
+    """gguf.quants' grid of the type as float32 [rows, values per row] (IQ1_M shares IQ1_S's)."""
+    from .iq_tables import grid_values
+
+    return torch.from_numpy(grid_values("IQ1_S" if name == "IQ1_M" else name)).float()
+
+
+@functools.cache
+def _ksigns() -> torch.Tensor:
+    from .iq_tables import ksigns
+
+    return torch.tensor(list(ksigns()), dtype=torch.int64)
+
+
+def _sign_bits(bytes_: torch.Tensor, nb: int, groups: int) -> torch.Tensor:
+    """Sign bytes [nb, groups] (bit j: the group's weight j negative) -> +-1 floats [nb, groups, 8]."""
+    bits = (bytes_.to(torch.int64).unsqueeze(-1) >> torch.arange(8, device=bytes_.device)) & 1
+    return (1 - 2 * bits).float().reshape(nb, groups, 8)
+
+
+def _decode_iq(b: torch.Tensor, ggml: str) -> tuple[torch.Tensor, torch.Tensor, None]:
+    """decode_blocks for the i-quants, as gguf.quants computes them: scale [nb, subs, 1] the sub-block's
+    fp32 factor, codes the signed grid values (IQ1: 8 * (value + delta), the scale carrying the 1/8,
+    so scale * code is gguf's d * (value + delta) exactly)."""
+    nb, dev = b.shape[0], b.device
+    grid = _iq_grid(ggml).to(dev)
+    w32 = lambda t: t.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # noqa: E731  little-endian uint32
+    w16 = lambda t: t.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF  # noqa: E731
+    if ggml in ("IQ2_XXS", "IQ3_XXS"):
+        d = _f16(b[:, 0:2])
+        if ggml == "IQ2_XXS":
+            words = w32(b[:, 2:66]).view(nb, 8, 2)
+            idx, aux = (words[..., 0:1] >> torch.arange(0, 32, 8, device=dev)) & 255, words[..., 1]
+            q = grid[idx].reshape(nb, 8, 32)  # 4 rows of 8 a sub-block
+            factor = 0.25
+        else:
+            aux = w32(b[:, 66:98])
+            q = grid[b[:, 2:66].to(torch.int64)].reshape(nb, 8, 32)  # 8 rows of 4 a sub-block
+            factor = 0.5
+        db = d * (0.5 + (aux >> 28).float()) * factor
+        signs = _ksigns().to(dev)[(aux.unsqueeze(-1) >> torch.arange(0, 28, 7, device=dev)) & 127]
+        return q * _sign_bits(signs, nb, 32).reshape(nb, 8, 32), db.unsqueeze(-1), None
+    if ggml in ("IQ2_XS", "IQ2_S"):
+        d = _f16(b[:, 0:2])
+        if ggml == "IQ2_XS":
+            v = w16(b[:, 2:66])
+            idx, signs = v & 511, _ksigns().to(dev)[v >> 9]
+            sc = b[:, 66:74]
+        else:
+            qh = (b[:, 66:74].to(torch.int64).unsqueeze(-1) >> torch.arange(0, 8, 2, device=dev)) & 3
+            idx, signs = b[:, 2:34].to(torch.int64) | (qh.reshape(nb, 32) << 8), b[:, 34:66]
+            sc = b[:, 74:82]
+        ls = _bits(sc, [0, 4], 15, (nb, 8, 1), (nb, 16)).float()  # low nibble first, byte by byte
+        db = d * (0.5 + ls) * 0.25
+        q = grid[idx].reshape(nb, 32, 8) * _sign_bits(signs, nb, 32)
+        return q.reshape(nb, 16, 16), db.unsqueeze(-1), None
+    if ggml == "IQ3_S":
+        d = _f16(b[:, 0:2])
+        qh = (b[:, 66:74].to(torch.int64).unsqueeze(-1) >> torch.arange(8, device=dev)) & 1
+        q = grid[b[:, 2:66].to(torch.int64) | (qh.reshape(nb, 64) << 8)].reshape(nb, 32, 8) * _sign_bits(b[:, 74:106], nb, 32)
+        ls = _bits(b[:, 106:110], [0, 4], 15, (nb, 4, 1), (nb, 8)).float()
+        return q.reshape(nb, 8, 32), (d * (1 + 2 * ls)).unsqueeze(-1), None
+    if ggml == "IQ1_S":
+        d = _f16(b[:, 0:2])
+        qh = w16(b[:, 34:50])  # [nb, 8]
+        idx = b[:, 2:34].to(torch.int64).view(nb, 8, 4) | (((qh.unsqueeze(-1) >> torch.arange(0, 12, 3, device=dev)) & 7) << 8)
+        delta = torch.where(qh & 0x8000 != 0, -1.0, 1.0).view(nb, 8, 1, 1)
+        q = (8 * grid[idx] + delta).reshape(nb, 8, 32)
+        dl = d * (2 * ((qh >> 12) & 7) + 1).float() * 0.125
+        return q, dl.unsqueeze(-1), None
+    # IQ1_M: d from the top nibbles of the four scale words
+    u = w16(b[:, 48:56])  # [nb, 4]
+    h = ((u[:, 0] >> 12) | ((u[:, 1] >> 8) & 0xF0) | ((u[:, 2] >> 4) & 0xF00) | (u[:, 3] & 0xF000)).to(torch.int16)
+    d = h.view(torch.float16).float().view(nb, 1)
+    nib = (b[:, 32:48].to(torch.int64).unsqueeze(-1) >> torch.tensor([0, 4], device=dev)) & 15  # [nb, 16, 2] -> index order
+    nib = nib.reshape(nb, 32)
+    q = 8 * grid[b[:, 0:32].to(torch.int64) | ((nib & 7) << 8)] + torch.where(nib & 8 != 0, -1.0, 1.0).unsqueeze(-1)
+    ls = ((u.unsqueeze(-1) >> torch.arange(0, 12, 3, device=dev)) & 7).reshape(nb, 16)
+    dl = d * (2 * ls + 1).float() * 0.125
+    return q.reshape(nb, 16, 16), dl.unsqueeze(-1), None
 
 
 def dequantize_blocks(blocks: torch.Tensor, ggml: str) -> torch.Tensor:

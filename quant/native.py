@@ -53,6 +53,7 @@ SOURCE = Path(__file__).with_name("native") / "qkernels.c"
 KQ_SOURCE = SOURCE.with_name("kquants.c")  # GGUF blocks as stored (quant/kquants.py): in the same library, lg_matvec calls them
 AMX_SOURCE = SOURCE.with_name("amx.c")  # bf16 products on AMX tiles where the CPU and kernel allow (lg_set_amx)
 HEADER = SOURCE.with_name("lg_kernels.h")  # what the model side's library includes to call these kernels
+IQ_GRIDS = SOURCE.with_name("iq_grids.h")  # kquants.c's i-quant tables (quant/iq_tables.py)
 # -ffp-contract=off: a product and a sum stay two roundings (no fused multiply-add the C source does
 # not ask for), as in torch's elementwise ops: experts summed here equal experts summed by torch.
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11", "-fno-math-errno", "-ffp-contract=off")
@@ -138,7 +139,7 @@ def _cpu_identity() -> str:
 
 
 def build(cc: str, flags: tuple[str, ...] = CFLAGS, directory: Path | None = None, *, name: str = "qkernels",
-          sources: tuple[Path, ...] = (SOURCE, KQ_SOURCE, AMX_SOURCE), depends: tuple[Path, ...] = (HEADER,), extra: tuple[str, ...] = ()) -> Path:
+          sources: tuple[Path, ...] = (SOURCE, KQ_SOURCE, AMX_SOURCE), depends: tuple[Path, ...] = (HEADER, IQ_GRIDS), extra: tuple[str, ...] = ()) -> Path:
     """Compile `sources` (default: quant's kernels) into `directory` (default: the user cache) as
     `name`-KEY.so, KEY a hash of the sources, `depends` (headers, a library linked against), the
     compiler, flags, `extra` (include dirs, link arguments: after the sources) and CPU, so each

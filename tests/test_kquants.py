@@ -23,16 +23,19 @@ from quant import native as quant_native
 from quant.blob import ExpertBlobLayout, PreparedExpert
 from quant.formats import QuantError, QuantSpec, QuantTensor
 from quant.gguf_packed import gguf_to_quant
-from quant.kquants import GGML_TYPES, GGMLSpec, act_block, dequantize_blocks, int8_grid, kquant_lib, torch_matmul
+from quant.kquants import GGML_TYPES, IQ_GRID_TYPES, GGMLSpec, act_block, dequantize_blocks, int8_grid, kquant_lib, torch_matmul
 from quant.recipe import CLASSES
 from quant.stack import QuantStack
 
 DATA = Path(__file__).parent / "data"
 MIX = DATA / "glm4_moe_kquant_mix.gguf"
+IQ_MIX = DATA / "glm4_moe_iquant_mix.gguf"
 TOKENS = [5, 17, 200, 3, 99, 42, 7, 478, 480, 300, 11, 250, 64]
 # byte offsets of each type's fp16 super-block factors (d, and dmin where there is one)
 F16_AT = {"Q4_0": [0], "Q5_0": [0], "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_XS": [0],
-          "Q4_1": [0, 2], "Q5_1": [0, 2], "IQ4_NL": [0]}  # fmt: skip
+          "Q4_1": [0, 2], "Q5_1": [0, 2], "IQ4_NL": [0], "IQ2_XXS": [0], "IQ2_XS": [0], "IQ2_S": [0], "IQ3_XXS": [0], "IQ3_S": [0],
+          "IQ1_S": [0], "IQ1_M": []}  # fmt: skip
+IQ1M_SCALES = 48  # IQ1_M's fp16 d lies in the top nibbles of the four scale words at bytes 48..55
 TYPES = list(GGML_TYPES)
 
 
@@ -64,6 +67,11 @@ def random_blocks(name: str, n_blocks: int, seed: int = 0) -> np.ndarray:
     b = rng.integers(0, 256, (n_blocks, t.nbytes), dtype=np.uint8)
     for o in F16_AT[name]:
         b[:, o : o + 2] = (rng.standard_normal(n_blocks) * 0.02).astype(np.float16).view(np.uint8).reshape(n_blocks, 2)
+    if name == "IQ1_M":
+        d = (rng.standard_normal(n_blocks) * 0.02).astype(np.float16).view(np.uint16).astype(np.uint16)
+        words = b[:, IQ1M_SCALES : IQ1M_SCALES + 8].copy().view(np.uint16)
+        nibbles = np.stack([(d >> s) & 15 for s in (0, 4, 8, 12)], 1).astype(np.uint16)
+        b[:, IQ1M_SCALES : IQ1M_SCALES + 8] = ((words & 0x0FFF) | (nibbles << 12)).astype(np.uint16).view(np.uint8)
     return b
 
 
@@ -202,8 +210,9 @@ def test_spec_names_layouts_and_rows() -> None:
     spec = GGMLSpec.of("q6_k")
     assert spec.name == "q6_k" and QuantSpec.parse("q6_k") == spec and QuantSpec.parse("iq4_xs") == GGMLSpec.of("IQ4_XS")
     assert spec != QuantSpec(4, 256) and GGMLSpec.of("Q4_K") != GGMLSpec.of("IQ4_XS")
-    with pytest.raises(QuantError, match="IQ2_XXS is not held as stored"):
-        GGMLSpec.of("IQ2_XXS")
+    assert GGMLSpec.of("iq2_xxs").name == "iq2_xxs" and QuantSpec.parse("iq1_m") == GGMLSpec.of("IQ1_M")
+    with pytest.raises(QuantError, match="TQ1_0 is not held as stored"):
+        GGMLSpec.of("TQ1_0")
     with pytest.raises(QuantError, match="blocks of 256"):
         QuantTensor(spec, (2, 100), torch.zeros(1000, dtype=torch.uint8))
     qt = tensor_of("Q3_K", 12, 512, seed=5)
@@ -324,7 +333,7 @@ def test_llama_cpp_mix_loads_as_stored_and_matches_reference_dequantization(monk
     the default int8-activation kernel (activations rounded per 256 for the K types, as llama.cpp's Q8_K)
     they stay within that rounding: llama.cpp's own logits on this file are 2.9e-2 of the largest away."""
     kinds = {t.tensor_type.name for t in gguf.GGUFReader(MIX).tensors}
-    assert set(GGML_TYPES) - {"Q4_1", "Q5_1", "IQ4_NL"} <= kinds  # every held type but three is in the file
+    assert set(GGML_TYPES) - {"Q4_1", "Q5_1", "IQ4_NL", *IQ_GRID_TYPES} <= kinds  # every held type but three (and the i-quants: IQ_MIX) is in the file
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "re-quantizing" warning
         m = localglm.load(MIX, dtype="float32")
@@ -344,10 +353,56 @@ def test_llama_cpp_mix_loads_as_stored_and_matches_reference_dequantization(monk
     assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
-def test_torch_fallback_runs_the_mix(monkeypatch: pytest.MonkeyPatch, exact_kernels: None) -> None:
+def test_iquant_mix_loads_as_stored_and_matches_reference_dequantization(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tests/data/glm4_moe_iquant_mix.gguf (blocks from llama.cpp's own quantization code: see tests/data/README.md)
+    holds every i-quant type (IQ1_S ... IQ3_S) in routed and shared experts, attention and the dense MLP. It loads
+    with every 2-D weight in its blocks (no re-quantization warning), and with fp32 activations its logits are the
+    gguf-dequantized model's to fp32 rounding."""
+    kinds = {t.tensor_type.name for t in gguf.GGUFReader(IQ_MIX).tensors}
+    assert set(IQ_GRID_TYPES) <= kinds
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = localglm.load(IQ_MIX, dtype="float32")
+    layouts = m.net.experts.layouts
+    assert {layer: (lay.gate_up.ggml, lay.down.ggml) for layer, lay in layouts.items()} == {
+        1: ("IQ2_XXS", "IQ3_XXS"), 2: ("IQ2_XS", "IQ3_S"), 3: ("IQ1_S", "IQ2_S")}  # fmt: skip
+    layer = m.net.w.layers[1]
+    assert isinstance(layer.attn.qkv_weight, QuantStack) and isinstance(layer.shared.gate_up, QuantTensor)
+    ref = _float_reference(IQ_MIX)
+    monkeypatch.setattr(kquants, "NATIVE_MAX_ROWS", 0)  # every product through dequantize + fp32 GEMM
+    m.net.fused_decode = m.net.fused_prefill = False
+    ours = m.logits(torch.tensor([TOKENS]))[0].numpy()
+    assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_llama_cpp_agrees_on_the_iquant_mix() -> None:
+    """llama.cpp runs the i-quants with activations rounded to Q8_K, as our int8 kernels do: the same products,
+    so its logits and ours (fused and layer by layer) agree to fp32 rounding (measured 5e-7 of the largest)."""
+    pytest.importorskip("llama_cpp")
+    from test_gguf_llama_cpp import _llama_logits
+
+    theirs = _llama_logits(IQ_MIX, TOKENS)
+    m = localglm.load(IQ_MIX, dtype="float32")
+    mine = m.logits(torch.tensor([TOKENS]))[0].numpy()
+    assert np.abs(mine - theirs).max() <= 1e-5 * np.abs(theirs).max()
+    m.net.fused_decode = m.net.fused_prefill = False
+    layered = m.logits(torch.tensor([TOKENS]))[0].numpy()
+    assert np.abs(layered - theirs).max() <= 1e-5 * np.abs(theirs).max()
+
+
+def test_iq_grid_header_is_the_gguf_packages_tables() -> None:
+    """quant/native/iq_grids.h is generated (python -m quant.iq_tables) from gguf's grids: still the same."""
+    from quant.iq_tables import HEADER, render_header
+
+    assert HEADER.read_text() == render_header()
+
+
+@pytest.mark.parametrize("path", [MIX, IQ_MIX], ids=["kquant", "iquant"])
+def test_torch_fallback_runs_the_mix(path: Path, monkeypatch: pytest.MonkeyPatch, exact_kernels: None) -> None:
+    """Without the native kernels (no compiler; on a GPU the same torch code runs): blocks dequantized per chunk."""
     monkeypatch.setattr(kquants, "kquant_lib", lambda: None)
-    ours = localglm.load(MIX, dtype="float32").logits(torch.tensor([TOKENS]))[0].numpy()
-    ref = _float_reference(MIX)
+    ours = localglm.load(path, dtype="float32").logits(torch.tensor([TOKENS]))[0].numpy()
+    ref = _float_reference(path)
     assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max()
 
 

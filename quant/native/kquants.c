@@ -14,6 +14,7 @@
  * -ffp-contract=off); AVX2 (+FMA) where the compiler targets it, portable C otherwise.
  */
 #include "lg_kernels.h" /* lg_chunk, hsum256 (and immintrin.h under AVX2) */
+#include "iq_grids.h"   /* the i-quant grids and sign table (quant/iq_tables.py) */
 #ifdef __F16C__
 #include <immintrin.h>
 #endif
@@ -21,7 +22,10 @@
 #define QK_K 256
 #define KQ_MAX_ROWS 64 /* tokens per kq_matmul call (accumulators live on the stack) */
 
-enum kq_type { KQ_Q4_0, KQ_Q5_0, KQ_Q2_K, KQ_Q3_K, KQ_Q4_K, KQ_Q5_K, KQ_Q6_K, KQ_IQ4_XS, KQ_Q4_1, KQ_Q5_1, KQ_IQ4_NL, KQ_NTYPES };
+enum kq_type {
+    KQ_Q4_0, KQ_Q5_0, KQ_Q2_K, KQ_Q3_K, KQ_Q4_K, KQ_Q5_K, KQ_Q6_K, KQ_IQ4_XS, KQ_Q4_1, KQ_Q5_1, KQ_IQ4_NL,
+    KQ_IQ2_XXS, KQ_IQ2_XS, KQ_IQ2_S, KQ_IQ3_XXS, KQ_IQ3_S, KQ_IQ1_S, KQ_IQ1_M, KQ_NTYPES
+};
 
 typedef struct {
     int block, nbytes, sub, has_offset;
@@ -32,7 +36,13 @@ static const kq_info INFO[KQ_NTYPES] = {
     {32, 18, 32, 0}, {32, 22, 32, 0}, {QK_K, 84, 16, 1}, {QK_K, 110, 16, 0},
     {QK_K, 144, 32, 1}, {QK_K, 176, 32, 1}, {QK_K, 210, 16, 0}, {QK_K, 136, 32, 0},
     {32, 20, 32, 1}, {32, 24, 32, 1}, {32, 18, 32, 0},
+    {QK_K, 66, 32, 0}, {QK_K, 74, 16, 0}, {QK_K, 82, 16, 0}, {QK_K, 98, 32, 0}, {QK_K, 110, 32, 0}, {QK_K, 50, 32, 0}, {QK_K, 56, 16, 0},
 };
+
+/* The i-quants (IQ2_XXS ... IQ1_M): every weight is a value of a fixed grid (iq_grids.h) with a sign, times
+ * its sub-block's scale; their codes are signed, as IQ4_XS's. */
+static inline int iq_grid_type(int type) { return type >= KQ_IQ2_XXS && type <= KQ_IQ1_M; }
+static inline int signed_codes(int type) { return type == KQ_IQ4_XS || iq_grid_type(type); }
 
 static const int8_t IQ4_VALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
@@ -61,6 +71,232 @@ static inline __m128i fifth_bits(uint32_t bits) {
     return _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(v, m), m), _mm_set1_epi8(16));
 }
 static inline void store16(int8_t *q, __m128i v) { _mm_storeu_si128((__m128i *)q, v); }
+#endif
+
+static inline uint32_t rd32(const uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+static inline uint16_t rd16(const uint8_t *p) {
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return v;
+}
+
+/* An i-quant block's scales, as gguf.quants / llama.cpp's dequantize_row_iq* compute them: sc[subs] (fp32,
+ * bit for bit; IQ1's carry the 1/8 its codes are scaled by), and for the int8 products the same as an
+ * integer per 16 weights isc[16] times one factor d (sc = d * isc, as real numbers). Either may be NULL. */
+static void iq_scales(int type, const uint8_t *b, float *sc, int16_t *isc, float *d) {
+    switch (type) {
+    case KQ_IQ2_XXS:
+    case KQ_IQ3_XXS: { /* 4 bits a sub-block of 32, the top of each 32-bit scale-and-signs word */
+        const float f = f16(b), half = type == KQ_IQ2_XXS ? 0.25f : 0.5f;
+        for (int s = 0; s < 8; s++) {
+            const uint32_t ls = rd32(type == KQ_IQ2_XXS ? b + 6 + 8 * s : b + 66 + 4 * s) >> 28;
+            if (sc) sc[s] = f * (0.5f + (float)ls) * half;
+            if (isc) isc[2 * s] = isc[2 * s + 1] = (int16_t)(2 * ls + 1);
+        }
+        if (d) *d = f * (half * 0.5f);
+        break;
+    }
+    case KQ_IQ2_XS:
+    case KQ_IQ2_S: { /* 4 bits a sub-block of 16, two to a byte (low first) */
+        const float f = f16(b);
+        const uint8_t *scales = b + (type == KQ_IQ2_XS ? 66 : 74);
+        for (int s = 0; s < 16; s++) {
+            const int ls = (scales[s >> 1] >> (4 * (s & 1))) & 15;
+            if (sc) sc[s] = f * (0.5f + (float)ls) * 0.25f;
+            if (isc) isc[s] = (int16_t)(2 * ls + 1);
+        }
+        if (d) *d = f * 0.125f;
+        break;
+    }
+    case KQ_IQ3_S: { /* d * (1 + 2 * 4 bits), a sub-block of 32 */
+        const float f = f16(b);
+        for (int s = 0; s < 8; s++) {
+            const int ls = 1 + 2 * ((b[106 + (s >> 1)] >> (4 * (s & 1))) & 15);
+            if (sc) sc[s] = f * (float)ls;
+            if (isc) isc[2 * s] = isc[2 * s + 1] = (int16_t)ls;
+        }
+        if (d) *d = f;
+        break;
+    }
+    case KQ_IQ1_S: { /* d * (2 * 3 bits + 1), a sub-block of 32 (bits 12-14 of its qh word) */
+        const float f = f16(b);
+        for (int s = 0; s < 8; s++) {
+            const int ls = 2 * ((rd16(b + 34 + 2 * s) >> 12) & 7) + 1;
+            if (sc) sc[s] = f * (float)ls * 0.125f;
+            if (isc) isc[2 * s] = isc[2 * s + 1] = (int16_t)ls;
+        }
+        if (d) *d = f * 0.125f;
+        break;
+    }
+    default: { /* KQ_IQ1_M: the fp16 d in the four scale words' top nibbles; d * (2 * 3 bits + 1) a sub-block of 16 */
+        uint16_t u[4];
+        memcpy(u, b + 48, 8);
+        const uint16_t h = (uint16_t)((u[0] >> 12) | ((u[1] >> 8) & 0x00f0) | ((u[2] >> 4) & 0x0f00) | (u[3] & 0xf000));
+        uint8_t hb[2];
+        memcpy(hb, &h, 2);
+        const float f = f16(hb);
+        for (int s = 0; s < 16; s++) {
+            const int ls = 2 * ((u[s >> 2] >> (3 * (s & 3))) & 7) + 1;
+            if (sc) sc[s] = f * (float)ls * 0.125f;
+            if (isc) isc[s] = (int16_t)ls;
+        }
+        if (d) *d = f * 0.125f;
+    }
+    }
+}
+
+/* The 8 grid values (one byte each) behind a uint64 / the 4 behind a uint32 row. */
+#define GRID8(G, i) ((const uint8_t *)((G) + (i)))
+
+/* Chunk c (weights 32c..32c+31) of an i-quant block: per group of 8 weights its grid row(s) `rows`
+ * (uint64 rows: rows[l]; uint32 rows: rows[2l], rows[2l+1]) and the 32 sign bits (bit j: weight j
+ * negated), or for IQ1 the delta's sign per group (delta[l], +-1). */
+typedef struct {
+    const uint8_t *rows[8];
+    uint32_t signs;
+    int8_t delta[4];
+} iq_chunk;
+
+static inline __attribute__((always_inline)) void iq_chunk_of(int type, const uint8_t *b, int c, iq_chunk *ch) {
+    ch->signs = 0;
+    switch (type) {
+    case KQ_IQ2_XXS: { /* 4 grid bytes, then 4 x 7 sign bits and the scale */
+        const uint32_t a0 = rd32(b + 2 + 8 * c), a1 = rd32(b + 6 + 8 * c);
+        for (int l = 0; l < 4; l++) ch->rows[l] = GRID8(IQ2XXS_GRID, (a0 >> (8 * l)) & 255), ch->signs |= (uint32_t)KSIGNS[(a1 >> (7 * l)) & 127] << (8 * l);
+        break;
+    }
+    case KQ_IQ2_XS: /* 9 grid bits and 7 sign bits a group */
+        for (int l = 0; l < 4; l++) {
+            const uint16_t v = rd16(b + 2 + 2 * (4 * c + l));
+            ch->rows[l] = GRID8(IQ2XS_GRID, v & 511), ch->signs |= (uint32_t)KSIGNS[v >> 9] << (8 * l);
+        }
+        break;
+    case KQ_IQ2_S: /* 8 grid bits + 2 from qh, the signs stored whole */
+        for (int l = 0; l < 4; l++) ch->rows[l] = GRID8(IQ2S_GRID, b[2 + 4 * c + l] | (((b[66 + c] >> (2 * l)) & 3) << 8));
+        ch->signs = rd32(b + 34 + 4 * c);
+        break;
+    case KQ_IQ3_XXS: { /* a byte a row of 4, the signs as IQ2_XXS's in the scale word */
+        const uint32_t a = rd32(b + 66 + 4 * c);
+        for (int i = 0; i < 8; i++) ch->rows[i] = (const uint8_t *)(IQ3XXS_GRID + b[2 + 8 * c + i]);
+        for (int l = 0; l < 4; l++) ch->signs |= (uint32_t)KSIGNS[(a >> (7 * l)) & 127] << (8 * l);
+        break;
+    }
+    case KQ_IQ3_S: /* 8 bits + 1 from qh a row of 4, the signs stored whole */
+        for (int i = 0; i < 8; i++) ch->rows[i] = (const uint8_t *)(IQ3S_GRID + (b[2 + 8 * c + i] | (((b[66 + c] >> i) & 1) << 8)));
+        ch->signs = rd32(b + 74 + 4 * c);
+        break;
+    case KQ_IQ1_S: { /* 8 bits + 3 from the sub-block's qh word; its top bit the delta's sign */
+        const uint16_t h = rd16(b + 34 + 2 * c);
+        for (int l = 0; l < 4; l++) ch->rows[l] = GRID8(IQ1S_GRID, b[2 + 4 * c + l] | (((h >> (3 * l)) & 7) << 8)), ch->delta[l] = h & 0x8000 ? -1 : 1;
+        break;
+    }
+    default: /* KQ_IQ1_M: 8 bits + 3 from a qh nibble, whose fourth bit is the delta's sign */
+        for (int l = 0; l < 4; l++) {
+            const int j = 4 * c + l, nib = (b[32 + (j >> 1)] >> (4 * (j & 1))) & 15;
+            ch->rows[l] = GRID8(IQ1S_GRID, b[j] | ((nib & 7) << 8)), ch->delta[l] = nib & 8 ? -1 : 1;
+        }
+    }
+}
+
+/* Chunk c's 32 signed codes: the grid values with their signs; IQ1: 8 * value + the delta's sign (the
+ * scales carry the 1/8: d * (v + delta) == (d / 8) * (8 v + 8 delta) exactly). */
+static inline __attribute__((always_inline)) void iq_codes32(int type, const uint8_t *b, int c, int8_t *q) {
+    iq_chunk ch;
+    iq_chunk_of(type, b, c, &ch);
+    if (type == KQ_IQ1_S || type == KQ_IQ1_M) {
+        for (int l = 0; l < 4; l++)
+            for (int j = 0; j < 8; j++) q[8 * l + j] = (int8_t)(8 * (int8_t)ch.rows[l][j] + ch.delta[l]);
+        return;
+    }
+    const int four = type == KQ_IQ3_XXS || type == KQ_IQ3_S; /* rows of 4 values */
+    for (int j = 0; j < 32; j++) {
+        const int v = four ? ch.rows[j >> 2][j & 3] : ch.rows[j >> 3][j & 7];
+        q[j] = (int8_t)((ch.signs >> j) & 1 ? -v : v);
+    }
+}
+
+#ifdef __AVX2__
+/* 32 bits -> 32 bytes, 0xff where bit j is set (byte j). */
+static inline __m256i bit_bytes(uint32_t x) {
+    const __m256i shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)x), shuf), bit), bit);
+}
+
+static inline uint64_t row8(const uint8_t *p) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+/* Four uint64 grid rows (8 one-byte values each) as one vector, row 0 lowest. */
+static inline __m256i rows4(const uint64_t *g, unsigned i0, unsigned i1, unsigned i2, unsigned i3) {
+    return _mm256_set_epi64x((long long)g[i3], (long long)g[i2], (long long)g[i1], (long long)g[i0]);
+}
+
+/* Four groups' 7-bit sign indices (KSIGNS) as +-1 bytes. */
+static inline __m256i ksign_bytes(uint32_t a) {
+    return rows4(KSIGNS_BYTES, a & 127, (a >> 7) & 127, (a >> 14) & 127, (a >> 21) & 127);
+}
+
+/* iq_codes32 as one vector: the same bytes. The grid rows are gathered four (or eight) at a time and
+ * the signs applied as +-1 bytes (KSIGNS_BYTES, or the stored sign bits), as llama.cpp's AVX2 vec_dots do. */
+static inline __attribute__((always_inline)) __m256i iq_codes32_v(int type, const uint8_t *b, int c) {
+    const __m256i one = _mm256_set1_epi8(1);
+    switch (type) {
+    case KQ_IQ2_XXS: {
+        const uint32_t a0 = rd32(b + 2 + 8 * c), a1 = rd32(b + 6 + 8 * c);
+        return _mm256_sign_epi8(rows4(IQ2XXS_GRID, a0 & 255, (a0 >> 8) & 255, (a0 >> 16) & 255, a0 >> 24), ksign_bytes(a1));
+    }
+    case KQ_IQ2_XS: {
+        uint16_t v[4];
+        memcpy(v, b + 2 + 8 * c, 8);
+        const __m256i s = rows4(KSIGNS_BYTES, v[0] >> 9, v[1] >> 9, v[2] >> 9, v[3] >> 9);
+        return _mm256_sign_epi8(rows4(IQ2XS_GRID, v[0] & 511, v[1] & 511, v[2] & 511, v[3] & 511), s);
+    }
+    case KQ_IQ2_S: {
+        const unsigned h = b[66 + c];
+        const uint8_t *qs = b + 2 + 4 * c;
+        const __m256i g = rows4(IQ2S_GRID, qs[0] | ((h << 8) & 0x300), qs[1] | ((h << 6) & 0x300), qs[2] | ((h << 4) & 0x300), qs[3] | ((h << 2) & 0x300));
+        return _mm256_sign_epi8(g, _mm256_or_si256(bit_bytes(rd32(b + 34 + 4 * c)), one));
+    }
+    case KQ_IQ3_XXS: {
+        const uint8_t *qs = b + 2 + 8 * c;
+        const __m256i g = _mm256_setr_epi32((int)IQ3XXS_GRID[qs[0]], (int)IQ3XXS_GRID[qs[1]], (int)IQ3XXS_GRID[qs[2]], (int)IQ3XXS_GRID[qs[3]],
+                                            (int)IQ3XXS_GRID[qs[4]], (int)IQ3XXS_GRID[qs[5]], (int)IQ3XXS_GRID[qs[6]], (int)IQ3XXS_GRID[qs[7]]);
+        return _mm256_sign_epi8(g, ksign_bytes(rd32(b + 66 + 4 * c)));
+    }
+    case KQ_IQ3_S: {
+        const unsigned h = b[66 + c];
+        const uint8_t *qs = b + 2 + 8 * c;
+        const __m256i g = _mm256_setr_epi32((int)IQ3S_GRID[qs[0] | ((h << 8) & 256)], (int)IQ3S_GRID[qs[1] | ((h << 7) & 256)], (int)IQ3S_GRID[qs[2] | ((h << 6) & 256)],
+                                            (int)IQ3S_GRID[qs[3] | ((h << 5) & 256)], (int)IQ3S_GRID[qs[4] | ((h << 4) & 256)], (int)IQ3S_GRID[qs[5] | ((h << 3) & 256)],
+                                            (int)IQ3S_GRID[qs[6] | ((h << 2) & 256)], (int)IQ3S_GRID[qs[7] | ((h << 1) & 256)]);
+        return _mm256_sign_epi8(g, _mm256_or_si256(bit_bytes(rd32(b + 74 + 4 * c)), one));
+    }
+    case KQ_IQ1_S: {
+        const unsigned h = rd16(b + 34 + 2 * c);
+        const uint8_t *qs = b + 2 + 4 * c;
+        const __m256i g = rows4(IQ1S_GRID, qs[0] | ((h << 8) & 0x700), qs[1] | ((h << 5) & 0x700), qs[2] | ((h << 2) & 0x700), qs[3] | ((h >> 1) & 0x700));
+        const __m256i g2 = _mm256_add_epi8(g, g), g4 = _mm256_add_epi8(g2, g2);
+        return _mm256_add_epi8(_mm256_add_epi8(g4, g4), _mm256_set1_epi8((char)(1 - 2 * (int)(h >> 15)))); /* 8 v + delta (no branch: random bits) */
+    }
+    default: { /* KQ_IQ1_M */
+        const unsigned h0 = b[32 + 2 * c], h1 = b[33 + 2 * c];
+        const uint8_t *qs = b + 4 * c;
+        const __m256i g = rows4(IQ1S_GRID, qs[0] | ((h0 << 8) & 0x700), qs[1] | ((h0 << 4) & 0x700), qs[2] | ((h1 << 8) & 0x700), qs[3] | ((h1 << 4) & 0x700));
+        const __m256i g2 = _mm256_add_epi8(g, g), g4 = _mm256_add_epi8(g2, g2);
+        const long long p = 0x0101010101010101LL; /* +1 bytes, or -1 (all ones) where the delta's bit is set */
+        const __m256i delta = _mm256_set_epi64x(p | -(long long)((h1 >> 7) & 1), p | -(long long)((h1 >> 3) & 1), p | -(long long)((h0 >> 7) & 1),
+                                                p | -(long long)((h0 >> 3) & 1));
+        return _mm256_add_epi8(_mm256_add_epi8(g4, g4), delta);
+    }
+    }
+}
 #endif
 
 /* One block -> codes q[block] (skipped when q is NULL: the AVX2 kernels make codes themselves),
@@ -225,6 +461,13 @@ static inline __attribute__((always_inline)) void decode(int type, const uint8_t
 #endif
         break;
     }
+    default: /* the i-quants */
+        iq_scales(type, b, sc, NULL, NULL);
+#ifdef __AVX2__
+        if (q) for (int c = 0; c < 8; c++) _mm256_storeu_si256((__m256i *)(q + 32 * c), iq_codes32_v(type, b, c));
+#else
+        if (q) for (int c = 0; c < 8; c++) iq_codes32(type, b, c, q + 32 * c);
+#endif
     }
 }
 
@@ -326,6 +569,8 @@ int kq_dequant(int type, const uint8_t *w, int n, int k, float *out, int nth) {
     switch (type) {
         DEQUANT_OF(KQ_Q4_0) DEQUANT_OF(KQ_Q5_0) DEQUANT_OF(KQ_Q2_K) DEQUANT_OF(KQ_Q3_K) DEQUANT_OF(KQ_Q4_K) DEQUANT_OF(KQ_Q5_K)
         DEQUANT_OF(KQ_Q6_K) DEQUANT_OF(KQ_IQ4_XS) DEQUANT_OF(KQ_Q4_1) DEQUANT_OF(KQ_Q5_1) DEQUANT_OF(KQ_IQ4_NL)
+        DEQUANT_OF(KQ_IQ2_XXS) DEQUANT_OF(KQ_IQ2_XS) DEQUANT_OF(KQ_IQ2_S) DEQUANT_OF(KQ_IQ3_XXS) DEQUANT_OF(KQ_IQ3_S) DEQUANT_OF(KQ_IQ1_S)
+        DEQUANT_OF(KQ_IQ1_M)
     }
     return 0;
 }
@@ -354,7 +599,8 @@ int kq_dequant_bf16(int type, const uint8_t *w, int n, int k, int n0, int n1, ui
     switch (type) {
         DEQUANT_BF16_OF(KQ_Q4_0) DEQUANT_BF16_OF(KQ_Q5_0) DEQUANT_BF16_OF(KQ_Q2_K) DEQUANT_BF16_OF(KQ_Q3_K) DEQUANT_BF16_OF(KQ_Q4_K)
         DEQUANT_BF16_OF(KQ_Q5_K) DEQUANT_BF16_OF(KQ_Q6_K) DEQUANT_BF16_OF(KQ_IQ4_XS) DEQUANT_BF16_OF(KQ_Q4_1) DEQUANT_BF16_OF(KQ_Q5_1)
-        DEQUANT_BF16_OF(KQ_IQ4_NL)
+        DEQUANT_BF16_OF(KQ_IQ4_NL) DEQUANT_BF16_OF(KQ_IQ2_XXS) DEQUANT_BF16_OF(KQ_IQ2_XS) DEQUANT_BF16_OF(KQ_IQ2_S) DEQUANT_BF16_OF(KQ_IQ3_XXS)
+        DEQUANT_BF16_OF(KQ_IQ3_S) DEQUANT_BF16_OF(KQ_IQ1_S) DEQUANT_BF16_OF(KQ_IQ1_M)
     }
     return 0;
 }
@@ -476,11 +722,14 @@ static inline __attribute__((always_inline)) void kscales(int type, const uint8_
         for (int s = 0; s < 16; s++) isc[s] = (int16_t)(int8_t)b[192 + s];
         *d = f16(b + 208);
         break;
-    default: { /* KQ_IQ4_XS */
+    case KQ_IQ4_XS: {
         const unsigned sh = (unsigned)b[2] | ((unsigned)b[3] << 8);
         for (int j = 0; j < 8; j++) isc[2 * j] = isc[2 * j + 1] = (int16_t)((((b[4 + (j >> 1)] >> (4 * (j & 1))) & 15) | (((sh >> (2 * j)) & 3) << 4)) - 32);
         *d = f16(b);
+        break;
     }
+    default: /* the i-quants */
+        iq_scales(type, b, NULL, isc, d);
     }
 }
 
@@ -527,7 +776,8 @@ static inline __m256i codes32(int type, const uint8_t *b, int j) {
         const __m256i lo = shr_mask(ld(b + h * 64 + (jj & 1) * 32), 4 * (jj >> 1), 15), hi = shr_mask(ld(b + 128 + h * 32), 2 * jj, 3);
         return _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
     }
-    default: return _mm256_shuffle_epi8(iq4, nib32(b + 8 + j * 16)); /* KQ_IQ4_XS */
+    case KQ_IQ4_XS: return _mm256_shuffle_epi8(iq4, nib32(b + 8 + j * 16));
+    default: return iq_codes32_v(type, b, j); /* the i-quants */
     }
 }
 
@@ -536,6 +786,62 @@ static inline __m256i sum8x8(const __m256i *p) {
     const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
     const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
     return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+/* Eight sub-block scales of 32 (int32 lanes) -> sixteen int16 per 16 weights, each twice. */
+static inline __m256i twice16(__m256i v32) { return _mm256_or_si256(v32, _mm256_slli_epi32(v32, 16)); }
+
+/* iq_scales' integer scales isc[16] and d as one vector (not IQ1_M's), without the scalar stores a
+ * vector load would then wait on. */
+static inline __attribute__((always_inline)) __m256i iq_scales_v(int type, const uint8_t *b, float *d) {
+    const __m256i one = _mm256_set1_epi32(1);
+    switch (type) {
+    case KQ_IQ2_XXS: { /* the top 4 bits of the odd words of the 8 (grid, signs) pairs */
+        const __m256i idx = _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7);
+        const __m256i lo = _mm256_permutevar8x32_epi32(_mm256_loadu_si256((const __m256i *)(b + 2)), idx);
+        const __m256i hi = _mm256_permutevar8x32_epi32(_mm256_loadu_si256((const __m256i *)(b + 34)), idx);
+        *d = f16(b) * 0.125f;
+        return twice16(_mm256_add_epi32(_mm256_slli_epi32(_mm256_srli_epi32(_mm256_permute2x128_si256(lo, hi, 0x20), 28), 1), one));
+    }
+    case KQ_IQ3_XXS:
+        *d = f16(b) * 0.25f;
+        return twice16(_mm256_add_epi32(_mm256_slli_epi32(_mm256_srli_epi32(_mm256_loadu_si256((const __m256i *)(b + 66)), 28), 1), one));
+    case KQ_IQ2_XS:
+    case KQ_IQ2_S: { /* 16 nibbles, low first byte by byte */
+        uint64_t x;
+        memcpy(&x, b + (type == KQ_IQ2_XS ? 66 : 74), 8);
+        const __m128i v = _mm_cvtsi64_si128((long long)x), m = _mm_set1_epi8(15);
+        const __m256i n = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(_mm_and_si128(v, m), _mm_and_si128(_mm_srli_epi16(v, 4), m)));
+        *d = f16(b) * 0.125f;
+        return _mm256_add_epi16(_mm256_slli_epi16(n, 1), _mm256_set1_epi16(1));
+    }
+    case KQ_IQ3_S: { /* 8 nibbles, 1 + 2 s */
+        uint32_t x;
+        memcpy(&x, b + 106, 4);
+        const __m128i v = _mm_cvtsi32_si128((int)x), m = _mm_set1_epi8(15);
+        const __m256i n = _mm256_cvtepu8_epi32(_mm_unpacklo_epi8(_mm_and_si128(v, m), _mm_and_si128(_mm_srli_epi16(v, 4), m)));
+        *d = f16(b);
+        return twice16(_mm256_add_epi32(_mm256_slli_epi32(n, 1), one));
+    }
+    case KQ_IQ1_M: { /* 3 bits at 0, 3, 6, 9 of each of the 4 scale words: moved to bits 9-11 by a multiply, then down */
+        uint16_t u[4];
+        memcpy(u, b + 48, 8);
+        const uint16_t h = (uint16_t)((u[0] >> 12) | ((u[1] >> 8) & 0x00f0) | ((u[2] >> 4) & 0x0f00) | (u[3] & 0xf000));
+        uint8_t hb[2];
+        memcpy(hb, &h, 2);
+        *d = f16(hb) * 0.125f;
+        const __m256i w = _mm256_setr_epi16((short)u[0], (short)u[0], (short)u[0], (short)u[0], (short)u[1], (short)u[1], (short)u[1], (short)u[1],
+                                            (short)u[2], (short)u[2], (short)u[2], (short)u[2], (short)u[3], (short)u[3], (short)u[3], (short)u[3]);
+        const __m256i up = _mm256_mullo_epi16(w, _mm256_setr_epi16(512, 64, 8, 1, 512, 64, 8, 1, 512, 64, 8, 1, 512, 64, 8, 1));
+        const __m256i ls = _mm256_and_si256(_mm256_srli_epi16(up, 9), _mm256_set1_epi16(7));
+        return _mm256_add_epi16(_mm256_slli_epi16(ls, 1), _mm256_set1_epi16(1));
+    }
+    default: { /* KQ_IQ1_S: bits 12-14 of the 8 qh words */
+        const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(b + 34)));
+        *d = f16(b) * 0.125f;
+        return twice16(_mm256_add_epi32(_mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(h, 12), _mm256_set1_epi32(7)), 1), one));
+    }
+    }
 }
 
 /* kscales() as vectors (16 int16 each), the common types without a scalar loop: Q4_K / Q5_K's 6-bit
@@ -576,6 +882,8 @@ static inline __attribute__((always_inline)) void kscales_v(int type, const uint
     } else if (type == KQ_Q6_K) {
         *sc = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192)));
         *d = f16(b + 208);
+    } else if (iq_grid_type(type)) {
+        *sc = iq_scales_v(type, b, d);
     } else {
         int16_t isc[16], imn[16];
         kscales(type, b, isc, imn, d, dmin);
@@ -622,7 +930,7 @@ static inline __m256i madd_acc(__m256i acc, __m256i p, __m256i s) {
  * as it goes; always inlined, so the choice folds away): the same operations per token either way. */
 static inline __attribute__((always_inline)) void kblock_tokens(const int type, const int NT, const uint8_t *blk, const kq_block *u, int b, int nb,
                                                                 int k, const int8_t *xq, const float *dx, const int16_t *xs, __m256 *acc) {
-    const int is_iq4 = type == KQ_IQ4_XS, bias_shift = type == KQ_Q3_K ? 2 : type == KQ_Q6_K ? 5 : 0;
+    const int is_iq4 = signed_codes(type), bias_shift = type == KQ_Q3_K ? 2 : type == KQ_Q6_K ? 5 : 0;
     __m256i sc16, mn16 = _mm256_setzero_si256(), sc_lo = _mm256_setzero_si256(), sc_hi = sc_lo;
     float d, dmin = 0.0f;
     if (u) {
@@ -919,6 +1227,7 @@ int kq_matmul_q8(int type, const uint8_t *w, int n, int k, const float *x, int T
         switch (type) {
                 TILED_32(KQ_Q4_0) TILED_32(KQ_Q5_0) TILED_32(KQ_Q4_1) TILED_32(KQ_Q5_1) TILED_32(KQ_IQ4_NL)
             TILED_K(KQ_Q2_K) TILED_K(KQ_Q3_K) TILED_K(KQ_Q4_K) TILED_K(KQ_Q5_K) TILED_K(KQ_Q6_K) TILED_K(KQ_IQ4_XS)
+            TILED_K(KQ_IQ2_XXS) TILED_K(KQ_IQ2_XS) TILED_K(KQ_IQ2_S) TILED_K(KQ_IQ3_XXS) TILED_K(KQ_IQ3_S) TILED_K(KQ_IQ1_S) TILED_K(KQ_IQ1_M)
         }
     }
     free(xq), free(dx), free(xs);
