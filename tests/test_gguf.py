@@ -460,6 +460,37 @@ def test_unsupported_tensor_type(exports: dict[str, Path], tmp_path: Path) -> No
     assert "blk.1.ffn_down_exps.weight" in msg
 
 
+def _tensor_info_at(data: bytes | bytearray, name: bytes) -> tuple[int, int]:
+    """Where tensor `name`'s table entry is in a GGUF's bytes: (start of its name field, position of its offset)."""
+    start = data.index(struct.pack("<Q", len(name)) + name)
+    at = start + 8 + len(name)
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    return start, at + 4 + 8 * n_dims + 4
+
+
+def test_tensor_named_twice_is_refused(exports: dict[str, Path], tmp_path: Path) -> None:
+    """A tensor table naming one tensor twice (same-length rename) used to load, the later entry winning."""
+    data = bytearray(exports["f32"].read_bytes())
+    start, _ = _tensor_info_at(data, b"blk.1.ffn_gate_exps.weight")
+    data[start + 8 : start + 8 + 26] = b"blk.1.ffn_down_exps.weight"
+    p = tmp_path / "twice.gguf"
+    p.write_bytes(bytes(data))
+    msg = _one_line_error(p, "tensor blk.1.ffn_down_exps.weight appears twice")
+    assert str(p) in msg
+
+
+def test_overlapping_tensor_data_is_refused(exports: dict[str, Path], tmp_path: Path) -> None:
+    """A tensor whose offset points into another tensor's bytes (both in the file) is a corrupt file."""
+    data = bytearray(exports["f32"].read_bytes())
+    _, gate_off = _tensor_info_at(data, b"blk.1.ffn_gate_exps.weight")
+    _, down_off = _tensor_info_at(data, b"blk.1.ffn_down_exps.weight")
+    struct.pack_into("<Q", data, down_off, struct.unpack_from("<Q", data, gate_off)[0] + 32)
+    p = tmp_path / "overlap.gguf"
+    p.write_bytes(bytes(data))
+    msg = _one_line_error(p, "tensor blk.1.ffn_down_exps.weight starts at byte")
+    assert "inside tensor blk.1.ffn_gate_exps.weight" in msg and str(p) in msg
+
+
 @pytest.mark.parametrize(
     ("key", "value"),
     [("tokenizer.ggml.tokens", lambda n: list(range(n))), ("tokenizer.ggml.merges", lambda n: [1, 2]), ("tokenizer.ggml.merges", lambda n: ["zzzq yyyq"]),

@@ -223,7 +223,16 @@ class GGUFFile:
         self.data_offset = -(-cur.pos // align) * align
         self.tensors: dict[str, GGUFTensor] = {}
         for name, ne, gtype, offset in raw_infos:
+            if name in self.tensors:  # llama.cpp refuses the file too; a dict would keep the later one silently
+                raise CheckpointError(f"{self.path}: corrupt GGUF (tensor {name} appears twice in the tensor table)")
             self.tensors[name] = self._tensor(name, ne, gtype, offset)
+        # Each tensor's bytes are its own (llama.cpp goes further: offsets must follow the table exactly).
+        spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in self.tensors.values() if t.nbytes)
+        for (_, end, before), (begin, _, name) in zip(spans, spans[1:]):
+            if begin < end:
+                raise CheckpointError(
+                    f"{self.path}: corrupt GGUF (tensor {name} starts at byte {begin}, inside tensor {before}, which ends at {end})"
+                )
 
     def _tensor(self, name: str, ne: list[int], gtype: int, offset: int) -> GGUFTensor:
         shape = tuple(reversed(ne))
