@@ -132,6 +132,12 @@ def load(
     if ckpt is None and not root.is_dir():
         raise LocalGLMError(f"{root}: expected a model directory (config.json + *.safetensors) or a .gguf file")
     config = ckpt.config if ckpt else ModelConfig.from_file(root)
+    try:  # before any weight is read: broken tokenizer metadata is refused at once, not after the whole model
+        tokenizer = ckpt.tokenizer() if ckpt else (Tokenizer.from_dir(root) if (root / "tokenizer.json").is_file() else None)
+    except BaseException:
+        if ckpt:
+            ckpt.files.close()
+        raise
     arch = arch_of(config)
     dev = parse_device(device)
     dt = parse_dtype(dtype, config)
@@ -215,10 +221,6 @@ def load(
         mtp_place = _mtp_placement(config, source, recipe, quantized_dir, dt) if mtp is not None and offload.offloaded else None
     experts = _expert_backend(config, arch, weights, experts, dev, dt, root, ctx, offload, dense_bits, mtp, mtp_place)
     net = arch.model.build(config, weights, experts, dev, _kv_host(experts))
-    if ckpt:
-        tokenizer = ckpt.tokenizer()
-    else:
-        tokenizer = Tokenizer.from_dir(root) if (root / "tokenizer.json").is_file() else None
     prices = price_memory(root, repr(config), dt, dev, _speed_options(opts)) if mtp is not None else None
     return Model(root, config, net, tokenizer, ctx=ctx, sampling=_sampling_defaults(root), mtp=mtp, draft=opts.draft, prices=prices)
 

@@ -513,6 +513,31 @@ def test_malformed_tokenizer_metadata_is_one_line(exports: dict[str, Path], key:
     assert "\n" not in str(exc.value) and exports["f32"].name in str(exc.value) and key.split(".")[-1] in str(exc.value)
 
 
+def test_broken_tokenizer_metadata_is_refused_before_any_weight_is_read(
+    exports: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tokenizer was built after every weight had loaded: on a 200 GB model, a long wait for a one-line error."""
+    data = bytearray(exports["q8_0"].read_bytes())
+    key = b"tokenizer.ggml.pre"
+    at = data.index(struct.pack("<Q", len(key)) + key) + 8 + len(key)
+    assert struct.unpack_from("<IQ", data, at) == (8, 4) and data[at + 12 : at + 16] == b"glm4"
+    data[at + 12 : at + 16] = b"xlm4"
+    p = tmp_path / "badpre.gguf"
+    p.write_bytes(bytes(data))
+
+    def no_reads(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a weight was read before the tokenizer was checked")
+
+    monkeypatch.setattr(GGUFModelFiles, "tensor", no_reads)
+    monkeypatch.setattr(GGUFModelFiles, "raw", no_reads)
+    from localglm.errors import TokenizerError
+
+    with pytest.raises(TokenizerError) as exc:
+        localglm.load(p)
+    msg = str(exc.value)
+    assert "\n" not in msg and str(p) in msg and "tokenizer.ggml.pre 'xlm4' is not GLM's" in msg
+
+
 def test_gguf_source_is_a_tensor_source(exports: dict[str, Path]) -> None:
     from localglm.checkpoint.source import TensorSource
 
