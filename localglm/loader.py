@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +168,7 @@ def load(
             warnings.warn(why, stacklevel=2)
     dense_bits: dict[str, int] | None = None
     mtp_on = _wants_mtp(config, source, opts, root)
+    config = _held_mtp_count(config, source)
     if offload.offloaded:  # the plan sizes the device: it may choose the always-used weights' precision (and leave MTP out)
         recipe, dense_bits, mtp_on = _planned_recipe(config, source, recipe, opts.quant.given, quantized_dir, dt, ctx, offload, mtp_on, opts.mtp is None)
     n_dense = config.num_hidden_layers
@@ -309,6 +311,15 @@ def _wants_mtp(cfg: ModelConfig, source: Any, opts: LoadOptions, root: Path) -> 
             )
         return False
     return True
+
+
+def _held_mtp_count(cfg: ModelConfig, source: Any) -> ModelConfig:
+    """`cfg` with num_nextn_predict_layers the number of MTP blocks `source` holds: a config.json claiming
+    more (GLM checkpoints ship one block) still loads, and the model reports the count it has."""
+    from .models.mtp import mtp_blocks_held
+
+    held = mtp_blocks_held(cfg, source.__contains__)
+    return cfg if held == cfg.num_nextn_predict_layers else replace(cfg, num_nextn_predict_layers=held)
 
 
 def _mtp_placement(cfg: ModelConfig, source: Any, recipe: Recipe | None, quantized_dir: bool, dt: torch.dtype) -> Any:

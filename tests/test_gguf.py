@@ -202,6 +202,22 @@ def test_no_mtp_drops_the_mtp_layer(tiny_fp32_dir: Path, reference: localglm.Mod
     assert torch.allclose(localglm.load(out).logits(IDS), reference.logits(IDS), rtol=1e-5, atol=1e-6)
 
 
+def test_config_claiming_more_mtp_blocks_than_held_uses_the_real_count(tiny_fp32_dir: Path, tmp_path: Path) -> None:
+    """num_nextn_predict_layers 3 with one MTP block (GLM checkpoints ship one): loading took the block but
+    reported 3, and export wrote nextn_predict_layers 3 / block_count layers + 3 for a file of layers + 1 blocks."""
+    src = shutil.copytree(tiny_fp32_dir, tmp_path / "claims3")
+    cfg = json.loads((src / "config.json").read_text())
+    assert cfg["num_nextn_predict_layers"] == 1
+    (src / "config.json").write_text(json.dumps(cfg | {"num_nextn_predict_layers": 3}))
+    m = localglm.load(src, dtype="float32")
+    assert m.config.num_nextn_predict_layers == 1 and m.speculation is not None
+    out = export_gguf(src, tmp_path / "claims3.gguf", "f32")[0]
+    f = _fields(out)
+    assert f["glm4moe.block_count"] == cfg["num_hidden_layers"] + 1 and f["glm4moe.nextn_predict_layers"] == 1
+    g = localglm.load(out, dtype="float32")
+    assert g.config.num_nextn_predict_layers == 1 and g.config.num_hidden_layers == cfg["num_hidden_layers"] and g.speculation is not None
+
+
 def test_rows_that_do_not_fit_blocks_fall_back_to_f16(tmp_path: Path) -> None:
     src = make_tiny(tmp_path / "odd", TinySpec(dtype="float32", hidden_size=80, head_dim=16, num_attention_heads=5,
                                                num_key_value_heads=1, seed=4))  # fmt: skip

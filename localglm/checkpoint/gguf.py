@@ -103,7 +103,10 @@ def _plan_groups(names: list[str], cfg: ModelConfig, schema: GGUFSchema, n_block
         if m and int(m[1]) >= cfg.num_hidden_layers and not mtp:
             continue  # an MTP layer, dropped
         if m and int(m[1]) >= n_blocks:
-            raise CheckpointError(f"tensor {hub}: layer {m[1]} is beyond the {n_blocks} blocks config.json describes")
+            raise CheckpointError(
+                f"tensor {hub}: layer {m[1]} is beyond the {n_blocks} blocks to write ({cfg.num_hidden_layers} layers + "
+                f"{n_blocks - cfg.num_hidden_layers} MTP, of the {cfg.num_nextn_predict_layers} config.json declares)"
+            )
         split = schema.split(hub, cfg, n_blocks)
         if split is not None:
             for part in split:
@@ -248,9 +251,14 @@ def export_gguf(
     want, ftype = OUT_TYPES[out_type]
     cfg = ModelConfig.from_file(src)
     schema = arch_of(cfg).gguf
-    n_mtp = cfg.num_nextn_predict_layers if mtp else 0
-    n_blocks = cfg.num_hidden_layers + n_mtp
     with SafetensorsSource(src, quantization_config=cfg.quantization_config, dequant_dtype=torch.float32) as source:
+        # The MTP blocks written, not the count config.json claims (3 where GLM checkpoints ship one):
+        # llama.cpp looks for block_count blocks and takes the last nextn_predict_layers as MTP.
+        layers = {int(m[1]) for m in map(_LAYER_RE.match, source.names()) if m}
+        n_mtp = 0
+        while mtp and n_mtp < cfg.num_nextn_predict_layers and cfg.num_hidden_layers + n_mtp in layers:
+            n_mtp += 1
+        n_blocks = cfg.num_hidden_layers + n_mtp
         groups = _plan_groups(source.names(), cfg, schema, n_blocks, mtp)
         writer = GGUFStreamWriter(out, schema.arch, split_max_size=split_max_size)
         for g in groups:

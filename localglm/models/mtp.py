@@ -49,8 +49,16 @@ def mtp_block(cfg: ModelConfig) -> int | None:
 
 def has_mtp_weights(cfg: ModelConfig, has: Callable[[str], bool]) -> bool:
     """Whether a checkpoint holds the MTP block's own tensors (GGUFs converted with --no-mtp do not)."""
-    block = mtp_block(cfg)
-    return block is not None and all(has(f"model.layers.{block}.{t}.weight") for t in REQUIRED)
+    return mtp_blocks_held(cfg, has) > 0
+
+
+def mtp_blocks_held(cfg: ModelConfig, has: Callable[[str], bool]) -> int:
+    """How many of the MTP blocks the config declares the checkpoint holds, counted from the first: a
+    config.json may claim more (`num_nextn_predict_layers` 3) than the one block GLM checkpoints ship."""
+    n = 0
+    while n < cfg.num_nextn_predict_layers and all(has(f"model.layers.{cfg.num_hidden_layers + n}.{t}.weight") for t in REQUIRED):
+        n += 1
+    return n
 
 
 def block_reader(reader: WeightReader, block: int, main: DecoderWeights) -> WeightReader:
