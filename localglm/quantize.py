@@ -309,6 +309,8 @@ def quantize_checkpoint(
         raise LocalGLMError("OUT must differ from SRC")
     if src.resolve().is_relative_to(out.resolve()):
         raise LocalGLMError(f"{out} contains the source {src}; write OUT somewhere else (it is never replaced)")
+    if not from_gguf and out.resolve().is_relative_to(src.resolve()):  # a later run would read OUT's shards as SRC's
+        raise LocalGLMError(f"{out} is inside the source directory {src}; write OUT somewhere else")
     if max_shard_bytes <= 0:
         raise LocalGLMError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     if out.exists() and not overwrite:

@@ -57,6 +57,19 @@ def test_overwrite_replaces_a_previous_output(tiny_dir: Path, tmp_path: Path) ->
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no partial or old directory left
 
 
+def test_quantize_refuses_out_inside_src(tiny_dir: Path, tmp_path: Path) -> None:
+    """`quantize SRC SRC/q` wrote a model directory into the source (which gained a folder nobody asked for,
+    and a later run over SRC could take OUT's shards for its own): refused before anything is written.
+    (`quantize SRC/x SRC`, SRC inside OUT, is refused as well: test_overwrite_never_deletes_the_source_inside_out.)"""
+    src = shutil.copytree(tiny_dir, tmp_path / "src")
+    before = snapshot(src)
+    for out in (src / "q", src / "sub" / "q"):
+        o = run_cli("quantize", src, out, "-q")
+        assert o.kind == "clean" and "inside the source" in o.err and str(out) in o.err and "\n" not in o.err.strip(), o.why()
+        assert snapshot(src) == before and sorted(os.listdir(src)) == sorted(os.listdir(tiny_dir)), "wrote into the source"
+    assert sorted(os.listdir(tmp_path)) == ["src"], "half-written output"
+
+
 @pytest.mark.parametrize("dropped", ["model.layers.1.mlp.experts.3.", "model.layers.3.mlp.experts.3.", "lm_head.weight"], ids=["expert", "mtp-expert", "lm-head"])
 def test_quantize_refuses_a_source_loading_would_refuse(dropped: str, tiny_dir: Path, tmp_path: Path) -> None:
     """A checkpoint lacking a whole routed expert (of a main layer or the MTP block) or lm_head was quantized

@@ -23,7 +23,7 @@ shard by shard (peak memory about one output shard plus the tensors in flight). 
 dequantized tensor by tensor (experts one at a time) and re-quantized; Q8_0 held at 8 bits is taken
 as stored. A failed or interrupted run leaves OUT as it was and removes its partial output.
 --overwrite replaces only an earlier quantize output (the files its manifest lists): OUT must hold
-nothing else and must not contain SRC. The manifest records each shard's CRC-32; loading checks them.
+nothing else and must not contain SRC. OUT may not lie inside a SRC directory. The manifest records each shard's CRC-32; loading checks them.
 """
 EPILOG = """\
 bits: 2, 4, 8, or 16 (= keep the checkpoint's float weights). Formats: q8 = int8, groups of 32, fp16 scales (8.53 bpw),
