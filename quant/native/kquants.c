@@ -942,15 +942,21 @@ static inline __m256i madd_acc(__m256i acc, __m256i p, __m256i s) {
 #endif
 }
 
-/* A grid-type block with one scale per 32 weights (IQ2_XXS, IQ3_XXS, IQ3_S) against one token, as
- * kblock_tokens computes it -- the same int32 lanes (each lane the same bytes' products), so the same float
- * steps and bits -- with the signs applied to the activations (maddubs(g, sign(x, s))) and each chunk's scale
- * broadcast from a scalar (no shuffles), two chunks a step into two accumulators, as llama.cpp's i-quant
- * loops run: the decode step's product. (IQ2_XS / IQ2_S, a scale per 16, were slower this way: 1.08-1.23x.) */
+/* A grid-type block (IQ2_*, IQ3_*) against one token, as kblock_tokens computes it -- the same int32 lanes
+ * (each lane the same bytes' products), so the same float steps and bits -- with the signs applied to the
+ * activations (maddubs(g, sign(x, s))) and a chunk's scale broadcast from a scalar where it has one per 32
+ * weights (IQ2_XXS, IQ3_*; IQ2_XS / IQ2_S, a scale per 16, pick theirs from the block's scale vector), two
+ * chunks a step into two accumulators, as llama.cpp's i-quant loops run: the decode step's product. */
 static inline __attribute__((always_inline)) void iq_block_1tok(const int type, const uint8_t *blk, const int8_t *x, float dt, __m256 *acc) {
     int16_t isc[16];
     float d;
-    iq_scales(type, blk, NULL, isc, &d);
+    __m256i lo8 = _mm256_setzero_si256(), hi8 = lo8;
+    if (INFO[type].sub == 16) {
+        const __m256i sc16 = iq_scales_v(type, blk, &d);
+        lo8 = _mm256_permute2x128_si256(sc16, sc16, 0x00), hi8 = _mm256_permute2x128_si256(sc16, sc16, 0x11);
+    } else {
+        iq_scales(type, blk, NULL, isc, &d);
+    }
     __m256i s1 = _mm256_setzero_si256(), s2 = s1;
     for (int c = 0; c < 8; c += 2) {
         __m256i g1, g2, sg1, sg2;
@@ -958,7 +964,8 @@ static inline __attribute__((always_inline)) void iq_block_1tok(const int type, 
         iq_grid_signs(type, blk, c + 1, &g2, &sg2);
         const __m256i p1 = _mm256_maddubs_epi16(g1, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x + 32 * c)), sg1));
         const __m256i p2 = _mm256_maddubs_epi16(g2, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x + 32 * c + 32)), sg2));
-        const __m256i sc1 = _mm256_set1_epi16(isc[2 * c]), sc2 = _mm256_set1_epi16(isc[2 * c + 2]); /* one scale a chunk */
+        const __m256i sc1 = INFO[type].sub == 16 ? chunk_scales(lo8, hi8, c) : _mm256_set1_epi16(isc[2 * c]);
+        const __m256i sc2 = INFO[type].sub == 16 ? chunk_scales(lo8, hi8, c + 1) : _mm256_set1_epi16(isc[2 * c + 2]);
         s1 = madd_acc(s1, p1, sc1);
         s2 = madd_acc(s2, p2, sc2);
     }
@@ -971,7 +978,7 @@ static inline __attribute__((always_inline)) void iq_block_1tok(const int type, 
  * as it goes; always inlined, so the choice folds away): the same operations per token either way. */
 static inline __attribute__((always_inline)) void kblock_tokens(const int type, const int NT, const uint8_t *blk, const kq_block *u, int b, int nb,
                                                                 int k, const int8_t *xq, const float *dx, const int16_t *xs, __m256 *acc) {
-    if (NT == 1 && !u && iq_signed_grid(type) && INFO[type].sub == 32) {
+    if (NT == 1 && !u && iq_signed_grid(type)) {
         iq_block_1tok(type, blk, xq + (size_t)b * QK_K, dx[b], acc);
         return;
     }
