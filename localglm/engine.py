@@ -242,18 +242,41 @@ class Model:
         cache = self._cache_for(len(tokens))
         sampler = Sampler(sampling, self.device)
         stats.prompt_tokens = len(tokens)
-        if self.speculation is not None and self.speculation.max_draft > 0:
+        spec = self.speculation
+        if spec is not None and spec.max_draft > 0 and spec.worth_trying(sampling):
             with torch.inference_mode():
-                yield from self.speculation.stream(
+                yield from spec.stream(
                     cache, tokens, ctx=self.ctx, max_new_tokens=max_new_tokens, sampling=sampling, sampler=sampler, stop_ids=stop_ids,
                     cancel=cancel, reuse_prefix=reuse_prefix, stats=stats, logits_processor=logits_processor,
                     veto=getattr(logits_processor, "veto", None),  # a grammar refuses drafts outright
                 )  # fmt: skip
             return
-        if self.speculation is not None:
-            self.speculation.forget()  # this run changes the cache behind the MTP block's back
+        if spec is not None:
+            spec.forget()  # this run changes the cache behind the MTP block's back
         history = torch.tensor(tokens, dtype=torch.long, device=self.device)
         generated: list[int] = []
+        try:
+            yield from self._plain_tokens(cache, tokens, generated, history, max_new_tokens, sampling, sampler, stop_ids, cancel, reuse_prefix, stats, logits_processor)
+        finally:
+            if spec is not None and spec.max_draft > 0:
+                spec.count_plain(len(generated))
+
+    def _plain_tokens(
+        self,
+        cache: TokenCache,
+        tokens: list[int],
+        generated: list[int],
+        history: torch.Tensor,
+        max_new_tokens: int,
+        sampling: SamplingParams,
+        sampler: Sampler,
+        stop_ids: set[int] | frozenset[int],
+        cancel: threading.Event | None,
+        reuse_prefix: bool,
+        stats: GenerationStats,
+        logits_processor: LogitsProcessor | None,
+    ) -> Iterator[int]:
+        """stream_tokens' loop without speculation: one forward a token; `generated` fills as it goes."""
         on_token = getattr(logits_processor, "on_token", None)
         t0 = time.perf_counter()
         with torch.inference_mode():

@@ -67,6 +67,7 @@ ZERO_PROBE_FIRST = 8  # ... 8 at first, doubling
 ZERO_PROBE_STEPS = 8  # ... for this many steps, the first ZERO_COLD_STEPS not timed (and at once where it has never been timed)
 ZERO_COLD_STEPS = 4  # depth-0 steps after a drafting one that are not timed: the main model's weights coming back
 PRIOR_TRIES = 2.0  # a remembered acceptance weighs as this many tried drafts (the prior of one hit in two as much)
+RETRY_AFTER = 4 * EXPLORE_MAX  # tokens decoded without speculation, once it has settled on depth 0, before a generation tries again
 
 
 @dataclass
@@ -202,10 +203,9 @@ class DepthPolicy:
     def acceptance(self) -> float:
         return self.hits / self.tries if self.tries else 0.0
 
-    def choose(self, budget: int) -> int:
-        cap = max(0, min(self.max_depth, budget))
-        if self.fixed or self.costs is None or cap == 0:
-            return cap
+    def _best(self, cap: int) -> tuple[int, float, list[float]]:
+        """The depth in 0..cap with the most expected tokens per unit of price at the measured acceptance,
+        its rate, and the prices."""
         a, prices = self.acceptance, self._prices(cap)
         best, best_rate, expected = 0, 1.0 / prices[0], 1.0
         for k in range(1, cap + 1):
@@ -213,6 +213,21 @@ class DepthPolicy:
             rate = expected / prices[k]
             if rate > best_rate:
                 best, best_rate = k, rate
+        return best, best_rate, prices
+
+    def settled_off(self) -> bool:
+        """Whether drafting has kept not paying: the probes' back-off is at its longest, and at the measured
+        (or remembered) acceptance and prices no depth beats decoding without drafts. A fixed policy never
+        settles, nor one that has measured and remembers nothing."""
+        if self.fixed or self.costs is None or self.max_depth == 0 or self.explore_every < EXPLORE_MAX or not (self.seconds or self.prior):
+            return False
+        return self._best(self.max_depth)[0] == 0
+
+    def choose(self, budget: int) -> int:
+        cap = max(0, min(self.max_depth, budget))
+        if self.fixed or self.costs is None or cap == 0:
+            return cap
+        best, best_rate, prices = self._best(cap)
         if best == 0 and self.probe_left > 0:
             self.probe_left -= 1
             return 1
@@ -402,6 +417,7 @@ class Speculation:
         self.log = StreamLog()  # the main model's recent streams: past the MTP cache's entries, and a few before
         self.policy = DepthPolicy(max_draft, StepCosts.of(net, head), fixed=not adaptive)
         self.memory = memory  # the policy's prices kept across processes (speculative_prices.py); None: not kept
+        self.skipped = 0  # tokens decoded without speculation since the policy settled on depth 0 (worth_trying)
 
     @property
     def max_draft(self) -> int:
@@ -429,6 +445,37 @@ class Speculation:
             self.cache = self.head.new_cache(max_tokens)
         return self.cache
 
+    def _recall(self) -> None:
+        """Start the depth policy from the prices kept for this setup, where it has measured nothing yet."""
+        policy, memory = self.policy, self.memory
+        if memory is not None and not policy.fixed and not policy.seconds and not policy.prior:
+            remembered = memory.load()
+            if remembered is not None:
+                policy.remember(remembered)
+
+    def worth_trying(self, sampling: SamplingParams) -> bool:
+        """Whether a generation should run through speculation at all. Always where the depth is fixed or the
+        run is seeded (the seed reproduces the depths too). Otherwise not while the policy has settled on
+        depth 0 (`DepthPolicy.settled_off`: measured here or remembered from an earlier process): then the
+        engine's plain loop decodes, which costs less than depth-0 steps do (their bookkeeping: 0.91-0.93x
+        the speed on the default model), until RETRY_AFTER tokens have gone by; the next generation then
+        speculates and probes at once."""
+        policy = self.policy
+        if policy.fixed or sampling.seed is not None:
+            return True
+        self._recall()
+        if not policy.settled_off():
+            return True
+        if self.skipped < RETRY_AFTER:
+            return False
+        self.skipped = 0
+        policy.zero_run = policy.explore_every  # probe at the first step
+        return True
+
+    def count_plain(self, tokens: int) -> None:
+        """Tokens the engine decoded without speculation (worth_trying said no): toward the next retry."""
+        self.skipped += tokens
+
     def stream(self, cache: TokenCache, tokens: list[int], *, sampling: SamplingParams, **kw: Any) -> Iterator[int]:
         """The engine's token loop with speculation (`_steps`): yields sampled ids (a stop id too, then
         ends). Unseeded, the depth policy starts from the prices kept for this setup where it has measured
@@ -436,10 +483,8 @@ class Speculation:
         policy, memory = self.policy, self.memory
         if sampling.seed is not None:  # the seed reproduces the whole generation: depths included
             policy.reset()
-        elif memory is not None and not policy.fixed and not policy.seconds and not policy.prior:
-            remembered = memory.load()
-            if remembered is not None:
-                policy.remember(remembered)
+        else:
+            self._recall()
         try:
             yield from self._steps(cache, tokens, sampling=sampling, **kw)
         finally:

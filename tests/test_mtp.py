@@ -28,7 +28,7 @@ from localglm.models.glm4_moe.tiny import TinySpec as Glm4Spec
 from localglm.models.glm4_moe_lite.tiny import TinySpec as LiteSpec
 from localglm.models.glm_moe_dsa.tiny import TinySpec as DsaSpec
 from localglm.sampling import Sampler, SamplingParams
-from localglm.speculative import Speculation, accept_or_resample
+from localglm.speculative import RETRY_AFTER, Speculation, accept_or_resample
 from localglm.stats import GenerationStats
 from localglm.tiny import make_tiny
 
@@ -672,7 +672,11 @@ def test_a_new_process_starts_from_the_last_ones_prices(tmp_path: Path, monkeypa
     real = again.speculation.policy.choose
     again.speculation.policy.choose = lambda budget: seen.append(real(budget)) or seen[-1]  # type: ignore[method-assign]
     assert list(again.stream_tokens(prompt, max_new_tokens=24, sampling=GREEDY, reuse_prefix=False)) == plain
-    assert again.speculation.policy.prior == {0: 1.0, 1: 9.0, 2: 17.0} and set(seen) == {0}
+    # settled on depth 0 from the start: the plain loop decodes (no depth-0 steps' bookkeeping), counting toward a retry
+    assert again.speculation.policy.prior == {0: 1.0, 1: 9.0, 2: 17.0} and seen == [] and again.speculation.skipped == 24
+    again.speculation.skipped = RETRY_AFTER  # enough tokens without speculation: the next generation tries, probing at once
+    assert list(again.stream_tokens(prompt, max_new_tokens=24, sampling=GREEDY, reuse_prefix=False)) == plain
+    assert seen[0] == 1 and again.speculation.skipped == 0
     # another load option is another setup
     assert localglm.load(path, draft=1).speculation.memory.key() != spec.memory.key()
 
