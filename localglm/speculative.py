@@ -215,13 +215,19 @@ class DepthPolicy:
                 best, best_rate = k, rate
         return best, best_rate, prices
 
+    def _could_pay(self, prices: list[float], best_rate: float, cap: int) -> bool:
+        """Whether a perfect acceptance would make some depth beat the best rate (nothing timed yet: assume so)."""
+        return not self.seconds or any((k + 1) / prices[k] > best_rate for k in range(1, cap + 1))
+
     def settled_off(self) -> bool:
-        """Whether drafting has kept not paying: the probes' back-off is at its longest, and at the measured
-        (or remembered) acceptance and prices no depth beats decoding without drafts. A fixed policy never
-        settles, nor one that has measured and remembers nothing."""
-        if self.fixed or self.costs is None or self.max_depth == 0 or self.explore_every < EXPLORE_MAX or not (self.seconds or self.prior):
+        """Whether drafting has kept not paying: at the measured (or remembered) acceptance and prices no depth
+        beats decoding without drafts, and either the probes' back-off is at its longest or not even a perfect
+        acceptance would pay (then it never probes). A fixed policy never settles, nor one that has measured
+        and remembers nothing."""
+        if self.fixed or self.costs is None or self.max_depth == 0 or not (self.seconds or self.prior):
             return False
-        return self._best(self.max_depth)[0] == 0
+        best, best_rate, prices = self._best(self.max_depth)
+        return best == 0 and (self.explore_every >= EXPLORE_MAX or not self._could_pay(prices, best_rate, self.max_depth))
 
     def choose(self, budget: int) -> int:
         cap = max(0, min(self.max_depth, budget))
@@ -235,8 +241,7 @@ class DepthPolicy:
             # Keep measuring now and then (acceptance may have risen), where a perfect acceptance would pay at all.
             # Timed (not a seeded run): only where a perfect acceptance could pay, and backing off.
             self.zero_run += 1
-            could_pay = not self.seconds or any((k + 1) / prices[k] > best_rate for k in range(1, cap + 1))
-            if could_pay and self.zero_run >= self.explore_every:
+            if self._could_pay(prices, best_rate, cap) and self.zero_run >= self.explore_every:
                 self.zero_run = 0
                 if self.seconds or self.prior:
                     self.explore_every = min(2 * self.explore_every, EXPLORE_MAX)  # while it keeps not paying

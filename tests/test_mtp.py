@@ -643,6 +643,28 @@ def test_prices_file_round_trip_and_bad_files(tmp_path: Path, monkeypatch: pytes
     assert not blocked.save(r)
 
 
+def test_policy_settles_off_where_drafting_keeps_not_paying() -> None:
+    """settled_off (the engine then decodes without speculation): never with nothing measured or remembered, nor for
+    a fixed depth; at depth 0 once the probes' back-off is at its longest; at once where not even a perfect
+    acceptance would pay (such a policy never probes, so its back-off never grows)."""
+    from localglm.speculative import EXPLORE_MAX, DepthPolicy, StepCosts
+
+    costs = StepCosts(fixed=49.0, layers=5, top_k=2, n_experts=16, draft=10.0, draft_experts=2)
+    assert not DepthPolicy(3, costs).settled_off() and not DepthPolicy(3, costs, fixed=True).settled_off()
+    dear = DepthPolicy(3, costs)  # a drafting step 1.5-3x a plain one, acceptance 1 in 2: depth 0, but 4 tokens at 3x would pay
+    for k, t in {0: 1.0, 1: 1.5, 2: 2.2, 3: 3.0}.items():
+        dear.observe_time(k, t)
+    assert dear.choose(10) == 0 and not dear.settled_off()
+    dear.explore_every = EXPLORE_MAX
+    assert dear.settled_off()
+    hopeless = DepthPolicy(3, costs)  # drafting 10x a plain step: no acceptance pays
+    for k, t in {0: 1.0, 1: 10.0, 2: 11.0, 3: 12.0}.items():
+        hopeless.observe_time(k, t)
+    assert hopeless.explore_every < EXPLORE_MAX and hopeless.settled_off()
+    hopeless.hits, hopeless.tries = 1000.0, 1000.0
+    assert hopeless.settled_off()
+
+
 def test_a_new_process_starts_from_the_last_ones_prices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """load() gives the model its setup's entry; an unseeded generation with the adaptive depth starts from
     it and leaves what it timed; a seeded one neither reads nor writes; the same tokens either way."""
