@@ -322,9 +322,12 @@ static inline __attribute__((always_inline)) __m256i iq_codes32_v(int type, cons
         const uint8_t *qs = b + 4 * c;
         const __m256i g = rows4(IQ1S_GRID, qs[0] | ((h0 << 8) & 0x700), qs[1] | ((h0 << 4) & 0x700), qs[2] | ((h1 << 8) & 0x700), qs[3] | ((h1 << 4) & 0x700));
         const __m256i g2 = _mm256_add_epi8(g, g), g4 = _mm256_add_epi8(g2, g2);
-        const long long p = 0x0101010101010101LL; /* +1 bytes, or -1 (all ones) where the delta's bit is set */
-        const __m256i delta = _mm256_set_epi64x(p | -(long long)((h1 >> 7) & 1), p | -(long long)((h1 >> 3) & 1), p | -(long long)((h0 >> 7) & 1),
-                                                p | -(long long)((h0 >> 3) & 1));
+        /* the deltas' signs, bit 3 of each nibble, as bytes: h0 to bytes 0-15, h1 to 16-31, bit 3 / 7 picked per 8 */
+        const __m256i hb = _mm256_shuffle_epi8(_mm256_set1_epi16((short)(h0 | (h1 << 8))),
+                                               _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1));
+        const __m256i bit = _mm256_setr_epi8(8, 8, 8, 8, 8, 8, 8, 8, -128, -128, -128, -128, -128, -128, -128, -128, 8, 8, 8, 8, 8, 8, 8, 8, -128, -128,
+                                             -128, -128, -128, -128, -128, -128);
+        const __m256i delta = _mm256_or_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hb, bit), bit), _mm256_set1_epi8(1)); /* -1 where set, else +1 */
         return _mm256_add_epi8(_mm256_add_epi8(g4, g4), delta);
     }
     }
