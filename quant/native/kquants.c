@@ -865,8 +865,10 @@ static inline __attribute__((always_inline)) __m256i iq_scales_v(int type, const
         uint8_t hb[2];
         memcpy(hb, &h, 2);
         *d = f16(hb) * 0.125f;
-        const __m256i w = _mm256_setr_epi16((short)u[0], (short)u[0], (short)u[0], (short)u[0], (short)u[1], (short)u[1], (short)u[1], (short)u[1],
-                                            (short)u[2], (short)u[2], (short)u[2], (short)u[2], (short)u[3], (short)u[3], (short)u[3], (short)u[3]);
+        uint64_t all;
+        memcpy(&all, u, 8);
+        const __m256i w = _mm256_shuffle_epi8(_mm256_set1_epi64x((long long)all), /* each word to four lanes */
+                                              _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3, 4, 5, 4, 5, 4, 5, 4, 5, 6, 7, 6, 7, 6, 7, 6, 7));
         const __m256i up = _mm256_mullo_epi16(w, _mm256_setr_epi16(512, 64, 8, 1, 512, 64, 8, 1, 512, 64, 8, 1, 512, 64, 8, 1));
         const __m256i ls = _mm256_and_si256(_mm256_srli_epi16(up, 9), _mm256_set1_epi16(7));
         return _mm256_add_epi16(_mm256_slli_epi16(ls, 1), _mm256_set1_epi16(1));
