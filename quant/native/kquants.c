@@ -1015,6 +1015,7 @@ static inline __attribute__((always_inline)) void kblock_tokens(const int type, 
      * chain); a tile's tokens already interleave their chains. Integer sums in any order are the same sums. */
     __m256i sumi[KQ_TILE], sumj[KQ_TILE];
     for (int t = 0; t < NT; t++) sumi[t] = sumj[t] = _mm256_setzero_si256();
+#pragma GCC unroll 8
     for (int c = 0; c < 8; c++) {
         const __m256i v = u ? u->codes[c] : codes32(type, blk, c), av = is_iq4 ? _mm256_sign_epi8(v, v) : v;
         const __m256i sc = u ? u->sc[c] : chunk_scales(sc_lo, sc_hi, c);
