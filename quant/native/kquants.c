@@ -966,6 +966,20 @@ static inline __m256i madd_acc(__m256i acc, __m256i p, __m256i s) {
  * activations (maddubs(g, sign(x, s))) and a chunk's scale broadcast from a scalar where it has one per 32
  * weights (IQ2_XXS, IQ3_*; IQ2_XS / IQ2_S, a scale per 16, pick theirs from the block's scale vector), two
  * chunks a step into two accumulators, as llama.cpp's i-quant loops run: the decode step's product. */
+/* iq_block_1tok's step: chunks c and c + 1 into the accumulators s1 and s2. */
+static inline __attribute__((always_inline)) void iq_chunks_1tok(const int type, const uint8_t *blk, const int8_t *x, int c, const int16_t *isc, __m256i lo8,
+                                                                 __m256i hi8, __m256i *s1, __m256i *s2) {
+    __m256i g1, g2, sg1, sg2;
+    iq_grid_signs(type, blk, c, &g1, &sg1);
+    iq_grid_signs(type, blk, c + 1, &g2, &sg2);
+    const __m256i p1 = _mm256_maddubs_epi16(g1, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x + 32 * c)), sg1));
+    const __m256i p2 = _mm256_maddubs_epi16(g2, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x + 32 * c + 32)), sg2));
+    const __m256i sc1 = INFO[type].sub == 16 ? chunk_scales(lo8, hi8, c) : _mm256_set1_epi16(isc[2 * c]);
+    const __m256i sc2 = INFO[type].sub == 16 ? chunk_scales(lo8, hi8, c + 1) : _mm256_set1_epi16(isc[2 * c + 2]);
+    *s1 = madd_acc(*s1, p1, sc1);
+    *s2 = madd_acc(*s2, p2, sc2);
+}
+
 static inline __attribute__((always_inline)) void iq_block_1tok(const int type, const uint8_t *blk, const int8_t *x, float dt, __m256 *acc) {
     int16_t isc[16];
     float d;
@@ -977,16 +991,11 @@ static inline __attribute__((always_inline)) void iq_block_1tok(const int type, 
         iq_scales(type, blk, NULL, isc, &d);
     }
     __m256i s1 = _mm256_setzero_si256(), s2 = s1;
-    for (int c = 0; c < 8; c += 2) {
-        __m256i g1, g2, sg1, sg2;
-        iq_grid_signs(type, blk, c, &g1, &sg1);
-        iq_grid_signs(type, blk, c + 1, &g2, &sg2);
-        const __m256i p1 = _mm256_maddubs_epi16(g1, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x + 32 * c)), sg1));
-        const __m256i p2 = _mm256_maddubs_epi16(g2, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x + 32 * c + 32)), sg2));
-        const __m256i sc1 = INFO[type].sub == 16 ? chunk_scales(lo8, hi8, c) : _mm256_set1_epi16(isc[2 * c]);
-        const __m256i sc2 = INFO[type].sub == 16 ? chunk_scales(lo8, hi8, c + 1) : _mm256_set1_epi16(isc[2 * c + 2]);
-        s1 = madd_acc(s1, p1, sc1);
-        s2 = madd_acc(s2, p2, sc2);
+    if (type == KQ_IQ2_S) { /* unrolled: 0.8x the time for IQ2_S; 1.05-1.17x for IQ2_XS / IQ3_XXS, which keep the loop */
+#pragma GCC unroll 4
+        for (int c = 0; c < 8; c += 2) iq_chunks_1tok(type, blk, x, c, isc, lo8, hi8, &s1, &s2);
+    } else {
+        for (int c = 0; c < 8; c += 2) iq_chunks_1tok(type, blk, x, c, isc, lo8, hi8, &s1, &s2);
     }
     *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(s1, s2)), _mm256_set1_ps(d * dt), *acc);
 }
