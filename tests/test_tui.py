@@ -290,6 +290,25 @@ def test_multiline_input(tmp_path: Path, model: localglm.Model) -> None:
     drive(app, script)
 
 
+def test_odd_characters_are_sent_and_saved(tmp_path: Path, model: localglm.Model) -> None:
+    """Control characters, RTL/zero-width marks, emoji and lone surrogates (a pasted half of a pair, or a
+    --system argument's undecodable byte) reach the model and the saved file without crashing the app."""
+    spy = SpyModel(model)
+    options = ChatOptions(system="sys \udcff", max_new_tokens=8)
+    app = make_app(tmp_path, spy, options=options, logits_processor=forcing(model, "ok"))
+    text = "a\x00b\x1b[31m \u202eabc\u200b\ufeff 👩\u200d👧 [bold]x[/] lone \ud800 end"
+
+    async def script(pilot: Any) -> None:
+        screen = await send(pilot, text)
+        assert [m["role"] for m in screen.conversation.messages] == ["user", "assistant"]
+        assert spy.calls[-1]["messages"][-1]["content"] == text
+        saved = ConversationStore(tmp_path / "chats").load(screen.conversation.id)
+        assert saved.messages[0]["content"] == text and saved.system == "sys \udcff"
+        assert not any(n.severity == "error" for n in app._notifications)
+
+    drive(app, script)
+
+
 def test_system_prompt_editor(tmp_path: Path, model: localglm.Model) -> None:
     spy = SpyModel(model)
     app = make_app(tmp_path, spy, logits_processor=forcing(model, "ok"))

@@ -159,7 +159,9 @@ class ConversationStore:
         self.root.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{conv.id}.", suffix=".tmp", dir=self.root)
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
+            # backslashreplace: a lone surrogate (pasted, or a --system argument's undecodable byte) is
+            # written as its JSON escape \udXXX, which loads back as the same string; strict UTF-8 would crash.
+            with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as f:
                 json.dump(conv.to_json(), f, ensure_ascii=False, indent=1)
             os.replace(tmp, path)
         except BaseException:
