@@ -272,6 +272,29 @@ def test_regenerate_while_generating_stops_first(tmp_path: Path, model: localglm
     drive(app, script)
 
 
+def test_regenerate_twice_before_the_stop_lands(tmp_path: Path, model: localglm.Model) -> None:
+    """Two Ctrl+R (or Ctrl+R then Ctrl+N) queued behind one stop: one generation at a time, none orphaned."""
+    app = make_app(tmp_path, model, logits_processor=forcing(model, "slow ", delay=0.01, loop=True), max_new_tokens=300)
+
+    async def script(pilot: Any) -> None:
+        screen = await chat_screen(pilot)
+        screen.query_one(ChatInput).load_text("go")
+        await pilot.press("enter")
+        await _streaming_view(pilot, screen)
+        await screen.action_regenerate()  # both queued before the running reply has seen its cancel
+        await screen.action_regenerate()
+        await _streaming_view(pilot, screen)
+        screen.action_stop()
+        await idle(pilot, screen)
+        await pilot.pause(0.2)
+        assert [m["role"] for m in screen.conversation.messages] == ["user", "assistant"]
+        views = list(screen.query(AssistantMessage))
+        assert len(views) == 1 and not views[0].streaming  # no reply box left saying "generating…"
+        assert not any(n.severity == "error" for n in app._notifications), [n.message for n in app._notifications]
+
+    drive(app, script)
+
+
 def test_multiline_input(tmp_path: Path, model: localglm.Model) -> None:
     spy = SpyModel(model)
     app = make_app(tmp_path, spy, logits_processor=forcing(model, "ok"))

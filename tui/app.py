@@ -466,9 +466,9 @@ class ChatScreen(Screen):
         self.refresh_bindings()
         pending, self._after_idle = self._after_idle, []
         for callback in pending:
-            result = callback()
-            if result is not None:
-                await result
+            # Through _when_idle: when an earlier callback started a generation (Ctrl+R pressed twice before
+            # the stop took effect), the next one stops it and waits, instead of starting a second generation.
+            await self._when_idle(callback)
 
     def _tick_live(self) -> None:
         if self._rate is not None and self.request is not None:
