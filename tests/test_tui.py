@@ -283,7 +283,7 @@ def test_regenerate_twice_before_the_stop_lands(tmp_path: Path, model: localglm.
         await _streaming_view(pilot, screen)
         await screen.action_regenerate()  # both queued before the running reply has seen its cancel
         await screen.action_regenerate()
-        await _streaming_view(pilot, screen)
+        await wait_for(pilot, lambda: screen.request is not None and screen.request.id == 3 and len(screen.request.view.content_text) > 10)
         screen.action_stop()
         await idle(pilot, screen)
         await pilot.pause(0.2)
