@@ -53,6 +53,30 @@ def test_conversation_roundtrip_and_listing(tmp_path: Path) -> None:
         store.path_for("../escape")
 
 
+def test_malformed_saved_chats_are_skipped(tmp_path: Path) -> None:
+    """A hand-edited or corrupt file must not crash Ctrl+O (listing) or opening the chat (rendering it)."""
+    store = ConversationStore(tmp_path)
+    q = {"role": "user", "content": "q"}
+    bad = {
+        "thinking-int": [q, {"role": "assistant", "content": "a", "reasoning_content": 5}],
+        "calls-str": [q, {"role": "assistant", "content": "a", "tool_calls": "zz"}],
+        "call-no-name": [q, {"role": "assistant", "content": "a", "tool_calls": [{"x": 1}]}],
+        "call-args-list": [q, {"role": "assistant", "content": "a", "tool_calls": [{"name": "f", "arguments": [1]}]}],
+        "reason-list": [q, {"role": "assistant", "content": "a", "finish_reason": []}],
+    }
+    for name, messages in bad.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps({"messages": messages}))
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "times.json").write_text('{"messages": [], "created": NaN, "updated": 1e300}')
+    (tmp_path / "dir.json").mkdir()
+
+    assert [s.id for s in store.list()] == ["times"]
+    assert store.load("times").updated == 0.0 and store.load("times").created == 0.0  # shown as 1970, not a crash
+    for name in [*bad, "deep"]:
+        with pytest.raises(ValueError):
+            store.load(name)
+
+
 def test_conversation_turn_editing() -> None:
     c = Conversation()
     c.add_user("q")

@@ -18,6 +18,7 @@ from typing import Any
 
 FORMAT_VERSION = 1
 TITLE_CHARS = 60
+LATEST_TIME = 253402300799.0  # 9999-12-31: the last time time.localtime and strftime can show
 
 
 def default_data_dir() -> Path:
@@ -115,7 +116,7 @@ class Conversation:
             raise ValueError("not a localglm conversation")
         messages = []
         for m in data["messages"]:
-            if not isinstance(m, dict) or m.get("role") not in ("user", "assistant") or not isinstance(m.get("content"), str):
+            if not valid_message(m):
                 raise ValueError("malformed message")
             messages.append(m)
         return cls(
@@ -125,9 +126,41 @@ class Conversation:
             messages=messages,
             model=str(data.get("model", "")),
             thinking=bool(data.get("thinking", True)),
-            created=float(data.get("created", 0.0)),
-            updated=float(data.get("updated", 0.0)),
+            created=saved_time(data.get("created")),
+            updated=saved_time(data.get("updated")),
         )
+
+
+def valid_message(m: Any) -> bool:
+    """A turn the app can show and send back. A hand-edited or corrupt file may hold anything, and a
+    wrong type in thinking, finish reason or tool calls would otherwise crash the chat when opened."""
+    if not isinstance(m, dict) or m.get("role") not in ("user", "assistant") or not isinstance(m.get("content"), str):
+        return False
+    if not isinstance(m.get("reasoning_content", ""), str) or not isinstance(m.get("finish_reason", ""), str):
+        return False
+    calls = m.get("tool_calls", [])
+    return isinstance(calls, list) and all(
+        isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("arguments", {}), dict) for c in calls
+    )
+
+
+def saved_time(value: Any) -> float:
+    """A saved timestamp the conversation list can format: NaN, 1e300 or a string reads as 0 (1970),
+    rather than making time.localtime raise when the list is shown."""
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return t if 0.0 <= t <= LATEST_TIME else 0.0
+
+
+def read_conversation(path: Path) -> Conversation:
+    """Parse one saved file; every way it can be malformed is a ValueError (or OSError when unreadable)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:  # absurdly deep nesting: json's parser gives up
+        raise ValueError("nested too deeply") from None
+    return Conversation.from_json(data)
 
 
 @dataclass(frozen=True)
@@ -171,7 +204,7 @@ class ConversationStore:
 
     def load(self, conv_id: str) -> Conversation:
         path = self.path_for(conv_id)
-        conv = Conversation.from_json(json.loads(path.read_text(encoding="utf-8")))
+        conv = read_conversation(path)
         conv.id = conv_id  # the file name wins: saving writes back to the same file
         return conv
 
@@ -185,8 +218,8 @@ class ConversationStore:
             return out
         for path in self.root.glob("*.json"):
             try:
-                conv = Conversation.from_json(json.loads(path.read_text(encoding="utf-8")))
-            except (OSError, ValueError, TypeError, json.JSONDecodeError):
+                conv = read_conversation(path)
+            except (OSError, ValueError):
                 continue
             out.append(ConversationSummary(path.stem, conv.title or "(untitled)", conv.updated, len(conv.messages), path))
         out.sort(key=lambda s: (s.updated, s.id), reverse=True)
