@@ -256,56 +256,38 @@ class Model:
         history = torch.tensor(tokens, dtype=torch.long, device=self.device)
         generated: list[int] = []
         try:
-            yield from self._plain_tokens(cache, tokens, generated, history, max_new_tokens, sampling, sampler, stop_ids, cancel, reuse_prefix, stats, logits_processor)
+            on_token = getattr(logits_processor, "on_token", None)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                logits = self._prefill(cache, tokens, reuse_prefix, stats)
+                for step in range(max_new_tokens):
+                    if cancel is not None and cancel.is_set():
+                        return
+                    if logits_processor is not None:
+                        logits = logits_processor(generated, logits)
+                    tok = sampler(logits, history if sampling.repetition_penalty != 1.0 else None)
+                    generated.append(tok)
+                    if on_token is not None:
+                        on_token(generated)  # a grammar starts the next mask during the forward pass
+                    now = time.perf_counter()
+                    if step == 0:
+                        stats.prompt_s = stats.ttft_s = now - t0
+                        t_decode = now
+                    else:
+                        stats.decode_s = now - t_decode
+                    stats.decode_tokens = step + 1
+                    yield tok
+                    if tok in stop_ids or cache.length + 1 >= self.ctx or step + 1 == max_new_tokens:
+                        return
+                    pos = cache.length
+                    ids = torch.tensor([[tok]], dtype=torch.long, device=self.device)
+                    logits = self.net.lm_head(self.net.hidden_states(ids, cache, pos)[0, -1])
+                    cache.tokens.append(tok)
+                    if sampling.repetition_penalty != 1.0:
+                        history = torch.cat([history, ids[0]])
         finally:
             if spec is not None and spec.max_draft > 0:
-                spec.count_plain(len(generated))
-
-    def _plain_tokens(
-        self,
-        cache: TokenCache,
-        tokens: list[int],
-        generated: list[int],
-        history: torch.Tensor,
-        max_new_tokens: int,
-        sampling: SamplingParams,
-        sampler: Sampler,
-        stop_ids: set[int] | frozenset[int],
-        cancel: threading.Event | None,
-        reuse_prefix: bool,
-        stats: GenerationStats,
-        logits_processor: LogitsProcessor | None,
-    ) -> Iterator[int]:
-        """stream_tokens' loop without speculation: one forward a token; `generated` fills as it goes."""
-        on_token = getattr(logits_processor, "on_token", None)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            logits = self._prefill(cache, tokens, reuse_prefix, stats)
-            for step in range(max_new_tokens):
-                if cancel is not None and cancel.is_set():
-                    return
-                if logits_processor is not None:
-                    logits = logits_processor(generated, logits)
-                tok = sampler(logits, history if sampling.repetition_penalty != 1.0 else None)
-                generated.append(tok)
-                if on_token is not None:
-                    on_token(generated)  # a grammar starts the next mask during the forward pass
-                now = time.perf_counter()
-                if step == 0:
-                    stats.prompt_s = stats.ttft_s = now - t0
-                    t_decode = now
-                else:
-                    stats.decode_s = now - t_decode
-                stats.decode_tokens = step + 1
-                yield tok
-                if tok in stop_ids or cache.length + 1 >= self.ctx or step + 1 == max_new_tokens:
-                    return
-                pos = cache.length
-                ids = torch.tensor([[tok]], dtype=torch.long, device=self.device)
-                logits = self.net.lm_head(self.net.hidden_states(ids, cache, pos)[0, -1])
-                cache.tokens.append(tok)
-                if sampling.repetition_penalty != 1.0:
-                    history = torch.cat([history, ids[0]])
+                spec.count_plain(len(generated))  # toward speculation's next try (Speculation.worth_trying)
 
     def generate(
         self,
