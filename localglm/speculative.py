@@ -423,6 +423,7 @@ class Speculation:
         self.policy = DepthPolicy(max_draft, StepCosts.of(net, head), fixed=not adaptive)
         self.memory = memory  # the policy's prices kept across processes (speculative_prices.py); None: not kept
         self.skipped = 0  # tokens decoded without speculation since the policy settled on depth 0 (worth_trying)
+        self.recalled = False  # whether _recall has read the prices file for the current policy
 
     @property
     def max_draft(self) -> int:
@@ -451,12 +452,15 @@ class Speculation:
         return self.cache
 
     def _recall(self) -> None:
-        """Start the depth policy from the prices kept for this setup, where it has measured nothing yet."""
+        """Start the depth policy from the prices kept for this setup, where it has measured nothing yet: the
+        file is read once (again only after a seeded run reset the policy), not at every generation."""
         policy, memory = self.policy, self.memory
-        if memory is not None and not policy.fixed and not policy.seconds and not policy.prior:
-            remembered = memory.load()
-            if remembered is not None:
-                policy.remember(remembered)
+        if self.recalled or memory is None or policy.fixed or policy.seconds or policy.prior:
+            return
+        self.recalled = True
+        remembered = memory.load()
+        if remembered is not None:
+            policy.remember(remembered)
 
     def worth_trying(self, sampling: SamplingParams) -> bool:
         """Whether a generation should run through speculation at all. Always where the depth is fixed or the
@@ -488,6 +492,7 @@ class Speculation:
         policy, memory = self.policy, self.memory
         if sampling.seed is not None:  # the seed reproduces the whole generation: depths included
             policy.reset()
+            self.recalled = False
         else:
             self._recall()
         try:
