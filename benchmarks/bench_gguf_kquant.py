@@ -32,9 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generate import BENCH_ROOT, available  # noqa: E402
+from ggml_peer import GGML_TYPE  # noqa: E402  (ggml.h's type ids)
 
-# GGML type ids (ggml.h)
-GGML = {"Q4_0": 2, "Q5_0": 6, "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ4_XS": 23}
 # tensor-name regex -> type, first match wins (llama-quantize --tensor-type): a dynamic mix like the published GLM ones
 MIX = (
     (r"blk\.1\.ffn_(gate|up)_exps", "Q2_K"), (r"blk\.1\.ffn_down_exps", "Q3_K"),
@@ -64,7 +63,7 @@ def llama_quantize(src: Path, out: Path, mix: tuple[tuple[str, str], ...] = MIX,
     p.ftype, p.nthread = base, threads
     over = (llama_cpp.llama_model_tensor_override * (len(mix) + 1))()
     for i, (pattern, kind) in enumerate(mix):
-        over[i].pattern, over[i].type = pattern.encode(), GGML[kind]
+        over[i].pattern, over[i].type = pattern.encode(), GGML_TYPE[kind]
     over[len(mix)].pattern = None
     p.tt_overrides = ctypes.cast(over, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
     out.parent.mkdir(parents=True, exist_ok=True)
