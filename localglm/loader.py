@@ -289,11 +289,7 @@ def _load_mtp(
 def _speed_options(opts: LoadOptions) -> LoadOptions:
     """The load options a decoding step's speed depends on (the speculative prices' setup): without
     where files are written or whether shards were checked."""
-    import dataclasses
-
-    return dataclasses.replace(
-        opts, verify=True, quant=dataclasses.replace(opts.quant, save_to=None), offload=dataclasses.replace(opts.offload, stats_path=None, trace=None)
-    )
+    return replace(opts, verify=True, quant=replace(opts.quant, save_to=None), offload=replace(opts.offload, stats_path=None, trace=None))
 
 
 def _wants_mtp(cfg: ModelConfig, source: Any, opts: LoadOptions, root: Path) -> bool:

@@ -41,6 +41,7 @@ from ..errors import CheckpointError, LocalGLMError, TokenizerError
 from ..models import arch_of
 from ..models.arch import GGUFSchema
 from ..models.moe_gguf import GGUFMetadata, JoinedTensor, SplitPart
+from ..models.mtp import mtp_blocks_held
 from ..chat.tiny_tokenizer import GLM_SPLIT_PATTERN
 from ..chat.tokenizer import Tokenizer
 from .gguf_file import PLAIN_TYPES, SUPPORTED_TYPES, GGUFModelFiles, type_name
@@ -252,12 +253,9 @@ def export_gguf(
     cfg = ModelConfig.from_file(src)
     schema = arch_of(cfg).gguf
     with SafetensorsSource(src, quantization_config=cfg.quantization_config, dequant_dtype=torch.float32) as source:
-        # The MTP blocks written, not the count config.json claims (3 where GLM checkpoints ship one):
-        # llama.cpp looks for block_count blocks and takes the last nextn_predict_layers as MTP.
-        layers = {int(m[1]) for m in map(_LAYER_RE.match, source.names()) if m}
-        n_mtp = 0
-        while mtp and n_mtp < cfg.num_nextn_predict_layers and cfg.num_hidden_layers + n_mtp in layers:
-            n_mtp += 1
+        # The MTP blocks written, not the count config.json claims (3 where GLM checkpoints ship one): the
+        # ones loading counts too. llama.cpp looks for block_count blocks and takes the last nextn_predict_layers as MTP.
+        n_mtp = mtp_blocks_held(cfg, source.__contains__) if mtp else 0
         n_blocks = cfg.num_hidden_layers + n_mtp
         groups = _plan_groups(source.names(), cfg, schema, n_blocks, mtp)
         writer = GGUFStreamWriter(out, schema.arch, split_max_size=split_max_size)
