@@ -562,10 +562,14 @@ def _pack(experts: Any, device: Any) -> tuple[dict[int, Any], dict[int, Any]]:
     codecs, host = {}, {}
     for layer, buf in list(experts.blobs.items()):  # into (pinned) host buffers; the device copies come from there
         codecs[layer] = QuantCodec(experts.layouts[layer], experts.dtype)
-        rows = list(buf) if isinstance(buf, list) else buf
-        host[layer] = device.host_buffer(len(rows) * experts.layouts[layer].nbytes).view(len(rows), experts.layouts[layer].nbytes)
-        for e, row in enumerate(rows):
-            host[layer][e].copy_(row)
+        if isinstance(buf, list):  # mapped: one view per expert
+            nbytes = experts.layouts[layer].nbytes
+            host[layer] = device.host_buffer(len(buf) * nbytes).view(len(buf), nbytes)
+            for e, row in enumerate(buf):
+                host[layer][e].copy_(row)
+        else:  # copied: one tensor, one copy
+            host[layer] = device.host_buffer(buf.numel()).view(buf.shape)
+            host[layer].copy_(buf)
     experts.blobs.clear()
     return codecs, host
 
