@@ -775,15 +775,6 @@ static inline __m256i nib32(const uint8_t *p) {
     return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
 }
 
-/* 32 bits (little-endian) -> 32 bytes, 0xff where the bit is set. */
-static inline __m256i bits32(const uint8_t *p) {
-    uint32_t x;
-    memcpy(&x, p, 4);
-    const __m256i shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-    const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
-    return _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)x), shuf), bit), bit);
-}
-
 /* bytes >> s (each byte; s < 8), masked */
 static inline __m256i shr_mask(__m256i v, int s, int mask) {
     return _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(s)), _mm256_set1_epi8((char)mask));
@@ -800,8 +791,8 @@ static inline __m256i codes32(int type, const uint8_t *b, int j) {
     case KQ_Q4_0: return nib32(b + 2);
     case KQ_Q4_1: return nib32(b + 4);
     case KQ_IQ4_NL: return _mm256_shuffle_epi8(iq4, nib32(b + 2));
-    case KQ_Q5_0: return _mm256_or_si256(nib32(b + 6), _mm256_and_si256(bits32(b + 2), b16));
-    case KQ_Q5_1: return _mm256_or_si256(nib32(b + 8), _mm256_and_si256(bits32(b + 4), b16));
+    case KQ_Q5_0: return _mm256_or_si256(nib32(b + 6), _mm256_and_si256(bit_bytes(rd32(b + 2)), b16));
+    case KQ_Q5_1: return _mm256_or_si256(nib32(b + 8), _mm256_and_si256(bit_bytes(rd32(b + 4)), b16));
     case KQ_Q2_K: return shr_mask(ld(b + 16 + (j >> 2) * 32), 2 * (j & 3), 3);
     case KQ_Q3_K: return _mm256_or_si256(shr_mask(ld(b + 32 + (j >> 2) * 32), 2 * (j & 3), 3), _mm256_slli_epi16(shr_mask(ld(b), j, 1), 2));
     case KQ_Q4_K: return shr_mask(ld(b + 16 + (j >> 1) * 32), 4 * (j & 1), 15);
