@@ -247,23 +247,27 @@ def _sign_bits(bytes_: torch.Tensor, nb: int, groups: int) -> torch.Tensor:
     return (1 - 2 * bits).float().reshape(nb, groups, 8)
 
 
+def _le(bits: int, b: torch.Tensor) -> torch.Tensor:
+    """Bytes [..., n] read as little-endian unsigned words of 16 or 32 bits, as int64 [..., n * 8 / bits]."""
+    dtype = torch.int32 if bits == 32 else torch.int16
+    return b.contiguous().view(dtype).to(torch.int64) & ((1 << bits) - 1)
+
+
 def _decode_iq(b: torch.Tensor, ggml: str) -> tuple[torch.Tensor, torch.Tensor, None]:
     """decode_blocks for the i-quants, as gguf.quants computes them: scale [nb, subs, 1] the sub-block's
     fp32 factor, codes the signed grid values (IQ1: 8 * (value + delta), the scale carrying the 1/8,
     so scale * code is gguf's d * (value + delta) exactly)."""
     nb, dev = b.shape[0], b.device
     grid = _iq_grid(ggml).to(dev)
-    w32 = lambda t: t.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # noqa: E731  little-endian uint32
-    w16 = lambda t: t.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF  # noqa: E731
     if ggml in ("IQ2_XXS", "IQ3_XXS"):
         d = _f16(b[:, 0:2])
         if ggml == "IQ2_XXS":
-            words = w32(b[:, 2:66]).view(nb, 8, 2)
+            words = _le(32, b[:, 2:66]).view(nb, 8, 2)
             idx, aux = (words[..., 0:1] >> torch.arange(0, 32, 8, device=dev)) & 255, words[..., 1]
             q = grid[idx].reshape(nb, 8, 32)  # 4 rows of 8 a sub-block
             factor = 0.25
         else:
-            aux = w32(b[:, 66:98])
+            aux = _le(32, b[:, 66:98])
             q = grid[b[:, 2:66].to(torch.int64)].reshape(nb, 8, 32)  # 8 rows of 4 a sub-block
             factor = 0.5
         db = d * (0.5 + (aux >> 28).float()) * factor
@@ -272,7 +276,7 @@ def _decode_iq(b: torch.Tensor, ggml: str) -> tuple[torch.Tensor, torch.Tensor, 
     if ggml in ("IQ2_XS", "IQ2_S"):
         d = _f16(b[:, 0:2])
         if ggml == "IQ2_XS":
-            v = w16(b[:, 2:66])
+            v = _le(16, b[:, 2:66])
             idx, signs = v & 511, _ksigns().to(dev)[v >> 9]
             sc = b[:, 66:74]
         else:
@@ -291,14 +295,14 @@ def _decode_iq(b: torch.Tensor, ggml: str) -> tuple[torch.Tensor, torch.Tensor, 
         return q.reshape(nb, 8, 32), (d * (1 + 2 * ls)).unsqueeze(-1), None
     if ggml == "IQ1_S":
         d = _f16(b[:, 0:2])
-        qh = w16(b[:, 34:50])  # [nb, 8]
+        qh = _le(16, b[:, 34:50])  # [nb, 8]
         idx = b[:, 2:34].to(torch.int64).view(nb, 8, 4) | (((qh.unsqueeze(-1) >> torch.arange(0, 12, 3, device=dev)) & 7) << 8)
         delta = torch.where(qh & 0x8000 != 0, -1.0, 1.0).view(nb, 8, 1, 1)
         q = (8 * grid[idx] + delta).reshape(nb, 8, 32)
         dl = d * (2 * ((qh >> 12) & 7) + 1).float() * 0.125
         return q, dl.unsqueeze(-1), None
     # IQ1_M: d from the top nibbles of the four scale words
-    u = w16(b[:, 48:56])  # [nb, 4]
+    u = _le(16, b[:, 48:56])  # [nb, 4]
     h = ((u[:, 0] >> 12) | ((u[:, 1] >> 8) & 0xF0) | ((u[:, 2] >> 4) & 0xF00) | (u[:, 3] & 0xF000)).to(torch.int16)
     d = h.view(torch.float16).float().view(nb, 1)
     nib = (b[:, 32:48].to(torch.int64).unsqueeze(-1) >> torch.tensor([0, 4], device=dev)) & 15  # [nb, 16, 2] -> index order
