@@ -173,3 +173,58 @@ def test_requests_read_naturally() -> None:
     assert "Write a function that returns the sum of a and b." in forms
     assert request_for("f", "Apply x.", "k0").count("applies") + request_for("f", "Apply x.", "k0").count("Apply") == 1
     assert all(not rel.startswith(("test/", "site-packages/")) for rel, _ in source_files()[:200])
+
+
+def test_compute_dtype_sets_the_precision_of_the_forward() -> None:
+    from localglm.training.precision import computing_in
+
+    lin = torch.nn.Linear(8, 8)
+    x = torch.randn(2, 8)
+    with computing_in("bfloat16"):
+        assert lin(x).dtype == torch.bfloat16
+    with computing_in("float32"):
+        assert lin(x).dtype == torch.float32
+    with pytest.raises(ValueError, match="compute_dtype 'fp16': expected one of float32, bfloat16"):
+        computing_in("fp16")
+
+
+def test_training_in_bfloat16_differs_from_float32_and_still_learns(tmp_path: Path) -> None:
+    kw = dict(corpus=_tiny_corpus(), save_every=1000, eval_windows=1, log=lambda _m: None)
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = TrainConfig(**{**TINY.__dict__, "steps": 3, "compute_dtype": dtype})
+        runs[dtype] = train(cfg, tmp_path / dtype, tmp_path / f"w{dtype}", **kw)["loss_history"]
+    f32, b16 = runs["float32"], runs["bfloat16"]
+    assert f32 != b16  # the setting reaches the forward
+    assert all(math.isfinite(v) for v in b16) and abs(b16[0] - f32[0]) < 0.05 * f32[0]
+
+
+def test_cli_refuses_an_unknown_compute_dtype(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from localglm.training.train import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "m"), "--compute-dtype", "fp16"])
+    assert exc.value.code == 2
+    assert "compute_dtype 'fp16'" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("rows", [7, 2500])  # one chunk, and three with a ragged last one
+def test_linear_cross_entropy_equals_autograds(rows: int) -> None:
+    from localglm.training.losses import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, 64, generator=g, requires_grad=True)
+    w = (0.3 * torch.randn(300, 64, generator=g)).requires_grad_()
+    t = torch.randint(0, 300, (rows,), generator=g)
+    ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(x, w), t)
+    gx, gw = torch.autograd.grad(3 * ref, (x, w))
+    out = linear_cross_entropy(x, w, t)
+    fx, fw = torch.autograd.grad(3 * out, (x, w))
+    assert abs(out.item() - ref.item()) < 1e-6 * ref.item()
+    torch.testing.assert_close(fx, gx, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(fw, gw, rtol=1e-5, atol=1e-8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the loss of autocast's bf16 logits
+        ref16 = torch.nn.functional.cross_entropy(torch.nn.functional.linear(x, w).float(), t)
+        out16 = linear_cross_entropy(x, w, t)
+    assert abs(out16.item() - ref16.item()) < 1e-6 * ref16.item() and out16.item() != out.item()

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from ..checkpoint.safetensors import save_safetensors_sharded
 from .mtp import PreNormHidden, mtp_block_of, mtp_logits
+from .precision import check_compute_dtype, computing_in
 from .train import TrainConfig, build_model, built_aside, hub_tensors, stored_tensors
 from .warm_start import load_into, read_stored_tensors, special_ids
 
@@ -61,6 +62,7 @@ class DistilConfig:
     lr: float = 1e-3
     warmup: int = 20
     seed: int = 0
+    compute_dtype: str = "bfloat16"  # float32 | bfloat16: the forwards under autocast (precision.py)
 
 
 def train_config_of(path: Path) -> TrainConfig:
@@ -157,7 +159,7 @@ def distil_block(model: torch.nn.Module, seqs: list[tuple[list[int], int]], cfg:
         for step in range(cfg.steps):
             rows, mask = batch_rows(rng.sample(seqs, min(cfg.batch_size, len(seqs))), pad)
             L = rows.shape[1]
-            with torch.no_grad():
+            with torch.no_grad(), computing_in(cfg.compute_dtype):
                 logits = model(rows).logits
                 hidden = capture.value
                 assert hidden is not None
@@ -165,7 +167,8 @@ def distil_block(model: torch.nn.Module, seqs: list[tuple[list[int], int]], cfg:
             warm = min(1.0, (step + 1) / max(1, cfg.warmup))
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
-            draft = mtp_logits(model, hidden[:, : L - 2], rows[:, 1 : L - 1])
+            with computing_in(cfg.compute_dtype):
+                draft = mtp_logits(model, hidden[:, : L - 2], rows[:, 1 : L - 1])
             per_pos = -(target * F.log_softmax(draft.float(), dim=-1)).sum(-1)
             loss = (per_pos * mask).sum() / mask.sum()
             opt.zero_grad(set_to_none=True)
@@ -243,6 +246,7 @@ def distil(src: Path, out: Path, cfg: DistilConfig, *, log: Log = print, eval_re
     import localglm
 
     t_start = time.time()
+    check_compute_dtype(cfg.compute_dtype)
     tcfg = train_config_of(src)
     engine = localglm.load(src, mtp=False)
     torch.manual_seed(cfg.seed)

@@ -17,7 +17,8 @@ main layers', and transformers' own forward never runs it (it stops at num_hidde
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from .losses import linear_cross_entropy
 
 
 def _decoder_layer_class():
@@ -130,6 +131,11 @@ class PreNormHidden:
 def mtp_logits(model: torch.nn.Module, hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
     """The block's logits for t_{i+2}: hidden [B, T, H] = h_0..h_{T-1} (pre-norm), next_ids [B, T] =
     t_1..t_T. Positions 0..T-1, causal attention within the window."""
+    return model.lm_head(mtp_head_input(model, hidden, next_ids))
+
+
+def mtp_head_input(model: torch.nn.Module, hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+    """What the lm_head takes from the block (its output after shared_head.norm), as `mtp_logits`."""
     from transformers.masking_utils import create_causal_mask
 
     block = mtp_block_of(model)
@@ -142,18 +148,22 @@ def mtp_logits(model: torch.nn.Module, hidden: torch.Tensor, next_ids: torch.Ten
     pos = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
     mask = create_causal_mask(config=model.config, inputs_embeds=x, attention_mask=None, cache=None, position_ids=pos)
     x = block(x, attention_mask=mask, position_ids=pos, position_embeddings=inner.rotary_emb(x, pos))
-    return model.lm_head(block.shared_head.norm(x))
+    return block.shared_head.norm(x)
 
 
 def main_and_mtp_loss(model: torch.nn.Module, rows: torch.Tensor, capture: PreNormHidden) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(CE of the main model on rows[:, 1:], CE of the MTP block on rows[:, 2:]) for token rows [B, T+1]."""
-    logits = model(rows[:, :-1]).logits
-    main = F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten())
+    """(CE of the main model on rows[:, 1:], CE of the MTP block on rows[:, 2:]) for token rows [B, T+1].
+    Both through the lm_head by `linear_cross_entropy` (no [tokens, vocab] logits kept for autograd)."""
+    head = model.lm_head
+    if head.bias is not None:
+        raise ValueError("the lm_head has a bias; GLM's has none")
+    normed = model.model(rows[:, :-1]).last_hidden_state
+    main = linear_cross_entropy(normed.flatten(0, 1), head.weight, rows[:, 1:].flatten())
     if mtp_block_of(model) is None:
         return main, None
     hidden = capture.value
     assert hidden is not None
     t = rows.shape[1] - 1
-    m_logits = mtp_logits(model, hidden[:, : t - 1], rows[:, 1:t])
-    mtp = F.cross_entropy(m_logits.flatten(0, 1).float(), rows[:, 2:].flatten())
+    x = mtp_head_input(model, hidden[:, : t - 1], rows[:, 1:t])
+    mtp = linear_cross_entropy(x.flatten(0, 1), head.weight, rows[:, 2:].flatten())
     return main, mtp

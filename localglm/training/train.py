@@ -38,6 +38,7 @@ from ..models.glm4_moe.tiny import TINY, TinySpec
 from ..tiny import fp8_layout
 from ..chat.tiny_tokenizer import GLM_SPECIAL_TOKENS, build_tiny_tokenizer
 from .corpus import Corpus, build_corpus
+from .precision import check_compute_dtype, computing_in
 from .mtp import PreNormHidden, attach_mtp, init_from_last_layer, main_and_mtp_loss, mtp_block_of
 from .warm_start import TOKENIZER_FILES, load_into, special_ids
 
@@ -83,6 +84,7 @@ class TrainConfig:
     mtp_layers: int = 1  # GLM's MTP block (0: none; GLM checkpoints have 1)
     mtp_weight: float = 0.3  # loss = CE_main + mtp_weight * CE_mtp (DeepSeek-V3's 0.3)
     seed: int = 0
+    compute_dtype: str = "bfloat16"  # float32 | bfloat16 (autocast matmuls; float32 master weights): precision.py
     # output
     weights: str = "fp8"  # fp8 (GLM-4.5-FP8 block-scaled layout) | bfloat16
 
@@ -315,6 +317,7 @@ def train(cfg: TrainConfig, out: Path, work: Path, *, corpus: Corpus | None = No
           init_from: Path | None = None) -> dict:  # fmt: skip
     """Run the whole pipeline; returns a summary dict (losses, timings, parameter counts)."""
     t_start = time.time()
+    check_compute_dtype(cfg.compute_dtype)
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
@@ -363,7 +366,8 @@ def train(cfg: TrainConfig, out: Path, work: Path, *, corpus: Corpus | None = No
             group["lr"] = lr_at(step, cfg)
         rows = batches.next()
         meter.reset()
-        loss, mtp_loss = main_and_mtp_loss(model, rows, capture)
+        with computing_in(cfg.compute_dtype):
+            loss, mtp_loss = main_and_mtp_loss(model, rows, capture)
         total = loss if mtp_loss is None else loss + cfg.mtp_weight * mtp_loss
         opt.zero_grad(set_to_none=True)
         total.backward()
@@ -423,6 +427,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     work = args.work or DEFAULT_WORK
+    try:
+        check_compute_dtype(cfg.compute_dtype)
+    except ValueError as e:
+        ap.error(str(e))
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
