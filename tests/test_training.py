@@ -222,8 +222,8 @@ def test_linear_cross_entropy_equals_autograds(rows: int) -> None:
     out = linear_cross_entropy(x, w, t)
     fx, fw = torch.autograd.grad(3 * out, (x, w))
     assert abs(out.item() - ref.item()) < 1e-6 * ref.item()
-    torch.testing.assert_close(fx, gx, rtol=1e-5, atol=1e-8)
-    torch.testing.assert_close(fw, gw, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(fx, gx, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(fw, gw, rtol=1e-5, atol=1e-7)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the loss of autocast's bf16 logits
         ref16 = torch.nn.functional.cross_entropy(torch.nn.functional.linear(x, w).float(), t)
         out16 = linear_cross_entropy(x, w, t)

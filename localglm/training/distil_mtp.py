@@ -54,10 +54,10 @@ Log = Callable[[str], None]
 class DistilConfig:
     """Everything that decides the distilled block."""
 
-    requests: int = 1500  # requests the model samples for itself
+    requests: int = 1000  # requests the model samples for itself
     request_tokens: int = 48  # the longest request sampled (longer ones are dropped)
-    reply_tokens: int = 96  # greedy reply tokens per request
-    steps: int = 1200
+    reply_tokens: int = 64  # greedy reply tokens per request
+    steps: int = 600
     batch_size: int = 8
     lr: float = 1e-3
     warmup: int = 20

@@ -68,13 +68,13 @@ class TrainConfig:
     max_position_embeddings: int = 2048
     # data
     seq_len: int = 256
-    batch_size: int = 4
+    batch_size: int = 16
     chat_share: float = 0.75  # fraction of the sequences that start at a chat pair (the rest: plain code)
     agent_share: float = 0.1  # synthetic thinking / tool-call conversations added, per train chat pair
     max_code_chars: int = 6_000_000
     tokenizer_chars: int = 4_000_000
     # optimisation
-    steps: int = 100
+    steps: int = 1300
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup: int = 20
@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m localglm.training.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="checkpoint directory (rewritten at every save)")
     ap.add_argument("--work", type=Path, default=None, help=f"tokenizer, float32 checkpoint and summary (default: {DEFAULT_WORK})")
-    ap.add_argument("--save-every", type=int, default=20)
+    ap.add_argument("--save-every", type=int, default=260, help="steps between checkpoint rewrites (default: 260)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--init-from", type=Path, default=None,
                     help="continue this checkpoint's weights (hub layout, FP8 or float) with its tokenizer and chat template")
