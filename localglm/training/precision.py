@@ -1,7 +1,8 @@
 """The precision training computes in: float32, or bfloat16 matmuls and attention under torch.autocast.
 
 Why bfloat16: on a CPU with native bf16 dot products (AVX512-BF16, AMX) a step of the default model's
-training takes 0.68x the float32 time, which is what brings training the model, its MTP block included,
+training takes 0.81x the float32 time (0.70x with `losses.py`'s chunked cross entropy;
+benchmarks/bench_training_step.py), which with it brings training the model, its MTP block included,
 inside its 45-minute budget on 2 cores. The master weights, the optimiser state, the norms, softmax and
 the losses stay float32 (autocast's CPU policy). On a CPU without native bf16, pass float32.
 """
