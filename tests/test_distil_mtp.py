@@ -118,3 +118,24 @@ def test_a_checkpoint_not_trained_here_is_a_one_line_error(trained: Path, tmp_pa
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "localglm_training.json" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--steps", "0"], "--steps 0: must be a number of at least 1"),
+        (["--lr", "nan"], "--lr nan: must be a number of at least 0"),
+        (["--batch-size", "0"], "--batch-size 0: must be a number of at least 1"),
+        (["--reply-tokens", "-1"], "--reply-tokens -1: must be a number of at least 1"),
+        (["--eval-requests", "-1"], "--eval-requests -1: must be at least 0"),
+        (["--threads", "-1"], "--threads -1: must be at least 1"),
+    ],
+)  # fmt: skip
+def test_cli_refuses_settings_that_cannot_distil(flags: list[str], message: str, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from localglm.training.distil_mtp import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", str(trained), "--out", str(tmp_path / "out"), *flags])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+    assert not (tmp_path / "out").exists()

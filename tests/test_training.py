@@ -228,3 +228,36 @@ def test_linear_cross_entropy_equals_autograds(rows: int) -> None:
         ref16 = torch.nn.functional.cross_entropy(torch.nn.functional.linear(x, w).float(), t)
         out16 = linear_cross_entropy(x, w, t)
     assert abs(out16.item() - ref16.item()) < 1e-6 * ref16.item() and out16.item() != out.item()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--steps", "0"], "--steps 0: must be a number of at least 1"),
+        (["--lr", "nan"], "--lr nan: must be a number of at least 0"),
+        (["--batch-size", "0"], "--batch-size 0: must be a number of at least 1"),
+        (["--seq-len", "1"], "--seq-len 1: must be a number of at least 2"),
+        (["--agent-share", "2"], "--agent-share 2.0: must be between 0 and 1"),
+        (["--weights", "fp4"], "--weights 'fp4': expected one of fp8, bfloat16"),
+        (["--num-experts-per-tok", "40"], "--num-experts-per-tok 40: more than --n-routed-experts 16"),
+        (["--mtp-layers", "3"], "--mtp-layers 3: GLM checkpoints have 0 or 1 MTP block"),
+        (["--save-every", "0"], "--save-every 0: must be at least 1"),
+        (["--threads", "-1"], "--threads -1: must be at least 1"),
+        (["--max-minutes", "nan"], "--max-minutes nan: must be above 0"),
+    ],
+)  # fmt: skip
+def test_train_cli_refuses_settings_that_cannot_train(flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from localglm.training.train import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "m"), "--work", str(tmp_path / "w"), *flags])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+    assert not (tmp_path / "m").exists() and not (tmp_path / "w").exists()
+
+
+def test_a_diverging_run_stops_with_a_one_line_error(tmp_path: Path) -> None:
+    cfg = TrainConfig(**{**TINY.__dict__, "steps": 6, "lr": 1e30, "warmup": 1})
+    with pytest.raises(ValueError, match=r"training: the loss is (nan|inf) at step \d \(diverged\); try a lower --lr"):
+        train(cfg, tmp_path / "m", tmp_path / "w", corpus=_tiny_corpus(), save_every=1000, eval_windows=1, log=lambda _m: None)
+    assert not (tmp_path / "m").exists()

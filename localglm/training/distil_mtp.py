@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from ..checkpoint.safetensors import save_safetensors_sharded
 from .mtp import PreNormHidden, mtp_block_of, mtp_logits
 from .precision import check_compute_dtype, computing_in
+from .settings import require_at_least, require_finite_loss
 from .train import TrainConfig, build_model, built_aside, hub_tensors, stored_tensors
 from .warm_start import load_into, read_stored_tensors, special_ids
 
@@ -63,6 +64,11 @@ class DistilConfig:
     warmup: int = 20
     seed: int = 0
     compute_dtype: str = "bfloat16"  # float32 | bfloat16: the forwards under autocast (precision.py)
+
+    def check(self) -> None:
+        """A one-line ValueError naming the first setting that cannot distil (settings.py)."""
+        require_at_least(self, {"requests": 1, "request_tokens": 1, "reply_tokens": 1, "steps": 1, "batch_size": 1, "lr": 0, "warmup": 0, "seed": 0})
+        check_compute_dtype(self.compute_dtype)
 
 
 def train_config_of(path: Path) -> TrainConfig:
@@ -178,6 +184,7 @@ def distil_block(model: torch.nn.Module, seqs: list[tuple[list[int], int]], cfg:
             with torch.no_grad():
                 agree = float(((draft.argmax(-1) == logits[:, 1 : L - 1].argmax(-1)).float() * mask).sum() / mask.sum())
             losses.append(loss.item())
+            require_finite_loss(losses[-1], step + 1, "distillation")
             agrees.append(agree)
             if (step + 1) % 25 == 0 or step + 1 == cfg.steps:
                 n = len(losses[-25:])
@@ -246,7 +253,7 @@ def distil(src: Path, out: Path, cfg: DistilConfig, *, log: Log = print, eval_re
     import localglm
 
     t_start = time.time()
-    check_compute_dtype(cfg.compute_dtype)
+    cfg.check()
     tcfg = train_config_of(src)
     engine = localglm.load(src, mtp=False)
     torch.manual_seed(cfg.seed)
@@ -288,9 +295,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not (args.model / "config.json").is_file():
         ap.error(f"--model {args.model}: no config.json there")
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads {args.threads}: must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = DistilConfig(**{f.name: getattr(args, f.name) for f in fields(DistilConfig)})
+    try:
+        cfg.check()
+    except ValueError as e:
+        ap.error(str(e))
+    if args.eval_requests < 0:
+        ap.error(f"--eval-requests {args.eval_requests}: must be at least 0")
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)

@@ -39,6 +39,7 @@ from ..tiny import fp8_layout
 from ..chat.tiny_tokenizer import GLM_SPECIAL_TOKENS, build_tiny_tokenizer
 from .corpus import Corpus, build_corpus
 from .precision import check_compute_dtype, computing_in
+from .settings import require_at_least, require_choice, require_finite_loss, require_fraction, require_positive
 from .mtp import PreNormHidden, attach_mtp, init_from_last_layer, main_and_mtp_loss, mtp_block_of
 from .warm_start import TOKENIZER_FILES, load_into, special_ids
 
@@ -87,6 +88,30 @@ class TrainConfig:
     compute_dtype: str = "bfloat16"  # float32 | bfloat16 (autocast matmuls; float32 master weights): precision.py
     # output
     weights: str = "fp8"  # fp8 (GLM-4.5-FP8 block-scaled layout) | bfloat16
+
+    def check(self) -> None:
+        """A one-line ValueError naming the first setting that cannot train (settings.py)."""
+        require_at_least(self, {
+            "vocab_size": 256 + len(GLM_SPECIAL_TOKENS), "hidden_size": 1, "intermediate_size": 1, "num_hidden_layers": 1,
+            "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 2, "moe_intermediate_size": 1,
+            "n_routed_experts": 1, "num_experts_per_tok": 1, "n_shared_experts": 0, "first_k_dense_replace": 0,
+            "max_position_embeddings": 3, "seq_len": 2, "batch_size": 1, "max_code_chars": 0, "tokenizer_chars": 1,
+            "steps": 1, "lr": 0, "warmup": 0, "weight_decay": 0, "bias_rate": 0, "mtp_layers": 0, "mtp_weight": 0, "seed": 0,
+        })  # fmt: skip
+        require_positive(self, ("grad_clip", "routed_scaling_factor"))
+        require_fraction(self, ("chat_share", "agent_share", "min_lr_ratio"))
+        require_choice(self, "weights", ("fp8", "bfloat16"))
+        check_compute_dtype(self.compute_dtype)
+        if self.mtp_layers not in (0, 1):
+            raise ValueError(f"--mtp-layers {self.mtp_layers}: GLM checkpoints have 0 or 1 MTP block")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"--num-attention-heads {self.num_attention_heads}: must be a multiple of --num-key-value-heads {self.num_key_value_heads}")
+        if self.num_experts_per_tok > self.n_routed_experts:
+            raise ValueError(f"--num-experts-per-tok {self.num_experts_per_tok}: more than --n-routed-experts {self.n_routed_experts}")
+        if self.first_k_dense_replace >= self.num_hidden_layers:
+            raise ValueError(f"--first-k-dense-replace {self.first_k_dense_replace}: leaves no MoE layer of --num-hidden-layers {self.num_hidden_layers}")
+        if self.seq_len > self.max_position_embeddings:
+            raise ValueError(f"--seq-len {self.seq_len}: longer than --max-position-embeddings {self.max_position_embeddings}")
 
     def spec(self, weights: str | None = None) -> TinySpec:
         """The checkpoint's shape as a TinySpec, so config.json is spelled exactly as make-tiny spells it."""
@@ -317,7 +342,7 @@ def train(cfg: TrainConfig, out: Path, work: Path, *, corpus: Corpus | None = No
           init_from: Path | None = None) -> dict:  # fmt: skip
     """Run the whole pipeline; returns a summary dict (losses, timings, parameter counts)."""
     t_start = time.time()
-    check_compute_dtype(cfg.compute_dtype)
+    cfg.check()
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
@@ -375,6 +400,7 @@ def train(cfg: TrainConfig, out: Path, work: Path, *, corpus: Corpus | None = No
         opt.step()
         imbalance = update_bias(model, meter, cfg.bias_rate)
         history.append(loss.item())
+        require_finite_loss(history[-1], step + 1, "training")
         if mtp_loss is not None:
             mtp_history.append(mtp_loss.item())
         done = step + 1
@@ -428,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     work = args.work or DEFAULT_WORK
     try:
-        check_compute_dtype(cfg.compute_dtype)
+        cfg.check()
     except ValueError as e:
         ap.error(str(e))
 
@@ -437,8 +463,18 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.init_from is not None and not (args.init_from / "config.json").is_file():
         ap.error(f"--init-from {args.init_from}: no config.json there")
-    train(cfg, args.out, work, save_every=args.save_every, threads=args.threads, max_minutes=args.max_minutes, log=log,
-          init_from=args.init_from)  # fmt: skip
+    if args.save_every < 1:
+        ap.error(f"--save-every {args.save_every}: must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads {args.threads}: must be at least 1")
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        ap.error(f"--max-minutes {args.max_minutes}: must be above 0")
+    try:
+        train(cfg, args.out, work, save_every=args.save_every, threads=args.threads, max_minutes=args.max_minutes, log=log,
+              init_from=args.init_from)  # fmt: skip
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
