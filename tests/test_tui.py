@@ -295,6 +295,31 @@ def test_regenerate_twice_before_the_stop_lands(tmp_path: Path, model: localglm.
     drive(app, script)
 
 
+def test_enter_while_a_regenerate_is_starting_waits_its_turn(tmp_path: Path, model: localglm.Model) -> None:
+    """Ctrl+R runs on the app's message pump, Enter on the screen's: an Enter that lands while the
+    regenerate awaits the old reply's removal must not start a second generation beside it."""
+    spy = SpyModel(model)
+    app = make_app(tmp_path, spy, logits_processor=forcing(model, "first", "second", "third"))
+
+    async def script(pilot: Any) -> None:
+        screen = await send(pilot, "hello")
+        box = screen.query_one(ChatInput)
+        regenerating = asyncio.ensure_future(screen.action_regenerate())
+        await asyncio.sleep(0)  # it runs up to its first await
+        box.load_text("again")
+        await screen.send(ChatInput.Submitted(box, "again"))
+        await regenerating
+        await idle(pilot, screen)
+        await pilot.pause(0.2)
+        assert [c["messages"] for c in spy.calls] == [[{"role": "user", "content": "hello"}]] * 2  # the reply, then its regeneration
+        assert [m["content"] for m in screen.conversation.messages] == ["hello", "second"]
+        assert box.text == "again"  # refused while busy: the text stays in the box to send again
+        views = list(screen.query(AssistantMessage))
+        assert len(views) == 1 and not views[0].streaming
+
+    drive(app, script)
+
+
 def test_multiline_input(tmp_path: Path, model: localglm.Model) -> None:
     spy = SpyModel(model)
     app = make_app(tmp_path, spy, logits_processor=forcing(model, "ok"))

@@ -222,6 +222,7 @@ class ChatScreen(Screen):
         self.request: GenRequest | None = None
         self._gen_ids = 0
         self._after_idle: list[Callable[[], Awaitable[None] | None]] = []
+        self._turn_taken = False  # a send or a queued action is running (it may start a generation)
         self._rate: LiveRate | None = None
         self._copy_cursor: int | None = None
 
@@ -233,8 +234,9 @@ class ChatScreen(Screen):
 
     @property
     def busy(self) -> bool:
-        """A generation is running (stopping counts: the model is still busy until it ends)."""
-        return self.request is not None
+        """A generation is running (stopping counts: the model is still busy until it ends), or a turn that
+        may start one is under way (`_take_turn`)."""
+        return self.request is not None or self._turn_taken
 
     # ---- layout ----------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -310,6 +312,9 @@ class ChatScreen(Screen):
             return
         text = event.text.strip()
         event.chat_input.clear()
+        await self._take_turn(lambda: self._send_text(text))
+
+    async def _send_text(self, text: str) -> None:
         self.conversation.add_user(text)
         self.query_one("#welcome").display = False
         user_view = UserMessage(text)
@@ -478,14 +483,33 @@ class ChatScreen(Screen):
         self.stats_panel.show_memory(self.chat_app.memory_probe())
 
     async def _when_idle(self, callback: Callable[[], Awaitable[None] | None]) -> None:
-        """Run `callback` now, or stop the running generation and run it when it has ended."""
-        if self.request is None:
-            result = callback()
-            if result is not None:
-                await result
+        """Run `callback` now, or stop the running generation and run it when it has ended (or, while a
+        send or another action is still starting, when that turn is over)."""
+        if self.request is None and not self._turn_taken:
+            await self._take_turn(callback)
         else:
             self._after_idle.append(callback)
-            self.request.cancel.set()
+            if self.request is not None:
+                self.request.cancel.set()
+
+    async def _take_turn(self, body: Callable[[], Awaitable[None] | None]) -> None:
+        """Run `body`, which may start a generation, as the only such turn: actions run on the app's message
+        pump and Enter on the screen's, so without this an Enter landing while Ctrl+R awaited the old reply's
+        removal started a second generation. Actions queued meanwhile then stop what it started, or run."""
+        self._turn_taken = True
+        try:
+            result = body()
+            if result is not None:
+                await result
+        finally:
+            self._turn_taken = False
+        if self._after_idle:
+            if self.request is not None:
+                self.request.cancel.set()  # _finish_request runs them when it has ended
+            else:
+                pending, self._after_idle = self._after_idle, []
+                for callback in pending:
+                    await self._when_idle(callback)
 
     def abandon_generation(self) -> None:
         """The app is quitting: stop the model and save what was written so far (its end is never seen)."""
