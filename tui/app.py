@@ -469,6 +469,10 @@ class ChatScreen(Screen):
         self._rate = None
         self._live_timer.pause()
         self.refresh_bindings()
+        await self._run_queued()
+
+    async def _run_queued(self) -> None:
+        """Run the actions queued while busy, in order."""
         pending, self._after_idle = self._after_idle, []
         for callback in pending:
             # Through _when_idle: when an earlier callback started a generation (Ctrl+R pressed twice before
@@ -507,9 +511,7 @@ class ChatScreen(Screen):
             if self.request is not None:
                 self.request.cancel.set()  # _finish_request runs them when it has ended
             else:
-                pending, self._after_idle = self._after_idle, []
-                for callback in pending:
-                    await self._when_idle(callback)
+                await self._run_queued()
 
     def abandon_generation(self) -> None:
         """The app is quitting: stop the model and save what was written so far (its end is never seen)."""

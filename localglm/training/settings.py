@@ -11,11 +11,15 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _finite(v: object) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
 def require_at_least(cfg: Any, minimums: dict[str, float]) -> None:
     """Each named field is a finite number no smaller than its minimum."""
     for name, low in minimums.items():
         v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < low:
+        if not _finite(v) or v < low:
             raise ValueError(f"{_flag(name)} {v}: must be a number of at least {low:g}")
 
 
@@ -23,7 +27,7 @@ def require_positive(cfg: Any, names: tuple[str, ...]) -> None:
     """Each named field is a finite number above 0 (learning rates, clipping norms)."""
     for name in names:
         v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        if not _finite(v) or v <= 0:
             raise ValueError(f"{_flag(name)} {v}: must be a finite number above 0")
 
 
@@ -31,7 +35,7 @@ def require_fraction(cfg: Any, names: tuple[str, ...]) -> None:
     """Each named field is a share between 0 and 1."""
     for name in names:
         v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+        if not _finite(v) or not 0.0 <= v <= 1.0:
             raise ValueError(f"{_flag(name)} {v}: must be between 0 and 1")
 
 
