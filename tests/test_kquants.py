@@ -166,9 +166,10 @@ def test_native_matmul_matches_torch_fallback(name: str, rows: int, lib: kquants
 
 @pytest.mark.parametrize("name", TYPES)
 def test_int8_kernel_token_results_do_not_depend_on_token_count(name: str, lib: kquants.KQuantLib) -> None:
-    """Tokens run 4 at a time per weight row (codes unpacked once for the tile), the rest one by one, and
-    in passes of a few tokens for long inputs: each token's row must be bit-identical however many
-    tokens share the call. K = 352 / 2816 leaves a tail of blocks for the 32-weight types' 8-block steps."""
+    """Tokens run 4 or 8 at a time per weight row (codes unpacked once for the tile), the rest in tiles of
+    4, 3, 2 or 1 (a speculative verification's 2-7 tokens), and in passes of a few tokens for long
+    inputs: each token's row must be bit-identical however many tokens share the call. K = 352 / 2816
+    leaves a tail of blocks for the 32-weight types' 8-block steps."""
     k = 2816 if GGML_TYPES[name].block == 256 else 352
     qt = tensor_of(name, 24, k, seed=7)
     spec, data = qt.spec, qt.section("data")
@@ -177,7 +178,7 @@ def test_int8_kernel_token_results_do_not_depend_on_token_count(name: str, lib: 
     together = lib.matmul(spec, data, (24, k), x, int8=True)
     alone = torch.cat([lib.matmul(spec, data, (24, k), x[t : t + 1], int8=True) for t in range(70)])
     assert torch.equal(together, alone)
-    for lo, hi in ((3, 10), (1, 6), (64, 70)):  # other tile / tail splits
+    for lo, hi in ((3, 10), (1, 6), (64, 70), (0, 2), (2, 5), (10, 14), (20, 25), (30, 37), (40, 48)):  # other tile / rest splits
         assert torch.equal(lib.matmul(spec, data, (24, k), x[lo:hi], int8=True), together[lo:hi])
     assert torch.equal(together[5], torch.zeros(24))
     want = torch_matmul(spec, data, (24, k), int8_grid(x, act_block(spec)))

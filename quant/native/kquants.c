@@ -1237,23 +1237,37 @@ static inline __attribute__((always_inline)) void row32(const int type, const in
 }
 #endif
 
-/* Every row against tokens [t0, t1): TILE tokens at a time, the rest one by one. */
+/* One call of the row function FN on NT tokens from token t (SRC: the packed row, or the unpacked one). */
+#define KQ_ROW(FN, TYPE, NT, SRC, t) FN(TYPE, (NT), SRC, nb, k, xq + (size_t)(t) * k, dx + (size_t)(t) * nb, xs + (size_t)(t) * ns, y + (size_t)(t) * n + r, (size_t)n)
+
+/* The tokens left after the whole tiles (fewer than TILE) in at most two calls, 4 then 3, 2 or 1 tokens:
+ * each call decodes the row once for all its tokens. One by one, a 2-7 token product (a speculative
+ * verification) decoded every block once per token and cost ~4x one token at 4 tokens (bench_gguf_kquant
+ * --kernels --tokens 4). A token's numbers are the same in a call of any width (see above). */
+#define KQ_REST(FN, TYPE, TILE, SRC, t, t1)                                                                          \
+    while (t < t1) {                                                                                                 \
+        const int left_ = t1 - t;                                                                                    \
+        if ((TILE) > 4 && left_ >= 4) KQ_ROW(FN, TYPE, 4, SRC, t), t += 4;                                          \
+        else if (left_ >= 3) KQ_ROW(FN, TYPE, 3, SRC, t), t += 3;                                                  \
+        else if (left_ == 2) KQ_ROW(FN, TYPE, 2, SRC, t), t += 2;                                                  \
+        else KQ_ROW(FN, TYPE, 1, SRC, t), t += 1;                                                                  \
+    }
+
+/* Every row against tokens [t0, t1): TILE tokens at a time, then the rest (KQ_REST). */
 #define TILED(ROW, TYPE, TILE)                                                                                             \
     case TYPE:                                                                                                       \
         _Pragma("omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(n, nth))") for (int r = 0; r < n; r++) { \
             const uint8_t *row = w + (size_t)r * row_bytes;                                                          \
             int t = t0;                                                                                              \
-            for (; t + (TILE) <= t1; t += (TILE))                                                                    \
-                ROW(TYPE, (TILE), row, nb, k, xq + (size_t)t * k, dx + (size_t)t * nb, xs + (size_t)t * ns, y + (size_t)t * n + r, (size_t)n); \
-            for (; t < t1; t++)                                                                                      \
-                ROW(TYPE, 1, row, nb, k, xq + (size_t)t * k, dx + (size_t)t * nb, xs + (size_t)t * ns, y + (size_t)t * n + r, (size_t)n); \
+            for (; t + (TILE) <= t1; t += (TILE)) KQ_ROW(ROW, TYPE, (TILE), row, t);                                 \
+            KQ_REST(ROW, TYPE, (TILE), row, t, t1);                                                                  \
         }                                                                                                            \
         break;
 
 #ifdef __AVX2__
 /* TILED where a pass holds two tiles or more: each thread unpacks its row once (ALLOC'd buffer, UNPACK)
- * and every tile reads it (UROW); the one-by-one rest, and a thread whose buffer could not be had, run
- * ROW on the packed row: the same numbers. */
+ * and every tile reads it (UROW); a thread whose buffer could not be had runs ROW on the packed row:
+ * the same numbers. */
 #define TILED_U(TYPE, TILE, ROW, UROW, ALLOC, UNPACK)                                                                \
     case TYPE:                                                                                                       \
         _Pragma("omp parallel num_threads(nth)") {                                                                   \
@@ -1261,14 +1275,14 @@ static inline __attribute__((always_inline)) void row32(const int type, const in
             _Pragma("omp for schedule(dynamic, lg_chunk(n, nth))") for (int r = 0; r < n; r++) {                    \
                 const uint8_t *row = w + (size_t)r * row_bytes;                                                      \
                 int t = t0;                                                                                          \
-                if (u) UNPACK(TYPE, row, nb, u);                                                                     \
-                for (; t + (TILE) <= t1; t += (TILE))                                                                \
-                    if (u)                                                                                           \
-                        UROW(TYPE, (TILE), u, nb, k, xq + (size_t)t * k, dx + (size_t)t * nb, xs + (size_t)t * ns, y + (size_t)t * n + r, (size_t)n); \
-                    else                                                                                             \
-                        ROW(TYPE, (TILE), row, nb, k, xq + (size_t)t * k, dx + (size_t)t * nb, xs + (size_t)t * ns, y + (size_t)t * n + r, (size_t)n); \
-                for (; t < t1; t++)                                                                                  \
-                    ROW(TYPE, 1, row, nb, k, xq + (size_t)t * k, dx + (size_t)t * nb, xs + (size_t)t * ns, y + (size_t)t * n + r, (size_t)n); \
+                if (u) {                                                                                             \
+                    UNPACK(TYPE, row, nb, u);                                                                        \
+                    for (; t + (TILE) <= t1; t += (TILE)) KQ_ROW(UROW, TYPE, (TILE), u, t);                          \
+                    KQ_REST(UROW, TYPE, (TILE), u, t, t1);                                                           \
+                } else {                                                                                             \
+                    for (; t + (TILE) <= t1; t += (TILE)) KQ_ROW(ROW, TYPE, (TILE), row, t);                         \
+                    KQ_REST(ROW, TYPE, (TILE), row, t, t1);                                                          \
+                }                                                                                                    \
             }                                                                                                        \
             free(u);                                                                                                 \
         }                                                                                                            \
