@@ -13,7 +13,8 @@ nearly a whole one, and no acceptance makes drafting pay. This prints both engin
 
 Levels: bf16 (the checkpoint as stored: ours computes the packaged model's FP8 in bf16; llama.cpp its bf16
 GGUF), q8 / q4 / q2 (`localglm quantize --experts N`, beside llama.cpp's Q8_0 / Q4_K_M / Q2_K from its own
-quantizer; bench_quant.py makes and caches both). Each engine runs in its own subprocess; inside it the
+quantizer; bench_quant.py makes and caches both); Q8_0 / Q4_K_M / Q2_K: llama.cpp's quantized file itself, run
+by both engines (ours reads its blocks as stored: the GGUF a user downloads). Each engine runs in its own subprocess; inside it the
 widths are timed in a new random order each round, each figure the median of the rounds.
 """
 
@@ -33,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_generate import BENCH_ROOT, PACKAGED, ensure_gguf, ensure_model, prompt_ids  # noqa: E402
-from bench_quant import PEER, llama_cpp_installed, make_llama, make_ours  # noqa: E402
+from bench_quant import LLAMA, PEER, llama_cpp_installed, make_llama, make_ours  # noqa: E402
 
 WIDTHS = (1, 2, 3, 4, 5)
 
@@ -117,7 +118,7 @@ def run_worker(engine: str, target: Path, args: argparse.Namespace, vocab: int) 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=PACKAGED, help="'default' (the packaged model) or a model directory (default: %(default)s)")
-    ap.add_argument("--levels", default="bf16,q4", help="comma-separated: bf16, q8, q4, q2 (default: %(default)s)")
+    ap.add_argument("--levels", default="bf16,q4", help="comma-separated: bf16, q8, q4, q2, or Q8_0, Q4_K_M, Q2_K: llama.cpp's file run by both (default: %(default)s)")
     ap.add_argument("--ctx", type=int, default=128, help="context tokens before the timed forwards (default: %(default)s)")
     ap.add_argument("--widths", default=",".join(map(str, WIDTHS)), help="tokens per forward (default: %(default)s)")
     ap.add_argument("--rounds", type=int, default=40, help="timed forwards per width and engine (default: %(default)s)")
@@ -138,9 +139,13 @@ def main() -> int:
           f"load average {os.getloadavg()[0]:.2f}")  # fmt: skip
     print(f"{'level':<8} {'engine':<10} {'1 token ms':>10} " + " ".join(f"{f'{w} tokens':>9}" for w in widths[1:]) + "   (x one token's time)")
     for level in args.levels.split(","):
-        ours = model if level == "bf16" else make_ours(model, args.work, level)
-        peer_name = PEER.get(level, level)
-        theirs = (ensure_gguf(model, "bf16") if level == "bf16" else make_llama(model, args.work, peer_name)) if have_llama else None
+        if level in LLAMA:  # llama.cpp's own file, run by both engines (ours reads its blocks as stored)
+            peer_name = level
+            ours = theirs = make_llama(model, args.work, level) if have_llama else None
+        else:
+            ours = model if level == "bf16" else make_ours(model, args.work, level)
+            peer_name = PEER.get(level, level)
+            theirs = (ensure_gguf(model, "bf16") if level == "bf16" else make_llama(model, args.work, peer_name)) if have_llama else None
         for engine, target, label in (("localglm", ours, level), ("llama.cpp", theirs, peer_name)):
             if target is None:
                 print(f"{label:<8} {engine:<10} {'skipped' if engine == 'llama.cpp' and not have_llama else 'failed'}")
