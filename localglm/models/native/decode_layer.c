@@ -139,7 +139,7 @@ static inline int tile_rows(int nt, int T) {
 }
 
 /* dense_tile with R (tile_rows(nt), or 1) and nt known at compile time (bh: AVX-512 only). */
-static void dense_tile_of(const lg_mat *m, int n, int R, const void *xv, int nt, int bh, float *s) {
+static inline __attribute__((always_inline)) void dense_tile_of(const lg_mat *m, int n, int R, const void *xv, int nt, int bh, float *s) {
     const float *x = (const float *)xv;
     (void)bh;
     if (R == 1) {
@@ -183,7 +183,7 @@ static inline int tile_rows(int nt, int T) {
 #endif
 
 /* The tile with R (tile_rows(nt), or 1) and nt known at compile time. */
-static void dense_tile_of(const lg_mat *m, int n, int R, const void *x, int nt, int bh, float *s) {
+static inline __attribute__((always_inline)) void dense_tile_of(const lg_mat *m, int n, int R, const void *x, int nt, int bh, float *s) {
     (void)bh;
     switch (nt) {
     case 1: R == 1 ? TILE(1, 1) : TILE(8, 1); break;
@@ -199,7 +199,7 @@ static void dense_tile_of(const lg_mat *m, int n, int R, const void *x, int nt, 
 /* Weight rows n..n+R-1 (R = tile_rows(nt, T); fewer at the end, one at a time) against the nt tokens at
  * x (rows K apart; AVX2's bf16 tiles: split_halves' layout) into y (rows N apart), with the bias,
  * rounded to dt. */
-static void dense_rows(const lg_mat *m, int n, const int R, const void *x, int nt, int bh, int dt, float *y) {
+static inline __attribute__((always_inline)) void dense_rows(const lg_mat *m, int n, const int R, const void *x, int nt, int bh, int dt, float *y) {
     const int N = m->n, rows = n + R <= N ? R : N - n;
     float s[RMAX * TMAX];
     if (rows == R) dense_tile_of(m, n, R, x, nt, bh, s);
@@ -208,6 +208,18 @@ static void dense_rows(const lg_mat *m, int n, const int R, const void *x, int n
     for (int r = 0; r < rows; r++) {
         const float b = m->bias ? m->bias[n + r] : 0.0f;
         for (int t = 0; t < nt; t++) y[(size_t)t * N + n + r] = rnd(s[t * RMAX + r] + b, dt);
+    }
+}
+
+/* Blocks b0..b1-1 of R rows each (dense_rows) against nt tokens, the tile chosen once for the range, not once a
+ * row: at 2-4 tokens a row of 256 is ~100 cycles of products, and the per-row dispatch and call cost about as
+ * much again (perf, a 4-token forward of the default model). */
+static void dense_range(const lg_mat *m, int b0, int b1, const int R, const void *x, int nt, int bh, int dt, float *y) {
+    switch (nt) {
+    case 1: for (int b = b0; b < b1; b++) dense_rows(m, b * R, R, x, 1, bh, dt, y); break;
+    case 2: for (int b = b0; b < b1; b++) dense_rows(m, b * R, R, x, 2, bh, dt, y); break;
+    case 3: for (int b = b0; b < b1; b++) dense_rows(m, b * R, R, x, 3, bh, dt, y); break;
+    default: for (int b = b0; b < b1; b++) dense_rows(m, b * R, R, x, TMAX, bh, dt, y);
     }
 }
 #endif
@@ -249,9 +261,10 @@ static int rows_matvec(const lg_mat *m, int T, const float *x, int dt, qact *xa,
         const size_t es = bh ? sizeof(uint16_t) : sizeof(float);
         for (int t0 = 0; t0 < T; t0 += TMAX) {
             const int nt = T - t0 < TMAX ? T - t0 : TMAX, R = tile_rows(nt, T), blocks = (N + R - 1) / R;
-            const int par = nth > 1 && (size_t)N * K * nt >= (1u << 16);
-#pragma omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(blocks, nth)) if (par)
-            for (int b = 0; b < blocks; b++) dense_rows(m, b * R, R, xr + (size_t)t0 * K * es, nt, bh, dt, y + (size_t)t0 * N);
+            const int par = nth > 1 && (size_t)N * K * nt >= (1u << 16), chunk = lg_chunk(blocks, nth), chunks = (blocks + chunk - 1) / chunk;
+#pragma omp parallel for num_threads(nth) schedule(dynamic, 1) if (par)
+            for (int c = 0; c < chunks; c++)
+                dense_range(m, c * chunk, (c + 1) * chunk < blocks ? (c + 1) * chunk : blocks, R, xr + (size_t)t0 * K * es, nt, bh, dt, y + (size_t)t0 * N);
         }
         free(xs);
         return 0;
