@@ -169,6 +169,7 @@ def _run(model: localglm.Model, prompts: list[list[int]], new: int, sampling: Sa
         tokens += stats.decode_tokens - 1
         seconds += stats.decode_s
         generated += stats.decode_tokens
+        total.decode_tokens += stats.decode_tokens
         total.draft_tokens += stats.draft_tokens
         total.accepted_tokens += stats.accepted_tokens
         for d, n in stats.draft_depths.items():

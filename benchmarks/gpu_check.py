@@ -4,7 +4,7 @@ On a lent GPU machine (no internet; its python3 has torch, transformers, safeten
 numpy, jinja2, psutil but not gguf or pytest), from the repository root:
 
     bash benchmarks/gpu_wheels.sh          # here, once: gguf + pytest wheels unpacked into .wheels/site
-    # then on the device (the device tool: carry=[".wheels"], timeout_s=590; the time boxes sum to 510 s):
+    # then on the device (the device tool: carry=[".wheels"], timeout_s=590; the time boxes sum to 540 s):
     python3 benchmarks/gpu_check.py --out $OUT
 
 Nothing needs installing there: this script puts the repository and .wheels/site on sys.path (and on
@@ -25,6 +25,9 @@ is recorded and the others still run; each writes its results as it goes):
               prefill tok/s (512 tokens), decode tok/s, hit rate, bytes/token, measured H2D GB/s and
               the decode bound those imply; LRU vs stat + prefetch; GPU-only vs CPU-for-cold-experts
               vs every routed expert on the CPU (attention on the GPU: llama.cpp's -ot exps=CPU split)
+  mtp         speculative decoding with the default model's MTP block on the device (issue 16): greedy tokens at
+              depths 1-3 equal to plain decoding's; decode tok/s plain, at depths 1-3 and adaptive, greedy and
+              at t=0.7, with the experts resident and offloaded (a quarter cached; MiB moved per token)
   bnb         bitsandbytes NF4 / int8 against our q4 / q8 (logit KL on the default model, matvec speed),
               when the wheel is importable; recorded as skipped otherwise (and in the rehearsal unless
               --bnb-on-cpu: minutes on a CPU)
@@ -63,11 +66,11 @@ for _p in (WHEELS_SITE, ROOT):  # the checkout itself and the carried pure-Pytho
 GiB = 1 << 30
 VRAM_CAP = 24 * GiB  # the product's card
 GPU_MEM = VRAM_CAP - (512 << 20)  # the planner's budget inside the cap: what a 24 GiB card leaves after its context
-PARTS = ("env", "cuda_tests", "exactness", "air_bench", "bnb")
-# Seconds per part: on the GPU they sum to 8.5 minutes (the device runs a command for at most 10);
-# the rehearsal's are generous for a busy CI machine (it takes ~35 s on an idle 2-core one, 80-100 s at load 8).
-TIME_BOX = {"env": 30, "cuda_tests": 90, "exactness": 150, "air_bench": 210, "bnb": 30}
-REHEARSAL_BOX = {"env": 30, "cuda_tests": 45, "exactness": 120, "air_bench": 60, "bnb": 300}  # hang guards: ~35 s in all when idle
+PARTS = ("env", "cuda_tests", "exactness", "air_bench", "mtp", "bnb")
+# Seconds per part: on the GPU they sum to 9 minutes (the device runs a command for at most 10);
+# the rehearsal's are generous for a busy CI machine (it takes ~45 s on an idle 2-core one, 80-100 s at load 8).
+TIME_BOX = {"env": 30, "cuda_tests": 90, "exactness": 150, "air_bench": 190, "mtp": 50, "bnb": 30}
+REHEARSAL_BOX = {"env": 30, "cuda_tests": 45, "exactness": 120, "air_bench": 60, "mtp": 120, "bnb": 300}  # hang guards: ~45 s in all when idle
 CUDA_TEST_FILES = ("tests/test_quant.py", "tests/test_gpu_check.py")
 EXPERT_BITS = (2, 4, 8)
 AIR = "GLM-4.5-Air"
@@ -399,6 +402,70 @@ def part_exactness(t: Target, res: PartResult) -> None:
         gpu_equal_oracle=sum(s.get("gpu_vs_oracle", {}).get("tokens_equal", False) for s in steps) if not t.rehearse else None,
         **_vram_peak(t),
     )
+
+
+# ---- part: mtp ------------------------------------------------------------------------------------
+MTP_SETTINGS = (("greedy", (0, 1, 2, 3, "auto")), ("t=0.7", (0, 2, "auto")))  # sampling, drafts (0: plain; auto: the adaptive depth <= 3)
+
+
+def part_mtp(t: Target, res: PartResult) -> None:
+    """Speculative decoding with the default model's MTP block (issue 16) on the device, where a forward of a
+    few tokens costs about what one does (launches, not arithmetic: the CPU's case is the opposite): greedy
+    tokens at every fixed depth must equal plain decoding's; decode tok/s plain, at depths 1-3 and adaptive,
+    greedy and at t=0.7; then the same with the routed experts offloaded (a quarter cached), with the bytes
+    moved per generated token."""
+    import localglm
+    from bench_mtp import CHAT_PROMPTS, run
+    from localglm.config import ModelConfig
+    from localglm.default_model import default_model_path
+    from localglm.sampling import SamplingParams
+
+    cap = _cap_vram(t)
+    n_prompts, new, rounds = (2, 8, 1) if t.rehearse else (4, 48, 2)
+    res.set(vram=cap, device=t.device, offload=t.offload, prompts=n_prompts, new_tokens=new, rounds=rounds)
+    path = default_model_path()
+    cfg = ModelConfig.from_file(path)
+    slots = max(cfg.n_routed_experts + cfg.num_experts_per_tok, cfg.num_moe_layers * cfg.n_routed_experts // 4)
+    offload = {"offload": t.offload, "gpu_mem": GPU_MEM if not t.rehearse else 256 << 20, "cache_slots": slots}
+    samplings = {"greedy": SamplingParams(temperature=0.0), "t=0.7": SamplingParams(temperature=0.7)}
+    for setup, kw in (("resident", {}), ("offloaded, a quarter cached", offload)):
+        with res.step(setup) as rec:
+            model = localglm.load(path, device=t.device, ctx=1024, **kw)
+            spec = model.speculation
+            if spec is None:
+                raise RuntimeError("the default model's MTP block did not load")
+            prompts = [model.encode_chat([{"role": "user", "content": text}]).ids for text in CHAT_PROMPTS[:n_prompts]]
+            backend = model.net.experts
+            moved = (lambda: backend.stats_snapshot()["bytes_moved"]) if hasattr(backend, "stats_snapshot") else (lambda: 0)
+
+            def greedy_tokens(draft: int) -> list[list[int]]:
+                spec.set_draft(draft, adaptive=False)
+                return [list(model.stream_tokens(p, max_new_tokens=new, sampling=samplings["greedy"], reuse_prefix=False)) for p in prompts]
+
+            plain = greedy_tokens(0)
+            rec["greedy_equal_plain"] = {str(d): greedy_tokens(d) == plain for d in (1, 2, 3)}
+            rows = []
+            for name, drafts in MTP_SETTINGS:
+                for draft in drafts:
+                    best, before = None, moved()
+                    for _ in range(rounds):  # the fastest round: another process only ever slows one
+                        tok_s, st, _cpu = run(model, prompts, new, 3 if draft == "auto" else int(draft), draft == "auto", samplings[name])
+                        best = tok_s if best is None else max(best, tok_s)
+                    rows.append({
+                        "sampling": name, "draft": str(draft), "decode_tok_s": best, "tokens_per_step": st.acceptance_length if draft else 1.0,
+                        "depths": {str(d): n for d, n in sorted(st.draft_depths.items())},
+                        "mib_moved_per_token": (moved() - before) / rounds / max(st.decode_tokens, 1) / (1 << 20),
+                    })  # fmt: skip
+                    rec["rows"] = rows
+                    res.save()
+            for row in rows:
+                plain_speed = next(r["decode_tok_s"] for r in rows if r["sampling"] == row["sampling"] and r["draft"] == "0")
+                row["vs_plain"] = row["decode_tok_s"] / plain_speed if plain_speed else None
+            rec["best_greedy_vs_plain"] = max(r["vs_plain"] or 0 for r in rows if r["sampling"] == "greedy" and r["draft"] != "0")
+            rec.update(_vram_peak(t))
+            _free(model)
+            if not all(rec["greedy_equal_plain"].values()):
+                raise AssertionError(f"greedy speculation changed the tokens: {rec['greedy_equal_plain']}")
 
 
 # ---- part: air_bench ------------------------------------------------------------------------------
@@ -763,7 +830,8 @@ def part_bnb(t: Target, res: PartResult) -> None:
 
 
 PART_FUNCS: dict[str, Callable[[Target, PartResult], None]] = {
-    "env": part_env, "cuda_tests": part_cuda_tests, "exactness": part_exactness, "air_bench": part_air_bench, "bnb": part_bnb,
+    "env": part_env, "cuda_tests": part_cuda_tests, "exactness": part_exactness, "air_bench": part_air_bench, "mtp": part_mtp,
+    "bnb": part_bnb,
 }  # fmt: skip
 
 
@@ -923,6 +991,25 @@ def render_md(report: dict[str, Any]) -> str:
             )
         if report["rehearsal"]:
             lines += ["", "(rehearsal: prefill and decode tok/s are the simulated device's clock, from assumed PCIe/GPU bandwidths; wall-clock figures are in the JSON)"]
+    mt = p.get("mtp", {})
+    if _steps(mt):
+        lines += [
+            "", f"Speculative decoding with the default model's MTP block ({mt.get('prompts')} chat requests x {mt.get('new_tokens')} tokens, "
+            f"the fastest of {mt.get('rounds')} rounds; greedy tokens at depths 1-3 against plain decoding's):", "",
+            "| experts | greedy = plain | sampling | draft | decode tok/s | vs plain | tokens / step | depths | MiB moved / token |",
+            "|---|---|---|---|---:|---:|---:|---|---:|",
+        ]  # fmt: skip
+        for s in _steps(mt):
+            same = s.get("greedy_equal_plain", {})
+            if s.get("status") != "ok" and not s.get("rows"):
+                lines.append(f"| {s['step']} | error: {(s.get('error') or '')[:100]} | | | | | | | |")
+            for r in s.get("rows", []):
+                label = "plain" if r["draft"] == "0" else ("auto <= 3" if r["draft"] == "auto" else r["draft"])
+                depths = ", ".join(f"{d}x{n}" for d, n in r.get("depths", {}).items()) or "-"
+                lines.append(
+                    f"| {s['step']} | {_f(all(same.values())) if same else '-'} | {r['sampling']} | {label} | {_f(r['decode_tok_s'])} | "
+                    f"{_f(r.get('vs_plain'), 2)}x | {_f(r['tokens_per_step'], 2)} | {depths} | {_f(r['mib_moved_per_token'], 2)} |"
+                )
     bn = p.get("bnb", {})
     if bn.get("status") == "skipped":
         lines += ["", f"bitsandbytes: skipped ({bn.get('reason')})."]

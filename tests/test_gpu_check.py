@@ -43,7 +43,7 @@ def test_rehearsal_writes_both_reports(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--rehearse", "--out", str(out)], capture_output=True, text=True, timeout=400)
     report = json.loads((out / "gpu_check.json").read_text())
     parts = report["parts"]
-    assert set(parts) == {"env", "cuda_tests", "exactness", "air_bench", "bnb"}
+    assert set(parts) == {"env", "cuda_tests", "exactness", "air_bench", "mtp", "bnb"}
     assert {p: v["status"] for p, v in parts.items() if v["status"] not in ("ok", "skipped")} == {}, proc.stderr[-3000:]
     assert proc.returncode == 0
     ex = parts["exactness"]
@@ -66,8 +66,18 @@ def test_rehearsal_writes_both_reports(tmp_path: Path) -> None:
     assert runs[2]["cpu_experts_per_token"] > 0  # the cost model sent cold experts to the CPU
     assert runs[0]["prefetched"] == 0 and runs[1]["prefetched"] > 0
     assert runs[3]["bytes_per_token"] == 0 and runs[3]["cpu_experts_per_token"] == runs[3]["gpu_experts_per_token"] + runs[3]["cpu_experts_per_token"] > 0
+    mtp = {s["step"]: s for s in parts["mtp"]["steps"]}
+    assert set(mtp) == {"resident", "offloaded, a quarter cached"} and all(s["status"] == "ok" for s in mtp.values())
+    for s in mtp.values():
+        assert s["greedy_equal_plain"] == {"1": True, "2": True, "3": True}  # speculation never changes greedy tokens
+        assert [(r["sampling"], r["draft"]) for r in s["rows"]] == [(n, str(d)) for n, drafts in _gpu_check().MTP_SETTINGS for d in drafts]
+        assert all(r["decode_tok_s"] > 0 for r in s["rows"])
+        assert all(r["tokens_per_step"] > 1 for r in s["rows"] if r["draft"] in ("1", "2", "3"))  # the trained block's drafts are accepted
+    assert all(r["mib_moved_per_token"] > 0 for r in mtp["offloaded, a quarter cached"]["rows"])
+    assert all(r["mib_moved_per_token"] == 0 for r in mtp["resident"]["rows"])
     md = (out / "gpu_check.md").read_text()
     assert "REHEARSAL" in md and "| LRU, GPU-only |" in md and "random GLM-5 (glm_moe_dsa) | q4 | yes | yes | yes |" in md
+    assert "| resident | yes | greedy | 2 |" in md and "| offloaded, a quarter cached | yes | greedy | plain |" in md
 
 
 def test_failed_part_is_recorded_and_the_rest_kept(tmp_path: Path) -> None:
