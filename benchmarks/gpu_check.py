@@ -409,8 +409,9 @@ MTP_SETTINGS = (("greedy", (0, 1, 2, 3, "auto")), ("t=0.7", (0, 2, "auto")))  # 
 
 
 def part_mtp(t: Target, res: PartResult) -> None:
-    """Speculative decoding with the default model's MTP block (issue 16) on the device, where a forward of a
-    few tokens costs about what one does (launches, not arithmetic: the CPU's case is the opposite): greedy
+    """Speculative decoding with the default model's MTP block (issue 16) on the device, where a token's time is
+    mostly launches and dispatch rather than arithmetic (the CPU's case is the opposite), so a few-token
+    forward may cost little more than one (the routed experts' dispatch grows with their count): greedy
     tokens at every fixed depth must equal plain decoding's; decode tok/s plain, at depths 1-3 and adaptive,
     greedy and at t=0.7; then the same with the routed experts offloaded (a quarter cached), with the bytes
     moved per generated token."""
