@@ -649,10 +649,11 @@ int kq_dequant_bf16(int type, const uint8_t *w, int n, int k, int n0, int n1, ui
  * kq_matmul_q8 equals (x rounded to that grid) @ W.T to fp32 rounding (quant/kquants.py int8_grid):
  * the activation rounding is the price of the integer product (what llama.cpp pays too).
  *
- * Tokens run 4 or 8 at a time per weight row (TILE_K, TILE_32): each block's codes are unpacked once and multiplied
- * with every token of the tile (the row stays in L1 between tiles). A token's own operations -- its
- * integer sums, its float accumulator and their order -- are the same alone, in a tile or in the
- * one-at-a-time tail, so its result is bit-identical whatever the number of tokens in the call. */
+ * Tokens run 4 or 8 at a time per weight row (TILE_K, TILE_32), the rest in tiles of 4, 3, 2 or 1 (KQ_REST):
+ * each block's codes are unpacked once and multiplied with every token of the tile (the row stays in L1
+ * between tiles). A token's own operations -- its integer sums, its float accumulator and their order --
+ * are the same alone or in a tile of any width, so its result is bit-identical whatever the number of
+ * tokens in the call. */
 
 #define KQ_TILE 8 /* most tokens per tile (the accumulators' arrays) */
 /* tokens per tile by kind, measured (2-core Zen 2): the 32-weight types unpack 8 blocks' codes per
@@ -1105,7 +1106,6 @@ static inline __attribute__((always_inline)) void group32(const int type, const 
                                                           __m256i live, int g, int nb, int k, const int8_t *xq, const float *dx, const int16_t *xs,
                                                           __m256 *acc) {
     const int is_iq4 = type == KQ_IQ4_NL, bias_shift = type == KQ_Q4_0 ? 3 : type == KQ_Q5_0 ? 4 : 0;
-    const __m256i ones = _mm256_set1_epi16(1);
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
     /* Two blocks a zmm: vpdpbusd sums 4 code x activation products into each int32 lane, and a transposing
      * reduction gathers the 8 blocks' sums. Integer sums are exact in any order, and the maddubs path's
@@ -1118,7 +1118,8 @@ static inline __attribute__((always_inline)) void group32(const int type, const 
         cz[j] = _mm512_inserti64x4(_mm512_castsi256_si512(av[2 * j]), av[2 * j + 1], 1);
         neg[j] = is_iq4 ? _mm512_movepi8_mask(vz) : 0; /* IQ4_NL: codes < 0 take the activation negated (sign_epi8's job) */
     }
-    (void)ones;
+#else
+    const __m256i ones = _mm256_set1_epi16(1);
 #endif
     for (int t = 0; t < NT; t++) {
         const int8_t *xt = xq + (size_t)t * k + (size_t)g * 32;
