@@ -45,9 +45,9 @@ def time_localglm(target: Path, ctx_ids: list[int], widths: tuple[int, ...], rou
 
     import localglm
 
-    model = localglm.load(target, ctx=len(ctx_ids) + 64, mtp=False)
+    model = localglm.load(target, ctx=len(ctx_ids) + max(widths) + 64, mtp=False)
     net = model.net
-    cache = net.new_cache(len(ctx_ids) + 64)
+    cache = net.new_cache(len(ctx_ids) + max(widths) + 64)
     rng = random.Random(7)
     with torch.inference_mode():
         net.residual(torch.tensor([ctx_ids]), cache, 0)
@@ -70,7 +70,7 @@ def time_llama_cpp(target: Path, ctx_ids: list[int], widths: tuple[int, ...], ro
     """The same for llama.cpp: eval of T tokens with every row's logits, the KV cache trimmed back after each."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(target), n_ctx=len(ctx_ids) + 64, n_batch=512, n_threads=threads, n_threads_batch=threads,
+    llm = llama_cpp.Llama(model_path=str(target), n_ctx=len(ctx_ids) + max(widths) + 64, n_batch=512, n_threads=threads, n_threads_batch=threads,
                           logits_all=True, verbose=False)  # fmt: skip
     llm.eval(ctx_ids)
     at = llm.n_tokens

@@ -40,7 +40,7 @@ def _logits(net: Any, hidden: torch.Tensor) -> torch.Tensor:
 
 def _one_at_a_time(net: Any, prompt: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Logits of every position and the caches, the prompt decoded one token per call."""
-    ids, cache = torch.tensor([prompt]), net.new_cache(32)
+    ids, cache = torch.tensor([prompt]), net.new_cache(max(32, len(prompt)))
     with torch.inference_mode():
         logits = [_logits(net, net.hidden_states(ids[:, p : p + 1], cache, p)) for p in range(len(prompt))]
     return torch.cat(logits), _caches(cache)
@@ -52,7 +52,7 @@ def _chunked(net: Any, prompt: list[int], chunks: tuple[int, ...] = CHUNKS) -> t
     def torch_layers(*_: object) -> None:
         raise AssertionError("a multi-token forward ran the torch ops")
 
-    ids, cache, logits, start = torch.tensor([prompt]), net.new_cache(32), [], 0
+    ids, cache, logits, start = torch.tensor([prompt]), net.new_cache(max(32, len(prompt))), [], 0
     net.run_layers = torch_layers
     try:
         with torch.inference_mode():
@@ -65,9 +65,9 @@ def _chunked(net: Any, prompt: list[int], chunks: tuple[int, ...] = CHUNKS) -> t
     return torch.cat(logits), _caches(cache)
 
 
-def _assert_same(net: Any) -> None:
+def _assert_same(net: Any, prompt: list[int] = PROMPT, chunks: tuple[int, ...] = CHUNKS) -> None:
     assert net._fused_decoder() is not None
-    (a, ca), (b, cb) = _one_at_a_time(net, PROMPT), _chunked(net, PROMPT)
+    (a, ca), (b, cb) = _one_at_a_time(net, prompt), _chunked(net, prompt, chunks)
     assert torch.equal(a, b)
     assert len(ca) == len(cb) > 0 and all(torch.equal(x, y) for x, y in zip(ca, cb))
     assert a.abs().max() > 0
@@ -100,6 +100,16 @@ def test_a_multi_token_forward_is_bit_identical_to_one_token_steps(tmp_path: Pat
     net = _load(tmp_path, arch, load, **spec)
     assert net._fused_decoder()._experts_in_ram()[1] is not None  # experts in RAM: every layer of the tokens in one call
     _assert_same(net)
+
+
+@pytest.mark.parametrize("case", ["glm4_moe-bf16", "glm4_moe-fp32"])
+def test_chunks_longer_than_an_attention_slice(tmp_path: Path, case: str) -> None:
+    """Grouped-query attention takes a chunk's tokens 16 at a time (layer_ops.c ATTEND_TQ), each block of cached
+    rows converted once for them: chunks of 37 and 30 tokens (three and two slices, the last ones partial)
+    after a short one still give every token its one-token numbers and the same cache."""
+    arch, load, spec = CASES[case]
+    prompt = torch.randint(0, 500, (70,), generator=torch.Generator().manual_seed(11)).tolist()
+    _assert_same(_load(tmp_path, arch, load, **spec), prompt, (3, 37, 30))
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.endswith("-bf16")])

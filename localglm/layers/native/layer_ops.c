@@ -200,6 +200,100 @@ int lg_attend(const float *q, const void *k, const void *v, int dtype, int heads
     return 0;
 }
 
+/* Query tokens a work item of lg_attend_tokens takes: their scores sit side by side (TQ x group x positions
+ * floats) while each block of cached rows is converted once for all of them. */
+#define ATTEND_TQ 16
+
+/* lg_attend for T consecutive tokens (layer_ops.h). lg_attend converts each block of AB cached rows to floats
+ * once per token; here once per ATTEND_TQ tokens and the query heads of their group -- at a long prompt's
+ * 128-token chunks that conversion was about a third of the attention (perf, the default model at 1,920
+ * tokens: attention ~45% of the prompt). Per (token, head) the operations and their order are lg_attend's:
+ * the same dot_block over each block (rows a token does not see are real rows here, zeros there: their
+ * scores are never read), the same scale, max, exp_shift_sum, normalisation and p v accumulation block
+ * after block -- so each token's output is bit for bit its one-token call's (tests/test_fused_prefill.py). */
+int lg_attend_tokens(const float *q, long q_stride, const void *k, const void *v, int dtype, int heads, int kv_heads, int len0, int T,
+                     int hd, long stride_head, long stride_pos, float scale, float *out, long o_stride, int nth) {
+    const int group = heads / kv_heads, slices = (T + ATTEND_TQ - 1) / ATTEND_TQ, items = kv_heads * slices;
+    const int padded = (len0 + T - 1 + AB - 1) / AB * AB;
+    const size_t per_item = (size_t)ATTEND_TQ * (size_t)group * (size_t)padded + (size_t)AB * (size_t)hd;
+    int failed = 0;
+    const int par = nth > 1 && items > 1;
+#pragma omp parallel for num_threads(nth) schedule(dynamic, 1) if (par)
+    for (int it = 0; it < items; it++) {
+        float *sc = malloc(sizeof(float) * per_item);
+        if (!sc) {
+#pragma omp atomic write
+            failed = 1;
+            continue;
+        }
+        float *rows = sc + (size_t)ATTEND_TQ * (size_t)group * (size_t)padded;
+        const int g = it / slices, t0 = (it % slices) * ATTEND_TQ, t1 = t0 + ATTEND_TQ < T ? t0 + ATTEND_TQ : T;
+        const int last = len0 + t1 - 1; /* positions the slice's last token sees */
+        const size_t base = (size_t)g * (size_t)stride_head;
+#define SCORES(t, h) (sc + ((size_t)((t) - t0) * (size_t)group + (size_t)((h) - g * group)) * (size_t)padded)
+        for (int b0 = 0; b0 < last; b0 += AB) {
+            const int nb = last - b0 < AB ? last - b0 : AB;
+            for (int j = 0; j < AB; j++) {
+                if (j < nb) load_row(k, dtype, base + (size_t)(b0 + j) * (size_t)stride_pos, hd, rows + (size_t)j * hd);
+                else memset(rows + (size_t)j * hd, 0, (size_t)hd * sizeof(float));
+            }
+            for (int t = t0; t < t1; t++) {
+                const int len = len0 + t, nt = len - b0 < AB ? len - b0 : AB;
+                if (nt <= 0) continue;
+                for (int h = g * group; h < (g + 1) * group; h++) {
+                    float *s = SCORES(t, h) + b0;
+                    dot_block(q + (size_t)t * (size_t)q_stride + (size_t)h * hd, rows, hd, s);
+                    for (int j = 0; j < nt; j++) s[j] *= scale;
+                }
+            }
+        }
+        for (int t = t0; t < t1; t++)
+            for (int h = g * group; h < (g + 1) * group; h++) {
+                const int len = len0 + t;
+                float *s = SCORES(t, h), mx = -INFINITY;
+                for (int i = 0; i < len; i++) mx = s[i] > mx ? s[i] : mx;
+                const float inv = 1.0f / exp_shift_sum(s, len, mx);
+                for (int i = 0; i < len; i++) s[i] *= inv;
+                float *acc = out + (size_t)t * (size_t)o_stride + (size_t)h * hd;
+                for (int i = 0; i < hd; i++) acc[i] = 0.0f;
+            }
+        for (int b0 = 0; b0 < last; b0 += AB) {
+            const int nb = last - b0 < AB ? last - b0 : AB;
+            for (int j = 0; j < nb; j++) load_row(v, dtype, base + (size_t)(b0 + j) * (size_t)stride_pos, hd, rows + (size_t)j * hd);
+            for (int t = t0; t < t1; t++) {
+                const int len = len0 + t, nt = len - b0 < AB ? len - b0 : AB;
+                if (nt <= 0) continue;
+                for (int h = g * group; h < (g + 1) * group; h++) {
+                    const float *p = SCORES(t, h) + b0;
+                    float *acc = out + (size_t)t * (size_t)o_stride + (size_t)h * hd;
+                    int i = 0;
+#ifdef __AVX2__
+                    for (; i + 8 <= hd; i += 8) {
+                        __m256 a = _mm256_loadu_ps(acc + i);
+                        for (int j = 0; j < nt; j++) a = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(rows + (size_t)j * hd + i), a);
+                        _mm256_storeu_ps(acc + i, a);
+                    }
+#endif
+                    for (; i < hd; i++) {
+                        float a = acc[i];
+                        for (int j = 0; j < nt; j++) a += p[j] * rows[(size_t)j * hd + i];
+                        acc[i] = a;
+                    }
+                }
+            }
+        }
+#undef SCORES
+        for (int t = t0; t < t1; t++)
+            for (int h = g * group; h < (g + 1) * group; h++)
+                for (int i = 0; i < hd; i++) {
+                    float *o = out + (size_t)t * (size_t)o_stride + (size_t)h * hd + i;
+                    *o = rnd(*o, dtype);
+                }
+        free(sc);
+    }
+    return failed ? -1 : 0;
+}
+
 /* lg_attend on a q of `dtype`, out of `dtype`: the single op localglm/layers/attention.py calls. */
 int lg_decode_attention(const void *q, const void *k, const void *v, int dtype, int heads, int kv_heads, int len, int hd,
                         long stride_head, long stride_pos, float scale, void *out, int nth) {

@@ -101,6 +101,12 @@ LG_HIDDEN void lg_rope_into(const float *x, float *out, int rot, const void *cos
 LG_HIDDEN int lg_attend(const float *q, const void *k, const void *v, int dtype, int heads, int kv_heads, int len, const int32_t *idx,
                         int hk, int hv, long stride_head, long stride_pos, float scale, float *out, int nth);
 
+/* lg_attend for T consecutive query tokens of one sequence: token t (q at q + t * q_stride, out at out +
+ * t * o_stride) attends positions 0..len0 + t - 1, each token's numbers lg_attend's. Returns 0, or -1
+ * when out of memory. */
+LG_HIDDEN int lg_attend_tokens(const float *q, long q_stride, const void *k, const void *v, int dtype, int heads, int kv_heads, int len0, int T,
+                               int hd, long stride_head, long stride_pos, float scale, float *out, long o_stride, int nth);
+
 /* Floats of scratch lg_mla_attention takes for layer L, and of the part lg_mla_token takes. */
 LG_HIDDEN size_t lg_mla_scratch(const lg_layer *L);
 LG_HIDDEN size_t lg_mla_token_scratch(const lg_layer *L);

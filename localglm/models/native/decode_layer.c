@@ -302,12 +302,11 @@ static int rows_swiglu(const lg_mat *gate_up, const lg_mat *down, int T, const f
     return rows_matvec(down, T, a, dt, xa, out, nth);
 }
 
-/* glm4_moe's grouped-query attention of one token at `pos` after its projection: qkv (this token's
- * q | k | v row, floats of dtype values) gets its q/k norm and RoPE in place, its k and v are written
- * to the cache at pos, and its heads attend to positions [0, pos] into att [heads * hd]. `tmp`
- * holds hd floats. Returns 0, or -1 when out of memory. */
-static int gqa_token(const lg_layer *L, float *qkv, const void *cos, const void *sin, void *k_cache, void *v_cache, long stride_head,
-                     long stride_pos, int pos, float *tmp, float *att, int nth) {
+/* glm4_moe's grouped-query attention, the part before attending, of one token at `pos` after its
+ * projection: qkv (this token's q | k | v row, floats of dtype values) gets its q/k norm and RoPE in
+ * place, and its k and v are written to the cache at pos. `tmp` holds hd floats. */
+static void gqa_prepare(const lg_layer *L, float *qkv, const void *cos, const void *sin, void *k_cache, void *v_cache, long stride_head,
+                        long stride_pos, int pos, float *tmp) {
     const int hd = L->hd, dt = L->dtype, nq = L->heads * hd, nkv = L->kv_heads * hd;
     const float *k = qkv + nq, *v = k + nkv;
     for (int r = 0; r < L->heads + L->kv_heads; r++) {
@@ -326,7 +325,6 @@ static int gqa_token(const lg_layer *L, float *qkv, const void *cos, const void 
             store(v_cache, dt, at + i, v[(size_t)gk * hd + i]);
         }
     }
-    return lg_attend(qkv, k_cache, v_cache, dt, L->heads, L->kv_heads, pos + 1, NULL, hd, hd, stride_head, stride_pos, (float)(1.0 / sqrt((double)hd)), att, nth);
 }
 
 /* Where the T tokens' rotary rows and DSA selections are: token t's cos / sin at cos + t * rot_stride
@@ -382,11 +380,16 @@ static int attention(const lg_layer *L, int T, const float *hn, const token_rows
     const int nq = L->heads * L->hd, row = nq + 2 * L->kv_heads * L->hd;
     float *qkv = scratch, *att = qkv + (size_t)T * row, *tmp = att + (size_t)T * nq;
     if (rows_matvec(&L->qkv, T, hn, dt, xa, qkv, nth)) return -1;
-    for (int t = 0; t < T; t++) {
-        const int rc = gqa_token(L, qkv + (size_t)t * row, row_at(R->cos, dt, R->rot_stride, t), row_at(R->sin, dt, R->rot_stride, t), k_cache, v_cache,
-                                 stride_head, stride_pos, pos + t, tmp, att + (size_t)t * nq, nth);
-        if (rc) return rc;
-    }
+    /* Every token's k and v go to the cache first: token t reads positions up to pos + t only, which the
+     * later tokens' rows do not touch. Then one call attends for all of them (lg_attend_tokens: each
+     * cached row converted once for the tokens, not once a token; the numbers are one-token calls'). */
+    for (int t = 0; t < T; t++)
+        gqa_prepare(L, qkv + (size_t)t * row, row_at(R->cos, dt, R->rot_stride, t), row_at(R->sin, dt, R->rot_stride, t), k_cache, v_cache,
+                    stride_head, stride_pos, pos + t, tmp);
+    const float scale = (float)(1.0 / sqrt((double)L->hd));
+    const int rc = T == 1 ? lg_attend(qkv, k_cache, v_cache, dt, L->heads, L->kv_heads, pos + 1, NULL, L->hd, L->hd, stride_head, stride_pos, scale, att, nth)
+                          : lg_attend_tokens(qkv, row, k_cache, v_cache, dt, L->heads, L->kv_heads, pos + 1, T, L->hd, stride_head, stride_pos, scale, att, nq, nth);
+    if (rc) return rc;
     return rows_matvec(&L->o, T, att, dt, xa, o, nth);
 }
 
