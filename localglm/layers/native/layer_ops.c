@@ -124,6 +124,24 @@ static float exp_shift_sum(float *s, int n, float mx) {
     return sum;
 }
 
+/* acc[i] += p[j] * rows[j][i] for j < n in order (rows of hv floats): a block of value rows weighted by their
+ * probabilities, lg_attend's and lg_attend_tokens' one order for it. */
+static inline void add_weighted_rows(const float *p, const float *rows, int n, int hv, float *acc) {
+    int i = 0;
+#ifdef __AVX2__
+    for (; i + 8 <= hv; i += 8) {
+        __m256 a = _mm256_loadu_ps(acc + i);
+        for (int j = 0; j < n; j++) a = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(rows + (size_t)j * hv + i), a);
+        _mm256_storeu_ps(acc + i, a);
+    }
+#endif
+    for (; i < hv; i++) {
+        float a = acc[i];
+        for (int j = 0; j < n; j++) a += p[j] * rows[(size_t)j * hv + i];
+        acc[i] = a;
+    }
+}
+
 /* One query token against the KV cache: scores = q.k * scale (fp32), softmax (fp32), out = sum p v
  * (rounded to dtype) -- what localglm/layers/attention.py does with torch ops. q [heads, hk] floats;
  * k, v of `dtype`: kv head g, position t at g * stride_head + t * stride_pos, keys of hk values and
@@ -175,23 +193,7 @@ int lg_attend(const float *q, const void *k, const void *v, int dtype, int heads
         for (int t0 = 0; t0 < len; t0 += AB) {
             const int nb = len - t0 < AB ? len - t0 : AB;
             for (int j = 0; j < nb; j++) load_row(v, dtype, base + (size_t)(idx ? idx[t0 + j] : t0 + j) * (size_t)stride_pos, hv, rows + (size_t)j * hv);
-            for (int h = h0; h < h1; h++) {
-                const float *p = sc + (size_t)(h - h0) * padded + t0;
-                float *acc = out + (size_t)h * hv;
-                int i = 0;
-#ifdef __AVX2__
-                for (; i + 8 <= hv; i += 8) {
-                    __m256 a = _mm256_loadu_ps(acc + i);
-                    for (int j = 0; j < nb; j++) a = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(rows + (size_t)j * hv + i), a);
-                    _mm256_storeu_ps(acc + i, a);
-                }
-#endif
-                for (; i < hv; i++) {
-                    float a = acc[i];
-                    for (int j = 0; j < nb; j++) a += p[j] * rows[(size_t)j * hv + i];
-                    acc[i] = a;
-                }
-            }
+            for (int h = h0; h < h1; h++) add_weighted_rows(sc + (size_t)(h - h0) * padded + t0, rows, nb, hv, out + (size_t)h * hv);
         }
         for (int h = h0; h < h1; h++)
             for (int i = 0; i < hv; i++) out[(size_t)h * hv + i] = rnd(out[(size_t)h * hv + i], dtype);
@@ -263,23 +265,8 @@ int lg_attend_tokens(const float *q, long q_stride, const void *k, const void *v
             for (int t = t0; t < t1; t++) {
                 const int len = len0 + t, nt = len - b0 < AB ? len - b0 : AB;
                 if (nt <= 0) continue;
-                for (int h = g * group; h < (g + 1) * group; h++) {
-                    const float *p = SCORES(t, h) + b0;
-                    float *acc = out + (size_t)t * (size_t)o_stride + (size_t)h * hd;
-                    int i = 0;
-#ifdef __AVX2__
-                    for (; i + 8 <= hd; i += 8) {
-                        __m256 a = _mm256_loadu_ps(acc + i);
-                        for (int j = 0; j < nt; j++) a = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(rows + (size_t)j * hd + i), a);
-                        _mm256_storeu_ps(acc + i, a);
-                    }
-#endif
-                    for (; i < hd; i++) {
-                        float a = acc[i];
-                        for (int j = 0; j < nt; j++) a += p[j] * rows[(size_t)j * hd + i];
-                        acc[i] = a;
-                    }
-                }
+                for (int h = g * group; h < (g + 1) * group; h++)
+                    add_weighted_rows(SCORES(t, h) + b0, rows, nt, hd, out + (size_t)t * (size_t)o_stride + (size_t)h * hd);
             }
         }
 #undef SCORES
