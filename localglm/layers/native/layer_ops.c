@@ -124,6 +124,15 @@ static float exp_shift_sum(float *s, int n, float mx) {
     return sum;
 }
 
+/* s[0..n) <- their softmax (fp32: the max, exp_shift_sum, one reciprocal times each): lg_attend's and
+ * lg_attend_tokens' one order for it. */
+static inline void softmax_in_place(float *s, int n) {
+    float mx = -INFINITY;
+    for (int i = 0; i < n; i++) mx = s[i] > mx ? s[i] : mx;
+    const float inv = 1.0f / exp_shift_sum(s, n, mx);
+    for (int i = 0; i < n; i++) s[i] *= inv;
+}
+
 /* acc[i] += p[j] * rows[j][i] for j < n in order (rows of hv floats): a block of value rows weighted by their
  * probabilities, lg_attend's and lg_attend_tokens' one order for it. */
 static inline void add_weighted_rows(const float *p, const float *rows, int n, int hv, float *acc) {
@@ -183,10 +192,7 @@ int lg_attend(const float *q, const void *k, const void *v, int dtype, int heads
             }
         }
         for (int h = h0; h < h1; h++) {
-            float *s = sc + (size_t)(h - h0) * padded, mx = -INFINITY;
-            for (int t = 0; t < len; t++) mx = s[t] > mx ? s[t] : mx;
-            const float inv = 1.0f / exp_shift_sum(s, len, mx);
-            for (int t = 0; t < len; t++) s[t] *= inv;
+            softmax_in_place(sc + (size_t)(h - h0) * padded, len);
             float *acc = out + (size_t)h * hv;
             for (int i = 0; i < hv; i++) acc[i] = 0.0f;
         }
@@ -252,10 +258,7 @@ int lg_attend_tokens(const float *q, long q_stride, const void *k, const void *v
         for (int t = t0; t < t1; t++)
             for (int h = g * group; h < (g + 1) * group; h++) {
                 const int len = len0 + t;
-                float *s = SCORES(t, h), mx = -INFINITY;
-                for (int i = 0; i < len; i++) mx = s[i] > mx ? s[i] : mx;
-                const float inv = 1.0f / exp_shift_sum(s, len, mx);
-                for (int i = 0; i < len; i++) s[i] *= inv;
+                softmax_in_place(SCORES(t, h), len);
                 float *acc = out + (size_t)t * (size_t)o_stride + (size_t)h * hd;
                 for (int i = 0; i < hd; i++) acc[i] = 0.0f;
             }
