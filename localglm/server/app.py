@@ -33,7 +33,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..engine import Model
-from . import anthropic_routes, openai_routes
+from . import anthropic_routes, openai_routes, responses_routes
 from .body import BODY_BYTES_KEY
 from .errors import CLOSE, APIError, error_body
 from .metrics import Metrics
@@ -45,13 +45,15 @@ log = logging.getLogger("localglm.server")
 PUBLIC_PATHS = ("/health", "/")
 KNOWN_ENDPOINTS = (
     "/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/messages", "/v1/messages/count_tokens",
-    "/health", "/metrics",
+    "/v1/responses", "/v1/responses/input_tokens", "/health", "/metrics",
 )  # fmt: skip
 
 
 def _endpoint_label(path: str) -> str:
     if path.startswith("/v1/models/"):
         return "/v1/models/{id}"
+    if path.startswith("/v1/responses/") and path not in KNOWN_ENDPOINTS:
+        return "/v1/responses/{id}"
     return path if path in KNOWN_ENDPOINTS else "other"
 
 
@@ -185,7 +187,7 @@ async def root(request: Request) -> Response:
             "name": "localglm",
             "model": state.settings.model_name,
             "endpoints": ["/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/messages",
-                          "/v1/messages/count_tokens", "/health", "/metrics"],
+                          "/v1/messages/count_tokens", "/v1/responses", "/v1/responses/input_tokens", "/health", "/metrics"],
         }
     )
 
@@ -242,6 +244,10 @@ def create_app(
         Route("/v1/completions", openai_routes.completions, methods=["POST"]),
         Route("/v1/messages", anthropic_routes.messages, methods=["POST"]),
         Route("/v1/messages/count_tokens", anthropic_routes.count_tokens, methods=["POST"]),
+        Route("/v1/responses", responses_routes.create, methods=["POST"]),
+        Route("/v1/responses/input_tokens", responses_routes.input_tokens, methods=["POST"]),
+        Route("/v1/responses/{response_id}", responses_routes.retrieve, methods=["GET"]),
+        Route("/v1/responses/{response_id}", responses_routes.delete, methods=["DELETE"]),
     ]
     handlers: dict[Any, Any] = {APIError: _api_error, HTTPException: _http_error}
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)

@@ -158,7 +158,14 @@ def context_error(tokens: int, ctx: int, req: GenRequest, *, at_least: bool = Fa
     else:
         what = "messages" if req.chat else "prompt"
         message = f"This model's maximum context length is {ctx} tokens. However, your {what} resulted in {n} tokens: {hint}."
-    return APIError(400, message, param="messages" if req.chat else "prompt", code="context_length_exceeded")
+    return APIError(400, message, param=prompt_param(req), code="context_length_exceeded")
+
+
+def prompt_param(req: GenRequest) -> str:
+    """The request field that holds the prompt, in the route's API."""
+    if req.endpoint.startswith("/v1/responses"):
+        return "input"
+    return "messages" if req.chat else "prompt"
 
 
 def template_tools(req: GenRequest) -> list[dict[str, Any]] | None:
@@ -183,7 +190,7 @@ async def prepare(state: ServerState, req: GenRequest, *, fit: bool = True) -> N
         raise bad_request(str(exc)) from None
     ctx = state.model.ctx
     if n == 0:
-        raise bad_request("the prompt is empty", "prompt" if not req.chat else "messages")
+        raise bad_request("the prompt is empty", prompt_param(req))
     if fit and n >= ctx:
         raise context_error(n, ctx, req)
     if req.max_tokens is not None and req.max_tokens < 1:

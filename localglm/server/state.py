@@ -11,6 +11,7 @@ from typing import Any
 from ..engine import LogitsProcessor, Model
 from ..sampling import SamplingParams
 from .metrics import Metrics
+from .response_store import ResponseStore
 from .worker import EngineWorker
 
 # (endpoint, request JSON) -> logits processor for that request, or None. A constructor argument of
@@ -61,6 +62,7 @@ class ServerState:
     # One prompt is tokenized at a time: tokenizing takes a few hundred bytes per token, so parallel
     # big prompts multiply the peak memory, and they would share the same cores anyway.
     tokenize_lock: threading.Lock = field(default_factory=threading.Lock)
+    responses: ResponseStore = field(default_factory=ResponseStore)  # the Responses API's stored responses
 
     def begin_shutdown(self) -> None:
         """Called when the server starts shutting down: every queued or running job ends with an error

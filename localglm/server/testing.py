@@ -101,7 +101,7 @@ class ScriptedOutput:
         return ids
 
     def __call__(self, endpoint: str, body: dict[str, Any]) -> LogitsProcessor | None:
-        names = _MARKER.findall(json.dumps(body.get("messages", body.get("prompt", ""))))
+        names = _MARKER.findall(json.dumps([body.get(key) for key in ("messages", "input", "prompt")]))
         script = self.scripts.get(names[-1]) if names else None
         if script is None:
             return None

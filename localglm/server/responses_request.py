@@ -1,0 +1,345 @@
+"""Reading an OpenAI Responses API request (POST /v1/responses) into the shared `GenRequest`.
+
+The Responses API sends a conversation as a flat list of items: messages (`input_text` parts),
+the model's earlier `reasoning`, `function_call` and `custom_tool_call` items, and the client's
+`function_call_output` / `custom_tool_call_output` items. GLM's chat template reads one assistant
+message per turn (its reasoning, text and tool calls together), so consecutive assistant items are
+folded into one message, and each output item becomes a `tool` message. Tools are flat (`{type:
+"function", name, parameters}`); `custom` tools (free-form text input, as Codex's apply_patch can
+be) are shown to the model as a function with one string argument, `input`. Hosted tools (web
+search, file search, code interpreter, ...) cannot run here and are left out of the prompt, as the
+Anthropic route leaves Anthropic's hosted tools out.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field as dataclass_field
+from typing import Any
+
+from ..grammar import GrammarError, parse_response_format
+from ..grammar.budget import EFFORT_BUDGETS
+from .chat import GenRequest, content_text
+from .errors import bad_request
+from .validation import describe, expect, field, join, load_json
+
+ENDPOINT = "/v1/responses"
+CUSTOM_INPUT = "input"  # the one string argument a custom tool is shown to the model with
+HOSTED_TOOLS = frozenset({
+    "web_search", "web_search_preview", "web_search_preview_2025_03_11", "web_search_2025_08_26", "file_search",
+    "computer", "computer_use_preview", "code_interpreter", "image_generation", "mcp", "local_shell", "shell",
+    "apply_patch", "tool_search", "namespace",
+})  # fmt: skip
+EFFORTS = ("none", *EFFORT_BUDGETS, "xhigh")  # xhigh: no bound, as high
+TEXT_PARTS = ("input_text", "output_text", "text")
+NOT_TEXT_PARTS = ("input_image", "input_file", "input_audio")
+
+
+@dataclass
+class ResponsesRequest:
+    """A parsed request: the generation, and what the response object echoes back."""
+
+    gen: GenRequest
+    stream: bool
+    store: bool
+    history: list[dict[str, Any]]  # the conversation without `instructions` (what a later previous_response_id continues)
+    custom_tools: frozenset[str]  # tools whose calls come back as custom_tool_call items
+    echo: dict[str, Any] = dataclass_field(default_factory=dict)  # request fields the response object repeats
+
+
+def _part_text(where: str, kind: str, part: Any) -> str:
+    if kind == "refusal":
+        return field(part, "refusal", "string", path=where, default="")
+    if kind in NOT_TEXT_PARTS:
+        raise bad_request(f"{where}.type: {kind!r} parts are not supported: this model reads text only", f"{where}.type")
+    raise bad_request(f"{where}.type: {kind!r} is not a content part this server accepts (input_text, output_text)", f"{where}.type")
+
+
+def _text(value: Any, path: str) -> str:
+    """Content as one string: a string, or an array of text parts (input_text / output_text)."""
+
+    def other(where: str, kind: str, part: Any) -> str:
+        if kind in TEXT_PARTS:
+            return field(part, "text", "string", path=where, required=True)
+        return _part_text(where, kind, part)
+
+    return content_text(value, path, "content parts", other)
+
+
+def _arguments(value: Any, path: str) -> dict[str, Any]:
+    """A function call's `arguments`: JSON text of an object (an object itself is taken too)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return {}
+    parsed = load_json(value, path, path) if isinstance(value, str) else value
+    if not isinstance(parsed, dict):
+        raise bad_request(f"{path}: expected a JSON object (as a string), got {describe(parsed)}", path)
+    return dict(parsed)
+
+
+class _Conversation:
+    """Input items -> GLM chat messages; the assistant items of one turn become one message."""
+
+    def __init__(self, start: list[dict[str, Any]]) -> None:
+        self.messages = [dict(m) for m in start]
+        self.turn: dict[str, Any] | None = None  # the assistant message being assembled
+
+    def assistant(self) -> dict[str, Any]:
+        if self.turn is None:
+            self.turn = {"role": "assistant", "content": ""}
+            self.messages.append(self.turn)
+        return self.turn
+
+    def add(self, message: dict[str, Any]) -> None:
+        self.turn = None
+        self.messages.append(message)
+
+    def item(self, item: Any, path: str, custom: set[str]) -> None:
+        if isinstance(item, str):  # the SDKs type input items strictly; a bare string is a user message, leniently
+            self.add({"role": "user", "content": item})
+            return
+        expect(item, "object", path)
+        kind = field(item, "type", "string", path=path, default="message")
+        if kind == "message":
+            self.message(item, path)
+        elif kind == "reasoning":
+            raw, summary = (self.reasoning_texts(item, path, key) for key in ("content", "summary"))
+            text = "\n".join(raw or summary)  # the reasoning itself where the client sent it back, else its summary
+            turn = self.assistant()
+            if text:
+                turn["reasoning_content"] = "\n".join(filter(None, [turn.get("reasoning_content"), text]))
+        elif kind in ("function_call", "custom_tool_call"):
+            name = field(item, "name", "string", path=path, required=True)
+            call_id = field(item, "call_id", "string", path=path, required=True)
+            if kind == "function_call":
+                args = _arguments(item.get("arguments"), join(path, "arguments"))
+            else:
+                args = {CUSTOM_INPUT: field(item, "input", "string", path=path, default="")}
+                custom.add(name)
+            self.assistant().setdefault("tool_calls", []).append({"id": call_id, "type": "function", "function": {"name": name, "arguments": args}})
+        elif kind in ("function_call_output", "custom_tool_call_output"):
+            call_id = field(item, "call_id", "string", path=path, required=True)
+            if item.get("output") is None:
+                raise bad_request(f"{path}.output: this field is required", f"{path}.output")
+            self.add({"role": "tool", "content": _text(item["output"], join(path, "output")), "tool_call_id": call_id})
+        elif kind == "item_reference":
+            raise bad_request(f"{path}: item references are not supported; send the item itself, or previous_response_id", f"{path}.type")
+        else:
+            raise bad_request(f"{path}.type: {kind!r} items are not supported by this server (messages, reasoning, "
+                              "function and custom tool calls and their outputs are)", f"{path}.type")  # fmt: skip
+
+    @staticmethod
+    def reasoning_texts(item: dict[str, Any], path: str, key: str) -> list[str]:
+        """The non-empty texts of a reasoning item's `content` (reasoning_text) or `summary` (summary_text) parts."""
+        out = []
+        for j, part in enumerate(field(item, key, "array", path=path, default=[])):
+            where = join(join(path, key), j)
+            expect(part, "object", where)
+            text = field(part, "text", "string", path=where, default="")
+            if text:
+                out.append(text)
+        return out
+
+    def message(self, item: dict[str, Any], path: str) -> None:
+        role = field(item, "role", "string", path=path, required=True)
+        if "content" not in item:
+            raise bad_request(f"{path}.content: this field is required", f"{path}.content")
+        text = _text(item["content"], join(path, "content"))
+        if role == "assistant":
+            turn = self.assistant()
+            turn["content"] += text
+        elif role in ("user", "system", "developer"):
+            self.add({"role": "system" if role == "developer" else role, "content": text})
+        else:
+            raise bad_request(f"{path}.role: {role!r} is not one of user, assistant, system, developer", f"{path}.role")
+
+
+def parse_input(body: dict[str, Any], prior: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], set[str]]:
+    """`input` (a string, or an array of items) after the `prior` conversation: (messages, custom tools called)."""
+    value = body.get("input")
+    if value is None:
+        raise bad_request("input: this field is required", "input")
+    conv = _Conversation(prior)
+    custom: set[str] = set()
+    if isinstance(value, str):
+        conv.add({"role": "user", "content": value})
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            conv.item(item, f"input[{i}]", custom)
+    else:
+        raise bad_request(f"input: expected a string or an array of items, got {describe(value)}", "input")
+    if len(conv.messages) == len(prior):
+        raise bad_request("input: must hold at least one item", "input")
+    return conv.messages, custom
+
+
+def parse_tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, frozenset[str]]:
+    """Flat Responses tools -> OpenAI function tools (what the template renders), and the custom tools' names."""
+    tools = field(body, "tools", "array")
+    out: list[dict[str, Any]] = []
+    custom: set[str] = set()
+    for i, tool in enumerate(tools or ()):
+        path = f"tools[{i}]"
+        expect(tool, "object", path)
+        kind = field(tool, "type", "string", path=path, required=True)
+        if kind in HOSTED_TOOLS:
+            continue  # run by OpenAI's servers, not by a model on this machine
+        if kind not in ("function", "custom"):
+            raise bad_request(f"{path}.type: {kind!r} tools are not supported (function and custom tools are)", f"{path}.type")
+        name = field(tool, "name", "string", path=path, required=True)
+        if not name:
+            raise bad_request(f"{path}.name: must not be empty", f"{path}.name")
+        fn: dict[str, Any] = {"name": name}
+        description = field(tool, "description", "string", path=path)
+        if description is not None:
+            fn["description"] = description
+        if kind == "function":
+            fn["parameters"] = field(tool, "parameters", "object", path=path, default={"type": "object", "properties": {}})
+        else:
+            custom.add(name)
+            fn["parameters"] = {"type": "object", "properties": {CUSTOM_INPUT: {"type": "string"}}, "required": [CUSTOM_INPUT]}
+        out.append({"type": "function", "function": fn})
+    return out or None, frozenset(custom)
+
+
+def parse_tool_choice(body: dict[str, Any], tools: list[dict[str, Any]] | None) -> tuple[str, str | None, list[dict[str, Any]] | None]:
+    """(mode, named tool, the tools it leaves): "auto" | "none" | "required" | {type: function | custom,
+    name} | {type: "allowed_tools", mode, tools}."""
+    choice = body.get("tool_choice")
+    names = [t["function"]["name"] for t in tools or ()]
+    if choice is None:
+        return "auto", None, tools
+    if isinstance(choice, str):
+        if choice not in ("none", "auto", "required"):
+            raise bad_request(f"tool_choice: {choice!r} is not one of none, auto, required", "tool_choice")
+        if choice == "required" and not tools:
+            raise bad_request("tool_choice: 'required' needs tools, and none were given", "tool_choice")
+        return choice, None, tools
+    expect(choice, "object", "tool_choice")
+    kind = field(choice, "type", "string", path="tool_choice", required=True)
+    if kind in ("function", "custom"):
+        name = field(choice, "name", "string", path="tool_choice", required=True)
+        if name not in names:
+            raise bad_request(f"tool_choice.name: no tool named {name!r} in tools", "tool_choice.name")
+        return "named", name, tools
+    if kind == "allowed_tools":
+        mode = field(choice, "mode", "string", path="tool_choice", default="auto")
+        if mode not in ("auto", "required"):
+            raise bad_request(f"tool_choice.mode: {mode!r} is not auto or required", "tool_choice.mode")
+        allowed = set()
+        for j, t in enumerate(field(choice, "tools", "array", path="tool_choice", required=True)):
+            where = join(join("tool_choice", "tools"), j)
+            expect(t, "object", where)
+            allowed.add(field(t, "name", "string", path=where))
+        kept = [t for t in tools or () if t["function"]["name"] in allowed]
+        if mode == "required" and not kept:
+            raise bad_request("tool_choice.tools: none of these tools is in tools", "tool_choice.tools")
+        return mode, None, kept or None
+    raise bad_request(f"tool_choice.type: {kind!r} is not one of function, custom, allowed_tools "
+                      "(hosted tools do not run on this server)", "tool_choice.type")  # fmt: skip
+
+
+def parse_reasoning(body: dict[str, Any]) -> tuple[bool | None, int | None]:
+    """`reasoning.effort` -> (thinking on / off / the server's default, thinking budget)."""
+    reasoning = field(body, "reasoning", "object")
+    if not reasoning:
+        return None, None
+    field(reasoning, "summary", "string", path="reasoning")
+    effort = field(reasoning, "effort", "string", path="reasoning")
+    if effort is None:
+        return None, None
+    if effort not in EFFORTS:
+        raise bad_request(f"reasoning.effort: {effort!r} is not one of {', '.join(EFFORTS)}", "reasoning.effort")
+    if effort == "none":
+        return False, None
+    return True, EFFORT_BUDGETS.get(effort)
+
+
+def parse_text_format(body: dict[str, Any]) -> dict[str, Any] | None:
+    """`text.format` (text, json_object, or json_schema with its schema at the top level) in chat's
+    `response_format` shape; None for plain text."""
+    text = field(body, "text", "object")
+    fmt = field(text, "format", "object", path="text") if text else None
+    if fmt is None:
+        return None
+    kind = field(fmt, "type", "string", path="text.format", required=True)
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        converted: dict[str, Any] = {"type": "json_object"}
+    elif kind == "json_schema":
+        schema = field(fmt, "schema", "object", path="text.format", required=True)
+        spec = {"name": field(fmt, "name", "string", path="text.format", default="response"), "schema": schema}
+        strict = field(fmt, "strict", "boolean", path="text.format")
+        if strict is not None:
+            spec["strict"] = strict
+        converted = {"type": "json_schema", "json_schema": spec}
+    else:
+        raise bad_request(f"text.format.type: {kind!r} is not one of text, json_object, json_schema", "text.format.type")
+    try:
+        parse_response_format(converted, "text.format")
+    except GrammarError as exc:
+        raise bad_request(str(exc), exc.param) from None
+    return converted
+
+
+def _refuse_unsupported(body: dict[str, Any]) -> None:
+    if field(body, "background", "boolean", default=False):
+        raise bad_request("background: background responses are not supported; stream instead", "background")
+    if body.get("conversation") is not None:
+        raise bad_request("conversation: stored conversations are not supported; use previous_response_id or send the items", "conversation")
+    if body.get("prompt") is not None:
+        raise bad_request("prompt: stored prompt templates are not supported", "prompt")
+    if field(body, "top_logprobs", "integer", default=0):
+        raise bad_request("top_logprobs: not supported by this server", "top_logprobs")
+    for i, name in enumerate(field(body, "include", "array", default=[])):
+        expect(name, "string", f"include[{i}]")
+
+
+def parse_request(body: dict[str, Any], prior: list[dict[str, Any]] | None, *, for_count: bool = False) -> ResponsesRequest:
+    """The whole request; `prior`: the stored conversation `previous_response_id` names (None: none)."""
+    _refuse_unsupported(body)
+    field(body, "model", "string")
+    instructions = field(body, "instructions", "string")
+    history, called_custom = parse_input(body, prior or [])
+    start = [{"role": "system", "content": instructions}] if instructions else []
+    gen = GenRequest(endpoint=ENDPOINT + ("/input_tokens" if for_count else ""), raw=body, messages=start + history)
+    tools, custom = parse_tools(body)
+    gen.tool_mode, gen.tool_name, gen.tools = parse_tool_choice(body, tools)
+    gen.single_tool_call = field(body, "parallel_tool_calls", "boolean", default=True) is False
+    gen.enable_thinking, gen.thinking_budget = parse_reasoning(body)
+    gen.response_format = parse_text_format(body)
+    gen.max_tokens = field(body, "max_output_tokens", "integer", minimum=1)
+    gen.sampling = {
+        "temperature": field(body, "temperature", "number", minimum=0, maximum=2),
+        "top_p": field(body, "top_p", "number", above=0, maximum=1),
+    }
+    metadata = field(body, "metadata", "object", default={})
+    echo = {
+        "instructions": instructions,
+        "metadata": metadata,
+        "tools": field(body, "tools", "array", default=[]),
+        "tool_choice": body.get("tool_choice", "auto"),
+        "parallel_tool_calls": not gen.single_tool_call,
+        "temperature": gen.sampling["temperature"],
+        "top_p": gen.sampling["top_p"],
+        "max_output_tokens": gen.max_tokens,
+        "previous_response_id": body.get("previous_response_id"),
+        "reasoning": field(body, "reasoning", "object", default={}) or None,
+        "text": {"format": (field(body, "text", "object") or {}).get("format") or {"type": "text"}},
+        "truncation": field(body, "truncation", "string", default="disabled"),
+        "user": field(body, "user", "string"),
+    }
+    return ResponsesRequest(
+        gen=gen,
+        stream=field(body, "stream", "boolean", default=False),
+        store=field(body, "store", "boolean", default=True),
+        history=history,
+        custom_tools=custom | frozenset(called_custom),
+        echo=echo,
+    )
+
+
+def custom_input(arguments: dict[str, Any]) -> str:
+    """A custom tool call's text input from the arguments the model wrote for it."""
+    value = arguments.get(CUSTOM_INPUT, "")
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
