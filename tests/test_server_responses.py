@@ -286,3 +286,14 @@ def test_a_codex_turn(env: Env) -> None:
     events = env.events({**body, "input": follow})
     assert "".join(d["delta"] for n, d in events if n == "response.output_text.delta") == "There is one file, a.txt."
     assert events[-1][1]["response"]["usage"]["input_tokens_details"]["cached_tokens"] > 0
+
+
+def test_images_in_a_tool_output_become_a_note_and_in_a_user_turn_a_400(env: Env) -> None:
+    """Codex's view_image tool answers with an image part: the conversation must go on (text only)."""
+    env.scripts.add("seen", "I cannot see images.")
+    output = [{"type": "input_text", "text": "screenshot: SCRIPT:seen"}, {"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]
+    items = [{"role": "user", "content": "look"}, {"type": "function_call", "name": "view_image", "arguments": "{}", "call_id": "c1"},
+             {"type": "function_call_output", "call_id": "c1", "output": output}]  # fmt: skip
+    assert env.client().responses.create(model="m", input=items).output_text == "I cannot see images."
+    r = env.post({"input": [{"role": "user", "content": output}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input[0].content[1].type"

@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse, Response
 from ..engine import Done
 from ..chat.stream_parser import ContentDelta, ThinkingDelta, ToolCallArgsDelta, ToolCallEnd, ToolCallStart
 from .chat import (
+    IMAGE_PLACEHOLDER,
     Finish,
     GenRequest,
     Reply,
@@ -48,7 +49,6 @@ from .validation import expect, field, join
 from .worker import Job
 
 STOP_REASONS = {"stop": "end_turn", "tool_calls": "tool_use", "length": "max_tokens", "stop_sequence": "stop_sequence"}
-IMAGE_PLACEHOLDER = "[image omitted: this model reads text only]"
 
 
 def stop_reason(fin: Finish) -> str:

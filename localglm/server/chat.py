@@ -36,6 +36,7 @@ from .state import ServerState
 from .validation import describe, expect, join
 from .worker import HEARTBEAT, Admission, Job, JobError, QueueFull, ShuttingDown
 
+IMAGE_PLACEHOLDER = "[image omitted: this model reads text only]"  # an image in a tool's result (the rest is kept)
 # GLM's role tags written as plain text (not as their special-token ids, which stop generation by
 # id) also end the assistant turn: the parser never shows them, and these stop strings make the
 # engine stop generating instead of running on to max_tokens.

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..grammar import GrammarError, parse_response_format
 from ..grammar.budget import EFFORT_BUDGETS
-from .chat import GenRequest, content_text
+from .chat import IMAGE_PLACEHOLDER, GenRequest, content_text
 from .errors import bad_request
 from .validation import describe, expect, field, join, load_json
 
@@ -47,21 +47,24 @@ class ResponsesRequest:
     echo: dict[str, Any] = dataclass_field(default_factory=dict)  # request fields the response object repeats
 
 
-def _part_text(where: str, kind: str, part: Any) -> str:
+def _part_text(where: str, kind: str, part: Any, images_ok: bool) -> str:
     if kind == "refusal":
         return field(part, "refusal", "string", path=where, default="")
+    if kind in NOT_TEXT_PARTS and images_ok:
+        return IMAGE_PLACEHOLDER
     if kind in NOT_TEXT_PARTS:
         raise bad_request(f"{where}.type: {kind!r} parts are not supported: this model reads text only", f"{where}.type")
     raise bad_request(f"{where}.type: {kind!r} is not a content part this server accepts (input_text, output_text)", f"{where}.type")
 
 
-def _text(value: Any, path: str) -> str:
-    """Content as one string: a string, or an array of text parts (input_text / output_text)."""
+def _text(value: Any, path: str, *, images_ok: bool = False) -> str:
+    """Content as one string: a string, or an array of text parts (input_text / output_text). With
+    `images_ok` (a tool's output, such as Codex's view_image), an image or file part becomes a note."""
 
     def other(where: str, kind: str, part: Any) -> str:
         if kind in TEXT_PARTS:
             return field(part, "text", "string", path=where, required=True)
-        return _part_text(where, kind, part)
+        return _part_text(where, kind, part, images_ok)
 
     return content_text(value, path, "content parts", other)
 
@@ -120,7 +123,7 @@ class _Conversation:
             call_id = field(item, "call_id", "string", path=path, required=True)
             if item.get("output") is None:
                 raise bad_request(f"{path}.output: this field is required", f"{path}.output")
-            self.add({"role": "tool", "content": _text(item["output"], join(path, "output")), "tool_call_id": call_id})
+            self.add({"role": "tool", "content": _text(item["output"], join(path, "output"), images_ok=True), "tool_call_id": call_id})
         elif kind == "item_reference":
             raise bad_request(f"{path}: item references are not supported; send the item itself, or previous_response_id", f"{path}.type")
         else:
