@@ -25,8 +25,7 @@ import pytest
 import torch
 
 import localglm
-from localglm.server import ServerSettings, create_app
-from localglm.server.testing import ScriptedOutput, ServerThread
+from localglm.server.testing import READ_FILE_CALL, ScriptedOutput, ServerThread, scripted_server
 from localglm.models.glm4_moe.tiny import TinySpec
 from localglm.tiny import make_tiny
 
@@ -52,10 +51,7 @@ ANTHROPIC_TOOLS = [
     {"name": t["function"]["name"], "description": t["function"]["description"], "input_schema": t["function"]["parameters"]}
     for t in TOOLS
 ]
-READ_CALL_45 = (
-    "<tool_call>read_file\n<arg_key>path</arg_key>\n<arg_value>src/a b.py</arg_value>\n"
-    "<arg_key>limit</arg_key>\n<arg_value>20</arg_value>\n</tool_call>"
-)
+READ_CALL_45 = READ_FILE_CALL
 
 
 @dataclass
@@ -111,9 +107,7 @@ def one_torch_thread() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _serve(model: localglm.Model, **settings: Any) -> Iterator[Env]:
-    scripts = ScriptedOutput(model)
-    app = create_app(model, ServerSettings(model_name="tiny-glm", **settings), logits_processor_hook=scripts)
-    with ServerThread(app) as srv:
+    with scripted_server(model, **settings) as (scripts, srv):
         yield Env(model, scripts, srv)
 
 

@@ -19,7 +19,7 @@ import torch
 
 import localglm
 from localglm.server import ServerSettings, create_app
-from localglm.server.testing import ScriptedOutput, ServerThread
+from localglm.server.testing import READ_FILE_CALL, ScriptedOutput, ServerThread, scripted_server
 
 TOOLS = [
     {
@@ -30,10 +30,7 @@ TOOLS = [
     },
     {"type": "function", "name": "get_time", "description": "Current time", "parameters": {"type": "object", "properties": {}}},
 ]
-READ_CALL = (
-    "<tool_call>read_file\n<arg_key>path</arg_key>\n<arg_value>src/a b.py</arg_value>\n"
-    "<arg_key>limit</arg_key>\n<arg_value>20</arg_value>\n</tool_call>"
-)
+READ_CALL = READ_FILE_CALL
 
 
 class Env:
@@ -66,9 +63,7 @@ def env(tiny_dir: Path) -> Iterator[Env]:
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: a second thread only fights for the 2 cores
     model = localglm.load(tiny_dir)
-    scripts = ScriptedOutput(model)
-    app = create_app(model, ServerSettings(model_name="tiny-glm"), logits_processor_hook=scripts)
-    with ServerThread(app) as srv:
+    with scripted_server(model) as (scripts, srv):
         yield Env(model, scripts, srv)
     torch.set_num_threads(before)
 

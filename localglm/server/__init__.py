@@ -1,11 +1,11 @@
-"""`localglm serve`: OpenAI- and Anthropic-compatible HTTP server for coding agents.
+"""`localglm serve`: OpenAI-, Anthropic- and Ollama-compatible HTTP server for coding agents and editors.
 
     from localglm.server import create_app, ServerSettings
     app = create_app(localglm.load(path), ServerSettings(model_name="glm"))  # any ASGI server runs it
 
 Layout: `app` (routes, Host and API-key checks, error shapes), `openai_routes`, `anthropic_routes`,
 `responses_routes` (OpenAI's Responses API; `responses_request` reads its items, `response_store` keeps
-responses for `previous_response_id`), `chat` (the request both APIs normalize to, queueing, reply filtering), `body` (reading the JSON
+responses for `previous_response_id`), `ollama_routes` (Ollama's /api/), `chat` (the request both APIs normalize to, queueing, reply filtering), `body` (reading the JSON
 body: content type, size cap, deadline), `worker` (the bounded FIFO queue and the one thread that
 owns the model), `sse` (streaming and disconnects), `http` (uvicorn with header deadlines, an idle
 connection cap and a shutdown that ends streams cleanly; any ASGI server runs the app, but only

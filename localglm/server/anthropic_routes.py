@@ -32,6 +32,7 @@ from .chat import (
     GenRequest,
     Reply,
     admit,
+    checked_format,
     content_parts,
     content_text,
     json_reply,
@@ -41,7 +42,6 @@ from .chat import (
     start_job,
     stream_job,
 )
-from ..grammar import GrammarError, parse_response_format
 from .errors import bad_request
 from .sse import EventStreamResponse, sse_event
 from .state import ServerState
@@ -223,12 +223,7 @@ def parse_output_format(body: dict[str, Any]) -> dict[str, Any] | None:
     if kind != "json_schema":
         raise bad_request(f"output_format.type: {kind!r} is not 'json_schema'", "output_format.type")
     schema = field(fmt, "schema", "object", path="output_format", required=True)
-    converted = {"type": "json_schema", "json_schema": {"schema": schema}}
-    try:
-        parse_response_format(converted, "output_format")
-    except GrammarError as exc:
-        raise bad_request(str(exc), exc.param) from None
-    return converted
+    return checked_format({"type": "json_schema", "json_schema": {"schema": schema}}, "output_format")
 
 
 def parse_request(body: dict[str, Any], *, for_count: bool = False) -> tuple[GenRequest, bool]:

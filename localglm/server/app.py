@@ -33,7 +33,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..engine import Model
-from . import anthropic_routes, openai_routes, responses_routes
+from . import anthropic_routes, ollama_routes, openai_routes, responses_routes
 from .body import BODY_BYTES_KEY
 from .errors import CLOSE, APIError, error_body
 from .metrics import Metrics
@@ -45,7 +45,8 @@ log = logging.getLogger("localglm.server")
 PUBLIC_PATHS = ("/health", "/")
 KNOWN_ENDPOINTS = (
     "/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/messages", "/v1/messages/count_tokens",
-    "/v1/responses", "/v1/responses/input_tokens", "/health", "/metrics",
+    "/v1/responses", "/v1/responses/input_tokens", "/api/chat", "/api/generate", "/api/tags", "/api/show", "/api/ps",
+    "/api/version", "/health", "/metrics",
 )  # fmt: skip
 
 
@@ -187,7 +188,8 @@ async def root(request: Request) -> Response:
             "name": "localglm",
             "model": state.settings.model_name,
             "endpoints": ["/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/messages",
-                          "/v1/messages/count_tokens", "/v1/responses", "/v1/responses/input_tokens", "/health", "/metrics"],
+                          "/v1/messages/count_tokens", "/v1/responses", "/v1/responses/input_tokens", "/api/chat", "/api/generate", "/api/tags",
+                          "/api/show", "/api/ps", "/api/version", "/health", "/metrics"],
         }
     )
 
@@ -248,6 +250,12 @@ def create_app(
         Route("/v1/responses/input_tokens", responses_routes.input_tokens, methods=["POST"]),
         Route("/v1/responses/{response_id}", responses_routes.retrieve, methods=["GET"]),
         Route("/v1/responses/{response_id}", responses_routes.delete, methods=["DELETE"]),
+        Route("/api/chat", ollama_routes.chat, methods=["POST"]),
+        Route("/api/generate", ollama_routes.generate, methods=["POST"]),
+        Route("/api/tags", ollama_routes.tags, methods=["GET"]),
+        Route("/api/show", ollama_routes.show, methods=["POST"]),
+        Route("/api/ps", ollama_routes.ps, methods=["GET"]),
+        Route("/api/version", ollama_routes.version, methods=["GET"]),
     ]
     handlers: dict[Any, Any] = {APIError: _api_error, HTTPException: _http_error}
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)

@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 from ..chat.stream_parser import ContentDelta, ThinkingDelta, ToolCall, ToolCallArgsDelta, ToolCallEnd, ToolCallStart
 from ..engine import Done, EncodedChat, LogitsProcessor, PromptTooLong
 from ..errors import LocalGLMError
-from ..grammar import GrammarError, chain
+from ..grammar import GrammarError, chain, parse_response_format
 from . import validation
 from .body import read_json
 from .errors import APIError, bad_request
@@ -113,6 +113,16 @@ def content_text(
     )
 
 
+def checked_format(fmt: dict[str, Any], param: str) -> dict[str, Any]:
+    """`fmt` (a response_format in the chat API's shape, converted from a route's own spelling) if the grammar
+    takes it, else the 400 naming the route's field `param`."""
+    try:
+        parse_response_format(fmt, param)
+    except GrammarError as exc:
+        raise bad_request(str(exc), exc.param) from None
+    return fmt
+
+
 def enable_thinking_for(state: ServerState, req: GenRequest) -> bool | None:
     return req.enable_thinking if req.enable_thinking is not None else state.settings.enable_thinking
 
@@ -166,6 +176,8 @@ def prompt_param(req: GenRequest) -> str:
     """The request field that holds the prompt, in the route's API."""
     if req.endpoint.startswith("/v1/responses"):
         return "input"
+    if req.endpoint == "/api/generate":
+        return "prompt"
     return "messages" if req.chat else "prompt"
 
 

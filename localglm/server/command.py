@@ -24,7 +24,8 @@ def register(sub: Any) -> None:
         help="serve the model over OpenAI- and Anthropic-compatible HTTP APIs",
         description=(
             "Serve one model for coding agents and editors: /v1/chat/completions, /v1/completions, /v1/models "
-            "(OpenAI), /v1/responses (OpenAI's Responses API: Codex CLI), /v1/messages and /v1/messages/count_tokens (Anthropic), /health and /metrics. "
+            "(OpenAI), /v1/responses (OpenAI's Responses API: Codex CLI), /api/chat, /api/generate, /api/tags, /api/show "
+            "(Ollama's API: run with --port 11434 for editors set up for Ollama), /v1/messages and /v1/messages/count_tokens (Anthropic), /health and /metrics. "
             "Requests run one at a time from a FIFO queue; the KV cache of the previous request is reused "
             "for the longest common prefix, so an agent's next turn only prefills what is new."
         ),

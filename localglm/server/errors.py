@@ -1,7 +1,7 @@
 """HTTP errors in the two JSON shapes the official clients parse.
 
 OpenAI routes answer `{"error": {"message", "type", "param", "code"}}`; Anthropic routes answer
-`{"type": "error", "error": {"type", "message"}}`. One `APIError` carries what both need, and the
+`{"type": "error", "error": {"type", "message"}}`; Ollama's routes (/api/) `{"error": message}`. One `APIError` carries what both need, and the
 route family (decided by the path) picks the shape, so a handler never has to know which client
 it is talking to.
 """
@@ -64,4 +64,8 @@ def is_anthropic_path(path: str) -> bool:
 
 
 def error_body(err: APIError, path: str) -> dict[str, Any]:
+    """The error in the shape the route family's clients parse: Anthropic's, Ollama's (`{"error": message}`
+    on /api/), else OpenAI's."""
+    if path.startswith("/api/"):
+        return {"error": err.message}
     return err.anthropic_body() if is_anthropic_path(path) else err.openai_body()

@@ -17,9 +17,8 @@ import json
 from dataclasses import dataclass, field as dataclass_field
 from typing import Any
 
-from ..grammar import GrammarError, parse_response_format
 from ..grammar.budget import EFFORT_BUDGETS
-from .chat import IMAGE_PLACEHOLDER, GenRequest, content_text
+from .chat import IMAGE_PLACEHOLDER, GenRequest, checked_format, content_text
 from .errors import bad_request
 from .validation import describe, expect, field, join, load_json
 
@@ -278,11 +277,7 @@ def parse_text_format(body: dict[str, Any]) -> dict[str, Any] | None:
         converted = {"type": "json_schema", "json_schema": spec}
     else:
         raise bad_request(f"text.format.type: {kind!r} is not one of text, json_object, json_schema", "text.format.type")
-    try:
-        parse_response_format(converted, "text.format")
-    except GrammarError as exc:
-        raise bad_request(str(exc), exc.param) from None
-    return converted
+    return checked_format(converted, "text.format")
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:

@@ -39,13 +39,14 @@ def sse_event(name: str, obj: Any) -> str:
 class EventStreamResponse:
     """Stream `chunks` as SSE; cancel it (and close `chunks`) as soon as the client disconnects."""
 
-    def __init__(self, chunks: AsyncIterator[str], headers: dict[str, str] | None = None) -> None:
+    def __init__(self, chunks: AsyncIterator[str], headers: dict[str, str] | None = None, media_type: str = "text/event-stream") -> None:
         self.chunks = chunks
+        self.media_type = media_type  # Ollama's routes stream newline-delimited JSON the same way
         self.headers = {**SSE_HEADERS, **(headers or {})}
         self.disconnected = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8")]
+        raw_headers = [(b"content-type", f"{self.media_type}; charset=utf-8".encode("latin-1"))]
         raw_headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
         try:
             async with anyio.create_task_group() as tg:

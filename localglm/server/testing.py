@@ -10,11 +10,13 @@ script's tokens, so the parser, tool-call and thinking paths run end to end thro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +26,23 @@ from ..engine import LogitsProcessor, Model
 from .http import build_server
 
 _MARKER = re.compile(r"SCRIPT:([A-Za-z0-9_\-]+)")
+# A GLM-4.5 tool call with two arguments, one holding a space: the call the server tests force for `read_file`.
+READ_FILE_CALL = (
+    "<tool_call>read_file\n<arg_key>path</arg_key>\n<arg_value>src/a b.py</arg_value>\n"
+    "<arg_key>limit</arg_key>\n<arg_value>20</arg_value>\n</tool_call>"
+)
+
+
+@contextlib.contextmanager
+def scripted_server(model: Model, model_name: str = "tiny-glm", **settings: Any) -> Iterator[tuple[ScriptedOutput, ServerThread]]:
+    """The app for `model` with a `ScriptedOutput` hook, served in a thread: `(scripts, server)` for the block."""
+    from .app import create_app
+    from .state import ServerSettings
+
+    scripts = ScriptedOutput(model)
+    app = create_app(model, ServerSettings(model_name=model_name, **settings), logits_processor_hook=scripts)
+    with ServerThread(app) as srv:
+        yield scripts, srv
 
 
 class ServerThread:
