@@ -149,11 +149,13 @@ class Model:
         return self.tokenizer
 
     def render_chat(
-        self, messages: Sequence[dict[str, Any]], *, tools: list[dict] | None = None, enable_thinking: bool | None = None
+        self, messages: Sequence[dict[str, Any]], *, tools: list[dict] | None = None, enable_thinking: bool | None = None,
+        clear_thinking: bool | None = None,
     ) -> str:
-        """The prompt text for a conversation, rendered by the checkpoint's own chat template."""
+        """The prompt text for a conversation, rendered by the checkpoint's own chat template (`encode_chat`'s)."""
+        extra = {} if clear_thinking is None else {"clear_thinking": clear_thinking}
         return self._need_tokenizer().apply_chat_template(
-            list(messages), tools=tools, add_generation_prompt=True, enable_thinking=enable_thinking
+            list(messages), tools=tools, add_generation_prompt=True, enable_thinking=enable_thinking, **extra
         )
 
     def check_length(self, chars: int) -> None:
@@ -174,12 +176,16 @@ class Model:
         enable_thinking: bool | None = None,
         parse_special_tokens: bool = False,
         fit: bool = True,
+        clear_thinking: bool | None = None,
     ) -> EncodedChat:
         """Render and tokenize a conversation. Special-token text in user, system and tool content
         stays text unless `parse_special_tokens` (see `Tokenizer.render_prompt`). With `fit`, a prompt
-        whose length alone shows it cannot fit the context raises PromptTooLong before tokenizing."""
+        whose length alone shows it cannot fit the context raises PromptTooLong before tokenizing.
+        `clear_thinking=False` keeps the reasoning of earlier turns in the prompt (GLM-4.7 and GLM-5.x's
+        "preserved thinking"; their templates drop it by default); None leaves the template's default."""
         tok = self._need_tokenizer()
-        prompt = tok.render_prompt(list(messages), tools, True, enable_thinking, parse_special_tokens=parse_special_tokens)
+        extra = {} if clear_thinking is None else {"clear_thinking": clear_thinking}
+        prompt = tok.render_prompt(list(messages), tools, True, enable_thinking, parse_special_tokens=parse_special_tokens, **extra)
         if fit:
             self.check_length(len(prompt.text))
         return EncodedChat(prompt.text, tok.encode_prompt(prompt))

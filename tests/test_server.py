@@ -414,6 +414,28 @@ def test_glm47_opening_think_tag_in_prompt_and_compact_tool_calls(env47: Env) ->
     assert r.usage.prompt_tokens == env47.prompt_tokens(msgs, enable_thinking=False)
 
 
+def test_preserved_thinking_keeps_earlier_reasoning_on_request_or_by_flag(env47: Env, tiny_dir: Path) -> None:
+    # GLM-4.7 / 5.x drop the reasoning of turns before the last user message unless clear_thinking is false.
+    msgs = [*user("first"), {"role": "assistant", "content": "A.", "reasoning_content": "the first plan, kept or not"}, *user("second")]
+    cleared = env47.model.render_chat(msgs)
+    kept = env47.model.render_chat(msgs, clear_thinking=False)
+    assert "the first plan" not in cleared and "the first plan" in kept
+    client = env47.openai()
+    default = client.chat.completions.create(model="m", messages=msgs, max_tokens=1)
+    assert default.usage.prompt_tokens == len(env47.model.tokenizer.encode(cleared))
+    for extra in ({"chat_template_kwargs": {"clear_thinking": False}}, {"thinking": {"type": "enabled", "clear_thinking": False}}):
+        r = client.chat.completions.create(model="m", messages=msgs, max_tokens=1, extra_body=extra)
+        assert r.usage.prompt_tokens == len(env47.model.tokenizer.encode(kept)), extra
+    with _serve(env47.model, clear_thinking=False) as keeping:  # `localglm serve --keep-thinking`
+        r = keeping.anthropic().messages.create(
+            model="m", max_tokens=1, messages=[*user("first"), {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "the first plan, kept or not", "signature": ""}, {"type": "text", "text": "A."}]}, *user("second")],
+        )  # fmt: skip
+        assert r.usage.input_tokens + r.usage.cache_read_input_tokens == len(env47.model.tokenizer.encode(kept))
+        r = keeping.openai().chat.completions.create(model="m", messages=msgs, max_tokens=1, extra_body={"chat_template_kwargs": {"clear_thinking": True}})
+        assert r.usage.prompt_tokens == len(env47.model.tokenizer.encode(cleared))  # the request's choice wins
+
+
 def test_thinking_can_be_turned_off_per_request(env: Env) -> None:
     env.scripts.add("think_off", "Fine.")
     msgs = user("SCRIPT:think_off")

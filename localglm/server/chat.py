@@ -55,6 +55,7 @@ class GenRequest:
     tool_name: str | None = None  # the named tool (tool_mode "named")
     single_tool_call: bool = False
     enable_thinking: bool | None = None  # None: the server's default
+    clear_thinking: bool | None = None  # False: keep earlier turns' reasoning (GLM-4.7 / 5.x preserved thinking); None: the server's default
     max_tokens: int | None = None  # None: up to the end of the context
     sampling: dict[str, Any] = field(default_factory=dict)
     stop: list[str] = field(default_factory=list)  # the client's stop strings
@@ -144,6 +145,7 @@ def encode_prompt(state: ServerState, req: GenRequest, *, fit: bool = True) -> i
                 req.messages,
                 tools=template_tools(req),
                 enable_thinking=enable_thinking_for(state, req),
+                clear_thinking=req.clear_thinking if req.clear_thinking is not None else state.settings.clear_thinking,
                 parse_special_tokens=state.settings.parse_special_tokens,
                 fit=fit,
             )

@@ -42,6 +42,9 @@ def register(sub: Any) -> None:
     p.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: the model directory's name)")
     p.add_argument("--queue-size", type=int, default=16, help="requests that may wait while one runs; more get 503 (default 16)")
     p.add_argument("--no-think", action="store_true", help="turn thinking off by default (a request may still turn it on)")
+    p.add_argument("--keep-thinking", action="store_true",
+                   help="keep the reasoning of earlier turns in the prompt (GLM-4.7 / GLM-5.x 'preserved thinking', as Z.ai's coding "
+                        "endpoint does; their templates drop it by default); a request may still choose with clear_thinking")
     p.add_argument("--no-prefix-reuse", action="store_true", help="recompute every prompt from scratch (for comparisons)")
     p.add_argument(
         "--no-tool-grammar", action="store_true",
@@ -148,6 +151,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=key,
         queue_size=args.queue_size,
         enable_thinking=False if args.no_think else None,
+        clear_thinking=False if args.keep_thinking else None,
         reuse_prefix=not args.no_prefix_reuse,
         sampling=model.default_sampling.updated(**sampling_overrides(args)),
         max_body_bytes=max_body,

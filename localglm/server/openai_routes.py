@@ -178,6 +178,17 @@ def parse_thinking(body: dict[str, Any]) -> bool | None:
     return None
 
 
+def parse_clear_thinking(body: dict[str, Any]) -> bool | None:
+    """Whether earlier turns' reasoning is dropped from the prompt: `chat_template_kwargs.clear_thinking`
+    (vLLM, SGLang) or Z.ai's `thinking.clear_thinking`; None: the server's default."""
+    kwargs = field(body, "chat_template_kwargs", "object")
+    flag = field(kwargs, "clear_thinking", "boolean", path="chat_template_kwargs") if kwargs else None
+    thinking = field(body, "thinking", "object")
+    if flag is None and thinking:
+        flag = field(thinking, "clear_thinking", "boolean", path="thinking")
+    return flag
+
+
 def parse_effort_budget(body: dict[str, Any]) -> int | None:
     """The thinking budget `reasoning_effort` asks for (None: unbounded, or thinking is off)."""
     effort = field(body, "reasoning_effort", "string")
@@ -218,6 +229,7 @@ def parse_chat(body: dict[str, Any]) -> tuple[GenRequest, bool, bool]:
     req.tool_mode, req.tool_name = parse_tool_choice(body, req.tools)
     req.single_tool_call = field(body, "parallel_tool_calls", "boolean", default=True) is False
     req.enable_thinking = parse_thinking(body)
+    req.clear_thinking = parse_clear_thinking(body)
     req.thinking_budget = parse_effort_budget(body)
     max_tokens = field(body, "max_tokens", "integer", minimum=1)
     req.max_tokens = field(body, "max_completion_tokens", "integer", minimum=1, default=max_tokens)

@@ -29,6 +29,7 @@ class ServerSettings:
     api_key: str | None = None
     queue_size: int = 16  # requests that may wait while one generates; more are answered 503
     enable_thinking: bool | None = None  # None: the chat template's default (thinking on); False: --no-think
+    clear_thinking: bool | None = None  # None: the template's default (GLM-4.7 / 5.x drop earlier turns' reasoning); False: --keep-thinking
     reuse_prefix: bool = True
     sampling: SamplingParams | None = None  # defaults for requests (None: the checkpoint's generation_config)
     heartbeat_s: float = 10.0  # keep-alive on quiet streams (queued or prefilling)
