@@ -126,6 +126,7 @@ def test_generate_chat_templated_and_raw(env: Env) -> None:
     assert "".join(p.response for p in parts) == " = 42\n" and parts[-1].prompt_eval_count == len(env.model.tokenizer.encode("answer SCRIPT:raw"))
     loaded = env.client().generate(model="m", prompt="")
     assert loaded.done and loaded.done_reason == "load" and loaded.response == ""
+    assert env.client().chat(model="m", messages=[], keep_alive=0).done_reason == "unload"
 
 
 def test_model_listing_show_ps_and_version(env: Env) -> None:

@@ -187,11 +187,12 @@ def _tool_calls(calls: list[Any]) -> list[dict[str, Any]]:
     return [{"function": {"name": c.name, "arguments": c.arguments}} for c in calls]
 
 
-def _loaded(model: str, chat: bool) -> Response:
-    """A request with nothing to generate: Ollama's way of loading a model (done_reason "load")."""
+def _loaded(body: dict[str, Any], model: str, chat: bool) -> Response:
+    """A request with nothing to generate: Ollama's way of loading a model (done_reason "load"), or with
+    keep_alive 0 of unloading it ("unload"; the one model here stays loaded for the server's lifetime)."""
     out: dict[str, Any] = {"model": model, "created_at": _now()}
     out.update({"message": {"role": "assistant", "content": ""}} if chat else {"response": ""})
-    return JSONResponse({**out, "done": True, "done_reason": "load"})
+    return JSONResponse({**out, "done": True, "done_reason": "unload" if body.get("keep_alive") in (0, "0", "0s") else "load"})
 
 
 async def chat(request: Request) -> Response:
@@ -199,7 +200,7 @@ async def chat(request: Request) -> Response:
     req, stream = parse_chat(body)
     model = model_name(state, body)
     if not req.messages:
-        return _loaded(model, chat=True)
+        return _loaded(body, model, chat=True)
     return await _run(request, state, req, stream, model, chat=True)
 
 
@@ -208,7 +209,7 @@ async def generate(request: Request) -> Response:
     req, stream = parse_generate(body)
     model = model_name(state, body)
     if not body.get("prompt") and not body.get("system"):
-        return _loaded(model, chat=False)
+        return _loaded(body, model, chat=False)
     return await _run(request, state, req, stream, model, chat=False)
 
 
