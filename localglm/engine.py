@@ -307,6 +307,7 @@ class Model:
         stop: Sequence[str] = (),
         ignore_eos: bool = False,
         enable_thinking: bool | None = None,
+        clear_thinking: bool | None = None,
         tools: list[dict] | None = None,
         cancel: threading.Event | None = None,
         reuse_prefix: bool = True,
@@ -323,6 +324,7 @@ class Model:
         With `messages` or `chat`, the output is split into ThinkingDelta / ContentDelta / ToolCall*
         events; otherwise every piece of text is a ContentDelta. The last event is always `Done`.
         `parse_special_tokens` lets special-token text in message content become special tokens.
+        `clear_thinking=False` keeps earlier turns' reasoning in the prompt (`encode_chat`).
         `response_format` ({"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema":
         ...}}) holds the output to JSON; `thinking_budget` closes the thinking block after that many
         tokens; with `tools` and `tool_grammar`, tool calls are held to GLM's format (localglm/grammar).
@@ -333,7 +335,8 @@ class Model:
             raise LocalGLMError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         params = (sampling or self.default_sampling).updated(**sampling_overrides)
         if messages is not None:
-            chat = self.encode_chat(messages, tools=tools, enable_thinking=enable_thinking, parse_special_tokens=parse_special_tokens)
+            chat = self.encode_chat(messages, tools=tools, enable_thinking=enable_thinking, parse_special_tokens=parse_special_tokens,
+                                    clear_thinking=clear_thinking)  # fmt: skip
         if chat is not None:
             ids = chat.ids
         elif prompt is not None:

@@ -116,6 +116,19 @@ def test_chat_generation_renders_template_and_parses(model: localglm.Model) -> N
     _done(events)
 
 
+def test_clear_thinking_false_keeps_earlier_reasoning(tmp_path: Path) -> None:
+    """GLM-4.7 / 5.x templates drop earlier turns' reasoning; clear_thinking=False keeps it (preserved thinking)."""
+    from localglm.models.glm4_moe.tiny import TinySpec
+    from localglm.tiny import make_tiny
+
+    m = localglm.load(make_tiny(tmp_path / "m47", TinySpec(chat_style="glm47")))
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "reasoning_content": "old plan"}, {"role": "user", "content": "c"}]
+    assert "old plan" not in m.render_chat(msgs) and "old plan" in m.render_chat(msgs, clear_thinking=False)
+    assert m.encode_chat(msgs, clear_thinking=False).text == m.render_chat(msgs, clear_thinking=False)
+    done = _done(list(m.generate(messages=msgs, clear_thinking=False, max_new_tokens=1, sampling=GREEDY)))
+    assert done.stats.prompt_tokens == len(m.tokenizer.encode(m.render_chat(msgs, clear_thinking=False)))
+
+
 def test_prompt_longer_than_context_is_refused(tiny_dir: Path) -> None:
     m = localglm.load(tiny_dir, ctx=8)
     with pytest.raises(localglm.LocalGLMError, match="context is 8"):

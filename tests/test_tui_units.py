@@ -137,13 +137,14 @@ def test_chat_command_help_and_options(capsys: pytest.CaptureFixture[str]) -> No
         main(["chat", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--system", "--no-think", "--max-new-tokens", "--temperature", "--device", "--ctx", "Ctrl+R", "XDG_DATA_HOME"):
+    for flag in ("--system", "--no-think", "--keep-thinking", "--max-new-tokens", "--temperature", "--device", "--ctx", "Ctrl+R", "XDG_DATA_HOME"):
         assert flag in out
 
     args = build_parser().parse_args(["chat", "some/model", "--no-think", "--system", "be brief", "--ctx", "64", "--temp", "0"])
     opts = options_from_args(args)
     assert (opts.model_path, opts.thinking, opts.system, opts.ctx) == ("some/model", False, "be brief", 64)
-    assert opts.sampling == {"temperature": 0.0}
+    assert opts.sampling == {"temperature": 0.0} and opts.clear_thinking is None
+    assert options_from_args(build_parser().parse_args(["chat", "--keep-thinking"])).clear_thinking is False
     assert build_parser().parse_args(["chat"]).model is None
 
     assert main(["chat", "m", "--max-new-tokens", "0"]) == 2

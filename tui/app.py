@@ -69,6 +69,7 @@ class ChatOptions:
     sampling: dict[str, Any] = field(default_factory=dict)
     system: str = ""
     thinking: bool = True
+    clear_thinking: bool | None = None  # False: keep earlier replies' reasoning in the prompt (--keep-thinking)
     max_new_tokens: int | None = None  # None: up to the context limit
     load_options: dict[str, Any] = field(default_factory=dict)  # quantization / offloading (cli.load_options)
 
@@ -358,7 +359,8 @@ class ChatScreen(Screen):
         try:
             prompt_tokens = None
             if model.tokenizer is not None:
-                prompt_tokens = len(model.tokenizer.encode(model.render_chat(req.messages, enable_thinking=req.thinking)))
+                rendered = model.render_chat(req.messages, enable_thinking=req.thinking, clear_thinking=app.options.clear_thinking)
+                prompt_tokens = len(model.tokenizer.encode(rendered))
             post(GenStarted(req.id, prompt_tokens))
             thinking: list[str] = []
             content: list[str] = []
@@ -376,6 +378,7 @@ class ChatScreen(Screen):
             for ev in model.generate(
                 messages=req.messages,
                 enable_thinking=req.thinking,
+                clear_thinking=app.options.clear_thinking,
                 max_new_tokens=req.max_new_tokens,
                 cancel=req.cancel,
                 logits_processor=processor,

@@ -36,6 +36,9 @@ def register(sub: Any) -> None:
     p.add_argument("model", nargs="?", default=None, help="model directory (default: the packaged default model)")
     p.add_argument("--system", default="", metavar="TEXT", help="system prompt for new chats (edit it in the app with Ctrl+S)")
     p.add_argument("--no-think", action="store_true", help="start with the model's thinking turned off (Ctrl+T toggles it)")
+    p.add_argument("--keep-thinking", action="store_true",
+                   help="keep the reasoning of earlier replies in the prompt (GLM-4.7 / GLM-5.x 'preserved thinking'; their "
+                        "templates drop it by default)")
     p.add_argument(
         "-n", "--max-new-tokens", type=int, default=None, help="tokens per reply at most (default: up to the context limit)"
     )
@@ -61,6 +64,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
         sampling={k: v for k, v in sampling_overrides(args).items() if v is not None},
         system=args.system or "",
         thinking=not args.no_think,
+        clear_thinking=False if args.keep_thinking else None,
         max_new_tokens=args.max_new_tokens,
     )
 
