@@ -342,7 +342,7 @@ def main() -> int:
         base.setdefault(name + " cpu", cpu)
         depths = ",".join(f"{d}x{n}" for d, n in sorted(st.draft_depths.items())) or "-"
         acc = f"{st.accepted_tokens}/{st.draft_tokens}" if draft else "-"
-        per = f"{st.acceptance_length:.2f}" if draft else "1.00"
+        per = f"{st.acceptance_length:.2f}" if draft and st.draft_depths else "1.00"  # no step recorded: the plain loop decoded every token
         label = "plain" if not draft else f"{'<=' if adaptive else ''}{draft}"
         print(f"{name:<10} {drafter:<13} {label:<8} {speed:>12.1f} {speed / base[name]:>8.2f}x {cpu:>10.1f} {cpu / base[name + ' cpu']:>8.2f}x {acc:>17} {per:>9}  {depths}")
     if args.llama_cpp:
