@@ -292,3 +292,19 @@ def test_images_in_a_tool_output_become_a_note_and_in_a_user_turn_a_400(env: Env
     assert env.client().responses.create(model="m", input=items).output_text == "I cannot see images."
     r = env.post({"input": [{"role": "user", "content": output}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "input[0].content[1].type"
+
+
+def test_one_turns_assistant_items_fold_into_one_glm_message(env: Env) -> None:
+    items = [{"role": "user", "content": "go"},
+             {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "a summary"}]},
+             {"role": "assistant", "content": [{"type": "output_text", "text": "Looking."}]},
+             {"role": "assistant", "content": "Found it."},
+             {"type": "function_call", "name": "get_time", "arguments": "{}", "call_id": "c1"},
+             {"type": "function_call_output", "call_id": "c1", "output": "noon"}]  # fmt: skip
+    count = env.client().responses.input_tokens.count(model="m", input=items, tools=TOOLS).input_tokens
+    chat = [{"role": "user", "content": "go"},
+            {"role": "assistant", "content": "Looking.\n\nFound it.", "reasoning_content": "a summary",
+             "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": {}}}]},
+            {"role": "tool", "content": "noon", "tool_call_id": "c1"}]  # fmt: skip
+    tools = [{"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters")}} for t in TOOLS]
+    assert count == env.prompt_tokens(chat, tools=tools)

@@ -146,9 +146,9 @@ class _Conversation:
         if "content" not in item:
             raise bad_request(f"{path}.content: this field is required", f"{path}.content")
         text = _text(item["content"], join(path, "content"))
-        if role == "assistant":
+        if role == "assistant":  # several message items of one turn (commentary, then the answer) read as paragraphs
             turn = self.assistant()
-            turn["content"] += text
+            turn["content"] = "\n\n".join(filter(None, [turn["content"], text]))
         elif role in ("user", "system", "developer"):
             self.add({"role": "system" if role == "developer" else role, "content": text})
         else:
