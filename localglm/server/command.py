@@ -1,4 +1,4 @@
-"""`localglm serve [MODEL]`: the OpenAI- and Anthropic-compatible HTTP server."""
+"""`localglm serve [MODEL]`: the OpenAI-, Anthropic- and Ollama-compatible HTTP server."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser(
         "serve",
-        help="serve the model over OpenAI- and Anthropic-compatible HTTP APIs",
+        help="serve the model over OpenAI-, Anthropic- and Ollama-compatible HTTP APIs",
         description=(
             "Serve one model for coding agents and editors: /v1/chat/completions, /v1/completions, /v1/models "
             "(OpenAI), /v1/responses (OpenAI's Responses API: Codex CLI), /api/chat, /api/generate, /api/tags, /api/show "
