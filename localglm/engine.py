@@ -285,12 +285,10 @@ class Model:
                     yield tok
                     if tok in stop_ids or cache.length + 1 >= self.ctx or step + 1 == max_new_tokens:
                         return
-                    pos = cache.length
-                    ids = torch.tensor([[tok]], dtype=torch.long, device=self.device)
-                    logits = self.net.lm_head(self.net.hidden_states(ids, cache, pos)[0, -1])
+                    logits = self.net.next_token_logits(tok, cache, cache.length)
                     cache.tokens.append(tok)
                     if sampling.repetition_penalty != 1.0:
-                        history = torch.cat([history, ids[0]])
+                        history = torch.cat([history, torch.tensor([tok], dtype=torch.long, device=self.device)])
         finally:
             if spec is not None and spec.max_draft > 0:
                 spec.count_plain(len(generated))  # toward speculation's next try (Speculation.worth_trying)

@@ -170,3 +170,38 @@ def test_gguf_blocks_as_stored_decode_fused_bit_identical_to_the_torch_layers(dt
         else:  # fp32 attention sums in another order than torch's (test_fp32_fused_decode_matches_to_rounding)
             assert (a - b).abs().max() <= 1e-5 * b.abs().max()
     assert inside[0].abs().max() > 0
+
+
+def _cache_tensors(cache: object) -> list[torch.Tensor]:
+    return [t.clone() for t in vars(cache).values() if isinstance(t, torch.Tensor)]
+
+
+@pytest.mark.parametrize("kind", ["bf16", "fp32", "q4-experts", "mla", "dsa", "offloaded"])
+def test_the_decode_loops_one_call_step_is_the_general_paths_numbers(tmp_path: Path, kind: str) -> None:
+    """MoeDecoder.next_token_logits (the plain decode loop's step; FusedDecoder.token_logits where it takes
+    the call, else the general path) against lm_head(hidden_states(...)): the same logits and cache, bit for bit."""
+    from localglm.models.glm4_moe_lite.tiny import TinySpec as LiteSpec
+    from localglm.models.glm_moe_dsa.tiny import TinySpec as DsaSpec
+
+    spec = {"mla": LiteSpec(), "dsa": DsaSpec(), "fp32": TinySpec(dtype="float32")}.get(kind, TinySpec())
+    load = {"q4-experts": dict(experts_bits=4), "offloaded": dict(offload="sim", gpu_mem="3200KiB", mtp=False)}.get(kind, {})
+    net = localglm.load(str(make_tiny(tmp_path / kind, spec)), **load).net
+    fused = net._fused_decoder()
+    ids = torch.tensor([PROMPT])
+    runs = []
+    for one_call in (True, False):
+        cache = net.new_cache(64)
+        with torch.inference_mode():
+            net.hidden_states(ids[:, :4], cache, 0)
+            steps = []
+            for p in range(4, len(PROMPT)):
+                if one_call:
+                    steps.append(net.next_token_logits(PROMPT[p], cache, p))
+                else:
+                    steps.append(net.lm_head(net.hidden_states(ids[:, p : p + 1], cache, p)[0, -1]))
+        runs.append((torch.stack(steps), _cache_tensors(cache)))
+    (a, ca), (b, cb) = runs
+    assert a.dtype == b.dtype and torch.equal(a, b)
+    assert all(torch.equal(x, y) for x, y in zip(ca, cb, strict=True))
+    took = fused is not None and fused.token_logits(PROMPT[0], net.new_cache(8), 0, net._head_product()) is not None
+    assert took == (kind in ("bf16", "fp32", "q4-experts", "mla"))  # DSA and offloaded experts take the general path

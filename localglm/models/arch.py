@@ -55,6 +55,8 @@ class DecoderModel(Protocol):
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
+    def next_token_logits(self, token: int, cache: TokenCache, start: int) -> torch.Tensor: ...
+
 
 @runtime_checkable
 class TensorSchema(Protocol):

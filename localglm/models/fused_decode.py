@@ -35,6 +35,7 @@ through the torch ops.
 from __future__ import annotations
 
 import ctypes
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -45,7 +46,7 @@ from quant.native import LgMat
 
 from ..layers.experts import InMemoryExperts, LayerOffset, QuantizedExperts
 from ..layers.kv_cache import TokenCache
-from ..layers.native import LayerLib, LgExperts, LgLayer, native
+from ..layers.native import LayerLib, LgExperts, LgLayer, RowsProduct, native
 from ..layers.norm import rms_norm
 
 if TYPE_CHECKING:
@@ -103,6 +104,8 @@ class FusedDecoder:
         self._tables: tuple | None = None  # (backend, its experts per layer, the whole-token array, a LayerOffset's inner) last seen
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos / sin of every cache position
         self._index_slot: list[int | None] = []  # a DSA full layer's slot in the indexer-key cache: the full layers in order
+        # token_logits' views of the cache it last ran on (weakly held: a dropped cache's memory is freed)
+        self._step_views: tuple[weakref.ref[TokenCache], torch.Tensor, torch.Tensor | None] | None = None
         for layer in layers:
             self._index_slot.append(sum(slot is not None for slot in self._index_slot) if layer.desc.dsa else None)
 
@@ -225,6 +228,39 @@ class FusedDecoder:
         numbers are those of T one-token calls, token t attending up to itself."""
         m = self.model
         return self.forward_stream(F.embedding(input_ids, m.w.embed), cache, start)
+
+    def token_logits(self, token: int, cache: TokenCache, start: int, head: RowsProduct) -> torch.Tensor | None:
+        """`residual`, the final norm and the lm_head for one token in three native calls: logits [vocab] in the
+        model dtype, the numbers of `hidden_states` then `MoeDecoder.lm_head`. What the general path does in
+        Python around those calls (shape checks, cache views, the norm's and the head's wrappers) cost the
+        packaged model ~17% of a decoded token. None where this path does not take the call -- routed experts
+        outside RAM, DSA (its layers share picks through a buffer), a head or norm the kernels do not take --
+        and nothing has run then."""
+        m = self.model
+        mat = head.matrix()
+        norm = m.w.final_norm
+        if mat is None or self._index_slot and any(s is not None for s in self._index_slot) or norm.dtype != m.dtype or not norm.is_contiguous():
+            return None
+        views = self._step_views
+        if views is None or views[0]() is not cache:
+            if not self._takes_cache(cache):
+                return None
+            k_all, v_all = self._cache(cache)
+            views = self._step_views = (weakref.ref(cache), k_all[:, 0], None if v_all is None else v_all[:, 0])
+        _, whole = self._experts_in_ram()
+        if whole is None:
+            return None
+        cache.check_room(start + 1)
+        embed = m.w.embed
+        if type(embed) is torch.Tensor and 0 <= token < embed.shape[0]:
+            x = embed[token : token + 1].to(m.dtype, copy=True)  # [1, H], updated in place below; F.embedding's row, 6 us sooner
+        else:
+            x = F.embedding(torch.tensor([token]), embed).to(m.dtype, copy=True)  # a quantized table's lookup (or its IndexError)
+        cos, sin = self._cos_sin(start, 1, cache.max_tokens)
+        self.lib.decode_layers(self._descs, x, cos, sin, views[1], views[2], start, whole, torch.get_num_threads())
+        h = self.lib.rms_norm(x, norm, m.cfg.rms_norm_eps)
+        assert h is not None, "checked above: the norm's weight is the model dtype and contiguous"
+        return self.lib.rows_linear(mat, h, m.dtype)[0].to(m.dtype)
 
     def forward_stream(self, x: torch.Tensor, cache: TokenCache, start: int) -> torch.Tensor:
         """Every layer over the input stream x [1, T, H] at positions start..start+T-1 (`residual`'s

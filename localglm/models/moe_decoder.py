@@ -266,10 +266,25 @@ class MoeDecoder(MoeRouting):
         whose rows do not depend on how many there are (layers.native.RowsProduct); more (a perplexity
         over a whole text) through torch's GEMM; and so do all rows where `fused_decode` is off."""
         if hidden.device.type == "cpu" and self.fused_decode and self._fused_decoder() is not None:
-            if self._head is None or self._head.w is not self.w.lm_head:
-                self._head = RowsProduct(self.w.lm_head, self.dtype)
-            return self._head(hidden, self.fused_prefill_max)
+            return self._head_product()(hidden, self.fused_prefill_max)
         return linear(hidden, self.w.lm_head)
+
+    def _head_product(self) -> RowsProduct:
+        if self._head is None or self._head.w is not self.w.lm_head:
+            self._head = RowsProduct(self.w.lm_head, self.dtype)
+        return self._head
+
+    def next_token_logits(self, token: int, cache: TokenCache, start: int) -> torch.Tensor:
+        """Logits [vocab] of `token` decoded at position `start` (its keys written to the cache): the plain
+        decode loop's step, the numbers of `lm_head(hidden_states(...))`. On the CPU the fused decoder runs
+        it as three native calls without the general path's per-call Python (`FusedDecoder.token_logits`)."""
+        if self.device.type == "cpu" and native_forward(self, 1):
+            fused = self._fused_decoder()
+            out = fused.token_logits(token, cache, start, self._head_product()) if fused is not None else None
+            if out is not None:
+                return out
+        ids = torch.tensor([[token]], dtype=torch.long, device=self.device)
+        return self.lm_head(self.hidden_states(ids, cache, start)[0, -1])
 
 
 class MoeBuilder:
