@@ -463,15 +463,20 @@ class Speculation:
             policy.remember(remembered)
 
     def worth_trying(self, sampling: SamplingParams) -> bool:
-        """Whether a generation should run through speculation at all. Always where the depth is fixed or the
-        run is seeded (the seed reproduces the depths too). Otherwise not while the policy has settled on
+        """Whether a generation should run through speculation at all. Always where the depth is fixed. Never
+        for a seeded run with the adaptive depth: a seed must reproduce the whole output, so its depths could
+        only come from the cost model, untimed, and where that model is wrong (a small model compute-bound on
+        the CPU: the packaged one's seeded decode ran at 0.47x of --no-mtp) every seeded request paid for it;
+        the plain loop reproduces the output and is never slower. Otherwise not while the policy has settled on
         depth 0 (`DepthPolicy.settled_off`: measured here or remembered from an earlier process): then the
         engine's plain loop decodes, which costs less than depth-0 steps do (their bookkeeping: 0.91-0.93x
         the speed on the default model), until RETRY_AFTER tokens have gone by; the next generation then
         speculates and probes at once."""
         policy = self.policy
-        if policy.fixed or sampling.seed is not None:
+        if policy.fixed:
             return True
+        if sampling.seed is not None:
+            return False
         self._recall()
         if not policy.settled_off():
             return True

@@ -679,8 +679,14 @@ def test_a_new_process_starts_from_the_last_ones_prices(tmp_path: Path, monkeypa
     plain = _plain(model, prompt, 24)
     spec.set_draft(2, adaptive=True)
     seeded = SamplingParams(temperature=0, seed=1)
-    assert list(model.stream_tokens(prompt, max_new_tokens=24, sampling=seeded, reuse_prefix=False)) == plain
-    assert not (tmp_path / "prices.json").exists()
+    stats = GenerationStats()
+    assert list(model.stream_tokens(prompt, max_new_tokens=24, sampling=seeded, reuse_prefix=False, stats=stats)) == plain
+    assert not (tmp_path / "prices.json").exists() and stats.draft_tokens == 0  # seeded, adaptive: the plain loop
+    warm = SamplingParams(temperature=0.7, seed=5)
+    spec.set_draft(0)
+    off = list(model.stream_tokens(prompt, max_new_tokens=24, sampling=warm, reuse_prefix=False))
+    spec.set_draft(2, adaptive=True)
+    assert list(model.stream_tokens(prompt, max_new_tokens=24, sampling=warm, reuse_prefix=False)) == off  # as --no-mtp's, seed for seed
     assert list(model.stream_tokens(prompt, max_new_tokens=24, sampling=GREEDY, reuse_prefix=False)) == plain
     kept = spec.memory.load()
     assert kept is not None and kept == spec.policy.remembered()
