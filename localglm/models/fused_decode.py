@@ -104,8 +104,8 @@ class FusedDecoder:
         self._tables: tuple | None = None  # (backend, its experts per layer, the whole-token array, a LayerOffset's inner) last seen
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos / sin of every cache position
         self._index_slot: list[int | None] = []  # a DSA full layer's slot in the indexer-key cache: the full layers in order
-        # token_logits' views of the cache it last ran on (weakly held: a dropped cache's memory is freed)
-        self._step_views: tuple[weakref.ref[TokenCache], torch.Tensor, torch.Tensor | None] | None = None
+        # the one-sequence views of the cache forward_stream last ran on (weakly held: a dropped cache's memory is freed)
+        self._views_of: tuple[weakref.ref[TokenCache], torch.Tensor, torch.Tensor | None] | None = None
         for layer in layers:
             self._index_slot.append(sum(slot is not None for slot in self._index_slot) if layer.desc.dsa else None)
 
@@ -230,37 +230,34 @@ class FusedDecoder:
         return self.forward_stream(F.embedding(input_ids, m.w.embed), cache, start)
 
     def token_logits(self, token: int, cache: TokenCache, start: int, head: RowsProduct) -> torch.Tensor | None:
-        """`residual`, the final norm and the lm_head for one token in three native calls: logits [vocab] in the
-        model dtype, the numbers of `hidden_states` then `MoeDecoder.lm_head`. What the general path does in
-        Python around those calls (shape checks, cache views, the norm's and the head's wrappers) cost the
-        packaged model ~17% of a decoded token. None where this path does not take the call -- routed experts
-        outside RAM, DSA (its layers share picks through a buffer), a head or norm the kernels do not take --
-        and nothing has run then."""
+        """`residual`, the final norm and the lm_head for one token: logits [vocab] in the model dtype, the numbers
+        of `hidden_states` then `MoeDecoder.lm_head`, without the general path's wrappers around the same native
+        calls (model-level dispatch, the norm's and the head's Python; ~6-9% of the packaged model's decoded
+        token). None where it does not take the call (a cache or a head the kernels do not take); nothing has
+        run then."""
         m = self.model
         mat = head.matrix()
         norm = m.w.final_norm
-        if mat is None or self._index_slot and any(s is not None for s in self._index_slot) or norm.dtype != m.dtype or not norm.is_contiguous():
+        if mat is None or norm.dtype != m.dtype or not norm.is_contiguous() or not self._takes_cache(cache):
             return None
-        views = self._step_views
-        if views is None or views[0]() is not cache:
-            if not self._takes_cache(cache):
-                return None
-            k_all, v_all = self._cache(cache)
-            views = self._step_views = (weakref.ref(cache), k_all[:, 0], None if v_all is None else v_all[:, 0])
-        _, whole = self._experts_in_ram()
-        if whole is None:
-            return None
-        cache.check_room(start + 1)
         embed = m.w.embed
         if type(embed) is torch.Tensor and 0 <= token < embed.shape[0]:
-            x = embed[token : token + 1].to(m.dtype, copy=True)  # [1, H], updated in place below; F.embedding's row, 6 us sooner
+            x = embed[token : token + 1]  # F.embedding's row without its dispatch (forward_stream copies it)
         else:
-            x = F.embedding(torch.tensor([token]), embed).to(m.dtype, copy=True)  # a quantized table's lookup (or its IndexError)
-        cos, sin = self._cos_sin(start, 1, cache.max_tokens)
-        self.lib.decode_layers(self._descs, x, cos, sin, views[1], views[2], start, whole, torch.get_num_threads())
-        h = self.lib.rms_norm(x, norm, m.cfg.rms_norm_eps)
+            x = F.embedding(torch.tensor([token]), embed)  # a quantized table's lookup (or its IndexError)
+        stream = self.forward_stream(x.view(1, 1, -1), cache, start)
+        h = self.lib.rms_norm(stream.view(1, -1), norm, m.cfg.rms_norm_eps)
         assert h is not None, "checked above: the norm's weight is the model dtype and contiguous"
         return self.lib.rows_linear(mat, h, m.dtype)[0].to(m.dtype)
+
+    def _views(self, cache: TokenCache) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The cache's k / v of its one sequence, [layers, kv_heads, T, row] views, kept while the same cache
+        comes back (every decoded token)."""
+        kept = self._views_of
+        if kept is None or kept[0]() is not cache:
+            k_all, v_all = self._cache(cache)
+            kept = self._views_of = (weakref.ref(cache), k_all[:, 0], None if v_all is None else v_all[:, 0])
+        return kept[1], kept[2]
 
     def forward_stream(self, x: torch.Tensor, cache: TokenCache, start: int) -> torch.Tensor:
         """Every layer over the input stream x [1, T, H] at positions start..start+T-1 (`residual`'s
@@ -270,8 +267,7 @@ class FusedDecoder:
         cache.check_room(start + T)
         x = x.reshape(T, cfg.hidden_size).to(m.dtype, copy=True).contiguous()  # a copy: the native layers update it in place
         cos, sin = self._cos_sin(start, T, cache.max_tokens)
-        k_all, v_all = self._cache(cache)
-        kc, vc = k_all[:, 0], None if v_all is None else v_all[:, 0]
+        kc, vc = self._views(cache)
         threads, k, hidden = torch.get_num_threads(), cfg.num_experts_per_tok, cfg.hidden_size
         index_keys, sel = self._index_keys(cache), self._selection(cache, T)
         per_layer, whole = self._experts_in_ram()
