@@ -151,6 +151,8 @@ def test_model_listing_show_ps_and_version(env: Env) -> None:
         ("/api/chat", {"messages": user("x"), "format": 5}, "format"),
         ("/api/chat", {"messages": user("x"), "options": {"temperature": "hot"}}, "options.temperature"),
         ("/api/chat", {"messages": user("x"), "options": {"num_predict": 0}}, "options.num_predict"),
+        ("/api/chat", {"messages": user("x"), "options": {"stop": 5}}, "options.stop"),
+        ("/api/chat", {"messages": user("x"), "options": {"stop": ["a", 5]}}, "options.stop[1]"),
         ("/api/chat", {"messages": user("x"), "tools": [{"type": "function", "function": {}}]}, "tools[0].function.name"),
         ("/api/generate", {"prompt": "x", "suffix": "y"}, "suffix"),
         ("/api/generate", {"prompt": "x", "context": [1, 2]}, "context"),

@@ -32,7 +32,7 @@ from .errors import bad_request
 from .openai_routes import parse_tools
 from .sse import EventStreamResponse, dumps
 from .state import ServerState
-from .validation import describe, expect, field, join
+from .validation import describe, expect, field, join, string_or_list
 from .worker import Job
 
 OLLAMA_VERSION = "0.13.0"  # the Ollama release whose API these routes follow (clients gate features on /api/version)
@@ -125,12 +125,7 @@ def parse_options(body: dict[str, Any], req: GenRequest) -> None:
     if n == 0:
         raise bad_request("options.num_predict: must be -1 (no limit), -2 (fill the context) or at least 1", "options.num_predict")
     req.max_tokens = n if n is not None and n > 0 else None
-    stops = opts.get("stop")
-    if isinstance(stops, str):
-        stops = [stops]
-    for j, s in enumerate(stops or []):
-        expect(s, "string", f"options.stop[{j}]")
-    req.stop = list(stops or [])
+    req.stop = string_or_list(opts, "stop", path="options")
 
 
 def _common(body: dict[str, Any], req: GenRequest) -> bool:
