@@ -273,12 +273,15 @@ def _details(state: ServerState) -> dict[str, Any]:
     return {"details": details, "size": size, "parameters": total}
 
 
+def _started(state: ServerState) -> str:
+    return datetime.fromtimestamp(state.started_at, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
 def _card(state: ServerState) -> dict[str, Any]:
     name = state.settings.model_name
     d = _details(state)
     digest = hashlib.sha256(f"{state.model.path}:{d['size']}".encode()).hexdigest()
-    modified = datetime.fromtimestamp(state.started_at, timezone.utc).isoformat().replace("+00:00", "Z")
-    return {"name": name, "model": name, "modified_at": modified, "size": d["size"], "digest": digest, "details": d["details"]}
+    return {"name": name, "model": name, "modified_at": _started(state), "size": d["size"], "digest": digest, "details": d["details"]}
 
 
 async def tags(request: Request) -> Response:
@@ -314,7 +317,7 @@ async def show(request: Request) -> Response:
         "parameters": "", "template": template if isinstance(template, str) else "",
         "details": d["details"], "model_info": info,
         "capabilities": ["completion", "tools", "thinking"],
-        "modified_at": _card(state)["modified_at"],
+        "modified_at": _started(state),  # not _card's: that would read the checkpoint's headers a second time
     })  # fmt: skip
 
 

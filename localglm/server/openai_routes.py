@@ -29,7 +29,7 @@ from .chat import Finish, GenRequest, Reply, content_text, json_reply, model_nam
 from .errors import APIError, bad_request
 from .sse import EventStreamResponse, sse_data
 from .state import ServerState
-from .validation import describe, expect, field, join, load_json, string_or_list
+from .validation import call_arguments, describe, expect, field, join, string_or_list
 from .worker import Job
 
 FINGERPRINT = "localglm"
@@ -52,16 +52,7 @@ def _tool_call(call: Any, path: str) -> dict[str, Any]:
     fn = field(call, "function", "object", path=path, required=True)
     fpath = join(path, "function")
     name = field(fn, "name", "string", path=fpath, required=True)
-    args = fn.get("arguments")
-    apath = join(fpath, "arguments")
-    if args is None or (isinstance(args, str) and not args.strip()):
-        parsed: Any = {}
-    elif isinstance(args, str):
-        parsed = load_json(args, apath, apath)
-    else:
-        parsed = args
-    if not isinstance(parsed, dict):
-        raise bad_request(f"{apath}: expected a JSON object (as a string), got {describe(parsed)}", apath)
+    parsed = call_arguments(fn.get("arguments"), join(fpath, "arguments"))
     out: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": parsed}}
     call_id = field(call, "id", "string", path=path)
     if call_id is not None:

@@ -20,7 +20,7 @@ from typing import Any
 from ..grammar.budget import EFFORT_BUDGETS
 from .chat import IMAGE_PLACEHOLDER, GenRequest, checked_format, content_text
 from .errors import bad_request
-from .validation import describe, expect, field, join, load_json
+from .validation import call_arguments, describe, expect, field, join
 
 ENDPOINT = "/v1/responses"
 CUSTOM_INPUT = "input"  # the one string argument a custom tool is shown to the model with
@@ -68,16 +68,6 @@ def _text(value: Any, path: str, *, images_ok: bool = False) -> str:
     return content_text(value, path, "content parts", other)
 
 
-def _arguments(value: Any, path: str) -> dict[str, Any]:
-    """A function call's `arguments`: JSON text of an object (an object itself is taken too)."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return {}
-    parsed = load_json(value, path, path) if isinstance(value, str) else value
-    if not isinstance(parsed, dict):
-        raise bad_request(f"{path}: expected a JSON object (as a string), got {describe(parsed)}", path)
-    return dict(parsed)
-
-
 class _Conversation:
     """Input items -> GLM chat messages; the assistant items of one turn become one message."""
 
@@ -113,7 +103,7 @@ class _Conversation:
             name = field(item, "name", "string", path=path, required=True)
             call_id = field(item, "call_id", "string", path=path, required=True)
             if kind == "function_call":
-                args = _arguments(item.get("arguments"), join(path, "arguments"))
+                args = call_arguments(item.get("arguments"), join(path, "arguments"))
             else:
                 args = {CUSTOM_INPUT: field(item, "input", "string", path=path, default="")}
                 custom.add(name)

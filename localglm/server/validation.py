@@ -121,6 +121,17 @@ def string_or_list(obj: Mapping[str, Any], key: str, *, path: str = "") -> list[
     raise bad_request(f"{where}: expected a string or an array of strings, got {describe(value)}", where)
 
 
+def call_arguments(value: Any, path: str) -> dict[str, Any]:
+    """A tool call's `arguments` as the model's template reads them: JSON text of an object (OpenAI's
+    spelling; empty or absent is {}), or the object itself; anything else is a 400 naming `path`."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return {}
+    parsed = load_json(value, path, path) if isinstance(value, str) else value
+    if not isinstance(parsed, dict):
+        raise bad_request(f"{path}: expected a JSON object (as a string), got {describe(parsed)}", path)
+    return dict(parsed)
+
+
 def body_object(data: Any) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise bad_request(f"request body: expected a JSON object, got {describe(data)}")
