@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timezone
 from typing import Any
 
+import torch
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -292,7 +293,10 @@ async def tags(request: Request) -> Response:
 async def ps(request: Request) -> Response:
     state: ServerState = request.app.state.server
     card = _card(state)
-    return JSONResponse({"models": [{**card, "expires_at": "2999-01-01T00:00:00Z", "size_vram": 0, "context_length": state.model.ctx}]})
+    device = state.model.device
+    vram = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0  # what this process holds on the GPU
+    # expires_at far ahead: the one model stays loaded for the server's lifetime (Ollama's keep_alive -1 looks the same)
+    return JSONResponse({"models": [{**card, "expires_at": "2999-01-01T00:00:00Z", "size_vram": vram, "context_length": state.model.ctx}]})
 
 
 async def show(request: Request) -> Response:
