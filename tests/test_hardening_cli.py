@@ -168,6 +168,17 @@ def test_export_gguf_into_a_read_only_directory(tiny_dir: Path, tmp_path: Path, 
     _one_line_and_nothing_left(o, tmp_path, set(), "Read-only")
 
 
+@pytest.mark.parametrize("name,data", [("chat_template.jinja", b"{{ x }}\x90\xff"), ("tokenizer_config.json", b'{"a": ')])
+def test_export_gguf_names_a_broken_tokenizer_file(name: str, data: bytes, tiny_dir: Path, tmp_path: Path) -> None:
+    """gguf.SpecialVocab reads these files itself and raised a bare UnicodeDecodeError (found by a fuzzer)."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_dir, src)
+    (src / name).write_bytes(data)
+    o = run_cli("export-gguf", src, tmp_path / "out" / "m.gguf", "-q")
+    assert o.kind == "clean" and name in o.err, o.why()
+    assert not (tmp_path / "out").exists()
+
+
 def test_make_tiny_on_a_full_disk_and_read_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, readonly: Any) -> None:
     import safetensors.torch
 

@@ -212,7 +212,13 @@ def _add_tokenizer(w: gguf.GGUFWriter, src: Path, vocab_size: int) -> None:
     w.add_tokenizer_pre("glm4")
     w.add_token_list(tokens)
     w.add_token_types(types)
-    special = gguf.SpecialVocab(src, load_merges=True)
+    # gguf.SpecialVocab reads tokenizer_config.json, special_tokens_map.json and chat_template.jinja itself and
+    # raises bare decode errors; our loader reads the same files first and names the one that is broken.
+    Tokenizer.from_dir(src)
+    try:
+        special = gguf.SpecialVocab(src, load_merges=True)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise TokenizerError(f"{src}: llama.cpp's gguf package cannot read the tokenizer files ({exc.__class__.__name__}: {str(exc)[:160]})") from None
     # _set_vocab_glm: the first value set for a kind wins, so these only fill what the configs left unset
     for kind, text in (("bos", "[gMASK]"), ("eot", "<|user|>"), ("unk", "<|endoftext|>"), ("eom", "<|observation|>")):
         if text not in ids:
