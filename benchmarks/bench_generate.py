@@ -340,7 +340,10 @@ def fill_speed(row: dict, res: dict | None) -> bool:
 def measure_model(model: Path, engines: list[str], threads: int, prompt_tokens: int, new_tokens: int,
                   repeat: int = 1, draft: int = DEFAULT_DRAFT) -> list[tuple[str, dict | str]]:  # fmt: skip
     """Every engine on one model: (engine, result dict) or (engine, why there is none: "not installed", ...)."""
-    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    config = json.loads((model / "config.json").read_text())
+    vocab, longest = config["vocab_size"], config.get("max_position_embeddings")
+    if longest and prompt_tokens + new_tokens > longest:  # localglm refuses it; llama.cpp would run past its training
+        raise SystemExit(f"{model}: --prompt-tokens + --new-tokens is {prompt_tokens + new_tokens}, above the model's max_position_embeddings {longest}")
     status: dict[str, str] = {}
     jobs = []
     for engine in engines:
