@@ -24,6 +24,7 @@ from .errors import LocalGLMError
 from .layers.kv_cache import TokenCache
 from .models.arch import DecoderModel
 from .models.mtp import MtpHead
+from .prompt_cache import PromptCache, SavedPrompt
 from .sampling import Sampler, SamplingParams
 from .speculative import DEFAULT_DRAFT, Speculation
 from .speculative_prices import PriceMemory
@@ -90,6 +91,8 @@ class Model:
         self.ctx = ctx
         self.default_sampling = sampling
         self._cache: TokenCache | None = None
+        # Prompts set aside for conversations that take turns (prompt_cache.py); None: only the live cache is reused.
+        self.prompt_cache: PromptCache | None = None
         self._lock = threading.Lock()
         self.last_stats: GenerationStats | None = None
         # Speculative decoding with the checkpoint's MTP head (speculative.py); None without one.
@@ -211,6 +214,31 @@ class Model:
             self._cache = self.net.new_cache(self.ctx)
         return self._cache
 
+    def _bring_saved_prefix(self, cache: TokenCache, tokens: list[int], stats: GenerationStats) -> None:
+        """Before `tokens` are prefilled: restore the saved prompt sharing the longest prefix with them where
+        it beats the live cache's, and save the live cache first where the prompt would overwrite much of it
+        (prompt_cache.py). The MTP block's state travels with the main cache's rows."""
+        store, spec = self.prompt_cache, self.speculation
+        assert store is not None
+        live = cache.common_prefix(tokens)
+        saved, n = store.longest_prefix(tokens)
+        n = min(n, len(tokens))
+        restoring = saved is not None and n > live
+        keep_live = None
+        if (restoring or store.worth_saving(cache.length, live)) and cache.length >= store.min_tokens and not store.covers(cache.tokens):
+            keep_live = SavedPrompt(cache.snapshot(), spec.save_state() if spec is not None else None)
+        if saved is not None and restoring:
+            cache.restore(saved.kv, n)
+            if spec is not None:
+                if saved.draft_state is not None:
+                    spec.load_state(saved.draft_state, cache.max_tokens)
+                else:
+                    spec.forget()
+            store.touch(saved, n)
+            stats.restored_prompt_tokens = n
+        if keep_live is not None:
+            store.put(keep_live)
+
     def _prefill(self, cache: TokenCache, tokens: list[int], reuse_prefix: bool, stats: GenerationStats) -> torch.Tensor:
         """Run the uncached part of the prompt through the model; return the last position's logits."""
         keep = cache.common_prefix(tokens) if reuse_prefix else 0
@@ -248,6 +276,9 @@ class Model:
         cache = self._cache_for(len(tokens))
         sampler = Sampler(sampling, self.device)
         stats.prompt_tokens = len(tokens)
+        if reuse_prefix and self.prompt_cache is not None:
+            with torch.inference_mode():  # the MTP block's cache is made in inference mode
+                self._bring_saved_prefix(cache, tokens, stats)
         spec = self.speculation
         if spec is not None and spec.max_draft > 0 and spec.worth_trying(sampling):
             with torch.inference_mode():

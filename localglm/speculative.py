@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from .layers.kv_cache import TokenCache
+from .layers.kv_cache import CacheSnapshot, TokenCache
 from .layers.norm import rms_norm
 from .models.mtp import MtpHead
 from .sampling import Sampler, SamplingParams, check_finite
@@ -409,6 +409,21 @@ class StreamLog:
             self.start = self.end = max(self.start, pos)
 
 
+@dataclass(frozen=True)
+class DraftState:
+    """`Speculation.save_state`: the MTP cache's rows and the stream log, as of one main-cache snapshot."""
+
+    kv: CacheSnapshot | None
+    chunks: list[torch.Tensor]
+    start: int
+    end: int
+    first_token: int | None
+
+    @property
+    def nbytes(self) -> int:
+        return (self.kv.nbytes if self.kv is not None else 0) + sum(c.numel() * c.element_size() for c in self.chunks)
+
+
 class Speculation:
     """A model's MTP head, its KV cache and its depth policy, across generations (the engine holds one)."""
 
@@ -435,6 +450,23 @@ class Speculation:
         self.policy.max_depth = n
         if adaptive is not None:
             self.policy.fixed = not adaptive
+
+    def save_state(self) -> DraftState:
+        """The MTP cache and the kept streams, copied: saved beside the main cache's snapshot (prompt_cache.py),
+        whose tokens they were computed for, so a restored prompt drafts at once, without a second prefill."""
+        log = self.log
+        kv = self.cache.snapshot() if self.cache is not None and self.cache.length else None
+        return DraftState(kv, [c.clone() for c in log.chunks], log.start, log.end, self.first_token)
+
+    def load_state(self, state: DraftState, max_tokens: int) -> None:
+        """Take back a `save_state` (the engine restores the main cache's rows beside it). `_steps` checks
+        both against the next prompt, as it does the state a previous generation left."""
+        self.forget()
+        if state.kv is not None:
+            self._mtp_cache(max_tokens).restore(state.kv, len(state.kv.tokens))
+        self.log.chunks = [c.clone() for c in state.chunks]
+        self.log.start, self.log.end = state.start, state.end
+        self.first_token = state.first_token
 
     def forget(self) -> None:
         """Drop the MTP cache's entries and the kept streams (the main cache is about to change without them)."""

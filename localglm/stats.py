@@ -18,6 +18,7 @@ def peak_rss_bytes() -> int:
 class GenerationStats:
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0  # reused from the previous request's KV cache, not recomputed
+    restored_prompt_tokens: int = 0  # of those, brought back from a saved prompt (prompt_cache.py) first
     prompt_s: float = 0.0
     decode_tokens: int = 0
     decode_s: float = 0.0

@@ -112,6 +112,9 @@ class DsaCache(LatentCache):
     def nbytes(self) -> int:
         return super().nbytes + self.index_keys.numel() * self.index_keys.element_size()
 
+    def token_rows(self) -> list[tuple[torch.Tensor, int]]:
+        return [*super().token_rows(), (self.index_keys, 2)]
+
     def write_index(self, layer: int, start: int, keys: torch.Tensor) -> torch.Tensor:
         """Store indexer keys [B, T, D] at positions start.. and return a view of positions 0..start+T."""
         end = start + keys.shape[1]

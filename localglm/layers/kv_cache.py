@@ -8,10 +8,20 @@ whole conversation every turn): that bookkeeping is `TokenCache`, shared by ever
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids `a` and `b` share (a 100k-token prompt: ~3 ms)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class TokenCache:
@@ -36,18 +46,45 @@ class TokenCache:
         if end > self.max_tokens:
             raise ValueError(f"KV cache overflow: position {end} > context {self.max_tokens}")
 
-    def common_prefix(self, tokens: list[int]) -> int:
+    def common_prefix(self, tokens: Sequence[int]) -> int:
         """How many leading tokens of `tokens` are already cached."""
-        n = 0
-        for a, b in zip(self.tokens, tokens):
-            if a != b:
-                break
-            n += 1
-        return n
+        return common_prefix(self.tokens, tokens)
 
     def truncate(self, n: int) -> None:
         """Forget everything after the first n tokens (their slots are simply overwritten later)."""
         del self.tokens[n:]
+
+    def token_rows(self) -> list[tuple[torch.Tensor, int]]:
+        """Every tensor that holds per-token rows, with its token dimension: what `snapshot` copies."""
+        raise NotImplementedError(f"{type(self).__name__}: token_rows (needed to save and restore prompts)")
+
+    def snapshot(self) -> CacheSnapshot:
+        """A copy of the rows of the tokens held, in host RAM: the KV of a prompt set aside while another
+        conversation uses the cache (localglm/prompt_cache.py). Rows at position i depend only on tokens
+        0..i, so any prefix of a snapshot is a valid cache for that prefix."""
+        n = self.length
+        parts = [rows.narrow(dim, 0, n).to("cpu", copy=True) for rows, dim in self.token_rows()]
+        return CacheSnapshot(tuple(self.tokens), parts)
+
+    def restore(self, snap: CacheSnapshot, n: int) -> None:
+        """Hold the first `n` tokens of `snap` (a snapshot of a cache of this layout and size)."""
+        if n > len(snap.tokens) or n > self.max_tokens:
+            raise ValueError(f"restore: {n} tokens asked of a snapshot of {len(snap.tokens)} (cache of {self.max_tokens})")
+        for (rows, dim), part in zip(self.token_rows(), snap.parts, strict=True):
+            rows.narrow(dim, 0, n).copy_(part.narrow(dim, 0, n))
+        self.tokens = list(snap.tokens[:n])
+
+
+@dataclass(frozen=True)
+class CacheSnapshot:
+    """A cache's token ids and a host copy of their rows (`TokenCache.snapshot`)."""
+
+    tokens: tuple[int, ...]
+    parts: list[torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parts)
 
 
 class KVCache(TokenCache):
@@ -71,6 +108,9 @@ class KVCache(TokenCache):
     @property
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
+
+    def token_rows(self) -> list[tuple[torch.Tensor, int]]:
+        return [(self.k, 3), (self.v, 3)]
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v [B, kv_heads, T, hd] at positions start.. and return views of 0..start+T."""
@@ -131,6 +171,9 @@ class LatentCache(TokenCache):
     @property
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
+
+    def token_rows(self) -> list[tuple[torch.Tensor, int]]:
+        return [(self.kv, 2)]
 
     def write(self, layer: int, start: int, latent: torch.Tensor, k_rope: torch.Tensor) -> None:
         """Store latent [B, T, kv_lora] and k_rope [B, T, rope] at positions start.. (into host RAM

@@ -27,7 +27,8 @@ def register(sub: Any) -> None:
             "(OpenAI), /v1/responses (OpenAI's Responses API: Codex CLI), /api/chat, /api/generate, /api/tags, /api/show "
             "(Ollama's API: run with --port 11434 for editors set up for Ollama), /v1/messages and /v1/messages/count_tokens (Anthropic), /health and /metrics. "
             "Requests run one at a time from a FIFO queue; the KV cache of the previous request is reused "
-            "for the longest common prefix, so an agent's next turn only prefills what is new."
+            "for the longest common prefix, so an agent's next turn only prefills what is new, and the caches of "
+            "conversations that take turns are set aside in RAM (--cache-ram) and restored when they come back."
         ),
     )
     p.add_argument("model", nargs="?", default=None, help="model directory (default: the packaged default model)")
@@ -46,6 +47,12 @@ def register(sub: Any) -> None:
                    help="keep the reasoning of earlier turns in the prompt (GLM-4.7 / GLM-5.x 'preserved thinking', as Z.ai's coding "
                         "endpoint does; their templates drop it by default); a request may still choose with clear_thinking")
     p.add_argument("--no-prefix-reuse", action="store_true", help="recompute every prompt from scratch (for comparisons)")
+    p.add_argument(
+        "--cache-ram", default=None, metavar="SIZE",
+        help="RAM for prompts set aside while other conversations take turns (an agent's subagents and side requests), "
+        "each restored when its conversation comes back instead of prefilled again; e.g. 8GiB, 0 to turn off "
+        "(default: 4 GiB or an eighth of the RAM available after loading, whichever is less)",
+    )  # fmt: skip
     p.add_argument(
         "--no-tool-grammar", action="store_true",
         help="do not hold tool calls to GLM's format while decoding (for comparisons); tool_choice 'required' or a "
@@ -138,11 +145,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..default_model import default_model_path
     from .app import create_app
     from .http import build_server
+    from ..commands.flags import size_flag
     from .state import ServerSettings
 
     _check_args(args)
     key = api_key(args)
     max_body = _max_body(args)
+    cache_ram = None if args.cache_ram is None else size_flag(args.cache_ram, "--cache-ram")
     if args.model is None:
         args.model = str(default_model_path())
     model = open_model(args)
@@ -153,6 +162,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         enable_thinking=False if args.no_think else None,
         clear_thinking=False if args.keep_thinking else None,
         reuse_prefix=not args.no_prefix_reuse,
+        cache_ram_bytes=cache_ram,
         sampling=model.default_sampling.updated(**sampling_overrides(args)),
         max_body_bytes=max_body,
         body_timeout_s=args.body_timeout,

@@ -12,6 +12,7 @@ from collections import Counter
 from typing import Any
 
 from ..engine import Done
+from ..prompt_cache import PromptCache
 from .worker import EngineWorker, Job
 
 
@@ -32,9 +33,10 @@ def _num(value: float) -> str:
 class Metrics:
     """Counters and the last request's stats; thread-safe (the engine thread writes, the loop reads)."""
 
-    def __init__(self, model_name: str, ctx: int) -> None:
+    def __init__(self, model_name: str, ctx: int, prompt_cache: PromptCache | None = None) -> None:
         self.model_name = model_name
         self.ctx = ctx
+        self.prompt_cache = prompt_cache  # the model's saved prompts (serve --cache-ram), reported as they change
         self._lock = threading.Lock()
         self.requests: Counter[tuple[str, int]] = Counter()
         self.finish_reasons: Counter[str] = Counter()
@@ -118,6 +120,13 @@ class Metrics:
                 "Prompt tokens reused from the KV cache (prefix reuse) instead of recomputed.", [({}, self.cached_prompt_tokens)],
             )
             metric("generated_tokens_total", "counter", "Generated tokens.", [({}, self.generated_tokens)])
+            store = self.prompt_cache
+            if store is not None:
+                metric("prompt_cache_bytes", "gauge", "RAM held by prompts set aside (--cache-ram).", [({}, store.nbytes)])
+                metric("prompt_cache_budget_bytes", "gauge", "The most RAM prompts set aside may hold.", [({}, store.budget)])
+                metric("prompt_cache_entries", "gauge", "Prompts set aside.", [({}, len(store.entries))])
+                metric("prompt_cache_restores_total", "counter", "Prompts that started from one set aside.", [({}, store.restores)])
+                metric("prompt_cache_restored_tokens_total", "counter", "Prompt tokens restored instead of prefilled.", [({}, store.restored_tokens)])
             if self.draft_depths:
                 metric("draft_tokens_total", "counter", "Tokens the MTP head drafted (speculative decoding).", [({}, self.draft_tokens)])
                 metric("accepted_tokens_total", "counter", "Drafted tokens the model accepted.", [({}, self.accepted_tokens)])

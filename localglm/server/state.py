@@ -20,6 +20,7 @@ LogitsProcessorHook = Callable[[str, dict[str, Any]], LogitsProcessor | None]
 
 
 MIN_BODY_BYTES = 4 * 2**20
+DEFAULT_CACHE_RAM = 4 * 2**30  # the most RAM saved prompts take by default (ServerSettings.prompt_cache_budget)
 BODY_BYTES_PER_TOKEN = 16  # JSON of a long conversation: ~4 characters per token, escapes and structure
 
 
@@ -31,6 +32,8 @@ class ServerSettings:
     enable_thinking: bool | None = None  # None: the chat template's default (thinking on); False: --no-think
     clear_thinking: bool | None = None  # None: the template's default (GLM-4.7 / 5.x drop earlier turns' reasoning); False: --keep-thinking
     reuse_prefix: bool = True
+    # Prompts set aside in RAM for conversations that take turns (prompt_cache.py): bytes, 0 off, None automatic.
+    cache_ram_bytes: int | None = None
     sampling: SamplingParams | None = None  # defaults for requests (None: the checkpoint's generation_config)
     heartbeat_s: float = 10.0  # keep-alive on quiet streams (queued or prefilling)
     # What a request may cost before it reaches the queue (a body is JSON parsed in memory, then tokenized).
@@ -46,6 +49,17 @@ class ServerSettings:
     allowed_hosts: tuple[str, ...] = ()
     parse_special_tokens: bool = False  # True: special-token text in message content becomes special tokens
     tool_grammar: bool = True  # hold tool calls to GLM's format while decoding (localglm/grammar); --no-tool-grammar
+
+    def prompt_cache_budget(self) -> int:
+        """`cache_ram_bytes`, or by default 4 GiB or an eighth of the RAM available once the model is loaded,
+        whichever is less (llama.cpp's server sets aside 8 GiB; our users' RAM holds the experts)."""
+        if not self.reuse_prefix:
+            return 0
+        if self.cache_ram_bytes is not None:
+            return self.cache_ram_bytes
+        import psutil
+
+        return min(DEFAULT_CACHE_RAM, psutil.virtual_memory().available // 8)
 
     def body_limit(self, ctx: int) -> int:
         """The request body cap: `max_body_bytes`, or by default 4 MiB or 16 bytes per context token if more."""

@@ -1,0 +1,97 @@
+"""Prompts set aside in host RAM, so that conversations taking turns keep their KV caches.
+
+The engine holds one live KV cache and reuses its longest common prefix with the next prompt. That
+serves one conversation. Coding agents run several at once: a main conversation, subagents, and
+small side requests (Claude Code asks for a title or a topic check beside most turns). Each of
+those prompts used to overwrite the main conversation's cache, and its next turn prefilled the
+whole context again: minutes at GLM widths on a CPU.
+
+`PromptCache` keeps copies of the caches that a diverging prompt is about to overwrite (up to a
+byte budget, least recently used first out). Before a prompt is prefilled, the engine
+(`Model._bring_saved_prefix`) restores the saved copy that shares the longest prefix with it,
+when that prefix is longer than the live cache's. llama.cpp's server does the same with
+`--cache-ram` (8 GiB by default). Rows at position i depend only on tokens 0..i, so a saved
+prefix is exactly what a prefill of those tokens would compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .layers.kv_cache import CacheSnapshot, common_prefix
+
+MIN_TOKENS = 32  # a prompt shorter than this prefills faster than it is worth keeping
+LOST_SHARE = 0.25  # the live cache is saved when a prompt would overwrite at least this share of it
+
+
+@dataclass(frozen=True)
+class SavedPrompt:
+    """The main model's cache rows and, with speculative decoding, the MTP block's state beside them."""
+
+    kv: CacheSnapshot
+    draft_state: Any = None  # speculative.DraftState (it has .nbytes), or None
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        return self.kv.tokens
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.nbytes + (self.draft_state.nbytes if self.draft_state is not None else 0)
+
+
+@dataclass
+class PromptCache:
+    """Saved prompts, most recently used last, within `budget` bytes."""
+
+    budget: int
+    min_tokens: int = MIN_TOKENS
+    entries: list[SavedPrompt] = field(default_factory=list)
+    restores: int = 0  # prompts that started from a saved prefix
+    restored_tokens: int = 0  # the prompt tokens those restores did not prefill
+    saves: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+    def longest_prefix(self, tokens: Sequence[int]) -> tuple[SavedPrompt | None, int]:
+        """The saved prompt sharing the longest prefix with `tokens`, and that length (0: none)."""
+        best, best_n = None, 0
+        for e in self.entries:
+            n = common_prefix(e.tokens, tokens)
+            if n > best_n:
+                best, best_n = e, n
+        return best, best_n
+
+    def worth_saving(self, held: int, kept: int) -> bool:
+        """Whether a live cache of `held` tokens, of which the next prompt keeps `kept`, should be saved first."""
+        lost = held - kept
+        return held >= self.min_tokens and lost >= self.min_tokens and lost >= LOST_SHARE * held
+
+    def covers(self, tokens: Sequence[int]) -> bool:
+        """Whether a saved prompt holds all of `tokens` already (saving them again would add nothing)."""
+        return any(len(e.tokens) >= len(tokens) and common_prefix(e.tokens, tokens) == len(tokens) for e in self.entries)
+
+    def put(self, entry: SavedPrompt) -> bool:
+        """Keep `entry` (dropping saved prompts it extends), then drop the least recently used ones
+        beyond the budget. False where it alone exceeds the budget (nothing is kept then)."""
+        if entry.nbytes > self.budget:
+            return False
+        n = len(entry.tokens)
+        self.entries = [e for e in self.entries if not (len(e.tokens) <= n and common_prefix(e.tokens, entry.tokens) == len(e.tokens))]
+        self.entries.append(entry)
+        self.saves += 1
+        while self.nbytes > self.budget:
+            self.entries.pop(0)
+        return True
+
+    def touch(self, entry: SavedPrompt, restored: int) -> None:
+        """`entry` was restored (`restored` tokens): it becomes the most recently used."""
+        self.entries.remove(entry)
+        self.entries.append(entry)
+        self.restores += 1
+        self.restored_tokens += restored
+

@@ -1,0 +1,151 @@
+"""Prompts set aside for conversations that take turns (localglm/prompt_cache.py).
+
+A conversation interrupted by another (an agent's subagent, a side request) gets its cache back:
+the next turn prefills only what is new, and produces exactly what it would have produced
+uninterrupted, for every cache layout (GQA, MLA, MLA + DSA), in bf16 and fp32, with and without
+speculative decoding (whose MTP cache and kept streams travel with the main cache's rows).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+import pytest
+import torch
+
+import localglm
+from localglm.layers.kv_cache import CacheSnapshot
+from localglm.models.glm4_moe.tiny import TinySpec as Glm4Spec
+from localglm.models.glm4_moe_lite.tiny import TinySpec as LiteSpec
+from localglm.models.glm_moe_dsa.tiny import TinySpec as DsaSpec
+from localglm.prompt_cache import PromptCache, SavedPrompt
+from localglm.sampling import SamplingParams
+from localglm.server import ServerSettings, create_app
+from localglm.server.testing import ServerThread
+from localglm.stats import GenerationStats
+from localglm.tiny import make_tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+GREEDY = SamplingParams(temperature=0)
+DSA = DsaSpec(dtype="float32", index_topk=6)  # prompts longer than the top-k: selection active
+# name: (checkpoint, load options)
+SETUPS: dict[str, tuple[Any, dict[str, Any]]] = {
+    "glm4_moe-bf16": (Glm4Spec(), {}),
+    "glm4_moe": (Glm4Spec(dtype="float32"), {}),
+    "glm4_moe_lite": (LiteSpec(dtype="float32"), {}),
+    "glm_moe_dsa": (DSA, {}),
+    # offloaded experts, the latent rows in (simulated pinned) host RAM: GLM-5's long-context layout
+    "glm_moe_dsa-offloaded": (DSA, {"offload": "sim", "gpu_mem": "64MiB", "kv": "ram"}),
+}
+
+
+@pytest.fixture(scope="module", params=list(SETUPS))
+def arch_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    spec, options = SETUPS[request.param]
+    return make_tiny(tmp_path_factory.mktemp(request.param) / "m", spec), options
+
+
+def _run(model: localglm.Model, ids: list[int], n: int, stats: GenerationStats | None = None) -> list[int]:
+    return list(model.stream_tokens(ids, max_new_tokens=n, sampling=GREEDY, stats=stats))
+
+
+def _turns(vocab: int) -> tuple[list[int], list[int], list[int]]:
+    """Conversation A's first prompt, another conversation B, and A's continuation (A + more)."""
+    g = torch.Generator().manual_seed(11)
+    a, b, more = (torch.randint(0, min(vocab, 400), (n,), generator=g).tolist() for n in (70, 50, 9))
+    return a, b, more
+
+
+def _draft(model: localglm.Model, depth: int | None) -> None:
+    spec = model.speculation
+    if depth is None:
+        assert spec is None
+    else:
+        assert spec is not None
+        spec.set_draft(depth, adaptive=False)
+
+
+@pytest.mark.parametrize("draft", [None, 2])
+def test_a_conversation_gets_its_cache_back_after_another_took_a_turn(arch_dir: tuple[Path, dict[str, Any]], draft: int | None) -> None:
+    path, options = arch_dir
+    mtp = draft is not None
+    ref_model = localglm.load(path, mtp=mtp, **options)
+    _draft(ref_model, draft)
+    a, b, more = _turns(ref_model.config.vocab_size)
+    first = _run(ref_model, a, 12)
+    a2 = a + first + more
+    ref_stats = GenerationStats()
+    ref = _run(ref_model, a2, 10, ref_stats)  # uninterrupted: the live cache's prefix
+    assert ref_stats.cached_prompt_tokens == len(a) + 11  # the last generated token was never fed back
+
+    model = localglm.load(path, mtp=mtp, **options)
+    _draft(model, draft)
+    model.prompt_cache = PromptCache(1 << 30)
+    assert _run(model, a, 12) == first
+    _run(model, b, 5)  # another conversation overwrites the live cache: A's is set aside first
+    assert len(model.prompt_cache.entries) == 1 and model.prompt_cache.entries[0].tokens[: len(a)] == tuple(a)
+    stats = GenerationStats()
+    assert _run(model, a2, 10, stats) == ref  # bit for bit what the uninterrupted conversation gives
+    assert stats.cached_prompt_tokens == ref_stats.cached_prompt_tokens and stats.restored_prompt_tokens == len(a) + 11
+    assert model.prompt_cache.restores == 1 and len(model.prompt_cache.entries) == 2  # B's was set aside in turn
+    if mtp:
+        assert stats.draft_tokens > 0
+
+    # Without the saved prompts the same interruption costs A its prefix.
+    model.prompt_cache = None
+    _run(model, b, 5)
+    stats = GenerationStats()
+    _run(model, a2, 10, stats)
+    assert stats.cached_prompt_tokens < 5
+
+
+def _saved(tokens: list[int], nbytes: int) -> SavedPrompt:
+    return SavedPrompt(CacheSnapshot(tuple(tokens), [torch.zeros(nbytes, dtype=torch.uint8)]))
+
+
+def test_the_store_keeps_the_longest_match_within_its_budget() -> None:
+    store = PromptCache(budget=1000, min_tokens=4)
+    store.put(_saved([1, 2, 3, 4, 5], 300))
+    store.put(_saved([9, 9, 9, 9], 300))
+    assert store.longest_prefix([1, 2, 3, 7]) == (store.entries[0], 3)
+    assert store.longest_prefix([5, 5]) == (None, 0)
+    store.put(_saved([1, 2, 3, 4, 5, 6, 7], 300))  # extends the first: it replaces it
+    assert [len(e.tokens) for e in store.entries] == [4, 7] and store.covers([1, 2, 3]) and not store.covers([1, 2, 4])
+    store.touch(store.entries[0], 4)  # [9,9,9,9] becomes the most recent
+    store.put(_saved([5, 6, 7, 8], 300))
+    store.put(_saved([4, 4, 4, 4], 300))  # over budget: the least recently used goes first
+    assert [e.tokens[0] for e in store.entries] == [9, 5, 4] and store.nbytes == 900
+    assert not store.put(_saved([3, 3, 3, 3], 1001)) and len(store.entries) == 3  # alone over the budget: not kept
+    assert store.restores == 1 and store.restored_tokens == 4
+
+
+@pytest.mark.parametrize(
+    "held,kept,save", [(100, 0, True), (100, 80, False), (100, 74, False), (200, 140, True), (1000, 990, False), (20, 0, False), (1000, 700, True)]
+)
+def test_a_live_cache_is_set_aside_when_a_prompt_would_overwrite_much_of_it(held: int, kept: int, save: bool) -> None:
+    """An agent's next turn drops only the tail of its last reply (the template re-renders it): not worth a copy."""
+    assert PromptCache(budget=1 << 20, min_tokens=32).worth_saving(held, kept) is save
+
+
+def test_serve_sets_the_store_up_and_reports_it(tiny_dir: Path) -> None:
+    import httpx
+
+    model = localglm.load(tiny_dir)
+    for ram, expect in ((0, None), (2**20, 2**20), (None, -1)):
+        app = create_app(model, ServerSettings(model_name="t", cache_ram_bytes=ram))
+        if expect is None:
+            assert model.prompt_cache is None
+            continue
+        assert model.prompt_cache is not None and (expect < 0 or model.prompt_cache.budget == expect)
+        with ServerThread(app) as srv:
+            text = httpx.get(srv.base_url + "/metrics").text
+        assert "localglm_prompt_cache_restores_total 0" in text and "localglm_prompt_cache_budget_bytes" in text
+    create_app(model, ServerSettings(model_name="t", reuse_prefix=False))
+    assert model.prompt_cache is None  # --no-prefix-reuse: nothing is reused, nothing set aside
+
+
+def test_serve_refuses_a_bad_cache_ram_before_loading(tiny_dir: Path) -> None:
+    from tests.probes import run_cli
+
+    o = run_cli("serve", tiny_dir, "--cache-ram", "lots")
+    assert o.kind == "clean" and "--cache-ram" in o.err and len(o.err.strip().splitlines()) == 1, o.why()
