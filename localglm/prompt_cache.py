@@ -22,6 +22,7 @@ from typing import Any
 
 from .layers.kv_cache import CacheSnapshot, common_prefix
 
+DEFAULT_BUDGET = 4 * 2**30  # the most RAM saved prompts take by default (`budget_for`)
 MIN_TOKENS = 32  # a prompt shorter than this prefills faster than it is worth keeping
 LOST_SHARE = 0.25  # the live cache is saved when a prompt would overwrite at least this share of it
 
@@ -95,3 +96,13 @@ class PromptCache:
         self.restores += 1
         self.restored_tokens += restored
 
+
+def budget_for(requested: int | None) -> int:
+    """The bytes saved prompts may take: `requested` (0: none), or by default 4 GiB or an eighth of the RAM
+    available now (the model loaded), whichever is less. llama.cpp's server sets aside 8 GiB; our users'
+    RAM holds the experts."""
+    if requested is not None:
+        return requested
+    import psutil
+
+    return min(DEFAULT_BUDGET, psutil.virtual_memory().available // 8)

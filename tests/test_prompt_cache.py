@@ -149,3 +149,11 @@ def test_serve_refuses_a_bad_cache_ram_before_loading(tiny_dir: Path) -> None:
 
     o = run_cli("serve", tiny_dir, "--cache-ram", "lots")
     assert o.kind == "clean" and "--cache-ram" in o.err and len(o.err.strip().splitlines()) == 1, o.why()
+
+
+def test_the_chat_app_keeps_the_chats_you_switch_between(tiny_dir: Path) -> None:
+    from tui.app import ChatOptions, default_loader
+
+    for ram, expect in ((2**20, 2**20), (0, None)):
+        model = default_loader(ChatOptions(model_path=str(tiny_dir), ctx=256, cache_ram=ram))(lambda *a: None)
+        assert (model.prompt_cache.budget if model.prompt_cache else None) == expect

@@ -72,6 +72,7 @@ class ChatOptions:
     clear_thinking: bool | None = None  # False: keep earlier replies' reasoning in the prompt (--keep-thinking)
     max_new_tokens: int | None = None  # None: up to the context limit
     load_options: dict[str, Any] = field(default_factory=dict)  # quantization / offloading (cli.load_options)
+    cache_ram: int | None = None  # bytes for chats set aside while you switch between them (--cache-ram); None: the default
 
     @property
     def model_label(self) -> str:
@@ -103,10 +104,14 @@ def default_loader(options: ChatOptions) -> Loader:
         from localglm.commands.flags import set_threads
         from localglm.default_model import default_model_path
         from localglm.loader import load
+        from localglm.prompt_cache import PromptCache, budget_for
 
         path = options.model_path if options.model_path is not None else default_model_path()
         set_threads(options.threads)
-        return load(path, device=options.device, dtype=options.dtype, ctx=options.ctx, progress=progress, **options.load_options)
+        model = load(path, device=options.device, dtype=options.dtype, ctx=options.ctx, progress=progress, **options.load_options)
+        budget = budget_for(options.cache_ram)  # chats you switch between keep their caches (localglm/prompt_cache.py)
+        model.prompt_cache = PromptCache(budget) if budget > 0 else None
+        return model
 
     return load_model
 

@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from localglm.cli import add_engine_options, add_sampling_options, device_for, load_options, sampling_overrides
+from localglm.commands.flags import add_cache_ram_option, cache_ram_flag
 from localglm.errors import LocalGLMError
 
 DESCRIPTION = """\
@@ -42,6 +43,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "-n", "--max-new-tokens", type=int, default=None, help="tokens per reply at most (default: up to the context limit)"
     )
+    add_cache_ram_option(p)
     add_sampling_options(p)
     add_engine_options(p)
     p.set_defaults(func=cmd_chat)
@@ -66,6 +68,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
         thinking=not args.no_think,
         clear_thinking=False if args.keep_thinking else None,
         max_new_tokens=args.max_new_tokens,
+        cache_ram=cache_ram_flag(args),
     )
 
 

@@ -233,3 +233,18 @@ def size_flag(text: str, flag: str, *, positive: bool = False) -> int:
     if positive and n <= 0:
         raise LocalGLMError(f"{flag} {text}: must be more than 0 bytes")
     return n
+
+
+def add_cache_ram_option(p: argparse.ArgumentParser) -> None:
+    """`--cache-ram SIZE`: serve's and chat's RAM for conversations set aside (localglm/prompt_cache.py)."""
+    p.add_argument(
+        "--cache-ram", default=None, metavar="SIZE",
+        help="RAM for the KV caches of conversations set aside while another takes a turn (an agent's subagents and side "
+        "requests; chats you switch between), each restored when its conversation comes back instead of prefilled "
+        "again; e.g. 8GiB, 0 to turn off (default: 4 GiB or an eighth of the RAM available after loading, the less)",
+    )  # fmt: skip
+
+
+def cache_ram_flag(args: argparse.Namespace) -> int | None:
+    """--cache-ram in bytes, None when not given (the default budget)."""
+    return None if args.cache_ram is None else size_flag(args.cache_ram, "--cache-ram")

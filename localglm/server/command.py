@@ -18,6 +18,7 @@ API_KEY_ENV = "LOCALGLM_API_KEY"
 
 def register(sub: Any) -> None:
     from ..cli import add_model_run_options
+    from ..commands.flags import add_cache_ram_option
 
     p = sub.add_parser(
         "serve",
@@ -47,12 +48,7 @@ def register(sub: Any) -> None:
                    help="keep the reasoning of earlier turns in the prompt (GLM-4.7 / GLM-5.x 'preserved thinking', as Z.ai's coding "
                         "endpoint does; their templates drop it by default); a request may still choose with clear_thinking")
     p.add_argument("--no-prefix-reuse", action="store_true", help="recompute every prompt from scratch (for comparisons)")
-    p.add_argument(
-        "--cache-ram", default=None, metavar="SIZE",
-        help="RAM for prompts set aside while other conversations take turns (an agent's subagents and side requests), "
-        "each restored when its conversation comes back instead of prefilled again; e.g. 8GiB, 0 to turn off "
-        "(default: 4 GiB or an eighth of the RAM available after loading, whichever is less)",
-    )  # fmt: skip
+    add_cache_ram_option(p)
     p.add_argument(
         "--no-tool-grammar", action="store_true",
         help="do not hold tool calls to GLM's format while decoding (for comparisons); tool_choice 'required' or a "
@@ -142,16 +138,16 @@ def _is_loopback(host: str) -> bool:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from ..cli import open_model, sampling_overrides
+    from ..commands.flags import cache_ram_flag
     from ..default_model import default_model_path
     from .app import create_app
     from .http import build_server
-    from ..commands.flags import size_flag
     from .state import ServerSettings
 
     _check_args(args)
     key = api_key(args)
     max_body = _max_body(args)
-    cache_ram = None if args.cache_ram is None else size_flag(args.cache_ram, "--cache-ram")
+    cache_ram = cache_ram_flag(args)
     if args.model is None:
         args.model = str(default_model_path())
     model = open_model(args)

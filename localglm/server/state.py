@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine import LogitsProcessor, Model
+from ..prompt_cache import budget_for
 from ..sampling import SamplingParams
 from .metrics import Metrics
 from .response_store import ResponseStore
@@ -20,7 +21,6 @@ LogitsProcessorHook = Callable[[str, dict[str, Any]], LogitsProcessor | None]
 
 
 MIN_BODY_BYTES = 4 * 2**20
-DEFAULT_CACHE_RAM = 4 * 2**30  # the most RAM saved prompts take by default (ServerSettings.prompt_cache_budget)
 BODY_BYTES_PER_TOKEN = 16  # JSON of a long conversation: ~4 characters per token, escapes and structure
 
 
@@ -51,15 +51,8 @@ class ServerSettings:
     tool_grammar: bool = True  # hold tool calls to GLM's format while decoding (localglm/grammar); --no-tool-grammar
 
     def prompt_cache_budget(self) -> int:
-        """`cache_ram_bytes`, or by default 4 GiB or an eighth of the RAM available once the model is loaded,
-        whichever is less (llama.cpp's server sets aside 8 GiB; our users' RAM holds the experts)."""
-        if not self.reuse_prefix:
-            return 0
-        if self.cache_ram_bytes is not None:
-            return self.cache_ram_bytes
-        import psutil
-
-        return min(DEFAULT_CACHE_RAM, psutil.virtual_memory().available // 8)
+        """The bytes saved prompts may take (prompt_cache.budget_for): none without prefix reuse."""
+        return budget_for(self.cache_ram_bytes) if self.reuse_prefix else 0
 
     def body_limit(self, ctx: int) -> int:
         """The request body cap: `max_body_bytes`, or by default 4 MiB or 16 bytes per context token if more."""
