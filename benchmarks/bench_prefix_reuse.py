@@ -86,12 +86,17 @@ def conversation(model: localglm.Model, target_tokens: int) -> list[dict]:
         i += 1
 
 
-def run(model: localglm.Model, msgs: list[dict], reuse: bool, reps: int) -> dict:
+CALL = "<tool_call>run_tests\n<arg_key>pattern</arg_key>\n<arg_value>test_textwrap</arg_value>\n</tool_call>"
+
+
+def run(model: localglm.Model, msgs: list[dict], settings: ServerSettings, reps: int, side: list[dict] | None = None) -> dict:
+    """Turn 1 (the model answers with a tool call), optionally another conversation's request `side`
+    (its last message says SCRIPT:side), then turn 2 (the tool result comes back), timed."""
     scripts = ScriptedOutput(model)
-    call = "<tool_call>run_tests\n<arg_key>pattern</arg_key>\n<arg_value>test_textwrap</arg_value>\n</tool_call>"
-    scripts.add("turn1", "I will run the tests." + call, end="<|observation|>")
+    scripts.add("turn1", "I will run the tests." + CALL, end="<|observation|>")
     scripts.add("turn2", "The tests pass now.")
-    app = create_app(model, ServerSettings(model_name="bench", reuse_prefix=reuse), logits_processor_hook=scripts)
+    scripts.add("side", "Fixing text wrapping tests")
+    app = create_app(model, settings, logits_processor_hook=scripts)
     client_ttft, engine_ttft, cached, prompt = [], [], [], []
     with ServerThread(app) as srv:
         client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="none", max_retries=0, timeout=3600)
@@ -99,6 +104,8 @@ def run(model: localglm.Model, msgs: list[dict], reuse: bool, reps: int) -> dict
             # Turn 1 (a different last message each rep, so the previous rep's turn 2 is not a prefix of it).
             turn1 = msgs + [{"role": "user", "content": f"Run the tests, attempt {rep}. SCRIPT:turn1"}]
             r1 = client.chat.completions.create(model="bench", messages=turn1, tools=TOOLS, temperature=0)
+            if side is not None:
+                client.chat.completions.create(model="bench", messages=side, temperature=0)
             tc = r1.choices[0].message.tool_calls[0]
             turn2 = turn1 + [
                 {"role": "assistant", "content": r1.choices[0].message.content, "tool_calls": [tc.model_dump()]},
@@ -121,7 +128,7 @@ def run(model: localglm.Model, msgs: list[dict], reuse: bool, reps: int) -> dict
                     cached.append(chunk.usage.prompt_tokens_details.cached_tokens)
             assert first is not None and final is not None
             client_ttft.append(first)
-            engine_ttft.append(final.timings["ttft_ms"] / 1000)
+            engine_ttft.append(final.timings["ttft_ms"] / 1000)  # the engine's own: no HTTP, template, tokenizer
     return {
         "prompt": prompt[-1],
         "cached": statistics.median(cached),
@@ -153,7 +160,7 @@ def main() -> None:
         )
         results = {}
         for reuse in (True, False):
-            results[reuse] = run(model, msgs, reuse, args.reps)
+            results[reuse] = run(model, msgs, ServerSettings(model_name="bench", reuse_prefix=reuse), args.reps)
         on, off = results[True], results[False]
         print(f"turn 2 prompt: {on['prompt']} tokens; {args.reps} reps, medians")
         print(f"{'':24}{'cached tok':>12}{'TTFT (client)':>16}{'TTFT (engine)':>16}")

@@ -25,68 +25,30 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import openai
 import torch
-from bench_prefix_reuse import TOOLS, bench_spec, conversation
+from bench_prefix_reuse import TOOLS, bench_spec, conversation, run
 
 import localglm
-from localglm.server import ServerSettings, create_app
-from localglm.server.testing import ScriptedOutput, ServerThread
+from localglm.server import ServerSettings
 from localglm.tiny import make_tiny
 
 SIDE = [
     {"role": "system", "content": "Give the conversation a title of at most six words."},
     {"role": "user", "content": "Find out why the text wrapping tests fail and fix it. SCRIPT:side"},
 ]
-CALL = "<tool_call>run_tests\n<arg_key>pattern</arg_key>\n<arg_value>test_textwrap</arg_value>\n</tool_call>"
 
 
 def turn_one(msgs: list[dict], rep: int) -> list[dict]:
-    """Turn 1 of A: a different last message each rep, so an earlier rep's turn 2 is not a prefix of it."""
+    """Turn 1 of A as bench_prefix_reuse.run sends it."""
     return msgs + [{"role": "user", "content": f"Run the tests, attempt {rep}. SCRIPT:turn1"}]
 
 
 def run_ours(model: localglm.Model, msgs: list[dict], cache_ram: int | None, reps: int) -> dict:
-    scripts = ScriptedOutput(model)
-    scripts.add("turn1", "I will run the tests." + CALL, end="<|observation|>")
-    scripts.add("turn2", "The tests pass now.")
-    scripts.add("side", "Fixing text wrapping tests")
-    app = create_app(model, ServerSettings(model_name="bench", cache_ram_bytes=cache_ram), logits_processor_hook=scripts)
-    ttft, engine, cached, prompt = [], [], [], []
-    with ServerThread(app) as srv:
-        client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="none", max_retries=0, timeout=3600)
-        for rep in range(reps):
-            turn1 = turn_one(msgs, rep)
-            r1 = client.chat.completions.create(model="bench", messages=turn1, tools=TOOLS, temperature=0)
-            client.chat.completions.create(model="bench", messages=SIDE, temperature=0)  # another conversation's turn
-            tc = r1.choices[0].message.tool_calls[0]
-            turn2 = turn1 + [
-                {"role": "assistant", "content": r1.choices[0].message.content, "tool_calls": [tc.model_dump()]},
-                {"role": "tool", "tool_call_id": tc.id, "content": "42 passed in 0.8s SCRIPT:turn2"},
-            ]
-            t0 = time.perf_counter()
-            first = None
-            stream = client.chat.completions.create(
-                model="bench", messages=turn2, tools=TOOLS, temperature=0, stream=True, stream_options={"include_usage": True}
-            )
-            for chunk in stream:
-                for ch in chunk.choices:
-                    if first is None and (ch.delta.content or ch.delta.tool_calls):
-                        first = time.perf_counter() - t0
-                    if ch.finish_reason:
-                        engine.append(chunk.timings["ttft_ms"] / 1000)  # the engine's own: no HTTP, template, tokenizer
-                if chunk.usage is not None:
-                    prompt.append(chunk.usage.prompt_tokens)
-                    cached.append(chunk.usage.prompt_tokens_details.cached_tokens)
-            assert first is not None
-            ttft.append(first)
+    res = run(model, msgs, ServerSettings(model_name="bench", cache_ram_bytes=cache_ram), reps, side=SIDE)
     store = model.prompt_cache
-    return {"prompt": prompt[-1], "cached": statistics.median(cached), "ttft": statistics.median(ttft), "all": ttft,
-            "engine": statistics.median(engine),
-            "ram": store.nbytes if store is not None else 0}  # fmt: skip
+    return {**res, "ttft": res["client_ttft"], "engine": res["engine_ttft"], "ram": store.nbytes if store is not None else 0}
 
 
 def token_ids(model: localglm.Model, msgs: list[dict]) -> tuple[list[int], list[int], list[int]]:

@@ -17,7 +17,7 @@ import torch
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """How many leading ids `a` and `b` share (a 100k-token prompt: ~3 ms)."""
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):  # to the shorter
         if x != y:
             break
         n += 1
