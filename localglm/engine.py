@@ -239,10 +239,21 @@ class Model:
         if keep_live is not None:
             store.put(keep_live)
 
+    @staticmethod
+    def _lost_to_drafting(spec: Speculation, cache: TokenCache, tokens: list[int], reuse_prefix: bool) -> int:
+        """Prompt tokens the main cache holds that a speculative generation would compute again (its block lags)."""
+        main, _, kept = spec.reusable(cache, tokens, reuse_prefix)
+        return main - kept
+
+    @staticmethod
+    def _reused(cache: TokenCache, tokens: list[int], reuse_prefix: bool) -> int:
+        """How many of the prompt's leading tokens the cache holds already and prefill keeps: all of the common
+        prefix but the last prompt token, always recomputed for its logits."""
+        return min(cache.common_prefix(tokens) if reuse_prefix else 0, len(tokens) - 1)
+
     def _prefill(self, cache: TokenCache, tokens: list[int], reuse_prefix: bool, stats: GenerationStats) -> torch.Tensor:
         """Run the uncached part of the prompt through the model; return the last position's logits."""
-        keep = cache.common_prefix(tokens) if reuse_prefix else 0
-        keep = min(keep, len(tokens) - 1)  # always recompute at least the last token for its logits
+        keep = self._reused(cache, tokens, reuse_prefix)
         cache.truncate(keep)
         stats.cached_prompt_tokens = keep
         hidden = None
@@ -280,7 +291,7 @@ class Model:
             with torch.inference_mode():  # the MTP block's cache is made in inference mode
                 self._bring_saved_prefix(cache, tokens, stats)
         spec = self.speculation
-        if spec is not None and spec.max_draft > 0 and spec.worth_trying(sampling):
+        if spec is not None and spec.max_draft > 0 and spec.worth_trying(sampling, lost=self._lost_to_drafting(spec, cache, tokens, reuse_prefix)):
             with torch.inference_mode():
                 yield from spec.stream(
                     cache, tokens, ctx=self.ctx, max_new_tokens=max_new_tokens, sampling=sampling, sampler=sampler, stop_ids=stop_ids,
@@ -288,8 +299,8 @@ class Model:
                     veto=getattr(logits_processor, "veto", None),  # a grammar refuses drafts outright
                 )  # fmt: skip
             return
-        if spec is not None:
-            spec.forget()  # this run changes the cache behind the MTP block's back
+        if spec is not None:  # this run changes the main cache behind the MTP block's back, from the reused prefix on
+            spec.forget_from(self._reused(cache, tokens, reuse_prefix))
         history = torch.tensor(tokens, dtype=torch.long, device=self.device)
         generated: list[int] = []
         try:

@@ -67,6 +67,9 @@ ZERO_PROBE_FIRST = 8  # ... 8 at first, doubling
 ZERO_PROBE_STEPS = 8  # ... for this many steps, the first ZERO_COLD_STEPS not timed (and at once where it has never been timed)
 ZERO_COLD_STEPS = 4  # depth-0 steps after a drafting one that are not timed: the main model's weights coming back
 PRIOR_TRIES = 2.0  # a remembered acceptance weighs as this many tried drafts (the prior of one hit in two as much)
+# Prompt tokens the main model may compute again only so that the MTP block catches up (its state lags the
+# main cache after plain decoding, `Speculation.reusable`); beyond this the adaptive depth decodes plain.
+CATCH_UP_MAX = 256
 RETRY_AFTER = 4 * EXPLORE_MAX  # tokens decoded without speculation, once it has settled on depth 0, before a generation tries again
 
 
@@ -468,6 +471,22 @@ class Speculation:
         self.log.start, self.log.end = state.start, state.end
         self.first_token = state.first_token
 
+    def forget_from(self, pos: int) -> None:
+        """The main cache is about to change from position `pos` on without the block (the engine's plain
+        loop): keep what stays valid, the MTP entries j whose tokens 0..j+1 lie before `pos` and the streams
+        of positions before it. The next speculative generation then recomputes the main model only from
+        about `pos` (before, every switch from plain decoding to drafting prefilled the whole prompt again)."""
+        if pos <= 0:
+            self.forget()
+            return
+        if self.cache is not None:
+            self.cache.truncate(min(self.cache.length, pos - 1))
+        log = self.log
+        if pos <= log.start:
+            log.reset(pos)
+        elif pos < log.end:
+            log.truncate(pos)
+
     def forget(self) -> None:
         """Drop the MTP cache's entries and the kept streams (the main cache is about to change without them)."""
         if self.cache is not None:
@@ -494,7 +513,22 @@ class Speculation:
         if remembered is not None:
             policy.remember(remembered)
 
-    def worth_trying(self, sampling: SamplingParams) -> bool:
+    def reusable(self, cache: TokenCache, tokens: list[int], reuse_prefix: bool) -> tuple[int, int, int]:
+        """What a speculative generation of `tokens` keeps, without changing anything: (the main cache's
+        reusable prefix, the valid MTP entries, the prefix it keeps). MTP entry j holds (h_j, t_{j+1}): valid
+        while tokens 0..j+1 are. Past the valid entries the block needs the main model's streams: the ones
+        kept from the last generation (valid while tokens 0..j are), then recomputed ones, so the main model
+        is run again from where the kept streams end."""
+        main = min(cache.common_prefix(tokens) if reuse_prefix else 0, len(tokens) - 1)
+        mcache = self.cache
+        valid = 0
+        if mcache is not None and main > 0 and tokens[0] == self.first_token:
+            valid = min(mcache.common_prefix(tokens[1:]), main)
+        log = self.log
+        streams_end = log.end if log.start <= valid <= log.end else valid
+        return main, valid, min(main, streams_end)
+
+    def worth_trying(self, sampling: SamplingParams, lost: int = 0) -> bool:
         """Whether a generation should run through speculation at all. Always where the depth is fixed. Never
         for a seeded run with the adaptive depth: a seed must reproduce the whole output, so its depths could
         only come from the cost model, untimed, and where that model is wrong (a small model compute-bound on
@@ -503,11 +537,15 @@ class Speculation:
         depth 0 (`DepthPolicy.settled_off`: measured here or remembered from an earlier process): then the
         engine's plain loop decodes, which costs less than depth-0 steps do (their bookkeeping: 0.91-0.93x
         the speed on the default model), until RETRY_AFTER tokens have gone by; the next generation then
-        speculates and probes at once."""
+        speculates and probes at once. And not where drafting would first prefill `lost` > CATCH_UP_MAX prompt
+        tokens again that the main cache holds (`reusable`): after plain decoding the block's state lags, and
+        catching it up used to cost a long conversation its whole prompt."""
         policy = self.policy
         if policy.fixed:
             return True
         if sampling.seed is not None:
+            return False
+        if lost > CATCH_UP_MAX:  # the block's state lags the main cache (plain decoding ran): not worth a prefill
             return False
         self._recall()
         if not policy.settled_off():
@@ -566,16 +604,12 @@ class Speculation:
         # Prefix reuse. MTP entry j holds (h_j, t_{j+1}): valid while tokens 0..j+1 are. Past the valid
         # entries the block needs the main model's streams: the pending ones kept from the last
         # generation (valid while tokens 0..j are), then the recomputed ones.
-        keep = min(cache.common_prefix(tokens) if reuse_prefix else 0, len(tokens) - 1)
-        if keep == 0 or tokens[0] != self.first_token:
-            mcache.truncate(0)
-        self.first_token = tokens[0]
-        valid = min(mcache.common_prefix(tokens[1:]), keep)
+        _, valid, keep = self.reusable(cache, tokens, reuse_prefix)
         mcache.truncate(valid)
+        self.first_token = tokens[0]
         log = self.log
         if not log.start <= valid <= log.end:
             log.reset(valid)
-        keep = min(keep, log.end)  # the block needs streams from `valid` on: kept ones, then recomputed
         log.truncate(keep)
         cache.truncate(keep)
         stats.cached_prompt_tokens = keep

@@ -246,6 +246,45 @@ def test_greedy_partial_acceptance_and_rollback(arch_dir: tuple[str, Path]) -> N
     _check_mtp_cache(model)
 
 
+def test_drafting_after_plain_decoding_keeps_the_prompt(arch_dir: tuple[str, Path]) -> None:
+    """A plain generation between two speculative ones changes the main cache only past its reused prefix:
+    the MTP block keeps its state before that, so the next drafting turn recomputes only what the plain
+    turn added (it used to prefill the whole prompt again)."""
+    _, path = arch_dir
+    model, ref = localglm.load(path), localglm.load(path)
+    turn1 = list(range(30, 90))
+    out1 = _speculative(model, turn1, 10, 2)
+    turn2 = turn1 + out1 + [7, 8]
+    out2 = _plain(model, turn2, 10)
+    turn3 = turn2 + out2 + [9, 10, 11]
+    stats = GenerationStats()
+    out3 = _speculative(model, turn3, 12, 2, stats)
+    assert stats.cached_prompt_tokens == len(turn1) + 9  # where turn 2 began to change the main cache
+    assert stats.draft_tokens > 0
+    _plain(ref, turn1, 10)
+    _plain(ref, turn2, 10)
+    assert out3 == _plain(ref, turn3, 12)
+    _check_mtp_cache(model)
+
+
+def test_the_adaptive_depth_does_not_prefill_the_prompt_again_to_draft(arch_dir: tuple[str, Path]) -> None:
+    """A seeded request decodes plain; where the next request would have to compute more than CATCH_UP_MAX of
+    the cached prompt again for the block to catch up, it decodes plain too, keeping the whole prefix."""
+    from localglm.speculative import CATCH_UP_MAX
+
+    _, path = arch_dir
+    model = localglm.load(path, ctx=CATCH_UP_MAX + 200)
+    assert model.speculation is not None and not model.speculation.policy.fixed
+    prompt = [(7 * i) % 400 + 10 for i in range(CATCH_UP_MAX + 40)]
+    out = list(model.stream_tokens(prompt, max_new_tokens=4, sampling=SamplingParams(temperature=0, seed=3)))
+    stats = GenerationStats()
+    list(model.stream_tokens(prompt + out + [5], max_new_tokens=4, sampling=GREEDY, stats=stats))
+    assert stats.cached_prompt_tokens == len(prompt) + 3 and stats.draft_tokens == 0
+    stats = GenerationStats()  # a short new conversation costs nothing to catch up: drafting is tried again
+    list(model.stream_tokens([3, 4, 5, 6, 7, 8], max_new_tokens=8, sampling=GREEDY, stats=stats))
+    assert stats.draft_depths
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_offloaded_speculation_prefetches_the_drafts_guessed_experts(tmp_path: Path, dtype: str) -> None:
     """Offloaded experts (simulated device, a cache of a few experts): the MTP block's output streams go to
