@@ -222,7 +222,6 @@ class Model:
         assert store is not None
         live = cache.common_prefix(tokens)
         saved, n = store.longest_prefix(tokens)
-        n = min(n, len(tokens))
         restoring = saved is not None and n > live
         keep_live = None
         if (restoring or store.worth_saving(cache.length, live)) and cache.length >= store.min_tokens and not store.covers(cache.tokens):
