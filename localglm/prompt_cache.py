@@ -16,12 +16,14 @@ prefix is exactly what a prefill of those tokens would compute.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .layers.kv_cache import CacheSnapshot, common_prefix
 
+log = logging.getLogger("localglm")
 DEFAULT_BUDGET = 4 * 2**30  # the most RAM saved prompts take by default (`budget_for`)
 MIN_TOKENS = 32  # a prompt shorter than this prefills faster than it is worth keeping
 LOST_SHARE = 0.25  # the live cache is saved when a prompt would overwrite at least this share of it
@@ -53,6 +55,7 @@ class PromptCache:
     restores: int = 0  # prompts that started from a saved prefix
     restored_tokens: int = 0  # the prompt tokens those restores did not prefill
     saves: int = 0
+    refused: int = 0  # caches larger than the whole budget, not kept
 
     @property
     def nbytes(self) -> int:
@@ -80,6 +83,13 @@ class PromptCache:
         """Keep `entry` (dropping saved prompts it extends), then drop the least recently used ones
         beyond the budget. False where it alone exceeds the budget (nothing is kept then)."""
         if entry.nbytes > self.budget:
+            self.refused += 1
+            if self.refused == 1:  # once: the user can raise the budget
+                log.warning(
+                    "a conversation's KV cache of %.2f GiB is larger than the %.2f GiB for saved prompts (--cache-ram), so it is "
+                    "not kept: when its conversation comes back after another, its prompt is prefilled again",
+                    entry.nbytes / 2**30, self.budget / 2**30,
+                )  # fmt: skip
             return False
         n = len(entry.tokens)
         self.entries = [e for e in self.entries if not (len(e.tokens) <= n and common_prefix(e.tokens, entry.tokens) == len(e.tokens))]

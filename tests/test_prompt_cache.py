@@ -8,6 +8,7 @@ speculative decoding (whose MTP cache and kept streams travel with the main cach
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 import pytest
@@ -103,7 +104,7 @@ def _saved(tokens: list[int], nbytes: int) -> SavedPrompt:
     return SavedPrompt(CacheSnapshot(tuple(tokens), [torch.zeros(nbytes, dtype=torch.uint8)]))
 
 
-def test_the_store_keeps_the_longest_match_within_its_budget() -> None:
+def test_the_store_keeps_the_longest_match_within_its_budget(caplog: pytest.LogCaptureFixture) -> None:
     store = PromptCache(budget=1000, min_tokens=4)
     store.put(_saved([1, 2, 3, 4, 5], 300))
     store.put(_saved([9, 9, 9, 9], 300))
@@ -115,7 +116,10 @@ def test_the_store_keeps_the_longest_match_within_its_budget() -> None:
     store.put(_saved([5, 6, 7, 8], 300))
     store.put(_saved([4, 4, 4, 4], 300))  # over budget: the least recently used goes first
     assert [e.tokens[0] for e in store.entries] == [9, 5, 4] and store.nbytes == 900
-    assert not store.put(_saved([3, 3, 3, 3], 1001)) and len(store.entries) == 3  # alone over the budget: not kept
+    with caplog.at_level(logging.WARNING, logger="localglm"):
+        assert not store.put(_saved([3, 3, 3, 3], 1001)) and len(store.entries) == 3  # alone over the budget: not kept
+        assert not store.put(_saved([2, 2, 2, 2], 1001))
+    assert store.refused == 2 and len(caplog.records) == 1 and "--cache-ram" in caplog.records[0].getMessage()  # said once
     assert store.restores == 1 and store.restored_tokens == 4
 
 

@@ -127,6 +127,7 @@ class Metrics:
                 metric("prompt_cache_entries", "gauge", "Prompts set aside.", [({}, len(store.entries))])
                 metric("prompt_cache_restores_total", "counter", "Prompts that started from one set aside.", [({}, store.restores)])
                 metric("prompt_cache_restored_tokens_total", "counter", "Prompt tokens restored instead of prefilled.", [({}, store.restored_tokens)])
+                metric("prompt_cache_refused_total", "counter", "Caches larger than --cache-ram, not kept.", [({}, store.refused)])
             if self.draft_depths:
                 metric("draft_tokens_total", "counter", "Tokens the MTP head drafted (speculative decoding).", [({}, self.draft_tokens)])
                 metric("accepted_tokens_total", "counter", "Drafted tokens the model accepted.", [({}, self.accepted_tokens)])
