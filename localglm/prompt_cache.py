@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .layers.kv_cache import CacheSnapshot, common_prefix
+from .model_info import human_bytes
 
 log = logging.getLogger("localglm")
 DEFAULT_BUDGET = 4 * 2**30  # the most RAM saved prompts take by default (`budget_for`)
@@ -86,9 +87,9 @@ class PromptCache:
             self.refused += 1
             if self.refused == 1:  # once: the user can raise the budget
                 log.warning(
-                    "a conversation's KV cache of %.2f GiB is larger than the %.2f GiB for saved prompts (--cache-ram), so it is "
+                    "a conversation's KV cache of %s is larger than the %s for saved prompts (--cache-ram), so it is "
                     "not kept: when its conversation comes back after another, its prompt is prefilled again",
-                    entry.nbytes / 2**30, self.budget / 2**30,
+                    human_bytes(entry.nbytes), human_bytes(self.budget),
                 )  # fmt: skip
             return False
         n = len(entry.tokens)
