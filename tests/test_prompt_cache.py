@@ -161,3 +161,34 @@ def test_the_chat_app_keeps_the_chats_you_switch_between(tiny_dir: Path) -> None
     for ram, expect in ((2**20, 2**20), (0, None)):
         model = default_loader(ChatOptions(model_path=str(tiny_dir), ctx=256, cache_ram=ram))(lambda *a: None)
         assert (model.prompt_cache.budget if model.prompt_cache else None) == expect
+
+
+def test_reopening_a_chat_in_the_app_restores_its_cache(tiny_dir: Path, tmp_path: Path) -> None:
+    """The chat app end to end: chat one, a new chat, back to chat one (Ctrl+O): its next turn starts from
+    the saved cache, not a prefill of the whole chat."""
+    from tests.test_tui import drive, forcing, make_app, send, wait_for
+    from tui.screens import ConversationsScreen
+
+    model = localglm.load(tiny_dir, ctx=512)
+    model.prompt_cache = PromptCache(1 << 30)
+    app = make_app(tmp_path, model, logits_processor=forcing(model, "reply one", "reply two", "reply three"))
+    long_message = "please explain how the tokenizer splits words into pieces " * 4
+
+    async def script(pilot: Any) -> None:
+        screen = await send(pilot, long_message)
+        first_id = screen.conversation.id
+        first_prompt = model.last_stats.prompt_tokens
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        await send(pilot, "second chat")
+        await pilot.press("ctrl+o")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConversationsScreen))
+        await pilot.pause()
+        await pilot.press("down", "enter")
+        await wait_for(pilot, lambda: app.screen is screen and screen.conversation.id == first_id)
+        await send(pilot, "more")
+        stats = model.last_stats
+        assert stats.restored_prompt_tokens >= first_prompt and stats.cached_prompt_tokens >= first_prompt
+
+    drive(app, script)
+    assert model.prompt_cache.restores == 1
