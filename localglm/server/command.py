@@ -124,6 +124,16 @@ def _allowed_hosts(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(dict.fromkeys([*args.allow_host, *bound]))
 
 
+def _saved_prompts_line(model: Any) -> str:
+    """The startup line about conversations set aside (prompt_cache.py): their RAM, or that it is off."""
+    from ..model_info import human_bytes
+
+    store = model.prompt_cache
+    if store is None:
+        return "conversations taking turns: not set aside (--cache-ram 0 or --no-prefix-reuse)"
+    return f"conversations taking turns: set aside in up to {human_bytes(store.budget)} of RAM (--cache-ram)"
+
+
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -176,7 +186,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"localglm: serving {settings.model_name} (ctx {model.ctx}) at {base}\n"
         f"  OpenAI:    {base}/v1  (chat/completions, completions, models)\n"
         f"  Anthropic: {base}     (ANTHROPIC_BASE_URL; /v1/messages)\n"
-        f"  health:    {base}/health   metrics: {base}/metrics",
+        f"  health:    {base}/health   metrics: {base}/metrics\n"
+        f"  {_saved_prompts_line(model)}",
         file=sys.stderr,
     )
     server = build_server(
