@@ -214,10 +214,11 @@ class Model:
             self._cache = self.net.new_cache(self.ctx)
         return self._cache
 
-    def _bring_saved_prefix(self, cache: TokenCache, tokens: list[int], stats: GenerationStats) -> None:
+    def _bring_saved_prefix(self, cache: TokenCache, tokens: list[int], stats: GenerationStats) -> int:
         """Before `tokens` are prefilled: restore the saved prompt sharing the longest prefix with them where
         it beats the live cache's, and save the live cache first where the prompt would overwrite much of it
-        (prompt_cache.py). The MTP block's state travels with the main cache's rows."""
+        (prompt_cache.py). The MTP block's state travels with the main cache's rows. Returns how many leading
+        tokens of `tokens` the cache then holds."""
         store, spec = self.prompt_cache, self.speculation
         assert store is not None
         live = cache.common_prefix(tokens)
@@ -226,7 +227,8 @@ class Model:
         keep_live = None
         if (restoring or store.worth_saving(cache.length, live)) and cache.length >= store.min_tokens and not store.covers(cache.tokens):
             keep_live = SavedPrompt(cache.snapshot(), spec.save_state() if spec is not None else None)
-        if saved is not None and restoring:
+        if restoring:
+            assert saved is not None
             cache.restore(saved.kv, n)
             if spec is not None:
                 if saved.draft_state is not None:
@@ -237,22 +239,11 @@ class Model:
             stats.restored_prompt_tokens = n
         if keep_live is not None:
             store.put(keep_live)
+        return n if restoring else live
 
-    @staticmethod
-    def _lost_to_drafting(spec: Speculation, cache: TokenCache, tokens: list[int], reuse_prefix: bool) -> int:
-        """Prompt tokens the main cache holds that a speculative generation would compute again (its block lags)."""
-        main, _, kept = spec.reusable(cache, tokens, reuse_prefix)
-        return main - kept
-
-    @staticmethod
-    def _reused(cache: TokenCache, tokens: list[int], reuse_prefix: bool) -> int:
-        """How many of the prompt's leading tokens the cache holds already and prefill keeps: all of the common
-        prefix but the last prompt token, always recomputed for its logits."""
-        return min(cache.common_prefix(tokens) if reuse_prefix else 0, len(tokens) - 1)
-
-    def _prefill(self, cache: TokenCache, tokens: list[int], reuse_prefix: bool, stats: GenerationStats) -> torch.Tensor:
-        """Run the uncached part of the prompt through the model; return the last position's logits."""
-        keep = self._reused(cache, tokens, reuse_prefix)
+    def _prefill(self, cache: TokenCache, tokens: list[int], keep: int, stats: GenerationStats) -> torch.Tensor:
+        """Run the prompt past its first `keep` tokens (held by the cache) through the model; return the last
+        position's logits."""
         cache.truncate(keep)
         stats.cached_prompt_tokens = keep
         hidden = None
@@ -286,27 +277,33 @@ class Model:
         cache = self._cache_for(len(tokens))
         sampler = Sampler(sampling, self.device)
         stats.prompt_tokens = len(tokens)
+        # The prompt's leading tokens the cache holds and prefill keeps (all but the last, recomputed for its
+        # logits): worked out once here, a pass over the prompt, and handed to what needs it.
+        held = 0
         if reuse_prefix and self.prompt_cache is not None:
             with torch.inference_mode():  # the MTP block's cache is made in inference mode
-                self._bring_saved_prefix(cache, tokens, stats)
+                held = self._bring_saved_prefix(cache, tokens, stats)
+        elif reuse_prefix:
+            held = cache.common_prefix(tokens)
+        reused = min(held, len(tokens) - 1)
         spec = self.speculation
-        if spec is not None and spec.max_draft > 0 and spec.worth_trying(sampling, lost=self._lost_to_drafting(spec, cache, tokens, reuse_prefix)):
+        if spec is not None and spec.max_draft > 0 and spec.worth_trying(sampling, lost=reused - spec.reusable(tokens, reused)[1]):
             with torch.inference_mode():
                 yield from spec.stream(
                     cache, tokens, ctx=self.ctx, max_new_tokens=max_new_tokens, sampling=sampling, sampler=sampler, stop_ids=stop_ids,
-                    cancel=cancel, reuse_prefix=reuse_prefix, stats=stats, logits_processor=logits_processor,
+                    cancel=cancel, reused=reused, stats=stats, logits_processor=logits_processor,
                     veto=getattr(logits_processor, "veto", None),  # a grammar refuses drafts outright
                 )  # fmt: skip
             return
         if spec is not None:  # this run changes the main cache behind the MTP block's back, from the reused prefix on
-            spec.forget_from(self._reused(cache, tokens, reuse_prefix))
+            spec.forget_from(reused)
         history = torch.tensor(tokens, dtype=torch.long, device=self.device)
         generated: list[int] = []
         try:
             on_token = getattr(logits_processor, "on_token", None)
             t0 = time.perf_counter()
             with torch.inference_mode():
-                logits = self._prefill(cache, tokens, reuse_prefix, stats)
+                logits = self._prefill(cache, tokens, reused, stats)
                 for step in range(max_new_tokens):
                     if cancel is not None and cancel.is_set():
                         return

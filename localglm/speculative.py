@@ -513,20 +513,19 @@ class Speculation:
         if remembered is not None:
             policy.remember(remembered)
 
-    def reusable(self, cache: TokenCache, tokens: list[int], reuse_prefix: bool) -> tuple[int, int, int]:
-        """What a speculative generation of `tokens` keeps, without changing anything: (the main cache's
-        reusable prefix, the valid MTP entries, the prefix it keeps). MTP entry j holds (h_j, t_{j+1}): valid
-        while tokens 0..j+1 are. Past the valid entries the block needs the main model's streams: the ones
-        kept from the last generation (valid while tokens 0..j are), then recomputed ones, so the main model
-        is run again from where the kept streams end."""
-        main = min(cache.common_prefix(tokens) if reuse_prefix else 0, len(tokens) - 1)
+    def reusable(self, tokens: list[int], main: int) -> tuple[int, int]:
+        """What a speculative generation of `tokens` keeps, without changing anything, where the main cache
+        holds `main` of their leading tokens: (the valid MTP entries, the prefix it keeps). MTP entry j holds
+        (h_j, t_{j+1}): valid while tokens 0..j+1 are. Past the valid entries the block needs the main
+        model's streams: the ones kept from the last generation (valid while tokens 0..j are), then
+        recomputed ones, so the main model is run again from where the kept streams end."""
         mcache = self.cache
         valid = 0
         if mcache is not None and main > 0 and tokens[0] == self.first_token:
             valid = min(mcache.common_prefix(tokens[1:]), main)
         log = self.log
         streams_end = log.end if log.start <= valid <= log.end else valid
-        return main, valid, min(main, streams_end)
+        return valid, min(main, streams_end)
 
     def worth_trying(self, sampling: SamplingParams, lost: int = 0) -> bool:
         """Whether a generation should run through speculation at all. Always where the depth is fixed. Never
@@ -589,11 +588,12 @@ class Speculation:
         sampler: Sampler,
         stop_ids: set[int] | frozenset[int],
         cancel: threading.Event | None,
-        reuse_prefix: bool,
+        reused: int,
         stats: GenerationStats,
         logits_processor: LogitsProcessor | None = None,
         veto: DraftVeto | None = None,
     ) -> Iterator[int]:
+        """`reused`: the prompt's leading tokens the main cache holds (the engine's prefix reuse)."""
         net, device = self.net, self.net.device
         mcache = self._mtp_cache(cache.max_tokens)
         counters = SpecCounters()
@@ -601,10 +601,7 @@ class Speculation:
         warm = 0  # steps in a row at the same drafting-ness (drafting or not) before this one
         t0 = time.perf_counter()
         clock = {"decode": t0}
-        # Prefix reuse. MTP entry j holds (h_j, t_{j+1}): valid while tokens 0..j+1 are. Past the valid
-        # entries the block needs the main model's streams: the pending ones kept from the last
-        # generation (valid while tokens 0..j are), then the recomputed ones.
-        _, valid, keep = self.reusable(cache, tokens, reuse_prefix)
+        valid, keep = self.reusable(tokens, reused)  # prefix reuse, for the main cache and the block's
         mcache.truncate(valid)
         self.first_token = tokens[0]
         log = self.log
