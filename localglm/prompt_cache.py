@@ -25,12 +25,12 @@ from .layers.kv_cache import CacheSnapshot, common_prefix
 from .model_info import human_bytes
 
 log = logging.getLogger("localglm")
-DEFAULT_BUDGET = 4 * 2**30  # the most RAM saved prompts take by default (`budget_for`)
+DEFAULT_BUDGET = 4 * 2**30  # the most RAM saved prompts take by default (`prompt_cache_for`)
 MIN_TOKENS = 32  # a prompt shorter than this prefills faster than it is worth keeping
 LOST_SHARE = 0.25  # the live cache is saved when a prompt would overwrite at least this share of it
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: == would compare the snapshots' tensors
 class SavedPrompt:
     """The main model's cache rows and, with speculative decoding, the MTP block's state beside them."""
 
@@ -108,12 +108,12 @@ class PromptCache:
         self.restored_tokens += restored
 
 
-def budget_for(requested: int | None) -> int:
-    """The bytes saved prompts may take: `requested` (0: none), or by default 4 GiB or an eighth of the RAM
-    available now (the model loaded), whichever is less. llama.cpp's server sets aside 8 GiB; our users'
-    RAM holds the experts."""
-    if requested is not None:
-        return requested
-    import psutil
+def prompt_cache_for(requested: int | None) -> PromptCache | None:
+    """The store for `--cache-ram`: `requested` bytes (0: none, so None), or by default 4 GiB or an eighth of
+    the RAM available now (the model loaded), whichever is less. llama.cpp's server sets aside 8 GiB; our
+    users' RAM holds the experts."""
+    if requested is None:
+        import psutil
 
-    return min(DEFAULT_BUDGET, psutil.virtual_memory().available // 8)
+        requested = min(DEFAULT_BUDGET, psutil.virtual_memory().available // 8)
+    return PromptCache(requested) if requested > 0 else None

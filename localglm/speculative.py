@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from .layers.kv_cache import CacheSnapshot, TokenCache
+from .layers.kv_cache import CacheSnapshot, TokenCache, tensor_bytes
 from .layers.norm import rms_norm
 from .models.mtp import MtpHead
 from .sampling import Sampler, SamplingParams, check_finite
@@ -412,7 +412,7 @@ class StreamLog:
             self.start = self.end = max(self.start, pos)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors: compared by identity
 class DraftState:
     """`Speculation.save_state`: the MTP cache's rows and the stream log, as of one main-cache snapshot."""
 
@@ -424,7 +424,7 @@ class DraftState:
 
     @property
     def nbytes(self) -> int:
-        return (self.kv.nbytes if self.kv is not None else 0) + sum(c.numel() * c.element_size() for c in self.chunks)
+        return (self.kv.nbytes if self.kv is not None else 0) + tensor_bytes(self.chunks)
 
 
 class Speculation:

@@ -104,13 +104,12 @@ def default_loader(options: ChatOptions) -> Loader:
         from localglm.commands.flags import set_threads
         from localglm.default_model import default_model_path
         from localglm.loader import load
-        from localglm.prompt_cache import PromptCache, budget_for
+        from localglm.prompt_cache import prompt_cache_for
 
         path = options.model_path if options.model_path is not None else default_model_path()
         set_threads(options.threads)
         model = load(path, device=options.device, dtype=options.dtype, ctx=options.ctx, progress=progress, **options.load_options)
-        budget = budget_for(options.cache_ram)  # chats you switch between keep their caches (localglm/prompt_cache.py)
-        model.prompt_cache = PromptCache(budget) if budget > 0 else None
+        model.prompt_cache = prompt_cache_for(options.cache_ram)  # chats you switch between keep their caches
         return model
 
     return load_model

@@ -108,10 +108,6 @@ class DsaCache(LatentCache):
         self.index_slot = {layer: i for i, layer in enumerate(index_layers)}
         self.index_keys = torch.zeros((len(index_layers), batch, max_tokens, index_head_dim), dtype=dtype, device=device)
 
-    @property
-    def nbytes(self) -> int:
-        return super().nbytes + self.index_keys.numel() * self.index_keys.element_size()
-
     def token_rows(self) -> list[tuple[torch.Tensor, int]]:
         return [*super().token_rows(), (self.index_keys, 2)]
 

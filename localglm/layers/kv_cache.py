@@ -8,10 +8,14 @@ whole conversation every turn): that bookkeeping is `TokenCache`, shared by ever
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -39,7 +43,8 @@ class TokenCache:
 
     @property
     def nbytes(self) -> int:
-        raise NotImplementedError
+        """The memory the cache holds, every token's rows (`token_rows`) at the context size."""
+        return tensor_bytes(rows for rows, _ in self.token_rows())
 
     def check_room(self, end: int) -> None:
         """Raise the one overflow error every layout gives when position `end` does not fit."""
@@ -75,7 +80,7 @@ class TokenCache:
         self.tokens = list(snap.tokens[:n])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors: compared by identity (PromptCache.touch finds it in a list)
 class CacheSnapshot:
     """A cache's token ids and a host copy of their rows (`TokenCache.snapshot`)."""
 
@@ -84,7 +89,7 @@ class CacheSnapshot:
 
     @property
     def nbytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.parts)
+        return tensor_bytes(self.parts)
 
 
 class KVCache(TokenCache):
@@ -104,10 +109,6 @@ class KVCache(TokenCache):
         shape = (layers, batch, kv_heads, max_tokens, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
 
     def token_rows(self) -> list[tuple[torch.Tensor, int]]:
         return [(self.k, 3), (self.v, 3)]
@@ -167,10 +168,6 @@ class LatentCache(TokenCache):
             nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
             self.kv = host.host_buffer(nbytes).view(dtype).view(shape)
             self.kv.zero_()
-
-    @property
-    def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size()
 
     def token_rows(self) -> list[tuple[torch.Tensor, int]]:
         return [(self.kv, 2)]

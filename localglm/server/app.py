@@ -33,7 +33,6 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..engine import Model
-from ..prompt_cache import PromptCache
 from . import anthropic_routes, ollama_routes, openai_routes, responses_routes
 from .body import BODY_BYTES_KEY
 from .errors import CLOSE, APIError, error_body
@@ -224,8 +223,7 @@ def create_app(
     it exists for tests (forcing the model's exact output end to end) and cannot be set over HTTP.
     """
     settings = settings or ServerSettings(model_name=model.path.name)
-    budget = settings.prompt_cache_budget()
-    model.prompt_cache = PromptCache(budget) if budget > 0 else None
+    model.prompt_cache = settings.prompt_cache()
     metrics_ = Metrics(settings.model_name, model.ctx, model.prompt_cache)
     worker = EngineWorker(model, max_waiting=settings.queue_size, on_finish=metrics_.on_finish)
     state = ServerState(model=model, settings=settings, worker=worker, metrics=metrics_, hook=logits_processor_hook)

@@ -121,13 +121,16 @@ class Metrics:
             )
             metric("generated_tokens_total", "counter", "Generated tokens.", [({}, self.generated_tokens)])
             store = self.prompt_cache
-            if store is not None:
-                metric("prompt_cache_bytes", "gauge", "RAM held by prompts set aside (--cache-ram).", [({}, store.nbytes)])
-                metric("prompt_cache_budget_bytes", "gauge", "The most RAM prompts set aside may hold.", [({}, store.budget)])
-                metric("prompt_cache_entries", "gauge", "Prompts set aside.", [({}, len(store.entries))])
-                metric("prompt_cache_restores_total", "counter", "Prompts that started from one set aside.", [({}, store.restores)])
-                metric("prompt_cache_restored_tokens_total", "counter", "Prompt tokens restored instead of prefilled.", [({}, store.restored_tokens)])
-                metric("prompt_cache_refused_total", "counter", "Caches larger than --cache-ram, not kept.", [({}, store.refused)])
+            if store is not None:  # conversations set aside (serve --cache-ram)
+                for name, kind, help_, value in (
+                    ("bytes", "gauge", "RAM held by prompts set aside (--cache-ram).", store.nbytes),
+                    ("budget_bytes", "gauge", "The most RAM prompts set aside may hold.", store.budget),
+                    ("entries", "gauge", "Prompts set aside.", len(store.entries)),
+                    ("restores_total", "counter", "Prompts that started from one set aside.", store.restores),
+                    ("restored_tokens_total", "counter", "Prompt tokens restored instead of prefilled.", store.restored_tokens),
+                    ("refused_total", "counter", "Caches larger than --cache-ram, not kept.", store.refused),
+                ):
+                    metric(f"prompt_cache_{name}", kind, help_, [({}, value)])
             if self.draft_depths:
                 metric("draft_tokens_total", "counter", "Tokens the MTP head drafted (speculative decoding).", [({}, self.draft_tokens)])
                 metric("accepted_tokens_total", "counter", "Drafted tokens the model accepted.", [({}, self.accepted_tokens)])

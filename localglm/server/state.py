@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine import LogitsProcessor, Model
-from ..prompt_cache import budget_for
+from ..prompt_cache import PromptCache, prompt_cache_for
 from ..sampling import SamplingParams
 from .metrics import Metrics
 from .response_store import ResponseStore
@@ -50,9 +50,9 @@ class ServerSettings:
     parse_special_tokens: bool = False  # True: special-token text in message content becomes special tokens
     tool_grammar: bool = True  # hold tool calls to GLM's format while decoding (localglm/grammar); --no-tool-grammar
 
-    def prompt_cache_budget(self) -> int:
-        """The bytes saved prompts may take (prompt_cache.budget_for): none without prefix reuse."""
-        return budget_for(self.cache_ram_bytes) if self.reuse_prefix else 0
+    def prompt_cache(self) -> PromptCache | None:
+        """The store for conversations set aside (`cache_ram_bytes`); none without prefix reuse."""
+        return prompt_cache_for(self.cache_ram_bytes) if self.reuse_prefix else None
 
     def body_limit(self, ctx: int) -> int:
         """The request body cap: `max_body_bytes`, or by default 4 MiB or 16 bytes per context token if more."""
