@@ -64,7 +64,7 @@ def test_serve_process_answers_and_stops_on_ctrl_c(tiny_dir: Path) -> None:
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "localglm.cli", "serve", str(tiny_dir), "--port", str(port), "-q", "--threads", "1",
-           "--model-name", "glm-test", "--temperature", "0"]  # fmt: skip
+           "--model-name", "glm-test", "--temperature", "0", "--cache-ram", "64MiB"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         base = f"http://127.0.0.1:{port}"
@@ -87,3 +87,4 @@ def test_serve_process_answers_and_stops_on_ctrl_c(tiny_dir: Path) -> None:
         out, err = proc.communicate(timeout=30)
     assert proc.returncode in (0, 130), err
     assert f"serving glm-test (ctx 2048) at http://127.0.0.1:{port}" in err
+    assert "conversations taking turns: set aside in up to 64.00 MiB of RAM (--cache-ram)" in err
