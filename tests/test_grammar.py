@@ -8,6 +8,7 @@ toward scripted tokens, not a hard mask, so a grammar can still refuse what it p
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,16 @@ import torch
 import localglm
 from localglm.engine import Done, EncodedChat, Model
 from localglm.chat.stream_parser import ParsedMessage
-from localglm.grammar import GrammarError, GrammarProcessor, OutputSpec, ToolGrammar, output_grammar, parse_response_format
+from localglm.grammar import (
+    GrammarError,
+    GrammarProcessor,
+    OutputSpec,
+    ToolGrammar,
+    chain,
+    output_grammar,
+    parse_input_format,
+    parse_response_format,
+)
 from localglm.grammar.build import request_processor
 from localglm.server.testing import Push
 
@@ -240,6 +250,87 @@ def test_tool_grammar_text() -> None:
         "r3: <tool_call> (r2) NL? </tool_call>",
         "r4: r3 WS?",
     ]
+
+
+# ---- custom tools' input grammars -----------------------------------------------------------------
+# A patch grammar in the shape of Codex's apply_patch (Lark, `%import common.LF`), bounded so that the
+# random model must finish it within the test's tokens: only the grammar can make its input valid.
+PATCH_LARK = """start: begin_patch hunk end_patch
+begin_patch: "*** Begin Patch" LF
+end_patch: "*** End Patch" LF?
+hunk: "*** Add File: " filename LF add_line add_line?
+filename: /[a-z]{1,6}\\.txt/
+add_line: "+" /[a-z ]{0,8}/ LF
+%import common.LF
+"""
+PATCH_RE = re.compile(r"\*\*\* Begin Patch\n\*\*\* Add File: [a-z]{1,6}\.txt\n(\+[a-z ]{0,8}\n){1,2}\*\*\* End Patch\n?")
+CUSTOM_TOOLS = [{"type": "function", "function": {"name": name, "parameters": {
+    "type": "object", "properties": {"input": {"type": "string"}}, "required": ["input"]}}} for name in ("apply_patch", "calc")]  # fmt: skip
+CUSTOM_FORMATS = {
+    "apply_patch": {"type": "grammar", "syntax": "lark", "definition": PATCH_LARK},
+    "calc": {"type": "grammar", "grammar": {"syntax": "regex", "definition": r"(add|sub) [0-9]{1,3}"}},  # chat completions' spelling
+}
+
+
+def custom_calls(model: Model, seed: int, *, mode: str = "required", name: str | None = None, push: str | None = None,
+                 tool_grammar: bool = True) -> tuple[Done, ParsedMessage]:  # fmt: skip
+    chat = model.encode_chat([{"role": "user", "content": "edit"}], tools=CUSTOM_TOOLS, enable_thinking=False)
+    formats = {n: parse_input_format(f, f"tools.{n}.format") for n, f in CUSTOM_FORMATS.items()}
+    proc = request_processor(model.grammar_vocab, prompt_text=chat.text, tools=CUSTOM_TOOLS, tool_mode=mode, tool_name=name,
+                             tool_grammar=tool_grammar, tool_formats=formats, single_tool_call=True, max_new_tokens=150)  # fmt: skip
+    pushed = [Push(model.tokenizer.encode(push), model.tokenizer.token_to_id("<|endoftext|>"))] if push else []
+    return run(model, chat=chat, tools=CUSTOM_TOOLS, tool_grammar=False, seed=seed, max_new_tokens=150,
+               logits_processor=chain(*pushed, proc))  # fmt: skip
+
+
+def test_custom_tool_inputs_match_their_grammars(model: Model) -> None:
+    """Lark (an apply_patch-shaped grammar) and regex inputs, written by the random model: each call's
+    input matches its tool's grammar, with the tool grammar off too (a client's grammar is always held)."""
+    for seed, (name, tool_grammar) in enumerate([("apply_patch", True), ("apply_patch", False), ("calc", True), ("calc", False)]):
+        done, msg = custom_calls(model, seed, mode="named", name=name, tool_grammar=tool_grammar)
+        assert done.finish_reason == "stop", done.text
+        ((call_name, args),) = [(c.name, c.arguments) for c in msg.tool_calls]
+        assert call_name == name and list(args) == ["input"]
+        pattern = PATCH_RE if name == "apply_patch" else re.compile(r"(add|sub) [0-9]{1,3}")
+        assert pattern.fullmatch(args["input"]), args
+
+
+def test_a_pushed_input_that_breaks_the_grammar_is_refused(model: Model) -> None:
+    """A model that wants to write a unified diff into apply_patch is held to the patch grammar; a
+    valid patch goes through token for token."""
+    good = "*** Begin Patch\n*** Add File: a.txt\n+hi\n*** End Patch\n"
+    call = "<tool_call>apply_patch\n<arg_key>input</arg_key>\n<arg_value>{}</arg_value>\n</tool_call>"
+    done, msg = custom_calls(model, 0, mode="auto", push=call.format(good))
+    assert done.text == call.format(good)
+    assert [(c.name, c.arguments) for c in msg.tool_calls] == [("apply_patch", {"input": good})]
+    diff = "--- a.txt\n+++ a.txt\n@@ -1 +1 @@\n-x\n+y\n"
+    for seed in range(2):
+        done, msg = custom_calls(model, seed, mode="auto", push=call.format(diff))
+        assert "--- a.txt" not in done.text
+        for c in msg.tool_calls:
+            pattern = PATCH_RE if c.name == "apply_patch" else re.compile(r"(add|sub) [0-9]{1,3}")
+            assert pattern.fullmatch(c.arguments["input"]), done.text
+
+
+def test_custom_tool_formats_are_read_and_checked() -> None:
+    assert parse_input_format(None, "f") is None and parse_input_format({"type": "text"}, "f") is None
+    lark = parse_input_format({"type": "grammar", "syntax": "lark", "definition": "start: /x+/"}, "f")
+    regex = parse_input_format({"type": "grammar", "grammar": {"syntax": "regex", "definition": "a|b"}}, "f")
+    assert (lark.syntax, regex.syntax, regex.definition) == ("lark", "regex", "a|b")
+    bad = [
+        ({"type": "json"}, "tools[1].format.type"),
+        ({"type": "grammar", "syntax": "ebnf", "definition": "x"}, "tools[1].format.syntax"),
+        ({"type": "grammar", "syntax": "lark"}, "tools[1].format.definition"),
+        ({"type": "grammar", "grammar": {"syntax": "regex", "definition": " "}}, "tools[1].format.grammar.definition"),
+        ({"type": "grammar", "grammar": "start: x"}, "tools[1].format.grammar"),
+        ({"type": "grammar", "syntax": "lark", "definition": "start: missing_rule"}, "tools[1].format.definition"),
+        ({"type": "grammar", "syntax": "regex", "definition": "(?=a)b"}, "tools[1].format.definition"),
+        ("lark", "tools[1].format"),
+    ]
+    for fmt, param in bad:
+        with pytest.raises(GrammarError) as err:
+            parse_input_format(fmt, "tools[1].format")
+        assert err.value.param == param and str(err.value).startswith(param) and "\n" not in str(err.value), fmt
 
 
 # ---- drafted tokens, rollback, prefetch -------------------------------------------------------------

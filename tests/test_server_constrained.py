@@ -43,6 +43,7 @@ PUSHES = {
     "nokey": "<tool_call>bash\ncommand</arg_key>\n<arg_value>ls</arg_value>\n</tool_call>",  # missing <arg_key>
     "good": "<tool_call>bash\n<arg_key>command</arg_key>\n<arg_value>ls -la</arg_value>\n</tool_call>",
     "think": "a" * 200,
+    "calc": "<tool_call>calc\n<arg_key>input</arg_key>\n<arg_value>multiply 12345</arg_value>\n</tool_call>",  # breaks the regex
 }
 # litellm's ExceptionCheckers.is_error_str_context_window_exceeded (litellm/litellm_core_utils/
 # exception_mapping_utils.py): one of these in the lowercased message makes ContextWindowExceededError.
@@ -64,7 +65,7 @@ class PushHook:
         self.model = model
 
     def __call__(self, endpoint: str, body: dict[str, Any]) -> Any:
-        names = re.findall(r"PUSH:(\w+)", json.dumps(body.get("messages", body.get("prompt", ""))))
+        names = re.findall(r"PUSH:(\w+)", json.dumps([body.get(k) for k in ("messages", "prompt", "input")]))
         if not names:
             return None
         tok = self.model.tokenizer
@@ -230,6 +231,41 @@ def test_no_tool_grammar_lets_the_breakage_through(tiny_dir: Path) -> None:
         r = served.openai().chat.completions.create(model="m", messages=user("go"), tools=TOOLS, tool_choice="required",
                                                     temperature=1.0, seed=0, max_tokens=200)  # fmt: skip
         assert r.choices[0].message.tool_calls
+
+
+# ---- custom tools' input grammars (Responses API) ---------------------------------------------------
+CALC = {"type": "custom", "name": "calc", "description": "Arithmetic", "format": {"type": "grammar", "syntax": "regex", "definition": "(add|sub) [0-9]{1,3}"}}
+
+
+def test_responses_custom_tool_input_follows_its_grammar(env: Served) -> None:
+    """A model pushed to write `multiply 12345` into a regex-formatted custom tool writes a matching input."""
+    client = env.openai()
+    for tool_choice in ("auto", {"type": "custom", "name": "calc"}):
+        r = client.responses.create(model="m", input="go PUSH:calc", tools=[CALC], tool_choice=tool_choice, temperature=1.0,
+                                    max_output_tokens=60, reasoning={"effort": "none"})  # fmt: skip
+        calls = [o for o in r.output if o.type == "custom_tool_call"]
+        assert calls or tool_choice == "auto", r.output
+        for call in calls:
+            assert call.name == "calc" and re.fullmatch(r"(add|sub) [0-9]{1,3}", call.input), call.input
+    with client.responses.stream(model="m", input="go PUSH:calc", tools=[CALC], tool_choice={"type": "custom", "name": "calc"},
+                                 temperature=1.0, max_output_tokens=60, reasoning={"effort": "none"}) as stream:  # fmt: skip
+        final = stream.get_final_response()
+    (call,) = [o for o in final.output if o.type == "custom_tool_call"]
+    assert re.fullmatch(r"(add|sub) [0-9]{1,3}", call.input), call.input
+
+
+def test_responses_custom_tool_grammar_errors_are_400_naming_the_field(env: Served) -> None:
+    cases = [
+        ({"type": "grammar", "syntax": "lark", "definition": "start: nowhere"}, "tools[0].format.definition"),
+        ({"type": "grammar", "syntax": "regex", "definition": "(unclosed"}, "tools[0].format.definition"),
+        ({"type": "grammar", "syntax": "peg", "definition": "x"}, "tools[0].format.syntax"),
+        ({"type": "json"}, "tools[0].format.type"),
+        ("lark", "tools[0].format"),
+    ]
+    for fmt, param in cases:
+        with pytest.raises(openai.BadRequestError) as e:
+            env.openai().responses.create(model="m", input="x", tools=[{**CALC, "format": fmt}])
+        assert e.value.body["param"] == param and param in e.value.message, (fmt, e.value.body)
 
 
 # ---- context ---------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Constrained decoding: JSON mode, JSON schemas, GLM tool calls that cannot break, thinking budgets.
+"""Constrained decoding: JSON mode, JSON schemas, GLM tool calls that cannot break, thinking budgets,
+custom tools' input grammars.
 
 The grammar engine is llguidance (what llama.cpp and vLLM use): `vocab.GrammarVocab` wraps the
 model's tokenizer once, `spec` writes the Lark grammar one request needs (the whole assistant
@@ -12,17 +13,29 @@ from __future__ import annotations
 
 from .budget import ThinkingBudget, chain
 from .processor import GrammarProcessor
-from .spec import GrammarError, OutputSpec, ToolGrammar, output_grammar, parse_response_format
+from .spec import (
+    CUSTOM_INPUT,
+    GrammarError,
+    InputGrammar,
+    OutputSpec,
+    ToolGrammar,
+    output_grammar,
+    parse_input_format,
+    parse_response_format,
+)
 from .vocab import GrammarVocab
 
 __all__ = [
+    "CUSTOM_INPUT",
     "GrammarError",
     "GrammarProcessor",
     "GrammarVocab",
+    "InputGrammar",
     "OutputSpec",
     "ThinkingBudget",
     "ToolGrammar",
     "chain",
     "output_grammar",
+    "parse_input_format",
     "parse_response_format",
 ]

@@ -10,7 +10,7 @@ import torch
 
 from .budget import ThinkingBudget, chain
 from .processor import GrammarProcessor
-from .spec import GrammarError, OutputSpec, ToolGrammar, output_grammar
+from .spec import GrammarError, InputGrammar, OutputSpec, ToolGrammar, output_grammar
 from .vocab import GrammarVocab
 
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
@@ -42,6 +42,7 @@ def request_processor(
     tool_name: str | None = None,
     single_tool_call: bool = False,
     tool_grammar: bool = True,
+    tool_formats: Mapping[str, InputGrammar] | None = None,
     thinking_budget: int | None = None,
     max_new_tokens: int | None = None,
 ) -> LogitsProcessor | None:
@@ -49,12 +50,14 @@ def request_processor(
 
     `prompt_text` is the rendered chat prompt (None for raw prompts: no thinking block, no tools).
     Tools are held to GLM's format only with `tool_grammar` (the server's --no-tool-grammar turns it
-    off), except that tool_choice "required" / named can only be enforced by the grammar.
+    off), except that tool_choice "required" / named and custom tools' input grammars (`tool_formats`,
+    by tool name) can only be enforced by the grammar.
     """
     mode = thinking_mode(prompt_text, vocab)
     tg = None
-    if tools and prompt_text is not None and (tool_grammar or tool_mode in ("required", "named")):
-        tg = ToolGrammar(tools, tool_mode, tool_name, single_tool_call)
+    formats = dict(tool_formats or {})
+    if tools and prompt_text is not None and (tool_grammar or tool_mode in ("required", "named") or formats):
+        tg = ToolGrammar(tools, tool_mode, tool_name, single_tool_call, formats=formats)
     spec = OutputSpec(thinking=mode, json_schema=json_schema, tools=tg)
     try:
         processor = _compile(vocab, spec, max_new_tokens)

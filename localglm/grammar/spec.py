@@ -9,22 +9,32 @@ always, optional ones maybe), string values raw (as the chat template writes the
 valid for the property's schema. Free text may not spell out a GLM tag (`<tool_call>` typed as
 plain characters would still be parsed as a call by the stream parser), so a call can only begin
 with the real tag.
+
+A custom (free-form) tool is shown to the model as a function with one string argument, `input`;
+when the client gives it a grammar (OpenAI's `format: {type: "grammar", syntax: "lark" | "regex",
+definition}`, as Codex sends its apply_patch tool), that argument's text must match it. The
+client's grammar is its own entry in llguidance's grammar list, referenced as `@name` from the
+output grammar, so its rule names cannot clash with ours; OpenAI's own custom tools run the same
+Lark dialect (llguidance's).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..chat.stream_parser import is_string_schema
 from ..errors import LocalGLMError
+from .vocab import _llguidance
 
 # GLM's tags and role markers, as text: free text and raw string values never spell one out.
 _TAGS = r"<\/?(think|tool_call|arg_key|arg_value|tool_response)>|<\|[a-z_]+\|>"
 _FREE = r"/(?s:.*)/ & ~/(?s:.*(" + _TAGS + r").*)/"
 THINK_MODES = ("none", "optional", "open")  # no thinking block; the model may open one; the prompt opened it
+CUSTOM_INPUT = "input"  # the one string argument a custom (free-form) tool is shown to the model with
+INPUT_SYNTAXES = ("lark", "regex")
 
 
 class GrammarError(LocalGLMError):
@@ -60,6 +70,55 @@ def parse_response_format(fmt: Any, path: str = "response_format") -> dict[str, 
 
 
 @dataclass(frozen=True)
+class InputGrammar:
+    """What a custom tool's input text must match: a Lark grammar (llguidance's dialect) or a regex."""
+
+    syntax: str  # one of INPUT_SYNTAXES
+    definition: str
+
+    def entry(self, name: str) -> dict[str, Any]:
+        """This grammar as one entry of llguidance's top-level grammar list, referenced as `@name`."""
+        if self.syntax == "regex":
+            (entry,) = json.loads(_llguidance().LLMatcher.grammar_from_regex(self.definition))["grammars"]
+        else:
+            entry = {"lark_grammar": self.definition}
+        return {**entry, "name": name}
+
+
+def parse_input_format(fmt: Any, path: str) -> InputGrammar | None:
+    """A custom tool's `format` (None: free text), in either OpenAI API's spelling: the Responses API's
+    `{type: "grammar", syntax, definition}` or chat completions' `{type: "grammar", grammar: {syntax,
+    definition}}`. The grammar is compiled here, so a client's broken grammar is an error naming the
+    field before anything is generated."""
+    if fmt is None:
+        return None
+    if not isinstance(fmt, Mapping):
+        raise GrammarError(f"{path}: expected a JSON object", path)
+    kind = fmt.get("type")
+    if kind == "text":
+        return None
+    if kind != "grammar":
+        raise GrammarError(f"{path}.type: {kind!r} is not one of text, grammar", f"{path}.type")
+    where, spec = path, fmt
+    if "grammar" in fmt:
+        where, spec = f"{path}.grammar", fmt["grammar"]
+        if not isinstance(spec, Mapping):
+            raise GrammarError(f"{where}: expected an object holding syntax and definition", where)
+    syntax, definition = spec.get("syntax", "lark"), spec.get("definition")
+    if syntax not in INPUT_SYNTAXES:
+        raise GrammarError(f"{where}.syntax: {syntax!r} is not one of {', '.join(INPUT_SYNTAXES)}", f"{where}.syntax")
+    if not isinstance(definition, str) or not definition.strip():
+        raise GrammarError(f"{where}.definition: expected the {syntax} grammar as a non-empty string", f"{where}.definition")
+    grammar = InputGrammar(syntax, definition)
+    top = json.dumps({"grammars": [grammar.entry("start")]})
+    failed, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(top)
+    if failed:
+        first = (messages[0] if messages else "it does not compile").strip().splitlines()[0]
+        raise GrammarError(f"{where}.definition: the {syntax} grammar does not compile: {first}", f"{where}.definition")
+    return grammar
+
+
+@dataclass(frozen=True)
 class ToolGrammar:
     """The request's tools (OpenAI function form) and what tool_choice demands of them."""
 
@@ -71,6 +130,8 @@ class ToolGrammar:
     # holds something the grammar engine cannot compile (a look-ahead regex); clients' tool schemas are
     # not ours to refuse.
     loose: bool = False
+    # Custom tools' input grammars by tool name (the tool's CUSTOM_INPUT argument must match).
+    formats: Mapping[str, InputGrammar] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -111,17 +172,23 @@ def _loose(schema: Any) -> dict[str, Any]:
 
 
 class _Writer:
-    """Accumulates Lark rules with fresh names."""
+    """Accumulates Lark rules with fresh names, and the client grammars they reference."""
 
     def __init__(self) -> None:
         self.rules: list[str] = []
         self.n = 0
+        self.grammars: list[dict[str, Any]] = []
 
     def rule(self, body: str) -> str:
         self.n += 1
         name = f"r{self.n}"
         self.rules.append(f"{name}: {body}")
         return name
+
+    def grammar(self, grammar: InputGrammar) -> str:
+        name = f"input{len(self.grammars) + 1}"
+        self.grammars.append(grammar.entry(name))
+        return f"@{name}"
 
 
 def _function(fn: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
@@ -139,14 +206,16 @@ def _value(w: _Writer, schema: Any, root: Mapping[str, Any], loose: bool) -> str
     return w.rule(_json_rule(_loose(schema), {}) if loose else _json_rule(schema, root, lenient=True))
 
 
-def _call(w: _Writer, tool: Mapping[str, Any], loose: bool) -> str:
+def _call(w: _Writer, tool: Mapping[str, Any], loose: bool, formats: Mapping[str, InputGrammar]) -> str:
     name, params = _function(tool)
     props = params.get("properties")
     parts = [_lit(name)]
     if isinstance(props, Mapping) and props:
         required = set(params.get("required") or ())
+        fmt = formats.get(name)
         for key, schema in props.items():
-            arg = f'NL? <arg_key> {_lit(str(key))} </arg_key> NL? <arg_value> {_value(w, schema, params, loose)} </arg_value>'
+            value = w.grammar(fmt) if fmt is not None and key == CUSTOM_INPUT else _value(w, schema, params, loose)
+            arg = f"NL? <arg_key> {_lit(str(key))} </arg_key> NL? <arg_value> {value} </arg_value>"
             parts.append(f"({arg})" if key in required else f"({arg})?")
     elif params.get("additionalProperties", True) is not False:
         parts.append("(NL? <arg_key> KEY </arg_key> NL? <arg_value> STR </arg_value>)*")
@@ -154,7 +223,8 @@ def _call(w: _Writer, tool: Mapping[str, Any], loose: bool) -> str:
 
 
 def output_grammar(spec: OutputSpec) -> str | None:
-    """The Lark grammar for `spec`, or None when it constrains nothing."""
+    """The grammar for `spec` (Lark text; with custom tools' grammars, llguidance's top-level JSON
+    listing them after it), or None when it constrains nothing."""
     if not spec.constrains:
         return None
     w = _Writer()
@@ -165,7 +235,7 @@ def output_grammar(spec: OutputSpec) -> str | None:
         chosen = [t for t in tg.tools if tg.mode != "named" or _function(t)[0] == tg.name]
         if not chosen:
             raise GrammarError(f"tool_choice: no tool named {tg.name!r} in tools", "tool_choice")
-        one = w.rule(f"<tool_call> ({' | '.join(_call(w, t, tg.loose) for t in chosen)}) NL? </tool_call>")
+        one = w.rule(f"<tool_call> ({' | '.join(_call(w, t, tg.loose, tg.formats) for t in chosen)}) NL? </tool_call>")
         calls = w.rule(f"{one} WS?" if tg.single else f"{one} (WS? {one})* WS?")
     if spec.json_schema is not None:
         alts.append(w.rule(_json_rule(spec.json_schema, spec.json_schema)))
@@ -190,4 +260,7 @@ def output_grammar(spec: OutputSpec) -> str | None:
         r"NL: /\n/",
         r"KEY: /[A-Za-z0-9_.\-]+/",
     ]
-    return "\n".join(head + w.rules + lexemes) + "\n"
+    lark = "\n".join(head + w.rules + lexemes) + "\n"
+    if not w.grammars:
+        return lark
+    return json.dumps({"grammars": [{"name": "output", "lark_grammar": lark}, *w.grammars]}, ensure_ascii=False)

@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 from ..chat.stream_parser import ContentDelta, ThinkingDelta, ToolCall, ToolCallArgsDelta, ToolCallEnd, ToolCallStart
 from ..engine import Done, EncodedChat, LogitsProcessor, PromptTooLong
 from ..errors import LocalGLMError
-from ..grammar import GrammarError, chain, parse_response_format
+from ..grammar import GrammarError, InputGrammar, chain, parse_response_format
 from . import validation
 from .body import read_json
 from .errors import APIError, bad_request
@@ -54,6 +54,7 @@ class GenRequest:
     tool_mode: str = "auto"  # auto | none | required | named
     tool_name: str | None = None  # the named tool (tool_mode "named")
     single_tool_call: bool = False
+    tool_formats: dict[str, InputGrammar] = field(default_factory=dict)  # custom tools' input grammars, by name
     enable_thinking: bool | None = None  # None: the server's default
     clear_thinking: bool | None = None  # False: keep earlier turns' reasoning (GLM-4.7 / 5.x preserved thinking); None: the server's default
     max_tokens: int | None = None  # None: up to the end of the context
@@ -243,6 +244,7 @@ def build_constraint(state: ServerState, req: GenRequest) -> LogitsProcessor | N
         tool_name=req.tool_name,
         single_tool_call=req.single_tool_call,
         tool_grammar=state.settings.tool_grammar,
+        tool_formats=req.tool_formats,
     )
 
 

@@ -51,8 +51,8 @@ def register(sub: Any) -> None:
     add_cache_ram_option(p)
     p.add_argument(
         "--no-tool-grammar", action="store_true",
-        help="do not hold tool calls to GLM's format while decoding (for comparisons); tool_choice 'required' or a "
-        "named tool is still enforced, by the grammar",
+        help="do not hold tool calls to GLM's format while decoding (for comparisons); tool_choice 'required', a "
+        "named tool and a custom tool's input grammar (format) are still enforced, by the grammar",
     )  # fmt: skip
     p.add_argument(
         "--parse-special-tokens", action="store_true",

@@ -6,7 +6,8 @@ the model's earlier `reasoning`, `function_call` and `custom_tool_call` items, a
 message per turn (its reasoning, text and tool calls together), so consecutive assistant items are
 folded into one message, and each output item becomes a `tool` message. Tools are flat (`{type:
 "function", name, parameters}`); `custom` tools (free-form text input, as Codex's apply_patch can
-be) are shown to the model as a function with one string argument, `input`. Hosted tools (web
+be) are shown to the model as a function with one string argument, `input`, held to the tool's
+`format` grammar (Lark or regex) when it has one. Hosted tools (web
 search, file search, code interpreter, ...) cannot run here and are left out of the prompt, as the
 Anthropic route leaves Anthropic's hosted tools out.
 """
@@ -17,13 +18,13 @@ import json
 from dataclasses import dataclass, field as dataclass_field
 from typing import Any
 
+from ..grammar import CUSTOM_INPUT, GrammarError, InputGrammar, parse_input_format
 from ..grammar.budget import EFFORT_BUDGETS
 from .chat import IMAGE_PLACEHOLDER, GenRequest, checked_format, content_text
 from .errors import bad_request
 from .validation import call_arguments, describe, expect, field, join
 
 ENDPOINT = "/v1/responses"
-CUSTOM_INPUT = "input"  # the one string argument a custom tool is shown to the model with
 HOSTED_TOOLS = frozenset({
     "web_search", "web_search_preview", "web_search_preview_2025_03_11", "web_search_2025_08_26", "file_search",
     "computer", "computer_use_preview", "code_interpreter", "image_generation", "mcp", "local_shell", "shell",
@@ -164,11 +165,21 @@ def parse_input(body: dict[str, Any], prior: list[dict[str, Any]]) -> tuple[list
     return conv.messages, custom
 
 
-def parse_tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, frozenset[str]]:
-    """Flat Responses tools -> OpenAI function tools (what the template renders), and the custom tools' names."""
+@dataclass(frozen=True)
+class Tools:
+    """A request's tools as the template and the grammar take them."""
+
+    functions: list[dict[str, Any]] | None  # OpenAI function form (what the template renders)
+    custom: frozenset[str]  # the custom tools' names (their calls come back as custom_tool_call items)
+    formats: dict[str, InputGrammar]  # the custom tools' input grammars, by name
+
+
+def parse_tools(body: dict[str, Any]) -> Tools:
+    """Flat Responses tools -> OpenAI function tools, the custom tools' names and their input grammars."""
     tools = field(body, "tools", "array")
     out: list[dict[str, Any]] = []
     custom: set[str] = set()
+    formats: dict[str, InputGrammar] = {}
     for i, tool in enumerate(tools or ()):
         path = f"tools[{i}]"
         expect(tool, "object", path)
@@ -189,8 +200,14 @@ def parse_tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, froz
         else:
             custom.add(name)
             fn["parameters"] = {"type": "object", "properties": {CUSTOM_INPUT: {"type": "string"}}, "required": [CUSTOM_INPUT]}
+            try:
+                grammar = parse_input_format(tool.get("format"), f"{path}.format")
+            except GrammarError as exc:
+                raise bad_request(str(exc), exc.param) from None
+            if grammar is not None:
+                formats[name] = grammar
         out.append({"type": "function", "function": fn})
-    return out or None, frozenset(custom)
+    return Tools(out or None, frozenset(custom), formats)
 
 
 def parse_tool_choice(body: dict[str, Any], tools: list[dict[str, Any]] | None) -> tuple[str, str | None, list[dict[str, Any]] | None]:
@@ -291,8 +308,9 @@ def parse_request(body: dict[str, Any], prior: list[dict[str, Any]] | None, *, f
     history, called_custom = parse_input(body, prior or [])
     start = [{"role": "system", "content": instructions}] if instructions else []
     gen = GenRequest(endpoint=ENDPOINT + ("/input_tokens" if for_count else ""), raw=body, messages=start + history)
-    tools, custom = parse_tools(body)
-    gen.tool_mode, gen.tool_name, gen.tools = parse_tool_choice(body, tools)
+    tools = parse_tools(body)
+    gen.tool_mode, gen.tool_name, gen.tools = parse_tool_choice(body, tools.functions)
+    gen.tool_formats = tools.formats
     gen.single_tool_call = field(body, "parallel_tool_calls", "boolean", default=True) is False
     gen.enable_thinking, gen.thinking_budget = parse_reasoning(body)
     gen.response_format = parse_text_format(body)
@@ -322,7 +340,7 @@ def parse_request(body: dict[str, Any], prior: list[dict[str, Any]] | None, *, f
         stream=field(body, "stream", "boolean", default=False),
         store=field(body, "store", "boolean", default=True),
         history=history,
-        custom_tools=custom | frozenset(called_custom),
+        custom_tools=tools.custom | frozenset(called_custom),
         echo=echo,
     )
 
