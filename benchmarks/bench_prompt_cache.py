@@ -89,15 +89,35 @@ print(json.dumps(out))
     return {"ttft": statistics.median(times), "all": times}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(doc: str) -> argparse.Namespace:
+    """The options this benchmark and bench_prompt_disk.py share."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="use this checkpoint instead of making one")
-    ap.add_argument("--tokens", type=int, default=4000, help="conversation A's length before turn 1 (default 4000)")
+    ap.add_argument("--tokens", type=int, default=4000, help="the conversation's length before turn 1 (default 4000)")
     ap.add_argument("--reps", type=int, default=3, help="repetitions; medians are printed (default 3)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for both engines (default 2)")
     ap.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp rows")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    return args
+
+
+def peer_gguf(args: argparse.Namespace, path: Path, tmp: str) -> Path | None:
+    """The checkpoint as a bf16 GGUF for llama-cpp-python, or None where its rows are skipped."""
+    if args.no_llama_cpp:
+        return None
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("llama.cpp: llama-cpp-python not installed, skipped", file=sys.stderr)
+        return None
+    gguf = Path(tmp) / "bench.gguf"
+    subprocess.run([sys.executable, "-m", "localglm", "export-gguf", str(path), str(gguf), "--type", "bf16", "-q"], check=True)
+    return gguf
+
+
+def main() -> None:
+    args = parse_args(__doc__)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.model) if args.model else make_tiny(Path(tmp) / "bench-model", bench_spec())
         model = localglm.load(path, ctx=max(4096, args.tokens + 2048))
@@ -108,19 +128,13 @@ def main() -> None:
         rows = [("localglm, prompts set aside (default)", run_ours(model, msgs, None, args.reps)),
                 ("localglm, --cache-ram 0", run_ours(model, msgs, 0, args.reps))]  # fmt: skip
         peer = []
-        if not args.no_llama_cpp:
-            try:
-                import llama_cpp  # noqa: F401
-            except ImportError:
-                print("llama.cpp: llama-cpp-python not installed, skipped", file=sys.stderr)
-            else:
-                gguf = Path(tmp) / "bench.gguf"
-                subprocess.run([sys.executable, "-m", "localglm", "export-gguf", str(path), str(gguf), "--type", "bf16", "-q"], check=True)
-                ids = token_ids(model, msgs)
-                for label, on in (("llama.cpp, LlamaRAMCache", True), ("llama.cpp, no cache", False)):
-                    res = run_llama(gguf, ids, on, args.reps, args.threads)
-                    if res is not None:
-                        peer.append((label, res))
+        gguf = peer_gguf(args, path, tmp)
+        if gguf is not None:
+            ids = token_ids(model, msgs)
+            for label, on in (("llama.cpp, LlamaRAMCache", True), ("llama.cpp, no cache", False)):
+                res = run_llama(gguf, ids, on, args.reps, args.threads)
+                if res is not None:
+                    peer.append((label, res))
         on, off = rows[0][1], rows[1][1]
         print(f"turn 2 prompt: {on['prompt']} tokens (after a {len(SIDE)}-message side request)")
         print("| engine | cached prompt tokens | turn-2 TTFT, client | runs | engine alone | RAM set aside |\n|---|---:|---:|---|---:|---:|")

@@ -83,8 +83,12 @@ class Model:
         mtp: MtpHead | None = None,
         draft: int = DEFAULT_DRAFT,
         prices: PriceMemory | None = None,
+        setup: str | None = None,
     ) -> None:
         self.path = path
+        # What the numbers this model computes depend on (files, config, dtype, device, processor, load options,
+        # the code's version): saved prompts on disk are kept per setup (prompt_disk.py). None: not from a checkpoint.
+        self.setup = setup
         self.config = config
         self.net = net
         self.tokenizer = tokenizer
@@ -222,13 +226,16 @@ class Model:
         store, spec = self.prompt_cache, self.speculation
         assert store is not None
         live = cache.common_prefix(tokens)
-        saved, n = store.longest_prefix(tokens)
-        restoring = saved is not None and n > live
+        found, n = store.longest_prefix(tokens)
+        restoring = found is not None and n > live
         keep_live = None
         if (restoring or store.worth_saving(cache.length, live)) and cache.length >= store.min_tokens and not store.covers(cache.tokens):
             keep_live = SavedPrompt(cache.snapshot(), spec.save_state() if spec is not None else None)
-        if restoring:
-            assert saved is not None
+        saved = store.bring(found) if restoring and found is not None else None  # a file on disk is read here
+        if saved is not None and not cache.accepts(saved.kv):
+            saved = None  # a file of another layout (a setup the key did not tell apart): prefilled instead
+        restoring = saved is not None
+        if saved is not None:
             cache.restore(saved.kv, n)
             if spec is not None:
                 if saved.draft_state is not None:
@@ -240,6 +247,23 @@ class Model:
         if keep_live is not None:
             store.put(keep_live)
         return n if restoring else live
+
+    def keep_prompts(self, wait_s: float = 30.0) -> int:
+        """Write the live cache and the prompts saved in RAM to the prompt cache's disk (`serve --cache-dir`),
+        for the next start; the server calls it when stopping. A generation still running after `wait_s`
+        keeps the live cache out (its rows are changing). Returns the files written."""
+        store, spec = self.prompt_cache, self.speculation
+        if store is None or store.disk is None:
+            return 0
+        live = None
+        if self._lock.acquire(timeout=wait_s):
+            try:
+                cache = self._cache
+                if cache is not None and cache.length >= store.min_tokens:
+                    live = SavedPrompt(cache.snapshot(), spec.save_state() if spec is not None else None)
+            finally:
+                self._lock.release()
+        return store.persist(live)
 
     def _prefill(self, cache: TokenCache, tokens: list[int], keep: int, stats: GenerationStats) -> torch.Tensor:
         """Run the prompt past its first `keep` tokens (held by the cache) through the model; return the last

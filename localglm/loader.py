@@ -8,6 +8,8 @@ and chat template that ship with the checkpoint.
 
 from __future__ import annotations
 
+import hashlib
+
 import warnings
 from collections.abc import Callable
 from dataclasses import replace
@@ -31,7 +33,7 @@ from .models.arch import Arch, WeightReader
 from .models.moe_decoder import load_in_memory_experts
 from .options import LoadOptions, OffloadOptions
 from .sampling import SamplingParams
-from .speculative_prices import price_memory
+from .speculative_prices import price_memory, setup_of
 from .chat.tokenizer import Tokenizer
 
 __all__ = ["DEFAULT_CTX", "load", "parse_device", "parse_dtype"]
@@ -224,7 +226,10 @@ def load(
     experts = _expert_backend(config, arch, weights, experts, dev, dt, root, ctx, offload, dense_bits, mtp, mtp_place)
     net = arch.model.build(config, weights, experts, dev, _kv_host(experts))
     prices = price_memory(root, repr(config), dt, dev, _speed_options(opts)) if mtp is not None else None
-    return Model(root, config, net, tokenizer, ctx=ctx, sampling=_sampling_defaults(root), mtp=mtp, draft=opts.draft, prices=prices)
+    setup = f"{setup_of(root, repr(config), dt, dev, _numerics_options(opts))} | files {_files_digest(root)}"
+    return Model(
+        root, config, net, tokenizer, ctx=ctx, sampling=_sampling_defaults(root), mtp=mtp, draft=opts.draft, prices=prices, setup=setup,
+    )  # fmt: skip
 
 
 def check_tensors(cfg: ModelConfig, source: Any) -> None:
@@ -284,6 +289,28 @@ def _load_mtp(
     vocab = draft_vocab.choose(root, cfg.vocab_size, opts.draft_vocab)
     head.set_vocab(vocab if head.rows_separable or opts.draft_vocab is not None else None)  # by default a quantized head drafts whole
     return head
+
+
+def _numerics_options(opts: LoadOptions) -> LoadOptions:
+    """The load options the model's numbers depend on (the setup saved prompts are kept for): without how
+    much is drafted, which does not change a cache row."""
+    return replace(_speed_options(opts), mtp=None, draft=0, draft_vocab=None)
+
+
+def _files_digest(root: Path) -> str:
+    """The weight files by name, size and modification time: a changed or re-quantized model is another setup."""
+    root = Path(root).expanduser().resolve()
+    files = [root] if root.is_file() else sorted(
+        p for p in root.rglob("*") if p.suffix in _WEIGHT_SUFFIXES and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )  # fmt: skip
+    h = hashlib.sha1()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(root) if f != root else f.name} {st.st_size} {st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+_WEIGHT_SUFFIXES = frozenset({".safetensors", ".gguf", ".bin", ".pt"})  # the config is in the setup by value
 
 
 def _speed_options(opts: LoadOptions) -> LoadOptions:

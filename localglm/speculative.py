@@ -466,7 +466,10 @@ class Speculation:
         both against the next prompt, as it does the state a previous generation left."""
         self.forget()
         if state.kv is not None:
-            self._mtp_cache(max_tokens).restore(state.kv, len(state.kv.tokens))
+            cache = self._mtp_cache(max_tokens)
+            if not cache.accepts(state.kv):  # a file's state for another MTP block: drafting catches up instead
+                return
+            cache.restore(state.kv, len(state.kv.tokens))
         self.log.chunks = [c.clone() for c in state.chunks]
         self.log.start, self.log.end = state.start, state.end
         self.first_token = state.first_token

@@ -19,7 +19,7 @@ from localglm.layers.kv_cache import CacheSnapshot
 from localglm.models.glm4_moe.tiny import TinySpec as Glm4Spec
 from localglm.models.glm4_moe_lite.tiny import TinySpec as LiteSpec
 from localglm.models.glm_moe_dsa.tiny import TinySpec as DsaSpec
-from localglm.prompt_cache import PromptCache, SavedPrompt
+from localglm.prompt_cache import PromptCache, SavedPrompt, prompt_cache_for
 from localglm.sampling import SamplingParams
 from localglm.server import ServerSettings, create_app
 from localglm.server.testing import ServerThread
@@ -192,3 +192,81 @@ def test_reopening_a_chat_in_the_app_restores_its_cache(tiny_dir: Path, tmp_path
 
     drive(app, script)
     assert model.prompt_cache.restores == 1
+
+
+# ---- on disk (prompt_disk.py) ----------------------------------------------------------------------
+def _with_disk(model: localglm.Model, root: Path, ram: int = 1 << 30, disk: int | None = None) -> PromptCache:
+    store = prompt_cache_for(ram, disk_dir=root, disk_budget=disk, setup=model.setup)
+    assert store is not None and store.disk is not None
+    model.prompt_cache = store
+    return store
+
+
+def test_a_restarted_process_restores_a_conversation_from_disk(arch_dir: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    """A (with the MTP block's state) and B on disk when the first process stops; a second process's next
+    turn of A reads A's file and produces bit for bit what the uninterrupted conversation gives."""
+    path, options = arch_dir
+    ref_model = localglm.load(path, mtp=True, **options)
+    _draft(ref_model, 2)
+    a, b, more = _turns(ref_model.config.vocab_size)
+    first = _run(ref_model, a, 12)
+    a2 = a + first + more
+    ref = _run(ref_model, a2, 10)
+
+    model = localglm.load(path, mtp=True, **options)
+    _draft(model, 2)
+    _with_disk(model, tmp_path)
+    assert _run(model, a, 12) == first
+    _run(model, b, 5)
+    assert model.keep_prompts() == 2  # A (set aside in RAM) and B (the live cache)
+    files = sorted(p.name for p in model.prompt_cache.disk.dir.iterdir())
+    assert len(files) == 3 and "setup.txt" in files and not any(f.endswith(".tmp") for f in files)
+
+    again = localglm.load(path, mtp=True, **options)
+    _draft(again, 2)
+    store = _with_disk(again, tmp_path)
+    assert again.setup == model.setup and len(store.disk.entries) == 2 and not store.entries
+    stats = GenerationStats()
+    assert _run(again, a2, 10, stats) == ref
+    assert stats.restored_prompt_tokens == len(a) + 11 and store.disk.loads == 1 and stats.draft_tokens > 0
+
+    other = localglm.load(path, mtp=True, dtype="float32" if again.dtype != torch.float32 else "bfloat16", **options)
+    assert other.setup != again.setup and _with_disk(other, tmp_path).disk.dir != store.disk.dir  # rows of another setup are not used
+
+
+def test_what_ram_lets_go_is_written_to_disk_within_its_budget(tiny_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    model = localglm.load(tiny_dir)
+    store = _with_disk(model, tmp_path, ram=1, disk=1 << 20)
+    disk = store.disk
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 400, (40,), generator=g).tolist() for _ in range(4)]
+    for p in prompts:
+        _run(model, p, 2)
+    disk.flush()
+    # a cache larger than all of --cache-ram goes straight to disk (before, it was refused and lost)
+    assert not store.entries and store.refused == 0 and len(disk.entries) == 3
+    assert {e.tokens[:40] for e in disk.entries} == {tuple(p) for p in prompts[:3]}
+    stats = GenerationStats()
+    _run(model, prompts[0] + [7, 7], 2, stats)
+    assert stats.restored_prompt_tokens == 40 and disk.loads == 1
+
+    # the budget: the least recently used files are deleted first; a file it extends replaces one
+    size = disk.entries[0].nbytes
+    disk.budget = 2 * size + size // 2
+    disk.save(store.entries[-1].kv if store.entries else SavedPrompt(model._cache.snapshot()).kv)
+    disk.flush()
+    assert len(disk.entries) == 2 and sum(e.nbytes for e in disk.entries) <= disk.budget
+    assert len(list(disk.dir.glob("*.safetensors"))) == 2
+    old = disk.entries[0]
+    snap, _ = disk.load(old)
+    disk.save(CacheSnapshot((*snap.tokens, 1, 2), snap.parts))  # extends it: the old file goes
+    disk.flush()
+    assert old not in disk.entries and not old.path.exists() and len(list(disk.dir.glob("*.safetensors"))) == 2
+
+    # a damaged file is skipped with a warning, and left where it is
+    victim = disk.entries[0].path
+    victim.write_bytes(b"not a safetensors file")
+    with caplog.at_level(logging.WARNING, logger="localglm"):
+        reread = _with_disk(localglm.load(tiny_dir), tmp_path, ram=1, disk=1 << 20)
+    assert len(reread.disk.entries) == 1 and victim.exists()
+    assert any(str(victim) in r.getMessage() for r in caplog.records)

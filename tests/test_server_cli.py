@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -58,33 +61,93 @@ def test_serve_on_a_taken_port_is_one_line_error(tiny_dir: Path, capsys: pytest.
     assert err[-1].startswith(f"localglm: error: cannot listen on 127.0.0.1:{port}")
 
 
-def test_serve_process_answers_and_stops_on_ctrl_c(tiny_dir: Path) -> None:
+@dataclass
+class Served:
+    base: str
+    port: int
+    err: str = ""  # stderr, once the process has stopped
+    returncode: int | None = None
+
+
+@contextlib.contextmanager
+def serve_process(model: Path, *flags: str) -> Iterator[Served]:
+    """`localglm serve MODEL FLAGS` as its own process, up and answering /health; stopped with Ctrl+C after."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "localglm.cli", "serve", str(tiny_dir), "--port", str(port), "-q", "--threads", "1",
-           "--model-name", "glm-test", "--temperature", "0", "--cache-ram", "64MiB"]  # fmt: skip
+    cmd = [sys.executable, "-m", "localglm.cli", "serve", str(model), "--port", str(port), "-q", "--threads", "1", *flags]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    served = Served(f"http://127.0.0.1:{port}", port)
     try:
-        base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
         while True:
             assert proc.poll() is None, proc.communicate()
             try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                if httpx.get(served.base + "/health", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             assert time.monotonic() < deadline, "server did not come up"
             time.sleep(0.1)
-        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+        yield served
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, served.err = proc.communicate(timeout=60)
+        served.returncode = proc.returncode
+
+
+def test_serve_process_answers_and_stops_on_ctrl_c(tiny_dir: Path) -> None:
+    with serve_process(tiny_dir, "--model-name", "glm-test", "--temperature", "0", "--cache-ram", "64MiB") as srv:
+        client = openai.OpenAI(base_url=srv.base + "/v1", api_key="none", max_retries=0)
         assert client.models.list().data[0].id == "glm-test"
         r = client.chat.completions.create(model="glm-test", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
         assert r.usage.completion_tokens <= 3 and r.choices[0].finish_reason in ("length", "stop")
-    finally:
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
-    assert proc.returncode in (0, 130), err
-    assert f"serving glm-test (ctx 2048) at http://127.0.0.1:{port}" in err
-    assert "conversations taking turns: set aside in up to 64.00 MiB of RAM (--cache-ram)" in err
+    assert srv.returncode in (0, 130), srv.err
+    assert f"serving glm-test (ctx 2048) at http://127.0.0.1:{srv.port}" in srv.err
+    assert "conversations taking turns: set aside in up to 64.00 MiB of RAM (--cache-ram)" in srv.err
+
+
+def test_a_restarted_server_restores_a_conversation_from_cache_dir(tiny_dir: Path, tmp_path: Path) -> None:
+    """Stopped with Ctrl+C, the server writes its conversations under --cache-dir; started again, the
+    conversation's next turn is restored from there instead of prefilled (cached_tokens), with the
+    same reply a server that never stopped gives."""
+    system = {"role": "system", "content": "You are a coding agent. " + " ".join(f"Rule {i}: keep files tidy." for i in range(30))}
+    turn1 = [system, {"role": "user", "content": "list the files"}]
+
+    def ask(srv: Served, messages: list[dict[str, str]]) -> tuple[str, int]:
+        client = openai.OpenAI(base_url=srv.base + "/v1", api_key="none", max_retries=0)
+        r = client.chat.completions.create(model="m", messages=messages, max_tokens=8, temperature=0)
+        return r.choices[0].message.content or "", r.usage.prompt_tokens_details.cached_tokens
+
+    cache = tmp_path / "prompts"
+    with serve_process(tiny_dir, "--cache-dir", str(cache), "--cache-disk", "64MiB") as srv:
+        reply, _ = ask(srv, turn1)
+        turn2 = [*turn1, {"role": "assistant", "content": reply}, {"role": "user", "content": "and the tests?"}]
+        uninterrupted, cached_live = ask(srv, turn2)
+    assert srv.returncode in (0, 130), srv.err
+    assert "saved prompts" in srv.err and str(cache) in srv.err
+    assert cached_live > 100
+
+    with serve_process(tiny_dir, "--cache-dir", str(cache), "--cache-disk", "64MiB") as srv:
+        assert httpx.get(srv.base + "/metrics").text.count("localglm_prompt_cache_disk_entries 1") == 1
+        again, cached = ask(srv, turn2)
+        assert "localglm_prompt_cache_disk_loads_total 1" in httpx.get(srv.base + "/metrics").text
+    assert "saved there before" in srv.err
+    assert again == uninterrupted and cached >= cached_live  # the whole of turn 2's prompt was on disk
+
+
+def test_cache_dir_errors_are_one_line_before_loading(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    for argv, text in (
+        (["--cache-dir", str(afile)], "--cache-dir"),
+        (["--cache-dir", str(afile / "sub")], "--cache-dir"),
+        (["--cache-disk", "8GiB"], "--cache-disk: give --cache-dir"),
+        (["--cache-dir", str(tmp_path / "ok"), "--no-prefix-reuse"], "--cache-dir: nothing is reused"),
+        (["--cache-dir", str(tmp_path / "ok"), "--cache-disk", "lots"], "--cache-disk"),
+    ):
+        assert main(["serve", str(tiny_dir), "-q", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert text in err and "\n" not in err, err
+    assert afile.read_text() == "x"

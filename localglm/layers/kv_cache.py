@@ -71,6 +71,18 @@ class TokenCache:
         parts = [rows.narrow(dim, 0, n).to("cpu", copy=True) for rows, dim in self.token_rows()]
         return CacheSnapshot(tuple(self.tokens), parts)
 
+    def accepts(self, snap: CacheSnapshot) -> bool:
+        """Whether `snap` holds rows of this layout, shapes and dtypes (a snapshot read from a file may not)."""
+        rows = self.token_rows()
+        if len(rows) != len(snap.parts) or len(snap.tokens) > self.max_tokens:
+            return False
+        for (r, dim), part in zip(rows, snap.parts, strict=True):
+            want = list(r.shape)
+            want[dim] = len(snap.tokens)
+            if list(part.shape) != want or part.dtype != r.dtype:
+                return False
+        return True
+
     def restore(self, snap: CacheSnapshot, n: int) -> None:
         """Hold the first `n` tokens of `snap` (a snapshot of a cache of this layout and size)."""
         if n > len(snap.tokens) or n > self.max_tokens:

@@ -223,7 +223,7 @@ def create_app(
     it exists for tests (forcing the model's exact output end to end) and cannot be set over HTTP.
     """
     settings = settings or ServerSettings(model_name=model.path.name)
-    model.prompt_cache = settings.prompt_cache()
+    model.prompt_cache = settings.prompt_cache(model.setup)
     metrics_ = Metrics(settings.model_name, model.ctx, model.prompt_cache)
     worker = EngineWorker(model, max_waiting=settings.queue_size, on_finish=metrics_.on_finish)
     state = ServerState(model=model, settings=settings, worker=worker, metrics=metrics_, hook=logits_processor_hook)
@@ -236,6 +236,7 @@ def create_app(
         finally:
             state.begin_shutdown()
             worker.stop()
+            model.keep_prompts()  # with --cache-dir: the conversations' caches for the next start
 
     routes = [
         Route("/", root, methods=["GET"]),

@@ -29,7 +29,8 @@ def register(sub: Any) -> None:
             "(Ollama's API: run with --port 11434 for editors set up for Ollama), /v1/messages and /v1/messages/count_tokens (Anthropic), /health and /metrics. "
             "Requests run one at a time from a FIFO queue; the KV cache of the previous request is reused "
             "for the longest common prefix, so an agent's next turn only prefills what is new, and the caches of "
-            "conversations that take turns are set aside in RAM (--cache-ram) and restored when they come back."
+            "conversations that take turns are set aside in RAM (--cache-ram) and restored when they come back; with "
+            "--cache-dir they are also kept on disk, across restarts."
         ),
     )
     p.add_argument("model", nargs="?", default=None, help="model directory (default: the packaged default model)")
@@ -49,6 +50,17 @@ def register(sub: Any) -> None:
                         "endpoint does; their templates drop it by default); a request may still choose with clear_thinking")
     p.add_argument("--no-prefix-reuse", action="store_true", help="recompute every prompt from scratch (for comparisons)")
     add_cache_ram_option(p)
+    p.add_argument(
+        "--cache-dir", default=None, metavar="DIR",
+        help="also keep conversations' KV caches on disk under DIR: what --cache-ram lets go, and every conversation when "
+        "the server stops, so a restarted server restores an agent's long prompt instead of prefilling it again "
+        "(default: off; files are per model and load setup)",
+    )
+    p.add_argument(
+        "--cache-disk", default=None, metavar="SIZE",
+        help="the most disk --cache-dir's files take, oldest deleted first, e.g. 64GiB "
+        "(default: 32 GiB or half the disk's free space, the less)",
+    )  # fmt: skip
     p.add_argument(
         "--no-tool-grammar", action="store_true",
         help="do not hold tool calls to GLM's format while decoding (for comparisons); tool_choice 'required', a "
@@ -85,6 +97,16 @@ def _check_args(args: argparse.Namespace) -> None:
             raise LocalGLMError(f"--{flag.replace('_', '-')} must be a positive number of seconds, got {value}")
     if args.max_connections < 1:
         raise LocalGLMError(f"--max-connections must be at least 1, got {args.max_connections}")
+
+
+def _check_cache_dir(path: Path) -> None:
+    """--cache-dir must be a directory this process can write (made where missing)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LocalGLMError(f"--cache-dir {path}: cannot make the directory ({exc.strerror or exc})") from None
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        raise LocalGLMError(f"--cache-dir {path}: not a directory this user can write")
 
 
 def api_key(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> str | None:
@@ -131,7 +153,14 @@ def _saved_prompts_line(model: Any) -> str:
     store = model.prompt_cache
     if store is None:
         return "conversations taking turns: not set aside (--cache-ram 0 or --no-prefix-reuse)"
-    return f"conversations taking turns: set aside in up to {human_bytes(store.budget)} of RAM (--cache-ram)"
+    line = f"conversations taking turns: set aside in up to {human_bytes(store.budget)} of RAM (--cache-ram)"
+    disk = store.disk
+    if disk is not None:
+        line += (
+            f" and {human_bytes(disk.budget)} of disk in {disk.dir} (--cache-dir, --cache-disk); "
+            f"{len(disk.entries)} saved there before ({human_bytes(disk.nbytes)})"
+        )  # fmt: skip
+    return line
 
 
 def _is_ip(host: str) -> bool:
@@ -148,8 +177,9 @@ def _is_loopback(host: str) -> bool:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from ..cli import open_model, sampling_overrides
-    from ..commands.flags import cache_ram_flag
+    from ..commands.flags import cache_ram_flag, size_flag
     from ..default_model import default_model_path
+    from ..model_info import human_bytes
     from .app import create_app
     from .http import build_server
     from .state import ServerSettings
@@ -158,6 +188,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     key = api_key(args)
     max_body = _max_body(args)
     cache_ram = cache_ram_flag(args)
+    cache_disk = None if args.cache_disk is None else size_flag(args.cache_disk, "--cache-disk")
+    if args.cache_disk is not None and args.cache_dir is None:
+        raise LocalGLMError("--cache-disk: give --cache-dir DIR too (where the files go)")
+    if args.cache_dir is not None and args.no_prefix_reuse:
+        raise LocalGLMError("--cache-dir: nothing is reused with --no-prefix-reuse, so nothing would be kept; drop one of them")
+    if args.cache_dir is not None:
+        _check_cache_dir(Path(args.cache_dir).expanduser())  # before the model loads: minutes, at GLM sizes
     if args.model is None:
         args.model = str(default_model_path())
     model = open_model(args)
@@ -169,6 +206,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         clear_thinking=False if args.keep_thinking else None,
         reuse_prefix=not args.no_prefix_reuse,
         cache_ram_bytes=cache_ram,
+        cache_dir=Path(args.cache_dir) if args.cache_dir is not None else None,
+        cache_disk_bytes=cache_disk,
         sampling=model.default_sampling.updated(**sampling_overrides(args)),
         max_body_bytes=max_body,
         body_timeout_s=args.body_timeout,
@@ -200,9 +239,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     sock = _listen(args.host, args.port)
     try:
-        server.run(sockets=[sock])
+        server.run(sockets=[sock])  # Ctrl+C: uvicorn stops (the app's shutdown writes --cache-dir), then re-raises it
     finally:
         sock.close()
+        disk = model.prompt_cache.disk if model.prompt_cache is not None else None
+        if disk is not None and server.started:
+            print(f"localglm: {len(disk.entries)} saved prompts ({human_bytes(disk.nbytes)}) in {disk.dir} for the next start", file=sys.stderr)
     if not server.started:
         raise LocalGLMError(f"the server on {args.host}:{args.port} did not start (see the messages above)")
     return 0

@@ -121,15 +121,26 @@ class Metrics:
             )
             metric("generated_tokens_total", "counter", "Generated tokens.", [({}, self.generated_tokens)])
             store = self.prompt_cache
-            if store is not None:  # conversations set aside (serve --cache-ram)
-                for name, kind, help_, value in (
+            if store is not None:  # conversations set aside (serve --cache-ram, --cache-dir)
+                rows = [
                     ("bytes", "gauge", "RAM held by prompts set aside (--cache-ram).", store.nbytes),
                     ("budget_bytes", "gauge", "The most RAM prompts set aside may hold.", store.budget),
                     ("entries", "gauge", "Prompts set aside.", len(store.entries)),
                     ("restores_total", "counter", "Prompts that started from one set aside.", store.restores),
                     ("restored_tokens_total", "counter", "Prompt tokens restored instead of prefilled.", store.restored_tokens),
                     ("refused_total", "counter", "Caches larger than --cache-ram, not kept.", store.refused),
-                ):
+                ]
+                disk = store.disk
+                if disk is not None:
+                    rows += [
+                        ("disk_bytes", "gauge", "Disk held by saved prompts (--cache-dir).", disk.nbytes),
+                        ("disk_budget_bytes", "gauge", "The most disk saved prompts may hold (--cache-disk).", disk.budget),
+                        ("disk_entries", "gauge", "Saved prompts on disk.", len(disk.entries)),
+                        ("disk_loads_total", "counter", "Saved prompts read back from disk.", disk.loads),
+                        ("disk_writes_total", "counter", "Saved prompts written to disk.", disk.writes),
+                        ("disk_failed_total", "counter", "Saved prompt files that could not be written or read.", disk.failed),
+                    ]
+                for name, kind, help_, value in rows:
                     metric(f"prompt_cache_{name}", kind, help_, [({}, value)])
             if self.draft_depths:
                 metric("draft_tokens_total", "counter", "Tokens the MTP head drafted (speculative decoding).", [({}, self.draft_tokens)])

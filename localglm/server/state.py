@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..engine import LogitsProcessor, Model
@@ -34,6 +35,9 @@ class ServerSettings:
     reuse_prefix: bool = True
     # Prompts set aside in RAM for conversations that take turns (prompt_cache.py): bytes, 0 off, None automatic.
     cache_ram_bytes: int | None = None
+    # Saved prompts on disk under this directory (prompt_disk.py; --cache-dir), within cache_disk_bytes (None: the default).
+    cache_dir: Path | None = None
+    cache_disk_bytes: int | None = None
     sampling: SamplingParams | None = None  # defaults for requests (None: the checkpoint's generation_config)
     heartbeat_s: float = 10.0  # keep-alive on quiet streams (queued or prefilling)
     # What a request may cost before it reaches the queue (a body is JSON parsed in memory, then tokenized).
@@ -50,9 +54,12 @@ class ServerSettings:
     parse_special_tokens: bool = False  # True: special-token text in message content becomes special tokens
     tool_grammar: bool = True  # hold tool calls to GLM's format while decoding (localglm/grammar); --no-tool-grammar
 
-    def prompt_cache(self) -> PromptCache | None:
-        """The store for conversations set aside (`cache_ram_bytes`); none without prefix reuse."""
-        return prompt_cache_for(self.cache_ram_bytes) if self.reuse_prefix else None
+    def prompt_cache(self, setup: str | None = None) -> PromptCache | None:
+        """The store for conversations set aside (`cache_ram_bytes`, and `cache_dir` for the model `setup`);
+        none without prefix reuse."""
+        if not self.reuse_prefix:
+            return None
+        return prompt_cache_for(self.cache_ram_bytes, disk_dir=self.cache_dir, disk_budget=self.cache_disk_bytes, setup=setup)
 
     def body_limit(self, ctx: int) -> int:
         """The request body cap: `max_body_bytes`, or by default 4 MiB or 16 bytes per context token if more."""

@@ -1,0 +1,243 @@
+"""Saved prompts on disk: a restarted server still has its conversations' KV caches.
+
+An agent's system prompt and tool list are 10-30k tokens, and a prefill of that at GLM widths on a
+CPU takes minutes. `PromptCache` (prompt_cache.py) keeps diverging conversations in RAM, but a
+restart lost them all, and a conversation larger than the RAM budget was never kept. `PromptDisk`
+is a second tier under it (`serve --cache-dir DIR`):
+
+- what RAM lets go (least recently used beyond `--cache-ram`, or one cache larger than all of it)
+  is written here on a background thread, so the request that pushed it out does not wait;
+- when the server stops, the live cache and every prompt in RAM are written here;
+- a prompt sharing a longer prefix with a saved file than with anything in RAM loads that file.
+
+Files are safetensors (the main cache's rows, the token ids, the MTP block's state beside them)
+under `DIR/<setup digest>/`: the setup is the model's files, config, dtype, device, processor, load
+options and the code's version (`Model.setup`), since rows from any other setup are not what a
+prefill here would compute. Each file is written whole to a temporary name, then renamed; a file
+that cannot be read is skipped with one warning. The oldest files beyond `--cache-disk` are deleted:
+they are the cache's own, in its own directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import LocalGLMError
+from .layers.kv_cache import CacheSnapshot, common_prefix
+
+log = logging.getLogger("localglm")
+FORMAT = "localglm-prompt/1"
+SUFFIX = ".prompt.safetensors"
+SETUP_FILE = "setup.txt"  # the setup a directory's files belong to, for people reading the cache
+
+
+@dataclass(frozen=True, eq=False)
+class DiskPrompt:
+    """One saved prompt's file and what choosing it needs (the rows stay on disk until loaded)."""
+
+    path: Path
+    tokens: tuple[int, ...]
+    nbytes: int
+
+
+def setup_dir(root: Path, setup: str) -> Path:
+    """The directory under `root` for one model setup's files."""
+    return Path(root).expanduser() / hashlib.sha1(setup.encode()).hexdigest()[:16]
+
+
+class PromptDisk:
+    """One setup's saved prompts on disk, oldest first, within `budget` bytes."""
+
+    def __init__(self, root: Path, budget: int, setup: str) -> None:
+        self.dir = setup_dir(root, setup)
+        self.budget = budget
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            info = self.dir / SETUP_FILE
+            if not info.exists():
+                info.write_text(setup + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise LocalGLMError(f"--cache-dir {root}: cannot write there ({exc.strerror or exc})") from None
+        self._lock = threading.Lock()  # entries: the engine thread reads, the writer thread changes
+        self.entries: list[DiskPrompt] = self._scan()
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: list[Future[None]] = []
+        self.loads = 0  # prompts brought back from disk
+        self.writes = 0
+        self.failed = 0  # files that could not be written or read
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(e.nbytes for e in self.entries)
+
+    # ---- finding ------------------------------------------------------------------------------
+    def _scan(self) -> list[DiskPrompt]:
+        found = []
+        for path in self.dir.glob("*" + SUFFIX):
+            entry = _read_header(path)
+            if entry is None:
+                log.warning("%s: not a saved prompt localglm can read; skipped", path)
+            else:
+                found.append((path.stat().st_mtime, entry))
+        return [e for _, e in sorted(found, key=lambda pair: pair[0])]
+
+    def longest_prefix(self, tokens: Sequence[int]) -> tuple[DiskPrompt | None, int]:
+        """The file sharing the longest prefix with `tokens`, and that length (0: none)."""
+        best, best_n = None, 0
+        with self._lock:
+            entries = list(self.entries)
+        for e in entries:
+            n = common_prefix(e.tokens, tokens)
+            if n > best_n:
+                best, best_n = e, n
+        return best, best_n
+
+    def covers(self, tokens: Sequence[int]) -> bool:
+        with self._lock:
+            return any(len(e.tokens) >= len(tokens) and common_prefix(e.tokens, tokens) == len(tokens) for e in self.entries)
+
+    # ---- reading ------------------------------------------------------------------------------
+    def load(self, entry: DiskPrompt) -> tuple[CacheSnapshot, Any] | None:
+        """The file's rows and MTP state (`speculative.DraftState` or None); None, with a warning, where it
+        cannot be read (it is then forgotten)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(entry.path)
+            snap, draft = _unpack(tensors, _metadata(entry.path))
+        except (OSError, SafetensorError, KeyError, ValueError) as exc:
+            self.failed += 1
+            log.warning("%s: saved prompt could not be read (%s); it is prefilled instead", entry.path, exc)
+            with self._lock:
+                self.entries = [e for e in self.entries if e is not entry]
+            return None
+        with self._lock:  # now the most recently used
+            if entry in self.entries:
+                self.entries.remove(entry)
+                self.entries.append(entry)
+        try:
+            os.utime(entry.path)  # the order survives a restart
+        except OSError:
+            pass
+        self.loads += 1
+        return snap, draft
+
+    # ---- writing ------------------------------------------------------------------------------
+    def save(self, kv: CacheSnapshot, draft_state: Any = None) -> None:
+        """Write a prompt on the writer thread (the caller goes on); nothing where a file holds it already."""
+        if self.covers(kv.tokens):
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="localglm-prompt-disk")
+        self._pending = [f for f in self._pending if not f.done()]
+        self._pending.append(self._executor.submit(self._write, kv, draft_state))
+
+    def flush(self) -> None:
+        """Wait for every write asked for so far."""
+        for f in list(self._pending):
+            f.result()
+        self._pending.clear()
+
+    def _write(self, kv: CacheSnapshot, draft_state: Any) -> None:
+        from safetensors.torch import save_file
+
+        tensors, meta = _pack(kv, draft_state)
+        name = hashlib.sha1(json.dumps(kv.tokens).encode()).hexdigest()[:24] + SUFFIX
+        path = self.dir / name
+        tmp = None
+        try:
+            with tempfile.NamedTemporaryFile(dir=self.dir, prefix=".", suffix=".tmp", delete=False) as f:
+                tmp = Path(f.name)
+            save_file(tensors, str(tmp), metadata=meta)
+            os.replace(tmp, path)
+        except OSError as exc:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+            self.failed += 1
+            log.warning("%s: a saved prompt could not be written (%s)", self.dir, exc.strerror or exc)
+            return
+        entry = DiskPrompt(path, tuple(kv.tokens), path.stat().st_size)
+        n = len(entry.tokens)
+        with self._lock:
+            # a file this one extends holds nothing it does not: it goes, as in RAM (PromptCache.put)
+            gone = [e for e in self.entries if e.path == path or (len(e.tokens) <= n and common_prefix(e.tokens, entry.tokens) == len(e.tokens))]
+            self.entries = [e for e in self.entries if e not in gone] + [entry]
+            while len(self.entries) > 1 and sum(e.nbytes for e in self.entries) > self.budget:
+                gone.append(self.entries.pop(0))
+            if entry.nbytes > self.budget:  # alone larger than the whole budget
+                self.entries.remove(entry)
+                gone.append(entry)
+        for e in gone:
+            if e is entry or e.path != path:  # not the file just written under an old entry's name
+                e.path.unlink(missing_ok=True)
+        self.writes += 1
+
+
+def _pack(kv: CacheSnapshot, draft_state: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A prompt as safetensors' tensors and metadata."""
+    tensors = {"tokens": torch.tensor(kv.tokens, dtype=torch.int64)}
+    tensors.update({f"kv.{i}": p.contiguous() for i, p in enumerate(kv.parts)})
+    meta: dict[str, Any] = {"format": FORMAT, "kv_parts": len(kv.parts), "draft": None}
+    if draft_state is not None:
+        d = draft_state
+        meta["draft"] = {
+            "start": d.start, "end": d.end, "first_token": d.first_token, "chunks": len(d.chunks),
+            "kv_parts": len(d.kv.parts) if d.kv is not None else None,
+        }  # fmt: skip
+        tensors.update({f"draft.chunk.{i}": c.contiguous() for i, c in enumerate(d.chunks)})
+        if d.kv is not None:
+            tensors["draft.tokens"] = torch.tensor(d.kv.tokens, dtype=torch.int64)
+            tensors.update({f"draft.kv.{i}": p.contiguous() for i, p in enumerate(d.kv.parts)})
+    return tensors, {"localglm": json.dumps(meta)}
+
+
+def _unpack(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> tuple[CacheSnapshot, Any]:
+    from .speculative import DraftState
+
+    kv = CacheSnapshot(tuple(tensors["tokens"].tolist()), [tensors[f"kv.{i}"] for i in range(int(meta["kv_parts"]))])
+    d = meta.get("draft")
+    if not d:
+        return kv, None
+    draft_kv = None
+    if d["kv_parts"] is not None:
+        draft_kv = CacheSnapshot(tuple(tensors["draft.tokens"].tolist()), [tensors[f"draft.kv.{i}"] for i in range(int(d["kv_parts"]))])
+    chunks = [tensors[f"draft.chunk.{i}"] for i in range(int(d["chunks"]))]
+    return kv, DraftState(draft_kv, chunks, int(d["start"]), int(d["end"]), d["first_token"])
+
+
+def _metadata(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("localglm", "{}"))
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"not a {FORMAT} file")
+    return meta
+
+
+def _read_header(path: Path) -> DiskPrompt | None:
+    """The file's entry (its token ids read, its rows not), or None where it is not one of ours."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        _metadata(path)
+        with safe_open(str(path), framework="pt") as f:
+            tokens = tuple(f.get_tensor("tokens").tolist())
+        return DiskPrompt(path, tokens, path.stat().st_size)
+    except (OSError, SafetensorError, ValueError, KeyError, json.JSONDecodeError):
+        return None
+
