@@ -329,8 +329,13 @@ def test_custom_tool_formats_are_read_and_checked() -> None:
     ]
     for fmt, param in bad:
         with pytest.raises(GrammarError) as err:
-            parse_input_format(fmt, "tools[1].format")
+            grammar = parse_input_format(fmt, "tools[1].format")
+            assert grammar is not None
+            grammar.check()  # compiling: request_processor's, in the server's worker thread
         assert err.value.param == param and str(err.value).startswith(param) and "\n" not in str(err.value), fmt
+    huge = {"type": "grammar", "syntax": "lark", "definition": "start: " + " | ".join(f'"{i}"' for i in range(20_000))}
+    with pytest.raises(GrammarError, match="at most 65,536"):  # compiling 200k alternatives took 32 s
+        parse_input_format(huge, "tools[1].format")
 
 
 # ---- drafted tokens, rollback, prefetch -------------------------------------------------------------

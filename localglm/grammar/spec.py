@@ -69,12 +69,26 @@ def parse_response_format(fmt: Any, path: str = "response_format") -> dict[str, 
     raise GrammarError(f"{path}.type: {kind!r} is not one of text, json_object, json_schema", f"{path}.type")
 
 
+MAX_DEFINITION_CHARS = 64 * 1024  # a custom tool's grammar (Codex's apply_patch: ~700); compiling is superlinear
+
+
 @dataclass(frozen=True)
 class InputGrammar:
     """What a custom tool's input text must match: a Lark grammar (llguidance's dialect) or a regex."""
 
     syntax: str  # one of INPUT_SYNTAXES
     definition: str
+    param: str = "tools"  # the request field it came from, for errors
+
+    def check(self) -> None:
+        """Compile it alone: a GrammarError naming `param`'s definition where it does not compile. Off the
+        server's event loop (the request's grammar is built in a worker thread): a large grammar takes seconds."""
+        top = json.dumps({"grammars": [self.entry("start")]})
+        failed, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(top)
+        if failed:
+            first = (messages[0] if messages else "it does not compile").strip().splitlines()[0]
+            where = f"{self.param}.definition"
+            raise GrammarError(f"{where}: the {self.syntax} grammar does not compile: {first}", where)
 
     def entry(self, name: str) -> dict[str, Any]:
         """This grammar as one entry of llguidance's top-level grammar list, referenced as `@name`."""
@@ -88,8 +102,8 @@ class InputGrammar:
 def parse_input_format(fmt: Any, path: str) -> InputGrammar | None:
     """A custom tool's `format` (None: free text), in either OpenAI API's spelling: the Responses API's
     `{type: "grammar", syntax, definition}` or chat completions' `{type: "grammar", grammar: {syntax,
-    definition}}`. The grammar is compiled here, so a client's broken grammar is an error naming the
-    field before anything is generated."""
+    definition}}`. Its shape is checked here; `InputGrammar.check` compiles it (request_processor does,
+    before anything is generated)."""
     if fmt is None:
         return None
     if not isinstance(fmt, Mapping):
@@ -109,13 +123,9 @@ def parse_input_format(fmt: Any, path: str) -> InputGrammar | None:
         raise GrammarError(f"{where}.syntax: {syntax!r} is not one of {', '.join(INPUT_SYNTAXES)}", f"{where}.syntax")
     if not isinstance(definition, str) or not definition.strip():
         raise GrammarError(f"{where}.definition: expected the {syntax} grammar as a non-empty string", f"{where}.definition")
-    grammar = InputGrammar(syntax, definition)
-    top = json.dumps({"grammars": [grammar.entry("start")]})
-    failed, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(top)
-    if failed:
-        first = (messages[0] if messages else "it does not compile").strip().splitlines()[0]
-        raise GrammarError(f"{where}.definition: the {syntax} grammar does not compile: {first}", f"{where}.definition")
-    return grammar
+    if len(definition) > MAX_DEFINITION_CHARS:
+        raise GrammarError(f"{where}.definition: {len(definition):,} characters; at most {MAX_DEFINITION_CHARS:,} are taken", f"{where}.definition")
+    return InputGrammar(syntax, definition, where)
 
 
 @dataclass(frozen=True)
