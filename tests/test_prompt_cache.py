@@ -270,3 +270,42 @@ def test_what_ram_lets_go_is_written_to_disk_within_its_budget(tiny_dir: Path, t
         reread = _with_disk(localglm.load(tiny_dir), tmp_path, ram=1, disk=1 << 20)
     assert len(reread.disk.entries) == 1 and victim.exists()
     assert any(str(victim) in r.getMessage() for r in caplog.records)
+
+
+def test_a_restarted_chat_app_restores_a_chat_from_cache_dir(tiny_dir: Path, tmp_path: Path) -> None:
+    """`localglm chat --cache-dir`: the chat's cache is written when the app ends (ChatApp.keep_chats); a new
+    app on a new model opens the saved chat (Ctrl+O) and its next turn reads the cache back instead of
+    prefilling the whole chat."""
+    from tests.test_tui import drive, forcing, make_app, send, wait_for
+    from tui.app import ChatOptions, default_loader
+    from tui.screens import ConversationsScreen
+
+    options = ChatOptions(model_path=str(tiny_dir), ctx=512, max_new_tokens=24, cache_dir=tmp_path / "prompts", cache_disk=1 << 26)
+    model = default_loader(options)(lambda *a: None)
+    assert model.prompt_cache.disk is not None and model.prompt_cache.disk.budget == 1 << 26
+    app = make_app(tmp_path, model, options=options, logits_processor=forcing(model, "reply one"))
+    first: dict[str, int] = {}
+
+    async def chat_once(pilot: Any) -> None:
+        await send(pilot, "please explain how the tokenizer splits words into pieces " * 4)
+        first["prompt"] = model.last_stats.prompt_tokens
+
+    drive(app, chat_once)
+    assert app.keep_chats() is not None and len(model.prompt_cache.disk.entries) == 1
+
+    again = default_loader(options)(lambda *a: None)  # the next start
+    assert len(again.prompt_cache.disk.entries) == 1 and not again.prompt_cache.entries
+    app2 = make_app(tmp_path, again, options=options, logits_processor=forcing(again, "reply two"))
+
+    async def reopen(pilot: Any) -> None:
+        await pilot.press("ctrl+o")
+        await wait_for(pilot, lambda: isinstance(app2.screen, ConversationsScreen))
+        await pilot.pause()
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: not isinstance(app2.screen, ConversationsScreen))
+        await send(pilot, "more")
+        stats = again.last_stats
+        assert stats.restored_prompt_tokens >= first["prompt"] and stats.cached_prompt_tokens >= first["prompt"]
+
+    drive(app2, reopen)
+    assert again.prompt_cache.disk.loads == 1

@@ -140,14 +140,17 @@ def test_a_restarted_server_restores_a_conversation_from_cache_dir(tiny_dir: Pat
 def test_cache_dir_errors_are_one_line_before_loading(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     afile = tmp_path / "a-file"
     afile.write_text("x")
-    for argv, text in (
-        (["--cache-dir", str(afile)], "--cache-dir"),
-        (["--cache-dir", str(afile / "sub")], "--cache-dir"),
-        (["--cache-disk", "8GiB"], "--cache-disk: give --cache-dir"),
-        (["--cache-dir", str(tmp_path / "ok"), "--no-prefix-reuse"], "--cache-dir: nothing is reused"),
-        (["--cache-dir", str(tmp_path / "ok"), "--cache-disk", "lots"], "--cache-disk"),
-    ):
-        assert main(["serve", str(tiny_dir), "-q", *argv]) == 2
+    cases = [
+        ("serve", ["--cache-dir", str(afile)], "--cache-dir"),
+        ("serve", ["--cache-dir", str(afile / "sub")], "--cache-dir"),
+        ("serve", ["--cache-disk", "8GiB"], "--cache-disk: give --cache-dir"),
+        ("serve", ["--cache-dir", str(tmp_path / "ok"), "--no-prefix-reuse"], "--cache-dir: nothing is reused"),
+        ("serve", ["--cache-dir", str(tmp_path / "ok"), "--cache-disk", "lots"], "--cache-disk"),
+        ("chat", ["--cache-dir", str(afile)], "--cache-dir"),
+        ("chat", ["--cache-disk", "1GiB"], "--cache-disk: give --cache-dir"),
+    ]
+    for command, argv, text in cases:
+        assert main([command, str(tiny_dir), *(["-q"] if command == "serve" else []), *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert text in err and "\n" not in err, err
     assert afile.read_text() == "x"

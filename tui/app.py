@@ -73,6 +73,8 @@ class ChatOptions:
     max_new_tokens: int | None = None  # None: up to the context limit
     load_options: dict[str, Any] = field(default_factory=dict)  # quantization / offloading (cli.load_options)
     cache_ram: int | None = None  # bytes for chats set aside while you switch between them (--cache-ram); None: the default
+    cache_dir: Path | None = None  # --cache-dir: chats' caches on disk too, across restarts (localglm/prompt_disk.py)
+    cache_disk: int | None = None  # --cache-disk: bytes; None: the default
 
     @property
     def model_label(self) -> str:
@@ -109,7 +111,8 @@ def default_loader(options: ChatOptions) -> Loader:
         path = options.model_path if options.model_path is not None else default_model_path()
         set_threads(options.threads)
         model = load(path, device=options.device, dtype=options.dtype, ctx=options.ctx, progress=progress, **options.load_options)
-        model.prompt_cache = prompt_cache_for(options.cache_ram)  # chats you switch between keep their caches
+        # chats you switch between keep their caches (and with --cache-dir, keep them across restarts)
+        model.prompt_cache = prompt_cache_for(options.cache_ram, disk_dir=options.cache_dir, disk_budget=options.cache_disk, setup=model.setup)
         return model
 
     return load_model
@@ -761,3 +764,15 @@ class ChatApp(App[int]):
 
     def on_unmount(self) -> None:
         self.stop_everything()
+
+    def keep_chats(self) -> str | None:
+        """After the app ends: with --cache-dir, write the live cache and the chats set aside to disk
+        (Model.keep_prompts waits for a generation still ending); what is there, or None without it."""
+        from localglm.model_info import human_bytes
+
+        store = getattr(self.model, "prompt_cache", None) if self.model is not None else None
+        if store is None or store.disk is None:
+            return None
+        self.model.keep_prompts()
+        disk = store.disk
+        return f"{len(disk.entries)} saved chats ({human_bytes(disk.nbytes)}) in {disk.dir} for the next start"

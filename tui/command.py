@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from localglm.cli import add_engine_options, add_sampling_options, device_for, load_options, sampling_overrides
-from localglm.commands.flags import add_cache_ram_option, cache_ram_flag
+from localglm.commands.flags import add_cache_disk_options, add_cache_ram_option, cache_disk_flags, cache_ram_flag
 from localglm.errors import LocalGLMError
 
 DESCRIPTION = """\
@@ -44,6 +44,7 @@ def register(sub: Any) -> None:
         "-n", "--max-new-tokens", type=int, default=None, help="tokens per reply at most (default: up to the context limit)"
     )
     add_cache_ram_option(p)
+    add_cache_disk_options(p, "chats'")
     add_sampling_options(p)
     add_engine_options(p)
     p.set_defaults(func=cmd_chat)
@@ -56,6 +57,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
         raise LocalGLMError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.ctx is not None and args.ctx < 2:
         raise LocalGLMError(f"--ctx must be at least 2, got {args.ctx}")
+    cache_dir, cache_disk = cache_disk_flags(args)
     return ChatOptions(
         model_path=args.model,
         device=device_for(args),
@@ -69,6 +71,8 @@ def options_from_args(args: argparse.Namespace) -> Any:
         clear_thinking=False if args.keep_thinking else None,
         max_new_tokens=args.max_new_tokens,
         cache_ram=cache_ram_flag(args),
+        cache_dir=cache_dir,
+        cache_disk=cache_disk,
     )
 
 
@@ -78,6 +82,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     app = ChatApp(options)
     app.run()
+    kept = app.keep_chats()  # --cache-dir: the chats' caches for the next start
+    if kept is not None:
+        print(f"localglm: {kept}", file=sys.stderr)
     if app.error_message:
         # The error screen is gone with the app; leave the reason in the terminal too.
         print(f"localglm: error: {app.error_message}", file=sys.stderr)

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ..errors import LocalGLMError
@@ -248,3 +249,37 @@ def add_cache_ram_option(p: argparse.ArgumentParser) -> None:
 def cache_ram_flag(args: argparse.Namespace) -> int | None:
     """--cache-ram in bytes, None when not given (the default budget)."""
     return None if args.cache_ram is None else size_flag(args.cache_ram, "--cache-ram")
+
+
+def add_cache_disk_options(p: argparse.ArgumentParser, what: str) -> None:
+    """`--cache-dir DIR` and `--cache-disk SIZE`: serve's and chat's saved prompts on disk (localglm/prompt_disk.py);
+    `what` names the caches kept ("conversations'", "chats'")."""
+    p.add_argument(
+        "--cache-dir", default=None, metavar="DIR",
+        help=f"also keep {what} KV caches on disk under DIR: what --cache-ram lets go, and all of them at exit, so "
+        "after a restart a long prompt is read back instead of prefilled again (default: off; files are per model "
+        "and load setup)",
+    )
+    p.add_argument(
+        "--cache-disk", default=None, metavar="SIZE",
+        help="the most disk --cache-dir's files take, oldest deleted first, e.g. 64GiB "
+        "(default: 32 GiB or half the disk's free space, the less)",
+    )  # fmt: skip
+
+
+def cache_disk_flags(args: argparse.Namespace) -> tuple[Path | None, int | None]:
+    """(--cache-dir, --cache-disk in bytes), checked before the model loads (minutes, at GLM sizes): the directory
+    made where missing and writable."""
+    if args.cache_disk is not None and args.cache_dir is None:
+        raise LocalGLMError("--cache-disk: give --cache-dir DIR too (where the files go)")
+    disk = None if args.cache_disk is None else size_flag(args.cache_disk, "--cache-disk")
+    if args.cache_dir is None:
+        return None, disk
+    path = Path(args.cache_dir).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LocalGLMError(f"--cache-dir {path}: cannot make the directory ({exc.strerror or exc})") from None
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        raise LocalGLMError(f"--cache-dir {path}: not a directory this user can write")
+    return path, disk

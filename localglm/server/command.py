@@ -18,7 +18,7 @@ API_KEY_ENV = "LOCALGLM_API_KEY"
 
 def register(sub: Any) -> None:
     from ..cli import add_model_run_options
-    from ..commands.flags import add_cache_ram_option
+    from ..commands.flags import add_cache_disk_options, add_cache_ram_option
 
     p = sub.add_parser(
         "serve",
@@ -50,17 +50,7 @@ def register(sub: Any) -> None:
                         "endpoint does; their templates drop it by default); a request may still choose with clear_thinking")
     p.add_argument("--no-prefix-reuse", action="store_true", help="recompute every prompt from scratch (for comparisons)")
     add_cache_ram_option(p)
-    p.add_argument(
-        "--cache-dir", default=None, metavar="DIR",
-        help="also keep conversations' KV caches on disk under DIR: what --cache-ram lets go, and every conversation when "
-        "the server stops, so a restarted server restores an agent's long prompt instead of prefilling it again "
-        "(default: off; files are per model and load setup)",
-    )
-    p.add_argument(
-        "--cache-disk", default=None, metavar="SIZE",
-        help="the most disk --cache-dir's files take, oldest deleted first, e.g. 64GiB "
-        "(default: 32 GiB or half the disk's free space, the less)",
-    )  # fmt: skip
+    add_cache_disk_options(p, "conversations'")
     p.add_argument(
         "--no-tool-grammar", action="store_true",
         help="do not hold tool calls to GLM's format while decoding (for comparisons); tool_choice 'required', a "
@@ -97,16 +87,6 @@ def _check_args(args: argparse.Namespace) -> None:
             raise LocalGLMError(f"--{flag.replace('_', '-')} must be a positive number of seconds, got {value}")
     if args.max_connections < 1:
         raise LocalGLMError(f"--max-connections must be at least 1, got {args.max_connections}")
-
-
-def _check_cache_dir(path: Path) -> None:
-    """--cache-dir must be a directory this process can write (made where missing)."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise LocalGLMError(f"--cache-dir {path}: cannot make the directory ({exc.strerror or exc})") from None
-    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
-        raise LocalGLMError(f"--cache-dir {path}: not a directory this user can write")
 
 
 def api_key(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> str | None:
@@ -177,7 +157,7 @@ def _is_loopback(host: str) -> bool:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from ..cli import open_model, sampling_overrides
-    from ..commands.flags import cache_ram_flag, size_flag
+    from ..commands.flags import cache_disk_flags, cache_ram_flag
     from ..default_model import default_model_path
     from ..model_info import human_bytes
     from .app import create_app
@@ -188,13 +168,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     key = api_key(args)
     max_body = _max_body(args)
     cache_ram = cache_ram_flag(args)
-    cache_disk = None if args.cache_disk is None else size_flag(args.cache_disk, "--cache-disk")
-    if args.cache_disk is not None and args.cache_dir is None:
-        raise LocalGLMError("--cache-disk: give --cache-dir DIR too (where the files go)")
     if args.cache_dir is not None and args.no_prefix_reuse:
         raise LocalGLMError("--cache-dir: nothing is reused with --no-prefix-reuse, so nothing would be kept; drop one of them")
-    if args.cache_dir is not None:
-        _check_cache_dir(Path(args.cache_dir).expanduser())  # before the model loads: minutes, at GLM sizes
+    cache_dir, cache_disk = cache_disk_flags(args)
     if args.model is None:
         args.model = str(default_model_path())
     model = open_model(args)
@@ -206,7 +182,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         clear_thinking=False if args.keep_thinking else None,
         reuse_prefix=not args.no_prefix_reuse,
         cache_ram_bytes=cache_ram,
-        cache_dir=Path(args.cache_dir) if args.cache_dir is not None else None,
+        cache_dir=cache_dir,
         cache_disk_bytes=cache_disk,
         sampling=model.default_sampling.updated(**sampling_overrides(args)),
         max_body_bytes=max_body,
