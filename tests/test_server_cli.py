@@ -142,6 +142,7 @@ def test_cache_dir_errors_are_one_line_before_loading(tiny_dir: Path, tmp_path: 
     afile.write_text("x")
     cases = [
         ("serve", ["--cache-dir", str(afile)], "--cache-dir"),
+        ("serve", ["--cache-dir", ""], "--cache-dir: give a directory"),
         ("serve", ["--cache-dir", str(afile / "sub")], "--cache-dir"),
         ("serve", ["--cache-disk", "8GiB"], "--cache-disk: give --cache-dir"),
         ("serve", ["--cache-dir", str(tmp_path / "ok"), "--no-prefix-reuse"], "--cache-dir: nothing is reused"),

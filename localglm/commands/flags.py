@@ -275,6 +275,8 @@ def cache_disk_flags(args: argparse.Namespace) -> tuple[Path | None, int | None]
     disk = None if args.cache_disk is None else size_flag(args.cache_disk, "--cache-disk")
     if args.cache_dir is None:
         return None, disk
+    if not args.cache_dir.strip():
+        raise LocalGLMError("--cache-dir: give a directory (an empty path would mean the current one)")
     path = Path(args.cache_dir).expanduser()
     try:
         path.mkdir(parents=True, exist_ok=True)
