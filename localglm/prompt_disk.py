@@ -36,6 +36,7 @@ import torch
 
 from .errors import LocalGLMError
 from .layers.kv_cache import CacheSnapshot, common_prefix
+from .speculative import DraftState
 
 log = logging.getLogger("localglm")
 FORMAT = "localglm-prompt/1"
@@ -110,7 +111,7 @@ class PromptDisk:
             return any(len(e.tokens) >= len(tokens) and common_prefix(e.tokens, tokens) == len(tokens) for e in self.entries)
 
     # ---- reading ------------------------------------------------------------------------------
-    def load(self, entry: DiskPrompt) -> tuple[CacheSnapshot, Any] | None:
+    def load(self, entry: DiskPrompt) -> tuple[CacheSnapshot, DraftState | None] | None:
         """The file's rows and MTP state (`speculative.DraftState` or None); None, with a warning, where it
         cannot be read (it is then forgotten)."""
         from safetensors import SafetensorError
@@ -137,7 +138,7 @@ class PromptDisk:
         return snap, draft
 
     # ---- writing ------------------------------------------------------------------------------
-    def save(self, kv: CacheSnapshot, draft_state: Any = None) -> None:
+    def save(self, kv: CacheSnapshot, draft_state: DraftState | None = None) -> None:
         """Write a prompt on the writer thread (the caller goes on); nothing where a file holds it already."""
         if self.covers(kv.tokens):
             return
@@ -152,7 +153,7 @@ class PromptDisk:
             f.result()
         self._pending.clear()
 
-    def _write(self, kv: CacheSnapshot, draft_state: Any) -> None:
+    def _write(self, kv: CacheSnapshot, draft_state: DraftState | None) -> None:
         from safetensors.torch import save_file
 
         tensors, meta = _pack(kv, draft_state)
@@ -187,7 +188,7 @@ class PromptDisk:
         self.writes += 1
 
 
-def _pack(kv: CacheSnapshot, draft_state: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _pack(kv: CacheSnapshot, draft_state: DraftState | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A prompt as safetensors' tensors and metadata."""
     tensors = {"tokens": torch.tensor(kv.tokens, dtype=torch.int64)}
     tensors.update({f"kv.{i}": p.contiguous() for i, p in enumerate(kv.parts)})
@@ -205,9 +206,7 @@ def _pack(kv: CacheSnapshot, draft_state: Any) -> tuple[dict[str, torch.Tensor],
     return tensors, {"localglm": json.dumps(meta)}
 
 
-def _unpack(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> tuple[CacheSnapshot, Any]:
-    from .speculative import DraftState
-
+def _unpack(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> tuple[CacheSnapshot, DraftState | None]:
     kv = CacheSnapshot(tuple(tensors["tokens"].tolist()), [tensors[f"kv.{i}"] for i in range(int(meta["kv_parts"]))])
     d = meta.get("draft")
     if not d:
