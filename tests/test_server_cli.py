@@ -149,6 +149,7 @@ def test_cache_dir_errors_are_one_line_before_loading(tiny_dir: Path, tmp_path: 
         ("serve", ["--cache-dir", str(tmp_path / "ok"), "--cache-disk", "lots"], "--cache-disk"),
         ("chat", ["--cache-dir", str(afile)], "--cache-dir"),
         ("chat", ["--cache-disk", "1GiB"], "--cache-disk: give --cache-dir"),
+        ("chat", ["--cache-dir", str(tmp_path / "ok"), "--cache-disk", "0"], "--cache-disk 0: must be more than 0 bytes"),
     ]
     for command, argv, text in cases:
         assert main([command, str(tiny_dir), *(["-q"] if command == "serve" else []), *argv]) == 2

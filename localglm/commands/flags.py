@@ -272,7 +272,7 @@ def cache_disk_flags(args: argparse.Namespace) -> tuple[Path | None, int | None]
     made where missing and writable."""
     if args.cache_disk is not None and args.cache_dir is None:
         raise LocalGLMError("--cache-disk: give --cache-dir DIR too (where the files go)")
-    disk = None if args.cache_disk is None else size_flag(args.cache_disk, "--cache-disk")
+    disk = None if args.cache_disk is None else size_flag(args.cache_disk, "--cache-disk", positive=True)
     if args.cache_dir is None:
         return None, disk
     if not args.cache_dir.strip():
