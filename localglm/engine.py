@@ -233,7 +233,8 @@ class Model:
             keep_live = SavedPrompt(cache.snapshot(), spec.save_state() if spec is not None else None)
         saved = store.bring(found) if restoring and found is not None else None  # a file on disk is read here
         if saved is not None and not cache.accepts(saved.kv):
-            saved = None  # a file of another layout (a setup the key did not tell apart): prefilled instead
+            store.drop(saved, found)  # a file of another layout (a setup the key did not tell apart): prefilled instead
+            saved = None
         restoring = saved is not None
         if saved is not None:
             cache.restore(saved.kv, n)

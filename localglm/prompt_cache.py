@@ -144,6 +144,14 @@ class PromptCache:
         self.restores += 1
         self.restored_tokens += restored
 
+    def drop(self, entry: SavedPrompt, found: SavedPrompt | DiskPrompt | None = None) -> None:
+        """Forget `entry`, rows that do not fit the cache they were to restore, and the file it was read
+        from (`found`), which stays on disk."""
+        if entry in self.entries:
+            self.entries.remove(entry)
+        if isinstance(found, DiskPrompt) and self.disk is not None:
+            self.disk.forget(found, "its rows do not fit this model's cache")
+
     def persist(self, live: SavedPrompt | None) -> int:
         """Write `live` (the engine's live cache) and every prompt in RAM to disk, and wait for the writes:
         the server is stopping. Returns the files written (0 without a disk)."""

@@ -121,10 +121,7 @@ class PromptDisk:
             tensors = load_file(entry.path)
             snap, draft = _unpack(tensors, _metadata(entry.path))
         except (OSError, SafetensorError, KeyError, ValueError) as exc:
-            self.failed += 1
-            log.warning("%s: saved prompt could not be read (%s); it is prefilled instead", entry.path, exc)
-            with self._lock:
-                self.entries = [e for e in self.entries if e is not entry]
+            self.forget(entry, f"it could not be read: {exc}")
             return None
         with self._lock:  # now the most recently used
             if entry in self.entries:
@@ -136,6 +133,13 @@ class PromptDisk:
             pass
         self.loads += 1
         return snap, draft
+
+    def forget(self, entry: DiskPrompt, why: str) -> None:
+        """Stop using a file (left on disk), with one warning saying why: its prompt is prefilled instead."""
+        self.failed += 1
+        log.warning("%s: saved prompt not used (%s); it is prefilled instead", entry.path, why)
+        with self._lock:
+            self.entries = [e for e in self.entries if e is not entry]
 
     # ---- writing ------------------------------------------------------------------------------
     def save(self, kv: CacheSnapshot, draft_state: DraftState | None = None) -> None:

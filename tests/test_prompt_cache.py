@@ -309,3 +309,32 @@ def test_a_restarted_chat_app_restores_a_chat_from_cache_dir(tiny_dir: Path, tmp
 
     drive(app2, reopen)
     assert again.prompt_cache.disk.loads == 1
+
+
+def test_a_file_whose_rows_do_not_fit_is_prefilled_and_forgotten(tiny_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A file in the setup's directory with rows of another shape (copied in by hand, say): the prompt is
+    prefilled with the right output, the file is left where it is and not read again."""
+    from safetensors.torch import load_file, save_file
+
+    model = localglm.load(tiny_dir)
+    store = _with_disk(model, tmp_path)
+    g = torch.Generator().manual_seed(8)
+    prompt = torch.randint(0, 400, (40,), generator=g).tolist()
+    want = _run(model, prompt + [5, 6], 3)
+    model.keep_prompts()
+    (entry,) = store.disk.entries
+    tensors = load_file(entry.path)
+    tensors["kv.0"] = tensors["kv.0"][..., :1].contiguous()  # the wrong width
+    from safetensors import safe_open
+
+    with safe_open(str(entry.path), framework="pt") as f:
+        meta = f.metadata()
+    save_file(tensors, str(entry.path), metadata=meta)
+
+    again = localglm.load(tiny_dir)
+    reread = _with_disk(again, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="localglm"):
+        stats = GenerationStats()
+        assert _run(again, prompt + [5, 6], 3, stats) == want and stats.restored_prompt_tokens == 0
+    assert not reread.disk.entries and not reread.entries and entry.path.exists()
+    assert any("do not fit" in r.getMessage() for r in caplog.records)
