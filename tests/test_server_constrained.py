@@ -268,6 +268,40 @@ def test_responses_custom_tool_grammar_errors_are_400_naming_the_field(env: Serv
         assert e.value.body["param"] == param and param in e.value.message, (fmt, e.value.body)
 
 
+CHAT_CALC = {"type": "custom", "custom": {"name": "calc", "description": "Arithmetic",
+             "format": {"type": "grammar", "grammar": {"syntax": "regex", "definition": "(add|sub) [0-9]{1,3}"}}}}  # fmt: skip
+
+
+def test_chat_completions_custom_tools(env: Served) -> None:
+    """Chat completions' `custom` tools: the input held to the tool's grammar, returned as `type: "custom"`
+    (the SDK's ChatCompletionMessageCustomToolCall) and streamed in OpenAI's shape (`custom: {name, input}`);
+    a custom call in the history goes back into the prompt."""
+    client = env.openai()
+    choice = {"type": "custom", "custom": {"name": "calc"}}
+    r = client.chat.completions.create(model="m", messages=user("go PUSH:calc"), tools=[CHAT_CALC], tool_choice=choice,
+                                       temperature=1.0, max_tokens=60, extra_body={"enable_thinking": False})  # fmt: skip
+    (call,) = r.choices[0].message.tool_calls
+    assert call.type == "custom" and call.custom.name == "calc" and re.fullmatch(r"(add|sub) [0-9]{1,3}", call.custom.input), call
+    pieces = [tc for chunk in client.chat.completions.create(model="m", messages=user("go PUSH:calc"), tools=[CHAT_CALC], tool_choice=choice,
+                                                            temperature=1.0, max_tokens=60, stream=True, extra_body={"enable_thinking": False})
+              for tc in (chunk.choices[0].delta.tool_calls or [] if chunk.choices else [])]  # fmt: skip
+    first, *rest = [tc.model_dump(exclude_none=True) for tc in pieces]
+    assert first["type"] == "custom" and first["custom"]["name"] == "calc" and "function" not in first
+    streamed = "".join(piece["custom"]["input"] for piece in [first, *rest])
+    assert re.fullmatch(r"(add|sub) [0-9]{1,3}", streamed), streamed
+    history = [*user("go"), {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+               {"role": "tool", "tool_call_id": call.id, "content": "42"}]  # fmt: skip
+    as_function = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.id, "type": "function", "function": {"name": "calc", "arguments": json.dumps({"input": call.custom.input})}}]}  # fmt: skip
+    counts = [client.chat.completions.create(model="m", messages=m, tools=[CHAT_CALC], max_tokens=1).usage.prompt_tokens
+              for m in (history, [history[0], as_function, history[2]])]  # fmt: skip
+    assert counts[0] == counts[1]  # the custom call is rendered as the function call the model wrote
+    bad = {"type": "custom", "custom": {"name": "calc", "format": {"type": "grammar", "grammar": {"syntax": "lark", "definition": "start: nowhere"}}}}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="m", messages=user("x"), tools=[bad], max_tokens=1)
+    assert e.value.body["param"] == "tools[0].custom.format.grammar.definition"
+
+
 # ---- context ---------------------------------------------------------------------------------------
 def test_overflow_in_the_clients_words(tiny_dir: Path) -> None:
     for served in serve(localglm.load(tiny_dir, ctx=64)):

@@ -15,6 +15,8 @@ length / tool_calls / stop_sequence. `json_reply` and `stream_job` carry a job t
 
 from __future__ import annotations
 
+import json
+
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -27,7 +29,7 @@ from starlette.responses import JSONResponse, Response
 from ..chat.stream_parser import ContentDelta, ThinkingDelta, ToolCall, ToolCallArgsDelta, ToolCallEnd, ToolCallStart
 from ..engine import Done, EncodedChat, LogitsProcessor, PromptTooLong
 from ..errors import LocalGLMError
-from ..grammar import GrammarError, InputGrammar, chain, parse_response_format
+from ..grammar import CUSTOM_INPUT, GrammarError, InputGrammar, chain, parse_input_format, parse_response_format
 from . import validation
 from .body import read_json
 from .errors import APIError, bad_request
@@ -55,6 +57,7 @@ class GenRequest:
     tool_name: str | None = None  # the named tool (tool_mode "named")
     single_tool_call: bool = False
     tool_formats: dict[str, InputGrammar] = field(default_factory=dict)  # custom tools' input grammars, by name
+    custom_tools: frozenset[str] = frozenset()  # tools whose calls are answered as custom (free-form) calls
     enable_thinking: bool | None = None  # None: the server's default
     clear_thinking: bool | None = None  # False: keep earlier turns' reasoning (GLM-4.7 / 5.x preserved thinking); None: the server's default
     max_tokens: int | None = None  # None: up to the end of the context
@@ -182,6 +185,25 @@ def prompt_param(req: GenRequest) -> str:
     if req.endpoint == "/api/generate":
         return "prompt"
     return "messages" if req.chat else "prompt"
+
+
+def custom_tool(name: str, description: str | None, fmt: Any, path: str) -> tuple[dict[str, Any], InputGrammar | None]:
+    """A custom (free-form) tool as the function the template shows, one string argument CUSTOM_INPUT, and its
+    input grammar (`fmt`, None: free text); a bad format is the 400 naming `path`."""
+    fn: dict[str, Any] = {"name": name}
+    if description is not None:
+        fn["description"] = description
+    fn["parameters"] = {"type": "object", "properties": {CUSTOM_INPUT: {"type": "string"}}, "required": [CUSTOM_INPUT]}
+    try:
+        return {"type": "function", "function": fn}, parse_input_format(fmt, path)
+    except GrammarError as exc:
+        raise bad_request(str(exc), exc.param) from None
+
+
+def custom_input(arguments: dict[str, Any]) -> str:
+    """A custom tool call's text input from the arguments the model wrote for it."""
+    value = arguments.get(CUSTOM_INPUT, "")
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
 def template_tools(req: GenRequest) -> list[dict[str, Any]] | None:

@@ -6,7 +6,9 @@ JSON text. Thinking can be turned off per request with `chat_template_kwargs: {e
 false}` (vLLM, llama-server), `thinking: {type: "disabled"}` (Z.ai's API) or
 `reasoning_effort: "none"`; other efforts bound the thinking block (grammar.budget.EFFORT_BUDGETS).
 `response_format` json_object / json_schema holds the reply to JSON (localglm/grammar), and
-tool_choice "required" / a named function is enforced while decoding.
+tool_choice "required" / a named function is enforced while decoding. `custom` tools (free-form text
+input, held to their `format` grammar) are shown to the model as a function of one string argument
+and come back as `type: "custom"` calls, their input streamed whole at the call's end.
 """
 
 from __future__ import annotations
@@ -21,11 +23,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..engine import Done
-from ..grammar import GrammarError, parse_response_format
+from ..grammar import CUSTOM_INPUT, GrammarError, InputGrammar, parse_response_format
 from ..grammar.budget import EFFORT_BUDGETS
 from ..sampling import REPETITION_PENALTY_RANGE  # SamplingParams' own bounds, so a 400 here and not a 500 there
-from ..chat.stream_parser import ContentDelta, ThinkingDelta, ToolCallArgsDelta, ToolCallStart
-from .chat import Finish, GenRequest, Reply, content_text, json_reply, model_name, request_body, start_job, stream_job
+from ..chat.stream_parser import ContentDelta, ThinkingDelta, ToolCallArgsDelta, ToolCallEnd, ToolCallStart
+from .chat import Finish, GenRequest, Reply, content_text, custom_input, custom_tool, json_reply, model_name, request_body, start_job, stream_job
 from .errors import APIError, bad_request
 from .sse import EventStreamResponse, sse_data
 from .state import ServerState
@@ -47,20 +49,30 @@ def _content_text(value: Any, path: str) -> str:
     return content_text(value, path, "content parts", _non_text_part, bare_strings=True)
 
 
-def _tool_call(call: Any, path: str) -> dict[str, Any]:
+def _tool_call(call: Any, path: str, custom: set[str]) -> dict[str, Any]:
+    """An assistant message's tool call as the template reads it; a custom one's `input` as the one argument
+    its tool is shown with (its name goes into `custom`)."""
     expect(call, "object", path)
-    fn = field(call, "function", "object", path=path, required=True)
-    fpath = join(path, "function")
-    name = field(fn, "name", "string", path=fpath, required=True)
-    parsed = call_arguments(fn.get("arguments"), join(fpath, "arguments"))
-    out: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": parsed}}
+    if field(call, "type", "string", path=path, default="function") == "custom":
+        c = field(call, "custom", "object", path=path, required=True)
+        cpath = join(path, "custom")
+        name = field(c, "name", "string", path=cpath, required=True)
+        custom.add(name)
+        out: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": {CUSTOM_INPUT: field(c, "input", "string", path=cpath, default="")}}}
+    else:
+        fn = field(call, "function", "object", path=path, required=True)
+        fpath = join(path, "function")
+        name = field(fn, "name", "string", path=fpath, required=True)
+        out = {"type": "function", "function": {"name": name, "arguments": call_arguments(fn.get("arguments"), join(fpath, "arguments"))}}
     call_id = field(call, "id", "string", path=path)
     if call_id is not None:
         out["id"] = call_id
     return out
 
 
-def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+def parse_messages(body: dict[str, Any], custom: set[str] | None = None) -> list[dict[str, Any]]:
+    """The messages as the template reads them; the names of custom tools called in them go into `custom`."""
+    custom = set() if custom is None else custom
     messages = field(body, "messages", "array", required=True)
     if not messages:
         raise bad_request("messages: must hold at least one message", "messages")
@@ -81,7 +93,7 @@ def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
                     break
             calls = field(m, "tool_calls", "array", path=path)
             if calls:
-                msg["tool_calls"] = [_tool_call(c, join(join(path, "tool_calls"), j)) for j, c in enumerate(calls)]
+                msg["tool_calls"] = [_tool_call(c, join(join(path, "tool_calls"), j), custom) for j, c in enumerate(calls)]
         elif role == "tool":
             call_id = field(m, "tool_call_id", "string", path=path)
             if call_id is not None:
@@ -90,23 +102,38 @@ def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def parse_tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
+def parse_tools(body: dict[str, Any], custom: dict[str, InputGrammar | None] | None = None) -> list[dict[str, Any]] | None:
+    """The request's tools in OpenAI function form, function tools as sent (the prompt shows the client's own
+    schema text, the same every turn). `custom` given (chat completions): `custom` tools too, shown as a
+    function of one string argument, their names and input grammars put in `custom`; else they are refused."""
     tools = field(body, "tools", "array")
     if not tools:
         return None
+    out = []
     for i, tool in enumerate(tools):
         path = f"tools[{i}]"
         expect(tool, "object", path)
         kind = field(tool, "type", "string", path=path, default="function")
+        if kind == "custom" and custom is not None:
+            c = field(tool, "custom", "object", path=path, required=True)
+            cpath = join(path, "custom")
+            name = field(c, "name", "string", path=cpath, required=True)
+            if not name:
+                raise bad_request(f"{cpath}.name: must not be empty", f"{cpath}.name")
+            shown, custom[name] = custom_tool(name, field(c, "description", "string", path=cpath), c.get("format"), join(cpath, "format"))
+            out.append(shown)
+            continue
         if kind != "function":
-            raise bad_request(f"{path}.type: only 'function' tools are supported, got {kind!r}", f"{path}.type")
+            allowed = "'function' and 'custom'" if custom is not None else "only 'function'"
+            raise bad_request(f"{path}.type: {allowed} tools are supported, got {kind!r}", f"{path}.type")
         fn = field(tool, "function", "object", path=path, required=True)
         fpath = join(path, "function")
         if not field(fn, "name", "string", path=fpath, required=True):
             raise bad_request(f"{fpath}.name: must not be empty", f"{fpath}.name")
         field(fn, "description", "string", path=fpath)
         field(fn, "parameters", "object", path=fpath)
-    return tools  # as sent: the prompt shows the client's own schema text, the same every turn
+        out.append(tool)
+    return out
 
 
 def parse_tool_choice(body: dict[str, Any], tools: list[dict[str, Any]] | None) -> tuple[str, str | None]:
@@ -118,11 +145,12 @@ def parse_tool_choice(body: dict[str, Any], tools: list[dict[str, Any]] | None) 
             raise bad_request(f"tool_choice: {choice!r} is not one of none, auto, required", "tool_choice")
         mode, name = choice, None
     elif isinstance(choice, dict):
-        fn = field(choice, "function", "object", path="tool_choice", required=True)
-        name = field(fn, "name", "string", path="tool_choice.function", required=True)
+        kind = "custom" if field(choice, "type", "string", path="tool_choice", default="function") == "custom" else "function"
+        fn = field(choice, kind, "object", path="tool_choice", required=True)
+        name = field(fn, "name", "string", path=f"tool_choice.{kind}", required=True)
         mode = "named"
         if not any(t["function"]["name"] == name for t in tools or ()):
-            raise bad_request(f"tool_choice.function.name: no tool named {name!r} in tools", "tool_choice.function.name")
+            raise bad_request(f"tool_choice.{kind}.name: no tool named {name!r} in tools", f"tool_choice.{kind}.name")
     else:
         raise bad_request(f"tool_choice: expected a string or an object, got {describe(choice)}", "tool_choice")
     if mode in ("required", "named") and not tools:
@@ -214,9 +242,13 @@ def _common(body: dict[str, Any], req: GenRequest) -> tuple[bool, bool]:
 
 
 def parse_chat(body: dict[str, Any]) -> tuple[GenRequest, bool, bool]:
-    req = GenRequest(endpoint="/v1/chat/completions", raw=body, messages=parse_messages(body))
+    called: set[str] = set()
+    req = GenRequest(endpoint="/v1/chat/completions", raw=body, messages=parse_messages(body, called))
     stream, include_usage = _common(body, req)
-    req.tools = parse_tools(body)
+    custom: dict[str, InputGrammar | None] = {}
+    req.tools = parse_tools(body, custom)
+    req.custom_tools = frozenset(custom) | frozenset(called)
+    req.tool_formats = {name: g for name, g in custom.items() if g is not None}
     req.tool_mode, req.tool_name = parse_tool_choice(body, req.tools)
     req.single_tool_call = field(body, "parallel_tool_calls", "boolean", default=True) is False
     req.enable_thinking = parse_thinking(body)
@@ -325,26 +357,42 @@ async def chat_completions(request: Request) -> Response:
     job, reply = await start_job(state, req)
     head = _Head.new("chatcmpl", state, body)
     if stream:
-        return EventStreamResponse(_chat_stream(state, job, reply, head, include_usage))
-    return await json_reply(request, state, job, reply, lambda: _chat_completion(reply, head))
+        return EventStreamResponse(_chat_stream(state, job, reply, head, include_usage, req.custom_tools))
+    return await json_reply(request, state, job, reply, lambda: _chat_completion(reply, head, req.custom_tools))
 
 
-def _chat_completion(reply: Reply, head: _Head) -> dict[str, Any]:
+def _call(call_id: str | None, name: str | None, text: str, custom: bool) -> dict[str, Any]:
+    """A tool call, or a streamed piece of one (None for what the piece leaves out), in the chat API's shape: a
+    function's JSON arguments, or a custom tool's text input (`type: "custom"`, as OpenAI returns and streams it)."""
+    kind = "custom" if custom else "function"
+    body: dict[str, Any] = {"input" if custom else "arguments": text}
+    if name is not None:
+        body = {"name": name, **body}
+    if call_id is None:
+        return {kind: body}
+    return {"id": call_id, "type": kind, kind: body}
+
+
+def _chat_completion(reply: Reply, head: _Head, custom: frozenset[str] = frozenset()) -> dict[str, Any]:
     fin = reply.finish()
     message: dict[str, Any] = {"role": "assistant", "content": reply.content_text}
     if reply.thinking_text:
         message["reasoning_content"] = reply.thinking_text
     if reply.calls:
         message["tool_calls"] = [
-            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments_json}} for c in reply.calls
+            _call(c.id, c.name, custom_input(c.arguments), True) if c.name in custom else _call(c.id, c.name, c.arguments_json, False)
+            for c in reply.calls
         ]
         message["content"] = reply.content_text or None
     choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason(fin)}
     return head.whole("chat.completion", choice, reply)
 
 
-def _chat_stream(state: ServerState, job: Job, reply: Reply, head: _Head, include_usage: bool) -> AsyncIterator[str]:
+def _chat_stream(
+    state: ServerState, job: Job, reply: Reply, head: _Head, include_usage: bool, custom: frozenset[str] = frozenset()
+) -> AsyncIterator[str]:
     base = head.fields("chat.completion.chunk")
+    custom_calls: set[int] = set()  # indexes of the calls to custom tools: their input comes whole, at the call's end
 
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
         return sse_data({**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra})
@@ -355,10 +403,13 @@ def _chat_stream(state: ServerState, job: Job, reply: Reply, head: _Head, includ
         elif isinstance(item, ContentDelta):
             yield chunk({"content": item.text})
         elif isinstance(item, ToolCallStart):
-            call = {"index": item.index, "id": item.id, "type": "function", "function": {"name": item.name, "arguments": ""}}
-            yield chunk({"tool_calls": [call]})
-        elif isinstance(item, ToolCallArgsDelta):
-            yield chunk({"tool_calls": [{"index": item.index, "function": {"arguments": item.text}}]})
+            if item.name in custom:
+                custom_calls.add(item.index)
+            yield chunk({"tool_calls": [{"index": item.index, **_call(item.id, item.name, "", item.index in custom_calls)}]})
+        elif isinstance(item, ToolCallArgsDelta) and item.index not in custom_calls:
+            yield chunk({"tool_calls": [{"index": item.index, **_call(None, None, item.text, False)}]})
+        elif isinstance(item, ToolCallEnd) and item.index in custom_calls:
+            yield chunk({"tool_calls": [{"index": item.index, **_call(None, None, custom_input(item.call.arguments), True)}]})
         elif isinstance(item, Done):
             yield chunk({}, finish_reason(reply.finish()), timings=reply.timings())
 

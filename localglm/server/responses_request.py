@@ -18,9 +18,9 @@ import json
 from dataclasses import dataclass, field as dataclass_field
 from typing import Any
 
-from ..grammar import CUSTOM_INPUT, GrammarError, InputGrammar, parse_input_format
+from ..grammar import CUSTOM_INPUT, InputGrammar
 from ..grammar.budget import EFFORT_BUDGETS
-from .chat import IMAGE_PLACEHOLDER, GenRequest, checked_format, content_text
+from .chat import IMAGE_PLACEHOLDER, GenRequest, checked_format, content_text, custom_tool
 from .errors import bad_request
 from .validation import call_arguments, describe, expect, field, join
 
@@ -191,21 +191,18 @@ def parse_tools(body: dict[str, Any]) -> Tools:
         name = field(tool, "name", "string", path=path, required=True)
         if not name:
             raise bad_request(f"{path}.name: must not be empty", f"{path}.name")
-        fn: dict[str, Any] = {"name": name}
         description = field(tool, "description", "string", path=path)
-        if description is not None:
-            fn["description"] = description
-        if kind == "function":
-            fn["parameters"] = field(tool, "parameters", "object", path=path, default={"type": "object", "properties": {}})
-        else:
+        if kind == "custom":
+            shown, grammar = custom_tool(name, description, tool.get("format"), f"{path}.format")
             custom.add(name)
-            fn["parameters"] = {"type": "object", "properties": {CUSTOM_INPUT: {"type": "string"}}, "required": [CUSTOM_INPUT]}
-            try:
-                grammar = parse_input_format(tool.get("format"), f"{path}.format")
-            except GrammarError as exc:
-                raise bad_request(str(exc), exc.param) from None
             if grammar is not None:
                 formats[name] = grammar
+            out.append(shown)
+            continue
+        fn: dict[str, Any] = {"name": name}
+        if description is not None:
+            fn["description"] = description
+        fn["parameters"] = field(tool, "parameters", "object", path=path, default={"type": "object", "properties": {}})
         out.append({"type": "function", "function": fn})
     return Tools(out or None, frozenset(custom), formats)
 
@@ -344,8 +341,3 @@ def parse_request(body: dict[str, Any], prior: list[dict[str, Any]] | None, *, f
         echo=echo,
     )
 
-
-def custom_input(arguments: dict[str, Any]) -> str:
-    """A custom tool call's text input from the arguments the model wrote for it."""
-    value = arguments.get(CUSTOM_INPUT, "")
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)

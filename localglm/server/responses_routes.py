@@ -26,10 +26,10 @@ from starlette.responses import JSONResponse, Response
 
 from ..chat.stream_parser import ContentDelta, ThinkingDelta, ToolCall, ToolCallArgsDelta, ToolCallEnd, ToolCallStart
 from ..engine import Done
-from .chat import Reply, admit, json_reply, model_name, prepare, request_body, start_job, stream_job
+from .chat import Reply, admit, custom_input, json_reply, model_name, prepare, request_body, start_job, stream_job
 from .errors import APIError, bad_request
 from .response_store import StoredResponse
-from .responses_request import ResponsesRequest, custom_input, parse_request
+from .responses_request import ResponsesRequest, parse_request
 from .sse import EventStreamResponse, sse_event
 from .state import ServerState
 from .validation import field
