@@ -248,7 +248,7 @@ def test_responses_custom_tool_input_follows_its_grammar(env: Served) -> None:
         for call in calls:
             assert call.name == "calc" and re.fullmatch(r"(add|sub) [0-9]{1,3}", call.input), call.input
     with client.responses.stream(model="m", input="go PUSH:calc", tools=[CALC], tool_choice={"type": "custom", "name": "calc"},
-                                 temperature=1.0, max_output_tokens=60, reasoning={"effort": "none"}) as stream:  # fmt: skip
+                                 parallel_tool_calls=False, temperature=1.0, max_output_tokens=60, reasoning={"effort": "none"}) as stream:  # fmt: skip
         final = stream.get_final_response()
     (call,) = [o for o in final.output if o.type == "custom_tool_call"]
     assert re.fullmatch(r"(add|sub) [0-9]{1,3}", call.input), call.input
@@ -278,12 +278,12 @@ def test_chat_completions_custom_tools(env: Served) -> None:
     a custom call in the history goes back into the prompt."""
     client = env.openai()
     choice = {"type": "custom", "custom": {"name": "calc"}}
-    r = client.chat.completions.create(model="m", messages=user("go PUSH:calc"), tools=[CHAT_CALC], tool_choice=choice,
-                                       temperature=1.0, max_tokens=60, extra_body={"enable_thinking": False})  # fmt: skip
+    one = {"parallel_tool_calls": False, "seed": 3, "temperature": 1.0, "max_tokens": 60, "extra_body": {"enable_thinking": False}}
+    r = client.chat.completions.create(model="m", messages=user("go PUSH:calc"), tools=[CHAT_CALC], tool_choice=choice, **one)
     (call,) = r.choices[0].message.tool_calls
     assert call.type == "custom" and call.custom.name == "calc" and re.fullmatch(r"(add|sub) [0-9]{1,3}", call.custom.input), call
     pieces = [tc for chunk in client.chat.completions.create(model="m", messages=user("go PUSH:calc"), tools=[CHAT_CALC], tool_choice=choice,
-                                                            temperature=1.0, max_tokens=60, stream=True, extra_body={"enable_thinking": False})
+                                                            stream=True, **one)
               for tc in (chunk.choices[0].delta.tool_calls or [] if chunk.choices else [])]  # fmt: skip
     first, *rest = [tc.model_dump(exclude_none=True) for tc in pieces]
     assert first["type"] == "custom" and first["custom"]["name"] == "calc" and "function" not in first
