@@ -230,12 +230,11 @@ class Model:
         restoring = found is not None and n > live
         keep_live = None
         if (restoring or store.worth_saving(cache.length, live)) and cache.length >= store.min_tokens and not store.covers(cache.tokens):
-            keep_live = SavedPrompt(cache.snapshot(), spec.save_state() if spec is not None else None)
+            keep_live = self._live_prompt(cache)
         saved = store.bring(found) if restoring and found is not None else None  # a file on disk is read here
         if saved is not None and not cache.accepts(saved.kv):
             store.drop(saved, found)  # a file of another layout (a setup the key did not tell apart): prefilled instead
             saved = None
-        restoring = saved is not None
         if saved is not None:
             cache.restore(saved.kv, n)
             if spec is not None:
@@ -247,13 +246,18 @@ class Model:
             stats.restored_prompt_tokens = n
         if keep_live is not None:
             store.put(keep_live)
-        return n if restoring else live
+        return n if saved is not None else live
+
+    def _live_prompt(self, cache: TokenCache) -> SavedPrompt:
+        """A copy of the live cache's rows, and the MTP block's state computed beside them."""
+        spec = self.speculation
+        return SavedPrompt(cache.snapshot(), spec.save_state() if spec is not None else None)
 
     def keep_prompts(self, wait_s: float = 30.0) -> int:
         """Write the live cache and the prompts saved in RAM to the prompt cache's disk (`serve --cache-dir`),
         for the next start; the server calls it when stopping. A generation still running after `wait_s`
         keeps the live cache out (its rows are changing). Returns the files written."""
-        store, spec = self.prompt_cache, self.speculation
+        store = self.prompt_cache
         if store is None or store.disk is None:
             return 0
         live = None
@@ -261,7 +265,7 @@ class Model:
             try:
                 cache = self._cache
                 if cache is not None and cache.length >= store.min_tokens:
-                    live = SavedPrompt(cache.snapshot(), spec.save_state() if spec is not None else None)
+                    live = self._live_prompt(cache)
             finally:
                 self._lock.release()
         return store.persist(live)
