@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LocalGLMError
-from .layers.kv_cache import CacheSnapshot, common_prefix
+from .layers.kv_cache import CacheSnapshot, longest_match, starts_with
 from .model_info import human_bytes
 from .prompt_disk import DiskPrompt, PromptDisk
 
@@ -75,12 +75,8 @@ class PromptCache:
     def longest_prefix(self, tokens: Sequence[int]) -> tuple[SavedPrompt | DiskPrompt | None, int]:
         """The saved prompt sharing the longest prefix with `tokens`, in RAM or else on disk where a file's
         is longer, and that length (0: none). `bring` makes a file's a `SavedPrompt`."""
-        best: SavedPrompt | DiskPrompt | None = None
-        best_n = 0
-        for e in self.entries:
-            n = common_prefix(e.tokens, tokens)
-            if n > best_n:
-                best, best_n = e, n
+        best: SavedPrompt | DiskPrompt | None
+        best, best_n = longest_match(self.entries, tokens)
         if self.disk is not None:
             on_disk, n = self.disk.longest_prefix(tokens)
             if n > best_n:
@@ -107,7 +103,7 @@ class PromptCache:
 
     def covers(self, tokens: Sequence[int]) -> bool:
         """Whether a saved prompt holds all of `tokens` already (saving them again would add nothing)."""
-        return any(len(e.tokens) >= len(tokens) and common_prefix(e.tokens, tokens) == len(tokens) for e in self.entries)
+        return any(starts_with(e.tokens, tokens) for e in self.entries)
 
     def put(self, entry: SavedPrompt, *, counted: bool = True) -> bool:
         """Keep `entry` (dropping saved prompts it extends), then let the least recently used ones beyond
@@ -125,8 +121,7 @@ class PromptCache:
                     human_bytes(entry.nbytes), human_bytes(self.budget),
                 )  # fmt: skip
             return False
-        n = len(entry.tokens)
-        self.entries = [e for e in self.entries if not (len(e.tokens) <= n and common_prefix(e.tokens, entry.tokens) == len(e.tokens))]
+        self.entries = [e for e in self.entries if not starts_with(entry.tokens, e.tokens)]
         self.entries.append(entry)
         if counted:
             self.saves += 1

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from .errors import LocalGLMError
-from .layers.kv_cache import CacheSnapshot, common_prefix
+from .layers.kv_cache import CacheSnapshot, longest_match, starts_with
 from .speculative import DraftState
 
 log = logging.getLogger("localglm")
@@ -97,18 +97,13 @@ class PromptDisk:
 
     def longest_prefix(self, tokens: Sequence[int]) -> tuple[DiskPrompt | None, int]:
         """The file sharing the longest prefix with `tokens`, and that length (0: none)."""
-        best, best_n = None, 0
         with self._lock:
             entries = list(self.entries)
-        for e in entries:
-            n = common_prefix(e.tokens, tokens)
-            if n > best_n:
-                best, best_n = e, n
-        return best, best_n
+        return longest_match(entries, tokens)
 
     def covers(self, tokens: Sequence[int]) -> bool:
         with self._lock:
-            return any(len(e.tokens) >= len(tokens) and common_prefix(e.tokens, tokens) == len(tokens) for e in self.entries)
+            return any(starts_with(e.tokens, tokens) for e in self.entries)
 
     # ---- reading ------------------------------------------------------------------------------
     def load(self, entry: DiskPrompt) -> tuple[CacheSnapshot, DraftState | None] | None:
@@ -176,10 +171,9 @@ class PromptDisk:
             log.warning("%s: a saved prompt could not be written (%s)", self.dir, exc.strerror or exc)
             return
         entry = DiskPrompt(path, tuple(kv.tokens), path.stat().st_size)
-        n = len(entry.tokens)
         with self._lock:
             # a file this one extends holds nothing it does not: it goes, as in RAM (PromptCache.put)
-            gone = [e for e in self.entries if e.path == path or (len(e.tokens) <= n and common_prefix(e.tokens, entry.tokens) == len(e.tokens))]
+            gone = [e for e in self.entries if e.path == path or starts_with(entry.tokens, e.tokens)]
             self.entries = [e for e in self.entries if e not in gone] + [entry]
             while len(self.entries) > 1 and sum(e.nbytes for e in self.entries) > self.budget:
                 gone.append(self.entries.pop(0))

@@ -10,8 +10,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -26,6 +29,21 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
             break
         n += 1
     return n
+
+
+def starts_with(held: Sequence[int], tokens: Sequence[int]) -> bool:
+    """Whether `held` begins with all of `tokens` (a saved prompt that covers them)."""
+    return len(held) >= len(tokens) and common_prefix(held, tokens) == len(tokens)
+
+
+def longest_match(entries: Iterable[T], tokens: Sequence[int]) -> tuple[T | None, int]:
+    """Of `entries` (each with `.tokens`), the one sharing the longest prefix with `tokens`, and that length (0: none)."""
+    best, best_n = None, 0
+    for e in entries:
+        n = common_prefix(e.tokens, tokens)  # type: ignore[attr-defined]
+        if n > best_n:
+            best, best_n = e, n
+    return best, best_n
 
 
 class TokenCache:
