@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from ..engine import Done
@@ -28,6 +29,24 @@ def _num(value: float) -> str:
     if math.isnan(value):
         return "NaN"
     return repr(float(value))
+
+
+# /metrics lines of the saved prompts: (name after localglm_prompt_cache_, kind, help, tier, value of the
+# tier's store: the PromptCache in RAM, or its PromptDisk with --cache-dir).
+PROMPT_CACHE_METRICS: tuple[tuple[str, str, str, str, Callable[[Any], int]], ...] = (
+    ("bytes", "gauge", "RAM held by prompts set aside (--cache-ram).", "ram", lambda s: s.nbytes),
+    ("budget_bytes", "gauge", "The most RAM prompts set aside may hold.", "ram", lambda s: s.budget),
+    ("entries", "gauge", "Prompts set aside.", "ram", lambda s: len(s.entries)),
+    ("restores_total", "counter", "Prompts that started from one set aside.", "ram", lambda s: s.restores),
+    ("restored_tokens_total", "counter", "Prompt tokens restored instead of prefilled.", "ram", lambda s: s.restored_tokens),
+    ("refused_total", "counter", "Caches larger than --cache-ram, not kept.", "ram", lambda s: s.refused),
+    ("disk_bytes", "gauge", "Disk held by saved prompts (--cache-dir).", "disk", lambda s: s.nbytes),
+    ("disk_budget_bytes", "gauge", "The most disk saved prompts may hold (--cache-disk).", "disk", lambda s: s.budget),
+    ("disk_entries", "gauge", "Saved prompts on disk.", "disk", lambda s: len(s.entries)),
+    ("disk_loads_total", "counter", "Saved prompts read back from disk.", "disk", lambda s: s.loads),
+    ("disk_writes_total", "counter", "Saved prompts written to disk.", "disk", lambda s: s.writes),
+    ("disk_failed_total", "counter", "Saved prompt files that could not be written or read.", "disk", lambda s: s.failed),
+)
 
 
 class Metrics:
@@ -122,26 +141,10 @@ class Metrics:
             metric("generated_tokens_total", "counter", "Generated tokens.", [({}, self.generated_tokens)])
             store = self.prompt_cache
             if store is not None:  # conversations set aside (serve --cache-ram, --cache-dir)
-                rows = [
-                    ("bytes", "gauge", "RAM held by prompts set aside (--cache-ram).", store.nbytes),
-                    ("budget_bytes", "gauge", "The most RAM prompts set aside may hold.", store.budget),
-                    ("entries", "gauge", "Prompts set aside.", len(store.entries)),
-                    ("restores_total", "counter", "Prompts that started from one set aside.", store.restores),
-                    ("restored_tokens_total", "counter", "Prompt tokens restored instead of prefilled.", store.restored_tokens),
-                    ("refused_total", "counter", "Caches larger than --cache-ram, not kept.", store.refused),
-                ]
-                disk = store.disk
-                if disk is not None:
-                    rows += [
-                        ("disk_bytes", "gauge", "Disk held by saved prompts (--cache-dir).", disk.nbytes),
-                        ("disk_budget_bytes", "gauge", "The most disk saved prompts may hold (--cache-disk).", disk.budget),
-                        ("disk_entries", "gauge", "Saved prompts on disk.", len(disk.entries)),
-                        ("disk_loads_total", "counter", "Saved prompts read back from disk.", disk.loads),
-                        ("disk_writes_total", "counter", "Saved prompts written to disk.", disk.writes),
-                        ("disk_failed_total", "counter", "Saved prompt files that could not be written or read.", disk.failed),
-                    ]
-                for name, kind, help_, value in rows:
-                    metric(f"prompt_cache_{name}", kind, help_, [({}, value)])
+                for name, kind, help_, tier, value in PROMPT_CACHE_METRICS:
+                    source = store if tier == "ram" else store.disk
+                    if source is not None:
+                        metric(f"prompt_cache_{name}", kind, help_, [({}, value(source))])
             if self.draft_depths:
                 metric("draft_tokens_total", "counter", "Tokens the MTP head drafted (speculative decoding).", [({}, self.draft_tokens)])
                 metric("accepted_tokens_total", "counter", "Drafted tokens the model accepted.", [({}, self.accepted_tokens)])
