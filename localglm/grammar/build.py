@@ -57,13 +57,13 @@ def request_processor(
     tg = None
     formats = dict(tool_formats or {})
     if tools and prompt_text is not None and (tool_grammar or tool_mode in ("required", "named") or formats):
-        for fmt in formats.values():
-            fmt.check()  # the client's own grammar: an error naming it, not the loose fallback below
         tg = ToolGrammar(tools, tool_mode, tool_name, single_tool_call, formats=formats)
     spec = OutputSpec(thinking=mode, json_schema=json_schema, tools=tg)
     try:
         processor = _compile(vocab, spec, max_new_tokens)
     except GrammarError:
+        for fmt in formats.values():  # only now, each alone: a client's grammar that does not compile is named
+            fmt.check()
         if tg is None:
             raise
         # a tool schema the engine cannot compile: keep the call's structure, type the values loosely

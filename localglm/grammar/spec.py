@@ -81,8 +81,8 @@ class InputGrammar:
     param: str = "tools"  # the request field it came from, for errors
 
     def check(self) -> None:
-        """Compile it alone: a GrammarError naming `param`'s definition where it does not compile. Off the
-        server's event loop (the request's grammar is built in a worker thread): a large grammar takes seconds."""
+        """Compile it alone: a GrammarError naming `param`'s definition where it does not compile (request_processor
+        asks when the request's whole grammar did not, off the server's event loop: a large grammar takes seconds)."""
         top = json.dumps({"grammars": [self.entry("start")]})
         failed, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(top)
         if failed:
