@@ -43,7 +43,6 @@ class ResponsesRequest:
     stream: bool
     store: bool
     history: list[dict[str, Any]]  # the conversation without `instructions` (what a later previous_response_id continues)
-    custom_tools: frozenset[str]  # tools whose calls come back as custom_tool_call items
     echo: dict[str, Any] = dataclass_field(default_factory=dict)  # request fields the response object repeats
 
 
@@ -308,6 +307,7 @@ def parse_request(body: dict[str, Any], prior: list[dict[str, Any]] | None, *, f
     tools = parse_tools(body)
     gen.tool_mode, gen.tool_name, gen.tools = parse_tool_choice(body, tools.functions)
     gen.tool_formats = tools.formats
+    gen.custom_tools = tools.custom | frozenset(called_custom)  # their calls come back as custom_tool_call items
     gen.single_tool_call = field(body, "parallel_tool_calls", "boolean", default=True) is False
     gen.enable_thinking, gen.thinking_budget = parse_reasoning(body)
     gen.response_format = parse_text_format(body)
@@ -337,7 +337,6 @@ def parse_request(body: dict[str, Any], prior: list[dict[str, Any]] | None, *, f
         stream=field(body, "stream", "boolean", default=False),
         store=field(body, "store", "boolean", default=True),
         history=history,
-        custom_tools=tools.custom | frozenset(called_custom),
         echo=echo,
     )
 

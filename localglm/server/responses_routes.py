@@ -80,7 +80,7 @@ def _items(reply: Reply, parsed: ResponsesRequest, incomplete: bool) -> list[dic
     if reply.content_text or not reply.calls:
         items.append(message_item(_new_id("msg"), reply.content_text, "incomplete" if incomplete else "completed"))
     for call in reply.calls:
-        custom = call.name in parsed.custom_tools
+        custom = call.name in parsed.gen.custom_tools
         status = "incomplete" if call.truncated else "completed"
         items.append(call_item(_new_id("ctc" if custom else "fc"), call.id, call.name, _call_text(call, custom), custom, status))
     return items
@@ -288,7 +288,7 @@ class _Stream:
             yield self.event("response.output_text.delta", item_id=self.open.ident, output_index=self.open.index, content_index=0,
                              delta=item.text, logprobs=[])  # fmt: skip
         elif isinstance(item, ToolCallStart):
-            custom = item.name in self.parsed.custom_tools
+            custom = item.name in self.parsed.gen.custom_tools
             yield from self._begin("call", "ctc" if custom else "fc", call_index=item.index, call_id=item.id, name=item.name, custom=custom)
         elif isinstance(item, ToolCallArgsDelta):
             if opened is not None and opened.kind == "call" and opened.call_index == item.index:
