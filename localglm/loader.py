@@ -9,7 +9,6 @@ and chat template that ship with the checkpoint.
 from __future__ import annotations
 
 import hashlib
-
 import warnings
 from collections.abc import Callable
 from dataclasses import replace

@@ -15,9 +15,8 @@ length / tool_calls / stop_sequence. `json_reply` and `stream_job` carry a job t
 
 from __future__ import annotations
 
-import json
-
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
