@@ -84,6 +84,14 @@ class PromptDisk:
         with self._lock:
             return sum(e.nbytes for e in self.entries)
 
+    def describe(self) -> str:
+        """What is kept, for the line a command prints when it ends: "N saved prompts (X) in DIR"."""
+        from .model_info import human_bytes
+
+        with self._lock:
+            n, size = len(self.entries), sum(e.nbytes for e in self.entries)
+        return f"{n} saved prompts ({human_bytes(size)}) in {self.dir}"
+
     # ---- finding ------------------------------------------------------------------------------
     def _scan(self) -> list[DiskPrompt]:
         found = []

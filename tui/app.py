@@ -768,11 +768,8 @@ class ChatApp(App[int]):
     def keep_chats(self) -> str | None:
         """After the app ends: with --cache-dir, write the live cache and the chats set aside to disk
         (Model.keep_prompts waits for a generation still ending); what is there, or None without it."""
-        from localglm.model_info import human_bytes
-
         store = getattr(self.model, "prompt_cache", None) if self.model is not None else None
         if store is None or store.disk is None:
             return None
         self.model.keep_prompts()
-        disk = store.disk
-        return f"{len(disk.entries)} saved chats ({human_bytes(disk.nbytes)}) in {disk.dir} for the next start"
+        return f"{store.disk.describe()} for the next start"

@@ -159,7 +159,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..cli import open_model, sampling_overrides
     from ..commands.flags import cache_disk_flags, cache_ram_flag
     from ..default_model import default_model_path
-    from ..model_info import human_bytes
     from .app import create_app
     from .http import build_server
     from .state import ServerSettings
@@ -220,7 +219,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sock.close()
         disk = model.prompt_cache.disk if model.prompt_cache is not None else None
         if disk is not None and server.started:
-            print(f"localglm: {len(disk.entries)} saved prompts ({human_bytes(disk.nbytes)}) in {disk.dir} for the next start", file=sys.stderr)
+            print(f"localglm: {disk.describe()} for the next start", file=sys.stderr)
     if not server.started:
         raise LocalGLMError(f"the server on {args.host}:{args.port} did not start (see the messages above)")
     return 0
