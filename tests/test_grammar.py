@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import numpy as np
 import pytest
 import torch
 
 import localglm
 from localglm.engine import Done, EncodedChat, Model
+from localglm.errors import LocalGLMError
 from localglm.chat.stream_parser import ParsedMessage
 from localglm.grammar import (
     GrammarError,
@@ -336,6 +338,33 @@ def test_custom_tool_formats_are_read_and_checked() -> None:
     huge = {"type": "grammar", "syntax": "lark", "definition": "start: " + " | ".join(f'"{i}"' for i in range(20_000))}
     with pytest.raises(GrammarError, match="at most 65,536"):  # compiling 200k alternatives took 32 s
         parse_input_format(huge, "tools[1].format")
+
+
+def test_a_custom_grammar_no_text_can_follow_is_refused_before_generating(model: Model) -> None:
+    """`start: start` compiles; walking into the tool's input finds that nothing can follow, and the
+    error names the definition (also under tool_choice auto and thinking open)."""
+    chat = model.encode_chat([{"role": "user", "content": "edit"}], tools=CUSTOM_TOOLS, enable_thinking=False)
+    dead = {"apply_patch": parse_input_format({"type": "grammar", "syntax": "lark", "definition": "start: start"}, "tools[0].format")}
+    for mode, prompt in [("required", chat.text), ("auto", chat.text), ("auto", chat.text + "<think>")]:
+        with pytest.raises(GrammarError) as err:
+            request_processor(model.grammar_vocab, prompt_text=prompt, tools=CUSTOM_TOOLS, tool_mode=mode, tool_formats=dead)
+        assert err.value.param == "tools[0].format.definition" and "cannot be followed: no text matches" in str(err.value), str(err.value)
+        assert "\n" not in str(err.value)
+
+
+def test_an_error_inside_the_grammar_while_generating_is_one_line(model: Model) -> None:
+    """A grammar that fails only after some tokens (no finite text, past the probe's first mask) stops
+    the reply with llguidance's first error line, not its internal state."""
+    chat = model.encode_chat([{"role": "user", "content": "edit"}], tools=CUSTOM_TOOLS, enable_thinking=False)
+    endless = {"apply_patch": parse_input_format({"type": "grammar", "syntax": "lark", "definition": 'start: a\na: "x" a'}, "tools[0].format")}
+    proc = request_processor(model.grammar_vocab, prompt_text=chat.text, tools=CUSTOM_TOOLS, tool_mode="named", tool_name="apply_patch",
+                             tool_formats=endless, single_tool_call=True)  # fmt: skip
+    assert isinstance(proc, GrammarProcessor)
+    ids = model.tokenizer.encode("<tool_call>apply_patch\n<arg_key>input</arg_key>\n<arg_value>")
+    with pytest.raises(LocalGLMError) as err:
+        for _ in range(100_000):
+            ids.append(int(np.flatnonzero(proc.allowed(ids))[0]))
+    assert str(err.value).startswith("grammar: the output cannot continue: ") and "\n" not in str(err.value), str(err.value)
 
 
 # ---- drafted tokens, rollback, prefetch -------------------------------------------------------------

@@ -258,6 +258,8 @@ def test_responses_custom_tool_grammar_errors_are_400_naming_the_field(env: Serv
     cases = [
         ({"type": "grammar", "syntax": "lark", "definition": "start: nowhere"}, "tools[0].format.definition"),
         ({"type": "grammar", "syntax": "regex", "definition": "(unclosed"}, "tools[0].format.definition"),
+        # compiles, but no finite text matches it: found before generating, by walking into the tool's input
+        ({"type": "grammar", "syntax": "lark", "definition": "start: a\na: start"}, "tools[0].format.definition"),
         ({"type": "grammar", "syntax": "peg", "definition": "x"}, "tools[0].format.syntax"),
         ({"type": "json"}, "tools[0].format.type"),
         ("lark", "tools[0].format"),

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from .budget import ThinkingBudget, chain
-from .processor import GrammarProcessor
-from .spec import GrammarError, InputGrammar, OutputSpec, ToolGrammar, output_grammar
+from .processor import GrammarProcessor, error_line
+from .spec import CUSTOM_INPUT, GrammarError, InputGrammar, OutputSpec, ToolGrammar, output_grammar
 from .vocab import GrammarVocab
 
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
@@ -30,6 +30,28 @@ def thinking_mode(prompt_text: str | None, vocab: GrammarVocab) -> str:
     if tail.endswith("</think>"):
         return "none"
     return "open" if tail.endswith("<think>") else "optional"
+
+
+def probe_inputs(processor: GrammarProcessor, thinking: str, tools: ToolGrammar) -> None:
+    """Walk a copy of the matcher to the start of each custom tool's input and ask for the first mask there.
+
+    A client grammar can compile and still be unusable: one with no finite derivation (`start: start`), or a
+    regex whose lexer llguidance gives up building inside the whole grammar (`a{1000000}`). Found here, that
+    is a 400 naming the tool's definition before anything is generated, not an error halfway through a
+    streamed reply. A prefix the matcher does not take (no such path in this request's grammar) probes nothing."""
+    if tools.mode == "none":
+        return
+    lead = "</think>" if thinking == "open" else ""
+    for name, fmt in tools.formats.items():
+        if tools.mode == "named" and name != tools.name:
+            continue
+        ids = processor.vocab.tokenizer.encode(f"{lead}<tool_call>{name}\n<arg_key>{CUSTOM_INPUT}</arg_key>\n<arg_value>")
+        matcher = processor.matcher.deep_copy()
+        if matcher.try_consume_tokens(ids) != len(ids) or matcher.is_error():
+            continue
+        processor.mask_of(matcher)
+        if matcher.is_error():
+            raise fmt.unusable(error_line(matcher))
 
 
 def request_processor(
@@ -68,6 +90,8 @@ def request_processor(
             raise
         # a tool schema the engine cannot compile: keep the call's structure, type the values loosely
         processor = _compile(vocab, replace(spec, tools=replace(tg, loose=True)), max_new_tokens)
+    if processor is not None and tg is not None:
+        probe_inputs(processor, spec.thinking, tg)
     budget = None
     if thinking_budget is not None and mode != "none":
         open_id, close_id = vocab.token_id("<think>"), vocab.token_id("</think>")

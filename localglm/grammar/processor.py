@@ -39,6 +39,13 @@ MAX_LOOKAHEAD = 32  # allowed opening tokens looked ahead through per step (more
 _NEG_INF = float("-inf")
 
 
+def error_line(matcher: object) -> str:
+    """llguidance's error, first line only (the rest is its internal state: not for a client)."""
+    text = (matcher.get_error() or "").strip()  # type: ignore[attr-defined]
+    first = text.splitlines()[0] if text else "unknown error"
+    return "no text matches the grammar from here (NoExtensionBias)" if first.startswith("NoExtensionBias") else first
+
+
 class GrammarProcessor:
     """Logits processor holding generation to a Lark grammar (see spec.output_grammar)."""
 
@@ -48,7 +55,7 @@ class GrammarProcessor:
         self.grammar = grammar
         self.matcher = llg.LLMatcher(vocab.ll, grammar, log_level=0)
         if self.matcher.is_error():
-            raise GrammarError(f"grammar: {self.matcher.get_error().strip().splitlines()[0]}")
+            raise GrammarError(f"grammar: {error_line(self.matcher)}")
         self.max_new_tokens = max_new_tokens
         self.consumed: list[int] = []  # the history the matcher is at
         self.dead: tuple[int, int] | None = None  # (position, token) of a token the grammar refused
@@ -68,7 +75,7 @@ class GrammarProcessor:
             keep += 1
         if keep < len(have):
             if not self.matcher.rollback(len(have) - keep):
-                raise LocalGLMError(f"grammar: rollback failed: {self.matcher.get_error()}")
+                raise LocalGLMError(f"grammar: rollback failed: {error_line(self.matcher)}")
             del have[keep:]
         if self.dead is not None:
             pos, tok = self.dead
@@ -78,10 +85,14 @@ class GrammarProcessor:
             new = [int(t) for t in history[len(have) :]]
             took = self.matcher.try_consume_tokens(new)
             if self.matcher.is_error():
-                raise LocalGLMError(f"grammar: {self.matcher.get_error()}")
+                raise LocalGLMError(f"grammar: the output cannot continue: {error_line(self.matcher)}")
             have.extend(new[:took])
             if took < len(new):
                 self.dead = (len(have), new[took])
+
+    def mask_of(self, matcher: object) -> np.ndarray:
+        """The allowed-token mask at another matcher's state (a `deep_copy` of this one's)."""
+        return self._compute(matcher)
 
     def _compute(self, matcher: object | None = None) -> np.ndarray:
         """The allowed-token mask [vocab] (numpy bool) at the matcher's state.
@@ -91,6 +102,8 @@ class GrammarProcessor:
         on 2 cores); these few single-threaded passes take tens of microseconds."""
         bits = np.empty_like(self._bits) if matcher is not None else self._bits
         (matcher or self.matcher).unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
+        if matcher is None and self.matcher.is_error():  # a client's grammar that no text can follow from here
+            raise LocalGLMError(f"grammar: the output cannot continue: {error_line(self.matcher)}")
         return np.unpackbits(bits.view(np.uint8), bitorder="little")[: self.vocab.vocab_size].view(np.bool_)
 
     def _wait(self) -> np.ndarray | None:

@@ -90,6 +90,11 @@ class InputGrammar:
             where = f"{self.param}.definition"
             raise GrammarError(f"{where}: the {self.syntax} grammar does not compile: {first}", where)
 
+    def unusable(self, why: str) -> GrammarError:
+        """The 400 for a grammar that compiled but that generation cannot follow (`why`: llguidance's error line)."""
+        where = f"{self.param}.definition"
+        return GrammarError(f"{where}: the {self.syntax} grammar cannot be followed: {why}", where)
+
     def entry(self, name: str) -> dict[str, Any]:
         """This grammar as one entry of llguidance's top-level grammar list, referenced as `@name`."""
         if self.syntax == "regex":
