@@ -477,30 +477,53 @@ def test_prompt_experts_chosen_by_many_tokens_take_the_bf16_gemm(monkeypatch: py
 
 @pytest.mark.parametrize("out", [torch.float32, torch.bfloat16], ids=["fp32-out", "bf16-out"])
 def test_streamed_rows_interleaved_or_one_after_another(lib: NativeLib, layer_lib: LayerLib, out: torch.dtype) -> None:
-    """Dense bf16 rows that stream through once -- a decoded token's (lg_matvec: AVX2's dot_dense4, AVX-512's
-    dense_tile16 for fp32 outputs, dense_tile_bh for bf16 ones) and a verification's 2-4 tokens'
-    (decode_layer.c's tiles) -- read several at a time, interleaved, or one after another (what AMD CPUs
-    get by default: set_interleaved_rows): the same numbers, a token's the same alone or among others, on
-    row counts no block divides and K tails past the 16-value steps; the setting is restored after."""
+    """Dense bf16 rows -- a decoded token's (lg_matvec: AVX2's dot_dense4, AVX-512's dense_tile16 for fp32
+    outputs, dense_tile_bh for bf16 ones), a verification's 2-4 tokens' and more tokens' (lg_mat_rows'
+    tiles, chunks of rows through every tile of tokens) -- read several at a time, interleaved, or one
+    after another (what AMD CPUs get by default: set_interleaved_rows): the same numbers, and every token's
+    the same alone or among others, on row counts no block or chunk divides and K tails past the 16-value
+    steps; the setting is restored after."""
     was = lib.set_interleaved_rows(None)
     g = torch.Generator().manual_seed(9)
     try:
-        for n, k in ((13, 40), (8, 256), (37, 1040)):
+        for n, k in ((13, 40), (8, 256), (37, 1040), (301, 1040)):
             w = torch.randn(n, k, generator=g).to(torch.bfloat16)
             bias = torch.randn(n, generator=g)
             mat = LayerLib.describe_matrix(w, torch.bfloat16, bias)
-            x = torch.randn(4, k, generator=g).to(torch.bfloat16).float()
+            x = torch.randn(9, k, generator=g).to(torch.bfloat16).float()
             got = {}
             for on in (True, False):
                 assert lib.set_interleaved_rows(on) is on
-                got[on] = [layer_lib.rows_linear(mat, x[:T], out) for T in (1, 2, 3, 4)]
-            for T in range(4):
-                assert torch.equal(got[True][T], got[False][T]), (n, k, T + 1)
-                assert torch.equal(got[False][T][:1], got[False][0]), (n, k, T + 1)  # token 0's numbers whatever T
+                got[on] = {T: layer_lib.rows_linear(mat, x[:T], out) for T in (1, 2, 3, 4, 5, 9)}
+                alone = [layer_lib.rows_linear(mat, x[t : t + 1], out) for t in range(9)]
+                for T, rows in got[on].items():
+                    for t in range(T):  # every token's numbers whatever T and its place among the tokens
+                        assert torch.equal(rows[t : t + 1], alone[t]), (n, k, T, t, on)
+            for T in got[True]:
+                assert torch.equal(got[True][T], got[False][T]), (n, k, T)
             ref = (x[:1].double() @ w.double().T + bias.double()).float()
-            assert (got[False][0].float() - ref).abs().max() <= 1e-2 * ref.abs().max()
+            assert (got[False][1].float() - ref).abs().max() <= 1e-2 * ref.abs().max()
     finally:
         lib.set_interleaved_rows(was)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_dense_experts_tokens_get_their_one_token_numbers(lib: NativeLib, dtype: torch.dtype) -> None:
+    """expert_swiglu's native kernel (lg_dense_expert: a verification's or an append's few tokens routed to
+    one expert) reads each weight row once for a tile of tokens, and every token still gets the numbers it
+    gets alone, so greedy speculation stays plain decoding; close to the torch formula."""
+    g = torch.Generator().manual_seed(3)
+    hidden, inter = 96, 80
+    gate_up = (torch.randn(2 * inter, hidden, generator=g) / hidden**0.5).to(dtype)  # a model's weights are in its dtype
+    down = (torch.randn(hidden, inter, generator=g) / inter**0.5).to(dtype)
+    x = torch.randn(11, hidden, generator=g).to(dtype)
+    batch = lib.dense_expert(gate_up, down, x)
+    assert batch is not None and batch.dtype == dtype
+    for t in range(11):
+        assert torch.equal(batch[t : t + 1], lib.dense_expert(gate_up, down, x[t : t + 1].contiguous())), t
+    gate, up = (x.float() @ gate_up.float().T).chunk(2, dim=-1)
+    ref = (F.silu(gate) * up) @ down.float().T
+    assert (batch.float() - ref).abs().max() <= 2e-2 * ref.abs().max()
 
 
 def test_a_described_tensor_still_pickles_and_copies_with_its_own_view(lib: NativeLib) -> None:

@@ -184,7 +184,7 @@ static inline float dotf(const float *a, const float *b, int n) {
 
 #if defined(__AVX512F__)
 /* The dense (bf16 / fp32) product of R weight rows x nt tokens with AVX-512's 32 registers, for
- * lg_matvec's one-token rows (qkernels.c) and the multi-token tiles (decode_layer.c): one zmm
+ * lg_matvec's one-token rows and lg_mat_rows' multi-token tiles (qkernels.c): one zmm
  * accumulator per (row, token) whose lane j sums the values 16 b + j in order -- lanes 0-7 are
  * dotf's / dot_dense's a0, lanes 8-15 its a1 -- so the dot is hsum256(low half + high half), then the
  * tail in order: dot_dense's numbers bit for bit, whatever R, nt or the tile a row sits in. Up to 8
@@ -291,7 +291,8 @@ void lg_matvec(const lg_mat *m, const float *x, int dtype, qact *xa, float *y, i
 
 /* y[t] = m . x[t] (+ bias), each value rounded to dtype, for T rows of floats x [T, m->k] -> y [T, m->n]:
  * GGML blocks through kq_matmul_q8 (each row's numbers the same whatever T), a stack part by part,
- * the other kinds row by row through lg_matvec. `xa` as lg_matvec's (a stack's quantized parts use it).
+ * quantized rows through lg_linear's tiles and dense ones through tiles of rows x tokens, each token's
+ * numbers lg_matvec's (the portable build: row by row through lg_matvec). `xa` as lg_matvec's (a stack's quantized parts use it).
  * Returns 0, or -1 when out of memory or a kernel refuses the shape. */
 int lg_mat_rows(const lg_mat *m, int T, const float *x, int dtype, qact *xa, float *y, int nth);
 

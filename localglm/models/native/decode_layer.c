@@ -7,9 +7,10 @@
  * T tokens give each token exactly the one-token call's arithmetic (the same per-row activation
  * quantization, the same sums in the same order), so a T-token forward is bit-identical to T
  * one-token steps: token t writes its cache row at pos + t and attends [0, pos + t], one token after
- * the other inside the call, while the projections read each quantized weight row once for up to
- * four tokens (quant's lg_linear tiles, whose per-token result does not depend on the tile) and the
- * routed experts run once for all the tokens routed to them (lg_moe). The math and its rounding
+ * the other inside the call, while the projections read each weight row once for up to four tokens
+ * (quant's lg_mat_rows: lg_linear's tiles for quantized rows, tiles of rows x tokens for dense ones,
+ * whose per-token result does not depend on the tile) and the routed experts run once for all the
+ * tokens routed to them (lg_moe). The math and its rounding
  * points are localglm/layers/'s torch ops' (norm, rope, attention, router, mlp, experts);
  * quantized products are exactly quant's lg_linear's.
  *
@@ -19,268 +20,17 @@
  * top-k its sparse-attention indexer picks (mla_attention.c with dsa_indexer.c). Built with
  * localglm/layers/native/layer_ops.c (the per-token ops it calls, the structs in layer_ops.h) into
  * the library localglm/layers/native.py loads, linked against quant's kernels (lg_matvec,
- * lg_swiglu_vec, lg_moe, lg_linear: quant/native/lg_kernels.h).
+ * lg_mat_rows, lg_swiglu_vec, lg_moe: quant/native/lg_kernels.h).
  */
 #include "layer_ops.h"
 
-#if defined(__AVX2__) && !defined(__AVX512F__) /* AVX-512: dense_tile16 below */
-/* The dense (bf16 / fp32) product of several tokens: a tile of R weight rows x nt tokens, every
- * (row, token) dot in its own registers, so one weight load serves nt tokens and one activation load
- * R rows, and 2 R nt independent FMA chains fill the pipes (one row against one token is two chains:
- * bound by the FMA latency, not by reading the weight, at these sizes). Each dot keeps quant's
- * dot_dense order (dotf's: lane j of accumulator a0 sums the values 16 b + j in order, a1 the values
- * 16 b + 8 + j, then hsum256(a0 + a1), then the tail in order), so a token's numbers do not depend
- * on the tile it sits in or on how many tokens the call has.
- *
- * bf16 rows are read 16 values at a time and widened by a shift (the even values) and a mask (the odd
- * ones) instead of two zero-extensions: the even accumulator's lane j then holds the chain of FMAs
- * dotf's a0 / a1 lane 2j mod 8 holds, the odd one lane 2j + 1's; and hsum256(a0 + a1) =
- * hsum256(even) + hsum256(odd) exactly (with P_j = even_j + even_j+4 and Q_j = odd_j + odd_j+4, both
- * are ((P0 + P2) + (P1 + P3)) + ((Q0 + Q2) + (Q1 + Q3))). The activations are laid out alike: each
- * 16-value block as its 8 even values, then its 8 odd ones (split_halves). */
-#define RMAX 4 /* weight rows of a tile */
-#define TMAX 4 /* tokens of a tile */
-/* Keeps a loaded vector in a register: GCC otherwise folds the load into each instruction that uses
- * it, reading the same 32 bytes once per use; the loads, not the FMAs, then bound the tile. */
-#define IN_REG(v) __asm__("" : "+x"(v))
-
-/* x rows [T, K] -> xs [T, K]: each whole 16-value block as its even values, then its odd ones; the tail as is. */
-static void split_halves(const float *x, int T, int K, float *xs) {
-    for (int t = 0; t < T; t++) {
-        const float *a = x + (size_t)t * K;
-        float *b = xs + (size_t)t * K;
-        int i = 0;
-        for (; i + 16 <= K; i += 16)
-            for (int j = 0; j < 8; j++) {
-                b[i + j] = a[i + 2 * j];
-                b[i + 8 + j] = a[i + 2 * j + 1];
-            }
-        for (; i < K; i++) b[i] = a[i];
-    }
-}
-
-/* The tail (values from..K-1, in order) of a tile's dots, after their vector part s[t * RMAX + r]. */
-static __attribute__((noinline)) void tile_tail(const lg_mat *m, int n, int R, const float *x, int nt, int from, float *s) {
-    const int K = m->k;
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < nt; t++) {
-            const size_t row = (size_t)(n + r) * K;
-            for (int j = from; j < K; j++)
-                s[t * RMAX + r] += (m->kind == 1 ? bf16_to_float(((const uint16_t *)m->w)[row + j]) : ((const float *)m->w)[row + j]) * x[(size_t)t * K + j];
-        }
-}
-
-/* s[t * RMAX + r] = row n + r of m . token t (x: nt rows K apart; bf16: split_halves' layout), for
- * constant R <= RMAX and nt <= TMAX (inlined, so the accumulators stay in registers). */
-static inline __attribute__((always_inline)) void dense_tile(const lg_mat *m, int n, const int R, const float *x, const int nt, float *s) {
-    const int K = m->k, K16 = K & ~15;
-    __m256 ae[RMAX][TMAX], ao[RMAX][TMAX];
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < nt; t++) ae[r][t] = ao[r][t] = _mm256_setzero_ps();
-    if (m->kind == 1) {
-        const uint16_t *w = (const uint16_t *)m->w + (size_t)n * K;
-        const __m256i odd = _mm256_set1_epi32((int)0xffff0000u);
-        for (int i = 0; i < K16; i += 16) {
-            __m256 xe[TMAX], xo[TMAX];
-            for (int t = 0; t < nt; t++) {
-                xe[t] = _mm256_loadu_ps(x + (size_t)t * K + i);
-                xo[t] = _mm256_loadu_ps(x + (size_t)t * K + i + 8);
-                if (R > 1) {
-                    IN_REG(xe[t]);
-                    IN_REG(xo[t]);
-                }
-            }
-            for (int r = 0; r < R; r++) {
-                __m256i v = _mm256_loadu_si256((const __m256i *)(w + (size_t)r * K + i));
-                PREFETCH_DENSE(w + (size_t)r * K + i);
-                IN_REG(v);
-                const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), wo = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
-                for (int t = 0; t < nt; t++) {
-                    ae[r][t] = _mm256_fmadd_ps(we, xe[t], ae[r][t]);
-                    ao[r][t] = _mm256_fmadd_ps(wo, xo[t], ao[r][t]);
-                }
-            }
-        }
-        for (int r = 0; r < R; r++)
-            for (int t = 0; t < nt; t++) s[t * RMAX + r] = hsum256(ae[r][t]) + hsum256(ao[r][t]);
-    } else {
-        const float *w = (const float *)m->w + (size_t)n * K;
-        for (int i = 0; i < K16; i += 16) {
-            __m256 x0[TMAX], x1[TMAX];
-            for (int t = 0; t < nt; t++) {
-                x0[t] = _mm256_loadu_ps(x + (size_t)t * K + i);
-                x1[t] = _mm256_loadu_ps(x + (size_t)t * K + i + 8);
-                if (R > 1) {
-                    IN_REG(x0[t]);
-                    IN_REG(x1[t]);
-                }
-            }
-            for (int r = 0; r < R; r++) {
-                const __m256 w0 = _mm256_loadu_ps(w + (size_t)r * K + i), w1 = _mm256_loadu_ps(w + (size_t)r * K + i + 8);
-                PREFETCH_DENSE(w + (size_t)r * K + i);
-                for (int t = 0; t < nt; t++) {
-                    ae[r][t] = _mm256_fmadd_ps(w0, x0[t], ae[r][t]);
-                    ao[r][t] = _mm256_fmadd_ps(w1, x1[t], ao[r][t]);
-                }
-            }
-        }
-        for (int r = 0; r < R; r++)
-            for (int t = 0; t < nt; t++) s[t * RMAX + r] = hsum256(_mm256_add_ps(ae[r][t], ao[r][t]));
-    }
-    if (K16 < K) tile_tail(m, n, R, x, nt, K16, s);
-}
-
-/* A tile's weight rows by its tokens (measured on an AVX2 EPYC, bf16 rows of 256 in L2 and in L3):
- * one token 4 rows (8 chains), two 2 rows, three or four 1 row (x from memory); one row where the call's
- * T tokens stream the rows through once and lg_interleaved_rows() says one row after another. */
-static inline int tile_rows(int nt, int T) {
-    if (T <= TMAX && !lg_interleaved_rows()) return 1;
-    return nt == 1 ? 4 : nt == 2 ? 2 : 1;
-}
-
-/* dense_tile with R (tile_rows(nt), or 1) and nt known at compile time (bh: AVX-512 only). */
-static inline __attribute__((always_inline)) void dense_tile_of(const lg_mat *m, int n, int R, const void *xv, int nt, int bh, float *s) {
-    const float *x = (const float *)xv;
-    (void)bh;
-    if (R == 1) {
-        switch (nt) {
-        case 1: dense_tile(m, n, 1, x, 1, s); break;
-        case 2: dense_tile(m, n, 1, x, 2, s); break;
-        case 3: dense_tile(m, n, 1, x, 3, s); break;
-        default: dense_tile(m, n, 1, x, TMAX, s);
-        }
-    } else if (nt == 1) {
-        dense_tile(m, n, 4, x, 1, s);
-    } else {
-        dense_tile(m, n, 2, x, 2, s);
-    }
-}
-#endif
-
-#ifdef __AVX512F__
-/* The AVX-512 tiles: lg_kernels.h's dense_tile16 (one zmm accumulator a dot, in dot_dense's lane order,
- * so the activations stay in their natural order). At 3-4 tokens (a speculative verification) the AVX2
- * tile above (1 row, 8 chains of 8 lanes) waited on its FMA chains and its per-row horizontal sums,
- * not on the weights; 16 accumulators on 4 rows do not. */
-#define RMAX TILE16_ROWS
-#define TMAX TILE16_TOKENS
-
-/* Rows a tile takes for nt of a call's T tokens. Rows that stream through once (T <= TMAX: a verification)
- * follow lg_interleaved_rows() (qkernels.c: one row after another on AMD); a prompt's tiles read the rows
- * again and again from the caches, and there 4 rows' accumulator chains keep the FMA port busy (one
- * process, a runtime switch, 30 rounds: a 128-token prompt of the default model 6792 tok/s on 4-row tiles,
- * 6162 one row at a time; ~0.9B even). */
-static inline int tile_rows(int nt, int T) {
-    if (T <= TMAX && !lg_interleaved_rows()) return 1;
-    return nt == 1 ? 8 : 4;
-}
-
-/* A tile of R rows x nt tokens: dense_tile_bh on bf16 activations (bh), else dense_tile16. */
-#ifdef LG_DPBF16
-#define TILE(R, nt) (bh ? dense_tile_bh(m, n, R, (const uint16_t *)x, nt, s) : dense_tile16(m, n, R, (const float *)x, nt, s))
-#else
-#define TILE(R, nt) dense_tile16(m, n, R, (const float *)x, nt, s)
-#endif
-
-/* The tile with R (tile_rows(nt), or 1) and nt known at compile time. */
-static inline __attribute__((always_inline)) void dense_tile_of(const lg_mat *m, int n, int R, const void *x, int nt, int bh, float *s) {
-    (void)bh;
-    switch (nt) {
-    case 1: R == 1 ? TILE(1, 1) : TILE(8, 1); break;
-    case 2: R == 1 ? TILE(1, 2) : TILE(4, 2); break;
-    case 3: R == 1 ? TILE(1, 3) : TILE(4, 3); break;
-    default: R == 1 ? TILE(1, TMAX) : TILE(4, TMAX);
-    }
-}
-#undef TILE
-#endif
-
-#ifdef __AVX2__
-/* Weight rows n..n+R-1 (R = tile_rows(nt, T); fewer at the end, one at a time) against the nt tokens at
- * x (rows K apart; AVX2's bf16 tiles: split_halves' layout) into y (rows N apart), with the bias,
- * rounded to dt. */
-static inline __attribute__((always_inline)) void dense_rows(const lg_mat *m, int n, const int R, const void *x, int nt, int bh, int dt, float *y) {
-    const int N = m->n, rows = n + R <= N ? R : N - n;
-    float s[RMAX * TMAX];
-    if (rows == R) dense_tile_of(m, n, R, x, nt, bh, s);
-    else
-        for (int r = 0; r < rows; r++) dense_tile_of(m, n + r, 1, x, nt, bh, s + r);
-    for (int r = 0; r < rows; r++) {
-        const float b = m->bias ? m->bias[n + r] : 0.0f;
-        for (int t = 0; t < nt; t++) y[(size_t)t * N + n + r] = rnd(s[t * RMAX + r] + b, dt);
-    }
-}
-
-/* Blocks b0..b1-1 of R rows each (dense_rows) against nt tokens, the tile chosen once for the range, not once a
- * row: at 2-4 tokens a row of 256 is ~100 cycles of products, and the per-row dispatch and call cost about as
- * much again (perf, a 4-token forward of the default model). */
-static void dense_range(const lg_mat *m, int b0, int b1, const int R, const void *x, int nt, int bh, int dt, float *y) {
-    switch (nt) {
-    case 1: for (int b = b0; b < b1; b++) dense_rows(m, b * R, R, x, 1, bh, dt, y); break;
-    case 2: for (int b = b0; b < b1; b++) dense_rows(m, b * R, R, x, 2, bh, dt, y); break;
-    case 3: for (int b = b0; b < b1; b++) dense_rows(m, b * R, R, x, 3, bh, dt, y); break;
-    default: for (int b = b0; b < b1; b++) dense_rows(m, b * R, R, x, TMAX, bh, dt, y);
-    }
-}
-#endif
-
-/* y[t] = m . x[t] for T rows (x [T, m->k], y [T, m->n] floats), each row exactly lg_matvec's: one
- * row through lg_matvec itself (in a decode step the weights come from L3 or RAM, and its one
- * sequential stream was as fast as dense_rows' 4-row tiles there); more through lg_linear (a
- * quantized weight row read once for every tile of tokens) rounded as lg_matvec rounds, or, dense,
- * through dense_rows (tiles of weight rows x tokens, AVX2 or AVX-512; the portable build runs
- * lg_matvec row by row).
- * `xa` has room for one quantized row of m->k. Returns 0, or -1 when out of memory. */
-static int rows_matvec(const lg_mat *m, int T, const float *x, int dt, qact *xa, float *y, int nth) {
-    const int N = m->n, K = m->k;
-    if (m->kind >= LG_MAT_GGML) return lg_mat_rows(m, T, x, dt, xa, y, nth); /* GGUF blocks read once for the T rows */
-    if (lg_amx_takes(m, dt)) return lg_amx_rows(m, T, x, dt, y, nth);           /* AMX tiles: T tokens for the price of one */
-    if (T > 1 && m->kind == 0) {
-        if (lg_linear(&m->q, T, x, 0, m->bias, y, 0, nth)) return -1;
-        for (size_t i = 0; i < (size_t)T * N; i++) y[i] = rnd(y[i], dt);
-        return 0;
-    }
-#ifdef __AVX2__
-    if (T > 1) {
-        void *xs = NULL;
-        int bh = 0;
-#ifndef __AVX512F__
-        if (m->kind == 1) { /* the AVX2 tile's layout */
-            if (!(xs = malloc((size_t)T * K * sizeof(float)))) return -1;
-            split_halves(x, T, K, xs);
-        }
-#endif
-#ifdef LG_DPBF16
-        if (m->kind == 1 && dt == 1) { /* bf16 activations, as lg_matvec's one-token rows take them */
-            if (!(xs = malloc((size_t)T * K * sizeof(uint16_t)))) return -1;
-            rows_to_bf16(x, T, K, xs);
-            bh = 1;
-        }
-#endif
-        const char *xr = xs ? (const char *)xs : (const char *)x;
-        const size_t es = bh ? sizeof(uint16_t) : sizeof(float);
-        for (int t0 = 0; t0 < T; t0 += TMAX) {
-            const int nt = T - t0 < TMAX ? T - t0 : TMAX, R = tile_rows(nt, T), blocks = (N + R - 1) / R;
-            const int par = nth > 1 && (size_t)N * K * nt >= (1u << 16), chunk = lg_chunk(blocks, nth), chunks = (blocks + chunk - 1) / chunk;
-#pragma omp parallel for num_threads(nth) schedule(dynamic, 1) if (par)
-            for (int c = 0; c < chunks; c++)
-                dense_range(m, c * chunk, (c + 1) * chunk < blocks ? (c + 1) * chunk : blocks, R, xr + (size_t)t0 * K * es, nt, bh, dt, y + (size_t)t0 * N);
-        }
-        free(xs);
-        return 0;
-    }
-#endif
-    for (int t = 0; t < T; t++) lg_matvec(m, x + (size_t)t * K, dt, xa, y + (size_t)t * N, nth);
-    return 0;
-}
-
 /* y = m . x for T rows of floats (x [T, m->k], y [T, m->n]), each row exactly lg_matvec's, whatever T:
- * rows_matvec for a caller outside the layer (the lm_head: a speculative verification's logits are
+ * lg_mat_rows for a caller outside the layer (the lm_head: a speculative verification's logits are
  * then a decode step's bit for bit). Returns 0, or -1 when out of memory. */
 int lg_rows_linear(const lg_mat *m, int T, const float *x, int dt, float *y, int nth) {
     qact xa = {0};
     if ((m->kind == LG_MAT_Q || m->kind == LG_MAT_STACK) && !lg_qact_alloc(&xa, 1, (m->k + QB - 1) / QB * QB)) return -1;
-    const int rc = rows_matvec(m, T, x, dt, &xa, y, nth);
+    const int rc = lg_mat_rows(m, T, x, dt, &xa, y, nth);
     lg_qact_free(&xa);
     return rc;
 }
@@ -296,10 +46,10 @@ static int rows_swiglu(const lg_mat *gate_up, const lg_mat *down, int T, const f
     }
     const int I = down->k;
     float *a = g + (size_t)T * 2 * I;
-    if (rows_matvec(gate_up, T, h, dt, xa, g, nth)) return -1;
+    if (lg_mat_rows(gate_up, T, h, dt, xa, g, nth)) return -1;
     for (int t = 0; t < T; t++)
         for (int j = 0; j < I; j++) a[(size_t)t * I + j] = rnd(rnd(silu(g[(size_t)t * 2 * I + j]), dt) * g[(size_t)t * 2 * I + I + j], dt);
-    return rows_matvec(down, T, a, dt, xa, out, nth);
+    return lg_mat_rows(down, T, a, dt, xa, out, nth);
 }
 
 /* glm4_moe's grouped-query attention, the part before attending, of one token at `pos` after its
@@ -365,21 +115,21 @@ static int attention(const lg_layer *L, int T, const float *hn, const token_rows
         const int qn = L->heads * (M->nope + M->rope), row = M->kv_lora + M->rope, vn = L->heads * M->v;
         float *qa = scratch, *q = qa + (size_t)T * M->q_lora, *kv = q + (size_t)T * qn, *ov = kv + (size_t)T * row, *rest = ov + (size_t)T * vn;
         if (M->q_lora) {
-            if (rows_matvec(&M->q_a, T, hn, dt, xa, qa, nth)) return -1;
+            if (lg_mat_rows(&M->q_a, T, hn, dt, xa, qa, nth)) return -1;
             for (int t = 0; t < T; t++) lg_norm_row(qa + (size_t)t * M->q_lora, M->q_lora, M->q_a_norm, dt, M->latent_eps, qa + (size_t)t * M->q_lora);
         }
-        if (rows_matvec(&M->q_b, T, M->q_lora ? qa : hn, dt, xa, q, nth) || rows_matvec(&M->kv_a, T, hn, dt, xa, kv, nth)) return -1;
+        if (lg_mat_rows(&M->q_b, T, M->q_lora ? qa : hn, dt, xa, q, nth) || lg_mat_rows(&M->kv_a, T, hn, dt, xa, kv, nth)) return -1;
         for (int t = 0; t < T; t++) {
             const int rc = lg_mla_token(L, hn + (size_t)t * H, qa + (size_t)t * M->q_lora, q + (size_t)t * qn, kv + (size_t)t * row,
                                         row_at(R->cos, dt, R->rot_stride, t), row_at(R->sin, dt, R->rot_stride, t), k_cache, stride_pos, pos + t,
                                         index_keys, sel_at(R, t), xa, rest, ov + (size_t)t * vn, nth);
             if (rc) return rc;
         }
-        return rows_matvec(&L->o, T, ov, dt, xa, o, nth);
+        return lg_mat_rows(&L->o, T, ov, dt, xa, o, nth);
     }
     const int nq = L->heads * L->hd, row = nq + 2 * L->kv_heads * L->hd;
     float *qkv = scratch, *att = qkv + (size_t)T * row, *tmp = att + (size_t)T * nq;
-    if (rows_matvec(&L->qkv, T, hn, dt, xa, qkv, nth)) return -1;
+    if (lg_mat_rows(&L->qkv, T, hn, dt, xa, qkv, nth)) return -1;
     /* Every token's k and v go to the cache first: token t reads positions up to pos + t only, which the
      * later tokens' rows do not touch. Then one call attends for all of them (lg_attend_tokens: each
      * cached row converted once for the tokens, not once a token; the numbers are one-token calls'). */
@@ -390,7 +140,7 @@ static int attention(const lg_layer *L, int T, const float *hn, const token_rows
     const int rc = T == 1 ? lg_attend(qkv, k_cache, v_cache, dt, L->heads, L->kv_heads, pos + 1, NULL, L->hd, L->hd, stride_head, stride_pos, scale, att, nth)
                           : lg_attend_tokens(qkv, row, k_cache, v_cache, dt, L->heads, L->kv_heads, pos + 1, T, L->hd, stride_head, stride_pos, scale, att, nq, nth);
     if (rc) return rc;
-    return rows_matvec(&L->o, T, att, dt, xa, o, nth);
+    return lg_mat_rows(&L->o, T, att, dt, xa, o, nth);
 }
 
 /* Experts of lg_mat tables (dense in RAM, or GGUF blocks) for T tokens into routed [T, H] (dtype): each

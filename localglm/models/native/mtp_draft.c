@@ -9,7 +9,7 @@
  *
  * Each step is the numbers of the Python path (models/mtp.py MtpHead.forward / greedy) bit for bit:
  * the norms are lg_rms_norm's rows (lg_norm_row, rounded to the dtype), eh_proj and the head go
- * through lg_rows_linear (the rows' numbers rows_matvec's whatever their count, as RowsProduct), the
+ * through lg_rows_linear (the rows' numbers lg_mat_rows' whatever their count, as RowsProduct), the
  * layer through lg_decode_layers, and the argmax takes the first maximum (torch.argmax's tie rule).
  */
 #include <math.h>
