@@ -1,4 +1,4 @@
-"""`localglm export-gguf SRC OUT.gguf --type TYPE`: write a llama.cpp glm4moe GGUF from a Hugging Face checkpoint."""
+"""`localglm export-gguf SRC OUT.gguf --type TYPE`: write a llama.cpp GGUF from a Hugging Face checkpoint."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from .flags import size_flag
 from .progress import progress
 
 DESCRIPTION = """\
-Write the GLM-4.x MoE checkpoint SRC (Hugging Face layout) as a GGUF that llama.cpp loads (arch glm4moe),
-with the same tensor names, types and metadata its convert_hf_to_gguf.py writes. Reads one tensor at a
+Write the GLM checkpoint SRC (Hugging Face layout) as a GGUF that llama.cpp loads: arch glm4moe for
+GLM-4.5/4.6/4.7, deepseek2 for GLM-4.7-Flash, glm-dsa for GLM-5.x, with the same tensor names, types and metadata its convert_hf_to_gguf.py writes. Reads one tensor at a
 time and streams it out, so memory stays small whatever the model size. Norms, biases and routers stay F32.
 """
 EPILOG = """\
@@ -23,7 +23,7 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser(
         "export-gguf",
-        help="write a llama.cpp GGUF (glm4moe) from a checkpoint",
+        help="write a llama.cpp GGUF (glm4moe, deepseek2, glm-dsa) from a checkpoint",
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
