@@ -16,7 +16,7 @@ from .flags import add_recipe_options, build_recipe, set_threads, size_flag
 from .progress import progress
 
 DESCRIPTION = """\
-Quantize a GLM-4.x MoE checkpoint (Hugging Face layout, or a glm4moe GGUF file) into a localglm
+Quantize a GLM checkpoint (Hugging Face layout, or a glm4moe / deepseek2 / glm-dsa GGUF file) into a localglm
 quantized directory: routed experts as one contiguous blob each, other weights per the recipe, a
 manifest, config, tokenizer and template copied (from a GGUF: written from its metadata). Streams
 shard by shard (peak memory about one output shard plus the tensors in flight). GGUF K-/I-quants are
