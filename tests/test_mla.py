@@ -279,3 +279,38 @@ def test_latent_cache_size_and_overflow() -> None:
     assert allowed is None and lat.shape == (1, 3, KV_LORA) and kr.shape == (1, 3, ROPE) and kr.eq(2).all()
     with pytest.raises(ValueError, match="KV cache overflow: position 5 > context 4"):
         small.write(0, 3, torch.ones(1, 2, KV_LORA), torch.ones(1, 2, ROPE))
+
+
+@pytest.mark.parametrize("selected", [False, True], ids=["all-keys", "dsa-top-k"])
+def test_one_token_bf16_attention_sums_in_fp32(selected: bool) -> None:
+    """A decoded token's absorbed attention over bf16 latent rows (mla.py steps 1-5; on AVX512-BF16 the
+    scores run on the cached rows themselves by vdpbf16ps: rows of 48 + 16 values, a multiple of 32) equals
+    the steps done in float64 and rounded where the steps round, to a bf16 step here and there: the scores
+    are fp32 sums, not rounded to bf16 (scores of +-30 would move the probabilities by ~10% if they were).
+    21 cached rows (no multiple of the 8-row blocks); with DSA's selection, 9 of them in a scattered order."""
+    lora, rope, nope, v, heads, n = 48, 16, 24, 20, 3, 21
+    g = torch.Generator().manual_seed(5)
+    shape = MLAShape(heads, None, lora, nope, rope, v, scale=1.0, latent_eps=1e-6, rope_interleave=False)
+    kv_b = (torch.randn(heads * (nope + v), lora, generator=g) / lora**0.5).bfloat16()
+    w = MLAWeights(q_b=torch.zeros(1), kv_a=torch.zeros(1), kv_a_norm=torch.zeros(1), kv_b=kv_b, o=torch.zeros(1))
+    cache = LatentCache(1, lora, rope, 32, torch.bfloat16)
+    cache.write(0, 0, torch.randn(1, n, lora, generator=g).bfloat16(), torch.randn(1, n, rope, generator=g).bfloat16())
+    allowed = torch.tensor([[[17, 2, 9, 0, 20, 11, 5, 14, 8]]]) if selected else None
+    latent, k_rope, allowed = cache.read(0, n, allowed)
+    q_nope = (torch.randn(1, heads, 1, nope, generator=g) * 1.5).bfloat16()
+    q_rope = (torch.randn(1, heads, 1, rope, generator=g) * 1.5).bfloat16()
+    got = mla._native_absorbed(q_nope, q_rope, latent, k_rope, w, shape, allowed)
+    if got is None:
+        pytest.skip("no native kernels on this machine")
+    w_uk, w_uv = (t.double() for t in w.absorbed(shape, torch.bfloat16))
+    keys = allowed.reshape(-1) if selected else torch.arange(n)
+    lat, kr = latent[0, keys].double(), k_rope[0, keys].double()
+    q_lat = (q_nope[0, :, 0].double()[:, None] @ w_uk)[:, 0].bfloat16().double()  # [heads, lora]
+    scores = q_lat @ lat.T + q_rope[0, :, 0].double() @ kr.T
+    assert scores.abs().max() > 20  # large enough that bf16-rounded scores would show
+    o_lat = (torch.softmax(scores, -1) @ lat).bfloat16().double()
+    want = (o_lat[:, None] @ w_uv.transpose(1, 2))[:, 0].bfloat16()
+    got = got.reshape(heads, v)
+    step = (want.float().abs() * 2**-7).clamp_min(1e-30)
+    assert ((got.float() - want.float()).abs() <= step + 1e-6).all(), (got.float() - want.float()).abs().max()
+    assert (got == want).float().mean() >= 0.9

@@ -138,6 +138,16 @@ static inline void softmax_in_place(float *s, int n) {
 static inline void add_weighted_rows(const float *p, const float *rows, int n, int hv, float *acc) {
     int i = 0;
 #ifdef __AVX2__
+    if (n == AB) /* a whole block: four chunks' chains at once, the row count known (the same sums, in the same order) */
+        for (; i + 32 <= hv; i += 32) {
+            __m256 a[4];
+            for (int c = 0; c < 4; c++) a[c] = _mm256_loadu_ps(acc + i + 8 * c);
+            for (int j = 0; j < AB; j++) {
+                const __m256 pj = _mm256_set1_ps(p[j]);
+                for (int c = 0; c < 4; c++) a[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(rows + (size_t)j * hv + i + 8 * c), a[c]);
+            }
+            for (int c = 0; c < 4; c++) _mm256_storeu_ps(acc + i + 8 * c, a[c]);
+        }
     for (; i + 8 <= hv; i += 8) {
         __m256 a = _mm256_loadu_ps(acc + i);
         for (int j = 0; j < n; j++) a = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(rows + (size_t)j * hv + i), a);
@@ -162,14 +172,15 @@ static inline void add_weighted_rows(const float *p, const float *rows, int n, i
  * p v accumulated per head over the block's rows. Work is split by (kv head, slice of its query
  * heads) so every thread has some even with fewer kv heads than threads. Returns 0, or -1 when out
  * of memory. */
-int lg_attend(const float *q, const void *k, const void *v, int dtype, int heads, int kv_heads, int len, const int32_t *idx,
-              int hk, int hv, long stride_head, long stride_pos, float scale, float *out, int nth) {
+static int attend(const float *q, const void *k, const void *v, int dtype, int heads, int kv_heads, int len, const int32_t *idx,
+                  int hk, int hv, long stride_head, long stride_pos, float scale, float *out, int nth, int bh) {
     const int group = heads / kv_heads;
     int split = nth / kv_heads;
     split = split < 1 ? 1 : split > group ? group : split;
     const int chunk = (group + split - 1) / split, items = kv_heads * split;
     const int padded = (len + AB - 1) / AB * AB;
-    const size_t per_item = (size_t)chunk * (size_t)padded + (size_t)AB * (size_t)(hk > hv ? hk : hv);
+    /* bh: each item's query heads as bf16 (chunk * hk values) after its scores and rows */
+    const size_t per_item = (size_t)chunk * (size_t)padded + (size_t)AB * (size_t)(hk > hv ? hk : hv) + (bh ? ((size_t)chunk * hk + 1) / 2 : 0);
     float *buf = malloc(sizeof(float) * per_item * (size_t)items);
     if (!buf) return -1;
     const int par = nth > 1 && (long)heads * len * hk >= (1L << 15);
@@ -179,7 +190,26 @@ int lg_attend(const float *q, const void *k, const void *v, int dtype, int heads
         const int h1 = h0 + chunk < (g + 1) * group ? h0 + chunk : (g + 1) * group;
         float *sc = buf + (size_t)it * per_item, *rows = sc + (size_t)chunk * (size_t)padded;
         const size_t base = (size_t)g * (size_t)stride_head;
-        for (int t0 = 0; t0 < len; t0 += AB) {
+#ifdef LG_DPBF16
+        if (bh) { /* q . k on the cached bf16 rows themselves (lg_attend_latent) */
+            uint16_t *qb = (uint16_t *)(rows + (size_t)AB * (size_t)(hk > hv ? hk : hv));
+            for (int h = h0; h < h1; h++) row_to_bf16(q + (size_t)h * hk, hk, qb + (size_t)(h - h0) * hk); /* exact: bf16 values */
+            for (int t0 = 0; t0 < len; t0 += AB) {
+                const int nb = len - t0 < AB ? len - t0 : AB;
+                const uint16_t *rp[AB];
+                for (int j = 0; j < AB; j++) { /* past the end: the block's first row again (those scores are never read) */
+                    const int p = t0 + (j < nb ? j : 0);
+                    rp[j] = (const uint16_t *)k + base + (size_t)(idx ? idx[p] : p) * (size_t)stride_pos;
+                }
+                for (int h = h0; h < h1; h++) {
+                    float *s = sc + (size_t)(h - h0) * padded + t0;
+                    dot_block_bh(qb + (size_t)(h - h0) * hk, rp, hk, s);
+                    for (int j = 0; j < nb; j++) s[j] *= scale;
+                }
+            }
+        }
+#endif
+        for (int t0 = 0; t0 < len && !bh; t0 += AB) {
             const int nb = len - t0 < AB ? len - t0 : AB;
             for (int j = 0; j < AB; j++) {
                 if (j < nb) load_row(k, dtype, base + (size_t)(idx ? idx[t0 + j] : t0 + j) * (size_t)stride_pos, hk, rows + (size_t)j * hk);
@@ -206,6 +236,21 @@ int lg_attend(const float *q, const void *k, const void *v, int dtype, int heads
     }
     free(buf);
     return 0;
+}
+
+int lg_attend(const float *q, const void *k, const void *v, int dtype, int heads, int kv_heads, int len, const int32_t *idx,
+              int hk, int hv, long stride_head, long stride_pos, float scale, float *out, int nth) {
+    return attend(q, k, v, dtype, heads, kv_heads, len, idx, hk, hv, stride_head, stride_pos, scale, out, nth, 0);
+}
+
+int lg_attend_latent(const float *q, const void *rows, int dtype, int heads, int len, const int32_t *idx, int hk, int hv, long stride_pos,
+                     float scale, float *out, int nth) {
+#ifdef LG_DPBF16
+    const int bh = dtype == 1 && hk % 32 == 0;
+#else
+    const int bh = 0;
+#endif
+    return attend(q, rows, rows, dtype, heads, 1, len, idx, hk, hv, 0, stride_pos, scale, out, nth, bh);
 }
 
 /* Query tokens a work item of lg_attend_tokens takes: their scores sit side by side (TQ x group x positions

@@ -101,6 +101,14 @@ LG_HIDDEN void lg_rope_into(const float *x, float *out, int rot, const void *cos
 LG_HIDDEN int lg_attend(const float *q, const void *k, const void *v, int dtype, int heads, int kv_heads, int len, const int32_t *idx,
                         int hk, int hv, long stride_head, long stride_pos, float scale, float *out, int nth);
 
+/* lg_attend for MLA's latent rows (one kv head; keys the whole row of hk values, values its first hv): with
+ * bf16 rows and AVX512-BF16, q . k runs on the cached rows as they are by vdpbf16ps (exact products,
+ * fp32 sums, no conversion of the rows; q holds bf16 values: the latent-space query is rounded to the
+ * dtype), twice lg_attend's fp32 products a cycle; softmax and p v as lg_attend's. Every MLA attention of
+ * one token, torch's decode op and the fused decoder alike, comes here, so they keep one order. */
+LG_HIDDEN int lg_attend_latent(const float *q, const void *rows, int dtype, int heads, int len, const int32_t *idx, int hk, int hv,
+                               long stride_pos, float scale, float *out, int nth);
+
 /* lg_attend for T consecutive query tokens of one sequence: token t (q at q + t * q_stride, out at out +
  * t * o_stride) attends positions 0..len0 + t - 1, each token's numbers lg_attend's. Returns 0, or -1
  * when out of memory. */
@@ -162,6 +170,23 @@ static inline void dot_block(const float *q, const float *rows, int hd, float *s
 #endif
     for (int j = 0; j < AB; j++) s[j] = dotf(q, rows + (size_t)j * hd, hd);
 }
+
+#ifdef LG_DPBF16
+/* dot_block on bf16 rows as cached (rows[j]: AB row pointers) and a bf16 query, by vdpbf16ps: 32 exact
+ * products an instruction summed in fp32, no conversion of the rows; hd a multiple of 32. Each row's sum
+ * has one order (its lanes, then hsum8x8 of the halves' sum) wherever it sits in the block. */
+static inline void dot_block_bh(const uint16_t *q, const uint16_t *const *rows, int hd, float *s) {
+    __m512 acc[AB];
+    for (int j = 0; j < AB; j++) acc[j] = _mm512_setzero_ps();
+    for (int i = 0; i < hd; i += 32) {
+        const __m512bh qv = (__m512bh)_mm512_loadu_si512((const void *)(q + i));
+        for (int j = 0; j < AB; j++) acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_loadu_si512((const void *)(rows[j] + i)), qv);
+    }
+    __m256 half[AB];
+    for (int j = 0; j < AB; j++) half[j] = _mm256_add_ps(_mm512_castps512_ps256(acc[j]), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[j]), 1)));
+    _mm256_storeu_ps(s, hsum8x8(half));
+}
+#endif
 
 /* The router of MoE layer L on the normed hidden state h: ids / wts [top_k]; sc holds 2E floats. */
 LG_HIDDEN void lg_route(const lg_layer *L, const float *h, float *sc, int64_t *ids, float *wts, int nth);

@@ -89,7 +89,7 @@ static int absorbed(const lg_mla *M, int heads, int dt, const float *q, const vo
         for (int i = 0; i < lat; i++) qh[i] = rnd(qh[i], dt);
         memcpy(qh + lat, q + (size_t)h * qk + M->nope, (size_t)rope * sizeof(float));
     }
-    const int rc = lg_attend(ql, rows, rows, dt, heads, 1, len, idx, row, lat, 0, stride_pos, M->scale, olat, nth);
+    const int rc = lg_attend_latent(ql, rows, dt, heads, len, idx, row, lat, stride_pos, M->scale, olat, nth);
     if (rc) return rc;
 #pragma omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(heads, nth)) if (par)
     for (int h = 0; h < heads; h++) { /* out[h] = W_UV[h] . o_lat[h]: a dense [v, kv_lora] matrix-vector product, rounded */
