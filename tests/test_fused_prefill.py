@@ -89,6 +89,9 @@ CASES = {
     "glm4_moe-q8-q2": ("glm4_moe", dict(experts_bits=2, attn_bits=8, shared_bits=8, dense_bits=8), GLM4),
     "glm4_moe_lite-bf16": ("glm4_moe_lite", {}, {}),
     "glm4_moe_lite-q4": ("glm4_moe_lite", dict(experts_bits=4, attn_bits=8), dict(q_lora_rank=0, attention_bias=True, seed=1)),
+    # latent rows of 480 + 32 values, a multiple of 32 (their q . k runs on the cached bf16 rows, vdpbf16ps), long
+    # enough that the fp32 sums round (with 64 values they came out exact in any order)
+    "glm4_moe_lite-bf16-rows32": ("glm4_moe_lite", {}, dict(kv_lora_rank=480, qk_rope_head_dim=32, seed=4)),
     "glm_moe_dsa-bf16": ("glm_moe_dsa", {}, dict(num_hidden_layers=4, indexer_pattern="FSFS", index_topk=6, seed=3)),
     "glm_moe_dsa-q4": ("glm_moe_dsa", dict(experts_bits=4, attn_bits=8, indexer_bits=8), dict(num_hidden_layers=4, indexer_pattern="FSSF", index_topk=7)),
 }  # fmt: skip
@@ -102,11 +105,12 @@ def test_a_multi_token_forward_is_bit_identical_to_one_token_steps(tmp_path: Pat
     _assert_same(net)
 
 
-@pytest.mark.parametrize("case", ["glm4_moe-bf16", "glm4_moe-fp32"])
+@pytest.mark.parametrize("case", ["glm4_moe-bf16", "glm4_moe-fp32", "glm4_moe_lite-bf16", "glm4_moe_lite-bf16-rows32"])
 def test_chunks_longer_than_an_attention_slice(tmp_path: Path, case: str) -> None:
-    """Grouped-query attention takes a chunk's tokens 16 at a time (layer_ops.c ATTEND_TQ), each block of cached
-    rows converted once for them: chunks of 37 and 30 tokens (three and two slices, the last ones partial)
-    after a short one still give every token its one-token numbers and the same cache."""
+    """Grouped-query and latent (MLA) attention take a chunk's tokens 16 at a time (layer_ops.c ATTEND_TQ), each
+    block of cached rows read once for them, the heads shared among the threads: chunks of 37 and 30 tokens
+    (three and two slices, the last ones partial) after a short one still give every token its one-token
+    numbers and the same cache."""
     arch, load, spec = CASES[case]
     prompt = torch.randint(0, 500, (70,), generator=torch.Generator().manual_seed(11)).tolist()
     _assert_same(_load(tmp_path, arch, load, **spec), prompt, (3, 37, 30))

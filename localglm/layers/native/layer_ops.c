@@ -243,15 +243,6 @@ int lg_attend(const float *q, const void *k, const void *v, int dtype, int heads
     return attend(q, k, v, dtype, heads, kv_heads, len, idx, hk, hv, stride_head, stride_pos, scale, out, nth, 0);
 }
 
-int lg_attend_latent(const float *q, const void *rows, int dtype, int heads, int len, const int32_t *idx, int hk, int hv, long stride_pos,
-                     float scale, float *out, int nth) {
-#ifdef LG_DPBF16
-    const int bh = dtype == 1 && hk % 32 == 0;
-#else
-    const int bh = 0;
-#endif
-    return attend(q, rows, rows, dtype, heads, 1, len, idx, hk, hv, 0, stride_pos, scale, out, nth, bh);
-}
 
 /* Query tokens a work item of lg_attend_tokens takes: their scores sit side by side (TQ x group x positions
  * floats) while each block of cached rows is converted once for all of them. */
@@ -260,15 +251,22 @@ int lg_attend_latent(const float *q, const void *rows, int dtype, int heads, int
 /* lg_attend for T consecutive tokens (layer_ops.h). lg_attend converts each block of AB cached rows to floats
  * once per token; here once per ATTEND_TQ tokens and the query heads of their group -- at a long prompt's
  * 128-token chunks that conversion was about a third of the attention (perf, the default model at 1,920
- * tokens: attention ~45% of the prompt). Per (token, head) the operations and their order are lg_attend's:
- * the same dot_block over each block (rows a token does not see are real rows here, zeros there: their
- * scores are never read), the same scale, max, exp_shift_sum, normalisation and p v accumulation block
- * after block -- so each token's output is bit for bit its one-token call's (tests/test_fused_prefill.py). */
-int lg_attend_tokens(const float *q, long q_stride, const void *k, const void *v, int dtype, int heads, int kv_heads, int len0, int T,
-                     int hd, long stride_head, long stride_pos, float scale, float *out, long o_stride, int nth) {
-    const int group = heads / kv_heads, slices = (T + ATTEND_TQ - 1) / ATTEND_TQ, items = kv_heads * slices;
-    const int padded = (len0 + T - 1 + AB - 1) / AB * AB;
-    const size_t per_item = (size_t)ATTEND_TQ * (size_t)group * (size_t)padded + (size_t)AB * (size_t)hd;
+ * tokens: attention ~45% of the prompt). Per (token, head) the operations and their order are attend's:
+ * the same dot_block (or, bh, dot_block_bh on the cached bf16 rows) over each block (rows a token does not
+ * see are real rows here, zeros or the block's first row there: their scores are never read), the same
+ * scale, max, exp_shift_sum, normalisation and p v accumulation block after block -- so each token's output
+ * is bit for bit its one-token call's (tests/test_fused_prefill.py, tests/test_fused_decode_mla.py). Work
+ * items are (kv head, slice of ATTEND_TQ tokens, share of the group's query heads): with one kv head (MLA)
+ * and a verification's few tokens the heads are what the threads share. */
+static int attend_tokens(const float *q, long q_stride, const void *k, const void *v, int dtype, int heads, int kv_heads, int len0, int T,
+                         int hk, int hv, long stride_head, long stride_pos, float scale, float *out, long o_stride, int nth, int bh) {
+    const int group = heads / kv_heads, slices = (T + ATTEND_TQ - 1) / ATTEND_TQ;
+    int split = nth / (kv_heads * slices);
+    split = split < 1 ? 1 : split > group ? group : split;
+    const int chunk = (group + split - 1) / split, items = kv_heads * slices * split;
+    const int padded = (len0 + T - 1 + AB - 1) / AB * AB, hr = hk > hv ? hk : hv;
+    const size_t per_item = (size_t)ATTEND_TQ * (size_t)chunk * (size_t)padded + (size_t)AB * (size_t)hr +
+                            (bh ? ((size_t)ATTEND_TQ * (size_t)chunk * (size_t)hk + 1) / 2 : 0); /* bh: the queries as bf16 */
     int failed = 0;
     const int par = nth > 1 && items > 1;
 #pragma omp parallel for num_threads(nth) schedule(dynamic, 1) if (par)
@@ -279,54 +277,100 @@ int lg_attend_tokens(const float *q, long q_stride, const void *k, const void *v
             failed = 1;
             continue;
         }
-        float *rows = sc + (size_t)ATTEND_TQ * (size_t)group * (size_t)padded;
-        const int g = it / slices, t0 = (it % slices) * ATTEND_TQ, t1 = t0 + ATTEND_TQ < T ? t0 + ATTEND_TQ : T;
+        float *rows = sc + (size_t)ATTEND_TQ * (size_t)chunk * (size_t)padded;
+        const int g = it / (slices * split), sl = (it / split) % slices, h0 = g * group + (it % split) * chunk;
+        const int h1 = h0 + chunk < (g + 1) * group ? h0 + chunk : (g + 1) * group;
+        const int t0 = sl * ATTEND_TQ, t1 = t0 + ATTEND_TQ < T ? t0 + ATTEND_TQ : T;
         const int last = len0 + t1 - 1; /* positions the slice's last token sees */
         const size_t base = (size_t)g * (size_t)stride_head;
-#define SCORES(t, h) (sc + ((size_t)((t) - t0) * (size_t)group + (size_t)((h) - g * group)) * (size_t)padded)
+#define SCORES(t, h) (sc + ((size_t)((t) - t0) * (size_t)chunk + (size_t)((h) - h0)) * (size_t)padded)
+#ifdef LG_DPBF16
+        uint16_t *qb = (uint16_t *)(rows + (size_t)AB * (size_t)hr);
+#define QBH(t, h) (qb + ((size_t)((t) - t0) * (size_t)chunk + (size_t)((h) - h0)) * (size_t)hk)
+        if (bh)
+            for (int t = t0; t < t1; t++)
+                for (int h = h0; h < h1; h++) row_to_bf16(q + (size_t)t * (size_t)q_stride + (size_t)h * hk, hk, QBH(t, h)); /* exact: bf16 values */
+#endif
         for (int b0 = 0; b0 < last; b0 += AB) {
             const int nb = last - b0 < AB ? last - b0 : AB;
-            for (int j = 0; j < AB; j++) {
-                if (j < nb) load_row(k, dtype, base + (size_t)(b0 + j) * (size_t)stride_pos, hd, rows + (size_t)j * hd);
-                else memset(rows + (size_t)j * hd, 0, (size_t)hd * sizeof(float));
-            }
+#ifdef LG_DPBF16
+            const uint16_t *rp[AB];
+            if (bh)
+                for (int j = 0; j < AB; j++) rp[j] = (const uint16_t *)k + base + (size_t)(b0 + (j < nb ? j : 0)) * (size_t)stride_pos;
+            else
+#endif
+                for (int j = 0; j < AB; j++) {
+                    if (j < nb) load_row(k, dtype, base + (size_t)(b0 + j) * (size_t)stride_pos, hk, rows + (size_t)j * hk);
+                    else memset(rows + (size_t)j * hk, 0, (size_t)hk * sizeof(float));
+                }
             for (int t = t0; t < t1; t++) {
                 const int len = len0 + t, nt = len - b0 < AB ? len - b0 : AB;
                 if (nt <= 0) continue;
-                for (int h = g * group; h < (g + 1) * group; h++) {
+                for (int h = h0; h < h1; h++) {
                     float *s = SCORES(t, h) + b0;
-                    dot_block(q + (size_t)t * (size_t)q_stride + (size_t)h * hd, rows, hd, s);
+#ifdef LG_DPBF16
+                    if (bh) dot_block_bh(QBH(t, h), rp, hk, s);
+                    else
+#endif
+                        dot_block(q + (size_t)t * (size_t)q_stride + (size_t)h * hk, rows, hk, s);
                     for (int j = 0; j < nt; j++) s[j] *= scale;
                 }
             }
         }
+#ifdef LG_DPBF16
+#undef QBH
+#endif
         for (int t = t0; t < t1; t++)
-            for (int h = g * group; h < (g + 1) * group; h++) {
+            for (int h = h0; h < h1; h++) {
                 const int len = len0 + t;
                 softmax_in_place(SCORES(t, h), len);
-                float *acc = out + (size_t)t * (size_t)o_stride + (size_t)h * hd;
-                for (int i = 0; i < hd; i++) acc[i] = 0.0f;
+                float *acc = out + (size_t)t * (size_t)o_stride + (size_t)h * hv;
+                for (int i = 0; i < hv; i++) acc[i] = 0.0f;
             }
         for (int b0 = 0; b0 < last; b0 += AB) {
             const int nb = last - b0 < AB ? last - b0 : AB;
-            for (int j = 0; j < nb; j++) load_row(v, dtype, base + (size_t)(b0 + j) * (size_t)stride_pos, hd, rows + (size_t)j * hd);
+            for (int j = 0; j < nb; j++) load_row(v, dtype, base + (size_t)(b0 + j) * (size_t)stride_pos, hv, rows + (size_t)j * hv);
             for (int t = t0; t < t1; t++) {
                 const int len = len0 + t, nt = len - b0 < AB ? len - b0 : AB;
                 if (nt <= 0) continue;
-                for (int h = g * group; h < (g + 1) * group; h++)
-                    add_weighted_rows(SCORES(t, h) + b0, rows, nt, hd, out + (size_t)t * (size_t)o_stride + (size_t)h * hd);
+                for (int h = h0; h < h1; h++) add_weighted_rows(SCORES(t, h) + b0, rows, nt, hv, out + (size_t)t * (size_t)o_stride + (size_t)h * hv);
             }
         }
 #undef SCORES
         for (int t = t0; t < t1; t++)
-            for (int h = g * group; h < (g + 1) * group; h++)
-                for (int i = 0; i < hd; i++) {
-                    float *o = out + (size_t)t * (size_t)o_stride + (size_t)h * hd + i;
+            for (int h = h0; h < h1; h++)
+                for (int i = 0; i < hv; i++) {
+                    float *o = out + (size_t)t * (size_t)o_stride + (size_t)h * hv + i;
                     *o = rnd(*o, dtype);
                 }
         free(sc);
     }
     return failed ? -1 : 0;
+}
+
+int lg_attend_tokens(const float *q, long q_stride, const void *k, const void *v, int dtype, int heads, int kv_heads, int len0, int T,
+                     int hd, long stride_head, long stride_pos, float scale, float *out, long o_stride, int nth) {
+    return attend_tokens(q, q_stride, k, v, dtype, heads, kv_heads, len0, T, hd, hd, stride_head, stride_pos, scale, out, o_stride, nth, 0);
+}
+
+/* Whether MLA's latent rows take vdpbf16ps for q . k (lg_attend_latent, lg_attend_latent_tokens: one rule, one order). */
+static int latent_bh(int dtype, int hk) {
+#ifdef LG_DPBF16
+    return dtype == 1 && hk % 32 == 0;
+#else
+    (void)dtype, (void)hk;
+    return 0;
+#endif
+}
+
+int lg_attend_latent(const float *q, const void *rows, int dtype, int heads, int len, const int32_t *idx, int hk, int hv, long stride_pos,
+                     float scale, float *out, int nth) {
+    return attend(q, rows, rows, dtype, heads, 1, len, idx, hk, hv, 0, stride_pos, scale, out, nth, latent_bh(dtype, hk));
+}
+
+int lg_attend_latent_tokens(const float *q, long q_stride, const void *rows, int dtype, int heads, int len0, int T, int hk, int hv,
+                            long stride_pos, float scale, float *out, long o_stride, int nth) {
+    return attend_tokens(q, q_stride, rows, rows, dtype, heads, 1, len0, T, hk, hv, 0, stride_pos, scale, out, o_stride, nth, latent_bh(dtype, hk));
 }
 
 /* lg_attend on a q of `dtype`, out of `dtype`: the single op localglm/layers/attention.py calls. */

@@ -115,6 +115,12 @@ LG_HIDDEN int lg_attend_latent(const float *q, const void *rows, int dtype, int 
 LG_HIDDEN int lg_attend_tokens(const float *q, long q_stride, const void *k, const void *v, int dtype, int heads, int kv_heads, int len0, int T,
                                int hd, long stride_head, long stride_pos, float scale, float *out, long o_stride, int nth);
 
+/* lg_attend_tokens on MLA's latent rows (lg_attend_latent's q . k): token t (q at q + t * q_stride, heads
+ * of hk values; out at out + t * o_stride, heads of hv) attends rows 0..len0 + t - 1, each token's numbers
+ * lg_attend_latent's. Returns 0, or -1 when out of memory. */
+LG_HIDDEN int lg_attend_latent_tokens(const float *q, long q_stride, const void *rows, int dtype, int heads, int len0, int T, int hk, int hv,
+                                      long stride_pos, float scale, float *out, long o_stride, int nth);
+
 /* Floats of scratch lg_mla_attention takes for layer L, and of the part lg_mla_token takes. */
 LG_HIDDEN size_t lg_mla_scratch(const lg_layer *L);
 LG_HIDDEN size_t lg_mla_token_scratch(const lg_layer *L);
@@ -124,6 +130,11 @@ LG_HIDDEN size_t lg_mla_token_scratch(const lg_layer *L);
  * at pos, DSA's pick on a full layer, the absorbed attention into ov [heads * v], before o_proj. */
 LG_HIDDEN int lg_mla_token(const lg_layer *L, const float *hn, const float *qa, float *q, float *kv, const void *cos, const void *sin, void *rows,
                            long stride_pos, int pos, void *index_keys, lg_selection *sel, qact *xa, float *scratch, float *ov, int nth);
+
+/* lg_mla_token for T consecutive tokens of a layer without DSA's selection (mla_attention.c), and its scratch floats. */
+LG_HIDDEN int lg_mla_tokens(const lg_layer *L, int T, float *q, float *kv, const void *cos, const void *sin, long rot_stride, void *rows,
+                            long stride_pos, int pos, float *scratch, float *ov, int nth);
+LG_HIDDEN size_t lg_mla_tokens_scratch(const lg_layer *L, int T);
 
 /* Multi-head latent attention of one token at `pos` (mla_attention.c): hn -> o [hidden], this
  * token's latent row written to `rows` (position t at t * stride_pos). A DSA layer attends to

@@ -97,12 +97,17 @@ static size_t mla_rows(const lg_layer *L) {
 
 /* Floats of scratch `attention` takes for T tokens. */
 static size_t attn_scratch(const lg_layer *L, int T) {
-    if (L->attn_kind != LG_ATTN_GQA) return T == 1 ? lg_mla_scratch(L) : (size_t)T * mla_rows(L) + lg_mla_token_scratch(L);
+    if (L->attn_kind != LG_ATTN_GQA) {
+        if (T == 1) return lg_mla_scratch(L);
+        const size_t one = lg_mla_token_scratch(L), all = L->attn_kind == LG_ATTN_MLA ? lg_mla_tokens_scratch(L, T) : 0;
+        return (size_t)T * mla_rows(L) + (one > all ? one : all);
+    }
     return (size_t)T * ((size_t)(L->heads + 2 * L->kv_heads) * L->hd + (size_t)L->heads * L->hd) + (size_t)L->hd;
 }
 
 /* The layer's attention of T tokens at pos.. on their normed hidden states hn [T, hidden], into
- * o [T, hidden], token after token (each attends up to itself), the projections (GQA's q/k/v and o,
+ * o [T, hidden], each token attending up to itself (together: GQA's lg_attend_tokens, MLA's lg_mla_tokens;
+ * token after token on a DSA layer, whose picks differ), the projections (GQA's q/k/v and o,
  * MLA's q_a, q_b, kv_a and o) for every token at once; a DSA full layer's pick lands in that
  * token's selection. `scratch` holds attn_scratch(L, T) floats. Returns 0, or -1 when out of memory. */
 static int attention(const lg_layer *L, int T, const float *hn, const token_rows *R, void *k_cache, void *v_cache, long stride_head,
@@ -119,6 +124,10 @@ static int attention(const lg_layer *L, int T, const float *hn, const token_rows
             for (int t = 0; t < T; t++) lg_norm_row(qa + (size_t)t * M->q_lora, M->q_lora, M->q_a_norm, dt, M->latent_eps, qa + (size_t)t * M->q_lora);
         }
         if (lg_mat_rows(&M->q_b, T, M->q_lora ? qa : hn, dt, xa, q, nth) || lg_mat_rows(&M->kv_a, T, hn, dt, xa, kv, nth)) return -1;
+        if (L->attn_kind == LG_ATTN_MLA) { /* no selection: the tokens attend together (a cached row read once for them) */
+            if (lg_mla_tokens(L, T, q, kv, R->cos, R->sin, R->rot_stride, k_cache, stride_pos, pos, rest, ov, nth)) return -1;
+            return lg_mat_rows(&L->o, T, ov, dt, xa, o, nth);
+        }
         for (int t = 0; t < T; t++) {
             const int rc = lg_mla_token(L, hn + (size_t)t * H, qa + (size_t)t * M->q_lora, q + (size_t)t * qn, kv + (size_t)t * row,
                                         row_at(R->cos, dt, R->rot_stride, t), row_at(R->sin, dt, R->rot_stride, t), k_cache, stride_pos, pos + t,

@@ -71,31 +71,46 @@ static size_t absorbed_scratch(const lg_mla *M, int heads) {
     return (size_t)heads * ((size_t)M->kv_lora + (size_t)M->rope) + (size_t)heads * (size_t)M->kv_lora;
 }
 
-/* Steps 1-5 of mla.py's `_absorbed_attention` for one token: q [heads, nope + rope] (floats of dtype
- * values, the rope part roped) against `len` cached rows (latent | rope key at rows + t *
- * stride_pos; t = 0..len-1, or idx[0..len)) -> out [heads, v] floats of dtype values: per head
- * q_lat = q_nope . W_UK (rounded), attention of [q_lat | q_rope] (lg_attend), o_lat (rounded) .
- * W_UV^T (rounded). Returns 0, or -1 when out of memory. */
-static int absorbed(const lg_mla *M, int heads, int dt, const float *q, const void *rows, long stride_pos, int len, const int32_t *idx,
-                    float *scratch, float *out, int nth) {
+/* Step 1 of mla.py's `_absorbed_attention` for one token: q [heads, nope + rope] (floats of dtype values, the
+ * rope part roped) -> ql [heads, kv_lora + rope], each head's query in latent space: q_nope . W_UK (rounded)
+ * | q_rope. */
+static void fold_queries(const lg_mla *M, int heads, int dt, const float *q, float *ql, int nth) {
     const int lat = M->kv_lora, rope = M->rope, qk = M->nope + rope, row = lat + rope;
-    float *ql = scratch, *olat = ql + (size_t)heads * row;
-    const size_t es = dt == 1 ? 2 : 4;
     const int par = nth > 1 && (size_t)heads * (size_t)(M->nope + M->v) * (size_t)lat >= (1u << 16);
 #pragma omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(heads, nth)) if (par)
-    for (int h = 0; h < heads; h++) { /* the query in latent space: [q_nope . W_UK (rounded) | q_rope] */
+    for (int h = 0; h < heads; h++) {
         float *qh = ql + (size_t)h * row;
         vec_mat(q + (size_t)h * qk, M->w_uk, dt, (size_t)h * (size_t)M->head_stride, M->nope, lat, qh);
         for (int i = 0; i < lat; i++) qh[i] = rnd(qh[i], dt);
         memcpy(qh + lat, q + (size_t)h * qk + M->nope, (size_t)rope * sizeof(float));
     }
-    const int rc = lg_attend_latent(ql, rows, dt, heads, len, idx, row, lat, stride_pos, M->scale, olat, nth);
-    if (rc) return rc;
+}
+
+/* Step 5: olat [heads, kv_lora] (floats of dtype values) -> out [heads, v], out[h] = W_UV[h] . o_lat[h] (a
+ * dense [v, kv_lora] matrix-vector product, rounded). */
+static void unfold_values(const lg_mla *M, int heads, int dt, const float *olat, float *out, int nth) {
+    const int lat = M->kv_lora;
+    const size_t es = dt == 1 ? 2 : 4;
+    const int par = nth > 1 && (size_t)heads * (size_t)(M->nope + M->v) * (size_t)lat >= (1u << 16);
 #pragma omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(heads, nth)) if (par)
-    for (int h = 0; h < heads; h++) { /* out[h] = W_UV[h] . o_lat[h]: a dense [v, kv_lora] matrix-vector product, rounded */
+    for (int h = 0; h < heads; h++) {
         const lg_mat uv = {.kind = dt == 1 ? 1 : 2, .n = M->v, .k = lat, .w = (const char *)M->w_uv + (size_t)h * (size_t)M->head_stride * es};
         lg_matvec(&uv, olat + (size_t)h * lat, dt, NULL, out + (size_t)h * M->v, 1);
     }
+}
+
+/* Steps 1-5 of mla.py's `_absorbed_attention` for one token: q [heads, nope + rope] (floats of dtype
+ * values, the rope part roped) against `len` cached rows (latent | rope key at rows + t *
+ * stride_pos; t = 0..len-1, or idx[0..len)) -> out [heads, v] floats of dtype values: fold_queries,
+ * attention of [q_lat | q_rope] (lg_attend_latent), unfold_values. Returns 0, or -1 when out of memory. */
+static int absorbed(const lg_mla *M, int heads, int dt, const float *q, const void *rows, long stride_pos, int len, const int32_t *idx,
+                    float *scratch, float *out, int nth) {
+    const int lat = M->kv_lora, row = lat + M->rope;
+    float *ql = scratch, *olat = ql + (size_t)heads * row;
+    fold_queries(M, heads, dt, q, ql, nth);
+    const int rc = lg_attend_latent(ql, rows, dt, heads, len, idx, row, lat, stride_pos, M->scale, olat, nth);
+    if (rc) return rc;
+    unfold_values(M, heads, dt, olat, out, nth);
     return 0;
 }
 
@@ -120,11 +135,9 @@ static void mla_project(const lg_layer *L, const float *hn, qact *xa, float *qa,
  * over `sel`'s positions, which a full layer first picks (its indexer key written to index_keys at
  * pos * head_dim) -- into ov [heads * v], before o_proj. q and kv are changed in place; `scratch`
  * holds lg_mla_scratch(L) floats. Returns 0, or -1 when out of memory. */
-int lg_mla_token(const lg_layer *L, const float *hn, const float *qa, float *q, float *kv, const void *cos, const void *sin, void *rows,
-                 long stride_pos, int pos, void *index_keys, lg_selection *sel, qact *xa, float *scratch, float *ov, int nth) {
+static void rope_and_write(const lg_layer *L, float *q, float *kv, const void *cos, const void *sin, void *rows, long stride_pos, int pos, float *kr) {
     const lg_mla *M = L->mla;
     const int dt = L->dtype, heads = L->heads, lat = M->kv_lora, rope = M->rope, qk = M->nope + rope, row = lat + rope;
-    float *kr = scratch, *core = kr + rope;
     for (int h = 0; h < heads; h++) {
         float *qr = q + (size_t)h * qk + M->nope;
         lg_rope_into(qr, kr, rope, cos, sin, dt, M->interleave);
@@ -135,7 +148,14 @@ int lg_mla_token(const lg_layer *L, const float *hn, const float *qa, float *q, 
     memcpy(kv + lat, kr, (size_t)rope * sizeof(float));
     const size_t at = (size_t)pos * (size_t)stride_pos;
     for (int i = 0; i < row; i++) store(rows, dt, at + i, kv[i]);
+}
 
+int lg_mla_token(const lg_layer *L, const float *hn, const float *qa, float *q, float *kv, const void *cos, const void *sin, void *rows,
+                 long stride_pos, int pos, void *index_keys, lg_selection *sel, qact *xa, float *scratch, float *ov, int nth) {
+    const lg_mla *M = L->mla;
+    const int dt = L->dtype, heads = L->heads;
+    float *kr = scratch, *core = kr + M->rope;
+    rope_and_write(L, q, kv, cos, sin, rows, stride_pos, pos, kr);
     int len = pos + 1, rc = 0;
     const int32_t *idx = NULL;
     if (L->attn_kind == LG_ATTN_DSA) {
@@ -152,6 +172,34 @@ int lg_mla_token(const lg_layer *L, const float *hn, const float *qa, float *q, 
         }
     }
     return absorbed(M, heads, dt, q, rows, stride_pos, len, idx, core, ov, nth);
+}
+
+/* lg_mla_token for T consecutive tokens at pos.. of an MLA layer without DSA's selection: every token's row
+ * written first (token t reads rows up to pos + t only, which the later tokens' rows do not touch), their
+ * queries folded, one lg_attend_latent_tokens for all of them (a cached row read once for the tokens, not once
+ * a token), then each token's values unfolded -- each token's numbers its one-token call's. q [T, heads *
+ * (nope + rope)], kv [T, kv_lora + rope] (changed in place), cos / sin token t's at t * rot_stride values of
+ * dtype; ov [T, heads * v]; `scratch` holds lg_mla_tokens_scratch(L, T) floats. Returns 0, or -1 when out of memory. */
+int lg_mla_tokens(const lg_layer *L, int T, float *q, float *kv, const void *cos, const void *sin, long rot_stride, void *rows,
+                  long stride_pos, int pos, float *scratch, float *ov, int nth) {
+    const lg_mla *M = L->mla;
+    const int dt = L->dtype, heads = L->heads, lat = M->kv_lora, row = lat + M->rope, qn = heads * (M->nope + M->rope);
+    const size_t es = dt == 1 ? 2 : 4;
+    float *kr = scratch, *ql = kr + M->rope, *olat = ql + (size_t)T * heads * row;
+    for (int t = 0; t < T; t++) {
+        const size_t r = (size_t)t * (size_t)rot_stride * es;
+        rope_and_write(L, q + (size_t)t * qn, kv + (size_t)t * row, (const char *)cos + r, (const char *)sin + r, rows, stride_pos, pos + t, kr);
+        fold_queries(M, heads, dt, q + (size_t)t * qn, ql + (size_t)t * heads * row, nth);
+    }
+    const int rc = lg_attend_latent_tokens(ql, (long)heads * row, rows, dt, heads, pos + 1, T, row, lat, stride_pos, M->scale, olat, (long)heads * lat, nth);
+    if (rc) return rc;
+    for (int t = 0; t < T; t++) unfold_values(M, heads, dt, olat + (size_t)t * heads * lat, ov + (size_t)t * heads * M->v, nth);
+    return 0;
+}
+
+size_t lg_mla_tokens_scratch(const lg_layer *L, int T) {
+    const lg_mla *M = L->mla;
+    return (size_t)M->rope + (size_t)T * (size_t)L->heads * ((size_t)M->kv_lora + (size_t)M->rope + (size_t)M->kv_lora);
 }
 
 /* Floats of scratch: q_a's output, q [heads, nope + rope], this token's row, the values [heads, v],
