@@ -93,6 +93,10 @@ CASES = {
     # enough that the fp32 sums round (with 64 values they came out exact in any order)
     "glm4_moe_lite-bf16-rows32": ("glm4_moe_lite", {}, dict(kv_lora_rank=480, qk_rope_head_dim=32, seed=4)),
     "glm_moe_dsa-bf16": ("glm_moe_dsa", {}, dict(num_hidden_layers=4, indexer_pattern="FSFS", index_topk=6, seed=3)),
+    # top-16: the first chunks fit it (their tokens attend together, the indexer keys still written), the
+    # later ones pick per token; latent rows of 480 + 32 (vdpbf16ps scores)
+    "glm_moe_dsa-bf16-rows32": ("glm_moe_dsa", {}, dict(num_hidden_layers=4, indexer_pattern="FSFS", index_topk=16, kv_lora_rank=480, index_head_dim=32,
+                                                        qk_rope_head_dim=32, seed=5)),
     "glm_moe_dsa-q4": ("glm_moe_dsa", dict(experts_bits=4, attn_bits=8, indexer_bits=8), dict(num_hidden_layers=4, indexer_pattern="FSSF", index_topk=7)),
 }  # fmt: skip
 

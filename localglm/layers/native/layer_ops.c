@@ -247,26 +247,32 @@ int lg_attend(const float *q, const void *k, const void *v, int dtype, int heads
 /* Query tokens a work item of lg_attend_tokens takes: their scores sit side by side (TQ x group x positions
  * floats) while each block of cached rows is converted once for all of them. */
 #define ATTEND_TQ 16
+/* The same for MLA's latent rows: every query head scores each row (16-20 heads against GQA's group of a
+ * few), so 16 tokens' scores of a thread's heads (~800 KB at 1,550 cached tokens) left L2, and a 16-token
+ * forward at GLM-5's widths ran slower than token after token (201 ms against 185-194). Zen 4, 2 threads, 16
+ * tokens: GLM-5's widths after 1,550 tokens 186 / 176 / 182 ms at 2 / 4 / 8 tokens a slice, Flash's after
+ * 4,096 165-168 at 4 and at 16. */
+#define ATTEND_TQ_LATENT 4
 
 /* lg_attend for T consecutive tokens (layer_ops.h). lg_attend converts each block of AB cached rows to floats
- * once per token; here once per ATTEND_TQ tokens and the query heads of their group -- at a long prompt's
+ * once per token; here once per tq tokens (ATTEND_TQ, ATTEND_TQ_LATENT) and the query heads of their group -- at a long prompt's
  * 128-token chunks that conversion was about a third of the attention (perf, the default model at 1,920
  * tokens: attention ~45% of the prompt). Per (token, head) the operations and their order are attend's:
  * the same dot_block (or, bh, dot_block_bh on the cached bf16 rows) over each block (rows a token does not
  * see are real rows here, zeros or the block's first row there: their scores are never read), the same
  * scale, max, exp_shift_sum, normalisation and p v accumulation block after block -- so each token's output
- * is bit for bit its one-token call's (tests/test_fused_prefill.py, tests/test_fused_decode_mla.py). Work
- * items are (kv head, slice of ATTEND_TQ tokens, share of the group's query heads): with one kv head (MLA)
- * and a verification's few tokens the heads are what the threads share. */
+ * is bit for bit its one-token call's (tests/test_fused_prefill.py). Work items are (kv head, slice of tq
+ * tokens, share of the group's query heads): with one kv head (MLA) and a verification's few tokens the
+ * heads are what the threads share. */
 static int attend_tokens(const float *q, long q_stride, const void *k, const void *v, int dtype, int heads, int kv_heads, int len0, int T,
-                         int hk, int hv, long stride_head, long stride_pos, float scale, float *out, long o_stride, int nth, int bh) {
-    const int group = heads / kv_heads, slices = (T + ATTEND_TQ - 1) / ATTEND_TQ;
+                         int hk, int hv, long stride_head, long stride_pos, float scale, float *out, long o_stride, int nth, int bh, int tq) {
+    const int group = heads / kv_heads, slices = (T + tq - 1) / tq;
     int split = nth / (kv_heads * slices);
     split = split < 1 ? 1 : split > group ? group : split;
     const int chunk = (group + split - 1) / split, items = kv_heads * slices * split;
     const int padded = (len0 + T - 1 + AB - 1) / AB * AB, hr = hk > hv ? hk : hv;
-    const size_t per_item = (size_t)ATTEND_TQ * (size_t)chunk * (size_t)padded + (size_t)AB * (size_t)hr +
-                            (bh ? ((size_t)ATTEND_TQ * (size_t)chunk * (size_t)hk + 1) / 2 : 0); /* bh: the queries as bf16 */
+    const size_t per_item = (size_t)tq * (size_t)chunk * (size_t)padded + (size_t)AB * (size_t)hr +
+                            (bh ? ((size_t)tq * (size_t)chunk * (size_t)hk + 1) / 2 : 0); /* bh: the queries as bf16 */
     int failed = 0;
     const int par = nth > 1 && items > 1;
 #pragma omp parallel for num_threads(nth) schedule(dynamic, 1) if (par)
@@ -277,10 +283,10 @@ static int attend_tokens(const float *q, long q_stride, const void *k, const voi
             failed = 1;
             continue;
         }
-        float *rows = sc + (size_t)ATTEND_TQ * (size_t)chunk * (size_t)padded;
+        float *rows = sc + (size_t)tq * (size_t)chunk * (size_t)padded;
         const int g = it / (slices * split), sl = (it / split) % slices, h0 = g * group + (it % split) * chunk;
         const int h1 = h0 + chunk < (g + 1) * group ? h0 + chunk : (g + 1) * group;
-        const int t0 = sl * ATTEND_TQ, t1 = t0 + ATTEND_TQ < T ? t0 + ATTEND_TQ : T;
+        const int t0 = sl * tq, t1 = t0 + tq < T ? t0 + tq : T;
         const int last = len0 + t1 - 1; /* positions the slice's last token sees */
         const size_t base = (size_t)g * (size_t)stride_head;
 #define SCORES(t, h) (sc + ((size_t)((t) - t0) * (size_t)chunk + (size_t)((h) - h0)) * (size_t)padded)
@@ -350,7 +356,7 @@ static int attend_tokens(const float *q, long q_stride, const void *k, const voi
 
 int lg_attend_tokens(const float *q, long q_stride, const void *k, const void *v, int dtype, int heads, int kv_heads, int len0, int T,
                      int hd, long stride_head, long stride_pos, float scale, float *out, long o_stride, int nth) {
-    return attend_tokens(q, q_stride, k, v, dtype, heads, kv_heads, len0, T, hd, hd, stride_head, stride_pos, scale, out, o_stride, nth, 0);
+    return attend_tokens(q, q_stride, k, v, dtype, heads, kv_heads, len0, T, hd, hd, stride_head, stride_pos, scale, out, o_stride, nth, 0, ATTEND_TQ);
 }
 
 /* Whether MLA's latent rows take vdpbf16ps for q . k (lg_attend_latent, lg_attend_latent_tokens: one rule, one order). */
@@ -370,7 +376,8 @@ int lg_attend_latent(const float *q, const void *rows, int dtype, int heads, int
 
 int lg_attend_latent_tokens(const float *q, long q_stride, const void *rows, int dtype, int heads, int len0, int T, int hk, int hv,
                             long stride_pos, float scale, float *out, long o_stride, int nth) {
-    return attend_tokens(q, q_stride, rows, rows, dtype, heads, 1, len0, T, hk, hv, 0, stride_pos, scale, out, o_stride, nth, latent_bh(dtype, hk));
+    return attend_tokens(q, q_stride, rows, rows, dtype, heads, 1, len0, T, hk, hv, 0, stride_pos, scale, out, o_stride, nth, latent_bh(dtype, hk),
+                         ATTEND_TQ_LATENT);
 }
 
 /* lg_attend on a q of `dtype`, out of `dtype`: the single op localglm/layers/attention.py calls. */

@@ -99,15 +99,28 @@ static size_t mla_rows(const lg_layer *L) {
 static size_t attn_scratch(const lg_layer *L, int T) {
     if (L->attn_kind != LG_ATTN_GQA) {
         if (T == 1) return lg_mla_scratch(L);
-        const size_t one = lg_mla_token_scratch(L), all = L->attn_kind == LG_ATTN_MLA ? lg_mla_tokens_scratch(L, T) : 0;
+        const size_t one = lg_mla_token_scratch(L), all = lg_mla_tokens_scratch(L, T);
         return (size_t)T * mla_rows(L) + (one > all ? one : all);
     }
     return (size_t)T * ((size_t)(L->heads + 2 * L->kv_heads) * L->hd + (size_t)L->heads * L->hd) + (size_t)L->hd;
 }
 
+/* Whether T tokens at pos.. of an MLA layer attend every cached row (no DSA pick), so they can attend
+ * together: always without DSA; on a full DSA layer while the context fits its top-k (lg_mla_token picks
+ * only past it); on a shared one where its full layer picked nothing for any of them. */
+static int attend_together(const lg_layer *L, int T, const token_rows *R, int pos) {
+    if (L->attn_kind == LG_ATTN_MLA) return 1;
+    if (L->dsa) return R->sel && pos + T <= L->dsa->topk;
+    for (int t = 0; t < T; t++) {
+        const lg_selection *sel = sel_at(R, t);
+        if (!sel || sel->n > 0) return 0;
+    }
+    return 1;
+}
+
 /* The layer's attention of T tokens at pos.. on their normed hidden states hn [T, hidden], into
  * o [T, hidden], each token attending up to itself (together: GQA's lg_attend_tokens, MLA's lg_mla_tokens;
- * token after token on a DSA layer, whose picks differ), the projections (GQA's q/k/v and o,
+ * token after token on a DSA layer past its top-k, whose picks differ), the projections (GQA's q/k/v and o,
  * MLA's q_a, q_b, kv_a and o) for every token at once; a DSA full layer's pick lands in that
  * token's selection. `scratch` holds attn_scratch(L, T) floats. Returns 0, or -1 when out of memory. */
 static int attention(const lg_layer *L, int T, const float *hn, const token_rows *R, void *k_cache, void *v_cache, long stride_head,
@@ -124,7 +137,13 @@ static int attention(const lg_layer *L, int T, const float *hn, const token_rows
             for (int t = 0; t < T; t++) lg_norm_row(qa + (size_t)t * M->q_lora, M->q_lora, M->q_a_norm, dt, M->latent_eps, qa + (size_t)t * M->q_lora);
         }
         if (lg_mat_rows(&M->q_b, T, M->q_lora ? qa : hn, dt, xa, q, nth) || lg_mat_rows(&M->kv_a, T, hn, dt, xa, kv, nth)) return -1;
-        if (L->attn_kind == LG_ATTN_MLA) { /* no selection: the tokens attend together (a cached row read once for them) */
+        if (attend_together(L, T, R, pos)) { /* no selection: the tokens attend together (a cached row read once for them) */
+            const lg_dsa *D = L->attn_kind == LG_ATTN_DSA ? L->dsa : NULL;
+            for (int t = 0; t < T && D; t++) { /* a full DSA layer: each token's indexer key, and no pick (lg_mla_token's) */
+                lg_dsa_key(D, hn + (size_t)t * H, dt, row_at(R->cos, dt, R->rot_stride, t), row_at(R->sin, dt, R->rot_stride, t), xa,
+                           (char *)index_keys + (size_t)(pos + t) * (size_t)D->head_dim * (dt == 1 ? 2 : 4), nth);
+                sel_at(R, t)->n = 0;
+            }
             if (lg_mla_tokens(L, T, q, kv, R->cos, R->sin, R->rot_stride, k_cache, stride_pos, pos, rest, ov, nth)) return -1;
             return lg_mat_rows(&L->o, T, ov, dt, xa, o, nth);
         }

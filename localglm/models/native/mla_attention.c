@@ -174,7 +174,8 @@ int lg_mla_token(const lg_layer *L, const float *hn, const float *qa, float *q, 
     return absorbed(M, heads, dt, q, rows, stride_pos, len, idx, core, ov, nth);
 }
 
-/* lg_mla_token for T consecutive tokens at pos.. of an MLA layer without DSA's selection: every token's row
+/* lg_mla_token for T consecutive tokens at pos.. of an MLA layer where no DSA pick applies (the caller wrote
+ * a full DSA layer's indexer keys): every token's row
  * written first (token t reads rows up to pos + t only, which the later tokens' rows do not touch), their
  * queries folded, one lg_attend_latent_tokens for all of them (a cached row read once for the tokens, not once
  * a token), then each token's values unfolded -- each token's numbers its one-token call's. q [T, heads *
