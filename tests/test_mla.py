@@ -314,3 +314,31 @@ def test_one_token_bf16_attention_sums_in_fp32(selected: bool) -> None:
     step = (want.float().abs() * 2**-7).clamp_min(1e-30)
     assert ((got.float() - want.float()).abs() <= step + 1e-6).all(), (got.float() - want.float()).abs().max()
     assert (got == want).float().mean() >= 0.9
+
+
+def test_several_queries_attend_the_rows_up_to_each_in_fp32() -> None:
+    """An append's queries through the native latent attention (`LayerLib.mla_latent_attention`: one pass over
+    the cached bf16 rows for every few queries, the scores on the rows as cached): T = 6 queries, the last 6
+    of 21 rows, query t reading rows 0..15 + t; equal to the float64 steps rounded where they round, to a bf16
+    step here and there."""
+    from localglm.layers.native import native
+
+    lib = native()
+    if lib is None:
+        pytest.skip("no native kernels on this machine")
+    lora, rope, heads, n, T, scale = 48, 16, 3, 21, 6, 1.0
+    g = torch.Generator().manual_seed(8)
+    cache = LatentCache(1, lora, rope, 32, torch.bfloat16)
+    cache.write(0, 0, torch.randn(1, n, lora, generator=g).bfloat16(), torch.randn(1, n, rope, generator=g).bfloat16())
+    latent, k_rope, _ = cache.read(0, n, None)
+    ql = (torch.randn(1, T, heads, lora + rope, generator=g) * 1.5).bfloat16()
+    got = lib.mla_latent_attention(ql, latent, k_rope, scale)
+    assert got is not None and got.shape == (1, T, heads, lora)
+    rows = torch.cat((latent[0], k_rope[0]), dim=-1).double()  # [n, lora + rope]
+    for t in range(T):
+        seen = n - T + t + 1
+        scores = ql[0, t].double() @ rows[:seen].T * scale  # [heads, seen]
+        want = (torch.softmax(scores, -1) @ rows[:seen, :lora]).bfloat16()
+        assert scores.abs().max() > 15  # large enough that bf16-rounded scores would show
+        diff = (got[0, t].float() - want.float()).abs()
+        assert (diff <= want.float().abs() * 2**-7 + 1e-6).all() and (got[0, t] == want).float().mean() >= 0.9, t

@@ -11,7 +11,10 @@ head's k_nope and v. Two exact rearrangements of the same attention:
   runs it through the fused decoder's own native core (mla_attention.c), as layers/attention.py
   does for GQA: the fold, the attention and the unfold are fp32 sums, and torch's bmm orders them
   otherwise, which now and then rounds to another bf16 value; one kernel makes the torch decode
-  and the fused decode the same bits. Other calls (prefill chunks, batches, a GPU) run torch's.
+  and the fused decode the same bits. Several new tokens after cached rows on the CPU (an append) fold
+  and unfold with torch's batched matmuls and attend through the native latent kernel (one pass over
+  the cached rows for every few queries, the scores on bf16 rows as cached). Other calls (prefill
+  without a cache, DSA's selections of several tokens, batches, a GPU) run torch's.
 """
 
 from __future__ import annotations
@@ -161,8 +164,11 @@ def mla_attention(
         absorbed = cache is not None and absorbs(shape, seqlen, latent.shape[1], q_nope)
     out = _native_absorbed(q_nope, q_rope, latent, k_rope, w, shape, allowed) if absorbed and seqlen == 1 else None
     if out is None:
-        form = _absorbed_attention if absorbed else _expanded_attention
-        out = form(q_nope, q_rope, latent, k_rope, w, shape, _key_mask(bsz, seqlen, latent.shape[1], allowed, x.device))
+        mask = _key_mask(bsz, seqlen, latent.shape[1], allowed, x.device)
+        if absorbed:  # `causal`: the cached rows, every one up to each query (no DSA selection)
+            out = _absorbed_attention(q_nope, q_rope, latent, k_rope, w, shape, mask, causal=cache is not None and allowed is None)
+        else:
+            out = _expanded_attention(q_nope, q_rope, latent, k_rope, w, shape, mask)
     return linear(out.transpose(1, 2).reshape(bsz, seqlen, shape.heads * shape.v_head_dim), w.o, w.o_bias)
 
 
@@ -250,6 +256,7 @@ def _absorbed_attention(
     w: MLAWeights,
     shape: MLAShape,
     mask: torch.Tensor | None,
+    causal: bool = False,
 ) -> torch.Tensor:
     """kv_b folded into the query and the output: attention runs in the latent space, reading the
     cached rows (latent, rope key) once for all heads. Returns [B, heads, T, v].
@@ -270,6 +277,12 @@ def _absorbed_attention(
     total = latent.shape[1]
     w_uk, w_uv = w.absorbed(shape, q_nope.dtype)
     q_lat = torch.matmul(q_nope, w_uk)  # [B, H, T, kv_lora]
+    if causal and seqlen > 1 and bsz == 1 and q_nope.device.type == "cpu" and (lib := native()) is not None:
+        # steps 2-4 natively: one pass over the cached rows for every few queries, the scores on bf16 rows as cached
+        ql = torch.cat((q_lat, q_rope.to(q_lat.dtype)), dim=-1).transpose(1, 2).contiguous()  # [1, T, H, kv_lora + rope]
+        out_lat = lib.mla_latent_attention(ql, latent, k_rope, shape.scale)
+        if out_lat is not None:
+            return torch.matmul(out_lat.transpose(1, 2), w_uv.transpose(1, 2))  # [B, H, T, v]
     lat, kr = latent.float(), k_rope.float()  # [B, S, kv_lora], [B, S, rope]; no copy in fp32
     scores = torch.bmm(q_lat.float().reshape(bsz, heads * seqlen, -1), lat.transpose(1, 2))
     scores = scores.baddbmm_(q_rope.float().reshape(bsz, heads * seqlen, -1), kr.transpose(1, 2))

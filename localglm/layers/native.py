@@ -177,6 +177,8 @@ class LayerLib:
         self._lib.lg_decode_attention.restype = i
         self._lib.lg_mla_decode_attention.argtypes = [p, lg, p, lg, i, i, i, i, i, i, p, p, lg, ctypes.c_float, p, lg, i, p, p, i]
         self._lib.lg_mla_decode_attention.restype = i
+        self._lib.lg_mla_latent_attention.argtypes = [p, i, i, i, i, i, p, lg, i, ctypes.c_float, p, i]
+        self._lib.lg_mla_latent_attention.restype = i
         dsa = ctypes.POINTER(LgDsa)
         self._lib.lg_dsa_index_key.argtypes = [dsa, p, i, p, p, p, i]
         self._lib.lg_dsa_index_key.restype = i
@@ -257,6 +259,25 @@ class LayerLib:
                                                rope, v, w_uk.data_ptr(), w_uv.data_ptr(), w_uk.stride(0), scale, latent.data_ptr(), latent.stride(1),
                                                latent.shape[1] if positions is None else positions.numel(),
                                                None if positions is None else positions.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        if rc:
+            raise MemoryError("native MLA attention: out of memory")
+        return out
+
+    def mla_latent_attention(self, ql: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor, scale: float) -> torch.Tensor | None:
+        """Attention in MLA's latent space of T > 1 query tokens, the last T of the cached rows, each reading the
+        rows up to itself (mla_attention.c `lg_mla_latent_attention`): ql [1, T, heads, kv_lora + rope] (the
+        folded queries | their roped rope parts, contiguous), the rows as latent [1, S, kv_lora] and k_rope [1, S,
+        rope], views of one row a position. -> o_lat [1, T, heads, kv_lora]; None for inputs it does not take."""
+        code = DTYPES.get(ql.dtype)
+        lat, T = latent.shape[-1], ql.shape[1]
+        if (code is None or ql.dim() != 4 or ql.shape[0] != 1 or not 1 < T <= latent.shape[1] or not ql.is_contiguous()
+                or ql.shape[-1] != lat + k_rope.shape[-1] or any(t.dtype != ql.dtype or t.device.type != "cpu" for t in (latent, k_rope))
+                or latent.stride(-1) != 1 or k_rope.stride() != latent.stride() or k_rope.data_ptr() != latent.data_ptr() + lat * latent.element_size()):
+            return None
+        heads = ql.shape[2]
+        out = torch.empty(1, T, heads, lat, dtype=ql.dtype)
+        rc = self._lib.lg_mla_latent_attention(ql.data_ptr(), code, T, heads, lat, k_rope.shape[-1], latent.data_ptr(), latent.stride(1),
+                                               latent.shape[1], scale, out.data_ptr(), torch.get_num_threads())
         if rc:
             raise MemoryError("native MLA attention: out of memory")
         return out

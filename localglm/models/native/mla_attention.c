@@ -227,6 +227,26 @@ int lg_mla_attention(const lg_layer *L, const float *hn, const void *cos, const 
     return rc;
 }
 
+/* Steps 2-4 of mla.py's absorbed form for T > 1 query tokens, the last T of `len` cached rows (latent | rope
+ * key at rows + s * stride_pos), token t reading rows 0..len - T + t: ql [T, heads, kv_lora + rope] of dtype (the
+ * queries in latent space, folded by the caller) -> olat [T, heads, kv_lora] of dtype, lg_attend_latent_tokens'
+ * numbers (on bf16 rows, the scores by vdpbf16ps on the rows as cached). For an append of many tokens through
+ * torch, whose fold and unfold stay torch's batched matmuls. Returns 0, or -1 when out of memory. */
+int lg_mla_latent_attention(const void *ql, int dtype, int T, int heads, int kv_lora, int rope, const void *rows, long stride_pos, int len, float scale,
+                            void *olat, int nth) {
+    const size_t row = (size_t)kv_lora + (size_t)rope, nq = (size_t)T * (size_t)heads * row, no = (size_t)T * (size_t)heads * (size_t)kv_lora;
+    float *q = malloc((nq + no) * sizeof(float));
+    if (!q) return -1;
+    float *o = q + nq;
+    load_row(ql, dtype, 0, (int)nq, q);
+    const int rc = lg_attend_latent_tokens(q, (long)(heads * row), rows, dtype, heads, len - T + 1, T, (int)row, kv_lora, stride_pos, scale, o,
+                                           (long)heads * kv_lora, nth);
+    if (rc == 0)
+        for (size_t i = 0; i < no; i++) store(olat, dtype, i, o[i]);
+    free(q);
+    return rc;
+}
+
 /* mla.py's absorbed form of one token, for its torch decode path: the fused layer's own core.
  * q_nope / q_rope (roped) of dtype, head h's at h * nope_stride / h * rope_stride; W_UK, W_UV and
  * head_stride as lg_mla's; `len` cached rows (latent | rope key at rows + t * stride_pos; t =
