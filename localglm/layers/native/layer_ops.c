@@ -161,89 +161,6 @@ static inline void add_weighted_rows(const float *p, const float *rows, int n, i
     }
 }
 
-/* One query token against the KV cache: scores = q.k * scale (fp32), softmax (fp32), out = sum p v
- * (rounded to dtype) -- what localglm/layers/attention.py does with torch ops. q [heads, hk] floats;
- * k, v of `dtype`: kv head g, position t at g * stride_head + t * stride_pos, keys of hk values and
- * values of hv (MLA reads its latent rows as both: keys latent|rope key, values the latent, hv < hk);
- * out [heads, hv] floats. The positions read are 0..len-1, or idx[0..len) (DSA's top-k: sparse
- * attention reads only those rows, in that order; a position masked out of torch's form adds an
- * exact 0 to its sums, so the math is the same). Cached rows are converted to float AB at a time
- * and used by every query head of their group (GQA): q.k for AB positions at once (dot_block), and
- * p v accumulated per head over the block's rows. Work is split by (kv head, slice of its query
- * heads) so every thread has some even with fewer kv heads than threads. Returns 0, or -1 when out
- * of memory. */
-static int attend(const float *q, const void *k, const void *v, int dtype, int heads, int kv_heads, int len, const int32_t *idx,
-                  int hk, int hv, long stride_head, long stride_pos, float scale, float *out, int nth, int bh) {
-    const int group = heads / kv_heads;
-    int split = nth / kv_heads;
-    split = split < 1 ? 1 : split > group ? group : split;
-    const int chunk = (group + split - 1) / split, items = kv_heads * split;
-    const int padded = (len + AB - 1) / AB * AB;
-    /* bh: each item's query heads as bf16 (chunk * hk values) after its scores and rows */
-    const size_t per_item = (size_t)chunk * (size_t)padded + (size_t)AB * (size_t)(hk > hv ? hk : hv) + (bh ? ((size_t)chunk * hk + 1) / 2 : 0);
-    float *buf = malloc(sizeof(float) * per_item * (size_t)items);
-    if (!buf) return -1;
-    const int par = nth > 1 && (long)heads * len * hk >= (1L << 15);
-#pragma omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(items, nth)) if (par)
-    for (int it = 0; it < items; it++) {
-        const int g = it / split, h0 = g * group + (it % split) * chunk;
-        const int h1 = h0 + chunk < (g + 1) * group ? h0 + chunk : (g + 1) * group;
-        float *sc = buf + (size_t)it * per_item, *rows = sc + (size_t)chunk * (size_t)padded;
-        const size_t base = (size_t)g * (size_t)stride_head;
-#ifdef LG_DPBF16
-        if (bh) { /* q . k on the cached bf16 rows themselves (lg_attend_latent) */
-            uint16_t *qb = (uint16_t *)(rows + (size_t)AB * (size_t)(hk > hv ? hk : hv));
-            for (int h = h0; h < h1; h++) row_to_bf16(q + (size_t)h * hk, hk, qb + (size_t)(h - h0) * hk); /* exact: bf16 values */
-            for (int t0 = 0; t0 < len; t0 += AB) {
-                const int nb = len - t0 < AB ? len - t0 : AB;
-                const uint16_t *rp[AB];
-                for (int j = 0; j < AB; j++) { /* past the end: the block's first row again (those scores are never read) */
-                    const int p = t0 + (j < nb ? j : 0);
-                    rp[j] = (const uint16_t *)k + base + (size_t)(idx ? idx[p] : p) * (size_t)stride_pos;
-                }
-                for (int h = h0; h < h1; h++) {
-                    float *s = sc + (size_t)(h - h0) * padded + t0;
-                    dot_block_bh(qb + (size_t)(h - h0) * hk, rp, hk, s);
-                    for (int j = 0; j < nb; j++) s[j] *= scale;
-                }
-            }
-        }
-#endif
-        for (int t0 = 0; t0 < len && !bh; t0 += AB) {
-            const int nb = len - t0 < AB ? len - t0 : AB;
-            for (int j = 0; j < AB; j++) {
-                if (j < nb) load_row(k, dtype, base + (size_t)(idx ? idx[t0 + j] : t0 + j) * (size_t)stride_pos, hk, rows + (size_t)j * hk);
-                else memset(rows + (size_t)j * hk, 0, (size_t)hk * sizeof(float));
-            }
-            for (int h = h0; h < h1; h++) {
-                float *s = sc + (size_t)(h - h0) * padded + t0;
-                dot_block(q + (size_t)h * hk, rows, hk, s);
-                for (int j = 0; j < nb; j++) s[j] *= scale;
-            }
-        }
-        for (int h = h0; h < h1; h++) {
-            softmax_in_place(sc + (size_t)(h - h0) * padded, len);
-            float *acc = out + (size_t)h * hv;
-            for (int i = 0; i < hv; i++) acc[i] = 0.0f;
-        }
-        for (int t0 = 0; t0 < len; t0 += AB) {
-            const int nb = len - t0 < AB ? len - t0 : AB;
-            for (int j = 0; j < nb; j++) load_row(v, dtype, base + (size_t)(idx ? idx[t0 + j] : t0 + j) * (size_t)stride_pos, hv, rows + (size_t)j * hv);
-            for (int h = h0; h < h1; h++) add_weighted_rows(sc + (size_t)(h - h0) * padded + t0, rows, nb, hv, out + (size_t)h * hv);
-        }
-        for (int h = h0; h < h1; h++)
-            for (int i = 0; i < hv; i++) out[(size_t)h * hv + i] = rnd(out[(size_t)h * hv + i], dtype);
-    }
-    free(buf);
-    return 0;
-}
-
-int lg_attend(const float *q, const void *k, const void *v, int dtype, int heads, int kv_heads, int len, const int32_t *idx,
-              int hk, int hv, long stride_head, long stride_pos, float scale, float *out, int nth) {
-    return attend(q, k, v, dtype, heads, kv_heads, len, idx, hk, hv, stride_head, stride_pos, scale, out, nth, 0);
-}
-
-
 /* Query tokens a work item of lg_attend_tokens takes: their scores sit side by side (TQ x group x positions
  * floats) while each block of cached rows is converted once for all of them. */
 #define ATTEND_TQ 16
@@ -254,18 +171,26 @@ int lg_attend(const float *q, const void *k, const void *v, int dtype, int heads
  * 4,096 165-168 at 4 and at 16. */
 #define ATTEND_TQ_LATENT 4
 
-/* lg_attend for T consecutive tokens (layer_ops.h). lg_attend converts each block of AB cached rows to floats
- * once per token; here once per tq tokens (ATTEND_TQ, ATTEND_TQ_LATENT) and the query heads of their group -- at a long prompt's
- * 128-token chunks that conversion was about a third of the attention (perf, the default model at 1,920
- * tokens: attention ~45% of the prompt). Per (token, head) the operations and their order are attend's:
- * the same dot_block (or, bh, dot_block_bh on the cached bf16 rows) over each block (rows a token does not
- * see are real rows here, zeros or the block's first row there: their scores are never read), the same
- * scale, max, exp_shift_sum, normalisation and p v accumulation block after block -- so each token's output
- * is bit for bit its one-token call's (tests/test_fused_prefill.py). Work items are (kv head, slice of tq
- * tokens, share of the group's query heads): with one kv head (MLA) and a verification's few tokens the
- * heads are what the threads share. */
+/* Attention of T consecutive query tokens of one sequence against the KV cache: per (token, head), scores =
+ * q.k * scale (fp32), softmax (fp32), out = sum p v (rounded to dtype) -- what localglm/layers/attention.py
+ * does with torch ops. q: token t's head h at q + t * q_stride + h * hk (floats); k, v of `dtype`: kv head g,
+ * position s at g * stride_head + s * stride_pos, keys of hk values and values of hv (MLA reads its latent rows
+ * as both: keys latent | rope key, values the latent, hv < hk); out: token t's head h at out + t * o_stride +
+ * h * hv. Token t reads positions 0..len0 + t - 1, or, with idx (one token: DSA's top-k, read in that order; a
+ * position masked out of torch's form adds an exact 0 to its sums, so the math is the same), idx[0..len0).
+ *
+ * Cached rows are read AB at a time (converted to floats, or, bh, scored as the bf16 rows they are by
+ * dot_block_bh) and used by every query head of their group and every token of a slice of tq: a long
+ * prompt's 128-token chunks spent about a third of their attention converting rows once per token (perf, the
+ * default model at 1,920 tokens). Per (token, head) the operations and their order do not depend on T, the
+ * slice or the split (rows a token does not see are real rows here, zeros or the block's first row there:
+ * their scores are never read; the same scale, max, exp_shift_sum, normalisation and p v accumulation block
+ * after block), so a token's output is bit for bit its one-token call's (tests/test_fused_prefill.py). Work
+ * items are (kv head, slice of tokens, share of the group's query heads), so every thread has some even with
+ * fewer kv heads than threads. Returns 0, or -1 when out of memory. */
 static int attend_tokens(const float *q, long q_stride, const void *k, const void *v, int dtype, int heads, int kv_heads, int len0, int T,
-                         int hk, int hv, long stride_head, long stride_pos, float scale, float *out, long o_stride, int nth, int bh, int tq) {
+                         const int32_t *idx, int hk, int hv, long stride_head, long stride_pos, float scale, float *out, long o_stride, int nth,
+                         int bh, int tq) {
     const int group = heads / kv_heads, slices = (T + tq - 1) / tq;
     int split = nth / (kv_heads * slices);
     split = split < 1 ? 1 : split > group ? group : split;
@@ -274,7 +199,7 @@ static int attend_tokens(const float *q, long q_stride, const void *k, const voi
     const size_t per_item = (size_t)tq * (size_t)chunk * (size_t)padded + (size_t)AB * (size_t)hr +
                             (bh ? ((size_t)tq * (size_t)chunk * (size_t)hk + 1) / 2 : 0); /* bh: the queries as bf16 */
     int failed = 0;
-    const int par = nth > 1 && items > 1;
+    const int par = nth > 1 && items > 1 && (long)heads * (len0 + T - 1) * hk * T >= (1L << 15);
 #pragma omp parallel for num_threads(nth) schedule(dynamic, 1) if (par)
     for (int it = 0; it < items; it++) {
         float *sc = malloc(sizeof(float) * per_item);
@@ -290,6 +215,7 @@ static int attend_tokens(const float *q, long q_stride, const void *k, const voi
         const int last = len0 + t1 - 1; /* positions the slice's last token sees */
         const size_t base = (size_t)g * (size_t)stride_head;
 #define SCORES(t, h) (sc + ((size_t)((t) - t0) * (size_t)chunk + (size_t)((h) - h0)) * (size_t)padded)
+#define AT(p) (base + (size_t)(idx ? idx[p] : (p)) * (size_t)stride_pos) /* position p's row */
 #ifdef LG_DPBF16
         uint16_t *qb = (uint16_t *)(rows + (size_t)AB * (size_t)hr);
 #define QBH(t, h) (qb + ((size_t)((t) - t0) * (size_t)chunk + (size_t)((h) - h0)) * (size_t)hk)
@@ -302,11 +228,11 @@ static int attend_tokens(const float *q, long q_stride, const void *k, const voi
 #ifdef LG_DPBF16
             const uint16_t *rp[AB];
             if (bh)
-                for (int j = 0; j < AB; j++) rp[j] = (const uint16_t *)k + base + (size_t)(b0 + (j < nb ? j : 0)) * (size_t)stride_pos;
+                for (int j = 0; j < AB; j++) rp[j] = (const uint16_t *)k + AT(b0 + (j < nb ? j : 0));
             else
 #endif
                 for (int j = 0; j < AB; j++) {
-                    if (j < nb) load_row(k, dtype, base + (size_t)(b0 + j) * (size_t)stride_pos, hk, rows + (size_t)j * hk);
+                    if (j < nb) load_row(k, dtype, AT(b0 + j), hk, rows + (size_t)j * hk);
                     else memset(rows + (size_t)j * hk, 0, (size_t)hk * sizeof(float));
                 }
             for (int t = t0; t < t1; t++) {
@@ -335,7 +261,7 @@ static int attend_tokens(const float *q, long q_stride, const void *k, const voi
             }
         for (int b0 = 0; b0 < last; b0 += AB) {
             const int nb = last - b0 < AB ? last - b0 : AB;
-            for (int j = 0; j < nb; j++) load_row(v, dtype, base + (size_t)(b0 + j) * (size_t)stride_pos, hv, rows + (size_t)j * hv);
+            for (int j = 0; j < nb; j++) load_row(v, dtype, AT(b0 + j), hv, rows + (size_t)j * hv);
             for (int t = t0; t < t1; t++) {
                 const int len = len0 + t, nt = len - b0 < AB ? len - b0 : AB;
                 if (nt <= 0) continue;
@@ -343,6 +269,7 @@ static int attend_tokens(const float *q, long q_stride, const void *k, const voi
             }
         }
 #undef SCORES
+#undef AT
         for (int t = t0; t < t1; t++)
             for (int h = h0; h < h1; h++)
                 for (int i = 0; i < hv; i++) {
@@ -354,9 +281,15 @@ static int attend_tokens(const float *q, long q_stride, const void *k, const voi
     return failed ? -1 : 0;
 }
 
+int lg_attend(const float *q, const void *k, const void *v, int dtype, int heads, int kv_heads, int len, const int32_t *idx,
+              int hk, int hv, long stride_head, long stride_pos, float scale, float *out, int nth) {
+    return attend_tokens(q, 0, k, v, dtype, heads, kv_heads, len, 1, idx, hk, hv, stride_head, stride_pos, scale, out, 0, nth, 0, 1);
+}
+
 int lg_attend_tokens(const float *q, long q_stride, const void *k, const void *v, int dtype, int heads, int kv_heads, int len0, int T,
                      int hd, long stride_head, long stride_pos, float scale, float *out, long o_stride, int nth) {
-    return attend_tokens(q, q_stride, k, v, dtype, heads, kv_heads, len0, T, hd, hd, stride_head, stride_pos, scale, out, o_stride, nth, 0, ATTEND_TQ);
+    return attend_tokens(q, q_stride, k, v, dtype, heads, kv_heads, len0, T, NULL, hd, hd, stride_head, stride_pos, scale, out, o_stride, nth, 0,
+                         ATTEND_TQ);
 }
 
 /* Whether MLA's latent rows take vdpbf16ps for q . k (lg_attend_latent, lg_attend_latent_tokens: one rule, one order). */
@@ -371,13 +304,13 @@ static int latent_bh(int dtype, int hk) {
 
 int lg_attend_latent(const float *q, const void *rows, int dtype, int heads, int len, const int32_t *idx, int hk, int hv, long stride_pos,
                      float scale, float *out, int nth) {
-    return attend(q, rows, rows, dtype, heads, 1, len, idx, hk, hv, 0, stride_pos, scale, out, nth, latent_bh(dtype, hk));
+    return attend_tokens(q, 0, rows, rows, dtype, heads, 1, len, 1, idx, hk, hv, 0, stride_pos, scale, out, 0, nth, latent_bh(dtype, hk), 1);
 }
 
 int lg_attend_latent_tokens(const float *q, long q_stride, const void *rows, int dtype, int heads, int len0, int T, int hk, int hv,
                             long stride_pos, float scale, float *out, long o_stride, int nth) {
-    return attend_tokens(q, q_stride, rows, rows, dtype, heads, 1, len0, T, hk, hv, 0, stride_pos, scale, out, o_stride, nth, latent_bh(dtype, hk),
-                         ATTEND_TQ_LATENT);
+    return attend_tokens(q, q_stride, rows, rows, dtype, heads, 1, len0, T, NULL, hk, hv, 0, stride_pos, scale, out, o_stride, nth,
+                         latent_bh(dtype, hk), ATTEND_TQ_LATENT);
 }
 
 /* lg_attend on a q of `dtype`, out of `dtype`: the single op localglm/layers/attention.py calls. */
