@@ -138,13 +138,9 @@ static int attention(const lg_layer *L, int T, const float *hn, const token_rows
         }
         if (lg_mat_rows(&M->q_b, T, M->q_lora ? qa : hn, dt, xa, q, nth) || lg_mat_rows(&M->kv_a, T, hn, dt, xa, kv, nth)) return -1;
         if (attend_together(L, T, R, pos)) { /* no selection: the tokens attend together (a cached row read once for them) */
-            const lg_dsa *D = L->attn_kind == LG_ATTN_DSA ? L->dsa : NULL;
-            for (int t = 0; t < T && D; t++) { /* a full DSA layer: each token's indexer key, and no pick (lg_mla_token's) */
-                lg_dsa_key(D, hn + (size_t)t * H, dt, row_at(R->cos, dt, R->rot_stride, t), row_at(R->sin, dt, R->rot_stride, t), xa,
-                           (char *)index_keys + (size_t)(pos + t) * (size_t)D->head_dim * (dt == 1 ? 2 : 4), nth);
-                sel_at(R, t)->n = 0;
-            }
-            if (lg_mla_tokens(L, T, q, kv, R->cos, R->sin, R->rot_stride, k_cache, stride_pos, pos, rest, ov, nth)) return -1;
+            if (lg_mla_tokens(L, T, hn, q, kv, R->cos, R->sin, R->rot_stride, k_cache, stride_pos, pos, index_keys, R->sel, R->sel_stride, xa, rest, ov,
+                              nth))
+                return -1;
             return lg_mat_rows(&L->o, T, ov, dt, xa, o, nth);
         }
         for (int t = 0; t < T; t++) {

@@ -71,31 +71,31 @@ static size_t absorbed_scratch(const lg_mla *M, int heads) {
     return (size_t)heads * ((size_t)M->kv_lora + (size_t)M->rope) + (size_t)heads * (size_t)M->kv_lora;
 }
 
-/* Step 1 of mla.py's `_absorbed_attention` for one token: q [heads, nope + rope] (floats of dtype values, the
- * rope part roped) -> ql [heads, kv_lora + rope], each head's query in latent space: q_nope . W_UK (rounded)
- * | q_rope. */
-static void fold_queries(const lg_mla *M, int heads, int dt, const float *q, float *ql, int nth) {
+/* Step 1 of mla.py's `_absorbed_attention` for n query rows (tokens after one another, `heads` rows each):
+ * q [n, nope + rope] (floats of dtype values, the rope part roped; row i is head i % heads) -> ql [n, kv_lora
+ * + rope], each row's query in latent space: q_nope . W_UK (rounded) | q_rope. */
+static void fold_queries(const lg_mla *M, int heads, int n, int dt, const float *q, float *ql, int nth) {
     const int lat = M->kv_lora, rope = M->rope, qk = M->nope + rope, row = lat + rope;
-    const int par = nth > 1 && (size_t)heads * (size_t)(M->nope + M->v) * (size_t)lat >= (1u << 16);
-#pragma omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(heads, nth)) if (par)
-    for (int h = 0; h < heads; h++) {
-        float *qh = ql + (size_t)h * row;
-        vec_mat(q + (size_t)h * qk, M->w_uk, dt, (size_t)h * (size_t)M->head_stride, M->nope, lat, qh);
-        for (int i = 0; i < lat; i++) qh[i] = rnd(qh[i], dt);
-        memcpy(qh + lat, q + (size_t)h * qk + M->nope, (size_t)rope * sizeof(float));
+    const int par = nth > 1 && (size_t)n * (size_t)(M->nope + M->v) * (size_t)lat >= (1u << 16);
+#pragma omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(n, nth)) if (par)
+    for (int i = 0; i < n; i++) {
+        float *qh = ql + (size_t)i * row;
+        vec_mat(q + (size_t)i * qk, M->w_uk, dt, (size_t)(i % heads) * (size_t)M->head_stride, M->nope, lat, qh);
+        for (int c = 0; c < lat; c++) qh[c] = rnd(qh[c], dt);
+        memcpy(qh + lat, q + (size_t)i * qk + M->nope, (size_t)rope * sizeof(float));
     }
 }
 
-/* Step 5: olat [heads, kv_lora] (floats of dtype values) -> out [heads, v], out[h] = W_UV[h] . o_lat[h] (a
- * dense [v, kv_lora] matrix-vector product, rounded). */
-static void unfold_values(const lg_mla *M, int heads, int dt, const float *olat, float *out, int nth) {
+/* Step 5 for n rows: olat [n, kv_lora] (floats of dtype values) -> out [n, v], row i = W_UV[i % heads] .
+ * o_lat[i] (a dense [v, kv_lora] matrix-vector product, rounded). */
+static void unfold_values(const lg_mla *M, int heads, int n, int dt, const float *olat, float *out, int nth) {
     const int lat = M->kv_lora;
     const size_t es = dt == 1 ? 2 : 4;
-    const int par = nth > 1 && (size_t)heads * (size_t)(M->nope + M->v) * (size_t)lat >= (1u << 16);
-#pragma omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(heads, nth)) if (par)
-    for (int h = 0; h < heads; h++) {
-        const lg_mat uv = {.kind = dt == 1 ? 1 : 2, .n = M->v, .k = lat, .w = (const char *)M->w_uv + (size_t)h * (size_t)M->head_stride * es};
-        lg_matvec(&uv, olat + (size_t)h * lat, dt, NULL, out + (size_t)h * M->v, 1);
+    const int par = nth > 1 && (size_t)n * (size_t)(M->nope + M->v) * (size_t)lat >= (1u << 16);
+#pragma omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(n, nth)) if (par)
+    for (int i = 0; i < n; i++) {
+        const lg_mat uv = {.kind = dt == 1 ? 1 : 2, .n = M->v, .k = lat, .w = (const char *)M->w_uv + (size_t)(i % heads) * (size_t)M->head_stride * es};
+        lg_matvec(&uv, olat + (size_t)i * lat, dt, NULL, out + (size_t)i * M->v, 1);
     }
 }
 
@@ -107,10 +107,10 @@ static int absorbed(const lg_mla *M, int heads, int dt, const float *q, const vo
                     float *scratch, float *out, int nth) {
     const int lat = M->kv_lora, row = lat + M->rope;
     float *ql = scratch, *olat = ql + (size_t)heads * row;
-    fold_queries(M, heads, dt, q, ql, nth);
+    fold_queries(M, heads, heads, dt, q, ql, nth);
     const int rc = lg_attend_latent(ql, rows, dt, heads, len, idx, row, lat, stride_pos, M->scale, olat, nth);
     if (rc) return rc;
-    unfold_values(M, heads, dt, olat, out, nth);
+    unfold_values(M, heads, heads, dt, olat, out, nth);
     return 0;
 }
 
@@ -150,6 +150,12 @@ static void rope_and_write(const lg_layer *L, float *q, float *kv, const void *c
     for (int i = 0; i < row; i++) store(rows, dt, at + i, kv[i]);
 }
 
+/* A full DSA layer's indexer key of the token hn at `pos` into index_keys ([pos, head_dim] of dtype). */
+static void write_index_key(const lg_layer *L, const float *hn, const void *cos, const void *sin, qact *xa, void *index_keys, int pos, int nth) {
+    const lg_dsa *D = L->dsa;
+    lg_dsa_key(D, hn, L->dtype, cos, sin, xa, (char *)index_keys + (size_t)pos * (size_t)D->head_dim * (L->dtype == 1 ? 2 : 4), nth);
+}
+
 int lg_mla_token(const lg_layer *L, const float *hn, const float *qa, float *q, float *kv, const void *cos, const void *sin, void *rows,
                  long stride_pos, int pos, void *index_keys, lg_selection *sel, qact *xa, float *scratch, float *ov, int nth) {
     const lg_mla *M = L->mla;
@@ -161,7 +167,7 @@ int lg_mla_token(const lg_layer *L, const float *hn, const float *qa, float *q, 
     if (L->attn_kind == LG_ATTN_DSA) {
         const lg_dsa *D = L->dsa;
         if (D) { /* a full layer: its indexer key into the cache; a pick only once the context outgrows the top-k */
-            lg_dsa_key(D, hn, dt, cos, sin, xa, (char *)index_keys + (size_t)pos * (size_t)D->head_dim * (dt == 1 ? 2 : 4), nth);
+            write_index_key(L, hn, cos, sin, xa, index_keys, pos, nth);
             if (pos + 1 > D->topk) rc = lg_dsa_select(D, hn, qa, dt, cos, sin, index_keys, pos + 1, xa, sel, nth);
             else sel->n = 0;
             if (rc) return rc;
@@ -174,27 +180,33 @@ int lg_mla_token(const lg_layer *L, const float *hn, const float *qa, float *q, 
     return absorbed(M, heads, dt, q, rows, stride_pos, len, idx, core, ov, nth);
 }
 
-/* lg_mla_token for T consecutive tokens at pos.. of an MLA layer where no DSA pick applies (the caller wrote
- * a full DSA layer's indexer keys): every token's row
- * written first (token t reads rows up to pos + t only, which the later tokens' rows do not touch), their
- * queries folded, one lg_attend_latent_tokens for all of them (a cached row read once for the tokens, not once
- * a token), then each token's values unfolded -- each token's numbers its one-token call's. q [T, heads *
- * (nope + rope)], kv [T, kv_lora + rope] (changed in place), cos / sin token t's at t * rot_stride values of
- * dtype; ov [T, heads * v]; `scratch` holds lg_mla_tokens_scratch(L, T) floats. Returns 0, or -1 when out of memory. */
-int lg_mla_tokens(const lg_layer *L, int T, float *q, float *kv, const void *cos, const void *sin, long rot_stride, void *rows,
-                  long stride_pos, int pos, float *scratch, float *ov, int nth) {
+/* lg_mla_token for T consecutive tokens at pos.. of an MLA layer where no DSA pick applies (no DSA; or the
+ * context fits a full layer's top-k, or a shared layer's full layer picked nothing): every token's row written
+ * first (token t reads rows up to pos + t only, which the later tokens' rows do not touch) -- on a full DSA
+ * layer its indexer key too, and its selection `sel` (token t's at sel + t * sel_stride int32s) set to none --
+ * the queries folded, one lg_attend_latent_tokens for all of them (a cached row read once for the tokens, not
+ * once a token), then the values unfolded: each token's numbers its one-token call's. hn [T, hidden]; q [T,
+ * heads * (nope + rope)], kv [T, kv_lora + rope] (changed in place); cos / sin token t's at t * rot_stride
+ * values of dtype; ov [T, heads * v]; `scratch` holds lg_mla_tokens_scratch(L, T) floats. Returns 0, or -1
+ * when out of memory. */
+int lg_mla_tokens(const lg_layer *L, int T, const float *hn, float *q, float *kv, const void *cos, const void *sin, long rot_stride, void *rows,
+                  long stride_pos, int pos, void *index_keys, void *sel, long sel_stride, qact *xa, float *scratch, float *ov, int nth) {
     const lg_mla *M = L->mla;
     const int dt = L->dtype, heads = L->heads, lat = M->kv_lora, row = lat + M->rope, qn = heads * (M->nope + M->rope);
     const size_t es = dt == 1 ? 2 : 4;
     float *kr = scratch, *ql = kr + M->rope, *olat = ql + (size_t)T * heads * row;
     for (int t = 0; t < T; t++) {
-        const size_t r = (size_t)t * (size_t)rot_stride * es;
-        rope_and_write(L, q + (size_t)t * qn, kv + (size_t)t * row, (const char *)cos + r, (const char *)sin + r, rows, stride_pos, pos + t, kr);
-        fold_queries(M, heads, dt, q + (size_t)t * qn, ql + (size_t)t * heads * row, nth);
+        const char *c = (const char *)cos + (size_t)t * (size_t)rot_stride * es, *s = (const char *)sin + (size_t)t * (size_t)rot_stride * es;
+        rope_and_write(L, q + (size_t)t * qn, kv + (size_t)t * row, c, s, rows, stride_pos, pos + t, kr);
+        if (L->attn_kind == LG_ATTN_DSA && L->dsa) {
+            write_index_key(L, hn + (size_t)t * L->hidden, c, s, xa, index_keys, pos + t, nth);
+            ((lg_selection *)((int32_t *)sel + (size_t)t * (size_t)sel_stride))->n = 0;
+        }
     }
+    fold_queries(M, heads, T * heads, dt, q, ql, nth);
     const int rc = lg_attend_latent_tokens(ql, (long)heads * row, rows, dt, heads, pos + 1, T, row, lat, stride_pos, M->scale, olat, (long)heads * lat, nth);
     if (rc) return rc;
-    for (int t = 0; t < T; t++) unfold_values(M, heads, dt, olat + (size_t)t * heads * lat, ov + (size_t)t * heads * M->v, nth);
+    unfold_values(M, heads, T * heads, dt, olat, ov, nth);
     return 0;
 }
 
