@@ -162,13 +162,14 @@ def mla_attention(
 
     if absorbed is None:
         absorbed = cache is not None and absorbs(shape, seqlen, latent.shape[1], q_nope)
-    out = _native_absorbed(q_nope, q_rope, latent, k_rope, w, shape, allowed) if absorbed and seqlen == 1 else None
+    out = None
+    if absorbed and seqlen == 1:
+        out = _native_absorbed(q_nope, q_rope, latent, k_rope, w, shape, allowed)
+    elif absorbed and cache is not None and allowed is None:  # queries after cached rows, each reading every row up to itself
+        out = _native_absorbed_tokens(q_nope, q_rope, latent, k_rope, w, shape)
     if out is None:
-        mask = _key_mask(bsz, seqlen, latent.shape[1], allowed, x.device)
-        if absorbed:  # `causal`: the cached rows, every one up to each query (no DSA selection)
-            out = _absorbed_attention(q_nope, q_rope, latent, k_rope, w, shape, mask, causal=cache is not None and allowed is None)
-        else:
-            out = _expanded_attention(q_nope, q_rope, latent, k_rope, w, shape, mask)
+        form = _absorbed_attention if absorbed else _expanded_attention
+        out = form(q_nope, q_rope, latent, k_rope, w, shape, _key_mask(bsz, seqlen, latent.shape[1], allowed, x.device))
     return linear(out.transpose(1, 2).reshape(bsz, seqlen, shape.heads * shape.v_head_dim), w.o, w.o_bias)
 
 
@@ -210,6 +211,28 @@ def _native_absorbed(
         positions = allowed.reshape(-1).nonzero().flatten() if allowed.dtype == torch.bool else allowed
     w_uk, w_uv = w.absorbed(shape, q_nope.dtype)
     return lib.mla_decode_attention(q_nope, q_rope, latent, k_rope, w_uk, w_uv, shape.scale, positions)
+
+
+def _native_absorbed_tokens(
+    q_nope: torch.Tensor,
+    q_rope: torch.Tensor,
+    latent: torch.Tensor,
+    k_rope: torch.Tensor,
+    w: MLAWeights,
+    shape: MLAShape,
+) -> torch.Tensor | None:
+    """The absorbed form of several queries, the last of the cached rows, each reading the rows up to itself:
+    the fold and the unfold torch's batched matmuls, steps 2-4 the native latent kernel
+    (`LayerLib.mla_latent_attention`: one pass over the rows for every few queries, the scores on bf16 rows
+    as cached); [1, heads, T, v], or None where the kernel does not take the inputs (then the torch form)."""
+    lib = native() if q_nope.device.type == "cpu" and q_nope.shape[0] == 1 else None
+    if lib is None:
+        return None
+    w_uk, w_uv = w.absorbed(shape, q_nope.dtype)
+    q_lat = torch.matmul(q_nope, w_uk)  # [1, H, T, kv_lora]
+    ql = torch.cat((q_lat, q_rope.to(q_lat.dtype)), dim=-1).transpose(1, 2).contiguous()  # [1, T, H, kv_lora + rope]
+    out_lat = lib.mla_latent_attention(ql, latent, k_rope, shape.scale)
+    return None if out_lat is None else torch.matmul(out_lat.transpose(1, 2), w_uv.transpose(1, 2))
 
 
 def _key_mask(bsz: int, seqlen: int, total: int, allowed: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
@@ -256,7 +279,6 @@ def _absorbed_attention(
     w: MLAWeights,
     shape: MLAShape,
     mask: torch.Tensor | None,
-    causal: bool = False,
 ) -> torch.Tensor:
     """kv_b folded into the query and the output: attention runs in the latent space, reading the
     cached rows (latent, rope key) once for all heads. Returns [B, heads, T, v].
@@ -277,12 +299,6 @@ def _absorbed_attention(
     total = latent.shape[1]
     w_uk, w_uv = w.absorbed(shape, q_nope.dtype)
     q_lat = torch.matmul(q_nope, w_uk)  # [B, H, T, kv_lora]
-    if causal and seqlen > 1 and bsz == 1 and q_nope.device.type == "cpu" and (lib := native()) is not None:
-        # steps 2-4 natively: one pass over the cached rows for every few queries, the scores on bf16 rows as cached
-        ql = torch.cat((q_lat, q_rope.to(q_lat.dtype)), dim=-1).transpose(1, 2).contiguous()  # [1, T, H, kv_lora + rope]
-        out_lat = lib.mla_latent_attention(ql, latent, k_rope, shape.scale)
-        if out_lat is not None:
-            return torch.matmul(out_lat.transpose(1, 2), w_uv.transpose(1, 2))  # [B, H, T, v]
     lat, kr = latent.float(), k_rope.float()  # [B, S, kv_lora], [B, S, rope]; no copy in fp32
     scores = torch.bmm(q_lat.float().reshape(bsz, heads * seqlen, -1), lat.transpose(1, 2))
     scores = scores.baddbmm_(q_rope.float().reshape(bsz, heads * seqlen, -1), kr.transpose(1, 2))
