@@ -162,11 +162,7 @@ def mla_attention(
 
     if absorbed is None:
         absorbed = cache is not None and absorbs(shape, seqlen, latent.shape[1], q_nope)
-    out = None
-    if absorbed and seqlen == 1:
-        out = _native_absorbed(q_nope, q_rope, latent, k_rope, w, shape, allowed)
-    elif absorbed and cache is not None and allowed is None:  # queries after cached rows, each reading every row up to itself
-        out = _native_absorbed_tokens(q_nope, q_rope, latent, k_rope, w, shape)
+    out = _native_absorbed(q_nope, q_rope, latent, k_rope, w, shape, allowed) if absorbed and cache is not None else None
     if out is None:
         form = _absorbed_attention if absorbed else _expanded_attention
         out = form(q_nope, q_rope, latent, k_rope, w, shape, _key_mask(bsz, seqlen, latent.shape[1], allowed, x.device))
@@ -199,36 +195,23 @@ def _native_absorbed(
     shape: MLAShape,
     allowed: torch.Tensor | None,
 ) -> torch.Tensor | None:
-    """The absorbed form of one query token through the fused decoder's native core
-    (`LayerLib.mla_decode_attention`), so this path and the fused one agree bit for bit; [1, heads,
-    1, v], or None where the kernel does not take the inputs (a GPU, a batch, rows not cached as
-    latent | rope key: then the torch form runs)."""
-    lib = native() if q_nope.device.type == "cpu" and q_nope.shape[0] == 1 else None
-    if lib is None:
-        return None
-    positions = None
-    if allowed is not None:  # DSA's selection: the key positions themselves, or a mask of them
-        positions = allowed.reshape(-1).nonzero().flatten() if allowed.dtype == torch.bool else allowed
-    w_uk, w_uv = w.absorbed(shape, q_nope.dtype)
-    return lib.mla_decode_attention(q_nope, q_rope, latent, k_rope, w_uk, w_uv, shape.scale, positions)
+    """The absorbed form natively, the queries the last of the cached rows; [1, heads, T, v], or None where the
+    kernels do not take the inputs (a GPU, a batch, rows not cached as latent | rope key, several queries with
+    DSA's selections: then the torch form runs).
 
-
-def _native_absorbed_tokens(
-    q_nope: torch.Tensor,
-    q_rope: torch.Tensor,
-    latent: torch.Tensor,
-    k_rope: torch.Tensor,
-    w: MLAWeights,
-    shape: MLAShape,
-) -> torch.Tensor | None:
-    """The absorbed form of several queries, the last of the cached rows, each reading the rows up to itself:
-    the fold and the unfold torch's batched matmuls, steps 2-4 the native latent kernel
-    (`LayerLib.mla_latent_attention`: one pass over the rows for every few queries, the scores on bf16 rows
-    as cached); [1, heads, T, v], or None where the kernel does not take the inputs (then the torch form)."""
+    One query goes through the fused decoder's native core (`LayerLib.mla_decode_attention`), so this path and
+    the fused one agree bit for bit. Several, each reading every row up to itself, fold and unfold with torch's
+    batched matmuls and attend through the native latent kernel (`LayerLib.mla_latent_attention`: one pass over
+    the rows for every few queries, the scores on bf16 rows as cached)."""
     lib = native() if q_nope.device.type == "cpu" and q_nope.shape[0] == 1 else None
-    if lib is None:
+    if lib is None or (q_nope.shape[2] > 1 and allowed is not None):
         return None
     w_uk, w_uv = w.absorbed(shape, q_nope.dtype)
+    if q_nope.shape[2] == 1:
+        positions = None
+        if allowed is not None:  # DSA's selection: the key positions themselves, or a mask of them
+            positions = allowed.reshape(-1).nonzero().flatten() if allowed.dtype == torch.bool else allowed
+        return lib.mla_decode_attention(q_nope, q_rope, latent, k_rope, w_uk, w_uv, shape.scale, positions)
     q_lat = torch.matmul(q_nope, w_uk)  # [1, H, T, kv_lora]
     ql = torch.cat((q_lat, q_rope.to(q_lat.dtype)), dim=-1).transpose(1, 2).contiguous()  # [1, T, H, kv_lora + rope]
     out_lat = lib.mla_latent_attention(ql, latent, k_rope, shape.scale)
