@@ -170,12 +170,16 @@ def test_absorbed_equals_expanded(interleave: bool) -> None:
 def test_the_form_follows_the_cost_after_cached_context(monkeypatch: pytest.MonkeyPatch) -> None:
     """A few tokens: absorbed. A prompt's first chunk: expanded (transformers' rounding). More tokens after
     cached context on a CPU: absorbed while its products cost less than expanding every cached latent
-    again, which they do up to ~145 new tokens on GLM-5's head dimensions in bf16 (~390 in fp32)."""
+    again, which they do up to ~145 new tokens on GLM-5's head dimensions in bf16 through torch's absorbed form
+    (DSA's selections), ~325 through the native latent kernel, ~390 in fp32."""
     glm5 = MLAShape(64, 2048, 512, 192, 64, 256, scale=0.07, latent_eps=1e-6, rope_interleave=True)
     bf16, fp32 = torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1)
     assert absorbs(glm5, 1, 1, bf16) and absorbs(glm5, 16, 16, bf16)  # decode, drafts: always
     assert not absorbs(glm5, 100, 100, bf16)  # a first chunk
     assert [absorbs(glm5, t, 20_000 + t, bf16) for t in (37, 100, 140, 150, 512)] == [True, True, True, False, False]
+    kernel = [absorbs(glm5, t, 20_000 + t, bf16, latent_kernel=True) for t in (37, 150, 320, 340, 512)]
+    assert kernel == [True, True, True, False, False]
+    assert not absorbs(glm5, 150, 20_150, torch.zeros(2, 1, dtype=torch.bfloat16), latent_kernel=True)  # a batch: torch's form
     assert absorbs(glm5, 380, 20_380, fp32) and not absorbs(glm5, 400, 20_400, fp32)
     # the default path after cached context is the absorbed one, and equals the expanded form
     _, w, shape = _reference()
@@ -183,7 +187,7 @@ def test_the_form_follows_the_cost_after_cached_context(monkeypatch: pytest.Monk
     x = torch.randn(1, 220, HIDDEN)
     taken: list[bool] = []
     real = mla.absorbs
-    monkeypatch.setattr(mla, "absorbs", lambda *a: taken.append(real(*a)) or taken[-1])
+    monkeypatch.setattr(mla, "absorbs", lambda *a, **kw: taken.append(real(*a, **kw)) or taken[-1])
     cache = LatentCache(1, KV_LORA, ROPE, 220, torch.float32)
     first = mla_attention(x[:, :200], w, shape, *_rope(0, 200), cache)
     rest = mla_attention(x[:, 200:], w, shape, *_rope(200, 20), cache, start=200)

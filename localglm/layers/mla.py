@@ -48,11 +48,17 @@ ABSORB_MAX_TOKENS = 16
 # ... except a CPU call that adds tokens after cached context (an agent's next turn, a prompt's last
 # chunk), which takes the absorbed form while it costs less (`absorbs`): the expanded form runs kv_b
 # over the whole context again for every call. Transformers' rounding is kept for a prompt's first
-# chunk (nothing cached before it). The absorbed form's products are fp32 (the cache widened), the
-# expanded form's bf16 GEMMs run at about twice the rate on a CPU with AVX512-BF16 or AMX: measured on
-# GLM-5's head dimensions at 1,550 cached tokens (2 threads, Zen 4), absorbed 0.59x-0.84x of the
-# expanded time at 37-100 new tokens, 1.15x at 200; this weight puts the switch at ~150.
-ABSORBED_PRODUCT_COST = 1.9  # a MAC of the absorbed form in units of the expanded form's, low precision
+# chunk (nothing cached before it). The weights below are what a MAC of the absorbed form costs in
+# units of the expanded form's bf16 GEMM MACs (which run at about twice the fp32 rate on a CPU with
+# AVX512-BF16 or AMX). Torch's absorbed form (fp32 bmm over the widened cache; DSA's selected keys) was
+# measured on GLM-5's head dimensions at 1,550 cached tokens (2 threads, Zen 4) at 0.59x-0.84x of the
+# expanded time at 37-100 new tokens and 1.15x at 200: 1.9 puts its switch at ~150. The native latent
+# kernel (`_native_absorbed`: bf16 rows scored as cached, one pass over them for every 4 queries) ties
+# with the expanded form at ~300 new tokens there (whole appends, GLM-5 widths: 130 tokens 783-811 ms
+# against 958-974 expanded, 200 1,104-1,188 against 1,210-1,228, 300 1,689-1,707 against 1,662-1,713;
+# Flash widths 200: 861-862 against 879-915): 1.1.
+NATIVE_ABSORBED_COST = 1.1
+ABSORBED_PRODUCT_COST = 1.9  # torch's absorbed form, low precision
 
 
 @dataclass(frozen=True)
@@ -161,7 +167,7 @@ def mla_attention(
         latent, k_rope, allowed = cache.read(layer, start + seqlen, allowed)
 
     if absorbed is None:
-        absorbed = cache is not None and absorbs(shape, seqlen, latent.shape[1], q_nope)
+        absorbed = cache is not None and absorbs(shape, seqlen, latent.shape[1], q_nope, latent_kernel=allowed is None and native() is not None)
     out = _native_absorbed(q_nope, q_rope, latent, k_rope, w, shape, allowed) if absorbed and cache is not None else None
     if out is None:
         form = _absorbed_attention if absorbed else _expanded_attention
@@ -169,18 +175,24 @@ def mla_attention(
     return linear(out.transpose(1, 2).reshape(bsz, seqlen, shape.heads * shape.v_head_dim), w.o, w.o_bias)
 
 
-def absorbs(shape: MLAShape, seqlen: int, total: int, q: torch.Tensor) -> bool:
+def absorbs(shape: MLAShape, seqlen: int, total: int, q: torch.Tensor, latent_kernel: bool = False) -> bool:
     """Whether `seqlen` new queries over `total` keys (a cache's) take the absorbed form: always up to
     ABSORB_MAX_TOKENS; on a CPU, after cached context, where its products cost less. Per head, the
     expanded form costs kv_b over every key, total*kv_lora*(nope+v), plus attention with head dims
     nope+rope and v, seqlen*total*(nope+rope+v); the absorbed form folds each query and output,
-    seqlen*kv_lora*(nope+v), plus attention in the latent space, seqlen*total*(2*kv_lora+rope)."""
+    seqlen*kv_lora*(nope+v), plus attention in the latent space, seqlen*total*(2*kv_lora+rope).
+    `latent_kernel`: the native kernels are built and the queries read every row up to each (no DSA
+    selection), so a bf16 batch of one goes through the native latent kernel (`_native_absorbed`), whose
+    MACs cost less than torch's absorbed form's."""
     if seqlen <= ABSORB_MAX_TOKENS:
         return True
     if total <= seqlen or q.device.type != "cpu":
         return False
     lora, nope, rope, v = shape.kv_lora_rank, shape.qk_nope_head_dim, shape.qk_rope_head_dim, shape.v_head_dim
-    weight = ABSORBED_PRODUCT_COST if q.dtype in (torch.bfloat16, torch.float16) else 1.0
+    weight = 1.0
+    if q.dtype in (torch.bfloat16, torch.float16):
+        native_rows = latent_kernel and q.dtype == torch.bfloat16 and q.shape[0] == 1
+        weight = NATIVE_ABSORBED_COST if native_rows else ABSORBED_PRODUCT_COST
     expanded = total * lora * (nope + v) + seqlen * total * (nope + rope + v)
     absorbed = weight * (seqlen * lora * (nope + v) + seqlen * total * (2 * lora + rope))
     return absorbed < expanded
