@@ -36,6 +36,11 @@ if TYPE_CHECKING:
     from .grammar import GrammarVocab
 
 PREFILL_CHUNK = 512
+# With a prompt cache on disk (--cache-dir): where the tokens no file there holds would take this long to compute
+# again (at the rate this request's prompt computed), the live cache is written there at once, in the background,
+# not only when RAM lets it go or the server stops, so a crash or a kill does not lose them. An agent's turn
+# after a long saved prefix computes little and is not written again for it.
+WRITE_PROMPT_AFTER_S = 30.0
 
 # (ids generated so far in this request, next-token logits [vocab]) -> logits to sample from.
 # Constrained decoding, grammars and tests that force a model's output all plug in here.
@@ -298,6 +303,28 @@ class Model:
     ) -> Iterator[int]:
         """Yield sampled token ids (a stop id is yielded too, then the loop ends)."""
         stats = stats if stats is not None else GenerationStats()
+        try:
+            yield from self._stream(input_ids, max_new_tokens, sampling, stop_ids, cancel, reuse_prefix, stats, logits_processor)
+        finally:
+            self._write_costly_prompt(stats)
+
+    def _write_costly_prompt(self, stats: GenerationStats) -> None:
+        """With a prompt cache on disk: the live cache written there in the background (a copy is taken now) where
+        its tokens that no file holds would take WRITE_PROMPT_AFTER_S or more to compute again, at the rate this
+        request computed its prompt."""
+        store, cache = self.prompt_cache, self._cache
+        computed = stats.prompt_tokens - stats.cached_prompt_tokens
+        if store is None or store.disk is None or cache is None or stats.prompt_s <= 0 or computed <= 0 or cache.length < store.min_tokens:
+            return
+        _, on_disk = store.disk.longest_prefix(cache.tokens)
+        if (cache.length - on_disk) * stats.prompt_s / computed >= WRITE_PROMPT_AFTER_S:
+            live = self._live_prompt(cache)
+            store.disk.save(live.kv, live.draft_state)
+
+    def _stream(self, input_ids: Sequence[int], max_new_tokens: int, sampling: SamplingParams, stop_ids: set[int] | frozenset[int],
+                cancel: threading.Event | None, reuse_prefix: bool, stats: GenerationStats,
+                logits_processor: LogitsProcessor | None) -> Iterator[int]:
+        """stream_tokens' generation."""
         tokens = [int(t) for t in input_ids]
         if not tokens:
             raise LocalGLMError("the prompt is empty")

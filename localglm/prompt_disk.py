@@ -13,9 +13,14 @@ is a second tier under it (`serve --cache-dir DIR`):
 Files are safetensors (the main cache's rows, the token ids, the MTP block's state beside them)
 under `DIR/<setup digest>/`: the setup is the model's files, config, dtype, device, processor, load
 options and the code's version (`Model.setup`), since rows from any other setup are not what a
-prefill here would compute. Each file is written whole to a temporary name, then renamed; a file
-that cannot be read is skipped with one warning. The oldest files beyond `--cache-disk` are deleted:
-they are the cache's own, in its own directory.
+prefill here would compute. Each file is written whole to a temporary name, flushed to the disk, then
+renamed; a file that cannot be read is skipped with one warning, and a temporary file a killed process
+left behind is deleted once no write could still be filling it. The oldest files beyond `--cache-disk`
+are deleted: they are the cache's own, in its own directory.
+
+Several processes may share one directory (two servers of one model, or one restarted while the old
+one still writes): each looks at the directory again before choosing a file and before keeping to the
+budget, so it uses and counts what the others wrote, and a file another one deleted is simply gone.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,6 +48,8 @@ log = logging.getLogger("localglm")
 FORMAT = "localglm-prompt/1"
 SUFFIX = ".prompt.safetensors"
 SETUP_FILE = "setup.txt"  # the setup a directory's files belong to, for people reading the cache
+TMP_SUFFIX = ".tmp"
+STALE_TMP_S = 3600.0  # a temporary file untouched this long is no write in progress: a killed writer's
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,7 +80,10 @@ class PromptDisk:
         except OSError as exc:
             raise LocalGLMError(f"--cache-dir {root}: cannot write there ({exc.strerror or exc})") from None
         self._lock = threading.Lock()  # entries: the engine thread reads, the writer thread changes
-        self.entries: list[DiskPrompt] = self._scan()
+        self.entries: list[DiskPrompt] = []
+        self._skipped: set[tuple[Path, int]] = set()  # (file, mtime_ns) not used again: unreadable, or forgotten
+        self._remove_stale_temporaries()
+        self.refresh()
         self._executor: ThreadPoolExecutor | None = None
         self._pending: list[Future[None]] = []
         self.loads = 0  # prompts brought back from disk
@@ -93,18 +104,51 @@ class PromptDisk:
         return f"{n} saved prompts ({human_bytes(size)}) in {self.dir}"
 
     # ---- finding ------------------------------------------------------------------------------
-    def _scan(self) -> list[DiskPrompt]:
-        found = []
+    def refresh(self) -> None:
+        """Bring `entries` in line with the directory: files another process wrote join them (by age),
+        files deleted there leave them. A file localglm cannot read is skipped with one warning."""
+        found: list[tuple[int, Path]] = []
         for path in self.dir.glob("*" + SUFFIX):
+            try:
+                found.append((path.stat().st_mtime_ns, path))
+            except OSError:  # deleted between the listing and now
+                continue
+        with self._lock:
+            known = {e.path: e for e in self.entries}
+        new: dict[Path, DiskPrompt] = {}
+        for mtime, path in found:
+            if path in known or (path, mtime) in self._skipped:
+                continue
             entry = _read_header(path)
             if entry is None:
+                self._skipped.add((path, mtime))
                 log.warning("%s: not a saved prompt localglm can read; skipped", path)
             else:
-                found.append((path.stat().st_mtime, entry))
-        return [e for _, e in sorted(found, key=lambda pair: pair[0])]
+                new[path] = entry
+        on_disk = {path for _, path in found}
+        order = {path: i for i, (_, path) in enumerate(sorted(found, key=lambda pair: pair[0]))}
+        with self._lock:
+            kept = [e for e in self.entries if e.path in on_disk or e.path.exists()]  # or written since the listing
+            if new:  # merged by age: the directory's order (mtime) places what the others wrote
+                have = {e.path for e in kept}  # the writer thread may have added one meanwhile
+                kept = sorted([*kept, *(e for p, e in new.items() if p not in have)], key=lambda e: order.get(e.path, len(order)))
+            self.entries = kept
+
+    def _remove_stale_temporaries(self) -> None:
+        """Delete temporary files a killed writer left (untouched for STALE_TMP_S: a write in progress,
+        this process's or another's, keeps changing its file)."""
+        now = time.time()
+        for path in self.dir.glob("." + "*" + TMP_SUFFIX):
+            try:
+                if now - path.stat().st_mtime > STALE_TMP_S:
+                    path.unlink()
+                    log.info("%s: removed, a saved prompt's write that never finished", path)
+            except OSError:
+                continue
 
     def longest_prefix(self, tokens: Sequence[int]) -> tuple[DiskPrompt | None, int]:
         """The file sharing the longest prefix with `tokens`, and that length (0: none)."""
+        self.refresh()
         with self._lock:
             entries = list(self.entries)
         return longest_match(entries, tokens)
@@ -123,6 +167,11 @@ class PromptDisk:
         try:
             tensors = load_file(entry.path)
             snap, draft = _unpack(tensors, _metadata(entry.path))
+        except FileNotFoundError:  # another process sharing the directory deleted it (its budget)
+            log.info("%s: saved prompt deleted by another process; its prompt is prefilled", entry.path)
+            with self._lock:
+                self.entries = [e for e in self.entries if e is not entry]
+            return None
         except (OSError, SafetensorError, KeyError, ValueError) as exc:
             self.forget(entry, f"it could not be read: {exc}")
             return None
@@ -141,6 +190,10 @@ class PromptDisk:
         """Stop using a file (left on disk), with one warning saying why: its prompt is prefilled instead."""
         self.failed += 1
         log.warning("%s: saved prompt not used (%s); it is prefilled instead", entry.path, why)
+        try:
+            self._skipped.add((entry.path, entry.path.stat().st_mtime_ns))  # not read again, unless rewritten
+        except OSError:
+            pass
         with self._lock:
             self.entries = [e for e in self.entries if e is not entry]
 
@@ -168,9 +221,10 @@ class PromptDisk:
         path = self.dir / name
         tmp = None
         try:
-            with tempfile.NamedTemporaryFile(dir=self.dir, prefix=".", suffix=".tmp", delete=False) as f:
+            with tempfile.NamedTemporaryFile(dir=self.dir, prefix=".", suffix=TMP_SUFFIX, delete=False) as f:
                 tmp = Path(f.name)
             save_file(tensors, str(tmp), metadata=meta)
+            _flush_to_disk(tmp)  # before the rename: a crash then leaves the old name or the whole file, never a torn one
             os.replace(tmp, path)
         except OSError as exc:
             if tmp is not None:
@@ -179,6 +233,7 @@ class PromptDisk:
             log.warning("%s: a saved prompt could not be written (%s)", self.dir, exc.strerror or exc)
             return
         entry = DiskPrompt(path, tuple(kv.tokens), path.stat().st_size)
+        self.refresh()  # the budget counts what other processes sharing the directory wrote
         with self._lock:
             # a file this one extends holds nothing it does not: it goes, as in RAM (PromptCache.put)
             gone = [e for e in self.entries if e.path == path or starts_with(entry.tokens, e.tokens)]
@@ -192,6 +247,17 @@ class PromptDisk:
             if e is entry or e.path != path:  # not the file just written under an old entry's name
                 e.path.unlink(missing_ok=True)
         self.writes += 1
+
+
+def _flush_to_disk(path: Path) -> None:
+    """fsync a written file (where the file system has no fsync, as some network mounts, it is left as is)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _pack(kv: CacheSnapshot, draft_state: DraftState | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -272,6 +272,73 @@ def test_what_ram_lets_go_is_written_to_disk_within_its_budget(tiny_dir: Path, t
     assert any(str(victim) in r.getMessage() for r in caplog.records)
 
 
+def test_a_costly_prompt_is_on_disk_before_the_process_stops(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --cache-dir, a prompt whose uncovered tokens would take WRITE_PROMPT_AFTER_S to compute again is
+    written at once (a killed server keeps it), and a later process restores it; a turn that adds little after
+    a saved prefix is not written again."""
+    import localglm.engine as engine_mod
+
+    model = localglm.load(tiny_dir)
+    store = _with_disk(model, tmp_path)
+    a, _, more = _turns(model.config.vocab_size)
+    monkeypatch.setattr(engine_mod, "WRITE_PROMPT_AFTER_S", 0.0)  # every prompt is "costly"
+    first = _run(model, a, 6)
+    store.disk.flush()
+    assert store.disk.writes == 1 and len(store.disk.entries) == 1
+    assert store.disk.entries[0].tokens == tuple(a + first[:-1])  # the live cache: the prompt and what was decoded
+    monkeypatch.setattr(engine_mod, "WRITE_PROMPT_AFTER_S", 1e9)  # nothing is worth writing now
+    _run(model, a + first + more, 3)
+    store.disk.flush()
+    assert store.disk.writes == 1
+
+    again = localglm.load(tiny_dir)  # no keep_prompts(): as after a kill
+    _with_disk(again, tmp_path)
+    stats = GenerationStats()
+    assert _run(again, a + first + more, 3, stats) == _run(localglm.load(tiny_dir), a + first + more, 3)
+    assert stats.restored_prompt_tokens == len(a) + len(first) - 1
+
+
+def test_two_processes_share_one_cache_dir(tiny_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Each uses the files the other wrote and counts them in its budget; a file the other deleted is
+    prefilled without a warning; a temporary file a killed writer left is deleted once stale."""
+    import os
+    import time
+
+    from localglm.prompt_disk import PromptDisk
+
+    model = localglm.load(tiny_dir)
+    g = torch.Generator().manual_seed(8)
+    p1, p2 = (torch.randint(0, 400, (40,), generator=g).tolist() for _ in range(2))
+    _run(model, p1, 2)
+    snap1 = model._cache.snapshot()
+    _run(model, p2, 2)
+    snap2 = model._cache.snapshot()
+    one, two = PromptDisk(tmp_path, 1 << 30, model.setup), PromptDisk(tmp_path, 1 << 30, model.setup)
+    one.save(snap1)
+    one.flush()
+    found, n = two.longest_prefix(p1 + [5])
+    assert n == 40 and found is not None and two.load(found) is not None  # written by the other
+    size = one.entries[0].nbytes
+    two.budget = size + size // 2  # room for one file: two's own write deletes one's file
+    two.save(snap2)
+    two.flush()
+    assert len(two.entries) == 1 and two.entries[0].tokens[:40] == tuple(p2)
+    assert len(list(two.dir.glob("*.prompt.safetensors"))) == 1
+    stale = one.entries[0]
+    with caplog.at_level(logging.WARNING, logger="localglm"):
+        assert one.load(stale) is None and one.failed == 0
+    assert not any(r.levelno >= logging.WARNING for r in caplog.records)
+    assert one.longest_prefix(p2)[1] == 40 and stale not in one.entries
+
+    old_tmp, new_tmp = one.dir / ".killed.tmp", one.dir / ".writing.tmp"
+    old_tmp.write_bytes(b"half a file")
+    new_tmp.write_bytes(b"a write in progress")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(old_tmp, (hours_ago, hours_ago))
+    PromptDisk(tmp_path, 1 << 30, model.setup)
+    assert not old_tmp.exists() and new_tmp.exists()
+
+
 def test_a_restarted_chat_app_restores_a_chat_from_cache_dir(tiny_dir: Path, tmp_path: Path) -> None:
     """`localglm chat --cache-dir`: the chat's cache is written when the app ends (ChatApp.keep_chats); a new
     app on a new model opens the saved chat (Ctrl+O) and its next turn reads the cache back instead of

@@ -256,9 +256,10 @@ def add_cache_disk_options(p: argparse.ArgumentParser, what: str) -> None:
     `what` names the caches kept ("conversations'", "chats'")."""
     p.add_argument(
         "--cache-dir", default=None, metavar="DIR",
-        help=f"also keep {what} KV caches on disk under DIR: what --cache-ram lets go, and all of them at exit, so "
-        "after a restart a long prompt is read back instead of prefilled again (default: off; files are per model "
-        "and load setup)",
+        help=f"also keep {what} KV caches on disk under DIR: what --cache-ram lets go, one whose unsaved tokens took "
+        "30 s or more to compute at once (a crash keeps it), and all of them at exit, so after a restart a long prompt "
+        "is read back instead of prefilled again (default: off; files are per model and load setup; two processes "
+        "may share DIR)",
     )
     p.add_argument(
         "--cache-disk", default=None, metavar="SIZE",
