@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import warnings
 from collections.abc import Sequence
@@ -90,13 +91,25 @@ def _name_schema_file(events: Any, args: argparse.Namespace) -> Any:
         raise LocalGLMError(f"--json-schema {args.json_schema}: {exc}") from None
 
 
+def generate_prompt(args: argparse.Namespace) -> str:
+    """generate's prompt: PROMPT after MODEL or -p (once), - for stdin; the error for none says how to give one,
+    and names a lone MODEL that is no path (someone's prompt taken for a model directory)."""
+    if args.text is not None and args.prompt is not None:
+        raise LocalGLMError("generate: give the prompt once, as PROMPT after MODEL or with -p, not both")
+    given = args.text if args.text is not None else args.prompt
+    if given is not None:
+        return read_stdin_text() if given == "-" else given
+    if args.model is not None and not Path(args.model).expanduser().exists():
+        raise LocalGLMError(f"generate: no prompt given, and {args.model!r} is no model directory or file; "
+                            f"with the packaged model: localglm generate -p {shlex.quote(args.model)}")  # fmt: skip
+    raise LocalGLMError('generate: give a prompt: localglm generate [MODEL] "TEXT", or -p TEXT (- reads stdin)')
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .engine import Done
     from .chat.stream_parser import ContentDelta, ThinkingDelta, ToolCallEnd
 
-    prompt = read_stdin_text() if args.prompt == "-" else args.prompt
-    if prompt is None:
-        raise LocalGLMError("generate: give a prompt with -p TEXT (or -p - to read stdin)")
+    prompt = generate_prompt(args)
     prompt = valid_text(prompt, "the prompt")
     args.system = valid_text(args.system, "--system") if args.system is not None else None
     args.stop = [valid_text(s, "--stop") for s in args.stop] if args.stop else args.stop
@@ -214,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text from a prompt", description="Stream a completion (or, with --chat, a chat reply) and print one stats line.")
     g.add_argument("model", nargs="?", default=None, help="model directory (Hugging Face layout: config.json, *.safetensors, tokenizer.json); default: the packaged default model")
+    g.add_argument("text", nargs="?", default=None, metavar="PROMPT", help="prompt text after MODEL (as ollama run takes it), or - to read stdin; or give it with -p")
     g.add_argument("-p", "--prompt", default=None, help="prompt text, or - to read it from stdin")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the model's chat template")
     g.add_argument("--system", default=None, help="system prompt (with --chat)")

@@ -32,6 +32,15 @@ def test_generate_chat_prints_text_then_stats_line(tiny_dir: Path, capsys: pytes
     assert "prompt:" not in captured.out
 
 
+def test_generate_takes_the_prompt_after_the_model(tiny_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """`localglm generate MODEL "TEXT"` (as `ollama run` takes it) is `-p TEXT`, token for token."""
+    common = ["-n", "5", "--temperature", "0", "--ignore-eos", "-q", "--threads", "1"]
+    assert main(["generate", str(tiny_dir), "-p", "def f(", *common]) == 0
+    with_flag = capsys.readouterr().out
+    assert main(["generate", str(tiny_dir), "def f(", *common]) == 0
+    assert capsys.readouterr().out == with_flag
+
+
 def test_inspect_prints_counts(tiny_dir: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["inspect", str(tiny_dir)]) == 0
     out = capsys.readouterr().out
@@ -46,6 +55,8 @@ def test_inspect_prints_counts(tiny_dir: Path, capsys: pytest.CaptureFixture) ->
         (["generate", "{tiny}", "-q"], "-p"),
         (["generate", "{tiny}", "-p", "x", "--top-p", "7", "-q"], "--top-p 7"),
         (["generate", "{tiny}", "-p", "x", "-n", "0", "-q"], "max-new-tokens"),
+        (["generate", "{tiny}", "x", "-p", "y", "-q"], "not both"),
+        (["generate", "def f(x):", "-q"], "localglm generate -p 'def f(x):'"),  # a prompt where MODEL goes: said so
         (["inspect", "/no/such/model"], "config.json"),
         (["make-tiny", "{tiny}"], "already exists"),
     ],
