@@ -263,6 +263,48 @@ static inline __attribute__((always_inline)) void dense_tile_bh(const lg_mat *m,
         }
 }
 
+/* Sixteen accumulators' horizontal sums at once, each bit for bit dense_tile_bh's (and dense_tile16's): lane i of
+ * the result is (((a_j + a_j+8) then + 4 lanes on) then + 2) then + 1, the pairs hsum256(low half + high half)
+ * adds, in the same tree (IEEE addition is commutative, so only the pairing counts). Four levels of shuffles and
+ * adds over all sixteen cost ~3 instructions a sum, where one hsum256 is ~8: at the widths of a small model (K =
+ * 256: eight vdpbf16ps a dot) the per-dot sums had been as much work as the products. `a` comes in slot order
+ * p = 4 s + q for the accumulator 4 q + s (the shuffles' lane order), so lane i holds accumulator i. */
+static inline __attribute__((always_inline)) __m512 hsum16(const __m512 a[16]) {
+    __m512 b[8], c[4], d[2];
+    for (int i = 0; i < 8; i++) /* lanes j + j+8: halves side by side */
+        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44), _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; i++) /* j + j+4: quarters 0, 2 against 1, 3 */
+        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88), _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; i++) /* j + j+2 within each quarter */
+        d[i] = _mm512_add_ps(_mm512_shuffle_ps(c[2 * i], c[2 * i + 1], 0x44), _mm512_shuffle_ps(c[2 * i], c[2 * i + 1], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], 0x88), _mm512_shuffle_ps(d[0], d[1], 0xDD)); /* j + j+1 */
+}
+
+/* dense_tile_bh's dots for R rows x nt tokens (R * nt <= 16; R, nt constants where inlined), rows one after another
+ * (each row's whole K before the next: one weight stream, as AMD CPUs read fastest), the sums by hsum16:
+ * s[t * R + r] = row n + r of m . token t, the same numbers as dense_tile_bh gives, whatever R or nt. */
+static inline __attribute__((always_inline)) void dense_block_bh(const lg_mat *m, int n, const int R, const uint16_t *xb, const int nt, float *s) {
+    const int K = m->k, K32 = K & ~31;
+    const uint16_t *W = (const uint16_t *)m->w + (size_t)n * K;
+    __m512 acc[16];
+    for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+    for (int r = 0; r < R; r++) {
+        const uint16_t *row = W + (size_t)r * K;
+        for (int i = 0; i < K32; i += 32) {
+            const __m512bh w = (__m512bh)_mm512_loadu_si512((const void *)(row + i));
+            for (int t = 0; t < nt; t++)
+                acc[t * R + r] = _mm512_dpbf16_ps(acc[t * R + r], w, (__m512bh)_mm512_loadu_si512((const void *)(xb + (size_t)t * K + i)));
+        }
+    }
+    __m512 slots[16];
+    for (int p = 0; p < 16; p++) slots[p] = acc[(p & 3) * 4 + (p >> 2)];
+    _mm512_storeu_ps(s, hsum16(slots));
+    if (K32 < K)
+        for (int r = 0; r < R; r++)
+            for (int t = 0; t < nt; t++)
+                for (int j = K32; j < K; j++) s[t * R + r] += bf16_to_float(W[(size_t)r * K + j]) * bf16_to_float(xb[(size_t)t * K + j]);
+}
+
 /* T rows of K floats (bf16 values) -> bf16, for dense_tile_bh. */
 static inline void rows_to_bf16(const float *x, int T, int K, uint16_t *xb) {
     for (int t = 0; t < T; t++) row_to_bf16(x + (size_t)t * K, K, xb + (size_t)t * K);

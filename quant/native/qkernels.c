@@ -1259,15 +1259,17 @@ void lg_matvec(const lg_mat *m, const float *x, int dtype, qact *xa, float *y, i
             return;
         }
         row_to_bf16(x, K, xb);
-        const int NP = (N + DENSE_1TOK_ROWS - 1) / DENSE_1TOK_ROWS;
+        const int per = interleaved_rows ? DENSE_1TOK_ROWS : 16; /* rows a work item: 8 interleaved, or 16 one after another (dense_block_bh) */
+        const int NP = (N + per - 1) / per;
 #pragma omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(NP, nth)) if (par)
         for (int i = 0; i < NP; i++) {
-            const int n1 = i * DENSE_1TOK_ROWS;
-            float o[TILE16_ROWS * TILE16_TOKENS];
-            if (n1 + DENSE_1TOK_ROWS <= N && interleaved_rows) dense_tile_bh(m, n1, DENSE_1TOK_ROWS, xb, 1, o);
+            const int n1 = i * per;
+            float o[16 > TILE16_ROWS * TILE16_TOKENS ? 16 : TILE16_ROWS * TILE16_TOKENS];
+            if (n1 + per <= N && interleaved_rows) dense_tile_bh(m, n1, DENSE_1TOK_ROWS, xb, 1, o);
+            else if (n1 + per <= N) dense_block_bh(m, n1, 16, xb, 1, o);
             else
-                for (int n = n1; n < n1 + DENSE_1TOK_ROWS && n < N; n++) dense_tile_bh(m, n, 1, xb, 1, o + (n - n1));
-            for (int n = n1; n < n1 + DENSE_1TOK_ROWS && n < N; n++) y[n] = rnd(o[n - n1] + (m->bias ? m->bias[n] : 0.0f), dtype);
+                for (int n = n1; n < N; n++) dense_tile_bh(m, n, 1, xb, 1, o + (n - n1));
+            for (int n = n1; n < n1 + per && n < N; n++) y[n] = rnd(o[n - n1] + (m->bias ? m->bias[n] : 0.0f), dtype);
         }
         if (xb != xs) free(xb);
         return;
@@ -1497,15 +1499,45 @@ static void dense_range(const lg_mat *m, int b0, int b1, const int R, const void
 }
 /* Rows of weights a work item of dense_rows_tiled holds for all its token tiles: about 256 KB of them
  * (the item's rows stay in L2 while each tile of tokens reads them; an expert's 12 MB of weights came from
- * RAM once per 4 tokens when the tiles were the outer loop), a multiple of 8 (every tile_rows), and at
- * most an eighth of each thread's share. */
+ * RAM once per 4 tokens when the tiles were the outer loop), a multiple of 16 (every tile_rows and
+ * block_rows_bh's blocks), and at most an eighth of each thread's share. */
 static int tiled_chunk_rows(const lg_mat *m, int nth) {
     const long bytes = (long)m->k * (m->kind == 1 ? 2 : 4), by_cache = (256L << 10) / (bytes > 0 ? bytes : 1);
     const long by_share = (long)m->n / (8L * (nth > 1 ? nth : 1));
     long rows = by_cache < by_share ? by_cache : by_share;
-    rows &= ~7L;
-    return rows < 8 ? 8 : rows > (1L << 20) ? (1 << 20) : (int)rows;
+    rows &= ~15L;
+    return rows < 16 ? 16 : rows > (1L << 20) ? (1 << 20) : (int)rows;
 }
+
+#ifdef LG_DPBF16
+/* Rows r0..r1-1 of bf16 weights against nt bf16 tokens, R rows a dense_block_bh (R * nt <= 16), the rest one row
+ * a block; into y (rows N apart) with the bias, rounded to dt. */
+static inline __attribute__((always_inline)) void block_rows_bh(const lg_mat *m, int r0, int r1, const int R, const uint16_t *xb, const int nt, int dt,
+                                                                float *y) {
+    const int N = m->n;
+    float s[16];
+    int n = r0;
+    for (; n + R <= r1; n += R) {
+        dense_block_bh(m, n, R, xb, nt, s);
+        for (int t = 0; t < nt; t++)
+            for (int r = 0; r < R; r++) y[(size_t)t * N + n + r] = rnd(s[t * R + r] + (m->bias ? m->bias[n + r] : 0.0f), dt);
+    }
+    for (; n < r1; n++) {
+        dense_block_bh(m, n, 1, xb, nt, s);
+        for (int t = 0; t < nt; t++) y[(size_t)t * N + n] = rnd(s[t] + (m->bias ? m->bias[n] : 0.0f), dt);
+    }
+}
+
+/* A verification's few tokens (nt <= TMAX) on rows that stream through one after another: 16 dots a block. */
+static void block_range_bh(const lg_mat *m, int r0, int r1, const uint16_t *xb, int nt, int dt, float *y) {
+    switch (nt) {
+    case 1: block_rows_bh(m, r0, r1, 16, xb, 1, dt, y); break;
+    case 2: block_rows_bh(m, r0, r1, 8, xb, 2, dt, y); break;
+    case 3: block_rows_bh(m, r0, r1, 4, xb, 3, dt, y); break;
+    default: block_rows_bh(m, r0, r1, 4, xb, 4, dt, y);
+    }
+}
+#endif
 
 /* y[t] = m . x[t] (+ bias, rounded to dt) for T > 1 rows of floats, dense weights (bf16 / fp32): tiles of
  * weight rows x up to TMAX tokens (dense_rows), each (row, token) dot in lg_matvec's order, so every
@@ -1535,6 +1567,12 @@ static int dense_rows_tiled(const lg_mat *m, int T, const float *x, int dt, floa
 #pragma omp parallel for num_threads(nth) schedule(dynamic, 1) if (par)
     for (int c = 0; c < chunks; c++) {
         const int r0 = c * rows, r1 = r0 + rows < N ? r0 + rows : N;
+#ifdef LG_DPBF16
+        if (bh && T <= TMAX && !lg_interleaved_rows()) { /* one row after another: the sums of 16 dots at once */
+            block_range_bh(m, r0, r1, (const uint16_t *)xr, T, dt, y);
+            continue;
+        }
+#endif
         for (int t0 = 0; t0 < T; t0 += TMAX) {
             const int nt = T - t0 < TMAX ? T - t0 : TMAX, R = tile_rows(nt, T);
             dense_range(m, r0 / R, (r1 + R - 1) / R, R, xr + (size_t)t0 * K * es, nt, bh, dt, y + (size_t)t0 * N);
