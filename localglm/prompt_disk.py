@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint.safetensors import fsync_path
 from .errors import LocalGLMError
 from .layers.kv_cache import CacheSnapshot, longest_match, starts_with
 from .speculative import DraftState
@@ -224,7 +225,7 @@ class PromptDisk:
             with tempfile.NamedTemporaryFile(dir=self.dir, prefix=".", suffix=TMP_SUFFIX, delete=False) as f:
                 tmp = Path(f.name)
             save_file(tensors, str(tmp), metadata=meta)
-            _flush_to_disk(tmp)  # before the rename: a crash then leaves the old name or the whole file, never a torn one
+            fsync_path(tmp)  # before the rename: a crash then leaves the old name or the whole file, never a torn one
             os.replace(tmp, path)
         except OSError as exc:
             if tmp is not None:
@@ -247,17 +248,6 @@ class PromptDisk:
             if e is entry or e.path != path:  # not the file just written under an old entry's name
                 e.path.unlink(missing_ok=True)
         self.writes += 1
-
-
-def _flush_to_disk(path: Path) -> None:
-    """fsync a written file (where the file system has no fsync, as some network mounts, it is left as is)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _pack(kv: CacheSnapshot, draft_state: DraftState | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -279,7 +279,7 @@ def _iter_items(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.
     return iter(tensors.items()) if isinstance(tensors, Mapping) else iter(tensors)
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     """Flush a finished file (or directory entry) to disk so a rename never publishes empty data."""
     flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
     try:
@@ -339,7 +339,7 @@ class _ShardWriter:
         temp = self.out_dir / f".localglm-{self.token}-{len(self.shards):05d}.tmp"
         self.shards.append((temp, list(group)))
         save_file(group, str(temp), metadata=self.metadata)
-        _fsync_path(temp)
+        fsync_path(temp)
 
     def temp_paths(self) -> list[Path]:
         return [temp for temp, _ in self.shards]
@@ -392,13 +392,13 @@ def save_safetensors_sharded(
             weight_map = {name: final.name for (_, names), final in zip(writer.shards, finals) for name in names}
             index = {"metadata": {"total_size": writer.total_size}, "weight_map": weight_map}
             index_temp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            _fsync_path(index_temp)
+            fsync_path(index_temp)
             renames.insert(0, (index_temp, out / INDEX_FILE_NAME))
         for stale in _stale_checkpoint_files(out, {final for _, final in renames}):
             stale.unlink()
         for temp, final in renames:
             os.replace(temp, final)
-        _fsync_path(out)
+        fsync_path(out)
         return finals + ([out / INDEX_FILE_NAME] if count > 1 else [])
     finally:
         for temp in [*writer.temp_paths(), index_temp]:
