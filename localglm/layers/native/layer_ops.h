@@ -131,8 +131,8 @@ LG_HIDDEN size_t lg_mla_token_scratch(const lg_layer *L);
 LG_HIDDEN int lg_mla_token(const lg_layer *L, const float *hn, const float *qa, float *q, float *kv, const void *cos, const void *sin, void *rows,
                            long stride_pos, int pos, void *index_keys, lg_selection *sel, qact *xa, float *scratch, float *ov, int nth);
 
-/* lg_mla_token for T consecutive tokens of a layer where no DSA pick applies (mla_attention.c), and its scratch floats. */
-LG_HIDDEN int lg_mla_tokens(const lg_layer *L, int T, const float *hn, float *q, float *kv, const void *cos, const void *sin, long rot_stride,
+/* lg_mla_token for T consecutive tokens of a layer, DSA's picks included (mla_attention.c), and its scratch floats. */
+LG_HIDDEN int lg_mla_tokens(const lg_layer *L, int T, const float *hn, const float *qa, float *q, float *kv, const void *cos, const void *sin, long rot_stride,
                             void *rows, long stride_pos, int pos, void *index_keys, void *sel, long sel_stride, qact *xa, float *scratch, float *ov,
                             int nth);
 LG_HIDDEN size_t lg_mla_tokens_scratch(const lg_layer *L, int T);

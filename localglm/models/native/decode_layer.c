@@ -99,36 +99,22 @@ static size_t mla_rows(const lg_layer *L) {
 static size_t attn_scratch(const lg_layer *L, int T) {
     if (L->attn_kind != LG_ATTN_GQA) {
         if (T == 1) return lg_mla_scratch(L);
-        const size_t one = lg_mla_token_scratch(L), all = lg_mla_tokens_scratch(L, T);
-        return (size_t)T * mla_rows(L) + (one > all ? one : all);
+        return (size_t)T * mla_rows(L) + lg_mla_tokens_scratch(L, T);
     }
     return (size_t)T * ((size_t)(L->heads + 2 * L->kv_heads) * L->hd + (size_t)L->heads * L->hd) + (size_t)L->hd;
 }
 
-/* Whether T tokens at pos.. of an MLA layer attend every cached row (no DSA pick), so they can attend
- * together: always without DSA; on a full DSA layer while the context fits its top-k (lg_mla_token picks
- * only past it); on a shared one where its full layer picked nothing for any of them. */
-static int attend_together(const lg_layer *L, int T, const token_rows *R, int pos) {
-    if (L->attn_kind == LG_ATTN_MLA) return 1;
-    if (L->dsa) return R->sel && pos + T <= L->dsa->topk;
-    for (int t = 0; t < T; t++) {
-        const lg_selection *sel = sel_at(R, t);
-        if (!sel || sel->n > 0) return 0;
-    }
-    return 1;
-}
-
 /* The layer's attention of T tokens at pos.. on their normed hidden states hn [T, hidden], into
- * o [T, hidden], each token attending up to itself (together: GQA's lg_attend_tokens, MLA's lg_mla_tokens;
- * token after token on a DSA layer past its top-k, whose picks differ), the projections (GQA's q/k/v and o,
+ * o [T, hidden], each token attending up to itself (GQA's lg_attend_tokens, MLA's lg_mla_tokens: together where
+ * no DSA pick applies, each over its own picks past a DSA layer's top-k), the projections (GQA's q/k/v and o,
  * MLA's q_a, q_b, kv_a and o) for every token at once; a DSA full layer's pick lands in that
  * token's selection. `scratch` holds attn_scratch(L, T) floats. Returns 0, or -1 when out of memory. */
 static int attention(const lg_layer *L, int T, const float *hn, const token_rows *R, void *k_cache, void *v_cache, long stride_head,
                      long stride_pos, int pos, void *index_keys, qact *xa, float *scratch, float *o, int nth) {
-    const int H = L->hidden, dt = L->dtype;
+    const int dt = L->dtype;
     if (L->attn_kind != LG_ATTN_GQA && T == 1)
         return lg_mla_attention(L, hn, R->cos, R->sin, k_cache, stride_pos, pos, index_keys, sel_at(R, 0), xa, scratch, o, nth);
-    if (L->attn_kind != LG_ATTN_GQA) { /* the projections for every token at once, then token after token */
+    if (L->attn_kind != LG_ATTN_GQA) { /* the projections for every token at once, then lg_mla_tokens */
         const lg_mla *M = L->mla;
         const int qn = L->heads * (M->nope + M->rope), row = M->kv_lora + M->rope, vn = L->heads * M->v;
         float *qa = scratch, *q = qa + (size_t)T * M->q_lora, *kv = q + (size_t)T * qn, *ov = kv + (size_t)T * row, *rest = ov + (size_t)T * vn;
@@ -137,18 +123,9 @@ static int attention(const lg_layer *L, int T, const float *hn, const token_rows
             for (int t = 0; t < T; t++) lg_norm_row(qa + (size_t)t * M->q_lora, M->q_lora, M->q_a_norm, dt, M->latent_eps, qa + (size_t)t * M->q_lora);
         }
         if (lg_mat_rows(&M->q_b, T, M->q_lora ? qa : hn, dt, xa, q, nth) || lg_mat_rows(&M->kv_a, T, hn, dt, xa, kv, nth)) return -1;
-        if (attend_together(L, T, R, pos)) { /* no selection: the tokens attend together (a cached row read once for them) */
-            if (lg_mla_tokens(L, T, hn, q, kv, R->cos, R->sin, R->rot_stride, k_cache, stride_pos, pos, index_keys, R->sel, R->sel_stride, xa, rest, ov,
-                              nth))
-                return -1;
-            return lg_mat_rows(&L->o, T, ov, dt, xa, o, nth);
-        }
-        for (int t = 0; t < T; t++) {
-            const int rc = lg_mla_token(L, hn + (size_t)t * H, qa + (size_t)t * M->q_lora, q + (size_t)t * qn, kv + (size_t)t * row,
-                                        row_at(R->cos, dt, R->rot_stride, t), row_at(R->sin, dt, R->rot_stride, t), k_cache, stride_pos, pos + t,
-                                        index_keys, sel_at(R, t), xa, rest, ov + (size_t)t * vn, nth);
-            if (rc) return rc;
-        }
+        if (lg_mla_tokens(L, T, hn, qa, q, kv, R->cos, R->sin, R->rot_stride, k_cache, stride_pos, pos, index_keys, R->sel, R->sel_stride, xa, rest, ov,
+                          nth))
+            return -1;
         return lg_mat_rows(&L->o, T, ov, dt, xa, o, nth);
     }
     const int nq = L->heads * L->hd, row = nq + 2 * L->kv_heads * L->hd;

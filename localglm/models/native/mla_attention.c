@@ -180,31 +180,54 @@ int lg_mla_token(const lg_layer *L, const float *hn, const float *qa, float *q, 
     return absorbed(M, heads, dt, q, rows, stride_pos, len, idx, core, ov, nth);
 }
 
-/* lg_mla_token for T consecutive tokens at pos.. of an MLA layer where no DSA pick applies (no DSA; or the
- * context fits a full layer's top-k, or a shared layer's full layer picked nothing): every token's row written
- * first (token t reads rows up to pos + t only, which the later tokens' rows do not touch) -- on a full DSA
- * layer its indexer key too, and its selection `sel` (token t's at sel + t * sel_stride int32s) set to none --
- * the queries folded, one lg_attend_latent_tokens for all of them (a cached row read once for the tokens, not
- * once a token), then the values unfolded: each token's numbers its one-token call's. hn [T, hidden]; q [T,
- * heads * (nope + rope)], kv [T, kv_lora + rope] (changed in place); cos / sin token t's at t * rot_stride
- * values of dtype; ov [T, heads * v]; `scratch` holds lg_mla_tokens_scratch(L, T) floats. Returns 0, or -1
- * when out of memory. */
-int lg_mla_tokens(const lg_layer *L, int T, const float *hn, float *q, float *kv, const void *cos, const void *sin, long rot_stride, void *rows,
-                  long stride_pos, int pos, void *index_keys, void *sel, long sel_stride, qact *xa, float *scratch, float *ov, int nth) {
+/* lg_mla_token for T consecutive tokens at pos.. of an MLA layer: every token's row written first (token t reads
+ * rows up to pos + t only, which the later tokens' rows do not touch) -- on a full DSA layer its indexer key too,
+ * then its pick into its selection (token t's at sel + t * sel_stride int32s; a pick reads keys 0..pos + t only, so
+ * the later tokens' keys written before it change nothing; none while the context fits the top-k) -- the queries
+ * folded for all of them (q_b's absorbed halves read once, not once a token), then one lg_attend_latent_tokens
+ * where no token has a pick (a cached row read once for the tokens) or each token's lg_attend_latent over its
+ * picked rows, then the values unfolded for all: each token's numbers its one-token call's. hn [T, hidden]; qa [T,
+ * q_lora] (the indexer's query latent); q [T, heads * (nope + rope)], kv [T, kv_lora + rope] (changed in place);
+ * cos / sin token t's at t * rot_stride values of dtype; ov [T, heads * v]; `scratch` holds
+ * lg_mla_tokens_scratch(L, T) floats. Returns 0, or -1 when out of memory. */
+int lg_mla_tokens(const lg_layer *L, int T, const float *hn, const float *qa, float *q, float *kv, const void *cos, const void *sin, long rot_stride,
+                  void *rows, long stride_pos, int pos, void *index_keys, void *sel, long sel_stride, qact *xa, float *scratch, float *ov, int nth) {
     const lg_mla *M = L->mla;
     const int dt = L->dtype, heads = L->heads, lat = M->kv_lora, row = lat + M->rope, qn = heads * (M->nope + M->rope);
     const size_t es = dt == 1 ? 2 : 4;
+    const int dsa = L->attn_kind == LG_ATTN_DSA && sel != NULL, full = dsa && L->dsa != NULL;
     float *kr = scratch, *ql = kr + M->rope, *olat = ql + (size_t)T * heads * row;
+#define TOKEN_ROT(base, t) ((const char *)(base) + (size_t)(t) * (size_t)rot_stride * es)
+#define TOKEN_SEL(t) ((lg_selection *)((int32_t *)sel + (size_t)(t) * (size_t)sel_stride))
     for (int t = 0; t < T; t++) {
-        const char *c = (const char *)cos + (size_t)t * (size_t)rot_stride * es, *s = (const char *)sin + (size_t)t * (size_t)rot_stride * es;
-        rope_and_write(L, q + (size_t)t * qn, kv + (size_t)t * row, c, s, rows, stride_pos, pos + t, kr);
-        if (L->attn_kind == LG_ATTN_DSA && L->dsa) {
-            write_index_key(L, hn + (size_t)t * L->hidden, c, s, xa, index_keys, pos + t, nth);
-            ((lg_selection *)((int32_t *)sel + (size_t)t * (size_t)sel_stride))->n = 0;
+        rope_and_write(L, q + (size_t)t * qn, kv + (size_t)t * row, TOKEN_ROT(cos, t), TOKEN_ROT(sin, t), rows, stride_pos, pos + t, kr);
+        if (full) write_index_key(L, hn + (size_t)t * L->hidden, TOKEN_ROT(cos, t), TOKEN_ROT(sin, t), xa, index_keys, pos + t, nth);
+    }
+    int picked = 0; /* tokens attending a pick, not every row up to them */
+    for (int t = 0; t < T && dsa; t++) {
+        lg_selection *st = TOKEN_SEL(t);
+        if (full) {
+            st->n = 0;
+            if (pos + t + 1 > L->dsa->topk &&
+                lg_dsa_select(L->dsa, hn + (size_t)t * L->hidden, qa + (size_t)t * M->q_lora, dt, TOKEN_ROT(cos, t), TOKEN_ROT(sin, t), index_keys,
+                              pos + t + 1, xa, st, nth))
+                return -1;
         }
+        picked += st->n > 0;
     }
     fold_queries(M, heads, T * heads, dt, q, ql, nth);
-    const int rc = lg_attend_latent_tokens(ql, (long)heads * row, rows, dt, heads, pos + 1, T, row, lat, stride_pos, M->scale, olat, (long)heads * lat, nth);
+    int rc = 0;
+    if (!picked) {
+        rc = lg_attend_latent_tokens(ql, (long)heads * row, rows, dt, heads, pos + 1, T, row, lat, stride_pos, M->scale, olat, (long)heads * lat, nth);
+    } else {
+        for (int t = 0; t < T && rc == 0; t++) {
+            const lg_selection *st = TOKEN_SEL(t);
+            rc = lg_attend_latent(ql + (size_t)t * heads * row, rows, dt, heads, st->n > 0 ? st->n : pos + t + 1, st->n > 0 ? st->pos : NULL, row, lat,
+                                  stride_pos, M->scale, olat + (size_t)t * heads * lat, nth);
+        }
+    }
+#undef TOKEN_ROT
+#undef TOKEN_SEL
     if (rc) return rc;
     unfold_values(M, heads, T * heads, dt, olat, ov, nth);
     return 0;
