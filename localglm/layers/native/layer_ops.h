@@ -147,10 +147,20 @@ LG_HIDDEN int lg_mla_attention(const lg_layer *L, const float *hn, const void *c
 /* The DSA indexer's key of the token hn (dsa_indexer.c) into out [head_dim] of dtype. */
 LG_HIDDEN void lg_dsa_key(const lg_dsa *D, const float *hn, int dtype, const void *cos, const void *sin, qact *xa, void *out, int nth);
 
+/* lg_dsa_key for T consecutive tokens hn [T, hidden] (rotary rows token t's at t * rot_stride values) into out [T, head_dim]:
+ * wk read once for them, each key the one-token call's. Returns 0, or -1 when out of memory. */
+LG_HIDDEN int lg_dsa_keys(const lg_dsa *D, int T, const float *hn, int dtype, const void *cos, const void *sin, long rot_stride, qact *xa,
+                          void *out, int nth);
+
 /* The DSA indexer's top-k of the token hn (query latent q_res) over keys 0..len-1 ([len, head_dim]
  * of dtype) into sel, chosen as torch.topk chooses. Returns 0, or -1 when out of memory. */
 LG_HIDDEN int lg_dsa_select(const lg_dsa *D, const float *hn, const float *q_res, int dtype, const void *cos, const void *sin,
                             const void *keys, int len, qact *xa, lg_selection *sel, int nth);
+
+/* lg_dsa_select for T consecutive tokens (hn [T, hidden], q_res [T, q_lora]; token t over keys 0..len0 + t - 1, its pick at
+ * sel + t * sel_stride int32s): wq_b and weights_proj read once for them, each pick the one-token call's. */
+LG_HIDDEN int lg_dsa_select_tokens(const lg_dsa *D, int T, const float *hn, const float *q_res, int dtype, const void *cos, const void *sin,
+                                   long rot_stride, const void *keys, int len0, qact *xa, void *sel, long sel_stride, int nth);
 
 #define AB 8 /* cache positions per attention / scoring block */
 

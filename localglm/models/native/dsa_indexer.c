@@ -45,13 +45,31 @@ static void rope_rows(float *x, int rows, int n, int rope, const void *cos, cons
     }
 }
 
-void lg_dsa_key(const lg_dsa *D, const float *hn, int dt, const void *cos, const void *sin, qact *xa, void *out, int nth) {
+/* A key row k [head_dim] (wk's output) normed, roped and stored at out (dtype). */
+static void finish_key(const lg_dsa *D, float *k, int dt, const void *cos, const void *sin, void *out) {
     const int d = D->head_dim;
-    float k[d];
-    lg_matvec(&D->wk, hn, dt, xa, k, nth);
     layer_norm(k, d, D->k_norm, D->k_norm_bias, dt, INDEX_KEY_NORM_EPS, k);
     rope_rows(k, 1, d, D->rope, cos, sin, dt);
     for (int i = 0; i < d; i++) store(out, dt, i, k[i]);
+}
+
+void lg_dsa_key(const lg_dsa *D, const float *hn, int dt, const void *cos, const void *sin, qact *xa, void *out, int nth) {
+    float k[D->head_dim];
+    lg_matvec(&D->wk, hn, dt, xa, k, nth);
+    finish_key(D, k, dt, cos, sin, out);
+}
+
+int lg_dsa_keys(const lg_dsa *D, int T, const float *hn, int dt, const void *cos, const void *sin, long rot_stride, qact *xa, void *out, int nth) {
+    const int d = D->head_dim;
+    const size_t es = dt == 1 ? 2 : 4;
+    float *k = malloc((size_t)T * d * sizeof(float));
+    if (!k) return -1;
+    const int rc = lg_mat_rows(&D->wk, T, hn, dt, xa, k, nth);
+    for (int t = 0; t < T && rc == 0; t++)
+        finish_key(D, k + (size_t)t * d, dt, (const char *)cos + (size_t)t * rot_stride * es, (const char *)sin + (size_t)t * rot_stride * es,
+                   (char *)out + (size_t)t * d * es);
+    free(k);
+    return rc;
 }
 
 /* ---- torch.topk's choice (see the file comment): libstdc++'s algorithms on (score, index) ---- */
@@ -177,17 +195,15 @@ static void select_top(scored *s, long n, long k) {
     else nth_element(s, k - 1, n);
 }
 
-int lg_dsa_select(const lg_dsa *D, const float *hn, const float *q_res, int dt, const void *cos, const void *sin, const void *keys, int len,
-                  qact *xa, lg_selection *sel, int nth) {
+/* The indexer's query q [heads, head_dim] (wq_b's output, roped here) and head weights w [heads] (weights_proj's
+ * fp32 output, scaled here) of one token against keys 0..len-1 -> sel (torch.topk's pick). Returns 0, or -1 when
+ * out of memory. */
+static int pick(const lg_dsa *D, float *q, float *w, int dt, const void *cos, const void *sin, const void *keys, int len, lg_selection *sel, int nth) {
     const int H = D->heads, d = D->head_dim, k = D->topk < len ? D->topk : len;
-    float *buf = malloc(((size_t)H * d + H) * sizeof(float) + (size_t)len * (sizeof(scored) + 1));
-    if (!buf) return -1;
-    float *q = buf, *w = q + (size_t)H * d;
-    scored *sc = (scored *)(w + H);
+    scored *sc = malloc((size_t)len * (sizeof(scored) + 1));
+    if (!sc) return -1;
     unsigned char *chosen = (unsigned char *)(sc + len);
-    lg_matvec(&D->wq_b, q_res, dt, xa, q, nth);
     rope_rows(q, H, d, D->rope, cos, sin, dt);
-    lg_matvec(&D->weights_proj, hn, 0, xa, w, nth); /* fp32, not rounded */
     const float wscale = 1.0f / sqrtf((float)H), scale = 1.0f / sqrtf((float)d);
     for (int h = 0; h < H; h++) w[h] *= wscale;
 
@@ -218,8 +234,37 @@ int lg_dsa_select(const lg_dsa *D, const float *hn, const float *q_res, int dt, 
     for (int t = 0; t < len; t++)
         if (chosen[t]) sel->pos[n++] = t;
     sel->n = n;
-    free(buf);
+    free(sc);
     return 0;
+}
+
+int lg_dsa_select(const lg_dsa *D, const float *hn, const float *q_res, int dt, const void *cos, const void *sin, const void *keys, int len,
+                  qact *xa, lg_selection *sel, int nth) {
+    const int H = D->heads, d = D->head_dim;
+    float *q = malloc(((size_t)H * d + H) * sizeof(float));
+    if (!q) return -1;
+    float *w = q + (size_t)H * d;
+    lg_matvec(&D->wq_b, q_res, dt, xa, q, nth);
+    lg_matvec(&D->weights_proj, hn, 0, xa, w, nth); /* fp32, not rounded */
+    const int rc = pick(D, q, w, dt, cos, sin, keys, len, sel, nth);
+    free(q);
+    return rc;
+}
+
+int lg_dsa_select_tokens(const lg_dsa *D, int T, const float *hn, const float *q_res, int dt, const void *cos, const void *sin, long rot_stride,
+                         const void *keys, int len0, qact *xa, void *sel, long sel_stride, int nth) {
+    const int H = D->heads, d = D->head_dim;
+    const size_t es = dt == 1 ? 2 : 4;
+    float *q = malloc((size_t)T * ((size_t)H * d + H) * sizeof(float));
+    if (!q) return -1;
+    float *w = q + (size_t)T * H * d;
+    int rc = lg_mat_rows(&D->wq_b, T, q_res, dt, xa, q, nth);
+    if (rc == 0) rc = lg_mat_rows(&D->weights_proj, T, hn, 0, xa, w, nth); /* fp32, not rounded */
+    for (int t = 0; t < T && rc == 0; t++)
+        rc = pick(D, q + (size_t)t * H * d, w + (size_t)t * H, dt, (const char *)cos + (size_t)t * rot_stride * es,
+                  (const char *)sin + (size_t)t * rot_stride * es, keys, len0 + t, (lg_selection *)((int32_t *)sel + (size_t)t * sel_stride), nth);
+    free(q);
+    return rc;
 }
 
 /* A qact with room for the indexer's quantized inputs (hidden for wk, q_lora for wq_b); 0 when out of memory. */

@@ -199,22 +199,19 @@ int lg_mla_tokens(const lg_layer *L, int T, const float *hn, const float *qa, fl
     float *kr = scratch, *ql = kr + M->rope, *olat = ql + (size_t)T * heads * row;
 #define TOKEN_ROT(base, t) ((const char *)(base) + (size_t)(t) * (size_t)rot_stride * es)
 #define TOKEN_SEL(t) ((lg_selection *)((int32_t *)sel + (size_t)(t) * (size_t)sel_stride))
-    for (int t = 0; t < T; t++) {
+    for (int t = 0; t < T; t++)
         rope_and_write(L, q + (size_t)t * qn, kv + (size_t)t * row, TOKEN_ROT(cos, t), TOKEN_ROT(sin, t), rows, stride_pos, pos + t, kr);
-        if (full) write_index_key(L, hn + (size_t)t * L->hidden, TOKEN_ROT(cos, t), TOKEN_ROT(sin, t), xa, index_keys, pos + t, nth);
+    if (full) { /* the indexer's keys, then the picks of the tokens past the top-k (the projections read once for them) */
+        const lg_dsa *D = L->dsa;
+        if (lg_dsa_keys(D, T, hn, dt, cos, sin, rot_stride, xa, (char *)index_keys + (size_t)pos * (size_t)D->head_dim * es, nth)) return -1;
+        const int first = D->topk - pos > 0 ? (D->topk - pos < T ? D->topk - pos : T) : 0; /* tokens before it fit the top-k */
+        for (int t = 0; t < first; t++) TOKEN_SEL(t)->n = 0;
+        if (first < T && lg_dsa_select_tokens(D, T - first, hn + (size_t)first * L->hidden, qa + (size_t)first * M->q_lora, dt, TOKEN_ROT(cos, first),
+                                              TOKEN_ROT(sin, first), rot_stride, index_keys, pos + first + 1, xa, TOKEN_SEL(first), sel_stride, nth))
+            return -1;
     }
     int picked = 0; /* tokens attending a pick, not every row up to them */
-    for (int t = 0; t < T && dsa; t++) {
-        lg_selection *st = TOKEN_SEL(t);
-        if (full) {
-            st->n = 0;
-            if (pos + t + 1 > L->dsa->topk &&
-                lg_dsa_select(L->dsa, hn + (size_t)t * L->hidden, qa + (size_t)t * M->q_lora, dt, TOKEN_ROT(cos, t), TOKEN_ROT(sin, t), index_keys,
-                              pos + t + 1, xa, st, nth))
-                return -1;
-        }
-        picked += st->n > 0;
-    }
+    for (int t = 0; t < T && dsa; t++) picked += TOKEN_SEL(t)->n > 0;
     fold_queries(M, heads, T * heads, dt, q, ql, nth);
     int rc = 0;
     if (!picked) {
