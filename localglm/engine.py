@@ -87,6 +87,7 @@ class Model:
         sampling: SamplingParams,
         mtp: MtpHead | None = None,
         draft: int = DEFAULT_DRAFT,
+        draft_fixed: bool = False,
         prices: PriceMemory | None = None,
         setup: str | None = None,
     ) -> None:
@@ -105,7 +106,7 @@ class Model:
         self._lock = threading.Lock()
         self.last_stats: GenerationStats | None = None
         # Speculative decoding with the checkpoint's MTP head (speculative.py); None without one.
-        self.speculation = Speculation(net, mtp, draft, memory=prices) if mtp is not None else None
+        self.speculation = Speculation(net, mtp, draft, adaptive=not draft_fixed, memory=prices) if mtp is not None else None
 
     @property
     def device(self) -> torch.device:

@@ -227,7 +227,7 @@ def load(
     prices = price_memory(root, repr(config), dt, dev, _speed_options(opts)) if mtp is not None else None
     setup = f"{setup_of(root, repr(config), dt, dev, _numerics_options(opts))} | files {_files_digest(root)}"
     return Model(
-        root, config, net, tokenizer, ctx=ctx, sampling=_sampling_defaults(root), mtp=mtp, draft=opts.draft, prices=prices, setup=setup,
+        root, config, net, tokenizer, ctx=ctx, sampling=_sampling_defaults(root), mtp=mtp, draft=opts.draft, draft_fixed=opts.draft_fixed, prices=prices, setup=setup,
     )  # fmt: skip
 
 
@@ -293,7 +293,7 @@ def _load_mtp(
 def _numerics_options(opts: LoadOptions) -> LoadOptions:
     """The load options the model's numbers depend on (the setup saved prompts are kept for): without how
     much is drafted, which does not change a cache row."""
-    return replace(_speed_options(opts), mtp=None, draft=0, draft_vocab=None)
+    return replace(_speed_options(opts), mtp=None, draft=0, draft_vocab=None, draft_fixed=False)
 
 
 def _files_digest(root: Path) -> str:
@@ -315,7 +315,7 @@ _WEIGHT_SUFFIXES = frozenset({".safetensors", ".gguf", ".bin", ".pt"})  # the co
 def _speed_options(opts: LoadOptions) -> LoadOptions:
     """The load options a decoding step's speed depends on (the speculative prices' setup): without
     where files are written or whether shards were checked."""
-    return replace(opts, verify=True, quant=replace(opts.quant, save_to=None), offload=replace(opts.offload, stats_path=None, trace=None))
+    return replace(opts, verify=True, draft_fixed=False, quant=replace(opts.quant, save_to=None), offload=replace(opts.offload, stats_path=None, trace=None))
 
 
 def _wants_mtp(cfg: ModelConfig, source: Any, opts: LoadOptions, root: Path) -> bool:

@@ -119,7 +119,9 @@ class LoadOptions:
     has one and the device budget is not a planned GPU's) and `draft` (the most tokens it drafts a
     step; the depth policy chooses 0..draft each step; 0 turns speculation off) and `draft_vocab`
     (the drafter scores only the N most frequent tokens of the checkpoint's draft_vocab.json:
-    draft_vocab.py; None: its default where the file exists, else the whole head; 0: the whole head)."""
+    draft_vocab.py; None: its default where the file exists, else the whole head; 0: the whole head) and
+    `draft_fixed` (every step drafts `draft` tokens, not the depth policy's 0..draft: a depth measured as
+    it is, and a seeded generation that speculates, depths and all reproducible)."""
 
     quant: QuantOptions = field(default_factory=QuantOptions)
     offload: OffloadOptions = field(default_factory=OffloadOptions)
@@ -128,6 +130,7 @@ class LoadOptions:
     mtp: bool | None = None
     draft: int = 3  # speculative.DEFAULT_DRAFT
     draft_vocab: int | None = None
+    draft_fixed: bool = False
 
     @classmethod
     def from_kwargs(cls, **kw: Any) -> LoadOptions:
@@ -151,6 +154,9 @@ class LoadOptions:
         draft_vocab = kw.pop("draft_vocab", None)
         if draft_vocab is not None and (isinstance(draft_vocab, bool) or not isinstance(draft_vocab, int) or draft_vocab < 0):
             raise LocalGLMError(f"draft_vocab={draft_vocab!r}: the most frequent tokens the drafter scores, 0 (the whole head) or more")
+        draft_fixed = kw.pop("draft_fixed", False)
+        if draft_fixed not in (True, False):
+            raise LocalGLMError(f"draft_fixed={draft_fixed!r}: use True (draft `draft` tokens every step) or False (the depth policy chooses)")
         if kw:
             raise LocalGLMError(f"load: unknown option(s) {', '.join(sorted(kw))}")
-        return cls(quant, offload, mmap, verify, mtp, draft, draft_vocab)
+        return cls(quant, offload, mmap, verify, mtp, draft, draft_vocab, draft_fixed)

@@ -772,6 +772,32 @@ def test_cli_flags_and_stats_json(glm4: localglm.Model, capsys: pytest.CaptureFi
     assert "draft_tokens" not in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert main(base + ["--draft", "17"]) == 2  # a usage error
     assert "--draft 17" in capsys.readouterr().err
+    assert main(base + ["--no-mtp", "--draft-fixed"]) == 2
+    assert "--draft-fixed" in capsys.readouterr().err
+
+
+def test_a_fixed_depth_drafts_in_a_seeded_run_and_reproduces_it(glm4: localglm.Model, capsys: pytest.CaptureFixture) -> None:
+    """--draft-fixed (load's draft_fixed): every step drafts N (the last ones as many as the budget leaves), a seeded
+    sampled run speculates, and it gives the same tokens twice; without it a seeded run decodes without drafts."""
+    from localglm.cli import main
+
+    base = ["generate", str(glm4.path), "-p", "def f(", "-n", "9", "--temperature", "0.8", "--seed", "7", "--ignore-eos", "--stats-json",
+            "-q", "--threads", "1", "--draft", "2"]  # fmt: skip
+    runs = []
+    for _ in range(2):
+        assert main([*base, "--draft-fixed"]) == 0
+        out = capsys.readouterr().out.strip().splitlines()
+        runs.append((out[:-1], json.loads(out[-1])))
+    speculation = ("draft_tokens", "accepted_tokens", "draft_depths")
+    assert runs[0][0] == runs[1][0] and [runs[0][1][k] for k in speculation] == [runs[1][1][k] for k in speculation]
+    depths = {int(d): n for d, n in runs[0][1]["draft_depths"].items()}
+    assert set(depths) <= {1, 2} and depths.get(2, 0) >= 1 and runs[0][1]["draft_tokens"] >= 2
+    assert main(base) == 0  # the adaptive depth: a seeded run is plain decoding
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]).get("draft_tokens", 0) == 0
+    model = localglm.load(glm4.path, draft=2, draft_fixed=True)
+    assert model.speculation is not None and model.speculation.policy.fixed
+    with pytest.raises(localglm.LocalGLMError, match="draft_fixed="):
+        localglm.load(glm4.path, draft_fixed="yes")
 
 
 def test_server_metrics_count_drafts() -> None:

@@ -117,6 +117,11 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
         "price of the extra experts a wider verification reads; 0 turns speculation off)",
     )  # fmt: skip
     s.add_argument(
+        "--draft-fixed", action="store_true",
+        help="draft exactly N (--draft) tokens every step instead of the depth that pays: to measure one depth, or to "
+        "speculate in a --seed run (reproducible, depths included; the adaptive depth decodes seeded runs without drafts)",
+    )  # fmt: skip
+    s.add_argument(
         "--draft-vocab", type=int, default=None, metavar="N",
         help="the drafter scores only the N most frequent tokens (the checkpoint's draft_vocab.json; the verification "
         "keeps the whole vocabulary, so output is unchanged); default 2048 where the file exists, else the whole head; "
@@ -161,6 +166,10 @@ def load_options(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("mtp", "draft", "draft_vocab"):
         if getattr(args, key, None) is not None:
             opts[key] = getattr(args, key)
+    if getattr(args, "draft_fixed", False):
+        if getattr(args, "mtp", None) is False:
+            raise LocalGLMError("--draft-fixed: drafts come from the MTP layer, which --no-mtp leaves out; drop one of them")
+        opts["draft_fixed"] = True
     return opts
 
 
