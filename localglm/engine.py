@@ -8,6 +8,7 @@ events: thinking, content and tool-call deltas from the chat stream parser, then
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -35,6 +36,7 @@ from .chat.tokenizer import IncrementalDecoder, Tokenizer
 if TYPE_CHECKING:
     from .grammar import GrammarVocab
 
+log = logging.getLogger("localglm")
 PREFILL_CHUNK = 512
 # With a prompt cache on disk (--cache-dir): where the tokens no file there holds would take this long to compute
 # again (at the rate this request's prompt computed), the live cache is written there at once, in the background,
@@ -307,7 +309,10 @@ class Model:
         try:
             yield from self._stream(input_ids, max_new_tokens, sampling, stop_ids, cancel, reuse_prefix, stats, logits_processor)
         finally:
-            self._write_costly_prompt(stats)
+            try:
+                self._write_costly_prompt(stats)
+            except (MemoryError, RuntimeError, OSError) as exc:  # the copy or the disk said no: the reply stands
+                log.warning("the live cache could not be set aside for --cache-dir (%s); it is written at exit or when RAM lets it go", exc)
 
     def _write_costly_prompt(self, stats: GenerationStats) -> None:
         """With a prompt cache on disk: the live cache written there in the background (a copy is taken now) where

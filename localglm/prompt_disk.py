@@ -83,6 +83,7 @@ class PromptDisk:
         self._lock = threading.Lock()  # entries: the engine thread reads, the writer thread changes
         self.entries: list[DiskPrompt] = []
         self._skipped: set[tuple[Path, int]] = set()  # (file, mtime_ns) not used again: unreadable, or forgotten
+        self._listed: int | None = None  # the directory's mtime_ns when last listed (refresh)
         self._remove_stale_temporaries()
         self.refresh()
         self._executor: ThreadPoolExecutor | None = None
@@ -107,7 +108,17 @@ class PromptDisk:
     # ---- finding ------------------------------------------------------------------------------
     def refresh(self) -> None:
         """Bring `entries` in line with the directory: files another process wrote join them (by age),
-        files deleted there leave them. A file localglm cannot read is skipped with one warning."""
+        files deleted there leave them. A file localglm cannot read is skipped with one warning. Nothing is
+        listed while the directory's own mtime says no file came or went since the last look (a request's
+        lookup stays one stat however many files there are), unless that mtime is too recent to trust on
+        file systems that count it in whole seconds."""
+        try:
+            stamp = self.dir.stat().st_mtime_ns
+        except OSError:
+            stamp = None
+        if stamp is not None and stamp == self._listed:
+            return
+        self._listed = stamp if stamp is not None and time.time_ns() - stamp > 2_000_000_000 else None
         found: list[tuple[int, Path]] = []
         for path in self.dir.glob("*" + SUFFIX):
             try:

@@ -298,7 +298,7 @@ def test_a_costly_prompt_is_on_disk_before_the_process_stops(tiny_dir: Path, tmp
     assert stats.restored_prompt_tokens == len(a) + len(first) - 1
 
 
-def test_two_processes_share_one_cache_dir(tiny_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_two_processes_share_one_cache_dir(tiny_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each uses the files the other wrote and counts them in its budget; a file the other deleted is
     prefilled without a warning; a temporary file a killed writer left is deleted once stale."""
     import os
@@ -329,6 +329,20 @@ def test_two_processes_share_one_cache_dir(tiny_dir: Path, tmp_path: Path, caplo
         assert one.load(stale) is None and one.failed == 0
     assert not any(r.levelno >= logging.WARNING for r in caplog.records)
     assert one.longest_prefix(p2)[1] == 40 and stale not in one.entries
+
+    # a lookup lists the directory only when its mtime moved (or is too recent to trust)
+    listed: list[int] = []
+    real_glob = type(one.dir).glob
+    monkeypatch.setattr(type(one.dir), "glob", lambda self, pat: listed.append(1) or real_glob(self, pat))
+    an_hour_ago = time.time() - 3600
+    os.utime(one.dir, (an_hour_ago, an_hour_ago))
+    one.longest_prefix(p2)
+    one.longest_prefix(p2)
+    assert len(listed) == 1
+    (one.dir / "note.txt").write_text("a file came")  # the directory's mtime moves: listed again
+    one.longest_prefix(p2)
+    assert len(listed) == 2
+    monkeypatch.undo()
 
     old_tmp, new_tmp = one.dir / ".killed.tmp", one.dir / ".writing.tmp"
     old_tmp.write_bytes(b"half a file")
