@@ -203,6 +203,46 @@ def oracle(model: localglm.Model, prompts: list[list[int]], references: list[lis
     model.stream_tokens = stream_tokens  # type: ignore[method-assign]
 
 
+def draft_cost_rows(model: localglm.Model, prompts: list[list[int]], new: int, plain_speed: float, repeat: int) -> None:
+    """What the drafts alone cost: the native draft call (the block's catch-up over the accepted tokens, the chained
+    drafts and their head) timed in the loop, a step at each fixed depth, greedy; and the most speculation could give
+    if a verification of k + 1 tokens cost one plain token's time and nothing else cost anything: tokens a step x
+    plain / (plain + drafts)."""
+    from localglm.layers.native import native
+
+    lib = native()
+    if lib is None:
+        return
+    real, spent = lib.mtp_draft, [0.0]
+
+    def timed(*a, **kw):  # type: ignore[no-untyped-def]
+        t = time.perf_counter()
+        try:
+            return real(*a, **kw)
+        finally:
+            spent[0] += time.perf_counter() - t
+
+    plain_us = 1e6 / plain_speed
+    print(f"drafts' own cost (the native draft call, timed in the loop; the least of {repeat} rounds), against {plain_us:.0f} us a plain token:")
+    lib.mtp_draft = timed  # type: ignore[method-assign]
+    try:
+        for depth in (1, 2, 3):
+            best: tuple[float, float] | None = None
+            for _ in range(repeat):
+                spent[0] = 0.0
+                _, st, _ = run(model, prompts, new, depth, False, SamplingParams(temperature=0))
+                steps = sum(st.draft_depths.values())
+                if steps:
+                    per = spent[0] / steps * 1e6
+                    best = (per, st.acceptance_length) if best is None or per < best[0] else best
+            if best is not None:
+                per, tokens = best
+                print(f"  depth {depth}: {per:.0f} us a step, {tokens:.2f} tokens a step: at most {tokens * plain_us / (plain_us + per):.2f}x "
+                      "even with a verification at one token's cost")  # fmt: skip
+    finally:
+        del lib.mtp_draft
+
+
 def llama_cpp_rows(path: Path, prompts: list[list[int]], new: int, threads: int, repeat: int, ours: list[list[int]]) -> None:
     """The peer's rows (llama_mtp_peer.py in a subprocess, on the model's bf16 GGUF with its MTP block): as
     llama.cpp hands the block its hidden states (after the final norms), then with the norms' weights
@@ -345,6 +385,8 @@ def main() -> int:
         per = f"{st.acceptance_length:.2f}" if draft and st.draft_depths else "1.00"  # no step recorded: the plain loop decoded every token
         label = "plain" if not draft else f"{'<=' if adaptive else ''}{draft}"
         print(f"{name:<10} {drafter:<13} {label:<8} {speed:>12.1f} {speed / base[name]:>8.2f}x {cpu:>10.1f} {cpu / base[name + ' cpu']:>8.2f}x {acc:>17} {per:>9}  {depths}")
+    if model.tokenizer is not None and args.model is not None:  # a trained drafter: what its drafts alone cost
+        draft_cost_rows(model, prompts, args.new, base["greedy"], max(1, args.repeat))
     if args.llama_cpp:
         llama_cpp_rows(path, prompts, args.new, args.threads, max(1, args.repeat), references)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
