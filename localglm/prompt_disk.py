@@ -91,6 +91,7 @@ class PromptDisk:
         self.loads = 0  # prompts brought back from disk
         self.writes = 0
         self.failed = 0  # files that could not be written or read
+        self.refused = 0  # prompts larger than the whole budget, not written
 
     @property
     def nbytes(self) -> int:
@@ -211,8 +212,18 @@ class PromptDisk:
 
     # ---- writing ------------------------------------------------------------------------------
     def save(self, kv: CacheSnapshot, draft_state: DraftState | None = None) -> None:
-        """Write a prompt on the writer thread (the caller goes on); nothing where a file holds it already."""
+        """Write a prompt on the writer thread (the caller goes on); nothing where a file holds it already, or where
+        it alone is larger than the whole budget (it would be deleted as soon as written; one warning)."""
         if self.covers(kv.tokens):
+            return
+        size = kv.nbytes + (draft_state.nbytes if draft_state is not None else 0)
+        if size > self.budget:
+            if not self.refused:
+                from .model_info import human_bytes
+
+                log.warning("a conversation's KV cache of %s is larger than --cache-disk's %s, so it is not written to %s",
+                            human_bytes(size), human_bytes(self.budget), self.dir)  # fmt: skip
+            self.refused += 1
             return
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="localglm-prompt-disk")

@@ -263,6 +263,16 @@ def test_what_ram_lets_go_is_written_to_disk_within_its_budget(tiny_dir: Path, t
     disk.flush()
     assert old not in disk.entries and not old.path.exists() and len(list(disk.dir.glob("*.safetensors"))) == 2
 
+    # a prompt larger than the whole budget is not written (it would be deleted at once), with one warning
+    writes, disk.budget = disk.writes, size // 2
+    with caplog.at_level(logging.WARNING, logger="localglm"):
+        disk.save(CacheSnapshot((*snap.tokens, 3), snap.parts))
+        disk.save(CacheSnapshot((*snap.tokens, 4), snap.parts))
+        disk.flush()
+    assert disk.writes == writes and disk.refused == 2 and len(list(disk.dir.glob("*.safetensors"))) == 2
+    assert sum("larger than --cache-disk" in r.getMessage() for r in caplog.records) == 1
+    caplog.clear()
+
     # a damaged file is skipped with a warning, and left where it is
     victim = disk.entries[0].path
     victim.write_bytes(b"not a safetensors file")
