@@ -170,6 +170,21 @@ def test_lm_head_rows_do_not_depend_on_how_many(tmp_path: Path, load: dict) -> N
     assert (together.float() - ref).abs().max() <= 2e-2 * ref.abs().max()
 
 
+def test_a_long_chunk_well_past_the_top_k_runs_natively_in_pieces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GLM-5: a chunk longer than the native layers take at once (fused_prefill_max), after 1.5 top-k's of cached
+    context, goes through them in pieces (each query over its own picks) and gives every token its one-token
+    numbers; before that point, or as a prompt's first chunk, the torch layers run it."""
+    from localglm.models.glm_moe_dsa import model as dsa_model
+
+    net = _load(tmp_path, "glm_moe_dsa", {}, num_hidden_layers=4, indexer_pattern="FSFS", index_topk=6, seed=3)
+    monkeypatch.setattr(dsa_model, "PICKED_PIECE", 8)
+    net.fused_prefill_max = 4
+    prompt = torch.randint(0, 500, (40,), generator=torch.Generator().manual_seed(12)).tolist()
+    _assert_same(net, prompt, (3, 4, 3, 30))  # the 30 at position 10 >= 1.5 x 6: four pieces, none through torch
+    with pytest.raises(AssertionError, match="ran the torch ops"):
+        _chunked(net, prompt, (3, 37))  # at position 3: the torch layers
+
+
 def test_dsa_picks_per_token_past_its_top_k(tmp_path: Path) -> None:
     """Inside one call every token picks its own top-k among the positions up to it (the indexer's
     selection per token), and the shared layers after a full one attend to that token's pick."""

@@ -24,6 +24,18 @@ from ..glm4_moe_lite.model import load_attention as load_mla
 from ..moe_decoder import DecoderWeights, MoeBuilder
 from .config import GlmMoeDsaConfig
 
+# A long chunk of tokens after cached context past the indexer's top-k goes through the native layers in pieces of
+# at most this many tokens (`GlmMoeDsaModel.residual`): there each query attends only its own picked rows
+# (mla_attention.c lg_mla_tokens), where the torch layers run MLA over every cached row with the rest masked, a
+# cost that grows with the context. GLM-5 widths (glm5-1b-long-bf16), 2 threads, torch -> native:
+# a 512-token chunk after 2,304 / 3,072 / 4,096 / 8,192 cached tokens 4.4-4.5 / 5.7-5.9 / 6.8-8.9 / 15.3-17.3 s ->
+# 4.8-5.0 / 5.7-5.8 / 5.5-5.8 / 6.9-7.1 s (llama.cpp: 9.2 s at 4,096, 17.6 s at 8,192); a 64-token one
+# 0.66-0.78 / 0.87-1.07 / 1.16 s -> 0.64-0.68 / 0.65-0.66 / 0.78-0.79 s.
+PICKED_PIECE = 128
+# ... from this many top-k's of cached context on (just past it the torch layers' GEMMs still win for long chunks:
+# see above); chunks up to the native layers' own limit (`fused_prefill_max`) run there anyway.
+PICKED_FROM_TOPKS = 1.5
+
 
 @dataclass
 class DsaAttentionWeights:
@@ -63,6 +75,20 @@ class GlmMoeDsaModel(Glm4MoeLiteModel):
             c.num_hidden_layers, c.kv_lora_rank, c.qk_rope_head_dim, c.index_layers, c.index_head_dim, max_tokens, self.dtype, self.device, batch,
             self.kv_host,
         )
+
+    def residual(self, input_ids: torch.Tensor, cache: TokenCache | None = None, start: int = 0) -> torch.Tensor:
+        """MoeDecoder.residual, but a chunk longer than the native layers take at once, after PICKED_FROM_TOPKS
+        top-k's of cached context (its queries pick among the cached rows), runs through them in pieces
+        (PICKED_PIECE), each token's numbers its one-token step's, where the torch layers' masked attention would
+        cost more. A prompt's first chunk keeps the torch layers (transformers' rounding)."""
+        T = input_ids.shape[-1]
+        if (T > self.fused_prefill_max and start >= PICKED_FROM_TOPKS * self.index_shape.topk and cache is not None and self.fused_prefill
+                and input_ids.dim() == 2 and input_ids.shape[0] == 1):  # shorter chunks: MoeDecoder.residual runs them natively
+            fused = self._fused_decoder()
+            if fused is not None and fused.takes(input_ids, cache):
+                pieces = [fused.residual(input_ids[:, s : s + PICKED_PIECE], cache, start + s) for s in range(0, T, PICKED_PIECE)]
+                return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+        return super().residual(input_ids, cache, start)
 
     def attention(
         self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: TokenCache | None, start: int, step: dict[str, Any]
