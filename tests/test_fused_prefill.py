@@ -171,7 +171,7 @@ def test_lm_head_rows_do_not_depend_on_how_many(tmp_path: Path, load: dict) -> N
 
 
 def test_a_long_chunk_well_past_the_top_k_runs_natively_in_pieces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """GLM-5: a chunk longer than the native layers take at once (fused_prefill_max), after 1.5 top-k's of cached
+    """GLM-5: a chunk longer than the native layers take at once (fused_prefill_max), after 2 top-k's of cached
     context, goes through them in pieces (each query over its own picks) and gives every token its one-token
     numbers; before that point, or as a prompt's first chunk, the torch layers run it."""
     from localglm.models.glm_moe_dsa import model as dsa_model
@@ -180,7 +180,7 @@ def test_a_long_chunk_well_past_the_top_k_runs_natively_in_pieces(tmp_path: Path
     monkeypatch.setattr(dsa_model, "PICKED_PIECE", 8)
     net.fused_prefill_max = 4
     prompt = torch.randint(0, 500, (40,), generator=torch.Generator().manual_seed(12)).tolist()
-    _assert_same(net, prompt, (3, 4, 3, 30))  # the 30 at position 10 >= 1.5 x 6: four pieces, none through torch
+    _assert_same(net, prompt, (3, 4, 3, 2, 28))  # the 28 at position 12 >= 2 x 6: four pieces, none through torch
     with pytest.raises(AssertionError, match="ran the torch ops"):
         _chunked(net, prompt, (3, 37))  # at position 3: the torch layers
 

@@ -30,11 +30,13 @@ from .config import GlmMoeDsaConfig
 # cost that grows with the context. GLM-5 widths (glm5-1b-long-bf16), 2 threads, torch -> native:
 # a 512-token chunk after 2,304 / 3,072 / 4,096 / 8,192 cached tokens 4.4-4.5 / 5.7-5.9 / 6.8-8.9 / 15.3-17.3 s ->
 # 4.8-5.0 / 5.7-5.8 / 5.5-5.8 / 6.9-7.1 s (llama.cpp: 9.2 s at 4,096, 17.6 s at 8,192); a 64-token one
-# 0.66-0.78 / 0.87-1.07 / 1.16 s -> 0.64-0.68 / 0.65-0.66 / 0.78-0.79 s.
+# 0.66-0.78 / 0.87-1.07 / 1.16 s -> 0.64-0.68 / 0.65-0.66 / 0.78-0.79 s. The same with 4-bit experts (`quantize
+# --experts 4`: the torch layers' bf16 GEMM runs them at about twice the native int8 tiles' rate), a 512-token chunk
+# after 3,072 / 4,096 / 8,192: 5.1-5.4 / 6.5 / 11.5-12.1 s -> 5.9-6.0 / 6.1-6.5 / 7.3-7.4 s.
 PICKED_PIECE = 128
-# ... from this many top-k's of cached context on (just past it the torch layers' GEMMs still win for long chunks:
-# see above); chunks up to the native layers' own limit (`fused_prefill_max`) run there anyway.
-PICKED_FROM_TOPKS = 1.5
+# ... from this many top-k's of cached context on (before it the torch layers' GEMMs still win for long chunks: see
+# above); chunks up to the native layers' own limit (`fused_prefill_max`) run there anyway.
+PICKED_FROM_TOPKS = 2.0
 
 
 @dataclass
