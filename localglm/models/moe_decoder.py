@@ -222,12 +222,22 @@ class MoeDecoder(MoeRouting):
 
     def residual(self, input_ids: torch.Tensor, cache: TokenCache | None = None, start: int = 0) -> torch.Tensor:
         """The residual stream [B, T, H] after the last layer, before the final norm: what the MTP
-        head (models/mtp.py) reads beside the next token."""
-        if native_forward(self, input_ids.shape[-1]) and cache is not None and input_ids.dim() == 2 and input_ids.shape[0] == 1:
+        head (models/mtp.py) reads beside the next token. One sequence with a cache goes through the fused
+        native layers in pieces of `native_piece` tokens where that is not 0 (each token's numbers its
+        one-token step's, whatever the pieces)."""
+        T = input_ids.shape[-1]
+        piece = self.native_piece(T, start) if cache is not None and input_ids.dim() == 2 and input_ids.shape[0] == 1 else 0
+        if piece:
             fused = self._fused_decoder()
             if fused is not None and fused.takes(input_ids, cache):
-                return fused.residual(input_ids, cache, start)
+                pieces = [fused.residual(input_ids[:, s : s + piece], cache, start + s) for s in range(0, T, piece)]
+                return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
         return self.run_layers(F.embedding(input_ids, self.w.embed), cache, start)
+
+    def native_piece(self, tokens: int, start: int) -> int:
+        """Tokens a call of the fused native layers takes when `tokens` new ones at `start` go through them, or 0
+        where the torch layers run the forward: all of them up to `fused_prefill_max` (`native_forward`)."""
+        return tokens if native_forward(self, tokens) else 0
 
     def run_layers(self, x: torch.Tensor, cache: TokenCache | None, start: int) -> torch.Tensor:
         """Every layer over the input stream x [B, T, H] at positions start..; the stream after the last.

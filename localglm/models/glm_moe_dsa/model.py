@@ -78,19 +78,14 @@ class GlmMoeDsaModel(Glm4MoeLiteModel):
             self.kv_host,
         )
 
-    def residual(self, input_ids: torch.Tensor, cache: TokenCache | None = None, start: int = 0) -> torch.Tensor:
-        """MoeDecoder.residual, but a chunk longer than the native layers take at once, after PICKED_FROM_TOPKS
-        top-k's of cached context (its queries pick among the cached rows), runs through them in pieces
-        (PICKED_PIECE), each token's numbers its one-token step's, where the torch layers' masked attention would
-        cost more. A prompt's first chunk keeps the torch layers (transformers' rounding)."""
-        T = input_ids.shape[-1]
-        if (T > self.fused_prefill_max and start >= PICKED_FROM_TOPKS * self.index_shape.topk and cache is not None and self.fused_prefill
-                and input_ids.dim() == 2 and input_ids.shape[0] == 1):  # shorter chunks: MoeDecoder.residual runs them natively
-            fused = self._fused_decoder()
-            if fused is not None and fused.takes(input_ids, cache):
-                pieces = [fused.residual(input_ids[:, s : s + PICKED_PIECE], cache, start + s) for s in range(0, T, PICKED_PIECE)]
-                return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
-        return super().residual(input_ids, cache, start)
+    def native_piece(self, tokens: int, start: int) -> int:
+        """MoeDecoder's, but a chunk longer than the native layers take at once, after PICKED_FROM_TOPKS top-k's of
+        cached context (its queries pick among the cached rows), runs through them in pieces of PICKED_PIECE,
+        where the torch layers' masked attention would cost more. A prompt's first chunk keeps the torch layers
+        (transformers' rounding)."""
+        if tokens > self.fused_prefill_max and self.fused_prefill and start >= PICKED_FROM_TOPKS * self.index_shape.topk:
+            return PICKED_PIECE
+        return super().native_piece(tokens, start)
 
     def attention(
         self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: TokenCache | None, start: int, step: dict[str, Any]
