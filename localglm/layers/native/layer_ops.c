@@ -191,6 +191,7 @@ static inline void add_weighted_rows(const float *p, const float *rows, int n, i
 static int attend_tokens(const float *q, long q_stride, const void *k, const void *v, int dtype, int heads, int kv_heads, int len0, int T,
                          const int32_t *idx, int hk, int hv, long stride_head, long stride_pos, float scale, float *out, long o_stride, int nth,
                          int bh, int tq) {
+    tq = tq < T ? tq : T; /* a slice's scores' room: one token takes one token's */
     const int group = heads / kv_heads, slices = (T + tq - 1) / tq;
     int split = nth / (kv_heads * slices);
     split = split < 1 ? 1 : split > group ? group : split;

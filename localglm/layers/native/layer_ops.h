@@ -121,17 +121,13 @@ LG_HIDDEN int lg_attend_tokens(const float *q, long q_stride, const void *k, con
 LG_HIDDEN int lg_attend_latent_tokens(const float *q, long q_stride, const void *rows, int dtype, int heads, int len0, int T, int hk, int hv,
                                       long stride_pos, float scale, float *out, long o_stride, int nth);
 
-/* Floats of scratch lg_mla_attention takes for layer L, and of the part lg_mla_token takes. */
+/* Floats of scratch lg_mla_attention takes for layer L. */
 LG_HIDDEN size_t lg_mla_scratch(const lg_layer *L);
-LG_HIDDEN size_t lg_mla_token_scratch(const lg_layer *L);
 
-/* MLA of one token after its projections (mla_attention.c; qa = norm(q_a(hn)), q = q_b(qa) or
- * q_proj(hn), kv = kv_a(hn), each row as lg_matvec gives it): RoPE, the latent norm, the row written
- * at pos, DSA's pick on a full layer, the absorbed attention into ov [heads * v], before o_proj. */
-LG_HIDDEN int lg_mla_token(const lg_layer *L, const float *hn, const float *qa, float *q, float *kv, const void *cos, const void *sin, void *rows,
-                           long stride_pos, int pos, void *index_keys, lg_selection *sel, qact *xa, float *scratch, float *ov, int nth);
-
-/* lg_mla_token for T consecutive tokens of a layer, DSA's picks included (mla_attention.c), and its scratch floats. */
+/* MLA of T consecutive tokens after their projections (mla_attention.c; qa = norm(q_a(hn)), q = q_b(qa) or
+ * q_proj(hn), kv = kv_a(hn), each row as lg_matvec gives it): RoPE, the latent norm, the rows written at
+ * pos.., DSA's picks on a full layer, the absorbed attention into ov [T, heads * v], before o_proj; and its
+ * scratch floats. */
 LG_HIDDEN int lg_mla_tokens(const lg_layer *L, int T, const float *hn, const float *qa, float *q, float *kv, const void *cos, const void *sin, long rot_stride,
                             void *rows, long stride_pos, int pos, void *index_keys, void *sel, long sel_stride, qact *xa, float *scratch, float *ov,
                             int nth);

@@ -138,8 +138,7 @@ static int attention(const lg_layer *L, int T, const float *hn, const token_rows
         gqa_prepare(L, qkv + (size_t)t * row, row_at(R->cos, dt, R->rot_stride, t), row_at(R->sin, dt, R->rot_stride, t), k_cache, v_cache,
                     stride_head, stride_pos, pos + t, tmp);
     const float scale = (float)(1.0 / sqrt((double)L->hd));
-    const int rc = T == 1 ? lg_attend(qkv, k_cache, v_cache, dt, L->heads, L->kv_heads, pos + 1, NULL, L->hd, L->hd, stride_head, stride_pos, scale, att, nth)
-                          : lg_attend_tokens(qkv, row, k_cache, v_cache, dt, L->heads, L->kv_heads, pos + 1, T, L->hd, stride_head, stride_pos, scale, att, nq, nth);
+    const int rc = lg_attend_tokens(qkv, row, k_cache, v_cache, dt, L->heads, L->kv_heads, pos + 1, T, L->hd, stride_head, stride_pos, scale, att, nq, nth);
     if (rc) return rc;
     return lg_mat_rows(&L->o, T, att, dt, xa, o, nth);
 }

@@ -129,12 +129,8 @@ static void mla_project(const lg_layer *L, const float *hn, qact *xa, float *qa,
     lg_matvec(&M->kv_a, hn, dt, xa, kv, nth);
 }
 
-/* One token at `pos` through layer L's MLA after its projections (mla_project's qa, q, kv, each
- * row's numbers whoever computed them): q's rope parts roped per head; the row norm(latent) |
- * roped key written to rows at pos * stride_pos; `absorbed` over rows 0..pos -- or, on a DSA layer,
- * over `sel`'s positions, which a full layer first picks (its indexer key written to index_keys at
- * pos * head_dim) -- into ov [heads * v], before o_proj. q and kv are changed in place; `scratch`
- * holds lg_mla_scratch(L) floats. Returns 0, or -1 when out of memory. */
+/* One token's q rope parts roped per head (in place), and its row norm(latent) | roped key (kv, in place)
+ * written to rows at pos * stride_pos; kr holds `rope` floats. */
 static void rope_and_write(const lg_layer *L, float *q, float *kv, const void *cos, const void *sin, void *rows, long stride_pos, int pos, float *kr) {
     const lg_mla *M = L->mla;
     const int dt = L->dtype, heads = L->heads, lat = M->kv_lora, rope = M->rope, qk = M->nope + rope, row = lat + rope;
@@ -150,37 +146,8 @@ static void rope_and_write(const lg_layer *L, float *q, float *kv, const void *c
     for (int i = 0; i < row; i++) store(rows, dt, at + i, kv[i]);
 }
 
-/* A full DSA layer's indexer key of the token hn at `pos` into index_keys ([pos, head_dim] of dtype). */
-static void write_index_key(const lg_layer *L, const float *hn, const void *cos, const void *sin, qact *xa, void *index_keys, int pos, int nth) {
-    const lg_dsa *D = L->dsa;
-    lg_dsa_key(D, hn, L->dtype, cos, sin, xa, (char *)index_keys + (size_t)pos * (size_t)D->head_dim * (L->dtype == 1 ? 2 : 4), nth);
-}
-
-int lg_mla_token(const lg_layer *L, const float *hn, const float *qa, float *q, float *kv, const void *cos, const void *sin, void *rows,
-                 long stride_pos, int pos, void *index_keys, lg_selection *sel, qact *xa, float *scratch, float *ov, int nth) {
-    const lg_mla *M = L->mla;
-    const int dt = L->dtype, heads = L->heads;
-    float *kr = scratch, *core = kr + M->rope;
-    rope_and_write(L, q, kv, cos, sin, rows, stride_pos, pos, kr);
-    int len = pos + 1, rc = 0;
-    const int32_t *idx = NULL;
-    if (L->attn_kind == LG_ATTN_DSA) {
-        const lg_dsa *D = L->dsa;
-        if (D) { /* a full layer: its indexer key into the cache; a pick only once the context outgrows the top-k */
-            write_index_key(L, hn, cos, sin, xa, index_keys, pos, nth);
-            if (pos + 1 > D->topk) rc = lg_dsa_select(D, hn, qa, dt, cos, sin, index_keys, pos + 1, xa, sel, nth);
-            else sel->n = 0;
-            if (rc) return rc;
-        }
-        if (sel->n > 0) {
-            len = sel->n;
-            idx = sel->pos;
-        }
-    }
-    return absorbed(M, heads, dt, q, rows, stride_pos, len, idx, core, ov, nth);
-}
-
-/* lg_mla_token for T consecutive tokens at pos.. of an MLA layer: every token's row written first (token t reads
+/* T consecutive tokens at pos.. through layer L's MLA after their projections (mla_project's qa, q, kv, or
+ * lg_mat_rows', each row's numbers whoever computed them), into ov before o_proj: every token's row written first (token t reads
  * rows up to pos + t only, which the later tokens' rows do not touch) -- on a full DSA layer its indexer key too,
  * then its pick into its selection (token t's at sel + t * sel_stride int32s; a pick reads keys 0..pos + t only, so
  * the later tokens' keys written before it change nothing; none while the context fits the top-k) -- the queries
@@ -214,7 +181,7 @@ int lg_mla_tokens(const lg_layer *L, int T, const float *hn, const float *qa, fl
     for (int t = 0; t < T && dsa; t++) picked += TOKEN_SEL(t)->n > 0;
     fold_queries(M, heads, T * heads, dt, q, ql, nth);
     int rc = 0;
-    if (!picked) {
+    if (!picked) { /* one token: lg_attend_latent's numbers, as every token's are */
         rc = lg_attend_latent_tokens(ql, (long)heads * row, rows, dt, heads, pos + 1, T, row, lat, stride_pos, M->scale, olat, (long)heads * lat, nth);
     } else {
         for (int t = 0; t < T && rc == 0; t++) {
@@ -236,17 +203,15 @@ size_t lg_mla_tokens_scratch(const lg_layer *L, int T) {
 }
 
 /* Floats of scratch: q_a's output, q [heads, nope + rope], this token's row, the values [heads, v],
- * and lg_mla_token's (a roped key and `absorbed`'s). */
+ * and lg_mla_tokens' for one token. */
 size_t lg_mla_scratch(const lg_layer *L) {
     const lg_mla *M = L->mla;
     const size_t heads = (size_t)L->heads, row = (size_t)M->kv_lora + (size_t)M->rope;
-    return (size_t)M->q_lora + heads * ((size_t)M->nope + (size_t)M->rope) + row + heads * (size_t)M->v + lg_mla_token_scratch(L);
+    return (size_t)M->q_lora + heads * ((size_t)M->nope + (size_t)M->rope) + row + heads * (size_t)M->v + lg_mla_tokens_scratch(L, 1);
 }
 
-size_t lg_mla_token_scratch(const lg_layer *L) { return (size_t)L->mla->rope + absorbed_scratch(L->mla, L->heads); }
-
 /* One token at `pos` through layer L's MLA: hn (the input-normed hidden state, floats of dtype
- * values) -> mla_project, lg_mla_token, o_proj into o [hidden]. `xa` has room for one quantized row
+ * values) -> mla_project, lg_mla_tokens, o_proj into o [hidden]. `xa` has room for one quantized row
  * of hidden, q_lora and heads * v. Returns 0, or -1 when out of memory. */
 int lg_mla_attention(const lg_layer *L, const float *hn, const void *cos, const void *sin, void *rows, long stride_pos, int pos,
                      void *index_keys, lg_selection *sel, qact *xa, float *scratch, float *o, int nth) {
@@ -254,7 +219,7 @@ int lg_mla_attention(const lg_layer *L, const float *hn, const void *cos, const 
     const int heads = L->heads, qk = M->nope + M->rope, row = M->kv_lora + M->rope;
     float *qa = scratch, *q = qa + M->q_lora, *kv = q + (size_t)heads * qk, *ov = kv + row, *rest = ov + (size_t)heads * M->v;
     mla_project(L, hn, xa, qa, q, kv, nth);
-    const int rc = lg_mla_token(L, hn, qa, q, kv, cos, sin, rows, stride_pos, pos, index_keys, sel, xa, rest, ov, nth);
+    const int rc = lg_mla_tokens(L, 1, hn, qa, q, kv, cos, sin, 0, rows, stride_pos, pos, index_keys, sel, 0, xa, rest, ov, nth);
     if (rc == 0) lg_matvec(&L->o, ov, L->dtype, xa, o, nth);
     return rc;
 }
