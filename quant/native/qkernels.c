@@ -1219,6 +1219,26 @@ int lg_set_interleaved_rows(int on) {
     return interleaved_rows;
 }
 
+#ifdef LG_DPBF16
+/* Rows r0..r1-1 of bf16 weights against nt bf16 tokens, R rows a dense_block_bh (R * nt <= 16), the rest one row
+ * a block; into y (rows N apart) with the bias, rounded to dt. */
+static inline __attribute__((always_inline)) void block_rows_bh(const lg_mat *m, int r0, int r1, const int R, const uint16_t *xb, const int nt, int dt,
+                                                                float *y) {
+    const int N = m->n;
+    float s[16];
+    int n = r0;
+    for (; n + R <= r1; n += R) {
+        dense_block_bh(m, n, R, xb, nt, s);
+        for (int t = 0; t < nt; t++)
+            for (int r = 0; r < R; r++) y[(size_t)t * N + n + r] = rnd(s[t * R + r] + (m->bias ? m->bias[n + r] : 0.0f), dt);
+    }
+    for (; n < r1; n++) {
+        dense_block_bh(m, n, 1, xb, nt, s);
+        for (int t = 0; t < nt; t++) y[(size_t)t * N + n] = rnd(s[t] + (m->bias ? m->bias[n] : 0.0f), dt);
+    }
+}
+#endif
+
 /* GGML blocks and stacks (lg_mat_rows), one row; NaNs where it fails (out of memory: lg_matvec
  * returns nothing, and NaN logits are seen where a zeroed row would pass unnoticed). */
 static void matvec_parts(const lg_mat *m, const float *x, int dtype, qact *xa, float *y, int nth) {
@@ -1259,17 +1279,20 @@ void lg_matvec(const lg_mat *m, const float *x, int dtype, qact *xa, float *y, i
             return;
         }
         row_to_bf16(x, K, xb);
-        const int per = interleaved_rows ? DENSE_1TOK_ROWS : 16; /* rows a work item: 8 interleaved, or 16 one after another (dense_block_bh) */
+        const int per = interleaved_rows ? DENSE_1TOK_ROWS : 16; /* rows a work item: 8 interleaved, or 16 one after another (block_rows_bh) */
         const int NP = (N + per - 1) / per;
 #pragma omp parallel for num_threads(nth) schedule(dynamic, lg_chunk(NP, nth)) if (par)
         for (int i = 0; i < NP; i++) {
-            const int n1 = i * per;
-            float o[16 > TILE16_ROWS * TILE16_TOKENS ? 16 : TILE16_ROWS * TILE16_TOKENS];
-            if (n1 + per <= N && interleaved_rows) dense_tile_bh(m, n1, DENSE_1TOK_ROWS, xb, 1, o);
-            else if (n1 + per <= N) dense_block_bh(m, n1, 16, xb, 1, o);
+            const int n1 = i * per, n2 = n1 + per < N ? n1 + per : N;
+            if (!interleaved_rows) {
+                block_rows_bh(m, n1, n2, 16, xb, 1, dtype, y);
+                continue;
+            }
+            float o[TILE16_ROWS * TILE16_TOKENS];
+            if (n2 - n1 == per) dense_tile_bh(m, n1, DENSE_1TOK_ROWS, xb, 1, o);
             else
-                for (int n = n1; n < N; n++) dense_tile_bh(m, n, 1, xb, 1, o + (n - n1));
-            for (int n = n1; n < n1 + per && n < N; n++) y[n] = rnd(o[n - n1] + (m->bias ? m->bias[n] : 0.0f), dtype);
+                for (int n = n1; n < n2; n++) dense_tile_bh(m, n, 1, xb, 1, o + (n - n1));
+            for (int n = n1; n < n2; n++) y[n] = rnd(o[n - n1] + (m->bias ? m->bias[n] : 0.0f), dtype);
         }
         if (xb != xs) free(xb);
         return;
@@ -1510,24 +1533,6 @@ static int tiled_chunk_rows(const lg_mat *m, int nth) {
 }
 
 #ifdef LG_DPBF16
-/* Rows r0..r1-1 of bf16 weights against nt bf16 tokens, R rows a dense_block_bh (R * nt <= 16), the rest one row
- * a block; into y (rows N apart) with the bias, rounded to dt. */
-static inline __attribute__((always_inline)) void block_rows_bh(const lg_mat *m, int r0, int r1, const int R, const uint16_t *xb, const int nt, int dt,
-                                                                float *y) {
-    const int N = m->n;
-    float s[16];
-    int n = r0;
-    for (; n + R <= r1; n += R) {
-        dense_block_bh(m, n, R, xb, nt, s);
-        for (int t = 0; t < nt; t++)
-            for (int r = 0; r < R; r++) y[(size_t)t * N + n + r] = rnd(s[t * R + r] + (m->bias ? m->bias[n + r] : 0.0f), dt);
-    }
-    for (; n < r1; n++) {
-        dense_block_bh(m, n, 1, xb, nt, s);
-        for (int t = 0; t < nt; t++) y[(size_t)t * N + n] = rnd(s[t] + (m->bias ? m->bias[n] : 0.0f), dt);
-    }
-}
-
 /* A verification's few tokens (nt <= TMAX) on rows that stream through one after another: 16 dots a block. */
 static void block_range_bh(const lg_mat *m, int r0, int r1, const uint16_t *xb, int nt, int dt, float *y) {
     switch (nt) {
