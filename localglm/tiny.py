@@ -240,8 +240,9 @@ def make_tiny(out: str | Path, spec: TinySpecBase | None = None, *, overwrite: b
     spec = spec or arch.tiny.spec()
     ModelConfig.from_dict(arch.tiny.config_json(spec, spec.special_ids()), "make-tiny")
     out = Path(out).expanduser()
-    occupied = (out.is_dir() and any(out.iterdir())) or out.is_file()
-    if occupied and not overwrite:
+    if (out.exists() or out.is_symlink()) and not out.is_dir():  # a file, a device such as /dev/null, a dangling link
+        raise LocalGLMError(f"{out}: exists and is not a directory; refusing to replace it (give a directory path)")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise LocalGLMError(f"{out}: already exists (pass --overwrite to replace it)")
     with writing(out):
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -474,3 +475,24 @@ def test_the_readme_model_table_comes_from_plan() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
     block = "\n".join(line for line in table.splitlines() if line.startswith("|"))
     assert block in readme, "README's model table has drifted from `localglm plan`: run python benchmarks/model_table.py and paste it"
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_writers_never_replace_a_device_or_a_link(overwrite: bool, tmp_path: Path) -> None:
+    """`make-tiny /dev/null` renamed the device aside, put the checkpoint in its place and deleted the device
+    (found by a hostile-input sweep, run as root). A FIFO stands in for the device node here: it is neither a
+    file nor a directory. Every writer refuses in one line and leaves the path as it was."""
+    fifo = tmp_path / "node.gguf"
+    os.mkfifo(fifo)
+    link = tmp_path / "dangling"
+    link.symlink_to(tmp_path / "nowhere")
+    flag = ["--overwrite"] if overwrite else []
+    for args in (["make-tiny", fifo, *flag], ["make-tiny", link, *flag]):
+        o = run_cli(*args)
+        assert o.kind == "clean" and "not a directory" in o.err, o.why()
+    src = run_cli("make-tiny", tmp_path / "src")
+    assert src.rc == 0, src.why()
+    o = run_cli("export-gguf", tmp_path / "src", fifo, "-q", *flag)
+    assert o.kind == "clean" and "not a regular file" in o.err, o.why()
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and link.is_symlink() and not (tmp_path / "nowhere").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "node.gguf", "src"]

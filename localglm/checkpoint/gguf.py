@@ -275,7 +275,10 @@ def export_gguf(
                     raise CheckpointError(f"tensor {part} has shape {source.info(part).shape}, {g.parts[0]} has {first.shape}")
             writer.add_tensor(g.gguf, tuple(shape), tensor_type(g.gguf, tuple(shape), want), _row_chunks(source, g.parts, g.split))
         finals = writer.final_paths()
-        existing = [p for p in finals if p.exists()]
+        existing = [p for p in finals if p.exists() or p.is_symlink()]
+        odd = [p for p in existing if p.is_symlink() or not p.is_file()]
+        if odd:  # --overwrite replaces an earlier file, never a directory, a device or a link
+            raise LocalGLMError(f"{odd[0]}: exists and is not a regular file; refusing to replace it")
         if existing and not overwrite:
             raise LocalGLMError(f"{existing[0]}: already exists (pass --overwrite to replace it)")
         w = writer.meta

@@ -50,7 +50,10 @@ def remove_quietly(path: Path) -> None:
 def publish_dir(tmp: Path, out: Path) -> None:
     """Move the finished directory `tmp` to `out`, replacing an existing `out` (already checked to hold only
     what may be replaced): the old one is renamed aside first and removed last, so a failure in between
-    leaves either the old or the new output in place, never neither."""
+    leaves either the old or the new output in place, never neither. Only a directory is ever replaced: a
+    file, a device node (/dev/null) or a link in its place is refused, whatever the caller checked."""
+    if (out.exists() or out.is_symlink()) and not out.is_dir():
+        raise LocalGLMError(f"{out}: exists and is not a directory; refusing to replace it")
     if not out.exists():
         os.replace(tmp, out)
         return
