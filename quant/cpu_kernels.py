@@ -72,6 +72,11 @@ class DenseKernel:
         return (F.linear(xd, self.w, b) if few_rows else dense_linear(xd, self.w, b)).to(x.dtype)
 
 
+# torch's CPU int4 packing takes whole tiles of this many output rows (a 24-row k_proj, a 46-row kv_a_proj of 2-bit
+# attention raised "_convert_weight_to_int4pack_cpu : expect N to be dividable by 16"); other shapes run dense.
+INT4PACK_ROWS = 16
+
+
 class _Int4Kernel:
     def __init__(self, qt: QuantTensor) -> None:
         n, k = qt.shape
@@ -118,6 +123,6 @@ def prepare_cpu(qt: QuantTensor) -> Callable[..., torch.Tensor]:
     lib = native_lib()
     if lib is not None and NativeLib.supports(qt):
         return NativeLinear(lib, qt)
-    if qt.spec.bits == 8 or os.environ.get("LOCALGLM_CPU_KERNEL", "").lower() == "dense":
+    if qt.spec.bits == 8 or qt.shape[0] % INT4PACK_ROWS or os.environ.get("LOCALGLM_CPU_KERNEL", "").lower() == "dense":
         return DenseKernel(qt)
     return _Int4Kernel(qt)

@@ -142,6 +142,21 @@ def test_dense_cpu_kernel_is_the_fp32_oracle(monkeypatch: pytest.MonkeyPatch) ->
     assert torch.equal(kernel(x), torch.nn.functional.linear(x, qt.dequantize(torch.float32)))
 
 
+def test_torch_cpu_kernel_takes_any_row_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the native kernels, a q2/q4 weight whose rows are not whole int4-pack tiles of 16 (GQA's 24-row
+    k_proj, MLA's kv_a_proj of kv_lora + rope rows, at the 2-bit recipe's 4-bit attention) failed to load with
+    torch's "expect N to be dividable by 16"; it runs on its dequantized weight instead."""
+    import quant.native
+    from quant.cpu_kernels import DenseKernel, prepare_cpu
+
+    monkeypatch.setattr(quant.native, "native_lib", lambda: None)
+    for bits in (2, 4):
+        qt = QuantTensor.quantize(torch.randn(24, 128), QuantSpec.for_bits(bits), torch.float32)
+        kernel = prepare_cpu(qt)
+        x = torch.randn(3, 128)
+        assert isinstance(kernel, DenseKernel) and torch.equal(kernel(x), torch.nn.functional.linear(x, qt.dequantize(torch.float32)))
+
+
 def test_prepared_bytes_per_format() -> None:
     """What a prepared CUDA kernel keeps: tinygemm tiles + bf16 scale/zero pairs for q2/q4 (q2 costs
     4 bits a weight once prepared), the dense weight for q8 and for shapes tinygemm cannot take."""
