@@ -18,7 +18,7 @@ from quant.recipe import CLASSES, Recipe
 from .errors import LocalGLMError
 
 CACHE_POLICIES = ("lru", "lfu", "stat")
-MAX_DRAFT = 16  # drafted tokens a step: beyond this a verification is a prefill chunk (layers/dsa.FEW_QUERIES)
+MAX_DRAFT = 16  # drafted tokens a step (--draft's ceiling)
 MISS_MODES = ("cost", "copy", "cpu")
 OFFLOAD_KINDS = ("sim", "cuda")
 

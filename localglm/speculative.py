@@ -675,7 +675,7 @@ class Speculation:
                     guess(guide[: len(drafts)])
             k = len(drafts)
             ids = [generated[-1], *drafts]
-            streams = net.residual(torch.tensor([ids], dtype=torch.long, device=device), cache, length)
+            streams = net.residual(torch.tensor([ids], dtype=torch.long, device=device), cache, length, steps=True)
             cache.tokens.extend(ids)
             all_logits = net.lm_head(self._norm(streams[0])).float()  # each row a decode step's (MoeDecoder.lm_head)
             new: list[int] = []

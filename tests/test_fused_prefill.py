@@ -47,9 +47,11 @@ def _one_at_a_time(net: Any, prompt: list[int]) -> tuple[torch.Tensor, list[torc
 
 
 def _chunked(net: Any, prompt: list[int], chunks: tuple[int, ...] = CHUNKS) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The same through calls of several tokens, which must not reach the torch layers."""
+    """The same through calls of several tokens, which must not reach the torch layers. As a speculative
+    verification's (`steps`): a prompt chunk's DSA picks break torch.topk's ties over the chunk's rows instead,
+    as transformers' forward does (tests/test_glm_moe_dsa.py), and may differ from its tokens' steps there."""
 
-    def torch_layers(*_: object) -> None:
+    def torch_layers(*_: object, **__: object) -> None:
         raise AssertionError("a multi-token forward ran the torch ops")
 
     ids, cache, logits, start = torch.tensor([prompt]), net.new_cache(max(32, len(prompt))), [], 0
@@ -57,7 +59,7 @@ def _chunked(net: Any, prompt: list[int], chunks: tuple[int, ...] = CHUNKS) -> t
     try:
         with torch.inference_mode():
             for n in chunks:
-                logits.append(_logits(net, net.hidden_states(ids[:, start : start + n], cache, start)))
+                logits.append(_logits(net, net.hidden_states(ids[:, start : start + n], cache, start, steps=True)))
                 start += n
     finally:
         del net.run_layers
@@ -199,7 +201,7 @@ def test_torch_prefill_stays_where_asked_and_for_long_chunks(tmp_path: Path) -> 
     net = _load(tmp_path, "glm4_moe", {}, **GLM4)
     calls = []
     run_layers = net.run_layers
-    net.run_layers = lambda *a: calls.append(a[0].shape[1]) or run_layers(*a)
+    net.run_layers = lambda *a, **k: calls.append(a[0].shape[1]) or run_layers(*a, **k)
     cache = net.new_cache(32)
     with torch.inference_mode():
         net.fused_prefill = False

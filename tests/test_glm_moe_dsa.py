@@ -77,6 +77,67 @@ def test_cached_decode_selects_as_the_full_forward_does(pair) -> None:
     assert cache.index_keys.shape[0] == len(ours.config.index_layers)
 
 
+# Two indexer heads: ReLU zeroes both for many keys, so their scores tie at 0 and torch.topk keeps some of them by where
+# its algorithm meets them, which depends on the row it runs on (layers/dsa.py).
+TIES = TinySpec(dtype="float32", index_n_heads=2, index_topk=6, seed=2)
+
+
+@pytest.fixture(scope="module")
+def ties_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny(tmp_path_factory.mktemp("ties") / "m", TIES)
+
+
+@pytest.mark.parametrize("layers", ["native", "torch"])
+def test_greedy_matches_transformers_where_indexer_scores_tie(ties_dir: Path, layers: str) -> None:
+    """A prompt chunk picks as transformers' forward does (each query's row padded to the chunk's end with masked
+    keys); the native layers picked over each query's own keys, as a decode step, and went elsewhere on ties."""
+    ours = localglm.load(ties_dir, dtype="float32")
+    if layers == "torch":
+        ours.net.fused_prefill = False
+    hf = transformers.GlmMoeDsaForCausalLM.from_pretrained(ties_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    for seed, n in ((2, 12), (3, 20), (4, 20), (7, 20)):
+        assert_greedy_matches(ours, hf, n, 10, seed=seed)
+
+
+def test_a_long_chunk_in_native_pieces_picks_as_the_torch_layers_where_scores_tie(ties_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past 2 top-k's a long chunk runs through the native layers in pieces (glm_moe_dsa/model.py); each piece's
+    queries still break ties over the whole chunk's rows, as the torch layers over the chunk do."""
+    from localglm.models.glm_moe_dsa import model as dsa_model
+
+    monkeypatch.setattr(dsa_model, "PICKED_PIECE", 8)
+    ids = torch.randint(0, TIES.vocab_size, (1, 40), generator=torch.Generator().manual_seed(5))
+    out = []
+    for native in (True, False):
+        net = localglm.load(ties_dir, dtype="float32").net
+        net.fused_prefill, net.fused_prefill_max = native, 4
+        cache = net.new_cache(48)
+        with torch.inference_mode():
+            net.hidden_states(ids[:, :12], cache, 0)
+            out.append(net.lm_head(net.hidden_states(ids[:, 12:], cache, 12)))  # 28 tokens at 12 = 2 x top-k: pieces of 8
+    assert_close(out[0], out[1])
+
+
+@pytest.mark.parametrize("kernels", ["native", "torch"])
+def test_speculation_equals_plain_decoding_where_indexer_scores_tie(ties_dir: Path, monkeypatch: pytest.MonkeyPatch, kernels: str) -> None:
+    """A verification's tokens pick as their decode steps do (`steps`), with the native kernels and without them
+    (no compiler, a GPU): with the chunk's rows they kept other tied keys and greedy output changed."""
+    import localglm.layers.dsa as dsa
+
+    if kernels == "torch":
+        monkeypatch.setattr(dsa, "native", lambda: None)
+    m = localglm.load(ties_dir, dtype="float32", mtp=True, draft=3, draft_fixed=True)
+    if kernels == "torch":
+        m.net.fused_decode = m.net.fused_prefill = False
+    greedy = localglm.SamplingParams(temperature=0)
+    for seed in range(4):
+        prompt = torch.randint(0, m.config.vocab_size, (12,), generator=torch.Generator().manual_seed(seed)).tolist()
+        m.speculation.set_draft(0)
+        plain = list(m.stream_tokens(prompt, max_new_tokens=16, sampling=greedy, reuse_prefix=False))
+        for depth in (1, 3):
+            m.speculation.set_draft(depth, adaptive=False)
+            assert list(m.stream_tokens(prompt, max_new_tokens=16, sampling=greedy, reuse_prefix=False)) == plain, (seed, depth)
+
+
 def test_within_index_topk_attention_is_dense_exactly(dsa_dir: Path) -> None:
     """Nothing is scored while the context fits the top-k: the result is the dense model's."""
     m = localglm.load(dsa_dir, dtype="float32")

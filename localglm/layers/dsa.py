@@ -20,6 +20,14 @@ the fp32 scores, torch.topk's choice with its ties; `indexer_keys`, `select_toke
 does for the attention: the scores' fp32 sums in torch's order and in the kernel's can differ in the
 last bit, which is enough to swap two nearly equal keys at the top-k's edge, so the torch decode
 and the fused decode share one kernel and pick the same rows.
+
+Equal scores (keys every head's ReLU zeroes) are common in small models, and torch.topk keeps some
+of them by where its algorithm meets them, so the row it runs on decides. A prompt chunk picks as
+transformers' forward over the chunk does: each query over every key up to the chunk's end, the later
+ones masked (the native layers pad their rows the same way). A speculative verification's tokens
+(`steps`) pick as their one-token decode steps do, over their own keys, so speculation leaves greedy
+output unchanged. The two can differ only on such ties, as transformers' own forward and its cached
+decoding do.
 """
 
 from __future__ import annotations
@@ -34,9 +42,6 @@ from .linear import linear
 from .native import LayerLib, LgDsa, native
 from .rope import apply_rope_interleaved
 
-# Up to this many queries (a speculative verification of drafted tokens, not a prefill chunk) select their
-# keys one query at a time through the one-token kernel, so that each picks what decoding it alone would.
-FEW_QUERIES = 16
 INDEX_KEY_NORM_EPS = 1e-6  # transformers' nn.LayerNorm(index_head_dim, eps=1e-6)
 
 
@@ -166,24 +171,32 @@ def select_topk(scores: torch.Tensor, start: int, topk: int) -> torch.Tensor:
 
 
 def select_tokens(
-    x: torch.Tensor, q_resid: torch.Tensor, keys: torch.Tensor, w: IndexerWeights, shape: IndexerShape, cos: torch.Tensor, sin: torch.Tensor, start: int
+    x: torch.Tensor,
+    q_resid: torch.Tensor,
+    keys: torch.Tensor,
+    w: IndexerWeights,
+    shape: IndexerShape,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    start: int,
+    *,
+    steps: bool = False,
 ) -> torch.Tensor:
     """The top-k key positions [B, T, k] of each query of x (at positions start..) among `keys`
-    [B, keys, D]: `index_scores` then `select_topk`, or, for one decoded token on the CPU, the fused
-    decode's own kernel (the same math and torch.topk's choice, positions in ascending order)."""
+    [B, keys, D]: `index_scores` then `select_topk` (transformers' forward over a chunk: equal scores
+    go as torch.topk sends them over the chunk's masked rows), or, for one decoded token on the CPU,
+    the fused decode's own kernel (the same math and torch.topk's choice, positions in ascending order).
+    `steps` (a speculative verification, one sequence): each query past the top-k picks as its one-token
+    decode step does, over its own keys, so that equal scores go the same way as in plain decoding."""
     kernel = _kernel(x, w, shape)
     picked = kernel[0].dsa_topk(kernel[1], x, q_resid, keys, cos, sin) if kernel is not None else None
     if picked is not None:
         return picked
     rows = select_topk(index_scores(x, q_resid, keys, w, shape, cos, sin), start, shape.topk)
-    one = _kernel(x[:, :1], w, shape) if x.shape[0] == 1 and 1 < x.shape[1] <= FEW_QUERIES else None
-    if one is not None:  # a speculative verification: each query picks as its one-token decode would
+    if steps and x.shape[0] == 1 and x.shape[1] > 1:
         for t in range(x.shape[1]):
             end = start + t + 1
-            if end <= shape.topk:
-                continue  # every earlier key fits: the causal top-k above is exact
-            row = one[0].dsa_topk(one[1], x[:, t : t + 1], q_resid[:, t : t + 1], keys[:, :end], cos[t : t + 1], sin[t : t + 1])
-            if row is None:
-                break
-            rows[:, t] = row[:, 0]
+            if end > shape.topk:  # up to it every earlier key is kept either way
+                one = (x[:, t : t + 1], q_resid[:, t : t + 1], keys[:, :end], w, shape, cos[t : t + 1], sin[t : t + 1], start + t)
+                rows[:, t] = select_tokens(*one)[:, 0]
     return rows

@@ -185,9 +185,9 @@ class LayerLib:
         self._lib.lg_dsa_topk.argtypes = [dsa, p, p, i, p, p, p, i, p, i]
         self._lib.lg_dsa_topk.restype = i
         ex = ctypes.POINTER(LgExperts)
-        self._lib.lg_decode_layer.argtypes = [ctypes.POINTER(LgLayer), i, p, p, p, p, p, lg, p, p, lg, lg, i, p, p, lg, p, p, p, p, ex, p, i]
+        self._lib.lg_decode_layer.argtypes = [ctypes.POINTER(LgLayer), i, p, p, p, p, p, lg, p, p, lg, lg, i, p, p, lg, i, p, p, p, p, ex, p, i]
         self._lib.lg_decode_layer.restype = i
-        self._lib.lg_decode_layers.argtypes = [ctypes.POINTER(LgLayer), i, i, p, p, p, lg, p, p, lg, lg, lg, i, p, lg, p, lg, ex, i]
+        self._lib.lg_decode_layers.argtypes = [ctypes.POINTER(LgLayer), i, i, p, p, p, lg, p, p, lg, lg, lg, i, p, lg, p, lg, i, ex, i]
         self._lib.lg_decode_layers.restype = i
         self._lib.lg_residual_add.argtypes = [p, p, p, i, i]
         self._lib.lg_residual_add.restype = None
@@ -331,7 +331,7 @@ class LayerLib:
                      cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None, pos: int,
                      h_out: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor, mlp_out: torch.Tensor | None, threads: int,
                      experts: LgExperts | None = None, routed_out: torch.Tensor | None = None,
-                     index_keys: torch.Tensor | None = None, selection: torch.Tensor | None = None) -> None:
+                     index_keys: torch.Tensor | None = None, selection: torch.Tensor | None = None, picks_end: int = 0) -> None:
         """T consecutive tokens x [T, hidden] at positions pos.. through one layer (decode_layer.c
         `lg_decode_layer`; each token's numbers those of a one-token call): x updated in place; the
         caller has checked every shape and dtype (models/fused_decode.py). cos / sin [T, rot]: the
@@ -341,7 +341,8 @@ class LayerLib:
         experts run in the same call, into `routed_out`, and x comes back with the whole layer
         added. DSA: `selection` (int32 [T, 1 + top-k], kept by the caller across the layers) carries
         each token's full-layer pick to the shared layers after it; `index_keys` [positions,
-        index_head_dim] is a full layer's indexer-key cache."""
+        index_head_dim] is a full layer's indexer-key cache; `picks_end` the keys of the rows the picks'
+        ties are broken over (a prompt chunk's end; 0: each token's own, a decode step's; dsa_indexer.c)."""
         a = b = None
         if add is not None:
             a, b = add[0].data_ptr(), None if add[1] is None else add[1].data_ptr()
@@ -349,7 +350,7 @@ class LayerLib:
                                        k_cache.data_ptr(), None if v_cache is None else v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1),
                                        pos, None if index_keys is None else index_keys.data_ptr(),
                                        None if selection is None else selection.data_ptr(), 0 if selection is None else selection.stride(0),
-                                       h_out.data_ptr(), ids.data_ptr(), wts.data_ptr(),
+                                       picks_end, h_out.data_ptr(), ids.data_ptr(), wts.data_ptr(),
                                        None if mlp_out is None else mlp_out.data_ptr(),
                                        None if experts is None else ctypes.byref(experts),
                                        None if routed_out is None else routed_out.data_ptr(), threads)
@@ -358,18 +359,18 @@ class LayerLib:
 
     def decode_layers(self, layers: ctypes.Array, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                       v_cache: torch.Tensor | None, pos: int, experts: ctypes.Array, threads: int,
-                      index_keys: torch.Tensor | None = None, selection: torch.Tensor | None = None) -> None:
+                      index_keys: torch.Tensor | None = None, selection: torch.Tensor | None = None, picks_end: int = 0) -> None:
         """Every layer of T consecutive tokens x [T, hidden] in one call (decode_layer.c
         `lg_decode_layers`), for models whose routed experts all sit in RAM. cos / sin [T, rot];
         k_cache / v_cache [layers, kv_heads, positions, row] (one sequence; v_cache None for MLA);
         experts: an LgExperts per layer (empty for dense layers). DSA: index_keys [full layers,
         positions, index_head_dim] (DsaCache's slots, the full layers in order) and the
-        `selection` buffer [T, 1 + top-k] as in decode_layer."""
+        `selection` buffer [T, 1 + top-k] and `picks_end` as in decode_layer."""
         rc = self._lib.lg_decode_layers(layers, len(layers), x.shape[0], x.data_ptr(), cos.data_ptr(), sin.data_ptr(), cos.stride(0),
                                         k_cache.data_ptr(), None if v_cache is None else v_cache.data_ptr(), k_cache.stride(0),
                                         k_cache.stride(1), k_cache.stride(2), pos, None if index_keys is None else index_keys.data_ptr(),
                                         0 if index_keys is None else index_keys.stride(0), None if selection is None else selection.data_ptr(),
-                                        0 if selection is None else selection.stride(0), experts, threads)
+                                        0 if selection is None else selection.stride(0), picks_end, experts, threads)
         if rc:
             raise MemoryError("native decode layers: out of memory")
 

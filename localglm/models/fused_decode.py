@@ -222,12 +222,12 @@ class FusedDecoder:
         m = self.model
         return rms_norm(self.residual(input_ids, cache, start), m.w.final_norm, m.cfg.rms_norm_eps)
 
-    def residual(self, input_ids: torch.Tensor, cache: TokenCache, start: int) -> torch.Tensor:
+    def residual(self, input_ids: torch.Tensor, cache: TokenCache, start: int, picks_end: int | None = None) -> torch.Tensor:
         """The residual stream [1, T, H] after the last layer, before the final norm (what an MTP head
         reads), of the T = input_ids.shape[1] tokens at positions start..start+T-1: each token's
-        numbers are those of T one-token calls, token t attending up to itself."""
+        numbers are those of T one-token calls, token t attending up to itself (DSA's picks: `forward_stream`)."""
         m = self.model
-        return self.forward_stream(F.embedding(input_ids, m.w.embed), cache, start)
+        return self.forward_stream(F.embedding(input_ids, m.w.embed), cache, start, picks_end)
 
     def token_logits(self, token: int, cache: TokenCache, start: int, head: RowsProduct) -> torch.Tensor | None:
         """`residual`, the final norm and the lm_head for one token: logits [vocab] in the model dtype, the numbers
@@ -259,11 +259,15 @@ class FusedDecoder:
             kept = self._views_of = (weakref.ref(cache), k_all[:, 0], None if v_all is None else v_all[:, 0])
         return kept[1], kept[2]
 
-    def forward_stream(self, x: torch.Tensor, cache: TokenCache, start: int) -> torch.Tensor:
+    def forward_stream(self, x: torch.Tensor, cache: TokenCache, start: int, picks_end: int | None = None) -> torch.Tensor:
         """Every layer over the input stream x [1, T, H] at positions start..start+T-1 (`residual`'s
-        embedded tokens, or an MTP block's eh_proj output); the stream after the last layer, [1, T, H]."""
+        embedded tokens, or an MTP block's eh_proj output); the stream after the last layer, [1, T, H].
+        DSA's top-k ties are broken as torch.topk breaks them over rows of `picks_end` keys (None: this
+        call's end, a prompt chunk's rows as the torch layers see them; 0: each token's own keys, as its
+        one-token decode step's, which a speculative verification needs)."""
         m, cfg = self.model, self.model.cfg
         T = x.shape[1]
+        picks_end = start + T if picks_end is None else picks_end
         cache.check_room(start + T)
         x = x.reshape(T, cfg.hidden_size).to(m.dtype, copy=True).contiguous()  # a copy: the native layers update it in place
         cos, sin = self._cos_sin(start, T, cache.max_tokens)
@@ -272,7 +276,7 @@ class FusedDecoder:
         index_keys, sel = self._index_keys(cache), self._selection(cache, T)
         per_layer, whole = self._experts_in_ram()
         if whole is not None:  # every layer of the tokens in one native call
-            self.lib.decode_layers(self._descs, x, cos, sin, kc, vc, start, whole, threads, index_keys, sel)
+            self.lib.decode_layers(self._descs, x, cos, sin, kc, vc, start, whole, threads, index_keys, sel, picks_end)
             return x.view(1, T, hidden)
         # Experts in RAM run inside the layer call; any other backend (a wrapper such as
         # the tracer included) gets its hint and forward calls as in the torch path.
@@ -291,7 +295,7 @@ class FusedDecoder:
                 m.experts.hint(i, x.view(1, T, hidden))
             slot = self._index_slot[i]
             self.lib.decode_layer(layer.desc, x, add, cos, sin, kc[i], None if vc is None else vc[i], start, h, ids, wts, shared,
-                                  threads, tables, routed, None if slot is None else index_keys[slot], sel)
+                                  threads, tables, routed, None if slot is None else index_keys[slot], sel, picks_end)
             add = None
             if layer.moe and tables is None:
                 m.experts.attended(i, x.view(1, T, hidden))  # x: the layer's input plus its attention

@@ -199,7 +199,8 @@ class MoeDecoder(MoeRouting):
         self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: TokenCache | None, start: int, step: dict[str, Any]
     ) -> torch.Tensor:
         """Layer `layer`'s attention over the normed input h. `step` lives for one forward call: what a
-        layer leaves there the later layers of the same call read (GLM-5.2's shared top-k)."""
+        layer leaves there the later layers of the same call read (GLM-5.2's shared top-k); "steps" says
+        the call is a speculative verification (`residual`)."""
         raise NotImplementedError
 
     def build_fused_decoder(self) -> Any:
@@ -216,41 +217,45 @@ class MoeDecoder(MoeRouting):
             out = out + swiglu(flat, lw.shared)
         return out.view(shape)
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: TokenCache | None = None, start: int = 0) -> torch.Tensor:
-        """Final-normed hidden states [B, T, H] for input_ids at positions start..start+T-1."""
-        return rms_norm(self.residual(input_ids, cache, start), self.w.final_norm, self.cfg.rms_norm_eps)
+    def hidden_states(self, input_ids: torch.Tensor, cache: TokenCache | None = None, start: int = 0, *, steps: bool = False) -> torch.Tensor:
+        """Final-normed hidden states [B, T, H] for input_ids at positions start..start+T-1 (`steps`: `residual`'s)."""
+        return rms_norm(self.residual(input_ids, cache, start, steps=steps), self.w.final_norm, self.cfg.rms_norm_eps)
 
-    def residual(self, input_ids: torch.Tensor, cache: TokenCache | None = None, start: int = 0) -> torch.Tensor:
+    def residual(self, input_ids: torch.Tensor, cache: TokenCache | None = None, start: int = 0, *, steps: bool = False) -> torch.Tensor:
         """The residual stream [B, T, H] after the last layer, before the final norm: what the MTP
         head (models/mtp.py) reads beside the next token. One sequence with a cache goes through the fused
         native layers in pieces of `native_piece` tokens where that is not 0 (each token's numbers its
-        one-token step's, whatever the pieces)."""
+        one-token step's, whatever the pieces). `steps`: the tokens are a speculative verification, so
+        where an architecture's forward over a chunk differs from its tokens decoded one by one (DSA's
+        top-k ties, broken over the chunk's masked rows as transformers' forward breaks them) each token
+        takes its decode step's choice, and the verified output is the plain decode's."""
         T = input_ids.shape[-1]
         piece = self.native_piece(T, start) if cache is not None and input_ids.dim() == 2 and input_ids.shape[0] == 1 else 0
         if piece:
             fused = self._fused_decoder()
             if fused is not None and fused.takes(input_ids, cache):
-                pieces = [fused.residual(input_ids[:, s : s + piece], cache, start + s) for s in range(0, T, piece)]
+                ends = 0 if steps else start + T  # the pieces' picks as the whole call's
+                pieces = [fused.residual(input_ids[:, s : s + piece], cache, start + s, ends) for s in range(0, T, piece)]
                 return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
-        return self.run_layers(F.embedding(input_ids, self.w.embed), cache, start)
+        return self.run_layers(F.embedding(input_ids, self.w.embed), cache, start, steps=steps)
 
     def native_piece(self, tokens: int, start: int) -> int:
         """Tokens a call of the fused native layers takes when `tokens` new ones at `start` go through them, or 0
         where the torch layers run the forward: all of them up to `fused_prefill_max` (`native_forward`)."""
         return tokens if native_forward(self, tokens) else 0
 
-    def run_layers(self, x: torch.Tensor, cache: TokenCache | None, start: int) -> torch.Tensor:
+    def run_layers(self, x: torch.Tensor, cache: TokenCache | None, start: int, *, steps: bool = False) -> torch.Tensor:
         """Every layer over the input stream x [B, T, H] at positions start..; the stream after the last.
         One sequence's stream on the CPU (an MTP block's drafts and verification) runs through the
-        native layers where they take the model, as `residual`'s tokens do."""
+        native layers where they take the model, as `residual`'s tokens do (`steps` as there)."""
         if cache is not None and native_forward(self, x.shape[1]):
             fused = self._fused_decoder()
             if fused is not None and fused.takes_stream(x, cache):
-                return fused.forward_stream(x, cache, start)
+                return fused.forward_stream(x, cache, start, 0 if steps else None)
         cfg = self.cfg
         positions = torch.arange(start, start + x.shape[1], device=x.device)
         cos, sin = self.rope(positions, x.dtype)
-        step: dict[str, Any] = {}
+        step: dict[str, Any] = {"steps": steps}
         for i, lw in enumerate(self.w.layers):
             if lw.dense_mlp is None:
                 self.experts.hint(i, x)  # the layer's input: a backend may start copies for it now

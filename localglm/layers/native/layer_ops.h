@@ -129,8 +129,8 @@ LG_HIDDEN size_t lg_mla_scratch(const lg_layer *L);
  * pos.., DSA's picks on a full layer, the absorbed attention into ov [T, heads * v], before o_proj; and its
  * scratch floats. */
 LG_HIDDEN int lg_mla_tokens(const lg_layer *L, int T, const float *hn, const float *qa, float *q, float *kv, const void *cos, const void *sin, long rot_stride,
-                            void *rows, long stride_pos, int pos, void *index_keys, void *sel, long sel_stride, qact *xa, float *scratch, float *ov,
-                            int nth);
+                            void *rows, long stride_pos, int pos, void *index_keys, void *sel, long sel_stride, int picks_end, qact *xa,
+                            float *scratch, float *ov, int nth);
 LG_HIDDEN size_t lg_mla_tokens_scratch(const lg_layer *L, int T);
 
 /* Multi-head latent attention of one token at `pos` (mla_attention.c): hn -> o [hidden], this
@@ -156,7 +156,7 @@ LG_HIDDEN int lg_dsa_select(const lg_dsa *D, const float *hn, const float *q_res
 /* lg_dsa_select for T consecutive tokens (hn [T, hidden], q_res [T, q_lora]; token t over keys 0..len0 + t - 1, its pick at
  * sel + t * sel_stride int32s): wq_b and weights_proj read once for them, each pick the one-token call's. */
 LG_HIDDEN int lg_dsa_select_tokens(const lg_dsa *D, int T, const float *hn, const float *q_res, int dtype, const void *cos, const void *sin,
-                                   long rot_stride, const void *keys, int len0, qact *xa, void *sel, long sel_stride, int nth);
+                                   long rot_stride, const void *keys, int len0, int picks_end, qact *xa, void *sel, long sel_stride, int nth);
 
 #define AB 8 /* cache positions per attention / scoring block */
 

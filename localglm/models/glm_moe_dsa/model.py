@@ -97,7 +97,9 @@ class GlmMoeDsaModel(Glm4MoeLiteModel):
             if cache is not None:
                 keys = cache.write_index(layer, start, keys)  # type: ignore[attr-defined]
             total = start + h.shape[1]
-            step["topk"] = select_tokens(h, q_resid, keys, w.indexer, self.index_shape, cos, sin, start) if total > self.index_shape.topk else None
+            step["topk"] = (
+                select_tokens(h, q_resid, keys, w.indexer, self.index_shape, cos, sin, start, steps=step["steps"]) if total > self.index_shape.topk else None
+            )
         return mla_attention(h, w.mla, self.mla_shape, cos, sin, cache, layer, start, allowed=step.get("topk"), q_resid=q_resid)  # type: ignore[arg-type]
 
     def build_fused_decoder(self) -> Any:

@@ -78,12 +78,14 @@ static void gqa_prepare(const lg_layer *L, float *qkv, const void *cos, const vo
 }
 
 /* Where the T tokens' rotary rows and DSA selections are: token t's cos / sin at cos + t * rot_stride
- * values, its selection at sel + t * sel_stride int32s. */
+ * values, its selection at sel + t * sel_stride int32s; picks_end: the keys of the rows DSA's top-k ties
+ * are broken over (a prompt chunk's end; 0: each token's own, as a decode step's; dsa_indexer.c). */
 typedef struct {
     const void *cos, *sin;
     long rot_stride;
     lg_selection *sel;
     long sel_stride;
+    int picks_end;
 } token_rows;
 
 static inline const void *row_at(const void *base, int dt, long stride, int t) { return (const char *)base + (size_t)t * (size_t)stride * (dt == 1 ? 2 : 4); }
@@ -123,7 +125,7 @@ static int attention(const lg_layer *L, int T, const float *hn, const token_rows
             for (int t = 0; t < T; t++) lg_norm_row(qa + (size_t)t * M->q_lora, M->q_lora, M->q_a_norm, dt, M->latent_eps, qa + (size_t)t * M->q_lora);
         }
         if (lg_mat_rows(&M->q_b, T, M->q_lora ? qa : hn, dt, xa, q, nth) || lg_mat_rows(&M->kv_a, T, hn, dt, xa, kv, nth)) return -1;
-        if (lg_mla_tokens(L, T, hn, qa, q, kv, R->cos, R->sin, R->rot_stride, k_cache, stride_pos, pos, index_keys, R->sel, R->sel_stride, xa, rest, ov,
+        if (lg_mla_tokens(L, T, hn, qa, q, kv, R->cos, R->sin, R->rot_stride, k_cache, stride_pos, pos, index_keys, R->sel, R->sel_stride, R->picks_end, xa, rest, ov,
                           nth))
             return -1;
         return lg_mat_rows(&L->o, T, ov, dt, xa, o, nth);
@@ -251,12 +253,12 @@ static int forward_layer(const lg_layer *L, int T, void *x, const void *add_a, c
 }
 
 /* T tokens through one layer (forward_layer): cos / sin rows rot_stride values apart, DSA's
- * selections sel_stride int32s apart (each with room for a count and the top-k). For a backend
- * that runs the routed experts itself between the layers. */
+ * selections sel_stride int32s apart (each with room for a count and the top-k), their ties as over
+ * rows of picks_end keys (token_rows). For a backend that runs the routed experts itself between the layers. */
 int lg_decode_layer(const lg_layer *L, int T, void *x, const void *add_a, const void *add_b, const void *cos, const void *sin, long rot_stride,
                     void *k_cache, void *v_cache, long stride_head, long stride_pos, int pos, void *index_keys, lg_selection *sel, long sel_stride,
-                    void *h_out, int64_t *ids, float *wts, void *mlp_out, const lg_experts *ex, void *routed_out, int nth) {
-    const token_rows R = {cos, sin, rot_stride, sel, sel_stride};
+                    int picks_end, void *h_out, int64_t *ids, float *wts, void *mlp_out, const lg_experts *ex, void *routed_out, int nth) {
+    const token_rows R = {cos, sin, rot_stride, sel, sel_stride, picks_end};
     return forward_layer(L, T, x, add_a, add_b, &R, k_cache, v_cache, stride_head, stride_pos, pos, index_keys, h_out, ids, wts, mlp_out, ex,
                          routed_out, nth);
 }
@@ -269,7 +271,7 @@ int lg_decode_layer(const lg_layer *L, int T, void *x, const void *add_a, const 
  * after it. Returns 0, or -1 when out of memory. */
 int lg_decode_layers(const lg_layer *layers, int n, int T, void *x, const void *cos, const void *sin, long rot_stride, void *k_base, void *v_base,
                      long stride_layer, long stride_head, long stride_pos, int pos, void *index_base, long index_stride, lg_selection *sel,
-                     long sel_stride, const lg_experts *experts, int nth) {
+                     long sel_stride, int picks_end, const lg_experts *experts, int nth) {
     int H = 0, kmax = 0, es = 2;
     for (int i = 0; i < n; i++) {
         H = layers[i].hidden > H ? layers[i].hidden : H;
@@ -282,7 +284,7 @@ int lg_decode_layers(const lg_layer *layers, int n, int T, void *x, const void *
     void *h = buf, *shared = buf + TH * es, *routed = buf + 2 * TH * es;
     int64_t *ids = (int64_t *)(buf + 3 * TH * es);
     float *wts = (float *)(ids + (size_t)T * kmax);
-    const token_rows R = {cos, sin, rot_stride, sel, sel_stride};
+    const token_rows R = {cos, sin, rot_stride, sel, sel_stride, picks_end};
     int rc = 0, slot = 0;
     for (int i = 0; i < n && rc == 0; i++) {
         const size_t off = (size_t)i * (size_t)stride_layer * (size_t)es;

@@ -18,6 +18,12 @@
  * head is the case a model produces -- keep the positions torch would keep. The positions are then
  * handed to attention in ascending order.
  *
+ * Which row torch ran topk on matters for those ties: one decoded token's holds the keys up to it;
+ * a prompt chunk's (transformers' forward, dsa.py `select_topk`) holds every key up to the chunk's
+ * end, the ones after the query masked to -inf, so the algorithms see a longer row. A chunk's query
+ * therefore picks over a row padded to `picks_end` keys, and a speculative verification's over its
+ * own keys only, as its one-token decode step would (picks_end 0).
+ *
  * Work per token and full layer: heads * head_dim * (q_lora + 1) multiply-adds for the query and
  * heads * head_dim per cached key for the scores (the indexer's keys are read once, AB at a time).
  */
@@ -196,13 +202,14 @@ static void select_top(scored *s, long n, long k) {
 }
 
 /* The indexer's query q [heads, head_dim] (wq_b's output, roped here) and head weights w [heads] (weights_proj's
- * fp32 output, scaled here) of one token against keys 0..len-1 -> sel (torch.topk's pick). Returns 0, or -1 when
- * out of memory. */
-static int pick(const lg_dsa *D, float *q, float *w, int dt, const void *cos, const void *sin, const void *keys, int len, lg_selection *sel, int nth) {
-    const int H = D->heads, d = D->head_dim, k = D->topk < len ? D->topk : len;
-    scored *sc = malloc((size_t)len * (sizeof(scored) + 1));
+ * fp32 output, scaled here) of one token against keys 0..len-1 -> sel: torch.topk's pick over a row of
+ * max(len, row_len) scores, those past len -inf (the file comment). Returns 0, or -1 when out of memory. */
+static int pick(const lg_dsa *D, float *q, float *w, int dt, const void *cos, const void *sin, const void *keys, int len, int row_len,
+                lg_selection *sel, int nth) {
+    const int H = D->heads, d = D->head_dim, n = row_len > len ? row_len : len, k = D->topk < n ? D->topk : n;
+    scored *sc = malloc((size_t)n * (sizeof(scored) + 1));
     if (!sc) return -1;
-    unsigned char *chosen = (unsigned char *)(sc + len);
+    unsigned char *chosen = (unsigned char *)(sc + n);
     rope_rows(q, H, d, D->rope, cos, sin, dt);
     const float wscale = 1.0f / sqrtf((float)H), scale = 1.0f / sqrtf((float)d);
     for (int h = 0; h < H; h++) w[h] *= wscale;
@@ -227,13 +234,14 @@ static int pick(const lg_dsa *D, float *q, float *w, int dt, const void *cos, co
         }
         for (int j = 0; j < nb; j++) sc[t0 + j] = (scored){acc[j], t0 + j};
     }
-    select_top(sc, len, k);
-    memset(chosen, 0, (size_t)len);
+    for (int j = len; j < n; j++) sc[j] = (scored){-INFINITY, j}; /* the chunk's later keys, masked */
+    select_top(sc, n, k);
+    memset(chosen, 0, (size_t)n);
     for (int j = 0; j < k; j++) chosen[sc[j].i] = 1;
-    int n = 0;
-    for (int t = 0; t < len; t++)
-        if (chosen[t]) sel->pos[n++] = t;
-    sel->n = n;
+    int m = 0;
+    for (int t = 0; t < len; t++) /* a masked key is never kept: only called past the top-k (len > topk) */
+        if (chosen[t]) sel->pos[m++] = t;
+    sel->n = m;
     free(sc);
     return 0;
 }
@@ -246,13 +254,13 @@ int lg_dsa_select(const lg_dsa *D, const float *hn, const float *q_res, int dt, 
     float *w = q + (size_t)H * d;
     lg_matvec(&D->wq_b, q_res, dt, xa, q, nth);
     lg_matvec(&D->weights_proj, hn, 0, xa, w, nth); /* fp32, not rounded */
-    const int rc = pick(D, q, w, dt, cos, sin, keys, len, sel, nth);
+    const int rc = pick(D, q, w, dt, cos, sin, keys, len, 0, sel, nth);
     free(q);
     return rc;
 }
 
 int lg_dsa_select_tokens(const lg_dsa *D, int T, const float *hn, const float *q_res, int dt, const void *cos, const void *sin, long rot_stride,
-                         const void *keys, int len0, qact *xa, void *sel, long sel_stride, int nth) {
+                         const void *keys, int len0, int picks_end, qact *xa, void *sel, long sel_stride, int nth) {
     const int H = D->heads, d = D->head_dim;
     const size_t es = dt == 1 ? 2 : 4;
     float *q = malloc((size_t)T * ((size_t)H * d + H) * sizeof(float));
@@ -262,7 +270,8 @@ int lg_dsa_select_tokens(const lg_dsa *D, int T, const float *hn, const float *q
     if (rc == 0) rc = lg_mat_rows(&D->weights_proj, T, hn, 0, xa, w, nth); /* fp32, not rounded */
     for (int t = 0; t < T && rc == 0; t++)
         rc = pick(D, q + (size_t)t * H * d, w + (size_t)t * H, dt, (const char *)cos + (size_t)t * rot_stride * es,
-                  (const char *)sin + (size_t)t * rot_stride * es, keys, len0 + t, (lg_selection *)((int32_t *)sel + (size_t)t * sel_stride), nth);
+                  (const char *)sin + (size_t)t * rot_stride * es, keys, len0 + t, picks_end, (lg_selection *)((int32_t *)sel + (size_t)t * sel_stride),
+                  nth);
     free(q);
     return rc;
 }

@@ -150,7 +150,9 @@ static void rope_and_write(const lg_layer *L, float *q, float *kv, const void *c
  * lg_mat_rows', each row's numbers whoever computed them), into ov before o_proj: every token's row written first (token t reads
  * rows up to pos + t only, which the later tokens' rows do not touch) -- on a full DSA layer its indexer key too,
  * then its pick into its selection (token t's at sel + t * sel_stride int32s; a pick reads keys 0..pos + t only, so
- * the later tokens' keys written before it change nothing; none while the context fits the top-k) -- the queries
+ * the later tokens' keys written before it change nothing; none while the context fits the top-k; torch.topk's
+ * ties as over a prompt chunk's rows of picks_end keys, or as each token's one-token step where picks_end is 0:
+ * dsa_indexer.c) -- the queries
  * folded for all of them (q_b's absorbed halves read once, not once a token), then one lg_attend_latent_tokens
  * where no token has a pick (a cached row read once for the tokens) or each token's lg_attend_latent over its
  * picked rows, then the values unfolded for all: each token's numbers its one-token call's. hn [T, hidden]; qa [T,
@@ -158,7 +160,8 @@ static void rope_and_write(const lg_layer *L, float *q, float *kv, const void *c
  * cos / sin token t's at t * rot_stride values of dtype; ov [T, heads * v]; `scratch` holds
  * lg_mla_tokens_scratch(L, T) floats. Returns 0, or -1 when out of memory. */
 int lg_mla_tokens(const lg_layer *L, int T, const float *hn, const float *qa, float *q, float *kv, const void *cos, const void *sin, long rot_stride,
-                  void *rows, long stride_pos, int pos, void *index_keys, void *sel, long sel_stride, qact *xa, float *scratch, float *ov, int nth) {
+                  void *rows, long stride_pos, int pos, void *index_keys, void *sel, long sel_stride, int picks_end, qact *xa, float *scratch, float *ov,
+                  int nth) {
     const lg_mla *M = L->mla;
     const int dt = L->dtype, heads = L->heads, lat = M->kv_lora, row = lat + M->rope, qn = heads * (M->nope + M->rope);
     const size_t es = dt == 1 ? 2 : 4;
@@ -174,7 +177,8 @@ int lg_mla_tokens(const lg_layer *L, int T, const float *hn, const float *qa, fl
         const int first = D->topk - pos > 0 ? (D->topk - pos < T ? D->topk - pos : T) : 0; /* tokens before it fit the top-k */
         for (int t = 0; t < first; t++) TOKEN_SEL(t)->n = 0;
         if (first < T && lg_dsa_select_tokens(D, T - first, hn + (size_t)first * L->hidden, qa + (size_t)first * M->q_lora, dt, TOKEN_ROT(cos, first),
-                                              TOKEN_ROT(sin, first), rot_stride, index_keys, pos + first + 1, xa, TOKEN_SEL(first), sel_stride, nth))
+                                              TOKEN_ROT(sin, first), rot_stride, index_keys, pos + first + 1, picks_end, xa, TOKEN_SEL(first), sel_stride,
+                                              nth))
             return -1;
     }
     int picked = 0; /* tokens attending a pick, not every row up to them */
@@ -219,7 +223,7 @@ int lg_mla_attention(const lg_layer *L, const float *hn, const void *cos, const 
     const int heads = L->heads, qk = M->nope + M->rope, row = M->kv_lora + M->rope;
     float *qa = scratch, *q = qa + M->q_lora, *kv = q + (size_t)heads * qk, *ov = kv + row, *rest = ov + (size_t)heads * M->v;
     mla_project(L, hn, xa, qa, q, kv, nth);
-    const int rc = lg_mla_tokens(L, 1, hn, qa, q, kv, cos, sin, 0, rows, stride_pos, pos, index_keys, sel, 0, xa, rest, ov, nth);
+    const int rc = lg_mla_tokens(L, 1, hn, qa, q, kv, cos, sin, 0, rows, stride_pos, pos, index_keys, sel, 0, 0, xa, rest, ov, nth);
     if (rc == 0) lg_matvec(&L->o, ov, L->dtype, xa, o, nth);
     return rc;
 }

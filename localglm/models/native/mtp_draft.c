@@ -19,7 +19,7 @@
 int lg_rows_linear(const lg_mat *m, int T, const float *x, int dt, float *y, int nth);
 int lg_decode_layers(const lg_layer *layers, int n, int T, void *x, const void *cos, const void *sin, long rot_stride, void *k_base, void *v_base,
                      long stride_layer, long stride_head, long stride_pos, int pos, void *index_base, long index_stride, lg_selection *sel,
-                     long sel_stride, const lg_experts *experts, int nth);
+                     long sel_stride, int picks_end, const lg_experts *experts, int nth);
 
 /* The MTP block's own tensors (models/mtp.py MtpWeights) and its head as the drafter scores it. */
 typedef struct {
@@ -71,7 +71,7 @@ static int block_forward(const lg_mtp *M, const lg_mtp_block *B, int T, const vo
     for (size_t i = 0; i < (size_t)T * H; i++) store(x, dt, i, y[i]);
     const size_t rot = (size_t)pos * (size_t)B->rot_stride * esize(dt);
     return lg_decode_layers(B->layers, B->n, T, x, (const char *)B->cos + rot, (const char *)B->sin + rot, B->rot_stride, B->k_base, B->v_base,
-                            B->stride_layer, B->stride_head, B->stride_pos, pos, B->index_base, B->index_stride, B->sel, B->sel_stride,
+                            B->stride_layer, B->stride_head, B->stride_pos, pos, B->index_base, B->index_stride, B->sel, B->sel_stride, pos + T,
                             B->experts, nth);
 }
 
