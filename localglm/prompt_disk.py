@@ -291,6 +291,19 @@ def _pack(kv: CacheSnapshot, draft_state: DraftState | None) -> tuple[dict[str, 
 
 
 def _unpack(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> tuple[CacheSnapshot, DraftState | None]:
+    """The file's rows and MTP state; ValueError where its metadata or rows are not what `_pack` writes: a
+    damaged file is then skipped with a warning (`load`), never every later request's 500 or 422."""
+    try:
+        snap = _unpack_parts(tensors, meta)
+    except (TypeError, AttributeError, IndexError) as exc:  # metadata of the wrong shape ("draft": [1])
+        raise ValueError(f"damaged metadata ({type(exc).__name__}: {exc})") from None
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"{bad[0]} holds NaN or infinity")
+    return snap
+
+
+def _unpack_parts(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> tuple[CacheSnapshot, DraftState | None]:
     kv = CacheSnapshot(tuple(tensors["tokens"].tolist()), [tensors[f"kv.{i}"] for i in range(int(meta["kv_parts"]))])
     d = meta.get("draft")
     if not d:
@@ -299,7 +312,10 @@ def _unpack(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> tuple[Cac
     if d["kv_parts"] is not None:
         draft_kv = CacheSnapshot(tuple(tensors["draft.tokens"].tolist()), [tensors[f"draft.kv.{i}"] for i in range(int(d["kv_parts"]))])
     chunks = [tensors[f"draft.chunk.{i}"] for i in range(int(d["chunks"]))]
-    return kv, DraftState(draft_kv, chunks, int(d["start"]), int(d["end"]), d["first_token"])
+    first = d["first_token"]
+    if first is not None and not isinstance(first, int):
+        raise TypeError(f"first_token {first!r}")
+    return kv, DraftState(draft_kv, chunks, int(d["start"]), int(d["end"]), first)
 
 
 def _metadata(path: Path) -> dict[str, Any]:

@@ -282,6 +282,39 @@ def test_what_ram_lets_go_is_written_to_disk_within_its_budget(tiny_dir: Path, t
     assert any(str(victim) in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("damage", ["draft-list", "nan-rows"])
+def test_a_file_whose_metadata_or_rows_are_damaged_is_skipped(damage: str, tiny_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A saved prompt whose metadata has the wrong shape ("draft": [1]) made every request with its prefix a 500
+    (TypeError), and one whose rows hold NaN a permanent 422 blaming the weights (found by a hostile-input
+    sweep); both are now skipped with the usual warning, and the prompt is prefilled."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    prompt = torch.randint(0, 400, (40,), generator=torch.Generator().manual_seed(8)).tolist()
+    ref = _run(localglm.load(tiny_dir), prompt + [5], 4)
+    model = localglm.load(tiny_dir)
+    store = _with_disk(model, tmp_path, ram=1)
+    _run(model, prompt, 2)
+    model.keep_prompts()
+    store.disk.flush()
+    (entry,) = store.disk.entries
+    with safe_open(str(entry.path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    if damage == "draft-list":
+        meta["localglm"] = json.dumps({**json.loads(meta["localglm"]), "draft": [1]})
+    else:
+        tensors["kv.0"] = torch.full_like(tensors["kv.0"], float("nan"))
+    save_file(tensors, str(entry.path), metadata=meta)
+    again = localglm.load(tiny_dir)
+    store = _with_disk(again, tmp_path, ram=1)
+    assert len(store.disk.entries) == 1
+    with caplog.at_level(logging.WARNING, logger="localglm"):
+        assert _run(again, prompt + [5], 4) == ref
+    assert store.disk.failed == 1 and any("saved prompt not used" in r.getMessage() for r in caplog.records)
+
+
 def test_a_costly_prompt_is_on_disk_before_the_process_stops(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With --cache-dir, a prompt whose uncovered tokens would take WRITE_PROMPT_AFTER_S to compute again is
     written at once (a killed server keeps it), and a later process restores it; a turn that adds little after
