@@ -91,6 +91,10 @@ class OffloadOptions:
             raise LocalGLMError(f"offload miss mode {miss!r}: use one of {', '.join(MISS_MODES)}")
         slots = kw.pop("cache_slots", None)
         stats, trace = kw.pop("stats_path", None), kw.pop("trace", None)
+        if trace:
+            from offload.trace import check_trace_target
+
+            check_trace_target(trace)  # before anything loads
         kv = kw.pop("kv", None) or "auto"
         if kv not in KV_PLACES:
             raise LocalGLMError(f"kv={kv!r}: use one of {', '.join(KV_PLACES)}")

@@ -24,6 +24,27 @@ if TYPE_CHECKING:
     import torch  # annotations only: `localglm simulate` replays a trace without torch
 
 FORMAT = "localglm-trace"
+
+
+def check_trace_target(path: str | Path) -> Path:
+    """`path` as a place to write a trace: new, empty, or an earlier trace (whose first line is a trace header).
+    Anything else -- a model's shard or config.json, a directory, a device -- is refused in one line: `--trace
+    model/config.json` replaced the config, and a trace written over a memory-mapped shard killed the run with
+    SIGBUS (found by a hostile-input sweep)."""
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()):
+        return path
+    if path.is_symlink() or not path.is_file():
+        raise LocalGLMError(f"{path}: exists and is not a file; refusing to write a trace over it")
+    try:
+        with path.open("rb") as f:
+            first = f.readline(1 << 16)
+        ours = not first or json.loads(first).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise LocalGLMError(f"{path}: exists and is not a localglm trace; refusing to overwrite it (remove it, or choose another path)")
+    return path
 MAX_KEYS = 1 << 22  # MoE layers x experts a trace may hold: far above any GLM (GLM-5: 75 x 256), and arrays of that many fit in RAM
 
 
@@ -64,7 +85,7 @@ class Trace:
         }  # fmt: skip
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
+        path = check_trace_target(path)
         with path.open("w") as f:
             f.write(json.dumps(self.header()) + "\n")
             for c in self.calls:
@@ -144,7 +165,7 @@ class TraceRecorder:
 
     def __init__(self, n_experts: int, top_k: int, moe_layers: list[int], expert_bytes: int = 0, model: str = "", path: str | Path | None = None) -> None:
         self.trace = Trace(n_experts, top_k, list(moe_layers), expert_bytes, model)
-        self.path = Path(path) if path is not None else None
+        self.path = check_trace_target(path) if path is not None else None
         self.step = -1
         self._last_layer = 10**9
         self._pred: dict[int, np.ndarray] = {}

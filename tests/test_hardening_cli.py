@@ -496,3 +496,20 @@ def test_writers_never_replace_a_device_or_a_link(overwrite: bool, tmp_path: Pat
     assert o.kind == "clean" and "not a regular file" in o.err, o.why()
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and link.is_symlink() and not (tmp_path / "nowhere").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "node.gguf", "src"]
+
+
+def test_a_trace_never_overwrites_what_is_not_a_trace(tiny_dir: Path, tmp_path: Path) -> None:
+    """`--trace model/config.json` replaced the config and `record-trace -o model/shard` a shard (a memory-mapped
+    one then killed the run with SIGBUS): a trace goes only where nothing is, or over an earlier trace."""
+    model = shutil.copytree(tiny_dir, tmp_path / "m")
+    before = snapshot(model)
+    shard = sorted(model.glob("*.safetensors"))[0]
+    for args in (["generate", model, "-p", "x", "-n", "2", "-q", "--trace", model / "config.json"],
+                 ["record-trace", model, "-o", shard, "-p", "x", "-n", "2", "-q"], ["record-trace", model, "-o", model, "-p", "x", "-q"]):  # fmt: skip
+        o = run_cli(*args)
+        assert o.kind == "clean" and "refusing" in o.err, o.why()
+    assert snapshot(model) == before
+    trace = tmp_path / "t.jsonl"
+    for _ in range(2):  # a new path, then the same trace again
+        o = run_cli("record-trace", model, "-o", trace, "-p", "x", "-n", "2", "-q")
+        assert o.rc == 0 and trace.read_text().startswith('{"format": "localglm-trace"'), o.why()

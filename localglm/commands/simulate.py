@@ -71,7 +71,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_record_trace(args: argparse.Namespace) -> int:
-    from offload.trace import attach_tracer
+    from offload.trace import attach_tracer, check_trace_target
 
     from ..checkpoint.writing import writing
     from ..cli import device_for, load_options, sampling_overrides
@@ -86,7 +86,7 @@ def cmd_record_trace(args: argparse.Namespace) -> int:
         prompt = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise LocalGLMError(f"--prompt-file {args.prompt_file}: cannot read it as UTF-8 text ({getattr(exc, 'strerror', None) or exc})") from None
-    out = Path(args.out)
+    out = check_trace_target(args.out)
     existed = out.exists()
     with writing(out):  # a read-only or missing directory fails here, not after the model has loaded
         open(out, "a").close()
