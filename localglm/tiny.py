@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
@@ -239,11 +240,14 @@ def make_tiny(out: str | Path, spec: TinySpecBase | None = None, *, overwrite: b
     arch = arch_for_model_type(spec.model_type, "make-tiny") if spec is not None else ARCHITECTURES["glm4_moe"]
     spec = spec or arch.tiny.spec()
     ModelConfig.from_dict(arch.tiny.config_json(spec, spec.special_ids()), "make-tiny")
+    _check_fits_in_memory(arch, spec)
     out = Path(out).expanduser()
     if (out.exists() or out.is_symlink()) and not out.is_dir():  # a file, a device such as /dev/null, a dangling link
         raise LocalGLMError(f"{out}: exists and is not a directory; refusing to replace it (give a directory path)")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise LocalGLMError(f"{out}: already exists (pass --overwrite to replace it)")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise LocalGLMError(f"{out}: already exists (pass --overwrite to replace it)")
+        _check_replaceable(out)
     with writing(out):
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -251,6 +255,36 @@ def make_tiny(out: str | Path, spec: TinySpecBase | None = None, *, overwrite: b
             _write_tiny(arch, spec, tmp)
             publish_dir(tmp, out)
     return out
+
+
+# What make-tiny writes: --overwrite replaces a directory holding only these (an earlier make-tiny output).
+_TINY_FILES = re.compile(r"(config\.json|generation_config\.json|localglm_tiny_spec\.json|tokenizer(_config)?\.json|chat_template\.jinja"
+                         r"|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json)")
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse to replace a directory that is not an earlier make-tiny output (`make-tiny DIR --overwrite` deleted
+    whatever DIR held, a user's notes and subdirectories included; found by a hostile-input sweep)."""
+    if not (out / "localglm_tiny_spec.json").is_file():
+        raise LocalGLMError(f"{out}: exists and is not a make-tiny checkpoint; refusing to replace it (choose another path)")
+    foreign = sorted(p.name for p in out.iterdir() if p.is_dir() or not _TINY_FILES.fullmatch(p.name))
+    if foreign:
+        raise LocalGLMError(f"{out} also holds {', '.join(foreign[:3])}, which make-tiny did not write; refusing to replace it")
+
+
+def _check_fits_in_memory(arch: Any, spec: TinySpecBase) -> None:
+    """Refuse a spec whose weights would not fit in this machine's available memory, before anything is
+    allocated: a make-tiny --hidden-size 99999999 died in torch's allocator with a traceback, and 100,000
+    layers spent minutes before safetensors refused the header."""
+    import psutil
+
+    nbytes = arch.tiny.estimate_params(spec) * (4 if spec.dtype == "float32" else 2)
+    free = psutil.virtual_memory().available
+    if nbytes > free // 2:
+        raise LocalGLMError(
+            f"make-tiny: that checkpoint would hold {nbytes / 2**30:.1f} GiB of weights, more than half of this machine's "
+            f"available memory ({free / 2**30:.1f} GiB); make-tiny is for small test checkpoints"
+        )
 
 
 def _write_tiny(arch: Any, spec: TinySpecBase, tmp: Path) -> None:

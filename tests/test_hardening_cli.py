@@ -513,3 +513,27 @@ def test_a_trace_never_overwrites_what_is_not_a_trace(tiny_dir: Path, tmp_path: 
     for _ in range(2):  # a new path, then the same trace again
         o = run_cli("record-trace", model, "-o", trace, "-p", "x", "-n", "2", "-q")
         assert o.rc == 0 and trace.read_text().startswith('{"format": "localglm-trace"'), o.why()
+
+
+def test_make_tiny_overwrites_only_an_earlier_make_tiny_output(tmp_path: Path) -> None:
+    """`make-tiny DIR --overwrite` deleted whatever DIR held; now only an earlier make-tiny output is replaced."""
+    mine = tmp_path / "v"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("x")
+    o = run_cli("make-tiny", mine, "--overwrite")
+    assert o.kind == "clean" and "not a make-tiny checkpoint" in o.err and (mine / "notes.txt").read_text() == "x", o.why()
+    out = tmp_path / "m"
+    assert run_cli("make-tiny", out).rc == 0 and run_cli("make-tiny", out, "--overwrite", "--seed", "3").rc == 0
+    (out / "notes.txt").write_text("x")
+    o = run_cli("make-tiny", out, "--overwrite")
+    assert o.kind == "clean" and "notes.txt" in o.err and (out / "notes.txt").exists(), o.why()
+
+
+@pytest.mark.parametrize(("flag", "value", "needle"), [("--hidden-size", 99999999, "available memory"), ("--num-hidden-layers", 10**7, "available memory"),
+                                                       ("--vocab-size", 2**31 - 1, "available memory"), ("--vocab-size", 10**7, "corpus")])  # fmt: skip
+def test_make_tiny_refuses_an_absurd_size_before_allocating(flag: str, value: int, needle: str, tmp_path: Path) -> None:
+    """These died in torch's allocator, spent minutes before safetensors refused the header, or aborted the
+    process in the tokenizer trainer's allocator, leaving its temporary directory behind."""
+    o = run_cli("make-tiny", tmp_path / "m", flag, value)
+    assert o.kind == "clean" and needle in o.err, o.why()
+    assert list(tmp_path.iterdir()) == []

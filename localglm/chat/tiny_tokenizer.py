@@ -100,6 +100,9 @@ def _train(vocab_size: int, lines: Sequence[str] | None = None) -> Tokenizer:
         lines = corpus_text().splitlines(keepends=True)
     else:  # the special tokens are added afterwards; keep their text out of the merges
         lines = [_strip_specials(line) for line in lines]
+    most = BYTE_ALPHABET + sum(len(line) for line in lines)  # each merge joins two symbols of the text: fewer than its characters
+    if base_size > most:  # asked of the trainer, an absurd size aborts the process in its allocator (vocab_size 2**31 - 1)
+        raise TokenizerError(f"vocab_size {vocab_size}: the corpus supports fewer than {most + len(GLM_SPECIAL_TOKENS)}")
     tok.train_from_iterator(lines, trainer=trainer)
     if tok.get_vocab_size() != base_size:
         raise TokenizerError(
