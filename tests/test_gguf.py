@@ -744,3 +744,21 @@ def test_experts_in_types_not_run_as_stored_that_ram_cannot_hold_as_floats_are_r
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert not isinstance(localglm.load(exports["f32"]).net.experts, QuantizedExperts)
+
+
+@pytest.mark.parametrize("count", [10**6, 5])
+def test_a_block_count_the_tensors_do_not_hold_is_refused(exports: dict[str, Path], tmp_path: Path, count: int) -> None:
+    """block_count sizes gguf's tensor-name map: 10**6 hung `inspect`, and 5 in this 4-block file (3 layers + MTP)
+    reported 4 layers without a word (a hostile-input sweep)."""
+    from tests.probes import run_cli
+
+    data = bytearray(exports["f32"].read_bytes())
+    key = b"glm4moe.block_count"
+    at = data.index(key) + len(key)
+    assert int.from_bytes(data[at : at + 4], "little") == 4 and int.from_bytes(data[at + 4 : at + 8], "little") == 4  # u32 4
+    data[at + 4 : at + 8] = count.to_bytes(4, "little")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    for cmd in ("inspect", "generate"):
+        o = run_cli(cmd, bad, *(["-p", "x", "-n", "1", "-q"] if cmd == "generate" else []))
+        assert o.kind == "clean" and f"block_count is {count}, but the file's tensors hold 4 blocks" in o.err, o.why()

@@ -403,9 +403,7 @@ class GGUFSource(MappedSource):
         schema = self.arch.gguf
         self.dequant_dtype = dequant_dtype
         meta = GGUFMetadata(self.files, schema.arch)
-        n_blocks = meta.opt("block_count", None)
-        if not isinstance(n_blocks, int) or n_blocks <= 0:
-            raise CheckpointError(f"{self.files.where}: GGUF metadata {schema.arch}.block_count is missing or invalid")
+        n_blocks = meta.block_count(self.files)
         n_layers = n_blocks - int(meta.opt("nextn_predict_layers", 0) or 0)
         n_experts = int(meta.opt("expert_count", 0) or 0)
         self._infos: dict[str, GGUFTensorInfo] = {}
