@@ -149,3 +149,5 @@ def test_chat_command_help_and_options(capsys: pytest.CaptureFixture[str]) -> No
 
     assert main(["chat", "m", "--max-new-tokens", "0"]) == 2
     assert "--max-new-tokens must be at least 1" in capsys.readouterr().err
+    # without a terminal (`echo hi | localglm chat`) the app drew its screen and never exited
+    assert main(["chat", "m"]) == 2 and "needs a terminal" in capsys.readouterr().err

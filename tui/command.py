@@ -78,6 +78,11 @@ def options_from_args(args: argparse.Namespace) -> Any:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     options = options_from_args(args)
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):  # piped, the app drew its screen and never exited
+        raise LocalGLMError(
+            "chat is an interactive terminal app and needs a terminal on stdin and stdout; for a prompt from a pipe use "
+            "`localglm generate MODEL -p -`"
+        )
     from .app import ChatApp
 
     app = ChatApp(options)
