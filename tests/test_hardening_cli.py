@@ -537,3 +537,15 @@ def test_make_tiny_refuses_an_absurd_size_before_allocating(flag: str, value: in
     o = run_cli("make-tiny", tmp_path / "m", flag, value)
     assert o.kind == "clean" and needle in o.err, o.why()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_outputs_have_a_plain_folders_modes(tiny_dir: Path, tmp_path: Path) -> None:
+    """make-tiny and quantize published mkdtemp's 0700 folder with 0600 files: readable by their owner only."""
+    from localglm.checkpoint.writing import process_umask
+
+    mask = process_umask()
+    assert run_cli("make-tiny", tmp_path / "m").rc == 0
+    assert run_cli("quantize", tiny_dir, tmp_path / "q", "--experts", "4").rc == 0
+    for out in (tmp_path / "m", tmp_path / "q"):
+        assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
+        assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o666 & ~mask}, out

@@ -47,6 +47,27 @@ def remove_quietly(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def process_umask() -> int:
+    """This process's umask, read without setting it (os.umask would change it for every thread meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+def open_modes(tmp: Path) -> None:
+    """Give a directory built aside the modes a plain mkdir and open would have: mkdtemp's folder is 0700 and
+    temporary files 0600, so a published checkpoint was readable by its owner only."""
+    mask = process_umask()
+    tmp.chmod(0o777 & ~mask)
+    for p in tmp.rglob("*"):
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def publish_dir(tmp: Path, out: Path) -> None:
     """Move the finished directory `tmp` to `out`, replacing an existing `out` (already checked to hold only
     what may be replaced): the old one is renamed aside first and removed last, so a failure in between
@@ -54,6 +75,7 @@ def publish_dir(tmp: Path, out: Path) -> None:
     file, a device node (/dev/null) or a link in its place is refused, whatever the caller checked."""
     if (out.exists() or out.is_symlink()) and not out.is_dir():
         raise LocalGLMError(f"{out}: exists and is not a directory; refusing to replace it")
+    open_modes(tmp)
     if not out.exists():
         os.replace(tmp, out)
         return

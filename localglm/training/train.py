@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.safetensors import save_safetensors_sharded
+from ..checkpoint.writing import open_modes
 from ..models.glm4_moe.tiny import TINY, TinySpec
 from ..tiny import fp8_layout
 from ..chat.tiny_tokenizer import GLM_SPECIAL_TOKENS, build_tiny_tokenizer
@@ -262,16 +263,13 @@ def stored_tensors(tensors: Iterable[tuple[str, torch.Tensor]], weights: str) ->
 @contextmanager
 def built_aside(out: Path) -> Iterator[Path]:
     """A temporary folder beside `out` to write a checkpoint into: when the block succeeds it replaces `out`
-    (readable by all: mkdtemp's folder is 0700, the shard writer's files 0600), when it fails it is removed
-    and `out` is left as it was."""
+    (with a plain folder's modes: `open_modes`), when it fails it is removed and `out` is left as it was."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
-        tmp.chmod(0o755)
-        for f in tmp.iterdir():
-            f.chmod(0o644)
+        open_modes(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
