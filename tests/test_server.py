@@ -612,7 +612,7 @@ def test_official_clients_parse_errors_and_server_stays_healthy(env: Env) -> Non
     assert r.status_code == 404 and r.json()["type"] == "error"
     with pytest.raises(openai.BadRequestError) as e:
         env.openai().completions.create(model="m", prompt=[10**9])
-    assert "vocabulary" in e.value.message
+    assert "vocabulary" in e.value.message and e.value.param == "prompt"
     r = httpx.post(env.url + "/v1/completions", json={"prompt": 5}, timeout=10)
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
     assert env.health()["status"] == "ok"

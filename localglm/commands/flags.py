@@ -46,6 +46,8 @@ def recipe_bits(args: argparse.Namespace) -> dict[str, Any]:
     for cls, value in bits.items():
         if value is not None and str(value) not in {str(b) for b in ALLOWED_BITS}:
             raise LocalGLMError(f"--{cls.replace('_', '-')} {value}: bits must be one of {allowed} (16 keeps the checkpoint's float weights)")
+    if bits["router"] is not None and str(bits["router"]) != "16":
+        raise LocalGLMError(f"--router {bits['router']}: the router runs in fp32 and stays unquantized; only 16 is accepted")
     return bits
 
 

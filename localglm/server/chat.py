@@ -139,7 +139,7 @@ def encode_prompt(state: ServerState, req: GenRequest, *, fit: bool = True) -> i
     if req.input_ids is not None:
         vocab = model.config.vocab_size
         if any(t < 0 or t >= vocab for t in req.input_ids):
-            raise LocalGLMError(f"prompt: token ids must be in the vocabulary (0..{vocab - 1})")
+            raise bad_request(f"{prompt_param(req)}: token ids must be in the vocabulary (0..{vocab - 1})", prompt_param(req))
         req.encoded = list(req.input_ids)
         return len(req.input_ids)
     with state.tokenize_lock:
