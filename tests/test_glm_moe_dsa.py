@@ -77,6 +77,23 @@ def test_cached_decode_selects_as_the_full_forward_does(pair) -> None:
     assert cache.index_keys.shape[0] == len(ours.config.index_layers)
 
 
+def test_rope_interleave_false_runs_as_transformers_runs_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """transformers' GlmMoeDsa rotates interleaved pairs whatever rope_interleave says (every GLM-5.x config says
+    true); we read the key and ran the half-split form, 0.76 of the logit scale away (a shape sweep)."""
+    import logging
+
+    path = make_tiny(tmp_path / "m", TinySpec(dtype="float32", index_topk=5))
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "rope_interleave": False}))
+    with caplog.at_level(logging.WARNING, logger="localglm"):
+        ours = localglm.load(path, dtype="float32")
+    assert any("rope_interleave false ignored" in r.getMessage() for r in caplog.records)
+    hf = transformers.GlmMoeDsaForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    ids = torch.randint(0, ours.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_close(ours.logits(ids), hf(ids).logits.float())
+
+
 # Two indexer heads: ReLU zeroes both for many keys, so their scores tie at 0 and torch.topk keeps some of them by where
 # its algorithm meets them, which depends on the row it runs on (layers/dsa.py).
 TIES = TinySpec(dtype="float32", index_n_heads=2, index_topk=6, seed=2)

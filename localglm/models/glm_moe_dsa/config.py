@@ -3,12 +3,15 @@ indexer, and GLM-5.2's IndexShare (layers marked "shared" reuse the previous "fu
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from typing import Any
 
 from ...config import ConfigReader
 from ...errors import ConfigError
 from ..glm4_moe_lite.config import Glm4MoeLiteConfig
+
+log = logging.getLogger("localglm")
 
 
 def indexer_types(cfg: ConfigReader, layers: int) -> tuple[str, ...]:
@@ -60,7 +63,11 @@ class GlmMoeDsaConfig(Glm4MoeLiteConfig):
     @classmethod
     def own_fields(cls, cfg: ConfigReader) -> dict[str, Any]:
         layers = cfg.int("num_hidden_layers")
+        if not cfg.bool("rope_interleave", True):
+            # Every published GLM-5.x config says true; transformers' GlmMoeDsa rotates interleaved pairs whatever it says
+            log.warning("%s: rope_interleave false ignored: GLM-5.x rotates interleaved pairs, as transformers' GlmMoeDsa does", cfg.source)
         return super().own_fields(cfg) | dict(
+            rope_interleave=True,
             index_n_heads=cfg.positive_int("index_n_heads", 32),
             index_head_dim=cfg.positive_int("index_head_dim", 128),
             index_topk=cfg.positive_int("index_topk", 2048),
