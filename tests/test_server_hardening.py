@@ -118,6 +118,21 @@ def test_oversized_body_is_413_and_the_connection_closed(env: Env) -> None:
     assert r.json()["error"]["type"] == "request_too_large" and "--max-body" in r.json()["error"]["message"]
 
 
+def test_a_client_that_writes_its_whole_body_first_still_reads_the_413(env: Env) -> None:
+    """Python's http.client (under requests and many agents) sends the whole body before it reads: the server
+    closed on the unread rest and the client saw a connection reset instead of the 413 that says --max-body."""
+    import http.client
+
+    conn = http.client.HTTPConnection(env.srv.host, env.srv.port, timeout=10)
+    try:
+        conn.request("POST", "/v1/chat/completions", body=b" " * (5 << 20), headers=dict(JSON))
+        r = conn.getresponse()
+        assert r.status == 413 and b"--max-body" in r.read()
+    finally:
+        conn.close()
+    assert env.health()["status"] == "ok"
+
+
 def test_chunked_body_is_refused_as_soon_as_it_passes_the_cap(env: Env) -> None:
     """Before: a chunked body skipped the cap and was buffered whole, so no answer came until it ended."""
     cap = LIMITS["max_body_bytes"]

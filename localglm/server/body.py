@@ -5,7 +5,9 @@
   no page the user visits can drive the model (CSRF).
 - The size cap is checked as the bytes arrive, chunked bodies included, so a 413 comes as soon as
   the cap is passed and the rest is never buffered; the whole body must arrive within a deadline
-  (408). Both close the connection, since the rest of the body was not read.
+  (408). Both close the connection, since the rest of the body was not read. A body declared too
+  large by at most DRAIN_BYTES is read and dropped first (within the same deadline): a client that
+  sends its whole body before reading (Python's http.client) otherwise meets a reset, not the 413.
 - A client that disconnects mid-upload ends the request quietly (499), without a traceback.
 - Lone UTF-16 surrogates in JSON string escapes (`"\\ud800"`) are replaced by U+FFFD before
   parsing: they are legal JSON, and what a client sends when it cuts an emoji in half by UTF-16
@@ -28,6 +30,7 @@ from .validation import body_object, load_json
 
 JSON_MEDIA_TYPE = "application/json"
 PARSE_IN_THREAD_BYTES = 1 << 20
+DRAIN_BYTES = 64 << 20  # how far past the cap a declared body is read and dropped before its 413
 BODY_BYTES_KEY = "localglm.body_bytes"  # in scope["state"]: how big the body was (the app trims memory after big ones)
 
 # A lone surrogate escape, or an escaped backslash / a valid pair (matched so they are kept whole).
@@ -51,6 +54,8 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """The whole body, refused (413) as soon as it passes `limit` bytes or (408) when it takes over `timeout_s`."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
+        if int(declared) - limit <= DRAIN_BYTES:
+            await _drain(request, timeout_s)
         raise _too_large(int(declared), limit)
     body = bytearray()
     try:
@@ -65,6 +70,16 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
         raise APIError(499, "the client disconnected while sending the request") from None
     request.scope.setdefault("state", {})[BODY_BYTES_KEY] = len(body)
     return bytes(body)
+
+
+async def _drain(request: Request, timeout_s: float) -> None:
+    """Read and drop the body, for at most `timeout_s` (the 413 follows either way)."""
+    with anyio.move_on_after(timeout_s):
+        try:
+            async for _ in request.stream():
+                pass
+        except ClientDisconnect:
+            pass
 
 
 def _too_large(size: int | None, limit: int) -> APIError:
