@@ -21,6 +21,9 @@ from .errors import ConfigError, LocalGLMError
 # The largest width, count or length a config may give: no GLM comes near it, and torch sizes past it
 # overflow the int32 indexing of some kernels long before any memory could hold them.
 MAX_SIZE = 2**31 - 1
+# Layers a config may give: GLM has 47-93; per-layer tables (GLM-5.2's indexer_types) are built from the count,
+# and 2**31 - 1 of them took minutes and gigabytes before any error.
+MAX_LAYERS = 4096
 # routed_scaling_factor: GLM uses 1.0-2.5; past this the routed experts' output swamps the residual stream.
 MAX_ROUTED_SCALE = 1000.0
 
@@ -143,6 +146,8 @@ class ModelConfig:
             raise ConfigError(f"{source}: num_experts_per_tok {self.num_experts_per_tok} out of range")
         if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
             raise ConfigError(f"{source}: first_k_dense_replace {self.first_k_dense_replace} out of range")
+        if self.max_position_embeddings < 2:  # any context is at least 2 tokens (model_info.check_ctx)
+            raise ConfigError(f"{source}: field 'max_position_embeddings' is {self.max_position_embeddings}: a model's context is at least 2 tokens")
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
@@ -166,7 +171,7 @@ def common_fields(cfg: ConfigReader, cls: type[ModelConfig]) -> dict[str, Any]:
     act = raw.get("hidden_act", "silu")
     if act != "silu":
         raise ConfigError(f"{source}: hidden_act {act!r} is not supported (GLM uses 'silu')")
-    layers = cfg.positive_int("num_hidden_layers")
+    layers = layer_count(cfg)
     return dict(
         vocab_size=cfg.positive_int("vocab_size"),
         hidden_size=cfg.positive_int("hidden_size"),
@@ -209,6 +214,14 @@ def leading_dense_layers(cfg: ConfigReader, layers: int, default: int = 1) -> in
     if "dense" in types[k:]:
         raise NotImplementedError(f"{cfg.source}: mlp_layer_types puts a dense layer after a MoE layer; only leading dense layers are supported")
     return k
+
+
+def layer_count(cfg: ConfigReader) -> int:
+    """num_hidden_layers, 1 to MAX_LAYERS."""
+    layers = cfg.positive_int("num_hidden_layers")
+    if layers > MAX_LAYERS:
+        raise ConfigError(f"{cfg.source}: field 'num_hidden_layers' is {layers}, more than any model has (at most {MAX_LAYERS})")
+    return layers
 
 
 class ConfigReader:

@@ -116,7 +116,8 @@ class Plan:
     bandwidths: Bandwidths
     items: list[PlanItem] = field(default_factory=list)
     dense_bits: dict[str, float] = field(default_factory=dict)  # recipe class -> bits (16 = float; a fraction: a GGUF type's)
-    chosen: list[str] = field(default_factory=list)  # the classes whose bits the planner chose
+    chosen: list[str] = field(default_factory=list)  # the classes the planner lowered below float to fit
+    picked: list[str] = field(default_factory=list)  # every class whose bits the planner chose (the others were given)
     kv_in_ram: bool = False  # the KV cache's hostable part (DSA's latent rows) lives in pinned RAM
     kv_gather_bytes: int = 0  # with kv_in_ram: bytes gathered to the GPU per decoded token
     mtp_layer: int | None = None  # the MTP block's layer when it was planned (its experts are in n_experts_total)
@@ -159,7 +160,7 @@ class Plan:
                 f"({human_bytes(self.kv_gather_bytes)} over PCIe), which left {self.cache_slots} expert slots on the GPU"
             )
         if self.dense_bits:
-            rows.append("always-used weights: " + precision_note(self.dense_bits, self.chosen))
+            rows.append("always-used weights: " + precision_note(self.dense_bits, self.chosen, self.picked))
         if self.mtp_layer is not None:
             slots = f"{self.mtp_cache_slots} slots of their own" if self.mtp_cache_slots else "sharing its slots"
             rows.append(
@@ -220,10 +221,13 @@ def cuda_copy_bytes(bits: int | float, shapes: list[tuple[int, int]], float_bits
     return sum(cuda_prepared_nbytes(spec, shape, max(1, int(float_bits) // 8)) for shape in shapes)
 
 
-def precision_note(bits: dict[str, float], chosen: list[str]) -> str:
-    """'attn q8, shared q8, ... (chosen to fit; --attn etc. override)' for a plan's table."""
+def precision_note(bits: dict[str, float], chosen: list[str], picked: list[str] | None = None) -> str:
+    """'attn q8, shared q8, ... (chosen to fit; --attn etc. override)' for a plan's table. `picked`: the classes
+    the planner set (left in float where that fits: "(as given)" there was wrong, nobody had given them)."""
     name = {16: "bf16", 8: "q8", 4: "q4", 2: "q2"}
     parts = ", ".join(f"{c} {name.get(b, b) if float(b).is_integer() else f'{b:.2f} bits/weight'}" for c, b in bits.items())
+    if not chosen and picked:
+        return parts + f" (the planner's: float fits; --{' --'.join(c.replace('_', '-') for c in picked)} override)"
     if not chosen:
         return parts + (" (as given)" if all(float(b).is_integer() for b in bits.values()) else " (as given or stored)")
     return parts + f" (the planner chose {', '.join(chosen)}: the most precise that fits; --{' --'.join(c.replace('_', '-') for c in chosen)} override)"
@@ -308,6 +312,7 @@ def make_plan(
             continue
         plan = max(fits, key=lambda p: p.decode_tok_s)  # where the KV cache lives: the faster placement that fits
         plan.chosen = [c for c in free if dense_bits[c] != 16]
+        plan.picked = list(free)
         return plan
     assert error is not None
     raise error
@@ -415,11 +420,17 @@ def _plan(
             f"--cpu-mem {human_bytes(cpu)} is too small: needs at least {human_bytes(min_cpu, up=True)} ({what}); "
             f"the rest of the experts can stay memory-mapped on disk"
         )
-    # Host RAM takes the hottest experts that fit (by bytes: the MTP block's may be wider); counted here at the main size.
+    # Host RAM takes the hottest experts that fit, the main model's first, each at its own size (the MTP block's are
+    # wider at 8 bits: counted at the main size, a plan "fitting" all of them went past --cpu-mem).
     all_bytes = n_main * expert_bytes + n_mtp * mtp_expert
-    in_ram = n_total if all_bytes <= cpu - cpu_fixed else min(n_total, (cpu - cpu_fixed) // expert_bytes)
+    room = cpu - cpu_fixed
+    if all_bytes <= room:
+        in_ram, ram_bytes = n_total, all_bytes
+    else:
+        main_in = min(n_main, room // expert_bytes)
+        mtp_in = min(n_mtp, (room - main_in * expert_bytes) // mtp_expert) if n_mtp else 0
+        in_ram, ram_bytes = main_in + mtp_in, main_in * expert_bytes + mtp_in * mtp_expert
     on_disk = n_total - in_ram
-    ram_bytes = all_bytes if not on_disk else in_ram * expert_bytes
     if gpu > 0:
         items.append(PlanItem("expert staging (2 layers' experts)", "RAM (pinned)", cpu_fixed - kv_host))
     mtp_note = f", {n_mtp} MTP" if n_mtp else ""
@@ -434,7 +445,8 @@ def _plan(
     active_other = c.always_used - c.embed  # FLOPs: every always-used weight but the embedding lookup
     per_layer_k = cfg.num_moe_layers * k
     if gpu > 0:
-        hit = interpolate_hit_rate(slots / (n_main if mtp_slots else n_total)) if n_total else 1.0
+        sharing = n_main if mtp_slots else n_total  # the experts the main slots serve (none: a model without MoE layers)
+        hit = interpolate_hit_rate(slots / sharing) if sharing else 1.0
         miss = (1 - disk_share) * cm.miss_s(1) + disk_share * cm.miss_s(1, on_disk=True)
         decode_s = dense_bytes / bw.gpu_mem + gather / bw.h2d + per_layer_k * (hit * cm.gpu_s(1) + (1 - hit) * miss)
         copies = cm.copy_s() + cm.gpu_s(1) <= cm.cpu_s(1)  # the cost model's miss path: copy in, or run on the CPU

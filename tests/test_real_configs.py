@@ -111,3 +111,32 @@ def test_kv_in_ram_is_refused_where_attention_reads_every_row(tmp_path: Path, ca
     (tmp_path / "config.json").write_text(json.dumps(CONFIGS["GLM-4.5-Air"]))
     assert main(["plan", str(tmp_path), "--gpu-mem", "24GiB", "--cpu-mem", "256GiB", "--kv", "ram"]) == 2
     assert "--kv ram" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("name", "gpu", "cpu"), [("GLM-5.1", "0", "256GiB"), ("GLM-5.1", "24GiB", "218GiB"), ("GLM-4.5", "24GiB", "100GiB")])
+def test_a_plan_with_the_mtp_blocks_wider_experts_keeps_to_the_ram_budget(name: str, gpu: str, cpu: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The experts that fit in RAM were counted at the main size while the MTP block's are 8-bit: "RAM 258.38 GiB of
+    256.00 GiB" (a planner sweep). Now the excess stays memory-mapped on disk."""
+    (tmp_path / "config.json").write_text(json.dumps(CONFIGS[name]))
+    assert main(["plan", str(tmp_path), "--gpu-mem", gpu, "--cpu-mem", cpu, "--experts", "2"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("RAM "))
+    used, budget = (float(v) for v in line.split()[1:5:3])
+    assert used <= budget, line
+
+
+def test_plan_edge_configs_in_one_line_or_a_plan(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A sweep's findings: every layer dense (ZeroDivisionError beside the MTP block's slots), 2**31 - 1 layers
+    (minutes and gigabytes building GLM-5.2's per-layer table), max_position_embeddings 1 (an error naming --ctx,
+    which nobody gave), and a plan that left every class in float saying "(as given)"."""
+    flash = {**CONFIGS["GLM-4.7-Flash"], "first_k_dense_replace": CONFIGS["GLM-4.7-Flash"]["num_hidden_layers"]}
+    (tmp_path / "config.json").write_text(json.dumps(flash))
+    assert main(["plan", str(tmp_path), "--gpu-mem", "24GiB", "--cpu-mem", "64GiB"]) == 0
+    for edit, needle in (({"num_hidden_layers": 2**31 - 1}, "'num_hidden_layers'"), ({"max_position_embeddings": 1}, "'max_position_embeddings'")):
+        (tmp_path / "config.json").write_text(json.dumps({**CONFIGS["GLM-5.2"], **edit}))
+        for cmd in ("inspect", "plan"):
+            assert main([cmd, str(tmp_path)]) == 2 and needle in capsys.readouterr().err
+    (tmp_path / "config.json").write_text(json.dumps(CONFIGS["GLM-4.5-Air"]))
+    capsys.readouterr()
+    assert main(["plan", str(tmp_path), "--gpu-mem", "24GiB", "--cpu-mem", "256GiB"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("always-used weights"))
+    assert "as given" not in line and "the planner's" in line, line

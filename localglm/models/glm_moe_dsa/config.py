@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ...config import ConfigReader
+from ...config import ConfigReader, layer_count
 from ...errors import ConfigError
 from ..glm4_moe_lite.config import Glm4MoeLiteConfig
 
@@ -62,7 +62,7 @@ class GlmMoeDsaConfig(Glm4MoeLiteConfig):
 
     @classmethod
     def own_fields(cls, cfg: ConfigReader) -> dict[str, Any]:
-        layers = cfg.int("num_hidden_layers")
+        layers = layer_count(cfg)
         if not cfg.bool("rope_interleave", True):
             # Every published GLM-5.x config says true; transformers' GlmMoeDsa rotates interleaved pairs whatever it says
             log.warning("%s: rope_interleave false ignored: GLM-5.x rotates interleaved pairs, as transformers' GlmMoeDsa does", cfg.source)
