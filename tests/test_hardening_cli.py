@@ -530,7 +530,7 @@ def test_make_tiny_overwrites_only_an_earlier_make_tiny_output(tmp_path: Path) -
     assert o.kind == "clean" and "notes.txt" in o.err and (out / "notes.txt").exists(), o.why()
 
 
-@pytest.mark.parametrize(("flag", "value", "needle"), [("--hidden-size", 99999999, "available memory"), ("--num-hidden-layers", 10**7, "available memory"),
+@pytest.mark.parametrize(("flag", "value", "needle"), [("--hidden-size", 99999999, "available memory"), ("--num-hidden-layers", 10**7, "num_hidden_layers"),
                                                        ("--vocab-size", 2**31 - 1, "available memory"), ("--vocab-size", 10**7, "corpus")])  # fmt: skip
 def test_make_tiny_refuses_an_absurd_size_before_allocating(flag: str, value: int, needle: str, tmp_path: Path) -> None:
     """These died in torch's allocator, spent minutes before safetensors refused the header, or aborted the

@@ -234,7 +234,8 @@ def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
         try:
             SamplingParams().updated(**{name: value})
         except (LocalGLMError, ValueError, OverflowError):
-            raise LocalGLMError(f"--{name.replace('_', '-')} {value}: out of range ({RANGES[name]})") from None
+            typed = repr(value).removesuffix(".0") if isinstance(value, float) else value  # `--top-p 7`, not 7.0
+            raise LocalGLMError(f"--{name.replace('_', '-')} {typed}: out of range ({RANGES[name]})") from None
     return given
 
 
