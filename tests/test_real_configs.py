@@ -140,3 +140,11 @@ def test_plan_edge_configs_in_one_line_or_a_plan(tmp_path: Path, capsys: pytest.
     assert main(["plan", str(tmp_path), "--gpu-mem", "24GiB", "--cpu-mem", "256GiB"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("always-used weights"))
     assert "as given" not in line and "the planner's" in line, line
+
+
+def test_plan_prices_float_weights_at_the_dtype_loading_uses(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A float32 checkpoint computes in float32 when loaded; plan priced its float weights as bf16 and said they fit
+    where loading refused (a planner sweep). --dtype bfloat16 plans what `generate --dtype bfloat16` loads."""
+    (tmp_path / "config.json").write_text(json.dumps({**CONFIGS["GLM-4.5-Air"], "torch_dtype": "float32"}))
+    assert main(["plan", str(tmp_path), "--gpu-mem", "24GiB", "--cpu-mem", "256GiB"]) == 2 and "too small" in capsys.readouterr().err
+    assert main(["plan", str(tmp_path), "--gpu-mem", "24GiB", "--cpu-mem", "256GiB", "--dtype", "bfloat16"]) == 0

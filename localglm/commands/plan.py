@@ -59,7 +59,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
             experts = info.stored.expert_bits
         fixed |= {c: b for c, b in info.stored.class_bits.items() if c not in given}
     mtp = _mtp_placement(args, info, recipe.bits["mtp"], recipe.bits["mtp"] if "experts" in given or info.kind == "safetensors" else None)
-    plan = plan_with_mtp(cfg, args.gpu_mem, args.cpu_mem, ctx, experts, bw, model=str(args.model), fixed=fixed, kv=args.kv, mtp=mtp, required=bool(args.mtp))
+    # Float weights at the compute dtype loading takes from the checkpoint (fp32 stays fp32; plan said bf16 fit where load refused)
+    float_bits = 32 if str(args.dtype or cfg.torch_dtype).lower().removeprefix("torch.") in ("float32", "fp32") else 16
+    plan = plan_with_mtp(cfg, args.gpu_mem, args.cpu_mem, ctx, experts, bw, model=str(args.model), fixed=fixed, kv=args.kv, mtp=mtp,
+                         required=bool(args.mtp), float_bits=float_bits)
     if args.json:
         print(json.dumps(asdict(plan)))
     else:
@@ -115,6 +118,8 @@ def register(sub: Any) -> None:
     p.add_argument("--gpu-mem", default=None, help="VRAM budget (default: free VRAM minus 512 MiB; 0 without a GPU)")
     p.add_argument("--cpu-mem", default=None, help="RAM budget (default: available RAM minus 4 GiB)")
     p.add_argument("--ctx", type=int, default=None, help="context size for the KV cache (default: as generate, min(4096, model max))")
+    p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
+                   help="the compute dtype loading will use, for the weights kept in float (default: the checkpoint's, as generate)")
     p.add_argument(
         "--kv", default="auto", choices=("auto", "gpu", "ram"),
         help="where the KV cache lives with a GPU: 'gpu', or 'ram' (GLM-5.x's sparse attention only: the latent rows in "
