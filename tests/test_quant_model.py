@@ -162,6 +162,9 @@ def test_cli_quantize_eval_and_generate_flags(src: Path, tmp_path: Path, capsys:
     assert main(["eval", str(out), "--ref", str(src), "--random-tokens", "64", "--ctx", "32", "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["kl"] > 0 and res["ppl"] > 1 and res["weight_error"]["experts"] > 0
+    # quantized on the fly: no weight error to read, and the report says so rather than leaving the line out
+    assert main(["eval", str(src), "--experts", "4", "--ref", str(src), "--random-tokens", "64", "--ctx", "32"]) == 0
+    assert "`localglm quantize` MODEL first" in capsys.readouterr().out
     saved = tmp_path / "gen"
     rc = main(["generate", str(src), "--experts", "4", "--save-quantized", str(saved), "-p", "hi", "-n", "3", "-q", "--ignore-eos"])
     assert rc == 0 and (saved / MANIFEST).is_file()

@@ -3,7 +3,8 @@
 Prints per-class relative weight error (||W_ref - W_q|| / ||W_ref||, from the tensors themselves),
 perplexity of MODEL and REF on the text, and the mean KL(REF || MODEL) of next-token distributions
 over every position. MODEL may be a quantized directory, or a float checkpoint quantized on the fly
-with the recipe flags (--experts 4 ...). Without a tokenizer (or with --random-tokens N) fixed
+with the recipe flags (--experts 4 ...; the weight error is then not reported: it reads a quantized
+directory's tensors). Without a tokenizer (or with --random-tokens N) fixed
 pseudo-random token ids are used: perplexity then means little, KL still does.
 """
 
@@ -147,4 +148,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"  mean KL(ref||q)   {res['kl']:.6f} nats/token")
     for cls, e in sorted(res.get("weight_error", {}).items()):
         print(f"  weight error {cls:<8} {e:.4f}")
+    if not args.no_weights and "weight_error" not in res:  # said, not silently left out
+        print("  weight error      read from a quantized directory's tensors: `localglm quantize` MODEL first to see it")
     return 0
