@@ -283,6 +283,7 @@ def make_plan(
     gpu = parse_size(gpu_mem, "--gpu-mem")
     cpu = parse_size(cpu_mem, "--cpu-mem")
     gpu = default_gpu_mem() if gpu is None else gpu
+    cpu_defaulted = cpu is None
     cpu = default_cpu_mem() if cpu is None else cpu
     if gpu < 0 or cpu < 0:
         raise LocalGLMError("memory budgets must not be negative")
@@ -315,6 +316,9 @@ def make_plan(
         plan.picked = list(free)
         return plan
     assert error is not None
+    if cpu_defaulted and str(error).startswith("--cpu-mem "):  # name what the budget was, since nobody typed it
+        said = str(error).replace("--cpu-mem ", "--cpu-mem (not given: the available RAM less 4 GiB, now ", 1).replace(" is too small", ") is too small", 1)
+        raise BudgetTooSmall(f"{said}; free some memory or pass --cpu-mem SIZE") from None
     raise error
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -146,3 +147,14 @@ def test_gpu_prediction_counts_the_host_side_of_each_step(air_dir) -> None:
     assert gpu_host_s(cfg.num_hidden_layers, cfg.num_moe_layers * cfg.num_experts_per_tok, 0) == pytest.approx(per_token)
     assert plan.decode_tok_s < 1 / per_token
     assert make_plan(cfg, 0, "128GiB", ctx=4096, experts=4).decode_tok_s > 0  # the CPU-only plan has no such term
+
+
+def test_a_defaulted_cpu_budget_says_it_was_not_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With little RAM free the default budget (available RAM less 4 GiB) became 0 and the refusal read "--cpu-mem 0 B
+    is too small", naming a flag the user never typed (a README walk-through)."""
+    import offload.planner as planner
+
+    monkeypatch.setattr(planner, "available_ram", lambda: (4 << 30) + 1000)
+    (tmp_path / "config.json").write_text(json.dumps(json.loads((Path(__file__).parent / "data" / "real_configs.json").read_text())["GLM-4.5-Air"]))
+    with pytest.raises(planner.BudgetTooSmall, match=r"--cpu-mem \(not given: the available RAM less 4 GiB, now 1000 B\) is too small: needs"):
+        planner.make_plan(ModelConfig.from_file(tmp_path), "0", None, experts=4)
