@@ -140,21 +140,14 @@ LG_HIDDEN size_t lg_mla_tokens_scratch(const lg_layer *L, int T);
 LG_HIDDEN int lg_mla_attention(const lg_layer *L, const float *hn, const void *cos, const void *sin, void *rows, long stride_pos, int pos,
                                void *index_keys, lg_selection *sel, qact *xa, float *scratch, float *o, int nth);
 
-/* The DSA indexer's key of the token hn (dsa_indexer.c) into out [head_dim] of dtype. */
-LG_HIDDEN void lg_dsa_key(const lg_dsa *D, const float *hn, int dtype, const void *cos, const void *sin, qact *xa, void *out, int nth);
-
-/* lg_dsa_key for T consecutive tokens hn [T, hidden] (rotary rows token t's at t * rot_stride values) into out [T, head_dim]:
- * wk read once for them, each key the one-token call's. Returns 0, or -1 when out of memory. */
+/* The DSA indexer's keys of T consecutive tokens hn [T, hidden] (dsa_indexer.c; rotary rows token t's at t * rot_stride
+ * values) into out [T, head_dim] of dtype, wk read once for them. Returns 0, or -1 when out of memory. */
 LG_HIDDEN int lg_dsa_keys(const lg_dsa *D, int T, const float *hn, int dtype, const void *cos, const void *sin, long rot_stride, qact *xa,
                           void *out, int nth);
 
-/* The DSA indexer's top-k of the token hn (query latent q_res) over keys 0..len-1 ([len, head_dim]
- * of dtype) into sel, chosen as torch.topk chooses. Returns 0, or -1 when out of memory. */
-LG_HIDDEN int lg_dsa_select(const lg_dsa *D, const float *hn, const float *q_res, int dtype, const void *cos, const void *sin,
-                            const void *keys, int len, qact *xa, lg_selection *sel, int nth);
-
-/* lg_dsa_select for T consecutive tokens (hn [T, hidden], q_res [T, q_lora]; token t over keys 0..len0 + t - 1, its pick at
- * sel + t * sel_stride int32s): wq_b and weights_proj read once for them, each pick the one-token call's. */
+/* The DSA indexer's top-k of T consecutive tokens (hn [T, hidden], query latents q_res [T, q_lora]; token t over keys
+ * 0..len0 + t - 1 of [len, head_dim] dtype, its pick at sel + t * sel_stride int32s), chosen as torch.topk chooses over
+ * rows of max(len0 + t, picks_end) keys; wq_b and weights_proj read once for them. Returns 0, or -1 when out of memory. */
 LG_HIDDEN int lg_dsa_select_tokens(const lg_dsa *D, int T, const float *hn, const float *q_res, int dtype, const void *cos, const void *sin,
                                    long rot_stride, const void *keys, int len0, int picks_end, qact *xa, void *sel, long sel_stride, int nth);
 

@@ -59,12 +59,6 @@ static void finish_key(const lg_dsa *D, float *k, int dt, const void *cos, const
     for (int i = 0; i < d; i++) store(out, dt, i, k[i]);
 }
 
-void lg_dsa_key(const lg_dsa *D, const float *hn, int dt, const void *cos, const void *sin, qact *xa, void *out, int nth) {
-    float k[D->head_dim];
-    lg_matvec(&D->wk, hn, dt, xa, k, nth);
-    finish_key(D, k, dt, cos, sin, out);
-}
-
 int lg_dsa_keys(const lg_dsa *D, int T, const float *hn, int dt, const void *cos, const void *sin, long rot_stride, qact *xa, void *out, int nth) {
     const int d = D->head_dim;
     const size_t es = dt == 1 ? 2 : 4;
@@ -246,19 +240,6 @@ static int pick(const lg_dsa *D, float *q, float *w, int dt, const void *cos, co
     return 0;
 }
 
-int lg_dsa_select(const lg_dsa *D, const float *hn, const float *q_res, int dt, const void *cos, const void *sin, const void *keys, int len,
-                  qact *xa, lg_selection *sel, int nth) {
-    const int H = D->heads, d = D->head_dim;
-    float *q = malloc(((size_t)H * d + H) * sizeof(float));
-    if (!q) return -1;
-    float *w = q + (size_t)H * d;
-    lg_matvec(&D->wq_b, q_res, dt, xa, q, nth);
-    lg_matvec(&D->weights_proj, hn, 0, xa, w, nth); /* fp32, not rounded */
-    const int rc = pick(D, q, w, dt, cos, sin, keys, len, 0, sel, nth);
-    free(q);
-    return rc;
-}
-
 int lg_dsa_select_tokens(const lg_dsa *D, int T, const float *hn, const float *q_res, int dt, const void *cos, const void *sin, long rot_stride,
                          const void *keys, int len0, int picks_end, qact *xa, void *sel, long sel_stride, int nth) {
     const int H = D->heads, d = D->head_dim;
@@ -291,8 +272,7 @@ int lg_dsa_index_key(const lg_dsa *D, const void *x, int dtype, const void *cos,
     int rc = -1;
     if (xf && indexer_qact(D, &xa)) {
         load_row(x, dtype, 0, hidden, xf);
-        lg_dsa_key(D, xf, dtype, cos, sin, &xa, out, nth);
-        rc = 0;
+        rc = lg_dsa_keys(D, 1, xf, dtype, cos, sin, 0, &xa, out, nth); /* the fused layers' own call, for one token */
     }
     free(xf);
     lg_qact_free(&xa);
@@ -310,7 +290,7 @@ int lg_dsa_topk(const lg_dsa *D, const void *x, const void *q_res, int dtype, co
     if (xf && indexer_qact(D, &xa)) {
         load_row(x, dtype, 0, hidden, xf);
         load_row(q_res, dtype, 0, q_lora, xf + hidden);
-        rc = lg_dsa_select(D, xf, xf + hidden, dtype, cos, sin, keys, len, &xa, sel, nth);
+        rc = lg_dsa_select_tokens(D, 1, xf, xf + hidden, dtype, cos, sin, 0, keys, len, 0, &xa, sel, 0, nth); /* the fused layers' call */
     }
     free(xf);
     lg_qact_free(&xa);
