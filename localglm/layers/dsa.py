@@ -192,11 +192,11 @@ def select_tokens(
     picked = kernel[0].dsa_topk(kernel[1], x, q_resid, keys, cos, sin) if kernel is not None else None
     if picked is not None:
         return picked
-    rows = select_topk(index_scores(x, q_resid, keys, w, shape, cos, sin), start, shape.topk)
-    if steps and x.shape[0] == 1 and x.shape[1] > 1:
-        for t in range(x.shape[1]):
-            end = start + t + 1
-            if end > shape.topk:  # up to it every earlier key is kept either way
-                one = (x[:, t : t + 1], q_resid[:, t : t + 1], keys[:, :end], w, shape, cos[t : t + 1], sin[t : t + 1], start + t)
-                rows[:, t] = select_tokens(*one)[:, 0]
-    return rows
+    if not (steps and x.shape[0] == 1 and x.shape[1] > 1):
+        return select_topk(index_scores(x, q_resid, keys, w, shape, cos, sin), start, shape.topk)
+    fit = min(x.shape[1], max(0, shape.topk - start))  # the first tokens: every earlier key fits, the causal top-k is exact
+    parts = [select_topk(index_scores(x[:, :fit], q_resid[:, :fit], keys, w, shape, cos[:fit], sin[:fit]), start, shape.topk)] if fit else []
+    for t in range(fit, x.shape[1]):  # the others each as its decode step, scored once (not also in a batch for nothing)
+        one = (x[:, t : t + 1], q_resid[:, t : t + 1], keys[:, : start + t + 1], w, shape, cos[t : t + 1], sin[t : t + 1], start + t)
+        parts.append(select_tokens(*one).long())
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
