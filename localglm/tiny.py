@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .checkpoint.writing import publish_dir, writing
+from .checkpoint.writing import publish_dir, refuse_odd_target, writing
 from .errors import LocalGLMError
 from .chat.tiny_tokenizer import BYTE_ALPHABET, GLM_SPECIAL_TOKENS, build_tiny_tokenizer
+
+TINY_SPEC_FILE = "localglm_tiny_spec.json"  # the spec a checkpoint was made from: it marks make-tiny's outputs
 
 if TYPE_CHECKING:  # torch is imported where weights are made: the specs (make-tiny's flags) need none
     import torch
@@ -242,8 +243,7 @@ def make_tiny(out: str | Path, spec: TinySpecBase | None = None, *, overwrite: b
     ModelConfig.from_dict(arch.tiny.config_json(spec, spec.special_ids()), "make-tiny")
     _check_fits_in_memory(arch, spec)
     out = Path(out).expanduser()
-    if (out.exists() or out.is_symlink()) and not out.is_dir():  # a file, a device such as /dev/null, a dangling link
-        raise LocalGLMError(f"{out}: exists and is not a directory; refusing to replace it (give a directory path)")
+    refuse_odd_target(out)  # before the work (publish_dir checks again)
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise LocalGLMError(f"{out}: already exists (pass --overwrite to replace it)")
@@ -257,17 +257,19 @@ def make_tiny(out: str | Path, spec: TinySpecBase | None = None, *, overwrite: b
     return out
 
 
-# What make-tiny writes: --overwrite replaces a directory holding only these (an earlier make-tiny output).
-_TINY_FILES = re.compile(r"(config\.json|generation_config\.json|localglm_tiny_spec\.json|tokenizer(_config)?\.json|chat_template\.jinja"
-                         r"|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json)")
+# What make-tiny writes besides its weights: --overwrite replaces a directory holding only these (an earlier make-tiny output).
+_TINY_FILES = {"config.json", "generation_config.json", TINY_SPEC_FILE, "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
 
 
 def _check_replaceable(out: Path) -> None:
     """Refuse to replace a directory that is not an earlier make-tiny output (`make-tiny DIR --overwrite` deleted
     whatever DIR held, a user's notes and subdirectories included; found by a hostile-input sweep)."""
-    if not (out / "localglm_tiny_spec.json").is_file():
+    from .checkpoint.safetensors import INDEX_FILE_NAME, SHARD_NAME_RE, SINGLE_FILE_NAME  # imports torch: only here
+
+    if not (out / TINY_SPEC_FILE).is_file():
         raise LocalGLMError(f"{out}: exists and is not a make-tiny checkpoint; refusing to replace it (choose another path)")
-    foreign = sorted(p.name for p in out.iterdir() if p.is_dir() or not _TINY_FILES.fullmatch(p.name))
+    ours = _TINY_FILES | {INDEX_FILE_NAME, SINGLE_FILE_NAME}
+    foreign = sorted(p.name for p in out.iterdir() if p.is_dir() or not (p.name in ours or SHARD_NAME_RE.match(p.name)))
     if foreign:
         raise LocalGLMError(f"{out} also holds {', '.join(foreign[:3])}, which make-tiny did not write; refusing to replace it")
 
@@ -296,7 +298,7 @@ def _write_tiny(arch: Any, spec: TinySpecBase, tmp: Path) -> None:
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     gen = {"_from_model_config": True, "eos_token_id": cfg["eos_token_id"], "pad_token_id": cfg["pad_token_id"], "temperature": 0.6, "top_p": 0.95, "do_sample": True}
     (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    (tmp / "localglm_tiny_spec.json").write_text(json.dumps({"model_type": spec.model_type, **asdict(spec)}, indent=2) + "\n")
+    (tmp / TINY_SPEC_FILE).write_text(json.dumps({"model_type": spec.model_type, **asdict(spec)}, indent=2) + "\n")
     tensors = arch.tiny.tensors(spec)
     if spec.dtype == "fp8":
         tensors = fp8_layout(tensors)

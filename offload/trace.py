@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
+from localglm.checkpoint.writing import refuse_odd_target
 from localglm.errors import LocalGLMError
 
 if TYPE_CHECKING:
@@ -32,10 +33,9 @@ def check_trace_target(path: str | Path) -> Path:
     model/config.json` replaced the config, and a trace written over a memory-mapped shard killed the run with
     SIGBUS (found by a hostile-input sweep)."""
     path = Path(path)
-    if not (path.exists() or path.is_symlink()):
+    refuse_odd_target(path, "file")
+    if not path.exists():
         return path
-    if path.is_symlink() or not path.is_file():
-        raise LocalGLMError(f"{path}: exists and is not a file; refusing to write a trace over it")
     try:
         with path.open("rb") as f:
             first = f.readline(1 << 16)

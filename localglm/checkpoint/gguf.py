@@ -50,7 +50,7 @@ from .gguf_out_types import OUT_TYPES
 from .gguf_writer import GGUFStreamWriter, fits_type
 from .kinds import is_gguf_path  # noqa: F401  (re-exported: the loader and quantize ask here)
 from .source import MappedSource, SafetensorsSource, TensorInfo, check_expected_shape
-from .writing import writing
+from .writing import refuse_odd_target, writing
 
 # Pre-tokenizer names llama.cpp maps to GLM's split regex (LLAMA_VOCAB_PRE_TYPE_CHATGLM4).
 GLM_PRE_NAMES = ("glm4", "chatglm-bpe", "glm5")
@@ -275,10 +275,9 @@ def export_gguf(
                     raise CheckpointError(f"tensor {part} has shape {source.info(part).shape}, {g.parts[0]} has {first.shape}")
             writer.add_tensor(g.gguf, tuple(shape), tensor_type(g.gguf, tuple(shape), want), _row_chunks(source, g.parts, g.split))
         finals = writer.final_paths()
-        existing = [p for p in finals if p.exists() or p.is_symlink()]
-        odd = [p for p in existing if p.is_symlink() or not p.is_file()]
-        if odd:  # --overwrite replaces an earlier file, never a directory, a device or a link
-            raise LocalGLMError(f"{odd[0]}: exists and is not a regular file; refusing to replace it")
+        for p in finals:  # --overwrite replaces an earlier file, never a directory, a device or a link
+            refuse_odd_target(p, "file")
+        existing = [p for p in finals if p.exists()]
         if existing and not overwrite:
             raise LocalGLMError(f"{existing[0]}: already exists (pass --overwrite to replace it)")
         w = writer.meta

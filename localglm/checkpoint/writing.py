@@ -68,13 +68,21 @@ def open_modes(tmp: Path) -> None:
             p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
+def refuse_odd_target(out: Path, want: str = "directory") -> None:
+    """One line where `out` exists as something a writer of a `want` ("directory" or "file") must never replace: a
+    device node (as root, `make-tiny /dev/null` renamed the device aside and deleted it), a link, or the other kind."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if out.is_symlink() or not (out.is_dir() if want == "directory" else out.is_file()):
+        raise LocalGLMError(f"{out}: exists and is not a {'regular file' if want == 'file' else want}; refusing to replace it")
+
+
 def publish_dir(tmp: Path, out: Path) -> None:
     """Move the finished directory `tmp` to `out`, replacing an existing `out` (already checked to hold only
     what may be replaced): the old one is renamed aside first and removed last, so a failure in between
     leaves either the old or the new output in place, never neither. Only a directory is ever replaced: a
     file, a device node (/dev/null) or a link in its place is refused, whatever the caller checked."""
-    if (out.exists() or out.is_symlink()) and not out.is_dir():
-        raise LocalGLMError(f"{out}: exists and is not a directory; refusing to replace it")
+    refuse_odd_target(out)
     open_modes(tmp)
     if not out.exists():
         os.replace(tmp, out)
