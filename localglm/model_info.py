@@ -87,6 +87,8 @@ def parse_size(text: str | int | float | None, what: str = "size") -> int | None
         raise LocalGLMError(f"{what}: cannot read {text!r} as a size (use e.g. 24GiB, 512MiB or a byte count)")
     num, unit, i, b = float(m.group(1)), m.group(2).lower(), m.group(3), m.group(4)
     power = " kmgt".index(unit) if unit else 0
+    if power == 0 and not num.is_integer():  # "--gpu-mem 0.5" was 0 bytes: quietly a CPU-only plan
+        raise LocalGLMError(f"{what} {text}: bytes are counted whole; give a unit (e.g. {m.group(1)}GiB)")
     base = 1000 if (b and not i) else 1024
     return int(num * base**power)
 

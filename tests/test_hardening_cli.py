@@ -250,8 +250,8 @@ def test_threads_are_capped_at_the_cores(tiny_dir: Path, tmp_path: Path, monkeyp
         (["make-tiny", "{tmp}/m", "--num-hidden-layers", "0"], "num_hidden_layers"),
         (["plan", "{tiny}", "--experts", "7", "--gpu-mem", "0", "--cpu-mem", "1GiB"], "--experts"),
         (["generate", "{tiny}", "-p", "x", "-n", "1", "-q", "--router", "4"], "--router 4"),  # named "router:", not the flag
-        (["plan", "{tiny}", "--gpu-mem", "0.5", "--cpu-mem", "1GiB"], "--gpu-mem 0.5: 0 bytes"),  # was quietly CPU-only
-        (["plan", "{tiny}", "--gpu-mem", "0", "--cpu-mem", "512K"], "--cpu-mem 512K"),
+        (["plan", "{tiny}", "--gpu-mem", "0.5", "--cpu-mem", "1GiB"], "--gpu-mem 0.5: bytes are counted whole"),  # was quietly CPU-only
+        (["generate", "{tiny}", "-p", "x", "-n", "1", "-q", "--offload", "sim", "--gpu-mem", "1.5"], "--gpu-mem 1.5: bytes"),
         (["plan", "{tiny}", "--ctx", "0", "--gpu-mem", "0", "--cpu-mem", "1GiB"], "--ctx"),
         (["generate", "{tiny}", "-p", "x", "-n", "1", "-q", "--offload", "sim"], "--gpu-mem"),
         (["generate", "{tiny}", "-p", "x", "-n", "1", "-q", "--offload", "sim", "--gpu-mem", "lots"], "--gpu-mem"),

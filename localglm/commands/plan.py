@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -29,13 +28,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from offload.cost_model import Bandwidths, measure_bandwidths
     from offload.planner import DENSE_CLASSES, plan_with_mtp
 
-    from ..model_info import check_ctx, default_ctx, parse_size, read_checkpoint
+    from ..model_info import check_ctx, default_ctx, read_checkpoint
 
-    for flag, text in (("--gpu-mem", args.gpu_mem), ("--cpu-mem", args.cpu_mem)):
-        size = parse_size(text, flag)
-        zero = re.fullmatch(r"0*\.?0*\s*[a-zA-Z]*", str(text).strip()) is not None  # "0", "0GiB": CPU-only, meant
-        if size is not None and size < 1 << 20 and not zero:  # "--gpu-mem 0.5" was 0.5 bytes, quietly a CPU-only plan
-            raise LocalGLMError(f"{flag} {text}: {size} bytes, under 1 MiB; give a unit (e.g. 24GiB)" + (", or 0 for CPU-only" if flag == "--gpu-mem" else ""))
     info = read_checkpoint(args.model)
     cfg = info.config
     ctx = args.ctx if args.ctx is not None else default_ctx(cfg)  # what generate, chat and serve would use
