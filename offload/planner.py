@@ -283,7 +283,7 @@ def make_plan(
     gpu = parse_size(gpu_mem, "--gpu-mem")
     cpu = parse_size(cpu_mem, "--cpu-mem")
     gpu = default_gpu_mem() if gpu is None else gpu
-    cpu_defaulted = cpu is None
+    cpu_given = cpu is not None  # a refusal says what the default was, since nobody typed it
     cpu = default_cpu_mem() if cpu is None else cpu
     if gpu < 0 or cpu < 0:
         raise LocalGLMError("memory budgets must not be negative")
@@ -306,7 +306,7 @@ def make_plan(
         fits: list[Plan] = []
         for kv_in_ram in places:
             try:
-                fits.append(_plan(cfg, gpu, cpu, ctx, experts, bandwidths or Bandwidths(), dense_bits, float_bits, model, kv_in_ram, mtp))
+                fits.append(_plan(cfg, gpu, cpu, ctx, experts, bandwidths or Bandwidths(), dense_bits, float_bits, model, kv_in_ram, mtp, cpu_given))
             except BudgetTooSmall as exc:
                 error = exc
         if not fits:
@@ -316,9 +316,6 @@ def make_plan(
         plan.picked = list(free)
         return plan
     assert error is not None
-    if cpu_defaulted and str(error).startswith("--cpu-mem "):  # name what the budget was, since nobody typed it
-        said = str(error).replace("--cpu-mem ", "--cpu-mem (not given: the available RAM less 4 GiB, now ", 1).replace(" is too small", ") is too small", 1)
-        raise BudgetTooSmall(f"{said}; free some memory or pass --cpu-mem SIZE") from None
     raise error
 
 
@@ -326,6 +323,7 @@ def _plan(
     cfg: ModelConfig, gpu: int, cpu: int, ctx: int, experts: float, bw: Bandwidths, dense_bits: dict[str, float], float_bits: float, model: str,
     kv_in_ram: bool = False,
     mtp: MtpPlacement | None = None,
+    cpu_given: bool = True,
 ) -> Plan:
     c = count_params(cfg)
     h, inter = cfg.hidden_size, cfg.moe_intermediate_size
@@ -421,8 +419,9 @@ def _plan(
     if cpu < min_cpu:
         what = ("staging buffers" + (" and the KV cache's latent rows" if kv_host else "")) if gpu > 0 else "always-used weights + KV cache + workspace + one token's experts"
         raise BudgetTooSmall(
-            f"--cpu-mem {human_bytes(cpu)} is too small: needs at least {human_bytes(min_cpu, up=True)} ({what}); "
-            f"the rest of the experts can stay memory-mapped on disk"
+            (f"--cpu-mem {human_bytes(cpu)}" if cpu_given else f"--cpu-mem (not given: the available RAM less 4 GiB, now {human_bytes(cpu)})")
+            + f" is too small: needs at least {human_bytes(min_cpu, up=True)} ({what}); "
+            f"the rest of the experts can stay memory-mapped on disk" + ("" if cpu_given else "; free some memory or pass --cpu-mem SIZE")
         )
     # Host RAM takes the hottest experts that fit, the main model's first, each at its own size (the MTP block's are
     # wider at 8 bits: counted at the main size, a plan "fitting" all of them went past --cpu-mem).
