@@ -162,6 +162,9 @@ def load(
             mmap = offload.offloaded or source.expert_bytes() > _available_ram()
     else:
         source = ckpt.source() if ckpt else SafetensorsSource(root, quantization_config=config.quantization_config)
+    if recipe is not None and not quantized_dir:  # a choice this checkpoint has nothing for: said, not refused
+        for why in recipe.unmatched(source.names(), arch.schema.classifier(config.num_hidden_layers)):
+            warnings.warn(f"{root}: {why}", stacklevel=2)
     if ckpt is not None and recipe is None:  # K-quant experts that RAM cannot hold as floats: re-quantize them
         auto = gguf_expert_recipe(source, config, dt, _available_ram())
         if auto is not None:

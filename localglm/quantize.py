@@ -322,6 +322,8 @@ def quantize_checkpoint(
         from .loader import check_tensors
 
         check_tensors(ModelConfig.from_dict(inp.config, source=str(src)), inp.source)  # what loading OUT would need
+        for why in recipe.unmatched(inp.names, inp.classify):
+            warnings.warn(f"{src}: {why}", stacklevel=2)
         return _quantize(inp, src, out, recipe, t0, max_shard_bytes, progress, report, pool)
 
 

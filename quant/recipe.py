@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .spec import QuantError, QuantSpec
@@ -106,6 +106,8 @@ class LayerOverride:
 class Recipe:
     bits: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_BITS))
     overrides: list[LayerOverride] = field(default_factory=list)
+    # the classes whose bits were chosen by name (from_options), for `unmatched`; not saved
+    chosen: frozenset[str] = field(default=frozenset(), compare=False)
 
     def __post_init__(self) -> None:
         for cls, b in list(self.bits.items()):
@@ -121,7 +123,7 @@ class Recipe:
             if v is not None:
                 chosen[check_class(k)] = check_bits(k, v)
         ovs = [o for text in overrides or [] for o in LayerOverride.parse(text)]
-        return cls(chosen, ovs)
+        return cls(chosen, ovs, frozenset(chosen))
 
     def bits_for(self, cls: str | None, layer: int | None) -> int:
         """Bits for a tensor of `cls` in `layer` (KEEP when cls is None)."""
@@ -133,6 +135,26 @@ class Recipe:
                 if o.cls == cls and o.first <= layer <= o.last:
                     b = o.bits
         return b
+
+    def unmatched(self, names: Iterable[str], classify: Classifier) -> list[str]:
+        """The choices that change no tensor among `names`: a class chosen by name that the checkpoint lacks
+        (--indexer on a model without DSA, --mtp on one without an MTP layer) or an override whose layers hold
+        no tensor of its class. One recipe may serve several models, so the caller warns rather than refuses."""
+        layers: dict[str, set[int]] = {}
+        for name in names:
+            cls, layer = classify(name)
+            if cls is not None:
+                layers.setdefault(cls, set()).update([] if layer is None else [layer])
+        out = [f"{cls}={self.bits[cls]}: this checkpoint has no {cls} tensors" for cls in sorted(self.chosen) if cls not in layers]
+        for o in self.overrides:
+            held = layers.get(o.cls, set())
+            if not any(o.first <= i <= o.last for i in held):
+                where = (
+                    f"its {o.cls} tensors are in layers {min(held)}-{max(held)}" if held
+                    else f"its {o.cls} tensors belong to no layer" if o.cls in layers else f"it has no {o.cls} tensors"
+                )  # fmt: skip
+                out.append(f"layer override {o}: no {o.cls} tensor lies in layers {o.first}-{o.last} ({where})")
+        return out
 
     def spec_for(self, name: str, classify: Classifier) -> QuantSpec | None:
         cls, layer = classify(name)

@@ -58,6 +58,18 @@ def test_overwrite_replaces_a_previous_output(tiny_dir: Path, tmp_path: Path) ->
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no partial or old directory left
 
 
+def test_a_recipe_choice_that_changes_nothing_is_a_one_line_warning(tiny_dir: Path, tmp_path: Path) -> None:
+    """--indexer on a model without DSA, or an override past the last layer, quantizes as asked and says so
+    (a recipe may be reused across models; silence would let a typo in --layers go unnoticed)."""
+    o = run_cli("quantize", tiny_dir, tmp_path / "q", "--indexer", "8", "--layers", "40-50:experts=8", "--experts", "4", "-q")
+    assert o.kind == "ok", o.why()
+    warned = [line for line in o.err.splitlines() if line.startswith("localglm: warning:")]
+    assert len(warned) == 2 and "no indexer tensors" in warned[0] and "40-50:experts=8" in warned[1], o.err
+    assert "experts=4" not in o.err  # a choice that matched stays quiet
+    o = run_cli("generate", tiny_dir, "--indexer", "8", "-p", "hi", "-n", "1")
+    assert o.kind == "ok" and "no indexer tensors" in o.err, o.why()
+
+
 def test_quantize_refuses_out_inside_src(tiny_dir: Path, tmp_path: Path) -> None:
     """`quantize SRC SRC/q` wrote a model directory into the source (which gained a folder nobody asked for,
     and a later run over SRC could take OUT's shards for its own): refused before anything is written.

@@ -256,6 +256,22 @@ def test_recipe_overrides_and_json() -> None:
     assert Recipe.from_json(r.to_json()).to_json() == r.to_json()
 
 
+def test_recipe_names_the_choices_no_tensor_takes() -> None:
+    def classify(name: str) -> tuple[str | None, int | None]:
+        cls, _, layer = name.partition(".")
+        return (None if cls == "norm" else cls), (int(layer) if layer else None)
+
+    names = ["embed", "norm.0", "attn.0", "attn.1", "experts.1", "experts.2", "mtp.3"]
+    r = Recipe.from_options({"experts": 2, "attn": 8, "indexer": 8}, ["1-2:experts=4", "5-9:experts=8", "0:embed=4", "0:shared=8"])
+    got = r.unmatched(names, classify)
+    assert len(got) == 4, got
+    assert "indexer" in got[0] and "5-9:experts=8" in got[1] and "layers 1-2" in got[1]
+    assert "belong to no layer" in got[2] and "no shared tensors" in got[3]
+    assert Recipe().unmatched(names, classify) == []
+    # a saved recipe writes every class out: only its overrides can miss
+    assert [m for m in Recipe.from_json(r.to_json()).unmatched(names, classify) if "override" not in m] == []
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("bits", [2, 4, 8])

@@ -31,6 +31,8 @@ q4 / q2 = 4 / 2-bit codes, groups of 32, least-squares fitted scale + offset, 8-
 defaults: --experts 4 --shared 8 --dense 8 --attn 8 --embed 8 --lm-head 8 --router 16 --indexer 16;
 --experts 2 also makes --attn 4 unless --attn is given.
 --layers FIRST-LAST:CLASS=BITS[,CLASS=BITS] overrides a layer range (repeatable), e.g. --layers 0-2:experts=8.
+A class flag or --layers range that matches no tensor of SRC (--indexer on a model without DSA) is
+quantized as asked and named in a warning.
 """
 
 def register(sub: Any) -> None:
