@@ -169,7 +169,7 @@ def quantizer_stamp(name: str) -> str:
     import quant
 
     pkg = Path(localglm.__file__).parent
-    files = [*sorted(Path(quant.__file__).parent.rglob("*.py")), pkg / "quantize.py", pkg / "quantized_source.py", pkg / "commands" / "quantize.py"]
+    files = [*sorted(Path(quant.__file__).parent.rglob("*.py")), *sorted((pkg / "checkpoint").glob("*.py")), pkg / "quantize.py", pkg / "commands" / "quantize.py"]
     return code_stamp(" ".join(OURS[name]), *files)
 
 
