@@ -120,6 +120,10 @@ def load(
         raise LocalGLMError(f"load: give options= or keyword options ({', '.join(sorted(kwargs))}), not both")
     opts = options or LoadOptions.from_kwargs(**kwargs)
     recipe, offload, mmap = opts.quant.recipe, opts.offload, opts.mmap
+    if offload.trace is not None:
+        from offload.trace import check_trace_target
+
+        check_trace_target(offload.trace)  # before anything loads
     root = Path(path).expanduser()
     if not root.exists():
         raise LocalGLMError(f"{root}: no such file or directory")

@@ -32,6 +32,8 @@ def arch_of(cfg: ModelConfig) -> Arch:
 # Bits per weight of whole formats, scales included: bf16; fp8 with one fp32 scale per 128x128 block;
 # llama.cpp's Q8_0 (8.5) and Q4_K/Q2_K-class formats; localglm's q8/q4/q2 are within 0.1 bit of these.
 PRECISIONS: dict[str, float] = {"bf16": 16.0, "fp8": 8.0 + 32 / (128 * 128), "8-bit": 8.5, "4-bit": 4.5, "2-bit": 2.625}
+# The recipe classes of the always-used weights (those a plan keeps on the device, at a precision it may choose).
+DENSE_CLASSES = ("attn", "shared", "dense", "embed", "lm_head")
 # The context `generate`, `chat`, `serve` and `plan` use when --ctx is not given: this, or the model's maximum if smaller.
 DEFAULT_CTX = 4096
 
@@ -170,8 +172,6 @@ def read_checkpoint(path: str | Path) -> CheckpointInfo:
 
 
 def _quantized_info(root: Path) -> CheckpointInfo:
-    from offload.planner import DENSE_CLASSES
-
     from .checkpoint.quantized_dir import QuantizedSource
 
     cfg = ModelConfig.from_file(root)
@@ -215,8 +215,6 @@ def _gguf_held_class_bits(files: Any, cfg: ModelConfig) -> dict[str, float]:
     to the compute dtype (F16/BF16/F32, Q8_0 without a recipe, other types, tensors joined from parts
     such as MLA's kv_b) are left out: the planner prices those as floats or at the precision it chooses.
     Mirrors checkpoint/gguf.py's GGUFSource name mapping, from the header alone."""
-    from offload.planner import DENSE_CLASSES
-
     arch = arch_of(cfg)
     n_layers = cfg.num_hidden_layers
     n_blocks = n_layers + cfg.num_nextn_predict_layers

@@ -21,6 +21,7 @@ CACHE_POLICIES = ("lru", "lfu", "stat")
 MAX_DRAFT = 16  # drafted tokens a step (--draft's ceiling)
 MISS_MODES = ("cost", "copy", "cpu")
 OFFLOAD_KINDS = ("sim", "cuda")
+KV_PLACES = ("auto", "gpu", "ram")  # the KV cache's place when offloading (--kv)
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class OffloadOptions:
     def from_kwargs(cls, kw: dict[str, Any]) -> OffloadOptions:
         """Pops the offloading keywords from kw: offload, gpu_mem, cpu_mem, cache_policy, cache_slots,
         prefetch, prefetch_extra, stats_path, miss, bandwidths, trace, kv."""
-        from offload.planner import KV_PLACES, parse_size
+        from .model_info import parse_size
 
         kind = kw.pop("offload", None)
         if kind not in (None, *OFFLOAD_KINDS):
@@ -91,10 +92,6 @@ class OffloadOptions:
             raise LocalGLMError(f"offload miss mode {miss!r}: use one of {', '.join(MISS_MODES)}")
         slots = kw.pop("cache_slots", None)
         stats, trace = kw.pop("stats_path", None), kw.pop("trace", None)
-        if trace:
-            from offload.trace import check_trace_target
-
-            check_trace_target(trace)  # before anything loads
         kv = kw.pop("kv", None) or "auto"
         if kv not in KV_PLACES:
             raise LocalGLMError(f"kv={kv!r}: use one of {', '.join(KV_PLACES)}")

@@ -24,17 +24,16 @@ from pathlib import Path
 
 from localglm.config import ModelConfig
 from localglm.errors import LocalGLMError
-from localglm.model_info import count_params, hostable_kv, human_bytes, kv_cache_bytes, parse_size
+from localglm.model_info import DENSE_CLASSES, count_params, hostable_kv, human_bytes, kv_cache_bytes, parse_size
+from localglm.options import KV_PLACES
 
 from .cost_model import Bandwidths, CostModel
 
-# The recipe classes of the always-used weights, and the levels the planner tries for them, most precise first.
-DENSE_CLASSES = ("attn", "shared", "dense", "embed", "lm_head")
+# The levels the planner tries for the always-used weights (model_info.DENSE_CLASSES), most precise first.
 DENSE_LEVELS = (16, 8, 4)
 GPU_MARGIN = 512 << 20  # left free for the CUDA context and allocator slack by the defaults
 CPU_MARGIN = 4 << 30
 PREFILL_CHUNK = 512
-KV_PLACES = ("auto", "gpu", "ram")
 # Hit rate of the device cache holding a fraction f of all experts, demand paging. Measured with
 # `localglm simulate` on traces of a trained tiny model (benchmarks/bench_offload.py): routing that
 # the load-balancing bias keeps even gives about f (LFU/stat policies; Belady reaches ~3x at 10%).
