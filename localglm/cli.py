@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .commands.flags import add_engine_options, add_model_run_options, add_sampling_options, device_for, load_options, sampling_overrides, set_threads
+from .commands.flags import MODEL_OR_DEFAULT_HELP, add_engine_options, add_model_run_options, add_sampling_options, device_for, load_options, sampling_overrides, set_threads
 from .commands.progress import progress
 from .errors import LocalGLMError
 
@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     g = sub.add_parser("generate", help="generate text from a prompt", description="Stream a completion (or, with --chat, a chat reply) and print one stats line.")
-    g.add_argument("model", nargs="?", default=None, help="model directory (Hugging Face layout: config.json, *.safetensors, tokenizer.json); default: the packaged default model")
+    g.add_argument("model", nargs="?", default=None, help=MODEL_OR_DEFAULT_HELP)
     g.add_argument("text", nargs="?", default=None, metavar="PROMPT", help="prompt text after MODEL (as ollama run takes it), or - to read stdin; or give it with -p")
     g.add_argument("-p", "--prompt", default=None, help="prompt text, or - to read it from stdin")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the model's chat template")

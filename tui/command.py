@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from localglm.cli import add_engine_options, add_sampling_options, device_for, load_options, sampling_overrides
-from localglm.commands.flags import add_cache_disk_options, add_cache_ram_option, cache_disk_flags, cache_ram_flag
+from localglm.commands.flags import MODEL_OR_DEFAULT_HELP, add_cache_disk_options, add_cache_ram_option, cache_disk_flags, cache_ram_flag
 from localglm.errors import LocalGLMError
 
 DESCRIPTION = """\
@@ -34,7 +34,7 @@ def register(sub: Any) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", nargs="?", default=None, help="model directory (default: the packaged default model)")
+    p.add_argument("model", nargs="?", default=None, help=MODEL_OR_DEFAULT_HELP)
     p.add_argument("--system", default="", metavar="TEXT", help="system prompt for new chats (edit it in the app with Ctrl+S)")
     p.add_argument("--no-think", action="store_true", help="start with the model's thinking turned off (Ctrl+T toggles it)")
     p.add_argument("--keep-thinking", action="store_true",

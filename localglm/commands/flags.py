@@ -16,6 +16,10 @@ from typing import Any
 from ..errors import LocalGLMError
 from ..model_info import parse_size
 
+# What a command that runs a model takes as MODEL: every format the loader reads.
+MODEL_HELP = "a Hugging Face model directory, a localglm quantized directory, or a .gguf file (of a split set: any part)"
+MODEL_OR_DEFAULT_HELP = MODEL_HELP + "; default: the packaged default model"
+
 CLASS_FLAGS = (
     ("experts", "routed experts"),
     ("shared", "shared experts"),

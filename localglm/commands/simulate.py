@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LocalGLMError
+from .flags import MODEL_HELP
 
 DEFAULT_FRACTIONS = "0.1,0.2,0.3,0.4,0.5"
 
@@ -143,7 +144,7 @@ def register(sub: Any) -> None:
     s.set_defaults(func=cmd_simulate)
 
     r = sub.add_parser("record-trace", help="generate and record every MoE layer's routing to a trace file")
-    r.add_argument("model", help="model directory")
+    r.add_argument("model", help=MODEL_HELP)
     r.add_argument("-o", "--out", required=True, help="trace file to write (.jsonl)")
     r.add_argument("-p", "--prompt", default=None, help="prompt text")
     r.add_argument("--prompt-file", default=None, help="read the prompt from a file")

@@ -18,7 +18,7 @@ API_KEY_ENV = "LOCALGLM_API_KEY"
 
 def register(sub: Any) -> None:
     from ..cli import add_model_run_options
-    from ..commands.flags import add_cache_disk_options, add_cache_ram_option
+    from ..commands.flags import MODEL_OR_DEFAULT_HELP, add_cache_disk_options, add_cache_ram_option
 
     p = sub.add_parser(
         "serve",
@@ -33,7 +33,7 @@ def register(sub: Any) -> None:
             "--cache-dir they are also kept on disk, across restarts."
         ),
     )
-    p.add_argument("model", nargs="?", default=None, help="model directory (default: the packaged default model)")
+    p.add_argument("model", nargs="?", default=None, help=MODEL_OR_DEFAULT_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
     p.add_argument(
