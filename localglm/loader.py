@@ -476,7 +476,8 @@ def _planned_recipe(
     if recipe is None and all(plan.dense_bits[c] == KEEP for c in DENSE_CLASSES):
         return None, plan.dense_bits, mtp
     if plan.chosen:
-        warnings.warn(f"offloading: always-used weights at {precision_note(plan.dense_bits, plan.chosen)}", stacklevel=3)
+        lowered = f"; the MTP block takes the room: --no-mtp gives {plan.mtp_lowered}" if plan.mtp_lowered else ""
+        warnings.warn(f"offloading: always-used weights at {precision_note(plan.dense_bits, plan.chosen)}{lowered}", stacklevel=3)
     base = recipe.bits if recipe is not None else {"experts": KEEP}
     return Recipe(dict(base) | plan.dense_bits, list(recipe.overrides) if recipe is not None else []), plan.dense_bits, mtp
 

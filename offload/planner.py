@@ -125,6 +125,7 @@ class Plan:
     mtp_cache_slots: int = 0  # expert-cache slots of its own size (0 where they are the main experts' size: in cache_slots)
     slot_bytes: int = 0  # GPU bytes of one expert-cache slot: the blob and the CUDA kernels' copy of it
     mtp_left_out: str = ""  # why a block speculation would have used by default was left out of this plan
+    mtp_lowered: str = ""  # with --mtp: the always-used weights' precision without the block, where placing it lowered it
     expert_ram_bytes: int = 0  # host RAM for routed experts (the hottest that fit go there, the rest stay mapped)
 
     @property
@@ -170,6 +171,8 @@ class Plan:
             )
         if self.mtp_left_out:
             rows.append(f"MTP block left out (no speculative drafts): {self.mtp_left_out}")
+        if self.mtp_lowered:
+            rows.append(f"the MTP block takes the room of more precise always-used weights: --no-mtp gives {self.mtp_lowered}")
         b = self.bandwidths
         rows.append(
             f"predicted: decode {self.decode_tok_s:.1f} tok/s, prefill {self.prefill_tok_s:.0f} tok/s "
@@ -220,11 +223,16 @@ def cuda_copy_bytes(bits: int | float, shapes: list[tuple[int, int]], float_bits
     return sum(cuda_prepared_nbytes(spec, shape, max(1, int(float_bits) // 8)) for shape in shapes)
 
 
+def bits_list(bits: dict[str, float]) -> str:
+    """'attn q8, shared bf16, ...': each class's format, or its bits per weight where no format has them."""
+    name = {16: "bf16", 8: "q8", 4: "q4", 2: "q2"}
+    return ", ".join(f"{c} {name.get(b, b) if float(b).is_integer() else f'{b:.2f} bits/weight'}" for c, b in bits.items())
+
+
 def precision_note(bits: dict[str, float], chosen: list[str], picked: list[str] | None = None) -> str:
     """'attn q8, shared q8, ... (chosen to fit; --attn etc. override)' for a plan's table. `picked`: the classes
     the planner set (left in float where that fits: "(as given)" there was wrong, nobody had given them)."""
-    name = {16: "bf16", 8: "q8", 4: "q4", 2: "q2"}
-    parts = ", ".join(f"{c} {name.get(b, b) if float(b).is_integer() else f'{b:.2f} bits/weight'}" for c, b in bits.items())
+    parts = bits_list(bits)
     if not chosen and picked:
         return parts + f" (the planner's: float fits; --{' --'.join(c.replace('_', '-') for c in picked)} override)"
     if not chosen:
@@ -241,8 +249,17 @@ def plan_with_mtp(cfg: ModelConfig, *args: object, mtp: MtpPlacement | None, req
     plan fails with what it needs. By default (speculation on where the checkpoint has the block) it is
     placed only where it fits beside the model with the always-used weights at the precision they would
     have without it; else the plan leaves it out and says why (`Plan.mtp_left_out`)."""
-    if mtp is None or required:
-        return make_plan(cfg, *args, mtp=mtp, **kw)  # type: ignore[arg-type]
+    if mtp is None:
+        return make_plan(cfg, *args, **kw)  # type: ignore[arg-type]
+    if required:
+        plan = make_plan(cfg, *args, mtp=mtp, **kw)  # type: ignore[arg-type]
+        try:
+            without = make_plan(cfg, *args, **kw)  # type: ignore[arg-type]
+        except BudgetTooSmall:
+            return plan
+        if plan.dense_bits != without.dense_bits:  # greedy output then differs from --no-mtp's: say why
+            plan.mtp_lowered = bits_list(without.dense_bits)
+        return plan
     without = make_plan(cfg, *args, **kw)  # type: ignore[arg-type]
     try:
         plan = make_plan(cfg, *args, mtp=mtp, **kw)  # type: ignore[arg-type]

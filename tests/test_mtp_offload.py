@@ -199,6 +199,11 @@ def test_plan_refuses_a_block_that_does_not_fit() -> None:
     need16 = parse_size(re.search(r"needs at least ([0-9.]+ \w+)", str(info.value)).group(1).replace(" ", ""))
     loose = plan_with_mtp(cfg, need16 + (200 << 20), "128GiB", experts=4, mtp=place, required=False)
     assert loose.mtp_layer is None and "lower precision" in loose.mtp_left_out
+    # asked for (--mtp) it is placed there, and the plan says what --no-mtp would keep (greedy output differs)
+    asked = plan_with_mtp(cfg, need16 + (200 << 20), "128GiB", experts=4, mtp=place, required=True)
+    assert asked.mtp_layer == 46 and asked.mtp_lowered.startswith("attn bf16") and "--no-mtp gives attn bf16" in asked.table()
+    roomy = plan_with_mtp(cfg, "80GiB", "128GiB", experts=4, mtp=place, required=True)
+    assert roomy.mtp_layer == 46 and roomy.mtp_lowered == ""
 
 
 def test_plan_cli_mtp(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
