@@ -560,6 +560,39 @@ def test_nan_and_infinity_are_named_in_the_error(env: Env) -> None:
             _assert_400(r, f"{field_}: expected a number, {described}", field_)
 
 
+def test_nan_anywhere_in_a_body_is_400_naming_it(env: Env) -> None:
+    """Before: Responses' metadata {"a": NaN} was a 500 ("Out of range float values are not JSON compliant")
+    when echoed back, a bare NaN in its stream's events, and a stored response that failed every GET."""
+    with httpx.Client(base_url=env.url, timeout=30) as client:
+        for literal in ("NaN", "Infinity", "1e400"):
+            r = client.post("/v1/responses", **raw_json('{"input": "hi", "max_output_tokens": 2, "metadata": {"a": %s}}' % literal))
+            _assert_400(r, "metadata.a: expected a number, got", "metadata.a")
+        call = {"function": {"name": "f", "arguments": '{"n": [1, NaN]}'}}
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "assistant", "content": "", "tool_calls": [call]}]})
+        _assert_400(r, "arguments at n[1]: NaN is not a JSON number", "messages[0].tool_calls[0].function.arguments")
+        assert client.post("/v1/responses", json={"input": "hi", "max_output_tokens": 2, "metadata": {"a": "1.5"}}).status_code == 200
+
+
+@pytest.mark.parametrize("required", [True, 3, "a", ["a", []], [{"x": 1}]])
+def test_a_tool_schema_whose_required_is_not_names_is_400(env: Env, required: Any) -> None:
+    """Before: 500 "'bool' object is not iterable" from the tool-call grammar on every API that takes tools
+    (and "required": "a" was read as the set of its letters)."""
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": required}
+    cases = (
+        ("/v1/chat/completions", {"messages": user("hi"), "tools": [{"type": "function", "function": {"name": "f", "parameters": schema}}]},
+         "tools[0].function.parameters.required"),
+        ("/v1/messages", {"messages": user("hi"), "tools": [{"name": "f", "input_schema": schema}]}, "tools[0].input_schema.required"),
+        ("/v1/responses", {"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": schema}]}, "tools[0].parameters.required"),
+        ("/api/chat", {"model": "m", "messages": user("hi"), "tools": [{"type": "function", "function": {"name": "f", "parameters": schema}}]},
+         "tools[0].function.parameters.required"),
+    )  # fmt: skip
+    with httpx.Client(base_url=env.url, timeout=30) as client:
+        for path, body, param in cases:
+            r = client.post(path, json={**body, "max_tokens": 2})
+            assert r.status_code == 400, (path, r.text)
+            assert param in r.text, (path, r.text)
+
+
 def test_integer_literal_past_pythons_digit_limit_is_400(env: Env) -> None:
     """Before: 500 "Exceeds the limit (4300 digits) for integer string conversion" (int() refuses longer literals)."""
     huge = "1" + "0" * 5000

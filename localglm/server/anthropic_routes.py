@@ -45,7 +45,7 @@ from .chat import (
 from .errors import bad_request
 from .sse import EventStreamResponse, sse_event
 from .state import ServerState
-from .validation import expect, field, join
+from .validation import expect, field, join, tool_schema
 from .worker import Job
 
 STOP_REASONS = {"stop": "end_turn", "tool_calls": "tool_use", "length": "max_tokens", "stop_sequence": "stop_sequence"}
@@ -169,7 +169,7 @@ def parse_tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
         description = field(tool, "description", "string", path=path)
         if description is not None:
             fn["description"] = description
-        fn["parameters"] = field(tool, "input_schema", "object", path=path, default={"type": "object", "properties": {}})
+        fn["parameters"] = tool_schema(tool, "input_schema", path, default={"type": "object", "properties": {}})
         out.append({"type": "function", "function": fn})
     return out or None
 

@@ -31,7 +31,7 @@ from .chat import Finish, GenRequest, Reply, content_text, custom_input, custom_
 from .errors import APIError, bad_request
 from .sse import EventStreamResponse, sse_data
 from .state import ServerState
-from .validation import call_arguments, describe, expect, field, join, string_or_list
+from .validation import call_arguments, describe, expect, field, join, string_or_list, tool_schema
 from .worker import Job
 
 FINGERPRINT = "localglm"
@@ -131,7 +131,7 @@ def parse_tools(body: dict[str, Any], custom: dict[str, InputGrammar | None] | N
         if not field(fn, "name", "string", path=fpath, required=True):
             raise bad_request(f"{fpath}.name: must not be empty", f"{fpath}.name")
         field(fn, "description", "string", path=fpath)
-        field(fn, "parameters", "object", path=fpath)
+        tool_schema(fn, "parameters", fpath)
         out.append(tool)
     return out
 

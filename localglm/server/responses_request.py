@@ -22,7 +22,7 @@ from ..grammar import CUSTOM_INPUT, InputGrammar
 from ..grammar.budget import EFFORT_BUDGETS
 from .chat import IMAGE_PLACEHOLDER, GenRequest, checked_format, content_text, custom_tool
 from .errors import bad_request
-from .validation import call_arguments, describe, expect, field, join
+from .validation import call_arguments, describe, expect, field, join, tool_schema
 
 ENDPOINT = "/v1/responses"
 HOSTED_TOOLS = frozenset({
@@ -201,7 +201,7 @@ def parse_tools(body: dict[str, Any]) -> Tools:
         fn: dict[str, Any] = {"name": name}
         if description is not None:
             fn["description"] = description
-        fn["parameters"] = field(tool, "parameters", "object", path=path, default={"type": "object", "properties": {}})
+        fn["parameters"] = tool_schema(tool, "parameters", path, default={"type": "object", "properties": {}})
         out.append({"type": "function", "function": fn})
     return Tools(out or None, frozenset(custom), formats)
 

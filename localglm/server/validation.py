@@ -121,6 +121,19 @@ def string_or_list(obj: Mapping[str, Any], key: str, *, path: str = "") -> list[
     raise bad_request(f"{where}: expected a string or an array of strings, got {describe(value)}", where)
 
 
+def tool_schema(tool: Mapping[str, Any], key: str, path: str, default: Any = None) -> Any:
+    """A tool's parameter schema (`parameters`, Anthropic's `input_schema`): an object whose `properties`, if
+    any, is an object and whose `required`, if any, is an array of strings. The tool-call grammar reads both
+    (a `required: true` was a 500); deeper levels are JSON Schema the grammar compiler checks itself."""
+    schema = field(tool, key, "object", path=path, default=default)
+    if schema is not None:
+        where = join(path, key)
+        field(schema, "properties", "object", path=where)
+        for i, name in enumerate(field(schema, "required", "array", path=where) or []):
+            expect(name, "string", join(join(where, "required"), i))
+    return schema
+
+
 def call_arguments(value: Any, path: str) -> dict[str, Any]:
     """A tool call's `arguments` as the model's template reads them: JSON text of an object (OpenAI's
     spelling; empty or absent is {}), or the object itself; anything else is a 400 naming `path`."""
@@ -155,6 +168,23 @@ def nesting_depth(value: Any) -> int:
     return depth
 
 
+def non_finite(value: Any) -> tuple[str, float] | None:
+    """The path and value of a NaN or infinity in parsed JSON, if any (found without recursing).
+
+    Python's parser reads NaN, Infinity and 1e400, which JSON has no values for; a reply that echoes one
+    back (Responses' metadata) then cannot be written as JSON (a 500)."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            return path, v
+        if isinstance(v, dict):
+            stack.extend((join(path, str(k)), c) for k, c in v.items())
+        elif isinstance(v, list):
+            stack.extend((join(path, i), c) for i, c in enumerate(v))
+    return None
+
+
 def load_json(text: str | bytes, where: str, param: str | None = None) -> Any:
     """The JSON value of `text` (the request body, or a field holding JSON text), nested at most
     MAX_NESTING levels; a 400 saying what is wrong with `where` otherwise, never the parser's own
@@ -171,4 +201,11 @@ def load_json(text: str | bytes, where: str, param: str | None = None) -> Any:
         raise bad_request(f"{where} is nested too deeply", param) from None
     if nesting_depth(value) > MAX_NESTING:
         raise bad_request(f"{where} is nested too deeply (more than {MAX_NESTING} levels of arrays and objects)", param)
+    bad = non_finite(value)
+    if bad is not None:
+        inner, number = bad
+        what = "NaN" if number != number else "an infinite number"
+        if param is None and inner:  # the body: name the field itself
+            raise bad_request(f"{inner}: expected a number, got {what} (JSON has no NaN or infinity)", inner)
+        raise bad_request(f"{where}{' at ' + inner if inner else ''}: {what} is not a JSON number", param)
     return value
