@@ -529,3 +529,28 @@ def test_closure_refuses_a_token_that_opens_more_than_the_tokens_left_close(mode
     assert 2 * short + 8 < left  # not yet in the forced-closing steps
     assert allowed(left) == (False, True)
     assert allowed(after_comma + 3) == (True, True)
+
+
+def test_free_text_beside_tools_runs_to_the_limit(model: Model) -> None:
+    """Before: with tools offered, plain text (where the reply may end at any token) was ended ~8 tokens
+    before max_tokens by the closing policy and reported as a natural stop, hiding the truncation from agents.
+    Now it runs on (finish "length"), while a closure the policy began still ends with its end-of-sequence."""
+    chat = model.encode_chat([{"role": "user", "content": "do it"}], tools=AGENT_TOOLS, enable_thinking=False)
+    tok, eos = model.tokenizer, model.tokenizer.token_to_id("<|endoftext|>")
+    history = tok.encode("Sure, here is some plain text and nothing else")
+    logits = torch.zeros(model.config.vocab_size)
+    for left in (1, 2, 5, 9):
+        proc = request_processor(model.grammar_vocab, prompt_text=chat.text, tools=AGENT_TOOLS, max_new_tokens=len(history) + left)
+        out = proc(history, logits.clone())
+        assert int((out > float("-inf")).sum()) > 1, left  # not only the end-of-sequence token
+    # JSON: the policy closes the string and the object, then ends (a closed document is not left to pad to the limit)
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
+    history = tok.encode('{"a": "some text')
+    ids = list(history)
+    proc = request_processor(model.grammar_vocab, prompt_text=None, json_schema=schema, max_new_tokens=len(history) + 6)
+    while len(ids) < len(history) + 6:
+        nxt = int(proc(ids, logits.clone()).argmax())
+        if nxt == eos:
+            break
+        ids.append(nxt)
+    assert nxt == eos and json.loads(tok.decode(ids))["a"].startswith("some text")

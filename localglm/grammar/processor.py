@@ -11,7 +11,9 @@ Closure: with `max_new_tokens` known, from CLOSE_WINDOW tokens before the end th
 how many tokens a greedy closing policy (end-of-sequence if allowed; else a token that only closes:
 `"`, `]`, `}` or a closing GLM tag; else the shortest allowed token) needs to finish, and switches
 to that policy for every step where the tokens left are at most about twice that, so a reply that would have been cut by max_tokens ends
-as valid output instead. Before that point, a token that would open more than the tokens left can
+as valid output instead. Output that could end where it
+is (free text beside tools, a closed JSON document) is not ended early: it runs on to the limit, unless the
+policy was already closing at the step before (then its end-of-sequence follows). Before that point, a token that would open more than the tokens left can
 close (a `,` starting one more array item with required keys: one token can lengthen the closure from
 3 to 17) is refused: over the window, each allowed token that may open something (vocab.opening, a
 few per step) is looked ahead through. It is best effort: a schema whose smallest valid document is
@@ -163,11 +165,27 @@ class GrammarProcessor:
         return self.dead is None and self.matcher.is_accepting()
 
     # ---- closure ----------------------------------------------------------------------------------
+    def _closing(self, left: int) -> bool:
+        """Whether the closing policy decides the step with `left` tokens left: a closure is needed and
+        takes about half of them, or none is needed because the policy closed the structure at the step
+        before (its end-of-sequence comes next). A function of the history alone, as `__call__` must be."""
+        need = self._closure_length(left)
+        if need:
+            return 2 * need + CLOSE_SLACK >= left
+        # complete here: free text (tools offered, none called) or a closed document runs on to the limit
+        if left + 1 > CLOSE_WINDOW or not self.consumed:
+            return False
+        m = self.matcher.deep_copy()
+        if not m.rollback(1):
+            return False
+        before = self._closure_length(left + 1, m)
+        return before > 0 and 2 * before + CLOSE_SLACK >= left + 1
+
     def _within(self, mask: np.ndarray, left: int) -> np.ndarray:
         """`mask` narrowed so the output can still close in the `left` tokens left (this one included):
         the closing policy's token alone once the closure needs about half of them, else the allowed
         tokens less those after which the closure would not fit in the tokens then left."""
-        if 2 * self._closure_length(left) + CLOSE_SLACK >= left:
+        if self._closing(left):
             only = np.zeros_like(mask)
             only[self._closer(mask)] = True
             return only
