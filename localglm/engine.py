@@ -75,6 +75,15 @@ class Done:
     token_ids: list[int] = field(default_factory=list)
 
 
+def reused_rows(cache: TokenCache, tokens: list[int], held: int) -> int:
+    """How many of the prompt's leading rows a generation keeps when the cache holds `held` of its tokens: all
+    but the last, recomputed for its logits, unless the cache kept the logits of exactly this prompt (sent
+    again): then all of it, so the reply goes on from its first run's numbers."""
+    if held >= len(tokens) and cache.logits_after(len(tokens)) is not None:
+        return len(tokens)
+    return min(held, len(tokens) - 1)
+
+
 class Model:
     """A loaded GLM model. Build it with `localglm.load(path, ...)`."""
 
@@ -280,9 +289,13 @@ class Model:
 
     def _prefill(self, cache: TokenCache, tokens: list[int], keep: int, stats: GenerationStats) -> torch.Tensor:
         """Run the prompt past its first `keep` tokens (held by the cache) through the model; return the last
-        position's logits."""
+        position's logits (kept by the cache: the whole prompt held again, `keep` is all of it)."""
         cache.truncate(keep)
         stats.cached_prompt_tokens = keep
+        if keep == len(tokens):
+            kept = cache.logits_after(keep)
+            assert kept is not None, "reuse of a whole prompt needs its kept logits (reused_rows)"
+            return kept
         hidden = None
         for start in range(keep, len(tokens), PREFILL_CHUNK):
             chunk = tokens[start : start + PREFILL_CHUNK]
@@ -290,7 +303,9 @@ class Model:
             hidden = self.net.hidden_states(ids, cache, start)
             cache.tokens.extend(chunk)
         assert hidden is not None
-        return self.net.lm_head(hidden[0, -1])
+        logits = self.net.lm_head(hidden[0, -1])
+        cache.remember_logits(len(tokens), logits)
+        return logits
 
     def stream_tokens(
         self,
@@ -347,7 +362,7 @@ class Model:
                 held = self._bring_saved_prefix(cache, tokens, stats)
         elif reuse_prefix:
             held = cache.common_prefix(tokens)
-        reused = min(held, len(tokens) - 1)
+        reused = reused_rows(cache, tokens, held)
         spec = self.speculation
         if spec is not None and spec.max_draft > 0 and spec.worth_trying(sampling, lost=reused - spec.reusable(tokens, reused)[1]):
             with torch.inference_mode():

@@ -611,14 +611,29 @@ class Speculation:
         if not log.start <= valid <= log.end:
             log.reset(valid)
         log.truncate(keep)
+        kept_logits = cache.logits_after(len(tokens)) if reused == len(tokens) else None  # the prompt sent again
         cache.truncate(keep)
-        stats.cached_prompt_tokens = keep
-        for start in range(keep, len(tokens), PREFILL_CHUNK):
-            chunk = tokens[start : start + PREFILL_CHUNK]
-            log.append(net.residual(torch.tensor([chunk], dtype=torch.long, device=device), cache, start))
-            cache.tokens.extend(chunk)
+        stats.cached_prompt_tokens = reused
+
+        def prefill(lo: int, hi: int) -> None:
+            for start in range(lo, hi, PREFILL_CHUNK):
+                chunk = tokens[start : min(start + PREFILL_CHUNK, hi)]
+                log.append(net.residual(torch.tensor([chunk], dtype=torch.long, device=device), cache, start))
+                cache.tokens.extend(chunk)
+
+        # Rows the cache held past the kept streams are run again for their streams only, then put back: the
+        # prompt's rows are then the ones plain decoding keeps, and so is every token after (in bf16 a row
+        # recomputed in another grouping differs in its last bits, which made a series of requests' greedy
+        # output differ from --no-mtp's).
+        held = [(rows, dim, rows.narrow(dim, keep, reused - keep).clone()) for rows, dim in cache.token_rows()] if keep < reused else []
+        prefill(keep, reused)
+        for rows, dim, part in held:
+            rows.narrow(dim, keep, reused - keep).copy_(part)
+        prefill(reused, len(tokens))
         pend_t = tokens[valid + 1 :]  # the token after each pending stream (the last one comes from sampling)
-        logits = net.lm_head(self._norm(log.last())).float()
+        logits = kept_logits if kept_logits is not None else net.lm_head(self._norm(log.last()))  # sent again: its first run's
+        cache.remember_logits(len(tokens), logits)
+        logits = logits.float()
         penalize = sampling.repetition_penalty != 1.0
         generated: list[int] = []
 

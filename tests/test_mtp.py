@@ -257,9 +257,11 @@ def test_drafting_after_plain_decoding_keeps_the_prompt(arch_dir: tuple[str, Pat
     turn2 = turn1 + out1 + [7, 8]
     out2 = _plain(model, turn2, 10)
     turn3 = turn2 + out2 + [9, 10, 11]
+    held = len(turn2) + len(out2) - 1  # the plain turn's last token was sampled, never run
+    assert model.speculation is not None and model.speculation.reusable(turn3, held)[1] == len(turn1) + 9  # streams kept up to turn 2's change
     stats = GenerationStats()
     out3 = _speculative(model, turn3, 12, 2, stats)
-    assert stats.cached_prompt_tokens == len(turn1) + 9  # where turn 2 began to change the main cache
+    assert stats.cached_prompt_tokens == held  # the rows past the kept streams are run for their streams, then put back
     assert stats.draft_tokens > 0
     _plain(ref, turn1, 10)
     _plain(ref, turn2, 10)

@@ -54,6 +54,7 @@ class TokenCache:
     def __init__(self, max_tokens: int) -> None:
         self.max_tokens = max_tokens
         self.tokens: list[int] = []  # the token ids whose keys/values are stored, in order
+        self._end_logits: tuple[int, torch.Tensor] | None = None  # (n, the logits after the first n tokens' rows)
 
     @property
     def length(self) -> int:
@@ -76,6 +77,21 @@ class TokenCache:
     def truncate(self, n: int) -> None:
         """Forget everything after the first n tokens (their slots are simply overwritten later)."""
         del self.tokens[n:]
+        if self._end_logits is not None and self._end_logits[0] > n:
+            self._end_logits = None
+
+    def remember_logits(self, n: int, logits: torch.Tensor) -> None:
+        """Keep a prompt's last logits (those after the first n tokens' rows) while those rows stay.
+
+        Why: a prompt sent again (a regenerated reply, a retried request) then goes on from the very numbers
+        its first run had. Recomputing its last token instead sums the same products in another grouping
+        than the prefill's chunk did: in bf16 the last bits differ, and a near tie picked another token."""
+        self._end_logits = (n, logits.detach().clone())
+
+    def logits_after(self, n: int) -> torch.Tensor | None:
+        """The kept logits after the first n tokens (a copy), if the cache still holds those rows."""
+        kept = self._end_logits
+        return kept[1].clone() if kept is not None and kept[0] == n <= self.length else None
 
     def token_rows(self) -> list[tuple[torch.Tensor, int]]:
         """Every tensor that holds per-token rows, with its token dimension: what `snapshot` copies."""
@@ -108,6 +124,7 @@ class TokenCache:
         for (rows, dim), part in zip(self.token_rows(), snap.parts, strict=True):
             rows.narrow(dim, 0, n).copy_(part.narrow(dim, 0, n))
         self.tokens = list(snap.tokens[:n])
+        self._end_logits = None
 
 
 @dataclass(frozen=True, eq=False)  # holds tensors: compared by identity (PromptCache.touch finds it in a list)
