@@ -156,12 +156,8 @@ def _is_loopback(host: str) -> bool:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ..cli import open_model, sampling_overrides
     from ..commands.flags import cache_disk_flags, cache_ram_flag
     from ..default_model import default_model_path
-    from .app import create_app
-    from .http import build_server
-    from .state import ServerSettings
 
     _check_args(args)
     key = api_key(args)
@@ -172,6 +168,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cache_dir, cache_disk = cache_disk_flags(args)
     if args.model is None:
         args.model = str(default_model_path())
+    sock = _listen(args.host, args.port)  # a taken port or a bad --host fails now, not after loading the model
+    try:
+        return _serve(args, sock, key, max_body, cache_ram, cache_dir, cache_disk)
+    finally:
+        sock.close()
+
+
+def _serve(args: argparse.Namespace, sock: socket.socket, key: str | None, max_body: int | None, cache_ram: int | None,
+           cache_dir: Path | None, cache_disk: int | None) -> int:
+    """Load the model, then serve it on the bound socket until stopped."""
+    from ..cli import open_model, sampling_overrides
+    from .app import create_app
+    from .http import build_server
+    from .state import ServerSettings
+
     model = open_model(args)
     settings = ServerSettings(
         model_name=args.model_name or model.path.name,
@@ -212,11 +223,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         access_log=not args.quiet,
         timeout_graceful_shutdown=5,
     )
-    sock = _listen(args.host, args.port)
     try:
         server.run(sockets=[sock])  # Ctrl+C: uvicorn stops (the app's shutdown writes --cache-dir), then re-raises it
     finally:
-        sock.close()
         disk = model.prompt_cache.disk if model.prompt_cache is not None else None
         if disk is not None and server.started:
             print(f"localglm: {disk.describe()} for the next start", file=sys.stderr)
