@@ -421,6 +421,20 @@ def test_only_json_bodies_are_accepted(env: Env, path: str) -> None:
     assert r.status_code == 200
 
 
+def test_a_trailing_slash_and_a_compressed_body_get_json_errors(env: Env) -> None:
+    """Before: a trailing slash got a 307 with an empty body (no answer for an API client), and a gzipped body
+    "request body is not UTF-8 text"."""
+    import gzip
+
+    with httpx.Client(base_url=env.url, timeout=30) as client:
+        r = client.post("/v1/chat/completions/", json={"messages": user("hi"), "max_tokens": 2})
+        assert r.status_code == 404 and "without the trailing slash: /v1/chat/completions" in r.json()["error"]["message"], r.text
+        body = gzip.compress(json.dumps({"messages": user("hi"), "max_tokens": 2}).encode())
+        r = client.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+        assert r.status_code == 415 and "Content-Encoding 'gzip'" in r.json()["error"]["message"], r.text
+        assert client.get("/health").status_code == 200
+
+
 def test_host_header_must_name_this_machine(env: Env) -> None:
     port = env.srv.port
     for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.nip.io", "localhost.evil.example"):

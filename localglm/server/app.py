@@ -202,7 +202,10 @@ async def _api_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
-        message = f"no route {request.method} {request.url.path}"
+        path = request.url.path
+        known = {getattr(r, "path", None) for r in request.app.routes}
+        hint = f" (without the trailing slash: {path.rstrip('/')})" if path.endswith("/") and path.rstrip("/") in known else ""
+        message = f"no route {request.method} {path}{hint}"
     elif exc.status_code == 405:
         message = f"method {request.method} is not allowed on {request.url.path}"
     else:
@@ -261,6 +264,7 @@ def create_app(
     ]
     handlers: dict[Any, Any] = {APIError: _api_error, HTTPException: _http_error}
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+    app.router.redirect_slashes = False  # a 307 with an empty body is no answer for an API client: a JSON 404 says why
     app.state.server = state
     app.add_middleware(GuardMiddleware, state=state)
     return app

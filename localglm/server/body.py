@@ -39,7 +39,7 @@ _MAYBE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def check_content_type(request: Request) -> None:
-    """415 unless the body is declared JSON (parameters such as charset are fine)."""
+    """415 unless the body is declared JSON (parameters such as charset are fine) and not compressed."""
     given = request.headers.get("content-type")
     if (given or "").split(";", 1)[0].strip().lower() != JSON_MEDIA_TYPE:
         got = f"got {given!r}" if given else "got none"
@@ -48,6 +48,9 @@ def check_content_type(request: Request) -> None:
             f"Content-Type must be application/json ({got}); with curl add -H 'Content-Type: application/json'",
             headers=CLOSE,
         )
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):  # read as JSON text it would be a misleading "not UTF-8 text"
+        raise APIError(415, f"Content-Encoding {encoding!r} is not supported: send the body uncompressed", headers=CLOSE)
 
 
 async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
