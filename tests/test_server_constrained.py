@@ -177,6 +177,21 @@ def test_openai_required_and_named(env: Served) -> None:
     check_calls([(c.function.name, json.loads(c.function.arguments)) for c in calls])
 
 
+def test_openai_allowed_tools(env: Served) -> None:
+    """Chat completions' tool_choice {type: allowed_tools}: calls only to the listed tools (was a 400 that asked
+    for tool_choice.function)."""
+    client = env.openai()
+    choice = {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [{"type": "function", "function": {"name": "todo"}}]}}
+    for seed in range(2):
+        r = client.chat.completions.create(model="m", messages=user("go"), tools=TOOLS, tool_choice=choice, seed=seed,  # type: ignore[arg-type]
+                                           temperature=1.0, max_tokens=200, extra_body={"enable_thinking": False})  # fmt: skip
+        calls = r.choices[0].message.tool_calls
+        assert r.choices[0].finish_reason == "tool_calls" and calls and {c.function.name for c in calls} == {"todo"}
+    bad = {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [{"type": "function", "function": {"name": "nope"}}]}}
+    with pytest.raises(openai.BadRequestError, match="none of these tools is in tools"):
+        client.chat.completions.create(model="m", messages=user("go"), tools=TOOLS, tool_choice=bad, max_tokens=5)  # type: ignore[arg-type]
+
+
 def test_openai_required_streamed(env: Served) -> None:
     args: dict[int, str] = {}
     names: dict[int, str] = {}

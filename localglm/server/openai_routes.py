@@ -136,14 +136,18 @@ def parse_tools(body: dict[str, Any], custom: dict[str, InputGrammar | None] | N
     return out
 
 
-def parse_tool_choice(body: dict[str, Any], tools: list[dict[str, Any]] | None) -> tuple[str, str | None]:
+def parse_tool_choice(body: dict[str, Any], tools: list[dict[str, Any]] | None) -> tuple[str, str | None, list[dict[str, Any]] | None]:
+    """(mode, named tool, the tools it leaves): "none" | "auto" | "required" | {type: function | custom, name}
+    | {type: "allowed_tools", allowed_tools: {mode, tools}} (the tools the model may call, as `tools` lists them)."""
     choice = body.get("tool_choice")
     if choice is None:
-        return "auto", None
+        return "auto", None, tools
     if isinstance(choice, str):
         if choice not in ("none", "auto", "required"):
             raise bad_request(f"tool_choice: {choice!r} is not one of none, auto, required", "tool_choice")
         mode, name = choice, None
+    elif isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        return _allowed_tools(choice, tools)
     elif isinstance(choice, dict):
         kind = "custom" if field(choice, "type", "string", path="tool_choice", default="function") == "custom" else "function"
         fn = field(choice, kind, "object", path="tool_choice", required=True)
@@ -155,7 +159,26 @@ def parse_tool_choice(body: dict[str, Any], tools: list[dict[str, Any]] | None) 
         raise bad_request(f"tool_choice: expected a string or an object, got {describe(choice)}", "tool_choice")
     if mode in ("required", "named") and not tools:
         raise bad_request(f"tool_choice: {mode!r} needs tools, and none were given", "tool_choice")
-    return mode, name
+    return mode, name, tools
+
+
+def _allowed_tools(choice: dict[str, Any], tools: list[dict[str, Any]] | None) -> tuple[str, None, list[dict[str, Any]] | None]:
+    """tool_choice {type: "allowed_tools", allowed_tools: {mode: auto | required, tools: [{type, function: {name}}]}}."""
+    spec = field(choice, "allowed_tools", "object", path="tool_choice", required=True)
+    where = "tool_choice.allowed_tools"
+    mode = field(spec, "mode", "string", path=where, default="auto")
+    if mode not in ("auto", "required"):
+        raise bad_request(f"{where}.mode: {mode!r} is not auto or required", f"{where}.mode")
+    allowed = set()
+    for j, t in enumerate(field(spec, "tools", "array", path=where, required=True)):
+        item = join(join(where, "tools"), j)
+        expect(t, "object", item)
+        kind = "custom" if field(t, "type", "string", path=item, default="function") == "custom" else "function"
+        allowed.add(field(field(t, kind, "object", path=item, required=True), "name", "string", path=join(item, kind), required=True))
+    kept = [t for t in tools or () if t["function"]["name"] in allowed]
+    if mode == "required" and not kept:
+        raise bad_request(f"{where}.tools: none of these tools is in tools", f"{where}.tools")
+    return mode, None, kept or None
 
 
 def parse_sampling(body: dict[str, Any]) -> dict[str, Any]:
@@ -249,7 +272,7 @@ def parse_chat(body: dict[str, Any]) -> tuple[GenRequest, bool, bool]:
     req.tools = parse_tools(body, custom)
     req.custom_tools = frozenset(custom) | frozenset(called)
     req.tool_formats = {name: g for name, g in custom.items() if g is not None}
-    req.tool_mode, req.tool_name = parse_tool_choice(body, req.tools)
+    req.tool_mode, req.tool_name, req.tools = parse_tool_choice(body, req.tools)
     req.single_tool_call = field(body, "parallel_tool_calls", "boolean", default=True) is False
     req.enable_thinking = parse_thinking(body)
     req.clear_thinking = parse_clear_thinking(body)
