@@ -352,6 +352,17 @@ def test_a_custom_grammar_no_text_can_follow_is_refused_before_generating(model:
         assert "\n" not in str(err.value)
 
 
+def test_a_custom_regex_too_large_for_the_lexer_is_refused_before_generating(model: Model) -> None:
+    """`a{1000000}` compiles alone, but its lexer is past llguidance's limit beside the request's own rules: the
+    whole grammar then failed at its first token, a 400 naming nothing (param null)."""
+    chat = model.encode_chat([{"role": "user", "content": "edit"}], tools=CUSTOM_TOOLS, enable_thinking=False)
+    huge = {"apply_patch": parse_input_format({"type": "grammar", "syntax": "regex", "definition": "a{1000000}"}, "tools[0].format")}
+    for mode, prompt in [("required", chat.text), ("auto", chat.text), ("auto", chat.text + "<think>")]:
+        with pytest.raises(GrammarError) as err:
+            request_processor(model.grammar_vocab, prompt_text=prompt, tools=CUSTOM_TOOLS, tool_mode=mode, tool_formats=huge)
+        assert err.value.param == "tools[0].format.definition" and "lexer" in str(err.value), str(err.value)
+
+
 def test_an_error_inside_the_grammar_while_generating_is_one_line(model: Model) -> None:
     """A grammar that fails only after some tokens (no finite text, past the probe's first mask) stops
     the reply with llguidance's first error line, not its internal state."""

@@ -52,6 +52,15 @@ def probe_inputs(processor: GrammarProcessor, thinking: str, tools: ToolGrammar)
         processor.mask_of(matcher)
         if matcher.is_error():
             raise fmt.unusable(error_line(matcher))
+    # Walking into an input builds its lexer, which the copies share: one too large to build (a{1000000}; fine
+    # alone, past llguidance's limit beside the request's own rules) leaves the whole grammar unusable from its
+    # start, even where the walk did not get in. Found here it is the 400 the client's definition earns.
+    start = processor.matcher.deep_copy()
+    processor.mask_of(start)
+    if start.is_error():
+        if len(tools.formats) == 1:
+            raise next(iter(tools.formats.values())).unusable(error_line(start))
+        raise GrammarError(f"tools: the custom tools' grammars cannot be followed together: {error_line(start)}", "tools")
 
 
 def request_processor(
