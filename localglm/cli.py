@@ -39,7 +39,18 @@ def open_model(args: argparse.Namespace) -> Any:
         model = default_model_path()
     with progress("loading", quiet=getattr(args, "quiet", False)) as update:
         tick = (lambda stage, done, total: update(done, total, stage)) if update else None
-        return load(model, device=device_for(args), dtype=args.dtype, ctx=args.ctx, progress=tick, **opts)
+        loaded = load(model, device=device_for(args), dtype=args.dtype, ctx=args.ctx, progress=tick, **opts)
+    _warn_unused_draft_flags(args, loaded)
+    return loaded
+
+
+def _warn_unused_draft_flags(args: argparse.Namespace, model: Any) -> None:
+    """Drafting flags on a model loaded without an MTP layer change nothing: say so rather than ignore them."""
+    given = [flag for flag, value in (("--draft", getattr(args, "draft", None)), ("--draft-vocab", getattr(args, "draft_vocab", None)))
+             if value not in (None, 0)] + (["--draft-fixed"] if getattr(args, "draft_fixed", False) else [])  # fmt: skip
+    if given and model.speculation is None:
+        why = "--no-mtp leaves the MTP layer out" if getattr(args, "mtp", None) is False else "the model has no MTP layer loaded to draft with"
+        print(f"localglm: warning: {', '.join(given)}: {why}; decoding without drafts", file=sys.stderr)
 
 
 def valid_text(value: str, what: str) -> str:

@@ -70,6 +70,14 @@ def test_a_recipe_choice_that_changes_nothing_is_a_one_line_warning(tiny_dir: Pa
     assert o.kind == "ok" and "no indexer tensors" in o.err, o.why()
 
 
+def test_drafting_flags_without_an_mtp_layer_are_a_warning(tiny_dir: Path) -> None:
+    """Before: --draft, --draft-fixed and --draft-vocab on a model decoding without drafts were silently ignored."""
+    o = run_cli("generate", tiny_dir, "-p", "hi", "-n", "2", "-q", "--draft", "2", "--no-mtp")
+    assert o.kind == "ok" and "--draft: --no-mtp leaves the MTP layer out" in o.err, o.why()
+    o = run_cli("generate", tiny_dir, "-p", "hi", "-n", "2", "-q", "--draft", "0")
+    assert o.kind == "ok" and "warning" not in o.err, o.why()  # 0: no drafts, as asked
+
+
 def test_quantize_refuses_out_inside_src(tiny_dir: Path, tmp_path: Path) -> None:
     """`quantize SRC SRC/q` wrote a model directory into the source (which gained a folder nobody asked for,
     and a later run over SRC could take OUT's shards for its own): refused before anything is written.
