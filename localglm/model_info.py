@@ -34,6 +34,7 @@ def arch_of(cfg: ModelConfig) -> Arch:
 PRECISIONS: dict[str, float] = {"bf16": 16.0, "fp8": 8.0 + 32 / (128 * 128), "8-bit": 8.5, "4-bit": 4.5, "2-bit": 2.625}
 # The recipe classes of the always-used weights (those a plan keeps on the device, at a precision it may choose).
 DENSE_CLASSES = ("attn", "shared", "dense", "embed", "lm_head")
+KV_PLACES = ("auto", "gpu", "ram")  # the KV cache's place when offloading (--kv)
 # The context `generate`, `chat`, `serve` and `plan` use when --ctx is not given: this, or the model's maximum if smaller.
 DEFAULT_CTX = 4096
 

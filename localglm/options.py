@@ -21,7 +21,6 @@ CACHE_POLICIES = ("lru", "lfu", "stat")
 MAX_DRAFT = 16  # drafted tokens a step (--draft's ceiling)
 MISS_MODES = ("cost", "copy", "cpu")
 OFFLOAD_KINDS = ("sim", "cuda")
-KV_PLACES = ("auto", "gpu", "ram")  # the KV cache's place when offloading (--kv)
 
 
 @dataclass(frozen=True)
@@ -79,7 +78,7 @@ class OffloadOptions:
     def from_kwargs(cls, kw: dict[str, Any]) -> OffloadOptions:
         """Pops the offloading keywords from kw: offload, gpu_mem, cpu_mem, cache_policy, cache_slots,
         prefetch, prefetch_extra, stats_path, miss, bandwidths, trace, kv."""
-        from .model_info import parse_size
+        from .model_info import KV_PLACES, parse_size
 
         kind = kw.pop("offload", None)
         if kind not in (None, *OFFLOAD_KINDS):

@@ -24,8 +24,7 @@ from pathlib import Path
 
 from localglm.config import ModelConfig
 from localglm.errors import LocalGLMError
-from localglm.model_info import DENSE_CLASSES, count_params, hostable_kv, human_bytes, kv_cache_bytes, parse_size
-from localglm.options import KV_PLACES
+from localglm.model_info import DENSE_CLASSES, KV_PLACES, count_params, hostable_kv, human_bytes, kv_cache_bytes, parse_size
 
 from .cost_model import Bandwidths, CostModel
 
