@@ -166,6 +166,8 @@ def load(
             mmap = offload.offloaded or source.expert_bytes() > _available_ram()
     else:
         source = ckpt.source() if ckpt else SafetensorsSource(root, quantization_config=config.quantization_config)
+        if ckpt is not None:
+            check_gguf_tensors_used(config, source)
     if recipe is not None and not quantized_dir:  # a choice this checkpoint has nothing for: said, not refused
         for why in recipe.unmatched(source.names(), arch.schema.classifier(config.num_hidden_layers)):
             warnings.warn(f"{root}: {why}", stacklevel=2)
@@ -238,19 +240,21 @@ def load(
     )  # fmt: skip
 
 
-def check_tensors(cfg: ModelConfig, source: Any) -> None:
+def check_tensors(cfg: ModelConfig, source: Any) -> set[str]:
     """Raise the loader's one-line error for a tensor `load` would find missing, of the wrong shape or not float in
     `source`, reading nothing: a dry run of its reads (main weights, routed experts, and the MTP block
     where the checkpoint holds one, as load reads it by default) onto the meta device. `quantize` streams
     whatever tensors SRC holds, so without this a checkpoint lacking an expert or lm_head became an
-    output that failed only when loaded."""
+    output that failed only when loaded. Returns the names it would read."""
     from .models.mtp import has_mtp_weights, load_mtp_head
 
     arch = arch_of(cfg)
+    read: set[str] = set()
 
     def get(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         check_expected_shape(source.info(name), shape)
         check_float(source.info(name))
+        read.add(name)
         return torch.empty(shape, device="meta")
 
     reader = WeightReader(get, get, source.__contains__)
@@ -258,6 +262,29 @@ def check_tensors(cfg: ModelConfig, source: Any) -> None:
     load_in_memory_experts(cfg, get)
     if has_mtp_weights(cfg, source.__contains__):
         load_mtp_head(arch, cfg, reader, weights, lambda block_cfg, block, r: load_in_memory_experts(block_cfg, r.get), torch.device("meta"))
+    return read
+
+
+def check_gguf_tensors_used(cfg: ModelConfig, source: Any) -> None:
+    """Refuse a GGUF holding tensors the model its metadata describes never reads, as llama.cpp does ("wrong
+    number of tensors"): without `expert_shared_count` the shared experts' weights were ignored, without
+    `nextn_predict_layers` the MTP block ran as one more decoder layer, each a different model without a word."""
+    names = source.unmapped() + [source.info(n).gguf_name for n in sorted(set(source.names()) - check_tensors(cfg, source))]
+    # MTP blocks past the first are declared and left alone (one drafts; GLM checkpoints ship one)
+    spare = tuple(f"blk.{b}." for b in range(cfg.num_hidden_layers + 1, cfg.num_hidden_layers + cfg.num_nextn_predict_layers))
+    names = [n for n in names if not n.startswith(spare)] if spare else names
+    block = cfg.num_hidden_layers
+    if names and cfg.num_nextn_predict_layers and all(n.startswith(f"blk.{block}.") for n in names):
+        from .models.mtp import REQUIRED
+
+        lacking = [t for t in REQUIRED if f"model.layers.{block}.{t}.weight" not in source]
+        raise LocalGLMError(f"{source.files.where}: its MTP block (blk.{block}) is incomplete: no {', '.join(lacking)} (convert it again, or with --no-mtp)")
+    if names:
+        first = ", ".join(list(dict.fromkeys(names))[:3])
+        raise LocalGLMError(
+            f"{source.files.where}: {len(set(names))} of its tensors are not part of the model its metadata describes ({first}, ...); "
+            "a key such as expert_shared_count or nextn_predict_layers is missing or wrong (llama.cpp refuses it too)"
+        )
 
 
 def _load_mtp(

@@ -319,9 +319,10 @@ def quantize_checkpoint(
         _check_replaceable(out)
     inp = _open_gguf(src) if from_gguf else _open_hf(src)  # a bad SRC fails here, before anything is written
     with inp.source, _worker_pool() as pool:
-        from .loader import check_tensors
+        from .loader import check_gguf_tensors_used, check_tensors
 
-        check_tensors(ModelConfig.from_dict(inp.config, source=str(src)), inp.source)  # what loading OUT would need
+        cfg = ModelConfig.from_dict(inp.config, source=str(src))
+        (check_gguf_tensors_used if from_gguf else check_tensors)(cfg, inp.source)  # what loading OUT would need
         for why in recipe.unmatched(inp.names, inp.classify):
             warnings.warn(f"{src}: {why}", stacklevel=2)
         return _quantize(inp, src, out, recipe, t0, max_shard_bytes, progress, report, pool)

@@ -762,3 +762,46 @@ def test_a_block_count_the_tensors_do_not_hold_is_refused(exports: dict[str, Pat
     for cmd in ("inspect", "generate"):
         o = run_cli(cmd, bad, *(["-p", "x", "-n", "1", "-q"] if cmd == "generate" else []))
         assert o.kind == "clean" and f"block_count is {count}, but the file's tensors hold 4 blocks" in o.err, o.why()
+
+
+
+def copy_gguf(src: Path, dst: Path, *, key: str | None = None, tensor: str | None = None, halve: str | None = None) -> Path:
+    """`src` written again without the metadata `key` or the `tensor`, or with tensor `halve`'s outermost dimension halved."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+
+    r = GGUFReader(src)
+    w = GGUFWriter(dst, r.fields["general.architecture"].contents())
+    for k, f in r.fields.items():
+        if not k.startswith("GGUF.") and k not in ("general.architecture", key):
+            w.add_key_value(k, f.contents(), f.types[0], sub_type=f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None)
+    for t in r.tensors:
+        d = np.asarray(t.data)
+        if t.name != tensor:
+            d = d[: d.shape[0] // 2] if t.name == halve else d
+            w.add_tensor(t.name, np.ascontiguousarray(d), raw_dtype=None if t.tensor_type == GGMLQuantizationType.F32 else t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"key": "glm4moe.expert_shared_count"}, "are not part of the model its metadata describes (blk.1.ffn_down_shexp.weight"),
+        ({"key": "glm4moe.nextn_predict_layers"}, "are not part of the model its metadata describes (blk.3.nextn."),
+        ({"tensor": "blk.3.nextn.eh_proj.weight"}, "its MTP block (blk.3) is incomplete: no eh_proj"),
+    ],
+)
+def test_tensors_the_metadata_leaves_out_are_refused(exports: dict[str, Path], tmp_path: Path, change: dict[str, str], needle: str) -> None:
+    """As llama.cpp's tensor count does. Before: without expert_shared_count the shared experts were ignored, without
+    nextn_predict_layers the MTP block ran as a fourth decoder layer: another model, without a word."""
+    from tests.probes import run_cli
+
+    bad = copy_gguf(exports["f32"], tmp_path / "bad.gguf", **change)
+    for argv in (["generate", bad, "-p", "x", "-n", "1", "-q"], ["quantize", bad, tmp_path / "q", "-q"]):
+        o = run_cli(*argv)
+        assert o.kind == "clean" and needle in o.err, o.why()
+    assert not (tmp_path / "q").exists()

@@ -121,6 +121,18 @@ def test_gguf_export_reads_back_exactly(lite_dir: Path, tmp_path: Path) -> None:
     assert torch.equal(a.logits(ids), b.logits(ids))
 
 
+def test_attn_v_b_that_does_not_fit_attn_k_b_is_one_line(lite_dir: Path, tmp_path: Path) -> None:
+    """Before: a traceback from torch.cat joining kv_b_proj back together (a hostile-GGUF sweep)."""
+    from localglm.checkpoint.gguf import export_gguf
+    from tests.probes import run_cli
+    from tests.test_gguf import copy_gguf
+
+    bad = copy_gguf(export_gguf(lite_dir, tmp_path / "m.gguf", "f32")[0], tmp_path / "bad.gguf", halve="blk.1.attn_v_b.weight")
+    for argv in (["generate", bad, "-p", "x", "-n", "1", "-q"], ["quantize", bad, tmp_path / "q", "-q"]):
+        o = run_cli(*argv)
+        assert o.kind == "clean" and "tensor blk.1.attn_v_b.weight has shape" in o.err and "beside blk.1.attn_k_b.weight" in o.err, o.why()
+
+
 @pytest.mark.parametrize("kind", ["bf16", "q8_0"])
 def test_reads_the_gguf_llama_cpps_converter_writes(tmp_path: Path, kind: str) -> None:
     """tests/data/glm4_moe_lite_llamacpp_*.gguf were written by llama.cpp's convert_hf_to_gguf.py

@@ -441,6 +441,11 @@ class GGUFSource(MappedSource):
             )
         self._infos = dict(sorted(self._infos.items()))
 
+    def unmapped(self) -> list[str]:
+        """The file's tensors that no hub name maps to: its metadata does not describe them (loading checks)."""
+        used = {i.gguf_name for i in self._infos.values()} | {p for i in self._infos.values() if i.joined is not None for p in i.joined.parts}
+        return sorted(set(self.files.tensors) - used)
+
     def _readable(self, gguf_name: str) -> Any:
         """The file's tensor `gguf_name`, refused in one line when its type is one we cannot read."""
         t = self.files.tensors[gguf_name]

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import gguf
 
-from ...errors import ConfigError
+from ...errors import CheckpointError, ConfigError
 from ..moe_gguf import GGUFMetadata, JoinedTensor, MoeGGUFSchema, SplitPart
 from .config import Glm4MoeLiteConfig
 
@@ -95,6 +95,10 @@ class Glm4MoeLiteGGUF(MoeGGUFSchema):
             return None  # a legacy file's attn_kv_b maps one to one
         h, lora, nope = k_b.shape
         v = v_b.shape[1]
+        if v_b.shape[0] != h or v_b.shape[2] != lora:  # else the join fails deep in torch.cat
+            raise CheckpointError(
+                f"{v_b.file}: tensor {v_name} has shape {list(v_b.shape)}, expected [{h}, v_head_dim, {lora}] beside {k_name} {list(k_b.shape)}"
+            )
 
         def join(parts: list[torch.Tensor]) -> torch.Tensor:
             import torch  # not at import: the registry loads without torch
