@@ -236,7 +236,7 @@ def load(
     prices = price_memory(root, repr(config), dt, dev, _speed_options(opts)) if mtp is not None else None
     setup = f"{setup_of(root, repr(config), dt, dev, _numerics_options(opts))} | files {_files_digest(root)}"
     return Model(
-        root, config, net, tokenizer, ctx=ctx, sampling=_sampling_defaults(root), mtp=mtp, draft=opts.draft, draft_fixed=opts.draft_fixed, prices=prices, setup=setup,
+        root, config, net, tokenizer, ctx=ctx, sampling=_sampling_defaults(root, ckpt), mtp=mtp, draft=opts.draft, draft_fixed=opts.draft_fixed, prices=prices, setup=setup,
     )  # fmt: skip
 
 
@@ -425,22 +425,28 @@ def _check_kv_budget(cfg: ModelConfig, ctx: int, dev: torch.device, dt: torch.dt
         )
 
 
-def _sampling_defaults(root: Path) -> SamplingParams:
-    """The checkpoint's generation_config.json sampling defaults; the built-in ones, with a one-line
-    warning, when that file is garbage (a broken optional file should not stop a model from loading)."""
+def _sampling_defaults(root: Path, ckpt: GGUFCheckpoint | None = None) -> SamplingParams:
+    """The checkpoint's sampling defaults: its generation_config.json, or a GGUF's general.sampling.* (as llama.cpp
+    applies them); the built-in ones, with a one-line warning, when they are garbage (a broken optional file
+    should not stop a model from loading)."""
     path = root / "generation_config.json"
-    if not path.is_file():
-        return SamplingParams()
-    try:
-        raw = load_json(path)
-    except LocalGLMError as exc:
-        raw, problem = None, str(exc).removeprefix(f"{path}: ")
-    else:
+    if ckpt is not None:
+        raw: Any = ckpt.generation_config()
         problem = _generation_config_problem(raw)
-    if problem:
-        warnings.warn(f"{path}: {problem}; using the default sampling settings", stacklevel=3)
+    elif not path.is_file():
         return SamplingParams()
-    return SamplingParams.from_generation_config(root)
+    else:
+        try:
+            raw = load_json(path)
+        except LocalGLMError as exc:
+            raw, problem = None, str(exc).removeprefix(f"{path}: ")
+        else:
+            problem = _generation_config_problem(raw)
+    if problem:
+        where = path if ckpt is None else f"{root}: general.sampling"
+        warnings.warn(f"{where}: {problem}; using the default sampling settings", stacklevel=3)
+        return SamplingParams()
+    return SamplingParams.from_generation_dict(raw)
 
 
 def _generation_config_problem(raw: Any) -> str:

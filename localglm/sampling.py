@@ -10,6 +10,7 @@ import math
 import numbers
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -98,6 +99,12 @@ class SamplingParams:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             return base
+        return cls.from_generation_dict(raw)
+
+    @classmethod
+    def from_generation_dict(cls, raw: dict[str, Any]) -> SamplingParams:
+        """Defaults from generation_config.json's fields (a GGUF's general.sampling.* read back into them)."""
+        base = cls()
         if raw.get("do_sample") is False:
             return replace(base, temperature=0.0)
         known = {f.name for f in fields(cls)} - {"seed"}

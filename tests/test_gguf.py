@@ -805,3 +805,17 @@ def test_tensors_the_metadata_leaves_out_are_refused(exports: dict[str, Path], t
         o = run_cli(*argv)
         assert o.kind == "clean" and needle in o.err, o.why()
     assert not (tmp_path / "q").exists()
+
+
+def test_sampling_defaults_travel_in_general_sampling(tiny_fp32_dir: Path, exports: dict[str, Path], tmp_path: Path) -> None:
+    """As llama.cpp's converter writes and llama.cpp applies them. Before: a GGUF looked for X.gguf/generation_config.json
+    and sampled at top_p 1.0 where the checkpoint (and llama.cpp on the same file) uses 0.95."""
+    from localglm.checkpoint.gguf_file import GGUFModelFiles
+
+    with GGUFModelFiles(exports["f32"]) as files:
+        assert files.metadata["general.sampling.top_p"] == pytest.approx(0.95) and files.metadata["general.sampling.temp"] == pytest.approx(0.6)
+    assert localglm.load(exports["f32"]).default_sampling == localglm.load(tiny_fp32_dir).default_sampling
+    converted = localglm.load(Path(__file__).parent / "data" / "glm_moe_dsa_llamacpp_q8_0.gguf").default_sampling  # the converter's own file
+    assert (converted.temperature, converted.top_p) == (0.6, 0.95)
+    bare = copy_gguf(exports["f32"], tmp_path / "bare.gguf", key="general.sampling.top_p")
+    assert localglm.load(bare).default_sampling.top_p == localglm.SamplingParams().top_p == 1.0  # absent: the built-in default

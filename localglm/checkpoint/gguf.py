@@ -288,6 +288,7 @@ def export_gguf(
             w.add_size_label(gguf.size_label(total, shared, expert, n_exp))
         schema.add_hparams(w, cfg, n_blocks, n_mtp, ftype)
         _add_tokenizer(w, src, cfg.vocab_size)
+        _add_sampling(w, src)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         with writing(out):  # a full or read-only disk: one line, the temporary parts removed by write()
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -500,6 +501,38 @@ class GGUFSource(MappedSource):
         return f"GGUFSource({str(self.files.where)!r}, {len(self._infos)} tensors, {len(self.files.files)} files)"
 
 
+# generation_config.json's sampling fields and the GGUF keys llama.cpp's converter writes them to (and
+# llama.cpp applies as its defaults): the checkpoint's recommended sampling travels with the file.
+SAMPLING_KEYS = {
+    "temperature": "general.sampling.temp",
+    "top_k": "general.sampling.top_k",
+    "top_p": "general.sampling.top_p",
+    "min_p": "general.sampling.min_p",
+    "repetition_penalty": "general.sampling.penalty_repeat",
+}
+
+
+def _add_sampling(w: Any, src: Path) -> None:
+    """The source's generation_config.json sampling defaults as general.sampling.*, as the converter writes them
+    (do_sample false: temperature 0, greedy, as localglm reads the file)."""
+    path = src / "generation_config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        return  # a broken optional file: loading the checkpoint says so; the GGUF carries no defaults
+    if not isinstance(raw, dict):
+        return
+    values = {k: raw[k] for k in SAMPLING_KEYS if isinstance(raw.get(k), (int, float)) and not isinstance(raw.get(k), bool)}
+    if raw.get("do_sample") is False:
+        values["temperature"] = 0.0
+    for name, value in values.items():
+        key = SAMPLING_KEYS[name]
+        if name == "top_k":
+            w.add_uint32(key, int(value)) if 0 <= value < 2**32 else None
+        else:
+            w.add_float32(key, float(value))
+
+
 class GGUFCheckpoint:
     """Everything `localglm.load` needs from one GGUF (single or split): config, tensors, tokenizer."""
 
@@ -513,6 +546,12 @@ class GGUFCheckpoint:
 
     def source(self) -> GGUFSource:
         return GGUFSource(self.files)
+
+    def generation_config(self) -> dict[str, Any]:
+        """The file's general.sampling.* defaults in generation_config.json's field names (a float32 read back at
+        the 7 digits it holds: temp 0.6, not 0.6000000238)."""
+        meta = self.files.metadata
+        return {name: float(f"{v:.7g}") if isinstance(v, float) else v for name, key in SAMPLING_KEYS.items() if (v := meta.get(key)) is not None}
 
     def tokenizer(self) -> Tokenizer:
         return tokenizer_from_gguf(self.files)
