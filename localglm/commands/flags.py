@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LocalGLMError
-from ..model_info import parse_size
+from ..model_info import KV_PLACES, parse_size
 
 # What a command that runs a model takes as MODEL: every format the loader reads.
 MODEL_HELP = "a Hugging Face model directory, a localglm quantized directory, or a .gguf file (of a split set: any part)"
@@ -103,7 +103,7 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     o.add_argument("--gpu-mem", default=None, metavar="SIZE", help="VRAM budget, e.g. 24GiB (default: free VRAM minus a margin)")
     o.add_argument("--cpu-mem", default=None, metavar="SIZE", help="RAM budget for the routed experts (default: available RAM minus a margin)")
     o.add_argument(
-        "--kv", default=None, choices=("auto", "gpu", "ram"),
+        "--kv", default=None, choices=KV_PLACES,
         help="where the KV cache lives: on the GPU, or (GLM-5's sparse attention only) its latent rows in pinned RAM with "
         "each token's top-k gathered to the GPU; default auto: the plan's faster choice that fits (`localglm plan` shows it)",
     )  # fmt: skip

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LocalGLMError
+from ..model_info import KV_PLACES
 from .flags import add_recipe_options, build_recipe, recipe_bits
 
 
@@ -121,7 +122,7 @@ def register(sub: Any) -> None:
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
                    help="the compute dtype loading will use, for the weights kept in float (default: the checkpoint's, as generate)")
     p.add_argument(
-        "--kv", default="auto", choices=("auto", "gpu", "ram"),
+        "--kv", default="auto", choices=KV_PLACES,
         help="where the KV cache lives with a GPU: 'gpu', or 'ram' (GLM-5.x's sparse attention only: the latent rows in "
         "pinned RAM, each token's top-k gathered to the GPU, the indexer keys on the GPU); default auto: both are planned "
         "and the faster that fits is kept",
