@@ -1,10 +1,12 @@
-"""Greedy output does not depend on what the cache held before (the default model, bf16, prompts past the
-128 tokens the native path prefills: their first chunk runs through torch's GEMMs, whose sums are grouped
-otherwise than a one-token step's, so a row computed again differs in its last bits).
+"""A prompt sent again gets the same greedy reply, and speculation gives plain decoding's tokens across a series
+of requests (the default model, bf16, prompts past the 128 tokens the native path prefills: their first chunk
+runs through torch's GEMMs, whose sums are grouped otherwise than a one-token step's, so a row computed again
+differs in its last bits).
 
-Before: the same request sent twice gave another reply from its ~30th token (its last token was recomputed
-natively), and drafting (MTP) recomputed a few reused rows for the block's streams, so across a series of
-requests its greedy output moved away from --no-mtp's (found by a client sweep of the server)."""
+Before: the same request sent twice gave another reply (its last token was recomputed natively), and drafting
+(MTP) recomputed a few reused rows for the block's streams, so across a series of requests its greedy output
+moved away from --no-mtp's (found by a client sweep of the server). A prompt that extends a cached one is still
+prefilled from the cached rows, which a fresh prefill would sum otherwise (README, prefix reuse)."""
 
 from __future__ import annotations
 
