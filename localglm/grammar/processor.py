@@ -10,14 +10,15 @@ pass (llguidance releases the GIL), so the mask is usually ready when the logits
 Closure: with `max_new_tokens` known, from CLOSE_WINDOW tokens before the end the processor measures
 how many tokens a greedy closing policy (end-of-sequence if allowed; else a token that only closes:
 `"`, `]`, `}` or a closing GLM tag; else the shortest allowed token) needs to finish, and switches
-to that policy for every step where the tokens left are at most about twice that, so a reply that would have been cut by max_tokens ends
-as valid output instead. Output that could end where it
-is (free text beside tools, a closed JSON document) is not ended early: it runs on to the limit, unless the
-policy was already closing at the step before (then its end-of-sequence follows). Before that point, a token that would open more than the tokens left can
-close (a `,` starting one more array item with required keys: one token can lengthen the closure from
-3 to 17) is refused: over the window, each allowed token that may open something (vocab.opening, a
-few per step) is looked ahead through. It is best effort: a schema whose smallest valid document is
-longer than the tokens left still ends at max_tokens, unfinished, with finish_reason "length".
+to that policy for every step where the tokens left are at most about twice that, so a reply that would
+have been cut by max_tokens ends as valid output instead. Output that could end where it is (free text
+beside tools, a closed JSON document) is not ended early: it runs on to the limit, unless the policy was
+already closing at the step before (then its end-of-sequence follows). Before that point, a token that
+would open more than the tokens left can close (a `,` starting one more array item with required keys:
+one token can lengthen the closure from 3 to 17) is refused: over the window, each allowed token that may
+open something (vocab.opening, a few per step) is looked ahead through. It is best effort: a schema whose
+smallest valid document is longer than the tokens left still ends at max_tokens, unfinished, with
+finish_reason "length".
 """
 
 from __future__ import annotations
