@@ -270,8 +270,10 @@ def check_gguf_tensors_used(cfg: ModelConfig, source: Any) -> None:
     number of tensors"): without `expert_shared_count` the shared experts' weights were ignored, without
     `nextn_predict_layers` the MTP block ran as one more decoder layer, each a different model without a word."""
     names = source.unmapped() + [source.info(n).gguf_name for n in sorted(set(source.names()) - check_tensors(cfg, source))]
-    # MTP blocks past the first are declared and left alone (one drafts; GLM checkpoints ship one)
+    # Left alone by design: MTP blocks past the first (one drafts; GLM checkpoints ship one), and an indexer a file
+    # keeps in a layer that reuses the previous layer's selection (GLM-5.2's IndexShare: transformers builds none there)
     spare = tuple(f"blk.{b}." for b in range(cfg.num_hidden_layers + 1, cfg.num_hidden_layers + cfg.num_nextn_predict_layers))
+    spare += tuple(f"blk.{i}.indexer." for i, kind in enumerate(getattr(cfg, "indexer_types", ())) if kind == "shared")
     names = [n for n in names if not n.startswith(spare)] if spare else names
     block = cfg.num_hidden_layers
     if names and cfg.num_nextn_predict_layers and all(n.startswith(f"blk.{block}.") for n in names):
@@ -280,9 +282,9 @@ def check_gguf_tensors_used(cfg: ModelConfig, source: Any) -> None:
         lacking = [t for t in REQUIRED if f"model.layers.{block}.{t}.weight" not in source]
         raise LocalGLMError(f"{source.files.where}: its MTP block (blk.{block}) is incomplete: no {', '.join(lacking)} (convert it again, or with --no-mtp)")
     if names:
-        first = ", ".join(list(dict.fromkeys(names))[:3])
+        first, n = ", ".join(list(dict.fromkeys(names))[:3]), len(set(names))
         raise LocalGLMError(
-            f"{source.files.where}: {len(set(names))} of its tensors are not part of the model its metadata describes ({first}, ...); "
+            f"{source.files.where}: {n} of its tensors {'is' if n == 1 else 'are'} not part of the model its metadata describes ({first}{', ...' if n > 3 else ''}); "
             "a key such as expert_shared_count or nextn_predict_layers is missing or wrong (llama.cpp refuses it too)"
         )
 
