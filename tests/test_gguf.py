@@ -819,3 +819,19 @@ def test_sampling_defaults_travel_in_general_sampling(tiny_fp32_dir: Path, expor
     assert (converted.temperature, converted.top_p) == (0.6, 0.95)
     bare = copy_gguf(exports["f32"], tmp_path / "bare.gguf", key="general.sampling.top_p")
     assert localglm.load(bare).default_sampling.top_p == localglm.SamplingParams().top_p == 1.0  # absent: the built-in default
+
+
+@pytest.mark.parametrize(("key", "needle"), [("glm4moe.expert_count", "expert_count 96"), ("glm4moe.embedding_length", "embedding_length is 96")])
+def test_header_widths_the_tensors_contradict_are_refused_by_inspect_too(exports: dict[str, Path], tmp_path: Path, key: str, needle: str) -> None:
+    """`inspect` and `plan` read the header alone: expert_count 64 in an 8-expert file was reported as given."""
+    from tests.probes import run_cli
+
+    data = bytearray(exports["f32"].read_bytes())
+    at = data.index(key.encode()) + len(key)
+    assert int.from_bytes(data[at : at + 4], "little") == 4 and int.from_bytes(data[at + 4 : at + 8], "little") != 96  # a u32, not 96
+    data[at + 4 : at + 8] = (96).to_bytes(4, "little")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    for argv in (["inspect", bad], ["plan", bad, "--gpu-mem", "0"], ["generate", bad, "-p", "x", "-n", "1", "-q"]):
+        o = run_cli(*argv)
+        assert o.kind == "clean" and needle in o.err, (argv[0], o.why())

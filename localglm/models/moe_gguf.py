@@ -103,6 +103,21 @@ class GGUFMetadata:
         return n
 
 
+def _check_sizes_against_tensors(meta: GGUFMetadata, files: Any, hidden: Any, n_experts: Any, moe_inter: Any) -> None:
+    """The widths the header states, checked against the tensors that hold them, so that `inspect` and `plan`
+    (which read the header alone) do not describe another model: embedding_length 128 in a 256-wide file, or
+    expert_count 64 in a 4-expert one, were reported as given (loading refused them later)."""
+    embd = files.tensors["token_embd.weight"].shape
+    if len(embd) == 2 and embd[1] != hidden:
+        raise ConfigError(f"{meta.where}: GGUF metadata {meta.prefix}embedding_length is {hidden!r}, but token_embd.weight is {list(embd)}")
+    stacked = next((t for name, t in files.tensors.items() if name.endswith(".ffn_gate_exps.weight")), None)
+    if stacked is not None and len(stacked.shape) == 3 and (stacked.shape[0], stacked.shape[1]) != (n_experts, moe_inter):
+        raise ConfigError(
+            f"{meta.where}: GGUF metadata {meta.prefix}expert_count {n_experts!r} / expert_feed_forward_length {moe_inter!r} "
+            f"do not match {stacked.name} {list(stacked.shape)}"
+        )
+
+
 class MoeGGUFSchema:
     """GGUF names and keys of a GLM MoE model; subclasses set the class attributes and the attention parts."""
 
@@ -187,6 +202,7 @@ class MoeGGUFSchema:
         if gating not in (0, int(gguf.ExpertGatingFuncType.SIGMOID)):
             raise ConfigError(f"{where}: GGUF metadata {self.arch}.expert_gating_func {gating} is not sigmoid (2), which GLM uses")
         moe_inter = meta.req("expert_feed_forward_length")
+        _check_sizes_against_tensors(meta, files, meta.req("embedding_length"), meta.req("expert_count"), moe_inter)
         probe = files.tensors.get(self.dtype_probe) or files.tensors["token_embd.weight"]
         dtype_of = {QT.F32: "float32", QT.F16: "float16", QT.BF16: "bfloat16"}
         ids = [meta.meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
