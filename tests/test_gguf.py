@@ -7,6 +7,7 @@ import shutil
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -765,9 +766,10 @@ def test_a_block_count_the_tensors_do_not_hold_is_refused(exports: dict[str, Pat
 
 
 
-def copy_gguf(src: Path, dst: Path, *, key: str | None = None, tensor: str | None = None, halve: str | None = None) -> Path:
-    """`src` written again without the metadata `key` or the `tensor`, or with tensor `halve`'s outermost dimension halved."""
-    import numpy as np
+def copy_gguf(src: Path, dst: Path, *, key: str | None = None, tensor: str | None = None, halve: str | None = None,
+              drop: Callable[[str], bool] | None = None) -> Path:
+    """`src` written again without the metadata `key`, the `tensor` or the tensors `drop` picks, or with tensor
+    `halve`'s outermost dimension halved."""
     from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
     r = GGUFReader(src)
@@ -777,7 +779,7 @@ def copy_gguf(src: Path, dst: Path, *, key: str | None = None, tensor: str | Non
             w.add_key_value(k, f.contents(), f.types[0], sub_type=f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None)
     for t in r.tensors:
         d = np.asarray(t.data)
-        if t.name != tensor:
+        if t.name != tensor and not (drop is not None and drop(t.name)):
             d = d[: d.shape[0] // 2] if t.name == halve else d
             w.add_tensor(t.name, np.ascontiguousarray(d), raw_dtype=None if t.tensor_type == GGMLQuantizationType.F32 else t.tensor_type)
     w.write_header_to_file()
@@ -793,9 +795,11 @@ def copy_gguf(src: Path, dst: Path, *, key: str | None = None, tensor: str | Non
         ({"key": "glm4moe.expert_shared_count"}, "are not part of the model its metadata describes (blk.1.ffn_down_shexp.weight"),
         ({"key": "glm4moe.nextn_predict_layers"}, "are not part of the model its metadata describes (blk.3.nextn."),
         ({"tensor": "blk.3.nextn.eh_proj.weight"}, "its MTP block (blk.3) is incomplete: no eh_proj"),
+        # the converter's --mtp: the draft head alone (blocks 0-2 left out)
+        ({"drop": lambda name: name.startswith(("blk.0.", "blk.1.", "blk.2."))}, "holds only the MTP draft head"),
     ],
 )
-def test_tensors_the_metadata_leaves_out_are_refused(exports: dict[str, Path], tmp_path: Path, change: dict[str, str], needle: str) -> None:
+def test_tensors_the_metadata_leaves_out_are_refused(exports: dict[str, Path], tmp_path: Path, change: dict[str, Any], needle: str) -> None:
     """As llama.cpp's tensor count does. Before: without expert_shared_count the shared experts were ignored, without
     nextn_predict_layers the MTP block ran as a fourth decoder layer: another model, without a word."""
     from tests.probes import run_cli

@@ -195,6 +195,11 @@ class MoeGGUFSchema:
             raise CheckpointError(f"{where}: tensor token_embd.weight is missing")
         n_blocks = meta.block_count(files)
         n_mtp = meta.opt("nextn_predict_layers", 0)
+        if n_mtp and not any(name.startswith("blk.0.") for name in files.tensors):
+            raise ConfigError(
+                f"{where}: holds only the MTP draft head (the converter's --mtp leaves out blocks 0-{n_blocks - n_mtp - 1}); "
+                "localglm drafts with the block inside the model's own GGUF: load that (converted without --no-mtp)"
+            )
         scaling = meta.opt("rope.scaling.type", "none")
         if scaling not in ("none", None):
             raise ConfigError(f"{where}: GGUF metadata {self.arch}.rope.scaling.type {scaling!r} is not supported (only plain RoPE)")
