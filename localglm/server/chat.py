@@ -186,6 +186,24 @@ def prompt_param(req: GenRequest) -> str:
     return "messages" if req.chat else "prompt"
 
 
+def allowed_tools(
+    spec: dict[str, Any], where: str, tools: list[dict[str, Any]] | None, name_of: Callable[[dict[str, Any], str], str]
+) -> tuple[str, None, list[dict[str, Any]] | None]:
+    """tool_choice "allowed_tools" (both OpenAI APIs; `spec` holds its mode and tools at `where`, `name_of(item, path)`
+    reads one listed tool's name in the API's spelling): (mode, None, the request's tools it lets be called)."""
+    mode = validation.field(spec, "mode", "string", path=where, default="auto")
+    if mode not in ("auto", "required"):
+        raise bad_request(f"{where}.mode: {mode!r} is not auto or required", f"{where}.mode")
+    allowed = set()
+    for j, t in enumerate(validation.field(spec, "tools", "array", path=where, required=True)):
+        item = join(join(where, "tools"), j)
+        allowed.add(name_of(expect(t, "object", item), item))
+    kept = [t for t in tools or () if t["function"]["name"] in allowed]
+    if mode == "required" and not kept:
+        raise bad_request(f"{where}.tools: none of these tools is in tools", f"{where}.tools")
+    return mode, None, kept or None
+
+
 def custom_tool(name: str, description: str | None, fmt: Any, path: str) -> tuple[dict[str, Any], InputGrammar | None]:
     """A custom (free-form) tool as the function the template shows, one string argument CUSTOM_INPUT, and its
     input grammar (`fmt`, None: free text); a bad format is the 400 naming `path`."""

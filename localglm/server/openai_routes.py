@@ -27,7 +27,7 @@ from ..grammar import CUSTOM_INPUT, GrammarError, InputGrammar, parse_response_f
 from ..grammar.budget import EFFORT_BUDGETS
 from ..sampling import REPETITION_PENALTY_RANGE  # SamplingParams' own bounds, so a 400 here and not a 500 there
 from ..chat.stream_parser import ContentDelta, ThinkingDelta, ToolCallArgsDelta, ToolCallEnd, ToolCallStart
-from .chat import Finish, GenRequest, Reply, content_text, custom_input, custom_tool, json_reply, model_name, request_body, start_job, stream_job
+from .chat import Finish, GenRequest, Reply, allowed_tools, content_text, custom_input, custom_tool, json_reply, model_name, request_body, start_job, stream_job
 from .errors import APIError, bad_request
 from .sse import EventStreamResponse, sse_data
 from .state import ServerState
@@ -146,8 +146,8 @@ def parse_tool_choice(body: dict[str, Any], tools: list[dict[str, Any]] | None) 
         if choice not in ("none", "auto", "required"):
             raise bad_request(f"tool_choice: {choice!r} is not one of none, auto, required", "tool_choice")
         mode, name = choice, None
-    elif isinstance(choice, dict) and choice.get("type") == "allowed_tools":
-        return _allowed_tools(choice, tools)
+    elif isinstance(choice, dict) and choice.get("type") == "allowed_tools":  # {type, allowed_tools: {mode, tools}}
+        return allowed_tools(field(choice, "allowed_tools", "object", path="tool_choice", required=True), "tool_choice.allowed_tools", tools, _listed_name)
     elif isinstance(choice, dict):
         kind = "custom" if field(choice, "type", "string", path="tool_choice", default="function") == "custom" else "function"
         fn = field(choice, kind, "object", path="tool_choice", required=True)
@@ -162,23 +162,10 @@ def parse_tool_choice(body: dict[str, Any], tools: list[dict[str, Any]] | None) 
     return mode, name, tools
 
 
-def _allowed_tools(choice: dict[str, Any], tools: list[dict[str, Any]] | None) -> tuple[str, None, list[dict[str, Any]] | None]:
-    """tool_choice {type: "allowed_tools", allowed_tools: {mode: auto | required, tools: [{type, function: {name}}]}}."""
-    spec = field(choice, "allowed_tools", "object", path="tool_choice", required=True)
-    where = "tool_choice.allowed_tools"
-    mode = field(spec, "mode", "string", path=where, default="auto")
-    if mode not in ("auto", "required"):
-        raise bad_request(f"{where}.mode: {mode!r} is not auto or required", f"{where}.mode")
-    allowed = set()
-    for j, t in enumerate(field(spec, "tools", "array", path=where, required=True)):
-        item = join(join(where, "tools"), j)
-        expect(t, "object", item)
-        kind = "custom" if field(t, "type", "string", path=item, default="function") == "custom" else "function"
-        allowed.add(field(field(t, kind, "object", path=item, required=True), "name", "string", path=join(item, kind), required=True))
-    kept = [t for t in tools or () if t["function"]["name"] in allowed]
-    if mode == "required" and not kept:
-        raise bad_request(f"{where}.tools: none of these tools is in tools", f"{where}.tools")
-    return mode, None, kept or None
+def _listed_name(tool: dict[str, Any], path: str) -> str:
+    """A chat completions allowed_tools entry's name: {type: function | custom, function | custom: {name}}."""
+    kind = "custom" if field(tool, "type", "string", path=path, default="function") == "custom" else "function"
+    return field(field(tool, kind, "object", path=path, required=True), "name", "string", path=join(path, kind), required=True)
 
 
 def parse_sampling(body: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..grammar import CUSTOM_INPUT, InputGrammar
 from ..grammar.budget import EFFORT_BUDGETS
-from .chat import IMAGE_PLACEHOLDER, GenRequest, checked_format, content_text, custom_tool
+from .chat import IMAGE_PLACEHOLDER, GenRequest, allowed_tools, checked_format, content_text, custom_tool
 from .errors import bad_request
 from .validation import call_arguments, describe, expect, field, join, tool_schema
 
@@ -226,19 +226,8 @@ def parse_tool_choice(body: dict[str, Any], tools: list[dict[str, Any]] | None) 
         if name not in names:
             raise bad_request(f"tool_choice.name: no tool named {name!r} in tools", "tool_choice.name")
         return "named", name, tools
-    if kind == "allowed_tools":
-        mode = field(choice, "mode", "string", path="tool_choice", default="auto")
-        if mode not in ("auto", "required"):
-            raise bad_request(f"tool_choice.mode: {mode!r} is not auto or required", "tool_choice.mode")
-        allowed = set()
-        for j, t in enumerate(field(choice, "tools", "array", path="tool_choice", required=True)):
-            where = join(join("tool_choice", "tools"), j)
-            expect(t, "object", where)
-            allowed.add(field(t, "name", "string", path=where))
-        kept = [t for t in tools or () if t["function"]["name"] in allowed]
-        if mode == "required" and not kept:
-            raise bad_request("tool_choice.tools: none of these tools is in tools", "tool_choice.tools")
-        return mode, None, kept or None
+    if kind == "allowed_tools":  # {type, mode, tools: [{type, name}]}
+        return allowed_tools(choice, "tool_choice", tools, lambda t, path: field(t, "name", "string", path=path))
     raise bad_request(f"tool_choice.type: {kind!r} is not one of function, custom, allowed_tools "
                       "(hosted tools do not run on this server)", "tool_choice.type")  # fmt: skip
 
