@@ -79,7 +79,7 @@ def reused_rows(cache: TokenCache, tokens: list[int], held: int) -> int:
     """How many of the prompt's leading rows a generation keeps when the cache holds `held` of its tokens: all
     but the last, recomputed for its logits, unless the cache kept the logits of exactly this prompt (sent
     again): then all of it, so the reply goes on from its first run's numbers."""
-    if held >= len(tokens) and cache.logits_after(len(tokens)) is not None:
+    if held >= len(tokens) and cache.holds_logits_after(len(tokens)):
         return len(tokens)
     return min(held, len(tokens) - 1)
 

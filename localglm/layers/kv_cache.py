@@ -88,10 +88,14 @@ class TokenCache:
         than the prefill's chunk did: in bf16 the last bits differ, and a near tie picked another token."""
         self._end_logits = (n, logits.detach().clone())
 
-    def logits_after(self, n: int) -> torch.Tensor | None:
-        """The kept logits after the first n tokens (a copy), if the cache still holds those rows."""
+    def holds_logits_after(self, n: int) -> bool:
+        """Whether the logits after the first n tokens are kept (the cache still holds those rows)."""
         kept = self._end_logits
-        return kept[1].clone() if kept is not None and kept[0] == n <= self.length else None
+        return kept is not None and kept[0] == n <= self.length
+
+    def logits_after(self, n: int) -> torch.Tensor | None:
+        """The kept logits after the first n tokens (a copy: a caller may change it), if held."""
+        return self._end_logits[1].clone() if self.holds_logits_after(n) else None  # type: ignore[index]
 
     def token_rows(self) -> list[tuple[torch.Tensor, int]]:
         """Every tensor that holds per-token rows, with its token dimension: what `snapshot` copies."""
