@@ -45,6 +45,8 @@ def check_trace_target(path: str | Path) -> Path:
     if not ours:
         raise LocalGLMError(f"{path}: exists and is not a localglm trace; refusing to overwrite it (remove it, or choose another path)")
     return path
+
+
 MAX_KEYS = 1 << 22  # MoE layers x experts a trace may hold: far above any GLM (GLM-5: 75 x 256), and arrays of that many fit in RAM
 
 

@@ -526,11 +526,10 @@ def _add_sampling(w: Any, src: Path) -> None:
     if raw.get("do_sample") is False:
         values["temperature"] = 0.0
     for name, value in values.items():
-        key = SAMPLING_KEYS[name]
-        if name == "top_k":
-            w.add_uint32(key, int(value)) if 0 <= value < 2**32 else None
-        else:
-            w.add_float32(key, float(value))
+        if name != "top_k":
+            w.add_float32(SAMPLING_KEYS[name], float(value))
+        elif 0 <= value < 2**32:  # a uint32 in the file; anything else has no value llama.cpp could read
+            w.add_uint32(SAMPLING_KEYS[name], int(value))
 
 
 class GGUFCheckpoint:
