@@ -462,3 +462,14 @@ def test_a_file_whose_rows_do_not_fit_is_prefilled_and_forgotten(tiny_dir: Path,
         assert _run(again, prompt + [5, 6], 3, stats) == want and stats.restored_prompt_tokens == 0
     assert not reread.disk.entries and not reread.entries and entry.path.exists()
     assert any("do not fit" in r.getMessage() for r in caplog.records)
+
+
+def test_the_finite_check_sees_every_slice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A saved prompt's rows are checked a slice at a time (bounded memory): a NaN in the last slice still counts."""
+    from localglm import prompt_disk
+
+    monkeypatch.setattr(prompt_disk, "FINITE_CHECK_ELEMENTS", 4)
+    rows = torch.zeros(2, 5, dtype=torch.bfloat16)
+    assert prompt_disk._all_finite(rows)
+    rows[1, 4] = float("inf")
+    assert not prompt_disk._all_finite(rows)
